@@ -1,0 +1,17 @@
+"""snnet: a family-agnostic library for Stitchable Neural Networks (SN-Net) over timm models.
+
+See snnet/README.md for the architecture and how to add a model family.
+"""
+from .adapter import AnchorAdapter, AnchorError, Unit, register_adapter
+from .build import build_snnet, create_anchor, plan_for
+from .config import ConfigError, StitchConfig, load_stitch_config, parse_stitch_config
+from .layers import StitchingLayer
+from .model import SNNet
+from .plan import PlanError, Route, Stitch, StitchPlan, deit_plan, paired_positions, stagewise_plan, unpaired_positions
+
+__all__ = [
+    "AnchorAdapter", "AnchorError", "Unit", "register_adapter", "build_snnet", "create_anchor", "plan_for",
+    "ConfigError", "StitchConfig", "load_stitch_config", "parse_stitch_config", "StitchingLayer", "SNNet",
+    "PlanError", "Route", "Stitch", "StitchPlan", "deit_plan", "paired_positions", "stagewise_plan",
+    "unpaired_positions",
+]

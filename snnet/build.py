@@ -1,0 +1,118 @@
+"""From a stitch config to an SN-Net: create the anchors with timm, check they can be stitched, plan the routes."""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .adapter import AnchorAdapter, AnchorError, adapter_for
+from .config import AnchorSpec, StitchConfig
+from .model import SNNet
+from .plan import StitchPlan, deit_plan, stagewise_plan
+
+
+def check_model_name(name: str) -> None:
+    import timm
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models()"
+        raise AnchorError(f"unknown timm model name {name!r}: {hint}")
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights from a .safetensors file, or a torch file read with weights_only=True (no pickled code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AnchorError(f"checkpoint {str(path)!r} does not exist; fix the path in the config")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, truncated or pickled-object files
+        raise AnchorError(f"checkpoint {str(path)!r} cannot be read as weights ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:160]}); give a safetensors or plain-tensor torch file") from None
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise AnchorError(f"checkpoint {str(path)!r} holds no state dict of tensors")
+    return {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
+def create_anchor(spec: AnchorSpec, pretrained: bool = True, **model_kwargs: Any) -> nn.Module:
+    """timm.create_model by name; weights from the spec's local checkpoint when it names one."""
+    import timm
+    check_model_name(spec.name)
+    kwargs = {k: v for k, v in model_kwargs.items() if v is not None}
+    model = timm.create_model(spec.name, pretrained=pretrained and spec.checkpoint is None, **kwargs)
+    if spec.checkpoint is not None:
+        state = load_state_dict_file(spec.checkpoint)
+        own = model.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                 if k in state and state[k].shape != v.shape]
+        if missing or unexpected or wrong:
+            raise AnchorError(f"checkpoint {spec.checkpoint!r} does not fit {spec.name!r}: {len(missing)} missing "
+                              f"keys {missing[:2]}, {len(unexpected)} unexpected {unexpected[:2]}, {len(wrong)} of "
+                              f"another shape {wrong[:2]}; check the anchor name, num_classes and img_size")
+        model.load_state_dict(state, strict=True)
+    return model
+
+
+def plan_for(models: Sequence[nn.Module], adapters: Sequence[AnchorAdapter], names: Sequence[str],
+             kernel: int = 2, stride: int = 1, nearest: bool = True,
+             stitch_stages: Sequence[int] | None = None) -> StitchPlan:
+    """The plan SN-Net uses for these anchors: DeiT-style for plain ViTs, stage-wise for hierarchical families."""
+    depths = [ad.stage_depths(m) for ad, m in zip(adapters, models)]
+    hierarchical = [ad.hierarchical for ad in adapters]
+    if not any(hierarchical):
+        d0 = depths[0][0]
+        for name, d in zip(names, depths):
+            if d[0] != d0:
+                raise AnchorError(f"paired stitching needs anchors of equal depth: {names[0]!r} has {d0} blocks, "
+                                  f"{name!r} has {d[0]}; use anchors of one depth")
+        _check_widths(models, adapters, names, [0])
+        return deit_plan(len(models), d0, kernel, stride, nearest)
+    if not all(hierarchical):
+        plain = [n for n, h in zip(names, hierarchical) if not h]
+        raise AnchorError(f"cannot mix plain ViT anchors {plain} with hierarchical anchors; stitch one kind")
+    if stitch_stages is None:
+        common = set(adapters[0].default_stitch_stages)
+        for ad in adapters[1:]:
+            common &= set(ad.default_stitch_stages)
+        stitch_stages = sorted(common)
+    plan = stagewise_plan(depths, list(stitch_stages), kernel=2, stride=1, names=names)
+    _check_widths(models, adapters, names, stitch_stages)
+    return plan
+
+
+def _check_widths(models, adapters, names, stages) -> None:
+    for s in stages:
+        widths = [ad.stage_width(m, s) for ad, m in zip(adapters, models)]
+        for i in range(1, len(widths)):
+            if widths[i] < widths[i - 1]:
+                raise AnchorError(f"anchors are not ordered small to large: {names[i - 1]!r} is {widths[i - 1]} "
+                                  f"wide but {names[i]!r} is {widths[i]} (stage {s}); list anchors smallest first")
+
+
+def build_snnet(cfg: StitchConfig, pretrained: bool = True, num_classes: int | None = None,
+                drop_path_rate: float | None = None, **model_kwargs: Any) -> SNNet:
+    """Anchors from timm (pretrained, or the config's local checkpoints), wrapped into one SN-Net (not LS-initialised)."""
+    names = [a.name for a in cfg.anchors]
+    for a in cfg.anchors:
+        check_model_name(a.name)
+    models = [create_anchor(a, pretrained, num_classes=num_classes, drop_path_rate=drop_path_rate, **model_kwargs)
+              for a in cfg.anchors]
+    adapters = [adapter_for(m, n) for m, n in zip(models, names)]
+    plan = plan_for(models, adapters, names, cfg.get("stitch_kernel_size"), cfg.get("stitch_stride"),
+                    cfg.get("nearest_stitching"), cfg.get("stitch_stages"))
+    skip = cfg.get("skip_final_norm")
+    if skip is None:  # the family's SN-Net behaviour (on for plain ViTs, spec 2.1)
+        skip = all(getattr(ad, "skip_final_norm_default", False) for ad in adapters)
+    return SNNet(models, plan, names=names, adapters=adapters, skip_final_norm=skip)

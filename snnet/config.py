@@ -1,0 +1,152 @@
+"""Stitch configs: SN-Net's JSON files accepted as they are, plus this project's own fields.
+
+Every field has a type; a field nobody knows is an error that names it (SN-Net silently ignored such typos).
+"""
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A stitch config that cannot be used; the message names the value and the fix."""
+
+
+_NUM = (int, float)
+#: field -> (accepted types, default, meaning). The first block is SN-Net's config/deit_stitching.json and the CNN
+#: family's {"anchors": [...]}; the rest are ours.
+FIELDS: dict[str, tuple[tuple[type, ...], Any, str]] = {
+    "anchors": ((list,), None, "timm model names, or {'name': ..., 'checkpoint': path}, small to large"),
+    "model": ((str,), "snnet", "SN-Net's model name (informational)"),
+    "batch_size": ((int,), None, "per-process batch size (-b)"),
+    "data_path": ((str,), None, "dataset root (the DATA argument)"),
+    "data_set": ((str,), None, "SN-Net's dataset kind: IMNET or a timm --dataset value"),
+    "exp_name": ((str,), None, "experiment name (--experiment)"),
+    "input_size": ((int,), None, "image size (--img-size)"),
+    "num_workers": ((int,), None, "data loader workers (-j)"),
+    "lr": (_NUM, None, "learning rate (--lr)"),
+    "warmup_lr": (_NUM, None, "warm-up start LR (--warmup-lr)"),
+    "min_lr": (_NUM, None, "final LR (--min-lr)"),
+    "epochs": ((int,), None, "epochs (--epochs)"),
+    "fulltune": ((bool,), True, "train the anchors too; false trains only stitching layers and class tokens"),
+    "ls_init": ((bool,), True, "least-squares initialise the stitching layers"),
+    "nearest_stitching": ((bool,), True, "plain ViTs: stitch only neighbouring anchors"),
+    "stitch_stride": ((int,), 1, "plain ViTs: sliding-window stride"),
+    "stitch_kernel_size": ((int,), 2, "plain ViTs: sliding-window size"),
+    "stitch_init_bs": ((int,), 100, "images used for the least-squares init"),
+    "distillation_type": ((str,), None, "none, soft or hard"),
+    "teacher_model": ((str,), None, "timm name of the distillation teacher"),
+    # ours
+    "ls_mode": ((str,), "joint", "joint (least squares over all positions of a shared layer) or average (SN-Net)"),
+    "skip_final_norm": ((bool,), None, "stitched plain-ViT routes skip the end anchor's final norm (SN-Net: true)"),
+    "stitch_stages": ((list,), None, "hierarchical families: stages to stitch (family default if absent)"),
+    "num_classes": ((int,), None, "classifier classes (--num-classes)"),
+    "drop_path": (_NUM, None, "stochastic depth of every anchor (--drop-path)"),
+    "anchor_lr_scale": (_NUM, None, "LR multiplier of the anchors vs. stitching layers"),
+    "weight_decay": (_NUM, None, "--weight-decay"),
+    "opt": ((str,), None, "--opt"),
+    "sched": ((str,), None, "--sched"),
+    "warmup_epochs": ((int,), None, "--warmup-epochs"),
+    "clip_grad": (_NUM, None, "--clip-grad"),
+    "clip_mode": ((str,), None, "--clip-mode"),
+    "smoothing": (_NUM, None, "--smoothing"),
+    "mixup": (_NUM, None, "--mixup"),
+    "cutmix": (_NUM, None, "--cutmix"),
+    "aa": ((str,), None, "--aa"),
+    "reprob": (_NUM, None, "--reprob"),
+    "sched_on_updates": ((bool,), None, "--sched-on-updates"),
+    "distillation_alpha": (_NUM, None, "--distillation-alpha"),
+    "description": ((str,), None, "free text"),
+}
+ANCHOR_FIELDS = {"name": str, "checkpoint": str}
+
+
+@dataclass(frozen=True)
+class AnchorSpec:
+    name: str
+    checkpoint: str | None = None
+
+
+@dataclass
+class StitchConfig:
+    anchors: list[AnchorSpec]
+    values: dict[str, Any] = field(default_factory=dict)  # every other field given in the file
+    path: str | None = None
+
+    def get(self, name: str, default: Any = None) -> Any:
+        if name in self.values:
+            return self.values[name]
+        spec_default = FIELDS[name][1]
+        return default if spec_default is None else spec_default
+
+
+def parse_stitch_config(data: Any, source: str = "stitch config") -> StitchConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a JSON object with an 'anchors' list, got {type(data).__name__}")
+    unknown = [k for k in data if k not in FIELDS]
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, FIELDS, n=1)
+            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(f"{source}: unknown field(s) {', '.join(hints)}; known fields: {', '.join(FIELDS)}")
+    for k, v in data.items():
+        types = FIELDS[k][0]
+        ok = isinstance(v, types) and not (isinstance(v, bool) and bool not in types)
+        if not ok:
+            names = " or ".join(t.__name__ for t in types)
+            raise ConfigError(f"{source}: field {k!r} must be {names}, got {v!r}")
+    if "anchors" not in data:
+        raise ConfigError(f"{source}: missing field 'anchors' (a list of timm model names, small to large)")
+    anchors = [_parse_anchor(a, i, source) for i, a in enumerate(data["anchors"])]
+    if not anchors:
+        raise ConfigError(f"{source}: 'anchors' is empty; list at least one timm model name")
+    for k in ("stitch_stride", "stitch_kernel_size", "stitch_init_bs", "batch_size", "input_size", "epochs",
+              "num_classes"):
+        if k in data and data[k] < 1:
+            raise ConfigError(f"{source}: field {k!r} must be >= 1, got {data[k]!r}")
+    if data.get("ls_mode", "joint") not in ("joint", "average"):
+        raise ConfigError(f"{source}: field 'ls_mode' must be 'joint' or 'average', got {data['ls_mode']!r}")
+    stages = data.get("stitch_stages")
+    if stages is not None and not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in stages):
+        raise ConfigError(f"{source}: field 'stitch_stages' must be a list of stage indices >= 0, got {stages!r}")
+    values = {k: v for k, v in data.items() if k != "anchors"}
+    return StitchConfig(anchors, values)
+
+
+def _parse_anchor(a: Any, i: int, source: str) -> AnchorSpec:
+    if isinstance(a, str) and a:
+        return AnchorSpec(a)
+    if isinstance(a, dict):
+        unknown = [k for k in a if k not in ANCHOR_FIELDS]
+        if unknown:
+            raise ConfigError(f"{source}: anchor {i} has unknown field(s) {unknown}; use 'name' and 'checkpoint'")
+        for k, t in ANCHOR_FIELDS.items():
+            if k in a and not isinstance(a[k], t):
+                raise ConfigError(f"{source}: anchor {i} field {k!r} must be a string, got {a[k]!r}")
+        if not a.get("name"):
+            raise ConfigError(f"{source}: anchor {i} needs a 'name' (a timm model name)")
+        return AnchorSpec(a["name"], a.get("checkpoint"))
+    raise ConfigError(f"{source}: anchor {i} must be a timm model name or {{'name': ..., 'checkpoint': ...}}, "
+                      f"got {a!r}")
+
+
+def load_stitch_config(path: str | Path) -> StitchConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"stitch config {str(path)!r} does not exist; pass an existing JSON file "
+                          f"(see configs/)")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"stitch config {str(path)!r} is not valid JSON ({e}); fix the file") from None
+    cfg = parse_stitch_config(data, f"stitch config {str(path)!r}")
+    cfg.path = str(path)
+    # relative checkpoint paths are relative to the config file, so configs can travel with their anchors
+    cfg.anchors = [AnchorSpec(a.name, a.checkpoint if a.checkpoint is None or Path(a.checkpoint).is_absolute()
+                              or Path(a.checkpoint).exists() else str(path.parent / a.checkpoint))
+                   for a in cfg.anchors]
+    return cfg

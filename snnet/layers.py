@@ -1,0 +1,77 @@
+"""Stitching layers: map the front anchor's features to the width and layout the end anchor expects.
+
+The learnable part is always the sub-module ``transform`` (``nn.Linear`` on channels-last features, ``nn.Conv2d``
+1x1 on NCHW feature maps), so checkpoint keys are SN-Net's ``...<layer>.transform.{weight,bias}``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .adapter import LAYOUTS, NCHW, NHWC, TOKENS
+
+
+def to_rows(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """Features as a 2-D (rows, channels) matrix, channels last, rows in (batch, h, w) / (batch, token) order."""
+    if layout == NCHW:
+        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
+def _grid(n_tokens: int) -> tuple[int, int]:
+    side = math.isqrt(n_tokens)
+    if side * side != n_tokens:
+        raise ValueError(f"cannot lay {n_tokens} tokens out as a square feature map")
+    return side, side
+
+
+def convert_layout(x: torch.Tensor, src: str, dst: str) -> torch.Tensor:
+    """Convert between TOKENS (B,N,C), NHWC (B,H,W,C) and NCHW (B,C,H,W); token grids are square, row-major."""
+    if src == dst:
+        return x
+    if src == NCHW:  # -> channels last first
+        x = x.permute(0, 2, 3, 1)
+        src = NHWC
+        if dst == NHWC:
+            return x
+    if src == NHWC:
+        if dst == TOKENS:
+            return x.reshape(x.shape[0], -1, x.shape[-1])
+        return x.permute(0, 3, 1, 2)  # dst NCHW
+    # src == TOKENS
+    h, w = _grid(x.shape[1])
+    x = x.reshape(x.shape[0], h, w, x.shape[-1])
+    return x if dst == NHWC else x.permute(0, 3, 1, 2)
+
+
+class StitchingLayer(nn.Module):
+    """One stitching layer: Linear on channels-last features, or 1x1 Conv on NCHW maps, then a layout change."""
+
+    def __init__(self, in_channels: int, out_channels: int, in_layout: str = TOKENS, out_layout: str = TOKENS):
+        super().__init__()
+        if in_layout not in LAYOUTS or out_layout not in LAYOUTS:
+            raise ValueError(f"unknown feature layout {in_layout!r} -> {out_layout!r}; use one of {LAYOUTS}")
+        self.in_layout, self.out_layout = in_layout, out_layout
+        if in_layout == NCHW:
+            self.transform = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=True)
+        else:
+            self.transform = nn.Linear(in_channels, out_channels, bias=True)
+
+    @property
+    def out_conv_layout(self) -> str:
+        return NCHW if isinstance(self.transform, nn.Conv2d) else self.in_layout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return convert_layout(self.transform(x), self.out_conv_layout, self.out_layout)
+
+    @torch.no_grad()
+    def set_affine(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Set the map y = W x + b from a (out, in) matrix and an (out,) vector."""
+        w = self.transform.weight
+        self.transform.weight.copy_(weight.reshape(w.shape).to(w.dtype))
+        self.transform.bias.copy_(bias.to(w.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{self.in_layout} -> {self.out_layout}"

@@ -1,0 +1,65 @@
+"""Cut timm ``VisionTransformer`` anchors (deit_*, vit_*) into embedding / blocks / final norm / head.
+
+Units run timm's own submodules, so the SN-Net keys are ``anchors.<i>.<timm ViT names>`` as in SN-Net (spec 2.6).
+"""
+from __future__ import annotations
+
+from functools import partial
+
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from snnet.adapter import TOKENS, AnchorAdapter, Unit, register_adapter
+
+_EMBED_MODULES = ("patch_embed", "cls_token", "reg_token", "dist_token", "pos_embed", "norm_pre", "patch_drop")
+_HEAD_MODULES = ("attn_pool", "fc_norm", "head", "head_dist")
+
+
+def _embed(model: VisionTransformer, x):
+    x = model.patch_embed(x)
+    x = model._pos_embed(x)
+    x = model.patch_drop(x)
+    return model.norm_pre(x)
+
+
+def _block(i: int, model: VisionTransformer, x):
+    return model.blocks[i](x)
+
+
+def _norm(model: VisionTransformer, x):
+    return model.norm(x)
+
+
+def _head(model: VisionTransformer, x):
+    return model.forward_head(x)
+
+
+@register_adapter
+class VisionTransformerAdapter(AnchorAdapter):
+    family = "deit"
+    #: SN-Net's stitched DeiT routes skip the end anchor's final norm ([compat], spec 2.1); configs can turn it off
+    skip_final_norm_default = True
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        return isinstance(model, VisionTransformer)
+
+    def units(self, model: VisionTransformer) -> list[Unit]:
+        def present(names):
+            return tuple(n for n in names if getattr(model, n, None) is not None)
+
+        units = [Unit("embed", "stem", _embed, present(_EMBED_MODULES))]
+        units += [Unit(f"blocks.{i}", "block", partial(_block, i), (f"blocks.{i}",), stage=0, index=i)
+                  for i in range(len(model.blocks))]
+        units.append(Unit("norm", "norm", _norm, ("norm",)))
+        units.append(Unit("head", "head", _head, present(_HEAD_MODULES)))
+        return units
+
+    def stage_depths(self, model: VisionTransformer) -> list[int]:
+        return [len(model.blocks)]
+
+    def stage_width(self, model: VisionTransformer, stage: int) -> int:
+        return model.embed_dim
+
+    def stage_layout(self, model: VisionTransformer, stage: int) -> str:
+        return TOKENS
