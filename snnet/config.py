@@ -61,13 +61,14 @@ FIELDS: dict[str, tuple[tuple[type, ...], Any, str]] = {
     "distillation_alpha": (_NUM, None, "--distillation-alpha"),
     "description": ((str,), None, "free text"),
 }
-ANCHOR_FIELDS = {"name": str, "checkpoint": str}
+ANCHOR_FIELDS = {"name": str, "checkpoint": str, "model_kwargs": dict}
 
 
 @dataclass(frozen=True)
 class AnchorSpec:
     name: str
     checkpoint: str | None = None
+    model_kwargs: dict = field(default_factory=dict, hash=False)  # extra timm.create_model arguments
 
 
 @dataclass
@@ -123,13 +124,13 @@ def _parse_anchor(a: Any, i: int, source: str) -> AnchorSpec:
     if isinstance(a, dict):
         unknown = [k for k in a if k not in ANCHOR_FIELDS]
         if unknown:
-            raise ConfigError(f"{source}: anchor {i} has unknown field(s) {unknown}; use 'name' and 'checkpoint'")
+            raise ConfigError(f"{source}: anchor {i} has unknown field(s) {unknown}; use {', '.join(ANCHOR_FIELDS)}")
         for k, t in ANCHOR_FIELDS.items():
             if k in a and not isinstance(a[k], t):
-                raise ConfigError(f"{source}: anchor {i} field {k!r} must be a string, got {a[k]!r}")
+                raise ConfigError(f"{source}: anchor {i} field {k!r} must be a {t.__name__}, got {a[k]!r}")
         if not a.get("name"):
             raise ConfigError(f"{source}: anchor {i} needs a 'name' (a timm model name)")
-        return AnchorSpec(a["name"], a.get("checkpoint"))
+        return AnchorSpec(a["name"], a.get("checkpoint"), dict(a.get("model_kwargs", {})))
     raise ConfigError(f"{source}: anchor {i} must be a timm model name or {{'name': ..., 'checkpoint': ...}}, "
                       f"got {a!r}")
 
@@ -147,6 +148,6 @@ def load_stitch_config(path: str | Path) -> StitchConfig:
     cfg.path = str(path)
     # relative checkpoint paths are relative to the config file, so configs can travel with their anchors
     cfg.anchors = [AnchorSpec(a.name, a.checkpoint if a.checkpoint is None or Path(a.checkpoint).is_absolute()
-                              or Path(a.checkpoint).exists() else str(path.parent / a.checkpoint))
+                              or Path(a.checkpoint).exists() else str(path.parent / a.checkpoint), a.model_kwargs)
                    for a in cfg.anchors]
     return cfg

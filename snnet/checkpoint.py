@@ -1,0 +1,92 @@
+"""Pickle-free checkpoints: tensors and plain types only, written atomically, read with weights_only=True.
+
+Layout follows timm's CheckpointSaver (``state_dict``, ``optimizer``, ``amp_scaler``, ``epoch``, ``metric``,
+``version``) plus ``global_step`` and the run's arguments and stitch config as JSON text (SN-Net pickled an argparse
+Namespace or a yacs CfgNode there, spec 6.3 item 22).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .fileio import atomic_path
+
+VERSION = 3
+LAST, BEST = "last.pth.tar", "model_best.pth.tar"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the fix."""
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    state = {**state, "version": VERSION}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; give the path of a .pth.tar this tool wrote")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {str(path)!r} is empty (an interrupted copy?); use another checkpoint")
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e) or "pickle" in str(e).lower():
+            raise CheckpointError(f"checkpoint {str(path)!r} holds pickled Python objects, which could run code; it "
+                                  f"was refused unread. If you trust it (e.g. an SN-Net release), convert it "
+                                  f"explicitly first") from None
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read ({msg}); it is corrupt or not a "
+                              f"checkpoint") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(state).__name__}, not a checkpoint dict")
+    if "state_dict" not in state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        state = {"state_dict": state}  # a bare state dict
+    for key in ("state_dict", "model"):
+        if isinstance(state.get(key), dict):
+            sd = state[key]
+            state["state_dict"] = {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
+            break
+    else:
+        raise CheckpointError(f"checkpoint {str(path)!r} has no 'state_dict'; it is not a model checkpoint")
+    return state
+
+
+def json_field(state: dict[str, Any], key: str) -> Any:
+    raw = state.get(key)
+    return json.loads(raw) if isinstance(raw, str) else raw
+
+
+class CheckpointKeeper:
+    """Writes ``last.pth.tar`` every epoch and ``model_best.pth.tar`` whenever the metric improves."""
+
+    def __init__(self, out_dir: str | os.PathLike, higher_is_better: bool = True):
+        self.out_dir = Path(out_dir)
+        self.higher = higher_is_better
+        self.best: float | None = None
+
+    def save(self, state: dict[str, Any], metric: float | None) -> bool:
+        last = self.out_dir / LAST
+        save_checkpoint(last, {**state, "metric": metric, "best_metric": self._next_best(metric)})
+        improved = metric is not None and (self.best is None or (metric > self.best if self.higher
+                                                                  else metric < self.best))
+        if improved:
+            self.best = metric
+            with atomic_path(self.out_dir / BEST) as tmp:
+                shutil.copyfile(last, tmp)
+        return improved
+
+    def _next_best(self, metric):
+        if metric is None:
+            return self.best
+        if self.best is None:
+            return metric
+        return max(metric, self.best) if self.higher else min(metric, self.best)

@@ -1,0 +1,269 @@
+"""Training and evaluation loops, and the stitches_res.txt results file.
+
+The network is anything with ``num_configs``, ``forward(x, cfg_id)``, ``describe(cfg_id)`` and ``params(cfg_id)``:
+an `SNNet`, or a `PlainNet` wrapping one timm model (cfg_id 0).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .fileio import append_line_durable, write_text_atomic
+
+_logger = logging.getLogger("snnet")
+RESULTS_FILE = "stitches_res.txt"
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class PlainNet(nn.Module):
+    """One timm model behind the SN-Net interface (``--model NAME``), as SN-Net's main.py can train one model."""
+
+    def __init__(self, model: nn.Module, name: str):
+        super().__init__()
+        self.model = model
+        self.names = [name]
+
+    num_configs = 1
+
+    def forward(self, x: torch.Tensor, cfg_id: int = 0) -> torch.Tensor:
+        return self.model(x)
+
+    def describe(self, cfg_id: int) -> str:
+        return self.names[0]
+
+    def params(self, cfg_id: int) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def no_weight_decay(self) -> set[str]:
+        nwd = getattr(self.model, "no_weight_decay", None)
+        return {f"model.{n}" for n in nwd()} if nwd else set()
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        return getattr(self.model, "pretrained_cfg", {}) or {}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def model_state(net: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict to checkpoint: a plain model's own keys (usable as an anchor checkpoint), or the SN-Net's."""
+    net = unwrap(net)
+    return (net.model if isinstance(net, PlainNet) else net).state_dict()
+
+
+def load_model_state(net: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    from .checkpoint import CheckpointError
+    target = unwrap(net)
+    target = target.model if isinstance(target, PlainNet) else target
+    own = target.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"checkpoint {source!r} does not fit this model ({len(missing)} missing keys e.g. {missing[:2]}, "
+            f"{len(unexpected)} unexpected e.g. {unexpected[:2]}, {len(wrong)} of another shape e.g. {wrong[:2]}); "
+            f"it was made with another stitch config, model or --num-classes: pass the same ones")
+    target.load_state_dict(state, strict=True)
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def amp_context(device: torch.device, enabled: bool, dtype: torch.dtype | None):
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Progress:
+    """Periodic log line with rate and ETA."""
+
+    def __init__(self, what: str, total: int, every: int, unit: str = "img"):
+        self.what, self.total, self.every, self.unit = what, total, max(1, every), unit
+        self.start = time.perf_counter()
+        self.items = 0
+
+    def update(self, step: int, items: int, extra: str = "") -> None:
+        self.items += items
+        if step % self.every and step != self.total:
+            return
+        elapsed = time.perf_counter() - self.start
+        rate = self.items / max(elapsed, 1e-9)
+        eta = elapsed / max(step, 1) * (self.total - step)
+        _logger.info(f"{self.what} [{step:>4d}/{self.total}] {extra} {rate:.1f} {self.unit}/s "
+                     f"elapsed {_fmt_time(elapsed)} eta {_fmt_time(eta)}")
+
+
+def train_one_epoch(net: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, loss_fn: Callable,
+                    sampler: Callable[[int], int], epoch: int, global_step: int, device: torch.device,
+                    amp_dtype: torch.dtype | None, loss_scaler=None, lr_scheduler=None, mixup_fn=None,
+                    clip_grad: float | None = None, clip_mode: str = "norm", log_interval: int = 50,
+                    sched_on_updates: bool = False, prefetcher: bool = True,
+                    parameters: Callable[[], Iterable] | None = None) -> tuple[float, int]:
+    """One epoch; each step trains the stitch `sampler(global_step)`. Returns (mean loss over ranks, step)."""
+    from timm.utils import dispatch_clip_grad
+    net.train()
+    n_batches = len(loader)
+    progress = Progress(f"Train: {epoch}", n_batches, log_interval)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    seen = 0
+    for i, (x, y) in enumerate(loader, start=1):
+        if not prefetcher:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            x, y = mixup_fn(x, y)
+        cfg_id = sampler(global_step)
+        with amp_context(device, amp_dtype is not None, amp_dtype):
+            out = net(x, cfg_id)
+            loss = loss_fn(x, out, y)
+        if not math.isfinite(loss.item()):
+            raise NonFiniteLoss(f"loss is {loss.item()} at epoch {epoch}, step {global_step} (stitch cfg_id "
+                                f"{cfg_id}: {unwrap(net).describe(cfg_id)}); lower --lr or enable --clip-grad")
+        optimizer.zero_grad(set_to_none=True)
+        if loss_scaler is not None:
+            loss_scaler(loss, optimizer, clip_grad=clip_grad, clip_mode=clip_mode,
+                        parameters=parameters() if parameters else None)
+        else:
+            loss.backward()
+            if clip_grad is not None:
+                dispatch_clip_grad(parameters(), clip_grad, mode=clip_mode)
+            optimizer.step()
+        global_step += 1
+        if lr_scheduler is not None and sched_on_updates:
+            lr_scheduler.step_update(num_updates=global_step)
+        loss_sum += loss.detach().double().cpu() * x.shape[0]
+        seen += x.shape[0]
+        lr = sum(g["lr"] for g in optimizer.param_groups) / len(optimizer.param_groups)
+        progress.update(i, x.shape[0], f"loss {loss.item():.4f} (avg {float(loss_sum) / seen:.4f}) lr {lr:.3e}")
+    stats = torch.tensor([float(loss_sum), float(seen)], dtype=torch.float64)
+    if world()[1] > 1:
+        dist.all_reduce(stats)
+    return float(stats[0] / max(stats[1], 1)), global_step
+
+
+@torch.no_grad()
+def evaluate_stitches(net: nn.Module, loader: Iterable, cfg_ids: Sequence[int], device: torch.device,
+                      amp_dtype: torch.dtype | None = None, log_interval: int = 50,
+                      ) -> "OrderedDict[int, dict[str, float]]":
+    """Top-1/top-5 (percent) and mean cross-entropy per stitch, reduced over ranks; one data pass for all stitches."""
+    net.eval()
+    model = unwrap(net)
+    k = len(cfg_ids)
+    counts = torch.zeros(k, 4, dtype=torch.float64)  # correct1, correct5, loss sum, samples
+    progress = Progress(f"Eval {k} stitch(es)", len(loader), log_interval)
+    for i, (x, y) in enumerate(loader, start=1):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        for row, cfg_id in enumerate(cfg_ids):
+            with amp_context(device, amp_dtype is not None, amp_dtype):
+                logits = model(x, cfg_id)
+            logits = logits.float()
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hit = top.eq(y[:, None])
+            counts[row, 0] += float(hit[:, :1].sum())
+            counts[row, 1] += float(hit.sum())
+            counts[row, 2] += float(F.cross_entropy(logits, y, reduction="sum"))
+            counts[row, 3] += y.shape[0]
+        progress.update(i, x.shape[0])
+    if world()[1] > 1:
+        dist.all_reduce(counts)
+    out = OrderedDict()
+    for row, cfg_id in enumerate(cfg_ids):
+        c1, c5, loss, n = counts[row].tolist()
+        n = max(n, 1)
+        out[cfg_id] = {"acc1": 100.0 * c1 / n, "acc5": 100.0 * c5 / n, "loss": loss / n, "samples": int(n)}
+    return out
+
+
+def default_val_panel(num_configs: int, n_anchors: int, extra: int = 4) -> list[int]:
+    """Anchors plus a few evenly spread stitches: validated after every epoch (the full sweep runs at the end)."""
+    stitched = list(range(n_anchors, num_configs))
+    step = max(1, len(stitched) // max(extra, 1))
+    return list(range(n_anchors)) + stitched[step // 2::step][:extra]
+
+
+# ---------------------------------------------------------------------------------------------------- results file
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class ResultsError(ValueError):
+    pass
+
+
+class ResultsFile:
+    """stitches_res.txt: one JSON object per stitch, appended and fsynced as each stitch finishes.
+
+    Each record carries the hash of the checkpoint and of the config that produced it. A rerun skips the set of
+    completed cfg_ids of the same checkpoint and config; a torn last line (crash mid-write) is dropped and redone;
+    records of another checkpoint or config are never mixed into the file.
+    """
+
+    def __init__(self, path: str | os.PathLike, checkpoint_hash: str, config_hash: str):
+        self.path = Path(path)
+        self.checkpoint_hash, self.config_hash = checkpoint_hash, config_hash
+
+    def completed(self) -> dict[int, dict[str, Any]]:
+        if not self.path.exists():
+            return {}
+        lines = self.path.read_text().splitlines(keepends=True)
+        records, good = {}, []
+        for n, line in enumerate(lines):
+            try:
+                rec = json.loads(line)
+                if not isinstance(rec, dict) or "cfg_id" not in rec:
+                    raise ValueError
+            except ValueError:
+                if n == len(lines) - 1:  # torn last line: drop it, that stitch is evaluated again
+                    _logger.warning(f"{self.path}: last line is incomplete; it will be redone")
+                    write_text_atomic(self.path, "".join(good))
+                    break
+                raise ResultsError(f"{str(self.path)!r} line {n + 1} is not a JSON record; move the file away "
+                                   f"or pass another --output") from None
+            if (rec.get("checkpoint_sha256"), rec.get("config_sha256")) != (self.checkpoint_hash, self.config_hash):
+                raise ResultsError(f"{str(self.path)!r} holds results of another checkpoint or config (cfg_id "
+                                   f"{rec['cfg_id']}); evaluate into another folder (--output/--experiment) or "
+                                   f"move the file away")
+            records[int(rec["cfg_id"])] = rec
+            good.append(line if line.endswith("\n") else line + "\n")
+        return records
+
+    def append(self, record: dict[str, Any]) -> None:
+        record = {**record, "checkpoint_sha256": self.checkpoint_hash, "config_sha256": self.config_hash}
+        append_line_durable(self.path, json.dumps(record))

@@ -1,0 +1,180 @@
+"""train.py / distributed_train.sh end to end: CLI, sampler, a real 2-process gloo run, evaluation resume, bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from snnet.args import UsageError, parse_args
+from snnet.sampler import StitchSampler
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+TINY = [{"name": "deit_tiny_patch16_224", "model_kwargs": {"patch_size": 4, "depth": 4, "embed_dim": w,
+                                                             "num_heads": 2}} for w in (8, 16)]
+FAST = ["--img-size", "16", "-b", "16", "--opt", "adamw", "--lr", "1e-3", "--warmup-epochs", "0", "-j", "0",
+        "--no-pretrained", "--log-interval", "5", "--seed", "1"]
+
+
+@pytest.fixture(scope="module")
+def digits_folder(tmp_path_factory):
+    """A small ImageFolder of real digits: 160 train, 60 val images, 16x16 PNG."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    root = tmp_path_factory.mktemp("digits")
+    for n in range(220):
+        split = "val" if n < 60 else "train"
+        folder = root / split / str(d.target[n])
+        folder.mkdir(parents=True, exist_ok=True)
+        img = (d.images[n] / 16 * 255).astype(np.uint8)
+        Image.fromarray(img).resize((16, 16), Image.NEAREST).convert("RGB").save(folder / f"{n}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "tiny.json"
+    path.write_text(json.dumps({"anchors": TINY, "skip_final_norm": False, "stitch_init_bs": 32}))
+    return path
+
+
+def run(args, timeout=300, env=None):
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+def test_cnn_seed_command_line_parses():
+    line = ("/data/imagenet -b 128 --stitch_config configs/resnet18_resnet50.json --sched cosine --epochs 30 "
+            "--lr 0.05 --amp --remode pixel --reprob 0.6 --aa rand-m9-mstd0.5-inc1 --resplit --split-bn -j 10 "
+            "--dist-bn reduce")
+    args, cfg = parse_args(line.split())
+    assert [a.name for a in cfg.anchors] == ["resnet18", "resnet50"]
+    assert (args.data_dir, args.batch_size, args.sched, args.epochs, args.lr) == ("/data/imagenet", 128, "cosine", 30,
+                                                                                  0.05)
+    assert args.amp and args.resplit and args.split_bn and args.workers == 10 and args.dist_bn == "reduce"
+    assert (args.remode, args.reprob, args.aa) == ("pixel", 0.6, "rand-m9-mstd0.5-inc1")
+    assert args.opt == "sgd" and args.weight_decay == 2e-5  # timm's defaults, as SN-Net's CNN runs used
+
+
+def test_deit_seed_command_line_and_json_precedence():
+    args, cfg = parse_args("/data/imagenet --stitch_config configs/deit_ti_s_b.json".split())
+    # SN-Net's JSON fields become defaults: lr 5e-5 per 512 images of global batch, 50 epochs, hard distillation
+    assert (args.epochs, args.batch_size, args.workers, args.img_size) == (50, 128, 10, 224)
+    assert (args.lr, args.lr_base, args.lr_base_size, args.lr_base_scale) == (None, 5e-5, 512, "linear")
+    assert (args.teacher, args.distillation_type, args.experiment) == ("regnety_160", "hard", "stitch_deit_ti_s_b")
+    assert args.data_dir == "/data/imagenet"  # the command line wins over the JSON's data_path
+    args, _ = parse_args("/d --stitch_config configs/deit_ti_s_b.json --epochs 3 -b 8 --lr 0.1".split())
+    assert (args.epochs, args.batch_size, args.lr) == (3, 8, 0.1)  # unlike SN-Net, typed flags win
+
+
+def test_yaml_defaults_and_cli_precedence(tmp_path):
+    y = tmp_path / "a.yaml"
+    y.write_text("epochs: 7\nbatch-size: 4\nopt: adamw\n")
+    args, _ = parse_args(["/d", "--model", "resnet18", "-c", str(y), "-b", "2"])
+    assert (args.epochs, args.batch_size, args.opt) == (7, 2, "adamw")
+    y.write_text("epoch: 7\n")
+    with pytest.raises(UsageError, match="unknown key 'epoch'"):
+        parse_args(["/d", "--model", "resnet18", "-c", str(y)])
+
+
+def test_sampler_is_deterministic_per_seed_rank_step():
+    a, b = StitchSampler(71, seed=3, rank=1), StitchSampler(71, seed=3, rank=1)
+    draws = [a(s) for s in range(500)]
+    assert draws == [b(s) for s in range(500)]
+    assert draws[250:260] == [StitchSampler(71, seed=3, rank=1)(s) for s in range(250, 260)]  # resumable mid-run
+    assert draws != [StitchSampler(71, seed=3, rank=0)(s) for s in range(500)]  # ranks differ
+    assert draws != [StitchSampler(71, seed=4, rank=1)(s) for s in range(500)]
+    assert set(draws) == set(range(71))  # uniform over all cfg_ids: every one drawn in 500 steps
+    sync = [StitchSampler(71, seed=3, rank=r, sync=True) for r in range(4)]
+    assert len({s(17) for s in sync}) == 1
+    w = StitchSampler(3, seed=0, weights=[0, 1, 0])
+    assert {w(s) for s in range(50)} == {1}
+
+
+# ---------------------------------------------------------------------------------------------- real 2-process run
+def test_two_process_train_evaluate_and_resume_evaluation(tmp_path, digits_folder, tiny_config):
+    out = tmp_path / "runs"
+    r = run(["./distributed_train.sh", "2", str(digits_folder), "--stitch_config", str(tiny_config), "--epochs",
+             "1", "--amp", "--output", str(out), "--experiment", "ddp", *FAST])
+    assert r.returncode == 0, r.stderr[-3000:]
+    run_dir = out / "ddp"
+    assert (run_dir / "last.pth.tar").exists() and (run_dir / "summary.csv").exists()
+    lines = (run_dir / "stitches_res.txt").read_text().splitlines()
+    records = [json.loads(l) for l in lines]
+    assert [r["cfg_id"] for r in records] == list(range(12))  # 2 anchors + 10 positions of a depth-4 window
+    assert {r["samples"] for r in records} == {60}  # both shards, no padding, no duplicates
+    for rec in records:
+        assert set(rec) >= {"cfg_id", "flops", "params", "acc1", "acc5", "loss", "route"}
+    assert "->" in records[5]["route"] and "->" not in records[0]["route"]
+    assert "LS init: 3 stitching layers fitted" in r.stderr + r.stdout
+
+    # the evaluation of a checkpoint resumes where it stopped: drop 4 lines, rerun, only those are redone
+    ckpt = run_dir / "last.pth.tar"
+    ev = tmp_path / "eval"
+    r = run(["./distributed_train.sh", "2", str(digits_folder), "--stitch_config", str(tiny_config), "--eval",
+             "--resume", str(ckpt), "--amp", "--output", str(ev), "--experiment", "e", *FAST])
+    assert r.returncode == 0, r.stderr[-3000:]
+    full = (ev / "e" / "stitches_res.txt").read_text().splitlines()
+    assert [json.loads(l)["acc1"] for l in full] == [rec["acc1"] for rec in records]  # same checkpoint, same numbers
+    (ev / "e" / "stitches_res.txt").write_text("\n".join(full[:8]) + "\n" + full[8][:20])  # + a torn line
+    r = run(["./distributed_train.sh", "2", str(digits_folder), "--stitch_config", str(tiny_config), "--eval",
+             "--resume", str(ckpt), "--amp", "--output", str(ev), "--experiment", "e", *FAST])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "evaluating 4 stitch(es) (8 already in" in r.stderr + r.stdout
+    again = (ev / "e" / "stitches_res.txt").read_text().splitlines()
+    assert [json.loads(l) for l in again] == [json.loads(l) for l in full]
+
+
+def test_eval_without_resume_uses_fresh_ls_init_and_counts(tmp_path, digits_folder, tiny_config):
+    r = run([PY, "train.py", str(digits_folder), "--stitch_config", str(tiny_config), "--eval", "--output",
+             str(tmp_path), "--experiment", "fresh", *FAST])
+    assert r.returncode == 0, r.stderr[-3000:]
+    records = [json.loads(l) for l in (tmp_path / "fresh" / "stitches_res.txt").read_text().splitlines()]
+    assert len(records) == 12 and all(r["flops"] > 0 and r["params"] > 0 for r in records)
+    assert records[0]["flops"] < records[1]["flops"]
+
+
+def test_plain_model_training(tmp_path, digits_folder):
+    r = run([PY, "train.py", str(digits_folder), "--model", "deit_tiny_patch16_224", "--model-kwargs",
+             "patch_size=4", "depth=2", "embed_dim=8", "num_heads=2", "--epochs", "1", "--output", str(tmp_path),
+             "--experiment", "plain", *FAST])
+    assert r.returncode == 0, r.stderr[-3000:]
+    import torch
+    state = torch.load(tmp_path / "plain" / "last.pth.tar", weights_only=True)
+    assert "pos_embed" in state["state_dict"]  # plain timm keys: usable as an anchor checkpoint
+    assert json.loads((tmp_path / "plain" / "stitches_res.txt").read_text())["route"] == "deit_tiny_patch16_224"
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("case,argv,message", [
+    ("missing data", ["{tmp}/nope", "--stitch_config", "{cfg}"], "data folder '{tmp}/nope' does not exist"),
+    ("empty data", ["{tmp}/empty", "--stitch_config", "{cfg}"], "data folder '{tmp}/empty' is empty"),
+    ("no config", ["{data}", "--stitch_config", "{tmp}/none.json"], "stitch config '{tmp}/none.json' does not exist"),
+    ("bad json", ["{data}", "--stitch_config", "{tmp}/bad.json"], "is not valid JSON"),
+    ("batch 0", ["{data}", "--stitch_config", "{cfg}", "-b", "0"], "argument -b/--batch-size: 0 is not >= 1"),
+    ("reprob", ["{data}", "--stitch_config", "{cfg}", "--reprob", "2"], "--reprob: 2 is not a probability"),
+    ("no model", ["{data}"], "give --stitch_config FILE"),
+    ("split-bn", ["{data}", "--stitch_config", "{cfg}", "--split-bn"], "--split-bn needs --aug-splits > 1 or "
+                                                                       "--resplit"),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, digits_folder, tiny_config, case, argv,
+                                                            message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.json").write_text("{not json")
+    fill = lambda s: s.format(tmp=tmp_path, cfg=tiny_config, data=digits_folder)
+    out = tmp_path / "out"
+    r = run([PY, "train.py", *map(fill, argv), "--output", str(out)])
+    assert r.returncode == 2, (case, r.stderr)
+    assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr, r.stderr
+    assert fill(message) in r.stderr, r.stderr
+    assert not out.exists()
+
+
+def test_distributed_train_sh_usage():
+    r = run(["./distributed_train.sh", "x"])
+    assert r.returncode == 2 and "NUM_PROC" in r.stderr
