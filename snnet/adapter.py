@@ -9,6 +9,7 @@ Adding a timm family is a subclass of `AnchorAdapter` (see snnet/README.md) regi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Sequence
 
 import torch
@@ -110,3 +111,34 @@ def module_param_count(model: nn.Module, names: Sequence[str]) -> int:
             seen.add(id(p))
             total += p.numel()
     return total
+
+
+# ------------------------------------------------------------------------------------------ unit builders for families
+def _run_submodule(path: str, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # looked up at run time, so modules replaced in place later (split-BN, sync-BN) are the ones that run
+    return model.get_submodule(path)(x)
+
+
+def _run_forward_head(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model.forward_head(x)
+
+
+def module_unit(path: str, kind: str, stage: int | None = None, index: int | None = None) -> Unit:
+    """A unit that runs the anchor's submodule at `path` (e.g. ``blocks.3``, ``layers.1.downsample``)."""
+    return Unit(path, kind, partial(_run_submodule, path), (path,), stage, index)
+
+
+def head_unit(modules: Sequence[str]) -> Unit:
+    """timm's ``forward_head`` (pooling, pre-logits norm, classifier), executing the named modules."""
+    return Unit("head", "head", _run_forward_head, tuple(modules))
+
+
+def stage_units(model: nn.Module, stages: str) -> list[Unit]:
+    """Units of timm models whose ``<stages>[s]`` hold a ``downsample`` (a transition unit unless Identity) and a
+    ``blocks`` list (Swin's ``layers``, LeViT's ``stages``)."""
+    units = []
+    for s, stage in enumerate(model.get_submodule(stages)):
+        if not isinstance(stage.downsample, nn.Identity):
+            units.append(module_unit(f"{stages}.{s}.downsample", "transition"))
+        units += [module_unit(f"{stages}.{s}.blocks.{b}", "block", s, b) for b in range(len(stage.blocks))]
+    return units

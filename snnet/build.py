@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from .adapter import AnchorAdapter, AnchorError, adapter_for
+from .adapter import NCHW, TOKENS, AnchorAdapter, AnchorError, adapter_for
 from .config import AnchorSpec, StitchConfig
+from .cost import eval_mode
+from .ls_init import _feature_points, capture
 from .model import SNNet
 from .plan import StitchPlan, deit_plan, stagewise_plan
 
@@ -49,7 +52,16 @@ def create_anchor(spec: AnchorSpec, pretrained: bool = True, **model_kwargs: Any
     import timm
     check_model_name(spec.name)
     kwargs = {k: v for k, v in model_kwargs.items() if v is not None}
-    model = timm.create_model(spec.name, pretrained=pretrained and spec.checkpoint is None, **kwargs)
+    kwargs.update(spec.model_kwargs)
+    pretrained = pretrained and spec.checkpoint is None
+    try:
+        model = timm.create_model(spec.name, pretrained=pretrained, **kwargs)
+    except TypeError:
+        if "img_size" not in kwargs or "img_size" in spec.model_kwargs:
+            raise
+        # CNNs take any image size and have no img_size argument
+        model = timm.create_model(spec.name, pretrained=pretrained,
+                                  **{k: v for k, v in kwargs.items() if k != "img_size"})
     if spec.checkpoint is not None:
         state = load_state_dict_file(spec.checkpoint)
         own = model.state_dict()
@@ -101,6 +113,58 @@ def _check_widths(models, adapters, names, stages) -> None:
                                   f"wide but {names[i]!r} is {widths[i]} (stage {s}); list anchors smallest first")
 
 
+def _extent(x: torch.Tensor, layout: str) -> tuple[int, ...]:
+    """Spatial extent of one image's features: (tokens,) or (H, W)."""
+    if layout == TOKENS:
+        return (x.shape[1],)
+    return tuple(x.shape[2:4]) if layout == NCHW else tuple(x.shape[1:3])
+
+
+def _same_extent(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    if len(a) == len(b):
+        return a == b
+    return math.prod(a) == math.prod(b)  # tokens vs a grid: the same number of positions
+
+
+def _describe(extent: tuple[int, ...]) -> str:
+    return f"{extent[0]} tokens" if len(extent) == 1 else f"{extent[0]}x{extent[1]}"
+
+
+@torch.no_grad()
+def check_resolutions(model: SNNet, img_size: int | Sequence[int] = 224, in_chans: int = 3) -> None:
+    """Refuse stitches whose two sides do not run at the same resolution for this input size.
+
+    Family-agnostic: each anchor runs once on a zeros image, and for every stitch (j -> k) the front anchor's
+    output of block j must have the spatial size (or token count) of the end anchor's input to block k, which is
+    what the stitching layer maps and what the least-squares init pairs row by row.
+    """
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)[-2:]
+    positions = [st for spec in model.plan.layers for st in model.plan.positions_of_layer(spec.address)]
+    if not positions:
+        return
+    need, where = _feature_points(model, positions)  # the same feature points the LS init uses
+    device = next(model.parameters()).device
+    with eval_mode(model):
+        feats = capture(model, torch.zeros(1, in_chans, *size, device=device), need)
+    for st in positions:
+        (fa, ux), (ea, uy) = where[(st.front, st.end, st.stage, st.j, st.k)]
+        front = _extent(feats[(fa, ux)], model.adapters[fa].stage_layout(model.anchors[fa], st.stage))
+        end = _extent(feats[(ea, uy)], model.adapters[ea].stage_layout(model.anchors[ea], st.stage))
+        if not _same_extent(front, end):
+            f, e = model.names[st.front], model.names[st.end]
+            raise AnchorError(
+                f"cannot stitch {f!r} to {e!r} in stage {st.stage}: at {size[0]}x{size[1]} input, {f!r} block "
+                f"{st.j} outputs {_describe(front)} but {e!r} block {st.k} takes {_describe(end)}; stitch anchors "
+                f"whose stage {st.stage} runs at the same resolution (same image size, patch size and strides), "
+                f"or leave stage {st.stage} out of stitch_stages")
+
+
+def _input_size(cfg: StitchConfig, model: SNNet, model_kwargs: dict) -> tuple[int, int]:
+    size = model_kwargs.get("img_size") or cfg.get("input_size") or model.pretrained_cfg.get("input_size")
+    size = size or 224
+    return (size, size) if isinstance(size, int) else tuple(size)[-2:]
+
+
 def build_snnet(cfg: StitchConfig, pretrained: bool = True, num_classes: int | None = None,
                 drop_path_rate: float | None = None, **model_kwargs: Any) -> SNNet:
     """Anchors from timm (pretrained, or the config's local checkpoints), wrapped into one SN-Net (not LS-initialised)."""
@@ -115,4 +179,8 @@ def build_snnet(cfg: StitchConfig, pretrained: bool = True, num_classes: int | N
     skip = cfg.get("skip_final_norm")
     if skip is None:  # the family's SN-Net behaviour (on for plain ViTs, spec 2.1)
         skip = all(getattr(ad, "skip_final_norm_default", False) for ad in adapters)
-    return SNNet(models, plan, names=names, adapters=adapters, skip_final_norm=skip)
+    # readable routes need distinct names: the same timm name with other kwargs or weights gets its index
+    labels = [f"{n}#{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+    model = SNNet(models, plan, names=labels, adapters=adapters, skip_final_norm=skip)
+    check_resolutions(model, _input_size(cfg, model, model_kwargs), model_kwargs.get("in_chans") or 3)
+    return model

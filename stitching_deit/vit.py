@@ -4,12 +4,10 @@ Units run timm's own submodules, so the SN-Net keys are ``anchors.<i>.<timm ViT 
 """
 from __future__ import annotations
 
-from functools import partial
-
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from snnet.adapter import TOKENS, AnchorAdapter, Unit, register_adapter
+from snnet.adapter import TOKENS, AnchorAdapter, Unit, head_unit, module_unit, register_adapter
 
 _EMBED_MODULES = ("patch_embed", "cls_token", "reg_token", "dist_token", "pos_embed", "norm_pre", "patch_drop")
 _HEAD_MODULES = ("attn_pool", "fc_norm", "head", "head_dist")
@@ -20,18 +18,6 @@ def _embed(model: VisionTransformer, x):
     x = model._pos_embed(x)
     x = model.patch_drop(x)
     return model.norm_pre(x)
-
-
-def _block(i: int, model: VisionTransformer, x):
-    return model.blocks[i](x)
-
-
-def _norm(model: VisionTransformer, x):
-    return model.norm(x)
-
-
-def _head(model: VisionTransformer, x):
-    return model.forward_head(x)
 
 
 @register_adapter
@@ -49,10 +35,9 @@ class VisionTransformerAdapter(AnchorAdapter):
             return tuple(n for n in names if getattr(model, n, None) is not None)
 
         units = [Unit("embed", "stem", _embed, present(_EMBED_MODULES))]
-        units += [Unit(f"blocks.{i}", "block", partial(_block, i), (f"blocks.{i}",), stage=0, index=i)
-                  for i in range(len(model.blocks))]
-        units.append(Unit("norm", "norm", _norm, ("norm",)))
-        units.append(Unit("head", "head", _head, present(_HEAD_MODULES)))
+        units += [module_unit(f"blocks.{i}", "block", 0, i) for i in range(len(model.blocks))]
+        units.append(module_unit("norm", "norm"))
+        units.append(head_unit(present(_HEAD_MODULES)))
         return units
 
     def stage_depths(self, model: VisionTransformer) -> list[int]:

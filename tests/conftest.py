@@ -8,7 +8,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Intra-op threads for the test process (SNNET_TEST_THREADS, default 1): most test tensors are small, and on a 2-core
+# machine a second intra-op thread mostly waits; the multi-process tests use the other core.
+torch.set_num_threads(int(os.environ.get("SNNET_TEST_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")
