@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .fileio import append_line_durable, write_text_atomic
+from .fileio import write_text_atomic
 
 _logger = logging.getLogger("snnet")
 RESULTS_FILE = "stitches_res.txt"
@@ -170,33 +170,66 @@ def train_one_epoch(net: nn.Module, loader: Iterable, optimizer: torch.optim.Opt
     return float(stats[0] / max(stats[1], 1)), global_step
 
 
+def _route_steps(model: nn.Module, cfg_ids: Sequence[int]) -> dict[int, tuple]:
+    if isinstance(model, PlainNet):
+        return {c: (("plain",),) for c in cfg_ids}
+    return {c: model.routes[model.check_cfg_id(c)] for c in cfg_ids}
+
+
+def _runner(model: nn.Module) -> Callable[[tuple, torch.Tensor], torch.Tensor]:
+    if isinstance(model, PlainNet):
+        return lambda step, x: model(x)
+    return model.run_step
+
+
 @torch.no_grad()
 def evaluate_stitches(net: nn.Module, loader: Iterable, cfg_ids: Sequence[int], device: torch.device,
-                      amp_dtype: torch.dtype | None = None, log_interval: int = 50,
-                      ) -> "OrderedDict[int, dict[str, float]]":
-    """Top-1/top-5 (percent) and mean cross-entropy per stitch, reduced over ranks; one data pass for all stitches."""
+                      amp_dtype: torch.dtype | None = None, log_interval: int = 50, shared_prefixes: bool = True,
+                      stats: dict | None = None) -> "OrderedDict[int, dict[str, float]]":
+    """Top-1/top-5 (percent) and mean cross-entropy per stitch, reduced over ranks.
+
+    One pass over the data for all stitches: each batch is decoded once and every route runs on it; with
+    `shared_prefixes` the routes are walked as a trie so each distinct prefix is computed once per batch
+    (snnet/route_tree.py). ``shared_prefixes=False`` runs each route from the input (for comparison).
+    """
+    from .route_tree import RouteTree
     net.eval()
     model = unwrap(net)
-    k = len(cfg_ids)
-    counts = torch.zeros(k, 4, dtype=torch.float64)  # correct1, correct5, loss sum, samples
-    progress = Progress(f"Eval {k} stitch(es)", len(loader), log_interval)
+    rows = {c: i for i, c in enumerate(cfg_ids)}
+    counts = torch.zeros(len(cfg_ids), 4, dtype=torch.float64)  # correct1, correct5, loss sum, samples
+    tree = RouteTree(_route_steps(model, cfg_ids))
+    run_step = _runner(model)
+    progress = Progress(f"Eval {len(cfg_ids)} stitch(es)", len(loader), log_interval)
+    peak = 0
     for i, (x, y) in enumerate(loader, start=1):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        for row, cfg_id in enumerate(cfg_ids):
-            with amp_context(device, amp_dtype is not None, amp_dtype):
-                logits = model(x, cfg_id)
+
+        def emit(cfg_id: int, logits: torch.Tensor) -> None:
             logits = logits.float()
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
             hit = top.eq(y[:, None])
-            counts[row, 0] += float(hit[:, :1].sum())
-            counts[row, 1] += float(hit.sum())
-            counts[row, 2] += float(F.cross_entropy(logits, y, reduction="sum"))
-            counts[row, 3] += y.shape[0]
+            row = counts[rows[cfg_id]]
+            row[0] += float(hit[:, :1].sum())
+            row[1] += float(hit.sum())
+            row[2] += float(F.cross_entropy(logits, y, reduction="sum"))
+            row[3] += y.shape[0]
+
+        with amp_context(device, amp_dtype is not None, amp_dtype):
+            if shared_prefixes:
+                peak = max(peak, tree.run(run_step, x, emit, track_bytes=stats is not None))
+            else:
+                for cfg_id, steps in _route_steps(model, cfg_ids).items():
+                    h = x
+                    for step in steps:
+                        h = run_step(step, h)
+                    emit(cfg_id, h)
         progress.update(i, x.shape[0])
+    if stats is not None:
+        stats["peak_activation_bytes"] = peak
     if world()[1] > 1:
         dist.all_reduce(counts)
     out = OrderedDict()
-    for row, cfg_id in enumerate(cfg_ids):
+    for cfg_id, row in rows.items():
         c1, c5, loss, n = counts[row].tolist()
         n = max(n, 1)
         out[cfg_id] = {"acc1": 100.0 * c1 / n, "acc5": 100.0 * c5 / n, "loss": loss / n, "samples": int(n)}
@@ -228,7 +261,7 @@ class ResultsError(ValueError):
 
 
 class ResultsFile:
-    """stitches_res.txt: one JSON object per stitch, appended and fsynced as each stitch finishes.
+    """stitches_res.txt: one JSON object per stitch, written atomically once the pass over the data is done.
 
     Each record carries the hash of the checkpoint and of the config that produced it. A rerun skips the set of
     completed cfg_ids of the same checkpoint and config; a torn last line (crash mid-write) is dropped and redone;
@@ -264,6 +297,9 @@ class ResultsFile:
             good.append(line if line.endswith("\n") else line + "\n")
         return records
 
-    def append(self, record: dict[str, Any]) -> None:
-        record = {**record, "checkpoint_sha256": self.checkpoint_hash, "config_sha256": self.config_hash}
-        append_line_durable(self.path, json.dumps(record))
+    def extend(self, records: Iterable[dict[str, Any]]) -> None:
+        """Add records in one atomic write (the old file stays whole until the new one replaces it)."""
+        old = self.path.read_text() if self.path.exists() else ""
+        new = "".join(json.dumps({**r, "checkpoint_sha256": self.checkpoint_hash,
+                                  "config_sha256": self.config_hash}) + "\n" for r in records)
+        write_text_atomic(self.path, old + new)

@@ -217,13 +217,15 @@ def evaluate_all(net, val_ds, args, data_cfg, device, amp_dtype, out_dir: Path, 
                  f"{len(val_ds)} images, {world_size} process(es)")
     loader = create_eval_loader(val_ds, args, data_cfg, rank, world_size)
     metrics = evaluate_stitches(net, loader, todo, device, amp_dtype, args.log_interval)
+    records = []
     for cfg_id, m in metrics.items():
         record = {"cfg_id": cfg_id, "flops": flops[cfg_id], "params": model.params(cfg_id), "acc1": m["acc1"],
                   "acc5": m["acc5"], "loss": m["loss"], "route": model.describe(cfg_id), "samples": m["samples"]}
-        if rank == 0:
-            results.append(record)
+        records.append(record)
         _logger.info(f"cfg {cfg_id:>3d} {record['route']}: acc1 {m['acc1']:.3f} acc5 {m['acc5']:.3f} "
                      f"loss {m['loss']:.4f} flops {record['flops'] / 1e9:.3f}G params {record['params'] / 1e6:.3f}M")
+    if rank == 0:
+        results.extend(records)
     if rank == 0:
         _logger.info(f"results: {results.path}")
     return metrics
