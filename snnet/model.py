@@ -39,6 +39,8 @@ class SNNet(nn.Module):
         self.stitch_layers = _nested_module_list([(spec.address, self._make_layer(spec)) for spec in plan.layers])
         self.routes: list[tuple[Step, ...]] = [self._compile(route) for route in plan.routes]
         self._unit_params: list[list[int]] | None = None
+        self._cost_tables: dict = {}            # img_size -> CostTable, for stitch_for (plain data, no tensors)
+        self._results: dict[int, dict] | None = None
 
     # ------------------------------------------------------------------------------------------------ construction
     def _make_layer(self, spec: LayerSpec) -> StitchingLayer:
@@ -122,6 +124,51 @@ class SNNet(nn.Module):
             else:
                 total += sum(p.numel() for p in self.stitch_layer(step[1]).parameters())
         return total
+
+    # ------------------------------------------------------------------------------------------------- switching
+    def attach_results(self, records: Sequence[dict] | None) -> None:
+        """Accuracy per cfg_id (stitches_res.txt records) for `stitch_for` to rank routes by; None detaches."""
+        if records is None:
+            self._results = None
+            return
+        results = {}
+        for r in records:
+            cfg_id = self.check_cfg_id(r["cfg_id"])
+            if "route" in r and r["route"] != self.describe(cfg_id):
+                raise PlanError(f"result for cfg_id {cfg_id} is route {r['route']!r} but this SN-Net's cfg_id "
+                                f"{cfg_id} is {self.describe(cfg_id)!r}; attach the results of this SN-Net")
+            results[cfg_id] = dict(r)
+        self._results = results
+
+    def cost_table(self, img_size: int | tuple[int, int] = 224):
+        """FLOPs of every unit and stitching layer for one image of `img_size` (traced once, then cached)."""
+        from .cost import measure
+        key = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        if key not in self._cost_tables:
+            self._cost_tables[key] = measure(self, key)
+        return self._cost_tables[key]
+
+    def stitch_for(self, max_flops: float | None = None, max_params: float | None = None,
+                   img_size: int | tuple[int, int] = 224) -> int:
+        """The best cfg_id within a budget, to pass to ``forward(x, cfg_id)`` (switching allocates nothing).
+
+        Best = the highest attached top-1 (`attach_results`; routes without a result are not candidates), else the
+        route with the most FLOPs that fits (then the most params): within one SN-Net cost and accuracy go
+        together, and it is the only ranking available without an evaluation.
+        """
+        table = self.cost_table(img_size)
+        cost = {c: (table.route_flops(steps), self.params(c)) for c, steps in enumerate(self.routes)}
+        fits = [c for c, (f, p) in cost.items() if (max_flops is None or f <= max_flops)
+                and (max_params is None or p <= max_params) and (self._results is None or c in self._results)]
+        if not fits:
+            budget = " and ".join(f"{k} <= {v:g}" for k, v in (("flops", max_flops), ("params", max_params))
+                                  if v is not None)
+            cheapest = min(cost, key=lambda c: cost[c] if max_flops is not None else cost[c][::-1])
+            raise PlanError(f"no stitch fits {budget}: the cheapest is cfg_id {cheapest} ({self.describe(cheapest)}, "
+                            f"{cost[cheapest][0]} FLOPs, {cost[cheapest][1]} params); raise the budget")
+        if self._results is None:  # the most expensive, the lowest cfg_id on ties
+            return max(fits, key=lambda c: (*cost[c], -c))
+        return max(fits, key=lambda c: (self._results[c]["acc1"], -cost[c][0], -cost[c][1], -c))
 
     def no_weight_decay(self) -> set[str]:
         """The anchors' own no-weight-decay names, prefixed (SN-Net dropped them, spec 6.1 item 7)."""

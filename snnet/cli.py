@@ -1,0 +1,402 @@
+"""snnet: from stitches_res.txt to a deployed network.
+
+    snnet pareto RESULTS... [--out DIR] [--by flops|params|latency] [--anchors N]
+    snnet select RESULTS --max-flops 5G | --max-params 20M | --max-latency-ms 3 | --min-acc 78
+    snnet export CKPT --stitch_config CFG --cfg-id N --out DIR [--img-size S]
+    snnet latency CKPT --stitch_config CFG [--batch 1 --batch 32] [--warmup 5 --repeats 20] [--results FILE]
+
+A bad input (a foreign or empty results file, a budget no stitch meets, a cfg_id the checkpoint lacks, a missing
+file, an unparseable number) ends with one line on stderr naming the value and the fix, exit code 2, and no
+output file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+from .fileio import write_text_atomic
+from .pareto import (RESULTS_FILE, ResultsFormatError, cost_key, front_table, human, infer_anchors, latency_keys,
+                     pareto_front, plot_series, read_results, require_cost, route_of)
+
+
+class UsageError(ValueError):
+    """A request that cannot be met (e.g. no stitch within the budget); the message names the fix."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage block
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+_AMOUNT = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)(?:e([+-]?\d+))?\s*([kmgt]?)\s*$", re.IGNORECASE)
+_SCALE = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+
+
+def parse_amount(text: str, flag: str = "the budget", suffixes: bool = True) -> float:
+    """'5G' -> 5e9, '20M' -> 2e7, '3.5k' -> 3500, '4.5e9' -> 4.5e9 (K/M/G/T, any case); refuses anything else."""
+    m = _AMOUNT.match(str(text))
+    if m is None or (m.group(3) and not suffixes):
+        if suffixes:
+            raise UsageError(f"{text!r} is not a number with an optional K/M/G/T suffix; write e.g. {flag} 5G "
+                             f"(or 750K, 20M, 4.5e9)")
+        raise UsageError(f"{text!r} is not a plain number; write e.g. {flag} 3 or {flag} 0.5")
+    value = float(f"{m.group(1)}e{m.group(2) or 0}") * _SCALE[m.group(3).lower()]  # 1e400 -> inf, refused below
+    if not math.isfinite(value):
+        raise UsageError(f"{text!r} is not a finite number; write e.g. {flag} 5G")
+    return value
+
+
+def _amount(flag: str, suffixes: bool = True):
+    def parse(text: str) -> float:
+        try:
+            return parse_amount(text, flag, suffixes)
+        except UsageError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
+
+
+def _percent(text: str) -> float:
+    try:
+        value = parse_amount(str(text).rstrip("%"), "--min-acc", suffixes=False)
+    except UsageError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a top-1 in percent; write e.g. --min-acc 78") from None
+    if value > 100:
+        raise argparse.ArgumentTypeError(f"{text!r} is above 100; top-1 is in percent, e.g. --min-acc 78")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    if not re.fullmatch(r"\s*\d+\s*", text) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer; write e.g. 32")
+    return int(text)
+
+
+def _count(text: str) -> int:
+    if not re.fullmatch(r"\s*\d+\s*", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 0; write e.g. 5")
+    return int(text)
+
+
+def _cfg_id(text: str) -> int:
+    if not re.fullmatch(r"\s*\d+\s*", text):
+        raise argparse.ArgumentTypeError(f"cfg_id {text!r} is not an integer >= 0; write e.g. --cfg-id 5 (see snnet "
+                                         f"pareto / snnet select)")
+    return int(text)
+
+
+# ---------------------------------------------------------------------------------------------------- pareto
+def _labels(paths: Sequence[str]) -> list[str]:
+    """Short unique names for results files: the stem, else the folder name, else folder/stem, else the path."""
+    ps = [Path(p) for p in paths]
+    generic = lambda p: p.parent.name if p.stem == Path(RESULTS_FILE).stem else p.stem  # .../demo/stitches_res.txt
+    for name in (generic, lambda p: p.stem, lambda p: p.parent.name,
+                 lambda p: f"{p.parent.name}/{p.stem}"):
+        labels = [name(p) for p in ps]
+        if all(labels) and len(set(labels)) == len(labels):
+            return labels
+    return [str(p) for p in paths]
+
+
+def _anchors(records: list[dict], given: int | None, path: str) -> int:
+    with_routes = all("route" in r for r in records)
+    if with_routes:
+        n = infer_anchors(records)
+        if given is not None and given != n:
+            print(f"note: {path!r} names its routes; its {n} anchors are used, --anchors {given} applies to files "
+                  f"without routes (SN-Net's)", file=sys.stderr)
+        return n
+    if given is not None:
+        return given
+    n = infer_anchors(records)
+    print(f"note: {path!r} has no routes (an SN-Net file): cfg 0..{n - 1} are taken as the anchors (the leading "
+          f"cfg_ids of rising FLOPs); pass --anchors N if that is wrong", file=sys.stderr)
+    return n
+
+
+def _heading(label: str, path: str, records: list[dict], n: int, front: list[dict], cost: str) -> str:
+    return (f"## {label}: {len(front)} of {len(records)} stitches on the {cost} Pareto front "
+            f"(anchors: cfg {', '.join(str(i) for i in range(n))}; {path})")
+
+
+def cmd_pareto(args: argparse.Namespace) -> int:
+    cost = cost_key(args.by, args.latency_batch)
+    if args.anchors is not None and args.anchors < 1:
+        raise UsageError(f"--anchors {args.anchors} must be >= 1 (SN-Net's files hold 2 or 3 anchors)")
+    series = []
+    for path, label in zip(args.results, _labels(args.results)):
+        records = read_results(path)
+        require_cost(records, cost, path)
+        series.append((label, path, records, _anchors(records, args.anchors, path)))
+
+    md = [f"# Pareto front by {cost}", ""]
+    report: dict[str, Any] = {"by": cost, "files": []}
+    for label, path, records, n in series:
+        front = pareto_front(records, cost)
+        heading = _heading(label, path, records, n, front, cost)
+        print(heading + "\n\n" + front_table(records, cost, n))
+        md += [heading, "", front_table(records, cost, n, all_rows=True)]
+        report["files"].append({"label": label, "path": str(path), "anchors": n, "records": len(records),
+                                "front": [r["cfg_id"] for r in front], "front_records": front})
+    if len(series) > 1:  # which network of which SN-Net to deploy at each cost
+        everything = [r for s in series for r in s[2]]
+        sources = [s[0] for s in series for _ in s[2]]
+        source_of = {id(r): src for r, src in zip(everything, sources)}
+        front = pareto_front(everything, cost)
+        table = front_table(everything, cost, [s[3] for s in series for _ in s[2]], sources=sources)
+        heading = f"## combined: {len(front)} of {len(everything)} stitches of {len(series)} files on the front"
+        print(heading + "\n\n" + table)
+        md += [heading, "", table]
+        report["combined_front"] = [{"source": source_of[id(r)], **r} for r in front]
+    if args.out:
+        out = Path(args.out)
+        plot_series([(s[0], s[2], s[3]) for s in series], out / f"pareto_{cost}.png", cost, args.title)
+        write_text_atomic(out / f"pareto_{cost}.md", "\n".join(md))
+        write_text_atomic(out / f"pareto_{cost}.json", json.dumps(report, indent=1) + "\n")
+        print(f"wrote {out / f'pareto_{cost}.md'}, {out / f'pareto_{cost}.json'}, {out / f'pareto_{cost}.png'}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- select
+def _describe(r: dict, n: int | None = None) -> str:
+    parts = [f"cfg_id {r['cfg_id']} ({route_of(r, n)}"]
+    for key, name in (("flops", "FLOPs"), ("params", "params")):
+        if r.get(key) is not None:
+            parts.append(f"{human(r[key])} {name}")
+    parts += [f"{r[k]:.3f} ms @ b{k[len('latency_ms_b'):]}" for k in latency_keys([r])[:1]]
+    return ", ".join(parts) + f", top-1 {r['acc1']:.2f})"
+
+
+def select(records: list[dict], limits: dict[str, float], min_acc: float | None, source: str,
+           flags: dict[str, str]) -> tuple[dict, int]:
+    """The best record within `limits` ({key: max}); with `min_acc` the cheapest (FLOPs) reaching it.
+    Returns (record, how many fit); UsageError naming the closest record when none does."""
+    for key in limits:
+        require_cost(records, key, source, "--max-flops")
+    within = [r for r in records if all(r.get(k) is not None and r[k] <= v for k, v in limits.items())]
+    fits = [r for r in within if min_acc is None or r["acc1"] >= min_acc]
+    if fits:
+        if min_acc is None:
+            return max(fits, key=lambda r: (r["acc1"], -(r.get("flops") or 0), -r["cfg_id"])), len(fits)
+        cheap = "flops" if any(r.get("flops") is not None for r in fits) else "params"
+        return min(fits, key=lambda r: (r.get(cheap) if r.get(cheap) is not None else math.inf, -r["acc1"],
+                                        r["cfg_id"])), len(fits)
+    budget = " and ".join(f"{k} <= {human(v)}" for k, v in limits.items())
+    if within:  # the budget is met, the accuracy is not: the most accurate within it is the closest
+        best = max(within, key=lambda r: r["acc1"])
+        where = f" within {budget}" if limits else ""
+        raise UsageError(f"no stitch in {source!r}{where} reaches top-1 {min_acc:g}: the closest is "
+                         f"{_describe(best)}; lower --min-acc to at most {best['acc1']:.2f}"
+                         + (" or raise the budget" if limits else ""))
+    usable = [r for r in records if all(r.get(k) is not None for k in limits)]
+    closest = min(usable, key=lambda r: max(r[k] / v if v > 0 else math.inf for k, v in limits.items()))
+    need = ", ".join(f"{flags[k]} to at least {human(closest[k])}" for k, v in limits.items() if closest[k] > v)
+    raise UsageError(f"no stitch in {source!r} has {budget}: the closest is {_describe(closest)}; raise {need}")
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    records = read_results(args.results)
+    lat = f"latency_ms_b{args.latency_batch}"
+    limits, flags = {}, {"flops": "--max-flops", "params": "--max-params", lat: "--max-latency-ms"}
+    for key, value in (("flops", args.max_flops), ("params", args.max_params), (lat, args.max_latency_ms)):
+        if value is not None:
+            limits[key] = value
+    if not limits and args.min_acc is None:
+        raise UsageError("give a budget: --max-flops 5G, --max-params 20M, --max-latency-ms 3 or --min-acc 78")
+    rec, n_fit = select(records, limits, args.min_acc, args.results, flags)
+    if args.json:
+        print(json.dumps(rec))
+        return 0
+    what = "cheapest by FLOPs reaching top-1 " + f"{args.min_acc:g}" if args.min_acc is not None else "best top-1"
+    budget = " and ".join(f"{k} <= {human(v)}" for k, v in limits.items())
+    print(f"cfg_id {rec['cfg_id']}: {what}{' with ' + budget if budget else ''} "
+          f"({n_fit} of {len(records)} stitches qualify)")
+    print(f"  route   {route_of(rec, infer_anchors(records))}")
+    for key, name in (("flops", "FLOPs"), ("params", "params")):
+        if rec.get(key) is not None:
+            print(f"  {name:<7} {human(rec[key])} ({rec[key]:,})")
+    acc5 = f"   top-5 {rec['acc5']:.2f}" if rec.get("acc5") is not None else ""
+    print(f"  top-1   {rec['acc1']:.2f}{acc5}")
+    for key in latency_keys([rec]):
+        batch = key[len("latency_ms_b"):]
+        print(f"  latency {rec[key]:.3f} ms at batch {batch} ({rec.get('latency_device', 'device not recorded')})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- export
+def _load(args: argparse.Namespace):
+    from .export import load_snnet
+    return load_snnet(args.checkpoint, args.stitch_config, args.img_size, args.num_classes)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import WEIGHTS, check_cfg_id, export_stitch
+    loaded = _load(args)
+    check_cfg_id(loaded.net, args.cfg_id, args.checkpoint)
+    spec = export_stitch(loaded, args.cfg_id, args.out, torchscript=not args.no_torchscript,
+                         onnx=not args.no_onnx, opset=args.opset)
+    out = Path(args.out)
+    h, w = spec["img_size"]
+    print(f"exported cfg_id {spec['cfg_id']}: {spec['route']}")
+    print(f"  params {spec['params']:,} (= SNNet.params({spec['cfg_id']})), {human(spec['flops'])} FLOPs at {h}x{w}, "
+          f"{spec['num_classes']} classes")
+    sizes = ", ".join(f"{name} ({(out / name).stat().st_size / 1024:.1f} KiB)"
+                      for name in [*spec["files"].values(), "model.json"])
+    print(f"  {out}/: {sizes}")
+    diffs = ", ".join(f"{k} {'n/a (onnxruntime not installed)' if v is None else f'{v:.2g}'}"
+                      for k, v in spec["max_abs_diff_vs_snnet"].items())
+    print(f"  max |logits - SN-Net logits| on 3 random images: {diffs}")
+    print(f"  load: from snnet.export import load_exported; net = load_exported({str(out)!r})  "
+          f"# weights: {WEIGHTS}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- latency
+def cmd_latency(args: argparse.Namespace) -> int:
+    import torch
+
+    from .export import check_cfg_id
+    from .latency import add_latency, device_name, measure_latency, results_cfg_ids
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"--device {args.device!r} is not a torch device; use cpu or cuda[:index]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device!r}: CUDA is not available here; use --device cpu")
+    loaded = _load(args)
+    net = loaded.net
+    in_file = results_cfg_ids(net, args.results) if args.results else None  # another SN-Net's file: refused now
+    if args.cfg_ids:
+        ids = [check_cfg_id(net, c, args.checkpoint) for c in args.cfg_ids]
+    else:
+        ids = in_file if in_file is not None else list(range(net.num_configs))
+    ids = list(dict.fromkeys(ids))  # a rerun's repeated cfg_id is measured once
+    batches = sorted(set(args.batch or [1, 32]))
+    table = measure_latency(net, ids, batches, loaded.img_size, loaded.in_chans, args.warmup, args.repeats, device)
+    dev = device_name(device)
+    h, w = loaded.img_size
+    print(f"latency on {dev}, {h}x{w} images, median of {args.repeats} after {args.warmup} warm-up calls")
+    head = " | ".join(f"ms @ b{b}" for b in batches)
+    print(f"| cfg_id | route | {head} | img/s @ b{batches[-1]} |")
+    print("|---:|---|" + "---:|" * (len(batches) + 1))
+    for c in ids:
+        cells = " | ".join(f"{table[c][f'latency_ms_b{b}']:.3f}" for b in batches)
+        ips = batches[-1] / table[c][f"latency_ms_b{batches[-1]}"] * 1e3
+        print(f"| {c} | {net.describe(c)} | {cells} | {ips:,.0f} |")
+    if args.results:
+        n = add_latency(args.results, table, {"latency_device": dev, "latency_img_size": [h, w]})
+        keys = ", ".join([f"latency_ms_b{b}" for b in batches] + ["latency_device", "latency_img_size"])
+        print(f"updated {n} records of {args.results} ({keys})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- parser
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", metavar="CKPT", help="SN-Net checkpoint written by train.py (e.g. last.pth.tar)")
+    p.add_argument("--stitch_config", "--stitch-config", metavar="CFG", default=None,
+                   help="the stitch config it was trained with (default: the one the checkpoint recorded)")
+    p.add_argument("--img-size", type=_positive_int, default=None, metavar="S",
+                   help="image size (default: the checkpoint's training --img-size)")
+    p.add_argument("--num-classes", type=_positive_int, default=None, metavar="N",
+                   help="classifier classes (default: the checkpoint's)")
+    p.add_argument("--no-pretrained", action="store_true",
+                   help="accepted for train.py compatibility; anchors are never downloaded here (the checkpoint's "
+                        "weights replace everything)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="snnet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{pareto,select,export,latency}")
+
+    q = sub.add_parser("pareto", help="Pareto-optimal stitches of results files: table, JSON, plot",
+                       description="Prints the Pareto-optimal stitches of each results file (and, with several "
+                       "files, the combined front saying which file each network comes from); with --out also "
+                       "writes pareto_<cost>.md (every stitch, front marked), .json and .png.")
+    q.add_argument("results", nargs="+", metavar="RESULTS", help="stitches_res.txt files (ours or SN-Net's)")
+    q.add_argument("--out", metavar="DIR", help="write pareto_<cost>.{md,json,png} here")
+    q.add_argument("--by", choices=("flops", "params", "latency"), default="flops", help="cost axis")
+    q.add_argument("--latency-batch", type=_positive_int, default=1, metavar="B",
+                   help="with --by latency: the batch size of latency_ms_b<B> (default 1)")
+    q.add_argument("--anchors", type=int, default=None, metavar="N",
+                   help="files without routes (SN-Net's): cfg 0..N-1 are anchors (default: inferred, see README)")
+    q.add_argument("--title", default="", help="plot title")
+    q.set_defaults(fn=cmd_pareto)
+
+    s = sub.add_parser("select", help="the best stitch within a budget",
+                       description="Highest top-1 within the budgets (all must hold); with --min-acc the cheapest "
+                       "by FLOPs that reaches it. Budgets take K/M/G suffixes: 5G, 20M, 750K, 4.5e9.")
+    s.add_argument("results", metavar="RESULTS", help="a stitches_res.txt")
+    s.add_argument("--max-flops", type=_amount("--max-flops"), metavar="F", help="e.g. 5G")
+    s.add_argument("--max-params", type=_amount("--max-params"), metavar="P", help="e.g. 20M")
+    s.add_argument("--max-latency-ms", type=_amount("--max-latency-ms", suffixes=False), metavar="MS",
+                   help="e.g. 3 (needs snnet latency --results first)")
+    s.add_argument("--latency-batch", type=_positive_int, default=1, metavar="B",
+                   help="batch size of the latency budget (default 1)")
+    s.add_argument("--min-acc", type=_percent, metavar="TOP1", help="e.g. 78 (percent)")
+    s.add_argument("--json", action="store_true", help="print the chosen record as one JSON line")
+    s.set_defaults(fn=cmd_select)
+
+    e = sub.add_parser("export", help="one stitch as a standalone network (safetensors + JSON, TorchScript, ONNX)")
+    _model_args(e)
+    e.add_argument("--cfg-id", "--cfg_id", type=_cfg_id, required=True, metavar="N", help="the stitch to export")
+    e.add_argument("--out", required=True, metavar="DIR", help="export folder")
+    e.add_argument("--no-torchscript", action="store_true", help="skip model.torchscript.pt")
+    e.add_argument("--no-onnx", action="store_true", help="skip model.onnx")
+    e.add_argument("--opset", type=_positive_int, default=17, help="ONNX opset (default 17)")
+    e.set_defaults(fn=cmd_export)
+
+    t = sub.add_parser("latency", help="measured latency per stitch, optionally added to a results file")
+    _model_args(t)
+    t.add_argument("--batch", type=_positive_int, action="append", metavar="B",
+                   help="batch size, repeatable (default: --batch 1 --batch 32)")
+    t.add_argument("--warmup", type=_count, default=5, help="untimed calls per stitch and batch (default 5)")
+    t.add_argument("--repeats", type=_positive_int, default=20, help="timed calls; the median is kept (default 20)")
+    t.add_argument("--results", metavar="FILE", help="add latency_ms_b<B>, latency_device to this results file")
+    t.add_argument("--cfg-ids", type=_cfg_id, nargs="+", metavar="N",
+                   help="only these stitches (default: those in --results, else all)")
+    t.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
+    t.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads (default: torch's)")
+    t.set_defaults(fn=cmd_latency)
+    return p
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .adapter import AnchorError
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .export import ExportError
+    from .plan import PlanError
+    return UsageError, ResultsFormatError, ExportError, CheckpointError, ConfigError, AnchorError, PlanError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # fvcore scripts a function at import; torch 2.14 calls torch.jit deprecated: noise, not the user's concern
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except _user_errors() as e:
+        print(f"snnet {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
+        return 2
+    except BrokenPipeError:  # `snnet pareto ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as e:  # unwritable --out, full disk: the environment, not a bug
+        print(f"snnet {args.command}: error: {e.strerror or e}: {e.filename!r}; check the path and permissions",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"snnet {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Measured latency of every stitch on the current device, added to the results records.
+
+Each stitch runs ``net(x, cfg_id)`` (the same kernels as its exported network) on random images of the given batch
+sizes: `warmup` untimed calls, then `repeats` timed calls (CUDA synchronised after each, stitches taken
+round-robin); the median is reported in milliseconds per batch. Records gain ``latency_ms_b<batch>`` for each
+batch size, ``latency_device`` (e.g. ``cpu: AMD EPYC, 2 threads``) and ``latency_img_size``, so
+``snnet pareto --by latency`` and ``snnet select --max-latency-ms`` work. Latency depends on the architecture, not the weights, so a results file
+is accepted when its routes match the SN-Net's (the checkpoint hash is not compared).
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .fileio import write_text_atomic
+from .model import SNNet
+from .pareto import RESULTS_FILE, ResultsFormatError, read_results
+
+
+def device_name(device: torch.device) -> str:
+    """What the numbers were measured on: the GPU's name, or the CPU's model and torch's thread count."""
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    name = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if not name:
+        import platform
+        name = platform.processor() or platform.machine()
+    threads = torch.get_num_threads()
+    return f"{device.type}: {name}, {threads} thread{'s' if threads > 1 else ''}"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    fn(x)
+    _sync(x.device)
+    return time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def time_calls(fns: dict[Any, Callable[[torch.Tensor], Any]], x: torch.Tensor, warmup: int = 5,
+               repeats: int = 20) -> dict[Any, float]:
+    """Median wall time in ms of each ``fn(x)``, after `warmup` untimed calls of each.
+
+    The timed calls go round-robin (every fn once per round) rather than fn by fn, so a slow spell of a shared
+    machine (another job, frequency changes) hits every stitch alike instead of a few of them.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn(x)
+    _sync(x.device)
+    times: dict[Any, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            times[k].append(_timed(fn, x))
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def measure_latency(net: SNNet, cfg_ids: Sequence[int], batches: Sequence[int] = (1, 32),
+                    img_size: tuple[int, int] = (224, 224), in_chans: int = 3, warmup: int = 5, repeats: int = 20,
+                    device: torch.device | str = "cpu") -> dict[int, dict[str, float]]:
+    """``{cfg_id: {"latency_ms_b<batch>": median ms}}`` for every stitch and batch size."""
+    device = torch.device(device)
+    net.eval().to(device)
+    out: dict[int, dict[str, float]] = {c: {} for c in cfg_ids}
+    for b in batches:
+        x = torch.randn(b, in_chans, *img_size, device=device)
+        fns = {c: (lambda t, c=c: net(t, c)) for c in cfg_ids}
+        for c, ms in time_calls(fns, x, warmup, repeats).items():
+            out[c][f"latency_ms_b{b}"] = ms
+    return out
+
+
+def results_cfg_ids(net: SNNet, path: str | os.PathLike) -> list[int]:
+    """cfg_ids of a results file, refused when its routes are not this SN-Net's."""
+    ids = []
+    for r in read_results(path):
+        c = r["cfg_id"]
+        if c >= net.num_configs or ("route" in r and r["route"] != net.describe(c)):
+            got = r.get("route", f"cfg_id {c}")
+            raise ResultsFormatError(f"results file {str(path)!r} is not of this SN-Net: its cfg_id {c} is {got!r}, "
+                                     f"the checkpoint's is {net.describe(c) if c < net.num_configs else 'absent'}; "
+                                     f"pass the checkpoint and config that produced it")
+        ids.append(c)
+    return ids
+
+
+def add_latency(path: str | os.PathLike, table: dict[int, dict[str, float]], extra: dict[str, Any]) -> int:
+    """Add the measured keys (and `extra`, e.g. the device) to the records of `path`, in one atomic rewrite.
+
+    Lines keep their order and keys; a torn last line (an interrupted evaluation) is dropped. Returns the number
+    of records updated.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS_FILE
+    read_results(path)  # validates the whole file before anything is written
+    lines, n = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # the torn last line read_results tolerated
+        if rec["cfg_id"] in table:
+            rec.update(table[rec["cfg_id"]])
+            rec.update(extra)
+            n += 1
+        lines.append(json.dumps(rec))
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    return n

@@ -1,0 +1,440 @@
+"""`snnet` tools: pareto / select / export / latency, runtime switching, and their refusals of bad input.
+
+Small models only: two ViTs of widths 8 and 16 (depth 4, 16x16 images, 12 cfg_ids) for the tools; thin Swin,
+ResNet-18/34 and LeViT-128S/128 SN-Nets for the family-agnostic pruning check.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from snnet import cli
+from snnet.build import build_snnet
+from snnet.checkpoint import save_checkpoint
+from snnet.config import parse_stitch_config
+from snnet.export import count_params, export_stitch, load_exported, load_snnet, stitched_network
+from snnet.pareto import front_table, infer_anchors, markdown_table, pareto_front, read_results
+from snnet.plan import PlanError
+
+ROOT = Path(__file__).resolve().parent.parent
+IMG = 16
+
+# SNNET_SPEC.md 7.0: the first five lines of each SN-Net results file, verbatim
+SNNET_FILES = {
+    "deit": """\
+{"cfg_id": 0, "flops": 1258411200, "params": 5717416, "acc1": 70.56400227203369}
+{"cfg_id": 1, "flops": 4608338304, "params": 22050664, "acc1": 79.46400268066407}
+{"cfg_id": 2, "flops": 17582740224, "params": 86567656, "acc1": 81.93400259002685}
+{"cfg_id": 3, "flops": 4696010496, "params": 22345960, "acc1": 79.01800220336914}
+{"cfg_id": 4, "flops": 4316862720, "params": 20571496, "acc1": 79.05200247711181}
+""",
+    "swin": """\
+{"cfg_id": 0, "flops": 4509194496, "params": 28288354, "acc1": 79.46400002197265}
+{"cfg_id": 1, "flops": 8768534784, "params": 49606258, "acc1": 83.17200001220704}
+{"cfg_id": 2, "flops": 15467826176, "params": 87768224, "acc1": 84.21000001464844}
+{"cfg_id": 3, "flops": 8797436160, "params": 49615570, "acc1": 83.10400001464843}
+{"cfg_id": 4, "flops": 15220458496, "params": 87692407, "acc1": 84.18000001464844}
+""",
+    "levit": """\
+{"loss": 0.8239520951762966, "acc1": 79.63800263183593, "acc5": 94.53000249023438, "cfg_id": 0, "flops": 661663808}
+{"loss": 0.7729868526602613, "acc1": 81.22200236328125, "acc5": 95.21800245117187, "cfg_id": 1, "flops": 1133412864}
+{"loss": 0.8509775411294794, "acc1": 79.35200238769531, "acc5": 94.2600024609375, "cfg_id": 2, "flops": 1020918272}
+{"loss": 0.792813112937856, "acc1": 80.72600254882812, "acc5": 94.92400262695313, "cfg_id": 3, "flops": 977741824}
+{"loss": 0.7968292268585428, "acc1": 80.46600247558594, "acc5": 94.94800263671875, "cfg_id": 4, "flops": 934565376}
+""",
+    "r18_r50": """\
+{"cfg_id": 0, "acc1": 68.322, "acc5": 88.106, "flops": 1819065856}
+{"cfg_id": 1, "acc1": 77.016, "acc5": 92.858, "flops": 4111512576}
+{"cfg_id": 2, "acc1": 77.468, "acc5": 93.16, "flops": 3755463680}
+{"cfg_id": 3, "acc1": 76.772, "acc5": 92.64, "flops": 3767505920}
+{"cfg_id": 4, "acc1": 76.286, "acc5": 92.362, "flops": 3547935744}
+""",
+    "r18_swin_ti": """\
+{"cfg_id": 0, "acc1": 68.674, "acc5": 88.394, "flops": 1819065856}
+{"cfg_id": 1, "acc1": 81.25, "acc5": 95.502, "flops": 4509194496}
+{"cfg_id": 2, "acc1": 80.07, "acc5": 94.918, "flops": 4095543552}
+{"cfg_id": 3, "acc1": 79.002, "acc5": 94.318, "flops": 3730713856}
+{"cfg_id": 4, "acc1": 78.618, "acc5": 94.106, "flops": 3375768832}
+""",
+}
+# Pareto fronts of those five lines, by hand (FLOPs ascending, strictly rising top-1), and the anchor counts
+FIRST5_FRONT = {"deit": [0, 4, 1, 2], "swin": [0, 1, 4, 2], "levit": [0, 4, 3, 1], "r18_r50": [0, 4, 2],
+                "r18_swin_ti": [0, 4, 3, 2, 1]}
+ANCHORS = {"deit": 3, "swin": 3, "levit": 2, "r18_r50": 2, "r18_swin_ti": 2}
+# spec 7.6, the fronts of the full files; where every cfg_id a full front excludes among 0..4 is dominated within
+# the first five lines too, the five-line front is the full front restricted to 0..4
+SPEC_FRONT = {"levit": [0, 7, 6, 5, 4, 3, 1], "r18_r50": [0, 9, 8, 6, 5, 4, 2], "r18_swin_ti": [0, 7, 6, 5, 4, 3, 2, 1]}
+
+
+def vit(width):
+    return {"name": "deit_tiny_patch16_224", "model_kwargs": {"patch_size": 4, "depth": 4, "embed_dim": width,
+                                                              "num_heads": 2}}
+
+
+class Tiny:
+    """A two-anchor ViT SN-Net, its checkpoint, config and a results file with made-up accuracies."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        raw = {"anchors": [vit(8), vit(16)]}
+        self.config = root / "tiny.json"
+        self.config.write_text(json.dumps(raw))
+        torch.manual_seed(0)
+        self.net = build_snnet(parse_stitch_config(raw), pretrained=False, num_classes=10, img_size=IMG).eval()
+        self.ckpt = root / "last.pth.tar"
+        save_checkpoint(self.ckpt, {"state_dict": self.net.state_dict(), "epoch": 0,
+                                    "args": json.dumps({"num_classes": 10, "img_size": IMG, "model_kwargs": {}})})
+        table = self.net.cost_table(IMG)
+        flops = [table.route_flops(r) for r in self.net.routes]
+        self.records = [{"cfg_id": c, "flops": f, "params": self.net.params(c),
+                         "acc1": 40 + 30 * (f / max(flops)) ** 0.5 + ((c * 37) % 11 - 5) * 0.7,
+                         "acc5": 99.0, "route": self.net.describe(c)} for c, f in enumerate(flops)]
+        self.results = root / "stitches_res.txt"
+        self.results.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return Tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def snnet_files(tmp_path):
+    paths = {}
+    for name, text in SNNET_FILES.items():
+        paths[name] = tmp_path / f"{name}.txt"
+        paths[name].write_text(text)
+    return paths
+
+
+def run(capsys, *argv):
+    try:
+        rc = cli.main([str(a) for a in argv])
+    except SystemExit as e:  # argparse refusals
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_refused(rc, err, *needles):
+    """Exit 2, one line on stderr (notes aside), no traceback, naming what was asked for."""
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("note:")]
+    assert rc == 2, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert str(n) in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def dominated_free(records, cost="flops"):
+    """Brute force: the records no other record beats (cheaper or as cheap, and more accurate or as accurate)."""
+    front = []
+    for r in records:
+        if not any(s is not r and s[cost] <= r[cost] and s["acc1"] >= r["acc1"] and
+                   (s[cost] < r[cost] or s["acc1"] > r["acc1"]) for s in records):
+            front.append(r["cfg_id"])
+    return sorted(front)
+
+
+# --------------------------------------------------------------------------------------------------- pareto
+@pytest.mark.parametrize("family", list(SNNET_FILES))
+def test_snnet_result_files_first_lines(snnet_files, family):
+    records = read_results(snnet_files[family])
+    assert [r["cfg_id"] for r in records] == [0, 1, 2, 3, 4]
+    assert [r["cfg_id"] for r in pareto_front(records)] == FIRST5_FRONT[family]
+    assert infer_anchors(records) == ANCHORS[family]
+    if family in SPEC_FRONT:
+        assert FIRST5_FRONT[family] == [c for c in SPEC_FRONT[family] if c <= 4]
+
+
+def test_front_matches_brute_force_on_demo_results():
+    path = ROOT / "results" / "demo" / "stitches_res.txt"
+    if not path.exists():
+        pytest.skip("run `make demo` first")
+    records = read_results(path)
+    assert sorted(r["cfg_id"] for r in pareto_front(records)) == dominated_free(records)
+    assert infer_anchors(records) == 3
+    shipped = ROOT / "results" / "demo" / "pareto.md"
+    if shipped.exists():  # write_report's table (snnet/demo.py) did not change
+        assert markdown_table(records) == shipped.read_text()
+
+
+def test_pareto_cli_several_files(snnet_files, tiny, tmp_path, capsys):
+    out = tmp_path / "report"
+    rc, stdout, err = run(capsys, "pareto", snnet_files["levit"], snnet_files["r18_r50"], tiny.results, "--out", out)
+    assert rc == 0, err
+    # SN-Net files have no routes: the inferred anchors are announced, ours are read from the routes
+    assert err.count("note:") == 2 and "cfg 0..1" in err
+    report = json.loads((out / "pareto_flops.json").read_text())
+    fronts = {f["label"]: f["front"] for f in report["files"]}
+    assert fronts["levit"] == [0, 4, 3, 1] and fronts["r18_r50"] == [0, 4, 2]
+    assert sorted(fronts[tiny.root.name]) == dominated_free(tiny.records)
+    assert [f["anchors"] for f in report["files"]] == [2, 2, 2]
+    combined = [(r["source"], r["cfg_id"]) for r in report["combined_front"]]
+    everything = [r for f in (snnet_files["levit"], snnet_files["r18_r50"], tiny.results) for r in read_results(f)]
+    assert len(combined) == len(pareto_front(everything)) == len(dominated_free(everything))
+    assert combined[0] == (tiny.root.name, 0)  # the tiny ViTs are the cheapest networks, LeViT the most accurate
+    assert combined[-1] == ("levit", 1)
+    assert (out / "pareto_flops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "pareto_flops.md").read_text()
+    assert "| 2 | stitch | 1.021 | 79.35 | 94.26 |  |" in md  # every row in the file, the dominated cfg 2 unmarked
+    assert "## combined" in stdout and "| levit | 1 | anchor 1 |" in stdout
+    assert "| 2 | stitch |" not in stdout.split("## r18_r50")[0]  # stdout shows only the front
+
+
+def test_pareto_anchors_override_and_params(snnet_files, tmp_path, capsys):
+    rc, stdout, err = run(capsys, "pareto", snnet_files["deit"], "--anchors", "1", "--by", "params")
+    assert rc == 0 and "note:" not in err
+    assert "| 1 | stitch |" in stdout and "| 0 | anchor 0 |" in stdout
+    rc, _, err = run(capsys, "pareto", snnet_files["levit"], "--by", "params", "--out", tmp_path / "x")
+    assert_refused(rc, err, "'params'", "--by flops")
+    assert not (tmp_path / "x").exists()
+
+
+def test_front_table_columns():
+    recs = [{"cfg_id": 0, "flops": 2e9, "acc1": 70.0}, {"cfg_id": 1, "flops": 1e9, "acc1": 71.0}]
+    table = front_table(recs, n_anchors=1)
+    assert table.splitlines()[0] == "| cfg_id | route | GFLOPs | top-1 |"  # no empty params/top-5 columns
+    assert table.splitlines()[2] == "| 1 | stitch | 1.000 | 71.00 |" and len(table.splitlines()) == 3
+
+
+BAD_FILES = {
+    "empty": (b"", "is empty"),
+    "csv": (b"cfg_id,flops,acc1\n0,100,70.0\n1,200,75.0\n", "line 1 is not a JSON object"),
+    "json_list": (b'[{"cfg_id": 0, "flops": 1, "acc1": 70.0}]\n', "line 1 is a JSON list"),
+    "pretty_json_list": (b'[\n  {"cfg_id": 0, "flops": 1, "acc1": 70.0}\n]\n', "line 1 is not a JSON object"),
+    "no_acc1": (b'{"cfg_id": 0, "flops": 1, "top1": 70.0}\n', "without cfg_id/acc1"),
+    "binary": (b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "not a text file"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_FILES))
+@pytest.mark.parametrize("command", ["pareto", "select"])
+def test_foreign_results_files_refused(tmp_path, capsys, kind, command):
+    data, reason = BAD_FILES[kind]
+    path = tmp_path / f"{kind}.txt"
+    path.write_bytes(data)
+    extra = ["--out", tmp_path / "out"] if command == "pareto" else ["--max-flops", "1G"]
+    rc, stdout, err = run(capsys, command, path, *extra)
+    assert_refused(rc, err, str(path), reason)
+    assert stdout == "" and not (tmp_path / "out").exists()
+
+
+def test_missing_results_file(tmp_path, capsys):
+    rc, _, err = run(capsys, "pareto", tmp_path / "nope.txt")
+    assert_refused(rc, err, "nope.txt", "does not exist")
+
+
+# --------------------------------------------------------------------------------------------------- select
+@pytest.mark.parametrize("text, value", [("5G", 5e9), ("20M", 2e7), ("750k", 7.5e5), ("4.5e9", 4.5e9),
+                                         ("1.5 G", 1.5e9), ("300", 300.0), (".5K", 500.0)])
+def test_parse_amount(text, value):
+    assert cli.parse_amount(text) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text", ["5X", "", "-1G", "G", "1e400", "5GG", "nan"])
+def test_unparseable_budget(tiny, capsys, text):
+    rc, stdout, err = run(capsys, "select", tiny.results, f"--max-flops={text}")
+    assert_refused(rc, err, "--max-flops", repr(text), "5G")
+    assert stdout == ""
+
+
+def test_select_best_within_budget(tiny, capsys):
+    recs = tiny.records
+    budget = sorted(r["flops"] for r in recs)[6]
+    rc, out, _ = run(capsys, "select", tiny.results, "--max-flops", budget, "--json")
+    best = max((r for r in recs if r["flops"] <= budget), key=lambda r: r["acc1"])
+    assert rc == 0 and json.loads(out)["cfg_id"] == best["cfg_id"]
+    rc, out, _ = run(capsys, "select", tiny.results, "--max-params", "12K")
+    best = max((r for r in recs if r["params"] <= 12000), key=lambda r: r["acc1"])
+    assert rc == 0 and out.startswith(f"cfg_id {best['cfg_id']}: best top-1 with params <= 12K")
+    assert f"route   {best['route']}" in out and f"({best['flops']:,})" in out and f"({best['params']:,})" in out
+    target = sorted(r["acc1"] for r in recs)[8]
+    rc, out, _ = run(capsys, "select", tiny.results, "--min-acc", target, "--json")
+    cheapest = min((r for r in recs if r["acc1"] >= target), key=lambda r: r["flops"])
+    assert rc == 0 and json.loads(out)["cfg_id"] == cheapest["cfg_id"]
+
+
+def test_select_snnet_file(snnet_files, capsys):
+    rc, out, _ = run(capsys, "select", snnet_files["r18_r50"], "--max-flops", "3.6G")
+    assert rc == 0 and out.startswith("cfg_id 4:")  # 76.286 at 3.548 G; cfg 2 (77.468) needs 3.755 G
+    rc, out, _ = run(capsys, "select", snnet_files["deit"], "--min-acc", "79")
+    assert rc == 0 and out.startswith("cfg_id 4:")  # 79.052 at 4.317 G beats cfg 3 and 1 on FLOPs
+
+
+def test_budget_nobody_meets_names_the_closest(tiny, snnet_files, capsys):
+    cheapest = min(tiny.records, key=lambda r: r["flops"])
+    rc, out, err = run(capsys, "select", tiny.results, "--max-flops", "1K")
+    line = assert_refused(rc, err, "flops <= 1K", f"closest is cfg_id {cheapest['cfg_id']}", "raise --max-flops")
+    assert out == "" and line.startswith("snnet select: error:")
+    rc, _, err = run(capsys, "select", snnet_files["levit"], "--min-acc", "90")
+    assert_refused(rc, err, "top-1 90", "closest is cfg_id 1", "lower --min-acc to at most 81.22")
+    rc, _, err = run(capsys, "select", snnet_files["levit"], "--max-params", "5M")
+    assert_refused(rc, err, "no 'params'", "--max-flops")
+    rc, _, err = run(capsys, "select", tiny.results, "--max-latency-ms", "3")
+    assert_refused(rc, err, "latency_ms_b1", "snnet latency")
+
+
+def test_console_script_refuses_in_one_line(tiny):
+    script = Path(sys.executable).parent / "snnet"
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "snnet.cli"]
+    proc = subprocess.run(cmd + ["select", str(tiny.results), "--max-flops", "5X"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().count("\n") == 0 and "'5X'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------------- export
+def test_every_route_prunes_to_exactly_its_params(tiny):
+    net, x = tiny.net, torch.randn(2, 3, IMG, IMG)
+    for c in range(net.num_configs):
+        module, _ = stitched_network(net, c)
+        assert count_params(module) == net.params(c), c
+        with torch.no_grad():
+            assert torch.equal(module(x), net(x, c)), c
+    assert count_params(stitched_network(net, 5)[0]) < sum(p.numel() for p in net.anchors.parameters())
+
+
+FAMILIES = {
+    "swin": ({"anchors": [{"name": n, "model_kwargs": {"embed_dim": 24, "num_heads": [1, 2, 4, 8]}} for n in
+                          ("swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224")]}, 32),
+    "resnet": ({"anchors": ["resnet18", "resnet34"]}, 64),
+    "levit": ({"anchors": ["levit_128s", "levit_128"]}, 64),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_pruning_is_family_agnostic(family):
+    raw, size = FAMILIES[family]
+    torch.manual_seed(0)
+    net = build_snnet(parse_stitch_config(raw), pretrained=False, num_classes=10, img_size=size).eval()
+    x = torch.randn(2, 3, size, size)
+    for c in range(net.num_configs):
+        module, _ = stitched_network(net, c)
+        assert count_params(module) == net.params(c), (family, c)
+        with torch.no_grad():
+            torch.testing.assert_close(module(x), net(x, c), rtol=0, atol=1e-6)
+
+
+def test_export_cli_round_trip(tiny, tmp_path, capsys):
+    import onnxruntime as ort
+    out, cfg_id = tmp_path / "export", 7  # ViT#0 blocks 0-2 -> ViT#1 blocks 1-3
+    rc, stdout, err = run(capsys, "export", tiny.ckpt, "--stitch_config", tiny.config, "--cfg-id", cfg_id,
+                          "--out", out, "--img-size", IMG, "--no-pretrained")
+    assert rc == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.onnx", "model.safetensors",
+                                                      "model.torchscript.pt"]
+    assert f"params {tiny.net.params(cfg_id):,} (= SNNet.params({cfg_id}))" in stdout
+    spec = json.loads((out / "model.json").read_text())
+    assert spec["params"] == tiny.net.params(cfg_id) and spec["flops"] == tiny.records[cfg_id]["flops"]
+    assert [a["name"] for a in spec["anchors"]] == ["deit_tiny_patch16_224"] * 2
+    assert spec["num_classes"] == 10 and spec["img_size"] == [IMG, IMG] and spec["route"] == tiny.net.describe(cfg_id)
+    assert ["stitch", "0_1"] in spec["steps"]
+
+    net = load_exported(out)  # one call
+    assert not net.training and count_params(net) == tiny.net.params(cfg_id)
+    front, end = net.anchors["0"], net.anchors["1"]
+    assert isinstance(front.blocks[3], torch.nn.Identity) and isinstance(front.head, torch.nn.Identity)
+    assert end.cls_token is None and isinstance(end.patch_embed, torch.nn.Identity)
+    x = torch.randn(5, 3, IMG, IMG)  # another batch size than exported with: the ONNX batch axis is dynamic
+    with torch.no_grad():
+        ref = tiny.net(x, cfg_id)
+        assert torch.equal(net(x), ref)
+        torch.testing.assert_close(torch.jit.load(str(out / "model.torchscript.pt"))(x), ref, rtol=0, atol=1e-6)
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    onnx_logits = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    torch.testing.assert_close(onnx_logits, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_export_uses_the_config_the_checkpoint_recorded(tiny, tmp_path):
+    # train.py records anchors and config fields as JSON text; without --stitch_config that is used
+    ident = {"anchors": [{"name": a["name"], "checkpoint": None, "model_kwargs": a["model_kwargs"]}
+                         for a in (vit(8), vit(16))], "stitch_config": {}, "input_size": [3, IMG, IMG],
+             "num_classes": 10}
+    ckpt = tmp_path / "recorded.pth.tar"
+    save_checkpoint(ckpt, {"state_dict": tiny.net.state_dict(), "epoch": 3, "config": json.dumps(ident)})
+    loaded = load_snnet(ckpt, img_size=IMG)
+    assert loaded.net.num_configs == tiny.net.num_configs and loaded.num_classes == 10
+    spec = export_stitch(loaded, 1, tmp_path / "anchor1", torchscript=False, onnx=False)
+    assert spec["route"] == tiny.net.describe(1) and sorted(spec["files"]) == ["weights"]
+    assert count_params(load_exported(tmp_path / "anchor1")) == tiny.net.params(1)
+
+
+def test_export_refusals(tiny, tmp_path, capsys):
+    out = tmp_path / "never"
+    rc, _, err = run(capsys, "export", tiny.ckpt, "--stitch_config", tiny.config, "--cfg-id", 99, "--out", out)
+    assert_refused(rc, err, "cfg_id 99", "0..11", "snnet select")
+    rc, _, err = run(capsys, "export", tmp_path / "missing.pth.tar", "--stitch_config", tiny.config, "--cfg-id", 1,
+                     "--out", out)
+    assert_refused(rc, err, "missing.pth.tar", "does not exist")
+    rc, _, err = run(capsys, "export", tiny.ckpt, "--stitch_config", tiny.config, "--cfg-id", "x", "--out", out)
+    assert_refused(rc, err, "'x'", "--cfg-id 5")
+    rc, _, err = run(capsys, "export", tiny.ckpt, "--stitch_config", tiny.config, "--cfg-id", 1, "--out", out,
+                     "--img-size", 32)  # the checkpoint's position embeddings are for 16x16
+    assert_refused(rc, err, "does not fit", "img_size 32", "--img-size")
+    rc, _, err = run(capsys, "export", tiny.ckpt, "--cfg-id", 1, "--out", out)
+    assert_refused(rc, err, "records no stitch config", "--stitch_config")
+    assert not out.exists() and not list(tmp_path.glob(".never*"))
+    with pytest.raises(Exception, match="not an export folder"):
+        load_exported(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------- switching
+def test_stitch_for_switches_without_reallocating(tiny):
+    net = tiny.net
+    before = {n: (p.data_ptr(), p.shape) for n, p in net.named_parameters()}
+    flops = [r["flops"] for r in tiny.records]
+    budget = sorted(flops)[7]
+    c = net.stitch_for(max_flops=budget, img_size=IMG)  # no results: the most expensive route that fits
+    assert flops[c] == max(f for f in flops if f <= budget)
+    net.attach_results(tiny.records)
+    try:
+        c = net.stitch_for(max_flops=budget, img_size=IMG)
+        assert c == max((r for r in tiny.records if r["flops"] <= budget), key=lambda r: r["acc1"])["cfg_id"]
+        c = net.stitch_for(max_params=12000, img_size=IMG)
+        assert c == max((r for r in tiny.records if r["params"] <= 12000), key=lambda r: r["acc1"])["cfg_id"]
+        x = torch.randn(1, 3, IMG, IMG)
+        with torch.no_grad():
+            for budget in sorted(flops) + sorted(flops, reverse=True):
+                net(x, net.stitch_for(max_flops=budget, img_size=IMG))
+        assert {n: (p.data_ptr(), p.shape) for n, p in net.named_parameters()} == before
+        with pytest.raises(PlanError, match="cheapest is cfg_id 0"):
+            net.stitch_for(max_flops=1, img_size=IMG)
+        with pytest.raises(PlanError, match="cfg_id 3"):
+            net.attach_results([{**tiny.records[3], "route": "another SN-Net's route"}])
+    finally:
+        net.attach_results(None)
+
+
+# --------------------------------------------------------------------------------------------------- latency
+def test_latency_added_to_results(tiny, tmp_path, capsys):
+    results = tmp_path / "stitches_res.txt"
+    results.write_text(tiny.results.read_text())
+    rc, out, err = run(capsys, "latency", tiny.ckpt, "--stitch_config", tiny.config, "--batch", 1, "--batch", 4,
+                       "--warmup", 1, "--repeats", 3, "--results", results, "--threads", 1)
+    assert rc == 0, err
+    assert f"updated {len(tiny.records)} records" in out and "| ms @ b1 | ms @ b4 |" in out
+    records = read_results(results)
+    assert [r["cfg_id"] for r in records] == [r["cfg_id"] for r in tiny.records]
+    for r, old in zip(records, tiny.records):
+        assert r["latency_ms_b1"] > 0 and r["latency_ms_b4"] > 0 and r["latency_device"].startswith("cpu: ")
+        assert {k: r[k] for k in old} == old  # the evaluation's keys are kept as they were
+    rc, out, err = run(capsys, "pareto", results, "--by", "latency", "--out", tmp_path / "lat")
+    assert rc == 0 and (tmp_path / "lat" / "pareto_latency_ms_b1.png").exists() and "ms @ b4" in out
+    slowest = max(r["latency_ms_b1"] for r in records)
+    rc, out, _ = run(capsys, "select", results, "--max-latency-ms", slowest * 2, "--json")
+    assert rc == 0 and json.loads(out)["cfg_id"] == max(records, key=lambda r: r["acc1"])["cfg_id"]
+
+
+def test_latency_refuses_another_snnets_results(tiny, tmp_path, capsys):
+    results = tmp_path / "other.txt"
+    text = "".join(json.dumps({**r, "route": r["route"].replace("#1", "#7")}) + "\n" for r in tiny.records)
+    results.write_text(text)
+    rc, out, err = run(capsys, "latency", tiny.ckpt, "--stitch_config", tiny.config, "--results", results,
+                       "--warmup", 0, "--repeats", 1)
+    assert_refused(rc, err, "other.txt", "not of this SN-Net")
+    assert results.read_text() == text and out == ""
