@@ -107,6 +107,8 @@ def module_param_count(model: nn.Module, names: Sequence[str]) -> int:
     total = 0
     params = dict(model.named_parameters())
     for pname, p in params.items():
+        if ".aux_bn." in pname:  # split-BN's auxiliary BatchNorms only run on augmented training halves
+            continue
         if any(pname == n or pname.startswith(n + ".") for n in names) and id(p) not in seen:
             seen.add(id(p))
             total += p.numel()

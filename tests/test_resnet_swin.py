@@ -269,7 +269,10 @@ def test_split_bn_keeps_the_snnet_working(digits64):
     model.eval()
     with torch.no_grad():
         before = [model(x, c) for c in (0, 2, 9)]
+    params_before = [model.params(c) for c in range(model.num_configs)]
     converted = convert_splitbn_model(model, num_splits=2)
+    model._unit_params = None  # recount: the auxiliary BNs must not count, they never run at evaluation
+    assert [model.params(c) for c in range(model.num_configs)] == params_before
     assert converted is model and isinstance(model.anchors[1].layer3[2].bn2, SplitBatchNorm2d)
     assert "anchors.0.bn1.aux_bn.0.weight" in model.state_dict()  # SN-Net's split-BN keys (spec 4.6)
     model.eval()  # the new BN modules are created in training mode
