@@ -17,22 +17,29 @@ class UsageError(ValueError):
     """Bad command-line input: printed as one line, exit code 2."""
 
 
+def _number(s: str, kind: type):
+    try:
+        return kind(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not {'an integer' if kind is int else 'a number'}") from None
+
+
 def _positive_int(s: str) -> int:
-    v = int(s)
+    v = _number(s, int)
     if v < 1:
         raise argparse.ArgumentTypeError(f"{v} is not >= 1")
     return v
 
 
 def _non_negative_float(s: str) -> float:
-    v = float(s)
+    v = _number(s, float)
     if not v >= 0:
         raise argparse.ArgumentTypeError(f"{s} is not >= 0")
     return v
 
 
 def _probability(s: str) -> float:
-    v = float(s)
+    v = _number(s, float)
     if not 0 <= v <= 1:
         raise argparse.ArgumentTypeError(f"{s} is not a probability in [0, 1]")
     return v
@@ -83,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--initial-checkpoint", default="", help="weights to start from (model only)")
     g.add_argument("--resume", default="", help="resume model, optimizer, scaler and epoch from a checkpoint")
     g.add_argument("--no-resume-opt", action="store_true")
+    g.add_argument("--auto-resume", action="store_true", help="resume from <output>/<experiment>/last.pth.tar when "
+                   "it exists (always on when torchrun --max-restarts restarts the workers); needs --experiment")
     g.add_argument("--model-kwargs", nargs="*", default={}, action=_KwargsAction, metavar="K=V",
                    help="extra timm.create_model arguments for the model / every anchor, e.g. depth=6")
     g.add_argument("--num-classes", type=_positive_int, default=None)
@@ -272,6 +281,10 @@ def _check_values(args: argparse.Namespace) -> None:
         raise UsageError("--split-bn needs --aug-splits > 1 or --resplit (timm's rule); add --resplit")
     if args.val_stitches is not None and any(c < 0 for c in args.val_stitches):
         raise UsageError(f"--val-stitches {args.val_stitches} must be cfg_ids >= 0")
+    restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+    if (args.auto_resume or restarted) and not args.experiment and not args.eval:
+        raise UsageError("--auto-resume (and torchrun --max-restarts) needs --experiment NAME, so that a restarted "
+                         "run finds its own checkpoint")
     if args.distillation_type != "none" and not args.teacher:
         raise UsageError(f"--distillation-type {args.distillation_type} needs --teacher NAME")
 

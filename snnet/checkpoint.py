@@ -39,13 +39,15 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "pickle" in str(e).lower():
-            raise CheckpointError(f"checkpoint {str(path)!r} holds pickled Python objects, which could run code; it "
-                                  f"was refused unread. If you trust it (e.g. an SN-Net release), convert it "
-                                  f"explicitly first") from None
-        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read ({msg}); it is corrupt or not a "
-                              f"checkpoint") from None
+        code = foreign_globals(path)
+        if code:  # a pickle that references code: never unpickled
+            raise CheckpointError(f"checkpoint {str(path)!r} holds pickled Python objects, which could run code "
+                                  f"({', '.join(code[:3])}); it was refused unread. If it is an SN-Net release you "
+                                  f"trust, convert it: snnet convert {path} OUT.pth.tar --trust") from None
+        lines = [l for l in str(e).splitlines() if l.strip() and "documentation" not in l]
+        reason = lines[-1].strip()[:160] if lines else type(e).__name__
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read ({reason}); it is corrupt or not a "
+                              f"checkpoint: give a .pth.tar written by train.py") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(state).__name__}, not a checkpoint dict")
     if "state_dict" not in state and all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -58,6 +60,33 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     else:
         raise CheckpointError(f"checkpoint {str(path)!r} has no 'state_dict'; it is not a model checkpoint")
     return state
+
+
+_SAFE_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "_codecs.encode", "builtins.set", "builtins.slice")
+
+
+def foreign_globals(path: str | os.PathLike) -> list[str]:
+    """Names of classes/functions a pickle references beyond what torch's weights-only loader allows, read with
+    pickletools (which parses opcodes and executes nothing); [] for files that are not pickles at all."""
+    import pickletools
+    import zipfile
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+        else:
+            data = Path(path).read_bytes()
+        names, strings = [], []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "GLOBAL":
+                names.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(".".join(strings[-2:]))
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # not a pickle (garbage, JSON, safetensors, truncated)
+        return []
+    return [n for n in dict.fromkeys(names) if not n.startswith(_SAFE_GLOBAL_PREFIXES)]
 
 
 def json_field(state: dict[str, Any], key: str) -> Any:

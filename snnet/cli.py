@@ -314,7 +314,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="snnet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{pareto,select,export,latency}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{pareto,select,export,latency,convert}")
 
     q = sub.add_parser("pareto", help="Pareto-optimal stitches of results files: table, JSON, plot",
                        description="Prints the Pareto-optimal stitches of each results file (and, with several "
@@ -365,7 +365,29 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
     t.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads (default: torch's)")
     t.set_defaults(fn=cmd_latency)
+
+    c = sub.add_parser("convert", help="a released SN-Net .pth (pickled) -> a pickle-free checkpoint",
+                       description="Reads SN-Net's released checkpoint with torch's weights-only unpickler, allowing "
+                       "only the argparse Namespace / yacs CfgNode SN-Net stored (no code from the file runs), maps "
+                       "keys to timm 1.0 names (Swin, LeViT), and writes a checkpoint train.py --resume accepts.")
+    c.add_argument("src", metavar="SNNET_PTH", help="SN-Net's released checkpoint")
+    c.add_argument("dst", metavar="OUT", help="our checkpoint to write (e.g. snnet_deit.pth.tar)")
+    c.add_argument("--trust", action="store_true", help="required: you trust this file's origin")
+    c.add_argument("--levit-depths", type=int, nargs=3, default=[4, 4, 4], metavar="D",
+                   help="LeViT stage depths of the released model (SN-Net: 4 4 4)")
+    c.set_defaults(fn=cmd_convert)
     return p
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert_release
+    if not args.trust:
+        raise UsageError(f"{args.src!r} is a pickled file: converting it means trusting where it came from; if you "
+                         f"do, add --trust")
+    summary = convert_release(args.src, args.dst, tuple(args.levit_depths))
+    print(f"converted {args.src} ({summary['family']} keys, {summary['tensors']} tensors, read without running "
+          f"code) -> {summary['dst']}; use it with train.py --resume {summary['dst']}")
+    return 0
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

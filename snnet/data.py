@@ -40,6 +40,8 @@ def _check_image_folder(path: str, what: str) -> None:
 def resolve_folders(args: argparse.Namespace, need_train: bool) -> tuple[str | None, str | None]:
     """The train and validation folders of a folder dataset (``--dataset ''``), checked."""
     root = args.data_dir
+    if os.path.isfile(root):
+        raise DataError(f"data folder {root!r} is a file; give the dataset root folder (with train/ and val/)")
     if not os.path.isdir(root):
         raise DataError(f"data folder {root!r} does not exist; give the dataset root (with train/ and val/)")
     if not os.listdir(root):
@@ -97,7 +99,8 @@ def create_train_loader(dataset, args: argparse.Namespace, data_cfg: dict[str, A
         num_aug_splits=num_aug_splits, interpolation=args.train_interpolation, mean=data_cfg["mean"],
         std=data_cfg["std"], num_workers=args.workers, distributed=args.distributed, collate_fn=collate_fn,
         pin_memory=args.pin_mem, device=device, use_prefetcher=not args.no_prefetcher,
-        persistent_workers=args.workers > 0)
+        # fresh workers each epoch, seeded from the per-epoch RNG state: a resumed run augments identically
+        persistent_workers=False)
 
 
 def eval_transform(data_cfg: dict[str, Any]):
@@ -105,6 +108,30 @@ def eval_transform(data_cfg: dict[str, Any]):
     return create_transform(data_cfg["input_size"], is_training=False, interpolation=data_cfg["interpolation"],
                             mean=data_cfg["mean"], std=data_cfg["std"], crop_pct=data_cfg["crop_pct"],
                             crop_mode=data_cfg.get("crop_mode", "center"))
+
+
+class _StrictImages(torch.utils.data.Dataset):
+    """Evaluation reads every image or stops, naming the file: timm's datasets skip an unreadable image and
+    substitute the next one, which is fine for training (the warning names the file) but would make the counts of
+    an evaluation silently wrong."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        if hasattr(dataset, "_max_retries"):
+            dataset._max_retries = 1
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.dataset[index]
+        except RuntimeError as e:
+            if "consecutive samples" not in str(e):
+                raise
+            name = self.dataset.filename(index, absolute=True) if hasattr(self.dataset, "filename") else index
+            raise DataError(f"image {str(name)!r} cannot be read; remove or replace it (evaluation does not skip "
+                            f"images, so that every count is exact)") from None
 
 
 class _Shard(Subset):
@@ -119,7 +146,7 @@ def create_eval_loader(dataset, args: argparse.Namespace, data_cfg: dict[str, An
     import copy
     dataset = copy.copy(dataset)
     dataset.transform = eval_transform(data_cfg)
-    return DataLoader(_Shard(dataset, rank, world_size), batch_size=batch_size or args.validation_batch_size
+    return DataLoader(_Shard(_StrictImages(dataset), rank, world_size), batch_size=batch_size or args.validation_batch_size
                       or args.batch_size, shuffle=False, num_workers=args.workers, pin_memory=args.pin_mem,
                       drop_last=False, persistent_workers=False)
 

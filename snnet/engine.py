@@ -31,6 +31,18 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+def _fault_injection(global_step: int) -> None:
+    """Test hook: SNNET_FAULT_KILL_AT_STEP=N kills this process with SIGKILL after optimizer step N (on the rank
+    SNNET_FAULT_RANK, default all; only in the first attempt of a torchrun --max-restarts run)."""
+    at = os.environ.get("SNNET_FAULT_KILL_AT_STEP")
+    if at is None or int(at) != global_step or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    rank = os.environ.get("SNNET_FAULT_RANK")
+    if rank is None or rank == os.environ.get("RANK", "0"):
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class PlainNet(nn.Module):
     """One timm model behind the SN-Net interface (``--model NAME``), as SN-Net's main.py can train one model."""
 
@@ -123,6 +135,22 @@ class Progress:
                      f"elapsed {_fmt_time(elapsed)} eta {_fmt_time(eta)}")
 
 
+def _check_finite(loss: torch.Tensor, epoch: int, step: int, cfg_id: int, net: nn.Module) -> None:
+    """Stop before a non-finite loss reaches the weights. Under DDP every rank learns of it in the same step (each
+    trains its own stitch), so no rank is left waiting in an all-reduce."""
+    mine = torch.tensor([0.0 if math.isfinite(loss.item()) else 1.0, float(cfg_id)], device=loss.device)
+    if world()[1] > 1:
+        flags = [torch.zeros_like(mine) for _ in range(world()[1])]
+        dist.all_gather(flags, mine)
+    else:
+        flags = [mine]
+    culprits = [(r, int(f[1])) for r, f in enumerate(flags) if f[0] > 0]
+    if culprits:
+        rank, cfg = culprits[0]
+        raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, step {step} on rank {rank} (stitch cfg_id {cfg}: "
+                            f"{unwrap(net).describe(cfg)}); lower --lr or set --clip-grad")
+
+
 def train_one_epoch(net: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, loss_fn: Callable,
                     sampler: Callable[[int], int], epoch: int, global_step: int, device: torch.device,
                     amp_dtype: torch.dtype | None, loss_scaler=None, lr_scheduler=None, mixup_fn=None,
@@ -145,9 +173,7 @@ def train_one_epoch(net: nn.Module, loader: Iterable, optimizer: torch.optim.Opt
         with amp_context(device, amp_dtype is not None, amp_dtype):
             out = net(x, cfg_id)
             loss = loss_fn(x, out, y)
-        if not math.isfinite(loss.item()):
-            raise NonFiniteLoss(f"loss is {loss.item()} at epoch {epoch}, step {global_step} (stitch cfg_id "
-                                f"{cfg_id}: {unwrap(net).describe(cfg_id)}); lower --lr or enable --clip-grad")
+        _check_finite(loss, epoch, global_step, cfg_id, net)
         optimizer.zero_grad(set_to_none=True)
         if loss_scaler is not None:
             loss_scaler(loss, optimizer, clip_grad=clip_grad, clip_mode=clip_mode,
@@ -158,6 +184,7 @@ def train_one_epoch(net: nn.Module, loader: Iterable, optimizer: torch.optim.Opt
                 dispatch_clip_grad(parameters(), clip_grad, mode=clip_mode)
             optimizer.step()
         global_step += 1
+        _fault_injection(global_step)
         if lr_scheduler is not None and sched_on_updates:
             lr_scheduler.step_update(num_updates=global_step)
         loss_sum += loss.detach().double().cpu() * x.shape[0]

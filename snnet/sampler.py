@@ -32,3 +32,18 @@ class StitchSampler:
         if self.p is None:
             return int(rng.integers(self.num_configs))
         return int(rng.choice(self.num_configs, p=self.p))
+
+
+def seed_epoch(seed: int, rank: int, epoch: int) -> None:
+    """Seed python, numpy and torch from (seed, rank, epoch) at the start of every epoch.
+
+    All randomness of an epoch (data order, augmentation, loader worker seeds, mixup, drop-path, random erasing)
+    then depends only on these three numbers, so a run resumed from an epoch checkpoint replays the rest exactly.
+    """
+    import random
+
+    import torch
+    state = np.random.SeedSequence([seed, rank, epoch]).generate_state(2)
+    random.seed(int(state[0]))
+    np.random.seed(int(state[1]))
+    torch.manual_seed(int(state[0]) << 32 | int(state[1]))

@@ -26,7 +26,7 @@ from .engine import (RESULTS_FILE, NonFiniteLoss, PlainNet, ResultsError, Result
                      evaluate_stitches, file_sha256, load_model_state, model_state, text_sha256, train_one_epoch,
                      unwrap, world)
 from .plan import PlanError
-from .sampler import StitchSampler
+from .sampler import StitchSampler, seed_epoch
 
 _logger = logging.getLogger("snnet")
 USER_ERRORS = (UsageError, ConfigError, DataError, AnchorError, PlanError, CheckpointError, ResultsError)
@@ -38,15 +38,34 @@ def main(argv=None) -> int:
         args, stitch_cfg = parse_args(argv)
         run(args, stitch_cfg)
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:
         print(f"error: {e}; the last good checkpoint is kept", file=sys.stderr)
         return 3
-    finally:
+    except BaseException:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+            # a peer crashed or the group broke: leave now. Interpreter teardown (process-group destructors) can
+            # block on dead connections and keep torchrun from restarting the workers (--max-restarts)
+            import traceback
+            traceback.print_exc()
+            sys.stderr.flush()
+            os._exit(1)
+        raise
+    # only after a clean run: with a crashed peer, tearing the group down can block forever and keep torchrun
+    # from restarting the workers
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return 0
+
+
+def one_line(e: BaseException) -> str:
+    """The message of a user error on one line; errors re-raised from a DataLoader worker carry the worker's
+    traceback text, whose last line is the original message."""
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(text.split())
 
 
 # ------------------------------------------------------------------------------------------------------ building
@@ -71,7 +90,32 @@ def resolve_device(args: argparse.Namespace) -> torch.device:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt > 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        _init_restarted_group(args, attempt)
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        args.distributed, args.local_rank = True, local
+        args.rank, args.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{local}"
+            torch.cuda.set_device(args.device)
+        return torch.device(args.device)
     return init_distributed_device(args)
+
+
+def _init_restarted_group(args: argparse.Namespace, attempt: int) -> None:
+    """Process group of a torchrun --max-restarts retry, on a store of its own.
+
+    Seen with torch 2.14 on CPU: restarted workers joining through the agent's store could hang in, or fail,
+    the gloo rendezvous. Rank 0 hosts a fresh TCPStore on MASTER_PORT + 1 + attempt instead, so each attempt
+    starts from an empty store."""
+    from datetime import timedelta
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    port = int(os.environ["MASTER_PORT"]) + 1 + attempt
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], port, world_size, is_master=rank == 0,
+                                       timeout=timedelta(minutes=10))
+    backend = args.dist_backend or ("nccl" if args.device.startswith("cuda") else "gloo")
+    torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world_size)
 
 
 def amp_dtype_for(args: argparse.Namespace, device: torch.device) -> torch.dtype | None:
@@ -155,6 +199,11 @@ def run(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
     if args.initial_checkpoint:
         load_model_state(net, load_checkpoint(args.initial_checkpoint)["state_dict"], args.initial_checkpoint)
 
+    out_dir = output_dir(args, names)
+    restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+    if not args.resume and not args.eval and (args.auto_resume or restarted) and (out_dir / LAST).exists():
+        args.resume = str(out_dir / LAST)
+        _logger.info(f"auto-resume: continuing from {args.resume}")
     resume_state = load_checkpoint(args.resume) if args.resume else None
     if is_snnet and resume_state is None and stitch_cfg.get("ls_init") and not args.no_ls_init:
         count = args.stitch_init_bs or stitch_cfg.get("stitch_init_bs")
@@ -171,7 +220,6 @@ def run(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
     if resume_state is not None:
         load_model_state(net, resume_state["state_dict"], args.resume)
 
-    out_dir = output_dir(args, names)
     amp_dtype = amp_dtype_for(args, device)
     config_text = _config_text(args, stitch_cfg, data_cfg)
     if args.eval:
@@ -254,17 +302,21 @@ def train(net, train_ds, val_ds, args, stitch_cfg, data_cfg, device, amp_dtype, 
         opt_kwargs["eps"] = args.opt_eps
     if args.opt_betas is not None:
         opt_kwargs["betas"] = tuple(args.opt_betas)
-    optimizer = create_optimizer_v2(param_groups(model, args.weight_decay, anchor_lr_scale), opt=args.opt, lr=lr,
-                                    weight_decay=args.weight_decay, momentum=args.momentum, **opt_kwargs)
+    try:
+        optimizer = create_optimizer_v2(param_groups(model, args.weight_decay, anchor_lr_scale), opt=args.opt,
+                                        lr=lr, weight_decay=args.weight_decay, momentum=args.momentum, **opt_kwargs)
+    except ValueError as e:
+        raise UsageError(f"--opt {args.opt!r}: {e}; see timm.optim.list_optimizers()") from None
     loss_scaler = NativeScaler(device=device.type) if amp_dtype == torch.float16 else None
 
     start_epoch, global_step = 0, 0
-    if resume_state is not None and not args.no_resume_opt and "optimizer" in resume_state:
-        optimizer.load_state_dict(resume_state["optimizer"])
-        if loss_scaler is not None and resume_state.get("amp_scaler"):
-            loss_scaler.load_state_dict(resume_state["amp_scaler"])
+    if resume_state is not None:  # timm's semantics: the epoch always resumes, the optimizer unless --no-resume-opt
         start_epoch = int(resume_state.get("epoch", -1)) + 1
         global_step = int(resume_state.get("global_step", 0))
+        if not args.no_resume_opt and "optimizer" in resume_state:
+            optimizer.load_state_dict(resume_state["optimizer"])
+            if loss_scaler is not None and resume_state.get("amp_scaler"):
+                loss_scaler.load_state_dict(resume_state["amp_scaler"])
     if args.start_epoch is not None:
         start_epoch = args.start_epoch
 
@@ -284,8 +336,11 @@ def train(net, train_ds, val_ds, args, stitch_cfg, data_cfg, device, amp_dtype, 
     loss_fn = DistillationLoss(base_criterion(mixup_active, args.smoothing), teacher, args.distillation_type,
                                args.distillation_alpha, args.distillation_tau).to(device)
     updates_per_epoch = len(train_loader)
-    lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args),
-                                                   updates_per_epoch=updates_per_epoch)
+    try:
+        lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args),
+                                                       updates_per_epoch=updates_per_epoch)
+    except ValueError as e:
+        raise UsageError(f"--sched {args.sched!r}: {e}; use cosine, tanh, step, multistep, plateau or poly") from None
     if start_epoch > 0:
         if args.sched_on_updates:
             lr_scheduler.step_update(start_epoch * updates_per_epoch)
@@ -311,7 +366,10 @@ def train(net, train_ds, val_ds, args, stitch_cfg, data_cfg, device, amp_dtype, 
                      f"{updates_per_epoch} steps/epoch; {world_size} process(es); amp {amp_dtype}")
 
     trainable = lambda: [p for p in model.parameters() if p.requires_grad]
+    if primary:
+        _truncate_summary(out_dir / "summary.csv", start_epoch)
     for epoch in range(start_epoch, num_epochs):
+        seed_epoch(args.seed, rank, epoch)
         if args.distributed and hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
         if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
@@ -338,7 +396,7 @@ def train(net, train_ds, val_ds, args, stitch_cfg, data_cfg, device, amp_dtype, 
         if primary:
             lrs = [g["lr"] for g in optimizer.param_groups]
             update_summary(epoch, {"loss": train_loss}, eval_metrics, filename=str(out_dir / "summary.csv"),
-                           lr=sum(lrs) / len(lrs), write_header=epoch == start_epoch and start_epoch == 0)
+                           lr=sum(lrs) / len(lrs), write_header=None)
             state = {"epoch": epoch, "global_step": global_step, "arch": "+".join(model.names),
                      "state_dict": model_state(model), "optimizer": optimizer.state_dict(),
                      "args": json.dumps(vars(args), default=str), "config": config_text}
@@ -349,6 +407,16 @@ def train(net, train_ds, val_ds, args, stitch_cfg, data_cfg, device, amp_dtype, 
     if val_ds is not None:
         ckpt_hash = file_sha256(out_dir / LAST) if primary else ""
         evaluate_all(net, val_ds, args, data_cfg, device, amp_dtype, out_dir, ckpt_hash, config_text)
+
+
+def _truncate_summary(path: Path, start_epoch: int) -> None:
+    """A resumed run redoes epochs >= start_epoch: drop their rows (written before the kill) from summary.csv."""
+    if not path.exists():
+        return
+    from .fileio import write_text_atomic
+    lines = path.read_text().splitlines(keepends=True)
+    keep = lines[:1] + [l for l in lines[1:] if l.split(",", 1)[0].isdigit() and int(l.split(",", 1)[0]) < start_epoch]
+    write_text_atomic(path, "".join(keep))
 
 
 def build_teacher(args: argparse.Namespace, device: torch.device) -> nn.Module:

@@ -14,38 +14,7 @@ from snnet.sampler import StitchSampler
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
-TINY = [{"name": "deit_tiny_patch16_224", "model_kwargs": {"patch_size": 4, "depth": 4, "embed_dim": w,
-                                                             "num_heads": 2}} for w in (8, 16)]
-FAST = ["--img-size", "16", "-b", "16", "--opt", "adamw", "--lr", "1e-3", "--warmup-epochs", "0", "-j", "0",
-        "--no-pretrained", "--log-interval", "5", "--seed", "1"]
-
-
-@pytest.fixture(scope="module")
-def digits_folder(tmp_path_factory):
-    """A small ImageFolder of real digits: 160 train, 60 val images, 16x16 PNG."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-    d = load_digits()
-    root = tmp_path_factory.mktemp("digits")
-    for n in range(220):
-        split = "val" if n < 60 else "train"
-        folder = root / split / str(d.target[n])
-        folder.mkdir(parents=True, exist_ok=True)
-        img = (d.images[n] / 16 * 255).astype(np.uint8)
-        Image.fromarray(img).resize((16, 16), Image.NEAREST).convert("RGB").save(folder / f"{n}.png")
-    return root
-
-
-@pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cfg") / "tiny.json"
-    path.write_text(json.dumps({"anchors": TINY, "skip_final_norm": False, "stitch_init_bs": 32}))
-    return path
-
-
-def run(args, timeout=300, env=None):
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+from conftest import FAST, run  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------------------ CLI

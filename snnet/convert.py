@@ -1,0 +1,96 @@
+"""Convert a released SN-Net checkpoint (a pickled ``.pth``) into this project's pickle-free checkpoint.
+
+SN-Net's files pickle an ``argparse.Namespace`` (DeiT, LeViT, CNN) or a yacs ``CfgNode`` (Swin) next to the weights
+(spec 6.3 item 22), so ``train.py --resume`` refuses them. This command is the explicit way in: the user names the
+file and passes ``--trust``. Even then nothing in the file runs: it is read by torch's weights-only unpickler with
+exactly those two classes allowed (the CfgNode as a plain-dict stand-in), and any other object in it is refused.
+The keys are mapped to timm 1.0's names where the family needs it (Swin, LeViT); the result loads strictly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import CheckpointError, save_checkpoint
+
+
+class _CfgNode:
+    """Stand-in for yacs.config.CfgNode: unpickles as a plain OrderedDict (its items; yacs' attributes land in the
+    OrderedDict's __dict__). torch's weights-only unpickler fills only exact dict/OrderedDict objects."""
+
+    def __new__(cls, *args, **kwargs):
+        return OrderedDict()
+
+
+_ALLOWED = [argparse.Namespace, (_CfgNode, "yacs.config.CfgNode")]
+_SWIN_KEY = re.compile(r"(^|\.)layers\.\d+\.blocks\.\d+\.attn\.relative_position_bias_table$")
+_LEVIT_KEY = re.compile(r"(^|\.)blocks\.\d+\.m\.")
+
+
+def load_release(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"SN-Net checkpoint {str(path)!r} does not exist; give the downloaded .pth file")
+    try:
+        with torch.serialization.safe_globals(_ALLOWED):
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{str(path)!r} is not an SN-Net release checkpoint: it holds objects other than "
+                              f"tensors, an argparse Namespace or a yacs CfgNode ({first}); refused unread") from None
+    if not isinstance(state, dict) or not isinstance(state.get("model", state.get("state_dict")), dict):
+        raise CheckpointError(f"{str(path)!r} has no 'model' or 'state_dict' entry; it is not an SN-Net checkpoint")
+    return state
+
+
+def family_of(keys) -> str:
+    keys = list(keys)
+    if any(_SWIN_KEY.search(k) for k in keys):
+        return "swin"
+    if any(_LEVIT_KEY.search(k) for k in keys):
+        return "levit"
+    return "plain"  # DeiT and ResNet keys are timm 1.0's already
+
+
+def convert_state_dict(state_dict: dict[str, torch.Tensor], levit_depths=(4, 4, 4)) -> dict[str, torch.Tensor]:
+    sd = {k[7:] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    family = family_of(sd)
+    if family == "swin":
+        from stitching_swin.convert import snnet_to_ours
+        return snnet_to_ours(sd)
+    if family == "levit":
+        from stitching_levit.convert import snnet_to_ours
+        return snnet_to_ours(sd, levit_depths)
+    return sd
+
+
+def _plain(obj: Any) -> Any:
+    """Namespace / CfgNode -> JSON-able data (kept as the run's recorded arguments)."""
+    if isinstance(obj, argparse.Namespace):
+        obj = vars(obj)
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj if isinstance(obj, (str, int, float, bool, type(None))) else str(obj)
+
+
+def convert_release(src: str | os.PathLike, dst: str | os.PathLike, levit_depths=(4, 4, 4)) -> dict[str, Any]:
+    """Read `src` (SN-Net's .pth) and write our checkpoint to `dst` atomically. Returns a summary."""
+    from .engine import file_sha256
+    state = load_release(src)
+    weights = state.get("model", state.get("state_dict"))
+    converted = convert_state_dict(weights, levit_depths)
+    meta = state.get("args", state.get("config"))
+    out = {"state_dict": converted, "epoch": int(state["epoch"]) if isinstance(state.get("epoch"), int) else -1,
+           "converted_from": json.dumps({"file": str(src), "sha256": file_sha256(src),
+                                         "family": family_of(converted), "snnet_args": _plain(meta)}, default=str)}
+    save_checkpoint(dst, out)
+    return {"tensors": len(converted), "family": family_of(weights), "dst": str(dst)}

@@ -1,0 +1,164 @@
+"""The bad-input catalogue (issue 6): each case ends with exit code 2, a one-line message naming the problem and the
+fix, no traceback, and no file written or overwritten. Cases run train.py's main() in-process (a few also run as a
+subprocess in test_train.py); a hostile pickle must run nothing."""
+import hashlib
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import FAST, TINY
+from snnet.train import main
+
+PWNED = Path("/tmp/snnet_pwned_marker")
+
+
+class Exploit:
+    """Unpickling this runs a shell command: a planted checkpoint."""
+
+    def __reduce__(self):
+        return (os.system, (f"touch {PWNED}",))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, digits_folder, tiny_config):
+    w = tmp_path_factory.mktemp("bad")
+    (w / "empty").mkdir()
+    (w / "only_val" / "val" / "0").mkdir(parents=True)
+    (w / "flat" / "train").mkdir(parents=True)
+    (w / "flat" / "train" / "a.png").write_bytes(b"x")
+    (w / "noimg" / "train" / "0").mkdir(parents=True)
+    (w / "noimg" / "train" / "0" / "notes.txt").write_text("no images here")
+    (w / "afile").write_text("not a folder")
+    corrupt = w / "corrupt"
+    import shutil
+    shutil.copytree(digits_folder, corrupt)
+    victim = sorted((corrupt / "val").rglob("*.png"))[3]
+    victim.write_bytes(b"\x89PNG truncated")
+    (w / "victim").write_text(str(victim))
+    (w / "garbage.pth").write_bytes(os.urandom(300))
+    (w / "empty.pth").write_bytes(b"")
+    (w / "list.pth").write_bytes(b"")
+    torch.save([1, 2, 3], w / "list.pth")
+    (w / "weights.json").write_text("{}")
+    other = json.loads(tiny_config.read_text())
+    other["anchors"][1]["model_kwargs"]["embed_dim"] = 24
+    (w / "other.json").write_text(json.dumps(other))
+    from snnet import build_snnet, load_stitch_config
+    net = build_snnet(load_stitch_config(w / "other.json"), pretrained=False, img_size=16, num_classes=10)
+    torch.save({"state_dict": net.state_dict(), "epoch": 0}, w / "other_config.pth.tar")
+    with open(w / "evil.pth", "wb") as f:
+        pickle.dump({"state_dict": {}, "args": Exploit()}, f)
+    torch.save({"model": {}, "args": Exploit()}, w / "evil_torch.pth")
+    (w / "bad.json").write_text('{"anchors": ["deit_tiny_patch16_224"], "lr": }')
+    (w / "trunc.json").write_text(tiny_config.read_text()[:40])
+    (w / "list.json").write_text('["deit_tiny_patch16_224"]')
+    (w / "unknown.json").write_text(json.dumps({"anchors": TINY, "stitch_kernal_size": 2}))
+    (w / "type.json").write_text(json.dumps({"anchors": TINY, "stitch_stride": "1"}))
+    (w / "unknown_model.json").write_text(json.dumps({"anchors": ["deit_tiny_patch16_224", "deit_smal_patch16_224"]}))
+    (w / "order.json").write_text(json.dumps({"anchors": TINY[::-1]}))
+    deep = [dict(TINY[0]), dict(TINY[1], model_kwargs=dict(TINY[1]["model_kwargs"], depth=6))]
+    (w / "depth.json").write_text(json.dumps({"anchors": deep}))
+    (w / "missing_anchor.json").write_text(json.dumps({"anchors": [dict(TINY[0], checkpoint=str(w / "no.pth"))]}))
+    (w / "wrong_anchor.json").write_text(json.dumps({"anchors": [dict(TINY[1], checkpoint=str(w / "other_config.pth.tar"))]}))
+    (w / "bad.yaml").write_text("epochs: [1, 2\n")
+    (w / "keys.yaml").write_text("epoch: 3\n")
+    (w / "list.yaml").write_text("- 1\n- 2\n")
+    return w
+
+
+CASES = [
+    # data
+    ("missing data folder", "{w}/nope --stitch_config {cfg}", "data folder '{w}/nope' does not exist"),
+    ("empty data folder", "{w}/empty --stitch_config {cfg}", "data folder '{w}/empty' is empty"),
+    ("data path is a file", "{w}/afile --stitch_config {cfg}", "is a file; give the dataset root folder"),
+    ("no train split", "{w}/only_val --stitch_config {cfg}", "has no train/ folder"),
+    ("images without class folders", "{w}/flat --stitch_config {cfg}", "has no class sub-folders"),
+    ("class folders without images", "{w}/noimg --stitch_config {cfg}", "has class folders but no images"),
+    ("eval without a val split", "{w}/noimg --stitch_config {cfg} --eval", "has no validation/ or val/ folder"),
+    ("corrupt image in evaluation", "{w}/corrupt --stitch_config {cfg} --eval", "image '{victim}' cannot be read"),
+    ("results of another checkpoint in the folder", "{data} --stitch_config {cfg} --eval --experiment prev",
+     "holds results of another checkpoint or config (cfg_id 0)"),
+    # checkpoints
+    ("missing checkpoint", "{data} --stitch_config {cfg} --resume {w}/none.pth", "checkpoint '{w}/none.pth' does not exist"),
+    ("empty checkpoint", "{data} --stitch_config {cfg} --resume {w}/empty.pth", "is empty"),
+    ("garbage checkpoint", "{data} --stitch_config {cfg} --resume {w}/garbage.pth", "cannot be read"),
+    ("foreign file as checkpoint", "{data} --stitch_config {cfg} --resume {w}/weights.json", "cannot be read"),
+    ("checkpoint holding a list", "{data} --stitch_config {cfg} --resume {w}/list.pth", "holds a list"),
+    ("checkpoint of another config", "{data} --stitch_config {cfg} --resume {w}/other_config.pth.tar",
+     "does not fit this model"),
+    ("planted pickle (plain)", "{data} --stitch_config {cfg} --resume {w}/evil.pth",
+     "holds pickled Python objects, which could run code (posix.system); it was refused unread"),
+    ("planted pickle (torch.save)", "{data} --stitch_config {cfg} --resume {w}/evil_torch.pth",
+     "holds pickled Python objects, which could run code (posix.system); it was refused unread"),
+    ("missing anchor checkpoint", "{data} --stitch_config {w}/missing_anchor.json", "does not exist; fix the path in the config"),
+    ("anchor checkpoint of another model", "{data} --stitch_config {w}/wrong_anchor.json", "does not fit"),
+    # configs
+    ("missing stitch config", "{data} --stitch_config {w}/none.json", "stitch config '{w}/none.json' does not exist"),
+    ("malformed JSON", "{data} --stitch_config {w}/bad.json", "is not valid JSON"),
+    ("truncated JSON", "{data} --stitch_config {w}/trunc.json", "is not valid JSON"),
+    ("JSON list instead of object", "{data} --stitch_config {w}/list.json", "expected a JSON object"),
+    ("unknown config field", "{data} --stitch_config {w}/unknown.json", "did you mean 'stitch_kernel_size'"),
+    ("wrong field type", "{data} --stitch_config {w}/type.json", "field 'stitch_stride' must be int, got '1'"),
+    ("malformed YAML", "{data} --stitch_config {cfg} -c {w}/bad.yaml", "is not valid YAML"),
+    ("unknown YAML key", "{data} --stitch_config {cfg} -c {w}/keys.yaml", "unknown key 'epoch'"),
+    ("YAML not a mapping", "{data} --stitch_config {cfg} -c {w}/list.yaml", "must hold a mapping"),
+    ("missing YAML", "{data} --stitch_config {cfg} -c {w}/none.yaml", "does not exist"),
+    # values
+    ("zero batch", "{data} --stitch_config {cfg} -b 0", "-b/--batch-size: 0 is not >= 1"),
+    ("negative lr", "{data} --stitch_config {cfg} --lr -1", "--lr: -1 is not >= 0"),
+    ("zero image size", "{data} --stitch_config {cfg} --img-size 0", "--img-size: 0 is not >= 1"),
+    ("zero epochs", "{data} --stitch_config {cfg} --epochs 0", "--epochs: 0 is not >= 1"),
+    ("probability above 1", "{data} --stitch_config {cfg} --reprob 1.5", "1.5 is not a probability"),
+    ("negative workers", "{data} --stitch_config {cfg} -j -1", "-j/--workers -1 must be >= 0"),
+    ("not a number", "{data} --stitch_config {cfg} --epochs ten", "--epochs: 'ten' is not an integer"),
+    ("unknown flag", "{data} --stitch_config {cfg} --epoch 3", "unrecognized arguments: --epoch 3"),
+    # models and stitching
+    ("unknown timm name", "{data} --stitch_config {w}/unknown_model.json", "did you mean deit_small_patch16_224"),
+    ("anchors not small to large", "{data} --stitch_config {w}/order.json", "not ordered small to large"),
+    ("unequal depths", "{data} --stitch_config {w}/depth.json", "paired stitching needs anchors of equal depth"),
+    ("cfg_id out of range", "{data} --stitch_config {cfg} --val-stitches 0 99", "--val-stitches [99] out of range"),
+    ("unknown plain model", "{data} --model resnet1", "unknown timm model name 'resnet1'"),
+    ("model and config together", "{data} --stitch_config {cfg} --model resnet18", "are exclusive"),
+    ("unknown teacher", "{data} --stitch_config {cfg} --teacher regnety_16 --distillation-type hard",
+     "unknown timm model name 'regnety_16'"),
+    ("distillation without teacher", "{data} --stitch_config {cfg} --distillation-type soft", "needs --teacher NAME"),
+    ("unknown optimizer", "{data} --stitch_config {cfg} --opt adamx", "--opt 'adamx'"),
+    ("unknown scheduler", "{data} --stitch_config {cfg} --sched cosin", "--sched 'cosin'"),
+    ("CUDA on a CPU machine", "{data} --stitch_config {cfg} --device cuda", "CUDA is not available here"),
+    ("split-bn without splits", "{data} --stitch_config {cfg} --split-bn", "--split-bn needs --aug-splits > 1"),
+    ("auto-resume without experiment", "{data} --stitch_config {cfg} --auto-resume", "needs --experiment NAME"),
+]
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case,argv,message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(case, argv, message, world, digits_folder, tiny_config, tmp_path, capsys):
+    if torch.cuda.is_available() and "cuda" in argv:
+        pytest.skip("this machine has CUDA")
+    fill = lambda s: s.format(w=world, cfg=tiny_config, data=digits_folder, victim=(world / "victim").read_text())
+    out = tmp_path / "runs"
+    (out / "prev").mkdir(parents=True)
+    (out / "prev" / "last.pth.tar").write_bytes(b"an earlier run's checkpoint")
+    (out / "prev" / "stitches_res.txt").write_text('{"cfg_id": 0}\n')
+    before = snapshot(tmp_path)
+    named = "--auto-resume" in argv or "--experiment" in argv
+    argv = FAST + fill(argv).split() + ["--output", str(out)]  # the case's own flags come last and win + ([] if named else ["--experiment", "new"])
+    PWNED.unlink(missing_ok=True)
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, (case, err)
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    assert fill(message) in err, err
+    assert snapshot(tmp_path) == before, "files were written or overwritten"
+    assert not PWNED.exists(), "the planted pickle ran code"
+
+
+def test_catalogue_is_large_enough():
+    assert len(CASES) >= 25

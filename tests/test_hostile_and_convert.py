@@ -1,0 +1,102 @@
+"""SN-Net's pickled releases load only through `snnet convert --trust` (which still runs no code from the file);
+a non-finite loss stops the run naming the step and stitch and leaves the last good checkpoint intact."""
+import argparse
+import hashlib
+import json
+import os
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+from conftest import FAST, run
+from snnet import build_snnet, load_stitch_config
+
+PWNED = Path("/tmp/snnet_pwned_marker_convert")
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {PWNED}",))
+
+
+def tiny_snnet(cfg_path):
+    torch.manual_seed(0)
+    return build_snnet(load_stitch_config(cfg_path), pretrained=False, img_size=16, num_classes=10)
+
+
+def test_snnet_release_is_refused_by_train_and_converted_on_request(tmp_path, tiny_config, digits_folder):
+    net = tiny_snnet(tiny_config)
+    release = tmp_path / "snnet_deit.pth"  # what SN-Net's main.py saves (spec 2.6): weights + a pickled Namespace
+    torch.save({"model": net.state_dict(), "epoch": 49, "args": argparse.Namespace(lr=5e-5, model="snnet"),
+                "optimizer": {"state": {}, "param_groups": []}}, release)
+    base = [sys.executable, "train.py", digits_folder, "--stitch_config", tiny_config, "--eval", *FAST,
+            "--output", tmp_path, "--experiment", "ev"]
+    r = run(base + ["--resume", release])
+    assert r.returncode == 2 and "holds pickled Python objects" in r.stderr, r.stderr
+    r = run([sys.executable, "-m", "snnet.cli", "convert", release, tmp_path / "ours.pth.tar"])
+    assert r.returncode == 2 and "add --trust" in r.stderr and not (tmp_path / "ours.pth.tar").exists()
+    r = run([sys.executable, "-m", "snnet.cli", "convert", release, tmp_path / "ours.pth.tar", "--trust"])
+    assert r.returncode == 0, r.stderr
+    ours = torch.load(tmp_path / "ours.pth.tar", weights_only=True)
+    assert json.loads(ours["converted_from"])["snnet_args"] == {"lr": 5e-5, "model": "snnet"}
+    for k, v in net.state_dict().items():
+        assert torch.equal(ours["state_dict"][k], v), k
+    r = run(base + ["--resume", tmp_path / "ours.pth.tar"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len((tmp_path / "ev" / "stitches_res.txt").read_text().splitlines()) == net.num_configs
+
+
+def test_swin_release_with_cfgnode_maps_keys(tmp_path):
+    """SN-Net's Swin checkpoints pickle a yacs CfgNode and use Microsoft Swin names: read without yacs, keys mapped."""
+    from snnet.convert import convert_release
+    from stitching_swin.convert import ours_to_snnet
+    cfg = {"anchors": [{"name": "swin_tiny_patch4_window7_224", "model_kwargs": {"embed_dim": 16, "num_heads": [1, 1, 2, 2]}},
+                       {"name": "swin_small_patch4_window7_224", "model_kwargs": {"embed_dim": 16, "num_heads": [1, 1, 2, 2]}}]}
+    (tmp_path / "swin.json").write_text(json.dumps(cfg))
+    net = build_snnet(load_stitch_config(tmp_path / "swin.json"), pretrained=False, num_classes=10, img_size=64)
+    yacs = types.ModuleType("yacs")
+    config = types.ModuleType("yacs.config")
+
+    class CfgNode(dict):
+        pass
+
+    CfgNode.__module__, CfgNode.__qualname__ = "yacs.config", "CfgNode"
+    config.CfgNode = CfgNode
+    sys.modules["yacs"], sys.modules["yacs.config"] = yacs, config
+    try:
+        node = CfgNode(MODEL=CfgNode(TYPE="snnet"), TRAIN=CfgNode(EPOCHS=50))
+        torch.save({"model": ours_to_snnet(net.state_dict()), "config": node, "epoch": 49, "max_accuracy": 0.0},
+                   tmp_path / "swin.pth")
+    finally:
+        del sys.modules["yacs"], sys.modules["yacs.config"]
+    summary = convert_release(tmp_path / "swin.pth", tmp_path / "swin.pth.tar")
+    assert summary["family"] == "swin"
+    converted = torch.load(tmp_path / "swin.pth.tar", weights_only=True)["state_dict"]
+    net.load_state_dict(converted, strict=True)
+    assert json.loads(torch.load(tmp_path / "swin.pth.tar", weights_only=True)["converted_from"])["snnet_args"][
+        "TRAIN"] == {"EPOCHS": 50}
+
+
+def test_convert_refuses_other_pickled_objects_and_runs_nothing(tmp_path):
+    PWNED.unlink(missing_ok=True)
+    torch.save({"model": {}, "args": Exploit()}, tmp_path / "evil.pth")
+    r = run([sys.executable, "-m", "snnet.cli", "convert", tmp_path / "evil.pth", tmp_path / "out.pth.tar", "--trust"])
+    assert r.returncode == 2 and "refused unread" in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    assert not PWNED.exists() and not (tmp_path / "out.pth.tar").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_config, digits_folder):
+    base = [sys.executable, "train.py", digits_folder, "--stitch_config", tiny_config, *FAST, "--output", tmp_path,
+            "--experiment", "nan"]
+    r = run(base + ["--epochs", "1"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    last = tmp_path / "nan" / "last.pth.tar"
+    digest = hashlib.sha256(last.read_bytes()).hexdigest()
+    r = run(base + ["--epochs", "3", "--resume", last, "--no-resume-opt", "--opt", "sgd", "--lr", "1e12"])
+    assert r.returncode == 3, r.stderr[-2000:]
+    err = r.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: non-finite loss at epoch 1, step ") and "(stitch cfg_id " in err, err
+    assert "the last good checkpoint is kept" in err
+    assert hashlib.sha256(last.read_bytes()).hexdigest() == digest

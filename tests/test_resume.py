@@ -1,0 +1,91 @@
+"""kill -9 at a random step, resume, and the rest of the run is bit-for-bit the uninterrupted run (issue 6)."""
+import json
+import random
+import sys
+
+import pytest
+import torch
+
+from conftest import FAST, run
+
+# everything that draws random numbers: shuffling, loader workers, random erasing, mixup, drop-path, stitch sampling
+RNG_HEAVY = ["--epochs", "3", "--reprob", "0.5", "--mixup", "0.3", "--drop-path", "0.1", "-j", "1"]
+STEPS_PER_EPOCH = 10  # 160 training images, batch 16
+
+
+def final_state(run_dir):
+    return torch.load(run_dir / "last.pth.tar", weights_only=True)
+
+
+def assert_identical(a, b):
+    sa, sb = final_state(a), final_state(b)
+    assert (sa["epoch"], sa["global_step"]) == (sb["epoch"], sb["global_step"])
+    assert sa["state_dict"].keys() == sb["state_dict"].keys()
+    for k, v in sa["state_dict"].items():
+        assert torch.equal(v, sb["state_dict"][k]), k
+    ra = [json.loads(l)["acc1"] for l in (a / "stitches_res.txt").read_text().splitlines()]
+    rb = [json.loads(l)["acc1"] for l in (b / "stitches_res.txt").read_text().splitlines()]
+    assert ra == rb
+    assert (a / "summary.csv").read_text() == (b / "summary.csv").read_text()
+
+
+def kill_step(seed, processes=1):
+    per_epoch = STEPS_PER_EPOCH // processes
+    step = random.Random(seed).randint(per_epoch + 1, 2 * per_epoch - 1)  # inside the 2nd epoch
+    print(f"killing at step {step}")
+    return step
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, digits_folder, tiny_config):
+    out = tmp_path_factory.mktemp("single")
+    r = run([sys.executable, "train.py", digits_folder, "--stitch_config", tiny_config, *FAST, *RNG_HEAVY,
+             "--output", out, "--experiment", "whole"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_one_process_kill_and_resume_is_bit_identical(single, digits_folder, tiny_config):
+    step = kill_step(1)
+    cmd = [sys.executable, "train.py", digits_folder, "--stitch_config", tiny_config, *FAST, *RNG_HEAVY, "--output",
+           single, "--experiment", "killed"]
+    r = run(cmd, env={"SNNET_FAULT_KILL_AT_STEP": str(step)})
+    assert r.returncode == -9, r.stderr[-2000:]  # SIGKILL
+    assert final_state(single / "killed")["epoch"] == 0  # the epoch-0 checkpoint survived the kill
+    r = run(cmd + ["--resume", single / "killed" / "last.pth.tar"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_identical(single / "whole", single / "killed")
+
+
+@pytest.fixture(scope="module")
+def double(tmp_path_factory, digits_folder, tiny_config):
+    out = tmp_path_factory.mktemp("double")
+    r = run(["./distributed_train.sh", "2", digits_folder, "--stitch_config", tiny_config, *FAST, *RNG_HEAVY,
+             "--output", out, "--experiment", "whole"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_two_processes_kill_one_rank_and_auto_resume_is_bit_identical(double, digits_folder, tiny_config):
+    step = kill_step(2, processes=2)  # 5 steps per epoch each
+    cmd = ["./distributed_train.sh", "2", digits_folder, "--stitch_config", tiny_config, *FAST, *RNG_HEAVY,
+           "--output", double, "--experiment", "killed", "--auto-resume"]
+    r = run(cmd, env={"SNNET_FAULT_KILL_AT_STEP": str(step), "SNNET_FAULT_RANK": "1"})
+    assert r.returncode != 0
+    assert final_state(double / "killed")["epoch"] == 0
+    r = run(cmd)  # --auto-resume finds killed/last.pth.tar
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "auto-resume: continuing from" in r.stderr + r.stdout
+    assert_identical(double / "whole", double / "killed")
+
+
+def test_torchrun_max_restarts_restarts_from_the_last_checkpoint(double, digits_folder, tiny_config):
+    """One command: rank 0 is killed in epoch 2, torchrun restarts both workers, they resume automatically."""
+    step = kill_step(3, processes=2)
+    r = run(["./distributed_train.sh", "2", digits_folder, "--stitch_config", tiny_config, *FAST, *RNG_HEAVY,
+             "--output", double, "--experiment", "restarted"],
+            env={"SNNET_FAULT_KILL_AT_STEP": str(step), "SNNET_FAULT_RANK": "0",
+                 "TORCHRUN_ARGS": "--max-restarts=3"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "auto-resume: continuing from" in r.stderr + r.stdout
+    assert_identical(double / "whole", double / "restarted")
