@@ -1,0 +1,142 @@
+"""Evaluate every stitch: SN-Net's way (one data pass per stitch, loader recreated each time) vs. ours (one pass,
+shared prefixes computed once per batch), measured side by side in one run.
+
+It writes a JPEG ImageFolder (random-texture images, so decoding costs what JPEG decoding costs) and builds
+DeiT-style anchors at reduced size (3 ViTs of depth 12, widths 32/64/128, 64 px, patch 8: SN-Net's 71-stitch plan).
+Each mode runs in its own process so its peak memory (max RSS) is its own.
+
+    .venv/bin/python benchmarks/eval_all_stitches.py [--images 256] [--workers 2]
+
+Last line: RESULT ratio=<ours/snnet, with decoding> floor=<unique FLOPs / naive FLOPs>
+           compute_ratio=<ours/snnet on pre-decoded tensors>
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+WIDTHS = (32, 64, 128)
+IMG = 64
+
+
+def make_folder(root: Path, n: int, seed: int = 0) -> Path:
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    val = root / "val"
+    for i in range(n):
+        folder = val / f"c{i % 10}"
+        folder.mkdir(parents=True, exist_ok=True)
+        base = rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)
+        img = Image.fromarray(base).resize((96, 96), Image.BICUBIC)
+        img.save(folder / f"{i:05d}.jpg", quality=90)
+    return root
+
+
+def build_model():
+    import torch
+    from snnet import build_snnet, parse_stitch_config
+    torch.manual_seed(0)
+    anchors = [{"name": "deit_tiny_patch16_224", "model_kwargs": {"patch_size": 8, "embed_dim": w, "num_heads": 4}}
+               for w in WIDTHS]
+    cfg = parse_stitch_config({"anchors": anchors, "num_classes": 10})
+    model = build_snnet(cfg, pretrained=False, img_size=IMG, num_classes=10)
+    return model.eval()
+
+
+def loader_for(root: Path, batch: int, workers: int):
+    import argparse as ap
+    from timm.data import create_dataset
+    from snnet.data import create_eval_loader
+    ds = create_dataset("", root=str(root / "val"), split="", search_split=False)
+    args = ap.Namespace(validation_batch_size=batch, batch_size=batch, workers=workers, pin_mem=False)
+    data_cfg = {"input_size": (3, IMG, IMG), "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
+                "std": (0.229, 0.224, 0.225), "crop_pct": 0.875, "crop_mode": "center"}
+    return create_eval_loader(ds, args, data_cfg)
+
+
+def run_mode(mode: str, root: str, batch: int, workers: int, queue) -> None:
+    import torch
+    from snnet.engine import evaluate_stitches
+    torch.set_num_threads(2)
+    model = build_model()
+    ids = list(range(model.num_configs))
+    cpu = torch.device("cpu")
+    stats: dict = {}
+    if mode.endswith("tensors"):
+        batches = [(x.clone(), y.clone()) for x, y in loader_for(Path(root), batch, workers)]
+    t0 = time.perf_counter()
+    if mode == "snnet":  # SN-Net: for each stitch, a new loader and a full pass (spec 6.4 item 26)
+        results = {}
+        for c in ids:
+            results.update(evaluate_stitches(model, loader_for(Path(root), batch, workers), [c], cpu,
+                                             shared_prefixes=False, log_interval=10 ** 9))
+    elif mode == "ours":
+        results = evaluate_stitches(model, loader_for(Path(root), batch, workers), ids, cpu, stats=stats,
+                                    log_interval=10 ** 9)
+    elif mode == "snnet_tensors":
+        results = {}
+        for c in ids:
+            results.update(evaluate_stitches(model, batches, [c], cpu, shared_prefixes=False, log_interval=10 ** 9))
+    else:  # ours_tensors
+        results = evaluate_stitches(model, batches, ids, cpu, stats=stats, log_interval=10 ** 9)
+    seconds = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB
+    queue.put((mode, seconds, rss, stats.get("peak_activation_bytes", 0), {c: r["acc1"] for c, r in results.items()}))
+
+
+def flops_floor() -> tuple[float, int]:
+    from snnet.cost import measure
+    from snnet.route_tree import RouteTree
+    model = build_model()
+    table = measure(model, IMG)
+    naive = sum(table.route_flops(r) for r in model.routes)
+    tree = RouteTree({c: r for c, r in enumerate(model.routes)})
+    unique = table.route_flops(tree.unique_steps())
+    return unique / naive, model.num_configs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=256)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    args = p.parse_args()
+    floor, n_cfgs = flops_floor()
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = make_folder(Path(tmp), args.images)
+        rows = {}
+        for mode in ("snnet", "ours", "snnet_tensors", "ours_tensors"):
+            q = ctx.Queue()
+            proc = ctx.Process(target=run_mode, args=(mode, str(root), args.batch, args.workers, q))
+            proc.start()
+            rows[mode] = q.get()
+            proc.join()
+    same = rows["snnet"][4] == rows["ours"][4] == rows["snnet_tensors"][4] == rows["ours_tensors"][4]
+    print(f"{n_cfgs} stitches, {args.images} JPEG images (96 px -> {IMG} px), batch {args.batch}, "
+          f"{args.workers} loader workers, 2 threads; identical top-1 for every stitch in all modes: {same}")
+    print("| mode | data | time (s) | stitch-images/s | peak RSS (MiB) | peak live activations (MiB) |")
+    print("|---|---|---:|---:|---:|---:|")
+    names = {"snnet": ("SN-Net: a pass per stitch", "JPEG"), "ours": ("ours: one pass, shared prefixes", "JPEG"),
+             "snnet_tensors": ("SN-Net: a pass per stitch", "tensors"),
+             "ours_tensors": ("ours: one pass, shared prefixes", "tensors")}
+    for mode, (_, seconds, rss, act, _) in rows.items():
+        label, data = names[mode]
+        act_s = f"{act / 2 ** 20:.1f}" if act else "-"
+        print(f"| {label} | {data} | {seconds:.2f} | {n_cfgs * args.images / seconds:.0f} | {rss:.0f} | {act_s} |")
+    ratio = rows["ours"][1] / rows["snnet"][1]
+    compute_ratio = rows["ours_tensors"][1] / rows["snnet_tensors"][1]
+    print(f"RESULT ratio={ratio:.3f} floor={floor:.3f} compute_ratio={compute_ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()
