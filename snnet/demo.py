@@ -49,6 +49,20 @@ def write_digits(root: Path, seed: int = 0) -> Path:
     return data
 
 
+def stitch_config_for(work: Path) -> Path:
+    """configs/demo_digits.json names the anchors' checkpoints under the default work folder; another --work gets
+    a copy of it pointing at the anchors trained there."""
+    import json
+    if work.resolve() == (ROOT / "output" / "demo").resolve():
+        return CONFIG
+    cfg = json.loads(CONFIG.read_text())
+    for anchor, (name, _, _) in zip(cfg["anchors"], ANCHORS):
+        anchor["checkpoint"] = str((work / name / "last.pth.tar").resolve())
+    path = work / "demo_digits.json"
+    path.write_text(json.dumps(cfg, indent=1))
+    return path
+
+
 def run(cmd: list[str], log: Path) -> None:
     print("$", " ".join(str(c) for c in cmd), f"  (log: {log})", flush=True)
     t0 = time.perf_counter()
@@ -85,7 +99,7 @@ def main(argv=None) -> int:
 
     snnet_dir = work / "snnet"
     shutil.rmtree(snnet_dir, ignore_errors=True)
-    run(["./distributed_train.sh", "2", data, "--stitch_config", CONFIG, "--epochs", str(args.snnet_epochs),
+    run(["./distributed_train.sh", "2", data, "--stitch_config", stitch_config_for(work), "--epochs", str(args.snnet_epochs),
          "--lr", "1e-3", "--anchor-lr-scale", "0.1", "--warmup-epochs", "1", "--output", work, "--experiment", "snnet", *COMMON],
         work / "snnet.log")
 

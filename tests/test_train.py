@@ -181,3 +181,14 @@ def test_cnn_seed_command_runs_on_two_cpu_processes(tmp_path_factory, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     again = [json.loads(l) for l in (tmp_path / "cnn_eval" / "stitches_res.txt").read_text().splitlines()]
     assert [x["acc1"] for x in again] == [x["acc1"] for x in records]
+
+
+def test_demo_config_follows_the_work_folder(tmp_path):
+    """make demo uses configs/demo_digits.json as is; another --work stitches the anchors trained there."""
+    from snnet import load_stitch_config
+    from snnet.demo import CONFIG, ROOT as DEMO_ROOT, stitch_config_for
+    assert stitch_config_for(DEMO_ROOT / "output" / "demo") == CONFIG
+    cfg = load_stitch_config(stitch_config_for(tmp_path))
+    assert [a.checkpoint for a in cfg.anchors] == [str(tmp_path.resolve() / n / "last.pth.tar")
+                                                  for n in ("anchor_w16", "anchor_w32", "anchor_w64")]
+    assert [a.model_kwargs["embed_dim"] for a in cfg.anchors] == [16, 32, 64]
