@@ -34,10 +34,3 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         with open(tmp, "w") as f:
             f.write(text)
 
-
-def append_line_durable(path: str | os.PathLike, line: str) -> None:
-    """Append one line and fsync it (a crash can leave at most a torn last line, which readers detect)."""
-    with open(path, "a") as f:
-        f.write(line.rstrip("\n") + "\n")
-        f.flush()
-        os.fsync(f.fileno())
