@@ -103,19 +103,13 @@ class CheckpointKeeper:
         self.best: float | None = None
 
     def save(self, state: dict[str, Any], metric: float | None) -> bool:
-        last = self.out_dir / LAST
-        save_checkpoint(last, {**state, "metric": metric, "best_metric": self._next_best(metric)})
         improved = metric is not None and (self.best is None or (metric > self.best if self.higher
                                                                   else metric < self.best))
         if improved:
             self.best = metric
+        last = self.out_dir / LAST
+        save_checkpoint(last, {**state, "metric": metric, "best_metric": self.best})
+        if improved:
             with atomic_path(self.out_dir / BEST) as tmp:
                 shutil.copyfile(last, tmp)
         return improved
-
-    def _next_best(self, metric):
-        if metric is None:
-            return self.best
-        if self.best is None:
-            return metric
-        return max(metric, self.best) if self.higher else min(metric, self.best)

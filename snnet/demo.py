@@ -18,8 +18,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "demo_digits.json"
-#: (experiment name, embed_dim, heads): must match the anchors of configs/demo_digits.json
-ANCHORS = [("anchor_w16", 16, 2), ("anchor_w32", 32, 2), ("anchor_w64", 64, 4)]
 COMMON = ["--img-size", "16", "-b", "32", "--opt", "adamw", "--weight-decay", "0.05", "--scale", "0.7", "1",
           "--hflip", "0", "--smoothing", "0.1", "-j", "0", "--seed", "0", "--log-interval", "1000"]
 
@@ -49,6 +47,14 @@ def write_digits(root: Path, seed: int = 0) -> Path:
     return data
 
 
+def demo_anchors() -> list[tuple[str, str, dict]]:
+    """(run folder, timm name, model kwargs) of each anchor, read from configs/demo_digits.json: the config names
+    the checkpoint <work>/<run folder>/last.pth.tar that step 2 trains."""
+    import json
+    return [(Path(a["checkpoint"]).parent.name, a["name"], a["model_kwargs"])
+            for a in json.loads(CONFIG.read_text())["anchors"]]
+
+
 def stitch_config_for(work: Path) -> Path:
     """configs/demo_digits.json names the anchors' checkpoints under the default work folder; another --work gets
     a copy of it pointing at the anchors trained there."""
@@ -56,8 +62,8 @@ def stitch_config_for(work: Path) -> Path:
     if work.resolve() == (ROOT / "output" / "demo").resolve():
         return CONFIG
     cfg = json.loads(CONFIG.read_text())
-    for anchor, (name, _, _) in zip(cfg["anchors"], ANCHORS):
-        anchor["checkpoint"] = str((work / name / "last.pth.tar").resolve())
+    for anchor in cfg["anchors"]:
+        anchor["checkpoint"] = str((work / Path(anchor["checkpoint"]).parent.name / "last.pth.tar").resolve())
     path = work / "demo_digits.json"
     path.write_text(json.dumps(cfg, indent=1))
     return path
@@ -89,12 +95,12 @@ def main(argv=None) -> int:
     print(f"data: {data} (scikit-learn digits, ImageFolder)")
 
     py = sys.executable
-    for name, width, heads in ANCHORS:
+    for name, model, kwargs in demo_anchors():
         if (work / name / "last.pth.tar").exists() and not args.fresh:
             print(f"anchor {name}: reusing {work / name / 'last.pth.tar'}")
             continue
-        run([py, "train.py", data, "--model", "deit_tiny_patch16_224", "--model-kwargs", "patch_size=4", "depth=4",
-             f"embed_dim={width}", f"num_heads={heads}", "--epochs", str(args.anchor_epochs), "--lr", "2e-3",
+        run([py, "train.py", data, "--model", model, "--model-kwargs", *[f"{k}={v}" for k, v in kwargs.items()],
+             "--epochs", str(args.anchor_epochs), "--lr", "2e-3",
              "--warmup-epochs", "2", "--output", work, "--experiment", name, *COMMON], work / f"{name}.log")
 
     snnet_dir = work / "snnet"

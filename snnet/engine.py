@@ -224,7 +224,8 @@ def evaluate_stitches(net: nn.Module, loader: Iterable, cfg_ids: Sequence[int], 
     model = unwrap(net)
     rows = {c: i for i, c in enumerate(cfg_ids)}
     counts = torch.zeros(len(cfg_ids), 4, dtype=torch.float64)  # correct1, correct5, loss sum, samples
-    tree = RouteTree(_route_steps(model, cfg_ids))
+    routes = _route_steps(model, cfg_ids)
+    tree = RouteTree(routes)
     run_step = _runner(model)
     progress = Progress(f"Eval {len(cfg_ids)} stitch(es)", len(loader), log_interval)
     peak = 0
@@ -245,7 +246,7 @@ def evaluate_stitches(net: nn.Module, loader: Iterable, cfg_ids: Sequence[int], 
             if shared_prefixes:
                 peak = max(peak, tree.run(run_step, x, emit, track_bytes=stats is not None))
             else:
-                for cfg_id, steps in _route_steps(model, cfg_ids).items():
+                for cfg_id, steps in routes.items():
                     h = x
                     for step in steps:
                         h = run_step(step, h)

@@ -348,7 +348,6 @@ def export_stitch(loaded: Loaded, cfg_id: int, out_dir: str | os.PathLike, torch
     """
     from safetensors.torch import save_model
 
-    from .cost import measure
     from .engine import file_sha256
 
     net = loaded.net.eval()
@@ -358,7 +357,7 @@ def export_stitch(loaded: Loaded, cfg_id: int, out_dir: str | os.PathLike, torch
         raise ExportError(f"the pruned network of cfg_id {cfg_id} has {count_params(module)} parameters but the "
                           f"route executes {net.params(cfg_id)}; a unit's `modules` list is incomplete (adapter bug)")
     spec = _spec(loaded, cfg_id, module, keep)
-    spec["flops"] = measure(net, loaded.img_size, loaded.in_chans).route_flops(net.routes[cfg_id])
+    spec["flops"] = net.cost_table(loaded.img_size, loaded.in_chans).route_flops(net.routes[cfg_id])
     spec["source"]["checkpoint_sha256"] = file_sha256(loaded.checkpoint)
     x = _example(loaded, 3)
     ref = net(x, cfg_id)

@@ -140,13 +140,13 @@ class SNNet(nn.Module):
             results[cfg_id] = dict(r)
         self._results = results
 
-    def cost_table(self, img_size: int | tuple[int, int] = 224):
+    def cost_table(self, img_size: int | tuple[int, int] = 224, in_chans: int = 3):
         """FLOPs of every unit and stitching layer for one image of `img_size` (traced once, then cached)."""
         from .cost import measure
-        key = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        if key not in self._cost_tables:
-            self._cost_tables[key] = measure(self, key)
-        return self._cost_tables[key]
+        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        if (size, in_chans) not in self._cost_tables:
+            self._cost_tables[(size, in_chans)] = measure(self, size, in_chans)
+        return self._cost_tables[(size, in_chans)]
 
     def stitch_for(self, max_flops: float | None = None, max_params: float | None = None,
                    img_size: int | tuple[int, int] = 224) -> int:

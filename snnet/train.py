@@ -152,7 +152,7 @@ def resolve_lr(args: argparse.Namespace, global_batch: int) -> float:
     return args.lr_base * (ratio ** 0.5 if scale == "sqrt" else ratio)
 
 
-def output_dir(args: argparse.Namespace, names: list[str]) -> Path:
+def output_dir(args: argparse.Namespace) -> Path:
     if args.eval and args.resume and not (args.output or args.experiment):
         return Path(args.resume).resolve().parent  # results next to the checkpoint: a rerun continues there
     name = args.experiment
@@ -199,7 +199,7 @@ def run(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
     if args.initial_checkpoint:
         load_model_state(net, load_checkpoint(args.initial_checkpoint)["state_dict"], args.initial_checkpoint)
 
-    out_dir = output_dir(args, names)
+    out_dir = output_dir(args)
     restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
     if not args.resume and not args.eval and (args.auto_resume or restarted) and (out_dir / LAST).exists():
         args.resume = str(out_dir / LAST)
@@ -232,7 +232,7 @@ def run(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
 def evaluate_all(net, val_ds, args, data_cfg, device, amp_dtype, out_dir: Path, ckpt_hash: str,
                  config_text: str) -> dict:
     """Every stitch on the validation set; one JSON line per stitch in <out_dir>/stitches_res.txt."""
-    from .cost import count_flops, measure
+    from .cost import count_flops
     if val_ds is None:
         raise DataError(f"no validation split in {args.data_dir!r} to evaluate the stitches on")
     rank, world_size = world()
@@ -259,7 +259,7 @@ def evaluate_all(net, val_ds, args, data_cfg, device, amp_dtype, out_dir: Path, 
             flops = {0: count_flops(model.model, model.model, torch.zeros(1, *data_cfg["input_size"], device=device))}
         model.train(was)
     else:
-        table = measure(model, size, data_cfg["input_size"][0])
+        table = model.cost_table(tuple(size), data_cfg["input_size"][0])
         flops = {c: table.route_flops(model.routes[c]) for c in todo}
     _logger.info(f"evaluating {len(todo)} stitch(es) ({len(done)} already in {results.path}) on "
                  f"{len(val_ds)} images, {world_size} process(es)")
