@@ -74,7 +74,7 @@ def run_mode(mode: str, root: str, batch: int, workers: int, queue) -> None:
     if mode.endswith("tensors"):
         batches = [(x.clone(), y.clone()) for x, y in loader_for(Path(root), batch, workers)]
     t0 = time.perf_counter()
-    if mode == "snnet":  # SN-Net: for each stitch, a new loader and a full pass (spec 6.4 item 26)
+    if mode == "snnet":  # SN-Net: for each stitch, a new loader and a full pass (docs/snnet_compat.md, C23)
         results = {}
         for c in ids:
             results.update(evaluate_stitches(model, loader_for(Path(root), batch, workers), [c], cpu,

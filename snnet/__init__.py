@@ -5,13 +5,14 @@ See snnet/README.md for the architecture and how to add a model family.
 from .adapter import AnchorAdapter, AnchorError, Unit, register_adapter
 from .build import build_snnet, create_anchor, plan_for
 from .config import ConfigError, StitchConfig, load_stitch_config, parse_stitch_config
-from .layers import StitchingLayer
-from .model import SNNet
+from .layers import StitchingLayer, create_stitch_layer, register_stitch_layer
+from .model import PlainNet, RoutedNet, SNNet
 from .plan import PlanError, Route, Stitch, StitchPlan, deit_plan, paired_positions, stagewise_plan, unpaired_positions
 
 __all__ = [
     "AnchorAdapter", "AnchorError", "Unit", "register_adapter", "build_snnet", "create_anchor", "plan_for",
-    "ConfigError", "StitchConfig", "load_stitch_config", "parse_stitch_config", "StitchingLayer", "SNNet",
+    "ConfigError", "StitchConfig", "load_stitch_config", "parse_stitch_config", "StitchingLayer", "create_stitch_layer",
+    "register_stitch_layer", "SNNet", "RoutedNet", "PlainNet",
     "PlanError", "Route", "Stitch", "StitchPlan", "deit_plan", "paired_positions", "stagewise_plan",
     "unpaired_positions",
 ]

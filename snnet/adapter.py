@@ -45,6 +45,8 @@ class AnchorAdapter:
     family: str = ""
     #: stages SN-Net stitches for this family by default (hierarchical families only)
     default_stitch_stages: tuple[int, ...] = ()
+    #: stitched routes skip the end anchor's final norm unless the config says otherwise (SN-Net's plain ViTs do)
+    skip_final_norm_default: bool = False
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
@@ -70,6 +72,20 @@ class AnchorAdapter:
     def hierarchical(self) -> bool:
         return bool(self.default_stitch_stages)
 
+    # --- the original SN-Net code's checkpoints of this family (`snnet convert`) -----------------------------------
+    @classmethod
+    def release_keys_match(cls, keys: Sequence[str]) -> bool:
+        """True when `keys` (a released SN-Net state dict, ``module.`` removed) use this family's old key names
+        that `convert_release_state` maps. Families whose released keys are timm 1.0's already keep False."""
+        return False
+
+    @classmethod
+    def convert_release_state(cls, state_dict: dict[str, torch.Tensor],
+                              stage_depths: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """A released SN-Net state dict with this project's keys (timm 1.0 names); `stage_depths` for families
+        whose old keys number blocks flat across stages."""
+        return state_dict
+
 
 _ADAPTERS: list[type[AnchorAdapter]] = []
 
@@ -89,6 +105,12 @@ def load_family_packages() -> None:
     from importlib.metadata import entry_points
     for ep in entry_points(group="snnet.families"):
         ep.load()
+
+
+def registered_adapters() -> list[type[AnchorAdapter]]:
+    """Every adapter class the installed family packages register."""
+    load_family_packages()
+    return list(_ADAPTERS)
 
 
 def adapter_for(model: nn.Module, name: str = "") -> AnchorAdapter:

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from .adapter import NCHW, TOKENS, AnchorAdapter, AnchorError, adapter_for
-from .config import AnchorSpec, StitchConfig
+from .checkpoint import CheckpointError, load_weights
+from .config import AnchorSpec, ConfigError, StitchConfig
 from .cost import eval_mode
-from .ls_init import _feature_points, capture
 from .model import SNNet
 from .plan import StitchPlan, deit_plan, stagewise_plan
 
@@ -23,28 +23,6 @@ def check_model_name(name: str) -> None:
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models()"
         raise AnchorError(f"unknown timm model name {name!r}: {hint}")
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Weights from a .safetensors file, or a torch file read with weights_only=True (no pickled code runs)."""
-    path = Path(path)
-    if not path.is_file():
-        raise AnchorError(f"checkpoint {str(path)!r} does not exist; fix the path in the config")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            return load_file(str(path))
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt, truncated or pickled-object files
-        raise AnchorError(f"checkpoint {str(path)!r} cannot be read as weights ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:160]}); give a safetensors or plain-tensor torch file") from None
-    for key in ("state_dict", "model", "state_dict_ema"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise AnchorError(f"checkpoint {str(path)!r} holds no state dict of tensors")
-    return {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
 
 
 def create_anchor(spec: AnchorSpec, pretrained: bool = True, **model_kwargs: Any) -> nn.Module:
@@ -63,17 +41,11 @@ def create_anchor(spec: AnchorSpec, pretrained: bool = True, **model_kwargs: Any
         model = timm.create_model(spec.name, pretrained=pretrained,
                                   **{k: v for k, v in kwargs.items() if k != "img_size"})
     if spec.checkpoint is not None:
-        state = load_state_dict_file(spec.checkpoint)
-        own = model.state_dict()
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-                 if k in state and state[k].shape != v.shape]
-        if missing or unexpected or wrong:
-            raise AnchorError(f"checkpoint {spec.checkpoint!r} does not fit {spec.name!r}: {len(missing)} missing "
-                              f"keys {missing[:2]}, {len(unexpected)} unexpected {unexpected[:2]}, {len(wrong)} of "
-                              f"another shape {wrong[:2]}; check the anchor name, num_classes and img_size")
-        model.load_state_dict(state, strict=True)
+        try:
+            load_weights(model, spec.checkpoint, f"checkpoint of anchor {spec.name!r}",
+                         "check the anchor name, num_classes and img_size, or fix the path in the config")
+        except CheckpointError as e:
+            raise AnchorError(str(e)) from None
     return model
 
 
@@ -142,10 +114,10 @@ def check_resolutions(model: SNNet, img_size: int | Sequence[int] = 224, in_chan
     positions = [st for spec in model.plan.layers for st in model.plan.positions_of_layer(spec.address)]
     if not positions:
         return
-    need, where = _feature_points(model, positions)  # the same feature points the LS init uses
+    need, where = model.feature_points(positions)  # the same feature points the LS init uses
     device = next(model.parameters()).device
     with eval_mode(model):
-        feats = capture(model, torch.zeros(1, in_chans, *size, device=device), need)
+        feats = model.capture(torch.zeros(1, in_chans, *size, device=device), need)
     for st in positions:
         (fa, ux), (ea, uy) = where[(st.front, st.end, st.stage, st.j, st.k)]
         front = _extent(feats[(fa, ux)], model.adapters[fa].stage_layout(model.anchors[fa], st.stage))
@@ -177,10 +149,14 @@ def build_snnet(cfg: StitchConfig, pretrained: bool = True, num_classes: int | N
     plan = plan_for(models, adapters, names, cfg.get("stitch_kernel_size"), cfg.get("stitch_stride"),
                     cfg.get("nearest_stitching"), cfg.get("stitch_stages"))
     skip = cfg.get("skip_final_norm")
-    if skip is None:  # the family's SN-Net behaviour (on for plain ViTs, spec 2.1)
-        skip = all(getattr(ad, "skip_final_norm_default", False) for ad in adapters)
+    if skip is None:  # the family's SN-Net behaviour (on for plain ViTs: docs/snnet_compat.md, C7)
+        skip = all(ad.skip_final_norm_default for ad in adapters)
     # readable routes need distinct names: the same timm name with other kwargs or weights gets its index
     labels = [f"{n}#{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
-    model = SNNet(models, plan, names=labels, adapters=adapters, skip_final_norm=skip)
+    try:
+        model = SNNet(models, plan, names=labels, adapters=adapters, skip_final_norm=skip,
+                      stitch_layer=cfg.get("stitch_layer"))
+    except ValueError as e:  # an unknown stitching-layer type or option
+        raise ConfigError(f"stitch config: {e}") from None
     check_resolutions(model, _input_size(cfg, model, model_kwargs), model_kwargs.get("in_chans") or 3)
     return model

@@ -19,11 +19,11 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-from .fileio import write_text_atomic
-from .pareto import (RESULTS_FILE, ResultsFormatError, cost_key, front_table, human, infer_anchors, latency_keys,
-                     pareto_front, plot_series, read_results, require_cost, route_of)
+from .pareto import cost_key, human, infer_anchors, latency_keys, pareto_report, route_of, save_report
+from .results import ResultsError, read_results
+from .select import BudgetError, select
 
 
 class UsageError(ValueError):
@@ -92,118 +92,23 @@ def _cfg_id(text: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- pareto
-def _labels(paths: Sequence[str]) -> list[str]:
-    """Short unique names for results files: the stem, else the folder name, else folder/stem, else the path."""
-    ps = [Path(p) for p in paths]
-    generic = lambda p: p.parent.name if p.stem == Path(RESULTS_FILE).stem else p.stem  # .../demo/stitches_res.txt
-    for name in (generic, lambda p: p.stem, lambda p: p.parent.name,
-                 lambda p: f"{p.parent.name}/{p.stem}"):
-        labels = [name(p) for p in ps]
-        if all(labels) and len(set(labels)) == len(labels):
-            return labels
-    return [str(p) for p in paths]
-
-
-def _anchors(records: list[dict], given: int | None, path: str) -> int:
-    with_routes = all("route" in r for r in records)
-    if with_routes:
-        n = infer_anchors(records)
-        if given is not None and given != n:
-            print(f"note: {path!r} names its routes; its {n} anchors are used, --anchors {given} applies to files "
-                  f"without routes (SN-Net's)", file=sys.stderr)
-        return n
-    if given is not None:
-        return given
-    n = infer_anchors(records)
-    print(f"note: {path!r} has no routes (an SN-Net file): cfg 0..{n - 1} are taken as the anchors (the leading "
-          f"cfg_ids of rising FLOPs); pass --anchors N if that is wrong", file=sys.stderr)
-    return n
-
-
-def _heading(label: str, path: str, records: list[dict], n: int, front: list[dict], cost: str) -> str:
-    return (f"## {label}: {len(front)} of {len(records)} stitches on the {cost} Pareto front "
-            f"(anchors: cfg {', '.join(str(i) for i in range(n))}; {path})")
-
-
 def cmd_pareto(args: argparse.Namespace) -> int:
-    cost = cost_key(args.by, args.latency_batch)
-    if args.anchors is not None and args.anchors < 1:
-        raise UsageError(f"--anchors {args.anchors} must be >= 1 (SN-Net's files hold 2 or 3 anchors)")
-    series = []
-    for path, label in zip(args.results, _labels(args.results)):
-        records = read_results(path)
-        require_cost(records, cost, path)
-        series.append((label, path, records, _anchors(records, args.anchors, path)))
-
-    md = [f"# Pareto front by {cost}", ""]
-    report: dict[str, Any] = {"by": cost, "files": []}
-    for label, path, records, n in series:
-        front = pareto_front(records, cost)
-        heading = _heading(label, path, records, n, front, cost)
-        print(heading + "\n\n" + front_table(records, cost, n))
-        md += [heading, "", front_table(records, cost, n, all_rows=True)]
-        report["files"].append({"label": label, "path": str(path), "anchors": n, "records": len(records),
-                                "front": [r["cfg_id"] for r in front], "front_records": front})
-    if len(series) > 1:  # which network of which SN-Net to deploy at each cost
-        everything = [r for s in series for r in s[2]]
-        sources = [s[0] for s in series for _ in s[2]]
-        source_of = {id(r): src for r, src in zip(everything, sources)}
-        front = pareto_front(everything, cost)
-        table = front_table(everything, cost, [s[3] for s in series for _ in s[2]], sources=sources)
-        heading = f"## combined: {len(front)} of {len(everything)} stitches of {len(series)} files on the front"
-        print(heading + "\n\n" + table)
-        md += [heading, "", table]
-        report["combined_front"] = [{"source": source_of[id(r)], **r} for r in front]
+    report = pareto_report(args.results, cost_key(args.by, args.latency_batch), args.anchors)
+    for note in report.notes:
+        print(note, file=sys.stderr)
+    print(report.text, end="")
     if args.out:
-        out = Path(args.out)
-        plot_series([(s[0], s[2], s[3]) for s in series], out / f"pareto_{cost}.png", cost, args.title)
-        write_text_atomic(out / f"pareto_{cost}.md", "\n".join(md))
-        write_text_atomic(out / f"pareto_{cost}.json", json.dumps(report, indent=1) + "\n")
-        print(f"wrote {out / f'pareto_{cost}.md'}, {out / f'pareto_{cost}.json'}, {out / f'pareto_{cost}.png'}")
+        files = save_report(report, args.out, args.title)
+        print(f"wrote {', '.join(str(f) for f in files)}")
     return 0
 
 
 # ---------------------------------------------------------------------------------------------------- select
-def _describe(r: dict, n: int | None = None) -> str:
-    parts = [f"cfg_id {r['cfg_id']} ({route_of(r, n)}"]
-    for key, name in (("flops", "FLOPs"), ("params", "params")):
-        if r.get(key) is not None:
-            parts.append(f"{human(r[key])} {name}")
-    parts += [f"{r[k]:.3f} ms @ b{k[len('latency_ms_b'):]}" for k in latency_keys([r])[:1]]
-    return ", ".join(parts) + f", top-1 {r['acc1']:.2f})"
-
-
-def select(records: list[dict], limits: dict[str, float], min_acc: float | None, source: str,
-           flags: dict[str, str]) -> tuple[dict, int]:
-    """The best record within `limits` ({key: max}); with `min_acc` the cheapest (FLOPs) reaching it.
-    Returns (record, how many fit); UsageError naming the closest record when none does."""
-    for key in limits:
-        require_cost(records, key, source, "--max-flops")
-    within = [r for r in records if all(r.get(k) is not None and r[k] <= v for k, v in limits.items())]
-    fits = [r for r in within if min_acc is None or r["acc1"] >= min_acc]
-    if fits:
-        if min_acc is None:
-            return max(fits, key=lambda r: (r["acc1"], -(r.get("flops") or 0), -r["cfg_id"])), len(fits)
-        cheap = "flops" if any(r.get("flops") is not None for r in fits) else "params"
-        return min(fits, key=lambda r: (r.get(cheap) if r.get(cheap) is not None else math.inf, -r["acc1"],
-                                        r["cfg_id"])), len(fits)
-    budget = " and ".join(f"{k} <= {human(v)}" for k, v in limits.items())
-    if within:  # the budget is met, the accuracy is not: the most accurate within it is the closest
-        best = max(within, key=lambda r: r["acc1"])
-        where = f" within {budget}" if limits else ""
-        raise UsageError(f"no stitch in {source!r}{where} reaches top-1 {min_acc:g}: the closest is "
-                         f"{_describe(best)}; lower --min-acc to at most {best['acc1']:.2f}"
-                         + (" or raise the budget" if limits else ""))
-    usable = [r for r in records if all(r.get(k) is not None for k in limits)]
-    closest = min(usable, key=lambda r: max(r[k] / v if v > 0 else math.inf for k, v in limits.items()))
-    need = ", ".join(f"{flags[k]} to at least {human(closest[k])}" for k, v in limits.items() if closest[k] > v)
-    raise UsageError(f"no stitch in {source!r} has {budget}: the closest is {_describe(closest)}; raise {need}")
-
-
 def cmd_select(args: argparse.Namespace) -> int:
     records = read_results(args.results)
     lat = f"latency_ms_b{args.latency_batch}"
-    limits, flags = {}, {"flops": "--max-flops", "params": "--max-params", lat: "--max-latency-ms"}
+    limits, flags = {}, {"flops": "--max-flops", "params": "--max-params", lat: "--max-latency-ms",
+                         "acc1": "--min-acc"}
     for key, value in (("flops", args.max_flops), ("params", args.max_params), (lat, args.max_latency_ms)):
         if value is not None:
             limits[key] = value
@@ -239,8 +144,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import WEIGHTS, check_cfg_id, export_stitch
     loaded = _load(args)
     check_cfg_id(loaded.net, args.cfg_id, args.checkpoint)
-    spec = export_stitch(loaded, args.cfg_id, args.out, torchscript=not args.no_torchscript,
-                         onnx=not args.no_onnx, opset=args.opset)
+    formats = [f for f, off in (("torchscript", args.no_torchscript), ("onnx", args.no_onnx)) if not off]
+    spec = export_stitch(loaded, args.cfg_id, args.out, formats, opset=args.opset)
     out = Path(args.out)
     h, w = spec["img_size"]
     print(f"exported cfg_id {spec['cfg_id']}: {spec['route']}")
@@ -278,7 +183,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
         ids = [check_cfg_id(net, c, args.checkpoint) for c in args.cfg_ids]
     else:
         ids = in_file if in_file is not None else list(range(net.num_configs))
-    ids = list(dict.fromkeys(ids))  # a rerun's repeated cfg_id is measured once
+    ids = list(dict.fromkeys(ids))  # --cfg-ids 3 3 measures 3 once
     batches = sorted(set(args.batch or [1, 32]))
     table = measure_latency(net, ids, batches, loaded.img_size, loaded.in_chans, args.warmup, args.repeats, device)
     dev = device_name(device)
@@ -396,7 +301,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .config import ConfigError
     from .export import ExportError
     from .plan import PlanError
-    return UsageError, ResultsFormatError, ExportError, CheckpointError, ConfigError, AnchorError, PlanError
+    return UsageError, ResultsError, BudgetError, ExportError, CheckpointError, ConfigError, AnchorError, PlanError
 
 
 def main(argv: Sequence[str] | None = None) -> int:

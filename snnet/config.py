@@ -8,7 +8,7 @@ import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class ConfigError(ValueError):
@@ -16,51 +16,68 @@ class ConfigError(ValueError):
 
 
 _NUM = (int, float)
-#: field -> (accepted types, default, meaning). The first block is SN-Net's config/deit_stitching.json and the CNN
-#: family's {"anchors": [...]}; the rest are ours.
-FIELDS: dict[str, tuple[tuple[type, ...], Any, str]] = {
-    "anchors": ((list,), None, "timm model names, or {'name': ..., 'checkpoint': path}, small to large"),
-    "model": ((str,), "snnet", "SN-Net's model name (informational)"),
-    "batch_size": ((int,), None, "per-process batch size (-b)"),
-    "data_path": ((str,), None, "dataset root (the DATA argument)"),
-    "data_set": ((str,), None, "SN-Net's dataset kind: IMNET or a timm --dataset value"),
-    "exp_name": ((str,), None, "experiment name (--experiment)"),
-    "input_size": ((int,), None, "image size (--img-size)"),
-    "num_workers": ((int,), None, "data loader workers (-j)"),
-    "lr": (_NUM, None, "learning rate (--lr)"),
-    "warmup_lr": (_NUM, None, "warm-up start LR (--warmup-lr)"),
-    "min_lr": (_NUM, None, "final LR (--min-lr)"),
-    "epochs": ((int,), None, "epochs (--epochs)"),
-    "fulltune": ((bool,), True, "train the anchors too; false trains only stitching layers and class tokens"),
-    "ls_init": ((bool,), True, "least-squares initialise the stitching layers"),
-    "nearest_stitching": ((bool,), True, "plain ViTs: stitch only neighbouring anchors"),
-    "stitch_stride": ((int,), 1, "plain ViTs: sliding-window stride"),
-    "stitch_kernel_size": ((int,), 2, "plain ViTs: sliding-window size"),
-    "stitch_init_bs": ((int,), 100, "images used for the least-squares init"),
-    "distillation_type": ((str,), None, "none, soft or hard"),
-    "teacher_model": ((str,), None, "timm name of the distillation teacher"),
+
+
+class Field(NamedTuple):
+    types: tuple[type, ...]  # accepted JSON types
+    default: Any  # used by StitchConfig.get when the file leaves the field out
+    meaning: str
+    dest: str | None = None  # train.py flag (argparse dest) whose default the field sets; None: read by the model
+
+
+#: The one table of stitch-config fields. The first block is SN-Net's config/deit_stitching.json and the CNN family's
+#: {"anchors": [...]}; the rest are ours. train.py's rules for dests (snnet/args.py): lr is a base LR per 512 images,
+#: data_set IMNET is timm's folder dataset ''.
+FIELDS: dict[str, Field] = {
+    "anchors": Field((list,), None, "timm model names, or {'name': ..., 'checkpoint': path}, small to large"),
+    "model": Field((str,), "snnet", "SN-Net's model name (informational)"),
+    "batch_size": Field((int,), None, "per-process batch size", "batch_size"),
+    "data_path": Field((str,), None, "dataset root", "data"),
+    "data_set": Field((str,), None, "SN-Net's dataset kind: IMNET or a timm --dataset value", "dataset"),
+    "exp_name": Field((str,), None, "experiment name", "experiment"),
+    "input_size": Field((int,), None, "image size", "img_size"),
+    "num_workers": Field((int,), None, "data loader workers", "workers"),
+    "lr": Field(_NUM, None, "learning rate per 512 images of global batch", "lr_base"),
+    "warmup_lr": Field(_NUM, None, "warm-up start LR", "warmup_lr"),
+    "min_lr": Field(_NUM, None, "final LR", "min_lr"),
+    "epochs": Field((int,), None, "epochs", "epochs"),
+    "fulltune": Field((bool,), True, "train the anchors too; false trains only stitching layers and class tokens"),
+    "ls_init": Field((bool,), True, "least-squares initialise the stitching layers"),
+    "nearest_stitching": Field((bool,), True, "plain ViTs: stitch only neighbouring anchors"),
+    "stitch_stride": Field((int,), 1, "plain ViTs: sliding-window stride"),
+    "stitch_kernel_size": Field((int,), 2, "plain ViTs: sliding-window size"),
+    "stitch_init_bs": Field((int,), 100, "images used for the least-squares init", "stitch_init_bs"),
+    "distillation_type": Field((str,), None, "none, soft or hard", "distillation_type"),
+    "teacher_model": Field((str,), None, "timm name of the distillation teacher", "teacher"),
     # ours
-    "ls_mode": ((str,), "joint", "joint (least squares over all positions of a shared layer) or average (SN-Net)"),
-    "skip_final_norm": ((bool,), None, "stitched plain-ViT routes skip the end anchor's final norm (SN-Net: true)"),
-    "stitch_stages": ((list,), None, "hierarchical families: stages to stitch (family default if absent)"),
-    "num_classes": ((int,), None, "classifier classes (--num-classes)"),
-    "drop_path": (_NUM, None, "stochastic depth of every anchor (--drop-path)"),
-    "anchor_lr_scale": (_NUM, None, "LR multiplier of the anchors vs. stitching layers"),
-    "weight_decay": (_NUM, None, "--weight-decay"),
-    "opt": ((str,), None, "--opt"),
-    "sched": ((str,), None, "--sched"),
-    "warmup_epochs": ((int,), None, "--warmup-epochs"),
-    "clip_grad": (_NUM, None, "--clip-grad"),
-    "clip_mode": ((str,), None, "--clip-mode"),
-    "smoothing": (_NUM, None, "--smoothing"),
-    "mixup": (_NUM, None, "--mixup"),
-    "cutmix": (_NUM, None, "--cutmix"),
-    "aa": ((str,), None, "--aa"),
-    "reprob": (_NUM, None, "--reprob"),
-    "sched_on_updates": ((bool,), None, "--sched-on-updates"),
-    "distillation_alpha": (_NUM, None, "--distillation-alpha"),
-    "description": ((str,), None, "free text"),
+    "ls_mode": Field((str,), "joint", "joint (least squares over all positions of a shared layer) or average "
+                     "(SN-Net)", "ls_mode"),
+    "skip_final_norm": Field((bool,), None, "stitched plain-ViT routes skip the end anchor's final norm (SN-Net: "
+                             "true)"),
+    "stitch_stages": Field((list,), None, "hierarchical families: stages to stitch (family default if absent)"),
+    "num_classes": Field((int,), None, "classifier classes", "num_classes"),
+    "drop_path": Field(_NUM, None, "stochastic depth of every anchor", "drop_path"),
+    "anchor_lr_scale": Field(_NUM, None, "LR multiplier of the anchors vs. stitching layers", "anchor_lr_scale"),
+    "weight_decay": Field(_NUM, None, "weight decay", "weight_decay"),
+    "opt": Field((str,), None, "optimizer", "opt"),
+    "sched": Field((str,), None, "LR scheduler", "sched"),
+    "warmup_epochs": Field((int,), None, "warm-up epochs", "warmup_epochs"),
+    "clip_grad": Field(_NUM, None, "gradient clipping threshold", "clip_grad"),
+    "clip_mode": Field((str,), None, "gradient clipping mode", "clip_mode"),
+    "smoothing": Field(_NUM, None, "label smoothing", "smoothing"),
+    "mixup": Field(_NUM, None, "mixup alpha", "mixup"),
+    "cutmix": Field(_NUM, None, "cutmix alpha", "cutmix"),
+    "aa": Field((str,), None, "auto-augment policy", "aa"),
+    "reprob": Field(_NUM, None, "random erase probability", "reprob"),
+    "sched_on_updates": Field((bool,), None, "step the LR scheduler every update", "sched_on_updates"),
+    "distillation_alpha": Field(_NUM, None, "weight of the distillation loss", "distillation_alpha"),
+    "stitch_layer": Field((dict,), None, "stitching-layer type and options, e.g. {\"type\": \"linear\"} (default)"),
+    "sampler": Field((dict,), None, "stitch sampler type and options, e.g. {\"type\": \"uniform\"} (default, "
+                     "SN-Net's)"),
+    "description": Field((str,), None, "free text"),
 }
+#: field -> the train.py argparse dest it sets the default of
+ARG_DESTS: dict[str, str] = {name: f.dest for name, f in FIELDS.items() if f.dest}
 ANCHOR_FIELDS = {"name": str, "checkpoint": str, "model_kwargs": dict}
 
 
@@ -80,7 +97,7 @@ class StitchConfig:
     def get(self, name: str, default: Any = None) -> Any:
         if name in self.values:
             return self.values[name]
-        spec_default = FIELDS[name][1]
+        spec_default = FIELDS[name].default
         return default if spec_default is None else spec_default
 
 
@@ -95,7 +112,7 @@ def parse_stitch_config(data: Any, source: str = "stitch config") -> StitchConfi
             hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ConfigError(f"{source}: unknown field(s) {', '.join(hints)}; known fields: {', '.join(FIELDS)}")
     for k, v in data.items():
-        types = FIELDS[k][0]
+        types = FIELDS[k].types
         ok = isinstance(v, types) and not (isinstance(v, bool) and bool not in types)
         if not ok:
             names = " or ".join(t.__name__ for t in types)
@@ -114,6 +131,10 @@ def parse_stitch_config(data: Any, source: str = "stitch config") -> StitchConfi
     stages = data.get("stitch_stages")
     if stages is not None and not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in stages):
         raise ConfigError(f"{source}: field 'stitch_stages' must be a list of stage indices >= 0, got {stages!r}")
+    for k in ("stitch_layer", "sampler"):  # the registries check the names when the network is built
+        if k in data and not isinstance(data[k].get("type", ""), str):
+            raise ConfigError(f"{source}: field {k!r} needs a 'type' name, e.g. {{\"type\": \"linear\"}}, got "
+                              f"{data[k]!r}")
     values = {k: v for k, v in data.items() if k != "anchors"}
     return StitchConfig(anchors, values)
 

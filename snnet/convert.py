@@ -1,7 +1,7 @@
 """Convert a released SN-Net checkpoint (a pickled ``.pth``) into this project's pickle-free checkpoint.
 
 SN-Net's files pickle an ``argparse.Namespace`` (DeiT, LeViT, CNN) or a yacs ``CfgNode`` (Swin) next to the weights
-(spec 6.3 item 22), so ``train.py --resume`` refuses them. This command is the explicit way in: the user names the
+(docs/snnet_compat.md, C26), so ``train.py --resume`` refuses them. This command is the explicit way in: the user names the
 file and passes ``--trust``. Even then nothing in the file runs: it is read by torch's weights-only unpickler with
 exactly those two classes allowed (the CfgNode as a plain-dict stand-in), and any other object in it is refused.
 The keys are mapped to timm 1.0's names where the family needs it (Swin, LeViT); the result loads strictly.
@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .adapter import AnchorAdapter, registered_adapters
 from .checkpoint import CheckpointError, save_checkpoint
 
 
@@ -30,8 +30,6 @@ class _CfgNode:
 
 
 _ALLOWED = [argparse.Namespace, (_CfgNode, "yacs.config.CfgNode")]
-_SWIN_KEY = re.compile(r"(^|\.)layers\.\d+\.blocks\.\d+\.attn\.relative_position_bias_table$")
-_LEVIT_KEY = re.compile(r"(^|\.)blocks\.\d+\.m\.")
 
 
 def load_release(path: str | os.PathLike) -> dict[str, Any]:
@@ -50,25 +48,24 @@ def load_release(path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
-def family_of(keys) -> str:
+def release_adapter(keys) -> type[AnchorAdapter] | None:
+    """The registered family whose old SN-Net key names `keys` use; None when they are timm 1.0's already (DeiT,
+    ResNet)."""
     keys = list(keys)
-    if any(_SWIN_KEY.search(k) for k in keys):
-        return "swin"
-    if any(_LEVIT_KEY.search(k) for k in keys):
-        return "levit"
-    return "plain"  # DeiT and ResNet keys are timm 1.0's already
+    return next((cls for cls in registered_adapters() if cls.release_keys_match(keys)), None)
 
 
-def convert_state_dict(state_dict: dict[str, torch.Tensor], levit_depths=(4, 4, 4)) -> dict[str, torch.Tensor]:
+def family_of(keys) -> str:
+    cls = release_adapter(keys)
+    return cls.family if cls is not None else "plain"
+
+
+def convert_state_dict(state_dict: dict[str, torch.Tensor],
+                       stage_depths: tuple[int, ...] | None = None) -> dict[str, torch.Tensor]:
+    """A released SN-Net state dict with this project's keys; the family's adapter owns the key map."""
     sd = {k[7:] if k.startswith("module.") else k: v for k, v in state_dict.items()}
-    family = family_of(sd)
-    if family == "swin":
-        from stitching_swin.convert import snnet_to_ours
-        return snnet_to_ours(sd)
-    if family == "levit":
-        from stitching_levit.convert import snnet_to_ours
-        return snnet_to_ours(sd, levit_depths)
-    return sd
+    cls = release_adapter(sd)
+    return sd if cls is None else cls.convert_release_state(sd, stage_depths)
 
 
 def _plain(obj: Any) -> Any:
@@ -82,12 +79,12 @@ def _plain(obj: Any) -> Any:
     return obj if isinstance(obj, (str, int, float, bool, type(None))) else str(obj)
 
 
-def convert_release(src: str | os.PathLike, dst: str | os.PathLike, levit_depths=(4, 4, 4)) -> dict[str, Any]:
+def convert_release(src: str | os.PathLike, dst: str | os.PathLike, stage_depths: tuple[int, ...] | None = None) -> dict[str, Any]:
     """Read `src` (SN-Net's .pth) and write our checkpoint to `dst` atomically. Returns a summary."""
-    from .engine import file_sha256
+    from .results import file_sha256
     state = load_release(src)
     weights = state.get("model", state.get("state_dict"))
-    converted = convert_state_dict(weights, levit_depths)
+    converted = convert_state_dict(weights, stage_depths)
     meta = state.get("args", state.get("config"))
     out = {"state_dict": converted, "epoch": int(state["epoch"]) if isinstance(state.get("epoch"), int) else -1,
            "converted_from": json.dumps({"file": str(src), "sha256": file_sha256(src),

@@ -1,7 +1,7 @@
 """Cost model: FLOPs in SN-Net's convention and params of exactly what a route executes.
 
 FLOPs follow fvcore (the numbers SN-Net published): one multiply-add counts 1, LayerNorm 5 per element, eval
-BatchNorm 2 per element, and so on (spec 1.6). timm now computes attention with ``F.scaled_dot_product_attention``,
+BatchNorm 2 per element, and so on (docs/snnet_compat.md, C21). timm now computes attention with ``F.scaled_dot_product_attention``,
 which fvcore does not count; the handler below counts its two matmuls (q·kᵀ and attn·v) as SN-Net's traces did.
 
 Each distinct unit (one anchor's stem, block, transition, norm or head; one stitching layer) is traced once for a
@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 
-from .model import SNNet
+if TYPE_CHECKING:  # hints only: a runtime import made model.py and cost.py import each other
+    from .model import RoutedNet as SNNet
 
 
 def _sdpa_flop_handler(inputs: list[Any], outputs: list[Any]) -> int:
@@ -90,7 +92,8 @@ def measure(model: SNNet, img_size: int | tuple[int, int] = 224, in_chans: int =
     device = next(model.parameters()).device
     unit_flops, unit_outputs, block_out = [], [], []
     with eval_mode(model):
-        for a, (anchor, units) in enumerate(zip(model.anchors, model.units)):
+        for a, units in enumerate(model.units):
+            anchor = model.anchor(a)
             x = torch.zeros(1, in_chans, *size, device=device)
             flops, shapes, outs = [], [], {}
             for u, unit in enumerate(units):
@@ -113,6 +116,20 @@ def measure(model: SNNet, img_size: int | tuple[int, int] = 224, in_chans: int =
             layer = model.stitch_layer(spec.address)
             layer_flops[spec.address] = count_flops(layer, layer, x)
     return CostTable(size, unit_flops, layer_flops, unit_outputs)
+
+
+# net -> {(img_size, in_chans): CostTable}; weak keys, so a net's tables go when the net does
+_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def cost_table(model: SNNet, img_size: int | tuple[int, int], in_chans: int = 3) -> CostTable:
+    """`measure` of one SN-Net at one image size, traced once and then cached (FLOPs depend on the architecture
+    and the input size, not on the weights, so training does not invalidate it)."""
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    tables = _TABLES.setdefault(model, {})
+    if (size, in_chans) not in tables:
+        tables[(size, in_chans)] = measure(model, size, in_chans)
+    return tables[(size, in_chans)]
 
 
 @torch.no_grad()

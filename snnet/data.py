@@ -156,7 +156,7 @@ def clean_images(dataset, data_cfg: dict[str, Any], count: int, seed: int, rank:
     """`count` images drawn at random (seeded) from `dataset` with the evaluation transform, this rank's share.
 
     The least-squares init fits on these: no mixup, no erasing, no random crops (SN-Net used an augmented
-    training batch, spec 1.3).
+    training batch: docs/snnet_compat.md, C12).
     """
     import copy
     base = copy.copy(dataset)  # same samples, its own transform

@@ -4,7 +4,8 @@
 2. trains three small ViT anchors of different widths as plain models (train.py --model);
 3. stitches them with configs/demo_digits.json (anchors point at those checkpoints) and trains the SN-Net on two
    processes with distributed_train.sh (gloo on CPU);
-4. evaluates every stitch (stitches_res.txt) and writes a Pareto table and a FLOPs-accuracy plot to results/demo/.
+4. evaluates every stitch (stitches_res.txt) and writes what `snnet pareto --out results/demo` writes: the
+   Pareto table (pareto_flops.md, .json) and the FLOPs-accuracy plot (pareto_flops.png).
 """
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ import sys
 import time
 from pathlib import Path
 
+from .results import RESULTS_FILE, read_results, write_results
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "demo_digits.json"
+TITLE = "SN-Net on digits: 3 ViT anchors (width 16/32/64)"
 COMMON = ["--img-size", "16", "-b", "32", "--opt", "adamw", "--weight-decay", "0.05", "--scale", "0.7", "1",
           "--hflip", "0", "--smoothing", "0.1", "-j", "0", "--seed", "0", "--log-interval", "1000"]
 
@@ -109,14 +113,21 @@ def main(argv=None) -> int:
          "--lr", "1e-3", "--anchor-lr-scale", "0.1", "--warmup-epochs", "1", "--output", work, "--experiment", "snnet", *COMMON],
         work / "snnet.log")
 
-    from .pareto import write_report
-    results.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(snnet_dir / "stitches_res.txt", results / "stitches_res.txt")
-    write_report(results / "stitches_res.txt", results, title="SN-Net on digits: 3 ViT anchors (width 16/32/64)")
-    print((results / "pareto.md").read_text())
-    print(f"demo finished in {time.perf_counter() - t0:.0f}s: {results / 'flops_vs_acc.png'}, "
-          f"{results / 'pareto.md'}, {results / 'stitches_res.txt'}")
+    write_results(results / RESULTS_FILE, read_results(snnet_dir))
+    files = report(results)
+    print(f"demo finished in {time.perf_counter() - t0:.0f}s: {', '.join(str(f) for f in files)}, "
+          f"{results / RESULTS_FILE}")
     return 0
+
+
+def report(results: Path) -> list[Path]:
+    """Step 4's table and plot, made as `snnet pareto RESULTS --out DIR` makes them (the same functions): the
+    committed results/demo/pareto_flops.{md,json,png} are regenerated from results/demo/stitches_res.txt by this."""
+    from .pareto import pareto_report, save_report
+    # the report names the file it read: relative to the working directory (the repository root for `make demo`)
+    rep = pareto_report([os.path.relpath(results / RESULTS_FILE)], "flops")
+    print(rep.text, end="")
+    return save_report(rep, results, TITLE)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,15 @@
-"""Training and evaluation loops, and the stitches_res.txt results file.
+"""The loops: train one epoch, evaluate stitches. Nothing else lives here.
 
-The network is anything with ``num_configs``, ``forward(x, cfg_id)``, ``describe(cfg_id)`` and ``params(cfg_id)``:
-an `SNNet`, or a `PlainNet` wrapping one timm model (cfg_id 0).
+The network is a `snnet.model.RoutedNet` (an `SNNet`, or a `PlainNet` holding one timm model): the loops only use
+``forward(x, cfg_id)``, ``routes``, ``run_step`` and ``describe``, so they treat both alike. As in timm and DeiT,
+a loop takes the run's `args` and returns a metrics dict; the objects a run builds once (sampler, scaler,
+scheduler, mixup, hooks) travel in one `TrainContext`, so a new option adds a field, not a parameter to every call.
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
-import logging
 import math
-import os
-import time
-from collections import OrderedDict
-from pathlib import Path
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -21,118 +17,39 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .fileio import write_text_atomic
-
-_logger = logging.getLogger("snnet")
-RESULTS_FILE = "stitches_res.txt"
+from .device import amp_context, unwrap, world
+from .progress import Progress
+from .route_tree import RouteTree
+from .sampler import rng_state, set_rng_state
 
 
 class NonFiniteLoss(RuntimeError):
     pass
 
 
-def _fault_injection(global_step: int) -> None:
-    """Test hook: SNNET_FAULT_KILL_AT_STEP=N kills this process with SIGKILL after optimizer step N (on the rank
-    SNNET_FAULT_RANK, default all; only in the first attempt of a torchrun --max-restarts run)."""
-    at = os.environ.get("SNNET_FAULT_KILL_AT_STEP")
-    if at is None or int(at) != global_step or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return
-    rank = os.environ.get("SNNET_FAULT_RANK")
-    if rank is None or rank == os.environ.get("RANK", "0"):
-        import signal
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-class PlainNet(nn.Module):
-    """One timm model behind the SN-Net interface (``--model NAME``), as SN-Net's main.py can train one model."""
-
-    def __init__(self, model: nn.Module, name: str):
-        super().__init__()
-        self.model = model
-        self.names = [name]
-
-    num_configs = 1
-
-    def forward(self, x: torch.Tensor, cfg_id: int = 0) -> torch.Tensor:
-        return self.model(x)
-
-    def describe(self, cfg_id: int) -> str:
-        return self.names[0]
-
-    def params(self, cfg_id: int) -> int:
-        return sum(p.numel() for p in self.model.parameters())
-
-    def no_weight_decay(self) -> set[str]:
-        nwd = getattr(self.model, "no_weight_decay", None)
-        return {f"model.{n}" for n in nwd()} if nwd else set()
-
-    @property
-    def pretrained_cfg(self) -> dict:
-        return getattr(self.model, "pretrained_cfg", {}) or {}
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
-def model_state(net: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict to checkpoint: a plain model's own keys (usable as an anchor checkpoint), or the SN-Net's."""
-    net = unwrap(net)
-    return (net.model if isinstance(net, PlainNet) else net).state_dict()
-
-
-def load_model_state(net: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    from .checkpoint import CheckpointError
-    target = unwrap(net)
-    target = target.model if isinstance(target, PlainNet) else target
-    own = target.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        raise CheckpointError(
-            f"checkpoint {source!r} does not fit this model ({len(missing)} missing keys e.g. {missing[:2]}, "
-            f"{len(unexpected)} unexpected e.g. {unexpected[:2]}, {len(wrong)} of another shape e.g. {wrong[:2]}); "
-            f"it was made with another stitch config, model or --num-classes: pass the same ones")
-    target.load_state_dict(state, strict=True)
-
-
-def world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def amp_context(device: torch.device, enabled: bool, dtype: torch.dtype | None):
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def _fmt_time(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
-class Progress:
-    """Periodic log line with rate and ETA."""
-
-    def __init__(self, what: str, total: int, every: int, unit: str = "img"):
-        self.what, self.total, self.every, self.unit = what, total, max(1, every), unit
-        self.start = time.perf_counter()
-        self.items = 0
-
-    def update(self, step: int, items: int, extra: str = "") -> None:
-        self.items += items
-        if step % self.every and step != self.total:
-            return
-        elapsed = time.perf_counter() - self.start
-        rate = self.items / max(elapsed, 1e-9)
-        eta = elapsed / max(step, 1) * (self.total - step)
-        _logger.info(f"{self.what} [{step:>4d}/{self.total}] {extra} {rate:.1f} {self.unit}/s "
-                     f"elapsed {_fmt_time(elapsed)} eta {_fmt_time(eta)}")
+@dataclass
+class TrainContext:
+    """What a training run built once and every epoch uses."""
+    device: torch.device
+    sampler: Callable[[int], int]                 # global step -> cfg_id this process trains
+    amp_dtype: torch.dtype | None = None
+    loss_scaler: Any = None                       # timm NativeScaler (fp16 on CUDA)
+    lr_scheduler: Any = None
+    mixup_fn: Callable | None = None
+    model_ema: Any = None                         # timm ModelEmaV3, updated after every optimizer step
+    parameters: Callable[[], Iterable] = list     # the trainable parameters (gradient clipping)
+    global_step: int = 0                          # optimizer steps taken so far (drives the sampler)
+    after_step: list[Callable[[int], None]] = field(default_factory=list)  # hooks called with the new step
+    # mid-epoch state, for recovery checkpoints: this epoch's loss sum and samples so far, and the RNG states at the
+    # end of the last two steps (a prefetching loader prepares batch i+1 right after step i-1)
+    epoch: int = 0
+    epoch_step: int = 0
+    epoch_loss: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    rng_after: deque = field(default_factory=lambda: deque(maxlen=2))
+    # resuming from a recovery checkpoint: batches of this epoch already trained, and the RNG states to restore
+    # after batch skip-1 and batch skip (None where there is none)
+    skip: int = 0
+    restore: list = field(default_factory=lambda: [None, None])
 
 
 def _check_finite(loss: torch.Tensor, epoch: int, step: int, cfg_id: int, net: nn.Module) -> None:
@@ -151,62 +68,97 @@ def _check_finite(loss: torch.Tensor, epoch: int, step: int, cfg_id: int, net: n
                             f"{unwrap(net).describe(cfg)}); lower --lr or set --clip-grad")
 
 
-def train_one_epoch(net: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, loss_fn: Callable,
-                    sampler: Callable[[int], int], epoch: int, global_step: int, device: torch.device,
-                    amp_dtype: torch.dtype | None, loss_scaler=None, lr_scheduler=None, mixup_fn=None,
-                    clip_grad: float | None = None, clip_mode: str = "norm", log_interval: int = 50,
-                    sched_on_updates: bool = False, prefetcher: bool = True,
-                    parameters: Callable[[], Iterable] | None = None) -> tuple[float, int]:
-    """One epoch; each step trains the stitch `sampler(global_step)`. Returns (mean loss over ranks, step)."""
+def _optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, args, ctx: TrainContext) -> None:
     from timm.utils import dispatch_clip_grad
-    net.train()
-    n_batches = len(loader)
-    progress = Progress(f"Train: {epoch}", n_batches, log_interval)
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    seen = 0
+    optimizer.zero_grad(set_to_none=True)
+    if ctx.loss_scaler is not None:
+        ctx.loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                        parameters=ctx.parameters())
+        return
+    loss.backward()
+    if args.clip_grad is not None:
+        dispatch_clip_grad(ctx.parameters(), args.clip_grad, mode=args.clip_mode)
+    optimizer.step()
+
+
+def _skip_trained(ctx: TrainContext, i: int, skip: int) -> bool:
+    """While resuming mid-epoch: True for batches already trained (read, not trained: the loader's randomness is
+    replayed), restoring the RNG states the interrupted run had after steps skip-1 and skip."""
+    if i > skip:
+        return False
+    state = ctx.restore[0] if i == skip - 1 else ctx.restore[1] if i == skip else None
+    if state is not None:
+        set_rng_state(state)
+    return True
+
+
+def train_one_epoch(epoch: int, model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
+                    loss_fn: Callable, args, ctx: TrainContext) -> "OrderedDict[str, float]":
+    """One epoch; each step trains the stitch ``ctx.sampler(ctx.global_step)``. Returns the mean loss over all
+    ranks' samples; ``ctx.global_step`` advances."""
+    model.train()
+    progress = Progress(f"Train: {epoch}", len(loader), args.log_interval)
+    skip, ctx.skip, ctx.epoch = ctx.skip, 0, epoch
+    if not skip:
+        ctx.epoch_loss = [0.0, 0.0]
+    ctx.rng_after.clear()
     for i, (x, y) in enumerate(loader, start=1):
-        if not prefetcher:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if mixup_fn is not None:
-            x, y = mixup_fn(x, y)
-        cfg_id = sampler(global_step)
-        with amp_context(device, amp_dtype is not None, amp_dtype):
-            out = net(x, cfg_id)
-            loss = loss_fn(x, out, y)
-        _check_finite(loss, epoch, global_step, cfg_id, net)
-        optimizer.zero_grad(set_to_none=True)
-        if loss_scaler is not None:
-            loss_scaler(loss, optimizer, clip_grad=clip_grad, clip_mode=clip_mode,
-                        parameters=parameters() if parameters else None)
-        else:
-            loss.backward()
-            if clip_grad is not None:
-                dispatch_clip_grad(parameters(), clip_grad, mode=clip_mode)
-            optimizer.step()
-        global_step += 1
-        _fault_injection(global_step)
-        if lr_scheduler is not None and sched_on_updates:
-            lr_scheduler.step_update(num_updates=global_step)
-        loss_sum += loss.detach().double().cpu() * x.shape[0]
-        seen += x.shape[0]
+        if _skip_trained(ctx, i, skip):
+            continue
+        if args.no_prefetcher:
+            x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+        if ctx.mixup_fn is not None:
+            x, y = ctx.mixup_fn(x, y)
+        cfg_id = ctx.sampler(ctx.global_step)
+        with amp_context(ctx.device, ctx.amp_dtype):
+            loss = loss_fn(x, model(x, cfg_id), y)
+        _check_finite(loss, epoch, ctx.global_step, cfg_id, model)
+        _optimizer_step(loss, optimizer, args, ctx)
+        if ctx.model_ema is not None:
+            ctx.model_ema.update(unwrap(model), step=ctx.global_step)
+        ctx.global_step += 1
+        ctx.epoch_step = i
+        ctx.epoch_loss[0] += float(loss.detach().double().cpu()) * x.shape[0]
+        ctx.epoch_loss[1] += x.shape[0]
+        ctx.rng_after.append(rng_state())  # nothing below draws random numbers
+        for hook in ctx.after_step:
+            hook(ctx.global_step)
+        if ctx.lr_scheduler is not None and args.sched_on_updates:
+            ctx.lr_scheduler.step_update(num_updates=ctx.global_step)
         lr = sum(g["lr"] for g in optimizer.param_groups) / len(optimizer.param_groups)
-        progress.update(i, x.shape[0], f"loss {loss.item():.4f} (avg {float(loss_sum) / seen:.4f}) lr {lr:.3e}")
-    stats = torch.tensor([float(loss_sum), float(seen)], dtype=torch.float64)
+        progress.update(i, x.shape[0], f"loss {loss.item():.4f} (avg {ctx.epoch_loss[0] / ctx.epoch_loss[1]:.4f}) "
+                                       f"lr {lr:.3e}")
+    stats = torch.tensor(ctx.epoch_loss, dtype=torch.float64)
     if world()[1] > 1:
         dist.all_reduce(stats)
-    return float(stats[0] / max(stats[1], 1)), global_step
+    return OrderedDict(loss=float(stats[0] / max(stats[1], 1)))
 
 
-def _route_steps(model: nn.Module, cfg_ids: Sequence[int]) -> dict[int, tuple]:
-    if isinstance(model, PlainNet):
-        return {c: (("plain",),) for c in cfg_ids}
-    return {c: model.routes[model.check_cfg_id(c)] for c in cfg_ids}
+class _Counts:
+    """Per-stitch sums (top-1 hits, top-5 hits, loss, samples) in float64, reduced over ranks at the end."""
 
+    def __init__(self, cfg_ids: Sequence[int]):
+        self.rows = {c: i for i, c in enumerate(cfg_ids)}
+        self.table = torch.zeros(len(cfg_ids), 4, dtype=torch.float64)
 
-def _runner(model: nn.Module) -> Callable[[tuple, torch.Tensor], torch.Tensor]:
-    if isinstance(model, PlainNet):
-        return lambda step, x: model(x)
-    return model.run_step
+    def add(self, cfg_id: int, logits: torch.Tensor, y: torch.Tensor) -> None:
+        logits = logits.float()
+        hit = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(y[:, None])
+        row = self.table[self.rows[cfg_id]]
+        row[0] += float(hit[:, :1].sum())
+        row[1] += float(hit.sum())
+        row[2] += float(F.cross_entropy(logits, y, reduction="sum"))
+        row[3] += y.shape[0]
+
+    def metrics(self) -> "OrderedDict[int, dict[str, float]]":
+        if world()[1] > 1:
+            dist.all_reduce(self.table)
+        out = OrderedDict()
+        for cfg_id, row in self.rows.items():
+            c1, c5, loss, n = self.table[row].tolist()
+            n = max(n, 1)
+            out[cfg_id] = {"acc1": 100.0 * c1 / n, "acc5": 100.0 * c5 / n, "loss": loss / n, "samples": int(n)}
+        return out
 
 
 @torch.no_grad()
@@ -219,49 +171,26 @@ def evaluate_stitches(net: nn.Module, loader: Iterable, cfg_ids: Sequence[int], 
     `shared_prefixes` the routes are walked as a trie so each distinct prefix is computed once per batch
     (snnet/route_tree.py). ``shared_prefixes=False`` runs each route from the input (for comparison).
     """
-    from .route_tree import RouteTree
     net.eval()
     model = unwrap(net)
-    rows = {c: i for i, c in enumerate(cfg_ids)}
-    counts = torch.zeros(len(cfg_ids), 4, dtype=torch.float64)  # correct1, correct5, loss sum, samples
-    routes = _route_steps(model, cfg_ids)
+    routes = {c: model.routes[model.check_cfg_id(c)] for c in cfg_ids}
     tree = RouteTree(routes)
-    run_step = _runner(model)
+    counts = _Counts(cfg_ids)
     progress = Progress(f"Eval {len(cfg_ids)} stitch(es)", len(loader), log_interval)
     peak = 0
     for i, (x, y) in enumerate(loader, start=1):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-
-        def emit(cfg_id: int, logits: torch.Tensor) -> None:
-            logits = logits.float()
-            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            hit = top.eq(y[:, None])
-            row = counts[rows[cfg_id]]
-            row[0] += float(hit[:, :1].sum())
-            row[1] += float(hit.sum())
-            row[2] += float(F.cross_entropy(logits, y, reduction="sum"))
-            row[3] += y.shape[0]
-
-        with amp_context(device, amp_dtype is not None, amp_dtype):
+        emit = lambda cfg_id, logits, y=y: counts.add(cfg_id, logits, y)
+        with amp_context(device, amp_dtype):
             if shared_prefixes:
-                peak = max(peak, tree.run(run_step, x, emit, track_bytes=stats is not None))
+                peak = max(peak, tree.run(model.run_step, x, emit, track_bytes=stats is not None))
             else:
                 for cfg_id, steps in routes.items():
-                    h = x
-                    for step in steps:
-                        h = run_step(step, h)
-                    emit(cfg_id, h)
+                    emit(cfg_id, model.run_steps(steps, x))
         progress.update(i, x.shape[0])
     if stats is not None:
         stats["peak_activation_bytes"] = peak
-    if world()[1] > 1:
-        dist.all_reduce(counts)
-    out = OrderedDict()
-    for cfg_id, row in rows.items():
-        c1, c5, loss, n = counts[row].tolist()
-        n = max(n, 1)
-        out[cfg_id] = {"acc1": 100.0 * c1 / n, "acc5": 100.0 * c5 / n, "loss": loss / n, "samples": int(n)}
-    return out
+    return counts.metrics()
 
 
 def default_val_panel(num_configs: int, n_anchors: int, extra: int = 4) -> list[int]:
@@ -269,65 +198,3 @@ def default_val_panel(num_configs: int, n_anchors: int, extra: int = 4) -> list[
     stitched = list(range(n_anchors, num_configs))
     step = max(1, len(stitched) // max(extra, 1))
     return list(range(n_anchors)) + stitched[step // 2::step][:extra]
-
-
-# ---------------------------------------------------------------------------------------------------- results file
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def text_sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-class ResultsError(ValueError):
-    pass
-
-
-class ResultsFile:
-    """stitches_res.txt: one JSON object per stitch, written atomically once the pass over the data is done.
-
-    Each record carries the hash of the checkpoint and of the config that produced it. A rerun skips the set of
-    completed cfg_ids of the same checkpoint and config; a torn last line (crash mid-write) is dropped and redone;
-    records of another checkpoint or config are never mixed into the file.
-    """
-
-    def __init__(self, path: str | os.PathLike, checkpoint_hash: str, config_hash: str):
-        self.path = Path(path)
-        self.checkpoint_hash, self.config_hash = checkpoint_hash, config_hash
-
-    def completed(self) -> dict[int, dict[str, Any]]:
-        if not self.path.exists():
-            return {}
-        lines = self.path.read_text().splitlines(keepends=True)
-        records, good = {}, []
-        for n, line in enumerate(lines):
-            try:
-                rec = json.loads(line)
-                if not isinstance(rec, dict) or "cfg_id" not in rec:
-                    raise ValueError
-            except ValueError:
-                if n == len(lines) - 1:  # torn last line: drop it, that stitch is evaluated again
-                    _logger.warning(f"{self.path}: last line is incomplete; it will be redone")
-                    write_text_atomic(self.path, "".join(good))
-                    break
-                raise ResultsError(f"{str(self.path)!r} line {n + 1} is not a JSON record; move the file away "
-                                   f"or pass another --output") from None
-            if (rec.get("checkpoint_sha256"), rec.get("config_sha256")) != (self.checkpoint_hash, self.config_hash):
-                raise ResultsError(f"{str(self.path)!r} holds results of another checkpoint or config (cfg_id "
-                                   f"{rec['cfg_id']}); evaluate into another folder (--output/--experiment) or "
-                                   f"move the file away")
-            records[int(rec["cfg_id"])] = rec
-            good.append(line if line.endswith("\n") else line + "\n")
-        return records
-
-    def extend(self, records: Iterable[dict[str, Any]]) -> None:
-        """Add records in one atomic write (the old file stays whole until the new one replaces it)."""
-        old = self.path.read_text() if self.path.exists() else ""
-        new = "".join(json.dumps({**r, "checkpoint_sha256": self.checkpoint_hash,
-                                  "config_sha256": self.config_hash}) + "\n" for r in records)
-        write_text_atomic(self.path, old + new)

@@ -28,7 +28,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -36,7 +36,7 @@ from torch import nn
 from .adapter import Unit, adapter_for
 from .build import build_snnet, create_anchor
 from .config import AnchorSpec, ConfigError, StitchConfig, load_stitch_config, parse_stitch_config
-from .layers import StitchingLayer
+from .layers import stitch_layer_from_spec
 from .model import SNNet
 
 FORMAT = "snnet-stitch"
@@ -94,8 +94,7 @@ def load_snnet(checkpoint: str | os.PathLike, stitch_config: str | os.PathLike |
 
     num_classes, image size and timm kwargs come from the checkpoint's recorded arguments unless given.
     """
-    from .checkpoint import CheckpointError, json_field, load_checkpoint
-    from .engine import load_model_state
+    from .checkpoint import CheckpointError, StateDictMismatch, json_field, load_checkpoint
 
     checkpoint = str(checkpoint)
     state = load_checkpoint(checkpoint)
@@ -117,11 +116,11 @@ def load_snnet(checkpoint: str | os.PathLike, stitch_config: str | os.PathLike |
     # split-BN's auxiliary BatchNorms only run on augmented training halves; eval uses the main ones
     sd = {k: v for k, v in state["state_dict"].items() if ".aux_bn." not in k}
     try:
-        load_model_state(net, sd, checkpoint)
-    except CheckpointError as e:
+        net.load_checkpoint_state(sd)
+    except StateDictMismatch as e:
         used = f"config {loaded_from!r}, img_size {build_size or 'timm default'}, num_classes {classes}"
-        raise CheckpointError(f"{e} (this build: {used}; --stitch_config, --img-size and --num-classes override)") \
-            from None
+        raise CheckpointError(f"checkpoint {checkpoint!r} does not fit this SN-Net ({e}; this build: {used}); "
+                              f"--stitch_config, --img-size and --num-classes override") from None
     net.eval()
     size = _pair(build_size) or _pair(ident.get("input_size")) or _pair(cfg.get("input_size")) or \
         _pair(net.pretrained_cfg.get("input_size")) or (224, 224)
@@ -191,7 +190,7 @@ class StitchedNetwork(nn.Module):
     """
 
     def __init__(self, anchors: dict[int, nn.Module], units: dict[int, list[Unit]],
-                 stitch_layers: dict[str, StitchingLayer], steps: Sequence[tuple]):
+                 stitch_layers: dict[str, nn.Module], steps: Sequence[tuple]):
         super().__init__()
         self.anchors = nn.ModuleDict({str(a): m for a, m in sorted(anchors.items())})
         self.stitch_layers = nn.ModuleDict(stitch_layers)
@@ -231,12 +230,6 @@ def count_params(module: nn.Module) -> int:
 
 
 # ------------------------------------------------------------------------------------------- spec and loading
-def _layer_spec(layer: StitchingLayer) -> dict[str, Any]:
-    t = layer.transform
-    cin, cout = (t.in_channels, t.out_channels) if isinstance(t, nn.Conv2d) else (t.in_features, t.out_features)
-    return {"in_channels": cin, "out_channels": cout, "in_layout": layer.in_layout, "out_layout": layer.out_layout}
-
-
 def _spec(loaded: Loaded, cfg_id: int, module: StitchedNetwork, keep: dict[int, list[str]]) -> dict[str, Any]:
     import timm
     net = loaded.net
@@ -247,7 +240,7 @@ def _spec(loaded: Loaded, cfg_id: int, module: StitchedNetwork, keep: dict[int, 
         "format": FORMAT, "format_version": FORMAT_VERSION, "cfg_id": cfg_id, "route": net.describe(cfg_id),
         "params": count_params(module), "num_classes": loaded.num_classes, "img_size": list(loaded.img_size),
         "in_chans": loaded.in_chans, "create_kwargs": loaded.create_kwargs, "anchors": anchors,
-        "stitch_layers": {k: _layer_spec(v) for k, v in module.stitch_layers.items()},
+        "stitch_layers": {k: v.spec() for k, v in module.stitch_layers.items()},
         "steps": [list(s) for s in module.steps], "data_config": loaded.data_config,
         "source": {"checkpoint": loaded.checkpoint, "stitch_config": loaded.stitch_config, "epoch": loaded.epoch},
         "versions": {"torch": torch.__version__, "timm": timm.__version__},
@@ -279,8 +272,7 @@ def load_exported(path: str | os.PathLike) -> StitchedNetwork:
             raise ExportError(f"{str(spec_file)!r}: anchor {a['label']!r} now cuts into other units than at export "
                               f"time (timm or snnet changed); export again with the installed versions")
         anchors[a["index"]] = prune_anchor(model, a["keep"])
-    layers = {k: StitchingLayer(v["in_channels"], v["out_channels"], v["in_layout"], v["out_layout"])
-              for k, v in spec["stitch_layers"].items()}
+    layers = {k: stitch_layer_from_spec(v) for k, v in spec["stitch_layers"].items()}
     net = StitchedNetwork(anchors, units, layers, spec["steps"])
     try:
         load_model(net, str(weights), strict=True)
@@ -307,7 +299,33 @@ def _check(what: str, diff: float, ref: torch.Tensor, fix: str) -> None:
         raise ExportError(f"the {what} differs from the SN-Net by {diff:.3g} (tolerance {tol:.3g}); {fix}")
 
 
-def _save_torchscript(module: nn.Module, x: torch.Tensor, path: Path) -> torch.jit.ScriptModule:
+@dataclass(frozen=True)
+class ExportFormat:
+    name: str
+    filename: str
+    what: str  # in messages, e.g. "TorchScript network"
+    fix: str   # what to do when its logits differ
+    write: Callable[..., Callable[[torch.Tensor], torch.Tensor] | None]
+
+
+_FORMATS: dict[str, ExportFormat] = {}
+
+
+def register_export_format(name: str, filename: str, what: str, fix: str):
+    """Decorator: ``write(module, example, path, **options)`` writes the network to `path` (traced with `example`)
+    and returns a callable giving its logits (checked against the SN-Net), or None when that cannot be run here."""
+    def add(write):
+        _FORMATS[name] = ExportFormat(name, filename, what, fix, write)
+        return write
+    return add
+
+
+def export_formats() -> list[str]:
+    return list(_FORMATS)
+
+
+@register_export_format("torchscript", TORCHSCRIPT, "TorchScript network", "pass --no-torchscript")
+def _save_torchscript(module: nn.Module, x: torch.Tensor, path: Path, **options) -> torch.jit.ScriptModule:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings about Python values are expected for timm models
         traced = torch.jit.trace(module, x, check_trace=False)
@@ -315,7 +333,8 @@ def _save_torchscript(module: nn.Module, x: torch.Tensor, path: Path) -> torch.j
         return torch.jit.load(str(path))
 
 
-def _save_onnx(module: nn.Module, x: torch.Tensor, path: Path, opset: int) -> None:
+@register_export_format("onnx", ONNX, "ONNX network (onnxruntime)", "pass --no-onnx or another --opset")
+def _save_onnx(module: nn.Module, x: torch.Tensor, path: Path, opset: int = ONNX_OPSET, **options):
     # the TorchScript-based exporter: no onnxscript needed, and ~20x faster than the dynamo one on small models
     try:
         import onnx  # noqa: F401  (the exporter serialises through it)
@@ -326,29 +345,54 @@ def _save_onnx(module: nn.Module, x: torch.Tensor, path: Path, opset: int) -> No
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (x,), str(path), dynamo=False, opset_version=opset, input_names=["images"],
                           output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
-
-
-def _onnx_logits(path: Path, x: torch.Tensor) -> torch.Tensor | None:
     try:
         import onnxruntime as ort
     except ImportError:
         return None
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    return lambda t: torch.from_numpy(session.run(None, {"images": t.numpy()})[0])
+
+
+def _write_formats(module: nn.Module, loaded: Loaded, formats: Sequence[str], folder: Path, x: torch.Tensor,
+                   ref: torch.Tensor, diffs: dict, options: dict) -> dict[str, str]:
+    """Write each requested format into `folder`, checking its logits on `x` against the SN-Net's `ref`."""
+    files = {"weights": WEIGHTS}
+    for name in formats:
+        if name not in _FORMATS:
+            raise ExportError(f"export format {name!r} is not known; use one of {', '.join(export_formats())}")
+        fmt = _FORMATS[name]
+        files[name] = fmt.filename
+        run = fmt.write(module, _example(loaded, 2), folder / fmt.filename, **options)
+        diffs[name] = None if run is None else _max_diff(run(x), ref)
+        if run is not None:
+            _check(fmt.what, diffs[name], ref, fmt.fix)
+    return files
+
+
+def _publish(tmp: Path, out_dir: Path, files: dict[str, str]) -> None:
+    """Move the checked files into `out_dir`; stale files of other formats go; the spec comes last, so a folder
+    with a spec is complete."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for fmt in _FORMATS.values():
+        if fmt.filename not in files.values() and (out_dir / fmt.filename).exists():
+            (out_dir / fmt.filename).unlink()
+    for name in [*files.values(), SPEC]:
+        os.replace(tmp / name, out_dir / name)
 
 
 @torch.no_grad()
-def export_stitch(loaded: Loaded, cfg_id: int, out_dir: str | os.PathLike, torchscript: bool = True,
-                  onnx: bool = True, opset: int = ONNX_OPSET) -> dict[str, Any]:
+def export_stitch(loaded: Loaded, cfg_id: int, out_dir: str | os.PathLike,
+                  formats: Sequence[str] = ("torchscript", "onnx"), opset: int = ONNX_OPSET) -> dict[str, Any]:
     """Write stitch `cfg_id` of `loaded` to `out_dir` (see the module docstring); returns the written spec.
 
     Everything is built and checked in a temporary folder next to `out_dir` first (parameter count, logits of the
-    module, of the reloaded export, of TorchScript and ONNX vs. the SN-Net on a batch of 3); files are moved into
+    module, of the reloaded export and of every format vs. the SN-Net on a batch of 3); files are moved into
     `out_dir` only when every check passed, so a failed export leaves no partial output.
     """
     from safetensors.torch import save_model
 
-    from .engine import file_sha256
+    from .cost import cost_table
+    from .results import file_sha256
 
     net = loaded.net.eval()
     cfg_id = check_cfg_id(net, cfg_id, loaded.checkpoint)
@@ -357,43 +401,24 @@ def export_stitch(loaded: Loaded, cfg_id: int, out_dir: str | os.PathLike, torch
         raise ExportError(f"the pruned network of cfg_id {cfg_id} has {count_params(module)} parameters but the "
                           f"route executes {net.params(cfg_id)}; a unit's `modules` list is incomplete (adapter bug)")
     spec = _spec(loaded, cfg_id, module, keep)
-    spec["flops"] = net.cost_table(loaded.img_size, loaded.in_chans).route_flops(net.routes[cfg_id])
+    spec["flops"] = cost_table(net, loaded.img_size, loaded.in_chans).route_flops(net.routes[cfg_id])
     spec["source"]["checkpoint_sha256"] = file_sha256(loaded.checkpoint)
     x = _example(loaded, 3)
     ref = net(x, cfg_id)
     diffs: dict[str, float | None] = {"module": _max_diff(module(x), ref)}
     _check("pruned network", diffs["module"], ref, "a unit runs a module it does not list (adapter bug)")
-
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=str(out_dir.parent)))
     try:
         save_model(module, str(tmp / WEIGHTS), metadata={"format": "pt", "snnet": FORMAT})
-        files = {"weights": WEIGHTS}
-        if torchscript:
-            files["torchscript"] = TORCHSCRIPT
-            traced = _save_torchscript(module, _example(loaded, 2), tmp / TORCHSCRIPT)
-            diffs["torchscript"] = _max_diff(traced(x), ref)
-            _check("TorchScript network", diffs["torchscript"], ref, "pass --no-torchscript")
-        if onnx:
-            files["onnx"] = ONNX
-            _save_onnx(module, _example(loaded, 2), tmp / ONNX, opset)
-            got = _onnx_logits(tmp / ONNX, x)
-            diffs["onnx"] = None if got is None else _max_diff(got, ref)
-            if got is not None:
-                _check("ONNX network (onnxruntime)", diffs["onnx"], ref, "pass --no-onnx or another --opset")
-        spec["files"] = files
+        spec["files"] = _write_formats(module, loaded, formats, tmp, x, ref, diffs, {"opset": opset})
         spec["max_abs_diff_vs_snnet"] = diffs
         (tmp / SPEC).write_text(json.dumps(spec, indent=2) + "\n")
         diffs["reloaded"] = _max_diff(load_exported(tmp)(x), ref)
         _check("reloaded export", diffs["reloaded"], ref, "report this bug")
         (tmp / SPEC).write_text(json.dumps(spec, indent=2) + "\n")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for name in (TORCHSCRIPT, ONNX):  # stale files of an earlier export must not pass for this one
-            if name not in files.values() and (out_dir / name).exists():
-                (out_dir / name).unlink()
-        for name in [*files.values(), SPEC]:  # the spec last: a folder with a spec is complete
-            os.replace(tmp / name, out_dir / name)
+        _publish(tmp, out_dir, spec["files"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return spec

@@ -4,23 +4,24 @@ Each stitch runs ``net(x, cfg_id)`` (the same kernels as its exported network) o
 sizes: `warmup` untimed calls, then `repeats` timed calls (CUDA synchronised after each, stitches taken
 round-robin); the median is reported in milliseconds per batch. Records gain ``latency_ms_b<batch>`` for each
 batch size, ``latency_device`` (e.g. ``cpu: AMD EPYC, 2 threads``) and ``latency_img_size``, so
-``snnet pareto --by latency`` and ``snnet select --max-latency-ms`` work. Latency depends on the architecture, not the weights, so a results file
-is accepted when its routes match the SN-Net's (the checkpoint hash is not compared).
+``snnet pareto --by latency`` and ``snnet select --max-latency-ms`` work. Latency depends on the architecture, not
+the weights, so a results file is accepted when its routes match the SN-Net's (the checkpoint hash is not compared).
+The file is read and rewritten by `snnet.results` (the one reader and writer).
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
-from .fileio import write_text_atomic
-from .model import SNNet
-from .pareto import RESULTS_FILE, ResultsFormatError, read_results
+from .results import check_routes, read_results, update_results
+
+if TYPE_CHECKING:
+    from .model import SNNet
 
 
 def device_name(device: torch.device) -> str:
@@ -90,16 +91,9 @@ def measure_latency(net: SNNet, cfg_ids: Sequence[int], batches: Sequence[int] =
 
 def results_cfg_ids(net: SNNet, path: str | os.PathLike) -> list[int]:
     """cfg_ids of a results file, refused when its routes are not this SN-Net's."""
-    ids = []
-    for r in read_results(path):
-        c = r["cfg_id"]
-        if c >= net.num_configs or ("route" in r and r["route"] != net.describe(c)):
-            got = r.get("route", f"cfg_id {c}")
-            raise ResultsFormatError(f"results file {str(path)!r} is not of this SN-Net: its cfg_id {c} is {got!r}, "
-                                     f"the checkpoint's is {net.describe(c) if c < net.num_configs else 'absent'}; "
-                                     f"pass the checkpoint and config that produced it")
-        ids.append(c)
-    return ids
+    records = read_results(path)
+    check_routes(net, records, f"results file {str(path)!r}")
+    return [r["cfg_id"] for r in records]
 
 
 def add_latency(path: str | os.PathLike, table: dict[int, dict[str, float]], extra: dict[str, Any]) -> int:
@@ -108,22 +102,10 @@ def add_latency(path: str | os.PathLike, table: dict[int, dict[str, float]], ext
     Lines keep their order and keys; a torn last line (an interrupted evaluation) is dropped. Returns the number
     of records updated.
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / RESULTS_FILE
-    read_results(path)  # validates the whole file before anything is written
-    lines, n = [], 0
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue  # the torn last line read_results tolerated
-        if rec["cfg_id"] in table:
-            rec.update(table[rec["cfg_id"]])
-            rec.update(extra)
-            n += 1
-        lines.append(json.dumps(rec))
-    write_text_atomic(path, "\n".join(lines) + "\n")
-    return n
+    def add(rec: dict[str, Any]) -> bool:
+        if rec["cfg_id"] not in table:
+            return False
+        rec.update(table[rec["cfg_id"]])
+        rec.update(extra)
+        return True
+    return update_results(path, add)

@@ -1,11 +1,22 @@
 """Stitching layers: map the front anchor's features to the width and layout the end anchor expects.
 
-The learnable part is always the sub-module ``transform`` (``nn.Linear`` on channels-last features, ``nn.Conv2d``
-1x1 on NCHW feature maps), so checkpoint keys are SN-Net's ``...<layer>.transform.{weight,bias}``.
+Stitching-layer types are registered by name (`register_stitch_layer`) and built from the stitch config's
+``"stitch_layer": {"type": NAME, ...options}`` by `create_stitch_layer`. A type is an ``nn.Module`` with
+
+    __init__(in_channels, out_channels, in_layout, out_layout, **options)
+    forward(x)                        front features (in_layout) -> end features (out_layout)
+    set_affine(weight, bias)          set the map to y = W x + b (the least-squares init calls this)
+    spec() -> dict                    {"type": NAME, in/out channels and layouts, options}: rebuilds it (export)
+    in_layout, out_layout             attributes
+
+The default type ``linear`` keeps its learnable part in the sub-module ``transform`` (``nn.Linear`` on
+channels-last features, ``nn.Conv2d`` 1x1 on NCHW feature maps), so checkpoint keys are SN-Net's
+``...<layer>.transform.{weight,bias}``.
 """
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,6 +57,43 @@ def convert_layout(x: torch.Tensor, src: str, dst: str) -> torch.Tensor:
     return x if dst == NHWC else x.permute(0, 3, 1, 2)
 
 
+_STITCH_LAYERS: dict[str, type[nn.Module]] = {}
+
+
+def register_stitch_layer(name: str):
+    """Class decorator: make a stitching-layer type available to configs as ``{"type": name}``."""
+    def add(cls: type[nn.Module]) -> type[nn.Module]:
+        cls.layer_type = name
+        _STITCH_LAYERS[name] = cls
+        return cls
+    return add
+
+
+def stitch_layer_types() -> list[str]:
+    return sorted(_STITCH_LAYERS)
+
+
+def create_stitch_layer(spec: dict[str, Any] | None, in_channels: int, out_channels: int, in_layout: str = TOKENS,
+                        out_layout: str = TOKENS) -> nn.Module:
+    """A stitching layer of the type `spec` names (``{"type": "linear"}`` when None), with `spec`'s options."""
+    options = dict(spec or {})
+    kind = options.pop("type", "linear")
+    if kind not in _STITCH_LAYERS:
+        raise ValueError(f"stitching layer type {kind!r} is not known; use one of {', '.join(stitch_layer_types())}")
+    try:
+        return _STITCH_LAYERS[kind](in_channels, out_channels, in_layout, out_layout, **options)
+    except TypeError as e:
+        raise ValueError(f"stitching layer {spec!r}: {e}; see the type's arguments") from None
+
+
+def stitch_layer_from_spec(spec: dict[str, Any]) -> nn.Module:
+    """Rebuild a layer from its ``spec()`` (export folders store it)."""
+    options = dict(spec)
+    shape = [options.pop(k) for k in ("in_channels", "out_channels", "in_layout", "out_layout")]
+    return create_stitch_layer(options, *shape)
+
+
+@register_stitch_layer("linear")
 class StitchingLayer(nn.Module):
     """One stitching layer: Linear on channels-last features, or 1x1 Conv on NCHW maps, then a layout change."""
 
@@ -72,6 +120,12 @@ class StitchingLayer(nn.Module):
         w = self.transform.weight
         self.transform.weight.copy_(weight.reshape(w.shape).to(w.dtype))
         self.transform.bias.copy_(bias.to(w.dtype))
+
+    def spec(self) -> dict[str, Any]:
+        t = self.transform
+        cin, cout = (t.in_channels, t.out_channels) if isinstance(t, nn.Conv2d) else (t.in_features, t.out_features)
+        return {"type": self.layer_type, "in_channels": cin, "out_channels": cout, "in_layout": self.in_layout,
+                "out_layout": self.out_layout}
 
     def extra_repr(self) -> str:
         return f"{self.in_layout} -> {self.out_layout}"

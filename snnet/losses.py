@@ -44,3 +44,30 @@ class DistillationLoss(nn.Module):
         else:
             distill = F.cross_entropy(head_dist, teacher_logits.argmax(dim=1))
         return (1 - self.alpha) * loss + self.alpha * distill
+
+
+def create_teacher(args, device: torch.device) -> nn.Module:
+    """The frozen distillation teacher: a timm model by name, hub weights or --teacher-checkpoint."""
+    from .build import create_anchor
+    from .config import AnchorSpec
+    teacher = create_anchor(AnchorSpec(args.teacher, args.teacher_checkpoint or None),
+                            pretrained=not args.teacher_checkpoint, num_classes=args.num_classes)
+    teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad = False
+    return teacher
+
+
+def create_loss(args, device: torch.device):
+    """(loss_fn(inputs, outputs, targets), mixup_fn or None) for the run's flags, as timm's train.py wires them."""
+    from timm.data import Mixup
+    mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    mixup_fn = None
+    if mixup_active:
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=args.num_classes)
+    teacher = create_teacher(args, device) if args.distillation_type != "none" else None
+    loss_fn = DistillationLoss(base_criterion(mixup_active, args.smoothing), teacher, args.distillation_type,
+                               args.distillation_alpha, args.distillation_tau).to(device)
+    return loss_fn, mixup_fn

@@ -3,7 +3,7 @@
 For a stitch at (front block j -> end block k), the layer is fitted so that layer(front output of block j) matches
 the end anchor's own input to block k (the output of block k-1; the embedding or stage input when k = 0).
 
-Unlike SN-Net (spec 1.3, 6.1 items 4-5):
+Unlike SN-Net (docs/snnet_compat.md, C12, C13):
   * the model is in eval mode: no drop-path, BatchNorm uses and keeps its running statistics;
   * the caller passes clean images (validation transform: no mixup, no erasing);
   * statistics are accumulated in float64 as normal equations [X|1]ᵀ[X|1] and [X|1]ᵀY, so any number of batches
@@ -40,32 +40,6 @@ def _key(st: Stitch) -> PosKey:
     return (st.front, st.end, st.stage, st.j, st.k)
 
 
-def _feature_points(model: SNNet, positions: list[Stitch]) -> tuple[dict[int, set[int]], dict[PosKey, tuple]]:
-    """Which unit outputs to capture per anchor, and for each position its (anchor, unit) of X and of Y."""
-    need: dict[int, set[int]] = {}
-    where = {}
-    for st in positions:
-        ux = model._block(st.front, st.stage, st.j)
-        uy = model._block(st.end, st.stage, st.k) - 1  # output of the unit before block k = its input
-        need.setdefault(st.front, set()).add(ux)
-        need.setdefault(st.end, set()).add(uy)
-        where[_key(st)] = ((st.front, ux), (st.end, uy))
-    return need, where
-
-
-def capture(model: SNNet, x: torch.Tensor, need: dict[int, set[int]]) -> dict[tuple[int, int], torch.Tensor]:
-    """Run each anchor that is needed on `x`, keeping the outputs of the requested units."""
-    out = {}
-    for a, units in need.items():
-        h = x
-        last = max(units)
-        for u in range(last + 1):
-            h = model.units[a][u].run(model.anchors[a], h)
-            if u in units:
-                out[(a, u)] = h
-    return out
-
-
 def _rows(model: SNNet, feats, anchor: int, unit: int, stage: int) -> torch.Tensor:
     layout = model.adapters[anchor].stage_layout(model.anchors[anchor], stage)
     return to_rows(feats[(anchor, unit)], layout).double()
@@ -92,14 +66,14 @@ def ls_init(model: SNNet, batches: Iterable[torch.Tensor], mode: str = "joint", 
         raise ValueError(f"ls mode {mode!r} is not known: use one of {MODES}")
     layer_pos = _layer_positions(model)
     all_pos = [st for ps in layer_pos.values() for st in ps]
-    need, where = _feature_points(model, all_pos)
+    need, where = model.feature_points(all_pos)
     gram: dict[tuple[int, int], torch.Tensor] = {}  # per front feature point: positions with the same X share it
     cross: dict[PosKey, torch.Tensor] = {}
     yy: dict[PosKey, torch.Tensor] = {}
     rows: dict[PosKey, int] = {}
     with eval_mode(model):
         for x in batches:
-            feats = capture(model, x, need)
+            feats = model.capture(x, need)
             xs = {}
             for st in all_pos:
                 key = _key(st)
@@ -154,10 +128,10 @@ def _solve(G: torch.Tensor, R: torch.Tensor, rcond: float | None) -> torch.Tenso
 def stitch_errors(model: SNNet, x: torch.Tensor) -> dict[PosKey, float]:
     """Per position: ||layer(front features) - end anchor's own features|| / ||end features|| on images `x`."""
     all_pos = [st for ps in _layer_positions(model).values() for st in ps]
-    need, where = _feature_points(model, all_pos)
+    need, where = model.feature_points(all_pos)
     out = {}
     with eval_mode(model):
-        feats = capture(model, x, need)
+        feats = model.capture(x, need)
         for st in all_pos:
             (fa, ux), (ea, uy) = where[_key(st)]
             layer = model.stitch_layer(st.layer)

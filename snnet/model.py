@@ -1,29 +1,174 @@
-"""The SN-Net module: anchors + stitching layers; ``forward(x, cfg_id)`` runs one route.
+"""Networks with numbered routes: ``forward(x, cfg_id)`` runs route `cfg_id`.
 
-There are no random numbers in here: which route runs is the caller's argument (training draws it with
-`snnet.sampler`). Each route is compiled once into a flat tuple of steps, pure data that the evaluator and the cost
-model reuse:
+`SNNet` holds anchors + stitching layers; `PlainNet` holds one timm model (``train.py --model``) with its single
+route, so the training and evaluation loops treat both alike. There are no random numbers in here: which route runs
+is the caller's argument (training draws it with `snnet.sampler`). Each route is compiled once into a flat tuple of
+steps, pure data that the evaluator and the cost model reuse:
 
     ("unit", anchor, unit_index)   run one unit of one anchor
     ("stitch", address)            run the stitching layer at `address`
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from .adapter import AnchorAdapter, Unit, adapter_for, module_param_count
-from .layers import StitchingLayer
-from .plan import LayerSpec, PlanError, Route, StitchPlan
+from .checkpoint import load_fitting
+from .layers import create_stitch_layer
+from .plan import LayerSpec, PlanError, Route, Stitch, StitchPlan
 
 Step = tuple
+#: where a feature is read: (anchor, unit index); its value is that unit's output
+FeaturePoint = tuple[int, int]
 
 
-class SNNet(nn.Module):
+class RoutedNet(nn.Module):
+    """What the loops, the evaluator, the cost model and the checkpoints need of a network: anchors cut into units,
+    routes as tuples of steps, and the state dict that goes into a checkpoint."""
+
+    names: list[str]
+    plan: StitchPlan
+    units: list[list[Unit]]
+    routes: list[tuple[Step, ...]]
+    _unit_params: list[list[int]] | None = None  # cached by unit_params()
+
+    def anchor(self, index: int) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def n_anchors(self) -> int:
+        return len(self.units)
+
+    @property
+    def num_configs(self) -> int:
+        return len(self.routes)
+
+    def check_cfg_id(self, cfg_id) -> int:
+        if isinstance(cfg_id, torch.Tensor):
+            cfg_id = int(cfg_id)
+        self.plan.route(cfg_id)  # the plan's range check
+        return cfg_id
+
+    def stitch_layer(self, address: Sequence[int]) -> nn.Module:
+        raise PlanError(f"{type(self).__name__} has no stitching layer {tuple(address)}")
+
+    def run_step(self, step: Step, x: torch.Tensor) -> torch.Tensor:
+        if step[0] == "unit":
+            return self.units[step[1]][step[2]].run(self.anchor(step[1]), x)
+        return self.stitch_layer(step[1])(x)
+
+    def run_steps(self, steps: Sequence[Step], x: torch.Tensor) -> torch.Tensor:
+        for step in steps:
+            x = self.run_step(step, x)
+        return x
+
+    def forward(self, x: torch.Tensor, cfg_id: int = 0) -> torch.Tensor:
+        return self.run_steps(self.routes[self.check_cfg_id(cfg_id)], x)
+
+    def describe(self, cfg_id: int) -> str:
+        raise NotImplementedError
+
+    def unit_params(self) -> list[list[int]]:
+        if self._unit_params is None:
+            self._unit_params = [[module_param_count(self.anchor(a), u.modules) for u in units]
+                                 for a, units in enumerate(self.units)]
+        return self._unit_params
+
+    def params(self, cfg_id: int) -> int:
+        """Parameters of exactly the modules route `cfg_id` executes (SN-Net counted otherwise:
+        docs/snnet_compat.md, C22)."""
+        counts = self.unit_params()
+        total = 0
+        for step in self.routes[self.check_cfg_id(cfg_id)]:
+            if step[0] == "unit":
+                total += counts[step[1]][step[2]]
+            else:
+                total += sum(p.numel() for p in self.stitch_layer(step[1]).parameters())
+        return total
+
+    # ------------------------------------------------------------------------------------------- features
+    def capture(self, x: torch.Tensor, points: dict[int, set[int]]) -> dict[FeaturePoint, torch.Tensor]:
+        """Run each anchor in `points` ({anchor: unit indices}) on `x` as far as needed, keeping those units'
+        outputs: the features the least-squares init and the stitchability checks compare."""
+        out = {}
+        for a, wanted in points.items():
+            h = x
+            for u in range(max(wanted) + 1):
+                h = self.units[a][u].run(self.anchor(a), h)
+                if u in wanted:
+                    out[(a, u)] = h
+        return out
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def _anchor_prefix(self, index: int) -> str:
+        raise NotImplementedError
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """The state dict a checkpoint stores."""
+        return self.state_dict()
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a checkpoint's state dict strictly; `StateDictMismatch` says what does not fit."""
+        load_fitting(self, state)
+
+    def no_weight_decay(self) -> set[str]:
+        """The anchors' own no-weight-decay names, prefixed (SN-Net dropped them: docs/snnet_compat.md, C18)."""
+        out = set()
+        for a in range(self.n_anchors):
+            nwd = getattr(self.anchor(a), "no_weight_decay", None)
+            if nwd is not None:
+                out.update(f"{self._anchor_prefix(a)}{n}" for n in nwd())
+        return out
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """Data config of the largest anchor (timm's resolve_data_config reads this)."""
+        return getattr(self.anchor(self.n_anchors - 1), "pretrained_cfg", {}) or {}
+
+
+def _run_whole(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x)
+
+
+class PlainNet(RoutedNet):
+    """One timm model as a network with one route (``train.py --model NAME``, as SN-Net's main.py could train one
+    model). Its checkpoint holds the model's own timm keys, so it can serve as an anchor checkpoint."""
+
+    def __init__(self, model: nn.Module, name: str):
+        super().__init__()
+        self.model = model
+        self.names = [name]
+        owned = tuple(n for n, _ in model.named_children()) + tuple(n for n, _ in model.named_parameters(recurse=False))
+        self.units = [[Unit(name, "model", _run_whole, owned)]]
+        self.routes = [(("unit", 0, 0),)]
+        self.plan = StitchPlan((Route(0, (0,)),), (), 1)
+
+    def anchor(self, index: int) -> nn.Module:
+        return self.model
+
+    def _anchor_prefix(self, index: int) -> str:
+        return "model."
+
+    def describe(self, cfg_id: int) -> str:
+        return self.names[self.check_cfg_id(cfg_id)]
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
+        load_fitting(self.model, state)
+
+
+class SNNet(RoutedNet):
+    """Anchors + stitching layers. `stitch_layer` is the config's stitching-layer spec, e.g. ``{"type": "linear"}``
+    (the default; see `snnet.layers.register_stitch_layer` for other types)."""
+
     def __init__(self, anchors: Sequence[nn.Module], plan: StitchPlan, names: Sequence[str] | None = None,
-                 adapters: Sequence[AnchorAdapter] | None = None, skip_final_norm: bool = False):
+                 adapters: Sequence[AnchorAdapter] | None = None, skip_final_norm: bool = False,
+                 stitch_layer: dict[str, Any] | None = None):
         super().__init__()
         if len(anchors) != plan.n_anchors:
             raise PlanError(f"the plan is for {plan.n_anchors} anchors but {len(anchors)} were given")
@@ -36,20 +181,20 @@ class SNNet(nn.Module):
         self.units: list[list[Unit]] = [ad.units(m) for ad, m in zip(self.adapters, anchors)]
         self._block_unit = [{(u.stage, u.index): i for i, u in enumerate(units) if u.kind == "block"}
                             for units in self.units]
+        self.stitch_layer_spec = dict(stitch_layer or {"type": "linear"})
         self.stitch_layers = _nested_module_list([(spec.address, self._make_layer(spec)) for spec in plan.layers])
         self.routes: list[tuple[Step, ...]] = [self._compile(route) for route in plan.routes]
-        self._unit_params: list[list[int]] | None = None
-        self._cost_tables: dict = {}            # img_size -> CostTable, for stitch_for (plain data, no tensors)
-        self._results: dict[int, dict] | None = None
 
     # ------------------------------------------------------------------------------------------------ construction
-    def _make_layer(self, spec: LayerSpec) -> StitchingLayer:
+    def _make_layer(self, spec: LayerSpec) -> nn.Module:
         fa, ea = self.anchors[spec.front], self.anchors[spec.end]
         fad, ead = self.adapters[spec.front], self.adapters[spec.end]
-        return StitchingLayer(fad.stage_width(fa, spec.stage), ead.stage_width(ea, spec.stage),
-                              fad.stage_layout(fa, spec.stage), ead.stage_layout(ea, spec.stage))
+        return create_stitch_layer(self.stitch_layer_spec, fad.stage_width(fa, spec.stage),
+                                   ead.stage_width(ea, spec.stage), fad.stage_layout(fa, spec.stage),
+                                   ead.stage_layout(ea, spec.stage))
 
-    def _block(self, anchor: int, stage: int, block: int) -> int:
+    def block_unit(self, anchor: int, stage: int, block: int) -> int:
+        """Index in ``units[anchor]`` of block `block` of `stage`."""
         try:
             return self._block_unit[anchor][(stage, block)]
         except KeyError:
@@ -62,126 +207,47 @@ class SNNet(nn.Module):
         steps: list[Step] = []
         start = 0
         for st in route.stitches:
-            stop = self._block(st.front, st.stage, st.j)
+            stop = self.block_unit(st.front, st.stage, st.j)
             steps.extend(("unit", st.front, u) for u in range(start, stop + 1))
             steps.append(("stitch", st.layer))
-            start = self._block(st.end, st.stage, st.k)
+            start = self.block_unit(st.end, st.stage, st.k)
         last = route.stitches[-1].end
         for u in range(start, len(self.units[last])):
-            # SN-Net's stitched DeiT routes call the head on the last block output ([compat], spec 2.1)
+            # SN-Net's stitched DeiT routes call the head on the last block output (docs/snnet_compat.md, C7)
             if not (self.skip_final_norm and self.units[last][u].kind == "norm"):
                 steps.append(("unit", last, u))
         return tuple(steps)
 
     # ------------------------------------------------------------------------------------------------- running
-    @property
-    def num_configs(self) -> int:
-        return len(self.routes)
+    def anchor(self, index: int) -> nn.Module:
+        return self.anchors[index]
 
-    def check_cfg_id(self, cfg_id) -> int:
-        if isinstance(cfg_id, torch.Tensor):
-            cfg_id = int(cfg_id)
-        if isinstance(cfg_id, bool) or not isinstance(cfg_id, int) or not 0 <= cfg_id < len(self.routes):
-            raise PlanError(f"cfg_id {cfg_id!r} is out of range: this SN-Net has cfg_ids 0..{len(self.routes) - 1}")
-        return cfg_id
+    def _anchor_prefix(self, index: int) -> str:
+        return f"anchors.{index}."
 
-    def stitch_layer(self, address: Sequence[int]) -> StitchingLayer:
+    def stitch_layer(self, address: Sequence[int]) -> nn.Module:
         layer = self.stitch_layers
         for i in address:
             layer = layer[i]
         return layer
 
-    def run_step(self, step: Step, x: torch.Tensor) -> torch.Tensor:
-        if step[0] == "unit":
-            return self.units[step[1]][step[2]].run(self.anchors[step[1]], x)
-        return self.stitch_layer(step[1])(x)
-
-    def run_steps(self, steps: Sequence[Step], x: torch.Tensor) -> torch.Tensor:
-        for step in steps:
-            x = self.run_step(step, x)
-        return x
-
-    def forward(self, x: torch.Tensor, cfg_id: int) -> torch.Tensor:
-        return self.run_steps(self.routes[self.check_cfg_id(cfg_id)], x)
-
     # ------------------------------------------------------------------------------------------------- describing
     def describe(self, cfg_id: int) -> str:
         return self.plan.route(cfg_id).describe(self.names, self.plan.hierarchical)
 
-    def unit_params(self) -> list[list[int]]:
-        if self._unit_params is None:
-            self._unit_params = [[module_param_count(m, u.modules) for u in units]
-                                 for m, units in zip(self.anchors, self.units)]
-        return self._unit_params
-
-    def params(self, cfg_id: int) -> int:
-        """Parameters of exactly the modules route `cfg_id` executes (unlike SN-Net, spec 6.1 item 3)."""
-        counts = self.unit_params()
-        total = 0
-        for step in self.routes[self.check_cfg_id(cfg_id)]:
-            if step[0] == "unit":
-                total += counts[step[1]][step[2]]
-            else:
-                total += sum(p.numel() for p in self.stitch_layer(step[1]).parameters())
-        return total
-
-    # ------------------------------------------------------------------------------------------------- switching
-    def attach_results(self, records: Sequence[dict] | None) -> None:
-        """Accuracy per cfg_id (stitches_res.txt records) for `stitch_for` to rank routes by; None detaches."""
-        if records is None:
-            self._results = None
-            return
-        results = {}
-        for r in records:
-            cfg_id = self.check_cfg_id(r["cfg_id"])
-            if "route" in r and r["route"] != self.describe(cfg_id):
-                raise PlanError(f"result for cfg_id {cfg_id} is route {r['route']!r} but this SN-Net's cfg_id "
-                                f"{cfg_id} is {self.describe(cfg_id)!r}; attach the results of this SN-Net")
-            results[cfg_id] = dict(r)
-        self._results = results
-
-    def cost_table(self, img_size: int | tuple[int, int] = 224, in_chans: int = 3):
-        """FLOPs of every unit and stitching layer for one image of `img_size` (traced once, then cached)."""
-        from .cost import measure
-        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        if (size, in_chans) not in self._cost_tables:
-            self._cost_tables[(size, in_chans)] = measure(self, size, in_chans)
-        return self._cost_tables[(size, in_chans)]
-
-    def stitch_for(self, max_flops: float | None = None, max_params: float | None = None,
-                   img_size: int | tuple[int, int] = 224) -> int:
-        """The best cfg_id within a budget, to pass to ``forward(x, cfg_id)`` (switching allocates nothing).
-
-        Best = the highest attached top-1 (`attach_results`; routes without a result are not candidates), else the
-        route with the most FLOPs that fits (then the most params): within one SN-Net cost and accuracy go
-        together, and it is the only ranking available without an evaluation.
-        """
-        table = self.cost_table(img_size)
-        cost = {c: (table.route_flops(steps), self.params(c)) for c, steps in enumerate(self.routes)}
-        fits = [c for c, (f, p) in cost.items() if (max_flops is None or f <= max_flops)
-                and (max_params is None or p <= max_params) and (self._results is None or c in self._results)]
-        if not fits:
-            budget = " and ".join(f"{k} <= {v:g}" for k, v in (("flops", max_flops), ("params", max_params))
-                                  if v is not None)
-            cheapest = min(cost, key=lambda c: cost[c] if max_flops is not None else cost[c][::-1])
-            raise PlanError(f"no stitch fits {budget}: the cheapest is cfg_id {cheapest} ({self.describe(cheapest)}, "
-                            f"{cost[cheapest][0]} FLOPs, {cost[cheapest][1]} params); raise the budget")
-        if self._results is None:  # the most expensive, the lowest cfg_id on ties
-            return max(fits, key=lambda c: (*cost[c], -c))
-        return max(fits, key=lambda c: (self._results[c]["acc1"], -cost[c][0], -cost[c][1], -c))
-
-    def no_weight_decay(self) -> set[str]:
-        """The anchors' own no-weight-decay names, prefixed (SN-Net dropped them, spec 6.1 item 7)."""
-        out = set()
-        for i, m in enumerate(self.anchors):
-            if hasattr(m, "no_weight_decay"):
-                out.update(f"anchors.{i}.{n}" for n in m.no_weight_decay())
-        return out
-
-    @property
-    def pretrained_cfg(self) -> dict:
-        """Data config of the largest anchor (timm's resolve_data_config reads this)."""
-        return getattr(self.anchors[-1], "pretrained_cfg", {}) or {}
+    def feature_points(self, positions: Sequence[Stitch]) -> tuple[dict[int, set[int]], dict[tuple, tuple]]:
+        """For stitches (front j -> end k): the unit outputs to `capture` per anchor, and per position key
+        (front, end, stage, j, k) the feature points of its input X (front block j's output) and its target Y (the
+        end anchor's input to block k, i.e. the output of the unit before it)."""
+        need: dict[int, set[int]] = {}
+        where = {}
+        for st in positions:
+            ux = self.block_unit(st.front, st.stage, st.j)
+            uy = self.block_unit(st.end, st.stage, st.k) - 1
+            need.setdefault(st.front, set()).add(ux)
+            need.setdefault(st.end, set()).add(uy)
+            where[(st.front, st.end, st.stage, st.j, st.k)] = ((st.front, ux), (st.end, uy))
+        return need, where
 
 
 def _nested_module_list(items: list[tuple[tuple[int, ...], nn.Module]]) -> nn.ModuleList:

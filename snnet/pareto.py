@@ -1,14 +1,16 @@
 """Pareto front of a results file: the stitches no other stitch beats on both cost and accuracy.
 
-Reads this project's stitches_res.txt and SN-Net's own result files (any key order; spec 1.5 lists the keys each
-family writes: params, acc5, loss and route may be missing). Front definition (spec 7.6): sort by cost ascending,
-ties by accuracy descending, keep each stitch whose top-1 is strictly above every cheaper one.
+`pareto_report` + `save_report` are the one code path behind `snnet pareto` and the digits demo's table and plot.
+Files are read by `snnet.results.read_results`: this project's stitches_res.txt and SN-Net's own result files
+(any key order; docs/snnet_compat.md, C24 lists the keys each family writes: params, acc5, loss and route may be missing). Front
+definition (docs/snnet_compat.md, C25): sort by cost ascending, ties by accuracy descending, keep each stitch whose top-1 is strictly
+above every cheaper one.
 
 Costs: ``flops`` and ``params`` as the evaluator wrote them, or a measured latency ``latency_ms_b<batch>`` that
 `snnet latency` adds to the records.
 
 Anchors: our records carry a ``route`` (an anchor's route has no ``->``). SN-Net's files do not; there the anchors
-are cfg 0..N-1 (spec 1.2), and `infer_anchors` takes N as the length of the leading run of cfg_ids whose FLOPs
+are cfg 0..N-1 (docs/snnet_compat.md, C1), and `infer_anchors` takes N as the length of the leading run of cfg_ids whose FLOPs
 rise (SN-Net lists anchors small to large and the first stitch is cheaper than the largest anchor, which gives
 3 / 3 / 2 / 2 / 2 for the DeiT, Swin, LeViT and both CNN files); callers pass ``n_anchors`` to override.
 """
@@ -17,62 +19,14 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from .fileio import atomic_path, write_text_atomic
+from .results import RESULTS_FILE, ResultsError, is_number, read_results
 
-RESULTS_FILE = "stitches_res.txt"
 COSTS = ("flops", "params", "latency")
-
-
-class ResultsFormatError(ValueError):
-    pass
-
-
-# ------------------------------------------------------------------------------------------------------ reading
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def read_results(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a results file (one JSON object per line), sorted by cfg_id; a later line for a cfg_id wins."""
-    path = Path(path)
-    if path.is_dir() and (path / RESULTS_FILE).is_file():
-        path = path / RESULTS_FILE  # an evaluation output folder
-    if not path.is_file():
-        raise ResultsFormatError(f"results file {str(path)!r} does not exist; pass a stitches_res.txt written by "
-                                 f"train.py --eval (or SN-Net's evaluation)")
-    try:
-        lines = path.read_text().splitlines()
-    except UnicodeDecodeError:
-        raise ResultsFormatError(f"{str(path)!r} is not a text file; pass a stitches_res.txt (one JSON object "
-                                 f"per line)") from None
-    records = {}
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            if n == len(lines) and records:  # a torn last line (interrupted write) is skipped
-                continue
-            raise ResultsFormatError(f"{str(path)!r} line {n} is not a JSON object; a stitches_res.txt has one "
-                                     f"JSON object per line (a CSV or a JSON list is not one)") from None
-        if not isinstance(rec, dict) or "cfg_id" not in rec or "acc1" not in rec:
-            what = "a JSON list" if isinstance(rec, list) else "a record without cfg_id/acc1"
-            raise ResultsFormatError(f"{str(path)!r} line {n} is {what}; a stitches_res.txt has one JSON object "
-                                     f"with cfg_id and acc1 per line")
-        cfg_id = rec["cfg_id"]
-        if not _number(rec["acc1"]) or not _number(cfg_id) or cfg_id != int(cfg_id) or cfg_id < 0:
-            raise ResultsFormatError(f"{str(path)!r} line {n}: cfg_id {cfg_id!r} / acc1 {rec['acc1']!r} must be "
-                                     f"an integer >= 0 and a number; fix or regenerate the file")
-        rec["cfg_id"] = int(cfg_id)
-        records[rec["cfg_id"]] = rec
-    if not records:
-        raise ResultsFormatError(f"results file {str(path)!r} is empty; evaluate the SN-Net first "
-                                 f"(train.py --eval --resume CKPT) or pass another file")
-    return [records[k] for k in sorted(records)]
 
 
 def cost_key(by: str, batch: int = 1) -> str:
@@ -80,13 +34,13 @@ def cost_key(by: str, batch: int = 1) -> str:
     if by == "latency":
         return f"latency_ms_b{batch}"
     if by not in COSTS:
-        raise ResultsFormatError(f"unknown cost {by!r}; use one of {', '.join(COSTS)}")
+        raise ResultsError(f"unknown cost {by!r}; use one of {', '.join(COSTS)}")
     return by
 
 
 def require_cost(records: Sequence[dict[str, Any]], cost: str, source: str, instead: str = "--by flops") -> None:
     """Refuse a cost no record has (e.g. params in SN-Net's LeViT/CNN files, latency before `snnet latency`)."""
-    if any(_number(r.get(cost)) for r in records):
+    if any(is_number(r.get(cost)) for r in records):
         return
     if cost.startswith("latency_ms_b"):
         fix = f"measure it first: snnet latency CKPT --stitch_config CFG --results {source}"
@@ -95,12 +49,12 @@ def require_cost(records: Sequence[dict[str, Any]], cost: str, source: str, inst
             fix = f"this file has {', '.join(have)}; pass --latency-batch {have[0][len('latency_ms_b'):]}"
     else:
         fix = f"SN-Net's LeViT and CNN files record no params; use {instead}"
-    raise ResultsFormatError(f"{source!r} has no {cost!r} for any stitch; {fix}")
+    raise ResultsError(f"{source!r} has no {cost!r} for any stitch; {fix}")
 
 
 def latency_keys(records: Sequence[dict[str, Any]]) -> list[str]:
     """The ``latency_ms_b<batch>`` keys the records hold, by batch size."""
-    keys = {k for r in records for k in r if re.fullmatch(r"latency_ms_b\d+", k) and _number(r[k])}
+    keys = {k for r in records for k in r if re.fullmatch(r"latency_ms_b\d+", k) and is_number(r[k])}
     return sorted(keys, key=lambda k: int(k[len("latency_ms_b"):]))
 
 
@@ -109,9 +63,9 @@ def infer_anchors(records: Sequence[dict[str, Any]]) -> int:
     if all("route" in r for r in records):
         return sum(1 for r in records if "->" not in r["route"])
     by_id = {r["cfg_id"]: r for r in records}
-    cost = "flops" if all(_number(r.get("flops")) for r in records) else "params"
+    cost = "flops" if all(is_number(r.get("flops")) for r in records) else "params"
     n, last = 0, float("-inf")
-    while n in by_id and _number(by_id[n].get(cost)) and by_id[n][cost] > last:
+    while n in by_id and is_number(by_id[n].get(cost)) and by_id[n][cost] > last:
         last = by_id[n][cost]
         n += 1
     return max(n, 1)
@@ -166,21 +120,6 @@ def human(n: float) -> str:
     return f"{n:.4g}"
 
 
-def markdown_table(records: Sequence[dict[str, Any]], cost: str = "flops", n_anchors: int | None = None) -> str:
-    front = {r["cfg_id"] for r in pareto_front(records, cost)}
-    scale, unit = flops_unit(records)
-    _g = lambda x: f"{x / scale:.3f}"
-    rows = [f"| cfg_id | route | {unit} | params (M) | top-1 | top-5 | Pareto |", "|---:|---|---:|---:|---:|---:|:---:|"]
-    for r in sorted(records, key=lambda r: (r.get(cost) or 0, -r["acc1"])):
-        route = r.get("route", "anchor" if is_anchor(r, n_anchors) else "")
-        params = f"{r['params'] / 1e6:.3f}" if r.get("params") is not None else ""
-        acc5 = f"{r['acc5']:.2f}" if r.get("acc5") is not None else ""
-        flops = _g(r["flops"]) if r.get("flops") is not None else ""
-        rows.append(f"| {r['cfg_id']} | {route} | {flops} | {params} | {r['acc1']:.2f} | {acc5} | "
-                    f"{'**yes**' if r['cfg_id'] in front else ''} |")
-    return "\n".join(rows) + "\n"
-
-
 def front_table(records: Sequence[dict[str, Any]], cost: str = "flops", n_anchors: int | Sequence[int] | None = None,
                 sources: Sequence[str] | None = None, all_rows: bool = False) -> str:
     """Markdown table of the Pareto front (or of every record, front marked, with ``all_rows``), cheapest first.
@@ -196,16 +135,16 @@ def front_table(records: Sequence[dict[str, Any]], cost: str = "flops", n_anchor
     per = dict(zip((id(r) for r in records), n_anchors if isinstance(n_anchors, (list, tuple)) else
                    [n_anchors] * len(records)))
     fscale, funit = flops_unit(records)
-    fmt = lambda v, f, scale=1.0: f.format(v / scale) if _number(v) else ""
+    fmt = lambda v, f, scale=1.0: f.format(v / scale) if is_number(v) else ""
     lat_keys = latency_keys(records)
     # (header, alignment, cell); optional columns no record fills (params, top-5 in SN-Net's files) are left out
     cols = [("source", "---", lambda r: label[id(r)])] if sources is not None else []
     cols += [("cfg_id", "---:", lambda r: str(r["cfg_id"])), ("route", "---", lambda r: route_of(r, per[id(r)]))]
     cols += [(h, "---:", lambda r, k=k, f=f, sc=sc: fmt(r.get(k), f, sc)) for h, k, f, sc in (
-        (funit, "flops", "{:.3f}", fscale), ("params (M)", "params", "{:.3f}", 1e6)) if any(_number(r.get(k))
+        (funit, "flops", "{:.3f}", fscale), ("params (M)", "params", "{:.3f}", 1e6)) if any(is_number(r.get(k))
                                                                                       for r in records)]
     cols += [("top-1", "---:", lambda r: f"{r['acc1']:.2f}")]
-    cols += [("top-5", "---:", lambda r: fmt(r.get("acc5"), "{:.2f}"))] if any(_number(r.get("acc5"))
+    cols += [("top-5", "---:", lambda r: fmt(r.get("acc5"), "{:.2f}"))] if any(is_number(r.get("acc5"))
                                                                               for r in records) else []
     cols += [(f"ms @ b{k[len('latency_ms_b'):]}", "---:", lambda r, k=k: fmt(r.get(k), "{:.3f}")) for k in lat_keys]
     cols += [("Pareto", ":---:", lambda r: "**yes**" if id(r) in front_ids else "")] if all_rows else []
@@ -216,7 +155,7 @@ def front_table(records: Sequence[dict[str, Any]], cost: str = "flops", n_anchor
 
 # ------------------------------------------------------------------------------------------------------ plotting
 def _draw(ax, records, cost: str, scale: float, n_anchors: int | None, colour: str, label: str = "") -> None:
-    usable = [r for r in records if _number(r.get(cost))]
+    usable = [r for r in records if is_number(r.get(cost))]
     stitched = [r for r in usable if not is_anchor(r, n_anchors)]
     anchors = [r for r in usable if is_anchor(r, n_anchors)]
     prefix = f"{label}: " if label else ""
@@ -247,19 +186,6 @@ def _axes():
     return plt.subplots(figsize=(6.4, 4.4), dpi=150)
 
 
-def plot(records: Sequence[dict[str, Any]], out_png: str | Path, title: str = "", cost: str = "flops",
-         n_anchors: int | None = None) -> None:
-    scale, unit = flops_unit(records) if cost == "flops" else (1e6, "M params") if cost == "params" else (1, cost)
-    fig, ax = _axes()
-    _draw(ax, records, cost, scale, n_anchors, "tab:blue")
-    ax.set_xlabel(unit)
-    ax.set_ylabel("top-1 (%)")
-    ax.set_title(title or "FLOPs vs. accuracy of every stitch")
-    ax.grid(True, ls="--", alpha=0.4)
-    ax.legend(loc="lower right", fontsize=8)
-    _save(fig, out_png)
-
-
 def plot_series(series: Sequence[tuple[str, Sequence[dict[str, Any]], int | None]], out_png: str | Path,
                 cost: str = "flops", title: str = "") -> None:
     """One scatter + front per results file (label, records, n_anchors); with several files also the combined
@@ -284,10 +210,86 @@ def plot_series(series: Sequence[tuple[str, Sequence[dict[str, Any]], int | None
     _save(fig, out_png)
 
 
-def write_report(results: str | Path, out_dir: str | Path, title: str = "", n_anchors: int | None = None) -> None:
-    records = read_results(results)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / "pareto.md", markdown_table(records, n_anchors=n_anchors))
-    write_text_atomic(out_dir / "pareto.json", json.dumps([r["cfg_id"] for r in pareto_front(records)]) + "\n")
-    plot(records, out_dir / "flops_vs_acc.png", title, n_anchors=n_anchors)
+# ------------------------------------------------------------------------------------------------------ reports
+def labels(paths: Sequence[str | Path]) -> list[str]:
+    """Short unique names for results files: the stem, else the folder name, else folder/stem, else the path."""
+    ps = [Path(p) for p in paths]
+    generic = lambda p: p.parent.name if p.stem == Path(RESULTS_FILE).stem else p.stem  # .../demo/stitches_res.txt
+    for name in (generic, lambda p: p.stem, lambda p: p.parent.name,
+                 lambda p: f"{p.parent.name}/{p.stem}"):
+        names = [name(p) for p in ps]
+        if all(names) and len(set(names)) == len(names):
+            return names
+    return [str(p) for p in paths]
+
+
+def _anchors(records: list[dict[str, Any]], given: int | None, path: str, notes: list[str]) -> int:
+    """Anchor count of one file: from its routes when it has them, else `given`, else inferred (with a note)."""
+    if all("route" in r for r in records):
+        n = infer_anchors(records)
+        if given is not None and given != n:
+            notes.append(f"note: {path!r} names its routes; its {n} anchors are used, --anchors {given} applies to "
+                         f"files without routes (SN-Net's)")
+        return n
+    if given is not None:
+        return given
+    n = infer_anchors(records)
+    notes.append(f"note: {path!r} has no routes (an SN-Net file): cfg 0..{n - 1} are taken as the anchors (the "
+                 f"leading cfg_ids of rising FLOPs); pass --anchors N if that is wrong")
+    return n
+
+
+@dataclass
+class ParetoReport:
+    """What `snnet pareto` shows and writes for some results files (one cost axis)."""
+    cost: str
+    series: list[tuple[str, str, list[dict[str, Any]], int]]  # (label, path, records, n_anchors) per file
+    notes: list[str] = field(default_factory=list)            # for stderr: how anchors were found
+    text: str = ""                                            # the fronts only (stdout)
+    markdown: str = ""                                        # every stitch, the front marked
+    data: dict[str, Any] = field(default_factory=dict)        # the JSON report
+
+
+def _section(report: ParetoReport, heading: str, records, n_anchors, sources=None) -> None:
+    report.text += heading + "\n\n" + front_table(records, report.cost, n_anchors, sources) + "\n"
+    report.markdown += "\n" + heading + "\n\n" + front_table(records, report.cost, n_anchors, sources,
+                                                             all_rows=sources is None)
+
+
+def pareto_report(paths: Sequence[str | Path], cost: str = "flops", anchors: int | None = None) -> ParetoReport:
+    """Pareto front of each results file and, with several, the combined front (which network of which SN-Net
+    to deploy at each cost). Every file is read and checked before anything is built."""
+    if anchors is not None and anchors < 1:
+        raise ResultsError(f"--anchors {anchors} must be >= 1 (SN-Net's files hold 2 or 3 anchors)")
+    report = ParetoReport(cost, [])
+    for path, label in zip(paths, labels(paths)):
+        records = read_results(path)
+        require_cost(records, cost, str(path))
+        report.series.append((label, str(path), records, _anchors(records, anchors, str(path), report.notes)))
+    report.markdown = f"# Pareto front by {cost}\n"
+    report.data = {"by": cost, "files": []}
+    for label, path, records, n in report.series:
+        front = pareto_front(records, cost)
+        _section(report, f"## {label}: {len(front)} of {len(records)} stitches on the {cost} Pareto front "
+                         f"(anchors: cfg {', '.join(str(i) for i in range(n))}; {path})", records, n)
+        report.data["files"].append({"label": label, "path": path, "anchors": n, "records": len(records),
+                                     "front": [r["cfg_id"] for r in front], "front_records": front})
+    if len(report.series) > 1:
+        everything = [r for s in report.series for r in s[2]]
+        sources = [s[0] for s in report.series for _ in s[2]]
+        source_of = {id(r): src for r, src in zip(everything, sources)}
+        front = pareto_front(everything, cost)
+        _section(report, f"## combined: {len(front)} of {len(everything)} stitches of {len(report.series)} files "
+                         f"on the front", everything, [s[3] for s in report.series for _ in s[2]], sources)
+        report.data["combined_front"] = [{"source": source_of[id(r)], **r} for r in front]
+    return report
+
+
+def save_report(report: ParetoReport, out_dir: str | Path, title: str = "") -> list[Path]:
+    """Write pareto_<cost>.md, .json and .png into `out_dir`; returns their paths."""
+    out = Path(out_dir)
+    files = [out / f"pareto_{report.cost}.{ext}" for ext in ("md", "json", "png")]
+    plot_series([(s[0], s[2], s[3]) for s in report.series], files[2], report.cost, title)
+    write_text_atomic(files[0], report.markdown)
+    write_text_atomic(files[1], json.dumps(report.data, indent=1) + "\n")
+    return files

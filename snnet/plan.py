@@ -2,7 +2,7 @@
 
 Nothing here imports torch. A plan is a tuple of routes (cfg_id -> which anchor runs which blocks, joined by which
 stitching layer) plus the stitching layers those routes need. The enumerators reproduce the official SN-Net code
-exactly (reference/SNNET_SPEC.md, sections 1.2 and 2.2) and are the single source of cfg_id order in this project.
+exactly (docs/snnet_compat.md, C1-C5) and are the single source of cfg_id order in this project.
 
 Vocabulary:
   anchor    one pretrained network, index 0..n-1, ordered small to large.
@@ -89,7 +89,7 @@ class StitchPlan:
 
     def route(self, cfg_id: int) -> Route:
         if isinstance(cfg_id, bool) or not isinstance(cfg_id, int) or not 0 <= cfg_id < len(self.routes):
-            raise PlanError(f"cfg_id {cfg_id!r} is out of range: this SN-Net has cfg_ids 0..{len(self.routes) - 1}")
+            raise PlanError(f"cfg_id {cfg_id!r} is out of range: this network has cfg_ids 0..{len(self.routes) - 1}")
         return self.routes[cfg_id]
 
     def layer(self, address: tuple[int, ...]) -> LayerSpec:
@@ -106,7 +106,7 @@ class StitchPlan:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Enumeration primitives (spec 1.2)
+# Enumeration primitives (docs/snnet_compat.md, C2, C3)
 
 def paired_positions(depth: int, kernel: int = 2, stride: int = 1,
                      forward_only: bool = False) -> tuple[list[tuple[int, int]], list[int], int]:
@@ -140,7 +140,7 @@ def paired_positions(depth: int, kernel: int = 2, stride: int = 1,
 
 
 def unpaired_positions(front_depth: int, end_depth: int) -> tuple[list[tuple[int, int]], list[int], int]:
-    """Depth interpolation for a shallower front anchor (spec 1.2, [compat]).
+    """Depth interpolation for a shallower front anchor (docs/snnet_compat.md, C3).
 
     Front block f is matched to the end blocks e whose nearest-interpolated index floor(e*Df/De) is f, keeping
     f < e. The layer id of the p-th position is that interpolated index *at list position p* (SN-Net zips the
@@ -176,7 +176,7 @@ def anchor_combinations(n_anchors: int, nearest: bool) -> list[tuple[int, ...]]:
 
 
 def deit_plan(n_anchors: int, depth: int, kernel: int = 2, stride: int = 1, nearest: bool = True) -> StitchPlan:
-    """Plan of SN-Net's plain-ViT family (spec 2.2): all-pairs sliding window, multi-anchor chains.
+    """Plan of SN-Net's plain-ViT family (docs/snnet_compat.md, C4): all-pairs sliding window, multi-anchor chains.
 
     Layers live at ``stitch_layers.<c>.<layer id>`` where c indexes the stitched anchor pairs in combination order.
     """
@@ -217,14 +217,14 @@ def _chains(positions: list[tuple[int, int]], hops: int, after_k: int = 0) -> li
 
 def stagewise_plan(stage_depths: Sequence[Sequence[int]], stitch_stages: Sequence[int], kernel: int = 2,
                    stride: int = 1, names: Sequence[str] | None = None) -> StitchPlan:
-    """Plan of SN-Net's hierarchical families (spec 1.2, stage-wise generation).
+    """Plan of SN-Net's hierarchical families (stage-wise; docs/snnet_compat.md, C1, C5).
 
     Neighbouring anchors (i-1, i) are stitched inside each stage of `stitch_stages`: forward-only sliding window
     when their depths in that stage are equal, depth interpolation when the end anchor is deeper. Layers live at
     ``stitch_layers.<index of the stage in stitch_stages>.<i-1>.<layer id>``.
 
     SN-Net sorts the depths but indexes anchors by position, silently stitching the wrong anchors when they are not
-    ordered small to large (spec 6.2 item 14); here that is refused.
+    ordered small to large (docs/snnet_compat.md, C6); here that is refused.
     """
     n = len(stage_depths)
     label = (lambda a: f"{names[a]!r}") if names else (lambda a: f"anchor {a}")

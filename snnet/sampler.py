@@ -1,16 +1,41 @@
 """Which stitch each process trains at each step: an explicit, seeded object instead of SN-Net's hidden
-``np.random.randint`` inside ``forward`` (spec 6.1 item 6).
+``np.random.randint`` inside ``forward`` (docs/snnet_compat.md, C15).
 
 The draw for (seed, rank, step) is a pure function of those numbers, so a rerun or a resumed run draws the same
 stitches, and a process needs no RNG state to continue from a checkpoint.
+
+Sampler types are registered by name (`register_sampler`) and chosen by the stitch config's
+``"sampler": {"type": NAME, ...options}`` (default ``uniform``, SN-Net's). A type is called with the global step
+and returns a cfg_id; `create_sampler` builds it with ``cls.for_network(net, seed, rank, sync, **options)``.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 
+_SAMPLERS: dict[str, type] = {}
+
+
+def register_sampler(name: str):
+    """Class decorator: make a sampler type available to configs as ``{"type": name}``."""
+    def add(cls: type) -> type:
+        _SAMPLERS[name] = cls
+        return cls
+    return add
+
+
+def create_sampler(spec: dict[str, Any] | None, net, seed: int, rank: int, sync: bool = False):
+    """The sampler `spec` names (uniform when None) for network `net` (anything with ``num_configs``)."""
+    options = dict(spec or {})
+    kind = options.pop("type", "uniform")
+    if kind not in _SAMPLERS:
+        raise ValueError(f"sampler type {kind!r} is not known; use one of {', '.join(sorted(_SAMPLERS))}")
+    return _SAMPLERS[kind].for_network(net, seed=seed, rank=rank, sync=sync, **options)
+
+
+@register_sampler("uniform")
 class StitchSampler:
     def __init__(self, num_configs: int, seed: int = 0, rank: int = 0, sync: bool = False,
                  weights: Sequence[float] | None = None):
@@ -24,6 +49,10 @@ class StitchSampler:
             self.p = w / w.sum()
         else:
             self.p = None  # uniform over cfg_ids, as SN-Net
+
+    @classmethod
+    def for_network(cls, net, seed: int = 0, rank: int = 0, sync: bool = False, **options) -> "StitchSampler":
+        return cls(net.num_configs, seed, rank, sync, **options)
 
     def __call__(self, step: int) -> int:
         """cfg_id for global training step `step` on this process (same on every process with ``sync``)."""
@@ -47,3 +76,34 @@ def seed_epoch(seed: int, rank: int, epoch: int) -> None:
     random.seed(int(state[0]))
     np.random.seed(int(state[1]))
     torch.manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def rng_state() -> dict[str, Any]:
+    """The process's python, numpy and torch (CPU and CUDA) generator states as tensors and numbers, so that a
+    recovery checkpoint can hold them without pickled objects."""
+    import random
+
+    import torch
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": torch.tensor(words, dtype=torch.int64), "python_version": version,
+             "python_gauss": gauss, "numpy": torch.from_numpy(keys.astype(np.int64)),
+             "numpy_pos": int(pos), "numpy_gauss": [int(has_gauss), float(cached)], "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of `rng_state`."""
+    import random
+
+    import torch
+    random.setstate((state["python_version"], tuple(int(w) for w in state["python"].tolist()),
+                     state["python_gauss"]))
+    has_gauss, cached = state["numpy_gauss"]
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], int(has_gauss),
+                         float(cached)))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

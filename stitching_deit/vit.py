@@ -1,6 +1,6 @@
 """Cut timm ``VisionTransformer`` anchors (deit_*, vit_*) into embedding / blocks / final norm / head.
 
-Units run timm's own submodules, so the SN-Net keys are ``anchors.<i>.<timm ViT names>`` as in SN-Net (spec 2.6).
+Units run timm's own submodules, so the SN-Net keys are ``anchors.<i>.<timm ViT names>`` as in SN-Net (docs/snnet_compat.md, C27).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def _embed(model: VisionTransformer, x):
 @register_adapter
 class VisionTransformerAdapter(AnchorAdapter):
     family = "deit"
-    #: SN-Net's stitched DeiT routes skip the end anchor's final norm ([compat], spec 2.1); configs can turn it off
+    #: SN-Net's stitched DeiT routes skip the end anchor's final norm (docs/snnet_compat.md, C7); configs can turn it off
     skip_final_norm_default = True
 
     @classmethod

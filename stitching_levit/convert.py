@@ -1,4 +1,4 @@
-"""State-dict keys: SN-Net's LeViT checkpoints (facebookresearch LeViT names, spec 5.6) <-> ours (timm 1.0).
+"""State-dict keys: SN-Net's LeViT checkpoints (facebookresearch LeViT names; docs/snnet_compat.md, C29) <-> ours (timm 1.0).
 
 SN-Net's LeViT keeps one flat ``blocks`` list: for each stage s, ``depth[s]`` pairs (attention residual, MLP
 residual), then, between stages, an attention-subsample and an MLP residual. For depths 4-4-4 that is stage 0 at
@@ -32,6 +32,8 @@ from typing import Sequence
 import torch
 
 DERIVED_BUFFERS = ("attention_bias_idxs",)
+#: SN-Net's LeViT numbers its residual blocks flat (``blocks.<i>.m.``); timm nests them in stages
+RELEASE_KEY = re.compile(r"(^|\.)blocks\.\d+\.m\.")
 
 _ATTN = {"qkv.c.": "qkv.linear.", "qkv.bn.": "qkv.bn.", "proj.1.c.": "proj.ln.linear.", "proj.1.bn.": "proj.ln.bn.",
          "attention_biases": "attention_biases"}

@@ -3,9 +3,9 @@
 timm nests what SN-Net's LeViT kept in one flat ``blocks`` list: stage s is ``stages[s]``, SN-Net's attention/MLP
 residual pair b of that stage is ``stages[s].blocks[b]``, and the attention-subsample + MLP between stages is
 ``stages[s].downsample`` (a "transition" unit). Units are read from that structure, so every depth works, not only
-SN-Net's hard-coded 4-4-4 (spec 6.2 item 18).
+SN-Net's hard-coded 4-4-4 (docs/snnet_compat.md, C10).
 
-The distillation head: SN-Net's LeViT returns (head, head_dist) in training and their mean in evaluation (spec 5.1).
+The distillation head: SN-Net's LeViT returns (head, head_dist) in training and their mean in evaluation (docs/snnet_compat.md, C10).
 timm does the same once ``set_distilled_training(True)`` is called, which this adapter does for each anchor;
 call ``anchor.set_distilled_training(False)`` to train on the averaged logits instead.
 """
@@ -16,6 +16,8 @@ from torch import nn
 
 from snnet.adapter import NCHW, TOKENS, AnchorAdapter, Unit, head_unit, register_adapter, stage_units
 
+from .convert import RELEASE_KEY, snnet_to_ours
+
 
 def _stem(model: Levit, x):
     x = model.stem(x)
@@ -25,7 +27,15 @@ def _stem(model: Levit, x):
 @register_adapter
 class LevitAdapter(AnchorAdapter):
     family = "levit"
-    default_stitch_stages = (0, 1)  # SN-Net never stitches the last stage (spec 5.2)
+    default_stitch_stages = (0, 1)  # SN-Net never stitches the last stage (docs/snnet_compat.md, C5)
+
+    @classmethod
+    def release_keys_match(cls, keys) -> bool:
+        return any(RELEASE_KEY.search(k) for k in keys)
+
+    @classmethod
+    def convert_release_state(cls, state_dict, stage_depths=None):
+        return snnet_to_ours(state_dict, tuple(stage_depths or (4, 4, 4)))
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:

@@ -3,7 +3,7 @@
 SN-Net's stage s is timm's ``layer{s+1}``. Each stage's downsampling (strided conv + projection shortcut) lives
 inside its block 0, and SN-Net's stitches always enter the end anchor at a block k >= 1, so no stitch crosses a
 resolution change; the least-squares target of block k is the output of block k-1 at the same resolution.
-Features are NCHW, so stitching layers are 1x1 convolutions (spec 4.3).
+Features are NCHW, so stitching layers are 1x1 convolutions (docs/snnet_compat.md, C8).
 
 Units call the anchor's modules by attribute at run time, so replacing modules in place afterwards (timm's
 ``convert_splitbn_model`` for ``--split-bn``, ``convert_sync_batchnorm``) keeps the SN-Net working.
@@ -32,7 +32,7 @@ def _stages(model: ResNet) -> list[nn.Sequential]:
 @register_adapter
 class ResNetAdapter(AnchorAdapter):
     family = "resnet"
-    default_stitch_stages = (1, 2)  # SN-Net skips stage 0 and the last stage (spec 4.2)
+    default_stitch_stages = (1, 2)  # SN-Net skips stage 0 and the last stage (docs/snnet_compat.md, C5)
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:

@@ -1,4 +1,4 @@
-"""State-dict keys: SN-Net's Swin checkpoints (Microsoft Swin names, spec 3.6) <-> ours (timm 1.0 Swin names).
+"""State-dict keys: SN-Net's Swin checkpoints (Microsoft Swin names; docs/snnet_compat.md, C28) <-> ours (timm 1.0 Swin names).
 
 The map is one-to-one on parameters; only names move, no tensor changes shape or order:
 
@@ -31,6 +31,8 @@ import torch
 #: buffers SN-Net's checkpoints carry that timm 1.0 recomputes (not in its state dict)
 DERIVED_BUFFERS = ("relative_position_index", "attn_mask")
 
+#: a key only SN-Net's (Microsoft) Swin checkpoints have under these names
+RELEASE_KEY = re.compile(r"(^|\.)layers\.\d+\.blocks\.\d+\.attn\.relative_position_bias_table$")
 _DOWNSAMPLE = re.compile(r"^((?:.+\.)?)layers\.(\d+)\.downsample\.")
 _SNNET_HEAD = re.compile(r"^((?:.+\.)?)head\.(weight|bias)$")
 _OUR_HEAD = re.compile(r"^((?:.+\.)?)head\.fc\.(weight|bias)$")

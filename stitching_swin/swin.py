@@ -3,7 +3,7 @@
 timm 1.0's Swin runs each stage's PatchMerging at the *start* of ``layers[s]`` (s >= 1) and keeps features NHWC
 (B, H, W, C); SN-Net's Microsoft Swin ran it at the *end* of stage s-1 on tokens. Either way the merge sits between
 two stages, so it is its own "transition" unit here: a stitch (j -> k) inside stage s never crosses it, and the
-least-squares target of k = 0 (the stage input) is the merge's output, as in SN-Net (spec 3.1).
+least-squares target of k = 0 (the stage input) is the merge's output, as in SN-Net (docs/snnet_compat.md, C9).
 """
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
 from snnet.adapter import NHWC, AnchorAdapter, Unit, head_unit, module_unit, register_adapter, stage_units
+
+from .convert import RELEASE_KEY, snnet_to_ours
 
 
 def _stem(model: SwinTransformer, x):
@@ -20,12 +22,21 @@ def _stem(model: SwinTransformer, x):
 @register_adapter
 class SwinTransformerAdapter(AnchorAdapter):
     family = "swin"
-    default_stitch_stages = (0, 1, 2)  # SN-Net never stitches the last stage (spec 3.1)
+    default_stitch_stages = (0, 1, 2)  # SN-Net never stitches the last stage (docs/snnet_compat.md, C5)
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
         # the exact class: SwinTransformerV2 / V2Cr are other classes with other block layouts
         return isinstance(model, SwinTransformer)
+
+    @classmethod
+    def release_keys_match(cls, keys) -> bool:
+        # Microsoft Swin's relative-position tables; ResNet keys (the R18 -> Swin family) match nothing here
+        return any(RELEASE_KEY.search(k) for k in keys)
+
+    @classmethod
+    def convert_release_state(cls, state_dict, stage_depths=None):
+        return snnet_to_ours(state_dict)
 
     def units(self, model: SwinTransformer) -> list[Unit]:
         return [Unit("patch_embed", "stem", _stem, ("patch_embed",)), *stage_units(model, "layers"),

@@ -85,7 +85,7 @@ def test_cfg_id_out_of_range():
     import torch
     x = torch.randn(1, 3, 32, 32)
     for bad in (36, -1, 2.0, True):
-        with pytest.raises(PlanError, match=f"cfg_id {bad!r} is out of range: this SN-Net has cfg_ids 0..35"):
+        with pytest.raises(PlanError, match=f"cfg_id {bad!r} is out of range: this network has cfg_ids 0..35"):
             model(x, bad)
     with pytest.raises(PlanError, match="cfg_id 99 is out of range"):
         model.params(99)
@@ -102,8 +102,8 @@ def test_local_anchor_checkpoint(tmp_path):
     for f in ("ti.safetensors", "ti.pth"):
         m = create_anchor(AnchorSpec("deit_tiny_patch16_224", str(tmp_path / f)), pretrained=True, **SMALL)
         assert torch.equal(m.pos_embed, src.pos_embed)
-    with pytest.raises(AnchorError, match="does not fit 'deit_small_patch16_224'"):
+    with pytest.raises(AnchorError, match="checkpoint of anchor 'deit_small_patch16_224' .* does not fit"):
         create_anchor(AnchorSpec("deit_small_patch16_224", str(tmp_path / "ti.pth")), pretrained=False, **SMALL)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(AnchorError, match="cannot be read as weights"):
+    with pytest.raises(AnchorError, match="cannot be read"):
         create_anchor(AnchorSpec("deit_tiny_patch16_224", str(tmp_path / "junk.pth")), **SMALL)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import FAST, TINY
-from snnet.train import main
+from snnet.main import main
 
 PWNED = Path("/tmp/snnet_pwned_marker")
 
@@ -67,6 +67,10 @@ def world(tmp_path_factory, digits_folder, tiny_config):
     (w / "bad.yaml").write_text("epochs: [1, 2\n")
     (w / "keys.yaml").write_text("epoch: 3\n")
     (w / "list.yaml").write_text("- 1\n- 2\n")
+    (w / "zero_batch.yaml").write_text("batch_size: 0\n")
+    (w / "scalar_mean.yaml").write_text("mean: 0.5\n")
+    (w / "nan_lr.json").write_text('{"anchors": %s, "lr": NaN}' % json.dumps(TINY))
+    (w / "bad_reprob.json").write_text(json.dumps({"anchors": TINY, "reprob": 2}))
     return w
 
 
@@ -94,7 +98,7 @@ CASES = [
      "holds pickled Python objects, which could run code (posix.system); it was refused unread"),
     ("planted pickle (torch.save)", "{data} --stitch_config {cfg} --resume {w}/evil_torch.pth",
      "holds pickled Python objects, which could run code (posix.system); it was refused unread"),
-    ("missing anchor checkpoint", "{data} --stitch_config {w}/missing_anchor.json", "does not exist; fix the path in the config"),
+    ("missing anchor checkpoint", "{data} --stitch_config {w}/missing_anchor.json", "does not exist; give the path of an existing file"),
     ("anchor checkpoint of another model", "{data} --stitch_config {w}/wrong_anchor.json", "does not fit"),
     # configs
     ("missing stitch config", "{data} --stitch_config {w}/none.json", "stitch config '{w}/none.json' does not exist"),
@@ -107,6 +111,14 @@ CASES = [
     ("unknown YAML key", "{data} --stitch_config {cfg} -c {w}/keys.yaml", "unknown key 'epoch'"),
     ("YAML not a mapping", "{data} --stitch_config {cfg} -c {w}/list.yaml", "must hold a mapping"),
     ("missing YAML", "{data} --stitch_config {cfg} -c {w}/none.yaml", "does not exist"),
+    ("zero batch in YAML", "{data} --stitch_config {cfg} -c {w}/zero_batch.yaml",
+     "-c/--config '{w}/zero_batch.yaml': key 'batch_size': 0 is not >= 1 (as for -b/--batch-size)"),
+    ("number for a list in YAML", "{data} --stitch_config {cfg} -c {w}/scalar_mean.yaml",
+     "key 'mean': 0.5 is not a list; write a list, e.g. [0.5]"),
+    ("NaN lr in the stitch config", "{data} --stitch_config {w}/nan_lr.json",
+     "stitch config '{w}/nan_lr.json': field 'lr': 'nan' is not a finite number (as for --lr-base)"),
+    ("probability above 1 in the stitch config", "{data} --stitch_config {w}/bad_reprob.json",
+     "field 'reprob': 2 is not a probability in [0, 1]"),
     # values
     ("zero batch", "{data} --stitch_config {cfg} -b 0", "-b/--batch-size: 0 is not >= 1"),
     ("negative lr", "{data} --stitch_config {cfg} --lr -1", "--lr: -1 is not >= 0"),

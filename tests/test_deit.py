@@ -1,4 +1,4 @@
-"""DeiT Ti/S/B against SN-Net's published numbers and checkpoint layout (spec 2.1-2.7, 7.0)."""
+"""DeiT Ti/S/B against SN-Net's published numbers and checkpoint layout (docs/snnet_compat.md, C7, C22, C27, C31)."""
 import pytest
 import torch
 
@@ -18,7 +18,7 @@ def embed_flops(c):
 
 
 def snnet_flops(route):
-    """SN-Net's published FLOPs (spec 2.7 oracle; stitched routes skip the end anchor's final norm)."""
+    """SN-Net's published FLOPs (docs/snnet_compat.md, C31 formulas; stitched routes skip the end anchor's final norm)."""
     if route.is_anchor:
         c = WIDTH[route.anchors[0]]
         return embed_flops(c) + 12 * block_flops(c) + 5 * N * c + 1000 * c
@@ -33,7 +33,7 @@ def block_params(c):
 
 
 def snnet_params(route):
-    """SN-Net's get_model_size (spec 2.7): stitched counts omit front cls/pos and include the end's final norm."""
+    """SN-Net's get_model_size (docs/snnet_compat.md, C22, C31): stitched counts omit front cls/pos and include the end's final norm."""
     if route.is_anchor:
         c = WIDTH[route.anchors[0]]
         return 769 * c + 12 * block_params(c) + 2 * c + 1000 * c + 1000 + c + 197 * c
@@ -62,12 +62,12 @@ def test_anchor_flops_and_params(deit):
 
 
 def test_published_rows_verbatim(deit):
-    """The first rows of SN-Net's results file (spec 7.0) and the README headline stitches (spec 7.8)."""
+    """The first rows of SN-Net's results file and the README headline stitches (docs/snnet_compat.md, C31)."""
     model, table = deit
     published = {3: 4696010496, 4: 4316862720, 24: 2758967808, 56: 10048040448}
     for cfg_id, flops in published.items():
         assert table.route_flops(model.routes[cfg_id]) == flops, cfg_id
-    # spec 2.7 gives these two to 3 decimals only: the cheapest stitch and the most expensive one
+    # SN-Net's range, to 3 decimals (docs/snnet_compat.md, C31): the cheapest stitch and the most expensive one
     assert round(table.route_flops(model.routes[34]) / 1e9, 3) == 1.550
     assert round(table.route_flops(model.routes[39]) / 1e9, 3) == 18.341
 
@@ -86,7 +86,7 @@ def test_unit_sum_equals_full_trace(deit):
 
 def test_params_differ_from_snnet_by_what_snnet_miscounts(deit):
     """Ours count exactly the executed modules. SN-Net's stitched count leaves out the front's cls_token (C_f) and
-    pos_embed (197·C_f), which run, and includes the end's final norm (2·C_e), which does not (spec 6.1 item 3).
+    pos_embed (197·C_f), which run, and includes the end's final norm (2·C_e), which does not (docs/snnet_compat.md, C22).
     Ti→S: +37,248 per stitch; S→B: +74,496."""
     model, _ = deit
     diffs = {}

@@ -28,7 +28,7 @@ def tiny_snnet(cfg_path):
 
 def test_snnet_release_is_refused_by_train_and_converted_on_request(tmp_path, tiny_config, digits_folder):
     net = tiny_snnet(tiny_config)
-    release = tmp_path / "snnet_deit.pth"  # what SN-Net's main.py saves (spec 2.6): weights + a pickled Namespace
+    release = tmp_path / "snnet_deit.pth"  # what SN-Net's main.py saves (docs/snnet_compat.md, C26): weights + a pickled Namespace
     torch.save({"model": net.state_dict(), "epoch": 49, "args": argparse.Namespace(lr=5e-5, model="snnet"),
                 "optimizer": {"state": {}, "param_groups": []}}, release)
     base = [sys.executable, "train.py", digits_folder, "--stitch_config", tiny_config, "--eval", *FAST,

@@ -1,4 +1,4 @@
-"""LeViT-192/256 against SN-Net's published numbers and checkpoint layout (spec 5, 7.0, 7.7); any LeViT depth; the
+"""LeViT-192/256 against SN-Net's published numbers and checkpoint layout (docs/snnet_compat.md, C10, C29, C33); any LeViT depth; the
 two distillation heads; refusals."""
 import statistics
 
@@ -21,7 +21,7 @@ TOKENS = [196, 49, 16]  # per stage at 224 px
 KD = 32  # key dim
 
 
-# --- spec 5.7 analytic oracle ----------------------------------------------------------------------------------------
+# --- analytic oracle (docs/snnet_compat.md, C33) ---------------------------------------------------------------------
 def linear_bn(n, cin, cout):
     return n * cin * cout + 2 * n * cout
 
@@ -82,7 +82,7 @@ def test_config_builds_8_in_snnet_order(levit224):
 def test_published_flops(levit224):
     model, table = levit224
     flops = [table.route_flops(steps) for steps in model.routes]
-    assert flops[:5] == [661663808, 1133412864, 1020918272, 977741824, 934565376]  # spec 7.0
+    assert flops[:5] == [661663808, 1133412864, 1020918272, 977741824, 934565376]  # docs/snnet_compat.md, C33
     assert round(flops[7] / 1e9, 3) == 0.770 and round(max(flops[2:]) / 1e9, 3) == 1.021
 
 
@@ -100,7 +100,7 @@ def test_unit_sum_equals_full_trace(levit224):
 
 def test_params_and_stitch_layers(levit224):
     model, _ = levit224
-    assert [model.params(0), model.params(1)] == [10947069, 18893876]  # spec 5.3 (computed from the architecture)
+    assert [model.params(0), model.params(1)] == [10947069, 18893876]  # computed from the architecture (docs/snnet_compat.md, C33)
     assert sum(p.numel() for p in model.parameters()) == 30322097
     assert sum(p.numel() for p in model.stitch_layers.parameters()) == 481152
     sd = model.state_dict()
@@ -115,7 +115,7 @@ def bn_keys(prefix, c):
 
 
 def snnet_levit_state_dict():
-    """A synthetic SN-Net LeViT-192/256 checkpoint with the facebookresearch keys and shapes of spec 5.6."""
+    """A synthetic SN-Net LeViT-192/256 checkpoint with the facebookresearch keys and shapes of docs/snnet_compat.md, C29."""
     sd = {}
     for a in range(2):
         p, w, res = f"anchors.{a}.", WIDTHS[a], [14, 7, 4]

@@ -1,4 +1,4 @@
-"""Stitch plans: SN-Net's cfg_id order and counts (spec 1.2, 2.2, 3.2, 4.2, 5.2), pure data."""
+"""Stitch plans: SN-Net's cfg_id order and counts (docs/snnet_compat.md, C1-C5), pure data."""
 import pytest
 
 from snnet.plan import (PlanError, anchor_combinations, deit_plan, paired_positions, stagewise_plan,
@@ -29,7 +29,7 @@ def test_unpaired_shifted_layer_ids():
     assert layer == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5] and n == 6
     assert unpaired_positions(2, 4) == ([(0, 1), (1, 2), (1, 3)], [0, 0, 1], 2)
     assert unpaired_positions(2, 6) == ([(0, 1), (0, 2), (1, 3), (1, 4), (1, 5)], [0, 0, 0, 1, 1], 2)
-    assert unpaired_positions(3, 4)[1] == [0, 0, 1]  # layer 2 allocated but unused (spec 1.2)
+    assert unpaired_positions(3, 4)[1] == [0, 0, 1]  # layer 2 allocated but unused (docs/snnet_compat.md, C3)
 
 
 def test_deit_71_in_snnet_order():

@@ -1,4 +1,4 @@
-"""ResNet-18 -> ResNet-50 and ResNet-18 -> Swin-Ti against SN-Net's published numbers (spec 4, 7.0, 7.7), the other
+"""ResNet-18 -> ResNet-50 and ResNet-18 -> Swin-Ti against SN-Net's published numbers (docs/snnet_compat.md, C30, C34), the other
 direction (Swin -> ResNet, which SN-Net lacks), split-BN, and the refusal of anchors that cannot be stitched."""
 import json
 import statistics
@@ -18,7 +18,7 @@ from stitching_resnet_swin import snnet_to_ours
 SWIN_T = "swin_tiny_patch4_window7_224"
 
 
-# --- spec 4.7 analytic oracle: conv MACs + 2 per BN element + pool elements + FC; stitch conv H*W*Cin*Cout ------------
+# --- analytic oracle (docs/snnet_compat.md, C34): conv MACs + 2 per BN element + pool elements + FC; stitch conv H*W*Cin*Cout ---
 def conv(h, cin, cout, k):
     return h * h * cout * cin * k * k
 
@@ -62,7 +62,7 @@ def resnet_head(kind):
 
 
 def swin_t_blocks():
-    """timm Swin-Ti per block, with each stage's merge as the first entry of the next stage (spec 3.7 formulas)."""
+    """timm Swin-Ti per block, with each stage's merge as the first entry of the next stage (docs/snnet_compat.md, C32 formulas)."""
     tokens, stages = [3136, 784, 196, 49], []
     for s, depth in enumerate([2, 2, 6, 2]):
         c, n = 96 << s, tokens[s]
@@ -132,7 +132,7 @@ def test_cfg_order(r18_r50, r18_swin):
 
 
 def test_published_flops(r18_r50, r18_swin):
-    """Anchors and the first stitched rows of both results files (spec 4.7, 7.0), and their ranges."""
+    """Anchors and the first stitched rows of both results files (docs/snnet_compat.md, C34), and their ranges."""
     model, table = r18_r50
     flops = [table.route_flops(steps) for steps in model.routes]
     assert flops[:5] == [1819065856, 4111512576, 3755463680, 3767505920, 3547935744]
@@ -177,7 +177,7 @@ def test_params_and_stitch_layers(r18_r50, r18_swin):
 
 
 def test_snnet_checkpoint_keys_load(r18_swin):
-    """SN-Net's R18 -> Swin-Ti checkpoint layout (spec 4.6): ResNet keys are timm's; the Swin anchor used timm 0.7
+    """SN-Net's R18 -> Swin-Ti checkpoint layout (docs/snnet_compat.md, C30): ResNet keys are timm's; the Swin anchor used timm 0.7
     names (merge at the end of a stage, a plain Linear head, persistent buffers), which the Swin key map converts."""
     model, _ = r18_swin
     ours = model.state_dict()
@@ -274,7 +274,7 @@ def test_split_bn_keeps_the_snnet_working(digits64):
     model._unit_params = None  # recount: the auxiliary BNs must not count, they never run at evaluation
     assert [model.params(c) for c in range(model.num_configs)] == params_before
     assert converted is model and isinstance(model.anchors[1].layer3[2].bn2, SplitBatchNorm2d)
-    assert "anchors.0.bn1.aux_bn.0.weight" in model.state_dict()  # SN-Net's split-BN keys (spec 4.6)
+    assert "anchors.0.bn1.aux_bn.0.weight" in model.state_dict()  # SN-Net's split-BN keys (docs/snnet_compat.md, C30)
     model.eval()  # the new BN modules are created in training mode
     with torch.no_grad():
         after = [model(x, c) for c in (0, 2, 9)]

@@ -89,3 +89,27 @@ def test_torchrun_max_restarts_restarts_from_the_last_checkpoint(double, digits_
     assert r.returncode == 0, r.stderr[-3000:]
     assert "auto-resume: continuing from" in r.stderr + r.stdout
     assert_identical(double / "whole", double / "restarted")
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_recovery_checkpoint_resumes_inside_the_epoch_bit_identical(processes, single, double, digits_folder,
+                                                                   tiny_config):
+    """--recovery-interval writes recovery.pth.tar mid-epoch (RNG of every rank, the epoch's partial loss); a run
+    killed after it continues from that step, not from the epoch start, and ends bit-identical."""
+    base = single if processes == 1 else double
+    per_epoch = STEPS_PER_EPOCH // processes
+    interval, step = 2, per_epoch + 3  # killed in epoch 1, after a recovery save at the same or the previous step
+    saved = step - step % interval
+    launch = [sys.executable, "train.py"] if processes == 1 else ["./distributed_train.sh", "2"]
+    cmd = [*launch, digits_folder, "--stitch_config", tiny_config, *FAST, *RNG_HEAVY, "--output", base,
+           "--experiment", "recovered", "--auto-resume", "--recovery-interval", str(interval)]
+    r = run(cmd, env={"SNNET_FAULT_KILL_AT_STEP": str(step), "SNNET_FAULT_RANK": "0"})
+    assert r.returncode != 0
+    rec = torch.load(base / "recovered" / "recovery.pth.tar", weights_only=True)
+    assert (rec["epoch"], rec["batch_idx"], rec["global_step"]) == (1, saved - per_epoch, saved)
+    assert len(rec["ranks"]) == processes
+    r = run(cmd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "auto-resume: continuing from" in r.stderr + r.stdout and "recovery.pth.tar" in r.stderr + r.stdout
+    assert not (base / "recovered" / "recovery.pth.tar").exists()  # superseded by the epoch checkpoints
+    assert_identical(base / "whole", base / "recovered")

@@ -1,4 +1,4 @@
-"""Swin Ti/S/B against SN-Net's published numbers, checkpoint layout and stitching rules (spec 3, 7.0, 7.7)."""
+"""Swin Ti/S/B against SN-Net's published numbers, checkpoint layout and stitching rules (docs/snnet_compat.md, C28, C32)."""
 import statistics
 
 import pytest
@@ -19,7 +19,7 @@ HEADS = [[3, 6, 12, 24], [3, 6, 12, 24], [4, 8, 16, 32]]
 L = [3136, 784, 196, 49]  # tokens per stage at 224 px
 
 
-# --- spec 3.7 analytic oracle: SN-Net's FLOPs and its get_model_size -------------------------------------------------
+# --- analytic oracle (docs/snnet_compat.md, C32): SN-Net's FLOPs and its get_model_size ------------------------------
 def block_flops(s, c0):
     c = c0 * 2 ** s
     return 12 * L[s] * c * c + 98 * L[s] * c + 10 * L[s] * c
@@ -85,7 +85,7 @@ def test_config_builds_41_in_snnet_order(swin224):
             for r in model.plan.routes[3:]]
     assert rows[:4] == [(0, (0, 1), (0, 1), (0, 0, 0)), (0, (1, 2), (0, 1), (0, 1, 0)),
                         (1, (0, 1), (0, 1), (1, 0, 0)), (1, (1, 2), (0, 1), (1, 1, 0))]
-    # cfg 7..23: Ti->S stage 2, depth interpolation 6 -> 18 with SN-Net's shifted layer ids (spec 1.2)
+    # cfg 7..23: Ti->S stage 2, depth interpolation 6 -> 18 with SN-Net's shifted layer ids (docs/snnet_compat.md, C3)
     assert [r[2] for r in rows[4:21]] == [(0, 1), (0, 2), (1, 3), (1, 4), (1, 5), (2, 6), (2, 7), (2, 8), (3, 9),
                                           (3, 10), (3, 11), (4, 12), (4, 13), (4, 14), (5, 15), (5, 16), (5, 17)]
     assert [r[3][2] for r in rows[4:21]] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5]
@@ -99,7 +99,7 @@ def test_anchor_flops_and_params(swin224):
 
 
 def test_published_rows(swin224):
-    """SN-Net's results file (spec 7.0) and README stitches (spec 3.7, 7.8)."""
+    """SN-Net's results file and README stitches (docs/snnet_compat.md, C32)."""
     model, table = swin224
     for cfg_id, flops in {3: 8797436160, 4: 15220458496, 13: 7377656064, 28: 12936597504}.items():
         assert table.route_flops(model.routes[cfg_id]) == flops, cfg_id
@@ -114,7 +114,7 @@ def test_every_cfg_flops_equal_snnet(swin224):
 
 
 def test_params_differ_from_snnet_by_the_front_merges(swin224):
-    """Ours count what runs; SN-Net's count omits the front's PatchMerging before the stitch stage (spec 3.7)."""
+    """Ours count what runs; SN-Net's count omits the front's PatchMerging before the stitch stage (docs/snnet_compat.md, C22)."""
     model, _ = swin224
     for route in model.plan.routes:
         missing = 0
@@ -134,7 +134,7 @@ def test_unit_sum_equals_full_trace(swin224):
 
 # --- checkpoint compatibility ----------------------------------------------------------------------------------------
 def snnet_swin_state_dict():
-    """A synthetic SN-Net Swin checkpoint with the Microsoft-Swin keys and shapes of spec 3.6."""
+    """A synthetic SN-Net Swin checkpoint with the Microsoft-Swin keys and shapes of docs/snnet_compat.md, C28."""
     sd = {}
     for a in range(3):
         p, c0 = f"anchors.{a}.", C0[a]
@@ -248,7 +248,7 @@ def test_stitch_stays_inside_its_stage(swin_small_img):
                          (0, "layers.1.downsample"), (0, "layers.1.blocks.0"), "stitch"]
     assert names[6:8] == [(1, "layers.1.blocks.1"), (1, "layers.2.downsample")]
     # the least-squares target of a block is the output of the unit before it: for block 0 of a stage, the merge
-    assert model.units[1][model._block(1, 1, 0) - 1].name == "layers.1.downsample"
+    assert model.units[1][model.block_unit(1, 1, 0) - 1].name == "layers.1.downsample"
     x = torch.randn(2, 3, SMALL, SMALL)
     model.eval()
     with torch.no_grad():

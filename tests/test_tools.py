@@ -17,13 +17,15 @@ from snnet.build import build_snnet
 from snnet.checkpoint import save_checkpoint
 from snnet.config import parse_stitch_config
 from snnet.export import count_params, export_stitch, load_exported, load_snnet, stitched_network
-from snnet.pareto import front_table, infer_anchors, markdown_table, pareto_front, read_results
-from snnet.plan import PlanError
+from snnet.cost import cost_table
+from snnet.pareto import front_table, infer_anchors, pareto_front, pareto_report
+from snnet.results import ResultsError, ResultsFile, read_results
+from snnet.select import BudgetError, model_img_size, stitch_for
 
 ROOT = Path(__file__).resolve().parent.parent
 IMG = 16
 
-# SNNET_SPEC.md 7.0: the first five lines of each SN-Net results file, verbatim
+# The first five lines of each SN-Net results file, verbatim (docs/snnet_compat.md, C31-C34)
 SNNET_FILES = {
     "deit": """\
 {"cfg_id": 0, "flops": 1258411200, "params": 5717416, "acc1": 70.56400227203369}
@@ -65,7 +67,7 @@ SNNET_FILES = {
 FIRST5_FRONT = {"deit": [0, 4, 1, 2], "swin": [0, 1, 4, 2], "levit": [0, 4, 3, 1], "r18_r50": [0, 4, 2],
                 "r18_swin_ti": [0, 4, 3, 2, 1]}
 ANCHORS = {"deit": 3, "swin": 3, "levit": 2, "r18_r50": 2, "r18_swin_ti": 2}
-# spec 7.6, the fronts of the full files; where every cfg_id a full front excludes among 0..4 is dominated within
+# docs/snnet_compat.md, C25: the fronts of the full files; where every cfg_id a full front excludes among 0..4 is dominated within
 # the first five lines too, the five-line front is the full front restricted to 0..4
 SPEC_FRONT = {"levit": [0, 7, 6, 5, 4, 3, 1], "r18_r50": [0, 9, 8, 6, 5, 4, 2], "r18_swin_ti": [0, 7, 6, 5, 4, 3, 2, 1]}
 
@@ -88,7 +90,7 @@ class Tiny:
         self.ckpt = root / "last.pth.tar"
         save_checkpoint(self.ckpt, {"state_dict": self.net.state_dict(), "epoch": 0,
                                     "args": json.dumps({"num_classes": 10, "img_size": IMG, "model_kwargs": {}})})
-        table = self.net.cost_table(IMG)
+        table = cost_table(self.net, IMG)
         flops = [table.route_flops(r) for r in self.net.routes]
         self.records = [{"cfg_id": c, "flops": f, "params": self.net.params(c),
                          "acc1": 40 + 30 * (f / max(flops)) ** 0.5 + ((c * 37) % 11 - 5) * 0.7,
@@ -151,16 +153,17 @@ def test_snnet_result_files_first_lines(snnet_files, family):
         assert FIRST5_FRONT[family] == [c for c in SPEC_FRONT[family] if c <= 4]
 
 
-def test_front_matches_brute_force_on_demo_results():
+def test_front_matches_brute_force_on_demo_results(monkeypatch):
     path = ROOT / "results" / "demo" / "stitches_res.txt"
     if not path.exists():
         pytest.skip("run `make demo` first")
     records = read_results(path)
     assert sorted(r["cfg_id"] for r in pareto_front(records)) == dominated_free(records)
     assert infer_anchors(records) == 3
-    shipped = ROOT / "results" / "demo" / "pareto.md"
-    if shipped.exists():  # write_report's table (snnet/demo.py) did not change
-        assert markdown_table(records) == shipped.read_text()
+    shipped = ROOT / "results" / "demo" / "pareto_flops.md"
+    if shipped.exists():  # the demo's table is `snnet pareto`'s, and the committed one is up to date
+        monkeypatch.chdir(ROOT)  # the demo runs from the repository root and names the file relative to it
+        assert pareto_report(["results/demo/stitches_res.txt"]).markdown == shipped.read_text()
 
 
 def test_pareto_cli_several_files(snnet_files, tiny, tmp_path, capsys):
@@ -227,6 +230,69 @@ def test_foreign_results_files_refused(tmp_path, capsys, kind, command):
 def test_missing_results_file(tmp_path, capsys):
     rc, _, err = run(capsys, "pareto", tmp_path / "nope.txt")
     assert_refused(rc, err, "nope.txt", "does not exist")
+
+
+# --------------------------------------------------------------------------------------------------- reading
+LINES = [json.dumps({"cfg_id": c, "flops": 100 * (c + 1), "params": 10 * (c + 1), "acc1": 70.0 + c}) for c in range(3)]
+
+
+def test_reader_drops_a_torn_last_line_only(tmp_path):
+    torn = tmp_path / "torn.txt"
+    torn.write_text("\n".join(LINES) + "\n" + '{"cfg_id": 3, "fl')  # an evaluation cut short mid-line
+    assert [r["cfg_id"] for r in read_results(torn)] == [0, 1, 2]
+    assert torn.read_text().endswith('"fl')  # reading never rewrites the file
+    middle = tmp_path / "middle.txt"
+    middle.write_text("\n".join([LINES[0], '{"cfg_id": 1, "fl', LINES[2]]) + "\n")
+    with pytest.raises(ResultsError, match=r"middle.txt' line 2 is not a JSON object"):
+        read_results(middle)
+    (tmp_path / "stitches_res.txt").write_text("\n\n".join(LINES) + "\n\n")  # blank lines are skipped
+    assert [r["cfg_id"] for r in read_results(tmp_path)] == [0, 1, 2]  # a folder means its stitches_res.txt
+    only = tmp_path / "only.txt"
+    only.write_text("cfg_id flops acc1")
+    with pytest.raises(ResultsError, match="line 1 is not a JSON object"):
+        read_results(only)
+
+
+def test_reader_refuses_a_repeated_cfg_id(tmp_path, capsys):
+    path = tmp_path / "twice.txt"
+    path.write_text("\n".join([*LINES, LINES[1].replace("71.0", "75.0")]) + "\n")
+    rc, out, err = run(capsys, "select", path, "--max-flops", "1G")
+    assert_refused(rc, err, "twice.txt", "line 4", "cfg_id 1 is also on line 2", "keep one")
+    assert out == ""
+
+
+@pytest.mark.parametrize("key, value", [("flops", -1), ("flops", float("inf")), ("params", float("nan")),
+                                        ("params", "12"), ("acc1", 100.5), ("acc1", -0.5), ("acc1", float("nan")),
+                                        ("acc5", 101), ("cfg_id", -1), ("cfg_id", 1.5), ("cfg_id", True),
+                                        ("latency_ms_b1", -0.1)])
+@pytest.mark.parametrize("command", ["pareto", "select"])
+def test_reader_refuses_impossible_values(tmp_path, capsys, key, value, command):
+    path = tmp_path / "bad.txt"
+    bad = {**json.loads(LINES[1]), key: value}
+    path.write_text("\n".join([LINES[0], json.dumps(bad), LINES[2]]) + "\n")  # json writes Infinity / NaN
+    extra = ["--out", tmp_path / "out"] if command == "pareto" else ["--max-flops", "1G"]
+    rc, out, err = run(capsys, command, path, *extra)
+    assert_refused(rc, err, "bad.txt", "line 2", f"{key} {value!r}")
+    assert out == "" and not (tmp_path / "out").exists()
+
+
+def test_evaluator_resume_uses_the_same_reader(tmp_path, caplog):
+    path = tmp_path / "stitches_res.txt"
+    stamp = {"checkpoint_sha256": "c", "config_sha256": "k"}
+    lines = [json.dumps({**json.loads(line), **stamp}) for line in LINES]
+    path.write_text("\n".join(lines) + "\n" + lines[2][:25])  # crash mid-write of a later stitch
+    results = ResultsFile(path, "c", "k")
+    with caplog.at_level("WARNING", logger="snnet"):
+        assert sorted(results.completed()) == [0, 1, 2]
+    assert "line 4 is incomplete" in caplog.text
+    assert path.read_text() == "\n".join(lines) + "\n"  # the torn line is gone before anything is appended
+    results.extend([{**json.loads(LINES[1]), "acc1": 80.0}, {"cfg_id": 3, "acc1": 60.0}])  # 1 redone, 3 added
+    assert [(r["cfg_id"], r["acc1"]) for r in read_results(path)] == [(0, 70.0), (1, 80.0), (2, 72.0), (3, 60.0)]
+    with pytest.raises(ResultsError, match="another checkpoint or config"):
+        ResultsFile(path, "other", "k").completed()
+    path.write_text("\n".join([lines[0], "not json", lines[1]]) + "\n")
+    with pytest.raises(ResultsError, match="line 2 is not a JSON object"):
+        results.completed()
 
 
 # --------------------------------------------------------------------------------------------------- select
@@ -312,6 +378,8 @@ def test_pruning_is_family_agnostic(family):
     raw, size = FAMILIES[family]
     torch.manual_seed(0)
     net = build_snnet(parse_stitch_config(raw), pretrained=False, num_classes=10, img_size=size).eval()
+    if family != "resnet":  # CNNs take any size and record none (timm's default 224 applies)
+        assert model_img_size(net) == (size, size)  # Swin: patch_embed.img_size; LeViT: timm's _model_args
     x = torch.randn(2, 3, size, size)
     for c in range(net.num_configs):
         module, _ = stitched_network(net, c)
@@ -359,7 +427,7 @@ def test_export_uses_the_config_the_checkpoint_recorded(tiny, tmp_path):
     save_checkpoint(ckpt, {"state_dict": tiny.net.state_dict(), "epoch": 3, "config": json.dumps(ident)})
     loaded = load_snnet(ckpt, img_size=IMG)
     assert loaded.net.num_configs == tiny.net.num_configs and loaded.num_classes == 10
-    spec = export_stitch(loaded, 1, tmp_path / "anchor1", torchscript=False, onnx=False)
+    spec = export_stitch(loaded, 1, tmp_path / "anchor1", formats=())
     assert spec["route"] == tiny.net.describe(1) and sorted(spec["files"]) == ["weights"]
     assert count_params(load_exported(tmp_path / "anchor1")) == tiny.net.params(1)
 
@@ -389,25 +457,54 @@ def test_stitch_for_switches_without_reallocating(tiny):
     before = {n: (p.data_ptr(), p.shape) for n, p in net.named_parameters()}
     flops = [r["flops"] for r in tiny.records]
     budget = sorted(flops)[7]
-    c = net.stitch_for(max_flops=budget, img_size=IMG)  # no results: the most expensive route that fits
+    c = stitch_for(net, max_flops=budget)  # no results: the most expensive route that fits, at the net's 16x16
     assert flops[c] == max(f for f in flops if f <= budget)
-    net.attach_results(tiny.records)
-    try:
-        c = net.stitch_for(max_flops=budget, img_size=IMG)
-        assert c == max((r for r in tiny.records if r["flops"] <= budget), key=lambda r: r["acc1"])["cfg_id"]
-        c = net.stitch_for(max_params=12000, img_size=IMG)
-        assert c == max((r for r in tiny.records if r["params"] <= 12000), key=lambda r: r["acc1"])["cfg_id"]
-        x = torch.randn(1, 3, IMG, IMG)
-        with torch.no_grad():
-            for budget in sorted(flops) + sorted(flops, reverse=True):
-                net(x, net.stitch_for(max_flops=budget, img_size=IMG))
-        assert {n: (p.data_ptr(), p.shape) for n, p in net.named_parameters()} == before
-        with pytest.raises(PlanError, match="cheapest is cfg_id 0"):
-            net.stitch_for(max_flops=1, img_size=IMG)
-        with pytest.raises(PlanError, match="cfg_id 3"):
-            net.attach_results([{**tiny.records[3], "route": "another SN-Net's route"}])
-    finally:
-        net.attach_results(None)
+    c = stitch_for(net, tiny.records, max_flops=budget)
+    assert c == max((r for r in tiny.records if r["flops"] <= budget), key=lambda r: r["acc1"])["cfg_id"]
+    c = stitch_for(net, tiny.records, max_params=12000)
+    assert c == max((r for r in tiny.records if r["params"] <= 12000), key=lambda r: r["acc1"])["cfg_id"]
+    x = torch.randn(1, 3, IMG, IMG)
+    with torch.no_grad():
+        for budget in sorted(flops) + sorted(flops, reverse=True):
+            net(x, stitch_for(net, tiny.records, max_flops=budget))
+    assert {n: (p.data_ptr(), p.shape) for n, p in net.named_parameters()} == before
+    with pytest.raises(BudgetError, match="closest is cfg_id 0.*raise max_flops"):
+        stitch_for(net, max_flops=1)
+    with pytest.raises(ResultsError, match="cfg_id 3"):
+        stitch_for(net, [{**tiny.records[3], "route": "another SN-Net's route"}])
+    with pytest.raises(ResultsError, match="cfg_id 99"):
+        stitch_for(net, [{**tiny.records[3], "cfg_id": 99}])
+
+
+def test_stitch_for_and_select_agree(tiny, tmp_path, capsys):
+    """The same records and budget give the same cfg_id, ties included (accuracies rounded into ties here)."""
+    records = [{**r, "acc1": float(50 + r["cfg_id"] % 3)} for r in tiny.records]
+    path = tmp_path / "ties.txt"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    for flag, key, kwarg in (("--max-flops", "flops", "max_flops"), ("--max-params", "params", "max_params")):
+        for budget in sorted({r[key] for r in records}):
+            rc, out, err = run(capsys, "select", path, flag, budget, "--json")
+            assert rc == 0, err
+            chosen = json.loads(out)["cfg_id"]
+            assert stitch_for(tiny.net, records, **{kwarg: budget}) == chosen, (flag, budget)
+            fit = [r for r in records if r[key] <= budget]
+            best = max(r["acc1"] for r in fit)  # the rule: top-1, then fewer FLOPs, params, lower cfg_id
+            expect = min((r for r in fit if r["acc1"] == best), key=lambda r: (r["flops"], r["params"], r["cfg_id"]))
+            assert chosen == expect["cfg_id"], (flag, budget)
+
+
+def test_stitch_for_defaults_to_the_models_image_size():
+    raw = {"anchors": [{"name": "deit_tiny_patch16_224", "model_kwargs": {"patch_size": 8, "depth": 2,
+                                                                         "embed_dim": w, "num_heads": 2}}
+                       for w in (8, 16)]}
+    torch.manual_seed(0)
+    net = build_snnet(parse_stitch_config(raw), pretrained=False, num_classes=10, img_size=32).eval()
+    assert model_img_size(net) == (32, 32)
+    flops = [cost_table(net, 32).route_flops(r) for r in net.routes]
+    for budget in sorted(flops):  # FLOPs at 32x32 (this ViT cannot even run at timm's default 224)
+        c = stitch_for(net, max_flops=budget)
+        assert c == stitch_for(net, max_flops=budget, img_size=32)
+        assert flops[c] == max(f for f in flops if f <= budget)
 
 
 # --------------------------------------------------------------------------------------------------- latency

@@ -52,6 +52,118 @@ def test_yaml_defaults_and_cli_precedence(tmp_path):
         parse_args(["/d", "--model", "resnet18", "-c", str(y)])
 
 
+def test_precedence_default_yaml_stitch_config_typed(tmp_path):
+    """Each layer replaces the one below it, flag by flag: defaults < -c YAML < --stitch_config < typed."""
+    y, j = tmp_path / "a.yaml", tmp_path / "s.json"
+    y.write_text("epochs: 7\nlr-base: 0.2\nlr_base_size: 128\nworkers: 3\ndataset: torch/cifar10\n")
+    j.write_text(json.dumps({"anchors": ["resnet18"], "epochs": 50, "lr": 5e-5, "data_set": "IMNET",
+                             "data_path": "/json/data"}))
+    lr_of = lambda a: (a.lr, a.lr_base, a.lr_base_size, a.lr_base_scale)
+
+    base = json.dumps({"anchors": ["resnet18"]})
+    (tmp_path / "bare.json").write_text(base)
+    a, _ = parse_args(["/d", "--stitch_config", str(tmp_path / "bare.json")])  # built-in defaults
+    assert (a.epochs, a.workers, a.dataset, lr_of(a)) == (300, 4, "", (None, 0.1, 256, ""))
+    a, _ = parse_args(["/d", "--stitch_config", str(tmp_path / "bare.json"), "-c", str(y)])  # YAML over defaults
+    assert (a.epochs, a.workers, a.dataset, lr_of(a)) == (7, 3, "torch/cifar10", (None, 0.2, 128, ""))
+    a, _ = parse_args(["-c", str(y), "--stitch_config", str(j)])  # stitch config over YAML, key by key
+    assert (a.epochs, a.workers, a.dataset, lr_of(a)) == (50, 3, "", (None, 5e-5, 512, "linear"))
+    assert a.data_dir == "/json/data"  # data_path is DATA's default
+    typed = ["-c", str(y), "--stitch_config", str(j), "/typed", "--epochs", "2", "-j", "1"]
+    a, _ = parse_args(typed)
+    assert (a.epochs, a.workers, a.data_dir) == (2, 1, "/typed")
+    assert parse_args(typed + ["--data-dir", "/dd"])[0].data_dir == "/dd"
+    # the lr rule: a typed --lr is absolute and wins; a typed --lr-base keeps the config's 512 base size and linear
+    # scaling unless --lr-base-size is typed too
+    assert lr_of(parse_args(typed + ["--lr", "0.3"])[0])[0] == 0.3
+    assert lr_of(parse_args(typed + ["--lr-base", "0.001"])[0]) == (None, 0.001, 512, "linear")
+    assert lr_of(parse_args(typed + ["--lr-base", "0.001", "--lr-base-size", "256"])[0]) == (None, 0.001, 256,
+                                                                                            "linear")
+
+
+def test_yaml_may_name_the_stitch_config(tmp_path):
+    y = tmp_path / "a.yaml"
+    y.write_text("stitch_config: configs/deit_ti_s_b.json\nepochs: 7\n")
+    a, cfg = parse_args(["/d", "-c", str(y)])
+    assert [x.name for x in cfg.anchors][0] == "deit_tiny_patch16_224" and a.epochs == 50  # JSON over its YAML
+    assert parse_args(["/d", "-c", str(y), "--stitch_config", "configs/resnet18_resnet50.json"])[1].anchors[0].name \
+        == "resnet18"
+
+
+@pytest.mark.parametrize("text,message", [
+    ("batch_size: 0", "-c/--config '{y}': key 'batch_size': 0 is not >= 1 (as for -b/--batch-size); fix the value"),
+    ("mean: 0.5", "key 'mean': 0.5 is not a list; write a list, e.g. [0.5] (as for --mean)"),
+    ("scale: [0.1, 0.5, 1.0]", "key 'scale': [0.1, 0.5, 1.0] has 3 item(s); give 2"),
+    ("lr: .nan", "key 'lr': 'nan' is not a finite number"),
+    ("momentum: .inf", "key 'momentum': 'inf' is not a finite number"),
+    ("epochs: 2.5", "key 'epochs': '2.5' is not an integer"),
+    ("epochs: ten", "key 'epochs': 'ten' is not an integer"),
+    ("reprob: 1.5", "key 'reprob': 1.5 is not a probability in [0, 1]"),
+    ("remode: noise", "key 'remode': 'noise' is not one of 'const', 'rand', 'pixel'"),
+    ("amp: 1", "key 'amp': 1 is not true or false"),
+    ("batch_size: null", "key 'batch_size': null is not allowed here"),
+    ("aa: [rand]", "key 'aa': ['rand'] is not a single value"),
+    ("model_kwargs: depth=6", "key 'model_kwargs': 'depth=6' is not a mapping"),
+    ("config: other.yaml", "unknown key 'config'"),
+])
+def test_yaml_values_are_checked_like_typed_ones(tmp_path, text, message):
+    y = tmp_path / "a.yaml"
+    y.write_text(text + "\n")
+    with pytest.raises(UsageError) as e:
+        parse_args(["/d", "--model", "resnet18", "-c", str(y)])
+    assert message.format(y=y) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_yaml_values_that_are_fine(tmp_path):
+    y = tmp_path / "a.yaml"
+    y.write_text("lr: 1e-4\nmean: [0.5, 0.5, 0.5]\nimg_size: null\nexperiment: 2024\nmodel-kwargs: {depth: 6}\n"
+                 "amp: true\nscale: [0.5, 1]\n")
+    a, _ = parse_args(["/d", "--model", "resnet18", "-c", str(y)])
+    assert (a.lr, a.mean, a.img_size, a.experiment, a.model_kwargs, a.amp, a.scale) == (
+        1e-4, [0.5] * 3, None, "2024", {"depth": 6}, True, [0.5, 1.0])
+
+
+@pytest.mark.parametrize("fields,message", [
+    ('"reprob": 2', "field 'reprob': 2 is not a probability in [0, 1] (as for --reprob)"),
+    ('"lr": NaN', "field 'lr': 'nan' is not a finite number (as for --lr-base)"),
+    ('"lr": -1e-4', "field 'lr': -0.0001 is not >= 0"),
+    ('"weight_decay": Infinity', "field 'weight_decay': 'inf' is not a finite number"),
+    ('"clip_mode": "norm2"', "field 'clip_mode': 'norm2' is not one of 'norm', 'value', 'agc'"),
+    ('"distillation_type": "medium"', "field 'distillation_type': 'medium' is not one of"),
+])
+def test_stitch_config_values_are_checked_like_typed_ones(tmp_path, fields, message):
+    j = tmp_path / "s.json"
+    j.write_text('{"anchors": ["resnet18"], %s}' % fields)
+    with pytest.raises(UsageError) as e:
+        parse_args(["/d", "--stitch_config", str(j)])
+    assert f"stitch config '{j}': {message}" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_typed_non_finite_numbers_are_refused():
+    with pytest.raises(UsageError, match="argument --crop-pct: 'nan' is not a finite number"):
+        parse_args(["/d", "--model", "resnet18", "--crop-pct", "nan"])
+
+
+def test_every_flag_has_help_showing_its_default():
+    from snnet.args import build_parser
+    parser = build_parser()
+    assert [a.dest for a in parser._actions if not (a.help or "").strip()] == []
+    text = " ".join(parser.format_help().split())  # formatting also catches a stray % in a help string
+    assert "(default: 128)" in text and "(default: 'cosine')" in text and "(default: [90, 180, 270])" in text
+
+
+def test_stitch_config_fields_map_to_flags():
+    """config.FIELDS is the one table; SN-Net's field names keep their flags."""
+    from snnet.args import build_parser
+    from snnet.config import ARG_DESTS
+    assert {k: ARG_DESTS[k] for k in ("lr", "input_size", "data_path", "data_set", "exp_name", "num_workers",
+                                      "teacher_model", "batch_size", "warmup_lr", "min_lr", "epochs")} == {
+        "lr": "lr_base", "input_size": "img_size", "data_path": "data", "data_set": "dataset",
+        "exp_name": "experiment", "num_workers": "workers", "teacher_model": "teacher", "batch_size": "batch_size",
+        "warmup_lr": "warmup_lr", "min_lr": "min_lr", "epochs": "epochs"}
+    assert set(ARG_DESTS.values()) <= {a.dest for a in build_parser()._actions}
+
+
 def test_sampler_is_deterministic_per_seed_rank_step():
     a, b = StitchSampler(71, seed=3, rank=1), StitchSampler(71, seed=3, rank=1)
     draws = [a(s) for s in range(500)]

@@ -1,0 +1,428 @@
+"""train.py: build, least-squares initialise, train (DDP + AMP) and evaluate an SN-Net, the timm way.
+
+    train.py DATA --stitch_config configs/deit_ti_s_b.json [timm flags]        # train, then evaluate every stitch
+    train.py DATA --stitch_config ... --eval --resume CKPT                     # evaluate every stitch
+    train.py DATA --model vit_tiny_patch16_224 [timm flags]                    # one plain model
+
+This module wires (as DeiT's main.py): arguments -> data -> network -> LS init / resume -> `fit` or `evaluate_all`.
+The loops are in engine.py, optimizer and schedule in optim.py, losses in losses.py, checkpoints in checkpoint.py,
+the results file in results.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapter import AnchorError
+from .args import UsageError, parse_args
+from .checkpoint import LAST, RECOVERY, CheckpointError, CheckpointSaver, StateDictMismatch, load_checkpoint, training_state
+from .config import ConfigError, StitchConfig
+from .cost import cost_table
+from .data import DataError, clean_images, create_datasets, create_eval_loader, create_train_loader, num_classes_of
+from .device import DeviceError, amp_dtype_for, restart_attempt, resolve_device, unwrap, world
+from .engine import NonFiniteLoss, TrainContext, default_val_panel, evaluate_stitches, train_one_epoch
+from .fileio import write_text_atomic
+from .losses import create_loss
+from .model import PlainNet, RoutedNet
+from .optim import OptimError, anchor_lr_scale, create_optimizer, create_scheduler, resolve_lr
+from .plan import PlanError
+from .results import RESULTS_FILE, ResultsError, ResultsFile, file_sha256, text_sha256
+from .sampler import create_sampler, seed_epoch
+
+_logger = logging.getLogger("snnet")
+USER_ERRORS = (UsageError, ConfigError, DataError, AnchorError, PlanError, CheckpointError, ResultsError, OptimError,
+               DeviceError)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        args, stitch_cfg = parse_args(argv)
+        run(args, stitch_cfg)
+    except USER_ERRORS as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as e:
+        print(f"error: {e}; the last good checkpoint is kept", file=sys.stderr)
+        return 3
+    except BaseException:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # a peer crashed or the group broke: leave now. Interpreter teardown (process-group destructors) can
+            # block on dead connections and keep torchrun from restarting the workers (--max-restarts)
+            import traceback
+            traceback.print_exc()
+            sys.stderr.flush()
+            os._exit(1)
+        raise
+    # only after a clean run: with a crashed peer, tearing the group down can block forever and keep torchrun
+    # from restarting the workers
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def one_line(e: BaseException) -> str:
+    """The message of a user error on one line; errors re-raised from a DataLoader worker carry the worker's
+    traceback text, whose last line is the original message."""
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(text.split())
+
+
+@dataclass
+class Run:
+    """What every phase of one run reads: the resolved arguments and what was derived from them once."""
+    args: argparse.Namespace
+    stitch_cfg: StitchConfig | None
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    data_cfg: dict
+    out_dir: Path
+    config_text: str  # the network's identity (anchors, input, classes, precision), hashed into results
+
+    @property
+    def primary(self) -> bool:
+        return world()[0] == 0
+
+
+# ------------------------------------------------------------------------------------------------------ building
+def build_network(args: argparse.Namespace, stitch_cfg: StitchConfig | None, num_classes: int) -> RoutedNet:
+    kwargs = dict(num_classes=num_classes, drop_path_rate=args.drop_path, drop_rate=args.drop, **args.model_kwargs)
+    if args.img_size is not None:
+        kwargs["img_size"] = args.img_size
+    if args.in_chans is not None:
+        kwargs["in_chans"] = args.in_chans
+    if stitch_cfg is None:
+        from .build import create_anchor
+        from .config import AnchorSpec
+        return PlainNet(create_anchor(AnchorSpec(args.model), pretrained=args.pretrained, **kwargs), args.model)
+    from .build import build_snnet
+    return build_snnet(stitch_cfg, pretrained=not args.no_pretrained, **kwargs)
+
+
+def output_dir(args: argparse.Namespace) -> Path:
+    if args.eval and args.resume and not (args.output or args.experiment):
+        return Path(args.resume).resolve().parent  # results next to the checkpoint: a rerun continues there
+    name = args.experiment
+    if not name:
+        stem = Path(args.stitch_config).stem if args.stitch_config else args.model
+        name = f"eval-{stem}" if args.eval else f"{time.strftime('%Y%m%d-%H%M%S')}-{stem}-{args.img_size or 224}"
+    return Path(args.output or "./output/train") / name
+
+
+def _config_text(args: argparse.Namespace, stitch_cfg: StitchConfig | None, data_cfg: dict) -> str:
+    ident = {"stitch_config": stitch_cfg.values if stitch_cfg else None,
+             "anchors": [a.__dict__ for a in stitch_cfg.anchors] if stitch_cfg else [args.model],
+             "input_size": list(data_cfg["input_size"]), "crop_pct": data_cfg["crop_pct"],
+             "num_classes": args.num_classes, "amp": [args.amp, args.amp_dtype]}
+    return json.dumps(ident, sort_keys=True, default=str)
+
+
+def load_into(net: nn.Module, path: str) -> dict:
+    """Read checkpoint `path` and load its weights into `net`; returns the checkpoint."""
+    state = load_checkpoint(path)
+    try:
+        unwrap(net).load_checkpoint_state(state["state_dict"])
+    except StateDictMismatch as e:
+        raise CheckpointError(f"checkpoint {path!r} does not fit this model ({e}); it was made with another stitch "
+                              f"config, model or --num-classes: pass the same ones") from None
+    return state
+
+
+def _resume_path(args: argparse.Namespace, out_dir: Path) -> str:
+    """--resume, or with --auto-resume (always on in a torchrun restart) the run folder's newest checkpoint: the
+    recovery file when there is one (an epoch checkpoint deletes it), else the last epoch's."""
+    if not args.resume and not args.eval and (args.auto_resume or restart_attempt() > 0):
+        found = [out_dir / name for name in (RECOVERY, LAST) if (out_dir / name).exists()]
+        if found:
+            args.resume = str(found[0])
+            _logger.info(f"auto-resume: continuing from {args.resume}")
+    return args.resume
+
+
+def ls_initialise(net: RoutedNet, run: Run, images_from) -> None:
+    """Least-squares init of the stitching layers on clean images (see ls_init.py), with a log line."""
+    from .ls_init import ls_init
+    args, rank, world_size = run.args, *world()
+    count = args.stitch_init_bs or run.stitch_cfg.get("stitch_init_bs")
+    t0 = time.perf_counter()
+    reports = ls_init(net, clean_images(images_from, run.data_cfg, count, args.seed, rank, world_size),
+                      mode=args.ls_mode or run.stitch_cfg.get("ls_mode"))
+    if reports:
+        errs = [r.rel_error for r in reports]
+        _logger.info(f"LS init: {len(reports)} stitching layers fitted on {count} clean images in "
+                     f"{time.perf_counter() - t0:.1f}s; relative fit error mean {sum(errs) / len(errs):.4f} "
+                     f"max {max(errs):.4f}")
+
+
+# ------------------------------------------------------------------------------------------------------ the run
+def run(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
+    from timm.data import resolve_data_config
+    from timm.utils import random_seed
+
+    device = resolve_device(args)
+    rank, world_size = world()
+    random_seed(args.seed, rank)
+    if rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    train_ds, val_ds = create_datasets(args, need_train=not args.eval)
+    if args.num_classes is None:
+        args.num_classes = num_classes_of(train_ds or val_ds) or (stitch_cfg.get("num_classes") if stitch_cfg else None)
+    net = build_network(args, stitch_cfg, args.num_classes)
+    data_cfg = resolve_data_config(vars(args), model=net, verbose=rank == 0)
+    if args.split_bn:
+        from timm.layers import convert_splitbn_model
+        net = convert_splitbn_model(net, max(args.aug_splits, 2))
+    net.to(device)
+    if args.channels_last:
+        net.to(memory_format=torch.channels_last)
+    if args.initial_checkpoint:
+        load_into(net, args.initial_checkpoint)
+    run_ = Run(args, stitch_cfg, device, amp_dtype_for(args, device), data_cfg, output_dir(args),
+               _config_text(args, stitch_cfg, data_cfg))
+    resume = _resume_path(args, run_.out_dir)
+    resume_state = load_checkpoint(resume) if resume else None
+    if stitch_cfg is not None and resume_state is None and stitch_cfg.get("ls_init") and not args.no_ls_init:
+        ls_initialise(net, run_, train_ds if train_ds is not None else val_ds)
+    if resume_state is not None:
+        load_into(net, resume)
+    if args.eval:
+        init = text_sha256(f"init:{args.seed}:{run_.config_text}")
+        evaluate_all(net, val_ds, run_, file_sha256(resume) if resume else init)
+        return
+    fit(net, train_ds, val_ds, run_, resume_state)
+
+
+def evaluate_all(net: RoutedNet, val_ds, run: Run, ckpt_hash: str) -> dict:
+    """Every stitch on the validation set; one JSON line per stitch in <out_dir>/stitches_res.txt."""
+    args, (rank, world_size) = run.args, world()
+    if val_ds is None:
+        raise DataError(f"no validation split in {args.data_dir!r} to evaluate the stitches on")
+    model = unwrap(net)
+    results = ResultsFile(run.out_dir / RESULTS_FILE, ckpt_hash, text_sha256(run.config_text))
+    done = {}
+    if rank == 0:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        done = results.completed()
+    if world_size > 1:  # every rank evaluates the same remaining stitches
+        box = [sorted(done)]
+        torch.distributed.broadcast_object_list(box, src=0)
+        done = dict.fromkeys(box[0])
+    todo = [c for c in range(model.num_configs) if c not in done]
+    if not todo:
+        _logger.info(f"all {model.num_configs} stitches already evaluated in {results.path}")
+        return done
+    table = cost_table(model, tuple(run.data_cfg["input_size"][1:]), run.data_cfg["input_size"][0])
+    _logger.info(f"evaluating {len(todo)} stitch(es) ({len(done)} already in {results.path}) on "
+                 f"{len(val_ds)} images, {world_size} process(es)")
+    loader = create_eval_loader(val_ds, args, run.data_cfg, rank, world_size)
+    metrics = evaluate_stitches(net, loader, todo, run.device, run.amp_dtype, args.log_interval)
+    records = []
+    for cfg_id, m in metrics.items():
+        record = {"cfg_id": cfg_id, "flops": table.route_flops(model.routes[cfg_id]), "params": model.params(cfg_id),
+                  "acc1": m["acc1"], "acc5": m["acc5"], "loss": m["loss"], "route": model.describe(cfg_id),
+                  "samples": m["samples"]}
+        records.append(record)
+        _logger.info(f"cfg {cfg_id:>3d} {record['route']}: acc1 {m['acc1']:.3f} acc5 {m['acc5']:.3f} "
+                     f"loss {m['loss']:.4f} flops {record['flops'] / 1e9:.3f}G params {record['params'] / 1e6:.3f}M")
+    if rank == 0:
+        results.extend(records)
+        _logger.info(f"results: {results.path}")
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------------ training
+def _freeze(model: RoutedNet, stitch_cfg: StitchConfig | None) -> None:
+    """SN-Net's ``fulltune: false``: only the stitching layers and the class tokens train."""
+    if stitch_cfg is not None and not stitch_cfg.get("fulltune"):
+        for name, p in model.named_parameters():
+            p.requires_grad = name.startswith("stitch_layers.") or "cls" in name
+
+
+def _resume_counters(args: argparse.Namespace, resume_state: dict | None, optimizer, loss_scaler) -> tuple[int, int]:
+    """(start epoch, global step); the optimizer and scaler states unless --no-resume-opt (timm's semantics)."""
+    start_epoch, global_step = 0, 0
+    if resume_state is not None:  # a recovery checkpoint continues inside its epoch
+        start_epoch = int(resume_state.get("epoch", -1)) + (0 if "batch_idx" in resume_state else 1)
+        global_step = int(resume_state.get("global_step", 0))
+        if not args.no_resume_opt and "optimizer" in resume_state:
+            optimizer.load_state_dict(resume_state["optimizer"])
+            if loss_scaler is not None and resume_state.get("amp_scaler"):
+                loss_scaler.load_state_dict(resume_state["amp_scaler"])
+    if args.start_epoch is not None:
+        start_epoch = args.start_epoch
+    return start_epoch, global_step
+
+
+def _val_panel(args: argparse.Namespace, model: RoutedNet) -> list[int]:
+    panel = args.val_stitches if args.val_stitches is not None else default_val_panel(model.num_configs,
+                                                                                      model.n_anchors)
+    bad = [c for c in panel if c >= model.num_configs]
+    if bad:
+        raise UsageError(f"--val-stitches {bad} out of range: this network has cfg_ids 0..{model.num_configs - 1}")
+    return panel
+
+
+def _fault_injection(global_step: int) -> None:
+    """Test hook: SNNET_FAULT_KILL_AT_STEP=N kills this process with SIGKILL after optimizer step N (on the rank
+    SNNET_FAULT_RANK, default all; only in the first attempt of a torchrun --max-restarts run)."""
+    at = os.environ.get("SNNET_FAULT_KILL_AT_STEP")
+    if at is None or int(at) != global_step or restart_attempt() != 0:
+        return
+    rank = os.environ.get("SNNET_FAULT_RANK")
+    if rank is None or rank == os.environ.get("RANK", "0"):
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _validate(net, val_loader, panel: list[int], run: Run, epoch: int, train_loss: float) -> dict[str, float]:
+    m = evaluate_stitches(net, val_loader, panel, run.device, run.amp_dtype, run.args.log_interval)
+    metrics = {"loss": sum(v["loss"] for v in m.values()) / len(m), "top1": sum(v["acc1"] for v in m.values()) / len(m),
+               "top5": sum(v["acc5"] for v in m.values()) / len(m)}
+    metrics.update({f"top1@{c}": v["acc1"] for c, v in m.items()})
+    _logger.info(f"epoch {epoch}: train loss {train_loss:.4f}; panel {panel} mean top-1 {metrics['top1']:.3f} "
+                 f"loss {metrics['loss']:.4f}")
+    return metrics
+
+
+def _truncate_summary(path: Path, start_epoch: int) -> None:
+    """A resumed run redoes epochs >= start_epoch: drop their rows (written before the kill) from summary.csv."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = lines[:1] + [l for l in lines[1:] if l.split(",", 1)[0].isdigit() and int(l.split(",", 1)[0]) < start_epoch]
+    write_text_atomic(path, "".join(keep))
+
+
+def _recovery_hook(model: RoutedNet, optimizer, ctx: TrainContext, saver: CheckpointSaver, run: Run,
+                   steps_per_epoch: int):
+    """After-step hook writing ``recovery.pth.tar`` every --recovery-interval steps (not at an epoch's end, where
+    last.pth.tar is written). Every rank contributes what it needs to continue exactly: its RNG states after the
+    last two steps and its share of the epoch's loss."""
+    every = run.args.recovery_interval
+    args_json = json.dumps(vars(run.args), default=str)
+
+    def save(global_step: int) -> None:
+        if not every or global_step % every or ctx.epoch_step == steps_per_epoch:
+            return
+        rng = list(ctx.rng_after)
+        mine = {"rng": rng[-1], "rng_prev": rng[0] if len(rng) == 2 else None, "epoch_loss": list(ctx.epoch_loss)}
+        ranks = [mine]
+        if world()[1] > 1:
+            ranks = [None] * world()[1]
+            torch.distributed.all_gather_object(ranks, mine)
+        if run.primary:
+            state = training_state(model, optimizer, ctx.epoch, global_step, args_json, run.config_text,
+                                   ctx.loss_scaler)
+            saver.save_recovery({**state, "batch_idx": ctx.epoch_step, "ranks": ranks})
+    return save
+
+
+def _continue_epoch(ctx: TrainContext, resume_state: dict | None) -> None:
+    """From a recovery checkpoint: skip the batches its epoch already trained and replay this rank's RNG."""
+    if resume_state is None or "batch_idx" not in resume_state:
+        return
+    rank, world_size = world()
+    ranks = resume_state["ranks"]
+    if len(ranks) != world_size:
+        raise CheckpointError(f"recovery checkpoint of {len(ranks)} process(es) cannot continue on {world_size}; "
+                              f"resume it with {len(ranks)} processes, or resume from {LAST} instead")
+    ctx.skip = int(resume_state["batch_idx"])
+    ctx.restore = [ranks[rank]["rng_prev"], ranks[rank]["rng"]]
+    ctx.epoch_loss = [float(v) for v in ranks[rank]["epoch_loss"]]
+
+
+def _sampler(net: RoutedNet, run: Run, rank: int):
+    spec = run.stitch_cfg.get("sampler") if run.stitch_cfg is not None else None
+    try:
+        return create_sampler(spec, net, run.args.seed, rank, sync=run.args.sample_sync)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"stitch config field 'sampler' {spec!r}: {e}") from None
+
+
+def _setup_training(net: RoutedNet, train_ds, run: Run, resume_state: dict | None):
+    """Optimizer, scaler, loader, loss, schedule and the loop context, resumed where the checkpoint left off."""
+    from timm.utils import NativeScaler
+    args, (rank, world_size) = run.args, world()
+    _freeze(net, run.stitch_cfg)
+    lr = resolve_lr(args, args.batch_size * world_size)
+    optimizer = create_optimizer(args, net, lr)
+    loss_scaler = NativeScaler(device=run.device.type) if run.amp_dtype == torch.float16 else None
+    start_epoch, global_step = _resume_counters(args, resume_state, optimizer, loss_scaler)
+    loader = create_train_loader(train_ds, args, run.data_cfg, run.device)
+    loss_fn, mixup_fn = create_loss(args, run.device)
+    scheduler, num_epochs = create_scheduler(args, optimizer, len(loader), start_epoch,
+                                             global_step if resume_state is not None else None)
+    ctx = TrainContext(run.device, _sampler(net, run, rank),
+                       run.amp_dtype, loss_scaler, scheduler, mixup_fn,
+                       parameters=lambda: [p for p in net.parameters() if p.requires_grad], global_step=global_step,
+                       after_step=[_fault_injection])
+    _continue_epoch(ctx, resume_state)
+    if run.primary:
+        _logger.info(f"output: {run.out_dir}; {net.num_configs} network(s); lr {lr:.3e} (anchors "
+                     f"x{anchor_lr_scale(args)}); {len(loader)} steps/epoch; {world_size} process(es); amp "
+                     f"{run.amp_dtype}")
+    return optimizer, loader, loss_fn, ctx, range(start_epoch, num_epochs)
+
+
+def fit(net: RoutedNet, train_ds, val_ds, run: Run, resume_state: dict | None) -> None:
+    """Train epoch by epoch (validation panel, checkpoints, summary.csv), then evaluate every stitch."""
+    from timm.utils import distribute_bn, update_summary
+    args, (rank, world_size) = run.args, world()
+    model = unwrap(net)
+    optimizer, loader, loss_fn, ctx, epochs = _setup_training(model, train_ds, run, resume_state)
+    if args.distributed:  # each process trains its own stitch, so the used parameters differ between processes
+        ddp_kwargs = {"device_ids": [run.device.index]} if run.device.type == "cuda" else {}
+        net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True, **ddp_kwargs)
+    panel = _val_panel(args, model)
+    val_loader = create_eval_loader(val_ds, args, run.data_cfg, rank, world_size) if val_ds is not None else None
+    by_loss = "loss" in args.eval_metric or val_loader is None  # no validation split: best by training loss
+    if val_loader is None and run.primary:
+        _logger.info("no validation split: model_best.pth.tar is the epoch with the lowest training loss")
+    saver = CheckpointSaver(run.out_dir, higher_is_better=not by_loss, max_history=args.checkpoint_hist)
+    saver.best = resume_state.get("best_metric") if resume_state is not None else None
+    ctx.after_step.insert(0, _recovery_hook(model, optimizer, ctx, saver, run, len(loader)))
+    args_json = json.dumps(vars(args), default=str)
+    if run.primary:
+        write_text_atomic(run.out_dir / "args.json", json.dumps(vars(args), indent=1, sort_keys=True, default=str))
+        _truncate_summary(run.out_dir / "summary.csv", epochs.start)
+    for epoch in epochs:
+        seed_epoch(args.seed, rank, epoch)
+        if args.distributed and hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        if ctx.mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+            ctx.mixup_fn.mixup_enabled = False
+        train_metrics = train_one_epoch(epoch, net, loader, optimizer, loss_fn, args, ctx)
+        if args.distributed and args.dist_bn in ("broadcast", "reduce"):
+            distribute_bn(model, world_size, args.dist_bn == "reduce")
+        eval_metrics, metric = {}, train_metrics["loss"] if by_loss else None
+        if val_loader is not None and (epoch + 1) % args.val_interval == 0:
+            eval_metrics = _validate(net, val_loader, panel, run, epoch, train_metrics["loss"])
+            metric = eval_metrics[args.eval_metric] if args.eval_metric in eval_metrics else eval_metrics["top1"]
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        ctx.lr_scheduler.step(epoch + 1, metric)
+        if run.primary:
+            update_summary(epoch, train_metrics, eval_metrics, filename=str(run.out_dir / "summary.csv"),
+                           lr=sum(lrs) / len(lrs), write_header=None)
+            state = training_state(model, optimizer, epoch, ctx.global_step, args_json, run.config_text,
+                                   ctx.loss_scaler)
+            improved = saver.save(state, metric)
+            saver.drop_recovery()
+            _logger.info(f"saved {run.out_dir / LAST}" + (" (best so far)" if improved else ""))
+    if val_ds is not None:
+        ckpt_hash = file_sha256(run.out_dir / LAST) if run.primary else ""
+        evaluate_all(net, val_ds, run, ckpt_hash)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
