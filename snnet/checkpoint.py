@@ -49,6 +49,11 @@ def load_fitting(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
     module.load_state_dict(state, strict=True)
 
 
+def strip_ddp_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys without DistributedDataParallel's ``module.`` prefix (checkpoints saved from the wrapper have it)."""
+    return {k.removeprefix("module."): v for k, v in state_dict.items()}
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     state = {**state, "version": VERSION}
     with atomic_path(path) as tmp:
@@ -93,7 +98,7 @@ def load_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> dict[s
     for key in ("state_dict", "model", "state_dict_ema"):
         sd = state.get(key)
         if isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values()):
-            state["state_dict"] = {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
+            state["state_dict"] = strip_ddp_prefix(sd)
             return state
     raise CheckpointError(f"{what} {str(path)!r} has no 'state_dict' of tensors; it is not a model checkpoint")
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .adapter import AnchorAdapter, registered_adapters
-from .checkpoint import CheckpointError, save_checkpoint
+from .checkpoint import CheckpointError, save_checkpoint, strip_ddp_prefix
 
 
 class _CfgNode:
@@ -63,7 +63,7 @@ def family_of(keys) -> str:
 def convert_state_dict(state_dict: dict[str, torch.Tensor],
                        stage_depths: tuple[int, ...] | None = None) -> dict[str, torch.Tensor]:
     """A released SN-Net state dict with this project's keys; the family's adapter owns the key map."""
-    sd = {k[7:] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    sd = strip_ddp_prefix(state_dict)
     cls = release_adapter(sd)
     return sd if cls is None else cls.convert_release_state(sd, stage_depths)
 

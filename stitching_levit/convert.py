@@ -75,7 +75,6 @@ _ANCHOR = re.compile(r"^(anchors\.\d+\.)(.*)$")
 def _convert(state_dict: dict[str, torch.Tensor], pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in state_dict.items():
-        key = key.removeprefix("module.")
         if key.rsplit(".", 1)[-1] in DERIVED_BUFFERS:
             continue
         if key.startswith("stitch_layers."):

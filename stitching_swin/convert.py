@@ -43,10 +43,10 @@ def _shift_downsample(key: str, by: int) -> str:
 
 
 def snnet_to_ours(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """An SN-Net Swin (or R18 -> Swin) state dict with our keys; loads strictly into our SN-Net."""
+    """An SN-Net Swin (or R18 -> Swin) state dict (DDP's ``module.`` already removed: `snnet convert` does) with our
+    keys; loads strictly into our SN-Net."""
     out = {}
     for key, value in state_dict.items():
-        key = key[len("module."):] if key.startswith("module.") else key
         if key.rsplit(".", 1)[-1] in DERIVED_BUFFERS:
             continue
         key = _SNNET_HEAD.sub(r"\1head.fc.\2", _shift_downsample(key, +1))
