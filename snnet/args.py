@@ -59,6 +59,13 @@ def _non_negative_float(s: str) -> float:
     return v
 
 
+def _positive_float(s: str) -> float:
+    v = _number(s, float)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{s} is not > 0")
+    return v
+
+
 def _probability(s: str) -> float:
     v = _number(s, float)
     if not 0 <= v <= 1:
@@ -163,12 +170,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-vb", "--validation-batch-size", type=_positive_int, default=None,
                    help="Validation batch size override (default: --batch-size)")
     g.add_argument("--channels-last", action="store_true", help="Use channels_last memory layout")
+    g.add_argument("--grad-accum-steps", type=_positive_int, default=1, metavar="N",
+                   help="batches per optimizer step: the loss is divided by N, all N train the step's stitch, DDP "
+                        "syncs gradients on the last; steps per epoch = batches // N (the remainder batches of each "
+                        "epoch are dropped); the LR rule's global batch is -b x processes x N")
+    g.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each block's activations in the backward pass (torch.utils.checkpoint, "
+                        "non-reentrant) to save memory, while training only (default: off)")
+    g.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile each anchor block module in place with BACKEND (bare flag: inductor) for "
+                        "training and its final evaluation; the route changes every step, so the whole network is "
+                        "not compiled, and stems, norms, heads and stitching layers stay eager (default: off)")
 
     g = p.add_argument_group("Stitching")
+    g.add_argument("--dry-run", action="store_true",
+                   help="resolve the whole run (config layers, world size of the launch, LR per parameter group, "
+                        "epochs, eval transform, teacher), print it as YAML (the args.yaml every run writes) and "
+                        "exit without loading weights or reading images")
+    g.add_argument("--snnet-compat", action="store_true",
+                   help="reproduce SN-Net's accidents too: the anchors' no-weight-decay parameters (cls_token, "
+                        "pos_embed, relative-position tables, attention biases) are decayed, and the LS init is "
+                        "--ls-mode snnet unless --ls-mode is given (docs/snnet_compat.md, C35)")
     g.add_argument("--eval", action="store_true", help="evaluate every stitch and exit (with --resume: that "
                    "checkpoint; without: the freshly built, least-squares initialised SN-Net)")
-    g.add_argument("--ls-mode", choices=("joint", "average"), default=None, help="least-squares init of shared "
-                   "layers: joint or average (SN-Net) (default: the stitch config's ls_mode, joint)")
+    g.add_argument("--ls-mode", choices=("joint", "average", "snnet"), default=None, help="least-squares init: "
+                   "joint (shared layers fitted to all their positions, eval mode, clean images), average (SN-Net's "
+                   "mean of per-position solutions, otherwise as joint) or snnet (SN-Net's init exactly: the first "
+                   "augmented, mixed-up training batch of stitch_init_bs images per process, train mode, float32 "
+                   "pinv per position, averaged; rank 0's result kept) (default: the stitch config's ls_mode, joint)")
     g.add_argument("--stitch-init-bs", type=_positive_int, default=None, help="images for the least-squares init "
                    "(default: the stitch config's stitch_init_bs, 100)")
     g.add_argument("--no-ls-init", action="store_true", help="keep the stitching layers' default init")
@@ -195,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-grad", type=_non_negative_float, default=None, help="Clip gradient norm (default: no "
                    "clipping)")
     g.add_argument("--clip-mode", choices=("norm", "value", "agc"), default="norm", help="Gradient clipping mode")
+    g.add_argument("--layer-decay", type=_positive_float, default=None, metavar="RATE",
+                   help="layer-wise LR decay: an anchor parameter's LR x RATE ** (depth - layer), layer 0 the stem, "
+                        "1..n the blocks, n+1 = depth the norm and head, times --anchor-lr-scale; stitching layers "
+                        "keep x1 (default: off)")
 
     g = p.add_argument_group("Learning rate schedule")
     g.add_argument("--sched", default="cosine", help="LR scheduler")
@@ -214,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-lr", type=_non_negative_float, default=1e-5, help="warmup learning rate")
     g.add_argument("--min-lr", type=_non_negative_float, default=0.0,
                    help="lower lr bound for cyclic schedulers that hit 0")
+    g.add_argument("--scale-warmup-min-lr", action="store_true",
+                   help="scale --warmup-lr and --min-lr with the global batch like an LR from --lr-base (SN-Net's "
+                        "Swin recipe scaled all three; DeiT and LeViT scaled only the LR)")
     g.add_argument("--epochs", type=_positive_int, default=300, help="number of epochs to train")
     g.add_argument("--start-epoch", type=_int, default=None,
                    help="manual epoch number (useful on restarts; default: the resumed checkpoint's, else 0)")
@@ -223,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--decay-rate", "--dr", type=_float, default=0.1, help="LR decay rate")
     g.add_argument("--warmup-epochs", type=_int, default=5, help="epochs to warmup LR, if scheduler supports")
     g.add_argument("--warmup-prefix", action="store_true", help="Exclude warmup period from decay schedule.")
+    g.add_argument("--lr-one-epoch-late", action="store_true",
+                   help="per-epoch schedules step one epoch late, as DeiT's main.py did for SN-Net's DeiT and LeViT "
+                        "runs: epoch e trains at lr(e-1) (docs/snnet_compat.md, C35)")
     g.add_argument("--cooldown-epochs", type=_int, default=0,
                    help="epochs to cooldown LR at min_lr, after cyclic schedule ends")
     g.add_argument("--patience-epochs", type=_int, default=10, help="patience epochs for Plateau LR scheduler")
@@ -258,9 +297,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-interpolation", default="random",
                    help="Training interpolation (random, bilinear, bicubic)")
 
+    g = p.add_argument_group("Model exponential moving average")
+    g.add_argument("--model-ema", action="store_true",
+                   help="keep timm's ModelEmaV3 of the weights, updated after every optimizer step; it is validated "
+                        "each epoch (its metric picks model_best), saved as state_dict_ema, restored by --resume, "
+                        "and every stitch of it is evaluated into stitches_res_ema.txt (default: off)")
+    g.add_argument("--model-ema-decay", type=_probability, default=0.9998, help="decay factor for model weights "
+                   "moving average")
+    g.add_argument("--model-ema-warmup", action="store_true", help="enable warmup for model EMA decay (default: "
+                   "off)")
+
     g = p.add_argument_group("Batch norm")
-    g.add_argument("--sync-bn", action="store_true", help="accepted for timm compatibility; not applied (use "
-                   "--dist-bn)")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="Enable synchronized BatchNorm (torch SyncBatchNorm) in distributed runs; needs CUDA (this "
+                        "torch has no SyncBatchNorm on CPU) and --sample-sync with several stitches (every process "
+                        "must run the same BN layers); no effect on one process (default: off)")
     g.add_argument("--dist-bn", choices=("", "reduce", "broadcast"), default="reduce",
                    help="Distribute BatchNorm stats between nodes after each epoch ('broadcast', 'reduce', or '')")
     g.add_argument("--split-bn", action="store_true", help="Enable separate BN layers per augmentation split.")
@@ -271,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "bf16 on CPU); NVIDIA apex is not used")
     g.add_argument("--amp-dtype", choices=("", "float16", "bfloat16"), default="",
                    help="lower precision AMP dtype ('' = float16 on CUDA, bfloat16 on CPU)")
+    g.add_argument("--no-amp-loss", action="store_true",
+                   help="with --amp, compute the loss and the distillation teacher outside autocast, in fp32 "
+                        "(SN-Net's Swin recipe); by default autocast covers forward and loss (DeiT, LeViT, CNN)")
     g.add_argument("-j", "--workers", type=_int, default=4,
                    help="how many data loading worker processes to use, per training process")
     g.add_argument("--pin-mem", action="store_true",
@@ -320,6 +374,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, S
         raise UsageError("give --stitch_config FILE (an SN-Net) or --model NAME (one plain timm model)")
     if stitch_cfg is not None and args.model:
         raise UsageError(f"--model {args.model!r} and --stitch_config are exclusive: the config names the anchors")
+    if args.snnet_compat and args.ls_mode is None:  # SN-Net's init unless a mode was chosen
+        args.ls_mode = "snnet"
     args.data_dir = args.data_dir or args.data
     if not args.data_dir:
         raise UsageError("no dataset: give the dataset folder as the first argument (e.g. train.py /data/imagenet)")
@@ -327,17 +383,31 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, S
     return args, stitch_cfg
 
 
+#: SN-Net's untagged teacher name meant DeiT's RegNetY-16GF (timm's default tag for it is now another checkpoint)
+_SNNET_TEACHER = {"regnety_160": "regnety_160.deit_in1k"}
+
+
 def _stitch_entries(cfg: StitchConfig) -> list[tuple[str, str, Any]]:
-    """(field, dest, value) for the stitch config's fields that are flags (config.FIELDS' dest column)."""
+    """(field, dest, value) for the stitch config's fields that are flags (config.FIELDS' dest column), then its
+    "recipe" entries (flag names); a flag set by both is refused, so a recipe card reads one way."""
     entries = []
     for name, value in cfg.values.items():
         if name not in ARG_DESTS:
             continue
         if name == "data_set" and value.upper() == "IMNET":  # SN-Net's ImageNet loader = timm's folder dataset ''
             value = ""
+        if name == "teacher_model":  # docs/snnet_compat.md, C19
+            value = _SNNET_TEACHER.get(value, value)
         entries.append((name, ARG_DESTS[name], value))
     if "lr" in cfg.values:  # SN-Net's lr is per 512 images of global batch, scaled linearly (docs/snnet_compat.md, C16)
         entries += [("lr", "lr_base_size", 512), ("lr", "lr_base_scale", "linear")]
+    fields = {dest: name for name, dest, _ in entries}
+    for key, value in (cfg.get("recipe") or {}).items():
+        dest = str(key).replace("-", "_")
+        if dest in fields:
+            raise UsageError(f"stitch config {cfg.path!r}: recipe entry {key!r} sets what field {fields[dest]!r} "
+                              f"already sets; keep one of them")
+        entries.append((f"recipe.{key}", dest, value))
     return entries
 
 

@@ -25,6 +25,22 @@ def check_model_name(name: str) -> None:
         raise AnchorError(f"unknown timm model name {name!r}: {hint}")
 
 
+def _create(spec: AnchorSpec, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+    """timm.create_model; a failed download of pretrained weights is one line naming the model and the ways out."""
+    import timm
+    try:
+        return timm.create_model(spec.name, pretrained=pretrained, **kwargs)
+    except TypeError:
+        raise
+    except Exception as e:
+        if not pretrained:
+            raise
+        reason = " ".join(str(e).split())[:160] or type(e).__name__
+        raise AnchorError(f"cannot load the pretrained weights of {spec.name!r} ({type(e).__name__}: {reason}); "
+                          f"check the name and tag and the network, or give local weights (an anchor's "
+                          f"\"checkpoint\", --teacher-checkpoint) or --no-pretrained") from None
+
+
 def create_anchor(spec: AnchorSpec, pretrained: bool = True, **model_kwargs: Any) -> nn.Module:
     """timm.create_model by name; weights from the spec's local checkpoint when it names one."""
     import timm
@@ -33,13 +49,12 @@ def create_anchor(spec: AnchorSpec, pretrained: bool = True, **model_kwargs: Any
     kwargs.update(spec.model_kwargs)
     pretrained = pretrained and spec.checkpoint is None
     try:
-        model = timm.create_model(spec.name, pretrained=pretrained, **kwargs)
+        model = _create(spec, pretrained, kwargs)
     except TypeError:
         if "img_size" not in kwargs or "img_size" in spec.model_kwargs:
             raise
         # CNNs take any image size and have no img_size argument
-        model = timm.create_model(spec.name, pretrained=pretrained,
-                                  **{k: v for k, v in kwargs.items() if k != "img_size"})
+        model = _create(spec, pretrained, {k: v for k, v in kwargs.items() if k != "img_size"})
     if spec.checkpoint is not None:
         try:
             load_weights(model, spec.checkpoint, f"checkpoint of anchor {spec.name!r}",

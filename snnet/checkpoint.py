@@ -153,8 +153,8 @@ def training_state(net: nn.Module, optimizer, epoch: int, global_step: int, args
              "config": config_text}
     if loss_scaler is not None:
         state["amp_scaler"] = loss_scaler.state_dict()
-    if ema is not None:
-        state["state_dict_ema"] = ema.state_dict()
+    if ema is not None:  # keyed like state_dict, so either loads into the same network
+        state["state_dict_ema"] = ema.checkpoint_state() if hasattr(ema, "checkpoint_state") else ema.state_dict()
     return state
 
 

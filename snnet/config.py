@@ -50,27 +50,14 @@ FIELDS: dict[str, Field] = {
     "distillation_type": Field((str,), None, "none, soft or hard", "distillation_type"),
     "teacher_model": Field((str,), None, "timm name of the distillation teacher", "teacher"),
     # ours
-    "ls_mode": Field((str,), "joint", "joint (least squares over all positions of a shared layer) or average "
-                     "(SN-Net)", "ls_mode"),
+    "ls_mode": Field((str,), "joint", "joint (least squares over all positions of a shared layer), average "
+                     "(SN-Net's mean of per-position solutions) or snnet (SN-Net's init exactly)", "ls_mode"),
     "skip_final_norm": Field((bool,), None, "stitched plain-ViT routes skip the end anchor's final norm (SN-Net: "
                              "true)"),
     "stitch_stages": Field((list,), None, "hierarchical families: stages to stitch (family default if absent)"),
     "num_classes": Field((int,), None, "classifier classes", "num_classes"),
-    "drop_path": Field(_NUM, None, "stochastic depth of every anchor", "drop_path"),
-    "anchor_lr_scale": Field(_NUM, None, "LR multiplier of the anchors vs. stitching layers", "anchor_lr_scale"),
-    "weight_decay": Field(_NUM, None, "weight decay", "weight_decay"),
-    "opt": Field((str,), None, "optimizer", "opt"),
-    "sched": Field((str,), None, "LR scheduler", "sched"),
-    "warmup_epochs": Field((int,), None, "warm-up epochs", "warmup_epochs"),
-    "clip_grad": Field(_NUM, None, "gradient clipping threshold", "clip_grad"),
-    "clip_mode": Field((str,), None, "gradient clipping mode", "clip_mode"),
-    "smoothing": Field(_NUM, None, "label smoothing", "smoothing"),
-    "mixup": Field(_NUM, None, "mixup alpha", "mixup"),
-    "cutmix": Field(_NUM, None, "cutmix alpha", "cutmix"),
-    "aa": Field((str,), None, "auto-augment policy", "aa"),
-    "reprob": Field(_NUM, None, "random erase probability", "reprob"),
-    "sched_on_updates": Field((bool,), None, "step the LR scheduler every update", "sched_on_updates"),
-    "distillation_alpha": Field(_NUM, None, "weight of the distillation loss", "distillation_alpha"),
+    "recipe": Field((dict,), None, "the training recipe: train.py flag names (- or _) -> values, as in a -c YAML; "
+                    "same layer as the fields above (a flag set twice is an error)"),
     "stitch_layer": Field((dict,), None, "stitching-layer type and options, e.g. {\"type\": \"linear\"} (default)"),
     "sampler": Field((dict,), None, "stitch sampler type and options, e.g. {\"type\": \"uniform\"} (default, "
                      "SN-Net's)"),
@@ -110,7 +97,8 @@ def parse_stitch_config(data: Any, source: str = "stitch config") -> StitchConfi
         for k in unknown:
             close = difflib.get_close_matches(k, FIELDS, n=1)
             hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ConfigError(f"{source}: unknown field(s) {', '.join(hints)}; known fields: {', '.join(FIELDS)}")
+        raise ConfigError(f"{source}: unknown field(s) {', '.join(hints)}; known fields: {', '.join(FIELDS)}; "
+                          f"train.py flags go in the 'recipe' object")
     for k, v in data.items():
         types = FIELDS[k].types
         ok = isinstance(v, types) and not (isinstance(v, bool) and bool not in types)
@@ -126,8 +114,9 @@ def parse_stitch_config(data: Any, source: str = "stitch config") -> StitchConfi
               "num_classes"):
         if k in data and data[k] < 1:
             raise ConfigError(f"{source}: field {k!r} must be >= 1, got {data[k]!r}")
-    if data.get("ls_mode", "joint") not in ("joint", "average"):
-        raise ConfigError(f"{source}: field 'ls_mode' must be 'joint' or 'average', got {data['ls_mode']!r}")
+    if data.get("ls_mode", "joint") not in ("joint", "average", "snnet"):
+        raise ConfigError(f"{source}: field 'ls_mode' must be 'joint' or 'average' or 'snnet' (SN-Net's init "
+                          f"exactly), got {data['ls_mode']!r}")
     stages = data.get("stitch_stages")
     if stages is not None and not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in stages):
         raise ConfigError(f"{source}: field 'stitch_stages' must be a list of stage indices >= 0, got {stages!r}")

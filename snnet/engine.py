@@ -7,6 +7,7 @@ scheduler, mixup, hooks) travel in one `TrainContext`, so a new option adds a fi
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -39,15 +40,16 @@ class TrainContext:
     model_ema: Any = None                         # timm ModelEmaV3, updated after every optimizer step
     parameters: Callable[[], Iterable] = list     # the trainable parameters (gradient clipping)
     global_step: int = 0                          # optimizer steps taken so far (drives the sampler)
+    # (with --grad-accum-steps N a step is N micro-batches: global_step, epoch_step, skip and the hooks count steps)
     after_step: list[Callable[[int], None]] = field(default_factory=list)  # hooks called with the new step
     # mid-epoch state, for recovery checkpoints: this epoch's loss sum and samples so far, and the RNG states at the
-    # end of the last two steps (a prefetching loader prepares batch i+1 right after step i-1)
+    # end of the last two batches (a prefetching loader prepares batch i+1 right after batch i-1)
     epoch: int = 0
-    epoch_step: int = 0
+    epoch_step: int = 0                           # optimizer steps of this epoch so far
     epoch_loss: list[float] = field(default_factory=lambda: [0.0, 0.0])
     rng_after: deque = field(default_factory=lambda: deque(maxlen=2))
-    # resuming from a recovery checkpoint: batches of this epoch already trained, and the RNG states to restore
-    # after batch skip-1 and batch skip (None where there is none)
+    # resuming from a recovery checkpoint: optimizer steps of this epoch already trained, and the RNG states to
+    # restore after the last two batches of step skip (None where there is none)
     skip: int = 0
     restore: list = field(default_factory=lambda: [None, None])
 
@@ -68,14 +70,31 @@ def _check_finite(loss: torch.Tensor, epoch: int, step: int, cfg_id: int, net: n
                             f"{unwrap(net).describe(cfg)}); lower --lr or set --clip-grad")
 
 
-def _optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, args, ctx: TrainContext) -> None:
+def _forward_loss(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor, cfg_id: int, args,
+                  ctx: TrainContext) -> torch.Tensor:
+    """The stitch's loss; autocast covers the forward, and the loss (with the teacher) too unless --no-amp-loss
+    (SN-Net's Swin computed its loss outside autocast: docs/snnet_compat.md, C19)."""
+    with amp_context(ctx.device, ctx.amp_dtype):
+        out = model(x, cfg_id)
+        if not args.no_amp_loss:
+            return loss_fn(x, out, y)
+    return loss_fn(x, out, y)
+
+
+def _optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, args, ctx: TrainContext,
+                    zero_grad: bool = True, update: bool = True) -> None:
+    """Backward of `loss`; with gradient accumulation the first micro-batch of a step zeroes the gradients
+    (`zero_grad`) and the last clips and steps (`update`), as timm's need_update."""
     from timm.utils import dispatch_clip_grad
-    optimizer.zero_grad(set_to_none=True)
+    if zero_grad:
+        optimizer.zero_grad(set_to_none=True)
     if ctx.loss_scaler is not None:
         ctx.loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-                        parameters=ctx.parameters())
+                        parameters=ctx.parameters(), need_update=update)
         return
     loss.backward()
+    if not update:
+        return
     if args.clip_grad is not None:
         dispatch_clip_grad(ctx.parameters(), args.clip_grad, mode=args.clip_mode)
     optimizer.step()
@@ -94,40 +113,55 @@ def _skip_trained(ctx: TrainContext, i: int, skip: int) -> bool:
 
 def train_one_epoch(epoch: int, model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
                     loss_fn: Callable, args, ctx: TrainContext) -> "OrderedDict[str, float]":
-    """One epoch; each step trains the stitch ``ctx.sampler(ctx.global_step)``. Returns the mean loss over all
-    ranks' samples; ``ctx.global_step`` advances."""
+    """One epoch of optimizer steps; each step trains the stitch ``ctx.sampler(ctx.global_step)`` on
+    --grad-accum-steps micro-batches (loss divided by their number, DDP gradient sync on the last one only); the
+    loader's last len(loader) % N batches are dropped. Returns the mean loss over all ranks' samples;
+    ``ctx.global_step`` advances."""
     model.train()
-    progress = Progress(f"Train: {epoch}", len(loader), args.log_interval)
+    accum = max(1, getattr(args, "grad_accum_steps", 1) or 1)
+    steps = len(loader) // accum
+    progress = Progress(f"Train: {epoch}", steps, args.log_interval)
     skip, ctx.skip, ctx.epoch = ctx.skip, 0, epoch
     if not skip:
         ctx.epoch_loss = [0.0, 0.0]
     ctx.rng_after.clear()
+    step_loss, step_samples = 0.0, 0
     for i, (x, y) in enumerate(loader, start=1):
-        if _skip_trained(ctx, i, skip):
+        if i > steps * accum:  # fewer than N batches left: not a whole step
+            break
+        if _skip_trained(ctx, i, skip * accum):
             continue
+        micro = (i - 1) % accum
+        update = micro == accum - 1
         if args.no_prefetcher:
             x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
         if ctx.mixup_fn is not None:
             x, y = ctx.mixup_fn(x, y)
-        cfg_id = ctx.sampler(ctx.global_step)
-        with amp_context(ctx.device, ctx.amp_dtype):
-            loss = loss_fn(x, model(x, cfg_id), y)
-        _check_finite(loss, epoch, ctx.global_step, cfg_id, model)
-        _optimizer_step(loss, optimizer, args, ctx)
-        if ctx.model_ema is not None:
-            ctx.model_ema.update(unwrap(model), step=ctx.global_step)
-        ctx.global_step += 1
-        ctx.epoch_step = i
-        ctx.epoch_loss[0] += float(loss.detach().double().cpu()) * x.shape[0]
+        cfg_id = ctx.sampler(ctx.global_step)  # per optimizer step: its micro-batches all train this stitch
+        with contextlib.nullcontext() if update or not hasattr(model, "no_sync") else model.no_sync():
+            loss = _forward_loss(model, loss_fn, x, y, cfg_id, args, ctx)
+            _check_finite(loss, epoch, ctx.global_step, cfg_id, model)
+            _optimizer_step(loss / accum if accum > 1 else loss, optimizer, args, ctx, zero_grad=micro == 0,
+                            update=update)
+        value = float(loss.detach().double().cpu())
+        ctx.epoch_loss[0] += value * x.shape[0]
         ctx.epoch_loss[1] += x.shape[0]
+        step_loss, step_samples = step_loss + value, step_samples + x.shape[0]
         ctx.rng_after.append(rng_state())  # nothing below draws random numbers
+        if not update:
+            continue
+        ctx.global_step += 1
+        if ctx.model_ema is not None:  # timm's step argument: the number of updates so far
+            ctx.model_ema.update(unwrap(model), step=ctx.global_step)
+        ctx.epoch_step = i // accum
         for hook in ctx.after_step:
             hook(ctx.global_step)
         if ctx.lr_scheduler is not None and args.sched_on_updates:
             ctx.lr_scheduler.step_update(num_updates=ctx.global_step)
         lr = sum(g["lr"] for g in optimizer.param_groups) / len(optimizer.param_groups)
-        progress.update(i, x.shape[0], f"loss {loss.item():.4f} (avg {ctx.epoch_loss[0] / ctx.epoch_loss[1]:.4f}) "
-                                       f"lr {lr:.3e}")
+        progress.update(ctx.epoch_step, step_samples, f"loss {step_loss / accum:.4f} (avg "
+                                                      f"{ctx.epoch_loss[0] / ctx.epoch_loss[1]:.4f}) lr {lr:.3e}")
+        step_loss, step_samples = 0.0, 0
     stats = torch.tensor(ctx.epoch_loss, dtype=torch.float64)
     if world()[1] > 1:
         dist.all_reduce(stats)

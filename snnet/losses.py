@@ -39,8 +39,9 @@ class DistillationLoss(nn.Module):
             teacher_logits = self.teacher(inputs)
         if self.kind == "soft":
             t = self.tau
+            # DeiT's normalisation (SN-Net used DeiT's loss): the sum over batch and classes / (batch x classes)
             distill = F.kl_div(F.log_softmax(head_dist / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
-                               reduction="batchmean", log_target=True) * (t * t)
+                               reduction="sum", log_target=True) * (t * t) / head_dist.numel()
         else:
             distill = F.cross_entropy(head_dist, teacher_logits.argmax(dim=1))
         return (1 - self.alpha) * loss + self.alpha * distill
@@ -58,15 +59,20 @@ def create_teacher(args, device: torch.device) -> nn.Module:
     return teacher
 
 
+def create_mixup(args):
+    """timm's Mixup for the run's flags, or None when mixup and cutmix are off."""
+    from timm.data import Mixup
+    if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
+        return None
+    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                 prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                 label_smoothing=args.smoothing, num_classes=args.num_classes)
+
+
 def create_loss(args, device: torch.device):
     """(loss_fn(inputs, outputs, targets), mixup_fn or None) for the run's flags, as timm's train.py wires them."""
-    from timm.data import Mixup
-    mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
-    mixup_fn = None
-    if mixup_active:
-        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                         label_smoothing=args.smoothing, num_classes=args.num_classes)
+    mixup_fn = create_mixup(args)
+    mixup_active = mixup_fn is not None
     teacher = create_teacher(args, device) if args.distillation_type != "none" else None
     loss_fn = DistillationLoss(base_criterion(mixup_active, args.smoothing), teacher, args.distillation_type,
                                args.distillation_alpha, args.distillation_tau).to(device)

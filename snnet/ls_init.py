@@ -10,21 +10,28 @@ Unlike SN-Net (docs/snnet_compat.md, C12, C13):
     can be streamed; under DDP they are summed over ranks, rank 0 solves, and the result is broadcast;
   * a layer shared by several positions is fitted jointly to all of their rows (the least-squares optimum for the
     shared layer) by default; SN-Net's mean of per-position solutions is ``mode="average"``.
+
+``mode="snnet"`` (`ls_init_snnet`) is SN-Net's own init, step for step: one (augmented, mixed) training batch, the
+model in train mode (drop-path active, BatchNorm on batch statistics and updating its running statistics), each
+anchor run through all its blocks, float32 ``pinv`` on CPU per position, the mean of the per-position solutions;
+each rank solves on its own batch and rank 0's layers and BatchNorm buffers are kept.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from .cost import eval_mode
 from .layers import to_rows
 from .model import SNNet
 from .plan import Stitch
 
-MODES = ("joint", "average")
+MODES = ("joint", "average", "snnet")
 PosKey = tuple  # (front, end, stage, j, k)
 
 
@@ -58,61 +65,77 @@ def _check_rows(model: SNNet, st: Stitch, x: torch.Tensor, y: torch.Tensor) -> N
             f"run at the same resolution")
 
 
+@dataclass
+class _NormalEquations:
+    """Sufficient statistics of every position's fit, summed over batches (and ranks): per front feature point
+    [X|1]ᵀ[X|1] (positions reading the same X share it), per position [X|1]ᵀY, YᵀY and the row count."""
+    gram: dict = field(default_factory=dict)
+    cross: dict = field(default_factory=dict)
+    yy: dict = field(default_factory=dict)
+    rows: dict = field(default_factory=dict)
+
+    def add(self, model: SNNet, feats, positions: list[Stitch], where) -> None:
+        xs = {}
+        for st in positions:
+            key = _key(st)
+            (fa, ux), (ea, uy) = where[key]
+            if (fa, ux) not in xs:
+                X = _rows(model, feats, fa, ux, st.stage)
+                xs[(fa, ux)] = Xa = torch.cat([X, X.new_ones(X.shape[0], 1)], dim=1)
+                self.gram[(fa, ux)] = self.gram.get((fa, ux), 0) + Xa.T @ Xa
+            Xa = xs[(fa, ux)]
+            Y = _rows(model, feats, ea, uy, st.stage)
+            _check_rows(model, st, Xa, Y)
+            self.cross[key] = self.cross.get(key, 0) + Xa.T @ Y
+            self.yy[key] = self.yy.get(key, 0) + (Y * Y).sum()
+            self.rows[key] = self.rows.get(key, 0) + Xa.shape[0]
+
+    def all_reduce(self) -> None:
+        for table in (self.gram, self.cross, self.yy):
+            for k in sorted(table):
+                table[k] = table[k].contiguous()
+                dist.all_reduce(table[k])
+
+    def fit(self, model: SNNet, address, positions: list[Stitch], where, mode: str, rcond) -> FitReport:
+        """Solve one layer (joint, or SN-Net's mean of per-position solutions) and set it; the residual comes from
+        the statistics: |XA - Y|² = AᵀGA - 2AᵀR + YᵀY."""
+        pkeys = [_key(st) for st in positions]
+        grams = {k: self.gram[where[k][0]] for k in pkeys}
+        G, R = sum(grams.values()), sum(self.cross[k] for k in pkeys)
+        if mode == "joint":
+            A = _solve(G, R, rcond)
+        else:
+            A = torch.stack([_solve(grams[k], self.cross[k], rcond) for k in pkeys]).mean(0)
+        yy = float(sum(self.yy[k] for k in pkeys))
+        sse = float(torch.trace(A.T @ G @ A) - 2 * torch.trace(A.T @ R)) + yy
+        model.stitch_layer(address).set_affine(A[:-1].T.contiguous(), A[-1])
+        return FitReport(address, [st.position for st in positions], sum(self.rows[k] for k in pkeys),
+                         (max(sse, 0.0) / yy) ** 0.5)
+
+
 @torch.no_grad()
 def ls_init(model: SNNet, batches: Iterable[torch.Tensor], mode: str = "joint", rcond: float | None = None,
             ) -> list[FitReport]:
     """Fit every used stitching layer by least squares on `batches` (clean images). Returns a report per layer."""
     if mode not in MODES:
         raise ValueError(f"ls mode {mode!r} is not known: use one of {MODES}")
+    if mode == "snnet":  # SN-Net fitted on one batch: several are joined into one
+        batches = list(batches)
+        return ls_init_snnet(model, batches[0] if len(batches) == 1 else torch.cat(batches)) if batches else []
     layer_pos = _layer_positions(model)
     all_pos = [st for ps in layer_pos.values() for st in ps]
     need, where = model.feature_points(all_pos)
-    gram: dict[tuple[int, int], torch.Tensor] = {}  # per front feature point: positions with the same X share it
-    cross: dict[PosKey, torch.Tensor] = {}
-    yy: dict[PosKey, torch.Tensor] = {}
-    rows: dict[PosKey, int] = {}
+    stats = _NormalEquations()
     with eval_mode(model):
         for x in batches:
-            feats = model.capture(x, need)
-            xs = {}
-            for st in all_pos:
-                key = _key(st)
-                (fa, ux), (ea, uy) = where[key]
-                if (fa, ux) not in xs:
-                    X = _rows(model, feats, fa, ux, st.stage)
-                    xs[(fa, ux)] = Xa = torch.cat([X, X.new_ones(X.shape[0], 1)], dim=1)
-                    gram[(fa, ux)] = gram.get((fa, ux), 0) + Xa.T @ Xa
-                Xa = xs[(fa, ux)]
-                Y = _rows(model, feats, ea, uy, st.stage)
-                _check_rows(model, st, Xa, Y)
-                cross[key] = cross.get(key, 0) + Xa.T @ Y
-                yy[key] = yy.get(key, 0) + (Y * Y).sum()
-                rows[key] = rows.get(key, 0) + Xa.shape[0]
-            del feats, xs
-    if not rows:
+            stats.add(model, model.capture(x, need), all_pos, where)
+    if not stats.rows:
         return []
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if distributed:  # sum the normal equations of all ranks' data
-        for table in (gram, cross, yy):
-            for k in sorted(table):
-                table[k] = table[k].contiguous()
-                dist.all_reduce(table[k])
-    G_of = {key: gram[where[key][0]] for key in rows}
-    reports = []
-    for address, positions in layer_pos.items():
-        if not positions or (distributed and dist.get_rank() != 0):  # solved once, on rank 0
-            continue
-        pkeys = [_key(st) for st in positions]
-        if mode == "joint":
-            A = _solve(sum(G_of[k] for k in pkeys), sum(cross[k] for k in pkeys), rcond)
-        else:
-            A = torch.stack([_solve(G_of[k], cross[k], rcond) for k in pkeys]).mean(0)
-        # residual over the layer's rows from the sufficient statistics: |XA - Y|² = AᵀGA - 2AᵀR + YᵀY
-        G, R = sum(G_of[k] for k in pkeys), sum(cross[k] for k in pkeys)
-        sse = float(torch.trace(A.T @ G @ A) - 2 * torch.trace(A.T @ R) + sum(yy[k] for k in pkeys))
-        rel = (max(sse, 0.0) / float(sum(yy[k] for k in pkeys))) ** 0.5
-        model.stitch_layer(address).set_affine(A[:-1].T.contiguous(), A[-1])
-        reports.append(FitReport(address, [st.position for st in positions], sum(rows[k] for k in pkeys), rel))
+    if distributed:  # sum the normal equations of all ranks' data; rank 0 solves
+        stats.all_reduce()
+    reports = [stats.fit(model, address, positions, where, mode, rcond) for address, positions in layer_pos.items()
+               if positions and not (distributed and dist.get_rank() != 0)]
     if distributed:
         for p in model.stitch_layers.parameters():
             dist.broadcast(p.data, src=0)
@@ -122,6 +145,118 @@ def ls_init(model: SNNet, batches: Iterable[torch.Tensor], mode: str = "joint", 
 def _solve(G: torch.Tensor, R: torch.Tensor, rcond: float | None) -> torch.Tensor:
     """Minimum-norm least-squares solution of the normal equations G A = R (float64, CPU)."""
     return torch.linalg.lstsq(G.cpu(), R.cpu(), rcond=rcond, driver="gelsy").solution
+
+
+# ---------------------------------------------------------------------------------------------------- SN-Net's init
+#: SN-Net ran PyTorch 1.10, whose ``torch.linalg.pinv`` default cutoff was rcond=1e-15 (relative to the largest
+#: singular value); PyTorch >= 1.11 defaults to eps * max(rows, cols), which would cut more.
+SNNET_PINV_RTOL = 1e-15
+
+
+@contextlib.contextmanager
+def _train_mode(model: nn.Module):
+    """Train mode for the block, then every module's own previous mode."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.train()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def ps_inv(X: torch.Tensor, Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SN-Net's per-position solve: A = pinv([X | 1]) Y in float32 on CPU; returns (W = A[:-1]ᵀ, b = A[-1])."""
+    Xa = torch.ones(X.shape[0], X.shape[1] + 1)
+    Xa[:, :-1] = X
+    A = torch.matmul(torch.linalg.pinv(Xa, rtol=SNNET_PINV_RTOL), Y).T
+    return A[..., :-1], A[..., -1]
+
+
+def _snnet_position_order(model: SNNet) -> dict[tuple[int, ...], list[tuple[int, int]]]:
+    """Per layer, its positions (j, k) in the order SN-Net averaged them: a Python set filled with the first stitch of
+    every route in cfg_id order (keyed by the layer id alone for plain ViTs, where SN-Net shared one set between
+    anchor pairs), iterated. The order only matters bitwise, through the floating-point sum of >= 3 solutions."""
+    key = (lambda a: tuple(a)) if model.plan.hierarchical else (lambda a: a[-1])
+    sets: dict = {}
+    for route in model.plan.routes:
+        if route.stitches:
+            sets.setdefault(key(route.stitches[0].layer), set()).add(route.stitches[0].position)
+    out = {}
+    for address, positions in _layer_positions(model).items():
+        own = [st.position for st in positions]
+        order = [p for p in sets.get(key(address), ()) if p in own]
+        out[address] = order + [p for p in own if p not in order]
+    return out
+
+
+def _snnet_groups(model: SNNet) -> list[tuple[tuple[int, ...], list[tuple[int, ...]]]]:
+    """(anchors run together, the layers fitted on their features). SN-Net ran every anchor once for the
+    hierarchical families, but both anchors of each pair again for plain ViTs (drop-path draws anew)."""
+    addresses = [spec.address for spec in model.plan.layers]
+    if model.plan.hierarchical:
+        return [(tuple(range(model.n_anchors)), addresses)]
+    pairs = list(dict.fromkeys((spec.front, spec.end) for spec in model.plan.layers))
+    return [(p, [s.address for s in model.plan.layers if (s.front, s.end) == p]) for p in pairs]
+
+
+def _last_block(model: SNNet, anchor: int) -> int:
+    return max(i for i, u in enumerate(model.units[anchor]) if u.kind == "block")
+
+
+@torch.no_grad()
+def ls_init_snnet(model: SNNet, images: torch.Tensor) -> list[FitReport]:
+    """SN-Net's least-squares init on one batch `images` (docs/snnet_compat.md, C11-C13): the model in train mode,
+    each anchor through all its blocks, per position `ps_inv` in float32 on CPU, the layer set to the mean of the
+    positions' W and b. Under DDP rank 0's layers and BatchNorm buffers are broadcast (what SN-Net's DDP
+    construction kept). Returns a report per layer (relative error on the fitting rows)."""
+    layer_pos, order = _layer_positions(model), _snnet_position_order(model)
+    reports = []
+    for anchors, addresses in _snnet_groups(model):
+        by_pos = {(a, st.position): st for a in addresses for st in layer_pos[a]}
+        need, where = model.feature_points(list(by_pos.values()))
+        points = {a: need.get(a, set()) | {_last_block(model, a)} for a in anchors}
+        with _train_mode(model):
+            feats = model.capture(images, points)
+        rows = {}
+        for address in addresses:
+            if not layer_pos[address]:
+                continue
+            pairs = []
+            for pos in order[address]:
+                st = by_pos[(address, pos)]
+                for point in where[_key(st)]:
+                    if point not in rows:
+                        layout = model.adapters[point[0]].stage_layout(model.anchors[point[0]], st.stage)
+                        rows[point] = to_rows(feats[point].detach().cpu(), layout).float()
+                (px, py) = where[_key(st)]
+                _check_rows(model, st, rows[px], rows[py])
+                pairs.append((rows[px], rows[py]))
+            solved = [ps_inv(X, Y) for X, Y in pairs]
+            W, b = torch.stack([w for w, _ in solved]).mean(dim=0), torch.stack([c for _, c in solved]).mean(dim=0)
+            model.stitch_layer(address).set_affine(W, b)
+            reports.append(FitReport(address, [st.position for st in layer_pos[address]],
+                                     sum(X.shape[0] for X, _ in pairs), _rel_error(W, b, pairs)))
+        del feats, rows
+    _broadcast_rank0_state(model)
+    return reports
+
+
+def _rel_error(W: torch.Tensor, b: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    sse = sum(float(((X.double() @ W.double().T + b.double()) - Y.double()).square().sum()) for X, Y in pairs)
+    return (sse / max(sum(float(Y.double().square().sum()) for _, Y in pairs), 1e-300)) ** 0.5
+
+
+def _broadcast_rank0_state(model: SNNet) -> None:
+    """Under DDP: rank 0's stitching layers and BatchNorm buffers on every rank (what SN-Net's DDP construction kept)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for p in model.stitch_layers.parameters():
+        dist.broadcast(p.data, src=0)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            for buf in m.buffers(recurse=False):
+                dist.broadcast(buf, src=0)
 
 
 @torch.no_grad()

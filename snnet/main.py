@@ -24,7 +24,8 @@ from torch import nn
 
 from .adapter import AnchorError
 from .args import UsageError, parse_args
-from .checkpoint import LAST, RECOVERY, CheckpointError, CheckpointSaver, StateDictMismatch, load_checkpoint, training_state
+from .checkpoint import (LAST, RECOVERY, CheckpointError, CheckpointSaver, StateDictMismatch, json_field,
+                         load_checkpoint, training_state)
 from .config import ConfigError, StitchConfig
 from .cost import cost_table
 from .data import DataError, clean_images, create_datasets, create_eval_loader, create_train_loader, num_classes_of
@@ -33,9 +34,10 @@ from .engine import NonFiniteLoss, TrainContext, default_val_panel, evaluate_sti
 from .fileio import write_text_atomic
 from .losses import create_loss
 from .model import PlainNet, RoutedNet
-from .optim import OptimError, anchor_lr_scale, create_optimizer, create_scheduler, resolve_lr
+from .optim import OptimError, anchor_lr_scale, create_optimizer, create_scheduler, epoch_offset, resolve_lrs
 from .plan import PlanError
-from .results import RESULTS_FILE, ResultsError, ResultsFile, file_sha256, text_sha256
+from .resolve import describe_run, launch_world_size, to_yaml
+from .results import EMA_RESULTS_FILE, RESULTS_FILE, ResultsError, ResultsFile, file_sha256, text_sha256
 from .sampler import create_sampler, seed_epoch
 
 _logger = logging.getLogger("snnet")
@@ -150,17 +152,48 @@ def _resume_path(args: argparse.Namespace, out_dir: Path) -> str:
     return args.resume
 
 
+def _snnet_init_batch(run: Run, images_from, count: int) -> torch.Tensor:
+    """SN-Net's LS-init data (docs/snnet_compat.md, C12): this process's first batch of `count` images of a training
+    loader built like training's (full augmentation), mixed up when mixup/cutmix are on."""
+    from .losses import create_mixup
+    args, train_ds, reason = run.args, images_from, ""
+    if args.eval:  # evaluation runs do not load the training split
+        try:
+            train_ds = create_datasets(args, need_train=True)[0]
+        except DataError as e:
+            train_ds, reason = None, f" ({one_line(e)})"
+    if train_ds is None:
+        raise DataError(f"--ls-mode snnet fits on a training batch, as SN-Net did, and needs the training split"
+                        f"{reason}; add it, or use --ls-mode joint")
+    mixup_fn = create_mixup(args)
+    if mixup_fn is not None and count % 2:
+        raise DataError(f"--ls-mode snnet with mixup/cutmix needs an even init batch, got stitch_init_bs {count}")
+    loader = create_train_loader(train_ds, argparse.Namespace(**{**vars(args), "batch_size": count}), run.data_cfg,
+                                 run.device)
+    batch = next(iter(loader), None)
+    if batch is None:  # the training loader drops incomplete batches
+        raise DataError(f"--ls-mode snnet needs {count} training images per process (stitch_init_bs) for its batch; "
+                        f"lower --stitch-init-bs, or use --ls-mode joint")
+    images, targets = batch[0].to(run.device), batch[1].to(run.device)
+    return mixup_fn(images, targets)[0] if mixup_fn is not None else images
+
+
 def ls_initialise(net: RoutedNet, run: Run, images_from) -> None:
-    """Least-squares init of the stitching layers on clean images (see ls_init.py), with a log line."""
+    """Least-squares init of the stitching layers (see ls_init.py) on clean images, or for ``--ls-mode snnet`` on
+    SN-Net's training batch, with a log line."""
     from .ls_init import ls_init
     args, rank, world_size = run.args, *world()
     count = args.stitch_init_bs or run.stitch_cfg.get("stitch_init_bs")
+    mode = args.ls_mode or run.stitch_cfg.get("ls_mode")
     t0 = time.perf_counter()
-    reports = ls_init(net, clean_images(images_from, run.data_cfg, count, args.seed, rank, world_size),
-                      mode=args.ls_mode or run.stitch_cfg.get("ls_mode"))
+    if mode == "snnet":
+        images, what = [_snnet_init_batch(run, images_from, count)], "augmented training images per process"
+    else:
+        images, what = clean_images(images_from, run.data_cfg, count, args.seed, rank, world_size), "clean images"
+    reports = ls_init(net, images, mode=mode)
     if reports:
         errs = [r.rel_error for r in reports]
-        _logger.info(f"LS init: {len(reports)} stitching layers fitted on {count} clean images in "
+        _logger.info(f"LS init: {len(reports)} stitching layers fitted on {count} {what} ({mode}) in "
                      f"{time.perf_counter() - t0:.1f}s; relative fit error mean {sum(errs) / len(errs):.4f} "
                      f"max {max(errs):.4f}")
 
@@ -170,6 +203,11 @@ def run(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
     from timm.data import resolve_data_config
     from timm.utils import random_seed
 
+    if args.dry_run:  # before any process group, weight or image: rank 0 prints the resolved run
+        if int(os.environ.get("RANK", "0")) == 0:
+            device_type = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
+            print(to_yaml(describe_run(args, stitch_cfg, launch_world_size(), device_type)), end="")
+        return
     device = resolve_device(args)
     rank, world_size = world()
     random_seed(args.seed, rank)
@@ -183,6 +221,7 @@ def run(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
     if args.split_bn:
         from timm.layers import convert_splitbn_model
         net = convert_splitbn_model(net, max(args.aug_splits, 2))
+    net = convert_sync_bn(net, args, device)
     net.to(device)
     if args.channels_last:
         net.to(memory_format=torch.channels_last)
@@ -203,13 +242,33 @@ def run(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
     fit(net, train_ds, val_ds, run_, resume_state)
 
 
-def evaluate_all(net: RoutedNet, val_ds, run: Run, ckpt_hash: str) -> dict:
-    """Every stitch on the validation set; one JSON line per stitch in <out_dir>/stitches_res.txt."""
+def convert_sync_bn(net: RoutedNet, args: argparse.Namespace, device: torch.device) -> RoutedNet:
+    """--sync-bn: torch SyncBatchNorm in place of every BatchNorm of a distributed training run (timm's rule: one
+    process has nothing to synchronise). Units look their modules up by name at run time, so the replacements are
+    what runs; parameters keep their identity and names."""
+    if not args.sync_bn or args.eval:
+        return net
+    if not args.distributed:
+        _logger.info("--sync-bn: one process, nothing to synchronise; BatchNorm layers unchanged")
+        return net
+    if net.num_configs > 1 and not args.sample_sync:
+        raise UsageError("--sync-bn needs --sample-sync: SyncBatchNorm communicates inside every BatchNorm layer, so "
+                         "all processes must train the same stitch each step; add --sample-sync")
+    if device.type != "cuda":
+        raise UsageError(f"--sync-bn needs CUDA devices: torch's SyncBatchNorm does not run on {device.type}; drop "
+                         f"--sync-bn (--dist-bn reduce averages BatchNorm statistics after each epoch instead)")
+    args.dist_bn = ""  # already synchronised (timm does the same)
+    return nn.SyncBatchNorm.convert_sync_batchnorm(net)
+
+
+def evaluate_all(net: RoutedNet, val_ds, run: Run, ckpt_hash: str, results_name: str = RESULTS_FILE) -> dict:
+    """Every stitch on the validation set; one JSON line per stitch in <out_dir>/<results_name> (stitches_res.txt,
+    or stitches_res_ema.txt for the --model-ema weights)."""
     args, (rank, world_size) = run.args, world()
     if val_ds is None:
         raise DataError(f"no validation split in {args.data_dir!r} to evaluate the stitches on")
     model = unwrap(net)
-    results = ResultsFile(run.out_dir / RESULTS_FILE, ckpt_hash, text_sha256(run.config_text))
+    results = ResultsFile(run.out_dir / results_name, ckpt_hash, text_sha256(run.config_text))
     done = {}
     if rank == 0:
         run.out_dir.mkdir(parents=True, exist_ok=True)
@@ -285,12 +344,13 @@ def _fault_injection(global_step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _validate(net, val_loader, panel: list[int], run: Run, epoch: int, train_loss: float) -> dict[str, float]:
+def _validate(net, val_loader, panel: list[int], run: Run, epoch: int, train_loss: float,
+              label: str = "") -> dict[str, float]:
     m = evaluate_stitches(net, val_loader, panel, run.device, run.amp_dtype, run.args.log_interval)
     metrics = {"loss": sum(v["loss"] for v in m.values()) / len(m), "top1": sum(v["acc1"] for v in m.values()) / len(m),
                "top5": sum(v["acc5"] for v in m.values()) / len(m)}
     metrics.update({f"top1@{c}": v["acc1"] for c, v in m.items()})
-    _logger.info(f"epoch {epoch}: train loss {train_loss:.4f}; panel {panel} mean top-1 {metrics['top1']:.3f} "
+    _logger.info(f"epoch {epoch}{label}: train loss {train_loss:.4f}; panel {panel} mean top-1 {metrics['top1']:.3f} "
                  f"loss {metrics['loss']:.4f}")
     return metrics
 
@@ -323,13 +383,17 @@ def _recovery_hook(model: RoutedNet, optimizer, ctx: TrainContext, saver: Checkp
             torch.distributed.all_gather_object(ranks, mine)
         if run.primary:
             state = training_state(model, optimizer, ctx.epoch, global_step, args_json, run.config_text,
-                                   ctx.loss_scaler)
+                                   ctx.loss_scaler, ema=_ema_net(ctx))
             saver.save_recovery({**state, "batch_idx": ctx.epoch_step, "ranks": ranks})
     return save
 
 
-def _continue_epoch(ctx: TrainContext, resume_state: dict | None) -> None:
-    """From a recovery checkpoint: skip the batches its epoch already trained and replay this rank's RNG."""
+def _ema_net(ctx: TrainContext) -> RoutedNet | None:
+    return ctx.model_ema.module if ctx.model_ema is not None else None
+
+
+def _continue_epoch(ctx: TrainContext, resume_state: dict | None, accum: int = 1) -> None:
+    """From a recovery checkpoint: skip the steps its epoch already trained and replay this rank's RNG."""
     if resume_state is None or "batch_idx" not in resume_state:
         return
     rank, world_size = world()
@@ -337,6 +401,10 @@ def _continue_epoch(ctx: TrainContext, resume_state: dict | None) -> None:
     if len(ranks) != world_size:
         raise CheckpointError(f"recovery checkpoint of {len(ranks)} process(es) cannot continue on {world_size}; "
                               f"resume it with {len(ranks)} processes, or resume from {LAST} instead")
+    saved = (json_field(resume_state, "args") or {}).get("grad_accum_steps", 1)
+    if saved != accum:
+        raise CheckpointError(f"recovery checkpoint made with --grad-accum-steps {saved} cannot continue its epoch "
+                              f"with {accum}; resume it with --grad-accum-steps {saved}, or resume from {LAST}")
     ctx.skip = int(resume_state["batch_idx"])
     ctx.restore = [ranks[rank]["rng_prev"], ranks[rank]["rng"]]
     ctx.epoch_loss = [float(v) for v in ranks[rank]["epoch_loss"]]
@@ -355,24 +423,56 @@ def _setup_training(net: RoutedNet, train_ds, run: Run, resume_state: dict | Non
     from timm.utils import NativeScaler
     args, (rank, world_size) = run.args, world()
     _freeze(net, run.stitch_cfg)
-    lr = resolve_lr(args, args.batch_size * world_size)
+    accum = args.grad_accum_steps
+    lr, warmup_lr, min_lr = resolve_lrs(args, args.batch_size * world_size * accum)
     optimizer = create_optimizer(args, net, lr)
     loss_scaler = NativeScaler(device=run.device.type) if run.amp_dtype == torch.float16 else None
     start_epoch, global_step = _resume_counters(args, resume_state, optimizer, loss_scaler)
     loader = create_train_loader(train_ds, args, run.data_cfg, run.device)
+    steps = len(loader) // accum  # optimizer steps per epoch; the remainder batches are dropped
+    if steps == 0:
+        raise UsageError(f"--grad-accum-steps {accum} exceeds the {len(loader)} training batch(es) per process and "
+                         f"epoch; lower it or -b/--batch-size")
     loss_fn, mixup_fn = create_loss(args, run.device)
-    scheduler, num_epochs = create_scheduler(args, optimizer, len(loader), start_epoch,
+    scheduler, num_epochs = create_scheduler(args, optimizer, steps, warmup_lr, min_lr, start_epoch,
                                              global_step if resume_state is not None else None)
     ctx = TrainContext(run.device, _sampler(net, run, rank),
-                       run.amp_dtype, loss_scaler, scheduler, mixup_fn,
+                       run.amp_dtype, loss_scaler, scheduler, mixup_fn, model_ema=_model_ema(net, args, resume_state),
                        parameters=lambda: [p for p in net.parameters() if p.requires_grad], global_step=global_step,
                        after_step=[_fault_injection])
-    _continue_epoch(ctx, resume_state)
+    _continue_epoch(ctx, resume_state, accum)
+    if args.grad_checkpointing:
+        net.set_grad_checkpointing(True)
+    compiled = 0
+    if args.torchcompile:  # after the EMA's copy; FLOPs are traced by torch.jit, which cannot enter compiled code
+        cost_table(net, tuple(run.data_cfg["input_size"][1:]), run.data_cfg["input_size"][0])  # so trace them now
+        compiled = net.compile_blocks(args.torchcompile)
     if run.primary:
         _logger.info(f"output: {run.out_dir}; {net.num_configs} network(s); lr {lr:.3e} (anchors "
-                     f"x{anchor_lr_scale(args)}); {len(loader)} steps/epoch; {world_size} process(es); amp "
-                     f"{run.amp_dtype}")
+                     f"x{anchor_lr_scale(args)}); {steps} steps/epoch" + (f" of {accum} batches" if accum > 1 else "")
+                     + f"; {world_size} process(es); amp {run.amp_dtype}"
+                     + (f"; torch.compile ({args.torchcompile}) of {compiled} block module(s)" if compiled else "")
+                     + ("; gradient checkpointing" if args.grad_checkpointing else "")
+                     + (f"; EMA decay {args.model_ema_decay}" if ctx.model_ema is not None else ""))
     return optimizer, loader, loss_fn, ctx, range(start_epoch, num_epochs)
+
+
+def _model_ema(net: RoutedNet, args: argparse.Namespace, resume_state: dict | None):
+    """--model-ema: timm's ModelEmaV3 of the network, restored from the checkpoint's state_dict_ema (a checkpoint
+    without one starts it from the resumed weights, as timm's load_checkpoint(use_ema=True) falls back)."""
+    if not args.model_ema:
+        return None
+    from timm.utils import ModelEmaV3
+    ema = ModelEmaV3(net, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
+    if resume_state is not None and "state_dict_ema" in resume_state:
+        try:
+            ema.module.load_checkpoint_state(resume_state["state_dict_ema"])
+        except StateDictMismatch as e:
+            raise CheckpointError(f"--resume {args.resume!r}: its state_dict_ema does not fit this model "
+                                  f"({e})") from None
+    elif resume_state is not None:
+        _logger.info("--model-ema: the checkpoint has no EMA weights; the EMA starts from the resumed weights")
+    return ema
 
 
 def fit(net: RoutedNet, train_ds, val_ds, run: Run, resume_state: dict | None) -> None:
@@ -391,10 +491,11 @@ def fit(net: RoutedNet, train_ds, val_ds, run: Run, resume_state: dict | None) -
         _logger.info("no validation split: model_best.pth.tar is the epoch with the lowest training loss")
     saver = CheckpointSaver(run.out_dir, higher_is_better=not by_loss, max_history=args.checkpoint_hist)
     saver.best = resume_state.get("best_metric") if resume_state is not None else None
-    ctx.after_step.insert(0, _recovery_hook(model, optimizer, ctx, saver, run, len(loader)))
+    ctx.after_step.insert(0, _recovery_hook(model, optimizer, ctx, saver, run, len(loader) // args.grad_accum_steps))
     args_json = json.dumps(vars(args), default=str)
     if run.primary:
-        write_text_atomic(run.out_dir / "args.json", json.dumps(vars(args), indent=1, sort_keys=True, default=str))
+        write_text_atomic(run.out_dir / "args.yaml", to_yaml(describe_run(args, run.stitch_cfg, world_size,
+                                                                          run.device.type)))
         _truncate_summary(run.out_dir / "summary.csv", epochs.start)
     for epoch in epochs:
         seed_epoch(args.seed, rank, epoch)
@@ -408,20 +509,27 @@ def fit(net: RoutedNet, train_ds, val_ds, run: Run, resume_state: dict | None) -
         eval_metrics, metric = {}, train_metrics["loss"] if by_loss else None
         if val_loader is not None and (epoch + 1) % args.val_interval == 0:
             eval_metrics = _validate(net, val_loader, panel, run, epoch, train_metrics["loss"])
+            if ctx.model_ema is not None:  # as timm: the EMA's metrics are the epoch's (summary, model_best)
+                if args.distributed and args.dist_bn in ("broadcast", "reduce"):
+                    distribute_bn(ctx.model_ema.module, world_size, args.dist_bn == "reduce")
+                eval_metrics = _validate(ctx.model_ema.module, val_loader, panel, run, epoch, train_metrics["loss"],
+                                         " (EMA)")
             metric = eval_metrics[args.eval_metric] if args.eval_metric in eval_metrics else eval_metrics["top1"]
         lrs = [g["lr"] for g in optimizer.param_groups]
-        ctx.lr_scheduler.step(epoch + 1, metric)
+        ctx.lr_scheduler.step(epoch + 1 - epoch_offset(args), metric)
         if run.primary:
             update_summary(epoch, train_metrics, eval_metrics, filename=str(run.out_dir / "summary.csv"),
                            lr=sum(lrs) / len(lrs), write_header=None)
             state = training_state(model, optimizer, epoch, ctx.global_step, args_json, run.config_text,
-                                   ctx.loss_scaler)
+                                   ctx.loss_scaler, ema=_ema_net(ctx))
             improved = saver.save(state, metric)
             saver.drop_recovery()
             _logger.info(f"saved {run.out_dir / LAST}" + (" (best so far)" if improved else ""))
     if val_ds is not None:
         ckpt_hash = file_sha256(run.out_dir / LAST) if run.primary else ""
         evaluate_all(net, val_ds, run, ckpt_hash)
+        if ctx.model_ema is not None:
+            evaluate_all(ctx.model_ema.module, val_ds, run, ckpt_hash, EMA_RESULTS_FILE)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ class RoutedNet(nn.Module):
     units: list[list[Unit]]
     routes: list[tuple[Step, ...]]
     _unit_params: list[list[int]] | None = None  # cached by unit_params()
+    grad_checkpointing: bool = False             # set_grad_checkpointing(): recompute blocks in the backward pass
 
     def anchor(self, index: int) -> nn.Module:
         raise NotImplementedError
@@ -57,8 +58,39 @@ class RoutedNet(nn.Module):
 
     def run_step(self, step: Step, x: torch.Tensor) -> torch.Tensor:
         if step[0] == "unit":
-            return self.units[step[1]][step[2]].run(self.anchor(step[1]), x)
+            unit = self.units[step[1]][step[2]]
+            if self.grad_checkpointing and self.training and unit.kind == "block" and torch.is_grad_enabled():
+                # keep only the block's input; its activations are recomputed in the backward pass (the RNG state
+                # is replayed, so drop-path draws the same masks)
+                from torch.utils.checkpoint import checkpoint
+                return checkpoint(unit.run, self.anchor(step[1]), x, use_reentrant=False)
+            return unit.run(self.anchor(step[1]), x)
         return self.stitch_layer(step[1])(x)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's method name (``--grad-checkpointing``): while training, every ``block`` unit runs under
+        torch.utils.checkpoint (non-reentrant), trading a second forward of each block for its activation memory.
+        Evaluation and the least-squares init are unaffected."""
+        self.grad_checkpointing = bool(enable)
+
+    def compile_blocks(self, backend: str = "inductor") -> int:
+        """``--torchcompile``: torch.compile each ``block`` unit's module in place (``nn.Module.compile``, so the
+        state-dict keys stay timm's). The route changes every step, so the whole ``forward(x, cfg_id)`` is not
+        compiled (one graph per route, past dynamo's recompile limit); blocks of one class share their compiled code.
+        Stems, transitions, norms, heads and the stitching layers run eagerly. Returns the number compiled."""
+        compiled = 0
+        for a, units in enumerate(self.units):
+            for unit in units:
+                if unit.kind != "block" or len(unit.modules) != 1:
+                    continue
+                try:
+                    module = self.anchor(a).get_submodule(unit.modules[0])
+                except AttributeError:  # a block unit naming a parameter, not a module: left eager
+                    continue
+                module.compile(backend=backend)
+                compiled += 1
+        _raise_recompile_limit(compiled)
+        return compiled
 
     def run_steps(self, steps: Sequence[Step], x: torch.Tensor) -> torch.Tensor:
         for step in steps:
@@ -129,6 +161,18 @@ class RoutedNet(nn.Module):
         return getattr(self.anchor(self.n_anchors - 1), "pretrained_cfg", {}) or {}
 
 
+def _raise_recompile_limit(modules: int) -> None:
+    """Compiled blocks share code per class, but dynamo specialises on what differs between instances (width,
+    drop-path rate) and on train/eval mode; let each compiled module have its own entries before dynamo gives up
+    and runs that code eagerly."""
+    import torch._dynamo
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), 2 * modules + 8))
+    if hasattr(config, "accumulated_recompile_limit"):
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * modules + 64)
+
+
 def _run_whole(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x)
 
@@ -154,6 +198,17 @@ class PlainNet(RoutedNet):
 
     def describe(self, cfg_id: int) -> str:
         return self.names[self.check_cfg_id(cfg_id)]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """One timm model runs as one unit: its own set_grad_checkpointing does the work."""
+        super().set_grad_checkpointing(enable)
+        if hasattr(self.model, "set_grad_checkpointing"):
+            self.model.set_grad_checkpointing(enable)
+
+    def compile_blocks(self, backend: str = "inductor") -> int:
+        """One route: the whole timm model is compiled in place."""
+        self.model.compile(backend=backend)
+        return 1
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 _logger = logging.getLogger("snnet")
 RESULTS_FILE = "stitches_res.txt"
+EMA_RESULTS_FILE = "stitches_res_ema.txt"  # the same for the --model-ema weights
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -107,3 +107,16 @@ def test_local_anchor_checkpoint(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(AnchorError, match="cannot be read"):
         create_anchor(AnchorSpec("deit_tiny_patch16_224", str(tmp_path / "junk.pth")), **SMALL)
+
+
+def test_unavailable_pretrained_weights_are_one_line(monkeypatch):
+    """A download that fails (offline, unknown tag, hub error) names the model and the ways out, no traceback."""
+    from snnet import create_anchor
+    from snnet.config import AnchorSpec
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to the hub\nsecond line")
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(AnchorError, match=r"cannot load the pretrained weights of 'resnet18.tv_in1k' \(OSError: We "
+                                          r"couldn't connect to the hub second line\); .*--no-pretrained"):
+        create_anchor(AnchorSpec("resnet18.tv_in1k"), pretrained=True)

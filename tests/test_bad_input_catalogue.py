@@ -70,7 +70,7 @@ def world(tmp_path_factory, digits_folder, tiny_config):
     (w / "zero_batch.yaml").write_text("batch_size: 0\n")
     (w / "scalar_mean.yaml").write_text("mean: 0.5\n")
     (w / "nan_lr.json").write_text('{"anchors": %s, "lr": NaN}' % json.dumps(TINY))
-    (w / "bad_reprob.json").write_text(json.dumps({"anchors": TINY, "reprob": 2}))
+    (w / "bad_reprob.json").write_text(json.dumps({"anchors": TINY, "recipe": {"reprob": 2}}))
     return w
 
 
@@ -118,7 +118,7 @@ CASES = [
     ("NaN lr in the stitch config", "{data} --stitch_config {w}/nan_lr.json",
      "stitch config '{w}/nan_lr.json': field 'lr': 'nan' is not a finite number (as for --lr-base)"),
     ("probability above 1 in the stitch config", "{data} --stitch_config {w}/bad_reprob.json",
-     "field 'reprob': 2 is not a probability in [0, 1]"),
+     "field 'recipe.reprob': 2 is not a probability in [0, 1]"),
     # values
     ("zero batch", "{data} --stitch_config {cfg} -b 0", "-b/--batch-size: 0 is not >= 1"),
     ("negative lr", "{data} --stitch_config {cfg} --lr -1", "--lr: -1 is not >= 0"),

@@ -114,9 +114,11 @@ def r18_swin():
     return model, measure(model, 224)
 
 
-def test_configs_are_snnets_files():
-    assert json.load(open("configs/resnet18_resnet50.json")) == {"anchors": ["resnet18", "resnet50"]}
-    assert json.load(open("configs/resnet18_swin_ti.json")) == {"anchors": ["resnet18", SWIN_T]}
+def test_configs_name_snnets_anchors_with_the_weights_it_loaded():
+    """SN-Net's JSON held only the timm names; its timm 0.6 loaded torchvision's R18, the RSB A1 R50 and the
+    ImageNet-1k Swin-T, which timm 1.0 names by these tags (docs/snnet_compat.md, C34)."""
+    assert json.load(open("configs/resnet18_resnet50.json"))["anchors"] == ["resnet18.tv_in1k", "resnet50.a1_in1k"]
+    assert json.load(open("configs/resnet18_swin_ti.json"))["anchors"] == ["resnet18.tv_in1k", f"{SWIN_T}.ms_in1k"]
 
 
 def test_cfg_order(r18_r50, r18_swin):

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
 import pytest
 
@@ -23,7 +24,7 @@ def test_cnn_seed_command_line_parses():
             "--lr 0.05 --amp --remode pixel --reprob 0.6 --aa rand-m9-mstd0.5-inc1 --resplit --split-bn -j 10 "
             "--dist-bn reduce")
     args, cfg = parse_args(line.split())
-    assert [a.name for a in cfg.anchors] == ["resnet18", "resnet50"]
+    assert [a.name for a in cfg.anchors] == ["resnet18.tv_in1k", "resnet50.a1_in1k"]
     assert (args.data_dir, args.batch_size, args.sched, args.epochs, args.lr) == ("/data/imagenet", 128, "cosine", 30,
                                                                                   0.05)
     assert args.amp and args.resplit and args.split_bn and args.workers == 10 and args.dist_bn == "reduce"
@@ -36,7 +37,8 @@ def test_deit_seed_command_line_and_json_precedence():
     # SN-Net's JSON fields become defaults: lr 5e-5 per 512 images of global batch, 50 epochs, hard distillation
     assert (args.epochs, args.batch_size, args.workers, args.img_size) == (50, 128, 10, 224)
     assert (args.lr, args.lr_base, args.lr_base_size, args.lr_base_scale) == (None, 5e-5, 512, "linear")
-    assert (args.teacher, args.distillation_type, args.experiment) == ("regnety_160", "hard", "stitch_deit_ti_s_b")
+    # SN-Net's untagged teacher meant DeiT's RegNetY-16GF (docs/snnet_compat.md, C19)
+    assert (args.teacher, args.distillation_type, args.experiment) == ("regnety_160.deit_in1k", "hard", "stitch_deit_ti_s_b")
     assert args.data_dir == "/data/imagenet"  # the command line wins over the JSON's data_path
     args, _ = parse_args("/d --stitch_config configs/deit_ti_s_b.json --epochs 3 -b 8 --lr 0.1".split())
     assert (args.epochs, args.batch_size, args.lr) == (3, 8, 0.1)  # unlike SN-Net, typed flags win
@@ -87,7 +89,7 @@ def test_yaml_may_name_the_stitch_config(tmp_path):
     a, cfg = parse_args(["/d", "-c", str(y)])
     assert [x.name for x in cfg.anchors][0] == "deit_tiny_patch16_224" and a.epochs == 50  # JSON over its YAML
     assert parse_args(["/d", "-c", str(y), "--stitch_config", "configs/resnet18_resnet50.json"])[1].anchors[0].name \
-        == "resnet18"
+        == "resnet18.tv_in1k"
 
 
 @pytest.mark.parametrize("text,message", [
@@ -124,11 +126,13 @@ def test_yaml_values_that_are_fine(tmp_path):
 
 
 @pytest.mark.parametrize("fields,message", [
-    ('"reprob": 2', "field 'reprob': 2 is not a probability in [0, 1] (as for --reprob)"),
+    ('"recipe": {"reprob": 2}', "field 'recipe.reprob': 2 is not a probability in [0, 1] (as for --reprob)"),
     ('"lr": NaN', "field 'lr': 'nan' is not a finite number (as for --lr-base)"),
     ('"lr": -1e-4', "field 'lr': -0.0001 is not >= 0"),
-    ('"weight_decay": Infinity', "field 'weight_decay': 'inf' is not a finite number"),
-    ('"clip_mode": "norm2"', "field 'clip_mode': 'norm2' is not one of 'norm', 'value', 'agc'"),
+    ('"recipe": {"weight-decay": Infinity}', "field 'recipe.weight-decay': 'inf' is not a finite number"),
+    ('"recipe": {"clip_mode": "norm2"}', "field 'recipe.clip_mode': 'norm2' is not one of 'norm', 'value', 'agc'"),
+    ('"lr": 1e-4, "recipe": {"lr-base": 1e-3}', "recipe entry 'lr-base' sets what field 'lr' already sets"),
+    ('"recipe": {"epoch": 3}', "unknown field 'recipe.epoch'; keys are train.py flag names"),
     ('"distillation_type": "medium"', "field 'distillation_type': 'medium' is not one of"),
 ])
 def test_stitch_config_values_are_checked_like_typed_ones(tmp_path, fields, message):
@@ -279,7 +283,11 @@ def test_cnn_seed_command_runs_on_two_cpu_processes(tmp_path_factory, tmp_path):
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray((d.images[n] / 16 * 255).astype(np.uint8)).resize((32, 32)).convert("RGB").save(
             folder / f"{n}.png")
-    extra = ["--epochs", "1", "--img-size", "32", "--no-pretrained", "--output", str(tmp_path), "--experiment", "cnn"]
+    # the card's teacher (DeiT's RegNetY-16GF) cannot be downloaded here: a local ResNet-18 stands in for it
+    teacher = tmp_path / "teacher.pth"
+    torch.save(timm.create_model("resnet18", num_classes=10).state_dict(), teacher)
+    extra = ["--epochs", "1", "--img-size", "32", "--no-pretrained", "--output", str(tmp_path), "--experiment", "cnn",
+             "--teacher", "resnet18", "--teacher-checkpoint", str(teacher)]
     r = run(["./distributed_train.sh", "2", str(root), *SEED_CNN.split(), *extra], timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     records = [json.loads(l) for l in (tmp_path / "cnn" / "stitches_res.txt").read_text().splitlines()]

@@ -1,0 +1,187 @@
+"""Each family's recipe card resolves, with nothing else typed, to SN-Net's run (issue 11).
+
+The tables hold SN-Net's values at 8 processes; each row cites where this repository documents the value
+(docs/snnet_compat.md C16-C19 and C31-C35, the family READMEs). `train.py --dry-run` resolves a run without loading
+weights or reading images, so the whole recipe is checked here as a user would see it.
+"""
+import csv
+import json
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from conftest import FAST, run
+from snnet.losses import DistillationLoss
+from snnet.main import main
+
+AUG = {  # DeiT's augmentation, shared by SN-Net's DeiT, Swin and LeViT runs (C31-C33)
+    "aa": "rand-m9-mstd0.5-inc1", "color_jitter": 0.4, "train_interpolation": "bicubic", "reprob": 0.25,
+    "remode": "pixel", "recount": 1, "mixup": 0.8, "cutmix": 1.0, "mixup_prob": 1.0, "mixup_switch_prob": 0.5,
+    "mixup_mode": "batch", "smoothing": 0.1,
+}
+EVAL = {  # every family evaluated at resize 256 / centre crop 224, bicubic (C23)
+    "resolved.eval_transform.input_size": [3, 224, 224], "resolved.eval_transform.resize": 256,
+    "resolved.eval_transform.crop_pct": 0.875, "resolved.eval_transform.interpolation": "bicubic",
+}
+TEACHER = {  # hard distillation from DeiT's RegNetY-16GF, alpha 0.5 (C19)
+    "resolved.teacher.name": "regnety_160.deit_in1k", "resolved.teacher.type": "hard", "resolved.teacher.alpha": 0.5,
+}
+
+RECIPES = {
+    # C31 / stitching_deit/README.md: config/deit_stitching.json + DeiT's params.py
+    "deit_ti_s_b": {
+        "batch_size": 128, "epochs": 50, "opt": "adamw", "opt_eps": 1e-8, "opt_betas": None, "weight_decay": 0.05,
+        "resolved.global_batch": 1024, "resolved.lr": 1e-4,                      # 5e-5 x 1024 / 512 (C16)
+        "resolved.param_groups.anchors.lr": 1e-4, "resolved.param_groups.stitching_layers.lr": 1e-4,  # C17
+        "resolved.schedule.warmup_lr": 1e-7, "resolved.schedule.min_lr": 1e-6,  # not scaled (C16)
+        "sched": "cosine", "warmup_epochs": 5, "resolved.schedule.total_epochs": 50, "sched_on_updates": False,
+        "clip_grad": None, "drop_path": 0.1, "aug_repeats": 3, **AUG, **TEACHER, **EVAL,
+        "amp": True, "resolved.amp.covers": "forward and loss (teacher included)", "model_ema": False,
+        "seed": 0, "workers": 10, "img_size": 224,
+    },
+    # C32 / stitching_swin/README.md: configs/snnet/stitch_swin_ti_s_b.yaml + Swin's config.py
+    "swin_ti_s_b": {
+        "batch_size": 128, "opt": "adamw", "opt_eps": 1e-8, "opt_betas": [0.9, 0.999], "weight_decay": 0.05,
+        "resolved.lr": 1e-3, "resolved.param_groups.anchors.lr": 1e-4,           # anchors x 0.1 (C17)
+        "resolved.param_groups.stitching_layers.lr": 1e-3,
+        "resolved.schedule.warmup_lr": 1e-6, "resolved.schedule.min_lr": 1e-5,  # all three scaled x2 (C16)
+        "resolved.schedule.total_epochs": 50, "warmup_epochs": 5, "warmup_prefix": True,  # 5 + 45 cosine
+        "sched_on_updates": True, "clip_grad": 5.0, "clip_mode": "norm", "drop_path": 0.2, "aug_repeats": 0,
+        **AUG, **TEACHER, **EVAL, "amp": True, "resolved.amp.covers": "forward", "seed": 0, "workers": 10,
+    },
+    # C33 / stitching_levit/README.md: the README command + LeViT's main.py
+    "levit_192_256": {
+        "batch_size": 128, "epochs": 100, "opt": "adamw", "opt_eps": 1e-8, "weight_decay": 0.025,
+        "resolved.lr": 1e-4, "resolved.param_groups.anchors.lr": 1e-4, "resolved.param_groups.stitching_layers.lr": 1e-4,
+        "resolved.schedule.warmup_lr": 1e-7, "resolved.schedule.min_lr": 1e-6, "resolved.schedule.total_epochs": 100,
+        "sched_on_updates": False, "clip_grad": 0.01, "clip_mode": "agc", "drop_path": 0.0, "aug_repeats": 3,
+        **AUG, **TEACHER, **EVAL, "amp": True, "resolved.amp.covers": "forward and loss (teacher included)",
+        "model_ema": False, "seed": 0,
+    },
+    # C34 / stitching_resnet_swin/README.md: the README's command + what SN-Net's modified timm hid
+    "resnet18_resnet50": {
+        "batch_size": 128, "epochs": 30, "opt": "sgd", "momentum": 0.9, "weight_decay": 2e-5,
+        "resolved.lr": 0.05, "resolved.param_groups.anchors.lr": pytest.approx(0.005),  # hidden anchors x 0.1
+        "resolved.param_groups.stitching_layers.lr": 0.05, "resolved.schedule.warmup_lr": 1e-5,
+        "resolved.schedule.min_lr": 0.0, "resolved.schedule.total_epochs": 30, "sched_on_updates": False,
+        "aa": "rand-m9-mstd0.5-inc1", "reprob": 0.6, "remode": "pixel", "resplit": True, "split_bn": True,
+        "dist_bn": "reduce", "mixup": 0.0, "cutmix": 0.0, "smoothing": 0.1, "train_interpolation": "random",
+        "amp": True, "workers": 10, "seed": 42, **TEACHER, **EVAL,
+    },
+}
+RECIPES["resnet18_swin_ti"] = RECIPES["resnet18_resnet50"]
+
+
+def dry_run(capsys, monkeypatch, config, *extra, world_size=8):
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    monkeypatch.delenv("RANK", raising=False)
+    assert main(["/data/imagenet", "--stitch_config", f"configs/{config}.json", "--device", "cuda", "--dry-run",
+                 *extra]) == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def lookup(tree, path):
+    for part in path.split("."):
+        tree = tree[part]
+    return tree
+
+
+@pytest.mark.parametrize("config", sorted(RECIPES))
+def test_recipe_card_resolves_to_snnets_run_at_8_processes(config, capsys, monkeypatch):
+    run_ = dry_run(capsys, monkeypatch, config)
+    wrong = {k: (lookup(run_, k), v) for k, v in RECIPES[config].items() if lookup(run_, k) != v}
+    assert wrong == {}, f"{config}: (resolved, SN-Net's) {wrong}"
+
+
+def test_typed_flags_still_win_over_the_card(capsys, monkeypatch):
+    run_ = dry_run(capsys, monkeypatch, "deit_ti_s_b", "--epochs", "3", "--lr", "0.1", "--no-amp-loss")
+    assert (run_["epochs"], run_["resolved"]["lr"], run_["resolved"]["amp"]["covers"]) == (3, 0.1, "forward")
+    assert run_["resolved"]["world_size"] == 8 and run_["resolved"]["schedule"]["total_epochs"] == 3
+
+
+def test_lr_scales_with_the_world_size(capsys, monkeypatch):
+    """SN-Net's per-512 rule (C16): DeiT at 4 processes halves the LR; Swin scales warm-up and minimum LR too."""
+    deit = dry_run(capsys, monkeypatch, "deit_ti_s_b", world_size=4)["resolved"]
+    swin = dry_run(capsys, monkeypatch, "swin_ti_s_b", world_size=4)["resolved"]
+    assert (deit["lr"], deit["schedule"]["warmup_lr"]) == (5e-5, 1e-7)
+    assert (swin["lr"], swin["schedule"]["warmup_lr"], swin["schedule"]["min_lr"]) == (5e-4, 5e-7, 5e-6)
+
+
+def test_dry_run_under_torchrun_8_processes_prints_once(tmp_path):
+    """./distributed_train.sh 8 ... --dry-run on a CPU machine: 8 processes, rank 0 prints, nothing is read."""
+    r = run(["./distributed_train.sh", "8", tmp_path / "no-such-imagenet", "--stitch_config",
+             "configs/deit_ti_s_b.json", "--dry-run"], timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    printed = yaml.safe_load(r.stdout)
+    assert printed["resolved"]["world_size"] == 8 and printed["resolved"]["lr"] == 1e-4
+    assert r.stdout.count("resolved:") == 1 and not (tmp_path / "no-such-imagenet").exists()
+
+
+# ------------------------------------------------------------------------------------------- distillation (C19)
+@pytest.fixture()
+def batch():
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(6, 10, generator=g), torch.randn(6, 10, generator=g)
+    return student, teacher, torch.randint(0, 10, (6,), generator=g)
+
+
+class _Teacher(torch.nn.Module):
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x):
+        return self.logits
+
+
+def test_soft_distillation_equals_deits_formula(batch):
+    """DeiT: KL(teacher || student) at temperature T, summed over batch and classes, x T^2 / (batch x classes)."""
+    student, teacher, y = batch
+    alpha, tau = 0.3, 2.0
+    loss = DistillationLoss(torch.nn.CrossEntropyLoss(), _Teacher(teacher), "soft", alpha, tau)(None, student, y)
+    p_t, log_p_s = torch.softmax(teacher / tau, 1), torch.log_softmax(student / tau, 1)
+    kl = (p_t * (torch.log(p_t) - log_p_s)).sum() * tau * tau / student.numel()
+    expected = (1 - alpha) * F.cross_entropy(student, y) + alpha * kl
+    assert torch.allclose(loss, expected, atol=1e-6)
+
+
+def test_hard_distillation_equals_deits_formula(batch):
+    """DeiT: cross-entropy of the student against the teacher's argmax; LeViT's tuple feeds the second head."""
+    student, teacher, y = batch
+    hard = teacher.argmax(1)
+    expected = 0.5 * F.cross_entropy(student, y) + 0.5 * -torch.log_softmax(student, 1)[range(6), hard].mean()
+    loss = DistillationLoss(torch.nn.CrossEntropyLoss(), _Teacher(teacher), "hard", 0.5)(None, student, y)
+    assert torch.allclose(loss, expected, atol=1e-6)
+    second = student.flip(0)
+    two_heads = DistillationLoss(torch.nn.CrossEntropyLoss(), _Teacher(teacher), "hard", 0.5)(None, (student, second), y)
+    expected = 0.5 * F.cross_entropy(student, y) + 0.5 * F.cross_entropy(second, hard)
+    assert torch.allclose(two_heads, expected, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- SN-Net's accidents (C35)
+def test_snnet_compat_decays_the_anchors_no_weight_decay_params():
+    from snnet import build_snnet, parse_stitch_config
+    from snnet.optim import param_groups
+    from conftest import TINY
+    net = build_snnet(parse_stitch_config({"anchors": TINY}), pretrained=False, num_classes=10, img_size=16)
+    cls = net.anchors[0].cls_token
+    in_group = lambda groups: next(g["weight_decay"] for g in groups if any(p is cls for p in g["params"]))
+    assert in_group(param_groups(net, 0.05, 1.0)) == 0.0
+    assert in_group(param_groups(net, 0.05, 1.0, decay_all=True)) == 0.05
+
+
+def test_lr_one_epoch_late_reproduces_deits_stepping(digits_folder, tiny_config, tmp_path):
+    """DeiT's main.py steps a per-epoch schedule after the epoch with the epoch it finished: epoch e trains at
+    lr(e-1). summary.csv records each epoch's own LR."""
+    lrs = {}
+    for late in (False, True):
+        out = tmp_path / str(late)
+        r = run([sys.executable, "train.py", digits_folder, "--stitch_config", tiny_config, *FAST, "--epochs", "3",
+                 "--warmup-epochs", "0", "--output", out, "--experiment", "x"] + (["--lr-one-epoch-late"] if late else []))
+        assert r.returncode == 0, r.stderr[-2000:]
+        lrs[late] = [float(row["lr"]) for row in csv.DictReader(open(out / "x" / "summary.csv"))]
+    assert lrs[True][0] == lrs[True][1] == lrs[False][0] and lrs[True][2] == lrs[False][1]
+    assert lrs[False][0] > lrs[False][1] > lrs[False][2]
