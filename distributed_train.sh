@@ -13,5 +13,10 @@ shift
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PYTHON="${PYTHON:-python3}"
 if [ -x "$HERE/.venv/bin/python" ] && [ -z "${VIRTUAL_ENV:-}" ]; then PYTHON="$HERE/.venv/bin/python"; fi
+# every input checked once, before torchrun starts NUM_PROC processes: a bad one is one line (exit 2), not one
+# error per rank followed by torchrun's traceback. SNNET_NO_PREFLIGHT=1 skips it (train.py checks again anyway).
+if [ -z "${SNNET_NO_PREFLIGHT:-}" ]; then
+  PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m snnet.preflight "$NUM_PROC" "$@" || exit $?
+fi
 # shellcheck disable=SC2086
 exec "$PYTHON" -m torch.distributed.run --nproc_per_node="$NUM_PROC" ${TORCHRUN_ARGS:-} "$HERE/train.py" "$@"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from typing import Any, Iterable, Sequence
 
@@ -346,7 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recovery-interval", type=_non_negative_int, default=0,
                    help="write recovery.pth.tar every N training steps (0: off); --resume or --auto-resume from it "
                         "continues inside the epoch exactly")
-    g.add_argument("--eval-metric", default="top1", help="Best metric")
+    g.add_argument("--eval-metric", default="top1",
+                   help="metric that picks model_best: top1, top5, loss (means over the validation panel) or "
+                        "top1@<cfg_id> (one stitch of the panel); the training loss when there is no val split")
     g.add_argument("--val-interval", type=_positive_int, default=1, help="validate every N epochs")
     return p
 
@@ -479,8 +482,28 @@ def _check_values(args: argparse.Namespace) -> None:
     if (args.auto_resume or restarted) and not args.experiment and not args.eval:
         raise UsageError("--auto-resume (and torchrun --max-restarts) needs --experiment NAME, so that a restarted "
                          "run finds its own checkpoint")
+    if not re.fullmatch(r"top1|top5|loss|top1@\d+", args.eval_metric):
+        raise UsageError(f"--eval-metric {args.eval_metric!r} is not a metric of the validation panel; use top1, top5, "
+                         f"loss (means over the panel) or top1@<cfg_id> (one stitch of the panel)")
     if args.distillation_type != "none" and not args.teacher:
         raise UsageError(f"--distillation-type {args.distillation_type} needs --teacher NAME")
+
+
+def _unique_key_loader():
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice; keep one",
+                                                            key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+    return Loader
 
 
 def _yaml_entries(path: str) -> list[tuple[str, str, Any]]:
@@ -490,9 +513,10 @@ def _yaml_entries(path: str) -> list[tuple[str, str, Any]]:
         raise UsageError(f"-c/--config {path!r} does not exist; give an existing YAML file")
     try:
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            data = yaml.load(f, Loader=_unique_key_loader()) or {}
     except yaml.YAMLError as e:
-        raise UsageError(f"-c/--config {path!r} is not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
+        raise UsageError(f"-c/--config {path!r} is not valid YAML ({' '.join(str(e).split())[:200]}); fix the "
+                         f"file") from None
     if not isinstance(data, dict):
         raise UsageError(f"-c/--config {path!r} must hold a mapping of flag names to values")
     return [(str(k), str(k).replace("-", "_"), v) for k, v in data.items()]

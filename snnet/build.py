@@ -23,15 +23,30 @@ def check_model_name(name: str) -> None:
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models()"
         raise AnchorError(f"unknown timm model name {name!r}: {hint}")
+    if "." in name:  # a pretrained tag must exist even for random weights: it names the data config too
+        arch, tag = name.split(".", 1)
+        try:
+            timm.models.get_pretrained_cfg(name)
+        except RuntimeError:
+            tags = [t.split(".", 1)[1] for t in timm.list_pretrained(f"{arch}.*")]
+            raise AnchorError(f"unknown pretrained tag {tag!r} of {arch!r}; its tags are: "
+                              f"{', '.join(tags[:8]) or 'none'}") from None
 
 
 def _create(spec: AnchorSpec, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
-    """timm.create_model; a failed download of pretrained weights is one line naming the model and the ways out."""
+    """timm.create_model; a failed download of pretrained weights is one line naming the model and the ways out,
+    and so is a model argument the model cannot take (``--model-kwargs mlp_ratio=abc``)."""
     import timm
     try:
         return timm.create_model(spec.name, pretrained=pretrained, **kwargs)
-    except TypeError:
-        raise
+    except TypeError as e:
+        if "unexpected keyword argument 'img_size'" in str(e):
+            raise  # create_anchor retries without it (CNNs take any size)
+        raise AnchorError(f"cannot create {spec.name!r} with arguments {kwargs} ({' '.join(str(e).split())[:160]}); "
+                          f"fix --model-kwargs or the anchor's model_kwargs") from None
+    except (ValueError, ArithmeticError) as e:
+        raise AnchorError(f"cannot create {spec.name!r} with arguments {kwargs} ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:120]}); fix --model-kwargs or the anchor's model_kwargs") from None
     except Exception as e:
         if not pretrained:
             raise
@@ -52,7 +67,7 @@ def create_anchor(spec: AnchorSpec, pretrained: bool = True, **model_kwargs: Any
         model = _create(spec, pretrained, kwargs)
     except TypeError:
         if "img_size" not in kwargs or "img_size" in spec.model_kwargs:
-            raise
+            raise AnchorError(f"{spec.name!r} takes no img_size argument; remove it from its model_kwargs") from None
         # CNNs take any image size and have no img_size argument
         model = _create(spec, pretrained, {k: v for k, v in kwargs.items() if k != "img_size"})
     if spec.checkpoint is not None:

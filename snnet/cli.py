@@ -12,11 +12,13 @@ output file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import re
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -91,14 +93,31 @@ def _cfg_id(text: str) -> int:
     return int(text)
 
 
+def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Refuse, before any work, an output folder that cannot be made or written: an existing file, or a folder
+    (the nearest existing one) without write permission. Later failures (a full disk) still end in one line."""
+    out = Path(path)
+    base = out
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if base.exists() and not base.is_dir():
+        what = "is a file" if base == out else f"is under {str(base)!r}, a file"
+        raise UsageError(f"{flag} {str(out)!r} {what}, not a folder; pass another {flag} folder")
+    if base.exists() and not os.access(base, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {str(out)!r}: folder {str(base)!r} is not writable; pass another {flag} folder")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- pareto
 def cmd_pareto(args: argparse.Namespace) -> int:
+    if args.out:
+        check_out_dir(args.out)
     report = pareto_report(args.results, cost_key(args.by, args.latency_batch), args.anchors)
+    files = save_report(report, args.out, args.title) if args.out else []  # written before anything is printed
     for note in report.notes:
         print(note, file=sys.stderr)
     print(report.text, end="")
-    if args.out:
-        files = save_report(report, args.out, args.title)
+    if files:
         print(f"wrote {', '.join(str(f) for f in files)}")
     return 0
 
@@ -140,12 +159,62 @@ def _load(args: argparse.Namespace):
     return load_snnet(args.checkpoint, args.stitch_config, args.img_size, args.num_classes)
 
 
+@contextlib.contextmanager
+def _held_output():
+    """Hold what is written on stdout and stderr (fds 1 and 2, native code included) and pass it on afterwards,
+    unless the block fails.
+
+    torch's TorchScript ONNX exporter prints its whole IR graph from C++ before it raises on an op the opset cannot
+    express (its `setup_onnx_logging` enables that log whatever `verbose` says); the error is then only the one line
+    `main` prints.
+    """
+    streams = ((1, sys.stdout), (2, sys.stderr))
+    held = []
+    try:
+        for fd, stream in streams:
+            stream.flush()
+            saved = os.dup(fd)
+            held.append((fd, stream, saved, tempfile.TemporaryFile()))
+            os.dup2(held[-1][3].fileno(), fd)
+    except (OSError, ValueError):  # a closed or odd stream: hold nothing
+        for fd, _, saved, tmp in held:
+            os.dup2(saved, fd)
+            os.close(saved)
+            tmp.close()
+        held = []
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        for fd, stream, saved, tmp in held:
+            stream.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            if ok:
+                tmp.seek(0)
+                stream.write(tmp.read().decode(errors="replace"))
+                stream.flush()
+            tmp.close()
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import WEIGHTS, check_cfg_id, export_stitch
+    import torch
+
+    from .export import ONNX_OPSET, WEIGHTS, check_cfg_id, check_opset, export_stitch
+    formats = [f for f, off in (("torchscript", args.no_torchscript), ("onnx", args.no_onnx)) if not off]
+    if "onnx" in formats:  # refused before the checkpoint is read; with --no-onnx the opset is unused
+        check_opset(args.opset)
+    check_out_dir(args.out)
     loaded = _load(args)
     check_cfg_id(loaded.net, args.cfg_id, args.checkpoint)
-    formats = [f for f, off in (("torchscript", args.no_torchscript), ("onnx", args.no_onnx)) if not off]
-    spec = export_stitch(loaded, args.cfg_id, args.out, formats, opset=args.opset)
+    try:
+        with _held_output() if "onnx" in formats else contextlib.nullcontext():
+            spec = export_stitch(loaded, args.cfg_id, args.out, formats, opset=args.opset)
+    except torch.onnx.OnnxExporterError as e:  # an op this (supported) opset cannot express; nothing was written
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UsageError(f"ONNX export of cfg_id {args.cfg_id} at --opset {args.opset} failed ({first}); pass "
+                         f"--opset {ONNX_OPSET} (the default) or --no-onnx") from None
     out = Path(args.out)
     h, w = spec["img_size"]
     print(f"exported cfg_id {spec['cfg_id']}: {spec['route']}")
@@ -178,7 +247,9 @@ def cmd_latency(args: argparse.Namespace) -> int:
         raise UsageError(f"--device {args.device!r}: CUDA is not available here; use --device cpu")
     loaded = _load(args)
     net = loaded.net
-    in_file = results_cfg_ids(net, args.results) if args.results else None  # another SN-Net's file: refused now
+    # another SN-Net's, checkpoint's or image size's file: refused now, before measuring
+    in_file = results_cfg_ids(net, args.results, args.checkpoint, loaded.img_size, loaded.in_chans) \
+        if args.results else None
     if args.cfg_ids:
         ids = [check_cfg_id(net, c, args.checkpoint) for c in args.cfg_ids]
     else:

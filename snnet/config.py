@@ -81,6 +81,14 @@ class StitchConfig:
     values: dict[str, Any] = field(default_factory=dict)  # every other field given in the file
     path: str | None = None
 
+    def with_model_kwargs(self, overrides: dict[str, Any]) -> "StitchConfig":
+        """A copy whose every anchor takes `overrides` (``--model-kwargs``) over its own ``model_kwargs``: what the
+        user types applies to all anchors and wins."""
+        if not overrides:
+            return self
+        anchors = [AnchorSpec(a.name, a.checkpoint, {**a.model_kwargs, **overrides}) for a in self.anchors]
+        return StitchConfig(anchors, dict(self.values), self.path)
+
     def get(self, name: str, default: Any = None) -> Any:
         if name in self.values:
             return self.values[name]
@@ -145,15 +153,34 @@ def _parse_anchor(a: Any, i: int, source: str) -> AnchorSpec:
                       f"got {a!r}")
 
 
+class _JSONValueError(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise _JSONValueError(f"key(s) {', '.join(map(repr, repeated))} given twice in one object (JSON keeps only "
+                              f"the last); keep one")
+    return dict(pairs)
+
+
+def _no_constant(name: str) -> Any:
+    raise _JSONValueError(f"{name} is not a number here (JSON has no NaN or Infinity); write a finite number")
+
+
 def load_stitch_config(path: str | Path) -> StitchConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"stitch config {str(path)!r} does not exist; pass an existing JSON file "
                           f"(see configs/)")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(), object_pairs_hook=_unique_keys, parse_constant=_no_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"stitch config {str(path)!r} is not valid JSON ({e}); fix the file") from None
+    except _JSONValueError as e:  # strict JSON: a repeated key or NaN/Infinity would be silently accepted
+        raise ConfigError(f"stitch config {str(path)!r}: {e}; fix the file") from None
     cfg = parse_stitch_config(data, f"stitch config {str(path)!r}")
     cfg.path = str(path)
     # relative checkpoint paths are relative to the config file, so configs can travel with their anchors

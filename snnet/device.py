@@ -27,9 +27,33 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+_agreed_attempt: int | None = None  # set by resolve_device, see _agree_on_attempt
+
+
 def restart_attempt() -> int:
-    """How often torchrun has restarted this worker group (0 on the first attempt)."""
+    """How often torchrun has restarted this worker group (0 on the first attempt), the same on every rank once
+    resolve_device has run; before, this node's TORCHELASTIC_RESTART_COUNT."""
+    if _agreed_attempt is not None:
+        return _agreed_attempt
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def _agree_on_attempt() -> int:
+    """The worker group's restart count as every rank on every node sees it.
+
+    TORCHELASTIC_RESTART_COUNT counts only this node's failures: when a worker on another node dies while ours
+    still runs (e.g. stuck in a collective), our agent restarts its workers as a membership change without
+    counting it, so the new workers see a different count on each node (and looked for different stores: a hang).
+    With the agent's store (torchrun's c10d and static rendezvous) each rank counts its starts there instead: every
+    restart of a fixed-size worker group starts each global rank once, so the counts agree."""
+    global _agreed_attempt
+    _agreed_attempt = None
+    if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(os.environ.get("WORLD_SIZE", "1")) > 1
+            and not dist.is_initialized()):
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=timedelta(minutes=10))
+        _agreed_attempt = store.add(f"snnet/starts/rank{os.environ['RANK']}", 1) - 1
+    return restart_attempt()
 
 
 def resolve_device(args: argparse.Namespace) -> torch.device:
@@ -39,7 +63,7 @@ def resolve_device(args: argparse.Namespace) -> torch.device:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise DeviceError(f"--device {args.device}: CUDA is not available here; use --device cpu")
-    attempt = restart_attempt()
+    attempt = _agree_on_attempt()
     if attempt > 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         _init_restarted_group(args, attempt)
         local = int(os.environ.get("LOCAL_RANK", "0"))

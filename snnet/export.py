@@ -104,10 +104,11 @@ def load_snnet(checkpoint: str | os.PathLike, stitch_config: str | os.PathLike |
     ident = ident if isinstance(ident, dict) else {}
     cfg = load_stitch_config(stitch_config) if stitch_config else _config_from_checkpoint(ident, checkpoint)
     loaded_from = str(stitch_config) if stitch_config else "recorded in the checkpoint"
+    cfg = cfg.with_model_kwargs(dict(args.get("model_kwargs") or {}))  # as train.py built them
     cfg.anchors = [AnchorSpec(a.name, None, a.model_kwargs) for a in cfg.anchors]
     classes = num_classes or args.get("num_classes") or ident.get("num_classes") or cfg.get("num_classes")
     build_size = img_size or args.get("img_size")  # what the anchors were created with in train.py
-    kwargs: dict[str, Any] = dict(args.get("model_kwargs") or {})
+    kwargs: dict[str, Any] = {}
     if build_size:
         kwargs["img_size"] = build_size
     if args.get("in_chans"):
@@ -333,6 +334,30 @@ def _save_torchscript(module: nn.Module, x: torch.Tensor, path: Path, **options)
         return torch.jit.load(str(path))
 
 
+def onnx_opsets() -> tuple[int, int]:
+    """The opsets the installed torch's TorchScript-based ONNX exporter (the one used here) supports, inclusive.
+
+    torch keeps the range in `torch.onnx._constants`: ONNX_MIN_OPSET and ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET (older
+    torch: ONNX_MAX_OPSET). Below the minimum it writes a file of that opset with only a warning, above the maximum
+    it warns or fails; so a value outside is refused before any work. Without those constants: 7..ONNX_OPSET.
+    """
+    try:
+        from torch.onnx import _constants as c
+        return int(c.ONNX_MIN_OPSET), int(getattr(c, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", c.ONNX_MAX_OPSET))
+    except (ImportError, AttributeError):
+        return 7, ONNX_OPSET
+
+
+def check_opset(opset: Any) -> int:
+    """`opset` if the ONNX exporter supports it, else an ExportError naming the supported range and the fix."""
+    lo, hi = onnx_opsets()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not lo <= opset <= hi:
+        raise ExportError(f"--opset {opset!r} is not supported by the TorchScript ONNX exporter of torch "
+                          f"{torch.__version__} (opsets {lo}..{hi}); pass --opset {min(max(ONNX_OPSET, lo), hi)} "
+                          f"(the default) or --no-onnx")
+    return opset
+
+
 @register_export_format("onnx", ONNX, "ONNX network (onnxruntime)", "pass --no-onnx or another --opset")
 def _save_onnx(module: nn.Module, x: torch.Tensor, path: Path, opset: int = ONNX_OPSET, **options):
     # the TorchScript-based exporter: no onnxscript needed, and ~20x faster than the dynamo one on small models
@@ -394,6 +419,8 @@ def export_stitch(loaded: Loaded, cfg_id: int, out_dir: str | os.PathLike,
     from .cost import cost_table
     from .results import file_sha256
 
+    if "onnx" in formats:
+        check_opset(opset)
     net = loaded.net.eval()
     cfg_id = check_cfg_id(net, cfg_id, loaded.checkpoint)
     module, keep = stitched_network(net, cfg_id)

@@ -4,8 +4,12 @@ Each stitch runs ``net(x, cfg_id)`` (the same kernels as its exported network) o
 sizes: `warmup` untimed calls, then `repeats` timed calls (CUDA synchronised after each, stitches taken
 round-robin); the median is reported in milliseconds per batch. Records gain ``latency_ms_b<batch>`` for each
 batch size, ``latency_device`` (e.g. ``cpu: AMD EPYC, 2 threads``) and ``latency_img_size``, so
-``snnet pareto --by latency`` and ``snnet select --max-latency-ms`` work. Latency depends on the architecture, not
-the weights, so a results file is accepted when its routes match the SN-Net's (the checkpoint hash is not compared).
+``snnet pareto --by latency`` and ``snnet select --max-latency-ms`` work. A results file is rewritten only when it
+is this SN-Net's, of this checkpoint, at this image size (`check_results`): its routes match; records stamped with a
+``checkpoint_sha256`` (our evaluator's) carry this checkpoint's, and their FLOPs are this SN-Net's at the image size
+measured here (the evaluator counts them at the size it evaluated at); latencies already there were measured at this
+size (``latency_img_size``). Otherwise one file would pair accuracies of one network with latencies of another.
+SN-Net's own files carry no hash: their routes (cfg_ids) are checked only.
 The file is read and rewritten by `snnet.results` (the one reader and writer).
 """
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
-from .results import check_routes, read_results, update_results
+from .results import ResultsError, check_routes, file_sha256, is_number, read_results, update_results
 
 if TYPE_CHECKING:
     from .model import SNNet
@@ -89,10 +93,50 @@ def measure_latency(net: SNNet, cfg_ids: Sequence[int], batches: Sequence[int] =
     return out
 
 
-def results_cfg_ids(net: SNNet, path: str | os.PathLike) -> list[int]:
-    """cfg_ids of a results file, refused when its routes are not this SN-Net's."""
+def _size_text(size: Any) -> str:
+    if isinstance(size, int) and not isinstance(size, bool):
+        size = [size, size]
+    if isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(s, int) for s in size):
+        return f"{size[0]}x{size[1]}"
+    return repr(size)
+
+
+def results_cfg_ids(net: SNNet, path: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
+                    img_size: tuple[int, int] | None = None, in_chans: int = 3) -> list[int]:
+    """cfg_ids of a results file, refused when its routes are not this SN-Net's; with `checkpoint` and `img_size`
+    also when it is another checkpoint's or of another image size (see the module docstring)."""
     records = read_results(path)
-    check_routes(net, records, f"results file {str(path)!r}")
+    source = f"results file {str(path)!r}"
+    check_routes(net, records, source)
+    if checkpoint is not None:
+        digest = file_sha256(checkpoint)
+        for r in records:
+            other = r.get("checkpoint_sha256")
+            if other is not None and other != digest:
+                raise ResultsError(f"{source} holds results of another checkpoint (cfg_id {r['cfg_id']}: "
+                                   f"checkpoint_sha256 {str(other)[:16]}..., {str(checkpoint)!r} is "
+                                   f"{digest[:16]}...); pass the checkpoint that was evaluated, or measure without "
+                                   f"--results (nothing written)")
+    if img_size is None:
+        return [r["cfg_id"] for r in records]
+    here = _size_text(list(img_size))
+    for r in records:
+        if "latency_img_size" in r and _size_text(r["latency_img_size"]) != here:
+            raise ResultsError(f"{source} holds latencies measured at {_size_text(r['latency_img_size'])} (cfg_id "
+                               f"{r['cfg_id']}), this run measures at {here}; pass --img-size of those, or measure "
+                               f"into a fresh copy of the evaluation's file")
+    stamped = [r for r in records if checkpoint is not None and r.get("checkpoint_sha256") == digest and
+               is_number(r.get("flops"))]
+    if stamped:
+        from .cost import cost_table
+        from .pareto import human
+        table = cost_table(net, tuple(img_size), in_chans)
+        for r in stamped:
+            ours = table.route_flops(net.routes[r["cfg_id"]])
+            if abs(ours - r["flops"]) > 1e-6 * max(abs(ours), 1.0):
+                raise ResultsError(f"{source} was evaluated at another image size than {here}: its cfg_id "
+                                   f"{r['cfg_id']} has {human(r['flops'])} FLOPs, this SN-Net at {here} has "
+                                   f"{human(ours)} FLOPs; pass --img-size of the evaluation")
     return [r["cfg_id"] for r in records]
 
 

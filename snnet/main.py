@@ -24,8 +24,8 @@ from torch import nn
 
 from .adapter import AnchorError
 from .args import UsageError, parse_args
-from .checkpoint import (LAST, RECOVERY, CheckpointError, CheckpointSaver, StateDictMismatch, json_field,
-                         load_checkpoint, training_state)
+from .checkpoint import (LAST, RECOVERY, CheckpointError, CheckpointSaver, StateDictMismatch, fit_report,
+                         json_field, load_checkpoint, training_state)
 from .config import ConfigError, StitchConfig
 from .cost import cost_table
 from .data import DataError, clean_images, create_datasets, create_eval_loader, create_train_loader, num_classes_of
@@ -36,13 +36,13 @@ from .losses import create_loss
 from .model import PlainNet, RoutedNet
 from .optim import OptimError, anchor_lr_scale, create_optimizer, create_scheduler, epoch_offset, resolve_lrs
 from .plan import PlanError
+from .preflight import check_run, one_line, output_dir, user_errors
 from .resolve import describe_run, launch_world_size, to_yaml
 from .results import EMA_RESULTS_FILE, RESULTS_FILE, ResultsError, ResultsFile, file_sha256, text_sha256
 from .sampler import create_sampler, seed_epoch
 
 _logger = logging.getLogger("snnet")
-USER_ERRORS = (UsageError, ConfigError, DataError, AnchorError, PlanError, CheckpointError, ResultsError, OptimError,
-               DeviceError)
+USER_ERRORS = user_errors()
 
 
 def main(argv=None) -> int:
@@ -51,7 +51,8 @@ def main(argv=None) -> int:
         args, stitch_cfg = parse_args(argv)
         run(args, stitch_cfg)
     except USER_ERRORS as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank meets the same input: one line is enough
+            print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:
         print(f"error: {e}; the last good checkpoint is kept", file=sys.stderr)
@@ -72,15 +73,6 @@ def main(argv=None) -> int:
     return 0
 
 
-def one_line(e: BaseException) -> str:
-    """The message of a user error on one line; errors re-raised from a DataLoader worker carry the worker's
-    traceback text, whose last line is the original message."""
-    text = str(e).strip()
-    if "Original Traceback" in text:
-        text = text.splitlines()[-1].split(": ", 1)[-1]
-    return " ".join(text.split())
-
-
 @dataclass
 class Run:
     """What every phase of one run reads: the resolved arguments and what was derived from them once."""
@@ -99,7 +91,7 @@ class Run:
 
 # ------------------------------------------------------------------------------------------------------ building
 def build_network(args: argparse.Namespace, stitch_cfg: StitchConfig | None, num_classes: int) -> RoutedNet:
-    kwargs = dict(num_classes=num_classes, drop_path_rate=args.drop_path, drop_rate=args.drop, **args.model_kwargs)
+    kwargs = dict(num_classes=num_classes, drop_path_rate=args.drop_path, drop_rate=args.drop)
     if args.img_size is not None:
         kwargs["img_size"] = args.img_size
     if args.in_chans is not None:
@@ -107,19 +99,10 @@ def build_network(args: argparse.Namespace, stitch_cfg: StitchConfig | None, num
     if stitch_cfg is None:
         from .build import create_anchor
         from .config import AnchorSpec
-        return PlainNet(create_anchor(AnchorSpec(args.model), pretrained=args.pretrained, **kwargs), args.model)
+        spec = AnchorSpec(args.model, None, dict(args.model_kwargs))
+        return PlainNet(create_anchor(spec, pretrained=args.pretrained, **kwargs), args.model)
     from .build import build_snnet
-    return build_snnet(stitch_cfg, pretrained=not args.no_pretrained, **kwargs)
-
-
-def output_dir(args: argparse.Namespace) -> Path:
-    if args.eval and args.resume and not (args.output or args.experiment):
-        return Path(args.resume).resolve().parent  # results next to the checkpoint: a rerun continues there
-    name = args.experiment
-    if not name:
-        stem = Path(args.stitch_config).stem if args.stitch_config else args.model
-        name = f"eval-{stem}" if args.eval else f"{time.strftime('%Y%m%d-%H%M%S')}-{stem}-{args.img_size or 224}"
-    return Path(args.output or "./output/train") / name
+    return build_snnet(stitch_cfg.with_model_kwargs(args.model_kwargs), pretrained=not args.no_pretrained, **kwargs)
 
 
 def _config_text(args: argparse.Namespace, stitch_cfg: StitchConfig | None, data_cfg: dict) -> str:
@@ -187,13 +170,14 @@ def ls_initialise(net: RoutedNet, run: Run, images_from) -> None:
     mode = args.ls_mode or run.stitch_cfg.get("ls_mode")
     t0 = time.perf_counter()
     if mode == "snnet":
-        images, what = [_snnet_init_batch(run, images_from, count)], "augmented training images per process"
+        images, what = [_snnet_init_batch(run, images_from, count)], f"{count} augmented training images per process"
     else:
-        images, what = clean_images(images_from, run.data_cfg, count, args.seed, rank, world_size), "clean images"
+        images = clean_images(images_from, run.data_cfg, count, args.seed, rank, world_size)
+        what = f"{images.count} clean images" + (f" ({count} asked)" if images.count < count else "")
     reports = ls_init(net, images, mode=mode)
     if reports:
         errs = [r.rel_error for r in reports]
-        _logger.info(f"LS init: {len(reports)} stitching layers fitted on {count} {what} ({mode}) in "
+        _logger.info(f"LS init: {len(reports)} stitching layers fitted on {what} ({mode}) in "
                      f"{time.perf_counter() - t0:.1f}s; relative fit error mean {sum(errs) / len(errs):.4f} "
                      f"max {max(errs):.4f}")
 
@@ -208,6 +192,7 @@ def run(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
             device_type = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
             print(to_yaml(describe_run(args, stitch_cfg, launch_world_size(), device_type)), end="")
         return
+    check_run(args, stitch_cfg, launch_world_size())  # every input, before any weight or image
     device = resolve_device(args)
     rank, world_size = world()
     random_seed(args.seed, rank)
@@ -217,21 +202,18 @@ def run(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
     if args.num_classes is None:
         args.num_classes = num_classes_of(train_ds or val_ds) or (stitch_cfg.get("num_classes") if stitch_cfg else None)
     net = build_network(args, stitch_cfg, args.num_classes)
-    data_cfg = resolve_data_config(vars(args), model=net, verbose=rank == 0)
-    if args.split_bn:
-        from timm.layers import convert_splitbn_model
-        net = convert_splitbn_model(net, max(args.aug_splits, 2))
-    net = convert_sync_bn(net, args, device)
-    net.to(device)
-    if args.channels_last:
-        net.to(memory_format=torch.channels_last)
-    if args.initial_checkpoint:
-        load_into(net, args.initial_checkpoint)
+    data_cfg = resolve_data_config(vars(args), model=net)
+    net = _prepare(net, args, device)
     run_ = Run(args, stitch_cfg, device, amp_dtype_for(args, device), data_cfg, output_dir(args),
                _config_text(args, stitch_cfg, data_cfg))
     resume = _resume_path(args, run_.out_dir)
-    resume_state = load_checkpoint(resume) if resume else None
-    if stitch_cfg is not None and resume_state is None and stitch_cfg.get("ls_init") and not args.no_ls_init:
+    resume_state = _fitting_checkpoint(net, resume) if resume else None
+    if args.initial_checkpoint:
+        load_into(net, args.initial_checkpoint)
+    if not args.eval:
+        _val_panel(args, net)  # refused now, not after the LS init
+    _logger.info("data: " + ", ".join(f"{k} {v}" for k, v in data_cfg.items()))  # after every check: no banner
+    if _wants_ls_init(args, stitch_cfg, resume_state):
         ls_initialise(net, run_, train_ds if train_ds is not None else val_ds)
     if resume_state is not None:
         load_into(net, resume)
@@ -240,6 +222,38 @@ def run(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
         evaluate_all(net, val_ds, run_, file_sha256(resume) if resume else init)
         return
     fit(net, train_ds, val_ds, run_, resume_state)
+
+
+def _prepare(net: RoutedNet, args: argparse.Namespace, device: torch.device) -> RoutedNet:
+    """Split-BN / sync-BN conversion, device and memory format (before any checkpoint is loaded into it)."""
+    if args.split_bn:
+        from timm.layers import convert_splitbn_model
+        net = convert_splitbn_model(net, max(args.aug_splits, 2))
+    net = convert_sync_bn(net, args, device)
+    net.to(device)
+    if args.channels_last:
+        net.to(memory_format=torch.channels_last)
+    return net
+
+
+def _fitting_checkpoint(net: RoutedNet, path: str) -> dict:
+    """The checkpoint to resume from, refused now if it does not fit the network (before any image is read)."""
+    state = load_checkpoint(path)
+    report = fit_report(unwrap(net).checkpoint_state(), state["state_dict"])
+    if report:
+        raise CheckpointError(f"checkpoint {path!r} does not fit this model ({report}); it was made with another "
+                              f"stitch config, model or --num-classes: pass the same ones")
+    return state
+
+
+def _wants_ls_init(args: argparse.Namespace, stitch_cfg: StitchConfig | None, resume_state: dict | None) -> bool:
+    """Fit the stitching layers unless they come from a checkpoint (--resume, --initial-checkpoint) or are off."""
+    if stitch_cfg is None or resume_state is not None or not stitch_cfg.get("ls_init") or args.no_ls_init:
+        return False
+    if args.initial_checkpoint:
+        _logger.info(f"LS init skipped: the stitching layers come from --initial-checkpoint {args.initial_checkpoint}")
+        return False
+    return True
 
 
 def convert_sync_bn(net: RoutedNet, args: argparse.Namespace, device: torch.device) -> RoutedNet:
@@ -329,6 +343,9 @@ def _val_panel(args: argparse.Namespace, model: RoutedNet) -> list[int]:
     bad = [c for c in panel if c >= model.num_configs]
     if bad:
         raise UsageError(f"--val-stitches {bad} out of range: this network has cfg_ids 0..{model.num_configs - 1}")
+    if args.eval_metric.startswith("top1@") and int(args.eval_metric[5:]) not in panel:
+        raise UsageError(f"--eval-metric {args.eval_metric}: cfg_id {args.eval_metric[5:]} is not in the validation "
+                         f"panel {panel}; add it with --val-stitches or pick another metric")
     return panel
 
 

@@ -39,16 +39,31 @@ def cost_key(by: str, batch: int = 1) -> str:
 
 
 def require_cost(records: Sequence[dict[str, Any]], cost: str, source: str, instead: str = "--by flops") -> None:
-    """Refuse a cost no record has (e.g. params in SN-Net's LeViT/CNN files, latency before `snnet latency`)."""
-    if any(is_number(r.get(cost)) for r in records):
+    """Refuse a cost that records lack: none has it (e.g. params in SN-Net's LeViT/CNN files, latency before
+    `snnet latency`), or only some have it. Ranking only the records that have it would silently leave the others
+    out of the front, the table and the choice (possibly the best stitch, or an anchor), so that is refused too,
+    naming the cfg_ids; a front or a budget needs every stitch's cost."""
+    missing = [r["cfg_id"] for r in records if not is_number(r.get(cost))]
+    if not missing:
         return
+    if len(missing) < len(records):
+        ids = ", ".join(str(c) for c in missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        if cost.startswith("latency_ms_b"):
+            fix = (f"measure every stitch of the file: snnet latency CKPT --stitch_config CFG --batch "
+                   f"{cost[len('latency_ms_b'):]} --results {source} (without --cfg-ids)")
+        else:
+            fix = "regenerate the file (train.py --eval --resume CKPT) or remove those lines"
+        raise ResultsError(f"{source!r} has no {cost!r} for cfg_id {ids} ({len(missing)} of {len(records)} "
+                           f"stitches): ranking the others would silently leave them out; {fix}")
     if cost.startswith("latency_ms_b"):
         fix = f"measure it first: snnet latency CKPT --stitch_config CFG --results {source}"
         have = latency_keys(records)
         if have:
             fix = f"this file has {', '.join(have)}; pass --latency-batch {have[0][len('latency_ms_b'):]}"
-    else:
+    elif cost == "params":
         fix = f"SN-Net's LeViT and CNN files record no params; use {instead}"
+    else:
+        fix = "regenerate the file (train.py --eval --resume CKPT)"
     raise ResultsError(f"{source!r} has no {cost!r} for any stitch; {fix}")
 
 

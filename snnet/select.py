@@ -77,7 +77,8 @@ def select(records: Sequence[Record], limits: dict[str, float], min_acc: float |
     flags = flags or {}
     if not records:
         raise BudgetError(f"{source!r} holds no stitch to choose from; pass the records of an evaluation")
-    for key in limits:
+    # every cost that ranks: the limited ones, and FLOPs for the cheapest reaching min_acc
+    for key in [*limits, *(["flops"] if min_acc is not None and "flops" not in limits else [])]:
         require_cost(records, key, source, "--max-flops")
     fit = within(records, limits)
     good = [r for r in fit if min_acc is None or r["acc1"] >= min_acc]

@@ -39,6 +39,10 @@ def world(tmp_path_factory, digits_folder, tiny_config):
     victim = sorted((corrupt / "val").rglob("*.png"))[3]
     victim.write_bytes(b"\x89PNG truncated")
     (w / "victim").write_text(str(victim))
+    shutil.copytree(digits_folder, w / "otherval")  # val/ names class 9 differently: labels would shift
+    (w / "otherval" / "val" / "9").rename(w / "otherval" / "val" / "nine")
+    shutil.copytree(digits_folder, w / "loop")  # a symlink loop: timm's reader would read train/ over and over
+    os.symlink(w / "loop" / "train", w / "loop" / "train" / "3" / "again")
     (w / "garbage.pth").write_bytes(os.urandom(300))
     (w / "empty.pth").write_bytes(b"")
     (w / "list.pth").write_bytes(b"")
@@ -70,6 +74,9 @@ def world(tmp_path_factory, digits_folder, tiny_config):
     (w / "zero_batch.yaml").write_text("batch_size: 0\n")
     (w / "scalar_mean.yaml").write_text("mean: 0.5\n")
     (w / "nan_lr.json").write_text('{"anchors": %s, "lr": NaN}' % json.dumps(TINY))
+    (w / "dup.json").write_text('{"anchors": %s, "epochs": 3, "epochs": 5}' % json.dumps(TINY))
+    (w / "dup.yaml").write_text("epochs: 3\nepochs: 4\n")
+    (w / "nan.yaml").write_text("lr: .nan\n")
     (w / "bad_reprob.json").write_text(json.dumps({"anchors": TINY, "recipe": {"reprob": 2}}))
     return w
 
@@ -84,6 +91,13 @@ CASES = [
     ("class folders without images", "{w}/noimg --stitch_config {cfg}", "has class folders but no images"),
     ("eval without a val split", "{w}/noimg --stitch_config {cfg} --eval", "has no validation/ or val/ folder"),
     ("corrupt image in evaluation", "{w}/corrupt --stitch_config {cfg} --eval", "image '{victim}' cannot be read"),
+    ("val with other classes", "{w}/otherval --stitch_config {cfg}",
+     "(only in train/: '9'; only in val/: 'nine')"),
+    ("symlink loop", "{w}/loop --stitch_config {cfg}", "the symlink '{w}/loop/train/3/again' loops back to"),
+    ("batch larger than the dataset", "{data} --stitch_config {cfg} -b 512",
+     "-b/--batch-size 512 gives no optimizer step: train folder '{data}/train' has 160 training images"),
+    ("num-classes smaller than the classes", "{data} --stitch_config {cfg} --num-classes 5",
+     "--num-classes 5 is smaller than the 10 classes"),
     ("results of another checkpoint in the folder", "{data} --stitch_config {cfg} --eval --experiment prev",
      "holds results of another checkpoint or config (cfg_id 0)"),
     # checkpoints
@@ -116,7 +130,7 @@ CASES = [
     ("number for a list in YAML", "{data} --stitch_config {cfg} -c {w}/scalar_mean.yaml",
      "key 'mean': 0.5 is not a list; write a list, e.g. [0.5]"),
     ("NaN lr in the stitch config", "{data} --stitch_config {w}/nan_lr.json",
-     "stitch config '{w}/nan_lr.json': field 'lr': 'nan' is not a finite number (as for --lr-base)"),
+     "stitch config '{w}/nan_lr.json': NaN is not a number here"),
     ("probability above 1 in the stitch config", "{data} --stitch_config {w}/bad_reprob.json",
      "field 'recipe.reprob': 2 is not a probability in [0, 1]"),
     # values
@@ -143,6 +157,20 @@ CASES = [
     ("CUDA on a CPU machine", "{data} --stitch_config {cfg} --device cuda", "CUDA is not available here"),
     ("split-bn without splits", "{data} --stitch_config {cfg} --split-bn", "--split-bn needs --aug-splits > 1"),
     ("auto-resume without experiment", "{data} --stitch_config {cfg} --auto-resume", "needs --experiment NAME"),
+    # issue 12: configs that were silently accepted, inputs that failed late or with a traceback
+    ("duplicate key in the stitch config", "{data} --stitch_config {w}/dup.json", "key(s) 'epochs' given twice"),
+    ("duplicate key in the YAML", "{data} --stitch_config {cfg} -c {w}/dup.yaml", "key 'epochs' is given twice"),
+    ("NaN in the YAML", "{data} --stitch_config {cfg} -c {w}/nan.yaml", "key 'lr': 'nan' is not a finite number"),
+    ("unknown eval metric", "{data} --stitch_config {cfg} --eval-metric bogus", "--eval-metric 'bogus'"),
+    ("eval metric outside the panel", "{data} --stitch_config {cfg} --val-stitches 0 1 --eval-metric top1@5",
+     "cfg_id 5 is not in the validation panel [0, 1]"),
+    ("output below a file", "{data} --stitch_config {cfg} --experiment prev/last.pth.tar/x",
+     "last.pth.tar' is a file"),
+    ("unknown pretrained tag", "{data} --model resnet18.bogus", "unknown pretrained tag 'bogus' of 'resnet18'"),
+    ("unknown augmentation policy", "{data} --stitch_config {cfg} --aa garbage",
+     "the training augmentation cannot be built"),
+    ("model kwargs of the wrong type", "{data} --stitch_config {cfg} --model-kwargs mlp_ratio=abc",
+     "cannot create 'deit_tiny_patch16_224' with arguments"),
 ]
 
 
@@ -173,4 +201,4 @@ def test_bad_input(case, argv, message, world, digits_folder, tiny_config, tmp_p
 
 
 def test_catalogue_is_large_enough():
-    assert len(CASES) >= 25
+    assert len(CASES) >= 60

@@ -535,3 +535,151 @@ def test_latency_refuses_another_snnets_results(tiny, tmp_path, capsys):
                        "--warmup", 0, "--repeats", 1)
     assert_refused(rc, err, "other.txt", "not of this SN-Net")
     assert results.read_text() == text and out == ""
+
+
+# --------------------------------------------------------------------------------------------------- never trust input
+@pytest.mark.parametrize("command", ["pareto", "select"])
+def test_top1_of_250_refused(tmp_path, capsys, command):
+    path = tmp_path / "bad.txt"
+    path.write_text("\n".join([LINES[0], json.dumps({**json.loads(LINES[1]), "acc1": 250}), LINES[2]]) + "\n")
+    extra = ["--out", tmp_path / "out"] if command == "pareto" else ["--max-flops", "1G"]
+    rc, out, err = run(capsys, command, path, *extra)
+    assert_refused(rc, err, "bad.txt", "line 2", "acc1 250", "percent")
+    assert out == "" and not (tmp_path / "out").exists()
+
+
+def test_a_later_duplicate_never_removes_an_anchor(snnet_files, tmp_path, capsys):
+    path = tmp_path / "dup.txt"
+    text = SNNET_FILES["deit"] + '{"cfg_id": 0, "flops": 1258411200, "params": 5717416, "acc1": 10.0}\n'
+    path.write_text(text)
+    for argv in (["pareto", path, "--out", tmp_path / "out"], ["select", path, "--max-flops", "2G"]):
+        rc, out, err = run(capsys, *argv)
+        assert_refused(rc, err, "dup.txt", "line 6", "cfg_id 0 is also on line 1", "keep one")
+        assert out == "" and not (tmp_path / "out").exists()
+    assert path.read_text() == text
+
+
+def _partial(tmp_path, key, missing):
+    path = tmp_path / "partial.txt"
+    recs = [json.loads(line) for line in LINES] + [{"cfg_id": 3, "flops": 50, "params": 5, "acc1": 99.0}]
+    for r in recs:
+        r["latency_ms_b1"] = 1.0 + r["cfg_id"]
+        if r["cfg_id"] in missing:
+            del r[key]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+@pytest.mark.parametrize("key, by, select_flag", [("flops", "flops", ["--max-flops", "1G"]),
+                                                  ("flops", "flops", ["--min-acc", "50"]),
+                                                  ("params", "params", ["--max-params", "1G"]),
+                                                  ("latency_ms_b1", "latency", ["--max-latency-ms", "100"])])
+def test_records_without_the_ranked_cost_refused(tmp_path, capsys, key, by, select_flag):
+    # cfg 3 (the cheapest and best) lacks the cost: ranking the others would silently drop it from the front
+    path = _partial(tmp_path, key, {1, 3})
+    text = path.read_text()
+    rc, out, err = run(capsys, "pareto", path, "--by", by, "--out", tmp_path / "out")
+    line = assert_refused(rc, err, "partial.txt", f"no '{key}' for cfg_id 1, 3", "2 of 4")
+    assert out == "" and not (tmp_path / "out").exists()
+    if by == "latency":
+        assert "snnet latency" in line
+    rc, out, err = run(capsys, "select", path, *select_flag)
+    assert_refused(rc, err, "partial.txt", f"no '{key}' for cfg_id 1, 3")
+    assert out == "" and path.read_text() == text
+
+
+def test_results_folder_without_results_file(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    for argv in (["pareto", tmp_path / "run", "--out", tmp_path / "out"], ["select", tmp_path / "run", "--max-flops",
+                                                                            "1G"]):
+        rc, out, err = run(capsys, *argv)
+        assert_refused(rc, err, str(tmp_path / "run" / "stitches_res.txt"), "does not exist", "train.py --eval")
+        assert out == "" and not (tmp_path / "out").exists()
+
+
+def test_pareto_unwritable_out(tiny, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("keep me")
+    for out in (blocker, blocker / "sub"):
+        rc, stdout, err = run(capsys, "pareto", tiny.results, "--out", out)
+        assert_refused(rc, err, str(blocker), "--out")
+        assert stdout == ""
+    assert blocker.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_export_unwritable_out(tiny, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("keep me")
+    for out in (blocker, blocker / "sub"):
+        rc, stdout, err = run(capsys, "export", tiny.ckpt, "--stitch_config", tiny.config, "--cfg-id", 1,
+                              "--out", out)
+        assert_refused(rc, err, str(blocker), "--out")
+        assert stdout == ""
+    assert blocker.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+@pytest.mark.parametrize("opset", [5, 6, 21, 99])
+def test_export_unsupported_opset_refused_up_front(tiny, tmp_path, capsys, opset):
+    from torch.onnx import _constants
+    lo, hi = _constants.ONNX_MIN_OPSET, _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+    # a missing checkpoint: the opset is refused before anything is read
+    rc, out, err = run(capsys, "export", tmp_path / "missing.pth.tar", "--cfg-id", 1, "--out", tmp_path / "x",
+                       "--opset", opset)
+    assert_refused(rc, err, f"--opset {opset}", f"{lo}..{hi}", "--no-onnx")
+    assert out == "" and list(tmp_path.iterdir()) == []
+
+
+def test_export_supported_opset_range_edges(tiny, tmp_path, capfd):
+    from torch.onnx import _constants
+    for opset in (_constants.ONNX_MIN_OPSET, _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET):
+        out = tmp_path / f"o{opset}"
+        rc, stdout, err = run(capfd, "export", tiny.ckpt, "--stitch_config", tiny.config, "--cfg-id", 7,
+                              "--out", out, "--no-torchscript", "--opset", opset)  # capfd: torch's C++ output too
+        if rc == 0:
+            assert (out / "model.onnx").exists()
+        else:  # an op this opset cannot express (the ViT's expand at opset 7): one line, nothing written
+            assert_refused(rc, err, f"--opset {opset}", "--no-onnx")
+            assert stdout == "" and not out.exists() and not list(tmp_path.glob(f".o{opset}*"))
+
+
+def _hashed_results(tiny, tmp_path, **changes):
+    from snnet.results import file_sha256
+    path = tmp_path / "stitches_res.txt"
+    recs = [{**r, "checkpoint_sha256": file_sha256(tiny.ckpt), "config_sha256": "c" * 64} for r in tiny.records]
+    recs = [{**r, **{k: (v(r) if callable(v) else v) for k, v in changes.items()}} for r in recs]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+LATENCY = ("--warmup", 0, "--repeats", 1, "--batch", 1)
+
+
+def test_latency_accepts_its_own_checkpoints_results(tiny, tmp_path, capsys):
+    path = _hashed_results(tiny, tmp_path)
+    rc, out, err = run(capsys, "latency", tiny.ckpt, "--stitch_config", tiny.config, "--results", path, *LATENCY)
+    assert rc == 0, err
+    assert all(r["latency_img_size"] == [IMG, IMG] for r in read_results(path))
+    rc, out, err = run(capsys, "latency", tiny.ckpt, "--stitch_config", tiny.config, "--results", path, *LATENCY)
+    assert rc == 0, err  # measured again at the same size: fine
+
+
+def test_latency_refuses_another_checkpoints_results(tiny, tmp_path, capsys):
+    path = _hashed_results(tiny, tmp_path, checkpoint_sha256="0" * 64)
+    before = path.read_bytes()
+    rc, out, err = run(capsys, "latency", tiny.ckpt, "--stitch_config", tiny.config, "--results", path, *LATENCY)
+    assert_refused(rc, err, "stitches_res.txt", "0" * 12, "another checkpoint", str(tiny.ckpt))
+    assert out == "" and path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_latency_refuses_another_image_size(tiny, tmp_path, capsys):
+    path = _hashed_results(tiny, tmp_path, latency_img_size=[32, 32], latency_ms_b1=1.0)
+    before = path.read_bytes()
+    rc, out, err = run(capsys, "latency", tiny.ckpt, "--stitch_config", tiny.config, "--results", path, *LATENCY)
+    assert_refused(rc, err, "stitches_res.txt", "32x32", f"{IMG}x{IMG}", "--img-size")
+    assert out == "" and path.read_bytes() == before
+    # the evaluation's own image size, read from its FLOPs (our evaluator counts them at the size it ran at)
+    path = _hashed_results(tiny, tmp_path, flops=lambda r: r["flops"] * 4)
+    before = path.read_bytes()
+    rc, out, err = run(capsys, "latency", tiny.ckpt, "--stitch_config", tiny.config, "--results", path, *LATENCY)
+    assert_refused(rc, err, "stitches_res.txt", "FLOPs", f"{IMG}x{IMG}", "--img-size")
+    assert out == "" and path.read_bytes() == before

@@ -11,6 +11,7 @@ import torch
 import pytest
 
 from snnet.args import UsageError, parse_args
+from snnet.config import ConfigError
 from snnet.sampler import StitchSampler
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,9 +128,11 @@ def test_yaml_values_that_are_fine(tmp_path):
 
 @pytest.mark.parametrize("fields,message", [
     ('"recipe": {"reprob": 2}', "field 'recipe.reprob': 2 is not a probability in [0, 1] (as for --reprob)"),
-    ('"lr": NaN', "field 'lr': 'nan' is not a finite number (as for --lr-base)"),
+    ('"lr": NaN', "NaN is not a number here (JSON has no NaN or Infinity); write a finite number"),
+    ('"epochs": 3, "epochs": 5', "key(s) 'epochs' given twice in one object (JSON keeps only the last); keep one"),
     ('"lr": -1e-4', "field 'lr': -0.0001 is not >= 0"),
-    ('"recipe": {"weight-decay": Infinity}', "field 'recipe.weight-decay': 'inf' is not a finite number"),
+    ('"recipe": {"weight-decay": Infinity}', "Infinity is not a number here (JSON has no NaN or Infinity)"),
+    ('"recipe": {"weight-decay": "inf"}', "field 'recipe.weight-decay': 'inf' is not a finite number"),
     ('"recipe": {"clip_mode": "norm2"}', "field 'recipe.clip_mode': 'norm2' is not one of 'norm', 'value', 'agc'"),
     ('"lr": 1e-4, "recipe": {"lr-base": 1e-3}', "recipe entry 'lr-base' sets what field 'lr' already sets"),
     ('"recipe": {"epoch": 3}', "unknown field 'recipe.epoch'; keys are train.py flag names"),
@@ -138,7 +141,7 @@ def test_yaml_values_that_are_fine(tmp_path):
 def test_stitch_config_values_are_checked_like_typed_ones(tmp_path, fields, message):
     j = tmp_path / "s.json"
     j.write_text('{"anchors": ["resnet18"], %s}' % fields)
-    with pytest.raises(UsageError) as e:
+    with pytest.raises((UsageError, ConfigError)) as e:
         parse_args(["/d", "--stitch_config", str(j)])
     assert f"stitch config '{j}': {message}" in str(e.value) and "\n" not in str(e.value)
 
@@ -312,3 +315,41 @@ def test_demo_config_follows_the_work_folder(tmp_path):
     assert [a.checkpoint for a in cfg.anchors] == [str(tmp_path.resolve() / n / "last.pth.tar")
                                                   for n in ("anchor_w16", "anchor_w32", "anchor_w64")]
     assert [a.model_kwargs["embed_dim"] for a in cfg.anchors] == [16, 32, 64]
+
+
+def test_typed_model_kwargs_win_over_the_anchors_own(tiny_config):
+    """--model-kwargs applies to every anchor and wins over an anchor's model_kwargs (what the user types wins)."""
+    from snnet.main import build_network
+    args, cfg = parse_args(["/d", "--stitch_config", str(tiny_config), "--img-size", "16", "--no-pretrained",
+                            "--model-kwargs", "depth=2"])
+    net = build_network(args, cfg, 10)
+    assert [len(a.blocks) for a in net.anchors] == [2, 2] and net.anchors[1].embed_dim == 16
+
+
+def test_eval_with_initial_checkpoint_keeps_its_stitching_layers(digits_folder, tiny_config, tmp_path):
+    """--eval --initial-checkpoint CKPT evaluates CKPT's stitching layers; the LS init must not overwrite them."""
+    from snnet import build_snnet, load_stitch_config
+    torch.manual_seed(3)
+    net = build_snnet(load_stitch_config(tiny_config), pretrained=False, img_size=16, num_classes=10)
+    for p in net.stitch_layers.parameters():
+        torch.nn.init.normal_(p, std=0.5)  # far from any least-squares fit
+    torch.save({"state_dict": net.state_dict()}, tmp_path / "ckpt.pth.tar")
+    base = [sys.executable, "train.py", digits_folder, "--stitch_config", tiny_config, *FAST, "--eval",
+            "--output", tmp_path]
+    r = run(base + ["--initial-checkpoint", tmp_path / "ckpt.pth.tar", "--experiment", "init"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    r2 = run(base + ["--resume", tmp_path / "ckpt.pth.tar", "--experiment", "resume"])
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    acc = lambda name: [json.loads(l)["acc1"] for l in (tmp_path / name / "stitches_res.txt").read_text().splitlines()]
+    assert acc("init") == acc("resume") and "LS init skipped" in r.stderr
+
+
+@pytest.mark.parametrize("bad", [["-b", "0"], ["--aa", "garbage"], ["--resume", "/nonexistent/ckpt.pth.tar"]])
+def test_distributed_launch_refuses_bad_input_in_one_line(bad, digits_folder, tiny_config, tmp_path):
+    """distributed_train.sh checks every input once before torchrun starts: one line, exit 2, no torchrun traceback,
+    nothing written."""
+    r = run(["./distributed_train.sh", "2", digits_folder, "--stitch_config", tiny_config, *FAST, *bad,
+             "--output", tmp_path], timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: "), r.stderr
+    assert "Traceback" not in r.stderr and "ChildFailedError" not in r.stderr and not list(tmp_path.iterdir())

@@ -1,0 +1,167 @@
+"""Two torchrun agents as two "nodes" on localhost train bit for bit like one node with two processes (issue
+"Never trust input, part 2", item 3); a node whose worker dies is restarted together with the other node.
+
+Every address is 127.0.0.1, every subprocess runs under a deadline, and on failure the agents and their workers
+(torchrun starts each worker in a session of its own) are killed by process id.
+
+Rank order: c10d rendezvous sorts the nodes by (address, agent pid), so which agent becomes node 0 is not
+deterministic here. It cannot change the result: both agents run the same command on the same host with one
+worker each (LOCAL_RANK 0 on both), and everything rank-dependent (data shard, sampler, RNG seeds, who writes the
+output) follows the global rank, of which each node gets one. The static rendezvous run (`--node-rank`) fixes the
+order explicitly and must give the same bits.
+"""
+import os
+import signal
+import socket
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from conftest import FAST, ROOT, run
+from test_resume import assert_identical
+
+EPOCHS = ["--epochs", "2"]
+DEADLINE = 150  # seconds for a two-node run (about 20 s on 2 CPU cores)
+
+pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="finds worker processes in /proc")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def descendants(pid: int) -> list[int]:
+    found = []
+    for c in children(pid):
+        found += [c, *descendants(c)]
+    return found
+
+
+def environ(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ") as f:
+        return dict(kv.split("=", 1) for kv in f.read().split("\0") if "=" in kv)
+
+
+def stop(procs) -> None:
+    """Kill the agents we started and their workers, by pid (deepest first)."""
+    for p in procs:
+        for pid in [*reversed(descendants(p.pid)), p.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        p.wait(timeout=30)
+
+
+def torchrun_args(backend: str, port: int, node: int) -> list[str]:
+    common = ["--nnodes", "2", "--local-addr", "127.0.0.1"]  # local-addr: MASTER_ADDR is 127.0.0.1, not the FQDN
+    if backend == "c10d":
+        return [*common, "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                "--rdzv-id", uuid.uuid4().hex[:12]]
+    return [*common, "--rdzv-backend", "static", "--node-rank", str(node), "--master-addr", "127.0.0.1",
+            "--master-port", str(port)]
+
+
+class Nodes:
+    """Two `./distributed_train.sh 1 ...` agents started concurrently; killed on any failure or timeout."""
+
+    def __init__(self, backend, digits_folder, tiny_config, out, experiment, extra_torchrun=()):
+        port = free_port()
+        rdzv = torchrun_args(backend, port, 0)
+        self.logs = [out / f"{experiment}.node{i}.log" for i in range(2)]
+        self.procs = []
+        for i in range(2):
+            args = rdzv if backend == "c10d" else torchrun_args(backend, port, i)  # c10d: one rdzv-id for both
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHRUN_ARGS": " ".join([*args, *extra_torchrun])}
+            with open(self.logs[i], "w") as log:
+                self.procs.append(subprocess.Popen(
+                    ["./distributed_train.sh", "1", digits_folder, "--stitch_config", tiny_config, *FAST, *EPOCHS,
+                     "--output", out, "--experiment", experiment],
+                    cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
+        self.deadline = time.monotonic() + DEADLINE
+
+    def log(self, i: int) -> str:
+        return self.logs[i].read_text()
+
+    def workers(self) -> dict[int, tuple[int, int]]:
+        """global rank -> (node index, worker pid) of the current worker group."""
+        found = {}
+        for i, p in enumerate(self.procs):
+            for pid in children(p.pid):
+                rank = environ(pid).get("RANK")
+                if rank is not None:
+                    found[int(rank)] = (i, pid)
+        return found
+
+    def check_time(self, what: str) -> None:
+        if time.monotonic() > self.deadline:
+            stop(self.procs)
+            pytest.fail(f"timed out waiting for {what}\n" + "\n".join(self.log(i)[-3000:] for i in range(2)))
+
+    def wait(self) -> None:
+        try:
+            for p in self.procs:
+                p.wait(timeout=max(1.0, self.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.check_time("the agents to finish")
+        finally:
+            if any(p.poll() is None for p in self.procs):
+                stop(self.procs)
+        for i, p in enumerate(self.procs):
+            if p.returncode != 0:
+                stop(self.procs)
+                pytest.fail(f"node {i} exit code {p.returncode}\n" + self.log(i)[-4000:])
+
+
+@pytest.fixture(scope="module")
+def one_node(tmp_path_factory, digits_folder, tiny_config):
+    out = tmp_path_factory.mktemp("one_node")
+    r = run(["./distributed_train.sh", "2", digits_folder, "--stitch_config", tiny_config, *FAST, *EPOCHS,
+             "--output", out, "--experiment", "one"], timeout=DEADLINE)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out / "one"
+
+
+@pytest.mark.parametrize("backend", ["c10d", "static"])
+def test_two_nodes_train_bit_identical_to_one_node(backend, one_node, tmp_path, digits_folder, tiny_config):
+    nodes = Nodes(backend, digits_folder, tiny_config, tmp_path, "two")
+    nodes.wait()
+    assert "2 process(es)" in nodes.log(0) + nodes.log(1)
+    assert_identical(one_node, tmp_path / "two")
+
+
+def test_c10d_node_failure_restarts_both_nodes_bit_identical(one_node, tmp_path, digits_folder, tiny_config):
+    """Rank 1's worker dies in epoch 1 while rank 0's is stuck (as in a collective on NCCL; SIGSTOP here): the
+    agent of the failed node counts a restart (TORCHELASTIC_RESTART_COUNT=1), the other agent restarts its healthy
+    worker as a membership change and does not count it (its new worker sees 0). Both new workers must still
+    agree that this is a restart: same process-group store, both resume from last.pth.tar."""
+    nodes = Nodes("c10d", digits_folder, tiny_config, tmp_path, "restarted", ["--max-restarts", "2"])
+    run_dir = tmp_path / "restarted"
+    while not (run_dir / "checkpoint-0.pth.tar").exists() or len(nodes.workers()) < 2:
+        nodes.check_time("the epoch-0 checkpoint")
+        time.sleep(0.02)
+    workers = nodes.workers()
+    (node0, pid0), (_, pid1) = workers[0], workers[1]
+    os.kill(pid0, signal.SIGSTOP)
+    os.kill(pid1, signal.SIGKILL)
+    # the healthy node's agent sees the other node waiting in a new rendezvous round and stops its worker
+    while f"Sending process {pid0} closing signal" not in nodes.log(node0):
+        nodes.check_time("the healthy node to restart its worker")
+        time.sleep(0.05)
+    os.kill(pid0, signal.SIGCONT)
+    nodes.wait()
+    logs = nodes.log(0) + nodes.log(1)
+    assert "auto-resume: continuing from" in logs
+    assert_identical(one_node, run_dir)
