@@ -204,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-ls-init", action="store_true", help="keep the stitching layers' default init")
     g.add_argument("--anchor-lr-scale", type=_non_negative_float, default=None,
                    help="LR multiplier of the anchors (default 1; SN-Net: 0.1 for Swin and CNNs, 1 for DeiT/LeViT)")
+    g.add_argument("--freeze-anchors", action="store_true",
+                   help="train only the stitching layers: anchors frozen and in eval mode (no BatchNorm or dropout "
+                        "updates, no optimizer state for them), SN-Netv2's cheap path")
     g.add_argument("--sample-sync", action="store_true",
                    help="all processes train the same stitch each step (SN-Net: each draws its own)")
     g.add_argument("--val-stitches", type=_int, nargs="*", default=None,

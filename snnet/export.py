@@ -215,13 +215,20 @@ def _kept_modules(net: SNNet, steps: Sequence[tuple], anchor: int) -> list[str]:
     return keep
 
 
+def _standalone_layer(layer: nn.Module) -> nn.Module:
+    """A copy of a stitching layer for export; a type with ``merged()`` (e.g. ``lora``) exports its equivalent plain
+    layer (one linear map), so the export folder holds, and rebuilds, that type."""
+    return layer.merged() if callable(getattr(layer, "merged", None)) else copy.deepcopy(layer)
+
+
 def stitched_network(net: SNNet, cfg_id: int) -> tuple[StitchedNetwork, dict[int, list[str]]]:
-    """The standalone network of route `cfg_id` (copies; the SN-Net is untouched) and the names kept per anchor."""
+    """The standalone network of route `cfg_id` (copies; the SN-Net is untouched; stitching layers with ``merged()``
+    merged) and the names kept per anchor."""
     steps = net.routes[net.check_cfg_id(cfg_id)]
     used = sorted({s[1] for s in steps if s[0] == "unit"})
     keep = {a: _kept_modules(net, steps, a) for a in used}
     anchors = {a: prune_anchor(copy.deepcopy(net.anchors[a]), keep[a]) for a in used}
-    layers = {_layer_key(s[1]): copy.deepcopy(net.stitch_layer(s[1])) for s in steps if s[0] == "stitch"}
+    layers = {_layer_key(s[1]): _standalone_layer(net.stitch_layer(s[1])) for s in steps if s[0] == "stitch"}
     local = [s if s[0] == "unit" else ("stitch", _layer_key(s[1])) for s in steps]
     return StitchedNetwork(anchors, {a: net.units[a] for a in used}, layers, local).eval(), keep
 
@@ -424,11 +431,18 @@ def export_stitch(loaded: Loaded, cfg_id: int, out_dir: str | os.PathLike,
     net = loaded.net.eval()
     cfg_id = check_cfg_id(net, cfg_id, loaded.checkpoint)
     module, keep = stitched_network(net, cfg_id)
-    if count_params(module) != net.params(cfg_id):
+    steps = net.routes[cfg_id]
+    merged = {i: module.stitch_layers[_layer_key(s[1])] for i, s in enumerate(steps)
+              if s[0] == "stitch" and callable(getattr(net.stitch_layer(s[1]), "merged", None))}
+    # merged stitching layers hold fewer parameters than the SN-Net's (W + s·B·A instead of W, A, B)
+    expected = net.params(cfg_id) - sum(count_params(net.stitch_layer(steps[i][1])) - count_params(m)
+                                        for i, m in merged.items())
+    if count_params(module) != expected:
         raise ExportError(f"the pruned network of cfg_id {cfg_id} has {count_params(module)} parameters but the "
-                          f"route executes {net.params(cfg_id)}; a unit's `modules` list is incomplete (adapter bug)")
+                          f"route executes {expected}; a unit's `modules` list is incomplete (adapter bug)")
     spec = _spec(loaded, cfg_id, module, keep)
-    spec["flops"] = cost_table(net, loaded.img_size, loaded.in_chans).route_flops(net.routes[cfg_id])
+    # the cost model counts a layer with merged() as its merged linear map: the FLOPs of this export
+    spec["flops"] = cost_table(net, loaded.img_size, loaded.in_chans).route_flops(steps)
     spec["source"]["checkpoint_sha256"] = file_sha256(loaded.checkpoint)
     x = _example(loaded, 3)
     ref = net(x, cfg_id)

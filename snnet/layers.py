@@ -11,7 +11,8 @@ Stitching-layer types are registered by name (`register_stitch_layer`) and built
 
 The default type ``linear`` keeps its learnable part in the sub-module ``transform`` (``nn.Linear`` on
 channels-last features, ``nn.Conv2d`` 1x1 on NCHW feature maps), so checkpoint keys are SN-Net's
-``...<layer>.transform.{weight,bias}``.
+``...<layer>.transform.{weight,bias}``. The type ``lora`` (SN-Netv2's low-rank layer) adds a trainable rank-r update to
+a frozen least-squares W; an optional ``merged()`` returns an equivalent plain layer, which export writes instead.
 """
 from __future__ import annotations
 
@@ -126,6 +127,99 @@ class StitchingLayer(nn.Module):
         cin, cout = (t.in_channels, t.out_channels) if isinstance(t, nn.Conv2d) else (t.in_features, t.out_features)
         return {"type": self.layer_type, "in_channels": cin, "out_channels": cout, "in_layout": self.in_layout,
                 "out_layout": self.out_layout}
+
+    def extra_repr(self) -> str:
+        return f"{self.in_layout} -> {self.out_layout}"
+
+
+class LoRALinear(nn.Module):
+    """SN-Netv2's LoRA linear map ``x Wᵀ + b + scaling · (x Aᵀ) Bᵀ`` on channels-last rows; W is frozen.
+
+    Parameters (SN-Netv2's keys): ``weight`` [out, in] (requires_grad False), ``bias`` [out], ``lora_A`` [rank, in]
+    (kaiming-uniform, a=sqrt(5)), ``lora_B`` [out, rank] (zeros). The low-rank term is always computed, never merged
+    into W in place (SN-Netv2 merged on eval() and lost track of it across --resume); `merged_affine` gives W + s·B·A.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float):
+        super().__init__()
+        self.in_features, self.out_features, self.rank, self.scaling = in_features, out_features, rank, alpha / rank
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features))
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's init (the LS init overwrites W and b)
+        bound = 1 / math.sqrt(in_features)
+        nn.init.uniform_(self.bias, -bound, bound)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # W.detach(): frozen even when a caller flips requires_grad on every stitching-layer parameter
+        # (train.py's `fulltune: false` does), so W is never updated, whatever the flag says
+        low_rank = nn.functional.linear(nn.functional.linear(x, self.lora_A), self.lora_B)
+        return nn.functional.linear(x, self.weight.detach(), self.bias) + self.scaling * low_rank
+
+    @torch.no_grad()
+    def merged_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W + scaling · B A, b), computed in float64, in W's dtype."""
+        w = self.weight.double() + self.scaling * (self.lora_B.double() @ self.lora_A.double())
+        return w.to(self.weight.dtype), self.bias.detach().clone()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, " \
+               f"scaling={self.scaling:g}"
+
+
+@register_stitch_layer("lora")
+class LoRAStitchingLayer(nn.Module):
+    """SN-Netv2's low-rank stitching layer: the least-squares linear map W, b (W frozen) plus a trainable rank-r
+    update, ``y = x Wᵀ + b + (alpha / rank) · (x Aᵀ) Bᵀ``; b, A and B train. Checkpoint keys are SN-Netv2's
+    ``...<layer>.transform.{weight, bias, lora_A, lora_B}``.
+
+    NCHW front features are mapped per pixel (channels last, the linear map, then the layout change): a 1x1 conv, with
+    W kept as SN-Netv2's [out, in] matrix. `merged()` is the equivalent plain ``linear`` layer (export uses it).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, in_layout: str = TOKENS, out_layout: str = TOKENS,
+                 rank: int = 64, alpha: float = 1.0):
+        super().__init__()
+        if in_layout not in LAYOUTS or out_layout not in LAYOUTS:
+            raise ValueError(f"unknown feature layout {in_layout!r} -> {out_layout!r}; use one of {LAYOUTS}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank {rank!r} must be a positive integer (SN-Netv2's default: 64)")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+            raise ValueError(f"alpha {alpha!r} must be a positive number (SN-Netv2's default: 1; scale = alpha / rank)")
+        self.in_layout, self.out_layout = in_layout, out_layout
+        self.rank, self.alpha = rank, float(alpha)
+        self.transform = LoRALinear(in_channels, out_channels, rank, self.alpha)
+
+    @property
+    def rows_layout(self) -> str:
+        """The layout the linear map runs in: the input's, NHWC for NCHW inputs."""
+        return NHWC if self.in_layout == NCHW else self.in_layout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = convert_layout(x, self.in_layout, self.rows_layout)
+        return convert_layout(self.transform(x), self.rows_layout, self.out_layout)
+
+    @torch.no_grad()
+    def set_affine(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Set W and b from a (out, in) matrix and an (out,) vector (the least-squares init); A and B are kept."""
+        w = self.transform.weight
+        w.copy_(weight.reshape(w.shape).to(w.dtype))
+        self.transform.bias.copy_(bias.to(w.dtype))
+
+    def merged(self) -> StitchingLayer:
+        """The equivalent plain ``linear`` StitchingLayer, weight W + (alpha / rank) · B A (a copy; self unchanged)."""
+        t = self.transform
+        layer = StitchingLayer(t.in_features, t.out_features, self.in_layout, self.out_layout)
+        layer.to(device=t.weight.device, dtype=t.weight.dtype).train(self.training)
+        layer.set_affine(*t.merged_affine())
+        return layer
+
+    def spec(self) -> dict[str, Any]:
+        t = self.transform
+        return {"type": self.layer_type, "in_channels": t.in_features, "out_channels": t.out_features,
+                "in_layout": self.in_layout, "out_layout": self.out_layout, "rank": self.rank, "alpha": self.alpha}
 
     def extra_repr(self) -> str:
         return f"{self.in_layout} -> {self.out_layout}"

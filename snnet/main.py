@@ -315,11 +315,25 @@ def evaluate_all(net: RoutedNet, val_ds, run: Run, ckpt_hash: str, results_name:
 
 
 # ------------------------------------------------------------------------------------------------------ training
-def _freeze(model: RoutedNet, stitch_cfg: StitchConfig | None) -> None:
-    """SN-Net's ``fulltune: false``: only the stitching layers and the class tokens train."""
-    if stitch_cfg is not None and not stitch_cfg.get("fulltune"):
-        for name, p in model.named_parameters():
-            p.requires_grad = name.startswith("stitch_layers.") or "cls" in name
+def _freeze(model: RoutedNet, stitch_cfg: StitchConfig | None, args: argparse.Namespace) -> None:
+    """--freeze-anchors: only the stitching layers train, the anchors stay in eval mode (no BatchNorm statistics or
+    dropout updates, no optimizer state for them). SN-Net's ``fulltune: false``: the stitching layers and the class
+    tokens train. A parameter frozen by its own layer (a LoRA layer's W) stays frozen either way."""
+    if stitch_cfg is None:
+        if args.freeze_anchors:
+            raise UsageError("--freeze-anchors needs an SN-Net (--stitch_config): a plain --model has no stitching "
+                             "layers to train")
+        return
+    if args.freeze_anchors:
+        keep = lambda name: name.startswith("stitch_layers.")
+        model.freeze_anchors()
+    elif not stitch_cfg.get("fulltune"):
+        keep = lambda name: name.startswith("stitch_layers.") or "cls" in name
+    else:
+        return
+    for name, p in model.named_parameters():
+        if not keep(name):
+            p.requires_grad = False
 
 
 def _resume_counters(args: argparse.Namespace, resume_state: dict | None, optimizer, loss_scaler) -> tuple[int, int]:
@@ -429,8 +443,11 @@ def _continue_epoch(ctx: TrainContext, resume_state: dict | None, accum: int = 1
 
 def _sampler(net: RoutedNet, run: Run, rank: int):
     spec = run.stitch_cfg.get("sampler") if run.stitch_cfg is not None else None
+    # frozen anchors: an anchor's own route has nothing to train, so it is not drawn
+    exclude = [c for c, steps in enumerate(net.routes) if all(s[0] == "unit" for s in steps)] \
+        if run.args.freeze_anchors else []
     try:
-        return create_sampler(spec, net, run.args.seed, rank, sync=run.args.sample_sync)
+        return create_sampler(spec, net, run.args.seed, rank, sync=run.args.sample_sync, exclude=exclude)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"stitch config field 'sampler' {spec!r}: {e}") from None
 
@@ -439,7 +456,7 @@ def _setup_training(net: RoutedNet, train_ds, run: Run, resume_state: dict | Non
     """Optimizer, scaler, loader, loss, schedule and the loop context, resumed where the checkpoint left off."""
     from timm.utils import NativeScaler
     args, (rank, world_size) = run.args, world()
-    _freeze(net, run.stitch_cfg)
+    _freeze(net, run.stitch_cfg, args)
     accum = args.grad_accum_steps
     lr, warmup_lr, min_lr = resolve_lrs(args, args.batch_size * world_size * accum)
     optimizer = create_optimizer(args, net, lr)

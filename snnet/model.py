@@ -274,6 +274,22 @@ class SNNet(RoutedNet):
         return tuple(steps)
 
     # ------------------------------------------------------------------------------------------------- running
+    anchors_frozen = False
+
+    def freeze_anchors(self) -> None:
+        """Train only the stitching layers: the anchors' parameters get no gradient and the anchors stay in eval
+        mode whatever ``train()`` is called with (BatchNorm statistics and dropout as in the pretrained model)."""
+        self.anchors_frozen = True
+        for p in self.anchors.parameters():
+            p.requires_grad = False
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "SNNet":
+        super().train(mode)
+        if self.anchors_frozen:
+            self.anchors.eval()
+        return self
+
     def anchor(self, index: int) -> nn.Module:
         return self.anchors[index]
 

@@ -26,13 +26,34 @@ def register_sampler(name: str):
     return add
 
 
-def create_sampler(spec: dict[str, Any] | None, net, seed: int, rank: int, sync: bool = False):
-    """The sampler `spec` names (uniform when None) for network `net` (anything with ``num_configs``)."""
+def create_sampler(spec: dict[str, Any] | None, net, seed: int, rank: int, sync: bool = False,
+                   exclude: Sequence[int] = ()):
+    """The sampler `spec` names (uniform when None) for network `net` (anything with ``num_configs``), never drawing
+    the cfg_ids in `exclude` (e.g. the anchors, when they are frozen and have nothing to train)."""
     options = dict(spec or {})
     kind = options.pop("type", "uniform")
     if kind not in _SAMPLERS:
         raise ValueError(f"sampler type {kind!r} is not known; use one of {', '.join(sorted(_SAMPLERS))}")
-    return _SAMPLERS[kind].for_network(net, seed=seed, rank=rank, sync=sync, **options)
+    sampler = _SAMPLERS[kind].for_network(net, seed=seed, rank=rank, sync=sync, **options)
+    return Excluding(sampler, exclude, net.num_configs) if exclude else sampler
+
+
+class Excluding:
+    """Another sampler's draws without some cfg_ids: a draw that hits one is redrawn from the derived steps
+    step + i·2⁴⁰ (i = 1, 2, ...), so the result stays a pure function of (seed, rank, step) and the other cfg_ids
+    keep their relative frequencies."""
+
+    def __init__(self, inner, exclude: Sequence[int], num_configs: int):
+        self.inner, self.exclude = inner, frozenset(exclude)
+        if len(self.exclude) >= num_configs:
+            raise ValueError(f"every cfg_id is excluded ({sorted(self.exclude)}); nothing is left to train")
+
+    def __call__(self, step: int) -> int:
+        for i in range(10_000):
+            cfg_id = self.inner(step + (i << 40))
+            if cfg_id not in self.exclude:
+                return cfg_id
+        raise RuntimeError(f"the sampler drew only excluded cfg_ids {sorted(self.exclude)} in 10000 tries")
 
 
 @register_sampler("uniform")
@@ -61,6 +82,72 @@ class StitchSampler:
         if self.p is None:
             return int(rng.integers(self.num_configs))
         return int(rng.choice(self.num_configs, p=self.p))
+
+
+def flops_groups(flops: dict[int, float], gap_gflops: float = 1.0) -> list[list[int]]:
+    """SN-Netv2's FLOPs bins (ROS): cfg_ids by FLOPs ascending (stable); a cfg_id more than `gap_gflops` GFLOPs from
+    the first FLOPs of the current group starts a new group (the first group's reference is 0). Ids sorted within."""
+    if not gap_gflops > 0:
+        raise ValueError(f"gap {gap_gflops!r} must be > 0 (GFLOPs)")
+    groups: list[list[int]] = []
+    current: list[int] = []
+    ref = 0.0
+    for cfg_id in sorted(flops, key=lambda c: flops[c]):
+        g = flops[cfg_id] / 1e9
+        if abs(g - ref) > gap_gflops:
+            if current:
+                groups.append(sorted(current))
+            current, ref = [cfg_id], g
+        else:
+            current.append(cfg_id)
+    if current:
+        groups.append(sorted(current))
+    return groups
+
+
+@register_sampler("ros")
+class BucketSampler:
+    """SN-Netv2's resource-constrained sampling: routes binned by FLOPs (`flops_groups`, option ``gap`` in GFLOPs),
+    a group drawn uniformly, or with option ``k`` with p_i proportional to i/k + 1/G (i: group index, ascending
+    FLOPs), then a cfg_id uniformly within it. Each draw is a pure function of (seed, rank or 0 with sync, step)."""
+
+    def __init__(self, flops: dict[int, float], seed: int = 0, rank: int = 0, sync: bool = False,
+                 gap: float = 1.0, k: float | None = None):
+        if isinstance(gap, bool) or not isinstance(gap, (int, float)) or not gap > 0:
+            raise ValueError(f"ros option gap {gap!r} must be a number > 0 (GFLOPs)")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, (int, float)) or not k > 0):
+            raise ValueError(f"ros option k {k!r} must be a number > 0")
+        if not flops:
+            raise ValueError("ros sampler needs at least one route")
+        self.seed, self.rank, self.sync, self.gap, self.k = seed, rank, sync, float(gap), k
+        self.flops = dict(flops)
+        self.groups = flops_groups(self.flops, self.gap)
+        n = len(self.groups)
+        if k is None:
+            self.p = None
+        else:
+            w = np.arange(n, dtype=np.float64) / k + 1.0 / n
+            self.p = w / w.sum()
+
+    @classmethod
+    def for_network(cls, net, seed: int = 0, rank: int = 0, sync: bool = False, gap: float = 1.0,
+                    k: float | None = None, img_size: int | Sequence[int] | None = None) -> "BucketSampler":
+        from .cost import cost_table
+        from .select import model_img_size
+        size = model_img_size(net) if img_size is None else img_size
+        size = (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
+        table = cost_table(net, size, 3)
+        flops = {c: float(table.route_flops(steps)) for c, steps in enumerate(net.routes)}
+        return cls(flops, seed, rank, sync, gap=gap, k=k)
+
+    def __call__(self, step: int) -> int:
+        """cfg_id for global training step `step` on this process (same on every process with ``sync``)."""
+        rank = 0 if self.sync else self.rank
+        rng = np.random.default_rng([self.seed, rank, step])
+        n = len(self.groups)
+        g = int(rng.integers(n)) if self.p is None else int(rng.choice(n, p=self.p))
+        group = self.groups[g]
+        return group[int(rng.integers(len(group)))]
 
 
 def seed_epoch(seed: int, rank: int, epoch: int) -> None:
