@@ -14,7 +14,7 @@ from .checkpoint import CheckpointError, load_weights
 from .config import AnchorSpec, ConfigError, StitchConfig
 from .cost import eval_mode
 from .model import SNNet
-from .plan import StitchPlan, deit_plan, stagewise_plan
+from .plan import StitchPlan, deit_plan, stagewise_plan, two_way_plan
 
 
 def check_model_name(name: str) -> None:
@@ -81,10 +81,16 @@ def create_anchor(spec: AnchorSpec, pretrained: bool = True, **model_kwargs: Any
 
 def plan_for(models: Sequence[nn.Module], adapters: Sequence[AnchorAdapter], names: Sequence[str],
              kernel: int = 2, stride: int = 1, nearest: bool = True,
-             stitch_stages: Sequence[int] | None = None) -> StitchPlan:
-    """The plan SN-Net uses for these anchors: DeiT-style for plain ViTs, stage-wise for hierarchical families."""
+             stitch_stages: Sequence[int] | None = None, kind: str = "sliding_window") -> StitchPlan:
+    """The plan SN-Net uses for these anchors: DeiT-style for plain ViTs, stage-wise for hierarchical families;
+    ``kind="two_way"``: SN-Netv2's two-way plan for two plain ViTs."""
     depths = [ad.stage_depths(m) for ad, m in zip(adapters, models)]
     hierarchical = [ad.hierarchical for ad in adapters]
+    if kind == "two_way":
+        if len(models) != 2 or any(hierarchical):
+            raise AnchorError(f"two-way stitching (SN-Netv2) takes two plain ViT anchors, got {list(names)}")
+        _check_widths(models, adapters, names, [0])
+        return two_way_plan(depths[0][0], depths[1][0])
     if not any(hierarchical):
         d0 = depths[0][0]
         for name, d in zip(names, depths):
@@ -177,7 +183,7 @@ def build_snnet(cfg: StitchConfig, pretrained: bool = True, num_classes: int | N
               for a in cfg.anchors]
     adapters = [adapter_for(m, n) for m, n in zip(models, names)]
     plan = plan_for(models, adapters, names, cfg.get("stitch_kernel_size"), cfg.get("stitch_stride"),
-                    cfg.get("nearest_stitching"), cfg.get("stitch_stages"))
+                    cfg.get("nearest_stitching"), cfg.get("stitch_stages"), cfg.get("stitch_plan"))
     skip = cfg.get("skip_final_norm")
     if skip is None:  # the family's SN-Net behaviour (on for plain ViTs: docs/snnet_compat.md, C7)
         skip = all(ad.skip_final_norm_default for ad in adapters)

@@ -58,6 +58,8 @@ FIELDS: dict[str, Field] = {
     "num_classes": Field((int,), None, "classifier classes", "num_classes"),
     "recipe": Field((dict,), None, "the training recipe: train.py flag names (- or _) -> values, as in a -c YAML; "
                     "same layer as the fields above (a flag set twice is an error)"),
+    "stitch_plan": Field((str,), "sliding_window", "sliding_window (SN-Net) or two_way (SN-Netv2: two plain ViTs, "
+                         "both directions and two-hop routes)"),
     "stitch_layer": Field((dict,), None, "stitching-layer type and options, e.g. {\"type\": \"linear\"} (default)"),
     "sampler": Field((dict,), None, "stitch sampler type and options, e.g. {\"type\": \"uniform\"} (default, "
                      "SN-Net's)"),
@@ -125,6 +127,9 @@ def parse_stitch_config(data: Any, source: str = "stitch config") -> StitchConfi
     if data.get("ls_mode", "joint") not in ("joint", "average", "snnet"):
         raise ConfigError(f"{source}: field 'ls_mode' must be 'joint' or 'average' or 'snnet' (SN-Net's init "
                           f"exactly), got {data['ls_mode']!r}")
+    if data.get("stitch_plan", "sliding_window") not in ("sliding_window", "two_way"):
+        raise ConfigError(f"{source}: field 'stitch_plan' must be 'sliding_window' or 'two_way', got "
+                          f"{data['stitch_plan']!r}")
     stages = data.get("stitch_stages")
     if stages is not None and not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in stages):
         raise ConfigError(f"{source}: field 'stitch_stages' must be a list of stage indices >= 0, got {stages!r}")

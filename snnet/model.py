@@ -248,6 +248,15 @@ class SNNet(RoutedNet):
                                    ead.stage_width(ea, spec.stage), fad.stage_layout(fa, spec.stage),
                                    ead.stage_layout(ea, spec.stage))
 
+    def entry_unit(self, anchor: int, stage: int, block: int) -> int:
+        """The unit where anchor `anchor` continues from block `block` of `stage`; one past the stage's last block
+        when `block` is the stage's depth (SN-Netv2's stitch after the last small block enters the large anchor's
+        final norm)."""
+        if (stage, block) not in self._block_unit[anchor] and block > 0 and \
+                (stage, block - 1) in self._block_unit[anchor]:
+            return self.block_unit(anchor, stage, block - 1) + 1
+        return self.block_unit(anchor, stage, block)
+
     def block_unit(self, anchor: int, stage: int, block: int) -> int:
         """Index in ``units[anchor]`` of block `block` of `stage`."""
         try:
@@ -265,7 +274,7 @@ class SNNet(RoutedNet):
             stop = self.block_unit(st.front, st.stage, st.j)
             steps.extend(("unit", st.front, u) for u in range(start, stop + 1))
             steps.append(("stitch", st.layer))
-            start = self.block_unit(st.end, st.stage, st.k)
+            start = self.entry_unit(st.end, st.stage, st.k)
         last = route.stitches[-1].end
         for u in range(start, len(self.units[last])):
             # SN-Net's stitched DeiT routes call the head on the last block output (docs/snnet_compat.md, C7)
@@ -314,7 +323,7 @@ class SNNet(RoutedNet):
         where = {}
         for st in positions:
             ux = self.block_unit(st.front, st.stage, st.j)
-            uy = self.block_unit(st.end, st.stage, st.k) - 1
+            uy = self.entry_unit(st.end, st.stage, st.k) - 1
             need.setdefault(st.front, set()).add(ux)
             need.setdefault(st.end, set()).add(uy)
             where[(st.front, st.end, st.stage, st.j, st.k)] = ((st.front, ux), (st.end, uy))

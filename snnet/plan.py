@@ -260,3 +260,32 @@ def _check_int(what: str, value, low: int, high: int | None, valid: str | None =
     if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
         valid = valid or (f"an integer >= {low}" if high is None else f"an integer in {low}..{high}")
         raise PlanError(f"{what} {value!r} is out of range: use {valid}")
+
+
+def two_way_plan(front_depth: int, end_depth: int) -> StitchPlan:
+    """SN-Netv2's two-way plan for two plain ViTs (small anchor 0 of depth d0, large anchor 1 of depth d1 = r·d0):
+
+    ids 0, 1: the anchors; then SL: 0→1 at (i, (i+1)·r), layer (0, i), for i = 0…d0−1; LS: 1→0 at
+    (j, ⌊j·d0/d1⌋+1), layer (1, ⌊j/r⌋), for j = 0…d1−2 with j mod r = r−1; LSL: each LS then each SL whose front
+    block i starts at or after the LS's entry block and is not the last (i < d0−1); SLS: each SL then each LS whose
+    front block j is at or after the SL's entry block (i+1)·r. One stitching layer per position (no sharing): a
+    position's layer lives at ``stitch_layers.<front anchor>.<index>``. SN-Netv2's released files leave out id 13
+    (the SL route whose stitch follows the last small block, d0 = 12); it is kept here as a real network, so every
+    other id is SN-Netv2's (docs/snnet_compat.md, C36).
+    """
+    _check_int("front depth", front_depth, 1, None)
+    if end_depth % front_depth:
+        raise PlanError(f"two-way stitching needs the large anchor's depth to be a multiple of the small one's: "
+                        f"{front_depth} and {end_depth}")
+    r = end_depth // front_depth
+    sl = [Stitch(0, 1, 0, i, (i + 1) * r, (0, i)) for i in range(front_depth)]
+    ls = [Stitch(1, 0, 0, j, j * front_depth // end_depth + 1, (1, j // r)) for j in range(end_depth - 1)
+          if j % r == r - 1]
+    routes = [Route(0, (0,)), Route(1, (1,))]
+    routes += [Route(0, (0, 1), (st,)) for st in sl]
+    routes += [Route(0, (1, 0), (st,)) for st in ls]
+    routes += [Route(0, (1, 0, 1), (a, b)) for a in ls for b in sl if b.j < front_depth - 1 and b.j >= a.k]
+    routes += [Route(0, (0, 1, 0), (a, b)) for a in sl for b in ls if b.j >= a.k]
+    routes = [Route(i, r_.anchors, r_.stitches) for i, r_ in enumerate(routes)]
+    layers = tuple([LayerSpec(st.layer, 0, 1, 0) for st in sl] + [LayerSpec(st.layer, 1, 0, 0) for st in ls])
+    return StitchPlan(tuple(routes), layers, 2, hierarchical=False)

@@ -73,6 +73,16 @@ RECIPES = {
     },
 }
 RECIPES["resnet18_swin_ti"] = RECIPES["resnet18_resnet50"]
+# C36: SN-Netv2's S/L run (its JSON + main.py defaults): LAMB, lr 3e-5 absolute, no distillation, CutMix only
+RECIPES["deit3_s_l_v2"] = {
+    "batch_size": 64, "epochs": 50, "opt": "lamb", "opt_eps": 1e-8, "opt_betas": [0.9, 0.999], "weight_decay": 0.02,
+    "resolved.global_batch": 512, "resolved.lr": 3e-5, "resolved.param_groups.anchors.lr": 3e-5,
+    "resolved.schedule.warmup_lr": 1e-7, "resolved.schedule.min_lr": 1e-5, "resolved.schedule.total_epochs": 50,
+    "sched_on_updates": False, "aa": "3a", "color_jitter": 0.3, "reprob": 0.0, "mixup": 0.0, "cutmix": 1.0,
+    "smoothing": 0.1, "aug_repeats": 3, "resolved.teacher": None, "model_ema": False, "amp": True,
+    "resolved.eval_transform.crop_pct": 1.0, "resolved.eval_transform.resize": 224,
+    "resolved.eval_transform.interpolation": "bicubic",
+}
 
 
 def dry_run(capsys, monkeypatch, config, *extra, world_size=8):

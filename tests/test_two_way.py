@@ -1,0 +1,85 @@
+"""SN-Netv2's two-way stitching (docs/snnet_compat.md, C36): the plan in its cfg_id order, and its released S/L
+table (tests/data/snnetv2_deit3_s_l_results.jsonl: 134 lines, SN-Netv2's results/stitches_res_s_l.txt) as the
+FLOPs oracle, row for row."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from snnet import build_snnet, load_stitch_config
+from snnet.cost import measure
+from snnet.plan import two_way_plan
+
+ORACLE = Path(__file__).parent / "data" / "snnetv2_deit3_s_l_results.jsonl"
+
+
+def positions(plan, cfg_id):
+    return [((s.front, s.end), (s.j, s.k), s.layer) for s in plan.routes[cfg_id].stitches]
+
+
+def test_two_way_plan_order_and_counts():
+    """Spec table: SL ids 2-13, LS 14-24, LSL 25-79, SLS 80-134; 135 ids, 12 + 11 layers."""
+    plan = two_way_plan(12, 24)
+    assert len(plan) == 135 and len(plan.layers) == 23
+    assert positions(plan, 2) == [((0, 1), (0, 2), (0, 0))]
+    assert positions(plan, 12) == [((0, 1), (10, 22), (0, 10))]
+    assert positions(plan, 14) == [((1, 0), (1, 1), (1, 0))]
+    assert positions(plan, 25) == [((1, 0), (1, 1), (1, 0)), ((0, 1), (1, 4), (0, 1))]
+    assert positions(plan, 80) == [((0, 1), (0, 2), (0, 0)), ((1, 0), (3, 2), (1, 1))]
+    assert positions(plan, 134) == [((0, 1), (9, 20), (0, 9)), ((1, 0), (21, 11), (1, 10))]
+    kinds = [tuple(plan.routes[i].anchors) for i in range(135)]
+    assert kinds[2:14] == [(0, 1)] * 12 and kinds[14:25] == [(1, 0)] * 11
+    assert kinds[25:80] == [(1, 0, 1)] * 55 and kinds[80:] == [(0, 1, 0)] * 55
+    assert len(two_way_plan(12, 12)) == 2 + 12 + 11 + 55 + 55  # S/B: r = 1, every j kept
+
+
+@pytest.fixture(scope="module")
+def s_l():
+    torch.manual_seed(0)
+    model = build_snnet(load_stitch_config("configs/deit3_s_l_v2.json"), pretrained=False)
+    return model, measure(model, 224)
+
+
+def test_snnetv2_s_l_flops_row_for_row(s_l):
+    model, table = s_l
+    rows = [json.loads(line) for line in ORACLE.read_text().splitlines()]
+    assert len(rows) == 134 and 13 not in {r["cfg_id"] for r in rows}
+    ours = {c: table.route_flops(model.routes[c]) for c in range(model.num_configs)}
+    assert {r["cfg_id"]: ours[r["cfg_id"]] for r in rows} == {r["cfg_id"]: r["flops"] for r in rows}
+
+
+def test_snnetv2_s_l_keys_params_and_id_13(s_l):
+    model, _ = s_l
+    assert [model.params(i) for i in range(2)] == [22059496, 304374760]  # DeiT-III S and L (timm's counts)
+    keys = {k for k in model.state_dict() if k.startswith("stitch_layers.")}
+    assert {k.rsplit(".", 2)[0] for k in keys} == {f"stitch_layers.0.{i}" for i in range(12)} | \
+        {f"stitch_layers.1.{i}" for i in range(11)}
+    assert "deit3_large" in model.describe(13) and model.routes[13][-2][0] == "unit"  # S, SL[11], L's norm + head
+    x = torch.randn(1, 3, 224, 224)
+    model.eval()
+    with torch.no_grad():
+        assert model(x, 13).shape == (1, 1000) and model(x, 134).shape == (1, 1000)
+
+
+def test_two_way_on_small_vits_ls_init_and_every_route_runs():
+    from snnet import parse_stitch_config
+    from snnet.ls_init import ls_init, stitch_errors
+    vit = lambda width, depth: {"name": "deit_tiny_patch16_224", "model_kwargs": {
+        "patch_size": 4, "depth": depth, "embed_dim": width, "num_heads": 2}}
+    torch.manual_seed(0)
+    cfg = parse_stitch_config({"anchors": [vit(8, 3), vit(16, 6)], "stitch_plan": "two_way", "skip_final_norm": False})
+    net = build_snnet(cfg, pretrained=False, num_classes=10, img_size=16)
+    # SL (0,2),(1,4),(2,6); LS (1,1),(3,2); LSL (1,1)+(1,4); SLS (0,2)+(3,2)
+    assert net.num_configs == 2 + 3 + 2 + 1 + 1
+    x = torch.randn(16, 3, 16, 16)
+    before = stitch_errors(net, x)
+    ls_init(net, [x])  # one layer per position: each fitted to its own position
+    after = stitch_errors(net, x)
+    assert after.keys() == before.keys() and len(after) == 5 and all(after[k] < before[k] for k in after)
+    net.eval()
+    table = measure(net, 16)
+    from snnet.cost import trace_route_flops
+    for c in range(net.num_configs):
+        assert net(x, c).shape == (16, 10)
+        assert table.route_flops(net.routes[c]) == trace_route_flops(net, c, 16)
