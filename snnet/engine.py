@@ -48,6 +48,7 @@ class TrainContext:
     epoch_step: int = 0                           # optimizer steps of this epoch so far
     epoch_loss: list[float] = field(default_factory=lambda: [0.0, 0.0])
     rng_after: deque = field(default_factory=lambda: deque(maxlen=2))
+    snapshot_rng: bool = False                    # take those snapshots (only recovery checkpoints need them)
     # resuming from a recovery checkpoint: optimizer steps of this epoch already trained, and the RNG states to
     # restore after the last two batches of step skip (None where there is none)
     skip: int = 0
@@ -147,7 +148,8 @@ def train_one_epoch(epoch: int, model: nn.Module, loader: Iterable, optimizer: t
         ctx.epoch_loss[0] += value * x.shape[0]
         ctx.epoch_loss[1] += x.shape[0]
         step_loss, step_samples = step_loss + value, step_samples + x.shape[0]
-        ctx.rng_after.append(rng_state())  # nothing below draws random numbers
+        if ctx.snapshot_rng:
+            ctx.rng_after.append(rng_state())  # nothing below draws random numbers
         if not update:
             continue
         ctx.global_step += 1

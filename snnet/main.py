@@ -525,6 +525,7 @@ def fit(net: RoutedNet, train_ds, val_ds, run: Run, resume_state: dict | None) -
         _logger.info("no validation split: model_best.pth.tar is the epoch with the lowest training loss")
     saver = CheckpointSaver(run.out_dir, higher_is_better=not by_loss, max_history=args.checkpoint_hist)
     saver.best = resume_state.get("best_metric") if resume_state is not None else None
+    ctx.snapshot_rng = args.recovery_interval > 0
     ctx.after_step.insert(0, _recovery_hook(model, optimizer, ctx, saver, run, len(loader) // args.grad_accum_steps))
     args_json = json.dumps(vars(args), default=str)
     if run.primary:
