@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import difflib
 import math
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -58,7 +57,6 @@ def _create(spec: AnchorSpec, pretrained: bool, kwargs: dict[str, Any]) -> nn.Mo
 
 def create_anchor(spec: AnchorSpec, pretrained: bool = True, **model_kwargs: Any) -> nn.Module:
     """timm.create_model by name; weights from the spec's local checkpoint when it names one."""
-    import timm
     check_model_name(spec.name)
     kwargs = {k: v for k, v in model_kwargs.items() if v is not None}
     kwargs.update(spec.model_kwargs)

@@ -22,23 +22,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter import AnchorError
 from .args import UsageError, parse_args
 from .checkpoint import (LAST, RECOVERY, CheckpointError, CheckpointSaver, StateDictMismatch, fit_report,
                          json_field, load_checkpoint, training_state)
 from .config import ConfigError, StitchConfig
 from .cost import cost_table
 from .data import DataError, clean_images, create_datasets, create_eval_loader, create_train_loader, num_classes_of
-from .device import DeviceError, amp_dtype_for, restart_attempt, resolve_device, unwrap, world
+from .device import amp_dtype_for, restart_attempt, resolve_device, unwrap, world
 from .engine import NonFiniteLoss, TrainContext, default_val_panel, evaluate_stitches, train_one_epoch
 from .fileio import write_text_atomic
 from .losses import create_loss
 from .model import PlainNet, RoutedNet
-from .optim import OptimError, anchor_lr_scale, create_optimizer, create_scheduler, epoch_offset, resolve_lrs
-from .plan import PlanError
+from .optim import anchor_lr_scale, create_optimizer, create_scheduler, epoch_offset, resolve_lrs
 from .preflight import check_run, one_line, output_dir, user_errors
 from .resolve import describe_run, launch_world_size, to_yaml
-from .results import EMA_RESULTS_FILE, RESULTS_FILE, ResultsError, ResultsFile, file_sha256, text_sha256
+from .results import EMA_RESULTS_FILE, RESULTS_FILE, ResultsFile, file_sha256, text_sha256
 from .sampler import create_sampler, seed_epoch
 
 _logger = logging.getLogger("snnet")

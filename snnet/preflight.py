@@ -52,7 +52,7 @@ def check_checkpoints(args: argparse.Namespace) -> None:
     """--resume and --initial-checkpoint are readable pickle-free checkpoints (their fit to the network is checked
     once the network is built, before any image is read)."""
     from .checkpoint import load_checkpoint
-    for flag, path in (("--resume", args.resume), ("--initial-checkpoint", args.initial_checkpoint)):
+    for path in (args.resume, args.initial_checkpoint):
         if path:
             load_checkpoint(path)
 
