@@ -4,10 +4,15 @@ Units run timm's own submodules, so the SN-Net keys are ``anchors.<i>.<timm ViT 
 """
 from __future__ import annotations
 
+import re
+
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from snnet.adapter import TOKENS, AnchorAdapter, Unit, head_unit, module_unit, register_adapter
+
+#: a LayerScale key of DeiT-III's own ViT code (SN-Netv2's anchors)
+RELEASE_KEY = re.compile(r"(\bblocks\.\d+)\.gamma_([12])$")
 
 _EMBED_MODULES = ("patch_embed", "cls_token", "reg_token", "dist_token", "pos_embed", "norm_pre", "patch_drop")
 _HEAD_MODULES = ("attn_pool", "fc_norm", "head", "head_dist")
@@ -29,6 +34,18 @@ class VisionTransformerAdapter(AnchorAdapter):
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
         return isinstance(model, VisionTransformer)
+
+    @classmethod
+    def release_keys_match(cls, keys) -> bool:
+        # SN-Netv2's DeiT-III anchors (DeiT-III's own vit_models) name LayerScale gamma_1 / gamma_2; SN-Net v1's DeiT
+        # keys are timm's already
+        return any(RELEASE_KEY.search(k) for k in keys)
+
+    @classmethod
+    def convert_release_state(cls, state_dict, stage_depths=None):
+        """DeiT-III's ``blocks.<n>.gamma_{1,2}`` -> timm's ``blocks.<n>.ls{1,2}.gamma``; every other key (and the
+        LoRA stitching layers' ``transform.{weight,bias,lora_A,lora_B}``) is the same (docs/snnet_compat.md, C36)."""
+        return {RELEASE_KEY.sub(r"\1.ls\2.gamma", k): v for k, v in state_dict.items()}
 
     def units(self, model: VisionTransformer) -> list[Unit]:
         def present(names):

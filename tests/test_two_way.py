@@ -83,3 +83,28 @@ def test_two_way_on_small_vits_ls_init_and_every_route_runs():
     for c in range(net.num_configs):
         assert net(x, c).shape == (16, 10)
         assert table.route_flops(net.routes[c]) == trace_route_flops(net, c, 16)
+
+
+def test_snnetv2_release_converts_and_loads(tmp_path):
+    """SN-Netv2's checkpoints: DeiT-III's own LayerScale names (gamma_1/2) and LoRA stitching layers, with a pickled
+    argparse Namespace; `snnet convert --trust` maps them to timm's names and the result loads strictly."""
+    import argparse
+    import re
+
+    from snnet import parse_stitch_config
+    from snnet.convert import convert_release
+    deit3 = lambda width, depth: {"name": "deit3_small_patch16_224", "model_kwargs": {
+        "patch_size": 4, "depth": depth, "embed_dim": width, "num_heads": 2}}
+    cfg = parse_stitch_config({"anchors": [deit3(8, 2), deit3(16, 4)], "stitch_plan": "two_way",
+                               "skip_final_norm": False, "stitch_layer": {"type": "lora", "rank": 4}})
+    torch.manual_seed(0)
+    net = build_snnet(cfg, pretrained=False, num_classes=10, img_size=16).eval()
+    theirs = {re.sub(r"\.ls([12])\.gamma$", r".gamma_\1", k): v for k, v in net.state_dict().items()}
+    assert any(k.endswith("gamma_1") for k in theirs) and any(k.endswith("lora_B") for k in theirs)
+    torch.save({"model": theirs, "args": argparse.Namespace(lora_r=4), "epoch": 49}, tmp_path / "v2.pth")
+    assert convert_release(tmp_path / "v2.pth", tmp_path / "v2.pth.tar")["family"] == "deit"
+    other = build_snnet(cfg, pretrained=False, num_classes=10, img_size=16).eval()
+    other.load_state_dict(torch.load(tmp_path / "v2.pth.tar", weights_only=True)["state_dict"], strict=True)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert all(torch.equal(net(x, c), other(x, c)) for c in range(net.num_configs))
