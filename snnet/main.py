@@ -111,17 +111,6 @@ def _config_text(args: argparse.Namespace, stitch_cfg: StitchConfig | None, data
     return json.dumps(ident, sort_keys=True, default=str)
 
 
-def load_into(net: nn.Module, path: str) -> dict:
-    """Read checkpoint `path` and load its weights into `net`; returns the checkpoint."""
-    state = load_checkpoint(path)
-    try:
-        unwrap(net).load_checkpoint_state(state["state_dict"])
-    except StateDictMismatch as e:
-        raise CheckpointError(f"checkpoint {path!r} does not fit this model ({e}); it was made with another stitch "
-                              f"config, model or --num-classes: pass the same ones") from None
-    return state
-
-
 def _resume_path(args: argparse.Namespace, out_dir: Path) -> str:
     """--resume, or with --auto-resume (always on in a torchrun restart) the run folder's newest checkpoint: the
     recovery file when there is one (an epoch checkpoint deletes it), else the last epoch's."""
@@ -207,14 +196,14 @@ def run(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
     resume = _resume_path(args, run_.out_dir)
     resume_state = _fitting_checkpoint(net, resume) if resume else None
     if args.initial_checkpoint:
-        load_into(net, args.initial_checkpoint)
+        unwrap(net).load_checkpoint_state(_fitting_checkpoint(net, args.initial_checkpoint)["state_dict"])
     if not args.eval:
         _val_panel(args, net)  # refused now, not after the LS init
     _logger.info("data: " + ", ".join(f"{k} {v}" for k, v in data_cfg.items()))  # after every check: no banner
     if _wants_ls_init(args, stitch_cfg, resume_state):
         ls_initialise(net, run_, train_ds if train_ds is not None else val_ds)
     if resume_state is not None:
-        load_into(net, resume)
+        unwrap(net).load_checkpoint_state(resume_state["state_dict"])  # read once, fit checked above
     if args.eval:
         init = text_sha256(f"init:{args.seed}:{run_.config_text}")
         evaluate_all(net, val_ds, run_, file_sha256(resume) if resume else init)
@@ -235,7 +224,8 @@ def _prepare(net: RoutedNet, args: argparse.Namespace, device: torch.device) -> 
 
 
 def _fitting_checkpoint(net: RoutedNet, path: str) -> dict:
-    """The checkpoint to resume from, refused now if it does not fit the network (before any image is read)."""
+    """A checkpoint to start from (--resume, --initial-checkpoint), read once and refused now if it does not fit the
+    network (before any image is read)."""
     state = load_checkpoint(path)
     report = fit_report(unwrap(net).checkpoint_state(), state["state_dict"])
     if report:
