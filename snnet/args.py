@@ -275,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Disable all training augmentation, override other train aug args")
     g.add_argument("--scale", type=_float, nargs=2, default=[0.08, 1.0], help="Random resize scale")
     g.add_argument("--ratio", type=_float, nargs=2, default=[3.0 / 4.0, 4.0 / 3.0], help="Random resize aspect ratio")
+    g.add_argument("--train-crop-mode", default="rrc", choices=("rrc", "rkrc", "rkrr", "src"),
+                   help="Training crop: rrc (timm's random-resized crop, --scale/--ratio), rkrc/rkrr (timm's "
+                        "keep-ratio variants) or src (DeiT-III's 3-Augment crop as SN-Netv2 trains: resize the short "
+                        "side to the image size, random crop with 4 px reflect padding) (default: rrc)")
     g.add_argument("--hflip", type=_probability, default=0.5, help="Horizontal flip training aug probability")
     g.add_argument("--vflip", type=_probability, default=0.0, help="Vertical flip training aug probability")
     g.add_argument("--color-jitter", type=_float, default=0.4, help="Color jitter factor")

@@ -171,6 +171,20 @@ def _input_size(cfg: StitchConfig, model: SNNet, model_kwargs: dict) -> tuple[in
     return (size, size) if isinstance(size, int) else tuple(size)[-2:]
 
 
+def set_constant_drop_path(model: nn.Module, rate: float) -> int:
+    """SN-Netv2's stochastic depth: the same drop rate in every block, where timm ramps it linearly from 0
+    (docs/snnet_compat.md, C36). Replaces each `drop_path*` child (timm's DropPath, or Identity where timm's rate was
+    0); returns how many were set."""
+    from timm.layers import DropPath
+    count = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if name.startswith("drop_path") and isinstance(child, (DropPath, nn.Identity)):
+                setattr(module, name, DropPath(rate) if rate > 0 else nn.Identity())
+                count += 1
+    return count
+
+
 def build_snnet(cfg: StitchConfig, pretrained: bool = True, num_classes: int | None = None,
                 drop_path_rate: float | None = None, **model_kwargs: Any) -> SNNet:
     """Anchors from timm (pretrained, or the config's local checkpoints), wrapped into one SN-Net (not LS-initialised)."""
@@ -179,6 +193,9 @@ def build_snnet(cfg: StitchConfig, pretrained: bool = True, num_classes: int | N
         check_model_name(a.name)
     models = [create_anchor(a, pretrained, num_classes=num_classes, drop_path_rate=drop_path_rate, **model_kwargs)
               for a in cfg.anchors]
+    if cfg.get("drop_path_schedule") == "constant":
+        for a, m in zip(cfg.anchors, models):
+            set_constant_drop_path(m, a.model_kwargs.get("drop_path_rate", drop_path_rate) or 0.0)
     adapters = [adapter_for(m, n) for m, n in zip(models, names)]
     plan = plan_for(models, adapters, names, cfg.get("stitch_kernel_size"), cfg.get("stitch_stride"),
                     cfg.get("nearest_stitching"), cfg.get("stitch_stages"), cfg.get("stitch_plan"))

@@ -63,6 +63,8 @@ FIELDS: dict[str, Field] = {
     "stitch_layer": Field((dict,), None, "stitching-layer type and options, e.g. {\"type\": \"linear\"} (default)"),
     "sampler": Field((dict,), None, "stitch sampler type and options, e.g. {\"type\": \"uniform\"} (default, "
                      "SN-Net's)"),
+    "drop_path_schedule": Field((str,), "linear", "linear (timm: the rate ramps from 0 at the first block to the "
+                                "anchor's drop_path_rate at the last) or constant (SN-Netv2: that rate in every block)"),
     "description": Field((str,), None, "free text"),
 }
 #: field -> the train.py argparse dest it sets the default of
@@ -130,6 +132,9 @@ def parse_stitch_config(data: Any, source: str = "stitch config") -> StitchConfi
     if data.get("stitch_plan", "sliding_window") not in ("sliding_window", "two_way"):
         raise ConfigError(f"{source}: field 'stitch_plan' must be 'sliding_window' or 'two_way', got "
                           f"{data['stitch_plan']!r}")
+    if data.get("drop_path_schedule", "linear") not in ("linear", "constant"):
+        raise ConfigError(f"{source}: field 'drop_path_schedule' must be 'linear' (timm) or 'constant' (SN-Netv2), "
+                          f"got {data['drop_path_schedule']!r}")
     stages = data.get("stitch_stages")
     if stages is not None and not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in stages):
         raise ConfigError(f"{source}: field 'stitch_stages' must be a list of stage indices >= 0, got {stages!r}")

@@ -358,7 +358,7 @@ def create_train_loader(dataset, args: argparse.Namespace, data_cfg: dict[str, A
     if isinstance(dataset, ImageDataset):
         dataset = _NamedSkips(dataset)
     num_aug_splits = args.aug_splits if args.aug_splits > 1 else 0
-    return create_loader(
+    loader = create_loader(
         dataset, input_size=data_cfg["input_size"], batch_size=args.batch_size, is_training=True,
         no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
         re_split=args.resplit, scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip,
@@ -367,7 +367,42 @@ def create_train_loader(dataset, args: argparse.Namespace, data_cfg: dict[str, A
         std=data_cfg["std"], num_workers=args.workers, distributed=args.distributed, collate_fn=collate_fn,
         pin_memory=args.pin_mem, device=device, use_prefetcher=not args.no_prefetcher,
         # fresh workers each epoch, seeded from the per-epoch RNG state: a resumed run augments identically
-        persistent_workers=False)
+        persistent_workers=False, train_crop_mode=timm_crop_mode(args))
+    if getattr(args, "train_crop_mode", "rrc") == "src":
+        loader.dataset.transform = src_crop(loader.dataset.transform, data_cfg["input_size"][-1])
+    return loader
+
+
+def timm_crop_mode(args: argparse.Namespace) -> str:
+    """--train-crop-mode as timm's transform factory takes it ('src' is built on timm's 'rrc': see src_crop)."""
+    mode = getattr(args, "train_crop_mode", "rrc")
+    return "rrc" if mode == "src" else mode
+
+
+def src_crop(transform, size: int):
+    """DeiT-III's 3-Augment crop (SN-Netv2's training, docs/snnet_compat.md C36) in place of timm's random-resized
+    crop: resize the short side to `size` with the crop's interpolation, then a random `size` crop of the image
+    padded by 4 px (reflect). Returns the transform with every RandomResizedCropAndInterpolation replaced."""
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+    from torchvision import transforms as T
+
+    replaced = 0
+
+    def swap(t):
+        nonlocal replaced
+        if isinstance(t, RandomResizedCropAndInterpolation):
+            replaced += 1
+            interp = t.interpolation if not isinstance(t.interpolation, (list, tuple)) else T.InterpolationMode.BICUBIC
+            return T.Compose([T.Resize(size, interpolation=interp),
+                              T.RandomCrop(size, padding=4, padding_mode="reflect")])
+        if isinstance(t, T.Compose):
+            t.transforms = [swap(c) for c in t.transforms]
+        return t
+
+    transform = swap(transform)
+    if not replaced:
+        raise ValueError(f"--train-crop-mode src: no random-resized crop found in the training transform {transform!r}")
+    return transform
 
 
 def eval_transform(data_cfg: dict[str, Any]):

@@ -63,12 +63,14 @@ def check_augmentation(args: argparse.Namespace, stitch_cfg: StitchConfig | None
         return
     from timm.data import create_transform
 
+    from .data import timm_crop_mode
     from .resolve import eval_transform
     size = eval_transform(args, stitch_cfg)["input_size"]
     try:
         create_transform(size, is_training=True, auto_augment=args.aa, re_prob=args.reprob, re_mode=args.remode,
                          re_count=args.recount, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
-                         vflip=args.vflip, color_jitter=args.color_jitter, interpolation=args.train_interpolation)
+                         vflip=args.vflip, color_jitter=args.color_jitter, interpolation=args.train_interpolation,
+                         train_crop_mode=timm_crop_mode(args))
     except Exception as e:  # timm asserts on unknown policies and ranges
         from .args import UsageError
         reason = " ".join(str(e).split())[:160] or type(e).__name__
