@@ -35,6 +35,10 @@ def _int(s: str) -> int:
     return _number(s, int)
 
 
+def _stitch_id(s: str) -> int | str:
+    return s if s == "all" else _number(s, int)
+
+
 def _float(s: str) -> float:
     return _number(s, float)
 
@@ -209,8 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "updates, no optimizer state for them), SN-Netv2's cheap path")
     g.add_argument("--sample-sync", action="store_true",
                    help="all processes train the same stitch each step (SN-Net: each draws its own)")
-    g.add_argument("--val-stitches", type=_int, nargs="*", default=None,
-                   help="cfg_ids validated after every epoch (default: anchors and a few stitches)")
+    g.add_argument("--val-stitches", type=_stitch_id, nargs="*", default=None,
+                   help="cfg_ids validated after every epoch, or 'all' (every stitch, one pass; summary.csv then "
+                        "also gets the front's hypervolume, front_hv) (default: anchors and a few stitches)")
     g.add_argument("--teacher", default="", metavar="NAME", help="distillation teacher (timm name)")
     g.add_argument("--teacher-checkpoint", default="", help="local weights of the teacher ('' = hub weights)")
     g.add_argument("--distillation-type", choices=("none", "soft", "hard"), default="none",
@@ -483,8 +488,8 @@ def _check_values(args: argparse.Namespace) -> None:
         raise UsageError(f"-j/--workers {args.workers} must be >= 0")
     if args.split_bn and not (args.aug_splits > 1 or args.resplit):
         raise UsageError("--split-bn needs --aug-splits > 1 or --resplit (timm's rule); add --resplit")
-    if args.val_stitches is not None and any(c < 0 for c in args.val_stitches):
-        raise UsageError(f"--val-stitches {args.val_stitches} must be cfg_ids >= 0")
+    if args.val_stitches is not None and any(c != "all" and c < 0 for c in args.val_stitches):
+        raise UsageError(f"--val-stitches {args.val_stitches} must be cfg_ids >= 0 or 'all'")
     restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
     if (args.auto_resume or restarted) and not args.experiment and not args.eval:
         raise UsageError("--auto-resume (and torchrun --max-restarts) needs --experiment NAME, so that a restarted "

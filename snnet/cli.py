@@ -112,7 +112,7 @@ def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
 def cmd_pareto(args: argparse.Namespace) -> int:
     if args.out:
         check_out_dir(args.out)
-    report = pareto_report(args.results, cost_key(args.by, args.latency_batch), args.anchors)
+    report = pareto_report(args.results, cost_key(args.by, args.latency_batch), args.anchors, args.before)
     files = save_report(report, args.out, args.title) if args.out else []  # written before anything is printed
     for note in report.notes:
         print(note, file=sys.stderr)
@@ -294,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("pareto", help="Pareto-optimal stitches of results files: table, JSON, plot",
                        description="Prints the Pareto-optimal stitches of each results file (and, with several "
-                       "files, the combined front saying which file each network comes from); with --out also "
+                       "files, the combined front saying which file each network comes from) and each file's front quality "
+                       "(hypervolume, area under the front, mean gap, anchor drift with --before); with --out also "
                        "writes pareto_<cost>.md (every stitch, front marked), .json and .png.")
     q.add_argument("results", nargs="+", metavar="RESULTS", help="stitches_res.txt files (ours or SN-Net's)")
     q.add_argument("--out", metavar="DIR", help="write pareto_<cost>.{md,json,png} here")
@@ -303,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --by latency: the batch size of latency_ms_b<B> (default 1)")
     q.add_argument("--anchors", type=int, default=None, metavar="N",
                    help="files without routes (SN-Net's): cfg 0..N-1 are anchors (default: inferred, see README)")
+    q.add_argument("--before", metavar="RESULTS", default=None,
+                   help="results file from before SN-Net training (e.g. train.py --eval of the untrained SN-Net): "
+                        "adds each file's anchor drift to the front-quality table")
     q.add_argument("--title", default="", help="plot title")
     q.set_defaults(fn=cmd_pareto)
 

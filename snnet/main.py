@@ -342,6 +342,8 @@ def _resume_counters(args: argparse.Namespace, resume_state: dict | None, optimi
 def _val_panel(args: argparse.Namespace, model: RoutedNet) -> list[int]:
     panel = args.val_stitches if args.val_stitches is not None else default_val_panel(model.num_configs,
                                                                                       model.n_anchors)
+    if "all" in panel:
+        panel = list(range(model.num_configs))
     bad = [c for c in panel if c >= model.num_configs]
     if bad:
         raise UsageError(f"--val-stitches {bad} out of range: this network has cfg_ids 0..{model.num_configs - 1}")
@@ -369,8 +371,16 @@ def _validate(net, val_loader, panel: list[int], run: Run, epoch: int, train_los
     metrics = {"loss": sum(v["loss"] for v in m.values()) / len(m), "top1": sum(v["acc1"] for v in m.values()) / len(m),
                "top5": sum(v["acc5"] for v in m.values()) / len(m)}
     metrics.update({f"top1@{c}": v["acc1"] for c, v in m.items()})
-    _logger.info(f"epoch {epoch}{label}: train loss {train_loss:.4f}; panel {panel} mean top-1 {metrics['top1']:.3f} "
-                 f"loss {metrics['loss']:.4f}")
+    model, front = unwrap(net), ""
+    if len(panel) == model.num_configs and model.num_configs > 1:  # every stitch: the front's quality too
+        from .quality import front_quality
+        table = cost_table(model, tuple(run.data_cfg["input_size"][1:]), run.data_cfg["input_size"][0])
+        records = [{"cfg_id": c, "flops": table.route_flops(model.routes[c]), "acc1": v["acc1"]} for c, v in m.items()]
+        metrics["front_hv"] = front_quality(records, range(model.n_anchors))["hypervolume"]
+        front = f"; front hypervolume {metrics['front_hv']:.3f}"
+    shown = panel if len(panel) <= 12 else f"all {len(panel)} stitches"
+    _logger.info(f"epoch {epoch}{label}: train loss {train_loss:.4f}; panel {shown} mean top-1 {metrics['top1']:.3f} "
+                 f"loss {metrics['loss']:.4f}{front}")
     return metrics
 
 

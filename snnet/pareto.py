@@ -271,9 +271,11 @@ def _section(report: ParetoReport, heading: str, records, n_anchors, sources=Non
                                                              all_rows=sources is None)
 
 
-def pareto_report(paths: Sequence[str | Path], cost: str = "flops", anchors: int | None = None) -> ParetoReport:
+def pareto_report(paths: Sequence[str | Path], cost: str = "flops", anchors: int | None = None,
+                  before: str | Path | None = None) -> ParetoReport:
     """Pareto front of each results file and, with several, the combined front (which network of which SN-Net
-    to deploy at each cost). Every file is read and checked before anything is built."""
+    to deploy at each cost), and each file's front quality (snnet/quality.py; the anchor drift against the
+    `before` file's anchors). Every file is read and checked before anything is built."""
     if anchors is not None and anchors < 1:
         raise ResultsError(f"--anchors {anchors} must be >= 1 (SN-Net's files hold 2 or 3 anchors)")
     report = ParetoReport(cost, [])
@@ -289,6 +291,7 @@ def pareto_report(paths: Sequence[str | Path], cost: str = "flops", anchors: int
                          f"(anchors: cfg {', '.join(str(i) for i in range(n))}; {path})", records, n)
         report.data["files"].append({"label": label, "path": path, "anchors": n, "records": len(records),
                                      "front": [r["cfg_id"] for r in front], "front_records": front})
+    _quality(report, read_results(before) if before is not None else None)
     if len(report.series) > 1:
         everything = [r for s in report.series for r in s[2]]
         sources = [s[0] for s in report.series for _ in s[2]]
@@ -298,6 +301,23 @@ def pareto_report(paths: Sequence[str | Path], cost: str = "flops", anchors: int
                          f"on the front", everything, [s[3] for s in report.series for _ in s[2]], sources)
         report.data["combined_front"] = [{"source": source_of[id(r)], **r} for r in front]
     return report
+
+
+def _quality(report: ParetoReport, before: list[dict[str, Any]] | None) -> None:
+    """Front quality per file (FLOPs fronts only: the metrics normalise FLOPs by the largest anchor's)."""
+    from .quality import front_quality, quality_table
+    if not all(is_number(r.get("flops")) for s in report.series for r in s[2]):
+        if before is not None:
+            raise ResultsError("--before needs FLOPs in every file (the front quality is measured on FLOPs)")
+        return
+    rows = [(label, front_quality(records, [r["cfg_id"] for r in records if is_anchor(r, n)], before))
+            for label, _, records, n in report.series]
+    table = quality_table(rows)
+    report.text += "## front quality (hypervolume: reference point FLOPs 1.1 x the largest anchor's, top-1 0)\n\n" + \
+        table + "\n"
+    report.markdown += "\n## front quality\n\n" + table
+    for (_, q), entry in zip(rows, report.data["files"]):
+        entry["quality"] = q
 
 
 def save_report(report: ParetoReport, out_dir: str | Path, title: str = "") -> list[Path]:
