@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo clean-venv
+.PHONY: venv test demo demo-v2 clean-venv
 
 venv: $(STAMP)
 
@@ -20,6 +20,10 @@ test: venv
 
 demo: venv
 	$(BIN)/python -m snnet.demo
+
+# SN-Net vs. SN-Netv2 (two-way, LoRA, ROS) on the demo's anchors w16 and w64: results/demo_v2/
+demo-v2: venv
+	$(BIN)/python -m snnet.demo --v2
 
 clean-venv:
 	rm -rf $(VENV)

@@ -6,6 +6,12 @@
    processes with distributed_train.sh (gloo on CPU);
 4. evaluates every stitch (stitches_res.txt) and writes what `snnet pareto --out results/demo` writes: the
    Pareto table (pareto_flops.md, .json) and the FLOPs-accuracy plot (pareto_flops.png).
+
+`python -m snnet.demo --v2` (`make demo-v2`) compares SN-Net with SN-Netv2 on the same two anchors (widths 16 and 64,
+the same checkpoints as above): step 3 trains, with the same epochs and learning rates, an SN-Net with SN-Net's
+sliding-window plan (configs/demo_digits_v1_pair.json) and an SN-Netv2 (configs/demo_digits_v2.json: two-way
+plan, LoRA stitching layers, ROS sampling), and step 4 writes both results files (results/demo_v2/v1/ and v2/) and
+one table and plot with both fronts and their combined front (results/demo_v2/pareto_flops.{md,json,png}).
 """
 from __future__ import annotations
 
@@ -22,6 +28,10 @@ from .results import RESULTS_FILE, read_results, write_results
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "demo_digits.json"
 TITLE = "SN-Net on digits: 3 ViT anchors (width 16/32/64)"
+# --v2: the same two anchors (w16, w64) stitched by SN-Net (sliding windows) and by SN-Netv2 (two-way, LoRA, ROS)
+V2_CONFIGS = {"v1": ROOT / "configs" / "demo_digits_v1_pair.json", "v2": ROOT / "configs" / "demo_digits_v2.json"}
+V2_TITLE = "SN-Net (v1) vs. SN-Netv2 (v2) on digits: anchors of width 16 and 64"
+SNNET_FLAGS = ["--lr", "1e-3", "--anchor-lr-scale", "0.1", "--warmup-epochs", "1"]  # every SN-Net of the demo
 COMMON = ["--img-size", "16", "-b", "32", "--opt", "adamw", "--weight-decay", "0.05", "--scale", "0.7", "1",
           "--hflip", "0", "--smoothing", "0.1", "-j", "0", "--seed", "0", "--log-interval", "1000"]
 
@@ -51,24 +61,27 @@ def write_digits(root: Path, seed: int = 0) -> Path:
     return data
 
 
-def demo_anchors() -> list[tuple[str, str, dict]]:
-    """(run folder, timm name, model kwargs) of each anchor, read from configs/demo_digits.json: the config names
-    the checkpoint <work>/<run folder>/last.pth.tar that step 2 trains."""
+def demo_anchors(*configs: Path) -> list[tuple[str, str, dict]]:
+    """(run folder, timm name, model kwargs) of each anchor, read from configs/demo_digits.json (or the given demo
+    configs, each anchor once): the config names the checkpoint <work>/<run folder>/last.pth.tar that step 2 trains."""
     import json
-    return [(Path(a["checkpoint"]).parent.name, a["name"], a["model_kwargs"])
-            for a in json.loads(CONFIG.read_text())["anchors"]]
+    anchors = {}
+    for config in configs or (CONFIG,):
+        for a in json.loads(Path(config).read_text())["anchors"]:
+            anchors.setdefault(Path(a["checkpoint"]).parent.name, (a["name"], a["model_kwargs"]))
+    return [(name, model, kwargs) for name, (model, kwargs) in anchors.items()]
 
 
-def stitch_config_for(work: Path) -> Path:
-    """configs/demo_digits.json names the anchors' checkpoints under the default work folder; another --work gets
-    a copy of it pointing at the anchors trained there."""
+def stitch_config_for(work: Path, config: Path = CONFIG) -> Path:
+    """A demo config (configs/demo_digits.json unless given) names the anchors' checkpoints under the default work
+    folder; another --work gets a copy of it (same file name) pointing at the anchors trained there."""
     import json
     if work.resolve() == (ROOT / "output" / "demo").resolve():
-        return CONFIG
-    cfg = json.loads(CONFIG.read_text())
+        return config
+    cfg = json.loads(Path(config).read_text())
     for anchor in cfg["anchors"]:
         anchor["checkpoint"] = str((work / Path(anchor["checkpoint"]).parent.name / "last.pth.tar").resolve())
-    path = work / "demo_digits.json"
+    path = work / Path(config).name
     path.write_text(json.dumps(cfg, indent=1))
     return path
 
@@ -87,19 +100,23 @@ def run(cmd: list[str], log: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default=str(ROOT / "output" / "demo"), help="scratch folder (data, checkpoints)")
-    p.add_argument("--results", default=str(ROOT / "results" / "demo"), help="where the table and plot go")
+    p.add_argument("--results", default=None, help="where the table and plot go (default: results/demo, with --v2 "
+                                                  "results/demo_v2)")
     p.add_argument("--anchor-epochs", type=int, default=30)
     p.add_argument("--snnet-epochs", type=int, default=30)
     p.add_argument("--fresh", action="store_true", help="retrain the anchors even if their checkpoints exist")
+    p.add_argument("--v2", action="store_true", help="SN-Net vs. SN-Netv2 on anchors w16 and w64 (two-way plan, "
+                   "LoRA stitching layers, ROS sampling): both fronts in one plot, in results/demo_v2")
     args = p.parse_args(argv)
-    work, results = Path(args.work), Path(args.results)
+    work = Path(args.work)
+    results = Path(args.results or ROOT / "results" / ("demo_v2" if args.v2 else "demo"))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     data = write_digits(work)
     print(f"data: {data} (scikit-learn digits, ImageFolder)")
 
     py = sys.executable
-    for name, model, kwargs in demo_anchors():
+    for name, model, kwargs in demo_anchors(*V2_CONFIGS.values()) if args.v2 else demo_anchors():
         if (work / name / "last.pth.tar").exists() and not args.fresh:
             print(f"anchor {name}: reusing {work / name / 'last.pth.tar'}")
             continue
@@ -107,10 +124,24 @@ def main(argv=None) -> int:
              "--epochs", str(args.anchor_epochs), "--lr", "2e-3",
              "--warmup-epochs", "2", "--output", work, "--experiment", name, *COMMON], work / f"{name}.log")
 
+    if args.v2:
+        sources = []
+        for label, config in V2_CONFIGS.items():  # same anchors, epochs, learning rates, flags: only the config differs
+            snnet_dir = work / f"snnet_{label}"
+            shutil.rmtree(snnet_dir, ignore_errors=True)
+            run(["./distributed_train.sh", "2", data, "--stitch_config", stitch_config_for(work, config), "--epochs",
+                 str(args.snnet_epochs), *SNNET_FLAGS, "--output", work, "--experiment", snnet_dir.name, *COMMON],
+                work / f"{snnet_dir.name}.log")
+            sources.append(results / label / RESULTS_FILE)
+            write_results(sources[-1], read_results(snnet_dir))
+        files = report(results, sources, V2_TITLE)
+        print(f"demo --v2 finished in {time.perf_counter() - t0:.0f}s: {', '.join(str(f) for f in files + sources)}")
+        return 0
+
     snnet_dir = work / "snnet"
     shutil.rmtree(snnet_dir, ignore_errors=True)
     run(["./distributed_train.sh", "2", data, "--stitch_config", stitch_config_for(work), "--epochs", str(args.snnet_epochs),
-         "--lr", "1e-3", "--anchor-lr-scale", "0.1", "--warmup-epochs", "1", "--output", work, "--experiment", "snnet", *COMMON],
+         *SNNET_FLAGS, "--output", work, "--experiment", "snnet", *COMMON],
         work / "snnet.log")
 
     write_results(results / RESULTS_FILE, read_results(snnet_dir))
@@ -120,14 +151,15 @@ def main(argv=None) -> int:
     return 0
 
 
-def report(results: Path) -> list[Path]:
-    """Step 4's table and plot, made as `snnet pareto RESULTS --out DIR` makes them (the same functions): the
-    committed results/demo/pareto_flops.{md,json,png} are regenerated from results/demo/stitches_res.txt by this."""
+def report(results: Path, sources: list[Path] | None = None, title: str = TITLE) -> list[Path]:
+    """Step 4's table and plot, made as `snnet pareto RESULTS... --out DIR` makes them (the same functions): the
+    committed results/demo/pareto_flops.{md,json,png} are regenerated from results/demo/stitches_res.txt by this,
+    and results/demo_v2's (both fronts and the combined one) from its v1/ and v2/ results files."""
     from .pareto import pareto_report, save_report
-    # the report names the file it read: relative to the working directory (the repository root for `make demo`)
-    rep = pareto_report([os.path.relpath(results / RESULTS_FILE)], "flops")
+    # the report names the files it read: relative to the working directory (the repository root for `make demo`)
+    rep = pareto_report([os.path.relpath(s) for s in sources or [results / RESULTS_FILE]], "flops")
     print(rep.text, end="")
-    return save_report(rep, results, TITLE)
+    return save_report(rep, results, title)
 
 
 if __name__ == "__main__":
