@@ -152,14 +152,23 @@ def main(argv=None) -> int:
 
 
 def report(results: Path, sources: list[Path] | None = None, title: str = TITLE) -> list[Path]:
-    """Step 4's table and plot, made as `snnet pareto RESULTS... --out DIR` makes them (the same functions): the
-    committed results/demo/pareto_flops.{md,json,png} are regenerated from results/demo/stitches_res.txt by this,
-    and results/demo_v2's (both fronts and the combined one) from its v1/ and v2/ results files."""
+    """Step 4's table, plot and HTML report, made as `snnet pareto RESULTS... --out DIR` and `snnet report RESULTS...
+    --out DIR/report.html` make them (the same functions): the committed results/demo/pareto_flops.{md,json,png} and
+    report.html are regenerated from results/demo/stitches_res.txt by this (`python -c "from pathlib import Path;
+    from snnet.demo import report; report(Path('results/demo'))"` from the repository root), and results/demo_v2's
+    (both fronts and the combined one) from its v1/ and v2/ results files.
+
+    Files written before records carried ``img_size`` (the committed ones) get the size the demo trains and
+    evaluates at (COMMON's --img-size) for the plot's subtitle; records that carry one keep theirs."""
     from .pareto import pareto_report, save_report
+    from .report import write_report
+    img_size = int(COMMON[COMMON.index("--img-size") + 1])
     # the report names the files it read: relative to the working directory (the repository root for `make demo`)
-    rep = pareto_report([os.path.relpath(s) for s in sources or [results / RESULTS_FILE]], "flops")
+    paths = [os.path.relpath(s) for s in sources or [results / RESULTS_FILE]]
+    rep = pareto_report(paths, "flops")
     print(rep.text, end="")
-    return save_report(rep, results, title)
+    page, _ = write_report(paths, results / "report.html", "flops", title=title, img_size=img_size)
+    return [*save_report(rep, results, title, img_size), page]
 
 
 if __name__ == "__main__":

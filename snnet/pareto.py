@@ -184,6 +184,37 @@ def _draw(ax, records, cost: str, scale: float, n_anchors: int | None, colour: s
     for r in anchors:
         ax.annotate(f"anchor {r['cfg_id']}", (r[cost] / scale, r["acc1"]), textcoords="offset points",
                     xytext=(6, -10), fontsize=8)
+    for r in front:  # the stitches worth deploying, by the cfg_id `snnet select` / `net(x, cfg_id)` take
+        if not is_anchor(r, n_anchors):
+            ax.annotate(str(r["cfg_id"]), (r[cost] / scale, r["acc1"]), textcoords="offset points", xytext=(-3, 5),
+                        ha="right", fontsize=6.5, color="0.25" if not label else colour)
+
+
+def _size_text(size: Any) -> str | None:
+    """A record's ``img_size`` ([H, W] as the evaluator writes it, or one int) as '16x16'; None if unusable."""
+    if is_number(size) and size == int(size) and size > 0:
+        size = [size, size]
+    if isinstance(size, (list, tuple)) and len(size) == 2 and all(is_number(v) and v == int(v) and v > 0
+                                                                for v in size):
+        return f"{int(size[0])}x{int(size[1])}"
+    return None
+
+
+def eval_subtitle(series: Sequence[tuple[str, Sequence[dict[str, Any]]]], img_size: Any = None) -> str:
+    """What the stitches were evaluated on, e.g. '16x16 images, 360 validation images', from the records' ``img_size``
+    and ``samples`` (`img_size` stands in for records without one: files written before records carried it).
+    A value the records of a file disagree on, or none holds (SN-Net's files), is left out; files that differ are
+    named ('v1: ...; v2: ...'); '' when nothing is known."""
+    texts = []
+    for label, records in series:
+        sizes = {_size_text(r.get("img_size", img_size)) for r in records}
+        samples = {r.get("samples") if is_number(r.get("samples")) else None for r in records}
+        parts = [f"{sizes.pop()} images"] if len(sizes) == 1 and None not in sizes else []
+        parts += [f"{int(samples.pop()):,} validation images"] if len(samples) == 1 and None not in samples else []
+        texts.append((label, ", ".join(parts)))
+    if len({t for _, t in texts}) == 1:
+        return texts[0][1]
+    return "; ".join(f"{label}: {t}" for label, t in texts if t)
 
 
 def _save(fig, out_png: str | Path) -> None:
@@ -202,9 +233,11 @@ def _axes():
 
 
 def plot_series(series: Sequence[tuple[str, Sequence[dict[str, Any]], int | None]], out_png: str | Path,
-                cost: str = "flops", title: str = "") -> None:
+                cost: str = "flops", title: str = "", img_size: Any = None) -> None:
     """One scatter + front per results file (label, records, n_anchors); with several files also the combined
-    front across them (dashed black), i.e. which network of which SN-Net to deploy at each cost."""
+    front across them (dashed black), i.e. which network of which SN-Net to deploy at each cost. The front's stitches
+    carry their cfg_ids; the subtitle says what they were evaluated on (`eval_subtitle`; `img_size` for records
+    without one)."""
     everything = [r for _, recs, _ in series for r in recs]
     scale, unit = cost_unit(everything, cost)
     fig, ax = _axes()
@@ -219,7 +252,11 @@ def plot_series(series: Sequence[tuple[str, Sequence[dict[str, Any]], int | None
                 label="combined front")
     ax.set_xlabel(unit)
     ax.set_ylabel("top-1 (%)")
-    ax.set_title(title or f"{unit.split(' (')[0]} vs. accuracy of every stitch")
+    subtitle = eval_subtitle([(label, recs) for label, recs, _ in series], img_size)
+    ax.set_title(title or f"{unit.split(' (')[0]} vs. accuracy of every stitch", fontsize=10, pad=14 if subtitle else 6)
+    if subtitle:
+        ax.annotate(subtitle, (0.5, 1.0), xycoords="axes fraction", xytext=(0, 4), textcoords="offset points",
+                    ha="center", va="bottom", fontsize=7, color="0.35")
     ax.grid(True, ls="--", alpha=0.4)
     ax.legend(loc="lower right", fontsize=7)
     _save(fig, out_png)
@@ -320,11 +357,12 @@ def _quality(report: ParetoReport, before: list[dict[str, Any]] | None) -> None:
         entry["quality"] = q
 
 
-def save_report(report: ParetoReport, out_dir: str | Path, title: str = "") -> list[Path]:
-    """Write pareto_<cost>.md, .json and .png into `out_dir`; returns their paths."""
+def save_report(report: ParetoReport, out_dir: str | Path, title: str = "", img_size: Any = None) -> list[Path]:
+    """Write pareto_<cost>.md, .json and .png into `out_dir`; returns their paths. `img_size`: the plot subtitle's
+    image size for records that do not carry one."""
     out = Path(out_dir)
     files = [out / f"pareto_{report.cost}.{ext}" for ext in ("md", "json", "png")]
-    plot_series([(s[0], s[2], s[3]) for s in report.series], files[2], report.cost, title)
+    plot_series([(s[0], s[2], s[3]) for s in report.series], files[2], report.cost, title, img_size)
     write_text_atomic(files[0], report.markdown)
     write_text_atomic(files[1], json.dumps(report.data, indent=1) + "\n")
     return files
