@@ -223,3 +223,56 @@ class LoRAStitchingLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_layout} -> {self.out_layout}"
+
+
+@register_stitch_layer("lowrank")
+class LowRankStitchingLayer(nn.Module):
+    """A rank-r linear map ``y = U (V x) + b`` (V: rank x in, U: out x rank), everything trainable: r·(in + out) + out
+    parameters instead of in·out + out, and fewer FLOPs when r < in·out / (in + out). Keys
+    ``...<layer>.transform.{0.weight (V), 1.weight (U), 1.bias (b)}``.
+
+    `set_affine` (the least-squares init) keeps the best rank-r approximation of the given W in Frobenius norm: the
+    truncated SVD W ≈ P_r S_r Q_rᵀ, split as U = P_r √S_r and V = √S_r Q_rᵀ. That is the rank-r map nearest to the
+    least-squares map, not the rank-constrained least-squares optimum (which would also weigh by the features'
+    covariance). NCHW front features are mapped per pixel (a 1x1 conv), as in ``lora``. Unlike ``lora`` there is no
+    `merged()`: the deployed layer is the factorised one, and FLOPs are counted for it.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, in_layout: str = TOKENS, out_layout: str = TOKENS,
+                 rank: int = 8):
+        super().__init__()
+        if in_layout not in LAYOUTS or out_layout not in LAYOUTS:
+            raise ValueError(f"unknown feature layout {in_layout!r} -> {out_layout!r}; use one of {LAYOUTS}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(in_channels, out_channels):
+            raise ValueError(f"rank {rank!r} must be an integer in 1..{min(in_channels, out_channels)} (the smaller "
+                             f"width of {in_channels} -> {out_channels}); a full-rank map is the 'linear' type")
+        self.in_layout, self.out_layout, self.rank = in_layout, out_layout, rank
+        self.transform = nn.Sequential(nn.Linear(in_channels, rank, bias=False), nn.Linear(rank, out_channels))
+
+    @property
+    def rows_layout(self) -> str:
+        """The layout the map runs in: the input's, NHWC for NCHW inputs."""
+        return NHWC if self.in_layout == NCHW else self.in_layout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = convert_layout(x, self.in_layout, self.rows_layout)
+        return convert_layout(self.transform(x), self.rows_layout, self.out_layout)
+
+    @torch.no_grad()
+    def set_affine(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """The best rank-r approximation of the (out, in) matrix `weight` (truncated SVD, in float64), and `bias`."""
+        down, up = self.transform
+        P, S, Qh = torch.linalg.svd(weight.reshape(up.out_features, down.in_features).double().cpu(),
+                                    full_matrices=False)
+        root = S[:self.rank].sqrt()
+        up.weight.copy_((P[:, :self.rank] * root).to(up.weight))
+        down.weight.copy_((root[:, None] * Qh[:self.rank]).to(down.weight))
+        up.bias.copy_(bias.to(up.bias))
+
+    def spec(self) -> dict[str, Any]:
+        down, up = self.transform
+        return {"type": self.layer_type, "in_channels": down.in_features, "out_channels": up.out_features,
+                "in_layout": self.in_layout, "out_layout": self.out_layout, "rank": self.rank}
+
+    def extra_repr(self) -> str:
+        return f"{self.in_layout} -> {self.out_layout}, rank={self.rank}"
