@@ -1,9 +1,13 @@
 """snnet: from stitches_res.txt to a deployed network.
 
     snnet pareto RESULTS... [--out DIR] [--by flops|params|latency] [--anchors N]
+    snnet report RESULTS... --out report.html [--by flops|params|latency] [--anchors N] [--title T]
     snnet select RESULTS --max-flops 5G | --max-params 20M | --max-latency-ms 3 | --min-acc 78
     snnet export CKPT --stitch_config CFG --cfg-id N --out DIR [--img-size S]
     snnet latency CKPT --stitch_config CFG [--batch 1 --batch 32] [--warmup 5 --repeats 20] [--results FILE]
+    snnet similarity --anchors A B | --stitch_config CFG --data DIR --out DIR [--batches N] [--img-size S]
+    snnet search --anchors A B C | --stitch_config CFG --data DIR --out DIR [--score cka|ls|kl] [--threshold 0.9]
+    snnet stitch-train --sweep SWEEP.yaml [--out DIR] | DATA --front A --end B --cut I [--gap G] --out DIR
 
 A bad input (a foreign or empty results file, a budget no stitch meets, a cfg_id the checkpoint lacks, a missing
 file, an unparseable number) ends with one line on stderr naming the value and the fix, exit code 2, and no
@@ -119,6 +123,21 @@ def cmd_pareto(args: argparse.Namespace) -> int:
     print(report.text, end="")
     if files:
         print(f"wrote {', '.join(str(f) for f in files)}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+    out = Path(args.out)
+    if out.is_dir():
+        raise UsageError(f"--out {args.out!r} is a folder; pass the HTML file to write, e.g. --out "
+                         f"{str(out / 'report.html')!r}")
+    check_out_dir(out.parent, "--out")  # its folder: made if missing, refused if it is a file or not writable
+    path, notes = write_report(args.results, out, cost_key(args.by, args.latency_batch), args.anchors, args.title)
+    for note in notes:
+        print(note, file=sys.stderr)
+    print(f"wrote {path} (open it in a browser; it fetches nothing)")
     return 0
 
 
@@ -290,7 +309,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="snnet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{pareto,select,export,latency,convert}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{pareto,report,select,export,latency,convert,similarity,search,stitch-train}")
 
     q = sub.add_parser("pareto", help="Pareto-optimal stitches of results files: table, JSON, plot",
                        description="Prints the Pareto-optimal stitches of each results file (and, with several "
@@ -309,6 +328,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "adds each file's anchor drift to the front-quality table")
     q.add_argument("--title", default="", help="plot title")
     q.set_defaults(fn=cmd_pareto)
+
+    r = sub.add_parser("report", help="one self-contained HTML page: cost-accuracy scatter, fronts, budget slider, "
+                       "route diagram",
+                       description="Writes one HTML file (inline SVG and JavaScript, no network) showing every stitch "
+                       "of each results file against a cost (a selector offers each cost the records hold), the Pareto "
+                       "fronts, details on hover/click, a budget slider marking the best stitch within it (snnet "
+                       "select's rule) and the route diagram of the selected stitch.")
+    r.add_argument("results", nargs="+", metavar="RESULTS", help="stitches_res.txt files (ours or SN-Net's)")
+    r.add_argument("--out", required=True, metavar="FILE", help="the HTML file to write, e.g. report.html")
+    r.add_argument("--by", choices=("flops", "params", "latency"), default="flops",
+                   help="cost axis shown first (default flops)")
+    r.add_argument("--latency-batch", type=_positive_int, default=1, metavar="B",
+                   help="with --by latency: the batch size of latency_ms_b<B> (default 1)")
+    r.add_argument("--anchors", type=int, default=None, metavar="N",
+                   help="files without routes (SN-Net's): cfg 0..N-1 are anchors (default: inferred)")
+    r.add_argument("--title", default="", help="page title")
+    r.set_defaults(fn=cmd_report)
 
     s = sub.add_parser("select", help="the best stitch within a budget",
                        description="Highest top-1 within the budgets (all must hold); with --min-acc the cheapest "
@@ -356,7 +392,94 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--levit-depths", type=int, nargs=3, default=[4, 4, 4], metavar="D",
                    help="LeViT stage depths of the released model (SN-Net: 4 4 4)")
     c.set_defaults(fn=cmd_convert)
+    _similarity_parsers(sub)
+    from .stitch_train import add_subcommand as add_stitch_train  # torch is imported only when it runs
+    add_stitch_train(sub)
     return p
+
+
+# ---------------------------------------------------------------------------------------------------- similarity, search
+def _anchor_data_args(p: argparse.ArgumentParser, batches: int) -> None:
+    p.add_argument("--anchors", nargs="+", metavar="A", default=None,
+                   help="timm names, NAME:CHECKPOINT, or a config's JSON anchor object (or use --stitch_config)")
+    p.add_argument("--stitch_config", "--stitch-config", metavar="CFG", default=None,
+                   help="take the anchors (names, checkpoints, model_kwargs) from this stitch config")
+    p.add_argument("--data", required=True, metavar="DIR", help="ImageFolder root with train/ (and val/)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--batches", type=_positive_int, default=batches, metavar="N",
+                   help=f"calibration batches (default {batches})")
+    p.add_argument("--batch-size", "-b", type=_positive_int, default=64, metavar="B",
+                   help="images per batch (default 64; at least 4 for the unbiased CKA)")
+    p.add_argument("--img-size", type=_positive_int, default=None, metavar="S",
+                   help="image size (default: the config's input_size, else the anchors' own)")
+    p.add_argument("--num-classes", type=_positive_int, default=None, metavar="N",
+                   help="classifier classes (default: the config's, else the data's)")
+    p.add_argument("--no-pretrained", action="store_true",
+                   help="random anchors where no checkpoint is named (default: timm's pretrained weights)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available)")
+    p.add_argument("--seed", type=_count, default=0, help="which calibration images are drawn (default 0)")
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = parse_amount(text, "the threshold", suffixes=False)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is above 1; scores are in [0, 1], write e.g. 0.9")
+    return value
+
+
+def _similarity_parsers(sub) -> None:
+    m = sub.add_parser("similarity", help="compatibility maps of anchors: CKA, least-squares stitch residual, KL",
+                       description="For every (unit of A, unit of B) pair of every ordered anchor pair: unbiased "
+                       "minibatch linear CKA, the relative residual of the least-squares stitch and the KL divergence "
+                       "of the stitched network from B (docs/stitch_anything.md). Writes similarity.json, "
+                       "similarity.csv and cka.png, ls_residual.png, kl.png.")
+    _anchor_data_args(m, batches=4)
+    m.add_argument("--split", choices=("train", "val"), default="train",
+                   help="the split the images come from (default train)")
+    m.add_argument("--no-kl", action="store_true", help="skip the KL map (one pass of B per stitchable pair)")
+    m.set_defaults(fn=cmd_similarity)
+
+    s = sub.add_parser("search", help="training-free composition search over anchor paths (StitchNet's options)",
+                       description="Beam search over (anchor, cut) paths scored by the compatibility maps of the "
+                       "train split, each edge a least-squares stitch; the anchors and every network found are "
+                       "evaluated in one pass on the validation split. Writes stitches_res.txt (snnet pareto reads "
+                       "it), pareto_flops.{md,json,png}, networks/cfg_<id>.svg, search.json, stitches.safetensors "
+                       "and the maps (similarity/).")
+    _anchor_data_args(s, batches=4)
+    s.add_argument("--score", choices=("cka", "ls", "kl"), default="cka",
+                   help="edge score: cka (StitchNet's), ls (1 - residual^2) or kl (exp(-KL)) (default cka)")
+    s.add_argument("--threshold", type=_fraction, default=0.9, help="an edge needs a score above this (0.9)")
+    s.add_argument("--total-threshold", type=_fraction, default=0.5,
+                   help="a path's product of scores must reach this (0.5)")
+    s.add_argument("--max-depth", type=_positive_int, default=10, help="most segments per network (10)")
+    s.add_argument("--beam-width", type=_count, default=16, help="partial paths kept per level; 0: all (16)")
+    s.add_argument("--max-networks", type=_count, default=0, help="evaluate at most the N best-scored; 0: all")
+    s.set_defaults(fn=cmd_search)
+
+
+def _as_usage(fn):
+    """A data or similarity error is one line like every other bad input."""
+    from .data import DataError
+    from .similarity import SimilarityError
+    try:
+        return fn()
+    except (DataError, SimilarityError) as e:
+        raise UsageError(str(e)) from None
+
+
+def cmd_similarity(args: argparse.Namespace) -> int:
+    from .similarity import run_similarity
+    _as_usage(lambda: run_similarity(args))
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .search import run_search
+    _as_usage(lambda: run_search(args))
+    return 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

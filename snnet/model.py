@@ -18,7 +18,7 @@ from torch import nn
 from .adapter import AnchorAdapter, Unit, adapter_for, module_param_count
 from .checkpoint import load_fitting
 from .layers import create_stitch_layer
-from .plan import LayerSpec, PlanError, Route, Stitch, StitchPlan
+from .plan import Composition, Edge, LayerSpec, PlanError, Route, Stitch, StitchPlan
 
 Step = tuple
 #: where a feature is read: (anchor, unit index); its value is that unit's output
@@ -346,3 +346,61 @@ def _nested_module_list(items: list[tuple[tuple[int, ...], nn.Module]]) -> nn.Mo
         raise PlanError(f"stitching layer addresses are not dense: {sorted(groups)}")
     return nn.ModuleList([_nested_module_list(groups[i]) for i in range(len(groups))])
 
+
+class ComposedNet(RoutedNet):
+    """Anchors of any families joined at unit granularity: route `cfg_id` runs the `Composition`
+    ``compositions[cfg_id]`` (snnet/plan.py), each of its edges through the stitching module ``stitches[edge]`` (any
+    module mapping the front unit's output onto the end anchor's features; `snnet.similarity.CutStitch` builds them).
+    The networks `snnet search` composes; the evaluator, the cost model and `params` run it as any routed network.
+    Stitch steps are ``("stitch", (i,))`` with i the edge's index in `edges`."""
+
+    def __init__(self, anchors: Sequence[nn.Module], compositions: Sequence[Composition],
+                 stitches: dict[Edge, nn.Module], names: Sequence[str] | None = None,
+                 adapters: Sequence[AnchorAdapter] | None = None):
+        super().__init__()
+        self.anchors = nn.ModuleList(anchors)
+        self.names = list(names) if names is not None else [type(m).__name__ for m in anchors]
+        self.adapters = list(adapters) if adapters is not None else [
+            adapter_for(m, n) for m, n in zip(anchors, self.names)]
+        self.units: list[list[Unit]] = [ad.units(m) for ad, m in zip(self.adapters, anchors)]
+        self.compositions = list(compositions)
+        used = list(dict.fromkeys(e for c in self.compositions for e in c.edges))
+        missing = [e for e in used if e not in stitches]
+        if missing:
+            raise PlanError(f"no stitching module for edge(s) {missing} (front anchor, unit, end anchor, unit)")
+        self.edges: list[Edge] = used
+        self.stitches = nn.ModuleList([stitches[e] for e in used])
+        self.plan = StitchPlan((), (), len(anchors))  # no stage-wise stitching layers: the stitches are above
+        for c in self.compositions:
+            c.check([len(u) for u in self.units])
+        address = {e: (i,) for i, e in enumerate(used)}
+        self.routes = [self._compile(c, address) for c in self.compositions]
+
+    @staticmethod
+    def _compile(c: Composition, address: dict) -> tuple[Step, ...]:
+        steps: list[Step] = []
+        for s, edge in zip(c.segments, c.edges + (None,)):
+            steps.extend(("unit", s.anchor, u) for u in range(s.first, s.last + 1))
+            if edge is not None:
+                steps.append(("stitch", address[edge]))
+        return tuple(steps)
+
+    def check_cfg_id(self, cfg_id) -> int:
+        if isinstance(cfg_id, torch.Tensor):
+            cfg_id = int(cfg_id)
+        if isinstance(cfg_id, bool) or not isinstance(cfg_id, int) or not 0 <= cfg_id < len(self.routes):
+            raise PlanError(f"cfg_id {cfg_id!r} is out of range: this network has cfg_ids 0..{len(self.routes) - 1}")
+        return cfg_id
+
+    def anchor(self, index: int) -> nn.Module:
+        return self.anchors[index]
+
+    def _anchor_prefix(self, index: int) -> str:
+        return f"anchors.{index}."
+
+    def stitch_layer(self, address: Sequence[int]) -> nn.Module:
+        return self.stitches[address[0]]
+
+    def describe(self, cfg_id: int) -> str:
+        return self.compositions[self.check_cfg_id(cfg_id)].describe(
+            self.names, [[u.name for u in units] for units in self.units])

@@ -325,7 +325,8 @@ def pareto_report(paths: Sequence[str | Path], cost: str = "flops", anchors: int
     for label, path, records, n in report.series:
         front = pareto_front(records, cost)
         _section(report, f"## {label}: {len(front)} of {len(records)} stitches on the {cost} Pareto front "
-                         f"(anchors: cfg {', '.join(str(i) for i in range(n))}; {path})", records, n)
+                         f"(anchors: cfg {', '.join(str(r['cfg_id']) for r in records if is_anchor(r, n))}; {path})",
+                 records, n)
         report.data["files"].append({"label": label, "path": path, "anchors": n, "records": len(records),
                                      "front": [r["cfg_id"] for r in front], "front_records": front})
     _quality(report, read_results(before) if before is not None else None)

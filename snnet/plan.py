@@ -289,3 +289,62 @@ def two_way_plan(front_depth: int, end_depth: int) -> StitchPlan:
     routes = [Route(i, r_.anchors, r_.stitches) for i, r_ in enumerate(routes)]
     layers = tuple([LayerSpec(st.layer, 0, 1, 0) for st in sl] + [LayerSpec(st.layer, 1, 0, 0) for st in ls])
     return StitchPlan(tuple(routes), layers, 2, hierarchical=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Compositions: networks cut at unit granularity across anchors of any family (`snnet search`)
+
+#: a stitch between two unit outputs: (front anchor, front unit, end anchor, end unit); the end anchor continues at
+#: end unit + 1 from the mapped features
+Edge = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Units `first`..`last` (inclusive; indices into the anchor's unit list) of anchor `anchor`."""
+    anchor: int
+    first: int
+    last: int
+
+
+@dataclass(frozen=True)
+class Composition:
+    """A network of anchor segments: the first starts at unit 0, the last ends at its anchor's last unit (the head),
+    and between two segments a stitch maps the output of the front segment's last unit onto the features the next
+    segment's anchor has before its first unit. One segment is an anchor on its own. Unlike a `Route`, the cuts are
+    anywhere in the units (stem, blocks, transitions, norm), not only inside a stage."""
+    segments: tuple[Segment, ...]
+
+    @property
+    def edges(self) -> tuple[Edge, ...]:
+        return tuple((s.anchor, s.last, t.anchor, t.first - 1) for s, t in zip(self.segments, self.segments[1:]))
+
+    @property
+    def is_anchor(self) -> bool:
+        return len(self.segments) == 1
+
+    def check(self, unit_counts: Sequence[int]) -> None:
+        """Refuse a composition the anchors (with `unit_counts` units each) cannot run."""
+        segs = self.segments
+        if not segs:
+            raise PlanError("a composition needs at least one segment")
+        for s in segs:
+            if not 0 <= s.anchor < len(unit_counts):
+                raise PlanError(f"segment {s} names anchor {s.anchor}; there are {len(unit_counts)} anchors")
+            if not 0 <= s.first <= s.last < unit_counts[s.anchor]:
+                raise PlanError(f"segment {s}: units must satisfy 0 <= first <= last < {unit_counts[s.anchor]}")
+        if segs[0].first != 0 or segs[-1].last != unit_counts[segs[-1].anchor] - 1:
+            raise PlanError(f"composition {self.describe()}: it must start at unit 0 and end at the last unit")
+        for s, t in zip(segs, segs[1:]):
+            if t.first < 1:
+                raise PlanError(f"composition {self.describe()}: a stitch cannot enter anchor {t.anchor} before its "
+                                f"first unit")
+
+    def describe(self, names: Sequence[str] | None = None, unit_names: Sequence[Sequence[str]] | None = None) -> str:
+        """E.g. ``deit_tiny[embed..blocks.5] -> resnet18[layer3.1..head]``; an anchor's own route is its name."""
+        name = (lambda a: names[a]) if names is not None else (lambda a: f"anchor{a}")
+        unit = (lambda a, u: unit_names[a][u]) if unit_names is not None else (lambda a, u: f"u{u}")
+        if self.is_anchor:
+            return name(self.segments[0].anchor)
+        return " -> ".join(f"{name(s.anchor)}[{unit(s.anchor, s.first)}..{unit(s.anchor, s.last)}]"
+                           for s in self.segments)
