@@ -195,6 +195,28 @@ def plot(summary: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
+def train_all(args, names: list[str], half: int, every: dict, work: Path, results: Path) -> list[dict]:
+    """Anchors (once), then every (recipe, seed, budget) run; runs.jsonl in `results`."""
+    from snnet.fileio import write_text_atomic
+    t0 = time.perf_counter()
+    data = write_digits(work)
+    train_anchors(work, data, args.anchor_epochs)
+    runs = []
+    jobs = [(n, s, args.epochs) for s in range(args.seeds) for n in names]
+    if "ours" in names and not args.no_half:
+        jobs += [("ours", s, half) for s in range(args.seeds)]
+    spent = units = 0.0  # run seconds and epochs (+1 for the init evaluation) so far: the ETA's rate
+    for i, (name, seed, epochs) in enumerate(jobs):
+        left = sum(e + 1 for _, _, e in jobs[i:])
+        eta = f", ETA {spent / units * left / 60:.1f} min" if units else ""
+        print(f"[{i + 1}/{len(jobs)}] {name} seed {seed}, {epochs} epochs "
+              f"({(time.perf_counter() - t0) / 60:.1f} min so far{eta})", flush=True)
+        runs.append(run_recipe(name, every[name], seed, epochs, work, data))
+        spent, units = spent + runs[-1]["seconds"], units + epochs + 1
+    write_text_atomic(results / "runs.jsonl", "".join(json.dumps(r) + "\n" for r in runs))
+    return runs
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default=str(ROOT / "output" / "front_quality"), help="scratch folder")
@@ -205,6 +227,8 @@ def main(argv=None) -> int:
     p.add_argument("--recipes", nargs="*", default=None, help="recipe names (default: snnet ours; with --ablation "
                                                              "also each option alone)")
     p.add_argument("--ablation", action="store_true", help="also run each candidate option of ours alone")
+    p.add_argument("--from-runs", action="store_true", help="rewrite the table, plot and RESULT line from the "
+                                                             "--results folder's runs.jsonl (no training)")
     p.add_argument("--no-half", action="store_true", help="skip ours' runs with half the epoch budget (its own, "
                                                           "shorter schedule)")
     args = p.parse_args(argv)
@@ -217,25 +241,17 @@ def main(argv=None) -> int:
     if unknown:
         sys.exit(f"unknown recipe(s) {unknown}; known: {', '.join(every)}")
     t0 = time.perf_counter()
-    data = write_digits(work)
-    train_anchors(work, data, args.anchor_epochs)
-    runs = []
     half = args.epochs // 2
-    jobs = [(n, s, args.epochs) for s in range(args.seeds) for n in names]
-    if "ours" in names and not args.no_half:
-        jobs += [("ours", s, half) for s in range(args.seeds)]
-    spent = units = 0.0  # run seconds and epochs (+1 for the init evaluation) so far: the ETA's rate
-    for i, (name, seed, epochs) in enumerate(jobs):
-        left = sum(e + 1 for _, _, e in jobs[i:])
-        eta = f", ETA {spent / units * left / 60:.1f} min" if units else ""
-        print(f"[{i + 1}/{len(jobs)}] {name} seed {seed}, {epochs} epochs "
-              f"({(time.perf_counter() - t0) / 60:.1f} min so far{eta})", flush=True)
-        runs.append(run_recipe(name, every[name], seed, epochs, work, data))
-        spent, units = spent + runs[-1]["seconds"], units + epochs + 1
+    if args.from_runs:
+        runs = [json.loads(line) for line in (results / "runs.jsonl").read_text().splitlines()]
+        names = list(dict.fromkeys(r["recipe"] for r in runs))
+        args.epochs = max(r["epochs"] for r in runs)
+        half = min(r["epochs"] for r in runs)
+    else:
+        runs = train_all(args, names, half, every, work, results)
     from snnet.fileio import write_text_atomic
-    write_text_atomic(results / "runs.jsonl", "".join(json.dumps(r) + "\n" for r in runs))
     summary = summarise(runs, names, args.epochs)
-    halves = {f"{n} ({half} epochs)": v for n, v in summarise(runs, ["ours"], half).items()} \
+    halves = {f"{n}, half budget": v for n, v in summarise(runs, ["ours"], half).items()} \
         if half != args.epochs else {}
     target = summary["snnet"]["hv"][-1][0] if "snnet" in summary else None
     text = (f"## final front quality ({args.seeds} seeds, mean ± std)\n\n" + finals({**summary, **halves}, target) +
