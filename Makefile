@@ -1,22 +1,50 @@
-# Every target creates the environment in .venv/ when it is missing (or when requirements.txt changed).
+# Every target creates the environment in .venv/ when it is missing (or when a requirements file changed).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo demo-v2 clean-venv
+.PHONY: venv browser test demo demo-v2 clean-venv
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt constraints.txt pyproject.toml
+# requirements-extras.txt: optional experiment logging (--log-tensorboard, --log-wandb), installed so its tests run
+# requirements-browser.txt: the browser driver of tests/test_report.py (Chromium itself: the browser target)
+$(STAMP): requirements.txt requirements-extras.txt requirements-browser.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --disable-pip-version-check -q --upgrade pip
 	$(BIN)/pip install --disable-pip-version-check -q -r requirements.txt -c constraints.txt pytest "setuptools>=68"
+	$(BIN)/pip install --disable-pip-version-check -q -r requirements-extras.txt -c constraints.txt
+	$(BIN)/pip install --disable-pip-version-check -q -r requirements-browser.txt -c constraints.txt
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-test: venv
-	$(BIN)/python -m pytest -q tests
+# Chromium and its driver for tests/test_report.py (docs/report.md), best effort: only where apt-get exists and
+# /usr/bin/chromium or /usr/bin/chromedriver is missing (as root, or with password-less sudo). A failed install is
+# reported and the browser tests are then skipped, saying why (-rs prints the reason). About 80 s on a fresh
+# Debian 12 machine.
+CHROMIUM ?= /usr/bin/chromium
+CHROMEDRIVER ?= /usr/bin/chromedriver
+BROWSER_LOG ?= $(or $(TMPDIR),/tmp)/snnet-browser-install.log
+
+browser:
+	@if [ -x $(CHROMIUM) ] && [ -x $(CHROMEDRIVER) ]; then :; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+		echo "browser: no apt-get here; install Chromium and chromedriver by hand or the browser tests are skipped"; \
+	else \
+		sudo=""; [ "$$(id -u)" = 0 ] || sudo="sudo -n"; start=$$(date +%s); \
+		echo "browser: installing chromium, chromium-driver for tests/test_report.py (log: $(BROWSER_LOG))"; \
+		if { $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends chromium chromium-driver fonts-liberation; } >$(BROWSER_LOG) 2>&1; then \
+			echo "browser: installed in $$(( $$(date +%s) - start )) s"; \
+		else \
+			echo "browser: install failed after $$(( $$(date +%s) - start )) s (see $(BROWSER_LOG));" \
+				"the browser tests will be skipped"; \
+		fi; \
+	fi
+
+test: venv browser
+	$(BIN)/python -m pytest -q -rs tests
 
 demo: venv
 	$(BIN)/python -m snnet.demo

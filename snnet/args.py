@@ -363,6 +363,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="metric that picks model_best: top1, top5, loss (means over the validation panel) or "
                         "top1@<cfg_id> (one stitch of the panel); the training loss when there is no val split")
     g.add_argument("--val-interval", type=_positive_int, default=1, help="validate every N epochs")
+    g.add_argument("--log-tensorboard", default="", metavar="DIR",
+                   help="TensorBoard event files in DIR/<experiment> (rank 0): per epoch train loss, LR, panel "
+                        "top-1 per stitch, front hypervolume; at the end the front as table and figure ('' = off; "
+                        "needs pip install tensorboard)")
+    g.add_argument("--log-wandb", action="store_true",
+                   help="log the same to Weights & Biases (rank 0; files in <output>/<experiment>/wandb; "
+                        "WANDB_MODE=offline for `wandb sync` later; default off; needs pip install wandb)")
+    g.add_argument("--wandb-project", default="snnet", help="wandb project of --log-wandb")
     return p
 
 

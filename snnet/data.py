@@ -470,6 +470,10 @@ class CleanImages:
         self.requested, self.count, self.local_count = count, len(order), len(self.indices)
         self.batch_size = batch_size
 
+    def __len__(self) -> int:
+        """Batches this process yields (the LS init's progress line counts them)."""
+        return -(-self.local_count // self.batch_size)
+
     def __iter__(self):
         loader = DataLoader(Subset(self.base, self.indices), batch_size=self.batch_size, shuffle=False, num_workers=0)
         for images, _ in loader:

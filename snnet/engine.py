@@ -53,6 +53,7 @@ class TrainContext:
     # restore after the last two batches of step skip (None where there is none)
     skip: int = 0
     restore: list = field(default_factory=lambda: [None, None])
+    clock: Any = None                             # progress.RunClock: the whole-run ETA of the progress lines
 
 
 def _check_finite(loss: torch.Tensor, epoch: int, step: int, cfg_id: int, net: nn.Module) -> None:
@@ -121,8 +122,9 @@ def train_one_epoch(epoch: int, model: nn.Module, loader: Iterable, optimizer: t
     model.train()
     accum = max(1, getattr(args, "grad_accum_steps", 1) or 1)
     steps = len(loader) // accum
-    progress = Progress(f"Train: {epoch}", steps, args.log_interval)
     skip, ctx.skip, ctx.epoch = ctx.skip, 0, epoch
+    progress = Progress(f"Train: {epoch}", steps, args.log_interval, done=skip,
+                        run_eta=ctx.clock.remaining if ctx.clock is not None else None)
     if not skip:
         ctx.epoch_loss = [0.0, 0.0]
     ctx.rng_after.clear()
@@ -212,7 +214,8 @@ def evaluate_stitches(net: nn.Module, loader: Iterable, cfg_ids: Sequence[int], 
     routes = {c: model.routes[model.check_cfg_id(c)] for c in cfg_ids}
     tree = RouteTree(routes)
     counts = _Counts(cfg_ids)
-    progress = Progress(f"Eval {len(cfg_ids)} stitch(es)", len(loader), log_interval)
+    progress = Progress(f"Eval {len(cfg_ids)} stitch(es)", len(loader), log_interval,
+                        per_phase=(len(cfg_ids), "stitches"))
     peak = 0
     for i, (x, y) in enumerate(loader, start=1):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)

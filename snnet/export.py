@@ -38,6 +38,7 @@ from .build import build_snnet, create_anchor
 from .config import AnchorSpec, ConfigError, StitchConfig, load_stitch_config, parse_stitch_config
 from .layers import stitch_layer_from_spec
 from .model import SNNet
+from .progress import Progress
 
 FORMAT = "snnet-stitch"
 FORMAT_VERSION = 1
@@ -386,8 +387,9 @@ def _save_onnx(module: nn.Module, x: torch.Tensor, path: Path, opset: int = ONNX
 
 
 def _write_formats(module: nn.Module, loaded: Loaded, formats: Sequence[str], folder: Path, x: torch.Tensor,
-                   ref: torch.Tensor, diffs: dict, options: dict) -> dict[str, str]:
-    """Write each requested format into `folder`, checking its logits on `x` against the SN-Net's `ref`."""
+                   ref: torch.Tensor, diffs: dict, options: dict, progress: Progress | None = None) -> dict[str, str]:
+    """Write each requested format into `folder`, checking its logits on `x` against the SN-Net's `ref`; `progress`
+    advances by one step per format."""
     files = {"weights": WEIGHTS}
     for name in formats:
         if name not in _FORMATS:
@@ -398,6 +400,8 @@ def _write_formats(module: nn.Module, loaded: Loaded, formats: Sequence[str], fo
         diffs[name] = None if run is None else _max_diff(run(x), ref)
         if run is not None:
             _check(fmt.what, diffs[name], ref, fmt.fix)
+        if progress is not None:
+            progress.advance(extra=f"{name} written" + ("" if run is None else f" and checked ({diffs[name]:.2g})"))
     return files
 
 
@@ -446,18 +450,23 @@ def export_stitch(loaded: Loaded, cfg_id: int, out_dir: str | os.PathLike,
     spec["source"]["checkpoint_sha256"] = file_sha256(loaded.checkpoint)
     x = _example(loaded, 3)
     ref = net(x, cfg_id)
+    # one line per check: pruned network, weights, each format, the reloaded export
+    progress = Progress(f"Export cfg_id {cfg_id}: step", 3 + len(formats), every=1, unit=None)
     diffs: dict[str, float | None] = {"module": _max_diff(module(x), ref)}
     _check("pruned network", diffs["module"], ref, "a unit runs a module it does not list (adapter bug)")
+    progress.advance(extra=f"pruned network checked ({diffs['module']:.2g})")
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=str(out_dir.parent)))
     try:
         save_model(module, str(tmp / WEIGHTS), metadata={"format": "pt", "snnet": FORMAT})
-        spec["files"] = _write_formats(module, loaded, formats, tmp, x, ref, diffs, {"opset": opset})
+        progress.advance(extra="weights written")
+        spec["files"] = _write_formats(module, loaded, formats, tmp, x, ref, diffs, {"opset": opset}, progress)
         spec["max_abs_diff_vs_snnet"] = diffs
         (tmp / SPEC).write_text(json.dumps(spec, indent=2) + "\n")
         diffs["reloaded"] = _max_diff(load_exported(tmp)(x), ref)
         _check("reloaded export", diffs["reloaded"], ref, "report this bug")
+        progress.advance(extra=f"reloaded export checked ({diffs['reloaded']:.2g})")
         (tmp / SPEC).write_text(json.dumps(spec, indent=2) + "\n")
         _publish(tmp, out_dir, spec["files"])
     finally:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
+from .progress import PROGRESS_SECONDS, Progress
 from .results import ResultsError, check_routes, file_sha256, is_number, read_results, update_results
 
 if TYPE_CHECKING:
@@ -61,20 +62,24 @@ def _timed(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> float:
 
 @torch.inference_mode()
 def time_calls(fns: dict[Any, Callable[[torch.Tensor], Any]], x: torch.Tensor, warmup: int = 5,
-               repeats: int = 20) -> dict[Any, float]:
+               repeats: int = 20, progress: Progress | None = None) -> dict[Any, float]:
     """Median wall time in ms of each ``fn(x)``, after `warmup` untimed calls of each.
 
     The timed calls go round-robin (every fn once per round) rather than fn by fn, so a slow spell of a shared
-    machine (another job, frequency changes) hits every stitch alike instead of a few of them.
+    machine (another job, frequency changes) hits every stitch alike instead of a few of them. `progress` advances
+    by one step per call.
     """
+    tick = progress.advance if progress is not None else (lambda *a: None)
     for fn in fns.values():
         for _ in range(warmup):
             fn(x)
+            tick(x.shape[0])
     _sync(x.device)
     times: dict[Any, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
             times[k].append(_timed(fn, x))
+            tick(x.shape[0])
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
@@ -88,7 +93,9 @@ def measure_latency(net: SNNet, cfg_ids: Sequence[int], batches: Sequence[int] =
     for b in batches:
         x = torch.randn(b, in_chans, *img_size, device=device)
         fns = {c: (lambda t, c=c: net(t, c)) for c in cfg_ids}
-        for c, ms in time_calls(fns, x, warmup, repeats).items():
+        progress = Progress(f"Latency at batch {b}: calls", len(fns) * (warmup + repeats), seconds=PROGRESS_SECONDS,
+                            per_phase=(len(fns), "stitches"))
+        for c, ms in time_calls(fns, x, warmup, repeats, progress).items():
             out[c][f"latency_ms_b{b}"] = ms
     return out
 

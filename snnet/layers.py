@@ -169,8 +169,25 @@ class LoRALinear(nn.Module):
                f"scaling={self.scaling:g}"
 
 
+class _PerPixelMap(nn.Module):
+    """A stitching layer whose `transform` maps channels-last rows: NCHW front features are mapped per pixel
+    (channels last, the map, then the layout change), i.e. a 1x1 conv."""
+    in_layout: str
+    out_layout: str
+    transform: nn.Module
+
+    @property
+    def rows_layout(self) -> str:
+        """The layout the map runs in: the input's, NHWC for NCHW inputs."""
+        return NHWC if self.in_layout == NCHW else self.in_layout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = convert_layout(x, self.in_layout, self.rows_layout)
+        return convert_layout(self.transform(x), self.rows_layout, self.out_layout)
+
+
 @register_stitch_layer("lora")
-class LoRAStitchingLayer(nn.Module):
+class LoRAStitchingLayer(_PerPixelMap):
     """SN-Netv2's low-rank stitching layer: the least-squares linear map W, b (W frozen) plus a trainable rank-r
     update, ``y = x Wᵀ + b + (alpha / rank) · (x Aᵀ) Bᵀ``; b, A and B train. Checkpoint keys are SN-Netv2's
     ``...<layer>.transform.{weight, bias, lora_A, lora_B}``.
@@ -191,15 +208,6 @@ class LoRAStitchingLayer(nn.Module):
         self.in_layout, self.out_layout = in_layout, out_layout
         self.rank, self.alpha = rank, float(alpha)
         self.transform = LoRALinear(in_channels, out_channels, rank, self.alpha)
-
-    @property
-    def rows_layout(self) -> str:
-        """The layout the linear map runs in: the input's, NHWC for NCHW inputs."""
-        return NHWC if self.in_layout == NCHW else self.in_layout
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = convert_layout(x, self.in_layout, self.rows_layout)
-        return convert_layout(self.transform(x), self.rows_layout, self.out_layout)
 
     @torch.no_grad()
     def set_affine(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
@@ -226,7 +234,7 @@ class LoRAStitchingLayer(nn.Module):
 
 
 @register_stitch_layer("lowrank")
-class LowRankStitchingLayer(nn.Module):
+class LowRankStitchingLayer(_PerPixelMap):
     """A rank-r linear map ``y = U (V x) + b`` (V: rank x in, U: out x rank), everything trainable: r·(in + out) + out
     parameters instead of in·out + out, and fewer FLOPs when r < in·out / (in + out). Keys
     ``...<layer>.transform.{0.weight (V), 1.weight (U), 1.bias (b)}``.
@@ -248,15 +256,6 @@ class LowRankStitchingLayer(nn.Module):
                              f"width of {in_channels} -> {out_channels}); a full-rank map is the 'linear' type")
         self.in_layout, self.out_layout, self.rank = in_layout, out_layout, rank
         self.transform = nn.Sequential(nn.Linear(in_channels, rank, bias=False), nn.Linear(rank, out_channels))
-
-    @property
-    def rows_layout(self) -> str:
-        """The layout the map runs in: the input's, NHWC for NCHW inputs."""
-        return NHWC if self.in_layout == NCHW else self.in_layout
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = convert_layout(x, self.in_layout, self.rows_layout)
-        return convert_layout(self.transform(x), self.rows_layout, self.out_layout)
 
     @torch.no_grad()
     def set_affine(self, weight: torch.Tensor, bias: torch.Tensor) -> None:

@@ -30,6 +30,7 @@ from .cost import eval_mode
 from .layers import to_rows
 from .model import SNNet
 from .plan import Stitch
+from .progress import PROGRESS_SECONDS, Progress
 
 MODES = ("joint", "average", "snnet")
 PosKey = tuple  # (front, end, stage, j, k)
@@ -126,20 +127,37 @@ def ls_init(model: SNNet, batches: Iterable[torch.Tensor], mode: str = "joint", 
     all_pos = [st for ps in layer_pos.values() for st in ps]
     need, where = model.feature_points(all_pos)
     stats = _NormalEquations()
+    progress = Progress("LS init: statistics (batches)", _length(batches), seconds=PROGRESS_SECONDS)
     with eval_mode(model):
         for x in batches:
             stats.add(model, model.capture(x, need), all_pos, where)
+            progress.advance(x.shape[0])
+    if progress.total is None and progress.step:
+        progress.finish()
     if not stats.rows:
         return []
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if distributed:  # sum the normal equations of all ranks' data; rank 0 solves
         stats.all_reduce()
-    reports = [stats.fit(model, address, positions, where, mode, rcond) for address, positions in layer_pos.items()
-               if positions and not (distributed and dist.get_rank() != 0)]
+    todo = [(address, positions) for address, positions in layer_pos.items()
+            if positions and not (distributed and dist.get_rank() != 0)]
+    progress = Progress("LS init: solve (layers)", len(todo), unit=None, seconds=PROGRESS_SECONDS)
+    reports = []
+    for address, positions in todo:
+        reports.append(stats.fit(model, address, positions, where, mode, rcond))
+        progress.advance()
     if distributed:
         for p in model.stitch_layers.parameters():
             dist.broadcast(p.data, src=0)
     return reports
+
+
+def _length(batches: Iterable) -> int | None:
+    """The number of batches, where the iterable knows it (no ETA otherwise)."""
+    try:
+        return len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 def _solve(G: torch.Tensor, R: torch.Tensor, rcond: float | None) -> torch.Tensor:
@@ -211,8 +229,9 @@ def ls_init_snnet(model: SNNet, images: torch.Tensor) -> list[FitReport]:
     positions' W and b. Under DDP rank 0's layers and BatchNorm buffers are broadcast (what SN-Net's DDP
     construction kept). Returns a report per layer (relative error on the fitting rows)."""
     layer_pos, order = _layer_positions(model), _snnet_position_order(model)
-    reports = []
-    for anchors, addresses in _snnet_groups(model):
+    reports, groups = [], _snnet_groups(model)
+    progress = Progress("LS init: layer group", len(groups), every=1, unit=None)
+    for anchors, addresses in groups:
         by_pos = {(a, st.position): st for a in addresses for st in layer_pos[a]}
         need, where = model.feature_points(list(by_pos.values()))
         points = {a: need.get(a, set()) | {_last_block(model, a)} for a in anchors}
@@ -238,6 +257,7 @@ def ls_init_snnet(model: SNNet, images: torch.Tensor) -> list[FitReport]:
             reports.append(FitReport(address, [st.position for st in layer_pos[address]],
                                      sum(X.shape[0] for X, _ in pairs), _rel_error(W, b, pairs)))
         del feats, rows
+        progress.advance(extra=f"anchors {', '.join(model.names[a] for a in anchors)}")
     _broadcast_rank0_state(model)
     return reports
 

@@ -31,10 +31,12 @@ from .data import DataError, clean_images, create_datasets, create_eval_loader, 
 from .device import amp_dtype_for, restart_attempt, resolve_device, unwrap, world
 from .engine import NonFiniteLoss, TrainContext, default_val_panel, evaluate_stitches, train_one_epoch
 from .fileio import write_text_atomic
+from .loggers import Loggers, check_loggers, create_loggers
 from .losses import create_loss
 from .model import PlainNet, RoutedNet
 from .optim import anchor_lr_scale, create_optimizer, create_scheduler, epoch_offset, resolve_lrs
 from .preflight import check_run, one_line, output_dir, user_errors
+from .progress import RunClock
 from .resolve import describe_run, launch_world_size, to_yaml
 from .results import EMA_RESULTS_FILE, RESULTS_FILE, ResultsFile, file_sha256, text_sha256
 from .sampler import create_sampler, seed_epoch
@@ -81,6 +83,7 @@ class Run:
     data_cfg: dict
     out_dir: Path
     config_text: str  # the network's identity (anchors, input, classes, precision), hashed into results
+    loggers: Loggers | None = None  # --log-tensorboard, --log-wandb (rank 0)
 
     @property
     def primary(self) -> bool:
@@ -180,6 +183,7 @@ def run(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
             print(to_yaml(describe_run(args, stitch_cfg, launch_world_size(), device_type)), end="")
         return
     check_run(args, stitch_cfg, launch_world_size())  # every input, before any weight or image
+    check_loggers(args)
     device = resolve_device(args)
     rank, world_size = world()
     random_seed(args.seed, rank)
@@ -200,6 +204,7 @@ def run(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
     if not args.eval:
         _val_panel(args, net)  # refused now, not after the LS init
     _logger.info("data: " + ", ".join(f"{k} {v}" for k, v in data_cfg.items()))  # after every check: no banner
+    run_.loggers = create_loggers(args, run_.out_dir, run_.primary)
     if _wants_ls_init(args, stitch_cfg, resume_state):
         ls_initialise(net, run_, train_ds if train_ds is not None else val_ds)
     if resume_state is not None:
@@ -207,6 +212,8 @@ def run(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
     if args.eval:
         init = text_sha256(f"init:{args.seed}:{run_.config_text}")
         evaluate_all(net, val_ds, run_, file_sha256(resume) if resume else init)
+        run_.loggers.log_final_front(run_.out_dir / RESULTS_FILE, run_.out_dir, 0)
+        run_.loggers.close()
         return
     fit(net, train_ds, val_ds, run_, resume_state)
 
@@ -292,7 +299,7 @@ def evaluate_all(net: RoutedNet, val_ds, run: Run, ckpt_hash: str, results_name:
     for cfg_id, m in metrics.items():
         record = {"cfg_id": cfg_id, "flops": table.route_flops(model.routes[cfg_id]), "params": model.params(cfg_id),
                   "acc1": m["acc1"], "acc5": m["acc5"], "loss": m["loss"], "route": model.describe(cfg_id),
-                  "samples": m["samples"]}
+                  "samples": m["samples"], "img_size": list(run.data_cfg["input_size"][1:])}
         records.append(record)
         _logger.info(f"cfg {cfg_id:>3d} {record['route']}: acc1 {m['acc1']:.3f} acc5 {m['acc5']:.3f} "
                      f"loss {m['loss']:.4f} flops {record['flops'] / 1e9:.3f}G params {record['params'] / 1e6:.3f}M")
@@ -530,13 +537,18 @@ def fit(net: RoutedNet, train_ds, val_ds, run: Run, resume_state: dict | None) -
         write_text_atomic(run.out_dir / "args.yaml", to_yaml(describe_run(args, run.stitch_cfg, world_size,
                                                                           run.device.type)))
         _truncate_summary(run.out_dir / "summary.csv", epochs.start)
+    loggers = run.loggers or Loggers()
+    ctx.clock = RunClock(epochs, model.num_configs, len(val_ds) // world_size if val_ds is not None else 0,
+                         1 + (ctx.model_ema is not None))
     for epoch in epochs:
+        ctx.clock.start(epoch)
         seed_epoch(args.seed, rank, epoch)
         if args.distributed and hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
         if ctx.mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
             ctx.mixup_fn.mixup_enabled = False
         train_metrics = train_one_epoch(epoch, net, loader, optimizer, loss_fn, args, ctx)
+        ctx.clock.trained(len(loader) // args.grad_accum_steps * args.grad_accum_steps * args.batch_size)
         if args.distributed and args.dist_bn in ("broadcast", "reduce"):
             distribute_bn(model, world_size, args.dist_bn == "reduce")
         eval_metrics, metric = {}, train_metrics["loss"] if by_loss else None
@@ -548,6 +560,7 @@ def fit(net: RoutedNet, train_ds, val_ds, run: Run, resume_state: dict | None) -
                 eval_metrics = _validate(ctx.model_ema.module, val_loader, panel, run, epoch, train_metrics["loss"],
                                          " (EMA)")
             metric = eval_metrics[args.eval_metric] if args.eval_metric in eval_metrics else eval_metrics["top1"]
+            ctx.clock.validated(len(panel))
         lrs = [g["lr"] for g in optimizer.param_groups]
         ctx.lr_scheduler.step(epoch + 1 - epoch_offset(args), metric)
         if run.primary:
@@ -558,11 +571,17 @@ def fit(net: RoutedNet, train_ds, val_ds, run: Run, resume_state: dict | None) -
             improved = saver.save(state, metric)
             saver.drop_recovery()
             _logger.info(f"saved {run.out_dir / LAST}" + (" (best so far)" if improved else ""))
+            loggers.log_epoch(epoch, train_metrics, eval_metrics, sum(lrs) / len(lrs))
+        took = ctx.clock.finish()
+        if run.primary:
+            _logger.info(ctx.clock.summary(took))
     if val_ds is not None:
         ckpt_hash = file_sha256(run.out_dir / LAST) if run.primary else ""
         evaluate_all(net, val_ds, run, ckpt_hash)
         if ctx.model_ema is not None:
             evaluate_all(ctx.model_ema.module, val_ds, run, ckpt_hash, EMA_RESULTS_FILE)
+        loggers.log_final_front(run.out_dir / RESULTS_FILE, run.out_dir, epochs.stop)
+    loggers.close()
 
 
 if __name__ == "__main__":

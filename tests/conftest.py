@@ -39,6 +39,17 @@ def run(args, timeout=300, env=None):
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
+def run_cli(capsys, *argv):
+    """`snnet ARGV...` in-process: (exit code, stdout, stderr)."""
+    from snnet import cli
+    try:
+        rc = cli.main([str(a) for a in argv])
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
 @pytest.fixture(scope="session")
 def digits_folder(tmp_path_factory):
     """A small ImageFolder of real digits: 160 train, 60 val images, 16x16 PNG."""

@@ -23,11 +23,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from snnet import cli  # noqa: E402
 from snnet.pareto import eval_subtitle, pareto_front, plot_series  # noqa: E402
 from snnet.plan import deit_plan, stagewise_plan, two_way_plan  # noqa: E402
 from snnet.report import parse_route, report_data  # noqa: E402
 from snnet.results import read_results  # noqa: E402
+from conftest import run_cli  # noqa: E402
 
 DEMO = ROOT / "results" / "demo" / "stitches_res.txt"
 DEMO_V2 = [ROOT / "results" / "demo_v2" / v / "stitches_res.txt" for v in ("v1", "v2")]
@@ -53,13 +53,7 @@ def ties_records():
              "img_size": [32, 32], "latency_ms_b1": round(0.05 + f / 4e6, 6)} for c, f, p, acc, route in rows]
 
 
-def cli_run(capsys, *argv):
-    try:
-        rc = cli.main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
+cli_run = run_cli
 
 
 def snnet_select(capsys, path, flag, budget):

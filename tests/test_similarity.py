@@ -5,9 +5,10 @@ import json
 import math
 
 import pytest
+
+from conftest import run_cli
 import torch
 
-from snnet import cli
 from snnet.cka import MinibatchCKA, gram, hsic_unbiased, linear_cka, minibatch_cka
 from snnet.config import parse_stitch_config
 from snnet.plan import Composition, Segment
@@ -207,13 +208,7 @@ def test_a_stitch_that_cannot_exist_is_refused(vit_resnet):
 
 
 # ------------------------------------------------------------------------------------------------------- command
-def _run(capsys, *argv):
-    try:
-        rc = cli.main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
+_run = run_cli
 
 
 def test_similarity_command_writes_the_maps(digits_folder, tmp_path, capsys):
