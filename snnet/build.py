@@ -13,7 +13,7 @@ from .checkpoint import CheckpointError, load_weights
 from .config import AnchorSpec, ConfigError, StitchConfig
 from .cost import eval_mode
 from .model import SNNet
-from .plan import StitchPlan, deit_plan, stagewise_plan, two_way_plan
+from .plan import StitchPlan, deit_plan, positions_plan, stagewise_plan, two_way_plan
 
 
 def check_model_name(name: str) -> None:
@@ -79,11 +79,20 @@ def create_anchor(spec: AnchorSpec, pretrained: bool = True, **model_kwargs: Any
 
 def plan_for(models: Sequence[nn.Module], adapters: Sequence[AnchorAdapter], names: Sequence[str],
              kernel: int = 2, stride: int = 1, nearest: bool = True,
-             stitch_stages: Sequence[int] | None = None, kind: str = "sliding_window") -> StitchPlan:
+             stitch_stages: Sequence[int] | None = None, kind: str = "sliding_window",
+             positions: dict | None = None) -> StitchPlan:
     """The plan SN-Net uses for these anchors: DeiT-style for plain ViTs, stage-wise for hierarchical families;
-    ``kind="two_way"``: SN-Netv2's two-way plan for two plain ViTs."""
+    ``kind="two_way"``: SN-Netv2's two-way plan for two plain ViTs; `positions` (the config's explicit
+    ``{"pairs": ...}``): those positions of plain ViTs, one stitching layer each (plan.positions_plan)."""
     depths = [ad.stage_depths(m) for ad, m in zip(adapters, models)]
     hierarchical = [ad.hierarchical for ad in adapters]
+    if positions is not None:
+        if any(hierarchical) or "pairs" not in positions:
+            raise AnchorError(f"'positions' takes plain ViT anchors and explicit 'pairs' here, got {list(names)} "
+                              f"with {sorted(positions)}; remove 'positions' (hierarchical families stitch by stage) "
+                              f"or select through train.py")
+        _check_widths(models, adapters, names, [0])
+        return positions_plan([d[0] for d in depths], positions["pairs"])
     if kind == "two_way":
         if len(models) != 2 or any(hierarchical):
             raise AnchorError(f"two-way stitching (SN-Netv2) takes two plain ViT anchors, got {list(names)}")
@@ -186,8 +195,12 @@ def set_constant_drop_path(model: nn.Module, rate: float) -> int:
 
 
 def build_snnet(cfg: StitchConfig, pretrained: bool = True, num_classes: int | None = None,
-                drop_path_rate: float | None = None, **model_kwargs: Any) -> SNNet:
-    """Anchors from timm (pretrained, or the config's local checkpoints), wrapped into one SN-Net (not LS-initialised)."""
+                drop_path_rate: float | None = None, select=None, **model_kwargs: Any) -> SNNet:
+    """Anchors from timm (pretrained, or the config's local checkpoints), wrapped into one SN-Net (not LS-initialised).
+
+    A config whose ``"positions"`` selects from data needs `select` (snnet/positions.py's `Selection`, which train.py
+    passes): it scores the positions on these anchors and returns the config with the explicit positions chosen.
+    The config the network was built from is kept as ``model.stitch_config``."""
     names = [a.name for a in cfg.anchors]
     for a in cfg.anchors:
         check_model_name(a.name)
@@ -197,8 +210,14 @@ def build_snnet(cfg: StitchConfig, pretrained: bool = True, num_classes: int | N
         for a, m in zip(cfg.anchors, models):
             set_constant_drop_path(m, a.model_kwargs.get("drop_path_rate", drop_path_rate) or 0.0)
     adapters = [adapter_for(m, n) for m, n in zip(models, names)]
+    if "select" in (cfg.get("positions") or {}):
+        if select is None:
+            raise ConfigError("stitch config: 'positions' selects from data, which only train.py does; pass the "
+                              "stitch_plan.json it wrote (explicit 'pairs') instead")
+        cfg = select(cfg, models, adapters)
     plan = plan_for(models, adapters, names, cfg.get("stitch_kernel_size"), cfg.get("stitch_stride"),
-                    cfg.get("nearest_stitching"), cfg.get("stitch_stages"), cfg.get("stitch_plan"))
+                    cfg.get("nearest_stitching"), cfg.get("stitch_stages"), cfg.get("stitch_plan"),
+                    cfg.get("positions"))
     skip = cfg.get("skip_final_norm")
     if skip is None:  # the family's SN-Net behaviour (on for plain ViTs: docs/snnet_compat.md, C7)
         skip = all(ad.skip_final_norm_default for ad in adapters)
@@ -209,5 +228,6 @@ def build_snnet(cfg: StitchConfig, pretrained: bool = True, num_classes: int | N
                       stitch_layer=cfg.get("stitch_layer"))
     except ValueError as e:  # an unknown stitching-layer type or option
         raise ConfigError(f"stitch config: {e}") from None
+    model.stitch_config = cfg
     check_resolutions(model, _input_size(cfg, model, model_kwargs), model_kwargs.get("in_chans") or 3)
     return model

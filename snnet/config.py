@@ -65,6 +65,11 @@ FIELDS: dict[str, Field] = {
                      "SN-Net's)"),
     "drop_path_schedule": Field((str,), "linear", "linear (timm: the rate ramps from 0 at the first block to the "
                                 "anchor's drop_path_rate at the last) or constant (SN-Netv2: that rate in every block)"),
+    "positions": Field((dict,), None, "plain ViTs: stitch positions instead of the sliding window, per neighbouring "
+                       "anchor pair, one stitching layer each: {\"select\": \"cka\"|\"ls\"|\"kl\", \"per_pair\": K} "
+                       "(the K best of the compatibility map on the LS-init images; train.py writes the choice to "
+                       "<output>/stitch_plan.json) or {\"pairs\": [[[j, k], ...], ...]} (explicit; docs/"
+                       "stitch_anything.md)"),
     "description": Field((str,), None, "free text"),
 }
 #: field -> the train.py argparse dest it sets the default of
@@ -142,8 +147,58 @@ def parse_stitch_config(data: Any, source: str = "stitch config") -> StitchConfi
         if k in data and not isinstance(data[k].get("type", ""), str):
             raise ConfigError(f"{source}: field {k!r} needs a 'type' name, e.g. {{\"type\": \"linear\"}}, got "
                               f"{data[k]!r}")
+    if "positions" in data:
+        _check_positions(data, source)
     values = {k: v for k, v in data.items() if k != "anchors"}
     return StitchConfig(anchors, values)
+
+
+#: "positions": {"select": score, ...} -> the scores a selection may rank by (snnet/positions.py)
+POSITION_SCORES = ("cka", "ls", "kl")
+POSITION_KEYS = ("select", "per_pair", "pairs", "from")
+
+
+def _check_positions(data: dict, source: str) -> None:
+    """The "positions" field: exactly one of a selection request and explicit positions, and no sliding-window
+    field beside it (ranges against the anchors' depth are checked when the plan is built)."""
+    pos = data["positions"]
+    where = f"{source}: field 'positions'"
+    unknown = [k for k in pos if k not in POSITION_KEYS]
+    if unknown:
+        raise ConfigError(f"{where} has unknown key(s) {unknown}; use {{\"select\": \"kl\", \"per_pair\": K}} or "
+                          f"{{\"pairs\": [[[j, k], ...], ...]}}")
+    if ("select" in pos) == ("pairs" in pos):
+        raise ConfigError(f"{where} needs exactly one of 'select' (e.g. {{\"select\": \"kl\", \"per_pair\": 4}}) and "
+                          f"'pairs' (explicit [j, k] lists, one per neighbouring anchor pair), got {pos!r}")
+    if "select" in pos:
+        if pos["select"] not in POSITION_SCORES:
+            raise ConfigError(f"{where}: 'select' must be one of {', '.join(POSITION_SCORES)}, got {pos['select']!r}")
+        k = pos.get("per_pair")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ConfigError(f"{where}: 'per_pair' must be an integer >= 1 (positions chosen per anchor pair), got "
+                              f"{k!r}")
+    else:
+        if "per_pair" in pos:
+            raise ConfigError(f"{where}: 'per_pair' goes with 'select', not with explicit 'pairs'; remove it")
+        pairs = pos["pairs"]
+        ok = isinstance(pairs, list) and all(
+            isinstance(plist, list) and all(isinstance(p, list) and len(p) == 2 and all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in p) for p in plist)
+            for plist in pairs)
+        if not ok:
+            raise ConfigError(f"{where}: 'pairs' must be one list per neighbouring anchor pair of [j, k] block "
+                              f"indices >= 0, e.g. [[[0, 1], [1, 1]]] for two anchors, got {pairs!r}")
+    if "from" in pos and not isinstance(pos["from"], dict):
+        raise ConfigError(f"{where}: 'from' (how the positions were selected; informational) must be an object, got "
+                          f"{pos['from']!r}")
+    clash = [k for k in ("stitch_kernel_size", "stitch_stride") if k in data]
+    if data.get("nearest_stitching") is False:
+        clash.append("nearest_stitching")
+    if data.get("stitch_plan", "sliding_window") != "sliding_window":
+        clash.append("stitch_plan")
+    if clash:
+        raise ConfigError(f"{where} replaces the sliding window of neighbouring anchors; remove {', '.join(clash)} "
+                          f"(or remove 'positions')")
 
 
 def _parse_anchor(a: Any, i: int, source: str) -> AnchorSpec:

@@ -35,6 +35,7 @@ from .loggers import Loggers, check_loggers, create_loggers
 from .losses import create_loss
 from .model import PlainNet, RoutedNet
 from .optim import anchor_lr_scale, create_optimizer, create_scheduler, epoch_offset, resolve_lrs
+from .positions import Selection, selected_config, write_stitch_plan
 from .preflight import check_run, one_line, output_dir, user_errors
 from .progress import RunClock
 from .resolve import describe_run, launch_world_size, to_yaml
@@ -91,7 +92,8 @@ class Run:
 
 
 # ------------------------------------------------------------------------------------------------------ building
-def build_network(args: argparse.Namespace, stitch_cfg: StitchConfig | None, num_classes: int) -> RoutedNet:
+def build_network(args: argparse.Namespace, stitch_cfg: StitchConfig | None, num_classes: int,
+                  images_from=None) -> RoutedNet:
     kwargs = dict(num_classes=num_classes, drop_path_rate=args.drop_path, drop_rate=args.drop)
     if args.img_size is not None:
         kwargs["img_size"] = args.img_size
@@ -103,7 +105,8 @@ def build_network(args: argparse.Namespace, stitch_cfg: StitchConfig | None, num
         spec = AnchorSpec(args.model, None, dict(args.model_kwargs))
         return PlainNet(create_anchor(spec, pretrained=args.pretrained, **kwargs), args.model)
     from .build import build_snnet
-    return build_snnet(stitch_cfg.with_model_kwargs(args.model_kwargs), pretrained=not args.no_pretrained, **kwargs)
+    return build_snnet(stitch_cfg.with_model_kwargs(args.model_kwargs), pretrained=not args.no_pretrained,
+                       select=Selection(args, images_from), **kwargs)  # "positions" chosen on the training split
 
 
 def _config_text(args: argparse.Namespace, stitch_cfg: StitchConfig | None, data_cfg: dict) -> str:
@@ -192,11 +195,14 @@ def run(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
     train_ds, val_ds = create_datasets(args, need_train=not args.eval)
     if args.num_classes is None:
         args.num_classes = num_classes_of(train_ds or val_ds) or (stitch_cfg.get("num_classes") if stitch_cfg else None)
-    net = build_network(args, stitch_cfg, args.num_classes)
+    net = build_network(args, stitch_cfg, args.num_classes, train_ds)
+    stitch_cfg = selected_config(stitch_cfg, net)  # positions selected from data are explicit from here on
     data_cfg = resolve_data_config(vars(args), model=net)
     net = _prepare(net, args, device)
     run_ = Run(args, stitch_cfg, device, amp_dtype_for(args, device), data_cfg, output_dir(args),
                _config_text(args, stitch_cfg, data_cfg))
+    if run_.primary and stitch_cfg is not None:  # explicit or selected "positions": <output>/stitch_plan.json
+        write_stitch_plan(unwrap(net), run_.out_dir)
     resume = _resume_path(args, run_.out_dir)
     resume_state = _fitting_checkpoint(net, resume) if resume else None
     if args.initial_checkpoint:

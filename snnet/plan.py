@@ -203,6 +203,49 @@ def deit_plan(n_anchors: int, depth: int, kernel: int = 2, stride: int = 1, near
     return StitchPlan(tuple(routes), layers, n_anchors, hierarchical=False)
 
 
+def positions_plan(depths: Sequence[int], pairs: Sequence[Sequence[Sequence[int]]]) -> StitchPlan:
+    """Plan of given stitch positions for plain ViTs of `depths` blocks (the stitch config's ``"positions"``:
+    explicit, or chosen from a compatibility map by snnet/positions.py), in place of SN-Net's sliding window.
+
+    `pairs[c]` lists the positions (j, k) of neighbouring anchors (c, c+1): the front runs up to and including its
+    block j (0..depths[c]-1), the end continues from its block k (0..depths[c+1]; depths[c+1]: only its final norm
+    and head).
+    cfg_id order: the anchors 0..n-1, then pair (0, 1)'s positions in the order listed, then pair (1, 2)'s, and so
+    on. Every position has its own stitching layer (SN-Netv2's rule, no sharing), at ``stitch_layers.<c>.<p>`` for
+    the p-th position of pair c, so the least-squares init fits each layer on its one position.
+    """
+    n_anchors = len(depths)
+    if n_anchors < 2:
+        raise PlanError(f"positions need at least 2 anchors to stitch, got {n_anchors}")
+    for d in depths:
+        _check_int("depth", d, 1, None)
+    if len(pairs) != n_anchors - 1:
+        raise PlanError(f"positions: {n_anchors} anchors have {n_anchors - 1} neighbouring pair(s) but {len(pairs)} "
+                        f"position list(s) were given; give one list of [j, k] per pair (0, 1), (1, 2), ...")
+    routes = [Route(a, (a,)) for a in range(n_anchors)]
+    layers: list[LayerSpec] = []
+    for c, positions in enumerate(pairs):
+        if not positions:
+            raise PlanError(f"positions of pair ({c}, {c + 1}): the list is empty; give at least one [j, k] (an "
+                            f"anchor pair without stitches has no layers to address)")
+        seen: set[tuple[int, int]] = set()
+        for p, pos in enumerate(positions):
+            if len(pos) != 2:
+                raise PlanError(f"positions of pair ({c}, {c + 1}): {list(pos)!r} is not a [j, k] pair; write [j, k]")
+            j, k = pos
+            df, de = depths[c], depths[c + 1]
+            _check_int(f"positions of pair ({c}, {c + 1}): front block j of {list(pos)}", j, 0, df - 1,
+                       f"0..{df - 1} (the front anchor's blocks)")
+            _check_int(f"positions of pair ({c}, {c + 1}): end block k of {list(pos)}", k, 0, de,
+                       f"0..{de} (the end anchor's blocks; {de}: only its final norm and head)")
+            if (j, k) in seen:
+                raise PlanError(f"positions of pair ({c}, {c + 1}): [{j}, {k}] is listed twice; list each once")
+            seen.add((j, k))
+            layers.append(LayerSpec((c, p), c, c + 1, 0))
+            routes.append(Route(len(routes), (c, c + 1), (Stitch(c, c + 1, 0, j, k, (c, p)),)))
+    return StitchPlan(tuple(routes), tuple(layers), n_anchors, hierarchical=False)
+
+
 def _chains(positions: list[tuple[int, int]], hops: int, after_k: int = 0) -> list[list[int]]:
     out = []
     for p, (j, k) in enumerate(positions):

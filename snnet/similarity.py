@@ -540,6 +540,11 @@ def build_anchors(cfg, pretrained: bool, num_classes: int | None, img_size: int 
               for a in cfg.anchors]
     labels = [f"{n}#{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
     adapters = [adapter_for(m, n) for m, n in zip(models, labels)]
+    return anchors_net(models, adapters, labels)
+
+
+def anchors_net(models: Sequence[nn.Module], adapters, labels: Sequence[str]) -> ComposedNet:
+    """Built anchors (with their adapters), each a route of its own, in eval mode: what `compatibility_maps` reads."""
     anchors_only = [Composition((Segment(a, 0, len(ad.units(m)) - 1),)) for a, (ad, m) in
                     enumerate(zip(adapters, models))]
     return ComposedNet(models, anchors_only, {}, labels, adapters).eval()
