@@ -176,7 +176,7 @@ def plot(summary: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from snnet.fileio import atomic_path
+    from snnet.fileio import save_figure
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4), dpi=130)
     for name, s in summary.items():
         xs = list(range(len(s["hv"])))
@@ -191,10 +191,7 @@ def plot(summary: dict[str, dict], path: Path) -> None:
         ax.set_xlabel("epoch (0 = after LS init)")
         ax.grid(True, ls="--", alpha=0.4)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def train_all(args, names: list[str], half: int, every: dict, work: Path, results: Path) -> list[dict]:

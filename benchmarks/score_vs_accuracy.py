@@ -158,7 +158,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from snnet.fileio import atomic_path
+    from snnet.fileio import save_figure
     fig, axes = plt.subplots(len(result), 3, figsize=(12, 3.6 * len(result)), dpi=120, squeeze=False)
     for row, (pair, r) in zip(axes, result.items()):
         for ax, (name, (key, sign)) in zip(row, SCORES.items()):
@@ -171,10 +171,7 @@ def plot(result: dict, path: Path) -> None:
             ax.set_ylabel("top-1 (%)")
             ax.grid(True, ls="--", alpha=0.4)
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -41,3 +41,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         with open(tmp, "w") as f:
             f.write(text)
 
+
+
+def save_figure(fig, path, **savefig_kwargs) -> None:
+    """A matplotlib figure as a PNG, written atomically (tight layout), then closed."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", **savefig_kwargs)
+    plt.close(fig)

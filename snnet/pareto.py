@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .fileio import atomic_path, write_text_atomic
+from .fileio import save_figure, write_text_atomic
 from .results import RESULTS_FILE, ResultsError, is_number, read_results
 
 COSTS = ("flops", "params", "latency")
@@ -217,14 +217,6 @@ def eval_subtitle(series: Sequence[tuple[str, Sequence[dict[str, Any]]]], img_si
     return "; ".join(f"{label}: {t}" for label, t in texts if t)
 
 
-def _save(fig, out_png: str | Path) -> None:
-    import matplotlib.pyplot as plt
-    fig.tight_layout()
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-
-
 def _axes():
     import matplotlib
     matplotlib.use("Agg")
@@ -259,7 +251,7 @@ def plot_series(series: Sequence[tuple[str, Sequence[dict[str, Any]], int | None
                     ha="center", va="bottom", fontsize=7, color="0.35")
     ax.grid(True, ls="--", alpha=0.4)
     ax.legend(loc="lower right", fontsize=7)
-    _save(fig, out_png)
+    save_figure(fig, out_png)
 
 
 # ------------------------------------------------------------------------------------------------------ reports

@@ -43,7 +43,7 @@ from torch import nn
 from .adapter import NCHW, NHWC, TOKENS
 from .cka import MinibatchCKA
 from .cost import eval_mode
-from .fileio import atomic_path, write_text_atomic
+from .fileio import save_figure, write_text_atomic
 from .layers import create_stitch_layer, to_rows
 from .ls_init import _solve
 from .model import ComposedNet
@@ -480,10 +480,7 @@ def _heatmaps(maps: CompatibilityMaps, kind: str, path: Path) -> None:
         ax.axis("off")
     grey = "" if kind == "cka" else " (grey: no linear stitch)"
     fig.suptitle(f"{style[3]}; {maps.images} images{grey}", fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def write_maps(maps: CompatibilityMaps, out_dir: str | os.PathLike, meta: dict[str, Any] | None = None) -> list[Path]:
