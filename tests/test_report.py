@@ -190,7 +190,7 @@ def test_pareto_png_has_subtitle_and_front_cfg_ids(tmp_path, monkeypatch):
         import matplotlib.pyplot as plt
         plt.close(fig)
 
-    monkeypatch.setattr(pareto, "_save", keep)
+    monkeypatch.setattr(pareto, "save_figure", keep)
     recs = read_results(DEMO)
     plot_series([("demo", recs, 3)], tmp_path / "one.png", img_size=16)
     front = [r["cfg_id"] for r in pareto_front(recs)]
