@@ -7,6 +7,14 @@ Each mode runs in its own process so its peak memory (max RSS) is its own.
 
     .venv/bin/python benchmarks/eval_all_stitches.py [--images 256] [--workers 2]
 
+``--plan two_way`` builds SN-Netv2's S/L plan instead (docs/snnet_compat.md, C36): two DeiT-III-shaped anchors at
+reduced size (deit3_small depth 12 width 32, deit3_large depth 24 width 64, 4 heads, patch 8, 64 px), LoRA stitching
+layers of rank 8, the end anchor's final norm kept: 135 routes (ids 0-134). SN-Net's way then makes 135 data passes,
+so this mode defaults to --workers 0 (not 2) to stay within ~6 minutes on a 2-core CPU (~4 min when the machine is
+otherwise idle): re-creating a 2-worker loader costs ~4-5 s per stitch here (the measuring processes are started with
+"spawn", and so are their loader workers), and 135 x that alone would exceed it. With 0 workers both ways decode in
+the main process, so the JPEG ratio is not inflated by worker start-up.
+
 Last line: RESULT ratio=<ours/snnet, with decoding> floor=<unique FLOPs / naive FLOPs>
            compute_ratio=<ours/snnet on pre-decoded tensors>
 """
@@ -25,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 WIDTHS = (32, 64, 128)
 IMG = 64
+DEFAULT_WORKERS = {"sliding_window": 2, "two_way": 0}
 
 
 def make_folder(root: Path, n: int, seed: int = 0) -> Path:
@@ -41,13 +50,23 @@ def make_folder(root: Path, n: int, seed: int = 0) -> Path:
     return root
 
 
-def build_model():
+def stitch_config(plan: str = "sliding_window") -> dict:
+    if plan == "two_way":  # SN-Netv2's S/L (configs/deit3_s_l_v2.json) at reduced size: depths 12 and 24
+        vit = lambda name, width, depth: {"name": name, "model_kwargs": {
+            "patch_size": 8, "embed_dim": width, "depth": depth, "num_heads": 4}}
+        return {"anchors": [vit("deit3_small_patch16_224", 32, 12), vit("deit3_large_patch16_224", 64, 24)],
+                "stitch_plan": "two_way", "skip_final_norm": False, "stitch_layer": {"type": "lora", "rank": 8},
+                "num_classes": 10}
+    anchors = [{"name": "deit_tiny_patch16_224", "model_kwargs": {"patch_size": 8, "embed_dim": w, "num_heads": 4}}
+               for w in WIDTHS]
+    return {"anchors": anchors, "num_classes": 10}
+
+
+def build_model(plan: str = "sliding_window"):
     import torch
     from snnet import build_snnet, parse_stitch_config
     torch.manual_seed(0)
-    anchors = [{"name": "deit_tiny_patch16_224", "model_kwargs": {"patch_size": 8, "embed_dim": w, "num_heads": 4}}
-               for w in WIDTHS]
-    cfg = parse_stitch_config({"anchors": anchors, "num_classes": 10})
+    cfg = parse_stitch_config(stitch_config(plan))
     model = build_snnet(cfg, pretrained=False, img_size=IMG, num_classes=10)
     return model.eval()
 
@@ -63,11 +82,12 @@ def loader_for(root: Path, batch: int, workers: int):
     return create_eval_loader(ds, args, data_cfg)
 
 
-def run_mode(mode: str, root: str, batch: int, workers: int, queue) -> None:
+def run_mode(mode: str, root: str, batch: int, workers: int, queue, plan: str = "sliding_window",
+             threads: int = 2) -> None:
     import torch
     from snnet.engine import evaluate_stitches
-    torch.set_num_threads(2)
-    model = build_model()
+    torch.set_num_threads(threads)
+    model = build_model(plan)
     ids = list(range(model.num_configs))
     cpu = torch.device("cpu")
     stats: dict = {}
@@ -93,10 +113,10 @@ def run_mode(mode: str, root: str, batch: int, workers: int, queue) -> None:
     queue.put((mode, seconds, rss, stats.get("peak_activation_bytes", 0), {c: r["acc1"] for c, r in results.items()}))
 
 
-def flops_floor() -> tuple[float, int]:
+def flops_floor(plan: str = "sliding_window") -> tuple[float, int]:
     from snnet.cost import measure
     from snnet.route_tree import RouteTree
-    model = build_model()
+    model = build_model(plan)
     table = measure(model, IMG)
     naive = sum(table.route_flops(r) for r in model.routes)
     tree = RouteTree({c: r for c, r in enumerate(model.routes)})
@@ -106,24 +126,32 @@ def flops_floor() -> tuple[float, int]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--plan", choices=sorted(DEFAULT_WORKERS), default="sliding_window",
+                   help="sliding_window: SN-Net's DeiT Ti/S/B plan (71); two_way: SN-Netv2's S/L plan (135)")
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=None, help="default: 2 (sliding_window), 0 (two_way)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per measuring process")
     args = p.parse_args()
-    floor, n_cfgs = flops_floor()
+    if args.workers is None:
+        args.workers = DEFAULT_WORKERS[args.plan]
+    floor, n_cfgs = flops_floor(args.plan)
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         root = make_folder(Path(tmp), args.images)
         rows = {}
         for mode in ("snnet", "ours", "snnet_tensors", "ours_tensors"):
             q = ctx.Queue()
-            proc = ctx.Process(target=run_mode, args=(mode, str(root), args.batch, args.workers, q))
+            proc = ctx.Process(target=run_mode, args=(mode, str(root), args.batch, args.workers, q, args.plan,
+                                                     args.threads))
             proc.start()
             rows[mode] = q.get()
             proc.join()
     same = rows["snnet"][4] == rows["ours"][4] == rows["snnet_tensors"][4] == rows["ours_tensors"][4]
-    print(f"{n_cfgs} stitches, {args.images} JPEG images (96 px -> {IMG} px), batch {args.batch}, "
-          f"{args.workers} loader workers, 2 threads; identical top-1 for every stitch in all modes: {same}")
+    plan = "" if args.plan == "sliding_window" else f"{args.plan} plan (reduced DeiT-III S/L, LoRA rank 8), "
+    print(f"{plan}{n_cfgs} stitches, {args.images} JPEG images (96 px -> {IMG} px), batch {args.batch}, "
+          f"{args.workers} loader workers, {args.threads} threads; identical top-1 for every stitch in all modes: "
+          f"{same}")
     print("| mode | data | time (s) | stitch-images/s | peak RSS (MiB) | peak live activations (MiB) |")
     print("|---|---|---:|---:|---:|---:|")
     names = {"snnet": ("SN-Net: a pass per stitch", "JPEG"), "ours": ("ours: one pass, shared prefixes", "JPEG"),

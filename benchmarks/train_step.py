@@ -3,12 +3,21 @@
 The standalone network is an nn.Sequential holding exactly the modules the route executes (the same module objects,
 so the arithmetic is identical); the SN-Net runs the route through `forward(x, cfg_id)`. Both do forward, loss,
 backward and an SGD step on the same batch, interleaved rep by rep, in one process. Target: ratio <= 1.05.
+The stitches timed are drawn by the config's sampler (``"sampler"``, uniform by default; e.g. SN-Netv2's ``ros``).
+``--set FIELD=JSON`` overrides a stitch-config field (repeatable), e.g. SN-Netv2's LoRA layers and ROS sampler:
 
     .venv/bin/python benchmarks/train_step.py [--img-size 224] [--batch 16] [--reps 12]
+    .venv/bin/python benchmarks/train_step.py --config configs/deit3_s_l_v2.json --img-size 64 --batch 4 \
+        --set 'stitch_layer={"type": "lora", "rank": 64}' --set 'sampler={"type": "ros", "gap": 1.0}'
+
+``--reduced`` shrinks plain-ViT anchors to benchmarks/eval_all_stitches.py's sizes (patch 8, 4 heads, anchor i of
+width 32 * 2**i, each anchor's own depth kept: DeiT-III S/L -> widths 32/64, depths 12/24), for a quick run where the
+full anchors' steps take many seconds on a CPU.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -18,8 +27,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from snnet import build_snnet, load_stitch_config  # noqa: E402
-from snnet.sampler import StitchSampler  # noqa: E402
+from snnet import build_snnet, load_stitch_config, parse_stitch_config  # noqa: E402
+from snnet.config import AnchorSpec  # noqa: E402
+from snnet.sampler import create_sampler  # noqa: E402
 
 
 class _Step(nn.Module):
@@ -54,11 +64,29 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--reps", type=int, default=12)
     p.add_argument("--stitches", type=int, default=3, help="sampled stitches to time")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                   help="override a stitch-config field, e.g. 'sampler={\"type\": \"ros\"}' (repeatable)")
+    p.add_argument("--reduced", action="store_true", help="plain-ViT anchors at reduced size (see above)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_stitch_config(args.config)
+    if args.reduced:
+        cfg.anchors = [AnchorSpec(a.name, None, {**a.model_kwargs, "patch_size": 8, "embed_dim": 32 * 2 ** i,
+                                              "num_heads": 4}) for i, a in enumerate(cfg.anchors)]
+    overrides = {}
+    for item in args.set:
+        field, _, value = item.partition("=")
+        overrides[field] = json.loads(value)
+    checked = parse_stitch_config({"anchors": [a.name for a in cfg.anchors], **overrides}, "--set")  # names, types
+    if "anchors" in overrides:
+        cfg.anchors = checked.anchors
+    cfg.values.update(checked.values)
     torch.manual_seed(0)
-    net = build_snnet(load_stitch_config(args.config), pretrained=False, img_size=args.img_size)
+    net = build_snnet(cfg, pretrained=False, img_size=args.img_size)
     net.train()
-    sampler = StitchSampler(net.num_configs, seed=0)
+    sampler = create_sampler(cfg.get("sampler"), net, seed=0, rank=0)
     picks = []
     step = 0
     while len(picks) < args.stitches:
@@ -68,8 +96,10 @@ def main() -> None:
             picks.append(c)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size)
     y = torch.randint(0, 1000, (args.batch,))
-    print(f"{args.config}, batch {args.batch}, {args.img_size}px, {torch.get_num_threads()} threads, "
-          f"{args.reps} reps (median), interleaved")
+    extra = "".join(f", {k}={json.dumps(v)}" for k, v in overrides.items())
+    extra = (", reduced" if args.reduced else "") + extra
+    print(f"{args.config}{extra}, {net.num_configs} routes, batch {args.batch}, {args.img_size}px, "
+          f"{torch.get_num_threads()} threads, {args.reps} reps (median), interleaved")
     print(f"| cfg_id | route | SN-Net step (s) | standalone step (s) | ratio |")
     print(f"|---:|---|---:|---:|---:|")
     ratios = []
