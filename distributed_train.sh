@@ -16,7 +16,7 @@ if [ -x "$HERE/.venv/bin/python" ] && [ -z "${VIRTUAL_ENV:-}" ]; then PYTHON="$H
 # every input checked once, before torchrun starts NUM_PROC processes: a bad one is one line (exit 2), not one
 # error per rank followed by torchrun's traceback. SNNET_NO_PREFLIGHT=1 skips it (train.py checks again anyway).
 if [ -z "${SNNET_NO_PREFLIGHT:-}" ]; then
-  PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m snnet.preflight "$NUM_PROC" "$@" || exit $?
+  PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m snnet.train.preflight "$NUM_PROC" "$@" || exit $?
 fi
 # shellcheck disable=SC2086
 exec "$PYTHON" -m torch.distributed.run --nproc_per_node="$NUM_PROC" ${TORCHRUN_ARGS:-} "$HERE/train.py" "$@"

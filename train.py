@@ -2,7 +2,7 @@
 """Train / evaluate a stitchable neural network (SN-Net) with timm's flags. See README.md and `train.py --help`."""
 import sys
 
-from snnet.main import main
+from snnet.train.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

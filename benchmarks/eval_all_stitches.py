@@ -74,7 +74,7 @@ def build_model(plan: str = "sliding_window"):
 def loader_for(root: Path, batch: int, workers: int):
     import argparse as ap
     from timm.data import create_dataset
-    from snnet.data import create_eval_loader
+    from snnet.train.data import create_eval_loader
     ds = create_dataset("", root=str(root / "val"), split="", search_split=False)
     args = ap.Namespace(validation_batch_size=batch, batch_size=batch, workers=workers, pin_mem=False)
     data_cfg = {"input_size": (3, IMG, IMG), "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
@@ -85,7 +85,7 @@ def loader_for(root: Path, batch: int, workers: int):
 def run_mode(mode: str, root: str, batch: int, workers: int, queue, plan: str = "sliding_window",
              threads: int = 2) -> None:
     import torch
-    from snnet.engine import evaluate_stitches
+    from snnet.train.engine import evaluate_stitches
     torch.set_num_threads(threads)
     model = build_model(plan)
     ids = list(range(model.num_configs))
@@ -114,8 +114,8 @@ def run_mode(mode: str, root: str, batch: int, workers: int, queue, plan: str = 
 
 
 def flops_floor(plan: str = "sliding_window") -> tuple[float, int]:
-    from snnet.cost import measure
-    from snnet.route_tree import RouteTree
+    from snnet.core.cost import measure
+    from snnet.core.route_tree import RouteTree
     model = build_model(plan)
     table = measure(model, IMG)
     naive = sum(table.route_flops(r) for r in model.routes)

@@ -12,7 +12,7 @@ For every recipe and seed the script
 2. trains it with `./distributed_train.sh 2` (gloo, two processes, as a user would) for the epoch budget, with
    `--val-stitches all`, so summary.csv holds every stitch's top-1 and the front's hypervolume after every epoch.
 
-Front quality is snnet/quality.py's (docs/front_quality.md): hypervolume of the (FLOPs / largest anchor's FLOPs,
+Front quality is snnet/results/quality.py's (docs/front_quality.md): hypervolume of the (FLOPs / largest anchor's FLOPs,
 top-1) front against the reference point (1.1, 0); anchor drift = anchors' mean top-1 after minus before.
 
     .venv/bin/python benchmarks/front_quality.py                 # default: 3 seeds, 20 epochs, snnet vs ours
@@ -99,7 +99,7 @@ def recipe_config(work: Path, name: str, fields: dict) -> Path:
 
 def read_curve(run_dir: Path, before: list[dict]) -> dict:
     """Per-epoch hypervolume and anchor drift of one run (epoch 0 = after LS init, before training)."""
-    from snnet.quality import front_quality
+    from snnet.results.quality import front_quality
     anchors = [r["cfg_id"] for r in before if "->" not in r["route"]]
     start = {a: next(r["acc1"] for r in before if r["cfg_id"] == a) for a in anchors}
     hv = [front_quality(before, anchors)["hypervolume"]]
@@ -176,7 +176,7 @@ def plot(summary: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from snnet.fileio import save_figure
+    from snnet.core.fileio import save_figure
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4), dpi=130)
     for name, s in summary.items():
         xs = list(range(len(s["hv"])))
@@ -196,7 +196,7 @@ def plot(summary: dict[str, dict], path: Path) -> None:
 
 def train_all(args, names: list[str], half: int, every: dict, work: Path, results: Path) -> list[dict]:
     """Anchors (once), then every (recipe, seed, budget) run; runs.jsonl in `results`."""
-    from snnet.fileio import write_text_atomic
+    from snnet.core.fileio import write_text_atomic
     t0 = time.perf_counter()
     data = write_digits(work)
     train_anchors(work, data, args.anchor_epochs)
@@ -248,7 +248,7 @@ def main(argv=None) -> int:
         half = min(r["epochs"] for r in runs)
     else:
         runs = train_all(args, names, half, every, work, results)
-    from snnet.fileio import write_text_atomic
+    from snnet.core.fileio import write_text_atomic
     summary = summarise(runs, names, args.epochs)
     halves = {f"{n}, half budget": v for n, v in summarise(runs, ["ours"], half).items()} \
         if half != args.epochs else {}

@@ -8,7 +8,7 @@ three recipes that differ only in where they stitch:
   digits ViTs 10 positions per neighbouring anchor pair, 4 shared stitching layers per pair;
 * ``select_kl`` / ``select_ls``: the same recipe with ``"positions": {"select": "kl"|"ls", "per_pair": 10}``: the 10
   positions (of the 20 candidates (j, k), j in 0..3, k in 0..4) with the lowest KL / LS residual in the
-  compatibility map on the run's LS-init images, one stitching layer each (snnet/positions.py).
+  compatibility map on the run's LS-init images, one stitching layer each (snnet/train/positions.py).
 
 The anchors are the digits demo's (output/demo/anchor_w*/last.pth.tar, copied into --work when it has none, so the
 maps of benchmarks/score_vs_accuracy.py and this comparison see the same anchors; else front_quality trains them).
@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import front_quality as fq  # noqa: E402  (benchmarks/front_quality.py: the machinery)
 
 from snnet.demo import demo_anchors, write_digits  # noqa: E402
-from snnet.positions import PLAN_FILE  # noqa: E402
+from snnet.train.positions import PLAN_FILE  # noqa: E402
 
-PER_PAIR = 10  # the sliding window's positions per pair on depth-4 anchors (snnet.plan.paired_positions(4))
+PER_PAIR = 10  # the sliding window's positions per pair on depth-4 anchors (snnet.core.plan.paired_positions(4))
 BASE_FLAGS, BASE_FIELDS = fq.RECIPES["ours"]
 RECIPES: dict[str, tuple[list[str], dict]] = {
     "window": (BASE_FLAGS, BASE_FIELDS),
@@ -59,8 +59,8 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--from-runs", action="store_true", help="rewrite the table from <results>/runs.jsonl")
     args = p.parse_args(argv)
-    from snnet.fileio import write_text_atomic
-    from snnet.plan import paired_positions
+    from snnet.core.fileio import write_text_atomic
+    from snnet.core.plan import paired_positions
     assert len(paired_positions(4)[0]) == PER_PAIR
     work, results = Path(args.work), Path(args.results)
     work.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ On the digits demo's anchors (configs/demo_digits.json: three ViTs of depth 4, w
    (`acc1`) and right after the least-squares init (`init_acc1`);
 2. `snnet similarity` computes the CKA, least-squares residual and KL maps of the same anchors (256 clean training
    images, seed 0);
-3. each position (i, j) is the map edge (front unit of block i, end unit before block j) (snnet/positions.py's
+3. each position (i, j) is the map edge (front unit of block i, end unit before block j) (snnet/train/positions.py's
    `edge_units`, the rule the SN-Net and the selection use), and Spearman's rho (scipy) is computed over the
    positions between each score (signed so that higher = more compatible: CKA, -residual, -KL) and the mean top-1
    over the seeds, after training and at init.
@@ -77,7 +77,7 @@ def analyse(sweep_dir: Path, similarity: Path, labels: list[str]) -> dict:
     """Per pair: each position's scores and top-1 (per seed, mean), and Spearman's rho per score."""
     from scipy.stats import spearmanr
 
-    from snnet.positions import edge_units
+    from snnet.train.positions import edge_units
     sim = json.loads(similarity.read_text())
     kinds = [[u["kind"] for u in a["units"]] for a in sim["anchors"]]
     maps = {(p["front"], p["end"]): p for p in sim["pairs"]}
@@ -158,7 +158,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from snnet.fileio import save_figure
+    from snnet.core.fileio import save_figure
     fig, axes = plt.subplots(len(result), 3, figsize=(12, 3.6 * len(result)), dpi=120, squeeze=False)
     for row, (pair, r) in zip(axes, result.items()):
         for ax, (name, (key, sign)) in zip(row, SCORES.items()):
@@ -189,7 +189,7 @@ def main(argv=None) -> int:
     if bad:
         sys.exit(f"--pairs {bad}: write FRONT-END with labels {', '.join(ANCHORS)}, e.g. w16-w64")
     from snnet.demo import write_digits
-    from snnet.fileio import write_text_atomic
+    from snnet.core.fileio import write_text_atomic
     work, results = Path(args.work), Path(args.results)
     work.mkdir(parents=True, exist_ok=True)
     results.mkdir(parents=True, exist_ok=True)

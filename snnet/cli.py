@@ -27,13 +27,13 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-from .pareto import cost_key, human, infer_anchors, latency_keys, pareto_report, route_of, save_report
-from .results import ResultsError, read_results
-from .select import BudgetError, select
+from snnet.results.pareto import cost_key, human, infer_anchors, latency_keys, pareto_report, route_of, save_report
+from snnet.results.records import ResultsError, read_results
+from snnet.results.select import BudgetError, select
+from snnet.core.errors import SNNetError, UsageError, one_line
+from snnet.core.fileio import check_out_dir
 
 
-class UsageError(ValueError):
-    """A request that cannot be met (e.g. no stitch within the budget); the message names the fix."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -97,21 +97,6 @@ def _cfg_id(text: str) -> int:
     return int(text)
 
 
-def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
-    """Refuse, before any work, an output folder that cannot be made or written: an existing file, or a folder
-    (the nearest existing one) without write permission. Later failures (a full disk) still end in one line."""
-    out = Path(path)
-    base = out
-    while not base.exists() and base != base.parent:
-        base = base.parent
-    if base.exists() and not base.is_dir():
-        what = "is a file" if base == out else f"is under {str(base)!r}, a file"
-        raise UsageError(f"{flag} {str(out)!r} {what}, not a folder; pass another {flag} folder")
-    if base.exists() and not os.access(base, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {str(out)!r}: folder {str(base)!r} is not writable; pass another {flag} folder")
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------- pareto
 def cmd_pareto(args: argparse.Namespace) -> int:
     if args.out:
@@ -128,7 +113,7 @@ def cmd_pareto(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------- report
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from snnet.results.report import write_report
     out = Path(args.out)
     if out.is_dir():
         raise UsageError(f"--out {args.out!r} is a folder; pass the HTML file to write, e.g. --out "
@@ -174,7 +159,7 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------- export
 def _load(args: argparse.Namespace):
-    from .export import load_snnet
+    from snnet.deploy.export import load_snnet
     return load_snnet(args.checkpoint, args.stitch_config, args.img_size, args.num_classes)
 
 
@@ -220,7 +205,7 @@ def _held_output():
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
-    from .export import ONNX_OPSET, WEIGHTS, check_cfg_id, check_opset, export_stitch
+    from snnet.deploy.export import ONNX_OPSET, WEIGHTS, check_cfg_id, check_opset, export_stitch
     formats = [f for f, off in (("torchscript", args.no_torchscript), ("onnx", args.no_onnx)) if not off]
     if "onnx" in formats:  # refused before the checkpoint is read; with --no-onnx the opset is unused
         check_opset(args.opset)
@@ -245,7 +230,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     diffs = ", ".join(f"{k} {'n/a (onnxruntime not installed)' if v is None else f'{v:.2g}'}"
                       for k, v in spec["max_abs_diff_vs_snnet"].items())
     print(f"  max |logits - SN-Net logits| on 3 random images: {diffs}")
-    print(f"  load: from snnet.export import load_exported; net = load_exported({str(out)!r})  "
+    print(f"  load: from snnet.deploy.export import load_exported; net = load_exported({str(out)!r})  "
           f"# weights: {WEIGHTS}")
     return 0
 
@@ -254,8 +239,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_latency(args: argparse.Namespace) -> int:
     import torch
 
-    from .export import check_cfg_id
-    from .latency import add_latency, device_name, measure_latency, results_cfg_ids
+    from snnet.deploy.export import check_cfg_id
+    from snnet.deploy.latency import add_latency, device_name, measure_latency, results_cfg_ids
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -393,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LeViT stage depths of the released model (SN-Net: 4 4 4)")
     c.set_defaults(fn=cmd_convert)
     _similarity_parsers(sub)
-    from .stitch_train import add_subcommand as add_stitch_train  # torch is imported only when it runs
+    from snnet.explore.stitch_train import add_subcommand as add_stitch_train  # torch is imported only when it runs
     add_stitch_train(sub)
     return p
 
@@ -460,30 +445,20 @@ def _similarity_parsers(sub) -> None:
     s.set_defaults(fn=cmd_search)
 
 
-def _as_usage(fn):
-    """A data or similarity error is one line like every other bad input."""
-    from .data import DataError
-    from .similarity import SimilarityError
-    try:
-        return fn()
-    except (DataError, SimilarityError) as e:
-        raise UsageError(str(e)) from None
-
-
 def cmd_similarity(args: argparse.Namespace) -> int:
-    from .similarity import run_similarity
-    _as_usage(lambda: run_similarity(args))
+    from snnet.explore.similarity import run_similarity
+    run_similarity(args)
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from .search import run_search
-    _as_usage(lambda: run_search(args))
+    from snnet.explore.search import run_search
+    run_search(args)
     return 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert_release
+    from snnet.deploy.convert import convert_release
     if not args.trust:
         raise UsageError(f"{args.src!r} is a pickled file: converting it means trusting where it came from; if you "
                          f"do, add --trust")
@@ -493,24 +468,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .adapter import AnchorError
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .export import ExportError
-    from .plan import PlanError
-    return UsageError, ResultsError, BudgetError, ExportError, CheckpointError, ConfigError, AnchorError, PlanError
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     # fvcore scripts a function at import; torch 2.14 calls torch.jit deprecated: noise, not the user's concern
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except _user_errors() as e:
-        print(f"snnet {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
-        return 2
+    except SNNetError as e:  # the user's input, not a bug: one line (under torchrun, from rank 0 only)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"snnet {args.command}: error: {one_line(e)}", file=sys.stderr)
+        return e.exit_code
     except BrokenPipeError:  # `snnet pareto ... | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

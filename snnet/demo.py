@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from .results import RESULTS_FILE, read_results, write_results
+from snnet.results.records import RESULTS_FILE, read_results, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "demo_digits.json"
@@ -160,8 +160,8 @@ def report(results: Path, sources: list[Path] | None = None, title: str = TITLE)
 
     Files written before records carried ``img_size`` (the committed ones) get the size the demo trains and
     evaluates at (COMMON's --img-size) for the plot's subtitle; records that carry one keep theirs."""
-    from .pareto import pareto_report, save_report
-    from .report import write_report
+    from snnet.results.pareto import pareto_report, save_report
+    from snnet.results.report import write_report
     img_size = int(COMMON[COMMON.index("--img-size") + 1])
     # the report names the files it read: relative to the working directory (the repository root for `make demo`)
     paths = [os.path.relpath(s) for s in sources or [results / RESULTS_FILE]]

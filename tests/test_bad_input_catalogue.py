@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import FAST, TINY
-from snnet.main import main
+from snnet.train.main import main
 
 PWNED = Path("/tmp/snnet_pwned_marker")
 

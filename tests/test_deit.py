@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from snnet import build_snnet, load_stitch_config
-from snnet.cost import measure, trace_route_flops
+from snnet.core.cost import measure, trace_route_flops
 
 N = 197  # tokens at 224 px
 WIDTH = [192, 384, 768]
@@ -131,7 +131,7 @@ def test_state_dict_keys_and_shapes_are_snnets(deit):
 
 
 def test_stitched_route_skips_final_norm_unless_switched_off():
-    from snnet.config import parse_stitch_config
+    from snnet.core.config import parse_stitch_config
     cfg = parse_stitch_config({"anchors": ["deit_tiny_patch16_224", "deit_small_patch16_224"]})
     on = build_snnet(cfg, pretrained=False, img_size=32, patch_size=8)
     cfg_off = parse_stitch_config({"anchors": ["deit_tiny_patch16_224", "deit_small_patch16_224"],

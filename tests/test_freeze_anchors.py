@@ -40,7 +40,7 @@ def test_excluded_cfg_ids_are_never_drawn_and_draws_stay_deterministic():
 
     import pytest
 
-    from snnet.sampler import create_sampler
+    from snnet.train.sampler import create_sampler
     net = SimpleNamespace(num_configs=12)
     sampler = create_sampler(None, net, seed=1, rank=0, exclude=[0, 1])
     draws = [sampler(s) for s in range(3000)]

@@ -50,7 +50,7 @@ def test_snnet_release_is_refused_by_train_and_converted_on_request(tmp_path, ti
 
 def test_swin_release_with_cfgnode_maps_keys(tmp_path):
     """SN-Net's Swin checkpoints pickle a yacs CfgNode and use Microsoft Swin names: read without yacs, keys mapped."""
-    from snnet.convert import convert_release
+    from snnet.deploy.convert import convert_release
     from stitching_swin.convert import ours_to_snnet
     cfg = {"anchors": [{"name": "swin_tiny_patch4_window7_224", "model_kwargs": {"embed_dim": 16, "num_heads": [1, 1, 2, 2]}},
                        {"name": "swin_small_patch4_window7_224", "model_kwargs": {"embed_dim": 16, "num_heads": [1, 1, 2, 2]}}]}

@@ -1,4 +1,4 @@
-"""--log-tensorboard DIR and --log-wandb (snnet/loggers.py): a short train.py run on the digits fixture, read back
+"""--log-tensorboard DIR and --log-wandb (snnet/train/loggers.py): a short train.py run on the digits fixture, read back
 with each package's own reader; both packages are optional (requirements-extras.txt), and a missing one is refused
 at startup in one line naming the pip command."""
 import json
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from snnet.args import UsageError
+from snnet.train.args import UsageError
 
 from conftest import FAST, ROOT, run
 
@@ -132,7 +132,7 @@ def test_wandb_offline_run_reads_back(tmp_path, digits_folder, tiny_config):
 @pytest.mark.parametrize("flags, package", [(["--log-tensorboard", "tb"], "tensorboard"), (["--log-wandb"], "wandb")])
 def test_missing_package_refused_in_one_line(flags, package, monkeypatch):
     from snnet import loggers
-    from snnet.args import parse_args
+    from snnet.train.args import parse_args
     args, _ = parse_args(["/d", "--model", "resnet18", *flags])
     real = loggers.importlib.util.find_spec
     monkeypatch.setattr(loggers.importlib.util, "find_spec", lambda name, *a: None if name == package else

@@ -11,8 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from snnet import build_snnet, parse_stitch_config
-from snnet.layers import to_rows
-from snnet.ls_init import ls_init, stitch_errors
+from snnet.core.layers import to_rows
+from snnet.core.ls_init import ls_init, stitch_errors
 
 from conftest import FAST, run  # noqa: E402
 

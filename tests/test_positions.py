@@ -1,5 +1,5 @@
 """Stitch positions from the stitch config: explicit lists (plan.positions_plan) and data-chosen ones
-(snnet/positions.py: the best of the compatibility map), written to stitch_plan.json and rebuilt from it."""
+(snnet/train/positions.py: the best of the compatibility map), written to stitch_plan.json and rebuilt from it."""
 import json
 import sys
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import FAST, TINY, run
-from snnet.config import ConfigError, load_stitch_config, parse_stitch_config
-from snnet.plan import PlanError, Stitch, positions_plan
+from snnet.core.config import ConfigError, load_stitch_config, parse_stitch_config
+from snnet.core.plan import PlanError, Stitch, positions_plan
 
 THREE = TINY + [{"name": "deit_tiny_patch16_224", "model_kwargs": {"patch_size": 4, "depth": 4, "embed_dim": 24,
                                                                      "num_heads": 2}}]
@@ -82,14 +82,14 @@ def three_anchors():
     cfg = parse_stitch_config({"anchors": THREE, "skip_final_norm": False,
                                "positions": {"pairs": [[[0, 0]], [[0, 0]]]}})
     net = build_snnet(cfg, pretrained=False, img_size=16, num_classes=10).eval()
-    from snnet.similarity import anchors_net
+    from snnet.core.maps import anchors_net
     anchors = anchors_net(list(net.anchors), net.adapters, net.names)
     batches = [torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(s)) for s in range(2)]
     return net, anchors, batches
 
 
 def test_position_is_the_map_edge_the_snnet_stitch_maps(three_anchors):
-    from snnet.positions import edge_units
+    from snnet.train.positions import edge_units
     net, anchors, _ = three_anchors
     kinds = [[u.kind for u in units] for units in anchors.units]
     for j in range(4):
@@ -102,8 +102,8 @@ def test_position_is_the_map_edge_the_snnet_stitch_maps(three_anchors):
 @pytest.mark.parametrize("score,key,best", [("kl", "kl", np.argmin), ("ls", "ls_residual", np.argmin),
                                             ("cka", "cka", np.argmax)])
 def test_select_picks_the_best_positions_of_the_map(three_anchors, score, key, best):
-    from snnet.positions import select_positions
-    from snnet.similarity import compatibility_maps
+    from snnet.train.positions import select_positions
+    from snnet.core.maps import compatibility_maps
     net, anchors, batches = three_anchors
     maps = compatibility_maps(anchors, batches, pairs=[(0, 1), (1, 2)])
     for per_pair in (1, 3):
@@ -128,7 +128,7 @@ def test_select_picks_the_best_positions_of_the_map(three_anchors, score, key, b
 
 
 def test_select_refuses_more_positions_than_the_pair_has(three_anchors):
-    from snnet.positions import select_positions
+    from snnet.train.positions import select_positions
     _, anchors, batches = three_anchors
     with pytest.raises(ConfigError, match="per_pair 21 but .* has 20 stitchable positions; use 'per_pair' <= 20"):
         select_positions(anchors, batches, "cka", 21)
@@ -140,10 +140,10 @@ def test_selected_plan_is_written_and_rebuilds_the_same_network(digits_folder, t
     the same network (same results), and a network built from it has the same state-dict keys and logits as one
     built by selecting again."""
     from snnet import build_snnet
-    from snnet.args import parse_args
-    from snnet.checkpoint import load_checkpoint
-    from snnet.positions import PLAN_FILE, Selection
-    from snnet.similarity import open_data
+    from snnet.train.args import parse_args
+    from snnet.core.checkpoint import load_checkpoint
+    from snnet.train.positions import PLAN_FILE, Selection
+    from snnet.explore.similarity import open_data
     import timm
     anchors = []
     for n, a in enumerate(THREE):  # anchors with weights of their own (as pretrained ones): every build sees them
@@ -197,7 +197,7 @@ def test_selected_plan_is_written_and_rebuilds_the_same_network(digits_folder, t
     ({"select": "cka", "per_pair": 99}, "per_pair 99 but"),
 ])
 def test_train_py_refuses_positions_the_anchors_do_not_have(digits_folder, tmp_path, capsys, positions, needle):
-    from snnet.main import main
+    from snnet.train.main import main
     cfg = tmp_path / "bad.json"
     cfg.write_text(json.dumps({"anchors": TINY, "stitch_init_bs": 16, "positions": positions}))
     code = main([str(digits_folder), "--stitch_config", str(cfg), *map(str, FAST), "--epochs", "1", "--output",

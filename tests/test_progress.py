@@ -1,4 +1,4 @@
-"""Progress lines (snnet/progress.py): rate and ETA per interval, the whole-run ETA of training, a live bar only on
+"""Progress lines (snnet/core/progress.py): rate and ETA per interval, the whole-run ETA of training, a live bar only on
 a terminal, and a real run's log with an ETA line for LS init, training and evaluation and no carriage return."""
 import io
 import logging
@@ -11,7 +11,7 @@ import types
 import pytest
 
 from snnet import progress
-from snnet.progress import Progress, RunClock
+from snnet.core.progress import Progress, RunClock
 
 from conftest import FAST, ROOT
 

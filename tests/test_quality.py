@@ -1,12 +1,12 @@
-"""Front-quality metrics (snnet/quality.py) on hand-made fronts whose values are worked out by hand."""
+"""Front-quality metrics (snnet/results/quality.py) on hand-made fronts whose values are worked out by hand."""
 import json
 import subprocess
 import sys
 
 import pytest
 
-from snnet.quality import area_under_front, front_quality, hypervolume, mean_gap
-from snnet.results import ResultsError
+from snnet.results.quality import area_under_front, front_quality, hypervolume, mean_gap
+from snnet.results.records import ResultsError
 
 # a staircase: three front points and one dominated point (cost normalised, top-1 %)
 STAIRS = [(0.25, 50.0), (0.5, 70.0), (0.6, 60.0), (1.0, 80.0)]

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 import yaml
 
 from conftest import FAST, run
-from snnet.losses import DistillationLoss
-from snnet.main import main
+from snnet.train.losses import DistillationLoss
+from snnet.train.main import main
 
 AUG = {  # DeiT's augmentation, shared by SN-Net's DeiT, Swin and LeViT runs (C31-C33)
     "aa": "rand-m9-mstd0.5-inc1", "color_jitter": 0.4, "train_interpolation": "bicubic", "reprob": 0.25,
@@ -174,7 +174,7 @@ def test_hard_distillation_equals_deits_formula(batch):
 # ------------------------------------------------------------------------------------------- SN-Net's accidents (C35)
 def test_snnet_compat_decays_the_anchors_no_weight_decay_params():
     from snnet import build_snnet, parse_stitch_config
-    from snnet.optim import param_groups
+    from snnet.train.optim import param_groups
     from conftest import TINY
     net = build_snnet(parse_stitch_config({"anchors": TINY}), pretrained=False, num_classes=10, img_size=16)
     cls = net.anchors[0].cls_token

@@ -23,10 +23,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from snnet.pareto import eval_subtitle, pareto_front, plot_series  # noqa: E402
-from snnet.plan import deit_plan, stagewise_plan, two_way_plan  # noqa: E402
-from snnet.report import parse_route, report_data  # noqa: E402
-from snnet.results import read_results  # noqa: E402
+from snnet.results.pareto import eval_subtitle, pareto_front, plot_series  # noqa: E402
+from snnet.core.plan import deit_plan, stagewise_plan, two_way_plan  # noqa: E402
+from snnet.results.report import parse_route, report_data  # noqa: E402
+from snnet.results.records import read_results  # noqa: E402
 from conftest import run_cli  # noqa: E402
 
 DEMO = ROOT / "results" / "demo" / "stitches_res.txt"
@@ -182,7 +182,7 @@ def test_eval_subtitle():
 
 def test_pareto_png_has_subtitle_and_front_cfg_ids(tmp_path, monkeypatch):
     """The plot's texts: the subtitle, 'anchor N' for the anchors, the cfg_id of every other front stitch."""
-    import snnet.pareto as pareto
+    import snnet.results.pareto as pareto
     texts = {}
 
     def keep(fig, out_png):
@@ -443,7 +443,7 @@ def screenshot(out, page=ROOT / "results" / "demo" / "report.html", budget_pos=8
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
-    from snnet.fileio import atomic_path
+    from snnet.core.fileio import atomic_path
     with tempfile.TemporaryDirectory() as profile:
         driver = start_browser(chromium, chromedriver, profile)
         try:

@@ -11,15 +11,17 @@ import torch
 from torch import nn
 
 from snnet import cli
-from snnet.build import create_anchor
-from snnet.checkpoint import save_checkpoint
-from snnet.config import AnchorSpec
-from snnet.cost import trace_route_flops
-from snnet.model import ComposedNet
-from snnet.plan import Composition, Segment
-from snnet.results import read_results
-from snnet.search import SearchOptions, beam_search
-from snnet.similarity import CompatibilityMaps, CutStitch, cut_points, open_data, calibration_batches, data_config
+from snnet.core.build import create_anchor
+from snnet.core.checkpoint import save_checkpoint
+from snnet.core.config import AnchorSpec
+from snnet.core.cost import trace_route_flops
+from snnet.core.model import ComposedNet
+from snnet.core.plan import Composition, Segment
+from snnet.results.records import read_results
+from snnet.explore.search import SearchOptions, beam_search
+from snnet.core.cut import CutStitch, cut_points
+from snnet.core.maps import CompatibilityMaps
+from snnet.explore.similarity import open_data, calibration_batches, data_config
 
 
 # ------------------------------------------------------------------------------------------------ synthetic maps

@@ -1,4 +1,4 @@
-"""Compatibility maps: the CKA estimators (snnet/cka.py), the least-squares stitches and KL of snnet/similarity.py
+"""Compatibility maps: the CKA estimators (snnet/core/cka.py), the least-squares stitches and KL of snnet/explore/similarity.py
 across families (tiny random ViT and ResNet), and `snnet similarity` on tiny models."""
 import itertools
 import json
@@ -9,11 +9,13 @@ import pytest
 from conftest import run_cli
 import torch
 
-from snnet.cka import MinibatchCKA, gram, hsic_unbiased, linear_cka, minibatch_cka
-from snnet.config import parse_stitch_config
-from snnet.plan import Composition, Segment
-from snnet.model import ComposedNet
-from snnet.similarity import CutStitch, build_anchors, compatibility_maps, why_not_stitchable
+from snnet.core.cka import MinibatchCKA, gram, hsic_unbiased, linear_cka, minibatch_cka
+from snnet.core.config import parse_stitch_config
+from snnet.core.plan import Composition, Segment
+from snnet.core.model import ComposedNet
+from snnet.core.cut import CutStitch, why_not_stitchable
+from snnet.core.maps import compatibility_maps
+from snnet.explore.similarity import build_anchors
 
 VIT = {"name": "deit_tiny_patch16_224", "model_kwargs": {"patch_size": 4, "depth": 2, "embed_dim": 16,
                                                          "num_heads": 2}}

@@ -27,9 +27,9 @@ TRAIN = {"img_size": 16, "batch_size": 32, "epochs": 1, "workers": 0, "hflip": 0
 @pytest.fixture(scope="module")
 def anchors(tmp_path_factory):
     """label -> anchor mapping of a sweep file; each anchor's random weights saved as its checkpoint."""
-    from snnet.build import create_anchor
-    from snnet.checkpoint import save_checkpoint
-    from snnet.config import AnchorSpec
+    from snnet.core.build import create_anchor
+    from snnet.core.checkpoint import save_checkpoint
+    from snnet.core.config import AnchorSpec
     folder = tmp_path_factory.mktemp("anchors")
     specs = {"v8": {**VIT, "model_kwargs": {**VIT["model_kwargs"], "embed_dim": 8}},
              "v16": {**VIT, "model_kwargs": {**VIT["model_kwargs"], "embed_dim": 16}},
@@ -65,7 +65,7 @@ def cli(*argv):
 
 
 def results(out):
-    from snnet.results import read_results
+    from snnet.results.records import read_results
     return {r["cfg_id"]: r for r in read_results(out / "stitches_res.txt")}
 
 
@@ -75,7 +75,7 @@ def run_result(out, rec):
 
 # ---------------------------------------------------------------------------------------------------- layers
 def test_lowrank_layer_keeps_the_best_rank_r_map_and_counts_its_own_parameters():
-    from snnet.layers import create_stitch_layer, stitch_layer_from_spec
+    from snnet.core.layers import create_stitch_layer, stitch_layer_from_spec
     torch.manual_seed(0)
     W, b = torch.randn(6, 10), torch.randn(6)
     layer = create_stitch_layer({"type": "lowrank", "rank": 3}, 10, 6, "nchw", "tokens")
@@ -103,8 +103,8 @@ def test_cross_family_runs_train_only_the_layer_and_leave_the_anchors_bit_identi
     """ViT -> ResNet (entering block 0 reads the 64-channel stem output, not the stage's 8 channels) and ResNet ->
     ViT through the layout bridges; both anchors frozen and in eval mode: weights and BatchNorm statistics exactly
     the checkpoints' after training."""
-    from snnet.checkpoint import load_checkpoint
-    from snnet.stitch_train import load_sweep, run_sweep
+    from snnet.core.checkpoint import load_checkpoint
+    from snnet.explore.stitch_train import load_sweep, run_sweep
     out = tmp_path / "sweep"
     path = write_sweep(tmp_path / "x.yaml", {"vn": anchors["vn"], "rn": anchors["rn"]}, digits_folder, out,
                        runs=[{"pair": ["vn", "rn"], "cut": 1, "end_block": 0},

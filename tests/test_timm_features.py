@@ -10,8 +10,8 @@ import torch
 
 from conftest import FAST, run
 from snnet import build_snnet, parse_stitch_config
-from snnet.args import UsageError, parse_args
-from snnet.optim import param_groups
+from snnet.train.args import UsageError, parse_args
+from snnet.train.optim import param_groups
 
 TRAIN_IMAGES = 160  # digits_folder's train split
 RNG_HEAVY = ["--reprob", "0.5", "--mixup", "0.3", "--drop-path", "0.1", "-j", "1"]
@@ -228,7 +228,7 @@ def _sync_args(**kw):
 
 
 def test_sync_bn_rules_and_in_place_conversion():
-    from snnet.main import convert_sync_bn
+    from snnet.train.main import convert_sync_bn
     net = tiny_vit_snnet()
     with pytest.raises(UsageError, match="--sync-bn needs --sample-sync"):
         convert_sync_bn(net, _sync_args(sample_sync=False), torch.device("cpu"))

@@ -13,14 +13,14 @@ import pytest
 import torch
 
 from snnet import cli
-from snnet.build import build_snnet
-from snnet.checkpoint import save_checkpoint
-from snnet.config import parse_stitch_config
-from snnet.export import count_params, export_stitch, load_exported, load_snnet, stitched_network
-from snnet.cost import cost_table
-from snnet.pareto import front_table, infer_anchors, pareto_front, pareto_report
-from snnet.results import ResultsError, ResultsFile, read_results
-from snnet.select import BudgetError, model_img_size, stitch_for
+from snnet.core.build import build_snnet
+from snnet.core.checkpoint import save_checkpoint
+from snnet.core.config import parse_stitch_config
+from snnet.deploy.export import count_params, export_stitch, load_exported, load_snnet, stitched_network
+from snnet.core.cost import cost_table
+from snnet.results.pareto import front_table, infer_anchors, pareto_front, pareto_report
+from snnet.results.records import ResultsError, ResultsFile, read_results
+from snnet.results.select import BudgetError, model_img_size, stitch_for
 
 ROOT = Path(__file__).resolve().parent.parent
 IMG = 16
@@ -643,7 +643,7 @@ def test_export_supported_opset_range_edges(tiny, tmp_path, capfd):
 
 
 def _hashed_results(tiny, tmp_path, **changes):
-    from snnet.results import file_sha256
+    from snnet.results.records import file_sha256
     path = tmp_path / "stitches_res.txt"
     recs = [{**r, "checkpoint_sha256": file_sha256(tiny.ckpt), "config_sha256": "c" * 64} for r in tiny.records]
     recs = [{**r, **{k: (v(r) if callable(v) else v) for k, v in changes.items()}} for r in recs]

@@ -10,9 +10,9 @@ import timm
 import torch
 import pytest
 
-from snnet.args import UsageError, parse_args
-from snnet.config import ConfigError
-from snnet.sampler import StitchSampler
+from snnet.train.args import UsageError, parse_args
+from snnet.core.config import ConfigError
+from snnet.train.sampler import StitchSampler
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -152,7 +152,7 @@ def test_typed_non_finite_numbers_are_refused():
 
 
 def test_every_flag_has_help_showing_its_default():
-    from snnet.args import build_parser
+    from snnet.train.args import build_parser
     parser = build_parser()
     assert [a.dest for a in parser._actions if not (a.help or "").strip()] == []
     text = " ".join(parser.format_help().split())  # formatting also catches a stray % in a help string
@@ -161,8 +161,8 @@ def test_every_flag_has_help_showing_its_default():
 
 def test_stitch_config_fields_map_to_flags():
     """config.FIELDS is the one table; SN-Net's field names keep their flags."""
-    from snnet.args import build_parser
-    from snnet.config import ARG_DESTS
+    from snnet.train.args import build_parser
+    from snnet.core.config import ARG_DESTS
     assert {k: ARG_DESTS[k] for k in ("lr", "input_size", "data_path", "data_set", "exp_name", "num_workers",
                                       "teacher_model", "batch_size", "warmup_lr", "min_lr", "epochs")} == {
         "lr": "lr_base", "input_size": "img_size", "data_path": "data", "data_set": "dataset",
@@ -319,7 +319,7 @@ def test_demo_config_follows_the_work_folder(tmp_path):
 
 def test_typed_model_kwargs_win_over_the_anchors_own(tiny_config):
     """--model-kwargs applies to every anchor and wins over an anchor's model_kwargs (what the user types wins)."""
-    from snnet.main import build_network
+    from snnet.train.main import build_network
     args, cfg = parse_args(["/d", "--stitch_config", str(tiny_config), "--img-size", "16", "--no-pretrained",
                             "--model-kwargs", "depth=2"])
     net = build_network(args, cfg, 10)

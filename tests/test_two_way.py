@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from snnet import build_snnet, load_stitch_config
-from snnet.cost import measure
-from snnet.plan import two_way_plan
+from snnet.core.cost import measure
+from snnet.core.plan import two_way_plan
 
 ORACLE = Path(__file__).parent / "data" / "snnetv2_deit3_s_l_results.jsonl"
 
@@ -64,7 +64,7 @@ def test_snnetv2_s_l_keys_params_and_id_13(s_l):
 
 def test_two_way_on_small_vits_ls_init_and_every_route_runs():
     from snnet import parse_stitch_config
-    from snnet.ls_init import ls_init, stitch_errors
+    from snnet.core.ls_init import ls_init, stitch_errors
     vit = lambda width, depth: {"name": "deit_tiny_patch16_224", "model_kwargs": {
         "patch_size": 4, "depth": depth, "embed_dim": width, "num_heads": 2}}
     torch.manual_seed(0)
@@ -79,7 +79,7 @@ def test_two_way_on_small_vits_ls_init_and_every_route_runs():
     assert after.keys() == before.keys() and len(after) == 5 and all(after[k] < before[k] for k in after)
     net.eval()
     table = measure(net, 16)
-    from snnet.cost import trace_route_flops
+    from snnet.core.cost import trace_route_flops
     for c in range(net.num_configs):
         assert net(x, c).shape == (16, 10)
         assert table.route_flops(net.routes[c]) == trace_route_flops(net, c, 16)
@@ -92,7 +92,7 @@ def test_snnetv2_release_converts_and_loads(tmp_path):
     import re
 
     from snnet import parse_stitch_config
-    from snnet.convert import convert_release
+    from snnet.deploy.convert import convert_release
     deit3 = lambda width, depth: {"name": "deit3_small_patch16_224", "model_kwargs": {
         "patch_size": 4, "depth": depth, "embed_dim": width, "num_heads": 2}}
     cfg = parse_stitch_config({"anchors": [deit3(8, 2), deit3(16, 4)], "stitch_plan": "two_way",

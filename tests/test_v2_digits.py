@@ -16,17 +16,17 @@ import pytest
 import torch
 
 from snnet import build_snnet, load_stitch_config
-from snnet.cost import cost_table
+from snnet.core.cost import cost_table
 from snnet.demo import V2_CONFIGS, demo_anchors, stitch_config_for, write_digits
-from snnet.plan import deit_plan, two_way_plan
-from snnet.results import read_results
-from snnet.sampler import BucketSampler, flops_groups
+from snnet.core.plan import deit_plan, two_way_plan
+from snnet.results.records import read_results
+from snnet.train.sampler import BucketSampler, flops_groups
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--img-size", "16", "-b", "64", "--opt", "adamw", "--lr", "1e-3", "--warmup-epochs", "0", "-j", "0",
          "--no-pretrained", "--log-interval", "1000", "--seed", "1", "--epochs", "1"]
 HOOK = """
-import json, sys, torch, snnet.main as m
+import json, sys, torch, snnet.train.main as m
 out, fit, create = sys.argv[1], m.fit, m.create_sampler
 record = {"draws": []}
 def keep_init(net, *args):

@@ -1,0 +1,233 @@
+"""From a stitch config to an SN-Net: create the anchors with timm, check they can be stitched, plan the routes."""
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from snnet.core.adapter import NCHW, TOKENS, AnchorAdapter, AnchorError, adapter_for
+from snnet.core.checkpoint import CheckpointError, load_weights
+from snnet.core.config import AnchorSpec, ConfigError, StitchConfig
+from snnet.core.cost import eval_mode
+from snnet.core.model import SNNet
+from snnet.core.plan import StitchPlan, deit_plan, positions_plan, stagewise_plan, two_way_plan
+
+
+def check_model_name(name: str) -> None:
+    import timm
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models()"
+        raise AnchorError(f"unknown timm model name {name!r}: {hint}")
+    if "." in name:  # a pretrained tag must exist even for random weights: it names the data config too
+        arch, tag = name.split(".", 1)
+        try:
+            timm.models.get_pretrained_cfg(name)
+        except RuntimeError:
+            tags = [t.split(".", 1)[1] for t in timm.list_pretrained(f"{arch}.*")]
+            raise AnchorError(f"unknown pretrained tag {tag!r} of {arch!r}; its tags are: "
+                              f"{', '.join(tags[:8]) or 'none'}") from None
+
+
+def _create(spec: AnchorSpec, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+    """timm.create_model; a failed download of pretrained weights is one line naming the model and the ways out,
+    and so is a model argument the model cannot take (``--model-kwargs mlp_ratio=abc``)."""
+    import timm
+    try:
+        return timm.create_model(spec.name, pretrained=pretrained, **kwargs)
+    except TypeError as e:
+        if "unexpected keyword argument 'img_size'" in str(e):
+            raise  # create_anchor retries without it (CNNs take any size)
+        raise AnchorError(f"cannot create {spec.name!r} with arguments {kwargs} ({' '.join(str(e).split())[:160]}); "
+                          f"fix --model-kwargs or the anchor's model_kwargs") from None
+    except (ValueError, ArithmeticError) as e:
+        raise AnchorError(f"cannot create {spec.name!r} with arguments {kwargs} ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:120]}); fix --model-kwargs or the anchor's model_kwargs") from None
+    except Exception as e:
+        if not pretrained:
+            raise
+        reason = " ".join(str(e).split())[:160] or type(e).__name__
+        raise AnchorError(f"cannot load the pretrained weights of {spec.name!r} ({type(e).__name__}: {reason}); "
+                          f"check the name and tag and the network, or give local weights (an anchor's "
+                          f"\"checkpoint\", --teacher-checkpoint) or --no-pretrained") from None
+
+
+def create_anchor(spec: AnchorSpec, pretrained: bool = True, **model_kwargs: Any) -> nn.Module:
+    """timm.create_model by name; weights from the spec's local checkpoint when it names one."""
+    check_model_name(spec.name)
+    kwargs = {k: v for k, v in model_kwargs.items() if v is not None}
+    kwargs.update(spec.model_kwargs)
+    pretrained = pretrained and spec.checkpoint is None
+    try:
+        model = _create(spec, pretrained, kwargs)
+    except TypeError:
+        if "img_size" not in kwargs or "img_size" in spec.model_kwargs:
+            raise AnchorError(f"{spec.name!r} takes no img_size argument; remove it from its model_kwargs") from None
+        # CNNs take any image size and have no img_size argument
+        model = _create(spec, pretrained, {k: v for k, v in kwargs.items() if k != "img_size"})
+    if spec.checkpoint is not None:
+        try:
+            load_weights(model, spec.checkpoint, f"checkpoint of anchor {spec.name!r}",
+                         "check the anchor name, num_classes and img_size, or fix the path in the config")
+        except CheckpointError as e:
+            raise AnchorError(str(e)) from None
+    return model
+
+
+def plan_for(models: Sequence[nn.Module], adapters: Sequence[AnchorAdapter], names: Sequence[str],
+             kernel: int = 2, stride: int = 1, nearest: bool = True,
+             stitch_stages: Sequence[int] | None = None, kind: str = "sliding_window",
+             positions: dict | None = None) -> StitchPlan:
+    """The plan SN-Net uses for these anchors: DeiT-style for plain ViTs, stage-wise for hierarchical families;
+    ``kind="two_way"``: SN-Netv2's two-way plan for two plain ViTs; `positions` (the config's explicit
+    ``{"pairs": ...}``): those positions of plain ViTs, one stitching layer each (plan.positions_plan)."""
+    depths = [ad.stage_depths(m) for ad, m in zip(adapters, models)]
+    hierarchical = [ad.hierarchical for ad in adapters]
+    if positions is not None:
+        if any(hierarchical) or "pairs" not in positions:
+            raise AnchorError(f"'positions' takes plain ViT anchors and explicit 'pairs' here, got {list(names)} "
+                              f"with {sorted(positions)}; remove 'positions' (hierarchical families stitch by stage) "
+                              f"or select through train.py")
+        _check_widths(models, adapters, names, [0])
+        return positions_plan([d[0] for d in depths], positions["pairs"])
+    if kind == "two_way":
+        if len(models) != 2 or any(hierarchical):
+            raise AnchorError(f"two-way stitching (SN-Netv2) takes two plain ViT anchors, got {list(names)}")
+        _check_widths(models, adapters, names, [0])
+        return two_way_plan(depths[0][0], depths[1][0])
+    if not any(hierarchical):
+        d0 = depths[0][0]
+        for name, d in zip(names, depths):
+            if d[0] != d0:
+                raise AnchorError(f"paired stitching needs anchors of equal depth: {names[0]!r} has {d0} blocks, "
+                                  f"{name!r} has {d[0]}; use anchors of one depth")
+        _check_widths(models, adapters, names, [0])
+        return deit_plan(len(models), d0, kernel, stride, nearest)
+    if not all(hierarchical):
+        plain = [n for n, h in zip(names, hierarchical) if not h]
+        raise AnchorError(f"cannot mix plain ViT anchors {plain} with hierarchical anchors; stitch one kind")
+    if stitch_stages is None:
+        common = set(adapters[0].default_stitch_stages)
+        for ad in adapters[1:]:
+            common &= set(ad.default_stitch_stages)
+        stitch_stages = sorted(common)
+    plan = stagewise_plan(depths, list(stitch_stages), kernel=2, stride=1, names=names)
+    _check_widths(models, adapters, names, stitch_stages)
+    return plan
+
+
+def _check_widths(models, adapters, names, stages) -> None:
+    for s in stages:
+        widths = [ad.stage_width(m, s) for ad, m in zip(adapters, models)]
+        for i in range(1, len(widths)):
+            if widths[i] < widths[i - 1]:
+                raise AnchorError(f"anchors are not ordered small to large: {names[i - 1]!r} is {widths[i - 1]} "
+                                  f"wide but {names[i]!r} is {widths[i]} (stage {s}); list anchors smallest first")
+
+
+def _extent(x: torch.Tensor, layout: str) -> tuple[int, ...]:
+    """Spatial extent of one image's features: (tokens,) or (H, W)."""
+    if layout == TOKENS:
+        return (x.shape[1],)
+    return tuple(x.shape[2:4]) if layout == NCHW else tuple(x.shape[1:3])
+
+
+def _same_extent(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    if len(a) == len(b):
+        return a == b
+    return math.prod(a) == math.prod(b)  # tokens vs a grid: the same number of positions
+
+
+def _describe(extent: tuple[int, ...]) -> str:
+    return f"{extent[0]} tokens" if len(extent) == 1 else f"{extent[0]}x{extent[1]}"
+
+
+@torch.no_grad()
+def check_resolutions(model: SNNet, img_size: int | Sequence[int] = 224, in_chans: int = 3) -> None:
+    """Refuse stitches whose two sides do not run at the same resolution for this input size.
+
+    Family-agnostic: each anchor runs once on a zeros image, and for every stitch (j -> k) the front anchor's
+    output of block j must have the spatial size (or token count) of the end anchor's input to block k, which is
+    what the stitching layer maps and what the least-squares init pairs row by row.
+    """
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)[-2:]
+    positions = [st for spec in model.plan.layers for st in model.plan.positions_of_layer(spec.address)]
+    if not positions:
+        return
+    need, where = model.feature_points(positions)  # the same feature points the LS init uses
+    device = next(model.parameters()).device
+    with eval_mode(model):
+        feats = model.capture(torch.zeros(1, in_chans, *size, device=device), need)
+    for st in positions:
+        (fa, ux), (ea, uy) = where[(st.front, st.end, st.stage, st.j, st.k)]
+        front = _extent(feats[(fa, ux)], model.adapters[fa].stage_layout(model.anchors[fa], st.stage))
+        end = _extent(feats[(ea, uy)], model.adapters[ea].stage_layout(model.anchors[ea], st.stage))
+        if not _same_extent(front, end):
+            f, e = model.names[st.front], model.names[st.end]
+            raise AnchorError(
+                f"cannot stitch {f!r} to {e!r} in stage {st.stage}: at {size[0]}x{size[1]} input, {f!r} block "
+                f"{st.j} outputs {_describe(front)} but {e!r} block {st.k} takes {_describe(end)}; stitch anchors "
+                f"whose stage {st.stage} runs at the same resolution (same image size, patch size and strides), "
+                f"or leave stage {st.stage} out of stitch_stages")
+
+
+def _input_size(cfg: StitchConfig, model: SNNet, model_kwargs: dict) -> tuple[int, int]:
+    size = model_kwargs.get("img_size") or cfg.get("input_size") or model.pretrained_cfg.get("input_size")
+    size = size or 224
+    return (size, size) if isinstance(size, int) else tuple(size)[-2:]
+
+
+def set_constant_drop_path(model: nn.Module, rate: float) -> int:
+    """SN-Netv2's stochastic depth: the same drop rate in every block, where timm ramps it linearly from 0
+    (docs/snnet_compat.md, C36). Replaces each `drop_path*` child (timm's DropPath, or Identity where timm's rate was
+    0); returns how many were set."""
+    from timm.layers import DropPath
+    count = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if name.startswith("drop_path") and isinstance(child, (DropPath, nn.Identity)):
+                setattr(module, name, DropPath(rate) if rate > 0 else nn.Identity())
+                count += 1
+    return count
+
+
+def build_snnet(cfg: StitchConfig, pretrained: bool = True, num_classes: int | None = None,
+                drop_path_rate: float | None = None, select=None, **model_kwargs: Any) -> SNNet:
+    """Anchors from timm (pretrained, or the config's local checkpoints), wrapped into one SN-Net (not LS-initialised).
+
+    A config whose ``"positions"`` selects from data needs `select` (snnet/train/positions.py's `Selection`, which train.py
+    passes): it scores the positions on these anchors and returns the config with the explicit positions chosen.
+    The config the network was built from is kept as ``model.stitch_config``."""
+    names = [a.name for a in cfg.anchors]
+    for a in cfg.anchors:
+        check_model_name(a.name)
+    models = [create_anchor(a, pretrained, num_classes=num_classes, drop_path_rate=drop_path_rate, **model_kwargs)
+              for a in cfg.anchors]
+    if cfg.get("drop_path_schedule") == "constant":
+        for a, m in zip(cfg.anchors, models):
+            set_constant_drop_path(m, a.model_kwargs.get("drop_path_rate", drop_path_rate) or 0.0)
+    adapters = [adapter_for(m, n) for m, n in zip(models, names)]
+    if "select" in (cfg.get("positions") or {}):
+        if select is None:
+            raise ConfigError("stitch config: 'positions' selects from data, which only train.py does; pass the "
+                              "stitch_plan.json it wrote (explicit 'pairs') instead")
+        cfg = select(cfg, models, adapters)
+    plan = plan_for(models, adapters, names, cfg.get("stitch_kernel_size"), cfg.get("stitch_stride"),
+                    cfg.get("nearest_stitching"), cfg.get("stitch_stages"), cfg.get("stitch_plan"),
+                    cfg.get("positions"))
+    skip = cfg.get("skip_final_norm")
+    if skip is None:  # the family's SN-Net behaviour (on for plain ViTs: docs/snnet_compat.md, C7)
+        skip = all(ad.skip_final_norm_default for ad in adapters)
+    # readable routes need distinct names: the same timm name with other kwargs or weights gets its index
+    labels = [f"{n}#{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+    try:
+        model = SNNet(models, plan, names=labels, adapters=adapters, skip_final_norm=skip,
+                      stitch_layer=cfg.get("stitch_layer"))
+    except ValueError as e:  # an unknown stitching-layer type or option
+        raise ConfigError(f"stitch config: {e}") from None
+    model.stitch_config = cfg
+    check_resolutions(model, _input_size(cfg, model, model_kwargs), model_kwargs.get("in_chans") or 3)
+    return model

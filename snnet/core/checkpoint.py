@@ -1,0 +1,222 @@
+"""Pickle-free checkpoints: tensors and plain types only, written atomically, read with weights_only=True.
+
+Layout follows timm's CheckpointSaver (``state_dict``, ``optimizer``, ``amp_scaler``, ``epoch``, ``metric``,
+``version``) plus ``global_step`` and the run's arguments and stitch config as JSON text (SN-Net pickled an argparse
+Namespace or a yacs CfgNode there: docs/snnet_compat.md, C26).
+"""
+from __future__ import annotations
+
+from snnet.core.errors import SNNetError
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from snnet.core.fileio import atomic_path
+
+VERSION = 3
+LAST, BEST, RECOVERY = "last.pth.tar", "model_best.pth.tar", "recovery.pth.tar"
+
+
+class CheckpointError(SNNetError):
+    """A checkpoint that cannot be used; the message names the file and the fix."""
+
+
+class StateDictMismatch(ValueError):
+    """A state dict that does not fit a network; the message lists what differs."""
+
+
+def fit_report(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str:
+    """'' when `state` has exactly `own`'s keys and shapes, else a one-line summary of what differs."""
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+             if k in state and state[k].shape != v.shape]
+    if not (missing or unexpected or wrong):
+        return ""
+    return (f"{len(missing)} missing keys e.g. {missing[:2]}, {len(unexpected)} unexpected e.g. {unexpected[:2]}, "
+            f"{len(wrong)} of another shape e.g. {wrong[:2]}")
+
+
+def load_fitting(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load `state` strictly, or raise `StateDictMismatch` saying what differs (before anything is copied)."""
+    report = fit_report(module.state_dict(), state)
+    if report:
+        raise StateDictMismatch(report)
+    module.load_state_dict(state, strict=True)
+
+
+def strip_ddp_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys without DistributedDataParallel's ``module.`` prefix (checkpoints saved from the wrapper have it)."""
+    return {k.removeprefix("module."): v for k, v in state_dict.items()}
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    state = {**state, "version": VERSION}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _read(path: Path, what: str) -> Any:
+    """The object in a safetensors file or a torch file read with weights_only=True (a pickle that references code
+    is refused unread, naming what it references)."""
+    if not path.is_file():
+        raise CheckpointError(f"{what} {str(path)!r} does not exist; give the path of an existing file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{what} {str(path)!r} is empty (an interrupted copy?); use another file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        code = foreign_globals(path)
+        if code:  # a pickle that references code: never unpickled
+            raise CheckpointError(f"{what} {str(path)!r} holds pickled Python objects, which could run code "
+                                  f"({', '.join(code[:3])}); it was refused unread. If it is an SN-Net release you "
+                                  f"trust, convert it: snnet convert {path} OUT.pth.tar --trust") from None
+        lines = [l for l in str(e).splitlines() if l.strip() and "documentation" not in l]
+        reason = lines[-1].strip()[:160] if lines else type(e).__name__
+        raise CheckpointError(f"{what} {str(path)!r} cannot be read ({reason}); it is corrupt or not a checkpoint: "
+                              f"give a safetensors file or a .pth(.tar) of tensors") from None
+
+
+def load_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> dict[str, Any]:
+    """A checkpoint as a dict whose ``state_dict`` holds the weights (``module.`` prefixes of DDP removed).
+
+    Accepts this project's checkpoints, timm's (``state_dict``), DeiT/SN-Net-style ``model`` entries, and bare
+    state dicts (safetensors or torch)."""
+    path = Path(path)
+    state = _read(path, what)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{what} {str(path)!r} holds a {type(state).__name__}, not a checkpoint dict")
+    if "state_dict" not in state and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        state = {"state_dict": state}  # a bare state dict
+    for key in ("state_dict", "model", "state_dict_ema"):
+        sd = state.get(key)
+        if isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values()):
+            state["state_dict"] = strip_ddp_prefix(sd)
+            return state
+    raise CheckpointError(f"{what} {str(path)!r} has no 'state_dict' of tensors; it is not a model checkpoint")
+
+
+def load_weights(module: nn.Module, path: str | os.PathLike, what: str, fix: str) -> None:
+    """Load the weights of checkpoint `path` into `module` strictly; a mismatch is one CheckpointError that says
+    what differs and `fix`."""
+    try:
+        load_fitting(module, load_checkpoint(path, what)["state_dict"])
+    except StateDictMismatch as e:
+        raise CheckpointError(f"{what} {str(path)!r} does not fit ({e}); {fix}") from None
+
+
+_SAFE_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "_codecs.encode", "builtins.set", "builtins.slice")
+
+
+def foreign_globals(path: str | os.PathLike) -> list[str]:
+    """Names of classes/functions a pickle references beyond what torch's weights-only loader allows, read with
+    pickletools (which parses opcodes and executes nothing); [] for files that are not pickles at all."""
+    import pickletools
+    import zipfile
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+        else:
+            data = Path(path).read_bytes()
+        names, strings = [], []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "GLOBAL":
+                names.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(".".join(strings[-2:]))
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # not a pickle (garbage, JSON, safetensors, truncated)
+        return []
+    return [n for n in dict.fromkeys(names) if not n.startswith(_SAFE_GLOBAL_PREFIXES)]
+
+
+def json_field(state: dict[str, Any], key: str) -> Any:
+    raw = state.get(key)
+    return json.loads(raw) if isinstance(raw, str) else raw
+
+
+def training_state(net: nn.Module, optimizer, epoch: int, global_step: int, args_json: str, config_text: str,
+                   loss_scaler=None, ema: nn.Module | None = None) -> dict[str, Any]:
+    """Everything a run needs to continue: weights (as the network checkpoints them), optimizer, AMP scaler, EMA
+    weights, counters, and the run's arguments and identity as JSON text (no pickled objects)."""
+    state = {"epoch": epoch, "global_step": global_step, "arch": "+".join(net.names),
+             "state_dict": net.checkpoint_state(), "optimizer": optimizer.state_dict(), "args": args_json,
+             "config": config_text}
+    if loss_scaler is not None:
+        state["amp_scaler"] = loss_scaler.state_dict()
+    if ema is not None:  # keyed like state_dict, so either loads into the same network
+        state["state_dict_ema"] = ema.checkpoint_state() if hasattr(ema, "checkpoint_state") else ema.state_dict()
+    return state
+
+
+class CheckpointSaver:
+    """timm's CheckpointSaver semantics with atomic, pickle-free files.
+
+    Every epoch ``last.pth.tar`` is written; when the metric improves, ``model_best.pth.tar`` is a copy of it; the
+    `max_history` best epochs are kept as ``checkpoint-<epoch>.pth.tar`` (worse ones are deleted). The ranking of
+    the history is recovered from the files' recorded metrics, so a resumed run keeps pruning the same way.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, higher_is_better: bool = True, max_history: int = 0):
+        self.out_dir = Path(out_dir)
+        self.higher = higher_is_better
+        self.max_history = max_history
+        self.best: float | None = None
+
+    def _better(self, a: float, b: float) -> bool:
+        return a > b if self.higher else a < b
+
+    def save(self, state: dict[str, Any], metric: float | None) -> bool:
+        """Write the epoch's checkpoints; True when `metric` is the best so far."""
+        improved = metric is not None and (self.best is None or self._better(metric, self.best))
+        if improved:
+            self.best = metric
+        last = self.out_dir / LAST
+        save_checkpoint(last, {**state, "metric": metric, "best_metric": self.best})
+        if improved:
+            with atomic_path(self.out_dir / BEST) as tmp:
+                shutil.copyfile(last, tmp)
+        if self.max_history > 0 and metric is not None:
+            self._update_history(last, int(state["epoch"]), metric)
+        return improved
+
+    def save_recovery(self, state: dict[str, Any]) -> None:
+        """A mid-epoch checkpoint (``--recovery-interval``): `state` also holds ``batch_idx``, the batches of
+        ``epoch`` already trained, and what each rank needs to continue exactly (see main.py)."""
+        save_checkpoint(self.out_dir / RECOVERY, {**state, "best_metric": self.best})
+
+    def drop_recovery(self) -> None:
+        """An epoch checkpoint supersedes the recovery file."""
+        (self.out_dir / RECOVERY).unlink(missing_ok=True)
+
+    def history(self) -> list[tuple[float, Path]]:
+        """(metric, file) of the kept epoch checkpoints, best first."""
+        kept = []
+        for f in self.out_dir.glob("checkpoint-*.pth.tar"):
+            try:
+                # mmap: only the small metric entry is read, not the weights
+                metric = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True).get("metric")
+            except Exception:  # a file this saver did not finish is not history
+                continue
+            if metric is not None:
+                kept.append((float(metric), f))
+        return sorted(kept, key=lambda t: -t[0] if self.higher else t[0])
+
+    def _update_history(self, last: Path, epoch: int, metric: float) -> None:
+        kept = self.history()
+        if len(kept) >= self.max_history and not self._better(metric, kept[self.max_history - 1][0]):
+            return
+        with atomic_path(self.out_dir / f"checkpoint-{epoch}.pth.tar") as tmp:
+            shutil.copyfile(last, tmp)
+        for _, f in self.history()[self.max_history:]:
+            f.unlink()

@@ -1,0 +1,256 @@
+"""Stitch configs: SN-Net's JSON files accepted as they are, plus this project's own fields.
+
+Every field has a type; a field nobody knows is an error that names it (SN-Net silently ignored such typos).
+"""
+from __future__ import annotations
+
+from snnet.core.errors import SNNetError
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+
+class ConfigError(SNNetError):
+    """A stitch config that cannot be used; the message names the value and the fix."""
+
+
+_NUM = (int, float)
+
+
+class Field(NamedTuple):
+    types: tuple[type, ...]  # accepted JSON types
+    default: Any  # used by StitchConfig.get when the file leaves the field out
+    meaning: str
+    dest: str | None = None  # train.py flag (argparse dest) whose default the field sets; None: read by the model
+
+
+#: The one table of stitch-config fields. The first block is SN-Net's config/deit_stitching.json and the CNN family's
+#: {"anchors": [...]}; the rest are ours. train.py's rules for dests (snnet/train/args.py): lr is a base LR per 512 images,
+#: data_set IMNET is timm's folder dataset ''.
+FIELDS: dict[str, Field] = {
+    "anchors": Field((list,), None, "timm model names, or {'name': ..., 'checkpoint': path}, small to large"),
+    "model": Field((str,), "snnet", "SN-Net's model name (informational)"),
+    "batch_size": Field((int,), None, "per-process batch size", "batch_size"),
+    "data_path": Field((str,), None, "dataset root", "data"),
+    "data_set": Field((str,), None, "SN-Net's dataset kind: IMNET or a timm --dataset value", "dataset"),
+    "exp_name": Field((str,), None, "experiment name", "experiment"),
+    "input_size": Field((int,), None, "image size", "img_size"),
+    "num_workers": Field((int,), None, "data loader workers", "workers"),
+    "lr": Field(_NUM, None, "learning rate per 512 images of global batch", "lr_base"),
+    "warmup_lr": Field(_NUM, None, "warm-up start LR", "warmup_lr"),
+    "min_lr": Field(_NUM, None, "final LR", "min_lr"),
+    "epochs": Field((int,), None, "epochs", "epochs"),
+    "fulltune": Field((bool,), True, "train the anchors too; false trains only stitching layers and class tokens"),
+    "ls_init": Field((bool,), True, "least-squares initialise the stitching layers"),
+    "nearest_stitching": Field((bool,), True, "plain ViTs: stitch only neighbouring anchors"),
+    "stitch_stride": Field((int,), 1, "plain ViTs: sliding-window stride"),
+    "stitch_kernel_size": Field((int,), 2, "plain ViTs: sliding-window size"),
+    "stitch_init_bs": Field((int,), 100, "images used for the least-squares init", "stitch_init_bs"),
+    "distillation_type": Field((str,), None, "none, soft or hard", "distillation_type"),
+    "teacher_model": Field((str,), None, "timm name of the distillation teacher", "teacher"),
+    # ours
+    "ls_mode": Field((str,), "joint", "joint (least squares over all positions of a shared layer), average "
+                     "(SN-Net's mean of per-position solutions) or snnet (SN-Net's init exactly)", "ls_mode"),
+    "skip_final_norm": Field((bool,), None, "stitched plain-ViT routes skip the end anchor's final norm (SN-Net: "
+                             "true)"),
+    "stitch_stages": Field((list,), None, "hierarchical families: stages to stitch (family default if absent)"),
+    "num_classes": Field((int,), None, "classifier classes", "num_classes"),
+    "recipe": Field((dict,), None, "the training recipe: train.py flag names (- or _) -> values, as in a -c YAML; "
+                    "same layer as the fields above (a flag set twice is an error)"),
+    "stitch_plan": Field((str,), "sliding_window", "sliding_window (SN-Net) or two_way (SN-Netv2: two plain ViTs, "
+                         "both directions and two-hop routes)"),
+    "stitch_layer": Field((dict,), None, "stitching-layer type and options, e.g. {\"type\": \"linear\"} (default)"),
+    "sampler": Field((dict,), None, "stitch sampler type and options, e.g. {\"type\": \"uniform\"} (default, "
+                     "SN-Net's)"),
+    "drop_path_schedule": Field((str,), "linear", "linear (timm: the rate ramps from 0 at the first block to the "
+                                "anchor's drop_path_rate at the last) or constant (SN-Netv2: that rate in every block)"),
+    "positions": Field((dict,), None, "plain ViTs: stitch positions instead of the sliding window, per neighbouring "
+                       "anchor pair, one stitching layer each: {\"select\": \"cka\"|\"ls\"|\"kl\", \"per_pair\": K} "
+                       "(the K best of the compatibility map on the LS-init images; train.py writes the choice to "
+                       "<output>/stitch_plan.json) or {\"pairs\": [[[j, k], ...], ...]} (explicit; docs/"
+                       "stitch_anything.md)"),
+    "description": Field((str,), None, "free text"),
+}
+#: field -> the train.py argparse dest it sets the default of
+ARG_DESTS: dict[str, str] = {name: f.dest for name, f in FIELDS.items() if f.dest}
+ANCHOR_FIELDS = {"name": str, "checkpoint": str, "model_kwargs": dict}
+
+
+@dataclass(frozen=True)
+class AnchorSpec:
+    name: str
+    checkpoint: str | None = None
+    model_kwargs: dict = field(default_factory=dict, hash=False)  # extra timm.create_model arguments
+
+
+@dataclass
+class StitchConfig:
+    anchors: list[AnchorSpec]
+    values: dict[str, Any] = field(default_factory=dict)  # every other field given in the file
+    path: str | None = None
+
+    def with_model_kwargs(self, overrides: dict[str, Any]) -> "StitchConfig":
+        """A copy whose every anchor takes `overrides` (``--model-kwargs``) over its own ``model_kwargs``: what the
+        user types applies to all anchors and wins."""
+        if not overrides:
+            return self
+        anchors = [AnchorSpec(a.name, a.checkpoint, {**a.model_kwargs, **overrides}) for a in self.anchors]
+        return StitchConfig(anchors, dict(self.values), self.path)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        if name in self.values:
+            return self.values[name]
+        spec_default = FIELDS[name].default
+        return default if spec_default is None else spec_default
+
+
+def parse_stitch_config(data: Any, source: str = "stitch config") -> StitchConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a JSON object with an 'anchors' list, got {type(data).__name__}")
+    unknown = [k for k in data if k not in FIELDS]
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, FIELDS, n=1)
+            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(f"{source}: unknown field(s) {', '.join(hints)}; known fields: {', '.join(FIELDS)}; "
+                          f"train.py flags go in the 'recipe' object")
+    for k, v in data.items():
+        types = FIELDS[k].types
+        ok = isinstance(v, types) and not (isinstance(v, bool) and bool not in types)
+        if not ok:
+            names = " or ".join(t.__name__ for t in types)
+            raise ConfigError(f"{source}: field {k!r} must be {names}, got {v!r}")
+    if "anchors" not in data:
+        raise ConfigError(f"{source}: missing field 'anchors' (a list of timm model names, small to large)")
+    anchors = [_parse_anchor(a, i, source) for i, a in enumerate(data["anchors"])]
+    if not anchors:
+        raise ConfigError(f"{source}: 'anchors' is empty; list at least one timm model name")
+    for k in ("stitch_stride", "stitch_kernel_size", "stitch_init_bs", "batch_size", "input_size", "epochs",
+              "num_classes"):
+        if k in data and data[k] < 1:
+            raise ConfigError(f"{source}: field {k!r} must be >= 1, got {data[k]!r}")
+    if data.get("ls_mode", "joint") not in ("joint", "average", "snnet"):
+        raise ConfigError(f"{source}: field 'ls_mode' must be 'joint' or 'average' or 'snnet' (SN-Net's init "
+                          f"exactly), got {data['ls_mode']!r}")
+    if data.get("stitch_plan", "sliding_window") not in ("sliding_window", "two_way"):
+        raise ConfigError(f"{source}: field 'stitch_plan' must be 'sliding_window' or 'two_way', got "
+                          f"{data['stitch_plan']!r}")
+    if data.get("drop_path_schedule", "linear") not in ("linear", "constant"):
+        raise ConfigError(f"{source}: field 'drop_path_schedule' must be 'linear' (timm) or 'constant' (SN-Netv2), "
+                          f"got {data['drop_path_schedule']!r}")
+    stages = data.get("stitch_stages")
+    if stages is not None and not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in stages):
+        raise ConfigError(f"{source}: field 'stitch_stages' must be a list of stage indices >= 0, got {stages!r}")
+    for k in ("stitch_layer", "sampler"):  # the registries check the names when the network is built
+        if k in data and not isinstance(data[k].get("type", ""), str):
+            raise ConfigError(f"{source}: field {k!r} needs a 'type' name, e.g. {{\"type\": \"linear\"}}, got "
+                              f"{data[k]!r}")
+    if "positions" in data:
+        _check_positions(data, source)
+    values = {k: v for k, v in data.items() if k != "anchors"}
+    return StitchConfig(anchors, values)
+
+
+#: "positions": {"select": score, ...} -> the scores a selection may rank by (snnet/train/positions.py)
+POSITION_SCORES = ("cka", "ls", "kl")
+POSITION_KEYS = ("select", "per_pair", "pairs", "from")
+
+
+def _check_positions(data: dict, source: str) -> None:
+    """The "positions" field: exactly one of a selection request and explicit positions, and no sliding-window
+    field beside it (ranges against the anchors' depth are checked when the plan is built)."""
+    pos = data["positions"]
+    where = f"{source}: field 'positions'"
+    unknown = [k for k in pos if k not in POSITION_KEYS]
+    if unknown:
+        raise ConfigError(f"{where} has unknown key(s) {unknown}; use {{\"select\": \"kl\", \"per_pair\": K}} or "
+                          f"{{\"pairs\": [[[j, k], ...], ...]}}")
+    if ("select" in pos) == ("pairs" in pos):
+        raise ConfigError(f"{where} needs exactly one of 'select' (e.g. {{\"select\": \"kl\", \"per_pair\": 4}}) and "
+                          f"'pairs' (explicit [j, k] lists, one per neighbouring anchor pair), got {pos!r}")
+    if "select" in pos:
+        if pos["select"] not in POSITION_SCORES:
+            raise ConfigError(f"{where}: 'select' must be one of {', '.join(POSITION_SCORES)}, got {pos['select']!r}")
+        k = pos.get("per_pair")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ConfigError(f"{where}: 'per_pair' must be an integer >= 1 (positions chosen per anchor pair), got "
+                              f"{k!r}")
+    else:
+        if "per_pair" in pos:
+            raise ConfigError(f"{where}: 'per_pair' goes with 'select', not with explicit 'pairs'; remove it")
+        pairs = pos["pairs"]
+        ok = isinstance(pairs, list) and all(
+            isinstance(plist, list) and all(isinstance(p, list) and len(p) == 2 and all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in p) for p in plist)
+            for plist in pairs)
+        if not ok:
+            raise ConfigError(f"{where}: 'pairs' must be one list per neighbouring anchor pair of [j, k] block "
+                              f"indices >= 0, e.g. [[[0, 1], [1, 1]]] for two anchors, got {pairs!r}")
+    if "from" in pos and not isinstance(pos["from"], dict):
+        raise ConfigError(f"{where}: 'from' (how the positions were selected; informational) must be an object, got "
+                          f"{pos['from']!r}")
+    clash = [k for k in ("stitch_kernel_size", "stitch_stride") if k in data]
+    if data.get("nearest_stitching") is False:
+        clash.append("nearest_stitching")
+    if data.get("stitch_plan", "sliding_window") != "sliding_window":
+        clash.append("stitch_plan")
+    if clash:
+        raise ConfigError(f"{where} replaces the sliding window of neighbouring anchors; remove {', '.join(clash)} "
+                          f"(or remove 'positions')")
+
+
+def _parse_anchor(a: Any, i: int, source: str) -> AnchorSpec:
+    if isinstance(a, str) and a:
+        return AnchorSpec(a)
+    if isinstance(a, dict):
+        unknown = [k for k in a if k not in ANCHOR_FIELDS]
+        if unknown:
+            raise ConfigError(f"{source}: anchor {i} has unknown field(s) {unknown}; use {', '.join(ANCHOR_FIELDS)}")
+        for k, t in ANCHOR_FIELDS.items():
+            if k in a and not isinstance(a[k], t):
+                raise ConfigError(f"{source}: anchor {i} field {k!r} must be a {t.__name__}, got {a[k]!r}")
+        if not a.get("name"):
+            raise ConfigError(f"{source}: anchor {i} needs a 'name' (a timm model name)")
+        return AnchorSpec(a["name"], a.get("checkpoint"), dict(a.get("model_kwargs", {})))
+    raise ConfigError(f"{source}: anchor {i} must be a timm model name or {{'name': ..., 'checkpoint': ...}}, "
+                      f"got {a!r}")
+
+
+class _JSONValueError(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise _JSONValueError(f"key(s) {', '.join(map(repr, repeated))} given twice in one object (JSON keeps only "
+                              f"the last); keep one")
+    return dict(pairs)
+
+
+def _no_constant(name: str) -> Any:
+    raise _JSONValueError(f"{name} is not a number here (JSON has no NaN or Infinity); write a finite number")
+
+
+def load_stitch_config(path: str | Path) -> StitchConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"stitch config {str(path)!r} does not exist; pass an existing JSON file "
+                          f"(see configs/)")
+    try:
+        data = json.loads(path.read_text(), object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"stitch config {str(path)!r} is not valid JSON ({e}); fix the file") from None
+    except _JSONValueError as e:  # strict JSON: a repeated key or NaN/Infinity would be silently accepted
+        raise ConfigError(f"stitch config {str(path)!r}: {e}; fix the file") from None
+    cfg = parse_stitch_config(data, f"stitch config {str(path)!r}")
+    cfg.path = str(path)
+    # relative checkpoint paths are relative to the config file, so configs can travel with their anchors
+    cfg.anchors = [AnchorSpec(a.name, a.checkpoint if a.checkpoint is None or Path(a.checkpoint).is_absolute()
+                              or Path(a.checkpoint).exists() else str(path.parent / a.checkpoint), a.model_kwargs)
+                   for a in cfg.anchors]
+    return cfg

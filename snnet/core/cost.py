@@ -1,0 +1,143 @@
+"""Cost model: FLOPs in SN-Net's convention and params of exactly what a route executes.
+
+FLOPs follow fvcore (the numbers SN-Net published): one multiply-add counts 1, LayerNorm 5 per element, eval
+BatchNorm 2 per element, and so on (docs/snnet_compat.md, C21). timm now computes attention with ``F.scaled_dot_product_attention``,
+which fvcore does not count; the handler below counts its two matmuls (q·kᵀ and attn·v) as SN-Net's traces did.
+
+Each distinct unit (one anchor's stem, block, transition, norm or head; one stitching layer) is traced once for a
+single image; a route's FLOPs are the sum over its steps. `trace_route_flops` traces a whole route for checking.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:  # hints only: a runtime import made model.py and cost.py import each other
+    from snnet.core.model import RoutedNet as SNNet
+
+
+def _sdpa_flop_handler(inputs: list[Any], outputs: list[Any]) -> int:
+    from fvcore.nn.jit_handles import get_shape
+    q, k, v = (get_shape(t) for t in inputs[:3])
+    *batch, n_q, d = q
+    n_k, d_v = k[-2], v[-1]
+    b = 1
+    for s in batch:
+        b *= s
+    return b * n_q * n_k * d + b * n_q * n_k * d_v
+
+
+FLOP_HANDLES = {"aten::scaled_dot_product_attention": _sdpa_flop_handler}
+
+
+class _Call(nn.Module):
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], owner: nn.Module):
+        super().__init__()
+        self.owner = owner  # registered so fvcore sees the modules
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def count_flops(fn: Callable[[torch.Tensor], torch.Tensor], owner: nn.Module, x: torch.Tensor) -> int:
+    """fvcore FLOPs of ``fn(x)`` (SN-Net's convention), with the SDPA handler, warnings off."""
+    from fvcore.nn import FlopCountAnalysis
+    logging.getLogger("fvcore").setLevel(logging.ERROR)
+    analysis = FlopCountAnalysis(_Call(fn, owner), (x,)).set_op_handle(**FLOP_HANDLES)
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+    with warnings_off():
+        return int(analysis.total())
+
+
+@contextlib.contextmanager
+def warnings_off():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@dataclass
+class CostTable:
+    img_size: tuple[int, int]
+    unit_flops: list[list[int]]           # [anchor][unit]
+    layer_flops: dict[tuple[int, ...], int]
+    unit_outputs: list[list[torch.Size]]  # [anchor][unit] output shape for one image
+
+    def route_flops(self, steps) -> int:
+        return sum(self.unit_flops[s[1]][s[2]] if s[0] == "unit" else self.layer_flops[s[1]] for s in steps)
+
+
+@torch.no_grad()
+def measure(model: SNNet, img_size: int | tuple[int, int] = 224, in_chans: int = 3) -> CostTable:
+    """Trace every unit of every anchor and every stitching layer once, for one image of `img_size`."""
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    device = next(model.parameters()).device
+    unit_flops, unit_outputs, block_out = [], [], []
+    with eval_mode(model):
+        for a, units in enumerate(model.units):
+            anchor = model.anchor(a)
+            x = torch.zeros(1, in_chans, *size, device=device)
+            flops, shapes, outs = [], [], {}
+            for u, unit in enumerate(units):
+                flops.append(count_flops(lambda t, unit=unit, anchor=anchor: unit.run(anchor, t), anchor, x))
+                x = unit.run(anchor, x)
+                shapes.append(x.shape)
+                if unit.kind == "block":
+                    outs[(unit.stage, unit.index)] = x
+            unit_flops.append(flops)
+            unit_outputs.append(shapes)
+            block_out.append(outs)
+        layer_flops = {}
+        for spec in model.plan.layers:
+            positions = model.plan.positions_of_layer(spec.address)
+            if not positions:  # allocated but unused by any route (possible with depth interpolation)
+                layer_flops[spec.address] = 0
+                continue
+            st = positions[0]
+            x = block_out[st.front][(st.stage, st.j)]
+            layer = model.stitch_layer(spec.address)
+            # a low-rank layer runs as its merged linear map once deployed (SN-Netv2 counted that one too)
+            layer = layer.merged() if hasattr(layer, "merged") else layer
+            layer_flops[spec.address] = count_flops(layer, layer, x)
+    return CostTable(size, unit_flops, layer_flops, unit_outputs)
+
+
+# net -> {(img_size, in_chans): CostTable}; weak keys, so a net's tables go when the net does
+_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def cost_table(model: SNNet, img_size: int | tuple[int, int], in_chans: int = 3) -> CostTable:
+    """`measure` of one SN-Net at one image size, traced once and then cached (FLOPs depend on the architecture
+    and the input size, not on the weights, so training does not invalidate it)."""
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    tables = _TABLES.setdefault(model, {})
+    if (size, in_chans) not in tables:
+        tables[(size, in_chans)] = measure(model, size, in_chans)
+    return tables[(size, in_chans)]
+
+
+@torch.no_grad()
+def trace_route_flops(model: SNNet, cfg_id: int, img_size: int = 224, in_chans: int = 3) -> int:
+    """FLOPs of one whole route traced in one piece (the slow, obviously-right way; for checks)."""
+    device = next(model.parameters()).device
+    x = torch.zeros(1, in_chans, img_size, img_size, device=device)
+    with eval_mode(model):
+        return count_flops(lambda t: model(t, cfg_id), model, x)

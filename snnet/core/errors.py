@@ -1,0 +1,28 @@
+"""One error type for everything that is the user's input, not a bug.
+
+Every error a user can cause (a bad flag, config, data folder, checkpoint, results file, budget, sweep ...) is a
+subclass of `SNNetError`. Each entry point (`train.py`, `python -m snnet.train.preflight`, the `snnet` command with all
+its subcommands) catches `SNNetError` once, prints its message on one line and exits with its `exit_code`; anything
+else is a bug and keeps its traceback. A subclass names the area in its class name only: the message itself names
+the bad value and the fix.
+"""
+from __future__ import annotations
+
+
+class SNNetError(ValueError):
+    """The user's input cannot be used; the message names the value and the fix. Exit code 2 (a usage error, as
+    argparse's)."""
+    exit_code = 2
+
+
+class UsageError(SNNetError):
+    """A flag or argument that cannot be used."""
+
+
+def one_line(e: BaseException) -> str:
+    """The message of a user error on one line; errors re-raised from a DataLoader worker carry the worker's
+    traceback text, whose last line is the original message."""
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(text.split())

@@ -1,0 +1,406 @@
+"""Networks with numbered routes: ``forward(x, cfg_id)`` runs route `cfg_id`.
+
+`SNNet` holds anchors + stitching layers; `PlainNet` holds one timm model (``train.py --model``) with its single
+route, so the training and evaluation loops treat both alike. There are no random numbers in here: which route runs
+is the caller's argument (training draws it with `snnet.train.sampler`). Each route is compiled once into a flat tuple of
+steps, pure data that the evaluator and the cost model reuse:
+
+    ("unit", anchor, unit_index)   run one unit of one anchor
+    ("stitch", address)            run the stitching layer at `address`
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from snnet.core.adapter import AnchorAdapter, Unit, adapter_for, module_param_count
+from snnet.core.checkpoint import load_fitting
+from snnet.core.layers import create_stitch_layer
+from snnet.core.plan import Composition, Edge, LayerSpec, PlanError, Route, Stitch, StitchPlan
+
+Step = tuple
+#: where a feature is read: (anchor, unit index); its value is that unit's output
+FeaturePoint = tuple[int, int]
+
+
+class RoutedNet(nn.Module):
+    """What the loops, the evaluator, the cost model and the checkpoints need of a network: anchors cut into units,
+    routes as tuples of steps, and the state dict that goes into a checkpoint."""
+
+    names: list[str]
+    plan: StitchPlan
+    units: list[list[Unit]]
+    routes: list[tuple[Step, ...]]
+    _unit_params: list[list[int]] | None = None  # cached by unit_params()
+    grad_checkpointing: bool = False             # set_grad_checkpointing(): recompute blocks in the backward pass
+
+    def anchor(self, index: int) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def n_anchors(self) -> int:
+        return len(self.units)
+
+    @property
+    def num_configs(self) -> int:
+        return len(self.routes)
+
+    def check_cfg_id(self, cfg_id) -> int:
+        if isinstance(cfg_id, torch.Tensor):
+            cfg_id = int(cfg_id)
+        self.plan.route(cfg_id)  # the plan's range check
+        return cfg_id
+
+    def stitch_layer(self, address: Sequence[int]) -> nn.Module:
+        raise PlanError(f"{type(self).__name__} has no stitching layer {tuple(address)}")
+
+    def run_step(self, step: Step, x: torch.Tensor) -> torch.Tensor:
+        if step[0] == "unit":
+            unit = self.units[step[1]][step[2]]
+            if self.grad_checkpointing and self.training and unit.kind == "block" and torch.is_grad_enabled():
+                # keep only the block's input; its activations are recomputed in the backward pass (the RNG state
+                # is replayed, so drop-path draws the same masks)
+                from torch.utils.checkpoint import checkpoint
+                return checkpoint(unit.run, self.anchor(step[1]), x, use_reentrant=False)
+            return unit.run(self.anchor(step[1]), x)
+        return self.stitch_layer(step[1])(x)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's method name (``--grad-checkpointing``): while training, every ``block`` unit runs under
+        torch.utils.checkpoint (non-reentrant), trading a second forward of each block for its activation memory.
+        Evaluation and the least-squares init are unaffected."""
+        self.grad_checkpointing = bool(enable)
+
+    def compile_blocks(self, backend: str = "inductor") -> int:
+        """``--torchcompile``: torch.compile each ``block`` unit's module in place (``nn.Module.compile``, so the
+        state-dict keys stay timm's). The route changes every step, so the whole ``forward(x, cfg_id)`` is not
+        compiled (one graph per route, past dynamo's recompile limit); blocks of one class share their compiled code.
+        Stems, transitions, norms, heads and the stitching layers run eagerly. Returns the number compiled."""
+        compiled = 0
+        for a, units in enumerate(self.units):
+            for unit in units:
+                if unit.kind != "block" or len(unit.modules) != 1:
+                    continue
+                try:
+                    module = self.anchor(a).get_submodule(unit.modules[0])
+                except AttributeError:  # a block unit naming a parameter, not a module: left eager
+                    continue
+                module.compile(backend=backend)
+                compiled += 1
+        _raise_recompile_limit(compiled)
+        return compiled
+
+    def run_steps(self, steps: Sequence[Step], x: torch.Tensor) -> torch.Tensor:
+        for step in steps:
+            x = self.run_step(step, x)
+        return x
+
+    def forward(self, x: torch.Tensor, cfg_id: int = 0) -> torch.Tensor:
+        return self.run_steps(self.routes[self.check_cfg_id(cfg_id)], x)
+
+    def describe(self, cfg_id: int) -> str:
+        raise NotImplementedError
+
+    def unit_params(self) -> list[list[int]]:
+        if self._unit_params is None:
+            self._unit_params = [[module_param_count(self.anchor(a), u.modules) for u in units]
+                                 for a, units in enumerate(self.units)]
+        return self._unit_params
+
+    def params(self, cfg_id: int) -> int:
+        """Parameters of exactly the modules route `cfg_id` executes (SN-Net counted otherwise:
+        docs/snnet_compat.md, C22)."""
+        counts = self.unit_params()
+        total = 0
+        for step in self.routes[self.check_cfg_id(cfg_id)]:
+            if step[0] == "unit":
+                total += counts[step[1]][step[2]]
+            else:
+                total += sum(p.numel() for p in self.stitch_layer(step[1]).parameters())
+        return total
+
+    # ------------------------------------------------------------------------------------------- features
+    def capture(self, x: torch.Tensor, points: dict[int, set[int]]) -> dict[FeaturePoint, torch.Tensor]:
+        """Run each anchor in `points` ({anchor: unit indices}) on `x` as far as needed, keeping those units'
+        outputs: the features the least-squares init and the stitchability checks compare."""
+        out = {}
+        for a, wanted in points.items():
+            h = x
+            for u in range(max(wanted) + 1):
+                h = self.units[a][u].run(self.anchor(a), h)
+                if u in wanted:
+                    out[(a, u)] = h
+        return out
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def _anchor_prefix(self, index: int) -> str:
+        raise NotImplementedError
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """The state dict a checkpoint stores."""
+        return self.state_dict()
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a checkpoint's state dict strictly; `StateDictMismatch` says what does not fit."""
+        load_fitting(self, state)
+
+    def no_weight_decay(self) -> set[str]:
+        """The anchors' own no-weight-decay names, prefixed (SN-Net dropped them: docs/snnet_compat.md, C18)."""
+        out = set()
+        for a in range(self.n_anchors):
+            nwd = getattr(self.anchor(a), "no_weight_decay", None)
+            if nwd is not None:
+                out.update(f"{self._anchor_prefix(a)}{n}" for n in nwd())
+        return out
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """Data config of the largest anchor (timm's resolve_data_config reads this)."""
+        return getattr(self.anchor(self.n_anchors - 1), "pretrained_cfg", {}) or {}
+
+
+def _raise_recompile_limit(modules: int) -> None:
+    """Compiled blocks share code per class, but dynamo specialises on what differs between instances (width,
+    drop-path rate) and on train/eval mode; let each compiled module have its own entries before dynamo gives up
+    and runs that code eagerly."""
+    import torch._dynamo
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), 2 * modules + 8))
+    if hasattr(config, "accumulated_recompile_limit"):
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * modules + 64)
+
+
+def _run_whole(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x)
+
+
+class PlainNet(RoutedNet):
+    """One timm model as a network with one route (``train.py --model NAME``, as SN-Net's main.py could train one
+    model). Its checkpoint holds the model's own timm keys, so it can serve as an anchor checkpoint."""
+
+    def __init__(self, model: nn.Module, name: str):
+        super().__init__()
+        self.model = model
+        self.names = [name]
+        owned = tuple(n for n, _ in model.named_children()) + tuple(n for n, _ in model.named_parameters(recurse=False))
+        self.units = [[Unit(name, "model", _run_whole, owned)]]
+        self.routes = [(("unit", 0, 0),)]
+        self.plan = StitchPlan((Route(0, (0,)),), (), 1)
+
+    def anchor(self, index: int) -> nn.Module:
+        return self.model
+
+    def _anchor_prefix(self, index: int) -> str:
+        return "model."
+
+    def describe(self, cfg_id: int) -> str:
+        return self.names[self.check_cfg_id(cfg_id)]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """One timm model runs as one unit: its own set_grad_checkpointing does the work."""
+        super().set_grad_checkpointing(enable)
+        if hasattr(self.model, "set_grad_checkpointing"):
+            self.model.set_grad_checkpointing(enable)
+
+    def compile_blocks(self, backend: str = "inductor") -> int:
+        """One route: the whole timm model is compiled in place."""
+        self.model.compile(backend=backend)
+        return 1
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
+        load_fitting(self.model, state)
+
+
+class SNNet(RoutedNet):
+    """Anchors + stitching layers. `stitch_layer` is the config's stitching-layer spec, e.g. ``{"type": "linear"}``
+    (the default; see `snnet.core.layers.register_stitch_layer` for other types)."""
+
+    def __init__(self, anchors: Sequence[nn.Module], plan: StitchPlan, names: Sequence[str] | None = None,
+                 adapters: Sequence[AnchorAdapter] | None = None, skip_final_norm: bool = False,
+                 stitch_layer: dict[str, Any] | None = None):
+        super().__init__()
+        if len(anchors) != plan.n_anchors:
+            raise PlanError(f"the plan is for {plan.n_anchors} anchors but {len(anchors)} were given")
+        self.anchors = nn.ModuleList(anchors)
+        self.names = list(names) if names is not None else [type(m).__name__ for m in anchors]
+        self.adapters = list(adapters) if adapters is not None else [
+            adapter_for(m, n) for m, n in zip(anchors, self.names)]
+        self.plan = plan
+        self.skip_final_norm = skip_final_norm
+        self.units: list[list[Unit]] = [ad.units(m) for ad, m in zip(self.adapters, anchors)]
+        self._block_unit = [{(u.stage, u.index): i for i, u in enumerate(units) if u.kind == "block"}
+                            for units in self.units]
+        self.stitch_layer_spec = dict(stitch_layer or {"type": "linear"})
+        self.stitch_layers = _nested_module_list([(spec.address, self._make_layer(spec)) for spec in plan.layers])
+        self.routes: list[tuple[Step, ...]] = [self._compile(route) for route in plan.routes]
+
+    # ------------------------------------------------------------------------------------------------ construction
+    def _make_layer(self, spec: LayerSpec) -> nn.Module:
+        fa, ea = self.anchors[spec.front], self.anchors[spec.end]
+        fad, ead = self.adapters[spec.front], self.adapters[spec.end]
+        return create_stitch_layer(self.stitch_layer_spec, fad.stage_width(fa, spec.stage),
+                                   ead.stage_width(ea, spec.stage), fad.stage_layout(fa, spec.stage),
+                                   ead.stage_layout(ea, spec.stage))
+
+    def entry_unit(self, anchor: int, stage: int, block: int) -> int:
+        """The unit where anchor `anchor` continues from block `block` of `stage`; one past the stage's last block
+        when `block` is the stage's depth (SN-Netv2's stitch after the last small block enters the large anchor's
+        final norm)."""
+        if (stage, block) not in self._block_unit[anchor] and block > 0 and \
+                (stage, block - 1) in self._block_unit[anchor]:
+            return self.block_unit(anchor, stage, block - 1) + 1
+        return self.block_unit(anchor, stage, block)
+
+    def block_unit(self, anchor: int, stage: int, block: int) -> int:
+        """Index in ``units[anchor]`` of block `block` of `stage`."""
+        try:
+            return self._block_unit[anchor][(stage, block)]
+        except KeyError:
+            raise PlanError(f"anchor {self.names[anchor]!r} has no block {block} in stage {stage}") from None
+
+    def _compile(self, route: Route) -> tuple[Step, ...]:
+        if route.is_anchor:
+            a = route.anchors[0]
+            return tuple(("unit", a, u) for u in range(len(self.units[a])))
+        steps: list[Step] = []
+        start = 0
+        for st in route.stitches:
+            stop = self.block_unit(st.front, st.stage, st.j)
+            steps.extend(("unit", st.front, u) for u in range(start, stop + 1))
+            steps.append(("stitch", st.layer))
+            start = self.entry_unit(st.end, st.stage, st.k)
+        last = route.stitches[-1].end
+        for u in range(start, len(self.units[last])):
+            # SN-Net's stitched DeiT routes call the head on the last block output (docs/snnet_compat.md, C7)
+            if not (self.skip_final_norm and self.units[last][u].kind == "norm"):
+                steps.append(("unit", last, u))
+        return tuple(steps)
+
+    # ------------------------------------------------------------------------------------------------- running
+    anchors_frozen = False
+
+    def freeze_anchors(self) -> None:
+        """Train only the stitching layers: the anchors' parameters get no gradient and the anchors stay in eval
+        mode whatever ``train()`` is called with (BatchNorm statistics and dropout as in the pretrained model)."""
+        self.anchors_frozen = True
+        for p in self.anchors.parameters():
+            p.requires_grad = False
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "SNNet":
+        super().train(mode)
+        if self.anchors_frozen:
+            self.anchors.eval()
+        return self
+
+    def anchor(self, index: int) -> nn.Module:
+        return self.anchors[index]
+
+    def _anchor_prefix(self, index: int) -> str:
+        return f"anchors.{index}."
+
+    def stitch_layer(self, address: Sequence[int]) -> nn.Module:
+        layer = self.stitch_layers
+        for i in address:
+            layer = layer[i]
+        return layer
+
+    # ------------------------------------------------------------------------------------------------- describing
+    def describe(self, cfg_id: int) -> str:
+        return self.plan.route(cfg_id).describe(self.names, self.plan.hierarchical)
+
+    def feature_points(self, positions: Sequence[Stitch]) -> tuple[dict[int, set[int]], dict[tuple, tuple]]:
+        """For stitches (front j -> end k): the unit outputs to `capture` per anchor, and per position key
+        (front, end, stage, j, k) the feature points of its input X (front block j's output) and its target Y (the
+        end anchor's input to block k, i.e. the output of the unit before it)."""
+        need: dict[int, set[int]] = {}
+        where = {}
+        for st in positions:
+            ux = self.block_unit(st.front, st.stage, st.j)
+            uy = self.entry_unit(st.end, st.stage, st.k) - 1
+            need.setdefault(st.front, set()).add(ux)
+            need.setdefault(st.end, set()).add(uy)
+            where[(st.front, st.end, st.stage, st.j, st.k)] = ((st.front, ux), (st.end, uy))
+        return need, where
+
+
+def _nested_module_list(items: list[tuple[tuple[int, ...], nn.Module]]) -> nn.ModuleList:
+    """Build nested ModuleLists so that the module at address (a, b, c) is ``root[a][b][c]``."""
+    if not items:
+        return nn.ModuleList()
+    if len(items[0][0]) == 1:
+        by_index = {addr[0]: m for addr, m in items}
+        if sorted(by_index) != list(range(len(by_index))):
+            raise PlanError(f"stitching layer addresses are not dense: {sorted(by_index)}")
+        return nn.ModuleList([by_index[i] for i in range(len(by_index))])
+    groups: dict[int, list] = {}
+    for addr, m in items:
+        groups.setdefault(addr[0], []).append((addr[1:], m))
+    if sorted(groups) != list(range(len(groups))):
+        raise PlanError(f"stitching layer addresses are not dense: {sorted(groups)}")
+    return nn.ModuleList([_nested_module_list(groups[i]) for i in range(len(groups))])
+
+
+class ComposedNet(RoutedNet):
+    """Anchors of any families joined at unit granularity: route `cfg_id` runs the `Composition`
+    ``compositions[cfg_id]`` (snnet/core/plan.py), each of its edges through the stitching module ``stitches[edge]`` (any
+    module mapping the front unit's output onto the end anchor's features; `snnet.core.cut.CutStitch` builds them).
+    The networks `snnet search` composes; the evaluator, the cost model and `params` run it as any routed network.
+    Stitch steps are ``("stitch", (i,))`` with i the edge's index in `edges`."""
+
+    def __init__(self, anchors: Sequence[nn.Module], compositions: Sequence[Composition],
+                 stitches: dict[Edge, nn.Module], names: Sequence[str] | None = None,
+                 adapters: Sequence[AnchorAdapter] | None = None):
+        super().__init__()
+        self.anchors = nn.ModuleList(anchors)
+        self.names = list(names) if names is not None else [type(m).__name__ for m in anchors]
+        self.adapters = list(adapters) if adapters is not None else [
+            adapter_for(m, n) for m, n in zip(anchors, self.names)]
+        self.units: list[list[Unit]] = [ad.units(m) for ad, m in zip(self.adapters, anchors)]
+        self.compositions = list(compositions)
+        used = list(dict.fromkeys(e for c in self.compositions for e in c.edges))
+        missing = [e for e in used if e not in stitches]
+        if missing:
+            raise PlanError(f"no stitching module for edge(s) {missing} (front anchor, unit, end anchor, unit)")
+        self.edges: list[Edge] = used
+        self.stitches = nn.ModuleList([stitches[e] for e in used])
+        self.plan = StitchPlan((), (), len(anchors))  # no stage-wise stitching layers: the stitches are above
+        for c in self.compositions:
+            c.check([len(u) for u in self.units])
+        address = {e: (i,) for i, e in enumerate(used)}
+        self.routes = [self._compile(c, address) for c in self.compositions]
+
+    @staticmethod
+    def _compile(c: Composition, address: dict) -> tuple[Step, ...]:
+        steps: list[Step] = []
+        for s, edge in zip(c.segments, c.edges + (None,)):
+            steps.extend(("unit", s.anchor, u) for u in range(s.first, s.last + 1))
+            if edge is not None:
+                steps.append(("stitch", address[edge]))
+        return tuple(steps)
+
+    def check_cfg_id(self, cfg_id) -> int:
+        if isinstance(cfg_id, torch.Tensor):
+            cfg_id = int(cfg_id)
+        if isinstance(cfg_id, bool) or not isinstance(cfg_id, int) or not 0 <= cfg_id < len(self.routes):
+            raise PlanError(f"cfg_id {cfg_id!r} is out of range: this network has cfg_ids 0..{len(self.routes) - 1}")
+        return cfg_id
+
+    def anchor(self, index: int) -> nn.Module:
+        return self.anchors[index]
+
+    def _anchor_prefix(self, index: int) -> str:
+        return f"anchors.{index}."
+
+    def stitch_layer(self, address: Sequence[int]) -> nn.Module:
+        return self.stitches[address[0]]
+
+    def describe(self, cfg_id: int) -> str:
+        return self.compositions[self.check_cfg_id(cfg_id)].describe(
+            self.names, [[u.name for u in units] for units in self.units])

@@ -1,0 +1,93 @@
+"""Convert a released SN-Net checkpoint (a pickled ``.pth``) into this project's pickle-free checkpoint.
+
+SN-Net's files pickle an ``argparse.Namespace`` (DeiT, LeViT, CNN) or a yacs ``CfgNode`` (Swin) next to the weights
+(docs/snnet_compat.md, C26), so ``train.py --resume`` refuses them. This command is the explicit way in: the user names the
+file and passes ``--trust``. Even then nothing in the file runs: it is read by torch's weights-only unpickler with
+exactly those two classes allowed (the CfgNode as a plain-dict stand-in), and any other object in it is refused.
+The keys are mapped to timm 1.0's names where the family needs it (Swin, LeViT); the result loads strictly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from snnet.core.adapter import AnchorAdapter, registered_adapters
+from snnet.core.checkpoint import CheckpointError, save_checkpoint, strip_ddp_prefix
+
+
+class _CfgNode:
+    """Stand-in for yacs.config.CfgNode: unpickles as a plain OrderedDict (its items; yacs' attributes land in the
+    OrderedDict's __dict__). torch's weights-only unpickler fills only exact dict/OrderedDict objects."""
+
+    def __new__(cls, *args, **kwargs):
+        return OrderedDict()
+
+
+_ALLOWED = [argparse.Namespace, (_CfgNode, "yacs.config.CfgNode")]
+
+
+def load_release(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"SN-Net checkpoint {str(path)!r} does not exist; give the downloaded .pth file")
+    try:
+        with torch.serialization.safe_globals(_ALLOWED):
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{str(path)!r} is not an SN-Net release checkpoint: it holds objects other than "
+                              f"tensors, an argparse Namespace or a yacs CfgNode ({first}); refused unread") from None
+    if not isinstance(state, dict) or not isinstance(state.get("model", state.get("state_dict")), dict):
+        raise CheckpointError(f"{str(path)!r} has no 'model' or 'state_dict' entry; it is not an SN-Net checkpoint")
+    return state
+
+
+def release_adapter(keys) -> type[AnchorAdapter] | None:
+    """The registered family whose old SN-Net key names `keys` use; None when they are timm 1.0's already (DeiT,
+    ResNet)."""
+    keys = list(keys)
+    return next((cls for cls in registered_adapters() if cls.release_keys_match(keys)), None)
+
+
+def family_of(keys) -> str:
+    cls = release_adapter(keys)
+    return cls.family if cls is not None else "plain"
+
+
+def convert_state_dict(state_dict: dict[str, torch.Tensor],
+                       stage_depths: tuple[int, ...] | None = None) -> dict[str, torch.Tensor]:
+    """A released SN-Net state dict with this project's keys; the family's adapter owns the key map."""
+    sd = strip_ddp_prefix(state_dict)
+    cls = release_adapter(sd)
+    return sd if cls is None else cls.convert_release_state(sd, stage_depths)
+
+
+def _plain(obj: Any) -> Any:
+    """Namespace / CfgNode -> JSON-able data (kept as the run's recorded arguments)."""
+    if isinstance(obj, argparse.Namespace):
+        obj = vars(obj)
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj if isinstance(obj, (str, int, float, bool, type(None))) else str(obj)
+
+
+def convert_release(src: str | os.PathLike, dst: str | os.PathLike, stage_depths: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """Read `src` (SN-Net's .pth) and write our checkpoint to `dst` atomically. Returns a summary."""
+    from snnet.results.records import file_sha256
+    state = load_release(src)
+    weights = state.get("model", state.get("state_dict"))
+    converted = convert_state_dict(weights, stage_depths)
+    meta = state.get("args", state.get("config"))
+    out = {"state_dict": converted, "epoch": int(state["epoch"]) if isinstance(state.get("epoch"), int) else -1,
+           "converted_from": json.dumps({"file": str(src), "sha256": file_sha256(src),
+                                         "family": family_of(converted), "snnet_args": _plain(meta)}, default=str)}
+    save_checkpoint(dst, out)
+    return {"tensors": len(converted), "family": family_of(weights), "dst": str(dst)}

@@ -1,0 +1,232 @@
+"""`snnet similarity`: the compatibility maps of two or more anchors (snnet/core/maps.py) on a data folder, written as
+JSON, CSV and heatmaps."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from snnet.core.fileio import save_figure, write_text_atomic
+from snnet.core.maps import SCORES, CompatibilityMaps, SimilarityError, anchors_net, compatibility_maps
+from snnet.core.model import ComposedNet
+
+
+# ---------------------------------------------------------------------------------------------------- files
+def _heatmaps(maps: CompatibilityMaps, kind: str, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    table = {"cka": maps.cka, "ls_residual": maps.ls_residual, "kl": maps.kl}[kind]
+    pairs = [p for p in maps.pairs if kind != "cka" or p[0] < p[1] or (p[1], p[0]) not in maps.pairs]
+    cols = min(3, len(pairs))
+    rows = math.ceil(len(pairs) / cols)
+    cell = 0.32
+    widths = [max(len(maps.cuts[b]) * cell + 2.5, 4.0) for _, b in pairs]
+    heights = [max(len(maps.cuts[a]) * cell + 2.0, 3.5) for a, _ in pairs]
+    fig, axes = plt.subplots(rows, cols, figsize=(max(widths) * cols, max(heights) * rows), squeeze=False)
+    style = {"cka": ("viridis", 0.0, 1.0, "linear CKA (unbiased)"),
+             "ls_residual": ("viridis_r", 0.0, 1.0, "least-squares stitch residual (relative)"),
+             "kl": ("magma_r", 0.0, None, "KL(end || stitched), nats")}[kind]
+    cmap = plt.get_cmap(style[0]).with_extremes(bad="0.85")
+    for ax, (a, b) in zip(axes.flat, pairs):
+        m = np.ma.masked_invalid(table[(a, b)])
+        vmax = style[2] if style[2] is not None else max(float(m.max()) if m.count() else 1.0, 1e-6)
+        im = ax.imshow(m, cmap=cmap, vmin=style[1], vmax=vmax, aspect="auto")
+        ax.set_xticks(range(len(maps.cuts[b])), [c.name for c in maps.cuts[b]], rotation=90, fontsize=7)
+        ax.set_yticks(range(len(maps.cuts[a])), [c.name for c in maps.cuts[a]], fontsize=7)
+        ax.set_xlabel(f"end: {maps.names[b]} (unit j)", fontsize=8)
+        ax.set_ylabel(f"front: {maps.names[a]} (unit i)", fontsize=8)
+        if m.shape[0] * m.shape[1] <= 400:
+            for i in range(m.shape[0]):
+                for j in range(m.shape[1]):
+                    if not np.ma.is_masked(m[i, j]):
+                        dark = (float(m[i, j]) - style[1]) / (vmax - style[1]) < 0.5  # viridis is dark when low
+                        ax.text(j, i, f"{float(m[i, j]):.2f}", ha="center", va="center", fontsize=5.5,
+                                color="white" if dark == (kind == "cka") else "black")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    for ax in list(axes.flat)[len(pairs):]:
+        ax.axis("off")
+    grey = "" if kind == "cka" else " (grey: no linear stitch)"
+    fig.suptitle(f"{style[3]}; {maps.images} images{grey}", fontsize=10)
+    save_figure(fig, path, dpi=110)
+
+
+def write_maps(maps: CompatibilityMaps, out_dir: str | os.PathLike, meta: dict[str, Any] | None = None) -> list[Path]:
+    """similarity.json, similarity.csv and one heatmap PNG per score (<score>.png), each written atomically."""
+    out = Path(out_dir)
+    files = [out / "similarity.json", out / "similarity.csv"]
+    write_text_atomic(files[0], json.dumps(maps.to_json(meta), indent=1) + "\n")
+    write_text_atomic(files[1], maps.csv_text())
+    for kind in SCORES:
+        if kind == "kl" and maps.kl is None:
+            continue
+        files.append(out / f"{kind}.png")
+        _heatmaps(maps, kind, files[-1])
+    return files
+
+
+# ---------------------------------------------------------------------------------------------------- anchors, data
+def anchor_specs(anchors: Sequence[str] | None, stitch_config: str | None):
+    """AnchorSpecs from ``--anchors`` (each a timm name, NAME:CHECKPOINT, or a config's JSON anchor object) or from
+    a stitch config's anchors list (exactly one of the two)."""
+    from snnet.core.config import ConfigError, load_stitch_config, parse_stitch_config
+    if bool(anchors) == bool(stitch_config):
+        raise SimilarityError("name the anchors with --anchors A B ... or --stitch_config CFG (one of the two)")
+    if stitch_config:
+        return load_stitch_config(stitch_config)
+    items = []
+    for text in anchors:
+        if text.lstrip().startswith("{"):
+            try:
+                items.append(json.loads(text))
+            except ValueError as e:
+                raise SimilarityError(f"--anchors {text!r} is not a JSON object ({e}); write NAME, NAME:CHECKPOINT "
+                                      f"or a config anchor such as '{{\"name\": \"resnet18\"}}'") from None
+        elif ":" in text:
+            name, checkpoint = text.split(":", 1)
+            items.append({"name": name, "checkpoint": checkpoint})
+        else:
+            items.append(text)
+    try:
+        return parse_stitch_config({"anchors": items}, "--anchors")
+    except ConfigError as e:
+        raise SimilarityError(str(e)) from None
+
+
+def build_anchors(cfg, pretrained: bool, num_classes: int | None, img_size: int | None,
+                  in_chans: int | None = None) -> ComposedNet:
+    """The anchors of a stitch config (timm, local checkpoints), each a route of its own, in eval mode."""
+    from snnet.core.adapter import adapter_for
+    from snnet.core.build import check_model_name, create_anchor
+    names = [a.name for a in cfg.anchors]
+    for a in cfg.anchors:
+        check_model_name(a.name)
+    models = [create_anchor(a, pretrained, num_classes=num_classes, img_size=img_size, in_chans=in_chans)
+              for a in cfg.anchors]
+    labels = [f"{n}#{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+    adapters = [adapter_for(m, n) for m, n in zip(models, labels)]
+    return anchors_net(models, adapters, labels)
+
+
+def data_namespace(data_dir: str, batch_size: int, num_classes: int | None = None,
+                   workers: int = 0) -> argparse.Namespace:
+    """The data options of train.py that `snnet.train.data` reads, for a folder dataset."""
+    return argparse.Namespace(data_dir=str(data_dir), dataset="", train_split="train", val_split="validation",
+                              class_map="", num_classes=num_classes, batch_size=1, validation_batch_size=batch_size,
+                              workers=workers, pin_mem=False, seed=0, dataset_download=False, aug_repeats=0,
+                              grad_accum_steps=1)
+
+
+def open_data(data_dir: str, need_train: bool, batch_size: int, num_classes: int | None = None):
+    """(train, val) datasets of an ImageFolder root, checked (one-line DataError on a bad folder)."""
+    from snnet.train.data import check_data, create_datasets
+    ns = data_namespace(data_dir, batch_size, num_classes)
+    check_data(ns, need_train=need_train, world_size=1)
+    return ns, *create_datasets(ns, need_train=need_train)
+
+
+def data_config(net: ComposedNet, img_size: int | None) -> dict[str, Any]:
+    """Evaluation preprocessing as train.py resolves it (timm, the largest anchor's pretrained config)."""
+    from timm.data import resolve_data_config
+    return resolve_data_config({"img_size": img_size} if img_size else {}, model=net.anchor(net.n_anchors - 1))
+
+
+def calibration_batches(dataset, data_cfg: dict[str, Any], batches: int, batch_size: int, seed: int = 0) -> list:
+    """`batches` x `batch_size` clean images drawn at random (seeded) from `dataset`, kept in memory (the maps read
+    them twice)."""
+    from snnet.train.data import clean_images
+    return list(clean_images(dataset, data_cfg, batches * batch_size, seed, batch_size=batch_size))
+
+
+def device_of(name: str | None) -> torch.device:
+    """``--device``: cuda when available unless named."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SimilarityError(f"--device {name!r} is not a torch device; use cpu or cuda[:index]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SimilarityError(f"--device {name!r}: CUDA is not available here; use --device cpu")
+    return device
+
+
+@dataclass
+class Prepared:
+    """What both commands build from their arguments, every input checked before any image is read."""
+    out: Path
+    cfg: Any                 # StitchConfig: the anchors' specs
+    net: ComposedNet         # the anchors, each its own route, on `device`
+    device: torch.device
+    data: argparse.Namespace  # snnet.train.data's options
+    train: Any
+    val: Any
+    num_classes: int | None
+    img_size: int | None
+    data_cfg: dict[str, Any]
+
+
+def prepare(args: argparse.Namespace, need_train: bool, what: str, need_val: bool = False) -> Prepared:
+    """Output folder, batch size, device, anchors (>= 2), data folder, then the anchors themselves."""
+    from snnet.core.fileio import check_out_dir
+    from snnet.train.data import DataError, num_classes_of
+    out = check_out_dir(args.out)
+    if args.batch_size < 4:
+        raise SimilarityError(f"--batch-size {args.batch_size}: the unbiased CKA needs at least 4 images per batch; "
+                              f"use -b 4 or more")
+    device = device_of(args.device)
+    cfg = anchor_specs(args.anchors, args.stitch_config)
+    if len(cfg.anchors) < 2:
+        raise SimilarityError(f"{what} needs at least two anchors, got {len(cfg.anchors)}; add one to --anchors or "
+                              f"the config")
+    ns, train, val = open_data(args.data, need_train, args.batch_size, args.num_classes)
+    if need_val and val is None:
+        raise DataError(f"data folder {args.data!r} has no validation/ or val/ folder to evaluate on")
+    classes = args.num_classes or cfg.get("num_classes") or num_classes_of(train if need_train else val)
+    img_size = args.img_size or cfg.get("input_size")
+    net = build_anchors(cfg, not args.no_pretrained, classes, img_size).to(device)
+    return Prepared(out, cfg, net, device, ns, train, val, classes, img_size, data_config(net, img_size))
+
+
+def run_similarity(args: argparse.Namespace) -> list[Path]:
+    """`snnet similarity`: anchors, clean images of one split, the three maps, the files."""
+    import time
+    run = prepare(args, args.split == "train", "compatibility maps")
+    t0 = time.perf_counter()
+    images = calibration_batches(run.train if args.split == "train" else run.val, run.data_cfg, args.batches,
+                                 args.batch_size, args.seed)
+    maps = compatibility_maps(run.net, images, kl=not args.no_kl)
+    took = time.perf_counter() - t0
+    meta = {"command": "snnet similarity", "data": str(args.data), "split": args.split, "seconds": round(took, 2),
+            "anchor_specs": [{"name": a.name, "checkpoint": a.checkpoint, "model_kwargs": a.model_kwargs}
+                             for a in run.cfg.anchors]}
+    files = write_maps(maps, args.out, meta)
+    print(summary(maps, took))
+    print(f"wrote {', '.join(str(f) for f in files)}")
+    return files
+
+
+def summary(maps: CompatibilityMaps, seconds: float) -> str:
+    """A few lines: per ordered pair, the best-matching end unit of each front unit."""
+    lines = [f"compatibility maps of {len(maps.names)} anchors on {maps.images} images ({maps.batches} batches) in "
+             f"{seconds:.1f}s"]
+    for a, b in maps.pairs:
+        stitchable = sum(1 for e in maps.stitches if (e[0], e[2]) == (a, b))
+        lines.append(f"{maps.names[a]} -> {maps.names[b]}: {stitchable} of "
+                     f"{len(maps.cuts[a]) * len(maps.cuts[b])} unit pairs stitchable")
+        for fc in maps.cuts[a]:
+            row = maps.cka[(a, b)][fc.unit]
+            j = int(np.argmax(row))
+            res = maps.value("ls_residual", (a, fc.unit, b, j))
+            klv = maps.value("kl", (a, fc.unit, b, j)) if maps.kl is not None else None
+            extra = (f", LS residual {res:.3f}" if res is not None else ", no linear stitch") + \
+                (f", KL {klv:.3f}" if klv is not None else "")
+            lines.append(f"  {fc.name:>14} ~ {maps.cuts[b][j].name:<14} CKA {row[j]:.3f}{extra}")
+    return "\n".join(lines)

@@ -1,0 +1,208 @@
+"""stitches_res.txt: the one owner of the results file (reading, validating, writing) and of the hashes that tie
+records to the checkpoint and config that produced them."""
+from __future__ import annotations
+
+from snnet.core.errors import SNNetError
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+from snnet.core.fileio import write_text_atomic
+
+if TYPE_CHECKING:
+    from snnet.core.model import SNNet
+
+_logger = logging.getLogger("snnet")
+RESULTS_FILE = "stitches_res.txt"
+EMA_RESULTS_FILE = "stitches_res_ema.txt"  # the same for the --model-ema weights
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class ResultsError(SNNetError):
+    """A results file (or record) that cannot be used; the message names the file, the line and the fix."""
+
+
+# ------------------------------------------------------------------------------------------------------ reading
+_COST_KEY = re.compile(r"flops|params|latency_ms_b\d+")  # costs: finite and >= 0 when present
+_PERCENT_KEY = ("acc1", "acc5")                           # accuracies: percent, 0..100
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float (JSON's NaN/Infinity and booleans are not numbers here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def results_path(path: str | os.PathLike) -> Path:
+    """A results file, or an evaluation output folder meaning its stitches_res.txt."""
+    path = Path(path)
+    return path / RESULTS_FILE if path.is_dir() else path
+
+
+def _checked(rec: Any, where: str) -> dict[str, Any]:
+    """One record validated: integer cfg_id >= 0, acc1 (and acc5) in percent, costs finite and >= 0."""
+    if not isinstance(rec, dict) or "cfg_id" not in rec or "acc1" not in rec:
+        what = "a JSON list" if isinstance(rec, list) else "a record without cfg_id/acc1"
+        raise ResultsError(f"{where} is {what}; a stitches_res.txt has one JSON object with cfg_id and acc1 per "
+                           f"line")
+    cfg_id = rec["cfg_id"]
+    if not is_number(cfg_id) or cfg_id != int(cfg_id) or cfg_id < 0:
+        raise ResultsError(f"{where}: cfg_id {cfg_id!r} must be an integer >= 0; fix or regenerate the file")
+    for key, value in rec.items():
+        if value is None:  # a missing number (SN-Net's files simply leave the key out)
+            continue
+        if key in _PERCENT_KEY and not (is_number(value) and 0 <= value <= 100):
+            raise ResultsError(f"{where}: {key} {value!r} must be a top-1/top-5 in percent (0..100); fix or "
+                               f"regenerate the file")
+        if _COST_KEY.fullmatch(key) and not (is_number(value) and value >= 0):
+            raise ResultsError(f"{where}: {key} {value!r} must be a finite number >= 0; fix or regenerate the file")
+    if rec["acc1"] is None:
+        raise ResultsError(f"{where}: acc1 is null; every record needs its top-1; fix or regenerate the file")
+    rec["cfg_id"] = int(cfg_id)
+    return rec
+
+
+def parse_results(text: str, source: str, owner: Callable[[dict[str, Any]], None] | None = None
+                  ) -> tuple[list[dict[str, Any]], int | None]:
+    """The one line parser: validated records in file order, and the number of a dropped torn line (or None).
+
+    Blank lines are skipped. A last line that is not JSON is a write cut short (a crash, or SN-Net's appending
+    evaluation killed mid-line): it is dropped and that stitch counts as not evaluated. A non-JSON line anywhere
+    else means the file is not a results file, and is refused. A cfg_id on two lines is refused too: our evaluator
+    writes each stitch once (a rerun skips the completed ones), so a repeat means two evaluations (possibly of
+    different checkpoints) were appended into one file, and letting one line silently win would rank stitches by
+    numbers nobody can vouch for. `owner` (the evaluator's checkpoint/config check) sees each JSON object before
+    its validation: a file of another run is refused as that, however malformed, since the fix is the same.
+    """
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    records, seen, torn = [], {}, None
+    for i, (n, line) in enumerate(lines):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1:
+                torn = n
+                break
+            raise ResultsError(f"{source} line {n} is not a JSON object; a stitches_res.txt has one JSON object "
+                               f"per line (a CSV or a JSON list is not one)") from None
+        if owner is not None and isinstance(rec, dict):
+            owner(rec)
+        rec = _checked(rec, f"{source} line {n}")
+        if rec["cfg_id"] in seen:
+            raise ResultsError(f"{source} line {n}: cfg_id {rec['cfg_id']} is also on line {seen[rec['cfg_id']]} "
+                               f"(two evaluations in one file?); keep one of the two lines")
+        seen[rec["cfg_id"]] = n
+        records.append(rec)
+    return records, torn
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise ResultsError(f"results file {str(path)!r} does not exist; pass a stitches_res.txt written by "
+                           f"train.py --eval (or SN-Net's evaluation)")
+    try:
+        return path.read_text()
+    except UnicodeDecodeError:
+        raise ResultsError(f"{str(path)!r} is not a text file; pass a stitches_res.txt (one JSON object per "
+                           f"line)") from None
+
+
+def _load(path: str | os.PathLike) -> tuple[Path, list[dict[str, Any]]]:
+    """The records of a file in file order; refuses a file without any complete record."""
+    path = results_path(path)
+    records, torn = parse_results(_read_text(path), repr(str(path)))
+    if not records and torn is not None:  # its only line is not JSON: not a results file rather than a torn one
+        raise ResultsError(f"{str(path)!r} line {torn} is not a JSON object; a stitches_res.txt has one JSON "
+                           f"object per line")
+    if not records:
+        raise ResultsError(f"results file {str(path)!r} is empty; evaluate the SN-Net first "
+                           f"(train.py --eval --resume CKPT) or pass another file")
+    return path, records
+
+
+def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Validated records of a results file (ours or SN-Net's, any key order), sorted by cfg_id."""
+    return sorted(_load(path)[1], key=lambda r: r["cfg_id"])
+
+
+# ------------------------------------------------------------------------------------------------------ writing
+def write_results(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> None:
+    """The one writer: one JSON object per line, in one atomic write (the old file stays whole until replaced)."""
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def update_results(path: str | os.PathLike, update: Callable[[dict[str, Any]], bool]) -> int:
+    """Apply `update` to every record of a file (in place; True = changed) and rewrite it atomically.
+
+    Lines keep their order and keys; a torn last line is dropped. Returns the number of records changed.
+    """
+    path, records = _load(path)
+    changed = sum(1 for r in records if update(r))
+    write_results(path, records)
+    return changed
+
+
+def check_routes(net: SNNet, records: Sequence[dict[str, Any]], source: str) -> None:
+    """Refuse records of another SN-Net: a cfg_id it lacks, or a route that is not its route of that cfg_id.
+
+    SN-Net's own files name no routes; their cfg_ids follow SN-Net's order, which ours keeps, so they pass.
+    """
+    fix = "use the results of the checkpoint and config that built this SN-Net"
+    for r in records:
+        c = r["cfg_id"]
+        if c >= net.num_configs:
+            raise ResultsError(f"{source} is not of this SN-Net: it has cfg_id {c}, this SN-Net has cfg_ids "
+                               f"0..{net.num_configs - 1}; {fix}")
+        if r.get("route", net.describe(c)) != net.describe(c):
+            raise ResultsError(f"{source} is not of this SN-Net: its cfg_id {c} is {r['route']!r}, this SN-Net's "
+                               f"is {net.describe(c)!r}; {fix}")
+
+
+class ResultsFile:
+    """stitches_res.txt: one JSON object per stitch, written atomically once the pass over the data is done.
+
+    Each record carries the hash of the checkpoint and of the config that produced it. A rerun skips the set of
+    completed cfg_ids of the same checkpoint and config; a torn last line (crash mid-write) is dropped and redone;
+    records of another checkpoint or config are never mixed into the file.
+    """
+
+    def __init__(self, path: str | os.PathLike, checkpoint_hash: str, config_hash: str):
+        self.path = Path(path)
+        self.checkpoint_hash, self.config_hash = checkpoint_hash, config_hash
+
+    def completed(self) -> dict[int, dict[str, Any]]:
+        """The records already evaluated, by cfg_id; a torn last line is dropped from the file (and redone)."""
+        if not self.path.exists():
+            return {}
+        records, torn = parse_results(_read_text(self.path), repr(str(self.path)), self._owned)
+        if torn is not None:  # rewritten now, so that `extend` never appends after a half line
+            _logger.warning(f"{self.path}: line {torn} is incomplete; that stitch will be evaluated again")
+            write_results(self.path, records)
+        return {r["cfg_id"]: r for r in records}
+
+    def _owned(self, rec: dict[str, Any]) -> None:
+        if (rec.get("checkpoint_sha256"), rec.get("config_sha256")) != (self.checkpoint_hash, self.config_hash):
+            raise ResultsError(f"{str(self.path)!r} holds results of another checkpoint or config (cfg_id "
+                               f"{rec.get('cfg_id')}); evaluate into another folder (--output/--experiment) or "
+                               f"move the file away")
+
+    def extend(self, records: Iterable[dict[str, Any]]) -> None:
+        """Add records (stamped with the hashes) in one atomic write; a cfg_id evaluated again replaces its line."""
+        stamp = {"checkpoint_sha256": self.checkpoint_hash, "config_sha256": self.config_hash}
+        merged = {**self.completed(), **{r["cfg_id"]: {**r, **stamp} for r in records}}
+        write_results(self.path, merged.values())

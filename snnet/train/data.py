@@ -1,0 +1,492 @@
+"""Datasets and loaders through timm; checks that turn a wrong data folder into a one-line error."""
+from __future__ import annotations
+
+from snnet.core.errors import SNNetError
+import argparse
+import logging
+import math
+import os
+import re
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+_TRAIN_NAMES = ("train", "training")
+_VAL_NAMES = ("validation", "val", "valid", "eval", "evaluation")
+_logger = logging.getLogger(__name__)
+
+
+def img_extensions() -> set[str]:
+    """The image file extensions timm's folder reader lists (read at call time: timm lets them be changed)."""
+    from timm.data.readers import get_img_extensions
+    return get_img_extensions(as_set=True)
+
+
+def _is_image(name: str, extensions: set[str]) -> bool:
+    return os.path.splitext(name)[1].lower() in extensions  # the reader's own test
+
+
+class DataError(SNNetError):
+    """A dataset that cannot be used; the message names the folder and the fix."""
+
+
+def _split_dir(root: str, split: str, synonyms: tuple[str, ...]) -> str | None:
+    for name in (split, *[s for s in synonyms if s != split]):
+        path = os.path.join(root, name)
+        if os.path.isdir(path):
+            return path
+    return None
+
+
+def _check_image_folder(path: str, what: str) -> None:
+    classes = [d for d in sorted(os.listdir(path)) if os.path.isdir(os.path.join(path, d))]
+    if not classes:
+        raise DataError(f"{what} folder {path!r} has no class sub-folders; lay it out as {path}/<class>/<image>")
+    extensions = img_extensions()
+    for c in classes:
+        for _, _, files in os.walk(os.path.join(path, c)):
+            if any(_is_image(f, extensions) for f in files):
+                return
+    raise DataError(f"{what} folder {path!r} has class folders but no images ({', '.join(sorted(extensions))}; "
+                    f"timm's folder reader reads no other files)")
+
+
+def resolve_folders(args: argparse.Namespace, need_train: bool) -> tuple[str | None, str | None]:
+    """The train and validation folders of a folder dataset (``--dataset ''``), checked."""
+    root = args.data_dir
+    if os.path.isfile(root):
+        raise DataError(f"data folder {root!r} is a file; give the dataset root folder (with train/ and val/)")
+    if not os.path.isdir(root):
+        raise DataError(f"data folder {root!r} does not exist; give the dataset root (with train/ and val/)")
+    if not os.listdir(root):
+        raise DataError(f"data folder {root!r} is empty; it needs train/ and val/ (or validation/) class folders")
+    train = _split_dir(root, args.train_split, _TRAIN_NAMES)
+    val = _split_dir(root, args.val_split, _VAL_NAMES)
+    if need_train and train is None:
+        raise DataError(f"data folder {root!r} has no {args.train_split}/ folder; lay it out as "
+                        f"{root}/train/<class>/<image> and {root}/val/<class>/<image>")
+    if not need_train and val is None:
+        raise DataError(f"data folder {root!r} has no validation/ or val/ folder to evaluate on")
+    for path, what in ((train, "train"), (val, "validation")):
+        if path is not None:
+            _check_image_folder(path, what)
+    return train, val
+
+
+# ---------------------------------------------------------------------------------------- check_data: no image decoded
+def _first(names, n: int = 5) -> str:
+    names = sorted(names, key=_natural_key)
+    return ", ".join(repr(x) for x in names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _natural_key(name: str):
+    from timm.utils.misc import natural_key
+    return natural_key(name)
+
+
+def scan_image_folder(path: str, what: str = "train") -> dict[str, int]:
+    """Images per class of a split folder as timm's folder reader labels them (the name of the folder holding an
+    image; its extensions), without opening a file. Links are followed as the reader does, and a folder reached a
+    second time through a link (a loop, or two links to one folder) is refused: the reader would read it again."""
+    extensions = img_extensions()
+    counts: dict[str, int] = {}
+    top = os.path.realpath(path)
+    seen = {top: path}
+    stack = [path]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name, reverse=True)  # popped in name order
+        except OSError as e:
+            raise DataError(f"{what} folder {folder!r} cannot be listed ({e.strerror or e}); fix its permissions or "
+                            f"remove it (timm's reader would silently leave its images out)") from None
+        images = 0
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()  # follows links, as os.walk(followlinks=True) in the reader
+            except OSError:
+                is_dir = False
+            if not is_dir:
+                images += _is_image(entry.name, extensions)
+                continue
+            real = os.path.realpath(entry.path)
+            if real in seen:
+                here = os.path.realpath(folder)
+                if here == real or here.startswith(real.rstrip(os.sep) + os.sep):
+                    raise DataError(f"{what} folder {path!r}: the symlink {entry.path!r} loops back to "
+                                    f"{seen[real]!r}, so timm's reader (which follows links) would read its images "
+                                    f"over and over; remove the link")
+                link = entry.path if os.path.islink(entry.path) or not os.path.islink(seen[real]) else seen[real]
+                raise DataError(f"{what} folder {path!r}: {entry.path!r} and {seen[real]!r} are the same folder "
+                                f"{real!r} (through a symlink), so timm's reader would read its images twice; "
+                                f"remove the link {link!r}")
+            seen[real] = entry.path
+            stack.append(entry.path)
+        if images:
+            label = os.path.basename(os.path.relpath(folder, path)) if folder != path else ""
+            counts[label] = counts.get(label, 0) + images
+    return counts
+
+
+def _load_class_map(args: argparse.Namespace, root: str) -> dict:
+    from timm.data.readers.class_map import load_class_map
+    try:
+        mapping = load_class_map(args.class_map, root)
+    except Exception as e:  # timm asserts on a missing file or an unknown extension
+        reason = " ".join(str(e).split())[:120] or type(e).__name__
+        raise DataError(f"--class-map {args.class_map!r} cannot be read ({reason}); give a .txt file with one class "
+                        f"folder name per line") from None
+    if not mapping:
+        raise DataError(f"--class-map {args.class_map!r} holds no classes; give one class folder name per line")
+    return mapping
+
+
+def train_samples_per_process(images: int, world_size: int, aug_repeats: float = 0) -> int:
+    """Training samples one process draws per epoch, as timm's loader samples them (DistributedSampler pads to
+    ceil(n / world); RepeatAugSampler takes a multiple of 256 when there are that many)."""
+    if world_size <= 1:
+        return images
+    if aug_repeats and images >= 256:
+        return images // 256 * 256 // world_size
+    return math.ceil(images / world_size)
+
+
+def _check_steps(args: argparse.Namespace, images: int, where: str, world_size: int) -> None:
+    batch, accum = args.batch_size, max(1, int(getattr(args, "grad_accum_steps", 1) or 1))
+    per = train_samples_per_process(images, world_size, getattr(args, "aug_repeats", 0) or 0)
+    if per // batch // accum >= 1:
+        return
+    procs = f"{per} per process over {world_size} processes" if world_size > 1 else "1 process"
+    if per // batch:  # whole batches, but fewer than one accumulation
+        raise DataError(f"--grad-accum-steps {accum} exceeds the {per // batch} training batch(es) per process and "
+                        f"epoch ({where} has {images} training images, {procs}, -b/--batch-size {batch}); lower it "
+                        f"or -b/--batch-size")
+    accum_txt = f" and --grad-accum-steps {accum}" if accum > 1 else ""
+    fix = (f"lower -b to at most {per // accum}" if per // accum else
+           f"lower --grad-accum-steps to at most {per} or add images")
+    raise DataError(f"-b/--batch-size {batch}{accum_txt} gives no optimizer step: {where} has {images} training "
+                    f"images ({procs}) and timm's training loader drops the last incomplete batch; {fix}")
+
+
+def _check_num_classes(args: argparse.Namespace, classes: int, where: str) -> None:
+    wanted = getattr(args, "num_classes", None)
+    if wanted is not None and wanted < classes:
+        raise DataError(f"--num-classes {wanted} is smaller than the {classes} classes of {where}: labels "
+                        f"{wanted}..{classes - 1} would have no output; raise it to {classes} or leave it out "
+                        f"(the default is the number of classes of the data)")
+
+
+_TORCH_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "kmnist": 10, "fashion_mnist": 10, "qmnist": 10}
+
+
+def _check_other_dataset(args: argparse.Namespace) -> None:
+    """What is cheap to check for timm's non-folder datasets (torch/...): the name and the root."""
+    prefix, sep, rest = args.dataset.partition("/")
+    if prefix.lower() != "torch" or not sep:
+        return
+    from timm.data import dataset_factory
+    name = rest.split("/")[-1].lower()
+    known = set(getattr(dataset_factory, "_TORCH_BASIC_DS", {})) | {"inaturalist", "inat", "places365", "qmnist",
+                                                                    "imagenet", "image_folder", "folder"}
+    if name not in known:
+        raise DataError(f"--dataset {args.dataset!r}: unknown torchvision dataset {name!r}; one of "
+                        f"{', '.join(sorted(known))}")
+    root = args.data_dir
+    if root and os.path.isfile(root):
+        raise DataError(f"data folder {root!r} is a file; give the folder of the {name} dataset")
+    if root and not os.path.isdir(root) and (name in ("imagenet", "image_folder", "folder")
+                                             or not getattr(args, "dataset_download", False)):
+        raise DataError(f"data folder {root!r} does not exist; give the folder of the {name} dataset"
+                        + ("" if name in ("imagenet", "image_folder", "folder") else " or add --dataset-download"))
+    if name in _TORCH_CLASSES and not getattr(args, "class_map", ""):
+        _check_num_classes(args, _TORCH_CLASSES[name], f"--dataset {args.dataset}")
+
+
+def check_data(args: argparse.Namespace, need_train: bool, world_size: int) -> None:
+    """The dataset of a run, checked before any work by a scan of its folders (no image is opened); a problem is a
+    one-line DataError naming the value and the fix.
+
+    Folder datasets (``--dataset ''``): the layout (`resolve_folders`); no folder reached twice through symlinks;
+    train/ and val/ hold the same classes (timm numbers each split's sorted class folders on its own, so a class
+    missing from one split would shift the labels of the other) unless --class-map fixes the numbering;
+    --num-classes covers the classes; training gives each of `world_size` processes at least one optimizer step.
+    Images are counted as timm's folder reader counts them (its extensions, its labels)."""
+    if args.dataset != "":
+        _check_other_dataset(args)
+        return
+    train_dir, val_dir = resolve_folders(args, need_train)
+    train_dir = train_dir if need_train else None
+    mapping = _load_class_map(args, train_dir or val_dir) if getattr(args, "class_map", "") else None
+    scans = {}
+    for path, what in ((train_dir, "train"), (val_dir, "validation")):
+        if path is not None:
+            counts = scan_image_folder(path, what)
+            scans[what] = {c: n for c, n in counts.items() if c in mapping} if mapping is not None else counts
+    if mapping is not None:
+        for path, what in ((train_dir, "train"), (val_dir, "validation")):
+            if path is not None and not scans[what]:
+                raise DataError(f"{what} folder {path!r} has no images of the classes in --class-map "
+                                f"{args.class_map!r} (its folders: {_first(scan_image_folder(path, what))}); "
+                                f"check the class map")
+    elif train_dir and val_dir and set(scans["train"]) != set(scans["validation"]):
+        only_train, only_val = set(scans["train"]) - set(scans["validation"]), set(scans["validation"]) - set(scans["train"])
+        parts = ([f"only in train/: {_first(only_train)}"] if only_train else []) + \
+                ([f"only in {os.path.basename(val_dir)}/: {_first(only_val)}"] if only_val else [])
+        raise DataError(f"train folder {train_dir!r} and validation folder {val_dir!r} have different classes "
+                        f"({'; '.join(parts)}): timm numbers each split's class folders separately, so the labels "
+                        f"would not match; give both the same class folders (each with images), or pass --class-map")
+    if mapping is not None:
+        indices = [v for v in mapping.values() if isinstance(v, int)]
+        classes = (max(indices) + 1) if indices else len(mapping)
+        _check_num_classes(args, classes, f"--class-map {args.class_map!r}")
+    else:
+        what = "train" if train_dir else "validation"
+        _check_num_classes(args, len(scans[what]), f"{what} folder {train_dir or val_dir!r}")
+    if train_dir:
+        _check_steps(args, sum(scans["train"].values()), f"train folder {train_dir!r}", world_size)
+
+
+def create_datasets(args: argparse.Namespace, need_train: bool):
+    from timm.data import create_dataset
+    if args.dataset == "":
+        train_dir, val_dir = resolve_folders(args, need_train)
+        make = lambda path, training: create_dataset("", root=path, split="", search_split=False,
+                                                     class_map=args.class_map, is_training=training)
+        train = make(train_dir, True) if (need_train and train_dir) else None
+        val = make(val_dir, False) if val_dir else None
+    else:
+        kw = dict(root=args.data_dir, class_map=args.class_map, download=args.dataset_download,
+                  batch_size=args.batch_size, seed=args.seed)
+        train = create_dataset(args.dataset, split=args.train_split, is_training=True, **kw) if need_train else None
+        try:
+            val = create_dataset(args.dataset, split=args.val_split, is_training=False, **kw)
+        except Exception:
+            val = None
+    for ds, what in ((train, "train"), (val, "validation")):
+        if ds is not None and len(ds) == 0:
+            raise DataError(f"the {what} split of {args.data_dir!r} has no samples")
+    return train, val
+
+
+def num_classes_of(dataset) -> int | None:
+    reader = getattr(dataset, "reader", None)
+    mapping = getattr(reader, "class_to_idx", None)
+    return len(mapping) if mapping else None
+
+
+_SKIP = threading.local()
+_TIMM_SKIP = re.compile(r"^Skipped sample \(index \d+\)\. (.*)$", re.S)
+
+
+class _HoldTimmSkip(logging.Filter):
+    """While `_NamedSkips` loads an image, timm's "Skipped sample (index N). <reason>" warning (which for a truncated
+    image does not name the file) is held back and its reason kept, for the one line that names the file."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(_SKIP, "active", False):
+            return True
+        m = _TIMM_SKIP.match(record.getMessage())
+        if m is None:
+            return True
+        _SKIP.reason = m.group(1)
+        return False
+
+
+_HOLD = _HoldTimmSkip()
+
+
+class _NamedSkips(torch.utils.data.Dataset):
+    """A training dataset whose skipped (unreadable) images are named: timm's ImageDataset skips an image it cannot
+    decode and uses the next one, logging only the index for a truncated file. This reproduces timm's retry rule
+    exactly (next index, up to the dataset's retry limit, then timm's error), so the same images are used, and logs
+    one warning with the file's path per skipped image."""
+
+    def __init__(self, dataset):
+        import copy
+        self.retries = max(1, int(getattr(dataset, "_max_retries", 1)))
+        self.dataset = copy.copy(dataset)  # its own retry limit and transform; the caller's dataset is untouched
+        self.dataset._max_retries = 1
+
+    @property
+    def transform(self):
+        return self.dataset.transform
+
+    @transform.setter
+    def transform(self, value) -> None:  # timm's create_loader sets it
+        self.dataset.transform = value
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name in ("dataset", "retries"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _name(self, index: int) -> str:
+        try:
+            return str(self.dataset.filename(index, absolute=True))
+        except Exception:
+            return f"index {index}"
+
+    def __getitem__(self, index: int):
+        timm_logger = logging.getLogger("timm.data.dataset")
+        if _HOLD not in timm_logger.filters:  # also in spawned loader workers
+            timm_logger.addFilter(_HOLD)
+        for _ in range(self.retries):
+            _SKIP.active, _SKIP.reason = True, None
+            try:
+                return self.dataset[index]
+            except RuntimeError as e:
+                if "consecutive samples" not in str(e):
+                    raise
+                _logger.warning(f"skipped training image {self._name(index)!r} ({_SKIP.reason or 'unreadable'}); "
+                                f"the next image is used in its place: remove or replace the file")
+                index = (index + 1) % len(self.dataset)
+            finally:
+                _SKIP.active = False
+        raise RuntimeError(f"Failed to load {self.retries} consecutive samples")
+
+
+def create_train_loader(dataset, args: argparse.Namespace, data_cfg: dict[str, Any], device: torch.device,
+                        collate_fn=None):
+    """timm's training loader; a timm ImageDataset is wrapped so that a skipped unreadable image is named."""
+    from timm.data import ImageDataset, create_loader
+    if isinstance(dataset, ImageDataset):
+        dataset = _NamedSkips(dataset)
+    num_aug_splits = args.aug_splits if args.aug_splits > 1 else 0
+    loader = create_loader(
+        dataset, input_size=data_cfg["input_size"], batch_size=args.batch_size, is_training=True,
+        no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
+        re_split=args.resplit, scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip,
+        color_jitter=args.color_jitter, auto_augment=args.aa, num_aug_repeats=int(args.aug_repeats),
+        num_aug_splits=num_aug_splits, interpolation=args.train_interpolation, mean=data_cfg["mean"],
+        std=data_cfg["std"], num_workers=args.workers, distributed=args.distributed, collate_fn=collate_fn,
+        pin_memory=args.pin_mem, device=device, use_prefetcher=not args.no_prefetcher,
+        # fresh workers each epoch, seeded from the per-epoch RNG state: a resumed run augments identically
+        persistent_workers=False, train_crop_mode=timm_crop_mode(args))
+    if getattr(args, "train_crop_mode", "rrc") == "src":
+        loader.dataset.transform = src_crop(loader.dataset.transform, data_cfg["input_size"][-1])
+    return loader
+
+
+def timm_crop_mode(args: argparse.Namespace) -> str:
+    """--train-crop-mode as timm's transform factory takes it ('src' is built on timm's 'rrc': see src_crop)."""
+    mode = getattr(args, "train_crop_mode", "rrc")
+    return "rrc" if mode == "src" else mode
+
+
+def src_crop(transform, size: int):
+    """DeiT-III's 3-Augment crop (SN-Netv2's training, docs/snnet_compat.md C36) in place of timm's random-resized
+    crop: resize the short side to `size` with the crop's interpolation, then a random `size` crop of the image
+    padded by 4 px (reflect). Returns the transform with every RandomResizedCropAndInterpolation replaced."""
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+    from torchvision import transforms as T
+
+    replaced = 0
+
+    def swap(t):
+        nonlocal replaced
+        if isinstance(t, RandomResizedCropAndInterpolation):
+            replaced += 1
+            interp = t.interpolation if not isinstance(t.interpolation, (list, tuple)) else T.InterpolationMode.BICUBIC
+            return T.Compose([T.Resize(size, interpolation=interp),
+                              T.RandomCrop(size, padding=4, padding_mode="reflect")])
+        if isinstance(t, T.Compose):
+            t.transforms = [swap(c) for c in t.transforms]
+        return t
+
+    transform = swap(transform)
+    if not replaced:
+        raise ValueError(f"--train-crop-mode src: no random-resized crop found in the training transform {transform!r}")
+    return transform
+
+
+def eval_transform(data_cfg: dict[str, Any]):
+    from timm.data import create_transform
+    return create_transform(data_cfg["input_size"], is_training=False, interpolation=data_cfg["interpolation"],
+                            mean=data_cfg["mean"], std=data_cfg["std"], crop_pct=data_cfg["crop_pct"],
+                            crop_mode=data_cfg.get("crop_mode", "center"))
+
+
+class _StrictImages(torch.utils.data.Dataset):
+    """Evaluation reads every image or stops, naming the file: timm's datasets skip an unreadable image and
+    substitute the next one, which is fine for training (`_NamedSkips` names the file) but would make the counts of
+    an evaluation silently wrong."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        if hasattr(dataset, "_max_retries"):
+            dataset._max_retries = 1
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.dataset[index]
+        except RuntimeError as e:
+            if "consecutive samples" not in str(e):
+                raise
+            name = self.dataset.filename(index, absolute=True) if hasattr(self.dataset, "filename") else index
+            raise DataError(f"image {str(name)!r} cannot be read; remove or replace it (evaluation does not skip "
+                            f"images, so that every count is exact)") from None
+
+
+class _Shard(Subset):
+    """Every world_size-th sample from `rank`: disjoint shards with no padding, so reduced counts are exact."""
+
+    def __init__(self, dataset, rank: int, world_size: int):
+        super().__init__(dataset, list(range(rank, len(dataset), world_size)))
+
+
+def create_eval_loader(dataset, args: argparse.Namespace, data_cfg: dict[str, Any], rank: int = 0,
+                       world_size: int = 1, batch_size: int | None = None) -> DataLoader:
+    import copy
+    dataset = copy.copy(dataset)
+    dataset.transform = eval_transform(data_cfg)
+    return DataLoader(_Shard(_StrictImages(dataset), rank, world_size), batch_size=batch_size or args.validation_batch_size
+                      or args.batch_size, shuffle=False, num_workers=args.workers, pin_memory=args.pin_mem,
+                      drop_last=False, persistent_workers=False)
+
+
+class CleanImages:
+    """Batches of images drawn at random (seeded) from a dataset with the evaluation transform, this rank's share.
+
+    ``count`` is the number actually drawn over all processes: the requested number, or the whole split when it is
+    smaller (log this one, not the request); ``local_count`` is this process's share, ``requested`` the request.
+    """
+
+    def __init__(self, dataset, data_cfg: dict[str, Any], count: int, seed: int, rank: int = 0,
+                 world_size: int = 1, batch_size: int = 50):
+        import copy
+        self.base = copy.copy(dataset)  # same samples, its own transform
+        self.base.transform = eval_transform(data_cfg)
+        order = np.random.default_rng(seed).permutation(len(self.base))[:count]
+        self.indices = [int(i) for i in order[rank::world_size]]
+        self.requested, self.count, self.local_count = count, len(order), len(self.indices)
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        """Batches this process yields (the LS init's progress line counts them)."""
+        return -(-self.local_count // self.batch_size)
+
+    def __iter__(self):
+        loader = DataLoader(Subset(self.base, self.indices), batch_size=self.batch_size, shuffle=False, num_workers=0)
+        for images, _ in loader:
+            yield images
+
+
+def clean_images(dataset, data_cfg: dict[str, Any], count: int, seed: int, rank: int = 0,
+                 world_size: int = 1, batch_size: int = 50) -> CleanImages:
+    """`count` images (or all, if the split has fewer) drawn at random (seeded) from `dataset` with the evaluation
+    transform, this rank's share: an iterable of batches whose ``.count`` is the true number over all processes.
+
+    The least-squares init fits on these: no mixup, no erasing, no random crops (SN-Net used an augmented
+    training batch: docs/snnet_compat.md, C12).
+    """
+    return CleanImages(dataset, data_cfg, count, seed, rank, world_size, batch_size)

@@ -1,0 +1,107 @@
+"""Where a run executes: the device, the process group (torchrun, incl. --max-restarts retries) and precision."""
+from __future__ import annotations
+
+from snnet.core.errors import SNNetError
+import argparse
+import contextlib
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class DeviceError(SNNetError):
+    """A device request this machine cannot meet; the message names the fix."""
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The network inside a DistributedDataParallel wrapper (or the network itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
+_agreed_attempt: int | None = None  # set by resolve_device, see _agree_on_attempt
+
+
+def restart_attempt() -> int:
+    """How often torchrun has restarted this worker group (0 on the first attempt), the same on every rank once
+    resolve_device has run; before, this node's TORCHELASTIC_RESTART_COUNT."""
+    if _agreed_attempt is not None:
+        return _agreed_attempt
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def _agree_on_attempt() -> int:
+    """The worker group's restart count as every rank on every node sees it.
+
+    TORCHELASTIC_RESTART_COUNT counts only this node's failures: when a worker on another node dies while ours
+    still runs (e.g. stuck in a collective), our agent restarts its workers as a membership change without
+    counting it, so the new workers see a different count on each node (and looked for different stores: a hang).
+    With the agent's store (torchrun's c10d and static rendezvous) each rank counts its starts there instead: every
+    restart of a fixed-size worker group starts each global rank once, so the counts agree."""
+    global _agreed_attempt
+    _agreed_attempt = None
+    if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(os.environ.get("WORLD_SIZE", "1")) > 1
+            and not dist.is_initialized()):
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=timedelta(minutes=10))
+        _agreed_attempt = store.add(f"snnet/starts/rank{os.environ['RANK']}", 1) - 1
+    return restart_attempt()
+
+
+def resolve_device(args: argparse.Namespace) -> torch.device:
+    """timm's init_distributed_device, plus the process group of a torchrun restart (see below)."""
+    from timm.utils import init_distributed_device
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    attempt = _agree_on_attempt()
+    if attempt > 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        _init_restarted_group(args, attempt)
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        args.distributed, args.local_rank = True, local
+        args.rank, args.world_size = dist.get_rank(), dist.get_world_size()
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{local}"
+            torch.cuda.set_device(args.device)
+        return torch.device(args.device)
+    return init_distributed_device(args)
+
+
+def _init_restarted_group(args: argparse.Namespace, attempt: int) -> None:
+    """Process group of a torchrun --max-restarts retry, on a store of its own.
+
+    Seen with torch 2.14 on CPU: restarted workers joining through the agent's store could hang in, or fail,
+    the gloo rendezvous. Rank 0 hosts a fresh TCPStore on MASTER_PORT + 1 + attempt instead, so each attempt
+    starts from an empty store."""
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    port = int(os.environ["MASTER_PORT"]) + 1 + attempt
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], port, world_size, is_master=rank == 0,
+                          timeout=timedelta(minutes=10))
+    backend = args.dist_backend or ("nccl" if args.device.startswith("cuda") else "gloo")
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
+
+
+def amp_dtype_for(args: argparse.Namespace, device: torch.device) -> torch.dtype | None:
+    """None without --amp; else --amp-dtype, by default fp16 on CUDA (with a GradScaler) and bf16 elsewhere."""
+    if not args.amp:
+        return None
+    if args.amp_dtype:
+        return getattr(torch, args.amp_dtype)
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+def amp_context(device: torch.device, dtype: torch.dtype | None):
+    """torch.amp autocast in `dtype`, or nothing when `dtype` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

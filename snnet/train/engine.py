@@ -1,0 +1,243 @@
+"""The loops: train one epoch, evaluate stitches. Nothing else lives here.
+
+The network is a `snnet.core.model.RoutedNet` (an `SNNet`, or a `PlainNet` holding one timm model): the loops only use
+``forward(x, cfg_id)``, ``routes``, ``run_step`` and ``describe``, so they treat both alike. As in timm and DeiT,
+a loop takes the run's `args` and returns a metrics dict; the objects a run builds once (sampler, scaler,
+scheduler, mixup, hooks) travel in one `TrainContext`, so a new option adds a field, not a parameter to every call.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from snnet.core.errors import SNNetError
+from snnet.train.device import amp_context, unwrap, world
+from snnet.core.progress import Progress
+from snnet.core.route_tree import RouteTree
+from snnet.train.sampler import rng_state, set_rng_state
+
+
+class NonFiniteLoss(SNNetError):
+    """The loss became NaN or infinite: the run stops (exit code 3); what was written before it is kept (the last
+    good checkpoint; a sweep's finished runs)."""
+    exit_code = 3
+
+
+@dataclass
+class TrainContext:
+    """What a training run built once and every epoch uses."""
+    device: torch.device
+    sampler: Callable[[int], int]                 # global step -> cfg_id this process trains
+    amp_dtype: torch.dtype | None = None
+    loss_scaler: Any = None                       # timm NativeScaler (fp16 on CUDA)
+    lr_scheduler: Any = None
+    mixup_fn: Callable | None = None
+    model_ema: Any = None                         # timm ModelEmaV3, updated after every optimizer step
+    parameters: Callable[[], Iterable] = list     # the trainable parameters (gradient clipping)
+    global_step: int = 0                          # optimizer steps taken so far (drives the sampler)
+    # (with --grad-accum-steps N a step is N micro-batches: global_step, epoch_step, skip and the hooks count steps)
+    after_step: list[Callable[[int], None]] = field(default_factory=list)  # hooks called with the new step
+    # mid-epoch state, for recovery checkpoints: this epoch's loss sum and samples so far, and the RNG states at the
+    # end of the last two batches (a prefetching loader prepares batch i+1 right after batch i-1)
+    epoch: int = 0
+    epoch_step: int = 0                           # optimizer steps of this epoch so far
+    epoch_loss: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    rng_after: deque = field(default_factory=lambda: deque(maxlen=2))
+    snapshot_rng: bool = False                    # take those snapshots (only recovery checkpoints need them)
+    # resuming from a recovery checkpoint: optimizer steps of this epoch already trained, and the RNG states to
+    # restore after the last two batches of step skip (None where there is none)
+    skip: int = 0
+    restore: list = field(default_factory=lambda: [None, None])
+    clock: Any = None                             # progress.RunClock: the whole-run ETA of the progress lines
+
+
+def _check_finite(loss: torch.Tensor, epoch: int, step: int, cfg_id: int, net: nn.Module) -> None:
+    """Stop before a non-finite loss reaches the weights. Under DDP every rank learns of it in the same step (each
+    trains its own stitch), so no rank is left waiting in an all-reduce."""
+    mine = torch.tensor([0.0 if math.isfinite(loss.item()) else 1.0, float(cfg_id)], device=loss.device)
+    if world()[1] > 1:
+        flags = [torch.zeros_like(mine) for _ in range(world()[1])]
+        dist.all_gather(flags, mine)
+    else:
+        flags = [mine]
+    culprits = [(r, int(f[1])) for r, f in enumerate(flags) if f[0] > 0]
+    if culprits:
+        rank, cfg = culprits[0]
+        raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, step {step} on rank {rank} (stitch cfg_id {cfg}: "
+                            f"{unwrap(net).describe(cfg)}); lower --lr or set --clip-grad; what was written before (the last good "
+                            f"checkpoint, finished runs) is kept")
+
+
+def _forward_loss(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor, cfg_id: int, args,
+                  ctx: TrainContext) -> torch.Tensor:
+    """The stitch's loss; autocast covers the forward, and the loss (with the teacher) too unless --no-amp-loss
+    (SN-Net's Swin computed its loss outside autocast: docs/snnet_compat.md, C19)."""
+    with amp_context(ctx.device, ctx.amp_dtype):
+        out = model(x, cfg_id)
+        if not args.no_amp_loss:
+            return loss_fn(x, out, y)
+    return loss_fn(x, out, y)
+
+
+def _optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, args, ctx: TrainContext,
+                    zero_grad: bool = True, update: bool = True) -> None:
+    """Backward of `loss`; with gradient accumulation the first micro-batch of a step zeroes the gradients
+    (`zero_grad`) and the last clips and steps (`update`), as timm's need_update."""
+    from timm.utils import dispatch_clip_grad
+    if zero_grad:
+        optimizer.zero_grad(set_to_none=True)
+    if ctx.loss_scaler is not None:
+        ctx.loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                        parameters=ctx.parameters(), need_update=update)
+        return
+    loss.backward()
+    if not update:
+        return
+    if args.clip_grad is not None:
+        dispatch_clip_grad(ctx.parameters(), args.clip_grad, mode=args.clip_mode)
+    optimizer.step()
+
+
+def _skip_trained(ctx: TrainContext, i: int, skip: int) -> bool:
+    """While resuming mid-epoch: True for batches already trained (read, not trained: the loader's randomness is
+    replayed), restoring the RNG states the interrupted run had after steps skip-1 and skip."""
+    if i > skip:
+        return False
+    state = ctx.restore[0] if i == skip - 1 else ctx.restore[1] if i == skip else None
+    if state is not None:
+        set_rng_state(state)
+    return True
+
+
+def train_one_epoch(epoch: int, model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
+                    loss_fn: Callable, args, ctx: TrainContext) -> "OrderedDict[str, float]":
+    """One epoch of optimizer steps; each step trains the stitch ``ctx.sampler(ctx.global_step)`` on
+    --grad-accum-steps micro-batches (loss divided by their number, DDP gradient sync on the last one only); the
+    loader's last len(loader) % N batches are dropped. Returns the mean loss over all ranks' samples;
+    ``ctx.global_step`` advances."""
+    model.train()
+    accum = max(1, getattr(args, "grad_accum_steps", 1) or 1)
+    steps = len(loader) // accum
+    skip, ctx.skip, ctx.epoch = ctx.skip, 0, epoch
+    progress = Progress(f"Train: {epoch}", steps, args.log_interval, done=skip,
+                        run_eta=ctx.clock.remaining if ctx.clock is not None else None)
+    if not skip:
+        ctx.epoch_loss = [0.0, 0.0]
+    ctx.rng_after.clear()
+    step_loss, step_samples = 0.0, 0
+    for i, (x, y) in enumerate(loader, start=1):
+        if i > steps * accum:  # fewer than N batches left: not a whole step
+            break
+        if _skip_trained(ctx, i, skip * accum):
+            continue
+        micro = (i - 1) % accum
+        update = micro == accum - 1
+        if args.no_prefetcher:
+            x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+        if ctx.mixup_fn is not None:
+            x, y = ctx.mixup_fn(x, y)
+        cfg_id = ctx.sampler(ctx.global_step)  # per optimizer step: its micro-batches all train this stitch
+        with contextlib.nullcontext() if update or not hasattr(model, "no_sync") else model.no_sync():
+            loss = _forward_loss(model, loss_fn, x, y, cfg_id, args, ctx)
+            _check_finite(loss, epoch, ctx.global_step, cfg_id, model)
+            _optimizer_step(loss / accum if accum > 1 else loss, optimizer, args, ctx, zero_grad=micro == 0,
+                            update=update)
+        value = float(loss.detach().double().cpu())
+        ctx.epoch_loss[0] += value * x.shape[0]
+        ctx.epoch_loss[1] += x.shape[0]
+        step_loss, step_samples = step_loss + value, step_samples + x.shape[0]
+        if ctx.snapshot_rng:
+            ctx.rng_after.append(rng_state())  # nothing below draws random numbers
+        if not update:
+            continue
+        ctx.global_step += 1
+        if ctx.model_ema is not None:  # timm's step argument: the number of updates so far
+            ctx.model_ema.update(unwrap(model), step=ctx.global_step)
+        ctx.epoch_step = i // accum
+        for hook in ctx.after_step:
+            hook(ctx.global_step)
+        if ctx.lr_scheduler is not None and args.sched_on_updates:
+            ctx.lr_scheduler.step_update(num_updates=ctx.global_step)
+        lr = sum(g["lr"] for g in optimizer.param_groups) / len(optimizer.param_groups)
+        progress.update(ctx.epoch_step, step_samples, f"loss {step_loss / accum:.4f} (avg "
+                                                      f"{ctx.epoch_loss[0] / ctx.epoch_loss[1]:.4f}) lr {lr:.3e}")
+        step_loss, step_samples = 0.0, 0
+    stats = torch.tensor(ctx.epoch_loss, dtype=torch.float64)
+    if world()[1] > 1:
+        dist.all_reduce(stats)
+    return OrderedDict(loss=float(stats[0] / max(stats[1], 1)))
+
+
+class _Counts:
+    """Per-stitch sums (top-1 hits, top-5 hits, loss, samples) in float64, reduced over ranks at the end."""
+
+    def __init__(self, cfg_ids: Sequence[int]):
+        self.rows = {c: i for i, c in enumerate(cfg_ids)}
+        self.table = torch.zeros(len(cfg_ids), 4, dtype=torch.float64)
+
+    def add(self, cfg_id: int, logits: torch.Tensor, y: torch.Tensor) -> None:
+        logits = logits.float()
+        hit = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(y[:, None])
+        row = self.table[self.rows[cfg_id]]
+        row[0] += float(hit[:, :1].sum())
+        row[1] += float(hit.sum())
+        row[2] += float(F.cross_entropy(logits, y, reduction="sum"))
+        row[3] += y.shape[0]
+
+    def metrics(self) -> "OrderedDict[int, dict[str, float]]":
+        if world()[1] > 1:
+            dist.all_reduce(self.table)
+        out = OrderedDict()
+        for cfg_id, row in self.rows.items():
+            c1, c5, loss, n = self.table[row].tolist()
+            n = max(n, 1)
+            out[cfg_id] = {"acc1": 100.0 * c1 / n, "acc5": 100.0 * c5 / n, "loss": loss / n, "samples": int(n)}
+        return out
+
+
+@torch.no_grad()
+def evaluate_stitches(net: nn.Module, loader: Iterable, cfg_ids: Sequence[int], device: torch.device,
+                      amp_dtype: torch.dtype | None = None, log_interval: int = 50, shared_prefixes: bool = True,
+                      stats: dict | None = None) -> "OrderedDict[int, dict[str, float]]":
+    """Top-1/top-5 (percent) and mean cross-entropy per stitch, reduced over ranks.
+
+    One pass over the data for all stitches: each batch is decoded once and every route runs on it; with
+    `shared_prefixes` the routes are walked as a trie so each distinct prefix is computed once per batch
+    (snnet/core/route_tree.py). ``shared_prefixes=False`` runs each route from the input (for comparison).
+    """
+    net.eval()
+    model = unwrap(net)
+    routes = {c: model.routes[model.check_cfg_id(c)] for c in cfg_ids}
+    tree = RouteTree(routes)
+    counts = _Counts(cfg_ids)
+    progress = Progress(f"Eval {len(cfg_ids)} stitch(es)", len(loader), log_interval,
+                        per_phase=(len(cfg_ids), "stitches"))
+    peak = 0
+    for i, (x, y) in enumerate(loader, start=1):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        emit = lambda cfg_id, logits, y=y: counts.add(cfg_id, logits, y)
+        with amp_context(device, amp_dtype):
+            if shared_prefixes:
+                peak = max(peak, tree.run(model.run_step, x, emit, track_bytes=stats is not None))
+            else:
+                for cfg_id, steps in routes.items():
+                    emit(cfg_id, model.run_steps(steps, x))
+        progress.update(i, x.shape[0])
+    if stats is not None:
+        stats["peak_activation_bytes"] = peak
+    return counts.metrics()
+
+
+def default_val_panel(num_configs: int, n_anchors: int, extra: int = 4) -> list[int]:
+    """Anchors plus a few evenly spread stitches: validated after every epoch (the full sweep runs at the end)."""
+    stitched = list(range(n_anchors, num_configs))
+    step = max(1, len(stitched) // max(extra, 1))
+    return list(range(n_anchors)) + stitched[step // 2::step][:extra]

@@ -1,0 +1,128 @@
+"""Optimizer and LR schedule of a run: parameter groups, the LR rule, timm's optimizer and scheduler factories."""
+from __future__ import annotations
+
+from snnet.core.errors import SNNetError
+import argparse
+
+import torch
+from torch import nn
+
+
+class OptimError(SNNetError):
+    """An optimizer or schedule that cannot be built; the message names the flag and the fix."""
+
+
+def param_groups(net: nn.Module, weight_decay: float, anchor_lr_scale: float, decay_all: bool = False,
+                 layer_decay: float | None = None) -> list[dict]:
+    """Anchors vs. stitching layers (LR scale), each split into decay / no-decay (1-D params, biases, the anchors'
+    own no_weight_decay names, which SN-Net dropped: `decay_all` does too, docs/snnet_compat.md, C18).
+
+    With `layer_decay` (``--layer-decay``) an anchor parameter's LR scale is ``anchor_lr_scale * layer_decay **
+    (depth - layer_id)`` within its anchor (`layer_ids`), so groups are (anchor/stitch, decay/no-decay, scale).
+    Stitching layers keep scale 1: they are new layers between two anchors, with no pretrained features to protect
+    and no single depth (a stitch sits at block j of one anchor and block k of another)."""
+    skip = net.no_weight_decay() if hasattr(net, "no_weight_decay") and not decay_all else set()
+    depth_scale = {}
+    if layer_decay is not None:
+        depth_scale = {name: layer_decay ** (depth - lid) for name, (lid, depth) in layer_ids(net).items()}
+    groups: dict[tuple[bool, bool, float], list] = {}
+    for name, p in net.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_anchor = not name.startswith("stitch_layers.")
+        no_decay = p.ndim <= 1 or name.endswith(".bias") or name in skip
+        scale = anchor_lr_scale * depth_scale.get(name, 1.0) if is_anchor else 1.0
+        groups.setdefault((is_anchor, no_decay, scale), []).append(p)
+    out = []
+    for (is_anchor, no_decay, scale), params in sorted(groups.items()):
+        out.append({"params": params, "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": scale})
+    return out
+
+
+def layer_ids(net: nn.Module) -> dict[str, tuple[int, int]]:
+    """{parameter name: (layer_id, depth)} of the anchors' parameters, per anchor: 0 for the stem unit, 1..n for its
+    n blocks in execution order, depth = n + 1 for the final norm and the head (and parameters no unit runs). A
+    transition (downsampling) unit takes the id of the block after it, as timm's group matchers put a stage's
+    downsample with its first block. A network whose one timm model runs whole (``--model``) uses timm's own layer
+    grouping (group_matcher), as timm's layer decay does."""
+    out = {}
+    for a, units in enumerate(net.units):
+        anchor, prefix = net.anchor(a), net._anchor_prefix(a)
+        n = sum(u.kind == "block" for u in units)
+        if n == 0:
+            from timm.models import group_parameters
+            from timm.optim._param_groups import auto_group_layers
+            layer_map = (group_parameters(anchor, anchor.group_matcher(coarse=False), reverse=True)
+                         if hasattr(anchor, "group_matcher") else auto_group_layers(anchor))
+            depth = max(layer_map.values())
+            out.update({prefix + name: (layer_map.get(name, depth), depth) for name, _ in anchor.named_parameters()})
+            continue
+        ids, block = [], 0
+        for u in units:
+            block += u.kind == "block"
+            ids.append(0 if u.kind == "stem" else block if u.kind == "block" else block + 1 if u.kind == "transition"
+                       else n + 1)
+        for name, _ in anchor.named_parameters():
+            lid = next((i for u, i in zip(units, ids) if any(name == m or name.startswith(m + ".") for m in u.modules)),
+                       n + 1)
+            out[prefix + name] = (min(lid, n + 1), n + 1)
+    return out
+
+
+def resolve_lrs(args: argparse.Namespace, global_batch: int) -> tuple[float, float, float]:
+    """(lr, warmup_lr, min_lr) of the run. --lr is absolute (timm); else --lr-base is scaled from --lr-base-size to
+    the global batch (linearly, or by the square root for adaptive optimizers unless --lr-base-scale says), and with
+    --scale-warmup-min-lr so are --warmup-lr and --min-lr (SN-Net's Swin)."""
+    if args.lr is not None:
+        return args.lr, args.warmup_lr, args.min_lr
+    scale = args.lr_base_scale or ("sqrt" if any(o in args.opt.lower() for o in ("ada", "lamb")) else "linear")
+    ratio = global_batch / args.lr_base_size
+    factor = ratio ** 0.5 if scale == "sqrt" else ratio
+    if args.scale_warmup_min_lr:
+        return args.lr_base * factor, args.warmup_lr * factor, args.min_lr * factor
+    return args.lr_base * factor, args.warmup_lr, args.min_lr
+
+
+def anchor_lr_scale(args: argparse.Namespace) -> float:
+    return args.anchor_lr_scale if args.anchor_lr_scale is not None else 1.0
+
+
+def create_optimizer(args: argparse.Namespace, net: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """timm's create_optimizer_v2 over `param_groups`."""
+    from timm.optim import create_optimizer_v2
+    kwargs = {}
+    if args.opt_eps is not None:
+        kwargs["eps"] = args.opt_eps
+    if args.opt_betas is not None:
+        kwargs["betas"] = tuple(args.opt_betas)
+    try:
+        groups = param_groups(net, args.weight_decay, anchor_lr_scale(args), decay_all=args.snnet_compat,
+                              layer_decay=getattr(args, "layer_decay", None))
+        return create_optimizer_v2(groups, opt=args.opt, lr=lr,
+                                   weight_decay=args.weight_decay, momentum=args.momentum, **kwargs)
+    except ValueError as e:
+        raise OptimError(f"--opt {args.opt!r}: {e}; see timm.optim.list_optimizers()") from None
+
+
+def epoch_offset(args: argparse.Namespace) -> int:
+    """1 when per-epoch schedules step one epoch late (--lr-one-epoch-late), else 0."""
+    return int(args.lr_one_epoch_late and not args.sched_on_updates)
+
+
+def create_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, updates_per_epoch: int,
+                     warmup_lr: float, min_lr: float, start_epoch: int = 0, global_step: int | None = None):
+    """timm's create_scheduler_v2 with the run's resolved warm-up and minimum LR, fast-forwarded to `start_epoch`
+    (per-epoch schedules) or `global_step` (``--sched-on-updates``; default start_epoch x updates_per_epoch).
+    Returns (scheduler, number of epochs)."""
+    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+    kwargs = {**scheduler_kwargs(args), "warmup_lr": warmup_lr, "min_lr": min_lr}
+    try:
+        scheduler, num_epochs = create_scheduler_v2(optimizer, **kwargs, updates_per_epoch=updates_per_epoch)
+    except ValueError as e:
+        raise OptimError(f"--sched {args.sched!r}: {e}; use cosine, tanh, step, multistep, plateau or poly") from None
+    updates = start_epoch * updates_per_epoch if global_step is None else global_step
+    if args.sched_on_updates and updates > 0:
+        scheduler.step_update(updates)
+    elif not args.sched_on_updates and start_epoch - epoch_offset(args) > 0:
+        scheduler.step(start_epoch - epoch_offset(args))
+    return scheduler, num_epochs

@@ -1,0 +1,105 @@
+"""Every input of a run checked before any work: arguments and configs (parsed), the output folder, the checkpoints,
+the data layout, the augmentation. A bad input is one line and exit 2 before a weight is loaded or an image read.
+
+train.py runs these checks first, identically on every rank; distributed_train.sh runs them once before torchrun
+starts its processes (``python -m snnet.train.preflight NUM_PROC ARGS``), so a bad input under torchrun is one line from
+one process, not one per rank followed by torchrun's traceback.
+"""
+from __future__ import annotations
+
+from snnet.core.errors import SNNetError, one_line
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from snnet.core.config import StitchConfig
+
+
+class OutputError(SNNetError):
+    """An output folder that cannot be written; the message names it and the fix."""
+
+
+def output_dir(args: argparse.Namespace) -> Path:
+    """Where the run writes: <output>/<experiment>; an evaluation of --resume CKPT without --output/--experiment
+    writes next to the checkpoint (a rerun continues there)."""
+    if args.eval and args.resume and not (args.output or args.experiment):
+        return Path(args.resume).resolve().parent
+    name = args.experiment
+    if not name:
+        stem = Path(args.stitch_config).stem if args.stitch_config else args.model
+        name = f"eval-{stem}" if args.eval else f"{time.strftime('%Y%m%d-%H%M%S')}-{stem}-{args.img_size or 224}"
+    return Path(args.output or "./output/train") / name
+
+
+def check_output(path: Path) -> None:
+    """`path` exists as a writable folder, or can be created: its nearest existing ancestor is a writable folder.
+    Nothing is created here (a refused run leaves no trace)."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise OutputError(f"output folder {str(path)!r} cannot be made: {str(probe)!r} is a file; pass another "
+                          f"--output/--experiment")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(f"output folder {str(path)!r} is not writable ({str(probe)!r} does not allow it); pass "
+                          f"another --output or fix the permissions")
+
+
+def check_checkpoints(args: argparse.Namespace) -> None:
+    """--resume and --initial-checkpoint are readable pickle-free checkpoints (their fit to the network is checked
+    once the network is built, before any image is read)."""
+    from snnet.core.checkpoint import load_checkpoint
+    for path in (args.resume, args.initial_checkpoint):
+        if path:
+            load_checkpoint(path)
+
+
+def check_augmentation(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
+    """The training transform can be built (e.g. --aa names a policy timm knows)."""
+    if args.eval:
+        return
+    from timm.data import create_transform
+
+    from snnet.train.data import timm_crop_mode
+    from snnet.train.resolve import eval_transform
+    size = eval_transform(args, stitch_cfg)["input_size"]
+    try:
+        create_transform(size, is_training=True, auto_augment=args.aa, re_prob=args.reprob, re_mode=args.remode,
+                         re_count=args.recount, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
+                         vflip=args.vflip, color_jitter=args.color_jitter, interpolation=args.train_interpolation,
+                         train_crop_mode=timm_crop_mode(args))
+    except Exception as e:  # timm asserts on unknown policies and ranges
+        from snnet.train.args import UsageError
+        reason = " ".join(str(e).split())[:160] or type(e).__name__
+        raise UsageError(f"the training augmentation cannot be built ({reason}); check --aa (e.g. "
+                         f"rand-m9-mstd0.5-inc1), --scale, --ratio and --train-interpolation") from None
+
+
+def check_run(args: argparse.Namespace, stitch_cfg: StitchConfig | None, world_size: int) -> None:
+    from snnet.train.data import check_data
+    check_output(output_dir(args))
+    check_checkpoints(args)
+    check_data(args, need_train=not args.eval, world_size=world_size)
+    check_augmentation(args, stitch_cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m snnet.train.preflight NUM_PROC TRAIN_ARGS...``: the checks for a launch of NUM_PROC processes per node."""
+    from snnet.train.args import parse_args
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args, stitch_cfg = parse_args(argv[1:])
+        if not args.dry_run:
+            check_run(args, stitch_cfg, int(argv[0]))
+    except SNNetError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The package's layer rule, read from the source: a module imports only its own layer and the layers below it,
+module imports form no circle, and nothing but an entry point imports the CLI (snnet/README.md draws the layers)."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "snnet"
+#: lower layers first; a module may import its own layer and any layer before it
+LAYERS = ("core", "results", "train", "deploy", "explore")
+#: the entry points: the only modules that may import the CLI (and any layer)
+ENTRY = {"snnet.cli", "snnet.demo", "snnet.__main__"}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in PKG.rglob("*.py")}
+
+
+def imports_of(path: Path, name: str) -> set[str]:
+    """Every snnet module `path` imports, at any depth (function-level imports count: they run too)."""
+    tree = ast.parse(path.read_text(), str(path))
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "snnet"}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            if mod.split(".")[0] != "snnet":
+                continue
+            found.add(mod)
+            for a in node.names:  # `from snnet.core import cut` imports the module snnet.core.cut
+                if f"{mod}.{a.name}" in MODULES:
+                    found.add(f"{mod}.{a.name}")
+    return found
+
+
+MODULES = modules()
+
+
+def layer_of(name: str) -> int | None:
+    parts = name.split(".")
+    if len(parts) >= 2 and parts[1] in LAYERS:
+        return LAYERS.index(parts[1])
+    return None
+
+
+def test_every_library_module_is_in_a_layer():
+    loose = [m for m in MODULES if layer_of(m) is None and m not in ENTRY and m != "snnet"]
+    assert not loose, f"modules outside the layers {LAYERS}: {loose}"
+
+
+def test_no_upward_import():
+    bad = []
+    for name, path in MODULES.items():
+        own = layer_of(name)
+        if own is None:
+            continue
+        for dep in imports_of(path, name):
+            if dep in ENTRY:
+                bad.append(f"{name} imports the entry point {dep}")
+            elif dep == "snnet":
+                bad.append(f"{name} imports the package root (import from the defining module)")
+            elif (layer_of(dep) or 0) > own:
+                bad.append(f"{name} ({LAYERS[own]}) imports {dep} ({LAYERS[layer_of(dep)]})")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_package_root_imports_only_the_core():
+    deps = imports_of(MODULES["snnet"], "snnet")
+    assert all(layer_of(d) == 0 for d in deps), deps
+
+
+def test_nothing_but_an_entry_point_imports_the_cli():
+    users = [n for n, p in MODULES.items() if n not in ENTRY and "snnet.cli" in imports_of(p, n)]
+    for path in [*ROOT.glob("stitching_*/*.py"), *ROOT.glob("benchmarks/*.py"), ROOT / "train.py"]:
+        if "snnet.cli" in imports_of(path, "x.y"):
+            users.append(str(path.relative_to(ROOT)))
+    assert not users, users
+
+
+def test_no_import_circle():
+    graph = {n: {d for d in imports_of(p, n) if d in MODULES and d != n} for n, p in MODULES.items()}
+    # a package's __init__ re-exporting its modules is no circle of the modules themselves
+    for n in graph:
+        graph[n] = {d for d in graph[n] if not (MODULES[d].name == "__init__.py" and n.startswith(d + "."))}
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(n: str) -> None:
+        state[n] = 1
+        path.append(n)
+        for d in sorted(graph[n]):
+            if state.get(d) == 1:
+                pytest.fail("import circle: " + " -> ".join(path[path.index(d):] + [d]))
+            if d not in state:
+                visit(d)
+        path.pop()
+        state[n] = 2
+
+    for n in sorted(graph):
+        if n not in state:
+            visit(n)
+
+
+def test_the_rule_catches_an_upward_import(tmp_path):
+    """The checker itself: an upward import and a circle in a made-up tree are found."""
+    src = tmp_path / "snnet" / "core" / "x.py"
+    src.parent.mkdir(parents=True)
+    src.write_text("from snnet.train.main import main\nfrom ..cli import main as m\n")
+    deps = imports_of(src, "snnet.core.x")
+    assert "snnet.train.main" in deps and "snnet.cli" in deps
+    assert layer_of("snnet.train.main") > layer_of("snnet.core.x")
