@@ -4,6 +4,8 @@ Every field has a type; a field nobody knows is an error that names it (SN-Net s
 """
 from __future__ import annotations
 
+import os
+
 from snnet.core.errors import SNNetError
 import difflib
 import json
@@ -254,3 +256,52 @@ def load_stitch_config(path: str | Path) -> StitchConfig:
                               or Path(a.checkpoint).exists() else str(path.parent / a.checkpoint), a.model_kwargs)
                    for a in cfg.anchors]
     return cfg
+
+
+# ---------------------------------------------------------------------------------------------------- anchor specs
+#: timm names that carry a colon of their own (hub references); NAME:CHECKPOINT splits after them
+_HUB_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")
+
+
+def parse_anchor(value: Any, source: str = "anchor", base: str | os.PathLike | None = None) -> AnchorSpec:
+    """The one anchor syntax of every tool (``--anchors``, ``--front``/``--end``, sweep files, configs):
+
+    * ``NAME``: a timm model name (``resnet18``, ``vit_small_patch16_224.augreg_in21k``, ``hf-hub:org/model``);
+    * ``NAME:CHECKPOINT``: the model with local weights;
+    * ``FILE#INDEX``: anchor INDEX of a stitch config file;
+    * a config's JSON anchor object, as text or a dict: ``{"name": ..., "checkpoint": ..., "model_kwargs": {...}}``.
+
+    Relative checkpoint and config paths are taken from `base` when given. Raises ConfigError naming `source`."""
+    import json
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("{"):
+            try:
+                value = json.loads(text)
+            except ValueError as e:
+                raise ConfigError(f"{source} {text!r} is not a JSON object ({e}); write NAME, NAME:CHECKPOINT, "
+                                  f"FILE#INDEX or an anchor object such as '{{\"name\": \"resnet18\"}}'") from None
+        elif "#" in text:
+            file, _, index = text.rpartition("#")
+            if not index.isdigit() or not file:
+                raise ConfigError(f"{source} {text!r} must be FILE#INDEX (an anchor of a stitch config), e.g. "
+                                  f"configs/demo_digits.json#0")
+            cfg = load_stitch_config(_based(file, base))
+            if int(index) >= len(cfg.anchors):
+                raise ConfigError(f"{source} {text!r}: {file!r} has anchors 0..{len(cfg.anchors) - 1}, not {index}; "
+                                  f"fix the index")
+            return cfg.anchors[int(index)]
+        else:
+            hub = next((p for p in _HUB_PREFIXES if text.startswith(p)), "")
+            name, sep, checkpoint = text[len(hub):].partition(":")
+            if sep and not checkpoint:
+                raise ConfigError(f"{source} {text!r} names no checkpoint after ':'; write NAME or NAME:CHECKPOINT")
+            value = {"name": hub + name, "checkpoint": checkpoint} if sep else hub + name
+    if isinstance(value, dict) and isinstance(value.get("checkpoint"), str):
+        value = {**value, "checkpoint": _based(value["checkpoint"], base)}
+    return parse_stitch_config({"anchors": [value]}, source).anchors[0]
+
+
+def _based(path: str, base: str | os.PathLike | None) -> str:
+    p = Path(os.path.expanduser(path))
+    return str(p if p.is_absolute() or base is None else Path(base) / p)

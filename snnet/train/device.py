@@ -57,13 +57,26 @@ def _agree_on_attempt() -> int:
     return restart_attempt()
 
 
+def device_from_flag(name: str | None, per_rank: bool = False) -> torch.device:
+    """The one reading of ``--device``: None means cuda when available (with `per_rank`, this process's
+    ``cuda:LOCAL_RANK``), else cpu; a name that is no torch device, or cuda where there is none, is one line."""
+    if name is None:
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if per_rank else "cuda")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"--device {name!r} is not a torch device; use cpu or cuda[:index]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return device
+
+
 def resolve_device(args: argparse.Namespace) -> torch.device:
     """timm's init_distributed_device, plus the process group of a torchrun restart (see below)."""
     from timm.utils import init_distributed_device
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise DeviceError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    args.device = str(device_from_flag(args.device))
     attempt = _agree_on_attempt()
     if attempt > 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         _init_restarted_group(args, attempt)
