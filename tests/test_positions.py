@@ -91,12 +91,11 @@ def three_anchors():
 def test_position_is_the_map_edge_the_snnet_stitch_maps(three_anchors):
     from snnet.train.positions import edge_units
     net, anchors, _ = three_anchors
-    kinds = [[u.kind for u in units] for units in anchors.units]
     for j in range(4):
         for k in range(5):
             _, where = net.feature_points([Stitch(0, 1, 0, j, k, ())])
             (_, ux), (_, uy) = where[(0, 1, 0, j, k)]
-            assert edge_units(kinds[0], kinds[1], j, k) == (ux, uy)
+            assert edge_units(anchors.units[0], anchors.units[1], j, k) == (ux, uy)
 
 
 @pytest.mark.parametrize("score,key,best", [("kl", "kl", np.argmin), ("ls", "ls_residual", np.argmin),

@@ -91,6 +91,23 @@ class AnchorAdapter:
 _ADAPTERS: list[type[AnchorAdapter]] = []
 
 
+def block_units(units: Sequence[Unit]) -> dict[tuple[int, int], int]:
+    """(stage, block index) -> the index in `units` of that block unit."""
+    return {(u.stage, u.index): i for i, u in enumerate(units) if u.kind == "block"}
+
+
+def entry_unit(units: Sequence[Unit], stage: int, block: int, blocks: dict | None = None) -> int:
+    """The unit where an anchor continues from block `block` of `stage`: that block's unit; one past the stage's
+    last block when `block` is the stage's depth (SN-Netv2's stitch after the last small block enters the large
+    anchor's final norm). The unit before it is the end side's cut point of a stitch into block `block` (what the
+    least-squares init fits to). The one rule for SN-Net's routes, data-chosen positions and stitch-train.
+    Raises KeyError when the anchor has no such block."""
+    blocks = block_units(units) if blocks is None else blocks
+    if (stage, block) not in blocks and block > 0 and (stage, block - 1) in blocks:
+        return blocks[(stage, block - 1)] + 1
+    return blocks[(stage, block)]
+
+
 def register_adapter(cls: type[AnchorAdapter]) -> type[AnchorAdapter]:
     """Class decorator: make an adapter available to `adapter_for`."""
     if cls not in _ADAPTERS:

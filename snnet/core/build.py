@@ -2,16 +2,15 @@
 from __future__ import annotations
 
 import difflib
-import math
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from snnet.core.adapter import NCHW, TOKENS, AnchorAdapter, AnchorError, adapter_for
+from snnet.core.adapter import AnchorAdapter, AnchorError, adapter_for
 from snnet.core.checkpoint import CheckpointError, load_weights
 from snnet.core.config import AnchorSpec, ConfigError, StitchConfig
-from snnet.core.cost import eval_mode
+from snnet.core.cut import probe, why_not_stitchable
 from snnet.core.model import SNNet
 from snnet.core.plan import StitchPlan, deit_plan, positions_plan, stagewise_plan, two_way_plan
 
@@ -128,23 +127,6 @@ def _check_widths(models, adapters, names, stages) -> None:
                                   f"wide but {names[i]!r} is {widths[i]} (stage {s}); list anchors smallest first")
 
 
-def _extent(x: torch.Tensor, layout: str) -> tuple[int, ...]:
-    """Spatial extent of one image's features: (tokens,) or (H, W)."""
-    if layout == TOKENS:
-        return (x.shape[1],)
-    return tuple(x.shape[2:4]) if layout == NCHW else tuple(x.shape[1:3])
-
-
-def _same_extent(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
-    if len(a) == len(b):
-        return a == b
-    return math.prod(a) == math.prod(b)  # tokens vs a grid: the same number of positions
-
-
-def _describe(extent: tuple[int, ...]) -> str:
-    return f"{extent[0]} tokens" if len(extent) == 1 else f"{extent[0]}x{extent[1]}"
-
-
 @torch.no_grad()
 def check_resolutions(model: SNNet, img_size: int | Sequence[int] = 224, in_chans: int = 3) -> None:
     """Refuse stitches whose two sides do not run at the same resolution for this input size.
@@ -157,21 +139,18 @@ def check_resolutions(model: SNNet, img_size: int | Sequence[int] = 224, in_chan
     positions = [st for spec in model.plan.layers for st in model.plan.positions_of_layer(spec.address)]
     if not positions:
         return
-    need, where = model.feature_points(positions)  # the same feature points the LS init uses
-    device = next(model.parameters()).device
-    with eval_mode(model):
-        feats = model.capture(torch.zeros(1, in_chans, *size, device=device), need)
+    _, where = model.feature_points(positions)  # the same feature points the LS init uses
+    cuts = probe(model, size, in_chans)
     for st in positions:
         (fa, ux), (ea, uy) = where[(st.front, st.end, st.stage, st.j, st.k)]
-        front = _extent(feats[(fa, ux)], model.adapters[fa].stage_layout(model.anchors[fa], st.stage))
-        end = _extent(feats[(ea, uy)], model.adapters[ea].stage_layout(model.anchors[ea], st.stage))
-        if not _same_extent(front, end):
-            f, e = model.names[st.front], model.names[st.end]
+        f, e = model.names[st.front], model.names[st.end]
+        reason = why_not_stitchable(cuts[fa][ux], cuts[ea][uy], f"{f!r} block {st.j}", f"{e!r} block {st.k}",
+                                    every_token=True)
+        if reason is not None:
             raise AnchorError(
-                f"cannot stitch {f!r} to {e!r} in stage {st.stage}: at {size[0]}x{size[1]} input, {f!r} block "
-                f"{st.j} outputs {_describe(front)} but {e!r} block {st.k} takes {_describe(end)}; stitch anchors "
-                f"whose stage {st.stage} runs at the same resolution (same image size, patch size and strides), "
-                f"or leave stage {st.stage} out of stitch_stages")
+                f"cannot stitch {f!r} to {e!r} in stage {st.stage}: at {size[0]}x{size[1]} input, {reason}; stitch "
+                f"anchors whose stage {st.stage} runs at the same resolution (same image size, patch size and "
+                f"strides), or leave stage {st.stage} out of stitch_stages")
 
 
 def _input_size(cfg: StitchConfig, model: SNNet, model_kwargs: dict) -> tuple[int, int]:

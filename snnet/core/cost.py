@@ -87,36 +87,32 @@ class CostTable:
 
 @torch.no_grad()
 def measure(model: SNNet, img_size: int | tuple[int, int] = 224, in_chans: int = 3) -> CostTable:
-    """Trace every unit of every anchor and every stitching layer once, for one image of `img_size`."""
+    """Trace every unit of every anchor and every stitching module once, for one image of `img_size`: any network
+    the library builds (SN-Net's stitching layers, `snnet search`'s stitches), through its `stitch_inputs`."""
     size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     device = next(model.parameters()).device
-    unit_flops, unit_outputs, block_out = [], [], []
+    unit_flops, unit_outputs = [], []
     with eval_mode(model):
         for a, units in enumerate(model.units):
             anchor = model.anchor(a)
             x = torch.zeros(1, in_chans, *size, device=device)
-            flops, shapes, outs = [], [], {}
-            for u, unit in enumerate(units):
+            flops, shapes = [], []
+            for unit in units:
                 flops.append(count_flops(lambda t, unit=unit, anchor=anchor: unit.run(anchor, t), anchor, x))
                 x = unit.run(anchor, x)
                 shapes.append(x.shape)
-                if unit.kind == "block":
-                    outs[(unit.stage, unit.index)] = x
             unit_flops.append(flops)
             unit_outputs.append(shapes)
-            block_out.append(outs)
         layer_flops = {}
-        for spec in model.plan.layers:
-            positions = model.plan.positions_of_layer(spec.address)
-            if not positions:  # allocated but unused by any route (possible with depth interpolation)
-                layer_flops[spec.address] = 0
+        for address, feed in model.stitch_inputs().items():
+            if feed is None:  # allocated but unused by any route (possible with depth interpolation)
+                layer_flops[address] = 0
                 continue
-            st = positions[0]
-            x = block_out[st.front][(st.stage, st.j)]
-            layer = model.stitch_layer(spec.address)
+            x = torch.zeros(unit_outputs[feed[0]][feed[1]], device=device)  # FLOPs depend on the shape only
+            layer = model.stitch_layer(address)
             # a low-rank layer runs as its merged linear map once deployed (SN-Netv2 counted that one too)
             layer = layer.merged() if hasattr(layer, "merged") else layer
-            layer_flops[spec.address] = count_flops(layer, layer, x)
+            layer_flops[address] = count_flops(layer, layer, x)
     return CostTable(size, unit_flops, layer_flops, unit_outputs)
 
 

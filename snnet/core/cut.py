@@ -11,6 +11,7 @@ stitch through this module.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,18 +90,61 @@ def joint_tokens(front: CutPoint, end: CutPoint) -> bool:
     return front.layout == end.layout == TOKENS and front.prefix == end.prefix
 
 
-def why_not_stitchable(front: CutPoint, end: CutPoint) -> str | None:
-    """None when a linear stitch maps `front` onto `end`; else why not."""
+def describe(cut: CutPoint) -> str:
+    """One image's output at a cut point in words: '197 tokens' (prefix tokens counted), '14x14', 'a pooled vector'."""
+    if cut.layout == TOKENS:
+        return f"{cut.positions + cut.prefix} tokens"
+    if cut.layout == FLAT:
+        return "a pooled vector"
+    return f"{cut.extent[0]}x{cut.extent[1]}"
+
+
+def why_not_stitchable(front: CutPoint, end: CutPoint, front_name: str = "the front", end_name: str = "the end",
+                       every_token: bool = False) -> str | None:
+    """The one stitchability rule: None when a linear stitch maps `front` onto `end`, else why not, as
+    "<front_name> outputs 16 tokens but <end_name> takes 2x2". A stitch maps position to position, so both sides need
+    the same positions (tokens and a square grid of the same count may meet: the layout bridge lays tokens out
+    row-major); prefix tokens are bridged by `CutStitch`. `every_token`: the stitch is one linear map over every
+    token (SN-Net's stitching layer), so token sides must also carry the same number of prefix tokens."""
+    said = f"{front_name} outputs {describe(front)} but {end_name} takes {describe(end)}"
     if (front.layout == FLAT) != (end.layout == FLAT):
-        return "one side is pooled (no positions), the other is not"
-    if front.positions != end.positions:
-        return f"{front.positions} vs {end.positions} positions"
+        return f"{said} (a pooled vector has no positions to map)"
     grids = [c.extent for c in (front, end) if c.layout in (NCHW, NHWC)]
-    if len(grids) == 2 and grids[0] != grids[1]:
-        return f"grids {grids[0]} vs {grids[1]}"
+    if front.positions != end.positions or (len(grids) == 2 and grids[0] != grids[1]):
+        return said
     if len(grids) == 1 and grids[0][0] != grids[0][1]:  # tokens <-> a map: the layout bridge lays out squares
-        return f"tokens vs a non-square grid {grids[0]}"
+        return f"{said} (tokens map only onto a square grid)"
+    if every_token and front.layout == end.layout == TOKENS and front.prefix != end.prefix:
+        return f"{said} (one linear map over every token needs the same prefix tokens on both sides)"
     return None
+
+
+@torch.no_grad()
+def probe(net, img_size: int | tuple[int, int], in_chans: int = 3) -> list[list[CutPoint]]:
+    """The one unit probe: every unit's cut point (layout, channels, spatial extent, prefix tokens) of every anchor of
+    a routed network, from one zeros image of `img_size`. Architecture only (weights do not change it), so it is
+    cached per network and size. Used by the build checks, the cost model's stitch inputs and the tools."""
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)[-2:]
+    tables = _PROBES.setdefault(net, {})
+    if (size, in_chans) not in tables:
+        device = next(net.parameters()).device
+        outputs = {}
+        was_training = net.training
+        net.eval()
+        try:
+            for a, units in enumerate(net.units):
+                x, anchor = torch.zeros(1, in_chans, *size, device=device), net.anchor(a)
+                for u, unit in enumerate(units):
+                    x = unit.run(anchor, x)
+                    outputs[(a, u)] = x
+        finally:
+            net.train(was_training)
+        tables[(size, in_chans)] = cut_points(net, outputs)
+    return tables[(size, in_chans)]
+
+
+# net -> {(size, in_chans): cut points}; weak keys, so a net's probes go when the net does
+_PROBES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def spatial_rows(x: torch.Tensor, cut: CutPoint, keep_prefix: bool = False) -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from snnet.core.adapter import AnchorAdapter, Unit, adapter_for, module_param_count
+from snnet.core.adapter import AnchorAdapter, Unit, adapter_for, block_units, entry_unit, module_param_count
 from snnet.core.checkpoint import load_fitting
 from snnet.core.layers import create_stitch_layer
 from snnet.core.plan import Composition, Edge, LayerSpec, PlanError, Route, Stitch, StitchPlan
@@ -55,6 +55,11 @@ class RoutedNet(nn.Module):
 
     def stitch_layer(self, address: Sequence[int]) -> nn.Module:
         raise PlanError(f"{type(self).__name__} has no stitching layer {tuple(address)}")
+
+    def stitch_inputs(self) -> dict[tuple[int, ...], tuple[int, int] | None]:
+        """Per stitching module (its address): the feature point (anchor, unit) whose output it maps, or None for
+        a module no route uses. The cost model traces each module on that unit's output shape."""
+        return {}
 
     def run_step(self, step: Step, x: torch.Tensor) -> torch.Tensor:
         if step[0] == "unit":
@@ -234,8 +239,7 @@ class SNNet(RoutedNet):
         self.plan = plan
         self.skip_final_norm = skip_final_norm
         self.units: list[list[Unit]] = [ad.units(m) for ad, m in zip(self.adapters, anchors)]
-        self._block_unit = [{(u.stage, u.index): i for i, u in enumerate(units) if u.kind == "block"}
-                            for units in self.units]
+        self._block_unit = [block_units(units) for units in self.units]
         self.stitch_layer_spec = dict(stitch_layer or {"type": "linear"})
         self.stitch_layers = _nested_module_list([(spec.address, self._make_layer(spec)) for spec in plan.layers])
         self.routes: list[tuple[Step, ...]] = [self._compile(route) for route in plan.routes]
@@ -249,13 +253,11 @@ class SNNet(RoutedNet):
                                    ead.stage_layout(ea, spec.stage))
 
     def entry_unit(self, anchor: int, stage: int, block: int) -> int:
-        """The unit where anchor `anchor` continues from block `block` of `stage`; one past the stage's last block
-        when `block` is the stage's depth (SN-Netv2's stitch after the last small block enters the large anchor's
-        final norm)."""
-        if (stage, block) not in self._block_unit[anchor] and block > 0 and \
-                (stage, block - 1) in self._block_unit[anchor]:
-            return self.block_unit(anchor, stage, block - 1) + 1
-        return self.block_unit(anchor, stage, block)
+        """The unit where anchor `anchor` continues from block `block` of `stage` (`snnet.core.adapter.entry_unit`)."""
+        try:
+            return entry_unit(self.units[anchor], stage, block, self._block_unit[anchor])
+        except KeyError:
+            raise PlanError(f"anchor {self.names[anchor]!r} has no block {block} in stage {stage}") from None
 
     def block_unit(self, anchor: int, stage: int, block: int) -> int:
         """Index in ``units[anchor]`` of block `block` of `stage`."""
@@ -310,6 +312,14 @@ class SNNet(RoutedNet):
         for i in address:
             layer = layer[i]
         return layer
+
+    def stitch_inputs(self) -> dict[tuple[int, ...], tuple[int, int] | None]:
+        out = {}
+        for spec in self.plan.layers:
+            positions = self.plan.positions_of_layer(spec.address)  # none: allocated but unused (interpolation)
+            st = positions[0] if positions else None
+            out[spec.address] = None if st is None else (st.front, self.block_unit(st.front, st.stage, st.j))
+        return out
 
     # ------------------------------------------------------------------------------------------------- describing
     def describe(self, cfg_id: int) -> str:
@@ -400,6 +410,9 @@ class ComposedNet(RoutedNet):
 
     def stitch_layer(self, address: Sequence[int]) -> nn.Module:
         return self.stitches[address[0]]
+
+    def stitch_inputs(self) -> dict[tuple[int, ...], tuple[int, int] | None]:
+        return {(i,): (a, u) for i, (a, u, _, _) in enumerate(self.edges)}
 
     def describe(self, cfg_id: int) -> str:
         return self.compositions[self.check_cfg_id(cfg_id)].describe(

@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from snnet.core.adapter import Unit, block_units, entry_unit
 from snnet.core.config import ConfigError, StitchConfig
 
 _logger = logging.getLogger("snnet")
@@ -44,17 +45,15 @@ SCORES = {"cka": ("cka", 1.0), "ls": ("ls_residual", -1.0), "kl": ("kl", -1.0)}
 SELECTION_BATCH = 64
 
 
-def edge_units(front_kinds: Sequence[str], end_kinds: Sequence[str], j: int, k: int) -> tuple[int, int]:
-    """Position (j, k) of two plain (one-stage) anchors as a map edge (front unit, end unit), from the anchors' unit
-    kinds: the unit of the front's block j, and the end's unit before its block k (before its final norm when k is
-    its depth), as `SNNet.feature_points` pairs them."""
-    fb = [u for u, kind in enumerate(front_kinds) if kind == "block"]
-    eb = [u for u, kind in enumerate(end_kinds) if kind == "block"]
-    if not 0 <= j < len(fb) or not 0 <= k <= len(eb):
+def edge_units(front_units: Sequence[Unit], end_units: Sequence[Unit], j: int, k: int) -> tuple[int, int]:
+    """Position (j, k) of two plain (one-stage) anchors as a map edge (front unit, end unit): the unit of the front's
+    block j, and the end's unit before its block k (before its final norm when k is its depth), by the one rule of
+    `snnet.core.adapter.entry_unit` (SN-Net's routes and the least-squares init pair them the same way)."""
+    fb, eb = block_units(front_units), block_units(end_units)
+    if (0, j) not in fb or not 0 <= k <= len(eb):
         raise ConfigError(f"position ({j}, {k}) is outside the anchors' blocks: j in 0..{len(fb) - 1}, k in "
                           f"0..{len(eb)}")
-    entry = eb[k] if k < len(eb) else eb[-1] + 1
-    return fb[j], entry - 1
+    return fb[(0, j)], entry_unit(end_units, 0, k, eb) - 1
 
 
 def select_positions(net, batches, score: str, per_pair: int) -> tuple[list[list[list[int]]], dict[str, Any]]:
@@ -67,14 +66,13 @@ def select_positions(net, batches, score: str, per_pair: int) -> tuple[list[list
     key, sign = SCORES[score]
     pairs = [(a, a + 1) for a in range(net.n_anchors - 1)]
     maps = compatibility_maps(net, batches, pairs=pairs, kl=score == "kl")
-    kinds = [[u.kind for u in units] for units in net.units]
     chosen, candidates = [], []
     for a, b in pairs:
-        depth_a, depth_b = kinds[a].count("block"), kinds[b].count("block")
+        depth_a, depth_b = len(block_units(net.units[a])), len(block_units(net.units[b]))
         scored = []
         for j in range(depth_a):
             for k in range(depth_b + 1):
-                ux, uy = edge_units(kinds[a], kinds[b], j, k)
+                ux, uy = edge_units(net.units[a], net.units[b], j, k)
                 v = maps.value(key, (a, ux, b, uy))
                 if v is not None:
                     scored.append((j, k, v))
