@@ -173,14 +173,11 @@ def set_constant_drop_path(model: nn.Module, rate: float) -> int:
     return count
 
 
-def build_snnet(cfg: StitchConfig, pretrained: bool = True, num_classes: int | None = None,
-                drop_path_rate: float | None = None, select=None, **model_kwargs: Any) -> SNNet:
-    """Anchors from timm (pretrained, or the config's local checkpoints), wrapped into one SN-Net (not LS-initialised).
-
-    A config whose ``"positions"`` selects from data needs `select` (snnet/train/positions.py's `Selection`, which train.py
-    passes): it scores the positions on these anchors and returns the config with the explicit positions chosen.
-    The config the network was built from is kept as ``model.stitch_config``."""
-    names = [a.name for a in cfg.anchors]
+def create_anchors(cfg: StitchConfig, pretrained: bool = True, num_classes: int | None = None,
+                   drop_path_rate: float | None = None, **model_kwargs: Any) -> tuple[list[nn.Module],
+                                                                                 list[AnchorAdapter]]:
+    """A config's anchors from timm (pretrained, or the config's local checkpoints) and their adapters, in config
+    order. Seed before calling: random anchors take the global RNG."""
     for a in cfg.anchors:
         check_model_name(a.name)
     models = [create_anchor(a, pretrained, num_classes=num_classes, drop_path_rate=drop_path_rate, **model_kwargs)
@@ -188,12 +185,18 @@ def build_snnet(cfg: StitchConfig, pretrained: bool = True, num_classes: int | N
     if cfg.get("drop_path_schedule") == "constant":
         for a, m in zip(cfg.anchors, models):
             set_constant_drop_path(m, a.model_kwargs.get("drop_path_rate", drop_path_rate) or 0.0)
-    adapters = [adapter_for(m, n) for m, n in zip(models, names)]
+    return models, [adapter_for(m, a.name) for m, a in zip(models, cfg.anchors)]
+
+
+def snnet_from_anchors(cfg: StitchConfig, models: Sequence[nn.Module], adapters: Sequence[AnchorAdapter],
+                       img_size: int | Sequence[int] | None = None, in_chans: int | None = None) -> SNNet:
+    """Built anchors wrapped into one SN-Net (not LS-initialised), its stitches checked at the input size. The
+    positions must be known by now: a config whose ``"positions"`` selects from data is resolved first
+    (snnet/train/positions.py `Selection`, which train.py runs on the built anchors before this)."""
+    names = [a.name for a in cfg.anchors]
     if "select" in (cfg.get("positions") or {}):
-        if select is None:
-            raise ConfigError("stitch config: 'positions' selects from data, which only train.py does; pass the "
-                              "stitch_plan.json it wrote (explicit 'pairs') instead")
-        cfg = select(cfg, models, adapters)
+        raise ConfigError("stitch config: 'positions' selects from data, which only train.py does; pass the "
+                          "stitch_plan.json it wrote (explicit 'pairs') instead")
     plan = plan_for(models, adapters, names, cfg.get("stitch_kernel_size"), cfg.get("stitch_stride"),
                     cfg.get("nearest_stitching"), cfg.get("stitch_stages"), cfg.get("stitch_plan"),
                     cfg.get("positions"))
@@ -208,5 +211,15 @@ def build_snnet(cfg: StitchConfig, pretrained: bool = True, num_classes: int | N
     except ValueError as e:  # an unknown stitching-layer type or option
         raise ConfigError(f"stitch config: {e}") from None
     model.stitch_config = cfg
-    check_resolutions(model, _input_size(cfg, model, model_kwargs), model_kwargs.get("in_chans") or 3)
+    kwargs = {"img_size": img_size} if img_size is not None else {}
+    check_resolutions(model, _input_size(cfg, model, kwargs), in_chans or 3)
     return model
+
+
+def build_snnet(cfg: StitchConfig, pretrained: bool = True, num_classes: int | None = None,
+                drop_path_rate: float | None = None, **model_kwargs: Any) -> SNNet:
+    """Anchors from timm (pretrained, or the config's local checkpoints), wrapped into one SN-Net (not LS-initialised):
+    `create_anchors` then `snnet_from_anchors`. The config the network was built from is kept as
+    ``model.stitch_config``."""
+    models, adapters = create_anchors(cfg, pretrained, num_classes, drop_path_rate, **model_kwargs)
+    return snnet_from_anchors(cfg, models, adapters, model_kwargs.get("img_size"), model_kwargs.get("in_chans"))

@@ -38,6 +38,21 @@ class ResultsError(SNNetError):
     """A results file (or record) that cannot be used; the message names the file, the line and the fix."""
 
 
+# ------------------------------------------------------------------------------------------------------ records
+def stitch_record(net, cfg_id: int, metrics: dict[str, Any], flops: int, img_size: Sequence[int],
+                  **extra: Any) -> dict[str, Any]:
+    """The one results record of an evaluated network, whoever evaluated it (train.py's evaluation, `snnet search`,
+    `snnet stitch-train`): cfg_id, FLOPs, params (exactly what the route runs), top-1/top-5 (percent), mean loss, the
+    route in words, the number of images evaluated and their size, then the tool's own fields (`extra`).
+    `metrics` is the evaluator's dict (acc1, acc5, loss, samples)."""
+    record = {"cfg_id": int(cfg_id), "flops": int(flops), "params": int(net.params(cfg_id)),
+              "acc1": metrics["acc1"], "acc5": metrics["acc5"], "loss": metrics["loss"],
+              "route": net.describe(cfg_id), "samples": int(metrics["samples"]),
+              "img_size": [int(s) for s in img_size][-2:]}
+    record.update(extra)
+    return record
+
+
 # ------------------------------------------------------------------------------------------------------ reading
 _COST_KEY = re.compile(r"flops|params|latency_ms_b\d+")  # costs: finite and >= 0 when present
 _PERCENT_KEY = ("acc1", "acc5")                           # accuracies: percent, 0..100

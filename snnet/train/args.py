@@ -542,3 +542,23 @@ def _yaml_entries(path: str) -> list[tuple[str, str, Any]]:
 
 
 __all__ = ["build_parser", "parse_args", "UsageError", "ConfigError"]
+
+
+class FrozenArgs(argparse.Namespace):
+    """A run's arguments once resolved (command line, -c YAML, stitch config and recipe, then what the run derives
+    before any work: device, classes, resume checkpoint): read-only, so what args.yaml records is what every phase
+    reads. Make one with `freeze`."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"args.{name} is resolved once before the run starts (args.yaml) and is read-only; "
+                             f"derive a local value instead")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"args.{name} is read-only")
+
+
+def freeze(args: argparse.Namespace, **resolved: Any) -> FrozenArgs:
+    """`args` with `resolved` values set, frozen (a copy; `args` itself is not changed)."""
+    out = FrozenArgs.__new__(FrozenArgs)
+    out.__dict__.update({**vars(args), **resolved})
+    return out

@@ -22,25 +22,25 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from snnet.train.args import UsageError, parse_args
+from snnet.train.args import UsageError, freeze, parse_args
 from snnet.core.checkpoint import (LAST, RECOVERY, CheckpointError, CheckpointSaver, StateDictMismatch, fit_report,
                          json_field, load_checkpoint, training_state)
 from snnet.core.config import ConfigError, StitchConfig
 from snnet.core.cost import cost_table
 from snnet.train.data import DataError, clean_images, create_datasets, create_eval_loader, create_train_loader, num_classes_of
 from snnet.train.device import amp_dtype_for, restart_attempt, resolve_device, unwrap, world
-from snnet.train.engine import NonFiniteLoss, TrainContext, default_val_panel, evaluate_stitches, train_one_epoch
+from snnet.train.engine import TrainContext, default_val_panel, evaluate_stitches, train_one_epoch
 from snnet.core.fileio import write_text_atomic
 from snnet.train.loggers import Loggers, check_loggers, create_loggers
 from snnet.train.losses import create_loss
 from snnet.core.model import PlainNet, RoutedNet
 from snnet.train.optim import anchor_lr_scale, create_optimizer, create_scheduler, epoch_offset, resolve_lrs
-from snnet.train.positions import Selection, selected_config, write_stitch_plan
+from snnet.train.positions import Selection, write_stitch_plan
 from snnet.core.errors import SNNetError, one_line
 from snnet.train.preflight import check_run, output_dir
 from snnet.core.progress import RunClock
 from snnet.train.resolve import describe_run, launch_world_size, to_yaml
-from snnet.results.records import EMA_RESULTS_FILE, RESULTS_FILE, ResultsFile, file_sha256, text_sha256
+from snnet.results.records import EMA_RESULTS_FILE, RESULTS_FILE, ResultsFile, file_sha256, stitch_record, text_sha256
 from snnet.train.sampler import create_sampler, seed_epoch
 
 _logger = logging.getLogger("snnet")
@@ -90,7 +90,10 @@ class Run:
 
 # ------------------------------------------------------------------------------------------------------ building
 def build_network(args: argparse.Namespace, stitch_cfg: StitchConfig | None, num_classes: int,
-                  images_from=None) -> RoutedNet:
+                  images_from=None) -> tuple[RoutedNet, StitchConfig | None]:
+    """The network, built forward: anchors, then the stitch positions (chosen from data when the config asks, on
+    these anchors), then the SN-Net on them. Returns the network and the config it was built from (positions
+    explicit), which the run records."""
     kwargs = dict(num_classes=num_classes, drop_path_rate=args.drop_path, drop_rate=args.drop)
     if args.img_size is not None:
         kwargs["img_size"] = args.img_size
@@ -100,10 +103,15 @@ def build_network(args: argparse.Namespace, stitch_cfg: StitchConfig | None, num
         from snnet.core.build import create_anchor
         from snnet.core.config import AnchorSpec
         spec = AnchorSpec(args.model, None, dict(args.model_kwargs))
-        return PlainNet(create_anchor(spec, pretrained=args.pretrained, **kwargs), args.model)
-    from snnet.core.build import build_snnet
-    return build_snnet(stitch_cfg.with_model_kwargs(args.model_kwargs), pretrained=not args.no_pretrained,
-                       select=Selection(args, images_from), **kwargs)  # "positions" chosen on the training split
+        return PlainNet(create_anchor(spec, pretrained=args.pretrained, **kwargs), args.model), None
+    from snnet.core.build import create_anchors, snnet_from_anchors
+    cfg = stitch_cfg.with_model_kwargs(args.model_kwargs)
+    models, adapters = create_anchors(cfg, not args.no_pretrained, **kwargs)
+    if "select" in (cfg.get("positions") or {}):  # "positions" chosen on the training split, before the SN-Net
+        cfg = Selection(args, images_from)(cfg, models, adapters)
+        stitch_cfg = StitchConfig(list(stitch_cfg.anchors), {**stitch_cfg.values, "positions": cfg.get("positions")},
+                                  stitch_cfg.path)
+    return snnet_from_anchors(cfg, models, adapters, args.img_size, args.in_chans), stitch_cfg
 
 
 def _config_text(args: argparse.Namespace, stitch_cfg: StitchConfig | None, data_cfg: dict) -> str:
@@ -114,15 +122,23 @@ def _config_text(args: argparse.Namespace, stitch_cfg: StitchConfig | None, data
     return json.dumps(ident, sort_keys=True, default=str)
 
 
-def _resume_path(args: argparse.Namespace, out_dir: Path) -> str:
-    """--resume, or with --auto-resume (always on in a torchrun restart) the run folder's newest checkpoint: the
-    recovery file when there is one (an epoch checkpoint deletes it), else the last epoch's."""
-    if not args.resume and not args.eval and (args.auto_resume or restart_attempt() > 0):
+def _resolve(args: argparse.Namespace, stitch_cfg: StitchConfig | None, dataset) -> argparse.Namespace:
+    """What the run derives from its inputs, resolved once and frozen with them: the number of classes (the data
+    folder's, else the config's), the checkpoint to continue from (--auto-resume, always on in a torchrun restart:
+    the run folder's newest checkpoint, the recovery file when there is one), and --dist-bn (off where SyncBatchNorm
+    already synchronises, as timm does)."""
+    num_classes = args.num_classes
+    if num_classes is None:
+        num_classes = num_classes_of(dataset) or (stitch_cfg.get("num_classes") if stitch_cfg else None)
+    resume = args.resume
+    if not resume and not args.eval and (args.auto_resume or restart_attempt() > 0):
+        out_dir = output_dir(args)
         found = [out_dir / name for name in (RECOVERY, LAST) if (out_dir / name).exists()]
         if found:
-            args.resume = str(found[0])
-            _logger.info(f"auto-resume: continuing from {args.resume}")
-    return args.resume
+            resume = str(found[0])
+            _logger.info(f"auto-resume: continuing from {resume}")
+    synced = args.sync_bn and args.distributed and not args.eval
+    return freeze(args, num_classes=num_classes, resume=resume, dist_bn="" if synced else args.dist_bn)
 
 
 def _snnet_init_batch(run: Run, images_from, count: int) -> torch.Tensor:
@@ -184,23 +200,24 @@ def run(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
         return
     check_run(args, stitch_cfg, launch_world_size())  # every input, before any weight or image
     check_loggers(args)
-    device = resolve_device(args)
+    device = resolve_device(args)  # the process group (timm's init_distributed_device sets args' rank and world)
     rank, world_size = world()
-    random_seed(args.seed, rank)
+    random_seed(args.seed, rank)  # before any anchor is built: random anchors are the same on every rank and rerun
     if rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
     train_ds, val_ds = create_datasets(args, need_train=not args.eval)
-    if args.num_classes is None:
-        args.num_classes = num_classes_of(train_ds or val_ds) or (stitch_cfg.get("num_classes") if stitch_cfg else None)
-    net = build_network(args, stitch_cfg, args.num_classes, train_ds)
-    stitch_cfg = selected_config(stitch_cfg, net)  # positions selected from data are explicit from here on
+    args = _resolve(args, stitch_cfg, train_ds or val_ds)  # frozen from here: nothing changes args mid-run
+    out_dir = output_dir(args)
+    if rank == 0 and not args.eval:  # the resolved run, before any work
+        write_text_atomic(out_dir / "args.yaml", to_yaml(describe_run(args, stitch_cfg, world_size, device.type)))
+    net, stitch_cfg = build_network(args, stitch_cfg, args.num_classes, train_ds)  # positions explicit from here
     data_cfg = resolve_data_config(vars(args), model=net)
     net = _prepare(net, args, device)
-    run_ = Run(args, stitch_cfg, device, amp_dtype_for(args, device), data_cfg, output_dir(args),
+    run_ = Run(args, stitch_cfg, device, amp_dtype_for(args, device), data_cfg, out_dir,
                _config_text(args, stitch_cfg, data_cfg))
     if run_.primary and stitch_cfg is not None:  # explicit or selected "positions": <output>/stitch_plan.json
         write_stitch_plan(unwrap(net), run_.out_dir)
-    resume = _resume_path(args, run_.out_dir)
+    resume = args.resume
     resume_state = _fitting_checkpoint(net, resume) if resume else None
     if args.initial_checkpoint:
         unwrap(net).load_checkpoint_state(_fitting_checkpoint(net, args.initial_checkpoint)["state_dict"])
@@ -269,7 +286,6 @@ def convert_sync_bn(net: RoutedNet, args: argparse.Namespace, device: torch.devi
     if device.type != "cuda":
         raise UsageError(f"--sync-bn needs CUDA devices: torch's SyncBatchNorm does not run on {device.type}; drop "
                          f"--sync-bn (--dist-bn reduce averages BatchNorm statistics after each epoch instead)")
-    args.dist_bn = ""  # already synchronised (timm does the same)
     return nn.SyncBatchNorm.convert_sync_batchnorm(net)
 
 
@@ -300,9 +316,7 @@ def evaluate_all(net: RoutedNet, val_ds, run: Run, ckpt_hash: str, results_name:
     metrics = evaluate_stitches(net, loader, todo, run.device, run.amp_dtype, args.log_interval)
     records = []
     for cfg_id, m in metrics.items():
-        record = {"cfg_id": cfg_id, "flops": table.route_flops(model.routes[cfg_id]), "params": model.params(cfg_id),
-                  "acc1": m["acc1"], "acc5": m["acc5"], "loss": m["loss"], "route": model.describe(cfg_id),
-                  "samples": m["samples"], "img_size": list(run.data_cfg["input_size"][1:])}
+        record = stitch_record(model, cfg_id, m, table.route_flops(model.routes[cfg_id]), run.data_cfg["input_size"])
         records.append(record)
         _logger.info(f"cfg {cfg_id:>3d} {record['route']}: acc1 {m['acc1']:.3f} acc5 {m['acc5']:.3f} "
                      f"loss {m['loss']:.4f} flops {record['flops'] / 1e9:.3f}G params {record['params'] / 1e6:.3f}M")
@@ -537,8 +551,6 @@ def fit(net: RoutedNet, train_ds, val_ds, run: Run, resume_state: dict | None) -
     ctx.after_step.insert(0, _recovery_hook(model, optimizer, ctx, saver, run, len(loader) // args.grad_accum_steps))
     args_json = json.dumps(vars(args), default=str)
     if run.primary:
-        write_text_atomic(run.out_dir / "args.yaml", to_yaml(describe_run(args, run.stitch_cfg, world_size,
-                                                                          run.device.type)))
         _truncate_summary(run.out_dir / "summary.csv", epochs.start)
     loggers = run.loggers or Loggers()
     ctx.clock = RunClock(epochs, model.num_configs, len(val_ds) // world_size if val_ds is not None else 0,

@@ -121,8 +121,8 @@ def write_stitch_plan(net: nn.Module, out_dir: str | os.PathLike) -> Path | None
 
 
 class Selection:
-    """What `build_snnet` calls for ``"positions": {"select": ...}`` in train.py: picks the positions on the built
-    anchors (same weights as the SN-Net's) and returns the config with them explicit.
+    """``"positions": {"select": ...}`` in train.py: picks the positions on the built anchors (the weights the SN-Net
+    is then built on) and returns the config with them explicit, before the SN-Net exists.
 
     `images_from` is the training split (None: it is loaded, as for an --eval run, so an evaluation selects on the
     same images as the training run did)."""
@@ -177,12 +177,3 @@ class Selection:
                      "; ".join(f"{labels[c]} -> {labels[c + 1]}: {[tuple(p) for p in ps]}"
                                for c, ps in enumerate(pairs)))
         return with_positions(cfg, pairs, info)
-
-
-def selected_config(cfg: StitchConfig | None, net: nn.Module) -> StitchConfig | None:
-    """`cfg` with the positions `net` was built with when `cfg` selected them from data (else `cfg`): what the run
-    records (checkpoints, results identity), so the recorded config rebuilds the network."""
-    if cfg is None or "select" not in (cfg.get("positions") or {}):
-        return cfg
-    built = getattr(net, "stitch_config", None)
-    return StitchConfig(list(cfg.anchors), {**cfg.values, "positions": built.get("positions")}, cfg.path)

@@ -1,0 +1,57 @@
+"""train.py's flow runs forward: the command line, config files and recipe are resolved once into frozen arguments,
+written as args.yaml before any work; stitch positions are chosen before the SN-Net is built; nothing changes args
+mid-run."""
+import argparse
+
+import pytest
+import yaml
+
+from helpers import FAST
+
+
+def test_frozen_args_refuse_changes():
+    from snnet.train.args import freeze
+    args = freeze(argparse.Namespace(lr=0.1, epochs=3), epochs=5)
+    assert (args.lr, args.epochs) == (0.1, 5) and vars(args) == {"lr": 0.1, "epochs": 5}
+    with pytest.raises(AttributeError, match="read-only"):
+        args.lr = 1.0
+    with pytest.raises(AttributeError, match="read-only"):
+        del args.epochs
+
+
+def test_args_yaml_is_written_before_any_network_is_built(digits_folder, tiny_config, tmp_path, monkeypatch):
+    """The run stops while building the network: args.yaml is already there, with what the run resolved (classes
+    from the data folder) and the same resolved section as --dry-run prints."""
+    import snnet.train.main as main_mod
+    seen = {}
+
+    def stop(args, *a, **k):
+        seen["args"] = args
+        raise KeyboardInterrupt  # not a user error: stops the run where it is
+
+    monkeypatch.setattr(main_mod, "build_network", stop)
+    argv = [str(digits_folder), "--stitch_config", str(tiny_config), *map(str, FAST), "--epochs", "1",
+            "--output", str(tmp_path), "--experiment", "flow", "--device", "cpu"]
+    with pytest.raises(KeyboardInterrupt):
+        main_mod.main(argv)
+    written = yaml.safe_load((tmp_path / "flow" / "args.yaml").read_text())
+    assert written["num_classes"] == 10 and written["resume"] in ("", None)
+    plain = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(seen["args"]).items()}  # YAML: lists
+    assert plain == {k: v for k, v in written.items() if k != "resolved"}  # what was recorded is what runs
+    with pytest.raises(AttributeError):
+        seen["args"].lr = 1.0
+    dry = main_mod.describe_run(seen["args"], None, 1, "cpu")["resolved"]
+    assert written["resolved"]["lr"] == dry["lr"] and written["resolved"]["schedule"] == dry["schedule"]
+
+
+def test_positions_are_chosen_before_the_snnet_is_built(monkeypatch):
+    """build_snnet refuses a config that still asks to select positions: selection happens on the built anchors,
+    before the SN-Net exists (train.py's build_network), never from inside it."""
+    from snnet import parse_stitch_config
+    from snnet.core.build import build_snnet
+    from snnet.core.config import ConfigError
+    cfg = parse_stitch_config({"anchors": [{"name": "deit_tiny_patch16_224", "model_kwargs": {
+        "patch_size": 4, "depth": 2, "embed_dim": w, "num_heads": 2}} for w in (8, 16)],
+        "positions": {"select": "kl", "per_pair": 1}})
+    with pytest.raises(ConfigError, match="selects from data, which only train.py does"):
+        build_snnet(cfg, pretrained=False, img_size=16, num_classes=10)
