@@ -1,4 +1,6 @@
-"""`snnet stitch-train` (issue 15 part 2): one stitching layer between two frozen anchors, sweeps, resume, torchrun.
+"""`snnet stitch-train` (issue 15 part 2): one stitching layer between two frozen anchors, sweeps, resume, torchrun;
+on the core's one cut mechanism (snnet.core.cut: class-token ViT <-> CNN pairs, the fit's error of the held map), the
+one anchor syntax on the command line, and reproducible random anchors (seeded, hashed by their weights).
 
 Tiny random anchors (saved as checkpoints) on the conftest's small digits folder, one epoch per run, so the whole file
 stays fast; the digits demo's own 3x3 sweep is configs/sweeps/digits_3x3.yaml.
@@ -12,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import run as run_cmd
+from helpers import run as run_cmd
 
 VIT = {"name": "deit_tiny_patch16_224", "model_kwargs": {"patch_size": 4, "depth": 3, "num_heads": 2}}
 # a ViT without class token: its 16 tokens lay out as the 4x4 map the tiny ResNet's first stage runs at
@@ -45,9 +47,10 @@ def anchors(tmp_path_factory):
     return out
 
 
-def write_sweep(path, anchors, data, out, grid=None, runs=None, run=None, train=None):
+def write_sweep(path, anchors, data, out, grid=None, runs=None, run=None, train=None, **keys):
+    """A sweep file; `keys` are further top-level keys (pretrained, seed)."""
     sweep = {"data": str(data), "out": str(out), "anchors": anchors, "train": {**TRAIN, **(train or {})},
-             "run": {"ls_images": 32, **(run or {})}}
+             "run": {"ls_images": 32, **(run or {})}, **keys}
     if grid:
         sweep["grid"] = grid
     if runs:
@@ -183,26 +186,178 @@ def test_sweep_resumes_only_the_missing_run_and_plots(anchors, digits_folder, tm
     assert (tmp_path / "plot" / "pareto_flops.png").stat().st_size > 0
 
 
+@pytest.mark.dist
+@pytest.mark.slow  # ~25 s on 2 cores: two processes, then the same sweep in one
 def test_torchrun_splits_the_runs_and_matches_one_process(anchors, digits_folder, tmp_path):
-    """Two processes take runs 0, 2 and 1, 3 (the anchors' evaluations are jobs 2 and 3); each run is trained in
-    one process, so the results equal a one-process sweep's."""
+    """Two processes take jobs 0, 2, 4 and 1, 3, 5 (runs 0..2, then the evaluations of v8, v16 and r16); each run is
+    trained in one process, so the results equal a one-process sweep's. r16 has no checkpoint (random weights):
+    every process builds the same r16 from the sweep's seed, so run 2 (trained by rank 0) and r16's evaluation (by
+    rank 1) match the one-process sweep too."""
     grid = {"pair": [["v8", "v16"]], "cut": [0, 1]}
-    both = {"v8": anchors["v8"], "v16": anchors["v16"]}
-    local = write_sweep(tmp_path / "local.yaml", both, digits_folder, tmp_path / "local", grid=grid)
-    dist = write_sweep(tmp_path / "dist.yaml", both, digits_folder, tmp_path / "dist", grid=grid)
+    both = {"v8": anchors["v8"], "v16": anchors["v16"],
+            "r16": {**VIT, "model_kwargs": {**VIT["model_kwargs"], "embed_dim": 16}}}
+    random_run = [{"pair": ["v8", "r16"], "cut": 1}]
+    local = write_sweep(tmp_path / "local.yaml", both, digits_folder, tmp_path / "local", grid=grid, runs=random_run,
+                        pretrained=False)
+    dist = write_sweep(tmp_path / "dist.yaml", both, digits_folder, tmp_path / "dist", grid=grid, runs=random_run,
+                       pretrained=False)
     proc = run_cmd([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                     "snnet.cli", "stitch-train", "--sweep", dist], timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 runs: 1 trained now by this process" in proc.stdout  # rank 0's table and summary
+    assert "3 runs: 2 trained now by this process" in proc.stdout  # rank 0's table and summary
     rc, _, err = cli("--sweep", local)
     assert rc == 0, err
     one, two = results(tmp_path / "local"), results(tmp_path / "dist")
-    assert sorted(two) == [0, 1, 2, 3]
-    assert [run_result(tmp_path / "dist", two[c])["rank"] for c in (0, 1)] == [0, 1]
-    for c in range(4):
+    assert sorted(two) == [0, 1, 2, 3, 4, 5]
+    assert [run_result(tmp_path / "dist", two[c])["rank"] for c in (0, 1, 2)] == [0, 1, 0]
+    assert [two[c]["route"] for c in (3, 4, 5)] == ["v8", "v16", "r16"]
+    for c in range(6):
         assert two[c]["acc1"] == one[c]["acc1"] and two[c]["flops"] == one[c]["flops"]
         assert two[c]["loss"] == pytest.approx(one[c]["loss"], rel=1e-5)
         assert two[c].get("run") == one[c].get("run")  # the same run folder name: the same experiment
+
+
+# ---------------------------------------------------------------------------------------------------- the core's cut
+def test_class_token_vit_and_cnn_stitch_both_ways(anchors, digits_folder, tmp_path):
+    """A ViT with a class token and a ResNet, through the core's `CutStitch`: ViT -> CNN drops the class token, CNN
+    -> ViT predicts it from the position-averaged features (a second linear map, fitted by least squares and trained
+    with the layer)."""
+    from snnet.core.checkpoint import load_checkpoint
+    from snnet.explore.stitch_train import load_sweep, run_sweep
+    out = tmp_path / "sweep"
+    path = write_sweep(tmp_path / "x.yaml", {"v8": anchors["v8"], "rn": anchors["rn"]}, digits_folder, out,
+                       runs=[{"pair": ["v8", "rn"], "cut": 1, "end_block": 1},
+                             {"pair": ["rn", "v8"], "cut": 0, "end_block": 1}])
+    summary = run_sweep(load_sweep(path))
+    assert summary.trained == [0, 1]
+    recs = results(out)
+    assert recs[0]["route"] == "v8[..b1] -(linear)-> rn[b1..]" and recs[1]["route"] == "rn[..b0] -(linear)-> v8[b1..]"
+    to_cnn, to_vit = run_result(out, recs[0]), run_result(out, recs[1])
+    assert to_cnn["cut_points"]["front"]["prefix_tokens"] == 1 and to_cnn["prefix_tokens"] == 0
+    assert to_cnn["layer"] == {"type": "linear", "in_channels": 8, "out_channels": 8, "in_layout": "tokens",
+                               "out_layout": "nchw"}
+    assert to_cnn["stitch_layer_params"] == 8 * 8 + 8
+    assert to_vit["cut_points"]["end"]["prefix_tokens"] == 1 and to_vit["prefix_tokens"] == 1
+    assert to_vit["stitch_layer_params"] == to_vit["stitch_layer_trainable_params"] == 2 * (8 * 8 + 8)
+    for rec, res in ((recs[0], to_cnn), (recs[1], to_vit)):
+        assert 0 < res["ls_rel_error"] <= 1
+        assert rec["flops"] == res["flops"] > res["stitch_layer_flops"] > 0
+        steps = [json.loads(l) for l in (out / "runs" / rec["run"] / "trajectory.jsonl").read_text().splitlines()]
+        assert [s["kind"] for s in steps] == ["init"] + ["step"] * 5 + ["epoch"]
+        assert steps[-1]["val_acc1"] == res["acc1"] and steps[0]["ls_rel_error"] == res["ls_rel_error"]
+    ckpt = load_checkpoint(out / "runs" / recs[1]["run"] / "stitch_layer.pth.tar")
+    assert set(ckpt["state_dict"]) == {"transform.weight", "transform.bias", "prefix.weight", "prefix.bias"}
+
+
+def test_front_and_end_take_the_one_anchor_syntax(anchors, digits_folder, tmp_path):
+    """--front as a JSON anchor object and --end as NAME:CHECKPOINT (timm's test_resnet, its weights saved here),
+    labelled by their timm names or by LABEL=ANCHOR; a class-token ViT front and a CNN end train."""
+    from snnet.core.build import create_anchor
+    from snnet.core.checkpoint import save_checkpoint
+    from snnet.core.config import AnchorSpec
+    from snnet.results.records import file_sha256
+    torch.manual_seed(5)
+    ckpt = tmp_path / "test_resnet.pth.tar"
+    save_checkpoint(ckpt, {"state_dict": create_anchor(AnchorSpec("test_resnet"), pretrained=False,
+                                                       num_classes=10).state_dict()})
+    front = json.dumps(anchors["v8"])
+    flags = ["--cut", "1", "--end-block", "1", "--ls-images", "32", "--train", *[f"{k}={v}" for k, v in TRAIN.items()]]
+    rc, stdout, err = cli(digits_folder, "--front", front, "--end", f"test_resnet:{ckpt}", "--out", tmp_path / "one",
+                          *flags)
+    assert rc == 0, err
+    rec = results(tmp_path / "one")[0]
+    assert rec["route"] == "deit_tiny_patch16_224[..b1] -(linear)-> test_resnet[b1..]"
+    res = run_result(tmp_path / "one", rec)
+    assert res["front"]["checkpoint"] == anchors["v8"]["checkpoint"]
+    assert res["front"]["model_kwargs"] == anchors["v8"]["model_kwargs"]
+    assert res["end"]["name"] == "test_resnet" and res["end"]["checkpoint_sha256"] == file_sha256(ckpt)
+    assert res["layer"]["in_layout"] == "tokens" and res["layer"]["out_layout"] == "nchw"
+    rc, stdout, err = cli(digits_folder, "--front", f"v={front}", "--end", f"r=test_resnet:{ckpt}", "--out",
+                          tmp_path / "two", "--dry-run", *flags)
+    assert rc == 0, err
+    assert "v[..b1] -(linear)-> r[b1..]" in stdout and not (tmp_path / "two").exists()
+    rc, stdout, err = cli(digits_folder, "--front", front, "--end", f"test_resnet:{tmp_path / 'gone.pth'}", "--out",
+                          tmp_path / "three", "--dry-run", *flags)
+    assert rc == 2 and "gone.pth" in err and err.count("\n") == 1, err
+
+
+def test_lowrank_reports_the_error_of_its_own_rank_r_map(anchors, digits_folder, tmp_path):
+    """The least-squares fit reports the relative error of the map the layer holds: a rank-1 or rank-2 layer keeps
+    a truncated SVD of the least-squares map, so its error is its own and above the full-rank linear layer's; the
+    number equals the error measured by running the fitted stitch, and is what result.json and the trajectory
+    record."""
+    from snnet.explore.stitch_train import fit_stitch, load_sweep, prepare, run_sweep
+    from snnet.train.data import clean_images
+    out = tmp_path / "sweep"
+    layers = ["linear", {"type": "lowrank", "rank": 1}, {"type": "lowrank", "rank": 2}]
+    path = write_sweep(tmp_path / "s.yaml", {"v8": anchors["v8"], "v16": anchors["v16"]}, digits_folder, out,
+                       grid={"pair": [["v8", "v16"]], "cut": [1], "layer": layers})
+    prep = prepare(load_sweep(path))
+    errors = []
+    for run, plan in zip(prep.sweep.runs, prep.plans):
+        st = prep.build(run, plan.end_block, plan.size)
+        images = list(clean_images(prep.train_ds, prep.data_cfg(run.front), run.ls_images, run.seed))
+        error, rows = fit_stitch(st, images, prep.device)
+        assert rows == 32 * 17  # every token of 32 images: both ViTs have one class token, mapped with the others
+        fa, fu, ea, eu = st.edge
+        with torch.no_grad():
+            feats = st.net.capture(torch.cat(images), {fa: {fu}, ea: {eu}})
+            y = feats[(ea, eu)].double()
+            measured = float((st.stitch(feats[(fa, fu)]).double() - y).norm() / y.norm())
+        assert error == pytest.approx(measured, rel=1e-3)
+        errors.append(error)
+    linear, rank1, rank2 = errors
+    assert len({linear, rank1, rank2}) == 3 and rank1 > linear and rank2 > linear
+    summary = run_sweep(prep.sweep)
+    assert summary.trained == [0, 1, 2]
+    for c, error in enumerate(errors):
+        res = run_result(out, results(out)[c])
+        assert res["ls_rel_error"] == pytest.approx(error, rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------- reproducibility
+#: anchors with neither checkpoint nor pretrained weights (the sweep sets pretrained: false): random, from the seed
+RANDOM = {"r8": {**VIT, "model_kwargs": {**VIT["model_kwargs"], "embed_dim": 8}},
+          "r16": {**VIT, "model_kwargs": {**VIT["model_kwargs"], "embed_dim": 16}}}
+
+
+def test_random_anchors_repeat_and_the_hash_covers_the_seed_and_the_weights(digits_folder, tmp_path):
+    """Anchors are built right after seeding with the sweep's seed, so two sweeps of the same random-anchor file
+    build bit-identical anchors and give identical metrics. A run's folder hash covers its seed and both anchors'
+    weights, and an anchor's cached evaluation is named by its weights: after a change neither is reused."""
+    from snnet.explore.stitch_train import load_sweep, run_sweep
+    runs = [{"pair": ["r8", "r16"], "cut": 1}]
+    summaries = []
+    for k in range(2):
+        path = write_sweep(tmp_path / f"s{k}.yaml", RANDOM, digits_folder, tmp_path / f"out{k}", runs=runs,
+                           pretrained=False)
+        summaries.append(run_sweep(load_sweep(path)))
+    a, b = summaries
+    for label in RANDOM:
+        sa, sb = a.anchors[label].state_dict(), b.anchors[label].state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), label
+        assert a.anchor_ids[label]["weights_sha256"] == b.anchor_ids[label]["weights_sha256"]
+    ra, rb = (run_result(tmp_path / f"out{k}", results(tmp_path / f"out{k}")[0]) for k in range(2))
+    assert ra["run"] == rb["run"] and ra["spec_hash"] == rb["spec_hash"]
+    for key in ("ls_rel_error", "init_acc1", "init_acc5", "init_val_loss", "acc1", "acc5", "val_loss", "train_loss"):
+        assert ra[key] == rb[key], key
+    assert results(tmp_path / "out0")[1]["acc1"] == results(tmp_path / "out1")[1]["acc1"]  # r8 on its own
+    cached = sorted(p.name for p in (tmp_path / "out0" / "anchors").iterdir())
+    assert cached == sorted(p.name for p in (tmp_path / "out1" / "anchors").iterdir())
+
+    # the run's seed (the layer's init, the data): a new run, the same anchors and their cached evaluations
+    path = write_sweep(tmp_path / "c.yaml", RANDOM, digits_folder, tmp_path / "out0",
+                       runs=[{**runs[0], "seed": 1}], pretrained=False)
+    reseeded = run_sweep(load_sweep(path), dry_run=True)
+    assert reseeded.plans[0].spec_hash != a.plans[0].spec_hash and reseeded.plans[0].name != a.plans[0].name
+    assert reseeded.anchor_ids == a.anchor_ids and reseeded.skipped == []
+    assert [r["route"] for r in reseeded.records] == ["r8", "r16"]
+    # the sweep's seed (the anchors' random init): other weights, so a new run and no cached anchor evaluation
+    path = write_sweep(tmp_path / "c.yaml", RANDOM, digits_folder, tmp_path / "out0", runs=runs, pretrained=False,
+                       seed=1)
+    other = run_sweep(load_sweep(path), dry_run=True)
+    assert all(other.anchor_ids[l]["weights_sha256"] != a.anchor_ids[l]["weights_sha256"] for l in RANDOM)
+    assert other.plans[0].spec_hash != a.plans[0].spec_hash and other.skipped == [] and other.records == []
 
 
 # ---------------------------------------------------------------------------------------------------- bad input
@@ -211,8 +366,8 @@ def test_torchrun_splits_the_runs_and_matches_one_process(anchors, digits_folder
     ({"grid": {"pair": [["v8", "v16"]], "cut": [3]}}, "cut 3 is past the last block of 'v8'; use 0..2"),
     ({"grid": {"pair": [["v8", "v16"]], "cut": [2], "gap": [2]}}, "gap 2 (end block 3 + 2) is outside"),
     ({"grid": {"pair": [["v8", "v16"]], "cut": [0], "layer": ["conv9"]}}, "layer 'conv9' must be one of"),
-    ({"grid": {"pair": [["vn", "rn"]], "cut": [0], "end_block": [2]}}, "the front outputs 16 tokens, the end "
-                                                                        "block takes 2x2"),
+    ({"grid": {"pair": [["vn", "rn"]], "cut": [0], "end_block": [2]}}, "'vn' block 0 outputs 16 tokens but 'rn' "
+                                                                        "block 2 takes 2x2"),
     ({"grid": {"pair": [["v8", "v16"]], "cut": [0]}, "train": {"mixup": 0.8}}, "train key 'mixup' cannot be set"),
     ({"grid": {"pair": [["v8", "v16"]], "cut": [0]}, "train": {"epochs": "ten"}}, "'ten' is not an integer"),
     ({"grid": {"pair": [["v8", "v16"]], "cuts": [0]}}, "unknown run field 'cuts' (did you mean 'cut'?)"),

@@ -175,10 +175,10 @@ class CutStitch(nn.Module):
 
     def __init__(self, front: CutPoint, end: CutPoint, spec: dict[str, Any] | None = None):
         super().__init__()
-        reason = why_not_stitchable(front, end)
+        reason = why_not_stitchable(front, end, f"unit {front.name!r} of anchor {front.anchor}",
+                                    f"unit {end.name!r} of anchor {end.anchor}")
         if reason is not None:
-            raise AnchorError(f"cannot stitch unit {front.name!r} of anchor {front.anchor} to unit {end.name!r} "
-                                  f"of anchor {end.anchor}: {reason}")
+            raise AnchorError(f"cannot stitch: {reason}; pick units whose outputs have the same positions")
         self.front, self.end = front, end
         self.joint = joint_tokens(front, end)
         self.drop = 0 if self.joint else front.prefix
@@ -197,6 +197,16 @@ class CutStitch(nn.Module):
         mean = pooled(x, self.front.layout, self.front.prefix - self.drop)
         tokens = self.prefix(mean).reshape(x.shape[0], self.end_prefix, self.end.channels)
         return torch.cat([tokens, y], dim=1)
+
+    def merged(self) -> "CutStitch":
+        """The stitch as deployed: a copy whose layer is its ``merged()`` plain layer when the type has one (lora),
+        else the stitch itself (the cost model counts this one, as it counts SN-Net's layers)."""
+        if not hasattr(self.layer, "merged"):
+            return self
+        import copy
+        out = copy.deepcopy(self)
+        out.layer = self.layer.merged()
+        return out
 
     def add_rows(self, stats: NormalEquations, front_key, key, fx: torch.Tensor, ex: torch.Tensor) -> None:
         """Add one batch's least-squares rows (front unit output `fx`, end unit output `ex`) to `stats`; stitches with

@@ -39,15 +39,15 @@ class ResultsError(SNNetError):
 
 
 # ------------------------------------------------------------------------------------------------------ records
-def stitch_record(net, cfg_id: int, metrics: dict[str, Any], flops: int, img_size: Sequence[int],
-                  **extra: Any) -> dict[str, Any]:
+def stitch_record(net, index: int, metrics: dict[str, Any], flops: int, img_size: Sequence[int],
+                  cfg_id: int | None = None, **extra: Any) -> dict[str, Any]:
     """The one results record of an evaluated network, whoever evaluated it (train.py's evaluation, `snnet search`,
-    `snnet stitch-train`): cfg_id, FLOPs, params (exactly what the route runs), top-1/top-5 (percent), mean loss, the
-    route in words, the number of images evaluated and their size, then the tool's own fields (`extra`).
-    `metrics` is the evaluator's dict (acc1, acc5, loss, samples)."""
-    record = {"cfg_id": int(cfg_id), "flops": int(flops), "params": int(net.params(cfg_id)),
+    `snnet stitch-train`): cfg_id (default: `index`, the route's index in `net`), FLOPs, params (exactly what that
+    route runs), top-1/top-5 (percent), mean loss, the route in words, the number of images evaluated and their
+    size, then the tool's own fields (`extra`). `metrics` is the evaluator's dict (acc1, acc5, loss, samples)."""
+    record = {"cfg_id": int(index if cfg_id is None else cfg_id), "flops": int(flops), "params": int(net.params(index)),
               "acc1": metrics["acc1"], "acc5": metrics["acc5"], "loss": metrics["loss"],
-              "route": net.describe(cfg_id), "samples": int(metrics["samples"]),
+              "route": net.describe(index), "samples": int(metrics["samples"]),
               "img_size": [int(s) for s in img_size][-2:]}
     record.update(extra)
     return record

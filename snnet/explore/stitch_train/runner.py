@@ -1,0 +1,404 @@
+"""One stitch-train sweep prepared, and one run trained and evaluated.
+
+`prepare` checks every input before anything is written (train.py flags, data, anchors, every run's blocks,
+resolution and stitching layer) and builds each anchor once. Anchors are built right after seeding torch, numpy and
+random with the sweep's `seed` (each anchor reseeded, so its weights do not depend on which other anchors the sweep
+builds): an anchor with neither checkpoint nor pretrained weights is then the same in every rerun and on every
+torchrun rank. Each anchor's identity (spec, checkpoint sha256, and the sha256 of its weights as built) goes into the
+hash that names a run's folder and the file of an anchor's cached evaluation, so a cached result is never stale.
+
+`train_run` trains one run in this process with train.py's machinery: the loop (engine.py), optimizer and schedule
+(optim.py, train.py's flags), loaders (data.py), losses (losses.py), FLOPs (cost.py), exact parameter counts
+(model.py), pickle-free checkpoints (checkpoint.py) and atomic files (fileio.py). It writes, in the run's folder,
+``trajectory.jsonl`` (a line per optimizer step and per epoch, rewritten atomically after every epoch),
+``stitch_layer.pth.tar`` and, last, ``result.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from snnet.core.adapter import AnchorAdapter
+from snnet.results.records import stitch_record
+from snnet.explore.stitch_train.network import AnchorProbe, Stitched, build_stitched, probe_anchor
+from snnet.explore.stitch_train.sweep import (FORMAT, TRAIN_DEFAULTS, RunSpec, Sweep, SweepError, aligned_block,
+                                              layer_label)
+
+_logger = logging.getLogger("snnet")
+
+RESULT, TRAJECTORY, LAYER_CKPT = "result.json", "trajectory.jsonl", "stitch_layer.pth.tar"
+#: least-squares cutoff of the stitch's fit: None is LAPACK's machine-precision default, as train.py's
+#: least-squares init (snnet/core/ls_init.py) uses
+LS_RCOND = None
+
+
+@dataclass
+class RunPlan:
+    """One run resolved against its anchors: the end block, its folder name and the hash that names it."""
+    end_block: int
+    aligned: int
+    gap: int
+    name: str
+    spec_hash: str
+    route: str
+    size: tuple[int, int]
+    ident: dict[str, Any]
+
+
+@dataclass
+class Prepared:
+    """What every run of a sweep shares: arguments, data, anchors (built once, frozen) and their probes."""
+    sweep: Sweep
+    args: argparse.Namespace
+    train_ds: Any
+    val_ds: Any
+    device: Any
+    models: dict[str, Any]
+    adapters: dict[str, AnchorAdapter]
+    anchor_ids: dict[str, dict[str, Any]]       # label -> identity (spec + checkpoint and weight hashes)
+    probes: dict[tuple[str, tuple[int, int]], AnchorProbe] = field(default_factory=dict)
+    plans: list[RunPlan] = field(default_factory=list)
+
+    def data_cfg(self, label: str) -> dict[str, Any]:
+        from timm.data import resolve_data_config
+        return resolve_data_config(vars(self.args), model=self.models[label])
+
+    def size(self, label: str) -> tuple[int, int]:
+        return tuple(self.data_cfg(label)["input_size"][1:])
+
+    def probe(self, label: str, size: tuple[int, int]) -> AnchorProbe:
+        key = (label, tuple(size))
+        if key not in self.probes:
+            self.probes[key] = probe_anchor(self.models[label], self.adapters[label], label, size, self.in_chans)
+        return self.probes[key]
+
+    @property
+    def in_chans(self) -> int:
+        return self.args.in_chans or 3
+
+    @property
+    def train_recipe(self) -> dict[str, Any]:
+        return {**TRAIN_DEFAULTS, **self.sweep.train}
+
+    def build(self, run: RunSpec, plan_end_block: int, size: tuple[int, int]) -> Stitched:
+        labels = (run.front, run.end)
+        return build_stitched([self.models[l] for l in labels], [self.adapters[l] for l in labels], labels,
+                              [self.probe(l, size) for l in labels], run.cut, plan_end_block, run.layer_spec)
+
+
+def train_args(sweep: Sweep) -> argparse.Namespace:
+    """train.py's arguments for the sweep's runs: its parser's defaults < TRAIN_DEFAULTS < the sweep's `train`,
+    each value checked as if typed (snnet/train/args.py)."""
+    from snnet.train.args import _checked_defaults, build_parser
+    parser = build_parser()
+    parser.set_defaults(**_checked_defaults(parser, "stitch-train defaults", "key",
+                                            [(k, k, v) for k, v in TRAIN_DEFAULTS.items()]))
+    parser.set_defaults(**_checked_defaults(parser, f"{sweep.source}: train", "key",
+                                            [(k, k, v) for k, v in sweep.train.items()]))
+    args = parser.parse_args([sweep.data])
+    args.data_dir = args.data
+    args.distributed, args.world_size, args.rank = False, 1, 0
+    return args
+
+
+def weights_sha256(model) -> str:
+    """sha256 over an anchor's state dict as built (names, dtypes, shapes and bytes, in name order): its identity
+    whatever it was built from (a checkpoint, timm's pretrained weights or a seeded random init)."""
+    import torch
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _anchor_identity(spec, model, sha_cache: dict[str, str]) -> dict[str, Any]:
+    from snnet.results.records import file_sha256
+    ident = {"name": spec.name, "model_kwargs": spec.model_kwargs, "checkpoint": spec.checkpoint}
+    if spec.checkpoint and Path(spec.checkpoint).is_file():
+        if spec.checkpoint not in sha_cache:
+            sha_cache[spec.checkpoint] = file_sha256(spec.checkpoint)
+        ident["checkpoint_sha256"] = sha_cache[spec.checkpoint]
+    ident["weights_sha256"] = weights_sha256(model)
+    return ident
+
+
+def prepare(sweep: Sweep) -> Prepared:
+    """Every input checked, before anything is written: train.py flags, data, anchors (seeded, built and loaded
+    once), every run's blocks, resolution and stitching layer."""
+    from timm.utils import random_seed
+
+    from snnet.core.adapter import adapter_for
+    from snnet.core.build import create_anchor
+    from snnet.train.data import DataError, check_data, create_datasets, num_classes_of
+    from snnet.train.device import device_from_flag
+    from snnet.train.preflight import check_augmentation, check_output
+    args = train_args(sweep)
+    check_output(sweep.out)
+    check_data(args, need_train=True, world_size=1)
+    check_augmentation(args, None)
+    train_ds, val_ds = create_datasets(args, need_train=True)
+    if val_ds is None:
+        raise DataError(f"data folder {args.data_dir!r} has no val/ (or validation/) split; stitch-train validates "
+                        f"every epoch: add one")
+    if args.num_classes is None:
+        args.num_classes = num_classes_of(train_ds)
+    # torchrun: this process's cuda:LOCAL_RANK (each process trains its own runs)
+    device = device_from_flag(args.device, per_rank=True)
+    args.device = str(device)
+    used = sorted({r.front for r in sweep.runs} | {r.end for r in sweep.runs}, key=list(sweep.anchors).index)
+    kwargs = {k: v for k, v in (("img_size", args.img_size), ("in_chans", args.in_chans)) if v is not None}
+    models, adapters, idents, shas = {}, {}, {}, {}
+    for label in used:
+        spec = sweep.anchors[label]
+        # seeded right before each anchor is built: a random init is the same in every rerun, on every rank, and
+        # whichever other anchors the sweep builds
+        random_seed(sweep.seed, 0)
+        model = create_anchor(spec, pretrained=sweep.pretrained, num_classes=args.num_classes, **kwargs)
+        idents[label] = _anchor_identity(spec, model, shas)  # on the CPU, once per anchor
+        model.to(device).eval()
+        for p in model.parameters():
+            p.requires_grad = False
+        models[label], adapters[label] = model, adapter_for(model, label)
+    prep = Prepared(sweep, args, train_ds, val_ds, device, models, adapters, idents)
+    seen: dict[str, int] = {}
+    for run in sweep.runs:
+        plan = plan_run(prep, run)
+        if plan.spec_hash in seen:  # e.g. gap 0 and end_block = the aligned block
+            raise SweepError(f"{sweep.source}: runs {seen[plan.spec_hash]} and {run.index} are the same run "
+                             f"({plan.route}); remove one")
+        seen[plan.spec_hash] = run.index
+        prep.plans.append(plan)
+    return prep
+
+
+def run_hash(prep: Prepared, run: RunSpec, end_block: int) -> tuple[str, dict[str, Any]]:
+    """(sha256, identity) of a run: both anchors' identities (weights included), the cut, the layer, the loss, the
+    run's seed, the data folder and the recipe. It names the run's folder: a changed run never reuses a result."""
+    ident = {"format": FORMAT, "front": prep.anchor_ids[run.front], "end": prep.anchor_ids[run.end],
+             "cut": run.cut, "end_block": end_block, "layer": run.layer_spec, "ls_init": run.ls_init,
+             "ls_images": run.ls_images if run.ls_init else None, "loss": run.loss,
+             "temperature": run.temperature if run.loss == "kd" else None,
+             "kd_alpha": run.kd_alpha if run.loss == "kd" else None, "seed": run.seed,
+             "data": os.path.abspath(prep.args.data_dir), "train": prep.train_recipe,
+             "pretrained": prep.sweep.pretrained}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest(), ident
+
+
+def plan_run(prep: Prepared, run: RunSpec) -> RunPlan:
+    where = f"{prep.sweep.source}: run {run.index}"
+    size = prep.size(run.front)
+    fp, ep = prep.probe(run.front, size), prep.probe(run.end, size)
+    if run.cut >= fp.depth:
+        raise SweepError(f"{where}: cut {run.cut} is past the last block of {run.front!r}; use 0..{fp.depth - 1}")
+    aligned = aligned_block(run.cut, fp.depth, ep.depth)
+    j = run.end_block if run.end_block is not None else aligned + run.gap
+    if not 0 <= j <= ep.depth:
+        what = f"end_block {j}" if run.end_block is not None else f"gap {run.gap} (end block {aligned} + {run.gap})"
+        raise SweepError(f"{where}: {what} is outside the blocks of {run.end!r}, 0..{ep.depth} ({ep.depth}: only its "
+                         f"norm and head); pick another gap or cut")
+    try:
+        prep.build(run, j, size)  # refuses what cannot be stitched, before anything runs
+    except SweepError as e:
+        raise SweepError(f"{where}: {e}") from None
+    spec_hash, ident = run_hash(prep, run, j)
+    label = layer_label(run.layer_spec) + ("" if run.ls_init else "_nols") + \
+        (f"_kd-t{run.temperature:g}-a{run.kd_alpha:g}" if run.loss == "kd" else "")
+    name = f"{run.front}-{run.end}_i{run.cut}_j{j}_{label}_s{run.seed}_{spec_hash[:8]}"
+    route = f"{run.front}[..b{run.cut}] -({label.replace('_', ' ')})-> {run.end}[b{j}..]"
+    return RunPlan(j, aligned, j - aligned, name, spec_hash, route, size, ident)
+
+
+# ---------------------------------------------------------------------------------------------------- one run
+class _TrackedLoss:
+    """The run's loss function, also keeping each step's loss and top-1 hits (for the trajectory) and the epoch's."""
+
+    def __init__(self, loss_fn):
+        self.loss_fn = loss_fn
+        self.step = [0.0, 0, 0, 0]   # loss sum over micro-batches, micro-batches, hits, samples
+        self.epoch = [0, 0]          # hits, samples
+
+    def __call__(self, x, out, y):
+        loss = self.loss_fn(x, out, y)
+        logits = out[0] if isinstance(out, (tuple, list)) else out
+        hits = int((logits.detach().argmax(dim=1) == y).sum())
+        self.step = [self.step[0] + float(loss.detach()), self.step[1] + 1, self.step[2] + hits,
+                     self.step[3] + y.shape[0]]
+        self.epoch = [self.epoch[0] + hits, self.epoch[1] + y.shape[0]]
+        return loss
+
+    def take_step(self) -> tuple[float, float]:
+        loss, n, hits, samples = self.step
+        self.step = [0.0, 0, 0, 0]
+        return loss / max(n, 1), 100.0 * hits / max(samples, 1)
+
+
+def _loss_fn(run: RunSpec, args: argparse.Namespace, teacher):
+    from snnet.train.losses import DistillationLoss, base_criterion
+    base = base_criterion(False, args.smoothing)
+    if run.loss == "ce":
+        return DistillationLoss(base, None, "none")
+    return DistillationLoss(base, teacher, "soft", run.kd_alpha, run.temperature)
+
+
+class _Trajectory:
+    """trajectory.jsonl: one JSON line per optimizer step and per epoch (and the initial evaluation), rewritten
+    atomically whenever an epoch ends, so the file always holds whole lines of finished steps."""
+
+    def __init__(self, path: Path, t0: float):
+        self.path, self.t0, self.lines = path, t0, []
+
+    def add(self, kind: str, **values) -> dict[str, Any]:
+        rec = {"kind": kind, **values, "time": round(time.perf_counter() - self.t0, 4)}
+        self.lines.append(json.dumps(rec))
+        return rec
+
+    def flush(self) -> None:
+        from snnet.core.fileio import write_text_atomic
+        write_text_atomic(self.path, "".join(line + "\n" for line in self.lines))
+
+
+def _lr(optimizer) -> float:
+    return sum(g["lr"] for g in optimizer.param_groups) / len(optimizer.param_groups)
+
+
+def train_run(prep: Prepared, run: RunSpec, plan: RunPlan, run_dir: Path, rank: int = 0,
+              world_size: int = 1) -> dict[str, Any]:
+    """Train and evaluate one run in this process; writes its folder (result.json last) and returns the result."""
+    import torch
+    from timm.utils import NativeScaler, random_seed
+
+    from snnet.core.checkpoint import save_checkpoint
+    from snnet.core.cost import cost_table
+    from snnet.core.fileio import write_text_atomic
+    from snnet.explore.stitch_train.network import fit_stitch, stitch_flops, stitch_state
+    from snnet.train.data import clean_images, create_eval_loader, create_train_loader
+    from snnet.train.device import amp_dtype_for
+    from snnet.train.engine import TrainContext, evaluate_stitches, train_one_epoch
+    from snnet.train.optim import create_optimizer, create_scheduler, epoch_offset, resolve_lrs
+    from snnet.train.sampler import seed_epoch
+
+    args = copy.copy(prep.args)
+    args.seed = run.seed
+    started, t0 = time.strftime("%Y-%m-%dT%H:%M:%S"), time.perf_counter()
+    random_seed(run.seed, 0)  # rank 0 on every rank: a run is the same whichever process trains it
+    size = plan.size
+    st = prep.build(run, plan.end_block, size)  # the stitch's random init, from the run's seed
+    net = st.net.to(prep.device)
+    data_cfg = prep.data_cfg(run.front)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    traj = _Trajectory(run_dir / TRAJECTORY, t0)
+
+    ls_error = None
+    if run.ls_init:
+        ls_error, _ = fit_stitch(st, clean_images(prep.train_ds, data_cfg, run.ls_images, run.seed), prep.device,
+                                 LS_RCOND)
+    amp_dtype = amp_dtype_for(args, prep.device)
+    loader = create_train_loader(prep.train_ds, args, data_cfg, prep.device)
+    val_loader = create_eval_loader(prep.val_ds, args, data_cfg)
+    accum = max(1, args.grad_accum_steps)
+    steps = len(loader) // accum
+    lr, warmup_lr, min_lr = resolve_lrs(args, args.batch_size * accum)
+    optimizer = create_optimizer(args, net, lr)
+    scheduler, num_epochs = create_scheduler(args, optimizer, steps, warmup_lr, min_lr)
+    tracked = _TrackedLoss(_loss_fn(run, args, prep.models[run.end]))
+    epoch_box = [0]
+
+    def log_step(global_step: int) -> None:
+        loss, acc = tracked.take_step()
+        traj.add("step", epoch=epoch_box[0] + 1, step=global_step, lr=_lr(optimizer), loss=loss, train_acc1=acc)
+
+    ctx = TrainContext(prep.device, lambda step: 0, amp_dtype,
+                       NativeScaler(device=prep.device.type) if amp_dtype == torch.float16 else None, scheduler,
+                       parameters=lambda: [p for p in net.parameters() if p.requires_grad], after_step=[log_step])
+
+    def validate() -> dict[str, float]:
+        return evaluate_stitches(net, val_loader, [0], prep.device, amp_dtype, args.log_interval)[0]
+
+    init = validate()
+    traj.add("init", epoch=0, step=0, lr=None, val_loss=init["loss"], val_acc1=init["acc1"], val_acc5=init["acc5"],
+             ls_rel_error=ls_error)
+    traj.flush()
+    _logger.info(f"cfg {run.index} {plan.route}: init top-1 {init['acc1']:.2f}" +
+                 (f" (LS fit error {ls_error:.4f})" if ls_error is not None else " (no LS init)") +
+                 f"; {num_epochs} epochs of {steps} steps, lr {lr:.2e}")
+    val, train_metrics = init, {"loss": float("nan")}
+    for epoch in range(num_epochs):
+        epoch_box[0], t_epoch = epoch, time.perf_counter()
+        seed_epoch(run.seed, 0, epoch)
+        tracked.epoch = [0, 0]
+        train_metrics = train_one_epoch(epoch, net, loader, optimizer, tracked, args, ctx)
+        lr_used = _lr(optimizer)
+        val = validate()
+        scheduler.step(epoch + 1 - epoch_offset(args), val["acc1"])
+        hits, samples = tracked.epoch
+        traj.add("epoch", epoch=epoch + 1, step=ctx.global_step, lr=lr_used, loss=train_metrics["loss"],
+                 train_acc1=100.0 * hits / max(samples, 1), val_loss=val["loss"], val_acc1=val["acc1"],
+                 val_acc5=val["acc5"], epoch_time=round(time.perf_counter() - t_epoch, 4))
+        traj.flush()
+        _logger.info(f"cfg {run.index} epoch {epoch + 1}/{num_epochs}: train loss {train_metrics['loss']:.4f}, "
+                     f"val top-1 {val['acc1']:.2f}")
+
+    table = cost_table(net, size, prep.in_chans)
+    layer_flops = stitch_flops(st, table)
+    layer_params = sum(p.numel() for p in st.stitch.parameters())
+    trainable = sum(p.numel() for p in st.stitch.parameters() if p.requires_grad)
+    fp, ep = prep.probe(run.front, size), prep.probe(run.end, size)
+    result = {
+        "format": FORMAT, "cfg_id": run.index, "run": plan.name, "spec_hash": plan.spec_hash,
+        "route": plan.route, "front": {"label": run.front, **prep.anchor_ids[run.front], "depth": fp.depth},
+        "end": {"label": run.end, **prep.anchor_ids[run.end], "depth": ep.depth},
+        "cut": run.cut, "end_block": plan.end_block, "aligned_end_block": plan.aligned, "gap": plan.gap,
+        "cut_points": {"front": st.front.to_json(), "end": st.end.to_json()},
+        "layer": st.stitch.layer.spec(), "layer_type": run.layer_spec["type"],
+        "prefix_tokens": st.stitch.end_prefix, "ls_init": run.ls_init,
+        "ls_images": run.ls_images if run.ls_init else None, "ls_rel_error": ls_error, "loss": run.loss,
+        "temperature": run.temperature, "kd_alpha": run.kd_alpha, "seed": run.seed, "anchor_seed": prep.sweep.seed,
+        "params": net.params(0), "stitch_layer_params": layer_params, "stitch_layer_trainable_params": trainable,
+        "flops": table.route_flops(net.routes[0]), "stitch_layer_flops": layer_flops,
+        "img_size": list(size), "epochs": num_epochs, "steps": ctx.global_step, "lr": lr,
+        "train": prep.train_recipe, "data": os.path.abspath(args.data_dir),
+        "acc1": val["acc1"], "acc5": val["acc5"], "val_loss": val["loss"], "train_loss": train_metrics["loss"],
+        "init_acc1": init["acc1"], "init_acc5": init["acc5"], "init_val_loss": init["loss"],
+        "rank": rank, "world_size": world_size, "device": str(prep.device),
+        "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "seconds": round(time.perf_counter() - t0, 3), "trajectory": TRAJECTORY, "checkpoint": LAYER_CKPT}
+    # the results-file record, from the one builder every tool uses (route, FLOPs, params, images and their size)
+    result["record"] = stitch_record(
+        net, 0, val, result["flops"], size, cfg_id=run.index, route=plan.route, run=plan.name, front=run.front, end=run.end,
+        cut=run.cut, end_block=plan.end_block, gap=plan.gap, layer=layer_label(run.layer_spec), ls_init=run.ls_init,
+        objective=run.loss, init_acc1=init["acc1"], stitch_layer_params=layer_params, seconds=result["seconds"])
+    save_checkpoint(run_dir / LAYER_CKPT, {"state_dict": stitch_state(st), "spec": json.dumps(st.stitch.layer.spec()),
+                                           "cut_points": json.dumps(result["cut_points"]), "route": plan.route,
+                                           "epoch": num_epochs - 1, "global_step": ctx.global_step,
+                                           "config": json.dumps(plan.ident)})
+    write_text_atomic(run_dir / RESULT, json.dumps(result, indent=1) + "\n")  # last: the run is finished
+    return result
+
+
+def evaluate_anchor(prep: Prepared, label: str) -> dict[str, Any]:
+    """An anchor on its own (top-1, FLOPs, params), for the results file's reference points."""
+    from snnet.core.cost import cost_table
+    from snnet.core.model import PlainNet
+    from snnet.train.data import create_eval_loader
+    from snnet.train.engine import evaluate_stitches
+    net = PlainNet(prep.models[label], label)
+    data_cfg = prep.data_cfg(label)
+    m = evaluate_stitches(net, create_eval_loader(prep.val_ds, prep.args, data_cfg), [0], prep.device,
+                          log_interval=prep.args.log_interval)[0]
+    size = tuple(data_cfg["input_size"][1:])
+    flops = cost_table(net, size, prep.in_chans).route_flops(net.routes[0])
+    # cfg_id: the anchor's place in the results file, set when the file is collected
+    record = stitch_record(net, 0, m, flops, size, route=label, anchor=label)
+    return {"label": label, **prep.anchor_ids[label], "acc1": m["acc1"], "acc5": m["acc5"], "loss": m["loss"],
+            "flops": flops, "params": net.params(0), "img_size": list(size), "data": os.path.abspath(prep.args.data_dir),
+            "record": record}
