@@ -32,26 +32,34 @@ def check_model_name(name: str) -> None:
 
 
 def _create(spec: AnchorSpec, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
-    """timm.create_model; a failed download of pretrained weights is one line naming the model and the ways out,
-    and so is a model argument the model cannot take (``--model-kwargs mlp_ratio=abc``)."""
+    """timm.create_model; a model argument the model cannot take (``--model-kwargs mlp_ratio=abc``, a depth of -1,
+    a width its heads do not divide: whatever timm raises, TypeError, AssertionError, RuntimeError, ...) is one line
+    naming the model and the arguments, and so is a failed download of pretrained weights."""
     import timm
     try:
         return timm.create_model(spec.name, pretrained=pretrained, **kwargs)
     except TypeError as e:
         if "unexpected keyword argument 'img_size'" in str(e):
             raise  # create_anchor retries without it (CNNs take any size)
-        raise AnchorError(f"cannot create {spec.name!r} with arguments {kwargs} ({' '.join(str(e).split())[:160]}); "
-                          f"fix --model-kwargs or the anchor's model_kwargs") from None
-    except (ValueError, ArithmeticError) as e:
-        raise AnchorError(f"cannot create {spec.name!r} with arguments {kwargs} ({type(e).__name__}: "
-                          f"{' '.join(str(e).split())[:120]}); fix --model-kwargs or the anchor's model_kwargs") from None
+        raise _arguments_error(spec, kwargs, e) from None
     except Exception as e:
         if not pretrained:
-            raise
+            raise _arguments_error(spec, kwargs, e) from None
+        try:  # do the arguments build the model at all? Then it is the weights that failed.
+            timm.create_model(spec.name, pretrained=False, **kwargs)
+        except Exception as built:
+            raise _arguments_error(spec, kwargs, built) from None
         reason = " ".join(str(e).split())[:160] or type(e).__name__
         raise AnchorError(f"cannot load the pretrained weights of {spec.name!r} ({type(e).__name__}: {reason}); "
                           f"check the name and tag and the network, or give local weights (an anchor's "
                           f"\"checkpoint\", --teacher-checkpoint) or --no-pretrained") from None
+
+
+def _arguments_error(spec: AnchorSpec, kwargs: dict[str, Any], e: BaseException) -> AnchorError:
+    reason = " ".join(str(e).split())[:160]
+    said = f"{type(e).__name__}: {reason}" if reason else type(e).__name__
+    return AnchorError(f"cannot create {spec.name!r} with arguments {kwargs} ({said}); fix --model-kwargs or the "
+                       f"anchor's model_kwargs")
 
 
 def create_anchor(spec: AnchorSpec, pretrained: bool = True, **model_kwargs: Any) -> nn.Module:
