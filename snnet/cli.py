@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Sequence
 
 from snnet.results.pareto import cost_key, human, infer_anchors, latency_keys, pareto_report, route_of, save_report
-from snnet.results.records import ResultsError, read_results
-from snnet.results.select import BudgetError, select
+from snnet.results.records import read_results
+from snnet.results.select import select
 from snnet.core.errors import SNNetError, UsageError, one_line
 from snnet.core.fileio import check_out_dir
 

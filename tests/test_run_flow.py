@@ -1,6 +1,6 @@
 """train.py's flow runs forward: the command line, config files and recipe are resolved once into frozen arguments,
-written as args.yaml before any work; stitch positions are chosen before the SN-Net is built; nothing changes args
-mid-run."""
+written as args.yaml after every check and before any work (a refused run leaves no trace); stitch positions are
+chosen before the SN-Net is built; nothing changes args mid-run."""
 import argparse
 
 import pytest
@@ -19,21 +19,31 @@ def test_frozen_args_refuse_changes():
         del args.epochs
 
 
-def test_args_yaml_is_written_before_any_network_is_built(digits_folder, tiny_config, tmp_path, monkeypatch):
-    """The run stops while building the network: args.yaml is already there, with what the run resolved (classes
-    from the data folder) and the same resolved section as --dry-run prints."""
+def _stop_at(monkeypatch, name):
+    """Make train.py's phase `name` record its arguments and stop the run there."""
     import snnet.train.main as main_mod
     seen = {}
 
-    def stop(args, *a, **k):
-        seen["args"] = args
+    def stop(*a, **k):
+        seen["args"] = next(x for x in a if hasattr(x, "lr")) if name == "build_network" else a[1].args
         raise KeyboardInterrupt  # not a user error: stops the run where it is
 
-    monkeypatch.setattr(main_mod, "build_network", stop)
-    argv = [str(digits_folder), "--stitch_config", str(tiny_config), *map(str, FAST), "--epochs", "1",
-            "--output", str(tmp_path), "--experiment", "flow", "--device", "cpu"]
+    monkeypatch.setattr(main_mod, name, stop)
+    return seen
+
+
+def _argv(digits_folder, tiny_config, tmp_path):
+    return [str(digits_folder), "--stitch_config", str(tiny_config), *map(str, FAST), "--epochs", "1", "--output",
+            str(tmp_path), "--experiment", "flow", "--device", "cpu"]
+
+
+def test_args_yaml_is_written_before_any_work(digits_folder, tiny_config, tmp_path, monkeypatch):
+    """The run stops at the least-squares init (the first work): args.yaml is already there, with what the run
+    resolved (classes from the data folder) and the same resolved section as --dry-run prints."""
+    import snnet.train.main as main_mod
+    seen = _stop_at(monkeypatch, "ls_initialise")
     with pytest.raises(KeyboardInterrupt):
-        main_mod.main(argv)
+        main_mod.main(_argv(digits_folder, tiny_config, tmp_path))
     written = yaml.safe_load((tmp_path / "flow" / "args.yaml").read_text())
     assert written["num_classes"] == 10 and written["resume"] in ("", None)
     plain = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(seen["args"]).items()}  # YAML: lists
@@ -42,6 +52,19 @@ def test_args_yaml_is_written_before_any_network_is_built(digits_folder, tiny_co
         seen["args"].lr = 1.0
     dry = main_mod.describe_run(seen["args"], None, 1, "cpu")["resolved"]
     assert written["resolved"]["lr"] == dry["lr"] and written["resolved"]["schedule"] == dry["schedule"]
+
+
+def test_a_run_refused_while_building_leaves_no_trace(digits_folder, tiny_config, tmp_path, monkeypatch):
+    """Building the network is the last check (anchors, positions, resolutions): stopped there, nothing is
+    written, and the arguments it got are already the frozen, resolved ones."""
+    import snnet.train.main as main_mod
+    seen = _stop_at(monkeypatch, "build_network")
+    with pytest.raises(KeyboardInterrupt):
+        main_mod.main(_argv(digits_folder, tiny_config, tmp_path))
+    assert not (tmp_path / "flow").exists()
+    assert seen["args"].num_classes == 10
+    with pytest.raises(AttributeError):
+        seen["args"].epochs = 2
 
 
 def test_positions_are_chosen_before_the_snnet_is_built(monkeypatch):

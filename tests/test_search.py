@@ -21,7 +21,7 @@ from snnet.results.records import read_results
 from snnet.explore.search import SearchOptions, beam_search
 from snnet.core.cut import CutStitch, cut_points
 from snnet.core.maps import CompatibilityMaps
-from snnet.explore.similarity import open_data, calibration_batches, data_config
+from snnet.explore.similarity import open_data, calibration_batches
 
 
 # ------------------------------------------------------------------------------------------------ synthetic maps
@@ -182,8 +182,9 @@ def test_search_writes_results_pareto_and_drawings(searched, capsys):
 @torch.no_grad()
 def test_found_networks_verified_by_an_independent_evaluation(searched, digits_folder):
     """Rebuild every network from search.json and stitches.safetensors, then check: each stitch is the lstsq fit on
-    the calibration images, top-1 from a plain loop over the validation images, FLOPs from tracing the whole
-    network, params of the anchors from the models."""
+    the calibration images (each anchor's features on its own preprocessing of them), top-1 from a plain loop over
+    the validation images preprocessed as the network's front anchor's own data config, FLOPs from tracing the
+    whole network, params of the anchors from the models."""
     from safetensors.torch import load_file
     from timm.data import create_dataset, create_transform, resolve_data_config
     config, out = searched
@@ -192,10 +193,14 @@ def test_found_networks_verified_by_an_independent_evaluation(searched, digits_f
     models = [create_anchor(AnchorSpec(a["name"], a["checkpoint"], a["model_kwargs"]), pretrained=False,
                             num_classes=10, img_size=16).eval() for a in spec["anchors"]]
     base = ComposedNet(models, [], {}).eval()
-    # the calibration images the search drew (same seed and draw), and the stitches it saved
+    # each anchor's own preprocessing, straight from timm (the two differ: crop_pct 0.9 vs 0.95 resize differently)
+    own = [resolve_data_config({"img_size": 16}, model=m) for m in models]
+    assert [a["data_config"]["crop_pct"] for a in spec["anchors"]] == [c["crop_pct"] for c in own]
+    # the calibration images the search drew (same seed and draw), each anchor's own way, and the stitches it saved
     _, train, _ = open_data(str(digits_folder), True, 32)
-    images = calibration_batches(train, data_config(base, 16), 2, 32, spec["seed"])
-    feats = [base.capture(x, {a: set(range(len(base.units[a]))) for a in range(2)}) for x in images]
+    images = [calibration_batches(train, own[a], 2, 32, spec["seed"]) for a in range(2)]
+    feats = [{k: v for a in range(2) for k, v in
+              base.capture(images[a][n], {a: set(range(len(base.units[a])))}).items()} for n in range(2)]
     cuts = cut_points(base, feats[0])
     state = load_file(str(out / "stitches.safetensors"))
     stitches = {}
@@ -213,18 +218,21 @@ def test_found_networks_verified_by_an_independent_evaluation(searched, digits_f
         # SVD least squares, singular values below 1e-5 of the largest cut (the maps' RCOND on [X|1]ᵀ[X|1])
         best = Xa @ torch.linalg.lstsq(Xa, Yr, rcond=1e-5, driver="gelsd").solution
         assert float((out_r - best).norm() / best.norm()) < 1e-4
-    cfg = resolve_data_config({"img_size": 16}, model=models[-1])
-    val = create_dataset("", root=str(digits_folder / "val"), transform=create_transform(**{
-        k: cfg[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")}))
-    xs = torch.stack([val[n][0] for n in range(len(val))])
-    ys = torch.tensor([val[n][1] for n in range(len(val))])
+    xs = []  # per anchor: the validation images as its own data config preprocesses them
+    for cfg in own:
+        val = create_dataset("", root=str(digits_folder / "val"), transform=create_transform(**{
+            k: cfg[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")}))
+        xs.append(torch.stack([val[n][0] for n in range(len(val))]))
+        ys = torch.tensor([val[n][1] for n in range(len(val))])
+    assert not torch.equal(xs[0], xs[1])
     for entry in spec["networks"]:
         comp = Composition(tuple(Segment(*s) for s in entry["segments"]))
         net = ComposedNet(models, [comp], {e: stitches[e] for e in comp.edges}).eval()
         rec = records[entry["cfg_id"]]
-        correct = sum(int((net(xs[n:n + 7], 0).argmax(1) == ys[n:n + 7]).sum()) for n in range(0, len(xs), 7))
-        assert rec["acc1"] == pytest.approx(100.0 * correct / len(xs), abs=1e-9), entry["route"]
-        assert rec["samples"] == len(xs)
+        x = xs[comp.segments[0].anchor]  # a network reads its front anchor's preprocessing
+        correct = sum(int((net(x[n:n + 7], 0).argmax(1) == ys[n:n + 7]).sum()) for n in range(0, len(x), 7))
+        assert rec["acc1"] == pytest.approx(100.0 * correct / len(ys), abs=1e-9), entry["route"]
+        assert rec["samples"] == len(ys)
         assert rec["flops"] == trace_route_flops(net, 0, img_size=16), entry["route"]
         if comp.is_anchor:
             assert rec["params"] == sum(p.numel() for p in models[comp.segments[0].anchor].parameters())

@@ -3,6 +3,7 @@ across families (tiny random ViT and ResNet), and `snnet similarity` on tiny mod
 import itertools
 import json
 import math
+import re
 
 import pytest
 
@@ -122,7 +123,7 @@ def test_cut_points_and_stitchability_across_families(vit_resnet):
     assert res[-1].layout == vit[-1].layout == "flat"
     # ViT tokens (8x8 + cls) stitch onto ResNet maps of 8x8 (stem, layer1), not onto layer2's 4x4
     assert why_not_stitchable(vit[1], res[1]) is None
-    assert "64 vs 16 positions" in why_not_stitchable(vit[1], res[3])
+    assert why_not_stitchable(vit[1], res[3]) == "the front outputs 65 tokens but the end takes 4x4"
     assert why_not_stitchable(vit[-1], res[-1]) is None  # logits onto logits
     assert "pooled" in why_not_stitchable(vit[-1], res[1])
     stitchable = {(e[1], e[3]) for e in maps.stitches if e[0] == 0}
@@ -205,7 +206,8 @@ def test_kl_is_that_of_the_stitched_network(vit_resnet):
 
 def test_a_stitch_that_cannot_exist_is_refused(vit_resnet):
     _, _, maps = vit_resnet
-    with pytest.raises(ValueError, match="positions"):
+    with pytest.raises(ValueError, match=re.escape("unit 'blocks.0' of anchor 0 outputs 65 tokens but unit "
+                                                   "'layer3.0' of anchor 1 takes 2x2")):
         CutStitch(maps.cuts[0][1], maps.cuts[1][5])
 
 
@@ -223,12 +225,18 @@ def test_similarity_command_writes_the_maps(digits_folder, tmp_path, capsys):
                                                      "similarity.json"]
     data = json.loads((out / "similarity.json").read_text())
     assert data["images"] == 32 and data["img_size"] == [16, 16]
+    # each anchor was fed its own preprocessing (timm's data config of that anchor), and the file says which
+    from timm.data import resolve_data_config
+    own = [resolve_data_config({"img_size": 16}, model=m) for m in build_anchors(
+        parse_stitch_config({"anchors": [VIT, "resnet18"]}), False, 10, 16).anchors]
+    assert [a["data_config"]["crop_pct"] for a in data["anchor_specs"]] == [c["crop_pct"] for c in own]
+    assert own[0]["crop_pct"] != own[1]["crop_pct"] and [a["img_size"] for a in data["anchors"]] == [[16, 16]] * 2
     assert [p["front"] for p in data["pairs"]] == [0, 1]
     vit_to_res = data["pairs"][0]
     assert len(vit_to_res["cka"]) == 5 and len(vit_to_res["cka"][0]) == 10
     # at 16x16 the ViT has 4x4 tokens: stitchable onto the ResNet's 4x4 stem and layer1, not layer2 (2x2)
     assert vit_to_res["ls_residual"][1][1] is not None and vit_to_res["ls_residual"][1][3] is None
-    assert vit_to_res["not_stitchable"]["1,3"] == "16 vs 4 positions"
+    assert vit_to_res["not_stitchable"]["1,3"] == "the front outputs 17 tokens but the end takes 2x2"
     lines = (out / "similarity.csv").read_text().splitlines()
     assert lines[0].startswith("front,end,front_unit") and len(lines) == 1 + 2 * 5 * 10
     assert "compatibility maps of 2 anchors on 32 images" in stdout

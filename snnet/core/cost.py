@@ -76,26 +76,42 @@ def eval_mode(model: nn.Module):
 
 @dataclass
 class CostTable:
-    img_size: tuple[int, int]
+    img_size: tuple[int, int]             # the input size (the first anchor's when they differ: `sizes`)
     unit_flops: list[list[int]]           # [anchor][unit]
     layer_flops: dict[tuple[int, ...], int]
     unit_outputs: list[list[torch.Size]]  # [anchor][unit] output shape for one image
+    sizes: list[tuple[int, int]] | None = None  # [anchor] input size, when anchors read their own (None: img_size)
 
     def route_flops(self, steps) -> int:
         return sum(self.unit_flops[s[1]][s[2]] if s[0] == "unit" else self.layer_flops[s[1]] for s in steps)
 
 
+Size = "int | tuple[int, int] | list[tuple[int, int]]"
+
+
+def _sizes(model: SNNet, img_size) -> list[tuple[int, int]]:
+    """Per anchor, its input size (H, W): one size for every anchor, or a list with each anchor's own."""
+    one = lambda s: (s, s) if isinstance(s, int) else tuple(int(v) for v in s)[-2:]
+    if isinstance(img_size, list):
+        if len(img_size) != model.n_anchors:
+            raise ValueError(f"{len(img_size)} input sizes for {model.n_anchors} anchors")
+        return [one(s) for s in img_size]
+    return [one(img_size)] * model.n_anchors
+
+
 @torch.no_grad()
-def measure(model: SNNet, img_size: int | tuple[int, int] = 224, in_chans: int = 3) -> CostTable:
-    """Trace every unit of every anchor and every stitching module once, for one image of `img_size`: any network
-    the library builds (SN-Net's stitching layers, `snnet search`'s stitches), through its `stitch_inputs`."""
-    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+def measure(model: SNNet, img_size: Size = 224, in_chans: int = 3) -> CostTable:
+    """Trace every unit of every anchor and every stitching module once, for one image: any network the library
+    builds (SN-Net's stitching layers, `snnet search`'s stitches), through its `stitch_inputs`. `img_size` is one size,
+    or a list of each anchor's own input size (anchors with their own preprocessing): each anchor's units are
+    priced at its size, and a stitch on its front unit's output there."""
+    sizes = _sizes(model, img_size)
     device = next(model.parameters()).device
     unit_flops, unit_outputs = [], []
     with eval_mode(model):
         for a, units in enumerate(model.units):
             anchor = model.anchor(a)
-            x = torch.zeros(1, in_chans, *size, device=device)
+            x = torch.zeros(1, in_chans, *sizes[a], device=device)
             flops, shapes = [], []
             for unit in units:
                 flops.append(count_flops(lambda t, unit=unit, anchor=anchor: unit.run(anchor, t), anchor, x))
@@ -113,21 +129,21 @@ def measure(model: SNNet, img_size: int | tuple[int, int] = 224, in_chans: int =
             # a low-rank layer runs as its merged linear map once deployed (SN-Netv2 counted that one too)
             layer = layer.merged() if hasattr(layer, "merged") else layer
             layer_flops[address] = count_flops(layer, layer, x)
-    return CostTable(size, unit_flops, layer_flops, unit_outputs)
+    return CostTable(sizes[0], unit_flops, layer_flops, unit_outputs, None if len(set(sizes)) == 1 else sizes)
 
 
-# net -> {(img_size, in_chans): CostTable}; weak keys, so a net's tables go when the net does
+# net -> {(sizes, in_chans): CostTable}; weak keys, so a net's tables go when the net does
 _TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def cost_table(model: SNNet, img_size: int | tuple[int, int], in_chans: int = 3) -> CostTable:
-    """`measure` of one SN-Net at one image size, traced once and then cached (FLOPs depend on the architecture
-    and the input size, not on the weights, so training does not invalidate it)."""
-    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+def cost_table(model: SNNet, img_size: Size, in_chans: int = 3) -> CostTable:
+    """`measure` of one network at one image size (or per-anchor sizes), traced once and then cached (FLOPs depend on
+    the architecture and the input size, not on the weights, so training does not invalidate it)."""
+    sizes = tuple(_sizes(model, img_size))
     tables = _TABLES.setdefault(model, {})
-    if (size, in_chans) not in tables:
-        tables[(size, in_chans)] = measure(model, size, in_chans)
-    return tables[(size, in_chans)]
+    if (sizes, in_chans) not in tables:
+        tables[(sizes, in_chans)] = measure(model, list(sizes), in_chans)
+    return tables[(sizes, in_chans)]
 
 
 @torch.no_grad()

@@ -2,7 +2,9 @@
 
 A *cut point* is the output of one unit (stem, block, transition, norm, head) of one anchor, as the family's
 adapter cuts it. For every ordered pair of anchors (A, B) and every pair of cut points (unit i of A, unit j of B),
-on the same images:
+on the same images, each anchor reading them preprocessed its own way (a batch is one tensor for all anchors, or one
+tensor per input group of the net: `ComposedNet.input_groups`, snnet.train.data.anchor_data_configs), so the order
+of the anchors changes no score:
 
 * ``cka``: linear CKA (snnet/core/cka.py) between A's output of unit i and B's output of unit j, one sample per image
   (the whole output flattened: every position, channel and prefix token), unbiased minibatch estimator averaged
@@ -30,7 +32,7 @@ import csv
 import io
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence, Union
 
 import numpy as np
 import torch
@@ -72,7 +74,8 @@ class CompatibilityMaps:
     rows: dict[Edge, int] = field(default_factory=dict)         # least-squares rows per stitch
     images: int = 0
     batches: int = 0
-    img_size: tuple[int, int] | None = None
+    img_size: tuple[int, int] | None = None      # the anchors' input size (None when they differ)
+    input_sizes: list[tuple[int, int]] | None = None  # per anchor: its input's size
 
     def value(self, kind: str, edge: Edge) -> float | None:
         """The raw score of `kind` (one of SCORES) at edge (a, i, b, j); None where undefined."""
@@ -94,7 +97,9 @@ class CompatibilityMaps:
             "images": self.images, "batches": self.batches,
             "img_size": list(self.img_size) if self.img_size else None,
             "definitions": DEFINITIONS,
-            "anchors": [{"label": n, "units": [c.to_json() for c in cuts]} for n, cuts in zip(self.names, self.cuts)],
+            "anchors": [{"label": n, **({"img_size": list(self.input_sizes[a])} if self.input_sizes else {}),
+                         "units": [c.to_json() for c in cuts]}
+                        for a, (n, cuts) in enumerate(zip(self.names, self.cuts))],
             "pairs": [{"front": a, "end": b, "front_label": self.names[a], "end_label": self.names[b],
                        "cka": grid(self.cka[(a, b)]), "ls_residual": grid(self.ls_residual[(a, b)]),
                        "kl": grid(self.kl[(a, b)]) if self.kl is not None else None,
@@ -135,13 +140,28 @@ def all_pairs(n: int) -> list[tuple[int, int]]:
     return [(a, b) for a in range(n) for b in range(n) if a != b]
 
 
+Batch = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def _to(x: Batch, device: torch.device) -> Batch:
+    return x.to(device) if isinstance(x, torch.Tensor) else [t.to(device) for t in x]
+
+
+def _count(x: Batch) -> int:
+    """Images in a batch (every tensor of a per-group batch holds the same images)."""
+    return int(x.shape[0] if isinstance(x, torch.Tensor) else x[0].shape[0])
+
+
 @torch.no_grad()
-def compatibility_maps(net: ComposedNet, batches: Iterable[torch.Tensor], pairs: Sequence[tuple[int, int]] | None =
-                       None, kl: bool = True, stitch_layer: dict[str, Any] | None = None,
+def compatibility_maps(net: ComposedNet, batches: Iterable[Batch], pairs: Sequence[tuple[int, int]] | None = None,
+                       kl: bool = True, stitch_layer: dict[str, Any] | None = None,
                        rcond: float | None = RCOND) -> CompatibilityMaps:
     """The CKA, least-squares and KL maps of every ordered anchor pair in `pairs` (default: all), on `batches`
-    (clean images; each batch of at least 4 images for the unbiased CKA). The batches are read twice (the KL pass
-    needs the fitted stitches), so pass a list or a re-iterable. `stitch_layer` is the stitching-layer spec."""
+    (clean images; each batch of at least 4 images for the unbiased CKA). A batch is one tensor, read by every
+    anchor, or a sequence of tensors of the same images, one per input group, of which each anchor reads its own
+    (``net.anchor_input``; the KL map's stitched network A[..i] -> B reads A's, B's own logits B's). The batches are
+    read twice (the KL pass needs the fitted stitches), so pass a list or a re-iterable. `stitch_layer` is the
+    stitching-layer spec."""
     pairs = list(pairs) if pairs is not None else all_pairs(net.n_anchors)
     if not pairs:
         raise SimilarityError("compatibility maps need at least two anchors")
@@ -155,16 +175,18 @@ def compatibility_maps(net: ComposedNet, batches: Iterable[torch.Tensor], pairs:
     stitchable: dict[Edge, tuple[CutPoint, CutPoint]] = {}
     reasons: dict[Edge, str] = {}
     n_images = n_batches = cka_batches = 0
-    img_size = None
+    input_sizes = None
     total = len(batches) if hasattr(batches, "__len__") else None
     progress = Progress("similarity: statistics (batches)", total, unit="img", seconds=PROGRESS_SECONDS)
     with eval_mode(net):
         for x in batches:
-            x = x.to(device)
+            x = _to(x, device)
+            n = _count(x)
             feats = net.capture(x, points)
             if cuts is None:
                 cuts = cut_points(net, feats)
-                img_size = tuple(int(s) for s in x.shape[-2:])
+                input_sizes = [tuple(int(s) for s in net.anchor_input(x, a).shape[-2:])
+                               for a in range(net.n_anchors)]
                 for a, b in pairs:
                     for fc in cuts[a]:
                         for ec in cuts[b]:
@@ -173,7 +195,7 @@ def compatibility_maps(net: ComposedNet, batches: Iterable[torch.Tensor], pairs:
                                 stitchable[(a, fc.unit, b, ec.unit)] = (fc, ec)
                             else:
                                 reasons[(a, fc.unit, b, ec.unit)] = r
-            if x.shape[0] >= 4:
+            if n >= 4:
                 cka_acc.add({k: v for k, v in feats.items()},
                             [((a, i), (b, j)) for a, b in unordered for i in points[a] for j in points[b]])
                 cka_batches += 1
@@ -182,9 +204,9 @@ def compatibility_maps(net: ComposedNet, batches: Iterable[torch.Tensor], pairs:
                 a, i, b, j = edge
                 probe_stitches.setdefault(edge, CutStitch(fc, ec, stitch_layer)).add_rows(
                     ls, (a, i), edge, feats[(a, i)], feats[(b, j)])
-            n_images += x.shape[0]
+            n_images += n
             n_batches += 1
-            progress.advance(x.shape[0])
+            progress.advance(n)
     if total is None and n_batches:
         progress.finish()
     if cuts is None:
@@ -207,8 +229,9 @@ def compatibility_maps(net: ComposedNet, batches: Iterable[torch.Tensor], pairs:
         ls_maps[(a, b)][i, j], rows[edge] = module.fit(ls, (a, i), edge, rcond)
         stitches[edge] = module.to(device).eval()
     del ls
+    img_size = input_sizes[0] if len(set(input_sizes)) == 1 else None
     maps = CompatibilityMaps(list(net.names), cuts, pairs, cka_maps, ls_maps, None, reasons, stitches, rows,
-                             n_images, n_batches, img_size)
+                             n_images, n_batches, img_size, input_sizes)
     if kl:
         maps.kl = _kl_maps(net, batches, maps, points, device)
     return maps
@@ -222,8 +245,8 @@ def _kl_maps(net: ComposedNet, batches, maps: CompatibilityMaps, points, device)
     images = 0
     with eval_mode(net):
         for x in batches:
-            x = x.to(device)
-            feats = net.capture(x, points)
+            x = _to(x, device)
+            feats = net.capture(x, points)  # each anchor on its own input: the stitched network reads A's
             for edge, stitch in maps.stitches.items():
                 a, i, b, j = edge
                 last = len(net.units[b]) - 1
@@ -232,8 +255,8 @@ def _kl_maps(net: ComposedNet, batches, maps: CompatibilityMaps, points, device)
                 lp = torch.log_softmax(feats[(b, last)].double(), dim=1)
                 lq = torch.log_softmax(q.double(), dim=1)
                 sums[edge] += float((lp.exp() * (lp - lq)).sum())
-            images += x.shape[0]
-            progress.advance(x.shape[0])
+            images += _count(x)
+            progress.advance(_count(x))
     if total is None:
         progress.finish()
     out = {p: np.full((len(maps.cuts[p[0]]), len(maps.cuts[p[1]])), np.nan) for p in maps.pairs}
@@ -243,8 +266,10 @@ def _kl_maps(net: ComposedNet, batches, maps: CompatibilityMaps, points, device)
 
 
 
-def anchors_net(models: Sequence[nn.Module], adapters, labels: Sequence[str]) -> ComposedNet:
-    """Built anchors (with their adapters), each a route of its own, in eval mode: what `compatibility_maps` reads."""
+def anchors_net(models: Sequence[nn.Module], adapters, labels: Sequence[str],
+                input_groups: Sequence[int] | None = None) -> ComposedNet:
+    """Built anchors (with their adapters), each a route of its own, in eval mode: what `compatibility_maps` reads.
+    `input_groups`: which tensor of a per-group batch each anchor reads (`ComposedNet`)."""
     anchors_only = [Composition((Segment(a, 0, len(ad.units(m)) - 1),)) for a, (ad, m) in
                     enumerate(zip(adapters, models))]
-    return ComposedNet(models, anchors_only, {}, labels, adapters).eval()
+    return ComposedNet(models, anchors_only, {}, labels, adapters, input_groups).eval()

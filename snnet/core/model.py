@@ -7,6 +7,11 @@ steps, pure data that the evaluator and the cost model reuse:
 
     ("unit", anchor, unit_index)   run one unit of one anchor
     ("stitch", address)            run the stitching layer at `address`
+
+An input is one image tensor, read by every anchor (SN-Net: one data config for the whole network), or a sequence
+of tensors of the same images preprocessed several ways, one per *input group*: anchor a reads
+``x[input_groups[a]]`` (`RoutedNet.anchor_input`), so anchors with their own preprocessing (`snnet similarity`,
+`snnet search`: snnet.train.data.anchor_data_configs) each see their own, and a route reads its first anchor's.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ class RoutedNet(nn.Module):
     routes: list[tuple[Step, ...]]
     _unit_params: list[list[int]] | None = None  # cached by unit_params()
     grad_checkpointing: bool = False             # set_grad_checkpointing(): recompute blocks in the backward pass
+    input_groups: list[int] | None = None        # anchor -> index of its tensor in a sequence input (None: all 0)
 
     def anchor(self, index: int) -> nn.Module:
         raise NotImplementedError
@@ -102,6 +108,25 @@ class RoutedNet(nn.Module):
             x = self.run_step(step, x)
         return x
 
+    def anchor_input(self, x: torch.Tensor | Sequence[torch.Tensor], anchor: int) -> torch.Tensor:
+        """The tensor anchor `anchor` reads of input `x`: `x` itself, or of a sequence (one tensor per input group)
+        the one of the anchor's group."""
+        if isinstance(x, torch.Tensor):
+            return x
+        group = self.input_groups[anchor] if self.input_groups is not None else 0
+        if not 0 <= group < len(x):
+            raise PlanError(f"anchor {anchor} ({self.names[anchor]!r}) reads input {group}, but the input holds "
+                            f"{len(x)} tensor(s): give one tensor per input group {self.input_groups}")
+        return x[group]
+
+    def route_input(self, x: torch.Tensor | Sequence[torch.Tensor], first_step: Step) -> torch.Tensor:
+        """The tensor a route beginning with `first_step` (a unit of its front anchor) reads of input `x`."""
+        if isinstance(x, torch.Tensor):
+            return x
+        if first_step[0] != "unit":
+            raise PlanError(f"a route begins with a unit of an anchor, not with {first_step!r}")
+        return self.anchor_input(x, first_step[1])
+
     def forward(self, x: torch.Tensor, cfg_id: int = 0) -> torch.Tensor:
         return self.run_steps(self.routes[self.check_cfg_id(cfg_id)], x)
 
@@ -127,12 +152,14 @@ class RoutedNet(nn.Module):
         return total
 
     # ------------------------------------------------------------------------------------------- features
-    def capture(self, x: torch.Tensor, points: dict[int, set[int]]) -> dict[FeaturePoint, torch.Tensor]:
-        """Run each anchor in `points` ({anchor: unit indices}) on `x` as far as needed, keeping those units'
-        outputs: the features the least-squares init and the stitchability checks compare."""
+    def capture(self, x: torch.Tensor | Sequence[torch.Tensor], points: dict[int, set[int]]
+                ) -> dict[FeaturePoint, torch.Tensor]:
+        """Run each anchor in `points` ({anchor: unit indices}) on its input of `x` (`anchor_input`) as far as
+        needed, keeping those units' outputs: the features the least-squares init, the stitchability checks and the
+        compatibility maps compare."""
         out = {}
         for a, wanted in points.items():
-            h = x
+            h = self.anchor_input(x, a)
             for u in range(max(wanted) + 1):
                 h = self.units[a][u].run(self.anchor(a), h)
                 if u in wanted:
@@ -362,12 +389,23 @@ class ComposedNet(RoutedNet):
     ``compositions[cfg_id]`` (snnet/core/plan.py), each of its edges through the stitching module ``stitches[edge]`` (any
     module mapping the front unit's output onto the end anchor's features; `snnet.core.cut.CutStitch` builds them).
     The networks `snnet search` composes; the evaluator, the cost model and `params` run it as any routed network.
-    Stitch steps are ``("stitch", (i,))`` with i the edge's index in `edges`."""
+    Stitch steps are ``("stitch", (i,))`` with i the edge's index in `edges`.
+
+    `input_groups` (anchor -> input group; None: every anchor reads the one input) says which tensor of a sequence
+    input each anchor reads: anchors of different families have different preprocessing
+    (snnet.train.data.anchor_data_configs), and a route reads its front anchor's. A single tensor input is read by
+    every anchor."""
 
     def __init__(self, anchors: Sequence[nn.Module], compositions: Sequence[Composition],
                  stitches: dict[Edge, nn.Module], names: Sequence[str] | None = None,
-                 adapters: Sequence[AnchorAdapter] | None = None):
+                 adapters: Sequence[AnchorAdapter] | None = None, input_groups: Sequence[int] | None = None):
         super().__init__()
+        if input_groups is not None:
+            input_groups = [int(g) for g in input_groups]
+            if len(input_groups) != len(anchors) or any(g < 0 for g in input_groups):
+                raise PlanError(f"input_groups {input_groups} must give each of the {len(anchors)} anchors an "
+                                f"input index >= 0")
+        self.input_groups = input_groups
         self.anchors = nn.ModuleList(anchors)
         self.names = list(names) if names is not None else [type(m).__name__ for m in anchors]
         self.adapters = list(adapters) if adapters is not None else [
@@ -401,6 +439,10 @@ class ComposedNet(RoutedNet):
         if isinstance(cfg_id, bool) or not isinstance(cfg_id, int) or not 0 <= cfg_id < len(self.routes):
             raise PlanError(f"cfg_id {cfg_id!r} is out of range: this network has cfg_ids 0..{len(self.routes) - 1}")
         return cfg_id
+
+    def forward(self, x: torch.Tensor | Sequence[torch.Tensor], cfg_id: int = 0) -> torch.Tensor:
+        steps = self.routes[self.check_cfg_id(cfg_id)]
+        return self.run_steps(steps, self.route_input(x, steps[0]))
 
     def anchor(self, index: int) -> nn.Module:
         return self.anchors[index]

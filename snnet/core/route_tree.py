@@ -5,11 +5,14 @@ stem and blocks 0..j, or the same stage) share a path in a trie; a depth-first w
 per batch. An activation lives only while the walk is inside its subtree: when the last route that continues from
 it has been produced, Python drops it. Peak memory is therefore the activations along one root-to-leaf path, not
 one per route.
+
+The routes' first steps are the trie's roots. Each root may read its own input (`RouteTree.run` with a mapping or a
+function of the first step): anchors with their own preprocessing, where a route reads its front anchor's images.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence, Union
 
 import torch
 
@@ -18,6 +21,10 @@ import torch
 class _Node:
     children: dict = field(default_factory=dict)  # step -> _Node
     cfg_ids: list[int] = field(default_factory=list)  # routes that end here
+
+
+#: what `RouteTree.run` reads: one tensor for every route, or per first step (mapping or function)
+Inputs = Union[torch.Tensor, Mapping[tuple, torch.Tensor], Callable[[tuple], torch.Tensor]]
 
 
 class RouteTree:
@@ -41,10 +48,24 @@ class RouteTree:
         """One entry per trie node: the steps computed once per batch."""
         return [step for step, _ in self.nodes()]
 
-    def run(self, run_step: Callable[[tuple, torch.Tensor], torch.Tensor], x: torch.Tensor,
+    def roots(self) -> list[tuple]:
+        """The distinct first steps of the routes: one per trie root, in order of first use."""
+        return list(self.root.children)
+
+    def run(self, run_step: Callable[[tuple, torch.Tensor], torch.Tensor], x: Inputs,
             emit: Callable[[int, torch.Tensor], None], track_bytes: bool = False) -> int:
-        """Walk the trie on input `x`; call ``emit(cfg_id, output)`` for every route. Returns the peak bytes of
-        live activations (input excluded) when `track_bytes`, else 0."""
+        """Walk the trie; call ``emit(cfg_id, output)`` for every route. `x` is the input of every route (a tensor),
+        or per root: a mapping or a function from a route's first step to the tensor that route reads (asked once
+        per root). Returns the peak bytes of live activations (inputs excluded) when `track_bytes`, else 0."""
+        if isinstance(x, torch.Tensor):
+            input_for = lambda step: x
+        elif isinstance(x, Mapping):
+            input_for = x.__getitem__
+        elif callable(x):
+            input_for = x
+        else:
+            raise TypeError(f"RouteTree.run takes a tensor, a mapping or a function of the first step, not "
+                            f"{type(x).__name__}")
         peak = live = 0
 
         def nbytes(t) -> int:
@@ -52,8 +73,9 @@ class RouteTree:
                 return t.numel() * t.element_size()
             return sum(nbytes(v) for v in t) if isinstance(t, (tuple, list)) else 0
 
-        # explicit stack instead of recursion: (node's children iterator, activation feeding them, its size)
-        stack = [(iter(self.root.children.items()), x, 0)]
+        # explicit stack instead of recursion: (node's children iterator, activation feeding them, its size); the
+        # roots' entry holds no activation: each root reads its own input
+        stack = [(iter(self.root.children.items()), None, 0)]
         while stack:
             children, h, size = stack[-1]
             item = next(children, None)
@@ -62,7 +84,7 @@ class RouteTree:
                 live -= size
                 continue
             step, node = item
-            out = run_step(step, h)
+            out = run_step(step, input_for(step) if len(stack) == 1 else h)
             for cfg_id in node.cfg_ids:
                 emit(cfg_id, out)
             if node.children:

@@ -36,7 +36,7 @@ from xml.sax.saxutils import escape
 
 import torch
 
-from snnet.core.cost import cost_table, count_flops
+from snnet.core.cost import cost_table
 from snnet.core.fileio import write_text_atomic
 from snnet.core.model import ComposedNet
 from snnet.core.plan import Composition, Edge, Segment
@@ -130,23 +130,20 @@ def _order(segments: Sequence[Segment]) -> tuple:
 # ---------------------------------------------------------------------------------------------------- networks
 def compose(anchors: ComposedNet, maps: CompatibilityMaps, found: Sequence[Composition]) -> ComposedNet:
     """The anchors (cfg_ids 0..n-1) and the found networks as one routed network, sharing the anchors' modules and
-    the fitted stitches (an edge used by several networks is one module)."""
+    the fitted stitches (an edge used by several networks is one module) and the anchors' input groups (each
+    network reads its front anchor's preprocessing)."""
     comps = list(anchors.compositions) + list(found)
     edges = {e for c in found for e in c.edges}
     return ComposedNet(list(anchors.anchors), comps, {e: maps.stitches[e] for e in edges}, anchors.names,
-                       anchors.adapters).eval()
+                       anchors.adapters, anchors.input_groups).eval()
 
 
 @torch.no_grad()
-def network_flops(net: ComposedNet, img_size: int | tuple[int, int], in_chans: int = 3) -> list[int]:
-    """FLOPs of every route (SN-Net's fvcore convention): the cost model's per-unit table plus each stitch traced
-    once on its front unit's output shape."""
+def network_flops(net: ComposedNet, img_size: int | tuple[int, int] | list[tuple[int, int]],
+                  in_chans: int = 3) -> list[int]:
+    """FLOPs of every route (SN-Net's fvcore convention), from the cost model: each unit priced at its anchor's input
+    size (`img_size`: one size, or each anchor's own), each stitch on its front unit's output there."""
     table = cost_table(net, img_size, in_chans)
-    device = next(net.parameters()).device
-    for idx, (a, i, _, _) in enumerate(net.edges):
-        if (idx,) not in table.layer_flops:
-            x = torch.zeros(table.unit_outputs[a][i], device=device)
-            table.layer_flops[(idx,)] = count_flops(net.stitches[idx], net.stitches[idx], x)
     return [table.route_flops(steps) for steps in net.routes]
 
 
@@ -232,15 +229,17 @@ def run_search(args: argparse.Namespace) -> list[Path]:
     from snnet.train.data import create_eval_loader
     from snnet.train.engine import evaluate_stitches
     from snnet.results.pareto import pareto_report, save_report
-    from snnet.results.records import RESULTS_FILE, write_results
-    from snnet.explore.similarity import calibration_batches, prepare, write_maps
+    from snnet.results.records import RESULTS_FILE, stitch_record, write_results
+    from snnet.explore.similarity import anchor_records, calibration_batches, prepare, write_maps
 
     options = SearchOptions(args.threshold, args.total_threshold, args.max_depth, args.beam_width, args.score)
     options.check()
     run = prepare(args, True, "the search", need_val=True)
-    out, cfg, net, device, dcfg = run.out, run.cfg, run.net, run.device, run.data_cfg
+    out, net, device = run.out, run.net, run.device
     t0 = time.perf_counter()
-    images = calibration_batches(run.train, dcfg, args.batches, args.batch_size, args.seed)
+    # each anchor reads its own preprocessing of the same images (the maps), each network its front anchor's (the
+    # evaluation): no number depends on the order the anchors are listed in
+    images = calibration_batches(run.train, run.input_cfgs, args.batches, args.batch_size, args.seed)
     maps = compatibility_maps(net, images, kl=args.score == "kl")
     t_maps = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -250,26 +249,24 @@ def run_search(args: argparse.Namespace) -> list[Path]:
     t_search = time.perf_counter() - t0
     composed = compose(net, maps, [c for c, _ in found])
     scores = [None] * net.n_anchors + [s for _, s in found]
-    size = tuple(dcfg["input_size"][-2:])
+    sizes = [tuple(c["input_size"][-2:]) for c in run.data_cfgs]  # per anchor: its own input size
     t0 = time.perf_counter()
-    flops = network_flops(composed, size, dcfg["input_size"][0])
-    loader = create_eval_loader(run.val, run.data, dcfg, batch_size=args.batch_size)
+    flops = network_flops(composed, sizes, run.data_cfgs[0]["input_size"][0])
+    loader = create_eval_loader(run.val, run.data, run.input_cfgs, batch_size=args.batch_size)
     cfg_ids = list(range(composed.num_configs))
     metrics = evaluate_stitches(composed, loader, cfg_ids, device)
     t_eval = time.perf_counter() - t0
     records = []
     for c in cfg_ids:
         comp = composed.compositions[c]
-        records.append({"cfg_id": c, "flops": flops[c], "params": composed.params(c), **metrics[c],
-                        "route": composed.describe(c), "score": scores[c],
-                        "segments": [[s.anchor, s.first, s.last] for s in comp.segments],
-                        "img_size": list(size)})
+        records.append(stitch_record(composed, c, metrics[c], flops[c], sizes[comp.segments[0].anchor],
+                                     score=scores[c], segments=[[s.anchor, s.first, s.last] for s in comp.segments]))
     results = out / RESULTS_FILE
     write_results(results, records)
     report = pareto_report([str(results)], "flops")
     files = [results, *save_report(report, out, f"snnet search ({options.score}): {len(found)} networks")]
     files += write_maps(maps, out / "similarity", {"command": "snnet search", "data": str(args.data),
-                                                     "split": "train"})
+                                                     "split": "train", "anchor_specs": anchor_records(run)})
     drawings = {out / "networks" / f"cfg_{rec['cfg_id']:03d}.svg": rec for rec in records}
     for stale in (out / "networks").glob("cfg_*.svg"):  # an earlier search's drawings of networks not found now
         if stale not in drawings:
@@ -279,9 +276,9 @@ def run_search(args: argparse.Namespace) -> list[Path]:
     files.append(out / "networks")
     files.append(_save_stitches(composed, out / "stitches.safetensors"))
     spec = {"command": "snnet search", "options": asdict(options), "data": str(args.data),
-            "anchors": [{"label": n, "name": a.name, "checkpoint": a.checkpoint, "model_kwargs": a.model_kwargs}
-                        for n, a in zip(net.names, cfg.anchors)],
-            "num_classes": run.num_classes, "img_size": list(size), "calibration_images": maps.images,
+            "anchors": [{"label": n, **a} for n, a in zip(net.names, anchor_records(run))],
+            "num_classes": run.num_classes, "img_size": list(sizes[0]) if len(set(sizes)) == 1 else None,
+            "calibration_images": maps.images,
             "seed": args.seed, "edges": [list(e) for e in composed.edges],
             "seconds": {"maps": round(t_maps, 2), "search": round(t_search, 3), "evaluation": round(t_eval, 2)},
             "networks": [{"cfg_id": r["cfg_id"], "route": r["route"], "segments": r["segments"], "score": r["score"]}

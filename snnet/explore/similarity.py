@@ -16,6 +16,7 @@ import torch
 from snnet.core.fileio import save_figure, write_text_atomic
 from snnet.core.maps import SCORES, CompatibilityMaps, SimilarityError, anchors_net, compatibility_maps
 from snnet.core.model import ComposedNet
+from snnet.train.device import device_from_flag
 
 
 # ---------------------------------------------------------------------------------------------------- files
@@ -74,35 +75,22 @@ def write_maps(maps: CompatibilityMaps, out_dir: str | os.PathLike, meta: dict[s
 
 # ---------------------------------------------------------------------------------------------------- anchors, data
 def anchor_specs(anchors: Sequence[str] | None, stitch_config: str | None):
-    """AnchorSpecs from ``--anchors`` (each a timm name, NAME:CHECKPOINT, or a config's JSON anchor object) or from
-    a stitch config's anchors list (exactly one of the two)."""
-    from snnet.core.config import ConfigError, load_stitch_config, parse_stitch_config
+    """The anchors' specs (a StitchConfig) from ``--anchors`` (each in the one anchor syntax of
+    `snnet.core.config.parse_anchor`: NAME, NAME:CHECKPOINT, FILE#INDEX or a JSON anchor object) or from a stitch
+    config's anchors list (exactly one of the two)."""
+    from snnet.core.config import StitchConfig, load_stitch_config, parse_anchor
     if bool(anchors) == bool(stitch_config):
         raise SimilarityError("name the anchors with --anchors A B ... or --stitch_config CFG (one of the two)")
     if stitch_config:
         return load_stitch_config(stitch_config)
-    items = []
-    for text in anchors:
-        if text.lstrip().startswith("{"):
-            try:
-                items.append(json.loads(text))
-            except ValueError as e:
-                raise SimilarityError(f"--anchors {text!r} is not a JSON object ({e}); write NAME, NAME:CHECKPOINT "
-                                      f"or a config anchor such as '{{\"name\": \"resnet18\"}}'") from None
-        elif ":" in text:
-            name, checkpoint = text.split(":", 1)
-            items.append({"name": name, "checkpoint": checkpoint})
-        else:
-            items.append(text)
-    try:
-        return parse_stitch_config({"anchors": items}, "--anchors")
-    except ConfigError as e:
-        raise SimilarityError(str(e)) from None
+    return StitchConfig([parse_anchor(text, "--anchors") for text in anchors], {})
 
 
 def build_anchors(cfg, pretrained: bool, num_classes: int | None, img_size: int | None,
                   in_chans: int | None = None) -> ComposedNet:
-    """The anchors of a stitch config (timm, local checkpoints), each a route of its own, in eval mode."""
+    """The anchors of a stitch config (timm, local checkpoints), each a route of its own, in eval mode; each anchor
+    reads its own preprocessing of a per-group batch (``input_groups`` from `data_configs`; a single tensor is read
+    by every anchor)."""
     from snnet.core.adapter import adapter_for
     from snnet.core.build import check_model_name, create_anchor
     names = [a.name for a in cfg.anchors]
@@ -112,7 +100,7 @@ def build_anchors(cfg, pretrained: bool, num_classes: int | None, img_size: int 
               for a in cfg.anchors]
     labels = [f"{n}#{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
     adapters = [adapter_for(m, n) for m, n in zip(models, labels)]
-    return anchors_net(models, adapters, labels)
+    return anchors_net(models, adapters, labels, _resolve(models, img_size)[2])
 
 
 def data_namespace(data_dir: str, batch_size: int, num_classes: int | None = None,
@@ -132,30 +120,27 @@ def open_data(data_dir: str, need_train: bool, batch_size: int, num_classes: int
     return ns, *create_datasets(ns, need_train=need_train)
 
 
-def data_config(net: ComposedNet, img_size: int | None) -> dict[str, Any]:
-    """Evaluation preprocessing as train.py resolves it (timm, the largest anchor's pretrained config)."""
-    from timm.data import resolve_data_config
-    return resolve_data_config({"img_size": img_size} if img_size else {}, model=net.anchor(net.n_anchors - 1))
+def _resolve(models, img_size: int | None):
+    from snnet.train.data import anchor_data_configs
+    return anchor_data_configs(models, {"img_size": img_size} if img_size else {})
 
 
-def calibration_batches(dataset, data_cfg: dict[str, Any], batches: int, batch_size: int, seed: int = 0) -> list:
+def data_configs(net: ComposedNet, img_size: int | None) -> tuple[list[dict], list[dict], list[int]]:
+    """Each anchor's own evaluation preprocessing (timm's resolve_data_config on that anchor, `img_size` over it):
+    (per anchor, distinct, group) as snnet.train.data.anchor_data_configs gives them. Load images with the distinct
+    configs (a list of tensors per batch); anchor a reads tensor ``group[a]``, the net's ``input_groups`` as
+    `build_anchors` sets them. (Feeding every anchor one anchor's preprocessing made the numbers depend on the
+    anchors' order.)"""
+    return _resolve([net.anchor(a) for a in range(net.n_anchors)], img_size)
+
+
+def calibration_batches(dataset, data_cfg: dict[str, Any] | Sequence[dict[str, Any]], batches: int, batch_size: int,
+                        seed: int = 0) -> list:
     """`batches` x `batch_size` clean images drawn at random (seeded) from `dataset`, kept in memory (the maps read
-    them twice)."""
+    them twice). With several data configs (the distinct ones of `data_configs`) each batch is a list of tensors of
+    the same images, one per config."""
     from snnet.train.data import clean_images
     return list(clean_images(dataset, data_cfg, batches * batch_size, seed, batch_size=batch_size))
-
-
-def device_of(name: str | None) -> torch.device:
-    """``--device``: cuda when available unless named."""
-    if not name:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SimilarityError(f"--device {name!r} is not a torch device; use cpu or cuda[:index]") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SimilarityError(f"--device {name!r}: CUDA is not available here; use --device cpu")
-    return device
 
 
 @dataclass
@@ -170,7 +155,8 @@ class Prepared:
     val: Any
     num_classes: int | None
     img_size: int | None
-    data_cfg: dict[str, Any]
+    data_cfgs: list[dict[str, Any]]   # per anchor: its own evaluation preprocessing
+    input_cfgs: list[dict[str, Any]]  # the distinct ones: one tensor each per batch (net.input_groups indexes them)
 
 
 def prepare(args: argparse.Namespace, need_train: bool, what: str, need_val: bool = False) -> Prepared:
@@ -181,7 +167,7 @@ def prepare(args: argparse.Namespace, need_train: bool, what: str, need_val: boo
     if args.batch_size < 4:
         raise SimilarityError(f"--batch-size {args.batch_size}: the unbiased CKA needs at least 4 images per batch; "
                               f"use -b 4 or more")
-    device = device_of(args.device)
+    device = device_from_flag(args.device)
     cfg = anchor_specs(args.anchors, args.stitch_config)
     if len(cfg.anchors) < 2:
         raise SimilarityError(f"{what} needs at least two anchors, got {len(cfg.anchors)}; add one to --anchors or "
@@ -192,7 +178,14 @@ def prepare(args: argparse.Namespace, need_train: bool, what: str, need_val: boo
     classes = args.num_classes or cfg.get("num_classes") or num_classes_of(train if need_train else val)
     img_size = args.img_size or cfg.get("input_size")
     net = build_anchors(cfg, not args.no_pretrained, classes, img_size).to(device)
-    return Prepared(out, cfg, net, device, ns, train, val, classes, img_size, data_config(net, img_size))
+    per_anchor, distinct, _ = data_configs(net, img_size)
+    return Prepared(out, cfg, net, device, ns, train, val, classes, img_size, per_anchor, distinct)
+
+
+def anchor_records(run: Prepared) -> list[dict[str, Any]]:
+    """Per anchor: its spec and the preprocessing it was fed (JSON-able)."""
+    return [{"name": a.name, "checkpoint": a.checkpoint, "model_kwargs": a.model_kwargs,
+             "data_config": dict(c)} for a, c in zip(run.cfg.anchors, run.data_cfgs)]
 
 
 def run_similarity(args: argparse.Namespace) -> list[Path]:
@@ -200,13 +193,12 @@ def run_similarity(args: argparse.Namespace) -> list[Path]:
     import time
     run = prepare(args, args.split == "train", "compatibility maps")
     t0 = time.perf_counter()
-    images = calibration_batches(run.train if args.split == "train" else run.val, run.data_cfg, args.batches,
+    images = calibration_batches(run.train if args.split == "train" else run.val, run.input_cfgs, args.batches,
                                  args.batch_size, args.seed)
     maps = compatibility_maps(run.net, images, kl=not args.no_kl)
     took = time.perf_counter() - t0
     meta = {"command": "snnet similarity", "data": str(args.data), "split": args.split, "seconds": round(took, 2),
-            "anchor_specs": [{"name": a.name, "checkpoint": a.checkpoint, "model_kwargs": a.model_kwargs}
-                             for a in run.cfg.anchors]}
+            "anchor_specs": anchor_records(run)}
     files = write_maps(maps, args.out, meta)
     print(summary(maps, took))
     print(f"wrote {', '.join(str(f) for f in files)}")

@@ -8,7 +8,7 @@ import math
 import os
 import re
 import threading
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -406,11 +406,66 @@ def src_crop(transform, size: int):
     return transform
 
 
-def eval_transform(data_cfg: dict[str, Any]):
+def eval_transform(data_cfg: dict[str, Any] | Sequence[dict[str, Any]]):
+    """timm's evaluation transform of one data config; of several (a sequence): `PerConfig`, a tuple of tensors per
+    image, one per config."""
     from timm.data import create_transform
+    if not isinstance(data_cfg, dict):
+        return PerConfig([eval_transform(c) for c in data_cfg])
     return create_transform(data_cfg["input_size"], is_training=False, interpolation=data_cfg["interpolation"],
                             mean=data_cfg["mean"], std=data_cfg["std"], crop_pct=data_cfg["crop_pct"],
                             crop_mode=data_cfg.get("crop_mode", "center"))
+
+
+class PerConfig:
+    """Several transforms of one decoded image: a tuple of tensors, one per data config. A loader's default collate
+    turns a batch of them into a list of batched tensors, in the same order (the same images in every one)."""
+
+    def __init__(self, transforms: Sequence[Any]):
+        self.transforms = tuple(transforms)
+
+    def __call__(self, img) -> tuple:
+        return tuple(t(img) for t in self.transforms)
+
+    def __repr__(self) -> str:
+        return f"PerConfig({', '.join(repr(t) for t in self.transforms)})"
+
+
+def _config_key(cfg: dict[str, Any]) -> tuple:
+    """A hashable form of a data config: (3, 16, 16) and [3, 16, 16] (a JSON pretrained_cfg_overlay) are equal."""
+    norm = lambda v: tuple(norm(e) for e in v) if isinstance(v, (list, tuple)) else v
+    return tuple(sorted((k, norm(v)) for k, v in cfg.items()))
+
+
+def group_data_configs(configs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[int]]:
+    """(distinct, group): the distinct data configs in order of first use, and per entry of `configs` the index of
+    its config in `distinct`. Anchors with equal configs share one group, i.e. one decoded and transformed tensor."""
+    distinct: list[dict[str, Any]] = []
+    keys: dict[tuple, int] = {}
+    group = []
+    for cfg in configs:
+        key = _config_key(cfg)
+        if key not in keys:
+            keys[key] = len(distinct)
+            distinct.append(dict(cfg))
+        group.append(keys[key])
+    return distinct, group
+
+
+def anchor_data_configs(models: Sequence[torch.nn.Module], args: dict[str, Any] | None = None
+                        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[int]]:
+    """Each anchor's own evaluation preprocessing: timm's resolve_data_config on that anchor (its pretrained_cfg:
+    mean, std, interpolation, crop_pct, input size), with `args` (e.g. ``{"img_size": 16}``) over it.
+
+    Returns (per_anchor, distinct, group): per_anchor[a] is anchor a's config, distinct[group[a]] the same config
+    shared by every anchor equal to it (see `group_data_configs`). Pass `distinct` to `clean_images` or
+    `create_eval_loader` and `group` to the network (``ComposedNet(..., input_groups=group)``). An SN-Net is trained
+    and evaluated with one config (the largest anchor's, train.py); this is for tools that run anchors side by
+    side (`snnet similarity`, `snnet search`), where feeding one anchor another's preprocessing changes its numbers."""
+    from timm.data import resolve_data_config
+    per_anchor = [resolve_data_config(dict(args or {}), model=m) for m in models]
+    distinct, group = group_data_configs(per_anchor)
+    return per_anchor, distinct, group
 
 
 class _StrictImages(torch.utils.data.Dataset):
@@ -444,8 +499,11 @@ class _Shard(Subset):
         super().__init__(dataset, list(range(rank, len(dataset), world_size)))
 
 
-def create_eval_loader(dataset, args: argparse.Namespace, data_cfg: dict[str, Any], rank: int = 0,
-                       world_size: int = 1, batch_size: int | None = None) -> DataLoader:
+def create_eval_loader(dataset, args: argparse.Namespace, data_cfg: dict[str, Any] | Sequence[dict[str, Any]],
+                       rank: int = 0, world_size: int = 1, batch_size: int | None = None) -> DataLoader:
+    """The evaluation loader: batches (images, labels), in order, this rank's disjoint shard. With a sequence of
+    data configs (`anchor_data_configs`' distinct ones) the images of a batch are a list of tensors, one per
+    config, of the same images."""
     import copy
     dataset = copy.copy(dataset)
     dataset.transform = eval_transform(data_cfg)
@@ -456,13 +514,14 @@ def create_eval_loader(dataset, args: argparse.Namespace, data_cfg: dict[str, An
 
 class CleanImages:
     """Batches of images drawn at random (seeded) from a dataset with the evaluation transform, this rank's share.
+    With a sequence of data configs each batch is a list of tensors, one per config, of the same images.
 
     ``count`` is the number actually drawn over all processes: the requested number, or the whole split when it is
     smaller (log this one, not the request); ``local_count`` is this process's share, ``requested`` the request.
     """
 
-    def __init__(self, dataset, data_cfg: dict[str, Any], count: int, seed: int, rank: int = 0,
-                 world_size: int = 1, batch_size: int = 50):
+    def __init__(self, dataset, data_cfg: dict[str, Any] | Sequence[dict[str, Any]], count: int, seed: int,
+                 rank: int = 0, world_size: int = 1, batch_size: int = 50):
         import copy
         self.base = copy.copy(dataset)  # same samples, its own transform
         self.base.transform = eval_transform(data_cfg)
@@ -481,10 +540,12 @@ class CleanImages:
             yield images
 
 
-def clean_images(dataset, data_cfg: dict[str, Any], count: int, seed: int, rank: int = 0,
-                 world_size: int = 1, batch_size: int = 50) -> CleanImages:
+def clean_images(dataset, data_cfg: dict[str, Any] | Sequence[dict[str, Any]], count: int, seed: int,
+                 rank: int = 0, world_size: int = 1, batch_size: int = 50) -> CleanImages:
     """`count` images (or all, if the split has fewer) drawn at random (seeded) from `dataset` with the evaluation
     transform, this rank's share: an iterable of batches whose ``.count`` is the true number over all processes.
+    `data_cfg`: one config (each batch a tensor) or a sequence of them (each batch a list of tensors, one per config,
+    of the same images: `anchor_data_configs`).
 
     The least-squares init fits on these: no mixup, no erasing, no random crops (SN-Net used an augmented
     training batch: docs/snnet_compat.md, C12).

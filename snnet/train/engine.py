@@ -212,6 +212,10 @@ def evaluate_stitches(net: nn.Module, loader: Iterable, cfg_ids: Sequence[int], 
     One pass over the data for all stitches: each batch is decoded once and every route runs on it; with
     `shared_prefixes` the routes are walked as a trie so each distinct prefix is computed once per batch
     (snnet/core/route_tree.py). ``shared_prefixes=False`` runs each route from the input (for comparison).
+
+    A batch's images are one tensor, read by every route, or a list of tensors of the same images preprocessed
+    per input group (`create_eval_loader` with several data configs), of which each route reads its front
+    anchor's (``model.route_input``: a `ComposedNet`'s ``input_groups``): one tensor per root of the trie.
     """
     net.eval()
     model = unwrap(net)
@@ -222,15 +226,22 @@ def evaluate_stitches(net: nn.Module, loader: Iterable, cfg_ids: Sequence[int], 
                         per_phase=(len(cfg_ids), "stitches"))
     peak = 0
     for i, (x, y) in enumerate(loader, start=1):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        if isinstance(x, torch.Tensor):
+            x = x.to(device, non_blocking=True)
+            inputs = x
+        else:  # one tensor per input group: each route reads its front anchor's
+            x = [t.to(device, non_blocking=True) for t in x]
+            inputs = lambda first_step, x=x: model.route_input(x, first_step)
         emit = lambda cfg_id, logits, y=y: counts.add(cfg_id, logits, y)
         with amp_context(device, amp_dtype):
             if shared_prefixes:
-                peak = max(peak, tree.run(model.run_step, x, emit, track_bytes=stats is not None))
+                peak = max(peak, tree.run(model.run_step, inputs, emit, track_bytes=stats is not None))
             else:
                 for cfg_id, steps in routes.items():
-                    emit(cfg_id, model.run_steps(steps, x))
-        progress.update(i, x.shape[0])
+                    emit(cfg_id, model.run_steps(steps, inputs if isinstance(inputs, torch.Tensor) else
+                                                 inputs(steps[0])))
+        progress.update(i, y.shape[0])
     if stats is not None:
         stats["peak_activation_bytes"] = peak
     return counts.metrics()

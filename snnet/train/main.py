@@ -208,8 +208,6 @@ def run(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
     train_ds, val_ds = create_datasets(args, need_train=not args.eval)
     args = _resolve(args, stitch_cfg, train_ds or val_ds)  # frozen from here: nothing changes args mid-run
     out_dir = output_dir(args)
-    if rank == 0 and not args.eval:  # the resolved run, before any work
-        write_text_atomic(out_dir / "args.yaml", to_yaml(describe_run(args, stitch_cfg, world_size, device.type)))
     net, stitch_cfg = build_network(args, stitch_cfg, args.num_classes, train_ds)  # positions explicit from here
     data_cfg = resolve_data_config(vars(args), model=net)
     net = _prepare(net, args, device)
@@ -224,6 +222,8 @@ def run(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
     if not args.eval:
         _val_panel(args, net)  # refused now, not after the LS init
     _logger.info("data: " + ", ".join(f"{k} {v}" for k, v in data_cfg.items()))  # after every check: no banner
+    if run_.primary and not args.eval:  # the resolved run, after every check and before any work (LS init, training)
+        write_text_atomic(out_dir / "args.yaml", to_yaml(describe_run(args, stitch_cfg, world_size, device.type)))
     run_.loggers = create_loggers(args, run_.out_dir, run_.primary)
     if _wants_ls_init(args, stitch_cfg, resume_state):
         ls_initialise(net, run_, train_ds if train_ds is not None else val_ds)
