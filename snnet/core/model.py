@@ -170,6 +170,11 @@ class RoutedNet(nn.Module):
     def _anchor_prefix(self, index: int) -> str:
         raise NotImplementedError
 
+    def is_anchor_parameter(self, name: str) -> bool:
+        """Whether parameter `name` (as ``named_parameters`` gives it) belongs to an anchor, not a stitching module:
+        the optimizer's rule for anchor LR scale and layer decay."""
+        return any(name.startswith(self._anchor_prefix(a)) for a in range(self.n_anchors))
+
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         """The state dict a checkpoint stores."""
         return self.state_dict()
@@ -249,7 +254,34 @@ class PlainNet(RoutedNet):
         load_fitting(self.model, state)
 
 
-class SNNet(RoutedNet):
+class AnchorsNet(RoutedNet):
+    """A routed network over several anchors held at ``anchors.<i>`` (checkpoint keys ``anchors.<i>.<timm name>``):
+    SN-Net's and the composed networks of search and stitch-train."""
+    anchors: nn.ModuleList
+    anchors_frozen = False
+
+    def anchor(self, index: int) -> nn.Module:
+        return self.anchors[index]
+
+    def _anchor_prefix(self, index: int) -> str:
+        return f"anchors.{index}."
+
+    def freeze_anchors(self) -> None:
+        """Train only the stitching modules: the anchors' parameters get no gradient and the anchors stay in eval
+        mode whatever ``train()`` is called with (BatchNorm statistics and dropout as in the pretrained model)."""
+        self.anchors_frozen = True
+        for p in self.anchors.parameters():
+            p.requires_grad = False
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "AnchorsNet":
+        super().train(mode)
+        if self.anchors_frozen:
+            self.anchors.eval()
+        return self
+
+
+class SNNet(AnchorsNet):
     """Anchors + stitching layers. `stitch_layer` is the config's stitching-layer spec, e.g. ``{"type": "linear"}``
     (the default; see `snnet.core.layers.register_stitch_layer` for other types)."""
 
@@ -312,28 +344,6 @@ class SNNet(RoutedNet):
         return tuple(steps)
 
     # ------------------------------------------------------------------------------------------------- running
-    anchors_frozen = False
-
-    def freeze_anchors(self) -> None:
-        """Train only the stitching layers: the anchors' parameters get no gradient and the anchors stay in eval
-        mode whatever ``train()`` is called with (BatchNorm statistics and dropout as in the pretrained model)."""
-        self.anchors_frozen = True
-        for p in self.anchors.parameters():
-            p.requires_grad = False
-        self.train(self.training)
-
-    def train(self, mode: bool = True) -> "SNNet":
-        super().train(mode)
-        if self.anchors_frozen:
-            self.anchors.eval()
-        return self
-
-    def anchor(self, index: int) -> nn.Module:
-        return self.anchors[index]
-
-    def _anchor_prefix(self, index: int) -> str:
-        return f"anchors.{index}."
-
     def stitch_layer(self, address: Sequence[int]) -> nn.Module:
         layer = self.stitch_layers
         for i in address:
@@ -384,7 +394,7 @@ def _nested_module_list(items: list[tuple[tuple[int, ...], nn.Module]]) -> nn.Mo
     return nn.ModuleList([_nested_module_list(groups[i]) for i in range(len(groups))])
 
 
-class ComposedNet(RoutedNet):
+class ComposedNet(AnchorsNet):
     """Anchors of any families joined at unit granularity: route `cfg_id` runs the `Composition`
     ``compositions[cfg_id]`` (snnet/core/plan.py), each of its edges through the stitching module ``stitches[edge]`` (any
     module mapping the front unit's output onto the end anchor's features; `snnet.core.cut.CutStitch` builds them).
@@ -443,12 +453,6 @@ class ComposedNet(RoutedNet):
     def forward(self, x: torch.Tensor | Sequence[torch.Tensor], cfg_id: int = 0) -> torch.Tensor:
         steps = self.routes[self.check_cfg_id(cfg_id)]
         return self.run_steps(steps, self.route_input(x, steps[0]))
-
-    def anchor(self, index: int) -> nn.Module:
-        return self.anchors[index]
-
-    def _anchor_prefix(self, index: int) -> str:
-        return f"anchors.{index}."
 
     def stitch_layer(self, address: Sequence[int]) -> nn.Module:
         return self.stitches[address[0]]

@@ -29,7 +29,8 @@ def param_groups(net: nn.Module, weight_decay: float, anchor_lr_scale: float, de
     for name, p in net.named_parameters():
         if not p.requires_grad:
             continue
-        is_anchor = not name.startswith("stitch_layers.")
+        is_anchor = net.is_anchor_parameter(name) if hasattr(net, "is_anchor_parameter") else \
+            not name.startswith("stitch_layers.")
         no_decay = p.ndim <= 1 or name.endswith(".bias") or name in skip
         scale = anchor_lr_scale * depth_scale.get(name, 1.0) if is_anchor else 1.0
         groups.setdefault((is_anchor, no_decay, scale), []).append(p)

@@ -69,18 +69,11 @@ def probe_anchor(model: nn.Module, adapter: AnchorAdapter, label: str, size: tup
 class StitchedNet(ComposedNet):
     """A `ComposedNet` whose anchors are frozen: they get no gradient and stay in eval mode whatever ``train()`` is
     called with (BatchNorm statistics, dropout and drop-path as in the given weights), so only the stitch trains.
-    (`SNNet.freeze_anchors` is the same rule for SN-Net's networks.)"""
+    (`AnchorsNet.freeze_anchors`, the rule SN-Net's --freeze-anchors uses too.)"""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        for p in self.anchors.parameters():
-            p.requires_grad = False
-        self.train(self.training)
-
-    def train(self, mode: bool = True) -> "StitchedNet":
-        super().train(mode)
-        self.anchors.eval()
-        return self
+        self.freeze_anchors()
 
 
 @dataclass
