@@ -386,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------------- similarity, search
 def _anchor_data_args(p: argparse.ArgumentParser, batches: int) -> None:
     p.add_argument("--anchors", nargs="+", metavar="A", default=None,
-                   help="timm names, NAME:CHECKPOINT, or a config's JSON anchor object (or use --stitch_config)")
+                   help="timm names, NAME:CHECKPOINT, FILE#INDEX (anchor INDEX of a stitch config), or a config's "
+                        "JSON anchor object (or use --stitch_config)")
     p.add_argument("--stitch_config", "--stitch-config", metavar="CFG", default=None,
                    help="take the anchors (names, checkpoints, model_kwargs) from this stitch config")
     p.add_argument("--data", required=True, metavar="DIR", help="ImageFolder root with train/ (and val/)")
