@@ -220,3 +220,15 @@ class CheckpointSaver:
             shutil.copyfile(last, tmp)
         for _, f in self.history()[self.max_history:]:
             f.unlink()
+
+
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over a state dict (names, dtypes, shapes and bytes, in name order): the identity of weights, whatever
+    they were built from (a checkpoint file, timm's pretrained weights, a seeded random init, a least-squares fit)."""
+    import hashlib
+    h = hashlib.sha256()
+    for name, t in sorted(state.items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -24,7 +24,7 @@ from torch import nn
 
 from snnet.train.args import UsageError, freeze, parse_args
 from snnet.core.checkpoint import (LAST, RECOVERY, CheckpointError, CheckpointSaver, StateDictMismatch, fit_report,
-                         json_field, load_checkpoint, training_state)
+                                   json_field, load_checkpoint, state_sha256, training_state)
 from snnet.core.config import ConfigError, StitchConfig
 from snnet.core.cost import cost_table
 from snnet.train.data import DataError, clean_images, create_datasets, create_eval_loader, create_train_loader, num_classes_of
@@ -230,7 +230,9 @@ def run(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
     if resume_state is not None:
         unwrap(net).load_checkpoint_state(resume_state["state_dict"])  # read once, fit checked above
     if args.eval:
-        init = text_sha256(f"init:{args.seed}:{run_.config_text}")
+        # no checkpoint: the network's own weights (anchors as built, stitching layers as fitted) are its identity, so
+        # a cached evaluation of other anchor weights is never taken for this one
+        init = text_sha256(f"init:{args.seed}:{run_.config_text}:{state_sha256(unwrap(net).checkpoint_state())}")
         evaluate_all(net, val_ds, run_, file_sha256(resume) if resume else init)
         run_.loggers.log_final_front(run_.out_dir / RESULTS_FILE, run_.out_dir, 0)
         run_.loggers.close()

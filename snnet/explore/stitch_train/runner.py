@@ -110,15 +110,9 @@ def train_args(sweep: Sweep) -> argparse.Namespace:
 
 
 def weights_sha256(model) -> str:
-    """sha256 over an anchor's state dict as built (names, dtypes, shapes and bytes, in name order): its identity
-    whatever it was built from (a checkpoint, timm's pretrained weights or a seeded random init)."""
-    import torch
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    """An anchor's identity as built (`snnet.core.checkpoint.state_sha256` of its state dict)."""
+    from snnet.core.checkpoint import state_sha256
+    return state_sha256(model.state_dict())
 
 
 def _anchor_identity(spec, model, sha_cache: dict[str, str]) -> dict[str, Any]:
