@@ -113,3 +113,23 @@ def test_an_evaluation_is_never_taken_for_other_anchor_weights(digits_folder, tm
     other = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert other.returncode == 2, other.stderr[-2000:]
     assert other.stderr.strip().splitlines()[-1].startswith("error: ") and "another checkpoint" in other.stderr
+
+
+@pytest.mark.dist
+def test_random_anchors_are_the_same_on_every_rank(digits_folder, tiny_config, tmp_path):
+    """Random anchors (no checkpoint, no pretrained weights) are built before the ranks' streams part: an evaluation on
+    2 processes (each half the images, statistics of the LS init summed over both) gives each stitch the top-1 of
+    the same evaluation on 1 process. With anchors drawn per rank the halves would come from different networks."""
+    import json
+
+    from helpers import run
+    common = [str(digits_folder), "--stitch_config", str(tiny_config), *map(str, FAST), "--eval", "--output",
+              str(tmp_path)]
+    one = run(["./distributed_train.sh", "1", *common, "--experiment", "one"], timeout=300)
+    two = run(["./distributed_train.sh", "2", *common, "--experiment", "two"], timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
+    read = lambda name: [json.loads(l) for l in (tmp_path / name / "stitches_res.txt").read_text().splitlines()]
+    one, two = read("one"), read("two")
+    assert len(one) == 12 and [r["acc1"] for r in one] == [r["acc1"] for r in two]
+    # random tiny anchors predict nearly one class (top-1 near 10 % whatever the weights): the loss tells networks apart
+    assert [r["loss"] for r in one] == pytest.approx([r["loss"] for r in two], rel=1e-5)

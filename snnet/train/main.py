@@ -202,13 +202,15 @@ def run(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
     check_loggers(args)
     device = resolve_device(args)  # the process group (timm's init_distributed_device sets args' rank and world)
     rank, world_size = world()
-    random_seed(args.seed, rank)  # before any anchor is built: random anchors are the same on every rank and rerun
+    random_seed(args.seed, 0)  # the network's random parts (random anchors, stitching layers) are the same on every rank
     if rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
     train_ds, val_ds = create_datasets(args, need_train=not args.eval)
     args = _resolve(args, stitch_cfg, train_ds or val_ds)  # frozen from here: nothing changes args mid-run
     out_dir = output_dir(args)
     net, stitch_cfg = build_network(args, stitch_cfg, args.num_classes, train_ds)  # positions explicit from here
+    if rank != 0:  # then each rank its own stream (augmentation, dropout); rank 0's goes on unchanged
+        random_seed(args.seed, rank)
     data_cfg = resolve_data_config(vars(args), model=net)
     net = _prepare(net, args, device)
     run_ = Run(args, stitch_cfg, device, amp_dtype_for(args, device), data_cfg, out_dir,
