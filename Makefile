@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv browser test demo demo-v2 clean-venv
+.PHONY: venv browser test test-fast demo demo-v2 clean-venv
 
 venv: $(STAMP)
 
@@ -43,8 +43,13 @@ browser:
 		fi; \
 	fi
 
+# every test; the 15 slowest are listed at the end
 test: venv browser
-	$(BIN)/python -m pytest -q -rs tests
+	$(BIN)/python -m pytest -q -rs --durations=15 tests
+
+# the fast tier: no test over ~15 s, nothing that starts several processes, no browser (markers: pyproject.toml)
+test-fast: venv
+	$(BIN)/python -m pytest -q -rs -m "not slow and not dist and not browser" tests
 
 demo: venv
 	$(BIN)/python -m snnet.demo

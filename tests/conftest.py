@@ -1,16 +1,20 @@
+"""Fixtures only; the shared constants and helpers (ROOT, TINY, FAST, run, run_cli) are in helpers.py.
+
+Test tiers (markers registered in pyproject.toml): `slow` (one test over ~6 s on a 2-core machine), `dist` (starts
+several processes: torchrun, distributed_train.sh, mp.spawn), `browser` (needs Chromium). `make test-fast` runs
+`-m "not slow and not dist and not browser"`.
+"""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from helpers import TINY
+# Re-exported for the test files that still write `from conftest import ...`; new code imports from helpers.
+from helpers import *  # noqa: F401,F403
 
 # Intra-op threads for the test process (SNNET_TEST_THREADS, default 1): most test tensors are small, and on a 2-core
 # machine a second intra-op thread mostly waits; the multi-process tests use the other core.
@@ -25,29 +29,6 @@ def digits_images():
     x = torch.tensor(d.images, dtype=torch.float32) / 16.0 * 2 - 1  # (1797, 8, 8)
     x = torch.nn.functional.interpolate(x[:, None], size=32, mode="nearest").repeat(1, 3, 1, 1)
     return x, torch.tensor(d.target)
-
-
-TINY = [{"name": "deit_tiny_patch16_224", "model_kwargs": {"patch_size": 4, "depth": 4, "embed_dim": w,
-                                                             "num_heads": 2}} for w in (8, 16)]
-FAST = ["--img-size", "16", "-b", "16", "--opt", "adamw", "--lr", "1e-3", "--warmup-epochs", "0", "-j", "0",
-        "--no-pretrained", "--log-interval", "5", "--seed", "1"]
-
-
-def run(args, timeout=300, env=None):
-    """Run a command from the repository root, one intra-op thread per process."""
-    return subprocess.run([str(a) for a in args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-
-
-def run_cli(capsys, *argv):
-    """`snnet ARGV...` in-process: (exit code, stdout, stderr)."""
-    from snnet import cli
-    try:
-        rc = cli.main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 @pytest.fixture(scope="session")
@@ -71,5 +52,3 @@ def tiny_config(tmp_path_factory):
     path = tmp_path_factory.mktemp("cfg") / "tiny.json"
     path.write_text(json.dumps({"anchors": TINY, "skip_final_norm": False, "stitch_init_bs": 32}))
     return path
-
-

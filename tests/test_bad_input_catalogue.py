@@ -1,4 +1,4 @@
-"""The bad-input catalogue (issue 6): each case ends with exit code 2, a one-line message naming the problem and the
+"""The bad-input catalogue: each case ends with exit code 2, a one-line message naming the problem and the
 fix, no traceback, and no file written or overwritten. Cases run train.py's main() in-process (a few also run as a
 subprocess in test_train.py); a hostile pickle must run nothing."""
 import hashlib
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, TINY
+from helpers import FAST, TINY
 from snnet.train.main import main
 
 PWNED = Path("/tmp/snnet_pwned_marker")
@@ -157,7 +157,7 @@ CASES = [
     ("CUDA on a CPU machine", "{data} --stitch_config {cfg} --device cuda", "CUDA is not available here"),
     ("split-bn without splits", "{data} --stitch_config {cfg} --split-bn", "--split-bn needs --aug-splits > 1"),
     ("auto-resume without experiment", "{data} --stitch_config {cfg} --auto-resume", "needs --experiment NAME"),
-    # issue 12: configs that were silently accepted, inputs that failed late or with a traceback
+    # configs that used to be silently accepted, inputs that used to fail late or with a traceback
     ("duplicate key in the stitch config", "{data} --stitch_config {w}/dup.json", "key(s) 'epochs' given twice"),
     ("duplicate key in the YAML", "{data} --stitch_config {cfg} -c {w}/dup.yaml", "key 'epochs' is given twice"),
     ("NaN in the YAML", "{data} --stitch_config {cfg} -c {w}/nan.yaml", "key 'lr': 'nan' is not a finite number"),
@@ -189,7 +189,8 @@ def test_bad_input(case, argv, message, world, digits_folder, tiny_config, tmp_p
     (out / "prev" / "stitches_res.txt").write_text('{"cfg_id": 0}\n')
     before = snapshot(tmp_path)
     named = "--auto-resume" in argv or "--experiment" in argv
-    argv = FAST + fill(argv).split() + ["--output", str(out)]  # the case's own flags come last and win + ([] if named else ["--experiment", "new"])
+    # the case's own flags come last and win
+    argv = FAST + fill(argv).split() + ["--output", str(out)] + ([] if named else ["--experiment", "new"])
     PWNED.unlink(missing_ok=True)
     code = main(argv)
     err = capsys.readouterr().err.strip()

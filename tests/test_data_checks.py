@@ -1,4 +1,4 @@
-"""check_data (issue "Never trust input, part 2"): data that would give silently wrong numbers or fail late is one
+"""check_data: data that would give silently wrong numbers or fail late is one
 DataError line naming the value, found by a scan of the folders (no image opened). Plus the true count of the LS-init
 images and the name of a skipped (truncated) training image."""
 import argparse

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY
+from helpers import TINY
 from snnet import build_snnet, parse_stitch_config
 from snnet.core.checkpoint import save_checkpoint
 from snnet.core.cost import measure, trace_route_flops

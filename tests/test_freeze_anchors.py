@@ -1,9 +1,10 @@
 """--freeze-anchors: only the stitching layers train; the anchors keep their weights and stay in eval mode."""
 import sys
 
+import pytest
 import torch
 
-from conftest import FAST, run
+from helpers import FAST, run
 from snnet import build_snnet, parse_stitch_config
 
 
@@ -21,6 +22,7 @@ def test_frozen_anchors_stay_in_eval_mode_with_batchnorm():
     assert all(torch.equal(v, before[k]) for k, v in net.anchors.state_dict().items())
 
 
+@pytest.mark.slow
 def test_train_py_freeze_anchors_trains_only_the_stitching_layers(digits_folder, tiny_config, tmp_path):
     r = run([sys.executable, "train.py", digits_folder, "--stitch_config", tiny_config, *FAST, "--epochs", "2",
              "--freeze-anchors", "--eval-metric", "loss", "--output", tmp_path, "--experiment", "frozen"])

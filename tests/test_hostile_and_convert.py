@@ -8,9 +8,10 @@ import sys
 import types
 from pathlib import Path
 
+import pytest
 import torch
 
-from conftest import FAST, run
+from helpers import FAST, run
 from snnet import build_snnet, load_stitch_config
 
 PWNED = Path("/tmp/snnet_pwned_marker_convert")
@@ -26,6 +27,7 @@ def tiny_snnet(cfg_path):
     return build_snnet(load_stitch_config(cfg_path), pretrained=False, img_size=16, num_classes=10)
 
 
+@pytest.mark.slow
 def test_snnet_release_is_refused_by_train_and_converted_on_request(tmp_path, tiny_config, digits_folder):
     net = tiny_snnet(tiny_config)
     release = tmp_path / "snnet_deit.pth"  # what SN-Net's main.py saves (docs/snnet_compat.md, C26): weights + a pickled Namespace
@@ -87,6 +89,7 @@ def test_convert_refuses_other_pickled_objects_and_runs_nothing(tmp_path):
     assert not PWNED.exists() and not (tmp_path / "out.pth.tar").exists()
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_config, digits_folder):
     base = [sys.executable, "train.py", digits_folder, "--stitch_config", tiny_config, *FAST, "--output", tmp_path,
             "--experiment", "nan"]

@@ -13,7 +13,7 @@ import pytest
 
 from snnet.train.args import UsageError
 
-from conftest import FAST, ROOT, run
+from helpers import FAST, ROOT, run
 
 PY = sys.executable
 PANEL = [f"top1@{c}" for c in range(12)]  # --val-stitches all: the tiny SN-Net's 12 stitches
@@ -47,6 +47,7 @@ def check_summary_agrees(run_dir: Path, scalars) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ TensorBoard
+@pytest.mark.slow
 def test_tensorboard_run_reads_back(tmp_path, digits_folder, tiny_config):
     pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install -r requirements-extras.txt)")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -92,6 +93,7 @@ def wandb_records(path: Path):
     return out
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_reads_back(tmp_path, digits_folder, tiny_config):
     pytest.importorskip("wandb", reason="wandb is not installed (pip install -r requirements-extras.txt)")
     env = {"WANDB_MODE": "offline", "WANDB_CONFIG_DIR": str(tmp_path / "wandb_config"),
@@ -131,7 +133,7 @@ def test_wandb_offline_run_reads_back(tmp_path, digits_folder, tiny_config):
 # ------------------------------------------------------------------------------------------------------ missing
 @pytest.mark.parametrize("flags, package", [(["--log-tensorboard", "tb"], "tensorboard"), (["--log-wandb"], "wandb")])
 def test_missing_package_refused_in_one_line(flags, package, monkeypatch):
-    from snnet import loggers
+    from snnet.train import loggers
     from snnet.train.args import parse_args
     args, _ = parse_args(["/d", "--model", "resnet18", *flags])
     real = loggers.importlib.util.find_spec

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import FAST, TINY, run
+from helpers import FAST, TINY, run
 from snnet import build_snnet, parse_stitch_config
 from snnet.core.adapter import NCHW, NHWC, TOKENS
 from snnet.core.checkpoint import save_checkpoint
@@ -187,6 +187,7 @@ sys.exit(m.main(sys.argv[2:]))
 """
 
 
+@pytest.mark.slow
 def test_train_py_keeps_w_frozen_at_the_ls_init(tmp_path, digits_folder):
     """train.py's main() (its whole code), with `fit` wrapped to record the stitching layers after the LS init."""
     cfg, init = tmp_path / "lora.json", tmp_path / "init.pt"

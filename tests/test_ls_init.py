@@ -14,7 +14,7 @@ from snnet import build_snnet, parse_stitch_config
 from snnet.core.layers import to_rows
 from snnet.core.ls_init import ls_init, stitch_errors
 
-from conftest import FAST, run  # noqa: E402
+from helpers import FAST, run  # noqa: E402
 
 SMALL = dict(img_size=32, patch_size=8)
 
@@ -60,6 +60,7 @@ def test_joint_and_average_equal_direct_least_squares(digits_images):
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_ls_quality_on_held_out_digits(digits_images):
     """Right after init, stitched features are close to the end anchor's own features at the same depth, on images
     the fit never saw; the joint solve is at least as close as SN-Net's per-position averaging."""
@@ -110,6 +111,7 @@ def _ddp_worker(rank, world, init_file, x, out_file):
     dist.destroy_process_group()
 
 
+@pytest.mark.dist
 def test_ddp_sums_statistics_and_broadcasts(tmp_path, digits_images):
     """Two gloo processes, each with half the images: both end with the layers a single process fits on all."""
     x = digits_images[0][:64]
@@ -232,6 +234,7 @@ def vit_features(anchor, x):
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_snnet_mode_drop_path_is_stochastic_and_reruns_each_pair(digits_images):
     """Three ViTs with drop-path: the snnet init draws drop-path (other seed, other layers; same seed, same layers), and
     it is SN-Net's DeiT loop bitwise: each anchor pair runs both anchors again, the mean over a set of positions."""
@@ -271,6 +274,7 @@ def _snnet_ddp_worker(rank, world, init_file, x, out_file):
     dist.destroy_process_group()
 
 
+@pytest.mark.dist
 def test_snnet_mode_ddp_keeps_rank0(tmp_path, digits_images):
     """Two gloo processes on different batches end with rank 0's layers and BN statistics, as SN-Net's DDP did."""
     x = digits_images[0][:32].reshape(2, 16, 3, 32, 32)
@@ -286,6 +290,7 @@ def test_snnet_mode_ddp_keeps_rank0(tmp_path, digits_images):
         assert torch.equal(r0[k], own[k]), k
 
 
+@pytest.mark.slow
 def test_train_py_ls_mode_snnet_with_mixup(tmp_path, digits_folder, tiny_config):
     r = run([sys.executable, "train.py", digits_folder, "--stitch_config", tiny_config, "--ls-mode", "snnet",
              "--mixup", "0.5", "--epochs", "1", "--output", tmp_path, "--experiment", "snnet", *FAST])

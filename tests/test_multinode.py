@@ -1,5 +1,5 @@
-"""Two torchrun agents as two "nodes" on localhost train bit for bit like one node with two processes (issue
-"Never trust input, part 2", item 3); a node whose worker dies is restarted together with the other node.
+"""Two torchrun agents as two "nodes" on localhost train bit for bit like one node with two processes;
+a node whose worker dies is restarted together with the other node.
 
 Every address is 127.0.0.1, every subprocess runs under a deadline, and on failure the agents and their workers
 (torchrun starts each worker in a session of its own) are killed by process id.
@@ -19,7 +19,7 @@ import uuid
 
 import pytest
 
-from conftest import FAST, ROOT, run
+from helpers import FAST, ROOT, run
 from test_resume import assert_identical
 
 EPOCHS = ["--epochs", "2"]
@@ -135,6 +135,7 @@ def one_node(tmp_path_factory, digits_folder, tiny_config):
 
 
 @pytest.mark.parametrize("backend", ["c10d", "static"])
+@pytest.mark.dist
 def test_two_nodes_train_bit_identical_to_one_node(backend, one_node, tmp_path, digits_folder, tiny_config):
     nodes = Nodes(backend, digits_folder, tiny_config, tmp_path, "two")
     nodes.wait()
@@ -142,6 +143,7 @@ def test_two_nodes_train_bit_identical_to_one_node(backend, one_node, tmp_path, 
     assert_identical(one_node, tmp_path / "two")
 
 
+@pytest.mark.dist
 def test_c10d_node_failure_restarts_both_nodes_bit_identical(one_node, tmp_path, digits_folder, tiny_config):
     """Rank 1's worker dies in epoch 1 while rank 0's is stuck (as in a collective on NCCL; SIGSTOP here): the
     agent of the failed node counts a restart (TORCHELASTIC_RESTART_COUNT=1), the other agent restarts its healthy

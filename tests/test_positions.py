@@ -139,6 +139,7 @@ def test_selected_plan_is_written_and_rebuilds_the_same_network(digits_folder, t
     the same network (same results), and a network built from it has the same state-dict keys and logits as one
     built by selecting again."""
     from snnet import build_snnet
+    from snnet.core.build import create_anchors, snnet_from_anchors
     from snnet.train.args import parse_args
     from snnet.core.checkpoint import load_checkpoint
     from snnet.train.positions import PLAN_FILE, Selection
@@ -177,7 +178,8 @@ def test_selected_plan_is_written_and_rebuilds_the_same_network(digits_folder, t
     args, cfg = parse_args([str(digits_folder), "--stitch_config", str(cfg_path), *map(str, FAST)])
     args.device = "cpu"
     train_ds = open_data(str(digits_folder), True, 16)[1]
-    selected = build_snnet(cfg, pretrained=False, select=Selection(args, train_ds), img_size=16, num_classes=10)
+    models, adapters = create_anchors(cfg, pretrained=False, img_size=16, num_classes=10)
+    selected = snnet_from_anchors(Selection(args, train_ds)(cfg, models, adapters), models, adapters, img_size=16)
     assert selected.stitch_config.get("positions")["pairs"] == pairs
     rebuilt = build_snnet(load_stitch_config(plan_path), pretrained=False, img_size=16, num_classes=10)
     for net in (selected, rebuilt):

@@ -10,10 +10,10 @@ import types
 
 import pytest
 
-from snnet import progress
+from snnet.core import progress
 from snnet.core.progress import Progress, RunClock
 
-from conftest import FAST, ROOT
+from helpers import FAST, ROOT
 
 PY = sys.executable
 
@@ -125,6 +125,7 @@ def test_lines_go_to_stderr_where_logging_is_not_configured(monkeypatch, capsys)
     assert capsys.readouterr() == ("", "")
 
 
+@pytest.mark.slow
 def test_training_log_has_eta_lines_and_no_carriage_return(tmp_path, digits_folder, tiny_config):
     log = tmp_path / "train.log"
     with open(log, "w") as f:  # as the demo logs a run: stdout and stderr into one file

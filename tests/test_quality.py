@@ -65,12 +65,13 @@ def test_snnet_pareto_prints_front_quality(tmp_path):
     assert data["files"][0]["quality"]["hypervolume"] == pytest.approx(55.5)
 
 
+@pytest.mark.slow
 def test_val_stitches_all_logs_front_hypervolume_per_epoch(digits_folder, tiny_config, tmp_path):
     """--val-stitches all: every stitch validated after each epoch; summary.csv gets front_hv, and it is the
     hypervolume of the per-stitch top-1 it lists (with the FLOPs of the final results file)."""
     import csv
 
-    from conftest import FAST, run
+    from helpers import FAST, run
     r = run([sys.executable, "train.py", digits_folder, "--stitch_config", tiny_config, *FAST, "--epochs", "2",
              "--val-stitches", "all", "--output", tmp_path, "--experiment", "q"])
     assert r.returncode == 0, r.stderr[-2000:]

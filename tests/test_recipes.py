@@ -1,4 +1,4 @@
-"""Each family's recipe card resolves, with nothing else typed, to SN-Net's run (issue 11).
+"""Each family's recipe card resolves, with nothing else typed, to SN-Net's run.
 
 The tables hold SN-Net's values at 8 processes; each row cites where this repository documents the value
 (docs/snnet_compat.md C16-C19 and C31-C35, the family READMEs). `train.py --dry-run` resolves a run without loading
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from conftest import FAST, run
+from helpers import FAST, run
 from snnet.train.losses import DistillationLoss
 from snnet.train.main import main
 
@@ -120,6 +120,7 @@ def test_lr_scales_with_the_world_size(capsys, monkeypatch):
     assert (swin["lr"], swin["schedule"]["warmup_lr"], swin["schedule"]["min_lr"]) == (5e-4, 5e-7, 5e-6)
 
 
+@pytest.mark.dist
 def test_dry_run_under_torchrun_8_processes_prints_once(tmp_path):
     """./distributed_train.sh 8 ... --dry-run on a CPU machine: 8 processes, rank 0 prints, nothing is read."""
     r = run(["./distributed_train.sh", "8", tmp_path / "no-such-imagenet", "--stitch_config",
@@ -175,7 +176,7 @@ def test_hard_distillation_equals_deits_formula(batch):
 def test_snnet_compat_decays_the_anchors_no_weight_decay_params():
     from snnet import build_snnet, parse_stitch_config
     from snnet.train.optim import param_groups
-    from conftest import TINY
+    from helpers import TINY
     net = build_snnet(parse_stitch_config({"anchors": TINY}), pretrained=False, num_classes=10, img_size=16)
     cls = net.anchors[0].cls_token
     in_group = lambda groups: next(g["weight_decay"] for g in groups if any(p is cls for p in g["params"]))
@@ -183,6 +184,7 @@ def test_snnet_compat_decays_the_anchors_no_weight_decay_params():
     assert in_group(param_groups(net, 0.05, 1.0, decay_all=True)) == 0.05
 
 
+@pytest.mark.slow
 def test_lr_one_epoch_late_reproduces_deits_stepping(digits_folder, tiny_config, tmp_path):
     """DeiT's main.py steps a per-epoch schedule after the epoch with the epoch it finished: epoch e trains at
     lr(e-1). summary.csv records each epoch's own LR."""

@@ -27,7 +27,7 @@ from snnet.results.pareto import eval_subtitle, pareto_front, plot_series  # noq
 from snnet.core.plan import deit_plan, stagewise_plan, two_way_plan  # noqa: E402
 from snnet.results.report import parse_route, report_data  # noqa: E402
 from snnet.results.records import read_results  # noqa: E402
-from conftest import run_cli  # noqa: E402
+from helpers import run_cli  # noqa: E402
 
 DEMO = ROOT / "results" / "demo" / "stitches_res.txt"
 DEMO_V2 = [ROOT / "results" / "demo_v2" / v / "stitches_res.txt" for v in ("v1", "v2")]
@@ -202,9 +202,10 @@ def test_pareto_png_has_subtitle_and_front_cfg_ids(tmp_path, monkeypatch):
     assert "360 validation images" in texts[str(tmp_path / "two.png")]
 
 
+@pytest.mark.slow
 def test_evaluator_records_carry_the_image_size(tmp_path, digits_folder, tiny_config, capsys):
     """train.py --eval writes img_size; `snnet report` and the PNG's subtitle read it."""
-    from conftest import FAST, run
+    from helpers import FAST, run
     r = run([sys.executable, "train.py", digits_folder, "--stitch_config", tiny_config, "--eval", *FAST,
              "--output", tmp_path, "--experiment", "ev"])
     assert r.returncode == 0, r.stderr[-2000:]
@@ -323,6 +324,7 @@ def check_budgets(driver, capsys, files, flag, positions):
     return seen
 
 
+@pytest.mark.browser
 def test_slider_choice_is_snnet_select(browser, tmp_path, capsys):
     """The demo's page and the v1/v2 overlay: at budgets all along the slider (keyboard and mouse), the stitch each
     file highlights is the one `snnet select --max-flops BUDGET` returns for that file."""
@@ -349,6 +351,7 @@ def above_front(paths):
                    for rs in every for r in pareto_front(rs)})
 
 
+@pytest.mark.browser
 def test_slider_ties_and_other_costs(browser, tmp_path, capsys):
     """Every tie-break, and the params and latency axes (`--max-params`, `--max-latency-ms` budgets)."""
     from selenium.webdriver.support.ui import Select
@@ -368,6 +371,7 @@ def test_slider_ties_and_other_costs(browser, tmp_path, capsys):
         assert flag in by_id(browser, "command").text
 
 
+@pytest.mark.browser
 def test_hover_and_click_show_the_stitch_and_its_route(browser, tmp_path, capsys):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
@@ -413,6 +417,7 @@ def test_hover_and_click_show_the_stitch_and_its_route(browser, tmp_path, capsys
     assert by_id(browser, "details").get_attribute("data-how") == "best within the budget"
 
 
+@pytest.mark.browser
 def test_snnet_file_overlaid(browser, tmp_path, capsys):
     """An SN-Net file (no routes, anchors inferred) beside ours: its choices are `snnet select`'s too, its anchors
     get a diagram, its stitches say they have no route."""

@@ -1,4 +1,4 @@
-"""kill -9 at a random step, resume, and the rest of the run is bit-for-bit the uninterrupted run (issue 6)."""
+"""kill -9 at a random step, resume, and the rest of the run is bit-for-bit the uninterrupted run."""
 import json
 import random
 import sys
@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import FAST, run
+from helpers import FAST, run
 
 # everything that draws random numbers: shuffling, loader workers, random erasing, mixup, drop-path, stitch sampling
 RNG_HEAVY = ["--epochs", "3", "--reprob", "0.5", "--mixup", "0.3", "--drop-path", "0.1", "-j", "1"]
@@ -45,6 +45,7 @@ def single(tmp_path_factory, digits_folder, tiny_config):
     return out
 
 
+@pytest.mark.slow
 def test_one_process_kill_and_resume_is_bit_identical(single, digits_folder, tiny_config):
     step = kill_step(1)
     cmd = [sys.executable, "train.py", digits_folder, "--stitch_config", tiny_config, *FAST, *RNG_HEAVY, "--output",
@@ -66,6 +67,7 @@ def double(tmp_path_factory, digits_folder, tiny_config):
     return out
 
 
+@pytest.mark.dist
 def test_two_processes_kill_one_rank_and_auto_resume_is_bit_identical(double, digits_folder, tiny_config):
     step = kill_step(2, processes=2)  # 5 steps per epoch each
     cmd = ["./distributed_train.sh", "2", digits_folder, "--stitch_config", tiny_config, *FAST, *RNG_HEAVY,
@@ -79,6 +81,7 @@ def test_two_processes_kill_one_rank_and_auto_resume_is_bit_identical(double, di
     assert_identical(double / "whole", double / "killed")
 
 
+@pytest.mark.dist
 def test_torchrun_max_restarts_restarts_from_the_last_checkpoint(double, digits_folder, tiny_config):
     """One command: rank 0 is killed in epoch 2, torchrun restarts both workers, they resume automatically."""
     step = kill_step(3, processes=2)
@@ -92,6 +95,7 @@ def test_torchrun_max_restarts_restarts_from_the_last_checkpoint(double, digits_
 
 
 @pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.dist
 def test_recovery_checkpoint_resumes_inside_the_epoch_bit_identical(processes, single, double, digits_folder,
                                                                    tiny_config):
     """--recovery-interval writes recovery.pth.tar mid-epoch (RNG of every rank, the epoch's partial loss); a run

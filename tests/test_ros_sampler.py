@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAST, TINY, run
+from helpers import FAST, TINY, run
 from test_resume import assert_identical, final_state
 
 from snnet.core.build import build_snnet
@@ -114,6 +114,7 @@ def test_draws_are_a_pure_function_of_seed_rank_step(net, ros):
     assert [synced(s) for s in steps] == a
 
 
+@pytest.mark.slow
 def test_bad_gap_is_a_one_line_config_error(tmp_path, digits_folder):
     cfg = tmp_path / "ros_bad.json"
     cfg.write_text(json.dumps({"anchors": TINY, "sampler": {"type": "ros", "gap": 0}}))
@@ -123,6 +124,7 @@ def test_bad_gap_is_a_one_line_config_error(tmp_path, digits_folder):
     assert "gap 0" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_ros_kill_and_resume_is_bit_identical(tmp_path, digits_folder):
     cfg = tmp_path / "ros.json"
     cfg.write_text(json.dumps({"anchors": TINY, "skip_final_norm": False, "stitch_init_bs": 32,

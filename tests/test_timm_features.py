@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import FAST, run
+from helpers import FAST, run
 from snnet import build_snnet, parse_stitch_config
 from snnet.train.args import UsageError, parse_args
 from snnet.train.optim import param_groups
@@ -54,6 +54,7 @@ def ema_run(tmp_path_factory, digits_folder, tiny_config):
     return out, r.stderr + r.stdout
 
 
+@pytest.mark.slow
 def test_model_ema_is_checkpointed_validated_and_evaluated(ema_run):
     out, log = ema_run
     s = state(out / "whole")
@@ -73,6 +74,7 @@ def test_model_ema_is_checkpointed_validated_and_evaluated(ema_run):
     assert "3 steps/epoch of 3 batches" in log
 
 
+@pytest.mark.slow
 def test_grad_accum_and_ema_resume_mid_epoch_bit_identical(ema_run, digits_folder, tiny_config):
     """Killed after optimizer step 5 (epoch 1, 2 steps = 6 batches in) with a recovery checkpoint every step: the
     resumed run skips 6 batches, restores weights, optimizer and EMA, and ends bit-identical to the whole run."""
@@ -97,6 +99,7 @@ def test_grad_accum_and_ema_resume_mid_epoch_bit_identical(ema_run, digits_folde
         assert results(out / "whole" / name) == results(out / "killed" / name), name
 
 
+@pytest.mark.slow
 def test_grad_accum_two_half_batches_equal_one_full_batch(tmp_path, digits_folder, tiny_config):
     """-b 8 --grad-accum-steps 2 and -b 16 see the same images per step and train the same stitch: the same run up
     to float rounding, with one optimizer step per 2 batches."""
@@ -167,6 +170,7 @@ def baseline(tmp_path_factory, digits_folder, tiny_config):
 
 @pytest.mark.parametrize("flags,logged", [(["--torchcompile", "eager"], "torch.compile (eager) of 8 block module(s)"),
                                           (["--grad-checkpointing"], "gradient checkpointing")])
+@pytest.mark.slow
 def test_compile_and_grad_checkpointing_train_like_the_plain_run(baseline, tmp_path, digits_folder, tiny_config,
                                                                  flags, logged):
     r = train(digits_folder, tiny_config, tmp_path, "run", "--epochs", "1", "--drop-path", "0.1", *flags)
@@ -212,6 +216,7 @@ def test_layer_decay_scales_within_each_anchor():
         (0.5, 0.0), (0.5, 0.05), (1.0, 0.0), (1.0, 0.05)]
 
 
+@pytest.mark.slow
 def test_layer_decay_reaches_the_optimizer_and_sync_bn_is_a_no_op_on_one_process(tmp_path, digits_folder,
                                                                                  tiny_config):
     r = train(digits_folder, tiny_config, tmp_path, "ld", "--epochs", "1", "--layer-decay", "0.5", "--sync-bn")
@@ -248,6 +253,7 @@ def test_sync_bn_rules_and_in_place_conversion():
     assert torch.allclose(net(x, 3), before)
 
 
+@pytest.mark.dist
 def test_sync_bn_on_cpu_processes_is_refused(tmp_path, digits_folder, tiny_config):
     r = run(["./distributed_train.sh", "2", digits_folder, "--stitch_config", tiny_config, *FAST, "--epochs", "1",
              "--sync-bn", "--sample-sync", "--output", tmp_path, "--experiment", "sbn"])

@@ -16,7 +16,7 @@ from snnet.train.sampler import StitchSampler
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
-from conftest import FAST, run  # noqa: E402
+from helpers import FAST, run  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------------------ CLI
@@ -186,6 +186,7 @@ def test_sampler_is_deterministic_per_seed_rank_step():
 
 
 # ---------------------------------------------------------------------------------------------- real 2-process run
+@pytest.mark.dist
 def test_two_process_train_evaluate_and_resume_evaluation(tmp_path, digits_folder, tiny_config):
     out = tmp_path / "runs"
     r = run(["./distributed_train.sh", "2", str(digits_folder), "--stitch_config", str(tiny_config), "--epochs",
@@ -219,6 +220,7 @@ def test_two_process_train_evaluate_and_resume_evaluation(tmp_path, digits_folde
     assert [json.loads(l) for l in again] == [json.loads(l) for l in full]
 
 
+@pytest.mark.slow
 def test_eval_without_resume_uses_fresh_ls_init_and_counts(tmp_path, digits_folder, tiny_config):
     r = run([PY, "train.py", str(digits_folder), "--stitch_config", str(tiny_config), "--eval", "--output",
              str(tmp_path), "--experiment", "fresh", *FAST])
@@ -228,6 +230,7 @@ def test_eval_without_resume_uses_fresh_ls_init_and_counts(tmp_path, digits_fold
     assert records[0]["flops"] < records[1]["flops"]
 
 
+@pytest.mark.slow
 def test_plain_model_training(tmp_path, digits_folder):
     r = run([PY, "train.py", str(digits_folder), "--model", "deit_tiny_patch16_224", "--model-kwargs",
              "patch_size=4", "depth=2", "embed_dim=8", "num_heads=2", "--epochs", "1", "--output", str(tmp_path),
@@ -264,6 +267,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, digits_fol
     assert not out.exists()
 
 
+@pytest.mark.dist
 def test_distributed_train_sh_usage():
     r = run(["./distributed_train.sh", "x"])
     assert r.returncode == 2 and "NUM_PROC" in r.stderr
@@ -273,6 +277,7 @@ SEED_CNN = ("-b 128 --stitch_config configs/resnet18_resnet50.json --sched cosin
             "--remode pixel --reprob 0.6 --aa rand-m9-mstd0.5-inc1 --resplit --split-bn -j 10 --dist-bn reduce")
 
 
+@pytest.mark.dist
 def test_cnn_seed_command_runs_on_two_cpu_processes(tmp_path_factory, tmp_path):
     """DEVELOPERS.md's ResNet command, flags verbatim, on 2 gloo processes. Appended (the command line wins): one
     epoch, 32 px and random anchors, since weights cannot be downloaded here and 30 epochs at 224 px of ResNet-50
@@ -322,10 +327,11 @@ def test_typed_model_kwargs_win_over_the_anchors_own(tiny_config):
     from snnet.train.main import build_network
     args, cfg = parse_args(["/d", "--stitch_config", str(tiny_config), "--img-size", "16", "--no-pretrained",
                             "--model-kwargs", "depth=2"])
-    net = build_network(args, cfg, 10)
+    net, _ = build_network(args, cfg, 10)
     assert [len(a.blocks) for a in net.anchors] == [2, 2] and net.anchors[1].embed_dim == 16
 
 
+@pytest.mark.slow
 def test_eval_with_initial_checkpoint_keeps_its_stitching_layers(digits_folder, tiny_config, tmp_path):
     """--eval --initial-checkpoint CKPT evaluates CKPT's stitching layers; the LS init must not overwrite them."""
     from snnet import build_snnet, load_stitch_config
@@ -345,6 +351,7 @@ def test_eval_with_initial_checkpoint_keeps_its_stitching_layers(digits_folder, 
 
 
 @pytest.mark.parametrize("bad", [["-b", "0"], ["--aa", "garbage"], ["--resume", "/nonexistent/ckpt.pth.tar"]])
+@pytest.mark.dist
 def test_distributed_launch_refuses_bad_input_in_one_line(bad, digits_folder, tiny_config, tmp_path):
     """distributed_train.sh checks every input once before torchrun starts: one line, exit 2, no torchrun traceback,
     nothing written."""

@@ -41,6 +41,7 @@ def s_l():
     return model, measure(model, 224)
 
 
+@pytest.mark.slow
 def test_snnetv2_s_l_flops_row_for_row(s_l):
     model, table = s_l
     rows = [json.loads(line) for line in ORACLE.read_text().splitlines()]
@@ -49,6 +50,7 @@ def test_snnetv2_s_l_flops_row_for_row(s_l):
     assert {r["cfg_id"]: ours[r["cfg_id"]] for r in rows} == {r["cfg_id"]: r["flops"] for r in rows}
 
 
+@pytest.mark.slow
 def test_snnetv2_s_l_keys_params_and_id_13(s_l):
     model, _ = s_l
     assert [model.params(i) for i in range(2)] == [22059496, 304374760]  # DeiT-III S and L (timm's counts)

@@ -1,4 +1,4 @@
-"""SN-Netv2 on the digits demo's anchors (issue 13): two-way stitching, ROS sampling, LoRA stitching layers and
+"""SN-Netv2 on the digits demo's anchors: two-way stitching, ROS sampling, LoRA stitching layers and
 --freeze-anchors each train for one epoch with train.py and then evaluate every stitch. The anchors have the
 architectures of configs/demo_digits_v2.json and configs/demo_digits_v1_pair.json (widths 16 and 64, depth 4,
 random weights saved as their checkpoints), on scikit-learn's digits as `snnet.demo` writes them; the configs
@@ -103,6 +103,7 @@ def check_every_stitch_evaluated(run, n_routes):
     assert all(r["samples"] == 360 and 0 <= r["acc1"] <= 100 for r in records)  # the demo's whole val split
 
 
+@pytest.mark.dist
 def test_two_way_plan_trains_and_evaluates_all_15_networks(runs):
     run = runs["v2"]
     assert run["cfg"]["stitch_plan"] == "two_way"
@@ -122,6 +123,7 @@ def test_two_way_plan_trains_and_evaluates_all_15_networks(runs):
     assert any(not torch.equal(run["last"][k], run["init"][k]) for k in a)
 
 
+@pytest.mark.dist
 def test_lora_stitching_layers_train_b_and_keep_the_ls_w(runs):
     run = runs["v2"]
     assert run["cfg"]["stitch_layer"] == {"type": "lora", "rank": 4}
@@ -140,6 +142,7 @@ def test_lora_stitching_layers_train_b_and_keep_the_ls_w(runs):
     assert any(torch.count_nonzero(init[k]) > 0 for k in keys if k.endswith(".weight"))  # (and it was LS-fitted)
 
 
+@pytest.mark.dist
 def test_ros_draws_buckets_of_the_cost_table(runs):
     run = runs["v2"]
     spec = run["cfg"]["sampler"]
@@ -156,6 +159,7 @@ def test_ros_draws_buckets_of_the_cost_table(runs):
     assert len({group_of[c] for _, c in rec["draws"]}) >= 3
 
 
+@pytest.mark.dist
 def test_freeze_anchors_on_the_demo_pair(runs):
     run = runs["frozen"]
     assert run["cfg"].get("stitch_plan", "sliding_window") == "sliding_window"

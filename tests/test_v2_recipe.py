@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run
+from helpers import run
 from snnet import build_snnet, load_stitch_config, parse_stitch_config
 from snnet.core.config import ConfigError
 
@@ -78,7 +78,7 @@ def test_src_crop_is_deit3_three_augment_crop():
 
 def test_src_crop_mode_in_train_loader(digits_folder, tiny_config, tmp_path):
     """The training loader of a run with --train-crop-mode src crops as DeiT-III does; such a run trains."""
-    from conftest import FAST
+    from helpers import FAST
     from snnet.train.args import parse_args
     from snnet.train.data import create_datasets, create_train_loader
     args, _ = parse_args([str(digits_folder), "--stitch_config", str(tiny_config), *FAST, "--aa", "3a",
@@ -95,6 +95,7 @@ def test_src_crop_mode_in_train_loader(digits_folder, tiny_config, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_eval_deit3_s_l_v2_writes_snnetv2_networks(tmp_path):
     """`train.py --eval --no-pretrained --num-classes 1000` of the S/L card: a line for each of SN-Netv2's 134 cfg_ids
     with its released FLOPs, plus id 13 (kept as a real network), and the anchors' params are timm's."""

@@ -45,10 +45,11 @@ def _create(spec: AnchorSpec, pretrained: bool, kwargs: dict[str, Any]) -> nn.Mo
     except Exception as e:
         if not pretrained:
             raise _arguments_error(spec, kwargs, e) from None
-        try:  # do the arguments build the model at all? Then it is the weights that failed.
-            timm.create_model(spec.name, pretrained=False, **kwargs)
-        except Exception as built:
-            raise _arguments_error(spec, kwargs, built) from None
+        if kwargs:  # do the arguments build the model without weights? If not, they are at fault, not the download
+            try:
+                timm.create_model(spec.name, pretrained=False, **kwargs)
+            except Exception as built:
+                raise _arguments_error(spec, kwargs, built) from None
         reason = " ".join(str(e).split())[:160] or type(e).__name__
         raise AnchorError(f"cannot load the pretrained weights of {spec.name!r} ({type(e).__name__}: {reason}); "
                           f"check the name and tag and the network, or give local weights (an anchor's "

@@ -88,6 +88,19 @@ def anchor_lr_scale(args: argparse.Namespace) -> float:
     return args.anchor_lr_scale if args.anchor_lr_scale is not None else 1.0
 
 
+def check_optimizer_name(name: str) -> None:
+    """Refuse, before any work, an --opt timm does not know (its optional ``lookahead_`` prefix allowed)."""
+    import difflib
+
+    from timm.optim import list_optimizers
+    known = set(list_optimizers())
+    base = name.lower().removeprefix("lookahead_")
+    if base not in known:
+        close = difflib.get_close_matches(base, sorted(known), n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else "see timm.optim.list_optimizers()"
+        raise OptimError(f"--opt {name!r} is not an optimizer timm knows; {hint}")
+
+
 def create_optimizer(args: argparse.Namespace, net: nn.Module, lr: float) -> torch.optim.Optimizer:
     """timm's create_optimizer_v2 over `param_groups`."""
     from timm.optim import create_optimizer_v2

@@ -85,6 +85,18 @@ def check_run(args: argparse.Namespace, stitch_cfg: StitchConfig | None, world_s
     check_checkpoints(args)
     check_data(args, need_train=not args.eval, world_size=world_size)
     check_augmentation(args, stitch_cfg)
+    check_training(args)
+
+
+def check_training(args: argparse.Namespace) -> None:
+    """What training builds late (the optimizer, the distillation teacher), refused by name before any work."""
+    if args.eval:
+        return
+    from snnet.train.optim import check_optimizer_name
+    check_optimizer_name(args.opt)
+    if args.distillation_type != "none" and args.teacher:
+        from snnet.core.build import check_model_name
+        check_model_name(args.teacher)
 
 
 def main(argv: list[str] | None = None) -> int:
