@@ -13,8 +13,6 @@ import pytest
 import torch
 
 from helpers import TINY
-# Re-exported for the test files that still write `from conftest import ...`; new code imports from helpers.
-from helpers import *  # noqa: F401,F403
 
 # Intra-op threads for the test process (SNNET_TEST_THREADS, default 1): most test tensors are small, and on a 2-core
 # machine a second intra-op thread mostly waits; the multi-process tests use the other core.

@@ -95,6 +95,7 @@ def _maps_by_label(out):
     return units, {(p["front_label"], p["end_label"]): p for p in data["pairs"]}
 
 
+@pytest.mark.slow
 def test_maps_do_not_depend_on_anchor_order(searched):
     out, _ = searched
     units_ab, ab = _maps_by_label(out[("resnet", "vit")])
@@ -114,6 +115,7 @@ def test_maps_do_not_depend_on_anchor_order(searched):
     assert compared > 60
 
 
+@pytest.mark.slow
 def test_every_network_evaluates_the_same_in_both_orders(searched):
     out, _ = searched
     ab = {r["route"]: r for r in read_results(out[("resnet", "vit")] / "stitches_res.txt")}
@@ -130,6 +132,7 @@ def test_every_network_evaluates_the_same_in_both_orders(searched):
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_each_anchor_scores_as_it_does_alone_with_its_own_data_config(searched, digits_folder):
     from timm.data import create_dataset, create_transform
     out, anchors = searched

@@ -1,4 +1,4 @@
-"""Evaluating every stitch in one pass with shared prefixes gives the stitch-by-stitch results (issue 5)."""
+"""Evaluating every stitch in one pass with shared prefixes gives the stitch-by-stitch results."""
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -78,6 +78,7 @@ def test_trie_computes_each_distinct_prefix_once():
     assert len(unique) == len(prefixes)
 
 
+@pytest.mark.slow
 def test_unit_sums_equal_full_trace_for_every_deit_cfg():
     """FLOPs from per-unit traces (one trace per distinct unit) equal a whole-route trace, for all 71 cfgs."""
     cfg = parse_stitch_config({"anchors": ["deit_tiny_patch16_224", "deit_small_patch16_224",

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAST, TINY, run
+from helpers import FAST, TINY, run
 from snnet.core.config import ConfigError, load_stitch_config, parse_stitch_config
 from snnet.core.plan import PlanError, Stitch, positions_plan
 
@@ -134,6 +134,7 @@ def test_select_refuses_more_positions_than_the_pair_has(three_anchors):
 
 
 # ------------------------------------------------------------------------------------------------ train.py end to end
+@pytest.mark.slow
 def test_selected_plan_is_written_and_rebuilds_the_same_network(digits_folder, tmp_path):
     """train.py with "select": kl writes stitch_plan.json (explicit pairs); --eval --resume from that file evaluates
     the same network (same results), and a network built from it has the same state-dict keys and logits as one

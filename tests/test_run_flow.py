@@ -80,6 +80,7 @@ def test_positions_are_chosen_before_the_snnet_is_built(monkeypatch):
         build_snnet(cfg, pretrained=False, img_size=16, num_classes=10)
 
 
+@pytest.mark.slow
 def test_an_evaluation_is_never_taken_for_other_anchor_weights(digits_folder, tmp_path):
     """--eval without a checkpoint is identified by the network's own weights: a rerun with the same anchor files skips
     the evaluated stitches; the same config with other weights in those files is refused (one line), never

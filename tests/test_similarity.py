@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from conftest import run_cli
+from helpers import run_cli
 import torch
 
 from snnet.core.cka import MinibatchCKA, gram, hsic_unbiased, linear_cka, minibatch_cka

@@ -1,4 +1,4 @@
-"""`snnet stitch-train` (issue 15 part 2): one stitching layer between two frozen anchors, sweeps, resume, torchrun;
+"""`snnet stitch-train`: one stitching layer between two frozen anchors, sweeps, resume, torchrun;
 on the core's one cut mechanism (snnet.core.cut: class-token ViT <-> CNN pairs, the fit's error of the held map), the
 one anchor syntax on the command line, and reproducible random anchors (seeded, hashed by their weights).
 
