@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import TINY
+from helpers import TINY, Tiny
 
 # Intra-op threads for the test process (SNNET_TEST_THREADS, default 1): most test tensors are small, and on a 2-core
 # machine a second intra-op thread mostly waits; the multi-process tests use the other core.
@@ -50,3 +50,9 @@ def tiny_config(tmp_path_factory):
     path = tmp_path_factory.mktemp("cfg") / "tiny.json"
     path.write_text(json.dumps({"anchors": TINY, "skip_final_norm": False, "stitch_init_bs": 32}))
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A two-anchor ViT SN-Net with its checkpoint, config and a results file (helpers.Tiny)."""
+    return Tiny(tmp_path_factory.mktemp("tiny"))

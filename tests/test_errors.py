@@ -1,12 +1,15 @@
 """One error type: every error a user can cause is an `SNNetError` (with its exit code), caught once by each entry
-point and printed as one line; a model argument timm cannot take is such an error, whatever timm raised."""
+point and printed as one line; a model argument timm cannot take is such an error, whatever timm raised; a
+non-finite loss stops the run (exit 3) naming the step and stitch and leaves the last good checkpoint intact."""
 import ast
+import hashlib
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import FAST, ROOT, run_cli
+from helpers import FAST, ROOT, run, run_cli
 
 from snnet.core.errors import SNNetError
 
@@ -73,3 +76,19 @@ def test_bad_model_kwargs_are_one_line_in_snnet(digits_folder, tmp_path, capsys)
 def test_exit_codes_come_from_the_error():
     from snnet.train.engine import NonFiniteLoss
     assert SNNetError.exit_code == 2 and NonFiniteLoss.exit_code == 3 and issubclass(NonFiniteLoss, SNNetError)
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_config, digits_folder):
+    base = [sys.executable, "train.py", digits_folder, "--stitch_config", tiny_config, *FAST, "--output", tmp_path,
+            "--experiment", "nan"]
+    r = run(base + ["--epochs", "1"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    last = tmp_path / "nan" / "last.pth.tar"
+    digest = hashlib.sha256(last.read_bytes()).hexdigest()
+    r = run(base + ["--epochs", "3", "--resume", last, "--no-resume-opt", "--opt", "sgd", "--lr", "1e12"])
+    assert r.returncode == 3, r.stderr[-2000:]
+    err = r.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: non-finite loss at epoch 1, step ") and "(stitch cfg_id " in err, err
+    assert "the last good checkpoint" in err and "is kept" in err
+    assert hashlib.sha256(last.read_bytes()).hexdigest() == digest

@@ -1,7 +1,6 @@
-"""SN-Net's pickled releases load only through `snnet convert --trust` (which still runs no code from the file);
-a non-finite loss stops the run naming the step and stitch and leaves the last good checkpoint intact."""
+"""SN-Net's pickled releases load only through `snnet convert --trust` (which still runs no code from the file), and
+convert maps their keys onto ours."""
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -87,19 +86,3 @@ def test_convert_refuses_other_pickled_objects_and_runs_nothing(tmp_path):
     r = run([sys.executable, "-m", "snnet.cli", "convert", tmp_path / "evil.pth", tmp_path / "out.pth.tar", "--trust"])
     assert r.returncode == 2 and "refused unread" in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
     assert not PWNED.exists() and not (tmp_path / "out.pth.tar").exists()
-
-
-@pytest.mark.slow
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_config, digits_folder):
-    base = [sys.executable, "train.py", digits_folder, "--stitch_config", tiny_config, *FAST, "--output", tmp_path,
-            "--experiment", "nan"]
-    r = run(base + ["--epochs", "1"])
-    assert r.returncode == 0, r.stderr[-2000:]
-    last = tmp_path / "nan" / "last.pth.tar"
-    digest = hashlib.sha256(last.read_bytes()).hexdigest()
-    r = run(base + ["--epochs", "3", "--resume", last, "--no-resume-opt", "--opt", "sgd", "--lr", "1e12"])
-    assert r.returncode == 3, r.stderr[-2000:]
-    err = r.stderr.strip().splitlines()[-1]
-    assert err.startswith("error: non-finite loss at epoch 1, step ") and "(stitch cfg_id " in err, err
-    assert "the last good checkpoint is kept" in err
-    assert hashlib.sha256(last.read_bytes()).hexdigest() == digest

@@ -1,8 +1,5 @@
-"""`snnet` tools: pareto / select / export / latency, runtime switching, and their refusals of bad input.
-
-Small models only: two ViTs of widths 8 and 16 (depth 4, 16x16 images, 12 cfg_ids) for the tools; thin Swin,
-ResNet-18/34 and LeViT-128S/128 SN-Nets for the family-agnostic pruning check.
-"""
+"""Results files and what reads them: the reader (validation, torn lines), Pareto fronts and tables, selection by
+budget (`snnet select`, `stitch_for`) and their refusals of bad files."""
 import json
 import os
 import subprocess
@@ -14,16 +11,13 @@ import torch
 
 from snnet import cli
 from snnet.core.build import build_snnet
-from snnet.core.checkpoint import save_checkpoint
 from snnet.core.config import parse_stitch_config
-from snnet.deploy.export import count_params, export_stitch, load_exported, load_snnet, stitched_network
 from snnet.core.cost import cost_table
 from snnet.results.pareto import front_table, infer_anchors, pareto_front, pareto_report
 from snnet.results.records import ResultsError, ResultsFile, read_results
 from snnet.results.select import BudgetError, model_img_size, stitch_for
+from helpers import IMG, ROOT, assert_refused, run_cli
 
-ROOT = Path(__file__).resolve().parent.parent
-IMG = 16
 
 # The first five lines of each SN-Net results file, verbatim (docs/snnet_compat.md, C31-C34)
 SNNET_FILES = {
@@ -72,37 +66,6 @@ ANCHORS = {"deit": 3, "swin": 3, "levit": 2, "r18_r50": 2, "r18_swin_ti": 2}
 SPEC_FRONT = {"levit": [0, 7, 6, 5, 4, 3, 1], "r18_r50": [0, 9, 8, 6, 5, 4, 2], "r18_swin_ti": [0, 7, 6, 5, 4, 3, 2, 1]}
 
 
-def vit(width):
-    return {"name": "deit_tiny_patch16_224", "model_kwargs": {"patch_size": 4, "depth": 4, "embed_dim": width,
-                                                              "num_heads": 2}}
-
-
-class Tiny:
-    """A two-anchor ViT SN-Net, its checkpoint, config and a results file with made-up accuracies."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        raw = {"anchors": [vit(8), vit(16)]}
-        self.config = root / "tiny.json"
-        self.config.write_text(json.dumps(raw))
-        torch.manual_seed(0)
-        self.net = build_snnet(parse_stitch_config(raw), pretrained=False, num_classes=10, img_size=IMG).eval()
-        self.ckpt = root / "last.pth.tar"
-        save_checkpoint(self.ckpt, {"state_dict": self.net.state_dict(), "epoch": 0,
-                                    "args": json.dumps({"num_classes": 10, "img_size": IMG, "model_kwargs": {}})})
-        table = cost_table(self.net, IMG)
-        flops = [table.route_flops(r) for r in self.net.routes]
-        self.records = [{"cfg_id": c, "flops": f, "params": self.net.params(c),
-                         "acc1": 40 + 30 * (f / max(flops)) ** 0.5 + ((c * 37) % 11 - 5) * 0.7,
-                         "acc5": 99.0, "route": self.net.describe(c)} for c, f in enumerate(flops)]
-        self.results = root / "stitches_res.txt"
-        self.results.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return Tiny(tmp_path_factory.mktemp("tiny"))
-
 
 @pytest.fixture
 def snnet_files(tmp_path):
@@ -112,24 +75,6 @@ def snnet_files(tmp_path):
         paths[name].write_text(text)
     return paths
 
-
-def run(capsys, *argv):
-    try:
-        rc = cli.main([str(a) for a in argv])
-    except SystemExit as e:  # argparse refusals
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def assert_refused(rc, err, *needles):
-    """Exit 2, one line on stderr (notes aside), no traceback, naming what was asked for."""
-    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("note:")]
-    assert rc == 2, err
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert str(n) in lines[0], (n, lines[0])
-    return lines[0]
 
 
 def dominated_free(records, cost="flops"):
@@ -154,13 +99,13 @@ def test_snnet_result_files_first_lines(snnet_files, family):
 
 
 def test_front_matches_brute_force_on_demo_results(monkeypatch):
-    path = ROOT / "results" / "demo" / "stitches_res.txt"
+    path = Path(ROOT) / "results" / "demo" / "stitches_res.txt"
     if not path.exists():
         pytest.skip("run `make demo` first")
     records = read_results(path)
     assert sorted(r["cfg_id"] for r in pareto_front(records)) == dominated_free(records)
     assert infer_anchors(records) == 3
-    shipped = ROOT / "results" / "demo" / "pareto_flops.md"
+    shipped = Path(ROOT) / "results" / "demo" / "pareto_flops.md"
     if shipped.exists():  # the demo's table is `snnet pareto`'s, and the committed one is up to date
         monkeypatch.chdir(ROOT)  # the demo runs from the repository root and names the file relative to it
         assert pareto_report(["results/demo/stitches_res.txt"]).markdown == shipped.read_text()
@@ -168,7 +113,7 @@ def test_front_matches_brute_force_on_demo_results(monkeypatch):
 
 def test_pareto_cli_several_files(snnet_files, tiny, tmp_path, capsys):
     out = tmp_path / "report"
-    rc, stdout, err = run(capsys, "pareto", snnet_files["levit"], snnet_files["r18_r50"], tiny.results, "--out", out)
+    rc, stdout, err = run_cli(capsys, "pareto", snnet_files["levit"], snnet_files["r18_r50"], tiny.results, "--out", out)
     assert rc == 0, err
     # SN-Net files have no routes: the inferred anchors are announced, ours are read from the routes
     assert err.count("note:") == 2 and "cfg 0..1" in err
@@ -190,10 +135,10 @@ def test_pareto_cli_several_files(snnet_files, tiny, tmp_path, capsys):
 
 
 def test_pareto_anchors_override_and_params(snnet_files, tmp_path, capsys):
-    rc, stdout, err = run(capsys, "pareto", snnet_files["deit"], "--anchors", "1", "--by", "params")
+    rc, stdout, err = run_cli(capsys, "pareto", snnet_files["deit"], "--anchors", "1", "--by", "params")
     assert rc == 0 and "note:" not in err
     assert "| 1 | stitch |" in stdout and "| 0 | anchor 0 |" in stdout
-    rc, _, err = run(capsys, "pareto", snnet_files["levit"], "--by", "params", "--out", tmp_path / "x")
+    rc, _, err = run_cli(capsys, "pareto", snnet_files["levit"], "--by", "params", "--out", tmp_path / "x")
     assert_refused(rc, err, "'params'", "--by flops")
     assert not (tmp_path / "x").exists()
 
@@ -222,13 +167,13 @@ def test_foreign_results_files_refused(tmp_path, capsys, kind, command):
     path = tmp_path / f"{kind}.txt"
     path.write_bytes(data)
     extra = ["--out", tmp_path / "out"] if command == "pareto" else ["--max-flops", "1G"]
-    rc, stdout, err = run(capsys, command, path, *extra)
+    rc, stdout, err = run_cli(capsys, command, path, *extra)
     assert_refused(rc, err, str(path), reason)
     assert stdout == "" and not (tmp_path / "out").exists()
 
 
 def test_missing_results_file(tmp_path, capsys):
-    rc, _, err = run(capsys, "pareto", tmp_path / "nope.txt")
+    rc, _, err = run_cli(capsys, "pareto", tmp_path / "nope.txt")
     assert_refused(rc, err, "nope.txt", "does not exist")
 
 
@@ -256,7 +201,7 @@ def test_reader_drops_a_torn_last_line_only(tmp_path):
 def test_reader_refuses_a_repeated_cfg_id(tmp_path, capsys):
     path = tmp_path / "twice.txt"
     path.write_text("\n".join([*LINES, LINES[1].replace("71.0", "75.0")]) + "\n")
-    rc, out, err = run(capsys, "select", path, "--max-flops", "1G")
+    rc, out, err = run_cli(capsys, "select", path, "--max-flops", "1G")
     assert_refused(rc, err, "twice.txt", "line 4", "cfg_id 1 is also on line 2", "keep one")
     assert out == ""
 
@@ -271,7 +216,7 @@ def test_reader_refuses_impossible_values(tmp_path, capsys, key, value, command)
     bad = {**json.loads(LINES[1]), key: value}
     path.write_text("\n".join([LINES[0], json.dumps(bad), LINES[2]]) + "\n")  # json writes Infinity / NaN
     extra = ["--out", tmp_path / "out"] if command == "pareto" else ["--max-flops", "1G"]
-    rc, out, err = run(capsys, command, path, *extra)
+    rc, out, err = run_cli(capsys, command, path, *extra)
     assert_refused(rc, err, "bad.txt", "line 2", f"{key} {value!r}")
     assert out == "" and not (tmp_path / "out").exists()
 
@@ -304,7 +249,7 @@ def test_parse_amount(text, value):
 
 @pytest.mark.parametrize("text", ["5X", "", "-1G", "G", "1e400", "5GG", "nan"])
 def test_unparseable_budget(tiny, capsys, text):
-    rc, stdout, err = run(capsys, "select", tiny.results, f"--max-flops={text}")
+    rc, stdout, err = run_cli(capsys, "select", tiny.results, f"--max-flops={text}")
     assert_refused(rc, err, "--max-flops", repr(text), "5G")
     assert stdout == ""
 
@@ -312,36 +257,36 @@ def test_unparseable_budget(tiny, capsys, text):
 def test_select_best_within_budget(tiny, capsys):
     recs = tiny.records
     budget = sorted(r["flops"] for r in recs)[6]
-    rc, out, _ = run(capsys, "select", tiny.results, "--max-flops", budget, "--json")
+    rc, out, _ = run_cli(capsys, "select", tiny.results, "--max-flops", budget, "--json")
     best = max((r for r in recs if r["flops"] <= budget), key=lambda r: r["acc1"])
     assert rc == 0 and json.loads(out)["cfg_id"] == best["cfg_id"]
-    rc, out, _ = run(capsys, "select", tiny.results, "--max-params", "12K")
+    rc, out, _ = run_cli(capsys, "select", tiny.results, "--max-params", "12K")
     best = max((r for r in recs if r["params"] <= 12000), key=lambda r: r["acc1"])
     assert rc == 0 and out.startswith(f"cfg_id {best['cfg_id']}: best top-1 with params <= 12K")
     assert f"route   {best['route']}" in out and f"({best['flops']:,})" in out and f"({best['params']:,})" in out
     target = sorted(r["acc1"] for r in recs)[8]
-    rc, out, _ = run(capsys, "select", tiny.results, "--min-acc", target, "--json")
+    rc, out, _ = run_cli(capsys, "select", tiny.results, "--min-acc", target, "--json")
     cheapest = min((r for r in recs if r["acc1"] >= target), key=lambda r: r["flops"])
     assert rc == 0 and json.loads(out)["cfg_id"] == cheapest["cfg_id"]
 
 
 def test_select_snnet_file(snnet_files, capsys):
-    rc, out, _ = run(capsys, "select", snnet_files["r18_r50"], "--max-flops", "3.6G")
+    rc, out, _ = run_cli(capsys, "select", snnet_files["r18_r50"], "--max-flops", "3.6G")
     assert rc == 0 and out.startswith("cfg_id 4:")  # 76.286 at 3.548 G; cfg 2 (77.468) needs 3.755 G
-    rc, out, _ = run(capsys, "select", snnet_files["deit"], "--min-acc", "79")
+    rc, out, _ = run_cli(capsys, "select", snnet_files["deit"], "--min-acc", "79")
     assert rc == 0 and out.startswith("cfg_id 4:")  # 79.052 at 4.317 G beats cfg 3 and 1 on FLOPs
 
 
 def test_budget_nobody_meets_names_the_closest(tiny, snnet_files, capsys):
     cheapest = min(tiny.records, key=lambda r: r["flops"])
-    rc, out, err = run(capsys, "select", tiny.results, "--max-flops", "1K")
+    rc, out, err = run_cli(capsys, "select", tiny.results, "--max-flops", "1K")
     line = assert_refused(rc, err, "flops <= 1K", f"closest is cfg_id {cheapest['cfg_id']}", "raise --max-flops")
     assert out == "" and line.startswith("snnet select: error:")
-    rc, _, err = run(capsys, "select", snnet_files["levit"], "--min-acc", "90")
+    rc, _, err = run_cli(capsys, "select", snnet_files["levit"], "--min-acc", "90")
     assert_refused(rc, err, "top-1 90", "closest is cfg_id 1", "lower --min-acc to at most 81.22")
-    rc, _, err = run(capsys, "select", snnet_files["levit"], "--max-params", "5M")
+    rc, _, err = run_cli(capsys, "select", snnet_files["levit"], "--max-params", "5M")
     assert_refused(rc, err, "no 'params'", "--max-flops")
-    rc, _, err = run(capsys, "select", tiny.results, "--max-latency-ms", "3")
+    rc, _, err = run_cli(capsys, "select", tiny.results, "--max-latency-ms", "3")
     assert_refused(rc, err, "latency_ms_b1", "snnet latency")
 
 
@@ -352,103 +297,6 @@ def test_console_script_refuses_in_one_line(tiny):
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().count("\n") == 0 and "'5X'" in proc.stderr and "Traceback" not in proc.stderr
-
-
-# --------------------------------------------------------------------------------------------------- export
-def test_every_route_prunes_to_exactly_its_params(tiny):
-    net, x = tiny.net, torch.randn(2, 3, IMG, IMG)
-    for c in range(net.num_configs):
-        module, _ = stitched_network(net, c)
-        assert count_params(module) == net.params(c), c
-        with torch.no_grad():
-            assert torch.equal(module(x), net(x, c)), c
-    assert count_params(stitched_network(net, 5)[0]) < sum(p.numel() for p in net.anchors.parameters())
-
-
-FAMILIES = {
-    "swin": ({"anchors": [{"name": n, "model_kwargs": {"embed_dim": 24, "num_heads": [1, 2, 4, 8]}} for n in
-                          ("swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224")]}, 32),
-    "resnet": ({"anchors": ["resnet18", "resnet34"]}, 64),
-    "levit": ({"anchors": ["levit_128s", "levit_128"]}, 64),
-}
-
-
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_pruning_is_family_agnostic(family):
-    raw, size = FAMILIES[family]
-    torch.manual_seed(0)
-    net = build_snnet(parse_stitch_config(raw), pretrained=False, num_classes=10, img_size=size).eval()
-    if family != "resnet":  # CNNs take any size and record none (timm's default 224 applies)
-        assert model_img_size(net) == (size, size)  # Swin: patch_embed.img_size; LeViT: timm's _model_args
-    x = torch.randn(2, 3, size, size)
-    for c in range(net.num_configs):
-        module, _ = stitched_network(net, c)
-        assert count_params(module) == net.params(c), (family, c)
-        with torch.no_grad():
-            torch.testing.assert_close(module(x), net(x, c), rtol=0, atol=1e-6)
-
-
-def test_export_cli_round_trip(tiny, tmp_path, capsys):
-    import onnxruntime as ort
-    out, cfg_id = tmp_path / "export", 7  # ViT#0 blocks 0-2 -> ViT#1 blocks 1-3
-    rc, stdout, err = run(capsys, "export", tiny.ckpt, "--stitch_config", tiny.config, "--cfg-id", cfg_id,
-                          "--out", out, "--img-size", IMG, "--no-pretrained")
-    assert rc == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.onnx", "model.safetensors",
-                                                      "model.torchscript.pt"]
-    assert f"params {tiny.net.params(cfg_id):,} (= SNNet.params({cfg_id}))" in stdout
-    spec = json.loads((out / "model.json").read_text())
-    assert spec["params"] == tiny.net.params(cfg_id) and spec["flops"] == tiny.records[cfg_id]["flops"]
-    assert [a["name"] for a in spec["anchors"]] == ["deit_tiny_patch16_224"] * 2
-    assert spec["num_classes"] == 10 and spec["img_size"] == [IMG, IMG] and spec["route"] == tiny.net.describe(cfg_id)
-    assert ["stitch", "0_1"] in spec["steps"]
-
-    net = load_exported(out)  # one call
-    assert not net.training and count_params(net) == tiny.net.params(cfg_id)
-    front, end = net.anchors["0"], net.anchors["1"]
-    assert isinstance(front.blocks[3], torch.nn.Identity) and isinstance(front.head, torch.nn.Identity)
-    assert end.cls_token is None and isinstance(end.patch_embed, torch.nn.Identity)
-    x = torch.randn(5, 3, IMG, IMG)  # another batch size than exported with: the ONNX batch axis is dynamic
-    with torch.no_grad():
-        ref = tiny.net(x, cfg_id)
-        assert torch.equal(net(x), ref)
-        torch.testing.assert_close(torch.jit.load(str(out / "model.torchscript.pt"))(x), ref, rtol=0, atol=1e-6)
-    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    onnx_logits = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
-    torch.testing.assert_close(onnx_logits, ref, rtol=1e-4, atol=1e-5)
-
-
-def test_export_uses_the_config_the_checkpoint_recorded(tiny, tmp_path):
-    # train.py records anchors and config fields as JSON text; without --stitch_config that is used
-    ident = {"anchors": [{"name": a["name"], "checkpoint": None, "model_kwargs": a["model_kwargs"]}
-                         for a in (vit(8), vit(16))], "stitch_config": {}, "input_size": [3, IMG, IMG],
-             "num_classes": 10}
-    ckpt = tmp_path / "recorded.pth.tar"
-    save_checkpoint(ckpt, {"state_dict": tiny.net.state_dict(), "epoch": 3, "config": json.dumps(ident)})
-    loaded = load_snnet(ckpt, img_size=IMG)
-    assert loaded.net.num_configs == tiny.net.num_configs and loaded.num_classes == 10
-    spec = export_stitch(loaded, 1, tmp_path / "anchor1", formats=())
-    assert spec["route"] == tiny.net.describe(1) and sorted(spec["files"]) == ["weights"]
-    assert count_params(load_exported(tmp_path / "anchor1")) == tiny.net.params(1)
-
-
-def test_export_refusals(tiny, tmp_path, capsys):
-    out = tmp_path / "never"
-    rc, _, err = run(capsys, "export", tiny.ckpt, "--stitch_config", tiny.config, "--cfg-id", 99, "--out", out)
-    assert_refused(rc, err, "cfg_id 99", "0..11", "snnet select")
-    rc, _, err = run(capsys, "export", tmp_path / "missing.pth.tar", "--stitch_config", tiny.config, "--cfg-id", 1,
-                     "--out", out)
-    assert_refused(rc, err, "missing.pth.tar", "does not exist")
-    rc, _, err = run(capsys, "export", tiny.ckpt, "--stitch_config", tiny.config, "--cfg-id", "x", "--out", out)
-    assert_refused(rc, err, "'x'", "--cfg-id 5")
-    rc, _, err = run(capsys, "export", tiny.ckpt, "--stitch_config", tiny.config, "--cfg-id", 1, "--out", out,
-                     "--img-size", 32)  # the checkpoint's position embeddings are for 16x16
-    assert_refused(rc, err, "does not fit", "img_size 32", "--img-size")
-    rc, _, err = run(capsys, "export", tiny.ckpt, "--cfg-id", 1, "--out", out)
-    assert_refused(rc, err, "records no stitch config", "--stitch_config")
-    assert not out.exists() and not list(tmp_path.glob(".never*"))
-    with pytest.raises(Exception, match="not an export folder"):
-        load_exported(tmp_path)
 
 
 # --------------------------------------------------------------------------------------------------- switching
@@ -483,7 +331,7 @@ def test_stitch_for_and_select_agree(tiny, tmp_path, capsys):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     for flag, key, kwarg in (("--max-flops", "flops", "max_flops"), ("--max-params", "params", "max_params")):
         for budget in sorted({r[key] for r in records}):
-            rc, out, err = run(capsys, "select", path, flag, budget, "--json")
+            rc, out, err = run_cli(capsys, "select", path, flag, budget, "--json")
             assert rc == 0, err
             chosen = json.loads(out)["cfg_id"]
             assert stitch_for(tiny.net, records, **{kwarg: budget}) == chosen, (flag, budget)
@@ -507,43 +355,13 @@ def test_stitch_for_defaults_to_the_models_image_size():
         assert flops[c] == max(f for f in flops if f <= budget)
 
 
-# --------------------------------------------------------------------------------------------------- latency
-def test_latency_added_to_results(tiny, tmp_path, capsys):
-    results = tmp_path / "stitches_res.txt"
-    results.write_text(tiny.results.read_text())
-    rc, out, err = run(capsys, "latency", tiny.ckpt, "--stitch_config", tiny.config, "--batch", 1, "--batch", 4,
-                       "--warmup", 1, "--repeats", 3, "--results", results, "--threads", 1)
-    assert rc == 0, err
-    assert f"updated {len(tiny.records)} records" in out and "| ms @ b1 | ms @ b4 |" in out
-    records = read_results(results)
-    assert [r["cfg_id"] for r in records] == [r["cfg_id"] for r in tiny.records]
-    for r, old in zip(records, tiny.records):
-        assert r["latency_ms_b1"] > 0 and r["latency_ms_b4"] > 0 and r["latency_device"].startswith("cpu: ")
-        assert {k: r[k] for k in old} == old  # the evaluation's keys are kept as they were
-    rc, out, err = run(capsys, "pareto", results, "--by", "latency", "--out", tmp_path / "lat")
-    assert rc == 0 and (tmp_path / "lat" / "pareto_latency_ms_b1.png").exists() and "ms @ b4" in out
-    slowest = max(r["latency_ms_b1"] for r in records)
-    rc, out, _ = run(capsys, "select", results, "--max-latency-ms", slowest * 2, "--json")
-    assert rc == 0 and json.loads(out)["cfg_id"] == max(records, key=lambda r: r["acc1"])["cfg_id"]
-
-
-def test_latency_refuses_another_snnets_results(tiny, tmp_path, capsys):
-    results = tmp_path / "other.txt"
-    text = "".join(json.dumps({**r, "route": r["route"].replace("#1", "#7")}) + "\n" for r in tiny.records)
-    results.write_text(text)
-    rc, out, err = run(capsys, "latency", tiny.ckpt, "--stitch_config", tiny.config, "--results", results,
-                       "--warmup", 0, "--repeats", 1)
-    assert_refused(rc, err, "other.txt", "not of this SN-Net")
-    assert results.read_text() == text and out == ""
-
-
 # --------------------------------------------------------------------------------------------------- never trust input
 @pytest.mark.parametrize("command", ["pareto", "select"])
 def test_top1_of_250_refused(tmp_path, capsys, command):
     path = tmp_path / "bad.txt"
     path.write_text("\n".join([LINES[0], json.dumps({**json.loads(LINES[1]), "acc1": 250}), LINES[2]]) + "\n")
     extra = ["--out", tmp_path / "out"] if command == "pareto" else ["--max-flops", "1G"]
-    rc, out, err = run(capsys, command, path, *extra)
+    rc, out, err = run_cli(capsys, command, path, *extra)
     assert_refused(rc, err, "bad.txt", "line 2", "acc1 250", "percent")
     assert out == "" and not (tmp_path / "out").exists()
 
@@ -553,7 +371,7 @@ def test_a_later_duplicate_never_removes_an_anchor(snnet_files, tmp_path, capsys
     text = SNNET_FILES["deit"] + '{"cfg_id": 0, "flops": 1258411200, "params": 5717416, "acc1": 10.0}\n'
     path.write_text(text)
     for argv in (["pareto", path, "--out", tmp_path / "out"], ["select", path, "--max-flops", "2G"]):
-        rc, out, err = run(capsys, *argv)
+        rc, out, err = run_cli(capsys, *argv)
         assert_refused(rc, err, "dup.txt", "line 6", "cfg_id 0 is also on line 1", "keep one")
         assert out == "" and not (tmp_path / "out").exists()
     assert path.read_text() == text
@@ -578,12 +396,12 @@ def test_records_without_the_ranked_cost_refused(tmp_path, capsys, key, by, sele
     # cfg 3 (the cheapest and best) lacks the cost: ranking the others would silently drop it from the front
     path = _partial(tmp_path, key, {1, 3})
     text = path.read_text()
-    rc, out, err = run(capsys, "pareto", path, "--by", by, "--out", tmp_path / "out")
+    rc, out, err = run_cli(capsys, "pareto", path, "--by", by, "--out", tmp_path / "out")
     line = assert_refused(rc, err, "partial.txt", f"no '{key}' for cfg_id 1, 3", "2 of 4")
     assert out == "" and not (tmp_path / "out").exists()
     if by == "latency":
         assert "snnet latency" in line
-    rc, out, err = run(capsys, "select", path, *select_flag)
+    rc, out, err = run_cli(capsys, "select", path, *select_flag)
     assert_refused(rc, err, "partial.txt", f"no '{key}' for cfg_id 1, 3")
     assert out == "" and path.read_text() == text
 
@@ -592,7 +410,7 @@ def test_results_folder_without_results_file(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     for argv in (["pareto", tmp_path / "run", "--out", tmp_path / "out"], ["select", tmp_path / "run", "--max-flops",
                                                                             "1G"]):
-        rc, out, err = run(capsys, *argv)
+        rc, out, err = run_cli(capsys, *argv)
         assert_refused(rc, err, str(tmp_path / "run" / "stitches_res.txt"), "does not exist", "train.py --eval")
         assert out == "" and not (tmp_path / "out").exists()
 
@@ -601,85 +419,9 @@ def test_pareto_unwritable_out(tiny, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("keep me")
     for out in (blocker, blocker / "sub"):
-        rc, stdout, err = run(capsys, "pareto", tiny.results, "--out", out)
+        rc, stdout, err = run_cli(capsys, "pareto", tiny.results, "--out", out)
         assert_refused(rc, err, str(blocker), "--out")
         assert stdout == ""
     assert blocker.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
-def test_export_unwritable_out(tiny, tmp_path, capsys):
-    blocker = tmp_path / "a_file"
-    blocker.write_text("keep me")
-    for out in (blocker, blocker / "sub"):
-        rc, stdout, err = run(capsys, "export", tiny.ckpt, "--stitch_config", tiny.config, "--cfg-id", 1,
-                              "--out", out)
-        assert_refused(rc, err, str(blocker), "--out")
-        assert stdout == ""
-    assert blocker.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
-
-
-@pytest.mark.parametrize("opset", [5, 6, 21, 99])
-def test_export_unsupported_opset_refused_up_front(tiny, tmp_path, capsys, opset):
-    from torch.onnx import _constants
-    lo, hi = _constants.ONNX_MIN_OPSET, _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
-    # a missing checkpoint: the opset is refused before anything is read
-    rc, out, err = run(capsys, "export", tmp_path / "missing.pth.tar", "--cfg-id", 1, "--out", tmp_path / "x",
-                       "--opset", opset)
-    assert_refused(rc, err, f"--opset {opset}", f"{lo}..{hi}", "--no-onnx")
-    assert out == "" and list(tmp_path.iterdir()) == []
-
-
-def test_export_supported_opset_range_edges(tiny, tmp_path, capfd):
-    from torch.onnx import _constants
-    for opset in (_constants.ONNX_MIN_OPSET, _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET):
-        out = tmp_path / f"o{opset}"
-        rc, stdout, err = run(capfd, "export", tiny.ckpt, "--stitch_config", tiny.config, "--cfg-id", 7,
-                              "--out", out, "--no-torchscript", "--opset", opset)  # capfd: torch's C++ output too
-        if rc == 0:
-            assert (out / "model.onnx").exists()
-        else:  # an op this opset cannot express (the ViT's expand at opset 7): one line, nothing written
-            assert_refused(rc, err, f"--opset {opset}", "--no-onnx")
-            assert stdout == "" and not out.exists() and not list(tmp_path.glob(f".o{opset}*"))
-
-
-def _hashed_results(tiny, tmp_path, **changes):
-    from snnet.results.records import file_sha256
-    path = tmp_path / "stitches_res.txt"
-    recs = [{**r, "checkpoint_sha256": file_sha256(tiny.ckpt), "config_sha256": "c" * 64} for r in tiny.records]
-    recs = [{**r, **{k: (v(r) if callable(v) else v) for k, v in changes.items()}} for r in recs]
-    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    return path
-
-
-LATENCY = ("--warmup", 0, "--repeats", 1, "--batch", 1)
-
-
-def test_latency_accepts_its_own_checkpoints_results(tiny, tmp_path, capsys):
-    path = _hashed_results(tiny, tmp_path)
-    rc, out, err = run(capsys, "latency", tiny.ckpt, "--stitch_config", tiny.config, "--results", path, *LATENCY)
-    assert rc == 0, err
-    assert all(r["latency_img_size"] == [IMG, IMG] for r in read_results(path))
-    rc, out, err = run(capsys, "latency", tiny.ckpt, "--stitch_config", tiny.config, "--results", path, *LATENCY)
-    assert rc == 0, err  # measured again at the same size: fine
-
-
-def test_latency_refuses_another_checkpoints_results(tiny, tmp_path, capsys):
-    path = _hashed_results(tiny, tmp_path, checkpoint_sha256="0" * 64)
-    before = path.read_bytes()
-    rc, out, err = run(capsys, "latency", tiny.ckpt, "--stitch_config", tiny.config, "--results", path, *LATENCY)
-    assert_refused(rc, err, "stitches_res.txt", "0" * 12, "another checkpoint", str(tiny.ckpt))
-    assert out == "" and path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
-
-
-def test_latency_refuses_another_image_size(tiny, tmp_path, capsys):
-    path = _hashed_results(tiny, tmp_path, latency_img_size=[32, 32], latency_ms_b1=1.0)
-    before = path.read_bytes()
-    rc, out, err = run(capsys, "latency", tiny.ckpt, "--stitch_config", tiny.config, "--results", path, *LATENCY)
-    assert_refused(rc, err, "stitches_res.txt", "32x32", f"{IMG}x{IMG}", "--img-size")
-    assert out == "" and path.read_bytes() == before
-    # the evaluation's own image size, read from its FLOPs (our evaluator counts them at the size it ran at)
-    path = _hashed_results(tiny, tmp_path, flops=lambda r: r["flops"] * 4)
-    before = path.read_bytes()
-    rc, out, err = run(capsys, "latency", tiny.ckpt, "--stitch_config", tiny.config, "--results", path, *LATENCY)
-    assert_refused(rc, err, "stitches_res.txt", "FLOPs", f"{IMG}x{IMG}", "--img-size")
-    assert out == "" and path.read_bytes() == before
