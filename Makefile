@@ -13,7 +13,7 @@ venv: $(STAMP)
 $(STAMP): requirements.txt requirements-extras.txt requirements-browser.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --disable-pip-version-check -q --upgrade pip
-	$(BIN)/pip install --disable-pip-version-check -q -r requirements.txt -c constraints.txt pytest "setuptools>=68"
+	$(BIN)/pip install --disable-pip-version-check -q -r requirements.txt -c constraints.txt pytest pytest-xdist "setuptools>=68"
 	$(BIN)/pip install --disable-pip-version-check -q -r requirements-extras.txt -c constraints.txt
 	$(BIN)/pip install --disable-pip-version-check -q -r requirements-browser.txt -c constraints.txt
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
@@ -45,7 +45,7 @@ browser:
 
 # every test; the 15 slowest are listed at the end
 test: venv browser
-	$(BIN)/python -m pytest -q -rs --durations=15 tests
+	$(BIN)/python -m pytest -q -rs -n 2 --dist loadgroup --durations=15 tests
 
 # the fast tier: no test over ~15 s, nothing that starts several processes, no browser (markers: pyproject.toml)
 test-fast: venv

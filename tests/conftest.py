@@ -56,3 +56,13 @@ def tiny_config(tmp_path_factory):
 def tiny(tmp_path_factory):
     """A two-anchor ViT SN-Net with its checkpoint, config and a results file (helpers.Tiny)."""
     return Tiny(tmp_path_factory.mktemp("tiny"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test`: two workers, --dist loadgroup) the tests that start processes (torchrun's
+    default port, mp.spawn) run one after another on one worker, and so do the browser tests; the rest spread over
+    both workers (each test runs one intra-op thread, so two workers use the two cores)."""
+    for item in items:
+        for marker in ("dist", "browser"):
+            if item.get_closest_marker(marker):
+                item.add_marker(pytest.mark.xdist_group(marker))
