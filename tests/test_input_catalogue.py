@@ -1,6 +1,7 @@
 """The bad-input catalogue: each case ends with exit code 2, a one-line message naming the problem and the
-fix, no traceback, and no file written or overwritten. Cases run train.py's main() in-process (a few also run as a
-subprocess in test_train.py); a hostile pickle must run nothing."""
+fix, no traceback, and no file written or overwritten. Each case runs train.py as a user does: a fresh process with
+its real stderr (helpers.ForkedCli), so a log line printed before a late error fails the "one line" check; a hostile
+pickle must run nothing."""
 import hashlib
 import json
 import os
@@ -10,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import FAST, TINY
-from snnet.train.main import main
+from helpers import FAST, TINY, ForkedCli
 
 PWNED = Path("/tmp/snnet_pwned_marker")
 
@@ -78,6 +78,16 @@ def world(tmp_path_factory, digits_folder, tiny_config):
     (w / "dup.yaml").write_text("epochs: 3\nepochs: 4\n")
     (w / "nan.yaml").write_text("lr: .nan\n")
     (w / "bad_reprob.json").write_text(json.dumps({"anchors": TINY, "recipe": {"reprob": 2}}))
+    from PIL import Image
+    import numpy as np
+    shutil.copytree(digits_folder, w / "hidden")  # a Jupyter checkpoint folder with an image: timm makes it a class
+    (w / "hidden" / "train" / ".ipynb_checkpoints").mkdir()
+    shutil.copy(sorted((w / "hidden" / "train" / "0").glob("*.png"))[0], w / "hidden" / "train" / ".ipynb_checkpoints")
+    shutil.copytree(digits_folder, w / "wide")  # a 16-bit PNG: timm's RGB conversion clips it to white
+    wide = sorted((w / "wide" / "val" / "4").glob("*.png"))[0]
+    Image.fromarray(np.full((16, 16), 4000, dtype=np.uint16)).save(wide)
+    (w / "wide_name").write_text(str(wide))
+    (w / "nine.txt").write_text("\n".join(str(c) for c in range(9)) + "\n")  # leaves class 9 out
     return w
 
 
@@ -171,6 +181,30 @@ CASES = [
      "the training augmentation cannot be built"),
     ("model kwargs of the wrong type", "{data} --stitch_config {cfg} --model-kwargs mlp_ratio=abc",
      "cannot create 'deit_tiny_patch16_224' with arguments"),
+    ("model kwargs timm asserts on", "{data} --stitch_config {cfg} --model-kwargs depth=-1",
+     "(RuntimeError: number of steps must be non-negative"),
+    # numbers timm and torch take without a word, though they change the run
+    ("crop 0", "{data} --stitch_config {cfg} --crop-pct 0", "--crop-pct 0.0: must be in (0, 1]"),
+    ("crop above 1", "{data} --stitch_config {cfg} --crop-pct 1.5", "--crop-pct 1.5: must be in (0, 1]"),
+    ("negative decay rate", "{data} --stitch_config {cfg} --sched step --decay-rate -0.1", "--decay-rate -0.1"),
+    ("min-lr above lr", "{data} --stitch_config {cfg} --lr 1e-4 --min-lr 1e-3", "--min-lr 0.001 is above the LR"),
+    ("momentum above 1", "{data} --stitch_config {cfg} --momentum 1.5", "--momentum 1.5: must be in [0, 1]"),
+    ("scale min above max", "{data} --stitch_config {cfg} --scale 1.0 0.5", "--scale 1.0 0.5: must be MIN MAX"),
+    ("EMA decay 1", "{data} --stitch_config {cfg} --model-ema --model-ema-decay 1", "--model-ema-decay 1.0"),
+    ("negative seed", "{data} --stitch_config {cfg} --seed -1", "--seed -1: must be >= 0"),
+    ("mean of two channels", "{data} --stitch_config {cfg} --mean 0.5 0.5", "give 1 or 3 values"),
+    ("zero std", "{data} --stitch_config {cfg} --std 0", "every value must be > 0"),
+    ("unknown interpolation", "{data} --stitch_config {cfg} --interpolation cubic", "--interpolation 'cubic'"),
+    ("step schedule without decay epochs", "{data} --stitch_config {cfg} --sched step --decay-epochs 0",
+     "--decay-epochs 0.0: must be > 0 with --sched step"),
+    ("negative cooldown", "{data} --stitch_config {cfg} --cooldown-epochs -1", "--cooldown-epochs -1"),
+    ("no epoch left to train", "{data} --stitch_config {cfg} --epochs 2 --start-epoch 2",
+     "leaves no epoch to train of --epochs 2"),
+    # data that would silently change the task
+    ("hidden folder as a class", "{w}/hidden --stitch_config {cfg}", "'.ipynb_checkpoints'"),
+    ("16-bit validation image", "{w}/wide --stitch_config {cfg} --eval", "is a I;16 (16/32-bit) image"),
+    ("class map leaving a class out", "{data} --stitch_config {cfg} --class-map {w}/nine.txt --num-classes 10",
+     "leaves out ('9')"),
 ]
 
 
@@ -178,8 +212,15 @@ def snapshot(folder: Path) -> dict:
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    runner = ForkedCli(tmp_path_factory.mktemp("cli"))
+    yield runner
+    runner.close()
+
+
 @pytest.mark.parametrize("case,argv,message", CASES, ids=[c[0] for c in CASES])
-def test_bad_input(case, argv, message, world, digits_folder, tiny_config, tmp_path, capsys):
+def test_bad_input(case, argv, message, world, digits_folder, tiny_config, tmp_path, cli):
     if torch.cuda.is_available() and "cuda" in argv:
         pytest.skip("this machine has CUDA")
     fill = lambda s: s.format(w=world, cfg=tiny_config, data=digits_folder, victim=(world / "victim").read_text())
@@ -192,8 +233,8 @@ def test_bad_input(case, argv, message, world, digits_folder, tiny_config, tmp_p
     # the case's own flags come last and win
     argv = FAST + fill(argv).split() + ["--output", str(out)] + ([] if named else ["--experiment", "new"])
     PWNED.unlink(missing_ok=True)
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
+    code, _, err = cli.call("train", argv)
+    err = err.strip()
     assert code == 2, (case, err)
     assert err.count("\n") == 0 and "Traceback" not in err, err
     assert fill(message) in err, err

@@ -88,6 +88,12 @@ def _checked(rec: Any, where: str) -> dict[str, Any]:
             raise ResultsError(f"{where}: {key} {value!r} must be a finite number >= 0; fix or regenerate the file")
     if rec["acc1"] is None:
         raise ResultsError(f"{where}: acc1 is null; every record needs its top-1; fix or regenerate the file")
+    if is_number(rec.get("acc5")) and rec["acc5"] < rec["acc1"]:
+        raise ResultsError(f"{where}: acc5 {rec['acc5']!r} is below acc1 {rec['acc1']!r}, which no evaluation gives "
+                           f"(top-5 counts every top-1 hit); fix or regenerate the file")
+    if rec.get("flops") == 0:
+        raise ResultsError(f"{where}: flops 0: every network costs something (a FLOPs count that failed?); fix or "
+                           f"regenerate the file")
     rec["cfg_id"] = int(cfg_id)
     return rec
 
@@ -147,6 +153,8 @@ def _load(path: str | os.PathLike) -> tuple[Path, list[dict[str, Any]]]:
     if not records:
         raise ResultsError(f"results file {str(path)!r} is empty; evaluate the SN-Net first "
                            f"(train.py --eval --resume CKPT) or pass another file")
+    if torn is not None:  # said, not dropped silently: that stitch is missing from whatever is built from the file
+        _logger.warning(f"note: {path}: line {torn} is incomplete (an interrupted evaluation?) and left out")
     return path, records
 
 
@@ -164,8 +172,16 @@ def write_results(path: str | os.PathLike, records: Iterable[dict[str, Any]]) ->
 def update_results(path: str | os.PathLike, update: Callable[[dict[str, Any]], bool]) -> int:
     """Apply `update` to every record of a file (in place; True = changed) and rewrite it atomically.
 
-    Lines keep their order and keys; a torn last line is dropped. Returns the number of records changed.
+    Lines keep their order and keys. The file is the user's: one with a torn last line is refused, not rewritten
+    without it (only the evaluator drops a torn line of its own file, and evaluates that stitch again). Returns the
+    number of records changed.
     """
+    path = results_path(path)
+    _, torn = parse_results(_read_text(path), repr(str(path)))
+    if torn is not None:
+        raise ResultsError(f"{str(path)!r}: line {torn} is incomplete (an interrupted evaluation?); rewriting the "
+                           f"file would drop it: finish the evaluation (train.py --eval --resume continues it) or "
+                           f"remove that line yourself; nothing was written")
     path, records = _load(path)
     changed = sum(1 for r in records if update(r))
     write_results(path, records)

@@ -82,7 +82,11 @@ class _KwargsAction(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         import ast
-        out = {}
+        # the flag given twice on one command line adds up (the later value of a key wins); a -c YAML or stitch
+        # config default is replaced, as every typed flag replaces its default
+        repeated = getattr(self, "_parsing", None) is namespace
+        self._parsing = namespace
+        out = dict(getattr(namespace, self.dest) or {}) if repeated else {}
         for item in values:
             key, sep, raw = item.partition("=")
             if not sep or not key:
@@ -490,7 +494,52 @@ def _coerce_one(action: argparse.Action, value: Any) -> Any:
     return v
 
 
+#: resize interpolations timm's transforms know ("random" for training only)
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+
+
+def _check_ranges(args: argparse.Namespace) -> None:
+    """Numbers that timm and torch accept without a word but that would change the run: refused by name."""
+    def refuse(flag: str, value, why: str) -> None:
+        raise UsageError(f"{flag} {value}: {why}")
+
+    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
+        refuse("--crop-pct", args.crop_pct, "must be in (0, 1] (the fraction of the resized image kept; 0 would "
+                                            "silently become the model's own)")
+    if args.decay_rate < 0:
+        refuse("--decay-rate", args.decay_rate, "must be >= 0 (a negative rate makes the LR negative)")
+    if not 0 <= args.momentum <= 1:
+        refuse("--momentum", args.momentum, "must be in [0, 1]")
+    for flag, pair in (("--scale", args.scale), ("--ratio", args.ratio)):
+        if pair is not None and (pair[0] > pair[1] or pair[0] <= 0):
+            refuse(flag, " ".join(map(str, pair)), "must be MIN MAX with 0 < MIN <= MAX")
+    if args.model_ema and args.model_ema_decay >= 1:
+        refuse("--model-ema-decay", args.model_ema_decay, "must be below 1 (at 1 the EMA never moves from the start)")
+    if args.seed < 0:
+        refuse("--seed", args.seed, "must be >= 0 (numpy and torch seed with unsigned integers)")
+    channels = args.in_chans or 3
+    for flag, values in (("--mean", args.mean), ("--std", args.std)):
+        if values is not None and len(values) not in (1, channels):
+            refuse(flag, " ".join(map(str, values)), f"give 1 or {channels} values (one per input channel)")
+    if args.std is not None and any(v <= 0 for v in args.std):
+        refuse("--std", " ".join(map(str, args.std)), "every value must be > 0 (images are divided by it)")
+    if args.interpolation not in INTERPOLATIONS + ("",):
+        refuse("--interpolation", repr(args.interpolation), f"use one of {', '.join(INTERPOLATIONS)} ('' keeps the "
+                                                             f"model's)")
+    if args.train_interpolation not in INTERPOLATIONS + ("random",):
+        refuse("--train-interpolation", repr(args.train_interpolation),
+               f"use one of {', '.join(INTERPOLATIONS)} or random")
+    if args.sched in ("step", "multistep") and args.decay_epochs <= 0:
+        refuse("--decay-epochs", args.decay_epochs, f"must be > 0 with --sched {args.sched}")
+    if args.cooldown_epochs < 0:
+        refuse("--cooldown-epochs", args.cooldown_epochs, "must be >= 0")
+    if args.start_epoch is not None and not args.eval and not 0 <= args.start_epoch < args.epochs:
+        refuse("--start-epoch", args.start_epoch, f"leaves no epoch to train of --epochs {args.epochs}; use 0.."
+                                                  f"{args.epochs - 1}, or raise --epochs")
+
+
 def _check_values(args: argparse.Namespace) -> None:
+    _check_ranges(args)
     if args.workers < 0:
         raise UsageError(f"-j/--workers {args.workers} must be >= 0")
     if args.split_bn and not (args.aug_splits > 1 or args.resplit):

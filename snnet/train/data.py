@@ -226,8 +226,18 @@ def check_data(args: argparse.Namespace, need_train: bool, world_size: int) -> N
         if path is not None:
             counts = scan_image_folder(path, what)
             scans[what] = {c: n for c, n in counts.items() if c in mapping} if mapping is not None else counts
+    for path, what in ((train_dir, "train"), (val_dir, "validation")):
+        hidden = sorted(c for c in (scan_image_folder(path, what) if path is not None else {}) if _hidden(c))
+        if hidden:
+            raise DataError(f"{what} folder {path!r} has a hidden folder with images, {hidden[0]!r} (e.g. Jupyter's "
+                            f".ipynb_checkpoints): timm's reader would make it a class of its own; remove it")
     if mapping is not None:
         for path, what in ((train_dir, "train"), (val_dir, "validation")):
+            left_out = sorted(set(scan_image_folder(path, what)) - set(mapping)) if path is not None else []
+            if left_out:
+                raise DataError(f"{what} folder {path!r} has class folders with images that --class-map "
+                                f"{args.class_map!r} leaves out ({_first(left_out)}): their images would be dropped "
+                                f"without a word; add them to the class map or move them out of the folder")
             if path is not None and not scans[what]:
                 raise DataError(f"{what} folder {path!r} has no images of the classes in --class-map "
                                 f"{args.class_map!r} (its folders: {_first(scan_image_folder(path, what))}); "
@@ -248,6 +258,44 @@ def check_data(args: argparse.Namespace, need_train: bool, world_size: int) -> N
         _check_num_classes(args, len(scans[what]), f"{what} folder {train_dir or val_dir!r}")
     if train_dir:
         _check_steps(args, sum(scans["train"].values()), f"train folder {train_dir!r}", world_size)
+    # every image the evaluation counts, and a sample of the training images: decodable as 8-bit images
+    if val_dir:
+        check_image_headers(val_dir, "validation")
+    if train_dir:
+        check_image_headers(train_dir, "train", per_class=2)
+
+
+def _hidden(label: str) -> bool:
+    return any(part.startswith(".") for part in label.split(os.sep))
+
+
+#: PIL modes of 16/32-bit images: timm's loader converts them to RGB by clipping to 0..255, so a 16-bit PNG becomes
+#: a nearly white image, silently
+_WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def check_image_headers(folder: str, what: str, per_class: int | None = None) -> int:
+    """Open every image of a split folder (or the first `per_class` of each class folder) as far as its header: a file
+    PIL cannot identify, or a 16/32-bit image that timm's RGB conversion would clip to white, is a one-line DataError
+    naming the file. Headers only (no decoding): about 0.1 ms per file. Returns the files checked."""
+    from PIL import Image
+    extensions, checked = img_extensions(), 0
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs.sort()
+        images = sorted(f for f in files if _is_image(f, extensions))
+        for name in images[:per_class] if per_class is not None else images:
+            path = os.path.join(root, name)
+            try:
+                with Image.open(path) as img:
+                    mode = img.mode
+            except Exception as e:
+                raise DataError(f"{what} image {path!r} cannot be read ({type(e).__name__}); remove or replace it "
+                                f"(evaluation does not skip images, so that every count is exact)") from None
+            if mode in _WIDE_MODES:
+                raise DataError(f"{what} image {path!r} is a {mode} (16/32-bit) image, which timm's loader would clip "
+                                f"to nearly white; convert the images to 8-bit RGB first")
+            checked += 1
+    return checked
 
 
 def create_datasets(args: argparse.Namespace, need_train: bool):

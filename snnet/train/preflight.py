@@ -85,15 +85,23 @@ def check_run(args: argparse.Namespace, stitch_cfg: StitchConfig | None, world_s
     check_checkpoints(args)
     check_data(args, need_train=not args.eval, world_size=world_size)
     check_augmentation(args, stitch_cfg)
-    check_training(args)
+    check_training(args, world_size)
 
 
-def check_training(args: argparse.Namespace) -> None:
-    """What training builds late (the optimizer, the distillation teacher), refused by name before any work."""
+def check_training(args: argparse.Namespace, world_size: int = 1) -> None:
+    """What training builds late (the optimizer, the LR schedule, the distillation teacher), refused before any work."""
     if args.eval:
         return
-    from snnet.train.optim import check_optimizer_name
+    from snnet.train.optim import check_optimizer_name, resolve_lrs
+    from snnet.train.resolve import schedule
     check_optimizer_name(args.opt)
+    global_batch = args.batch_size * world_size * max(1, getattr(args, "grad_accum_steps", 1) or 1)
+    lr, warmup_lr, min_lr = resolve_lrs(args, global_batch)  # at the launch's world size, as the run resolves it
+    if min_lr > lr:
+        from snnet.core.errors import UsageError
+        raise UsageError(f"--min-lr {min_lr:g} is above the LR {lr:g}: the decaying schedule would raise the LR; "
+                         f"lower --min-lr or raise --lr")
+    schedule(args, warmup_lr, min_lr)  # the scheduler timm builds from the flags, on a one-parameter optimizer
     if args.distillation_type != "none" and args.teacher:
         from snnet.core.build import check_model_name
         check_model_name(args.teacher)

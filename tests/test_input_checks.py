@@ -1,0 +1,71 @@
+"""Never lose a user's file, and read results files that do not deserve trust: a conversion never writes onto its
+input, a latency measurement never rewrites a results file it would have to cut, a reader refuses impossible
+records and says what it left out; a flag given twice adds up instead of silently dropping the first."""
+import argparse
+import hashlib
+import json
+import logging
+
+import pytest
+import torch
+
+from helpers import run_cli
+from snnet.results.records import ResultsError, read_results
+
+
+def test_convert_never_writes_onto_its_input(tmp_path, capsys):
+    release = tmp_path / "release.pth"
+    torch.save({"model": {"blocks.0.weight": torch.ones(2)}, "epoch": 3}, release)
+    before = hashlib.sha256(release.read_bytes()).hexdigest()
+    link = tmp_path / "link.pth"
+    link.symlink_to(release)
+    for dst in (release, link):  # the same file, by its own name or through a link
+        rc, out, err = run_cli(capsys, "convert", release, dst, "--trust")
+        assert rc == 2 and err.count("\n") == 1 and "is the release being converted" in err, err
+    assert hashlib.sha256(release.read_bytes()).hexdigest() == before
+
+
+def test_latency_refuses_to_rewrite_a_results_file_with_a_torn_line(tiny, tmp_path, capsys):
+    results = tmp_path / "stitches_res.txt"
+    results.write_text(tiny.results.read_text() + '{"cfg_id": 99, "flo')  # an interrupted evaluation's last line
+    before = results.read_bytes()
+    rc, out, err = run_cli(capsys, "latency", tiny.ckpt, "--stitch_config", tiny.config, "--batch", 1, "--warmup", 1,
+                           "--repeats", 1, "--results", results, "--threads", 1)
+    assert rc == 2 and "is incomplete" in err and "nothing was written" in err, err
+    assert results.read_bytes() == before
+
+
+def test_reader_says_which_torn_line_it_left_out(tmp_path, caplog):
+    path = tmp_path / "r.txt"
+    path.write_text('{"cfg_id": 0, "acc1": 50, "flops": 10}\n{"cfg_id": 1, "ac')
+    with caplog.at_level(logging.WARNING, logger="snnet"):
+        records = read_results(path)
+    assert [r["cfg_id"] for r in records] == [0]
+    assert "line 2 is incomplete" in caplog.text and "left out" in caplog.text
+
+
+@pytest.mark.parametrize("record,needle", [
+    ({"cfg_id": 0, "acc1": 80.0, "acc5": 70.0, "flops": 10}, "acc5 70.0 is below acc1 80.0"),
+    ({"cfg_id": 0, "acc1": 80.0, "flops": 0}, "flops 0"),
+])
+def test_reader_refuses_impossible_records(tmp_path, record, needle):
+    path = tmp_path / "r.txt"
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(ResultsError, match=needle):
+        read_results(path)
+
+
+def test_model_kwargs_given_twice_add_up():
+    """timm's ParseKwargs keeps only the last --model-kwargs: `--model-kwargs depth=2 --model-kwargs embed_dim=8`
+    would build another model than typed. Here they add up (a key given again: the later value wins); a -c YAML or
+    stitch-config default is still replaced as a whole, as every typed flag replaces its default."""
+    from snnet.train.args import build_parser
+    parser = build_parser()
+    args = parser.parse_args(["/d", "--model", "resnet18", "--model-kwargs", "depth=2", "--model-kwargs",
+                              "embed_dim=8", "depth=3"])
+    assert args.model_kwargs == {"depth": 3, "embed_dim": 8}
+    again = parser.parse_args(["/d", "--model", "resnet18", "--model-kwargs", "embed_dim=4"])
+    assert again.model_kwargs == {"embed_dim": 4}  # a new command line starts afresh
+    parser.set_defaults(model_kwargs={"depth": 6})
+    assert parser.parse_args(["/d", "--model-kwargs", "embed_dim=4"]).model_kwargs == {"embed_dim": 4}
+    assert isinstance(again, argparse.Namespace)
