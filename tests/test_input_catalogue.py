@@ -200,6 +200,10 @@ CASES = [
     ("negative cooldown", "{data} --stitch_config {cfg} --cooldown-epochs -1", "--cooldown-epochs -1"),
     ("no epoch left to train", "{data} --stitch_config {cfg} --epochs 2 --start-epoch 2",
      "leaves no epoch to train of --epochs 2"),
+    ("optimizer beta of 1.5", "{data} --stitch_config {cfg} --opt-betas 0.9 1.5", "--opt-betas 0.9 1.5"),
+    ("unknown compile backend", "{data} --stitch_config {cfg} --torchcompile fastest",
+     "--torchcompile 'fastest' is not a torch.compile backend"),
+    ("frozen plain model", "{data} --model resnet18 --freeze-anchors", "leaves nothing to train"),
     # data that would silently change the task
     ("hidden folder as a class", "{w}/hidden --stitch_config {cfg}", "'.ipynb_checkpoints'"),
     ("16-bit validation image", "{w}/wide --stitch_config {cfg} --eval", "is a I;16 (16/32-bit) image"),

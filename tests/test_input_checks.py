@@ -69,3 +69,35 @@ def test_model_kwargs_given_twice_add_up():
     parser.set_defaults(model_kwargs={"depth": 6})
     assert parser.parse_args(["/d", "--model-kwargs", "embed_dim=4"]).model_kwargs == {"embed_dim": 4}
     assert isinstance(again, argparse.Namespace)
+
+
+def test_no_pretrained_means_no_download_for_the_teacher_too(monkeypatch, caplog):
+    """SN-Net's CNN recipe distils from a RegNetY-16GF; with --no-pretrained the anchors are random and so is the
+    teacher (one warning line), so the seed command runs offline."""
+    import timm
+
+    from snnet.train.losses import create_teacher
+    asked = []
+    real = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda name, pretrained=False, **kw: (
+        asked.append(pretrained), real("resnet10t", pretrained=False, num_classes=kw.get("num_classes", 10)))[1])
+    args = argparse.Namespace(teacher="regnety_160.deit_in1k", teacher_checkpoint="", num_classes=10,
+                              no_pretrained=True)
+    with caplog.at_level(logging.WARNING, logger="snnet"):
+        create_teacher(args, torch.device("cpu"))
+    assert asked == [False] and "the teacher 'regnety_160.deit_in1k' is random too" in caplog.text
+
+
+def test_an_anchor_that_cannot_join_is_named():
+    import timm
+
+    from snnet.core.adapter import AnchorError, adapter_for
+    from snnet.core.build import plan_for
+    vit = timm.create_model("deit_tiny_patch16_224", depth=2, embed_dim=8, num_heads=2, patch_size=4, img_size=16)
+    cnn = timm.create_model("resnet18")
+    models, names = [vit, cnn], ["deit_tiny_patch16_224", "resnet18"]
+    adapters = [adapter_for(m, n) for m, n in zip(models, names)]
+    with pytest.raises(AnchorError, match=r"'resnet18' \(resnet, hierarchical\) cannot join"):
+        plan_for(models, adapters, names, kind="two_way")
+    with pytest.raises(AnchorError, match=r"'deit_tiny_patch16_224' \(plain\) cannot join 'resnet18'"):
+        plan_for(models, adapters, names)

@@ -298,7 +298,7 @@ def test_refuses_other_stage_resolution():
 
 
 def test_refuses_plain_vit_unequal_stages_and_wrong_order():
-    with pytest.raises(AnchorError, match=r"cannot mix plain ViT anchors \['deit_small_patch16_224'\]"):
+    with pytest.raises(AnchorError, match=r"cannot mix plain ViT anchors with hierarchical ones: 'deit_small_patch16_224' \(plain\) cannot join"):
         snnet_of(["resnet18", "deit_small_patch16_224"], deit_small_patch16_224=dict(img_size=SMALL))
     with pytest.raises(ValueError, match="different numbers of stages: 'resnet18' has 4, 'levit_256' has 3"):
         snnet_of(["resnet18", "levit_256"], levit_256=dict(img_size=SMALL))

@@ -94,16 +94,23 @@ def plan_for(models: Sequence[nn.Module], adapters: Sequence[AnchorAdapter], nam
     ``{"pairs": ...}``): those positions of plain ViTs, one stitching layer each (plan.positions_plan)."""
     depths = [ad.stage_depths(m) for ad, m in zip(adapters, models)]
     hierarchical = [ad.hierarchical for ad in adapters]
+    staged = [f"{n!r} ({ad.family}, hierarchical)" for n, ad, h in zip(names, adapters, hierarchical) if h]
     if positions is not None:
-        if any(hierarchical) or "pairs" not in positions:
-            raise AnchorError(f"'positions' takes plain ViT anchors and explicit 'pairs' here, got {list(names)} "
-                              f"with {sorted(positions)}; remove 'positions' (hierarchical families stitch by stage) "
-                              f"or select through train.py")
+        if staged:
+            raise AnchorError(f"'positions' takes plain ViT anchors; {', '.join(staged)} cannot join them "
+                              f"(hierarchical families stitch by stage): remove 'positions' or that anchor")
+        if "pairs" not in positions:
+            raise AnchorError(f"'positions' here takes explicit 'pairs', got {sorted(positions)}; select through "
+                              f"train.py, which writes the pairs it chose")
         _check_widths(models, adapters, names, [0])
         return positions_plan([d[0] for d in depths], positions["pairs"])
     if kind == "two_way":
-        if len(models) != 2 or any(hierarchical):
-            raise AnchorError(f"two-way stitching (SN-Netv2) takes two plain ViT anchors, got {list(names)}")
+        if len(models) != 2:
+            raise AnchorError(f"two-way stitching (SN-Netv2) takes two plain ViT anchors, got {len(models)}: "
+                              f"{list(names)}; keep two")
+        if staged:
+            raise AnchorError(f"two-way stitching (SN-Netv2) takes two plain ViT anchors; {', '.join(staged)} cannot "
+                              f"join: use a plain ViT (e.g. a DeiT) or the stage-wise plan")
         _check_widths(models, adapters, names, [0])
         return two_way_plan(depths[0][0], depths[1][0])
     if not any(hierarchical):
@@ -115,8 +122,9 @@ def plan_for(models: Sequence[nn.Module], adapters: Sequence[AnchorAdapter], nam
         _check_widths(models, adapters, names, [0])
         return deit_plan(len(models), d0, kernel, stride, nearest)
     if not all(hierarchical):
-        plain = [n for n, h in zip(names, hierarchical) if not h]
-        raise AnchorError(f"cannot mix plain ViT anchors {plain} with hierarchical anchors; stitch one kind")
+        plain = [f"{n!r}" for n, h in zip(names, hierarchical) if not h]
+        raise AnchorError(f"cannot mix plain ViT anchors with hierarchical ones: {', '.join(plain)} (plain) cannot join "
+                          f"{', '.join(staged)}; stitch one kind")
     if stitch_stages is None:
         common = set(adapters[0].default_stitch_stages)
         for ad in adapters[1:]:

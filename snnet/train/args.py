@@ -531,6 +531,8 @@ def _check_ranges(args: argparse.Namespace) -> None:
                f"use one of {', '.join(INTERPOLATIONS)} or random")
     if args.sched in ("step", "multistep") and args.decay_epochs <= 0:
         refuse("--decay-epochs", args.decay_epochs, f"must be > 0 with --sched {args.sched}")
+    if args.opt_betas is not None and (len(args.opt_betas) not in (1, 2) or not all(0 <= b < 1 for b in args.opt_betas)):
+        refuse("--opt-betas", " ".join(map(str, args.opt_betas)), "give one or two betas in [0, 1), e.g. 0.9 0.999")
     if args.cooldown_epochs < 0:
         refuse("--cooldown-epochs", args.cooldown_epochs, "must be >= 0")
     if args.start_epoch is not None and not args.eval and not 0 <= args.start_epoch < args.epochs:
@@ -553,6 +555,15 @@ def _check_values(args: argparse.Namespace) -> None:
     if not re.fullmatch(r"top1|top5|loss|top1@\d+", args.eval_metric):
         raise UsageError(f"--eval-metric {args.eval_metric!r} is not a metric of the validation panel; use top1, top5, "
                          f"loss (means over the panel) or top1@<cfg_id> (one stitch of the panel)")
+    if args.freeze_anchors and not args.stitch_config and not args.eval:
+        raise UsageError("--freeze-anchors with a plain --model leaves nothing to train (it has no stitching layers); "
+                         "drop --freeze-anchors or give --stitch_config")
+    if args.torchcompile:
+        import torch._dynamo
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if args.torchcompile not in backends:
+            raise UsageError(f"--torchcompile {args.torchcompile!r} is not a torch.compile backend here; use one of "
+                             f"{', '.join(sorted(backends))}")
     if args.distillation_type != "none" and not args.teacher:
         raise UsageError(f"--distillation-type {args.distillation_type} needs --teacher NAME")
 

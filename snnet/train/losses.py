@@ -1,6 +1,8 @@
 """Training losses: timm's classification losses plus distillation from a teacher (hard or soft)."""
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,8 +53,12 @@ def create_teacher(args, device: torch.device) -> nn.Module:
     """The frozen distillation teacher: a timm model by name, hub weights or --teacher-checkpoint."""
     from snnet.core.build import create_anchor
     from snnet.core.config import AnchorSpec
+    offline = getattr(args, "no_pretrained", False) and not args.teacher_checkpoint
+    if offline:  # --no-pretrained means no download anywhere: the recipe still runs, offline, with a random teacher
+        logging.getLogger("snnet").warning(f"--no-pretrained: the teacher {args.teacher!r} is random too (no "
+                                           f"download); give --teacher-checkpoint for a trained one")
     teacher = create_anchor(AnchorSpec(args.teacher, args.teacher_checkpoint or None),
-                            pretrained=not args.teacher_checkpoint, num_classes=args.num_classes)
+                            pretrained=not args.teacher_checkpoint and not offline, num_classes=args.num_classes)
     teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad = False
