@@ -101,3 +101,33 @@ def test_an_anchor_that_cannot_join_is_named():
         plan_for(models, adapters, names, kind="two_way")
     with pytest.raises(AnchorError, match=r"'deit_tiny_patch16_224' \(plain\) cannot join 'resnet18'"):
         plan_for(models, adapters, names)
+
+
+def test_a_checkpoint_is_never_run_as_another_network(tmp_path, tiny_config):
+    """skip_final_norm changes what a stitched route computes without changing a weight: a checkpoint trained with
+    one value loads cleanly under the other. --resume (training or --eval) and export refuse that, naming the field."""
+    from snnet import build_snnet, load_stitch_config
+    from snnet.core.checkpoint import save_checkpoint
+    from snnet.core.config import ConfigError
+    from snnet.deploy.export import ExportError, load_snnet
+    from snnet.train.args import parse_args
+    from snnet.train.preflight import check_checkpoints
+    trained = load_stitch_config(tiny_config)  # skip_final_norm: false
+    net = build_snnet(trained, pretrained=False, img_size=16, num_classes=10)
+    ident = {"stitch_config": trained.values, "anchors": [a.__dict__ for a in trained.anchors]}
+    ckpt = tmp_path / "last.pth.tar"
+    save_checkpoint(ckpt, {"state_dict": net.state_dict(), "epoch": 0, "config": json.dumps(ident),
+                           "args": json.dumps({"num_classes": 10, "img_size": 16})})
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**json.loads(tiny_config.read_text()), "skip_final_norm": True}))
+    for cfg_path, refused in ((tiny_config, False), (other, True)):
+        args, cfg = parse_args(["/d", "--stitch_config", str(cfg_path), "--eval", "--resume", str(ckpt)])
+        if refused:
+            with pytest.raises(ConfigError, match="skip_final_norm: True vs False"):
+                check_checkpoints(args, cfg)
+            with pytest.raises(ExportError, match="skip_final_norm: True vs False"):
+                load_snnet(ckpt, cfg_path)
+        else:
+            check_checkpoints(args, cfg)
+            load_snnet(ckpt, cfg_path)
+    load_snnet(ckpt)  # no config given: the recorded one

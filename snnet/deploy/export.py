@@ -36,7 +36,7 @@ from torch import nn
 
 from snnet.core.adapter import Unit, adapter_for
 from snnet.core.build import build_snnet, create_anchor
-from snnet.core.config import AnchorSpec, ConfigError, StitchConfig, load_stitch_config, parse_stitch_config
+from snnet.core.config import AnchorSpec, ConfigError, StitchConfig, load_stitch_config
 from snnet.core.layers import stitch_layer_from_spec
 from snnet.core.model import SNNet
 from snnet.core.progress import Progress
@@ -67,18 +67,17 @@ class Loaded:
     epoch: Any = None
 
 
-def _config_from_checkpoint(ident: dict, checkpoint: str) -> StitchConfig:
+def _config_from_checkpoint(state: dict, checkpoint: str) -> StitchConfig:
     """The stitch config a checkpoint recorded (train.py stores anchors and config fields as JSON text)."""
-    if not isinstance(ident, dict) or not isinstance(ident.get("anchors"), list) or \
-            not all(isinstance(a, dict) for a in ident["anchors"]):
-        raise ExportError(f"checkpoint {checkpoint!r} records no stitch config; pass --stitch_config FILE (the "
-                          f"config it was trained with)")
-    anchors = [{k: v for k, v in a.items() if v is not None} for a in ident["anchors"]]
+    from snnet.core.checkpoint import recorded_stitch_config
     try:
-        return parse_stitch_config({"anchors": anchors, **(ident.get("stitch_config") or {})},
-                                   f"the stitch config recorded in {checkpoint!r}")
+        cfg = recorded_stitch_config(state, repr(checkpoint))
     except ConfigError as e:
         raise ExportError(f"{e}; pass --stitch_config FILE") from None
+    if cfg is None:
+        raise ExportError(f"checkpoint {checkpoint!r} records no stitch config; pass --stitch_config FILE (the "
+                          f"config it was trained with)")
+    return cfg
 
 
 def _pair(size) -> tuple[int, int] | None:
@@ -104,7 +103,15 @@ def load_snnet(checkpoint: str | os.PathLike, stitch_config: str | os.PathLike |
     ident = json_field(state, "config") or {}
     args = args if isinstance(args, dict) else {}
     ident = ident if isinstance(ident, dict) else {}
-    cfg = load_stitch_config(stitch_config) if stitch_config else _config_from_checkpoint(ident, checkpoint)
+    cfg = load_stitch_config(stitch_config) if stitch_config else _config_from_checkpoint(state, checkpoint)
+    if stitch_config:  # a config that builds another network than the trained one is refused, not exported
+        from snnet.core.checkpoint import network_differences, recorded_stitch_config
+        recorded = recorded_stitch_config(state, repr(checkpoint))
+        differences = network_differences(cfg, recorded) if recorded is not None else []
+        if differences:
+            raise ExportError(f"checkpoint {checkpoint!r} was trained as another network than --stitch_config "
+                              f"{str(stitch_config)!r} builds ({'; '.join(differences)}, given vs recorded); pass the "
+                              f"config it was trained with, or none (the recorded one is used)")
     loaded_from = str(stitch_config) if stitch_config else "recorded in the checkpoint"
     cfg = cfg.with_model_kwargs(dict(args.get("model_kwargs") or {}))  # as train.py built them
     cfg.anchors = [AnchorSpec(a.name, None, a.model_kwargs) for a in cfg.anchors]

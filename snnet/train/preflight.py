@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from snnet.core.config import StitchConfig
+from snnet.core.config import ConfigError, StitchConfig
 
 
 class OutputError(SNNetError):
@@ -49,13 +49,24 @@ def check_output(path: Path) -> None:
                           f"another --output or fix the permissions")
 
 
-def check_checkpoints(args: argparse.Namespace) -> None:
+def check_checkpoints(args: argparse.Namespace, stitch_cfg: StitchConfig | None = None) -> None:
     """--resume and --initial-checkpoint are readable pickle-free checkpoints (their fit to the network is checked
-    once the network is built, before any image is read)."""
-    from snnet.core.checkpoint import load_checkpoint
+    once the network is built, before any image is read); a --resume checkpoint that recorded its stitch config was
+    made with the network the given config builds (a field such as skip_final_norm changes the network without
+    changing a weight's shape, so the state dict alone would load and run another network)."""
+    from snnet.core.checkpoint import load_checkpoint, network_differences, recorded_stitch_config
     for path in (args.resume, args.initial_checkpoint):
-        if path:
-            load_checkpoint(path)
+        if not path:
+            continue
+        state = load_checkpoint(path)
+        if path != args.resume or stitch_cfg is None:
+            continue
+        recorded = recorded_stitch_config(state, repr(path))
+        differences = network_differences(stitch_cfg, recorded) if recorded is not None else []
+        if differences:
+            raise ConfigError(f"--resume {path!r} was trained as another network than --stitch_config "
+                              f"{args.stitch_config!r} builds ({'; '.join(differences)}, given vs recorded); pass "
+                              f"the config it was trained with")
 
 
 def check_augmentation(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
@@ -82,7 +93,7 @@ def check_augmentation(args: argparse.Namespace, stitch_cfg: StitchConfig | None
 def check_run(args: argparse.Namespace, stitch_cfg: StitchConfig | None, world_size: int) -> None:
     from snnet.train.data import check_data
     check_output(output_dir(args))
-    check_checkpoints(args)
+    check_checkpoints(args, stitch_cfg)
     check_data(args, need_train=not args.eval, world_size=world_size)
     check_augmentation(args, stitch_cfg)
     check_training(args, world_size)
