@@ -88,7 +88,9 @@ def test_keys_frozen_weight_spec_and_params():
     for c in stitched(net):  # W + b + A + B of every stitching layer the route runs
         n_layers = sum(s[0] == "stitch" for s in net.routes[c])
         assert net.params(c) == linear.params(c) + n_layers * RANK * (cin + cout)
-    assert create_stitch_layer({"type": "lora"}, 8, 16).rank == 64  # SN-Netv2's default
+    assert create_stitch_layer({"type": "lora"}, 64, 128).rank == 64  # SN-Netv2's default
+    with pytest.raises(ValueError, match="rank 64 is above the smaller width of 8 -> 16"):
+        create_stitch_layer({"type": "lora"}, 8, 16)  # a rank above the widths is no low-rank update
     for bad in ({"rank": 0}, {"rank": 2.5}, {"alpha": 0}):
         with pytest.raises(ValueError, match="rank|alpha"):
             create_stitch_layer({"type": "lora", **bad}, 8, 16)

@@ -212,6 +212,9 @@ class LoRAStitchingLayer(_PerPixelMap):
             raise ValueError(f"unknown feature layout {in_layout!r} -> {out_layout!r}; use one of {LAYOUTS}")
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank {rank!r} must be a positive integer (SN-Netv2's default: 64)")
+        if rank > min(in_channels, out_channels):  # B·A of a larger rank is no low-rank update, only more parameters
+            raise ValueError(f"rank {rank} is above the smaller width of {in_channels} -> {out_channels}; use a rank "
+                             f"in 1..{min(in_channels, out_channels)}")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
             raise ValueError(f"alpha {alpha!r} must be a positive number (SN-Netv2's default: 1; scale = alpha / rank)")
         self.in_layout, self.out_layout = in_layout, out_layout
