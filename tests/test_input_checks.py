@@ -131,3 +131,13 @@ def test_a_checkpoint_is_never_run_as_another_network(tmp_path, tiny_config):
             check_checkpoints(args, cfg)
             load_snnet(ckpt, cfg_path)
     load_snnet(ckpt)  # no config given: the recorded one
+
+
+def test_anchor_drift_refuses_an_unrelated_before_file():
+    from snnet.results.quality import front_quality
+    after = [{"cfg_id": c, "flops": 10 ** 9 * (c + 1), "acc1": 50.0 + c, "route": f"a{c}"} for c in range(4)]
+    same = [dict(r, acc1=r["acc1"] - 1) for r in after]
+    assert front_quality(after, anchors=[0, 3], before=same)["anchor_drift"] == pytest.approx(1.0)
+    other = [dict(r, flops=r["flops"] * 2) for r in same]  # another SN-Net's evaluation
+    with pytest.raises(ResultsError, match="anchor cfg_id 0 is another network \\(flops"):
+        front_quality(after, anchors=[0, 3], before=other)

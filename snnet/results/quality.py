@@ -98,6 +98,13 @@ def front_quality(records: Sequence[dict[str, Any]], anchors: Sequence[int],
         if lost:
             raise ResultsError(f"the before-training file has no line for anchor cfg_id {lost}; evaluate the "
                                f"untrained SN-Net (train.py --eval) to get one")
+        for a in anchors:  # the same anchor before and after: its route and its cost, where both files record them
+            for key in ("route", "flops", "params", "img_size"):
+                now, then = by_id[a].get(key), old[a].get(key)
+                if now is not None and then is not None and now != then:
+                    raise ResultsError(f"the before-training file's anchor cfg_id {a} is another network ({key} "
+                                       f"{then!r} there, {now!r} here): drift would compare unrelated numbers; pass "
+                                       f"the evaluation of this SN-Net before training")
         drift = {a: float(by_id[a]["acc1"]) - float(old[a]["acc1"]) for a in anchors}
         out["drift_per_anchor"] = drift
         out["anchor_drift"] = sum(drift.values()) / len(drift)
