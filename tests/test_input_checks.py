@@ -141,3 +141,18 @@ def test_anchor_drift_refuses_an_unrelated_before_file():
     other = [dict(r, flops=r["flops"] * 2) for r in same]  # another SN-Net's evaluation
     with pytest.raises(ResultsError, match="anchor cfg_id 0 is another network \\(flops"):
         front_quality(after, anchors=[0, 3], before=other)
+
+
+def test_a_finished_run_resumed_elsewhere_is_refused_before_work(tmp_path):
+    from snnet.core.checkpoint import save_checkpoint
+    from snnet.core.errors import UsageError
+    from snnet.train.args import parse_args
+    from snnet.train.preflight import check_checkpoints
+    (tmp_path / "a").mkdir()
+    ckpt = tmp_path / "a" / "last.pth.tar"
+    save_checkpoint(ckpt, {"state_dict": {}, "epoch": 1})  # epochs 0 and 1 done: a finished 2-epoch run
+    base = ["/d", "--model", "resnet18", "--epochs", "2", "--resume", str(ckpt), "--output", str(tmp_path)]
+    with pytest.raises(UsageError, match="finished epoch 2 of --epochs 2: no epoch is left to train"):
+        check_checkpoints(parse_args(base + ["--experiment", "b"])[0])
+    check_checkpoints(parse_args(base + ["--experiment", "a"])[0])  # its own folder: on to the final evaluation
+    check_checkpoints(parse_args(base + ["--experiment", "b", "--epochs", "3"])[0])  # an epoch is left

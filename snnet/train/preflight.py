@@ -7,7 +7,7 @@ one process, not one per rank followed by torchrun's traceback.
 """
 from __future__ import annotations
 
-from snnet.core.errors import SNNetError, one_line
+from snnet.core.errors import SNNetError, UsageError, one_line
 import argparse
 import os
 import sys
@@ -59,6 +59,8 @@ def check_checkpoints(args: argparse.Namespace, stitch_cfg: StitchConfig | None 
         if not path:
             continue
         state = load_checkpoint(path)
+        if path == args.resume and not args.eval:
+            _check_epochs_left(args, state)
         if path != args.resume or stitch_cfg is None:
             continue
         recorded = recorded_stitch_config(state, repr(path))
@@ -67,6 +69,17 @@ def check_checkpoints(args: argparse.Namespace, stitch_cfg: StitchConfig | None 
             raise ConfigError(f"--resume {path!r} was trained as another network than --stitch_config "
                               f"{args.stitch_config!r} builds ({'; '.join(differences)}, given vs recorded); pass "
                               f"the config it was trained with")
+
+
+def _check_epochs_left(args: argparse.Namespace, state: dict) -> None:
+    """A finished run resumed into another folder would train no epoch and then look there for the last.pth.tar it
+    never wrote. (In its own folder, a finished run goes on to its final evaluation: a restart after the last epoch.)"""
+    start = args.start_epoch if args.start_epoch is not None else \
+        int(state.get("epoch", -1)) + (0 if "batch_idx" in state else 1)
+    if start < args.epochs or Path(args.resume).resolve().parent == output_dir(args).resolve():
+        return
+    raise UsageError(f"--resume {args.resume!r} finished epoch {start} of --epochs {args.epochs}: no epoch is left to "
+                     f"train into {str(output_dir(args))!r}; raise --epochs, or evaluate it with --eval --resume")
 
 
 def check_augmentation(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
@@ -109,7 +122,6 @@ def check_training(args: argparse.Namespace, world_size: int = 1) -> None:
     global_batch = args.batch_size * world_size * max(1, getattr(args, "grad_accum_steps", 1) or 1)
     lr, warmup_lr, min_lr = resolve_lrs(args, global_batch)  # at the launch's world size, as the run resolves it
     if min_lr > lr:
-        from snnet.core.errors import UsageError
         raise UsageError(f"--min-lr {min_lr:g} is above the LR {lr:g}: the decaying schedule would raise the LR; "
                          f"lower --min-lr or raise --lr")
     schedule(args, warmup_lr, min_lr)  # the scheduler timm builds from the flags, on a one-parameter optimizer
