@@ -165,6 +165,7 @@ CASES = [
     ("unknown optimizer", "{data} --stitch_config {cfg} --opt adamx", "--opt 'adamx'"),
     ("unknown scheduler", "{data} --stitch_config {cfg} --sched cosin", "--sched 'cosin'"),
     ("CUDA on a CPU machine", "{data} --stitch_config {cfg} --device cuda", "CUDA is not available here"),
+    ("no such device", "{data} --stitch_config {cfg} --device gpu0", "--device 'gpu0' is not a torch device"),
     ("split-bn without splits", "{data} --stitch_config {cfg} --split-bn", "--split-bn needs --aug-splits > 1"),
     ("auto-resume without experiment", "{data} --stitch_config {cfg} --auto-resume", "needs --experiment NAME"),
     # configs that used to be silently accepted, inputs that used to fail late or with a traceback

@@ -105,6 +105,8 @@ def check_augmentation(args: argparse.Namespace, stitch_cfg: StitchConfig | None
 
 def check_run(args: argparse.Namespace, stitch_cfg: StitchConfig | None, world_size: int) -> None:
     from snnet.train.data import check_data
+    from snnet.train.device import device_from_flag
+    device_from_flag(args.device)  # a name that is no torch device, or CUDA where there is none
     check_output(output_dir(args))
     check_checkpoints(args, stitch_cfg)
     check_data(args, need_train=not args.eval, world_size=world_size)
