@@ -156,3 +156,13 @@ def test_a_finished_run_resumed_elsewhere_is_refused_before_work(tmp_path):
         check_checkpoints(parse_args(base + ["--experiment", "b"])[0])
     check_checkpoints(parse_args(base + ["--experiment", "a"])[0])  # its own folder: on to the final evaluation
     check_checkpoints(parse_args(base + ["--experiment", "b", "--epochs", "3"])[0])  # an epoch is left
+
+
+def test_dry_run_runs_the_checks_that_need_nothing_of_this_machine(capsys):
+    """--dry-run resolves a run for another machine (no data folder, no GPU here): the recipe's own checks still run,
+    so a card with an unknown scheduler is refused by its dry run, not by the cluster."""
+    from snnet.train.main import main
+    base = ["/data/imagenet", "--stitch_config", "configs/deit_ti_s_b.json", "--device", "cuda", "--dry-run"]
+    assert main(base) == 0 and "resolved:" in capsys.readouterr().out
+    assert main(base + ["--sched", "cosin"]) == 2
+    assert "--sched 'cosin'" in capsys.readouterr().err

@@ -110,6 +110,12 @@ def check_run(args: argparse.Namespace, stitch_cfg: StitchConfig | None, world_s
     check_output(output_dir(args))
     check_checkpoints(args, stitch_cfg)
     check_data(args, need_train=not args.eval, world_size=world_size)
+    check_recipe(args, stitch_cfg, world_size)
+
+
+def check_recipe(args: argparse.Namespace, stitch_cfg: StitchConfig | None, world_size: int) -> None:
+    """The checks that need no data folder, device or file of this machine (augmentation, optimizer, schedule,
+    teacher): `--dry-run`, which resolves a run for another machine, runs these too."""
     check_augmentation(args, stitch_cfg)
     check_training(args, world_size)
 
