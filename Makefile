@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv browser test test-fast demo demo-v2 clean-venv
+.PHONY: venv browser test test-fast demo demo-v2 gpu-check clean-venv
 
 venv: $(STAMP)
 
@@ -57,6 +57,11 @@ demo: venv
 # SN-Net vs. SN-Netv2 (two-way, LoRA, ROS) on the demo's anchors w16 and w64: results/demo_v2/
 demo-v2: venv
 	$(BIN)/python -m snnet.demo --v2
+
+# on a machine with CUDA, within 10 minutes: tests/test_cuda.py, a nccl run of the digits demo config checked against a
+# CPU evaluation, and real-size benchmarks -> results/gpu/<gpu name>.md; without CUDA one line and exit 2
+gpu-check: venv
+	@$(BIN)/python benchmarks/gpu_check.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -36,7 +36,8 @@ IMG = 64
 DEFAULT_WORKERS = {"sliding_window": 2, "two_way": 0}
 
 
-def make_folder(root: Path, n: int, seed: int = 0) -> Path:
+def make_folder(root: Path, n: int, seed: int = 0, size: int = 96) -> Path:
+    """`n` random-texture JPEGs of `size` px in root/val/c0..c9 (benchmarks/gpu_check.py asks for 256 px)."""
     import numpy as np
     from PIL import Image
     rng = np.random.default_rng(seed)
@@ -45,7 +46,7 @@ def make_folder(root: Path, n: int, seed: int = 0) -> Path:
         folder = val / f"c{i % 10}"
         folder.mkdir(parents=True, exist_ok=True)
         base = rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)
-        img = Image.fromarray(base).resize((96, 96), Image.BICUBIC)
+        img = Image.fromarray(base).resize((size, size), Image.BICUBIC)
         img.save(folder / f"{i:05d}.jpg", quality=90)
     return root
 
@@ -71,57 +72,79 @@ def build_model(plan: str = "sliding_window"):
     return model.eval()
 
 
-def loader_for(root: Path, batch: int, workers: int):
+def loader_for(root: Path, batch: int, workers: int, img: int = IMG, pin_mem: bool = False):
+    """train.py's evaluation loader over root/val at `img` px (pinned host memory with `pin_mem`, as on CUDA)."""
     import argparse as ap
     from timm.data import create_dataset
     from snnet.train.data import create_eval_loader
     ds = create_dataset("", root=str(root / "val"), split="", search_split=False)
-    args = ap.Namespace(validation_batch_size=batch, batch_size=batch, workers=workers, pin_mem=False)
-    data_cfg = {"input_size": (3, IMG, IMG), "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
+    args = ap.Namespace(validation_batch_size=batch, batch_size=batch, workers=workers, pin_mem=pin_mem)
+    data_cfg = {"input_size": (3, img, img), "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
                 "std": (0.229, 0.224, 0.225), "crop_pct": 0.875, "crop_mode": "center"}
     return create_eval_loader(ds, args, data_cfg)
+
+
+def time_mode(model, mode: str, loader, ids, device, amp_dtype=None, deadline: float | None = None) -> dict:
+    """Evaluate stitches `ids` one of four ways and time it: "snnet" (a pass per stitch, `loader()` re-created for
+    each, as SN-Net's loop), "ours" (one pass, shared prefixes), and both on pre-decoded batches ("*_tensors",
+    `loader` then being the list of batches). Returns seconds, the results per cfg_id, the one pass's peak live
+    activation bytes, and `done`: the stitches evaluated, fewer than `ids` only where SN-Net's way reached
+    `deadline` (time.perf_counter() seconds) and stopped (benchmarks/gpu_check.py extrapolates from them)."""
+    import torch
+    from snnet.train.engine import evaluate_stitches
+    stats: dict = {}
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    results = {}
+    if mode in ("snnet", "snnet_tensors"):  # SN-Net: for each stitch a full pass (docs/snnet_compat.md, C23)
+        for c in ids:
+            data = loader() if mode == "snnet" else loader
+            results.update(evaluate_stitches(model, data, [c], device, amp_dtype, shared_prefixes=False,
+                                             log_interval=10 ** 9))
+            if deadline is not None and time.perf_counter() > deadline:
+                break
+    else:
+        data = loader() if mode == "ours" else loader
+        results = evaluate_stitches(model, data, ids, device, amp_dtype, stats=stats, log_interval=10 ** 9)
+    if cuda:
+        torch.cuda.synchronize(device)
+    return {"seconds": time.perf_counter() - t0, "results": results, "done": list(results),
+            "peak_activation_bytes": stats.get("peak_activation_bytes", 0)}
 
 
 def run_mode(mode: str, root: str, batch: int, workers: int, queue, plan: str = "sliding_window",
              threads: int = 2) -> None:
     import torch
-    from snnet.train.engine import evaluate_stitches
     torch.set_num_threads(threads)
     model = build_model(plan)
     ids = list(range(model.num_configs))
     cpu = torch.device("cpu")
-    stats: dict = {}
     if mode.endswith("tensors"):
-        batches = [(x.clone(), y.clone()) for x, y in loader_for(Path(root), batch, workers)]
-    t0 = time.perf_counter()
-    if mode == "snnet":  # SN-Net: for each stitch, a new loader and a full pass (docs/snnet_compat.md, C23)
-        results = {}
-        for c in ids:
-            results.update(evaluate_stitches(model, loader_for(Path(root), batch, workers), [c], cpu,
-                                             shared_prefixes=False, log_interval=10 ** 9))
-    elif mode == "ours":
-        results = evaluate_stitches(model, loader_for(Path(root), batch, workers), ids, cpu, stats=stats,
-                                    log_interval=10 ** 9)
-    elif mode == "snnet_tensors":
-        results = {}
-        for c in ids:
-            results.update(evaluate_stitches(model, batches, [c], cpu, shared_prefixes=False, log_interval=10 ** 9))
-    else:  # ours_tensors
-        results = evaluate_stitches(model, batches, ids, cpu, stats=stats, log_interval=10 ** 9)
-    seconds = time.perf_counter() - t0
+        loader = [(x.clone(), y.clone()) for x, y in loader_for(Path(root), batch, workers)]
+    else:
+        loader = lambda: loader_for(Path(root), batch, workers)
+    out = time_mode(model, mode, loader, ids, cpu)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB
-    queue.put((mode, seconds, rss, stats.get("peak_activation_bytes", 0), {c: r["acc1"] for c, r in results.items()}))
+    queue.put((mode, out["seconds"], rss, out["peak_activation_bytes"],
+               {c: r["acc1"] for c, r in out["results"].items()}))
 
 
 def flops_floor(plan: str = "sliding_window") -> tuple[float, int]:
+    model = build_model(plan)
+    return flops_floor_of(model, IMG), model.num_configs
+
+
+def flops_floor_of(model, img: int) -> float:
+    """FLOPs of the distinct route prefixes over FLOPs of every route run from the input, at `img` px."""
     from snnet.core.cost import measure
     from snnet.core.route_tree import RouteTree
-    model = build_model(plan)
-    table = measure(model, IMG)
+    table = measure(model, img)
     naive = sum(table.route_flops(r) for r in model.routes)
     tree = RouteTree({c: r for c, r in enumerate(model.routes)})
     unique = table.route_flops(tree.unique_steps())
-    return unique / naive, model.num_configs
+    return unique / naive
 
 
 def main() -> None:

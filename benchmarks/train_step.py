@@ -17,6 +17,7 @@ full anchors' steps take many seconds on a CPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -47,14 +48,82 @@ def standalone(net, cfg_id: int) -> nn.Sequential:
     return nn.Sequential(*[_Step(net, s) for s in net.routes[cfg_id]])
 
 
-def time_step(fn, params, x, y) -> float:
+def time_step(fn, params, x, y, amp_dtype=None, scaler=None) -> float:
+    """Seconds of one forward, loss, backward and SGD step. On CUDA the clock waits for the device (kernels run
+    asynchronously), autocast runs in `amp_dtype` and a GradScaler scales the loss, as a fp16 training step does."""
     opt = torch.optim.SGD(params, lr=1e-4)
+    cuda = x.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(x.device)
     t0 = time.perf_counter()
-    loss = nn.functional.cross_entropy(fn(x), y)
+    with torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext():
+        loss = nn.functional.cross_entropy(fn(x), y)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    else:
+        loss.backward()
+        opt.step()
+    if cuda:
+        torch.cuda.synchronize(x.device)
     return time.perf_counter() - t0
+
+
+def load_config(config: str, reduced: bool = False, sets=()):
+    """The stitch config with --reduced and --set FIELD=JSON applied: (config, {field: value} of the overrides)."""
+    cfg = load_stitch_config(config)
+    if reduced:
+        cfg.anchors = [AnchorSpec(a.name, None, {**a.model_kwargs, "patch_size": 8, "embed_dim": 32 * 2 ** i,
+                                              "num_heads": 4}) for i, a in enumerate(cfg.anchors)]
+    overrides = {}
+    for item in sets:
+        field, _, value = item.partition("=")
+        overrides[field] = json.loads(value)
+    checked = parse_stitch_config({"anchors": [a.name for a in cfg.anchors], **overrides}, "--set")  # names, types
+    if "anchors" in overrides:
+        cfg.anchors = checked.anchors
+    cfg.values.update(checked.values)
+    return cfg, overrides
+
+
+def pick_stitches(net, cfg, count: int) -> list[int]:
+    """The first `count` distinct stitched routes (no anchor) the config's sampler draws, seed 0, rank 0."""
+    sampler = create_sampler(cfg.get("sampler"), net, seed=0, rank=0)
+    picks = []
+    step = 0
+    while len(picks) < count:
+        c = sampler(step)
+        step += 1
+        if c >= len(net.names) and c not in picks:  # stitched routes only
+            picks.append(c)
+    return picks
+
+
+def measure_stitch(net, cfg_id: int, x, y, reps: int, amp_dtype=None, peak_memory: bool = False) -> dict:
+    """Median step seconds of the SN-Net (`snnet`) and of the standalone network (`alone`) on one stitch, timed
+    interleaved rep by rep after 2 warm-up steps each; with `peak_memory` (CUDA) each one's peak allocated bytes
+    over a step (`snnet_peak`, `alone_peak`), measured in the warm-up so the timed steps carry no reset."""
+    alone = standalone(net, cfg_id)
+    params = list(alone.parameters())
+    # fp16 needs a loss scale to train (a GradScaler, as train.py's); bf16 and fp32 do not
+    scaler = torch.amp.GradScaler(x.device.type) if amp_dtype == torch.float16 else None
+    routed = lambda t: net(t, cfg_id)
+    out = {}
+    for _ in range(2):  # warm-up
+        for key, fn in (("snnet", routed), ("alone", alone)):
+            if peak_memory:
+                torch.cuda.reset_peak_memory_stats(x.device)
+            time_step(fn, params, x, y, amp_dtype, scaler)
+            if peak_memory:
+                out[f"{key}_peak"] = max(out.get(f"{key}_peak", 0), torch.cuda.max_memory_allocated(x.device))
+    a, b = [], []
+    for _ in range(reps):
+        a.append(time_step(routed, params, x, y, amp_dtype, scaler))
+        b.append(time_step(alone, params, x, y, amp_dtype, scaler))
+    out.update(snnet=statistics.median(a), alone=statistics.median(b))
+    return out
 
 
 def main() -> None:
@@ -71,29 +140,11 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = load_stitch_config(args.config)
-    if args.reduced:
-        cfg.anchors = [AnchorSpec(a.name, None, {**a.model_kwargs, "patch_size": 8, "embed_dim": 32 * 2 ** i,
-                                              "num_heads": 4}) for i, a in enumerate(cfg.anchors)]
-    overrides = {}
-    for item in args.set:
-        field, _, value = item.partition("=")
-        overrides[field] = json.loads(value)
-    checked = parse_stitch_config({"anchors": [a.name for a in cfg.anchors], **overrides}, "--set")  # names, types
-    if "anchors" in overrides:
-        cfg.anchors = checked.anchors
-    cfg.values.update(checked.values)
+    cfg, overrides = load_config(args.config, args.reduced, args.set)
     torch.manual_seed(0)
     net = build_snnet(cfg, pretrained=False, img_size=args.img_size)
     net.train()
-    sampler = create_sampler(cfg.get("sampler"), net, seed=0, rank=0)
-    picks = []
-    step = 0
-    while len(picks) < args.stitches:
-        c = sampler(step)
-        step += 1
-        if c >= len(net.names) and c not in picks:  # stitched routes only
-            picks.append(c)
+    picks = pick_stitches(net, cfg, args.stitches)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size)
     y = torch.randint(0, 1000, (args.batch,))
     extra = "".join(f", {k}={json.dumps(v)}" for k, v in overrides.items())
@@ -104,16 +155,8 @@ def main() -> None:
     print(f"|---:|---|---:|---:|---:|")
     ratios = []
     for cfg_id in picks:
-        alone = standalone(net, cfg_id)
-        params = list(alone.parameters())
-        for _ in range(2):  # warm-up
-            time_step(lambda t: net(t, cfg_id), params, x, y)
-            time_step(alone, params, x, y)
-        a, b = [], []
-        for _ in range(args.reps):
-            a.append(time_step(lambda t: net(t, cfg_id), params, x, y))
-            b.append(time_step(alone, params, x, y))
-        ma, mb = statistics.median(a), statistics.median(b)
+        m = measure_stitch(net, cfg_id, x, y, args.reps)
+        ma, mb = m["snnet"], m["alone"]
         ratios.append(ma / mb)
         print(f"| {cfg_id} | {net.describe(cfg_id)} | {ma:.4f} | {mb:.4f} | {ma / mb:.3f} |")
     print(f"RESULT ratio={statistics.mean(ratios):.3f} (SN-Net / standalone, mean over {len(picks)} stitches; "

@@ -1,0 +1,75 @@
+"""benchmarks/gpu_check.py (`make gpu-check`): run here at toy size on the CPU so the script cannot rot before the
+next GPU machine is lent; its refusal where no CUDA device is visible; its reading of pytest's report."""
+import json
+import sys
+
+import pytest
+import torch
+
+from helpers import ROOT, run
+
+SCRIPT = f"{ROOT}/benchmarks/gpu_check.py"
+
+
+@pytest.mark.slow
+@pytest.mark.dist  # starts distributed_train.sh (torchrun) twice
+def test_smoke_runs_every_step_and_writes_the_report(tmp_path):
+    r = run([sys.executable, SCRIPT, "--smoke", "--device", "cpu", "--out", tmp_path / "out"], timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    md = list((tmp_path / "out").glob("*-smoke.md"))
+    assert len(md) == 1, list((tmp_path / "out").iterdir())
+    report = json.loads(md[0].with_suffix(".json").read_text())
+    steps = report["steps"]
+    assert list(steps) == ["cuda_tests", "distributed", "train_step", "eval_all", "ls_init", "v2_step"]
+    assert steps["cuda_tests"]["status"] == "skipped" and "CUDA" in steps["cuda_tests"]["cause"]
+    assert all(steps[s]["status"] == "ok" for s in list(steps)[1:]), {s: steps[s].get("cause") for s in steps}
+    dist = steps["distributed"]["data"]
+    assert dist["stitches"] == 23 and dist["max_acc1_diff"] == 0.0  # CPU on both sides: the same numbers
+    assert steps["eval_all"]["data"]["identical"] is True and 0 < steps["eval_all"]["data"]["floor"] < 1
+    assert steps["ls_init"]["data"]["layers"] == 22  # DeiT-Ti/S/B's stitching layers
+    text = md[0].read_text()
+    for needle in ("## Summary", "| distributed | ok |", "## train_step", "## eval_all", "## v2_step",
+                   '"type": "lora"', f"| torch | {torch.__version__} |"):
+        assert needle in text, needle
+    assert "gpu-check summary" in r.stdout and not list((tmp_path / "out").glob("*.tmp*"))
+
+
+def test_without_cuda_one_line_and_exit_2(tmp_path):
+    """Where no CUDA device is visible (CUDA_VISIBLE_DEVICES empty hides any), `make gpu-check` stops at once."""
+    r = run([sys.executable, SCRIPT, "--out", tmp_path / "out"], env={"CUDA_VISIBLE_DEVICES": ""}, timeout=120)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1 and "no CUDA device is visible" in lines[0], r.stderr
+    assert not (tmp_path / "out").exists() and r.stdout == ""
+
+
+def test_junit_report_gives_counts_and_one_line_causes(tmp_path):
+    sys.path.insert(0, f"{ROOT}/benchmarks")
+    import gpu_check
+    xml = tmp_path / "r.xml"
+    xml.write_text("""<?xml version="1.0"?><testsuites><testsuite name="pytest">
+<testcase classname="tests.test_cuda" name="test_a" time="1.5"/>
+<testcase classname="tests.test_cuda" name="test_b" time="0.2"><failure message="AssertionError: [2.3, nan]&#10;more">
+trace</failure></testcase>
+<testcase classname="tests.test_cuda" name="test_c" time="0"><skipped message="needs nccl"/></testcase>
+<testcase classname="tests.test_cuda" name="test_d" time="0"><error message="RuntimeError: No backend type | cpu"/>
+</testcase></testsuite></testsuites>""")
+    res = gpu_check.parse_junit(xml)
+    assert res["counts"] == {"passed": 1, "failed": 1, "skipped": 1, "error": 1}
+    rows = {r[0]: r for r in res["rows"]}
+    assert rows["test_b"][1:] == ["failed", "0.2", "AssertionError: [2.3, nan]"]
+    assert rows["test_d"][3] == "RuntimeError: No backend type \\| cpu"  # a table cell keeps its pipe
+
+
+def test_failed_command_cause_is_the_workers_exception(tmp_path):
+    """torchrun ends a failed run with its own ChildFailedError summary; the report names the worker's exception
+    (or train.py's one-line error) instead."""
+    sys.path.insert(0, f"{ROOT}/benchmarks")
+    import gpu_check
+    log = tmp_path / "train.log"
+    log.write_text("12:00:01 data: ...\n[rank1]: Traceback (most recent call last):\n[rank1]:   File \"e.py\", line 3\n"
+                   "[rank1]: RuntimeError: No backend type associated with device type cpu\n"
+                   "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \ntrain.py FAILED\n")
+    assert gpu_check.log_cause(log) == "[rank1]: RuntimeError: No backend type associated with device type cpu"
+    log.write_text("note: x\nerror: --device 'cuda:9': CUDA is not available here; use --device cpu\n")
+    assert gpu_check.log_cause(log).startswith("error: --device 'cuda:9'")
