@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from typing import Hashable, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from snnet.core.distributed import all_reduce_sum
 
 
 def augmented(X: torch.Tensor) -> torch.Tensor:
@@ -107,8 +108,7 @@ class NormalEquations:
             for k in sorted(table, key=repr):
                 t = table[k]
                 t = t.contiguous() if isinstance(t, torch.Tensor) else torch.tensor(float(t), dtype=torch.float64)
-                dist.all_reduce(t)
-                table[k] = t
+                table[k] = all_reduce_sum(t)  # on the backend's device (nccl: CUDA tensors only)
 
     def fit(self, pairs: Sequence[tuple[Hashable, Hashable]], rcond: float | None = None,
             mode: str = "joint") -> Fit:

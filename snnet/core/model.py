@@ -160,6 +160,9 @@ class RoutedNet(nn.Module):
         out = {}
         for a, wanted in points.items():
             h = self.anchor_input(x, a)
+            weight = next(self.anchor(a).parameters(), None)
+            if weight is not None and h.device != weight.device:  # images from a CPU loader, the network on a GPU
+                h = h.to(weight.device, non_blocking=True)
             for u in range(max(wanted) + 1):
                 h = self.units[a][u].run(self.anchor(a), h)
                 if u in wanted:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from snnet.core.distributed import all_reduce_sum
 from snnet.core.errors import SNNetError
 from snnet.train.device import amp_context, unwrap, world
 from snnet.core.progress import Progress
@@ -172,7 +173,7 @@ def train_one_epoch(epoch: int, model: nn.Module, loader: Iterable, optimizer: t
         step_loss, step_samples = 0.0, 0
     stats = torch.tensor(ctx.epoch_loss, dtype=torch.float64)
     if world()[1] > 1:
-        dist.all_reduce(stats)
+        stats = all_reduce_sum(stats)  # on the backend's device (nccl: CUDA tensors only)
     return OrderedDict(loss=float(stats[0] / max(stats[1], 1)))
 
 
@@ -194,7 +195,7 @@ class _Counts:
 
     def metrics(self) -> "OrderedDict[int, dict[str, float]]":
         if world()[1] > 1:
-            dist.all_reduce(self.table)
+            self.table = all_reduce_sum(self.table)
         out = OrderedDict()
         for cfg_id, row in self.rows.items():
             c1, c5, loss, n = self.table[row].tolist()

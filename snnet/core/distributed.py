@@ -1,0 +1,25 @@
+"""Collectives on the device their backend reduces: nccl takes CUDA tensors only (a CPU tensor raises "No backend
+type associated with device type cpu"), gloo takes CPU tensors. Statistics kept on the CPU (evaluation counts, the
+epoch's loss) or on the GPU (least-squares statistics) are summed through `all_reduce_sum`, whatever the backend."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def collective_device() -> torch.device:
+    """Where a tensor must live for this process group's collectives: the current CUDA device under nccl, else CPU."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over the ranks (in place when it already lives on the collective's device), on `t`'s own device."""
+    device = collective_device()
+    if t.device == device:
+        dist.all_reduce(t)
+        return t
+    moved = t.to(device)
+    dist.all_reduce(moved)
+    return moved.to(t.device)
