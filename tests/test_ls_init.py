@@ -304,3 +304,81 @@ def test_train_py_ls_mode_snnet_with_mixup(tmp_path, digits_folder, tiny_config)
     error = r.stderr.strip().splitlines()[-1]  # one line, after timm's data-config log
     assert error.startswith("error: --ls-mode snnet fits on a training batch") and "has no train/ folder" in error
     assert error.endswith("or use --ls-mode joint")
+
+
+# ------------------------------------------------------------------------------- --ls-mode snnet on SN-Netv2's plan
+def small_two_way(drop_path_rate=0.3):
+    vit = lambda width, depth: {"name": "deit3_small_patch16_224", "model_kwargs": {
+        "patch_size": 8, "depth": depth, "embed_dim": width, "num_heads": 2, "drop_path_rate": drop_path_rate}}
+    torch.manual_seed(0)
+    cfg = parse_stitch_config({"anchors": [vit(16, 3), vit(32, 6)], "stitch_plan": "two_way",
+                               "skip_final_norm": False, "drop_path_schedule": "constant",
+                               "stitch_layer": {"type": "lora", "rank": 4}})
+    return build_snnet(cfg, pretrained=False, num_classes=10, img_size=32)
+
+
+def snnetv2_init(model, x, dtype):
+    """SN-Netv2's initialize_stitching_weights re-derived with plain torch: each anchor's block features once, in eval
+    mode, under CPU autocast in `dtype`; per two-way position (j, k) of layer l: ps_inv(front block j, end block
+    k - 1) with torch's default pinv cut-off."""
+    model.eval()
+    with torch.autocast("cpu", dtype=dtype):
+        feats = [vit_features(a, x) for a in model.anchors]
+    out = {}
+    for spec in model.plan.layers:
+        (st,) = model.plan.positions_of_layer(spec.address)
+        X = feats[st.front][st.j].float().reshape(-1, feats[st.front][st.j].shape[-1])
+        Y = feats[st.end][st.k - 1].float().reshape(-1, feats[st.end][st.k - 1].shape[-1])
+        Xa = torch.ones(X.shape[0], X.shape[1] + 1)
+        Xa[:, :-1] = X
+        A = torch.matmul(torch.linalg.pinv(Xa), Y).T
+        out[spec.address] = (A[..., :-1], A[..., -1])
+    return out
+
+
+@torch.no_grad()
+def test_snnet_mode_v2_is_snnetv2s_fit(digits_images):
+    """SN-Netv2's init (`snnet_version=2`): eval mode (drop-path 0.3 in every block draws nothing: two fits are equal
+    whatever the RNG), every anchor once, under autocast in the AMP dtype, torch's default pinv cut-off; equal to the
+    re-derivation bitwise, and different without autocast and from SN-Net's v1 init (train mode, 1e-15 cut-off)."""
+    x = digits_images[0][:8]
+    fits = {}
+    for name, seed, dtype in (("a", 1, torch.bfloat16), ("b", 2, torch.bfloat16), ("fp32", 1, None)):
+        model = small_two_way()
+        model.train()
+        torch.manual_seed(seed)
+        reports = ls_init(model, [x], mode="snnet", snnet_version=2, amp_dtype=dtype)
+        assert model.training and len(reports) == len(model.plan.layers) == 5
+        fits[name] = {spec.address: model.stitch_layer(spec.address).affine() for spec in model.plan.layers}
+    v1 = small_two_way()
+    torch.manual_seed(1)
+    ls_init(v1, [x], mode="snnet")
+    expected = snnetv2_init(small_two_way(), x, torch.bfloat16)
+    for address, (w, b) in expected.items():
+        assert torch.equal(fits["a"][address][0], w.double()) and torch.equal(fits["a"][address][1], b.double())
+        assert torch.equal(fits["a"][address][0], fits["b"][address][0]), address  # eval mode: no drop-path draw
+        assert not torch.equal(fits["fp32"][address][0], fits["a"][address][0]), address  # autocast matters
+        assert not torch.equal(v1.stitch_layer(address).affine()[0], fits["a"][address][0]), address
+
+
+def test_train_py_picks_snnetv2s_fit_for_the_two_way_plan():
+    from snnet.train.main import snnet_version
+    assert snnet_version(parse_stitch_config({"anchors": ["a", "b"], "stitch_plan": "two_way"})) == 2
+    assert snnet_version(parse_stitch_config({"anchors": ["a", "b"]})) == 1 and snnet_version(None) == 1
+    with pytest.raises(ValueError, match="snnet_version 3"):
+        ls_init(small_two_way(), [torch.zeros(2, 3, 32, 32)], mode="snnet", snnet_version=3)
+
+
+def test_ps_inv_cut_offs_of_snnet_and_snnetv2():
+    """SN-Net's torch 1.10 cut-off (1e-15 relative) keeps a near-dependent column that torch 2.x's default
+    (eps x max(rows, cols)), SN-Netv2's, cuts: the two solves differ on such features and agree on well-posed ones."""
+    from snnet.core.ls_init import SNNET_PINV_RTOL, ps_inv
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(50, 4, generator=g), torch.randn(50, 3, generator=g)
+    w1, _ = ps_inv(X, Y)
+    w2, _ = ps_inv(X, Y, None)
+    assert torch.allclose(w1, w2, atol=1e-5) and SNNET_PINV_RTOL == 1e-15
+    X[:, 3] = X[:, 2] + 1e-6 * torch.randn(50, generator=g)
+    w1, _ = ps_inv(X, Y)
+    w2, _ = ps_inv(X, Y, None)
+    assert (w1 - w2).abs().max() > 1.0

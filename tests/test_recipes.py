@@ -1,8 +1,9 @@
-"""Each family's recipe card resolves, with nothing else typed, to SN-Net's run.
+"""Each family's recipe card resolves, with nothing else typed, to SN-Net's (or SN-Netv2's) run.
 
-The tables hold SN-Net's values at 8 processes; each row cites where this repository documents the value
-(docs/snnet_compat.md C16-C19 and C31-C35, the family READMEs). `train.py --dry-run` resolves a run without loading
-weights or reading images, so the whole recipe is checked here as a user would see it.
+The tables hold the official values at 8 processes, five SN-Net cards and three SN-Netv2 cards; each row cites where
+this repository documents the value (docs/snnet_compat.md C16-C19 and C31-C37, the family READMEs; C37 lists the
+official file and line of each value). `train.py --dry-run` resolves a run without loading weights or reading images,
+so the whole recipe, the network included, is checked here as a user would see it.
 """
 import csv
 import json
@@ -73,16 +74,44 @@ RECIPES = {
     },
 }
 RECIPES["resnet18_swin_ti"] = RECIPES["resnet18_resnet50"]
-# C36: SN-Netv2's S/L run (its JSON + main.py defaults): LAMB, lr 3e-5 absolute, no distillation, CutMix only
-RECIPES["deit3_s_l_v2"] = {
+# the network each SN-Net card builds and samples (C1, C4, C5, C15): every cfg_id drawn uniformly, Linear layers
+for card, (networks, layers) in {"deit_ti_s_b": (71, 22), "swin_ti_s_b": (41, 27), "levit_192_256": (8, 6),
+                                 "resnet18_resnet50": (10, 4), "resnet18_swin_ti": (8, 3)}.items():
+    RECIPES[card] = {**RECIPES[card], "resolved.network.networks": networks, "resolved.network.trained": networks,
+                     "resolved.network.sampler.type": "uniform", "resolved.network.stitching_layers.type": "linear",
+                     "resolved.network.stitching_layers.count": layers}
+# C36, C37: SN-Netv2's runs (its deit_stitching_snnetv2_{s_l,s_b,b_l}.json + main.py defaults): LAMB, lr 3e-5 absolute,
+# wd 0.02, 3-Augment, CutMix 1.0 only, smoothing 0.1, crop 1.0 at eval, no distillation; ROS at gap 1 GFLOPs over
+# the 134 routes it trains (id 13 built, evaluated, never drawn); LoRA rank 64, alpha 1; drop-path per anchor, the same
+# rate in every block
+V2 = {
     "batch_size": 64, "epochs": 50, "opt": "lamb", "opt_eps": 1e-8, "opt_betas": [0.9, 0.999], "weight_decay": 0.02,
     "resolved.global_batch": 512, "resolved.lr": 3e-5, "resolved.param_groups.anchors.lr": 3e-5,
-    "resolved.schedule.warmup_lr": 1e-7, "resolved.schedule.min_lr": 1e-5, "resolved.schedule.total_epochs": 50,
-    "sched_on_updates": False, "aa": "3a", "color_jitter": 0.3, "reprob": 0.0, "mixup": 0.0, "cutmix": 1.0,
-    "smoothing": 0.1, "aug_repeats": 3, "resolved.teacher": None, "model_ema": False, "amp": True,
+    "resolved.param_groups.stitching_layers.lr": 3e-5, "resolved.schedule.warmup_lr": 1e-7,
+    "resolved.schedule.min_lr": 1e-5, "resolved.schedule.total_epochs": 50, "warmup_epochs": 5, "sched": "cosine",
+    "sched_on_updates": False, "clip_grad": None, "aa": "3a", "color_jitter": 0.3, "train_crop_mode": "src",
+    "reprob": 0.0, "mixup": 0.0, "cutmix": 1.0, "smoothing": 0.1, "aug_repeats": 3, "drop": 0.0,
+    "resolved.teacher": None, "model_ema": False, "amp": True, "resolved.amp.dtype": "float16", "seed": 0,
     "resolved.eval_transform.crop_pct": 1.0, "resolved.eval_transform.resize": 224,
     "resolved.eval_transform.interpolation": "bicubic",
+    "resolved.network.networks": 135, "resolved.network.trained": 134, "resolved.network.evaluated": 135,
+    "resolved.network.train_exclude": [13], "resolved.network.sampler.type": "ros",
+    "resolved.network.sampler.gap_gflops": 1.0, "resolved.network.sampler.k": None,
+    "resolved.network.sampler.routes": 134, "resolved.network.stitching_layers.type": "lora",
+    "resolved.network.stitching_layers.rank": 64, "resolved.network.stitching_layers.alpha": 1.0,
+    "resolved.network.stitching_layers.scale": 1 / 64, "resolved.network.stitching_layers.count": 23,
+    "resolved.network.stitching_layers.trainable": ["bias", "lora_A", "lora_B"],
+    "resolved.network.stitching_layers.frozen": ["weight"], "resolved.network.final_norm_on_stitched_routes": True,
 }
+DROP_PATH = {"s": (0.05, 12), "b": (0.15, 12), "l": (0.4, 24)}  # SN-Netv2's anchor_drop_path; depths
+for front, end in ("sl", "sb", "bl"):
+    RECIPES[f"deit3_{front}_{end}_v2"] = {
+        **V2, "resolved.network.anchors.0.drop_path.per_block": [DROP_PATH[front][0]] * DROP_PATH[front][1],
+        "resolved.network.anchors.1.drop_path.per_block": [DROP_PATH[end][0]] * DROP_PATH[end][1],
+        "resolved.network.anchors.0.weights": "timm pretrained, tag fb_in22k_ft_in1k",
+        "resolved.network.sampler.buckets.__len__": 13}
+# the v2 cards price their 135 routes with the cost model for the ROS buckets: 5-20 s each on two cores
+CARDS = [pytest.param(c, marks=pytest.mark.slow) if c.endswith("_v2") else c for c in sorted(RECIPES)]
 
 
 def dry_run(capsys, monkeypatch, config, *extra, world_size=8):
@@ -95,11 +124,11 @@ def dry_run(capsys, monkeypatch, config, *extra, world_size=8):
 
 def lookup(tree, path):
     for part in path.split("."):
-        tree = tree[part]
+        tree = len(tree) if part == "__len__" else tree[int(part)] if isinstance(tree, list) else tree[part]
     return tree
 
 
-@pytest.mark.parametrize("config", sorted(RECIPES))
+@pytest.mark.parametrize("config", CARDS)
 def test_recipe_card_resolves_to_snnets_run_at_8_processes(config, capsys, monkeypatch):
     run_ = dry_run(capsys, monkeypatch, config)
     wrong = {k: (lookup(run_, k), v) for k, v in RECIPES[config].items() if lookup(run_, k) != v}
@@ -182,6 +211,55 @@ def test_snnet_compat_decays_the_anchors_no_weight_decay_params():
     in_group = lambda groups: next(g["weight_decay"] for g in groups if any(p is cls for p in g["params"]))
     assert in_group(param_groups(net, 0.05, 1.0)) == 0.0
     assert in_group(param_groups(net, 0.05, 1.0, decay_all=True)) == 0.05
+
+
+def official_group(family, name, p, wd, anchor_scale):
+    """(weight decay, LR scale) of one parameter in the official optimizer (C17, C18, C37), none of which saw the
+    anchors' no_weight_decay names: DeiT, LeViT and SN-Netv2 use timm's 1-D/bias exclusion over the whole network
+    and one LR; SN-Net's Swin (optimizer.py set_weight_decay_stitch) puts every parameter whose name holds 'stitch'
+    in one group decayed at the optimizer's rate, biases included, at LR scale 1, the anchors at BASE_LR_SCALE 0.1
+    with the 1-D/bias exclusion; the CNN family's modified timm (param_groups_weight_decay_stitch) excludes 1-D
+    params and biases everywhere, anchors at 0.1."""
+    stitch, one_d = "stitch" in name, p.ndim <= 1 or name.endswith(".bias")
+    if family == "swin" and stitch:
+        return wd, 1.0
+    return (0.0 if one_d else wd), (1.0 if stitch else anchor_scale)
+
+
+@pytest.mark.parametrize("card, family", [("deit_ti_s_b", "deit"), ("swin_ti_s_b", "swin"),
+                                          ("levit_192_256", "levit"), ("resnet18_resnet50", "cnn"),
+                                          ("resnet18_swin_ti", "cnn"), ("deit3_s_l_v2", "deit")])
+def test_snnet_compat_param_groups_are_the_familys_own(card, family):
+    """--snnet-compat: every trainable parameter of the card's network (built on the meta device) gets the weight
+    decay and LR scale the family's official optimizer gave it; Swin's stitching-layer biases are decayed."""
+    from snnet.train.args import parse_args
+    from snnet.train.optim import anchor_lr_scale, decays_stitch_biases, param_groups
+    from snnet.train.resolve import meta_network
+    args, cfg = parse_args(["/data", "--stitch_config", f"configs/{card}.json", "--snnet-compat"])
+    net = meta_network(args, cfg)
+    groups = param_groups(net, args.weight_decay, anchor_lr_scale(args), decay_all=args.snnet_compat,
+                          decay_stitch_biases=decays_stitch_biases(args, net.stitch_config))
+    ours = {id(p): (g["weight_decay"], g["lr_scale"]) for g in groups for p in g["params"]}
+    wrong = {}
+    for name, p in net.named_parameters():
+        if p.requires_grad:
+            want = official_group(family, name, p, args.weight_decay, anchor_lr_scale(args))
+            if ours[id(p)] != pytest.approx(want):
+                wrong[name] = (ours[id(p)], want)
+    assert wrong == {}, f"{card}: (ours, official) {dict(list(wrong.items())[:5])}"
+    biases = [ours[id(p)][0] for n, p in net.named_parameters() if n.startswith("stitch_layers.") and n.endswith("bias")]
+    assert biases and set(biases) == {args.weight_decay if family == "swin" else 0.0}
+    if family == "swin":  # without --snnet-compat: our groups (no stitching-bias decay, the anchors' names kept)
+        plain = param_groups(net, args.weight_decay, anchor_lr_scale(args))
+        wd = {id(p): g["weight_decay"] for g in plain for p in g["params"]}
+        assert {wd[id(p)] for n, p in net.named_parameters() if n.endswith((".bias", "bias_table"))} == {0.0}
+
+
+def test_swin_dry_run_shows_its_stitching_bias_decay(capsys, monkeypatch):
+    groups = dry_run(capsys, monkeypatch, "swin_ti_s_b", "--snnet-compat")["resolved"]["param_groups"]
+    assert groups["stitching_layers"]["bias_weight_decay"] == 0.05
+    assert dry_run(capsys, monkeypatch, "swin_ti_s_b")["resolved"]["param_groups"]["stitching_layers"][
+        "bias_weight_decay"] == 0.0
 
 
 @pytest.mark.slow

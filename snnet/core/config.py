@@ -66,6 +66,10 @@ FIELDS: dict[str, Field] = {
     "stitch_layer": Field((dict,), None, "stitching-layer type and options, e.g. {\"type\": \"linear\"} (default)"),
     "sampler": Field((dict,), None, "stitch sampler type and options, e.g. {\"type\": \"uniform\"} (default, "
                      "SN-Net's)"),
+    "train_exclude": Field((list,), None, "cfg_ids that are built and evaluated but never drawn in training (the "
+                           "sampler, and its FLOPs buckets, skip them; SN-Netv2 never trained its id 13)"),
+    "snnet_stitch_bias_decay": Field((bool,), False, "with --snnet-compat, the stitching layers' biases are "
+                                     "weight-decayed too (SN-Net's Swin optimizer did; its other families did not)"),
     "drop_path_schedule": Field((str,), "linear", "linear (timm: the rate ramps from 0 at the first block to the "
                                 "anchor's drop_path_rate at the last) or constant (SN-Netv2: that rate in every block)"),
     "positions": Field((dict,), None, "plain ViTs: stitch positions instead of the sliding window, per neighbouring "
@@ -146,6 +150,10 @@ def parse_stitch_config(data: Any, source: str = "stitch config") -> StitchConfi
     stages = data.get("stitch_stages")
     if stages is not None and not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in stages):
         raise ConfigError(f"{source}: field 'stitch_stages' must be a list of stage indices >= 0, got {stages!r}")
+    excluded = data.get("train_exclude")
+    if excluded is not None and not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in excluded):
+        raise ConfigError(f"{source}: field 'train_exclude' must be a list of cfg_ids >= 0 (routes never drawn in "
+                          f"training), got {excluded!r}")
     for k in ("stitch_layer", "sampler"):  # the registries check the names when the network is built
         if k in data and not isinstance(data[k].get("type", ""), str):
             raise ConfigError(f"{source}: field {k!r} needs a 'type' name, e.g. {{\"type\": \"linear\"}}, got "

@@ -14,7 +14,11 @@ Unlike SN-Net (docs/snnet_compat.md, C12, C13):
 ``mode="snnet"`` (`ls_init_snnet`) is SN-Net's own init, step for step: one (augmented, mixed) training batch, the
 model in train mode (drop-path active, BatchNorm on batch statistics and updating its running statistics), each
 anchor run through all its blocks, float32 ``pinv`` on CPU per position, the mean of the per-position solutions;
-each rank solves on its own batch and rank 0's layers and BatchNorm buffers are kept.
+each rank solves on its own batch and rank 0's layers and BatchNorm buffers are kept. With ``snnet_version=2``
+it is SN-Netv2's init instead (docs/snnet_compat.md, C36): the same per-position float32 ``pinv`` on one training
+batch, but every anchor run once, in eval mode (SN-Netv2's README command, ``--get_flops``, put the model in eval
+mode before the fit), under autocast in the run's AMP dtype (its fit ran under fp16 autocast), with torch 2.x's
+default ``pinv`` cut-off (it ran on torch 2.1); one position per layer, so nothing is averaged.
 """
 from __future__ import annotations
 
@@ -91,13 +95,19 @@ def _fit_layer(stats: NormalEquations, model: SNNet, address, positions: list[St
 
 @torch.no_grad()
 def ls_init(model: SNNet, batches: Iterable[torch.Tensor], mode: str = "joint", rcond: float | None = None,
-            ) -> list[FitReport]:
-    """Fit every used stitching layer by least squares on `batches` (clean images). Returns a report per layer."""
+            snnet_version: int = 1, amp_dtype: torch.dtype | None = None) -> list[FitReport]:
+    """Fit every used stitching layer by least squares on `batches` (clean images). Returns a report per layer.
+    `snnet_version` and `amp_dtype` only matter for ``mode="snnet"`` (`ls_init_snnet`)."""
     if mode not in MODES:
         raise ValueError(f"ls mode {mode!r} is not known: use one of {MODES}")
     if mode == "snnet":  # SN-Net fitted on one batch: several are joined into one
         batches = list(batches)
-        return ls_init_snnet(model, batches[0] if len(batches) == 1 else torch.cat(batches)) if batches else []
+        if not batches:
+            return []
+        images = batches[0] if len(batches) == 1 else torch.cat(batches)
+        if snnet_version == 1:
+            return ls_init_snnet(model, images)
+        return ls_init_snnet(model, images, snnet_version=snnet_version, amp_dtype=amp_dtype)
     layer_pos = _layer_positions(model)
     all_pos = [st for ps in layer_pos.values() for st in ps]
     need, where = model.feature_points(all_pos)
@@ -153,11 +163,13 @@ def _train_mode(model: nn.Module):
             m.training = training
 
 
-def ps_inv(X: torch.Tensor, Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """SN-Net's per-position solve: A = pinv([X | 1]) Y in float32 on CPU; returns (W = A[:-1]ᵀ, b = A[-1])."""
+def ps_inv(X: torch.Tensor, Y: torch.Tensor, rtol: float | None = SNNET_PINV_RTOL) -> tuple[torch.Tensor, torch.Tensor]:
+    """SN-Net's per-position solve: A = pinv([X | 1]) Y in float32 on CPU; returns (W = A[:-1]ᵀ, b = A[-1]).
+    `rtol` None is the running torch's default cut-off (SN-Netv2's, on torch 2.x)."""
     Xa = torch.ones(X.shape[0], X.shape[1] + 1)
     Xa[:, :-1] = X
-    A = torch.matmul(torch.linalg.pinv(Xa, rtol=SNNET_PINV_RTOL), Y).T
+    pinv = torch.linalg.pinv(Xa) if rtol is None else torch.linalg.pinv(Xa, rtol=rtol)
+    A = torch.matmul(pinv, Y).T
     return A[..., :-1], A[..., -1]
 
 
@@ -193,19 +205,32 @@ def _last_block(model: SNNet, anchor: int) -> int:
 
 
 @torch.no_grad()
-def ls_init_snnet(model: SNNet, images: torch.Tensor) -> list[FitReport]:
+def ls_init_snnet(model: SNNet, images: torch.Tensor, snnet_version: int = 1,
+                  amp_dtype: torch.dtype | None = None) -> list[FitReport]:
     """SN-Net's least-squares init on one batch `images` (docs/snnet_compat.md, C11-C13): the model in train mode,
     each anchor through all its blocks, per position `ps_inv` in float32 on CPU, the layer set to the mean of the
     positions' W and b. Under DDP rank 0's layers and BatchNorm buffers are broadcast (what SN-Net's DDP
-    construction kept). Returns a report per layer (relative error on the fitting rows)."""
+    construction kept). Returns a report per layer (relative error on the fitting rows).
+
+    ``snnet_version=2``: SN-Netv2's init (C36): every anchor run once, in eval mode, under autocast in `amp_dtype`
+    (None: no autocast), ``pinv`` with torch's default cut-off."""
+    if snnet_version not in (1, 2):
+        raise ValueError(f"snnet_version {snnet_version!r} must be 1 (SN-Net) or 2 (SN-Netv2)")
+    v2 = snnet_version == 2
     layer_pos, order = _layer_positions(model), _snnet_position_order(model)
-    reports, groups = [], _snnet_groups(model)
+    reports = []
+    groups = [(tuple(range(model.n_anchors)), [spec.address for spec in model.plan.layers])] if v2 else \
+        _snnet_groups(model)
+    mode = eval_mode if v2 else _train_mode
+    autocast = torch.autocast(images.device.type, dtype=amp_dtype) if v2 and amp_dtype is not None else \
+        contextlib.nullcontext()
+    rtol = None if v2 else SNNET_PINV_RTOL
     progress = Progress("LS init: layer group", len(groups), every=1, unit=None)
     for anchors, addresses in groups:
         by_pos = {(a, st.position): st for a in addresses for st in layer_pos[a]}
         need, where = model.feature_points(list(by_pos.values()))
         points = {a: need.get(a, set()) | {_last_block(model, a)} for a in anchors}
-        with _train_mode(model):
+        with mode(model), autocast:
             feats = model.capture(images, points)
         rows = {}
         for address in addresses:
@@ -221,7 +246,7 @@ def ls_init_snnet(model: SNNet, images: torch.Tensor) -> list[FitReport]:
                 (px, py) = where[_key(st)]
                 _check_rows(model, st, rows[px], rows[py])
                 pairs.append((rows[px], rows[py]))
-            solved = [ps_inv(X, Y) for X, Y in pairs]
+            solved = [ps_inv(X, Y, rtol) for X, Y in pairs]
             W, b = torch.stack([w for w, _ in solved]).mean(dim=0), torch.stack([c for _, c in solved]).mean(dim=0)
             model.stitch_layer(address).set_affine(W, b)
             reports.append(FitReport(address, [st.position for st in layer_pos[address]],

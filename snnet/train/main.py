@@ -37,7 +37,7 @@ from snnet.core.model import PlainNet, RoutedNet
 from snnet.train.optim import anchor_lr_scale, create_optimizer, create_scheduler, epoch_offset, resolve_lrs
 from snnet.train.positions import Selection, write_stitch_plan
 from snnet.core.errors import SNNetError, one_line
-from snnet.train.preflight import check_run, output_dir
+from snnet.train.preflight import check_recipe, check_run, output_dir
 from snnet.core.progress import RunClock
 from snnet.train.resolve import describe_run, launch_world_size, to_yaml
 from snnet.results.records import EMA_RESULTS_FILE, RESULTS_FILE, ResultsFile, file_sha256, stitch_record, text_sha256
@@ -167,6 +167,11 @@ def _snnet_init_batch(run: Run, images_from, count: int) -> torch.Tensor:
     return mixup_fn(images, targets)[0] if mixup_fn is not None else images
 
 
+def snnet_version(stitch_cfg: StitchConfig | None) -> int:
+    """Whose init ``--ls-mode snnet`` reproduces: SN-Netv2's for its two-way plan, else SN-Net's."""
+    return 2 if stitch_cfg is not None and stitch_cfg.get("stitch_plan") == "two_way" else 1
+
+
 def ls_initialise(net: RoutedNet, run: Run, images_from) -> None:
     """Least-squares init of the stitching layers (see ls_init.py) on clean images, or for ``--ls-mode snnet`` on
     SN-Net's training batch, with a log line."""
@@ -180,7 +185,12 @@ def ls_initialise(net: RoutedNet, run: Run, images_from) -> None:
     else:
         images = clean_images(images_from, run.data_cfg, count, args.seed, rank, world_size)
         what = f"{images.count} clean images" + (f" ({count} asked)" if images.count < count else "")
-    reports = ls_init(net, images, mode=mode)
+    version = snnet_version(run.stitch_cfg)
+    if mode == "snnet" and version == 2:  # SN-Netv2's fit: eval mode, under the run's autocast (C36)
+        reports = ls_init(net, images, mode=mode, snnet_version=2, amp_dtype=run.amp_dtype)
+        what += f", SN-Netv2's fit (eval mode, autocast {run.amp_dtype})"
+    else:
+        reports = ls_init(net, images, mode=mode)
     if reports:
         errs = [r.rel_error for r in reports]
         _logger.info(f"LS init: {len(reports)} stitching layers fitted on {what} ({mode}) in "
@@ -194,6 +204,7 @@ def run(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
     from timm.utils import random_seed
 
     if args.dry_run:  # before any process group, weight or image: rank 0 prints the resolved run
+        check_recipe(args, stitch_cfg, launch_world_size())  # the checks that need no data, device or file here
         if int(os.environ.get("RANK", "0")) == 0:
             device_type = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
             print(to_yaml(describe_run(args, stitch_cfg, launch_world_size(), device_type)), end="")
@@ -209,6 +220,7 @@ def run(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
     args = _resolve(args, stitch_cfg, train_ds or val_ds)  # frozen from here: nothing changes args mid-run
     out_dir = output_dir(args)
     net, stitch_cfg = build_network(args, stitch_cfg, args.num_classes, train_ds)  # positions explicit from here
+    check_train_exclude(net, stitch_cfg)
     if rank != 0:  # then each rank its own stream (augmentation, dropout); rank 0's goes on unchanged
         random_seed(args.seed, rank)
     data_cfg = resolve_data_config(vars(args), model=net)
@@ -223,19 +235,25 @@ def run(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
         unwrap(net).load_checkpoint_state(_fitting_checkpoint(net, args.initial_checkpoint)["state_dict"])
     if not args.eval:
         _val_panel(args, net)  # refused now, not after the LS init
+    eval_hash = None
+    if args.eval:  # what is evaluated, and the results file it would continue: refused now, not after the LS init
+        # no checkpoint: the network's own weights (anchors as built; the LS init is a function of them, the seed and
+        # the data) are its identity, so a cached evaluation of other anchor weights is never taken for this one
+        eval_hash = file_sha256(resume) if resume else text_sha256(
+            f"init:{args.seed}:{run_.config_text}:{state_sha256(unwrap(net).checkpoint_state())}")
+        if run_.primary:
+            ResultsFile(out_dir / RESULTS_FILE, eval_hash, text_sha256(run_.config_text)).completed()
     _logger.info("data: " + ", ".join(f"{k} {v}" for k, v in data_cfg.items()))  # after every check: no banner
     if run_.primary and not args.eval:  # the resolved run, after every check and before any work (LS init, training)
-        write_text_atomic(out_dir / "args.yaml", to_yaml(describe_run(args, stitch_cfg, world_size, device.type)))
+        write_text_atomic(out_dir / "args.yaml", to_yaml(describe_run(args, stitch_cfg, world_size, device.type,
+                                                                      net=unwrap(net))))
     run_.loggers = create_loggers(args, run_.out_dir, run_.primary)
     if _wants_ls_init(args, stitch_cfg, resume_state):
         ls_initialise(net, run_, train_ds if train_ds is not None else val_ds)
     if resume_state is not None:
         unwrap(net).load_checkpoint_state(resume_state["state_dict"])  # read once, fit checked above
     if args.eval:
-        # no checkpoint: the network's own weights (anchors as built, stitching layers as fitted) are its identity, so
-        # a cached evaluation of other anchor weights is never taken for this one
-        init = text_sha256(f"init:{args.seed}:{run_.config_text}:{state_sha256(unwrap(net).checkpoint_state())}")
-        evaluate_all(net, val_ds, run_, file_sha256(resume) if resume else init)
+        evaluate_all(net, val_ds, run_, eval_hash)
         run_.loggers.log_final_front(run_.out_dir / RESULTS_FILE, run_.out_dir, 0)
         run_.loggers.close()
         return
@@ -472,10 +490,22 @@ def _sampler(net: RoutedNet, run: Run, rank: int):
     # frozen anchors: an anchor's own route has nothing to train, so it is not drawn
     exclude = [c for c, steps in enumerate(net.routes) if all(s[0] == "unit" for s in steps)] \
         if run.args.freeze_anchors else []
+    train_exclude = run.stitch_cfg.get("train_exclude") or [] if run.stitch_cfg is not None else []
     try:
-        return create_sampler(spec, net, run.args.seed, rank, sync=run.args.sample_sync, exclude=exclude)
+        return create_sampler(spec, net, run.args.seed, rank, sync=run.args.sample_sync, exclude=exclude,
+                              train_exclude=train_exclude)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"stitch config field 'sampler' {spec!r}: {e}") from None
+
+
+def check_train_exclude(net: RoutedNet, stitch_cfg: StitchConfig | None) -> None:
+    """The config's ``train_exclude`` names routes this network has, and leaves one to train (refused right after
+    the build, before any work)."""
+    from snnet.train.sampler import train_ids
+    try:
+        train_ids(net.num_configs, (stitch_cfg.get("train_exclude") or []) if stitch_cfg is not None else [])
+    except ValueError as e:
+        raise ConfigError(f"stitch config {getattr(stitch_cfg, 'path', None)!r}: {e}") from None
 
 
 def _setup_training(net: RoutedNet, train_ds, run: Run, resume_state: dict | None):

@@ -13,9 +13,11 @@ class OptimError(SNNetError):
 
 
 def param_groups(net: nn.Module, weight_decay: float, anchor_lr_scale: float, decay_all: bool = False,
-                 layer_decay: float | None = None) -> list[dict]:
+                 layer_decay: float | None = None, decay_stitch_biases: bool = False) -> list[dict]:
     """Anchors vs. stitching layers (LR scale), each split into decay / no-decay (1-D params, biases, the anchors'
     own no_weight_decay names, which SN-Net dropped: `decay_all` does too, docs/snnet_compat.md, C18).
+    `decay_stitch_biases` decays every stitching-layer parameter, biases included, as SN-Net's Swin optimizer
+    (``set_weight_decay_stitch``) did; its other families left biases undecayed (docs/snnet_compat.md, C18).
 
     With `layer_decay` (``--layer-decay``) an anchor parameter's LR scale is ``anchor_lr_scale * layer_decay **
     (depth - layer_id)`` within its anchor (`layer_ids`), so groups are (anchor/stitch, decay/no-decay, scale).
@@ -31,7 +33,8 @@ def param_groups(net: nn.Module, weight_decay: float, anchor_lr_scale: float, de
             continue
         is_anchor = net.is_anchor_parameter(name) if hasattr(net, "is_anchor_parameter") else \
             not name.startswith("stitch_layers.")
-        no_decay = p.ndim <= 1 or name.endswith(".bias") or name in skip
+        no_decay = (p.ndim <= 1 or name.endswith(".bias") or name in skip) and not (decay_stitch_biases and
+                                                                                  not is_anchor)
         scale = anchor_lr_scale * depth_scale.get(name, 1.0) if is_anchor else 1.0
         groups.setdefault((is_anchor, no_decay, scale), []).append(p)
     out = []
@@ -111,11 +114,18 @@ def create_optimizer(args: argparse.Namespace, net: nn.Module, lr: float) -> tor
         kwargs["betas"] = tuple(args.opt_betas)
     try:
         groups = param_groups(net, args.weight_decay, anchor_lr_scale(args), decay_all=args.snnet_compat,
-                              layer_decay=getattr(args, "layer_decay", None))
+                              layer_decay=getattr(args, "layer_decay", None),
+                              decay_stitch_biases=decays_stitch_biases(args, getattr(net, "stitch_config", None)))
         return create_optimizer_v2(groups, opt=args.opt, lr=lr,
                                    weight_decay=args.weight_decay, momentum=args.momentum, **kwargs)
     except ValueError as e:
         raise OptimError(f"--opt {args.opt!r}: {e}; see timm.optim.list_optimizers()") from None
+
+
+def decays_stitch_biases(args: argparse.Namespace, stitch_cfg) -> bool:
+    """--snnet-compat on a config whose SN-Net decayed its stitching layers' biases (``snnet_stitch_bias_decay``:
+    the Swin card)."""
+    return bool(args.snnet_compat and stitch_cfg is not None and stitch_cfg.get("snnet_stitch_bias_decay"))
 
 
 def epoch_offset(args: argparse.Namespace) -> int:

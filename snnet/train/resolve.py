@@ -2,6 +2,11 @@
 
 Everything here comes from the arguments (all configuration layers already applied), the launch's world size and
 timm's pretrained configs: no weights are loaded and no image is read, so a recipe can be checked on any machine.
+
+The ``network`` section is the SN-Net itself: `describe_run` builds it with its parameters on torch's meta device
+(shapes only: seconds, no memory), or takes the built network of a real run. A FLOPs-bucket sampler (``ros``) needs
+each route's FLOPs: only then is the meta network given real, zero-filled storage on the CPU and priced by the cost
+model (FLOPs depend on shapes, not weights; about 15 s for DeiT-III S/L on two CPU cores).
 """
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import os
 from typing import Any
 
 from snnet.core.config import StitchConfig
-from snnet.train.optim import anchor_lr_scale, epoch_offset, resolve_lrs
+from snnet.train.optim import anchor_lr_scale, decays_stitch_biases, epoch_offset, resolve_lrs
 
 
 def launch_world_size() -> int:
@@ -54,11 +59,13 @@ def schedule(args: argparse.Namespace, warmup_lr: float, min_lr: float) -> dict[
 
 
 def describe_run(args: argparse.Namespace, stitch_cfg: StitchConfig | None, world_size: int,
-                 device_type: str) -> dict[str, Any]:
-    """The resolved run: timm's args.yaml entries plus a ``resolved`` section of what they amount to."""
+                 device_type: str, net=None) -> dict[str, Any]:
+    """The resolved run: timm's args.yaml entries plus a ``resolved`` section of what they amount to, the network
+    included (`net`: the run's built network; None: built here on the meta device)."""
     global_batch = args.batch_size * world_size * max(1, getattr(args, "grad_accum_steps", 1) or 1)
     lr, warmup_lr, min_lr = resolve_lrs(args, global_batch)
     scale = anchor_lr_scale(args)
+    stitch_bias_decay = decays_stitch_biases(args, stitch_cfg)
     amp = None
     if args.amp:
         amp = {"dtype": args.amp_dtype or ("float16" if device_type == "cuda" else "bfloat16"),
@@ -66,9 +73,11 @@ def describe_run(args: argparse.Namespace, stitch_cfg: StitchConfig | None, worl
     resolved = {
         "world_size": world_size, "global_batch": global_batch, "device": device_type, "lr": lr,
         "param_groups": {"anchors": {"lr": lr * scale, "lr_scale": scale, "weight_decay": args.weight_decay},
-                         "stitching_layers": {"lr": lr, "lr_scale": 1.0, "weight_decay": args.weight_decay},
-                         "no_weight_decay": "1-D params, biases" + ("" if args.snnet_compat else
-                                                                    ", the anchors' no_weight_decay names")},
+                         "stitching_layers": {"lr": lr, "lr_scale": 1.0, "weight_decay": args.weight_decay,
+                                              "bias_weight_decay": args.weight_decay if stitch_bias_decay else 0.0},
+                         "no_weight_decay": ("the anchors' 1-D params and biases" if stitch_bias_decay else
+                                             "1-D params, biases") + ("" if args.snnet_compat else
+                                                                      ", the anchors' no_weight_decay names")},
         "schedule": schedule(args, warmup_lr, min_lr),
         "eval_transform": eval_transform(args, stitch_cfg),
         "teacher": None if args.distillation_type == "none" else {
@@ -77,9 +86,174 @@ def describe_run(args: argparse.Namespace, stitch_cfg: StitchConfig | None, worl
         "amp": amp,
         "anchors": [a.name for a in stitch_cfg.anchors] if stitch_cfg is not None else [args.model],
         "ls_mode": (args.ls_mode or stitch_cfg.get("ls_mode")) if stitch_cfg is not None else None,
+        "network": describe_network(args, stitch_cfg, net, amp["dtype"] if amp else None),
     }
     plain = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(vars(args).items())}
     return {**plain, "resolved": resolved}
+
+
+# ------------------------------------------------------------------------------------------------------ the network
+PLAN_KINDS = {"two_way": "two_way (SN-Netv2: both directions and two-hop routes, one layer per position)",
+              "sliding_window": "sliding_window (SN-Net: neighbouring anchors, sliding windows of blocks)",
+              "stagewise": "stagewise (SN-Net's hierarchical families: stage by stage, neighbouring anchors)",
+              "positions": "explicit positions (the config's 'positions')"}
+
+
+def _plan_kind(stitch_cfg: StitchConfig, net) -> str:
+    if getattr(net, "plan", None) is not None and net.plan.hierarchical:
+        return PLAN_KINDS["stagewise"]
+    if stitch_cfg.get("positions"):
+        return PLAN_KINDS["positions"]
+    return PLAN_KINDS.get(stitch_cfg.get("stitch_plan"), stitch_cfg.get("stitch_plan"))
+
+
+def meta_network(args: argparse.Namespace, stitch_cfg: StitchConfig):
+    """The run's SN-Net with every tensor on the meta device (no weights, no memory), built from the same arguments
+    as train.py's `build_network`."""
+    import torch
+
+    from snnet.core.build import build_snnet
+    kwargs = dict(num_classes=args.num_classes or stitch_cfg.get("num_classes"), drop_path_rate=args.drop_path,
+                  drop_rate=args.drop)
+    if args.img_size is not None:
+        kwargs["img_size"] = args.img_size
+    if args.in_chans is not None:
+        kwargs["in_chans"] = args.in_chans
+    from snnet.core.config import AnchorSpec
+    cfg = stitch_cfg.with_model_kwargs(args.model_kwargs)
+    # local checkpoints are not read either: the architecture is the timm model's (its kwargs as given)
+    cfg = StitchConfig([AnchorSpec(a.name, None, a.model_kwargs) for a in cfg.anchors], dict(cfg.values), cfg.path)
+    with torch.device("meta"):
+        net = build_snnet(cfg, pretrained=False, **kwargs)
+    net.stitch_config = stitch_cfg
+    return net
+
+
+def materialise(net) -> None:
+    """Real, zero-filled CPU storage for a meta network, so the cost model can trace it (zeros: index buffers stay
+    valid)."""
+    import torch
+    if any(t.is_meta for t in [*net.parameters(), *net.buffers()]):
+        net.to_empty(device="cpu")
+        with torch.no_grad():
+            for t in [*net.parameters(), *net.buffers()]:
+                t.zero_()
+
+
+def _drop_path(anchor) -> dict[str, Any]:
+    """The drop-path rate of each block of an anchor (timm's DropPath modules; 0 where a block has none)."""
+    from timm.layers import DropPath
+    rates = []
+    for name, m in anchor.named_modules():
+        if not any(n.startswith("drop_path") for n, _ in m.named_children()):
+            continue
+        probs = [c.drop_prob if isinstance(c, DropPath) else 0.0 for n, c in m.named_children()
+                 if n.startswith("drop_path")]
+        rates.append(round(max(probs), 6))
+    return {"per_block": rates, "max": max(rates, default=0.0)}
+
+
+def _anchor_entry(spec, anchor, schedule: str) -> dict[str, Any]:
+    from timm.data import resolve_data_config
+    cfg = _pretrained_cfg(spec.name)
+    data = resolve_data_config({}, pretrained_cfg=cfg) if cfg else {}
+    return {"name": spec.name, "weights": spec.checkpoint or (f"timm pretrained, tag {cfg.get('tag') or '(default)'}"
+                                                              if cfg else "timm, no pretrained config"),
+            "params": sum(p.numel() for p in anchor.parameters()),
+            "drop_path": {"schedule": schedule, **_drop_path(anchor)},
+            "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}}
+
+
+def _stitching_layers(net) -> dict[str, Any]:
+    layers = [net.stitch_layer(spec.address) for spec in net.plan.layers]
+    if not layers:
+        return {"count": 0}
+    first = layers[0]
+    params = [(n.rsplit(".", 1)[-1], p) for layer in layers for n, p in layer.named_parameters()]
+    entry = {"type": getattr(first, "layer_type", type(first).__name__), "count": len(layers),
+             "params": sum(p.numel() for _, p in params),
+             "trainable_params": sum(p.numel() for _, p in params if p.requires_grad),
+             "trainable": sorted({n for n, p in params if p.requires_grad}),
+             "frozen": sorted({n for n, p in params if not p.requires_grad})}
+    if hasattr(first, "rank"):
+        entry["rank"] = first.rank
+    if hasattr(first, "alpha"):
+        entry["alpha"] = first.alpha
+        entry["scale"] = first.alpha / first.rank
+    return entry
+
+
+def _ls_init(args: argparse.Namespace, stitch_cfg: StitchConfig, amp_dtype: str | None) -> dict[str, Any]:
+    if not stitch_cfg.get("ls_init") or args.no_ls_init:
+        return {"on": False}
+    mode = args.ls_mode or stitch_cfg.get("ls_mode")
+    entry = {"on": True, "mode": mode, "images": args.stitch_init_bs or stitch_cfg.get("stitch_init_bs"),
+             "when": "only without --resume / --initial-checkpoint"}
+    if mode == "snnet" and stitch_cfg.get("stitch_plan") == "two_way":
+        entry["fit"] = (f"SN-Netv2's: the first training batch per process (training augmentation, mixup/cutmix), "
+                        f"eval mode, autocast {amp_dtype or 'off'}, float32 pinv per position with torch's default "
+                        f"cut-off, rank 0's layers kept")
+    elif mode == "snnet":
+        entry["fit"] = ("SN-Net's: the first training batch per process (training augmentation, mixup/cutmix), train "
+                        "mode, float32 pinv per position (cut-off 1e-15 relative), solutions averaged per layer, "
+                        "rank 0's layers kept")
+    else:
+        entry["fit"] = (f"{mode}: clean images (validation transform), eval mode, float64 normal equations summed "
+                        f"over processes, solved on rank 0")
+    return entry
+
+
+def describe_network(args: argparse.Namespace, stitch_cfg: StitchConfig | None, net=None,
+                     amp_dtype: str | None = None) -> dict[str, Any]:
+    """The network a run trains: plan, networks in total and drawn in training, the sampler with its buckets, the
+    stitching layers, each anchor's weights, drop-path and data config, and the LS init."""
+    if stitch_cfg is None:
+        return {"plan": "plain (one timm model, one network)", "networks": 1, "trained": 1, "model": args.model}
+    if net is None and "select" in (stitch_cfg.get("positions") or {}):
+        return {"plan": _plan_kind(stitch_cfg, None), "positions": "chosen from data at run time (written to "
+                "<output>/stitch_plan.json); the network is described in the run's own args.yaml",
+                "ls_init": _ls_init(args, stitch_cfg, amp_dtype)}
+    from snnet.train.sampler import create_sampler, train_ids
+    if net is None:
+        net = meta_network(args, stitch_cfg)
+    excluded = sorted(stitch_cfg.get("train_exclude") or [])
+    frozen_anchors = [c for c, steps in enumerate(net.routes) if all(s[0] == "unit" for s in steps)] \
+        if getattr(args, "freeze_anchors", False) else []
+    try:
+        ids = train_ids(net.num_configs, excluded) or list(range(net.num_configs))
+    except ValueError as e:
+        from snnet.core.config import ConfigError
+        raise ConfigError(f"stitch config {stitch_cfg.path!r}: {e}") from None
+    trained = [c for c in ids if c not in frozen_anchors]
+    spec = stitch_cfg.get("sampler")
+    if (spec or {}).get("type", "uniform") != "uniform":  # a sampler that prices routes: the cost model
+        materialise(net)
+    try:
+        sampler = create_sampler(spec, net, args.seed, 0, sync=args.sample_sync, exclude=frozen_anchors,
+                                 train_exclude=excluded)
+        sampler_entry = sampler.describe() if hasattr(sampler, "describe") else {"type": (spec or {}).get("type")}
+    except (ValueError, TypeError) as e:  # as train.py would refuse it when training starts, but now
+        from snnet.core.config import ConfigError
+        raise ConfigError(f"stitch config field 'sampler' {spec!r}: {e}") from None
+    if "buckets" in sampler_entry:
+        sampler_entry["flops"] = "cost model (fvcore convention), one image at the network's input size"
+    by_stitches: dict[int, int] = {}
+    for route in net.plan.routes:
+        by_stitches[len(route.stitches)] = by_stitches.get(len(route.stitches), 0) + 1
+    anchors = "frozen (--freeze-anchors)" if getattr(args, "freeze_anchors", False) else \
+        "trained" if stitch_cfg.get("fulltune") else "frozen except parameters named 'cls' (fulltune false)"
+    return {
+        "plan": _plan_kind(stitch_cfg, net), "networks": net.num_configs,
+        "routes_by_stitches": {f"{k} stitch(es)" if k else "anchors": v for k, v in sorted(by_stitches.items())},
+        "trained": len(trained), "train_exclude": excluded, "evaluated": net.num_configs,
+        "sampler": sampler_entry,
+        "stitching_layers": _stitching_layers(net),
+        "final_norm_on_stitched_routes": not net.skip_final_norm if hasattr(net, "skip_final_norm") else None,
+        "anchor_parameters": anchors,
+        "anchors": [_anchor_entry(spec_, net.anchor(i), stitch_cfg.get("drop_path_schedule"))
+                    for i, spec_ in enumerate(stitch_cfg.anchors)],
+        "ls_init": _ls_init(args, stitch_cfg, amp_dtype),
+    }
 
 
 def to_yaml(run: dict[str, Any]) -> str:

@@ -6,7 +6,10 @@ stitches, and a process needs no RNG state to continue from a checkpoint.
 
 Sampler types are registered by name (`register_sampler`) and chosen by the stitch config's
 ``"sampler": {"type": NAME, ...options}`` (default ``uniform``, SN-Net's). A type is called with the global step
-and returns a cfg_id; `create_sampler` builds it with ``cls.for_network(net, seed, rank, sync, **options)``.
+and returns a cfg_id; `create_sampler` builds it with ``cls.for_network(net, seed, rank, sync, ids=..., **options)``,
+where ``ids`` are the cfg_ids it may draw (None: all of them). The stitch config's ``"train_exclude"`` removes routes
+from ``ids`` before the sampler sees them, so a FLOPs-bucket sampler bins only the routes that train (SN-Netv2 never
+trained or binned its id 13); evaluation still covers every route.
 """
 from __future__ import annotations
 
@@ -26,16 +29,48 @@ def register_sampler(name: str):
     return add
 
 
+def train_ids(num_configs: int, train_exclude: Sequence[int] = ()) -> list[int] | None:
+    """The cfg_ids a sampler may draw: all but `train_exclude` (None when nothing is excluded). Refuses ids the network
+    does not have, and excluding every route."""
+    if not train_exclude:
+        return None
+    bad = sorted(c for c in set(train_exclude) if not (isinstance(c, int) and 0 <= c < num_configs))
+    if bad:
+        raise ValueError(f"train_exclude {bad} names cfg_ids this network does not have (0..{num_configs - 1}); "
+                         f"remove them")
+    ids = [c for c in range(num_configs) if c not in set(train_exclude)]
+    if not ids:
+        raise ValueError(f"train_exclude leaves no route to train ({num_configs} excluded); remove some")
+    return ids
+
+
 def create_sampler(spec: dict[str, Any] | None, net, seed: int, rank: int, sync: bool = False,
-                   exclude: Sequence[int] = ()):
-    """The sampler `spec` names (uniform when None) for network `net` (anything with ``num_configs``), never drawing
-    the cfg_ids in `exclude` (e.g. the anchors, when they are frozen and have nothing to train)."""
+                   exclude: Sequence[int] = (), train_exclude: Sequence[int] = ()):
+    """The sampler `spec` names (uniform when None) for network `net` (anything with ``num_configs``).
+
+    `train_exclude` (the stitch config's field) are routes that never train: the sampler is built over the other
+    cfg_ids only (a bucket sampler bins only those). `exclude` are cfg_ids redrawn when hit (e.g. the anchors, when
+    they are frozen and have nothing to train), which keeps the other cfg_ids' relative frequencies."""
     options = dict(spec or {})
     kind = options.pop("type", "uniform")
     if kind not in _SAMPLERS:
         raise ValueError(f"sampler type {kind!r} is not known; use one of {', '.join(sorted(_SAMPLERS))}")
-    sampler = _SAMPLERS[kind].for_network(net, seed=seed, rank=rank, sync=sync, **options)
+    ids = train_ids(net.num_configs, train_exclude)
+    cls = _SAMPLERS[kind]
+    if ids is not None and _takes_ids(cls):
+        options["ids"] = ids
+    elif ids is not None:  # a sampler type without `ids`: excluded routes are redrawn instead
+        exclude = sorted(set(exclude) | set(train_exclude))
+    sampler = cls.for_network(net, seed=seed, rank=rank, sync=sync, **options)
     return Excluding(sampler, exclude, net.num_configs) if exclude else sampler
+
+
+def _takes_ids(cls: type) -> bool:
+    """Whether a sampler type accepts ``ids`` (the built-in ones do; a type registered elsewhere may not)."""
+    import inspect
+    params = inspect.signature(cls.for_network).parameters
+    return "ids" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()) and \
+        "ids" in inspect.signature(cls).parameters
 
 
 class Excluding:
@@ -55,18 +90,30 @@ class Excluding:
                 return cfg_id
         raise RuntimeError(f"the sampler drew only excluded cfg_ids {sorted(self.exclude)} in 10000 tries")
 
+    def describe(self) -> dict[str, Any]:
+        inner = self.inner.describe() if hasattr(self.inner, "describe") else {"type": type(self.inner).__name__}
+        return {**inner, "redrawn": sorted(self.exclude)}
+
 
 @register_sampler("uniform")
 class StitchSampler:
+    """Uniform over the cfg_ids (SN-Net's), or over `ids` when given (the routes that train), optionally weighted
+    (``weights``: one number per cfg_id of the network)."""
+
     def __init__(self, num_configs: int, seed: int = 0, rank: int = 0, sync: bool = False,
-                 weights: Sequence[float] | None = None):
+                 weights: Sequence[float] | None = None, ids: Sequence[int] | None = None):
         if num_configs < 1:
             raise ValueError(f"num_configs {num_configs} must be >= 1")
         self.num_configs, self.seed, self.rank, self.sync = num_configs, seed, rank, sync
+        self.ids = None if ids is None else [int(c) for c in ids]
         if weights is not None:
             w = np.asarray(weights, dtype=np.float64)
             if w.shape != (num_configs,) or (w < 0).any() or w.sum() <= 0:
                 raise ValueError(f"stitch weights must be {num_configs} non-negative numbers with a positive sum")
+            if self.ids is not None:
+                w = w[self.ids]
+                if w.sum() <= 0:
+                    raise ValueError("stitch weights are 0 on every route that trains (train_exclude)")
             self.p = w / w.sum()
         else:
             self.p = None  # uniform over cfg_ids, as SN-Net
@@ -79,9 +126,14 @@ class StitchSampler:
         """cfg_id for global training step `step` on this process (same on every process with ``sync``)."""
         rank = 0 if self.sync else self.rank
         rng = np.random.default_rng([self.seed, rank, step])
-        if self.p is None:
-            return int(rng.integers(self.num_configs))
-        return int(rng.choice(self.num_configs, p=self.p))
+        n = self.num_configs if self.ids is None else len(self.ids)
+        i = int(rng.integers(n)) if self.p is None else int(rng.choice(n, p=self.p))
+        return i if self.ids is None else self.ids[i]
+
+    def describe(self) -> dict[str, Any]:
+        """What --dry-run prints about this sampler."""
+        return {"type": "uniform" if self.p is None else "weighted",
+                "routes": self.num_configs if self.ids is None else len(self.ids)}
 
 
 def flops_groups(flops: dict[int, float], gap_gflops: float = 1.0) -> list[list[int]]:
@@ -131,14 +183,26 @@ class BucketSampler:
 
     @classmethod
     def for_network(cls, net, seed: int = 0, rank: int = 0, sync: bool = False, gap: float = 1.0,
-                    k: float | None = None, img_size: int | Sequence[int] | None = None) -> "BucketSampler":
+                    k: float | None = None, img_size: int | Sequence[int] | None = None,
+                    ids: Sequence[int] | None = None) -> "BucketSampler":
+        """Binned by the cost model's FLOPs of each route in `ids` (all routes when None) at the network's input
+        size (or `img_size`)."""
         from snnet.core.cost import cost_table
         from snnet.results.select import model_img_size
         size = model_img_size(net) if img_size is None else img_size
         size = (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
         table = cost_table(net, size, 3)
-        flops = {c: float(table.route_flops(steps)) for c, steps in enumerate(net.routes)}
+        ids = range(net.num_configs) if ids is None else ids
+        flops = {c: float(table.route_flops(net.routes[c])) for c in ids}
         return cls(flops, seed, rank, sync, gap=gap, k=k)
+
+    def describe(self) -> dict[str, Any]:
+        """What --dry-run prints about this sampler: every bucket with its FLOPs range and routes."""
+        return {"type": "ros", "gap_gflops": self.gap, "k": self.k, "routes": len(self.flops),
+                "buckets": [{"gflops": [round(min(self.flops[c] for c in g) / 1e9, 4),
+                                        round(max(self.flops[c] for c in g) / 1e9, 4)],
+                             "p": round(1 / len(self.groups) if self.p is None else float(self.p[i]), 6),
+                             "cfg_ids": list(g)} for i, g in enumerate(self.groups)]}
 
     def __call__(self, step: int) -> int:
         """cfg_id for global training step `step` on this process (same on every process with ``sync``)."""
