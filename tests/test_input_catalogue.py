@@ -87,6 +87,8 @@ def world(tmp_path_factory, digits_folder, tiny_config):
     wide = sorted((w / "wide" / "val" / "4").glob("*.png"))[0]
     Image.fromarray(np.full((16, 16), 4000, dtype=np.uint16)).save(wide)
     (w / "wide_name").write_text(str(wide))
+    (w / "rso.json").write_text(json.dumps({"anchors": TINY, "sampler": {"type": "rso"}}))
+    (w / "wide_gap.json").write_text(json.dumps({"anchors": TINY, "sampler": {"type": "ros", "gap": 1000}}))
     (w / "nine.txt").write_text("\n".join(str(c) for c in range(9)) + "\n")  # leaves class 9 out
     return w
 
@@ -205,6 +207,9 @@ CASES = [
     ("unknown compile backend", "{data} --stitch_config {cfg} --torchcompile fastest",
      "--torchcompile 'fastest' is not a torch.compile backend"),
     ("frozen plain model", "{data} --model resnet18 --freeze-anchors", "leaves nothing to train"),
+    ("unknown sampler type", "{data} --stitch_config {w}/rso.json", "sampler type 'rso' is not known"),
+    ("ROS gap wider than the FLOPs range", "{data} --stitch_config {w}/wide_gap.json",
+     "puts all 12 routes in one bucket"),
     # data that would silently change the task
     ("hidden folder as a class", "{w}/hidden --stitch_config {cfg}", "'.ipynb_checkpoints'"),
     ("16-bit validation image", "{w}/wide --stitch_config {cfg} --eval", "is a I;16 (16/32-bit) image"),

@@ -235,6 +235,7 @@ def run(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
         unwrap(net).load_checkpoint_state(_fitting_checkpoint(net, args.initial_checkpoint)["state_dict"])
     if not args.eval:
         _val_panel(args, net)  # refused now, not after the LS init
+        _sampler(unwrap(net), run_, rank)  # the sampler's type and options (ROS buckets from the cost table), too
     eval_hash = None
     if args.eval:  # what is evaluated, and the results file it would continue: refused now, not after the LS init
         # no checkpoint: the network's own weights (anchors as built; the LS init is a function of them, the seed and

@@ -174,6 +174,11 @@ class BucketSampler:
         self.seed, self.rank, self.sync, self.gap, self.k = seed, rank, sync, float(gap), k
         self.flops = dict(flops)
         self.groups = flops_groups(self.flops, self.gap)
+        if len(self.groups) == 1 and len(set(self.flops.values())) > 1:
+            lo, hi = min(self.flops.values()) / 1e9, max(self.flops.values()) / 1e9
+            raise ValueError(f"ros option gap {gap!r} GFLOPs puts all {len(self.flops)} routes in one bucket (their "
+                             f"FLOPs span {lo:.4g}..{hi:.4g} GFLOPs): that is uniform sampling; use a gap below "
+                             f"{hi - lo:.4g}, or the uniform sampler")
         n = len(self.groups)
         if k is None:
             self.p = None
