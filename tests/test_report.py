@@ -93,8 +93,31 @@ def test_parse_route_reads_every_route_the_plans_write():
                 assert segs[k]["last"] == f"{where(st)}b{st.j}" and segs[k + 1]["first"] == f"{where(st)}b{st.k}"
             seen += 1
     assert seen > 50
-    for bad in ("a[..b1]", "a[..b1] -(0.0)->", "a[..b1] -> b[b2..]", "a b", "a[b1] -(0.0)-> b[b2..]"):
+    for bad in ("a[..b1]", "a[..b1] -(0.0)->", "a b", "a[b1] -(0.0)-> b[b2..]", "a[..b1] => b[b2..]",
+                "a[..b1] -(0.0)-> b[b2..] ->", None, 3):
         assert parse_route(bad) is None, bad
+
+
+def test_one_parser_reads_every_tools_routes():
+    """The routes of `snnet search` (Composition.describe: cut stitches ' -> ', unit names) and of `snnet
+    stitch-train` (layer types in the link) parse with the same function `snnet pareto` and `snnet select` use."""
+    from snnet.core.plan import Composition, Segment
+    from snnet.results import pareto, report, select
+    assert report.parse_route is pareto.parse_route and select.route_of is pareto.route_of
+    units = [["embed", "blocks.0", "blocks.1", "head"], ["stem", "layer1.0", "layer2.0", "head"]]
+    comp = Composition((Segment(0, 0, 1), Segment(1, 2, 3), ))
+    text = comp.describe(["deit", "rn18"], units)
+    assert text == "deit[embed..blocks.0] -> rn18[layer2.0..head]"
+    assert parse_route(text) == [{"kind": "anchor", "name": "deit", "first": "embed", "last": "blocks.0"},
+                                 {"kind": "layer", "address": ""},
+                                 {"kind": "anchor", "name": "rn18", "first": "layer2.0", "last": "head"}]
+    trained = parse_route("v8[..b1] -(linear kd-t2-a1)-> v16[b2..]")
+    assert [b.get("address") or b["name"] for b in trained] == ["v8", "linear kd-t2-a1", "v16"]
+    sweep = [{"cfg_id": 0, "route": "v8[..b1] -(lowrank-rank2)-> v16[b2..]", "flops": 5, "acc1": 1.0},
+             {"cfg_id": 1, "route": "v8", "flops": 3, "acc1": 1.0}, {"cfg_id": 2, "route": "v16", "flops": 9,
+                                                                     "acc1": 2.0}]
+    assert pareto.infer_anchors(sweep) == 2 and [pareto.is_anchor(r) for r in sweep] == [False, True, True]
+    assert [pareto.anchor_name(r) for r in sweep[1:]] == ["v8", "v16"]  # what the PNG writes beside the stars
 
 
 def test_budget_steps_are_snnet_selects_choice(tmp_path, capsys):
@@ -181,7 +204,8 @@ def test_eval_subtitle():
 
 
 def test_pareto_png_has_subtitle_and_front_cfg_ids(tmp_path, monkeypatch):
-    """The plot's texts: the subtitle, 'anchor N' for the anchors, the cfg_id of every other front stitch."""
+    """The plot's texts: the subtitle, the anchors' names (their routes; 'anchor N' only for files without routes),
+    the cfg_id of every other front stitch."""
     import snnet.results.pareto as pareto
     texts = {}
 
@@ -197,7 +221,12 @@ def test_pareto_png_has_subtitle_and_front_cfg_ids(tmp_path, monkeypatch):
     got = texts[str(tmp_path / "one.png")]
     assert "16x16 images, 360 validation images" in got
     assert sorted(t for t in got if t.isdigit()) == sorted(str(c) for c in front if c > 2)
-    assert sorted(t for t in got if t.startswith("anchor ")) == ["anchor 0", "anchor 1", "anchor 2"]
+    assert sorted(t for t in got if t.startswith("deit_")) == [recs[a]["route"] for a in range(3)]
+    assert not any(t.startswith("anchor ") for t in got)
+    no_routes = [{k: v for k, v in r.items() if k != "route"} for r in recs]
+    plot_series([("snnet", no_routes, 3)], tmp_path / "snnet.png")
+    assert sorted(t for t in texts[str(tmp_path / "snnet.png")] if t.startswith("anchor ")) == \
+        ["anchor 0", "anchor 1", "anchor 2"]
     plot_series([("v1", read_results(DEMO_V2[0]), 2), ("v2", read_results(DEMO_V2[1]), 2)], tmp_path / "two.png")
     assert "360 validation images" in texts[str(tmp_path / "two.png")]
 
@@ -438,6 +467,141 @@ def test_snnet_file_overlaid(browser, tmp_path, capsys):
         ActionChains(browser).click(point).perform()
         assert by_id(browser, "details").get_attribute("data-cfg-id") == str(cfg)
         assert expect in by_id(browser, "route").text
+
+
+def many_records(n=160):
+    """A crowded file: `n` stitches between two anchors, many of them on a dense front (labels must give way)."""
+    import random
+    rng = random.Random(0)
+    rows = [{"cfg_id": 0, "flops": 1_000_000, "params": 1000, "acc1": 60.0, "route": "small"},
+            {"cfg_id": 1, "flops": 50_000_000, "params": 9000, "acc1": 90.0, "route": "large"}]
+    for c in range(2, n):
+        f = int(1_000_000 * 50 ** rng.random())
+        acc = 60 + 30 * math.log(f / 1e6) / math.log(50) - rng.random() * (8 if c % 3 else 0.3)
+        rows.append({"cfg_id": c, "flops": f, "params": 1000 + f // 10_000, "acc1": round(acc, 3),
+                     "route": f"small[..b{c % 12}] -({c % 12}.{c % 5})-> large[b{c % 12 + 1}..]"})
+    return rows
+
+
+def label_boxes(driver):
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll('#labels text')).map(t => {const b = t.getBBox(); "
+        "return [b.x, b.y, b.width, b.height, t.textContent];})")
+
+
+def no_overlap(boxes):
+    for k, (x, y, w, h, _) in enumerate(boxes):
+        for (x2, y2, w2, h2, _) in boxes[k + 1:]:
+            if x < x2 + w2 and x2 < x + w and y < y2 + h2 and y2 < y + h:
+                return False
+    return True
+
+
+@pytest.mark.browser
+def test_crowded_plot_labels_zoom_and_table(browser, tmp_path, capsys):
+    """Many stitches: the labels that are drawn never overlap (bounding boxes), the anchors are labelled by name and
+    drawn above the stitches; the wheel zooms (the x axis changes, more labels fit), the log/linear switch changes
+    the ticks, reset returns; a click on a table row selects that point, a click on a point selects that row."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+    path = tmp_path / "crowded.txt"
+    path.write_text("".join(json.dumps(r) + "\n" for r in many_records()))
+    page = tmp_path / "crowded.html"
+    assert cli_run(capsys, "report", path, "--out", page)[0] == 0
+    open_page(browser, page)
+    boxes = label_boxes(browser)
+    texts = [b[4] for b in boxes]
+    assert "small" in texts and "large" in texts and no_overlap(boxes)
+    front = [r for r in pareto_front(many_records()) if r["route"] not in ("small", "large")]
+    assert 0 < len(texts) - 2 < len(front)  # only as many as fit
+    order = browser.execute_script("return Array.from(document.querySelectorAll('#plot .pt')).map(p => p.tagName)")
+    first_star = order.index("path")
+    assert all(t == "path" for t in order[first_star:]) and order.count("path") == 2  # stars after every dot
+    plot = by_id(browser, "plot")
+    assert plot.get_attribute("data-scale") == "log"  # costs span decades
+    before = (float(plot.get_attribute("data-x0")), float(plot.get_attribute("data-x1")))
+    ticks_before = browser.execute_script("return Array.from(document.querySelectorAll('#plot .xtick')).map(t => "
+                                          "t.textContent)")
+    browser.execute_script("const p = document.getElementById('plot'), b = p.getBoundingClientRect(); "
+                           "for (let k = 0; k < 3; k++) p.dispatchEvent(new WheelEvent('wheel', {deltaY: -100, "
+                           "clientX: b.left + b.width / 2, clientY: b.top + b.height / 2, bubbles: true, "
+                           "cancelable: true}));")
+    after = (float(plot.get_attribute("data-x0")), float(plot.get_attribute("data-x1")))
+    assert before[0] < after[0] < after[1] < before[1]
+    assert browser.execute_script("return Array.from(document.querySelectorAll('#plot .xtick')).map(t => "
+                                  "t.textContent)") != ticks_before
+    assert no_overlap(label_boxes(browser))
+    by_id(browser, "reset").click()
+    assert (float(plot.get_attribute("data-x0")), float(plot.get_attribute("data-x1"))) == before
+    Select(by_id(browser, "xscale")).select_by_visible_text("linear")
+    assert plot.get_attribute("data-scale") == "linear" and no_overlap(label_boxes(browser))
+    # the table and the plot select the same stitch, both ways
+    row = browser.find_element(By.CSS_SELECTOR, '#stitches tbody tr[data-cfg-id="37"]')
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", row)  # out of the sticky header's way
+    row.click()
+    details = by_id(browser, "details")
+    assert details.get_attribute("data-cfg-id") == "37" and details.get_attribute("data-how") == "table"
+    ring = browser.execute_script("const r = document.querySelector('#rings .sel-ring'); "
+                                  "return [+r.getAttribute('cx'), +r.getAttribute('cy')]")
+    point = browser.execute_script("const p = document.querySelector('#plot .pt[data-cfg-id=\"37\"]'); "
+                                   "return [+p.getAttribute('cx'), +p.getAttribute('cy')]")
+    assert ring == pytest.approx(point)
+    assert "--cfg-id 37" in by_id(browser, "sel-command").text
+    assert row.get_attribute("title") == many_records()[37]["route"]  # the route on the row's hover
+    header = browser.find_element(By.CSS_SELECTOR, '#stitches th[data-key="acc1"]')
+    header.click()
+    accs = [float(x) for x in browser.execute_script(
+        "return Array.from(document.querySelectorAll('#stitches tbody tr')).map(t => t.children[3].textContent)")]
+    assert accs == sorted(accs)
+    header.click()
+    top = browser.find_element(By.CSS_SELECTOR, "#stitches tbody tr")
+    assert top.get_attribute("data-cfg-id") == "1"  # descending: the large anchor first
+    browser.execute_script("document.querySelector('#plot .pt[data-cfg-id=\"5\"]')"
+                           ".dispatchEvent(new MouseEvent('click', {bubbles: true}))")
+    selected = browser.find_elements(By.CSS_SELECTOR, "#stitches tbody tr.sel")
+    assert [s.get_attribute("data-cfg-id") for s in selected] == ["5"] and details.get_attribute("data-cfg-id") == "5"
+
+
+@pytest.mark.browser
+def test_search_and_stitch_train_files_draw_their_routes(browser, tmp_path, capsys):
+    """A search file (cut stitches between unit names) and a stitch-train sweep file (a layer type in the link),
+    overlaid: each stitch's diagram has its anchors and links; the command lines name the chosen stitch's own file;
+    two anchors at one point are both named on hover."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    search = [{"cfg_id": 0, "flops": 100, "acc1": 50.0, "route": "deit"},
+              {"cfg_id": 1, "flops": 900, "acc1": 80.0, "route": "rn18"},
+              {"cfg_id": 2, "flops": 400, "acc1": 70.0, "route": "deit[embed..blocks.0] -> rn18[layer2.0..head]"}]
+    sweep = [{"cfg_id": 0, "flops": 500, "acc1": 75.0, "route": "v8[..b1] -(lowrank rank4)-> v16[b2..]"},
+             {"cfg_id": 1, "flops": 100, "acc1": 50.0, "route": "v8"},
+             {"cfg_id": 2, "flops": 800, "acc1": 78.0, "route": "v16"}]
+    paths = []
+    for name, rows in (("search", search), ("sweep", sweep)):
+        (tmp_path / name).mkdir()
+        paths.append(tmp_path / name / "stitches_res.txt")
+        paths[-1].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    page = tmp_path / "both.html"
+    rc, _, err = cli_run(capsys, "report", *paths, "--out", page)
+    assert rc == 0 and "no routes" not in err, err
+    open_page(browser, page)
+    for f, names, layers in ((0, ["deit", "rn18"], [""]), (1, ["v8", "v16"], ["lowrank rank4"])):
+        cfg = 2 if f == 0 else 0
+        browser.execute_script(f"document.querySelector('#plot .pt[data-file=\"{f}\"][data-cfg-id=\"{cfg}\"]')"
+                               ".dispatchEvent(new MouseEvent('click', {bubbles: true}))")
+        diagram = by_id(browser, "route")
+        assert "records no route" not in diagram.text
+        assert [s.get_attribute("data-name") for s in diagram.find_elements(By.CSS_SELECTOR, "g.seg")] == names
+        assert [x.get_attribute("data-address") for x in diagram.find_elements(By.CSS_SELECTOR, "g.layer")] == layers
+        assert str(paths[f]) in by_id(browser, "sel-command").text and str(paths[f]) in by_id(browser, "command").text
+        assert str(paths[1 - f]) not in by_id(browser, "command").text
+    browser.find_element(By.CSS_SELECTOR, '#picks tbody tr[data-file="0"]').click()
+    assert str(paths[0]) in by_id(browser, "command").text  # the row's own file
+    star = browser.find_element(By.CSS_SELECTOR, '#plot .pt[data-file="1"][data-cfg-id="1"]')
+    ActionChains(browser).move_to_element(star).perform()
+    tip = by_id(browser, "tip")
+    assert "also here: search cfg_id 0 (deit)" in tip.text
+    tb, pb = tip.rect, by_id(browser, "plot").rect
+    assert pb["x"] <= tb["x"] and tb["x"] + tb["width"] <= pb["x"] + pb["width"] + 1  # inside the plot
 
 
 # --------------------------------------------------------------------------------------------------- screenshot

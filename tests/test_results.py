@@ -143,6 +143,26 @@ def test_pareto_anchors_override_and_params(snnet_files, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_every_tools_routes_name_their_anchors(tmp_path, capsys):
+    """A stitch-train sweep (layer types in the links, anchors after the runs) and a search file (cut stitches): their
+    anchors are found from the routes, `snnet pareto` names them, `snnet select` prints the route."""
+    files = {"sweep": [(0, 500, 75.0, "w16[..b1] -(linear)-> w32[b2..]"), (1, 600, 77.0, "w16[..b1] -(lowrank "
+                       "rank4)-> w32[b1..]"), (2, 100, 50.0, "w16"), (3, 800, 78.0, "w32")],
+             "search": [(0, 100, 50.0, "deit"), (1, 900, 80.0, "rn18"),
+                        (2, 400, 70.0, "deit[embed..blocks.0] -> rn18[layer2.0..head]")]}
+    for name, rows in files.items():
+        path = tmp_path / f"{name}.txt"
+        path.write_text("".join(json.dumps({"cfg_id": c, "flops": f, "acc1": a, "route": r}) + "\n"
+                                for c, f, a, r in rows))
+        report = pareto_report([path])
+        assert report.notes == [] and report.series[0][3] == 2  # no 'an SN-Net file' guess: the routes say
+        anchors = [r for c, f, a, r in rows if "[" not in r]
+        assert f"anchors: cfg {', '.join(str(c) for c, f, a, r in rows if '[' not in r)}" in report.text
+        assert all(a in report.markdown for a in anchors)
+        rc, out, err = run_cli(capsys, "select", path, "--max-flops", 450)  # the best within 450: its route
+        assert rc == 0 and {"sweep": "route   w16\n", "search": f"route   {rows[-1][3]}\n"}[name] in out, (out, err)
+
+
 def test_front_table_columns():
     recs = [{"cfg_id": 0, "flops": 2e9, "acc1": 70.0}, {"cfg_id": 1, "flops": 1e9, "acc1": 71.0}]
     table = front_table(recs, n_anchors=1)

@@ -241,6 +241,25 @@ def test_similarity_command_writes_the_maps(digits_folder, tmp_path, capsys):
     assert lines[0].startswith("front,end,front_unit") and len(lines) == 1 + 2 * 5 * 10
     assert "compatibility maps of 2 anchors on 32 images" in stdout
     assert (out / "cka.png").read_bytes()[:4] == b"\x89PNG"
+    # the summary lists stitchable positions only, each with its residual, best first
+    listed = [line for line in stdout.splitlines() if line.startswith("  ")]
+    assert listed and all("LS residual" in line and "no linear stitch" not in line for line in listed)
+    first = [line for line in stdout.splitlines() if "->" in line and not line.startswith("  ")][0]
+    assert "the best 5 by LS residual" in first
+    residuals = [float(line.split("LS residual ")[1].split(",")[0]) for line in listed[:5]]
+    assert residuals == sorted(residuals)
+
+
+def test_heatmap_numbers_and_one_colour_scale():
+    """0.00 never stands for a small KL, and every panel of a score shares one scale (the largest over pairs)."""
+    import numpy as np
+    from snnet.explore.similarity import _scale, number
+    assert [number(v) for v in (0.0, 0.5, 1.234e-4, -3e-5, 12.5)] == ["0.00", "0.50", "1.2e-4", "-3.0e-5", "12.50"]
+    small, large = np.array([[1e-4, np.nan], [2e-4, 3e-4]]), np.array([[0.5, 0.8]])
+    norm = _scale([small, large], "kl")
+    assert norm.vmax == 0.8 and norm(0.8) == 1.0 and 0 < norm(2e-4) < norm(0.5)  # log: small values stay visible
+    assert _scale([small], "kl").vmax == 3e-4
+    assert (_scale([small, large], "cka").vmin, _scale([large], "cka").vmax) == (0, 1)
 
 
 @pytest.mark.parametrize("argv,needles", [

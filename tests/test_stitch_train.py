@@ -184,6 +184,21 @@ def test_sweep_resumes_only_the_missing_run_and_plots(anchors, digits_folder, tm
     table = (tmp_path / "plot" / "pareto_flops.md").read_text()  # every record, the front marked
     assert all(recs[c]["route"] in table for c in range(9))
     assert (tmp_path / "plot" / "pareto_flops.png").stat().st_size > 0
+    front = json.loads((tmp_path / "plot" / "pareto_flops.json").read_text())
+    assert front["files"][0]["anchors"] == 2  # the anchors are found from their routes
+
+    # the sweep's pictures: one map panel per (pair, layer type) and a curve per run; the report embeds both
+    from PIL import Image
+    for name in ("sweep.png", "curves.png"):
+        with Image.open(out / name) as im:
+            assert im.size[0] > 400 and len(set(im.convert("L").getdata())) > 10, name
+    page = tmp_path / "report.html"
+    with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()) as notes:
+        assert main(["report", str(out / "stitches_res.txt"), "--out", str(page)]) == 0
+    assert "no routes" not in notes.getvalue()
+    html = page.read_text()
+    assert html.count('"name":"sweep.png"') == 1 and html.count('"name":"curves.png"') == 1
+    assert "data:image/png;base64," in html
 
 
 @pytest.mark.dist

@@ -20,6 +20,29 @@ from snnet.train.device import device_from_flag
 
 
 # ---------------------------------------------------------------------------------------------------- files
+def number(v: float) -> str:
+    """A score as a heatmap cell or summary shows it: 2 decimals, or 2 significant digits in e-notation when that
+    would print 0.00 (KL of ~1e-4 is common)."""
+    if v == 0 or 0.01 <= abs(v) < 1000:
+        return f"{v:.2f}"
+    mant, exp = f"{v:.1e}".split("e")
+    return f"{mant}e{int(exp)}"
+
+
+def _scale(tables: Sequence[np.ndarray], kind: str):
+    """One colour scale per score, shared by every panel: CKA and the residual on [0, 1]; KL from 0 to its largest
+    value over all pairs, on a log scale when its finite values span more than two decades."""
+    from matplotlib.colors import LogNorm, Normalize
+    if kind != "kl":
+        return Normalize(0.0, 1.0)
+    values = np.concatenate([t[np.isfinite(t)].ravel() for t in tables]) if tables else np.zeros(0)
+    top = float(values.max()) if values.size else 1.0
+    positive = values[values > 0]
+    if positive.size and top / float(positive.min()) > 100:
+        return LogNorm(max(float(positive.min()), top * 1e-6), top)
+    return Normalize(0.0, max(top, 1e-12))
+
+
 def _heatmaps(maps: CompatibilityMaps, kind: str, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -32,30 +55,31 @@ def _heatmaps(maps: CompatibilityMaps, kind: str, path: Path) -> None:
     widths = [max(len(maps.cuts[b]) * cell + 2.5, 4.0) for _, b in pairs]
     heights = [max(len(maps.cuts[a]) * cell + 2.0, 3.5) for a, _ in pairs]
     fig, axes = plt.subplots(rows, cols, figsize=(max(widths) * cols, max(heights) * rows), squeeze=False)
-    style = {"cka": ("viridis", 0.0, 1.0, "linear CKA (unbiased)"),
-             "ls_residual": ("viridis_r", 0.0, 1.0, "least-squares stitch residual (relative)"),
-             "kl": ("magma_r", 0.0, None, "KL(end || stitched), nats")}[kind]
+    style = {"cka": ("viridis", "linear CKA (unbiased)"),
+             "ls_residual": ("viridis_r", "least-squares stitch residual (relative)"),
+             "kl": ("magma_r", "KL(end || stitched), nats")}[kind]
     cmap = plt.get_cmap(style[0]).with_extremes(bad="0.85")
+    norm = _scale([np.asarray(table[p], dtype=float) for p in pairs], kind)
     for ax, (a, b) in zip(axes.flat, pairs):
         m = np.ma.masked_invalid(table[(a, b)])
-        vmax = style[2] if style[2] is not None else max(float(m.max()) if m.count() else 1.0, 1e-6)
-        im = ax.imshow(m, cmap=cmap, vmin=style[1], vmax=vmax, aspect="auto")
+        im = ax.imshow(m, cmap=cmap, norm=norm, aspect="auto")
         ax.set_xticks(range(len(maps.cuts[b])), [c.name for c in maps.cuts[b]], rotation=90, fontsize=7)
         ax.set_yticks(range(len(maps.cuts[a])), [c.name for c in maps.cuts[a]], fontsize=7)
         ax.set_xlabel(f"end: {maps.names[b]} (unit j)", fontsize=8)
         ax.set_ylabel(f"front: {maps.names[a]} (unit i)", fontsize=8)
+        ax.set_title(f"{maps.names[a]} \u2192 {maps.names[b]}", fontsize=9)
         if m.shape[0] * m.shape[1] <= 400:
             for i in range(m.shape[0]):
                 for j in range(m.shape[1]):
                     if not np.ma.is_masked(m[i, j]):
-                        dark = (float(m[i, j]) - style[1]) / (vmax - style[1]) < 0.5  # viridis is dark when low
-                        ax.text(j, i, f"{float(m[i, j]):.2f}", ha="center", va="center", fontsize=5.5,
-                                color="white" if dark == (kind == "cka") else "black")
+                        low = float(norm(float(m[i, j]))) < 0.5  # viridis is dark when low, magma_r when high
+                        ax.text(j, i, number(float(m[i, j])), ha="center", va="center", fontsize=5.5,
+                                color="white" if low == (kind == "cka") else "black")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     for ax in list(axes.flat)[len(pairs):]:
         ax.axis("off")
     grey = "" if kind == "cka" else " (grey: no linear stitch)"
-    fig.suptitle(f"{style[3]}; {maps.images} images{grey}", fontsize=10)
+    fig.suptitle(f"{style[1]}; {maps.images} images{grey}; one colour scale for every panel", fontsize=10)
     save_figure(fig, path, dpi=110)
 
 
@@ -205,20 +229,32 @@ def run_similarity(args: argparse.Namespace) -> list[Path]:
     return files
 
 
-def summary(maps: CompatibilityMaps, seconds: float) -> str:
-    """A few lines: per ordered pair, the best-matching end unit of each front unit."""
+def best_stitches(maps: CompatibilityMaps, a: int, b: int, top: int = 5) -> list[tuple[int, int]]:
+    """The `top` stitchable (unit i of a, unit j of b) of a pair: those with a least-squares stitch, lowest
+    residual first (ties: higher CKA). Positions without a linear stitch are never listed."""
+    edges = [(e[1], e[3]) for e in maps.stitches if (e[0], e[2]) == (a, b)]
+    edges = [(i, j) for i, j in edges if maps.value("ls_residual", (a, i, b, j)) is not None]
+    cka = lambda i, j: maps.value("cka", (a, i, b, j))
+    return sorted(edges, key=lambda e: (maps.value("ls_residual", (a, *e[:1], b, e[1])),
+                                        -(cka(*e) if cka(*e) is not None else -math.inf), e))[:top]
+
+
+def summary(maps: CompatibilityMaps, seconds: float, top: int = 5) -> str:
+    """A few lines: per ordered pair, how many unit pairs can be stitched and the best stitchable positions (lowest
+    least-squares residual) with their CKA and KL."""
     lines = [f"compatibility maps of {len(maps.names)} anchors on {maps.images} images ({maps.batches} batches) in "
              f"{seconds:.1f}s"]
     for a, b in maps.pairs:
         stitchable = sum(1 for e in maps.stitches if (e[0], e[2]) == (a, b))
         lines.append(f"{maps.names[a]} -> {maps.names[b]}: {stitchable} of "
-                     f"{len(maps.cuts[a]) * len(maps.cuts[b])} unit pairs stitchable")
-        for fc in maps.cuts[a]:
-            row = maps.cka[(a, b)][fc.unit]
-            j = int(np.argmax(row))
-            res = maps.value("ls_residual", (a, fc.unit, b, j))
-            klv = maps.value("kl", (a, fc.unit, b, j)) if maps.kl is not None else None
-            extra = (f", LS residual {res:.3f}" if res is not None else ", no linear stitch") + \
-                (f", KL {klv:.3f}" if klv is not None else "")
-            lines.append(f"  {fc.name:>14} ~ {maps.cuts[b][j].name:<14} CKA {row[j]:.3f}{extra}")
+                     f"{len(maps.cuts[a]) * len(maps.cuts[b])} unit pairs stitchable" +
+                     (f"; the best {min(top, stitchable)} by LS residual:" if stitchable else ""))
+        name = lambda anchor, u: maps.cuts[anchor][u].name
+        for i, j in best_stitches(maps, a, b, top):
+            cka = maps.value("cka", (a, i, b, j))
+            klv = maps.value("kl", (a, i, b, j)) if maps.kl is not None else None
+            lines.append(f"  {name(a, i):>14} -> {name(b, j):<14} LS residual "
+                         f"{number(maps.value('ls_residual', (a, i, b, j)))}" +
+                         (f", CKA {number(cka)}" if cka is not None else "") +
+                         (f", KL {number(klv)}" if klv is not None else ""))
     return "\n".join(lines)

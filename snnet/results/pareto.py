@@ -73,10 +73,61 @@ def latency_keys(records: Sequence[dict[str, Any]]) -> list[str]:
     return sorted(keys, key=lambda k: int(k[len("latency_ms_b"):]))
 
 
+# ------------------------------------------------------------------------------------------------------ routes
+# The one route syntax of every results file, and its one reader. A route is an anchor's name alone (an anchor), or
+# segments NAME[FIRST..LAST] joined by links: ' -(LAYER)-> ' (a stitching layer: SN-Net's address '0.1' from
+# `core/plan.py` Route.describe, stitch-train's layer type 'linear' / 'lowrank rank4') or ' -> ' (a cut stitch of
+# `snnet search`, `core/plan.py` Composition.describe). FIRST/LAST are blocks ('b3', 's1.b2' in hierarchical plans)
+# or unit names ('blocks.5', 'layer3.1'); empty FIRST = from the input, empty LAST = to the head; a bare NAME in a
+# stitched route leaves its part unsaid.
+_LINK = re.compile(r"\s+(?:-\(([^()]+)\)->|->)\s+")
+_SEGMENT = re.compile(r"(?P<name>[^\s\[\]]+)\[(?P<first>[^\[\]\s]*)\.\.(?P<last>[^\[\]\s]*)\]")
+
+
+def parse_route(route: Any) -> list[dict[str, Any]] | None:
+    """A results file's route as boxes, front first; None when it is not a route (SN-Net's files hold none).
+
+    'deit_tiny#0[..b2] -(0.1)-> deit_tiny#1[b3..]' -> [{"kind": "anchor", "name": "deit_tiny#0", "first": "",
+    "last": "b2"}, {"kind": "layer", "address": "0.1"}, {"kind": "anchor", "name": "deit_tiny#1", "first": "b3",
+    "last": ""}]; a cut stitch (' -> ') is a layer box with address ''; an anchor's route is its name alone (one
+    box, first = last = ''). `snnet report`, `snnet pareto` and `snnet select` read routes only through this."""
+    if not isinstance(route, str):
+        return None
+    route = route.strip()
+    if re.fullmatch(r"[^\s\[\]()]+", route) and "->" not in route:
+        return [{"kind": "anchor", "name": route, "first": "", "last": ""}]
+    parts = _LINK.split(route)  # segment, layer (None for ' -> '), segment, ..., segment
+    if len(parts) < 3:
+        return None
+    boxes = []
+    for i in range(0, len(parts), 2):
+        if i:
+            boxes.append({"kind": "layer", "address": (parts[i - 1] or "").strip()})
+        m = _SEGMENT.fullmatch(parts[i])
+        if m is not None:
+            boxes.append({"kind": "anchor", **m.groupdict()})
+        elif re.fullmatch(r"[\w.#:+/-]+", parts[i]):  # a bare model name: that anchor's part left unsaid
+            boxes.append({"kind": "anchor", "name": parts[i], "first": "", "last": ""})
+        else:
+            return None
+    return boxes
+
+
+def route_anchor(rec: dict[str, Any]) -> str | None:
+    """The anchor's name when the record's route is an anchor's own (a single box), else None."""
+    boxes = parse_route(rec.get("route"))
+    return boxes[0]["name"] if boxes is not None and len(boxes) == 1 else None
+
+
+def has_routes(records: Sequence[dict[str, Any]]) -> bool:
+    """Every record names a route the parser reads (ours); False for SN-Net's files."""
+    return bool(records) and all(parse_route(r.get("route")) is not None for r in records)
+
+
 def infer_anchors(records: Sequence[dict[str, Any]]) -> int:
     """Number of anchors: from the routes when the records have them, else the leading run of rising FLOPs."""
-    if all("route" in r for r in records):
-        return sum(1 for r in records if "->" not in r["route"])
+    if has_routes(records):
+        return sum(1 for r in records if route_anchor(r) is not None)
     by_id = {r["cfg_id"]: r for r in records}
     cost = "flops" if all(is_number(r.get("flops")) for r in records) else "params"
     n, last = 0, float("-inf")
@@ -88,12 +139,20 @@ def infer_anchors(records: Sequence[dict[str, Any]]) -> int:
 
 def is_anchor(rec: dict[str, Any], n_anchors: int | None = None) -> bool:
     """Our records know from their route; SN-Net's are anchors when cfg_id < n_anchors."""
-    if "route" in rec:
-        return "->" not in rec["route"]
+    if parse_route(rec.get("route")) is not None:
+        return route_anchor(rec) is not None
     return n_anchors is not None and rec["cfg_id"] < n_anchors
 
 
+def anchor_name(rec: dict[str, Any]) -> str:
+    """An anchor's label on plots and tables: its name from the route, else 'anchor <cfg_id>' (SN-Net's files)."""
+    return route_anchor(rec) or f"anchor {rec['cfg_id']}"
+
+
 def route_of(rec: dict[str, Any], n_anchors: int | None = None) -> str:
+    """A record's route as tables and messages print it; SN-Net's records (no route): 'anchor N' or 'stitch'."""
+    if parse_route(rec.get("route")) is not None:
+        return str(rec["route"]).strip()
     return rec.get("route") or (f"anchor {rec['cfg_id']}" if is_anchor(rec, n_anchors) else "stitch")
 
 
@@ -182,7 +241,7 @@ def _draw(ax, records, cost: str, scale: float, n_anchors: int | None, colour: s
     ax.scatter([r[cost] / scale for r in anchors], [r["acc1"] for r in anchors], marker="*", s=180,
                c="tab:orange" if not label else colour, edgecolors="k", zorder=3, label=f"{prefix}anchors")
     for r in anchors:
-        ax.annotate(f"anchor {r['cfg_id']}", (r[cost] / scale, r["acc1"]), textcoords="offset points",
+        ax.annotate(anchor_name(r), (r[cost] / scale, r["acc1"]), textcoords="offset points",
                     xytext=(6, -10), fontsize=8)
     for r in front:  # the stitches worth deploying, by the cfg_id `snnet select` / `net(x, cfg_id)` take
         if not is_anchor(r, n_anchors):
@@ -269,7 +328,7 @@ def labels(paths: Sequence[str | Path]) -> list[str]:
 
 def _anchors(records: list[dict[str, Any]], given: int | None, path: str, notes: list[str]) -> int:
     """Anchor count of one file: from its routes when it has them, else `given`, else inferred (with a note)."""
-    if all("route" in r for r in records):
+    if has_routes(records):
         n = infer_anchors(records)
         if given is not None and given != n:
             notes.append(f"note: {path!r} names its routes; its {n} anchors are used, --anchors {given} applies to "

@@ -1,10 +1,13 @@
 """`snnet report`: results files as one self-contained HTML page (inline SVG and JavaScript, nothing fetched).
 
 The page shows every stitch of each file on a cost-accuracy scatter (a selector offers each cost every record of
-every file holds: FLOPs, params, measured latencies), each file's Pareto front (and, with several files, the
-combined front), the details of a stitch on hover and click, a budget slider that marks the best stitch of each
-file within the budget, and the route diagram of the selected stitch (one box per anchor segment and stitching
-layer, coloured by anchor).
+every file holds: FLOPs, params, measured latencies; log or linear x, zoom and pan; labels only where they fit;
+anchors above the stitches), each file's Pareto front (and, with several files, the combined front), the details of
+a stitch on hover and click, a sortable table of every stitch (a row selects its point), a budget slider that marks
+the best stitch of each file within the budget, the `snnet select` / `snnet export --cfg-id` lines of the chosen
+stitch and its file, the route diagram of the selected stitch (one box per anchor segment and stitch, coloured by
+anchor; routes of every tool, read by `snnet.results.pareto.parse_route`), and a stitch-train sweep's pictures
+(sweep.png, curves.png beside its results file) embedded.
 
 Nothing is decided in the browser: fronts come from `snnet.results.pareto.pareto_front`, and the slider's choice from
 `snnet.results.select.select` itself. As the budget grows the choice only changes where the budget reaches another cost
@@ -17,6 +20,7 @@ report.js), read with importlib.resources and inlined when the page is written: 
 """
 from __future__ import annotations
 
+import base64
 import html
 import json
 import re
@@ -26,18 +30,18 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from snnet.core.fileio import write_text_atomic
-from snnet.results.pareto import (_anchors, cost_unit, eval_subtitle, is_anchor, labels, latency_keys, pareto_front,
-                     require_cost, route_of)
+from snnet.results.pareto import (_anchors, anchor_name, cost_unit, eval_subtitle, is_anchor, labels, latency_keys,
+                                  parse_route, pareto_front, require_cost, route_of)
 from snnet.results.records import ResultsError, is_number, read_results
 from snnet.results.select import select
 
 # one colour per results file (matplotlib's tab10, in the order the PNG of `snnet pareto` uses) and per anchor
 FILE_COLOURS = ["#1f77b4", "#d62728", "#9467bd", "#8c564b", "#17becf", "#bcbd22", "#e377c2", "#7f7f7f"]
 ANCHOR_COLOURS = ["#f28e2b", "#59a14f", "#4e79a7", "#b07aa1", "#edc948", "#76b7b2", "#ff9da7", "#9c755f"]
+SWEEP_IMAGES = (("sweep.png", "top-1 per cut and end block (snnet stitch-train)"),
+                ("curves.png", "loss and top-1 against step, every run (trajectory.jsonl)"))
 HIDDEN_KEYS = ("checkpoint_sha256", "config_sha256")  # provenance, not something to read on a chart
 
-_LINK = re.compile(r"\s+-\(([0-9]+(?:\.[0-9]+)*)\)->\s+")            # ' -(0.1)-> ': a stitching layer's address
-_SEGMENT = re.compile(r"(?P<name>[^\s\[\]]+)\[(?P<first>[^\[\]]*)\.\.(?P<last>[^\[\]]*)\]")  # name[b2..s1.b4]
 _SLOT = re.compile(r"%(TITLE|SUBTITLE|STYLE|SCRIPT|DATA)%")  # the placeholders of assets/report.html
 
 
@@ -54,46 +58,33 @@ def asset(name: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ routes
-def parse_route(route: str) -> list[dict[str, Any]] | None:
-    """A route as the evaluator writes it (`snnet.core.plan.Route.describe`) as boxes, front first.
-
-    'deit_tiny#0[..b2] -(0.1)-> deit_tiny#1[b3..]' -> [{"kind": "anchor", "name": "deit_tiny#0", "first": "",
-    "last": "b2"}, {"kind": "layer", "address": "0.1"}, {"kind": "anchor", "name": "deit_tiny#1", "first": "b3",
-    "last": ""}]; an anchor's route is its name alone (one box, first = last = ""). Hierarchical plans write
-    's1.b2'. None for anything else (SN-Net's files hold no routes; `route_of` then says 'stitch').
-    """
-    route = route.strip()
-    if "->" not in route:
-        return [{"kind": "anchor", "name": route, "first": "", "last": ""}] if re.fullmatch(r"[^\s\[\]]+", route) \
-            else None
-    parts = _LINK.split(route)  # segment, address, segment, ..., segment
-    boxes = []
-    for i, part in enumerate(parts):
-        if i % 2:
-            boxes.append({"kind": "layer", "address": part})
-            continue
-        m = _SEGMENT.fullmatch(part)
-        if m is None:
-            return None
-        boxes.append({"kind": "anchor", **m.groupdict()})
-    return boxes
-
-
 def route_boxes(record: dict[str, Any], anchor_names: list[str], n_anchors: int) -> list[dict[str, Any]] | None:
     """The route diagram of one record: `parse_route`'s boxes, each anchor segment with its anchor's index (the
     colour). Files without routes (SN-Net's) still draw their anchors (cfg 0..n-1), not their stitches."""
-    if "route" not in record:
+    boxes = parse_route(record.get("route"))
+    if boxes is None:
         if not is_anchor(record, n_anchors):
             return None
         return [{"kind": "anchor", "name": f"anchor {record['cfg_id']}", "first": "", "last": "",
                  "anchor": record["cfg_id"]}]
-    boxes = parse_route(str(record["route"]))
-    for box in boxes or []:
+    for box in boxes:
         if box["kind"] == "anchor":
             if box["name"] not in anchor_names:  # a file holding only some anchors: still one colour per name
                 anchor_names.append(box["name"])
             box["anchor"] = anchor_names.index(box["name"])
     return boxes
+
+
+def sweep_images(path: str | Path) -> list[dict[str, str]]:
+    """The pictures `snnet stitch-train` writes beside a sweep's results file (sweep.png: cut x end-block accuracy
+    maps; curves.png: loss and top-1 against step per run), as data URIs: the page stays one file."""
+    out = []
+    for name, caption in SWEEP_IMAGES:
+        png = Path(path).parent / name
+        if png.is_file():
+            out.append({"name": name, "caption": caption,
+                        "src": "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")})
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------ budgets
@@ -139,14 +130,17 @@ def report_data(paths: Sequence[str | Path], cost: str = "flops", anchors: int |
             notes.append(f"note: {c!r} is not offered as an axis: not every stitch of every file has it")
     files = []
     for i, (label, path, records, n) in enumerate(series):
-        names = [str(r["route"]) for r in records if is_anchor(r, n) and "route" in r]  # anchors: cfg_id order
+        names = [anchor_name(r) for r in records if is_anchor(r, n) and parse_route(r.get("route"))]  # cfg_id order
         rows = []
         for r in records:
             row = {k: v for k, v in r.items() if k not in HIDDEN_KEYS}
             row.update(route=route_of(r, n), anchor=is_anchor(r, n), boxes=route_boxes(r, names, n))
+            if row["anchor"]:
+                row["name"] = anchor_name(r)
             rows.append(row)
         files.append({"label": label, "path": path, "colour": FILE_COLOURS[i % len(FILE_COLOURS)], "anchors": n,
-                      "anchor_names": names or [f"anchor {a}" for a in range(n)], "records": rows})
+                      "anchor_names": names or [f"anchor {a}" for a in range(n)], "records": rows,
+                      "images": sweep_images(path)})
     costs = []
     for c in offered:
         scale, unit = cost_unit(everything, c)

@@ -178,6 +178,8 @@ def run_sweep(sweep: Sweep, dry_run: bool = False) -> SweepSummary:
     if rank == 0:
         summary.results_file = sweep.out / RESULTS_FILE
         write_results(summary.results_file, summary.records)
+        from snnet.explore.stitch_train.plots import write_sweep_plots
+        write_sweep_plots(sweep.out, summary.records)  # sweep.png, curves.png: what `snnet report` shows
     if world_size > 1:
         import torch.distributed as dist
         dist.destroy_process_group()
