@@ -47,9 +47,10 @@ browser:
 test: venv browser
 	$(BIN)/python -m pytest -q -rs -n 2 --dist loadgroup --durations=15 tests
 
-# the fast tier: no test over ~15 s, nothing that starts several processes, no browser (markers: pyproject.toml)
+# the fast tier: no test over ~6 s, nothing that starts several processes, no browser (markers: pyproject.toml);
+# on both cores (pytest-xdist), as make test
 test-fast: venv
-	$(BIN)/python -m pytest -q -rs -m "not slow and not dist and not browser" tests
+	$(BIN)/python -m pytest -q -rs -n 2 -m "not slow and not dist and not browser" tests
 
 demo: venv
 	$(BIN)/python -m snnet.demo
