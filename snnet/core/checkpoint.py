@@ -268,3 +268,15 @@ def network_differences(given, recorded) -> list[str]:
         if given.get(name) != recorded.get(name):
             out.append(f"{name}: {given.get(name)!r} vs {recorded.get(name)!r}")
     return out
+
+
+def check_same_network(given, state: dict[str, Any], checkpoint: str, config: str, fix: str) -> None:
+    """Refuse (ConfigError) a config `given` that builds another network than the one checkpoint `state` recorded
+    (`network_differences`); a checkpoint that records none passes. `config` names the given config, `fix` ends the
+    message (what the user should pass)."""
+    from snnet.core.config import ConfigError
+    recorded = recorded_stitch_config(state, repr(checkpoint))
+    differences = network_differences(given, recorded) if recorded is not None else []
+    if differences:
+        raise ConfigError(f"checkpoint {checkpoint!r} was trained as another network than --stitch_config "
+                          f"{config!r} builds ({'; '.join(differences)}, given vs recorded); {fix}")

@@ -105,13 +105,9 @@ def load_snnet(checkpoint: str | os.PathLike, stitch_config: str | os.PathLike |
     ident = ident if isinstance(ident, dict) else {}
     cfg = load_stitch_config(stitch_config) if stitch_config else _config_from_checkpoint(state, checkpoint)
     if stitch_config:  # a config that builds another network than the trained one is refused, not exported
-        from snnet.core.checkpoint import network_differences, recorded_stitch_config
-        recorded = recorded_stitch_config(state, repr(checkpoint))
-        differences = network_differences(cfg, recorded) if recorded is not None else []
-        if differences:
-            raise ExportError(f"checkpoint {checkpoint!r} was trained as another network than --stitch_config "
-                              f"{str(stitch_config)!r} builds ({'; '.join(differences)}, given vs recorded); pass the "
-                              f"config it was trained with, or none (the recorded one is used)")
+        from snnet.core.checkpoint import check_same_network
+        check_same_network(cfg, state, checkpoint, str(stitch_config),
+                           "pass the config it was trained with, or none (the recorded one is used)")
     loaded_from = str(stitch_config) if stitch_config else "recorded in the checkpoint"
     cfg = cfg.with_model_kwargs(dict(args.get("model_kwargs") or {}))  # as train.py built them
     cfg.anchors = [AnchorSpec(a.name, None, a.model_kwargs) for a in cfg.anchors]

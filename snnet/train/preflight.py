@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from snnet.core.config import ConfigError, StitchConfig
+from snnet.core.config import StitchConfig
 
 
 class OutputError(SNNetError):
@@ -54,7 +54,7 @@ def check_checkpoints(args: argparse.Namespace, stitch_cfg: StitchConfig | None 
     once the network is built, before any image is read); a --resume checkpoint that recorded its stitch config was
     made with the network the given config builds (a field such as skip_final_norm changes the network without
     changing a weight's shape, so the state dict alone would load and run another network)."""
-    from snnet.core.checkpoint import load_checkpoint, network_differences, recorded_stitch_config
+    from snnet.core.checkpoint import check_same_network, load_checkpoint
     for path in (args.resume, args.initial_checkpoint):
         if not path:
             continue
@@ -63,12 +63,7 @@ def check_checkpoints(args: argparse.Namespace, stitch_cfg: StitchConfig | None 
             _check_epochs_left(args, state)
         if path != args.resume or stitch_cfg is None:
             continue
-        recorded = recorded_stitch_config(state, repr(path))
-        differences = network_differences(stitch_cfg, recorded) if recorded is not None else []
-        if differences:
-            raise ConfigError(f"--resume {path!r} was trained as another network than --stitch_config "
-                              f"{args.stitch_config!r} builds ({'; '.join(differences)}, given vs recorded); pass "
-                              f"the config it was trained with")
+        check_same_network(stitch_cfg, state, path, args.stitch_config, "pass the config it was trained with")
 
 
 def _check_epochs_left(args: argparse.Namespace, state: dict) -> None:
