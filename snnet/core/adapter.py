@@ -8,13 +8,14 @@ Adding a timm family is a subclass of `AnchorAdapter` (see snnet/README.md) regi
 """
 from __future__ import annotations
 
-from snnet.core.errors import SNNetError
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
+
+from snnet.core.errors import SNNetError
 
 #: feature layouts a unit boundary can have
 TOKENS = "tokens"  # (B, N, C), spatial tokens row-major over (h, w), prefix tokens (cls) first

@@ -6,7 +6,6 @@ Namespace or a yacs CfgNode there: docs/snnet_compat.md, C26).
 """
 from __future__ import annotations
 
-from snnet.core.errors import SNNetError
 import json
 import os
 import shutil
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from snnet.core.errors import SNNetError
 from snnet.core.fileio import atomic_path
 
 VERSION = 3

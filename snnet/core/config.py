@@ -4,14 +4,14 @@ Every field has a type; a field nobody knows is an error that names it (SN-Net s
 """
 from __future__ import annotations
 
-import os
-
-from snnet.core.errors import SNNetError
 import difflib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from snnet.core.errors import SNNetError
 
 
 class ConfigError(SNNetError):

@@ -13,10 +13,11 @@ Vocabulary:
 """
 from __future__ import annotations
 
-from snnet.core.errors import SNNetError
 import itertools
 from dataclasses import dataclass, field
 from typing import Sequence
+
+from snnet.core.errors import SNNetError
 
 
 class PlanError(SNNetError):

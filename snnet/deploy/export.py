@@ -20,7 +20,6 @@ An export folder holds:
 """
 from __future__ import annotations
 
-from snnet.core.errors import SNNetError
 import copy
 import json
 import os
@@ -34,6 +33,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from snnet.core.errors import SNNetError
 from snnet.core.adapter import Unit, adapter_for
 from snnet.core.build import build_snnet, create_anchor
 from snnet.core.config import AnchorSpec, ConfigError, StitchConfig, load_stitch_config

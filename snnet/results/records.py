@@ -2,7 +2,6 @@
 records to the checkpoint and config that produced them."""
 from __future__ import annotations
 
-from snnet.core.errors import SNNetError
 import hashlib
 import json
 import logging
@@ -12,6 +11,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
+from snnet.core.errors import SNNetError
 from snnet.core.fileio import write_text_atomic
 
 if TYPE_CHECKING:

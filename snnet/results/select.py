@@ -11,10 +11,10 @@ SN-Net cost and accuracy rise together, and nothing better is known before an ev
 """
 from __future__ import annotations
 
-from snnet.core.errors import SNNetError
 import math
 from typing import TYPE_CHECKING, Any, Sequence
 
+from snnet.core.errors import SNNetError
 from snnet.results.pareto import human, latency_keys, require_cost, route_of
 from snnet.results.records import check_routes
 

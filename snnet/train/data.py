@@ -1,7 +1,6 @@
 """Datasets and loaders through timm; checks that turn a wrong data folder into a one-line error."""
 from __future__ import annotations
 
-from snnet.core.errors import SNNetError
 import argparse
 import logging
 import math
@@ -13,6 +12,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
+
+from snnet.core.errors import SNNetError
 
 _TRAIN_NAMES = ("train", "training")
 _VAL_NAMES = ("validation", "val", "valid", "eval", "evaluation")

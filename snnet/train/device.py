@@ -1,7 +1,6 @@
 """Where a run executes: the device, the process group (torchrun, incl. --max-restarts retries) and precision."""
 from __future__ import annotations
 
-from snnet.core.errors import SNNetError
 import argparse
 import contextlib
 import os
@@ -10,6 +9,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from snnet.core.errors import SNNetError
 
 
 class DeviceError(SNNetError):

@@ -1,11 +1,12 @@
 """Optimizer and LR schedule of a run: parameter groups, the LR rule, timm's optimizer and scheduler factories."""
 from __future__ import annotations
 
-from snnet.core.errors import SNNetError
 import argparse
 
 import torch
 from torch import nn
+
+from snnet.core.errors import SNNetError
 
 
 class OptimError(SNNetError):

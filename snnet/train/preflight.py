@@ -7,13 +7,13 @@ one process, not one per rank followed by torchrun's traceback.
 """
 from __future__ import annotations
 
-from snnet.core.errors import SNNetError, UsageError, one_line
 import argparse
 import os
 import sys
 import time
 from pathlib import Path
 
+from snnet.core.errors import SNNetError, UsageError, one_line
 from snnet.core.config import StitchConfig
 
 
