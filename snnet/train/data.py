@@ -222,26 +222,26 @@ def check_data(args: argparse.Namespace, need_train: bool, world_size: int) -> N
     train_dir, val_dir = resolve_folders(args, need_train)
     train_dir = train_dir if need_train else None
     mapping = _load_class_map(args, train_dir or val_dir) if getattr(args, "class_map", "") else None
-    scans = {}
+    raw, scans = {}, {}  # each split folder walked once: class folder -> images, as found / as the class map keeps
     for path, what in ((train_dir, "train"), (val_dir, "validation")):
         if path is not None:
-            counts = scan_image_folder(path, what)
-            scans[what] = {c: n for c, n in counts.items() if c in mapping} if mapping is not None else counts
+            raw[what] = scan_image_folder(path, what)
+            scans[what] = {c: n for c, n in raw[what].items() if c in mapping} if mapping is not None else raw[what]
     for path, what in ((train_dir, "train"), (val_dir, "validation")):
-        hidden = sorted(c for c in (scan_image_folder(path, what) if path is not None else {}) if _hidden(c))
+        hidden = sorted(c for c in raw.get(what, {}) if _hidden(c))
         if hidden:
             raise DataError(f"{what} folder {path!r} has a hidden folder with images, {hidden[0]!r} (e.g. Jupyter's "
                             f".ipynb_checkpoints): timm's reader would make it a class of its own; remove it")
     if mapping is not None:
         for path, what in ((train_dir, "train"), (val_dir, "validation")):
-            left_out = sorted(set(scan_image_folder(path, what)) - set(mapping)) if path is not None else []
+            left_out = sorted(set(raw[what]) - set(mapping)) if path is not None else []
             if left_out:
                 raise DataError(f"{what} folder {path!r} has class folders with images that --class-map "
                                 f"{args.class_map!r} leaves out ({_first(left_out)}): their images would be dropped "
                                 f"without a word; add them to the class map or move them out of the folder")
             if path is not None and not scans[what]:
                 raise DataError(f"{what} folder {path!r} has no images of the classes in --class-map "
-                                f"{args.class_map!r} (its folders: {_first(scan_image_folder(path, what))}); "
+                                f"{args.class_map!r} (its folders: {_first(raw[what])}); "
                                 f"check the class map")
     elif train_dir and val_dir and set(scans["train"]) != set(scans["validation"]):
         only_train, only_val = set(scans["train"]) - set(scans["validation"]), set(scans["validation"]) - set(scans["train"])
