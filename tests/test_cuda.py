@@ -202,7 +202,7 @@ def test_pinned_memory_loaders(digits_folder, tiny_config):
     x, y = next(iter(create_train_loader(train, args, cfg, CUDA)))
     assert x.device.type == "cuda" and y.device.type == "cuda" and x.shape == (16, 3, IMG, IMG)
     assert -1.01 <= float(x.min()) and float(x.max()) <= 1.01  # normalised on the device by the prefetcher
-    xe, ye = next(iter(create_eval_loader(val, args, cfg)))
+    xe, ye, _ = next(iter(create_eval_loader(val, args, cfg)))
     assert xe.is_pinned() and ye.is_pinned()
 
 

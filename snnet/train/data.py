@@ -541,16 +541,27 @@ class _StrictImages(torch.utils.data.Dataset):
                             f"images, so that every count is exact)") from None
 
 
-class _Shard(Subset):
-    """Every world_size-th sample from `rank`: disjoint shards with no padding, so reduced counts are exact."""
+class _Shard(torch.utils.data.Dataset):
+    """Every world_size-th sample from `rank`: disjoint shards with no padding, so reduced counts are exact. Each
+    sample is (image, label, index): the index is the image's place in the whole split (the id of its per-image
+    prediction, whatever the number of ranks)."""
 
     def __init__(self, dataset, rank: int, world_size: int):
-        super().__init__(dataset, list(range(rank, len(dataset), world_size)))
+        self.dataset, self.indices = dataset, list(range(rank, len(dataset), world_size))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        index = self.indices[i]
+        image, label = self.dataset[index]
+        return image, label, index
 
 
 def create_eval_loader(dataset, args: argparse.Namespace, data_cfg: dict[str, Any] | Sequence[dict[str, Any]],
                        rank: int = 0, world_size: int = 1, batch_size: int | None = None) -> DataLoader:
-    """The evaluation loader: batches (images, labels), in order, this rank's disjoint shard. With a sequence of
+    """The evaluation loader: batches (images, labels, sample ids), in order, this rank's disjoint shard; a sample id
+    is the image's index in the whole split. With a sequence of
     data configs (`anchor_data_configs`' distinct ones) the images of a batch are a list of tensors, one per
     config, of the same images."""
     import copy

@@ -214,7 +214,8 @@ def evaluate_stitches(net: nn.Module, loader: Iterable, cfg_ids: Sequence[int], 
     `shared_prefixes` the routes are walked as a trie so each distinct prefix is computed once per batch
     (snnet/core/route_tree.py). ``shared_prefixes=False`` runs each route from the input (for comparison).
 
-    A batch's images are one tensor, read by every route, or a list of tensors of the same images preprocessed
+    A batch is (images, labels) or (images, labels, sample ids) (`create_eval_loader`). Its images are one tensor,
+    read by every route, or a list of tensors of the same images preprocessed
     per input group (`create_eval_loader` with several data configs), of which each route reads its front
     anchor's (``model.route_input``: a `ComposedNet`'s ``input_groups``): one tensor per root of the trie.
     """
@@ -226,8 +227,8 @@ def evaluate_stitches(net: nn.Module, loader: Iterable, cfg_ids: Sequence[int], 
     progress = Progress(f"Eval {len(cfg_ids)} stitch(es)", len(loader), log_interval,
                         per_phase=(len(cfg_ids), "stitches"))
     peak = 0
-    for i, (x, y) in enumerate(loader, start=1):
-        y = y.to(device, non_blocking=True)
+    for i, batch in enumerate(loader, start=1):
+        x, y = batch[0], batch[1].to(device, non_blocking=True)  # batch[2], when there: the images' sample ids
         if isinstance(x, torch.Tensor):
             x = x.to(device, non_blocking=True)
             inputs = x
