@@ -445,3 +445,48 @@ def test_pareto_unwritable_out(tiny, tmp_path, capsys):
     assert blocker.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
+
+
+def _stamped(ckpt="a" * 64, cfg="c" * 64, samples=360, size=(16, 16), ids=(0, 1, 2)):
+    return [{**json.loads(LINES[i]), "checkpoint_sha256": ckpt, "config_sha256": cfg, "samples": samples,
+             "img_size": list(size)} for i in ids]
+
+
+@pytest.mark.parametrize("key, other, what", [("checkpoint_sha256", "b" * 64, "mixes checkpoints"),
+                                              ("config_sha256", "d" * 64, "mixes stitch configs"),
+                                              ("samples", 200, "mixes numbers of evaluated images"),
+                                              ("checkpoint_sha256", None, "mixes checkpoints")])
+@pytest.mark.parametrize("command", ["pareto", "select", "report"])
+def test_one_file_of_two_evaluations_refused(tmp_path, capsys, key, other, what, command):
+    """Two evaluations concatenated into one file (disjoint cfg_ids, so the repeat check cannot see it): its front
+    would rank numbers never measured together."""
+    records = _stamped()
+    records[2] = {**records[2], key: other}
+    path = tmp_path / "mixed.txt"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    extra = {"pareto": ["--out", tmp_path / "out"], "select": ["--max-flops", "1G"],
+             "report": ["--out", tmp_path / "out" / "r.html"]}[command]
+    rc, out, err = run_cli(capsys, command, path, *extra)
+    assert_refused(rc, err, "mixed.txt", what, "cfg_id 0", "cfg_id 2", "one front needs one evaluation")
+    assert out == "" and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["pareto", "report"])
+def test_files_of_different_evaluation_sets_not_combined(tmp_path, capsys, command):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("".join(json.dumps(r) + "\n" for r in _stamped()))
+    b.write_text("".join(json.dumps(r) + "\n" for r in _stamped(ckpt="b" * 64, samples=500)))
+    out_flag = ["--out", tmp_path / "out"] if command == "pareto" else ["--out", tmp_path / "out" / "r.html"]
+    rc, out, err = run_cli(capsys, command, a, b, *out_flag)
+    assert_refused(rc, err, "different numbers of images", "'a': 360", "'b': 500", "same validation split")
+    assert not (tmp_path / "out").exists()
+
+
+def test_files_at_different_image_sizes_combined_with_a_note(tmp_path, capsys):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("".join(json.dumps(r) + "\n" for r in _stamped()))
+    b.write_text("".join(json.dumps(r) + "\n" for r in _stamped(ckpt="b" * 64, size=(24, 24))))
+    rc, out, err = run_cli(capsys, "pareto", a, b, "--out", tmp_path / "out")
+    assert rc == 0, err
+    assert "combined front mixes image sizes ('a': 16x16, 'b': 24x24)" in err
+    assert "## combined" in out

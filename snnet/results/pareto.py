@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from snnet.core.fileio import save_figure, write_text_atomic
-from snnet.results.records import RESULTS_FILE, ResultsError, is_number, read_results
+from snnet.results.records import RESULTS_FILE, ResultsError, check_same_evaluation_set, is_number, read_results
 
 COSTS = ("flops", "params", "latency")
 
@@ -342,6 +342,23 @@ def _anchors(records: list[dict[str, Any]], given: int | None, path: str, notes:
     return n
 
 
+def read_series(paths: Sequence[str | Path], cost: str, anchors: int | None, notes: list[str]
+                ) -> list[tuple[str, str, list[dict[str, Any]], int]]:
+    """Every file read and checked before anything is built: (label, path, records, anchor count) per file. Each
+    file is one evaluation (`check_one_evaluation`), has the cost axis, and several files were evaluated on the same
+    images (`check_same_evaluation_set`); `notes` gains what was inferred or is worth saying."""
+    if anchors is not None and anchors < 1:
+        raise ResultsError(f"--anchors {anchors} must be >= 1 (SN-Net's files hold 2 or 3 anchors)")
+    series = []
+    for path, label in zip(paths, labels(paths)):
+        records = read_results(path)
+        require_cost(records, cost, str(path))
+        series.append((label, str(path), records, _anchors(records, anchors, str(path), notes)))
+    if len(series) > 1:
+        notes += check_same_evaluation_set([(s[0], s[2]) for s in series])
+    return series
+
+
 @dataclass
 class ParetoReport:
     """What `snnet pareto` shows and writes for some results files (one cost axis)."""
@@ -364,13 +381,8 @@ def pareto_report(paths: Sequence[str | Path], cost: str = "flops", anchors: int
     """Pareto front of each results file and, with several, the combined front (which network of which SN-Net
     to deploy at each cost), and each file's front quality (snnet/results/quality.py; the anchor drift against the
     `before` file's anchors). Every file is read and checked before anything is built."""
-    if anchors is not None and anchors < 1:
-        raise ResultsError(f"--anchors {anchors} must be >= 1 (SN-Net's files hold 2 or 3 anchors)")
     report = ParetoReport(cost, [])
-    for path, label in zip(paths, labels(paths)):
-        records = read_results(path)
-        require_cost(records, cost, str(path))
-        report.series.append((label, str(path), records, _anchors(records, anchors, str(path), report.notes)))
+    report.series = read_series(paths, cost, anchors, report.notes)
     report.markdown = f"# Pareto front by {cost}\n"
     report.data = {"by": cost, "files": []}
     for label, path, records, n in report.series:

@@ -132,6 +132,49 @@ def parse_results(text: str, source: str, owner: Callable[[dict[str, Any]], None
     return records, torn
 
 
+#: what one evaluation shares across its records: (key, what a difference means)
+_ONE_EVALUATION = (("checkpoint_sha256", "checkpoints"), ("config_sha256", "stitch configs"),
+                   ("samples", "numbers of evaluated images (other data)"))
+
+
+def check_one_evaluation(records: Sequence[dict[str, Any]], source: str) -> None:
+    """Refuse a file whose records come from several evaluations: different checkpoints, configs or evaluation
+    sets (image counts), e.g. two files concatenated. Its front would rank networks by numbers that were never
+    measured together. A key that no record has (SN-Net's files, a tool's records) is not compared; one that some
+    records have and others lack counts as a difference."""
+    for key, what in _ONE_EVALUATION:
+        values = {}
+        for r in records:
+            values.setdefault(json.dumps(r.get(key)), r["cfg_id"])
+        if len(values) > 1:
+            (a, ca), (b, cb) = list(values.items())[:2]
+            raise ResultsError(f"{source} mixes {what}: cfg_id {ca} has {key} {_short(a)}, cfg_id {cb} has "
+                               f"{_short(b)}; one front needs one evaluation: keep the lines of one run (or "
+                               f"evaluate all stitches again with train.py --eval --resume CKPT)")
+
+
+def _short(value: str) -> str:
+    return "none" if value == "null" else value[:14] + "...\"" if len(value) > 16 else value
+
+
+def check_same_evaluation_set(series: Sequence[tuple[str, Sequence[dict[str, Any]]]]) -> list[str]:
+    """Files combined into one front must have been evaluated on the same images: refuse different image counts
+    (other data: accuracies that cannot be compared); return notes for what is allowed but worth saying (records
+    at different image sizes: each file's costs are measured at its own size)."""
+    counts = {lab: recs[0].get("samples") for lab, recs in series if recs and recs[0].get("samples") is not None}
+    if len(set(counts.values())) > 1:
+        detail = ", ".join(f"{lab!r}: {n}" for lab, n in counts.items())
+        raise ResultsError(f"the files were evaluated on different numbers of images ({detail}): their accuracies "
+                           f"are not comparable in one front; evaluate them on the same validation split")
+    notes = []
+    sizes = {lab: tuple(r["img_size"]) for lab, recs in series for r in recs[:1] if r.get("img_size")}
+    if len(set(sizes.values())) > 1:
+        detail = ", ".join(f"{lab!r}: {'x'.join(map(str, s))}" for lab, s in sizes.items())
+        notes.append(f"note: the combined front mixes image sizes ({detail}); each network's cost is at its own "
+                     f"size")
+    return notes
+
+
 def _read_text(path: Path) -> str:
     if not path.is_file():
         raise ResultsError(f"results file {str(path)!r} does not exist; pass a stitches_res.txt written by "
@@ -153,6 +196,7 @@ def _load(path: str | os.PathLike) -> tuple[Path, list[dict[str, Any]]]:
     if not records:
         raise ResultsError(f"results file {str(path)!r} is empty; evaluate the SN-Net first "
                            f"(train.py --eval --resume CKPT) or pass another file")
+    check_one_evaluation(records, repr(str(path)))
     if torn is not None:  # said, not dropped silently: that stitch is missing from whatever is built from the file
         _logger.warning(f"note: {path}: line {torn} is incomplete (an interrupted evaluation?) and left out")
     return path, records

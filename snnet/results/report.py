@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from snnet.core.fileio import write_text_atomic
-from snnet.results.pareto import (_anchors, anchor_name, cost_unit, eval_subtitle, is_anchor, labels, latency_keys,
-                                  parse_route, pareto_front, require_cost, route_of)
-from snnet.results.records import ResultsError, is_number, read_results
+from snnet.results.pareto import (anchor_name, cost_unit, eval_subtitle, is_anchor, latency_keys, parse_route,
+                                  pareto_front, read_series, route_of)
+from snnet.results.records import ResultsError, is_number
 from snnet.results.select import select
 
 # one colour per results file (matplotlib's tab10, in the order the PNG of `snnet pareto` uses) and per anchor
@@ -114,14 +114,8 @@ def report_data(paths: Sequence[str | Path], cost: str = "flops", anchors: int |
     """Everything the page shows, as JSON-ready data, and notes for stderr (how anchors were found, which costs
     are not offered). `cost` is the axis shown first: refused, as by `snnet pareto --by`, when the records lack it;
     the page offers every other cost that every record holds. Every file is read and checked first."""
-    if anchors is not None and anchors < 1:
-        raise ResultsError(f"--anchors {anchors} must be >= 1 (SN-Net's files hold 2 or 3 anchors)")
     notes: list[str] = []
-    series = []
-    for path, label in zip(paths, labels(paths)):
-        records = read_results(path)
-        require_cost(records, cost, str(path))
-        series.append((label, str(path), records, _anchors(records, anchors, str(path), notes)))
+    series = read_series(paths, cost, anchors, notes)
     everything = [r for s in series for r in s[2]]
     candidates = ["flops", "params", *latency_keys(everything)]
     offered = [c for c in candidates if all(is_number(r.get(c)) for r in everything)]
