@@ -421,3 +421,17 @@ def test_one_run_from_the_command_line_and_its_usage_errors(anchors, digits_fold
                           *[f"{k}={v}" for k, v in TRAIN.items()])
     assert rc == 0, err
     assert "pair0[..b0] -(linear)-> pair1[b2..]" in stdout and not (tmp_path / "one").exists()
+
+
+def test_repeated_train_flags_add_up():
+    """`--train epochs=1 --train lr=0.1` trains with both (argparse's default would keep only the last)."""
+    import argparse
+
+    from snnet.explore.stitch_train import add_subcommand
+    parser = argparse.ArgumentParser()
+    add_subcommand(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["stitch-train", "--sweep", "s.yaml", "--train", "epochs=1", "img_size=16",
+                              "--train", "lr=0.1", "epochs=2"])
+    assert dict(args.train) == {"epochs": 2, "img_size": 16, "lr": 0.1}
+    again = parser.parse_args(["stitch-train", "--sweep", "s.yaml"])
+    assert again.train == []  # the default list was not extended in place

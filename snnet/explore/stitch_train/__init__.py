@@ -211,8 +211,9 @@ def add_subcommand(sub) -> None:
                    "sweep's `data`)")
     p.add_argument("--sweep", metavar="YAML", help="a sweep file (e.g. configs/sweeps/digits_3x3.yaml)")
     p.add_argument("--out", metavar="DIR", help="output folder (overrides the sweep's `out`)")
-    p.add_argument("--train", type=_key_value, nargs="+", default=[], metavar="FLAG=VALUE",
-                   help="train.py flags for every run, e.g. epochs=3 lr=1e-3 img_size=16 (over the sweep's `train`)")
+    p.add_argument("--train", type=_key_value, nargs="+", action="extend", default=[], metavar="FLAG=VALUE",
+                   help="train.py flags for every run, e.g. epochs=3 lr=1e-3 img_size=16 (over the sweep's `train`); "
+                   "given twice, the flags add up (a key given again takes its later value)")
     p.add_argument("--dry-run", action="store_true", help="check everything and list the runs; train nothing")
     one = p.add_argument_group("one run (without --sweep)")
     one.add_argument("--front", metavar="[LABEL=]ANCHOR", help="NAME (timm), NAME:CHECKPOINT, FILE#INDEX of a stitch "
