@@ -207,3 +207,24 @@ def test_train_py_refuses_positions_the_anchors_do_not_have(digits_folder, tmp_p
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and needle in err[-1] and err[-1].startswith("error: ")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("config,needle", [
+    ({"anchors": TINY, "positions": {"select": "cka", "per_pair": 99}}, "per_pair 99 but"),
+    ({"anchors": [TINY[0], {**TINY[1], "model_kwargs": {**TINY[1]["model_kwargs"], "patch_size": 8}}]},
+     "cannot stitch"),
+    ({"anchors": [TINY[0], {**TINY[1], "model_kwargs": {**TINY[1]["model_kwargs"], "num_heads": 5}}]},
+     "cannot create 'deit_tiny_patch16_224' with arguments"),
+])
+def test_structure_refused_before_any_weight_or_image(tmp_path, capsys, config, needle):
+    """The network's structure is built on the meta device by the preflight: --dry-run, which reads no data folder
+    (none exists here) and no weight, already refuses what only the built anchors could tell."""
+    from snnet.train.main import main
+    cfg = tmp_path / "bad.json"
+    cfg.write_text(json.dumps({**config, "stitch_init_bs": 16}))
+    code = main([str(tmp_path / "no-data"), "--stitch_config", str(cfg), "--img-size", "16", "--no-pretrained",
+                 "--dry-run"])
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 2 and needle in lines[-1] and lines[-1].startswith("error: "), err
+    assert out == ""

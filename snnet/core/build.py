@@ -63,11 +63,17 @@ def _arguments_error(spec: AnchorSpec, kwargs: dict[str, Any], e: BaseException)
                        f"anchor's model_kwargs")
 
 
-def create_anchor(spec: AnchorSpec, pretrained: bool = True, **model_kwargs: Any) -> nn.Module:
-    """timm.create_model by name; weights from the spec's local checkpoint when it names one."""
+def create_anchor(spec: AnchorSpec, pretrained: bool = True, structure_only: bool = False,
+                  **model_kwargs: Any) -> nn.Module:
+    """timm.create_model by name; weights from the spec's local checkpoint when it names one. `structure_only`: the
+    architecture alone, on the meta device (no weight is read, downloaded or even allocated): what the preflight
+    checks the network's structure on, in well under a second for any family."""
     check_model_name(spec.name)
     kwargs = {k: v for k, v in model_kwargs.items() if v is not None}
     kwargs.update(spec.model_kwargs)
+    if structure_only:
+        with torch.device("meta"):
+            return create_anchor(AnchorSpec(spec.name, None, spec.model_kwargs), pretrained=False, **model_kwargs)
     pretrained = pretrained and spec.checkpoint is None
     try:
         model = _create(spec, pretrained, kwargs)
@@ -170,7 +176,7 @@ def check_resolutions(model: SNNet, img_size: int | Sequence[int] = 224, in_chan
                 f"strides), or leave stage {st.stage} out of stitch_stages")
 
 
-def _input_size(cfg: StitchConfig, model: SNNet, model_kwargs: dict) -> tuple[int, int]:
+def input_size_for(cfg: StitchConfig, model: nn.Module, model_kwargs: dict) -> tuple[int, int]:
     size = model_kwargs.get("img_size") or cfg.get("input_size") or model.pretrained_cfg.get("input_size")
     size = size or 224
     return (size, size) if isinstance(size, int) else tuple(size)[-2:]
@@ -191,14 +197,15 @@ def set_constant_drop_path(model: nn.Module, rate: float) -> int:
 
 
 def create_anchors(cfg: StitchConfig, pretrained: bool = True, num_classes: int | None = None,
-                   drop_path_rate: float | None = None, **model_kwargs: Any) -> tuple[list[nn.Module],
-                                                                                 list[AnchorAdapter]]:
+                   drop_path_rate: float | None = None, structure_only: bool = False,
+                   **model_kwargs: Any) -> tuple[list[nn.Module], list[AnchorAdapter]]:
     """A config's anchors from timm (pretrained, or the config's local checkpoints) and their adapters, in config
-    order. Seed before calling: random anchors take the global RNG."""
+    order. Seed before calling: random anchors take the global RNG. `structure_only`: architectures on the meta
+    device, no weights (`create_anchor`)."""
     for a in cfg.anchors:
         check_model_name(a.name)
-    models = [create_anchor(a, pretrained, num_classes=num_classes, drop_path_rate=drop_path_rate, **model_kwargs)
-              for a in cfg.anchors]
+    models = [create_anchor(a, pretrained, structure_only, num_classes=num_classes, drop_path_rate=drop_path_rate,
+                            **model_kwargs) for a in cfg.anchors]
     if cfg.get("drop_path_schedule") == "constant":
         for a, m in zip(cfg.anchors, models):
             set_constant_drop_path(m, a.model_kwargs.get("drop_path_rate", drop_path_rate) or 0.0)
@@ -229,7 +236,7 @@ def snnet_from_anchors(cfg: StitchConfig, models: Sequence[nn.Module], adapters:
         raise ConfigError(f"stitch config: {e}") from None
     model.stitch_config = cfg
     kwargs = {"img_size": img_size} if img_size is not None else {}
-    check_resolutions(model, _input_size(cfg, model, kwargs), in_chans or 3)
+    check_resolutions(model, input_size_for(cfg, model, kwargs), in_chans or 3)
     return model
 
 

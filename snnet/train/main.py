@@ -33,9 +33,10 @@ from snnet.train.engine import TrainContext, default_val_panel, evaluate_stitche
 from snnet.core.fileio import write_text_atomic
 from snnet.train.loggers import Loggers, check_loggers, create_loggers
 from snnet.train.losses import create_loss
-from snnet.core.model import PlainNet, RoutedNet
+from snnet.core.model import RoutedNet
 from snnet.train.optim import anchor_lr_scale, create_optimizer, create_scheduler, epoch_offset, resolve_lrs
-from snnet.train.positions import Selection, write_stitch_plan
+from snnet.train.network import build_network, check_train_exclude
+from snnet.train.positions import write_stitch_plan
 from snnet.core.errors import SNNetError, one_line
 from snnet.train.preflight import check_recipe, check_run, output_dir
 from snnet.core.progress import RunClock
@@ -89,31 +90,6 @@ class Run:
 
 
 # ------------------------------------------------------------------------------------------------------ building
-def build_network(args: argparse.Namespace, stitch_cfg: StitchConfig | None, num_classes: int,
-                  images_from=None) -> tuple[RoutedNet, StitchConfig | None]:
-    """The network, built forward: anchors, then the stitch positions (chosen from data when the config asks, on
-    these anchors), then the SN-Net on them. Returns the network and the config it was built from (positions
-    explicit), which the run records."""
-    kwargs = dict(num_classes=num_classes, drop_path_rate=args.drop_path, drop_rate=args.drop)
-    if args.img_size is not None:
-        kwargs["img_size"] = args.img_size
-    if args.in_chans is not None:
-        kwargs["in_chans"] = args.in_chans
-    if stitch_cfg is None:
-        from snnet.core.build import create_anchor
-        from snnet.core.config import AnchorSpec
-        spec = AnchorSpec(args.model, None, dict(args.model_kwargs))
-        return PlainNet(create_anchor(spec, pretrained=args.pretrained, **kwargs), args.model), None
-    from snnet.core.build import create_anchors, snnet_from_anchors
-    cfg = stitch_cfg.with_model_kwargs(args.model_kwargs)
-    models, adapters = create_anchors(cfg, not args.no_pretrained, **kwargs)
-    if "select" in (cfg.get("positions") or {}):  # "positions" chosen on the training split, before the SN-Net
-        cfg = Selection(args, images_from)(cfg, models, adapters)
-        stitch_cfg = StitchConfig(list(stitch_cfg.anchors), {**stitch_cfg.values, "positions": cfg.get("positions")},
-                                  stitch_cfg.path)
-    return snnet_from_anchors(cfg, models, adapters, args.img_size, args.in_chans), stitch_cfg
-
-
 def _config_text(args: argparse.Namespace, stitch_cfg: StitchConfig | None, data_cfg: dict) -> str:
     ident = {"stitch_config": stitch_cfg.values if stitch_cfg else None,
              "anchors": [a.__dict__ for a in stitch_cfg.anchors] if stitch_cfg else [args.model],
@@ -497,16 +473,6 @@ def _sampler(net: RoutedNet, run: Run, rank: int):
                               train_exclude=train_exclude)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"stitch config field 'sampler' {spec!r}: {e}") from None
-
-
-def check_train_exclude(net: RoutedNet, stitch_cfg: StitchConfig | None) -> None:
-    """The config's ``train_exclude`` names routes this network has, and leaves one to train (refused right after
-    the build, before any work)."""
-    from snnet.train.sampler import train_ids
-    try:
-        train_ids(net.num_configs, (stitch_cfg.get("train_exclude") or []) if stitch_cfg is not None else [])
-    except ValueError as e:
-        raise ConfigError(f"stitch config {getattr(stitch_cfg, 'path', None)!r}: {e}") from None
 
 
 def _setup_training(net: RoutedNet, train_ds, run: Run, resume_state: dict | None):

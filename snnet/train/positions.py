@@ -56,6 +56,38 @@ def edge_units(front_units: Sequence[Unit], end_units: Sequence[Unit], j: int, k
     return fb[(0, j)], entry_unit(end_units, 0, k, eb) - 1
 
 
+def stitchable_positions(net, cuts, a: int, b: int) -> list[tuple[int, int, int, int]]:
+    """The candidate positions of anchors a -> b of an anchors-only ComposedNet that can be stitched, from the units'
+    cut points (`snnet.core.cut.probe`, or the maps' own): (j, k, front unit, end unit) in (j, k) order. The one
+    enumeration of the selection and of the preflight's structural check."""
+    from snnet.core.cut import why_not_stitchable
+    depth_a, depth_b = len(block_units(net.units[a])), len(block_units(net.units[b]))
+    out = []
+    for j in range(depth_a):
+        for k in range(depth_b + 1):
+            ux, uy = edge_units(net.units[a], net.units[b], j, k)
+            if why_not_stitchable(cuts[a][ux], cuts[b][uy]) is None:
+                out.append((j, k, ux, uy))
+    return out
+
+
+def _check_per_pair(net, a: int, b: int, found: int, per_pair: int) -> None:
+    if found < per_pair:
+        raise ConfigError(f"'positions': per_pair {per_pair} but {net.names[a]!r} -> {net.names[b]!r} has "
+                          f"{found} stitchable positions; use 'per_pair' <= {found}")
+
+
+def check_selectable(cfg: StitchConfig, models: Sequence[nn.Module], adapters, img_size, in_chans: int = 3) -> None:
+    """Refuse a ``"positions": {"select": ..., "per_pair": K}`` that no data could satisfy (a pair with fewer than K
+    stitchable positions), from the anchors' structure alone (`structure_only` anchors do; no image is read)."""
+    from snnet.core.cut import probe
+    from snnet.core.maps import anchors_net
+    net = anchors_net(models, adapters, [a.name for a in cfg.anchors])
+    cuts = probe(net, img_size, in_chans)
+    for a in range(net.n_anchors - 1):
+        _check_per_pair(net, a, a + 1, len(stitchable_positions(net, cuts, a, a + 1)), cfg.get("positions")["per_pair"])
+
+
 def select_positions(net, batches, score: str, per_pair: int) -> tuple[list[list[list[int]]], dict[str, Any]]:
     """The `per_pair` best positions of each neighbouring anchor pair of `net` (an anchors-only ComposedNet, e.g.
     similarity.anchors_net) by `score` on `batches` (clean image tensors, a list: they are read twice).
@@ -68,17 +100,9 @@ def select_positions(net, batches, score: str, per_pair: int) -> tuple[list[list
     maps = compatibility_maps(net, batches, pairs=pairs, kl=score == "kl")
     chosen, candidates = [], []
     for a, b in pairs:
-        depth_a, depth_b = len(block_units(net.units[a])), len(block_units(net.units[b]))
-        scored = []
-        for j in range(depth_a):
-            for k in range(depth_b + 1):
-                ux, uy = edge_units(net.units[a], net.units[b], j, k)
-                v = maps.value(key, (a, ux, b, uy))
-                if v is not None:
-                    scored.append((j, k, v))
-        if len(scored) < per_pair:
-            raise ConfigError(f"'positions': per_pair {per_pair} but {net.names[a]!r} -> {net.names[b]!r} has "
-                              f"{len(scored)} stitchable positions; use 'per_pair' <= {len(scored)}")
+        scored = [(j, k, v) for j, k, ux, uy in stitchable_positions(net, maps.cuts, a, b)
+                  if (v := maps.value(key, (a, ux, b, uy))) is not None]
+        _check_per_pair(net, a, b, len(scored), per_pair)
         best = sorted(scored, key=lambda t: (-sign * t[2], t[0], t[1]))[:per_pair]
         chosen.append(sorted([j, k] for j, k, _ in best))
         candidates.append([[j, k, round(v, 6)] for j, k, v in scored])

@@ -113,6 +113,18 @@ def check_recipe(args: argparse.Namespace, stitch_cfg: StitchConfig | None, worl
     teacher): `--dry-run`, which resolves a run for another machine, runs these too."""
     check_augmentation(args, stitch_cfg)
     check_training(args, world_size)
+    check_structure(args, stitch_cfg)
+
+
+def check_structure(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
+    """The network built as the run builds it, on the meta device (no weight read, downloaded or allocated): model
+    arguments timm refuses, anchors that cannot be stitched at this input size, a positions selection asking for
+    more positions than a pair has, and routes `train_exclude` names that the network lacks."""
+    from snnet.train.network import build_network, check_train_exclude
+    num_classes = args.num_classes or (stitch_cfg.get("num_classes") if stitch_cfg is not None else None) or 1000
+    net, cfg = build_network(args, stitch_cfg, num_classes, structure_only=True)
+    if net is not None:
+        check_train_exclude(net, cfg)
 
 
 def check_training(args: argparse.Namespace, world_size: int = 1) -> None:
