@@ -177,3 +177,14 @@ def test_truncated_training_image_is_named(tmp_path, caplog, ext):
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert lines == [lines[0]] and f"skipped training image '{victim}'" in lines[0], lines
     assert ds._max_retries > 1 and ds.transform is None  # the caller's dataset is untouched
+
+
+def test_image_over_pils_decompression_bomb_limit_named(good, monkeypatch):
+    """An image above PIL's pixel limit (lowered here so that a 32x32 image is one) is named before any work, with
+    the limit and the fix, instead of failing in timm's loader mid-run."""
+    big = good / "val" / "3" / "big.png"
+    Image.new("RGB", (32, 32)).save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)  # 1024 pixels > 2 x 400: PIL refuses to open it
+    with pytest.raises(DataError, match=r"validation image .*big.png' is too large for PIL \(Image size \(1024 "
+                                        r"pixels\) exceeds limit of 800 pixels.*; downscale it"):
+        check_data(data_args(good), need_train=True, world_size=1)

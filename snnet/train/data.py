@@ -289,6 +289,9 @@ def check_image_headers(folder: str, what: str, per_class: int | None = None) ->
             try:
                 with Image.open(path) as img:
                     mode = img.mode
+            except Image.DecompressionBombError as e:  # timm's loader would refuse it mid-run
+                raise DataError(f"{what} image {path!r} is too large for PIL ({' '.join(str(e).split())[:120]}); "
+                                f"downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from None
             except Exception as e:
                 raise DataError(f"{what} image {path!r} cannot be read ({type(e).__name__}); remove or replace it "
                                 f"(evaluation does not skip images, so that every count is exact)") from None
