@@ -90,6 +90,10 @@ def world(tmp_path_factory, digits_folder, tiny_config):
     (w / "rso.json").write_text(json.dumps({"anchors": TINY, "sampler": {"type": "rso"}}))
     (w / "wide_gap.json").write_text(json.dumps({"anchors": TINY, "sampler": {"type": "ros", "gap": 1000}}))
     (w / "nine.txt").write_text("\n".join(str(c) for c in range(9)) + "\n")  # leaves class 9 out
+    (w / "per_pair.json").write_text(json.dumps({"anchors": TINY, "positions": {"select": "cka", "per_pair": 99}}))
+    coarse = [TINY[0], dict(TINY[1], model_kwargs=dict(TINY[1]["model_kwargs"], patch_size=8))]
+    (w / "coarse.json").write_text(json.dumps({"anchors": coarse}))  # 16 tokens vs 4: no stitch joins them
+    (w / "exclude.json").write_text(json.dumps({"anchors": TINY, "train_exclude": [40]}))
     return w
 
 
@@ -215,6 +219,11 @@ CASES = [
     ("16-bit validation image", "{w}/wide --stitch_config {cfg} --eval", "is a I;16 (16/32-bit) image"),
     ("class map leaving a class out", "{data} --stitch_config {cfg} --class-map {w}/nine.txt --num-classes 10",
      "leaves out ('9')"),
+    # what only the built network tells: the preflight builds it on the meta device (no weight, no image)
+    ("more positions asked than a pair has", "{data} --stitch_config {w}/per_pair.json", "per_pair 99 but"),
+    ("anchors whose tokens never match", "{data} --stitch_config {w}/coarse.json", "cannot stitch"),
+    ("train_exclude naming no route", "{data} --stitch_config {w}/exclude.json",
+     "train_exclude [40] names cfg_ids this network does not have"),
 ]
 
 
