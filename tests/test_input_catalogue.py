@@ -168,6 +168,10 @@ CASES = [
     ("unknown teacher", "{data} --stitch_config {cfg} --teacher regnety_16 --distillation-type hard",
      "unknown timm model name 'regnety_16'"),
     ("distillation without teacher", "{data} --stitch_config {cfg} --distillation-type soft", "needs --teacher NAME"),
+    ("missing teacher checkpoint", "{data} --stitch_config {cfg} --distillation-type hard --teacher resnet18 "
+     "--teacher-checkpoint {w}/no_teacher.pth", "'{w}/no_teacher.pth' does not exist"),
+    ("teacher checkpoint of another model", "{data} --stitch_config {cfg} --distillation-type hard --teacher resnet18 "
+     "--teacher-checkpoint {w}/other_config.pth.tar", "does not fit the teacher 'resnet18'"),
     ("unknown optimizer", "{data} --stitch_config {cfg} --opt adamx", "--opt 'adamx'"),
     ("unknown scheduler", "{data} --stitch_config {cfg} --sched cosin", "--sched 'cosin'"),
     ("CUDA on a CPU machine", "{data} --stitch_config {cfg} --device cuda", "CUDA is not available here"),

@@ -166,3 +166,21 @@ def test_dry_run_runs_the_checks_that_need_nothing_of_this_machine(capsys):
     assert main(base) == 0 and "resolved:" in capsys.readouterr().out
     assert main(base + ["--sched", "cosin"]) == 2
     assert "--sched 'cosin'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("num_classes", [None, 10])
+def test_teacher_checkpoint_checked_before_work(tmp_path, num_classes):
+    """--teacher-checkpoint is compared with the teacher's meta-device structure in the preflight: its own weights
+    pass (whatever the head's size when the data decides it), another model's are one CheckpointError."""
+    import timm
+
+    from snnet.core.checkpoint import CheckpointError
+    from snnet.train.preflight import _check_teacher_checkpoint
+    own = tmp_path / "teacher.pth"
+    torch.save({"state_dict": timm.create_model("resnet18", num_classes=10).state_dict()}, own)
+    args = argparse.Namespace(teacher="resnet18", teacher_checkpoint=str(own), num_classes=num_classes)
+    _check_teacher_checkpoint(args)
+    other = tmp_path / "other.pth"
+    torch.save({"state_dict": timm.create_model("resnet34", num_classes=10).state_dict()}, other)
+    with pytest.raises(CheckpointError, match="does not fit the teacher 'resnet18' .*unexpected"):
+        _check_teacher_checkpoint(argparse.Namespace(**{**vars(args), "teacher_checkpoint": str(other)}))

@@ -64,6 +64,29 @@ def check_checkpoints(args: argparse.Namespace, stitch_cfg: StitchConfig | None 
         if path != args.resume or stitch_cfg is None:
             continue
         check_same_network(stitch_cfg, state, path, args.stitch_config, "pass the config it was trained with")
+    if args.teacher_checkpoint and args.distillation_type != "none" and not args.eval:
+        _check_teacher_checkpoint(args)
+
+
+def _check_teacher_checkpoint(args: argparse.Namespace) -> None:
+    """--teacher-checkpoint: a readable pickle-free checkpoint whose keys and shapes fit the teacher (compared with
+    the teacher's meta-device structure: no weight is allocated; the classifier only where --num-classes is given,
+    as the data decides its size otherwise)."""
+    from snnet.core.build import create_anchor
+    from snnet.core.checkpoint import CheckpointError, fit_report, load_checkpoint
+    from snnet.core.config import AnchorSpec
+    state = load_checkpoint(args.teacher_checkpoint, "--teacher-checkpoint")["state_dict"]
+    teacher = create_anchor(AnchorSpec(args.teacher), pretrained=False, structure_only=True,
+                            num_classes=args.num_classes)
+    own = teacher.state_dict()
+    if args.num_classes is None:  # the head's size is the data's: compare the rest
+        head = teacher.get_classifier()
+        names = {f"{n}.{k}" for n, m in teacher.named_modules() if m is head for k in m.state_dict()}
+        own, state = ({k: v for k, v in d.items() if k not in names} for d in (own, state))
+    report = fit_report(own, state)
+    if report:
+        raise CheckpointError(f"--teacher-checkpoint {args.teacher_checkpoint!r} does not fit the teacher "
+                              f"{args.teacher!r} ({report}); pass the teacher's own checkpoint or its --teacher NAME")
 
 
 def _check_epochs_left(args: argparse.Namespace, state: dict) -> None:
