@@ -80,13 +80,13 @@ def resolve_device(args: argparse.Namespace) -> torch.device:
     args.device = str(device_from_flag(args.device))
     attempt = _agree_on_attempt()
     if attempt > 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        _init_restarted_group(args, attempt)
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        args.distributed, args.local_rank = True, local
-        args.rank, args.world_size = dist.get_rank(), dist.get_world_size()
-        if args.device.startswith("cuda"):
+        if args.device.startswith("cuda"):  # before the group: NCCL binds each process to its current device
             args.device = f"cuda:{local}"
             torch.cuda.set_device(args.device)
+        _init_restarted_group(args, attempt)
+        args.distributed, args.local_rank = True, local
+        args.rank, args.world_size = dist.get_rank(), dist.get_world_size()
         return torch.device(args.device)
     return init_distributed_device(args)
 
