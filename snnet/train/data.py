@@ -184,9 +184,30 @@ def _check_num_classes(args: argparse.Namespace, classes: int, where: str) -> No
 _TORCH_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "kmnist": 10, "fashion_mnist": 10, "qmnist": 10}
 
 
+def hf_folder(args: argparse.Namespace) -> str:
+    """The local Hugging Face dataset folder of ``--dataset hfds/NAME`` or ``hfids/NAME``: --data-dir/NAME (parquet
+    files in the Hub's layout, data/<split>-*.parquet, or anything `datasets.load_dataset` reads from a folder).
+    Nothing is downloaded: a name that is no such folder is refused."""
+    rest = args.dataset.partition("/")[2]
+    folder = os.path.join(args.data_dir, rest) if rest else args.data_dir
+    if not os.path.isdir(folder):
+        raise DataError(f"--dataset {args.dataset!r}: no folder {folder!r}; put the dataset's files (e.g. "
+                        f"data/train-*.parquet, data/validation-*.parquet) in --data-dir/{rest or 'NAME'} (nothing "
+                        f"is downloaded)")
+    return os.path.abspath(folder)
+
+
 def _check_other_dataset(args: argparse.Namespace) -> None:
-    """What is cheap to check for timm's non-folder datasets (torch/...): the name and the root."""
+    """What is cheap to check for timm's non-folder datasets (torch/..., hfds/..., hfids/...): the name and the root."""
     prefix, sep, rest = args.dataset.partition("/")
+    if prefix.lower() in ("hfds", "hfids"):
+        hf_folder(args)
+        try:
+            import datasets  # noqa: F401  (timm's readers need it)
+        except ImportError:
+            raise DataError(f"--dataset {args.dataset!r} needs the Hugging Face datasets package; pip install "
+                            f"-r requirements.txt") from None
+        return
     if prefix.lower() != "torch" or not sep:
         return
     from timm.data import dataset_factory
@@ -216,6 +237,12 @@ def check_data(args: argparse.Namespace, need_train: bool, world_size: int) -> N
     missing from one split would shift the labels of the other) unless --class-map fixes the numbering;
     --num-classes covers the classes; training gives each of `world_size` processes at least one optimizer step.
     Images are counted as timm's folder reader counts them (its extensions, its labels)."""
+    from snnet.train.streams import check_shards, is_shards
+    if is_shards(args.dataset):  # WebDataset shards: every shard's headers, counts and class indices
+        counts = check_shards(args, need_train, world_size, _TRAIN_NAMES, _VAL_NAMES)
+        if need_train:
+            _check_steps(args, counts["train"], f"the shards in {args.data_dir!r}", world_size)
+        return
     if args.dataset != "":
         _check_other_dataset(args)
         return
@@ -304,6 +331,10 @@ def check_image_headers(folder: str, what: str, per_class: int | None = None) ->
 
 def create_datasets(args: argparse.Namespace, need_train: bool):
     from timm.data import create_dataset
+
+    from snnet.train.streams import is_shards
+    if is_shards(args.dataset):  # read by snnet.train.streams (exact, resumable), not timm's wds reader
+        return _shard_datasets(args, need_train)
     if args.dataset == "":
         train_dir, val_dir = resolve_folders(args, need_train)
         make = lambda path, training: create_dataset("", root=path, split="", search_split=False,
@@ -313,9 +344,16 @@ def create_datasets(args: argparse.Namespace, need_train: bool):
     else:
         kw = dict(root=args.data_dir, class_map=args.class_map, download=args.dataset_download,
                   batch_size=args.batch_size, seed=args.seed)
-        train = create_dataset(args.dataset, split=args.train_split, is_training=True, **kw) if need_train else None
+        name, val_name = args.dataset, args.dataset
+        prefix = args.dataset.partition("/")[0].lower()
+        if prefix in ("hfds", "hfids"):  # local files only: the folder --data-dir/NAME, its cache in --data-dir
+            folder = hf_folder(args)
+            name, val_name = f"{prefix}/{folder}", f"hfds/{folder}"  # evaluation indexed: each image once, its id
+            kw["download"] = prefix == "hfids"  # hfids: prepared from the local files, so the split sizes are known
+        train = create_dataset(name, split=args.train_split, is_training=True, **kw) if need_train else None
         try:
-            val = create_dataset(args.dataset, split=args.val_split, is_training=False, **kw)
+            val = create_dataset(val_name, split=args.val_split, is_training=False, **kw)
+            val.source = f"{val_name.partition('/')[0]}:{val_name.partition('/')[2]} split {args.val_split}"
         except Exception:
             val = None
     for ds, what in ((train, "train"), (val, "validation")):
@@ -324,7 +362,60 @@ def create_datasets(args: argparse.Namespace, need_train: bool):
     return train, val
 
 
+def _shard_datasets(args: argparse.Namespace, need_train: bool):
+    """(train, val) of ``--dataset wds/NAME`` in --data-dir: `snnet.train.streams.ShardDataset`s (val None when the
+    shards have no validation split)."""
+    from snnet.train.streams import ShardDataset, find_split, read_info, shard_root
+    root = shard_root(args.data_dir, args.dataset)
+    train = None
+    if need_train:
+        split = find_split(root, args.train_split, _TRAIN_NAMES)
+        if split is None:
+            raise DataError(f"shard folder {root!r} has no {args.train_split!r} split in its _info.json (it has "
+                            f"{', '.join(read_info(root)['splits'])}); pass --train-split")
+        train = ShardDataset(split, True, args.seed)
+    split = find_split(root, args.val_split, _VAL_NAMES)
+    return train, ShardDataset(split, False, args.seed) if split is not None else None
+
+
+def write_folder_shards(folder: str, out: str, shard_size: int, name: str | None = None) -> dict:
+    """``snnet shards``: the split folders of an ImageFolder (train/, val/ or validation/), checked as a training run
+    checks them, written as WebDataset shards (`snnet.train.streams.write_shards`)."""
+    from snnet.train.streams import write_shards
+    if not os.path.isdir(folder):
+        raise DataError(f"image folder {folder!r} does not exist; give an ImageFolder root with train/ and val/")
+    splits = {d: os.path.join(folder, d) for d in (*_TRAIN_NAMES, *_VAL_NAMES) if os.path.isdir(os.path.join(folder, d))}
+    if not splits:
+        raise DataError(f"image folder {folder!r} has no train/ or val/ (validation/) folder; lay it out as "
+                        f"{folder}/train/<class>/<image>")
+    for split, path in splits.items():
+        _check_image_folder(path, split)
+        scan_image_folder(path, split)  # loops, folders reached twice through links: refused as for training
+    return write_shards(splits, out, shard_size, name or os.path.basename(os.path.abspath(folder)))
+
+
+def _shown_path(path: str) -> str:
+    """A path as a results record shows it: relative to the working folder when inside it (a committed result names
+    no machine's home), else absolute."""
+    path = os.path.abspath(path)
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def data_source(dataset) -> str:
+    """Where a split's images come from, for the results record: the shard folder and split, or the image folder."""
+    if getattr(dataset, "source", None):
+        return dataset.source
+    split = getattr(dataset, "split", None)
+    if split is not None and hasattr(split, "files"):
+        return f"wds:{_shown_path(split.root)} split {split.name} ({len(split.files)} shards)"
+    root = getattr(getattr(dataset, "reader", None), "root", None)
+    return f"folder:{_shown_path(root)}" if root else type(dataset).__name__
+
+
 def num_classes_of(dataset) -> int | None:
+    if getattr(dataset, "num_classes", None):  # shards: _info.json's count
+        return int(dataset.num_classes)
     reader = getattr(dataset, "reader", None)
     mapping = getattr(reader, "class_to_idx", None)
     return len(mapping) if mapping else None
@@ -408,8 +499,13 @@ def create_train_loader(dataset, args: argparse.Namespace, data_cfg: dict[str, A
                         collate_fn=None):
     """timm's training loader; a timm ImageDataset is wrapped so that a skipped unreadable image is named."""
     from timm.data import ImageDataset, create_loader
+
+    from snnet.train.streams import ShardDataset
     if isinstance(dataset, ImageDataset):
         dataset = _NamedSkips(dataset)
+    elif isinstance(dataset, ShardDataset):  # this rank's deterministic stream (set_epoch before each epoch)
+        from snnet.train.device import world
+        dataset = dataset.train_stream(*(world() if args.distributed else (0, 1)), args.batch_size)
     num_aug_splits = args.aug_splits if args.aug_splits > 1 else 0
     loader = create_loader(
         dataset, input_size=data_cfg["input_size"], batch_size=args.batch_size, is_training=True,
@@ -568,11 +664,28 @@ def create_eval_loader(dataset, args: argparse.Namespace, data_cfg: dict[str, An
     data configs (`anchor_data_configs`' distinct ones) the images of a batch are a list of tensors, one per
     config, of the same images."""
     import copy
+
+    from snnet.train.streams import ShardDataset
+    batch_size = batch_size or args.validation_batch_size or args.batch_size
+    if isinstance(dataset, ShardDataset):  # this rank's contiguous range of the shards, whole batches per worker
+        stream = dataset.eval_stream(rank, world_size, batch_size)
+        stream.transform = eval_transform(data_cfg)
+        return DataLoader(stream, batch_size=batch_size, num_workers=args.workers, pin_memory=args.pin_mem,
+                          drop_last=False, persistent_workers=False)
     dataset = copy.copy(dataset)
     dataset.transform = eval_transform(data_cfg)
     return DataLoader(_Shard(_StrictImages(dataset), rank, world_size), batch_size=batch_size or args.validation_batch_size
                       or args.batch_size, shuffle=False, num_workers=args.workers, pin_memory=args.pin_mem,
                       drop_last=False, persistent_workers=False)
+
+
+def _indexable(dataset):
+    """An hfids (streamed) split as the map-style hfds dataset of the same local files, for a random draw."""
+    reader = getattr(dataset, "reader", None)
+    if isinstance(dataset, torch.utils.data.IterableDataset) and type(reader).__name__ == "ReaderHfids":
+        from timm.data import create_dataset
+        return create_dataset(f"hfds/{reader.name}", root=reader.root, split=reader.split, is_training=False)
+    return dataset
 
 
 class CleanImages:
@@ -586,10 +699,15 @@ class CleanImages:
     def __init__(self, dataset, data_cfg: dict[str, Any] | Sequence[dict[str, Any]], count: int, seed: int,
                  rank: int = 0, world_size: int = 1, batch_size: int = 50):
         import copy
-        self.base = copy.copy(dataset)  # same samples, its own transform
-        self.base.transform = eval_transform(data_cfg)
-        order = np.random.default_rng(seed).permutation(len(self.base))[:count]
+        from snnet.train.streams import ShardDataset
+        dataset = _indexable(dataset)
+        order = np.random.default_rng(seed).permutation(len(dataset))[:count]
         self.indices = [int(i) for i in order[rank::world_size]]
+        if isinstance(dataset, ShardDataset):  # the same images as the folder's, read once from their shards
+            self.base, self.indices = dataset.subset(self.indices), list(range(len(self.indices)))
+        else:
+            self.base = copy.copy(dataset)  # same samples, its own transform
+        self.base.transform = eval_transform(data_cfg)
         self.requested, self.count, self.local_count = count, len(order), len(self.indices)
         self.batch_size = batch_size
 

@@ -1,0 +1,527 @@
+"""WebDataset tar shards: written from an ImageFolder (`write_shards`, ``snnet shards``), checked before a run
+(`check_shards`), and read for training, the LS init and an exact evaluation (``--dataset wds/NAME``).
+
+The layout is timm's (its ``wds/`` reader reads these shards too): a folder of tar files and an ``_info.json``
+listing, per split, the shard file names, the samples in each shard and their total::
+
+    {"name": "digits", "num_classes": 10, "classes": ["0", ...],
+     "splits": {"train": {"name": "train", "num_samples": 1437, "filenames": ["train-000000.tar", ...],
+                          "shard_lengths": [256, ...]}, "val": {...}}}
+
+A sample is the tar members sharing a key: ``<key>.png`` (or .jpg), ``<key>.cls`` (the class index as text) and
+``<key>.json`` (the source file name). Shards are read here with Python's tarfile, not timm's reader (which needs
+the webdataset package and, for a distributed evaluation, pads or repeats samples), so that:
+
+* evaluation is exact: the split's samples, in shard order, are numbered 0..N-1 (the sample id of a per-image
+  prediction); rank r of W evaluates the contiguous range [r*N//W, (r+1)*N//W), split further into whole batches
+  per loader worker; a worker opens only the shards its range overlaps and skips, without reading image data, to
+  its first sample. Every image is evaluated exactly once, whatever the number of ranks, workers and shards.
+* training is deterministic: epoch e's stream is the shards in an order drawn from (seed, e), cut into equal
+  contiguous parts per rank (ceil(N/W) samples, wrapping around as torch's DistributedSampler pads), whole batches
+  per loader worker, each worker mixing its samples with a shuffle buffer seeded by (seed, e, rank, worker). The
+  stream is a function of (seed, epoch, processes, loader workers, batch size), so a resumed run re-reads the
+  batches its epoch already trained and continues exactly (the engine's skip of trained batches).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from snnet.core.errors import SNNetError
+
+INFO_FILE = "_info.json"
+SHUFFLE_BUFFER = int(os.environ.get("SNNET_SHARD_SHUFFLE", "1024"))  # samples a training worker mixes
+
+
+class ShardError(SNNetError):
+    """Shards that cannot be used as they are; the message names the shard and the fix (exit code 2)."""
+
+
+
+
+def is_shards(dataset: str) -> bool:
+    """``--dataset wds/NAME``: WebDataset shards read by this module."""
+    return dataset.partition("/")[0].lower() == "wds" and "/" in dataset
+
+
+# ------------------------------------------------------------------------------------------------- _info.json
+@dataclass(frozen=True)
+class ShardSplit:
+    """One split of a shard folder: its shards (absolute paths), samples per shard, classes."""
+    root: str
+    name: str
+    files: tuple[str, ...]
+    lengths: tuple[int, ...]
+    num_classes: int | None = None
+    classes: tuple[str, ...] | None = None
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.lengths)
+
+    def starts(self) -> list[int]:
+        """Global position of each shard's first sample."""
+        return [int(v) for v in np.cumsum((0,) + self.lengths[:-1])]
+
+
+def shard_root(data_dir: str, dataset: str = "") -> str:
+    """The folder holding ``_info.json``: --data-dir, or its sub-folder NAME of ``wds/NAME``."""
+    name = dataset.partition("/")[2]
+    if not os.path.isfile(os.path.join(data_dir, INFO_FILE)) and name and \
+            os.path.isfile(os.path.join(data_dir, name, INFO_FILE)):
+        return os.path.join(data_dir, name)
+    return data_dir
+
+
+def read_info(root: str) -> dict:
+    path = os.path.join(root, INFO_FILE)
+    if not os.path.isdir(root):
+        raise ShardError(f"shard folder {root!r} does not exist; give --data-dir the folder holding the tar shards "
+                         f"and {INFO_FILE} (snnet shards FOLDER OUT writes them)")
+    if not os.path.isfile(path):
+        raise ShardError(f"shard folder {root!r} has no {INFO_FILE}; write the shards with snnet shards FOLDER OUT "
+                         f"(or add the file timm's wds reader expects: splits, filenames, shard_lengths)")
+    try:
+        with open(path) as f:
+            info = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ShardError(f"{path!r} is not readable JSON ({' '.join(str(e).split())[:120]}); rewrite it with "
+                         f"snnet shards") from None
+    if not isinstance(info, dict) or not isinstance(info.get("splits"), dict) or not info["splits"]:
+        raise ShardError(f"{path!r} has no 'splits' object; each split needs name, filenames, shard_lengths and "
+                         f"num_samples (snnet shards writes them)")
+    return info
+
+
+def _split_from_info(root: str, info: dict, name: str) -> ShardSplit:
+    path = os.path.join(root, INFO_FILE)
+    entry = info["splits"][name]
+    files, lengths = entry.get("filenames"), entry.get("shard_lengths")
+    if not isinstance(files, list) or not isinstance(lengths, list) or not files:
+        raise ShardError(f"{path!r}: split {name!r} needs non-empty 'filenames' and 'shard_lengths' lists")
+    if len(files) != len(lengths):
+        raise ShardError(f"{path!r}: split {name!r} lists {len(files)} shard(s) but {len(lengths)} shard_lengths; "
+                         f"rewrite it with snnet shards")
+    if any(not isinstance(n, int) or n < 0 for n in lengths):
+        raise ShardError(f"{path!r}: split {name!r} has a shard length that is no count ({lengths}); rewrite it")
+    total = entry.get("num_samples")
+    if total is not None and total != sum(lengths):
+        raise ShardError(f"{path!r}: split {name!r} says num_samples {total} but its shard_lengths add up to "
+                         f"{sum(lengths)}; rewrite it with snnet shards")
+    classes = info.get("classes")
+    num_classes = info.get("num_classes", len(classes) if classes else None)
+    return ShardSplit(root, name, tuple(os.path.join(root, f) for f in files), tuple(int(n) for n in lengths),
+                      int(num_classes) if num_classes is not None else None, tuple(classes) if classes else None)
+
+
+def find_split(root: str, wanted: str, synonyms: Sequence[str] = ()) -> ShardSplit | None:
+    """The split `wanted` (else the first of `synonyms` present) of the shard folder `root`, or None."""
+    info = read_info(root)
+    for name in (wanted, *[s for s in synonyms if s != wanted]):
+        if name in info["splits"]:
+            return _split_from_info(root, info, name)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- reading tars
+def _key_ext(member_name: str) -> tuple[str, str]:
+    """webdataset's grouping rule: the key is the path up to the first dot of the base name."""
+    folder, base = os.path.split(member_name)
+    stem, _, ext = base.partition(".")
+    return os.path.join(folder, stem) if folder else stem, ext.lower()
+
+
+def iter_shard(path: str, start: int = 0, stop: int | None = None, what: str = "shard",
+               headers_only: bool = False) -> Iterator[tuple[int, str, dict[str, bytes | int]]]:
+    """(position in shard, key, {extension: bytes}) of samples start..stop-1 of one tar shard, in order. Samples
+    before `start` are skipped by their headers (no data read). With `headers_only` the values are member sizes,
+    except ``cls``, which is read. A truncated or unreadable shard is a ShardError naming it."""
+    size = os.path.getsize(path) if os.path.exists(path) else None
+    if size is None:
+        raise ShardError(f"{what} {path!r} is missing; rewrite the shards (snnet shards) or fix {INFO_FILE}")
+    try:
+        tar = tarfile.open(path, "r:")
+    except (tarfile.TarError, OSError) as e:
+        raise ShardError(f"{what} {path!r} is not a readable tar file ({e}); rewrite it with snnet shards") from None
+    pos, key, sample = -1, None, {}
+    with tar:
+        try:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                if m.offset_data + m.size > size:
+                    raise tarfile.ReadError(f"member {m.name!r} ends past the end of the file")
+                k, ext = _key_ext(m.name)
+                if k != key:
+                    if key is not None and pos >= start:
+                        yield pos, key, sample
+                    pos, key, sample = pos + 1, k, {}
+                    if stop is not None and pos >= stop:
+                        return
+                if pos < start:
+                    continue
+                if ext == "cls" or (not headers_only and ext in _WANTED):  # what decoding needs; the rest: sizes
+                    tar.fileobj.seek(m.offset_data)  # (tarfile seeks back to its own offset for the next header)
+                    sample[ext] = tar.fileobj.read(m.size)
+                else:
+                    sample[ext] = m.size
+            if key is not None and pos >= start:
+                yield pos, key, sample
+            tar.fileobj.seek(tar.offset)  # a whole tar ends with two zero blocks; tarfile stops quietly without
+            if tar.fileobj.read(1024) != bytes(1024):  # them (a file cut between or inside headers)
+                raise tarfile.ReadError(f"no end-of-archive marker after {tar.offset} bytes")
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise ShardError(f"{what} {path!r} is truncated or damaged after sample {max(pos, 0)} ({e}); rewrite "
+                             f"it with snnet shards") from None
+
+
+def _image_exts() -> set[str]:
+    from timm.data.readers import get_img_extensions  # the image types timm's readers take
+    return {e.lstrip(".") for e in get_img_extensions(as_set=True)} | {"jpg", "jpeg", "png", "webp"}
+
+
+_WANTED = _image_exts() | {"cls"}  # the members a sample's decoding reads
+
+
+def _image_ext(sample: dict) -> str | None:
+    for ext in sample:
+        if ext in _WANTED and ext != "cls":
+            return ext
+    return None
+
+
+def sample_label(sample: dict, where: str) -> int:
+    try:
+        return int(sample["cls"])
+    except (KeyError, ValueError):
+        raise ShardError(f"{where} has no readable .cls member (the class index as text); rewrite the shard "
+                         f"with snnet shards") from None
+
+
+def decode(sample: dict, where: str):
+    """(PIL RGB image, class index) of one sample, decoded as timm's ImageDataset decodes a file."""
+    from PIL import Image
+    ext = _image_ext(sample)
+    if ext is None:
+        raise ShardError(f"{where} has no image member ({', '.join(sample) or 'nothing'}); rewrite the shard")
+    try:
+        img = Image.open(io.BytesIO(sample[ext])).convert("RGB")
+    except Exception as e:
+        raise ShardError(f"{where}: its image cannot be read ({type(e).__name__}); remove or replace it "
+                         f"(evaluation does not skip images, so that every count is exact)") from None
+    return img, sample_label(sample, where)
+
+
+def read_range(split: ShardSplit, lo: int, hi: int) -> Iterator[tuple[int, str, dict]]:
+    """(global position, where, sample) of the split's samples lo..hi-1 in shard order, opening only the shards
+    that range overlaps."""
+    for i, first in enumerate(split.starts()):
+        n = split.lengths[i]
+        if first + n <= lo or first >= hi:
+            continue
+        a, b, seen = max(lo - first, 0), min(hi - first, n), 0
+        for pos, key, sample in iter_shard(split.files[i], a, b):
+            seen += 1
+            yield first + pos, f"sample {key!r} of shard {split.files[i]!r}", sample
+        if seen != b - a:
+            raise ShardError(f"shard {split.files[i]!r} has {a + seen} samples, {INFO_FILE} says {n}; rewrite "
+                             f"the shards with snnet shards")
+
+
+# ----------------------------------------------------------------------------------------------- datasets
+class ShardDataset(Dataset):
+    """One split of a shard folder as `create_datasets` returns it: ``len``, the classes, a ``transform``. It is
+    not indexed directly: `eval_stream`, `train_stream` and `subset` make the readers."""
+
+    def __init__(self, split: ShardSplit, is_training: bool = False, seed: int = 0):
+        self.split, self.is_training, self.seed = split, is_training, seed
+        self.transform = None
+        self.num_classes = split.num_classes
+        self.class_to_idx = {c: i for i, c in enumerate(split.classes)} if split.classes else None
+
+    def __len__(self) -> int:
+        return self.split.num_samples
+
+    def __getitem__(self, index):
+        raise TypeError("shards are streamed, not indexed: use eval_stream, train_stream or subset")
+
+    def subset(self, positions: Sequence[int]) -> "ShardSubset":
+        return ShardSubset(self.split, positions, self.transform)
+
+    def train_stream(self, rank: int, world_size: int, batch_size: int) -> "TrainStream":
+        return TrainStream(self.split, self.seed, rank, world_size, batch_size, self.transform)
+
+    def eval_stream(self, rank: int, world_size: int, batch_size: int) -> "EvalStream":
+        return EvalStream(self.split, rank, world_size, batch_size, self.transform)
+
+
+class ShardSubset(Dataset):
+    """Samples at given positions, in the given order, read once (one pass over the shards they lie in) and kept
+    as encoded bytes: the LS init's clean images."""
+
+    def __init__(self, split: ShardSplit, positions: Sequence[int], transform=None):
+        wanted = sorted(set(int(p) for p in positions))
+        found: dict[int, tuple[str, dict]] = {}
+        runs, start = [], None  # contiguous runs of wanted positions, read shard by shard
+        for i, p in enumerate(wanted):
+            if start is None:
+                start = p
+            if i + 1 == len(wanted) or wanted[i + 1] != p + 1:
+                runs.append((start, p + 1))
+                start = None
+        wanted_set = set(wanted)
+        for lo, hi in runs:
+            for pos, where, sample in read_range(split, lo, hi):
+                if pos in wanted_set:
+                    found[pos] = (where, sample)
+        self.samples = [found[int(p)] for p in positions]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        img, label = decode(self.samples[i][1], self.samples[i][0])
+        return (self.transform(img) if self.transform is not None else img), label
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def _part(n: int, i: int, k: int) -> tuple[int, int]:
+    """The i-th of k contiguous, near-equal parts of range(n)."""
+    return i * n // k, (i + 1) * n // k
+
+
+class EvalStream(IterableDataset):
+    """This rank's contiguous range of the split, whole batches per loader worker; yields (image, label, sample
+    id) with the id the sample's position in the split. len() is the rank's image count."""
+
+    def __init__(self, split: ShardSplit, rank: int, world_size: int, batch_size: int, transform=None):
+        self.split, self.rank, self.world_size, self.batch_size = split, rank, world_size, batch_size
+        self.transform = transform
+        self.lo, self.hi = _part(split.num_samples, rank, world_size)
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def worker_range(self, worker: int, workers: int) -> tuple[int, int]:
+        batches = -(-(self.hi - self.lo) // self.batch_size)
+        b0, b1 = _part(batches, worker, workers)
+        return self.lo + b0 * self.batch_size, min(self.lo + b1 * self.batch_size, self.hi)
+
+    def __iter__(self):
+        lo, hi = self.worker_range(*_worker())
+        for pos, where, sample in read_range(self.split, lo, hi):
+            img, label = decode(sample, where)
+            yield (self.transform(img) if self.transform is not None else img), label, pos
+
+
+def epoch_order(split: ShardSplit, seed: int, epoch: int) -> list[int]:
+    """The shard order of an epoch: a permutation drawn from (seed, epoch)."""
+    return [int(i) for i in np.random.default_rng([seed, epoch, 0x5A4D]).permutation(len(split.files))]
+
+
+class TrainStream(IterableDataset):
+    """This rank's part of the epoch's training stream (module docstring); ``set_epoch`` before each epoch.
+    len() is the samples of the rank's whole batches, so a training loader (drop_last) has exactly
+    (ceil(N / world) // batch) batches on every rank."""
+
+    def __init__(self, split: ShardSplit, seed: int, rank: int, world_size: int, batch_size: int, transform=None,
+                 buffer: int | None = None):
+        self.split, self.seed, self.rank, self.world_size = split, seed, rank, world_size
+        self.batch_size, self.transform, self.epoch = batch_size, transform, 0
+        self.buffer = SHUFFLE_BUFFER if buffer is None else buffer
+        n = split.num_samples
+        self.per_rank = -(-n // world_size)
+        self.batches = self.per_rank // batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.batches * self.batch_size
+
+    def _segments(self, lo: int, hi: int) -> list[tuple[int, int, int]]:
+        """(shard, first, stop) pieces of positions lo..hi-1 of the epoch stream (positions wrap around N)."""
+        order, n = epoch_order(self.split, self.seed, self.epoch), self.split.num_samples
+        starts = np.cumsum([0] + [self.split.lengths[i] for i in order])
+        pieces = []
+        p = lo
+        while p < hi:
+            q = p % n
+            j = int(np.searchsorted(starts, q, side="right") - 1)
+            take = min(int(starts[j + 1]) - q, hi - p)
+            pieces.append((order[j], q - int(starts[j]), q - int(starts[j]) + take))
+            p += take
+        return pieces
+
+    def worker_range(self, worker: int, workers: int) -> tuple[int, int]:
+        b0, b1 = _part(self.batches, worker, workers)
+        base = self.rank * self.per_rank
+        return base + b0 * self.batch_size, base + b1 * self.batch_size
+
+    def samples(self, worker: int = 0, workers: int = 1) -> Iterator[tuple[str, dict]]:
+        """(where, sample) of this worker's share of the epoch, shuffled through the seeded buffer."""
+        lo, hi = self.worker_range(worker, workers)
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, 0x5348])
+        buf: list[tuple[str, dict]] = []
+        for shard, a, b in self._segments(lo, hi):
+            seen = 0
+            path = self.split.files[shard]
+            for pos, key, sample in iter_shard(path, a, b):
+                seen += 1
+                item = (f"sample {key!r} of shard {path!r}", sample)
+                if len(buf) < max(self.buffer, 1):
+                    buf.append(item)
+                    continue
+                j = int(rng.integers(len(buf)))
+                buf[j], item = item, buf[j]
+                yield item
+            if seen != b - a:
+                raise ShardError(f"shard {path!r} has fewer samples than {INFO_FILE} says "
+                                 f"({self.split.lengths[shard]}); rewrite the shards with snnet shards")
+        for j in rng.permutation(len(buf)):
+            yield buf[int(j)]
+
+    def __iter__(self):
+        for where, sample in self.samples(*_worker()):
+            img, label = decode(sample, where)
+            yield (self.transform(img) if self.transform is not None else img), label
+
+
+# -------------------------------------------------------------------------------------------- preflight check
+def check_shards(args, need_train: bool, world_size: int, train_names: Sequence[str], val_names: Sequence[str]):
+    """Every shard of the run's splits read as far as its tar headers and class members, before any work: a missing
+    or truncated shard, a shard whose samples differ from _info.json, a class index out of range, a sample without
+    an image: one line naming the shard. Returns {split name: samples}.
+
+    Under torchrun only rank 0 reads the shards (the other ranks check that every shard exists): distributed_train.sh
+    has run the whole check once before the launch."""
+    from snnet.core.progress import Progress
+    root = shard_root(args.data_dir, args.dataset)
+    info = read_info(root)
+    splits = []
+    if need_train:
+        split = find_split(root, args.train_split, train_names)
+        if split is None:
+            raise ShardError(f"shard folder {root!r} has no {args.train_split!r} split in {INFO_FILE} (it has "
+                             f"{', '.join(info['splits'])}); pass --train-split")
+        splits.append(("train", split))
+    val = find_split(root, args.val_split, val_names)
+    if val is None and not need_train:
+        raise ShardError(f"shard folder {root!r} has no validation split in {INFO_FILE} (it has "
+                         f"{', '.join(info['splits'])}); pass --val-split")
+    if val is not None:
+        splits.append(("validation", val))
+    wanted = getattr(args, "num_classes", None)
+    limit = splits[0][1].num_classes or wanted
+    total = sum(len(s.files) for _, s in splits)
+    progress = Progress(f"Checking {total} shard(s)", total, seconds=10.0, unit="shards")
+    done, counts = 0, {}
+    for what, split in splits:
+        for path, n in zip(split.files, split.lengths):
+            if int(os.environ.get("RANK", "0") or 0) != 0:
+                if not os.path.isfile(path):
+                    raise ShardError(f"{what} shard {path!r} is missing; rewrite the shards (snnet shards) or fix "
+                                     f"{INFO_FILE}")
+                continue
+            seen = 0
+            for pos, key, sample in iter_shard(path, headers_only=True):
+                seen += 1
+                where = f"sample {key!r} of {what} shard {path!r}"
+                if _image_ext(sample) is None:
+                    raise ShardError(f"{where} has no image member ({', '.join(sample)}); rewrite the shard")
+                label = sample_label(sample, where)
+                if label < 0 or (limit is not None and label >= limit):
+                    raise ShardError(f"{where} has class index {label}, out of range 0..{(limit or 1) - 1} "
+                                     f"({'num_classes in ' + INFO_FILE if split.num_classes else '--num-classes'}); "
+                                     f"fix the shard or the class count")
+            if seen != n:
+                raise ShardError(f"{what} shard {path!r} holds {seen} samples but {INFO_FILE} says {n}; rewrite the "
+                                 f"shards with snnet shards (or fix its shard_lengths)")
+            done += 1
+            progress.update(done, 1)
+        counts[what] = split.num_samples
+        if split.num_samples == 0:
+            raise ShardError(f"the {what} split {split.name!r} of {root!r} has no samples")
+    if wanted is not None and splits[0][1].num_classes is not None and wanted < splits[0][1].num_classes:
+        raise ShardError(f"--num-classes {wanted} is smaller than the {splits[0][1].num_classes} classes of "
+                         f"{INFO_FILE} in {root!r}; raise it or leave it out")
+    if getattr(args, "class_map", ""):
+        raise ShardError(f"--class-map {args.class_map!r} does not apply to shards: their class indices were fixed "
+                         f"when they were written (the classes of {INFO_FILE}); drop it, or rewrite the shards from "
+                         f"a folder with those classes")
+    if need_train and getattr(args, "aug_repeats", 0):
+        raise ShardError(f"--aug-repeats {args.aug_repeats} needs an indexable dataset; shards are streamed: drop it")
+    return counts
+
+
+# ------------------------------------------------------------------------------------------------- writing
+def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644  # reproducible: the same folder gives the same bytes
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shards(splits: dict[str, str], out: str, shard_size: int, name: str) -> dict:
+    """Split folders of an ImageFolder ({split name: folder}, from `snnet.train.data.write_folder_shards`, which
+    checks them) as WebDataset shards in `out`, samples in the order timm's folder reader lists them (so a sample id
+    of the shards is the image's index in the folder evaluation). Each shard and then ``_info.json`` are written
+    atomically (temp file, rename); progress is logged. Returns the info written."""
+    from timm.data.readers.reader_image_folder import ReaderImageFolder
+
+    from snnet.core.fileio import atomic_path, write_text_atomic
+    from snnet.core.progress import Progress
+    if shard_size < 1:
+        raise ShardError(f"--shard-size {shard_size} must be at least 1 (samples per shard)")
+    readers, classes, first_split = {}, None, None
+    for s, folder in splits.items():
+        reader = ReaderImageFolder(folder)
+        if not len(reader):
+            raise ShardError(f"{s} folder {folder!r} has no images")
+        names = sorted(reader.class_to_idx, key=reader.class_to_idx.get)
+        if classes is None:
+            classes, first_split = names, s
+        elif names != classes:
+            raise ShardError(f"split folders {splits[first_split]!r} and {folder!r} have different classes "
+                             f"({len(classes)} and {len(names)}): timm numbers each split's classes separately, so "
+                             f"the labels would not match; give every split the same class folders")
+        readers[s] = reader
+    total = sum(len(r) for r in readers.values())
+    progress = Progress(f"Writing shards of {total} images", total, seconds=10.0)
+    info = {"name": name, "num_classes": len(classes), "classes": classes, "splits": {}}
+    done = 0
+    os.makedirs(out, exist_ok=True)
+    for s, reader in readers.items():
+        files, lengths = [], []
+        for first in range(0, len(reader), shard_size):
+            fname = f"{s}-{len(files):06d}.tar"
+            with atomic_path(os.path.join(out, fname)) as tmp:
+                with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+                    for index in range(first, min(first + shard_size, len(reader))):
+                        path, target = reader.samples[index]
+                        ext = os.path.splitext(path)[1].lower().lstrip(".")
+                        ext = "jpg" if ext == "jpeg" else ext
+                        key = f"{index:08d}"
+                        with open(path, "rb") as f:
+                            _tar_member(tar, f"{key}.{ext}", f.read())
+                        _tar_member(tar, f"{key}.cls", str(int(target)).encode())
+                        rel = os.path.relpath(path, splits[s])
+                        _tar_member(tar, f"{key}.json", json.dumps({"filename": rel}).encode())
+                        done += 1
+                        progress.update(done, 1)
+            files.append(fname)
+            lengths.append(min(shard_size, len(reader) - first))
+        info["splits"][s] = {"name": s, "num_samples": len(reader), "filenames": files, "shard_lengths": lengths}
+    write_text_atomic(os.path.join(out, INFO_FILE), json.dumps(info, indent=1) + "\n")
+    return info
