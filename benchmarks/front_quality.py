@@ -22,11 +22,19 @@ Writes results/front_quality/: runs.jsonl (every run's per-epoch curve), table.m
 ablation.md, front_quality.png. Last line:
 RESULT hv_snnet=<final, mean> hv_ours=<final, mean> epochs_to_match=<first epoch where ours' mean hypervolume
 reaches snnet's final mean> of <budget> anchor_drift_snnet=<mean> anchor_drift_ours=<mean>
+hv_ours_half_budget=<mean> hv_cascade=<mean> hv_mixing=<mean> hv_cascade_snnet=... hv_mixing_ours=...
+
+The no-training baselines (snnet/results/baselines.py), from the anchors' per-image predictions every evaluation
+saves: hv_cascade / hv_mixing from the pretrained anchors (the untrained SN-Net's evaluation of each run: what one
+has without any SN-Net training; the same anchors for both recipes and every seed), hv_cascade_<recipe> /
+hv_mixing_<recipe> from each run's own anchors after SN-Net training (means over the same seeds). `--from-runs
+--hybrid` adds hv_hybrid_<recipe>: each run's SN-Net used as a cascade, stitches as stages too.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import shutil
 import statistics
@@ -65,6 +73,14 @@ ABLATION: dict[str, tuple[list[str], dict]] = {
     "snnet+lora": (["--snnet-compat", "--ls-mode", "snnet"], {"stitch_layer": {"type": "lora", "rank": 4}}),
     "snnet-compat": (["--ls-mode", "snnet"], {}),  # SN-Net's recipe without its weight-decay accident
     "ours-sl_lr5x": (["--ls-mode", "joint"], {"sampler": {"type": "ros", "gap": 0.0003}}),
+    # against the no-training baselines: ours with the anchors frozen throughout (only the stitching layers train),
+    # so the anchors keep the pretrained cascade's accuracy
+    "ours+frozen_anchors": (["--ls-mode", "joint", "--lr", "1e-3", "--freeze-anchors"],
+                            {"sampler": {"type": "ros", "gap": 0.0003}}),
+    # ours with uniform sampling weighted by how far each stitch lies below the anchors' mixing line after the LS
+    # init (1 + gap / mean gap; anchors and stitches above the line 1): the run's own epoch-0 evaluation sets them
+    "ours+below_line_weights": (["--ls-mode", "joint", "--lr", "1e-3", "--anchor-lr-scale", "0.2"],
+                                {"sampler": {"type": "uniform", "weights": "below_mixing_line"}}),
 }
 
 
@@ -121,12 +137,55 @@ def run_recipe(name: str, spec: tuple[list[str], dict], seed: int, epochs: int, 
     t_eval = sh([sys.executable, "train.py", data, "--stitch_config", cfg, "--eval", *common, *flags,
                  "--output", out, "--experiment", f"{tag}_init"], work / f"{tag}_init.log")
     before = [json.loads(line) for line in (out / f"{tag}_init" / "stitches_res.txt").read_text().splitlines()]
+    if fields.get("sampler", {}).get("weights") == "below_mixing_line":
+        cfg = recipe_config(work, name, {**fields, "sampler": {**fields["sampler"], "weights": gap_weights(before)}})
     t_train = sh(["./distributed_train.sh", "2", data, "--stitch_config", cfg, "--epochs", str(epochs), *BASE,
                   *common, *flags, "--output", out, "--experiment", tag], work / f"{tag}.log")
     curve = read_curve(out / tag, before)
+    base = run_baselines(out / tag, out / f"{tag}_init")
     print(f"  {tag}: hypervolume {curve['hv'][0]:.2f} -> {curve['hv'][-1]:.2f}, anchor drift {curve['drift'][-1]:+.2f}"
-          f" ({t_eval + t_train:.0f}s)", flush=True)
-    return {"recipe": name, "seed": seed, "epochs": epochs, **curve, "seconds": t_eval + t_train}
+          f"; baselines: cascade {base['hv_cascade']:.2f}, mixing {base['hv_mixing']:.2f} ({t_eval + t_train:.0f}s)",
+          flush=True)
+    return {"recipe": name, "seed": seed, "epochs": epochs, **curve, "baselines": base, "seconds": t_eval + t_train}
+
+
+def gap_weights(records: list[dict]) -> list[float]:
+    """Sampling weight per cfg_id: 1 + (how far the stitch lies below the anchors' mixing line) / (the mean of those
+    gaps); 1 for the anchors and for stitches on or above the line."""
+    from snnet.results.baselines import line_at, mixing_line
+    from snnet.results.pareto import is_anchor
+    line = mixing_line([(r["flops"], r["acc1"]) for r in records if is_anchor(r)])
+    gaps = [0.0 if is_anchor(r) else max(0.0, line_at(line, r["flops"]) - r["acc1"])
+            for r in sorted(records, key=lambda r: r["cfg_id"])]
+    below = [g for g in gaps if g > 0]
+    mean = sum(below) / len(below) if below else 1.0
+    return [round(1.0 + g / mean, 4) for g in gaps]
+
+
+def run_baselines(run_dir: Path, init_dir: Path) -> dict:
+    """The no-training baselines (snnet/results/baselines.py) beside a run's final front: from the pretrained
+    anchors (the untrained SN-Net's evaluation, `init_dir`: what one has without any SN-Net training) and from the
+    run's own anchors after SN-Net training (`run_dir`), each from the anchors' per-image predictions that
+    train.py's evaluation saves next to stitches_res.txt."""
+    from snnet.results.baselines import file_baselines
+    from snnet.results.pareto import is_anchor
+    from snnet.results.records import read_results
+    out = {}
+    for key, folder in (("", init_dir), ("_trained", run_dir)):
+        records = read_results(folder)
+        b = file_baselines(folder / "stitches_res.txt", records, [r["cfg_id"] for r in records if is_anchor(r)])
+        out.update({f"hv_cascade{key}": b["hypervolume"]["cascade"], f"hv_mixing{key}": b["hypervolume"]["mixing"]})
+    final = read_results(run_dir)
+    anchors = [r["cfg_id"] for r in final if is_anchor(r)]
+    # the trained front against the free baselines (pretrained anchors): stitches above each, budgets ahead
+    from snnet.results.baselines import baselines
+    from snnet.results.predictions import load_for
+    init = read_results(init_dir)
+    free = baselines(final, anchors, load_for(init_dir / "stitches_res.txt", init), anchor_records=init)
+    out.update({"stitches": free["stitches"], "above_mixing": free["above_mixing"],
+                "above_cascade": free["above_cascade"], "ahead_of_mixing": free["ahead_of_mixing"],
+                "ahead_of_cascade": free["ahead_of_cascade"]})
+    return out
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -169,6 +228,140 @@ def finals(summary: dict[str, dict], target: float | None, target_name: str = "s
         lines.append(f"| {name} | {len(s['hv']) - 1} | {s['seeds']} | {h:.2f} ± {hs:.2f} | {d:+.2f} ± {ds:.2f} | "
                      f"{first if first is not None else '—'} |")
     return "\n".join(lines) + "\n"
+
+
+def run_hybrid(run: dict, work: Path, data: Path) -> float:
+    """The SN-Net used as a cascade (stitches as stages too: `snnet.results.baselines.network_cascade`): its last
+    checkpoint evaluated once more with every stitch's per-image predictions; returns that cascade's hypervolume."""
+    from snnet.results.baselines import network_cascade
+    from snnet.results.pareto import is_anchor
+    from snnet.results.predictions import load_for
+    from snnet.results.records import read_results
+    tag = f"{run['recipe']}_s{run['seed']}_e{run['epochs']}"
+    out = work / "hybrid"
+    shutil.rmtree(out / tag, ignore_errors=True)
+    flags = {**RECIPES, **ABLATION}[run["recipe"]][0]
+    common = [*COMMON[:COMMON.index("--seed")], "--seed", str(run["seed"]), *COMMON[COMMON.index("--seed") + 2:]]
+    sh([sys.executable, "train.py", data, "--stitch_config", work / f"config_{run['recipe']}.json", "--eval",
+        "--resume", work / "runs" / tag / "last.pth.tar", "--save-predictions", "all", *common, *flags,
+        "--output", out, "--experiment", tag], work / f"{tag}_hybrid.log")
+    records = read_results(out / tag)
+    h = network_cascade(records, load_for(out / tag / "stitches_res.txt", records),
+                        [r["cfg_id"] for r in records if is_anchor(r)])
+    return h["hypervolume"]
+
+
+def shared_prefixes(recipe: str, work: Path):
+    """`shared(a, b)`: the FLOPs of the steps routes a and b begin with alike (e.g. the small anchor's stem and
+    first blocks, which a stitch starting from them can reuse after the small anchor ran), from the recipe's
+    network (built without weights; its FLOPs are the results files')."""
+    from snnet.core.build import build_snnet
+    from snnet.core.config import load_stitch_config
+    from snnet.core.cost import cost_table
+    net = build_snnet(load_stitch_config(work / f"config_{recipe}.json"), pretrained=False, num_classes=10,
+                      img_size=16)
+    table = cost_table(net, 16)
+    routes = net.routes
+
+    def shared(a: int, b: int) -> float:
+        common = []
+        for x, y in zip(routes[a], routes[b]):
+            if x != y:
+                break
+            common.append(x)
+        return float(table.route_flops(common))
+    return shared
+
+
+def held_out(run: dict, work: Path) -> dict:
+    """The cascades with thresholds chosen on other images than they are scored on: the validation images split by
+    sample id parity; each cascade's front is chosen on one half and scored on the other, both ways, and the
+    hypervolumes (of the stitched front, the anchors' mixing and cascade, the SN-Net as a cascade) on the scoring
+    half averaged over the two folds. Needs `run_hybrid`'s folder (every stitch's predictions)."""
+    import numpy as np
+
+    from snnet.results.baselines import (cascade_front, cascade_settings, mixing_line, network_cascade,
+                                         score_setting)
+    from snnet.results.pareto import is_anchor
+    from snnet.results.predictions import load_for
+    from snnet.results.quality import hypervolume, hypervolume_line
+    from snnet.results.records import read_results
+    folder = work / "hybrid" / f"{run['recipe']}_s{run['seed']}_e{run['epochs']}"
+    records = read_results(folder)
+    pred = load_for(folder / "stitches_res.txt", records)
+    anchors = [r["cfg_id"] for r in records if is_anchor(r)]
+    flops = {r["cfg_id"]: float(r["flops"]) for r in records}
+    ref = max(flops[a] for a in anchors)
+    chain = sorted(anchors, key=lambda a: flops[a])
+    halves = [np.flatnonzero(pred.sample_id % 2 == k) for k in (0, 1)]
+    out = {"stitched": [], "mixing": [], "cascade": [], "hybrid": [], "cascade_pretrained": [], "hybrid_shared": []}
+    shared = shared_prefixes(run["recipe"], work)
+    init = work / "runs" / f"{folder.name}_init"  # the pretrained anchors' predictions (same images, same order)
+    init_pred = load_for(init / "stitches_res.txt", read_results(init))
+    assert np.array_equal(init_pred.sample_id, pred.sample_id)
+    for choose, score in (halves, halves[::-1]):
+        pre = cascade_front([s for k in range(1, len(chain) + 1) for sub in itertools.combinations(chain, k)
+                             for s in cascade_settings(init_pred, sub, flops, choose)])
+        scored = [score_setting(init_pred, s, flops, score) for s in pre]
+        out["cascade_pretrained"].append(hypervolume([(s["flops"] / ref, s["acc1"]) for s in scored]))
+        acc = {c: 100.0 * pred.correct[pred.row(c)][score].mean() for c in flops}
+        out["stitched"].append(hypervolume([(flops[c] / ref, acc[c]) for c in flops]))
+        out["mixing"].append(hypervolume_line(mixing_line([(flops[a] / ref, acc[a]) for a in chain])))
+        casc = cascade_front([s for k in range(1, len(chain) + 1) for sub in itertools.combinations(chain, k)
+                              for s in cascade_settings(pred, sub, flops, choose)])
+        hyb = network_cascade(records, pred, anchors, choose)["cascade"]
+        hyb_shared = network_cascade(records, pred, anchors, choose, shared)["cascade"]
+        for key, front, share in (("cascade", casc, None), ("hybrid", hyb, None),
+                                  ("hybrid_shared", hyb_shared, shared)):
+            scored = [score_setting(pred, s, flops, score, share) for s in front]
+            out[key].append(hypervolume([(s["flops"] / ref, s["acc1"]) for s in scored]))
+    return {f"held_out_{k}": statistics.mean(v) for k, v in out.items()}
+
+
+def baseline_table(runs: list[dict], names: list[str], epochs: int, half: int) -> str:
+    """The final stitched front beside the no-training baselines, per recipe and budget, mean ± std over seeds:
+    hypervolumes of the cascade and of mixing from the pretrained anchors (free: no SN-Net training at all) and
+    from the run's own anchors after SN-Net training; stitches above the free baselines; share of budgets (between
+    the smallest and the largest anchor's FLOPs) where the trained front is ahead of them."""
+    rows = []
+    for name in names:
+        for budget in dict.fromkeys((epochs, half)):
+            mine = [r for r in runs if r["recipe"] == name and r["epochs"] == budget and "baselines" in r]
+            if not mine:
+                continue
+            f = lambda key, fmt="{:.2f}", scale=1.0: "{} ± {}".format(
+                *(fmt.format(v * scale) for v in mean_std([r["baselines"][key] for r in mine])))
+            hv = mean_std([r["hv"][-1] for r in mine])
+            hybrid = f('hv_network_cascade') if all("hv_network_cascade" in r["baselines"] for r in mine) else "—"
+            rows.append(f"| {name} | {budget} | {len(mine)} | {hv[0]:.2f} ± {hv[1]:.2f} | {hybrid} | "
+                        f"{f('hv_cascade')} | "
+                        f"{f('hv_mixing')} | {f('hv_cascade_trained')} | {f('hv_mixing_trained')} | "
+                        f"{f('above_cascade', '{:.1f}')} / {f('above_mixing', '{:.1f}')} of "
+                        f"{mine[0]['baselines']['stitches']} | {f('ahead_of_cascade', '{:.0f}', 100)} % / "
+                        f"{f('ahead_of_mixing', '{:.0f}', 100)} % |")
+    held = []
+    for name in names:
+        for budget in dict.fromkeys((epochs, half)):
+            mine = [r for r in runs if r["recipe"] == name and r["epochs"] == budget and
+                    "held_out_hybrid_shared" in r.get("baselines", {})]
+            if mine:
+                f = lambda key: "{:.2f} ± {:.2f}".format(*mean_std([r["baselines"][f"held_out_{key}"] for r in mine]))
+                held.append(f"| {name} | {budget} | {len(mine)} | {f('stitched')} | {f('hybrid')} | "
+                            f"{f('hybrid_shared')} | {f('cascade_pretrained')} | {f('cascade')} | {f('mixing')} |")
+    if held:
+        held = ("\n## thresholds chosen on half the images, scored on the other half (both ways, mean)\n\n"
+                "| recipe | epochs | seeds | stitched front | SN-Net as a cascade (hybrid) | hybrid, shared blocks | "
+                "cascade (pretrained anchors) | cascade (trained anchors) | mixing (trained anchors) |\n"
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n" + "\n".join(held) + "\n")
+    if not rows:
+        return ""
+    return ("\n## the stitched front beside the no-training baselines (mean ± std over seeds)\n\n"
+            "| recipe | epochs | seeds | stitched front | SN-Net as a cascade (hybrid) | "
+            "cascade (pretrained anchors) | "
+            "mixing (pretrained anchors) | cascade (trained anchors) | mixing (trained anchors) | stitches above "
+            "cascade / mixing | budgets where the front leads cascade / mixing |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n" +
+            "\n".join(rows) + "\n" + (held or ""))
 
 
 def plot(summary: dict[str, dict], path: Path) -> None:
@@ -228,6 +421,11 @@ def main(argv=None) -> int:
     p.add_argument("--ablation", action="store_true", help="also run each candidate option of ours alone")
     p.add_argument("--from-runs", action="store_true", help="rewrite the table, plot and RESULT line from the "
                                                              "--results folder's runs.jsonl (no training)")
+    p.add_argument("--hybrid", action="store_true", help="with --from-runs: evaluate each run's last checkpoint "
+                   "again with every stitch's per-image predictions and add the hypervolume of the SN-Net used as a "
+                   "cascade (stitches as stages too) to the baselines table")
+    p.add_argument("--held-out", action="store_true", help="with --from-runs --hybrid: also the cascades with "
+                   "thresholds chosen on half the validation images and scored on the other half (both ways)")
     p.add_argument("--no-half", action="store_true", help="skip ours' runs with half the epoch budget (its own, "
                                                           "shorter schedule)")
     args = p.parse_args(argv)
@@ -246,6 +444,36 @@ def main(argv=None) -> int:
         names = list(dict.fromkeys(r["recipe"] for r in runs))
         args.epochs = max(r["epochs"] for r in runs)
         half = min(r["epochs"] for r in runs)
+        added = 0
+        for r in runs:  # runs recorded before the baselines existed: from the run folders, when still in --work
+            tag = work / "runs" / f"{r['recipe']}_s{r['seed']}_e{r['epochs']}"
+            if "baselines" not in r and (tag / "stitches_res.txt").exists():
+                r["baselines"] = run_baselines(tag, tag.with_name(tag.name + "_init"))
+                added += 1
+        if args.hybrid:
+            data = write_digits(work)
+            for r in runs:
+                if "baselines" in r and "hv_network_cascade" not in r["baselines"]:
+                    r["baselines"]["hv_network_cascade"] = run_hybrid(r, work, data)
+                    print(f"  {r['recipe']} seed {r['seed']}, {r['epochs']} epochs: SN-Net as a cascade "
+                          f"{r['baselines']['hv_network_cascade']:.2f}", flush=True)
+                    added += 1
+        if args.held_out:
+            for r in runs:
+                if "baselines" in r and "held_out_hybrid_shared" not in r["baselines"] and \
+                        (work / "hybrid" / f"{r['recipe']}_s{r['seed']}_e{r['epochs']}").exists():
+                    r["baselines"].update(held_out(r, work))
+                    b = r["baselines"]
+                    print(f"  {r['recipe']} seed {r['seed']}, {r['epochs']} epochs, held out: stitched "
+                          f"{b['held_out_stitched']:.2f}, mixing {b['held_out_mixing']:.2f}, cascade "
+                          f"{b['held_out_cascade']:.2f} (pretrained anchors {b['held_out_cascade_pretrained']:.2f}), "
+                          f"SN-Net as a cascade {b['held_out_hybrid']:.2f} ({b['held_out_hybrid_shared']:.2f} with "
+                          f"shared blocks)", flush=True)
+                    added += 1
+        if added:
+            from snnet.core.fileio import write_text_atomic
+            write_text_atomic(results / "runs.jsonl", "".join(json.dumps(r) + "\n" for r in runs))
+            print(f"{added} baseline update(s) written to runs.jsonl, from the run folders in {work / 'runs'}")
     else:
         runs = train_all(args, names, half, every, work, results)
     from snnet.core.fileio import write_text_atomic
@@ -254,6 +482,7 @@ def main(argv=None) -> int:
         if half != args.epochs else {}
     target = summary["snnet"]["hv"][-1][0] if "snnet" in summary else None
     text = (f"## final front quality ({args.seeds} seeds, mean ± std)\n\n" + finals({**summary, **halves}, target) +
+            baseline_table(runs, names, args.epochs, half) +
             "\n## per epoch (epoch 0 = after the LS init, before training)\n\n" + table(summary, args.epochs))
     write_text_atomic(results / "table.md", text)
     plot({**summary, **halves}, results / "front_quality.png")
@@ -264,6 +493,24 @@ def main(argv=None) -> int:
         return 0
     match = next((e for e, (h, _) in enumerate(summary["ours"]["hv"]) if h >= target), None)
     extra = f" hv_ours_half_budget={next(iter(halves.values()))['hv'][-1][0]:.3f}" if halves else ""
+    base = {n: [r["baselines"] for r in runs if r["recipe"] == n and r["epochs"] == args.epochs and "baselines" in r]
+            for n in ("snnet", "ours")}
+    if all(base.values()):
+        free = base["snnet"] + base["ours"]
+        extra += (f" hv_cascade={statistics.mean(b['hv_cascade'] for b in free):.3f}"
+                  f" hv_mixing={statistics.mean(b['hv_mixing'] for b in free):.3f}" +
+                  "".join(f" hv_cascade_{n}={statistics.mean(b['hv_cascade_trained'] for b in base[n]):.3f}"
+                          f" hv_mixing_{n}={statistics.mean(b['hv_mixing_trained'] for b in base[n]):.3f}"
+                          for n in ("snnet", "ours")))
+        if all("hv_network_cascade" in b for b in free):
+            extra += "".join(f" hv_hybrid_{n}={statistics.mean(b['hv_network_cascade'] for b in base[n]):.3f}"
+                             for n in ("snnet", "ours"))
+        if all("held_out_hybrid_shared" in b for b in free):
+            extra += (f" held_out_hv_cascade={statistics.mean(b['held_out_cascade_pretrained'] for b in free):.3f}" +
+                      "".join(f" held_out_hv_hybrid_{n}={statistics.mean(b['held_out_hybrid'] for b in base[n]):.3f}"
+                              f" held_out_hv_hybrid_shared_{n}="
+                              f"{statistics.mean(b['held_out_hybrid_shared'] for b in base[n]):.3f}"
+                              for n in ("snnet", "ours")))
     print(f"RESULT hv_snnet={target:.3f} hv_ours={summary['ours']['hv'][-1][0]:.3f} "
           f"epochs_to_match={match if match is not None else 'never'} of {args.epochs} "
           f"anchor_drift_snnet={summary['snnet']['drift'][-1][0]:+.3f} "

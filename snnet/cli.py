@@ -1,13 +1,14 @@
 """snnet: from stitches_res.txt to a deployed network.
 
-    snnet pareto RESULTS... [--out DIR] [--by flops|params|latency] [--anchors N]
-    snnet report RESULTS... --out report.html [--by flops|params|latency] [--anchors N] [--title T]
+    snnet pareto RESULTS... [--out DIR] [--by flops|params|latency] [--anchors N] [--baselines]
+    snnet report RESULTS... --out report.html [--by flops|params|latency] [--anchors N] [--title T] [--baselines]
     snnet select RESULTS --max-flops 5G | --max-params 20M | --max-latency-ms 3 | --min-acc 78
     snnet export CKPT --stitch_config CFG --cfg-id N --out DIR [--img-size S]
     snnet latency CKPT --stitch_config CFG [--batch 1 --batch 32] [--warmup 5 --repeats 20] [--results FILE]
     snnet similarity --anchors A B | --stitch_config CFG --data DIR --out DIR [--batches N] [--img-size S]
     snnet search --anchors A B C | --stitch_config CFG --data DIR --out DIR [--score cka|ls|kl] [--threshold 0.9]
     snnet stitch-train --sweep SWEEP.yaml [--out DIR] | DATA --front A --end B --cut I [--gap G] --out DIR
+    snnet shards FOLDER OUT --shard-size N
 
 A bad input (a foreign or empty results file, a budget no stitch meets, a cfg_id the checkpoint lacks, a missing
 file, an unparseable number) ends with one line on stderr naming the value and the fix, exit code 2, and no
@@ -101,7 +102,8 @@ def _cfg_id(text: str) -> int:
 def cmd_pareto(args: argparse.Namespace) -> int:
     if args.out:
         check_out_dir(args.out)
-    report = pareto_report(args.results, cost_key(args.by, args.latency_batch), args.anchors, args.before)
+    report = pareto_report(args.results, cost_key(args.by, args.latency_batch), args.anchors, args.before,
+                           args.baselines)
     files = save_report(report, args.out, args.title) if args.out else []  # written before anything is printed
     for note in report.notes:
         print(note, file=sys.stderr)
@@ -119,7 +121,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {args.out!r} is a folder; pass the HTML file to write, e.g. --out "
                          f"{str(out / 'report.html')!r}")
     check_out_dir(out.parent, "--out")  # its folder: made if missing, refused if it is a file or not writable
-    path, notes = write_report(args.results, out, cost_key(args.by, args.latency_batch), args.anchors, args.title)
+    path, notes = write_report(args.results, out, cost_key(args.by, args.latency_batch), args.anchors, args.title,
+                               baselines=args.baselines)
     for note in notes:
         print(note, file=sys.stderr)
     print(f"wrote {path} (open it in a browser; it fetches nothing)")
@@ -294,7 +297,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="snnet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{pareto,report,select,export,latency,convert,similarity,search,stitch-train}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{pareto,report,select,export,latency,convert,similarity,search,stitch-train,shards}")
 
     q = sub.add_parser("pareto", help="Pareto-optimal stitches of results files: table, JSON, plot",
                        description="Prints the Pareto-optimal stitches of each results file (and, with several "
@@ -311,6 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--before", metavar="RESULTS", default=None,
                    help="results file from before SN-Net training (e.g. train.py --eval of the untrained SN-Net): "
                         "adds each file's anchor drift to the front-quality table")
+    q.add_argument("--baselines", action="store_true",
+                   help="also the baselines that need no training, from the per-image predictions beside each file "
+                        "(stitches_pred.npz, written by train.py's evaluation): random anchor mixing and a confidence "
+                        "cascade of the anchors, their hypervolumes and how many stitches beat them (dashed on the "
+                        "plot)")
     q.add_argument("--title", default="", help="plot title")
     q.set_defaults(fn=cmd_pareto)
 
@@ -328,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --by latency: the batch size of latency_ms_b<B> (default 1)")
     r.add_argument("--anchors", type=int, default=None, metavar="N",
                    help="files without routes (SN-Net's): cfg 0..N-1 are anchors (default: inferred)")
+    r.add_argument("--baselines", action="store_true",
+                   help="also draw the no-training baselines (random anchor mixing, confidence cascade; dashed) from "
+                        "the per-image predictions beside each file (as snnet pareto --baselines)")
     r.add_argument("--title", default="", help="page title")
     r.set_defaults(fn=cmd_report)
 
@@ -444,6 +455,28 @@ def _similarity_parsers(sub) -> None:
     s.add_argument("--beam-width", type=_count, default=16, help="partial paths kept per level; 0: all (16)")
     s.add_argument("--max-networks", type=_count, default=0, help="evaluate at most the N best-scored; 0: all")
     s.set_defaults(fn=cmd_search)
+
+    w = sub.add_parser("shards", help="an ImageFolder as WebDataset tar shards with timm's _info.json",
+                       description="Writes each split folder of FOLDER (train/, val/ or validation/) as tar shards "
+                       "<split>-NNNNNN.tar of N samples in OUT, then OUT/_info.json (splits, file names, samples per "
+                       "shard, classes), every file atomically. Train and evaluate from them with train.py OUT "
+                       "--dataset wds/NAME.")
+    w.add_argument("folder", metavar="FOLDER", help="ImageFolder root with train/ and val/ class folders")
+    w.add_argument("out", metavar="OUT", help="folder for the shards and _info.json")
+    w.add_argument("--shard-size", type=_positive_int, default=1000, metavar="N", help="samples per shard (1000)")
+    w.add_argument("--name", default=None, help="dataset name in _info.json (default: FOLDER's name)")
+    w.set_defaults(fn=cmd_shards)
+
+
+def cmd_shards(args: argparse.Namespace) -> int:
+    from snnet.train.data import write_folder_shards
+    check_out_dir(args.out)
+    info = write_folder_shards(args.folder, args.out, args.shard_size, args.name)
+    for name, split in info["splits"].items():
+        print(f"{name}: {split['num_samples']} images in {len(split['filenames'])} shard(s)")
+    print(f"wrote {os.path.join(args.out, '_info.json')} ({info['num_classes']} classes); use it with train.py "
+          f"{args.out} --dataset wds/{info['name']}")
+    return 0
 
 
 def cmd_similarity(args: argparse.Namespace) -> int:

@@ -4,8 +4,9 @@
 2. trains three small ViT anchors of different widths as plain models (train.py --model);
 3. stitches them with configs/demo_digits.json (anchors point at those checkpoints) and trains the SN-Net on two
    processes with distributed_train.sh (gloo on CPU);
-4. evaluates every stitch (stitches_res.txt) and writes what `snnet pareto --out results/demo` writes: the
-   Pareto table (pareto_flops.md, .json) and the FLOPs-accuracy plot (pareto_flops.png).
+4. evaluates every stitch (stitches_res.txt, and the anchors' per-image predictions stitches_pred.npz) and writes
+   what `snnet pareto --baselines --out results/demo` writes: the Pareto table (pareto_flops.md, .json) with the
+   no-training baselines (random anchor mixing, confidence cascade) and the FLOPs-accuracy plot (pareto_flops.png).
 
 `python -m snnet.demo --v2` (`make demo-v2`) compares SN-Net with SN-Netv2 on the same two anchors (widths 16 and 64,
 the same checkpoints as above): step 3 trains, with the same epochs and learning rates, an SN-Net with SN-Net's
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
                  str(args.snnet_epochs), *SNNET_FLAGS, "--output", work, "--experiment", snnet_dir.name, *COMMON],
                 work / f"{snnet_dir.name}.log")
             sources.append(results / label / RESULTS_FILE)
-            write_results(sources[-1], read_results(snnet_dir))
+            copy_results(snnet_dir, sources[-1])
         files = report(results, sources, V2_TITLE)
         print(f"demo --v2 finished in {time.perf_counter() - t0:.0f}s: {', '.join(str(f) for f in files + sources)}")
         return 0
@@ -144,17 +145,28 @@ def main(argv=None) -> int:
          *SNNET_FLAGS, "--output", work, "--experiment", "snnet", *COMMON],
         work / "snnet.log")
 
-    write_results(results / RESULTS_FILE, read_results(snnet_dir))
+    copy_results(snnet_dir, results / RESULTS_FILE)
     files = report(results)
     print(f"demo finished in {time.perf_counter() - t0:.0f}s: {', '.join(str(f) for f in files)}, "
           f"{results / RESULTS_FILE}")
     return 0
 
 
+def copy_results(run_dir: Path, dest: Path) -> None:
+    """A run's stitches_res.txt and the anchors' per-image predictions beside it (stitches_pred.npz, which
+    `snnet pareto --baselines` reads), checked against each other, to `dest` and beside it."""
+    from snnet.results.predictions import load_for, predictions_path, write_predictions
+    records = read_results(run_dir)
+    pred = load_for(run_dir / RESULTS_FILE, records)
+    write_results(dest, records)
+    write_predictions(predictions_path(dest), pred)
+
+
 def report(results: Path, sources: list[Path] | None = None, title: str = TITLE) -> list[Path]:
     """Step 4's table, plot and HTML report, made as `snnet pareto RESULTS... --out DIR` and `snnet report RESULTS...
-    --out DIR/report.html` make them (the same functions): the committed results/demo/pareto_flops.{md,json,png} and
-    report.html are regenerated from results/demo/stitches_res.txt by this (`python -c "from pathlib import Path;
+    --out DIR/report.html` make them, with --baselines (the same functions): the committed
+    results/demo/pareto_flops.{md,json,png} and report.html are regenerated from results/demo/stitches_res.txt (and
+    the stitches_pred.npz beside it) by this (`python -c "from pathlib import Path;
     from snnet.demo import report; report(Path('results/demo'))"` from the repository root), and results/demo_v2's
     (both fronts and the combined one) from its v1/ and v2/ results files.
 
@@ -165,9 +177,9 @@ def report(results: Path, sources: list[Path] | None = None, title: str = TITLE)
     img_size = int(COMMON[COMMON.index("--img-size") + 1])
     # the report names the files it read: relative to the working directory (the repository root for `make demo`)
     paths = [os.path.relpath(s) for s in sources or [results / RESULTS_FILE]]
-    rep = pareto_report(paths, "flops")
+    rep = pareto_report(paths, "flops", baselines=True)
     print(rep.text, end="")
-    page, _ = write_report(paths, results / "report.html", "flops", title=title, img_size=img_size)
+    page, _ = write_report(paths, results / "report.html", "flops", title=title, img_size=img_size, baselines=True)
     return [*save_report(rep, results, title, img_size), page]
 
 

@@ -228,7 +228,7 @@ def test_pareto_png_has_subtitle_and_front_cfg_ids(tmp_path, monkeypatch):
     assert sorted(t for t in texts[str(tmp_path / "snnet.png")] if t.startswith("anchor ")) == \
         ["anchor 0", "anchor 1", "anchor 2"]
     plot_series([("v1", read_results(DEMO_V2[0]), 2), ("v2", read_results(DEMO_V2[1]), 2)], tmp_path / "two.png")
-    assert "360 validation images" in texts[str(tmp_path / "two.png")]
+    assert "16x16 images, 360 validation images" in texts[str(tmp_path / "two.png")]  # both files' records say it
 
 
 @pytest.mark.slow

@@ -23,3 +23,18 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     moved = t.to(device)
     dist.all_reduce(moved)
     return moved.to(t.device)
+
+
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of `t` (the same columns, any number of rows per rank), concatenated in rank order, on the
+    CPU: the ranks' shares of per-image data (their counts differ by up to one batch)."""
+    device = collective_device()
+    n = torch.tensor([t.shape[0]], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    most = int(max(s.item() for s in sizes))
+    padded = torch.zeros((most, *t.shape[1:]), dtype=t.dtype, device=device)
+    padded[:t.shape[0]] = t.to(device)
+    parts = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:int(s.item())].cpu() for p, s in zip(parts, sizes)])

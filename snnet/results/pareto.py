@@ -284,15 +284,23 @@ def _axes():
 
 
 def plot_series(series: Sequence[tuple[str, Sequence[dict[str, Any]], int | None]], out_png: str | Path,
-                cost: str = "flops", title: str = "", img_size: Any = None) -> None:
+                cost: str = "flops", title: str = "", img_size: Any = None,
+                baselines: Sequence[dict[str, Any] | None] | None = None) -> None:
     """One scatter + front per results file (label, records, n_anchors); with several files also the combined
     front across them (dashed black), i.e. which network of which SN-Net to deploy at each cost. The front's stitches
     carry their cfg_ids; the subtitle says what they were evaluated on (`eval_subtitle`; `img_size` for records
-    without one)."""
+    without one). `baselines` (one per series, or None): the no-training baselines of snnet/results/baselines.py,
+    drawn dashed."""
     everything = [r for _, recs, _ in series for r in recs]
     scale, unit = cost_unit(everything, cost)
     fig, ax = _axes()
     colours = ["tab:blue", "tab:red", "tab:purple", "tab:brown", "tab:cyan", "tab:olive", "tab:pink", "tab:gray"]
+    if baselines and any(b is not None for b in baselines):
+        from snnet.results.baselines import draw
+        for i, b in enumerate(baselines):
+            if b is not None:
+                draw(ax, b, scale, *(("0.35", "") if len(series) == 1 else (colours[i % len(colours)],
+                                                                              series[i][0])))
     if len(series) == 1:
         _draw(ax, series[0][1], cost, scale, series[0][2], "tab:blue")
     else:
@@ -377,10 +385,12 @@ def _section(report: ParetoReport, heading: str, records, n_anchors, sources=Non
 
 
 def pareto_report(paths: Sequence[str | Path], cost: str = "flops", anchors: int | None = None,
-                  before: str | Path | None = None) -> ParetoReport:
+                  before: str | Path | None = None, baselines: bool = False) -> ParetoReport:
     """Pareto front of each results file and, with several, the combined front (which network of which SN-Net
     to deploy at each cost), and each file's front quality (snnet/results/quality.py; the anchor drift against the
-    `before` file's anchors). Every file is read and checked before anything is built."""
+    `before` file's anchors); with `baselines`, each file's no-training baselines (random anchor mixing, a
+    confidence cascade: snnet/results/baselines.py) from the predictions file beside it. Every file is read and
+    checked before anything is built."""
     report = ParetoReport(cost, [])
     report.series = read_series(paths, cost, anchors, report.notes)
     report.markdown = f"# Pareto front by {cost}\n"
@@ -393,6 +403,10 @@ def pareto_report(paths: Sequence[str | Path], cost: str = "flops", anchors: int
         report.data["files"].append({"label": label, "path": path, "anchors": n, "records": len(records),
                                      "front": [r["cfg_id"] for r in front], "front_records": front})
     _quality(report, read_results(before) if before is not None else None)
+    if baselines:
+        from snnet.results.baselines import add_to_report
+        add_to_report(report, [[r["cfg_id"] for r in s[2] if is_anchor(r, s[3])] for s in report.series],
+                      flops_unit([r for s in report.series for r in s[2]]))
     if len(report.series) > 1:
         everything = [r for s in report.series for r in s[2]]
         sources = [s[0] for s in report.series for _ in s[2]]
@@ -426,7 +440,8 @@ def save_report(report: ParetoReport, out_dir: str | Path, title: str = "", img_
     image size for records that do not carry one."""
     out = Path(out_dir)
     files = [out / f"pareto_{report.cost}.{ext}" for ext in ("md", "json", "png")]
-    plot_series([(s[0], s[2], s[3]) for s in report.series], files[2], report.cost, title, img_size)
+    plot_series([(s[0], s[2], s[3]) for s in report.series], files[2], report.cost, title, img_size,
+                [f.get("baselines") for f in report.data["files"]])
     write_text_atomic(files[0], report.markdown)
     write_text_atomic(files[1], json.dumps(report.data, indent=1) + "\n")
     return files

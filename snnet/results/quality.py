@@ -51,6 +51,27 @@ def hypervolume(points: Sequence[tuple[float, float]], ref: tuple[float, float] 
     return area
 
 
+def hypervolume_line(vertices: Sequence[tuple[float, float]], ref: tuple[float, float] = (REF_COST, 0.0)) -> float:
+    """`hypervolume` of a continuous front: a piecewise-linear curve through `vertices` (cost ascending, top-1
+    rising), flat after its last vertex, nothing below its first. The integral over budgets in [0, ref cost] of the
+    curve's top-1 above the reference, exactly (trapezoids): the staircase of infinitely many points on the curve,
+    e.g. the random mixtures of two anchors (snnet/results/baselines.py)."""
+    pts = [(x, y) for x, y in sorted(vertices) if x < ref[0]]
+    if not pts:
+        return 0.0
+    knots = pts + [(ref[0], pts[-1][1] if len(pts) == len(vertices) else
+                    _interpolate(sorted(vertices), ref[0]))]
+    return sum((x1 - x0) * (max(y0, ref[1]) + max(y1, ref[1]) - 2 * ref[1]) / 2
+               for (x0, y0), (x1, y1) in zip(knots, knots[1:]))
+
+
+def _interpolate(vertices: Sequence[tuple[float, float]], c: float) -> float:
+    for (x0, y0), (x1, y1) in zip(vertices, vertices[1:]):
+        if x0 <= c <= x1:
+            return y0 + (y1 - y0) * (c - x0) / (x1 - x0) if x1 > x0 else y1
+    return vertices[-1][1]
+
+
 def area_under_front(points: Sequence[tuple[float, float]], lo: float, hi: float) -> float:
     """Mean top-1 of the piecewise-linear front over costs [lo, hi] (0 below its cheapest point's cost)."""
     front = _staircase(sorted(points, key=lambda p: (p[0], -p[1])))

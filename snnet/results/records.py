@@ -134,7 +134,7 @@ def parse_results(text: str, source: str, owner: Callable[[dict[str, Any]], None
 
 #: what one evaluation shares across its records: (key, what a difference means)
 _ONE_EVALUATION = (("checkpoint_sha256", "checkpoints"), ("config_sha256", "stitch configs"),
-                   ("samples", "numbers of evaluated images (other data)"))
+                   ("samples", "numbers of evaluated images (other data)"), ("data", "data sources"))
 
 
 def check_one_evaluation(records: Sequence[dict[str, Any]], source: str) -> None:

@@ -110,10 +110,12 @@ def _cost_name(cost: str) -> str:
 
 # ------------------------------------------------------------------------------------------------------ the page
 def report_data(paths: Sequence[str | Path], cost: str = "flops", anchors: int | None = None, title: str = "",
-                img_size: Any = None) -> tuple[dict[str, Any], list[str]]:
+                img_size: Any = None, baselines: bool = False) -> tuple[dict[str, Any], list[str]]:
     """Everything the page shows, as JSON-ready data, and notes for stderr (how anchors were found, which costs
     are not offered). `cost` is the axis shown first: refused, as by `snnet pareto --by`, when the records lack it;
-    the page offers every other cost that every record holds. Every file is read and checked first."""
+    the page offers every other cost that every record holds. Every file is read and checked first. With
+    `baselines`, each file's no-training baselines (snnet/results/baselines.py, from the predictions beside it) are
+    drawn dashed on the FLOPs axis."""
     notes: list[str] = []
     series = read_series(paths, cost, anchors, notes)
     everything = [r for s in series for r in s[2]]
@@ -135,6 +137,12 @@ def report_data(paths: Sequence[str | Path], cost: str = "flops", anchors: int |
         files.append({"label": label, "path": path, "colour": FILE_COLOURS[i % len(FILE_COLOURS)], "anchors": n,
                       "anchor_names": names or [f"anchor {a}" for a in range(n)], "records": rows,
                       "images": sweep_images(path)})
+        if baselines:
+            from snnet.results.baselines import file_baselines, jsonable
+            b = jsonable(file_baselines(path, records, [r["cfg_id"] for r in records if is_anchor(r, n)]))
+            files[-1]["baselines"] = {"mixing": b["mixing"], "cascade": [{"flops": s["flops"], "acc1": s["acc1"]}
+                                                                          for s in b["cascade"]],
+                                      "ref_cost": b["ref_cost"], "hypervolume": b["hypervolume"]}
     costs = []
     for c in offered:
         scale, unit = cost_unit(everything, c)
@@ -165,9 +173,9 @@ def render(data: dict[str, Any]) -> str:
 
 
 def write_report(paths: Sequence[str | Path], out: str | Path, cost: str = "flops", anchors: int | None = None,
-                 title: str = "", img_size: Any = None) -> tuple[Path, list[str]]:
+                 title: str = "", img_size: Any = None, baselines: bool = False) -> tuple[Path, list[str]]:
     """Write the page of some results files to `out` (atomically); returns the path and the notes for stderr.
     `img_size`: the subtitle's image size for records that do not carry one (files written before records had it)."""
-    data, notes = report_data(paths, cost, anchors, title, img_size)
+    data, notes = report_data(paths, cost, anchors, title, img_size, baselines)
     write_text_atomic(out, render(data))
     return Path(out), notes

@@ -219,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-stitches", type=_stitch_id, nargs="*", default=None,
                    help="cfg_ids validated after every epoch, or 'all' (every stitch, one pass; summary.csv then "
                         "also gets the front's hypervolume, front_hv) (default: anchors and a few stitches)")
+    g.add_argument("--save-predictions", default="anchors", metavar="WHICH",
+                   help="with the final evaluation of every stitch, save per-image predictions (top-5 classes, top "
+                        "softmax probability, correct) of these stitches next to stitches_res.txt as "
+                        "stitches_pred.npz, for `snnet pareto --baselines`: anchors (default), all, none, or "
+                        "comma-separated cfg_ids (anchors,9,12 works too)")
     g.add_argument("--teacher", default="", metavar="NAME", help="distillation teacher (timm name)")
     g.add_argument("--teacher-checkpoint", default="", help="local weights of the teacher ('' = hub weights)")
     g.add_argument("--distillation-type", choices=("none", "soft", "hard"), default="none",
@@ -548,6 +553,9 @@ def _check_values(args: argparse.Namespace) -> None:
         raise UsageError("--split-bn needs --aug-splits > 1 or --resplit (timm's rule); add --resplit")
     if args.val_stitches is not None and any(c != "all" and c < 0 for c in args.val_stitches):
         raise UsageError(f"--val-stitches {args.val_stitches} must be cfg_ids >= 0 or 'all'")
+    if not re.fullmatch(r"none|all|(anchors|\d+)(,(anchors|\d+))*", args.save_predictions):
+        raise UsageError(f"--save-predictions {args.save_predictions!r} is not anchors, all, none or comma-separated "
+                         f"cfg_ids (e.g. anchors,9)")
     restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
     if (args.auto_resume or restarted) and not args.experiment and not args.eval:
         raise UsageError("--auto-resume (and torchrun --max-restarts) needs --experiment NAME, so that a restarted "

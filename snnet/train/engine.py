@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from snnet.core.distributed import all_reduce_sum
+from snnet.core.distributed import all_gather_rows, all_reduce_sum
 from snnet.core.errors import SNNetError
 from snnet.train.device import amp_context, unwrap, world
 from snnet.core.progress import Progress
@@ -204,10 +204,55 @@ class _Counts:
         return out
 
 
+class PerImage:
+    """Per-image predictions of chosen stitches (``--save-predictions``): each image's sample id and label, and per
+    stitch its top-5 classes and top softmax probability (no logits). Collected per batch on each rank; `gather`
+    joins the ranks' shards on every rank, ordered by sample id. Stitches not chosen cost nothing."""
+
+    def __init__(self, cfg_ids: Sequence[int]):
+        self.cfg_ids = sorted(set(cfg_ids))
+        self.ids: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+        self.top: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {c: [] for c in self.cfg_ids}
+        self.arrays: dict[str, Any] | None = None   # after `gather`: sample_id, label, per_stitch {cfg: (topk, p)}
+        self.num_classes = 0
+
+    def batch(self, ids: torch.Tensor, y: torch.Tensor) -> None:
+        self.ids.append(ids.detach().to("cpu", torch.int64).reshape(-1))
+        self.labels.append(y.detach().to("cpu", torch.int64).reshape(-1))
+
+    def add(self, cfg_id: int, logits: torch.Tensor) -> None:
+        logits = logits.float()
+        self.num_classes = logits.shape[1]
+        top = logits.topk(min(5, logits.shape[1]), dim=1)  # the indices _Counts scores: the same top-1
+        prob = (top.values[:, 0] - torch.logsumexp(logits, dim=1)).exp()
+        self.top[cfg_id].append((top.indices.to("cpu", torch.int64), prob.to("cpu", torch.float32)))
+
+    def gather(self) -> None:
+        import numpy as np
+        if world()[1] > 1:  # a rank without images learns the number of classes from the others
+            classes = all_gather_rows(torch.tensor([[self.num_classes]], dtype=torch.int64))
+            self.num_classes = int(classes.max())
+        k = min(5, self.num_classes)
+        ints = torch.cat([torch.stack([torch.cat(self.ids), torch.cat(self.labels)], 1)] +
+                         [torch.cat([t for t, _ in self.top[c]]) for c in self.cfg_ids], 1) if self.ids else \
+            torch.zeros(0, 2 + k * len(self.cfg_ids), dtype=torch.int64)
+        probs = torch.stack([torch.cat([p for _, p in self.top[c]]) for c in self.cfg_ids], 1) if self.ids else \
+            torch.zeros(0, len(self.cfg_ids))
+        if world()[1] > 1:
+            ints, probs = all_gather_rows(ints), all_gather_rows(probs)
+        ints, probs = ints.numpy(), probs.numpy()
+        ids, first = np.unique(ints[:, 0], return_index=True)  # ascending sample ids, each image once
+        ints, probs = ints[first], probs[first]
+        self.arrays = {"sample_id": ids, "label": ints[:, 1], "per_stitch": {
+            c: (ints[:, 2 + i * k: 2 + (i + 1) * k], probs[:, i]) for i, c in enumerate(self.cfg_ids)}}
+
+
 @torch.no_grad()
 def evaluate_stitches(net: nn.Module, loader: Iterable, cfg_ids: Sequence[int], device: torch.device,
                       amp_dtype: torch.dtype | None = None, log_interval: int = 50, shared_prefixes: bool = True,
-                      stats: dict | None = None) -> "OrderedDict[int, dict[str, float]]":
+                      stats: dict | None = None, per_image: PerImage | None = None
+                      ) -> "OrderedDict[int, dict[str, float]]":
     """Top-1/top-5 (percent) and mean cross-entropy per stitch, reduced over ranks.
 
     One pass over the data for all stitches: each batch is decoded once and every route runs on it; with
@@ -218,6 +263,9 @@ def evaluate_stitches(net: nn.Module, loader: Iterable, cfg_ids: Sequence[int], 
     read by every route, or a list of tensors of the same images preprocessed
     per input group (`create_eval_loader` with several data configs), of which each route reads its front
     anchor's (``model.route_input``: a `ComposedNet`'s ``input_groups``): one tensor per root of the trie.
+
+    `per_image` (a `PerImage`) also records the per-image predictions of its stitches, which must be among
+    `cfg_ids`; it needs batches with sample ids (a single process may go without: images are then numbered in order).
     """
     net.eval()
     model = unwrap(net)
@@ -226,7 +274,10 @@ def evaluate_stitches(net: nn.Module, loader: Iterable, cfg_ids: Sequence[int], 
     counts = _Counts(cfg_ids)
     progress = Progress(f"Eval {len(cfg_ids)} stitch(es)", len(loader), log_interval,
                         per_phase=(len(cfg_ids), "stitches"))
-    peak = 0
+    peak = seen = 0
+    if per_image is not None and set(per_image.cfg_ids) - set(cfg_ids):
+        raise ValueError(f"per-image predictions of cfg_ids {sorted(set(per_image.cfg_ids) - set(cfg_ids))} that "
+                         f"are not evaluated")
     for i, batch in enumerate(loader, start=1):
         x, y = batch[0], batch[1].to(device, non_blocking=True)  # batch[2], when there: the images' sample ids
         if isinstance(x, torch.Tensor):
@@ -236,6 +287,9 @@ def evaluate_stitches(net: nn.Module, loader: Iterable, cfg_ids: Sequence[int], 
             x = [t.to(device, non_blocking=True) for t in x]
             inputs = lambda first_step, x=x: model.route_input(x, first_step)
         emit = lambda cfg_id, logits, y=y: counts.add(cfg_id, logits, y)
+        if per_image is not None:
+            emit = _recording(emit, per_image, batch, y, seen)
+            seen += y.shape[0]
         with amp_context(device, amp_dtype):
             if shared_prefixes:
                 peak = max(peak, tree.run(model.run_step, inputs, emit, track_bytes=stats is not None))
@@ -246,7 +300,28 @@ def evaluate_stitches(net: nn.Module, loader: Iterable, cfg_ids: Sequence[int], 
         progress.update(i, y.shape[0])
     if stats is not None:
         stats["peak_activation_bytes"] = peak
+    if per_image is not None:
+        per_image.gather()
     return counts.metrics()
+
+
+def _recording(emit: Callable, per_image: PerImage, batch: Sequence, y: torch.Tensor, seen: int) -> Callable:
+    """`emit` that also records the chosen stitches' predictions of this batch."""
+    if len(batch) > 2:
+        ids = torch.as_tensor(batch[2])
+    elif world()[1] == 1:
+        ids = torch.arange(seen, seen + y.shape[0])
+    else:
+        raise ValueError("per-image predictions under several processes need batches with sample ids "
+                         "(create_eval_loader's (images, labels, ids))")
+    per_image.batch(ids, y)
+    chosen = set(per_image.cfg_ids)
+
+    def both(cfg_id: int, logits: torch.Tensor) -> None:
+        emit(cfg_id, logits)
+        if cfg_id in chosen:
+            per_image.add(cfg_id, logits)
+    return both
 
 
 def default_val_panel(num_configs: int, n_anchors: int, extra: int = 4) -> list[int]:

@@ -27,9 +27,10 @@ from snnet.core.checkpoint import (LAST, RECOVERY, CheckpointError, CheckpointSa
                                    json_field, load_checkpoint, state_sha256, training_state)
 from snnet.core.config import ConfigError, StitchConfig
 from snnet.core.cost import cost_table
-from snnet.train.data import DataError, clean_images, create_datasets, create_eval_loader, create_train_loader, num_classes_of
+from snnet.train.data import (DataError, clean_images, create_datasets, create_eval_loader, create_train_loader,
+                               data_source, num_classes_of)
 from snnet.train.device import amp_dtype_for, restart_attempt, resolve_device, unwrap, world
-from snnet.train.engine import TrainContext, default_val_panel, evaluate_stitches, train_one_epoch
+from snnet.train.engine import PerImage, TrainContext, default_val_panel, evaluate_stitches, train_one_epoch
 from snnet.core.fileio import write_text_atomic
 from snnet.train.loggers import Loggers, check_loggers, create_loggers
 from snnet.train.losses import create_loss
@@ -213,6 +214,7 @@ def run(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
         _val_panel(args, net)  # refused now, not after the LS init
         _sampler(unwrap(net), run_, rank)  # the sampler's type and options (ROS buckets from the cost table), too
     eval_hash = None
+    _prediction_ids(getattr(args, "save_predictions", "none"), unwrap(net))  # a bad cfg_id refused before any work
     if args.eval:  # what is evaluated, and the results file it would continue: refused now, not after the LS init
         # no checkpoint: the network's own weights (anchors as built; the LS init is a function of them, the seed and
         # the data) are its identity, so a cached evaluation of other anchor weights is never taken for this one
@@ -300,29 +302,92 @@ def evaluate_all(net: RoutedNet, val_ds, run: Run, ckpt_hash: str, results_name:
     if rank == 0:
         run.out_dir.mkdir(parents=True, exist_ok=True)
         done = results.completed()
+    chosen = _prediction_ids(getattr(args, "save_predictions", "none"), model)
+    redo = _predictions_missing(results.path, done, chosen) if rank == 0 else []
     if world_size > 1:  # every rank evaluates the same remaining stitches
-        box = [sorted(done)]
+        box = [sorted(done), redo]
         torch.distributed.broadcast_object_list(box, src=0)
-        done = dict.fromkeys(box[0])
-    todo = [c for c in range(model.num_configs) if c not in done]
+        done, redo = dict.fromkeys(box[0]), box[1]
+    todo = sorted({c for c in range(model.num_configs) if c not in done} | set(redo))
     if not todo:
         _logger.info(f"all {model.num_configs} stitches already evaluated in {results.path}")
         return done
     table = cost_table(model, tuple(run.data_cfg["input_size"][1:]), run.data_cfg["input_size"][0])
-    _logger.info(f"evaluating {len(todo)} stitch(es) ({len(done)} already in {results.path}) on "
+    _logger.info(f"evaluating {len(todo)} stitch(es) ({len(done)} already in {results.path}"
+                 + (f"; {len(redo)} again for their per-image predictions" if redo else "") + f") on "
                  f"{len(val_ds)} images, {world_size} process(es)")
     loader = create_eval_loader(val_ds, args, run.data_cfg, rank, world_size)
-    metrics = evaluate_stitches(net, loader, todo, run.device, run.amp_dtype, args.log_interval)
+    per_image = PerImage([c for c in chosen if c in todo]) if any(c in todo for c in chosen) else None
+    metrics = evaluate_stitches(net, loader, todo, run.device, run.amp_dtype, args.log_interval, per_image=per_image)
     records = []
     for cfg_id, m in metrics.items():
-        record = stitch_record(model, cfg_id, m, table.route_flops(model.routes[cfg_id]), run.data_cfg["input_size"])
+        record = stitch_record(model, cfg_id, m, table.route_flops(model.routes[cfg_id]), run.data_cfg["input_size"],
+                               data=data_source(val_ds))
         records.append(record)
         _logger.info(f"cfg {cfg_id:>3d} {record['route']}: acc1 {m['acc1']:.3f} acc5 {m['acc5']:.3f} "
                      f"loss {m['loss']:.4f} flops {record['flops'] / 1e9:.3f}G params {record['params'] / 1e6:.3f}M")
     if rank == 0:
         results.extend(records)
         _logger.info(f"results: {results.path}")
+        if per_image is not None:
+            _write_predictions(results, per_image)
     return metrics
+
+
+def _prediction_ids(spec: str, model: RoutedNet) -> list[int]:
+    """The cfg_ids of --save-predictions (anchors, all, none, or comma-separated cfg_ids and 'anchors')."""
+    if spec == "none":
+        return []
+    if spec == "all":
+        return list(range(model.num_configs))
+    ids = set()
+    for part in spec.split(","):
+        ids |= set(range(model.n_anchors)) if part == "anchors" else {int(part)}
+    bad = sorted(c for c in ids if c >= model.num_configs)
+    if bad:
+        raise UsageError(f"--save-predictions {spec}: cfg_id {bad} out of range; this network has cfg_ids "
+                         f"0..{model.num_configs - 1}")
+    return sorted(ids)
+
+
+def _predictions_missing(results_file: Path, done: dict, chosen: list[int]) -> list[int]:
+    """Chosen stitches already in the results file whose predictions the predictions file lacks (or holds for
+    another record): evaluated again, so that both files stay of one evaluation."""
+    from snnet.results.predictions import predictions_path, read_predictions, record_sha256
+    from snnet.results.records import ResultsError
+    have = [c for c in chosen if c in done]
+    path = predictions_path(results_file)
+    if not have:
+        return []
+    try:
+        pred = read_predictions(path)
+    except ResultsError:
+        return have
+    tied = pred.meta.get("record_sha256", {})
+    return [c for c in have if tied.get(str(c)) != record_sha256(done[c])]
+
+
+def _write_predictions(results: ResultsFile, per_image: PerImage) -> None:
+    """The predictions of this evaluation, merged with those of earlier runs of the same evaluation, written
+    atomically next to the results file and tied to its records."""
+    from snnet.results.predictions import (build, merge, predictions_path, read_predictions, record_sha256,
+                                           write_predictions)
+    from snnet.results.records import ResultsError
+    path = predictions_path(results.path)
+    records = results.completed()
+    a = per_image.arrays
+    new = build(a["sample_id"], a["label"], a["per_stitch"], records, per_image.num_classes)
+    try:
+        old = read_predictions(path) if path.exists() else None
+    except ResultsError:
+        old = None
+    if old is not None:  # only stitches whose records are unchanged are kept
+        keep = [int(c) for c in old.cfg_id if c in records and
+                old.meta["record_sha256"].get(str(int(c))) == record_sha256(records[int(c)])]
+        old = old.subset(keep) if keep else None
+    pred = merge(old, new)
+    write_predictions(path, pred)
+    _logger.info(f"per-image predictions of cfg_id {pred.cfg_id.tolist()} ({len(pred.sample_id)} images): {path}")
 
 
 # ------------------------------------------------------------------------------------------------------ training
@@ -561,6 +626,8 @@ def fit(net: RoutedNet, train_ds, val_ds, run: Run, resume_state: dict | None) -
         seed_epoch(args.seed, rank, epoch)
         if args.distributed and hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
+        if hasattr(loader.dataset, "set_epoch"):  # a shard stream: the epoch's order is drawn from (seed, epoch)
+            loader.dataset.set_epoch(epoch)
         if ctx.mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
             ctx.mixup_fn.mixup_enabled = False
         train_metrics = train_one_epoch(epoch, net, loader, optimizer, loss_fn, args, ctx)

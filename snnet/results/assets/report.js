@@ -142,6 +142,20 @@ function drawPlot() {
     svg("polyline", {class: "front", stroke: f.colour, "data-file": i,
                      points: front.map((r) => X(r[c.key]) + "," + Y(r.acc1)).join(" ")}, body);
   });
+  D.files.forEach((f, i) => {  // the no-training baselines (snnet report --baselines), dashed, FLOPs axis only
+    if (!f.baselines || c.key !== "flops") return;
+    const b = f.baselines, cas = b.cascade;
+    svg("polyline", {class: "baseline mixing", stroke: D.files.length > 1 ? f.colour : "#595959", fill: "none",
+                     "stroke-dasharray": "6 4", "stroke-width": 1.2, "data-file": i,
+                     points: b.mixing.map((p) => X(p.flops) + "," + Y(p.acc1)).join(" ")}, body);
+    const steps = [];
+    cas.forEach((p, k) => {
+      steps.push(X(p.flops) + "," + Y(p.acc1));
+      steps.push(X(k + 1 < cas.length ? cas[k + 1].flops : Math.max(b.ref_cost, p.flops)) + "," + Y(p.acc1));
+    });
+    svg("polyline", {class: "baseline cascade", stroke: D.files.length > 1 ? f.colour : "#9467bd", fill: "none",
+                     "stroke-dasharray": "2 3", "stroke-width": 1.2, "data-file": i, points: steps.join(" ")}, body);
+  });
   if (c.combined) {
     svg("polyline", {class: "combined", points: c.combined.map(([i, id]) => {
       const r = recs[i].get(id); return X(r[c.key]) + "," + Y(r.acc1); }).join(" ")}, body);
@@ -503,7 +517,9 @@ function init() {
     node("span", item, f.label + " (" + f.records.length + " stitches, " + f.anchors + " anchors)");
   });
   node("span", legend, "\u2605 anchor   \u25cf stitch   \u2014 Pareto front" +
-                       (D.files.length > 1 ? "   - - combined front" : "") + "   \u25ef best within the budget");
+                       (D.files.length > 1 ? "   - - combined front" : "") + "   \u25ef best within the budget" +
+                       (D.files.some((f) => f.baselines) ? "   - - random anchor mixing   \u00b7\u00b7 confidence " +
+                        "cascade (no training; FLOPs axis)" : ""));
   drawPlot();
   fillStitches();
   update();
