@@ -122,7 +122,7 @@ def run_mode(mode: str, root: str, batch: int, workers: int, queue, plan: str = 
     ids = list(range(model.num_configs))
     cpu = torch.device("cpu")
     if mode.endswith("tensors"):
-        loader = [(x.clone(), y.clone()) for x, y in loader_for(Path(root), batch, workers)]
+        loader = [(x.clone(), y.clone()) for x, y, *_ in loader_for(Path(root), batch, workers)]
     else:
         loader = lambda: loader_for(Path(root), batch, workers)
     out = time_mode(model, mode, loader, ids, cpu)

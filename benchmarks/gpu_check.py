@@ -428,7 +428,7 @@ def step_eval_all(ctx: dict) -> dict:
             log(f"eval_all: no time left for {mode}")
             break
         if mode.endswith("tensors") and tensors is None:  # pre-decoded, on the device: compute only
-            tensors = [(x.to(device), y.to(device)) for x, y in jpeg()]
+            tensors = [(x.to(device), y.to(device)) for x, y, *_ in jpeg()]  # (images, labels[, sample ids])
         # SN-Net's way gets a share of what is left and is extrapolated from the stitches it finished
         share = left / (len(modes) - k) if mode.startswith("snnet") else None
         log(f"eval_all: {mode} ({len(ids)} stitches, {n} images)")
