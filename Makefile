@@ -43,14 +43,15 @@ browser:
 		fi; \
 	fi
 
-# every test; the 15 slowest are listed at the end
+# every test; the 15 slowest are listed at the end. One OpenMP thread per process: two pytest workers and the
+# processes the tests start share two cores, and torch's idle OpenMP threads spin for CPU the others need.
 test: venv browser
-	$(BIN)/python -m pytest -q -rs -n 2 --dist loadgroup --durations=15 tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs -n 2 --dist loadgroup --durations=15 tests
 
 # the fast tier: no test over ~6 s, nothing that starts several processes, no browser (markers: pyproject.toml);
 # on both cores (pytest-xdist), as make test
 test-fast: venv
-	$(BIN)/python -m pytest -q -rs -n 2 -m "not slow and not dist and not browser" tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs -n 2 -m "not slow and not dist and not browser" tests
 
 demo: venv
 	$(BIN)/python -m snnet.demo
