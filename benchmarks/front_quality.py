@@ -152,7 +152,8 @@ def run_recipe(name: str, spec: tuple[list[str], dict], seed: int, epochs: int, 
 def gap_weights(records: list[dict]) -> list[float]:
     """Sampling weight per cfg_id: 1 + (how far the stitch lies below the anchors' mixing line) / (the mean of those
     gaps); 1 for the anchors and for stitches on or above the line."""
-    from snnet.results.baselines import line_at, mixing_line
+    from snnet.results.baselines import mixing_line
+    from snnet.results.quality import line_at
     from snnet.results.pareto import is_anchor
     line = mixing_line([(r["flops"], r["acc1"]) for r in records if is_anchor(r)])
     gaps = [0.0 if is_anchor(r) else max(0.0, line_at(line, r["flops"]) - r["acc1"])
@@ -280,11 +281,10 @@ def held_out(run: dict, work: Path) -> dict:
     half averaged over the two folds. Needs `run_hybrid`'s folder (every stitch's predictions)."""
     import numpy as np
 
-    from snnet.results.baselines import (cascade_front, cascade_settings, mixing_line, network_cascade,
-                                         score_setting)
+    from snnet.results.baselines import cascade_settings, mixing_line, network_cascade, score_setting
     from snnet.results.pareto import is_anchor
     from snnet.results.predictions import load_for
-    from snnet.results.quality import hypervolume, hypervolume_line
+    from snnet.results.quality import hypervolume, hypervolume_line, pareto_front
     from snnet.results.records import read_results
     folder = work / "hybrid" / f"{run['recipe']}_s{run['seed']}_e{run['epochs']}"
     records = read_results(folder)
@@ -300,14 +300,14 @@ def held_out(run: dict, work: Path) -> dict:
     init_pred = load_for(init / "stitches_res.txt", read_results(init))
     assert np.array_equal(init_pred.sample_id, pred.sample_id)
     for choose, score in (halves, halves[::-1]):
-        pre = cascade_front([s for k in range(1, len(chain) + 1) for sub in itertools.combinations(chain, k)
+        pre = pareto_front([s for k in range(1, len(chain) + 1) for sub in itertools.combinations(chain, k)
                              for s in cascade_settings(init_pred, sub, flops, choose)])
         scored = [score_setting(init_pred, s, flops, score) for s in pre]
         out["cascade_pretrained"].append(hypervolume([(s["flops"] / ref, s["acc1"]) for s in scored]))
         acc = {c: 100.0 * pred.correct[pred.row(c)][score].mean() for c in flops}
         out["stitched"].append(hypervolume([(flops[c] / ref, acc[c]) for c in flops]))
         out["mixing"].append(hypervolume_line(mixing_line([(flops[a] / ref, acc[a]) for a in chain])))
-        casc = cascade_front([s for k in range(1, len(chain) + 1) for sub in itertools.combinations(chain, k)
+        casc = pareto_front([s for k in range(1, len(chain) + 1) for sub in itertools.combinations(chain, k)
                               for s in cascade_settings(pred, sub, flops, choose)])
         hyb = network_cascade(records, pred, anchors, choose)["cascade"]
         hyb_shared = network_cascade(records, pred, anchors, choose, shared)["cascade"]

@@ -10,8 +10,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import FAST, assert_refused, run, run_cli
-from snnet.results.baselines import (baselines, cascade_front, cascade_settings, line_at, mixing_line,
-                                     network_cascade, score_setting)
+from snnet.results.baselines import baselines, cascade_settings, mixing_line, network_cascade, score_setting
+from snnet.results.quality import line_at, pareto_front
 from snnet.results.predictions import (Predictions, build, check_against, merge, predictions_path,
                                        read_predictions, record_sha256, write_predictions)
 from snnet.results.quality import hypervolume, hypervolume_line
@@ -65,7 +65,7 @@ def test_cascade_cost_counts_every_anchor_run_and_the_answer_is_the_last_one():
     assert never["flops"] == 50 and never["acc1"] == 75
     alone = cascade_settings(pred, [1], flops)
     assert alone == [{"chain": [1], "thresholds": [], "flops": 40.0, "acc1": 75.0}]
-    front = cascade_front(cascade_settings(pred, [0], flops) + cascade_settings(pred, [0, 1], flops) + alone)
+    front = pareto_front(cascade_settings(pred, [0], flops) + cascade_settings(pred, [0, 1], flops) + alone)
     # thresholds 0.3, 0.8, 0.9: 1, 2, 3 images go on to the large anchor; it is right on every image it sees
     assert [(f["flops"], f["acc1"]) for f in front] == [(10, 25), (20, 50), (30, 75), (40, 100)]
 

@@ -34,7 +34,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from snnet.results.predictions import Predictions, load_for
-from snnet.results.quality import hypervolume, hypervolume_line
+from snnet.results.quality import hypervolume, hypervolume_line, line_at, pareto_front
 from snnet.results.records import ResultsError
 
 #: settings tried per chain (threshold tuples), and the images up to which a two-stage chain tries every value
@@ -59,16 +59,6 @@ def mixing_line(anchors: Sequence[tuple[float, float]]) -> list[tuple[float, flo
                 break
         hull.append(p)
     return hull
-
-
-def line_at(vertices: Sequence[tuple[float, float]], cost: float) -> float:
-    """Best top-1 of the mixtures at expected cost <= `cost`; -inf below the cheapest anchor."""
-    if cost < vertices[0][0]:
-        return -math.inf
-    for (x0, y0), (x1, y1) in zip(vertices, vertices[1:]):
-        if cost <= x1:
-            return y0 + (y1 - y0) * (cost - x0) / (x1 - x0)
-    return vertices[-1][1]
 
 
 def staircase_at(front: Sequence[tuple[float, float]], cost: float) -> float:
@@ -101,37 +91,33 @@ def cascade_settings(pred: Predictions, chain: Sequence[int], flops: dict[int, f
     """Every threshold setting of one chain: {"chain", "thresholds", "flops" (mean per image), "acc1" (percent)};
     `images`: positions of the images to use (default all); `shared`: see `_stage_costs` (default: nothing
     shared)."""
-    rows = [pred.row(c) for c in chain]
-    p = pred.top_prob[rows].astype(np.float64)
-    ok = pred.correct[rows]
-    if images is not None:
-        p, ok = p[:, images], ok[:, images]
+    p, ok = _chain_inputs(pred, chain, images)
     cum = _stage_costs(chain, flops, shared)
-    n = p.shape[1]
     if len(chain) == 1:
         return [{"chain": list(chain), "thresholds": [], "flops": float(cum[0]), "acc1": 100.0 * ok[0].mean()}]
     grids = [_grid(p[j], len(chain) - 1) for j in range(len(chain) - 1)]
-    out = []
-    for ts in itertools.product(*grids):
-        exit_at = np.full(n, len(chain) - 1)
-        pending = np.ones(n, dtype=bool)
-        for j, t in enumerate(ts):
-            leave = pending & (p[j] >= t)
-            exit_at[leave] = j
-            pending &= ~leave
-        out.append({"chain": list(chain), "thresholds": [float(t) for t in ts], "flops": float(cum[exit_at].mean()),
-                    "acc1": 100.0 * ok[exit_at, np.arange(n)].mean()})
-    return out
+    return [{"chain": list(chain), "thresholds": [float(t) for t in ts], **_run(p, ok, cum, ts)}
+            for ts in itertools.product(*grids)]
 
 
-def cascade_front(settings: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The Pareto front of cascade settings: cheapest first, each strictly more accurate than every cheaper one."""
-    front, best = [], -math.inf
-    for s in sorted(settings, key=lambda s: (s["flops"], -s["acc1"])):
-        if s["acc1"] > best:
-            front.append(s)
-            best = s["acc1"]
-    return front
+def _chain_inputs(pred: Predictions, chain: Sequence[int], images: np.ndarray | None):
+    """Per stage of `chain`: the top probability and the correctness of each image (of `images`, default all)."""
+    rows = [pred.row(c) for c in chain]
+    p, ok = pred.top_prob[rows].astype(np.float64), pred.correct[rows]
+    return (p[:, images], ok[:, images]) if images is not None else (p, ok)
+
+
+def _run(p: np.ndarray, ok: np.ndarray, cum: np.ndarray, thresholds: Sequence[float]) -> dict[str, float]:
+    """The cascade with these thresholds (an image leaves at the first stage whose top probability reaches the
+    stage's threshold; the last stage answers the rest): mean cost per image and top-1 in percent."""
+    n = p.shape[1]
+    exit_at = np.full(n, len(cum) - 1)
+    pending = np.ones(n, dtype=bool)
+    for j, t in enumerate(thresholds):
+        leave = pending & (p[j] >= t)
+        exit_at[leave] = j
+        pending &= ~leave
+    return {"flops": float(cum[exit_at].mean()), "acc1": 100.0 * ok[exit_at, np.arange(n)].mean()}
 
 
 # ------------------------------------------------------------------------------------------------------ both
@@ -153,7 +139,7 @@ def baselines(records: Sequence[dict[str, Any]], anchors: Sequence[int], pred: P
     mixing = mixing_line([(flops[a], float(by_id[a]["acc1"])) for a in chain])
     settings = [s for k in range(1, len(chain) + 1) for sub in itertools.combinations(chain, k)
                 for s in cascade_settings(pred, sub, flops)]
-    cascade = cascade_front(settings)
+    cascade = pareto_front(settings)
     stitched_pts = [(float(r["flops"]), float(r["acc1"])) for r in records]
     stitches = [p for r, p in zip(records, stitched_pts) if r["cfg_id"] not in set(anchors)]
     casc_pts = [(s["flops"], s["acc1"]) for s in cascade]
@@ -272,7 +258,7 @@ def network_cascade(records: Sequence[dict[str, Any]], pred: Predictions, anchor
                  for s in cascade_settings(pred, [c], flops, images, shared)]
     settings += [s for a, b in itertools.combinations(ids, 2) if not (a in chain and b in chain)
                  for s in cascade_settings(pred, [a, b], flops, images, shared)]
-    front = cascade_front(settings)
+    front = pareto_front(settings)
     ref = max(flops[a] for a in anchors)
     return {"cascade": front, "cascade_settings": len(settings),
             "hypervolume": hypervolume([(s["flops"] / ref, s["acc1"]) for s in front]),
@@ -283,17 +269,6 @@ def score_setting(pred: Predictions, setting: dict[str, Any], flops: dict[int, f
                   images: np.ndarray | None = None,
                   shared: Callable[[int, int], float] | None = None) -> dict[str, Any]:
     """One cascade setting (chain and thresholds, e.g. chosen on other images) scored on `images`."""
-    rows = [pred.row(c) for c in setting["chain"]]
-    p = pred.top_prob[rows].astype(np.float64)
-    ok = pred.correct[rows]
-    if images is not None:
-        p, ok = p[:, images], ok[:, images]
-    n, cum = p.shape[1], _stage_costs(setting["chain"], flops, shared)
-    exit_at = np.full(n, len(rows) - 1)
-    pending = np.ones(n, dtype=bool)
-    for j, t in enumerate(setting["thresholds"]):
-        t = np.inf if t is None else t
-        leave = pending & (p[j] >= t)
-        exit_at[leave] = j
-        pending &= ~leave
-    return {**setting, "flops": float(cum[exit_at].mean()), "acc1": 100.0 * ok[exit_at, np.arange(n)].mean()}
+    p, ok = _chain_inputs(pred, setting["chain"], images)
+    ts = [np.inf if t is None else t for t in setting["thresholds"]]
+    return {**setting, **_run(p, ok, _stage_costs(setting["chain"], flops, shared), ts)}

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 from snnet.core.fileio import save_figure, write_text_atomic
 from snnet.results.records import RESULTS_FILE, ResultsError, check_same_evaluation_set, is_number, read_results
+from snnet.results.quality import pareto_front
 
 COSTS = ("flops", "params", "latency")
 
@@ -157,17 +158,6 @@ def route_of(rec: dict[str, Any], n_anchors: int | None = None) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ the front
-def pareto_front(records: Sequence[dict[str, Any]], cost: str = "flops") -> list[dict[str, Any]]:
-    usable = [r for r in records if r.get(cost) is not None]
-    ordered = sorted(usable, key=lambda r: (r[cost], -r["acc1"]))
-    front, best = [], float("-inf")
-    for r in ordered:
-        if r["acc1"] > best:
-            front.append(r)
-            best = r["acc1"]
-    return front
-
-
 # ------------------------------------------------------------------------------------------------------ formatting
 def flops_unit(records: Sequence[dict[str, Any]]) -> tuple[float, str]:
     """GFLOPs for ImageNet-sized networks, MFLOPs for small ones (so the table never shows 0.000)."""

@@ -20,6 +20,7 @@ Conventions (also in docs/front_quality.md):
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 from snnet.results.records import ResultsError, is_number
@@ -29,6 +30,18 @@ REF_COST = 1.1
 
 def _points(records: Sequence[dict[str, Any]], ref_cost: float) -> list[tuple[float, float]]:
     return sorted(((r["flops"] / ref_cost, float(r["acc1"])) for r in records), key=lambda p: (p[0], -p[1]))
+
+
+def pareto_front(records: Sequence[dict[str, Any]], cost: str = "flops") -> list[dict[str, Any]]:
+    """The records no other record beats: cheapest first (by `cost`), each strictly more accurate (acc1) than every
+    cheaper one; records without the cost are left out. Stitches, cascade settings, any (cost, acc1) dicts."""
+    usable = [r for r in records if r.get(cost) is not None]
+    front, best = [], float("-inf")
+    for r in sorted(usable, key=lambda r: (r[cost], -r["acc1"])):
+        if r["acc1"] > best:
+            front.append(r)
+            best = r["acc1"]
+    return front
 
 
 def _staircase(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -60,15 +73,19 @@ def hypervolume_line(vertices: Sequence[tuple[float, float]], ref: tuple[float, 
     if not pts:
         return 0.0
     knots = pts + [(ref[0], pts[-1][1] if len(pts) == len(vertices) else
-                    _interpolate(sorted(vertices), ref[0]))]
+                    line_at(sorted(vertices), ref[0]))]
     return sum((x1 - x0) * (max(y0, ref[1]) + max(y1, ref[1]) - 2 * ref[1]) / 2
                for (x0, y0), (x1, y1) in zip(knots, knots[1:]))
 
 
-def _interpolate(vertices: Sequence[tuple[float, float]], c: float) -> float:
+def line_at(vertices: Sequence[tuple[float, float]], cost: float) -> float:
+    """The piecewise-linear curve through `vertices` (cost ascending) at `cost`: flat after its last vertex, -inf
+    below its first (e.g. the best random mixture of anchors at an expected cost: snnet/results/baselines.py)."""
+    if cost < vertices[0][0]:
+        return -math.inf
     for (x0, y0), (x1, y1) in zip(vertices, vertices[1:]):
-        if x0 <= c <= x1:
-            return y0 + (y1 - y0) * (c - x0) / (x1 - x0) if x1 > x0 else y1
+        if cost <= x1:
+            return y1 if x1 == x0 else y0 + (y1 - y0) * (cost - x0) / (x1 - x0)
     return vertices[-1][1]
 
 
