@@ -86,7 +86,7 @@ def test_docs_site_refuses_a_broken_link(tmp_path):
     assert "no_such_page.md" in done.stderr and "no_such.png" in done.stderr
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def demo_layout(tmp_path_factory, digits_folder):
     """A folder laid out like the repository after `make demo` (see the module docstring)."""
     import torch
@@ -111,21 +111,23 @@ def demo_layout(tmp_path_factory, digits_folder):
 RUNNABLE_PAGES = [p for p in PAGES if runnable(p)]
 
 
-@pytest.mark.slow  # the shared demo layout: ~10-20 s once (an SN-Net, its checkpoint and an ONNX export)
-@pytest.mark.parametrize("page", RUNNABLE_PAGES, ids=[p.name for p in RUNNABLE_PAGES])
-def test_runnable_examples(page, demo_layout, capsys):
-    """Every block marked runnable on `page` runs, in order, from the demo layout."""
+@pytest.mark.slow  # the demo layout: ~10-20 s (an SN-Net, its checkpoint and an ONNX export), built once here
+def test_runnable_examples(demo_layout, capsys):
+    """Every block marked runnable runs, page by page (blocks of a page in order, one namespace), from the demo
+    layout. One test for all pages, so that the layout is built once whatever the pytest-xdist split."""
+    assert [p.name for p in RUNNABLE_PAGES][:1] == ["README.md"] and len(RUNNABLE_PAGES) >= 3
     cwd = os.getcwd()
     os.chdir(demo_layout)
     try:
-        namespace: dict = {"__name__": f"example_{page.stem}"}
-        for i, block in enumerate(runnable(page)):
-            capsys.readouterr()
-            exec(compile(block["code"], f"{page.name} runnable block {i + 1}", "exec"), namespace)
-            printed = capsys.readouterr().out
-            if block["checked"]:
-                assert block["output"] is not None, f"{page.name} block {i + 1}: no text block to check"
-                assert printed == block["output"], f"{page.name} block {i + 1} printed:\n{printed}"
+        for page in RUNNABLE_PAGES:
+            namespace: dict = {"__name__": f"example_{page.stem}"}
+            for i, block in enumerate(runnable(page)):
+                capsys.readouterr()
+                exec(compile(block["code"], f"{page.name} runnable block {i + 1}", "exec"), namespace)
+                printed = capsys.readouterr().out
+                if block["checked"]:
+                    assert block["output"] is not None, f"{page.name} block {i + 1}: no text block to check"
+                    assert printed == block["output"], f"{page.name} block {i + 1} printed:\n{printed}"
     finally:
         os.chdir(cwd)
 
