@@ -92,3 +92,12 @@ def test_bad_arguments_are_one_clear_line(tmp_path):
     with pytest.raises(snnet.api.ApiError, match="ls mode 'best'"):
         snnet.ls_init_from_images(net, torch.zeros(4, 3, 16, 16), mode="best")
     assert json.dumps(snnet.__all__)  # the API names are listed
+
+
+def test_train_py_resume_at_a_wrong_image_size_names_the_size(tiny, digits_folder, capsys):
+    """train.py --eval --resume of an SN-Net trained at 16 px, typed --img-size 32: one line naming 16."""
+    from helpers import assert_refused
+    rc = main([str(digits_folder), "--stitch_config", str(tiny.config), "--eval", "--resume", str(tiny.ckpt),
+               "--img-size", "32", "--no-pretrained", "-j", "0", "--num-classes", "10",
+               "--output", str(tiny.root / "out")])
+    assert_refused(rc, capsys.readouterr().err, "trained at image size 16", "use img_size=16")
