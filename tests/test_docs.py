@@ -59,6 +59,10 @@ def test_a_changed_number_is_caught(tmp_path):
     assert m is not None
     edited = page.replace(m["body"], m["body"].replace("top-1", "top-1 ", 1))
     assert docs_blocks.render(edited) != edited and docs_blocks.render(page) == page
+    perf = (ROOT / "docs" / "performance.md").read_text()  # a benchmark output quoted with `lines`
+    assert "<!-- generated: lines results/bench_train_step.txt" in perf
+    edited = perf.replace("| 0.9679 |", "| 0.9670 |", 1)
+    assert edited != perf and docs_blocks.render(edited) == perf
 
 
 def test_docs_site_builds_strictly(tmp_path):

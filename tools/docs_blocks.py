@@ -10,7 +10,9 @@ A generated region is a marker line, the block the command prints, and a closing
     <!-- /generated -->
 
 The command is a `snnet` command, run in-process from the repository root on the committed results (stdout; when it
-fails, its stderr and ``# exit code N`` too, as a user sees them). ``--write`` regenerates every region of
+fails, its stderr and ``# exit code N`` too, as a user sees them), or ``lines FILE FIRST LAST``: the lines of a
+committed benchmark output from the first that starts with FIRST to the next that starts with LAST, verbatim and
+unfenced (the Markdown tables benchmarks print render as tables). ``--write`` regenerates every region of
 README.md and docs/*.md in place (idempotent: a second run changes nothing), ``--check`` exits 1 naming each region
 that differs from what the committed results produce (tests/test_docs.py runs it).
 
@@ -64,9 +66,25 @@ def run(command: str) -> str:
     return text.rstrip("\n") + "\n"
 
 
+def lines(command: str) -> str:
+    """``lines FILE FIRST LAST``: the lines of FILE (relative to the repository) from the first starting with FIRST
+    through the next starting with LAST."""
+    _, name, first, last = shlex.split(command)
+    text = (ROOT / name).read_text().splitlines()
+    try:
+        a = next(i for i, ln in enumerate(text) if ln.startswith(first))
+        b = next(i for i in range(a, len(text)) if text[i].startswith(last))
+    except StopIteration:
+        raise SystemExit(f"docs_blocks: {name} has no line starting with {first!r} followed by one starting with "
+                         f"{last!r}; fix the region '{command}'") from None
+    return "\n".join(text[a:b + 1]) + "\n"
+
+
 def render(text: str) -> str:
     """`text` with every generated region's block replaced by what its command prints now."""
     def block(m: re.Match) -> str:
+        if m["cmd"].startswith("lines "):
+            return f"<!-- generated: {m['cmd']} -->\n{lines(m['cmd'])}<!-- /generated -->\n"
         return f"<!-- generated: {m['cmd']} -->\n```console\n{run(m['cmd'])}```\n<!-- /generated -->\n"
     return REGION.sub(block, text)
 
