@@ -9,7 +9,8 @@ A generated region is a marker line, the block the command prints, and a closing
     ```
     <!-- /generated -->
 
-The command is a `snnet` command, run in-process from the repository root on the committed results (stdout; when it
+The command is a `snnet` command, run in-process on the committed results (from a scratch folder that links the
+repository's results/ and configs/, so what it writes stays out of the checkout) (stdout; when it
 fails, its stderr and ``# exit code N`` too, as a user sees them), or ``lines FILE FIRST LAST``: the lines of a
 committed benchmark output from the first that starts with FIRST to the next that starts with LAST, verbatim and
 unfenced (the Markdown tables benchmarks print render as tables). ``--write`` regenerates every region of
@@ -28,6 +29,7 @@ import os
 import re
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,15 +53,20 @@ def run(command: str) -> str:
         raise SystemExit(f"docs_blocks: generated command {command!r} is not a snnet command; write 'snnet ...'")
     out, err = io.StringIO(), io.StringIO()
     cwd = os.getcwd()
-    os.chdir(ROOT)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                rc = cli.main(argv[1:])
-            except SystemExit as e:
-                rc = e.code if isinstance(e.code, int) else 1
-    finally:
-        os.chdir(cwd)
+    with tempfile.TemporaryDirectory() as scratch:
+        # the repository's results and configs, read where the command names them; what it writes (--out
+        # output/...) lands in the scratch folder, never in the checkout
+        for name in ("results", "configs"):
+            os.symlink(ROOT / name, Path(scratch) / name)
+        os.chdir(scratch)
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    rc = cli.main(argv[1:])
+                except SystemExit as e:
+                    rc = e.code if isinstance(e.code, int) else 1
+        finally:
+            os.chdir(cwd)
     text = f"$ {command}\n" + out.getvalue()
     if rc:
         text += err.getvalue() + f"# exit code {rc}\n"
