@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
+from timm.data import create_dataset, resolve_data_config
 
 from snnet.core.build import build_snnet
 from snnet.core.config import AnchorSpec, StitchConfig, load_stitch_config, parse_stitch_config
@@ -30,7 +31,7 @@ from snnet.core.model import SNNet
 from snnet.deploy.export import export_stitch, load_snnet
 from snnet.results.records import stitch_record, write_results
 from snnet.results.select import model_img_size, stitch_for
-from snnet.train.data import eval_transform
+from snnet.train.data import clean_images, eval_transform
 from snnet.train.engine import evaluate_stitches
 
 __all__ = ["create_snnet", "ls_init_from_images", "evaluate", "stitch_for", "load", "export", "data_config"]
@@ -69,14 +70,12 @@ def create_snnet(config: str | os.PathLike | dict | StitchConfig, pretrained: bo
 def data_config(net: SNNet) -> dict[str, Any]:
     """The evaluation preprocessing train.py uses for `net` (timm's resolve_data_config on the SN-Net, at the image
     size its anchors were built for): input_size, interpolation, mean, std, crop_pct."""
-    from timm.data import resolve_data_config  # timm's data helpers: only needed when images are read
     return resolve_data_config({"img_size": model_img_size(net)[0]}, model=net)
 
 
 def _dataset(data: str | os.PathLike | torch.utils.data.Dataset, net: SNNet) -> torch.utils.data.Dataset:
     if not isinstance(data, (str, os.PathLike)):
         return data
-    from timm.data import create_dataset  # as above
     root = Path(data)
     if not root.is_dir():
         raise ApiError(f"image folder {str(root)!r} does not exist; pass a folder of class subfolders (e.g. "
@@ -100,11 +99,10 @@ def ls_init_from_images(net: SNNet, images: torch.Tensor | Iterable[torch.Tensor
     joint, average or snnet; default the config's ``ls_mode`` (joint)."""
     cfg = getattr(net, "stitch_config", None)
     mode = mode or (cfg.get("ls_mode") if cfg is not None else "joint")
-    if isinstance(images, (str, os.PathLike)):
-        from snnet.train.data import clean_images  # the images train.py's LS init draws
+    batches: Iterable[torch.Tensor]
+    if isinstance(images, (str, os.PathLike)):  # drawn as train.py's LS init draws them
         count = count or (cfg.get("stitch_init_bs") if cfg is not None else 100)
-        images = clean_images(_dataset(images, net), data_config(net), count, seed, batch_size=batch_size)
-        batches: Iterable[torch.Tensor] = images
+        batches = clean_images(_dataset(images, net), data_config(net), count, seed, batch_size=batch_size)
     else:
         batches = _batches(images, batch_size)
     try:
