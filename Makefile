@@ -4,18 +4,20 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv browser test test-fast demo demo-v2 gpu-check clean-venv
+.PHONY: venv browser test test-fast demo demo-v2 gpu-check docs docs-blocks clean-venv
 
 venv: $(STAMP)
 
 # requirements-extras.txt: optional experiment logging (--log-tensorboard, --log-wandb), installed so its tests run
 # requirements-browser.txt: the browser driver of tests/test_report.py (Chromium itself: the browser target)
-$(STAMP): requirements.txt requirements-extras.txt requirements-browser.txt constraints.txt pyproject.toml
+# requirements-docs.txt: mkdocs, for the documentation site (make docs; its strict build is a test)
+$(STAMP): requirements.txt requirements-extras.txt requirements-browser.txt requirements-docs.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --disable-pip-version-check -q --upgrade pip
 	$(BIN)/pip install --disable-pip-version-check -q -r requirements.txt -c constraints.txt pytest pytest-xdist "setuptools>=68"
 	$(BIN)/pip install --disable-pip-version-check -q -r requirements-extras.txt -c constraints.txt
 	$(BIN)/pip install --disable-pip-version-check -q -r requirements-browser.txt -c constraints.txt
+	$(BIN)/pip install --disable-pip-version-check -q -r requirements-docs.txt -c constraints.txt
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -64,6 +66,15 @@ demo-v2: venv
 # CPU evaluation, and real-size benchmarks -> results/gpu/<gpu name>.md; without CUDA one line and exit 2
 gpu-check: venv
 	@$(BIN)/python benchmarks/gpu_check.py
+
+# the documentation site from docs/ (mkdocs.yml) into site/; --strict: a broken link or anchor fails the build
+docs: venv
+	$(BIN)/mkdocs build --strict
+
+# regenerate the console blocks of README.md and docs/*.md from the committed results (tools/docs_blocks.py;
+# tests/test_docs.py runs --check, so a number that differs from what the results give fails the tests)
+docs-blocks: venv
+	$(BIN)/python tools/docs_blocks.py --write
 
 clean-venv:
 	rm -rf $(VENV)

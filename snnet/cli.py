@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--latency-batch", type=_positive_int, default=1, metavar="B",
                    help="with --by latency: the batch size of latency_ms_b<B> (default 1)")
     q.add_argument("--anchors", type=int, default=None, metavar="N",
-                   help="files without routes (SN-Net's): cfg 0..N-1 are anchors (default: inferred, see README)")
+                   help="files without routes (SN-Net's): cfg 0..N-1 are anchors (default: inferred, see docs/deploy.md)")
     q.add_argument("--before", metavar="RESULTS", default=None,
                    help="results file from before SN-Net training (e.g. train.py --eval of the untrained SN-Net): "
                         "adds each file's anchor drift to the front-quality table")

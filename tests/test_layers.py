@@ -3,6 +3,8 @@ module imports form no circle, and nothing but an entry point imports the CLI (s
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,9 @@ PKG = ROOT / "snnet"
 LAYERS = ("core", "results", "train", "deploy", "explore")
 #: the entry points: the only modules that may import the CLI (and any layer)
 ENTRY = {"snnet.cli", "snnet.demo", "snnet.__main__"}
+#: the Python API: above every layer (it fronts core, results, train and deploy), never imported by them, and like
+#: them it does not import the CLI; the package root re-exports it lazily (on first use)
+FACADE = {"snnet.api"}
 
 
 def module_name(path: Path) -> str:
@@ -61,7 +66,7 @@ def layer_of(name: str) -> int | None:
 
 
 def test_every_library_module_is_in_a_layer():
-    loose = [m for m in MODULES if layer_of(m) is None and m not in ENTRY and m != "snnet"]
+    loose = [m for m in MODULES if layer_of(m) is None and m not in ENTRY | FACADE and m != "snnet"]
     assert not loose, f"modules outside the layers {LAYERS}: {loose}"
 
 
@@ -74,6 +79,8 @@ def test_no_upward_import():
         for dep in imports_of(path, name):
             if dep in ENTRY:
                 bad.append(f"{name} imports the entry point {dep}")
+            elif dep in FACADE:
+                bad.append(f"{name} imports the Python API {dep} (import from the defining module)")
             elif dep == "snnet":
                 bad.append(f"{name} imports the package root (import from the defining module)")
             elif (layer_of(dep) or 0) > own:
@@ -83,7 +90,18 @@ def test_no_upward_import():
 
 def test_the_package_root_imports_only_the_core():
     deps = imports_of(MODULES["snnet"], "snnet")
-    assert all(layer_of(d) == 0 for d in deps), deps
+    assert all(layer_of(d) == 0 or d in FACADE for d in deps), deps
+
+
+def test_the_python_api_imports_no_cli_and_import_snnet_stays_the_core():
+    assert not imports_of(MODULES["snnet.api"], "snnet.api") & (ENTRY - {"snnet.demo"} | {"snnet.cli"})
+    code = ("import sys, snnet; loaded = [m for m in sys.modules if m.startswith('snnet.')]; "
+            "assert all(m.startswith('snnet.core') for m in loaded), loaded")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    import snnet
+    import snnet.api
+    assert snnet.create_snnet is snnet.api.create_snnet and set(snnet.api.__all__) <= set(snnet.__all__)
 
 
 def test_nothing_but_an_entry_point_imports_the_cli():

@@ -244,6 +244,10 @@ def build_snnet(cfg: StitchConfig, pretrained: bool = True, num_classes: int | N
                 drop_path_rate: float | None = None, **model_kwargs: Any) -> SNNet:
     """Anchors from timm (pretrained, or the config's local checkpoints), wrapped into one SN-Net (not LS-initialised):
     `create_anchors` then `snnet_from_anchors`. The config the network was built from is kept as
-    ``model.stitch_config``."""
+    ``model.stitch_config``. The image size and classes are the config's ``input_size`` and ``num_classes`` unless
+    given (as they set train.py's ``--img-size`` and ``--num-classes`` defaults)."""
+    if model_kwargs.get("img_size") is None and cfg.get("input_size") is not None:
+        model_kwargs["img_size"] = cfg.get("input_size")
+    num_classes = cfg.get("num_classes") if num_classes is None else num_classes
     models, adapters = create_anchors(cfg, pretrained, num_classes, drop_path_rate, **model_kwargs)
     return snnet_from_anchors(cfg, models, adapters, model_kwargs.get("img_size"), model_kwargs.get("in_chans"))

@@ -7,6 +7,7 @@ Namespace or a yacs CfgNode there: docs/snnet_compat.md, C26).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -42,11 +43,35 @@ def fit_report(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> 
             f"{len(wrong)} of another shape e.g. {wrong[:2]}")
 
 
+def image_size_hint(module: nn.Module, state: dict[str, torch.Tensor]) -> str:
+    """'' or why a ViT's position embedding does not fit: the image size the checkpoint was trained at and the one
+    the network was built for. A pos_embed of another length is what a wrong image-size guess gives, and the bare
+    shapes do not name the size to use."""
+    own = module.state_dict()
+    for key, value in state.items():
+        if not key.endswith("pos_embed") or key not in own or own[key].shape == value.shape or value.ndim != 3:
+            continue
+        owner = module.get_submodule(key.rpartition(".")[0]) if "." in key else module
+        patch = getattr(getattr(owner, "patch_embed", None), "patch_size", None)
+        if patch is None:
+            continue
+        prefix = 0 if getattr(owner, "no_embed_class", False) else int(getattr(owner, "num_prefix_tokens", 0))
+        saved, built = value.shape[1] - prefix, own[key].shape[1] - prefix
+        grid, built_grid = math.isqrt(saved), math.isqrt(built)
+        if grid * grid == saved and built_grid * built_grid == built:
+            return (f"the checkpoint was trained at image size {grid * patch[0]}, the network built for "
+                    f"{built_grid * patch[0]}: use img_size={grid * patch[0]} (train.py/snnet --img-size "
+                    f"{grid * patch[0]}, or \"input_size\": {grid * patch[0]} in the stitch config)")
+    return ""
+
+
 def load_fitting(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load `state` strictly, or raise `StateDictMismatch` saying what differs (before anything is copied)."""
+    """Load `state` strictly, or raise `StateDictMismatch` saying what differs (before anything is copied); a
+    position embedding of another image size is named as such, with the size to use."""
     report = fit_report(module.state_dict(), state)
     if report:
-        raise StateDictMismatch(report)
+        hint = image_size_hint(module, state)
+        raise StateDictMismatch(f"{hint}; {report}" if hint else report)
     module.load_state_dict(state, strict=True)
 
 

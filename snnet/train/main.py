@@ -24,7 +24,7 @@ from torch import nn
 
 from snnet.train.args import UsageError, freeze, parse_args
 from snnet.core.checkpoint import (LAST, RECOVERY, CheckpointError, CheckpointSaver, StateDictMismatch, fit_report,
-                                   json_field, load_checkpoint, state_sha256, training_state)
+                                   image_size_hint, json_field, load_checkpoint, state_sha256, training_state)
 from snnet.core.config import ConfigError, StitchConfig
 from snnet.core.cost import cost_table
 from snnet.train.data import (DataError, clean_images, create_datasets, create_eval_loader, create_train_loader,
@@ -257,8 +257,10 @@ def _fitting_checkpoint(net: RoutedNet, path: str) -> dict:
     state = load_checkpoint(path)
     report = fit_report(unwrap(net).checkpoint_state(), state["state_dict"])
     if report:
-        raise CheckpointError(f"checkpoint {path!r} does not fit this model ({report}); it was made with another "
-                              f"stitch config, model or --num-classes: pass the same ones")
+        hint = image_size_hint(unwrap(net), state["state_dict"])  # a wrong --img-size: name the right one
+        raise CheckpointError(f"checkpoint {path!r} does not fit this model ({hint + '; ' if hint else ''}{report}); "
+                              f"it was made with another stitch config, model, image size or --num-classes: pass "
+                              f"the same ones")
     return state
 
 

@@ -1,0 +1,148 @@
+"""The Python API: an SN-Net from a stitch config, its least-squares init, every stitch evaluated, the stitch for a
+budget, one stitch exported (docs/python_api.md). Each function is a thin front over the library function that
+train.py and the `snnet` command use, so a number from here is the number they give:
+
+==========================  ===========================================================================
+`create_snnet`              snnet.core.build.build_snnet (image size from the config's ``input_size``)
+`ls_init_from_images`       snnet.core.ls_init.ls_init (``ls_mode`` from the config)
+`evaluate`                  snnet.train.engine.evaluate_stitches + snnet.results.records (stitches_res.txt)
+`stitch_for`                snnet.results.select.stitch_for (the rule of ``snnet select``)
+`load`                      snnet.deploy.export.load_snnet (an SN-Net from a training checkpoint)
+`export`                    snnet.deploy.export.export_stitch (``snnet export``)
+==========================  ===========================================================================
+
+Switching stitches needs no function: ``net(x, cfg_id)`` runs stitch `cfg_id` on the same weights.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from timm.data import create_dataset, resolve_data_config
+
+from snnet.core.build import build_snnet
+from snnet.core.config import AnchorSpec, StitchConfig, load_stitch_config, parse_stitch_config
+from snnet.core.cost import cost_table
+from snnet.core.errors import SNNetError
+from snnet.core.ls_init import FitReport, ls_init
+from snnet.core.model import SNNet
+from snnet.deploy.export import export_stitch, load_snnet
+from snnet.results.records import stitch_record, write_results
+from snnet.results.select import model_img_size, stitch_for
+from snnet.train.data import clean_images, eval_transform
+from snnet.train.engine import evaluate_stitches
+
+__all__ = ["create_snnet", "ls_init_from_images", "evaluate", "stitch_for", "load", "export", "data_config"]
+
+
+class ApiError(SNNetError):
+    """An argument of the Python API that cannot be used; the message names the value and the fix."""
+
+
+def _config(config: str | os.PathLike | dict | StitchConfig) -> StitchConfig:
+    if isinstance(config, StitchConfig):
+        return config
+    if isinstance(config, dict):
+        return parse_stitch_config(config, "stitch config (dict)")
+    if isinstance(config, (str, os.PathLike)):
+        return load_stitch_config(config)
+    raise ApiError(f"config {config!r} is not a stitch config; pass a JSON file path, a dict or a StitchConfig")
+
+
+def create_snnet(config: str | os.PathLike | dict | StitchConfig, pretrained: bool = True,
+                 img_size: int | None = None, num_classes: int | None = None, **model_kwargs: Any) -> SNNet:
+    """The SN-Net of a stitch config, not yet least-squares initialised (`ls_init_from_images`).
+
+    `pretrained`: timm's pretrained weights, or each anchor's ``checkpoint`` when the config names one; False builds
+    random anchors, reading no weights at all (seed first: they take torch's global RNG). `img_size`: default the config's ``input_size``
+    (the demo configs record 16), else the anchors' timm default. Other keyword arguments go to every anchor's
+    ``timm.create_model`` (as train.py's ``--model-kwargs``)."""
+    cfg = _config(config)
+    if not pretrained:  # random anchors: neither timm's weights nor the config's checkpoint files
+        cfg = StitchConfig([AnchorSpec(a.name, None, a.model_kwargs) for a in cfg.anchors], dict(cfg.values), cfg.path)
+    if img_size is not None:
+        model_kwargs["img_size"] = img_size
+    return build_snnet(cfg, pretrained=pretrained, num_classes=num_classes, **model_kwargs)
+
+
+def data_config(net: SNNet) -> dict[str, Any]:
+    """The evaluation preprocessing train.py uses for `net` (timm's resolve_data_config on the SN-Net, at the image
+    size its anchors were built for): input_size, interpolation, mean, std, crop_pct."""
+    return resolve_data_config({"img_size": model_img_size(net)[0]}, model=net)
+
+
+def _dataset(data: str | os.PathLike | torch.utils.data.Dataset, net: SNNet) -> torch.utils.data.Dataset:
+    if not isinstance(data, (str, os.PathLike)):
+        return data
+    root = Path(data)
+    if not root.is_dir():
+        raise ApiError(f"image folder {str(root)!r} does not exist; pass a folder of class subfolders (e.g. "
+                       f"output/demo/digits/val)")
+    return create_dataset("", root=str(root), is_training=False, transform=eval_transform(data_config(net)))
+
+
+def _batches(images: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> Iterable[torch.Tensor]:
+    if isinstance(images, torch.Tensor):
+        return list(images.split(batch_size))
+    return images
+
+
+def ls_init_from_images(net: SNNet, images: torch.Tensor | Iterable[torch.Tensor] | str | os.PathLike,
+                        mode: str | None = None, count: int | None = None, batch_size: int = 50,
+                        seed: int = 0) -> list[FitReport]:
+    """Least-squares init of every stitching layer of `net` from clean images; returns one report per layer.
+
+    `images`: a tensor (N, C, H, W) preprocessed as for evaluation, an iterable of such batches, or an image folder
+    (``count`` images drawn with `seed`, default the config's ``stitch_init_bs``, read with `data_config`). `mode`:
+    joint, average or snnet; default the config's ``ls_mode`` (joint)."""
+    cfg = getattr(net, "stitch_config", None)
+    mode = mode or (cfg.get("ls_mode") if cfg is not None else "joint")
+    batches: Iterable[torch.Tensor]
+    if isinstance(images, (str, os.PathLike)):  # drawn as train.py's LS init draws them
+        count = count or (cfg.get("stitch_init_bs") if cfg is not None else 100)
+        batches = clean_images(_dataset(images, net), data_config(net), count, seed, batch_size=batch_size)
+    else:
+        batches = _batches(images, batch_size)
+    try:
+        return ls_init(net, batches, mode=mode)
+    except ValueError as e:
+        raise ApiError(f"{e}") from None
+
+
+def evaluate(net: SNNet, data: str | os.PathLike | torch.utils.data.Dataset, cfg_ids: Sequence[int] | None = None,
+             batch_size: int = 100, out: str | os.PathLike | None = None,
+             device: str | torch.device = "cpu") -> list[dict[str, Any]]:
+    """Every stitch of `net` (or `cfg_ids`) on `data` in one pass: the records train.py writes (cfg_id, flops,
+    params, acc1, acc5, loss, route, samples, img_size), in cfg_id order. `data`: an image folder (read with
+    `data_config`) or a dataset of (image tensor, label). With `out`, the records are also written to that file
+    (stitches_res.txt: atomically; `snnet pareto` and `snnet select` read it)."""
+    device = torch.device(device)
+    dataset = _dataset(data, net)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    ids = list(range(net.num_configs)) if cfg_ids is None else [net.check_cfg_id(c) for c in cfg_ids]
+    size = model_img_size(net)
+    net.to(device)
+    metrics = evaluate_stitches(net, loader, ids, device)
+    table = cost_table(net, size)
+    records = [stitch_record(net, c, m, table.route_flops(net.routes[c]), size) for c, m in metrics.items()]
+    if out is not None:
+        write_results(out, records)
+    return records
+
+
+def load(checkpoint: str | os.PathLike, stitch_config: str | os.PathLike | None = None,
+         img_size: int | None = None, num_classes: int | None = None) -> SNNet:
+    """The SN-Net of a training checkpoint (train.py's ``last.pth.tar``), in eval mode: built from `stitch_config`
+    (default: the config the checkpoint recorded), weights loaded strictly; image size and classes as trained."""
+    return load_snnet(checkpoint, stitch_config, img_size, num_classes).net
+
+
+def export(checkpoint: str | os.PathLike, cfg_id: int, out: str | os.PathLike,
+           stitch_config: str | os.PathLike | None = None, img_size: int | None = None,
+           formats: Sequence[str] = ("torchscript", "onnx")) -> dict[str, Any]:
+    """Stitch `cfg_id` of a training checkpoint as a standalone network in folder `out` (``snnet export``:
+    model.safetensors, model.json and `formats`, each checked against the SN-Net's logits before anything is moved
+    into `out`). Returns model.json's content; ``snnet.deploy.export.load_exported(out)`` loads it."""
+    return export_stitch(load_snnet(checkpoint, stitch_config, img_size), cfg_id, out, formats)

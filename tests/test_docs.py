@@ -1,0 +1,147 @@
+"""The README and the documentation site: the README stays short, the site builds strictly (a broken link fails),
+every number in a generated block is what the committed results give (tools/docs_blocks.py), and every example
+marked runnable runs.
+
+A runnable example is a fenced ``python`` block preceded by the line ``<!-- runnable -->``; with
+``<!-- runnable, output checked -->`` what it prints must also be the ``text`` block that follows it (for output
+that depends only on committed files). The blocks of one page run in order in one namespace (as a reader pastes
+them), from a folder laid out like the repository after
+`make demo`: configs/ and results/ of this checkout, output/demo/digits/ a small folder of real digits, and
+output/demo/snnet/last.pth.tar a checkpoint of the demo's SN-Net with random anchors (what `make demo` trains
+there) and output/deploy/cfg14 its export of cfg 14 (the deployment guide's step 3), so no example needs the demo's
+minutes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import ROOT
+
+ROOT = Path(ROOT)
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+RUNNABLE = re.compile(r"^<!-- runnable(?P<checked>, output checked)? -->\n```python\n(?P<code>.*?)^```\n"
+                      r"(?:```text\n(?P<output>.*?)^```\n)?", re.M | re.S)
+sys.path.insert(0, str(ROOT / "tools"))
+import docs_blocks  # noqa: E402  (tools/ is not a package)
+
+
+def runnable(page: Path) -> list[re.Match]:
+    return list(RUNNABLE.finditer(page.read_text()))
+
+
+def test_readme_is_short_and_names_the_two_commands():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 250
+    assert "make demo" in text and "make test" in text
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert re.search(r"^make test$", ci, re.M), "CI must run exactly the README's test command"
+
+
+def test_generated_blocks_match_the_committed_results():
+    """tools/docs_blocks.py --check: every generated console block is what its command prints on the committed
+    results; a retyped or stale number fails here."""
+    assert docs_blocks.REGION.search((ROOT / "docs" / "deploy.md").read_text()), "no generated block found"
+    assert docs_blocks.main(["--check"]) == 0
+
+
+def test_a_changed_number_is_caught(tmp_path):
+    """The checker itself: a region whose number was edited by hand differs from what its command prints."""
+    page = (ROOT / "README.md").read_text()
+    m = docs_blocks.REGION.search(page)
+    assert m is not None
+    edited = page.replace(m["body"], m["body"].replace("top-1", "top-1 ", 1))
+    assert docs_blocks.render(edited) != edited and docs_blocks.render(page) == page
+    perf = (ROOT / "docs" / "performance.md").read_text()  # a benchmark output quoted with `lines`
+    assert "<!-- generated: lines results/bench_train_step.txt" in perf
+    edited = perf.replace("| 0.9679 |", "| 0.9670 |", 1)
+    assert edited != perf and docs_blocks.render(edited) == perf
+
+
+def test_docs_site_builds_strictly(tmp_path):
+    """mkdocs build --strict: a link to a missing page, anchor or repository file fails the build."""
+    mkdocs = Path(sys.executable).with_name("mkdocs")
+    done = subprocess.run([str(mkdocs), "build", "--strict", "-d", str(tmp_path / "site")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "site" / "python_api.html").is_file()
+    assert (tmp_path / "site" / "repo" / "results" / "demo" / "pareto_flops.png").is_file()
+
+
+def test_docs_site_refuses_a_broken_link(tmp_path):
+    site = tmp_path / "src"
+    shutil.copytree(ROOT / "docs", site / "docs")
+    shutil.copytree(ROOT / "tools", site / "tools")
+    shutil.copy(ROOT / "mkdocs.yml", site / "mkdocs.yml")
+    (site / "results").mkdir()
+    with open(site / "docs" / "gpu.md", "a") as f:
+        f.write("\n[a missing page](no_such_page.md) and [a missing file](../results/no_such.png)\n")
+    mkdocs = Path(sys.executable).with_name("mkdocs")
+    done = subprocess.run([str(mkdocs), "build", "--strict", "-d", str(tmp_path / "site")], cwd=site,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "no_such_page.md" in done.stderr and "no_such.png" in done.stderr
+
+
+@pytest.fixture
+def demo_layout(tmp_path_factory, digits_folder):
+    """A folder laid out like the repository after `make demo` (see the module docstring)."""
+    import torch
+
+    import snnet
+    from snnet.core.checkpoint import save_checkpoint
+    root = tmp_path_factory.mktemp("readme")
+    (root / "configs").symlink_to(ROOT / "configs")
+    (root / "results").symlink_to(ROOT / "results")
+    (root / "output" / "demo" / "snnet").mkdir(parents=True)
+    (root / "output" / "demo" / "digits").symlink_to(digits_folder)
+    torch.manual_seed(0)
+    net = snnet.create_snnet(ROOT / "configs" / "demo_digits.json", pretrained=False)
+    checkpoint = root / "output" / "demo" / "snnet" / "last.pth.tar"
+    save_checkpoint(checkpoint, {"state_dict": net.state_dict(), "epoch": 0,
+                                 "args": json.dumps({"num_classes": 10, "img_size": 16, "model_kwargs": {}})})
+    snnet.export(checkpoint, 14, root / "output" / "deploy" / "cfg14", ROOT / "configs" / "demo_digits.json",
+                 formats=["onnx"])
+    return root
+
+
+RUNNABLE_PAGES = [p for p in PAGES if runnable(p)]
+
+
+@pytest.mark.slow  # the demo layout: ~10-20 s (an SN-Net, its checkpoint and an ONNX export), built once here
+def test_runnable_examples(demo_layout, capsys):
+    """Every block marked runnable runs, page by page (blocks of a page in order, one namespace), from the demo
+    layout. One test for all pages, so that the layout is built once whatever the pytest-xdist split."""
+    assert [p.name for p in RUNNABLE_PAGES][:1] == ["README.md"] and len(RUNNABLE_PAGES) >= 3
+    cwd = os.getcwd()
+    os.chdir(demo_layout)
+    try:
+        for page in RUNNABLE_PAGES:
+            namespace: dict = {"__name__": f"example_{page.stem}"}
+            for i, block in enumerate(runnable(page)):
+                capsys.readouterr()
+                exec(compile(block["code"], f"{page.name} runnable block {i + 1}", "exec"), namespace)
+                printed = capsys.readouterr().out
+                if block["checked"]:
+                    assert block["output"] is not None, f"{page.name} block {i + 1}: no text block to check"
+                    assert printed == block["output"], f"{page.name} block {i + 1} printed:\n{printed}"
+    finally:
+        os.chdir(cwd)
+
+
+def test_every_page_with_python_marks_it_runnable_or_says_why():
+    """Every Python block of the README and the docs is marked runnable (so it runs above), but the listed ones."""
+    not_runnable = {"stitch_anything.md": 1}  # a signature sketch of compatibility_maps, not a program
+    for page in PAGES:
+        text = page.read_text()
+        blocks = len(re.findall(r"^```python\n", text, re.M))
+        marked = len(runnable(page))
+        allowed = not_runnable.get(page.name, 0)
+        assert blocks - marked <= allowed, f"{page.name}: {blocks - marked} Python blocks not marked runnable"
