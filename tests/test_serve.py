@@ -61,6 +61,28 @@ def test_load_moves_requests_to_faster_stitches():
     # a load no stitch can meet: the fastest answers, flagged; the budget itself is fine on an idle server
     over = menu.choose(latency_ms=4.0, queued={1: 40})
     assert (over.cfg_id, over.within_budget) == (0, False) and over.predicted_ms > 4.0
+    # the server's observed time outside the network counts too
+    assert menu.choose(latency_ms=4.0, overhead_ms=2.5).cfg_id == 0
+
+
+def test_the_choice_is_selects_rule():
+    from snnet.results.select import select
+    rng = np.random.default_rng(0)
+    records = [{"cfg_id": c, "flops": int(f), "params": 1, "acc1": float(a)} for c, (f, a) in
+               enumerate(zip(rng.integers(1, 5, 30) * 100, rng.integers(50, 60, 30)))]  # many ties
+    latency = {r["cfg_id"]: {1: float(rng.uniform(1, 5))} for r in records}
+    menu = StitchMenu(records, latency, "t")
+    with_ms = [{**r, "ms": latency[r["cfg_id"]][1]} for r in records]
+    for budget in np.linspace(1.01, 5, 25):
+        for flops in (None, 250):
+            limits = {"ms": budget, **({"flops": flops} if flops else {})}
+            try:
+                want = select(with_ms, limits)[0]["cfg_id"]
+            except BudgetError:
+                with pytest.raises(BudgetError):
+                    menu.choose(latency_ms=budget, flops=flops)
+                continue
+            assert menu.choose(latency_ms=budget, flops=flops).cfg_id == want
 
 
 # ------------------------------------------------------------------------------------------------ in process
@@ -99,10 +121,15 @@ def test_budget_in_the_request_is_honoured(core, tiny):
     by_id = {r["cfg_id"]: r for r in core.menu.records}
     idle = {c: t[1] for c, t in core.menu.latency.items()}
     for budget in sorted(idle.values())[::3]:
+        core.overhead_ms, core.slowdown = 0.0, 1.0  # an idle server that has seen no request (it learns them)
         status, a = handle(core, {"image": png(), "budget": {"latency_ms": budget}})
         assert status == 200 and idle[a["cfg_id"]] <= budget, a
         # no stitch that fits is more accurate
         assert all(by_id[c]["acc1"] <= by_id[a["cfg_id"]]["acc1"] for c, ms in idle.items() if ms <= budget)
+    # a server whose requests spend long outside the network answers with the fastest stitch, saying so
+    core.overhead_ms = 1e3
+    status, a = handle(core, {"image": png(), "budget": {"latency_ms": max(idle.values())}})
+    assert status == 200 and a["cfg_id"] == min(idle, key=idle.get) and not a["within_budget"], a
     flops = sorted(r["flops"] for r in tiny.records)[len(tiny.records) // 2]
     status, a = handle(core, {"image": png(), "budget": {"flops": flops}})
     assert status == 200 and by_id[a["cfg_id"]]["flops"] <= flops

@@ -28,6 +28,7 @@ class StitchBatcher:
         self.queues: dict[int, list[tuple[torch.Tensor, asyncio.Future, float]]] = {}
         self.running: tuple[int, int, float] | None = None  # (cfg_id, batch size, start time) of the batch running
         self.batches = 0
+        self.on_batch: Callable[[int, int, float], None] | None = None  # (cfg_id, size, ms) after each batch
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         # one thread: batches run one after another, as the latency table measured them
@@ -71,10 +72,13 @@ class StitchBatcher:
                     pass
                 continue
             batch, self.queues[cfg_id] = queue[:self.max_batch], queue[self.max_batch:]
-            self.running = (cfg_id, len(batch), time.perf_counter())
+            started = time.perf_counter()
+            self.running = (cfg_id, len(batch), started)
             try:
                 x = torch.stack([item[0] for item in batch])
                 out = await loop.run_in_executor(self._pool, self._forward, x, cfg_id)
+                if self.on_batch is not None:
+                    self.on_batch(cfg_id, len(batch), (time.perf_counter() - started) * 1e3)
             except Exception as e:  # this batch's requests fail; the server goes on
                 for _, future, _ in batch:
                     if not future.done():

@@ -40,6 +40,7 @@ from snnet.serve.batcher import StitchBatcher
 from snnet.serve.policy import StitchMenu, finite_positive
 
 MAX_PIXELS = 40_000_000  # a decoded image above this is refused before it is decoded (decompression bombs)
+RUNNING_WEIGHT = 0.05  # weight of the newest sample in the running means of the overhead and the slowdown
 FIELDS = {"image", "budget", "cfg_id", "top_k"}
 BUDGETS = {"latency_ms": "a time in ms the request may spend in the server, e.g. 5",
            "flops": "the most FLOPs the stitch may cost, e.g. 2.5e6"}
@@ -160,6 +161,9 @@ class ServeCore:
                                      spec.max_wait_ms)
         self.counts: dict[int, int] = {}
         self.switch_ns = 0
+        self.overhead_ms = 0.0  # server time per request outside the batcher (running mean)
+        self.slowdown = 1.0  # measured batch time / the latency table's (running mean): a busy machine
+        self.batcher.on_batch = self._batch_done
         self.chosen = 0
 
     @classmethod
@@ -203,39 +207,46 @@ class ServeCore:
         x, req = self.parse(body)
         budget = req.get("budget") or {}
         t_choose = time.perf_counter_ns()
+        queued, busy = self.batcher.queued(), self._busy_ms()
+        seen = (self.overhead_ms, self.slowdown)
         if "cfg_id" in req:  # a fixed stitch: no choice, the budget is only reported against
             cfg_id = req["cfg_id"]
-            predicted = None
-            if "latency_ms" in budget:
-                queued = self.batcher.queued()
-                n = queued.get(cfg_id, 0)
-                predicted = self._busy_ms() + sum(self.menu.batch_ms(c, k) for c, k in queued.items()) + \
-                    self.menu.batch_ms(cfg_id, n + 1) - self.menu.batch_ms(cfg_id, n)
-            within = predicted is None or predicted <= budget["latency_ms"]
+            predicted = self.menu.wait_ms(cfg_id, queued, busy, *seen)
+            within = "latency_ms" not in budget or predicted <= budget["latency_ms"]
         else:
-            choice = self.menu.choose(budget.get("latency_ms"), budget.get("flops"), self.batcher.queued(),
-                                      self._busy_ms())
-            cfg_id, predicted, within = choice.cfg_id, choice.predicted_ms, choice.within_budget
+            choice = self.menu.choose(budget.get("latency_ms"), budget.get("flops"), queued, busy, *seen)
+            cfg_id, within = choice.cfg_id, choice.within_budget
+            predicted = self.menu.wait_ms(cfg_id, queued, busy, *seen)
         switch_ns = time.perf_counter_ns() - t_choose
         self.switch_ns += switch_ns
         self.chosen += 1
         depth = self.batcher.depth()
+        t_batch = time.perf_counter()
         logits, batch = await self.batcher.submit(x, cfg_id)
+        in_batcher = time.perf_counter() - t_batch
+        server_ms = (time.perf_counter() - t0) * 1e3
+        # what the latency table does not see (decode, transform, hand-offs): a running mean
+        self.overhead_ms += RUNNING_WEIGHT * (server_ms - in_batcher * 1e3 - self.overhead_ms)
         probs = torch.softmax(logits.float(), dim=-1)
         top = torch.topk(probs, min(req.get("top_k", 5), probs.numel()))
         return {"class": int(top.indices[0]), "top_k": [[int(i), round(float(p), 6)] for p, i in
                                                         zip(top.values, top.indices)],
                 "cfg_id": cfg_id, "route": self.menu.by_id[cfg_id].get("route"),
                 "budget": budget, "predicted_ms": predicted, "within_budget": within,
-                "server_ms": (time.perf_counter() - t0) * 1e3, "switch_us": switch_ns / 1e3,
+                "server_ms": server_ms, "switch_us": switch_ns / 1e3,
                 "batch_size": batch, "queue_depth": depth}
+
+    def _batch_done(self, cfg_id: int, n: int, ms: float) -> None:
+        table = self.menu.batch_ms(cfg_id, n)
+        if table > 0:
+            self.slowdown += RUNNING_WEIGHT * (ms / table - self.slowdown)
 
     def _busy_ms(self) -> float:
         running = self.batcher.running
         if running is None:
             return 0.0
         cfg_id, n, start = running
-        return max(0.0, self.menu.batch_ms(cfg_id, n) - (time.perf_counter() - start) * 1e3)
+        return max(0.0, self.menu.batch_ms(cfg_id, n) - (time.perf_counter() - start) * 1e3 / self.slowdown)
 
     # ------------------------------------------------------------------------------------------ checks
     def parse(self, body: bytes) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -312,6 +323,7 @@ class ServeCore:
                 "img_size": list(self.served.img_size), "num_classes": self.served.num_classes,
                 "spec": asdict(self.spec), "responses": {str(k): v for k, v in sorted(self.counts.items())},
                 "batches": self.batcher.batches, "queue_depth": self.batcher.depth(),
+                "overhead_ms": self.overhead_ms, "slowdown": self.slowdown,
                 "switch_us_mean": self.switch_ns / 1e3 / self.chosen if self.chosen else None,
                 "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "model_params": sum(p.numel() for p in self.served.model.parameters()),

@@ -5,7 +5,10 @@ FLOPs, params, lower cfg_id); this module only says what "within the budget" mea
 
 * a FLOPs budget is a property of the stitch: load does not change it;
 * a latency budget is the time the request will spend in the server: the work queued ahead of it (the batch
-  running now, one batch per other stitch's queue) plus the batch of its own stitch that it would join. Batch times
+  running now, one batch per other stitch's queue), the batch of its own stitch that it would join, and the
+  server's observed time per request outside the network (decoding, transform, hand-offs). The network part is
+  scaled by the observed slowdown (measured batch time / the table's): handler.py keeps running means of both, so a
+  busy or slow machine shifts the choice to faster stitches. Batch times
   come from the latency table (`snnet latency`'s measurement, deploy/latency.py) at batch 1 and the largest batch,
   linearly between (a batch larger than the largest runs as several). The estimate is pessimistic on purpose:
   every queue is counted as ahead of the request.
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from snnet.core.errors import SNNetError
-from snnet.results.select import BudgetError, Record, select, within
+from snnet.results.select import BudgetError, Record, best_key, select
 
 #: how the request names each limit (the errors of `select` say which one to change)
 FLAGS = {"flops": "budget.flops", "latency_ms": "budget.latency_ms", "wait_ms": "budget.latency_ms"}
@@ -56,6 +59,9 @@ class StitchMenu:
         self.source = source
         for r in self.records:  # the idle latency of one request: a budget below every one of them is refused
             r["latency_ms"] = self.latency[r["cfg_id"]][1]
+        if lacking := [r["cfg_id"] for r in self.records if "acc1" not in r or r.get("flops") is None]:
+            raise SNNetError(f"{source!r} lacks top-1 or FLOPs of cfg_ids {lacking}; pass a complete evaluation")
+        self.ranked = sorted(self.records, key=best_key, reverse=True)  # select's ranking, best first
 
     @property
     def cfg_ids(self) -> list[int]:
@@ -79,28 +85,43 @@ class StitchMenu:
                 total += table[lo] + (table[hi] - table[lo]) * (rest - lo) / (hi - lo)
         return total
 
+    def wait_ms(self, cfg_id: int, queued: Mapping[int, int], busy_ms: float = 0.0, overhead_ms: float = 0.0,
+                slowdown: float = 1.0) -> float:
+        """Predicted server time of a request of `cfg_id` joining the queues now: the overhead, then, scaled by the
+        slowdown, the batch running (`busy_ms` left of it), everything queued and the growth of its own batch."""
+        n = queued.get(cfg_id, 0)
+        network = busy_ms + sum(self.batch_ms(c, k) for c, k in queued.items() if c in self.by_id) + \
+            self.batch_ms(cfg_id, n + 1) - self.batch_ms(cfg_id, n)
+        return overhead_ms + slowdown * network
+
     def choose(self, latency_ms: float | None = None, flops: float | None = None,
-               queued: Mapping[int, int] | None = None, busy_ms: float = 0.0) -> Choice:
-        """The stitch for a request (see the module doc). `queued`: cfg_id -> requests waiting; `busy_ms`: what
-        is left of the batch running now. Raises BudgetError when no stitch meets the budget on an idle server."""
+               queued: Mapping[int, int] | None = None, busy_ms: float = 0.0, overhead_ms: float = 0.0,
+               slowdown: float = 1.0) -> Choice:
+        """The stitch for a request (see the module doc and `wait_ms`). `queued`: cfg_id -> requests waiting;
+        `busy_ms`: what is left of the batch running now (by the table); `overhead_ms`: the server's time per
+        request besides the network; `slowdown`: measured batch time / the table's. Raises BudgetError when no
+        stitch meets the budget on an idle server."""
         limits: dict[str, float] = {"flops": flops} if flops is not None else {}
         if latency_ms is None:
             return Choice(select(self.records, limits, None, self.source, FLAGS)[0]["cfg_id"], None, True)
         queued = queued or {}
         ahead = busy_ms + sum(self.batch_ms(c, n) for c, n in queued.items() if c in self.by_id)
-        ranked: list[dict[str, Any]] = []
-        for r in self.records:
-            n = queued.get(r["cfg_id"], 0)
-            own = self.batch_ms(r["cfg_id"], n + 1) - self.batch_ms(r["cfg_id"], n)
-            ranked.append({**r, "wait_ms": ahead + own})
-        fit = within(ranked, {**limits, "wait_ms": latency_ms})
-        if fit:
-            best = select(fit, {}, None, self.source, FLAGS)[0]
-            return Choice(best["cfg_id"], best["wait_ms"], True)
-        # nothing fits now: refused if nothing fits an idle server either (raises), else the fastest now
-        select(ranked, {**limits, "latency_ms": latency_ms}, None, self.source, FLAGS)
-        fastest = min(within(ranked, limits), key=lambda r: (r["wait_ms"], -r["acc1"], r["cfg_id"]))
-        return Choice(fastest["cfg_id"], fastest["wait_ms"], False)
+        # select's rule without building records per request: the first stitch in its ranking order that fits
+        waits = []
+        for r in self.ranked:
+            if flops is not None and not r["flops"] <= flops:
+                continue
+            c = r["cfg_id"]
+            n = queued.get(c, 0)
+            wait = overhead_ms + slowdown * (ahead + self.batch_ms(c, n + 1) - self.batch_ms(c, n))
+            if wait <= latency_ms:
+                return Choice(c, wait, True)
+            waits.append((wait, -r["acc1"], c))
+        # nothing fits now: refused if nothing fits an idle server either (raises, naming the closest), else the
+        # stitch that answers soonest
+        select(self.records, {**limits, "latency_ms": latency_ms}, None, self.source, FLAGS)
+        wait, _, c = min(waits)
+        return Choice(c, wait, False)
 
 
 def finite_positive(value: Any) -> bool:
