@@ -4,9 +4,9 @@ separate exported models, and the memory of one SN-Net vs. every stitch exported
 The network is the digits demo's SN-Net (configs/demo_digits.json: ViT anchors of width 16/32/64, 23 stitches at
 16x16) with random weights (latency and memory do not depend on the weight values); the accuracies the choice ranks
 by are the trained demo's (results/demo/stitches_res.txt, whose routes the server checks). Requests are real digits
-(scikit-learn's scans as 16x16 PNG), each with a latency budget drawn (seeded) uniformly between the fastest
-stitch's idle batch-1 latency and 3x the slowest's (as the server measured them at start), both plus the time per
-request the server observed outside the network after a warm-up (decode, transform, hand-offs).
+(scikit-learn's scans as 16x16 PNG), each with a latency budget drawn (seeded) uniformly between the median server
+time of the fastest stitch and 1.5x that of the slowest, both measured under the same load just before the runs
+(so the budgets span what this server achieves on this machine now, busy or idle).
 
 Settings, each served by Ray Serve (one local instance, one replica per application) and loaded by the same bounded
 closed-loop generator (snnet/serve/load.py: --requests requests from --concurrency threads, stopped after
@@ -168,14 +168,18 @@ def main() -> None:
     base = f"http://127.0.0.1:{args.port}"
     try:
         images = digit_pngs(args.requests)
-        for name in ("snnet", "anchors"):  # warm-up: connections, first batches, the servers' overhead estimate
-            run_load(f"{base}/{name}/", [json.dumps({"image": im}).encode() for im in images[:48]],
-                     args.concurrency, 30)
         info = {name: get(f"{base}/{name}/")[1] for name in ("snnet", "anchors")}
         idle = {int(c): t["1"] for c, t in info["snnet"]["latency_ms"].items()}
-        overhead = info["snnet"]["overhead_ms"]
+        fastest, slowest = min(idle, key=idle.get), max(idle, key=idle.get)
+        # warm-up and calibration under this load: the server time of the fastest and the slowest stitch
+        calib = {}
+        for c in (fastest, slowest):
+            replies = run_load(f"{base}/snnet/", [json.dumps({"image": im, "cfg_id": c}).encode()
+                                                  for im in images[:64]], args.concurrency, 30)
+            calib[c] = statistics.median(r.body["server_ms"] for r in replies[16:] if r.status == 200)
+        run_load(f"{base}/anchors/", [json.dumps({"image": im}).encode() for im in images[:64]], args.concurrency, 30)
         rng = np.random.default_rng(args.seed)
-        low, high = min(idle.values()) + overhead, 3 * max(idle.values()) + overhead
+        low, high = calib[fastest], 1.5 * calib[slowest]
         budgets = list(rng.uniform(low, high, args.requests))
         median = float(np.median(budgets))
         rows, used = [], {}
@@ -214,8 +218,9 @@ def main() -> None:
           f"(both applications, latency tables included)")
     print(f"load: {args.requests} requests per setting from {args.concurrency} client threads (closed loop, "
           f"{args.time_limit:g} s limit); latency budgets uniform in [{low:.2f}, {high:.2f}] ms (median {median:.2f}): "
-          f"fastest stitch's idle batch-1 latency .. 3x the slowest's, plus the {overhead:.2f} ms per request the "
-          f"server observed outside the network after a warm-up of 48 requests")
+          f"the median server time of the fastest stitch (cfg_id {fastest}) .. 1.5x the slowest's (cfg_id {slowest}), "
+          f"each measured under this load ({args.concurrency} threads) before the runs; idle batch-1 latencies "
+          f"{min(idle.values()):.2f} .. {max(idle.values()):.2f} ms")
     print()
     print("| setting | answered | p50 ms | p99 ms | server time within budget | end-to-end within budget | "
           "mean top-1 | stitches used | switch µs | mean batch | req/s |")
