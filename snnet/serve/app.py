@@ -78,7 +78,7 @@ def start(apps: dict[str, tuple[ServeSpec, str]], host: str = "127.0.0.1", port:
              configure_logging=False)
     serve.start(http_options={"host": host, "port": port})
     for name, (spec, prefix) in apps.items():
-        app = SNNetDeployment.options(num_replicas=replicas).bind(asdict(spec), prefix)
+        app = SNNetDeployment.options(num_replicas=replicas).bind(asdict(spec), prefix)  # type: ignore[attr-defined]
         serve.run(app, name=name, route_prefix=prefix)  # returns once its replicas are up
 
 

@@ -102,7 +102,9 @@ def load_served(spec: ServeSpec) -> Served:
     records = read_results(spec.results)
     source = f"results file {spec.results!r}"
     if spec.exported:
-        nets, costs, meta = {}, {}, {}
+        nets: dict[int, torch.nn.Module] = {}
+        costs: dict[int, dict[str, Any]] = {}
+        meta: dict[str, Any] = {}
         for folder in spec.exported:
             net = load_exported(folder)
             meta = json.loads((Path(folder) / SPEC).read_text())
@@ -143,8 +145,8 @@ def latency_table(served: Served, spec: ServeSpec) -> dict[int, dict[int, float]
 def eval_transform(data_config: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
     """timm's evaluation transform of the training run's data config (resize, center crop, normalise)."""
     from timm.data import create_transform  # timm's import is heavy; only a replica needs it
-    return create_transform(**{k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()},
-                            is_training=False)
+    kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()}
+    return create_transform(**kwargs, is_training=False)
 
 
 class ServeCore:
@@ -299,12 +301,12 @@ class ServeCore:
             raise RequestError(400, "image is not valid base64; encode the file's bytes, e.g. "
                                     "base64.b64encode(open('x.png', 'rb').read()).decode()") from None
         try:
-            img = Image.open(io.BytesIO(raw))
-            w, h = img.size
+            opened = Image.open(io.BytesIO(raw))
+            w, h = opened.size
             if w * h > MAX_PIXELS:
                 raise RequestError(400, f"image of {w}x{h} pixels is over the {MAX_PIXELS:,}-pixel limit; send a "
                                         f"smaller image")
-            img = img.convert("L" if self.served.in_chans == 1 else "RGB")
+            img = opened.convert("L" if self.served.in_chans == 1 else "RGB")
         except RequestError:
             raise
         except Exception as e:  # PIL raises many kinds on a file it cannot read

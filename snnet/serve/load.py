@@ -17,6 +17,11 @@ from typing import Any, Sequence
 from urllib.parse import urlsplit
 
 
+def _connect(url: str, timeout: float) -> http.client.HTTPConnection:
+    parts = urlsplit(url)
+    return http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=timeout)
+
+
 @dataclass
 class Reply:
     index: int
@@ -28,7 +33,7 @@ class Reply:
 def post(url: str, body: bytes, timeout: float = 30.0) -> tuple[int, dict[str, Any]]:
     """One request on a fresh connection: (status, JSON answer)."""
     parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    conn = _connect(url, timeout)
     try:
         conn.request("POST", parts.path or "/", body, {"Content-Type": "application/json"})
         resp = conn.getresponse()
@@ -39,7 +44,7 @@ def post(url: str, body: bytes, timeout: float = 30.0) -> tuple[int, dict[str, A
 
 def get(url: str, timeout: float = 30.0) -> tuple[int, dict[str, Any]]:
     parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    conn = _connect(url, timeout)
     try:
         conn.request("GET", parts.path or "/")
         resp = conn.getresponse()
@@ -59,7 +64,7 @@ def run_load(url: str, bodies: Sequence[bytes], concurrency: int = 8, time_limit
     deadline = time.monotonic() + time_limit
 
     def worker() -> None:
-        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+        conn = _connect(url, timeout)
         while time.monotonic() < deadline:
             with lock:
                 i = state["next"]
@@ -74,7 +79,7 @@ def run_load(url: str, bodies: Sequence[bytes], concurrency: int = 8, time_limit
                 replies[i] = Reply(i, resp.status, (time.perf_counter() - t0) * 1e3, json.loads(data or b"{}"))
             except (OSError, http.client.HTTPException, ValueError):
                 conn.close()  # a broken connection: the next request opens a new one
-                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+                conn = _connect(url, timeout)
         conn.close()
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
