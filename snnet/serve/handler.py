@@ -24,7 +24,7 @@ import io
 import json
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -323,7 +323,9 @@ class ServeCore:
         return {"stitches": [{k: r.get(k) for k in keep} for r in self.menu.records],
                 "latency_ms": {str(c): {str(b): ms for b, ms in t.items()} for c, t in self.menu.latency.items()},
                 "img_size": list(self.served.img_size), "num_classes": self.served.num_classes,
-                "spec": asdict(self.spec), "responses": {str(k): v for k, v in sorted(self.counts.items())},
+                "max_batch": self.spec.max_batch, "max_wait_ms": self.spec.max_wait_ms,
+                "max_body_bytes": self.spec.max_body_bytes, "device": self.spec.device,  # no file paths: clients
+                "responses": {str(k): v for k, v in sorted(self.counts.items())},
                 "batches": self.batcher.batches, "queue_depth": self.batcher.depth(),
                 "overhead_ms": self.overhead_ms, "slowdown": self.slowdown,
                 "switch_us_mean": self.switch_ns / 1e3 / self.chosen if self.chosen else None,
