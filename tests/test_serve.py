@@ -173,6 +173,19 @@ def test_serve_refuses_results_of_another_network_before_starting(tiny, tmp_path
     assert_refused(rc, err, "pass the SN-Net checkpoint")
 
 
+def test_serve_refuses_a_port_in_use_before_starting_ray(tiny, capsys):
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install -r requirements-extras.txt)")
+    import ray
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        rc, _, err = run_cli(capsys, "serve", tiny.ckpt, "--stitch_config", tiny.config, "--results", tiny.results,
+                             "--port", port)
+    assert_refused(rc, err, f"cannot listen on 127.0.0.1:{port}", "pass a free --port")
+    assert not ray.is_initialized()
+
+
 # ------------------------------------------------------------------------------------------------ over HTTP
 def free_port() -> int:
     with socket.socket() as s:

@@ -84,6 +84,8 @@ def start(apps: dict[str, tuple[ServeSpec, str]], host: str = "127.0.0.1", port:
 
 def stop() -> None:
     """Shut down the applications and the Ray instance this process started (a joined cluster keeps running)."""
+    if not ray.is_initialized():  # nothing started (serve.shutdown would start Ray only to find nothing)
+        return
     try:
         serve.shutdown()
     finally:
@@ -109,5 +111,6 @@ def serve_until_stopped(spec: ServeSpec, host: str, port: int, address: str = "l
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-        print("snnet serve: shutting down", file=sys.stderr, flush=True)
+        if ray.is_initialized():
+            print("snnet serve: shutting down", file=sys.stderr, flush=True)
         stop()
