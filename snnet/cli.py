@@ -9,6 +9,7 @@
     snnet search --anchors A B C | --stitch_config CFG --data DIR --out DIR [--score cka|ls|kl] [--threshold 0.9]
     snnet stitch-train --sweep SWEEP.yaml [--out DIR] | DATA --front A --end B --cut I [--gap G] --out DIR
     snnet shards FOLDER OUT --shard-size N
+    snnet serve CKPT --stitch_config CFG --results stitches_res.txt [--host 127.0.0.1 --port 8000]
 
 A bad input (a foreign or empty results file, a budget no stitch meets, a cfg_id the checkpoint lacks, a missing
 file, an unparseable number) ends with one line on stderr naming the value and the fix, exit code 2, and no
@@ -281,6 +282,69 @@ def cmd_latency(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------- serve
+def cmd_serve(args: argparse.Namespace) -> int:
+    from snnet.serve.handler import ServeSpec, load_served
+    if (args.checkpoint is None) == (not args.exported):
+        raise UsageError("pass the SN-Net checkpoint (snnet serve CKPT ...) or --exported DIR... (export folders), "
+                         "not both")
+    spec = ServeSpec(checkpoint=args.checkpoint, stitch_config=args.stitch_config, results=args.results,
+                     exported=list(args.exported or []), img_size=args.img_size, num_classes=args.num_classes,
+                     max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_body_bytes=args.max_body_kb * 1024,
+                     device=args.device, threads=args.threads)
+    served = load_served(spec)  # refuses a bad checkpoint, config or results file here, before Ray starts
+    n, what = len(served.records), args.checkpoint or f"{len(spec.exported)} export folders"
+    del served
+    try:
+        from snnet.serve.app import serve_until_stopped  # Ray: imported only by the command that runs it
+    except ImportError as e:
+        raise UsageError(f"snnet serve runs on Ray Serve, which is not installed here ({e}); install it with "
+                         f"pip install 'ray[serve]' (requirements-extras.txt)") from None
+
+    def ready() -> None:
+        print(f"serving {n} stitches of {what} at http://{args.host}:{args.port}/ ({args.replicas} replica(s), "
+              f"batches up to {args.max_batch}, {args.max_wait_ms:g} ms wait); POST {{\"image\": base64, "
+              f"\"budget\": {{\"latency_ms\": 5}}}}; GET / lists the stitches; Ctrl-C stops", flush=True)
+    serve_until_stopped(spec, args.host, args.port, args.address, args.replicas, ready)
+    return 0
+
+
+def _serve_parser(sub) -> None:
+    v = sub.add_parser("serve", help="an HTTP endpoint (Ray Serve) that picks the stitch per request from its budget "
+                       "and the load, batching requests per stitch",
+                       description="Serves one trained SN-Net: each POSTed image is classified by the best stitch "
+                       "(snnet select's rule over --results) whose predicted server time (queue ahead + its batch, "
+                       "from the latency table measured at start) fits the request's budget.latency_ms and whose "
+                       "FLOPs fit budget.flops. Requests are batched per stitch. docs/serving.md has the request "
+                       "format and the numbers.")
+    v.add_argument("checkpoint", metavar="CKPT", nargs="?", default=None,
+                   help="SN-Net checkpoint written by train.py (or --exported)")
+    v.add_argument("--stitch_config", "--stitch-config", metavar="CFG", default=None,
+                   help="the stitch config it was trained with (default: the one the checkpoint recorded)")
+    v.add_argument("--results", required=True, metavar="FILE",
+                   help="the checkpoint's stitches_res.txt: the accuracies the choice ranks by (its routes are checked)")
+    v.add_argument("--exported", nargs="+", metavar="DIR", default=None,
+                   help="serve these snnet export folders (one network each) instead of a checkpoint")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    v.add_argument("--port", type=_positive_int, default=8000, help="HTTP port (default 8000)")
+    v.add_argument("--img-size", type=_positive_int, default=None, metavar="S",
+                   help="image size (default: the checkpoint's training --img-size)")
+    v.add_argument("--num-classes", type=_positive_int, default=None, metavar="N",
+                   help="classifier classes (default: the checkpoint's)")
+    v.add_argument("--max-batch", type=_positive_int, default=16, metavar="B",
+                   help="largest batch of one stitch (default 16)")
+    v.add_argument("--max-wait-ms", type=_amount("--max-wait-ms", suffixes=False), default=2.0, metavar="MS",
+                   help="longest a request waits for its batch to fill (default 2)")
+    v.add_argument("--max-body-kb", type=_positive_int, default=4096, metavar="KB",
+                   help="largest request body; larger ones get 413 (default 4096)")
+    v.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
+    v.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads per replica")
+    v.add_argument("--replicas", type=_positive_int, default=1, help="replicas (across a cluster's nodes; default 1)")
+    v.add_argument("--address", default="local",
+                   help="Ray: 'local' starts a private instance here (default); 'auto' or HOST:PORT joins a cluster")
+    v.set_defaults(fn=cmd_serve)
+
+
 # ---------------------------------------------------------------------------------------------------- parser
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CKPT", help="SN-Net checkpoint written by train.py (e.g. last.pth.tar)")
@@ -297,7 +361,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="snnet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{pareto,report,select,export,latency,convert,similarity,search,stitch-train,shards}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{pareto,report,select,export,latency,convert,similarity,search,stitch-train,shards,serve}")
 
     q = sub.add_parser("pareto", help="Pareto-optimal stitches of results files: table, JSON, plot",
                        description="Prints the Pareto-optimal stitches of each results file (and, with several "
@@ -389,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LeViT stage depths of the released model (SN-Net: 4 4 4)")
     c.set_defaults(fn=cmd_convert)
     _similarity_parsers(sub)
+    _serve_parser(sub)
     from snnet.explore.stitch_train import add_subcommand as add_stitch_train  # torch is imported only when it runs
     add_stitch_train(sub)
     return p

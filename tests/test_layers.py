@@ -12,7 +12,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "snnet"
 #: lower layers first; a module may import its own layer and any layer before it
-LAYERS = ("core", "results", "train", "deploy", "explore")
+LAYERS = ("core", "results", "train", "deploy", "explore", "serve")
+#: layers side by side that must not import each other though the order above would allow it (serve sits beside
+#: deploy: it may import core, results, train and deploy, not explore)
+APART = {("serve", "explore")}
 #: the entry points: the only modules that may import the CLI (and any layer)
 ENTRY = {"snnet.cli", "snnet.demo", "snnet.__main__"}
 #: the Python API: above every layer (it fronts core, results, train and deploy), never imported by them, and like
@@ -85,6 +88,8 @@ def test_no_upward_import():
                 bad.append(f"{name} imports the package root (import from the defining module)")
             elif (layer_of(dep) or 0) > own:
                 bad.append(f"{name} ({LAYERS[own]}) imports {dep} ({LAYERS[layer_of(dep)]})")
+            elif layer_of(dep) is not None and (LAYERS[own], LAYERS[layer_of(dep)]) in APART:
+                bad.append(f"{name} ({LAYERS[own]}) imports {dep} ({LAYERS[layer_of(dep)]}), a layer beside it")
     assert not bad, "\n".join(bad)
 
 

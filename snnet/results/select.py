@@ -109,6 +109,18 @@ def model_img_size(net: SNNet) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[-2]), int(size[-1]))
 
 
+def route_costs(net: SNNet, img_size: int | tuple[int, int] | None = None) -> tuple[tuple[int, int],
+                                                                                  dict[int, Record]]:
+    """(image size, {cfg_id: {cfg_id, route, flops, params}}): every route's FLOPs at `img_size` (default: the size
+    the anchors were built for) and the params it executes; the costs `stitch_for` and `snnet serve` rank by."""
+    from snnet.core.cost import cost_table  # torch and fvcore: not needed by `snnet select`
+    size = model_img_size(net) if img_size is None else img_size
+    size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    table = cost_table(net, size)
+    return size, {c: {"cfg_id": c, "route": net.describe(c), "flops": table.route_flops(steps),
+                      "params": net.params(c)} for c, steps in enumerate(net.routes)}
+
+
 def stitch_for(net: SNNet, records: Sequence[Record] | None = None, max_flops: float | None = None,
                max_params: float | None = None, img_size: int | tuple[int, int] | None = None) -> int:
     """The cfg_id to pass to ``net(x, cfg_id)`` for a budget (switching allocates nothing; see the module doc).
@@ -116,12 +128,7 @@ def stitch_for(net: SNNet, records: Sequence[Record] | None = None, max_flops: f
     FLOPs are counted at `img_size` (default: the size the anchors were built for) and params are those the route
     executes. `records` must be this SN-Net's (routes are checked); only stitches they hold are candidates.
     """
-    from snnet.core.cost import cost_table  # torch and fvcore: not needed by `snnet select`
-    size = model_img_size(net) if img_size is None else img_size
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    table = cost_table(net, size)
-    costs = {c: {"cfg_id": c, "route": net.describe(c), "flops": table.route_flops(steps), "params": net.params(c)}
-             for c, steps in enumerate(net.routes)}
+    size, costs = route_costs(net, img_size)
     limits = {k: v for k, v in (("flops", max_flops), ("params", max_params)) if v is not None}
     source = f"this SN-Net at {size[0]}x{size[1]}"
     if records is None:

@@ -1,0 +1,335 @@
+"""The request path of `snnet serve`, free of any serving engine: body -> checked request -> stitch -> batch -> JSON.
+
+A request is one JSON object (POST, any path but the info paths):
+
+    {"image": "<base64 of a PNG/JPEG/... file>",
+     "budget": {"latency_ms": 5.0, "flops": 2.5e6},    # optional; either or both
+     "cfg_id": 3,                                      # optional: this stitch, no choice (a fixed deployment)
+     "top_k": 5}                                       # optional, default 5
+
+and is answered with the class, the top-k probabilities, the stitch that ran (cfg_id, route), the predicted and the
+measured server time, whether the budget was predicted to hold, the selection's cost (switch_us), the batch size
+and the queue depth it found. GET / (or /info) describes the stitches; GET /health answers {"ok": true}.
+
+A bad request is answered with a 4xx status and {"error": "<one line naming the value and the fix>"}: 400 bad JSON,
+image, budget or field; 404 unknown path; 405 other methods; 413 a body over the limit; 422 a budget no stitch
+meets even on an idle server (the closest stitch named). Nothing a client sends stops the server: any other
+failure is a 500 for that request only.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+
+from snnet.core.errors import SNNetError
+from snnet.deploy.export import SPEC, load_exported, load_snnet
+from snnet.deploy.latency import measure_latency
+from snnet.results.records import check_routes, read_results
+from snnet.results.select import BudgetError, route_costs
+from snnet.serve.batcher import StitchBatcher
+from snnet.serve.policy import StitchMenu, finite_positive
+
+MAX_PIXELS = 40_000_000  # a decoded image above this is refused before it is decoded (decompression bombs)
+RUNNING_WEIGHT = 0.05  # weight of the newest sample in the running means of the overhead and the slowdown
+FIELDS = {"image", "budget", "cfg_id", "top_k"}
+BUDGETS = {"latency_ms": "a time in ms the request may spend in the server, e.g. 5",
+           "flops": "the most FLOPs the stitch may cost, e.g. 2.5e6"}
+
+
+class RequestError(SNNetError):
+    """A request the server cannot answer; `status` is its HTTP status."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class ServeSpec:
+    """What a server replica loads (plain values: the engine ships them to every replica, on any machine)."""
+    checkpoint: str | None = None
+    stitch_config: str | None = None
+    results: str | None = None
+    exported: list[str] = field(default_factory=list)  # export folders instead of a checkpoint (one model each)
+    img_size: int | None = None
+    num_classes: int | None = None
+    max_batch: int = 16
+    max_wait_ms: float = 2.0
+    max_body_bytes: int = 4 << 20
+    device: str = "cpu"
+    threads: int | None = None
+    latency_repeats: int = 10
+
+
+class ExportedSet(torch.nn.Module):
+    """Separately exported networks, one per cfg_id, called as an SN-Net is: ``model(x, cfg_id)``."""
+
+    def __init__(self, nets: dict[int, torch.nn.Module]):
+        super().__init__()
+        self.nets = torch.nn.ModuleDict({str(c): n for c, n in nets.items()})
+
+    def forward(self, x: torch.Tensor, cfg_id: int) -> torch.Tensor:
+        return self.nets[str(cfg_id)](x)
+
+
+@dataclass
+class Served:
+    """The model a replica serves and what describes it."""
+    model: torch.nn.Module
+    records: list[dict[str, Any]]
+    img_size: tuple[int, int]
+    in_chans: int
+    num_classes: int
+    data_config: dict[str, Any]
+
+
+def load_served(spec: ServeSpec) -> Served:
+    """The model and its records: an SN-Net checkpoint (every stitch in the results file) or export folders (the
+    records of their cfg_ids). Costs are the served network's at the served size; routes must match the file's."""
+    if not spec.results:
+        raise SNNetError("pass --results stitches_res.txt (the evaluation of this checkpoint): it holds the "
+                         "accuracies the stitch choice ranks by")
+    records = read_results(spec.results)
+    source = f"results file {spec.results!r}"
+    if spec.exported:
+        nets: dict[int, torch.nn.Module] = {}
+        costs: dict[int, dict[str, Any]] = {}
+        meta: dict[str, Any] = {}
+        for folder in spec.exported:
+            net = load_exported(folder)
+            meta = json.loads((Path(folder) / SPEC).read_text())
+            nets[meta["cfg_id"]] = net
+            costs[meta["cfg_id"]] = {"route": meta["route"], "flops": meta.get("flops"), "params": meta["params"]}
+        by_id = {r["cfg_id"]: r for r in records}
+        for c, cost in costs.items():
+            if c not in by_id or by_id[c].get("route", cost["route"]) != cost["route"]:
+                raise SNNetError(f"export of cfg_id {c} ({cost['route']!r}) is not in {source}; pass the results of "
+                                 f"the SN-Net it was exported from")
+        chosen = [{**by_id[c], **costs[c], "cfg_id": c} for c in sorted(nets)]
+        size = (int(meta["img_size"][0]), int(meta["img_size"][1]))
+        return Served(ExportedSet(nets).eval(), chosen, size, int(meta["in_chans"]), int(meta["num_classes"]),
+                      dict(meta["data_config"]))
+    if not spec.checkpoint:
+        raise SNNetError("pass the SN-Net checkpoint to serve (snnet serve CKPT ...) or export folders")
+    loaded = load_snnet(spec.checkpoint, spec.stitch_config, spec.img_size, spec.num_classes)
+    check_routes(loaded.net, records, source)
+    _, costs = route_costs(loaded.net, loaded.img_size)
+    chosen = [{**r, **costs[r["cfg_id"]]} for r in records]  # FLOPs at the served size replace the recorded ones
+    return Served(loaded.net, chosen, loaded.img_size, loaded.in_chans, int(loaded.num_classes or 0),
+                  dict(loaded.data_config))
+
+
+def latency_table(served: Served, spec: ServeSpec) -> dict[int, dict[int, float]]:
+    """ms per batch of every stitch at batch 1 and `max_batch`: the results file's (`snnet latency --results`, taken
+    on this kind of device) when it holds both for every stitch, else measured now on the serving device."""
+    sizes = sorted({1, spec.max_batch})
+    keys = [f"latency_ms_b{b}" for b in sizes]
+    if all(finite_positive(r.get(k)) for r in served.records for k in keys):
+        return {r["cfg_id"]: {b: float(r[k]) for b, k in zip(sizes, keys)} for r in served.records}
+    ids = [r["cfg_id"] for r in served.records]
+    measured = measure_latency(served.model, ids, sizes, served.img_size, served.in_chans, warmup=2,  # type: ignore[arg-type]
+                               repeats=spec.latency_repeats, device=spec.device)
+    return {c: {b: measured[c][f"latency_ms_b{b}"] for b in sizes} for c in ids}
+
+
+def eval_transform(data_config: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
+    """timm's evaluation transform of the training run's data config (resize, center crop, normalise)."""
+    from timm.data import create_transform  # timm's import is heavy; only a replica needs it
+    kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()}
+    return create_transform(**kwargs, is_training=False)
+
+
+class ServeCore:
+    """One replica's state: the model, the stitch menu, the batcher and the counters."""
+
+    def __init__(self, spec: ServeSpec, served: Served, latency: dict[int, dict[int, float]]):
+        self.spec = spec
+        self.served = served
+        self.menu = StitchMenu(served.records, latency, spec.results or "the records")
+        self.transform = eval_transform(served.data_config)
+        device = torch.device(spec.device)
+        model = served.model.to(device).eval()
+        self.batcher = StitchBatcher(lambda x, c: model(x.to(device), c).float().cpu(), spec.max_batch,
+                                     spec.max_wait_ms)
+        self.counts: dict[int, int] = {}
+        self.switch_ns = 0
+        self.overhead_ms = 0.0  # server time per request outside the batcher (running mean)
+        self.slowdown = 1.0  # measured batch time / the latency table's (running mean): a busy machine
+        self.batcher.on_batch = self._batch_done
+        self.chosen = 0
+
+    @classmethod
+    def build(cls, spec: ServeSpec) -> ServeCore:
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        served = load_served(spec)
+        return cls(spec, served, latency_table(served, spec))
+
+    # ------------------------------------------------------------------------------------------ one request
+    async def handle(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
+        """(HTTP status, JSON payload) of one request; never raises."""
+        t0 = time.perf_counter()
+        try:
+            payload = await self._route(method, path.rstrip("/") or "/", body, t0)
+            status = 200
+        except RequestError as e:
+            status, payload = e.status, {"error": str(e)}
+        except BudgetError as e:
+            status, payload = 422, {"error": str(e)}
+        except Exception as e:  # a bug or a failed batch: this request fails, the server goes on
+            first = (str(e).splitlines() or [""])[0][:300]
+            status, payload = 500, {"error": f"internal error ({type(e).__name__}: {first}); the server goes on"}
+        self.counts[status] = self.counts.get(status, 0) + 1
+        return status, payload
+
+    async def _route(self, method: str, path: str, body: bytes, t0: float) -> dict[str, Any]:
+        if method == "GET":
+            if path in ("/", "/info"):
+                return self.info()
+            if path == "/health":
+                return {"ok": True}
+            raise RequestError(404, f"no such path {path!r}: GET / (the stitches), GET /health, POST / (classify)")
+        if method != "POST":
+            raise RequestError(405, f"method {method} is not served: POST a JSON request, GET / or GET /health")
+        if path not in ("/", "/classify"):
+            raise RequestError(404, f"no such path {path!r}: POST the JSON request to /")
+        return await self.classify(body, t0)
+
+    async def classify(self, body: bytes, t0: float) -> dict[str, Any]:
+        x, req = self.parse(body)
+        budget = req.get("budget") or {}
+        t_choose = time.perf_counter_ns()
+        queued, busy = self.batcher.queued(), self._busy_ms()
+        seen = (self.overhead_ms, self.slowdown)
+        if "cfg_id" in req:  # a fixed stitch: no choice, the budget is only reported against
+            cfg_id = req["cfg_id"]
+            predicted = self.menu.wait_ms(cfg_id, queued, busy, *seen)
+            within = "latency_ms" not in budget or predicted <= budget["latency_ms"]
+        else:
+            choice = self.menu.choose(budget.get("latency_ms"), budget.get("flops"), queued, busy, *seen)
+            cfg_id, within = choice.cfg_id, choice.within_budget
+            predicted = self.menu.wait_ms(cfg_id, queued, busy, *seen)
+        switch_ns = time.perf_counter_ns() - t_choose
+        self.switch_ns += switch_ns
+        self.chosen += 1
+        depth = self.batcher.depth()
+        t_batch = time.perf_counter()
+        logits, batch = await self.batcher.submit(x, cfg_id)
+        in_batcher = time.perf_counter() - t_batch
+        server_ms = (time.perf_counter() - t0) * 1e3
+        # what the latency table does not see (decode, transform, hand-offs): a running mean
+        self.overhead_ms += RUNNING_WEIGHT * (server_ms - in_batcher * 1e3 - self.overhead_ms)
+        probs = torch.softmax(logits.float(), dim=-1)
+        top = torch.topk(probs, min(req.get("top_k", 5), probs.numel()))
+        return {"class": int(top.indices[0]), "top_k": [[int(i), round(float(p), 6)] for p, i in
+                                                        zip(top.values, top.indices)],
+                "cfg_id": cfg_id, "route": self.menu.by_id[cfg_id].get("route"),
+                "budget": budget, "predicted_ms": predicted, "within_budget": within,
+                "server_ms": server_ms, "switch_us": switch_ns / 1e3,
+                "batch_size": batch, "queue_depth": depth}
+
+    def _batch_done(self, cfg_id: int, n: int, ms: float) -> None:
+        table = self.menu.batch_ms(cfg_id, n)
+        if table > 0:
+            self.slowdown += RUNNING_WEIGHT * (ms / table - self.slowdown)
+
+    def _busy_ms(self) -> float:
+        running = self.batcher.running
+        if running is None:
+            return 0.0
+        cfg_id, n, start = running
+        return max(0.0, self.menu.batch_ms(cfg_id, n) - (time.perf_counter() - start) * 1e3 / self.slowdown)
+
+    # ------------------------------------------------------------------------------------------ checks
+    def parse(self, body: bytes) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The image tensor and the checked request; RequestError (4xx) naming what is wrong."""
+        limit = self.spec.max_body_bytes
+        if len(body) > limit:
+            raise RequestError(413, f"the request body is over {limit} bytes; send a smaller image (the server's "
+                                    f"--max-body-kb is {limit // 1024})")
+        try:
+            req = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise RequestError(400, f"the body is not JSON ({str(e).splitlines()[0][:80]}); send "
+                                    f'{{"image": "<base64 PNG/JPEG>", "budget": {{"latency_ms": 5}}}}') from None
+        if not isinstance(req, dict):
+            raise RequestError(400, f"the body is JSON {type(req).__name__}, not an object; send "
+                                    f'{{"image": "<base64 PNG/JPEG>"}}')
+        unknown = sorted(set(req) - FIELDS)
+        if unknown:
+            raise RequestError(400, f"unknown field {unknown[0]!r}; a request has {', '.join(sorted(FIELDS))}")
+        budget = req.get("budget", {})
+        if budget is None:
+            budget = {}
+        if not isinstance(budget, dict):
+            raise RequestError(400, f"budget {budget!r} is not an object; send e.g. "
+                                    f'"budget": {{"latency_ms": 5}} or {{"flops": 2.5e6}}')
+        for key, value in budget.items():
+            if key not in BUDGETS:
+                raise RequestError(400, f"unknown budget {key!r}; a budget has latency_ms ({BUDGETS['latency_ms']}) "
+                                        f"and/or flops ({BUDGETS['flops']})")
+            if not finite_positive(value):
+                raise RequestError(400, f"budget.{key} {value!r} is not a positive number; send {BUDGETS[key]}")
+        req["budget"] = {k: float(v) for k, v in budget.items()}
+        if "cfg_id" in req:
+            c = req["cfg_id"]
+            if isinstance(c, bool) or not isinstance(c, int) or c not in self.menu.by_id:
+                raise RequestError(400, f"cfg_id {c!r} is not served here; served cfg_ids: {self.menu.cfg_ids}")
+        if "top_k" in req:
+            k = req["top_k"]
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise RequestError(400, f"top_k {k!r} is not a positive integer; send e.g. 5")
+        return self.image(req.get("image")), req
+
+    def image(self, data: Any) -> torch.Tensor:
+        if not isinstance(data, str) or not data:
+            raise RequestError(400, "image is missing or not a string; send the image file's bytes as base64 text "
+                                    '("image": "iVBORw0KGgo...")')
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(400, "image is not valid base64; encode the file's bytes, e.g. "
+                                    "base64.b64encode(open('x.png', 'rb').read()).decode()") from None
+        try:
+            opened = Image.open(io.BytesIO(raw))
+            w, h = opened.size
+            if w * h > MAX_PIXELS:
+                raise RequestError(400, f"image of {w}x{h} pixels is over the {MAX_PIXELS:,}-pixel limit; send a "
+                                        f"smaller image")
+            img = opened.convert("L" if self.served.in_chans == 1 else "RGB")
+        except RequestError:
+            raise
+        except Exception as e:  # PIL raises many kinds on a file it cannot read
+            raise RequestError(400, f"image is not a readable image file ({type(e).__name__}); send PNG, JPEG or "
+                                    f"another format Pillow reads") from None
+        x = self.transform(img)
+        if x.shape[0] != self.served.in_chans:
+            raise RequestError(400, f"image has {x.shape[0]} channels, the network takes {self.served.in_chans}")
+        return x
+
+    # ------------------------------------------------------------------------------------------ description
+    def info(self) -> dict[str, Any]:
+        keep = ("cfg_id", "route", "flops", "params", "acc1", "latency_ms")
+        return {"stitches": [{k: r.get(k) for k in keep} for r in self.menu.records],
+                "latency_ms": {str(c): {str(b): ms for b, ms in t.items()} for c, t in self.menu.latency.items()},
+                "img_size": list(self.served.img_size), "num_classes": self.served.num_classes,
+                "max_batch": self.spec.max_batch, "max_wait_ms": self.spec.max_wait_ms,
+                "max_body_bytes": self.spec.max_body_bytes, "device": self.spec.device,  # no file paths: clients
+                "responses": {str(k): v for k, v in sorted(self.counts.items())},
+                "batches": self.batcher.batches, "queue_depth": self.batcher.depth(),
+                "overhead_ms": self.overhead_ms, "slowdown": self.slowdown,
+                "switch_us_mean": self.switch_ns / 1e3 / self.chosen if self.chosen else None,
+                "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "model_params": sum(p.numel() for p in self.served.model.parameters()),
+                "model_bytes": sum(p.numel() * p.element_size() for p in self.served.model.parameters())
+                + sum(b.numel() * b.element_size() for b in self.served.model.buffers())}

@@ -1,0 +1,131 @@
+"""Which stitch answers a request: its budget (latency in ms, FLOPs, or both) and the server's current load.
+
+The ranking is `snnet select`'s (results/select.py `select`: the highest top-1 within the budget, ties to fewer
+FLOPs, params, lower cfg_id); this module only says what "within the budget" means under load:
+
+* a FLOPs budget is a property of the stitch: load does not change it;
+* a latency budget is the time the request will spend in the server: the work queued ahead of it (the batch
+  running now, one batch per other stitch's queue), the batch of its own stitch that it would join, and the
+  server's observed time per request outside the network (decoding, transform, hand-offs). The network part is
+  scaled by the observed slowdown (measured batch time / the table's): handler.py keeps running means of both, so a
+  busy or slow machine shifts the choice to faster stitches. Batch times
+  come from the latency table (`snnet latency`'s measurement, deploy/latency.py) at batch 1 and the largest batch,
+  linearly between (a batch larger than the largest runs as several). The estimate is pessimistic on purpose:
+  every queue is counted as ahead of the request.
+
+When no stitch fits only because of the load, the fastest stitch within the FLOPs budget answers and the response
+says the budget was predicted to be missed; a budget that no stitch meets even on an idle server is the client's
+error (`BudgetError`, HTTP 422), with the closest stitch named.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from snnet.core.errors import SNNetError
+from snnet.results.select import BudgetError, Record, best_key, select
+
+#: how the request names each limit (the errors of `select` say which one to change)
+FLAGS = {"flops": "budget.flops", "latency_ms": "budget.latency_ms", "wait_ms": "budget.latency_ms"}
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The chosen stitch, the server time predicted for the request (None without a latency budget) and whether
+    that prediction meets the budget."""
+    cfg_id: int
+    predicted_ms: float | None
+    within_budget: bool
+
+
+class StitchMenu:
+    """The stitches a server can run, their records (top-1, FLOPs, params) and batch latencies.
+
+    `records`: one per servable stitch (the results file's, costs at the served size); `latency`: cfg_id ->
+    {batch size: ms per batch}, at least batch 1 for every record.
+    """
+
+    def __init__(self, records: Sequence[Record], latency: Mapping[int, Mapping[int, float]], source: str):
+        if not records:
+            raise SNNetError(f"{source!r} holds no stitch this server can run; pass the results of this checkpoint")
+        missing = [r["cfg_id"] for r in records if 1 not in latency.get(r["cfg_id"], {})]
+        if missing:
+            raise SNNetError(f"no batch-1 latency for cfg_ids {missing}; measure them (snnet latency --batch 1)")
+        self.records = sorted((dict(r) for r in records), key=lambda r: r["cfg_id"])
+        self.by_id = {r["cfg_id"]: r for r in self.records}
+        self.latency = {c: dict(sorted(latency[c].items())) for c in self.by_id}
+        self.source = source
+        for r in self.records:  # the idle latency of one request: a budget below every one of them is refused
+            r["latency_ms"] = self.latency[r["cfg_id"]][1]
+        if lacking := [r["cfg_id"] for r in self.records if "acc1" not in r or r.get("flops") is None]:
+            raise SNNetError(f"{source!r} lacks top-1 or FLOPs of cfg_ids {lacking}; pass a complete evaluation")
+        self.ranked = sorted(self.records, key=best_key, reverse=True)  # select's ranking, best first
+
+    @property
+    def cfg_ids(self) -> list[int]:
+        return list(self.by_id)
+
+    def batch_ms(self, cfg_id: int, n: int) -> float:
+        """Predicted ms to run `n` queued requests of one stitch (0 for none)."""
+        if n <= 0:
+            return 0.0
+        table = self.latency[cfg_id]
+        sizes = list(table)
+        largest = sizes[-1]
+        full, rest = divmod(n, largest)
+        total = full * table[largest]
+        if rest:
+            i = bisect.bisect_left(sizes, rest)
+            if sizes[i] == rest or i == 0:
+                total += table[sizes[i]]
+            else:  # linear between the measured sizes around it
+                lo, hi = sizes[i - 1], sizes[i]
+                total += table[lo] + (table[hi] - table[lo]) * (rest - lo) / (hi - lo)
+        return total
+
+    def wait_ms(self, cfg_id: int, queued: Mapping[int, int], busy_ms: float = 0.0, overhead_ms: float = 0.0,
+                slowdown: float = 1.0) -> float:
+        """Predicted server time of a request of `cfg_id` joining the queues now: the overhead, then, scaled by the
+        slowdown, the batch running (`busy_ms` left of it), everything queued and the growth of its own batch."""
+        n = queued.get(cfg_id, 0)
+        network = busy_ms + sum(self.batch_ms(c, k) for c, k in queued.items() if c in self.by_id) + \
+            self.batch_ms(cfg_id, n + 1) - self.batch_ms(cfg_id, n)
+        return overhead_ms + slowdown * network
+
+    def choose(self, latency_ms: float | None = None, flops: float | None = None,
+               queued: Mapping[int, int] | None = None, busy_ms: float = 0.0, overhead_ms: float = 0.0,
+               slowdown: float = 1.0) -> Choice:
+        """The stitch for a request (see the module doc and `wait_ms`). `queued`: cfg_id -> requests waiting;
+        `busy_ms`: what is left of the batch running now (by the table); `overhead_ms`: the server's time per
+        request besides the network; `slowdown`: measured batch time / the table's. Raises BudgetError when no
+        stitch meets the budget on an idle server."""
+        limits: dict[str, float] = {"flops": flops} if flops is not None else {}
+        if latency_ms is None:
+            return Choice(select(self.records, limits, None, self.source, FLAGS)[0]["cfg_id"], None, True)
+        queued = queued or {}
+        ahead = busy_ms + sum(self.batch_ms(c, n) for c, n in queued.items() if c in self.by_id)
+        # select's rule without building records per request: the first stitch in its ranking order that fits
+        waits = []
+        for r in self.ranked:
+            if flops is not None and not r["flops"] <= flops:
+                continue
+            c = r["cfg_id"]
+            n = queued.get(c, 0)
+            wait = overhead_ms + slowdown * (ahead + self.batch_ms(c, n + 1) - self.batch_ms(c, n))
+            if wait <= latency_ms:
+                return Choice(c, wait, True)
+            waits.append((wait, -r["acc1"], c))
+        # nothing fits now: refused if nothing fits an idle server either (raises, naming the closest), else the
+        # stitch that answers soonest
+        select(self.records, {**limits, "latency_ms": latency_ms}, None, self.source, FLAGS)
+        wait, _, c = min(waits)
+        return Choice(c, wait, False)
+
+
+def finite_positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+__all__ = ["BudgetError", "Choice", "StitchMenu", "FLAGS", "finite_positive"]
