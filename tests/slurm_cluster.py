@@ -73,7 +73,8 @@ class LocalCluster:
         self.conf.write_text("\n".join([
             "ClusterName=snnettest", f"SlurmctldHost={self.node}(127.0.0.1)", "SlurmUser=root", "SlurmdUser=root",
             f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
-            "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={f}/munge/munge.socket,cred_expire=10",  # also a requeued job's wait
+            # cred_expire: also how long a requeued job waits before it may start again (default 120 s)
+            "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={f}/munge/munge.socket,cred_expire=10",
             f"StateSaveLocation={f}/state", f"SlurmdSpoolDir={f}/spool",
             f"SlurmctldPidFile={f}/slurmctld.pid", f"SlurmdPidFile={f}/slurmd.pid",
             f"SlurmctldLogFile={f}/slurmctld.log", f"SlurmdLogFile={f}/slurmd.log",
@@ -113,8 +114,8 @@ class LocalCluster:
             if dead or time.monotonic() > end:
                 logs = "\n".join(p.read_text()[-1500:] for p in self.folder.glob("*.log*") if p.is_file())
                 self.stop()
-                raise RuntimeError(f"local Slurm cluster: {what} not ready ({'exited: ' + str(dead) if dead else 'timeout'})"
-                                   f"\n{logs}")
+                why = f"exited: {dead}" if dead else "timeout"
+                raise RuntimeError(f"local Slurm cluster: {what} not ready ({why})\n{logs}")
             time.sleep(0.5)
 
     def run(self, *cmd, check: bool = True, **kw) -> subprocess.CompletedProcess:

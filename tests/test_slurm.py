@@ -148,8 +148,8 @@ def test_sweep_runs_as_a_job_array_skips_finished_runs_and_merges(cluster, digit
         "anchors": {"v8": {**VIT, "model_kwargs": {**VIT["model_kwargs"], "embed_dim": 8}},
                     "v16": {**VIT, "model_kwargs": {**VIT["model_kwargs"], "embed_dim": 16}}},
         "train": {"img_size": 16, "batch_size": 32, "epochs": 1, "workers": 0, "hflip": 0, "log_interval": 1000},
-        "run": {"ls_images": 32}, "grid": {"pair": [["v8", "v16"]], "cut": [0, 1], "gap": [0, 1]}}))
-    r = stitch_train(cluster, "--sweep", sweep, "--submit", "--sbatch", "--cpus-per-task=1")
+        "run": {"ls_images": 32}, "grid": {"pair": [["v8", "v16"]], "cut": [0, 1], "gap": [0, 1]}}, sort_keys=False))
+    r = stitch_train(cluster, "--sweep", sweep, "--submit", "--sbatch=--cpus-per-task=1")
     assert "submitted job array" in r.stdout and "6 task(s), jobs 0,1,2,3,4,5" in r.stdout, r.stdout
     job = r.stdout.split("submitted job array ")[1].split(":")[0]
     states = wait_array(cluster, job, 6)
@@ -163,7 +163,7 @@ def test_sweep_runs_as_a_job_array_skips_finished_runs_and_merges(cluster, digit
     assert "nothing to submit" in stitch_train(cluster, "--sweep", sweep, "--submit").stdout
     (out / "runs" / recs[2]["run"] / "result.json").unlink()
     (out / "stitches_res.txt").unlink()
-    r = stitch_train(cluster, "--sweep", sweep, "--submit", "--sbatch", "--cpus-per-task=1")
+    r = stitch_train(cluster, "--sweep", sweep, "--submit", "--sbatch=--cpus-per-task=1")
     assert "1 task(s), jobs 2 of the sweep" in r.stdout, r.stdout
     wait_array(cluster, r.stdout.split("submitted job array ")[1].split(":")[0], 1)
     again = {rec["cfg_id"]: rec for rec in read_results(out / "stitches_res.txt")}  # merged by that one task

@@ -53,10 +53,11 @@ def first_host(nodelist: str) -> str:
 
 def master_port(env: Mapping[str, str]) -> int:
     """A port every task of the step derives alike: from the job id and its restart count (a requeued job gets a
-    fresh one, so its store never meets the previous attempt's lingering socket), in 15000-54999."""
+    fresh one, so its store never meets the previous attempt's lingering socket), in 20000-29499: below torchrun's
+    default 29500 and Linux's ephemeral ports (32768 on)."""
     job = int(env.get("SLURM_JOB_ID", "0") or 0)
     step = int(env.get("SLURM_STEP_ID", "0") or 0) if env.get("SLURM_STEP_ID", "0").isdigit() else 0
-    return 15000 + (job * 101 + restart_count(env) * 7 + step) % 40000
+    return 20000 + (job * 101 + restart_count(env) * 7 + step) % 9500
 
 
 def torch_env(env: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -110,8 +110,8 @@ def _config_text(args: argparse.Namespace, stitch_cfg: StitchConfig | None, data
 def _resolve(args: argparse.Namespace, stitch_cfg: StitchConfig | None, dataset) -> argparse.Namespace:
     """What the run derives from its inputs, resolved once and frozen with them: the number of classes (the data
     folder's, else the config's), the checkpoint to continue from (--auto-resume, always on in a torchrun restart
-    and in a requeued Slurm job: the run folder's newest checkpoint, the recovery file when there is one), and --dist-bn (off where SyncBatchNorm
-    already synchronises, as timm does)."""
+    and in a requeued Slurm job: the run folder's newest checkpoint, the recovery file when there is one), and
+    --dist-bn (off where SyncBatchNorm already synchronises, as timm does)."""
     num_classes = args.num_classes
     if num_classes is None:
         num_classes = num_classes_of(dataset) or (stitch_cfg.get("num_classes") if stitch_cfg else None)
@@ -655,7 +655,8 @@ def fit(net: RoutedNet, train_ds, val_ds, run: Run, resume_state: dict | None) -
     saver.best = resume_state.get("best_metric") if resume_state is not None else None
     steps_per_epoch = len(loader) // args.grad_accum_steps
     write_recovery = _recovery_writer(model, optimizer, ctx, saver, run)
-    ctx.snapshot_rng = args.recovery_interval > 0 or STOP.install()
+    catching = STOP.install()  # under Slurm: SIGUSR1/SIGTERM stop the run at an agreed step, with a recovery file
+    ctx.snapshot_rng = args.recovery_interval > 0 or catching
     ctx.after_step.insert(0, _recovery_hook(write_recovery, ctx, args.recovery_interval, steps_per_epoch))
     ctx.after_step.append(_stop_hook(write_recovery, ctx, run, steps_per_epoch))  # after the fault hooks
     args_json = json.dumps(vars(args), default=str)

@@ -72,8 +72,9 @@ from snnet.explore.stitch_train.sweep import (FORMAT, RUN_FIELDS, SWEEP_KEYS, TR
 __all__ = ["AnchorProbe", "FORMAT", "LAYER_CKPT", "RESULT", "RUN_FIELDS", "RunPlan", "RunSpec", "SWEEP_JSON",
            "SWEEP_KEYS", "Stitched", "StitchedNet", "Sweep", "SweepError", "SweepSummary", "TRAIN_DEFAULTS",
            "TRAIN_REFUSED", "TRAJECTORY", "Prepared", "add_subcommand", "aligned_block", "build_stitched",
-           "collect", "command", "evaluate_anchor", "merge", "submit_array", "fit_stitch", "layer_label", "load_sweep", "parse_sweep",
-           "plan_run", "prepare", "probe_anchor", "run_sweep", "sweep_from_args", "train_run", "weights_sha256"]
+           "collect", "command", "evaluate_anchor", "fit_stitch", "layer_label", "load_sweep", "merge", "parse_sweep",
+           "plan_run", "prepare", "probe_anchor", "run_sweep", "submit_array", "sweep_from_args", "train_run",
+           "weights_sha256"]
 
 _logger = logging.getLogger("snnet")
 
@@ -288,8 +289,8 @@ def add_subcommand(sub) -> None:
     slurm = p.add_argument_group("Slurm (docs/slurm.md)")
     slurm.add_argument("--submit", action="store_true", help="submit the sweep's unfinished jobs as a Slurm job "
                        "array (one run or anchor evaluation per array task) instead of running them here")
-    slurm.add_argument("--sbatch", metavar="OPTIONS", help="sbatch options of --submit, one string, e.g. "
-                       "\"--partition=gpu --gpus-per-task=1 --time=1:00:00\"")
+    slurm.add_argument("--sbatch", metavar="OPTIONS", help="sbatch options of --submit, one string after '=', e.g. "
+                       "--sbatch='--partition=gpu --gpus-per-task=1 --time=1:00:00'")
     slurm.add_argument("--max-parallel", type=int, metavar="N", help="--submit: at most N array tasks at once")
     slurm.add_argument("--task", type=int, metavar="K", help="run job K of the sweep only (what an array task runs: "
                        "--task $SLURM_ARRAY_TASK_ID); the task that finds every job finished writes the results")
@@ -379,8 +380,8 @@ def command(args: argparse.Namespace) -> int:
         tag = f" [rank {rank}]" if world_size > 1 else ""
         logging.basicConfig(level=logging.INFO, format=f"%(asctime)s{tag} %(message)s", datefmt="%H:%M:%S")
     sweep = sweep_from_args(args)
-    modes = [flag for flag, on in (("--submit", args.submit), ("--merge", args.merge), ("--task", args.task is not None),
-                                   ("--dry-run", args.dry_run)) if on]
+    modes = [flag for flag, on in (("--submit", args.submit), ("--merge", args.merge),
+                                   ("--task", args.task is not None), ("--dry-run", args.dry_run)) if on]
     if len(modes) > 1:
         raise SweepError(f"{' and '.join(modes)} exclude each other; give one")
     if (args.sbatch or args.max_parallel) and not args.submit:
