@@ -77,10 +77,11 @@ def assert_identical(a, b):
     assert (a / "summary.csv").read_text() == (b / "summary.csv").read_text()
 
 
-@pytest.fixture(scope="module")
-def train_jobs(cluster, tmp_path_factory, digits_folder, tiny_config):
-    """Three 2-task jobs at once: uninterrupted, preempted by `scontrol requeue`, preempted by the warning signal."""
-    out = tmp_path_factory.mktemp("slurm_train")
+def test_preempted_jobs_are_requeued_and_resume_bit_identically(cluster, tmp_path, digits_folder, tiny_config):
+    """Three 2-task jobs at once: uninterrupted, preempted by `scontrol requeue` (SIGTERM), preempted by the warning
+    signal (SIGUSR1: the job requeues itself). One test, not three: under pytest-xdist each test may land on another
+    worker, and the three jobs would then run twice."""
+    out = tmp_path
     wait = {"SNNET_FAULT_WAIT_AT_STEP": str(WAIT_STEP), "SNNET_NO_PREFLIGHT": "1"}  # "whole" runs the preflight
     jobs = {"whole": submit_train(cluster, out, "whole", digits_folder, tiny_config)}
     for name in ("requeued", "warned"):
@@ -93,26 +94,18 @@ def train_jobs(cluster, tmp_path_factory, digits_folder, tiny_config):
     cluster.run("scontrol", "requeue", jobs["requeued"][0])   # as a preemption: SIGTERM to every process
     cluster.run("scancel", "--batch", "--signal=USR1", jobs["warned"][0])  # as --signal=B:USR1@N before the time limit
     infos = {name: wait_done(cluster, job, log) for name, (job, log) in jobs.items()}
-    return out, infos, {name: log.read_text() for name, (_, log) in jobs.items()}
+    logs = {name: log.read_text() for name, (_, log) in jobs.items()}
 
-
-def test_uninterrupted_job_trains_on_two_tasks(train_jobs):
-    out, infos, logs = train_jobs
     assert infos["whole"]["JobState"] == "COMPLETED" and infos["whole"]["Restarts"] == "0", logs["whole"][-3000:]
     assert "2 process(es)" in logs["whole"]
-    assert (out / "whole" / "stitches_res.txt").is_file()
-
-
-@pytest.mark.parametrize("name, signal", [("requeued", "SIGTERM"), ("warned", "SIGUSR1")])
-def test_preempted_job_is_requeued_and_resumes_bit_identically(train_jobs, name, signal):
-    out, infos, logs = train_jobs
-    log = logs[name]
-    assert infos[name]["JobState"] == "COMPLETED" and infos[name]["Restarts"] == "1", log[-4000:]
-    assert f"preempted: {signal} after step {WAIT_STEP} (epoch 1, step 2 of 5)" in log, log[-4000:]
-    assert "auto-resume: continuing from" in log and "recovery.pth.tar" in log, log[-4000:]
-    if signal == "SIGUSR1":  # the job requeued itself
-        assert "requeueing job" in log, log[-4000:]
-    assert_identical(out / "whole", out / name)
+    for name, signal in (("requeued", "SIGTERM"), ("warned", "SIGUSR1")):
+        log = logs[name]
+        assert infos[name]["JobState"] == "COMPLETED" and infos[name]["Restarts"] == "1", log[-4000:]
+        assert f"preempted: {signal} after step {WAIT_STEP} (epoch 1, step 2 of 5)" in log, log[-4000:]
+        assert "auto-resume: continuing from" in log and "recovery.pth.tar" in log, log[-4000:]
+        if signal == "SIGUSR1":  # the job requeued itself
+            assert "requeueing job" in log, log[-4000:]
+        assert_identical(out / "whole", out / name)
 
 
 # ---------------------------------------------------------------------------------------------------- sweep array

@@ -539,10 +539,18 @@ def _stop_hook(write, ctx: TrainContext, run: Run, steps_per_epoch: int):
             ctx.stop_after_epoch = True
             return
         write(global_step)
+        _all_saved()
         raise Preempted(f"{STOP.name()} after step {global_step} (epoch {ctx.epoch}, step {ctx.epoch_step} of "
                         f"{steps_per_epoch}): {run.out_dir / RECOVERY} written; --auto-resume (or a requeued Slurm "
                         f"job) continues there")
     return check
+
+
+def _all_saved() -> None:
+    """Before a preempted run exits: every rank waits for rank 0's checkpoint (srun --kill-on-bad-exit ends the
+    other tasks as soon as one exits with a non-zero code)."""
+    if world()[1] > 1:
+        torch.distributed.barrier()
 
 
 def _ema_net(ctx: TrainContext) -> RoutedNet | None:
@@ -703,6 +711,7 @@ def fit(net: RoutedNet, train_ds, val_ds, run: Run, resume_state: dict | None) -
         if run.primary:
             _logger.info(ctx.clock.summary(took))
         if ctx.stop_after_epoch and epoch + 1 < epochs.stop:
+            _all_saved()
             raise Preempted(f"{STOP.name()} in the last step of epoch {epoch}: {run.out_dir / LAST} written; "
                             f"--auto-resume (or a requeued Slurm job) continues with epoch {epoch + 1}")
     if val_ds is not None:
