@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv browser test test-fast demo demo-v2 gpu-check docs docs-blocks clean-venv
+.PHONY: venv browser slurm test test-fast demo demo-v2 gpu-check docs docs-blocks clean-venv
 
 venv: $(STAMP)
 
@@ -45,12 +45,36 @@ browser:
 		fi; \
 	fi
 
+# Slurm and munge for tests/test_slurm.py (docs/slurm.md), best effort as for Chromium: only where apt-get exists and
+# slurmctld, slurmd, sbatch or munged is missing (as root, or with password-less sudo). The tests start their own
+# single-node cluster under a temporary folder (as root) and stop it; without root or the packages they are
+# skipped, saying why. About 60 s on a fresh Debian 12 machine.
+SLURM_LOG ?= $(or $(TMPDIR),/tmp)/snnet-slurm-install.log
+
+slurm:
+	@if command -v slurmctld >/dev/null 2>&1 && command -v slurmd >/dev/null 2>&1 && \
+		command -v sbatch >/dev/null 2>&1 && command -v munged >/dev/null 2>&1; then :; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+		echo "slurm: no apt-get here; install slurm-wlm and munge by hand or the slurm tests are skipped"; \
+	else \
+		sudo=""; [ "$$(id -u)" = 0 ] || sudo="sudo -n"; start=$$(date +%s); \
+		echo "slurm: installing slurm-wlm, munge for tests/test_slurm.py (log: $(SLURM_LOG))"; \
+		if { $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends slurm-wlm munge; } >$(SLURM_LOG) 2>&1; then \
+			echo "slurm: installed in $$(( $$(date +%s) - start )) s"; \
+		else \
+			echo "slurm: install failed after $$(( $$(date +%s) - start )) s (see $(SLURM_LOG));" \
+				"the slurm tests will be skipped"; \
+		fi; \
+	fi
+
 # every test; the 15 slowest are listed at the end. One OpenMP thread per process: two pytest workers and the
 # processes the tests start share two cores, and torch's idle OpenMP threads spin for CPU the others need.
-test: venv browser
+test: venv browser slurm
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs -n 2 --dist loadgroup --durations=15 tests
 
-# the fast tier: no test over ~6 s, nothing that starts several processes, no browser (markers: pyproject.toml);
+# the fast tier: no test over ~6 s, nothing that starts several processes, no browser, no Slurm cluster (markers:
+# pyproject.toml);
 # on both cores (pytest-xdist), as make test
 test-fast: venv
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs -n 2 -m "not slow and not dist and not browser" tests

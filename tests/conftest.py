@@ -1,7 +1,8 @@
 """Fixtures only; the shared constants and helpers (ROOT, TINY, FAST, run, run_cli) are in helpers.py.
 
 Test tiers (markers registered in pyproject.toml): `slow` (one test over ~6 s on a 2-core machine), `dist` (starts
-several processes: torchrun, distributed_train.sh, mp.spawn), `browser` (needs Chromium). `make test-fast` runs
+several processes: torchrun, distributed_train.sh, mp.spawn), `browser` (needs Chromium), `slurm` (a local Slurm
+cluster: root, slurm-wlm and munge). `make test-fast` runs
 `-m "not slow and not dist and not browser"`.
 """
 import json
@@ -60,9 +61,12 @@ def tiny(tmp_path_factory):
 
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`make test`: two workers, --dist loadgroup) the tests that start processes (torchrun's
-    default port, mp.spawn) run one after another on one worker, and so do the browser tests; the rest spread over
-    both workers (each test runs one intra-op thread, so two workers use the two cores)."""
+    default port, mp.spawn) run one after another on one worker, and so do the browser tests; the Slurm tests (one
+    local cluster per worker, no torchrun port) are a group of their own, so they run beside the other process
+    tests; the rest spread over both workers (each test runs one intra-op thread, so two workers use the two
+    cores)."""
     for item in items:
-        for marker in ("dist", "browser"):
+        for marker in ("slurm", "dist", "browser"):  # the first that applies
             if item.get_closest_marker(marker):
                 item.add_marker(pytest.mark.xdist_group(marker))
+                break

@@ -14,6 +14,7 @@ import re
 import sys
 from typing import Any, Iterable, Sequence
 
+from snnet.core import slurm
 from snnet.core.errors import UsageError
 from snnet.core.config import ARG_DESTS, ConfigError, StitchConfig, load_stitch_config
 
@@ -556,10 +557,10 @@ def _check_values(args: argparse.Namespace) -> None:
     if not re.fullmatch(r"none|all|(anchors|\d+)(,(anchors|\d+))*", args.save_predictions):
         raise UsageError(f"--save-predictions {args.save_predictions!r} is not anchors, all, none or comma-separated "
                          f"cfg_ids (e.g. anchors,9)")
-    restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+    restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" or slurm.restart_count() > 0
     if (args.auto_resume or restarted) and not args.experiment and not args.eval:
-        raise UsageError("--auto-resume (and torchrun --max-restarts) needs --experiment NAME, so that a restarted "
-                         "run finds its own checkpoint")
+        raise UsageError("--auto-resume (and torchrun --max-restarts, a requeued Slurm job) needs --experiment NAME, "
+                         "so that a restarted run finds its own checkpoint")
     if not re.fullmatch(r"top1|top5|loss|top1@\d+", args.eval_metric):
         raise UsageError(f"--eval-metric {args.eval_metric!r} is not a metric of the validation panel; use top1, top5, "
                          f"loss (means over the panel) or top1@<cfg_id> (one stitch of the panel)")

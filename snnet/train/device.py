@@ -1,4 +1,5 @@
-"""Where a run executes: the device, the process group (torchrun, incl. --max-restarts retries) and precision."""
+"""Where a run executes: the device, the process group (torchrun, incl. --max-restarts retries, or one task per
+process under Slurm's srun) and precision."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from snnet.core import slurm
 from snnet.core.errors import SNNetError
 
 
@@ -58,6 +60,21 @@ def _agree_on_attempt() -> int:
     return restart_attempt()
 
 
+def adopt_slurm_env() -> dict[str, str]:
+    """Under ``srun`` (one task per GPU, no torchrun): export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+    MASTER_PORT from Slurm's variables (`snnet.core.slurm.torch_env`), so that everything reading torchrun's
+    variables (timm, the logging of rank 0 only, the samplers) sees the same world. Returns what it set; a second
+    call sets nothing."""
+    found = slurm.torch_env()
+    os.environ.update(found)
+    return found
+
+
+def requeued() -> int:
+    """How often Slurm has requeued this job (0 outside Slurm): a requeued run continues from its checkpoints."""
+    return slurm.restart_count()
+
+
 def device_from_flag(name: str | None, per_rank: bool = False) -> torch.device:
     """The one reading of ``--device``: None means cuda when available (with `per_rank`, this process's
     ``cuda:LOCAL_RANK``), else cpu; a name that is no torch device, or cuda where there is none, is one line."""
@@ -75,8 +92,10 @@ def device_from_flag(name: str | None, per_rank: bool = False) -> torch.device:
 
 
 def resolve_device(args: argparse.Namespace) -> torch.device:
-    """timm's init_distributed_device, plus the process group of a torchrun restart (see below)."""
+    """timm's init_distributed_device, plus the process group of a torchrun restart (see below). Under Slurm's
+    srun the ranks come from Slurm's environment (`adopt_slurm_env`), the master address from the job's first host."""
     from timm.utils import init_distributed_device
+    adopt_slurm_env()
     args.device = str(device_from_flag(args.device))
     attempt = _agree_on_attempt()
     if attempt > 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():

@@ -58,6 +58,7 @@ class TrainContext:
     skip: int = 0
     restore: list = field(default_factory=lambda: [None, None])
     clock: Any = None                             # progress.RunClock: the whole-run ETA of the progress lines
+    stop_after_epoch: bool = False                # a stop signal came in an epoch's last step (train/preempt.py)
 
 
 def _check_finite(loss: torch.Tensor, epoch: int, step: int, cfg_id: int, net: nn.Module) -> None:

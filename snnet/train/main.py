@@ -29,7 +29,7 @@ from snnet.core.config import ConfigError, StitchConfig
 from snnet.core.cost import cost_table
 from snnet.train.data import (DataError, clean_images, create_datasets, create_eval_loader, create_train_loader,
                                data_source, num_classes_of)
-from snnet.train.device import amp_dtype_for, restart_attempt, resolve_device, unwrap, world
+from snnet.train.device import adopt_slurm_env, amp_dtype_for, requeued, restart_attempt, resolve_device, unwrap, world
 from snnet.train.engine import PerImage, TrainContext, default_val_panel, evaluate_stitches, train_one_epoch
 from snnet.core.fileio import write_text_atomic
 from snnet.train.loggers import Loggers, check_loggers, create_loggers
@@ -39,6 +39,7 @@ from snnet.train.optim import anchor_lr_scale, create_optimizer, create_schedule
 from snnet.train.network import build_network, check_train_exclude
 from snnet.train.positions import write_stitch_plan
 from snnet.core.errors import SNNetError, one_line
+from snnet.train.preempt import STOP, Preempted
 from snnet.train.preflight import check_recipe, check_run, output_dir
 from snnet.core.progress import RunClock
 from snnet.train.resolve import describe_run, launch_world_size, to_yaml
@@ -51,8 +52,15 @@ _logger = logging.getLogger("snnet")
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
+        adopt_slurm_env()  # under srun: RANK, WORLD_SIZE ... from Slurm's variables, before anything reads them
         args, stitch_cfg = parse_args(argv)
         run(args, stitch_cfg)
+    except Preempted as e:  # every rank stopped at the same step, the recovery checkpoint written: a clean exit
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"preempted: {e}", file=sys.stderr)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        return e.exit_code
     except SNNetError as e:
         if int(os.environ.get("RANK", "0")) == 0:  # every rank meets the same input: one line is enough
             print(f"error: {one_line(e)}", file=sys.stderr)
@@ -101,14 +109,14 @@ def _config_text(args: argparse.Namespace, stitch_cfg: StitchConfig | None, data
 
 def _resolve(args: argparse.Namespace, stitch_cfg: StitchConfig | None, dataset) -> argparse.Namespace:
     """What the run derives from its inputs, resolved once and frozen with them: the number of classes (the data
-    folder's, else the config's), the checkpoint to continue from (--auto-resume, always on in a torchrun restart:
-    the run folder's newest checkpoint, the recovery file when there is one), and --dist-bn (off where SyncBatchNorm
-    already synchronises, as timm does)."""
+    folder's, else the config's), the checkpoint to continue from (--auto-resume, always on in a torchrun restart
+    and in a requeued Slurm job: the run folder's newest checkpoint, the recovery file when there is one), and
+    --dist-bn (off where SyncBatchNorm already synchronises, as timm does)."""
     num_classes = args.num_classes
     if num_classes is None:
         num_classes = num_classes_of(dataset) or (stitch_cfg.get("num_classes") if stitch_cfg else None)
     resume = args.resume
-    if not resume and not args.eval and (args.auto_resume or restart_attempt() > 0):
+    if not resume and not args.eval and (args.auto_resume or restart_attempt() > 0 or requeued() > 0):
         out_dir = output_dir(args)
         found = [out_dir / name for name in (RECOVERY, LAST) if (out_dir / name).exists()]
         if found:
@@ -444,10 +452,20 @@ def _val_panel(args: argparse.Namespace, model: RoutedNet) -> list[int]:
 
 
 def _fault_injection(global_step: int) -> None:
-    """Test hook: SNNET_FAULT_KILL_AT_STEP=N kills this process with SIGKILL after optimizer step N (on the rank
-    SNNET_FAULT_RANK, default all; only in the first attempt of a torchrun --max-restarts run)."""
+    """Test hooks, only in the first attempt of a torchrun --max-restarts run or a Slurm job:
+    SNNET_FAULT_KILL_AT_STEP=N kills this process with SIGKILL after optimizer step N (on the rank SNNET_FAULT_RANK,
+    default all); SNNET_FAULT_WAIT_AT_STEP=N makes every rank write SNNET_FAULT_WAIT_FILE.<rank> after step N and
+    wait there (at most 5 minutes) until it receives a stop signal (tests/test_slurm.py preempts it there)."""
+    if restart_attempt() != 0 or requeued() != 0:
+        return
+    wait_at = os.environ.get("SNNET_FAULT_WAIT_AT_STEP")
+    if wait_at is not None and int(wait_at) == global_step:
+        write_text_atomic(f"{os.environ['SNNET_FAULT_WAIT_FILE']}.{os.environ.get('RANK', '0')}", f"{global_step}\n")
+        end = time.monotonic() + 300
+        while STOP.signum is None and time.monotonic() < end:
+            time.sleep(0.05)
     at = os.environ.get("SNNET_FAULT_KILL_AT_STEP")
-    if at is None or int(at) != global_step or restart_attempt() != 0:
+    if at is None or int(at) != global_step:
         return
     rank = os.environ.get("SNNET_FAULT_RANK")
     if rank is None or rank == os.environ.get("RANK", "0"):
@@ -483,17 +501,13 @@ def _truncate_summary(path: Path, start_epoch: int) -> None:
     write_text_atomic(path, "".join(keep))
 
 
-def _recovery_hook(model: RoutedNet, optimizer, ctx: TrainContext, saver: CheckpointSaver, run: Run,
-                   steps_per_epoch: int):
-    """After-step hook writing ``recovery.pth.tar`` every --recovery-interval steps (not at an epoch's end, where
-    last.pth.tar is written). Every rank contributes what it needs to continue exactly: its RNG states after the
-    last two steps and its share of the epoch's loss."""
-    every = run.args.recovery_interval
+def _recovery_writer(model: RoutedNet, optimizer, ctx: TrainContext, saver: CheckpointSaver, run: Run):
+    """Writes ``recovery.pth.tar`` after an optimizer step inside an epoch (a collective: every rank calls it).
+    Every rank contributes what it needs to continue exactly: its RNG states after the last two steps and its share
+    of the epoch's loss."""
     args_json = json.dumps(vars(run.args), default=str)
 
-    def save(global_step: int) -> None:
-        if not every or global_step % every or ctx.epoch_step == steps_per_epoch:
-            return
+    def write(global_step: int) -> None:
         rng = list(ctx.rng_after)
         mine = {"rng": rng[-1], "rng_prev": rng[0] if len(rng) == 2 else None, "epoch_loss": list(ctx.epoch_loss)}
         ranks = [mine]
@@ -504,7 +518,41 @@ def _recovery_hook(model: RoutedNet, optimizer, ctx: TrainContext, saver: Checkp
             state = training_state(model, optimizer, ctx.epoch, global_step, args_json, run.config_text,
                                    ctx.loss_scaler, ema=_ema_net(ctx))
             saver.save_recovery({**state, "batch_idx": ctx.epoch_step, "ranks": ranks})
+    return write
+
+
+def _recovery_hook(write, ctx: TrainContext, every: int, steps_per_epoch: int):
+    """After-step hook writing the recovery checkpoint every --recovery-interval steps (not at an epoch's end, where
+    last.pth.tar is written)."""
+    def save(global_step: int) -> None:
+        if every and not global_step % every and ctx.epoch_step != steps_per_epoch:
+            write(global_step)
     return save
+
+
+def _stop_hook(write, ctx: TrainContext, run: Run, steps_per_epoch: int):
+    """After-step hook of a run under Slurm (`snnet.train.preempt`): once any rank got SIGUSR1/SIGTERM, every rank
+    stops after this same step. Inside an epoch the recovery checkpoint is written and the run ends (`Preempted`);
+    at an epoch's last step the epoch ends as usual (validation, last.pth.tar) and `fit` stops after it."""
+    def check(global_step: int) -> None:
+        if ctx.stop_after_epoch or not STOP.agreed(run.device):
+            return
+        if ctx.epoch_step == steps_per_epoch:
+            ctx.stop_after_epoch = True
+            return
+        write(global_step)
+        _all_saved()
+        raise Preempted(f"{STOP.name()} after step {global_step} (epoch {ctx.epoch}, step {ctx.epoch_step} of "
+                        f"{steps_per_epoch}): {run.out_dir / RECOVERY} written; --auto-resume (or a requeued Slurm "
+                        f"job) continues there")
+    return check
+
+
+def _all_saved() -> None:
+    """Before a preempted run exits: every rank waits for rank 0's checkpoint (srun --kill-on-bad-exit ends the
+    other tasks as soon as one exits with a non-zero code)."""
+    if world()[1] > 1:
+        torch.distributed.barrier()
 
 
 def _ema_net(ctx: TrainContext) -> RoutedNet | None:
@@ -615,8 +663,12 @@ def fit(net: RoutedNet, train_ds, val_ds, run: Run, resume_state: dict | None) -
         _logger.info("no validation split: model_best.pth.tar is the epoch with the lowest training loss")
     saver = CheckpointSaver(run.out_dir, higher_is_better=not by_loss, max_history=args.checkpoint_hist)
     saver.best = resume_state.get("best_metric") if resume_state is not None else None
-    ctx.snapshot_rng = args.recovery_interval > 0
-    ctx.after_step.insert(0, _recovery_hook(model, optimizer, ctx, saver, run, len(loader) // args.grad_accum_steps))
+    steps_per_epoch = len(loader) // args.grad_accum_steps
+    write_recovery = _recovery_writer(model, optimizer, ctx, saver, run)
+    catching = STOP.install()  # under Slurm: SIGUSR1/SIGTERM stop the run at an agreed step, with a recovery file
+    ctx.snapshot_rng = args.recovery_interval > 0 or catching
+    ctx.after_step.insert(0, _recovery_hook(write_recovery, ctx, args.recovery_interval, steps_per_epoch))
+    ctx.after_step.append(_stop_hook(write_recovery, ctx, run, steps_per_epoch))  # after the fault hooks
     args_json = json.dumps(vars(args), default=str)
     if run.primary:
         _truncate_summary(run.out_dir / "summary.csv", epochs.start)
@@ -660,6 +712,10 @@ def fit(net: RoutedNet, train_ds, val_ds, run: Run, resume_state: dict | None) -
         took = ctx.clock.finish()
         if run.primary:
             _logger.info(ctx.clock.summary(took))
+        if ctx.stop_after_epoch and epoch + 1 < epochs.stop:
+            _all_saved()
+            raise Preempted(f"{STOP.name()} in the last step of epoch {epoch}: {run.out_dir / LAST} written; "
+                            f"--auto-resume (or a requeued Slurm job) continues with epoch {epoch + 1}")
     if val_ds is not None:
         ckpt_hash = file_sha256(run.out_dir / LAST) if run.primary else ""
         evaluate_all(net, val_ds, run, ckpt_hash)

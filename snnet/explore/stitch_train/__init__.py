@@ -22,7 +22,8 @@ The package, by concern:
   `Composition`, as `snnet search` builds its networks.
 * `runner.py`: the sweep prepared (anchors seeded, built once, hashed by their weights) and one run trained and
   evaluated with train.py's loop, optimizer, schedule, loaders and losses.
-* here: the sweep's jobs split across torchrun processes, the results file, and the command line.
+* here: the sweep's jobs split across torchrun processes or the tasks of a Slurm job array, the results file, and
+  the command line.
 
 Each run writes, in its own folder named after what it is plus a hash of everything that defines it (so editing the
 sweep never mixes runs): ``trajectory.jsonl`` (a line per optimizer step and per epoch, rewritten atomically after
@@ -37,6 +38,10 @@ stitch trains, anchors in eval mode have nothing to synchronise), so splitting t
 all-reduce and no batch-size/LR coupling to the world size. At the end the processes meet once (a gloo process
 group, used only as a barrier) and rank 0 writes the results file and the table.
 
+On Slurm, ``--submit`` sends the unfinished jobs as a job array (`submit_array`, docs/slurm.md): array task k runs
+job k alone (``--task k``, as Traft & Cheney's launcher runs one experiment per array task), and the task that
+finds every job finished writes the results file; ``--merge`` writes it from whatever is finished.
+
 User errors are `SNNetError`s (`SweepError` and the core's own); `snnet`'s main catches them once and prints one
 line (on rank 0 only).
 """
@@ -47,11 +52,15 @@ import hashlib
 import json
 import logging
 import os
+import shlex
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from snnet.core.fileio import write_text_atomic
+from snnet.core.slurm import submit
 from snnet.explore.stitch_train.network import (AnchorProbe, Stitched, StitchedNet, build_stitched, fit_stitch,
                                                 probe_anchor)
 from snnet.explore.stitch_train.runner import (LAYER_CKPT, RESULT, TRAJECTORY, Prepared, RunPlan, evaluate_anchor,
@@ -63,8 +72,9 @@ from snnet.explore.stitch_train.sweep import (FORMAT, RUN_FIELDS, SWEEP_KEYS, TR
 __all__ = ["AnchorProbe", "FORMAT", "LAYER_CKPT", "RESULT", "RUN_FIELDS", "RunPlan", "RunSpec", "SWEEP_JSON",
            "SWEEP_KEYS", "Stitched", "StitchedNet", "Sweep", "SweepError", "SweepSummary", "TRAIN_DEFAULTS",
            "TRAIN_REFUSED", "TRAJECTORY", "Prepared", "add_subcommand", "aligned_block", "build_stitched",
-           "collect", "command", "evaluate_anchor", "fit_stitch", "layer_label", "load_sweep", "parse_sweep",
-           "plan_run", "prepare", "probe_anchor", "run_sweep", "sweep_from_args", "train_run", "weights_sha256"]
+           "collect", "command", "evaluate_anchor", "fit_stitch", "layer_label", "load_sweep", "merge", "parse_sweep",
+           "plan_run", "prepare", "probe_anchor", "run_sweep", "submit_array", "sweep_from_args", "train_run",
+           "weights_sha256"]
 
 _logger = logging.getLogger("snnet")
 
@@ -127,16 +137,28 @@ def _meet(world_size: int) -> None:
     dist.barrier()
 
 
-def run_sweep(sweep: Sweep, dry_run: bool = False) -> SweepSummary:
-    """Every unfinished job of this process (all of them outside torchrun); the results file at the end."""
-    from snnet.core.fileio import write_text_atomic
+def _finish(prep: Prepared, records: list[dict[str, Any]]) -> Path:
+    """The sweep's results file and its pictures (sweep.png, curves.png: what `snnet report` shows)."""
+    from snnet.explore.stitch_train.plots import write_sweep_plots
+    from snnet.results.records import RESULTS_FILE, write_results
+    write_results(prep.sweep.out / RESULTS_FILE, records)
+    write_sweep_plots(prep.sweep.out, records)
+    return prep.sweep.out / RESULTS_FILE
+
+
+def run_sweep(sweep: Sweep, dry_run: bool = False, task: int | None = None) -> SweepSummary:
+    """Every unfinished job of this process (all of them outside torchrun), or only job `task` (a Slurm array
+    task); the results file at the end (with `task`: once every job is finished, by the task that finds so)."""
     from snnet.core.progress import Progress
     from snnet.results.records import RESULTS_FILE, write_results
-    rank, world_size = _world()
+    rank, world_size = _world() if task is None else (0, 1)
     prep = prepare(sweep)
     jobs = _jobs(prep)
+    if task is not None and not 0 <= task < len(jobs):
+        raise SweepError(f"--task {task}: this sweep has jobs 0..{len(jobs) - 1} ({len(sweep.runs)} runs, then the "
+                         f"anchor evaluations); submit it again with --submit")
     done = [k for k, (_, _, marker) in enumerate(jobs) if marker.is_file()]
-    mine = [k for k in range(len(jobs)) if k % world_size == rank and k not in done]
+    mine = [k for k in range(len(jobs)) if k % world_size == rank and k not in done and task in (None, k)]
     n = len(sweep.runs)
     summary = SweepSummary(sweep.out, None, [], [k for k in done if k < n],
                            [k for k in range(n) if k % world_size != rank and k not in done], [], prep.models,
@@ -171,19 +193,68 @@ def run_sweep(sweep: Sweep, dry_run: bool = False) -> SweepSummary:
             write_text_atomic(marker, json.dumps(result, indent=1) + "\n")
             extra = f"anchor {what}: top-1 {result['acc1']:.2f}"
         progress.update(step, 1, f"{extra} in {time.perf_counter() - t0:.1f}s")
-        if world_size == 1:  # the results so far, after every job (under torchrun rank 0 writes once, at the end)
+        if world_size == 1 and task is None:  # the results so far, after every job (torchrun: rank 0, at the end)
             write_results(sweep.out / RESULTS_FILE, collect(prep))
     _meet(world_size)
     summary.records = collect(prep)
-    if rank == 0:
-        summary.results_file = sweep.out / RESULTS_FILE
-        write_results(summary.results_file, summary.records)
-        from snnet.explore.stitch_train.plots import write_sweep_plots
-        write_sweep_plots(sweep.out, summary.records)  # sweep.png, curves.png: what `snnet report` shows
+    if task is not None:  # an array task: the one that finds every job finished merges (identical if several do)
+        missing = [k for k, (_, _, marker) in enumerate(jobs) if not marker.is_file()]
+        if not missing:
+            summary.results_file = _finish(prep, summary.records)
+        else:
+            _logger.info(f"job {task} done; jobs {missing} not finished yet: the last task writes {RESULTS_FILE} "
+                         f"(or snnet stitch-train --sweep ... --merge)")
+    elif rank == 0:
+        summary.results_file = _finish(prep, summary.records)
     if world_size > 1:
         import torch.distributed as dist
         dist.destroy_process_group()
     return summary
+
+
+def merge(sweep: Sweep) -> tuple[Path, list[int]]:
+    """The results file (and pictures) from every finished job of the sweep, whoever ran it; (its path, the
+    unfinished jobs)."""
+    prep = prepare(sweep)
+    jobs = _jobs(prep)
+    missing = [k for k, (_, _, marker) in enumerate(jobs) if not marker.is_file()]
+    records = collect(prep)
+    if not records:
+        raise SweepError(f"{sweep.source}: no finished run in {sweep.out}; run the sweep first (--submit, or without "
+                         f"--merge)")
+    return _finish(prep, records), missing
+
+
+ARRAY_SCRIPT = "array.sbatch"
+
+
+def submit_array(sweep: Sweep, args: argparse.Namespace) -> tuple[str | None, list[int]]:
+    """`--submit`: the sweep's unfinished jobs as one Slurm job array (task k runs job k with ``--task k``). Writes
+    <out>/slurm/array.sbatch and runs sbatch with --sbatch's options; (the array's job id, or None when every job
+    is finished, and the submitted job indices)."""
+    prep = prepare(sweep)
+    todo = [k for k, (_, _, marker) in enumerate(_jobs(prep)) if not marker.is_file()]
+    if not todo:
+        return None, []
+    options = shlex.split(args.sbatch or "")
+    if any(o == "-a" or o.startswith(("--array", "-a")) for o in options):
+        raise SweepError(f"--sbatch {args.sbatch!r}: the array is the sweep's unfinished jobs; drop --array (limit "
+                         f"the tasks running at once with --max-parallel N)")
+    argv = [sys.executable, "-m", "snnet.cli", "stitch-train", "--sweep", os.path.abspath(args.sweep),
+            "--out", os.path.abspath(sweep.out)]
+    if args.data:
+        argv.insert(4, os.path.abspath(args.data))
+    for key, value in args.train:
+        argv += ["--train", f"{key}={value!r}"]
+    folder = sweep.out / "slurm"
+    env = f"export PYTHONPATH={shlex.quote(os.environ['PYTHONPATH'])}\n" if os.environ.get("PYTHONPATH") else ""
+    script = (f"#!/usr/bin/env bash\n# written by snnet stitch-train --submit: array task k runs job k of the sweep\n"
+              f"#SBATCH --job-name=snnet-sweep\n#SBATCH --output={folder}/task-%A_%a.out\n#SBATCH --requeue\n"
+              f"set -euo pipefail\ncd {shlex.quote(os.getcwd())}\n{env}"
+              f"exec {' '.join(shlex.quote(a) for a in argv)} --task \"$SLURM_ARRAY_TASK_ID\"\n")
+    write_text_atomic(folder / ARRAY_SCRIPT, script)
+    spec = ",".join(map(str, todo)) + (f"%{args.max_parallel}" if args.max_parallel else "")
+    return submit(str(folder / ARRAY_SCRIPT), [f"--array={spec}", *options]), todo
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -215,6 +286,16 @@ def add_subcommand(sub) -> None:
                    help="train.py flags for every run, e.g. epochs=3 lr=1e-3 img_size=16 (over the sweep's `train`); "
                    "given twice, the flags add up (a key given again takes its later value)")
     p.add_argument("--dry-run", action="store_true", help="check everything and list the runs; train nothing")
+    slurm = p.add_argument_group("Slurm (docs/slurm.md)")
+    slurm.add_argument("--submit", action="store_true", help="submit the sweep's unfinished jobs as a Slurm job "
+                       "array (one run or anchor evaluation per array task) instead of running them here")
+    slurm.add_argument("--sbatch", metavar="OPTIONS", help="sbatch options of --submit, one string after '=', e.g. "
+                       "--sbatch='--partition=gpu --gpus-per-task=1 --time=1:00:00'")
+    slurm.add_argument("--max-parallel", type=int, metavar="N", help="--submit: at most N array tasks at once")
+    slurm.add_argument("--task", type=int, metavar="K", help="run job K of the sweep only (what an array task runs: "
+                       "--task $SLURM_ARRAY_TASK_ID); the task that finds every job finished writes the results")
+    slurm.add_argument("--merge", action="store_true", help="write stitches_res.txt (and the pictures) from the "
+                       "finished jobs, whoever ran them; list the unfinished ones")
     one = p.add_argument_group("one run (without --sweep)")
     one.add_argument("--front", metavar="[LABEL=]ANCHOR", help="NAME (timm), NAME:CHECKPOINT, FILE#INDEX of a stitch "
                      "config, or a JSON anchor object '{\"name\": ..., \"checkpoint\": ..., \"model_kwargs\": ...}'")
@@ -299,7 +380,33 @@ def command(args: argparse.Namespace) -> int:
         tag = f" [rank {rank}]" if world_size > 1 else ""
         logging.basicConfig(level=logging.INFO, format=f"%(asctime)s{tag} %(message)s", datefmt="%H:%M:%S")
     sweep = sweep_from_args(args)
-    summary = run_sweep(sweep, dry_run=args.dry_run)
+    modes = [flag for flag, on in (("--submit", args.submit), ("--merge", args.merge),
+                                   ("--task", args.task is not None), ("--dry-run", args.dry_run)) if on]
+    if len(modes) > 1:
+        raise SweepError(f"{' and '.join(modes)} exclude each other; give one")
+    if (args.sbatch or args.max_parallel) and not args.submit:
+        raise SweepError("--sbatch and --max-parallel are options of --submit; add --submit")
+    if (args.submit or args.task is not None) and not args.sweep:
+        raise SweepError("--submit and --task need --sweep FILE (the array tasks read the sweep file); write the run "
+                         "into a sweep file")
+    if args.max_parallel is not None and args.max_parallel < 1:
+        raise SweepError(f"--max-parallel {args.max_parallel} must be >= 1")
+    if args.submit:
+        job, todo = submit_array(sweep, args)
+        if job is None:
+            print(f"every job of {sweep.source} is finished; nothing to submit (results: snnet stitch-train --sweep "
+                  f"{args.sweep} --merge)")
+        else:
+            print(f"submitted job array {job}: {len(todo)} task(s), jobs {','.join(map(str, todo))} of the sweep; "
+                  f"logs {sweep.out / 'slurm'}; the last task writes {sweep.out / 'stitches_res.txt'} (or: snnet "
+                  f"stitch-train --sweep {args.sweep} --merge)")
+        return 0
+    if args.merge:
+        path, missing = merge(sweep)
+        print(f"{path}: every job finished" if not missing else
+              f"{path}: jobs {','.join(map(str, missing))} not finished yet (rerun --submit for them)")
+        return 0
+    summary = run_sweep(sweep, dry_run=args.dry_run, task=args.task)
     if rank != 0:
         return 0
     n = len(sweep.runs)
@@ -308,6 +415,10 @@ def command(args: argparse.Namespace) -> int:
         for r, p in zip(sweep.runs, summary.plans):
             state = "finished" if r.index in summary.skipped else "to do"
             print(f"  cfg {r.index:>3d} {state:<8} {p.route}  (gap {p.gap:+d}; runs/{p.name})")
+        return 0
+    if args.task is not None:
+        print(f"job {args.task} of {sweep.source} done" + (f"; every job finished: results {summary.results_file}"
+                                                             if summary.results_file else ""))
         return 0
     print(_table(summary), end="")
     print(f"{n} runs: {len(summary.trained)} trained now by this process, {len(summary.skipped)} finished before"

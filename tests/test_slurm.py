@@ -1,0 +1,169 @@
+"""train.py and stitch-train on a real Slurm cluster on this machine (tests/slurm_cluster.py; `make slurm` installs
+slurm-wlm and munge): a 2-task job of slurm/train.sbatch preempted mid-epoch, by `scontrol requeue` (SIGTERM) and by
+the job's warning signal (SIGUSR1, the job requeues itself), ends bit-identical to an uninterrupted job; a 4-run
+sweep runs as a job array and its results are merged into one stitches_res.txt. Skipped, saying why, without root or
+the packages."""
+import json
+import shutil
+import sys
+import tempfile
+import time
+
+import pytest
+import torch
+
+from helpers import FAST, ROOT
+from slurm_cluster import LocalCluster, why_not
+
+pytestmark = [pytest.mark.slurm, pytest.mark.dist, pytest.mark.slow]
+
+FLAGS = [*FAST, "--epochs", "3", "--reprob", "0.5", "--mixup", "0.3", "--drop-path", "0.1"]
+WAIT_STEP = 7  # 2 tasks x 80 images / batch 16: 5 steps per epoch; step 7 is inside the second epoch
+DONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    reason = why_not()
+    if reason:
+        pytest.skip(reason)
+    folder = tempfile.mkdtemp(prefix="snnet-slurm-")  # not under pytest's 0700 folder: munged runs as user munge
+    c = LocalCluster(folder)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def submit_train(cluster, out, name, digits_folder, tiny_config, env=None):
+    log = out / f"{name}.log"
+    r = cluster.run("sbatch", "--parsable", "--ntasks=2", "--cpus-per-task=1", f"--output={log}",
+                    f"--job-name={name}", "slurm/train.sbatch", digits_folder, "--stitch_config", tiny_config, *FLAGS,
+                    "--output", out, "--experiment", name, cwd=ROOT,
+                    env={"OMP_NUM_THREADS": "1", **(env or {})})
+    return r.stdout.strip().split(";")[0], log
+
+
+def wait_done(cluster, job, log, timeout=240):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        info = cluster.job(job)
+        if info.get("JobState") in DONE:
+            return info
+        time.sleep(0.5)
+    raise AssertionError(f"job {job} not done in {timeout} s: {cluster.job(job)}\n{log.read_text()[-3000:]}")
+
+
+def wait_file(path, job, cluster, log, timeout=180):
+    end = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > end or cluster.job(job).get("JobState") in DONE:
+            raise AssertionError(f"{path} never appeared\n{log.read_text()[-3000:] if log.exists() else ''}")
+        time.sleep(0.2)
+
+
+def assert_identical(a, b):
+    sa = torch.load(a / "last.pth.tar", weights_only=True)
+    sb = torch.load(b / "last.pth.tar", weights_only=True)
+    assert (sa["epoch"], sa["global_step"]) == (sb["epoch"], sb["global_step"]) == (2, 15)
+    assert sa["state_dict"].keys() == sb["state_dict"].keys()
+    for k, v in sa["state_dict"].items():
+        assert torch.equal(v, sb["state_dict"][k]), k
+    ra = [json.loads(l)["acc1"] for l in (a / "stitches_res.txt").read_text().splitlines()]
+    rb = [json.loads(l)["acc1"] for l in (b / "stitches_res.txt").read_text().splitlines()]
+    assert ra == rb
+    assert (a / "summary.csv").read_text() == (b / "summary.csv").read_text()
+
+
+def test_preempted_jobs_are_requeued_and_resume_bit_identically(cluster, tmp_path, digits_folder, tiny_config):
+    """Three 2-task jobs at once: uninterrupted, preempted by `scontrol requeue` (SIGTERM), preempted by the warning
+    signal (SIGUSR1: the job requeues itself). One test, not three: under pytest-xdist each test may land on another
+    worker, and the three jobs would then run twice."""
+    out = tmp_path
+    wait = {"SNNET_FAULT_WAIT_AT_STEP": str(WAIT_STEP), "SNNET_NO_PREFLIGHT": "1"}  # "whole" runs the preflight
+    jobs = {"whole": submit_train(cluster, out, "whole", digits_folder, tiny_config)}
+    for name in ("requeued", "warned"):
+        jobs[name] = submit_train(cluster, out, name, digits_folder, tiny_config,
+                                  {**wait, "SNNET_FAULT_WAIT_FILE": str(out / f"{name}.waiting")})
+    for name in ("requeued", "warned"):  # both tasks wait after step WAIT_STEP until they get a signal
+        job, log = jobs[name]
+        for rank in (0, 1):
+            wait_file(out / f"{name}.waiting.{rank}", job, cluster, log)
+    cluster.run("scontrol", "requeue", jobs["requeued"][0])   # as a preemption: SIGTERM to every process
+    cluster.run("scancel", "--batch", "--signal=USR1", jobs["warned"][0])  # as --signal=B:USR1@N before the time limit
+    infos = {name: wait_done(cluster, job, log) for name, (job, log) in jobs.items()}
+    logs = {name: log.read_text() for name, (_, log) in jobs.items()}
+
+    assert infos["whole"]["JobState"] == "COMPLETED" and infos["whole"]["Restarts"] == "0", logs["whole"][-3000:]
+    assert "2 process(es)" in logs["whole"]
+    for name, signal in (("requeued", "SIGTERM"), ("warned", "SIGUSR1")):
+        log = logs[name]
+        assert infos[name]["JobState"] == "COMPLETED" and infos[name]["Restarts"] == "1", log[-4000:]
+        assert f"preempted: {signal} after step {WAIT_STEP} (epoch 1, step 2 of 5)" in log, log[-4000:]
+        assert "auto-resume: continuing from" in log and "recovery.pth.tar" in log, log[-4000:]
+        if signal == "SIGUSR1":  # the job requeued itself
+            assert "requeueing job" in log, log[-4000:]
+        assert_identical(out / "whole", out / name)
+
+
+# ---------------------------------------------------------------------------------------------------- sweep array
+VIT = {"name": "deit_tiny_patch16_224", "model_kwargs": {"patch_size": 4, "depth": 3, "num_heads": 2}}
+
+
+def stitch_train(cluster, *argv):
+    return cluster.run(sys.executable, "-m", "snnet.cli", "stitch-train", *argv, cwd=ROOT,
+                       env={"OMP_NUM_THREADS": "1"}, timeout=300)
+
+
+def wait_array(cluster, job, tasks, timeout=300):
+    """Every task of array `job` ended; their states."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        r = cluster.run("squeue", "-h", "-t", "all", "-j", job, "-o", "%i %T", check=False)
+        states = dict(line.split() for line in r.stdout.splitlines() if line.strip())
+        if len(states) == tasks and all(s in DONE for s in states.values()):
+            return states
+        time.sleep(0.5)
+    raise AssertionError(f"array {job} not done in {timeout} s: {states}")
+
+
+def test_sweep_runs_as_a_job_array_skips_finished_runs_and_merges(cluster, digits_folder, tmp_path):
+    """4 runs + 2 anchor evaluations = 6 array tasks; the last one writes stitches_res.txt. Deleting one run's
+    result.json and submitting again sends that run alone; --merge rewrites the results from the finished runs."""
+    import yaml
+    from snnet.results.records import read_results
+    out = tmp_path / "sweep"
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "data": str(digits_folder), "out": str(out), "pretrained": False, "seed": 3,
+        "anchors": {"v8": {**VIT, "model_kwargs": {**VIT["model_kwargs"], "embed_dim": 8}},
+                    "v16": {**VIT, "model_kwargs": {**VIT["model_kwargs"], "embed_dim": 16}}},
+        "train": {"img_size": 16, "batch_size": 32, "epochs": 1, "workers": 0, "hflip": 0, "log_interval": 1000},
+        "run": {"ls_images": 32}, "grid": {"pair": [["v8", "v16"]], "cut": [0, 1], "gap": [0, 1]}}, sort_keys=False))
+    r = stitch_train(cluster, "--sweep", sweep, "--submit", "--sbatch=--cpus-per-task=1")
+    assert "submitted job array" in r.stdout and "6 task(s), jobs 0,1,2,3,4,5" in r.stdout, r.stdout
+    job = r.stdout.split("submitted job array ")[1].split(":")[0]
+    states = wait_array(cluster, job, 6)
+    logs = "".join(p.read_text() for p in sorted((out / "slurm").glob("task-*.out")))
+    assert set(states.values()) == {"COMPLETED"}, (states, logs[-4000:])
+    recs = {rec["cfg_id"]: rec for rec in read_results(out / "stitches_res.txt")}
+    assert sorted(recs) == list(range(6)) and [recs[c]["route"] for c in (4, 5)] == ["v8", "v16"]
+    assert "every job finished: results" in logs  # the last task merged
+    before = {c: (out / "runs" / recs[c]["run"] / "result.json").read_text() for c in range(4)}
+
+    assert "nothing to submit" in stitch_train(cluster, "--sweep", sweep, "--submit").stdout
+    (out / "runs" / recs[2]["run"] / "result.json").unlink()
+    (out / "stitches_res.txt").unlink()
+    r = stitch_train(cluster, "--sweep", sweep, "--submit", "--sbatch=--cpus-per-task=1")
+    assert "1 task(s), jobs 2 of the sweep" in r.stdout, r.stdout
+    wait_array(cluster, r.stdout.split("submitted job array ")[1].split(":")[0], 1)
+    again = {rec["cfg_id"]: rec for rec in read_results(out / "stitches_res.txt")}  # merged by that one task
+    assert sorted(again) == list(range(6))
+    after = {c: (out / "runs" / recs[c]["run"] / "result.json").read_text() for c in range(4)}
+    assert [c for c in range(4) if after[c] != before[c]] == [2]
+    assert again[2]["acc1"] == recs[2]["acc1"]  # the same run again: the same result
+    (out / "stitches_res.txt").unlink()
+    assert "every job finished" in stitch_train(cluster, "--sweep", sweep, "--merge").stdout
+    assert sorted(rec["cfg_id"] for rec in read_results(out / "stitches_res.txt")) == list(range(6))
