@@ -71,7 +71,7 @@ slurm:
 # every test; the 15 slowest are listed at the end. One OpenMP thread per process: two pytest workers and the
 # processes the tests start share two cores, and torch's idle OpenMP threads spin for CPU the others need.
 test: venv browser slurm
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs -n 2 --dist loadgroup --durations=15 tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs -n 2 --durations=15 tests
 
 # the fast tier: no test over ~6 s, nothing that starts several processes, no browser, no Slurm cluster (markers:
 # pyproject.toml);

@@ -59,14 +59,12 @@ def tiny(tmp_path_factory):
     return Tiny(tmp_path_factory.mktemp("tiny"))
 
 
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`make test`: two workers, --dist loadgroup) the tests that start processes (torchrun's
-    default port, mp.spawn) run one after another on one worker, and so do the browser tests; the Slurm tests (one
-    local cluster per worker, no torchrun port) are a group of their own, so they run beside the other process
-    tests; the rest spread over both workers (each test runs one intra-op thread, so two workers use the two
-    cores)."""
-    for item in items:
-        for marker in ("slurm", "dist", "browser"):  # the first that applies
-            if item.get_closest_marker(marker):
-                item.add_marker(pytest.mark.xdist_group(marker))
-                break
+def pytest_configure(config):
+    """Each pytest-xdist worker gives the torchrun it starts a master port of its own (torchrun reads
+    `PET_MASTER_PORT` when no --master_port is typed), so the two workers' multi-process tests can run at the same
+    time without meeting on torchrun's default 29500. A test that types its own port (test_multinode, the Slurm
+    tests' derived ports) keeps it. Grouping by `xdist_group` is not used: pytest 9 keeps node ids in `Node._id`,
+    so xdist 3.8's `--dist loadgroup` suffix never reached the scheduler and the groups were never kept together."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw")
+    index = int(worker[2:]) if worker[2:].isdigit() else 9
+    os.environ.setdefault("PET_MASTER_PORT", str(29510 + index))
