@@ -469,7 +469,7 @@ def _similarity_parsers(sub) -> None:
 
 
 def cmd_shards(args: argparse.Namespace) -> int:
-    from snnet.train.data import write_folder_shards
+    from snnet.data.datasets import write_folder_shards
     check_out_dir(args.out)
     info = write_folder_shards(args.folder, args.out, args.shard_size, args.name)
     for name, split in info["splits"].items():

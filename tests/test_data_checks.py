@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from snnet.train.data import DataError, check_data, clean_images, create_train_loader, scan_image_folder
+from snnet.data.datasets import DataError, check_data, clean_images, create_train_loader, scan_image_folder
 
 
 def make_split(root, split, classes, per_class=3, ext=".png", start=0):

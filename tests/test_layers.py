@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "snnet"
 #: lower layers first; a module may import its own layer and any layer before it
-LAYERS = ("core", "results", "train", "deploy", "explore")
+LAYERS = ("core", "data", "results", "train", "deploy", "explore")
 #: the entry points: the only modules that may import the CLI (and any layer)
 ENTRY = {"snnet.cli", "snnet.demo", "snnet.__main__"}
 

@@ -18,9 +18,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from snnet.core.distributed import all_gather_rows, all_reduce_sum
+from snnet.core.distributed import all_gather_rows, all_reduce_sum, world
 from snnet.core.errors import SNNetError
-from snnet.train.device import amp_context, unwrap, world
+from snnet.train.device import amp_context, unwrap
 from snnet.core.progress import Progress
 from snnet.core.route_tree import RouteTree
 from snnet.train.sampler import rng_state, set_rng_state

@@ -27,9 +27,10 @@ from snnet.core.checkpoint import (LAST, RECOVERY, CheckpointError, CheckpointSa
                                    json_field, load_checkpoint, state_sha256, training_state)
 from snnet.core.config import ConfigError, StitchConfig
 from snnet.core.cost import cost_table
-from snnet.train.data import (DataError, clean_images, create_datasets, create_eval_loader, create_train_loader,
-                               data_source, num_classes_of)
-from snnet.train.device import amp_dtype_for, restart_attempt, resolve_device, unwrap, world
+from snnet.core.distributed import world
+from snnet.data.datasets import (DataError, clean_images, create_datasets, create_eval_loader, create_train_loader,
+                                 data_source, num_classes_of)
+from snnet.train.device import amp_dtype_for, restart_attempt, resolve_device, unwrap
 from snnet.train.engine import PerImage, TrainContext, default_val_panel, evaluate_stitches, train_one_epoch
 from snnet.core.fileio import write_text_atomic
 from snnet.train.loggers import Loggers, check_loggers, create_loggers

@@ -237,7 +237,7 @@ def check_data(args: argparse.Namespace, need_train: bool, world_size: int) -> N
     missing from one split would shift the labels of the other) unless --class-map fixes the numbering;
     --num-classes covers the classes; training gives each of `world_size` processes at least one optimizer step.
     Images are counted as timm's folder reader counts them (its extensions, its labels)."""
-    from snnet.train.streams import check_shards, is_shards
+    from snnet.data.shards import check_shards, is_shards
     if is_shards(args.dataset):  # WebDataset shards: every shard's headers, counts and class indices
         counts = check_shards(args, need_train, world_size, _TRAIN_NAMES, _VAL_NAMES)
         if need_train:
@@ -332,8 +332,8 @@ def check_image_headers(folder: str, what: str, per_class: int | None = None) ->
 def create_datasets(args: argparse.Namespace, need_train: bool):
     from timm.data import create_dataset
 
-    from snnet.train.streams import is_shards
-    if is_shards(args.dataset):  # read by snnet.train.streams (exact, resumable), not timm's wds reader
+    from snnet.data.shards import is_shards
+    if is_shards(args.dataset):  # read by snnet.data.shards (exact, resumable), not timm's wds reader
         return _shard_datasets(args, need_train)
     if args.dataset == "":
         train_dir, val_dir = resolve_folders(args, need_train)
@@ -363,9 +363,9 @@ def create_datasets(args: argparse.Namespace, need_train: bool):
 
 
 def _shard_datasets(args: argparse.Namespace, need_train: bool):
-    """(train, val) of ``--dataset wds/NAME`` in --data-dir: `snnet.train.streams.ShardDataset`s (val None when the
+    """(train, val) of ``--dataset wds/NAME`` in --data-dir: `snnet.data.shards.ShardDataset`s (val None when the
     shards have no validation split)."""
-    from snnet.train.streams import ShardDataset, find_split, read_info, shard_root
+    from snnet.data.shards import ShardDataset, find_split, read_info, shard_root
     root = shard_root(args.data_dir, args.dataset)
     train = None
     if need_train:
@@ -380,8 +380,8 @@ def _shard_datasets(args: argparse.Namespace, need_train: bool):
 
 def write_folder_shards(folder: str, out: str, shard_size: int, name: str | None = None) -> dict:
     """``snnet shards``: the split folders of an ImageFolder (train/, val/ or validation/), checked as a training run
-    checks them, written as WebDataset shards (`snnet.train.streams.write_shards`)."""
-    from snnet.train.streams import write_shards
+    checks them, written as WebDataset shards (`snnet.data.shards.write_shards`)."""
+    from snnet.data.shards import write_shards
     if not os.path.isdir(folder):
         raise DataError(f"image folder {folder!r} does not exist; give an ImageFolder root with train/ and val/")
     splits = {d: os.path.join(folder, d) for d in (*_TRAIN_NAMES, *_VAL_NAMES) if os.path.isdir(os.path.join(folder, d))}
@@ -500,11 +500,11 @@ def create_train_loader(dataset, args: argparse.Namespace, data_cfg: dict[str, A
     """timm's training loader; a timm ImageDataset is wrapped so that a skipped unreadable image is named."""
     from timm.data import ImageDataset, create_loader
 
-    from snnet.train.streams import ShardDataset
+    from snnet.data.shards import ShardDataset
     if isinstance(dataset, ImageDataset):
         dataset = _NamedSkips(dataset)
     elif isinstance(dataset, ShardDataset):  # this rank's deterministic stream (set_epoch before each epoch)
-        from snnet.train.device import world
+        from snnet.core.distributed import world
         dataset = dataset.train_stream(*(world() if args.distributed else (0, 1)), args.batch_size)
     num_aug_splits = args.aug_splits if args.aug_splits > 1 else 0
     loader = create_loader(
@@ -665,7 +665,7 @@ def create_eval_loader(dataset, args: argparse.Namespace, data_cfg: dict[str, An
     config, of the same images."""
     import copy
 
-    from snnet.train.streams import ShardDataset
+    from snnet.data.shards import ShardDataset
     batch_size = batch_size or args.validation_batch_size or args.batch_size
     if isinstance(dataset, ShardDataset):  # this rank's contiguous range of the shards, whole batches per worker
         stream = dataset.eval_stream(rank, world_size, batch_size)
@@ -699,7 +699,7 @@ class CleanImages:
     def __init__(self, dataset, data_cfg: dict[str, Any] | Sequence[dict[str, Any]], count: int, seed: int,
                  rank: int = 0, world_size: int = 1, batch_size: int = 50):
         import copy
-        from snnet.train.streams import ShardDataset
+        from snnet.data.shards import ShardDataset
         dataset = _indexable(dataset)
         order = np.random.default_rng(seed).permutation(len(dataset))[:count]
         self.indices = [int(i) for i in order[rank::world_size]]

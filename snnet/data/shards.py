@@ -474,7 +474,7 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_shards(splits: dict[str, str], out: str, shard_size: int, name: str) -> dict:
-    """Split folders of an ImageFolder ({split name: folder}, from `snnet.train.data.write_folder_shards`, which
+    """Split folders of an ImageFolder ({split name: folder}, from `snnet.data.datasets.write_folder_shards`, which
     checks them) as WebDataset shards in `out`, samples in the order timm's folder reader lists them (so a sample id
     of the shards is the image's index in the folder evaluation). Each shard and then ``_info.json`` are written
     atomically (temp file, rename); progress is logged. Returns the info written."""
