@@ -76,7 +76,7 @@ def loader_for(root: Path, batch: int, workers: int, img: int = IMG, pin_mem: bo
     """train.py's evaluation loader over root/val at `img` px (pinned host memory with `pin_mem`, as on CUDA)."""
     import argparse as ap
     from timm.data import create_dataset
-    from snnet.data.datasets import create_eval_loader
+    from snnet.data.loaders import create_eval_loader
     ds = create_dataset("", root=str(root / "val"), split="", search_split=False)
     args = ap.Namespace(validation_batch_size=batch, batch_size=batch, workers=workers, pin_mem=pin_mem)
     data_cfg = {"input_size": (3, img, img), "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),

@@ -61,7 +61,7 @@ def main() -> None:
     from timm.data import create_dataset
 
     from eval_all_stitches import make_folder
-    from snnet.data.datasets import create_eval_loader, create_train_loader
+    from snnet.data.loaders import create_eval_loader, create_train_loader
     from snnet.data.datasets import write_folder_shards
     from snnet.data.shards import ShardDataset, find_split
     torch.set_num_threads(1)

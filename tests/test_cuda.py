@@ -193,7 +193,8 @@ def test_pinned_memory_loaders(digits_folder, tiny_config):
     """--pin-mem: the training loader (timm's, with the prefetcher: batches arrive on the device, normalised) and
     the evaluation loader (batches in pinned host memory, copied with non_blocking)."""
     from snnet.train.args import parse_args
-    from snnet.data.datasets import create_datasets, create_eval_loader, create_train_loader
+    from snnet.data.datasets import create_datasets
+    from snnet.data.loaders import create_eval_loader, create_train_loader
     args, _ = parse_args([str(digits_folder), "--stitch_config", str(tiny_config), *FAST, "--pin-mem", "-j", "2"])
     args.distributed = False
     train, val = create_datasets(args, need_train=True)

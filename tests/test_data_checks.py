@@ -10,7 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from snnet.data.datasets import DataError, check_data, clean_images, create_train_loader, scan_image_folder
+from snnet.data.checks import DataError, check_data, scan_image_folder
+from snnet.data.loaders import create_train_loader
+from snnet.data.ls_images import clean_images
 
 
 def make_split(root, split, classes, per_class=3, ext=".png", start=0):

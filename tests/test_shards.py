@@ -88,7 +88,7 @@ def eval_args(workers, batch=16):
 def test_stream_evaluation_reads_every_image_exactly_once(demo, workers):
     """Any number of ranks (7 > the 4 validation shards) and loader workers: the ranks' batches hold every image
     once, with the folder's label for its id, and len(loader) is the number of batches."""
-    from snnet.data.datasets import create_eval_loader
+    from snnet.data.loaders import create_eval_loader
     from snnet.data.shards import ShardDataset, find_split
     folder, wds = demo
     labels = [label for _, label in folder_samples(folder / "val")]
@@ -110,7 +110,7 @@ def test_stream_evaluation_reads_every_image_exactly_once(demo, workers):
 
 def test_stream_evaluation_equals_the_folder_tensor_for_tensor(demo):
     from timm.data import create_dataset
-    from snnet.data.datasets import create_eval_loader
+    from snnet.data.loaders import create_eval_loader
     from snnet.data.shards import ShardDataset, find_split
     folder, wds = demo
     fds = create_dataset("", root=str(folder / "val"), split="", search_split=False, is_training=False)
@@ -126,7 +126,7 @@ def test_stream_evaluation_equals_the_folder_tensor_for_tensor(demo):
 
 def test_ls_init_images_from_shards_are_the_folders(demo):
     from timm.data import create_dataset
-    from snnet.data.datasets import clean_images
+    from snnet.data.ls_images import clean_images
     from snnet.data.shards import ShardDataset, find_split
     folder, wds = demo
     fds = create_dataset("", root=str(folder / "train"), split="", search_split=False, is_training=True)

@@ -302,7 +302,7 @@ def test_lowrank_reports_the_error_of_its_own_rank_r_map(anchors, digits_folder,
     number equals the error measured by running the fitted stitch, and is what result.json and the trajectory
     record."""
     from snnet.explore.stitch_train import fit_stitch, load_sweep, prepare, run_sweep
-    from snnet.data.datasets import clean_images
+    from snnet.data.ls_images import clean_images
     out = tmp_path / "sweep"
     layers = ["linear", {"type": "lowrank", "rank": 1}, {"type": "lowrank", "rank": 2}]
     path = write_sweep(tmp_path / "s.yaml", {"v8": anchors["v8"], "v16": anchors["v16"]}, digits_folder, out,

@@ -3,7 +3,7 @@
 A *cut point* is the output of one unit (stem, block, transition, norm, head) of one anchor, as the family's
 adapter cuts it. For every ordered pair of anchors (A, B) and every pair of cut points (unit i of A, unit j of B),
 on the same images, each anchor reading them preprocessed its own way (a batch is one tensor for all anchors, or one
-tensor per input group of the net: `ComposedNet.input_groups`, snnet.data.datasets.anchor_data_configs), so the order
+tensor per input group of the net: `ComposedNet.input_groups`, snnet.data.transforms.anchor_data_configs), so the order
 of the anchors changes no score:
 
 * ``cka``: linear CKA (snnet/core/cka.py) between A's output of unit i and B's output of unit j, one sample per image

@@ -11,7 +11,7 @@ steps, pure data that the evaluator and the cost model reuse:
 An input is one image tensor, read by every anchor (SN-Net: one data config for the whole network), or a sequence
 of tensors of the same images preprocessed several ways, one per *input group*: anchor a reads
 ``x[input_groups[a]]`` (`RoutedNet.anchor_input`), so anchors with their own preprocessing (`snnet similarity`,
-`snnet search`: snnet.data.datasets.anchor_data_configs) each see their own, and a route reads its first anchor's.
+`snnet search`: snnet.data.transforms.anchor_data_configs) each see their own, and a route reads its first anchor's.
 """
 from __future__ import annotations
 
@@ -406,7 +406,7 @@ class ComposedNet(AnchorsNet):
 
     `input_groups` (anchor -> input group; None: every anchor reads the one input) says which tensor of a sequence
     input each anchor reads: anchors of different families have different preprocessing
-    (snnet.data.datasets.anchor_data_configs), and a route reads its front anchor's. A single tensor input is read by
+    (snnet.data.transforms.anchor_data_configs), and a route reads its front anchor's. A single tensor input is read by
     every anchor."""
 
     def __init__(self, anchors: Sequence[nn.Module], compositions: Sequence[Composition],

@@ -32,9 +32,14 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
+from PIL import Image
+from timm.data.readers import get_img_extensions  # the image types timm's readers take
+from timm.data.readers.reader_image_folder import ReaderImageFolder
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from snnet.core.errors import SNNetError
+from snnet.core.fileio import atomic_path, write_text_atomic
+from snnet.core.progress import Progress
 
 INFO_FILE = "_info.json"
 SHUFFLE_BUFFER = int(os.environ.get("SNNET_SHARD_SHUFFLE", "1024"))  # samples a training worker mixes
@@ -183,7 +188,6 @@ def iter_shard(path: str, start: int = 0, stop: int | None = None, what: str = "
 
 
 def _image_exts() -> set[str]:
-    from timm.data.readers import get_img_extensions  # the image types timm's readers take
     return {e.lstrip(".") for e in get_img_extensions(as_set=True)} | {"jpg", "jpeg", "png", "webp"}
 
 
@@ -207,7 +211,6 @@ def sample_label(sample: dict, where: str) -> int:
 
 def decode(sample: dict, where: str):
     """(PIL RGB image, class index) of one sample, decoded as timm's ImageDataset decodes a file."""
-    from PIL import Image
     ext = _image_ext(sample)
     if ext is None:
         raise ShardError(f"{where} has no image member ({', '.join(sample) or 'nothing'}); rewrite the shard")
@@ -407,7 +410,6 @@ def check_shards(args, need_train: bool, world_size: int, train_names: Sequence[
 
     Under torchrun only rank 0 reads the shards (the other ranks check that every shard exists): distributed_train.sh
     has run the whole check once before the launch."""
-    from snnet.core.progress import Progress
     root = shard_root(args.data_dir, args.dataset)
     info = read_info(root)
     splits = []
@@ -478,10 +480,7 @@ def write_shards(splits: dict[str, str], out: str, shard_size: int, name: str) -
     checks them) as WebDataset shards in `out`, samples in the order timm's folder reader lists them (so a sample id
     of the shards is the image's index in the folder evaluation). Each shard and then ``_info.json`` are written
     atomically (temp file, rename); progress is logged. Returns the info written."""
-    from timm.data.readers.reader_image_folder import ReaderImageFolder
 
-    from snnet.core.fileio import atomic_path, write_text_atomic
-    from snnet.core.progress import Progress
     if shard_size < 1:
         raise ShardError(f"--shard-size {shard_size} must be at least 1 (samples per shard)")
     readers, classes, first_split = {}, None, None

@@ -226,7 +226,7 @@ def network_svg(net: ComposedNet, cfg_id: int, record: dict[str, Any], maps: Com
 def run_search(args: argparse.Namespace) -> list[Path]:
     """`snnet search`: maps on the calibration images, beam search, every network (and the anchors) evaluated in one
     pass on the validation split, results file, Pareto table, drawings."""
-    from snnet.data.datasets import create_eval_loader
+    from snnet.data.loaders import create_eval_loader
     from snnet.train.engine import evaluate_stitches
     from snnet.results.pareto import pareto_report, save_report
     from snnet.results.records import RESULTS_FILE, stitch_record, write_results

@@ -138,20 +138,21 @@ def data_namespace(data_dir: str, batch_size: int, num_classes: int | None = Non
 
 def open_data(data_dir: str, need_train: bool, batch_size: int, num_classes: int | None = None):
     """(train, val) datasets of an ImageFolder root, checked (one-line DataError on a bad folder)."""
-    from snnet.data.datasets import check_data, create_datasets
+    from snnet.data.checks import check_data
+    from snnet.data.datasets import create_datasets
     ns = data_namespace(data_dir, batch_size, num_classes)
     check_data(ns, need_train=need_train, world_size=1)
     return ns, *create_datasets(ns, need_train=need_train)
 
 
 def _resolve(models, img_size: int | None):
-    from snnet.data.datasets import anchor_data_configs
+    from snnet.data.transforms import anchor_data_configs
     return anchor_data_configs(models, {"img_size": img_size} if img_size else {})
 
 
 def data_configs(net: ComposedNet, img_size: int | None) -> tuple[list[dict], list[dict], list[int]]:
     """Each anchor's own evaluation preprocessing (timm's resolve_data_config on that anchor, `img_size` over it):
-    (per anchor, distinct, group) as snnet.data.datasets.anchor_data_configs gives them. Load images with the distinct
+    (per anchor, distinct, group) as snnet.data.transforms.anchor_data_configs gives them. Load images with the distinct
     configs (a list of tensors per batch); anchor a reads tensor ``group[a]``, the net's ``input_groups`` as
     `build_anchors` sets them. (Feeding every anchor one anchor's preprocessing made the numbers depend on the
     anchors' order.)"""
@@ -163,7 +164,7 @@ def calibration_batches(dataset, data_cfg: dict[str, Any] | Sequence[dict[str, A
     """`batches` x `batch_size` clean images drawn at random (seeded) from `dataset`, kept in memory (the maps read
     them twice). With several data configs (the distinct ones of `data_configs`) each batch is a list of tensors of
     the same images, one per config."""
-    from snnet.data.datasets import clean_images
+    from snnet.data.ls_images import clean_images
     return list(clean_images(dataset, data_cfg, batches * batch_size, seed, batch_size=batch_size))
 
 
@@ -186,7 +187,8 @@ class Prepared:
 def prepare(args: argparse.Namespace, need_train: bool, what: str, need_val: bool = False) -> Prepared:
     """Output folder, batch size, device, anchors (>= 2), data folder, then the anchors themselves."""
     from snnet.core.fileio import check_out_dir
-    from snnet.data.datasets import DataError, num_classes_of
+    from snnet.data.checks import DataError
+    from snnet.data.datasets import num_classes_of
     out = check_out_dir(args.out)
     if args.batch_size < 4:
         raise SimilarityError(f"--batch-size {args.batch_size}: the unbiased CKA needs at least 4 images per batch; "

@@ -28,8 +28,10 @@ from snnet.core.checkpoint import (LAST, RECOVERY, CheckpointError, CheckpointSa
 from snnet.core.config import ConfigError, StitchConfig
 from snnet.core.cost import cost_table
 from snnet.core.distributed import world
-from snnet.data.datasets import (DataError, clean_images, create_datasets, create_eval_loader, create_train_loader,
-                                 data_source, num_classes_of)
+from snnet.data.checks import DataError
+from snnet.data.datasets import create_datasets, data_source, num_classes_of
+from snnet.data.loaders import create_eval_loader, create_train_loader
+from snnet.data.ls_images import clean_images
 from snnet.train.device import amp_dtype_for, restart_attempt, resolve_device, unwrap
 from snnet.train.engine import PerImage, TrainContext, default_val_panel, evaluate_stitches, train_one_epoch
 from snnet.core.fileio import write_text_atomic

@@ -157,7 +157,9 @@ class Selection:
     def images(self, cfg: StitchConfig, largest: nn.Module) -> list[torch.Tensor]:
         from timm.data import resolve_data_config
 
-        from snnet.data.datasets import DataError, clean_images, create_datasets
+        from snnet.data.checks import DataError
+        from snnet.data.datasets import create_datasets
+        from snnet.data.ls_images import clean_images
         args = self.args
         data_cfg = resolve_data_config(vars(args), model=largest)  # as train.py's (the SN-Net's is the largest's)
         dataset = self.images_from

@@ -106,7 +106,7 @@ def check_augmentation(args: argparse.Namespace, stitch_cfg: StitchConfig | None
         return
     from timm.data import create_transform
 
-    from snnet.data.datasets import timm_crop_mode
+    from snnet.data.transforms import timm_crop_mode
     from snnet.train.resolve import eval_transform
     size = eval_transform(args, stitch_cfg)["input_size"]
     try:
@@ -122,7 +122,7 @@ def check_augmentation(args: argparse.Namespace, stitch_cfg: StitchConfig | None
 
 
 def check_run(args: argparse.Namespace, stitch_cfg: StitchConfig | None, world_size: int) -> None:
-    from snnet.data.datasets import check_data
+    from snnet.data.checks import check_data
     from snnet.train.device import device_from_flag
     device_from_flag(args.device)  # a name that is no torch device, or CUDA where there is none
     check_output(output_dir(args))

@@ -133,7 +133,8 @@ def prepare(sweep: Sweep) -> Prepared:
 
     from snnet.core.adapter import adapter_for
     from snnet.core.build import create_anchor
-    from snnet.data.datasets import DataError, check_data, create_datasets, num_classes_of
+    from snnet.data.checks import DataError, check_data
+    from snnet.data.datasets import create_datasets, num_classes_of
     from snnet.train.device import device_from_flag
     from snnet.train.preflight import check_augmentation, check_output
     args = train_args(sweep)
@@ -275,7 +276,8 @@ def train_run(prep: Prepared, run: RunSpec, plan: RunPlan, run_dir: Path, rank: 
     from snnet.core.cost import cost_table
     from snnet.core.fileio import write_text_atomic
     from snnet.explore.stitch_train.network import fit_stitch, stitch_flops, stitch_state
-    from snnet.data.datasets import clean_images, create_eval_loader, create_train_loader
+    from snnet.data.loaders import create_eval_loader, create_train_loader
+    from snnet.data.ls_images import clean_images
     from snnet.train.device import amp_dtype_for
     from snnet.train.engine import TrainContext, evaluate_stitches, train_one_epoch
     from snnet.train.optim import create_optimizer, create_scheduler, epoch_offset, resolve_lrs
@@ -383,7 +385,7 @@ def evaluate_anchor(prep: Prepared, label: str) -> dict[str, Any]:
     """An anchor on its own (top-1, FLOPs, params), for the results file's reference points."""
     from snnet.core.cost import cost_table
     from snnet.core.model import PlainNet
-    from snnet.data.datasets import create_eval_loader
+    from snnet.data.loaders import create_eval_loader
     from snnet.train.engine import evaluate_stitches
     net = PlainNet(prep.models[label], label)
     data_cfg = prep.data_cfg(label)
