@@ -2,7 +2,6 @@
 an epoch gives, the image headers (no image decoded)."""
 from __future__ import annotations
 
-import argparse
 import math
 import os
 
@@ -13,6 +12,7 @@ from timm.data.readers.class_map import load_class_map
 from timm.utils.misc import natural_key
 
 from snnet.core.errors import SNNetError
+from snnet.data.options import DataOptions
 from snnet.data.shards import check_shards, is_shards
 
 _TRAIN_NAMES = ("train", "training")
@@ -53,7 +53,7 @@ def _check_image_folder(path: str, what: str) -> None:
                     f"timm's folder reader reads no other files)")
 
 
-def resolve_folders(args: argparse.Namespace, need_train: bool) -> tuple[str | None, str | None]:
+def resolve_folders(args: DataOptions, need_train: bool) -> tuple[str | None, str | None]:
     """The train and validation folders of a folder dataset (``--dataset ''``), checked."""
     root = args.data_dir
     if os.path.isfile(root):
@@ -130,7 +130,7 @@ def scan_image_folder(path: str, what: str = "train") -> dict[str, int]:
     return counts
 
 
-def _load_class_map(args: argparse.Namespace, root: str) -> dict:
+def _load_class_map(args: DataOptions, root: str) -> dict:
     try:
         mapping = load_class_map(args.class_map, root)
     except Exception as e:  # timm asserts on a missing file or an unknown extension
@@ -152,7 +152,7 @@ def train_samples_per_process(images: int, world_size: int, aug_repeats: float =
     return math.ceil(images / world_size)
 
 
-def _check_steps(args: argparse.Namespace, images: int, where: str, world_size: int) -> None:
+def _check_steps(args: DataOptions, images: int, where: str, world_size: int) -> None:
     batch, accum = args.batch_size, max(1, int(getattr(args, "grad_accum_steps", 1) or 1))
     per = train_samples_per_process(images, world_size, getattr(args, "aug_repeats", 0) or 0)
     if per // batch // accum >= 1:
@@ -169,7 +169,7 @@ def _check_steps(args: argparse.Namespace, images: int, where: str, world_size: 
                     f"images ({procs}) and timm's training loader drops the last incomplete batch; {fix}")
 
 
-def _check_num_classes(args: argparse.Namespace, classes: int, where: str) -> None:
+def _check_num_classes(args: DataOptions, classes: int, where: str) -> None:
     wanted = getattr(args, "num_classes", None)
     if wanted is not None and wanted < classes:
         raise DataError(f"--num-classes {wanted} is smaller than the {classes} classes of {where}: labels "
@@ -180,7 +180,7 @@ def _check_num_classes(args: argparse.Namespace, classes: int, where: str) -> No
 _TORCH_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "kmnist": 10, "fashion_mnist": 10, "qmnist": 10}
 
 
-def hf_folder(args: argparse.Namespace) -> str:
+def hf_folder(args: DataOptions) -> str:
     """The local Hugging Face dataset folder of ``--dataset hfds/NAME`` or ``hfids/NAME``: --data-dir/NAME (parquet
     files in the Hub's layout, data/<split>-*.parquet, or anything `datasets.load_dataset` reads from a folder).
     Nothing is downloaded: a name that is no such folder is refused."""
@@ -193,7 +193,7 @@ def hf_folder(args: argparse.Namespace) -> str:
     return os.path.abspath(folder)
 
 
-def _check_other_dataset(args: argparse.Namespace) -> None:
+def _check_other_dataset(args: DataOptions) -> None:
     """What is cheap to check for timm's non-folder datasets (torch/..., hfds/..., hfids/...): the name and the root."""
     prefix, sep, rest = args.dataset.partition("/")
     if prefix.lower() in ("hfds", "hfids"):
@@ -223,7 +223,7 @@ def _check_other_dataset(args: argparse.Namespace) -> None:
         _check_num_classes(args, _TORCH_CLASSES[name], f"--dataset {args.dataset}")
 
 
-def check_data(args: argparse.Namespace, need_train: bool, world_size: int) -> None:
+def check_data(args: DataOptions, need_train: bool, world_size: int) -> None:
     """The dataset of a run, checked before any work by a scan of its folders (no image is opened); a problem is a
     one-line DataError naming the value and the fix.
 

@@ -2,18 +2,25 @@
 from checked folders; where a split's images come from and how many classes it has."""
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
 from timm.data import create_dataset
 
-from snnet.data.checks import (_TRAIN_NAMES, _VAL_NAMES, DataError, _check_image_folder, hf_folder, resolve_folders,
-                               scan_image_folder)
+from snnet.data.checks import (
+    _TRAIN_NAMES,
+    _VAL_NAMES,
+    DataError,
+    _check_image_folder,
+    hf_folder,
+    resolve_folders,
+    scan_image_folder,
+)
+from snnet.data.options import DataOptions
 from snnet.data.shards import ShardDataset, find_split, is_shards, read_info, shard_root, write_shards
 
 
-def create_datasets(args: argparse.Namespace, need_train: bool):
+def create_datasets(args: DataOptions, need_train: bool):
 
     if is_shards(args.dataset):  # read by snnet.data.shards (exact, resumable), not timm's wds reader
         return _shard_datasets(args, need_train)
@@ -44,7 +51,7 @@ def create_datasets(args: argparse.Namespace, need_train: bool):
     return train, val
 
 
-def _shard_datasets(args: argparse.Namespace, need_train: bool):
+def _shard_datasets(args: DataOptions, need_train: bool):
     """(train, val) of ``--dataset wds/NAME`` in --data-dir: `snnet.data.shards.ShardDataset`s (val None when the
     shards have no validation split)."""
     root = shard_root(args.data_dir, args.dataset)

@@ -2,7 +2,6 @@
 image once, this rank's disjoint share, an unreadable image stops it)."""
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
 import re
@@ -15,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from snnet.core.distributed import world
 from snnet.data.checks import DataError
+from snnet.data.options import LoaderOptions
 from snnet.data.shards import ShardDataset
 from snnet.data.transforms import eval_transform, src_crop, timm_crop_mode
 
@@ -94,7 +94,7 @@ class _NamedSkips(torch.utils.data.Dataset):
         raise RuntimeError(f"Failed to load {self.retries} consecutive samples")
 
 
-def create_train_loader(dataset, args: argparse.Namespace, data_cfg: dict[str, Any], device: torch.device,
+def create_train_loader(dataset, args: LoaderOptions, data_cfg: dict[str, Any], device: torch.device,
                         collate_fn=None):
     """timm's training loader; a timm ImageDataset is wrapped so that a skipped unreadable image is named."""
     if isinstance(dataset, ImageDataset):
@@ -111,8 +111,8 @@ def create_train_loader(dataset, args: argparse.Namespace, data_cfg: dict[str, A
         std=data_cfg["std"], num_workers=args.workers, distributed=args.distributed, collate_fn=collate_fn,
         pin_memory=args.pin_mem, device=device, use_prefetcher=not args.no_prefetcher,
         # fresh workers each epoch, seeded from the per-epoch RNG state: a resumed run augments identically
-        persistent_workers=False, train_crop_mode=timm_crop_mode(args))
-    if getattr(args, "train_crop_mode", "rrc") == "src":
+        persistent_workers=False, train_crop_mode=timm_crop_mode(args.train_crop_mode))
+    if args.train_crop_mode == "src":
         loader.dataset.transform = src_crop(loader.dataset.transform, data_cfg["input_size"][-1])
     return loader
 
@@ -156,7 +156,7 @@ class _Shard(torch.utils.data.Dataset):
         return image, label, index
 
 
-def create_eval_loader(dataset, args: argparse.Namespace, data_cfg: dict[str, Any] | Sequence[dict[str, Any]],
+def create_eval_loader(dataset, args: LoaderOptions, data_cfg: dict[str, Any] | Sequence[dict[str, Any]],
                        rank: int = 0, world_size: int = 1, batch_size: int | None = None) -> DataLoader:
     """The evaluation loader: batches (images, labels, sample ids), in order, this rank's disjoint shard; a sample id
     is the image's index in the whole split. With a sequence of

@@ -40,6 +40,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from snnet.core.errors import SNNetError
 from snnet.core.fileio import atomic_path, write_text_atomic
 from snnet.core.progress import Progress
+from snnet.data.options import DataOptions
 
 INFO_FILE = "_info.json"
 SHUFFLE_BUFFER = int(os.environ.get("SNNET_SHARD_SHUFFLE", "1024"))  # samples a training worker mixes
@@ -403,7 +404,7 @@ class TrainStream(IterableDataset):
 
 
 # -------------------------------------------------------------------------------------------- preflight check
-def check_shards(args, need_train: bool, world_size: int, train_names: Sequence[str], val_names: Sequence[str]):
+def check_shards(args: DataOptions, need_train: bool, world_size: int, train_names: Sequence[str], val_names: Sequence[str]):
     """Every shard of the run's splits read as far as its tar headers and class members, before any work: a missing
     or truncated shard, a shard whose samples differ from _info.json, a class index out of range, a sample without
     an image: one line naming the shard. Returns {split name: samples}.

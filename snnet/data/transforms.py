@@ -2,7 +2,6 @@
 image), each anchor's own data config and their grouping."""
 from __future__ import annotations
 
-import argparse
 from typing import Any, Sequence
 
 import torch
@@ -11,9 +10,8 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 
 
-def timm_crop_mode(args: argparse.Namespace) -> str:
+def timm_crop_mode(mode: str) -> str:
     """--train-crop-mode as timm's transform factory takes it ('src' is built on timm's 'rrc': see src_crop)."""
-    mode = getattr(args, "train_crop_mode", "rrc")
     return "rrc" if mode == "src" else mode
 
 

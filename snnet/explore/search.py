@@ -252,7 +252,7 @@ def run_search(args: argparse.Namespace) -> list[Path]:
     sizes = [tuple(c["input_size"][-2:]) for c in run.data_cfgs]  # per anchor: its own input size
     t0 = time.perf_counter()
     flops = network_flops(composed, sizes, run.data_cfgs[0]["input_size"][0])
-    loader = create_eval_loader(run.val, run.data, run.input_cfgs, batch_size=args.batch_size)
+    loader = create_eval_loader(run.val, run.loader, run.input_cfgs, batch_size=args.batch_size)
     cfg_ids = list(range(composed.num_configs))
     metrics = evaluate_stitches(composed, loader, cfg_ids, device)
     t_eval = time.perf_counter() - t0

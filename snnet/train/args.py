@@ -12,12 +12,13 @@ import math
 import os
 import re
 import sys
-from typing import Any, Iterable, Sequence
+from dataclasses import fields
+from typing import Any, Iterable, Sequence, TypeVar
 
-from snnet.core.errors import UsageError
 from snnet.core.config import ARG_DESTS, ConfigError, StitchConfig, load_stitch_config
+from snnet.core.errors import UsageError
 
-
+T = TypeVar("T")
 
 
 def _number(s: str, kind: type):
@@ -609,7 +610,7 @@ def _yaml_entries(path: str) -> list[tuple[str, str, Any]]:
     return [(str(k), str(k).replace("-", "_"), v) for k, v in data.items()]
 
 
-__all__ = ["build_parser", "parse_args", "UsageError", "ConfigError"]
+__all__ = ["build_parser", "parse_args", "options_from", "UsageError", "ConfigError"]
 
 
 class FrozenArgs(argparse.Namespace):
@@ -630,3 +631,19 @@ def freeze(args: argparse.Namespace, **resolved: Any) -> FrozenArgs:
     out = FrozenArgs.__new__(FrozenArgs)
     out.__dict__.update({**vars(args), **resolved})
     return out
+
+
+def options_from(cls: type[T], args: argparse.Namespace, **over: Any) -> T:
+    """A typed option object (a dataclass: `snnet.data.options.DataOptions`, `LoaderOptions`, ...) from train.py's
+    resolved arguments: each field read from the flag of its name (a field train.py has no flag for keeps its
+    default), `over` over them. The one place a namespace becomes options; below the entry points no function takes
+    a namespace."""
+    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = set(over) - names
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
+    values = {n: getattr(args, n) for n in names if hasattr(args, n)}
+    for n in ("scale", "ratio"):  # argparse gives lists (nargs=2), the options hold tuples
+        if isinstance(values.get(n), list):
+            values[n] = tuple(values[n])
+    return cls(**{**values, **over})

@@ -113,7 +113,7 @@ def check_augmentation(args: argparse.Namespace, stitch_cfg: StitchConfig | None
         create_transform(size, is_training=True, auto_augment=args.aa, re_prob=args.reprob, re_mode=args.remode,
                          re_count=args.recount, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
                          vflip=args.vflip, color_jitter=args.color_jitter, interpolation=args.train_interpolation,
-                         train_crop_mode=timm_crop_mode(args))
+                         train_crop_mode=timm_crop_mode(args.train_crop_mode))
     except Exception as e:  # timm asserts on unknown policies and ranges
         from snnet.train.args import UsageError
         reason = " ".join(str(e).split())[:160] or type(e).__name__
@@ -123,11 +123,13 @@ def check_augmentation(args: argparse.Namespace, stitch_cfg: StitchConfig | None
 
 def check_run(args: argparse.Namespace, stitch_cfg: StitchConfig | None, world_size: int) -> None:
     from snnet.data.checks import check_data
+    from snnet.data.options import DataOptions
+    from snnet.train.args import options_from
     from snnet.train.device import device_from_flag
     device_from_flag(args.device)  # a name that is no torch device, or CUDA where there is none
     check_output(output_dir(args))
     check_checkpoints(args, stitch_cfg)
-    check_data(args, need_train=not args.eval, world_size=world_size)
+    check_data(options_from(DataOptions, args), need_train=not args.eval, world_size=world_size)
     check_recipe(args, stitch_cfg, world_size)
 
 
