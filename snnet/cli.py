@@ -244,14 +244,10 @@ def cmd_latency(args: argparse.Namespace) -> int:
 
     from snnet.deploy.export import check_cfg_id
     from snnet.deploy.latency import add_latency, device_name, measure_latency, results_cfg_ids
+    from snnet.train.device import device_from_flag
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise UsageError(f"--device {args.device!r} is not a torch device; use cpu or cuda[:index]") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device!r}: CUDA is not available here; use --device cpu")
+    device = device_from_flag(args.device)  # the one reading of --device
     loaded = _load(args)
     net = loaded.net
     # another SN-Net's, checkpoint's or image size's file: refused now, before measuring

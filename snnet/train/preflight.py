@@ -107,8 +107,8 @@ def check_augmentation(args: argparse.Namespace, stitch_cfg: StitchConfig | None
     from timm.data import create_transform
 
     from snnet.data.transforms import timm_crop_mode
-    from snnet.train.resolve import eval_transform
-    size = eval_transform(args, stitch_cfg)["input_size"]
+    from snnet.train.resolve import eval_data_config
+    size = eval_data_config(args, stitch_cfg)["input_size"]
     try:
         create_transform(size, is_training=True, auto_augment=args.aa, re_prob=args.reprob, re_mode=args.remode,
                          re_count=args.recount, scale=args.scale, ratio=args.ratio, hflip=args.hflip,

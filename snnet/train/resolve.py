@@ -33,8 +33,9 @@ def _pretrained_cfg(name: str) -> dict[str, Any]:
     return cfg.to_dict() if cfg is not None else {}
 
 
-def eval_transform(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> dict[str, Any]:
-    """timm's data config of the run (the largest anchor's defaults under the flags), and the eval resize it means."""
+def eval_data_config(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> dict[str, Any]:
+    """timm's data config of the run (the largest anchor's defaults under the flags), and the eval resize it means
+    (`describe_run`'s eval_transform; the transform itself is `snnet.data.transforms.eval_transform`)."""
     from timm.data import resolve_data_config
     name = stitch_cfg.anchors[-1].name if stitch_cfg is not None else args.model
     cfg = resolve_data_config(vars(args), pretrained_cfg=_pretrained_cfg(name))
@@ -79,7 +80,7 @@ def describe_run(args: argparse.Namespace, stitch_cfg: StitchConfig | None, worl
                                              "1-D params, biases") + ("" if args.snnet_compat else
                                                                       ", the anchors' no_weight_decay names")},
         "schedule": schedule(args, warmup_lr, min_lr),
-        "eval_transform": eval_transform(args, stitch_cfg),
+        "eval_transform": eval_data_config(args, stitch_cfg),
         "teacher": None if args.distillation_type == "none" else {
             "name": args.teacher, "type": args.distillation_type, "alpha": args.distillation_alpha,
             "tau": args.distillation_tau},
