@@ -63,7 +63,8 @@ class PerConfig:
 
 def _config_key(cfg: dict[str, Any]) -> tuple:
     """A hashable form of a data config: (3, 16, 16) and [3, 16, 16] (a JSON pretrained_cfg_overlay) are equal."""
-    norm = lambda v: tuple(norm(e) for e in v) if isinstance(v, (list, tuple)) else v
+    def norm(v: Any) -> Any:
+        return tuple(norm(e) for e in v) if isinstance(v, (list, tuple)) else v
     return tuple(sorted((k, norm(v)) for k, v in cfg.items()))
 
 

@@ -494,7 +494,8 @@ def _coerce_one(action: argparse.Action, value: Any) -> Any:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise argparse.ArgumentTypeError(f"{value!r} is not a single {'number' if action.type else 'value'}")
     # through the text form, so that a file's 2.5 for an integer flag fails exactly as a typed 2.5 does
-    v = (action.type or str)(str(value))
+    convert: Any = action.type or str  # argparse types it as a str or a callable
+    v = convert(str(value))
     if action.choices is not None and v not in action.choices:
         raise argparse.ArgumentTypeError(f"{v!r} is not one of {', '.join(map(repr, action.choices))}")
     return v
