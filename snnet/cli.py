@@ -25,16 +25,14 @@ import re
 import sys
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
+from snnet.core.errors import SNNetError, UsageError, one_line
+from snnet.core.fileio import check_out_dir
 from snnet.results.pareto import cost_key, human, infer_anchors, latency_keys, pareto_report, route_of, save_report
 from snnet.results.records import read_results
 from snnet.results.select import select
-from snnet.core.errors import SNNetError, UsageError, one_line
-from snnet.core.fileio import check_out_dir
-
-
 
 
 class _Parser(argparse.ArgumentParser):

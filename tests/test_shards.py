@@ -16,7 +16,6 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-
 from helpers import FAST, ROOT, ForkedCli, assert_refused, run, run_cli
 
 EVAL_CFG = dict(input_size=(3, 16, 16), interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0,
@@ -110,6 +109,7 @@ def test_stream_evaluation_reads_every_image_exactly_once(demo, workers):
 
 def test_stream_evaluation_equals_the_folder_tensor_for_tensor(demo):
     from timm.data import create_dataset
+
     from snnet.data.loaders import create_eval_loader
     from snnet.data.shards import ShardDataset, find_split
     folder, wds = demo
@@ -126,6 +126,7 @@ def test_stream_evaluation_equals_the_folder_tensor_for_tensor(demo):
 
 def test_ls_init_images_from_shards_are_the_folders(demo):
     from timm.data import create_dataset
+
     from snnet.data.ls_images import clean_images
     from snnet.data.shards import ShardDataset, find_split
     folder, wds = demo

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from helpers import run
+
 from snnet import build_snnet, load_stitch_config, parse_stitch_config
 from snnet.core.config import ConfigError
 
@@ -79,9 +79,10 @@ def test_src_crop_is_deit3_three_augment_crop():
 def test_src_crop_mode_in_train_loader(digits_folder, tiny_config, tmp_path):
     """The training loader of a run with --train-crop-mode src crops as DeiT-III does; such a run trains."""
     from helpers import FAST
-    from snnet.train.args import parse_args
+
     from snnet.data.datasets import create_datasets
     from snnet.data.loaders import create_train_loader
+    from snnet.train.args import parse_args
     args, _ = parse_args([str(digits_folder), "--stitch_config", str(tiny_config), *FAST, "--aa", "3a",
                           "--train-crop-mode", "src"])
     args.distributed = False

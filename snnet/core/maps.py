@@ -31,8 +31,9 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -140,7 +141,7 @@ def all_pairs(n: int) -> list[tuple[int, int]]:
     return [(a, b) for a in range(n) for b in range(n) if a != b]
 
 
-Batch = Union[torch.Tensor, Sequence[torch.Tensor]]
+Batch = torch.Tensor | Sequence[torch.Tensor]
 
 
 def _to(x: Batch, device: torch.device) -> Batch:

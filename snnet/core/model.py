@@ -15,7 +15,8 @@ of tensors of the same images preprocessed several ways, one per *input group*: 
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -277,7 +278,7 @@ class AnchorsNet(RoutedNet):
             p.requires_grad = False
         self.train(self.training)
 
-    def train(self, mode: bool = True) -> "AnchorsNet":
+    def train(self, mode: bool = True) -> AnchorsNet:
         super().train(mode)
         if self.anchors_frozen:
             self.anchors.eval()

@@ -6,7 +6,8 @@ import copy
 import logging
 import re
 import threading
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from timm.data import ImageDataset, create_loader

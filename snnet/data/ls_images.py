@@ -3,7 +3,8 @@ share (no augmentation)."""
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from torch.utils.data import DataLoader, Subset

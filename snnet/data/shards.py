@@ -28,8 +28,8 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -256,13 +256,13 @@ class ShardDataset(Dataset):
     def __getitem__(self, index):
         raise TypeError("shards are streamed, not indexed: use eval_stream, train_stream or subset")
 
-    def subset(self, positions: Sequence[int]) -> "ShardSubset":
+    def subset(self, positions: Sequence[int]) -> ShardSubset:
         return ShardSubset(self.split, positions, self.transform)
 
-    def train_stream(self, rank: int, world_size: int, batch_size: int) -> "TrainStream":
+    def train_stream(self, rank: int, world_size: int, batch_size: int) -> TrainStream:
         return TrainStream(self.split, self.seed, rank, world_size, batch_size, self.transform)
 
-    def eval_stream(self, rank: int, world_size: int, batch_size: int) -> "EvalStream":
+    def eval_stream(self, rank: int, world_size: int, batch_size: int) -> EvalStream:
         return EvalStream(self.split, rank, world_size, batch_size, self.transform)
 
 
@@ -382,7 +382,7 @@ class TrainStream(IterableDataset):
         for shard, a, b in self._segments(lo, hi):
             seen = 0
             path = self.split.files[shard]
-            for pos, key, sample in iter_shard(path, a, b):
+            for _pos, key, sample in iter_shard(path, a, b):
                 seen += 1
                 item = (f"sample {key!r} of shard {path!r}", sample)
                 if len(buf) < max(self.buffer, 1):
@@ -439,7 +439,7 @@ def check_shards(args: DataOptions, need_train: bool, world_size: int, train_nam
                                      f"{INFO_FILE}")
                 continue
             seen = 0
-            for pos, key, sample in iter_shard(path, headers_only=True):
+            for _pos, key, sample in iter_shard(path, headers_only=True):
                 seen += 1
                 where = f"sample {key!r} of {what} shard {path!r}"
                 if _image_ext(sample) is None:

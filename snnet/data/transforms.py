@@ -2,7 +2,8 @@
 image), each anchor's own data config and their grouping."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from timm.data import create_transform, resolve_data_config

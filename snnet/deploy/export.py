@@ -26,17 +26,18 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from snnet.core.errors import SNNetError
 from snnet.core.adapter import Unit, adapter_for
 from snnet.core.build import build_snnet, create_anchor
 from snnet.core.config import AnchorSpec, ConfigError, StitchConfig, load_stitch_config
+from snnet.core.errors import SNNetError
 from snnet.core.layers import stitch_layer_from_spec
 from snnet.core.model import SNNet
 from snnet.core.progress import Progress

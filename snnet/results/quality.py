@@ -21,7 +21,8 @@ Conventions (also in docs/front_quality.md):
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from snnet.results.records import ResultsError, is_number
 
@@ -105,7 +106,7 @@ def area_under_front(points: Sequence[tuple[float, float]], lo: float, hi: float
 def mean_gap(points: Sequence[tuple[float, float]]) -> float:
     ordered = sorted(points, key=lambda p: (p[0], -p[1]))
     gaps, best = [], float("-inf")
-    for x, y in ordered:
+    for _x, y in ordered:
         best = max(best, y)
         gaps.append(best - y)
     return sum(gaps) / len(gaps) if gaps else 0.0

@@ -12,8 +12,9 @@ import math
 import os
 import re
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import fields
-from typing import Any, Iterable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from snnet.core.config import ARG_DESTS, ConfigError, StitchConfig, load_stitch_config
 from snnet.core.errors import UsageError

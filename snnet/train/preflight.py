@@ -13,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from snnet.core.errors import SNNetError, UsageError, one_line
 from snnet.core.config import StitchConfig
+from snnet.core.errors import SNNetError, UsageError, one_line
 
 
 class OutputError(SNNetError):

@@ -145,7 +145,7 @@ def _drop_path(anchor) -> dict[str, Any]:
     """The drop-path rate of each block of an anchor (timm's DropPath modules; 0 where a block has none)."""
     from timm.layers import DropPath
     rates = []
-    for name, m in anchor.named_modules():
+    for _name, m in anchor.named_modules():
         if not any(n.startswith("drop_path") for n, _ in m.named_children()):
             continue
         probs = [c.drop_prob if isinstance(c, DropPath) else 0.0 for n, c in m.named_children()
