@@ -47,6 +47,7 @@ from snnet.core.lstsq import NormalEquations
 from snnet.core.model import ComposedNet
 from snnet.core.plan import Composition, Edge, Segment
 from snnet.core.progress import PROGRESS_SECONDS, Progress
+from snnet.core.steps import unit_step
 
 #: least-squares cutoff: directions of [X|1]ᵀ[X|1] below this fraction of its largest eigenvalue (singular values of
 #: [X|1] below ~1e-5 of the largest) are left out. LayerNorm outputs have channels that sum to zero up to float32
@@ -251,7 +252,7 @@ def _kl_maps(net: ComposedNet, batches, maps: CompatibilityMaps, points, device)
             for edge, stitch in maps.stitches.items():
                 a, i, b, j = edge
                 last = len(net.units[b]) - 1
-                tail = tuple(("unit", b, u) for u in range(j + 1, last + 1))
+                tail = tuple(unit_step(b, u) for u in range(j + 1, last + 1))
                 q = net.run_steps(tail, stitch(feats[(a, i)]))
                 lp = torch.log_softmax(feats[(b, last)].double(), dim=1)
                 lq = torch.log_softmax(q.double(), dim=1)

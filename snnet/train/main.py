@@ -41,6 +41,7 @@ from snnet.core.errors import SNNetError, one_line
 from snnet.core.fileio import write_text_atomic
 from snnet.core.model import RoutedNet
 from snnet.core.progress import RunClock
+from snnet.core.steps import UnitStep
 from snnet.data.checks import DataError
 from snnet.data.datasets import create_datasets, data_source, num_classes_of
 from snnet.data.loaders import create_eval_loader, create_train_loader
@@ -559,7 +560,7 @@ def _continue_epoch(ctx: TrainContext, resume_state: dict | None, accum: int = 1
 def _sampler(net: RoutedNet, run: Run, rank: int):
     spec = run.stitch_cfg.get("sampler") if run.stitch_cfg is not None else None
     # frozen anchors: an anchor's own route has nothing to train, so it is not drawn
-    exclude = [c for c, steps in enumerate(net.routes) if all(s[0] == "unit" for s in steps)] \
+    exclude = [c for c, steps in enumerate(net.routes) if all(isinstance(s, UnitStep) for s in steps)] \
         if run.args.freeze_anchors else []
     train_exclude = run.stitch_cfg.get("train_exclude") or [] if run.stitch_cfg is not None else []
     try:

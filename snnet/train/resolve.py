@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 from snnet.core.config import StitchConfig
+from snnet.core.steps import UnitStep
 from snnet.train.optim import anchor_lr_scale, decays_stitch_biases, epoch_offset, resolve_lrs
 
 
@@ -218,7 +219,7 @@ def describe_network(args: argparse.Namespace, stitch_cfg: StitchConfig | None, 
     if net is None:
         net = meta_network(args, stitch_cfg)
     excluded = sorted(stitch_cfg.get("train_exclude") or [])
-    frozen_anchors = [c for c, steps in enumerate(net.routes) if all(s[0] == "unit" for s in steps)] \
+    frozen_anchors = [c for c, steps in enumerate(net.routes) if all(isinstance(s, UnitStep) for s in steps)] \
         if getattr(args, "freeze_anchors", False) else []
     try:
         ids = train_ids(net.num_configs, excluded) or list(range(net.num_configs))
