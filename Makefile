@@ -4,20 +4,23 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv browser slurm test test-fast demo demo-v2 gpu-check docs docs-blocks clean-venv
+.PHONY: venv browser slurm lint test test-fast demo demo-v2 gpu-check docs docs-blocks clean-venv
 
 venv: $(STAMP)
 
 # requirements-extras.txt: optional experiment logging (--log-tensorboard, --log-wandb), installed so its tests run
 # requirements-browser.txt: the browser driver of tests/test_report.py (Chromium itself: the browser target)
 # requirements-docs.txt: mkdocs, for the documentation site (make docs; its strict build is a test)
-$(STAMP): requirements.txt requirements-extras.txt requirements-browser.txt requirements-docs.txt constraints.txt pyproject.toml
+# requirements-dev.txt: ruff and mypy (make lint, run by make test)
+$(STAMP): requirements.txt requirements-extras.txt requirements-browser.txt requirements-docs.txt \
+		requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --disable-pip-version-check -q --upgrade pip
 	$(BIN)/pip install --disable-pip-version-check -q -r requirements.txt -c constraints.txt pytest pytest-xdist "setuptools>=68"
 	$(BIN)/pip install --disable-pip-version-check -q -r requirements-extras.txt -c constraints.txt
 	$(BIN)/pip install --disable-pip-version-check -q -r requirements-browser.txt -c constraints.txt
 	$(BIN)/pip install --disable-pip-version-check -q -r requirements-docs.txt -c constraints.txt
+	$(BIN)/pip install --disable-pip-version-check -q -r requirements-dev.txt -c constraints.txt
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -68,9 +71,14 @@ slurm:
 		fi; \
 	fi
 
-# every test; the 15 slowest are listed at the end. One OpenMP thread per process: two pytest workers and the
-# processes the tests start share two cores, and torch's idle OpenMP threads spin for CPU the others need.
-test: venv browser slurm
+# ruff (lint rules and import order) and mypy (types), both configured in pyproject.toml; a few seconds
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+# lint, then every test; the 15 slowest are listed at the end. One OpenMP thread per process: two pytest workers and
+# the processes the tests start share two cores, and torch's idle OpenMP threads spin for CPU the others need.
+test: venv browser slurm lint
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs -n 2 --durations=15 tests
 
 # the fast tier: no test over ~6 s, nothing that starts several processes, no browser, no Slurm cluster (markers:

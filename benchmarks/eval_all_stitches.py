@@ -65,6 +65,7 @@ def stitch_config(plan: str = "sliding_window") -> dict:
 
 def build_model(plan: str = "sliding_window"):
     import torch
+
     from snnet import build_snnet, parse_stitch_config
     torch.manual_seed(0)
     cfg = parse_stitch_config(stitch_config(plan))
@@ -75,8 +76,10 @@ def build_model(plan: str = "sliding_window"):
 def loader_for(root: Path, batch: int, workers: int, img: int = IMG, pin_mem: bool = False):
     """train.py's evaluation loader over root/val at `img` px (pinned host memory with `pin_mem`, as on CUDA)."""
     import argparse as ap
+
     from timm.data import create_dataset
-    from snnet.train.data import create_eval_loader
+
+    from snnet.data.loaders import create_eval_loader
     ds = create_dataset("", root=str(root / "val"), split="", search_split=False)
     args = ap.Namespace(validation_batch_size=batch, batch_size=batch, workers=workers, pin_mem=pin_mem)
     data_cfg = {"input_size": (3, img, img), "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
@@ -91,6 +94,7 @@ def time_mode(model, mode: str, loader, ids, device, amp_dtype=None, deadline: f
     activation bytes, and `done`: the stitches evaluated, fewer than `ids` only where SN-Net's way reached
     `deadline` (time.perf_counter() seconds) and stopped (benchmarks/gpu_check.py extrapolates from them)."""
     import torch
+
     from snnet.train.engine import evaluate_stitches
     stats: dict = {}
     cuda = device.type == "cuda"

@@ -153,8 +153,8 @@ def gap_weights(records: list[dict]) -> list[float]:
     """Sampling weight per cfg_id: 1 + (how far the stitch lies below the anchors' mixing line) / (the mean of those
     gaps); 1 for the anchors and for stitches on or above the line."""
     from snnet.results.baselines import mixing_line
-    from snnet.results.quality import line_at
     from snnet.results.pareto import is_anchor
+    from snnet.results.quality import line_at
     line = mixing_line([(r["flops"], r["acc1"]) for r in records if is_anchor(r)])
     gaps = [0.0 if is_anchor(r) else max(0.0, line_at(line, r["flops"]) - r["acc1"])
             for r in sorted(records, key=lambda r: r["cfg_id"])]

@@ -236,6 +236,7 @@ def _digits_subset(data: Path, dest: Path, per_class: tuple[int, int]) -> Path:
 
 def step_distributed(ctx: dict) -> dict:
     import torch
+
     from snnet.demo import COMMON, SNNET_FLAGS, write_digits
     from snnet.results.records import read_results
     from snnet.train.main import main as train_main
@@ -329,6 +330,7 @@ def _train_step_table(ctx: dict, config: str, sets: list[str], label: str) -> di
     the device, fp16 + GradScaler on CUDA; the batch is halved (down to 8) where it does not fit."""
     import torch
     import train_step as ts
+
     from snnet import build_snnet
     size, device = ctx["size"], ctx["device"]
     cuda = device.type == "cuda"
@@ -388,8 +390,9 @@ def step_v2_step(ctx: dict) -> dict:
 
 def _deit_ti_s_b(ctx: dict, reduced: bool):
     """The DeiT-Ti/S/B SN-Net (71 stitches, random weights) at this step's size, on the device."""
-    import torch
     import eval_all_stitches as eas
+    import torch
+
     from snnet import build_snnet, load_stitch_config
     size = ctx["size"]
     torch.manual_seed(0)
@@ -400,8 +403,8 @@ def _deit_ti_s_b(ctx: dict, reduced: bool):
 
 
 def step_eval_all(ctx: dict) -> dict:
-    import torch
     import eval_all_stitches as eas
+    import torch
     size, device = ctx["size"], ctx["device"]
     cuda = device.type == "cuda"
     amp = torch.float16 if cuda else None
@@ -481,6 +484,7 @@ def step_eval_all(ctx: dict) -> dict:
 
 def step_ls_init(ctx: dict) -> dict:
     import torch
+
     from snnet.core.ls_init import ls_init
     size, device = ctx["size"], ctx["device"]
     cuda = device.type == "cuda"

@@ -161,7 +161,7 @@ def plot(result: dict, path: Path) -> None:
     from snnet.core.fileio import save_figure
     fig, axes = plt.subplots(len(result), 3, figsize=(12, 3.6 * len(result)), dpi=120, squeeze=False)
     for row, (pair, r) in zip(axes, result.items()):
-        for ax, (name, (key, sign)) in zip(row, SCORES.items()):
+        for ax, (name, (key, _sign)) in zip(row, SCORES.items()):
             ok = [p for p in r["positions"] if p[name] is not None]
             ax.scatter([p[name] for p in ok], [p["acc1_mean"] for p in ok], label="trained", s=18)
             ax.scatter([p[name] for p in ok], [p["init_acc1_mean"] for p in ok], label="LS init", s=18, marker="x")
@@ -188,8 +188,8 @@ def main(argv=None) -> int:
     bad = [x for x, pr in zip(args.pairs, pairs) if len(pr) != 2 or not set(pr) <= set(ANCHORS)]
     if bad:
         sys.exit(f"--pairs {bad}: write FRONT-END with labels {', '.join(ANCHORS)}, e.g. w16-w64")
-    from snnet.demo import write_digits
     from snnet.core.fileio import write_text_atomic
+    from snnet.demo import write_digits
     work, results = Path(args.work), Path(args.results)
     work.mkdir(parents=True, exist_ok=True)
     results.mkdir(parents=True, exist_ok=True)

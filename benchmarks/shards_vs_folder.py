@@ -58,12 +58,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     opts = p.parse_args()
     import torch
+    from eval_all_stitches import make_folder
     from timm.data import create_dataset
 
-    from eval_all_stitches import make_folder
-    from snnet.train.data import create_eval_loader, create_train_loader
-    from snnet.train.data import write_folder_shards
-    from snnet.train.streams import ShardDataset, find_split
+    from snnet.data.datasets import write_folder_shards
+    from snnet.data.loaders import create_eval_loader, create_train_loader
+    from snnet.data.shards import ShardDataset, find_split
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_folder(Path(tmp) / "folder", opts.images, size=opts.size)

@@ -151,8 +151,8 @@ def main() -> None:
     extra = (", reduced" if args.reduced else "") + extra
     print(f"{args.config}{extra}, {net.num_configs} routes, batch {args.batch}, {args.img_size}px, "
           f"{torch.get_num_threads()} threads, {args.reps} reps (median), interleaved")
-    print(f"| cfg_id | route | SN-Net step (s) | standalone step (s) | ratio |")
-    print(f"|---:|---|---:|---:|---:|")
+    print("| cfg_id | route | SN-Net step (s) | standalone step (s) | ratio |")
+    print("|---:|---|---:|---:|---:|")
     ratios = []
     for cfg_id in picks:
         m = measure_stitch(net, cfg_id, x, y, args.reps)

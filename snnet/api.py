@@ -16,8 +16,9 @@ Switching stitches needs no function: ``net(x, cfg_id)`` runs stitch `cfg_id` on
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from timm.data import create_dataset, resolve_data_config
@@ -28,10 +29,11 @@ from snnet.core.cost import cost_table
 from snnet.core.errors import SNNetError
 from snnet.core.ls_init import FitReport, ls_init
 from snnet.core.model import SNNet
+from snnet.data.ls_images import clean_images
+from snnet.data.transforms import eval_transform
 from snnet.deploy.export import export_stitch, load_snnet
 from snnet.results.records import stitch_record, write_results
 from snnet.results.select import model_img_size, stitch_for
-from snnet.train.data import clean_images, eval_transform
 from snnet.train.engine import evaluate_stitches
 
 __all__ = ["create_snnet", "ls_init_from_images", "evaluate", "stitch_for", "load", "export", "data_config"]
@@ -47,7 +49,7 @@ def _config(config: str | os.PathLike | dict | StitchConfig) -> StitchConfig:
     if isinstance(config, dict):
         return parse_stitch_config(config, "stitch config (dict)")
     if isinstance(config, (str, os.PathLike)):
-        return load_stitch_config(config)
+        return load_stitch_config(Path(config))
     raise ApiError(f"config {config!r} is not a stitch config; pass a JSON file path, a dict or a StitchConfig")
 
 

@@ -26,16 +26,14 @@ import re
 import sys
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
+from snnet.core.errors import SNNetError, UsageError, one_line
+from snnet.core.fileio import check_out_dir
 from snnet.results.pareto import cost_key, human, infer_anchors, latency_keys, pareto_report, route_of, save_report
 from snnet.results.records import read_results
 from snnet.results.select import select
-from snnet.core.errors import SNNetError, UsageError, one_line
-from snnet.core.fileio import check_out_dir
-
-
 
 
 class _Parser(argparse.ArgumentParser):
@@ -245,14 +243,10 @@ def cmd_latency(args: argparse.Namespace) -> int:
 
     from snnet.deploy.export import check_cfg_id
     from snnet.deploy.latency import add_latency, device_name, measure_latency, results_cfg_ids
+    from snnet.train.device import device_from_flag
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise UsageError(f"--device {args.device!r} is not a torch device; use cpu or cuda[:index]") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device!r}: CUDA is not available here; use --device cpu")
+    device = device_from_flag(args.device)  # the one reading of --device
     loaded = _load(args)
     net = loaded.net
     # another SN-Net's, checkpoint's or image size's file: refused now, before measuring
@@ -534,7 +528,7 @@ def _similarity_parsers(sub) -> None:
 
 
 def cmd_shards(args: argparse.Namespace) -> int:
-    from snnet.train.data import write_folder_shards
+    from snnet.data.datasets import write_folder_shards
     check_out_dir(args.out)
     info = write_folder_shards(args.folder, args.out, args.shard_size, args.name)
     for name, split in info["splits"].items():

@@ -27,7 +27,7 @@ tensor changes. Indices depend on the depths: pass them for LeViT variants other
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

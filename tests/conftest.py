@@ -9,10 +9,8 @@ import json
 import os
 
 import numpy as np
-
 import pytest
 import torch
-
 from helpers import TINY, Tiny
 
 # Intra-op threads for the test process (SNNET_TEST_THREADS, default 1): most test tensors are small, and on a 2-core

@@ -161,7 +161,7 @@ def test_each_anchor_scores_as_it_does_alone_with_its_own_data_config(searched, 
 def random_anchors():
     """The two anchors with random weights (seeded), their adapters and per-anchor preprocessing."""
     from snnet.core.adapter import adapter_for
-    from snnet.train.data import anchor_data_configs
+    from snnet.data.transforms import anchor_data_configs
     models = []
     for i, spec in enumerate((RESNET, VIT)):
         torch.manual_seed(10 + i)
@@ -173,7 +173,7 @@ def random_anchors():
 
 
 def test_equal_data_configs_share_one_input(random_anchors):
-    from snnet.train.data import anchor_data_configs, group_data_configs
+    from snnet.data.transforms import anchor_data_configs, group_data_configs
     models, _, _, (per_anchor, distinct, group) = random_anchors
     assert tuple(per_anchor[1]["mean"]) == (0.5, 0.5, 0.5) != tuple(per_anchor[0]["mean"])
     assert group == [0, 1] and distinct == per_anchor

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 import yaml
+from helpers import vit
 
 import snnet
-from helpers import vit
 from snnet.core.adapter import AnchorError
 from snnet.core.checkpoint import save_checkpoint
 from snnet.results.select import model_img_size

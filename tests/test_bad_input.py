@@ -94,6 +94,7 @@ def test_cfg_id_out_of_range():
 def test_local_anchor_checkpoint(tmp_path):
     import torch
     from safetensors.torch import save_file
+
     from snnet import create_anchor
     from snnet.core.config import AnchorSpec
     src = vit("deit_tiny_patch16_224")

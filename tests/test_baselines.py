@@ -7,14 +7,21 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import FAST, assert_refused, run, run_cli
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import FAST, assert_refused, run, run_cli
 from snnet.results.baselines import baselines, cascade_settings, mixing_line, network_cascade, score_setting
-from snnet.results.quality import line_at, pareto_front
-from snnet.results.predictions import (Predictions, build, check_against, merge, predictions_path,
-                                       read_predictions, record_sha256, write_predictions)
-from snnet.results.quality import hypervolume, hypervolume_line
+from snnet.results.predictions import (
+    Predictions,
+    build,
+    check_against,
+    merge,
+    predictions_path,
+    read_predictions,
+    record_sha256,
+    write_predictions,
+)
+from snnet.results.quality import hypervolume, hypervolume_line, line_at, pareto_front
 from snnet.results.records import ResultsError, write_results
 
 STAMP = {"checkpoint_sha256": "c" * 64, "config_sha256": "f" * 64}
@@ -219,9 +226,10 @@ def test_pareto_baselines_refusals(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------------------ evaluation
 def test_evaluation_records_the_chosen_stitches_per_image(digits_images):
+    from helpers import vit
+
     from snnet import build_snnet, parse_stitch_config
     from snnet.train.engine import PerImage, evaluate_stitches
-    from helpers import vit
     torch.manual_seed(0)
     net = build_snnet(parse_stitch_config({"anchors": [vit(8), vit(16)]}), pretrained=False, num_classes=10,
                       img_size=16).eval()

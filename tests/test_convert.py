@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import FAST, run
+
 from snnet import build_snnet, load_stitch_config
 
 PWNED = Path("/tmp/snnet_pwned_marker_convert")

@@ -11,9 +11,8 @@ import socket
 
 import pytest
 import torch
-from torch import nn
-
 from helpers import FAST, vit
+from torch import nn
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (make gpu-check)")]
@@ -51,6 +50,7 @@ def digits_batches(digits_images, n=4, batch=32, img=IMG):
 def train_epochs(net, batches, amp_dtype, epochs=8, cfg_id=None, scaler=True, **ctx_kw):
     """Epochs of engine.train_one_epoch on `batches` (one stitch, or the sampler's draw); the mean losses."""
     from timm.utils import NativeScaler
+
     from snnet.train.engine import TrainContext, train_one_epoch
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=5e-3)
     loss_scaler = NativeScaler(device="cuda") if scaler and amp_dtype == torch.float16 else None
@@ -192,8 +192,9 @@ def test_engine_reductions_run_under_nccl(nccl_group, digits_images, monkeypatch
 def test_pinned_memory_loaders(digits_folder, tiny_config):
     """--pin-mem: the training loader (timm's, with the prefetcher: batches arrive on the device, normalised) and
     the evaluation loader (batches in pinned host memory, copied with non_blocking)."""
+    from snnet.data.datasets import create_datasets
+    from snnet.data.loaders import create_eval_loader, create_train_loader
     from snnet.train.args import parse_args
-    from snnet.train.data import create_datasets, create_eval_loader, create_train_loader
     args, _ = parse_args([str(digits_folder), "--stitch_config", str(tiny_config), *FAST, "--pin-mem", "-j", "2"])
     args.distributed = False
     train, val = create_datasets(args, need_train=True)
@@ -240,6 +241,7 @@ def test_ls_init_of_a_cuda_network_as_train_py_runs_it(digits_folder):
     """train.py fits the stitching layers after moving the network to the device (main._prepare, then
     main.ls_initialise on clean_images' batches): the fit must run there and change the layers."""
     from timm.data import create_dataset
+
     from snnet.core.config import parse_stitch_config
     from snnet.train.main import Run, ls_initialise
     raw = {"anchors": [vit(8), vit(16)], "skip_final_norm": False, "stitch_init_bs": 32}

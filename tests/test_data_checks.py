@@ -10,7 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from snnet.train.data import DataError, check_data, clean_images, create_train_loader, scan_image_folder
+from snnet.data.checks import DataError, check_data, scan_image_folder
+from snnet.data.loaders import create_train_loader
+from snnet.data.ls_images import clean_images
 
 
 def make_split(root, split, classes, per_class=3, ext=".png", start=0):
@@ -159,8 +161,9 @@ def test_clean_images_reports_the_true_count(tmp_path):
 
 @pytest.mark.parametrize("ext", [".png", ".jpg"])
 def test_truncated_training_image_is_named(tmp_path, caplog, ext):
-    from snnet.train.args import parse_args
     from timm.data import create_dataset
+
+    from snnet.train.args import parse_args
     train = make_split(tmp_path, "train", range(2), per_class=4, ext=ext)
     victim = sorted(train.rglob(f"*{ext}"))[2]
     data = victim.read_bytes()

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from helpers import IMG, assert_refused, run_cli, vit
 
 from snnet.core.build import build_snnet
 from snnet.core.checkpoint import save_checkpoint
@@ -11,7 +12,6 @@ from snnet.core.config import parse_stitch_config
 from snnet.deploy.export import count_params, export_stitch, load_exported, load_snnet, stitched_network
 from snnet.results.records import read_results
 from snnet.results.select import model_img_size
-from helpers import IMG, assert_refused, run_cli, vit
 
 
 # --------------------------------------------------------------------------------------------------- export

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import FAST, ROOT, run, run_cli
 
 from snnet.core.errors import SNNetError

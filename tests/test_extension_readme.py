@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import TINY
+
 from snnet import build_snnet, parse_stitch_config
 from snnet.core.checkpoint import save_checkpoint
 from snnet.core.cost import measure, trace_route_flops
-from snnet.deploy.export import export_stitch, load_exported, load_snnet
 from snnet.core.ls_init import ls_init, stitch_errors
+from snnet.deploy.export import export_stitch, load_exported, load_snnet
 from snnet.train.sampler import create_sampler
 
 README = Path(__file__).resolve().parent.parent / "snnet" / "README.md"

@@ -3,8 +3,8 @@ import sys
 
 import pytest
 import torch
-
 from helpers import FAST, run
+
 from snnet import build_snnet, parse_stitch_config
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import FAST, TINY, ForkedCli
 
 PWNED = Path("/tmp/snnet_pwned_marker")
@@ -78,8 +77,8 @@ def world(tmp_path_factory, digits_folder, tiny_config):
     (w / "dup.yaml").write_text("epochs: 3\nepochs: 4\n")
     (w / "nan.yaml").write_text("lr: .nan\n")
     (w / "bad_reprob.json").write_text(json.dumps({"anchors": TINY, "recipe": {"reprob": 2}}))
-    from PIL import Image
     import numpy as np
+    from PIL import Image
     shutil.copytree(digits_folder, w / "hidden")  # a Jupyter checkpoint folder with an image: timm makes it a class
     (w / "hidden" / "train" / ".ipynb_checkpoints").mkdir()
     shutil.copy(sorted((w / "hidden" / "train" / "0").glob("*.png"))[0], w / "hidden" / "train" / ".ipynb_checkpoints")

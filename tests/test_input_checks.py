@@ -8,8 +8,8 @@ import logging
 
 import pytest
 import torch
-
 from helpers import run_cli
+
 from snnet.results.records import ResultsError, read_results
 
 

@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "snnet"
 #: lower layers first; a module may import its own layer and any layer before it
-LAYERS = ("core", "results", "train", "deploy", "explore", "serve")
+LAYERS = ("core", "data", "results", "train", "deploy", "explore", "serve")
 #: layers side by side that must not import each other though the order above would allow it (serve sits beside
 #: deploy: it may import core, results, train and deploy, not explore)
 APART = {("serve", "explore")}

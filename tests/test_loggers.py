@@ -10,10 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import FAST, ROOT, run
 
 from snnet.train.args import UsageError
-
-from helpers import FAST, ROOT, run
 
 PY = sys.executable
 PANEL = [f"top1@{c}" for c in range(12)]  # --val-stitches all: the tiny SN-Net's 12 stitches

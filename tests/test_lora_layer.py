@@ -5,14 +5,14 @@ import sys
 
 import pytest
 import torch
-
 from helpers import FAST, TINY, run
+
 from snnet import build_snnet, parse_stitch_config
 from snnet.core.adapter import NCHW, NHWC, TOKENS
 from snnet.core.checkpoint import save_checkpoint
-from snnet.deploy.export import count_params, export_stitch, load_exported, load_snnet, stitched_network
 from snnet.core.layers import StitchingLayer, create_stitch_layer, stitch_layer_from_spec
 from snnet.core.ls_init import ls_init
+from snnet.deploy.export import count_params, export_stitch, load_exported, load_snnet, stitched_network
 
 RANK = 4
 VALUES = {"anchors": TINY, "skip_final_norm": False, "stitch_layer": {"type": "lora", "rank": RANK}}
@@ -45,7 +45,7 @@ def train_steps(net, steps=6, lr=1e-2):
     opt = torch.optim.AdamW([p for p in net.stitch_layers.parameters() if p.requires_grad], lr=lr, weight_decay=0.05)
     g = torch.Generator().manual_seed(1)
     net.train()
-    for step in range(steps):
+    for _step in range(steps):
         for c in stitched(net):
             x, y = torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g)
             opt.zero_grad()

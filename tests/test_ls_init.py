@@ -1,6 +1,5 @@
 """Least-squares init: exact against a direct solve, better than SN-Net's averaging, eval mode, DDP-consistent."""
 import copy
-import os
 import shutil
 import statistics
 import sys
@@ -9,12 +8,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import FAST, run  # noqa: E402
 
 from snnet import build_snnet, parse_stitch_config
 from snnet.core.layers import to_rows
 from snnet.core.ls_init import ls_init, stitch_errors
-
-from helpers import FAST, run  # noqa: E402
 
 SMALL = dict(img_size=32, patch_size=8)
 

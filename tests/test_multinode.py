@@ -18,7 +18,6 @@ import time
 import uuid
 
 import pytest
-
 from helpers import FAST, ROOT, run
 from test_resume import assert_identical
 

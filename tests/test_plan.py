@@ -1,8 +1,14 @@
 """Stitch plans: SN-Net's cfg_id order and counts (docs/snnet_compat.md, C1-C5), pure data."""
 import pytest
 
-from snnet.core.plan import (PlanError, anchor_combinations, deit_plan, paired_positions, stagewise_plan,
-                        unpaired_positions)
+from snnet.core.plan import (
+    PlanError,
+    anchor_combinations,
+    deit_plan,
+    paired_positions,
+    stagewise_plan,
+    unpaired_positions,
+)
 
 
 def test_paired_all_pairs_deit_windows():

@@ -6,8 +6,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from helpers import FAST, TINY, run
+
 from snnet.core.config import ConfigError, load_stitch_config, parse_stitch_config
 from snnet.core.plan import PlanError, Stitch, positions_plan
 
@@ -101,8 +101,8 @@ def test_position_is_the_map_edge_the_snnet_stitch_maps(three_anchors):
 @pytest.mark.parametrize("score,key,best", [("kl", "kl", np.argmin), ("ls", "ls_residual", np.argmin),
                                             ("cka", "cka", np.argmax)])
 def test_select_picks_the_best_positions_of_the_map(three_anchors, score, key, best):
-    from snnet.train.positions import select_positions
     from snnet.core.maps import compatibility_maps
+    from snnet.train.positions import select_positions
     net, anchors, batches = three_anchors
     maps = compatibility_maps(anchors, batches, pairs=[(0, 1), (1, 2)])
     for per_pair in (1, 3):
@@ -139,13 +139,14 @@ def test_selected_plan_is_written_and_rebuilds_the_same_network(digits_folder, t
     """train.py with "select": kl writes stitch_plan.json (explicit pairs); --eval --resume from that file evaluates
     the same network (same results), and a network built from it has the same state-dict keys and logits as one
     built by selecting again."""
+    import timm
+
     from snnet import build_snnet
     from snnet.core.build import create_anchors, snnet_from_anchors
-    from snnet.train.args import parse_args
     from snnet.core.checkpoint import load_checkpoint
-    from snnet.train.positions import PLAN_FILE, Selection
     from snnet.explore.similarity import open_data
-    import timm
+    from snnet.train.args import parse_args
+    from snnet.train.positions import PLAN_FILE, Selection
     anchors = []
     for n, a in enumerate(THREE):  # anchors with weights of their own (as pretrained ones): every build sees them
         torch.manual_seed(10 + n)

@@ -9,11 +9,10 @@ import sys
 import types
 
 import pytest
+from helpers import FAST, ROOT
 
 from snnet.core import progress
 from snnet.core.progress import Progress, RunClock
-
-from helpers import FAST, ROOT
 
 PY = sys.executable
 

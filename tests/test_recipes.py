@@ -6,15 +6,14 @@ official file and line of each value). `train.py --dry-run` resolves a run witho
 so the whole recipe, the network included, is checked here as a user would see it.
 """
 import csv
-import json
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-
 from helpers import FAST, run
+
 from snnet.train.losses import DistillationLoss
 from snnet.train.main import main
 
@@ -205,9 +204,10 @@ def test_hard_distillation_equals_deits_formula(batch):
 
 # ------------------------------------------------------------------------------------------- SN-Net's accidents (C35)
 def test_snnet_compat_decays_the_anchors_no_weight_decay_params():
+    from helpers import TINY
+
     from snnet import build_snnet, parse_stitch_config
     from snnet.train.optim import param_groups
-    from helpers import TINY
     net = build_snnet(parse_stitch_config({"anchors": TINY}), pretrained=False, num_classes=10, img_size=16)
     cls = net.anchors[0].cls_token
     in_group = lambda groups: next(g["weight_decay"] for g in groups if any(p is cls for p in g["params"]))

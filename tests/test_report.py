@@ -23,11 +23,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from snnet.results.pareto import eval_subtitle, pareto_front, plot_series  # noqa: E402
-from snnet.core.plan import deit_plan, stagewise_plan, two_way_plan  # noqa: E402
-from snnet.results.report import parse_route, report_data  # noqa: E402
-from snnet.results.records import read_results  # noqa: E402
 from helpers import run_cli  # noqa: E402
+
+from snnet.core.plan import deit_plan, stagewise_plan, two_way_plan  # noqa: E402
+from snnet.results.pareto import eval_subtitle, pareto_front, plot_series  # noqa: E402
+from snnet.results.records import read_results  # noqa: E402
+from snnet.results.report import parse_route, report_data  # noqa: E402
 
 DEMO = ROOT / "results" / "demo" / "stitches_res.txt"
 DEMO_V2 = [ROOT / "results" / "demo_v2" / v / "stitches_res.txt" for v in ("v1", "v2")]

@@ -5,7 +5,6 @@ import sys
 
 import pytest
 import torch
-
 from helpers import FAST, run
 
 # everything that draws random numbers: shuffling, loader workers, random erasing, mixup, drop-path, stitch sampling

@@ -7,7 +7,6 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-
 from helpers import FAST, TINY, run
 from test_resume import assert_identical, final_state
 

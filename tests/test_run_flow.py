@@ -5,7 +5,6 @@ import argparse
 
 import pytest
 import yaml
-
 from helpers import FAST
 
 
@@ -91,7 +90,6 @@ def test_an_evaluation_is_never_taken_for_other_anchor_weights(digits_folder, tm
 
     import timm
     import torch
-
     from helpers import ROOT, TINY
     anchors = []
     for n, a in enumerate(TINY):

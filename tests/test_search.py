@@ -15,13 +15,13 @@ from snnet.core.build import create_anchor
 from snnet.core.checkpoint import save_checkpoint
 from snnet.core.config import AnchorSpec
 from snnet.core.cost import trace_route_flops
-from snnet.core.model import ComposedNet
-from snnet.core.plan import Composition, Segment
-from snnet.results.records import read_results
-from snnet.explore.search import SearchOptions, beam_search
 from snnet.core.cut import CutStitch, cut_points
 from snnet.core.maps import CompatibilityMaps
-from snnet.explore.similarity import open_data, calibration_batches
+from snnet.core.model import ComposedNet
+from snnet.core.plan import Composition, Segment
+from snnet.explore.search import SearchOptions, beam_search
+from snnet.explore.similarity import calibration_batches, open_data
+from snnet.results.records import read_results
 
 
 # ------------------------------------------------------------------------------------------------ synthetic maps

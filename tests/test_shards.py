@@ -16,7 +16,6 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-
 from helpers import FAST, ROOT, ForkedCli, assert_refused, run, run_cli
 
 EVAL_CFG = dict(input_size=(3, 16, 16), interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0,
@@ -88,8 +87,8 @@ def eval_args(workers, batch=16):
 def test_stream_evaluation_reads_every_image_exactly_once(demo, workers):
     """Any number of ranks (7 > the 4 validation shards) and loader workers: the ranks' batches hold every image
     once, with the folder's label for its id, and len(loader) is the number of batches."""
-    from snnet.train.data import create_eval_loader
-    from snnet.train.streams import ShardDataset, find_split
+    from snnet.data.loaders import create_eval_loader
+    from snnet.data.shards import ShardDataset, find_split
     folder, wds = demo
     labels = [label for _, label in folder_samples(folder / "val")]
     ds = ShardDataset(find_split(str(wds), "validation", ("val",)))
@@ -110,8 +109,9 @@ def test_stream_evaluation_reads_every_image_exactly_once(demo, workers):
 
 def test_stream_evaluation_equals_the_folder_tensor_for_tensor(demo):
     from timm.data import create_dataset
-    from snnet.train.data import create_eval_loader
-    from snnet.train.streams import ShardDataset, find_split
+
+    from snnet.data.loaders import create_eval_loader
+    from snnet.data.shards import ShardDataset, find_split
     folder, wds = demo
     fds = create_dataset("", root=str(folder / "val"), split="", search_split=False, is_training=False)
     sds = ShardDataset(find_split(str(wds), "val"))
@@ -126,8 +126,9 @@ def test_stream_evaluation_equals_the_folder_tensor_for_tensor(demo):
 
 def test_ls_init_images_from_shards_are_the_folders(demo):
     from timm.data import create_dataset
-    from snnet.train.data import clean_images
-    from snnet.train.streams import ShardDataset, find_split
+
+    from snnet.data.ls_images import clean_images
+    from snnet.data.shards import ShardDataset, find_split
     folder, wds = demo
     fds = create_dataset("", root=str(folder / "train"), split="", search_split=False, is_training=True)
     sds = ShardDataset(find_split(str(wds), "train"))
@@ -142,7 +143,7 @@ def keys(stream, workers=1):
 
 
 def test_training_stream_is_a_function_of_seed_and_epoch(demo):
-    from snnet.train.streams import TrainStream, find_split
+    from snnet.data.shards import TrainStream, find_split
     _, wds = demo
     split = find_split(str(wds), "train")
     streams = [TrainStream(split, seed=5, rank=r, world_size=2, batch_size=16, buffer=64) for r in (0, 1)]

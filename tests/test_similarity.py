@@ -6,16 +6,15 @@ import math
 import re
 
 import pytest
-
-from helpers import run_cli
 import torch
+from helpers import run_cli
 
 from snnet.core.cka import MinibatchCKA, gram, hsic_unbiased, linear_cka, minibatch_cka
 from snnet.core.config import parse_stitch_config
-from snnet.core.plan import Composition, Segment
-from snnet.core.model import ComposedNet
 from snnet.core.cut import CutStitch, why_not_stitchable
 from snnet.core.maps import compatibility_maps
+from snnet.core.model import ComposedNet
+from snnet.core.plan import Composition, Segment
 from snnet.explore.similarity import build_anchors
 
 VIT = {"name": "deit_tiny_patch16_224", "model_kwargs": {"patch_size": 4, "depth": 2, "embed_dim": 16,
@@ -253,6 +252,7 @@ def test_similarity_command_writes_the_maps(digits_folder, tmp_path, capsys):
 def test_heatmap_numbers_and_one_colour_scale():
     """0.00 never stands for a small KL, and every panel of a score shares one scale (the largest over pairs)."""
     import numpy as np
+
     from snnet.explore.similarity import _scale, number
     assert [number(v) for v in (0.0, 0.5, 1.234e-4, -3e-5, 12.5)] == ["0.00", "0.50", "1.2e-4", "-3.0e-5", "12.50"]
     small, large = np.array([[1e-4, np.nan], [2e-4, 3e-4]]), np.array([[0.5, 0.8]])

@@ -11,7 +11,6 @@ import time
 
 import pytest
 import torch
-
 from helpers import FAST, ROOT
 from slurm_cluster import LocalCluster, why_not
 
@@ -133,6 +132,7 @@ def test_sweep_runs_as_a_job_array_skips_finished_runs_and_merges(cluster, digit
     """4 runs + 2 anchor evaluations = 6 array tasks; the last one writes stitches_res.txt. Deleting one run's
     result.json and submitting again sends that run alone; --merge rewrites the results from the finished runs."""
     import yaml
+
     from snnet.results.records import read_results
     out = tmp_path / "sweep"
     sweep = tmp_path / "sweep.yaml"

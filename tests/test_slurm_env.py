@@ -4,8 +4,8 @@ on a real cluster in tests/test_slurm.py)."""
 import subprocess
 
 import pytest
-
 from helpers import ROOT, assert_refused, run_cli
+
 from snnet.core import slurm
 
 TASK = {"SLURM_JOB_ID": "1234", "SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_NTASKS": "4",

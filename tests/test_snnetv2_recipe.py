@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from helpers import run
+
 from snnet import build_snnet, load_stitch_config, parse_stitch_config
 from snnet.core.config import ConfigError
 
@@ -57,7 +57,7 @@ def test_src_crop_is_deit3_three_augment_crop():
     from timm.data import create_transform
     from torchvision import transforms as T
 
-    from snnet.train.data import src_crop
+    from snnet.data.transforms import src_crop
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8))
     tf = src_crop(create_transform(24, is_training=True, auto_augment="3a", interpolation="bicubic", hflip=0.0,
                                    color_jitter=0.0), 24)
@@ -79,8 +79,10 @@ def test_src_crop_is_deit3_three_augment_crop():
 def test_src_crop_mode_in_train_loader(digits_folder, tiny_config, tmp_path):
     """The training loader of a run with --train-crop-mode src crops as DeiT-III does; such a run trains."""
     from helpers import FAST
+
+    from snnet.data.datasets import create_datasets
+    from snnet.data.loaders import create_train_loader
     from snnet.train.args import parse_args
-    from snnet.train.data import create_datasets, create_train_loader
     args, _ = parse_args([str(digits_folder), "--stitch_config", str(tiny_config), *FAST, "--aa", "3a",
                           "--train-crop-mode", "src"])
     args.distributed = False

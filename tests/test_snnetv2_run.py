@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from helpers import TINY
+
 from snnet import build_snnet, parse_stitch_config
 from snnet.core.config import ConfigError
 from snnet.train.sampler import create_sampler, flops_groups, train_ids

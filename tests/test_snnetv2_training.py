@@ -17,8 +17,8 @@ import torch
 
 from snnet import build_snnet, load_stitch_config
 from snnet.core.cost import cost_table
-from snnet.demo import V2_CONFIGS, demo_anchors, stitch_config_for, write_digits
 from snnet.core.plan import deit_plan, two_way_plan
+from snnet.demo import V2_CONFIGS, demo_anchors, stitch_config_for, write_digits
 from snnet.results.records import read_results
 from snnet.train.sampler import BucketSampler, flops_groups
 

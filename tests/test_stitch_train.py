@@ -13,7 +13,6 @@ from contextlib import redirect_stderr, redirect_stdout
 import pytest
 import torch
 import yaml
-
 from helpers import run as run_cmd
 
 VIT = {"name": "deit_tiny_patch16_224", "model_kwargs": {"patch_size": 4, "depth": 3, "num_heads": 2}}
@@ -301,8 +300,8 @@ def test_lowrank_reports_the_error_of_its_own_rank_r_map(anchors, digits_folder,
     a truncated SVD of the least-squares map, so its error is its own and above the full-rank linear layer's; the
     number equals the error measured by running the fitted stitch, and is what result.json and the trajectory
     record."""
+    from snnet.data.ls_images import clean_images
     from snnet.explore.stitch_train import fit_stitch, load_sweep, prepare, run_sweep
-    from snnet.train.data import clean_images
     out = tmp_path / "sweep"
     layers = ["linear", {"type": "lowrank", "rank": 1}, {"type": "lowrank", "rank": 2}]
     path = write_sweep(tmp_path / "s.yaml", {"v8": anchors["v8"], "v16": anchors["v16"]}, digits_folder, out,

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch
-
 from helpers import FAST, run
+
 from snnet import build_snnet, parse_stitch_config
 from snnet.train.args import UsageError, parse_args
 from snnet.train.optim import param_groups

@@ -1,17 +1,15 @@
 """train.py / distributed_train.sh end to end: CLI, sampler, a real 2-process gloo run, evaluation resume, bad input."""
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import timm
 import torch
-import pytest
 
-from snnet.train.args import UsageError, parse_args
 from snnet.core.config import ConfigError
+from snnet.train.args import UsageError, parse_args
 from snnet.train.sampler import StitchSampler
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -161,8 +159,8 @@ def test_every_flag_has_help_showing_its_default():
 
 def test_stitch_config_fields_map_to_flags():
     """config.FIELDS is the one table; SN-Net's field names keep their flags."""
-    from snnet.train.args import build_parser
     from snnet.core.config import ARG_DESTS
+    from snnet.train.args import build_parser
     assert {k: ARG_DESTS[k] for k in ("lr", "input_size", "data_path", "data_set", "exp_name", "num_workers",
                                       "teacher_model", "batch_size", "warmup_lr", "min_lr", "epochs")} == {
         "lr": "lr_base", "input_size": "img_size", "data_path": "data", "data_set": "dataset",
@@ -314,7 +312,8 @@ def test_cnn_seed_command_runs_on_two_cpu_processes(tmp_path_factory, tmp_path):
 def test_demo_config_follows_the_work_folder(tmp_path):
     """make demo uses configs/demo_digits.json as is; another --work stitches the anchors trained there."""
     from snnet import load_stitch_config
-    from snnet.demo import CONFIG, ROOT as DEMO_ROOT, stitch_config_for
+    from snnet.demo import CONFIG, stitch_config_for
+    from snnet.demo import ROOT as DEMO_ROOT
     assert stitch_config_for(DEMO_ROOT / "output" / "demo") == CONFIG
     cfg = load_stitch_config(stitch_config_for(tmp_path))
     assert [a.checkpoint for a in cfg.anchors] == [str(tmp_path.resolve() / n / "last.pth.tar")

@@ -8,9 +8,9 @@ Adding a timm family is a subclass of `AnchorAdapter` (see snnet/README.md) regi
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Sequence
 
 import torch
 from torch import nn

@@ -22,7 +22,7 @@ an all-pairs map costs one n x n Gram matrix per feature set per batch, not one 
 from __future__ import annotations
 
 import math
-from typing import Hashable, Iterable
+from collections.abc import Hashable, Iterable
 
 import torch
 
@@ -72,7 +72,7 @@ class _HsicTerms:
         self.rows = self.Kt.sum(1)
         self.total = self.rows.sum()
 
-    def hsic(self, other: "_HsicTerms") -> torch.Tensor:
+    def hsic(self, other: _HsicTerms) -> torch.Tensor:
         n = self.n
         trace = (self.Kt * other.Kt).sum()
         return (trace + self.total * other.total / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (self.rows @ other.rows)) \

@@ -97,7 +97,7 @@ class StitchConfig:
     values: dict[str, Any] = field(default_factory=dict)  # every other field given in the file
     path: str | None = None
 
-    def with_model_kwargs(self, overrides: dict[str, Any]) -> "StitchConfig":
+    def with_model_kwargs(self, overrides: dict[str, Any]) -> StitchConfig:
         """A copy whose every anchor takes `overrides` (``--model-kwargs``) over its own ``model_kwargs``: what the
         user types applies to all anchors and wins."""
         if not overrides:

@@ -12,11 +12,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from snnet.core.steps import UnitStep
 
 if TYPE_CHECKING:  # hints only: a runtime import made model.py and cost.py import each other
     from snnet.core.model import RoutedNet as SNNet
@@ -83,7 +86,8 @@ class CostTable:
     sizes: list[tuple[int, int]] | None = None  # [anchor] input size, when anchors read their own (None: img_size)
 
     def route_flops(self, steps) -> int:
-        return sum(self.unit_flops[s[1]][s[2]] if s[0] == "unit" else self.layer_flops[s[1]] for s in steps)
+        return sum(self.unit_flops[s.anchor][s.unit] if isinstance(s, UnitStep) else self.layer_flops[s.address]
+                   for s in steps)
 
 
 Size = "int | tuple[int, int] | list[tuple[int, int]]"

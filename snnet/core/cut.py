@@ -198,7 +198,7 @@ class CutStitch(nn.Module):
         tokens = self.prefix(mean).reshape(x.shape[0], self.end_prefix, self.end.channels)
         return torch.cat([tokens, y], dim=1)
 
-    def merged(self) -> "CutStitch":
+    def merged(self) -> CutStitch:
         """The stitch as deployed: a copy whose layer is its ``merged()`` plain layer when the type has one (lora),
         else the stitch itself (the cost model counts this one, as it counts SN-Net's layers)."""
         if not hasattr(self.layer, "merged"):

@@ -7,6 +7,13 @@ import torch
 import torch.distributed as dist
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def collective_device() -> torch.device:
     """Where a tensor must live for this process group's collectives: the current CUDA device under nccl, else CPU."""
     if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":

@@ -23,8 +23,8 @@ default ``pinv`` cut-off (it ran on torch 2.1); one position per layer, so nothi
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 import torch.distributed as dist

@@ -13,8 +13,8 @@ the error of the map it actually holds (`affine_of`).
 """
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Hashable, Sequence
 
 import torch
 from torch import nn

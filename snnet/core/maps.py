@@ -3,7 +3,7 @@
 A *cut point* is the output of one unit (stem, block, transition, norm, head) of one anchor, as the family's
 adapter cuts it. For every ordered pair of anchors (A, B) and every pair of cut points (unit i of A, unit j of B),
 on the same images, each anchor reading them preprocessed its own way (a batch is one tensor for all anchors, or one
-tensor per input group of the net: `ComposedNet.input_groups`, snnet.train.data.anchor_data_configs), so the order
+tensor per input group of the net: `ComposedNet.input_groups`, snnet.data.transforms.anchor_data_configs), so the order
 of the anchors changes no score:
 
 * ``cka``: linear CKA (snnet/core/cka.py) between A's output of unit i and B's output of unit j, one sample per image
@@ -31,8 +31,9 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,6 +47,7 @@ from snnet.core.lstsq import NormalEquations
 from snnet.core.model import ComposedNet
 from snnet.core.plan import Composition, Edge, Segment
 from snnet.core.progress import PROGRESS_SECONDS, Progress
+from snnet.core.steps import unit_step
 
 #: least-squares cutoff: directions of [X|1]ᵀ[X|1] below this fraction of its largest eigenvalue (singular values of
 #: [X|1] below ~1e-5 of the largest) are left out. LayerNorm outputs have channels that sum to zero up to float32
@@ -140,7 +142,7 @@ def all_pairs(n: int) -> list[tuple[int, int]]:
     return [(a, b) for a in range(n) for b in range(n) if a != b]
 
 
-Batch = Union[torch.Tensor, Sequence[torch.Tensor]]
+Batch = torch.Tensor | Sequence[torch.Tensor]
 
 
 def _to(x: Batch, device: torch.device) -> Batch:
@@ -250,7 +252,7 @@ def _kl_maps(net: ComposedNet, batches, maps: CompatibilityMaps, points, device)
             for edge, stitch in maps.stitches.items():
                 a, i, b, j = edge
                 last = len(net.units[b]) - 1
-                tail = tuple(("unit", b, u) for u in range(j + 1, last + 1))
+                tail = tuple(unit_step(b, u) for u in range(j + 1, last + 1))
                 q = net.run_steps(tail, stitch(feats[(a, i)]))
                 lp = torch.log_softmax(feats[(b, last)].double(), dim=1)
                 lq = torch.log_softmax(q.double(), dim=1)

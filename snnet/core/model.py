@@ -3,19 +3,18 @@
 `SNNet` holds anchors + stitching layers; `PlainNet` holds one timm model (``train.py --model``) with its single
 route, so the training and evaluation loops treat both alike. There are no random numbers in here: which route runs
 is the caller's argument (training draws it with `snnet.train.sampler`). Each route is compiled once into a flat tuple of
-steps, pure data that the evaluator and the cost model reuse:
-
-    ("unit", anchor, unit_index)   run one unit of one anchor
-    ("stitch", address)            run the stitching layer at `address`
+steps (`snnet.core.steps`: `UnitStep` runs one unit of one anchor, `StitchStep` the stitching layer at an
+address), pure data that the evaluator and the cost model reuse.
 
 An input is one image tensor, read by every anchor (SN-Net: one data config for the whole network), or a sequence
 of tensors of the same images preprocessed several ways, one per *input group*: anchor a reads
 ``x[input_groups[a]]`` (`RoutedNet.anchor_input`), so anchors with their own preprocessing (`snnet similarity`,
-`snnet search`: snnet.train.data.anchor_data_configs) each see their own, and a route reads its first anchor's.
+`snnet search`: snnet.data.transforms.anchor_data_configs) each see their own, and a route reads its first anchor's.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,8 +23,8 @@ from snnet.core.adapter import AnchorAdapter, Unit, adapter_for, block_units, en
 from snnet.core.checkpoint import load_fitting
 from snnet.core.layers import create_stitch_layer
 from snnet.core.plan import Composition, Edge, LayerSpec, PlanError, Route, Stitch, StitchPlan
+from snnet.core.steps import Step, UnitStep, stitch_step, unit_step
 
-Step = tuple
 #: where a feature is read: (anchor, unit index); its value is that unit's output
 FeaturePoint = tuple[int, int]
 
@@ -68,15 +67,15 @@ class RoutedNet(nn.Module):
         return {}
 
     def run_step(self, step: Step, x: torch.Tensor) -> torch.Tensor:
-        if step[0] == "unit":
-            unit = self.units[step[1]][step[2]]
+        if isinstance(step, UnitStep):
+            unit = self.units[step.anchor][step.unit]
             if self.grad_checkpointing and self.training and unit.kind == "block" and torch.is_grad_enabled():
                 # keep only the block's input; its activations are recomputed in the backward pass (the RNG state
                 # is replayed, so drop-path draws the same masks)
                 from torch.utils.checkpoint import checkpoint
-                return checkpoint(unit.run, self.anchor(step[1]), x, use_reentrant=False)
-            return unit.run(self.anchor(step[1]), x)
-        return self.stitch_layer(step[1])(x)
+                return checkpoint(unit.run, self.anchor(step.anchor), x, use_reentrant=False)
+            return unit.run(self.anchor(step.anchor), x)
+        return self.stitch_layer(step.address)(x)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """timm's method name (``--grad-checkpointing``): while training, every ``block`` unit runs under
@@ -123,9 +122,9 @@ class RoutedNet(nn.Module):
         """The tensor a route beginning with `first_step` (a unit of its front anchor) reads of input `x`."""
         if isinstance(x, torch.Tensor):
             return x
-        if first_step[0] != "unit":
+        if not isinstance(first_step, UnitStep):
             raise PlanError(f"a route begins with a unit of an anchor, not with {first_step!r}")
-        return self.anchor_input(x, first_step[1])
+        return self.anchor_input(x, first_step.anchor)
 
     def forward(self, x: torch.Tensor, cfg_id: int = 0) -> torch.Tensor:
         return self.run_steps(self.routes[self.check_cfg_id(cfg_id)], x)
@@ -145,10 +144,10 @@ class RoutedNet(nn.Module):
         counts = self.unit_params()
         total = 0
         for step in self.routes[self.check_cfg_id(cfg_id)]:
-            if step[0] == "unit":
-                total += counts[step[1]][step[2]]
+            if isinstance(step, UnitStep):
+                total += counts[step.anchor][step.unit]
             else:
-                total += sum(p.numel() for p in self.stitch_layer(step[1]).parameters())
+                total += sum(p.numel() for p in self.stitch_layer(step.address).parameters())
         return total
 
     # ------------------------------------------------------------------------------------------- features
@@ -227,7 +226,7 @@ class PlainNet(RoutedNet):
         self.names = [name]
         owned = tuple(n for n, _ in model.named_children()) + tuple(n for n, _ in model.named_parameters(recurse=False))
         self.units = [[Unit(name, "model", _run_whole, owned)]]
-        self.routes = [(("unit", 0, 0),)]
+        self.routes = [(unit_step(0, 0),)]
         self.plan = StitchPlan((Route(0, (0,)),), (), 1)
 
     def anchor(self, index: int) -> nn.Module:
@@ -277,7 +276,7 @@ class AnchorsNet(RoutedNet):
             p.requires_grad = False
         self.train(self.training)
 
-    def train(self, mode: bool = True) -> "AnchorsNet":
+    def train(self, mode: bool = True) -> AnchorsNet:
         super().train(mode)
         if self.anchors_frozen:
             self.anchors.eval()
@@ -331,19 +330,19 @@ class SNNet(AnchorsNet):
     def _compile(self, route: Route) -> tuple[Step, ...]:
         if route.is_anchor:
             a = route.anchors[0]
-            return tuple(("unit", a, u) for u in range(len(self.units[a])))
+            return tuple(unit_step(a, u) for u in range(len(self.units[a])))
         steps: list[Step] = []
         start = 0
         for st in route.stitches:
             stop = self.block_unit(st.front, st.stage, st.j)
-            steps.extend(("unit", st.front, u) for u in range(start, stop + 1))
-            steps.append(("stitch", st.layer))
+            steps.extend(unit_step(st.front, u) for u in range(start, stop + 1))
+            steps.append(stitch_step(st.layer))
             start = self.entry_unit(st.end, st.stage, st.k)
         last = route.stitches[-1].end
         for u in range(start, len(self.units[last])):
             # SN-Net's stitched DeiT routes call the head on the last block output (docs/snnet_compat.md, C7)
             if not (self.skip_final_norm and self.units[last][u].kind == "norm"):
-                steps.append(("unit", last, u))
+                steps.append(unit_step(last, u))
         return tuple(steps)
 
     # ------------------------------------------------------------------------------------------------- running
@@ -406,7 +405,7 @@ class ComposedNet(AnchorsNet):
 
     `input_groups` (anchor -> input group; None: every anchor reads the one input) says which tensor of a sequence
     input each anchor reads: anchors of different families have different preprocessing
-    (snnet.train.data.anchor_data_configs), and a route reads its front anchor's. A single tensor input is read by
+    (snnet.data.transforms.anchor_data_configs), and a route reads its front anchor's. A single tensor input is read by
     every anchor."""
 
     def __init__(self, anchors: Sequence[nn.Module], compositions: Sequence[Composition],
@@ -441,9 +440,9 @@ class ComposedNet(AnchorsNet):
     def _compile(c: Composition, address: dict) -> tuple[Step, ...]:
         steps: list[Step] = []
         for s, edge in zip(c.segments, c.edges + (None,)):
-            steps.extend(("unit", s.anchor, u) for u in range(s.first, s.last + 1))
+            steps.extend(unit_step(s.anchor, u) for u in range(s.first, s.last + 1))
             if edge is not None:
-                steps.append(("stitch", address[edge]))
+                steps.append(stitch_step(address[edge]))
         return tuple(steps)
 
     def check_cfg_id(self, cfg_id) -> int:

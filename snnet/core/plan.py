@@ -14,8 +14,8 @@ Vocabulary:
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from snnet.core.errors import SNNetError
 
@@ -380,7 +380,7 @@ class Composition:
                 raise PlanError(f"segment {s}: units must satisfy 0 <= first <= last < {unit_counts[s.anchor]}")
         if segs[0].first != 0 or segs[-1].last != unit_counts[segs[-1].anchor] - 1:
             raise PlanError(f"composition {self.describe()}: it must start at unit 0 and end at the last unit")
-        for s, t in zip(segs, segs[1:]):
+        for _s, t in zip(segs, segs[1:]):
             if t.first < 1:
                 raise PlanError(f"composition {self.describe()}: a stitch cannot enter anchor {t.anchor} before its "
                                 f"first unit")

@@ -8,7 +8,8 @@ import os
 import shutil
 import sys
 import time
-from typing import IO, Callable
+from collections.abc import Callable
+from typing import IO
 
 _logger = logging.getLogger("snnet")
 PROGRESS_SECONDS = 10.0  # phases without a step interval of their own log a line at most this often (and at the end)

@@ -11,8 +11,9 @@ function of the first step): anchors with their own preprocessing, where a route
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Sequence, Union
+from typing import TypeAlias
 
 import torch
 
@@ -24,7 +25,7 @@ class _Node:
 
 
 #: what `RouteTree.run` reads: one tensor for every route, or per first step (mapping or function)
-Inputs = Union[torch.Tensor, Mapping[tuple, torch.Tensor], Callable[[tuple], torch.Tensor]]
+Inputs: TypeAlias = torch.Tensor | Mapping[tuple, torch.Tensor] | Callable[[tuple], torch.Tensor]
 
 
 class RouteTree:

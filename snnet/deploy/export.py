@@ -26,20 +26,22 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from snnet.core.errors import SNNetError
 from snnet.core.adapter import Unit, adapter_for
 from snnet.core.build import build_snnet, create_anchor
 from snnet.core.config import AnchorSpec, ConfigError, StitchConfig, load_stitch_config
+from snnet.core.errors import SNNetError
 from snnet.core.layers import stitch_layer_from_spec
 from snnet.core.model import SNNet
 from snnet.core.progress import Progress
+from snnet.core.steps import StitchStep, UnitStep, as_step, stitch_step
 
 FORMAT = "snnet-stitch"
 FORMAT_VERSION = 1
@@ -192,7 +194,8 @@ class StitchedNetwork(nn.Module):
     """One route of an SN-Net as a plain network: pruned anchor copies + the route's stitching layers.
 
     ``steps`` are the SN-Net's route steps with stitching-layer addresses turned into keys of ``stitch_layers``:
-    ``("unit", anchor, unit_index)`` or ``("stitch", "1_2")``.
+    `UnitStep`s and `StitchStep`s (`snnet.core.steps`; plain tuples ``("unit", anchor, unit_index)`` or
+    ``("stitch", "1_2")`` as read from a file are taken too).
     """
 
     def __init__(self, anchors: dict[int, nn.Module], units: dict[int, list[Unit]],
@@ -201,22 +204,22 @@ class StitchedNetwork(nn.Module):
         self.anchors = nn.ModuleDict({str(a): m for a, m in sorted(anchors.items())})
         self.stitch_layers = nn.ModuleDict(stitch_layers)
         self.units = units  # plain data: units own no modules, they call the anchor's
-        self.steps = tuple(tuple(s) for s in steps)
+        self.steps = tuple(as_step(s) for s in steps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for step in self.steps:
-            if step[0] == "unit":
-                x = self.units[step[1]][step[2]].run(self.anchors[str(step[1])], x)
+            if isinstance(step, UnitStep):
+                x = self.units[step.anchor][step.unit].run(self.anchors[str(step.anchor)], x)
             else:
-                x = self.stitch_layers[step[1]](x)
+                x = self.stitch_layers[step.address](x)
         return x
 
 
 def _kept_modules(net: SNNet, steps: Sequence[tuple], anchor: int) -> list[str]:
     keep: list[str] = []
     for s in steps:
-        if s[0] == "unit" and s[1] == anchor:
-            keep += [m for m in net.units[anchor][s[2]].modules if m not in keep]
+        if isinstance(s, UnitStep) and s.anchor == anchor:
+            keep += [m for m in net.units[anchor][s.unit].modules if m not in keep]
     return keep
 
 
@@ -230,11 +233,12 @@ def stitched_network(net: SNNet, cfg_id: int) -> tuple[StitchedNetwork, dict[int
     """The standalone network of route `cfg_id` (copies; the SN-Net is untouched; stitching layers with ``merged()``
     merged) and the names kept per anchor."""
     steps = net.routes[net.check_cfg_id(cfg_id)]
-    used = sorted({s[1] for s in steps if s[0] == "unit"})
+    used = sorted({s.anchor for s in steps if isinstance(s, UnitStep)})
     keep = {a: _kept_modules(net, steps, a) for a in used}
     anchors = {a: prune_anchor(copy.deepcopy(net.anchors[a]), keep[a]) for a in used}
-    layers = {_layer_key(s[1]): _standalone_layer(net.stitch_layer(s[1])) for s in steps if s[0] == "stitch"}
-    local = [s if s[0] == "unit" else ("stitch", _layer_key(s[1])) for s in steps]
+    layers = {_layer_key(s.address): _standalone_layer(net.stitch_layer(s.address)) for s in steps
+              if isinstance(s, StitchStep)}
+    local = [s if isinstance(s, UnitStep) else stitch_step(_layer_key(s.address)) for s in steps]
     return StitchedNetwork(anchors, {a: net.units[a] for a in used}, layers, local).eval(), keep
 
 
@@ -440,8 +444,8 @@ def export_stitch(loaded: Loaded, cfg_id: int, out_dir: str | os.PathLike,
     cfg_id = check_cfg_id(net, cfg_id, loaded.checkpoint)
     module, keep = stitched_network(net, cfg_id)
     steps = net.routes[cfg_id]
-    merged = {i: module.stitch_layers[_layer_key(s[1])] for i, s in enumerate(steps)
-              if s[0] == "stitch" and callable(getattr(net.stitch_layer(s[1]), "merged", None))}
+    merged = {i: module.stitch_layers[_layer_key(s.address)] for i, s in enumerate(steps)
+              if isinstance(s, StitchStep) and callable(getattr(net.stitch_layer(s.address), "merged", None))}
     # merged stitching layers hold fewer parameters than the SN-Net's (W + s·B·A instead of W, A, B)
     expected = net.params(cfg_id) - sum(count_params(net.stitch_layer(steps[i][1])) - count_params(m)
                                         for i, m in merged.items())

@@ -29,18 +29,19 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 from xml.sax.saxutils import escape
 
 import torch
 
 from snnet.core.cost import cost_table
 from snnet.core.fileio import write_text_atomic
+from snnet.core.maps import CompatibilityMaps, SimilarityError, compatibility_maps
 from snnet.core.model import ComposedNet
 from snnet.core.plan import Composition, Edge, Segment
-from snnet.core.maps import CompatibilityMaps, SimilarityError, compatibility_maps
 
 SEARCH_SCORES = ("cka", "ls", "kl")
 
@@ -226,11 +227,11 @@ def network_svg(net: ComposedNet, cfg_id: int, record: dict[str, Any], maps: Com
 def run_search(args: argparse.Namespace) -> list[Path]:
     """`snnet search`: maps on the calibration images, beam search, every network (and the anchors) evaluated in one
     pass on the validation split, results file, Pareto table, drawings."""
-    from snnet.train.data import create_eval_loader
-    from snnet.train.engine import evaluate_stitches
+    from snnet.data.loaders import create_eval_loader
+    from snnet.explore.similarity import anchor_records, calibration_batches, prepare, write_maps
     from snnet.results.pareto import pareto_report, save_report
     from snnet.results.records import RESULTS_FILE, stitch_record, write_results
-    from snnet.explore.similarity import anchor_records, calibration_batches, prepare, write_maps
+    from snnet.train.engine import evaluate_stitches
 
     options = SearchOptions(args.threshold, args.total_threshold, args.max_depth, args.beam_width, args.score)
     options.check()
@@ -252,7 +253,7 @@ def run_search(args: argparse.Namespace) -> list[Path]:
     sizes = [tuple(c["input_size"][-2:]) for c in run.data_cfgs]  # per anchor: its own input size
     t0 = time.perf_counter()
     flops = network_flops(composed, sizes, run.data_cfgs[0]["input_size"][0])
-    loader = create_eval_loader(run.val, run.data, run.input_cfgs, batch_size=args.batch_size)
+    loader = create_eval_loader(run.val, run.loader, run.input_cfgs, batch_size=args.batch_size)
     cfg_ids = list(range(composed.num_configs))
     metrics = evaluate_stitches(composed, loader, cfg_ids, device)
     t_eval = time.perf_counter() - t0
@@ -298,6 +299,7 @@ def run_search(args: argparse.Namespace) -> list[Path]:
 def _save_stitches(net: ComposedNet, path: Path) -> Path:
     """The fitted stitches (``<edge index>.<parameter>``; search.json lists the edges in that order), safetensors."""
     from safetensors.torch import save_file
+
     from snnet.core.fileio import atomic_path
     state = {k: v.detach().cpu().contiguous() for k, v in net.stitches.state_dict().items()}
     with atomic_path(path) as tmp:

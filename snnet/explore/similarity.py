@@ -6,9 +6,10 @@ import argparse
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,6 +17,11 @@ import torch
 from snnet.core.fileio import save_figure, write_text_atomic
 from snnet.core.maps import SCORES, CompatibilityMaps, SimilarityError, anchors_net, compatibility_maps
 from snnet.core.model import ComposedNet
+from snnet.data.checks import DataError, check_data
+from snnet.data.datasets import create_datasets, num_classes_of
+from snnet.data.ls_images import clean_images
+from snnet.data.options import DataOptions, LoaderOptions
+from snnet.data.transforms import anchor_data_configs
 from snnet.train.device import device_from_flag
 
 
@@ -127,31 +133,26 @@ def build_anchors(cfg, pretrained: bool, num_classes: int | None, img_size: int 
     return anchors_net(models, adapters, labels, _resolve(models, img_size)[2])
 
 
-def data_namespace(data_dir: str, batch_size: int, num_classes: int | None = None,
-                   workers: int = 0) -> argparse.Namespace:
-    """The data options of train.py that `snnet.train.data` reads, for a folder dataset."""
-    return argparse.Namespace(data_dir=str(data_dir), dataset="", train_split="train", val_split="validation",
-                              class_map="", num_classes=num_classes, batch_size=1, validation_batch_size=batch_size,
-                              workers=workers, pin_mem=False, seed=0, dataset_download=False, aug_repeats=0,
-                              grad_accum_steps=1)
-
-
 def open_data(data_dir: str, need_train: bool, batch_size: int, num_classes: int | None = None):
-    """(train, val) datasets of an ImageFolder root, checked (one-line DataError on a bad folder)."""
-    from snnet.train.data import check_data, create_datasets
-    ns = data_namespace(data_dir, batch_size, num_classes)
-    check_data(ns, need_train=need_train, world_size=1)
-    return ns, *create_datasets(ns, need_train=need_train)
+    """(options, train, val) of an ImageFolder root, checked (one-line DataError on a bad folder). The tools read
+    batches of any size from the training split (no epoch, no optimizer step), so the steps check sees batches of 1."""
+    data = DataOptions(data_dir=str(data_dir), num_classes=num_classes, seed=0, batch_size=1)
+    check_data(data, need_train=need_train, world_size=1)
+    return data, *create_datasets(data, need_train=need_train)
+
+
+def loader_options(batch_size: int, workers: int = 0) -> LoaderOptions:
+    """The evaluation loader of the tools: `batch_size` images per batch, read in this process."""
+    return LoaderOptions(batch_size=batch_size, validation_batch_size=batch_size, workers=workers)
 
 
 def _resolve(models, img_size: int | None):
-    from snnet.train.data import anchor_data_configs
     return anchor_data_configs(models, {"img_size": img_size} if img_size else {})
 
 
 def data_configs(net: ComposedNet, img_size: int | None) -> tuple[list[dict], list[dict], list[int]]:
     """Each anchor's own evaluation preprocessing (timm's resolve_data_config on that anchor, `img_size` over it):
-    (per anchor, distinct, group) as snnet.train.data.anchor_data_configs gives them. Load images with the distinct
+    (per anchor, distinct, group) as snnet.data.transforms.anchor_data_configs gives them. Load images with the distinct
     configs (a list of tensors per batch); anchor a reads tensor ``group[a]``, the net's ``input_groups`` as
     `build_anchors` sets them. (Feeding every anchor one anchor's preprocessing made the numbers depend on the
     anchors' order.)"""
@@ -163,7 +164,6 @@ def calibration_batches(dataset, data_cfg: dict[str, Any] | Sequence[dict[str, A
     """`batches` x `batch_size` clean images drawn at random (seeded) from `dataset`, kept in memory (the maps read
     them twice). With several data configs (the distinct ones of `data_configs`) each batch is a list of tensors of
     the same images, one per config."""
-    from snnet.train.data import clean_images
     return list(clean_images(dataset, data_cfg, batches * batch_size, seed, batch_size=batch_size))
 
 
@@ -174,7 +174,8 @@ class Prepared:
     cfg: Any                 # StitchConfig: the anchors' specs
     net: ComposedNet         # the anchors, each its own route, on `device`
     device: torch.device
-    data: argparse.Namespace  # snnet.train.data's options
+    data: DataOptions        # which images
+    loader: LoaderOptions    # how they are loaded
     train: Any
     val: Any
     num_classes: int | None
@@ -186,7 +187,6 @@ class Prepared:
 def prepare(args: argparse.Namespace, need_train: bool, what: str, need_val: bool = False) -> Prepared:
     """Output folder, batch size, device, anchors (>= 2), data folder, then the anchors themselves."""
     from snnet.core.fileio import check_out_dir
-    from snnet.train.data import DataError, num_classes_of
     out = check_out_dir(args.out)
     if args.batch_size < 4:
         raise SimilarityError(f"--batch-size {args.batch_size}: the unbiased CKA needs at least 4 images per batch; "
@@ -196,14 +196,14 @@ def prepare(args: argparse.Namespace, need_train: bool, what: str, need_val: boo
     if len(cfg.anchors) < 2:
         raise SimilarityError(f"{what} needs at least two anchors, got {len(cfg.anchors)}; add one to --anchors or "
                               f"the config")
-    ns, train, val = open_data(args.data, need_train, args.batch_size, args.num_classes)
+    data, train, val = open_data(args.data, need_train, args.batch_size, args.num_classes)
     if need_val and val is None:
         raise DataError(f"data folder {args.data!r} has no validation/ or val/ folder to evaluate on")
     classes = args.num_classes or cfg.get("num_classes") or num_classes_of(train if need_train else val)
     img_size = args.img_size or cfg.get("input_size")
     net = build_anchors(cfg, not args.no_pretrained, classes, img_size).to(device)
     per_anchor, distinct, _ = data_configs(net, img_size)
-    return Prepared(out, cfg, net, device, ns, train, val, classes, img_size, per_anchor, distinct)
+    return Prepared(out, cfg, net, device, data, loader_options(args.batch_size), train, val, classes, img_size, per_anchor, distinct)
 
 
 def anchor_records(run: Prepared) -> list[dict[str, Any]]:

@@ -19,13 +19,14 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from snnet.core.fileio import save_figure, write_text_atomic
-from snnet.results.records import RESULTS_FILE, ResultsError, check_same_evaluation_set, is_number, read_results
 from snnet.results.quality import pareto_front
+from snnet.results.records import RESULTS_FILE, ResultsError, check_same_evaluation_set, is_number, read_results
 
 COSTS = ("flops", "params", "latency")
 

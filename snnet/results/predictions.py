@@ -28,9 +28,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -78,7 +79,7 @@ class Predictions:
                                f"evaluate again with --save-predictions naming it")
         return int(hits[0])
 
-    def subset(self, keep: Sequence[int]) -> "Predictions":
+    def subset(self, keep: Sequence[int]) -> Predictions:
         rows = [self.row(c) for c in keep]
         meta = {**self.meta, "record_sha256": {str(c): self.meta["record_sha256"][str(c)] for c in keep}}
         return Predictions(self.sample_id, self.label, self.cfg_id[rows], self.top5[rows], self.top_prob[rows],

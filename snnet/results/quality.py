@@ -21,7 +21,8 @@ Conventions (also in docs/front_quality.md):
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from snnet.results.records import ResultsError, is_number
 
@@ -44,19 +45,14 @@ def pareto_front(records: Sequence[dict[str, Any]], cost: str = "flops") -> list
     return front
 
 
-def _staircase(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The front of (cost, top-1) points: cheapest first, each strictly better than every cheaper one."""
-    front, best = [], float("-inf")
-    for x, y in points:
-        if y > best:
-            front.append((x, y))
-            best = y
-    return front
+def _staircase(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The front of (cost, top-1) points: `pareto_front`'s rule (one rule for records and points)."""
+    return [(r["cost"], r["acc1"]) for r in pareto_front([{"cost": x, "acc1": y} for x, y in points], cost="cost")]
 
 
 def hypervolume(points: Sequence[tuple[float, float]], ref: tuple[float, float] = (REF_COST, 0.0)) -> float:
     """Area dominated by the (cost, top-1) points inside the box [0, ref cost] x [ref top-1, inf)."""
-    front = [(x, y) for x, y in _staircase(sorted(points, key=lambda p: (p[0], -p[1]))) if x < ref[0] and y > ref[1]]
+    front = [(x, y) for x, y in _staircase(points) if x < ref[0] and y > ref[1]]
     area = 0.0
     for i, (x, y) in enumerate(front):
         right = front[i + 1][0] if i + 1 < len(front) else ref[0]
@@ -91,7 +87,7 @@ def line_at(vertices: Sequence[tuple[float, float]], cost: float) -> float:
 
 def area_under_front(points: Sequence[tuple[float, float]], lo: float, hi: float) -> float:
     """Mean top-1 of the piecewise-linear front over costs [lo, hi] (0 below its cheapest point's cost)."""
-    front = _staircase(sorted(points, key=lambda p: (p[0], -p[1])))
+    front = _staircase(points)
     if not front or hi <= lo:
         return front[-1][1] if front else 0.0
 
@@ -110,7 +106,7 @@ def area_under_front(points: Sequence[tuple[float, float]], lo: float, hi: float
 def mean_gap(points: Sequence[tuple[float, float]]) -> float:
     ordered = sorted(points, key=lambda p: (p[0], -p[1]))
     gaps, best = [], float("-inf")
-    for x, y in ordered:
+    for _x, y in ordered:
         best = max(best, y)
         gaps.append(best - y)
     return sum(gaps) / len(gaps) if gaps else 0.0

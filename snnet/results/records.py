@@ -8,8 +8,9 @@ import logging
 import math
 import os
 import re
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from snnet.core.errors import SNNetError
 from snnet.core.fileio import write_text_atomic

@@ -24,14 +24,24 @@ import base64
 import html
 import json
 import re
-from functools import lru_cache
+from collections.abc import Sequence
+from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from snnet.core.fileio import write_text_atomic
-from snnet.results.pareto import (anchor_name, cost_unit, eval_subtitle, is_anchor, latency_keys, parse_route,
-                                  pareto_front, read_series, route_of)
+from snnet.results.pareto import (
+    anchor_name,
+    cost_unit,
+    eval_subtitle,
+    is_anchor,
+    latency_keys,
+    pareto_front,
+    parse_route,
+    read_series,
+    route_of,
+)
 from snnet.results.records import ResultsError, is_number
 from snnet.results.select import select
 
@@ -45,7 +55,7 @@ HIDDEN_KEYS = ("checkpoint_sha256", "config_sha256")  # provenance, not somethin
 _SLOT = re.compile(r"%(TITLE|SUBTITLE|STYLE|SCRIPT|DATA)%")  # the placeholders of assets/report.html
 
 
-@lru_cache(maxsize=None)
+@cache
 def asset(name: str) -> str:
     """One file of the page (package data in snnet/results/assets/): 'report.html' (the template, placeholders
     %TITLE%, %SUBTITLE%, %STYLE%, %SCRIPT%, %DATA%), 'report.css' or 'report.js'."""

@@ -12,7 +12,8 @@ SN-Net cost and accuracy rise together, and nothing better is known before an ev
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from snnet.core.errors import SNNetError
 from snnet.results.pareto import human, latency_keys, require_cost, route_of

@@ -24,9 +24,10 @@ import io
 import json
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from PIL import Image
@@ -137,7 +138,7 @@ def latency_table(served: Served, spec: ServeSpec) -> dict[int, dict[int, float]
     if all(finite_positive(r.get(k)) for r in served.records for k in keys):
         return {r["cfg_id"]: {b: float(r[k]) for b, k in zip(sizes, keys)} for r in served.records}
     ids = [r["cfg_id"] for r in served.records]
-    measured = measure_latency(served.model, ids, sizes, served.img_size, served.in_chans, warmup=2,  # type: ignore[arg-type]
+    measured = measure_latency(served.model, ids, sizes, served.img_size, served.in_chans, warmup=2,
                                repeats=spec.latency_repeats, device=spec.device)
     return {c: {b: measured[c][f"latency_ms_b{b}"] for b in sizes} for c in ids}
 

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from snnet.core.errors import SNNetError
 from snnet.results.select import BudgetError, Record, best_key, select

@@ -12,13 +12,15 @@ import math
 import os
 import re
 import sys
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import fields
+from typing import Any, TypeVar
 
 from snnet.core import slurm
-from snnet.core.errors import UsageError
 from snnet.core.config import ARG_DESTS, ConfigError, StitchConfig, load_stitch_config
+from snnet.core.errors import UsageError
 
-
+T = TypeVar("T")
 
 
 def _number(s: str, kind: type):
@@ -494,7 +496,8 @@ def _coerce_one(action: argparse.Action, value: Any) -> Any:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise argparse.ArgumentTypeError(f"{value!r} is not a single {'number' if action.type else 'value'}")
     # through the text form, so that a file's 2.5 for an integer flag fails exactly as a typed 2.5 does
-    v = (action.type or str)(str(value))
+    convert: Any = action.type or str  # argparse types it as a str or a callable
+    v = convert(str(value))
     if action.choices is not None and v not in action.choices:
         raise argparse.ArgumentTypeError(f"{v!r} is not one of {', '.join(map(repr, action.choices))}")
     return v
@@ -610,7 +613,7 @@ def _yaml_entries(path: str) -> list[tuple[str, str, Any]]:
     return [(str(k), str(k).replace("-", "_"), v) for k, v in data.items()]
 
 
-__all__ = ["build_parser", "parse_args", "UsageError", "ConfigError"]
+__all__ = ["build_parser", "parse_args", "options_from", "UsageError", "ConfigError"]
 
 
 class FrozenArgs(argparse.Namespace):
@@ -631,3 +634,19 @@ def freeze(args: argparse.Namespace, **resolved: Any) -> FrozenArgs:
     out = FrozenArgs.__new__(FrozenArgs)
     out.__dict__.update({**vars(args), **resolved})
     return out
+
+
+def options_from(cls: type[T], args: argparse.Namespace, **over: Any) -> T:
+    """A typed option object (a dataclass: `snnet.data.options.DataOptions`, `LoaderOptions`, ...) from train.py's
+    resolved arguments: each field read from the flag of its name (a field train.py has no flag for keeps its
+    default), `over` over them. The one place a namespace becomes options; below the entry points no function takes
+    a namespace."""
+    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = set(over) - names
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
+    values = {n: getattr(args, n) for n in names if hasattr(args, n)}
+    for n in ("scale", "ratio"):  # argparse gives lists (nargs=2), the options hold tuples
+        if isinstance(values.get(n), list):
+            values[n] = tuple(values[n])
+    return cls(**{**values, **over})

@@ -19,13 +19,6 @@ class DeviceError(SNNetError):
     """A device request this machine cannot meet; the message names the fix."""
 
 
-def world() -> tuple[int, int]:
-    """(rank, world size) of this process; (0, 1) outside a process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     """The network inside a DistributedDataParallel wrapper (or the network itself)."""
     return model.module if hasattr(model, "module") else model

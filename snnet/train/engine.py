@@ -10,19 +10,20 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from snnet.core.distributed import all_gather_rows, all_reduce_sum
+from snnet.core.distributed import all_gather_rows, all_reduce_sum, world
 from snnet.core.errors import SNNetError
-from snnet.train.device import amp_context, unwrap, world
 from snnet.core.progress import Progress
 from snnet.core.route_tree import RouteTree
+from snnet.train.device import amp_context, unwrap
 from snnet.train.sampler import rng_state, set_rng_state
 
 
@@ -120,7 +121,7 @@ def _skip_trained(ctx: TrainContext, i: int, skip: int) -> bool:
 
 
 def train_one_epoch(epoch: int, model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
-                    loss_fn: Callable, args, ctx: TrainContext) -> "OrderedDict[str, float]":
+                    loss_fn: Callable, args, ctx: TrainContext) -> OrderedDict[str, float]:
     """One epoch of optimizer steps; each step trains the stitch ``ctx.sampler(ctx.global_step)`` on
     --grad-accum-steps micro-batches (loss divided by their number, DDP gradient sync on the last one only); the
     loader's last len(loader) % N batches are dropped. Returns the mean loss over all ranks' samples;
@@ -197,7 +198,7 @@ class _Counts:
         row[2] += F.cross_entropy(logits, y, reduction="sum").double()
         row[3] += y.shape[0]
 
-    def metrics(self) -> "OrderedDict[int, dict[str, float]]":
+    def metrics(self) -> OrderedDict[int, dict[str, float]]:
         if world()[1] > 1:
             self.table = all_reduce_sum(self.table)
         table = self.table.cpu()  # the one host sync of the evaluation
@@ -257,7 +258,7 @@ class PerImage:
 def evaluate_stitches(net: nn.Module, loader: Iterable, cfg_ids: Sequence[int], device: torch.device,
                       amp_dtype: torch.dtype | None = None, log_interval: int = 50, shared_prefixes: bool = True,
                       stats: dict | None = None, per_image: PerImage | None = None
-                      ) -> "OrderedDict[int, dict[str, float]]":
+                      ) -> OrderedDict[int, dict[str, float]]:
     """Top-1/top-5 (percent) and mean cross-entropy per stitch, reduced over ranks.
 
     One pass over the data for all stitches: each batch is decoded once and every route runs on it; with

@@ -22,8 +22,9 @@ import importlib.util
 import json
 import logging
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from snnet.train.args import UsageError
 

@@ -22,28 +22,44 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from snnet.train.args import UsageError, freeze, parse_args
-from snnet.core.checkpoint import (LAST, RECOVERY, CheckpointError, CheckpointSaver, StateDictMismatch, fit_report,
-                                   image_size_hint, json_field, load_checkpoint, state_sha256, training_state)
+from snnet.core.checkpoint import (
+    LAST,
+    RECOVERY,
+    CheckpointError,
+    CheckpointSaver,
+    StateDictMismatch,
+    fit_report,
+    image_size_hint,
+    json_field,
+    load_checkpoint,
+    state_sha256,
+    training_state,
+)
 from snnet.core.config import ConfigError, StitchConfig
 from snnet.core.cost import cost_table
-from snnet.train.data import (DataError, clean_images, create_datasets, create_eval_loader, create_train_loader,
-                               data_source, num_classes_of)
-from snnet.train.device import adopt_slurm_env, amp_dtype_for, requeued, restart_attempt, resolve_device, unwrap, world
-from snnet.train.engine import PerImage, TrainContext, default_val_panel, evaluate_stitches, train_one_epoch
+from snnet.core.distributed import world
+from snnet.core.errors import SNNetError, one_line
 from snnet.core.fileio import write_text_atomic
+from snnet.core.model import RoutedNet
+from snnet.core.progress import RunClock
+from snnet.core.steps import UnitStep
+from snnet.data.checks import DataError
+from snnet.data.datasets import create_datasets, data_source, num_classes_of
+from snnet.data.loaders import create_eval_loader, create_train_loader
+from snnet.data.ls_images import clean_images
+from snnet.data.options import DataOptions, LoaderOptions
+from snnet.results.records import EMA_RESULTS_FILE, RESULTS_FILE, ResultsFile, file_sha256, stitch_record, text_sha256
+from snnet.train.args import UsageError, freeze, options_from, parse_args
+from snnet.train.device import adopt_slurm_env, amp_dtype_for, requeued, resolve_device, restart_attempt, unwrap
+from snnet.train.engine import PerImage, TrainContext, default_val_panel, evaluate_stitches, train_one_epoch
 from snnet.train.loggers import Loggers, check_loggers, create_loggers
 from snnet.train.losses import create_loss
-from snnet.core.model import RoutedNet
-from snnet.train.optim import anchor_lr_scale, create_optimizer, create_scheduler, epoch_offset, resolve_lrs
 from snnet.train.network import build_network, check_train_exclude
+from snnet.train.optim import anchor_lr_scale, create_optimizer, create_scheduler, epoch_offset, resolve_lrs
 from snnet.train.positions import write_stitch_plan
-from snnet.core.errors import SNNetError, one_line
 from snnet.train.preempt import STOP, Preempted
 from snnet.train.preflight import check_recipe, check_run, output_dir
-from snnet.core.progress import RunClock
 from snnet.train.resolve import describe_run, launch_world_size, to_yaml
-from snnet.results.records import EMA_RESULTS_FILE, RESULTS_FILE, ResultsFile, file_sha256, stitch_record, text_sha256
 from snnet.train.sampler import create_sampler, seed_epoch
 
 _logger = logging.getLogger("snnet")
@@ -97,6 +113,16 @@ class Run:
     def primary(self) -> bool:
         return world()[0] == 0
 
+    @property
+    def data(self) -> DataOptions:
+        """Which images (the data layer's options, from the resolved arguments)."""
+        return options_from(DataOptions, self.args)
+
+    @property
+    def loader(self) -> LoaderOptions:
+        """How they are loaded (batch sizes, workers, augmentation)."""
+        return options_from(LoaderOptions, self.args)
+
 
 # ------------------------------------------------------------------------------------------------------ building
 def _config_text(args: argparse.Namespace, stitch_cfg: StitchConfig | None, data_cfg: dict) -> str:
@@ -133,7 +159,7 @@ def _snnet_init_batch(run: Run, images_from, count: int) -> torch.Tensor:
     args, train_ds, reason = run.args, images_from, ""
     if args.eval:  # evaluation runs do not load the training split
         try:
-            train_ds = create_datasets(args, need_train=True)[0]
+            train_ds = create_datasets(run.data, need_train=True)[0]
         except DataError as e:
             train_ds, reason = None, f" ({one_line(e)})"
     if train_ds is None:
@@ -142,8 +168,7 @@ def _snnet_init_batch(run: Run, images_from, count: int) -> torch.Tensor:
     mixup_fn = create_mixup(args)
     if mixup_fn is not None and count % 2:
         raise DataError(f"--ls-mode snnet with mixup/cutmix needs an even init batch, got stitch_init_bs {count}")
-    loader = create_train_loader(train_ds, argparse.Namespace(**{**vars(args), "batch_size": count}), run.data_cfg,
-                                 run.device)
+    loader = create_train_loader(train_ds, run.loader.with_batch_size(count), run.data_cfg, run.device)
     batch = next(iter(loader), None)
     if batch is None:  # the training loader drops incomplete batches
         raise DataError(f"--ls-mode snnet needs {count} training images per process (stitch_init_bs) for its batch; "
@@ -201,7 +226,7 @@ def run(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
     random_seed(args.seed, 0)  # the network's random parts (random anchors, stitching layers) are the same on every rank
     if rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
-    train_ds, val_ds = create_datasets(args, need_train=not args.eval)
+    train_ds, val_ds = create_datasets(options_from(DataOptions, args), need_train=not args.eval)
     args = _resolve(args, stitch_cfg, train_ds or val_ds)  # frozen from here: nothing changes args mid-run
     out_dir = output_dir(args)
     net, stitch_cfg = build_network(args, stitch_cfg, args.num_classes, train_ds)  # positions explicit from here
@@ -326,7 +351,7 @@ def evaluate_all(net: RoutedNet, val_ds, run: Run, ckpt_hash: str, results_name:
     _logger.info(f"evaluating {len(todo)} stitch(es) ({len(done)} already in {results.path}"
                  + (f"; {len(redo)} again for their per-image predictions" if redo else "") + f") on "
                  f"{len(val_ds)} images, {world_size} process(es)")
-    loader = create_eval_loader(val_ds, args, run.data_cfg, rank, world_size)
+    loader = create_eval_loader(val_ds, run.loader, run.data_cfg, rank, world_size)
     per_image = PerImage([c for c in chosen if c in todo]) if any(c in todo for c in chosen) else None
     metrics = evaluate_stitches(net, loader, todo, run.device, run.amp_dtype, args.log_interval, per_image=per_image)
     records = []
@@ -380,8 +405,14 @@ def _predictions_missing(results_file: Path, done: dict, chosen: list[int]) -> l
 def _write_predictions(results: ResultsFile, per_image: PerImage) -> None:
     """The predictions of this evaluation, merged with those of earlier runs of the same evaluation, written
     atomically next to the results file and tied to its records."""
-    from snnet.results.predictions import (build, merge, predictions_path, read_predictions, record_sha256,
-                                           write_predictions)
+    from snnet.results.predictions import (
+        build,
+        merge,
+        predictions_path,
+        read_predictions,
+        record_sha256,
+        write_predictions,
+    )
     from snnet.results.records import ResultsError
     path = predictions_path(results.path)
     records = results.completed()
@@ -580,7 +611,7 @@ def _continue_epoch(ctx: TrainContext, resume_state: dict | None, accum: int = 1
 def _sampler(net: RoutedNet, run: Run, rank: int):
     spec = run.stitch_cfg.get("sampler") if run.stitch_cfg is not None else None
     # frozen anchors: an anchor's own route has nothing to train, so it is not drawn
-    exclude = [c for c, steps in enumerate(net.routes) if all(s[0] == "unit" for s in steps)] \
+    exclude = [c for c, steps in enumerate(net.routes) if all(isinstance(s, UnitStep) for s in steps)] \
         if run.args.freeze_anchors else []
     train_exclude = run.stitch_cfg.get("train_exclude") or [] if run.stitch_cfg is not None else []
     try:
@@ -600,7 +631,7 @@ def _setup_training(net: RoutedNet, train_ds, run: Run, resume_state: dict | Non
     optimizer = create_optimizer(args, net, lr)
     loss_scaler = NativeScaler(device=run.device.type) if run.amp_dtype == torch.float16 else None
     start_epoch, global_step = _resume_counters(args, resume_state, optimizer, loss_scaler)
-    loader = create_train_loader(train_ds, args, run.data_cfg, run.device)
+    loader = create_train_loader(train_ds, run.loader, run.data_cfg, run.device)
     steps = len(loader) // accum  # optimizer steps per epoch; the remainder batches are dropped
     if steps == 0:
         raise UsageError(f"--grad-accum-steps {accum} exceeds the {len(loader)} training batch(es) per process and "
@@ -657,7 +688,7 @@ def fit(net: RoutedNet, train_ds, val_ds, run: Run, resume_state: dict | None) -
         ddp_kwargs = {"device_ids": [run.device.index]} if run.device.type == "cuda" else {}
         net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True, **ddp_kwargs)
     panel = _val_panel(args, model)
-    val_loader = create_eval_loader(val_ds, args, run.data_cfg, rank, world_size) if val_ds is not None else None
+    val_loader = create_eval_loader(val_ds, run.loader, run.data_cfg, rank, world_size) if val_ds is not None else None
     by_loss = "loss" in args.eval_metric or val_loader is None  # no validation split: best by training loss
     if val_loader is None and run.primary:
         _logger.info("no validation split: model_best.pth.tar is the epoch with the lowest training loss")

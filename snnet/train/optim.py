@@ -39,7 +39,7 @@ def param_groups(net: nn.Module, weight_decay: float, anchor_lr_scale: float, de
         scale = anchor_lr_scale * depth_scale.get(name, 1.0) if is_anchor else 1.0
         groups.setdefault((is_anchor, no_decay, scale), []).append(p)
     out = []
-    for (is_anchor, no_decay, scale), params in sorted(groups.items()):
+    for (_is_anchor, no_decay, scale), params in sorted(groups.items()):
         out.append({"params": params, "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": scale})
     return out
 

@@ -27,8 +27,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -157,12 +158,16 @@ class Selection:
     def images(self, cfg: StitchConfig, largest: nn.Module) -> list[torch.Tensor]:
         from timm.data import resolve_data_config
 
-        from snnet.train.data import DataError, clean_images, create_datasets
+        from snnet.data.checks import DataError
+        from snnet.data.datasets import create_datasets
+        from snnet.data.ls_images import clean_images
+        from snnet.data.options import DataOptions
+        from snnet.train.args import options_from
         args = self.args
         data_cfg = resolve_data_config(vars(args), model=largest)  # as train.py's (the SN-Net's is the largest's)
         dataset = self.images_from
         if dataset is None:
-            dataset = create_datasets(args, need_train=True)[0]
+            dataset = create_datasets(options_from(DataOptions, args), need_train=True)[0]
             if dataset is None:
                 raise DataError(f"'positions' selects on training images and {args.data_dir!r} has no training "
                                 f"split; add it, or pass the stitch_plan.json of the training run")

@@ -16,8 +16,8 @@ import threading
 import torch
 import torch.distributed as dist
 
+from snnet.core.distributed import world
 from snnet.core.slurm import PREEMPTED_EXIT
-from snnet.train.device import world
 
 _logger = logging.getLogger("snnet")
 

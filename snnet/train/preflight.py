@@ -13,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from snnet.core.errors import SNNetError, UsageError, one_line
 from snnet.core.config import StitchConfig
+from snnet.core.errors import SNNetError, UsageError, one_line
 
 
 class OutputError(SNNetError):
@@ -106,14 +106,14 @@ def check_augmentation(args: argparse.Namespace, stitch_cfg: StitchConfig | None
         return
     from timm.data import create_transform
 
-    from snnet.train.data import timm_crop_mode
-    from snnet.train.resolve import eval_transform
-    size = eval_transform(args, stitch_cfg)["input_size"]
+    from snnet.data.transforms import timm_crop_mode
+    from snnet.train.resolve import eval_data_config
+    size = eval_data_config(args, stitch_cfg)["input_size"]
     try:
         create_transform(size, is_training=True, auto_augment=args.aa, re_prob=args.reprob, re_mode=args.remode,
                          re_count=args.recount, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
                          vflip=args.vflip, color_jitter=args.color_jitter, interpolation=args.train_interpolation,
-                         train_crop_mode=timm_crop_mode(args))
+                         train_crop_mode=timm_crop_mode(args.train_crop_mode))
     except Exception as e:  # timm asserts on unknown policies and ranges
         from snnet.train.args import UsageError
         reason = " ".join(str(e).split())[:160] or type(e).__name__
@@ -122,12 +122,14 @@ def check_augmentation(args: argparse.Namespace, stitch_cfg: StitchConfig | None
 
 
 def check_run(args: argparse.Namespace, stitch_cfg: StitchConfig | None, world_size: int) -> None:
-    from snnet.train.data import check_data
+    from snnet.data.checks import check_data
+    from snnet.data.options import DataOptions
+    from snnet.train.args import options_from
     from snnet.train.device import device_from_flag
     device_from_flag(args.device)  # a name that is no torch device, or CUDA where there is none
     check_output(output_dir(args))
     check_checkpoints(args, stitch_cfg)
-    check_data(args, need_train=not args.eval, world_size=world_size)
+    check_data(options_from(DataOptions, args), need_train=not args.eval, world_size=world_size)
     check_recipe(args, stitch_cfg, world_size)
 
 

@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 from snnet.core.config import StitchConfig
+from snnet.core.steps import UnitStep
 from snnet.train.optim import anchor_lr_scale, decays_stitch_biases, epoch_offset, resolve_lrs
 
 
@@ -33,8 +34,9 @@ def _pretrained_cfg(name: str) -> dict[str, Any]:
     return cfg.to_dict() if cfg is not None else {}
 
 
-def eval_transform(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> dict[str, Any]:
-    """timm's data config of the run (the largest anchor's defaults under the flags), and the eval resize it means."""
+def eval_data_config(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> dict[str, Any]:
+    """timm's data config of the run (the largest anchor's defaults under the flags), and the eval resize it means
+    (`describe_run`'s eval_transform; the transform itself is `snnet.data.transforms.eval_transform`)."""
     from timm.data import resolve_data_config
     name = stitch_cfg.anchors[-1].name if stitch_cfg is not None else args.model
     cfg = resolve_data_config(vars(args), pretrained_cfg=_pretrained_cfg(name))
@@ -79,7 +81,7 @@ def describe_run(args: argparse.Namespace, stitch_cfg: StitchConfig | None, worl
                                              "1-D params, biases") + ("" if args.snnet_compat else
                                                                       ", the anchors' no_weight_decay names")},
         "schedule": schedule(args, warmup_lr, min_lr),
-        "eval_transform": eval_transform(args, stitch_cfg),
+        "eval_transform": eval_data_config(args, stitch_cfg),
         "teacher": None if args.distillation_type == "none" else {
             "name": args.teacher, "type": args.distillation_type, "alpha": args.distillation_alpha,
             "tau": args.distillation_tau},
@@ -144,7 +146,7 @@ def _drop_path(anchor) -> dict[str, Any]:
     """The drop-path rate of each block of an anchor (timm's DropPath modules; 0 where a block has none)."""
     from timm.layers import DropPath
     rates = []
-    for name, m in anchor.named_modules():
+    for _name, m in anchor.named_modules():
         if not any(n.startswith("drop_path") for n, _ in m.named_children()):
             continue
         probs = [c.drop_prob if isinstance(c, DropPath) else 0.0 for n, c in m.named_children()
@@ -217,7 +219,7 @@ def describe_network(args: argparse.Namespace, stitch_cfg: StitchConfig | None, 
     if net is None:
         net = meta_network(args, stitch_cfg)
     excluded = sorted(stitch_cfg.get("train_exclude") or [])
-    frozen_anchors = [c for c, steps in enumerate(net.routes) if all(s[0] == "unit" for s in steps)] \
+    frozen_anchors = [c for c, steps in enumerate(net.routes) if all(isinstance(s, UnitStep) for s in steps)] \
         if getattr(args, "freeze_anchors", False) else []
     try:
         ids = train_ids(net.num_configs, excluded) or list(range(net.num_configs))

@@ -13,10 +13,10 @@ trained or binned its id 13); evaluation still covers every route.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
-
 
 _SAMPLERS: dict[str, type] = {}
 
@@ -119,7 +119,7 @@ class StitchSampler:
             self.p = None  # uniform over cfg_ids, as SN-Net
 
     @classmethod
-    def for_network(cls, net, seed: int = 0, rank: int = 0, sync: bool = False, **options) -> "StitchSampler":
+    def for_network(cls, net, seed: int = 0, rank: int = 0, sync: bool = False, **options) -> StitchSampler:
         return cls(net.num_configs, seed, rank, sync, **options)
 
     def __call__(self, step: int) -> int:
@@ -189,7 +189,7 @@ class BucketSampler:
     @classmethod
     def for_network(cls, net, seed: int = 0, rank: int = 0, sync: bool = False, gap: float = 1.0,
                     k: float | None = None, img_size: int | Sequence[int] | None = None,
-                    ids: Sequence[int] | None = None) -> "BucketSampler":
+                    ids: Sequence[int] | None = None) -> BucketSampler:
         """Binned by the cost model's FLOPs of each route in `ids` (all routes when None) at the network's input
         size (or `img_size`)."""
         from snnet.core.cost import cost_table

@@ -61,13 +61,41 @@ from typing import Any
 
 from snnet.core.fileio import write_text_atomic
 from snnet.core.slurm import submit
-from snnet.explore.stitch_train.network import (AnchorProbe, Stitched, StitchedNet, build_stitched, fit_stitch,
-                                                probe_anchor)
-from snnet.explore.stitch_train.runner import (LAYER_CKPT, RESULT, TRAJECTORY, Prepared, RunPlan, evaluate_anchor,
-                                               plan_run, prepare, train_run, weights_sha256)
-from snnet.explore.stitch_train.sweep import (FORMAT, RUN_FIELDS, SWEEP_KEYS, TRAIN_DEFAULTS, TRAIN_REFUSED,
-                                              RunSpec, Sweep, SweepError, aligned_block, anchor_argument,
-                                              layer_label, load_sweep, parse_sweep)
+from snnet.explore.stitch_train.network import (
+    AnchorProbe,
+    Stitched,
+    StitchedNet,
+    build_stitched,
+    fit_stitch,
+    probe_anchor,
+)
+from snnet.explore.stitch_train.runner import (
+    LAYER_CKPT,
+    RESULT,
+    TRAJECTORY,
+    Prepared,
+    RunPlan,
+    evaluate_anchor,
+    plan_run,
+    prepare,
+    train_run,
+    weights_sha256,
+)
+from snnet.explore.stitch_train.sweep import (
+    FORMAT,
+    RUN_FIELDS,
+    SWEEP_KEYS,
+    TRAIN_DEFAULTS,
+    TRAIN_REFUSED,
+    RunSpec,
+    Sweep,
+    SweepError,
+    aligned_block,
+    anchor_argument,
+    layer_label,
+    load_sweep,
+    parse_sweep,
+)
 
 __all__ = ["AnchorProbe", "FORMAT", "LAYER_CKPT", "RESULT", "RUN_FIELDS", "RunPlan", "RunSpec", "SWEEP_JSON",
            "SWEEP_KEYS", "Stitched", "StitchedNet", "Sweep", "SweepError", "SweepSummary", "TRAIN_DEFAULTS",
@@ -112,7 +140,7 @@ def _jobs(prep: Prepared) -> list[tuple[str, Any, Path]]:
 def collect(prep: Prepared) -> list[dict[str, Any]]:
     """The results-file records of every finished job: runs as cfg_id = their index, then the anchors."""
     records = []
-    for k, (kind, what, done) in enumerate(_jobs(prep)):
+    for k, (kind, _what, done) in enumerate(_jobs(prep)):
         if not done.is_file():
             continue
         r = json.loads(done.read_text())

@@ -15,8 +15,9 @@ networks the same way.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,7 +29,6 @@ from snnet.core.lstsq import NormalEquations
 from snnet.core.maps import anchors_net
 from snnet.core.model import ComposedNet
 from snnet.core.plan import Composition, Edge, Segment
-
 from snnet.explore.stitch_train.sweep import SweepError
 
 

@@ -10,8 +10,9 @@ Only finished runs are drawn (their records); a run whose trajectory cannot be r
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 SWEEP_PNG, CURVES_PNG = "sweep.png", "curves.png"
 

@@ -26,11 +26,46 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from snnet.core.adapter import AnchorAdapter
-from snnet.results.records import stitch_record
-from snnet.explore.stitch_train.network import AnchorProbe, Stitched, build_stitched, probe_anchor
-from snnet.explore.stitch_train.sweep import (FORMAT, TRAIN_DEFAULTS, RunSpec, Sweep, SweepError, aligned_block,
-                                              layer_label)
+from timm.data import resolve_data_config
+from timm.utils import NativeScaler, random_seed
+
+from snnet.core.adapter import AnchorAdapter, adapter_for
+from snnet.core.build import create_anchor
+from snnet.core.checkpoint import save_checkpoint, state_sha256
+from snnet.core.cost import cost_table
+from snnet.core.fileio import write_text_atomic
+from snnet.core.model import PlainNet
+from snnet.data.checks import DataError, check_data
+from snnet.data.datasets import create_datasets, num_classes_of
+from snnet.data.loaders import create_eval_loader, create_train_loader
+from snnet.data.ls_images import clean_images
+from snnet.data.options import DataOptions, LoaderOptions
+from snnet.explore.stitch_train.network import (
+    AnchorProbe,
+    Stitched,
+    build_stitched,
+    fit_stitch,
+    probe_anchor,
+    stitch_flops,
+    stitch_state,
+)
+from snnet.explore.stitch_train.sweep import (
+    FORMAT,
+    TRAIN_DEFAULTS,
+    RunSpec,
+    Sweep,
+    SweepError,
+    aligned_block,
+    layer_label,
+)
+from snnet.results.records import file_sha256, stitch_record
+from snnet.train.args import _checked_defaults, build_parser, options_from
+from snnet.train.device import amp_dtype_for, device_from_flag
+from snnet.train.engine import TrainContext, evaluate_stitches, train_one_epoch
+from snnet.train.losses import DistillationLoss, base_criterion
+from snnet.train.optim import create_optimizer, create_scheduler, epoch_offset, resolve_lrs
+from snnet.train.preflight import check_augmentation, check_output
+from snnet.train.sampler import seed_epoch
 
 _logger = logging.getLogger("snnet")
 
@@ -68,7 +103,6 @@ class Prepared:
     plans: list[RunPlan] = field(default_factory=list)
 
     def data_cfg(self, label: str) -> dict[str, Any]:
-        from timm.data import resolve_data_config
         return resolve_data_config(vars(self.args), model=self.models[label])
 
     def size(self, label: str) -> tuple[int, int]:
@@ -97,7 +131,6 @@ class Prepared:
 def train_args(sweep: Sweep) -> argparse.Namespace:
     """train.py's arguments for the sweep's runs: its parser's defaults < TRAIN_DEFAULTS < the sweep's `train`,
     each value checked as if typed (snnet/train/args.py)."""
-    from snnet.train.args import _checked_defaults, build_parser
     parser = build_parser()
     parser.set_defaults(**_checked_defaults(parser, "stitch-train defaults", "key",
                                             [(k, k, v) for k, v in TRAIN_DEFAULTS.items()]))
@@ -111,12 +144,10 @@ def train_args(sweep: Sweep) -> argparse.Namespace:
 
 def weights_sha256(model) -> str:
     """An anchor's identity as built (`snnet.core.checkpoint.state_sha256` of its state dict)."""
-    from snnet.core.checkpoint import state_sha256
     return state_sha256(model.state_dict())
 
 
 def _anchor_identity(spec, model, sha_cache: dict[str, str]) -> dict[str, Any]:
-    from snnet.results.records import file_sha256
     ident = {"name": spec.name, "model_kwargs": spec.model_kwargs, "checkpoint": spec.checkpoint}
     if spec.checkpoint and Path(spec.checkpoint).is_file():
         if spec.checkpoint not in sha_cache:
@@ -129,18 +160,13 @@ def _anchor_identity(spec, model, sha_cache: dict[str, str]) -> dict[str, Any]:
 def prepare(sweep: Sweep) -> Prepared:
     """Every input checked, before anything is written: train.py flags, data, anchors (seeded, built and loaded
     once), every run's blocks, resolution and stitching layer."""
-    from timm.utils import random_seed
 
-    from snnet.core.adapter import adapter_for
-    from snnet.core.build import create_anchor
-    from snnet.train.data import DataError, check_data, create_datasets, num_classes_of
-    from snnet.train.device import device_from_flag
-    from snnet.train.preflight import check_augmentation, check_output
     args = train_args(sweep)
     check_output(sweep.out)
-    check_data(args, need_train=True, world_size=1)
+    data = options_from(DataOptions, args)
+    check_data(data, need_train=True, world_size=1)
     check_augmentation(args, None)
-    train_ds, val_ds = create_datasets(args, need_train=True)
+    train_ds, val_ds = create_datasets(data, need_train=True)
     if val_ds is None:
         raise DataError(f"data folder {args.data_dir!r} has no val/ (or validation/) split; stitch-train validates "
                         f"every epoch: add one")
@@ -237,7 +263,6 @@ class _TrackedLoss:
 
 
 def _loss_fn(run: RunSpec, args: argparse.Namespace, teacher):
-    from snnet.train.losses import DistillationLoss, base_criterion
     base = base_criterion(False, args.smoothing)
     if run.loss == "ce":
         return DistillationLoss(base, None, "none")
@@ -257,7 +282,6 @@ class _Trajectory:
         return rec
 
     def flush(self) -> None:
-        from snnet.core.fileio import write_text_atomic
         write_text_atomic(self.path, "".join(line + "\n" for line in self.lines))
 
 
@@ -269,17 +293,7 @@ def train_run(prep: Prepared, run: RunSpec, plan: RunPlan, run_dir: Path, rank: 
               world_size: int = 1) -> dict[str, Any]:
     """Train and evaluate one run in this process; writes its folder (result.json last) and returns the result."""
     import torch
-    from timm.utils import NativeScaler, random_seed
 
-    from snnet.core.checkpoint import save_checkpoint
-    from snnet.core.cost import cost_table
-    from snnet.core.fileio import write_text_atomic
-    from snnet.explore.stitch_train.network import fit_stitch, stitch_flops, stitch_state
-    from snnet.train.data import clean_images, create_eval_loader, create_train_loader
-    from snnet.train.device import amp_dtype_for
-    from snnet.train.engine import TrainContext, evaluate_stitches, train_one_epoch
-    from snnet.train.optim import create_optimizer, create_scheduler, epoch_offset, resolve_lrs
-    from snnet.train.sampler import seed_epoch
 
     args = copy.copy(prep.args)
     args.seed = run.seed
@@ -297,8 +311,9 @@ def train_run(prep: Prepared, run: RunSpec, plan: RunPlan, run_dir: Path, rank: 
         ls_error, _ = fit_stitch(st, clean_images(prep.train_ds, data_cfg, run.ls_images, run.seed), prep.device,
                                  LS_RCOND)
     amp_dtype = amp_dtype_for(args, prep.device)
-    loader = create_train_loader(prep.train_ds, args, data_cfg, prep.device)
-    val_loader = create_eval_loader(prep.val_ds, args, data_cfg)
+    loading = options_from(LoaderOptions, args)
+    loader = create_train_loader(prep.train_ds, loading, data_cfg, prep.device)
+    val_loader = create_eval_loader(prep.val_ds, loading, data_cfg)
     accum = max(1, args.grad_accum_steps)
     steps = len(loader) // accum
     lr, warmup_lr, min_lr = resolve_lrs(args, args.batch_size * accum)
@@ -381,13 +396,9 @@ def train_run(prep: Prepared, run: RunSpec, plan: RunPlan, run_dir: Path, rank: 
 
 def evaluate_anchor(prep: Prepared, label: str) -> dict[str, Any]:
     """An anchor on its own (top-1, FLOPs, params), for the results file's reference points."""
-    from snnet.core.cost import cost_table
-    from snnet.core.model import PlainNet
-    from snnet.train.data import create_eval_loader
-    from snnet.train.engine import evaluate_stitches
     net = PlainNet(prep.models[label], label)
     data_cfg = prep.data_cfg(label)
-    m = evaluate_stitches(net, create_eval_loader(prep.val_ds, prep.args, data_cfg), [0], prep.device,
+    m = evaluate_stitches(net, create_eval_loader(prep.val_ds, options_from(LoaderOptions, prep.args), data_cfg), [0], prep.device,
                           log_interval=prep.args.log_interval)[0]
     size = tuple(data_cfg["input_size"][1:])
     flops = cost_table(net, size, prep.in_chans).route_flops(net.routes[0])

@@ -14,9 +14,10 @@ import itertools
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from snnet.core.config import AnchorSpec, ConfigError, parse_anchor
 from snnet.core.errors import SNNetError

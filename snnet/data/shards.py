@@ -28,13 +28,19 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
+from PIL import Image
+from timm.data.readers import get_img_extensions  # the image types timm's readers take
+from timm.data.readers.reader_image_folder import ReaderImageFolder
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from snnet.core.errors import SNNetError
+from snnet.core.fileio import atomic_path, write_text_atomic
+from snnet.core.progress import Progress
+from snnet.data.options import DataOptions
 
 INFO_FILE = "_info.json"
 SHUFFLE_BUFFER = int(os.environ.get("SNNET_SHARD_SHUFFLE", "1024"))  # samples a training worker mixes
@@ -183,7 +189,6 @@ def iter_shard(path: str, start: int = 0, stop: int | None = None, what: str = "
 
 
 def _image_exts() -> set[str]:
-    from timm.data.readers import get_img_extensions  # the image types timm's readers take
     return {e.lstrip(".") for e in get_img_extensions(as_set=True)} | {"jpg", "jpeg", "png", "webp"}
 
 
@@ -207,7 +212,6 @@ def sample_label(sample: dict, where: str) -> int:
 
 def decode(sample: dict, where: str):
     """(PIL RGB image, class index) of one sample, decoded as timm's ImageDataset decodes a file."""
-    from PIL import Image
     ext = _image_ext(sample)
     if ext is None:
         raise ShardError(f"{where} has no image member ({', '.join(sample) or 'nothing'}); rewrite the shard")
@@ -252,13 +256,13 @@ class ShardDataset(Dataset):
     def __getitem__(self, index):
         raise TypeError("shards are streamed, not indexed: use eval_stream, train_stream or subset")
 
-    def subset(self, positions: Sequence[int]) -> "ShardSubset":
+    def subset(self, positions: Sequence[int]) -> ShardSubset:
         return ShardSubset(self.split, positions, self.transform)
 
-    def train_stream(self, rank: int, world_size: int, batch_size: int) -> "TrainStream":
+    def train_stream(self, rank: int, world_size: int, batch_size: int) -> TrainStream:
         return TrainStream(self.split, self.seed, rank, world_size, batch_size, self.transform)
 
-    def eval_stream(self, rank: int, world_size: int, batch_size: int) -> "EvalStream":
+    def eval_stream(self, rank: int, world_size: int, batch_size: int) -> EvalStream:
         return EvalStream(self.split, rank, world_size, batch_size, self.transform)
 
 
@@ -378,7 +382,7 @@ class TrainStream(IterableDataset):
         for shard, a, b in self._segments(lo, hi):
             seen = 0
             path = self.split.files[shard]
-            for pos, key, sample in iter_shard(path, a, b):
+            for _pos, key, sample in iter_shard(path, a, b):
                 seen += 1
                 item = (f"sample {key!r} of shard {path!r}", sample)
                 if len(buf) < max(self.buffer, 1):
@@ -400,14 +404,13 @@ class TrainStream(IterableDataset):
 
 
 # -------------------------------------------------------------------------------------------- preflight check
-def check_shards(args, need_train: bool, world_size: int, train_names: Sequence[str], val_names: Sequence[str]):
+def check_shards(args: DataOptions, need_train: bool, world_size: int, train_names: Sequence[str], val_names: Sequence[str]):
     """Every shard of the run's splits read as far as its tar headers and class members, before any work: a missing
     or truncated shard, a shard whose samples differ from _info.json, a class index out of range, a sample without
     an image: one line naming the shard. Returns {split name: samples}.
 
     Under torchrun only rank 0 reads the shards (the other ranks check that every shard exists): distributed_train.sh
     has run the whole check once before the launch."""
-    from snnet.core.progress import Progress
     root = shard_root(args.data_dir, args.dataset)
     info = read_info(root)
     splits = []
@@ -436,7 +439,7 @@ def check_shards(args, need_train: bool, world_size: int, train_names: Sequence[
                                      f"{INFO_FILE}")
                 continue
             seen = 0
-            for pos, key, sample in iter_shard(path, headers_only=True):
+            for _pos, key, sample in iter_shard(path, headers_only=True):
                 seen += 1
                 where = f"sample {key!r} of {what} shard {path!r}"
                 if _image_ext(sample) is None:
@@ -474,14 +477,11 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_shards(splits: dict[str, str], out: str, shard_size: int, name: str) -> dict:
-    """Split folders of an ImageFolder ({split name: folder}, from `snnet.train.data.write_folder_shards`, which
+    """Split folders of an ImageFolder ({split name: folder}, from `snnet.data.datasets.write_folder_shards`, which
     checks them) as WebDataset shards in `out`, samples in the order timm's folder reader lists them (so a sample id
     of the shards is the image's index in the folder evaluation). Each shard and then ``_info.json`` are written
     atomically (temp file, rename); progress is logged. Returns the info written."""
-    from timm.data.readers.reader_image_folder import ReaderImageFolder
 
-    from snnet.core.fileio import atomic_path, write_text_atomic
-    from snnet.core.progress import Progress
     if shard_size < 1:
         raise ShardError(f"--shard-size {shard_size} must be at least 1 (samples per shard)")
     readers, classes, first_split = {}, None, None

@@ -1,0 +1,322 @@
+"""Checks that turn a wrong data folder into a one-line error before any work: the layout, the classes, the steps
+an epoch gives, the image headers (no image decoded)."""
+from __future__ import annotations
+
+import math
+import os
+
+from PIL import Image
+from timm.data import dataset_factory
+from timm.data.readers import get_img_extensions
+from timm.data.readers.class_map import load_class_map
+from timm.utils.misc import natural_key
+
+from snnet.core.errors import SNNetError
+from snnet.data.options import DataOptions
+from snnet.data.shards import check_shards, is_shards
+
+_TRAIN_NAMES = ("train", "training")
+_VAL_NAMES = ("validation", "val", "valid", "eval", "evaluation")
+
+
+def img_extensions() -> set[str]:
+    """The image file extensions timm's folder reader lists (read at call time: timm lets them be changed)."""
+    return get_img_extensions(as_set=True)
+
+
+def _is_image(name: str, extensions: set[str]) -> bool:
+    return os.path.splitext(name)[1].lower() in extensions  # the reader's own test
+
+
+class DataError(SNNetError):
+    """A dataset that cannot be used; the message names the folder and the fix."""
+
+
+def _split_dir(root: str, split: str, synonyms: tuple[str, ...]) -> str | None:
+    for name in (split, *[s for s in synonyms if s != split]):
+        path = os.path.join(root, name)
+        if os.path.isdir(path):
+            return path
+    return None
+
+
+def _check_image_folder(path: str, what: str) -> None:
+    classes = [d for d in sorted(os.listdir(path)) if os.path.isdir(os.path.join(path, d))]
+    if not classes:
+        raise DataError(f"{what} folder {path!r} has no class sub-folders; lay it out as {path}/<class>/<image>")
+    extensions = img_extensions()
+    for c in classes:
+        for _, _, files in os.walk(os.path.join(path, c)):
+            if any(_is_image(f, extensions) for f in files):
+                return
+    raise DataError(f"{what} folder {path!r} has class folders but no images ({', '.join(sorted(extensions))}; "
+                    f"timm's folder reader reads no other files)")
+
+
+def resolve_folders(args: DataOptions, need_train: bool) -> tuple[str | None, str | None]:
+    """The train and validation folders of a folder dataset (``--dataset ''``), checked."""
+    root = args.data_dir
+    if os.path.isfile(root):
+        raise DataError(f"data folder {root!r} is a file; give the dataset root folder (with train/ and val/)")
+    if not os.path.isdir(root):
+        raise DataError(f"data folder {root!r} does not exist; give the dataset root (with train/ and val/)")
+    if not os.listdir(root):
+        raise DataError(f"data folder {root!r} is empty; it needs train/ and val/ (or validation/) class folders")
+    train = _split_dir(root, args.train_split, _TRAIN_NAMES)
+    val = _split_dir(root, args.val_split, _VAL_NAMES)
+    if need_train and train is None:
+        raise DataError(f"data folder {root!r} has no {args.train_split}/ folder; lay it out as "
+                        f"{root}/train/<class>/<image> and {root}/val/<class>/<image>")
+    if not need_train and val is None:
+        raise DataError(f"data folder {root!r} has no validation/ or val/ folder to evaluate on")
+    for path, what in ((train, "train"), (val, "validation")):
+        if path is not None:
+            _check_image_folder(path, what)
+    return train, val
+
+
+# ---------------------------------------------------------------------------------------- check_data: no image decoded
+def _first(names, n: int = 5) -> str:
+    names = sorted(names, key=_natural_key)
+    return ", ".join(repr(x) for x in names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _natural_key(name: str):
+    return natural_key(name)
+
+
+def scan_image_folder(path: str, what: str = "train") -> dict[str, int]:
+    """Images per class of a split folder as timm's folder reader labels them (the name of the folder holding an
+    image; its extensions), without opening a file. Links are followed as the reader does, and a folder reached a
+    second time through a link (a loop, or two links to one folder) is refused: the reader would read it again."""
+    extensions = img_extensions()
+    counts: dict[str, int] = {}
+    top = os.path.realpath(path)
+    seen = {top: path}
+    stack = [path]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name, reverse=True)  # popped in name order
+        except OSError as e:
+            raise DataError(f"{what} folder {folder!r} cannot be listed ({e.strerror or e}); fix its permissions or "
+                            f"remove it (timm's reader would silently leave its images out)") from None
+        images = 0
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()  # follows links, as os.walk(followlinks=True) in the reader
+            except OSError:
+                is_dir = False
+            if not is_dir:
+                images += _is_image(entry.name, extensions)
+                continue
+            real = os.path.realpath(entry.path)
+            if real in seen:
+                here = os.path.realpath(folder)
+                if here == real or here.startswith(real.rstrip(os.sep) + os.sep):
+                    raise DataError(f"{what} folder {path!r}: the symlink {entry.path!r} loops back to "
+                                    f"{seen[real]!r}, so timm's reader (which follows links) would read its images "
+                                    f"over and over; remove the link")
+                link = entry.path if os.path.islink(entry.path) or not os.path.islink(seen[real]) else seen[real]
+                raise DataError(f"{what} folder {path!r}: {entry.path!r} and {seen[real]!r} are the same folder "
+                                f"{real!r} (through a symlink), so timm's reader would read its images twice; "
+                                f"remove the link {link!r}")
+            seen[real] = entry.path
+            stack.append(entry.path)
+        if images:
+            label = os.path.basename(os.path.relpath(folder, path)) if folder != path else ""
+            counts[label] = counts.get(label, 0) + images
+    return counts
+
+
+def _load_class_map(args: DataOptions, root: str) -> dict:
+    try:
+        mapping = load_class_map(args.class_map, root)
+    except Exception as e:  # timm asserts on a missing file or an unknown extension
+        reason = " ".join(str(e).split())[:120] or type(e).__name__
+        raise DataError(f"--class-map {args.class_map!r} cannot be read ({reason}); give a .txt file with one class "
+                        f"folder name per line") from None
+    if not mapping:
+        raise DataError(f"--class-map {args.class_map!r} holds no classes; give one class folder name per line")
+    return mapping
+
+
+def train_samples_per_process(images: int, world_size: int, aug_repeats: float = 0) -> int:
+    """Training samples one process draws per epoch, as timm's loader samples them (DistributedSampler pads to
+    ceil(n / world); RepeatAugSampler takes a multiple of 256 when there are that many)."""
+    if world_size <= 1:
+        return images
+    if aug_repeats and images >= 256:
+        return images // 256 * 256 // world_size
+    return math.ceil(images / world_size)
+
+
+def _check_steps(args: DataOptions, images: int, where: str, world_size: int) -> None:
+    batch, accum = args.batch_size, max(1, int(getattr(args, "grad_accum_steps", 1) or 1))
+    per = train_samples_per_process(images, world_size, getattr(args, "aug_repeats", 0) or 0)
+    if per // batch // accum >= 1:
+        return
+    procs = f"{per} per process over {world_size} processes" if world_size > 1 else "1 process"
+    if per // batch:  # whole batches, but fewer than one accumulation
+        raise DataError(f"--grad-accum-steps {accum} exceeds the {per // batch} training batch(es) per process and "
+                        f"epoch ({where} has {images} training images, {procs}, -b/--batch-size {batch}); lower it "
+                        f"or -b/--batch-size")
+    accum_txt = f" and --grad-accum-steps {accum}" if accum > 1 else ""
+    fix = (f"lower -b to at most {per // accum}" if per // accum else
+           f"lower --grad-accum-steps to at most {per} or add images")
+    raise DataError(f"-b/--batch-size {batch}{accum_txt} gives no optimizer step: {where} has {images} training "
+                    f"images ({procs}) and timm's training loader drops the last incomplete batch; {fix}")
+
+
+def _check_num_classes(args: DataOptions, classes: int, where: str) -> None:
+    wanted = getattr(args, "num_classes", None)
+    if wanted is not None and wanted < classes:
+        raise DataError(f"--num-classes {wanted} is smaller than the {classes} classes of {where}: labels "
+                        f"{wanted}..{classes - 1} would have no output; raise it to {classes} or leave it out "
+                        f"(the default is the number of classes of the data)")
+
+
+_TORCH_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "kmnist": 10, "fashion_mnist": 10, "qmnist": 10}
+
+
+def hf_folder(args: DataOptions) -> str:
+    """The local Hugging Face dataset folder of ``--dataset hfds/NAME`` or ``hfids/NAME``: --data-dir/NAME (parquet
+    files in the Hub's layout, data/<split>-*.parquet, or anything `datasets.load_dataset` reads from a folder).
+    Nothing is downloaded: a name that is no such folder is refused."""
+    rest = args.dataset.partition("/")[2]
+    folder = os.path.join(args.data_dir, rest) if rest else args.data_dir
+    if not os.path.isdir(folder):
+        raise DataError(f"--dataset {args.dataset!r}: no folder {folder!r}; put the dataset's files (e.g. "
+                        f"data/train-*.parquet, data/validation-*.parquet) in --data-dir/{rest or 'NAME'} (nothing "
+                        f"is downloaded)")
+    return os.path.abspath(folder)
+
+
+def _check_other_dataset(args: DataOptions) -> None:
+    """What is cheap to check for timm's non-folder datasets (torch/..., hfds/..., hfids/...): the name and the root."""
+    prefix, sep, rest = args.dataset.partition("/")
+    if prefix.lower() in ("hfds", "hfids"):
+        hf_folder(args)
+        try:
+            import datasets  # noqa: F401  (timm's readers need it)
+        except ImportError:
+            raise DataError(f"--dataset {args.dataset!r} needs the Hugging Face datasets package; pip install "
+                            f"-r requirements.txt") from None
+        return
+    if prefix.lower() != "torch" or not sep:
+        return
+    name = rest.split("/")[-1].lower()
+    known = set(getattr(dataset_factory, "_TORCH_BASIC_DS", {})) | {"inaturalist", "inat", "places365", "qmnist",
+                                                                    "imagenet", "image_folder", "folder"}
+    if name not in known:
+        raise DataError(f"--dataset {args.dataset!r}: unknown torchvision dataset {name!r}; one of "
+                        f"{', '.join(sorted(known))}")
+    root = args.data_dir
+    if root and os.path.isfile(root):
+        raise DataError(f"data folder {root!r} is a file; give the folder of the {name} dataset")
+    if root and not os.path.isdir(root) and (name in ("imagenet", "image_folder", "folder")
+                                             or not getattr(args, "dataset_download", False)):
+        raise DataError(f"data folder {root!r} does not exist; give the folder of the {name} dataset"
+                        + ("" if name in ("imagenet", "image_folder", "folder") else " or add --dataset-download"))
+    if name in _TORCH_CLASSES and not getattr(args, "class_map", ""):
+        _check_num_classes(args, _TORCH_CLASSES[name], f"--dataset {args.dataset}")
+
+
+def check_data(args: DataOptions, need_train: bool, world_size: int) -> None:
+    """The dataset of a run, checked before any work by a scan of its folders (no image is opened); a problem is a
+    one-line DataError naming the value and the fix.
+
+    Folder datasets (``--dataset ''``): the layout (`resolve_folders`); no folder reached twice through symlinks;
+    train/ and val/ hold the same classes (timm numbers each split's sorted class folders on its own, so a class
+    missing from one split would shift the labels of the other) unless --class-map fixes the numbering;
+    --num-classes covers the classes; training gives each of `world_size` processes at least one optimizer step.
+    Images are counted as timm's folder reader counts them (its extensions, its labels)."""
+    if is_shards(args.dataset):  # WebDataset shards: every shard's headers, counts and class indices
+        counts = check_shards(args, need_train, world_size, _TRAIN_NAMES, _VAL_NAMES)
+        if need_train:
+            _check_steps(args, counts["train"], f"the shards in {args.data_dir!r}", world_size)
+        return
+    if args.dataset != "":
+        _check_other_dataset(args)
+        return
+    train_dir, val_dir = resolve_folders(args, need_train)
+    train_dir = train_dir if need_train else None
+    mapping = _load_class_map(args, train_dir or val_dir) if getattr(args, "class_map", "") else None
+    raw, scans = {}, {}  # each split folder walked once: class folder -> images, as found / as the class map keeps
+    for path, what in ((train_dir, "train"), (val_dir, "validation")):
+        if path is not None:
+            raw[what] = scan_image_folder(path, what)
+            scans[what] = {c: n for c, n in raw[what].items() if c in mapping} if mapping is not None else raw[what]
+    for path, what in ((train_dir, "train"), (val_dir, "validation")):
+        hidden = sorted(c for c in raw.get(what, {}) if _hidden(c))
+        if hidden:
+            raise DataError(f"{what} folder {path!r} has a hidden folder with images, {hidden[0]!r} (e.g. Jupyter's "
+                            f".ipynb_checkpoints): timm's reader would make it a class of its own; remove it")
+    if mapping is not None:
+        for path, what in ((train_dir, "train"), (val_dir, "validation")):
+            left_out = sorted(set(raw[what]) - set(mapping)) if path is not None else []
+            if left_out:
+                raise DataError(f"{what} folder {path!r} has class folders with images that --class-map "
+                                f"{args.class_map!r} leaves out ({_first(left_out)}): their images would be dropped "
+                                f"without a word; add them to the class map or move them out of the folder")
+            if path is not None and not scans[what]:
+                raise DataError(f"{what} folder {path!r} has no images of the classes in --class-map "
+                                f"{args.class_map!r} (its folders: {_first(raw[what])}); "
+                                f"check the class map")
+    elif train_dir and val_dir and set(scans["train"]) != set(scans["validation"]):
+        only_train, only_val = set(scans["train"]) - set(scans["validation"]), set(scans["validation"]) - set(scans["train"])
+        parts = ([f"only in train/: {_first(only_train)}"] if only_train else []) + \
+                ([f"only in {os.path.basename(val_dir)}/: {_first(only_val)}"] if only_val else [])
+        raise DataError(f"train folder {train_dir!r} and validation folder {val_dir!r} have different classes "
+                        f"({'; '.join(parts)}): timm numbers each split's class folders separately, so the labels "
+                        f"would not match; give both the same class folders (each with images), or pass --class-map")
+    if mapping is not None:
+        indices = [v for v in mapping.values() if isinstance(v, int)]
+        classes = (max(indices) + 1) if indices else len(mapping)
+        _check_num_classes(args, classes, f"--class-map {args.class_map!r}")
+    else:
+        what = "train" if train_dir else "validation"
+        _check_num_classes(args, len(scans[what]), f"{what} folder {train_dir or val_dir!r}")
+    if train_dir:
+        _check_steps(args, sum(scans["train"].values()), f"train folder {train_dir!r}", world_size)
+    # every image the evaluation counts, and a sample of the training images: decodable as 8-bit images
+    if val_dir:
+        check_image_headers(val_dir, "validation")
+    if train_dir:
+        check_image_headers(train_dir, "train", per_class=2)
+
+
+def _hidden(label: str) -> bool:
+    return any(part.startswith(".") for part in label.split(os.sep))
+
+
+#: PIL modes of 16/32-bit images: timm's loader converts them to RGB by clipping to 0..255, so a 16-bit PNG becomes
+#: a nearly white image, silently
+_WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def check_image_headers(folder: str, what: str, per_class: int | None = None) -> int:
+    """Open every image of a split folder (or the first `per_class` of each class folder) as far as its header: a file
+    PIL cannot identify, or a 16/32-bit image that timm's RGB conversion would clip to white, is a one-line DataError
+    naming the file. Headers only (no decoding): about 0.1 ms per file. Returns the files checked."""
+    extensions, checked = img_extensions(), 0
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs.sort()
+        images = sorted(f for f in files if _is_image(f, extensions))
+        for name in images[:per_class] if per_class is not None else images:
+            path = os.path.join(root, name)
+            try:
+                with Image.open(path) as img:
+                    mode = img.mode
+            except Image.DecompressionBombError as e:  # timm's loader would refuse it mid-run
+                raise DataError(f"{what} image {path!r} is too large for PIL ({' '.join(str(e).split())[:120]}); "
+                                f"downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from None
+            except Exception as e:
+                raise DataError(f"{what} image {path!r} cannot be read ({type(e).__name__}); remove or replace it "
+                                f"(evaluation does not skip images, so that every count is exact)") from None
+            if mode in _WIDE_MODES:
+                raise DataError(f"{what} image {path!r} is a {mode} (16/32-bit) image, which timm's loader would clip "
+                                f"to nearly white; convert the images to 8-bit RGB first")
+            checked += 1
+    return checked

@@ -1,0 +1,176 @@
+"""Loaders: timm's training loader (a skipped unreadable image is named) and the exact evaluation loader (every
+image once, this rank's disjoint share, an unreadable image stops it)."""
+from __future__ import annotations
+
+import copy
+import logging
+import re
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from timm.data import ImageDataset, create_loader
+from torch.utils.data import DataLoader
+
+from snnet.core.distributed import world
+from snnet.data.checks import DataError
+from snnet.data.options import LoaderOptions
+from snnet.data.shards import ShardDataset
+from snnet.data.transforms import eval_transform, src_crop, timm_crop_mode
+
+_logger = logging.getLogger(__name__)
+
+
+_SKIP = threading.local()
+
+
+_TIMM_SKIP = re.compile(r"^Skipped sample \(index \d+\)\. (.*)$", re.S)
+
+
+class _HoldTimmSkip(logging.Filter):
+    """While `_NamedSkips` loads an image, timm's "Skipped sample (index N). <reason>" warning (which for a truncated
+    image does not name the file) is held back and its reason kept, for the one line that names the file."""
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(_SKIP, "active", False):
+            return True
+        m = _TIMM_SKIP.match(record.getMessage())
+        if m is None:
+            return True
+        _SKIP.reason = m.group(1)
+        return False
+
+
+_HOLD = _HoldTimmSkip()
+
+
+class _NamedSkips(torch.utils.data.Dataset):
+    """A training dataset whose skipped (unreadable) images are named: timm's ImageDataset skips an image it cannot
+    decode and uses the next one, logging only the index for a truncated file. This reproduces timm's retry rule
+    exactly (next index, up to the dataset's retry limit, then timm's error), so the same images are used, and logs
+    one warning with the file's path per skipped image."""
+    def __init__(self, dataset):
+        self.retries = max(1, int(getattr(dataset, "_max_retries", 1)))
+        self.dataset = copy.copy(dataset)  # its own retry limit and transform; the caller's dataset is untouched
+        self.dataset._max_retries = 1
+
+    @property
+    def transform(self):
+        return self.dataset.transform
+
+    @transform.setter
+    def transform(self, value) -> None:  # timm's create_loader sets it
+        self.dataset.transform = value
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name in ("dataset", "retries"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _name(self, index: int) -> str:
+        try:
+            return str(self.dataset.filename(index, absolute=True))
+        except Exception:
+            return f"index {index}"
+
+    def __getitem__(self, index: int):
+        timm_logger = logging.getLogger("timm.data.dataset")
+        if _HOLD not in timm_logger.filters:  # also in spawned loader workers
+            timm_logger.addFilter(_HOLD)
+        for _ in range(self.retries):
+            _SKIP.active, _SKIP.reason = True, None
+            try:
+                return self.dataset[index]
+            except RuntimeError as e:
+                if "consecutive samples" not in str(e):
+                    raise
+                _logger.warning(f"skipped training image {self._name(index)!r} ({_SKIP.reason or 'unreadable'}); "
+                                f"the next image is used in its place: remove or replace the file")
+                index = (index + 1) % len(self.dataset)
+            finally:
+                _SKIP.active = False
+        raise RuntimeError(f"Failed to load {self.retries} consecutive samples")
+
+
+def create_train_loader(dataset, args: LoaderOptions, data_cfg: dict[str, Any], device: torch.device,
+                        collate_fn=None):
+    """timm's training loader; a timm ImageDataset is wrapped so that a skipped unreadable image is named."""
+    if isinstance(dataset, ImageDataset):
+        dataset = _NamedSkips(dataset)
+    elif isinstance(dataset, ShardDataset):  # this rank's deterministic stream (set_epoch before each epoch)
+        dataset = dataset.train_stream(*(world() if args.distributed else (0, 1)), args.batch_size)
+    num_aug_splits = args.aug_splits if args.aug_splits > 1 else 0
+    loader = create_loader(
+        dataset, input_size=data_cfg["input_size"], batch_size=args.batch_size, is_training=True,
+        no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
+        re_split=args.resplit, scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip,
+        color_jitter=args.color_jitter, auto_augment=args.aa, num_aug_repeats=int(args.aug_repeats),
+        num_aug_splits=num_aug_splits, interpolation=args.train_interpolation, mean=data_cfg["mean"],
+        std=data_cfg["std"], num_workers=args.workers, distributed=args.distributed, collate_fn=collate_fn,
+        pin_memory=args.pin_mem, device=device, use_prefetcher=not args.no_prefetcher,
+        # fresh workers each epoch, seeded from the per-epoch RNG state: a resumed run augments identically
+        persistent_workers=False, train_crop_mode=timm_crop_mode(args.train_crop_mode))
+    if args.train_crop_mode == "src":
+        loader.dataset.transform = src_crop(loader.dataset.transform, data_cfg["input_size"][-1])
+    return loader
+
+
+class _StrictImages(torch.utils.data.Dataset):
+    """Evaluation reads every image or stops, naming the file: timm's datasets skip an unreadable image and
+    substitute the next one, which is fine for training (`_NamedSkips` names the file) but would make the counts of
+    an evaluation silently wrong."""
+    def __init__(self, dataset):
+        self.dataset = dataset
+        if hasattr(dataset, "_max_retries"):
+            dataset._max_retries = 1
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.dataset[index]
+        except RuntimeError as e:
+            if "consecutive samples" not in str(e):
+                raise
+            name = self.dataset.filename(index, absolute=True) if hasattr(self.dataset, "filename") else index
+            raise DataError(f"image {str(name)!r} cannot be read; remove or replace it (evaluation does not skip "
+                            f"images, so that every count is exact)") from None
+
+
+class _Shard(torch.utils.data.Dataset):
+    """Every world_size-th sample from `rank`: disjoint shards with no padding, so reduced counts are exact. Each
+    sample is (image, label, index): the index is the image's place in the whole split (the id of its per-image
+    prediction, whatever the number of ranks)."""
+    def __init__(self, dataset, rank: int, world_size: int):
+        self.dataset, self.indices = dataset, list(range(rank, len(dataset), world_size))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        index = self.indices[i]
+        image, label = self.dataset[index]
+        return image, label, index
+
+
+def create_eval_loader(dataset, args: LoaderOptions, data_cfg: dict[str, Any] | Sequence[dict[str, Any]],
+                       rank: int = 0, world_size: int = 1, batch_size: int | None = None) -> DataLoader:
+    """The evaluation loader: batches (images, labels, sample ids), in order, this rank's disjoint shard; a sample id
+    is the image's index in the whole split. With a sequence of
+    data configs (`anchor_data_configs`' distinct ones) the images of a batch are a list of tensors, one per
+    config, of the same images."""
+    batch_size = batch_size or args.validation_batch_size or args.batch_size
+    if isinstance(dataset, ShardDataset):  # this rank's contiguous range of the shards, whole batches per worker
+        stream = dataset.eval_stream(rank, world_size, batch_size)
+        stream.transform = eval_transform(data_cfg)
+        return DataLoader(stream, batch_size=batch_size, num_workers=args.workers, pin_memory=args.pin_mem,
+                          drop_last=False, persistent_workers=False)
+    dataset = copy.copy(dataset)
+    dataset.transform = eval_transform(data_cfg)
+    return DataLoader(_Shard(_StrictImages(dataset), rank, world_size), batch_size=batch_size or args.validation_batch_size
+                      or args.batch_size, shuffle=False, num_workers=args.workers, pin_memory=args.pin_mem,
+                      drop_last=False, persistent_workers=False)

@@ -1,0 +1,90 @@
+"""Typed options instead of train.py's namespace: the option objects' defaults are train.py's, train.py builds them
+from its resolved arguments, and no library module below the entry points takes an argparse namespace (issue 30)."""
+from __future__ import annotations
+
+import ast
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from snnet.data.options import DataOptions, LoaderOptions
+from snnet.train.args import build_parser, options_from
+
+ROOT = Path(__file__).resolve().parents[1]
+#: the entry points and train.py's argument parser and its resolution: the only modules that may take a namespace
+EDGE = {"snnet/cli.py", "snnet/demo.py", "snnet/train/args.py", "snnet/train/resolve.py"}
+#: modules not yet converted (issue 30, still open): this list may only shrink; the test fails when a listed module
+#: no longer takes a namespace (take it off) and when any other module takes one
+PENDING = {"snnet/explore/search.py", "snnet/explore/similarity.py",
+           "snnet/explore/stitch_train/__init__.py", "snnet/explore/stitch_train/runner.py", "snnet/train/device.py",
+           "snnet/train/loggers.py", "snnet/train/main.py", "snnet/train/network.py", "snnet/train/optim.py",
+           "snnet/train/positions.py", "snnet/train/preflight.py"}
+
+
+def _is_namespace(node: ast.AST | None) -> bool:
+    if node is None:
+        return False
+    text = ast.unparse(node)
+    return "Namespace" in text
+
+
+def namespace_takers(path: Path) -> list[str]:
+    """Functions (and dataclass fields) of a module whose parameter, return or field annotation is a namespace."""
+    tree = ast.parse(path.read_text(), str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            params = [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs,
+                      *filter(None, [node.args.vararg, node.args.kwarg])]
+            if any(_is_namespace(a.annotation) for a in params) or _is_namespace(node.returns):
+                found.append(f"{node.name} (line {node.lineno})")
+        elif isinstance(node, ast.AnnAssign) and _is_namespace(node.annotation):
+            found.append(f"{ast.unparse(node.target)} (line {node.lineno})")
+    return found
+
+
+def test_no_library_module_takes_a_namespace():
+    takers = {}
+    for path in sorted((ROOT / "snnet").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        found = namespace_takers(path)
+        if found and rel not in EDGE:
+            takers[rel] = found
+    new = {k: v for k, v in takers.items() if k not in PENDING}
+    assert not new, f"modules below the entry points take an argparse namespace; take typed options: {new}"
+    done = sorted(PENDING - set(takers))
+    assert not done, f"these modules no longer take a namespace: remove them from PENDING: {done}"
+
+
+def test_the_scan_finds_a_namespace(tmp_path):
+    src = tmp_path / "x.py"
+    src.write_text("import argparse\nfrom dataclasses import dataclass\n"
+                   "def f(a: int, args: argparse.Namespace) -> None: ...\n"
+                   "def g(x) -> argparse.Namespace: ...\n"
+                   "@dataclass\nclass P:\n    args: argparse.Namespace\n"
+                   "def h(data: 'DataOptions') -> None: ...\n")
+    assert [s.split()[0] for s in namespace_takers(src)] == ["f", "g", "args"]
+
+
+@pytest.mark.parametrize("cls", [DataOptions, LoaderOptions])
+def test_option_defaults_are_train_py_defaults(cls):
+    """A tool building options by keyword gets what train.py gets without the flag."""
+    defaults = vars(build_parser().parse_args(["folder"]))
+    for f in dataclasses.fields(cls):
+        if f.name not in defaults or f.default is dataclasses.MISSING:
+            continue
+        want = defaults[f.name]
+        want = tuple(want) if isinstance(want, list) else want
+        assert f.default == want, f"{cls.__name__}.{f.name}: {f.default!r}, train.py's default {want!r}"
+
+
+def test_options_from_reads_the_flags_and_refuses_unknown_fields():
+    args = build_parser().parse_args(["folder", "-b", "7", "--scale", "0.5", "1.0", "--workers", "0"])
+    args.data_dir, args.distributed = "folder", True
+    loader = options_from(LoaderOptions, args)
+    assert (loader.batch_size, loader.scale, loader.workers, loader.distributed) == (7, (0.5, 1.0), 0, True)
+    assert options_from(DataOptions, args, seed=3).seed == 3
+    assert loader.with_batch_size(64).batch_size == 64 and loader.batch_size == 7
+    with pytest.raises(TypeError, match="no field"):
+        options_from(DataOptions, args, nonsense=1)

@@ -1,0 +1,31 @@
+"""Route steps are small named types (issue 30) that keep their plain-tuple form: equal, same hash, same JSON."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import TINY
+
+from snnet.core.build import build_snnet
+from snnet.core.config import parse_stitch_config
+from snnet.core.steps import StitchStep, UnitStep, as_step, stitch_step, unit_step
+
+
+def test_steps_are_named_and_equal_their_plain_form():
+    u, s = unit_step(1, 4), stitch_step("0_1")
+    assert (u.kind, u.anchor, u.unit) == ("unit", 1, 4) and (s.kind, s.address) == ("stitch", "0_1")
+    assert u == ("unit", 1, 4) and hash(u) == hash(("unit", 1, 4)) and {("unit", 1, 4): 1}[u] == 1
+    assert json.loads(json.dumps([u, s])) == [["unit", 1, 4], ["stitch", "0_1"]]  # export files keep this form
+
+
+def test_as_step_reads_the_plain_form_back():
+    assert isinstance(as_step(["unit", 0, 2]), UnitStep) and as_step(["unit", 0, 2]) == unit_step(0, 2)
+    assert isinstance(as_step(("stitch", [3])), StitchStep) and as_step(("stitch", [3])).address == (3,)
+    with pytest.raises(ValueError, match="not a route step"):
+        as_step(("jump", 1))
+
+
+def test_compiled_routes_hold_named_steps():
+    net = build_snnet(parse_stitch_config({"anchors": TINY}), pretrained=False, num_classes=10, img_size=16)
+    kinds = {type(s) for route in net.routes for s in route}
+    assert kinds == {UnitStep, StitchStep}
