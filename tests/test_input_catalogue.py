@@ -267,3 +267,58 @@ def test_bad_input(case, argv, message, world, digits_folder, tiny_config, tmp_p
 
 def test_catalogue_is_large_enough():
     assert len(CASES) >= 60
+
+
+# ------------------------------------------------------------------------------ the snnet command, part 4 (issue 32)
+DEMO = Path(__file__).resolve().parent.parent / "results" / "demo"
+
+
+@pytest.fixture(scope="module")
+def world4(tmp_path_factory):
+    """Results files as users bring them: Notepad's byte-order mark and CRLF, a predictions file cut short, a file
+    without its anchors."""
+    w = tmp_path_factory.mktemp("bad4")
+    lines = (DEMO / "stitches_res.txt").read_text().splitlines()
+    (w / "bom").mkdir()
+    (w / "bom" / "stitches_res.txt").write_bytes(b"\xef\xbb\xbf" + "".join(l + "\r\n" for l in lines).encode())
+    (w / "cut").mkdir()
+    (w / "cut" / "stitches_res.txt").write_text("\n".join(lines) + "\n")
+    (w / "cut" / "stitches_pred.npz").write_bytes((DEMO / "stitches_pred.npz").read_bytes()[:3000])
+    (w / "noanchors").mkdir()
+    n = sum(1 for l in lines if json.loads(l)["route"].count("#") == 1 and "->" not in json.loads(l)["route"])
+    (w / "noanchors" / "stitches_res.txt").write_text("".join(l + "\n" for l in lines[n:]))
+    (w / "noanchors" / "stitches_pred.npz").write_bytes((DEMO / "stitches_pred.npz").read_bytes())
+    return w
+
+
+SNNET_CASES = [
+    ("truncated predictions file", "pareto {w}/cut/stitches_res.txt --baselines --out {out}",
+     "'{w}/cut/stitches_pred.npz' is not a predictions file (BadZipFile"),
+    ("pareto --baselines without the anchors", "pareto {w}/noanchors/stitches_res.txt --baselines --out {out}",
+     "--baselines: '{w}/noanchors/stitches_res.txt' holds no anchor's record"),
+]
+
+
+@pytest.mark.parametrize("case,argv,message", SNNET_CASES, ids=[c[0] for c in SNNET_CASES])
+def test_bad_input_snnet(case, argv, message, world4, tmp_path, cli):
+    fill = lambda s: s.format(w=world4, out=tmp_path / "out")
+    before = snapshot(world4)
+    code, _, err = cli.call("snnet", fill(argv).split())
+    err = err.strip()
+    assert code == 2, (case, err)
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    assert fill(message) in err, err
+    assert snapshot(world4) == before and not (tmp_path / "out").exists(), "files were written or overwritten"
+
+
+def test_results_with_bom_and_crlf_are_read(world4, tmp_path, cli):
+    code, out, err = cli.call("snnet", ["pareto", world4 / "bom" / "stitches_res.txt", "--out", tmp_path])
+    assert code == 0, err
+    want = json.loads((DEMO / "pareto_flops.json").read_text())["files"][0]["front"]
+    assert json.loads((tmp_path / "pareto_flops.json").read_text())["files"][0]["front"] == want
+
+
+def test_pareto_without_anchors_shows_the_front(world4, tmp_path, cli):
+    code, _, err = cli.call("snnet", ["pareto", world4 / "noanchors" / "stitches_res.txt", "--out", tmp_path])
+    assert code == 0, err
+    assert "holds no anchor's record: its front quality is left out" in err

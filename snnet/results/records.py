@@ -180,7 +180,8 @@ def _read_text(path: Path) -> str:
         raise ResultsError(f"results file {str(path)!r} does not exist; pass a stitches_res.txt written by "
                            f"train.py --eval (or SN-Net's evaluation)")
     try:
-        return path.read_text()
+        # utf-8-sig: a byte-order mark (Notepad's) is not part of the first record; CRLF is split by splitlines
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise ResultsError(f"{str(path)!r} is not a text file; pass a stitches_res.txt (one JSON object per "
                            f"line)") from None
