@@ -6,6 +6,10 @@ import hashlib
 import json
 import os
 import pickle
+import signal
+import subprocess
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -322,3 +326,97 @@ def test_pareto_without_anchors_shows_the_front(world4, tmp_path, cli):
     code, _, err = cli.call("snnet", ["pareto", world4 / "noanchors" / "stitches_res.txt", "--out", tmp_path])
     assert code == 0, err
     assert "holds no anchor's record: its front quality is left out" in err
+
+
+# ------------------------------------------------------------------------------ shared folders and full disks
+@contextmanager
+def lock_held_by_another_process(folder):
+    """A second process holding FolderLock(folder), as a first run does; yields its pid, kill -9 at the end.
+    (Not this test process: POSIX locks are per process, and reading the lock file here would release it.)"""
+    code = ("import sys, time; sys.path.insert(0, sys.argv[2]); from snnet.core.fileio import FolderLock; "
+            "FolderLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)")
+    p = subprocess.Popen([sys.executable, "-c", code, str(folder), str(DEMO.parent.parent)], stdout=subprocess.PIPE,
+                         text=True)
+    try:
+        assert p.stdout.readline().strip() == "held"
+        yield p.pid
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+
+
+def test_second_run_into_a_busy_folder_is_refused(digits_folder, tiny_config, tmp_path, cli):
+    """Two runs into one --output/--experiment: the second is refused in one line before any work."""
+    busy = tmp_path / "runs" / "busy"
+    with lock_held_by_another_process(busy) as pid:
+        (busy / "last.pth.tar").write_bytes(b"the first run's checkpoint")
+        before = snapshot(tmp_path)
+        code, _, err = cli.call("train", FAST + [digits_folder, "--stitch_config", tiny_config, "--output",
+                                                 tmp_path / "runs", "--experiment", "busy", "--epochs", "1"])
+        assert code == 2, err
+        err = err.strip()
+        assert err.count("\n") == 0 and "Traceback" not in err, err
+        assert f"folder '{busy}' is in use by another run (pid {pid} on" in err, err
+        assert snapshot(tmp_path) == before
+
+
+def test_lock_of_a_killed_run_is_not_stuck(tmp_path):
+    """kill -9 of the holder: the kernel releases the lock; the next run takes it, and removes the file after."""
+    from snnet.core.fileio import FolderLock, lock_holder
+    folder = tmp_path / "run"
+    with lock_held_by_another_process(folder) as pid:
+        assert lock_holder(folder).startswith(f"pid {pid} on ")
+    assert (folder / FolderLock.NAME).exists()  # left behind by the killed run, but not held
+    assert lock_holder(folder) is None
+    with FolderLock(folder):
+        assert f"pid {os.getpid()} on " in (folder / FolderLock.NAME).read_text()
+    assert not (folder / FolderLock.NAME).exists()
+
+
+def test_a_refused_run_leaves_no_folder(tmp_path):
+    from snnet.core.fileio import FolderLock
+    with FolderLock(tmp_path / "a" / "b"):
+        pass
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs: a real full disk (ENOSPC from the kernel). Mounting needs root; elsewhere the injected test
+    below covers the same path."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root (the injected-ENOSPC test covers the same path)")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_full_disk_under_snnet_out(small_disk, cli):
+    (small_disk / "filler").write_bytes(b"x" * (60 << 10))
+    code, _, err = cli.call("snnet", ["pareto", DEMO / "stitches_res.txt", "--out", small_disk / "out"])
+    err = err.strip()
+    assert code == 2, err
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    assert f"disk full: writing 'pareto_flops.png' into folder '{small_disk / 'out'}' needs" in err, err
+    assert not [p for p in (small_disk / "out").iterdir() if p.name.endswith(".tmp")]  # nothing torn
+
+
+def test_full_disk_checkpoint_injected(tmp_path, monkeypatch):
+    """ENOSPC injected where torch.save writes (as the kernel gives it on a full disk): one message naming the
+    folder and the bytes the checkpoint needs; no temporary file left, the old checkpoint untouched."""
+    import errno
+    from snnet.core import checkpoint
+    from snnet.core.fileio import DiskFullError
+    (tmp_path / "last.pth.tar").write_bytes(b"old")
+
+    def full(obj, f, *a, **k):
+        Path(f).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    with pytest.raises(DiskFullError, match=r"disk full: writing 'last.pth.tar' into folder '.*' needs about 4,000 "
+                                            r"bytes \([\d,]+ bytes free there\)"):
+        checkpoint.save_checkpoint(tmp_path / "last.pth.tar", {"w": torch.zeros(1000)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth.tar"]
+    assert (tmp_path / "last.pth.tar").read_bytes() == b"old"

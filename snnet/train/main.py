@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from snnet.train.data import (DataError, clean_images, create_datasets, create_e
                                data_source, num_classes_of)
 from snnet.train.device import amp_dtype_for, restart_attempt, resolve_device, unwrap, world
 from snnet.train.engine import PerImage, TrainContext, default_val_panel, evaluate_stitches, train_one_epoch
-from snnet.core.fileio import write_text_atomic
+from snnet.core.fileio import FolderLock, write_text_atomic
 from snnet.train.loggers import Loggers, check_loggers, create_loggers
 from snnet.train.losses import create_loss
 from snnet.core.model import RoutedNet
@@ -177,9 +178,6 @@ def ls_initialise(net: RoutedNet, run: Run, images_from) -> None:
 
 # ------------------------------------------------------------------------------------------------------ the run
 def run(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
-    from timm.data import resolve_data_config
-    from timm.utils import random_seed
-
     if args.dry_run:  # before any process group, weight or image: rank 0 prints the resolved run
         check_recipe(args, stitch_cfg, launch_world_size())  # the checks that need no data, device or file here
         if int(os.environ.get("RANK", "0")) == 0:
@@ -188,6 +186,17 @@ def run(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
         return
     check_run(args, stitch_cfg, launch_world_size())  # every input, before any weight or image
     check_loggers(args)
+    out_dir = output_dir(args)  # once: a generated name holds the time of day
+    # one run per output folder: rank 0 holds the lock (torchrun's other ranks write into rank 0's folder); the
+    # kernel releases it when the process dies, so a crashed run never leaves it stuck
+    with FolderLock(out_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext():
+        _run(args, stitch_cfg, out_dir)
+
+
+def _run(args: argparse.Namespace, stitch_cfg: StitchConfig | None, out_dir: Path) -> None:
+    from timm.data import resolve_data_config
+    from timm.utils import random_seed
+
     device = resolve_device(args)  # the process group (timm's init_distributed_device sets args' rank and world)
     rank, world_size = world()
     random_seed(args.seed, 0)  # the network's random parts (random anchors, stitching layers) are the same on every rank
@@ -195,7 +204,6 @@ def run(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
         logging.getLogger().setLevel(logging.WARNING)
     train_ds, val_ds = create_datasets(args, need_train=not args.eval)
     args = _resolve(args, stitch_cfg, train_ds or val_ds)  # frozen from here: nothing changes args mid-run
-    out_dir = output_dir(args)
     net, stitch_cfg = build_network(args, stitch_cfg, args.num_classes, train_ds)  # positions explicit from here
     check_train_exclude(net, stitch_cfg)
     if rank != 0:  # then each rank its own stream (augmentation, dropout); rank 0's goes on unchanged
