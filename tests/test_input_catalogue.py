@@ -380,19 +380,6 @@ def test_a_refused_run_leaves_no_folder(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 64 KiB tmpfs: a real full disk (ENOSPC from the kernel). Mounting needs root; elsewhere the injected test
-    below covers the same path."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("mounting a small tmpfs needs root (the injected-ENOSPC test covers the same path)")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=True)
-
-
 def test_full_disk_under_snnet_out(small_disk, cli):
     (small_disk / "filler").write_bytes(b"x" * (60 << 10))
     code, _, err = cli.call("snnet", ["pareto", DEMO / "stitches_res.txt", "--out", small_disk / "out"])
