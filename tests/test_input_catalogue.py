@@ -213,6 +213,8 @@ CASES = [
     ("step schedule without decay epochs", "{data} --stitch_config {cfg} --sched step --decay-epochs 0",
      "--decay-epochs 0.0: must be > 0 with --sched step"),
     ("negative cooldown", "{data} --stitch_config {cfg} --cooldown-epochs -1", "--cooldown-epochs -1"),
+    ("negative aug-repeats", "{data} --stitch_config {cfg} --aug-repeats -1", "--aug-repeats -1: must be a whole"),
+    ("fractional aug-repeats", "{data} --stitch_config {cfg} --aug-repeats 2.5", "--aug-repeats 2.5: must be a whole"),
     ("no epoch left to train", "{data} --stitch_config {cfg} --epochs 2 --start-epoch 2",
      "leaves no epoch to train of --epochs 2"),
     ("optimizer beta of 1.5", "{data} --stitch_config {cfg} --opt-betas 0.9 1.5", "--opt-betas 0.9 1.5"),
