@@ -463,13 +463,16 @@ def _similarity_parsers(sub) -> None:
     w.add_argument("out", metavar="OUT", help="folder for the shards and _info.json")
     w.add_argument("--shard-size", type=_positive_int, default=1000, metavar="N", help="samples per shard (1000)")
     w.add_argument("--name", default=None, help="dataset name in _info.json (default: FOLDER's name)")
+    w.add_argument("--clean", action="store_true",
+                   help="OUT holds an earlier snnet shards output: remove its shards and _info.json first (after "
+                        "every check passed); without it a non-empty OUT is refused")
     w.set_defaults(fn=cmd_shards)
 
 
 def cmd_shards(args: argparse.Namespace) -> int:
     from snnet.train.data import write_folder_shards
     check_out_dir(args.out)
-    info = write_folder_shards(args.folder, args.out, args.shard_size, args.name)
+    info = write_folder_shards(args.folder, args.out, args.shard_size, args.name, args.clean)
     for name, split in info["splits"].items():
         print(f"{name}: {split['num_samples']} images in {len(split['filenames'])} shard(s)")
     print(f"wrote {os.path.join(args.out, '_info.json')} ({info['num_classes']} classes); use it with train.py "

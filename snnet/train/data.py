@@ -378,10 +378,13 @@ def _shard_datasets(args: argparse.Namespace, need_train: bool):
     return train, ShardDataset(split, False, args.seed) if split is not None else None
 
 
-def write_folder_shards(folder: str, out: str, shard_size: int, name: str | None = None) -> dict:
+def write_folder_shards(folder: str, out: str, shard_size: int, name: str | None = None, clean: bool = False
+                        ) -> dict:
     """``snnet shards``: the split folders of an ImageFolder (train/, val/ or validation/), checked as a training run
-    checks them, written as WebDataset shards (`snnet.train.streams.write_shards`)."""
-    from snnet.train.streams import write_shards
+    checks them, and every image's header (each is decoded as it is packed), written as WebDataset shards
+    (`snnet.train.streams.write_shards`) into an empty OUT (or, with `clean`, over an earlier snnet shards output)."""
+    from snnet.train.streams import check_shard_out, write_shards
+    check_shard_out(out, clean)
     if not os.path.isdir(folder):
         raise DataError(f"image folder {folder!r} does not exist; give an ImageFolder root with train/ and val/")
     splits = {d: os.path.join(folder, d) for d in (*_TRAIN_NAMES, *_VAL_NAMES) if os.path.isdir(os.path.join(folder, d))}
@@ -391,7 +394,9 @@ def write_folder_shards(folder: str, out: str, shard_size: int, name: str | None
     for split, path in splits.items():
         _check_image_folder(path, split)
         scan_image_folder(path, split)  # loops, folders reached twice through links: refused as for training
-    return write_shards(splits, out, shard_size, name or os.path.basename(os.path.abspath(folder)))
+    for split, path in splits.items():  # every image packed: a shard is read whole, so none may fail later
+        check_image_headers(path, split)
+    return write_shards(splits, out, shard_size, name or os.path.basename(os.path.abspath(folder)), clean)
 
 
 def _shown_path(path: str) -> str:

@@ -229,7 +229,8 @@ def _run(args: argparse.Namespace, stitch_cfg: StitchConfig | None, out_dir: Pat
         eval_hash = file_sha256(resume) if resume else text_sha256(
             f"init:{args.seed}:{run_.config_text}:{state_sha256(unwrap(net).checkpoint_state())}")
         if run_.primary:
-            ResultsFile(out_dir / RESULTS_FILE, eval_hash, text_sha256(run_.config_text)).completed()
+            ResultsFile(out_dir / RESULTS_FILE, eval_hash, text_sha256(run_.config_text),
+                        data_source(val_ds) if val_ds is not None else None).completed()
     _logger.info("data: " + ", ".join(f"{k} {v}" for k, v in data_cfg.items()))  # after every check: no banner
     if run_.primary and not args.eval:  # the resolved run, after every check and before any work (LS init, training)
         write_text_atomic(out_dir / "args.yaml", to_yaml(describe_run(args, stitch_cfg, world_size, device.type,
@@ -305,7 +306,7 @@ def evaluate_all(net: RoutedNet, val_ds, run: Run, ckpt_hash: str, results_name:
     if val_ds is None:
         raise DataError(f"no validation split in {args.data_dir!r} to evaluate the stitches on")
     model = unwrap(net)
-    results = ResultsFile(run.out_dir / results_name, ckpt_hash, text_sha256(run.config_text))
+    results = ResultsFile(run.out_dir / results_name, ckpt_hash, text_sha256(run.config_text), data_source(val_ds))
     done = {}
     if rank == 0:
         run.out_dir.mkdir(parents=True, exist_ok=True)
