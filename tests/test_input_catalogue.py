@@ -98,7 +98,50 @@ def world(tmp_path_factory, digits_folder, tiny_config):
     coarse = [TINY[0], dict(TINY[1], model_kwargs=dict(TINY[1]["model_kwargs"], patch_size=8))]
     (w / "coarse.json").write_text(json.dumps({"anchors": coarse}))  # 16 tokens vs 4: no stitch joins them
     (w / "exclude.json").write_text(json.dumps({"anchors": TINY, "train_exclude": [40]}))
+    _hf_datasets(w / "hf", digits_folder)
     return w
+
+
+def _hf_datasets(root, digits_folder):
+    """Local Hugging Face datasets (parquet in the Hub's layout, data/<split>-00000-of-00001.parquet) as users
+    bring them: good ones, and each kind of bad one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    names = [str(c) for c in range(10)]
+    hf_meta = {b"huggingface": json.dumps({"info": {"features": {
+        "image": {"_type": "Image"}, "label": {"_type": "ClassLabel", "names": names}}}}).encode()}
+
+    def write(name, split, *, meta=hf_meta, rename=None, bad_row=None):
+        files = sorted((digits_folder / ("train" if split == "train" else "val")).rglob("*.png"))
+        images = [{"bytes": f.read_bytes(), "path": f.name} for f in files]
+        if bad_row is not None:
+            images[bad_row] = {"bytes": b"", "path": "empty.png"}
+        table = pa.table({"image": pa.array(images), "label": pa.array([int(f.parent.name) for f in files],
+                                                                       pa.int64())})
+        if rename:
+            table = table.rename_columns([rename.get(c, c) for c in table.column_names])
+        if meta:
+            table = table.replace_schema_metadata(meta)
+        path = root / name / "data" / f"{split}-00000-of-00001.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path)
+        return path
+
+    for split in ("train", "validation"):
+        write("plain", split, meta=None)  # integer labels without class names: no class count
+        write("named", split)  # as `datasets` writes them: ClassLabel names in the schema's metadata
+        write("nolabel", split, rename={"label": "target"})
+        write("badimage", split, bad_row=3 if split == "validation" else None)
+        cut = write("cut", split)
+        if split == "validation":
+            cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+        junk = write("junk", split)
+        if split == "train":
+            junk.write_bytes(os.urandom(2000))
+        path = write("strlabel", split)
+        t = pq.read_table(path)
+        pq.write_table(t.set_column(1, "label", pa.array([f"class {v}" for v in t.column("label").to_pylist()])),
+                       path)
 
 
 CASES = [
@@ -229,6 +272,26 @@ CASES = [
     ("16-bit validation image", "{w}/wide --stitch_config {cfg} --eval", "is a I;16 (16/32-bit) image"),
     ("class map leaving a class out", "{data} --stitch_config {cfg} --class-map {w}/nine.txt --num-classes 10",
      "leaves out ('9')"),
+    # every data source passes the same checks before any work: local Hugging Face datasets (parquet)
+    ("parquet without a label column", "{w}/hf --dataset hfds/nolabel --stitch_config {cfg}",
+     "train parquet file '{w}/hf/nolabel/data/train-00000-of-00001.parquet' has no 'label' column (it has image, "
+     "target)"),
+    ("parquet with string labels", "{w}/hf --dataset hfds/strlabel --stitch_config {cfg}",
+     "strlabel/data/train-00000-of-00001.parquet': its 'label' column holds string, not integer class indices"),
+    ("truncated parquet", "{w}/hf --dataset hfds/cut --stitch_config {cfg} --eval",
+     "validation parquet file '{w}/hf/cut/data/validation-00000-of-00001.parquet' cannot be read"),
+    ("corrupt parquet (streamed)", "{w}/hf --dataset hfids/junk --stitch_config {cfg}",
+     "train parquet file '{w}/hf/junk/data/train-00000-of-00001.parquet' cannot be read"),
+    ("integer labels without class names", "{w}/hf --dataset hfds/plain --stitch_config {cfg}",
+     "holds plain integers 0..9 and no class names (no ClassLabel feature), so the class count cannot be read (timm "
+     "would build a 1000-class head); pass --num-classes 10"),
+    ("num-classes below the parquet labels", "{w}/hf --dataset hfds/plain --stitch_config {cfg} --num-classes 5",
+     "--num-classes 5 is smaller than the labels of parquet file"),
+    ("num-classes below the ClassLabel names", "{w}/hf --dataset hfids/named --stitch_config {cfg} --num-classes 5",
+     "--num-classes 5 is smaller than the 10 classes of --dataset hfids/named"),
+    ("unreadable image in a parquet validation split", "{w}/hf --dataset hfds/badimage --stitch_config {cfg} --eval",
+     "validation parquet file '{w}/hf/badimage/data/validation-00000-of-00001.parquet': the image of row 3 cannot be "
+     "read"),
     # what only the built network tells: the preflight builds it on the meta device (no weight, no image)
     ("more positions asked than a pair has", "{data} --stitch_config {w}/per_pair.json", "per_pair 99 but"),
     ("anchors whose tokens never match", "{data} --stitch_config {w}/coarse.json", "cannot stitch"),
@@ -409,3 +472,11 @@ def test_full_disk_checkpoint_injected(tmp_path, monkeypatch):
         checkpoint.save_checkpoint(tmp_path / "last.pth.tar", {"w": torch.zeros(1000)})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth.tar"]
     assert (tmp_path / "last.pth.tar").read_bytes() == b"old"
+
+
+@pytest.mark.parametrize("dataset,extra", [("hfds/named", []), ("hfids/named", []), ("hfds/plain", ["--num-classes", "10"])])
+def test_good_parquet_passes_the_preflight(world, tiny_config, tmp_path, cli, dataset, extra):
+    """The checks refuse only what is wrong: ClassLabel names, or plain integers with --num-classes, pass."""
+    code, _, err = cli.call("preflight", ["1", world / "hf", "--dataset", dataset, "--stitch_config", tiny_config,
+                                          *FAST, "--output", tmp_path, *extra])
+    assert code == 0, err
