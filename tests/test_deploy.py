@@ -248,7 +248,7 @@ def test_export_full_disk(tiny, small_disk, capsys):
     rc, out, err = run_cli(capsys, "export", tiny.ckpt, "--stitch_config", tiny.config, "--cfg-id", 1, "--out",
                            small_disk / "export", "--no-onnx")
     assert rc == 2 and err.count("\n") == 1, err
-    assert f"disk full: writing the export of cfg_id 1 into folder '{small_disk}' needs more than" in err, err
+    assert f"disk full: writing the export of cfg_id 1 into folder '{small_disk}' needs about " in err, err
     assert list(small_disk.iterdir()) == []
 
 
@@ -260,6 +260,6 @@ def test_export_full_disk_injected(tiny, tmp_path, monkeypatch):
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(safetensors.torch, "save_model", full)
-    with pytest.raises(DiskFullError, match=f"into folder '{tmp_path}' needs more than 0 bytes"):
+    with pytest.raises(DiskFullError, match=f"into folder '{tmp_path}' needs about [\\d,]+ bytes"):
         export_stitch(load_snnet(tiny.ckpt, tiny.config, img_size=IMG), 1, tmp_path / "anchor1", formats=())
     assert list(tmp_path.iterdir()) == []

@@ -52,7 +52,7 @@ def disk_full_error(folder: str | os.PathLike, what: str, written: int, need: in
         free = f"{free_bytes(folder):,} bytes free"
     except OSError:
         free = "free space unknown"
-    needed = f"about {need:,} bytes" if need else f"more than {written:,} bytes"
+    needed = f"about {need:,} bytes" if need else f"more than {written:,} bytes" if written else "more space"
     return DiskFullError(f"disk full: writing {what} into folder {str(folder)!r} needs {needed} ({free} there); "
                          f"nothing was left half-written: free space there or write into another folder")
 

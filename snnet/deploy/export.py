@@ -38,6 +38,7 @@ from torch import nn
 from snnet.core.errors import SNNetError
 from snnet.core.adapter import Unit, adapter_for
 from snnet.core.build import build_snnet, create_anchor
+from snnet.core.checkpoint import tensor_bytes
 from snnet.core.fileio import FolderLock, disk_full_error, is_disk_full, lock_holder
 from snnet.core.config import AnchorSpec, ConfigError, StitchConfig, load_stitch_config
 from snnet.core.layers import stitch_layer_from_spec
@@ -472,7 +473,9 @@ def export_stitch(loaded: Loaded, cfg_id: int, out_dir: str | os.PathLike,
     except BaseException as e:
         if is_disk_full(e, tmp):
             written = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file() and f.name != FolderLock.NAME)
-            raise disk_full_error(out_dir.parent, f"the export of cfg_id {cfg_id}", written) from None
+            # the weights at least (each format holds them once more)
+            raise disk_full_error(out_dir.parent, f"the export of cfg_id {cfg_id}", written,
+                                  tensor_bytes(module.state_dict())) from None
         raise
     finally:
         lock.release()

@@ -32,7 +32,7 @@ from snnet.train.data import (DataError, clean_images, create_datasets, create_e
                                data_source, num_classes_of)
 from snnet.train.device import amp_dtype_for, restart_attempt, resolve_device, unwrap, world
 from snnet.train.engine import PerImage, TrainContext, default_val_panel, evaluate_stitches, train_one_epoch
-from snnet.core.fileio import FolderLock, write_text_atomic
+from snnet.core.fileio import FolderLock, disk_full_error, is_disk_full, write_text_atomic
 from snnet.train.loggers import Loggers, check_loggers, create_loggers
 from snnet.train.losses import create_loss
 from snnet.core.model import RoutedNet
@@ -656,8 +656,13 @@ def fit(net: RoutedNet, train_ds, val_ds, run: Run, resume_state: dict | None) -
         lrs = [g["lr"] for g in optimizer.param_groups]
         ctx.lr_scheduler.step(epoch + 1 - epoch_offset(args), metric)
         if run.primary:
-            update_summary(epoch, train_metrics, eval_metrics, filename=str(run.out_dir / "summary.csv"),
-                           lr=sum(lrs) / len(lrs), write_header=None)
+            try:  # timm appends the row in place: a full disk is said as every other write says it
+                update_summary(epoch, train_metrics, eval_metrics, filename=str(run.out_dir / "summary.csv"),
+                               lr=sum(lrs) / len(lrs), write_header=None)
+            except OSError as e:
+                if is_disk_full(e, run.out_dir):
+                    raise disk_full_error(run.out_dir, "'summary.csv'", 0) from None
+                raise
             state = training_state(model, optimizer, epoch, ctx.global_step, args_json, run.config_text,
                                    ctx.loss_scaler, ema=_ema_net(ctx))
             improved = saver.save(state, metric)
