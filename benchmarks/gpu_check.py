@@ -520,6 +520,9 @@ def _child(name: str, opts: dict, result_path: str) -> None:
     os.setsid()  # its own process group: the parent can stop it with everything it started
     ctx = {"size": SIZES[opts["size"]], "device": torch.device(opts["device"]), "work": Path(opts["work"]) / name,
            "cache": Path(opts["work"]), "deadline": opts["deadline"]}
+    # a rerun into the same --work folder: the step starts from a clean folder of its own (a finished run's
+    # results would be refused as another checkpoint's); the shared data cache (ctx["cache"]) stays
+    shutil.rmtree(ctx["work"], ignore_errors=True)
     ctx["work"].mkdir(parents=True, exist_ok=True)
     if ctx["device"].type == "cuda":
         torch.cuda.set_device(ctx["device"])
@@ -597,7 +600,8 @@ def render(env: dict, results: dict, smoke: bool, total: float) -> str:
 
 # ------------------------------------------------------------------------------------------------ main
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from snnet.core.errors import OneLineParser
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--smoke", action="store_true", help="every step at toy size (the test suite runs this)")
     p.add_argument("--out", default=str(ROOT / "results" / "gpu"), help="where <gpu name>.md/.json go")
@@ -606,6 +610,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS), help="run only these steps")
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed at the end)")
     args = p.parse_args(argv)
+    if not args.budget > 0:  # a negative or zero budget would mark every step failed without saying why
+        p.error(f"--budget {args.budget:g}: must be > 0 seconds (the time all steps share; default 570)")
     t_start = time.time()
     import torch
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -648,6 +654,7 @@ def main(argv=None) -> int:
             deadline = min(end, max(t_start + spent_allot, now + 10))
             log(f"step {k}/{len(args.steps)} {step}: up to {deadline - now:.0f} s")
             result_path = work / f"{step}.result.json"
+            result_path.unlink(missing_ok=True)  # an earlier run's outcome is not this one's
             opts = {"size": "smoke" if args.smoke else "real", "device": str(device), "work": str(work),
                     "deadline": deadline}
             proc = mpctx.Process(target=_child, args=(step, opts, str(result_path)), name=f"gpu-check-{step}")

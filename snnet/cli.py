@@ -29,16 +29,13 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from snnet.core.errors import SNNetError, UsageError, one_line
+from snnet.core.errors import OneLineParser, SNNetError, UsageError, one_line
 from snnet.core.fileio import check_out_dir
 from snnet.results.pareto import cost_key, human, infer_anchors, latency_keys, pareto_report, route_of, save_report
 from snnet.results.records import read_results
 from snnet.results.select import select
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, no usage block
-        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+_Parser = OneLineParser  # one line, no usage block
 
 
 _AMOUNT = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)(?:e([+-]?\d+))?\s*([kmgt]?)\s*$", re.IGNORECASE)
@@ -524,13 +521,16 @@ def _similarity_parsers(sub) -> None:
     w.add_argument("out", metavar="OUT", help="folder for the shards and _info.json")
     w.add_argument("--shard-size", type=_positive_int, default=1000, metavar="N", help="samples per shard (1000)")
     w.add_argument("--name", default=None, help="dataset name in _info.json (default: FOLDER's name)")
+    w.add_argument("--clean", action="store_true",
+                   help="OUT holds an earlier snnet shards output: remove its shards and _info.json first (after "
+                        "every check passed); without it a non-empty OUT is refused")
     w.set_defaults(fn=cmd_shards)
 
 
 def cmd_shards(args: argparse.Namespace) -> int:
     from snnet.data.datasets import write_folder_shards
     check_out_dir(args.out)
-    info = write_folder_shards(args.folder, args.out, args.shard_size, args.name)
+    info = write_folder_shards(args.folder, args.out, args.shard_size, args.name, args.clean)
     for name, split in info["splits"].items():
         print(f"{name}: {split['num_samples']} images in {len(split['filenames'])} shard(s)")
     print(f"wrote {os.path.join(args.out, '_info.json')} ({info['num_classes']} classes); use it with train.py "

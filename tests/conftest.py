@@ -7,6 +7,7 @@ cluster: root, slurm-wlm and munge). `make test-fast` runs
 """
 import json
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -55,6 +56,19 @@ def tiny_config(tmp_path_factory):
 def tiny(tmp_path_factory):
     """A two-anchor ViT SN-Net with its checkpoint, config and a results file (helpers.Tiny)."""
     return Tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs: a real full disk (ENOSPC from the kernel, and each library's own error for it). Mounting
+    needs root; where it cannot be mounted, the tests that inject ENOSPC cover the same code."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root (the injected-ENOSPC tests cover the same code)")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
 
 
 def pytest_configure(config):

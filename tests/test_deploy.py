@@ -218,3 +218,48 @@ def test_latency_refuses_another_image_size(tiny, tmp_path, capsys):
     assert_refused(rc, err, "stitches_res.txt", "FLOPs", f"{IMG}x{IMG}", "--img-size")
     assert out == "" and path.read_bytes() == before
 
+
+
+# ------------------------------------------------------------------------------------- faults: kill -9, full disk
+def test_export_removes_what_a_killed_export_left(tiny, tmp_path):
+    """A killed export leaves `.NAME.*.tmp` beside its output (its lock file unheld): the next export removes it;
+    a folder of an export still starting (no lock file yet, just made) is left alone."""
+    import os
+    import time
+    from snnet.core.fileio import FolderLock
+    killed = tmp_path / ".anchor1.k1ll3d.tmp"
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"half")
+    (killed / FolderLock.NAME).write_text("pid 1 on elsewhere since then")
+    old = tmp_path / ".anchor1.0ld.tmp"  # an older version's leftover: no lock file, an hour old
+    old.mkdir()
+    os.utime(old, (time.time() - 3600,) * 2)
+    starting = tmp_path / ".anchor1.n0w.tmp"
+    starting.mkdir()
+    other = tmp_path / ".anchor10.k1ll3d.tmp"  # another output's: not this export's to touch
+    other.mkdir()
+    (other / FolderLock.NAME).write_text("")
+    export_stitch(load_snnet(tiny.ckpt, tiny.config, img_size=IMG), 1, tmp_path / "anchor1", formats=())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".anchor1.n0w.tmp", ".anchor10.k1ll3d.tmp", "anchor1"]
+
+
+def test_export_full_disk(tiny, small_disk, capsys):
+    """A real full disk under --out (safetensors' own error, no errno): one line, nothing left behind."""
+    rc, out, err = run_cli(capsys, "export", tiny.ckpt, "--stitch_config", tiny.config, "--cfg-id", 1, "--out",
+                           small_disk / "export", "--no-onnx")
+    assert rc == 2 and err.count("\n") == 1, err
+    assert f"disk full: writing the export of cfg_id 1 into folder '{small_disk}' needs about " in err, err
+    assert list(small_disk.iterdir()) == []
+
+
+def test_export_full_disk_injected(tiny, tmp_path, monkeypatch):
+    import errno
+    import safetensors.torch
+    from snnet.core.fileio import DiskFullError
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_model", full)
+    with pytest.raises(DiskFullError, match=f"into folder '{tmp_path}' needs about [\\d,]+ bytes"):
+        export_stitch(load_snnet(tiny.ckpt, tiny.config, img_size=IMG), 1, tmp_path / "anchor1", formats=())
+    assert list(tmp_path.iterdir()) == []

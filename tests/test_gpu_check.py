@@ -72,3 +72,15 @@ def test_failed_command_cause_is_the_workers_exception(tmp_path):
     assert gpu_check.log_cause(log) == "[rank1]: RuntimeError: No backend type associated with device type cpu"
     log.write_text("note: x\nerror: --device 'cuda:9': CUDA is not available here; use --device cpu\n")
     assert gpu_check.log_cause(log).startswith("error: --device 'cuda:9'")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--budget", "-5"], "gpu_check.py: error: --budget -5: must be > 0 seconds"),
+    (["--budget", "0"], "gpu_check.py: error: --budget 0: must be > 0 seconds"),
+    (["--steps", "nope"], "gpu_check.py: error: argument --steps: invalid choice: 'nope'"),
+])
+def test_usage_errors_one_line(tmp_path, argv, message):
+    r = run([sys.executable, SCRIPT, "--device", "cpu", "--out", tmp_path / "out", *argv], timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith(message), r.stderr
+    assert not (tmp_path / "out").exists() and r.stdout == ""

@@ -6,6 +6,10 @@ import hashlib
 import json
 import os
 import pickle
+import signal
+import subprocess
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -93,7 +97,50 @@ def world(tmp_path_factory, digits_folder, tiny_config):
     coarse = [TINY[0], dict(TINY[1], model_kwargs=dict(TINY[1]["model_kwargs"], patch_size=8))]
     (w / "coarse.json").write_text(json.dumps({"anchors": coarse}))  # 16 tokens vs 4: no stitch joins them
     (w / "exclude.json").write_text(json.dumps({"anchors": TINY, "train_exclude": [40]}))
+    _hf_datasets(w / "hf", digits_folder)
     return w
+
+
+def _hf_datasets(root, digits_folder):
+    """Local Hugging Face datasets (parquet in the Hub's layout, data/<split>-00000-of-00001.parquet) as users
+    bring them: good ones, and each kind of bad one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    names = [str(c) for c in range(10)]
+    hf_meta = {b"huggingface": json.dumps({"info": {"features": {
+        "image": {"_type": "Image"}, "label": {"_type": "ClassLabel", "names": names}}}}).encode()}
+
+    def write(name, split, *, meta=hf_meta, rename=None, bad_row=None):
+        files = sorted((digits_folder / ("train" if split == "train" else "val")).rglob("*.png"))
+        images = [{"bytes": f.read_bytes(), "path": f.name} for f in files]
+        if bad_row is not None:
+            images[bad_row] = {"bytes": b"", "path": "empty.png"}
+        table = pa.table({"image": pa.array(images), "label": pa.array([int(f.parent.name) for f in files],
+                                                                       pa.int64())})
+        if rename:
+            table = table.rename_columns([rename.get(c, c) for c in table.column_names])
+        if meta:
+            table = table.replace_schema_metadata(meta)
+        path = root / name / "data" / f"{split}-00000-of-00001.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path)
+        return path
+
+    for split in ("train", "validation"):
+        write("plain", split, meta=None)  # integer labels without class names: no class count
+        write("named", split)  # as `datasets` writes them: ClassLabel names in the schema's metadata
+        write("nolabel", split, rename={"label": "target"})
+        write("badimage", split, bad_row=3 if split == "validation" else None)
+        cut = write("cut", split)
+        if split == "validation":
+            cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+        junk = write("junk", split)
+        if split == "train":
+            junk.write_bytes(os.urandom(2000))
+        path = write("strlabel", split)
+        t = pq.read_table(path)
+        pq.write_table(t.set_column(1, "label", pa.array([f"class {v}" for v in t.column("label").to_pylist()])),
+                       path)
 
 
 CASES = [
@@ -208,6 +255,8 @@ CASES = [
     ("step schedule without decay epochs", "{data} --stitch_config {cfg} --sched step --decay-epochs 0",
      "--decay-epochs 0.0: must be > 0 with --sched step"),
     ("negative cooldown", "{data} --stitch_config {cfg} --cooldown-epochs -1", "--cooldown-epochs -1"),
+    ("negative aug-repeats", "{data} --stitch_config {cfg} --aug-repeats -1", "--aug-repeats -1: must be a whole"),
+    ("fractional aug-repeats", "{data} --stitch_config {cfg} --aug-repeats 2.5", "--aug-repeats 2.5: must be a whole"),
     ("no epoch left to train", "{data} --stitch_config {cfg} --epochs 2 --start-epoch 2",
      "leaves no epoch to train of --epochs 2"),
     ("optimizer beta of 1.5", "{data} --stitch_config {cfg} --opt-betas 0.9 1.5", "--opt-betas 0.9 1.5"),
@@ -222,6 +271,26 @@ CASES = [
     ("16-bit validation image", "{w}/wide --stitch_config {cfg} --eval", "is a I;16 (16/32-bit) image"),
     ("class map leaving a class out", "{data} --stitch_config {cfg} --class-map {w}/nine.txt --num-classes 10",
      "leaves out ('9')"),
+    # every data source passes the same checks before any work: local Hugging Face datasets (parquet)
+    ("parquet without a label column", "{w}/hf --dataset hfds/nolabel --stitch_config {cfg}",
+     "train parquet file '{w}/hf/nolabel/data/train-00000-of-00001.parquet' has no 'label' column (it has image, "
+     "target)"),
+    ("parquet with string labels", "{w}/hf --dataset hfds/strlabel --stitch_config {cfg}",
+     "strlabel/data/train-00000-of-00001.parquet': its 'label' column holds string, not integer class indices"),
+    ("truncated parquet", "{w}/hf --dataset hfds/cut --stitch_config {cfg} --eval",
+     "validation parquet file '{w}/hf/cut/data/validation-00000-of-00001.parquet' cannot be read"),
+    ("corrupt parquet (streamed)", "{w}/hf --dataset hfids/junk --stitch_config {cfg}",
+     "train parquet file '{w}/hf/junk/data/train-00000-of-00001.parquet' cannot be read"),
+    ("integer labels without class names", "{w}/hf --dataset hfds/plain --stitch_config {cfg}",
+     "holds plain integers 0..9 and no class names (no ClassLabel feature), so the class count cannot be read (timm "
+     "would build a 1000-class head); pass --num-classes 10"),
+    ("num-classes below the parquet labels", "{w}/hf --dataset hfds/plain --stitch_config {cfg} --num-classes 5",
+     "--num-classes 5 is smaller than the labels of parquet file"),
+    ("num-classes below the ClassLabel names", "{w}/hf --dataset hfids/named --stitch_config {cfg} --num-classes 5",
+     "--num-classes 5 is smaller than the 10 classes of --dataset hfids/named"),
+    ("unreadable image in a parquet validation split", "{w}/hf --dataset hfds/badimage --stitch_config {cfg} --eval",
+     "validation parquet file '{w}/hf/badimage/data/validation-00000-of-00001.parquet': the image of row 3 cannot be "
+     "read"),
     # what only the built network tells: the preflight builds it on the meta device (no weight, no image)
     ("more positions asked than a pair has", "{data} --stitch_config {w}/per_pair.json", "per_pair 99 but"),
     ("anchors whose tokens never match", "{data} --stitch_config {w}/coarse.json", "cannot stitch"),
@@ -266,3 +335,147 @@ def test_bad_input(case, argv, message, world, digits_folder, tiny_config, tmp_p
 
 def test_catalogue_is_large_enough():
     assert len(CASES) >= 60
+
+
+# ------------------------------------------------------------------------------ the snnet command, part 4 (issue 32)
+DEMO = Path(__file__).resolve().parent.parent / "results" / "demo"
+
+
+@pytest.fixture(scope="module")
+def world4(tmp_path_factory):
+    """Results files as users bring them: Notepad's byte-order mark and CRLF, a predictions file cut short, a file
+    without its anchors."""
+    w = tmp_path_factory.mktemp("bad4")
+    lines = (DEMO / "stitches_res.txt").read_text().splitlines()
+    (w / "bom").mkdir()
+    (w / "bom" / "stitches_res.txt").write_bytes(b"\xef\xbb\xbf" + "".join(l + "\r\n" for l in lines).encode())
+    (w / "cut").mkdir()
+    (w / "cut" / "stitches_res.txt").write_text("\n".join(lines) + "\n")
+    (w / "cut" / "stitches_pred.npz").write_bytes((DEMO / "stitches_pred.npz").read_bytes()[:3000])
+    (w / "noanchors").mkdir()
+    n = sum(1 for l in lines if json.loads(l)["route"].count("#") == 1 and "->" not in json.loads(l)["route"])
+    (w / "noanchors" / "stitches_res.txt").write_text("".join(l + "\n" for l in lines[n:]))
+    (w / "noanchors" / "stitches_pred.npz").write_bytes((DEMO / "stitches_pred.npz").read_bytes())
+    return w
+
+
+SNNET_CASES = [
+    ("truncated predictions file", "pareto {w}/cut/stitches_res.txt --baselines --out {out}",
+     "'{w}/cut/stitches_pred.npz' is not a predictions file (BadZipFile"),
+    ("pareto --baselines without the anchors", "pareto {w}/noanchors/stitches_res.txt --baselines --out {out}",
+     "--baselines: '{w}/noanchors/stitches_res.txt' holds no anchor's record"),
+]
+
+
+@pytest.mark.parametrize("case,argv,message", SNNET_CASES, ids=[c[0] for c in SNNET_CASES])
+def test_bad_input_snnet(case, argv, message, world4, tmp_path, cli):
+    fill = lambda s: s.format(w=world4, out=tmp_path / "out")
+    before = snapshot(world4)
+    code, _, err = cli.call("snnet", fill(argv).split())
+    err = err.strip()
+    assert code == 2, (case, err)
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    assert fill(message) in err, err
+    assert snapshot(world4) == before and not (tmp_path / "out").exists(), "files were written or overwritten"
+
+
+def test_results_with_bom_and_crlf_are_read(world4, tmp_path, cli):
+    code, out, err = cli.call("snnet", ["pareto", world4 / "bom" / "stitches_res.txt", "--out", tmp_path])
+    assert code == 0, err
+    want = json.loads((DEMO / "pareto_flops.json").read_text())["files"][0]["front"]
+    assert json.loads((tmp_path / "pareto_flops.json").read_text())["files"][0]["front"] == want
+
+
+def test_pareto_without_anchors_shows_the_front(world4, tmp_path, cli):
+    code, _, err = cli.call("snnet", ["pareto", world4 / "noanchors" / "stitches_res.txt", "--out", tmp_path])
+    assert code == 0, err
+    assert "holds no anchor's record: its front quality is left out" in err
+
+
+# ------------------------------------------------------------------------------ shared folders and full disks
+@contextmanager
+def lock_held_by_another_process(folder):
+    """A second process holding FolderLock(folder), as a first run does; yields its pid, kill -9 at the end.
+    (Not this test process: POSIX locks are per process, and reading the lock file here would release it.)"""
+    code = ("import sys, time; sys.path.insert(0, sys.argv[2]); from snnet.core.fileio import FolderLock; "
+            "FolderLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)")
+    p = subprocess.Popen([sys.executable, "-c", code, str(folder), str(DEMO.parent.parent)], stdout=subprocess.PIPE,
+                         text=True)
+    try:
+        assert p.stdout.readline().strip() == "held"
+        yield p.pid
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+
+
+def test_second_run_into_a_busy_folder_is_refused(digits_folder, tiny_config, tmp_path, cli):
+    """Two runs into one --output/--experiment: the second is refused in one line before any work."""
+    busy = tmp_path / "runs" / "busy"
+    with lock_held_by_another_process(busy) as pid:
+        (busy / "last.pth.tar").write_bytes(b"the first run's checkpoint")
+        before = snapshot(tmp_path)
+        code, _, err = cli.call("train", FAST + [digits_folder, "--stitch_config", tiny_config, "--output",
+                                                 tmp_path / "runs", "--experiment", "busy", "--epochs", "1"])
+        assert code == 2, err
+        err = err.strip()
+        assert err.count("\n") == 0 and "Traceback" not in err, err
+        assert f"folder '{busy}' is in use by another run (pid {pid} on" in err, err
+        assert snapshot(tmp_path) == before
+
+
+def test_lock_of_a_killed_run_is_not_stuck(tmp_path):
+    """kill -9 of the holder: the kernel releases the lock; the next run takes it, and removes the file after."""
+    from snnet.core.fileio import FolderLock, lock_holder
+    folder = tmp_path / "run"
+    with lock_held_by_another_process(folder) as pid:
+        assert lock_holder(folder).startswith(f"pid {pid} on ")
+    assert (folder / FolderLock.NAME).exists()  # left behind by the killed run, but not held
+    assert lock_holder(folder) is None
+    with FolderLock(folder):
+        assert f"pid {os.getpid()} on " in (folder / FolderLock.NAME).read_text()
+    assert not (folder / FolderLock.NAME).exists()
+
+
+def test_a_refused_run_leaves_no_folder(tmp_path):
+    from snnet.core.fileio import FolderLock
+    with FolderLock(tmp_path / "a" / "b"):
+        pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_full_disk_under_snnet_out(small_disk, cli):
+    (small_disk / "filler").write_bytes(b"x" * (60 << 10))
+    code, _, err = cli.call("snnet", ["pareto", DEMO / "stitches_res.txt", "--out", small_disk / "out"])
+    err = err.strip()
+    assert code == 2, err
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    assert f"disk full: writing 'pareto_flops.png' into folder '{small_disk / 'out'}' needs" in err, err
+    assert not [p for p in (small_disk / "out").iterdir() if p.name.endswith(".tmp")]  # nothing torn
+
+
+def test_full_disk_checkpoint_injected(tmp_path, monkeypatch):
+    """ENOSPC injected where torch.save writes (as the kernel gives it on a full disk): one message naming the
+    folder and the bytes the checkpoint needs; no temporary file left, the old checkpoint untouched."""
+    import errno
+    from snnet.core import checkpoint
+    from snnet.core.fileio import DiskFullError
+    (tmp_path / "last.pth.tar").write_bytes(b"old")
+
+    def full(obj, f, *a, **k):
+        Path(f).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    with pytest.raises(DiskFullError, match=r"disk full: writing 'last.pth.tar' into folder '.*' needs about 4,000 "
+                                            r"bytes \([\d,]+ bytes free there\)"):
+        checkpoint.save_checkpoint(tmp_path / "last.pth.tar", {"w": torch.zeros(1000)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth.tar"]
+    assert (tmp_path / "last.pth.tar").read_bytes() == b"old"
+
+
+@pytest.mark.parametrize("dataset,extra", [("hfds/named", []), ("hfids/named", []), ("hfds/plain", ["--num-classes", "10"])])
+def test_good_parquet_passes_the_preflight(world, tiny_config, tmp_path, cli, dataset, extra):
+    """The checks refuse only what is wrong: ClassLabel names, or plain integers with --num-classes, pass."""
+    code, _, err = cli.call("preflight", ["1", world / "hf", "--dataset", dataset, "--stitch_config", tiny_config,
+                                          *FAST, "--output", tmp_path, *extra])
+    assert code == 0, err

@@ -373,3 +373,82 @@ def test_hugging_face_datasets_from_local_parquet_train_and_evaluate_exactly(dig
     assert all(abs(g["loss"] - f["loss"]) < 1e-6 for g, f in zip(trained, folder_res))
     assert folder_res[0]["data"] == f"folder:{digits_folder / 'val'}"
     assert trained[0]["data"] == f"hfds:{tmp_path / 'hf' / 'digits'} split validation"
+
+
+# ------------------------------------------------------------------------------- never trust input, part 4
+def _tree(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_shards_into_a_non_empty_out_refused_or_cleaned(demo, tmp_path, capsys):
+    """A rerun with another --shard-size used to leave the old shards beside the new _info.json."""
+    folder, _ = demo
+    out = tmp_path / "wds"
+    assert run_cli(capsys, "shards", folder, out, "--shard-size", "400")[0] == 0
+    before = _tree(out)
+    assert_refused(*run_cli(capsys, "shards", folder, out, "--shard-size", "1000")[::2], f"OUT '{out}' already holds 6",
+                   "pass --clean")
+    assert _tree(out) == before
+    rc, _, err = run_cli(capsys, "shards", folder, out, "--shard-size", "1000", "--clean")
+    assert rc == 0, err
+    assert sorted(_tree(out)) == ["_info.json", "train-000000.tar", "train-000001.tar", "val-000000.tar"]
+    (out / "notes.txt").write_text("mine")
+    before = _tree(out)
+    assert_refused(*run_cli(capsys, "shards", folder, out, "--clean")[::2], "notes.txt", "not shards")
+    assert _tree(out) == before
+
+
+@pytest.mark.parametrize("bad", ["0-byte PNG", "corrupt JPEG", "truncated PNG"])
+def test_shards_refuse_an_image_they_cannot_read(demo, tmp_path, capsys, bad):
+    folder, _ = demo
+    src = tmp_path / "digits"
+    shutil.copytree(folder, src)
+    victim = sorted((src / "val" / "7").glob("*.png"))[2]
+    if bad == "0-byte PNG":
+        victim.write_bytes(b"")
+    elif bad == "corrupt JPEG":
+        victim.unlink()
+        victim = victim.with_suffix(".jpg")
+        victim.write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(200))
+    else:  # its header is whole, its pixels cut: only decoding finds it (as the images are packed)
+        victim.write_bytes(victim.read_bytes()[:60])
+    rc, _, err = run_cli(capsys, "shards", src, tmp_path / "wds", "--shard-size", "100")
+    assert_refused(rc, err, f"image '{victim}' cannot be read")
+    assert not (tmp_path / "wds").exists() or list((tmp_path / "wds").iterdir()) == []
+
+
+def test_eval_from_shards_with_a_bad_validation_image_refused_before_work(demo, tmp_path, capsys):
+    """Shards written by another tool (or damaged later): the preflight opens every validation image's header."""
+    _, wds = demo
+    bad = tmp_path / "wds"
+    shutil.copytree(wds, bad)
+    shard = bad / "val-000001.tar"
+    members = shard_members(shard)
+    target = next(n for n, _ in members if n.endswith(".png"))
+    rewrite_member(shard, target, b"")
+    rc, err = preflight(capsys, bad, "--eval")
+    assert_refused(rc, err, f"sample '{target[:-4]}' of validation shard '{shard}': its image cannot be read")
+
+
+@pytest.mark.slow
+def test_resumed_evaluation_is_keyed_by_its_data_source(demo, tiny, tmp_path):
+    """The folder evaluation's records are not reused for the shards' evaluation (another data source)."""
+    folder, wds = demo
+    small = tmp_path / "small"  # one validation image per class: the first evaluation in a moment
+    for cls in sorted((folder / "val").iterdir()):
+        (small / "val" / cls.name).mkdir(parents=True)
+        shutil.copy(sorted(cls.iterdir())[0], small / "val" / cls.name)
+    cli = ForkedCli(tmp_path)
+    try:
+        common = ["--stitch_config", tiny.config, *FAST, "--eval", "--resume", tiny.ckpt, "--output", tmp_path,
+                  "--experiment", "ev", "--save-predictions", "none"]
+        code, _, err = cli.call("train", [small, *common])
+        assert code == 0, err
+        before = (tmp_path / "ev" / "stitches_res.txt").read_text()
+        code, _, err = cli.call("train", [wds, "--dataset", "wds/digits", *common])
+    finally:
+        cli.close()
+    lines = err.strip().splitlines()  # after the shard check's progress line
+    assert code == 2 and "Traceback" not in err and lines[-1].startswith("error: "), err
+    assert "holds results of another data source ('folder:" in lines[-1] and "this run evaluates 'wds:" in err
+    assert (tmp_path / "ev" / "stitches_res.txt").read_text() == before

@@ -80,9 +80,20 @@ def strip_ddp_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return {k.removeprefix("module."): v for k, v in state_dict.items()}
 
 
+def tensor_bytes(obj: Any) -> int:
+    """The bytes of the tensors in a (nested) checkpoint: what a full disk is told the file needs (about)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     state = {**state, "version": VERSION}
-    with atomic_path(path) as tmp:
+    with atomic_path(path, need=tensor_bytes(state)) as tmp:
         torch.save(state, tmp)
 
 
@@ -209,7 +220,7 @@ class CheckpointSaver:
         last = self.out_dir / LAST
         save_checkpoint(last, {**state, "metric": metric, "best_metric": self.best})
         if improved:
-            with atomic_path(self.out_dir / BEST) as tmp:
+            with atomic_path(self.out_dir / BEST, need=last.stat().st_size) as tmp:
                 shutil.copyfile(last, tmp)
         if self.max_history > 0 and metric is not None:
             self._update_history(last, int(state["epoch"]), metric)
@@ -241,7 +252,7 @@ class CheckpointSaver:
         kept = self.history()
         if len(kept) >= self.max_history and not self._better(metric, kept[self.max_history - 1][0]):
             return
-        with atomic_path(self.out_dir / f"checkpoint-{epoch}.pth.tar") as tmp:
+        with atomic_path(self.out_dir / f"checkpoint-{epoch}.pth.tar", need=last.stat().st_size) as tmp:
             shutil.copyfile(last, tmp)
         for _, f in self.history()[self.max_history:]:
             f.unlink()

@@ -8,6 +8,8 @@ the bad value and the fix.
 """
 from __future__ import annotations
 
+import argparse
+
 
 class SNNetError(ValueError):
     """The user's input cannot be used; the message names the value and the fix. Exit code 2 (a usage error, as
@@ -26,3 +28,11 @@ def one_line(e: BaseException) -> str:
     if "Original Traceback" in text:
         text = text.splitlines()[-1].split(": ", 1)[-1]
     return " ".join(text.split())
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with a usage error on one line (the message and where the help is), exit code 2, no usage block:
+    the parser of the `snnet` command and of the scripts under benchmarks/."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")

@@ -1,12 +1,60 @@
-"""Files that are either complete or absent: atomic writes (temp file, fsync, rename)."""
+"""Files that are either complete or absent: atomic writes (temp file, fsync, rename); a full disk said in one
+line; one process per folder (`FolderLock`)."""
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import socket
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
-from snnet.core.errors import UsageError
+from snnet.core.errors import SNNetError, UsageError
+
+
+class DiskFullError(SNNetError):
+    """A write stopped by a full disk (or quota): the folder, what was written and what is free."""
+
+
+class FolderBusyError(SNNetError):
+    """Another live process holds the folder's lock."""
+
+
+#: below this many free bytes after a failed write, the failure is taken for a full disk (torch.save and
+#: safetensors report a short write as RuntimeError or their own error, without the errno)
+_NEARLY_FULL = 1 << 20
+
+
+def free_bytes(folder: str | os.PathLike) -> int:
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize
+
+
+def is_disk_full(exc: BaseException, folder: str | os.PathLike) -> bool:
+    """Whether `exc`, raised while writing into `folder`, is a full disk (or quota) rather than a bug."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if isinstance(exc, (KeyboardInterrupt, SystemExit, SNNetError)):
+        return False
+    try:
+        return free_bytes(folder) < _NEARLY_FULL
+    except OSError:
+        return False
+
+
+def disk_full_error(folder: str | os.PathLike, what: str, written: int, need: int | None = None) -> DiskFullError:
+    """The one message of a full disk: the folder, the bytes needed (known, or at least those written when it
+    stopped) and free; nothing torn was left (the caller's temporary file is gone)."""
+    try:
+        free = f"{free_bytes(folder):,} bytes free"
+    except OSError:
+        free = "free space unknown"
+    needed = f"about {need:,} bytes" if need else f"more than {written:,} bytes" if written else "more space"
+    return DiskFullError(f"disk full: writing {what} into folder {str(folder)!r} needs {needed} ({free} there); "
+                         f"nothing was left half-written: free space there or write into another folder")
 
 
 def _umask() -> int:
@@ -16,16 +64,29 @@ def _umask() -> int:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path in the target's folder; on success it is fsynced and renamed onto `path`."""
+def atomic_path(path: str | os.PathLike, need: int | None = None) -> Iterator[str]:
+    """Yield a temporary path in the target's folder; on success it is fsynced and renamed onto `path`. A full disk
+    ends in `DiskFullError` (the folder, `need` bytes when the caller knows them, what is free), the temporary file
+    removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    except OSError as e:
+        if is_disk_full(e, path.parent):
+            raise disk_full_error(path.parent, repr(path.name), 0, need) from None
+        raise
     os.close(fd)
     try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        try:
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        except BaseException as e:  # the writer's own error type (torch, safetensors, numpy): classified here once
+            if is_disk_full(e, path.parent):
+                written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+                raise disk_full_error(path.parent, repr(path.name), written, need) from None
+            raise
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the mode open() would give it
         os.replace(tmp, path)
         dir_fd = os.open(str(path.parent), os.O_RDONLY)
@@ -39,7 +100,7 @@ def atomic_path(path: str | os.PathLike):
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_path(path, need=len(text.encode())) as tmp:
         with open(tmp, "w") as f:
             f.write(text)
 
@@ -67,3 +128,90 @@ def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
     if base.exists() and not os.access(base, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {str(out)!r}: folder {str(base)!r} is not writable; pass another {flag} folder")
     return out
+
+
+class FolderLock:
+    """One process at a time in a folder: a POSIX lock (fcntl.lockf) on `<folder>/.snnet.lock`, which the kernel
+    releases when the holder dies (kill -9 included), so a crashed run never leaves it stuck. POSIX locks belong to
+    the process, not to the file descriptor, so forked children (data-loader workers) do not hold it. The file says
+    who holds it (pid, host, start time) for the refusal; it is removed on release, and so is the folder when the
+    lock created it and nothing else was written there (a run refused later leaves no trace)."""
+
+    NAME = ".snnet.lock"
+
+    def __init__(self, folder: str | os.PathLike, flag: str = "--output/--experiment"):
+        self.folder, self.flag = Path(folder), flag
+        self.path = self.folder / self.NAME
+        self.fd: int | None = None
+        self.made: list[Path] = []
+
+    def __enter__(self) -> FolderLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        missing = []
+        p = self.folder
+        while not p.exists() and p != p.parent:
+            missing.append(p)
+            p = p.parent
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.made = missing  # innermost first: removed in this order when left empty
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EACCES, errno.EAGAIN):
+                    os.close(fd)
+                    raise
+                holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise FolderBusyError(f"folder {str(self.folder)!r} is in use by another run ({holder}); wait for "
+                                      f"it to end or pass another {self.flag}") from None
+            try:  # a holder that released (and removed the file) between our open and lock: lock the new file
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                     .encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.unlink(self.path)  # while still locked: the next holder locks a fresh file
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+        for d in self.made:
+            try:
+                d.rmdir()
+            except OSError:  # not empty: the run wrote there
+                break
+
+
+def lock_holder(folder: str | os.PathLike) -> str | None:
+    """Who holds `FolderLock(folder)` ("pid N on HOST since T"), or None when no live process does. Only for
+    another process's lock: closing the probe releases the caller's own POSIX lock on that file."""
+    path = Path(folder) / FolderLock.NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return None
+    except OSError:
+        return os.read(fd, 200).decode(errors="replace").strip() or "another process"
+    finally:
+        os.close(fd)  # closing releases a lock we took (POSIX locks)

@@ -2,6 +2,8 @@
 an epoch gives, the image headers (no image decoded)."""
 from __future__ import annotations
 
+import io
+import json
 import math
 import os
 
@@ -193,7 +195,7 @@ def hf_folder(args: DataOptions) -> str:
     return os.path.abspath(folder)
 
 
-def _check_other_dataset(args: DataOptions) -> None:
+def _check_other_dataset(args: DataOptions, need_train: bool = True) -> None:
     """What is cheap to check for timm's non-folder datasets (torch/..., hfds/..., hfids/...): the name and the root."""
     prefix, sep, rest = args.dataset.partition("/")
     if prefix.lower() in ("hfds", "hfids"):
@@ -203,6 +205,7 @@ def _check_other_dataset(args: DataOptions) -> None:
         except ImportError:
             raise DataError(f"--dataset {args.dataset!r} needs the Hugging Face datasets package; pip install "
                             f"-r requirements.txt") from None
+        check_hf_parquet(args, need_train)
         return
     if prefix.lower() != "torch" or not sep:
         return
@@ -223,6 +226,92 @@ def _check_other_dataset(args: DataOptions) -> None:
         _check_num_classes(args, _TORCH_CLASSES[name], f"--dataset {args.dataset}")
 
 
+def _parquet_files(folder: str, split: str) -> list[str]:
+    """The parquet files of one split in the Hub's layouts (data/<split>-*.parquet, <split>/*.parquet, ...)."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for f in sorted(files):
+            if f.endswith(".parquet") and (re.match(rf"{re.escape(split)}([-_.]|$)", f)
+                                           or os.path.basename(root) == split):
+                found.append(os.path.join(root, f))
+    return found
+
+
+def check_hf_parquet(args: DataOptions, need_train: bool) -> None:
+    """``--dataset hfds/NAME`` and ``hfids/NAME``: every parquet file of the run's splits read before any work as the
+    folder and shards are: a corrupt or truncated file, no 'image' or 'label' column, labels that are not integer
+    class indices or are negative, a class index beyond the class names or --num-classes, an unreadable image (every
+    validation image's header, the first two of each training file): one line naming the file. Plain integer labels
+    without class names (no ClassLabel feature) give no class count, so timm would build a 1000-class head: refused
+    unless --num-classes covers them. Splits in other formats (no parquet file) are left to `datasets`."""
+    import pyarrow.parquet as pq  # with `datasets` (requirements.txt): only hfds/ runs need it
+    import pyarrow.types as pa_types
+    from PIL import Image
+    folder = hf_folder(args)
+    splits = ([("train", args.train_split)] if need_train else []) + [("validation", args.val_split)]
+    names, top, where = None, -1, None
+    for what, split in splits:
+        for path in _parquet_files(folder, split):
+            try:
+                pf = pq.ParquetFile(path)
+                schema = pf.schema_arrow
+            except Exception as e:
+                raise DataError(f"{what} parquet file {path!r} cannot be read ({type(e).__name__}: "
+                                f"{' '.join(str(e).split())[:80]}): truncated or not parquet; replace it") from None
+            missing = [c for c in ("image", "label") if c not in schema.names]
+            if missing:
+                raise DataError(f"{what} parquet file {path!r} has no {' or '.join(map(repr, missing))} column (it has "
+                                f"{', '.join(schema.names)}); hfds/ reads images from 'image' and class indices from "
+                                f"'label': rename the columns")
+            kind = schema.field("label").type
+            if not pa_types.is_integer(kind):
+                raise DataError(f"{what} parquet file {path!r}: its 'label' column holds {kind}, not integer class "
+                                f"indices; store the labels as class indices 0..N-1 (a ClassLabel feature)")
+            meta = json.loads((schema.metadata or {}).get(b"huggingface", b"{}") or b"{}")
+            feature = meta.get("info", {}).get("features", {}).get("label", {})
+            if feature.get("_type") == "ClassLabel" and feature.get("names") and names is None:
+                names = list(feature["names"])
+            try:
+                table = pf.read(columns=["label", "image"] if what == "validation" else ["label"])
+            except Exception as e:
+                raise DataError(f"{what} parquet file {path!r} cannot be read ({type(e).__name__}): truncated or "
+                                f"damaged; replace it") from None
+            labels = table.column("label").to_pylist()
+            if None in labels or (labels and min(labels) < 0):
+                raise DataError(f"{what} parquet file {path!r} has a label {'missing' if None in labels else min(labels)} "
+                                f"(row {labels.index(None) if None in labels else labels.index(min(labels))}); every "
+                                f"image needs a class index >= 0")
+            if labels and max(labels) > top:
+                top, where = max(labels), path
+            rows = table.column("image").to_pylist() if what == "validation" else \
+                pf.read_row_group(0, columns=["image"]).column("image").to_pylist()[:2] if pf.num_row_groups else []
+            for row, img in enumerate(rows):
+                data = img.get("bytes") if isinstance(img, dict) else img
+                try:
+                    with Image.open(io.BytesIO(data)):
+                        pass
+                except Exception as e:
+                    raise DataError(f"{what} parquet file {path!r}: the image of row {row} cannot be read "
+                                    f"({type(e).__name__}); remove or replace it (evaluation does not skip images, so "
+                                    f"that every count is exact)") from None
+    if where is None:
+        return
+    wanted = getattr(args, "num_classes", None)
+    if names is not None:
+        if top >= len(names):
+            raise DataError(f"parquet file {where!r} has class index {top}, beyond its {len(names)} class names; fix "
+                            f"the labels or the ClassLabel names")
+        _check_num_classes(args, len(names), f"--dataset {args.dataset} (its ClassLabel names)")
+    elif wanted is None:
+        raise DataError(f"--dataset {args.dataset}: the 'label' column holds plain integers 0..{top} and no class names "
+                        f"(no ClassLabel feature), so the class count cannot be read (timm would build a 1000-class "
+                        f"head); pass --num-classes {top + 1} (or the true count)")
+    elif wanted <= top:
+        raise DataError(f"--num-classes {wanted} is smaller than the labels of parquet file {where!r} (up to {top}); "
+                        f"raise it to {top + 1} or more")
+
+
 def check_data(args: DataOptions, need_train: bool, world_size: int) -> None:
     """The dataset of a run, checked before any work by a scan of its folders (no image is opened); a problem is a
     one-line DataError naming the value and the fix.
@@ -238,7 +327,7 @@ def check_data(args: DataOptions, need_train: bool, world_size: int) -> None:
             _check_steps(args, counts["train"], f"the shards in {args.data_dir!r}", world_size)
         return
     if args.dataset != "":
-        _check_other_dataset(args)
+        _check_other_dataset(args, need_train)
         return
     train_dir, val_dir = resolve_folders(args, need_train)
     train_dir = train_dir if need_train else None

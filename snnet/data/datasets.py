@@ -12,12 +12,21 @@ from snnet.data.checks import (
     _VAL_NAMES,
     DataError,
     _check_image_folder,
+    check_image_headers,
     hf_folder,
     resolve_folders,
     scan_image_folder,
 )
 from snnet.data.options import DataOptions
-from snnet.data.shards import ShardDataset, find_split, is_shards, read_info, shard_root, write_shards
+from snnet.data.shards import (
+    ShardDataset,
+    check_shard_out,
+    find_split,
+    is_shards,
+    read_info,
+    shard_root,
+    write_shards,
+)
 
 
 def create_datasets(args: DataOptions, need_train: bool):
@@ -66,9 +75,12 @@ def _shard_datasets(args: DataOptions, need_train: bool):
     return train, ShardDataset(split, False, args.seed) if split is not None else None
 
 
-def write_folder_shards(folder: str, out: str, shard_size: int, name: str | None = None) -> dict:
+def write_folder_shards(folder: str, out: str, shard_size: int, name: str | None = None, clean: bool = False
+                        ) -> dict:
     """``snnet shards``: the split folders of an ImageFolder (train/, val/ or validation/), checked as a training run
-    checks them, written as WebDataset shards (`snnet.data.shards.write_shards`)."""
+    checks them, and every image's header (each is decoded as it is packed), written as WebDataset shards
+    (`snnet.data.shards.write_shards`) into an empty OUT (or, with `clean`, over an earlier snnet shards output)."""
+    check_shard_out(out, clean)
     if not os.path.isdir(folder):
         raise DataError(f"image folder {folder!r} does not exist; give an ImageFolder root with train/ and val/")
     splits = {d: os.path.join(folder, d) for d in (*_TRAIN_NAMES, *_VAL_NAMES) if os.path.isdir(os.path.join(folder, d))}
@@ -78,7 +90,9 @@ def write_folder_shards(folder: str, out: str, shard_size: int, name: str | None
     for split, path in splits.items():
         _check_image_folder(path, split)
         scan_image_folder(path, split)  # loops, folders reached twice through links: refused as for training
-    return write_shards(splits, out, shard_size, name or os.path.basename(os.path.abspath(folder)))
+    for split, path in splits.items():  # every image packed: a shard is read whole, so none may fail later
+        check_image_headers(path, split)
+    return write_shards(splits, out, shard_size, name or os.path.basename(os.path.abspath(folder)), clean)
 
 
 def _shown_path(path: str) -> str:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -200,6 +201,17 @@ def _image_ext(sample: dict) -> str | None:
         if ext in _WANTED and ext != "cls":
             return ext
     return None
+
+
+def check_image_header(data: bytes, where: str) -> None:
+    """An image member opened as far as its header (as the folder preflight opens each validation image)."""
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(data)):
+            pass
+    except Exception as e:
+        raise ShardError(f"{where}: its image cannot be read ({type(e).__name__}); remove or replace it and rewrite "
+                         f"the shards (evaluation does not skip images, so that every count is exact)") from None
 
 
 def sample_label(sample: dict, where: str) -> int:
@@ -439,11 +451,15 @@ def check_shards(args: DataOptions, need_train: bool, world_size: int, train_nam
                                      f"{INFO_FILE}")
                 continue
             seen = 0
-            for _pos, key, sample in iter_shard(path, headers_only=True):
+            # evaluation counts every image: each validation image's header is opened, as for a folder
+            whole = what == "validation"
+            for pos, key, sample in iter_shard(path, headers_only=not whole):
                 seen += 1
                 where = f"sample {key!r} of {what} shard {path!r}"
                 if _image_ext(sample) is None:
                     raise ShardError(f"{where} has no image member ({', '.join(sample)}); rewrite the shard")
+                if whole:
+                    check_image_header(sample[_image_ext(sample)], where)
                 label = sample_label(sample, where)
                 if label < 0 or (limit is not None and label >= limit):
                     raise ShardError(f"{where} has class index {label}, out of range 0..{(limit or 1) - 1} "
@@ -476,7 +492,45 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shards(splits: dict[str, str], out: str, shard_size: int, name: str) -> dict:
+_SHARD_NAME = re.compile(r"^[\w.-]+-\d{6}\.tar$")
+
+
+def check_shard_out(out: str, clean: bool) -> list[str]:
+    """`snnet shards` into a folder that is not empty: its old shards would stay beside the new _info.json (another
+    --shard-size gives other names), so it is refused, or with `clean` the earlier output (shard tars, _info.json,
+    temporary files) is listed for removal; a file that is no shard output is refused either way (never removed).
+    Returns the files to remove; nothing is removed here."""
+    if not os.path.isdir(out):
+        return []
+    names = sorted(os.listdir(out))
+    if not names:
+        return []
+    ours = [n for n in names if _SHARD_NAME.match(n) or n == INFO_FILE or (n.startswith(".") and n.endswith(".tmp"))]
+    foreign = [n for n in names if n not in ours]
+    if foreign:
+        raise ShardError(f"OUT {out!r} holds files that are not shards ({', '.join(foreign[:3])}"
+                         f"{', ...' if len(foreign) > 3 else ''}); pass an empty or new folder")
+    if not clean:
+        raise ShardError(f"OUT {out!r} already holds {len(ours)} file(s) of an earlier snnet shards run (e.g. "
+                         f"{ours[0]}): they would stay beside the new {INFO_FILE}; pass --clean to replace them, or "
+                         f"another OUT")
+    return [os.path.join(out, n) for n in ours]
+
+
+def check_image_bytes(data: bytes, path: str) -> None:
+    """A packed image decoded as timm's loader will decode it: every byte (a JPEG at 1/8 scale, which still reads its
+    whole stream, so a cut file is found). One line naming the file. (Its header and bit depth were checked before
+    any shard was written: `snnet.data.datasets.write_folder_shards`.)"""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()
+    except Exception as e:
+        raise ShardError(f"image {path!r} cannot be read ({type(e).__name__}); remove or replace it before writing "
+                         f"shards (training and evaluation would stop at it); no shard was kept") from None
+
+
+def write_shards(splits: dict[str, str], out: str, shard_size: int, name: str, clean: bool = False) -> dict:
     """Split folders of an ImageFolder ({split name: folder}, from `snnet.data.datasets.write_folder_shards`, which
     checks them) as WebDataset shards in `out`, samples in the order timm's folder reader lists them (so a sample id
     of the shards is the image's index in the folder evaluation). Each shard and then ``_info.json`` are written
@@ -500,8 +554,24 @@ def write_shards(splits: dict[str, str], out: str, shard_size: int, name: str) -
     total = sum(len(r) for r in readers.values())
     progress = Progress(f"Writing shards of {total} images", total, seconds=10.0)
     info = {"name": name, "num_classes": len(classes), "classes": classes, "splits": {}}
-    done = 0
+    for stale in check_shard_out(out, clean):  # --clean: the earlier output goes only now, every check passed
+        os.remove(stale)
     os.makedirs(out, exist_ok=True)
+    written: list[str] = []
+    try:
+        _write_splits(readers, splits, out, shard_size, info, progress, written)
+    except BaseException:  # a bad image found mid-way (or a full disk): no shards without their _info.json
+        for f in written:
+            os.remove(f)
+        raise
+    write_text_atomic(os.path.join(out, INFO_FILE), json.dumps(info, indent=1) + "\n")
+    return info
+
+
+def _write_splits(readers: dict, splits: dict[str, str], out: str, shard_size: int, info: dict, progress,
+                  written: list[str]) -> None:
+    from snnet.core.fileio import atomic_path
+    done = 0
     for s, reader in readers.items():
         files, lengths = [], []
         for first in range(0, len(reader), shard_size):
@@ -514,14 +584,15 @@ def write_shards(splits: dict[str, str], out: str, shard_size: int, name: str) -
                         ext = "jpg" if ext == "jpeg" else ext
                         key = f"{index:08d}"
                         with open(path, "rb") as f:
-                            _tar_member(tar, f"{key}.{ext}", f.read())
+                            data = f.read()
+                        check_image_bytes(data, path)
+                        _tar_member(tar, f"{key}.{ext}", data)
                         _tar_member(tar, f"{key}.cls", str(int(target)).encode())
                         rel = os.path.relpath(path, splits[s])
                         _tar_member(tar, f"{key}.json", json.dumps({"filename": rel}).encode())
                         done += 1
                         progress.update(done, 1)
+            written.append(os.path.join(out, fname))
             files.append(fname)
             lengths.append(min(shard_size, len(reader) - first))
         info["splits"][s] = {"name": s, "num_samples": len(reader), "filenames": files, "shard_lengths": lengths}
-    write_text_atomic(os.path.join(out, INFO_FILE), json.dumps(info, indent=1) + "\n")
-    return info

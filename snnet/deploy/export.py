@@ -21,10 +21,12 @@ An export folder holds:
 from __future__ import annotations
 
 import copy
+import glob
 import json
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +38,8 @@ from torch import nn
 
 from snnet.core.adapter import Unit, adapter_for
 from snnet.core.build import build_snnet, create_anchor
+from snnet.core.checkpoint import tensor_bytes
+from snnet.core.fileio import FolderLock, disk_full_error, is_disk_full, lock_holder
 from snnet.core.config import AnchorSpec, ConfigError, StitchConfig, load_stitch_config
 from snnet.core.errors import SNNetError
 from snnet.core.layers import stitch_layer_from_spec
@@ -433,8 +437,6 @@ def export_stitch(loaded: Loaded, cfg_id: int, out_dir: str | os.PathLike,
     module, of the reloaded export and of every format vs. the SN-Net on a batch of 3); files are moved into
     `out_dir` only when every check passed, so a failed export leaves no partial output.
     """
-    from safetensors.torch import save_model
-
     from snnet.core.cost import cost_table
     from snnet.results.records import file_sha256
 
@@ -465,18 +467,56 @@ def export_stitch(loaded: Loaded, cfg_id: int, out_dir: str | os.PathLike,
     progress.advance(extra=f"pruned network checked ({diffs['module']:.2g})")
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=str(out_dir.parent)))
+    lock = FolderLock(tmp)  # a live export's folder: the next export leaves it alone, a killed one's it removes
     try:
-        save_model(module, str(tmp / WEIGHTS), metadata={"format": "pt", "snnet": FORMAT})
-        progress.advance(extra="weights written")
-        spec["files"] = _write_formats(module, loaded, formats, tmp, x, ref, diffs, {"opset": opset}, progress)
-        spec["max_abs_diff_vs_snnet"] = diffs
-        (tmp / SPEC).write_text(json.dumps(spec, indent=2) + "\n")
-        diffs["reloaded"] = _max_diff(load_exported(tmp)(x), ref)
-        _check("reloaded export", diffs["reloaded"], ref, "report this bug")
-        progress.advance(extra=f"reloaded export checked ({diffs['reloaded']:.2g})")
-        (tmp / SPEC).write_text(json.dumps(spec, indent=2) + "\n")
+        lock.acquire()
+        _build_export(module, loaded, formats, tmp, x, ref, diffs, opset, spec, progress)
         _publish(tmp, out_dir, spec["files"])
+    except BaseException as e:
+        if is_disk_full(e, tmp):
+            written = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file() and f.name != FolderLock.NAME)
+            # the weights at least (each format holds them once more)
+            raise disk_full_error(out_dir.parent, f"the export of cfg_id {cfg_id}", written,
+                                  tensor_bytes(module.state_dict())) from None
+        raise
     finally:
+        lock.release()
         shutil.rmtree(tmp, ignore_errors=True)
     return spec
+
+
+#: a temporary export folder without a lock file younger than this may be one whose export is taking its lock
+_YOUNG_S = 60.0
+
+
+def clean_stale_temporaries(out_dir: Path) -> list[Path]:
+    """Remove the temporary folders that killed exports into `out_dir` left beside it (no live process holds
+    their lock); returns them."""
+    gone = []
+    for d in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*.tmp"):
+        if not d.is_dir() or lock_holder(d) is not None:
+            continue
+        if not (d / FolderLock.NAME).exists() and time.time() - d.stat().st_mtime < _YOUNG_S:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        gone.append(d)
+    return gone
+
+
+def _build_export(module: nn.Module, loaded: Loaded, formats: Sequence[str], tmp: Path, x: torch.Tensor,
+                  ref: torch.Tensor, diffs: dict[str, float | None], opset: int, spec: dict[str, Any],
+                  progress: Progress) -> None:
+    """Every file of the export written and checked in `tmp`."""
+    from safetensors.torch import save_model
+
+    save_model(module, str(tmp / WEIGHTS), metadata={"format": "pt", "snnet": FORMAT})
+    progress.advance(extra="weights written")
+    spec["files"] = _write_formats(module, loaded, formats, tmp, x, ref, diffs, {"opset": opset}, progress)
+    spec["max_abs_diff_vs_snnet"] = diffs
+    (tmp / SPEC).write_text(json.dumps(spec, indent=2) + "\n")
+    diffs["reloaded"] = _max_diff(load_exported(tmp)(x), ref)
+    _check("reloaded export", diffs["reloaded"], ref, "report this bug")
+    progress.advance(extra=f"reloaded export checked ({diffs['reloaded']:.2g})")
+    (tmp / SPEC).write_text(json.dumps(spec, indent=2) + "\n")

@@ -416,14 +416,23 @@ def _quality(report: ParetoReport, before: list[dict[str, Any]] | None) -> None:
         if before is not None:
             raise ResultsError("--before needs FLOPs in every file (the front quality is measured on FLOPs)")
         return
-    rows = [(label, front_quality(records, [r["cfg_id"] for r in records if is_anchor(r, n)], before))
-            for label, _, records, n in report.series]
+    rows = []
+    for label, path, records, n in report.series:
+        anchors = [r["cfg_id"] for r in records if is_anchor(r, n)]
+        if not anchors:  # the front is still shown; its quality is measured against the anchors
+            report.notes.append(f"note: {path!r} holds no anchor's record: its front quality is left out")
+            continue
+        rows.append((label, front_quality(records, anchors, before)))
+    if not rows:
+        return
     table = quality_table(rows)
     report.text += "## front quality (hypervolume: reference point FLOPs 1.1 x the largest anchor's, top-1 0)\n\n" + \
         table + "\n"
     report.markdown += "\n## front quality\n\n" + table
-    for (_, q), entry in zip(rows, report.data["files"]):
-        entry["quality"] = q
+    by_label = dict(rows)
+    for (label, *_), entry in zip(report.series, report.data["files"]):
+        if label in by_label:
+            entry["quality"] = by_label[label]
 
 
 def save_report(report: ParetoReport, out_dir: str | Path, title: str = "", img_size: Any = None) -> list[Path]:

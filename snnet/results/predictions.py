@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -147,7 +148,8 @@ def read_predictions(path: str | os.PathLike) -> Predictions:
         meta = json.loads(arrays.pop("meta").tobytes().decode())
         pred = Predictions(meta=meta, **{k: arrays[k] for k in ("sample_id", "label", "cfg_id", "top5", "top_prob",
                                                                  "correct")})
-    except (ValueError, KeyError, OSError, TypeError, UnicodeDecodeError) as e:
+    except (ValueError, KeyError, OSError, TypeError, UnicodeDecodeError, zipfile.BadZipFile, EOFError) as e:
+        # BadZipFile: a file cut short (a copy or a disk that filled up) has no zip directory at its end
         raise ResultsError(f"{str(path)!r} is not a predictions file ({type(e).__name__}: {e}); regenerate it "
                            f"with train.py --eval --save-predictions") from None
     n, k = len(pred.sample_id), len(pred.cfg_id)

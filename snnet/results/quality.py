@@ -120,6 +120,11 @@ def front_quality(records: Sequence[dict[str, Any]], anchors: Sequence[int],
     if missing:
         raise ResultsError(f"front quality needs every stitch's FLOPs; cfg_id {missing[:10]} have none")
     by_id = {r["cfg_id"]: r for r in records}
+    if not any(a in by_id for a in anchors):  # the metrics normalise by the largest anchor's FLOPs
+        raise ResultsError("front quality needs the anchors' records (the FLOPs are normalised by the largest "
+                           "anchor's); this file holds none: evaluate the anchors too (train.py --eval evaluates "
+                           "every cfg_id)")
+    anchors = [a for a in anchors if a in by_id]
     ref_cost = max(by_id[a]["flops"] for a in anchors)
     points = _points(records, ref_cost)
     lo = min(by_id[a]["flops"] for a in anchors) / ref_cost

@@ -181,7 +181,8 @@ def _read_text(path: Path) -> str:
         raise ResultsError(f"results file {str(path)!r} does not exist; pass a stitches_res.txt written by "
                            f"train.py --eval (or SN-Net's evaluation)")
     try:
-        return path.read_text()
+        # utf-8-sig: a byte-order mark (Notepad's) is not part of the first record; CRLF is split by splitlines
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise ResultsError(f"{str(path)!r} is not a text file; pass a stitches_res.txt (one JSON object per "
                            f"line)") from None
@@ -249,6 +250,24 @@ def check_routes(net: SNNet, records: Sequence[dict[str, Any]], source: str) -> 
                                f"is {net.describe(c)!r}; {fix}")
 
 
+def same_data_source(a: str, b: str) -> bool:
+    """Whether two records' "data" name one source ("folder:PATH", "wds:PATH split S (N shards)"). The path is
+    relative to the working folder of the run that wrote it when inside it, so one folder evaluated from two working
+    folders reads "folder:data/val" and "folder:/home/me/data/val": the same source."""
+    if a == b:
+        return True
+    (ka, _, ra), (kb, _, rb) = a.partition(":"), b.partition(":")
+    (pa, sep_a, ta), (pb, sep_b, tb) = ra.partition(" split "), rb.partition(" split ")
+    if ka != kb or (sep_a + ta) != (sep_b + tb):
+        return False
+    fa, fb = os.path.abspath(pa), os.path.abspath(pb)
+    if fa == fb:
+        return True
+    rel = pa if not os.path.isabs(pa) else pb if not os.path.isabs(pb) else None
+    other = fb if rel is pa else fa
+    return rel is not None and other.endswith(os.sep + os.path.normpath(rel))
+
+
 class ResultsFile:
     """stitches_res.txt: one JSON object per stitch, written atomically once the pass over the data is done.
 
@@ -257,9 +276,10 @@ class ResultsFile:
     records of another checkpoint or config are never mixed into the file.
     """
 
-    def __init__(self, path: str | os.PathLike, checkpoint_hash: str, config_hash: str):
+    def __init__(self, path: str | os.PathLike, checkpoint_hash: str, config_hash: str, data: str | None = None):
         self.path = Path(path)
         self.checkpoint_hash, self.config_hash = checkpoint_hash, config_hash
+        self.data = data  # the data source (records' "data"): records of another one are not this evaluation's
 
     def completed(self) -> dict[int, dict[str, Any]]:
         """The records already evaluated, by cfg_id; a torn last line is dropped from the file (and redone)."""
@@ -276,6 +296,10 @@ class ResultsFile:
             raise ResultsError(f"{str(self.path)!r} holds results of another checkpoint or config (cfg_id "
                                f"{rec.get('cfg_id')}); evaluate into another folder (--output/--experiment) or "
                                f"move the file away")
+        if self.data is not None and rec.get("data") is not None and not same_data_source(rec["data"], self.data):
+            raise ResultsError(f"{str(self.path)!r} holds results of another data source ({rec['data']!r}, this run "
+                               f"evaluates {self.data!r}; cfg_id {rec.get('cfg_id')}); evaluate into another folder "
+                               f"(--output/--experiment) or move the file away")
 
     def extend(self, records: Iterable[dict[str, Any]]) -> None:
         """Add records (stamped with the hashes) in one atomic write; a cfg_id evaluated again replaces its line."""

@@ -300,7 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--color-jitter", type=_float, default=0.4, help="Color jitter factor")
     g.add_argument("--aa", default=None, help="Use AutoAugment policy, e.g. rand-m9-mstd0.5-inc1 (default: none)")
     g.add_argument("--aug-repeats", type=_float, default=0,
-                   help="Number of augmentation repetitions (distributed training only)")
+                   help="Repeated augmentation: each training image drawn N times per epoch across the processes, "
+                        "each copy augmented on its own (distributed training; DeiT uses 3). 0 (default): off; "
+                        "1: the same sampler with one copy, i.e. each image once")
     g.add_argument("--aug-splits", type=_int, default=0, help="Number of augmentation splits (valid: 0 or >=2)")
     g.add_argument("--reprob", type=_probability, default=0.0, help="Random erase prob")
     g.add_argument("--remode", choices=("const", "rand", "pixel"), default="pixel", help="Random erase mode")
@@ -544,6 +546,10 @@ def _check_ranges(args: argparse.Namespace) -> None:
         refuse("--opt-betas", " ".join(map(str, args.opt_betas)), "give one or two betas in [0, 1), e.g. 0.9 0.999")
     if args.cooldown_epochs < 0:
         refuse("--cooldown-epochs", args.cooldown_epochs, "must be >= 0")
+    if args.aug_repeats < 0 or args.aug_repeats != int(args.aug_repeats):
+        refuse("--aug-repeats", f"{args.aug_repeats:g}", "must be a whole number >= 0: 0 draws each training image "
+               "once per epoch; N >= 1 (distributed runs) draws it N times across the processes, each copy augmented "
+               "on its own (timm's RepeatAugSampler; DeiT uses 3, and 1 is the plain once-per-epoch draw)")
     if args.start_epoch is not None and not args.eval and not 0 <= args.start_epoch < args.epochs:
         refuse("--start-epoch", args.start_epoch, f"leaves no epoch to train of --epochs {args.epochs}; use 0.."
                                                   f"{args.epochs - 1}, or raise --epochs")

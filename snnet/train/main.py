@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from snnet.core.config import ConfigError, StitchConfig
 from snnet.core.cost import cost_table
 from snnet.core.distributed import world
 from snnet.core.errors import SNNetError, one_line
-from snnet.core.fileio import write_text_atomic
+from snnet.core.fileio import FolderLock, disk_full_error, is_disk_full, write_text_atomic
 from snnet.core.model import RoutedNet
 from snnet.core.progress import RunClock
 from snnet.core.steps import UnitStep
@@ -210,9 +211,6 @@ def ls_initialise(net: RoutedNet, run: Run, images_from) -> None:
 
 # ------------------------------------------------------------------------------------------------------ the run
 def run(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
-    from timm.data import resolve_data_config
-    from timm.utils import random_seed
-
     if args.dry_run:  # before any process group, weight or image: rank 0 prints the resolved run
         check_recipe(args, stitch_cfg, launch_world_size())  # the checks that need no data, device or file here
         if int(os.environ.get("RANK", "0")) == 0:
@@ -221,6 +219,17 @@ def run(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
         return
     check_run(args, stitch_cfg, launch_world_size())  # every input, before any weight or image
     check_loggers(args)
+    out_dir = output_dir(args)  # once: a generated name holds the time of day
+    # one run per output folder: rank 0 holds the lock (torchrun's other ranks write into rank 0's folder); the
+    # kernel releases it when the process dies, so a crashed run never leaves it stuck
+    with FolderLock(out_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext():
+        _run(args, stitch_cfg, out_dir)
+
+
+def _run(args: argparse.Namespace, stitch_cfg: StitchConfig | None, out_dir: Path) -> None:
+    from timm.data import resolve_data_config
+    from timm.utils import random_seed
+
     device = resolve_device(args)  # the process group (timm's init_distributed_device sets args' rank and world)
     rank, world_size = world()
     random_seed(args.seed, 0)  # the network's random parts (random anchors, stitching layers) are the same on every rank
@@ -228,7 +237,6 @@ def run(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
         logging.getLogger().setLevel(logging.WARNING)
     train_ds, val_ds = create_datasets(options_from(DataOptions, args), need_train=not args.eval)
     args = _resolve(args, stitch_cfg, train_ds or val_ds)  # frozen from here: nothing changes args mid-run
-    out_dir = output_dir(args)
     net, stitch_cfg = build_network(args, stitch_cfg, args.num_classes, train_ds)  # positions explicit from here
     check_train_exclude(net, stitch_cfg)
     if rank != 0:  # then each rank its own stream (augmentation, dropout); rank 0's goes on unchanged
@@ -254,7 +262,8 @@ def run(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
         eval_hash = file_sha256(resume) if resume else text_sha256(
             f"init:{args.seed}:{run_.config_text}:{state_sha256(unwrap(net).checkpoint_state())}")
         if run_.primary:
-            ResultsFile(out_dir / RESULTS_FILE, eval_hash, text_sha256(run_.config_text)).completed()
+            ResultsFile(out_dir / RESULTS_FILE, eval_hash, text_sha256(run_.config_text),
+                        data_source(val_ds) if val_ds is not None else None).completed()
     _logger.info("data: " + ", ".join(f"{k} {v}" for k, v in data_cfg.items()))  # after every check: no banner
     if run_.primary and not args.eval:  # the resolved run, after every check and before any work (LS init, training)
         write_text_atomic(out_dir / "args.yaml", to_yaml(describe_run(args, stitch_cfg, world_size, device.type,
@@ -332,7 +341,7 @@ def evaluate_all(net: RoutedNet, val_ds, run: Run, ckpt_hash: str, results_name:
     if val_ds is None:
         raise DataError(f"no validation split in {args.data_dir!r} to evaluate the stitches on")
     model = unwrap(net)
-    results = ResultsFile(run.out_dir / results_name, ckpt_hash, text_sha256(run.config_text))
+    results = ResultsFile(run.out_dir / results_name, ckpt_hash, text_sha256(run.config_text), data_source(val_ds))
     done = {}
     if rank == 0:
         run.out_dir.mkdir(parents=True, exist_ok=True)
@@ -732,8 +741,13 @@ def fit(net: RoutedNet, train_ds, val_ds, run: Run, resume_state: dict | None) -
         lrs = [g["lr"] for g in optimizer.param_groups]
         ctx.lr_scheduler.step(epoch + 1 - epoch_offset(args), metric)
         if run.primary:
-            update_summary(epoch, train_metrics, eval_metrics, filename=str(run.out_dir / "summary.csv"),
-                           lr=sum(lrs) / len(lrs), write_header=None)
+            try:  # timm appends the row in place: a full disk is said as every other write says it
+                update_summary(epoch, train_metrics, eval_metrics, filename=str(run.out_dir / "summary.csv"),
+                               lr=sum(lrs) / len(lrs), write_header=None)
+            except OSError as e:
+                if is_disk_full(e, run.out_dir):
+                    raise disk_full_error(run.out_dir, "'summary.csv'", 0) from None
+                raise
             state = training_state(model, optimizer, epoch, ctx.global_step, args_json, run.config_text,
                                    ctx.loss_scaler, ema=_ema_net(ctx))
             improved = saver.save(state, metric)

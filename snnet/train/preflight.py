@@ -15,6 +15,7 @@ from pathlib import Path
 
 from snnet.core.config import StitchConfig
 from snnet.core.errors import SNNetError, UsageError, one_line
+from snnet.core.fileio import lock_holder
 
 
 class OutputError(SNNetError):
@@ -47,6 +48,10 @@ def check_output(path: Path) -> None:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise OutputError(f"output folder {str(path)!r} is not writable ({str(probe)!r} does not allow it); pass "
                           f"another --output or fix the permissions")
+    holder = lock_holder(path)  # said here too: distributed_train.sh's check runs before torchrun starts
+    if holder is not None:
+        raise OutputError(f"folder {str(path)!r} is in use by another run ({holder}); wait for it to end or pass "
+                          f"another --output/--experiment")
 
 
 def check_checkpoints(args: argparse.Namespace, stitch_cfg: StitchConfig | None = None) -> None:
