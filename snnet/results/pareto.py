@@ -218,7 +218,8 @@ def front_table(records: Sequence[dict[str, Any]], cost: str = "flops", n_anchor
 
 
 # ------------------------------------------------------------------------------------------------------ plotting
-def _draw(ax, records, cost: str, scale: float, n_anchors: int | None, colour: str, label: str = "") -> None:
+def _draw(ax, records, cost: str, scale: float, n_anchors: int | None, colour: str, label: str = "",
+          row: int = 0) -> None:
     usable = [r for r in records if is_number(r.get(cost))]
     stitched = [r for r in usable if not is_anchor(r, n_anchors)]
     anchors = [r for r in usable if is_anchor(r, n_anchors)]
@@ -230,9 +231,10 @@ def _draw(ax, records, cost: str, scale: float, n_anchors: int | None, colour: s
             lw=1.2, label=f"{prefix}Pareto front")
     ax.scatter([r[cost] / scale for r in anchors], [r["acc1"] for r in anchors], marker="*", s=180,
                c="tab:orange" if not label else colour, edgecolors="k", zorder=3, label=f"{prefix}anchors")
-    for r in anchors:
-        ax.annotate(anchor_name(r), (r[cost] / scale, r["acc1"]), textcoords="offset points",
-                    xytext=(6, -10), fontsize=8)
+    for r in anchors:  # several files' anchors share names and spots: each file's names one line lower, its colour
+        ax.annotate(f"{anchor_name(r)} ({label})" if label else anchor_name(r), (r[cost] / scale, r["acc1"]),
+                    textcoords="offset points", xytext=(6, -10 - 9 * row), fontsize=8,
+                    color=colour if label else "black")
     for r in front:  # the stitches worth deploying, by the cfg_id `snnet select` / `net(x, cfg_id)` take
         if not is_anchor(r, n_anchors):
             ax.annotate(str(r["cfg_id"]), (r[cost] / scale, r["acc1"]), textcoords="offset points", xytext=(-3, 5),
@@ -295,7 +297,7 @@ def plot_series(series: Sequence[tuple[str, Sequence[dict[str, Any]], int | None
         _draw(ax, series[0][1], cost, scale, series[0][2], "tab:blue")
     else:
         for i, (label, recs, n) in enumerate(series):
-            _draw(ax, recs, cost, scale, n, colours[i % len(colours)], label)
+            _draw(ax, recs, cost, scale, n, colours[i % len(colours)], label, row=i)
         front = pareto_front(everything, cost)
         ax.plot([r[cost] / scale for r in front], [r["acc1"] for r in front], "--", c="k", lw=1.0,
                 label="combined front")
