@@ -28,7 +28,8 @@ def test_labels_name_the_routes():
     data = json.loads(CONFIG.read_text())
     for a in data["anchors"]:
         del a["checkpoint"]  # the structure only: random weights
-    net = build_snnet(parse_stitch_config(data, "demo"), pretrained=False, img_size=16, num_classes=10)
+    cfg = parse_stitch_config(data, "demo").with_model_kwargs({"depth": 2})  # cheaper: names need no depth
+    net = build_snnet(cfg, pretrained=False, img_size=16, num_classes=10)
     assert net.names == ["w16", "w32", "w64"]
     assert [net.describe(i) for i in range(3)] == ["w16", "w32", "w64"]
     assert net.describe(3).startswith("w16[") and "-> w32[" in net.describe(3)
@@ -96,3 +97,20 @@ def test_anchors_are_reused_only_when_trained_by_the_same_command(tmp_path, monk
     train_anchor(tmp_path, tmp_path / "digits", *spec, 4, fresh=False)  # other epochs: retrained
     train_anchor(tmp_path, tmp_path / "digits", *spec, 4, fresh=True)  # --fresh: retrained
     assert len(calls) == 3 and "4" in calls[1]
+
+
+def test_a_step_shows_progress_and_fails_with_its_log(tmp_path, monkeypatch, capsys):
+    """The console gets the step's newest ETA line every RELAY_SECONDS, a 'running for' line when it prints none,
+    the whole output goes to the log; a failing step exits naming itself, with the log's tail."""
+    import sys
+
+    from snnet import demo
+    monkeypatch.setattr(demo, "RELAY_SECONDS", 0.2)
+    script = "import time\nfor i in range(6): print(f'Train: {i} ETA 0:0{6 - i}', flush=True); time.sleep(0.15)\n" \
+             "time.sleep(1.0)\nprint('done')"
+    demo.run([sys.executable, "-c", script], tmp_path / "ok.log", "step1")
+    out = capsys.readouterr().out
+    assert "[step1] Train: " in out and "[step1] running for " in out and "[step1] done in" in out
+    assert (tmp_path / "ok.log").read_text().splitlines()[-1] == "done"
+    with pytest.raises(SystemExit, match=r"demo step step2 failed \(exit 3\):\nboom"):
+        demo.run([sys.executable, "-c", "print('boom'); raise SystemExit(3)"], tmp_path / "bad.log", "step2")
