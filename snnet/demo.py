@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     work = Path(args.work)
     if args.publish or args.check:
-        done = [name for name in PUBLISHED if (work / "results" / name / RESULTS_FILE).exists()]
+        done = [name for name in PUBLISHED if any((work / "results" / name).rglob(RESULTS_FILE))]  # v2: v1/, v2/
         if not done:
             sys.exit(f"no demo results under {work / 'results'}; run make demo (and make demo-v2) first")
         for name in done:
