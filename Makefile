@@ -4,7 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv browser slurm lint test test-fast demo demo-v2 gpu-check docs docs-blocks clean-venv
+.PHONY: venv browser slurm lint test test-fast demo demo-v2 demo-results demo-check gpu-check docs docs-blocks \
+	clean-venv
 
 venv: $(STAMP)
 
@@ -87,12 +88,22 @@ test: venv browser slurm lint
 test-fast: venv
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs -n 2 -m "not slow and not dist and not browser" tests
 
+# the digits demo: 3 anchors (w16, w32, w64) and their SN-Net, everything under output/demo (gitignored): the fresh
+# table, plot and report in output/demo/results/demo; the committed results/ do not change (make demo-results)
 demo: venv
 	$(BIN)/python -m snnet.demo
 
-# SN-Net vs. SN-Netv2 (two-way, LoRA, ROS) on the demo's anchors w16 and w64: results/demo_v2/
+# SN-Net vs. SN-Netv2 (two-way, LoRA, ROS) on the demo's anchors w16 and w64: output/demo/results/demo_v2
 demo-v2: venv
 	$(BIN)/python -m snnet.demo --v2
+
+# the only way the committed results/demo and results/demo_v2 change: both demos afresh, then copied there
+demo-results: demo demo-v2
+	$(BIN)/python -m snnet.demo --publish
+
+# both demos afresh, then every cfg_id's route, FLOPs and top-1/top-5 compared with the committed results (exit 1)
+demo-check: demo demo-v2
+	$(BIN)/python -m snnet.demo --check
 
 # on a machine with CUDA, within 10 minutes: tests/test_cuda.py, a nccl run of the digits demo config checked against a
 # CPU evaluation, and real-size benchmarks -> results/gpu/<gpu name>.md; without CUDA one line and exit 2

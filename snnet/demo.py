@@ -1,40 +1,72 @@
 """The digits demo (`make demo`): the whole SN-Net journey on real data that ships with scikit-learn.
 
 1. writes scikit-learn's digits (1,797 real 8x8 scans) as an ImageFolder (train/ and val/, stratified 80/20);
-2. trains three small ViT anchors of different widths as plain models (train.py --model);
+2. trains three small ViT anchors of widths 16/32/64, labelled w16, w32, w64 in configs/demo_digits.json, as plain
+   models (train.py --model), two at a time;
 3. stitches them with configs/demo_digits.json (anchors point at those checkpoints) and trains the SN-Net on two
    processes with distributed_train.sh (gloo on CPU);
 4. evaluates every stitch (stitches_res.txt, and the anchors' per-image predictions stitches_pred.npz) and writes
-   what `snnet pareto --baselines --out results/demo` writes: the Pareto table (pareto_flops.md, .json) with the
-   no-training baselines (random anchor mixing, confidence cascade) and the FLOPs-accuracy plot (pareto_flops.png).
+   what `snnet pareto --baselines --out DIR` writes: the Pareto table (pareto_flops.md, .json) with the
+   no-training baselines (random anchor mixing, confidence cascade), the FLOPs-accuracy plot (pareto_flops.png) and
+   the HTML report; last, one line of what the picture shows (stitches within the anchors' range, front vs. mixing).
 
-`python -m snnet.demo --v2` (`make demo-v2`) compares SN-Net with SN-Netv2 on the same two anchors (widths 16 and 64,
+Everything goes to output/demo (gitignored; results in output/demo/results/demo). Each step's full log is a file
+there; the console gets the step's progress line (epoch, loss, ETA) every few seconds. The committed results/demo
+and results/demo_v2 change only through `--publish` (`make demo-results`); `--check` (`make demo-check`) compares a
+fresh run with them. Every training process runs on one thread (THREADS_ENV): the numbers are then the same on
+every machine of one kind (docs/demo.md says what can still move them).
+
+`python -m snnet.demo --v2` (`make demo-v2`) compares SN-Net with SN-Netv2 on the same two anchors (w16 and w64,
 the same checkpoints as above): step 3 trains, with the same epochs and learning rates, an SN-Net with SN-Net's
 sliding-window plan (configs/demo_digits_v1_pair.json) and an SN-Netv2 (configs/demo_digits_v2.json: two-way
-plan, LoRA stitching layers, ROS sampling), and step 4 writes both results files (results/demo_v2/v1/ and v2/) and
-one table and plot with both fronts and their combined front (results/demo_v2/pareto_flops.{md,json,png}).
+plan, LoRA stitching layers, ROS sampling), and step 4 writes both results files (demo_v2/v1/ and v2/) and one
+table and plot with both fronts and their combined front (demo_v2/pareto_flops.{md,json,png}).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from snnet.core.fileio import write_text_atomic
 from snnet.results.records import RESULTS_FILE, read_results, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "demo_digits.json"
-TITLE = "SN-Net on digits: 3 ViT anchors (width 16/32/64)"
+WORK = ROOT / "output" / "demo"  # scratch: data, checkpoints, logs and the fresh results (gitignored)
+#: the committed results, changed only by --publish (make demo-results)
+PUBLISHED = {"demo": ROOT / "results" / "demo", "demo_v2": ROOT / "results" / "demo_v2"}
+TITLE = "SN-Net on digits: 3 ViT anchors w16, w32, w64 (widths 16/32/64)"
 # --v2: the same two anchors (w16, w64) stitched by SN-Net (sliding windows) and by SN-Netv2 (two-way, LoRA, ROS)
 V2_CONFIGS = {"v1": ROOT / "configs" / "demo_digits_v1_pair.json", "v2": ROOT / "configs" / "demo_digits_v2.json"}
-V2_TITLE = "SN-Net (v1) vs. SN-Netv2 (v2) on digits: anchors of width 16 and 64"
-SNNET_FLAGS = ["--lr", "1e-3", "--anchor-lr-scale", "0.1", "--warmup-epochs", "1"]  # every SN-Net of the demo
+V2_TITLE = "SN-Net (v1) vs. SN-Netv2 (v2) on digits: anchors w16 and w64"
+ANCHOR_EPOCHS = 30
+SNNET_EPOCHS = 60  # training budget per route matters: 30 epochs left the front below random mixing (docs/demo.md)
+ANCHOR_FLAGS = ["--lr", "2e-3", "--warmup-epochs", "2"]
+# every SN-Net of the demo: one LR for anchors and stitching layers, as SN-Net trains DeiTs. With the anchors at a
+# tenth of it (the demo's recipe before issue 31) only the stitching layers adapted and stitches between the two
+# small anchors fell 5-15 points below both (docs/demo.md, the recipe study)
+SNNET_FLAGS = ["--lr", "1e-3", "--anchor-lr-scale", "1", "--warmup-epochs", "1"]
 COMMON = ["--img-size", "16", "-b", "32", "--opt", "adamw", "--weight-decay", "0.05", "--scale", "0.7", "1",
-          "--hflip", "0", "--smoothing", "0.1", "-j", "0", "--seed", "0", "--log-interval", "1000"]
+          "--hflip", "0", "--smoothing", "0.1", "-j", "0", "--seed", "0", "--log-interval", "10"]
+SEED = 0  # COMMON's seed of the anchors and the SN-Net (--seed; the data split is always the same)
+THREADS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # see _child_env
+RELAY_SECONDS = 5.0  # the console gets the running step's newest progress line this often (run)
+RANGE_MARGIN = 3.0  # summary(): stitches within the anchors' top-1 range +- this many points
+
+
+def common(seed: int = SEED) -> list[str]:
+    """COMMON with this training seed."""
+    i = COMMON.index("--seed")
+    return [*COMMON[:i], "--seed", str(seed), *COMMON[i + 2:]]
 
 
 def write_digits(root: Path, seed: int = 0) -> Path:
@@ -65,7 +97,6 @@ def write_digits(root: Path, seed: int = 0) -> Path:
 def demo_anchors(*configs: Path) -> list[tuple[str, str, dict]]:
     """(run folder, timm name, model kwargs) of each anchor, read from configs/demo_digits.json (or the given demo
     configs, each anchor once): the config names the checkpoint <work>/<run folder>/last.pth.tar that step 2 trains."""
-    import json
     anchors = {}
     for config in configs or (CONFIG,):
         for a in json.loads(Path(config).read_text())["anchors"]:
@@ -76,8 +107,7 @@ def demo_anchors(*configs: Path) -> list[tuple[str, str, dict]]:
 def stitch_config_for(work: Path, config: Path = CONFIG) -> Path:
     """A demo config (configs/demo_digits.json unless given) names the anchors' checkpoints under the default work
     folder; another --work gets a copy of it (same file name) pointing at the anchors trained there."""
-    import json
-    if work.resolve() == (ROOT / "output" / "demo").resolve():
+    if work.resolve() == WORK.resolve():
         return config
     cfg = json.loads(Path(config).read_text())
     for anchor in cfg["anchors"]:
@@ -87,69 +117,209 @@ def stitch_config_for(work: Path, config: Path = CONFIG) -> Path:
     return path
 
 
-def run(cmd: list[str], log: Path) -> None:
-    print("$", " ".join(str(c) for c in cmd), f"  (log: {log})", flush=True)
+def _child_env() -> dict[str, str]:
+    """The environment of every training process: one OpenMP/MKL thread each. A CPU reduction split over threads
+    sums in another order, so top-1 would depend on the machine's core count (a plain `make demo` gave other
+    numbers than a run under OMP_NUM_THREADS=1); torchrun pins 1 thread per process anyway, the anchors did not."""
+    return {**os.environ, **THREADS_ENV, "PYTHONUNBUFFERED": "1"}
+
+
+def run(cmd: list[str | Path], log: Path, step: str) -> float:
+    """Run one step, its whole output to `log`. Every RELAY_SECONDS the console gets the step's latest progress line
+    (epoch, loss, ETA), or, while it prints none (starting, the preflight check), how long it has been running: a
+    newcomer sees it move at least every 10 s. Exits with the log's tail on failure."""
+    print(f"[{step}] $ {' '.join(str(c) for c in cmd)}", flush=True)
+    print(f"[{step}]   (full log: {log})", flush=True)
     t0 = time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
+    latest = [""]  # the newest progress line not yet echoed (written by the reader below, taken by the heartbeat)
+    stop = threading.Event()
+
+    def heartbeat() -> None:
+        quiet = 0
+        while not stop.wait(RELAY_SECONDS):
+            line, latest[0] = latest[0], ""
+            quiet = 0 if line else quiet + 1
+            if line:
+                print(f"[{step}] {line}", flush=True)
+            elif quiet % 2 == 0:  # nothing new for 10 s
+                print(f"[{step}] running for {time.perf_counter() - t0:.0f}s (see {log})", flush=True)
+
+    beat = threading.Thread(target=heartbeat, daemon=True)
+    beat.start()
+    try:
+        with open(log, "w", buffering=1) as f:  # line-buffered: the log can be followed while the step runs
+            proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=_child_env(), stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True)
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                f.write(line)
+                if "ETA" in line:
+                    latest[0] = line.rstrip()
+            code = proc.wait()
+    finally:
+        stop.set()
+        beat.join()
+    if code != 0:
         tail = log.read_text().splitlines()[-15:]
-        sys.exit(f"demo step failed (exit {proc.returncode}):\n" + "\n".join(tail))
-    print(f"  done in {time.perf_counter() - t0:.0f}s", flush=True)
+        sys.exit(f"demo step {step} failed (exit {code}):\n" + "\n".join(tail))
+    took = time.perf_counter() - t0
+    print(f"[{step}] done in {took:.0f}s", flush=True)
+    return took
 
 
-def main(argv=None) -> int:
+def anchor_command(work: Path, data: Path, name: str, model: str, kwargs: dict, epochs: int, seed: int = SEED
+                   ) -> list[str]:
+    """train.py's arguments for one anchor (a plain model of the config's timm name and model_kwargs)."""
+    return ["train.py", str(data), "--model", model, "--model-kwargs", *[f"{k}={v}" for k, v in kwargs.items()],
+            "--epochs", str(epochs), *ANCHOR_FLAGS, "--output", str(work), "--experiment", name, *common(seed)]
+
+
+def train_anchor(work: Path, data: Path, name: str, model: str, kwargs: dict, epochs: int, fresh: bool,
+                 seed: int = SEED) -> None:
+    """Train one anchor unless the same command already trained it here (its command is kept beside the checkpoint:
+    a checkpoint of another recipe or epoch count is retrained, not silently reused)."""
+    cmd = anchor_command(work, data, name, model, kwargs, epochs, seed)
+    stamp = work / name / "demo_command.json"
+    if not fresh and (work / name / "last.pth.tar").exists() and stamp.exists() and \
+            json.loads(stamp.read_text()) == cmd:
+        print(f"[{name}] reusing {work / name / 'last.pth.tar'} (trained by the same command)", flush=True)
+        return
+    shutil.rmtree(work / name, ignore_errors=True)
+    run([sys.executable, *cmd], work / f"{name}.log", name)
+    write_text_atomic(stamp, json.dumps(cmd))
+
+
+def train_snnet(work: Path, data: Path, config: Path, name: str, epochs: int, extra: list[str], seed: int = SEED
+                ) -> Path:
+    """Train (and evaluate every stitch of) one SN-Net on two processes, as a user would."""
+    run_dir = work / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run(["./distributed_train.sh", "2", data, "--stitch_config", stitch_config_for(work, config), "--epochs",
+         str(epochs), *SNNET_FLAGS, *extra, "--output", work, "--experiment", name, *common(seed)],
+        work / f"{name}.log", name)
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", default=str(ROOT / "output" / "demo"), help="scratch folder (data, checkpoints)")
-    p.add_argument("--results", default=None, help="where the table and plot go (default: results/demo, with --v2 "
-                                                  "results/demo_v2)")
-    p.add_argument("--anchor-epochs", type=int, default=30)
-    p.add_argument("--snnet-epochs", type=int, default=30)
-    p.add_argument("--fresh", action="store_true", help="retrain the anchors even if their checkpoints exist")
+    p.add_argument("--work", default=str(WORK), help="scratch folder (data, checkpoints, logs; default output/demo)")
+    p.add_argument("--results", default=None, help="where the results file, table, plot and report go (default: "
+                   "WORK/results/demo, with --v2 WORK/results/demo_v2; the committed results/demo* change only "
+                   "through --publish)")
+    p.add_argument("--anchor-epochs", type=int, default=ANCHOR_EPOCHS)
+    p.add_argument("--snnet-epochs", type=int, default=SNNET_EPOCHS)
+    p.add_argument("--fresh", action="store_true", help="retrain the anchors even if the same command trained them")
     p.add_argument("--v2", action="store_true", help="SN-Net vs. SN-Netv2 on anchors w16 and w64 (two-way plan, "
-                   "LoRA stitching layers, ROS sampling): both fronts in one plot, in results/demo_v2")
+                   "LoRA stitching layers, ROS sampling): both fronts in one plot, in WORK/results/demo_v2")
+    p.add_argument("--seed", type=int, default=SEED, help="training seed of the anchors and the SN-Net (the "
+                   "committed results: %(default)s; recipe studies run several)")
+    p.add_argument("--snnet-flags", default="", help="extra train.py flags for the SN-Net runs, one string (recipe "
+                   "studies, docs/demo.md); the committed results use none")
+    p.add_argument("--publish", action="store_true", help="train nothing: copy the last run's results (default "
+                   "WORK/results/demo and demo_v2, those present) into the committed results/demo and "
+                   "results/demo_v2 and rebuild their tables, plots and reports there (make demo-results)")
+    p.add_argument("--check", action="store_true", help="train nothing: compare the last run's top-1 per cfg_id "
+                   "(WORK/results/demo, demo_v2: those present) with the committed results; exit 1 on any "
+                   "difference (make demo-check)")
     args = p.parse_args(argv)
     work = Path(args.work)
-    results = Path(args.results or ROOT / "results" / ("demo_v2" if args.v2 else "demo"))
+    if args.publish or args.check:
+        done = [name for name in PUBLISHED if any((work / "results" / name).rglob(RESULTS_FILE))]  # v2: v1/, v2/
+        if not done:
+            sys.exit(f"no demo results under {work / 'results'}; run make demo (and make demo-v2) first")
+        for name in done:
+            fresh, committed = work / "results" / name, PUBLISHED[name]
+            if args.publish:
+                publish(fresh, committed, name == "demo_v2")
+            else:
+                bad = compare(fresh, committed)
+                print(f"{name}: " + ("identical top-1 per cfg_id to the committed results" if not bad else
+                                     f"{len(bad)} difference(s) from {committed}:\n  " + "\n  ".join(bad)))
+                if bad:
+                    return 1
+        return 0
+
+    results = Path(args.results or work / "results" / ("demo_v2" if args.v2 else "demo"))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     data = write_digits(work)
-    print(f"data: {data} (scikit-learn digits, ImageFolder)")
-
-    py = sys.executable
-    for name, model, kwargs in demo_anchors(*V2_CONFIGS.values()) if args.v2 else demo_anchors():
-        if (work / name / "last.pth.tar").exists() and not args.fresh:
-            print(f"anchor {name}: reusing {work / name / 'last.pth.tar'}")
-            continue
-        run([py, "train.py", data, "--model", model, "--model-kwargs", *[f"{k}={v}" for k, v in kwargs.items()],
-             "--epochs", str(args.anchor_epochs), "--lr", "2e-3",
-             "--warmup-epochs", "2", "--output", work, "--experiment", name, *COMMON], work / f"{name}.log")
+    print(f"data: {data} (scikit-learn digits, ImageFolder)", flush=True)
+    anchors = demo_anchors(*V2_CONFIGS.values()) if args.v2 else demo_anchors()
+    # two at a time (one thread each, like the SN-Net's two processes), the largest first: on two cores the wall
+    # time is about the largest anchor's, not the sum
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(lambda a: train_anchor(work, data, *a, args.anchor_epochs, args.fresh, args.seed), anchors[::-1]))
+    extra = shlex.split(args.snnet_flags)
 
     if args.v2:
         sources = []
         for label, config in V2_CONFIGS.items():  # same anchors, epochs, learning rates, flags: only the config differs
-            snnet_dir = work / f"snnet_{label}"
-            shutil.rmtree(snnet_dir, ignore_errors=True)
-            run(["./distributed_train.sh", "2", data, "--stitch_config", stitch_config_for(work, config), "--epochs",
-                 str(args.snnet_epochs), *SNNET_FLAGS, "--output", work, "--experiment", snnet_dir.name, *COMMON],
-                work / f"{snnet_dir.name}.log")
+            run_dir = train_snnet(work, data, config, f"snnet_{label}", args.snnet_epochs, extra, args.seed)
             sources.append(results / label / RESULTS_FILE)
-            copy_results(snnet_dir, sources[-1])
+            copy_results(run_dir, sources[-1])
         files = report(results, sources, V2_TITLE)
-        print(f"demo --v2 finished in {time.perf_counter() - t0:.0f}s: {', '.join(str(f) for f in files + sources)}")
-        return 0
-
-    snnet_dir = work / "snnet"
-    shutil.rmtree(snnet_dir, ignore_errors=True)
-    run(["./distributed_train.sh", "2", data, "--stitch_config", stitch_config_for(work), "--epochs", str(args.snnet_epochs),
-         *SNNET_FLAGS, "--output", work, "--experiment", "snnet", *COMMON],
-        work / "snnet.log")
-
-    copy_results(snnet_dir, results / RESULTS_FILE)
-    files = report(results)
-    print(f"demo finished in {time.perf_counter() - t0:.0f}s: {', '.join(str(f) for f in files)}, "
-          f"{results / RESULTS_FILE}")
+    else:
+        run_dir = train_snnet(work, data, CONFIG, "snnet", args.snnet_epochs, extra, args.seed)
+        sources = [results / RESULTS_FILE]
+        copy_results(run_dir, sources[0])
+        files = report(results)
+    for line in summary(sources):
+        print(line)
+    print(f"demo{' --v2' if args.v2 else ''} finished in {time.perf_counter() - t0:.0f}s: "
+          f"{', '.join(str(f) for f in [*sources, *files])}")
+    if results.resolve() != PUBLISHED["demo_v2" if args.v2 else "demo"].resolve():
+        print("the committed results are unchanged; make demo-results copies these there (make demo-check "
+              "compares them)")
     return 0
+
+
+def summary(sources: list[Path]) -> list[str]:
+    """What the picture should show, in numbers: the share of stitches whose top-1 lies within the anchors' top-1
+    range +-3 points, and on what share of budgets the stitched front beats random mixing of the anchors."""
+    from snnet.results.baselines import file_baselines
+    from snnet.results.pareto import infer_anchors, is_anchor
+    from snnet.results.quality import in_anchor_range
+    lines = []
+    for path in sources:
+        records = read_results(path)
+        n = infer_anchors(records)
+        anchors = [r["cfg_id"] for r in records if is_anchor(r, n)]
+        inside, stitches = in_anchor_range(records, anchors, RANGE_MARGIN)
+        b = file_baselines(path, records, anchors)
+        lines.append(f"{os.path.relpath(path)}: anchors " + ", ".join(
+            f"{r['route']} {r['acc1']:.2f}" for r in records if r["cfg_id"] in anchors) +
+            f"; {inside} of {stitches} stitches within the anchors' top-1 range +-{RANGE_MARGIN:g}; front above "
+            f"random mixing on {100 * b['ahead_of_mixing']:.0f} % of budgets ({b['above_mixing']} of "
+            f"{b['stitches']} stitches above the line)")
+    return lines
+
+
+def compare(fresh: Path, committed: Path) -> list[str]:
+    """Differences between two demo results folders: per results file (demo: one, demo_v2: v1/ and v2/), every
+    cfg_id's route, FLOPs and top-1/top-5 (exact: the demo is deterministic on one machine kind)."""
+    out = []
+    for f in sorted(committed.rglob(RESULTS_FILE)):
+        g = fresh / f.relative_to(committed)
+        if not g.exists():
+            out.append(f"{g}: missing")
+            continue
+        keys = ("route", "flops", "acc1", "acc5")
+        old = {r["cfg_id"]: tuple(r.get(k) for k in keys) for r in read_results(f)}
+        new = {r["cfg_id"]: tuple(r.get(k) for k in keys) for r in read_results(g)}
+        for cfg_id in sorted(set(old) | set(new)):
+            if old.get(cfg_id) != new.get(cfg_id):
+                out.append(f"{f.relative_to(committed.parent)} cfg {cfg_id}: committed {old.get(cfg_id)}, fresh "
+                           f"{new.get(cfg_id)}")
+    return out
+
+
+def publish(fresh: Path, committed: Path, v2: bool) -> None:
+    """Copy a fresh run's results files (and predictions) to the committed folder and rebuild its report there."""
+    sources = [committed / f.relative_to(fresh) for f in sorted(fresh.rglob(RESULTS_FILE))]
+    for src, dest in zip(sorted(fresh.rglob(RESULTS_FILE)), sources):
+        copy_results(src.parent, dest)
+    files = report(committed, sources, V2_TITLE) if v2 else report(committed)
+    print(f"published {fresh} -> {', '.join(str(f) for f in [*sources, *files])}")
 
 
 def copy_results(run_dir: Path, dest: Path) -> None:

@@ -222,7 +222,8 @@ def test_pareto_png_has_subtitle_and_front_cfg_ids(tmp_path, monkeypatch):
     got = texts[str(tmp_path / "one.png")]
     assert "16x16 images, 360 validation images" in got
     assert sorted(t for t in got if t.isdigit()) == sorted(str(c) for c in front if c > 2)
-    assert sorted(t for t in got if t.startswith("deit_")) == [recs[a]["route"] for a in range(3)]
+    names = [recs[a]["route"] for a in range(3)]  # one label per anchor, its route name (w16, w32, w64)
+    assert sorted(t for t in got if t in names) == sorted(names) and len(set(names)) == 3
     assert not any(t.startswith("anchor ") for t in got)
     no_routes = [{k: v for k, v in r.items() if k != "route"} for r in recs]
     plot_series([("snnet", no_routes, 3)], tmp_path / "snnet.png")
@@ -230,6 +231,10 @@ def test_pareto_png_has_subtitle_and_front_cfg_ids(tmp_path, monkeypatch):
         ["anchor 0", "anchor 1", "anchor 2"]
     plot_series([("v1", read_results(DEMO_V2[0]), 2), ("v2", read_results(DEMO_V2[1]), 2)], tmp_path / "two.png")
     assert "16x16 images, 360 validation images" in texts[str(tmp_path / "two.png")]  # both files' records say it
+    # the two files' anchors (the same two checkpoints) are named apart, not drawn on one spot
+    v1 = [r["route"] for r in read_results(DEMO_V2[0])[:2]]
+    assert sorted(t for t in texts[str(tmp_path / "two.png")] if t.endswith(("(v1)", "(v2)"))) == \
+        sorted(f"{n} ({v})" for v in ("v1", "v2") for n in v1)
 
 
 @pytest.mark.slow

@@ -228,8 +228,7 @@ def snnet_from_anchors(cfg: StitchConfig, models: Sequence[nn.Module], adapters:
     skip = cfg.get("skip_final_norm")
     if skip is None:  # the family's SN-Net behaviour (on for plain ViTs: docs/snnet_compat.md, C7)
         skip = all(ad.skip_final_norm_default for ad in adapters)
-    # readable routes need distinct names: the same timm name with other kwargs or weights gets its index
-    labels = [f"{n}#{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+    labels = cfg.labels()  # readable routes need distinct names: a label of the config's, or the timm name (#index)
     try:
         model = SNNet(models, plan, names=labels, adapters=adapters, skip_final_norm=skip,
                       stitch_layer=cfg.get("stitch_layer"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -81,7 +82,10 @@ FIELDS: dict[str, Field] = {
 }
 #: field -> the train.py argparse dest it sets the default of
 ARG_DESTS: dict[str, str] = {name: f.dest for name, f in FIELDS.items() if f.dest}
-ANCHOR_FIELDS = {"name": str, "checkpoint": str, "model_kwargs": dict}
+ANCHOR_FIELDS = {"name": str, "checkpoint": str, "model_kwargs": dict, "label": str}
+#: an anchor's label is a route name: what `snnet.results.pareto.parse_route` reads as one, without the '#' of the
+#: labels made for repeated timm names
+_LABEL = re.compile(r"[A-Za-z0-9_.+-]+")
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,7 @@ class AnchorSpec:
     name: str
     checkpoint: str | None = None
     model_kwargs: dict = field(default_factory=dict, hash=False)  # extra timm.create_model arguments
+    label: str | None = None  # the anchor's name in routes, results and plots (default: the timm name, see labels())
 
 
 @dataclass
@@ -102,8 +107,14 @@ class StitchConfig:
         user types applies to all anchors and wins."""
         if not overrides:
             return self
-        anchors = [AnchorSpec(a.name, a.checkpoint, {**a.model_kwargs, **overrides}) for a in self.anchors]
+        anchors = [AnchorSpec(a.name, a.checkpoint, {**a.model_kwargs, **overrides}, a.label) for a in self.anchors]
         return StitchConfig(anchors, dict(self.values), self.path)
+
+    def labels(self) -> list[str]:
+        """Each anchor's name in routes, results files, tables and plots: its ``"label"`` where the config gives
+        one, else its timm name, with ``#index`` where several anchors share that name (deit_tiny_patch16_224#0)."""
+        names = [a.name for a in self.anchors]
+        return [a.label or (f"{n}#{i}" if names.count(n) > 1 else n) for i, (a, n) in enumerate(zip(self.anchors, names))]
 
     def get(self, name: str, default: Any = None) -> Any:
         if name in self.values:
@@ -134,6 +145,10 @@ def parse_stitch_config(data: Any, source: str = "stitch config") -> StitchConfi
     anchors = [_parse_anchor(a, i, source) for i, a in enumerate(data["anchors"])]
     if not anchors:
         raise ConfigError(f"{source}: 'anchors' is empty; list at least one timm model name")
+    labels = StitchConfig(anchors).labels()
+    repeated = sorted({x for x in labels if labels.count(x) > 1})
+    if repeated:
+        raise ConfigError(f"{source}: anchors share the label(s) {repeated}; give each anchor its own 'label'")
     for k in ("stitch_stride", "stitch_kernel_size", "stitch_init_bs", "batch_size", "input_size", "epochs",
               "num_classes"):
         if k in data and data[k] < 1:
@@ -224,7 +239,11 @@ def _parse_anchor(a: Any, i: int, source: str) -> AnchorSpec:
                 raise ConfigError(f"{source}: anchor {i} field {k!r} must be a {t.__name__}, got {a[k]!r}")
         if not a.get("name"):
             raise ConfigError(f"{source}: anchor {i} needs a 'name' (a timm model name)")
-        return AnchorSpec(a["name"], a.get("checkpoint"), dict(a.get("model_kwargs", {})))
+        label = a.get("label")
+        if label is not None and not _LABEL.fullmatch(label):
+            raise ConfigError(f"{source}: anchor {i} label {label!r} is not a route name; use letters, digits and "
+                              f"'_.+-' only, e.g. \"w16\"")
+        return AnchorSpec(a["name"], a.get("checkpoint"), dict(a.get("model_kwargs", {})), label)
     raise ConfigError(f"{source}: anchor {i} must be a timm model name or {{'name': ..., 'checkpoint': ...}}, "
                       f"got {a!r}")
 
@@ -261,7 +280,8 @@ def load_stitch_config(path: str | Path) -> StitchConfig:
     cfg.path = str(path)
     # relative checkpoint paths are relative to the config file, so configs can travel with their anchors
     cfg.anchors = [AnchorSpec(a.name, a.checkpoint if a.checkpoint is None or Path(a.checkpoint).is_absolute()
-                              or Path(a.checkpoint).exists() else str(path.parent / a.checkpoint), a.model_kwargs)
+                              or Path(a.checkpoint).exists() else str(path.parent / a.checkpoint), a.model_kwargs,
+                              a.label)
                    for a in cfg.anchors]
     return cfg
 

@@ -123,12 +123,11 @@ def build_anchors(cfg, pretrained: bool, num_classes: int | None, img_size: int 
     by every anchor)."""
     from snnet.core.adapter import adapter_for
     from snnet.core.build import check_model_name, create_anchor
-    names = [a.name for a in cfg.anchors]
     for a in cfg.anchors:
         check_model_name(a.name)
     models = [create_anchor(a, pretrained, num_classes=num_classes, img_size=img_size, in_chans=in_chans)
               for a in cfg.anchors]
-    labels = [f"{n}#{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+    labels = cfg.labels()
     adapters = [adapter_for(m, n) for m, n in zip(models, labels)]
     return anchors_net(models, adapters, labels, _resolve(models, img_size)[2])
 

@@ -231,13 +231,29 @@ def _draw(ax, records, cost: str, scale: float, n_anchors: int | None, colour: s
             lw=1.2, label=f"{prefix}Pareto front")
     ax.scatter([r[cost] / scale for r in anchors], [r["acc1"] for r in anchors], marker="*", s=180,
                c="tab:orange" if not label else colour, edgecolors="k", zorder=3, label=f"{prefix}anchors")
-    for r in anchors:
-        ax.annotate(anchor_name(r), (r[cost] / scale, r["acc1"]), textcoords="offset points",
-                    xytext=(6, -10), fontsize=8)
+    for r in anchors if not label else []:  # several files: plot_series names their anchors together
+        ax.annotate(anchor_name(r), (r[cost] / scale, r["acc1"]), textcoords="offset points", xytext=(6, -10),
+                    fontsize=8)
     for r in front:  # the stitches worth deploying, by the cfg_id `snnet select` / `net(x, cfg_id)` take
         if not is_anchor(r, n_anchors):
             ax.annotate(str(r["cfg_id"]), (r[cost] / scale, r["acc1"]), textcoords="offset points", xytext=(-3, 5),
                         ha="right", fontsize=6.5, color="0.25" if not label else colour)
+
+
+def _name_shared_anchors(ax, series, cost: str, scale: float, colours: Sequence[str]) -> None:
+    """Several files' anchors, named '<anchor> (<file>)' in the file's colour. Files that share an anchor (the same
+    checkpoints trained on in two SN-Nets) put it at nearly one spot: its names are stacked, the most accurate's
+    above its star, the others below theirs, one line apart, instead of drawn over each other."""
+    spots: dict[tuple[str, float], list[tuple[float, float, str, str]]] = {}
+    for i, (label, recs, n) in enumerate(series):
+        for r in recs:
+            if is_number(r.get(cost)) and is_anchor(r, n):
+                spots.setdefault((anchor_name(r), r[cost]), []).append(
+                    (r[cost] / scale, r["acc1"], f"{anchor_name(r)} ({label})", colours[i % len(colours)]))
+    for names in spots.values():
+        for k, (x, y, text, colour) in enumerate(sorted(names, key=lambda t: -t[1])):
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(6, 5 if k == 0 else -1 - 10 * k),
+                        fontsize=8, color=colour)
 
 
 def _size_text(size: Any) -> str | None:
@@ -297,6 +313,7 @@ def plot_series(series: Sequence[tuple[str, Sequence[dict[str, Any]], int | None
     else:
         for i, (label, recs, n) in enumerate(series):
             _draw(ax, recs, cost, scale, n, colours[i % len(colours)], label)
+        _name_shared_anchors(ax, series, cost, scale, colours)
         front = pareto_front(everything, cost)
         ax.plot([r[cost] / scale for r in front], [r["acc1"] for r in front], "--", c="k", lw=1.0,
                 label="combined front")

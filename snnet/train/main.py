@@ -128,7 +128,9 @@ class Run:
 # ------------------------------------------------------------------------------------------------------ building
 def _config_text(args: argparse.Namespace, stitch_cfg: StitchConfig | None, data_cfg: dict) -> str:
     ident = {"stitch_config": stitch_cfg.values if stitch_cfg else None,
-             "anchors": [a.__dict__ for a in stitch_cfg.anchors] if stitch_cfg else [args.model],
+             # an unlabelled anchor records no "label": the identity (config_sha256) of older runs stays the same
+             "anchors": [{k: v for k, v in a.__dict__.items() if k != "label" or v is not None}
+                         for a in stitch_cfg.anchors] if stitch_cfg else [args.model],
              "input_size": list(data_cfg["input_size"]), "crop_pct": data_cfg["crop_pct"],
              "num_classes": args.num_classes, "amp": [args.amp, args.amp_dtype]}
     return json.dumps(ident, sort_keys=True, default=str)

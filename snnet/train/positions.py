@@ -83,7 +83,7 @@ def check_selectable(cfg: StitchConfig, models: Sequence[nn.Module], adapters, i
     stitchable positions), from the anchors' structure alone (`structure_only` anchors do; no image is read)."""
     from snnet.core.cut import probe
     from snnet.core.maps import anchors_net
-    net = anchors_net(models, adapters, [a.name for a in cfg.anchors])
+    net = anchors_net(models, adapters, cfg.labels())
     cuts = probe(net, img_size, in_chans)
     for a in range(net.n_anchors - 1):
         _check_per_pair(net, a, a + 1, len(stitchable_positions(net, cuts, a, a + 1)), cfg.get("positions")["per_pair"])
@@ -177,8 +177,7 @@ class Selection:
     def __call__(self, cfg: StitchConfig, models: Sequence[nn.Module], adapters) -> StitchConfig:
         from snnet.core.maps import SimilarityError, anchors_net
         request = cfg.get("positions")
-        names = [a.name for a in cfg.anchors]
-        labels = [f"{n}#{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+        labels = cfg.labels()
         t0 = time.perf_counter()
         modes = {m: m.training for model in models for m in model.modules()}
         device = torch.device(self.args.device or "cpu")

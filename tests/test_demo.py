@@ -1,0 +1,116 @@
+"""The digits demo's machinery (snnet/demo.py) without its 3-minute run: anchor labels (w16, w32, w64) in routes,
+the results-folder comparison behind `make demo-check`, the anchor reuse rule, and the summary's range metric.
+The run itself is checked by `make demo-check` (docs/demo.md), too slow for the test suite."""
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from snnet import build_snnet, load_stitch_config
+from snnet.core.config import ConfigError, parse_stitch_config
+from snnet.demo import CONFIG, V2_CONFIGS, compare, train_anchor
+from snnet.results.quality import in_anchor_range
+from snnet.results.records import RESULTS_FILE, read_results, write_results
+from snnet.train.main import _config_text
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_demo_configs_name_their_anchors():
+    """Every demo config calls its anchors w16/w32/w64, so v1 and v2 (two anchors) agree that w64 is w64."""
+    assert load_stitch_config(CONFIG).labels() == ["w16", "w32", "w64"]
+    for config in V2_CONFIGS.values():
+        assert load_stitch_config(config).labels() == ["w16", "w64"]
+
+
+def test_labels_name_the_routes():
+    data = json.loads(CONFIG.read_text())
+    for a in data["anchors"]:
+        del a["checkpoint"]  # the structure only: random weights
+    cfg = parse_stitch_config(data, "demo").with_model_kwargs({"depth": 2})  # cheaper: names need no depth
+    net = build_snnet(cfg, pretrained=False, img_size=16, num_classes=10)
+    assert net.names == ["w16", "w32", "w64"]
+    assert [net.describe(i) for i in range(3)] == ["w16", "w32", "w64"]
+    assert net.describe(3).startswith("w16[") and "-> w32[" in net.describe(3)
+
+
+def test_unlabelled_anchors_keep_their_names():
+    cfg = parse_stitch_config({"anchors": ["a", "a", {"name": "b"}, {"name": "c", "label": "small"}]}, "x")
+    assert cfg.labels() == ["a#0", "a#1", "b", "small"]
+    # and the run identity (config_sha256) of an unlabelled config is the one it had before labels existed
+    args = argparse.Namespace(model=None, num_classes=10, amp=False, amp_dtype="float16")
+    text = _config_text(args, parse_stitch_config({"anchors": ["a", "b"]}, "x"), {"input_size": (3, 8, 8),
+                                                                                    "crop_pct": 0.9})
+    assert "label" not in text and '"name": "a"' in text
+
+
+@pytest.mark.parametrize("anchors, message", [
+    ([{"name": "a", "label": "w 16"}], "anchor 0 label 'w 16' is not a route name"),
+    ([{"name": "a", "label": "a#1"}], "anchor 0 label 'a#1' is not a route name"),
+    ([{"name": "a", "label": 16}], "anchor 0 field 'label' must be a str"),
+    ([{"name": "a", "label": "w"}, {"name": "b", "label": "w"}], "anchors share the label(s) ['w']"),
+    (["a", "a", {"name": "b", "label": "a#0"}], "not a route name"),
+])
+def test_bad_labels_are_one_line(anchors, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+                       .replace("]", r"\]")):
+        parse_stitch_config({"anchors": anchors}, "x")
+
+
+def test_in_anchor_range():
+    records = [{"cfg_id": 0, "acc1": 80.0}, {"cfg_id": 1, "acc1": 90.0}, {"cfg_id": 2, "acc1": 77.0},
+               {"cfg_id": 3, "acc1": 76.9}, {"cfg_id": 4, "acc1": 93.0}, {"cfg_id": 5, "acc1": 93.5}]
+    assert in_anchor_range(records, [0, 1]) == (2, 4)  # 77 and 93 are on the margin's edges, inside
+    assert in_anchor_range(records, [0, 1], margin=0.0) == (0, 4)
+
+
+def test_compare_finds_every_difference(tmp_path):
+    """make demo-check: identical results folders compare clean; a changed top-1 or a missing file is named."""
+    committed = ROOT / "results" / "demo"
+    fresh = tmp_path / "demo"
+    write_results(fresh / RESULTS_FILE, read_results(committed / RESULTS_FILE))
+    assert compare(fresh, committed) == []
+    records = read_results(committed / RESULTS_FILE)
+    records[5]["acc1"] += 0.27
+    write_results(fresh / RESULTS_FILE, records)
+    bad = compare(fresh, committed)
+    assert len(bad) == 1 and "cfg 5:" in bad[0]
+    assert compare(tmp_path / "nothing", committed)[0].endswith("missing")
+
+
+def test_anchors_are_reused_only_when_trained_by_the_same_command(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(cmd, log, step):
+        calls.append(cmd)
+        (tmp_path / step).mkdir(exist_ok=True)
+        (tmp_path / step / "last.pth.tar").write_bytes(b"x")
+        return 0.0
+
+    monkeypatch.setattr("snnet.demo.run", fake_run)
+    spec = ("anchor_w16", "deit_tiny_patch16_224", {"embed_dim": 16})
+    train_anchor(tmp_path, tmp_path / "digits", *spec, 3, fresh=False)
+    train_anchor(tmp_path, tmp_path / "digits", *spec, 3, fresh=False)  # same command: reused
+    assert len(calls) == 1
+    assert json.loads((tmp_path / "anchor_w16" / "demo_command.json").read_text()) == calls[0][1:]
+    train_anchor(tmp_path, tmp_path / "digits", *spec, 4, fresh=False)  # other epochs: retrained
+    train_anchor(tmp_path, tmp_path / "digits", *spec, 4, fresh=True)  # --fresh: retrained
+    assert len(calls) == 3 and "4" in calls[1]
+
+
+def test_a_step_shows_progress_and_fails_with_its_log(tmp_path, monkeypatch, capsys):
+    """The console gets the step's newest ETA line every RELAY_SECONDS, a 'running for' line when it prints none,
+    the whole output goes to the log; a failing step exits naming itself, with the log's tail."""
+    import sys
+
+    from snnet import demo
+    monkeypatch.setattr(demo, "RELAY_SECONDS", 0.2)
+    script = "import time\nfor i in range(6): print(f'Train: {i} ETA 0:0{6 - i}', flush=True); time.sleep(0.15)\n" \
+             "time.sleep(1.0)\nprint('done')"
+    demo.run([sys.executable, "-c", script], tmp_path / "ok.log", "step1")
+    out = capsys.readouterr().out
+    assert "[step1] Train: " in out and "[step1] running for " in out and "[step1] done in" in out
+    assert (tmp_path / "ok.log").read_text().splitlines()[-1] == "done"
+    with pytest.raises(SystemExit, match=r"demo step step2 failed \(exit 3\):\nboom"):
+        demo.run([sys.executable, "-c", "print('boom'); raise SystemExit(3)"], tmp_path / "bad.log", "step2")
