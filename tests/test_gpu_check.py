@@ -12,8 +12,24 @@ SCRIPT = f"{ROOT}/benchmarks/gpu_check.py"
 
 @pytest.mark.slow
 @pytest.mark.dist  # starts distributed_train.sh (torchrun) twice
+def _plant_an_earlier_run(work):
+    """What an earlier `gpu_check.py --smoke --work WORK` leaves: the distributed step's results beside its
+    checkpoint (records of that run's checkpoint, which a new evaluation there refuses as another checkpoint's) and
+    every step's outcome file (a step that dies before writing its own must not be reported with the old one)."""
+    run_dir = work / "distributed" / "train"
+    run_dir.mkdir(parents=True)
+    record = {"cfg_id": 0, "flops": 1, "params": 1, "acc1": 50.0, "acc5": 90.0, "loss": 1.0, "route": "x",
+              "checkpoint_sha256": "0" * 64, "config_sha256": "0" * 64, "samples": 1, "data": "folder:x"}
+    (run_dir / "stitches_res.txt").write_text(json.dumps(record) + "\n")
+    for step in ("distributed", "train_step", "eval_all", "ls_init", "v2_step"):
+        (work / f"{step}.result.json").write_text(json.dumps({"status": "failed", "cause": "the earlier run's"}))
+
+
 def test_smoke_runs_every_step_and_writes_the_report(tmp_path):
-    r = run([sys.executable, SCRIPT, "--smoke", "--device", "cpu", "--out", tmp_path / "out"], timeout=600)
+    """Into a --work folder an earlier run left (a rerun must work: issue 32)."""
+    _plant_an_earlier_run(tmp_path / "work")
+    r = run([sys.executable, SCRIPT, "--smoke", "--device", "cpu", "--out", tmp_path / "out", "--work",
+             tmp_path / "work"], timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     md = list((tmp_path / "out").glob("*-smoke.md"))
     assert len(md) == 1, list((tmp_path / "out").iterdir())
