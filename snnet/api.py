@@ -63,7 +63,7 @@ def create_snnet(config: str | os.PathLike | dict | StitchConfig, pretrained: bo
     ``timm.create_model`` (as train.py's ``--model-kwargs``)."""
     cfg = _config(config)
     if not pretrained:  # random anchors: neither timm's weights nor the config's checkpoint files
-        cfg = StitchConfig([AnchorSpec(a.name, None, a.model_kwargs) for a in cfg.anchors], dict(cfg.values), cfg.path)
+        cfg = StitchConfig([AnchorSpec(a.name, None, a.model_kwargs, a.label) for a in cfg.anchors], dict(cfg.values), cfg.path)
     if img_size is not None:
         model_kwargs["img_size"] = img_size
     return build_snnet(cfg, pretrained=pretrained, num_classes=num_classes, **model_kwargs)

@@ -24,6 +24,7 @@ def test_demo_config_builds_at_its_recorded_size_and_classes():
     net = snnet.create_snnet(DEMO, pretrained=False)
     assert model_img_size(net) == (16, 16) and net.num_configs == 23
     assert net(torch.randn(2, 3, 16, 16), 14).shape == (2, 10)
+    assert net.describe(14) == "w32[..b0] -(1.0)-> w64[b1..]"  # random anchors keep the config's labels
     assert model_img_size(snnet.create_snnet(DEMO, pretrained=False, img_size=32)) == (32, 32)  # given wins
 
 

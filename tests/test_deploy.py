@@ -226,6 +226,7 @@ def test_export_removes_what_a_killed_export_left(tiny, tmp_path):
     a folder of an export still starting (no lock file yet, just made) is left alone."""
     import os
     import time
+
     from snnet.core.fileio import FolderLock
     killed = tmp_path / ".anchor1.k1ll3d.tmp"
     killed.mkdir()
@@ -254,7 +255,9 @@ def test_export_full_disk(tiny, small_disk, capsys):
 
 def test_export_full_disk_injected(tiny, tmp_path, monkeypatch):
     import errno
+
     import safetensors.torch
+
     from snnet.core.fileio import DiskFullError
 
     def full(*a, **k):

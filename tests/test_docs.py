@@ -8,7 +8,7 @@ that depends only on committed files). The blocks of one page run in order in on
 them), from a folder laid out like the repository after
 `make demo`: configs/ and results/ of this checkout, output/demo/digits/ a small folder of real digits, and
 output/demo/snnet/last.pth.tar a checkpoint of the demo's SN-Net with random anchors (what `make demo` trains
-there) and output/deploy/cfg14 its export of cfg 14 (the deployment guide's step 3), so no example needs the demo's
+there) and output/deploy/cfg9 its export of cfg 9 (the deployment guide's step 3), so no example needs the demo's
 minutes.
 """
 from __future__ import annotations
@@ -106,7 +106,7 @@ def demo_layout(tmp_path_factory, digits_folder):
     checkpoint = root / "output" / "demo" / "snnet" / "last.pth.tar"
     save_checkpoint(checkpoint, {"state_dict": net.state_dict(), "epoch": 0,
                                  "args": json.dumps({"num_classes": 10, "img_size": 16, "model_kwargs": {}})})
-    snnet.export(checkpoint, 14, root / "output" / "deploy" / "cfg14", ROOT / "configs" / "demo_digits.json",
+    snnet.export(checkpoint, 9, root / "output" / "deploy" / "cfg9", ROOT / "configs" / "demo_digits.json",
                  formats=["onnx"])
     return root
 

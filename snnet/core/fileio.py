@@ -8,9 +8,9 @@ import os
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from snnet.core.errors import SNNetError, UsageError
 

@@ -6,6 +6,7 @@ import io
 import json
 import math
 import os
+import re
 
 from PIL import Image
 from timm.data import dataset_factory

@@ -453,7 +453,7 @@ def check_shards(args: DataOptions, need_train: bool, world_size: int, train_nam
             seen = 0
             # evaluation counts every image: each validation image's header is opened, as for a folder
             whole = what == "validation"
-            for pos, key, sample in iter_shard(path, headers_only=not whole):
+            for _pos, key, sample in iter_shard(path, headers_only=not whole):
                 seen += 1
                 where = f"sample {key!r} of {what} shard {path!r}"
                 if _image_ext(sample) is None:
@@ -570,7 +570,6 @@ def write_shards(splits: dict[str, str], out: str, shard_size: int, name: str, c
 
 def _write_splits(readers: dict, splits: dict[str, str], out: str, shard_size: int, info: dict, progress,
                   written: list[str]) -> None:
-    from snnet.core.fileio import atomic_path
     done = 0
     for s, reader in readers.items():
         files, lengths = [], []

@@ -39,9 +39,9 @@ from torch import nn
 from snnet.core.adapter import Unit, adapter_for
 from snnet.core.build import build_snnet, create_anchor
 from snnet.core.checkpoint import tensor_bytes
-from snnet.core.fileio import FolderLock, disk_full_error, is_disk_full, lock_holder
 from snnet.core.config import AnchorSpec, ConfigError, StitchConfig, load_stitch_config
 from snnet.core.errors import SNNetError
+from snnet.core.fileio import FolderLock, disk_full_error, is_disk_full, lock_holder
 from snnet.core.layers import stitch_layer_from_spec
 from snnet.core.model import SNNet
 from snnet.core.progress import Progress
@@ -116,7 +116,7 @@ def load_snnet(checkpoint: str | os.PathLike, stitch_config: str | os.PathLike |
                            "pass the config it was trained with, or none (the recorded one is used)")
     loaded_from = str(stitch_config) if stitch_config else "recorded in the checkpoint"
     cfg = cfg.with_model_kwargs(dict(args.get("model_kwargs") or {}))  # as train.py built them
-    cfg.anchors = [AnchorSpec(a.name, None, a.model_kwargs) for a in cfg.anchors]
+    cfg.anchors = [AnchorSpec(a.name, None, a.model_kwargs, a.label) for a in cfg.anchors]
     classes = num_classes or args.get("num_classes") or ident.get("num_classes") or cfg.get("num_classes")
     build_size = img_size or args.get("img_size")  # what the anchors were created with in train.py
     kwargs: dict[str, Any] = {}

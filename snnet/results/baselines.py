@@ -227,7 +227,7 @@ def add_to_report(report, anchors: Sequence[Sequence[int]], unit: tuple[float, s
         raise ResultsError(f"--baselines compares costs in FLOPs (a cascade's cost is the FLOPs it runs per image); "
                            f"drop --by {report.cost.split('_ms_')[0]} or --baselines")
     rows = []
-    for (label, path, records, _), ids in zip(report.series, anchors):
+    for (_label, path, _records, _), ids in zip(report.series, anchors):
         if not ids:  # as `snnet report --baselines`: refused in one line, before any file is written
             raise ResultsError(f"--baselines: {path!r} holds no anchor's record; the baselines mix and cascade "
                                f"the anchors: evaluate them too (train.py --eval evaluates every cfg_id) or drop "

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import zipfile
 import os
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
