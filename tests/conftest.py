@@ -77,6 +77,8 @@ def pytest_configure(config):
     time without meeting on torchrun's default 29500. A test that types its own port (test_multinode, the Slurm
     tests' derived ports) keeps it. Grouping by `xdist_group` is not used: pytest 9 keeps node ids in `Node._id`,
     so xdist 3.8's `--dist loadgroup` suffix never reached the scheduler and the groups were never kept together."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw")
-    index = int(worker[2:]) if worker[2:].isdigit() else 9
-    os.environ.setdefault("PET_MASTER_PORT", str(29510 + index))
+    # set in the worker itself, unconditionally: the controller (no PYTEST_XDIST_WORKER) leaves it alone, and a value
+    # the workers inherited must not make both use one port
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if worker[2:].isdigit():
+        os.environ["PET_MASTER_PORT"] = str(29510 + int(worker[2:]))
