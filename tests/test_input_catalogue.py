@@ -437,6 +437,20 @@ def test_lock_of_a_killed_run_is_not_stuck(tmp_path):
     assert not (folder / FolderLock.NAME).exists()
 
 
+def test_other_ranks_of_the_run_do_not_see_rank_0s_lock_as_another_run(tmp_path, monkeypatch):
+    """Under torchrun, rank 0 takes the folder's lock and every rank checks its inputs: a rank that checks after rank
+    0 took it must not refuse its own run's folder (rank 1 exited 2 and torchrun restarts hung); rank 0, and the
+    launcher's one-process check, still refuse another run's lock."""
+    from snnet.train.preflight import OutputError, check_output
+    folder = tmp_path / "run"
+    with lock_held_by_another_process(folder):
+        monkeypatch.setenv("RANK", "1")
+        check_output(folder)
+        monkeypatch.setenv("RANK", "0")
+        with pytest.raises(OutputError, match="is in use by another run"):
+            check_output(folder)
+
+
 def test_a_refused_run_leaves_no_folder(tmp_path):
     from snnet.core.fileio import FolderLock
     with FolderLock(tmp_path / "a" / "b"):

@@ -48,7 +48,10 @@ def check_output(path: Path) -> None:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise OutputError(f"output folder {str(path)!r} is not writable ({str(probe)!r} does not allow it); pass "
                           f"another --output or fix the permissions")
-    holder = lock_holder(path)  # said here too: distributed_train.sh's check runs before torchrun starts
+    # said here too: distributed_train.sh's check runs before torchrun starts. Only rank 0 (or that one-process
+    # check) asks: rank 0 takes the lock (train.main.run), and another rank of the same launch checking after it
+    # would see its own run's lock as another run's (a race that refused rank 1 and hung torchrun restarts)
+    holder = lock_holder(path) if int(os.environ.get("RANK", "0")) == 0 else None
     if holder is not None:
         raise OutputError(f"folder {str(path)!r} is in use by another run ({holder}); wait for it to end or pass "
                           f"another --output/--experiment")
