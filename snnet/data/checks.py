@@ -289,8 +289,12 @@ def check_hf_parquet(args: DataOptions, need_train: bool) -> None:
                 pf.read_row_group(0, columns=["image"]).column("image").to_pylist()[:2] if pf.num_row_groups else []
             for row, img in enumerate(rows):
                 data = img.get("bytes") if isinstance(img, dict) else img
+                ref = img.get("path") if isinstance(img, dict) else None
                 try:
-                    with Image.open(io.BytesIO(data)):
+                    # `datasets` stores an image of a local file by its path (bytes None), and reads it from there
+                    source = io.BytesIO(data) if data is not None or not ref else \
+                        ref if os.path.isabs(ref) else os.path.join(os.path.dirname(path), ref)
+                    with Image.open(source):
                         pass
                 except Exception as e:
                     raise DataError(f"{what} parquet file {path!r}: the image of row {row} cannot be read "
