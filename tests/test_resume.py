@@ -73,6 +73,7 @@ def test_two_processes_kill_one_rank_and_auto_resume_is_bit_identical(double, di
            "--output", double, "--experiment", "killed", "--auto-resume"]
     r = run(cmd, env={"SNNET_FAULT_KILL_AT_STEP": str(step), "SNNET_FAULT_RANK": "1"})
     assert r.returncode != 0
+    assert (double / "killed" / "last.pth.tar").is_file(), r.stderr[-3000:]  # killed in epoch 2, not before
     assert final_state(double / "killed")["epoch"] == 0
     r = run(cmd)  # --auto-resume finds killed/last.pth.tar
     assert r.returncode == 0, r.stderr[-3000:]
