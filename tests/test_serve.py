@@ -216,7 +216,6 @@ def server(tiny, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.xdist_group("serve")
 def test_http_server_answers_refuses_holds_up_under_load_and_stops(server):
     url, proc, log = server
     status, info = get(url)
