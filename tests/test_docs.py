@@ -64,6 +64,27 @@ def test_a_changed_number_is_caught(tmp_path):
     assert edited != perf and docs_blocks.render(edited) == perf
 
 
+def test_a_changed_prose_number_is_caught(tmp_path):
+    """Checked numbers in prose (``91.7<!-- = acc1("demo", 3) -->``): a number edited by hand is rewritten, and a
+    changed result changes the number the page must quote, so --check fails until the page is regenerated."""
+    page = (ROOT / "docs" / "baselines.md").read_text()
+    quoted = '91.7<!-- = acc1("demo", 3) -->'
+    assert quoted in page and docs_blocks.render(page) == page
+    edited = page.replace(quoted, quoted.replace("91.7", "91.8"))
+    assert docs_blocks.render(edited) == page
+    assert ("91.8", "91.7", 'acc1("demo", 3)') in docs_blocks.numbers(edited)
+    # the same page against results where cfg 3 reached 90.0 %: the quoted 91.7 is now wrong
+    demo = tmp_path / "results" / "demo"
+    demo.mkdir(parents=True)
+    shutil.copy(ROOT / "results" / "demo" / "stitches_pred.npz", demo)
+    records = [json.loads(ln) for ln in (ROOT / "results" / "demo" / "stitches_res.txt").read_text().splitlines()]
+    records[3]["acc1"] = 90.0
+    (demo / "stitches_res.txt").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "results" / "demo_v2").symlink_to(ROOT / "results" / "demo_v2")  # the page quotes it too, unchanged
+    assert ("91.7", "90.0", 'acc1("demo", 3)') in docs_blocks.numbers(page, tmp_path)
+    assert '90.0<!-- = acc1("demo", 3) -->' in docs_blocks.render(page, tmp_path)
+
+
 def test_docs_site_builds_strictly(tmp_path):
     """mkdocs build --strict: a link to a missing page, anchor or repository file fails the build."""
     mkdocs = Path(sys.executable).with_name("mkdocs")
@@ -144,3 +165,57 @@ def test_every_page_with_python_marks_it_runnable_or_says_why():
         marked = len(runnable(page))
         allowed = not_runnable.get(page.name, 0)
         assert blocks - marked <= allowed, f"{page.name}: {blocks - marked} Python blocks not marked runnable"
+
+
+def quick_tour() -> list[str]:
+    """The commands of the README's quick tour (its first bash block after '## A quick tour'), comments removed."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"^## A quick tour\n.*?^```bash\n(?P<body>.*?)^```\n", text, re.M | re.S)
+    assert block is not None, "README.md has no bash block under '## A quick tour'"
+    return [re.sub(r"\s+#.*$", "", ln).strip() for ln in block["body"].splitlines() if ln.strip()]
+
+
+@pytest.mark.slow  # ~8-10 s CPU: one SN-Net trained for an epoch, evaluated, exported, timed, reported
+def test_readme_quick_tour_runs(digits_folder, tiny_config, tmp_path):
+    """The README's quick tour, command by command, on a tiny stand-in. What the test substitutes, and only that:
+
+    * the data, /data/imagenet -> a folder of 220 real digits (16x16; no ImageNet here);
+    * the config, configs/deit_ti_s_b.json -> two tiny DeiTs of widths 8 and 16 (12 networks; DeiT-Ti/S/B take
+      minutes per step on a CPU), with train.py's flags of a quick CPU run (helpers.FAST: --no-pretrained (no
+      weights can be downloaded), 16 px, batch 16, one seed) and --epochs 1;
+    * the launcher, ./distributed_train.sh N -> train.py's entry point in one process (helpers.ForkedCli; torchrun
+      of N processes is tested in test_train/test_ddp);
+    * the placeholders: <experiment> -> the run's --experiment name, <ckpt> -> its last.pth.tar; --cfg-id 42 ->
+      --cfg-id 5 (the tiny SN-Net has 12 networks); snnet latency gets --warmup 1 --repeats 2 (timing is not tested
+      here).
+    Every command must exit 0 and leave what the README says it does."""
+    from helpers import FAST, ForkedCli
+    commands = quick_tour()
+    assert [c.split()[0] for c in commands] == ["./distributed_train.sh"] * 3 + ["snnet"] * 5, commands
+    experiment = "tour"
+    subs = {"/data/imagenet": str(digits_folder), "configs/deit_ti_s_b.json": str(tiny_config),
+            "<experiment>": experiment, "<ckpt>": f"output/train/{experiment}/last.pth.tar", "--cfg-id 42": "--cfg-id 5"}
+    cli = ForkedCli(tmp_path)
+    try:
+        for command in commands:
+            for old, new in subs.items():
+                command = command.replace(old, new)
+            argv = command.split()
+            if argv[0] == "./distributed_train.sh":
+                entry, argv = "train", [*argv[2:], *FAST, "--epochs", "1", "--experiment", experiment]
+            else:
+                entry, argv = "snnet", argv[1:] + (["--warmup", "1", "--repeats", "2"] if argv[1] == "latency" else [])
+            code, out, err = cli.call(entry, argv, cwd=tmp_path)
+            assert code == 0, f"{command}\n{out}\n{err}"
+            if "--dry-run" in argv:
+                assert not (tmp_path / "output" / "train" / experiment / "last.pth.tar").exists(), "the dry run trained"
+            elif argv[0] == "select":
+                assert re.match(r"cfg_id \d+: best top-1 with flops <= 2G", out), out
+    finally:
+        cli.close()
+    run = tmp_path / "output" / "train" / experiment
+    records = [json.loads(ln) for ln in (run / "stitches_res.txt").read_text().splitlines()]
+    assert len(records) == 12 and all("latency_ms_b1" in r for r in records)  # evaluated, then timed
+    assert (tmp_path / "output" / "front" / "pareto_flops.png").is_file()
+    assert json.loads((tmp_path / "output" / "cfg42" / "model.json").read_text())["cfg_id"] == 5
+    assert (tmp_path / "report.html").stat().st_size > 0

@@ -19,26 +19,176 @@ that differs from what the committed results produce (tests/test_docs.py runs it
 
     python tools/docs_blocks.py --write     # after the results changed (make docs-blocks)
     python tools/docs_blocks.py --check
+
+Numbers in prose are checked the same way: a number followed at once by ``<!-- = EXPR -->`` (invisible on GitHub
+and in the site) is what EXPR computes from the committed results, written with as many decimals as the page
+writes (a leading ``+`` keeps the sign, a thousands comma keeps commas):
+
+    the one below it is cfg 3<!-- = below_mixing("demo")[0] --> (91.7<!-- = acc1("demo", 3) --> % ...)
+
+EXPR is a Python expression over the functions of `Numbers` (results files by short name: demo, v1, v2, or a path
+relative to the repository) and min, max, len, sum, sorted, abs, round. ``--write`` rewrites the number, ``--check``
+names every number that differs ("quoted 91.7, the results give 91.6").
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import io
+import json
 import os
 import re
 import shlex
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout: the library of this checkout
     sys.path.insert(0, str(ROOT))
 
 from snnet import cli  # noqa: E402  (after the path is set)
+from snnet.results.baselines import file_baselines, staircase_at  # noqa: E402
+from snnet.results.pareto import infer_anchors, is_anchor  # noqa: E402
+from snnet.results.quality import in_anchor_range, line_at, pareto_front  # noqa: E402
+from snnet.results.records import read_results  # noqa: E402
 
 REGION = re.compile(r"^<!-- generated: (?P<cmd>.+?) -->\n(?P<body>.*?)^<!-- /generated -->\n", re.M | re.S)
+#: a checked number: the number (a sign only after a space or bracket), then its expression
+NUMBER = re.compile(r"(?P<num>(?:(?<=[\s(])[+-])?(?<![\w.])\d[\d,]*(?:\.\d+)?)<!-- = (?P<expr>.+?) -->")
+#: results files by short name, for the expressions of checked numbers
+FILES = {"demo": "results/demo/stitches_res.txt", "v1": "results/demo_v2/v1/stitches_res.txt",
+         "v2": "results/demo_v2/v2/stitches_res.txt"}
+
+
+class Numbers:
+    """What a checked number's expression can compute, from the results under `root` (read once each)."""
+
+    def __init__(self, root: Path = ROOT):
+        self.root = Path(root)
+        self._cache: dict[tuple[str, str], Any] = {}
+
+    def _once(self, kind: str, f: str, make) -> Any:
+        if (kind, f) not in self._cache:
+            self._cache[kind, f] = make()
+        return self._cache[kind, f]
+
+    def path(self, f: str) -> Path:
+        return self.root / FILES.get(f, f)
+
+    def records(self, f: str) -> dict[int, dict[str, Any]]:
+        """The records of results file `f` by cfg_id."""
+        return self._once("records", f, lambda: {r["cfg_id"]: r for r in read_results(self.path(f))})
+
+    def anchors(self, f: str) -> list[int]:
+        recs = list(self.records(f).values())
+        n = infer_anchors(recs)
+        return [r["cfg_id"] for r in recs if is_anchor(r, n)]
+
+    def acc1(self, f: str, cfg: int) -> float:
+        return float(self.records(f)[cfg]["acc1"])
+
+    def mflops(self, f: str, cfg: int) -> float:
+        return self.records(f)[cfg]["flops"] / 1e6
+
+    def params(self, f: str, cfg: int) -> int:
+        return int(self.records(f)[cfg]["params"])
+
+    def front(self, f: str) -> list[int]:
+        """The cfg_ids on the FLOPs Pareto front, cheapest first (snnet pareto's)."""
+        return [r["cfg_id"] for r in pareto_front(list(self.records(f).values()))]
+
+    def in_range(self, f: str, margin: float = 3.0) -> int:
+        """How many stitches lie within the anchors' top-1 range +- `margin` points (the demo's summary line)."""
+        return in_anchor_range(list(self.records(f).values()), self.anchors(f), margin)[0]
+
+    def cheapest(self, f: str, min_acc: float) -> int:
+        """The cfg_id `snnet select --min-acc` picks: the cheapest by FLOPs reaching top-1 `min_acc`."""
+        return min((c for c in self.records(f) if self.acc1(f, c) >= min_acc),
+                   key=lambda c: (self.records(f)[c]["flops"], c))
+
+    def between(self, f: str, a: str, b: str) -> list[int]:
+        """The stitches from anchor label `a` into anchor label `b` (routes ``a[..] -(..)-> b[..]``)."""
+        return [c for c, r in self.records(f).items()
+                if re.fullmatch(rf"{re.escape(a)}\[[^\]]*\] -\([^)]*\)-> {re.escape(b)}\[[^\]]*\]", r["route"])]
+
+    def base(self, f: str) -> dict[str, Any]:
+        """`snnet pareto --baselines`' numbers of results file `f` (snnet.results.baselines.baselines)."""
+        return self._once("base", f, lambda: file_baselines(self.path(f), list(self.records(f).values()),
+                                                            self.anchors(f)))
+
+    def mixing(self, f: str, cfg: int) -> float:
+        """Random anchor mixing's top-1 at the FLOPs of stitch `cfg`."""
+        line = [(p["flops"], p["acc1"]) for p in self.base(f)["mixing"]]
+        return line_at(line, self.records(f)[cfg]["flops"])
+
+    def below_mixing(self, f: str) -> list[int]:
+        """The stitches (not anchors) at or below the mixing line."""
+        anchors = set(self.anchors(f))
+        return [c for c in self.records(f) if c not in anchors and self.acc1(f, c) <= self.mixing(f, c)]
+
+    def cascade_at(self, f: str, mflops: float) -> float:
+        """The confidence cascade's best top-1 at a mean cost <= `mflops`."""
+        return staircase_at([(s["flops"], s["acc1"]) for s in self.base(f)["cascade"]], mflops * 1e6)
+
+    def cascade_best(self, f: str) -> dict[str, Any]:
+        """The cascade setting of the highest top-1 (the cheapest of those): flops, acc1, chain, thresholds."""
+        return max(self.base(f)["cascade"], key=lambda s: (s["acc1"], -s["flops"]))
+
+    def above_cascade(self, f: str) -> list[int]:
+        """The stitches above the cascade's front at their FLOPs, cheapest first."""
+        anchors = set(self.anchors(f))
+        return sorted((c for c in self.records(f) if c not in anchors and
+                       self.acc1(f, c) > self.cascade_at(f, self.mflops(f, c))), key=lambda c: self.mflops(f, c))
+
+    def hv(self, f: str, front: str = "stitched") -> float:
+        """Hypervolume of the stitched front, the mixing line or the cascade (as snnet pareto --baselines)."""
+        return float(self.base(f)["hypervolume"][front])
+
+    def grab(self, name: str, pattern: str, group: int = 1) -> float:
+        """A number in a committed text file: group `group` of the first match of regex `pattern`."""
+        m = re.search(pattern, (self.root / name).read_text(), re.M)
+        if m is None:
+            raise SystemExit(f"docs_blocks: {name} has no match of {pattern!r}; fix the checked number's expression")
+        return float(m[group].replace(",", ""))
+
+    def json(self, name: str, *keys: Any) -> Any:
+        """A value of a committed JSON file, by keys/indices."""
+        value = json.loads((self.root / name).read_text())
+        for k in keys:
+            value = value[k]
+        return value
+
+    def namespace(self) -> dict[str, Any]:
+        ns: dict[str, Any] = {name: getattr(self, name) for name in dir(self) if not name.startswith("_")
+                              and name not in ("root", "namespace", "path")}
+        ns.update(min=min, max=max, len=len, sum=sum, sorted=sorted, abs=abs, round=round)
+        return ns
+
+
+def quote(value: Any, like: str) -> str:
+    """`value` written as the page writes `like`: its decimals, a leading + and thousands commas kept."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SystemExit(f"docs_blocks: a checked number's expression gave {value!r}, not a number")
+    decimals = len(like.split(".")[1]) if "." in like else 0
+    return f"{value:{'+' if like.startswith('+') else ''}{',' if ',' in like else ''}.{decimals}f}"
+
+
+def numbers(text: str, root: Path = ROOT) -> list[tuple[str, str, str]]:
+    """Every checked number of `text`: (quoted, what the results give, expression)."""
+    ns = Numbers(root).namespace()
+    out = []
+    for m in NUMBER.finditer(text):
+        try:
+            # the docs' own expressions (trusted as their runnable examples are); globals, so that a generator
+            # expression inside sees the functions too
+            value = eval(m["expr"], {"__builtins__": {}, **ns})
+        except Exception as e:
+            raise SystemExit(f"docs_blocks: checked number {m['num']} <!-- = {m['expr']} --> fails: "
+                             f"{type(e).__name__}: {e}") from None
+        out.append((m["num"], quote(value, m["num"]), m["expr"]))
+    return out
 
 
 def pages(root: Path = ROOT) -> list[Path]:
@@ -87,13 +237,16 @@ def lines(command: str) -> str:
     return "\n".join(text[a:b + 1]) + "\n"
 
 
-def render(text: str) -> str:
-    """`text` with every generated region's block replaced by what its command prints now."""
+def render(text: str, root: Path = ROOT) -> str:
+    """`text` with every generated region's block replaced by what its command prints now and every checked number
+    by what its expression gives on the results under `root` (the blocks always read this checkout's)."""
     def block(m: re.Match) -> str:
         if m["cmd"].startswith("lines "):
             return f"<!-- generated: {m['cmd']} -->\n{lines(m['cmd'])}<!-- /generated -->\n"
         return f"<!-- generated: {m['cmd']} -->\n```console\n{run(m['cmd'])}```\n<!-- /generated -->\n"
-    return REGION.sub(block, text)
+    text = REGION.sub(block, text)
+    fixed = iter(numbers(text, root))
+    return NUMBER.sub(lambda m: f"{next(fixed)[1]}<!-- = {m['expr']} -->", text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,9 +270,11 @@ def main(argv: list[str] | None = None) -> int:
             old = {m["cmd"]: m["body"] for m in REGION.finditer(text)}
             stale += [f"{page.relative_to(ROOT)}: {m['cmd']}" for m in REGION.finditer(new)
                       if old.get(m["cmd"]) != m["body"]]
+            stale += [f"{page.relative_to(ROOT)}: quoted {q}, the results give {v}: {e}"
+                      for q, v, e in numbers(text) if q != v]
     if stale:
-        print("docs_blocks: these generated blocks differ from what the committed results give; run "
-              "`python tools/docs_blocks.py --write` (make docs-blocks):\n  " + "\n  ".join(stale), file=sys.stderr)
+        print("docs_blocks: these generated blocks and checked numbers differ from what the committed results give; "
+              "run `python tools/docs_blocks.py --write` (make docs-blocks):\n  " + "\n  ".join(stale), file=sys.stderr)
         return 1
     return 0
 
