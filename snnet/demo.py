@@ -5,7 +5,9 @@
    models (train.py --model), two at a time;
 3. stitches them with configs/demo_digits.json (anchors point at those checkpoints) and trains the SN-Net on two
    processes with distributed_train.sh (gloo on CPU);
-4. evaluates every stitch (stitches_res.txt, and the anchors' per-image predictions stitches_pred.npz) and writes
+4. evaluates every stitch (stitches_res.txt, and the anchors' per-image predictions stitches_pred.npz), keeps the
+   trained SN-Net beside them (snnet.pth.tar: weights and the run's identity, no optimizer state, 1.1 MB, so the
+   deployment guide's export and load run on the committed demo without training it) and writes
    what `snnet pareto --baselines --out DIR` writes: the Pareto table (pareto_flops.md, .json) with the
    no-training baselines (random anchor mixing, confidence cascade), the FLOPs-accuracy plot (pareto_flops.png) and
    the HTML report; last, one line of what the picture shows (stitches within the anchors' range, front vs. mixing).
@@ -25,6 +27,7 @@ table and plot with both fronts and their combined front (demo_v2/pareto_flops.{
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shlex
@@ -36,8 +39,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from snnet.core.fileio import write_text_atomic
+import torch
+
+from snnet.core.checkpoint import VERSION as CHECKPOINT_VERSION
+from snnet.core.checkpoint import load_checkpoint
+from snnet.core.fileio import atomic_path, write_text_atomic
 from snnet.results.records import RESULTS_FILE, read_results, write_results
+
+WEIGHTS_FILE = "snnet.pth.tar"  # the demo's trained SN-Net beside its results (save_weights)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "demo_digits.json"
@@ -262,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = train_snnet(work, data, CONFIG, "snnet", args.snnet_epochs, extra, args.seed)
         sources = [results / RESULTS_FILE]
         copy_results(run_dir, sources[0])
-        files = report(results)
+        save_weights(run_dir / "last.pth.tar", results / WEIGHTS_FILE)
+        files = [results / WEIGHTS_FILE, *report(results)]
     for line in summary(sources):
         print(line)
     print(f"demo{' --v2' if args.v2 else ''} finished in {time.perf_counter() - t0:.0f}s: "
@@ -318,8 +328,35 @@ def publish(fresh: Path, committed: Path, v2: bool) -> None:
     sources = [committed / f.relative_to(fresh) for f in sorted(fresh.rglob(RESULTS_FILE))]
     for src, dest in zip(sorted(fresh.rglob(RESULTS_FILE)), sources):
         copy_results(src.parent, dest)
+    weights = []
+    if (fresh / WEIGHTS_FILE).exists():  # the demo's SN-Net (not the v2 comparison's)
+        with atomic_path(committed / WEIGHTS_FILE) as tmp:
+            shutil.copyfile(fresh / WEIGHTS_FILE, tmp)
+        weights.append(committed / WEIGHTS_FILE)
     files = report(committed, sources, V2_TITLE) if v2 else report(committed)
-    print(f"published {fresh} -> {', '.join(str(f) for f in [*sources, *files])}")
+    print(f"published {fresh} -> {', '.join(str(f) for f in [*sources, *weights, *files])}")
+
+
+def save_weights(checkpoint: Path, dest: Path) -> None:
+    """The trained SN-Net of a training checkpoint without what only training needs (optimizer state, counters):
+    its weights, the run's identity and, of its arguments, only what rebuilding it and its evaluation preprocessing
+    read (classes, image size, model kwargs, the data-config flags; no paths of this machine). The project's
+    checkpoint format (tensors and JSON text, read with torch.load(weights_only=True)): `snnet export`, `snnet.load`
+    and `snnet latency` take it as they take last.pth.tar. A safetensors file would hold the weights alone: the
+    readers would then build the anchors at timm's default 224 px and record that in an export's data config."""
+    state = load_checkpoint(checkpoint)
+    args = json.loads(state["args"])
+    keep = ("num_classes", "img_size", "in_chans", "model_kwargs", "input_size", "crop_pct", "crop_mode", "mean",
+            "std", "interpolation")
+    slim = {"epoch": state["epoch"], "arch": state.get("arch", ""), "state_dict": state["state_dict"],
+            "args": json.dumps({k: args[k] for k in keep if k in args}), "config": state["config"],
+            "version": CHECKPOINT_VERSION}
+    # torch.save names the archive inside the file after the file it writes to (atomic_path's temporary name);
+    # written to memory first it is always "archive", so the same weights give the same bytes (no git noise)
+    buf = io.BytesIO()
+    torch.save(slim, buf)
+    with atomic_path(dest) as tmp:
+        Path(tmp).write_bytes(buf.getvalue())
 
 
 def copy_results(run_dir: Path, dest: Path) -> None:
