@@ -5,9 +5,10 @@
    models (train.py --model), two at a time;
 3. stitches them with configs/demo_digits.json (anchors point at those checkpoints) and trains the SN-Net on two
    processes with distributed_train.sh (gloo on CPU);
-4. evaluates every stitch (stitches_res.txt, and the anchors' per-image predictions stitches_pred.npz), keeps the
-   trained SN-Net beside them (snnet.pth.tar: weights and the run's identity, no optimizer state, 1.1 MB, so the
-   deployment guide's export and load run on the committed demo without training it) and writes
+4. keeps the trained SN-Net (snnet.pth.tar: weights and the run's identity, no optimizer state, 1.1 MB, so the
+   deployment guide's export, load and latency run on the committed demo without training it), evaluates every
+   stitch from that file (stitches_res.txt naming its sha256, and the anchors' per-image predictions
+   stitches_pred.npz) and writes
    what `snnet pareto --baselines --out DIR` writes: the Pareto table (pareto_flops.md, .json) with the
    no-training baselines (random anchor mixing, confidence cascade), the FLOPs-accuracy plot (pareto_flops.png) and
    the HTML report; last, one line of what the picture shows (stitches within the anchors' range, front vs. mixing).
@@ -66,6 +67,7 @@ ANCHOR_FLAGS = ["--lr", "2e-3", "--warmup-epochs", "2"]
 SNNET_FLAGS = ["--lr", "1e-3", "--anchor-lr-scale", "1", "--warmup-epochs", "1"]
 COMMON = ["--img-size", "16", "-b", "32", "--opt", "adamw", "--weight-decay", "0.05", "--scale", "0.7", "1",
           "--hflip", "0", "--smoothing", "0.1", "-j", "0", "--seed", "0", "--log-interval", "10"]
+EVAL_FLAGS = ["--img-size", "16", "-b", "32", "-j", "0"]  # evaluate_weights: COMMON's evaluation settings
 SEED = 0  # COMMON's seed of the anchors and the SN-Net (--seed; the data split is always the same)
 THREADS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # see _child_env
 RELAY_SECONDS = 5.0  # the console gets the running step's newest progress line this often (run)
@@ -270,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         run_dir = train_snnet(work, data, CONFIG, "snnet", args.snnet_epochs, extra, args.seed)
         sources = [results / RESULTS_FILE]
-        copy_results(run_dir, sources[0])
         save_weights(run_dir / "last.pth.tar", results / WEIGHTS_FILE)
+        copy_results(evaluate_weights(work, data, results / WEIGHTS_FILE), sources[0])
         files = [results / WEIGHTS_FILE, *report(results)]
     for line in summary(sources):
         print(line)
@@ -357,6 +359,17 @@ def save_weights(checkpoint: Path, dest: Path) -> None:
     torch.save(slim, buf)
     with atomic_path(dest) as tmp:
         Path(tmp).write_bytes(buf.getvalue())
+
+
+def evaluate_weights(work: Path, data: Path, weights: Path) -> Path:
+    """Every stitch of the saved SN-Net evaluated from that file (train.py --eval --resume, one process), so the
+    results' checkpoint_sha256 names the file committed beside them and `snnet latency --results` / `snnet serve
+    --results` accept the pair. Same weights as the training run's own final evaluation: the same top-1 and top-5
+    for every cfg_id (the loss differs in the last digits: one process sums in another order than two)."""
+    shutil.rmtree(work / "snnet_eval", ignore_errors=True)
+    run([sys.executable, "train.py", data, "--stitch_config", CONFIG, "--eval", "--resume", weights,
+         *EVAL_FLAGS, "--output", work, "--experiment", "snnet_eval"], work / "snnet_eval.log", "snnet_eval")
+    return work / "snnet_eval"
 
 
 def copy_results(run_dir: Path, dest: Path) -> None:

@@ -211,3 +211,22 @@ def test_readme_quick_tour_runs(digits_folder, tiny_config, tmp_path):
     assert (tmp_path / "output" / "front" / "pareto_flops.png").is_file()
     assert json.loads((tmp_path / "output" / "cfg42" / "model.json").read_text())["cfg_id"] == 5
     assert (tmp_path / "report.html").stat().st_size > 0
+
+
+def test_recorded_latency_matches_its_results_file():
+    """The deployment guide's latency run is recorded (its times depend on the machine): its table must be the
+    committed results file it updated (route and both medians of every cfg_id), and that file the committed demo
+    results plus latencies (nothing else changed), measured on the committed SN-Net."""
+    table = (ROOT / "results" / "demo_latency" / "latency.txt").read_text()
+    assert re.match(r"latency on cpu: .+, 1 thread, 16x16 images, median of \d+ after \d+ warm-up calls\n", table)
+    rows = re.findall(r"^\| (\d+) \| (.+?) \| ([\d.]+) \| ([\d.]+) \| [\d,]+ \|$", table, re.M)
+    timed = {r["cfg_id"]: r for r in map(json.loads, (ROOT / "results" / "demo_latency" / "stitches_res.txt")
+                                         .read_text().splitlines())}
+    demo = {r["cfg_id"]: r for r in map(json.loads, (ROOT / "results" / "demo" / "stitches_res.txt")
+                                        .read_text().splitlines())}
+    assert [int(c) for c, *_ in rows] == sorted(timed) == sorted(demo)
+    for c, route, b1, b32 in rows:
+        rec = timed[int(c)]
+        assert (route, b1, b32) == (rec["route"], f"{rec['latency_ms_b1']:.3f}", f"{rec['latency_ms_b32']:.3f}")
+        assert {k: v for k, v in rec.items() if not k.startswith("latency_")} == demo[int(c)]
+    assert f"updated {len(rows)} records of output/deploy/stitches_res.txt" in table

@@ -27,7 +27,7 @@ writes (a leading ``+`` keeps the sign, a thousands comma keeps commas):
     the one below it is cfg 3<!-- = below_mixing("demo")[0] --> (91.7<!-- = acc1("demo", 3) --> % ...)
 
 EXPR is a Python expression over the functions of `Numbers` (results files by short name: demo, v1, v2, or a path
-relative to the repository) and min, max, len, sum, sorted, abs, round. ``--write`` rewrites the number, ``--check``
+relative to the repository) and min, max, len, sum, sorted, abs, round, set. ``--write`` rewrites the number, ``--check``
 names every number that differs ("quoted 91.7, the results give 91.6").
 """
 from __future__ import annotations
@@ -39,6 +39,7 @@ import json
 import os
 import re
 import shlex
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -59,7 +60,7 @@ REGION = re.compile(r"^<!-- generated: (?P<cmd>.+?) -->\n(?P<body>.*?)^<!-- /gen
 NUMBER = re.compile(r"(?P<num>(?:(?<=[\s(])[+-])?(?<![\w.])\d[\d,]*(?:\.\d+)?)<!-- = (?P<expr>.+?) -->")
 #: results files by short name, for the expressions of checked numbers
 FILES = {"demo": "results/demo/stitches_res.txt", "v1": "results/demo_v2/v1/stitches_res.txt",
-         "v2": "results/demo_v2/v2/stitches_res.txt"}
+         "v2": "results/demo_v2/v2/stitches_res.txt", "latency": "results/demo_latency/stitches_res.txt"}
 
 
 class Numbers:
@@ -95,9 +96,29 @@ class Numbers:
     def params(self, f: str, cfg: int) -> int:
         return int(self.records(f)[cfg]["params"])
 
-    def front(self, f: str) -> list[int]:
-        """The cfg_ids on the FLOPs Pareto front, cheapest first (snnet pareto's)."""
-        return [r["cfg_id"] for r in pareto_front(list(self.records(f).values()))]
+    def front(self, f: str, cost: str = "flops") -> list[int]:
+        """The cfg_ids on the Pareto front by `cost` (a record key: flops, latency_ms_b1, ...), cheapest first (snnet
+        pareto's)."""
+        return [r["cfg_id"] for r in pareto_front(list(self.records(f).values()), cost)]
+
+    def ms(self, f: str, cfg: int, batch: int = 1) -> float:
+        """The measured latency of stitch `cfg` at `batch` (snnet latency --results)."""
+        return float(self.records(f)[cfg][f"latency_ms_b{batch}"])
+
+    def blocks(self, f: str, cfg: int, depth: int = 4) -> int:
+        """How many transformer blocks route `cfg` runs (the demo's anchors have `depth` blocks each)."""
+        n = 0
+        for seg in self.records(f)[cfg]["route"].split("->"):
+            m = re.search(r"\[(?:b(\d+))?\.\.(?:b(\d+))?\]", seg)
+            n += depth if m is None else (int(m[2]) if m[2] else depth - 1) - (int(m[1]) if m[1] else 0) + 1
+        return n
+
+    def ms_by_blocks(self, f: str, n: int, batch: int = 1) -> list[float]:
+        """The latencies at `batch` of the routes that run `n` blocks."""
+        return [self.ms(f, c, batch) for c in self.records(f) if self.blocks(f, c) == n]
+
+    def median(self, values: list[float]) -> float:
+        return float(statistics.median(values))
 
     def in_range(self, f: str, margin: float = 3.0) -> int:
         """How many stitches lie within the anchors' top-1 range +- `margin` points (the demo's summary line)."""
@@ -153,6 +174,22 @@ class Numbers:
             raise SystemExit(f"docs_blocks: {name} has no match of {pattern!r}; fix the checked number's expression")
         return float(m[group].replace(",", ""))
 
+    def cell(self, name: str, row: str, column: str) -> float:
+        """A number in a Markdown table of a committed text file: the row whose first cell starts with `row`, the
+        column headed `column` (the value's leading number: '86%' -> 86, '91.26 ± 0.45' -> 91.26, '1,097' -> 1097)."""
+        lines = (self.root / name).read_text().splitlines()
+        cells = lambda ln: [c.strip() for c in ln.strip().strip("|").split("|")]
+        try:
+            i = next(i for i, ln in enumerate(lines) if ln.startswith("|") and cells(ln)[0].startswith(row))
+            head = i
+            while head > 0 and lines[head - 1].startswith("|"):
+                head -= 1
+            value = cells(lines[i])[cells(lines[head]).index(column)]
+            return float(re.match(r"[+-]?[\d,]*\.?\d+", value.replace("*", ""))[0].replace(",", ""))
+        except (StopIteration, ValueError, TypeError, IndexError):
+            raise SystemExit(f"docs_blocks: {name} has no table row {row!r} with a number in column {column!r}; fix the "
+                             f"checked number's expression") from None
+
     def json(self, name: str, *keys: Any) -> Any:
         """A value of a committed JSON file, by keys/indices."""
         value = json.loads((self.root / name).read_text())
@@ -163,7 +200,7 @@ class Numbers:
     def namespace(self) -> dict[str, Any]:
         ns: dict[str, Any] = {name: getattr(self, name) for name in dir(self) if not name.startswith("_")
                               and name not in ("root", "namespace", "path")}
-        ns.update(min=min, max=max, len=len, sum=sum, sorted=sorted, abs=abs, round=round)
+        ns.update(min=min, max=max, len=len, sum=sum, sorted=sorted, abs=abs, round=round, set=set)
         return ns
 
 
@@ -237,12 +274,21 @@ def lines(command: str) -> str:
     return "\n".join(text[a:b + 1]) + "\n"
 
 
+def recorded(command: str) -> str:
+    """``recorded FILE: COMMAND``: a console block of COMMAND and, as its output, the committed FILE verbatim (a
+    measurement that depends on the machine, kept as it was recorded: the block cannot drift from the file)."""
+    name, shown = command[len("recorded "):].split(": ", 1)
+    return f"```console\n$ {shown}\n{(ROOT / name).read_text().rstrip()}\n```\n"
+
+
 def render(text: str, root: Path = ROOT) -> str:
     """`text` with every generated region's block replaced by what its command prints now and every checked number
     by what its expression gives on the results under `root` (the blocks always read this checkout's)."""
     def block(m: re.Match) -> str:
         if m["cmd"].startswith("lines "):
             return f"<!-- generated: {m['cmd']} -->\n{lines(m['cmd'])}<!-- /generated -->\n"
+        if m["cmd"].startswith("recorded "):
+            return f"<!-- generated: {m['cmd']} -->\n{recorded(m['cmd'])}<!-- /generated -->\n"
         return f"<!-- generated: {m['cmd']} -->\n```console\n{run(m['cmd'])}```\n<!-- /generated -->\n"
     text = REGION.sub(block, text)
     fixed = iter(numbers(text, root))
