@@ -60,7 +60,10 @@ REGION = re.compile(r"^<!-- generated: (?P<cmd>.+?) -->\n(?P<body>.*?)^<!-- /gen
 NUMBER = re.compile(r"(?P<num>(?:(?<=[\s(])[+-])?(?<![\w.])\d[\d,]*(?:\.\d+)?)<!-- = (?P<expr>.+?) -->")
 #: results files by short name, for the expressions of checked numbers
 FILES = {"demo": "results/demo/stitches_res.txt", "v1": "results/demo_v2/v1/stitches_res.txt",
-         "v2": "results/demo_v2/v2/stitches_res.txt", "latency": "results/demo_latency/stitches_res.txt"}
+         "v2": "results/demo_v2/v2/stitches_res.txt", "latency": "results/demo_latency/stitches_res.txt",
+         "search": "results/stitch_anything/demo_search/stitches_res.txt",
+         "search_ls": "results/stitch_anything/demo_search/ls/stitches_res.txt",
+         "search_kl": "results/stitch_anything/demo_search/kl/stitches_res.txt"}
 
 
 class Numbers:
@@ -167,6 +170,43 @@ class Numbers:
         """Hypervolume of the stitched front, the mixing line or the cascade (as snnet pareto --baselines)."""
         return float(self.base(f)["hypervolume"][front])
 
+    def sim(self, name: str, front: str, end: str, score: str, tokens: bool = True) -> list[float]:
+        """The values of one map (cka, ls_residual, kl) of `snnet similarity`'s similarity.json for the anchor pair
+        labelled `front` -> `end`, over the pairs of token units (the head left out) unless `tokens` is False."""
+        pair = next(p for p in self.json(name, "pairs") if (p["front_label"], p["end_label"]) == (front, end))
+        rows = pair[score][:-1] if tokens else pair[score]
+        return [v for row in rows for v in (row[:-1] if tokens else row) if v is not None]
+
+    def sim_at(self, name: str, front: str, end: str, score: str, i: int, j: int) -> float:
+        """One cell of a map of similarity.json: front unit `i`, end unit `j` of the pair `front` -> `end`."""
+        pair = next(p for p in self.json(name, "pairs") if (p["front_label"], p["end_label"]) == (front, end))
+        return float(pair[score][i][j])
+
+    def networks(self, f: str) -> list[dict[str, Any]]:
+        """The networks `snnet search` found (records of more than one segment)."""
+        return [r for r in self.records(f).values() if len(r.get("segments") or []) > 1]
+
+    def spearman(self, f: str, x: str = "score", y: str = "acc1") -> float:
+        """Spearman's rank correlation of two record keys over the networks a search found (ties: mean ranks)."""
+        recs = self.networks(f)
+
+        def ranks(values: list[float]) -> list[float]:
+            order = sorted(range(len(values)), key=lambda i: values[i])
+            out = [0.0] * len(values)
+            i = 0
+            while i < len(order):
+                j = i
+                while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                    j += 1
+                for k in range(i, j + 1):
+                    out[order[k]] = (i + j) / 2
+                i = j + 1
+            return out
+        a, b = ranks([r[x] for r in recs]), ranks([r[y] for r in recs])
+        ma, mb = statistics.fmean(a), statistics.fmean(b)
+        cov = sum((u - ma) * (v - mb) for u, v in zip(a, b))
+        return cov / (sum((u - ma) ** 2 for u in a) * sum((v - mb) ** 2 for v in b)) ** 0.5
+
     def grab(self, name: str, pattern: str, group: int = 1) -> float:
         """A number in a committed text file: group `group` of the first match of regex `pattern`."""
         m = re.search(pattern, (self.root / name).read_text(), re.M)
@@ -175,12 +215,13 @@ class Numbers:
         return float(m[group].replace(",", ""))
 
     def cell(self, name: str, row: str, column: str) -> float:
-        """A number in a Markdown table of a committed text file: the row whose first cell starts with `row`, the
+        """A number in a Markdown table of a committed text file: the row whose cells, joined by " | ", start with
+        `row` (e.g. "w16-w64 | 20 | kl"), the
         column headed `column` (the value's leading number: '86%' -> 86, '91.26 ± 0.45' -> 91.26, '1,097' -> 1097)."""
         lines = (self.root / name).read_text().splitlines()
         cells = lambda ln: [c.strip() for c in ln.strip().strip("|").split("|")]
         try:
-            i = next(i for i, ln in enumerate(lines) if ln.startswith("|") and cells(ln)[0].startswith(row))
+            i = next(i for i, ln in enumerate(lines) if ln.startswith("|") and " | ".join(cells(ln)).startswith(row))
             head = i
             while head > 0 and lines[head - 1].startswith("|"):
                 head -= 1
