@@ -148,6 +148,31 @@ def test_runnable_examples(demo_layout, capsys):
         os.chdir(cwd)
 
 
+EXAMPLE = re.compile(r"^<!-- example (?:not run: (?P<why>.{10,})|runs in: (?P<file>tests/\w+\.py)::(?P<test>\w+)) -->$")
+
+
+def test_every_shell_example_runs_or_says_why():
+    """Every shell, console or plain code block of the README and the docs that is not generated (generated ones run
+    in test_generated_blocks_match_the_committed_results) is preceded by ``<!-- example runs in: TEST -->``, naming
+    a test that exists, or ``<!-- example not run: REASON -->``."""
+    unmarked = []
+    for page in PAGES:
+        text = docs_blocks.REGION.sub("", page.read_text())
+        lines, inside = text.split("\n"), False
+        for i, line in enumerate(lines):
+            fence = re.match(r"^```(\w*)\s*$", line)
+            if not fence:
+                continue
+            if not inside and fence[1] in ("", "bash", "console", "sh", "shell"):
+                m = EXAMPLE.match(lines[i - 1]) if i else None
+                if m is None:
+                    unmarked.append(f"{page.name}:{lines[i + 1][:60]}")
+                elif m["file"]:
+                    assert f"def {m['test']}(" in (ROOT / m["file"]).read_text(), f"{page.name}: no {m['file']}::{m['test']}"
+            inside = not inside
+    assert not unmarked, "shell examples neither run nor saying why:\n" + "\n".join(unmarked)
+
+
 def test_every_page_with_python_marks_it_runnable_or_says_why():
     """Every Python block of the README and the docs is marked runnable (so it runs above), but the listed ones."""
     not_runnable = {"stitch_anything.md": 1}  # a signature sketch of compatibility_maps, not a program

@@ -13,7 +13,9 @@ The command is a `snnet` command, run in-process on the committed results (from 
 repository's results/ and configs/, so what it writes stays out of the checkout) (stdout; when it
 fails, its stderr and ``# exit code N`` too, as a user sees them), or ``lines FILE FIRST LAST``: the lines of a
 committed benchmark output from the first that starts with FIRST to the next that starts with LAST, verbatim and
-unfenced (the Markdown tables benchmarks print render as tables). ``--write`` regenerates every region of
+unfenced (the Markdown tables benchmarks print render as tables), ``fenced FILE FIRST LAST``: the same in a code
+block, or ``recorded FILE: COMMAND``: a console block of COMMAND with the committed FILE as its output (a recorded
+measurement). ``--write`` regenerates every region of
 README.md and docs/*.md in place (idempotent: a second run changes nothing), ``--check`` exits 1 naming each region
 that differs from what the committed results produce (tests/test_docs.py runs it).
 
@@ -328,6 +330,8 @@ def render(text: str, root: Path = ROOT) -> str:
     def block(m: re.Match) -> str:
         if m["cmd"].startswith("lines "):
             return f"<!-- generated: {m['cmd']} -->\n{lines(m['cmd'])}<!-- /generated -->\n"
+        if m["cmd"].startswith("fenced "):  # ``fenced FILE FIRST LAST``: `lines`, in a plain code block
+            return f"<!-- generated: {m['cmd']} -->\n```\n{lines(m['cmd'])}```\n<!-- /generated -->\n"
         if m["cmd"].startswith("recorded "):
             return f"<!-- generated: {m['cmd']} -->\n{recorded(m['cmd'])}<!-- /generated -->\n"
         return f"<!-- generated: {m['cmd']} -->\n```console\n{run(m['cmd'])}```\n<!-- /generated -->\n"
