@@ -216,19 +216,22 @@ class Numbers:
             raise SystemExit(f"docs_blocks: {name} has no match of {pattern!r}; fix the checked number's expression")
         return float(m[group].replace(",", ""))
 
-    def cell(self, name: str, row: str, column: str) -> float:
+    def cell(self, name: str, row: str, column: str, n: int = 0, table: str = "") -> float:
         """A number in a Markdown table of a committed text file: the row whose cells, joined by " | ", start with
         `row` (e.g. "w16-w64 | 20 | kl"), the
-        column headed `column` (the value's leading number: '86%' -> 86, '91.26 ± 0.45' -> 91.26, '1,097' -> 1097)."""
+        column headed `column`, its `n`-th number ('86%' -> 86, '91.26 ± 0.45' -> 91.26 and with n=1 0.45, '1,097' ->
+        1097); with `table`, the first table from the line starting with `table` on."""
         lines = (self.root / name).read_text().splitlines()
         cells = lambda ln: [c.strip() for c in ln.strip().strip("|").split("|")]
         try:
-            i = next(i for i, ln in enumerate(lines) if ln.startswith("|") and " | ".join(cells(ln)).startswith(row))
+            start = next(i for i, ln in enumerate(lines) if ln.startswith(table)) if table else 0
+            i = next(i for i, ln in enumerate(lines) if i >= start and ln.startswith("|") and
+                     " | ".join(cells(ln)).startswith(row))
             head = i
             while head > 0 and lines[head - 1].startswith("|"):
                 head -= 1
             value = cells(lines[i])[cells(lines[head]).index(column)]
-            return float(re.match(r"[+-]?[\d,]*\.?\d+", value.replace("*", ""))[0].replace(",", ""))
+            return float(re.findall(r"[+-]?[\d,]*\.?\d+", value.replace("*", ""))[n].replace(",", ""))
         except (StopIteration, ValueError, TypeError, IndexError):
             raise SystemExit(f"docs_blocks: {name} has no table row {row!r} with a number in column {column!r}; fix the "
                              f"checked number's expression") from None
