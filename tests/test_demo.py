@@ -114,3 +114,33 @@ def test_a_step_shows_progress_and_fails_with_its_log(tmp_path, monkeypatch, cap
     assert (tmp_path / "ok.log").read_text().splitlines()[-1] == "done"
     with pytest.raises(SystemExit, match=r"demo step step2 failed \(exit 3\):\nboom"):
         demo.run([sys.executable, "-c", "print('boom'); raise SystemExit(3)"], tmp_path / "bad.log", "step2")
+
+
+def test_saved_weights_are_the_committed_sn_net_and_publish_copies_them(tmp_path, monkeypatch):
+    """save_weights keeps what rebuilding and evaluating the SN-Net read (weights, identity, classes, image size)
+    and drops the optimizer and this machine's paths; the same checkpoint gives the same bytes (no git noise from
+    `make demo-results`); --publish copies the file. The committed one loads as the demo's SN-Net and its records
+    name its sha256 (what `snnet latency --results` and `snnet serve --results` check)."""
+    import hashlib
+
+    import torch
+
+    from snnet.core.checkpoint import load_checkpoint, save_checkpoint
+    from snnet.demo import WEIGHTS_FILE, publish, save_weights
+    weights = {"a.weight": torch.arange(6.0).reshape(2, 3)}
+    args = {"num_classes": 10, "img_size": 16, "model_kwargs": {}, "data_dir": "/some/machine/path", "lr": 1e-3}
+    save_checkpoint(tmp_path / "last.pth.tar", {"epoch": 3, "state_dict": weights, "optimizer": {"state": {}},
+                                                "args": json.dumps(args), "config": "{}"})
+    for name in ("one", "two"):
+        save_weights(tmp_path / "last.pth.tar", tmp_path / name / WEIGHTS_FILE)
+    assert (tmp_path / "one" / WEIGHTS_FILE).read_bytes() == (tmp_path / "two" / WEIGHTS_FILE).read_bytes()
+    slim = load_checkpoint(tmp_path / "one" / WEIGHTS_FILE)
+    assert "optimizer" not in slim and torch.equal(slim["state_dict"]["a.weight"], weights["a.weight"])
+    assert json.loads(slim["args"]) == {"num_classes": 10, "img_size": 16, "model_kwargs": {}}
+    committed = ROOT / "results" / "demo"
+    monkeypatch.setattr("snnet.demo.report", lambda *a, **k: [])  # the plots and report: not what is tested here
+    publish(committed, tmp_path / "published", v2=False)  # the committed folder as a "fresh" run: a copy of itself
+    assert (tmp_path / "published" / WEIGHTS_FILE).read_bytes() == (committed / WEIGHTS_FILE).read_bytes()
+    sha = hashlib.sha256((committed / WEIGHTS_FILE).read_bytes()).hexdigest()
+    records = [json.loads(ln) for ln in (committed / "stitches_res.txt").read_text().splitlines()]
+    assert {r["checkpoint_sha256"] for r in records} == {sha}
