@@ -148,6 +148,31 @@ def test_runnable_examples(demo_layout, capsys):
         os.chdir(cwd)
 
 
+#: pages whose every result number in prose is a checked number (docs_blocks' NUMBER markers)
+AUDITED = ["baselines.md", "deploy.md", "serving.md", "stitch_anything.md", "stitch_anything_overview.md"]
+
+
+def unmarked_numbers(text: str) -> list[str]:
+    """Numbers that look like results (2+ decimals, or a percentage) in the prose of `text`: outside code, generated
+    regions and inline code, and not followed by a checked-number marker."""
+    text = docs_blocks.REGION.sub("", text)
+    text = re.sub(r"^```.*?^```\n", "", text, flags=re.M | re.S)
+    text = re.sub(r"`[^`\n]*`", "", text)
+    text = re.sub(r"<!-- = .*? -->", "\x00", text, flags=re.S)
+    return re.findall(r"(?<![\w.\-])(\d+\.\d{2,}|\d+(?:\.\d+)? ?%)(?![\x00\w])", text)
+
+
+@pytest.mark.parametrize("name", AUDITED)
+def test_audited_pages_quote_only_checked_numbers(name):
+    """On the audited pages a result number typed by hand (not generated, not a checked number) fails."""
+    assert unmarked_numbers((ROOT / "docs" / name).read_text()) == []
+
+
+def test_an_unchecked_number_is_found():
+    assert unmarked_numbers("the w16 anchor reaches 83.06 % and cfg 9 0.68 MFLOPs, 95 % of budgets") == ["83.06", "0.68", "95 %"]
+    assert unmarked_numbers('83.06<!-- = acc1("demo", 0) --> % at 0.68<!-- = mflops("demo", 9) --> MFLOPs') == []
+
+
 EXAMPLE = re.compile(r"^<!-- example (?:not run: (?P<why>.{10,})|runs in: (?P<file>tests/\w+\.py)::(?P<test>\w+)) -->$")
 
 
