@@ -652,7 +652,7 @@ def options_from(cls: type[T], args: argparse.Namespace, **over: Any) -> T:
     if unknown:
         raise TypeError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
     values = {n: getattr(args, n) for n in names if hasattr(args, n)}
-    for n in ("scale", "ratio"):  # argparse gives lists (nargs=2), the options hold tuples
-        if isinstance(values.get(n), list):
-            values[n] = tuple(values[n])
+    for n, v in values.items():  # argparse gives lists (nargs), the options hold tuples
+        if isinstance(v, list):
+            values[n] = tuple(v)
     return cls(**{**values, **over})

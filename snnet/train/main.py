@@ -57,6 +57,7 @@ from snnet.train.loggers import Loggers, check_loggers, create_loggers
 from snnet.train.losses import create_loss
 from snnet.train.network import build_network, check_train_exclude
 from snnet.train.optim import anchor_lr_scale, create_optimizer, create_scheduler, epoch_offset, resolve_lrs
+from snnet.train.options import EvalOptions, LossOptions, OptimOptions, ScheduleOptions, TrainOptions
 from snnet.train.positions import write_stitch_plan
 from snnet.train.preempt import STOP, Preempted
 from snnet.train.preflight import check_recipe, check_run, output_dir
@@ -115,6 +116,26 @@ class Run:
         return world()[0] == 0
 
     @property
+    def optim(self) -> OptimOptions:
+        return options_from(OptimOptions, self.args)
+
+    @property
+    def schedule(self) -> ScheduleOptions:
+        return options_from(ScheduleOptions, self.args)
+
+    @property
+    def loss(self) -> LossOptions:
+        return options_from(LossOptions, self.args)
+
+    @property
+    def train(self) -> TrainOptions:
+        return options_from(TrainOptions, self.args)
+
+    @property
+    def eval(self) -> EvalOptions:
+        return options_from(EvalOptions, self.args)
+
+    @property
     def data(self) -> DataOptions:
         """Which images (the data layer's options, from the resolved arguments)."""
         return options_from(DataOptions, self.args)
@@ -168,7 +189,7 @@ def _snnet_init_batch(run: Run, images_from, count: int) -> torch.Tensor:
     if train_ds is None:
         raise DataError(f"--ls-mode snnet fits on a training batch, as SN-Net did, and needs the training split"
                         f"{reason}; add it, or use --ls-mode joint")
-    mixup_fn = create_mixup(args)
+    mixup_fn = create_mixup(run.loss)
     if mixup_fn is not None and count % 2:
         raise DataError(f"--ls-mode snnet with mixup/cutmix needs an even init batch, got stitch_init_bs {count}")
     loader = create_train_loader(train_ds, run.loader.with_batch_size(count), run.data_cfg, run.device)
@@ -232,7 +253,9 @@ def _run(args: argparse.Namespace, stitch_cfg: StitchConfig | None, out_dir: Pat
     from timm.data import resolve_data_config
     from timm.utils import random_seed
 
-    device = resolve_device(args)  # the process group (timm's init_distributed_device sets args' rank and world)
+    placement = resolve_device(args.device, args.dist_backend, args.dist_url)  # the process group (timm's)
+    args.device, args.distributed, args.rank = str(placement.device), placement.distributed, placement.rank
+    args.world_size, args.local_rank, device = placement.world_size, placement.local_rank, placement.device
     rank, world_size = world()
     random_seed(args.seed, 0)  # the network's random parts (random anchors, stitching layers) are the same on every rank
     if rank != 0:
@@ -245,7 +268,7 @@ def _run(args: argparse.Namespace, stitch_cfg: StitchConfig | None, out_dir: Pat
         random_seed(args.seed, rank)
     data_cfg = resolve_data_config(vars(args), model=net)
     net = _prepare(net, args, device)
-    run_ = Run(args, stitch_cfg, device, amp_dtype_for(args, device), data_cfg, out_dir,
+    run_ = Run(args, stitch_cfg, device, amp_dtype_for(options_from(TrainOptions, args), device), data_cfg, out_dir,
                _config_text(args, stitch_cfg, data_cfg))
     if run_.primary and stitch_cfg is not None:  # explicit or selected "positions": <output>/stitch_plan.json
         write_stitch_plan(unwrap(net), run_.out_dir)
@@ -638,8 +661,8 @@ def _setup_training(net: RoutedNet, train_ds, run: Run, resume_state: dict | Non
     args, (rank, world_size) = run.args, world()
     _freeze(net, run.stitch_cfg, args)
     accum = args.grad_accum_steps
-    lr, warmup_lr, min_lr = resolve_lrs(args, args.batch_size * world_size * accum)
-    optimizer = create_optimizer(args, net, lr)
+    lr, warmup_lr, min_lr = resolve_lrs(run.optim, run.schedule, args.batch_size * world_size * accum)
+    optimizer = create_optimizer(run.optim, net, lr)
     loss_scaler = NativeScaler(device=run.device.type) if run.amp_dtype == torch.float16 else None
     start_epoch, global_step = _resume_counters(args, resume_state, optimizer, loss_scaler)
     loader = create_train_loader(train_ds, run.loader, run.data_cfg, run.device)
@@ -647,13 +670,16 @@ def _setup_training(net: RoutedNet, train_ds, run: Run, resume_state: dict | Non
     if steps == 0:
         raise UsageError(f"--grad-accum-steps {accum} exceeds the {len(loader)} training batch(es) per process and "
                          f"epoch; lower it or -b/--batch-size")
-    loss_fn, mixup_fn = create_loss(args, run.device)
-    scheduler, num_epochs = create_scheduler(args, optimizer, steps, warmup_lr, min_lr, start_epoch,
-                                             global_step if resume_state is not None else None)
+    loss_fn, mixup_fn = create_loss(run.loss, run.device)
+    scheduler, num_epochs = create_scheduler(run.schedule, optimizer, steps, warmup_lr, min_lr, start_epoch,
+                                             global_step if resume_state is not None else None,
+                                             eval_metric=args.eval_metric)
     ctx = TrainContext(run.device, _sampler(net, run, rank),
                        run.amp_dtype, loss_scaler, scheduler, mixup_fn, model_ema=_model_ema(net, args, resume_state),
                        parameters=lambda: [p for p in net.parameters() if p.requires_grad], global_step=global_step,
-                       after_step=[_fault_injection])
+                       after_step=[_fault_injection], accum_steps=accum, clip_grad=args.clip_grad,
+                       clip_mode=args.clip_mode, amp_loss=not args.no_amp_loss, move_batches=args.no_prefetcher,
+                       sched_on_updates=args.sched_on_updates, log_interval=args.log_interval)
     _continue_epoch(ctx, resume_state, accum)
     if args.grad_checkpointing:
         net.set_grad_checkpointing(True)
@@ -663,7 +689,7 @@ def _setup_training(net: RoutedNet, train_ds, run: Run, resume_state: dict | Non
         compiled = net.compile_blocks(args.torchcompile)
     if run.primary:
         _logger.info(f"output: {run.out_dir}; {net.num_configs} network(s); lr {lr:.3e} (anchors "
-                     f"x{anchor_lr_scale(args)}); {steps} steps/epoch" + (f" of {accum} batches" if accum > 1 else "")
+                     f"x{anchor_lr_scale(run.optim)}); {steps} steps/epoch" + (f" of {accum} batches" if accum > 1 else "")
                      + f"; {world_size} process(es); amp {run.amp_dtype}"
                      + (f"; torch.compile ({args.torchcompile}) of {compiled} block module(s)" if compiled else "")
                      + ("; gradient checkpointing" if args.grad_checkpointing else "")
@@ -726,7 +752,7 @@ def fit(net: RoutedNet, train_ds, val_ds, run: Run, resume_state: dict | None) -
             loader.dataset.set_epoch(epoch)
         if ctx.mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
             ctx.mixup_fn.mixup_enabled = False
-        train_metrics = train_one_epoch(epoch, net, loader, optimizer, loss_fn, args, ctx)
+        train_metrics = train_one_epoch(epoch, net, loader, optimizer, loss_fn, ctx)
         ctx.clock.trained(len(loader) // args.grad_accum_steps * args.grad_accum_steps * args.batch_size)
         if args.distributed and args.dist_bn in ("broadcast", "reduce"):
             distribute_bn(model, world_size, args.dist_bn == "reduce")
@@ -741,7 +767,7 @@ def fit(net: RoutedNet, train_ds, val_ds, run: Run, resume_state: dict | None) -
             metric = eval_metrics[args.eval_metric] if args.eval_metric in eval_metrics else eval_metrics["top1"]
             ctx.clock.validated(len(panel))
         lrs = [g["lr"] for g in optimizer.param_groups]
-        ctx.lr_scheduler.step(epoch + 1 - epoch_offset(args), metric)
+        ctx.lr_scheduler.step(epoch + 1 - epoch_offset(run.schedule), metric)
         if run.primary:
             try:  # timm appends the row in place: a full disk is said as every other write says it
                 update_summary(epoch, train_metrics, eval_metrics, filename=str(run.out_dir / "summary.csv"),

@@ -64,6 +64,7 @@ from snnet.train.device import amp_dtype_for, device_from_flag
 from snnet.train.engine import TrainContext, evaluate_stitches, train_one_epoch
 from snnet.train.losses import DistillationLoss, base_criterion
 from snnet.train.optim import create_optimizer, create_scheduler, epoch_offset, resolve_lrs
+from snnet.train.options import OptimOptions, ScheduleOptions, TrainOptions
 from snnet.train.preflight import check_augmentation, check_output
 from snnet.train.sampler import seed_epoch
 
@@ -310,15 +311,17 @@ def train_run(prep: Prepared, run: RunSpec, plan: RunPlan, run_dir: Path, rank: 
     if run.ls_init:
         ls_error, _ = fit_stitch(st, clean_images(prep.train_ds, data_cfg, run.ls_images, run.seed), prep.device,
                                  LS_RCOND)
-    amp_dtype = amp_dtype_for(args, prep.device)
+    amp_dtype = amp_dtype_for(options_from(TrainOptions, args), prep.device)
     loading = options_from(LoaderOptions, args)
     loader = create_train_loader(prep.train_ds, loading, data_cfg, prep.device)
     val_loader = create_eval_loader(prep.val_ds, loading, data_cfg)
     accum = max(1, args.grad_accum_steps)
     steps = len(loader) // accum
-    lr, warmup_lr, min_lr = resolve_lrs(args, args.batch_size * accum)
-    optimizer = create_optimizer(args, net, lr)
-    scheduler, num_epochs = create_scheduler(args, optimizer, steps, warmup_lr, min_lr)
+    schedule = options_from(ScheduleOptions, args)
+    lr, warmup_lr, min_lr = resolve_lrs(options_from(OptimOptions, args), schedule, args.batch_size * accum)
+    optimizer = create_optimizer(options_from(OptimOptions, args), net, lr)
+    scheduler, num_epochs = create_scheduler(schedule, optimizer, steps, warmup_lr, min_lr,
+                                             eval_metric=args.eval_metric)
     tracked = _TrackedLoss(_loss_fn(run, args, prep.models[run.end]))
     epoch_box = [0]
 
@@ -328,7 +331,10 @@ def train_run(prep: Prepared, run: RunSpec, plan: RunPlan, run_dir: Path, rank: 
 
     ctx = TrainContext(prep.device, lambda step: 0, amp_dtype,
                        NativeScaler(device=prep.device.type) if amp_dtype == torch.float16 else None, scheduler,
-                       parameters=lambda: [p for p in net.parameters() if p.requires_grad], after_step=[log_step])
+                       parameters=lambda: [p for p in net.parameters() if p.requires_grad], after_step=[log_step],
+                       accum_steps=accum, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                       amp_loss=not args.no_amp_loss, move_batches=args.no_prefetcher,
+                       sched_on_updates=args.sched_on_updates, log_interval=args.log_interval)
 
     def validate() -> dict[str, float]:
         return evaluate_stitches(net, val_loader, [0], prep.device, amp_dtype, args.log_interval)[0]
@@ -345,10 +351,10 @@ def train_run(prep: Prepared, run: RunSpec, plan: RunPlan, run_dir: Path, rank: 
         epoch_box[0], t_epoch = epoch, time.perf_counter()
         seed_epoch(run.seed, 0, epoch)
         tracked.epoch = [0, 0]
-        train_metrics = train_one_epoch(epoch, net, loader, optimizer, tracked, args, ctx)
+        train_metrics = train_one_epoch(epoch, net, loader, optimizer, tracked, ctx)
         lr_used = _lr(optimizer)
         val = validate()
-        scheduler.step(epoch + 1 - epoch_offset(args), val["acc1"])
+        scheduler.step(epoch + 1 - epoch_offset(schedule), val["acc1"])
         hits, samples = tracked.epoch
         traj.add("epoch", epoch=epoch + 1, step=ctx.global_step, lr=lr_used, loss=train_metrics["loss"],
                  train_acc1=100.0 * hits / max(samples, 1), val_loss=val["loss"], val_acc1=val["acc1"],
