@@ -11,9 +11,9 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -28,6 +28,14 @@ from snnet.core.progress import Progress
 from snnet.core.route_tree import RouteTree
 from snnet.train.device import amp_context, unwrap
 from snnet.train.sampler import rng_state, set_rng_state
+
+
+class Batches(Protocol):
+    """What the loops read: batches with a length (a DataLoader, or a list of (images, labels) pairs)."""
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+    def __len__(self) -> int: ...
 
 
 class NonFiniteLoss(SNNetError):
@@ -130,7 +138,7 @@ def _skip_trained(ctx: TrainContext, i: int, skip: int) -> bool:
     return True
 
 
-def train_one_epoch(epoch: int, model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
+def train_one_epoch(epoch: int, model: nn.Module, loader: Batches, optimizer: torch.optim.Optimizer,
                     loss_fn: Callable, ctx: TrainContext) -> OrderedDict[str, float]:
     """One epoch of optimizer steps; each step trains the stitch ``ctx.sampler(ctx.global_step)`` on
     --grad-accum-steps micro-batches (loss divided by their number, DDP gradient sync on the last one only); the
@@ -264,7 +272,7 @@ class PerImage:
 
 
 @torch.no_grad()
-def evaluate_stitches(net: nn.Module, loader: Iterable, cfg_ids: Sequence[int], device: torch.device,
+def evaluate_stitches(net: nn.Module, loader: Batches, cfg_ids: Sequence[int], device: torch.device,
                       amp_dtype: torch.dtype | None = None, log_interval: int = 50, shared_prefixes: bool = True,
                       stats: dict | None = None, per_image: PerImage | None = None
                       ) -> OrderedDict[int, dict[str, float]]:

@@ -14,6 +14,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+from snnet.core.errors import UsageError
+
 
 @dataclass(frozen=True)
 class OptimOptions:
@@ -98,6 +100,10 @@ class TrainOptions:
     start_epoch: int | None = None
     no_resume_opt: bool = False
     checkpoint_hist: int = 10
+    device: str | None = None               # None: cuda when available, else cpu
+    sync_bn: bool = False                   # SyncBatchNorm in a distributed run (main.convert_sync_bn)
+    split_bn: bool = False
+    channels_last: bool = False
 
 
 @dataclass(frozen=True)
@@ -110,11 +116,27 @@ class EvalOptions:
     log_interval: int = 50
 
 
+@dataclass(frozen=True)
+class InputOptions:
+    """What the network is fed: image size, channels and the preprocessing that overrides the model's defaults
+    (timm's resolve_data_config reads them)."""
+    img_size: int | None = None
+    in_chans: int | None = None
+    crop_pct: float | None = None
+    interpolation: str = ""
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def data_config_args(self) -> dict[str, Any]:
+        """The `args` mapping of timm's resolve_data_config."""
+        return dataclasses.asdict(self)
+
+
 #: every option object of a training run (the data layer's are `snnet.data.options`)
-TRAINING_OPTIONS = (OptimOptions, ScheduleOptions, LossOptions, TrainOptions, EvalOptions)
+TRAINING_OPTIONS = (OptimOptions, ScheduleOptions, LossOptions, TrainOptions, EvalOptions, InputOptions)
 
 
-class OptionError(ValueError):
+class OptionError(UsageError):
     """A key no option object has, or a value of the wrong type (the message names both and the fix)."""
 
 
@@ -161,10 +183,12 @@ def checked_value(key: str, value: Any, hint: Any, where: str) -> Any:
     raise OptionError(f"{where} key {key!r}: {value!r} is not {words}; give {key} {words}")
 
 
-def options_by_key(classes: typing.Iterable[type], values: dict[str, Any], where: str) -> dict[type, Any]:
+def options_by_key(classes: typing.Iterable[type], values: dict[str, Any], where: str,
+                   **given: Any) -> dict[type, Any]:
     """{class: instance} of option dataclasses from keyword `values` (train.py's flag names): each key goes to
     every class with a field of its name, checked against that field's type; a key no class has is an
-    `OptionError` naming it (with the closest names)."""
+    `OptionError` naming it (with the closest names). `given`: values the tool sets itself (not checked, and
+    passed only to classes with that field)."""
     classes = list(classes)
     fields = {f.name: cls for cls in classes for f in dataclasses.fields(cls)}
     unknown = [k for k in values if k not in fields]
@@ -176,5 +200,6 @@ def options_by_key(classes: typing.Iterable[type], values: dict[str, Any], where
     for cls in classes:
         hints = typing.get_type_hints(cls)
         names = {f.name for f in dataclasses.fields(cls)}
-        out[cls] = cls(**{k: checked_value(k, v, hints[k], where) for k, v in values.items() if k in names})
+        out[cls] = cls(**{k: checked_value(k, v, hints[k], where) for k, v in values.items() if k in names},
+                       **{k: v for k, v in given.items() if k in names})
     return out
