@@ -7,8 +7,9 @@ builds): an anchor with neither checkpoint nor pretrained weights is then the sa
 torchrun rank. Each anchor's identity (spec, checkpoint sha256, and the sha256 of its weights as built) goes into the
 hash that names a run's folder and the file of an anchor's cached evaluation, so a cached result is never stale.
 
-`train_run` trains one run in this process with train.py's machinery: the loop (engine.py), optimizer and schedule
-(optim.py, train.py's flags), loaders (data.py), losses (losses.py), FLOPs (cost.py), exact parameter counts
+`train_run` trains one run in this process with train.py's machinery: its trainer (trainer.py: optimizer and
+schedule from the typed options, EMA, accumulation, compile, the epoch loop), loaders (snnet/data), losses
+(losses.py), FLOPs (cost.py), exact parameter counts
 (model.py), pickle-free checkpoints (checkpoint.py) and atomic files (fileio.py). It writes, in the run's folder,
 ``trajectory.jsonl`` (a line per optimizer step and per epoch, rewritten atomically after every epoch),
 ``stitch_layer.pth.tar`` and, last, ``result.json``.
@@ -321,8 +322,6 @@ def _lr(optimizer) -> float:
 def train_run(prep: Prepared, run: RunSpec, plan: RunPlan, run_dir: Path, rank: int = 0,
               world_size: int = 1) -> dict[str, Any]:
     """Train and evaluate one run in this process; writes its folder (result.json last) and returns the result."""
-
-
     train = replace(prep.train, seed=run.seed)  # the run's seed: its stitch's init, its epochs' draws
     started, t0 = time.strftime("%Y-%m-%dT%H:%M:%S"), time.perf_counter()
     random_seed(run.seed, 0)  # rank 0 on every rank: a run is the same whichever process trains it

@@ -57,7 +57,8 @@ TRAIN_REFUSED = {
     "split_bn": "the anchors' BatchNorm is frozen",
     "sync_bn": "the anchors' BatchNorm is frozen", "aug_splits": "augmentation splits are not supported",
     "val_stitches": "the one stitched network is validated every epoch", "sample_sync": "one network per run",
-    "dry_run": "use stitch-train --dry-run",
+    "torchcompile": "the frozen anchors are shared by every run of the sweep (and its anchor evaluations), and "
+                    "torch.compile would compile their blocks in place", "dry_run": "use stitch-train --dry-run",
 }
 SWEEP_KEYS = ("description", "data", "out", "pretrained", "seed", "anchors", "train", "run", "grid", "runs")
 #: run field -> (meaning, default); pair/front/end, cut and gap/end_block say where, the rest how
