@@ -3,14 +3,24 @@
 and what is saved, in both tools."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from helpers import FAST, TINY
 
 from snnet import build_snnet, parse_stitch_config
+from snnet.data.options import DataOptions, LoaderOptions
 from snnet.train import main as train_main
 from snnet.train import trainer as trainer_module
-from snnet.train.options import OptimOptions, ScheduleOptions, TrainOptions
+from snnet.train.options import (
+    TRAINING_OPTIONS,
+    OptimOptions,
+    OptionError,
+    ScheduleOptions,
+    TrainOptions,
+    options_by_key,
+)
 from snnet.train.trainer import create_trainer
 
 EMA = {"model_ema": True, "model_ema_decay": 0.5}  # a short memory: after a few steps far from the raw weights
@@ -121,9 +131,40 @@ def test_stitch_train_model_ema_is_evaluated_and_saved(tmp_path, digits_folder, 
     ("epoch", 3, "unknown key 'epoch'; did you mean epochs"),
 ])
 def test_options_by_key_names_the_key_and_the_fix(key, value, message):
-    from snnet.train.options import TRAINING_OPTIONS, OptionError, options_by_key
     with pytest.raises(OptionError, match=message):
         options_by_key(TRAINING_OPTIONS, {key: value}, "sweep.yaml: train")
     made = options_by_key(TRAINING_OPTIONS, {"lr": "1e-3", "epochs": 2, "opt_betas": [0.9, 0.99]}, "x")
     assert made[OptimOptions].lr == 1e-3 and made[ScheduleOptions].epochs == 2
     assert made[OptimOptions].opt_betas == (0.9, 0.99)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("epochs", 0, "'epochs': 0 is not >= 1"), ("clip_mode", "l2", "'clip_mode': 'l2' is not one of 'norm'"),
+    ("hflip", 2, "'hflip': 2.0 is not a probability"), ("scale", [0.5, -1], None)])
+def test_options_by_key_refuses_what_train_py_refuses(key, value, message):
+    """The typed options' value rules are train.py's: a value its parser refuses is refused by keyword too."""
+    classes = (LoaderOptions, *TRAINING_OPTIONS)
+    if message is None:  # no rule: taken as typed
+        assert options_by_key(classes, {key: value}, "x")[LoaderOptions].scale == (0.5, -1)
+        return
+    with pytest.raises(OptionError, match=message):
+        options_by_key(classes, {key: value}, "sweep.yaml: train")
+
+
+def test_option_rules_are_the_parsers():
+    """RULES holds each flag's rule as train.py's parser checks it (its choices and its type function)."""
+    from snnet.train.args import build_parser
+    from snnet.train.options import RULES
+    kinds = {"_positive_int": "positive", "_positive_float": "positive", "_non_negative_int": "non_negative",
+             "_non_negative_float": "non_negative", "_probability": "probability"}
+    fields = {f.name for cls in (DataOptions, LoaderOptions, *TRAINING_OPTIONS) for f in dataclasses.fields(cls)}
+    want = {}
+    for action in build_parser()._actions:
+        if action.dest not in fields:
+            continue
+        if action.choices is not None and not isinstance(action.choices, dict):
+            want[action.dest] = tuple(action.choices)
+        elif getattr(action.type, "__name__", None) in kinds:
+            want[action.dest] = kinds[action.type.__name__]
+    assert set(RULES) <= fields and RULES == want
+

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -140,6 +141,46 @@ class OptionError(UsageError):
     """A key no option object has, or a value of the wrong type (the message names both and the fix)."""
 
 
+#: the value rules of train.py's flags (its parser's types and choices; tests/test_trainer.py holds them equal), so
+#: a tool building options by keyword refuses what train.py would: "positive" (>= 1 for an int, > 0 for a number),
+#: "non_negative", "probability" (in [0, 1]), or a tuple of the values allowed
+RULES: dict[str, Any] = {
+    **dict.fromkeys(("num_classes", "img_size", "in_chans", "batch_size", "validation_batch_size",
+                     "grad_accum_steps", "layer_decay", "lr_base_size", "epochs", "recount", "log_interval",
+                     "val_interval"), "positive"),
+    **dict.fromkeys(("anchor_lr_scale", "weight_decay", "clip_grad", "lr", "lr_base", "warmup_lr", "min_lr", "mixup",
+                     "cutmix", "checkpoint_hist", "recovery_interval"), "non_negative"),
+    **dict.fromkeys(("distillation_alpha", "hflip", "vflip", "reprob", "mixup_prob", "mixup_switch_prob",
+                     "smoothing", "model_ema_decay"), "probability"),
+    "distillation_type": ("none", "soft", "hard"), "clip_mode": ("norm", "value", "agc"),
+    "lr_base_scale": ("", "linear", "sqrt"), "train_crop_mode": ("rrc", "rkrc", "rkrr", "src"),
+    "remode": ("const", "rand", "pixel"), "mixup_mode": ("batch", "pair", "elem"),
+    "dist_bn": ("", "reduce", "broadcast"), "amp_dtype": ("", "float16", "bfloat16"),
+}
+
+
+def _broken_rule(key: str, value: Any) -> str | None:
+    """What is wrong with `value` under `key`'s rule (None: nothing)."""
+    rule = RULES.get(key)
+    if rule is None or value is None:
+        return None
+    if isinstance(rule, tuple):
+        return None if value in rule else f"{value!r} is not one of {', '.join(map(repr, rule))}"
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    if not math.isfinite(value):
+        return f"{value!r} is not a finite number"
+    if rule == "positive" and isinstance(value, int) and value < 1:
+        return f"{value} is not >= 1"
+    if rule == "positive" and not value > 0:
+        return f"{value} is not > 0"
+    if rule == "non_negative" and not value >= 0:
+        return f"{value} is not >= 0"
+    if rule == "probability" and not 0 <= value <= 1:
+        return f"{value} is not a probability in [0, 1]"
+    return None
+
+
 _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", tuple: "a list"}
 
 
@@ -151,9 +192,18 @@ def _allowed(hint: Any) -> tuple[Any, ...]:
 
 
 def checked_value(key: str, value: Any, hint: Any, where: str) -> Any:
-    """`value` as the type the field's annotation `hint` says: an int for a float field, a YAML list for a tuple
-    and a numeric string for a number are taken as they are meant; anything else is an `OptionError` naming the
-    key, the value and what it must be."""
+    """`value` as the type the field's annotation `hint` says (an int for a float field, a YAML list for a tuple
+    and a numeric string for a number are taken as they are meant) and within its rule (`RULES`); anything else is
+    an `OptionError` naming the key, the value and what it must be."""
+    value = _typed(key, value, hint, where)
+    items = value if isinstance(value, tuple) else (value,)
+    wrong = next(filter(None, (_broken_rule(key, v) for v in items)), None)
+    if wrong is not None:
+        raise OptionError(f"{where} key {key!r}: {wrong} (as for train.py's --{key.replace('_', '-')}); fix the value")
+    return value
+
+
+def _typed(key: str, value: Any, hint: Any, where: str) -> Any:
     allowed = _allowed(hint)
     if Any in allowed:
         return value
