@@ -51,7 +51,6 @@ def test_trainer_trains_an_ema_and_validates_it():
     assert not _floats_differ(net.state_dict(), ema)
 
 
-@pytest.mark.slow
 def test_train_py_saves_validates_and_evaluates_the_ema(tmp_path, digits_folder, tiny_config, monkeypatch):
     """train.py --model-ema (one epoch, in process): the checkpoint's state_dict_ema is the trainer's EMA and
     differs from state_dict; validation and stitches_res_ema.txt evaluate the EMA itself."""
@@ -85,7 +84,6 @@ def test_train_py_saves_validates_and_evaluates_the_ema(tmp_path, digits_folder,
     assert (tmp_path / "ema" / "stitches_res_ema.txt").is_file()
 
 
-@pytest.mark.slow
 def test_stitch_train_model_ema_is_evaluated_and_saved(tmp_path, digits_folder, monkeypatch):
     """A sweep with ``"model_ema": true`` in its `train`: the EMA differs from the raw layer, the last validation
     (the result's acc1) evaluates the EMA, and stitch_layer.pth.tar holds the EMA's weights."""
