@@ -34,13 +34,6 @@ def resnet_snnet():
     return snnet([r([8, 16, 32, 64]), r([16, 32, 64, 128])], img=32)
 
 
-def loop_args(**kw):
-    """The fields of train.py's arguments the training loop reads."""
-    base = dict(grad_accum_steps=1, log_interval=10 ** 6, no_prefetcher=True, no_amp_loss=False, clip_grad=None,
-                clip_mode="norm", sched_on_updates=False)
-    return argparse.Namespace(**{**base, **kw})
-
-
 def digits_batches(digits_images, n=4, batch=32, img=IMG):
     x, y = digits_images
     x = nn.functional.interpolate(x[: n * batch], size=img, mode="nearest")
@@ -57,9 +50,10 @@ def train_epochs(net, batches, amp_dtype, epochs=8, cfg_id=None, scaler=True, **
     from snnet.train.device import unwrap
     n = unwrap(net).num_configs
     pick = (lambda step: cfg_id) if cfg_id is not None else (lambda step: step % n)
-    ctx = TrainContext(CUDA, pick, amp_dtype, loss_scaler, parameters=lambda: list(net.parameters()), **ctx_kw)
+    ctx = TrainContext(CUDA, pick, amp_dtype, loss_scaler, parameters=lambda: list(net.parameters()),
+                       log_interval=10 ** 6, move_batches=True, **ctx_kw)
     loss_fn = lambda x, out, y: nn.functional.cross_entropy(out, y)
-    losses = [train_one_epoch(e, net, batches, opt, loss_fn, loop_args(), ctx)["loss"] for e in range(epochs)]
+    losses = [train_one_epoch(e, net, batches, opt, loss_fn, ctx)["loss"] for e in range(epochs)]
     return losses, ctx
 
 

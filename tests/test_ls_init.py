@@ -360,7 +360,7 @@ def test_snnet_mode_v2_is_snnetv2s_fit(digits_images):
 
 
 def test_train_py_picks_snnetv2s_fit_for_the_two_way_plan():
-    from snnet.train.main import snnet_version
+    from snnet.train.ls_data import snnet_version
     assert snnet_version(parse_stitch_config({"anchors": ["a", "b"], "stitch_plan": "two_way"})) == 2
     assert snnet_version(parse_stitch_config({"anchors": ["a", "b"]})) == 1 and snnet_version(None) == 1
     with pytest.raises(ValueError, match="snnet_version 3"):

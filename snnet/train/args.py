@@ -586,7 +586,7 @@ def _check_values(args: argparse.Namespace) -> None:
         raise UsageError(f"--distillation-type {args.distillation_type} needs --teacher NAME")
 
 
-def _unique_key_loader():
+def unique_key_loader():
     """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
     import yaml
 
@@ -610,7 +610,7 @@ def _yaml_entries(path: str) -> list[tuple[str, str, Any]]:
         raise UsageError(f"-c/--config {path!r} does not exist; give an existing YAML file")
     try:
         with open(path) as f:
-            data = yaml.load(f, Loader=_unique_key_loader()) or {}
+            data = yaml.load(f, Loader=unique_key_loader()) or {}
     except yaml.YAMLError as e:
         raise UsageError(f"-c/--config {path!r} is not valid YAML ({' '.join(str(e).split())[:200]}); fix the "
                          f"file") from None
@@ -652,7 +652,7 @@ def options_from(cls: type[T], args: argparse.Namespace, **over: Any) -> T:
     if unknown:
         raise TypeError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
     values = {n: getattr(args, n) for n in names if hasattr(args, n)}
-    for n in ("scale", "ratio"):  # argparse gives lists (nargs=2), the options hold tuples
-        if isinstance(values.get(n), list):
-            values[n] = tuple(values[n])
+    for n, v in values.items():  # argparse gives lists (nargs), the options hold tuples
+        if isinstance(v, list):
+            values[n] = tuple(v)
     return cls(**{**values, **over})

@@ -2,17 +2,19 @@
 process under Slurm's srun) and precision."""
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from timm.utils.distributed import init_distributed_device_so
 from torch import nn
 
 from snnet.core import slurm
 from snnet.core.errors import SNNetError
+from snnet.train.options import TrainOptions
 
 
 class DeviceError(SNNetError):
@@ -84,26 +86,37 @@ def device_from_flag(name: str | None, per_rank: bool = False) -> torch.device:
     return device
 
 
-def resolve_device(args: argparse.Namespace) -> torch.device:
-    """timm's init_distributed_device, plus the process group of a torchrun restart (see below). Under Slurm's
-    srun the ranks come from Slurm's environment (`adopt_slurm_env`), the master address from the job's first host."""
-    from timm.utils import init_distributed_device
+@dataclass(frozen=True)
+class Placement:
+    """Where this process runs: its device and its place in the process group (timm's init_distributed_device's
+    results: train.py's --device, distributed, rank, world_size and local_rank)."""
+    device: torch.device
+    distributed: bool = False
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+
+def resolve_device(device: str | None, dist_backend: str | None = None, dist_url: str | None = None) -> Placement:
+    """timm's init_distributed_device (its keyword form), plus the process group of a torchrun restart (see
+    below). Under Slurm's srun the ranks come from Slurm's environment (`adopt_slurm_env`), the master address from
+    the job's first host."""
     adopt_slurm_env()
-    args.device = str(device_from_flag(args.device))
+    name = str(device_from_flag(device))
     attempt = _agree_on_attempt()
     if attempt > 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        if args.device.startswith("cuda"):  # before the group: NCCL binds each process to its current device
-            args.device = f"cuda:{local}"
-            torch.cuda.set_device(args.device)
-        _init_restarted_group(args, attempt)
-        args.distributed, args.local_rank = True, local
-        args.rank, args.world_size = dist.get_rank(), dist.get_world_size()
-        return torch.device(args.device)
-    return init_distributed_device(args)
+        if name.startswith("cuda"):  # before the group: NCCL binds each process to its current device
+            name = f"cuda:{local}"
+            torch.cuda.set_device(name)
+        _init_restarted_group(name, dist_backend, attempt)
+        return Placement(torch.device(name), True, dist.get_rank(), dist.get_world_size(), local)
+    found = init_distributed_device_so(device=name, dist_backend=dist_backend, dist_url=dist_url)
+    return Placement(torch.device(found["device"]), found["distributed"], found["global_rank"], found["world_size"],
+                     found["local_rank"])
 
 
-def _init_restarted_group(args: argparse.Namespace, attempt: int) -> None:
+def _init_restarted_group(device: str, dist_backend: str | None, attempt: int) -> None:
     """Process group of a torchrun --max-restarts retry, on a store of its own.
 
     Seen with torch 2.14 on CPU: restarted workers joining through the agent's store could hang in, or fail,
@@ -113,16 +126,16 @@ def _init_restarted_group(args: argparse.Namespace, attempt: int) -> None:
     port = int(os.environ["MASTER_PORT"]) + 1 + attempt
     store = dist.TCPStore(os.environ["MASTER_ADDR"], port, world_size, is_master=rank == 0,
                           timeout=timedelta(minutes=10))
-    backend = args.dist_backend or ("nccl" if args.device.startswith("cuda") else "gloo")
+    backend = dist_backend or ("nccl" if device.startswith("cuda") else "gloo")
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
 
 
-def amp_dtype_for(args: argparse.Namespace, device: torch.device) -> torch.dtype | None:
+def amp_dtype_for(train: TrainOptions, device: torch.device) -> torch.dtype | None:
     """None without --amp; else --amp-dtype, by default fp16 on CUDA (with a GradScaler) and bf16 elsewhere."""
-    if not args.amp:
+    if not train.amp:
         return None
-    if args.amp_dtype:
-        return getattr(torch, args.amp_dtype)
+    if train.amp_dtype:
+        return getattr(torch, train.amp_dtype)
     return torch.float16 if device.type == "cuda" else torch.bfloat16
 
 

@@ -2,21 +2,24 @@
 
 The network is a `snnet.core.model.RoutedNet` (an `SNNet`, or a `PlainNet` holding one timm model): the loops only use
 ``forward(x, cfg_id)``, ``routes``, ``run_step`` and ``describe``, so they treat both alike. As in timm and DeiT,
-a loop takes the run's `args` and returns a metrics dict; the objects a run builds once (sampler, scaler,
-scheduler, mixup, hooks) travel in one `TrainContext`, so a new option adds a field, not a parameter to every call.
+a loop returns a metrics dict; the objects a run builds once (sampler, scaler, scheduler, mixup, hooks) and the
+loop's settings (accumulation, clipping, autocast of the loss, logging) travel in one `TrainContext`, so a new option
+adds a field, not a parameter to every call (`snnet.train.trainer` builds it from the typed options).
 """
 from __future__ import annotations
 
 import contextlib
 import math
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from timm.utils import dispatch_clip_grad
 from torch import nn
 
 from snnet.core.distributed import all_gather_rows, all_reduce_sum, world
@@ -25,6 +28,14 @@ from snnet.core.progress import Progress
 from snnet.core.route_tree import RouteTree
 from snnet.train.device import amp_context, unwrap
 from snnet.train.sampler import rng_state, set_rng_state
+
+
+class Batches(Protocol):
+    """What the loops read: batches with a length (a DataLoader, or a list of (images, labels) pairs)."""
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+    def __len__(self) -> int: ...
 
 
 class NonFiniteLoss(SNNetError):
@@ -60,6 +71,14 @@ class TrainContext:
     restore: list = field(default_factory=lambda: [None, None])
     clock: Any = None                             # progress.RunClock: the whole-run ETA of the progress lines
     stop_after_epoch: bool = False                # a stop signal came in an epoch's last step (train/preempt.py)
+    # the loop's settings (train.py's flags; defaults theirs)
+    accum_steps: int = 1                          # --grad-accum-steps: micro-batches per optimizer step
+    clip_grad: float | None = None                # --clip-grad, --clip-mode
+    clip_mode: str = "norm"
+    amp_loss: bool = True                         # autocast covers the loss too (off: --no-amp-loss)
+    move_batches: bool = False                    # --no-prefetcher: the loop moves each batch to the device
+    sched_on_updates: bool = False                # --sched-on-updates: the scheduler steps after every update
+    log_interval: int = 50
 
 
 def _check_finite(loss: torch.Tensor, epoch: int, step: int, cfg_id: int, net: nn.Module) -> None:
@@ -79,33 +98,32 @@ def _check_finite(loss: torch.Tensor, epoch: int, step: int, cfg_id: int, net: n
                             f"checkpoint, finished runs) is kept")
 
 
-def _forward_loss(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor, cfg_id: int, args,
+def _forward_loss(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor, cfg_id: int,
                   ctx: TrainContext) -> torch.Tensor:
     """The stitch's loss; autocast covers the forward, and the loss (with the teacher) too unless --no-amp-loss
     (SN-Net's Swin computed its loss outside autocast: docs/snnet_compat.md, C19)."""
     with amp_context(ctx.device, ctx.amp_dtype):
         out = model(x, cfg_id)
-        if not args.no_amp_loss:
+        if ctx.amp_loss:
             return loss_fn(x, out, y)
     return loss_fn(x, out, y)
 
 
-def _optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, args, ctx: TrainContext,
+def _optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, ctx: TrainContext,
                     zero_grad: bool = True, update: bool = True) -> None:
     """Backward of `loss`; with gradient accumulation the first micro-batch of a step zeroes the gradients
     (`zero_grad`) and the last clips and steps (`update`), as timm's need_update."""
-    from timm.utils import dispatch_clip_grad
     if zero_grad:
         optimizer.zero_grad(set_to_none=True)
     if ctx.loss_scaler is not None:
-        ctx.loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+        ctx.loss_scaler(loss, optimizer, clip_grad=ctx.clip_grad, clip_mode=ctx.clip_mode,
                         parameters=ctx.parameters(), need_update=update)
         return
     loss.backward()
     if not update:
         return
-    if args.clip_grad is not None:
-        dispatch_clip_grad(ctx.parameters(), args.clip_grad, mode=args.clip_mode)
+    if ctx.clip_grad is not None:
+        dispatch_clip_grad(ctx.parameters(), ctx.clip_grad, mode=ctx.clip_mode)
     optimizer.step()
 
 
@@ -120,17 +138,17 @@ def _skip_trained(ctx: TrainContext, i: int, skip: int) -> bool:
     return True
 
 
-def train_one_epoch(epoch: int, model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
-                    loss_fn: Callable, args, ctx: TrainContext) -> OrderedDict[str, float]:
+def train_one_epoch(epoch: int, model: nn.Module, loader: Batches, optimizer: torch.optim.Optimizer,
+                    loss_fn: Callable, ctx: TrainContext) -> OrderedDict[str, float]:
     """One epoch of optimizer steps; each step trains the stitch ``ctx.sampler(ctx.global_step)`` on
     --grad-accum-steps micro-batches (loss divided by their number, DDP gradient sync on the last one only); the
     loader's last len(loader) % N batches are dropped. Returns the mean loss over all ranks' samples;
     ``ctx.global_step`` advances."""
     model.train()
-    accum = max(1, getattr(args, "grad_accum_steps", 1) or 1)
+    accum = max(1, ctx.accum_steps)
     steps = len(loader) // accum
     skip, ctx.skip, ctx.epoch = ctx.skip, 0, epoch
-    progress = Progress(f"Train: {epoch}", steps, args.log_interval, done=skip,
+    progress = Progress(f"Train: {epoch}", steps, ctx.log_interval, done=skip,
                         run_eta=ctx.clock.remaining if ctx.clock is not None else None)
     if not skip:
         ctx.epoch_loss = [0.0, 0.0]
@@ -143,15 +161,15 @@ def train_one_epoch(epoch: int, model: nn.Module, loader: Iterable, optimizer: t
             continue
         micro = (i - 1) % accum
         update = micro == accum - 1
-        if args.no_prefetcher:
+        if ctx.move_batches:
             x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
         if ctx.mixup_fn is not None:
             x, y = ctx.mixup_fn(x, y)
         cfg_id = ctx.sampler(ctx.global_step)  # per optimizer step: its micro-batches all train this stitch
         with contextlib.nullcontext() if update or not hasattr(model, "no_sync") else model.no_sync():
-            loss = _forward_loss(model, loss_fn, x, y, cfg_id, args, ctx)
+            loss = _forward_loss(model, loss_fn, x, y, cfg_id, ctx)
             _check_finite(loss, epoch, ctx.global_step, cfg_id, model)
-            _optimizer_step(loss / accum if accum > 1 else loss, optimizer, args, ctx, zero_grad=micro == 0,
+            _optimizer_step(loss / accum if accum > 1 else loss, optimizer, ctx, zero_grad=micro == 0,
                             update=update)
         value = float(loss.detach().double().cpu())
         ctx.epoch_loss[0] += value * x.shape[0]
@@ -167,7 +185,7 @@ def train_one_epoch(epoch: int, model: nn.Module, loader: Iterable, optimizer: t
         ctx.epoch_step = i // accum
         for hook in ctx.after_step:
             hook(ctx.global_step)
-        if ctx.lr_scheduler is not None and args.sched_on_updates:
+        if ctx.lr_scheduler is not None and ctx.sched_on_updates:
             ctx.lr_scheduler.step_update(num_updates=ctx.global_step)
         lr = sum(g["lr"] for g in optimizer.param_groups) / len(optimizer.param_groups)
         progress.update(ctx.epoch_step, step_samples, f"loss {step_loss / accum:.4f} (avg "
@@ -235,7 +253,6 @@ class PerImage:
         self.top[cfg_id].append((top.indices.to("cpu", torch.int64), prob.to("cpu", torch.float32)))
 
     def gather(self) -> None:
-        import numpy as np
         if world()[1] > 1:  # a rank without images learns the number of classes from the others
             classes = all_gather_rows(torch.tensor([[self.num_classes]], dtype=torch.int64))
             self.num_classes = int(classes.max())
@@ -255,7 +272,7 @@ class PerImage:
 
 
 @torch.no_grad()
-def evaluate_stitches(net: nn.Module, loader: Iterable, cfg_ids: Sequence[int], device: torch.device,
+def evaluate_stitches(net: nn.Module, loader: Batches, cfg_ids: Sequence[int], device: torch.device,
                       amp_dtype: torch.dtype | None = None, log_interval: int = 50, shared_prefixes: bool = True,
                       stats: dict | None = None, per_image: PerImage | None = None
                       ) -> OrderedDict[int, dict[str, float]]:

@@ -5,11 +5,16 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
+
+from snnet.core.build import create_anchor
+from snnet.core.config import AnchorSpec
+from snnet.train.options import LossOptions
 
 
 def base_criterion(mixup_active: bool, smoothing: float) -> nn.Module:
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     if mixup_active:
         return SoftTargetCrossEntropy()  # smoothing is folded into the mixed targets
     if smoothing > 0:
@@ -49,37 +54,33 @@ class DistillationLoss(nn.Module):
         return (1 - self.alpha) * loss + self.alpha * distill
 
 
-def create_teacher(args, device: torch.device) -> nn.Module:
+def create_teacher(loss: LossOptions, device: torch.device) -> nn.Module:
     """The frozen distillation teacher: a timm model by name, hub weights or --teacher-checkpoint."""
-    from snnet.core.build import create_anchor
-    from snnet.core.config import AnchorSpec
-    offline = getattr(args, "no_pretrained", False) and not args.teacher_checkpoint
+    offline = loss.no_pretrained and not loss.teacher_checkpoint
     if offline:  # --no-pretrained means no download anywhere: the recipe still runs, offline, with a random teacher
-        logging.getLogger("snnet").warning(f"--no-pretrained: the teacher {args.teacher!r} is random too (no "
+        logging.getLogger("snnet").warning(f"--no-pretrained: the teacher {loss.teacher!r} is random too (no "
                                            f"download); give --teacher-checkpoint for a trained one")
-    teacher = create_anchor(AnchorSpec(args.teacher, args.teacher_checkpoint or None),
-                            pretrained=not args.teacher_checkpoint and not offline, num_classes=args.num_classes)
+    teacher = create_anchor(AnchorSpec(loss.teacher, loss.teacher_checkpoint or None),
+                            pretrained=not loss.teacher_checkpoint and not offline, num_classes=loss.num_classes)
     teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad = False
     return teacher
 
 
-def create_mixup(args):
+def create_mixup(loss: LossOptions) -> Mixup | None:
     """timm's Mixup for the run's flags, or None when mixup and cutmix are off."""
-    from timm.data import Mixup
-    if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
+    if not (loss.mixup > 0 or loss.cutmix > 0 or loss.cutmix_minmax is not None):
         return None
-    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                 prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                 label_smoothing=args.smoothing, num_classes=args.num_classes)
+    return Mixup(mixup_alpha=loss.mixup, cutmix_alpha=loss.cutmix, cutmix_minmax=loss.cutmix_minmax,
+                 prob=loss.mixup_prob, switch_prob=loss.mixup_switch_prob, mode=loss.mixup_mode,
+                 label_smoothing=loss.smoothing, num_classes=loss.num_classes)
 
 
-def create_loss(args, device: torch.device):
+def create_loss(loss: LossOptions, device: torch.device) -> tuple[DistillationLoss, Mixup | None]:
     """(loss_fn(inputs, outputs, targets), mixup_fn or None) for the run's flags, as timm's train.py wires them."""
-    mixup_fn = create_mixup(args)
-    mixup_active = mixup_fn is not None
-    teacher = create_teacher(args, device) if args.distillation_type != "none" else None
-    loss_fn = DistillationLoss(base_criterion(mixup_active, args.smoothing), teacher, args.distillation_type,
-                               args.distillation_alpha, args.distillation_tau).to(device)
+    mixup_fn = create_mixup(loss)
+    teacher = create_teacher(loss, device) if loss.distillation_type != "none" else None
+    loss_fn = DistillationLoss(base_criterion(mixup_fn is not None, loss.smoothing), teacher, loss.distillation_type,
+                               loss.distillation_alpha, loss.distillation_tau).to(device)
     return loss_fn, mixup_fn

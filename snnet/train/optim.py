@@ -1,12 +1,17 @@
 """Optimizer and LR schedule of a run: parameter groups, the LR rule, timm's optimizer and scheduler factories."""
 from __future__ import annotations
 
-import argparse
+import difflib
 
 import torch
+from timm.models import group_parameters
+from timm.optim import create_optimizer_v2, list_optimizers
+from timm.optim._param_groups import auto_group_layers
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from torch import nn
 
 from snnet.core.errors import SNNetError
+from snnet.train.options import OptimOptions, ScheduleOptions
 
 
 class OptimError(SNNetError):
@@ -55,8 +60,6 @@ def layer_ids(net: nn.Module) -> dict[str, tuple[int, int]]:
         anchor, prefix = net.anchor(a), net._anchor_prefix(a)
         n = sum(u.kind == "block" for u in units)
         if n == 0:
-            from timm.models import group_parameters
-            from timm.optim._param_groups import auto_group_layers
             layer_map = (group_parameters(anchor, anchor.group_matcher(coarse=False), reverse=True)
                          if hasattr(anchor, "group_matcher") else auto_group_layers(anchor))
             depth = max(layer_map.values())
@@ -74,29 +77,26 @@ def layer_ids(net: nn.Module) -> dict[str, tuple[int, int]]:
     return out
 
 
-def resolve_lrs(args: argparse.Namespace, global_batch: int) -> tuple[float, float, float]:
+def resolve_lrs(optim: OptimOptions, schedule: ScheduleOptions, global_batch: int) -> tuple[float, float, float]:
     """(lr, warmup_lr, min_lr) of the run. --lr is absolute (timm); else --lr-base is scaled from --lr-base-size to
     the global batch (linearly, or by the square root for adaptive optimizers unless --lr-base-scale says), and with
     --scale-warmup-min-lr so are --warmup-lr and --min-lr (SN-Net's Swin)."""
-    if args.lr is not None:
-        return args.lr, args.warmup_lr, args.min_lr
-    scale = args.lr_base_scale or ("sqrt" if any(o in args.opt.lower() for o in ("ada", "lamb")) else "linear")
-    ratio = global_batch / args.lr_base_size
+    if optim.lr is not None:
+        return optim.lr, schedule.warmup_lr, schedule.min_lr
+    scale = optim.lr_base_scale or ("sqrt" if any(o in optim.opt.lower() for o in ("ada", "lamb")) else "linear")
+    ratio = global_batch / optim.lr_base_size
     factor = ratio ** 0.5 if scale == "sqrt" else ratio
-    if args.scale_warmup_min_lr:
-        return args.lr_base * factor, args.warmup_lr * factor, args.min_lr * factor
-    return args.lr_base * factor, args.warmup_lr, args.min_lr
+    if schedule.scale_warmup_min_lr:
+        return optim.lr_base * factor, schedule.warmup_lr * factor, schedule.min_lr * factor
+    return optim.lr_base * factor, schedule.warmup_lr, schedule.min_lr
 
 
-def anchor_lr_scale(args: argparse.Namespace) -> float:
-    return args.anchor_lr_scale if args.anchor_lr_scale is not None else 1.0
+def anchor_lr_scale(optim: OptimOptions) -> float:
+    return optim.anchor_lr_scale if optim.anchor_lr_scale is not None else 1.0
 
 
 def check_optimizer_name(name: str) -> None:
     """Refuse, before any work, an --opt timm does not know (its optional ``lookahead_`` prefix allowed)."""
-    import difflib
-
-    from timm.optim import list_optimizers
     known = set(list_optimizers())
     base = name.lower().removeprefix("lookahead_")
     if base not in known:
@@ -105,49 +105,52 @@ def check_optimizer_name(name: str) -> None:
         raise OptimError(f"--opt {name!r} is not an optimizer timm knows; {hint}")
 
 
-def create_optimizer(args: argparse.Namespace, net: nn.Module, lr: float) -> torch.optim.Optimizer:
+def create_optimizer(optim: OptimOptions, net: nn.Module, lr: float) -> torch.optim.Optimizer:
     """timm's create_optimizer_v2 over `param_groups`."""
-    from timm.optim import create_optimizer_v2
-    kwargs = {}
-    if args.opt_eps is not None:
-        kwargs["eps"] = args.opt_eps
-    if args.opt_betas is not None:
-        kwargs["betas"] = tuple(args.opt_betas)
+    kwargs: dict = {}
+    if optim.opt_eps is not None:
+        kwargs["eps"] = optim.opt_eps
+    if optim.opt_betas is not None:
+        kwargs["betas"] = tuple(optim.opt_betas)
     try:
-        groups = param_groups(net, args.weight_decay, anchor_lr_scale(args), decay_all=args.snnet_compat,
-                              layer_decay=getattr(args, "layer_decay", None),
-                              decay_stitch_biases=decays_stitch_biases(args, getattr(net, "stitch_config", None)))
-        return create_optimizer_v2(groups, opt=args.opt, lr=lr,
-                                   weight_decay=args.weight_decay, momentum=args.momentum, **kwargs)
+        groups = param_groups(net, optim.weight_decay, anchor_lr_scale(optim), decay_all=optim.snnet_compat,
+                              layer_decay=optim.layer_decay,
+                              decay_stitch_biases=decays_stitch_biases(optim, getattr(net, "stitch_config", None)))
+        return create_optimizer_v2(groups, opt=optim.opt, lr=lr,
+                                   weight_decay=optim.weight_decay, momentum=optim.momentum, **kwargs)
     except ValueError as e:
-        raise OptimError(f"--opt {args.opt!r}: {e}; see timm.optim.list_optimizers()") from None
+        raise OptimError(f"--opt {optim.opt!r}: {e}; see timm.optim.list_optimizers()") from None
 
 
-def decays_stitch_biases(args: argparse.Namespace, stitch_cfg) -> bool:
+def decays_stitch_biases(optim: OptimOptions, stitch_cfg) -> bool:
     """--snnet-compat on a config whose SN-Net decayed its stitching layers' biases (``snnet_stitch_bias_decay``:
     the Swin card)."""
-    return bool(args.snnet_compat and stitch_cfg is not None and stitch_cfg.get("snnet_stitch_bias_decay"))
+    return bool(optim.snnet_compat and stitch_cfg is not None and stitch_cfg.get("snnet_stitch_bias_decay"))
 
 
-def epoch_offset(args: argparse.Namespace) -> int:
+def epoch_offset(schedule: ScheduleOptions) -> int:
     """1 when per-epoch schedules step one epoch late (--lr-one-epoch-late), else 0."""
-    return int(args.lr_one_epoch_late and not args.sched_on_updates)
+    return int(schedule.lr_one_epoch_late and not schedule.sched_on_updates)
 
 
-def create_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, updates_per_epoch: int,
-                     warmup_lr: float, min_lr: float, start_epoch: int = 0, global_step: int | None = None):
+def create_scheduler(schedule: ScheduleOptions, optimizer: torch.optim.Optimizer, updates_per_epoch: int,
+                     warmup_lr: float, min_lr: float, start_epoch: int = 0, global_step: int | None = None,
+                     eval_metric: str = "top1"):
     """timm's create_scheduler_v2 with the run's resolved warm-up and minimum LR, fast-forwarded to `start_epoch`
-    (per-epoch schedules) or `global_step` (``--sched-on-updates``; default start_epoch x updates_per_epoch).
+    (per-epoch schedules) or `global_step` (``--sched-on-updates``; default start_epoch x updates_per_epoch). A
+    plateau schedule watches `eval_metric` (decreasing when it is a loss, as timm's scheduler_kwargs reads it).
     Returns (scheduler, number of epochs)."""
-    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
-    kwargs = {**scheduler_kwargs(args), "warmup_lr": warmup_lr, "min_lr": min_lr}
+    # timm reads the flags by attribute (getattr with its defaults): the typed options have those names
+    kwargs = {**scheduler_kwargs(schedule, decreasing_metric="loss" in eval_metric), "warmup_lr": warmup_lr,
+              "min_lr": min_lr}
     try:
         scheduler, num_epochs = create_scheduler_v2(optimizer, **kwargs, updates_per_epoch=updates_per_epoch)
     except ValueError as e:
-        raise OptimError(f"--sched {args.sched!r}: {e}; use cosine, tanh, step, multistep, plateau or poly") from None
+        raise OptimError(f"--sched {schedule.sched!r}: {e}; use cosine, tanh, step, multistep, plateau or poly") \
+            from None
     updates = start_epoch * updates_per_epoch if global_step is None else global_step
-    if args.sched_on_updates and updates > 0:
+    if schedule.sched_on_updates and updates > 0:
         scheduler.step_update(updates)
-    elif not args.sched_on_updates and start_epoch - epoch_offset(args) > 0:
-        scheduler.step(start_epoch - epoch_offset(args))
+    elif not schedule.sched_on_updates and start_epoch - epoch_offset(schedule) > 0:
+        scheduler.step(start_epoch - epoch_offset(schedule))
     return scheduler, num_epochs

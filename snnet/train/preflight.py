@@ -164,11 +164,14 @@ def check_training(args: argparse.Namespace, world_size: int = 1) -> None:
     """What training builds late (the optimizer, the LR schedule, the distillation teacher), refused before any work."""
     if args.eval:
         return
+    from snnet.train.args import options_from
     from snnet.train.optim import check_optimizer_name, resolve_lrs
+    from snnet.train.options import OptimOptions, ScheduleOptions
     from snnet.train.resolve import schedule
     check_optimizer_name(args.opt)
     global_batch = args.batch_size * world_size * max(1, getattr(args, "grad_accum_steps", 1) or 1)
-    lr, warmup_lr, min_lr = resolve_lrs(args, global_batch)  # at the launch's world size, as the run resolves it
+    lr, warmup_lr, min_lr = resolve_lrs(options_from(OptimOptions, args), options_from(ScheduleOptions, args),
+                                        global_batch)  # at the launch's world size, as the run resolves it
     if min_lr > lr:
         raise UsageError(f"--min-lr {min_lr:g} is above the LR {lr:g}: the decaying schedule would raise the LR; "
                          f"lower --min-lr or raise --lr")

@@ -17,7 +17,9 @@ from typing import Any
 
 from snnet.core.config import StitchConfig
 from snnet.core.steps import UnitStep
+from snnet.train.args import options_from
 from snnet.train.optim import anchor_lr_scale, decays_stitch_biases, epoch_offset, resolve_lrs
+from snnet.train.options import OptimOptions, ScheduleOptions
 
 
 def launch_world_size() -> int:
@@ -52,12 +54,13 @@ def schedule(args: argparse.Namespace, warmup_lr: float, min_lr: float) -> dict[
 
     from snnet.train.optim import create_scheduler
     probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    _, total = create_scheduler(args, probe, 1, warmup_lr, min_lr)
+    _, total = create_scheduler(options_from(ScheduleOptions, args), probe, 1, warmup_lr, min_lr,
+                                eval_metric=args.eval_metric)
     return {"sched": args.sched, "total_epochs": int(total), "warmup_epochs": args.warmup_epochs,
             "warmup_prefix": args.warmup_prefix, "cooldown_epochs": args.cooldown_epochs,
             "warmup_lr": warmup_lr, "min_lr": min_lr,
             "steps": "per update" if args.sched_on_updates else "per epoch",
-            "epoch_offset": epoch_offset(args)}
+            "epoch_offset": epoch_offset(options_from(ScheduleOptions, args))}
 
 
 def describe_run(args: argparse.Namespace, stitch_cfg: StitchConfig | None, world_size: int,
@@ -65,9 +68,10 @@ def describe_run(args: argparse.Namespace, stitch_cfg: StitchConfig | None, worl
     """The resolved run: timm's args.yaml entries plus a ``resolved`` section of what they amount to, the network
     included (`net`: the run's built network; None: built here on the meta device)."""
     global_batch = args.batch_size * world_size * max(1, getattr(args, "grad_accum_steps", 1) or 1)
-    lr, warmup_lr, min_lr = resolve_lrs(args, global_batch)
-    scale = anchor_lr_scale(args)
-    stitch_bias_decay = decays_stitch_biases(args, stitch_cfg)
+    optim = options_from(OptimOptions, args)
+    lr, warmup_lr, min_lr = resolve_lrs(optim, options_from(ScheduleOptions, args), global_batch)
+    scale = anchor_lr_scale(optim)
+    stitch_bias_decay = decays_stitch_biases(optim, stitch_cfg)
     amp = None
     if args.amp:
         amp = {"dtype": args.amp_dtype or ("float16" if device_type == "cuda" else "bfloat16"),

@@ -13,10 +13,16 @@ trained or binned its id 13); evaluation still covers every route.
 """
 from __future__ import annotations
 
+import inspect
+import random
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
+
+from snnet.core.cost import cost_table
+from snnet.results.select import model_img_size
 
 _SAMPLERS: dict[str, type] = {}
 
@@ -56,7 +62,7 @@ def create_sampler(spec: dict[str, Any] | None, net, seed: int, rank: int, sync:
     if kind not in _SAMPLERS:
         raise ValueError(f"sampler type {kind!r} is not known; use one of {', '.join(sorted(_SAMPLERS))}")
     ids = train_ids(net.num_configs, train_exclude)
-    cls = _SAMPLERS[kind]
+    cls: Any = _SAMPLERS[kind]  # a sampler type: its for_network builds it
     if ids is not None and _takes_ids(cls):
         options["ids"] = ids
     elif ids is not None:  # a sampler type without `ids`: excluded routes are redrawn instead
@@ -65,9 +71,8 @@ def create_sampler(spec: dict[str, Any] | None, net, seed: int, rank: int, sync:
     return Excluding(sampler, exclude, net.num_configs) if exclude else sampler
 
 
-def _takes_ids(cls: type) -> bool:
+def _takes_ids(cls: Any) -> bool:
     """Whether a sampler type accepts ``ids`` (the built-in ones do; a type registered elsewhere may not)."""
-    import inspect
     params = inspect.signature(cls.for_network).parameters
     return "ids" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()) and \
         "ids" in inspect.signature(cls).parameters
@@ -192,8 +197,6 @@ class BucketSampler:
                     ids: Sequence[int] | None = None) -> BucketSampler:
         """Binned by the cost model's FLOPs of each route in `ids` (all routes when None) at the network's input
         size (or `img_size`)."""
-        from snnet.core.cost import cost_table
-        from snnet.results.select import model_img_size
         size = model_img_size(net) if img_size is None else img_size
         size = (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
         table = cost_table(net, size, 3)
@@ -225,9 +228,6 @@ def seed_epoch(seed: int, rank: int, epoch: int) -> None:
     All randomness of an epoch (data order, augmentation, loader worker seeds, mixup, drop-path, random erasing)
     then depends only on these three numbers, so a run resumed from an epoch checkpoint replays the rest exactly.
     """
-    import random
-
-    import torch
     state = np.random.SeedSequence([seed, rank, epoch]).generate_state(2)
     random.seed(int(state[0]))
     np.random.seed(int(state[1]))
@@ -237,9 +237,6 @@ def seed_epoch(seed: int, rank: int, epoch: int) -> None:
 def rng_state() -> dict[str, Any]:
     """The process's python, numpy and torch (CPU and CUDA) generator states as tensors and numbers, so that a
     recovery checkpoint can hold them without pickled objects."""
-    import random
-
-    import torch
     version, words, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"python": torch.tensor(words, dtype=torch.int64), "python_version": version,
@@ -252,9 +249,6 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     """Inverse of `rng_state`."""
-    import random
-
-    import torch
     random.setstate((state["python_version"], tuple(int(w) for w in state["python"].tolist()),
                      state["python_gauss"]))
     has_gauss, cached = state["numpy_gauss"]

@@ -48,6 +48,7 @@ line (on rank 0 only).
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import json
 import logging
@@ -56,10 +57,14 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
+
 from snnet.core.fileio import write_text_atomic
+from snnet.core.progress import Progress
 from snnet.core.slurm import submit
 from snnet.explore.stitch_train.network import (
     AnchorProbe,
@@ -69,6 +74,7 @@ from snnet.explore.stitch_train.network import (
     fit_stitch,
     probe_anchor,
 )
+from snnet.explore.stitch_train.plots import write_sweep_plots
 from snnet.explore.stitch_train.runner import (
     LAYER_CKPT,
     RESULT,
@@ -96,6 +102,8 @@ from snnet.explore.stitch_train.sweep import (
     load_sweep,
     parse_sweep,
 )
+from snnet.results.pareto import human
+from snnet.results.records import RESULTS_FILE, write_results
 
 __all__ = ["AnchorProbe", "FORMAT", "LAYER_CKPT", "RESULT", "RUN_FIELDS", "RunPlan", "RunSpec", "SWEEP_JSON",
            "SWEEP_KEYS", "Stitched", "StitchedNet", "Sweep", "SweepError", "SweepSummary", "TRAIN_DEFAULTS",
@@ -127,10 +135,10 @@ def _jobs(prep: Prepared) -> list[tuple[str, Any, Path]]:
     """Runs, then one evaluation per anchor used: (kind, what, the file that marks it done). An anchor's evaluation
     is named by a hash of its identity (weights included), the data and the recipe, so it is never stale."""
     out = prep.sweep.out
-    jobs = [("run", (run, plan), out / "runs" / plan.name / RESULT)
+    jobs: list[tuple[str, Any, Path]] = [("run", (run, plan), out / "runs" / plan.name / RESULT)
             for run, plan in zip(prep.sweep.runs, prep.plans)]
     for label, ident in prep.anchor_ids.items():
-        h = hashlib.sha256(json.dumps({**ident, "data": os.path.abspath(prep.args.data_dir),
+        h = hashlib.sha256(json.dumps({**ident, "data": os.path.abspath(prep.data.data_dir),
                                        "train": prep.train_recipe}, sort_keys=True,
                                       default=str).encode()).hexdigest()[:8]
         jobs.append(("anchor", label, out / "anchors" / f"{label}_{h}.json"))
@@ -157,9 +165,6 @@ def _meet(world_size: int) -> None:
     """Under torchrun: wait for every process to finish its jobs (a gloo process group, used once as a barrier)."""
     if world_size <= 1:
         return
-    from datetime import timedelta
-
-    import torch.distributed as dist
     if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=timedelta(days=7))
     dist.barrier()
@@ -167,8 +172,6 @@ def _meet(world_size: int) -> None:
 
 def _finish(prep: Prepared, records: list[dict[str, Any]]) -> Path:
     """The sweep's results file and its pictures (sweep.png, curves.png: what `snnet report` shows)."""
-    from snnet.explore.stitch_train.plots import write_sweep_plots
-    from snnet.results.records import RESULTS_FILE, write_results
     write_results(prep.sweep.out / RESULTS_FILE, records)
     write_sweep_plots(prep.sweep.out, records)
     return prep.sweep.out / RESULTS_FILE
@@ -177,8 +180,6 @@ def _finish(prep: Prepared, records: list[dict[str, Any]]) -> Path:
 def run_sweep(sweep: Sweep, dry_run: bool = False, task: int | None = None) -> SweepSummary:
     """Every unfinished job of this process (all of them outside torchrun), or only job `task` (a Slurm array
     task); the results file at the end (with `task`: once every job is finished, by the task that finds so)."""
-    from snnet.core.progress import Progress
-    from snnet.results.records import RESULTS_FILE, write_results
     rank, world_size = _world() if task is None else (0, 1)
     prep = prepare(sweep)
     jobs = _jobs(prep)
@@ -196,7 +197,7 @@ def run_sweep(sweep: Sweep, dry_run: bool = False, task: int | None = None) -> S
         return summary
     sweep.out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        listing = {"format": FORMAT, "source": sweep.source, "data": os.path.abspath(prep.args.data_dir),
+        listing = {"format": FORMAT, "source": sweep.source, "data": os.path.abspath(prep.data.data_dir),
                    "train": prep.train_recipe, "seed": sweep.seed,
                    "runs": [{"cfg_id": r.index, "run": p.name, "route": p.route, "front": r.front,
                              "end": r.end, "cut": r.cut, "end_block": p.end_block, "gap": p.gap,
@@ -235,7 +236,6 @@ def run_sweep(sweep: Sweep, dry_run: bool = False, task: int | None = None) -> S
     elif rank == 0:
         summary.results_file = _finish(prep, summary.records)
     if world_size > 1:
-        import torch.distributed as dist
         dist.destroy_process_group()
     return summary
 
@@ -287,7 +287,6 @@ def submit_array(sweep: Sweep, args: argparse.Namespace) -> tuple[str | None, li
 
 # ---------------------------------------------------------------------------------------------- command line
 def _key_value(text: str) -> tuple[str, Any]:
-    import ast
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"{text!r}: write key=value, e.g. epochs=3")
@@ -386,7 +385,6 @@ def sweep_from_args(args: argparse.Namespace) -> Sweep:
 
 
 def _table(summary: SweepSummary) -> str:
-    from snnet.results.pareto import human
     rows = ["| cfg_id | route | top-1 | init top-1 | FLOPs | params | layer params | s |",
             "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in summary.records:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -56,7 +56,9 @@ class AnchorProbe:
         """The unit where the end anchor continues from block j (`snnet.core.adapter.entry_unit`: block j, or one
         past the last block for j = depth, i.e. its final norm and head)."""
         unit = self.units[self.blocks[min(j, self.depth - 1)]]
-        return entry_unit(self.units, unit.stage, unit.index + (j >= self.depth))
+        # a block unit always has its stage and its index in it
+        stage, index = cast(int, unit.stage), cast(int, unit.index)
+        return entry_unit(self.units, stage, index + (j >= self.depth))
 
 
 def probe_anchor(model: nn.Module, adapter: AnchorAdapter, label: str, size: tuple[int, int],

@@ -14,6 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from snnet.core.fileio import save_figure
+
 SWEEP_PNG, CURVES_PNG = "sweep.png", "curves.png"
 
 
@@ -26,12 +30,9 @@ def _read_trajectory(path: Path) -> list[dict[str, Any]]:
 
 def sweep_maps(records: Sequence[dict[str, Any]], out_png: str | Path) -> Path | None:
     """sweep.png from the runs' records (those with a cut and an end block); None when there are none."""
-    import matplotlib
+    import matplotlib  # heavy (a second of import): only when a picture is drawn
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
-
-    from snnet.core.fileio import save_figure
     runs = [r for r in records if "cut" in r and "end_block" in r]
     if not runs:
         return None
@@ -76,11 +77,9 @@ def learning_curves(records: Sequence[dict[str, Any]], runs_dir: str | Path, out
                     trajectory: str = "trajectory.jsonl") -> Path | None:
     """curves.png: train loss (per step) and validation top-1 (per epoch, step 0 = the initial evaluation) of every
     run with a readable trajectory; None when no run has one."""
-    import matplotlib
+    import matplotlib  # heavy (a second of import): only when a picture is drawn
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from snnet.core.fileio import save_figure
     curves = []
     for r in records:
         if "run" not in r:

@@ -7,8 +7,9 @@ builds): an anchor with neither checkpoint nor pretrained weights is then the sa
 torchrun rank. Each anchor's identity (spec, checkpoint sha256, and the sha256 of its weights as built) goes into the
 hash that names a run's folder and the file of an anchor's cached evaluation, so a cached result is never stale.
 
-`train_run` trains one run in this process with train.py's machinery: the loop (engine.py), optimizer and schedule
-(optim.py, train.py's flags), loaders (data.py), losses (losses.py), FLOPs (cost.py), exact parameter counts
+`train_run` trains one run in this process with train.py's machinery: its trainer (trainer.py: optimizer and
+schedule from the typed options, EMA, accumulation, compile, the epoch loop), loaders (snnet/data), losses
+(losses.py), FLOPs (cost.py), exact parameter counts
 (model.py), pickle-free checkpoints (checkpoint.py) and atomic files (fileio.py). It writes, in the run's folder,
 ``trajectory.jsonl`` (a line per optimizer step and per epoch, rewritten atomically after every epoch),
 ``stitch_layer.pth.tar`` and, last, ``result.json``.
@@ -16,18 +17,18 @@ hash that names a run's folder and the file of an anchor's cached evaluation, so
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from timm.data import resolve_data_config
-from timm.utils import NativeScaler, random_seed
+from timm.utils import random_seed
 
 from snnet.core.adapter import AnchorAdapter, adapter_for
 from snnet.core.build import create_anchor
@@ -59,15 +60,26 @@ from snnet.explore.stitch_train.sweep import (
     layer_label,
 )
 from snnet.results.records import file_sha256, stitch_record
-from snnet.train.args import _checked_defaults, build_parser, options_from
 from snnet.train.device import amp_dtype_for, device_from_flag
-from snnet.train.engine import TrainContext, evaluate_stitches, train_one_epoch
+from snnet.train.engine import evaluate_stitches
 from snnet.train.losses import DistillationLoss, base_criterion
-from snnet.train.optim import create_optimizer, create_scheduler, epoch_offset, resolve_lrs
+from snnet.train.options import (
+    TRAINING_OPTIONS,
+    EvalOptions,
+    InputOptions,
+    LossOptions,
+    OptimOptions,
+    OptionError,
+    ScheduleOptions,
+    TrainOptions,
+    options_by_key,
+)
 from snnet.train.preflight import check_augmentation, check_output
-from snnet.train.sampler import seed_epoch
+from snnet.train.trainer import create_trainer
 
 _logger = logging.getLogger("snnet")
+#: the option objects a sweep's `train` sets (train.py's flag names)
+RUN_OPTIONS = (DataOptions, LoaderOptions, *TRAINING_OPTIONS)
 
 RESULT, TRAJECTORY, LAYER_CKPT = "result.json", "trajectory.jsonl", "stitch_layer.pth.tar"
 #: least-squares cutoff of the stitch's fit: None is LAPACK's machine-precision default, as train.py's
@@ -90,20 +102,32 @@ class RunPlan:
 
 @dataclass
 class Prepared:
-    """What every run of a sweep shares: arguments, data, anchors (built once, frozen) and their probes."""
+    """What every run of a sweep shares: options, data, anchors (built once, frozen) and their probes."""
     sweep: Sweep
-    args: argparse.Namespace
+    options: dict[type, Any]                    # option class -> the sweep's (TRAIN_DEFAULTS < its `train`)
     train_ds: Any
     val_ds: Any
     device: Any
     models: dict[str, Any]
     adapters: dict[str, AnchorAdapter]
     anchor_ids: dict[str, dict[str, Any]]       # label -> identity (spec + checkpoint and weight hashes)
-    probes: dict[tuple[str, tuple[int, int]], AnchorProbe] = field(default_factory=dict)
+    probes: dict[tuple[str, tuple[int, ...]], AnchorProbe] = field(default_factory=dict)
     plans: list[RunPlan] = field(default_factory=list)
 
+    @property
+    def data(self) -> DataOptions:
+        return self.options[DataOptions]
+
+    @property
+    def loader(self) -> LoaderOptions:
+        return self.options[LoaderOptions]
+
+    @property
+    def train(self) -> TrainOptions:
+        return self.options[TrainOptions]
+
     def data_cfg(self, label: str) -> dict[str, Any]:
-        return resolve_data_config(vars(self.args), model=self.models[label])
+        return resolve_data_config(self.options[InputOptions].data_config_args(), model=self.models[label])
 
     def size(self, label: str) -> tuple[int, int]:
         return tuple(self.data_cfg(label)["input_size"][1:])
@@ -116,7 +140,7 @@ class Prepared:
 
     @property
     def in_chans(self) -> int:
-        return self.args.in_chans or 3
+        return self.options[InputOptions].in_chans or 3
 
     @property
     def train_recipe(self) -> dict[str, Any]:
@@ -128,18 +152,18 @@ class Prepared:
                               [self.probe(l, size) for l in labels], run.cut, plan_end_block, run.layer_spec)
 
 
-def train_args(sweep: Sweep) -> argparse.Namespace:
-    """train.py's arguments for the sweep's runs: its parser's defaults < TRAIN_DEFAULTS < the sweep's `train`,
-    each value checked as if typed (snnet/train/args.py)."""
-    parser = build_parser()
-    parser.set_defaults(**_checked_defaults(parser, "stitch-train defaults", "key",
-                                            [(k, k, v) for k, v in TRAIN_DEFAULTS.items()]))
-    parser.set_defaults(**_checked_defaults(parser, f"{sweep.source}: train", "key",
-                                            [(k, k, v) for k, v in sweep.train.items()]))
-    args = parser.parse_args([sweep.data])
-    args.data_dir = args.data
-    args.distributed, args.world_size, args.rank = False, 1, 0
-    return args
+def sweep_options(sweep: Sweep) -> dict[type, Any]:
+    """The typed options of the sweep's runs, by keyword: train.py's defaults (the dataclasses') < TRAIN_DEFAULTS <
+    the sweep's `train`, each key checked against the option fields and each value against its field's type."""
+    try:
+        options = options_by_key(RUN_OPTIONS, {**TRAIN_DEFAULTS, **sweep.train}, f"{sweep.source}: train",
+                                 data_dir=str(sweep.data))
+    except OptionError as e:
+        raise SweepError(str(e)) from None
+    # one process trains each run (the sweep spreads runs over processes)
+    options[LoaderOptions] = replace(options[LoaderOptions], distributed=False)
+    options[TrainOptions] = replace(options[TrainOptions], distributed=False)
+    return options
 
 
 def weights_sha256(model) -> str:
@@ -161,35 +185,40 @@ def prepare(sweep: Sweep) -> Prepared:
     """Every input checked, before anything is written: train.py flags, data, anchors (seeded, built and loaded
     once), every run's blocks, resolution and stitching layer."""
 
-    args = train_args(sweep)
+    options = sweep_options(sweep)
     check_output(sweep.out)
-    data = options_from(DataOptions, args)
+    data, given = options[DataOptions], options[InputOptions]
     check_data(data, need_train=True, world_size=1)
-    check_augmentation(args, None)
+    # preflight's check reads train.py's flag names; until it takes typed options, its namespace is built here
+    check_augmentation(argparse.Namespace(eval=False, model=None, **given.data_config_args(),
+                                          **dataclasses.asdict(options[LoaderOptions])), None)
     train_ds, val_ds = create_datasets(data, need_train=True)
     if val_ds is None:
-        raise DataError(f"data folder {args.data_dir!r} has no val/ (or validation/) split; stitch-train validates "
+        raise DataError(f"data folder {data.data_dir!r} has no val/ (or validation/) split; stitch-train validates "
                         f"every epoch: add one")
-    if args.num_classes is None:
-        args.num_classes = num_classes_of(train_ds)
+    num_classes = data.num_classes if data.num_classes is not None else num_classes_of(train_ds)
+    options[LossOptions] = replace(options[LossOptions], num_classes=num_classes)
     # torchrun: this process's cuda:LOCAL_RANK (each process trains its own runs)
-    device = device_from_flag(args.device, per_rank=True)
-    args.device = str(device)
+    device = device_from_flag(options[TrainOptions].device, per_rank=True)
+    options[TrainOptions] = replace(options[TrainOptions], device=str(device))
     used = sorted({r.front for r in sweep.runs} | {r.end for r in sweep.runs}, key=list(sweep.anchors).index)
-    kwargs = {k: v for k, v in (("img_size", args.img_size), ("in_chans", args.in_chans)) if v is not None}
-    models, adapters, idents, shas = {}, {}, {}, {}
+    kwargs = {k: v for k, v in (("img_size", given.img_size), ("in_chans", given.in_chans)) if v is not None}
+    models: dict[str, Any] = {}
+    adapters: dict[str, AnchorAdapter] = {}
+    idents: dict[str, dict[str, Any]] = {}
+    shas: dict[str, str] = {}
     for label in used:
         spec = sweep.anchors[label]
         # seeded right before each anchor is built: a random init is the same in every rerun, on every rank, and
         # whichever other anchors the sweep builds
         random_seed(sweep.seed, 0)
-        model = create_anchor(spec, pretrained=sweep.pretrained, num_classes=args.num_classes, **kwargs)
+        model = create_anchor(spec, pretrained=sweep.pretrained, num_classes=num_classes, **kwargs)
         idents[label] = _anchor_identity(spec, model, shas)  # on the CPU, once per anchor
         model.to(device).eval()
         for p in model.parameters():
             p.requires_grad = False
         models[label], adapters[label] = model, adapter_for(model, label)
-    prep = Prepared(sweep, args, train_ds, val_ds, device, models, adapters, idents)
+    prep = Prepared(sweep, options, train_ds, val_ds, device, models, adapters, idents)
     seen: dict[str, int] = {}
     for run in sweep.runs:
         plan = plan_run(prep, run)
@@ -209,7 +238,7 @@ def run_hash(prep: Prepared, run: RunSpec, end_block: int) -> tuple[str, dict[st
              "ls_images": run.ls_images if run.ls_init else None, "loss": run.loss,
              "temperature": run.temperature if run.loss == "kd" else None,
              "kd_alpha": run.kd_alpha if run.loss == "kd" else None, "seed": run.seed,
-             "data": os.path.abspath(prep.args.data_dir), "train": prep.train_recipe,
+             "data": os.path.abspath(prep.data.data_dir), "train": prep.train_recipe,
              "pretrained": prep.sweep.pretrained}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest(), ident
 
@@ -221,7 +250,7 @@ def plan_run(prep: Prepared, run: RunSpec) -> RunPlan:
     if run.cut >= fp.depth:
         raise SweepError(f"{where}: cut {run.cut} is past the last block of {run.front!r}; use 0..{fp.depth - 1}")
     aligned = aligned_block(run.cut, fp.depth, ep.depth)
-    j = run.end_block if run.end_block is not None else aligned + run.gap
+    j = run.end_block if run.end_block is not None else aligned + (run.gap or 0)  # parse_sweep sets one
     if not 0 <= j <= ep.depth:
         what = f"end_block {j}" if run.end_block is not None else f"gap {run.gap} (end block {aligned} + {run.gap})"
         raise SweepError(f"{where}: {what} is outside the blocks of {run.end!r}, 0..{ep.depth} ({ep.depth}: only its "
@@ -262,8 +291,8 @@ class _TrackedLoss:
         return loss / max(n, 1), 100.0 * hits / max(samples, 1)
 
 
-def _loss_fn(run: RunSpec, args: argparse.Namespace, teacher):
-    base = base_criterion(False, args.smoothing)
+def _loss_fn(run: RunSpec, loss: LossOptions, teacher):
+    base = base_criterion(False, loss.smoothing)
     if run.loss == "ce":
         return DistillationLoss(base, None, "none")
     return DistillationLoss(base, teacher, "soft", run.kd_alpha, run.temperature)
@@ -274,7 +303,8 @@ class _Trajectory:
     atomically whenever an epoch ends, so the file always holds whole lines of finished steps."""
 
     def __init__(self, path: Path, t0: float):
-        self.path, self.t0, self.lines = path, t0, []
+        self.path, self.t0 = path, t0
+        self.lines: list[str] = []
 
     def add(self, kind: str, **values) -> dict[str, Any]:
         rec = {"kind": kind, **values, "time": round(time.perf_counter() - self.t0, 4)}
@@ -292,11 +322,7 @@ def _lr(optimizer) -> float:
 def train_run(prep: Prepared, run: RunSpec, plan: RunPlan, run_dir: Path, rank: int = 0,
               world_size: int = 1) -> dict[str, Any]:
     """Train and evaluate one run in this process; writes its folder (result.json last) and returns the result."""
-    import torch
-
-
-    args = copy.copy(prep.args)
-    args.seed = run.seed
+    train = replace(prep.train, seed=run.seed)  # the run's seed: its stitch's init, its epochs' draws
     started, t0 = time.strftime("%Y-%m-%dT%H:%M:%S"), time.perf_counter()
     random_seed(run.seed, 0)  # rank 0 on every rank: a run is the same whichever process trains it
     size = plan.size
@@ -310,52 +336,57 @@ def train_run(prep: Prepared, run: RunSpec, plan: RunPlan, run_dir: Path, rank: 
     if run.ls_init:
         ls_error, _ = fit_stitch(st, clean_images(prep.train_ds, data_cfg, run.ls_images, run.seed), prep.device,
                                  LS_RCOND)
-    amp_dtype = amp_dtype_for(args, prep.device)
-    loading = options_from(LoaderOptions, args)
-    loader = create_train_loader(prep.train_ds, loading, data_cfg, prep.device)
-    val_loader = create_eval_loader(prep.val_ds, loading, data_cfg)
-    accum = max(1, args.grad_accum_steps)
-    steps = len(loader) // accum
-    lr, warmup_lr, min_lr = resolve_lrs(args, args.batch_size * accum)
-    optimizer = create_optimizer(args, net, lr)
-    scheduler, num_epochs = create_scheduler(args, optimizer, steps, warmup_lr, min_lr)
-    tracked = _TrackedLoss(_loss_fn(run, args, prep.models[run.end]))
+    amp_dtype = amp_dtype_for(train, prep.device)
+    loader = create_train_loader(prep.train_ds, prep.loader, data_cfg, prep.device)
+    val_loader = create_eval_loader(prep.val_ds, prep.loader, data_cfg)
+    tracked = _TrackedLoss(_loss_fn(run, prep.options[LossOptions], prep.models[run.end]))
+    # one process trains the whole run (the sweep spreads runs over processes): no DDP, rank 0's seeds
+    trainer = create_trainer(net, loader, tracked, optim=prep.options[OptimOptions],
+                             schedule=prep.options[ScheduleOptions], train=train, device=prep.device,
+                             amp_dtype=amp_dtype, sampler=lambda step: 0,
+                             eval_metric=prep.options[EvalOptions].eval_metric, input_size=(prep.in_chans, *size))
+    optimizer, ctx, num_epochs, lr = trainer.optimizer, trainer.ctx, len(trainer.epochs), trainer.lr
     epoch_box = [0]
 
     def log_step(global_step: int) -> None:
         loss, acc = tracked.take_step()
         traj.add("step", epoch=epoch_box[0] + 1, step=global_step, lr=_lr(optimizer), loss=loss, train_acc1=acc)
 
-    ctx = TrainContext(prep.device, lambda step: 0, amp_dtype,
-                       NativeScaler(device=prep.device.type) if amp_dtype == torch.float16 else None, scheduler,
-                       parameters=lambda: [p for p in net.parameters() if p.requires_grad], after_step=[log_step])
+    ctx.after_step.append(log_step)
 
-    def validate() -> dict[str, float]:
-        return evaluate_stitches(net, val_loader, [0], prep.device, amp_dtype, args.log_interval)[0]
+    def evaluate() -> dict[str, float]:  # the EMA's weights when model_ema is on
+        return evaluate_stitches(trainer.eval_model, val_loader, [0], prep.device, amp_dtype, train.log_interval)[0]
 
-    init = validate()
+    init = evaluate()
     traj.add("init", epoch=0, step=0, lr=None, val_loss=init["loss"], val_acc1=init["acc1"], val_acc5=init["acc5"],
              ls_rel_error=ls_error)
     traj.flush()
     _logger.info(f"cfg {run.index} {plan.route}: init top-1 {init['acc1']:.2f}" +
                  (f" (LS fit error {ls_error:.4f})" if ls_error is not None else " (no LS init)") +
-                 f"; {num_epochs} epochs of {steps} steps, lr {lr:.2e}")
-    val, train_metrics = init, {"loss": float("nan")}
-    for epoch in range(num_epochs):
-        epoch_box[0], t_epoch = epoch, time.perf_counter()
-        seed_epoch(run.seed, 0, epoch)
+                 f"; {num_epochs} epochs of {trainer.steps_per_epoch} steps, lr {lr:.2e}" +
+                 (f", EMA decay {train.model_ema_decay}" if trainer.ema is not None else ""))
+    val, started_at = init, [0.0]
+
+    def start_epoch(epoch: int) -> None:
+        epoch_box[0], started_at[0] = epoch, time.perf_counter()
         tracked.epoch = [0, 0]
-        train_metrics = train_one_epoch(epoch, net, loader, optimizer, tracked, args, ctx)
-        lr_used = _lr(optimizer)
-        val = validate()
-        scheduler.step(epoch + 1 - epoch_offset(args), val["acc1"])
+
+    def validate(epoch: int, train_metrics: dict) -> tuple[dict, float | None]:
+        nonlocal val
+        val = evaluate()
+        return val, val["acc1"]
+
+    def end_epoch(epoch: int, train_metrics: dict, metrics: dict, lr_used: float) -> None:
         hits, samples = tracked.epoch
         traj.add("epoch", epoch=epoch + 1, step=ctx.global_step, lr=lr_used, loss=train_metrics["loss"],
-                 train_acc1=100.0 * hits / max(samples, 1), val_loss=val["loss"], val_acc1=val["acc1"],
-                 val_acc5=val["acc5"], epoch_time=round(time.perf_counter() - t_epoch, 4))
+                 train_acc1=100.0 * hits / max(samples, 1), val_loss=metrics["loss"], val_acc1=metrics["acc1"],
+                 val_acc5=metrics["acc5"], epoch_time=round(time.perf_counter() - started_at[0], 4))
         traj.flush()
         _logger.info(f"cfg {run.index} epoch {epoch + 1}/{num_epochs}: train loss {train_metrics['loss']:.4f}, "
-                     f"val top-1 {val['acc1']:.2f}")
+                     f"val top-1 {metrics['acc1']:.2f}")
+
+    train_metrics = trainer.fit(validate, end_epoch, start_epoch=start_epoch)
+    trainer.use_ema_weights()  # the result, its record and stitch_layer.pth.tar are the EMA's when it is on
 
     table = cost_table(net, size, prep.in_chans)
     layer_flops = stitch_flops(st, table)
@@ -375,7 +406,7 @@ def train_run(prep: Prepared, run: RunSpec, plan: RunPlan, run_dir: Path, rank: 
         "params": net.params(0), "stitch_layer_params": layer_params, "stitch_layer_trainable_params": trainable,
         "flops": table.route_flops(net.routes[0]), "stitch_layer_flops": layer_flops,
         "img_size": list(size), "epochs": num_epochs, "steps": ctx.global_step, "lr": lr,
-        "train": prep.train_recipe, "data": os.path.abspath(args.data_dir),
+        "train": prep.train_recipe, "data": os.path.abspath(prep.data.data_dir),
         "acc1": val["acc1"], "acc5": val["acc5"], "val_loss": val["loss"], "train_loss": train_metrics["loss"],
         "init_acc1": init["acc1"], "init_acc5": init["acc5"], "init_val_loss": init["loss"],
         "rank": rank, "world_size": world_size, "device": str(prep.device),
@@ -398,12 +429,12 @@ def evaluate_anchor(prep: Prepared, label: str) -> dict[str, Any]:
     """An anchor on its own (top-1, FLOPs, params), for the results file's reference points."""
     net = PlainNet(prep.models[label], label)
     data_cfg = prep.data_cfg(label)
-    m = evaluate_stitches(net, create_eval_loader(prep.val_ds, options_from(LoaderOptions, prep.args), data_cfg), [0], prep.device,
-                          log_interval=prep.args.log_interval)[0]
+    m = evaluate_stitches(net, create_eval_loader(prep.val_ds, prep.loader, data_cfg), [0], prep.device,
+                          log_interval=prep.train.log_interval)[0]
     size = tuple(data_cfg["input_size"][1:])
     flops = cost_table(net, size, prep.in_chans).route_flops(net.routes[0])
     # cfg_id: the anchor's place in the results file, set when the file is collected
     record = stitch_record(net, 0, m, flops, size, route=label, anchor=label)
     return {"label": label, **prep.anchor_ids[label], "acc1": m["acc1"], "acc5": m["acc5"], "loss": m["loss"],
-            "flops": flops, "params": net.params(0), "img_size": list(size), "data": os.path.abspath(prep.args.data_dir),
+            "flops": flops, "params": net.params(0), "img_size": list(size), "data": os.path.abspath(prep.data.data_dir),
             "record": record}

@@ -19,8 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from snnet.core.config import AnchorSpec, ConfigError, parse_anchor
 from snnet.core.errors import SNNetError
+from snnet.core.layers import stitch_layer_types
+from snnet.train.args import unique_key_loader
 
 FORMAT = "snnet-stitch-train/1"
 
@@ -50,10 +54,11 @@ TRAIN_REFUSED = {
     "teacher_checkpoint": "use `loss: kd`", "distillation_alpha": "use `kd_alpha`",
     "distillation_tau": "use `temperature`", "mixup": "mixup is not supported by stitch-train",
     "cutmix": "cutmix is not supported by stitch-train", "cutmix_minmax": "cutmix is not supported",
-    "model_ema": "EMA weights are not supported by stitch-train", "split_bn": "the anchors' BatchNorm is frozen",
+    "split_bn": "the anchors' BatchNorm is frozen",
     "sync_bn": "the anchors' BatchNorm is frozen", "aug_splits": "augmentation splits are not supported",
     "val_stitches": "the one stitched network is validated every epoch", "sample_sync": "one network per run",
-    "torchcompile": "not supported by stitch-train", "dry_run": "use stitch-train --dry-run",
+    "torchcompile": "the frozen anchors are shared by every run of the sweep (and its anchor evaluations), and "
+                    "torch.compile would compile their blocks in place", "dry_run": "use stitch-train --dry-run",
 }
 SWEEP_KEYS = ("description", "data", "out", "pretrained", "seed", "anchors", "train", "run", "grid", "runs")
 #: run field -> (meaning, default); pair/front/end, cut and gap/end_block say where, the rest how
@@ -111,14 +116,11 @@ class Sweep:
 
 
 def _yaml(path: Path) -> Any:
-    import yaml
-
-    from snnet.train.args import _unique_key_loader
     if not path.is_file():
         raise SweepError(f"sweep file {str(path)!r} does not exist; pass an existing YAML file (see "
                          f"configs/sweeps/digits_3x3.yaml)")
     try:
-        return yaml.load(path.read_text(), Loader=_unique_key_loader())
+        return yaml.load(path.read_text(), Loader=unique_key_loader())
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise SweepError(f"sweep file {str(path)!r} is not valid YAML ({' '.join(str(e).split())[:200]}); fix the "
                          f"file") from None
@@ -206,7 +208,6 @@ def _check_field(name: str, value: Any, where: str, labels: Sequence[str]) -> An
         spec = {"type": value} if isinstance(value, str) else value
         if not (isinstance(spec, dict) and isinstance(spec.get("type"), str)):
             raise bad("a stitching-layer type name or a mapping {type: NAME, ...options}")
-        from snnet.core.layers import stitch_layer_types
         if spec["type"] not in stitch_layer_types():
             raise bad(f"one of the stitching-layer types {', '.join(stitch_layer_types())}")
         for k, v in spec.items():

@@ -1,0 +1,168 @@
+"""One trainer (snnet/train/trainer.py) for train.py and stitch-train: --model-ema (`"model_ema": true` in a sweep's
+`train`) trains an EMA that differs from the raw weights, and the EMA is what validation and the result evaluate
+and what is saved, in both tools."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from helpers import FAST, TINY
+
+from snnet import build_snnet, parse_stitch_config
+from snnet.data.options import DataOptions, LoaderOptions
+from snnet.train import main as train_main
+from snnet.train import trainer as trainer_module
+from snnet.train.options import (
+    TRAINING_OPTIONS,
+    OptimOptions,
+    OptionError,
+    ScheduleOptions,
+    TrainOptions,
+    options_by_key,
+)
+from snnet.train.trainer import create_trainer
+
+EMA = {"model_ema": True, "model_ema_decay": 0.5}  # a short memory: after a few steps far from the raw weights
+
+
+def _floats_differ(a: dict, b: dict) -> bool:
+    return any(not torch.equal(v, b[k]) for k, v in a.items() if v.is_floating_point())
+
+
+def test_trainer_trains_an_ema_and_validates_it():
+    torch.manual_seed(0)
+    net = build_snnet(parse_stitch_config({"anchors": TINY, "skip_final_norm": False}), pretrained=False,
+                      num_classes=10, img_size=16)
+    batches = [(torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))) for _ in range(4)]
+    loss_fn = lambda x, out, y: torch.nn.functional.cross_entropy(out, y)
+    trainer = create_trainer(net, batches, loss_fn, optim=OptimOptions(opt="sgd", lr=0.1),
+                             schedule=ScheduleOptions(epochs=2, warmup_epochs=0),
+                             train=TrainOptions(batch_size=8, grad_accum_steps=2, log_interval=10 ** 6, **EMA),
+                             device=torch.device("cpu"), amp_dtype=None, sampler=lambda step: step % net.num_configs)
+    seen, ends = [], []
+    trainer.fit(lambda epoch, m: (seen.append(trainer.eval_model) or {}, None),
+                lambda epoch, m, metrics, lr: ends.append((epoch, lr)))
+    assert trainer.ctx.global_step == 2 * 2 and [e for e, _ in ends] == [0, 1]  # 4 batches, 2 per step, 2 epochs
+    assert seen == [trainer.ema, trainer.ema] and trainer.ema is not net
+    raw, ema = net.state_dict(), trainer.ema.state_dict()
+    assert _floats_differ(raw, ema)
+    trainer.use_ema_weights()
+    assert not _floats_differ(net.state_dict(), ema)
+
+
+def test_train_py_saves_validates_and_evaluates_the_ema(tmp_path, digits_folder, tiny_config, monkeypatch):
+    """train.py --model-ema (one epoch, in process): the checkpoint's state_dict_ema is the trainer's EMA and
+    differs from state_dict; validation and stitches_res_ema.txt evaluate the EMA itself."""
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.delenv("RANK", raising=False)
+    built, evaluated = [], []
+    real_create, real_evaluate = train_main.create_trainer, train_main.evaluate_all
+    monkeypatch.setattr(train_main, "create_trainer", lambda *a, **k: built.append(real_create(*a, **k)) or built[-1])
+
+    def evaluate_all(net, val_ds, run, ckpt_hash, results_name="stitches_res.txt"):
+        evaluated.append((net, results_name))
+        return real_evaluate(net, val_ds, run, ckpt_hash, results_name)
+
+    monkeypatch.setattr(train_main, "evaluate_all", evaluate_all)
+    validated = []
+    real_validate = train_main.validate_panel
+    monkeypatch.setattr(train_main, "validate_panel", lambda net, *a, **k: validated.append(net) or real_validate(net, *a,
+                                                                                                            **k))
+    argv = [str(digits_folder), "--stitch_config", str(tiny_config), *FAST, "--epochs", "1", "--model-ema",
+            "--model-ema-decay", "0.5", "--val-stitches", "0", "--save-predictions", "none", "--output",
+            str(tmp_path), "--experiment", "ema"]
+    assert train_main.main(argv) == 0
+    (trainer,) = built
+    state = torch.load(tmp_path / "ema" / "last.pth.tar", weights_only=True)
+    ema = trainer.ema.checkpoint_state()
+    assert state["state_dict_ema"].keys() == ema.keys()
+    assert all(torch.equal(state["state_dict_ema"][k], v) for k, v in ema.items())
+    assert _floats_differ(state["state_dict"], state["state_dict_ema"])
+    assert validated == [trainer.net, trainer.ema]  # the raw panel, then the EMA's (the epoch's metrics)
+    assert evaluated == [(trainer.net, "stitches_res.txt"), (trainer.ema, "stitches_res_ema.txt")]
+    assert (tmp_path / "ema" / "stitches_res_ema.txt").is_file()
+
+
+def test_stitch_train_model_ema_is_evaluated_and_saved(tmp_path, digits_folder, monkeypatch):
+    """A sweep with ``"model_ema": true`` in its `train`: the EMA differs from the raw layer, the last validation
+    (the result's acc1) evaluates the EMA, and stitch_layer.pth.tar holds the EMA's weights."""
+    from test_stitch_train import TRAIN, write_sweep
+
+    from snnet.core.checkpoint import load_checkpoint
+    from snnet.explore.stitch_train import load_sweep, run_sweep
+    from snnet.explore.stitch_train import runner as runner_module
+    from snnet.results.records import read_results
+    anchors = {f"v{w}": {"name": "deit_tiny_patch16_224",
+                         "model_kwargs": {"patch_size": 4, "depth": 3, "embed_dim": w, "num_heads": 2}}
+               for w in (8, 16)}
+    swapped, evaluated = [], []
+    real_use = trainer_module.Trainer.use_ema_weights
+
+    def use_ema_weights(self):
+        swapped.append((self, {k: v.clone() for k, v in self.model.state_dict().items()},
+                        {k: v.clone() for k, v in self.ema.state_dict().items()}))
+        real_use(self)
+
+    monkeypatch.setattr(trainer_module.Trainer, "use_ema_weights", use_ema_weights)
+    real_eval = runner_module.evaluate_stitches
+    monkeypatch.setattr(runner_module, "evaluate_stitches", lambda net, *a, **k: evaluated.append(
+        (net, real_eval(net, *a, **k))) or evaluated[-1][1])
+    out = tmp_path / "sweep"
+    path = write_sweep(tmp_path / "x.yaml", anchors, digits_folder, out, runs=[{"pair": ["v8", "v16"], "cut": 1}],
+                       train={**TRAIN, **EMA, "lr": 0.05}, pretrained=False)
+    assert run_sweep(load_sweep(path)).trained == [0]
+    ((trainer, raw, ema),) = swapped
+    assert _floats_differ(raw, ema)
+    run = read_results(out / "stitches_res.txt")[0]
+    ran = [m for net, m in evaluated if net is trainer.ema]
+    assert len(ran) == 2 and ran[-1][0]["acc1"] == run["acc1"]  # init and epoch 1: the EMA's; the result its last
+    saved = load_checkpoint(out / "runs" / run["run"] / "stitch_layer.pth.tar")["state_dict"]
+    layer = {k.split("transform.", 1)[1]: v for k, v in ema.items() if ".transform." in k}
+    raw_layer = {k.split("transform.", 1)[1]: v for k, v in raw.items() if ".transform." in k}
+    assert layer and all(torch.equal(saved[f"transform.{k}"], v) for k, v in layer.items())
+    assert _floats_differ(raw_layer, layer)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("model_ema", "yes", "key 'model_ema': 'yes' is not true or false"),
+    ("epoch", 3, "unknown key 'epoch'; did you mean epochs"),
+])
+def test_options_by_key_names_the_key_and_the_fix(key, value, message):
+    with pytest.raises(OptionError, match=message):
+        options_by_key(TRAINING_OPTIONS, {key: value}, "sweep.yaml: train")
+    made = options_by_key(TRAINING_OPTIONS, {"lr": "1e-3", "epochs": 2, "opt_betas": [0.9, 0.99]}, "x")
+    assert made[OptimOptions].lr == 1e-3 and made[ScheduleOptions].epochs == 2
+    assert made[OptimOptions].opt_betas == (0.9, 0.99)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("epochs", 0, "'epochs': 0 is not >= 1"), ("clip_mode", "l2", "'clip_mode': 'l2' is not one of 'norm'"),
+    ("hflip", 2, "'hflip': 2.0 is not a probability"), ("scale", [0.5, -1], None)])
+def test_options_by_key_refuses_what_train_py_refuses(key, value, message):
+    """The typed options' value rules are train.py's: a value its parser refuses is refused by keyword too."""
+    classes = (LoaderOptions, *TRAINING_OPTIONS)
+    if message is None:  # no rule: taken as typed
+        assert options_by_key(classes, {key: value}, "x")[LoaderOptions].scale == (0.5, -1)
+        return
+    with pytest.raises(OptionError, match=message):
+        options_by_key(classes, {key: value}, "sweep.yaml: train")
+
+
+def test_option_rules_are_the_parsers():
+    """RULES holds each flag's rule as train.py's parser checks it (its choices and its type function)."""
+    from snnet.train.args import build_parser
+    from snnet.train.options import RULES
+    kinds = {"_positive_int": "positive", "_positive_float": "positive", "_non_negative_int": "non_negative",
+             "_non_negative_float": "non_negative", "_probability": "probability"}
+    fields = {f.name for cls in (DataOptions, LoaderOptions, *TRAINING_OPTIONS) for f in dataclasses.fields(cls)}
+    want = {}
+    for action in build_parser()._actions:
+        if action.dest not in fields:
+            continue
+        if action.choices is not None and not isinstance(action.choices, dict):
+            want[action.dest] = tuple(action.choices)
+        elif getattr(action.type, "__name__", None) in kinds:
+            want[action.dest] = kinds[action.type.__name__]
+    assert set(RULES) <= fields and RULES == want
+
