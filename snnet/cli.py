@@ -538,15 +538,27 @@ def cmd_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def _similarity_options(args: argparse.Namespace):
+    """The flags both tools share, as typed options: (theirs, which images, how they are loaded)."""
+    from snnet.explore.similarity import SimilarityOptions, data_options, loader_options
+    options = SimilarityOptions(out=args.out, anchors=tuple(args.anchors or ()), stitch_config=args.stitch_config,
+                                batches=args.batches, img_size=args.img_size, pretrained=not args.no_pretrained,
+                                seed=args.seed)
+    return options, data_options(args.data, args.num_classes), loader_options(args.batch_size)
+
+
 def cmd_similarity(args: argparse.Namespace) -> int:
     from snnet.explore.similarity import run_similarity
-    run_similarity(args)
+    run_similarity(*_similarity_options(args), args.device, split=args.split, kl=not args.no_kl)
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from snnet.explore.search import run_search
-    run_search(args)
+    from snnet.explore.search import SearchOptions, run_search
+    options, data, loader = _similarity_options(args)
+    search = SearchOptions(threshold=args.threshold, total_threshold=args.total_threshold, max_depth=args.max_depth,
+                           beam_width=args.beam_width, score=args.score)
+    run_search(options, search, data, loader, args.device, args.max_networks)
     return 0
 
 

@@ -17,7 +17,16 @@ from typing import Any
 
 from snnet.core.config import StitchConfig
 from snnet.core.steps import UnitStep
+from snnet.data.options import DataOptions
+from snnet.train.args import options_from
+from snnet.train.loggers import LoggerOptions
+from snnet.train.network import NetworkOptions
 from snnet.train.optim import anchor_lr_scale, decays_stitch_biases, epoch_offset, resolve_lrs
+from snnet.train.positions import SelectionOptions
+
+#: the flags timm's resolve_data_config reads (the data config of a run: input size, mean, std, crop, resize)
+DATA_CONFIG_FLAGS = ("in_chans", "chans", "input_size", "img_size", "interpolation", "mean", "std", "crop_pct",
+                     "crop_mode")
 
 
 def launch_world_size() -> int:
@@ -32,6 +41,25 @@ def _pretrained_cfg(name: str) -> dict[str, Any]:
     except Exception:  # an unknown tag: the checks at build time name it
         cfg = None
     return cfg.to_dict() if cfg is not None else {}
+
+
+# ------------------------------------------------------------------------------------------ typed options
+def data_config_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags of the run's data config, as timm's resolve_data_config reads them from train.py's arguments."""
+    return {k: getattr(args, k) for k in DATA_CONFIG_FLAGS if hasattr(args, k)}
+
+
+def network_options(args: argparse.Namespace, **over: Any) -> NetworkOptions:
+    """How train.py builds its network (`snnet.train.network.build_network`), from its resolved arguments: the model
+    flags, the number of classes (`over` over them) and what a selection of positions from data reads."""
+    selection = SelectionOptions(options_from(DataOptions, args), data_config_flags(args),
+                                 getattr(args, "stitch_init_bs", None), getattr(args, "device", None))
+    return options_from(NetworkOptions, args, selection=selection, **over)
+
+
+def logger_options(args: argparse.Namespace) -> LoggerOptions:
+    """The experiment loggers train.py's flags ask for, recording its resolved arguments."""
+    return options_from(LoggerOptions, args, run_config=vars(args))
 
 
 def eval_data_config(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> dict[str, Any]:

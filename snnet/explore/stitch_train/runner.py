@@ -165,7 +165,7 @@ def prepare(sweep: Sweep) -> Prepared:
     check_output(sweep.out)
     data = options_from(DataOptions, args)
     check_data(data, need_train=True, world_size=1)
-    check_augmentation(args, None)
+    check_augmentation(options_from(LoaderOptions, args), args.img_size or 224)
     train_ds, val_ds = create_datasets(data, need_train=True)
     if val_ds is None:
         raise DataError(f"data folder {args.data_dir!r} has no val/ (or validation/) split; stitch-train validates "
