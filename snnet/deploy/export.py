@@ -33,19 +33,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
+from safetensors.torch import load_model, save_model
+from timm.data import resolve_data_config
 from torch import nn
 
 from snnet.core.adapter import Unit, adapter_for
 from snnet.core.build import build_snnet, create_anchor
-from snnet.core.checkpoint import tensor_bytes
+from snnet.core.checkpoint import (
+    CheckpointError,
+    StateDictMismatch,
+    check_same_network,
+    json_field,
+    load_checkpoint,
+    recorded_stitch_config,
+    tensor_bytes,
+)
 from snnet.core.config import AnchorSpec, ConfigError, StitchConfig, load_stitch_config
+from snnet.core.cost import cost_table
 from snnet.core.errors import SNNetError
 from snnet.core.fileio import FolderLock, disk_full_error, is_disk_full, lock_holder
 from snnet.core.layers import stitch_layer_from_spec
 from snnet.core.model import SNNet
 from snnet.core.progress import Progress
 from snnet.core.steps import StitchStep, UnitStep, as_step, stitch_step
+from snnet.results.records import file_sha256
 
 FORMAT = "snnet-stitch"
 FORMAT_VERSION = 1
@@ -75,7 +88,6 @@ class Loaded:
 
 def _config_from_checkpoint(state: dict, checkpoint: str) -> StitchConfig:
     """The stitch config a checkpoint recorded (train.py stores anchors and config fields as JSON text)."""
-    from snnet.core.checkpoint import recorded_stitch_config
     try:
         cfg = recorded_stitch_config(state, repr(checkpoint))
     except ConfigError as e:
@@ -101,8 +113,6 @@ def load_snnet(checkpoint: str | os.PathLike, stitch_config: str | os.PathLike |
 
     num_classes, image size and timm kwargs come from the checkpoint's recorded arguments unless given.
     """
-    from snnet.core.checkpoint import CheckpointError, StateDictMismatch, json_field, load_checkpoint
-
     checkpoint = str(checkpoint)
     state = load_checkpoint(checkpoint)
     args = json_field(state, "args") or {}
@@ -111,7 +121,6 @@ def load_snnet(checkpoint: str | os.PathLike, stitch_config: str | os.PathLike |
     ident = ident if isinstance(ident, dict) else {}
     cfg = load_stitch_config(stitch_config) if stitch_config else _config_from_checkpoint(state, checkpoint)
     if stitch_config:  # a config that builds another network than the trained one is refused, not exported
-        from snnet.core.checkpoint import check_same_network
         check_same_network(cfg, state, checkpoint, str(stitch_config),
                            "pass the config it was trained with, or none (the recorded one is used)")
     loaded_from = str(stitch_config) if stitch_config else "recorded in the checkpoint"
@@ -145,7 +154,6 @@ def load_snnet(checkpoint: str | os.PathLike, stitch_config: str | os.PathLike |
 
 def _data_config(args: dict, net: SNNet) -> dict[str, Any]:
     """The eval preprocessing train.py used: timm's resolve_data_config over the recorded arguments."""
-    from timm.data import resolve_data_config
     try:
         cfg = resolve_data_config(dict(args), model=net)
     except Exception:  # arguments of another shape (hand-made checkpoints): the model's own defaults
@@ -252,7 +260,6 @@ def count_params(module: nn.Module) -> int:
 
 # ------------------------------------------------------------------------------------------- spec and loading
 def _spec(loaded: Loaded, cfg_id: int, module: StitchedNetwork, keep: dict[int, list[str]]) -> dict[str, Any]:
-    import timm
     net = loaded.net
     anchors = [{"index": a, "label": net.names[a], "name": loaded.anchors[a].name,
                 "model_kwargs": dict(loaded.anchors[a].model_kwargs), "keep": names,
@@ -270,8 +277,6 @@ def _spec(loaded: Loaded, cfg_id: int, module: StitchedNetwork, keep: dict[int, 
 
 def load_exported(path: str | os.PathLike) -> StitchedNetwork:
     """Rebuild an exported stitch from its folder (model.json + model.safetensors); returns it in eval mode."""
-    from safetensors.torch import load_model
-
     folder = Path(path)
     spec_file, weights = folder / SPEC, folder / WEIGHTS
     if not spec_file.is_file() or not weights.is_file():
@@ -362,7 +367,7 @@ def onnx_opsets() -> tuple[int, int]:
     it warns or fails; so a value outside is refused before any work. Without those constants: 7..ONNX_OPSET.
     """
     try:
-        from torch.onnx import _constants as c
+        from torch.onnx import _constants as c  # private, and not in every torch: read only when asked
         return int(c.ONNX_MIN_OPSET), int(getattr(c, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", c.ONNX_MAX_OPSET))
     except (ImportError, AttributeError):
         return 7, ONNX_OPSET
@@ -391,7 +396,7 @@ def _save_onnx(module: nn.Module, x: torch.Tensor, path: Path, opset: int = ONNX
         torch.onnx.export(module, (x,), str(path), dynamo=False, opset_version=opset, input_names=["images"],
                           output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
     try:
-        import onnxruntime as ort
+        import onnxruntime as ort  # optional: without it the export is written, its check is skipped
     except ImportError:
         return None
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -437,8 +442,6 @@ def export_stitch(loaded: Loaded, cfg_id: int, out_dir: str | os.PathLike,
     module, of the reloaded export and of every format vs. the SN-Net on a batch of 3); files are moved into
     `out_dir` only when every check passed, so a failed export leaves no partial output.
     """
-    from snnet.core.cost import cost_table
-    from snnet.results.records import file_sha256
 
     if "onnx" in formats:
         check_opset(opset)
@@ -509,8 +512,6 @@ def _build_export(module: nn.Module, loaded: Loaded, formats: Sequence[str], tmp
                   ref: torch.Tensor, diffs: dict[str, float | None], opset: int, spec: dict[str, Any],
                   progress: Progress) -> None:
     """Every file of the export written and checked in `tmp`."""
-    from safetensors.torch import save_model
-
     save_model(module, str(tmp / WEIGHTS), metadata={"format": "pt", "snnet": FORMAT})
     progress.advance(extra="weights written")
     spec["files"] = _write_formats(module, loaded, formats, tmp, x, ref, diffs, {"opset": opset}, progress)
