@@ -29,11 +29,20 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from snnet.core.errors import OneLineParser, SNNetError, UsageError, one_line
 from snnet.core.fileio import check_out_dir
+from snnet.deploy.convert import convert_release
+from snnet.deploy.latency import add_latency, device_name, measure_latency, results_cfg_ids
 from snnet.results.pareto import cost_key, human, infer_anchors, latency_keys, pareto_report, route_of, save_report
 from snnet.results.records import read_results
+from snnet.results.report import write_report
 from snnet.results.select import select
+from snnet.train.device import device_from_flag
+
+# The modules that import timm (deploy.export, serve, data.datasets, explore: ~1,900 modules, about 2 s) are imported
+# by the command that runs them, so that `snnet pareto`, `select`, `report` and `--help` do not pay for them.
 
 _Parser = OneLineParser  # one line, no usage block
 
@@ -111,7 +120,6 @@ def cmd_pareto(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------- report
 def cmd_report(args: argparse.Namespace) -> int:
-    from snnet.results.report import write_report
     out = Path(args.out)
     if out.is_dir():
         raise UsageError(f"--out {args.out!r} is a folder; pass the HTML file to write, e.g. --out "
@@ -202,8 +210,6 @@ def _held_output():
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import torch
-
     from snnet.deploy.export import ONNX_OPSET, WEIGHTS, check_cfg_id, check_opset, export_stitch
     formats = [f for f, off in (("torchscript", args.no_torchscript), ("onnx", args.no_onnx)) if not off]
     if "onnx" in formats:  # refused before the checkpoint is read; with --no-onnx the opset is unused
@@ -236,11 +242,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------- latency
 def cmd_latency(args: argparse.Namespace) -> int:
-    import torch
-
     from snnet.deploy.export import check_cfg_id
-    from snnet.deploy.latency import add_latency, device_name, measure_latency, results_cfg_ids
-    from snnet.train.device import device_from_flag
     if args.threads:
         torch.set_num_threads(args.threads)
     device = device_from_flag(args.device)  # the one reading of --device
@@ -445,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_convert)
     _similarity_parsers(sub)
     _serve_parser(sub)
-    from snnet.explore.stitch_train import add_subcommand as add_stitch_train  # torch is imported only when it runs
+    from snnet.explore.stitch_train import add_subcommand as add_stitch_train  # imports timm: see the imports
     add_stitch_train(sub)
     return p
 
@@ -563,7 +565,6 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from snnet.deploy.convert import convert_release
     if not args.trust:
         raise UsageError(f"{args.src!r} is a pickled file: converting it means trusting where it came from; if you "
                          f"do, add --trust")

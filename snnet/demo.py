@@ -36,8 +36,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from snnet.core.fileio import write_text_atomic
+from snnet.results.baselines import file_baselines
+from snnet.results.pareto import infer_anchors, is_anchor, pareto_report, save_report
+from snnet.results.predictions import load_for, predictions_path, write_predictions
+from snnet.results.quality import in_anchor_range
 from snnet.results.records import RESULTS_FILE, read_results, write_results
+from snnet.results.report import write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "demo_digits.json"
@@ -71,9 +79,7 @@ def common(seed: int = SEED) -> list[str]:
 
 def write_digits(root: Path, seed: int = 0) -> Path:
     """scikit-learn's digits as PNG files (16x16, nearest upsampling), stratified train/val split."""
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # scikit-learn loads scipy (~1 s): only this step needs it
     from sklearn.model_selection import train_test_split
 
     data = root / "digits"
@@ -276,9 +282,6 @@ def main(argv: list[str] | None = None) -> int:
 def summary(sources: list[Path]) -> list[str]:
     """What the picture should show, in numbers: the share of stitches whose top-1 lies within the anchors' top-1
     range +-3 points, and on what share of budgets the stitched front beats random mixing of the anchors."""
-    from snnet.results.baselines import file_baselines
-    from snnet.results.pareto import infer_anchors, is_anchor
-    from snnet.results.quality import in_anchor_range
     lines = []
     for path in sources:
         records = read_results(path)
@@ -325,7 +328,6 @@ def publish(fresh: Path, committed: Path, v2: bool) -> None:
 def copy_results(run_dir: Path, dest: Path) -> None:
     """A run's stitches_res.txt and the anchors' per-image predictions beside it (stitches_pred.npz, which
     `snnet pareto --baselines` reads), checked against each other, to `dest` and beside it."""
-    from snnet.results.predictions import load_for, predictions_path, write_predictions
     records = read_results(run_dir)
     pred = load_for(run_dir / RESULTS_FILE, records)
     write_results(dest, records)
@@ -342,8 +344,6 @@ def report(results: Path, sources: list[Path] | None = None, title: str = TITLE)
 
     Files written before records carried ``img_size`` (the committed ones) get the size the demo trains and
     evaluates at (COMMON's --img-size) for the plot's subtitle; records that carry one keep theirs."""
-    from snnet.results.pareto import pareto_report, save_report
-    from snnet.results.report import write_report
     img_size = int(COMMON[COMMON.index("--img-size") + 1])
     # the report names the files it read: relative to the working directory (the repository root for `make demo`)
     paths = [os.path.relpath(s) for s in sources or [results / RESULTS_FILE]]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from importlib.metadata import entry_points
 
 import torch
 from torch import nn
@@ -121,7 +122,6 @@ def load_family_packages() -> None:
 
     Each package registers its adapters on import. Third-party packages can add families the same way.
     """
-    from importlib.metadata import entry_points
     for ep in entry_points(group="snnet.families"):
         ep.load()
 

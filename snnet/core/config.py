@@ -300,7 +300,6 @@ def parse_anchor(value: Any, source: str = "anchor", base: str | os.PathLike | N
     * a config's JSON anchor object, as text or a dict: ``{"name": ..., "checkpoint": ..., "model_kwargs": {...}}``.
 
     Relative checkpoint and config paths are taken from `base` when given. Raises ConfigError naming `source`."""
-    import json
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("{"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ if TYPE_CHECKING:  # hints only: a runtime import made model.py and cost.py impo
 
 
 def _sdpa_flop_handler(inputs: list[Any], outputs: list[Any]) -> int:
-    from fvcore.nn.jit_handles import get_shape
+    from fvcore.nn.jit_handles import get_shape  # fvcore: heavy (it scripts a function at import), see count_flops
     q, k, v = (get_shape(t) for t in inputs[:3])
     *batch, n_q, d = q
     n_k, d_v = k[-2], v[-1]
@@ -51,7 +52,7 @@ class _Call(nn.Module):
 
 def count_flops(fn: Callable[[torch.Tensor], torch.Tensor], owner: nn.Module, x: torch.Tensor) -> int:
     """fvcore FLOPs of ``fn(x)`` (SN-Net's convention), with the SDPA handler, warnings off."""
-    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn import FlopCountAnalysis  # heavy at import (it scripts a function); only pricing needs it
     logging.getLogger("fvcore").setLevel(logging.ERROR)
     analysis = FlopCountAnalysis(_Call(fn, owner), (x,)).set_op_handle(**FLOP_HANDLES)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
@@ -61,7 +62,6 @@ def count_flops(fn: Callable[[torch.Tensor], torch.Tensor], owner: nn.Module, x:
 
 @contextlib.contextmanager
 def warnings_off():
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield

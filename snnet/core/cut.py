@@ -10,6 +10,7 @@ stitch through this module.
 """
 from __future__ import annotations
 
+import copy
 import math
 import weakref
 from dataclasses import dataclass
@@ -203,7 +204,6 @@ class CutStitch(nn.Module):
         else the stitch itself (the cost model counts this one, as it counts SN-Net's layers)."""
         if not hasattr(self.layer, "merged"):
             return self
-        import copy
         out = copy.deepcopy(self)
         out.layer = self.layer.merged()
         return out

@@ -248,7 +248,6 @@ def check_hf_parquet(args: DataOptions, need_train: bool) -> None:
     unless --num-classes covers them. Splits in other formats (no parquet file) are left to `datasets`."""
     import pyarrow.parquet as pq  # with `datasets` (requirements.txt): only hfds/ runs need it
     import pyarrow.types as pa_types
-    from PIL import Image
     folder = hf_folder(args)
     splits = ([("train", args.train_split)] if need_train else []) + [("validation", args.val_split)]
     names, top, where = None, -1, None

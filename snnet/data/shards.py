@@ -205,7 +205,6 @@ def _image_ext(sample: dict) -> str | None:
 
 def check_image_header(data: bytes, where: str) -> None:
     """An image member opened as far as its header (as the folder preflight opens each validation image)."""
-    from PIL import Image
     try:
         with Image.open(io.BytesIO(data)):
             pass

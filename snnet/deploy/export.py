@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import timm
 import torch
-from safetensors.torch import load_model, save_model
 from timm.data import resolve_data_config
 from torch import nn
 
@@ -301,7 +301,7 @@ def load_exported(path: str | os.PathLike) -> StitchedNetwork:
     layers = {k: stitch_layer_from_spec(v) for k, v in spec["stitch_layers"].items()}
     net = StitchedNetwork(anchors, units, layers, spec["steps"])
     try:
-        load_model(net, str(weights), strict=True)
+        safetensors.torch.load_model(net, str(weights), strict=True)
     except Exception as e:  # missing/unexpected keys or shapes: the files do not belong together
         raise ExportError(f"{str(weights)!r} does not fit {str(spec_file)!r} ({str(e).splitlines()[0][:200]}); "
                           f"export again") from None
@@ -512,7 +512,7 @@ def _build_export(module: nn.Module, loaded: Loaded, formats: Sequence[str], tmp
                   ref: torch.Tensor, diffs: dict[str, float | None], opset: int, spec: dict[str, Any],
                   progress: Progress) -> None:
     """Every file of the export written and checked in `tmp`."""
-    save_model(module, str(tmp / WEIGHTS), metadata={"format": "pt", "snnet": FORMAT})
+    safetensors.torch.save_model(module, str(tmp / WEIGHTS), metadata={"format": "pt", "snnet": FORMAT})
     progress.advance(extra="weights written")
     spec["files"] = _write_formats(module, loaded, formats, tmp, x, ref, diffs, {"opset": opset}, progress)
     spec["max_abs_diff_vs_snnet"] = diffs

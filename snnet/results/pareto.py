@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from snnet.core.fileio import save_figure, write_text_atomic
-from snnet.results.quality import pareto_front
+from snnet.results.baselines import add_to_report, draw
+from snnet.results.quality import front_quality, pareto_front, quality_table
 from snnet.results.records import RESULTS_FILE, ResultsError, check_same_evaluation_set, is_number, read_results
 
 COSTS = ("flops", "params", "latency")
@@ -284,7 +285,7 @@ def eval_subtitle(series: Sequence[tuple[str, Sequence[dict[str, Any]]]], img_si
 
 
 def _axes():
-    import matplotlib
+    import matplotlib  # heavy (~0.5 s): only a plot needs it, not `snnet pareto` without --out
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt.subplots(figsize=(6.4, 4.4), dpi=150)
@@ -303,7 +304,6 @@ def plot_series(series: Sequence[tuple[str, Sequence[dict[str, Any]], int | None
     fig, ax = _axes()
     colours = ["tab:blue", "tab:red", "tab:purple", "tab:brown", "tab:cyan", "tab:olive", "tab:pink", "tab:gray"]
     if baselines and any(b is not None for b in baselines):
-        from snnet.results.baselines import draw
         for i, b in enumerate(baselines):
             if b is not None:
                 draw(ax, b, scale, *(("0.35", "") if len(series) == 1 else (colours[i % len(colours)],
@@ -412,7 +412,6 @@ def pareto_report(paths: Sequence[str | Path], cost: str = "flops", anchors: int
                                      "front": [r["cfg_id"] for r in front], "front_records": front})
     _quality(report, read_results(before) if before is not None else None)
     if baselines:
-        from snnet.results.baselines import add_to_report
         add_to_report(report, [[r["cfg_id"] for r in s[2] if is_anchor(r, s[3])] for s in report.series],
                       flops_unit([r for s in report.series for r in s[2]]))
     if len(report.series) > 1:
@@ -428,7 +427,6 @@ def pareto_report(paths: Sequence[str | Path], cost: str = "flops", anchors: int
 
 def _quality(report: ParetoReport, before: list[dict[str, Any]] | None) -> None:
     """Front quality per file (FLOPs fronts only: the metrics normalise FLOPs by the largest anchor's)."""
-    from snnet.results.quality import front_quality, quality_table
     if not all(is_number(r.get("flops")) for s in report.series for r in s[2]):
         if before is not None:
             raise ResultsError("--before needs FLOPs in every file (the front quality is measured on FLOPs)")

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from snnet.core.fileio import write_text_atomic
+from snnet.results.baselines import file_baselines, jsonable
 from snnet.results.pareto import (
     anchor_name,
     cost_unit,
@@ -148,7 +149,6 @@ def report_data(paths: Sequence[str | Path], cost: str = "flops", anchors: int |
                       "anchor_names": names or [f"anchor {a}" for a in range(n)], "records": rows,
                       "images": sweep_images(path)})
         if baselines:
-            from snnet.results.baselines import file_baselines, jsonable
             b = jsonable(file_baselines(path, records, [r["cfg_id"] for r in records if is_anchor(r, n)]))
             files[-1]["baselines"] = {"mixing": b["mixing"], "cascade": [{"flops": s["flops"], "acc1": s["acc1"]}
                                                                           for s in b["cascade"]],
