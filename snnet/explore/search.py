@@ -166,16 +166,16 @@ def network_svg(net: ComposedNet, cfg_id: int, record: dict[str, Any], maps: Com
     top-1, FLOPs and params, and a legend of the anchors."""
     comp = net.compositions[cfg_id]
     seg_w, st_w, gap, box_h, top = 190, 130, 26, 70, 56
-    items: list[tuple[str, Any]] = []
+    items: list[Segment | Edge] = []  # left to right: segment, its stitch (an edge), the next segment, ...
     for s, edge in zip(comp.segments, comp.edges + (None,)):
-        items.append(("segment", s))
+        items.append(s)
         if edge is not None:
-            items.append(("stitch", edge))
+            items.append(edge)
     title = f"cfg {cfg_id}: {net.describe(cfg_id)}"
     stats = f"top-1 {record['acc1']:.2f}%   {human(record['flops'])} FLOPs   {human(record['params'])} params"
     if record.get("score") is not None:
         stats += f"   path score ({score}) {record['score']:.4f}"
-    width = max(sum(seg_w if kind == "segment" else st_w for kind, _ in items) + gap * (len(items) - 1) + 40,
+    width = max(sum(seg_w if isinstance(what, Segment) else st_w for what in items) + gap * (len(items) - 1) + 40,
                 int(len(title) * 7.5) + 40)  # about 7.5 px per character of the 13 px bold title
     legend_y = top + box_h + 40
     height = legend_y + 22 * net.n_anchors + 10
@@ -186,9 +186,9 @@ def network_svg(net: ComposedNet, cfg_id: int, record: dict[str, Any], maps: Com
     out.append(f'<text x="20" y="22" font-size="13" font-weight="bold">{escape(title)}</text>')
     out.append(f'<text x="20" y="42" font-size="12">{escape(stats)}</text>')
     x = 20
-    for n, (kind, what) in enumerate(items):
-        w = seg_w if kind == "segment" else st_w
-        if kind == "segment":
+    for n, what in enumerate(items):
+        w = seg_w if isinstance(what, Segment) else st_w
+        if isinstance(what, Segment):
             units = net.units[what.anchor]
             colour = PALETTE[what.anchor % len(PALETTE)]
             lines = [net.names[what.anchor], f"{units[what.first].name} .. {units[what.last].name}",

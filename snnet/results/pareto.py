@@ -22,7 +22,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from snnet.core.fileio import save_figure, write_text_atomic
 from snnet.results.baselines import add_to_report, draw
@@ -358,9 +358,16 @@ def _anchors(records: list[dict[str, Any]], given: int | None, path: str, notes:
     return n
 
 
-def read_series(paths: Sequence[str | Path], cost: str, anchors: int | None, notes: list[str]
-                ) -> list[tuple[str, str, list[dict[str, Any]], int]]:
-    """Every file read and checked before anything is built: (label, path, records, anchor count) per file. Each
+class Series(NamedTuple):
+    """One results file as the reports show it (a named tuple: equal to its plain (label, path, records, anchors))."""
+    label: str                      # how tables and plots name it (the shortest distinguishing part of its path)
+    path: str
+    records: list[dict[str, Any]]
+    anchors: int                    # cfg 0..anchors-1 are its anchors
+
+
+def read_series(paths: Sequence[str | Path], cost: str, anchors: int | None, notes: list[str]) -> list[Series]:
+    """Every file read and checked before anything is built: its `Series` (label, path, records, anchor count). Each
     file is one evaluation (`check_one_evaluation`), has the cost axis, and several files were evaluated on the same
     images (`check_same_evaluation_set`); `notes` gains what was inferred or is worth saying."""
     if anchors is not None and anchors < 1:
@@ -369,9 +376,9 @@ def read_series(paths: Sequence[str | Path], cost: str, anchors: int | None, not
     for path, label in zip(paths, labels(paths)):
         records = read_results(path)
         require_cost(records, cost, str(path))
-        series.append((label, str(path), records, _anchors(records, anchors, str(path), notes)))
+        series.append(Series(label, str(path), records, _anchors(records, anchors, str(path), notes)))
     if len(series) > 1:
-        notes += check_same_evaluation_set([(s[0], s[2]) for s in series])
+        notes += check_same_evaluation_set([(s.label, s.records) for s in series])
     return series
 
 
@@ -379,7 +386,7 @@ def read_series(paths: Sequence[str | Path], cost: str, anchors: int | None, not
 class ParetoReport:
     """What `snnet pareto` shows and writes for some results files (one cost axis)."""
     cost: str
-    series: list[tuple[str, str, list[dict[str, Any]], int]]  # (label, path, records, n_anchors) per file
+    series: list[Series]                                      # per file: (label, path, records, anchors)
     notes: list[str] = field(default_factory=list)            # for stderr: how anchors were found
     text: str = ""                                            # the fronts only (stdout)
     markdown: str = ""                                        # every stitch, the front marked
@@ -412,22 +419,22 @@ def pareto_report(paths: Sequence[str | Path], cost: str = "flops", anchors: int
                                      "front": [r["cfg_id"] for r in front], "front_records": front})
     _quality(report, read_results(before) if before is not None else None)
     if baselines:
-        add_to_report(report, [[r["cfg_id"] for r in s[2] if is_anchor(r, s[3])] for s in report.series],
-                      flops_unit([r for s in report.series for r in s[2]]))
+        add_to_report(report, [[r["cfg_id"] for r in s.records if is_anchor(r, s.anchors)] for s in report.series],
+                      flops_unit([r for s in report.series for r in s.records]))
     if len(report.series) > 1:
-        everything = [r for s in report.series for r in s[2]]
-        sources = [s[0] for s in report.series for _ in s[2]]
+        everything = [r for s in report.series for r in s.records]
+        sources = [s.label for s in report.series for _ in s.records]
         source_of = {id(r): src for r, src in zip(everything, sources)}
         front = pareto_front(everything, cost)
         _section(report, f"## combined: {len(front)} of {len(everything)} stitches of {len(report.series)} files "
-                         f"on the front", everything, [s[3] for s in report.series for _ in s[2]], sources)
+                         f"on the front", everything, [s.anchors for s in report.series for _ in s.records], sources)
         report.data["combined_front"] = [{"source": source_of[id(r)], **r} for r in front]
     return report
 
 
 def _quality(report: ParetoReport, before: list[dict[str, Any]] | None) -> None:
     """Front quality per file (FLOPs fronts only: the metrics normalise FLOPs by the largest anchor's)."""
-    if not all(is_number(r.get("flops")) for s in report.series for r in s[2]):
+    if not all(is_number(r.get("flops")) for s in report.series for r in s.records):
         if before is not None:
             raise ResultsError("--before needs FLOPs in every file (the front quality is measured on FLOPs)")
         return
@@ -455,7 +462,7 @@ def save_report(report: ParetoReport, out_dir: str | Path, title: str = "", img_
     image size for records that do not carry one."""
     out = Path(out_dir)
     files = [out / f"pareto_{report.cost}.{ext}" for ext in ("md", "json", "png")]
-    plot_series([(s[0], s[2], s[3]) for s in report.series], files[2], report.cost, title, img_size,
+    plot_series([(s.label, s.records, s.anchors) for s in report.series], files[2], report.cost, title, img_size,
                 [f.get("baselines") for f in report.data["files"]])
     write_text_atomic(files[0], report.markdown)
     write_text_atomic(files[1], json.dumps(report.data, indent=1) + "\n")
