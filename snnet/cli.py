@@ -28,11 +28,13 @@ import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from snnet.core.errors import OneLineParser, SNNetError, UsageError, one_line
 from snnet.core.fileio import check_out_dir
+from snnet.data.options import DataOptions, LoaderOptions
 from snnet.deploy.convert import convert_release
 from snnet.deploy.latency import add_latency, device_name, measure_latency, results_cfg_ids
 from snnet.results.pareto import cost_key, human, infer_anchors, latency_keys, pareto_report, route_of, save_report
@@ -40,6 +42,9 @@ from snnet.results.records import read_results
 from snnet.results.report import write_report
 from snnet.results.select import select
 from snnet.train.device import device_from_flag
+
+if TYPE_CHECKING:  # hints only: the module imports timm (see below)
+    from snnet.explore.similarity import SimilarityOptions
 
 # The modules that import timm (deploy.export, serve, data.datasets, explore: ~1,900 modules, about 2 s) are imported
 # by the command that runs them, so that `snnet pareto`, `select`, `report` and `--help` do not pay for them.
@@ -540,7 +545,7 @@ def cmd_shards(args: argparse.Namespace) -> int:
     return 0
 
 
-def _similarity_options(args: argparse.Namespace):
+def _similarity_options(args: argparse.Namespace) -> tuple[SimilarityOptions, DataOptions, LoaderOptions]:
     """The flags both tools share, as typed options: (theirs, which images, how they are loaded)."""
     from snnet.explore.similarity import SimilarityOptions, data_options, loader_options
     options = SimilarityOptions(out=args.out, anchors=tuple(args.anchors or ()), stitch_config=args.stitch_config,

@@ -103,7 +103,7 @@ def write_digits(root: Path, seed: int = 0) -> Path:
 def demo_anchors(*configs: Path) -> list[tuple[str, str, dict]]:
     """(run folder, timm name, model kwargs) of each anchor, read from configs/demo_digits.json (or the given demo
     configs, each anchor once): the config names the checkpoint <work>/<run folder>/last.pth.tar that step 2 trains."""
-    anchors = {}
+    anchors: dict[str, tuple[str, dict]] = {}
     for config in configs or (CONFIG,):
         for a in json.loads(Path(config).read_text())["anchors"]:
             anchors.setdefault(Path(a["checkpoint"]).parent.name, (a["name"], a["model_kwargs"]))
@@ -253,8 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     anchors = demo_anchors(*V2_CONFIGS.values()) if args.v2 else demo_anchors()
     # two at a time (one thread each, like the SN-Net's two processes), the largest first: on two cores the wall
     # time is about the largest anchor's, not the sum
+    def train(anchor: tuple[str, str, dict]) -> None:
+        name, model, kwargs = anchor
+        train_anchor(work, data, name, model, kwargs, args.anchor_epochs, args.fresh, args.seed)
     with ThreadPoolExecutor(max_workers=2) as pool:
-        list(pool.map(lambda a: train_anchor(work, data, *a, args.anchor_epochs, args.fresh, args.seed), anchors[::-1]))
+        list(pool.map(train, anchors[::-1]))
     extra = shlex.split(args.snnet_flags)
 
     if args.v2:

@@ -95,7 +95,8 @@ _ADAPTERS: list[type[AnchorAdapter]] = []
 
 def block_units(units: Sequence[Unit]) -> dict[tuple[int, int], int]:
     """(stage, block index) -> the index in `units` of that block unit."""
-    return {(u.stage, u.index): i for i, u in enumerate(units) if u.kind == "block"}
+    return {(u.stage, u.index): i for i, u in enumerate(units)  # type: ignore[misc]  # blocks have both set
+            if u.kind == "block"}
 
 
 def entry_unit(units: Sequence[Unit], stage: int, block: int, blocks: dict | None = None) -> int:

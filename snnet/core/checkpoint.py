@@ -165,7 +165,8 @@ def foreign_globals(path: str | os.PathLike) -> list[str]:
                 data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
         else:
             data = Path(path).read_bytes()
-        names, strings = [], []
+        names: list[str] = []
+        strings: list[Any] = []
         for op, arg, _ in pickletools.genops(data):
             if op.name == "GLOBAL":
                 names.append(str(arg).replace(" ", "."))

@@ -265,7 +265,7 @@ def _no_constant(name: str) -> Any:
     raise _JSONValueError(f"{name} is not a number here (JSON has no NaN or Infinity); write a finite number")
 
 
-def load_stitch_config(path: str | Path) -> StitchConfig:
+def load_stitch_config(path: str | os.PathLike) -> StitchConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"stitch config {str(path)!r} does not exist; pass an existing JSON file "

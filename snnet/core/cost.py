@@ -15,7 +15,8 @@ import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 from torch import nn
@@ -90,12 +91,16 @@ class CostTable:
                    for s in steps)
 
 
-Size = "int | tuple[int, int] | list[tuple[int, int]]"
+Size: TypeAlias = "int | tuple[int, int] | list[tuple[int, int]]"
 
 
 def _sizes(model: SNNet, img_size) -> list[tuple[int, int]]:
     """Per anchor, its input size (H, W): one size for every anchor, or a list with each anchor's own."""
-    one = lambda s: (s, s) if isinstance(s, int) else tuple(int(v) for v in s)[-2:]
+    def one(s) -> tuple[int, int]:
+        if isinstance(s, int):
+            return s, s
+        *_, h, w = (int(v) for v in s)
+        return h, w
     if isinstance(img_size, list):
         if len(img_size) != model.n_anchors:
             raise ValueError(f"{len(img_size)} input sizes for {model.n_anchors} anchors")
@@ -118,7 +123,7 @@ def measure(model: SNNet, img_size: Size = 224, in_chans: int = 3) -> CostTable:
             x = torch.zeros(1, in_chans, *sizes[a], device=device)
             flops, shapes = [], []
             for unit in units:
-                flops.append(count_flops(lambda t, unit=unit, anchor=anchor: unit.run(anchor, t), anchor, x))
+                flops.append(count_flops(partial(unit.run, anchor), anchor, x))
                 x = unit.run(anchor, x)
                 shapes.append(x.shape)
             unit_flops.append(flops)

@@ -72,6 +72,7 @@ def cut_points(net, outputs: dict[tuple[int, int], torch.Tensor]) -> list[list[C
         for u, unit in enumerate(units):
             x = outputs[(a, u)]
             layout = _unit_layout(net, a, u, x.dim())
+            extent: tuple[int, ...]
             if layout == FLAT:
                 channels, extent, pre = x.shape[1], (), 0
             elif layout == TOKENS:

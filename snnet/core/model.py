@@ -187,7 +187,7 @@ class RoutedNet(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """The anchors' own no-weight-decay names, prefixed (SN-Net dropped them: docs/snnet_compat.md, C18)."""
-        out = set()
+        out: set[str] = set()
         for a in range(self.n_anchors):
             nwd = getattr(self.anchor(a), "no_weight_decay", None)
             if nwd is not None:

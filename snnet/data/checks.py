@@ -133,9 +133,9 @@ def scan_image_folder(path: str, what: str = "train") -> dict[str, int]:
     return counts
 
 
-def _load_class_map(args: DataOptions, root: str) -> dict:
+def _load_class_map(args: DataOptions, root: str | None) -> dict:
     try:
-        mapping = load_class_map(args.class_map, root)
+        mapping = load_class_map(args.class_map, root or "")
     except Exception as e:  # timm asserts on a missing file or an unknown extension
         reason = " ".join(str(e).split())[:120] or type(e).__name__
         raise DataError(f"--class-map {args.class_map!r} cannot be read ({reason}); give a .txt file with one class "
@@ -291,7 +291,7 @@ def check_hf_parquet(args: DataOptions, need_train: bool) -> None:
                 ref = img.get("path") if isinstance(img, dict) else None
                 try:
                     # `datasets` stores an image of a local file by its path (bytes None), and reads it from there
-                    source = io.BytesIO(data) if data is not None or not ref else \
+                    source = io.BytesIO(data if data is not None else b"") if data is not None or not ref else \
                         ref if os.path.isabs(ref) else os.path.join(os.path.dirname(path), ref)
                     with Image.open(source):
                         pass

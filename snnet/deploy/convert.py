@@ -88,6 +88,9 @@ def convert_release(src: str | os.PathLike, dst: str | os.PathLike, stage_depths
                               f"another output path")
     state = load_release(src)
     weights = state.get("model", state.get("state_dict"))
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{str(src)!r} holds no 'model' or 'state_dict' weights: not an SN-Net release; give "
+                              f"the .pth SN-Net published")
     converted = convert_state_dict(weights, stage_depths)
     meta = state.get("args", state.get("config"))
     out = {"state_dict": converted, "epoch": int(state["epoch"]) if isinstance(state.get("epoch"), int) else -1,

@@ -103,7 +103,8 @@ def _pair(size) -> tuple[int, int] | None:
         return None
     if isinstance(size, int):
         return size, size
-    return tuple(int(s) for s in list(size)[-2:])
+    *_, h, w = (int(s) for s in size)
+    return h, w
 
 
 def load_snnet(checkpoint: str | os.PathLike, stitch_config: str | os.PathLike | None = None,
@@ -465,8 +466,9 @@ def export_stitch(loaded: Loaded, cfg_id: int, out_dir: str | os.PathLike,
     ref = net(x, cfg_id)
     # one line per check: pruned network, weights, each format, the reloaded export
     progress = Progress(f"Export cfg_id {cfg_id}: step", 3 + len(formats), every=1, unit=None)
-    diffs: dict[str, float | None] = {"module": _max_diff(module(x), ref)}
-    _check("pruned network", diffs["module"], ref, "a unit runs a module it does not list (adapter bug)")
+    pruned = _max_diff(module(x), ref)
+    diffs: dict[str, float | None] = {"module": pruned}
+    _check("pruned network", pruned, ref, "a unit runs a module it does not list (adapter bug)")
     progress.advance(extra=f"pruned network checked ({diffs['module']:.2g})")
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -517,7 +519,7 @@ def _build_export(module: nn.Module, loaded: Loaded, formats: Sequence[str], tmp
     spec["files"] = _write_formats(module, loaded, formats, tmp, x, ref, diffs, {"opset": opset}, progress)
     spec["max_abs_diff_vs_snnet"] = diffs
     (tmp / SPEC).write_text(json.dumps(spec, indent=2) + "\n")
-    diffs["reloaded"] = _max_diff(load_exported(tmp)(x), ref)
-    _check("reloaded export", diffs["reloaded"], ref, "report this bug")
+    diffs["reloaded"] = reloaded = _max_diff(load_exported(tmp)(x), ref)
+    _check("reloaded export", reloaded, ref, "report this bug")
     progress.advance(extra=f"reloaded export checked ({diffs['reloaded']:.2g})")
     (tmp / SPEC).write_text(json.dumps(spec, indent=2) + "\n")

@@ -138,7 +138,7 @@ def results_cfg_ids(net: SNNet, path: str | os.PathLike, checkpoint: str | os.Pa
     stamped = [r for r in records if checkpoint is not None and r.get("checkpoint_sha256") == digest and
                is_number(r.get("flops"))]
     if stamped:
-        table = cost_table(net, tuple(img_size), in_chans)
+        table = cost_table(net, (int(img_size[0]), int(img_size[1])), in_chans)
         for r in stamped:
             ours = table.route_flops(net.routes[r["cfg_id"]])
             if abs(ours - r["flops"]) > 1e-6 * max(abs(ours), 1.0):

@@ -71,15 +71,15 @@ class SearchOptions:
 
 
 def edge_score(maps: CompatibilityMaps, kind: str, edge: Edge) -> float | None:
-    """The search score of one edge in [0, 1]; None where no stitch exists."""
-    if edge not in maps.stitches:
+    """The search score of one edge in [0, 1]; None where no stitch exists (or its map has no value there)."""
+    value = maps.value({"cka": "cka", "ls": "ls_residual", "kl": "kl"}[kind], edge) if edge in maps.stitches else None
+    if value is None:
         return None
     if kind == "cka":
-        return min(max(maps.value("cka", edge), 0.0), 1.0)
+        return min(max(value, 0.0), 1.0)
     if kind == "ls":
-        r = maps.value("ls_residual", edge)
-        return max(0.0, 1.0 - r * r)
-    return math.exp(-maps.value("kl", edge))
+        return max(0.0, 1.0 - value * value)
+    return math.exp(-value)
 
 
 @dataclass(frozen=True)
@@ -203,8 +203,8 @@ def network_svg(net: ComposedNet, cfg_id: int, record: dict[str, Any], maps: Com
                      f"{stitch.front.layout} -> {stitch.end.layout}"]
             if maps is not None:
                 res = maps.value("ls_residual", what)
-                s = edge_score(maps, score, what)
-                lines[0] = f"LS stitch ({score} {s:.2f})" if s is not None else lines[0]
+                scored = edge_score(maps, score, what)
+                lines[0] = f"LS stitch ({score} {scored:.2f})" if scored is not None else lines[0]
                 if res is not None:
                     lines.append(f"residual {res:.3f}")
             out.append(f'<rect class="stitch" x="{x}" y="{top + 6}" width="{w}" height="{box_h - 12}" rx="4" '

@@ -57,6 +57,8 @@ def _heatmaps(maps: CompatibilityMaps, kind: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     table = {"cka": maps.cka, "ls_residual": maps.ls_residual, "kl": maps.kl}[kind]
+    if table is None:  # the KL map, when it was skipped (write_maps draws only the maps it has)
+        raise ValueError(f"no {kind} map to draw")
     pairs = [p for p in maps.pairs if kind != "cka" or p[0] < p[1] or (p[1], p[0]) not in maps.pairs]
     cols = min(3, len(pairs))
     rows = math.ceil(len(pairs) / cols)
@@ -115,7 +117,7 @@ def anchor_specs(anchors: Sequence[str] | None, stitch_config: str | None):
         raise SimilarityError("name the anchors with --anchors A B ... or --stitch_config CFG (one of the two)")
     if stitch_config:
         return load_stitch_config(stitch_config)
-    return StitchConfig([parse_anchor(text, "--anchors") for text in anchors], {})
+    return StitchConfig([parse_anchor(text, "--anchors") for text in anchors or ()], {})
 
 
 def build_anchors(cfg, pretrained: bool, num_classes: int | None, img_size: int | None,
@@ -254,9 +256,12 @@ def best_stitches(maps: CompatibilityMaps, a: int, b: int, top: int = 5) -> list
     residual first (ties: higher CKA). Positions without a linear stitch are never listed."""
     edges = [(e[1], e[3]) for e in maps.stitches if (e[0], e[2]) == (a, b)]
     edges = [(i, j) for i, j in edges if maps.value("ls_residual", (a, i, b, j)) is not None]
-    cka = lambda i, j: maps.value("cka", (a, i, b, j))
-    return sorted(edges, key=lambda e: (maps.value("ls_residual", (a, *e[:1], b, e[1])),
-                                        -(cka(*e) if cka(*e) is not None else -math.inf), e))[:top]
+
+    def key(e: tuple[int, int]) -> tuple:
+        i, j = e
+        cka = maps.value("cka", (a, i, b, j))
+        return maps.value("ls_residual", (a, i, b, j)), -(cka if cka is not None else -math.inf), e
+    return sorted(edges, key=key)[:top]
 
 
 def summary(maps: CompatibilityMaps, seconds: float, top: int = 5) -> str:
@@ -273,8 +278,9 @@ def summary(maps: CompatibilityMaps, seconds: float, top: int = 5) -> str:
         for i, j in best_stitches(maps, a, b, top):
             cka = maps.value("cka", (a, i, b, j))
             klv = maps.value("kl", (a, i, b, j)) if maps.kl is not None else None
+            res = maps.value("ls_residual", (a, i, b, j))  # defined: best_stitches lists only those
             lines.append(f"  {name(a, i):>14} -> {name(b, j):<14} LS residual "
-                         f"{number(maps.value('ls_residual', (a, i, b, j)))}" +
+                         f"{number(res) if res is not None else 'n/a'}" +
                          (f", CKA {number(cka)}" if cka is not None else "") +
                          (f", KL {number(klv)}" if klv is not None else ""))
     return "\n".join(lines)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -202,17 +202,21 @@ def front_table(records: Sequence[dict[str, Any]], cost: str = "flops", n_anchor
                    [n_anchors] * len(records)))
     fscale, funit = flops_unit(records)
     fmt = lambda v, f, scale=1.0: f.format(v / scale) if is_number(v) else ""
+
+    def cell(key: str, form: str, scale: float = 1.0) -> Callable[[dict[str, Any]], str]:
+        return lambda r: fmt(r.get(key), form, scale)
     lat_keys = latency_keys(records)
     # (header, alignment, cell); optional columns no record fills (params, top-5 in SN-Net's files) are left out
-    cols = [("source", "---", lambda r: label[id(r)])] if sources is not None else []
+    cols: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = \
+        [("source", "---", lambda r: label[id(r)])] if sources is not None else []
     cols += [("cfg_id", "---:", lambda r: str(r["cfg_id"])), ("route", "---", lambda r: route_of(r, per[id(r)]))]
-    cols += [(h, "---:", lambda r, k=k, f=f, sc=sc: fmt(r.get(k), f, sc)) for h, k, f, sc in (
+    cols += [(h, "---:", cell(k, f, sc)) for h, k, f, sc in (
         (funit, "flops", "{:.3f}", fscale), ("params (M)", "params", "{:.3f}", 1e6)) if any(is_number(r.get(k))
                                                                                       for r in records)]
     cols += [("top-1", "---:", lambda r: f"{r['acc1']:.2f}")]
     cols += [("top-5", "---:", lambda r: fmt(r.get("acc5"), "{:.2f}"))] if any(is_number(r.get("acc5"))
                                                                               for r in records) else []
-    cols += [(f"ms @ b{k[len('latency_ms_b'):]}", "---:", lambda r, k=k: fmt(r.get(k), "{:.3f}")) for k in lat_keys]
+    cols += [(f"ms @ b{k[len('latency_ms_b'):]}", "---:", cell(k, "{:.3f}")) for k in lat_keys]
     cols += [("Pareto", ":---:", lambda r: "**yes**" if id(r) in front_ids else "")] if all_rows else []
     lines = ["| " + " | ".join(c[0] for c in cols) + " |", "|" + "|".join(c[1] for c in cols) + "|"]
     lines += ["| " + " | ".join(c[2](r) for c in cols) + " |" for r in rows_in]
@@ -277,7 +281,8 @@ def eval_subtitle(series: Sequence[tuple[str, Sequence[dict[str, Any]]]], img_si
         sizes = {_size_text(r.get("img_size", img_size)) for r in records}
         samples = {r.get("samples") if is_number(r.get("samples")) else None for r in records}
         parts = [f"{sizes.pop()} images"] if len(sizes) == 1 and None not in sizes else []
-        parts += [f"{int(samples.pop()):,} validation images"] if len(samples) == 1 and None not in samples else []
+        known = [s for s in samples if s is not None]
+        parts += [f"{int(known[0]):,} validation images"] if len(samples) == 1 and known else []
         texts.append((label, ", ".join(parts)))
     if len({t for _, t in texts}) == 1:
         return texts[0][1]
