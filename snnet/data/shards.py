@@ -439,7 +439,7 @@ def check_shards(args: DataOptions, need_train: bool, world_size: int, train_nam
                          f"{', '.join(info['splits'])}); pass --val-split")
     if val is not None:
         splits.append(("validation", val))
-    wanted = getattr(args, "num_classes", None)
+    wanted = args.num_classes
     limit = splits[0][1].num_classes or wanted
     total = sum(len(s.files) for _, s in splits)
     progress = Progress(f"Checking {total} shard(s)", total, seconds=10.0, unit="shards")
@@ -478,7 +478,7 @@ def check_shards(args: DataOptions, need_train: bool, world_size: int, train_nam
     if wanted is not None and splits[0][1].num_classes is not None and wanted < splits[0][1].num_classes:
         raise ShardError(f"--num-classes {wanted} is smaller than the {splits[0][1].num_classes} classes of "
                          f"{INFO_FILE} in {root!r}; raise it or leave it out")
-    if getattr(args, "class_map", ""):
+    if args.class_map:
         raise ShardError(f"--class-map {args.class_map!r} does not apply to shards: their class indices were fixed "
                          f"when they were written (the classes of {INFO_FILE}); drop it, or rewrite the shards from "
                          f"a folder with those classes")
