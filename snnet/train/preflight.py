@@ -4,6 +4,11 @@ the data layout, the augmentation. A bad input is one line and exit 2 before a w
 train.py runs these checks first, identically on every rank; distributed_train.sh runs them once before torchrun
 starts its processes (``python -m snnet.train.preflight NUM_PROC ARGS``), so a bad input under torchrun is one line from
 one process, not one per rank followed by torchrun's traceback.
+
+This module is part of train.py's argument resolution: `check_run` and `check_recipe` check the resolved arguments
+as a whole (train.py's namespace: every flag of the recipe, called only by train.py and by its own entry point
+above). The checks other tools reuse take typed values: `check_output` a folder, `check_augmentation` the
+`LoaderOptions` and an input size.
 """
 from __future__ import annotations
 
