@@ -28,12 +28,26 @@ import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
 
 from snnet.core.errors import OneLineParser, SNNetError, UsageError, one_line
 from snnet.core.fileio import check_out_dir
+from snnet.data.options import DataOptions, LoaderOptions
+from snnet.deploy.convert import convert_release
+from snnet.deploy.latency import add_latency, device_name, measure_latency, results_cfg_ids
 from snnet.results.pareto import cost_key, human, infer_anchors, latency_keys, pareto_report, route_of, save_report
 from snnet.results.records import read_results
+from snnet.results.report import write_report
 from snnet.results.select import select
+from snnet.train.device import device_from_flag
+
+if TYPE_CHECKING:  # hints only: the module imports timm (see below)
+    from snnet.explore.similarity import SimilarityOptions
+
+# The modules that import timm (deploy.export, serve, data.datasets, explore: ~1,900 modules, about 2 s) are imported
+# by the command that runs them, so that `snnet pareto`, `select`, `report` and `--help` do not pay for them.
 
 _Parser = OneLineParser  # one line, no usage block
 
@@ -111,7 +125,6 @@ def cmd_pareto(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------- report
 def cmd_report(args: argparse.Namespace) -> int:
-    from snnet.results.report import write_report
     out = Path(args.out)
     if out.is_dir():
         raise UsageError(f"--out {args.out!r} is a folder; pass the HTML file to write, e.g. --out "
@@ -202,8 +215,6 @@ def _held_output():
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import torch
-
     from snnet.deploy.export import ONNX_OPSET, WEIGHTS, check_cfg_id, check_opset, export_stitch
     formats = [f for f, off in (("torchscript", args.no_torchscript), ("onnx", args.no_onnx)) if not off]
     if "onnx" in formats:  # refused before the checkpoint is read; with --no-onnx the opset is unused
@@ -236,11 +247,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------- latency
 def cmd_latency(args: argparse.Namespace) -> int:
-    import torch
-
     from snnet.deploy.export import check_cfg_id
-    from snnet.deploy.latency import add_latency, device_name, measure_latency, results_cfg_ids
-    from snnet.train.device import device_from_flag
     if args.threads:
         torch.set_num_threads(args.threads)
     device = device_from_flag(args.device)  # the one reading of --device
@@ -445,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_convert)
     _similarity_parsers(sub)
     _serve_parser(sub)
-    from snnet.explore.stitch_train import add_subcommand as add_stitch_train  # torch is imported only when it runs
+    from snnet.explore.stitch_train import add_subcommand as add_stitch_train  # imports timm: see the imports
     add_stitch_train(sub)
     return p
 
@@ -538,20 +545,31 @@ def cmd_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def _similarity_options(args: argparse.Namespace) -> tuple[SimilarityOptions, DataOptions, LoaderOptions]:
+    """The flags both tools share, as typed options: (theirs, which images, how they are loaded)."""
+    from snnet.explore.similarity import SimilarityOptions, data_options, loader_options
+    options = SimilarityOptions(out=args.out, anchors=tuple(args.anchors or ()), stitch_config=args.stitch_config,
+                                batches=args.batches, img_size=args.img_size, pretrained=not args.no_pretrained,
+                                seed=args.seed)
+    return options, data_options(args.data, args.num_classes), loader_options(args.batch_size)
+
+
 def cmd_similarity(args: argparse.Namespace) -> int:
     from snnet.explore.similarity import run_similarity
-    run_similarity(args)
+    run_similarity(*_similarity_options(args), args.device, split=args.split, kl=not args.no_kl)
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from snnet.explore.search import run_search
-    run_search(args)
+    from snnet.explore.search import SearchOptions, run_search
+    options, data, loader = _similarity_options(args)
+    search = SearchOptions(threshold=args.threshold, total_threshold=args.total_threshold, max_depth=args.max_depth,
+                           beam_width=args.beam_width, score=args.score)
+    run_search(options, search, data, loader, args.device, args.max_networks)
     return 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from snnet.deploy.convert import convert_release
     if not args.trust:
         raise UsageError(f"{args.src!r} is a pickled file: converting it means trusting where it came from; if you "
                          f"do, add --trust")

@@ -40,12 +40,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from snnet.core.checkpoint import VERSION as CHECKPOINT_VERSION
 from snnet.core.checkpoint import load_checkpoint
 from snnet.core.fileio import atomic_path, write_text_atomic
+from snnet.results.baselines import file_baselines
+from snnet.results.pareto import infer_anchors, is_anchor, pareto_report, save_report
+from snnet.results.predictions import load_for, predictions_path, write_predictions
+from snnet.results.quality import in_anchor_range
 from snnet.results.records import RESULTS_FILE, read_results, write_results
+from snnet.results.report import write_report
 
 WEIGHTS_FILE = "snnet.pth.tar"  # the demo's trained SN-Net beside its results (save_weights)
 
@@ -82,9 +89,7 @@ def common(seed: int = SEED) -> list[str]:
 
 def write_digits(root: Path, seed: int = 0) -> Path:
     """scikit-learn's digits as PNG files (16x16, nearest upsampling), stratified train/val split."""
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # scikit-learn loads scipy (~1 s): only this step needs it
     from sklearn.model_selection import train_test_split
 
     data = root / "digits"
@@ -108,7 +113,7 @@ def write_digits(root: Path, seed: int = 0) -> Path:
 def demo_anchors(*configs: Path) -> list[tuple[str, str, dict]]:
     """(run folder, timm name, model kwargs) of each anchor, read from configs/demo_digits.json (or the given demo
     configs, each anchor once): the config names the checkpoint <work>/<run folder>/last.pth.tar that step 2 trains."""
-    anchors = {}
+    anchors: dict[str, tuple[str, dict]] = {}
     for config in configs or (CONFIG,):
         for a in json.loads(Path(config).read_text())["anchors"]:
             anchors.setdefault(Path(a["checkpoint"]).parent.name, (a["name"], a["model_kwargs"]))
@@ -258,8 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     anchors = demo_anchors(*V2_CONFIGS.values()) if args.v2 else demo_anchors()
     # two at a time (one thread each, like the SN-Net's two processes), the largest first: on two cores the wall
     # time is about the largest anchor's, not the sum
+    def train(anchor: tuple[str, str, dict]) -> None:
+        name, model, kwargs = anchor
+        train_anchor(work, data, name, model, kwargs, args.anchor_epochs, args.fresh, args.seed)
     with ThreadPoolExecutor(max_workers=2) as pool:
-        list(pool.map(lambda a: train_anchor(work, data, *a, args.anchor_epochs, args.fresh, args.seed), anchors[::-1]))
+        list(pool.map(train, anchors[::-1]))
     extra = shlex.split(args.snnet_flags)
 
     if args.v2:
@@ -288,9 +296,6 @@ def main(argv: list[str] | None = None) -> int:
 def summary(sources: list[Path]) -> list[str]:
     """What the picture should show, in numbers: the share of stitches whose top-1 lies within the anchors' top-1
     range +-3 points, and on what share of budgets the stitched front beats random mixing of the anchors."""
-    from snnet.results.baselines import file_baselines
-    from snnet.results.pareto import infer_anchors, is_anchor
-    from snnet.results.quality import in_anchor_range
     lines = []
     for path in sources:
         records = read_results(path)
@@ -375,7 +380,6 @@ def evaluate_weights(work: Path, data: Path, weights: Path) -> Path:
 def copy_results(run_dir: Path, dest: Path) -> None:
     """A run's stitches_res.txt and the anchors' per-image predictions beside it (stitches_pred.npz, which
     `snnet pareto --baselines` reads), checked against each other, to `dest` and beside it."""
-    from snnet.results.predictions import load_for, predictions_path, write_predictions
     records = read_results(run_dir)
     pred = load_for(run_dir / RESULTS_FILE, records)
     write_results(dest, records)
@@ -392,8 +396,6 @@ def report(results: Path, sources: list[Path] | None = None, title: str = TITLE)
 
     Files written before records carried ``img_size`` (the committed ones) get the size the demo trains and
     evaluates at (COMMON's --img-size) for the plot's subtitle; records that carry one keep theirs."""
-    from snnet.results.pareto import pareto_report, save_report
-    from snnet.results.report import write_report
     img_size = int(COMMON[COMMON.index("--img-size") + 1])
     # the report names the files it read: relative to the working directory (the repository root for `make demo`)
     paths = [os.path.relpath(s) for s in sources or [results / RESULTS_FILE]]

@@ -24,7 +24,7 @@ def _stop_at(monkeypatch, name):
     seen = {}
 
     def stop(*a, **k):
-        seen["args"] = next(x for x in a if hasattr(x, "lr")) if name == "build_network" else a[1].args
+        seen["args"] = next(x for x in a if hasattr(x, "num_classes")) if name == "build_network" else a[1].args
         raise KeyboardInterrupt  # not a user error: stops the run where it is
 
     monkeypatch.setattr(main_mod, name, stop)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from importlib.metadata import entry_points
 
 import torch
 from torch import nn
@@ -94,7 +95,8 @@ _ADAPTERS: list[type[AnchorAdapter]] = []
 
 def block_units(units: Sequence[Unit]) -> dict[tuple[int, int], int]:
     """(stage, block index) -> the index in `units` of that block unit."""
-    return {(u.stage, u.index): i for i, u in enumerate(units) if u.kind == "block"}
+    return {(u.stage, u.index): i for i, u in enumerate(units)  # type: ignore[misc]  # blocks have both set
+            if u.kind == "block"}
 
 
 def entry_unit(units: Sequence[Unit], stage: int, block: int, blocks: dict | None = None) -> int:
@@ -121,7 +123,6 @@ def load_family_packages() -> None:
 
     Each package registers its adapters on import. Third-party packages can add families the same way.
     """
-    from importlib.metadata import entry_points
     for ep in entry_points(group="snnet.families"):
         ep.load()
 

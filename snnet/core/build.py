@@ -16,6 +16,7 @@ from snnet.core.model import SNNet
 from snnet.core.plan import StitchPlan, deit_plan, positions_plan, stagewise_plan, two_way_plan
 
 
+# timm is imported by the functions that use it: about 1 s, which `import snnet` and `snnet --help` do not pay
 def check_model_name(name: str) -> None:
     import timm
     if not timm.is_model(name):
@@ -187,7 +188,7 @@ def set_constant_drop_path(model: nn.Module, rate: float) -> int:
     """SN-Netv2's stochastic depth: the same drop rate in every block, where timm ramps it linearly from 0
     (docs/snnet_compat.md, C36). Replaces each `drop_path*` child (timm's DropPath, or Identity where timm's rate was
     0); returns how many were set."""
-    from timm.layers import DropPath
+    from timm.layers import DropPath  # timm: see check_model_name
     count = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):

@@ -6,16 +6,21 @@ Namespace or a yacs CfgNode there: docs/snnet_compat.md, C26).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import pickletools
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
+from snnet.core.config import ConfigError, parse_stitch_config
 from snnet.core.errors import SNNetError
 from snnet.core.fileio import atomic_path
 
@@ -106,7 +111,6 @@ def _read(path: Path, what: str) -> Any:
         raise CheckpointError(f"{what} {str(path)!r} is empty (an interrupted copy?); use another file")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
             return load_file(str(path))
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
@@ -155,15 +159,14 @@ _SAFE_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "_codecs.encode", 
 def foreign_globals(path: str | os.PathLike) -> list[str]:
     """Names of classes/functions a pickle references beyond what torch's weights-only loader allows, read with
     pickletools (which parses opcodes and executes nothing); [] for files that are not pickles at all."""
-    import pickletools
-    import zipfile
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as z:
                 data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
         else:
             data = Path(path).read_bytes()
-        names, strings = [], []
+        names: list[str] = []
+        strings: list[Any] = []
         for op, arg, _ in pickletools.genops(data):
             if op.name == "GLOBAL":
                 names.append(str(arg).replace(" ", "."))
@@ -261,7 +264,6 @@ class CheckpointSaver:
 def state_sha256(state: dict[str, torch.Tensor]) -> str:
     """sha256 over a state dict (names, dtypes, shapes and bytes, in name order): the identity of weights, whatever
     they were built from (a checkpoint file, timm's pretrained weights, a seeded random init, a least-squares fit)."""
-    import hashlib
     h = hashlib.sha256()
     for name, t in sorted(state.items()):
         t = t.detach().cpu().contiguous()
@@ -279,7 +281,6 @@ NETWORK_FIELDS = ("skip_final_norm", "nearest_stitching", "stitch_kernel_size", 
 def recorded_stitch_config(state: dict[str, Any], source: str):
     """The stitch config a train.py checkpoint recorded (anchors and the config's fields, as JSON text), or None for a
     checkpoint that records none (SN-Net's, converted). ConfigError when it cannot be parsed."""
-    from snnet.core.config import parse_stitch_config
     ident = json_field(state, "config")
     if not isinstance(ident, dict) or not isinstance(ident.get("anchors"), list) or \
             not all(isinstance(a, dict) for a in ident["anchors"]):
@@ -310,7 +311,6 @@ def check_same_network(given, state: dict[str, Any], checkpoint: str, config: st
     """Refuse (ConfigError) a config `given` that builds another network than the one checkpoint `state` recorded
     (`network_differences`); a checkpoint that records none passes. `config` names the given config, `fix` ends the
     message (what the user should pass)."""
-    from snnet.core.config import ConfigError
     recorded = recorded_stitch_config(state, repr(checkpoint))
     differences = network_differences(given, recorded) if recorded is not None else []
     if differences:

@@ -86,7 +86,7 @@ class MinibatchCKA:
     any pair added. The self terms HSIC₁(K, K) are accumulated for every key seen.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.cross: dict[tuple[Hashable, Hashable], float] = {}
         self.self_: dict[Hashable, float] = {}
         self.batches: dict[Hashable, int] = {}

@@ -265,7 +265,7 @@ def _no_constant(name: str) -> Any:
     raise _JSONValueError(f"{name} is not a number here (JSON has no NaN or Infinity); write a finite number")
 
 
-def load_stitch_config(path: str | Path) -> StitchConfig:
+def load_stitch_config(path: str | os.PathLike) -> StitchConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"stitch config {str(path)!r} does not exist; pass an existing JSON file "
@@ -300,7 +300,6 @@ def parse_anchor(value: Any, source: str = "anchor", base: str | os.PathLike | N
     * a config's JSON anchor object, as text or a dict: ``{"name": ..., "checkpoint": ..., "model_kwargs": {...}}``.
 
     Relative checkpoint and config paths are taken from `base` when given. Raises ConfigError naming `source`."""
-    import json
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("{"):

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 from torch import nn
@@ -26,7 +28,7 @@ if TYPE_CHECKING:  # hints only: a runtime import made model.py and cost.py impo
 
 
 def _sdpa_flop_handler(inputs: list[Any], outputs: list[Any]) -> int:
-    from fvcore.nn.jit_handles import get_shape
+    from fvcore.nn.jit_handles import get_shape  # fvcore: heavy (it scripts a function at import), see count_flops
     q, k, v = (get_shape(t) for t in inputs[:3])
     *batch, n_q, d = q
     n_k, d_v = k[-2], v[-1]
@@ -51,7 +53,7 @@ class _Call(nn.Module):
 
 def count_flops(fn: Callable[[torch.Tensor], torch.Tensor], owner: nn.Module, x: torch.Tensor) -> int:
     """fvcore FLOPs of ``fn(x)`` (SN-Net's convention), with the SDPA handler, warnings off."""
-    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn import FlopCountAnalysis  # heavy at import (it scripts a function); only pricing needs it
     logging.getLogger("fvcore").setLevel(logging.ERROR)
     analysis = FlopCountAnalysis(_Call(fn, owner), (x,)).set_op_handle(**FLOP_HANDLES)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
@@ -61,7 +63,6 @@ def count_flops(fn: Callable[[torch.Tensor], torch.Tensor], owner: nn.Module, x:
 
 @contextlib.contextmanager
 def warnings_off():
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
@@ -90,12 +91,16 @@ class CostTable:
                    for s in steps)
 
 
-Size = "int | tuple[int, int] | list[tuple[int, int]]"
+Size: TypeAlias = "int | tuple[int, int] | list[tuple[int, int]]"
 
 
 def _sizes(model: SNNet, img_size) -> list[tuple[int, int]]:
     """Per anchor, its input size (H, W): one size for every anchor, or a list with each anchor's own."""
-    one = lambda s: (s, s) if isinstance(s, int) else tuple(int(v) for v in s)[-2:]
+    def one(s) -> tuple[int, int]:
+        if isinstance(s, int):
+            return s, s
+        *_, h, w = (int(v) for v in s)
+        return h, w
     if isinstance(img_size, list):
         if len(img_size) != model.n_anchors:
             raise ValueError(f"{len(img_size)} input sizes for {model.n_anchors} anchors")
@@ -118,7 +123,7 @@ def measure(model: SNNet, img_size: Size = 224, in_chans: int = 3) -> CostTable:
             x = torch.zeros(1, in_chans, *sizes[a], device=device)
             flops, shapes = [], []
             for unit in units:
-                flops.append(count_flops(lambda t, unit=unit, anchor=anchor: unit.run(anchor, t), anchor, x))
+                flops.append(count_flops(partial(unit.run, anchor), anchor, x))
                 x = unit.run(anchor, x)
                 shapes.append(x.shape)
             unit_flops.append(flops)

@@ -10,6 +10,7 @@ stitch through this module.
 """
 from __future__ import annotations
 
+import copy
 import math
 import weakref
 from dataclasses import dataclass
@@ -71,6 +72,7 @@ def cut_points(net, outputs: dict[tuple[int, int], torch.Tensor]) -> list[list[C
         for u, unit in enumerate(units):
             x = outputs[(a, u)]
             layout = _unit_layout(net, a, u, x.dim())
+            extent: tuple[int, ...]
             if layout == FLAT:
                 channels, extent, pre = x.shape[1], (), 0
             elif layout == TOKENS:
@@ -203,7 +205,6 @@ class CutStitch(nn.Module):
         else the stitch itself (the cost model counts this one, as it counts SN-Net's layers)."""
         if not hasattr(self.layer, "merged"):
             return self
-        import copy
         out = copy.deepcopy(self)
         out.layer = self.layer.merged()
         return out

@@ -108,7 +108,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 def save_figure(fig, path, **savefig_kwargs) -> None:
     """A matplotlib figure as a PNG, written atomically (tight layout), then closed."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy (~0.5 s): only a figure needs it
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", **savefig_kwargs)

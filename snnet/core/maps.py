@@ -31,9 +31,9 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Sized
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import torch
@@ -142,11 +142,15 @@ def all_pairs(n: int) -> list[tuple[int, int]]:
     return [(a, b) for a in range(n) for b in range(n) if a != b]
 
 
-Batch = torch.Tensor | Sequence[torch.Tensor]
+Batch: TypeAlias = "torch.Tensor | Sequence[torch.Tensor]"  # one tensor, or one per input group
 
 
 def _to(x: Batch, device: torch.device) -> Batch:
     return x.to(device) if isinstance(x, torch.Tensor) else [t.to(device) for t in x]
+
+
+def _height_width(x: torch.Tensor) -> tuple[int, int]:
+    return int(x.shape[-2]), int(x.shape[-1])
 
 
 def _count(x: Batch) -> int:
@@ -177,8 +181,8 @@ def compatibility_maps(net: ComposedNet, batches: Iterable[Batch], pairs: Sequen
     stitchable: dict[Edge, tuple[CutPoint, CutPoint]] = {}
     reasons: dict[Edge, str] = {}
     n_images = n_batches = cka_batches = 0
-    input_sizes = None
-    total = len(batches) if hasattr(batches, "__len__") else None
+    input_sizes: list[tuple[int, int]] | None = None
+    total = len(batches) if isinstance(batches, Sized) else None
     progress = Progress("similarity: statistics (batches)", total, unit="img", seconds=PROGRESS_SECONDS)
     with eval_mode(net):
         for x in batches:
@@ -187,8 +191,7 @@ def compatibility_maps(net: ComposedNet, batches: Iterable[Batch], pairs: Sequen
             feats = net.capture(x, points)
             if cuts is None:
                 cuts = cut_points(net, feats)
-                input_sizes = [tuple(int(s) for s in net.anchor_input(x, a).shape[-2:])
-                               for a in range(net.n_anchors)]
+                input_sizes = [_height_width(net.anchor_input(x, a)) for a in range(net.n_anchors)]
                 for a, b in pairs:
                     for fc in cuts[a]:
                         for ec in cuts[b]:
@@ -211,7 +214,7 @@ def compatibility_maps(net: ComposedNet, batches: Iterable[Batch], pairs: Sequen
             progress.advance(n)
     if total is None and n_batches:
         progress.finish()
-    if cuts is None:
+    if cuts is None or input_sizes is None:
         raise SimilarityError("no images: the similarity maps need at least one batch of images")
     if not cka_batches:
         raise SimilarityError(f"the unbiased CKA needs batches of at least 4 images; got {n_images} image(s): use "
@@ -240,7 +243,7 @@ def compatibility_maps(net: ComposedNet, batches: Iterable[Batch], pairs: Sequen
 
 
 def _kl_maps(net: ComposedNet, batches, maps: CompatibilityMaps, points, device) -> dict:
-    total = len(batches) if hasattr(batches, "__len__") else None
+    total = len(batches) if isinstance(batches, Sized) else None
     progress = Progress(f"similarity: KL of {len(maps.stitches)} stitched networks (batches)", total, unit="img",
                         seconds=PROGRESS_SECONDS)
     sums = {e: 0.0 for e in maps.stitches}

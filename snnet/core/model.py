@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from snnet.core.adapter import AnchorAdapter, Unit, adapter_for, block_units, entry_unit, module_param_count
@@ -72,8 +73,7 @@ class RoutedNet(nn.Module):
             if self.grad_checkpointing and self.training and unit.kind == "block" and torch.is_grad_enabled():
                 # keep only the block's input; its activations are recomputed in the backward pass (the RNG state
                 # is replayed, so drop-path draws the same masks)
-                from torch.utils.checkpoint import checkpoint
-                return checkpoint(unit.run, self.anchor(step.anchor), x, use_reentrant=False)
+                return torch.utils.checkpoint.checkpoint(unit.run, self.anchor(step.anchor), x, use_reentrant=False)
             return unit.run(self.anchor(step.anchor), x)
         return self.stitch_layer(step.address)(x)
 
@@ -187,7 +187,7 @@ class RoutedNet(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """The anchors' own no-weight-decay names, prefixed (SN-Net dropped them: docs/snnet_compat.md, C18)."""
-        out = set()
+        out: set[str] = set()
         for a in range(self.n_anchors):
             nwd = getattr(self.anchor(a), "no_weight_decay", None)
             if nwd is not None:
@@ -204,7 +204,7 @@ def _raise_recompile_limit(modules: int) -> None:
     """Compiled blocks share code per class, but dynamo specialises on what differs between instances (width,
     drop-path rate) and on train/eval mode; let each compiled module have its own entries before dynamo gives up
     and runs that code eagerly."""
-    import torch._dynamo
+    import torch._dynamo  # heavy (the compiler); only a --compile run reaches it
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, name, max(getattr(config, name), 2 * modules + 8))

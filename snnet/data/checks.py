@@ -133,9 +133,9 @@ def scan_image_folder(path: str, what: str = "train") -> dict[str, int]:
     return counts
 
 
-def _load_class_map(args: DataOptions, root: str) -> dict:
+def _load_class_map(args: DataOptions, root: str | None) -> dict:
     try:
-        mapping = load_class_map(args.class_map, root)
+        mapping = load_class_map(args.class_map, root or "")
     except Exception as e:  # timm asserts on a missing file or an unknown extension
         reason = " ".join(str(e).split())[:120] or type(e).__name__
         raise DataError(f"--class-map {args.class_map!r} cannot be read ({reason}); give a .txt file with one class "
@@ -156,8 +156,8 @@ def train_samples_per_process(images: int, world_size: int, aug_repeats: float =
 
 
 def _check_steps(args: DataOptions, images: int, where: str, world_size: int) -> None:
-    batch, accum = args.batch_size, max(1, int(getattr(args, "grad_accum_steps", 1) or 1))
-    per = train_samples_per_process(images, world_size, getattr(args, "aug_repeats", 0) or 0)
+    batch, accum = args.batch_size, max(1, int(args.grad_accum_steps or 1))
+    per = train_samples_per_process(images, world_size, args.aug_repeats or 0)
     if per // batch // accum >= 1:
         return
     procs = f"{per} per process over {world_size} processes" if world_size > 1 else "1 process"
@@ -173,7 +173,7 @@ def _check_steps(args: DataOptions, images: int, where: str, world_size: int) ->
 
 
 def _check_num_classes(args: DataOptions, classes: int, where: str) -> None:
-    wanted = getattr(args, "num_classes", None)
+    wanted = args.num_classes
     if wanted is not None and wanted < classes:
         raise DataError(f"--num-classes {wanted} is smaller than the {classes} classes of {where}: labels "
                         f"{wanted}..{classes - 1} would have no output; raise it to {classes} or leave it out "
@@ -220,10 +220,10 @@ def _check_other_dataset(args: DataOptions, need_train: bool = True) -> None:
     if root and os.path.isfile(root):
         raise DataError(f"data folder {root!r} is a file; give the folder of the {name} dataset")
     if root and not os.path.isdir(root) and (name in ("imagenet", "image_folder", "folder")
-                                             or not getattr(args, "dataset_download", False)):
+                                             or not args.dataset_download):
         raise DataError(f"data folder {root!r} does not exist; give the folder of the {name} dataset"
                         + ("" if name in ("imagenet", "image_folder", "folder") else " or add --dataset-download"))
-    if name in _TORCH_CLASSES and not getattr(args, "class_map", ""):
+    if name in _TORCH_CLASSES and not args.class_map:
         _check_num_classes(args, _TORCH_CLASSES[name], f"--dataset {args.dataset}")
 
 
@@ -248,7 +248,6 @@ def check_hf_parquet(args: DataOptions, need_train: bool) -> None:
     unless --num-classes covers them. Splits in other formats (no parquet file) are left to `datasets`."""
     import pyarrow.parquet as pq  # with `datasets` (requirements.txt): only hfds/ runs need it
     import pyarrow.types as pa_types
-    from PIL import Image
     folder = hf_folder(args)
     splits = ([("train", args.train_split)] if need_train else []) + [("validation", args.val_split)]
     names, top, where = None, -1, None
@@ -292,7 +291,7 @@ def check_hf_parquet(args: DataOptions, need_train: bool) -> None:
                 ref = img.get("path") if isinstance(img, dict) else None
                 try:
                     # `datasets` stores an image of a local file by its path (bytes None), and reads it from there
-                    source = io.BytesIO(data) if data is not None or not ref else \
+                    source = io.BytesIO(data if data is not None else b"") if data is not None or not ref else \
                         ref if os.path.isabs(ref) else os.path.join(os.path.dirname(path), ref)
                     with Image.open(source):
                         pass
@@ -302,7 +301,7 @@ def check_hf_parquet(args: DataOptions, need_train: bool) -> None:
                                     f"that every count is exact)") from None
     if where is None:
         return
-    wanted = getattr(args, "num_classes", None)
+    wanted = args.num_classes
     if names is not None:
         if top >= len(names):
             raise DataError(f"parquet file {where!r} has class index {top}, beyond its {len(names)} class names; fix "
@@ -336,7 +335,7 @@ def check_data(args: DataOptions, need_train: bool, world_size: int) -> None:
         return
     train_dir, val_dir = resolve_folders(args, need_train)
     train_dir = train_dir if need_train else None
-    mapping = _load_class_map(args, train_dir or val_dir) if getattr(args, "class_map", "") else None
+    mapping = _load_class_map(args, train_dir or val_dir) if args.class_map else None
     raw, scans = {}, {}  # each split folder walked once: class folder -> images, as found / as the class map keeps
     for path, what in ((train_dir, "train"), (val_dir, "validation")):
         if path is not None:

@@ -31,6 +31,7 @@ import re
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 from PIL import Image
@@ -157,7 +158,8 @@ def iter_shard(path: str, start: int = 0, stop: int | None = None, what: str = "
         tar = tarfile.open(path, "r:")
     except (tarfile.TarError, OSError) as e:
         raise ShardError(f"{what} {path!r} is not a readable tar file ({e}); rewrite it with snnet shards") from None
-    pos, key, sample = -1, None, {}
+    pos, key = -1, None
+    sample: dict[str, bytes | int] = {}
     with tar:
         try:
             for m in tar:
@@ -205,7 +207,6 @@ def _image_ext(sample: dict) -> str | None:
 
 def check_image_header(data: bytes, where: str) -> None:
     """An image member opened as far as its header (as the folder preflight opens each validation image)."""
-    from PIL import Image
     try:
         with Image.open(io.BytesIO(data)):
             pass
@@ -438,7 +439,7 @@ def check_shards(args: DataOptions, need_train: bool, world_size: int, train_nam
                          f"{', '.join(info['splits'])}); pass --val-split")
     if val is not None:
         splits.append(("validation", val))
-    wanted = getattr(args, "num_classes", None)
+    wanted = args.num_classes
     limit = splits[0][1].num_classes or wanted
     total = sum(len(s.files) for _, s in splits)
     progress = Progress(f"Checking {total} shard(s)", total, seconds=10.0, unit="shards")
@@ -456,10 +457,11 @@ def check_shards(args: DataOptions, need_train: bool, world_size: int, train_nam
             for _pos, key, sample in iter_shard(path, headers_only=not whole):
                 seen += 1
                 where = f"sample {key!r} of {what} shard {path!r}"
-                if _image_ext(sample) is None:
+                ext = _image_ext(sample)
+                if ext is None:
                     raise ShardError(f"{where} has no image member ({', '.join(sample)}); rewrite the shard")
-                if whole:
-                    check_image_header(sample[_image_ext(sample)], where)
+                if whole:  # read whole (not headers_only): the image member's bytes
+                    check_image_header(cast(bytes, sample[ext]), where)
                 label = sample_label(sample, where)
                 if label < 0 or (limit is not None and label >= limit):
                     raise ShardError(f"{where} has class index {label}, out of range 0..{(limit or 1) - 1} "
@@ -476,11 +478,11 @@ def check_shards(args: DataOptions, need_train: bool, world_size: int, train_nam
     if wanted is not None and splits[0][1].num_classes is not None and wanted < splits[0][1].num_classes:
         raise ShardError(f"--num-classes {wanted} is smaller than the {splits[0][1].num_classes} classes of "
                          f"{INFO_FILE} in {root!r}; raise it or leave it out")
-    if getattr(args, "class_map", ""):
+    if args.class_map:
         raise ShardError(f"--class-map {args.class_map!r} does not apply to shards: their class indices were fixed "
                          f"when they were written (the classes of {INFO_FILE}); drop it, or rewrite the shards from "
                          f"a folder with those classes")
-    if need_train and getattr(args, "aug_repeats", 0):
+    if need_train and args.aug_repeats:
         raise ShardError(f"--aug-repeats {args.aug_repeats} needs an indexable dataset; shards are streamed: drop it")
     return counts
 
@@ -538,13 +540,15 @@ def write_shards(splits: dict[str, str], out: str, shard_size: int, name: str, c
 
     if shard_size < 1:
         raise ShardError(f"--shard-size {shard_size} must be at least 1 (samples per shard)")
-    readers, classes, first_split = {}, None, None
+    readers: dict[str, ReaderImageFolder] = {}
+    classes: list[str] = []
+    first_split = ""
     for s, folder in splits.items():
         reader = ReaderImageFolder(folder)
         if not len(reader):
             raise ShardError(f"{s} folder {folder!r} has no images")
         names = sorted(reader.class_to_idx, key=reader.class_to_idx.get)
-        if classes is None:
+        if not first_split:
             classes, first_split = names, s
         elif names != classes:
             raise ShardError(f"split folders {splits[first_split]!r} and {folder!r} have different classes "
@@ -572,7 +576,8 @@ def _write_splits(readers: dict, splits: dict[str, str], out: str, shard_size: i
                   written: list[str]) -> None:
     done = 0
     for s, reader in readers.items():
-        files, lengths = [], []
+        files: list[str] = []
+        lengths: list[int] = []
         for first in range(0, len(reader), shard_size):
             fname = f"{s}-{len(files):06d}.tar"
             with atomic_path(os.path.join(out, fname)) as tmp:

@@ -2,7 +2,7 @@
 image), each anchor's own data config and their grouping."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -39,14 +39,17 @@ def src_crop(transform, size: int):
     return transform
 
 
-def eval_transform(data_cfg: dict[str, Any] | Sequence[dict[str, Any]]):
-    """timm's evaluation transform of one data config; of several (a sequence): `PerConfig`, a tuple of tensors per
-    image, one per config."""
-    if not isinstance(data_cfg, dict):
+def eval_transform(data_cfg: Mapping[str, Any] | Sequence[Mapping[str, Any]]):
+    """timm's evaluation transform (resize, crop, normalise) of one data config, as timm's resolve_data_config gives
+    it or as JSON stores it (lists: an export's model.json, a pretrained_cfg_overlay); of several (a sequence):
+    `PerConfig`, a tuple of tensors per image, one per config. The one evaluation transform: training, the tools,
+    the Python API and `snnet serve` all build theirs here."""
+    if not isinstance(data_cfg, Mapping):
         return PerConfig([eval_transform(c) for c in data_cfg])
-    return create_transform(data_cfg["input_size"], is_training=False, interpolation=data_cfg["interpolation"],
-                            mean=data_cfg["mean"], std=data_cfg["std"], crop_pct=data_cfg["crop_pct"],
-                            crop_mode=data_cfg.get("crop_mode", "center"))
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in data_cfg.items()}
+    return create_transform(cfg["input_size"], is_training=False, interpolation=cfg["interpolation"],
+                            mean=cfg["mean"], std=cfg["std"], crop_pct=cfg["crop_pct"],
+                            crop_mode=cfg.get("crop_mode", "center"))
 
 
 class PerConfig:

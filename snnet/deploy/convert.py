@@ -19,6 +19,7 @@ import torch
 
 from snnet.core.adapter import AnchorAdapter, registered_adapters
 from snnet.core.checkpoint import CheckpointError, save_checkpoint, strip_ddp_prefix
+from snnet.results.records import file_sha256
 
 
 class _CfgNode:
@@ -82,13 +83,14 @@ def _plain(obj: Any) -> Any:
 def convert_release(src: str | os.PathLike, dst: str | os.PathLike, stage_depths: tuple[int, ...] | None = None) -> dict[str, Any]:
     """Read `src` (SN-Net's .pth) and write our checkpoint to `dst` atomically (never onto `src` itself). Returns a
     summary."""
-    from snnet.core.checkpoint import CheckpointError
-    from snnet.results.records import file_sha256
     if os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst):
         raise CheckpointError(f"{str(dst)!r} is the release being converted: writing there would replace it; give "
                               f"another output path")
     state = load_release(src)
     weights = state.get("model", state.get("state_dict"))
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{str(src)!r} holds no 'model' or 'state_dict' weights: not an SN-Net release; give "
+                              f"the .pth SN-Net published")
     converted = convert_state_dict(weights, stage_depths)
     meta = state.get("args", state.get("config"))
     out = {"state_dict": converted, "epoch": int(state["epoch"]) if isinstance(state.get("epoch"), int) else -1,

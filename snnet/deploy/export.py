@@ -33,19 +33,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
+import timm
 import torch
+from timm.data import resolve_data_config
 from torch import nn
 
 from snnet.core.adapter import Unit, adapter_for
 from snnet.core.build import build_snnet, create_anchor
-from snnet.core.checkpoint import tensor_bytes
+from snnet.core.checkpoint import (
+    CheckpointError,
+    StateDictMismatch,
+    check_same_network,
+    json_field,
+    load_checkpoint,
+    recorded_stitch_config,
+    tensor_bytes,
+)
 from snnet.core.config import AnchorSpec, ConfigError, StitchConfig, load_stitch_config
+from snnet.core.cost import cost_table
 from snnet.core.errors import SNNetError
 from snnet.core.fileio import FolderLock, disk_full_error, is_disk_full, lock_holder
 from snnet.core.layers import stitch_layer_from_spec
 from snnet.core.model import SNNet
 from snnet.core.progress import Progress
 from snnet.core.steps import StitchStep, UnitStep, as_step, stitch_step
+from snnet.results.records import file_sha256
 
 FORMAT = "snnet-stitch"
 FORMAT_VERSION = 1
@@ -75,7 +88,6 @@ class Loaded:
 
 def _config_from_checkpoint(state: dict, checkpoint: str) -> StitchConfig:
     """The stitch config a checkpoint recorded (train.py stores anchors and config fields as JSON text)."""
-    from snnet.core.checkpoint import recorded_stitch_config
     try:
         cfg = recorded_stitch_config(state, repr(checkpoint))
     except ConfigError as e:
@@ -91,7 +103,8 @@ def _pair(size) -> tuple[int, int] | None:
         return None
     if isinstance(size, int):
         return size, size
-    return tuple(int(s) for s in list(size)[-2:])
+    *_, h, w = (int(s) for s in size)
+    return h, w
 
 
 def load_snnet(checkpoint: str | os.PathLike, stitch_config: str | os.PathLike | None = None,
@@ -101,8 +114,6 @@ def load_snnet(checkpoint: str | os.PathLike, stitch_config: str | os.PathLike |
 
     num_classes, image size and timm kwargs come from the checkpoint's recorded arguments unless given.
     """
-    from snnet.core.checkpoint import CheckpointError, StateDictMismatch, json_field, load_checkpoint
-
     checkpoint = str(checkpoint)
     state = load_checkpoint(checkpoint)
     args = json_field(state, "args") or {}
@@ -111,7 +122,6 @@ def load_snnet(checkpoint: str | os.PathLike, stitch_config: str | os.PathLike |
     ident = ident if isinstance(ident, dict) else {}
     cfg = load_stitch_config(stitch_config) if stitch_config else _config_from_checkpoint(state, checkpoint)
     if stitch_config:  # a config that builds another network than the trained one is refused, not exported
-        from snnet.core.checkpoint import check_same_network
         check_same_network(cfg, state, checkpoint, str(stitch_config),
                            "pass the config it was trained with, or none (the recorded one is used)")
     loaded_from = str(stitch_config) if stitch_config else "recorded in the checkpoint"
@@ -145,7 +155,6 @@ def load_snnet(checkpoint: str | os.PathLike, stitch_config: str | os.PathLike |
 
 def _data_config(args: dict, net: SNNet) -> dict[str, Any]:
     """The eval preprocessing train.py used: timm's resolve_data_config over the recorded arguments."""
-    from timm.data import resolve_data_config
     try:
         cfg = resolve_data_config(dict(args), model=net)
     except Exception:  # arguments of another shape (hand-made checkpoints): the model's own defaults
@@ -252,7 +261,6 @@ def count_params(module: nn.Module) -> int:
 
 # ------------------------------------------------------------------------------------------- spec and loading
 def _spec(loaded: Loaded, cfg_id: int, module: StitchedNetwork, keep: dict[int, list[str]]) -> dict[str, Any]:
-    import timm
     net = loaded.net
     anchors = [{"index": a, "label": net.names[a], "name": loaded.anchors[a].name,
                 "model_kwargs": dict(loaded.anchors[a].model_kwargs), "keep": names,
@@ -270,8 +278,6 @@ def _spec(loaded: Loaded, cfg_id: int, module: StitchedNetwork, keep: dict[int, 
 
 def load_exported(path: str | os.PathLike) -> StitchedNetwork:
     """Rebuild an exported stitch from its folder (model.json + model.safetensors); returns it in eval mode."""
-    from safetensors.torch import load_model
-
     folder = Path(path)
     spec_file, weights = folder / SPEC, folder / WEIGHTS
     if not spec_file.is_file() or not weights.is_file():
@@ -296,7 +302,7 @@ def load_exported(path: str | os.PathLike) -> StitchedNetwork:
     layers = {k: stitch_layer_from_spec(v) for k, v in spec["stitch_layers"].items()}
     net = StitchedNetwork(anchors, units, layers, spec["steps"])
     try:
-        load_model(net, str(weights), strict=True)
+        safetensors.torch.load_model(net, str(weights), strict=True)
     except Exception as e:  # missing/unexpected keys or shapes: the files do not belong together
         raise ExportError(f"{str(weights)!r} does not fit {str(spec_file)!r} ({str(e).splitlines()[0][:200]}); "
                           f"export again") from None
@@ -362,7 +368,7 @@ def onnx_opsets() -> tuple[int, int]:
     it warns or fails; so a value outside is refused before any work. Without those constants: 7..ONNX_OPSET.
     """
     try:
-        from torch.onnx import _constants as c
+        from torch.onnx import _constants as c  # private, and not in every torch: read only when asked
         return int(c.ONNX_MIN_OPSET), int(getattr(c, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", c.ONNX_MAX_OPSET))
     except (ImportError, AttributeError):
         return 7, ONNX_OPSET
@@ -391,7 +397,7 @@ def _save_onnx(module: nn.Module, x: torch.Tensor, path: Path, opset: int = ONNX
         torch.onnx.export(module, (x,), str(path), dynamo=False, opset_version=opset, input_names=["images"],
                           output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
     try:
-        import onnxruntime as ort
+        import onnxruntime as ort  # optional: without it the export is written, its check is skipped
     except ImportError:
         return None
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -437,8 +443,6 @@ def export_stitch(loaded: Loaded, cfg_id: int, out_dir: str | os.PathLike,
     module, of the reloaded export and of every format vs. the SN-Net on a batch of 3); files are moved into
     `out_dir` only when every check passed, so a failed export leaves no partial output.
     """
-    from snnet.core.cost import cost_table
-    from snnet.results.records import file_sha256
 
     if "onnx" in formats:
         check_opset(opset)
@@ -462,8 +466,9 @@ def export_stitch(loaded: Loaded, cfg_id: int, out_dir: str | os.PathLike,
     ref = net(x, cfg_id)
     # one line per check: pruned network, weights, each format, the reloaded export
     progress = Progress(f"Export cfg_id {cfg_id}: step", 3 + len(formats), every=1, unit=None)
-    diffs: dict[str, float | None] = {"module": _max_diff(module(x), ref)}
-    _check("pruned network", diffs["module"], ref, "a unit runs a module it does not list (adapter bug)")
+    pruned = _max_diff(module(x), ref)
+    diffs: dict[str, float | None] = {"module": pruned}
+    _check("pruned network", pruned, ref, "a unit runs a module it does not list (adapter bug)")
     progress.advance(extra=f"pruned network checked ({diffs['module']:.2g})")
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -509,14 +514,12 @@ def _build_export(module: nn.Module, loaded: Loaded, formats: Sequence[str], tmp
                   ref: torch.Tensor, diffs: dict[str, float | None], opset: int, spec: dict[str, Any],
                   progress: Progress) -> None:
     """Every file of the export written and checked in `tmp`."""
-    from safetensors.torch import save_model
-
-    save_model(module, str(tmp / WEIGHTS), metadata={"format": "pt", "snnet": FORMAT})
+    safetensors.torch.save_model(module, str(tmp / WEIGHTS), metadata={"format": "pt", "snnet": FORMAT})
     progress.advance(extra="weights written")
     spec["files"] = _write_formats(module, loaded, formats, tmp, x, ref, diffs, {"opset": opset}, progress)
     spec["max_abs_diff_vs_snnet"] = diffs
     (tmp / SPEC).write_text(json.dumps(spec, indent=2) + "\n")
-    diffs["reloaded"] = _max_diff(load_exported(tmp)(x), ref)
-    _check("reloaded export", diffs["reloaded"], ref, "report this bug")
+    diffs["reloaded"] = reloaded = _max_diff(load_exported(tmp)(x), ref)
+    _check("reloaded export", reloaded, ref, "report this bug")
     progress.advance(extra=f"reloaded export checked ({diffs['reloaded']:.2g})")
     (tmp / SPEC).write_text(json.dumps(spec, indent=2) + "\n")

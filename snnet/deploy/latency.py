@@ -15,6 +15,7 @@ The file is read and rewritten by `snnet.results.records` (the one reader and wr
 from __future__ import annotations
 
 import os
+import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from snnet.core.cost import cost_table
 from snnet.core.progress import PROGRESS_SECONDS, Progress
+from snnet.results.pareto import human
 from snnet.results.records import ResultsError, check_routes, file_sha256, is_number, read_results, update_results
 
 if TYPE_CHECKING:
@@ -43,7 +46,6 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     if not name:
-        import platform
         name = platform.processor() or platform.machine()
     threads = torch.get_num_threads()
     return f"{device.type}: {name}, {threads} thread{'s' if threads > 1 else ''}"
@@ -136,9 +138,7 @@ def results_cfg_ids(net: SNNet, path: str | os.PathLike, checkpoint: str | os.Pa
     stamped = [r for r in records if checkpoint is not None and r.get("checkpoint_sha256") == digest and
                is_number(r.get("flops"))]
     if stamped:
-        from snnet.core.cost import cost_table
-        from snnet.results.pareto import human
-        table = cost_table(net, tuple(img_size), in_chans)
+        table = cost_table(net, (int(img_size[0]), int(img_size[1])), in_chans)
         for r in stamped:
             ours = table.route_flops(net.routes[r["cfg_id"]])
             if abs(ours - r["flops"]) > 1e-6 * max(abs(ours), 1.0):

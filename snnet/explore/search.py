@@ -25,7 +25,6 @@ explains) or ``kl`` (exp(-KL)).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -36,12 +35,19 @@ from typing import Any
 from xml.sax.saxutils import escape
 
 import torch
+from safetensors.torch import save_file
 
 from snnet.core.cost import cost_table
-from snnet.core.fileio import write_text_atomic
+from snnet.core.fileio import atomic_path, write_text_atomic
 from snnet.core.maps import CompatibilityMaps, SimilarityError, compatibility_maps
 from snnet.core.model import ComposedNet
 from snnet.core.plan import Composition, Edge, Segment
+from snnet.data.loaders import create_eval_loader
+from snnet.data.options import DataOptions, LoaderOptions
+from snnet.explore.similarity import SimilarityOptions, anchor_records, calibration_batches, prepare, write_maps
+from snnet.results.pareto import human, pareto_report, save_report
+from snnet.results.records import RESULTS_FILE, stitch_record, write_results
+from snnet.train.engine import evaluate_stitches
 
 SEARCH_SCORES = ("cka", "ls", "kl")
 
@@ -65,15 +71,15 @@ class SearchOptions:
 
 
 def edge_score(maps: CompatibilityMaps, kind: str, edge: Edge) -> float | None:
-    """The search score of one edge in [0, 1]; None where no stitch exists."""
-    if edge not in maps.stitches:
+    """The search score of one edge in [0, 1]; None where no stitch exists (or its map has no value there)."""
+    value = maps.value({"cka": "cka", "ls": "ls_residual", "kl": "kl"}[kind], edge) if edge in maps.stitches else None
+    if value is None:
         return None
     if kind == "cka":
-        return min(max(maps.value("cka", edge), 0.0), 1.0)
+        return min(max(value, 0.0), 1.0)
     if kind == "ls":
-        r = maps.value("ls_residual", edge)
-        return max(0.0, 1.0 - r * r)
-    return math.exp(-maps.value("kl", edge))
+        return max(0.0, 1.0 - value * value)
+    return math.exp(-value)
 
 
 @dataclass(frozen=True)
@@ -158,19 +164,18 @@ def network_svg(net: ComposedNet, cfg_id: int, record: dict[str, Any], maps: Com
     """One network drawn left to right: a box per segment coloured by anchor (name, units, unit count), a white
     dashed box per stitch (channels, layouts, least-squares residual, the edge's score), a title with the record's
     top-1, FLOPs and params, and a legend of the anchors."""
-    from snnet.results.pareto import human
     comp = net.compositions[cfg_id]
     seg_w, st_w, gap, box_h, top = 190, 130, 26, 70, 56
-    items: list[tuple[str, Any]] = []
+    items: list[Segment | Edge] = []  # left to right: segment, its stitch (an edge), the next segment, ...
     for s, edge in zip(comp.segments, comp.edges + (None,)):
-        items.append(("segment", s))
+        items.append(s)
         if edge is not None:
-            items.append(("stitch", edge))
+            items.append(edge)
     title = f"cfg {cfg_id}: {net.describe(cfg_id)}"
     stats = f"top-1 {record['acc1']:.2f}%   {human(record['flops'])} FLOPs   {human(record['params'])} params"
     if record.get("score") is not None:
         stats += f"   path score ({score}) {record['score']:.4f}"
-    width = max(sum(seg_w if kind == "segment" else st_w for kind, _ in items) + gap * (len(items) - 1) + 40,
+    width = max(sum(seg_w if isinstance(what, Segment) else st_w for what in items) + gap * (len(items) - 1) + 40,
                 int(len(title) * 7.5) + 40)  # about 7.5 px per character of the 13 px bold title
     legend_y = top + box_h + 40
     height = legend_y + 22 * net.n_anchors + 10
@@ -181,9 +186,9 @@ def network_svg(net: ComposedNet, cfg_id: int, record: dict[str, Any], maps: Com
     out.append(f'<text x="20" y="22" font-size="13" font-weight="bold">{escape(title)}</text>')
     out.append(f'<text x="20" y="42" font-size="12">{escape(stats)}</text>')
     x = 20
-    for n, (kind, what) in enumerate(items):
-        w = seg_w if kind == "segment" else st_w
-        if kind == "segment":
+    for n, what in enumerate(items):
+        w = seg_w if isinstance(what, Segment) else st_w
+        if isinstance(what, Segment):
             units = net.units[what.anchor]
             colour = PALETTE[what.anchor % len(PALETTE)]
             lines = [net.names[what.anchor], f"{units[what.first].name} .. {units[what.last].name}",
@@ -198,8 +203,8 @@ def network_svg(net: ComposedNet, cfg_id: int, record: dict[str, Any], maps: Com
                      f"{stitch.front.layout} -> {stitch.end.layout}"]
             if maps is not None:
                 res = maps.value("ls_residual", what)
-                s = edge_score(maps, score, what)
-                lines[0] = f"LS stitch ({score} {s:.2f})" if s is not None else lines[0]
+                scored = edge_score(maps, score, what)
+                lines[0] = f"LS stitch ({score} {scored:.2f})" if scored is not None else lines[0]
                 if res is not None:
                     lines.append(f"residual {res:.3f}")
             out.append(f'<rect class="stitch" x="{x}" y="{top + 6}" width="{w}" height="{box_h - 12}" rx="4" '
@@ -224,38 +229,33 @@ def network_svg(net: ComposedNet, cfg_id: int, record: dict[str, Any], maps: Com
 
 
 # ---------------------------------------------------------------------------------------------------- the command
-def run_search(args: argparse.Namespace) -> list[Path]:
+def run_search(options: SimilarityOptions, search: SearchOptions, data: DataOptions, loader: LoaderOptions,
+               device: str | None = None, max_networks: int = 0) -> list[Path]:
     """`snnet search`: maps on the calibration images, beam search, every network (and the anchors) evaluated in one
-    pass on the validation split, results file, Pareto table, drawings."""
-    from snnet.data.loaders import create_eval_loader
-    from snnet.explore.similarity import anchor_records, calibration_batches, prepare, write_maps
-    from snnet.results.pareto import pareto_report, save_report
-    from snnet.results.records import RESULTS_FILE, stitch_record, write_results
-    from snnet.train.engine import evaluate_stitches
-
-    options = SearchOptions(args.threshold, args.total_threshold, args.max_depth, args.beam_width, args.score)
-    options.check()
-    run = prepare(args, True, "the search", need_val=True)
-    out, net, device = run.out, run.net, run.device
+    pass on the validation split, results file, Pareto table, drawings. `max_networks`: evaluate at most the N
+    best-scored networks (0: all)."""
+    search.check()
+    run = prepare(options, data, loader, device, True, "the search", need_val=True)
+    out, net = run.out, run.net
     t0 = time.perf_counter()
     # each anchor reads its own preprocessing of the same images (the maps), each network its front anchor's (the
     # evaluation): no number depends on the order the anchors are listed in
-    images = calibration_batches(run.train, run.input_cfgs, args.batches, args.batch_size, args.seed)
-    maps = compatibility_maps(net, images, kl=args.score == "kl")
+    images = calibration_batches(run.train, run.input_cfgs, options.batches, loader.batch_size, options.seed)
+    maps = compatibility_maps(net, images, kl=search.score == "kl")
     t_maps = time.perf_counter() - t0
     t0 = time.perf_counter()
-    found = beam_search(maps, options)
-    if args.max_networks and len(found) > args.max_networks:
-        found = found[:args.max_networks]
+    found = beam_search(maps, search)
+    if max_networks and len(found) > max_networks:
+        found = found[:max_networks]
     t_search = time.perf_counter() - t0
     composed = compose(net, maps, [c for c, _ in found])
     scores = [None] * net.n_anchors + [s for _, s in found]
     sizes = [tuple(c["input_size"][-2:]) for c in run.data_cfgs]  # per anchor: its own input size
     t0 = time.perf_counter()
     flops = network_flops(composed, sizes, run.data_cfgs[0]["input_size"][0])
-    loader = create_eval_loader(run.val, run.loader, run.input_cfgs, batch_size=args.batch_size)
+    val_loader = create_eval_loader(run.val, run.loader, run.input_cfgs, batch_size=loader.batch_size)
     cfg_ids = list(range(composed.num_configs))
-    metrics = evaluate_stitches(composed, loader, cfg_ids, device)
+    metrics = evaluate_stitches(composed, val_loader, cfg_ids, run.device)
     t_eval = time.perf_counter() - t0
     records = []
     for c in cfg_ids:
@@ -265,22 +265,22 @@ def run_search(args: argparse.Namespace) -> list[Path]:
     results = out / RESULTS_FILE
     write_results(results, records)
     report = pareto_report([str(results)], "flops")
-    files = [results, *save_report(report, out, f"snnet search ({options.score}): {len(found)} networks")]
-    files += write_maps(maps, out / "similarity", {"command": "snnet search", "data": str(args.data),
+    files = [results, *save_report(report, out, f"snnet search ({search.score}): {len(found)} networks")]
+    files += write_maps(maps, out / "similarity", {"command": "snnet search", "data": str(data.data_dir),
                                                      "split": "train", "anchor_specs": anchor_records(run)})
     drawings = {out / "networks" / f"cfg_{rec['cfg_id']:03d}.svg": rec for rec in records}
     for stale in (out / "networks").glob("cfg_*.svg"):  # an earlier search's drawings of networks not found now
         if stale not in drawings:
             stale.unlink()
     for path, rec in drawings.items():
-        write_text_atomic(path, network_svg(composed, rec["cfg_id"], rec, maps, options.score))
+        write_text_atomic(path, network_svg(composed, rec["cfg_id"], rec, maps, search.score))
     files.append(out / "networks")
     files.append(_save_stitches(composed, out / "stitches.safetensors"))
-    spec = {"command": "snnet search", "options": asdict(options), "data": str(args.data),
+    spec = {"command": "snnet search", "options": asdict(search), "data": str(data.data_dir),
             "anchors": [{"label": n, **a} for n, a in zip(net.names, anchor_records(run))],
             "num_classes": run.num_classes, "img_size": list(sizes[0]) if len(set(sizes)) == 1 else None,
             "calibration_images": maps.images,
-            "seed": args.seed, "edges": [list(e) for e in composed.edges],
+            "seed": options.seed, "edges": [list(e) for e in composed.edges],
             "seconds": {"maps": round(t_maps, 2), "search": round(t_search, 3), "evaluation": round(t_eval, 2)},
             "networks": [{"cfg_id": r["cfg_id"], "route": r["route"], "segments": r["segments"], "score": r["score"]}
                          for r in records]}
@@ -289,8 +289,8 @@ def run_search(args: argparse.Namespace) -> list[Path]:
     print(f"maps on {maps.images} calibration images: {t_maps:.1f}s; search: {len(found)} networks in "
           f"{t_search:.2f}s; evaluation of {len(cfg_ids)} networks on {metrics[0]['samples']} images: {t_eval:.1f}s")
     if not found:
-        print(f"no network passed --threshold {options.threshold} and --total-threshold {options.total_threshold} "
-              f"({options.score}); lower them to see more")
+        print(f"no network passed --threshold {search.threshold} and --total-threshold {search.total_threshold} "
+              f"({search.score}); lower them to see more")
     print(report.text, end="")
     print(f"wrote {', '.join(str(f) for f in files)}")
     return files
@@ -298,9 +298,6 @@ def run_search(args: argparse.Namespace) -> list[Path]:
 
 def _save_stitches(net: ComposedNet, path: Path) -> Path:
     """The fitted stitches (``<edge index>.<parameter>``; search.json lists the edges in that order), safetensors."""
-    from safetensors.torch import save_file
-
-    from snnet.core.fileio import atomic_path
     state = {k: v.detach().cpu().contiguous() for k, v in net.stitches.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, tmp)

@@ -2,10 +2,10 @@
 JSON, CSV and heatmaps."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from snnet.core.fileio import save_figure, write_text_atomic
+from snnet.core.adapter import adapter_for
+from snnet.core.build import check_model_name, create_anchor
+from snnet.core.config import StitchConfig, load_stitch_config, parse_anchor
+from snnet.core.fileio import check_out_dir, save_figure, write_text_atomic
 from snnet.core.maps import SCORES, CompatibilityMaps, SimilarityError, anchors_net, compatibility_maps
 from snnet.core.model import ComposedNet
 from snnet.data.checks import DataError, check_data
@@ -38,7 +41,7 @@ def number(v: float) -> str:
 def _scale(tables: Sequence[np.ndarray], kind: str):
     """One colour scale per score, shared by every panel: CKA and the residual on [0, 1]; KL from 0 to its largest
     value over all pairs, on a log scale when its finite values span more than two decades."""
-    from matplotlib.colors import LogNorm, Normalize
+    from matplotlib.colors import LogNorm, Normalize  # heavy (~0.5 s), needed only once maps are drawn
     if kind != "kl":
         return Normalize(0.0, 1.0)
     values = np.concatenate([t[np.isfinite(t)].ravel() for t in tables]) if tables else np.zeros(0)
@@ -50,10 +53,12 @@ def _scale(tables: Sequence[np.ndarray], kind: str):
 
 
 def _heatmaps(maps: CompatibilityMaps, kind: str, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # heavy (~0.5 s), needed only once maps are drawn; Agg before pyplot
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     table = {"cka": maps.cka, "ls_residual": maps.ls_residual, "kl": maps.kl}[kind]
+    if table is None:  # the KL map, when it was skipped (write_maps draws only the maps it has)
+        raise ValueError(f"no {kind} map to draw")
     pairs = [p for p in maps.pairs if kind != "cka" or p[0] < p[1] or (p[1], p[0]) not in maps.pairs]
     cols = min(3, len(pairs))
     rows = math.ceil(len(pairs) / cols)
@@ -108,12 +113,11 @@ def anchor_specs(anchors: Sequence[str] | None, stitch_config: str | None):
     """The anchors' specs (a StitchConfig) from ``--anchors`` (each in the one anchor syntax of
     `snnet.core.config.parse_anchor`: NAME, NAME:CHECKPOINT, FILE#INDEX or a JSON anchor object) or from a stitch
     config's anchors list (exactly one of the two)."""
-    from snnet.core.config import StitchConfig, load_stitch_config, parse_anchor
     if bool(anchors) == bool(stitch_config):
         raise SimilarityError("name the anchors with --anchors A B ... or --stitch_config CFG (one of the two)")
     if stitch_config:
         return load_stitch_config(stitch_config)
-    return StitchConfig([parse_anchor(text, "--anchors") for text in anchors], {})
+    return StitchConfig([parse_anchor(text, "--anchors") for text in anchors or ()], {})
 
 
 def build_anchors(cfg, pretrained: bool, num_classes: int | None, img_size: int | None,
@@ -121,8 +125,6 @@ def build_anchors(cfg, pretrained: bool, num_classes: int | None, img_size: int 
     """The anchors of a stitch config (timm, local checkpoints), each a route of its own, in eval mode; each anchor
     reads its own preprocessing of a per-group batch (``input_groups`` from `data_configs`; a single tensor is read
     by every anchor)."""
-    from snnet.core.adapter import adapter_for
-    from snnet.core.build import check_model_name, create_anchor
     for a in cfg.anchors:
         check_model_name(a.name)
     models = [create_anchor(a, pretrained, num_classes=num_classes, img_size=img_size, in_chans=in_chans)
@@ -132,10 +134,28 @@ def build_anchors(cfg, pretrained: bool, num_classes: int | None, img_size: int 
     return anchors_net(models, adapters, labels, _resolve(models, img_size)[2])
 
 
+@dataclass(frozen=True)
+class SimilarityOptions:
+    """What `snnet similarity` and `snnet search` read besides the data (`DataOptions`, `data_options`) and its
+    loading (`LoaderOptions`, `loader_options`: the batch size): the anchors, the calibration draw, the output."""
+    out: str                              # output folder
+    anchors: tuple[str, ...] = ()         # each in the anchor syntax of `snnet.core.config.parse_anchor`
+    stitch_config: str | None = None      # or the anchors of this stitch config (exactly one of the two)
+    batches: int = 4                      # calibration batches
+    img_size: int | None = None           # None: the config's input_size, else each anchor's own
+    pretrained: bool = True               # timm's pretrained weights where an anchor names no checkpoint
+    seed: int = 0                         # which calibration images are drawn
+
+
+def data_options(data_dir: str | os.PathLike, num_classes: int | None = None) -> DataOptions:
+    """The tools' data: an ImageFolder root. They read batches of any size from the training split (no epoch, no
+    optimizer step), so the steps check sees batches of 1."""
+    return DataOptions(data_dir=str(data_dir), num_classes=num_classes, seed=0, batch_size=1)
+
+
 def open_data(data_dir: str, need_train: bool, batch_size: int, num_classes: int | None = None):
-    """(options, train, val) of an ImageFolder root, checked (one-line DataError on a bad folder). The tools read
-    batches of any size from the training split (no epoch, no optimizer step), so the steps check sees batches of 1."""
-    data = DataOptions(data_dir=str(data_dir), num_classes=num_classes, seed=0, batch_size=1)
+    """(options, train, val) of an ImageFolder root, checked (one-line DataError on a bad folder)."""
+    data = data_options(data_dir, num_classes)
     check_data(data, need_train=need_train, world_size=1)
     return data, *create_datasets(data, need_train=need_train)
 
@@ -183,26 +203,28 @@ class Prepared:
     input_cfgs: list[dict[str, Any]]  # the distinct ones: one tensor each per batch (net.input_groups indexes them)
 
 
-def prepare(args: argparse.Namespace, need_train: bool, what: str, need_val: bool = False) -> Prepared:
-    """Output folder, batch size, device, anchors (>= 2), data folder, then the anchors themselves."""
-    from snnet.core.fileio import check_out_dir
-    out = check_out_dir(args.out)
-    if args.batch_size < 4:
-        raise SimilarityError(f"--batch-size {args.batch_size}: the unbiased CKA needs at least 4 images per batch; "
+def prepare(options: SimilarityOptions, data: DataOptions, loader: LoaderOptions, device: str | None, need_train: bool,
+            what: str, need_val: bool = False) -> Prepared:
+    """Output folder, batch size, device (`device_from_flag`: None is cuda when available), anchors (>= 2), data
+    folder, then the anchors themselves."""
+    out = check_out_dir(options.out)
+    if loader.batch_size < 4:
+        raise SimilarityError(f"--batch-size {loader.batch_size}: the unbiased CKA needs at least 4 images per batch; "
                               f"use -b 4 or more")
-    device = device_from_flag(args.device)
-    cfg = anchor_specs(args.anchors, args.stitch_config)
+    on = device_from_flag(device)
+    cfg = anchor_specs(options.anchors, options.stitch_config)
     if len(cfg.anchors) < 2:
         raise SimilarityError(f"{what} needs at least two anchors, got {len(cfg.anchors)}; add one to --anchors or "
                               f"the config")
-    data, train, val = open_data(args.data, need_train, args.batch_size, args.num_classes)
+    check_data(data, need_train=need_train, world_size=1)
+    train, val = create_datasets(data, need_train=need_train)
     if need_val and val is None:
-        raise DataError(f"data folder {args.data!r} has no validation/ or val/ folder to evaluate on")
-    classes = args.num_classes or cfg.get("num_classes") or num_classes_of(train if need_train else val)
-    img_size = args.img_size or cfg.get("input_size")
-    net = build_anchors(cfg, not args.no_pretrained, classes, img_size).to(device)
+        raise DataError(f"data folder {data.data_dir!r} has no validation/ or val/ folder to evaluate on")
+    classes = data.num_classes or cfg.get("num_classes") or num_classes_of(train if need_train else val)
+    img_size = options.img_size or cfg.get("input_size")
+    net = build_anchors(cfg, options.pretrained, classes, img_size).to(on)
     per_anchor, distinct, _ = data_configs(net, img_size)
-    return Prepared(out, cfg, net, device, data, loader_options(args.batch_size), train, val, classes, img_size, per_anchor, distinct)
+    return Prepared(out, cfg, net, on, data, loader, train, val, classes, img_size, per_anchor, distinct)
 
 
 def anchor_records(run: Prepared) -> list[dict[str, Any]]:
@@ -211,18 +233,19 @@ def anchor_records(run: Prepared) -> list[dict[str, Any]]:
              "data_config": dict(c)} for a, c in zip(run.cfg.anchors, run.data_cfgs)]
 
 
-def run_similarity(args: argparse.Namespace) -> list[Path]:
-    """`snnet similarity`: anchors, clean images of one split, the three maps, the files."""
-    import time
-    run = prepare(args, args.split == "train", "compatibility maps")
+def run_similarity(options: SimilarityOptions, data: DataOptions, loader: LoaderOptions, device: str | None = None,
+                   split: str = "train", kl: bool = True) -> list[Path]:
+    """`snnet similarity`: anchors, clean images of one split (train or val), the three maps (`kl`: with the KL map),
+    the files."""
+    run = prepare(options, data, loader, device, split == "train", "compatibility maps")
     t0 = time.perf_counter()
-    images = calibration_batches(run.train if args.split == "train" else run.val, run.input_cfgs, args.batches,
-                                 args.batch_size, args.seed)
-    maps = compatibility_maps(run.net, images, kl=not args.no_kl)
+    images = calibration_batches(run.train if split == "train" else run.val, run.input_cfgs, options.batches,
+                                 loader.batch_size, options.seed)
+    maps = compatibility_maps(run.net, images, kl=kl)
     took = time.perf_counter() - t0
-    meta = {"command": "snnet similarity", "data": str(args.data), "split": args.split, "seconds": round(took, 2),
+    meta = {"command": "snnet similarity", "data": str(data.data_dir), "split": split, "seconds": round(took, 2),
             "anchor_specs": anchor_records(run)}
-    files = write_maps(maps, args.out, meta)
+    files = write_maps(maps, options.out, meta)
     print(summary(maps, took))
     print(f"wrote {', '.join(str(f) for f in files)}")
     return files
@@ -233,9 +256,12 @@ def best_stitches(maps: CompatibilityMaps, a: int, b: int, top: int = 5) -> list
     residual first (ties: higher CKA). Positions without a linear stitch are never listed."""
     edges = [(e[1], e[3]) for e in maps.stitches if (e[0], e[2]) == (a, b)]
     edges = [(i, j) for i, j in edges if maps.value("ls_residual", (a, i, b, j)) is not None]
-    cka = lambda i, j: maps.value("cka", (a, i, b, j))
-    return sorted(edges, key=lambda e: (maps.value("ls_residual", (a, *e[:1], b, e[1])),
-                                        -(cka(*e) if cka(*e) is not None else -math.inf), e))[:top]
+
+    def key(e: tuple[int, int]) -> tuple:
+        i, j = e
+        cka = maps.value("cka", (a, i, b, j))
+        return maps.value("ls_residual", (a, i, b, j)), -(cka if cka is not None else -math.inf), e
+    return sorted(edges, key=key)[:top]
 
 
 def summary(maps: CompatibilityMaps, seconds: float, top: int = 5) -> str:
@@ -252,8 +278,9 @@ def summary(maps: CompatibilityMaps, seconds: float, top: int = 5) -> str:
         for i, j in best_stitches(maps, a, b, top):
             cka = maps.value("cka", (a, i, b, j))
             klv = maps.value("kl", (a, i, b, j)) if maps.kl is not None else None
+            res = maps.value("ls_residual", (a, i, b, j))  # defined: best_stitches lists only those
             lines.append(f"  {name(a, i):>14} -> {name(b, j):<14} LS residual "
-                         f"{number(maps.value('ls_residual', (a, i, b, j)))}" +
+                         f"{number(res) if res is not None else 'n/a'}" +
                          (f", CKA {number(cka)}" if cka is not None else "") +
                          (f", KL {number(klv)}" if klv is not None else ""))
     return "\n".join(lines)

@@ -236,13 +236,13 @@ def add_to_report(report, anchors: Sequence[Sequence[int]], unit: tuple[float, s
         b = file_baselines(path, records, ids)
         rows.append((label, b))
         entry["baselines"] = jsonable(b)
-    scale, unit = unit
+    scale, unit_name = unit
     head = ("## baselines without training (random anchor mixing, confidence cascade; cost: FLOPs per image, "
             "averaged; hypervolume as above)")
     report.text += head + "\n\n" + summary_table(rows) + "\n" + "".join(describe(l, b) + "\n\n" for l, b in rows)
     report.markdown += "\n" + head + "\n\n" + summary_table(rows)
     for label, b in rows:
-        report.markdown += f"\n### {label}: the cascade's front\n\n" + cascade_table(b, scale, unit)
+        report.markdown += f"\n### {label}: the cascade's front\n\n" + cascade_table(b, scale, unit_name)
 
 
 def network_cascade(records: Sequence[dict[str, Any]], pred: Predictions, anchors: Sequence[int],

@@ -19,13 +19,14 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from snnet.core.fileio import save_figure, write_text_atomic
-from snnet.results.quality import pareto_front
+from snnet.results.baselines import add_to_report, draw
+from snnet.results.quality import front_quality, pareto_front, quality_table
 from snnet.results.records import RESULTS_FILE, ResultsError, check_same_evaluation_set, is_number, read_results
 
 COSTS = ("flops", "params", "latency")
@@ -201,17 +202,21 @@ def front_table(records: Sequence[dict[str, Any]], cost: str = "flops", n_anchor
                    [n_anchors] * len(records)))
     fscale, funit = flops_unit(records)
     fmt = lambda v, f, scale=1.0: f.format(v / scale) if is_number(v) else ""
+
+    def cell(key: str, form: str, scale: float = 1.0) -> Callable[[dict[str, Any]], str]:
+        return lambda r: fmt(r.get(key), form, scale)
     lat_keys = latency_keys(records)
     # (header, alignment, cell); optional columns no record fills (params, top-5 in SN-Net's files) are left out
-    cols = [("source", "---", lambda r: label[id(r)])] if sources is not None else []
+    cols: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = \
+        [("source", "---", lambda r: label[id(r)])] if sources is not None else []
     cols += [("cfg_id", "---:", lambda r: str(r["cfg_id"])), ("route", "---", lambda r: route_of(r, per[id(r)]))]
-    cols += [(h, "---:", lambda r, k=k, f=f, sc=sc: fmt(r.get(k), f, sc)) for h, k, f, sc in (
+    cols += [(h, "---:", cell(k, f, sc)) for h, k, f, sc in (
         (funit, "flops", "{:.3f}", fscale), ("params (M)", "params", "{:.3f}", 1e6)) if any(is_number(r.get(k))
                                                                                       for r in records)]
     cols += [("top-1", "---:", lambda r: f"{r['acc1']:.2f}")]
     cols += [("top-5", "---:", lambda r: fmt(r.get("acc5"), "{:.2f}"))] if any(is_number(r.get("acc5"))
                                                                               for r in records) else []
-    cols += [(f"ms @ b{k[len('latency_ms_b'):]}", "---:", lambda r, k=k: fmt(r.get(k), "{:.3f}")) for k in lat_keys]
+    cols += [(f"ms @ b{k[len('latency_ms_b'):]}", "---:", cell(k, "{:.3f}")) for k in lat_keys]
     cols += [("Pareto", ":---:", lambda r: "**yes**" if id(r) in front_ids else "")] if all_rows else []
     lines = ["| " + " | ".join(c[0] for c in cols) + " |", "|" + "|".join(c[1] for c in cols) + "|"]
     lines += ["| " + " | ".join(c[2](r) for c in cols) + " |" for r in rows_in]
@@ -276,7 +281,8 @@ def eval_subtitle(series: Sequence[tuple[str, Sequence[dict[str, Any]]]], img_si
         sizes = {_size_text(r.get("img_size", img_size)) for r in records}
         samples = {r.get("samples") if is_number(r.get("samples")) else None for r in records}
         parts = [f"{sizes.pop()} images"] if len(sizes) == 1 and None not in sizes else []
-        parts += [f"{int(samples.pop()):,} validation images"] if len(samples) == 1 and None not in samples else []
+        known = [s for s in samples if s is not None]
+        parts += [f"{int(known[0]):,} validation images"] if len(samples) == 1 and known else []
         texts.append((label, ", ".join(parts)))
     if len({t for _, t in texts}) == 1:
         return texts[0][1]
@@ -284,7 +290,7 @@ def eval_subtitle(series: Sequence[tuple[str, Sequence[dict[str, Any]]]], img_si
 
 
 def _axes():
-    import matplotlib
+    import matplotlib  # heavy (~0.5 s): only a plot needs it, not `snnet pareto` without --out
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt.subplots(figsize=(6.4, 4.4), dpi=150)
@@ -303,7 +309,6 @@ def plot_series(series: Sequence[tuple[str, Sequence[dict[str, Any]], int | None
     fig, ax = _axes()
     colours = ["tab:blue", "tab:red", "tab:purple", "tab:brown", "tab:cyan", "tab:olive", "tab:pink", "tab:gray"]
     if baselines and any(b is not None for b in baselines):
-        from snnet.results.baselines import draw
         for i, b in enumerate(baselines):
             if b is not None:
                 draw(ax, b, scale, *(("0.35", "") if len(series) == 1 else (colours[i % len(colours)],
@@ -358,9 +363,16 @@ def _anchors(records: list[dict[str, Any]], given: int | None, path: str, notes:
     return n
 
 
-def read_series(paths: Sequence[str | Path], cost: str, anchors: int | None, notes: list[str]
-                ) -> list[tuple[str, str, list[dict[str, Any]], int]]:
-    """Every file read and checked before anything is built: (label, path, records, anchor count) per file. Each
+class Series(NamedTuple):
+    """One results file as the reports show it (a named tuple: equal to its plain (label, path, records, anchors))."""
+    label: str                      # how tables and plots name it (the shortest distinguishing part of its path)
+    path: str
+    records: list[dict[str, Any]]
+    anchors: int                    # cfg 0..anchors-1 are its anchors
+
+
+def read_series(paths: Sequence[str | Path], cost: str, anchors: int | None, notes: list[str]) -> list[Series]:
+    """Every file read and checked before anything is built: its `Series` (label, path, records, anchor count). Each
     file is one evaluation (`check_one_evaluation`), has the cost axis, and several files were evaluated on the same
     images (`check_same_evaluation_set`); `notes` gains what was inferred or is worth saying."""
     if anchors is not None and anchors < 1:
@@ -369,9 +381,9 @@ def read_series(paths: Sequence[str | Path], cost: str, anchors: int | None, not
     for path, label in zip(paths, labels(paths)):
         records = read_results(path)
         require_cost(records, cost, str(path))
-        series.append((label, str(path), records, _anchors(records, anchors, str(path), notes)))
+        series.append(Series(label, str(path), records, _anchors(records, anchors, str(path), notes)))
     if len(series) > 1:
-        notes += check_same_evaluation_set([(s[0], s[2]) for s in series])
+        notes += check_same_evaluation_set([(s.label, s.records) for s in series])
     return series
 
 
@@ -379,7 +391,7 @@ def read_series(paths: Sequence[str | Path], cost: str, anchors: int | None, not
 class ParetoReport:
     """What `snnet pareto` shows and writes for some results files (one cost axis)."""
     cost: str
-    series: list[tuple[str, str, list[dict[str, Any]], int]]  # (label, path, records, n_anchors) per file
+    series: list[Series]                                      # per file: (label, path, records, anchors)
     notes: list[str] = field(default_factory=list)            # for stderr: how anchors were found
     text: str = ""                                            # the fronts only (stdout)
     markdown: str = ""                                        # every stitch, the front marked
@@ -412,24 +424,22 @@ def pareto_report(paths: Sequence[str | Path], cost: str = "flops", anchors: int
                                      "front": [r["cfg_id"] for r in front], "front_records": front})
     _quality(report, read_results(before) if before is not None else None)
     if baselines:
-        from snnet.results.baselines import add_to_report
-        add_to_report(report, [[r["cfg_id"] for r in s[2] if is_anchor(r, s[3])] for s in report.series],
-                      flops_unit([r for s in report.series for r in s[2]]))
+        add_to_report(report, [[r["cfg_id"] for r in s.records if is_anchor(r, s.anchors)] for s in report.series],
+                      flops_unit([r for s in report.series for r in s.records]))
     if len(report.series) > 1:
-        everything = [r for s in report.series for r in s[2]]
-        sources = [s[0] for s in report.series for _ in s[2]]
+        everything = [r for s in report.series for r in s.records]
+        sources = [s.label for s in report.series for _ in s.records]
         source_of = {id(r): src for r, src in zip(everything, sources)}
         front = pareto_front(everything, cost)
         _section(report, f"## combined: {len(front)} of {len(everything)} stitches of {len(report.series)} files "
-                         f"on the front", everything, [s[3] for s in report.series for _ in s[2]], sources)
+                         f"on the front", everything, [s.anchors for s in report.series for _ in s.records], sources)
         report.data["combined_front"] = [{"source": source_of[id(r)], **r} for r in front]
     return report
 
 
 def _quality(report: ParetoReport, before: list[dict[str, Any]] | None) -> None:
     """Front quality per file (FLOPs fronts only: the metrics normalise FLOPs by the largest anchor's)."""
-    from snnet.results.quality import front_quality, quality_table
-    if not all(is_number(r.get("flops")) for s in report.series for r in s[2]):
+    if not all(is_number(r.get("flops")) for s in report.series for r in s.records):
         if before is not None:
             raise ResultsError("--before needs FLOPs in every file (the front quality is measured on FLOPs)")
         return
@@ -457,7 +467,7 @@ def save_report(report: ParetoReport, out_dir: str | Path, title: str = "", img_
     image size for records that do not carry one."""
     out = Path(out_dir)
     files = [out / f"pareto_{report.cost}.{ext}" for ext in ("md", "json", "png")]
-    plot_series([(s[0], s[2], s[3]) for s in report.series], files[2], report.cost, title, img_size,
+    plot_series([(s.label, s.records, s.anchors) for s in report.series], files[2], report.cost, title, img_size,
                 [f.get("baselines") for f in report.data["files"]])
     write_text_atomic(files[0], report.markdown)
     write_text_atomic(files[1], json.dumps(report.data, indent=1) + "\n")

@@ -112,7 +112,9 @@ def parse_results(text: str, source: str, owner: Callable[[dict[str, Any]], None
     its validation: a file of another run is refused as that, however malformed, since the fix is the same.
     """
     lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
-    records, seen, torn = [], {}, None
+    records: list[dict[str, Any]] = []
+    seen: dict[int, int] = {}
+    torn: int | None = None
     for i, (n, line) in enumerate(lines):
         try:
             rec = json.loads(line)
@@ -144,7 +146,7 @@ def check_one_evaluation(records: Sequence[dict[str, Any]], source: str) -> None
     measured together. A key that no record has (SN-Net's files, a tool's records) is not compared; one that some
     records have and others lack counts as a difference."""
     for key, what in _ONE_EVALUATION:
-        values = {}
+        values: dict[str, Any] = {}
         for r in records:
             values.setdefault(json.dumps(r.get(key)), r["cfg_id"])
         if len(values) > 1:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from snnet.core.fileio import write_text_atomic
+from snnet.results.baselines import file_baselines, jsonable
 from snnet.results.pareto import (
     anchor_name,
     cost_unit,
@@ -128,7 +129,7 @@ def report_data(paths: Sequence[str | Path], cost: str = "flops", anchors: int |
     drawn dashed on the FLOPs axis."""
     notes: list[str] = []
     series = read_series(paths, cost, anchors, notes)
-    everything = [r for s in series for r in s[2]]
+    everything = [r for s in series for r in s.records]
     candidates = ["flops", "params", *latency_keys(everything)]
     offered = [c for c in candidates if all(is_number(r.get(c)) for r in everything)]
     for c in candidates:
@@ -148,7 +149,6 @@ def report_data(paths: Sequence[str | Path], cost: str = "flops", anchors: int |
                       "anchor_names": names or [f"anchor {a}" for a in range(n)], "records": rows,
                       "images": sweep_images(path)})
         if baselines:
-            from snnet.results.baselines import file_baselines, jsonable
             b = jsonable(file_baselines(path, records, [r["cfg_id"] for r in records if is_anchor(r, n)]))
             files[-1]["baselines"] = {"mixing": b["mixing"], "cascade": [{"flops": s["flops"], "acc1": s["acc1"]}
                                                                           for s in b["cascade"]],
@@ -159,14 +159,14 @@ def report_data(paths: Sequence[str | Path], cost: str = "flops", anchors: int |
         values = [r[c] for r in everything]
         entry = {"key": c, "name": _cost_name(c), "unit": unit, "scale": scale, "flag": _select_flag(c),
                  "integer": all(float(v).is_integer() for v in values), "min": min(values), "max": max(values),
-                 "fronts": [[r["cfg_id"] for r in pareto_front(s[2], c)] for s in series],
-                 "steps": [budget_steps(s[2], c, s[1]) for s in series]}
+                 "fronts": [[r["cfg_id"] for r in pareto_front(s.records, c)] for s in series],
+                 "steps": [budget_steps(s.records, c, s.path) for s in series]}
         if len(series) > 1:
-            where = {id(r): (i, r["cfg_id"]) for i, s in enumerate(series) for r in s[2]}
+            where = {id(r): (i, r["cfg_id"]) for i, s in enumerate(series) for r in s.records}
             entry["combined"] = [where[id(r)] for r in pareto_front(everything, c)]
         costs.append(entry)
-    subtitle = eval_subtitle([(s[0], s[2]) for s in series], img_size)
-    data = {"title": title or f"SN-Net stitches: {', '.join(s[0] for s in series)}", "subtitle": subtitle,
+    subtitle = eval_subtitle([(s.label, s.records) for s in series], img_size)
+    data = {"title": title or f"SN-Net stitches: {', '.join(s.label for s in series)}", "subtitle": subtitle,
             "files": files, "costs": costs, "initial": offered.index(cost), "anchor_colours": ANCHOR_COLOURS}
     return data, notes
 

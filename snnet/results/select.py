@@ -15,6 +15,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from snnet.core.cost import cost_table
 from snnet.core.errors import SNNetError
 from snnet.results.pareto import human, latency_keys, require_cost, route_of
 from snnet.results.records import check_routes
@@ -114,7 +115,6 @@ def route_costs(net: SNNet, img_size: int | tuple[int, int] | None = None) -> tu
                                                                                   dict[int, Record]]:
     """(image size, {cfg_id: {cfg_id, route, flops, params}}): every route's FLOPs at `img_size` (default: the size
     the anchors were built for) and the params it executes; the costs `stitch_for` and `snnet serve` rank by."""
-    from snnet.core.cost import cost_table  # torch and fvcore: not needed by `snnet select`
     size = model_img_size(net) if img_size is None else img_size
     size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     table = cost_table(net, size)

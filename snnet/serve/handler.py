@@ -24,7 +24,6 @@ import io
 import json
 import resource
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,12 +32,14 @@ import torch
 from PIL import Image
 
 from snnet.core.errors import SNNetError
+from snnet.data.transforms import eval_transform
 from snnet.deploy.export import SPEC, load_exported, load_snnet
 from snnet.deploy.latency import measure_latency
 from snnet.results.records import check_routes, read_results
 from snnet.results.select import BudgetError, route_costs
 from snnet.serve.batcher import StitchBatcher
 from snnet.serve.policy import StitchMenu, finite_positive
+from snnet.train.device import device_from_flag
 
 MAX_PIXELS = 40_000_000  # a decoded image above this is refused before it is decoded (decompression bombs)
 RUNNING_WEIGHT = 0.05  # weight of the newest sample in the running means of the overhead and the slowdown
@@ -100,6 +101,7 @@ def load_served(spec: ServeSpec) -> Served:
     if not spec.results:
         raise SNNetError("pass --results stitches_res.txt (the evaluation of this checkpoint): it holds the "
                          "accuracies the stitch choice ranks by")
+    device_from_flag(spec.device)  # no torch device, or CUDA where there is none: one line, before Ray starts
     records = read_results(spec.results)
     source = f"results file {spec.results!r}"
     if spec.exported:
@@ -143,13 +145,6 @@ def latency_table(served: Served, spec: ServeSpec) -> dict[int, dict[int, float]
     return {c: {b: measured[c][f"latency_ms_b{b}"] for b in sizes} for c in ids}
 
 
-def eval_transform(data_config: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
-    """timm's evaluation transform of the training run's data config (resize, center crop, normalise)."""
-    from timm.data import create_transform  # timm's import is heavy; only a replica needs it
-    kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()}
-    return create_transform(**kwargs, is_training=False)
-
-
 class ServeCore:
     """One replica's state: the model, the stitch menu, the batcher and the counters."""
 
@@ -158,7 +153,7 @@ class ServeCore:
         self.served = served
         self.menu = StitchMenu(served.records, latency, spec.results or "the records")
         self.transform = eval_transform(served.data_config)
-        device = torch.device(spec.device)
+        device = device_from_flag(spec.device)
         model = served.model.to(device).eval()
         self.batcher = StitchBatcher(lambda x, c: model(x.to(device), c).float().cpu(), spec.max_batch,
                                      spec.max_wait_ms)

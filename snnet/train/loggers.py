@@ -17,20 +17,35 @@ for, and `check_loggers` refuses a run at startup, in one line naming the pip co
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from snnet.train.args import UsageError
+import numpy as np
+from PIL import Image
+
+from snnet.core.errors import UsageError
+from snnet.results.pareto import pareto_report, save_report
+from snnet.results.records import ResultsError
 
 _logger = logging.getLogger("snnet")
 FRONT_COLUMNS = ("cfg_id", "route", "flops", "params", "acc1", "acc5")
 _PACKAGES = {"log_tensorboard": ("--log-tensorboard", "tensorboard"), "log_wandb": ("--log-wandb", "wandb")}
+
+
+@dataclass(frozen=True)
+class LoggerOptions:
+    """The experiment loggers a run asks for (train.py's flags of these names) and the run's configuration they
+    record (`run_config`: its resolved arguments, JSON-able)."""
+    log_tensorboard: str = ""           # TensorBoard's folder ('' = off)
+    log_wandb: bool = False
+    wandb_project: str = "snnet"
+    run_config: Mapping[str, Any] = field(default_factory=dict)
 
 
 class ExperimentLogger:
@@ -48,7 +63,7 @@ class ExperimentLogger:
 
 class TensorBoardLogger(ExperimentLogger):
     def __init__(self, log_dir: Path, config: dict[str, Any]):
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # optional (requirements-extras.txt): only when asked for
         self.writer = SummaryWriter(log_dir=str(log_dir))
         self.writer.add_text("config", "```\n" + json.dumps(config, indent=1, default=str) + "\n```", 0)
 
@@ -58,8 +73,6 @@ class TensorBoardLogger(ExperimentLogger):
         self.writer.flush()  # an interrupted run keeps its epochs
 
     def log_front(self, rows: list[dict[str, Any]], markdown: str, figure: Path, step: int) -> None:
-        import numpy as np
-        from PIL import Image
         self.writer.add_text("front/table", markdown, step)
         with Image.open(figure) as img:
             self.writer.add_image("front/figure", np.asarray(img.convert("RGB")), step, dataformats="HWC")
@@ -71,7 +84,7 @@ class TensorBoardLogger(ExperimentLogger):
 
 class WandbLogger(ExperimentLogger):
     def __init__(self, out_dir: Path, project: str, name: str, config: dict[str, Any]):
-        import wandb
+        import wandb  # optional (requirements-extras.txt): only when asked for
         self.wandb = wandb
         created = not out_dir.exists()
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -118,8 +131,6 @@ class Loggers:
         backend."""
         if not self.backends or not Path(results).exists():
             return
-        from snnet.results.pareto import pareto_report, save_report
-        from snnet.results.records import ResultsError
         try:
             report = pareto_report([results], "flops")
         except ResultsError as e:  # nothing to plot (e.g. no FLOPs): the epochs are logged all the same
@@ -148,32 +159,32 @@ def epoch_metrics(train_metrics: dict[str, float], eval_metrics: dict[str, float
     return out
 
 
-def check_loggers(args: argparse.Namespace) -> None:
+def check_loggers(options: LoggerOptions) -> None:
     """At startup: every requested backend's package is installed, else one line naming the pip command."""
     for dest, (flag, package) in _PACKAGES.items():
-        if getattr(args, dest, None) and importlib.util.find_spec(package) is None:
+        if getattr(options, dest) and importlib.util.find_spec(package) is None:
             raise UsageError(f"{flag} needs the {package} package, which is not installed: pip install {package} "
                              f"(or pip install -r requirements-extras.txt), or drop {flag}")
 
 
-def create_loggers(args: argparse.Namespace, out_dir: Path, primary: bool = True) -> Loggers:
+def create_loggers(options: LoggerOptions, out_dir: Path, primary: bool = True) -> Loggers:
     """The backends the flags ask for, on the primary process (rank 0) only."""
-    if not primary or not (args.log_tensorboard or args.log_wandb):
+    if not primary or not (options.log_tensorboard or options.log_wandb):
         return Loggers()
-    check_loggers(args)
-    config = json.loads(json.dumps(vars(args), default=str))
+    check_loggers(options)
+    config = json.loads(json.dumps(dict(options.run_config), default=str))
     backends: list[ExperimentLogger] = []
-    if args.log_wandb:  # first: the one that can be refused (no API key) has left nothing behind then
-        backends.append(WandbLogger(out_dir, args.wandb_project, out_dir.name, config))
-    if args.log_tensorboard:
-        log_dir = Path(args.log_tensorboard) / out_dir.name
+    if options.log_wandb:  # first: the one that can be refused (no API key) has left nothing behind then
+        backends.append(WandbLogger(out_dir, options.wandb_project, out_dir.name, config))
+    if options.log_tensorboard:
+        log_dir = Path(options.log_tensorboard) / out_dir.name
         try:
             backends.append(TensorBoardLogger(log_dir, config))
         except OSError as e:
             Loggers(backends).close()
-            raise UsageError(f"--log-tensorboard {args.log_tensorboard!r}: cannot write {str(log_dir)!r} "
+            raise UsageError(f"--log-tensorboard {options.log_tensorboard!r}: cannot write {str(log_dir)!r} "
                              f"({e.strerror or e}); pass another DIR") from None
-    where = [f"TensorBoard {Path(args.log_tensorboard) / out_dir.name}"] if args.log_tensorboard else []
-    where += [f"wandb project {args.wandb_project!r}"] if args.log_wandb else []
+    where = [f"TensorBoard {Path(options.log_tensorboard) / out_dir.name}"] if options.log_tensorboard else []
+    where += [f"wandb project {options.wandb_project!r}"] if options.log_wandb else []
     _logger.info("experiment logging: " + ", ".join(where))
     return Loggers(backends)

@@ -52,7 +52,7 @@ from snnet.train.options import EvalOptions, LossOptions, OptimOptions, Schedule
 from snnet.train.positions import write_stitch_plan
 from snnet.train.preempt import STOP, Preempted
 from snnet.train.preflight import check_recipe, check_run, output_dir
-from snnet.train.resolve import describe_run, launch_world_size, to_yaml
+from snnet.train.resolve import describe_run, launch_world_size, logger_options, network_options, to_yaml
 from snnet.train.resume import (
     all_saved,
     continue_epoch,
@@ -207,7 +207,7 @@ def run(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
             print(to_yaml(describe_run(args, stitch_cfg, launch_world_size(), device_type)), end="")
         return
     check_run(args, stitch_cfg, launch_world_size())  # every input, before any weight or image
-    check_loggers(args)
+    check_loggers(logger_options(args))
     out_dir = output_dir(args)  # once: a generated name holds the time of day
     # one run per output folder: rank 0 holds the lock (torchrun's other ranks write into rank 0's folder); the
     # kernel releases it when the process dies, so a crashed run never leaves it stuck
@@ -225,7 +225,7 @@ def _run(args: argparse.Namespace, stitch_cfg: StitchConfig | None, out_dir: Pat
         logging.getLogger().setLevel(logging.WARNING)
     train_ds, val_ds = create_datasets(options_from(DataOptions, args), need_train=not args.eval)
     args = _resolve(args, stitch_cfg, train_ds or val_ds)  # frozen from here: nothing changes args mid-run
-    built, stitch_cfg = build_network(args, stitch_cfg, args.num_classes, train_ds)  # positions explicit from here
+    built, stitch_cfg = build_network(network_options(args), stitch_cfg, train_ds)  # positions explicit from here
     assert built is not None  # None only for structure_only
     net = built
     check_train_exclude(net, stitch_cfg)
@@ -259,7 +259,7 @@ def _run(args: argparse.Namespace, stitch_cfg: StitchConfig | None, out_dir: Pat
     if run_.primary and not args.eval:  # the resolved run, after every check and before any work (LS init, training)
         write_text_atomic(out_dir / "args.yaml", to_yaml(describe_run(args, stitch_cfg, world_size, device.type,
                                                                       net=unwrap(net))))
-    run_.loggers = create_loggers(args, run_.out_dir, run_.primary)
+    run_.loggers = create_loggers(logger_options(args), run_.out_dir, run_.primary)
     if _wants_ls_init(args, stitch_cfg, resume_state):
         ls_initialise(net, run_, train_ds if train_ds is not None else val_ds)
     if resume_state is not None:

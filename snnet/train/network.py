@@ -3,18 +3,39 @@ timm model). train.py builds it here, and the preflight builds the same network 
 (`structure_only`), so that what the architecture decides is refused before any weight or image is touched."""
 from __future__ import annotations
 
-import argparse
 import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from snnet.core.config import ConfigError, StitchConfig
+from snnet.core.build import create_anchor, create_anchors, input_size_for, snnet_from_anchors
+from snnet.core.config import AnchorSpec, ConfigError, StitchConfig
 from snnet.core.model import PlainNet, RoutedNet
-from snnet.train.positions import Selection, check_selectable
+from snnet.train.positions import Selection, SelectionOptions, check_selectable
+from snnet.train.sampler import train_ids
 
 
-def build_network(args: argparse.Namespace, stitch_cfg: StitchConfig | None, num_classes: int,
-                  images_from=None, structure_only: bool = False) -> tuple[RoutedNet | None, StitchConfig | None]:
+@dataclass(frozen=True)
+class NetworkOptions:
+    """What the network is built from besides the stitch config: train.py's model flags of these names (the
+    defaults are its defaults), the number of classes, and what a config that selects its positions from data
+    reads (`selection`; None: such a config is refused)."""
+    num_classes: int | None = None
+    model: str | None = None              # one plain timm model (no stitch config)
+    model_kwargs: Mapping[str, Any] = field(default_factory=dict)  # over every anchor's own
+    pretrained: bool = False              # the plain model's hub weights
+    no_pretrained: bool = False           # random anchors
+    img_size: int | None = None
+    in_chans: int | None = None
+    drop: float | None = None             # None: the model's own
+    drop_path: float | None = None
+    selection: SelectionOptions | None = None
+
+
+def build_network(options: NetworkOptions, stitch_cfg: StitchConfig | None, images_from=None,
+                  structure_only: bool = False) -> tuple[RoutedNet | None, StitchConfig | None]:
     """The network, built forward: anchors, then the stitch positions (chosen from data when the config asks, on
     these anchors), then the SN-Net on them. Returns the network and the config it was built from (positions
     explicit), which the run records.
@@ -22,34 +43,35 @@ def build_network(args: argparse.Namespace, stitch_cfg: StitchConfig | None, num
     `structure_only` (the preflight): the same build on the meta device, no weight read or downloaded, so what the
     architecture decides (model arguments, stitchable anchors, the resolutions, enough positions to select) is
     refused before any work; a config that selects its positions from data then returns no network."""
-    kwargs = dict(num_classes=num_classes, drop_path_rate=args.drop_path, drop_rate=args.drop)
-    if args.img_size is not None:
-        kwargs["img_size"] = args.img_size
-    if args.in_chans is not None:
-        kwargs["in_chans"] = args.in_chans
+    kwargs: dict[str, Any] = dict(num_classes=options.num_classes, drop_path_rate=options.drop_path, drop_rate=options.drop)
+    if options.img_size is not None:
+        kwargs["img_size"] = options.img_size
+    if options.in_chans is not None:
+        kwargs["in_chans"] = options.in_chans
     if stitch_cfg is None:
-        from snnet.core.build import create_anchor
-        from snnet.core.config import AnchorSpec
-        spec = AnchorSpec(args.model, None, dict(args.model_kwargs))
-        return PlainNet(create_anchor(spec, args.pretrained, structure_only, **kwargs), args.model), None
-    from snnet.core.build import create_anchors, input_size_for, snnet_from_anchors
-    cfg = stitch_cfg.with_model_kwargs(args.model_kwargs)
-    models, adapters = create_anchors(cfg, not args.no_pretrained, structure_only=structure_only, **kwargs)
+        if options.model is None:
+            raise ConfigError("no network to build: name a stitch config or a model (--stitch_config or --model)")
+        spec = AnchorSpec(options.model, None, dict(options.model_kwargs))
+        return PlainNet(create_anchor(spec, options.pretrained, structure_only, **kwargs), options.model), None
+    cfg = stitch_cfg.with_model_kwargs(dict(options.model_kwargs))
+    models, adapters = create_anchors(cfg, not options.no_pretrained, structure_only=structure_only, **kwargs)
     if "select" in (cfg.get("positions") or {}) and structure_only:
-        check_selectable(cfg, models, adapters, input_size_for(cfg, models[-1], kwargs), args.in_chans or 3)
+        check_selectable(cfg, models, adapters, input_size_for(cfg, models[-1], kwargs), options.in_chans or 3)
         return None, stitch_cfg
     if "select" in (cfg.get("positions") or {}):  # "positions" chosen on the training split, before the SN-Net
-        cfg = Selection(args, images_from)(cfg, models, adapters)
+        if options.selection is None:
+            raise ConfigError(f"stitch config {stitch_cfg.path!r} selects its positions from data; pass the "
+                              f"training data (NetworkOptions.selection) or its stitch_plan.json")
+        cfg = Selection(options.selection, images_from)(cfg, models, adapters)
         stitch_cfg = StitchConfig(list(stitch_cfg.anchors), {**stitch_cfg.values, "positions": cfg.get("positions")},
                                   stitch_cfg.path)
     with torch.device("meta") if structure_only else contextlib.nullcontext():
-        return snnet_from_anchors(cfg, models, adapters, args.img_size, args.in_chans), stitch_cfg
+        return snnet_from_anchors(cfg, models, adapters, options.img_size, options.in_chans), stitch_cfg
 
 
 def check_train_exclude(net: RoutedNet, stitch_cfg: StitchConfig | None) -> None:
     """The config's ``train_exclude`` names routes this network has, and leaves one to train (refused right after
     the build, before any work)."""
-    from snnet.train.sampler import train_ids
     try:
         train_ids(net.num_configs, (stitch_cfg.get("train_exclude") or []) if stitch_cfg is not None else [])
     except ValueError as e:

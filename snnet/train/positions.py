@@ -22,20 +22,28 @@ The choice is plain data: train.py writes the config with ``"positions": {"pairs
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from timm.data import resolve_data_config
 from torch import nn
 
 from snnet.core.adapter import Unit, block_units, entry_unit
 from snnet.core.config import ConfigError, StitchConfig
+from snnet.core.cut import probe, why_not_stitchable
+from snnet.core.fileio import write_text_atomic
+from snnet.core.maps import SimilarityError, anchors_net, compatibility_maps
+from snnet.data.checks import DataError
+from snnet.data.datasets import create_datasets
+from snnet.data.ls_images import clean_images
+from snnet.data.options import DataOptions
 
 _logger = logging.getLogger("snnet")
 
@@ -61,7 +69,6 @@ def stitchable_positions(net, cuts, a: int, b: int) -> list[tuple[int, int, int,
     """The candidate positions of anchors a -> b of an anchors-only ComposedNet that can be stitched, from the units'
     cut points (`snnet.core.cut.probe`, or the maps' own): (j, k, front unit, end unit) in (j, k) order. The one
     enumeration of the selection and of the preflight's structural check."""
-    from snnet.core.cut import why_not_stitchable
     depth_a, depth_b = len(block_units(net.units[a])), len(block_units(net.units[b]))
     out = []
     for j in range(depth_a):
@@ -81,8 +88,6 @@ def _check_per_pair(net, a: int, b: int, found: int, per_pair: int) -> None:
 def check_selectable(cfg: StitchConfig, models: Sequence[nn.Module], adapters, img_size, in_chans: int = 3) -> None:
     """Refuse a ``"positions": {"select": ..., "per_pair": K}`` that no data could satisfy (a pair with fewer than K
     stitchable positions), from the anchors' structure alone (`structure_only` anchors do; no image is read)."""
-    from snnet.core.cut import probe
-    from snnet.core.maps import anchors_net
     net = anchors_net(models, adapters, cfg.labels())
     cuts = probe(net, img_size, in_chans)
     for a in range(net.n_anchors - 1):
@@ -95,7 +100,6 @@ def select_positions(net, batches, score: str, per_pair: int) -> tuple[list[list
 
     Returns (pairs, info): per pair the chosen [j, k], sorted by (j, k) (the plan's cfg_id order); info records the
     request, the images and every candidate's score (JSON-able)."""
-    from snnet.core.maps import compatibility_maps
     key, sign = SCORES[score]
     pairs = [(a, a + 1) for a in range(net.n_anchors - 1)]
     maps = compatibility_maps(net, batches, pairs=pairs, kl=score == "kl")
@@ -133,7 +137,6 @@ def plan_config(cfg: StitchConfig) -> dict[str, Any]:
 def write_stitch_plan(net: nn.Module, out_dir: str | os.PathLike) -> Path | None:
     """``<out_dir>/stitch_plan.json`` (atomically) when `net` was built from a config with ``"positions"``: that
     config with the explicit positions, loadable with --stitch_config. None otherwise."""
-    from snnet.core.fileio import write_text_atomic
     cfg = getattr(net, "stitch_config", None)
     if cfg is None or cfg.get("positions") is None:
         return None
@@ -145,6 +148,18 @@ def write_stitch_plan(net: nn.Module, out_dir: str | os.PathLike) -> Path | None
     return path
 
 
+@dataclass(frozen=True)
+class SelectionOptions:
+    """What a ``"positions": {"select": ...}`` selection reads besides the config: the training data (its folder;
+    its seed draws the images), timm's data-config flags (the images' preprocessing: img_size, mean, std, crop_pct,
+    interpolation, ... as `resolve_data_config` reads them), how many images (None: the config's stitch_init_bs)
+    and where the maps are computed (None: cpu)."""
+    data: DataOptions
+    data_config: Mapping[str, Any] = field(default_factory=dict)
+    init_images: int | None = None
+    device: str | None = None
+
+
 class Selection:
     """``"positions": {"select": ...}`` in train.py: picks the positions on the built anchors (the weights the SN-Net
     is then built on) and returns the config with them explicit, before the SN-Net exists.
@@ -152,35 +167,28 @@ class Selection:
     `images_from` is the training split (None: it is loaded, as for an --eval run, so an evaluation selects on the
     same images as the training run did)."""
 
-    def __init__(self, args: argparse.Namespace, images_from=None):
-        self.args, self.images_from = args, images_from
+    def __init__(self, options: SelectionOptions, images_from=None):
+        self.options, self.images_from = options, images_from
 
     def images(self, cfg: StitchConfig, largest: nn.Module) -> list[torch.Tensor]:
-        from timm.data import resolve_data_config
-
-        from snnet.data.checks import DataError
-        from snnet.data.datasets import create_datasets
-        from snnet.data.ls_images import clean_images
-        from snnet.data.options import DataOptions
-        from snnet.train.args import options_from
-        args = self.args
-        data_cfg = resolve_data_config(vars(args), model=largest)  # as train.py's (the SN-Net's is the largest's)
+        options = self.options
+        # as train.py's (the SN-Net's is the largest's)
+        data_cfg = resolve_data_config(dict(options.data_config), model=largest)
         dataset = self.images_from
         if dataset is None:
-            dataset = create_datasets(options_from(DataOptions, args), need_train=True)[0]
+            dataset = create_datasets(options.data, need_train=True)[0]
             if dataset is None:
-                raise DataError(f"'positions' selects on training images and {args.data_dir!r} has no training "
-                                f"split; add it, or pass the stitch_plan.json of the training run")
-        count = args.stitch_init_bs or cfg.get("stitch_init_bs")
-        return list(clean_images(dataset, data_cfg, count, args.seed, 0, 1, batch_size=SELECTION_BATCH))
+                raise DataError(f"'positions' selects on training images and {options.data.data_dir!r} has no "
+                                f"training split; add it, or pass the stitch_plan.json of the training run")
+        count = options.init_images or cfg.get("stitch_init_bs")
+        return list(clean_images(dataset, data_cfg, count, options.data.seed, 0, 1, batch_size=SELECTION_BATCH))
 
     def __call__(self, cfg: StitchConfig, models: Sequence[nn.Module], adapters) -> StitchConfig:
-        from snnet.core.maps import SimilarityError, anchors_net
         request = cfg.get("positions")
         labels = cfg.labels()
         t0 = time.perf_counter()
         modes = {m: m.training for model in models for m in model.modules()}
-        device = torch.device(self.args.device or "cpu")
+        device = torch.device(self.options.device or "cpu")
         net = anchors_net(models, adapters, labels).to(device)
         try:
             batches = self.images(cfg, models[-1])
@@ -194,8 +202,8 @@ class Selection:
             net.to("cpu")
             for m, training in modes.items():
                 m.training = training
-        info["seed"] = self.args.seed
-        info["data"] = str(self.args.data_dir)
+        info["seed"] = self.options.data.seed
+        info["data"] = str(self.options.data.data_dir)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             box = [(pairs, info)]  # rank 0's choice everywhere (GPU kernels may break near-ties differently)
             torch.distributed.broadcast_object_list(box, src=0)

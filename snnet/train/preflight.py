@@ -4,6 +4,11 @@ the data layout, the augmentation. A bad input is one line and exit 2 before a w
 train.py runs these checks first, identically on every rank; distributed_train.sh runs them once before torchrun
 starts its processes (``python -m snnet.train.preflight NUM_PROC ARGS``), so a bad input under torchrun is one line from
 one process, not one per rank followed by torchrun's traceback.
+
+This module is part of train.py's argument resolution: `check_run` and `check_recipe` check the resolved arguments
+as a whole (train.py's namespace: every flag of the recipe, called only by train.py and by its own entry point
+above). The checks other tools reuse take typed values: `check_output` a folder, `check_augmentation` the
+`LoaderOptions` and an input size.
 """
 from __future__ import annotations
 
@@ -11,11 +16,25 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-from snnet.core.config import StitchConfig
+from timm.data import create_transform
+
+from snnet.core.build import check_model_name, create_anchor
+from snnet.core.checkpoint import CheckpointError, check_same_network, fit_report, load_checkpoint
+from snnet.core.config import AnchorSpec, StitchConfig
 from snnet.core.errors import SNNetError, UsageError, one_line
 from snnet.core.fileio import lock_holder
+from snnet.data.checks import check_data
+from snnet.data.options import DataOptions, LoaderOptions
+from snnet.data.transforms import timm_crop_mode
+from snnet.train.args import options_from, parse_args
+from snnet.train.device import device_from_flag
+from snnet.train.network import build_network, check_train_exclude
+from snnet.train.optim import check_optimizer_name, resolve_lrs
+from snnet.train.options import OptimOptions, ScheduleOptions
+from snnet.train.resolve import eval_data_config, network_options, schedule
 
 
 class OutputError(SNNetError):
@@ -62,7 +81,6 @@ def check_checkpoints(args: argparse.Namespace, stitch_cfg: StitchConfig | None 
     once the network is built, before any image is read); a --resume checkpoint that recorded its stitch config was
     made with the network the given config builds (a field such as skip_final_norm changes the network without
     changing a weight's shape, so the state dict alone would load and run another network)."""
-    from snnet.core.checkpoint import check_same_network, load_checkpoint
     for path in (args.resume, args.initial_checkpoint):
         if not path:
             continue
@@ -80,9 +98,6 @@ def _check_teacher_checkpoint(args: argparse.Namespace) -> None:
     """--teacher-checkpoint: a readable pickle-free checkpoint whose keys and shapes fit the teacher (compared with
     the teacher's meta-device structure: no weight is allocated; the classifier only where --num-classes is given,
     as the data decides its size otherwise)."""
-    from snnet.core.build import create_anchor
-    from snnet.core.checkpoint import CheckpointError, fit_report, load_checkpoint
-    from snnet.core.config import AnchorSpec
     state = load_checkpoint(args.teacher_checkpoint, "--teacher-checkpoint")["state_dict"]
     teacher = create_anchor(AnchorSpec(args.teacher), pretrained=False, structure_only=True,
                             num_classes=args.num_classes)
@@ -108,32 +123,21 @@ def _check_epochs_left(args: argparse.Namespace, state: dict) -> None:
                      f"train into {str(output_dir(args))!r}; raise --epochs, or evaluate it with --eval --resume")
 
 
-def check_augmentation(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
-    """The training transform can be built (e.g. --aa names a policy timm knows)."""
-    if args.eval:
-        return
-    from timm.data import create_transform
-
-    from snnet.data.transforms import timm_crop_mode
-    from snnet.train.resolve import eval_data_config
-    size = eval_data_config(args, stitch_cfg)["input_size"]
+def check_augmentation(loader: LoaderOptions, input_size: int | Sequence[int] = 224) -> None:
+    """The training transform can be built at `input_size` (e.g. --aa names a policy timm knows)."""
     try:
-        create_transform(size, is_training=True, auto_augment=args.aa, re_prob=args.reprob, re_mode=args.remode,
-                         re_count=args.recount, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
-                         vflip=args.vflip, color_jitter=args.color_jitter, interpolation=args.train_interpolation,
-                         train_crop_mode=timm_crop_mode(args.train_crop_mode))
+        create_transform(input_size, is_training=True, auto_augment=loader.aa, re_prob=loader.reprob,
+                         re_mode=loader.remode, re_count=loader.recount, scale=loader.scale, ratio=loader.ratio,
+                         hflip=loader.hflip, vflip=loader.vflip, color_jitter=loader.color_jitter,
+                         interpolation=loader.train_interpolation,
+                         train_crop_mode=timm_crop_mode(loader.train_crop_mode))
     except Exception as e:  # timm asserts on unknown policies and ranges
-        from snnet.train.args import UsageError
         reason = " ".join(str(e).split())[:160] or type(e).__name__
         raise UsageError(f"the training augmentation cannot be built ({reason}); check --aa (e.g. "
                          f"rand-m9-mstd0.5-inc1), --scale, --ratio and --train-interpolation") from None
 
 
 def check_run(args: argparse.Namespace, stitch_cfg: StitchConfig | None, world_size: int) -> None:
-    from snnet.data.checks import check_data
-    from snnet.data.options import DataOptions
-    from snnet.train.args import options_from
-    from snnet.train.device import device_from_flag
     device_from_flag(args.device)  # a name that is no torch device, or CUDA where there is none
     check_output(output_dir(args))
     check_checkpoints(args, stitch_cfg)
@@ -144,7 +148,8 @@ def check_run(args: argparse.Namespace, stitch_cfg: StitchConfig | None, world_s
 def check_recipe(args: argparse.Namespace, stitch_cfg: StitchConfig | None, world_size: int) -> None:
     """The checks that need no data folder, device or file of this machine (augmentation, optimizer, schedule,
     teacher): `--dry-run`, which resolves a run for another machine, runs these too."""
-    check_augmentation(args, stitch_cfg)
+    if not args.eval:
+        check_augmentation(options_from(LoaderOptions, args), eval_data_config(args, stitch_cfg)["input_size"])
     check_training(args, world_size)
     check_structure(args, stitch_cfg)
 
@@ -153,9 +158,8 @@ def check_structure(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -
     """The network built as the run builds it, on the meta device (no weight read, downloaded or allocated): model
     arguments timm refuses, anchors that cannot be stitched at this input size, a positions selection asking for
     more positions than a pair has, and routes `train_exclude` names that the network lacks."""
-    from snnet.train.network import build_network, check_train_exclude
     num_classes = args.num_classes or (stitch_cfg.get("num_classes") if stitch_cfg is not None else None) or 1000
-    net, cfg = build_network(args, stitch_cfg, num_classes, structure_only=True)
+    net, cfg = build_network(network_options(args, num_classes=num_classes), stitch_cfg, structure_only=True)
     if net is not None:
         check_train_exclude(net, cfg)
 
@@ -164,10 +168,6 @@ def check_training(args: argparse.Namespace, world_size: int = 1) -> None:
     """What training builds late (the optimizer, the LR schedule, the distillation teacher), refused before any work."""
     if args.eval:
         return
-    from snnet.train.args import options_from
-    from snnet.train.optim import check_optimizer_name, resolve_lrs
-    from snnet.train.options import OptimOptions, ScheduleOptions
-    from snnet.train.resolve import schedule
     check_optimizer_name(args.opt)
     global_batch = args.batch_size * world_size * max(1, getattr(args, "grad_accum_steps", 1) or 1)
     lr, warmup_lr, min_lr = resolve_lrs(options_from(OptimOptions, args), options_from(ScheduleOptions, args),
@@ -177,13 +177,11 @@ def check_training(args: argparse.Namespace, world_size: int = 1) -> None:
                          f"lower --min-lr or raise --lr")
     schedule(args, warmup_lr, min_lr)  # the scheduler timm builds from the flags, on a one-parameter optimizer
     if args.distillation_type != "none" and args.teacher:
-        from snnet.core.build import check_model_name
         check_model_name(args.teacher)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m snnet.train.preflight NUM_PROC TRAIN_ARGS...``: the checks for a launch of NUM_PROC processes per node."""
-    from snnet.train.args import parse_args
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args, stitch_cfg = parse_args(argv[1:])

@@ -15,11 +15,27 @@ import math
 import os
 from typing import Any
 
-from snnet.core.config import StitchConfig
+import timm
+import torch
+import yaml
+from timm.data import resolve_data_config
+from timm.layers import DropPath
+
+from snnet.core.build import build_snnet
+from snnet.core.config import AnchorSpec, ConfigError, StitchConfig
 from snnet.core.steps import UnitStep
+from snnet.data.options import DataOptions
 from snnet.train.args import options_from
-from snnet.train.optim import anchor_lr_scale, decays_stitch_biases, epoch_offset, resolve_lrs
+from snnet.train.loggers import LoggerOptions
+from snnet.train.network import NetworkOptions
+from snnet.train.optim import anchor_lr_scale, create_scheduler, decays_stitch_biases, epoch_offset, resolve_lrs
 from snnet.train.options import OptimOptions, ScheduleOptions
+from snnet.train.positions import SelectionOptions
+from snnet.train.sampler import create_sampler, train_ids
+
+#: the flags timm's resolve_data_config reads (the data config of a run: input size, mean, std, crop, resize)
+DATA_CONFIG_FLAGS = ("in_chans", "chans", "input_size", "img_size", "interpolation", "mean", "std", "crop_pct",
+                     "crop_mode")
 
 
 def launch_world_size() -> int:
@@ -28,7 +44,6 @@ def launch_world_size() -> int:
 
 
 def _pretrained_cfg(name: str) -> dict[str, Any]:
-    import timm
     try:
         cfg = timm.models.get_pretrained_cfg(name)
     except Exception:  # an unknown tag: the checks at build time name it
@@ -36,10 +51,28 @@ def _pretrained_cfg(name: str) -> dict[str, Any]:
     return cfg.to_dict() if cfg is not None else {}
 
 
+# ------------------------------------------------------------------------------------------ typed options
+def data_config_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags of the run's data config, as timm's resolve_data_config reads them from train.py's arguments."""
+    return {k: getattr(args, k) for k in DATA_CONFIG_FLAGS if hasattr(args, k)}
+
+
+def network_options(args: argparse.Namespace, **over: Any) -> NetworkOptions:
+    """How train.py builds its network (`snnet.train.network.build_network`), from its resolved arguments: the model
+    flags, the number of classes (`over` over them) and what a selection of positions from data reads."""
+    selection = SelectionOptions(options_from(DataOptions, args), data_config_flags(args),
+                                 getattr(args, "stitch_init_bs", None), getattr(args, "device", None))
+    return options_from(NetworkOptions, args, selection=selection, **over)
+
+
+def logger_options(args: argparse.Namespace) -> LoggerOptions:
+    """The experiment loggers train.py's flags ask for, recording its resolved arguments."""
+    return options_from(LoggerOptions, args, run_config=vars(args))
+
+
 def eval_data_config(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> dict[str, Any]:
     """timm's data config of the run (the largest anchor's defaults under the flags), and the eval resize it means
     (`describe_run`'s eval_transform; the transform itself is `snnet.data.transforms.eval_transform`)."""
-    from timm.data import resolve_data_config
     name = stitch_cfg.anchors[-1].name if stitch_cfg is not None else args.model
     cfg = resolve_data_config(vars(args), pretrained_cfg=_pretrained_cfg(name))
     size = cfg["input_size"][-1]
@@ -50,9 +83,6 @@ def eval_data_config(args: argparse.Namespace, stitch_cfg: StitchConfig | None) 
 
 def schedule(args: argparse.Namespace, warmup_lr: float, min_lr: float) -> dict[str, Any]:
     """The LR schedule timm builds from the flags: its total number of epochs and how it steps."""
-    import torch
-
-    from snnet.train.optim import create_scheduler
     probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     _, total = create_scheduler(options_from(ScheduleOptions, args), probe, 1, warmup_lr, min_lr,
                                 eval_metric=args.eval_metric)
@@ -116,16 +146,12 @@ def _plan_kind(stitch_cfg: StitchConfig, net) -> str:
 def meta_network(args: argparse.Namespace, stitch_cfg: StitchConfig):
     """The run's SN-Net with every tensor on the meta device (no weights, no memory), built from the same arguments
     as train.py's `build_network`."""
-    import torch
-
-    from snnet.core.build import build_snnet
     kwargs = dict(num_classes=args.num_classes or stitch_cfg.get("num_classes"), drop_path_rate=args.drop_path,
                   drop_rate=args.drop)
     if args.img_size is not None:
         kwargs["img_size"] = args.img_size
     if args.in_chans is not None:
         kwargs["in_chans"] = args.in_chans
-    from snnet.core.config import AnchorSpec
     cfg = stitch_cfg.with_model_kwargs(args.model_kwargs)
     # local checkpoints are not read either: the architecture is the timm model's (its kwargs as given)
     cfg = StitchConfig([AnchorSpec(a.name, None, a.model_kwargs, a.label) for a in cfg.anchors], dict(cfg.values), cfg.path)
@@ -138,7 +164,6 @@ def meta_network(args: argparse.Namespace, stitch_cfg: StitchConfig):
 def materialise(net) -> None:
     """Real, zero-filled CPU storage for a meta network, so the cost model can trace it (zeros: index buffers stay
     valid)."""
-    import torch
     if any(t.is_meta for t in [*net.parameters(), *net.buffers()]):
         net.to_empty(device="cpu")
         with torch.no_grad():
@@ -148,7 +173,6 @@ def materialise(net) -> None:
 
 def _drop_path(anchor) -> dict[str, Any]:
     """The drop-path rate of each block of an anchor (timm's DropPath modules; 0 where a block has none)."""
-    from timm.layers import DropPath
     rates = []
     for _name, m in anchor.named_modules():
         if not any(n.startswith("drop_path") for n, _ in m.named_children()):
@@ -160,7 +184,6 @@ def _drop_path(anchor) -> dict[str, Any]:
 
 
 def _anchor_entry(spec, anchor, schedule: str) -> dict[str, Any]:
-    from timm.data import resolve_data_config
     cfg = _pretrained_cfg(spec.name)
     data = resolve_data_config({}, pretrained_cfg=cfg) if cfg else {}
     return {"name": spec.name, "weights": spec.checkpoint or (f"timm pretrained, tag {cfg.get('tag') or '(default)'}"
@@ -219,7 +242,6 @@ def describe_network(args: argparse.Namespace, stitch_cfg: StitchConfig | None, 
         return {"plan": _plan_kind(stitch_cfg, None), "positions": "chosen from data at run time (written to "
                 "<output>/stitch_plan.json); the network is described in the run's own args.yaml",
                 "ls_init": _ls_init(args, stitch_cfg, amp_dtype)}
-    from snnet.train.sampler import create_sampler, train_ids
     if net is None:
         net = meta_network(args, stitch_cfg)
     excluded = sorted(stitch_cfg.get("train_exclude") or [])
@@ -228,7 +250,6 @@ def describe_network(args: argparse.Namespace, stitch_cfg: StitchConfig | None, 
     try:
         ids = train_ids(net.num_configs, excluded) or list(range(net.num_configs))
     except ValueError as e:
-        from snnet.core.config import ConfigError
         raise ConfigError(f"stitch config {stitch_cfg.path!r}: {e}") from None
     trained = [c for c in ids if c not in frozen_anchors]
     spec = stitch_cfg.get("sampler")
@@ -239,7 +260,6 @@ def describe_network(args: argparse.Namespace, stitch_cfg: StitchConfig | None, 
                                  train_exclude=excluded)
         sampler_entry = sampler.describe() if hasattr(sampler, "describe") else {"type": (spec or {}).get("type")}
     except (ValueError, TypeError) as e:  # as train.py would refuse it when training starts, but now
-        from snnet.core.config import ConfigError
         raise ConfigError(f"stitch config field 'sampler' {spec!r}: {e}") from None
     if "buckets" in sampler_entry:
         sampler_entry["flops"] = "cost model (fvcore convention), one image at the network's input size"
@@ -263,5 +283,4 @@ def describe_network(args: argparse.Namespace, stitch_cfg: StitchConfig | None, 
 
 
 def to_yaml(run: dict[str, Any]) -> str:
-    import yaml
     return yaml.safe_dump(run, sort_keys=False, default_flow_style=None, width=120)

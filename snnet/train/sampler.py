@@ -198,8 +198,8 @@ class BucketSampler:
         """Binned by the cost model's FLOPs of each route in `ids` (all routes when None) at the network's input
         size (or `img_size`)."""
         size = model_img_size(net) if img_size is None else img_size
-        size = (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
-        table = cost_table(net, size, 3)
+        pair = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        table = cost_table(net, pair, 3)
         ids = range(net.num_configs) if ids is None else ids
         flops = {c: float(table.route_flops(net.routes[c])) for c in ids}
         return cls(flops, seed, rank, sync, gap=gap, k=k)

@@ -169,7 +169,7 @@ def create_trainer(model: RoutedNet, loader: Any, loss_fn: Callable, *, optim: O
     compiled = 0
     if train.torchcompile:  # after the EMA's copy; FLOPs are traced by torch.jit, which cannot enter compiled code
         if input_size is not None:  # so trace them now
-            cost_table(model, tuple(input_size[1:]), input_size[0])
+            cost_table(model, (int(input_size[1]), int(input_size[2])), int(input_size[0]))
         compiled = model.compile_blocks(train.torchcompile)
     net: nn.Module = model
     if train.distributed:  # each process trains its own stitch, so the used parameters differ between processes

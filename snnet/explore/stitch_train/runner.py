@@ -16,8 +16,6 @@ schedule from the typed options, EMA, accumulation, compile, the epoch loop), lo
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import hashlib
 import json
 import logging
@@ -189,9 +187,7 @@ def prepare(sweep: Sweep) -> Prepared:
     check_output(sweep.out)
     data, given = options[DataOptions], options[InputOptions]
     check_data(data, need_train=True, world_size=1)
-    # preflight's check reads train.py's flag names; until it takes typed options, its namespace is built here
-    check_augmentation(argparse.Namespace(eval=False, model=None, **given.data_config_args(),
-                                          **dataclasses.asdict(options[LoaderOptions])), None)
+    check_augmentation(options[LoaderOptions], given.img_size or 224)
     train_ds, val_ds = create_datasets(data, need_train=True)
     if val_ds is None:
         raise DataError(f"data folder {data.data_dir!r} has no val/ (or validation/) split; stitch-train validates "
