@@ -65,7 +65,8 @@ def assert_learns(losses):
 def test_fp16_with_grad_scaler_trains(digits_images):
     """train.py's fp16 path on CUDA: autocast fp16 and timm's NativeScaler (amp_dtype_for's default there)."""
     from snnet.train.device import amp_dtype_for
-    assert amp_dtype_for(argparse.Namespace(amp=True, amp_dtype=None), CUDA) == torch.float16
+    from snnet.train.options import TrainOptions
+    assert amp_dtype_for(TrainOptions(amp=True), CUDA) == torch.float16
     net = snnet().to(CUDA)
     losses, ctx = train_epochs(net, digits_batches(digits_images), torch.float16, cfg_id=2)
     assert_learns(losses)
@@ -151,10 +152,10 @@ def test_sync_bn_with_sample_sync_trains(nccl_group, digits_images):
     """--sync-bn with --sample-sync (main.convert_sync_bn): every BatchNorm becomes SyncBatchNorm, the network
     trains under DDP on the device (device_ids, find_unused_parameters, as main.fit wraps it)."""
     from snnet.train.main import convert_sync_bn
+    from snnet.train.options import TrainOptions
     from snnet.train.sampler import create_sampler
     net = resnet_snnet()
-    args = argparse.Namespace(sync_bn=True, eval=False, distributed=True, sample_sync=True)
-    net = convert_sync_bn(net, args, CUDA).to(CUDA)
+    net = convert_sync_bn(net, TrainOptions(sync_bn=True, distributed=True, sample_sync=True), CUDA).to(CUDA)
     assert any(isinstance(m, nn.SyncBatchNorm) for m in net.modules())
     assert not any(type(m) is nn.BatchNorm2d for m in net.modules())
     sampler = create_sampler(None, net, seed=0, rank=0, sync=True)
@@ -237,14 +238,17 @@ def test_ls_init_of_a_cuda_network_as_train_py_runs_it(digits_folder):
     from timm.data import create_dataset
 
     from snnet.core.config import parse_stitch_config
+    from snnet.data.options import DataOptions, LoaderOptions
     from snnet.train.main import Run, ls_initialise
+    from snnet.train.options import EvalOptions, LossOptions, OptimOptions, ScheduleOptions, TrainOptions
     raw = {"anchors": [vit(8), vit(16)], "skip_final_norm": False, "stitch_init_bs": 32}
     net = snnet().to(CUDA)
     before = {k: v.clone() for k, v in net.stitch_layers.state_dict().items()}
-    args = argparse.Namespace(stitch_init_bs=None, ls_mode=None, seed=0, eval=False)
     data_cfg = {"input_size": (3, IMG, IMG), "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.5,) * 3,
                 "crop_pct": 1.0, "crop_mode": "center"}
-    run = Run(args, parse_stitch_config(raw), CUDA, None, data_cfg, digits_folder, "{}")
+    run = Run(OptimOptions(), ScheduleOptions(), LossOptions(), TrainOptions(seed=0), EvalOptions(),
+              DataOptions(str(digits_folder)), LoaderOptions(), parse_stitch_config(raw), CUDA, None, data_cfg,
+              digits_folder, "{}", "{}")
     ls_initialise(net, run, create_dataset("", root=str(digits_folder / "train"), split="", search_split=False))
     after = net.stitch_layers.state_dict()
     assert all(v.device.type == "cuda" for v in after.values())

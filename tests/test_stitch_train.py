@@ -424,11 +424,8 @@ def test_one_run_from_the_command_line_and_its_usage_errors(anchors, digits_fold
 
 def test_repeated_train_flags_add_up():
     """`--train epochs=1 --train lr=0.1` trains with both (argparse's default would keep only the last)."""
-    import argparse
-
-    from snnet.explore.stitch_train import add_subcommand
-    parser = argparse.ArgumentParser()
-    add_subcommand(parser.add_subparsers(dest="command"))
+    from snnet.cli import build_parser
+    parser = build_parser()
     args = parser.parse_args(["stitch-train", "--sweep", "s.yaml", "--train", "epochs=1", "img_size=16",
                               "--train", "lr=0.1", "epochs=2"])
     assert dict(args.train) == {"epochs": 2, "img_size": 16, "lr": 0.1}

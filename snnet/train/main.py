@@ -102,14 +102,27 @@ def main(argv=None) -> int:
 
 @dataclass
 class Run:
-    """What every phase of one run reads: the resolved arguments and what was derived from them once."""
-    args: argparse.Namespace
+    """What every phase of one run reads, typed: the option objects built once from the resolved arguments at
+    train.py's edge (`run_from`), and what was derived from them (device, precision, data config, output folder,
+    the network's identity). Nothing below the edge reads train.py's namespace."""
+    optim: OptimOptions
+    schedule: ScheduleOptions
+    loss: LossOptions
+    train: TrainOptions
+    eval: EvalOptions
+    data: DataOptions                 # which images
+    loader: LoaderOptions             # how they are loaded (batch sizes, workers, augmentation)
     stitch_cfg: StitchConfig | None
     device: torch.device
     amp_dtype: torch.dtype | None
     data_cfg: dict
     out_dir: Path
     config_text: str  # the network's identity (anchors, input, classes, precision), hashed into results
+    args_json: str    # the resolved arguments as every checkpoint records them ("args")
+    resumed_from: str | None = None   # the checkpoint this run continues (--resume, or found by --auto-resume)
+    evaluating: bool = False          # --eval: evaluate every stitch, train nothing
+    stitch_init_bs: int | None = None  # the LS init's images (None: the stitch config's)
+    ls_mode: str | None = None        # the LS init's mode (None: the stitch config's)
     loggers: Loggers | None = None  # --log-tensorboard, --log-wandb (rank 0)
 
     @property
@@ -117,46 +130,27 @@ class Run:
         return world()[0] == 0
 
     @property
-    def optim(self) -> OptimOptions:
-        return options_from(OptimOptions, self.args)
-
-    @property
-    def schedule(self) -> ScheduleOptions:
-        return options_from(ScheduleOptions, self.args)
-
-    @property
-    def loss(self) -> LossOptions:
-        return options_from(LossOptions, self.args)
-
-    @property
-    def train(self) -> TrainOptions:
-        return options_from(TrainOptions, self.args)
-
-    @property
-    def eval(self) -> EvalOptions:
-        return options_from(EvalOptions, self.args)
-
-    @property
     def evaluation(self) -> Evaluation:
         """What evaluating the network reads (results folder, identity, loader, device, options)."""
         return Evaluation(self.out_dir, self.config_text, self.loader, self.data_cfg, self.device, self.amp_dtype,
-                          self.eval, self.args.data_dir)
+                          self.eval, self.data.data_dir)
 
     @property
     def init_images(self) -> InitImages:
         """Where the LS init's images come from."""
         return InitImages(self.data, self.loader, self.loss, self.data_cfg, self.device, self.amp_dtype,
-                          self.args.seed, self.args.eval)
+                          self.train.seed, self.evaluating)
 
-    @property
-    def data(self) -> DataOptions:
-        """Which images (the data layer's options, from the resolved arguments)."""
-        return options_from(DataOptions, self.args)
 
-    @property
-    def loader(self) -> LoaderOptions:
-        """How they are loaded (batch sizes, workers, augmentation)."""
-        return options_from(LoaderOptions, self.args)
+def run_from(args: argparse.Namespace, stitch_cfg: StitchConfig | None, device: torch.device, data_cfg: dict,
+             out_dir: Path) -> Run:
+    """train.py's edge: the resolved, frozen arguments turned into the typed run, once."""
+    train = options_from(TrainOptions, args)
+    return Run(options_from(OptimOptions, args), options_from(ScheduleOptions, args), options_from(LossOptions, args),
+               train, options_from(EvalOptions, args), options_from(DataOptions, args),
+               options_from(LoaderOptions, args), stitch_cfg, device, amp_dtype_for(train, device), data_cfg, out_dir,
+               _config_text(args, stitch_cfg, data_cfg), json.dumps(vars(args), default=str), args.resume or None,
+               bool(args.eval), args.stitch_init_bs, args.ls_mode)
 
 
 # ------------------------------------------------------------------------------------------------------ building
@@ -193,8 +187,8 @@ def ls_initialise(net: RoutedNet, run: Run, images_from) -> None:
     """The least-squares init of the stitching layers (`snnet.train.ls_data`) with the run's stitch_init_bs and
     ls_mode (the flag's, else the config's)."""
     assert run.stitch_cfg is not None  # only an SN-Net has stitching layers to fit
-    count = run.args.stitch_init_bs or run.stitch_cfg.get("stitch_init_bs")
-    mode = run.args.ls_mode or run.stitch_cfg.get("ls_mode")
+    count = run.stitch_init_bs or run.stitch_cfg.get("stitch_init_bs")
+    mode = run.ls_mode or run.stitch_cfg.get("ls_mode")
     fit_stitching_layers(net, images_from, run.stitch_cfg, count, mode, run.init_images)
 
 
@@ -232,10 +226,8 @@ def _run(args: argparse.Namespace, stitch_cfg: StitchConfig | None, out_dir: Pat
     if rank != 0:  # then each rank its own stream (augmentation, dropout); rank 0's goes on unchanged
         random_seed(args.seed, rank)
     data_cfg = resolve_data_config(vars(args), model=net)
-    train = options_from(TrainOptions, args)
-    net = _prepare(net, train, device, args.eval, args.aug_splits)
-    run_ = Run(args, stitch_cfg, device, amp_dtype_for(train, device), data_cfg, out_dir,
-               _config_text(args, stitch_cfg, data_cfg))
+    net = _prepare(net, options_from(TrainOptions, args), device, args.eval, args.aug_splits)
+    run_ = run_from(args, stitch_cfg, device, data_cfg, out_dir)
     if run_.primary and stitch_cfg is not None:  # explicit or selected "positions": <output>/stitch_plan.json
         write_stitch_plan(unwrap(net), run_.out_dir)
     resume = args.resume
@@ -339,10 +331,10 @@ def _sampler(net: RoutedNet, run: Run, rank: int):
     spec = run.stitch_cfg.get("sampler") if run.stitch_cfg is not None else None
     # frozen anchors: an anchor's own route has nothing to train, so it is not drawn
     exclude = [c for c, steps in enumerate(net.routes) if all(isinstance(s, UnitStep) for s in steps)] \
-        if run.args.freeze_anchors else []
+        if run.train.freeze_anchors else []
     train_exclude = run.stitch_cfg.get("train_exclude") or [] if run.stitch_cfg is not None else []
     try:
-        return create_sampler(spec, net, run.args.seed, rank, sync=run.args.sample_sync, exclude=exclude,
+        return create_sampler(spec, net, run.train.seed, rank, sync=run.train.sample_sync, exclude=exclude,
                               train_exclude=train_exclude)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"stitch config field 'sampler' {spec!r}: {e}") from None
@@ -351,15 +343,15 @@ def _sampler(net: RoutedNet, run: Run, rank: int):
 def _setup_training(net: RoutedNet, train_ds, run: Run, resume_state: dict | None) -> Trainer:
     """The trainer (optimizer, scaler, schedule, EMA, compile, DDP) on the training loader, with the run's loss and
     sampler, resumed where the checkpoint left off."""
-    args, (rank, world_size) = run.args, world()
-    _freeze(net, run.stitch_cfg, args.freeze_anchors)
+    train, (rank, world_size) = run.train, world()
+    _freeze(net, run.stitch_cfg, train.freeze_anchors)
     loader = create_train_loader(train_ds, run.loader, run.data_cfg, run.device)
     loss_fn, mixup_fn = create_loss(run.loss, run.device)
     trainer = create_trainer(net, loader, loss_fn, optim=run.optim, schedule=run.schedule, train=run.train,
                              device=run.device, amp_dtype=run.amp_dtype, sampler=_sampler(net, run, rank),
                              mixup_fn=mixup_fn, rank=rank, world_size=world_size, resume_state=resume_state,
-                             resumed_from=args.resume, eval_metric=args.eval_metric,
-                             mixup_off_epoch=args.mixup_off_epoch, input_size=run.data_cfg["input_size"],
+                             resumed_from=run.resumed_from or "", eval_metric=run.eval.eval_metric,
+                             mixup_off_epoch=run.loss.mixup_off_epoch, input_size=run.data_cfg["input_size"],
                              after_step=[fault_injection])
     accum = trainer.ctx.accum_steps
     continue_epoch(trainer.ctx, resume_state, accum)
@@ -368,32 +360,32 @@ def _setup_training(net: RoutedNet, train_ds, run: Run, resume_state: dict | Non
                      f"x{anchor_lr_scale(run.optim)}); {trainer.steps_per_epoch} steps/epoch"
                      + (f" of {accum} batches" if accum > 1 else "")
                      + f"; {world_size} process(es); amp {run.amp_dtype}"
-                     + (f"; torch.compile ({args.torchcompile}) of {trainer.compiled} block module(s)"
+                     + (f"; torch.compile ({train.torchcompile}) of {trainer.compiled} block module(s)"
                         if trainer.compiled else "")
-                     + ("; gradient checkpointing" if args.grad_checkpointing else "")
-                     + (f"; EMA decay {args.model_ema_decay}" if trainer.ema is not None else ""))
+                     + ("; gradient checkpointing" if train.grad_checkpointing else "")
+                     + (f"; EMA decay {train.model_ema_decay}" if trainer.ema is not None else ""))
     return trainer
 
 
 def fit(net: RoutedNet, train_ds, val_ds, run: Run, resume_state: dict | None) -> None:
     """Train epoch by epoch (validation panel, checkpoints, summary.csv), then evaluate every stitch."""
-    args, (rank, world_size) = run.args, world()
+    train, ev, (rank, world_size) = run.train, run.eval, world()
     model = unwrap(net)
     trainer = _setup_training(model, train_ds, run, resume_state)
     ctx, optimizer, epochs, net = trainer.ctx, trainer.optimizer, trainer.epochs, trainer.net
     panel = val_panel(run.eval, model)
     val_loader = create_eval_loader(val_ds, run.loader, run.data_cfg, rank, world_size) if val_ds is not None else None
-    by_loss = "loss" in args.eval_metric or val_loader is None  # no validation split: best by training loss
+    by_loss = "loss" in ev.eval_metric or val_loader is None  # no validation split: best by training loss
     if val_loader is None and run.primary:
         _logger.info("no validation split: model_best.pth.tar is the epoch with the lowest training loss")
-    saver = CheckpointSaver(run.out_dir, higher_is_better=not by_loss, max_history=args.checkpoint_hist)
+    saver = CheckpointSaver(run.out_dir, higher_is_better=not by_loss, max_history=train.checkpoint_hist)
     saver.best = resume_state.get("best_metric") if resume_state is not None else None
     steps_per_epoch = trainer.steps_per_epoch
-    args_json = json.dumps(vars(args), default=str)
+    args_json = run.args_json
     write_recovery = recovery_writer(model, optimizer, ctx, saver, args_json, run.config_text, run.primary)
     catching = STOP.install()  # under Slurm: SIGUSR1/SIGTERM stop the run at an agreed step, with a recovery file
-    ctx.snapshot_rng = args.recovery_interval > 0 or catching
-    ctx.after_step.insert(0, recovery_hook(write_recovery, ctx, args.recovery_interval, steps_per_epoch))
+    ctx.snapshot_rng = train.recovery_interval > 0 or catching
+    ctx.after_step.insert(0, recovery_hook(write_recovery, ctx, train.recovery_interval, steps_per_epoch))
     ctx.after_step.append(stop_hook(write_recovery, ctx, run.device, run.out_dir, steps_per_epoch))  # after faults
     if run.primary:
         truncate_summary(run.out_dir / "summary.csv", epochs.start)
@@ -404,13 +396,13 @@ def fit(net: RoutedNet, train_ds, val_ds, run: Run, resume_state: dict | None) -
 
     def validate(epoch: int, train_metrics: dict) -> tuple[dict, float | None]:
         eval_metrics, metric = {}, train_metrics["loss"] if by_loss else None
-        if val_loader is not None and (epoch + 1) % args.val_interval == 0:
+        if val_loader is not None and (epoch + 1) % ev.val_interval == 0:
             eval_metrics = validate_panel(net, val_loader, panel, run.evaluation, epoch, train_metrics["loss"])
             if trainer.ema is not None:  # as timm: the EMA's metrics are the epoch's (summary, model_best)
                 trainer.distribute_bn(trainer.ema)
                 eval_metrics = validate_panel(trainer.ema, val_loader, panel, run.evaluation, epoch, train_metrics["loss"],
                                          " (EMA)")
-            metric = eval_metrics[args.eval_metric] if args.eval_metric in eval_metrics else eval_metrics["top1"]
+            metric = eval_metrics[ev.eval_metric] if ev.eval_metric in eval_metrics else eval_metrics["top1"]
             clock.validated(len(panel))
         chosen["metric"] = metric
         return eval_metrics, metric
@@ -439,7 +431,7 @@ def fit(net: RoutedNet, train_ds, val_ds, run: Run, resume_state: dict | None) -
                             f"--auto-resume (or a requeued Slurm job) continues with epoch {epoch + 1}")
 
     trainer.fit(validate, end_epoch, start_epoch=clock.start,
-                trained=lambda epoch: clock.trained(steps_per_epoch * args.grad_accum_steps * args.batch_size))
+                trained=lambda epoch: clock.trained(steps_per_epoch * train.grad_accum_steps * train.batch_size))
     if val_ds is not None:
         ckpt_hash = file_sha256(run.out_dir / LAST) if run.primary else ""
         evaluate_all(net, val_ds, run.evaluation, ckpt_hash)

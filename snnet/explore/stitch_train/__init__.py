@@ -47,8 +47,6 @@ line (on rank 0 only).
 """
 from __future__ import annotations
 
-import argparse
-import ast
 import hashlib
 import json
 import logging
@@ -56,6 +54,7 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -102,14 +101,13 @@ from snnet.explore.stitch_train.sweep import (
     load_sweep,
     parse_sweep,
 )
-from snnet.results.pareto import human
 from snnet.results.records import RESULTS_FILE, write_results
 
 __all__ = ["AnchorProbe", "FORMAT", "LAYER_CKPT", "RESULT", "RUN_FIELDS", "RunPlan", "RunSpec", "SWEEP_JSON",
            "SWEEP_KEYS", "Stitched", "StitchedNet", "Sweep", "SweepError", "SweepSummary", "TRAIN_DEFAULTS",
-           "TRAIN_REFUSED", "TRAJECTORY", "Prepared", "add_subcommand", "aligned_block", "build_stitched",
-           "collect", "command", "evaluate_anchor", "fit_stitch", "layer_label", "load_sweep", "merge", "parse_sweep",
-           "plan_run", "prepare", "probe_anchor", "run_sweep", "submit_array", "sweep_from_args", "train_run",
+           "TRAIN_REFUSED", "TRAJECTORY", "Prepared", "aligned_block", "anchor_argument", "build_stitched",
+           "collect", "evaluate_anchor", "fit_stitch", "layer_label", "load_sweep", "merge", "parse_sweep",
+           "plan_run", "prepare", "probe_anchor", "run_sweep", "submit_array", "train_run",
            "weights_sha256"]
 
 _logger = logging.getLogger("snnet")
@@ -256,23 +254,26 @@ def merge(sweep: Sweep) -> tuple[Path, list[int]]:
 ARRAY_SCRIPT = "array.sbatch"
 
 
-def submit_array(sweep: Sweep, args: argparse.Namespace) -> tuple[str | None, list[int]]:
-    """`--submit`: the sweep's unfinished jobs as one Slurm job array (task k runs job k with ``--task k``). Writes
-    <out>/slurm/array.sbatch and runs sbatch with --sbatch's options; (the array's job id, or None when every job
+def submit_array(sweep: Sweep, sweep_file: str, data: str | None = None,
+                 train: Sequence[tuple[str, Any]] = (), sbatch: str = "",
+                 max_parallel: int | None = None) -> tuple[str | None, list[int]]:
+    """`--submit`: the sweep's unfinished jobs as one Slurm job array (task k runs job k with ``--task k``, reading
+    `sweep_file`, over `data` and the `train` flags when given). Writes <out>/slurm/array.sbatch and runs sbatch
+    with the `sbatch` options (at most `max_parallel` tasks at once); (the array's job id, or None when every job
     is finished, and the submitted job indices)."""
     prep = prepare(sweep)
     todo = [k for k, (_, _, marker) in enumerate(_jobs(prep)) if not marker.is_file()]
     if not todo:
         return None, []
-    options = shlex.split(args.sbatch or "")
+    options = shlex.split(sbatch or "")
     if any(o == "-a" or o.startswith(("--array", "-a")) for o in options):
-        raise SweepError(f"--sbatch {args.sbatch!r}: the array is the sweep's unfinished jobs; drop --array (limit "
+        raise SweepError(f"--sbatch {sbatch!r}: the array is the sweep's unfinished jobs; drop --array (limit "
                          f"the tasks running at once with --max-parallel N)")
-    argv = [sys.executable, "-m", "snnet.cli", "stitch-train", "--sweep", os.path.abspath(args.sweep),
+    argv = [sys.executable, "-m", "snnet.cli", "stitch-train", "--sweep", os.path.abspath(sweep_file),
             "--out", os.path.abspath(sweep.out)]
-    if args.data:
-        argv.insert(4, os.path.abspath(args.data))
-    for key, value in args.train:
+    if data:
+        argv.insert(4, os.path.abspath(data))
+    for key, value in train:
         argv += ["--train", f"{key}={value!r}"]
     folder = sweep.out / "slurm"
     env = f"export PYTHONPATH={shlex.quote(os.environ['PYTHONPATH'])}\n" if os.environ.get("PYTHONPATH") else ""
@@ -281,173 +282,5 @@ def submit_array(sweep: Sweep, args: argparse.Namespace) -> tuple[str | None, li
               f"set -euo pipefail\ncd {shlex.quote(os.getcwd())}\n{env}"
               f"exec {' '.join(shlex.quote(a) for a in argv)} --task \"$SLURM_ARRAY_TASK_ID\"\n")
     write_text_atomic(folder / ARRAY_SCRIPT, script)
-    spec = ",".join(map(str, todo)) + (f"%{args.max_parallel}" if args.max_parallel else "")
+    spec = ",".join(map(str, todo)) + (f"%{max_parallel}" if max_parallel else "")
     return submit(str(folder / ARRAY_SCRIPT), [f"--array={spec}", *options]), todo
-
-
-# ---------------------------------------------------------------------------------------------- command line
-def _key_value(text: str) -> tuple[str, Any]:
-    key, sep, raw = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"{text!r}: write key=value, e.g. epochs=3")
-    try:
-        return key, ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return key, raw
-
-
-def add_subcommand(sub) -> None:
-    """`snnet stitch-train` (snnet/cli.py registers it)."""
-    p = sub.add_parser(
-        "stitch-train", help="train one stitching layer between two frozen anchors, or a YAML sweep of them",
-        description="Front anchor up to block i, a stitching layer, end anchor from block j (any gap); only the "
-        "layer trains, the anchors stay frozen in eval mode. Each run writes trajectory.jsonl, stitch_layer.pth.tar "
-        "and result.json (last) in its folder; the sweep folder gets stitches_res.txt for snnet pareto. Finished "
-        "runs are skipped on rerun. Under torchrun the runs are split across the processes. See "
-        "docs/stitch_train.md.")
-    p.add_argument("data", nargs="?", metavar="DATA", help="dataset folder with train/ and val/ (overrides the "
-                   "sweep's `data`)")
-    p.add_argument("--sweep", metavar="YAML", help="a sweep file (e.g. configs/sweeps/digits_3x3.yaml)")
-    p.add_argument("--out", metavar="DIR", help="output folder (overrides the sweep's `out`)")
-    p.add_argument("--train", type=_key_value, nargs="+", action="extend", default=[], metavar="FLAG=VALUE",
-                   help="train.py flags for every run, e.g. epochs=3 lr=1e-3 img_size=16 (over the sweep's `train`); "
-                   "given twice, the flags add up (a key given again takes its later value)")
-    p.add_argument("--dry-run", action="store_true", help="check everything and list the runs; train nothing")
-    slurm = p.add_argument_group("Slurm (docs/slurm.md)")
-    slurm.add_argument("--submit", action="store_true", help="submit the sweep's unfinished jobs as a Slurm job "
-                       "array (one run or anchor evaluation per array task) instead of running them here")
-    slurm.add_argument("--sbatch", metavar="OPTIONS", help="sbatch options of --submit, one string after '=', e.g. "
-                       "--sbatch='--partition=gpu --gpus-per-task=1 --time=1:00:00'")
-    slurm.add_argument("--max-parallel", type=int, metavar="N", help="--submit: at most N array tasks at once")
-    slurm.add_argument("--task", type=int, metavar="K", help="run job K of the sweep only (what an array task runs: "
-                       "--task $SLURM_ARRAY_TASK_ID); the task that finds every job finished writes the results")
-    slurm.add_argument("--merge", action="store_true", help="write stitches_res.txt (and the pictures) from the "
-                       "finished jobs, whoever ran them; list the unfinished ones")
-    one = p.add_argument_group("one run (without --sweep)")
-    one.add_argument("--front", metavar="[LABEL=]ANCHOR", help="NAME (timm), NAME:CHECKPOINT, FILE#INDEX of a stitch "
-                     "config, or a JSON anchor object '{\"name\": ..., \"checkpoint\": ..., \"model_kwargs\": ...}'")
-    one.add_argument("--end", metavar="[LABEL=]ANCHOR", help="the end anchor, the same way")
-    one.add_argument("--cut", type=int, metavar="I", help="the front anchor's last block that runs (flat, from 0)")
-    one.add_argument("--end-block", type=int, metavar="J", help="the end anchor's first block that runs")
-    one.add_argument("--gap", type=int, metavar="G", help="J minus the block aligned with I (default 0)")
-    one.add_argument("--layer", metavar="TYPE", help="stitching-layer type (default linear)")
-    one.add_argument("--layer-option", type=_key_value, nargs="+", default=[], metavar="KEY=VALUE",
-                     help="stitching-layer options, e.g. rank=8")
-    one.add_argument("--no-ls-init", action="store_true", help="train the layer from its random init")
-    one.add_argument("--ls-images", type=int, metavar="N", help="images of the least-squares init (default 256)")
-    one.add_argument("--loss", choices=("ce", "kd"), help="ce (default) or kd from the end anchor's logits")
-    one.add_argument("--temperature", type=float, metavar="T", help="kd temperature (default 1)")
-    one.add_argument("--kd-alpha", type=float, metavar="A", help="kd weight (default 1: KL only)")
-    one.add_argument("--seed", type=int, metavar="S", help="seed of the run and of the anchors' random init "
-                     "(default 0)")
-    one.add_argument("--no-pretrained", action="store_true", help="anchors without a checkpoint start random")
-    p.set_defaults(fn=command)
-
-
-_ONE_RUN = {"front": "--front", "end": "--end", "cut": "--cut", "end_block": "--end-block", "gap": "--gap",
-            "layer": "--layer", "ls_images": "--ls-images", "loss": "--loss", "temperature": "--temperature",
-            "kd_alpha": "--kd-alpha", "seed": "--seed"}
-
-
-def sweep_from_args(args: argparse.Namespace) -> Sweep:
-    """The sweep the command line asks for: --sweep FILE, or one run from the run flags."""
-    train = dict(args.train)
-    given = [flag for dest, flag in _ONE_RUN.items() if getattr(args, dest) is not None]
-    given += [f for f, on in (("--no-ls-init", args.no_ls_init), ("--layer-option", args.layer_option),
-                              ("--no-pretrained", args.no_pretrained)) if on]
-    if args.sweep:
-        if given:
-            raise SweepError(f"{', '.join(given)} describe one run; with --sweep put them into the sweep file")
-        sweep = load_sweep(args.sweep, args.out, args.data)
-        sweep.train.update({k.replace("-", "_"): v for k, v in train.items()})
-        for k in sweep.train:
-            if k in TRAIN_REFUSED:
-                raise SweepError(f"--train {k}: {TRAIN_REFUSED[k]}")
-        return sweep
-    if not (args.front and args.end and args.cut is not None):
-        raise SweepError("give --sweep FILE, or one run: DATA --front ANCHOR --end ANCHOR --cut I [--gap G | "
-                         "--end-block J] --out DIR")
-    (fl, front), (el, end) = anchor_argument(args.front, "--front"), anchor_argument(args.end, "--end")
-    if fl == el and front != end:  # two different anchors that would get one label
-        el = f"{el}_end"
-    anchors = {fl: front, el: end}
-    run: dict[str, Any] = {"pair": [fl, el], "cut": args.cut}
-    for dest in ("end_block", "gap", "ls_images", "loss", "temperature", "kd_alpha", "seed"):
-        if getattr(args, dest) is not None:
-            run[dest] = getattr(args, dest)
-    if args.layer or args.layer_option:
-        run["layer"] = {"type": args.layer or "linear", **dict(args.layer_option)}
-    if args.no_ls_init:
-        run["ls_init"] = False
-    data = {"anchors": anchors, "train": train, "runs": [run], "pretrained": not args.no_pretrained,
-            "seed": args.seed or 0}
-    return parse_sweep(data, "stitch-train", Path.cwd(), args.out, args.data)
-
-
-def _table(summary: SweepSummary) -> str:
-    rows = ["| cfg_id | route | top-1 | init top-1 | FLOPs | params | layer params | s |",
-            "|---:|---|---:|---:|---:|---:|---:|---:|"]
-    for r in summary.records:
-        if "run" in r:
-            rows.append(f"| {r['cfg_id']} | {r['route']} | {r['acc1']:.2f} | {r['init_acc1']:.2f} | "
-                        f"{human(r['flops'])} | {human(r['params'])} | {human(r['stitch_layer_params'])} | "
-                        f"{r['seconds']:.0f} |")
-        else:
-            rows.append(f"| {r['cfg_id']} | {r['route']} (anchor) | {r['acc1']:.2f} | | {human(r['flops'])} | "
-                        f"{human(r['params'])} | | |")
-    return "\n".join(rows) + "\n"
-
-
-def command(args: argparse.Namespace) -> int:
-    """`snnet stitch-train`. A user error is an SNNetError raised through: `snnet`'s main prints it in one line
-    (rank 0 only) and exits with its code."""
-    rank, world_size = _world()
-    if not logging.getLogger().handlers:
-        tag = f" [rank {rank}]" if world_size > 1 else ""
-        logging.basicConfig(level=logging.INFO, format=f"%(asctime)s{tag} %(message)s", datefmt="%H:%M:%S")
-    sweep = sweep_from_args(args)
-    modes = [flag for flag, on in (("--submit", args.submit), ("--merge", args.merge),
-                                   ("--task", args.task is not None), ("--dry-run", args.dry_run)) if on]
-    if len(modes) > 1:
-        raise SweepError(f"{' and '.join(modes)} exclude each other; give one")
-    if (args.sbatch or args.max_parallel) and not args.submit:
-        raise SweepError("--sbatch and --max-parallel are options of --submit; add --submit")
-    if (args.submit or args.task is not None) and not args.sweep:
-        raise SweepError("--submit and --task need --sweep FILE (the array tasks read the sweep file); write the run "
-                         "into a sweep file")
-    if args.max_parallel is not None and args.max_parallel < 1:
-        raise SweepError(f"--max-parallel {args.max_parallel} must be >= 1")
-    if args.submit:
-        job, todo = submit_array(sweep, args)
-        if job is None:
-            print(f"every job of {sweep.source} is finished; nothing to submit (results: snnet stitch-train --sweep "
-                  f"{args.sweep} --merge)")
-        else:
-            print(f"submitted job array {job}: {len(todo)} task(s), jobs {','.join(map(str, todo))} of the sweep; "
-                  f"logs {sweep.out / 'slurm'}; the last task writes {sweep.out / 'stitches_res.txt'} (or: snnet "
-                  f"stitch-train --sweep {args.sweep} --merge)")
-        return 0
-    if args.merge:
-        path, missing = merge(sweep)
-        print(f"{path}: every job finished" if not missing else
-              f"{path}: jobs {','.join(map(str, missing))} not finished yet (rerun --submit for them)")
-        return 0
-    summary = run_sweep(sweep, dry_run=args.dry_run, task=args.task)
-    if rank != 0:
-        return 0
-    n = len(sweep.runs)
-    if args.dry_run:
-        print(f"{n} runs, {len(summary.skipped)} finished, in {sweep.out}:")
-        for r, p in zip(sweep.runs, summary.plans):
-            state = "finished" if r.index in summary.skipped else "to do"
-            print(f"  cfg {r.index:>3d} {state:<8} {p.route}  (gap {p.gap:+d}; runs/{p.name})")
-        return 0
-    if args.task is not None:
-        print(f"job {args.task} of {sweep.source} done" + (f"; every job finished: results {summary.results_file}"
-                                                             if summary.results_file else ""))
-        return 0
-    print(_table(summary), end="")
-    print(f"{n} runs: {len(summary.trained)} trained now by this process, {len(summary.skipped)} finished before"
-          + (f", {len(summary.elsewhere)} by other processes" if world_size > 1 else "")
-          + f"; results {summary.results_file} (plot: snnet pareto {summary.results_file} --out {sweep.out})")
-    return 0
