@@ -92,6 +92,24 @@ def test_export_uses_the_config_the_checkpoint_recorded(tiny, tmp_path):
     assert count_params(load_exported(tmp_path / "anchor1")) == tiny.net.params(1)
 
 
+def test_a_bare_state_dict_exports_at_the_configs_input_size(tmp_path):
+    """A checkpoint without recorded arguments (only a state dict) is built, exported and preprocessed at the
+    config's input_size (16 for the demo config), not timm's 224: the export's reload check passes and model.json
+    says 16."""
+    cfg_path = tmp_path / "demo.json"
+    raw = json.loads(open("configs/demo_digits.json").read())
+    raw["anchors"] = [{k: v for k, v in a.items() if k != "checkpoint"} for a in raw["anchors"]]
+    cfg_path.write_text(json.dumps(raw))
+    net = build_snnet(parse_stitch_config(raw), pretrained=False)
+    ckpt = tmp_path / "bare.pth.tar"
+    save_checkpoint(ckpt, {"state_dict": net.state_dict()})
+    loaded = load_snnet(ckpt, cfg_path)
+    assert loaded.img_size == (16, 16) and loaded.data_config["input_size"] == [3, 16, 16]
+    spec = export_stitch(loaded, 3, tmp_path / "cfg3", formats=())
+    assert json.loads((tmp_path / "cfg3" / "model.json").read_text())["data_config"]["input_size"] == [3, 16, 16]
+    assert spec["route"] == net.describe(3)
+
+
 def test_export_refusals(tiny, tmp_path, capsys):
     out = tmp_path / "never"
     rc, _, err = run_cli(capsys, "export", tiny.ckpt, "--stitch_config", tiny.config, "--cfg-id", 99, "--out", out)

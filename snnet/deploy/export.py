@@ -128,7 +128,9 @@ def load_snnet(checkpoint: str | os.PathLike, stitch_config: str | os.PathLike |
     cfg = cfg.with_model_kwargs(dict(args.get("model_kwargs") or {}))  # as train.py built them
     cfg.anchors = [AnchorSpec(a.name, None, a.model_kwargs, a.label) for a in cfg.anchors]
     classes = num_classes or args.get("num_classes") or ident.get("num_classes") or cfg.get("num_classes")
-    build_size = img_size or args.get("img_size")  # what the anchors were created with in train.py
+    # what the anchors were created with in train.py; a checkpoint without recorded arguments (a bare state dict):
+    # the config's input_size, as build_snnet builds it, so the export's rebuild and preprocessing use it too
+    build_size = img_size or args.get("img_size") or cfg.get("input_size")
     kwargs: dict[str, Any] = {}
     if build_size:
         kwargs["img_size"] = build_size
@@ -148,6 +150,8 @@ def load_snnet(checkpoint: str | os.PathLike, stitch_config: str | os.PathLike |
         _pair(net.pretrained_cfg.get("input_size")) or (224, 224)
     in_chans = int(kwargs.get("in_chans") or (ident.get("input_size") or [3])[0])
     data_config = _data_config(args, net)
+    if img_size or not (args.get("img_size") or args.get("input_size")):  # the size built, not timm's default
+        data_config["input_size"] = [in_chans, *size]
     create_kwargs = {k: v for k, v in {**kwargs, "num_classes": classes}.items() if v is not None}
     return Loaded(net, cfg.anchors, checkpoint, str(stitch_config) if stitch_config else None, size, in_chans, classes,
                   create_kwargs, data_config, state.get("epoch"))
