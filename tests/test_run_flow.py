@@ -22,11 +22,18 @@ def _stop_at(monkeypatch, name):
     """Make train.py's phase `name` record its arguments and stop the run there."""
     import snnet.train.main as main_mod
     seen = {}
+    run_from = main_mod.run_from
+
+    def record(args, *a, **k):  # the resolved arguments the typed Run is built from (train.py's edge)
+        seen["args"] = args
+        return run_from(args, *a, **k)
 
     def stop(*a, **k):
-        seen["args"] = next(x for x in a if hasattr(x, "num_classes")) if name == "build_network" else a[1].args
+        if name == "build_network":
+            seen["args"] = next(x for x in a if hasattr(x, "num_classes"))
         raise KeyboardInterrupt  # not a user error: stops the run where it is
 
+    monkeypatch.setattr(main_mod, "run_from", record)
     monkeypatch.setattr(main_mod, name, stop)
     return seen
 
