@@ -112,12 +112,18 @@ def pytest_collection_modifyitems(config, items):
 
 class FileScheduling(LoadScopeScheduling):
     """pytest-xdist's loadscope with one work unit per test file, handed out in collection order (the order above):
-    each worker asks for the next file when it has at most 2 tests left."""
+    each worker asks for the next file when it has at most 2 tests left. A run of only a few files (fewer than 4 per
+    worker: `pytest -n 2 tests/test_x.py`) is spread test by test instead, so both workers share it."""
+
+    by_file = True
 
     def _split_scope(self, nodeid: str) -> str:
-        return nodeid.split("::")[0]
+        return nodeid.split("::")[0] if self.by_file else nodeid
 
     def schedule(self) -> None:
+        if self.collection is None and self.collection_is_completed:
+            files = {nodeid.split("::")[0] for nodeid in next(iter(self.registered_collections.values()))}
+            self.by_file = len(files) >= 4 * len(self.nodes)
         self.config.option.loadscopereorder = False  # keep the collection's order (costliest file first)
         super().schedule()
 
