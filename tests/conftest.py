@@ -89,8 +89,8 @@ def pytest_configure(config):
         os.environ["PET_MASTER_PORT"] = str(29510 + int(worker[2:]))
 
 
-# Estimated seconds of one test on the idle 2-core machine, by marker (the first that matches): only the order of
-# the files depends on it. Measured means (docs/testing.md): a `slurm` test ~60 s, `dist` ~20 s, `slow` ~12 s.
+# Estimated CPU seconds of one test, by marker (the first that matches): only the order of the files depends on it.
+# Rough means of this suite's tests on the 2-core machine (Nov 2026): `dist` ~20-60, `slow` ~5-25, the rest < 1.
 COST = (("slurm", 60.0), ("dist", 20.0), ("slow", 12.0), ("browser", 3.0))
 COST_OTHER = 0.3
 

@@ -32,13 +32,14 @@ def run(args, timeout=300, env=None):
     """Run a command from the repository root, one intra-op thread per process. `python train.py ...` and
     `python -m snnet.cli ...` are forked from a server that imported the library once (ForkedCli: a fresh process
     with its own stdout, stderr, environment and exit code, -9 when killed), so each costs its own work and not the
-    ~6 CPU-seconds of importing torch, timm and the library; any other command (torchrun, distributed_train.sh) is
-    started as is. SNNET_TEST_FORK=0 starts every command afresh."""
+    ~6 CPU-seconds of importing torch, timm and the library (the children share the server's str hash seed); any
+    other command (torchrun, distributed_train.sh) is started as is. SNNET_TEST_FORK=0 starts every command afresh."""
     args = [str(a) for a in args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     entry = _entry_point(args)
     # one call at a time per server; a second, concurrent one (a test's threads) starts a process of its own
-    if entry and os.environ.get("SNNET_TEST_FORK", "1") != "0" and _FORK_LOCK.acquire(blocking=False):
+    if entry and os.environ.get("SNNET_TEST_FORK", "1") != "0" and _FORK_OWNER[0] in (None, os.getpid()) \
+            and _FORK_LOCK.acquire(blocking=False):
         try:
             code, out, err = _fork_server().call(entry[0], entry[1], cwd=ROOT, env=full_env, timeout=timeout)
         finally:
@@ -49,6 +50,7 @@ def run(args, timeout=300, env=None):
 
 _FORK_LOCK = threading.Lock()
 _FORK_SERVERS: list = []  # this process's fork server (one per pytest-xdist worker), started on first use
+_FORK_OWNER: list = [None]  # the pid that started it (a process forked from a test does not share its pipes)
 
 
 def _entry_point(args):
@@ -64,6 +66,7 @@ def _entry_point(args):
 
 def _fork_server():
     if not _FORK_SERVERS:
+        _FORK_OWNER[0] = os.getpid()
         workdir = tempfile.mkdtemp(prefix="snnet-fork-")
         server = ForkedCli(workdir, warnings=True)  # the warnings a fresh process prints, as in one
         _FORK_SERVERS.append(server)
