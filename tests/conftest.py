@@ -90,8 +90,8 @@ def pytest_configure(config):
 
 
 # Estimated CPU seconds of one test, by marker (the first that matches): only the order of the files depends on it.
-# Rough means of this suite's tests on the 2-core machine (Nov 2026): `dist` ~20-60, `slow` ~5-25, the rest < 1.
-COST = (("slurm", 60.0), ("dist", 20.0), ("slow", 12.0), ("browser", 3.0))
+# Rough means of this suite's tests on the 2-core machine (Nov 2026): `dist` ~10-100, `slow` ~1-30, the rest < 1.
+COST = (("slurm", 60.0), ("dist", 30.0), ("slow", 8.0), ("browser", 3.0))
 COST_OTHER = 0.3
 
 
