@@ -136,7 +136,7 @@ class Tiny:
 
 
 _SERVER = r"""
-import atexit, json, os, sys, threading, traceback
+import json, logging, os, sys, threading, traceback
 sys.path.insert(0, sys.argv[1])
 import snnet.cli, snnet.train.main, snnet.train.preflight  # imports only: nothing computed before a fork
 ENTRY = {"train": snnet.train.main.main, "snnet": snnet.cli.main, "preflight": snnet.train.preflight.main}
@@ -163,9 +163,12 @@ for line in sys.stdin:
             traceback.print_exc()
             code = 1
         finally:
-            try:  # what the interpreter does at exit: join non-daemon threads, run atexit (logging's flush, ...)
+            # at exit as the interpreter would: join non-daemon threads, close logging's handlers; not the atexit
+            # handlers the server registered on import (wandb's, tempfile's finalizers: they would delete the
+            # server's wandb-media folder, which the next child needs)
+            try:
                 threading._shutdown()
-                atexit._run_exitfuncs()
+                logging.shutdown()
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
