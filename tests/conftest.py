@@ -4,6 +4,10 @@ Test tiers (markers registered in pyproject.toml): `slow` (one test over ~6 s on
 several processes: torchrun, distributed_train.sh, mp.spawn), `browser` (needs Chromium), `slurm` (a local Slurm
 cluster: root, slurm-wlm and munge). `make test-fast` runs
 `-m "not slow and not dist and not browser"`.
+
+Order and pytest-xdist scheduling (see `pytest_collection_modifyitems`, `pytest_xdist_make_scheduler`): whole test
+files, the costliest first (estimated from the markers), each file on one worker, so that a module fixture is
+built once and no long test is left for the end while the other worker idles.
 """
 import json
 import os
@@ -13,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import TINY, Tiny
+from xdist.scheduler import LoadScopeScheduling
 
 # Intra-op threads for the test process (SNNET_TEST_THREADS, default 1): most test tensors are small, and on a 2-core
 # machine a second intra-op thread mostly waits; the multi-process tests use the other core.
@@ -82,3 +87,50 @@ def pytest_configure(config):
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     if worker[2:].isdigit():
         os.environ["PET_MASTER_PORT"] = str(29510 + int(worker[2:]))
+
+
+# Estimated CPU seconds of one test, by marker (the first that matches): only the order of the files depends on it.
+# Rough means of this suite's tests on the 2-core machine (Nov 2026): `dist` ~10-100, `slow` ~1-30, the rest < 1.
+COST = (("slurm", 60.0), ("dist", 30.0), ("slow", 8.0), ("browser", 3.0))
+COST_OTHER = 0.3
+
+
+def item_cost(item) -> float:
+    return next((c for m, c in COST if item.get_closest_marker(m)), COST_OTHER)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The test files in order of their estimated total cost, costliest first; the tests of a file keep their order
+    and stay together (a module fixture is set up once). With -n 2 the scheduler below hands out whole files in this
+    order (longest processing time first), so the last files to run are the quickest."""
+    files: dict = {}
+    for item in items:
+        files.setdefault(item.nodeid.split("::")[0], []).append(item)
+    cost = {f: sum(item_cost(i) for i in its) for f, its in files.items()}
+    items[:] = [i for f in sorted(files, key=lambda f: (-cost[f], f)) for i in files[f]]
+
+
+class FileScheduling(LoadScopeScheduling):
+    """pytest-xdist's loadscope with one work unit per test file, handed out in collection order (the order above):
+    each worker asks for the next file when it has at most 2 tests left. A run of only a few files (fewer than 4 per
+    worker: `pytest -n 2 tests/test_x.py`) is spread test by test instead, so both workers share it."""
+
+    by_file = True
+
+    def _split_scope(self, nodeid: str) -> str:
+        return nodeid.split("::")[0] if self.by_file else nodeid
+
+    def schedule(self) -> None:
+        if self.collection is None and self.collection_is_completed:
+            files = {nodeid.split("::")[0] for nodeid in next(iter(self.registered_collections.values()))}
+            self.by_file = len(files) >= 4 * len(self.nodes)
+        self.config.option.loadscopereorder = False  # keep the collection's order (costliest file first)
+        super().schedule()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`-n N` with the default `--dist load`: FileScheduling. Another --dist given on the command line is kept."""
+    if config.getoption("dist") == "load":
+        return FileScheduling(config, log)
+    return None

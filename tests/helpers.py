@@ -4,10 +4,17 @@ conftest.py.
 TINY: two tiny DeiT anchors (widths 8 and 16) for a stitch config; FAST: train.py flags of a quick CPU run on the
 16x16 digits; ROOT: the repository root; run: a command from ROOT; run_cli: `snnet ...` in-process.
 """
+import atexit
 import json
 import os
+import select
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -22,9 +29,49 @@ __all__ = ["ROOT", "TINY", "FAST", "IMG", "run", "run_cli", "assert_refused", "v
 
 
 def run(args, timeout=300, env=None):
-    """Run a command from the repository root, one intra-op thread per process."""
-    return subprocess.run([str(a) for a in args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    """Run a command from the repository root, one intra-op thread per process. `python train.py ...` and
+    `python -m snnet.cli ...` are forked from a server that imported the library once (ForkedCli: a fresh process
+    with its own stdout, stderr, environment and exit code, -9 when killed), so each costs its own work and not the
+    ~6 CPU-seconds of importing torch, timm and the library (the children share the server's str hash seed); any
+    other command (torchrun, distributed_train.sh) is started as is. SNNET_TEST_FORK=0 starts every command afresh."""
+    args = [str(a) for a in args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    entry = _entry_point(args)
+    # one call at a time per server; a second, concurrent one (a test's threads) starts a process of its own
+    if entry and os.environ.get("SNNET_TEST_FORK", "1") != "0" and _FORK_OWNER[0] in (None, os.getpid()) \
+            and _FORK_LOCK.acquire(blocking=False):
+        try:
+            code, out, err = _fork_server().call(entry[0], entry[1], cwd=ROOT, env=full_env, timeout=timeout)
+        finally:
+            _FORK_LOCK.release()
+        return subprocess.CompletedProcess(args, code, out, err)
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+_FORK_LOCK = threading.Lock()
+_FORK_SERVERS: list = []  # this process's fork server (one per pytest-xdist worker), started on first use
+_FORK_OWNER: list = [None]  # the pid that started it (a process forked from a test does not share its pipes)
+
+
+def _entry_point(args):
+    """(ForkedCli entry, its argv) for `python train.py ARGV` and `python -m snnet.cli ARGV` of this Python, or
+    None for any other command."""
+    if len(args) >= 2 and args[0] == sys.executable:
+        if args[1] in ("train.py", os.path.join(ROOT, "train.py")):
+            return "train", args[2:]
+        if args[1:3] == ["-m", "snnet.cli"]:
+            return "snnet", args[3:]
+    return None
+
+
+def _fork_server():
+    if not _FORK_SERVERS:
+        _FORK_OWNER[0] = os.getpid()
+        workdir = tempfile.mkdtemp(prefix="snnet-fork-")
+        server = ForkedCli(workdir, warnings=True)  # the warnings a fresh process prints, as in one
+        _FORK_SERVERS.append(server)
+        atexit.register(lambda: (server.close(), shutil.rmtree(workdir, ignore_errors=True)))
+    return _FORK_SERVERS[0]
 
 
 def run_cli(capsys, *argv):
@@ -89,32 +136,46 @@ class Tiny:
 
 
 _SERVER = r"""
-import json, os, sys, traceback
+import json, logging, os, sys, threading, traceback
 sys.path.insert(0, sys.argv[1])
 import snnet.cli, snnet.train.main, snnet.train.preflight  # imports only: nothing computed before a fork
 ENTRY = {"train": snnet.train.main.main, "snnet": snnet.cli.main, "preflight": snnet.train.preflight.main}
 for line in sys.stdin:
     req = json.loads(line)
     pid = os.fork()
-    if pid == 0:  # the child: a fresh process as a user's, its stdout and stderr its own files
+    if pid == 0:  # the child: a fresh process as a user's, its stdin, stdout and stderr its own files
         code = 1
         try:
-            for fd, path in ((1, req["stdout"]), (2, req["stderr"])):
-                os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+            for fd, path, mode in ((0, os.devnull, os.O_RDONLY), (1, req["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+                                   (2, req["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
+                os.dup2(os.open(path, mode, 0o644), fd)
+            if req.get("env") is not None:  # the whole environment, as subprocess.run(env=...) gives it
+                os.environ.clear()
+                os.environ.update(req["env"])
             os.chdir(req["cwd"])
             sys.argv = [req["entry"], *req["argv"]]
             code = ENTRY[req["entry"]](req["argv"])
         except SystemExit as e:
+            if e.code is not None and not isinstance(e.code, int):  # sys.exit("message"): printed, exit 1
+                print(e.code, file=sys.stderr)
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         except BaseException:
             traceback.print_exc()
             code = 1
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code if isinstance(code, int) else 1)
-    _, status = os.waitpid(pid, 0)
-    print(json.dumps({"code": os.waitstatus_to_exitcode(status)}), flush=True)
+            # at exit as the interpreter would: join non-daemon threads, close logging's handlers; not the atexit
+            # handlers the server registered on import (wandb's, tempfile's finalizers: they would delete the
+            # server's wandb-media folder, which the next child needs)
+            try:
+                threading._shutdown()
+                logging.shutdown()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code if isinstance(code, int) else 1)
+    print(json.dumps({"pid": pid}), flush=True)
+    _, status, usage = os.wait4(pid, 0)
+    print(json.dumps({"code": os.waitstatus_to_exitcode(status), "cpu": usage.ru_utime + usage.ru_stime}), flush=True)
 """
 
 
@@ -123,24 +184,50 @@ class ForkedCli:
     lines included: under pytest `logging.basicConfig` is a no-op in-process, so an in-process call hides what a user
     sees before a late error). One server process imports the library once and forks a child per call, so a call
     costs its own work, not torch's import. `call(entry, argv)` -> (exit code, stdout, stderr); entry: "train"
-    (train.py), "snnet" (the snnet command) or "preflight" (distributed_train.sh's check)."""
+    (train.py), "snnet" (the snnet command) or "preflight" (distributed_train.sh's check). `env`: the child's whole
+    environment (None: the server's); `timeout`: seconds, then the child is killed and subprocess.TimeoutExpired
+    raised, as subprocess.run does."""
 
-    def __init__(self, workdir):
+    def __init__(self, workdir, warnings=False):
         self.workdir = str(workdir)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **({} if warnings else {"PYTHONWARNINGS": "ignore"})}
         self.proc = subprocess.Popen([sys.executable, "-c", _SERVER, ROOT], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                                     env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
-        self.calls = 0
+                                     stdout=subprocess.PIPE, cwd=ROOT, env=env)
+        self.calls, self._buffer = 0, b""
+        self.cpu_seconds = 0.0  # the children's CPU time so far (wait4's rusage; the loader workers they waited for too)
 
-    def call(self, entry, argv, cwd=ROOT):
+    def _reply(self, deadline=None):
+        """The server's next JSON line; None when `deadline` (time.monotonic()) passes first."""
+        while b"\n" not in self._buffer:  # read by hand: select() cannot see what a buffered reader holds
+            if deadline is not None and not select.select([self.proc.stdout], [], [],
+                                                          max(0.0, deadline - time.monotonic()))[0]:
+                return None
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            if not chunk:
+                raise RuntimeError(f"the fork server exited (code {self.proc.poll()})")
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return json.loads(line)
+
+    def call(self, entry, argv, cwd=ROOT, env=None, timeout=None):
         self.calls += 1
         out, err = (os.path.join(self.workdir, f"call{self.calls}.{s}") for s in ("out", "err"))
-        req = {"entry": entry, "argv": [str(a) for a in argv], "cwd": str(cwd), "stdout": out, "stderr": err}
-        self.proc.stdin.write(json.dumps(req) + "\n")
+        req = {"entry": entry, "argv": [str(a) for a in argv], "cwd": str(cwd), "stdout": out, "stderr": err,
+               "env": env}
+        self.proc.stdin.write((json.dumps(req) + "\n").encode())
         self.proc.stdin.flush()
-        code = json.loads(self.proc.stdout.readline())["code"]
+        pid = self._reply()["pid"]
+        reply = self._reply(None if timeout is None else time.monotonic() + timeout)
+        if reply is None:  # as subprocess.run: kill the child, wait for it, raise
+            os.kill(pid, signal.SIGKILL)
+            self.cpu_seconds += self._reply()["cpu"]
+            raise subprocess.TimeoutExpired([entry, *req["argv"]], timeout)
+        self.cpu_seconds += reply["cpu"]
         with open(out) as f, open(err) as g:
-            return code, f.read(), g.read()
+            stdout, stderr = f.read(), g.read()
+        os.remove(out)
+        os.remove(err)
+        return reply["code"], stdout, stderr
 
     def close(self):
         self.proc.stdin.close()

@@ -10,8 +10,6 @@ from helpers import ROOT, run
 SCRIPT = f"{ROOT}/benchmarks/gpu_check.py"
 
 
-@pytest.mark.slow
-@pytest.mark.dist  # starts distributed_train.sh (torchrun) twice
 def _plant_an_earlier_run(work):
     """What an earlier `gpu_check.py --smoke --work WORK` leaves: the distributed step's results beside its
     checkpoint (records of that run's checkpoint, which a new evaluation there refuses as another checkpoint's) and
@@ -25,6 +23,8 @@ def _plant_an_earlier_run(work):
         (work / f"{step}.result.json").write_text(json.dumps({"status": "failed", "cause": "the earlier run's"}))
 
 
+@pytest.mark.slow
+@pytest.mark.dist  # starts distributed_train.sh (torchrun) twice
 def test_smoke_runs_every_step_and_writes_the_report(tmp_path):
     """Into a --work folder an earlier run left (a rerun must work: issue 32)."""
     _plant_an_earlier_run(tmp_path / "work")

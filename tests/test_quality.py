@@ -1,9 +1,9 @@
 """Front-quality metrics (snnet/results/quality.py) on hand-made fronts whose values are worked out by hand."""
 import json
-import subprocess
 import sys
 
 import pytest
+from helpers import FAST, run
 
 from snnet.results.quality import area_under_front, front_quality, hypervolume, mean_gap
 from snnet.results.records import ResultsError
@@ -54,8 +54,7 @@ def test_snnet_pareto_prints_front_quality(tmp_path):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in recs))
         return tmp_path / name
     a, b, pre = write("a.txt", [50, 70, 60, 80]), write("b.txt", [50, 72, 60, 78]), write("pre.txt", [52, 0, 0, 79])
-    r = subprocess.run([sys.executable, "-m", "snnet.cli", "pareto", a, b, "--before", pre, "--out", tmp_path / "o"],
-                       capture_output=True, text=True)
+    r = run([sys.executable, "-m", "snnet.cli", "pareto", a, b, "--before", pre, "--out", tmp_path / "o"])
     assert r.returncode == 0, r.stderr
     section = r.stdout.split("## front quality")[1].split("\n\n")[1]
     rows = {line.split("|")[1].strip(): line for line in section.splitlines()[2:]}
@@ -71,7 +70,6 @@ def test_val_stitches_all_logs_front_hypervolume_per_epoch(digits_folder, tiny_c
     hypervolume of the per-stitch top-1 it lists (with the FLOPs of the final results file)."""
     import csv
 
-    from helpers import FAST, run
     r = run([sys.executable, "train.py", digits_folder, "--stitch_config", tiny_config, *FAST, "--epochs", "2",
              "--val-stitches", "all", "--output", tmp_path, "--experiment", "q"])
     assert r.returncode == 0, r.stderr[-2000:]

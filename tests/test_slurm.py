@@ -9,7 +9,7 @@ import tempfile
 import time
 
 import pytest
-from helpers import FAST, ROOT
+from helpers import FAST, ROOT, run
 from slurm_cluster import LocalCluster, why_not
 from test_resume import assert_identical, final_state
 
@@ -105,8 +105,10 @@ VIT = {"name": "deit_tiny_patch16_224", "model_kwargs": {"patch_size": 4, "depth
 
 
 def stitch_train(cluster, *argv):
-    return cluster.run(sys.executable, "-m", "snnet.cli", "stitch-train", *argv, cwd=ROOT,
-                       env={"OMP_NUM_THREADS": "1"}, timeout=300)
+    """`snnet stitch-train ARGV` against the cluster (helpers.run: forked, not a fresh interpreter); exit 0."""
+    r = run([sys.executable, "-m", "snnet.cli", "stitch-train", *argv], env={"SLURM_CONF": str(cluster.conf)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
 
 
 def wait_array(cluster, job, tasks, timeout=300):
