@@ -289,35 +289,45 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if (args.checkpoint is None) == (not args.exported):
         raise UsageError("pass the SN-Net checkpoint (snnet serve CKPT ...) or --exported DIR... (export folders), "
                          "not both")
+    if args.engine == "local" and (args.replicas > 1 or args.address != "local"):
+        flag = f"--replicas {args.replicas}" if args.replicas > 1 else f"--address {args.address}"
+        raise UsageError(f"{flag} needs Ray Serve: add --engine ray (the local engine serves one process on this "
+                         f"machine)")
     spec = ServeSpec(checkpoint=args.checkpoint, stitch_config=args.stitch_config, results=args.results,
                      exported=list(args.exported or []), img_size=args.img_size, num_classes=args.num_classes,
-                     max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_body_bytes=args.max_body_kb * 1024,
-                     device=args.device, threads=args.threads)
-    served = load_served(spec)  # refuses a bad checkpoint, config or results file here, before Ray starts
+                     max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, shed=args.shed,
+                     max_body_bytes=args.max_body_kb * 1024, device=args.device, threads=args.threads)
+    served = load_served(spec)  # refuses a bad checkpoint, config or results file here, before anything starts
     n, what = len(served.records), args.checkpoint or f"{len(spec.exported)} export folders"
     del served
+
+    def ready() -> None:
+        where = f"{args.replicas} Ray replica(s)" if args.engine == "ray" else "one local process"
+        print(f"serving {n} stitches of {what} at http://{args.host}:{args.port}/ ({where}, batches up to "
+              f"{args.max_batch}, {args.max_wait_ms:g} ms wait{', shedding late requests' if args.shed else ''}); "
+              f"POST {{\"image\": base64, \"budget\": {{\"latency_ms\": 5}}}}; GET / lists the stitches; "
+              f"Ctrl-C stops", flush=True)
+    if args.engine == "local":
+        from snnet.serve.local import serve_until_stopped as serve_local
+        serve_local(spec, args.host, args.port, ready)
+        return 0
     try:
         from snnet.serve.app import serve_until_stopped  # Ray: imported only by the command that runs it
     except ImportError as e:
-        raise UsageError(f"snnet serve runs on Ray Serve, which is not installed here ({e}); install it with "
-                         f"pip install 'ray[serve]' (requirements-extras.txt)") from None
-
-    def ready() -> None:
-        print(f"serving {n} stitches of {what} at http://{args.host}:{args.port}/ ({args.replicas} replica(s), "
-              f"batches up to {args.max_batch}, {args.max_wait_ms:g} ms wait); POST {{\"image\": base64, "
-              f"\"budget\": {{\"latency_ms\": 5}}}}; GET / lists the stitches; Ctrl-C stops", flush=True)
+        raise UsageError(f"--engine ray needs Ray Serve, which is not installed here ({e}); install it with "
+                         f"pip install 'ray[serve]' (requirements-extras.txt), or use --engine local") from None
     serve_until_stopped(spec, args.host, args.port, args.address, args.replicas, ready)
     return 0
 
 
 def _serve_parser(sub) -> None:
-    v = sub.add_parser("serve", help="an HTTP endpoint (Ray Serve) that picks the stitch per request from its budget "
-                       "and the load, batching requests per stitch",
-                       description="Serves one trained SN-Net: each POSTed image is classified by the best stitch "
-                       "(snnet select's rule over --results) whose predicted server time (queue ahead + its batch, "
-                       "from the latency table measured at start) fits the request's budget.latency_ms and whose "
-                       "FLOPs fit budget.flops. Requests are batched per stitch. docs/serving.md has the request "
-                       "format and the numbers.")
+    v = sub.add_parser("serve", help="an HTTP endpoint that picks the stitch per request from its deadline and the "
+                       "load, batching requests that run the same stitch",
+                       description="Serves one trained SN-Net: requests wait in deadline order; when the worker is "
+                       "free, the most urgent one binds the stitch: the best one (snnet select's rule over "
+                       "--results) whose batch, by the latency table measured at start, ends before its deadline "
+                       "(budget.latency_ms) and leaves the queue behind it feasible, within budget.flops. "
+                       "docs/serving.md has the request format and the numbers.")
     v.add_argument("checkpoint", metavar="CKPT", nargs="?", default=None,
                    help="SN-Net checkpoint written by train.py (or --exported)")
     v.add_argument("--stitch_config", "--stitch-config", metavar="CFG", default=None,
@@ -334,15 +344,23 @@ def _serve_parser(sub) -> None:
                    help="classifier classes (default: the checkpoint's)")
     v.add_argument("--max-batch", type=_positive_int, default=16, metavar="B",
                    help="largest batch of one stitch (default 16)")
-    v.add_argument("--max-wait-ms", type=_amount("--max-wait-ms", suffixes=False), default=2.0, metavar="MS",
-                   help="longest a request waits for its batch to fill (default 2)")
+    v.add_argument("--max-wait-ms", type=_amount("--max-wait-ms", suffixes=False), default=0.0, metavar="MS",
+                   help="wait up to this long for a fuller batch when the worker is free (default 0: run at once; "
+                        "the wait counts in every prediction)")
+    v.add_argument("--shed", action="store_true",
+                   help="answer 503 at once to a request whose budget.latency_ms cannot be met even on the fastest "
+                        "stitch (default: it runs on the fastest and says within_budget false)")
     v.add_argument("--max-body-kb", type=_positive_int, default=4096, metavar="KB",
                    help="largest request body; larger ones get 413 (default 4096)")
     v.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
     v.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads per replica")
-    v.add_argument("--replicas", type=_positive_int, default=1, help="replicas (across a cluster's nodes; default 1)")
+    v.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: aiohttp in this process (default, one machine); ray: Ray Serve (replicas, clusters)")
+    v.add_argument("--replicas", type=_positive_int, default=1,
+                   help="Ray replicas (across a cluster's nodes; default 1; needs --engine ray)")
     v.add_argument("--address", default="local",
-                   help="Ray: 'local' starts a private instance here (default); 'auto' or HOST:PORT joins a cluster")
+                   help="with --engine ray: 'local' starts a private Ray instance here (default); 'auto' or "
+                        "HOST:PORT joins a cluster")
     v.set_defaults(fn=cmd_serve)
 
 

@@ -1,5 +1,6 @@
-"""`snnet serve`: the stitch choice (budget and load), per-stitch batching, bad requests, and a real HTTP server
-(Ray Serve) started on a free port, answered under a bounded load and stopped by SIGTERM."""
+"""`snnet serve`: the stitch choice (budget, deadline order, late binding, shedding), batching, bad requests, and
+real HTTP servers (the local engine and Ray Serve) started on a free port, answered under bounded open- and
+closed-loop load and stopped by SIGTERM."""
 import asyncio
 import base64
 import io
@@ -17,9 +18,11 @@ import torch
 from helpers import ROOT, assert_refused, run_cli
 from PIL import Image
 
+from snnet.core.errors import UsageError
 from snnet.serve.handler import ServeCore, ServeSpec
-from snnet.serve.load import get, percentile, post, run_load
+from snnet.serve.loadgen import arrival_times, check_loopback, get, percentile, post, run_load, run_open_loop
 from snnet.serve.policy import BudgetError, StitchMenu
+from snnet.serve.scheduler import DeadlineScheduler, Job, Quantile, Shed
 
 
 def png(seed: int = 0, size: int = 16) -> str:
@@ -117,23 +120,178 @@ def test_batches_per_stitch_give_the_snnets_logits(core, tiny):
         assert all(abs(got[k] - float(want[k])) < 1e-4 for k in got)
 
 
+def idle(core, after_ms: float = 0.0) -> None:
+    """An idle server that has learned nothing yet (no slowdown; `after_ms` after the batch)."""
+    core.scheduler.learned.fresh(after_ms)
+
+
 def test_budget_in_the_request_is_honoured(core, tiny):
     by_id = {r["cfg_id"]: r for r in core.menu.records}
-    idle = {c: t[1] for c, t in core.menu.latency.items()}
-    for budget in sorted(idle.values())[::3]:
-        core.overhead_ms, core.slowdown = 0.0, 1.0  # an idle server that has seen no request (it learns them)
-        status, a = handle(core, {"image": png(), "budget": {"latency_ms": budget}})
-        assert status == 200 and idle[a["cfg_id"]] <= budget, a
-        # no stitch that fits is more accurate
-        assert all(by_id[c]["acc1"] <= by_id[a["cfg_id"]]["acc1"] for c, ms in idle.items() if ms <= budget)
-    # a server whose requests spend long outside the network answers with the fastest stitch, saying so
-    core.overhead_ms = 1e3
-    status, a = handle(core, {"image": png(), "budget": {"latency_ms": max(idle.values())}})
-    assert status == 200 and a["cfg_id"] == min(idle, key=idle.get) and not a["within_budget"], a
+    table = {c: t[1] for c, t in core.menu.latency.items()}
+    slack = 200.0  # ms for decoding, far more than it takes: the choice is then the idle table's
+    for budget in sorted(table.values())[::3]:
+        idle(core)
+        status, a = handle(core, {"image": png(), "budget": {"latency_ms": budget + slack}})
+        assert status == 200 and a["within_budget"] and table[a["cfg_id"]] <= budget + slack, a
+        waited = a["predicted_ms"] - table[a["cfg_id"]]  # decoding and queueing before the dispatch
+        # no stitch that fitted what was left at dispatch is more accurate
+        assert all(by_id[c]["acc1"] <= by_id[a["cfg_id"]]["acc1"] for c, ms in table.items()
+                   if ms <= budget + slack - waited), a
+    # a server whose requests spend long after the network answers with the fastest stitch, saying so
+    idle(core, after_ms=1e4)
+    status, a = handle(core, {"image": png(), "budget": {"latency_ms": max(table.values()) + slack}})
+    assert status == 200 and a["cfg_id"] == min(table, key=table.get) and not a["within_budget"], a
+    idle(core)
     flops = sorted(r["flops"] for r in tiny.records)[len(tiny.records) // 2]
     status, a = handle(core, {"image": png(), "budget": {"flops": flops}})
     assert status == 200 and by_id[a["cfg_id"]]["flops"] <= flops
     assert a["cfg_id"] == max((r for r in tiny.records if r["flops"] <= flops), key=lambda r: r["acc1"])["cfg_id"]
+    # a fixed stitch over a FLOPs budget runs, but does not claim the budget held
+    big = max(tiny.records, key=lambda r: r["flops"])
+    status, a = handle(core, {"image": png(), "cfg_id": big["cfg_id"], "budget": {"flops": big["flops"] - 1}})
+    assert status == 200 and a["cfg_id"] == big["cfg_id"] and not a["within_budget"], a
+
+
+# ------------------------------------------------------------------------------------------------ the scheduler
+def job(candidates, ms_left, now=100.0, arrival=None):
+    return Job(torch.zeros(1), candidates, now if arrival is None else arrival, now + ms_left / 1e3)
+
+
+def scheduler(shed=False, max_batch=8):
+    s = DeadlineScheduler(lambda x, c: x, StitchMenu(RECORDS, LATENCY, "t"), max_batch=max_batch, shed=shed)
+    s.learned.fresh(0.0)
+    return s
+
+
+def queue(s, jobs):
+    for i, j in enumerate(jobs):
+        j.seq = i
+        s.queue.append((j.key(), j))
+
+
+def test_dispatch_binds_the_best_stitch_that_meets_the_head_deadline():
+    ranked = [1, 2, 0]  # best first (top-1 80, 72, 60)
+    for ms_left, want in [(4.5, 1), (3.0, 2), (1.5, 0)]:
+        s = scheduler()
+        queue(s, [job(ranked, ms_left)])
+        assert s.plan(100.0)[0] == want
+    s = scheduler()  # the earliest deadline is the head, whatever came first
+    late, urgent = job(ranked, 50.0), job(ranked, 1.5)
+    queue(s, [late, urgent])
+    cfg_id, batch = s.plan(100.0)
+    assert cfg_id == 0 and batch[0] is urgent and late in batch
+    s = scheduler()  # a slower machine (the slowdown's p95) moves the choice down
+    for _ in range(10):
+        s.learned.slowdown.add(1.5)
+    queue(s, [job(ranked, 4.5)])
+    assert s.plan(100.0)[0] == 2
+
+
+def test_dispatch_keeps_the_queue_behind_it_feasible():
+    ranked = [1, 2, 0]
+    s = scheduler(max_batch=1)  # batches of one: the head's choice delays everyone behind it
+    # the head is the earliest deadline (5.5 ms): stitch 1 ends at 4 ms, then 6.0 on the fastest at 5, 10.0 at 6
+    queue(s, [job(ranked, 10.0), job(ranked, 6.0), job(ranked, 5.5)])
+    cfg_id, batch = s.plan(100.0)
+    assert batch[0].deadline == 100.0 + 5.5e-3 and cfg_id == 1
+    s = scheduler(max_batch=1)
+    queue(s, [job(ranked, 4.5), job(ranked, 5.5), job(ranked, 6.2)])
+    # head (4.5 ms) fits stitch 1 (4 ms); then 5.5 ends at 5 and 6.2 at 6: feasible
+    assert s.plan(100.0)[0] == 1
+    s = scheduler(max_batch=1)
+    queue(s, [job(ranked, 4.5), job(ranked, 5.0), job(ranked, 5.5)])
+    # stitch 1 then leaves 5.0 ending at 5, 5.5 at 6 > 5.5: infeasible; stitch 2 (2 ms) keeps all: 3, 4
+    assert s.plan(100.0)[0] == 2
+
+
+def test_hopeless_requests_are_shed_or_run_on_the_fastest():
+    ranked = [1, 2, 0]
+    s = scheduler(shed=True)
+    hopeless = job(ranked, 0.5)  # the fastest stitch takes 1 ms
+    queue(s, [hopeless, job(ranked, 50.0)])
+    assert s.plan(100.0) is hopeless
+    s = scheduler(shed=False)
+    queue(s, [job(ranked, 0.5)])
+    assert s.plan(100.0)[0] == 0
+    s = scheduler(shed=True)  # no latency budget: never shed, the best stitch
+    queue(s, [Job(torch.zeros(1), ranked, 100.0)])
+    assert s.plan(100.0)[0] == 1
+
+    async def run():
+        s = DeadlineScheduler(lambda x, c: x * 0 + c, StitchMenu(RECORDS, LATENCY, "t"), shed=True)
+        now = time.perf_counter()
+        done = await s.submit(Job(torch.zeros(3), ranked, now, now + 5.0))
+        with pytest.raises(Shed):
+            await s.submit(Job(torch.zeros(3), ranked, now - 1.0, now - 0.5))
+        s.close()
+        return done
+    done = asyncio.run(run())
+    assert done.cfg_id == 1 and done.within_budget and float(done.logits[0]) == 1.0 and done.batch_size == 1
+
+
+def test_quantile_follows_the_recent_95th_percentile():
+    rng = np.random.default_rng(0)
+    now = [0.0]
+    q = Quantile(0.95, 1.0, seconds=2.0, most=200, clock=lambda: now[0])
+    assert q.value == 1.0
+    for x in rng.lognormal(0.0, 0.3, 1000):
+        now[0] += 0.001
+        q.add(float(x))
+    now[0] += 0.1
+    assert q.value == pytest.approx(np.quantile([x for _, x in q.samples], 0.95)) and 1.3 < q.value < 2.0
+    for _ in range(200):  # the machine got three times as slow: the estimate follows within one window
+        now[0] += 0.001
+        q.add(3.0)
+    now[0] += 0.1
+    assert q.value == 3.0
+    now[0] += 5.0  # no sample for longer than its window (every request shed, say): back to the initial value
+    assert q.value == 1.0
+
+
+def test_arrivals_are_poisson_or_bursty_at_the_rate_asked():
+    for cv2 in (1.0, 4.0, 8.0):
+        t = arrival_times(20000, 50.0, cv2, seed=1)
+        gaps = np.diff(t)
+        assert t[0] == 0 and abs(1 / gaps.mean() - 50.0) < 2.5
+        assert abs(gaps.var() / gaps.mean() ** 2 - cv2) < 0.15 * cv2
+    assert (arrival_times(50, 5.0, 4.0, seed=3) == arrival_times(50, 5.0, 4.0, seed=3)).all()
+    with pytest.raises(UsageError, match="not on this machine"):
+        check_loopback("http://10.0.0.1:8000/")
+    check_loopback("http://127.0.0.1:8000/")
+
+
+def test_a_cascade_escalates_unsure_answers_only(core, tiny):
+    idle(core)
+    ids = core.menu.cfg_ids
+    chain = [ids[0], ids[-1]]
+    status, a = handle(core, {"image": png(), "cascade": {"chain": chain, "thresholds": [1.0]}})
+    assert status == 200 and a["stages"] == chain and a["cfg_id"] == chain[-1], a  # never sure enough: both ran
+    status, a = handle(core, {"image": png(), "cascade": {"chain": chain, "thresholds": [0.0]}})
+    assert status == 200 and a["stages"] == chain[:1] and a["cfg_id"] == chain[0], a  # always sure: one stage
+
+
+def test_a_large_image_is_decoded_off_the_event_loop(core):
+    side = 2500
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8)).save(buf, "PNG")
+    big = json.dumps({"image": base64.b64encode(buf.getvalue()).decode(), "cfg_id": core.menu.cfg_ids[0]}).encode()
+    core.spec.max_body_bytes, limit = 1 << 26, core.spec.max_body_bytes
+
+    async def both():
+        t0 = time.perf_counter()
+        slow = asyncio.ensure_future(core.handle("POST", "/", big))
+        await asyncio.sleep(0.005)  # the big request has started
+        t1 = time.perf_counter()
+        health = await core.handle("GET", "/health", b"")
+        t_health = time.perf_counter() - t1
+        status, _ = await slow
+        return health, t_health, status, time.perf_counter() - t0
+    try:
+        health, t_health, status, t_big = asyncio.run(both())
+    finally:
+        core.spec.max_body_bytes = limit
+    assert health == (200, {"ok": True}) and status == 200
+    assert t_health < t_big / 5, (t_health, t_big)  # answered while the image decoded
 
 
 BAD = [  # (body, status, words of the one-line reason)
@@ -151,7 +309,25 @@ BAD = [  # (body, status, words of the one-line reason)
     ({"image": png(), "cfg_id": 999}, 400, "cfg_id 999 is not served"),
     ({"image": png(), "top_k": 0}, 400, "top_k 0"),
     ({"image": png(), "colour": 1}, 400, "unknown field 'colour'"),
+    (b"[" * 100_000 + b"]" * 100_000, 400, "nests JSON"),
+    ({"image": png(), "cascade": {"chain": [0]}}, 400, "not an object of chain and thresholds"),
+    ({"image": png(), "cascade": {"chain": [0, 999], "thresholds": [0.5]}}, 400, "not a list of served cfg_ids"),
+    ({"image": png(), "cascade": {"chain": [0, 1], "thresholds": [2]}}, 400, "must be 1 probabilities"),
 ]
+
+
+def bomb_png(w: int, h: int) -> str:
+    """A PNG that declares w x h pixels (a real header and a tiny, truncated body): a decompression bomb's shape."""
+    import struct
+    import zlib
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, "PNG")
+    raw = bytearray(buf.getvalue())
+    ihdr = raw[16:16 + 13]  # after the signature, the IHDR chunk's length and type
+    ihdr[0:8] = struct.pack(">II", w, h)
+    raw[16:16 + 13] = ihdr
+    raw[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + bytes(ihdr)))
+    return base64.b64encode(bytes(raw)).decode()
 
 
 def test_bad_requests_get_a_4xx_and_one_line(core):
@@ -162,6 +338,11 @@ def test_bad_requests_get_a_4xx_and_one_line(core):
     assert handle(core, b"", "DELETE")[0] == 405 and handle(core, b"", "GET", "/nope")[0] == 404
     assert handle(core, {"image": png()})[0] == 200  # still serving
     assert core.info()["responses"]["200"] >= 1
+    for w, h in [(20000, 20000), (7000, 7000)]:  # over PIL's own limit, and over ours only: the same refusal
+        status, a = handle(core, {"image": bomb_png(w, h)})
+        assert status == 400 and "pixel limit" in a["error"] and "pixels" in a["error"], a
+    status, a = handle(core, {"image": png(), "budget": {"latency_ms": 1e-6}})  # 422 names no server path
+    assert status == 422 and core.spec.results not in a["error"] and "the served stitches" in a["error"], a
 
 
 def test_serve_refuses_results_of_another_network_before_starting(tiny, tmp_path, capsys):
@@ -180,10 +361,14 @@ def test_serve_refuses_a_port_in_use_before_starting_ray(tiny, capsys):
         held.bind(("127.0.0.1", 0))
         held.listen()
         port = held.getsockname()[1]
-        rc, _, err = run_cli(capsys, "serve", tiny.ckpt, "--stitch_config", tiny.config, "--results", tiny.results,
-                             "--port", port)
-    assert_refused(rc, err, f"cannot listen on 127.0.0.1:{port}", "pass a free --port")
+        for engine in ("ray", "local"):
+            rc, _, err = run_cli(capsys, "serve", tiny.ckpt, "--stitch_config", tiny.config, "--results",
+                                 tiny.results, "--port", port, "--engine", engine)
+            assert_refused(rc, err, f"cannot listen on 127.0.0.1:{port}", "pass a free --port")
     assert not ray.is_initialized()
+    rc, _, err = run_cli(capsys, "serve", tiny.ckpt, "--stitch_config", tiny.config, "--results", tiny.results,
+                         "--replicas", 2)
+    assert_refused(rc, err, "--replicas 2 needs Ray Serve", "--engine ray")
 
 
 # ------------------------------------------------------------------------------------------------ over HTTP
@@ -193,17 +378,56 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny, tmp_path_factory):
-    """`snnet serve` as a user starts it (Ray Serve, a private local instance) on a free port."""
-    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install -r requirements-extras.txt)")
+def start_server(tiny, log, *extra):
     port = free_port()
-    log = tmp_path_factory.mktemp("serve")
     out, err = open(log / "out", "w+"), open(log / "err", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "snnet.cli", "serve", str(tiny.ckpt), "--stitch_config",
                              str(tiny.config), "--results", str(tiny.results), "--port", str(port), "--max-batch",
-                             "8", "--max-body-kb", "64"], cwd=ROOT, stdout=out, stderr=err,
+                             "8", "--max-body-kb", "64", *extra], cwd=ROOT, stdout=out, stderr=err,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
+    return port, proc
+
+
+@pytest.mark.slow
+def test_local_engine_serves_an_open_loop_burst_and_stops(tiny, tmp_path):
+    """The default engine (aiohttp, one process): up in seconds, answers a bursty open-loop load with deadlines,
+    sheds what it cannot meet, and stops on SIGTERM."""
+    port, proc = start_server(tiny, tmp_path, "--shed")
+    try:
+        deadline = time.monotonic() + 120
+        while "serving" not in open(tmp_path / "out").read():
+            assert proc.poll() is None and time.monotonic() < deadline, open(tmp_path / "err").read()[-3000:]
+            time.sleep(0.2)
+        url = f"http://127.0.0.1:{port}/"
+        status, info = get(url)
+        assert status == 200 and info["shed_enabled"] and "results" not in json.dumps(info)
+        slowest = max(t["1"] for t in info["latency_ms"].values())
+        times = arrival_times(120, 200.0, cv2=8.0, seed=0)  # bursts far above what the server can run
+        budget = 3 * slowest + 20
+        bodies = [json.dumps({"image": png(i % 7), "budget": {"latency_ms": budget}}).encode() for i in range(120)]
+        replies = run_open_loop(url, bodies, times, time_limit=30, timeout=20)
+        statuses = {r.status for r in replies}
+        assert statuses <= {200, 503} and 200 in statuses, statuses
+        ok = [r for r in replies if r.status == 200]
+        assert len({r.body["cfg_id"] for r in ok}) > 1  # the load moved requests between stitches
+        assert all("latency cannot be met" not in r.body.get("error", "") for r in ok)
+        shed = [r for r in replies if r.status == 503]
+        assert all(r.body["shed"] and "raise budget.latency_ms" in r.body["error"] for r in shed)
+        assert get(url + "health") == (200, {"ok": True})
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def server(tiny, tmp_path_factory):
+    """`snnet serve --engine ray` as a user starts it (Ray Serve, a private local instance) on a free port."""
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install -r requirements-extras.txt)")
+    log = tmp_path_factory.mktemp("serve")
+    port, proc = start_server(tiny, log, "--engine", "ray")
     deadline = time.monotonic() + 300  # Ray starts in ~20 s idle, minutes on a 2-core machine under load
     while "serving" not in open(log / "out").read():
         assert proc.poll() is None and time.monotonic() < deadline, open(log / "err").read()[-3000:]

@@ -1,9 +1,11 @@
 """`snnet serve`: one trained SN-Net behind an HTTP endpoint that picks the stitch per request.
 
-    policy.py   the stitch for a request's budget (latency ms or FLOPs) and the current load: `StitchMenu`
-    batcher.py  dynamic batching, one queue per stitch: `StitchBatcher`
-    handler.py  the engine-free request path (body -> checked request -> stitch -> batch -> JSON): `ServeCore`
-    app.py      the Ray Serve deployment around `ServeCore`, and `serve` (what `snnet serve` runs)
+    policy.py     the served stitches, their ranking (select's rule) and batch latencies: `StitchMenu`
+    scheduler.py  deadline-ordered batching with late binding (the stitch chosen at dispatch): `DeadlineScheduler`
+    handler.py    the engine-free request path (body -> checked request -> scheduler -> JSON): `ServeCore`
+    local.py      the one-machine engine (aiohttp in one process; `snnet serve`'s default)
+    app.py        the Ray Serve deployment around `ServeCore` (`--engine ray`: replicas, clusters)
+    loadgen.py    bounded open-loop (scheduled arrivals) and closed-loop load generators, 127.0.0.1 only
 
 The layer sits beside deploy/ (it may import core, results, train and deploy; only the CLI imports it).
 docs/serving.md has the commands, the request format and the measured numbers.

@@ -18,10 +18,13 @@ failure is a 500 for that request only.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import concurrent.futures
 import io
 import json
+import re
 import resource
 import time
 from dataclasses import dataclass, field
@@ -37,13 +40,13 @@ from snnet.deploy.export import SPEC, load_exported, load_snnet
 from snnet.deploy.latency import measure_latency
 from snnet.results.records import check_routes, read_results
 from snnet.results.select import BudgetError, route_costs
-from snnet.serve.batcher import StitchBatcher
 from snnet.serve.policy import StitchMenu, finite_positive
+from snnet.serve.scheduler import NO_DEADLINE, DeadlineScheduler, Done, Job, Shed
 from snnet.train.device import device_from_flag
 
 MAX_PIXELS = 40_000_000  # a decoded image above this is refused before it is decoded (decompression bombs)
-RUNNING_WEIGHT = 0.05  # weight of the newest sample in the running means of the overhead and the slowdown
-FIELDS = {"image", "budget", "cfg_id", "top_k"}
+DECODE_THREADS = 2  # threads that decode and transform images, off the event loop
+FIELDS = {"image", "budget", "cfg_id", "top_k", "cascade"}
 BUDGETS = {"latency_ms": "a time in ms the request may spend in the server, e.g. 5",
            "flops": "the most FLOPs the stitch may cost, e.g. 2.5e6"}
 
@@ -66,7 +69,8 @@ class ServeSpec:
     img_size: int | None = None
     num_classes: int | None = None
     max_batch: int = 16
-    max_wait_ms: float = 2.0
+    max_wait_ms: float = 0.0
+    shed: bool = False  # answer 503 at once when a latency budget cannot be met even on the fastest stitch
     max_body_bytes: int = 4 << 20
     device: str = "cpu"
     threads: int | None = None
@@ -146,23 +150,26 @@ def latency_table(served: Served, spec: ServeSpec) -> dict[int, dict[int, float]
 
 
 class ServeCore:
-    """One replica's state: the model, the stitch menu, the batcher and the counters."""
+    """One server's state: the model, the stitch menu, the deadline scheduler and the counters."""
 
     def __init__(self, spec: ServeSpec, served: Served, latency: dict[int, dict[int, float]]):
         self.spec = spec
         self.served = served
         self.menu = StitchMenu(served.records, latency, spec.results or "the records")
+        # what a client reads in an error: the stitches, never the server's file paths (GET / hides them too)
+        self.menu.source = "the served stitches"
         self.transform = eval_transform(served.data_config)
         device = device_from_flag(spec.device)
         model = served.model.to(device).eval()
-        self.batcher = StitchBatcher(lambda x, c: model(x.to(device), c).float().cpu(), spec.max_batch,
-                                     spec.max_wait_ms)
+        self.scheduler = DeadlineScheduler(lambda x, c: model(x.to(device), c).float().cpu(), self.menu,
+                                           spec.max_batch, spec.max_wait_ms, spec.shed)
+        # images are decoded and transformed here, off the event loop: a large image never stalls other clients
+        self.decoder = concurrent.futures.ThreadPoolExecutor(max_workers=DECODE_THREADS,
+                                                             thread_name_prefix="snnet-decode")
         self.counts: dict[int, int] = {}
         self.switch_ns = 0
-        self.overhead_ms = 0.0  # server time per request outside the batcher (running mean)
-        self.slowdown = 1.0  # measured batch time / the latency table's (running mean): a busy machine
-        self.batcher.on_batch = self._batch_done
         self.chosen = 0
+        self.verdicts = {"within": 0, "within_met": 0}
 
     @classmethod
     def build(cls, spec: ServeSpec) -> ServeCore:
@@ -182,6 +189,9 @@ class ServeCore:
             status, payload = e.status, {"error": str(e)}
         except BudgetError as e:
             status, payload = 422, {"error": str(e)}
+        except Shed as e:
+            status, payload = 503, {"error": f"the latency budget cannot be met under the current load ({e}); "
+                                             f"retry later or raise budget.latency_ms", "shed": True}
         except Exception as e:  # a bug or a failed batch: this request fails, the server goes on
             first = (str(e).splitlines() or [""])[0][:300]
             status, payload = 500, {"error": f"internal error ({type(e).__name__}: {first}); the server goes on"}
@@ -201,50 +211,70 @@ class ServeCore:
             raise RequestError(404, f"no such path {path!r}: POST the JSON request to /")
         return await self.classify(body, t0)
 
-    async def classify(self, body: bytes, t0: float) -> dict[str, Any]:
-        x, req = self.parse(body)
-        budget = req.get("budget") or {}
-        t_choose = time.perf_counter_ns()
-        queued, busy = self.batcher.queued(), self._busy_ms()
-        seen = (self.overhead_ms, self.slowdown)
+    def candidates(self, req: dict[str, Any]) -> list[list[int]]:
+        """The stitches each stage of the request may run, best first (one stage unless it is a cascade).
+        Raises BudgetError (422) when the budget is beyond every allowed stitch even on an idle server."""
+        budget = req["budget"]
+        if "cascade" in req:
+            return [[c] for c in req["cascade"]["chain"]]
         if "cfg_id" in req:  # a fixed stitch: no choice, the budget is only reported against
-            cfg_id = req["cfg_id"]
-            predicted = self.menu.wait_ms(cfg_id, queued, busy, *seen)
-            within = "latency_ms" not in budget or predicted <= budget["latency_ms"]
-        else:
-            choice = self.menu.choose(budget.get("latency_ms"), budget.get("flops"), queued, busy, *seen)
-            cfg_id, within = choice.cfg_id, choice.within_budget
-            predicted = self.menu.wait_ms(cfg_id, queued, busy, *seen)
-        switch_ns = time.perf_counter_ns() - t_choose
-        self.switch_ns += switch_ns
+            return [[req["cfg_id"]]]
+        latency, flops = budget.get("latency_ms"), budget.get("flops")
+        self.menu.choose(latency, flops)  # on an idle server: raises when nothing could ever fit
+        return [[r["cfg_id"] for r in self.menu.ranked if flops is None or r["flops"] <= flops]]
+
+    async def classify(self, body: bytes, t0: float) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        x, req = await loop.run_in_executor(self.decoder, self.parse, body)
+        t_decoded = time.perf_counter()
+        budget = req["budget"]
+        t_choose = time.perf_counter_ns()
+        stages = self.candidates(req)
+        self.switch_ns += time.perf_counter_ns() - t_choose
         self.chosen += 1
-        depth = self.batcher.depth()
-        t_batch = time.perf_counter()
-        logits, batch = await self.batcher.submit(x, cfg_id)
-        in_batcher = time.perf_counter() - t_batch
-        server_ms = (time.perf_counter() - t0) * 1e3
-        # what the latency table does not see (decode, transform, hand-offs): a running mean
-        self.overhead_ms += RUNNING_WEIGHT * (server_ms - in_batcher * 1e3 - self.overhead_ms)
-        probs = torch.softmax(logits.float(), dim=-1)
+        deadline = t0 + budget["latency_ms"] / 1e3 if "latency_ms" in budget else NO_DEADLINE
+        thresholds = req.get("cascade", {}).get("thresholds", [])
+        ran: list[int] = []
+        done: Done | None = None
+        for stage, candidates in enumerate(stages):
+            try:
+                done = await self.scheduler.submit(Job(x, candidates, t0, deadline))
+            except Shed:
+                if done is None:  # the first stage: nothing to answer with
+                    raise
+                break  # an escalation too late to run: the last stage's answer stands
+            ran.append(done.cfg_id)
+            t_after = time.perf_counter()
+            probs = torch.softmax(done.logits.float(), dim=-1)
+            if stage + 1 < len(stages) and float(probs.max()) < thresholds[stage]:
+                # unsure: escalate to the next stage if it can still answer in time (else this answer stands)
+                nxt = stages[stage + 1][0]
+                if deadline == NO_DEADLINE or t_after + self.scheduler.batch_ms(nxt, 1) / 1e3 <= deadline:
+                    continue
+            break
+        assert done is not None
         top = torch.topk(probs, min(req.get("top_k", 5), probs.numel()))
-        return {"class": int(top.indices[0]), "top_k": [[int(i), round(float(p), 6)] for p, i in
-                                                        zip(top.values, top.indices)],
-                "cfg_id": cfg_id, "route": self.menu.by_id[cfg_id].get("route"),
-                "budget": budget, "predicted_ms": predicted, "within_budget": within,
-                "server_ms": server_ms, "switch_us": switch_ns / 1e3,
-                "batch_size": batch, "queue_depth": depth}
-
-    def _batch_done(self, cfg_id: int, n: int, ms: float) -> None:
-        table = self.menu.batch_ms(cfg_id, n)
-        if table > 0:
-            self.slowdown += RUNNING_WEIGHT * (ms / table - self.slowdown)
-
-    def _busy_ms(self) -> float:
-        running = self.batcher.running
-        if running is None:
-            return 0.0
-        cfg_id, n, start = running
-        return max(0.0, self.menu.batch_ms(cfg_id, n) - (time.perf_counter() - start) * 1e3 / self.slowdown)
+        server_ms = (time.perf_counter() - t0) * 1e3
+        self.scheduler.observe_after((time.perf_counter() - t_after) * 1e3)
+        flops_ok = "flops" not in budget or self.menu.by_id[done.cfg_id]["flops"] <= budget["flops"]
+        within = done.within_budget and flops_ok
+        if "latency_ms" in budget and within:
+            self.verdicts["within"] += 1
+            self.verdicts["within_met"] += server_ms <= budget["latency_ms"]
+        answer = {"class": int(top.indices[0]), "top_k": [[int(i), round(float(p), 6)] for p, i in
+                                                          zip(top.values, top.indices)],
+                  "cfg_id": done.cfg_id, "route": self.menu.by_id[done.cfg_id].get("route"),
+                  "budget": budget, "predicted_ms": done.predicted_ms, "within_budget": within,
+                  "server_ms": server_ms, "switch_us": done.choose_us,
+                  "batch_size": done.batch_size, "queue_depth": done.queue_depth}
+        # where the server time went (ms): decoding and checks (thread pool), waiting in the queue, the batch's
+        # forward pass, and the rest (softmax, top-k, the event loop's delay)
+        answer["timing_ms"] = {"decode": (t_decoded - t0) * 1e3, "queue": (done.started - t_decoded) * 1e3,
+                               "forward": (done.finished - done.started) * 1e3,
+                               "answer": (t0 + server_ms / 1e3 - done.finished) * 1e3}
+        if len(stages) > 1:
+            answer["stages"] = ran
+        return answer
 
     # ------------------------------------------------------------------------------------------ checks
     def parse(self, body: bytes) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -255,6 +285,9 @@ class ServeCore:
                                     f"--max-body-kb is {limit // 1024})")
         try:
             req = json.loads(body)
+        except RecursionError:
+            raise RequestError(400, "the body nests JSON arrays/objects too deeply to read; send one flat object "
+                                    '{"image": "<base64 PNG/JPEG>", "budget": {"latency_ms": 5}}') from None
         except (ValueError, UnicodeDecodeError) as e:
             raise RequestError(400, f"the body is not JSON ({str(e).splitlines()[0][:80]}); send "
                                     f'{{"image": "<base64 PNG/JPEG>", "budget": {{"latency_ms": 5}}}}') from None
@@ -285,7 +318,26 @@ class ServeCore:
             k = req["top_k"]
             if isinstance(k, bool) or not isinstance(k, int) or k < 1:
                 raise RequestError(400, f"top_k {k!r} is not a positive integer; send e.g. 5")
+        if "cascade" in req:
+            self._check_cascade(req)
         return self.image(req.get("image")), req
+
+    def _check_cascade(self, req: dict[str, Any]) -> None:
+        cascade = req["cascade"]
+        example = '"cascade": {"chain": [0, 2], "thresholds": [0.9]}'
+        if not isinstance(cascade, dict) or set(cascade) != {"chain", "thresholds"}:
+            raise RequestError(400, f"cascade {cascade!r} is not an object of chain and thresholds; send {example}")
+        chain, thresholds = cascade["chain"], cascade["thresholds"]
+        if "cfg_id" in req:
+            raise RequestError(400, "a request has cfg_id or cascade, not both; drop one")
+        if not isinstance(chain, list) or not chain or any(
+                isinstance(c, bool) or not isinstance(c, int) or c not in self.menu.by_id for c in chain):
+            raise RequestError(400, f"cascade.chain {chain!r} is not a list of served cfg_ids "
+                                    f"({self.menu.cfg_ids}); send {example}")
+        if not isinstance(thresholds, list) or len(thresholds) != len(chain) - 1 or any(
+                not isinstance(t, (int, float)) or isinstance(t, bool) or not 0 <= t <= 1 for t in thresholds):
+            raise RequestError(400, f"cascade.thresholds {thresholds!r} must be {len(chain) - 1} probabilities in "
+                                    f"[0, 1], one per stage but the last; send {example}")
 
     def image(self, data: Any) -> torch.Tensor:
         if not isinstance(data, str) or not data:
@@ -305,6 +357,11 @@ class ServeCore:
             img = opened.convert("L" if self.served.in_chans == 1 else "RGB")
         except RequestError:
             raise
+        except Image.DecompressionBombError as e:  # PIL's own limit, far above ours: the same refusal
+            declared = re.search(r"\((\d+) pixels\)", str(e))
+            size = f"{int(declared.group(1)):,} pixels" if declared else "more pixels than that"
+            raise RequestError(400, f"image of {size} is over the {MAX_PIXELS:,}-pixel limit; send a smaller "
+                                    f"image") from None
         except Exception as e:  # PIL raises many kinds on a file it cannot read
             raise RequestError(400, f"image is not a readable image file ({type(e).__name__}); send PNG, JPEG or "
                                     f"another format Pillow reads") from None
@@ -322,8 +379,8 @@ class ServeCore:
                 "max_batch": self.spec.max_batch, "max_wait_ms": self.spec.max_wait_ms,
                 "max_body_bytes": self.spec.max_body_bytes, "device": self.spec.device,  # no file paths: clients
                 "responses": {str(k): v for k, v in sorted(self.counts.items())},
-                "batches": self.batcher.batches, "queue_depth": self.batcher.depth(),
-                "overhead_ms": self.overhead_ms, "slowdown": self.slowdown,
+                **self.scheduler.stats(), "shed_enabled": self.spec.shed,
+                "within_budget": dict(self.verdicts),
                 "switch_us_mean": self.switch_ns / 1e3 / self.chosen if self.chosen else None,
                 "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "model_params": sum(p.numel() for p in self.served.model.parameters()),

@@ -1,0 +1,291 @@
+"""Deadline-aware batching with late binding: which requests run next, and on which stitch.
+
+Requests wait in one queue ordered by deadline (earliest first; a request without a latency budget after every
+request with one, in arrival order). Whenever the worker is free (work-conserving: no batching wait unless
+`max_wait_ms` asks for one) the scheduler takes the request with the earliest deadline, the head, and binds its
+stitch *now*, knowing exactly how long the head has already waited and what is queued behind it:
+
+* the candidates are the head's stitches (every served stitch within its FLOPs budget, best first by `snnet
+  select`'s ranking; one stitch for a request that fixed its cfg_id; one stage for a cascade request);
+* the batch is the head and the next queued requests that may run the same stitch, up to `max_batch`;
+* the stitch is the most accurate candidate whose batch finishes before the head's deadline (the batch time from
+  the latency table, scaled by the measured slowdown's 95th percentile, plus the measured time after the forward
+  pass) *and* after which every request still queued can meet its deadline on its fastest stitch; when no stitch
+  keeps the queue feasible, the most accurate one that meets the head's deadline; when none meets it, the fastest.
+
+This is SuperServe's SlackFit idea (the slack of the most urgent request picks the network) with a feasibility
+check of the queue behind it: under a burst the queue grows, the slack shrinks and the stitches get smaller, and
+they grow back as the burst drains. A fixed network is the same scheduler with one candidate.
+
+A head that cannot meet its deadline even on its fastest stitch at batch 1 is *shed* when the server runs with
+`shed=True`: it is answered at once (the handler turns `Shed` into HTTP 503, one line) and costs no compute;
+without shedding it runs on its fastest stitch and its answer says the budget was missed (`within_budget` false).
+
+Each answer carries the prediction made at dispatch: the server time the request will have spent when its batch is
+done (`predicted_ms`, the wait so far plus the batch's predicted time) and whether that meets its budget.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import heapq
+import itertools
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from snnet.serve.policy import StitchMenu
+
+Run = Callable[[torch.Tensor, int], torch.Tensor]
+NO_DEADLINE = float("inf")
+
+
+class Shed(Exception):
+    """A request whose deadline cannot be met even on its fastest stitch (answered at once, HTTP 503)."""
+
+    def __init__(self, waited_ms: float, fastest_ms: float):
+        super().__init__(f"{waited_ms:.1f} ms waited + {fastest_ms:.1f} ms on the fastest stitch")
+        self.waited_ms, self.fastest_ms = waited_ms, fastest_ms
+
+
+@dataclass
+class Job:
+    """One request in the queue. `candidates`: cfg_ids it may run, best first; `deadline`: perf_counter seconds."""
+    x: torch.Tensor
+    candidates: Sequence[int]
+    arrival: float
+    deadline: float = NO_DEADLINE
+    future: asyncio.Future | None = None
+    seq: int = 0
+
+    def key(self) -> tuple[float, int]:
+        return self.deadline, self.seq
+
+
+@dataclass
+class Done:
+    """What a job's future resolves to: its logits row and the dispatch's facts."""
+    logits: torch.Tensor
+    cfg_id: int
+    batch_size: int
+    predicted_ms: float  # server time predicted at dispatch (from arrival to the end of the batch)
+    within_budget: bool  # predicted_ms <= the budget (True without one)
+    queue_depth: int  # requests queued when the batch was formed (the batch included)
+    choose_us: float  # the time the dispatch took to choose the stitch and the batch
+    started: float = 0.0  # perf_counter when its batch started
+    finished: float = 0.0  # perf_counter when its batch's forward pass returned
+
+
+class Quantile:
+    """One quantile of the samples of the last `seconds` (at most `most` of them); `initial` until `least` recent
+    samples exist. Recent, so the estimate follows a machine whose load changes and falls back when samples stop
+    coming (a server shedding every request learns nothing new and must not stay pessimistic for ever)."""
+
+    def __init__(self, q: float, initial: float, seconds: float = 2.0, least: int = 5, most: int = 400,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.q, self.initial, self.seconds, self.least, self.clock = q, initial, seconds, least, clock
+        self.samples: collections.deque[tuple[float, float]] = collections.deque(maxlen=most)
+        self._value, self._at = initial, -math.inf
+
+    def add(self, sample: float) -> None:
+        self.samples.append((self.clock(), sample))
+        self._at = -math.inf  # recompute on the next read
+
+    @property
+    def value(self) -> float:
+        now = self.clock()
+        if now - self._at > 0.05:  # at most every 50 ms: a dispatch reads it many times
+            while self.samples and now - self.samples[0][0] > self.seconds:
+                self.samples.popleft()
+            self._value = float(np.quantile([x for _, x in self.samples], self.q)) \
+                if len(self.samples) >= self.least else self.initial
+            self._at = now
+        return self._value
+
+
+@dataclass
+class Learned:
+    """What the scheduler measures while it serves: the slowdown of batches vs. the latency table (95th percentile,
+    so predictions hold under noise) and the time from the end of a batch to the answer (95th percentile)."""
+    slowdown: Quantile = field(default_factory=lambda: Quantile(0.95, 1.0))
+    after_ms: Quantile = field(default_factory=lambda: Quantile(0.95, 0.5))
+
+    def fresh(self, after_ms: float = 0.5) -> None:
+        """Forget what was learned (tests: an idle server that has seen no request)."""
+        self.slowdown = Quantile(0.95, 1.0)
+        self.after_ms = Quantile(0.95, after_ms)
+
+
+class DeadlineScheduler:
+    """`await submit(job)` -> Done. One worker thread runs the batches one after another, as the latency table
+    measured them; the event loop keeps accepting requests meanwhile."""
+
+    def __init__(self, run: Run, menu: StitchMenu, max_batch: int = 16, max_wait_ms: float = 0.0,
+                 shed: bool = False):
+        self.run, self.menu = run, menu
+        self.max_batch, self.max_wait, self.shed = max_batch, max_wait_ms / 1e3, shed
+        self.queue: list[tuple[tuple[float, int], Job]] = []
+        self.running: tuple[int, int, float] | None = None  # (cfg_id, batch size, start) of the batch running
+        self.batches = self.shed_count = 0
+        self.learned = Learned()
+        self._seq = itertools.count()
+        self._wake: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="snnet-batch")
+
+    # ------------------------------------------------------------------------------------------ the queue
+    def depth(self) -> int:
+        return len(self.queue) + (self.running[1] if self.running else 0)
+
+    async def submit(self, job: Job) -> Done:
+        loop = asyncio.get_running_loop()
+        if self._worker is None or self._worker.done():
+            self._wake = asyncio.Event()
+            self._worker = loop.create_task(self._loop())
+        job.future = loop.create_future()
+        job.seq = next(self._seq)
+        heapq.heappush(self.queue, (job.key(), job))
+        assert self._wake is not None
+        self._wake.set()
+        return await job.future
+
+    # ------------------------------------------------------------------------------------------ the choice
+    def batch_ms(self, cfg_id: int, n: int) -> float:
+        """Predicted ms of a batch of `n` on `cfg_id`, as it will run now (table x the slowdown's p95)."""
+        return self.menu.batch_ms(cfg_id, n) * max(1.0, self.learned.slowdown.value)
+
+    def plan(self, now: float) -> tuple[int, list[Job]] | Job | None:
+        """(stitch, batch) to run now; a Job to shed; None when the queue is empty. Does not change the queue."""
+        if not self.queue:
+            return None
+        ordered = [j for _, j in sorted(self.queue, key=lambda e: e[0])]
+        head = ordered[0]
+        after = self.learned.after_ms.value
+        fastest = self._fastest(head)
+        if self.shed and head.deadline < NO_DEADLINE and \
+                now + (self.batch_ms(fastest, 1) + after) / 1e3 > head.deadline:
+            return head
+        if head.deadline == NO_DEADLINE:  # no latency budget: the best stitch it may run
+            c = head.candidates[0]
+            return c, [j for j in ordered if c in j.candidates][:self.max_batch]
+        fits_head: tuple[int, list[Job]] | None = None
+        for c in head.candidates:  # best first
+            batch = [j for j in ordered if c in j.candidates][:self.max_batch]
+            end = now + (self.batch_ms(c, len(batch)) + after) / 1e3
+            if end > head.deadline:
+                continue
+            if fits_head is None:
+                fits_head = (c, batch)
+            if self._rest_feasible(ordered, batch, now, end, after):
+                return c, batch
+        if fits_head is not None:
+            return fits_head
+        return fastest, [j for j in ordered if fastest in j.candidates][:self.max_batch]
+
+    def _rest_feasible(self, ordered: list[Job], batch: list[Job], now: float, end: float, after: float) -> bool:
+        """Whether every queued request outside `batch` that could still make its deadline would, run after `end`
+        in deadline order, in consecutive batches of up to `max_batch` on the fastest stitch of each batch's first
+        request (what the scheduler falls back to under pressure). One pass over the queue."""
+        taken = {id(j) for j in batch}
+        rest = [j for j in ordered if id(j) not in taken and j.deadline < NO_DEADLINE]
+        t = end - after / 1e3
+        for i in range(0, len(rest), self.max_batch):
+            chunk = rest[i:i + self.max_batch]
+            c = self._fastest(chunk[0])
+            t += self.batch_ms(c, len(chunk)) / 1e3
+            if t + after / 1e3 > chunk[0].deadline:  # the chunk's earliest deadline
+                alone = (self.batch_ms(c, 1) + after) / 1e3
+                if any(now + alone <= j.deadline < t + after / 1e3 for j in chunk):
+                    return False  # one it could have saved
+        return True
+
+    def _fastest(self, job: Job) -> int:
+        return min(job.candidates, key=lambda k: self.menu.batch_ms(k, 1))
+
+    # ------------------------------------------------------------------------------------------ the worker
+    async def _loop(self) -> None:
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self.queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            head = min(self.queue, key=lambda e: e[0])[1]
+            if self.max_wait > 0 and len(self.queue) < self.max_batch:
+                left = head.arrival + self.max_wait - time.perf_counter()
+                if left > 0:
+                    self._wake.clear()
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), left)
+                    except asyncio.TimeoutError:
+                        pass
+                    continue
+            t_choose = time.perf_counter()
+            planned = self.plan(t_choose)
+            if planned is None:
+                continue
+            if isinstance(planned, Job):  # shed: answered at once
+                self._remove([planned])
+                self.shed_count += 1
+                waited = (t_choose - planned.arrival) * 1e3
+                fastest = min(self.batch_ms(c, 1) for c in planned.candidates)
+                if planned.future is not None and not planned.future.done():
+                    planned.future.set_exception(Shed(waited, fastest))
+                continue
+            cfg_id, batch = planned
+            depth = len(self.queue)
+            self._remove(batch)
+            started = time.perf_counter()
+            choose_us = (started - t_choose) * 1e6
+            predicted_end = started + self.batch_ms(cfg_id, len(batch)) / 1e3 + self.learned.after_ms.value / 1e3
+            self.running = (cfg_id, len(batch), started)
+            try:
+                x = torch.stack([j.x for j in batch])
+                out = await loop.run_in_executor(self._pool, self._forward, x, cfg_id)
+                finished = time.perf_counter()
+                table = self.menu.batch_ms(cfg_id, len(batch))
+                if table > 0:
+                    self.learned.slowdown.add((time.perf_counter() - started) * 1e3 / table)
+            except Exception as e:  # this batch's requests fail; the server goes on
+                for j in batch:
+                    if j.future is not None and not j.future.done():
+                        j.future.set_exception(e)
+            else:
+                for i, j in enumerate(batch):
+                    if j.future is None or j.future.done():  # a client that left has its future cancelled
+                        continue
+                    predicted = (predicted_end - j.arrival) * 1e3
+                    j.future.set_result(Done(out[i], cfg_id, len(batch), predicted,
+                                             predicted_end <= j.deadline, depth, choose_us, started, finished))
+            finally:
+                self.running = None
+                self.batches += 1
+
+    def observe_after(self, ms: float) -> None:
+        """The handler's time from a batch's end to the answer (softmax, top-k, the event loop's delay)."""
+        self.learned.after_ms.add(ms)
+
+    def _remove(self, jobs: list[Job]) -> None:
+        gone = {id(j) for j in jobs}
+        self.queue = [e for e in self.queue if id(e[1]) not in gone]
+        heapq.heapify(self.queue)
+
+    def _forward(self, x: torch.Tensor, cfg_id: int) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.run(x, cfg_id)
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def stats(self) -> dict[str, Any]:
+        return {"batches": self.batches, "shed": self.shed_count, "queue_depth": self.depth(),
+                "slowdown_p95": self.learned.slowdown.value, "after_ms_p95": self.learned.after_ms.value}
