@@ -1,34 +1,44 @@
-"""`snnet serve` under a bounded load on 127.0.0.1: per-request switching vs. one fixed stitch vs. the anchors as
-separate exported models, and the memory of one SN-Net vs. every stitch exported.
+"""Does one served SN-Net meet deadlines better than fixed networks? Open-loop, bursty load against a deadline.
 
-The network is the digits demo's SN-Net (configs/demo_digits.json: ViT anchors of width 16/32/64, 23 stitches at
-16x16) with random weights (latency and memory do not depend on the weight values); the accuracies the choice ranks
-by are the trained demo's (results/demo/stitches_res.txt, whose routes the server checks). Requests are real digits
-(scikit-learn's scans as 16x16 PNG), each with a latency budget drawn (seeded) uniformly between the median server
-time of the fastest stitch and 1.5x that of the slowest, both measured under the same load just before the runs
-(so the budgets span what this server achieves on this machine now, busy or idle).
+Serving research measures a server with open-loop arrivals (times fixed in advance, independent of the answers:
+a slow server does not slow the clients down) against a deadline per request, and scores *SLO attainment* (the
+share of requests answered within the deadline) and *effective accuracy* (requests answered correctly within the
+deadline / all requests; INFaaS, Model-Switching, SuperServe). This benchmark does that for two networks:
 
-Settings, each served by Ray Serve (one local instance, one replica per application) and loaded by the same bounded
-closed-loop generator (snnet/serve/load.py: --requests requests from --concurrency threads, stopped after
---time-limit s):
+* **digits**: the committed, trained digits demo (results/demo/snnet.pth.tar, configs/demo_digits.json, 23
+  stitches at 16x16) on the demo's real validation images: correctness is per request, from the answer's class;
+* **DeiT**: SN-Net's DeiT-Ti/S/B plan (configs/deit_ti_s_b.json, 224 px), random weights (no download here), the
+  stitches on SN-Net's published FLOPs-accuracy front; correctness cannot be real, so each answer within its
+  deadline counts its stitch's top-1 from SN-Net's published table
+  (benchmarks/data/snnet_deit_ti_s_b_stitches_res.txt): the *expected* effective accuracy.
 
-  (a) switch   the SN-Net; each request's stitch chosen from its budget and the queue ahead (snnet serve)
-  (b) fixed    the same server, every request sent to one stitch: the one (a) used most (what a deployment that
-               cannot switch would run)
-  (c) anchors  the anchors exported separately (snnet export), one model each, chosen per request by the same rule
+Systems, each its own `snnet serve` process (the local engine, the same deadline scheduler, `--shed`: a request
+that cannot make its deadline even on its network's fastest option is answered 503 at once), measured in one run:
 
-Columns: p50/p99 of the client's end-to-end latency; the share of requests whose server time (queue + batch) and
-whose end-to-end time met their budget (the budget covers the server time; HTTP and Ray's proxy add the rest);
-the mean top-1 of the stitches that answered (the demo's accuracies); switch: the server's time to choose the stitch
-per request (µs, mean); mean batch size; throughput.
+  switch        the SN-Net; the stitch bound per batch at dispatch from the head's slack (snnet serve)
+  fixed <name>  the same server with every request fixing one network (cfg_id): each anchor alone and one
+                stitch of the front between them; "best fixed" is the best of them at each load, chosen after
+                the fact (an oracle a fixed deployment does not have)
+  anchors       the anchors exported as separate models, loaded together, chosen per request by the same rule
+                (INFaaS-style model switching: N models' memory)
+  cascade       (digits) a confidence cascade of the anchors (run the small one; escalate an unsure answer to
+                the next if its deadline allows), thresholds chosen on the demo's own predictions
+                (stitches_pred.npz, results/baselines.py); and the SN-Net's cascade (its cheapest front stitch,
+                escalating to its best), nothing shared between stages (a lower bound on block reuse)
 
-Switch cost inside the network: `net(x, cfg_id)` at batch 1 over all stitches in turn vs. the same calls grouped by
-stitch (the same work, only the order differs), in this process, one thread; the difference per call is what a
-change of stitch costs the forward pass.
+Load: gamma inter-arrival times with CV^2 = 4 (bursty) at offered loads of 0.5x .. 1.5x the capacity of the
+largest anchor served alone (1000 / its batch-1 ms), plus Poisson (CV^2 = 1) and CV^2 = 8 at 1.0x. The deadline
+(SLO) of every request: --slo-factor x the largest anchor's batch-1 time, end to end at the client; each request's
+budget.latency_ms is the SLO less the client-side time measured idle (HTTP, JSON), so the server's budget is
+what is left of the SLO once the request has reached it.
 
-    .venv/bin/python benchmarks/serve_load.py [--requests 400] [--concurrency 8] [--time-limit 60] [--port 8765]
+Also measured: switch cost idle (the server's time to choose per dispatch, and `net(x, cfg_id)` at batch 1 with the
+stitch changing every call vs. grouped by stitch), memory (PSS of each serving process, measured after its load),
+and how often an answer saying `within_budget` met its budget (the prediction's calibration).
 
-Last line: RESULT switch_p99_ms=... fixed_p99_ms=... anchors_p99_ms=... switch_met=... switch_us=...
+    .venv/bin/python benchmarks/serve_load.py [--quick] [--out results/bench_serve.txt]
+
+Last line: RESULT worst_margin_effacc=<e> dominated=<d> within_met=<w> (see the docs: docs/serving.md).
 """
 from __future__ import annotations
 
@@ -38,10 +48,13 @@ import io
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,201 +65,437 @@ sys.path.insert(0, str(ROOT))
 from snnet.core.build import build_snnet  # noqa: E402  (after the path insert: the benchmark runs from a checkout)
 from snnet.core.checkpoint import save_checkpoint  # noqa: E402
 from snnet.core.config import parse_stitch_config  # noqa: E402
-from snnet.deploy.export import WEIGHTS, export_stitch, load_snnet  # noqa: E402
+from snnet.deploy.export import export_stitch, load_snnet  # noqa: E402
+from snnet.deploy.latency import measure_latency  # noqa: E402
+from snnet.results.baselines import cascade_settings  # noqa: E402
+from snnet.results.predictions import build  # noqa: E402
+from snnet.results.quality import pareto_front  # noqa: E402
 from snnet.results.records import read_results  # noqa: E402
-from snnet.serve import app  # noqa: E402
-from snnet.serve.handler import ServeSpec  # noqa: E402
-from snnet.serve.load import get, percentile, run_load  # noqa: E402
+from snnet.serve.loadgen import arrival_times, get, percentile, post, run_open_loop  # noqa: E402
 
-CONFIG = ROOT / "configs" / "demo_digits.json"
-RESULTS = ROOT / "results" / "demo" / "stitches_res.txt"
-IMG = 16
+LOADS = (0.5, 0.75, 1.0, 1.25, 1.5)
+EXTRA_TRACES = ((1.0, 1.0), (8.0, 1.0))  # (CV^2, load): Poisson and burstier, at the capacity
+MAIN_CV2 = 4.0
 
 
-def make_checkpoint(work: Path) -> tuple[Path, Path]:
-    """The demo config without its anchors' checkpoints, and a random-weight SN-Net checkpoint of it."""
-    raw = json.loads(CONFIG.read_text())
-    for a in raw["anchors"]:
-        a.pop("checkpoint", None)
-    config = work / "demo_digits.json"
-    config.write_text(json.dumps(raw))
-    torch.manual_seed(0)
-    net = build_snnet(parse_stitch_config(raw), pretrained=False, num_classes=10, img_size=IMG).eval()
-    ckpt = work / "last.pth.tar"
-    save_checkpoint(ckpt, {"state_dict": net.state_dict(), "epoch": 0,
-                           "args": json.dumps({"num_classes": 10, "img_size": IMG, "model_kwargs": {}})})
-    return ckpt, config
+# ------------------------------------------------------------------------------------------------ the networks
+@dataclass
+class Net:
+    name: str
+    checkpoint: Path
+    config: Path
+    results: Path  # the served stitches with their latency table (latency_ms_b1, latency_ms_b<max_batch>)
+    anchors: list[int]
+    acc: dict[int, float]  # cfg_id -> top-1 the choice ranks by (and the expected correctness, for DeiT)
+    images: list[str]  # base64 image files
+    labels: list[int] | None  # real classes (digits) or None (expected accuracy)
+    latency: dict[int, float]  # batch-1 ms
+    max_batch: int
+    threads: int
+    exported: list[Path] = field(default_factory=list)
+    largest_export: list[Path] = field(default_factory=list)
+    fixed: dict[str, int] = field(default_factory=dict)
+    cascades: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def digit_pngs(n: int) -> list[str]:
+def _png(img, fmt: str = "PNG") -> str:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _with_latency(records: list[dict[str, Any]], table: dict[int, dict[str, float]], path: Path) -> Path:
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps({**r, **table[r["cfg_id"]]}) + "\n")
+    return path
+
+
+def _front_ids(records: list[dict[str, Any]], most: int) -> list[int]:
+    """The FLOPs-accuracy front's cfg_ids, thinned to at most `most` spread over its FLOPs range (ends kept)."""
+    front = sorted(pareto_front(records), key=lambda r: r["flops"])
+    if len(front) <= most:
+        return [r["cfg_id"] for r in front]
+    picks = np.unique(np.round(np.linspace(0, len(front) - 1, most)).astype(int))
+    return [front[i]["cfg_id"] for i in picks]
+
+
+def digits_net(work: Path, quick: bool) -> Net:
     from PIL import Image
-    from sklearn.datasets import load_digits
-    images = load_digits().images
-    out = []
-    for i in range(n):
-        img = Image.fromarray((images[i % len(images)] / 16.0 * 255).astype(np.uint8)).resize((IMG, IMG))
-        buf = io.BytesIO()
-        img.convert("RGB").save(buf, "PNG")
-        out.append(base64.b64encode(buf.getvalue()).decode())
+
+    from snnet.demo import write_digits
+    data = write_digits(work / "digits")
+    val = sorted((data / "val").glob("*/*.png"))
+    classes = sorted(p.name for p in (data / "val").iterdir())
+    images = [_png(Image.open(p).convert("RGB")) for p in val]
+    labels = [classes.index(p.parent.name) for p in val]
+    ckpt, config = ROOT / "results" / "demo" / "snnet.pth.tar", ROOT / "configs" / "demo_digits.json"
+    all_records = read_results(ROOT / "results" / "demo" / "stitches_res.txt")
+    anchors = [0, 1, 2]
+    ids = sorted(set(_front_ids(all_records, 12)) | set(anchors))
+    records = [r for r in all_records if r["cfg_id"] in ids]
+    loaded = load_snnet(str(ckpt), str(config))
+    max_batch = 8
+    table = measure_latency(loaded.net, ids, (1, max_batch), loaded.img_size, loaded.in_chans, warmup=5,
+                            repeats=30)
+    results = _with_latency(records, table, work / "digits_res.txt")
+    net = Net("digits", ckpt, config, results, anchors, {r["cfg_id"]: r["acc1"] for r in records}, images, labels,
+              {c: t["latency_ms_b1"] for c, t in table.items()}, max_batch, threads=1)
+    _exports(net, loaded, work / "digits_exports")
+    # cascades: thresholds chosen on the served images' own predictions (the trained network's, computed here as
+    # the demo's evaluation would): an optimistic baseline
+    pred = _predictions(loaded, val, labels, {r["cfg_id"]: r for r in records})
+    flops = {r["cfg_id"]: float(r["flops"]) for r in all_records}
+    top = max(net.acc[a] for a in anchors)
+    net.cascades["anchor cascade"] = _cascade(pred, anchors, flops, top)
+    front = sorted((c for c in ids if c not in anchors), key=lambda c: net.latency[c])
+    best = max(ids, key=lambda c: (net.acc[c], -flops[c]))
+    net.cascades["SN-Net cascade"] = _cascade(pred, [front[0], best], flops, net.acc[best])
+    return net
+
+
+def _predictions(loaded, files: list[Path], labels: list[int], records: dict[int, dict[str, Any]]):
+    from PIL import Image
+
+    from snnet.data.transforms import eval_transform
+    tf = eval_transform(loaded.data_config)
+    x = torch.stack([tf(Image.open(f).convert("RGB")) for f in files])
+    per: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    with torch.inference_mode():
+        for c in records:
+            prob = torch.softmax(loaded.net(x, c).float(), -1)
+            top = prob.topk(5, -1)
+            per[c] = (top.indices.numpy(), top.values[:, 0].numpy())
+    return build(np.arange(len(files)), np.asarray(labels), per, records, prob.shape[-1])
+
+
+def _cascade(pred, chain: list[int], flops: dict[int, float], target: float) -> dict[str, Any]:
+    """The cheapest threshold setting of `chain` reaching `target` top-1 (else the most accurate)."""
+    settings = cascade_settings(pred, chain, flops)
+    reach = [s for s in settings if s["acc1"] >= target]
+    s = min(reach, key=lambda s: s["flops"]) if reach else max(settings, key=lambda s: (s["acc1"], -s["flops"]))
+    return {"chain": s["chain"], "thresholds": s["thresholds"], "acc1": s["acc1"], "flops": s["flops"]}
+
+
+def deit_net(work: Path, quick: bool) -> Net:
+    from PIL import Image
+    config = ROOT / "configs" / "deit_ti_s_b.json"
+    published = read_results(ROOT / "benchmarks" / "data" / "snnet_deit_ti_s_b_stitches_res.txt")
+    torch.manual_seed(0)
+    net = build_snnet(parse_stitch_config(json.loads(config.read_text())), pretrained=False, num_classes=1000,
+                      img_size=224).eval()
+    ckpt = work / "deit_snnet.pth.tar"
+    save_checkpoint(ckpt, {"state_dict": net.state_dict(), "epoch": 0,
+                           "args": json.dumps({"num_classes": 1000, "img_size": 224, "model_kwargs": {}})})
+    anchors = [0, 1, 2]
+    ids = sorted(set(_front_ids(published, 6 if quick else 10)) | set(anchors))
+    records = [{**r, "route": net.describe(r["cfg_id"])} for r in published if r["cfg_id"] in ids]
+    table = measure_latency(net, ids, (1,), (224, 224), 3, warmup=1, repeats=3 if quick else 5)
+    results = _with_latency(records, table, work / "deit_res.txt")
+    rng = np.random.default_rng(0)
+    images = [_png(Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)), "JPEG")
+              for _ in range(16)]
+    out = Net("DeiT-Ti/S/B", ckpt, config, results, anchors, {r["cfg_id"]: r["acc1"] for r in records}, images,
+              None, {c: t["latency_ms_b1"] for c, t in table.items()}, 1, threads=2)
+    loaded = load_snnet(str(ckpt), str(config))
+    _exports(out, loaded, work / "deit_exports")
     return out
 
 
-def switch_cost_us(net: torch.nn.Module, ids: list[int], rounds: int = 40, repeats: int = 5) -> tuple[float, float]:
-    """(µs per call interleaved, µs per call grouped): median over `repeats` alternating measurements."""
-    x = torch.randn(1, 3, IMG, IMG)
-    orders = {"interleaved": [c for _ in range(rounds) for c in ids],
-              "grouped": [c for c in ids for _ in range(rounds)]}
+def _exports(net: Net, loaded, folder: Path) -> None:
+    """The anchors exported separately (the anchors-together system and the largest anchor's memory), and the
+    fixed networks: each anchor and the front stitch between the small and the middle anchor."""
+    for a in net.anchors:
+        export_stitch(loaded, a, folder / f"cfg{a}", formats=())  # safetensors + model.json only
+    net.exported = [folder / f"cfg{a}" for a in net.anchors]
+    largest = max(net.anchors, key=lambda a: net.latency[a])
+    net.largest_export = [folder / f"cfg{largest}"]
+    names = ["small", "middle", "large"]
+    for a, n in zip(sorted(net.anchors, key=lambda a: net.latency[a]), names):
+        net.fixed[f"{n} anchor (cfg {a})"] = a
+    lo, hi = sorted(net.latency[a] for a in net.anchors)[1:3]
+    between = [c for c in net.acc if c not in net.anchors and lo < net.latency[c] < hi]
+    if between:
+        mid = max(between, key=lambda c: net.acc[c] / net.latency[c])
+        net.fixed[f"stitch (cfg {mid})"] = mid
+
+
+# ------------------------------------------------------------------------------------------------ servers
+class Server:
+    """One `snnet serve` process (local engine) on a free port; stopped by SIGTERM."""
+
+    def __init__(self, net: Net, what: str, work: Path, exported: list[Path] | None = None):
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        source = ["--exported", *map(str, exported)] if exported else [str(net.checkpoint), "--stitch_config",
+                                                                         str(net.config)]
+        self.log = work / f"server_{net.name.replace('/', '')}_{what}.log"
+        cmd = [sys.executable, "-m", "snnet.cli", "serve", *source, "--results", str(net.results), "--port",
+               str(self.port), "--max-batch", str(net.max_batch), "--threads", str(net.threads), "--shed"]
+        self.out = open(self.log, "w+")
+        env = {**os.environ, "OMP_NUM_THREADS": str(net.threads), "PYTHONPATH": str(ROOT)}
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.out, stderr=subprocess.STDOUT, env=env)
+        self.url = f"http://127.0.0.1:{self.port}/"
+        t0 = time.monotonic()
+        while "serving" not in self.log.read_text():
+            if self.proc.poll() is not None or time.monotonic() - t0 > 600:
+                raise RuntimeError(f"server {what} did not start: {self.log.read_text()[-2000:]}")
+            time.sleep(0.2)
+        self.started_s = time.monotonic() - t0
+
+    def pss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(30)
+        self.out.close()
+
+
+# ------------------------------------------------------------------------------------------------ one setting
+def bodies(net: Net, n: int, budget_ms: float, extra: dict[str, Any], seed: int) -> tuple[list[bytes], list[int]]:
+    order = np.random.default_rng(seed).permutation(max(n, len(net.images)))[:n] % len(net.images)
+    return ([json.dumps({"image": net.images[i], "budget": {"latency_ms": budget_ms}, "top_k": 1, **extra})
+             .encode() for i in order], [int(i) for i in order])
+
+
+def client_overhead_ms(url: str, net: Net, extra: dict[str, Any]) -> float:
+    """End-to-end minus server time on an idle server (HTTP, JSON, the client's own work): 95th percentile."""
+    gaps = []
+    for i in range(30):
+        body = json.dumps({"image": net.images[i % len(net.images)], "top_k": 1, **extra}).encode()
+        t0 = time.perf_counter()
+        status, a = post(url, body)
+        if status == 200:
+            gaps.append((time.perf_counter() - t0) * 1e3 - a["server_ms"])
+    return percentile(gaps, 95)
+
+
+def run_setting(net: Net, url: str, slo: float, allowance: float, load: float, cv2: float, duration: float,
+                extra: dict[str, Any], seed: int) -> dict[str, Any]:
+    capacity = 1000.0 / max(net.latency[a] for a in net.anchors)
+    rate = load * capacity
+    n = max(20, int(rate * duration))
+    times = arrival_times(n, rate, cv2, seed=seed)
+    payload, order = bodies(net, n, slo - allowance, extra, seed)
+    t0 = time.perf_counter()
+    replies = run_open_loop(url, payload, times, time_limit=duration * 3 + 30, timeout=slo / 1e3 * 20 + 10)
+    wall = max(time.perf_counter() - t0, float(times[-1]))
+    ok = [r for r in replies if r.status == 200]
+    in_time = [r for r in ok if r.ms <= slo]
+    if net.labels is not None:
+        correct = sum(r.body["class"] == net.labels[order[r.index]] for r in in_time)
+    else:
+        correct = sum(net.acc[r.body["cfg_id"]] / 100 for r in in_time)
+    within = [r for r in ok if r.body["within_budget"]]
+    return {"n": n, "answered": len(ok), "shed": sum(r.status == 503 for r in replies),
+            "failed": sum(r.status not in (200, 503) for r in replies),
+            "attain": len(in_time) / n, "effacc": 100 * correct / n,
+            "top1": statistics.fmean(net.acc[r.body["cfg_id"]] for r in ok) if ok else float("nan"),
+            "p50": percentile([r.ms for r in ok], 50), "p99": percentile([r.ms for r in ok], 99),
+            "goodput": len(in_time) / wall, "within": len(within),
+            "within_met": sum(r.body["server_ms"] <= r.body["budget"]["latency_ms"] for r in within),
+            "stitches": len({r.body["cfg_id"] for r in ok}),
+            "choose_us": statistics.fmean(r.body["switch_us"] for r in ok) if ok else float("nan"),
+            "late_send_ms": max((r.late_send_ms for r in replies if r.status), default=0.0)}
+
+
+def switch_cost_us(net: Net, rounds: int = 10) -> tuple[float, float]:
+    """`net(x, cfg_id)` at batch 1, stitch changing every call vs. grouped by stitch: µs per call (medians)."""
+    loaded = load_snnet(str(net.checkpoint), str(net.config))
+    ids = sorted(net.acc)
+    x = torch.randn(1, loaded.in_chans, *loaded.img_size)
+    orders = {"interleaved": [c for _ in range(rounds) for c in ids], "grouped": [c for c in ids for _ in range(rounds)]}
     times: dict[str, list[float]] = {k: [] for k in orders}
+    torch.set_num_threads(net.threads)
     with torch.inference_mode():
         for c in ids:
-            net(x, c)
-        for _ in range(repeats):
+            loaded.net(x, c)
+        for _ in range(3):
             for name, order in orders.items():
                 t0 = time.perf_counter()
                 for c in order:
-                    net(x, c)
+                    loaded.net(x, c)
                 times[name].append((time.perf_counter() - t0) / len(order) * 1e6)
     return statistics.median(times["interleaved"]), statistics.median(times["grouped"])
 
 
-def summarise(name: str, replies, budgets: list[float], acc: dict[int, float], wall: float) -> dict:
-    ok = [r for r in replies if r.status == 200]
-    ms = [r.ms for r in ok]
-    met_server = [r.body["server_ms"] <= b for r, b in zip(replies, budgets) if r.status == 200]
-    met_e2e = [r.ms <= b for r, b in zip(replies, budgets) if r.status == 200]
-    return {"setting": name, "answered": len(ok), "sent": len(replies), "p50": percentile(ms, 50),
-            "p99": percentile(ms, 99), "met_server": sum(met_server) / max(1, len(ok)),
-            "met_e2e": sum(met_e2e) / max(1, len(ok)),
-            "top1": statistics.fmean(acc[r.body["cfg_id"]] for r in ok) if ok else float("nan"),
-            "stitches": len({r.body["cfg_id"] for r in ok}),
-            "switch_us": statistics.fmean(r.body["switch_us"] for r in ok) if ok else float("nan"),
-            "batch": statistics.fmean(r.body["batch_size"] for r in ok) if ok else float("nan"),
-            "rps": len(ok) / wall}
+# ------------------------------------------------------------------------------------------------ the run
+def measure(net: Net, work: Path, slo_factor: float, duration: float, log) -> dict[str, Any]:
+    largest = max(net.anchors, key=lambda a: net.latency[a])
+    slo = slo_factor * net.latency[largest]
+    systems: dict[str, tuple[str, dict[str, Any]]] = {"switch": ("snnet", {})}
+    for name, c in net.fixed.items():
+        systems[f"fixed {name}"] = ("snnet", {"cfg_id": c})
+    systems["anchors (3 models)"] = ("anchors", {})
+    for name, spec in net.cascades.items():
+        systems[name] = ("anchors" if name.startswith("anchor") else "snnet",
+                         {"cascade": {"chain": spec["chain"], "thresholds": spec["thresholds"]}})
+    servers = {"snnet": Server(net, "snnet", work), "anchors": Server(net, "anchors", work, net.exported)}
+    rows: dict[tuple[str, float, float], dict[str, Any]] = {}
+    memory: dict[str, float] = {}
+    try:
+        allowance = client_overhead_ms(servers["snnet"].url, net, {"cfg_id": min(net.latency,
+                                                                                 key=net.latency.get)})
+        slo += allowance  # the SLO covers the network's deadline plus what the client and HTTP take idle
+        log(f"  {net.name}: SLO {slo:.1f} ms ({slo_factor}x the largest anchor's {net.latency[largest]:.2f} ms + "
+            f"{allowance:.2f} ms client/HTTP p95 idle); servers up in "
+            f"{servers['snnet'].started_s:.1f} s / {servers['anchors'].started_s:.1f} s")
+        plan = [(MAIN_CV2, load) for load in LOADS] + list(EXTRA_TRACES)
+        for cv2, load in plan:
+            for name, (server, extra) in systems.items():
+                if (cv2, load) in EXTRA_TRACES and name not in ("switch", "anchors (3 models)") and \
+                        not name.startswith("fixed"):
+                    continue
+                seed = int(load * 100 + cv2)
+                row = run_setting(net, servers[server].url, slo, allowance, load, cv2, duration, extra, seed)
+                rows[(name, cv2, load)] = row
+                log(f"    CV2 {cv2:g} load {load:.2f}x {name:28s} effacc {row['effacc']:6.2f} attain "
+                    f"{row['attain']:.3f} top1 {row['top1']:.2f} p99 {row['p99']:.1f} shed {row['shed']}")
+        for key, s in servers.items():
+            memory[key] = s.pss_mb()
+            status, info = get(s.url)
+            memory[f"{key}_model_mb"] = info["model_bytes"] / 2 ** 20
+    finally:
+        for s in servers.values():
+            s.stop()
+    largest_server = Server(net, "largest", work, net.largest_export)
+    try:
+        for i in range(5):
+            post(largest_server.url, json.dumps({"image": net.images[i], "top_k": 1}).encode())
+        memory["largest"] = largest_server.pss_mb()
+        memory["largest_model_mb"] = get(largest_server.url)[1]["model_bytes"] / 2 ** 20
+    finally:
+        largest_server.stop()
+    return {"slo": slo, "rows": rows, "memory": memory, "systems": list(systems),
+            "switch_us": switch_cost_us(net)}
+
+
+def dominated(sw: dict[str, Any], alt: dict[str, Any]) -> bool:
+    return alt["attain"] > sw["attain"] and alt["top1"] > sw["top1"]
+
+
+def report(nets: list[Net], runs: list[dict[str, Any]], header: list[str]) -> tuple[list[str], dict[str, float]]:
+    lines = list(header)
+    margins, dom, within, within_met = [], 0, 0, 0
+    for net, run in zip(nets, runs):
+        rows = run["rows"]
+        lines += ["", f"## {net.name}: SLO {run['slo']:.1f} ms end to end"
+                  f"{'' if net.labels is not None else ' (expected effective accuracy: published top-1 per answer)'}",
+                  "", "| trace | load | system | effective acc | SLO attained | mean top-1 | p50 ms | p99 ms | "
+                  "goodput /s | shed | stitches | within met |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"
+                  "---:|---:|"]
+        for (name, cv2, load), r in sorted(rows.items(), key=lambda kv: (kv[0][1] != MAIN_CV2, kv[0][1],
+                                                                           kv[0][2], run["systems"].index(kv[0][0]))):
+            wm = f"{100 * r['within_met'] / r['within']:.0f}%" if r["within"] else "-"
+            lines.append(f"| CV2 {cv2:g} | {load:.2f}x | {name} | {r['effacc']:.2f} | {100 * r['attain']:.1f}% | "
+                         f"{r['top1']:.2f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['goodput']:.1f} | {r['shed']} | "
+                         f"{r['stitches']} | {wm} |")
+            within += r["within"]
+            within_met += r["within_met"]
+        lines += ["", "| trace | load | switch effective acc | best alternative | its effective acc | margin | "
+                  "dominated by |", "|---|---:|---:|---|---:|---:|---|"]
+        for cv2, load in sorted({(k[1], k[2]) for k in rows}):
+            sw = rows[("switch", cv2, load)]
+            alts = {k[0]: v for k, v in rows.items() if k[1:] == (cv2, load) and k[0] != "switch"}
+            best = max(alts, key=lambda k: alts[k]["effacc"])
+            margin = sw["effacc"] - alts[best]["effacc"]
+            over = [k for k, v in alts.items() if dominated(sw, v)]
+            if cv2 == MAIN_CV2:
+                margins.append(margin)
+                dom += bool(over)
+            lines.append(f"| CV2 {cv2:g} | {load:.2f}x | {sw['effacc']:.2f} | {best} | {alts[best]['effacc']:.2f} | "
+                         f"{margin:+.2f} | {', '.join(over) or '-'} |")
+        m = run["memory"]
+        inter, grouped = run["switch_us"]
+        lines += ["", f"memory (PSS after the load): SN-Net server {m['snnet']:.0f} MiB (weights "
+                  f"{m['snnet_model_mb']:.1f} MiB), anchors server {m['anchors']:.0f} MiB (weights "
+                  f"{m['anchors_model_mb']:.1f} MiB), largest anchor alone {m['largest']:.0f} MiB (weights "
+                  f"{m['largest_model_mb']:.1f} MiB): SN-Net / largest anchor = {m['snnet'] / m['largest']:.2f}x "
+                  f"(weights {m['snnet_model_mb'] / m['largest_model_mb']:.2f}x)",
+                  f"switch cost idle: choosing at dispatch {statistics.fmean(r['choose_us'] for r in rows.values()):.0f}"
+                  f" µs (mean over settings); net(x, cfg_id) at batch 1: {inter:.0f} µs per call with the stitch "
+                  f"changing every call vs {grouped:.0f} µs grouped ({inter - grouped:+.0f} µs per switch)"]
+    result = {"worst_margin_effacc": min(margins), "dominated": dom,
+              "within_met": within_met / within if within else float("nan")}
+    return lines, result
+
+
+def plot(nets: list[Net], runs: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(nets), figsize=(6.5 * len(nets), 4.6))
+    for ax, net, run in zip(np.atleast_1d(axes), nets, runs):
+        for name in run["systems"]:
+            pts = sorted((k[2], v["effacc"]) for k, v in run["rows"].items() if k[0] == name and k[1] == MAIN_CV2)
+            style = {"lw": 2.6, "color": "C3", "zorder": 5} if name == "switch" else {"lw": 1.2, "alpha": 0.85}
+            ax.plot(*zip(*pts), marker="o", ms=4, label="SN-Net switching" if name == "switch" else name, **style)
+        ax.set_xlabel("offered load (x the largest anchor's capacity)")
+        ax.set_ylabel("effective accuracy (%)" + ("" if net.labels is not None else ", expected"))
+        kind = "real digits, per-answer correctness" if net.labels is not None else \
+            "random weights: expected = published top-1 per answer in time"
+        ax.set_title(f"{net.name} (bursty CV²={MAIN_CV2:g}, SLO {run['slo']:.0f} ms)\n{kind}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--requests", type=int, default=400)
-    p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--time-limit", type=float, default=60.0, help="seconds per setting; unsent requests are dropped")
-    p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--max-batch", type=int, default=8)
-    p.add_argument("--max-wait-ms", type=float, default=2.0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads of each replica and of this process")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(ROOT / "results" / "bench_serve.txt"))
+    p.add_argument("--plot", default=str(ROOT / "results" / "serve_effacc.png"))
+    p.add_argument("--slo-factor", type=float, default=3.0)
+    p.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per setting")
+    p.add_argument("--nets", default="digits,deit")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 4 s per setting")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    duration = 4.0 if args.quick else args.duration
     t_start = time.time()
-    work = Path(tempfile.mkdtemp(prefix="serve_load."))
-    ckpt, config = make_checkpoint(work)
-    loaded = load_snnet(ckpt, config)
-    records = read_results(RESULTS)
-    acc = {r["cfg_id"]: r["acc1"] for r in records}
-    anchors = [c for c in range(loaded.net.num_configs) if len(loaded.net.routes[c]) and
-               all(s[0] != "stitch" for s in loaded.net.routes[c])]
-    # memory: one SN-Net vs. every stitch exported (weights files; the same tensors a server would hold)
-    sn_params = sum(t.numel() for t in loaded.net.parameters())
-    sn_bytes = sum(t.numel() * t.element_size() for t in loaded.net.state_dict().values())
-    exported, all_params, all_bytes = {}, 0, 0
-    for c in range(loaded.net.num_configs):
-        spec = export_stitch(loaded, c, work / f"export_{c}", formats=())
-        all_params += spec["params"]
-        all_bytes += (work / f"export_{c}" / WEIGHTS).stat().st_size
-        exported[c] = work / f"export_{c}"
-    anchor_params = sum(loaded.net.params(c) for c in anchors)
-    anchor_bytes = sum((exported[c] / WEIGHTS).stat().st_size for c in anchors)
-    interleaved, grouped = switch_cost_us(loaded.net, list(range(loaded.net.num_configs)))
-    del loaded
+    out: list[str] = []
 
-    common = dict(results=str(RESULTS), max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                  threads=args.threads, latency_repeats=10)
-    t0 = time.time()
-    app.start({"snnet": (ServeSpec(checkpoint=str(ckpt), stitch_config=str(config), **common), "/snnet"),
-               "anchors": (ServeSpec(exported=[str(exported[c]) for c in anchors], **common), "/anchors")},
-              port=args.port)
-    started = time.time() - t0
-    base = f"http://127.0.0.1:{args.port}"
-    try:
-        images = digit_pngs(args.requests)
-        info = {name: get(f"{base}/{name}/")[1] for name in ("snnet", "anchors")}
-        idle = {int(c): t["1"] for c, t in info["snnet"]["latency_ms"].items()}
-        fastest, slowest = min(idle, key=idle.get), max(idle, key=idle.get)
-        # warm-up and calibration under this load: the server time of the fastest and the slowest stitch
-        calib = {}
-        for c in (fastest, slowest):
-            replies = run_load(f"{base}/snnet/", [json.dumps({"image": im, "cfg_id": c}).encode()
-                                                  for im in images[:64]], args.concurrency, 30)
-            calib[c] = statistics.median(r.body["server_ms"] for r in replies[16:] if r.status == 200)
-        run_load(f"{base}/anchors/", [json.dumps({"image": im}).encode() for im in images[:64]], args.concurrency, 30)
-        rng = np.random.default_rng(args.seed)
-        low, high = calib[fastest], 1.5 * calib[slowest]
-        budgets = list(rng.uniform(low, high, args.requests))
-        median = float(np.median(budgets))
-        rows, used = [], {}
-        settings = [("(a) switch per request", "snnet", None), ("(b) fixed stitch", "snnet", "fixed"),
-                    (f"(c) anchors exported ({len(anchors)} models)", "anchors", None)]
-        for name, path, fixed in settings:
-            if fixed:  # the stitch (a) used most: what a deployment that cannot switch would run
-                fixed = max(used, key=used.get)
-                name = f"{name} cfg_id {fixed}"
-            bodies = [json.dumps({"image": im, "budget": {"latency_ms": b}, **({"cfg_id": fixed} if fixed else {})})
-                      .encode() for im, b in zip(images, budgets)]
-            t1 = time.perf_counter()
-            replies = run_load(f"{base}/{path}/", bodies, args.concurrency, args.time_limit)
-            rows.append(summarise(name, replies, budgets, acc, time.perf_counter() - t1))
-            if not used:
-                for r in replies:
-                    if r.status == 200:
-                        used[r.body["cfg_id"]] = used.get(r.body["cfg_id"], 0) + 1
-        info = {name: get(f"{base}/{name}/")[1] for name in ("snnet", "anchors")}
-    finally:
-        app.stop()
-
-    load = os.getloadavg()
-    print(f"$ .venv/bin/python benchmarks/serve_load.py --requests {args.requests} --concurrency {args.concurrency} "
-          f"--time-limit {args.time_limit:g} --max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms:g} "
-          f"--threads {args.threads}   # {time.strftime('%Y-%m-%d', time.gmtime())}, "
-          f"{(time.time() - t_start) / 60:.1f} min")
-    busy = "BUSY with other jobs: latencies are noisy, rerun on an idle machine to quote them" \
-        if load[2] > 1.5 else "idle apart from this run"
-    print(f"machine: {os.cpu_count()} CPU cores, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
-          f"(1/5/15 min) at the end: {busy}")
-    print(f"network: digits demo SN-Net (configs/demo_digits.json, random weights, {IMG}x{IMG}), "
-          f"{len(idle)} stitches; accuracies: {RESULTS.relative_to(ROOT)} (the trained demo's)")
-    print(f"server: Ray Serve {app.ray.__version__}, 1 replica per application, batches of up to {args.max_batch} "
-          f"per stitch, {args.max_wait_ms:g} ms wait, {args.threads} torch thread(s); started in {started:.1f} s "
-          f"(both applications, latency tables included)")
-    print(f"load: {args.requests} requests per setting from {args.concurrency} client threads (closed loop, "
-          f"{args.time_limit:g} s limit); latency budgets uniform in [{low:.2f}, {high:.2f}] ms (median {median:.2f}): "
-          f"the median server time of the fastest stitch (cfg_id {fastest}) .. 1.5x the slowest's (cfg_id {slowest}), "
-          f"each measured under this load ({args.concurrency} threads) before the runs; idle batch-1 latencies "
-          f"{min(idle.values()):.2f} .. {max(idle.values()):.2f} ms")
-    print()
-    print("| setting | answered | p50 ms | p99 ms | server time within budget | end-to-end within budget | "
-          "mean top-1 | stitches used | switch µs | mean batch | req/s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['setting']} | {r['answered']}/{r['sent']} | {r['p50']:.1f} | {r['p99']:.1f} | "
-              f"{r['met_server']:.0%} | {r['met_e2e']:.0%} | {r['top1']:.2f} | {r['stitches']} | "
-              f"{r['switch_us']:.0f} | {r['batch']:.1f} | {r['rps']:.0f} |")
-    print()
-    print(f"switch inside the network (batch 1, {len(idle)} stitches, this process): {interleaved:.0f} µs per call "
-          f"interleaved vs. {grouped:.0f} µs grouped by stitch: {interleaved - grouped:+.0f} µs per switch")
-    print()
-    print("| memory | params | weights |")
-    print("|---|---:|---:|")
-    print(f"| one SN-Net (all {len(idle)} stitches) | {sn_params:,} | {sn_bytes / 1024:.0f} KiB (state dict) |")
-    print(f"| every stitch exported ({len(idle)} models) | {all_params:,} | {all_bytes / 1024:.0f} KiB "
-          f"(safetensors) |")
-    print(f"| the {len(anchors)} anchors exported (setting c) | {anchor_params:,} | {anchor_bytes / 1024:.0f} KiB "
-          f"(safetensors) |")
-    rss = {n: info[n]["max_rss_mb"] for n in info}
-    print(f"replica peak RSS (torch and Ray's runtime included): SN-Net {rss['snnet']:.0f} MiB, anchors "
-          f"{rss['anchors']:.0f} MiB")
-    a, b, c = rows
-    print(f"RESULT switch_p99_ms={a['p99']:.1f} fixed_p99_ms={b['p99']:.1f} anchors_p99_ms={c['p99']:.1f} "
-          f"switch_met={a['met_server']:.2f} fixed_met={b['met_server']:.2f} anchors_met={c['met_server']:.2f} "
-          f"switch_us={a['switch_us']:.0f} memory_ratio={all_bytes / sn_bytes:.2f}")
+    def log(line: str) -> None:
+        print(line, flush=True)
+        out.append(line)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        nets, runs = [], []
+        for name in args.nets.split(","):
+            log(f"building {name} ...")
+            net = digits_net(work, args.quick) if name == "digits" else deit_net(work, args.quick)
+            log(f"  {net.name}: {len(net.acc)} stitches served, batch-1 ms "
+                f"{min(net.latency.values()):.2f} .. {max(net.latency.values()):.2f}; fixed: {net.fixed}; "
+                f"cascades: {net.cascades}")
+            nets.append(net)
+            runs.append(measure(net, work, args.slo_factor, duration, log))
+    load1, load5, load15 = os.getloadavg()
+    cmd = " ".join(["$ .venv/bin/python benchmarks/serve_load.py", *sys.argv[1:]])
+    header = [f"{cmd}   # {time.strftime('%Y-%m-%d')}, {(time.time() - t_start) / 60:.1f} min",
+              f"machine: {os.cpu_count()} CPU cores, load average {load1:.1f} / {load5:.1f} / {load15:.1f} "
+              f"(1/5/15 min) at the end",
+              f"load: open loop, gamma inter-arrival times (CV2 {MAIN_CV2:g} at {', '.join(f'{x:g}' for x in LOADS)}x "
+              f"the largest anchor's batch-1 capacity; CV2 1 and 8 at 1x), {duration:g} s of arrivals per setting; "
+              f"every server: snnet serve --engine local --shed, same scheduler"]
+    lines, result = report(nets, runs, header)
+    plot(nets, runs, Path(args.plot))
+    lines.append("")
+    lines.append("RESULT " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                      for k, v in result.items()))
+    text = "\n".join(lines) + "\n"
+    tmp_out = Path(args.out + ".tmp")
+    tmp_out.write_text(text)
+    tmp_out.replace(args.out)
+    print(text)
 
 
 if __name__ == "__main__":
