@@ -262,7 +262,8 @@ def test_readme_quick_tour_runs(digits_folder, tiny_config, tmp_path):
     assert len(records) == 12 and all("latency_ms_b1" in r for r in records)  # evaluated, then timed
     assert (tmp_path / "output" / "front" / "pareto_flops.png").is_file()
     assert json.loads((tmp_path / "output" / "cfg42" / "model.json").read_text())["cfg_id"] == 5
-    assert (tmp_path / "report.html").stat().st_size > 0
+    assert (tmp_path / "output" / "report.html").stat().st_size > 0
+    assert not (tmp_path / "report.html").exists()  # the tour's outputs go under output/, none beside the sources
 
 
 def test_recorded_latency_matches_its_results_file():

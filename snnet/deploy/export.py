@@ -53,7 +53,7 @@ from snnet.core.checkpoint import (
 from snnet.core.config import AnchorSpec, ConfigError, StitchConfig, load_stitch_config
 from snnet.core.cost import cost_table
 from snnet.core.errors import SNNetError
-from snnet.core.fileio import FolderLock, disk_full_error, is_disk_full, lock_holder
+from snnet.core.fileio import FolderLock, disk_full_error, give_default_mode, is_disk_full, lock_holder
 from snnet.core.layers import stitch_layer_from_spec
 from snnet.core.model import SNNet
 from snnet.core.progress import Progress
@@ -465,6 +465,7 @@ def _publish(tmp: Path, out_dir: Path, files: dict[str, str]) -> None:
         if fmt.filename not in files.values() and (out_dir / fmt.filename).exists():
             (out_dir / fmt.filename).unlink()
     for name in [*files.values(), SPEC]:
+        give_default_mode(tmp / name)  # safetensors' writer leaves 0600 where the other files get the umask's mode
         os.replace(tmp / name, out_dir / name)
 
 
