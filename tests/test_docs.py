@@ -330,7 +330,6 @@ def test_own_data_guide_runs(tmp_path, capsys):
     * snnet export gets --no-onnx (the ONNX check costs seconds; the quick tour's export writes it).
     The section 7 Python block then runs on the export: the class names of the folders come back as labels."""
     import timm
-
     from helpers import FAST, ForkedCli
 
     from snnet.core.checkpoint import json_field, load_checkpoint

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import stat
+
 import tomllib
+from helpers import ROOT
 
 import snnet
-from helpers import ROOT
 
 
 def test_export_files_get_the_umasks_mode(tiny, tmp_path):
