@@ -118,6 +118,7 @@ docs: venv
 # tests/test_docs.py runs --check, so a number that differs from what the results give fails the tests)
 docs-blocks: venv
 	$(BIN)/python tools/docs_blocks.py --write
+	$(BIN)/python tools/config_reference.py --write
 
 clean-venv:
 	rm -rf $(VENV)

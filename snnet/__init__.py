@@ -2,7 +2,7 @@
 
 See snnet/README.md for the architecture and how to add a model family, docs/python_api.md for the Python API
 (`snnet.create_snnet`, `snnet.ls_init_from_images`, `snnet.evaluate`, `snnet.stitch_for`, `snnet.load`,
-`snnet.export`: snnet/api.py).
+`snnet.export`, `snnet.predict`: snnet/api.py).
 """
 from snnet.core.adapter import AnchorAdapter, AnchorError, Unit, register_adapter
 from snnet.core.build import build_snnet, create_anchor, plan_for
@@ -26,12 +26,12 @@ __all__ = [
     "register_stitch_layer", "SNNet", "RoutedNet", "PlainNet",
     "PlanError", "Route", "Stitch", "StitchPlan", "deit_plan", "paired_positions", "stagewise_plan",
     "unpaired_positions",
-    *("create_snnet", "ls_init_from_images", "evaluate", "stitch_for", "load", "export", "data_config"),
+    *("create_snnet", "ls_init_from_images", "evaluate", "stitch_for", "load", "export", "predict", "data_config"),
 ]
 
 #: the Python API (snnet/api.py) imports the train and deploy layers; loaded on first use so that `import snnet`
 #: stays the core alone
-_API = ("create_snnet", "ls_init_from_images", "evaluate", "stitch_for", "load", "export", "data_config")
+_API = ("create_snnet", "ls_init_from_images", "evaluate", "stitch_for", "load", "export", "predict", "data_config")
 
 
 def __getattr__(name: str):

@@ -9,6 +9,7 @@ train.py and the `snnet` command use, so a number from here is the number they g
 `stitch_for`                snnet.results.select.stitch_for (the rule of ``snnet select``)
 `load`                      snnet.deploy.export.load_snnet (an SN-Net from a training checkpoint)
 `export`                    snnet.deploy.export.export_stitch (``snnet export``)
+`predict`                   snnet.deploy.export.labelled (class index, its name, top-k)
 ==========================  ===========================================================================
 
 Switching stitches needs no function: ``net(x, cfg_id)`` runs stitch `cfg_id` on the same weights.
@@ -29,14 +30,16 @@ from snnet.core.cost import cost_table
 from snnet.core.errors import SNNetError
 from snnet.core.ls_init import FitReport, ls_init
 from snnet.core.model import SNNet
+from snnet.data.datasets import class_names_of
 from snnet.data.ls_images import clean_images
 from snnet.data.transforms import eval_transform
-from snnet.deploy.export import export_stitch, load_snnet
-from snnet.results.records import stitch_record, write_results
+from snnet.deploy.export import export_stitch, labelled, load_exported, load_snnet
+from snnet.results.records import stitch_record, write_class_names, write_results
 from snnet.results.select import model_img_size, stitch_for
 from snnet.train.engine import evaluate_stitches
 
-__all__ = ["create_snnet", "ls_init_from_images", "evaluate", "stitch_for", "load", "export", "data_config"]
+__all__ = ["create_snnet", "ls_init_from_images", "evaluate", "stitch_for", "load", "export", "predict",
+           "data_config"]
 
 
 class ApiError(SNNetError):
@@ -119,7 +122,8 @@ def evaluate(net: SNNet, data: str | os.PathLike | torch.utils.data.Dataset, cfg
     """Every stitch of `net` (or `cfg_ids`) on `data` in one pass: the records train.py writes (cfg_id, flops,
     params, acc1, acc5, loss, route, samples, img_size), in cfg_id order. `data`: an image folder (read with
     `data_config`) or a dataset of (image tensor, label). With `out`, the records are also written to that file
-    (stitches_res.txt: atomically; `snnet pareto` and `snnet select` read it)."""
+    (stitches_res.txt: atomically; `snnet pareto` and `snnet select` read it), and the folder's class names beside
+    it (stitches_res.classes.json)."""
     device = torch.device(device)
     dataset = _dataset(data, net)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
@@ -131,13 +135,15 @@ def evaluate(net: SNNet, data: str | os.PathLike | torch.utils.data.Dataset, cfg
     records = [stitch_record(net, c, m, table.route_flops(net.routes[c]), size) for c, m in metrics.items()]
     if out is not None:
         write_results(out, records)
+        write_class_names(out, class_names_of(dataset))
     return records
 
 
 def load(checkpoint: str | os.PathLike, stitch_config: str | os.PathLike | None = None,
          img_size: int | None = None, num_classes: int | None = None) -> SNNet:
     """The SN-Net of a training checkpoint (train.py's ``last.pth.tar``), in eval mode: built from `stitch_config`
-    (default: the config the checkpoint recorded), weights loaded strictly; image size and classes as trained."""
+    (default: the config the checkpoint recorded), weights loaded strictly; image size and classes as trained, and
+    ``net.class_names`` the training data's class names (None where the data named none)."""
     return load_snnet(checkpoint, stitch_config, img_size, num_classes).net
 
 
@@ -148,3 +154,23 @@ def export(checkpoint: str | os.PathLike, cfg_id: int, out: str | os.PathLike,
     model.safetensors, model.json and `formats`, each checked against the SN-Net's logits before anything is moved
     into `out`). Returns model.json's content; ``snnet.deploy.export.load_exported(out)`` loads it."""
     return export_stitch(load_snnet(checkpoint, stitch_config, img_size), cfg_id, out, formats)
+
+
+def predict(net: torch.nn.Module | str | os.PathLike, images: torch.Tensor, cfg_id: int | None = None,
+            top_k: int = 5) -> list[dict[str, Any]]:
+    """What `net` predicts for each image of `images` (N, C, H, W, preprocessed as `data_config` says): one dict per
+    image, ``{"class": index, "label": its name, "top_k": [[index, probability], ...], "top_k_labels": [...]}``
+    (``label`` None where the training data named no classes). `net`: an SN-Net (`load`; then `cfg_id` picks the
+    stitch), an exported stitch, or an export folder (``snnet export``'s)."""
+    if isinstance(net, (str, os.PathLike)):
+        net = load_exported(net)
+    if isinstance(net, SNNet):
+        if cfg_id is None:
+            raise ApiError(f"predict needs a cfg_id for an SN-Net of {net.num_configs} stitches; pick one with "
+                           f"snnet.stitch_for(net, records, ...) or pass an export folder")
+        run = lambda x: net(x, net.check_cfg_id(cfg_id))  # noqa: E731
+    else:
+        run = net
+    with torch.no_grad():
+        logits = run(images)
+    return labelled(logits, getattr(net, "class_names", None), top_k)

@@ -201,7 +201,8 @@ def test_every_shell_example_runs_or_says_why():
 
 def test_every_page_with_python_marks_it_runnable_or_says_why():
     """Every Python block of the README and the docs is marked runnable (so it runs above), but the listed ones."""
-    not_runnable = {"stitch_anything.md": 1}  # a signature sketch of compatibility_maps, not a program
+    not_runnable = {"stitch_anything.md": 1,  # a signature sketch of compatibility_maps, not a program
+                    "own_data.md": 1}  # runs in test_own_data_guide_runs, on the export that guide's commands make
     for page in PAGES:
         text = page.read_text()
         blocks = len(re.findall(r"^```python\n", text, re.M))
@@ -261,7 +262,8 @@ def test_readme_quick_tour_runs(digits_folder, tiny_config, tmp_path):
     assert len(records) == 12 and all("latency_ms_b1" in r for r in records)  # evaluated, then timed
     assert (tmp_path / "output" / "front" / "pareto_flops.png").is_file()
     assert json.loads((tmp_path / "output" / "cfg42" / "model.json").read_text())["cfg_id"] == 5
-    assert (tmp_path / "report.html").stat().st_size > 0
+    assert (tmp_path / "output" / "report.html").stat().st_size > 0
+    assert not (tmp_path / "report.html").exists()  # the tour's outputs go under output/, none beside the sources
 
 
 def test_recorded_latency_matches_its_results_file():
@@ -281,3 +283,109 @@ def test_recorded_latency_matches_its_results_file():
         assert (route, b1, b32) == (rec["route"], f"{rec['latency_ms_b1']:.3f}", f"{rec['latency_ms_b32']:.3f}")
         assert {k: v for k, v in rec.items() if not k.startswith("latency_")} == demo[int(c)]
     assert f"updated {len(rows)} records of output/deploy/stitches_res.txt" in table
+
+
+GUIDE_MARK = "<!-- example runs in: tests/test_docs.py::test_own_data_guide_runs -->"
+PETS = ["cat", "dog", "fox"]
+
+
+def guide_blocks(page: str = "own_data.md") -> dict[str, list[str]]:
+    """docs/own_data.md's commands (the bash blocks marked as run by test_own_data_guide_runs, comments removed, in
+    order), its stitch config (the json block) and its Python block."""
+    text = (ROOT / "docs" / page).read_text()
+    commands = []
+    for m in re.finditer(re.escape(GUIDE_MARK) + r"\n```bash\n(?P<body>.*?)^```\n", text, re.M | re.S):
+        commands += [re.sub(r"\s+#.*$", "", ln).strip() for ln in m["body"].splitlines() if ln.strip()]
+    config = re.search(r"^```json\n(?P<body>.*?)^```\n", text, re.M | re.S)
+    python = re.search(r"^```python\n(?P<body>.*?)^```\n", text, re.M | re.S)
+    assert config is not None and python is not None
+    return {"commands": commands, "config": [config["body"]], "python": [python["body"]]}
+
+
+def _pets(root: Path) -> None:
+    """3 classes of 16x16 PNGs (a colour per class, noise on top): 12 training and 4 validation images each."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(PETS):
+        for split, n in (("train", 12), ("val", 4)):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for k in range(n):
+                px = np.clip(rng.normal(60 + 70 * c, 30, (16, 16, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(px).save(folder / f"{k}.png")
+
+
+@pytest.mark.slow  # ~15-25 s: an SN-Net trained for an epoch, evaluated twice, its front, one export
+def test_own_data_guide_runs(tmp_path, capsys):
+    """docs/own_data.md, command by command, on a generated dataset. What the test substitutes, and only that:
+
+    * the data, data/pets -> 3 generated classes (cat, dog, fox) of 16x16 PNGs, 12 training and 4 validation each;
+    * the stitch config: the guide's JSON is parsed by the config parser (so every field it shows is valid) and its
+      anchors must be timm models; it is then written with the anchors two tiny DeiTs (widths 8 and 16; DeiT-Ti/S
+      take minutes per step on a CPU) and the rest as the guide has it;
+    * train.py gets helpers.FAST (--no-pretrained: nothing can be downloaded here; 16 px, batch 16, one seed),
+      --epochs 1 and --stitch-init-bs 16 (36 training images); the launcher ./distributed_train.sh N -> train.py's
+      entry point in one process (torchrun is tested in test_train/test_ddp);
+    * snnet export gets --no-onnx (the ONNX check costs seconds; the quick tour's export writes it).
+    The section 7 Python block then runs on the export: the class names of the folders come back as labels."""
+    import timm
+    from helpers import FAST, ForkedCli
+
+    from snnet.core.checkpoint import json_field, load_checkpoint
+    from snnet.core.config import parse_stitch_config
+    guide = guide_blocks()
+    commands = guide["commands"]
+    assert [c.split()[:2] for c in commands] == [["snnet", "shards"], *[["./distributed_train.sh"] * 1 + [n] for n in
+                                                                       ("2", "2", "1")],
+                                                 ["snnet", "pareto"], ["snnet", "select"], ["snnet", "export"]]
+    raw = json.loads(guide["config"][0])
+    parse_stitch_config(raw, "docs/own_data.md's stitch config")
+    assert all(timm.is_model(a) for a in raw["anchors"]), raw["anchors"]
+    from helpers import TINY
+    (tmp_path / "pets_stitch.json").write_text(json.dumps({**raw, "anchors": TINY}))
+    _pets(tmp_path / "data" / "pets")
+    cli = ForkedCli(tmp_path)
+    try:
+        for command in commands:
+            argv = command.split()
+            if argv[0] == "./distributed_train.sh":
+                entry, argv = "train", [*argv[2:], *FAST, "--epochs", "1", "--stitch-init-bs", "16"]
+            else:
+                entry, argv = "snnet", argv[1:] + (["--no-onnx"] if argv[1] == "export" else [])
+            code, out, err = cli.call(entry, argv, cwd=tmp_path)
+            assert code == 0, f"{command}\n{out}\n{err}"
+            if "--dry-run" in argv:
+                assert not (tmp_path / "output" / "train" / "pets").exists(), "the dry run trained"
+    finally:
+        cli.close()
+    run = tmp_path / "output" / "train" / "pets"
+    assert json_field(load_checkpoint(run / "last.pth.tar"), "args")["class_names"] == PETS
+    assert json.loads((run / "stitches_res.classes.json").read_text())["class_names"] == PETS
+    assert (tmp_path / "output" / "train" / "pets_eval" / "stitches_res.txt").is_file()
+    assert (tmp_path / "output" / "pets_front" / "pareto_flops.png").is_file()
+    assert json.loads((tmp_path / "output" / "pets_cfg3" / "model.json").read_text())["class_names"] == PETS
+    assert (tmp_path / "data" / "pets_shards" / "pets" / "_info.json").is_file()
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        namespace: dict = {"__name__": "example_own_data"}
+        capsys.readouterr()
+        exec(compile(guide["python"][0], "own_data.md python block", "exec"), namespace)
+    finally:
+        os.chdir(cwd)
+    answer = namespace["answer"]
+    assert answer["label"] == PETS[answer["class"]] and capsys.readouterr().out.startswith(f"{answer['class']} ")
+
+
+def test_the_stitch_config_reference_is_current(monkeypatch):
+    """docs/stitch_config.md is generated from snnet/core/config.py's field table: a field added, removed or
+    reworded there without `python tools/config_reference.py --write` fails here."""
+    import config_reference
+
+    from snnet.core.config import ANCHOR_FIELDS, FIELDS, Field
+    assert config_reference.main(["--check"]) == 0
+    page = (ROOT / "docs" / "stitch_config.md").read_text()
+    assert all(f"| `{name}` |" in page for name in [*FIELDS, *ANCHOR_FIELDS])
+    monkeypatch.setattr(config_reference, "FIELDS", {**FIELDS, "new_field": Field((int,), 1, "a new field")})
+    assert config_reference.main(["--check"]) == 1  # the parser learnt a field the page does not show

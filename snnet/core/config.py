@@ -83,6 +83,15 @@ FIELDS: dict[str, Field] = {
 #: field -> the train.py argparse dest it sets the default of
 ARG_DESTS: dict[str, str] = {name: f.dest for name, f in FIELDS.items() if f.dest}
 ANCHOR_FIELDS = {"name": str, "checkpoint": str, "model_kwargs": dict, "label": str}
+#: what each anchor field means (docs/stitch_config.md is generated from this and `FIELDS`)
+ANCHOR_MEANINGS = {
+    "name": "timm model name (timm.list_models); a plain string anchor is this alone",
+    "checkpoint": "a weights file of this model (a train.py checkpoint, a timm/torch state dict) loaded instead of "
+                  "timm's pretrained weights",
+    "model_kwargs": "extra timm.create_model arguments, e.g. {\"embed_dim\": 96, \"depth\": 6} (train.py's "
+                    "--model-kwargs apply to every anchor over these)",
+    "label": "the anchor's name in routes, results, tables and plots (default: the timm name)",
+}
 #: an anchor's label is a route name: what `snnet.results.pareto.parse_route` reads as one, without the '#' of the
 #: labels made for repeated timm names
 _LABEL = re.compile(r"[A-Za-z0-9_.+-]+")

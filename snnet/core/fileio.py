@@ -63,6 +63,12 @@ def _umask() -> int:
     return mask
 
 
+def give_default_mode(path: str | os.PathLike) -> None:
+    """Give a file written under a temporary name (mkstemp's, a library's 0600) the mode open() would have given it
+    (0666 less the umask), before it is renamed into place beside files written the ordinary way."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, need: int | None = None) -> Iterator[str]:
     """Yield a temporary path in the target's folder; on success it is fsynced and renamed onto `path`. A full disk
@@ -87,7 +93,7 @@ def atomic_path(path: str | os.PathLike, need: int | None = None) -> Iterator[st
                 written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
                 raise disk_full_error(path.parent, repr(path.name), written, need) from None
             raise
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the mode open() would give it
+        give_default_mode(tmp)  # mkstemp makes 0600; the file gets the mode open() would give it
         os.replace(tmp, path)
         dir_fd = os.open(str(path.parent), os.O_RDONLY)
         try:

@@ -41,6 +41,7 @@ class RoutedNet(nn.Module):
     _unit_params: list[list[int]] | None = None  # cached by unit_params()
     grad_checkpointing: bool = False             # set_grad_checkpointing(): recompute blocks in the backward pass
     input_groups: list[int] | None = None        # anchor -> index of its tensor in a sequence input (None: all 0)
+    class_names: list[str] | None = None         # the training data's name of each class (snnet.load sets it)
 
     def anchor(self, index: int) -> nn.Module:
         raise NotImplementedError

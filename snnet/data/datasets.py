@@ -114,12 +114,33 @@ def data_source(dataset) -> str:
     return f"folder:{_shown_path(root)}" if root else type(dataset).__name__
 
 
+def _class_to_idx(dataset) -> dict | None:
+    """The dataset's class name -> index map: a shard split's (_info.json's ``classes``), else its timm reader's
+    (an ImageFolder's sorted folder names, a Hugging Face dataset's ClassLabel names, or --class-map's)."""
+    mapping = getattr(dataset, "class_to_idx", None)
+    if not mapping:
+        mapping = getattr(getattr(dataset, "reader", None), "class_to_idx", None)
+    return dict(mapping) if mapping else None
+
+
 def num_classes_of(dataset) -> int | None:
     if getattr(dataset, "num_classes", None):  # shards: _info.json's count
         return int(dataset.num_classes)
-    reader = getattr(dataset, "reader", None)
-    mapping = getattr(reader, "class_to_idx", None)
+    mapping = _class_to_idx(dataset)
     return len(mapping) if mapping else None
+
+
+def class_names_of(dataset) -> list[str] | None:
+    """The name of every class index of `dataset`, in index order (index i is ``names[i]``): an ImageFolder's
+    folder names (timm sorts them), a Hugging Face dataset's ClassLabel names, a shard folder's _info.json
+    ``classes``. None when the data names no classes, or its indices are not 0..N-1 (a --class-map with gaps)."""
+    mapping = _class_to_idx(dataset)
+    if not mapping:
+        return None
+    by_index = {int(i): str(name) for name, i in mapping.items()}
+    if sorted(by_index) != list(range(len(mapping))):
+        return None
+    return [by_index[i] for i in range(len(mapping))]
 
 
 def _indexable(dataset):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import re
 import threading
 from collections.abc import Sequence
@@ -23,6 +24,27 @@ _logger = logging.getLogger(__name__)
 
 
 _SKIP = threading.local()
+
+#: timm's -j/--workers default, used where the machine has that many cores
+TIMM_WORKERS = 4
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask: a container's or Slurm's share), else os.cpu_count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_workers() -> tuple[int, str | None]:
+    """-j/--workers when not given: timm's 4, at most the usable cores (more only oversubscribe them, and torch warns
+    once per loader), and the one line saying what was chosen when that is fewer than timm's."""
+    cores = usable_cores()
+    if cores >= TIMM_WORKERS:
+        return TIMM_WORKERS, None
+    return cores, (f"data loader: {cores} worker process(es) per training process, not timm's {TIMM_WORKERS}: this "
+                   f"machine has {cores} usable core(s); -j N sets the number")
 
 
 _TIMM_SKIP = re.compile(r"^Skipped sample \(index \d+\)\. (.*)$", re.S)

@@ -53,7 +53,7 @@ from snnet.core.checkpoint import (
 from snnet.core.config import AnchorSpec, ConfigError, StitchConfig, load_stitch_config
 from snnet.core.cost import cost_table
 from snnet.core.errors import SNNetError
-from snnet.core.fileio import FolderLock, disk_full_error, is_disk_full, lock_holder
+from snnet.core.fileio import FolderLock, disk_full_error, give_default_mode, is_disk_full, lock_holder
 from snnet.core.layers import stitch_layer_from_spec
 from snnet.core.model import SNNet
 from snnet.core.progress import Progress
@@ -84,6 +84,7 @@ class Loaded:
     create_kwargs: dict[str, Any] = field(default_factory=dict)  # timm kwargs given to every anchor
     data_config: dict[str, Any] = field(default_factory=dict)
     epoch: Any = None
+    class_names: list[str] | None = None  # the training data's name of each class index, where it named them
 
 
 def _config_from_checkpoint(state: dict, checkpoint: str) -> StitchConfig:
@@ -153,8 +154,32 @@ def load_snnet(checkpoint: str | os.PathLike, stitch_config: str | os.PathLike |
     if img_size or not (args.get("img_size") or args.get("input_size")):  # the size built, not timm's default
         data_config["input_size"] = [in_chans, *size]
     create_kwargs = {k: v for k, v in {**kwargs, "num_classes": classes}.items() if v is not None}
+    names = recorded_class_names(args, classes)
+    net.class_names = names  # snnet.load's SN-Net names its classes too
     return Loaded(net, cfg.anchors, checkpoint, str(stitch_config) if stitch_config else None, size, in_chans, classes,
-                  create_kwargs, data_config, state.get("epoch"))
+                  create_kwargs, data_config, state.get("epoch"), names)
+
+
+def recorded_class_names(args: dict, num_classes: int | None) -> list[str] | None:
+    """The class names train.py recorded from the training data (folder names, ClassLabel names, _info.json's
+    classes), when they fit the network's classifier (not when --num-classes overrode the head); else None."""
+    names = args.get("class_names")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return None
+    return names if num_classes is None or len(names) == num_classes else None
+
+
+def labelled(logits: torch.Tensor, class_names: Sequence[str] | None = None, top_k: int = 5) -> list[dict[str, Any]]:
+    """Per image of `logits` (N, classes): the predicted class index, its name (``label``: None where the data named
+    no classes) and the top-k as [index, probability] pairs with their names (``top_k_labels``)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    top = torch.topk(probs, min(int(top_k), probs.shape[-1]), dim=-1)
+    name = (lambda i: class_names[i] if class_names is not None and i < len(class_names) else None)
+    out = []
+    for p, idx in zip(top.values.tolist(), top.indices.tolist()):
+        out.append({"class": idx[0], "label": name(idx[0]), "top_k": [[i, round(q, 6)] for i, q in zip(idx, p)],
+                    "top_k_labels": [name(i) for i in idx]})
+    return out
 
 
 def _data_config(args: dict, net: SNNet) -> dict[str, Any]:
@@ -222,6 +247,7 @@ class StitchedNetwork(nn.Module):
         self.stitch_layers = nn.ModuleDict(stitch_layers)
         self.units = units  # plain data: units own no modules, they call the anchor's
         self.steps = tuple(as_step(s) for s in steps)
+        self.class_names: list[str] | None = None  # load_exported sets model.json's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for step in self.steps:
@@ -271,7 +297,8 @@ def _spec(loaded: Loaded, cfg_id: int, module: StitchedNetwork, keep: dict[int, 
                 "units": [u.name for u in net.units[a]]} for a, names in keep.items()]
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "cfg_id": cfg_id, "route": net.describe(cfg_id),
-        "params": count_params(module), "num_classes": loaded.num_classes, "img_size": list(loaded.img_size),
+        "params": count_params(module), "num_classes": loaded.num_classes, "class_names": loaded.class_names,
+        "img_size": list(loaded.img_size),
         "in_chans": loaded.in_chans, "create_kwargs": loaded.create_kwargs, "anchors": anchors,
         "stitch_layers": {k: v.spec() for k, v in module.stitch_layers.items()},
         "steps": [list(s) for s in module.steps], "data_config": loaded.data_config,
@@ -281,7 +308,8 @@ def _spec(loaded: Loaded, cfg_id: int, module: StitchedNetwork, keep: dict[int, 
 
 
 def load_exported(path: str | os.PathLike) -> StitchedNetwork:
-    """Rebuild an exported stitch from its folder (model.json + model.safetensors); returns it in eval mode."""
+    """Rebuild an exported stitch from its folder (model.json + model.safetensors); returns it in eval mode, its
+    ``class_names`` attribute the training data's class names (model.json's; None where the data named none)."""
     folder = Path(path)
     spec_file, weights = folder / SPEC, folder / WEIGHTS
     if not spec_file.is_file() or not weights.is_file():
@@ -305,6 +333,8 @@ def load_exported(path: str | os.PathLike) -> StitchedNetwork:
         anchors[a["index"]] = prune_anchor(model, a["keep"])
     layers = {k: stitch_layer_from_spec(v) for k, v in spec["stitch_layers"].items()}
     net = StitchedNetwork(anchors, units, layers, spec["steps"])
+    names = spec.get("class_names")
+    net.class_names = names if isinstance(names, list) else None
     try:
         safetensors.torch.load_model(net, str(weights), strict=True)
     except Exception as e:  # missing/unexpected keys or shapes: the files do not belong together
@@ -435,6 +465,7 @@ def _publish(tmp: Path, out_dir: Path, files: dict[str, str]) -> None:
         if fmt.filename not in files.values() and (out_dir / fmt.filename).exists():
             (out_dir / fmt.filename).unlink()
     for name in [*files.values(), SPEC]:
+        give_default_mode(tmp / name)  # safetensors' writer leaves 0600 where the other files get the umask's mode
         os.replace(tmp / name, out_dir / name)
 
 

@@ -217,6 +217,34 @@ def write_results(path: str | os.PathLike, records: Iterable[dict[str, Any]]) ->
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
+def classes_path(results: str | os.PathLike) -> Path:
+    """The class names of a results file's evaluation set, beside it: stitches_res.txt -> stitches_res.classes.json
+    (``{"class_names": [name of class 0, name of class 1, ...]}``)."""
+    path = results_path(results)
+    return path.with_name(path.stem + ".classes.json")
+
+
+def write_class_names(results: str | os.PathLike, names: Sequence[str] | None) -> None:
+    """Write the class-names sidecar of `results` (atomically); nothing when the data names no classes."""
+    if names:
+        write_text_atomic(classes_path(results), json.dumps({"class_names": [str(n) for n in names]}) + "\n")
+
+
+def read_class_names(results: str | os.PathLike) -> list[str] | None:
+    """The class names beside a results file, or None where none were written (data without names, older runs)."""
+    path = classes_path(results)
+    if not path.is_file():
+        return None
+    try:
+        names = json.loads(path.read_text()).get("class_names")
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        raise ResultsError(f"{str(path)!r} is not a class-names file ({{\"class_names\": [...]}}); delete it or "
+                           f"evaluate again") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ResultsError(f"{str(path)!r}: class_names is not a list of strings; delete it or evaluate again")
+    return names
+
+
 def update_results(path: str | os.PathLike, update: Callable[[dict[str, Any]], bool]) -> int:
     """Apply `update` to every record of a file (in place; True = changed) and rewrite it atomically.
 

@@ -8,6 +8,7 @@ config over it), and the command line is parsed last. File values pass the same 
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import re
@@ -352,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --amp, compute the loss and the distillation teacher outside autocast, in fp32 "
                         "(SN-Net's Swin recipe); by default autocast covers forward and loss (DeiT, LeViT, CNN)")
     g.add_argument("-j", "--workers", type=_int, default=4,
-                   help="how many data loading worker processes to use, per training process")
+                   help="how many data loading worker processes to use, per training process (default: timm's 4, "
+                        "at most the usable cores)")
     g.add_argument("--pin-mem", action="store_true",
                    help="Pin CPU memory in DataLoader for more efficient (sometimes) transfer to GPU.")
     g.add_argument("--no-prefetcher", action="store_true", help="disable fast prefetcher")
@@ -415,8 +417,28 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, S
     args.data_dir = args.data_dir or args.data
     if not args.data_dir:
         raise UsageError("no dataset: give the dataset folder as the first argument (e.g. train.py /data/imagenet)")
+    _fit_short_run(args, argv)
     _check_values(args)
     return args, stitch_cfg
+
+
+def _fit_short_run(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    """Defaults that would misfit this run, fitted with one line each (issue 41): a warm-up not shorter than the run
+    (`snnet.train.optim.fit_warmup`), more loader workers than cores (`snnet.data.loaders.default_workers`)."""
+    # imported here: parsing alone (snnet --help) imports neither timm nor torch
+    from snnet.data.loaders import TIMM_WORKERS, default_workers
+    from snnet.train.optim import fit_warmup
+    notes = []
+    typed = any(a == "--warmup-epochs" or a.startswith("--warmup-epochs=") for a in argv)
+    args.warmup_epochs, note = fit_warmup(args.warmup_epochs, args.epochs, typed)
+    notes.append(note)
+    typed = any(re.match(r"(-j\d*|--workers(=.*)?)$", a) for a in argv)
+    if not typed and args.workers == TIMM_WORKERS:  # timm's default (a config's other number is its choice)
+        args.workers, note = default_workers()
+        notes.append(note)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for note in filter(None, notes):
+            logging.getLogger("snnet").info(note)
 
 
 #: SN-Net's untagged teacher name meant DeiT's RegNetY-16GF (timm's default tag for it is now another checkpoint)

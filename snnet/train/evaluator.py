@@ -16,7 +16,7 @@ from snnet.core.distributed import world
 from snnet.core.errors import UsageError
 from snnet.core.model import RoutedNet
 from snnet.data.checks import DataError
-from snnet.data.datasets import data_source
+from snnet.data.datasets import class_names_of, data_source
 from snnet.data.loaders import create_eval_loader
 from snnet.data.options import LoaderOptions
 from snnet.results.predictions import (
@@ -28,7 +28,14 @@ from snnet.results.predictions import (
     write_predictions,
 )
 from snnet.results.quality import front_quality
-from snnet.results.records import RESULTS_FILE, ResultsError, ResultsFile, stitch_record, text_sha256
+from snnet.results.records import (
+    RESULTS_FILE,
+    ResultsError,
+    ResultsFile,
+    stitch_record,
+    text_sha256,
+    write_class_names,
+)
 from snnet.train.device import unwrap
 from snnet.train.engine import PerImage, default_val_panel, evaluate_stitches
 from snnet.train.options import EvalOptions
@@ -129,6 +136,7 @@ def evaluate_all(net: nn.Module, val_ds: Any, ev: Evaluation, ckpt_hash: str,
                      f"loss {m['loss']:.4f} flops {record['flops'] / 1e9:.3f}G params {record['params'] / 1e6:.3f}M")
     if rank == 0:
         results.extend(records)
+        write_class_names(results.path, class_names_of(val_ds))  # stitches_res.classes.json: what index i names
         _logger.info(f"results: {results.path}")
         if per_image is not None:
             _write_predictions(results, per_image)

@@ -35,7 +35,7 @@ from snnet.core.fileio import FolderLock, disk_full_error, is_disk_full, write_t
 from snnet.core.model import RoutedNet
 from snnet.core.progress import RunClock
 from snnet.core.steps import UnitStep
-from snnet.data.datasets import create_datasets, data_source, num_classes_of
+from snnet.data.datasets import class_names_of, create_datasets, data_source, num_classes_of
 from snnet.data.loaders import create_eval_loader, create_train_loader
 from snnet.data.options import DataOptions, LoaderOptions
 from snnet.results.records import EMA_RESULTS_FILE, RESULTS_FILE, ResultsFile, file_sha256, text_sha256
@@ -168,7 +168,8 @@ def _resolve(args: argparse.Namespace, stitch_cfg: StitchConfig | None, dataset)
     """What the run derives from its inputs, resolved once and frozen with them: the number of classes (the data
     folder's, else the config's), the checkpoint to continue from (--auto-resume, always on in a torchrun restart
     and in a requeued Slurm job: the run folder's newest checkpoint, the recovery file when there is one), and
-    --dist-bn (off where SyncBatchNorm already synchronises, as timm does)."""
+    --dist-bn (off where SyncBatchNorm already synchronises, as timm does), and the data's class names (recorded in
+    the checkpoint's arguments, so an export and `snnet serve` name what they predict)."""
     num_classes = args.num_classes
     if num_classes is None:
         num_classes = num_classes_of(dataset) or (stitch_cfg.get("num_classes") if stitch_cfg else None)
@@ -180,7 +181,8 @@ def _resolve(args: argparse.Namespace, stitch_cfg: StitchConfig | None, dataset)
             resume = str(found[0])
             _logger.info(f"auto-resume: continuing from {resume}")
     synced = args.sync_bn and args.distributed and not args.eval
-    return freeze(args, num_classes=num_classes, resume=resume, dist_bn="" if synced else args.dist_bn)
+    return freeze(args, num_classes=num_classes, resume=resume, dist_bn="" if synced else args.dist_bn,
+                  class_names=class_names_of(dataset))
 
 
 def ls_initialise(net: RoutedNet, run: Run, images_from) -> None:
