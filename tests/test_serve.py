@@ -260,6 +260,20 @@ def test_arrivals_are_poisson_or_bursty_at_the_rate_asked():
     check_loopback("http://127.0.0.1:8000/")
 
 
+def test_answers_name_the_class(core):
+    status, a = handle(core, {"image": png(), "top_k": 3})
+    assert status == 200 and a["label"] is None and a["top_k_labels"] == [None] * 3  # the data named no classes
+    names = [f"class_{i}" for i in range(core.served.num_classes)]
+    core.served.class_names = names
+    try:
+        status, a = handle(core, {"image": png(), "top_k": 3})
+        assert status == 200 and a["label"] == names[a["class"]]
+        assert a["top_k_labels"] == [names[i] for i, _ in a["top_k"]]
+        assert core.info()["class_names"] == names
+    finally:
+        core.served.class_names = None
+
+
 def test_a_cascade_escalates_unsure_answers_only(core, tiny):
     idle(core)
     ids = core.menu.cfg_ids

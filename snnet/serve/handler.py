@@ -5,16 +5,19 @@ A request is one JSON object (POST, any path but the info paths):
     {"image": "<base64 of a PNG/JPEG/... file>",
      "budget": {"latency_ms": 5.0, "flops": 2.5e6},    # optional; either or both
      "cfg_id": 3,                                      # optional: this stitch, no choice (a fixed deployment)
+     "cascade": {"chain": [0, 2], "thresholds": [0.9]},  # optional: escalate an unsure answer (not with cfg_id)
      "top_k": 5}                                       # optional, default 5
 
-and is answered with the class, the top-k probabilities, the stitch that ran (cfg_id, route), the predicted and the
-measured server time, whether the budget was predicted to hold, the selection's cost (switch_us), the batch size
-and the queue depth it found. GET / (or /info) describes the stitches; GET /health answers {"ok": true}.
+and is answered with the class and its name (`label`, from the training data), the top-k probabilities, the stitch
+that ran (cfg_id, route), the server time predicted at dispatch and the measured one, whether the budget was
+predicted to hold, the time the dispatch took to choose (switch_us), the batch size, the queue depth it found and
+where its time went (timing_ms). GET / (or /info) describes the stitches; GET /health answers {"ok": true}.
 
 A bad request is answered with a 4xx status and {"error": "<one line naming the value and the fix>"}: 400 bad JSON,
 image, budget or field; 404 unknown path; 405 other methods; 413 a body over the limit; 422 a budget no stitch
-meets even on an idle server (the closest stitch named). Nothing a client sends stops the server: any other
-failure is a 500 for that request only.
+meets even on an idle server (the closest stitch named). A server started with `shed` answers 503 at once to a
+request whose latency budget cannot be met under the current load. Nothing a client sends stops the server: any
+other failure is a 500 for that request only.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from PIL import Image
 
 from snnet.core.errors import SNNetError
 from snnet.data.transforms import eval_transform
-from snnet.deploy.export import SPEC, load_exported, load_snnet
+from snnet.deploy.export import SPEC, labelled, load_exported, load_snnet
 from snnet.deploy.latency import measure_latency
 from snnet.results.records import check_routes, read_results
 from snnet.results.select import BudgetError, route_costs
@@ -97,6 +100,7 @@ class Served:
     in_chans: int
     num_classes: int
     data_config: dict[str, Any]
+    class_names: list[str] | None = None  # the training data's, by class index (None: the data named none)
 
 
 def load_served(spec: ServeSpec) -> Served:
@@ -125,7 +129,7 @@ def load_served(spec: ServeSpec) -> Served:
         chosen = [{**by_id[c], **costs[c], "cfg_id": c} for c in sorted(nets)]
         size = (int(meta["img_size"][0]), int(meta["img_size"][1]))
         return Served(ExportedSet(nets).eval(), chosen, size, int(meta["in_chans"]), int(meta["num_classes"]),
-                      dict(meta["data_config"]))
+                      dict(meta["data_config"]), meta.get("class_names"))
     if not spec.checkpoint:
         raise SNNetError("pass the SN-Net checkpoint to serve (snnet serve CKPT ...) or export folders")
     loaded = load_snnet(spec.checkpoint, spec.stitch_config, spec.img_size, spec.num_classes)
@@ -133,7 +137,7 @@ def load_served(spec: ServeSpec) -> Served:
     _, costs = route_costs(loaded.net, loaded.img_size)
     chosen = [{**r, **costs[r["cfg_id"]]} for r in records]  # FLOPs at the served size replace the recorded ones
     return Served(loaded.net, chosen, loaded.img_size, loaded.in_chans, int(loaded.num_classes or 0),
-                  dict(loaded.data_config))
+                  dict(loaded.data_config), loaded.class_names)
 
 
 def latency_table(served: Served, spec: ServeSpec) -> dict[int, dict[int, float]]:
@@ -245,15 +249,14 @@ class ServeCore:
                 break  # an escalation too late to run: the last stage's answer stands
             ran.append(done.cfg_id)
             t_after = time.perf_counter()
-            probs = torch.softmax(done.logits.float(), dim=-1)
-            if stage + 1 < len(stages) and float(probs.max()) < thresholds[stage]:
+            if stage + 1 < len(stages) and float(torch.softmax(done.logits.float(), -1).max()) < thresholds[stage]:
                 # unsure: escalate to the next stage if it can still answer in time (else this answer stands)
                 nxt = stages[stage + 1][0]
                 if deadline == NO_DEADLINE or t_after + self.scheduler.batch_ms(nxt, 1) / 1e3 <= deadline:
                     continue
             break
         assert done is not None
-        top = torch.topk(probs, min(req.get("top_k", 5), probs.numel()))
+        named = labelled(done.logits[None], self.served.class_names, req.get("top_k", 5))[0]
         server_ms = (time.perf_counter() - t0) * 1e3
         self.scheduler.observe_after((time.perf_counter() - t_after) * 1e3)
         flops_ok = "flops" not in budget or self.menu.by_id[done.cfg_id]["flops"] <= budget["flops"]
@@ -261,9 +264,7 @@ class ServeCore:
         if "latency_ms" in budget and within:
             self.verdicts["within"] += 1
             self.verdicts["within_met"] += server_ms <= budget["latency_ms"]
-        answer = {"class": int(top.indices[0]), "top_k": [[int(i), round(float(p), 6)] for p, i in
-                                                          zip(top.values, top.indices)],
-                  "cfg_id": done.cfg_id, "route": self.menu.by_id[done.cfg_id].get("route"),
+        answer = {**named, "cfg_id": done.cfg_id, "route": self.menu.by_id[done.cfg_id].get("route"),
                   "budget": budget, "predicted_ms": done.predicted_ms, "within_budget": within,
                   "server_ms": server_ms, "switch_us": done.choose_us,
                   "batch_size": done.batch_size, "queue_depth": done.queue_depth}
@@ -376,6 +377,7 @@ class ServeCore:
         return {"stitches": [{k: r.get(k) for k in keep} for r in self.menu.records],
                 "latency_ms": {str(c): {str(b): ms for b, ms in t.items()} for c, t in self.menu.latency.items()},
                 "img_size": list(self.served.img_size), "num_classes": self.served.num_classes,
+                "class_names": self.served.class_names,
                 "max_batch": self.spec.max_batch, "max_wait_ms": self.spec.max_wait_ms,
                 "max_body_bytes": self.spec.max_body_bytes, "device": self.spec.device,  # no file paths: clients
                 "responses": {str(k): v for k, v in sorted(self.counts.items())},
