@@ -27,8 +27,20 @@ if TYPE_CHECKING:  # hints only: a runtime import made model.py and cost.py impo
     from snnet.core.model import RoutedNet as SNNet
 
 
+def _fvcore_nn() -> Any:
+    """fvcore.nn, imported on first use: heavy (it scripts a function at import), and only pricing needs it. That
+    import calls torch.jit.script, which torch 2.14 deprecates with a FutureWarning in every process that prices a
+    network; the call is fvcore's (its last release predates the deprecation), so that one warning is silenced
+    here, around the import, and nothing else."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        import fvcore.nn
+        import fvcore.nn.jit_handles
+    return fvcore.nn
+
+
 def _sdpa_flop_handler(inputs: list[Any], outputs: list[Any]) -> int:
-    from fvcore.nn.jit_handles import get_shape  # fvcore: heavy (it scripts a function at import), see count_flops
+    get_shape = _fvcore_nn().jit_handles.get_shape
     q, k, v = (get_shape(t) for t in inputs[:3])
     *batch, n_q, d = q
     n_k, d_v = k[-2], v[-1]
@@ -53,7 +65,7 @@ class _Call(nn.Module):
 
 def count_flops(fn: Callable[[torch.Tensor], torch.Tensor], owner: nn.Module, x: torch.Tensor) -> int:
     """fvcore FLOPs of ``fn(x)`` (SN-Net's convention), with the SDPA handler, warnings off."""
-    from fvcore.nn import FlopCountAnalysis  # heavy at import (it scripts a function); only pricing needs it
+    FlopCountAnalysis = _fvcore_nn().FlopCountAnalysis  # noqa: N806 (fvcore's class)
     logging.getLogger("fvcore").setLevel(logging.ERROR)
     analysis = FlopCountAnalysis(_Call(fn, owner), (x,)).set_op_handle(**FLOP_HANDLES)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
