@@ -92,6 +92,9 @@ class Net:
     latency: dict[int, float]  # batch-1 ms
     max_batch: int
     threads: int
+    loads: tuple[float, ...] = LOADS  # offered loads of the bursty trace
+    extra_traces: tuple[tuple[float, float], ...] = EXTRA_TRACES
+    duration: float = 10.0  # seconds of arrivals per setting
     exported: list[Path] = field(default_factory=list)
     largest_export: list[Path] = field(default_factory=list)
     fixed: dict[str, int] = field(default_factory=dict)
@@ -195,8 +198,10 @@ def deit_net(work: Path, quick: bool) -> Net:
     rng = np.random.default_rng(0)
     images = [_png(Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)), "JPEG")
               for _ in range(16)]
+    # a DeiT-B forward pass takes seconds on this CPU: three loads, no extra traces, a minute of arrivals each
     out = Net("DeiT-Ti/S/B", ckpt, config, results, anchors, {r["cfg_id"]: r["acc1"] for r in records}, images,
-              None, {c: t["latency_ms_b1"] for c, t in table.items()}, 1, threads=2)
+              None, {c: t["latency_ms_b1"] for c, t in table.items()}, 1, threads=2, loads=(0.5, 1.0, 1.5),
+              extra_traces=(), duration=60.0)
     loaded = load_snnet(str(ckpt), str(config))
     _exports(out, loaded, work / "deit_exports")
     return out
@@ -330,7 +335,7 @@ def switch_cost_us(net: Net, rounds: int = 10) -> tuple[float, float]:
 
 
 # ------------------------------------------------------------------------------------------------ the run
-def measure(net: Net, work: Path, slo_factor: float, duration: float, log) -> dict[str, Any]:
+def measure(net: Net, work: Path, slo_factor: float, scale: float, log) -> dict[str, Any]:
     largest = max(net.anchors, key=lambda a: net.latency[a])
     slo = slo_factor * net.latency[largest]
     systems: dict[str, tuple[str, dict[str, Any]]] = {"switch": ("snnet", {})}
@@ -350,14 +355,15 @@ def measure(net: Net, work: Path, slo_factor: float, duration: float, log) -> di
         log(f"  {net.name}: SLO {slo:.1f} ms ({slo_factor}x the largest anchor's {net.latency[largest]:.2f} ms + "
             f"{allowance:.2f} ms client/HTTP p95 idle); servers up in "
             f"{servers['snnet'].started_s:.1f} s / {servers['anchors'].started_s:.1f} s")
-        plan = [(MAIN_CV2, load) for load in LOADS] + list(EXTRA_TRACES)
+        plan = [(MAIN_CV2, load) for load in net.loads] + list(net.extra_traces)
         for cv2, load in plan:
             for name, (server, extra) in systems.items():
-                if (cv2, load) in EXTRA_TRACES and name not in ("switch", "anchors (3 models)") and \
+                if (cv2, load) in net.extra_traces and name not in ("switch", "anchors (3 models)") and \
                         not name.startswith("fixed"):
                     continue
-                seed = int(load * 100 + cv2)
-                row = run_setting(net, servers[server].url, slo, allowance, load, cv2, duration, extra, seed)
+                seed = int(load * 100 + cv2)  # the same arrivals and images for every system
+                row = run_setting(net, servers[server].url, slo, allowance, load, cv2, net.duration * scale, extra,
+                                  seed)
                 rows[(name, cv2, load)] = row
                 log(f"    CV2 {cv2:g} load {load:.2f}x {name:28s} effacc {row['effacc']:6.2f} attain "
                     f"{row['attain']:.3f} top1 {row['top1']:.2f} p99 {row['p99']:.1f} shed {row['shed']}")
@@ -456,11 +462,12 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "results" / "bench_serve.txt"))
     p.add_argument("--plot", default=str(ROOT / "results" / "serve_effacc.png"))
     p.add_argument("--slo-factor", type=float, default=3.0)
-    p.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per setting")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="multiply every setting's seconds of arrivals (digits 10 s, DeiT 60 s) by this")
     p.add_argument("--nets", default="digits,deit")
-    p.add_argument("--quick", action="store_true", help="a smoke run: 4 s per setting")
+    p.add_argument("--quick", action="store_true", help="a smoke run: a fifth of the arrivals, fewer stitches")
     args = p.parse_args()
-    duration = 4.0 if args.quick else args.duration
+    scale = 0.2 if args.quick else args.scale
     t_start = time.time()
     out: list[str] = []
 
@@ -477,15 +484,17 @@ def main() -> None:
                 f"{min(net.latency.values()):.2f} .. {max(net.latency.values()):.2f}; fixed: {net.fixed}; "
                 f"cascades: {net.cascades}")
             nets.append(net)
-            runs.append(measure(net, work, args.slo_factor, duration, log))
+            runs.append(measure(net, work, args.slo_factor, scale, log))
     load1, load5, load15 = os.getloadavg()
     cmd = " ".join(["$ .venv/bin/python benchmarks/serve_load.py", *sys.argv[1:]])
     header = [f"{cmd}   # {time.strftime('%Y-%m-%d')}, {(time.time() - t_start) / 60:.1f} min",
               f"machine: {os.cpu_count()} CPU cores, load average {load1:.1f} / {load5:.1f} / {load15:.1f} "
               f"(1/5/15 min) at the end",
-              f"load: open loop, gamma inter-arrival times (CV2 {MAIN_CV2:g} at {', '.join(f'{x:g}' for x in LOADS)}x "
-              f"the largest anchor's batch-1 capacity; CV2 1 and 8 at 1x), {duration:g} s of arrivals per setting; "
-              f"every server: snnet serve --engine local --shed, same scheduler"]
+              "load: open loop, gamma inter-arrival times at offered loads in x the largest anchor's batch-1 capacity; "
+              + "; ".join(f"{n.name}: CV2 {MAIN_CV2:g} at {', '.join(f'{x:g}' for x in n.loads)}x"
+                          + "".join(f", CV2 {c:g} at {x:g}x" for c, x in n.extra_traces)
+                          + f", {n.duration * scale:g} s of arrivals per setting" for n in nets)
+              + "; every server: snnet serve --engine local --shed (the same scheduler)"]
     lines, result = report(nets, runs, header)
     plot(nets, runs, Path(args.plot))
     lines.append("")
