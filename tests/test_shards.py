@@ -338,7 +338,7 @@ def test_kill_and_resume_on_shards_is_bit_identical(digits_folder, tmp_path, tin
     assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"]) == (1, 2 * per_epoch)
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
-    assert (tmp_path / "whole" / "summary.csv").read_text() == (tmp_path / "killed" / "summary.csv").read_text()
+    assert (tmp_path / "whole" / "summary.csv").read_bytes() == (tmp_path / "killed" / "summary.csv").read_bytes()
     assert [x["acc1"] for x in results(tmp_path / "whole" / "stitches_res.txt")] == \
            [x["acc1"] for x in results(tmp_path / "killed" / "stitches_res.txt")]
 

@@ -99,11 +99,11 @@ def atomic_path(path: str | os.PathLike, need: int | None = None) -> Iterator[st
             os.remove(tmp)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+def write_text_atomic(path: str | os.PathLike, text: str, newline: str | None = None) -> None:
+    """`text` into `path` atomically; `newline` as open()'s ("" writes line endings exactly as given)."""
     with atomic_path(path, need=len(text.encode())) as tmp:
-        with open(tmp, "w") as f:
+        with open(tmp, "w", newline=newline) as f:
             f.write(text)
-
 
 
 def save_figure(fig, path, **savefig_kwargs) -> None:
