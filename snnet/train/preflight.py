@@ -181,8 +181,12 @@ def check_training(args: argparse.Namespace, world_size: int = 1) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m snnet.train.preflight NUM_PROC TRAIN_ARGS...``: the checks for a launch of NUM_PROC processes per node."""
+    """``python -m snnet.train.preflight [--print-output-dir] NUM_PROC TRAIN_ARGS...``: the checks for a launch of
+    NUM_PROC processes per node; --print-output-dir prints the run's folder once they pass (slurm/train.sbatch locks
+    it for the job)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    show = argv[:1] == ["--print-output-dir"]
+    argv = argv[1:] if show else argv
     try:
         args, stitch_cfg = parse_args(argv[1:])
         if not args.dry_run:
@@ -190,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     except SNNetError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return e.exit_code
+    if show:
+        print(output_dir(args))
     return 0
 
 
