@@ -21,7 +21,7 @@ from pathlib import Path
 
 from timm.data import create_transform
 
-from snnet.core.build import check_model_name, create_anchor
+from snnet.core.build import anchor_weights, check_model_name, create_anchor
 from snnet.core.checkpoint import CheckpointError, check_same_network, fit_report, load_checkpoint
 from snnet.core.config import AnchorSpec, StitchConfig
 from snnet.core.errors import SNNetError, UsageError, one_line
@@ -137,31 +137,42 @@ def check_augmentation(loader: LoaderOptions, input_size: int | Sequence[int] = 
                          f"rand-m9-mstd0.5-inc1), --scale, --ratio and --train-interpolation") from None
 
 
-def check_run(args: argparse.Namespace, stitch_cfg: StitchConfig | None, world_size: int) -> None:
+def check_run(args: argparse.Namespace, stitch_cfg: StitchConfig | None, world_size: int,
+              anchor_checkpoints: bool = False) -> None:
+    """Every input of the run. `anchor_checkpoints`: the anchors' checkpoints read and fitted too (the launcher's
+    check, before torchrun starts: train.py itself loads them moments later, with the same message)."""
     device_from_flag(args.device)  # a name that is no torch device, or CUDA where there is none
     check_output(output_dir(args))
     check_checkpoints(args, stitch_cfg)
     check_data(options_from(DataOptions, args), need_train=not args.eval, world_size=world_size)
-    check_recipe(args, stitch_cfg, world_size)
+    check_recipe(args, stitch_cfg, world_size, anchor_checkpoints)
 
 
-def check_recipe(args: argparse.Namespace, stitch_cfg: StitchConfig | None, world_size: int) -> None:
+def check_recipe(args: argparse.Namespace, stitch_cfg: StitchConfig | None, world_size: int,
+                 anchor_checkpoints: bool = False) -> None:
     """The checks that need no data folder, device or file of this machine (augmentation, optimizer, schedule,
     teacher): `--dry-run`, which resolves a run for another machine, runs these too."""
     if not args.eval:
         check_augmentation(options_from(LoaderOptions, args), eval_data_config(args, stitch_cfg)["input_size"])
     check_training(args, world_size)
-    check_structure(args, stitch_cfg)
+    check_structure(args, stitch_cfg, anchor_checkpoints)
 
 
-def check_structure(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
+def check_structure(args: argparse.Namespace, stitch_cfg: StitchConfig | None, anchor_checkpoints: bool = False
+                    ) -> None:
     """The network built as the run builds it, on the meta device (no weight read, downloaded or allocated): model
     arguments timm refuses, anchors that cannot be stitched at this input size, a positions selection asking for
-    more positions than a pair has, and routes `train_exclude` names that the network lacks."""
-    num_classes = args.num_classes or (stitch_cfg.get("num_classes") if stitch_cfg is not None else None) or 1000
-    net, cfg = build_network(network_options(args, num_classes=num_classes), stitch_cfg, structure_only=True)
+    more positions than a pair has, routes `train_exclude` names that the network lacks, and anchor checkpoints that
+    are missing or do not fit their anchors (`anchor_checkpoints`) (a wrong embed_dim, a config without the input_size they were trained at;
+    the classifier too when the number of classes is given)."""
+    known = args.num_classes or (stitch_cfg.get("num_classes") if stitch_cfg is not None else None)
+    net, cfg = build_network(network_options(args, num_classes=known or 1000), stitch_cfg, structure_only=True)
     if net is not None:
         check_train_exclude(net, cfg)
+    if anchor_checkpoints and net is not None and cfg is not None:  # what each rank loads first fits its anchor
+        for i, spec in enumerate(cfg.anchors):
+            if spec.checkpoint is not None:
+                anchor_weights(net.anchor(i), spec, check_only=True, skip_head=known is None)
 
 
 def check_training(args: argparse.Namespace, world_size: int = 1) -> None:
@@ -190,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, stitch_cfg = parse_args(argv[1:])
         if not args.dry_run:
-            check_run(args, stitch_cfg, int(argv[0]))
+            check_run(args, stitch_cfg, int(argv[0]), anchor_checkpoints=True)
     except SNNetError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return e.exit_code
