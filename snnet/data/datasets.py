@@ -2,6 +2,7 @@
 from checked folders; where a split's images come from and how many classes it has."""
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -28,9 +29,12 @@ from snnet.data.shards import (
     write_shards,
 )
 
+_logger = logging.getLogger("snnet")
+
 
 def create_datasets(args: DataOptions, need_train: bool):
-
+    """(train, val) datasets of a run; train None without `need_train`. A validation split that fails to load is a
+    DataError naming it (``--val-split ''`` is the explicit choice of none, for timm's non-folder datasets)."""
     if is_shards(args.dataset):  # read by snnet.data.shards (exact, resumable), not timm's wds reader
         return _shard_datasets(args, need_train)
     if args.dataset == "":
@@ -49,11 +53,19 @@ def create_datasets(args: DataOptions, need_train: bool):
             name, val_name = f"{prefix}/{folder}", f"hfds/{folder}"  # evaluation indexed: each image once, its id
             kw["download"] = prefix == "hfids"  # hfids: prepared from the local files, so the split sizes are known
         train = create_dataset(name, split=args.train_split, is_training=True, **kw) if need_train else None
-        try:
-            val = create_dataset(val_name, split=args.val_split, is_training=False, **kw)
+        val = None
+        if not args.val_split:  # --val-split '': the user's choice, said (model_best then goes by training loss)
+            _logger.info(f"--val-split '': no validation split of --dataset {args.dataset!r}")
+        else:
+            try:
+                val = create_dataset(val_name, split=args.val_split, is_training=False, **kw)
+            except Exception as e:  # never a silent run without validation
+                reason = " ".join(str(e).split())[:160]
+                raise DataError(f"the validation split {args.val_split!r} of --dataset {args.dataset!r} in "
+                                f"{args.data_dir!r} cannot be loaded ({type(e).__name__}{': ' + reason if reason else ''}"
+                                f"); name the split with --val-split, or pass --val-split '' to train without "
+                                f"validation") from None
             val.source = f"{val_name.partition('/')[0]}:{val_name.partition('/')[2]} split {args.val_split}"
-        except Exception:
-            val = None
     for ds, what in ((train, "train"), (val, "validation")):
         if ds is not None and len(ds) == 0:
             raise DataError(f"the {what} split of {args.data_dir!r} has no samples")
