@@ -32,6 +32,7 @@ def anchors(tmp_path_factory):
     wide = {**specs[1], "model_kwargs": {**specs[1]["model_kwargs"], "embed_dim": 24}}
     write("embed_dim.json", {"anchors": [specs[0], wide], "input_size": 16})
     write("no_input_size.json", {"anchors": specs})  # built at the timm default, 224: not what they were trained at
+    write("rso.json", {"anchors": TINY, "sampler": {"type": "rso"}})
     return w
 
 
@@ -47,6 +48,7 @@ def cli(tmp_path_factory):
     # the width is the cause, not the image size (the hint said "trained at image size 32 ... use img_size=32")
     ("embed_dim.json", FAST, ["width (embed_dim) is 16, the network's 24", "use embed_dim=16"]),
     ("no_input_size.json", NO_SIZE, ["trained at image size 16, the network built for 224"]),
+    ("rso.json", FAST, ["sampler type 'rso' is not known"]),  # the sampler built, as each rank builds it
 ])
 def test_the_launch_check_reads_the_anchor_checkpoints(anchors, digits_folder, tmp_path, cli, config, flags, needles):
     """distributed_train.sh's check refuses, in one line and exit 2, what every rank would refuse when it loads its

@@ -133,6 +133,10 @@ def plan_for(models: Sequence[nn.Module], adapters: Sequence[AnchorAdapter], nam
         _check_widths(models, adapters, names, [0])
         return two_way_plan(depths[0][0], depths[1][0])
     if not any(hierarchical):
+        if stitch_stages is not None:
+            raise AnchorError(f"'stitch_stages' {list(stitch_stages)} takes hierarchical anchors (stage by stage); "
+                              f"{', '.join(map(repr, names))} are plain ViTs, stitched block by block: remove "
+                              f"'stitch_stages' from the stitch config")
         d0 = depths[0][0]
         for name, d in zip(names, depths):
             if d[0] != d0:

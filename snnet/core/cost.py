@@ -53,7 +53,8 @@ class _Call(nn.Module):
 
 def count_flops(fn: Callable[[torch.Tensor], torch.Tensor], owner: nn.Module, x: torch.Tensor) -> int:
     """fvcore FLOPs of ``fn(x)`` (SN-Net's convention), with the SDPA handler, warnings off."""
-    from fvcore.nn import FlopCountAnalysis  # heavy at import (it scripts a function); only pricing needs it
+    with warnings_off():  # heavy at import (it scripts a function: torch.jit's deprecation warning, not the user's)
+        from fvcore.nn import FlopCountAnalysis  # only pricing needs it
     logging.getLogger("fvcore").setLevel(logging.ERROR)
     analysis = FlopCountAnalysis(_Call(fn, owner), (x,)).set_op_handle(**FLOP_HANDLES)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")

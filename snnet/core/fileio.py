@@ -69,6 +69,9 @@ def atomic_path(path: str | os.PathLike, need: int | None = None) -> Iterator[st
     ends in `DiskFullError` (the folder, `need` bytes when the caller knows them, what is free), the temporary file
     removed."""
     path = Path(path)
+    if path.is_dir():  # said of the target, before a temporary file exists (os.replace would name the temporary)
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file: give a file path in it or another path",
+                                str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))

@@ -26,6 +26,7 @@ from snnet.data.shards import (
     is_shards,
     read_info,
     shard_root,
+    shards_request,
     write_shards,
 )
 
@@ -92,19 +93,21 @@ def write_folder_shards(folder: str, out: str, shard_size: int, name: str | None
     """``snnet shards``: the split folders of an ImageFolder (train/, val/ or validation/), checked as a training run
     checks them, and every image's header (each is decoded as it is packed), written as WebDataset shards
     (`snnet.data.shards.write_shards`) into an empty OUT (or, with `clean`, over an earlier snnet shards output)."""
-    check_shard_out(out, clean)
     if not os.path.isdir(folder):
         raise DataError(f"image folder {folder!r} does not exist; give an ImageFolder root with train/ and val/")
     splits = {d: os.path.join(folder, d) for d in (*_TRAIN_NAMES, *_VAL_NAMES) if os.path.isdir(os.path.join(folder, d))}
     if not splits:
         raise DataError(f"image folder {folder!r} has no train/ or val/ (validation/) folder; lay it out as "
                         f"{folder}/train/<class>/<image>")
+    name = name or os.path.basename(os.path.abspath(folder))
+    if check_shard_out(out, clean, shards_request(splits, shard_size, name)) is None:  # done: nothing to check
+        return write_shards(splits, out, shard_size, name, clean)  # (which reads the complete output back)
     for split, path in splits.items():
         _check_image_folder(path, split)
         scan_image_folder(path, split)  # loops, folders reached twice through links: refused as for training
     for split, path in splits.items():  # every image packed: a shard is read whole, so none may fail later
         check_image_headers(path, split)
-    return write_shards(splits, out, shard_size, name or os.path.basename(os.path.abspath(folder)), clean)
+    return write_shards(splits, out, shard_size, name, clean)
 
 
 def _shown_path(path: str) -> str:
