@@ -18,5 +18,6 @@ if [ -x "$HERE/.venv/bin/python" ] && [ -z "${VIRTUAL_ENV:-}" ]; then PYTHON="$H
 if [ -z "${SNNET_NO_PREFLIGHT:-}" ]; then
   PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m snnet.train.preflight "$NUM_PROC" "$@" || exit $?
 fi
+# torchrun (snnet.train.launch: an input refused inside a rank is its one line and exit 2, not torchrun's traceback)
 # shellcheck disable=SC2086
-exec "$PYTHON" -m torch.distributed.run --nproc_per_node="$NUM_PROC" ${TORCHRUN_ARGS:-} "$HERE/train.py" "$@"
+PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" exec "$PYTHON" -m snnet.train.launch --nproc_per_node="$NUM_PROC" ${TORCHRUN_ARGS:-} "$HERE/train.py" "$@"

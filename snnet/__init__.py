@@ -4,21 +4,37 @@ See snnet/README.md for the architecture and how to add a model family, docs/pyt
 (`snnet.create_snnet`, `snnet.ls_init_from_images`, `snnet.evaluate`, `snnet.stitch_for`, `snnet.load`,
 `snnet.export`, `snnet.predict`: snnet/api.py).
 """
-from snnet.core.adapter import AnchorAdapter, AnchorError, Unit, register_adapter
-from snnet.core.build import build_snnet, create_anchor, plan_for
-from snnet.core.config import ConfigError, StitchConfig, load_stitch_config, parse_stitch_config
-from snnet.core.layers import StitchingLayer, create_stitch_layer, register_stitch_layer
-from snnet.core.model import PlainNet, RoutedNet, SNNet
-from snnet.core.plan import (
-    PlanError,
-    Route,
-    Stitch,
-    StitchPlan,
-    deit_plan,
-    paired_positions,
-    stagewise_plan,
-    unpaired_positions,
-)
+from typing import TYPE_CHECKING
+
+#: where each name of the package lives; imported on first use (PEP 562), so that `import snnet.x` is as light as
+#: snnet.x itself: train.py installs its Slurm signal handlers (snnet.train.preempt, no torch) before torch loads
+_CORE = {
+    "snnet.core.adapter": ("AnchorAdapter", "AnchorError", "Unit", "register_adapter"),
+    "snnet.core.build": ("build_snnet", "create_anchor", "plan_for"),
+    "snnet.core.config": ("ConfigError", "StitchConfig", "load_stitch_config", "parse_stitch_config"),
+    "snnet.core.layers": ("StitchingLayer", "create_stitch_layer", "register_stitch_layer"),
+    "snnet.core.model": ("PlainNet", "RoutedNet", "SNNet"),
+    "snnet.core.plan": ("PlanError", "Route", "Stitch", "StitchPlan", "deit_plan", "paired_positions",
+                        "stagewise_plan", "unpaired_positions"),
+}
+_WHERE = {name: module for module, names in _CORE.items() for name in names}
+
+if TYPE_CHECKING:
+    from snnet.core.adapter import AnchorAdapter, AnchorError, Unit, register_adapter
+    from snnet.core.build import build_snnet, create_anchor, plan_for
+    from snnet.core.config import ConfigError, StitchConfig, load_stitch_config, parse_stitch_config
+    from snnet.core.layers import StitchingLayer, create_stitch_layer, register_stitch_layer
+    from snnet.core.model import PlainNet, RoutedNet, SNNet
+    from snnet.core.plan import (
+        PlanError,
+        Route,
+        Stitch,
+        StitchPlan,
+        deit_plan,
+        paired_positions,
+        stagewise_plan,
+        unpaired_positions,
+    )
 
 __all__ = [
     "AnchorAdapter", "AnchorError", "Unit", "register_adapter", "build_snnet", "create_anchor", "plan_for",
@@ -35,6 +51,11 @@ _API = ("create_snnet", "ls_init_from_images", "evaluate", "stitch_for", "load",
 
 
 def __getattr__(name: str):
+    if name in _WHERE:
+        import importlib
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+        globals()[name] = value  # once: later lookups do not come here
+        return value
     if name in _API:
         import snnet.api as api  # lazy: see _API
         return getattr(api, name)

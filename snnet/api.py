@@ -31,6 +31,7 @@ from snnet.core.errors import SNNetError
 from snnet.core.ls_init import FitReport, ls_init
 from snnet.core.model import SNNet
 from snnet.data.datasets import class_names_of
+from snnet.data.loaders import StrictImages
 from snnet.data.ls_images import clean_images
 from snnet.data.transforms import eval_transform
 from snnet.deploy.export import export_stitch, labelled, load_exported, load_snnet
@@ -126,7 +127,8 @@ def evaluate(net: SNNet, data: str | os.PathLike | torch.utils.data.Dataset, cfg
     it (stitches_res.classes.json)."""
     device = torch.device(device)
     dataset = _dataset(data, net)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    # train.py's strict reading: an unreadable image is an error naming it, never replaced by another one
+    loader = torch.utils.data.DataLoader(StrictImages(dataset), batch_size=batch_size, shuffle=False)
     ids = list(range(net.num_configs)) if cfg_ids is None else [net.check_cfg_id(c) for c in cfg_ids]
     size = model_img_size(net)
     net.to(device)

@@ -102,3 +102,18 @@ def test_train_py_resume_at_a_wrong_image_size_names_the_size(tiny, digits_folde
                "--img-size", "32", "--no-pretrained", "-j", "0", "--num-classes", "10",
                "--output", str(tiny.root / "out")])
     assert_refused(rc, capsys.readouterr().err, "trained at image size 16", "use img_size=16")
+
+
+def test_evaluate_refuses_an_unreadable_image_as_train_py_does(digits_folder, tmp_path):
+    """snnet.evaluate reads a folder as train.py's evaluation does: an unreadable image is an error naming it (timm's
+    dataset replaced it by the next image, so the counts were silently wrong)."""
+    import shutil
+
+    from snnet.data.checks import DataError
+    shutil.copytree(digits_folder / "val", tmp_path / "val")
+    victim = sorted((tmp_path / "val").rglob("*.png"))[5]
+    victim.write_bytes(b"\x89PNG truncated")
+    net = snnet.create_snnet({"anchors": [vit(8), vit(16)], "input_size": 16, "num_classes": 10}, pretrained=False)
+    with pytest.raises(DataError, match="cannot be read") as e:
+        snnet.evaluate(net, tmp_path / "val", cfg_ids=[0], batch_size=20)
+    assert str(victim) in str(e.value)

@@ -191,3 +191,27 @@ def test_image_over_pils_decompression_bomb_limit_named(good, monkeypatch):
     with pytest.raises(DataError, match=r"validation image .*big.png' is too large for PIL \(Image size \(1024 "
                                         r"pixels\) exceeds limit of 800 pixels.*; downscale it"):
         check_data(data_args(good), need_train=True, world_size=1)
+
+
+def test_a_validation_split_that_fails_to_load_is_an_error_naming_it(monkeypatch, caplog):
+    """timm's non-folder datasets: a validation split that cannot be loaded was dropped silently (the run then chose
+    model_best by training loss); it is an error naming the split, and --val-split '' is the explicit choice."""
+    import logging
+
+    from snnet.data import datasets
+    from snnet.data.checks import DataError
+    from snnet.data.options import DataOptions
+
+    def fake(name, split, is_training, **kw):
+        if not is_training:
+            raise ValueError(f"Unknown split '{split}'")
+        return [0, 1, 2]
+    monkeypatch.setattr(datasets, "create_dataset", fake)
+    args = DataOptions("/data/somewhere", dataset="torch/cifar10", val_split="valid")
+    with pytest.raises(DataError, match="validation split 'valid' of --dataset 'torch/cifar10'") as e:
+        datasets.create_datasets(args, need_train=True)
+    assert "Unknown split 'valid'" in str(e.value) and "--val-split ''" in str(e.value)
+    with caplog.at_level(logging.INFO, logger="snnet"):
+        train, val = datasets.create_datasets(DataOptions("/data/somewhere", dataset="torch/cifar10", val_split=""),
+                                              need_train=True)
+    assert train == [0, 1, 2] and val is None and "no validation split" in caplog.text

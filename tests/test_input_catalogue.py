@@ -98,6 +98,16 @@ def world(tmp_path_factory, digits_folder, tiny_config):
     (w / "coarse.json").write_text(json.dumps({"anchors": coarse}))  # 16 tokens vs 4: no stitch joins them
     (w / "exclude.json").write_text(json.dumps({"anchors": TINY, "train_exclude": [40]}))
     _hf_datasets(w / "hf", digits_folder)
+    # issue 40: the residue of the outside catalogues
+    for name, gap in (("gap0", 0), ("gap_neg", -1), ("gap_huge", 1e9), ("gap_str", "wide")):
+        (w / f"ros_{name}.json").write_text(json.dumps({"anchors": TINY, "sampler": {"type": "ros", "gap": gap}}))
+    (w / "vit_stages.json").write_text(json.dumps({"anchors": TINY, "stitch_stages": [1, 2]}))
+    (w / "one_anchor.json").write_text(json.dumps({"anchors": TINY[:1]}))
+    (w / "twice.txt").write_text("\n".join(["0", "1", "2", "3", "3", "4", "5", "6", "7", "8", "9"]) + "\n")
+    tiny = load_stitch_config(tiny_config)
+    ten = build_snnet(tiny, pretrained=False, img_size=16, num_classes=10)
+    torch.save({"state_dict": ten.state_dict(), "epoch": 0, "args": json.dumps({"num_classes": 10})},
+               w / "ten_classes.pth.tar")
     return w
 
 
@@ -333,6 +343,38 @@ def test_bad_input(case, argv, message, world, digits_folder, tiny_config, tmp_p
     assert not PWNED.exists(), "the planted pickle ran code"
 
 
+# issue 40: the outside catalogues' residue, each one line before any work (no warning or log line first: these run
+# with Python's warnings shown, as a user sees them), naming the value
+CASES40 = [
+    ("ROS gap 0", "{data} --stitch_config {w}/ros_gap0.json", "ros option gap 0 must be a number > 0"),
+    ("ROS gap -1", "{data} --stitch_config {w}/ros_gap_neg.json", "ros option gap -1 must be a number > 0"),
+    ("ROS gap 1e9", "{data} --stitch_config {w}/ros_gap_huge.json", "puts all 12 routes in one bucket"),
+    ("ROS gap a string", "{data} --stitch_config {w}/ros_gap_str.json", "ros option gap 'wide' must be a number"),
+    ("stitch_stages for plain ViT anchors", "{data} --stitch_config {w}/vit_stages.json",
+     "'stitch_stages' [1, 2] takes hierarchical anchors"),
+    ("class map listing a class twice", "{data} --stitch_config {cfg} --class-map {w}/twice.txt",
+     "lists class '3' twice"),
+    ("one beta for adamw", "{data} --stitch_config {cfg} --opt-betas 0.9", "--opt-betas 0.9: --opt adamw takes two"),
+    ("negative color jitter", "{data} --stitch_config {cfg} --color-jitter -1", "--color-jitter -1: must be >= 0"),
+    ("freeze-anchors with one anchor", "{data} --stitch_config {w}/one_anchor.json --freeze-anchors",
+     "--freeze-anchors leaves nothing to train"),
+    ("resume a finished run with another num-classes", "{data} --stitch_config {cfg} --epochs 1 "
+     "--resume {w}/ten_classes.pth.tar --num-classes 12", "has a classifier for 10 classes (anchors.0.head.weight"),
+]
+
+
+@pytest.fixture(scope="module")
+def cli_warnings(tmp_path_factory):
+    runner = ForkedCli(tmp_path_factory.mktemp("cliw"), warnings=True)
+    yield runner
+    runner.close()
+
+
+@pytest.mark.parametrize("case,argv,message", CASES40, ids=[c[0] for c in CASES40])
+def test_bad_input_40(case, argv, message, world, digits_folder, tiny_config, tmp_path, cli_warnings):
+    test_bad_input(case, argv, message, world, digits_folder, tiny_config, tmp_path, cli_warnings)
+
+
 def test_catalogue_is_large_enough():
     assert len(CASES) >= 60
 
@@ -494,3 +536,32 @@ def test_good_parquet_passes_the_preflight(world, tiny_config, tmp_path, cli, da
     code, _, err = cli.call("preflight", ["1", world / "hf", "--dataset", dataset, "--stitch_config", tiny_config,
                                           *FAST, "--output", tmp_path, *extra])
     assert code == 0, err
+
+
+@pytest.mark.parametrize("output", ["/proc/snnet", "/sys/snnet"])
+def test_an_output_folder_the_kernel_refuses_is_one_line(digits_folder, tiny_config, cli, output):
+    """Permission bits say yes (root, or /proc's own modes), the kernel says no: refused by trying, before any work
+    (it was a traceback from the first mkdir)."""
+    code, _, err = cli.call("train", FAST + [digits_folder, "--stitch_config", tiny_config, "--output", output,
+                                             "--experiment", "x"])
+    err = err.strip()
+    assert code == 2 and err.count("\n") == 0 and "Traceback" not in err, err
+    assert f"output folder '{output}/x'" in err and "pass another --output" in err, err
+
+
+def test_an_output_folder_below_one_that_cannot_be_entered(tmp_path, monkeypatch):
+    """A folder this user cannot enter (as a non-root user sees /root): pathlib's exists() raised PermissionError
+    below it; the folder is named instead. (Simulated: root enters every folder.)"""
+    from snnet.train.preflight import OutputError, check_output
+    locked = tmp_path / "locked"
+    (locked / "inner").mkdir(parents=True)
+    real_stat, real_access = os.stat, os.access
+
+    def stat(path, *a, **kw):
+        if str(path).startswith(str(locked) + os.sep):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_stat(path, *a, **kw)
+    monkeypatch.setattr(os, "stat", stat)
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(locked) else real_access(p, mode))
+    with pytest.raises(OutputError, match=f"'{locked}' does not allow it"):
+        check_output(locked / "inner" / "run")

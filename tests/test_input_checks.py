@@ -25,6 +25,19 @@ def test_convert_never_writes_onto_its_input(tmp_path, capsys):
     assert hashlib.sha256(release.read_bytes()).hexdigest() == before
 
 
+def test_convert_onto_an_existing_folder_names_that_folder(tmp_path, capsys):
+    """`snnet convert SRC FOLDER`: the one line names FOLDER (it named the temporary file os.replace could not
+    move); the folder is left as it was."""
+    release = tmp_path / "release.pth"
+    torch.save({"model": {"blocks.0.weight": torch.ones(2)}, "epoch": 3}, release)
+    folder = tmp_path / "converted"
+    folder.mkdir()
+    rc, out, err = run_cli(capsys, "convert", release, folder, "--trust")
+    assert rc == 2 and err.count("\n") == 1, err
+    assert f"{str(folder)!r}" in err and "is a folder" in err and ".tmp" not in err, err
+    assert list(folder.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["converted", "release.pth"]
+
+
 def test_latency_refuses_to_rewrite_a_results_file_with_a_torn_line(tiny, tmp_path, capsys):
     results = tmp_path / "stitches_res.txt"
     results.write_text(tiny.results.read_text() + '{"cfg_id": 99, "flo')  # an interrupted evaluation's last line

@@ -25,7 +25,18 @@ def assert_identical(a, b):
     ra = [json.loads(l)["acc1"] for l in (a / "stitches_res.txt").read_text().splitlines()]
     rb = [json.loads(l)["acc1"] for l in (b / "stitches_res.txt").read_text().splitlines()]
     assert ra == rb
-    assert (a / "summary.csv").read_text() == (b / "summary.csv").read_text()
+    assert (a / "summary.csv").read_bytes() == (b / "summary.csv").read_bytes()  # bytes: line endings included
+
+
+def test_truncate_summary_keeps_the_rows_bytes(tmp_path):
+    """timm's csv writer ends rows with \\r\\n: the rows a resume keeps come back byte for byte (a text-mode rewrite
+    turned them into \\n, leaving a summary.csv of mixed line endings after every resume past epoch 0)."""
+    from snnet.train.resume import truncate_summary
+    path = tmp_path / "summary.csv"
+    rows = b"epoch,train_loss,lr\r\n0,2.5,0.1\r\n1,2.25,0.1\r\n2,2.0,0.1\r\n"
+    path.write_bytes(rows)
+    truncate_summary(path, 2)
+    assert path.read_bytes() == b"epoch,train_loss,lr\r\n0,2.5,0.1\r\n1,2.25,0.1\r\n"
 
 
 def kill_step(seed, processes=1):

@@ -338,7 +338,7 @@ def test_kill_and_resume_on_shards_is_bit_identical(digits_folder, tmp_path, tin
     assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"]) == (1, 2 * per_epoch)
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
-    assert (tmp_path / "whole" / "summary.csv").read_text() == (tmp_path / "killed" / "summary.csv").read_text()
+    assert (tmp_path / "whole" / "summary.csv").read_bytes() == (tmp_path / "killed" / "summary.csv").read_bytes()
     assert [x["acc1"] for x in results(tmp_path / "whole" / "stitches_res.txt")] == \
            [x["acc1"] for x in results(tmp_path / "killed" / "stitches_res.txt")]
 
@@ -452,3 +452,48 @@ def test_resumed_evaluation_is_keyed_by_its_data_source(demo, tiny, tmp_path):
     assert code == 2 and "Traceback" not in err and lines[-1].startswith("error: "), err
     assert "holds results of another data source ('folder:" in lines[-1] and "this run evaluates 'wds:" in err
     assert (tmp_path / "ev" / "stitches_res.txt").read_text() == before
+
+
+def test_the_same_shards_command_again_finishes_a_killed_run_or_does_nothing(demo, tmp_path):
+    """`snnet shards` killed (kill -9) mid-way left shards without _info.json, and the same command again was refused
+    (OUT not empty). Now the same command finishes the job: the output is byte for byte a whole run's; run once more
+    it is a no-op (nothing rewritten). Another request into that OUT is still refused (test above)."""
+    import signal
+    import time
+    folder, _ = demo
+    cmd = [sys.executable, "-m", "snnet.cli", "shards", folder, None, "--shard-size", "20"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    whole = tmp_path / "whole"
+    subprocess.run([str(c) for c in cmd[:5]] + [str(whole)] + cmd[6:], cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    out = tmp_path / "killed"
+    p = subprocess.Popen([str(c) for c in cmd[:5]] + [str(out)] + cmd[6:], cwd=ROOT, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    end = time.monotonic() + 120
+    while not (out / "train-000010.tar").exists() and time.monotonic() < end and p.poll() is None:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -9 and not (out / "_info.json").exists()  # killed mid-way, as the issue's user did
+    r = subprocess.run([str(c) for c in cmd[:5]] + [str(out)] + cmd[6:], cwd=ROOT, env=env, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _tree(out) == _tree(whole)  # finished: the same bytes as a run that was never killed
+    stamps = {f.name: f.stat().st_mtime_ns for f in out.iterdir()}
+    r = subprocess.run([str(c) for c in cmd[:5]] + [str(out)] + cmd[6:], cwd=ROOT, env=env, capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and "1437 images" in r.stdout, r.stderr[-2000:]
+    assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == stamps  # complete: nothing written again
+
+
+def test_shard_class_options_refused_before_any_shard_is_read(bad_shards, monkeypatch, capsys):
+    """--num-classes below _info.json's classes and --class-map are decided by _info.json alone: refused before the
+    shards are scanned (their progress line came first: a second line, after logging started)."""
+    from snnet.data import shards
+
+    def no_reading(*a, **kw):
+        raise AssertionError("a shard was read")
+    monkeypatch.setattr(shards, "iter_shard", no_reading)
+    assert_refused(*preflight(capsys, bad_shards, "--num-classes", "5"), "--num-classes 5 is smaller than the 10")
+    assert_refused(*preflight(capsys, bad_shards, "--class-map", str(bad_shards / "_info.json")), "--class-map",
+                   "does not apply to shards")

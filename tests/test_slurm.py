@@ -162,3 +162,44 @@ def test_sweep_runs_as_a_job_array_skips_finished_runs_and_merges(cluster, digit
     (out / "stitches_res.txt").unlink()
     assert "every job finished" in stitch_train(cluster, "--sweep", sweep, "--merge").stdout
     assert sorted(rec["cfg_id"] for rec in read_results(out / "stitches_res.txt")) == list(range(6))
+
+
+# ------------------------------------------------------------------------------------------ start-up and one folder
+def submit_one(cluster, out, name, experiment, digits_folder, tiny_config):
+    """A 1-task, 1-epoch job of slurm/train.sbatch with its preflight (the checks, then the folder's job lock)."""
+    log = out / f"{name}.log"
+    r = cluster.run("sbatch", "--parsable", "--ntasks=1", "--cpus-per-task=1", f"--output={log}",
+                    f"--job-name={name}", "slurm/train.sbatch", digits_folder, "--stitch_config", tiny_config, *FLAGS,
+                    "--epochs", "1", "--output", out, "--experiment", experiment, cwd=ROOT,
+                    env={"OMP_NUM_THREADS": "1"})
+    return r.stdout.strip().split(";")[0], log
+
+
+def test_a_warning_during_the_preflight_requeues_and_two_jobs_in_one_folder_one_refused(cluster, tmp_path,
+                                                                                        digits_folder, tiny_config):
+    """The batch script traps SIGUSR1 before its preflight: a warning while the checks run requeues the job without
+    starting its tasks (it was FAILED 138, never requeued). Two jobs started at once into one folder both pass the
+    checks; the one that does not get the folder's job lock exits 2 with one line and starts nothing, the other
+    completes. One test: under pytest-xdist each test may land on another worker (and cluster)."""
+    out = tmp_path
+    warned = submit_one(cluster, out, "warned", "warned", digits_folder, tiny_config)
+    pair = [submit_one(cluster, out, f"twin{i}", "twins", digits_folder, tiny_config) for i in (0, 1)]
+    job, log = warned
+    end = time.monotonic() + 120
+    while not (log.exists() and "(restart 0)" in log.read_text()):  # printed after the trap, before the preflight
+        assert time.monotonic() < end and cluster.job(job).get("JobState") not in DONE, cluster.job(job)
+        time.sleep(0.1)
+    cluster.run("scancel", "--batch", "--signal=USR1", job)  # the preflight imports torch for seconds: still in it
+    infos = {name: wait_done(cluster, j, lg) for name, (j, lg) in
+             {"warned": warned, "twin0": pair[0], "twin1": pair[1]}.items()}
+    text = log.read_text()
+    assert infos["warned"]["JobState"] == "COMPLETED" and infos["warned"]["Restarts"] == "1", text[-4000:]
+    assert "SIGUSR1 before the tasks started" in text and "requeueing job" in text, text[-4000:]
+    assert (out / "warned" / "last.pth.tar").exists()
+
+    states = sorted((infos[f"twin{i}"]["JobState"], infos[f"twin{i}"]["ExitCode"], i) for i in (0, 1))
+    assert [s[:2] for s in states] == [("COMPLETED", "0:0"), ("FAILED", "2:0")], states
+    loser = pair[states[1][2]][1].read_text()
+    errors = [line for line in loser.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "is in use by another" in errors[0] and "Traceback" not in loser, loser[-3000:]
+    assert final_state(out / "twins")["epoch"] == 0  # the winner's run is whole

@@ -1,10 +1,14 @@
 """Slurm without a cluster: an srun task's variables mapped to torch.distributed's, the batch script and torchrun
 left alone, and the stitch-train Slurm flags refused in one line when they cannot be used (the jobs themselves run
 on a real cluster in tests/test_slurm.py)."""
+import os
+import signal
 import subprocess
+import sys
+import time
 
 import pytest
-from helpers import ROOT, assert_refused, run_cli
+from helpers import FAST, ROOT, assert_refused, run_cli
 
 from snnet.core import slurm
 
@@ -58,3 +62,33 @@ def test_submit_needs_a_sweep_file(capsys):
     rc, _, err = run_cli(capsys, "stitch-train", "data", "--front", "deit_tiny_patch16_224", "--end",
                          "deit_tiny_patch16_224", "--cut", "0", "--out", "o", "--submit")
     assert_refused(rc, err, "--submit and --task need --sweep FILE")
+
+
+def _catches(pid, signum):
+    """True once process `pid` has a handler for `signum` (the SigCgt mask of /proc/PID/status)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+    except (FileNotFoundError, StopIteration):
+        return False
+    return bool(mask >> (signum - 1) & 1)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc/PID/status")
+def test_a_warning_signal_during_start_up_is_noted_not_fatal(tmp_path, digits_folder, tiny_config):
+    """Under Slurm, train.py catches SIGUSR1 from its first lines, before torch is imported (seconds): a warning
+    that arrives while the job is still starting stops the run after its first step with a recovery checkpoint
+    (exit 75: the batch script requeues), instead of killing it (exit 138, no requeue) as when the handler was
+    installed only once training started. A real process, not a forked one: the start-up is what is tested."""
+    cmd = [sys.executable, "train.py", str(digits_folder), "--stitch_config", str(tiny_config), *FAST,
+           "--epochs", "1", "--output", str(tmp_path), "--experiment", "early"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SLURM_JOB_ID": "77", "PYTHONPATH": ROOT}
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    end = time.monotonic() + 5
+    while not _catches(p.pid, signal.SIGUSR1) and time.monotonic() < end and p.poll() is None:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGUSR1)  # at the latest 5 s in: the child is still importing torch and timm
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 75, err[-3000:]
+    assert "preempted: SIGUSR1 after step 1 (epoch 0, step 1 of" in err, err[-3000:]
+    assert (tmp_path / "early" / "recovery.pth.tar").exists()

@@ -85,12 +85,23 @@ def create_anchor(spec: AnchorSpec, pretrained: bool = True, structure_only: boo
         # CNNs take any image size and have no img_size argument
         model = _create(spec, pretrained, {k: v for k, v in kwargs.items() if k != "img_size"})
     if spec.checkpoint is not None:
-        try:
-            load_weights(model, spec.checkpoint, f"checkpoint of anchor {spec.name!r}",
-                         "check the anchor name, num_classes and img_size, or fix the path in the config")
-        except CheckpointError as e:
-            raise AnchorError(str(e)) from None
+        anchor_weights(model, spec)
     return model
+
+
+def anchor_weights(model: nn.Module, spec: AnchorSpec, check_only: bool = False, skip_head: bool = False) -> None:
+    """The anchor's local checkpoint loaded into `model` (its architecture), or with `check_only` only checked to fit
+    it (the preflight, on the meta-device anchor; `skip_head`: not the classifier, whose size the data decides)."""
+    assert spec.checkpoint is not None
+    skip: set[str] = set()
+    if skip_head and hasattr(model, "get_classifier"):
+        head = model.get_classifier()
+        skip = {f"{n}.{k}" for n, m in model.named_modules() if m is head for k in m.state_dict()}
+    try:
+        load_weights(model, spec.checkpoint, f"checkpoint of anchor {spec.name!r}",
+                     "check the anchor name, num_classes and img_size, or fix the path in the config", check_only, skip)
+    except CheckpointError as e:
+        raise AnchorError(str(e)) from None
 
 
 def plan_for(models: Sequence[nn.Module], adapters: Sequence[AnchorAdapter], names: Sequence[str],
@@ -122,6 +133,10 @@ def plan_for(models: Sequence[nn.Module], adapters: Sequence[AnchorAdapter], nam
         _check_widths(models, adapters, names, [0])
         return two_way_plan(depths[0][0], depths[1][0])
     if not any(hierarchical):
+        if stitch_stages is not None:
+            raise AnchorError(f"'stitch_stages' {list(stitch_stages)} takes hierarchical anchors (stage by stage); "
+                              f"{', '.join(map(repr, names))} are plain ViTs, stitched block by block: remove "
+                              f"'stitch_stages' from the stitch config")
         d0 = depths[0][0]
         for name, d in zip(names, depths):
             if d[0] != d0:

@@ -13,6 +13,7 @@ import os
 import pickletools
 import shutil
 import zipfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,8 @@ def fit_report(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> 
 
 
 def image_size_hint(module: nn.Module, state: dict[str, torch.Tensor]) -> str:
-    """'' or why a ViT's position embedding does not fit: the image size the checkpoint was trained at and the one
-    the network was built for. A pos_embed of another length is what a wrong image-size guess gives, and the bare
+    """'' or why a ViT's position embedding does not fit: another width (embed_dim), else the image size the
+    checkpoint was trained at and the one the network was built for. A pos_embed of another length is what a wrong image-size guess gives, and the bare
     shapes do not name the size to use."""
     own = module.state_dict()
     for key, value in state.items():
@@ -60,6 +61,9 @@ def image_size_hint(module: nn.Module, state: dict[str, torch.Tensor]) -> str:
         patch = getattr(getattr(owner, "patch_embed", None), "patch_size", None)
         if patch is None:
             continue
+        if value.shape[-1] != own[key].shape[-1]:  # another width, whatever the image size: the width is the cause
+            return (f"the checkpoint's width (embed_dim) is {value.shape[-1]}, the network's {own[key].shape[-1]}: "
+                    f"use embed_dim={value.shape[-1]} in the anchor's model_kwargs (or the checkpoint of this width)")
         prefix = 0 if getattr(owner, "no_embed_class", False) else int(getattr(owner, "num_prefix_tokens", 0))
         saved, built = value.shape[1] - prefix, own[key].shape[1] - prefix
         grid, built_grid = math.isqrt(saved), math.isqrt(built)
@@ -70,13 +74,20 @@ def image_size_hint(module: nn.Module, state: dict[str, torch.Tensor]) -> str:
     return ""
 
 
-def load_fitting(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load `state` strictly, or raise `StateDictMismatch` saying what differs (before anything is copied); a
-    position embedding of another image size is named as such, with the size to use."""
-    report = fit_report(module.state_dict(), state)
+def check_fitting(module: nn.Module, state: dict[str, torch.Tensor], skip: Collection[str] = ()) -> None:
+    """Raise `StateDictMismatch` saying what differs when `state` does not fit `module` (a meta-device module too:
+    shapes only); a position embedding of another image size or width is named as such. `skip`: keys compared in
+    neither (a classifier whose size the data decides later)."""
+    own = {k: v for k, v in module.state_dict().items() if k not in skip}
+    report = fit_report(own, {k: v for k, v in state.items() if k not in skip})
     if report:
         hint = image_size_hint(module, state)
         raise StateDictMismatch(f"{hint}; {report}" if hint else report)
+
+
+def load_fitting(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load `state` strictly, or raise `StateDictMismatch` (`check_fitting`) before anything is copied."""
+    check_fitting(module, state)
     module.load_state_dict(state, strict=True)
 
 
@@ -144,11 +155,16 @@ def load_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> dict[s
     raise CheckpointError(f"{what} {str(path)!r} has no 'state_dict' of tensors; it is not a model checkpoint")
 
 
-def load_weights(module: nn.Module, path: str | os.PathLike, what: str, fix: str) -> None:
+def load_weights(module: nn.Module, path: str | os.PathLike, what: str, fix: str, check_only: bool = False,
+                 skip: Collection[str] = ()) -> None:
     """Load the weights of checkpoint `path` into `module` strictly; a mismatch is one CheckpointError that says
-    what differs and `fix`."""
+    what differs and `fix`. `check_only` (the preflight, on a meta-device module): the fit alone, `skip` aside."""
     try:
-        load_fitting(module, load_checkpoint(path, what)["state_dict"])
+        state = load_checkpoint(path, what)["state_dict"]
+        if check_only:
+            check_fitting(module, state, skip)
+        else:
+            load_fitting(module, state)
     except StateDictMismatch as e:
         raise CheckpointError(f"{what} {str(path)!r} does not fit ({e}); {fix}") from None
 

@@ -287,12 +287,25 @@ def load_stitch_config(path: str | os.PathLike) -> StitchConfig:
         raise ConfigError(f"stitch config {str(path)!r}: {e}; fix the file") from None
     cfg = parse_stitch_config(data, f"stitch config {str(path)!r}")
     cfg.path = str(path)
-    # relative checkpoint paths are relative to the config file, so configs can travel with their anchors
-    cfg.anchors = [AnchorSpec(a.name, a.checkpoint if a.checkpoint is None or Path(a.checkpoint).is_absolute()
-                              or Path(a.checkpoint).exists() else str(path.parent / a.checkpoint), a.model_kwargs,
-                              a.label)
+    cfg.anchors = [AnchorSpec(a.name, anchor_checkpoint(a.checkpoint, path), a.model_kwargs, a.label)
                    for a in cfg.anchors]
     return cfg
+
+
+def anchor_checkpoint(checkpoint: str | None, config: Path) -> str | None:
+    """Where a config's relative anchor checkpoint is (docs/robustness.md): relative to the config file's folder, so
+    configs travel with their anchors; only where no file is there, relative to the working directory (configs/ of
+    this repository name the demo's anchors from the repository root). Both existing as different files: refused,
+    naming both (a stray file in the working directory must not silently win, nor lose)."""
+    if checkpoint is None or Path(checkpoint).is_absolute():
+        return checkpoint
+    beside, here = config.parent / checkpoint, Path(checkpoint)
+    if beside.exists() and here.exists() and not os.path.samefile(beside, here):
+        raise ConfigError(f"stitch config {str(config)!r}: anchor checkpoint {checkpoint!r} names two different files, "
+                          f"{str(beside)!r} (relative to the config's folder, the rule) and {str(here.resolve())!r} "
+                          f"(relative to the working directory); write an absolute path, or remove the file that "
+                          f"is not meant")
+    return str(beside) if beside.exists() or not here.exists() else checkpoint
 
 
 # ---------------------------------------------------------------------------------------------------- anchor specs

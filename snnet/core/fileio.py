@@ -75,6 +75,9 @@ def atomic_path(path: str | os.PathLike, need: int | None = None) -> Iterator[st
     ends in `DiskFullError` (the folder, `need` bytes when the caller knows them, what is free), the temporary file
     removed."""
     path = Path(path)
+    if path.is_dir():  # said of the target, before a temporary file exists (os.replace would name the temporary)
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file: give a file path in it or another path",
+                                str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
@@ -105,11 +108,11 @@ def atomic_path(path: str | os.PathLike, need: int | None = None) -> Iterator[st
             os.remove(tmp)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+def write_text_atomic(path: str | os.PathLike, text: str, newline: str | None = None) -> None:
+    """`text` into `path` atomically; `newline` as open()'s ("" writes line endings exactly as given)."""
     with atomic_path(path, need=len(text.encode())) as tmp:
-        with open(tmp, "w") as f:
+        with open(tmp, "w", newline=newline) as f:
             f.write(text)
-
 
 
 def save_figure(fig, path, **savefig_kwargs) -> None:

@@ -142,6 +142,14 @@ def _load_class_map(args: DataOptions, root: str | None) -> dict:
                         f"folder name per line") from None
     if not mapping:
         raise DataError(f"--class-map {args.class_map!r} holds no classes; give one class folder name per line")
+    if args.class_map.lower().endswith(".txt"):  # timm's dict keeps a repeated line once, numbered by its last place
+        path = args.class_map if os.path.exists(args.class_map) else os.path.join(root or "", args.class_map)
+        with open(path, encoding="utf-8") as f:
+            names = [line.strip() for line in f if line.strip()]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise DataError(f"--class-map {args.class_map!r} lists class {', '.join(map(repr, twice))} twice (a class "
+                            f"is one output); list each class folder once")
     return mapping
 
 

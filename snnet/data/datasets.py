@@ -2,6 +2,7 @@
 from checked folders; where a split's images come from and how many classes it has."""
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -25,12 +26,16 @@ from snnet.data.shards import (
     is_shards,
     read_info,
     shard_root,
+    shards_request,
     write_shards,
 )
 
+_logger = logging.getLogger("snnet")
+
 
 def create_datasets(args: DataOptions, need_train: bool):
-
+    """(train, val) datasets of a run; train None without `need_train`. A validation split that fails to load is a
+    DataError naming it (``--val-split ''`` is the explicit choice of none, for timm's non-folder datasets)."""
     if is_shards(args.dataset):  # read by snnet.data.shards (exact, resumable), not timm's wds reader
         return _shard_datasets(args, need_train)
     if args.dataset == "":
@@ -49,11 +54,19 @@ def create_datasets(args: DataOptions, need_train: bool):
             name, val_name = f"{prefix}/{folder}", f"hfds/{folder}"  # evaluation indexed: each image once, its id
             kw["download"] = prefix == "hfids"  # hfids: prepared from the local files, so the split sizes are known
         train = create_dataset(name, split=args.train_split, is_training=True, **kw) if need_train else None
-        try:
-            val = create_dataset(val_name, split=args.val_split, is_training=False, **kw)
+        val = None
+        if not args.val_split:  # --val-split '': the user's choice, said (model_best then goes by training loss)
+            _logger.info(f"--val-split '': no validation split of --dataset {args.dataset!r}")
+        else:
+            try:
+                val = create_dataset(val_name, split=args.val_split, is_training=False, **kw)
+            except Exception as e:  # never a silent run without validation
+                reason = " ".join(str(e).split())[:160]
+                raise DataError(f"the validation split {args.val_split!r} of --dataset {args.dataset!r} in "
+                                f"{args.data_dir!r} cannot be loaded ({type(e).__name__}{': ' + reason if reason else ''}"
+                                f"); name the split with --val-split, or pass --val-split '' to train without "
+                                f"validation") from None
             val.source = f"{val_name.partition('/')[0]}:{val_name.partition('/')[2]} split {args.val_split}"
-        except Exception:
-            val = None
     for ds, what in ((train, "train"), (val, "validation")):
         if ds is not None and len(ds) == 0:
             raise DataError(f"the {what} split of {args.data_dir!r} has no samples")
@@ -80,19 +93,21 @@ def write_folder_shards(folder: str, out: str, shard_size: int, name: str | None
     """``snnet shards``: the split folders of an ImageFolder (train/, val/ or validation/), checked as a training run
     checks them, and every image's header (each is decoded as it is packed), written as WebDataset shards
     (`snnet.data.shards.write_shards`) into an empty OUT (or, with `clean`, over an earlier snnet shards output)."""
-    check_shard_out(out, clean)
     if not os.path.isdir(folder):
         raise DataError(f"image folder {folder!r} does not exist; give an ImageFolder root with train/ and val/")
     splits = {d: os.path.join(folder, d) for d in (*_TRAIN_NAMES, *_VAL_NAMES) if os.path.isdir(os.path.join(folder, d))}
     if not splits:
         raise DataError(f"image folder {folder!r} has no train/ or val/ (validation/) folder; lay it out as "
                         f"{folder}/train/<class>/<image>")
+    name = name or os.path.basename(os.path.abspath(folder))
+    if check_shard_out(out, clean, shards_request(splits, shard_size, name)) is None:  # done: nothing to check
+        return write_shards(splits, out, shard_size, name, clean)  # (which reads the complete output back)
     for split, path in splits.items():
         _check_image_folder(path, split)
         scan_image_folder(path, split)  # loops, folders reached twice through links: refused as for training
     for split, path in splits.items():  # every image packed: a shard is read whole, so none may fail later
         check_image_headers(path, split)
-    return write_shards(splits, out, shard_size, name or os.path.basename(os.path.abspath(folder)), clean)
+    return write_shards(splits, out, shard_size, name, clean)
 
 
 def _shown_path(path: str) -> str:

@@ -140,7 +140,7 @@ def create_train_loader(dataset, args: LoaderOptions, data_cfg: dict[str, Any], 
     return loader
 
 
-class _StrictImages(torch.utils.data.Dataset):
+class StrictImages(torch.utils.data.Dataset):
     """Evaluation reads every image or stops, naming the file: timm's datasets skip an unreadable image and
     substitute the next one, which is fine for training (`_NamedSkips` names the file) but would make the counts of
     an evaluation silently wrong."""
@@ -193,6 +193,6 @@ def create_eval_loader(dataset, args: LoaderOptions, data_cfg: dict[str, Any] | 
                           drop_last=False, persistent_workers=False)
     dataset = copy.copy(dataset)
     dataset.transform = eval_transform(data_cfg)
-    return DataLoader(_Shard(_StrictImages(dataset), rank, world_size), batch_size=batch_size or args.validation_batch_size
+    return DataLoader(_Shard(StrictImages(dataset), rank, world_size), batch_size=batch_size or args.validation_batch_size
                       or args.batch_size, shuffle=False, num_workers=args.workers, pin_memory=args.pin_mem,
                       drop_last=False, persistent_workers=False)

@@ -40,7 +40,7 @@ from timm.data.readers.reader_image_folder import ReaderImageFolder
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from snnet.core.errors import SNNetError
-from snnet.core.fileio import atomic_path, write_text_atomic
+from snnet.core.fileio import FolderLock, atomic_path, write_text_atomic
 from snnet.core.progress import Progress
 from snnet.data.options import DataOptions
 
@@ -440,6 +440,16 @@ def check_shards(args: DataOptions, need_train: bool, world_size: int, train_nam
     if val is not None:
         splits.append(("validation", val))
     wanted = args.num_classes
+    # what _info.json alone decides: said before the shards are read (and their progress line printed)
+    if wanted is not None and splits[0][1].num_classes is not None and wanted < splits[0][1].num_classes:
+        raise ShardError(f"--num-classes {wanted} is smaller than the {splits[0][1].num_classes} classes of "
+                         f"{INFO_FILE} in {root!r}; raise it or leave it out")
+    if args.class_map:
+        raise ShardError(f"--class-map {args.class_map!r} does not apply to shards: their class indices were fixed "
+                         f"when they were written (the classes of {INFO_FILE}); drop it, or rewrite the shards from "
+                         f"a folder with those classes")
+    if need_train and args.aug_repeats:
+        raise ShardError(f"--aug-repeats {args.aug_repeats} needs an indexable dataset; shards are streamed: drop it")
     limit = splits[0][1].num_classes or wanted
     total = sum(len(s.files) for _, s in splits)
     progress = Progress(f"Checking {total} shard(s)", total, seconds=10.0, unit="shards")
@@ -475,15 +485,6 @@ def check_shards(args: DataOptions, need_train: bool, world_size: int, train_nam
         counts[what] = split.num_samples
         if split.num_samples == 0:
             raise ShardError(f"the {what} split {split.name!r} of {root!r} has no samples")
-    if wanted is not None and splits[0][1].num_classes is not None and wanted < splits[0][1].num_classes:
-        raise ShardError(f"--num-classes {wanted} is smaller than the {splits[0][1].num_classes} classes of "
-                         f"{INFO_FILE} in {root!r}; raise it or leave it out")
-    if args.class_map:
-        raise ShardError(f"--class-map {args.class_map!r} does not apply to shards: their class indices were fixed "
-                         f"when they were written (the classes of {INFO_FILE}); drop it, or rewrite the shards from "
-                         f"a folder with those classes")
-    if need_train and args.aug_repeats:
-        raise ShardError(f"--aug-repeats {args.aug_repeats} needs an indexable dataset; shards are streamed: drop it")
     return counts
 
 
@@ -497,26 +498,48 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 _SHARD_NAME = re.compile(r"^[\w.-]+-\d{6}\.tar$")
 
 
-def check_shard_out(out: str, clean: bool) -> list[str]:
-    """`snnet shards` into a folder that is not empty: its old shards would stay beside the new _info.json (another
-    --shard-size gives other names), so it is refused, or with `clean` the earlier output (shard tars, _info.json,
-    temporary files) is listed for removal; a file that is no shard output is refused either way (never removed).
-    Returns the files to remove; nothing is removed here."""
+#: written first by `write_shards` (the request: name, shard size, source folders), removed after _info.json, the
+#: last write: OUT holding it without _info.json is a run that was killed, which the same command finishes
+REQUEST_FILE = ".snnet-shards.json"
+
+
+def check_shard_out(out: str, clean: bool, request: dict | None = None) -> list[str] | None:
+    """`snnet shards` into a folder that is not empty (docs/robustness.md). The same command again (`request`: name,
+    shard size, source folders) finishes its job: OUT holding that request's complete output (its _info.json) needs
+    nothing (None), and OUT holding what a killed run of it left (its REQUEST_FILE, no _info.json) is written again
+    (its files listed for removal). Other earlier output would stay beside the new _info.json (another --shard-size
+    gives other names), so it is refused, or with `clean` listed for removal; a file that is no shard output is
+    refused either way (never removed). Returns the files to remove; nothing is removed here."""
     if not os.path.isdir(out):
         return []
-    names = sorted(os.listdir(out))
+    names = sorted(n for n in os.listdir(out) if n != FolderLock.NAME)
     if not names:
         return []
-    ours = [n for n in names if _SHARD_NAME.match(n) or n == INFO_FILE or (n.startswith(".") and n.endswith(".tmp"))]
+    ours = [n for n in names if _SHARD_NAME.match(n) or n in (INFO_FILE, REQUEST_FILE)
+            or (n.startswith(".") and n.endswith(".tmp"))]
     foreign = [n for n in names if n not in ours]
     if foreign:
         raise ShardError(f"OUT {out!r} holds files that are not shards ({', '.join(foreign[:3])}"
                          f"{', ...' if len(foreign) > 3 else ''}); pass an empty or new folder")
+    if request is not None and not clean:
+        if INFO_FILE in ours and _recorded(os.path.join(out, INFO_FILE)) == request:
+            return None
+        if INFO_FILE not in ours and _recorded(os.path.join(out, REQUEST_FILE)) == request:
+            return [os.path.join(out, n) for n in ours]
     if not clean:
         raise ShardError(f"OUT {out!r} already holds {len(ours)} file(s) of an earlier snnet shards run (e.g. "
                          f"{ours[0]}): they would stay beside the new {INFO_FILE}; pass --clean to replace them, or "
                          f"another OUT")
     return [os.path.join(out, n) for n in ours]
+
+
+def _recorded(path: str) -> dict | None:
+    """The request a REQUEST_FILE or _info.json recorded (None when unreadable or absent)."""
+    try:
+        with open(path) as f:
+            return json.load(f).get("request")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def check_image_bytes(data: bytes, path: str) -> None:
@@ -530,6 +553,12 @@ def check_image_bytes(data: bytes, path: str) -> None:
     except Exception as e:
         raise ShardError(f"image {path!r} cannot be read ({type(e).__name__}); remove or replace it before writing "
                          f"shards (training and evaluation would stop at it); no shard was kept") from None
+
+
+def shards_request(splits: dict[str, str], shard_size: int, name: str) -> dict:
+    """What a `snnet shards` command asks for, as its output records it (a rerun compares it)."""
+    return {"name": name, "shard_size": shard_size,
+            "source": {s: os.path.abspath(folder) for s, folder in splits.items()}}
 
 
 def write_shards(splits: dict[str, str], out: str, shard_size: int, name: str, clean: bool = False) -> dict:
@@ -551,24 +580,39 @@ def write_shards(splits: dict[str, str], out: str, shard_size: int, name: str, c
         if not first_split:
             classes, first_split = names, s
         elif names != classes:
-            raise ShardError(f"split folders {splits[first_split]!r} and {folder!r} have different classes "
-                             f"({len(classes)} and {len(names)}): timm numbers each split's classes separately, so "
-                             f"the labels would not match; give every split the same class folders")
+            only = lambda a, b: ", ".join(repr(c) for c in a if c not in b) or "none"
+            raise ShardError(f"split folders {splits[first_split]!r} and {folder!r} have different classes (only "
+                             f"in {first_split}/: {only(classes, names)}; only in {s}/: {only(names, classes)}): timm "
+                             f"numbers each split's classes separately, so the labels would not match; give every "
+                             f"split the same class folders")
         readers[s] = reader
     total = sum(len(r) for r in readers.values())
     progress = Progress(f"Writing shards of {total} images", total, seconds=10.0)
-    info = {"name": name, "num_classes": len(classes), "classes": classes, "splits": {}}
-    for stale in check_shard_out(out, clean):  # --clean: the earlier output goes only now, every check passed
-        os.remove(stale)
-    os.makedirs(out, exist_ok=True)
-    written: list[str] = []
-    try:
-        _write_splits(readers, splits, out, shard_size, info, progress, written)
-    except BaseException:  # a bad image found mid-way (or a full disk): no shards without their _info.json
-        for f in written:
-            os.remove(f)
-        raise
-    write_text_atomic(os.path.join(out, INFO_FILE), json.dumps(info, indent=1) + "\n")
+    request = shards_request(splits, shard_size, name)
+    info = {"name": name, "num_classes": len(classes), "classes": classes, "splits": {}, "request": request}
+    with FolderLock(out, "OUT"):  # one snnet shards per OUT: a rerun never removes a running one's files
+        stale = check_shard_out(out, clean, request)
+        if stale is None:  # this command's complete output: read it back, write nothing
+            with open(os.path.join(out, INFO_FILE)) as info_file:
+                done = json.load(info_file)
+            now = {s: len(r) for s, r in readers.items()}
+            if {s: v.get("num_samples") for s, v in done.get("splits", {}).items()} != now:
+                raise ShardError(f"OUT {out!r} holds the shards of an earlier run of this command, but the folders "
+                                 f"now hold other images ({now}); pass --clean to write them again")
+            return done
+        for path in stale:  # --clean, or a killed run of this command: removed only now, every check passed
+            os.remove(path)
+        write_text_atomic(os.path.join(out, REQUEST_FILE), json.dumps({"request": request}) + "\n")
+        written: list[str] = []
+        try:
+            _write_splits(readers, splits, out, shard_size, info, progress, written)
+        except BaseException:  # a bad image found mid-way (or a full disk): no shards without their _info.json
+            for f in written:
+                os.remove(f)
+            os.remove(os.path.join(out, REQUEST_FILE))
+            raise
+        write_text_atomic(os.path.join(out, INFO_FILE), json.dumps(info, indent=1) + "\n")
+        os.remove(os.path.join(out, REQUEST_FILE))
     return info
 
 

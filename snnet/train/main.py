@@ -71,6 +71,7 @@ _logger = logging.getLogger("snnet")
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    STOP.install()  # train.py installed it before its imports; callers of main() get it here, before any work
     try:
         adopt_slurm_env()  # under srun: RANK, WORLD_SIZE ... from Slurm's variables, before anything reads them
         args, stitch_cfg = parse_args(argv)
@@ -385,7 +386,7 @@ def fit(net: RoutedNet, train_ds, val_ds, run: Run, resume_state: dict | None) -
     steps_per_epoch = trainer.steps_per_epoch
     args_json = run.args_json
     write_recovery = recovery_writer(model, optimizer, ctx, saver, args_json, run.config_text, run.primary)
-    catching = STOP.install()  # under Slurm: SIGUSR1/SIGTERM stop the run at an agreed step, with a recovery file
+    catching = STOP.installed  # under Slurm: SIGUSR1/SIGTERM stop the run at an agreed step, with a recovery file
     ctx.snapshot_rng = train.recovery_interval > 0 or catching
     ctx.after_step.insert(0, recovery_hook(write_recovery, ctx, train.recovery_interval, steps_per_epoch))
     ctx.after_step.append(stop_hook(write_recovery, ctx, run.device, run.out_dir, steps_per_epoch))  # after faults

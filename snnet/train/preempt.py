@@ -5,6 +5,10 @@ slurm/train.sbatch) and SIGTERM (preemption, ``scontrol requeue``, ``scancel``):
 After each optimizer step the ranks agree (one all-reduce of a flag) whether any of them got one; if so, every rank
 stops after that same step, rank 0 writes the recovery checkpoint (the mechanism of --recovery-interval, so the
 requeued job's --auto-resume continues bit-identically) and the run exits with `PREEMPTED_EXIT`.
+
+The handlers are installed when the process starts (train.py's first lines, before torch is imported: this module
+needs no torch until `agreed`), so a signal during start-up (imports, checks, data, network, LS init) is noted too:
+the run stops after its first step, as it would later.
 """
 from __future__ import annotations
 
@@ -12,12 +16,12 @@ import logging
 import os
 import signal
 import threading
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
-
-from snnet.core.distributed import world
 from snnet.core.slurm import PREEMPTED_EXIT
+
+if TYPE_CHECKING:
+    import torch
 
 _logger = logging.getLogger("snnet")
 
@@ -53,6 +57,10 @@ class StopRequest:
         """True on every rank when any rank has received a signal (one all-reduce of a flag under DDP)."""
         if not self.installed:
             return False
+        import torch
+        import torch.distributed as dist
+
+        from snnet.core.distributed import world
         flag = torch.tensor([0.0 if self.signum is None else 1.0], device=device)
         if world()[1] > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)

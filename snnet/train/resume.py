@@ -81,12 +81,15 @@ def continue_epoch(ctx: TrainContext, resume_state: dict | None, accum: int = 1)
 
 
 def truncate_summary(path: Path, start_epoch: int) -> None:
-    """A resumed run redoes epochs >= start_epoch: drop their rows (written before the kill) from summary.csv."""
+    """A resumed run redoes epochs >= start_epoch: drop their rows (written before the kill) from summary.csv. The
+    kept rows stay byte for byte as written (timm's csv writer ends rows with \\r\\n): read and written with no
+    newline translation."""
     if not path.exists():
         return
-    lines = path.read_text().splitlines(keepends=True)
+    with path.open(newline="") as f:
+        lines = f.read().splitlines(keepends=True)
     keep = lines[:1] + [l for l in lines[1:] if l.split(",", 1)[0].isdigit() and int(l.split(",", 1)[0]) < start_epoch]
-    write_text_atomic(path, "".join(keep))
+    write_text_atomic(path, "".join(keep), newline="")
 
 
 def recovery_writer(model: RoutedNet, optimizer: torch.optim.Optimizer, ctx: TrainContext, saver: CheckpointSaver,

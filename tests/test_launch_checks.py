@@ -1,0 +1,116 @@
+"""What a launched rank would refuse is refused once before torchrun starts (`python -m snnet.train.preflight N`,
+distributed_train.sh's check): the anchors' own checkpoints (missing, another width, another input size), and what
+can still only fail inside a rank ends with its one line and exit 2, not torchrun's ChildFailedError banner. Also
+the one rule for a stitch config's relative anchor checkpoints (docs/robustness.md)."""
+import json
+
+import pytest
+from helpers import FAST, TINY, ForkedCli, run
+
+from snnet.core.config import ConfigError, load_stitch_config
+
+NO_SIZE = [a for i, a in enumerate(FAST) if a != "--img-size" and FAST[i - 1] != "--img-size"]
+
+
+@pytest.fixture(scope="module")
+def anchors(tmp_path_factory):
+    """The two TINY anchors trained (here: built) at image size 16 for 10 classes, saved as local checkpoints, and
+    configs naming them."""
+    import timm
+
+    from snnet.core.checkpoint import save_checkpoint
+    w = tmp_path_factory.mktemp("anchors")
+    specs = []
+    for i, spec in enumerate(TINY):
+        model = timm.create_model(spec["name"], pretrained=False, num_classes=10, img_size=16, **spec["model_kwargs"])
+        save_checkpoint(w / f"a{i}.pth.tar", {"state_dict": model.state_dict(), "epoch": 0})
+        specs.append({**spec, "checkpoint": str(w / f"a{i}.pth.tar")})
+    write = lambda name, cfg: (w / name).write_text(json.dumps(cfg)) and w / name
+    write("good.json", {"anchors": specs, "input_size": 16})
+    write("missing.json", {"anchors": [specs[0], {**specs[1], "checkpoint": str(w / "no_such.pth.tar")}],
+                           "input_size": 16})
+    wide = {**specs[1], "model_kwargs": {**specs[1]["model_kwargs"], "embed_dim": 24}}
+    write("embed_dim.json", {"anchors": [specs[0], wide], "input_size": 16})
+    write("no_input_size.json", {"anchors": specs})  # built at the timm default, 224: not what they were trained at
+    write("rso.json", {"anchors": TINY, "sampler": {"type": "rso"}})
+    return w
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    runner = ForkedCli(tmp_path_factory.mktemp("cli"))
+    yield runner
+    runner.close()
+
+
+@pytest.mark.parametrize("config,flags,needles", [
+    ("missing.json", FAST, ["no_such.pth.tar"]),
+    # the width is the cause, not the image size (the hint said "trained at image size 32 ... use img_size=32")
+    ("embed_dim.json", FAST, ["width (embed_dim) is 16, the network's 24", "use embed_dim=16"]),
+    ("no_input_size.json", NO_SIZE, ["trained at image size 16, the network built for 224"]),
+    ("rso.json", FAST, ["sampler type 'rso' is not known"]),  # the sampler built, as each rank builds it
+])
+def test_the_launch_check_reads_the_anchor_checkpoints(anchors, digits_folder, tmp_path, cli, config, flags, needles):
+    """distributed_train.sh's check refuses, in one line and exit 2, what every rank would refuse when it loads its
+    anchors (it exited 0, and torchrun's processes then failed one by one)."""
+    code, _, err = cli.call("preflight", ["2", digits_folder, "--stitch_config", anchors / config, *flags,
+                                          "--output", tmp_path])
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("error: ") and all(n in lines[0] for n in needles), err
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_launch_check_passes_fitting_anchors_whatever_the_data_classes(anchors, digits_folder, tmp_path, cli):
+    code, _, err = cli.call("preflight", ["2", digits_folder, "--stitch_config", anchors / "good.json", *FAST,
+                                          "--output", tmp_path])
+    assert code == 0, err
+
+
+@pytest.mark.dist
+def test_a_refusal_inside_the_ranks_is_one_line_not_torchruns_banner(anchors, digits_folder, tmp_path):
+    """With the launch check skipped, every rank meets the missing anchor checkpoint itself: the launch ends with
+    rank 0's one line and exit 2 (it was ~40 lines of ChildFailedError and exit 1)."""
+    r = run(["./distributed_train.sh", "2", digits_folder, "--stitch_config", anchors / "missing.json", *FAST,
+             "--output", tmp_path, "--experiment", "x"], env={"SNNET_NO_PREFLIGHT": "1"})
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert len(errors) == 1 and "no_such.pth.tar" in errors[0], r.stderr[-3000:]
+    assert "ChildFailedError" not in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------ relative anchor checkpoints in a config
+def test_a_relative_anchor_checkpoint_is_the_configs_and_a_second_candidate_is_refused(tmp_path, monkeypatch):
+    """Relative to the config file's folder; relative to the working directory only where the config's folder has
+    no such file; both existing as different files: refused, naming both (a stray ./out/anchor/last.pth.tar under
+    the working directory silently won)."""
+    cfg_dir, work = tmp_path / "cfg", tmp_path / "work"
+    for d in (cfg_dir / "out", work / "out"):
+        d.mkdir(parents=True)
+    (cfg_dir / "c.json").write_text(json.dumps({"anchors": [{"name": "deit_tiny_patch16_224",
+                                                              "checkpoint": "out/a.pth"}]}))
+    monkeypatch.chdir(work)
+    (work / "out" / "a.pth").write_bytes(b"stray")
+    assert load_stitch_config(cfg_dir / "c.json").anchors[0].checkpoint == "out/a.pth"  # only there: the fallback
+    (cfg_dir / "out" / "a.pth").write_bytes(b"meant")
+    with pytest.raises(ConfigError) as e:
+        load_stitch_config(cfg_dir / "c.json")
+    assert str(cfg_dir / "out" / "a.pth") in str(e.value) and str(work / "out" / "a.pth") in str(e.value)
+    (work / "out" / "a.pth").unlink()
+    assert load_stitch_config(cfg_dir / "c.json").anchors[0].checkpoint == str(cfg_dir / "out" / "a.pth")
+    monkeypatch.chdir(cfg_dir)  # one file reached both ways: no question
+    assert load_stitch_config("c.json").anchors[0].checkpoint == "out/a.pth"
+
+
+def test_load_weights_names_the_width_not_the_image_size():
+    """A ViT checkpoint of another embed_dim: the hint names the width (it named an image size to use)."""
+    import timm
+
+    from snnet.core.checkpoint import image_size_hint
+    kw = dict(patch_size=4, depth=1, num_heads=2, img_size=16)
+    narrow = timm.create_model("deit_tiny_patch16_224", pretrained=False, embed_dim=16, **kw)
+    wide = timm.create_model("deit_tiny_patch16_224", pretrained=False, embed_dim=24, **kw)
+    hint = image_size_hint(wide, narrow.state_dict())
+    assert "width (embed_dim) is 16" in hint and "image size" not in hint
+
+
