@@ -42,7 +42,7 @@ def dry_run_text(argv, world_size, capsys, monkeypatch) -> str:
 
 
 def check(case: str, text: str) -> None:
-    path = RECORDED / f"{case}.yaml"
+    path = RECORDED / (f"{case}.json" if case == "flags" else f"{case}.yaml")
     if os.environ.get("SNNET_RECORD_DRY_RUNS") == "1":
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
@@ -76,3 +76,19 @@ def test_a_changed_output_fails(capsys, monkeypatch):
     argv, world_size = CASES["plain_model"]
     with pytest.raises(pytest.fail.Exception, match="differs from the recorded"):
         check("plain_model", dry_run_text([*argv, "--epochs", "7"], world_size, capsys, monkeypatch))
+
+
+def parser_surface() -> str:
+    """Every flag of train.py as the parser knows it: its spellings, dest, default, nargs, choices, const, metavar."""
+    import json
+
+    from snnet.train.args import build_parser
+    rows = [{"flags": a.option_strings, "dest": a.dest, "default": a.default, "nargs": a.nargs,
+             "choices": list(a.choices) if a.choices else None, "const": a.const, "metavar": a.metavar,
+             "switch": a.nargs == 0} for a in build_parser()._actions if a.dest != "help"]
+    return json.dumps(sorted(rows, key=lambda r: r["dest"]), indent=0, default=repr) + "\n"
+
+
+def test_train_py_flags_are_spelled_as_recorded():
+    """timm's flag names and spellings, aliases, defaults, nargs and choices: as recorded before issue 39."""
+    check("flags", parser_surface())
