@@ -3,14 +3,12 @@
 and what is saved, in both tools."""
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from helpers import FAST, TINY
 
 from snnet import build_snnet, parse_stitch_config
-from snnet.data.options import DataOptions, LoaderOptions
+from snnet.data.options import LoaderOptions
 from snnet.train import main as train_main
 from snnet.train import trainer as trainer_module
 from snnet.train.options import (
@@ -147,22 +145,3 @@ def test_options_by_key_refuses_what_train_py_refuses(key, value, message):
         return
     with pytest.raises(OptionError, match=message):
         options_by_key(classes, {key: value}, "sweep.yaml: train")
-
-
-def test_option_rules_are_the_parsers():
-    """RULES holds each flag's rule as train.py's parser checks it (its choices and its type function)."""
-    from snnet.train.args import build_parser
-    from snnet.train.options import RULES
-    kinds = {"_positive_int": "positive", "_positive_float": "positive", "_non_negative_int": "non_negative",
-             "_non_negative_float": "non_negative", "_probability": "probability"}
-    fields = {f.name for cls in (DataOptions, LoaderOptions, *TRAINING_OPTIONS) for f in dataclasses.fields(cls)}
-    want = {}
-    for action in build_parser()._actions:
-        if action.dest not in fields:
-            continue
-        if action.choices is not None and not isinstance(action.choices, dict):
-            want[action.dest] = tuple(action.choices)
-        elif getattr(action.type, "__name__", None) in kinds:
-            want[action.dest] = kinds[action.type.__name__]
-    assert set(RULES) <= fields and RULES == want
-
