@@ -238,17 +238,15 @@ def test_ls_init_of_a_cuda_network_as_train_py_runs_it(digits_folder):
     from timm.data import create_dataset
 
     from snnet.core.config import parse_stitch_config
-    from snnet.data.options import DataOptions, LoaderOptions
     from snnet.train.main import Run, ls_initialise
-    from snnet.train.options import EvalOptions, LossOptions, OptimOptions, ScheduleOptions, TrainOptions
+    from snnet.train.options import RunOptions
     raw = {"anchors": [vit(8), vit(16)], "skip_final_norm": False, "stitch_init_bs": 32}
     net = snnet().to(CUDA)
     before = {k: v.clone() for k, v in net.stitch_layers.state_dict().items()}
     data_cfg = {"input_size": (3, IMG, IMG), "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.5,) * 3,
                 "crop_pct": 1.0, "crop_mode": "center"}
-    run = Run(OptimOptions(), ScheduleOptions(), LossOptions(), TrainOptions(seed=0), EvalOptions(),
-              DataOptions(str(digits_folder)), LoaderOptions(), parse_stitch_config(raw), CUDA, None, data_cfg,
-              digits_folder, "{}", "{}")
+    run = Run(RunOptions.from_values({"seed": 0, "data_dir": str(digits_folder)}), parse_stitch_config(raw), CUDA,
+              None, data_cfg, digits_folder, "{}", "{}")
     ls_initialise(net, run, create_dataset("", root=str(digits_folder / "train"), split="", search_split=False))
     after = net.stitch_layers.state_dict()
     assert all(v.device.type == "cuda" for v in after.values())

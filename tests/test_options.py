@@ -18,10 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 #: preflight.py is part of the resolution: it checks the resolved arguments as a whole before any work and is called
 #: only by train.py's edge; the checks other tools reuse (check_output, check_augmentation) take typed values
 EDGE = {"snnet/cli.py", "snnet/demo.py", "snnet/train/args.py", "snnet/train/resolve.py", "snnet/train/preflight.py"}
-#: train.py's program (snnet/train/main.py): only its edge takes the namespace: `run`/`_run` (dry run, checks, the
-#: process group), `_resolve` (classes, auto-resume, dist-bn: frozen from then on), `_config_text`, `_wants_ls_init`
-#: and `run_from`, which turns the resolved arguments into the typed `Run` that every later phase reads
-EDGE_FUNCTIONS = {"snnet/train/main.py": {"run", "_run", "_resolve", "_config_text", "_wants_ls_init", "run_from"}}
+#: train.py's program (snnet/train/main.py) passes the typed RunOptions down (built once from the parsed flags,
+#: resolved once); only `run_from` takes the namespace, the resolved arguments a run records (args.yaml, checkpoints)
+EDGE_FUNCTIONS = {"snnet/train/main.py": {"run_from"}}
 
 
 def _is_namespace(node: ast.AST | None) -> bool:

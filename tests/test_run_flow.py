@@ -24,13 +24,13 @@ def _stop_at(monkeypatch, name):
     seen = {}
     run_from = main_mod.run_from
 
-    def record(args, *a, **k):  # the resolved arguments the typed Run is built from (train.py's edge)
-        seen["args"] = args
-        return run_from(args, *a, **k)
+    def record(options, args, *a, **k):  # the resolved options and the arguments they record (train.py's edge)
+        seen["args"], seen["options"] = args, options
+        return run_from(options, args, *a, **k)
 
     def stop(*a, **k):
         if name == "build_network":
-            seen["args"] = next(x for x in a if hasattr(x, "num_classes"))
+            seen["network"] = next(x for x in a if hasattr(x, "num_classes"))
         raise KeyboardInterrupt  # not a user error: stops the run where it is
 
     monkeypatch.setattr(main_mod, "run_from", record)
@@ -68,9 +68,9 @@ def test_a_run_refused_while_building_leaves_no_trace(digits_folder, tiny_config
     with pytest.raises(KeyboardInterrupt):
         main_mod.main(_argv(digits_folder, tiny_config, tmp_path))
     assert not (tmp_path / "flow").exists()
-    assert seen["args"].num_classes == 10
+    assert seen["network"].num_classes == 10  # the resolved options (classes from the data folder), frozen
     with pytest.raises(AttributeError):
-        seen["args"].epochs = 2
+        seen["network"].num_classes = 2
 
 
 def test_positions_are_chosen_before_the_snnet_is_built(monkeypatch):

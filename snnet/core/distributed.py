@@ -3,14 +3,21 @@ type associated with device type cpu"), gloo takes CPU tensors. Statistics kept 
 epoch's loss) or on the GPU (least-squares statistics) are summed through `all_reduce_sum`, whatever the backend."""
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
 
-def world() -> tuple[int, int]:
-    """(rank, world size) of this process; (0, 1) outside a process group."""
+def world(launched: bool = False) -> tuple[int, int]:
+    """(rank, world size) of this process in its process group; (0, 1) outside one, so collectives are skipped.
+    `launched`: outside a group, the launcher's (torchrun's, or Slurm's once adopted: RANK, WORLD_SIZE), for what
+    runs before the group is set up or without one (train.py's dry run and output lock, stitch-train's processes).
+    The one place a rank is read."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
+    if launched:
+        return int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
     return 0, 1
 
 

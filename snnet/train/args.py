@@ -22,7 +22,7 @@ from snnet.core import slurm
 from snnet.core.config import ARG_DESTS, ConfigError, StitchConfig, load_stitch_config
 from snnet.core.errors import UsageError
 from snnet.core.options import FILES, GROUPS, Flag, flag_fields, rule_violation
-from snnet.train.options import FLAG_OPTIONS, JobOptions
+from snnet.train.options import FLAG_OPTIONS, JobOptions, RunOptions
 
 T = TypeVar("T")
 
@@ -386,7 +386,7 @@ def _yaml_entries(path: str) -> list[tuple[str, str, Any]]:
     return [(str(k), str(k).replace("-", "_"), v) for k, v in data.items()]
 
 
-__all__ = ["build_parser", "parse_args", "options_from", "UsageError", "ConfigError"]
+__all__ = ["arguments", "build_parser", "parse_args", "options_from", "UsageError", "ConfigError"]
 
 
 class FrozenArgs(argparse.Namespace):
@@ -407,6 +407,13 @@ def freeze(args: argparse.Namespace, **resolved: Any) -> FrozenArgs:
     out = FrozenArgs.__new__(FrozenArgs)
     out.__dict__.update({**vars(args), **resolved})
     return out
+
+
+def arguments(options: RunOptions, **resolved: Any) -> FrozenArgs:
+    """train.py's arguments as the edge reads and records them (its checks, --dry-run, args.yaml, a checkpoint's
+    "args"): the run's options by flag name (lists as typed), with what the run `resolved` (rank, world size)."""
+    return freeze(argparse.Namespace(), **{k: list(v) if isinstance(v, tuple) else v
+                                           for k, v in options.values().items()}, **resolved)
 
 
 def options_from(cls: type[T], args: argparse.Namespace, **over: Any) -> T:

@@ -8,6 +8,8 @@ arguments (`snnet.train.args.options_from`) and every other tool (stitch-train, 
 keyword (`options_by_key` checks the keys, the value types and the flags' rules)."""
 from __future__ import annotations
 
+import dataclasses
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +28,7 @@ from snnet.core.options import (
     STITCHING,
     OptionError,
     again,
+    flag_of,
     option,
     options_by_key,
 )
@@ -40,7 +43,7 @@ from snnet.data.options import (
 )
 
 __all__ = ["EvalOptions", "FLAG_OPTIONS", "InputOptions", "JobOptions", "LoggerOptions", "LossOptions",
-           "NetworkOptions", "OptimOptions", "OptionError", "ScheduleOptions", "SelectionOptions", "TRAINING_OPTIONS",
+           "NetworkOptions", "OptimOptions", "OptionError", "RunOptions", "ScheduleOptions", "SelectionOptions", "TRAINING_OPTIONS",
            "TrainOptions", "options_by_key"]
 
 #: options several of the objects below share
@@ -381,6 +384,63 @@ class JobOptions:
     experiment: str = option("", "--experiment", group=OUTPUT,
                              help="name of train experiment, name of sub-folder for output ('' = "
                                   "<date>-<model>-<img size>)")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """One train.py run's options, every section typed: built once from the parsed (and later the resolved)
+    values (`from_values`), and passed down whole; `values` gives the flat mapping back (train.py's flag names),
+    which is what args.yaml and every checkpoint record."""
+    job: JobOptions
+    data: DataOptions
+    loader: LoaderOptions
+    optim: OptimOptions
+    schedule: ScheduleOptions
+    loss: LossOptions
+    train: TrainOptions
+    eval: EvalOptions
+    input: InputOptions
+    network: NetworkOptions
+    logging: LoggerOptions
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> RunOptions:
+        """Each section from the values of its fields' names (lists as tuples); a section field without a value
+        keeps its default."""
+        hints = typing.get_type_hints(cls)
+        sections = {}
+        for f in dataclasses.fields(cls):
+            section = hints[f.name]
+            names = {g.name for g in dataclasses.fields(section)}
+            sections[f.name] = section(**{n: tuple(v) if isinstance(v, list) else v
+                                          for n, v in values.items() if n in names})
+        return cls(**sections)
+
+    def values(self) -> dict[str, Any]:
+        """Every option's value by its flag's name, the sections' shared ones once: train.py's arguments."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            for g in dataclasses.fields(section):
+                if flag_of(g) is not None:
+                    out.setdefault(g.name, getattr(section, g.name))
+        return out
+
+    def network_to_build(self) -> NetworkOptions:
+        """The network section with what a selection of positions from data reads: the data, timm's data-config
+        options (`InputOptions.data_config_args`), the LS init's image count and the device."""
+        return dataclasses.replace(self.network, selection=SelectionOptions(
+            self.data, self.input.data_config_args(), self.job.stitch_init_bs, self.train.device))
+
+    def replaced(self, **values: Any) -> RunOptions:
+        """The same run with `values` over its own, in every section with a field of that name."""
+        sections = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        known = {g.name for section in sections.values() for g in dataclasses.fields(section)}
+        if set(values) - known:
+            raise TypeError(f"RunOptions has no option(s) {sorted(set(values) - known)}")
+        return RunOptions(**{name: dataclasses.replace(section, **{k: v for k, v in values.items()
+                                                                    if k in {g.name for g in dataclasses.fields(section)}})
+                             for name, section in sections.items()})
 
 
 #: every option object of a training run (the data layer's are `snnet.data.options`)
