@@ -15,11 +15,11 @@ from snnet.train.options import (
     TRAINING_OPTIONS,
     OptimOptions,
     OptionError,
+    RunOptions,
     ScheduleOptions,
-    TrainOptions,
     options_by_key,
 )
-from snnet.train.trainer import create_trainer
+from snnet.train.trainer import EpochHooks, TrainSetup, create_trainer
 
 EMA = {"model_ema": True, "model_ema_decay": 0.5}  # a short memory: after a few steps far from the raw weights
 
@@ -34,13 +34,21 @@ def test_trainer_trains_an_ema_and_validates_it():
                       num_classes=10, img_size=16)
     batches = [(torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))) for _ in range(4)]
     loss_fn = lambda x, out, y: torch.nn.functional.cross_entropy(out, y)
-    trainer = create_trainer(net, batches, loss_fn, optim=OptimOptions(opt="sgd", lr=0.1),
-                             schedule=ScheduleOptions(epochs=2, warmup_epochs=0),
-                             train=TrainOptions(batch_size=8, grad_accum_steps=2, log_interval=10 ** 6, **EMA),
-                             device=torch.device("cpu"), amp_dtype=None, sampler=lambda step: step % net.num_configs)
+    options = RunOptions.from_values({"data_dir": "", "opt": "sgd", "lr": 0.1, "epochs": 2, "warmup_epochs": 0,
+                                      "batch_size": 8, "grad_accum_steps": 2, "log_interval": 10 ** 6, **EMA})
+    trainer = create_trainer(net, batches, loss_fn, options,
+                             TrainSetup(torch.device("cpu"), None, sampler=lambda step: step % net.num_configs))
     seen, ends = [], []
-    trainer.fit(lambda epoch, m: (seen.append(trainer.eval_model) or {}, None),
-                lambda epoch, m, metrics, lr: ends.append((epoch, lr)))
+
+    class Hooks(EpochHooks):  # the caller's state on its hooks object, the hooks as methods
+        def validate(self, epoch, train_metrics):
+            seen.append(trainer.eval_model)
+            return {}, None
+
+        def end_epoch(self, epoch, train_metrics, metrics, lr):
+            ends.append((epoch, lr))
+
+    trainer.fit(Hooks())
     assert trainer.ctx.global_step == 2 * 2 and [e for e, _ in ends] == [0, 1]  # 4 batches, 2 per step, 2 epochs
     assert seen == [trainer.ema, trainer.ema] and trainer.ema is not net
     raw, ema = net.state_dict(), trainer.ema.state_dict()

@@ -63,7 +63,7 @@ from snnet.train.resume import (
     truncate_summary,
 )
 from snnet.train.sampler import create_sampler
-from snnet.train.trainer import Trainer, create_trainer
+from snnet.train.trainer import EpochHooks, Trainer, TrainSetup, create_trainer
 
 _logger = logging.getLogger("snnet")
 
@@ -361,16 +361,13 @@ def _sampler(net: RoutedNet, run: Run, rank: int):
 def _setup_training(net: RoutedNet, train_ds, run: Run, resume_state: dict | None, sampler) -> Trainer:
     """The trainer (optimizer, scaler, schedule, EMA, compile, DDP) on the training loader, with the run's loss and
     sampler, resumed where the checkpoint left off."""
-    train, (rank, world_size) = run.train, world()
+    train, world_size = run.train, world()[1]
     _freeze(net, run.stitch_cfg, train.freeze_anchors)
     loader = create_train_loader(train_ds, run.loader, run.data_cfg, run.device)
     loss_fn, mixup_fn = create_loss(run.loss, run.device)
-    trainer = create_trainer(net, loader, loss_fn, optim=run.optim, schedule=run.schedule, train=run.train,
-                             device=run.device, amp_dtype=run.amp_dtype, sampler=sampler,
-                             mixup_fn=mixup_fn, rank=rank, world_size=world_size, resume_state=resume_state,
-                             resumed_from=run.resumed_from or "", eval_metric=run.eval.eval_metric,
-                             mixup_off_epoch=run.loss.mixup_off_epoch, input_size=run.data_cfg["input_size"],
-                             after_step=[fault_injection])
+    setup = TrainSetup(run.device, run.amp_dtype, sampler, mixup_fn, resume_state, run.data_cfg["input_size"],
+                       after_step=[fault_injection])
+    trainer = create_trainer(net, loader, loss_fn, run.options, setup)
     accum = trainer.ctx.accum_steps
     continue_epoch(trainer.ctx, resume_state, accum)
     if run.primary:
@@ -385,47 +382,53 @@ def _setup_training(net: RoutedNet, train_ds, run: Run, resume_state: dict | Non
     return trainer
 
 
-def fit(net: RoutedNet, train_ds, val_ds, run: Run, resume_state: dict | None, sampler) -> None:
-    """Train epoch by epoch (validation panel, checkpoints, summary.csv), then evaluate every stitch."""
-    train, ev, (rank, world_size) = run.train, run.eval, world()
-    model = unwrap(net)
-    trainer = _setup_training(model, train_ds, run, resume_state, sampler)
-    ctx, optimizer, epochs, net = trainer.ctx, trainer.optimizer, trainer.epochs, trainer.net
-    panel = val_panel(run.eval, model)
-    val_loader = create_eval_loader(val_ds, run.loader, run.data_cfg, rank, world_size) if val_ds is not None else None
-    by_loss = "loss" in ev.eval_metric or val_loader is None  # no validation split: best by training loss
-    if val_loader is None and run.primary:
-        _logger.info("no validation split: model_best.pth.tar is the epoch with the lowest training loss")
-    saver = CheckpointSaver(run.out_dir, higher_is_better=not by_loss, max_history=train.checkpoint_hist)
-    saver.best = resume_state.get("best_metric") if resume_state is not None else None
-    steps_per_epoch = trainer.steps_per_epoch
-    args_json = run.args_json
-    write_recovery = recovery_writer(model, optimizer, ctx, saver, args_json, run.config_text, run.primary)
-    catching = STOP.install()  # under Slurm: SIGUSR1/SIGTERM stop the run at an agreed step, with a recovery file
-    ctx.snapshot_rng = train.recovery_interval > 0 or catching
-    ctx.after_step.insert(0, recovery_hook(write_recovery, ctx, train.recovery_interval, steps_per_epoch))
-    ctx.after_step.append(stop_hook(write_recovery, ctx, run.device, run.out_dir, steps_per_epoch))  # after faults
-    if run.primary:
-        truncate_summary(run.out_dir / "summary.csv", epochs.start)
-    loggers = run.loggers or Loggers()
-    clock = ctx.clock = RunClock(epochs, model.num_configs, len(val_ds) // world_size if val_ds is not None else 0,
-                                 1 + (trainer.ema is not None))
-    chosen: dict[str, float | None] = {"metric": None}  # the epoch's metric for model_best (validate -> end_epoch)
+class RunEpochs(EpochHooks):
+    """train.py's epochs around the trainer's: the validation panel (the EMA's metrics when on), model_best by the
+    eval metric (the training loss without a val split), checkpoints and summary.csv each epoch, the loggers, the
+    progress clock, and the stop at a Slurm signal once the epoch is saved."""
 
-    def validate(epoch: int, train_metrics: dict) -> tuple[dict, float | None]:
-        eval_metrics, metric = {}, train_metrics["loss"] if by_loss else None
-        if val_loader is not None and (epoch + 1) % ev.val_interval == 0:
-            eval_metrics = validate_panel(net, val_loader, panel, run.evaluation, epoch, train_metrics["loss"])
+    def __init__(self, trainer: Trainer, run: Run, val_ds, resume_state: dict | None):
+        self.trainer, self.run = trainer, run
+        rank, world_size = world()
+        self.panel = val_panel(run.eval, trainer.model)
+        self.val_loader = create_eval_loader(val_ds, run.loader, run.data_cfg, rank, world_size) \
+            if val_ds is not None else None
+        self.by_loss = "loss" in run.eval.eval_metric or self.val_loader is None
+        if self.val_loader is None and run.primary:
+            _logger.info("no validation split: model_best.pth.tar is the epoch with the lowest training loss")
+        self.saver = CheckpointSaver(run.out_dir, higher_is_better=not self.by_loss,
+                                     max_history=run.train.checkpoint_hist)
+        self.saver.best = resume_state.get("best_metric") if resume_state is not None else None
+        self.loggers = run.loggers or Loggers()
+        self.clock = trainer.ctx.clock = RunClock(trainer.epochs, trainer.model.num_configs,
+                                                  len(val_ds) // world_size if val_ds is not None else 0,
+                                                  1 + (trainer.ema is not None))
+        self.metric: float | None = None  # the epoch's metric for model_best (validate -> end_epoch)
+
+    def start_epoch(self, epoch: int) -> None:
+        self.clock.start(epoch)
+
+    def trained(self, epoch: int) -> None:
+        train = self.run.train
+        self.clock.trained(self.trainer.steps_per_epoch * train.grad_accum_steps * train.batch_size)
+
+    def validate(self, epoch: int, train_metrics: dict) -> tuple[dict, float | None]:
+        trainer, ev, evaluation = self.trainer, self.run.eval, self.run.evaluation
+        eval_metrics, metric = {}, train_metrics["loss"] if self.by_loss else None
+        if self.val_loader is not None and (epoch + 1) % ev.val_interval == 0:
+            eval_metrics = validate_panel(trainer.net, self.val_loader, self.panel, evaluation, epoch,
+                                          train_metrics["loss"])
             if trainer.ema is not None:  # as timm: the EMA's metrics are the epoch's (summary, model_best)
                 trainer.distribute_bn(trainer.ema)
-                eval_metrics = validate_panel(trainer.ema, val_loader, panel, run.evaluation, epoch, train_metrics["loss"],
-                                         " (EMA)")
+                eval_metrics = validate_panel(trainer.ema, self.val_loader, self.panel, evaluation, epoch,
+                                              train_metrics["loss"], " (EMA)")
             metric = eval_metrics[ev.eval_metric] if ev.eval_metric in eval_metrics else eval_metrics["top1"]
-            clock.validated(len(panel))
-        chosen["metric"] = metric
+            self.clock.validated(len(self.panel))
+        self.metric = metric
         return eval_metrics, metric
 
-    def end_epoch(epoch: int, train_metrics: dict, eval_metrics: dict, lr: float) -> None:
+    def end_epoch(self, epoch: int, train_metrics: dict, eval_metrics: dict, lr: float) -> None:
+        run, trainer, ctx = self.run, self.trainer, self.trainer.ctx
         if run.primary:
             try:  # timm appends the row in place: a full disk is said as every other write says it
                 update_summary(epoch, train_metrics, eval_metrics, filename=str(run.out_dir / "summary.csv"),
@@ -434,29 +437,44 @@ def fit(net: RoutedNet, train_ds, val_ds, run: Run, resume_state: dict | None, s
                 if is_disk_full(e, run.out_dir):
                     raise disk_full_error(run.out_dir, "'summary.csv'", 0) from None
                 raise
-            state = training_state(model, optimizer, epoch, ctx.global_step, args_json, run.config_text,
-                                   ctx.loss_scaler, ema=trainer.ema)
-            improved = saver.save(state, chosen["metric"])
-            saver.drop_recovery()
+            state = training_state(trainer.model, trainer.optimizer, epoch, ctx.global_step, run.args_json,
+                                   run.config_text, ctx.loss_scaler, ema=trainer.ema)
+            improved = self.saver.save(state, self.metric)
+            self.saver.drop_recovery()
             _logger.info(f"saved {run.out_dir / LAST}" + (" (best so far)" if improved else ""))
-            loggers.log_epoch(epoch, train_metrics, eval_metrics, lr)
-        took = clock.finish()
+            self.loggers.log_epoch(epoch, train_metrics, eval_metrics, lr)
+        took = self.clock.finish()
         if run.primary:
-            _logger.info(clock.summary(took))
-        if ctx.stop_after_epoch and epoch + 1 < epochs.stop:
+            _logger.info(self.clock.summary(took))
+        if ctx.stop_after_epoch and epoch + 1 < trainer.epochs.stop:
             all_saved()
             raise Preempted(f"{STOP.name()} in the last step of epoch {epoch}: {run.out_dir / LAST} written; "
                             f"--auto-resume (or a requeued Slurm job) continues with epoch {epoch + 1}")
 
-    trainer.fit(validate, end_epoch, start_epoch=clock.start,
-                trained=lambda epoch: clock.trained(steps_per_epoch * train.grad_accum_steps * train.batch_size))
+
+def fit(net: RoutedNet, train_ds, val_ds, run: Run, resume_state: dict | None, sampler) -> None:
+    """Train epoch by epoch (`RunEpochs`: validation panel, checkpoints, summary.csv), then evaluate every
+    stitch."""
+    model = unwrap(net)
+    trainer = _setup_training(model, train_ds, run, resume_state, sampler)
+    ctx, steps_per_epoch = trainer.ctx, trainer.steps_per_epoch
+    epochs = RunEpochs(trainer, run, val_ds, resume_state)
+    write_recovery = recovery_writer(model, trainer.optimizer, ctx, epochs.saver, run.args_json, run.config_text,
+                                     run.primary)
+    catching = STOP.install()  # under Slurm: SIGUSR1/SIGTERM stop the run at an agreed step, with a recovery file
+    ctx.snapshot_rng = run.train.recovery_interval > 0 or catching
+    ctx.after_step.insert(0, recovery_hook(write_recovery, ctx, run.train.recovery_interval, steps_per_epoch))
+    ctx.after_step.append(stop_hook(write_recovery, ctx, run.device, run.out_dir, steps_per_epoch))  # after faults
+    if run.primary:
+        truncate_summary(run.out_dir / "summary.csv", trainer.epochs.start)
+    trainer.fit(epochs)
     if val_ds is not None:
         ckpt_hash = file_sha256(run.out_dir / LAST) if run.primary else ""
-        evaluate_all(net, val_ds, run.evaluation, ckpt_hash)
+        evaluate_all(trainer.net, val_ds, run.evaluation, ckpt_hash)
         if trainer.ema is not None:
             evaluate_all(trainer.ema, val_ds, run.evaluation, ckpt_hash, EMA_RESULTS_FILE)
-        loggers.log_final_front(run.out_dir / RESULTS_FILE, run.out_dir, epochs.stop)
-    loggers.close()
+        epochs.loggers.log_final_front(run.out_dir / RESULTS_FILE, run.out_dir, trainer.epochs.stop)
+    epochs.loggers.close()
 
 
 if __name__ == "__main__":
