@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 #: only by train.py's edge; the checks other tools reuse (check_output, check_augmentation) take typed values
 EDGE = {"snnet/cli.py", "snnet/demo.py", "snnet/train/args.py", "snnet/train/resolve.py", "snnet/train/preflight.py"}
 #: train.py's program (snnet/train/main.py) passes the typed RunOptions down (built once from the parsed flags,
-#: resolved once); only `run_from` takes the namespace, the resolved arguments a run records (args.yaml, checkpoints)
-EDGE_FUNCTIONS = {"snnet/train/main.py": {"run_from"}}
+#: resolved once); only `build_run` takes the namespace, the resolved arguments a run records (args.yaml, checkpoints)
+EDGE_FUNCTIONS = {"snnet/train/main.py": {"build_run"}}
 
 
 def _is_namespace(node: ast.AST | None) -> bool:

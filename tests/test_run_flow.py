@@ -22,18 +22,18 @@ def _stop_at(monkeypatch, name):
     """Make train.py's phase `name` record its arguments and stop the run there."""
     import snnet.train.main as main_mod
     seen = {}
-    run_from = main_mod.run_from
+    build_run = main_mod.build_run
 
     def record(options, args, *a, **k):  # the resolved options and the arguments they record (train.py's edge)
         seen["args"], seen["options"] = args, options
-        return run_from(options, args, *a, **k)
+        return build_run(options, args, *a, **k)
 
     def stop(*a, **k):
         if name == "build_network":
             seen["network"] = next(x for x in a if hasattr(x, "num_classes"))
         raise KeyboardInterrupt  # not a user error: stops the run where it is
 
-    monkeypatch.setattr(main_mod, "run_from", record)
+    monkeypatch.setattr(main_mod, "build_run", record)
     monkeypatch.setattr(main_mod, name, stop)
     return seen
 

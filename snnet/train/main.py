@@ -4,8 +4,8 @@
     train.py DATA --stitch_config ... --eval --resume CKPT                     # evaluate every stitch
     train.py DATA --model vit_tiny_patch16_224 [timm flags]                    # one plain model
 
-This module wires (as DeiT's main.py): arguments -> typed options -> data -> network -> LS init / resume -> `fit`
-or `evaluate_all`. The trainer (optimizer, schedule, EMA, the epoch loop) is trainer.py, shared with stitch-train;
+This module wires (as DeiT's main.py): parse -> typed options (`RunOptions`, once) -> check -> resolve -> build ->
+LS init / resume -> `train_and_evaluate` (the trainer's `fit` with `RunEpochs`) or `evaluate_all`. The trainer (optimizer, schedule, EMA, the epoch loop) is trainer.py, shared with stitch-train;
 the loops engine.py; evaluation and prediction files evaluator.py; resume and recovery resume.py; the LS init's data
 ls_data.py; checkpoints snnet/core/checkpoint.py.
 """
@@ -43,8 +43,7 @@ from snnet.train.device import adopt_slurm_env, amp_dtype_for, requeued, resolve
 from snnet.train.evaluator import Evaluation, evaluate_all, prediction_ids, val_panel, validate_panel
 from snnet.train.loggers import Loggers, check_loggers, create_loggers
 from snnet.train.losses import create_loss
-from snnet.train.ls_data import InitImages
-from snnet.train.ls_data import ls_initialise as fit_stitching_layers
+from snnet.train.ls_data import InitImages, ls_initialise
 from snnet.train.network import build_network, check_train_exclude
 from snnet.train.optim import anchor_lr_scale
 from snnet.train.options import JobOptions, RunOptions, TrainOptions
@@ -73,7 +72,7 @@ def main(argv=None) -> int:
     try:
         adopt_slurm_env()  # under srun: RANK, WORLD_SIZE ... from Slurm's variables, before anything reads them
         args, stitch_cfg = parse_args(argv)  # parse (each flag checked as typed)
-        run(RunOptions.from_values(vars(args)), stitch_cfg)  # the typed options, once
+        start(RunOptions.from_values(vars(args)), stitch_cfg)  # the typed options, once
     except Preempted as e:  # every rank stopped at the same step, the recovery checkpoint written: a clean exit
         if world(launched=True)[0] == 0:
             print(f"preempted: {e}", file=sys.stderr)
@@ -149,7 +148,7 @@ class Run:
                           self.train.seed, self.evaluating)
 
 
-def run_from(options: RunOptions, args: argparse.Namespace, stitch_cfg: StitchConfig | None, device: torch.device,
+def build_run(options: RunOptions, args: argparse.Namespace, stitch_cfg: StitchConfig | None, device: torch.device,
              data_cfg: dict, out_dir: Path) -> Run:
     """train.py's edge: the resolved options and the arguments they record (`args`, args.yaml's) as the typed run."""
     return Run(options, stitch_cfg, device, amp_dtype_for(options.train, device), data_cfg, out_dir,
@@ -189,17 +188,9 @@ def resolve(options: RunOptions, stitch_cfg: StitchConfig | None, dataset, place
                             dist_bn="" if synced else options.train.dist_bn)
 
 
-def ls_initialise(net: RoutedNet, run: Run, images_from) -> None:
-    """The least-squares init of the stitching layers (`snnet.train.ls_data`) with the run's stitch_init_bs and
-    ls_mode (the flag's, else the config's)."""
-    assert run.stitch_cfg is not None  # only an SN-Net has stitching layers to fit
-    count = run.options.job.stitch_init_bs or run.stitch_cfg.get("stitch_init_bs")
-    mode = run.options.job.ls_mode or run.stitch_cfg.get("ls_mode")
-    fit_stitching_layers(net, images_from, run.stitch_cfg, count, mode, run.init_images)
-
-
 # ------------------------------------------------------------------------------------------------------ the run
-def run(options: RunOptions, stitch_cfg: StitchConfig | None) -> None:
+def start(options: RunOptions, stitch_cfg: StitchConfig | None) -> None:
+    """Check, then execute the run under the output folder's lock (--dry-run: print the resolved run)."""
     args = arguments(options)  # what the edge's checks and the printed run read
     if options.job.dry_run:  # before any process group, weight or image: rank 0 prints the resolved run
         check_recipe(args, stitch_cfg, world(launched=True)[1])  # the checks that need no data, device or file here
@@ -213,10 +204,10 @@ def run(options: RunOptions, stitch_cfg: StitchConfig | None) -> None:
     # one run per output folder: rank 0 holds the lock (torchrun's other ranks write into rank 0's folder); the
     # kernel releases it when the process dies, so a crashed run never leaves it stuck
     with FolderLock(out_dir) if world(launched=True)[0] == 0 else nullcontext():
-        _run(options, stitch_cfg, out_dir)
+        _execute(options, stitch_cfg, out_dir)
 
 
-def _run(options: RunOptions, stitch_cfg: StitchConfig | None, out_dir: Path) -> None:
+def _execute(options: RunOptions, stitch_cfg: StitchConfig | None, out_dir: Path) -> None:
     job = options.job
     placement = resolve_device(options.train.device, job.dist_backend, job.dist_url)  # the process group (timm's)
     rank, world_size, device = placement.rank, placement.world_size, placement.device
@@ -230,43 +221,45 @@ def _run(options: RunOptions, stitch_cfg: StitchConfig | None, out_dir: Path) ->
                      local_rank=placement.local_rank)
     net, stitch_cfg = _build(options, stitch_cfg, train_ds, device)  # build: positions explicit from here
     data_cfg = resolve_data_config(options.input.data_config_args(), model=net)
-    run_ = run_from(options, args, stitch_cfg, device, data_cfg, out_dir)
-    if run_.primary and stitch_cfg is not None:  # explicit or selected "positions": <output>/stitch_plan.json
-        write_stitch_plan(unwrap(net), run_.out_dir)
+    run = build_run(options, args, stitch_cfg, device, data_cfg, out_dir)
+    if run.primary and stitch_cfg is not None:  # explicit or selected "positions": <output>/stitch_plan.json
+        write_stitch_plan(unwrap(net), run.out_dir)
     resume = job.resume
     resume_state = fitting_checkpoint(net, resume) if resume else None
     if job.initial_checkpoint:
         unwrap(net).load_checkpoint_state(fitting_checkpoint(net, job.initial_checkpoint)["state_dict"])
     sampler = None
     if not job.eval:
-        val_panel(run_.eval, unwrap(net))  # refused now, not after the LS init
-        sampler = _sampler(unwrap(net), run_, rank)  # the sampler's type and options (ROS buckets), too
+        val_panel(run.eval, unwrap(net))  # refused now, not after the LS init
+        sampler = _sampler(unwrap(net), run, rank)  # the sampler's type and options (ROS buckets), too
     eval_hash = ""
-    prediction_ids(run_.eval.save_predictions, unwrap(net))  # a bad cfg_id refused before any work
+    prediction_ids(run.eval.save_predictions, unwrap(net))  # a bad cfg_id refused before any work
     if job.eval:  # what is evaluated, and the results file it would continue: refused now, not after the LS init
         # no checkpoint: the network's own weights (anchors as built; the LS init is a function of them, the seed and
         # the data) are its identity, so a cached evaluation of other anchor weights is never taken for this one
         eval_hash = file_sha256(resume) if resume else text_sha256(
-            f"init:{options.train.seed}:{run_.config_text}:{state_sha256(unwrap(net).checkpoint_state())}")
-        if run_.primary:
-            ResultsFile(out_dir / RESULTS_FILE, eval_hash, text_sha256(run_.config_text),
+            f"init:{options.train.seed}:{run.config_text}:{state_sha256(unwrap(net).checkpoint_state())}")
+        if run.primary:
+            ResultsFile(out_dir / RESULTS_FILE, eval_hash, text_sha256(run.config_text),
                         data_source(val_ds) if val_ds is not None else None).completed()
     _logger.info("data: " + ", ".join(f"{k} {v}" for k, v in data_cfg.items()))  # after every check: no banner
-    if run_.primary and not job.eval:  # the resolved run, after every check and before any work (LS init, training)
+    if run.primary and not job.eval:  # the resolved run, after every check and before any work (LS init, training)
         write_text_atomic(out_dir / "args.yaml", to_yaml(describe_run(args, stitch_cfg, world_size, device.type,
                                                                       net=unwrap(net))))
-    run_.loggers = create_loggers(replace(options.logging, run_config=vars(args)), run_.out_dir, run_.primary)
+    run.loggers = create_loggers(replace(options.logging, run_config=vars(args)), run.out_dir, run.primary)
     if _wants_ls_init(options.job, stitch_cfg, resume_state):
-        ls_initialise(net, run_, train_ds if train_ds is not None else val_ds)
+        assert stitch_cfg is not None  # only an SN-Net has stitching layers to fit
+        ls_initialise(net, train_ds if train_ds is not None else val_ds, stitch_cfg, run.init_images,
+                      job.stitch_init_bs, job.ls_mode)
     if resume_state is not None:
         unwrap(net).load_checkpoint_state(resume_state["state_dict"])  # read once, fit checked above
     if job.eval:
-        evaluate_all(net, val_ds, run_.evaluation, eval_hash)
-        run_.loggers.log_final_front(run_.out_dir / RESULTS_FILE, run_.out_dir, 0)
-        run_.loggers.close()
+        evaluate_all(net, val_ds, run.evaluation, eval_hash)
+        run.loggers.log_final_front(run.out_dir / RESULTS_FILE, run.out_dir, 0)
+        run.loggers.close()
         return
     assert sampler is not None
-    fit(net, train_ds, val_ds, run_, resume_state, sampler)
+    train_and_evaluate(net, train_ds, val_ds, run, resume_state, sampler)
 
 
 def _build(options: RunOptions, stitch_cfg: StitchConfig | None, train_ds, device: torch.device
@@ -452,7 +445,7 @@ class RunEpochs(EpochHooks):
                             f"--auto-resume (or a requeued Slurm job) continues with epoch {epoch + 1}")
 
 
-def fit(net: RoutedNet, train_ds, val_ds, run: Run, resume_state: dict | None, sampler) -> None:
+def train_and_evaluate(net: RoutedNet, train_ds, val_ds, run: Run, resume_state: dict | None, sampler) -> None:
     """Train epoch by epoch (`RunEpochs`: validation panel, checkpoints, summary.csv), then evaluate every
     stitch."""
     model = unwrap(net)

@@ -62,6 +62,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from snnet.core.distributed import world
 from snnet.core.fileio import write_text_atomic
 from snnet.core.progress import Progress
 from snnet.core.slurm import submit
@@ -154,11 +155,6 @@ def collect(prep: Prepared) -> list[dict[str, Any]]:
     return records
 
 
-def _world() -> tuple[int, int]:
-    """(rank, world size) of a torchrun launch, from its environment (no process group is made for the runs)."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def _meet(world_size: int) -> None:
     """Under torchrun: wait for every process to finish its jobs (a gloo process group, used once as a barrier)."""
     if world_size <= 1:
@@ -178,7 +174,7 @@ def _finish(prep: Prepared, records: list[dict[str, Any]]) -> Path:
 def run_sweep(sweep: Sweep, dry_run: bool = False, task: int | None = None) -> SweepSummary:
     """Every unfinished job of this process (all of them outside torchrun), or only job `task` (a Slurm array
     task); the results file at the end (with `task`: once every job is finished, by the task that finds so)."""
-    rank, world_size = _world() if task is None else (0, 1)
+    rank, world_size = world(launched=True) if task is None else (0, 1)  # torchrun's: no group for the runs
     prep = prepare(sweep)
     jobs = _jobs(prep)
     if task is not None and not 0 <= task < len(jobs):
