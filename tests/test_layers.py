@@ -149,3 +149,13 @@ def test_the_rule_catches_an_upward_import(tmp_path):
     deps = imports_of(src, "snnet.core.x")
     assert "snnet.train.main" in deps and "snnet.cli" in deps
     assert layer_of("snnet.train.main") > layer_of("snnet.core.x")
+
+
+def test_no_private_name_is_imported_across_modules():
+    """A module's private names (a leading underscore) are its own: another module imports only public names."""
+    found = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("snnet"):
+                found += [f"{name} imports {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    assert not found, found
