@@ -22,8 +22,8 @@ The package, by concern:
   `Composition`, as `snnet search` builds its networks.
 * `runner.py`: the sweep prepared (anchors seeded, built once, hashed by their weights) and one run trained and
   evaluated with train.py's loop, optimizer, schedule, loaders and losses.
-* here: the sweep's jobs split across torchrun processes or the tasks of a Slurm job array, the results file, and
-  the command line.
+* here: the sweep's jobs split across torchrun processes or the tasks of a Slurm job array, and the results file
+  (the command line is `snnet.cli`'s ``stitch-train``).
 
 Each run writes, in its own folder named after what it is plus a hash of everything that defines it (so editing the
 sweep never mixes runs): ``trajectory.jsonl`` (a line per optimizer step and per epoch, rewritten atomically after
