@@ -103,7 +103,8 @@ def test_an_evaluation_is_never_taken_for_other_anchor_weights(digits_folder, tm
         torch.manual_seed(n)
         model = timm.create_model(a["name"], num_classes=10, img_size=16, **a["model_kwargs"])
         torch.save({"state_dict": model.state_dict()}, tmp_path / f"a{n}.pth")
-        anchors.append({**a, "model_kwargs": {**a["model_kwargs"], "img_size": 16}, "checkpoint": str(tmp_path / f"a{n}.pth")})
+        anchors.append({**a, "model_kwargs": {**a["model_kwargs"], "img_size": 16},
+                        "checkpoint": str(tmp_path / f"a{n}.pth")})
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({"anchors": anchors, "skip_final_norm": False, "stitch_init_bs": 32}))
     cmd = [sys.executable, "train.py", str(digits_folder), "--stitch_config", str(cfg), *map(str, FAST), "--eval",

@@ -15,9 +15,10 @@ fails, its stderr and ``# exit code N`` too, as a user sees them), or ``lines FI
 committed benchmark output from the first that starts with FIRST to the next that starts with LAST, verbatim and
 unfenced (the Markdown tables benchmarks print render as tables), ``fenced FILE FIRST LAST``: the same in a code
 block, ``recorded FILE: COMMAND``: a console block of COMMAND with the committed FILE as its output (a recorded
-measurement), or ``options``: train.py's option reference, a table derived from the option declarations. ``--write`` regenerates every region of
-README.md and docs/*.md in place (idempotent: a second run changes nothing), ``--check`` exits 1 naming each region
-that differs from what the committed results produce (tests/test_docs.py runs it).
+measurement), or ``options``: train.py's option reference, a table derived from the option declarations.
+``--write`` regenerates every region of README.md and docs/*.md in place (idempotent: a second run changes
+nothing), ``--check`` exits 1 naming each region that differs from what the committed results produce
+(tests/test_docs.py runs it).
 
     python tools/docs_blocks.py --write     # after the results changed (make docs-blocks)
     python tools/docs_blocks.py --check
@@ -29,8 +30,8 @@ writes (a leading ``+`` keeps the sign, a thousands comma keeps commas):
     the one below it is cfg 3<!-- = below_mixing("demo")[0] --> (91.7<!-- = acc1("demo", 3) --> % ...)
 
 EXPR is a Python expression over the functions of `Numbers` (results files by short name: demo, v1, v2, or a path
-relative to the repository) and min, max, len, sum, sorted, abs, round, set. ``--write`` rewrites the number, ``--check``
-names every number that differs ("quoted 91.7, the results give 91.6").
+relative to the repository) and min, max, len, sum, sorted, abs, round, set. ``--write`` rewrites the number,
+``--check`` names every number that differs ("quoted 91.7, the results give 91.6").
 """
 from __future__ import annotations
 
@@ -234,8 +235,8 @@ class Numbers:
             value = cells(lines[i])[cells(lines[head]).index(column)]
             return float(re.findall(r"[+-]?[\d,]*\.?\d+", value.replace("*", ""))[n].replace(",", ""))
         except (StopIteration, ValueError, TypeError, IndexError):
-            raise SystemExit(f"docs_blocks: {name} has no table row {row!r} with a number in column {column!r}; fix the "
-                             f"checked number's expression") from None
+            raise SystemExit(f"docs_blocks: {name} has no table row {row!r} with a number in column {column!r}; "
+                             f"fix the checked number's expression") from None
 
     def json(self, name: str, *keys: Any) -> Any:
         """A value of a committed JSON file, by keys/indices."""

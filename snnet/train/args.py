@@ -309,7 +309,8 @@ def _check_ranges(args: argparse.Namespace) -> None:
                f"use one of {', '.join(INTERPOLATIONS)} or random")
     if args.sched in ("step", "multistep") and args.decay_epochs <= 0:
         refuse("--decay-epochs", args.decay_epochs, f"must be > 0 with --sched {args.sched}")
-    if args.opt_betas is not None and (len(args.opt_betas) not in (1, 2) or not all(0 <= b < 1 for b in args.opt_betas)):
+    betas = args.opt_betas
+    if betas is not None and (len(betas) not in (1, 2) or not all(0 <= b < 1 for b in betas)):
         refuse("--opt-betas", " ".join(map(str, args.opt_betas)), "give one or two betas in [0, 1), e.g. 0.9 0.999")
     if args.cooldown_epochs < 0:
         refuse("--cooldown-epochs", args.cooldown_epochs, "must be >= 0")

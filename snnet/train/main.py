@@ -5,9 +5,10 @@
     train.py DATA --model vit_tiny_patch16_224 [timm flags]                    # one plain model
 
 This module wires (as DeiT's main.py): parse -> typed options (`RunOptions`, once) -> check -> resolve -> build ->
-LS init / resume -> `train_and_evaluate` (the trainer's `fit` with `RunEpochs`) or `evaluate_all`. The trainer (optimizer, schedule, EMA, the epoch loop) is trainer.py, shared with stitch-train;
-the loops engine.py; evaluation and prediction files evaluator.py; resume and recovery resume.py; the LS init's data
-ls_data.py; checkpoints snnet/core/checkpoint.py.
+LS init / resume -> `train_and_evaluate` (the trainer's `fit` with `RunEpochs`) or `evaluate_all`. The trainer
+(optimizer, schedule, EMA, the epoch loop) is trainer.py, shared with stitch-train; the loops engine.py;
+evaluation and prediction files evaluator.py; resume and recovery resume.py; the LS init's data ls_data.py;
+checkpoints snnet/core/checkpoint.py.
 """
 from __future__ import annotations
 
@@ -211,7 +212,8 @@ def _execute(options: RunOptions, stitch_cfg: StitchConfig | None, out_dir: Path
     job = options.job
     placement = resolve_device(options.train.device, job.dist_backend, job.dist_url)  # the process group (timm's)
     rank, world_size, device = placement.rank, placement.world_size, placement.device
-    random_seed(options.train.seed, 0)  # the network's random parts (random anchors, stitching layers) are the same on every rank
+    # the network's random parts (random anchors, stitching layers) are the same on every rank
+    random_seed(options.train.seed, 0)
     if rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
     train_ds, val_ds = create_datasets(options.data, need_train=not job.eval)

@@ -25,7 +25,8 @@ def build_network(options: NetworkOptions, stitch_cfg: StitchConfig | None, imag
     `structure_only` (the preflight): the same build on the meta device, no weight read or downloaded, so what the
     architecture decides (model arguments, stitchable anchors, the resolutions, enough positions to select) is
     refused before any work; a config that selects its positions from data then returns no network."""
-    kwargs: dict[str, Any] = dict(num_classes=options.num_classes, drop_path_rate=options.drop_path, drop_rate=options.drop)
+    kwargs: dict[str, Any] = dict(num_classes=options.num_classes, drop_path_rate=options.drop_path,
+                                  drop_rate=options.drop)
     if options.img_size is not None:
         kwargs["img_size"] = options.img_size
     if options.in_chans is not None:

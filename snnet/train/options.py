@@ -43,7 +43,8 @@ from snnet.data.options import (
 )
 
 __all__ = ["EvalOptions", "FLAG_OPTIONS", "InputOptions", "JobOptions", "LoggerOptions", "LossOptions",
-           "NetworkOptions", "OptimOptions", "OptionError", "RunOptions", "ScheduleOptions", "SelectionOptions", "TRAINING_OPTIONS",
+           "NetworkOptions", "OptimOptions", "OptionError", "RunOptions", "ScheduleOptions", "SelectionOptions",
+           "TRAINING_OPTIONS",
            "TrainOptions", "options_by_key"]
 
 #: options several of the objects below share
@@ -438,9 +439,10 @@ class RunOptions:
         known = {g.name for section in sections.values() for g in dataclasses.fields(section)}
         if set(values) - known:
             raise TypeError(f"RunOptions has no option(s) {sorted(set(values) - known)}")
-        return RunOptions(**{name: dataclasses.replace(section, **{k: v for k, v in values.items()
-                                                                    if k in {g.name for g in dataclasses.fields(section)}})
-                             for name, section in sections.items()})
+        def over(section: Any) -> Any:
+            names = {g.name for g in dataclasses.fields(section)}
+            return dataclasses.replace(section, **{k: v for k, v in values.items() if k in names})
+        return RunOptions(**{name: over(section) for name, section in sections.items()})
 
 
 #: every option object of a training run (the data layer's are `snnet.data.options`)

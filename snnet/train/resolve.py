@@ -134,7 +134,8 @@ def meta_network(args: argparse.Namespace, stitch_cfg: StitchConfig):
         kwargs["in_chans"] = args.in_chans
     cfg = stitch_cfg.with_model_kwargs(args.model_kwargs)
     # local checkpoints are not read either: the architecture is the timm model's (its kwargs as given)
-    cfg = StitchConfig([AnchorSpec(a.name, None, a.model_kwargs, a.label) for a in cfg.anchors], dict(cfg.values), cfg.path)
+    cfg = StitchConfig([AnchorSpec(a.name, None, a.model_kwargs, a.label) for a in cfg.anchors], dict(cfg.values),
+                       cfg.path)
     with torch.device("meta"):
         net = build_snnet(cfg, pretrained=False, **kwargs)
     net.stitch_config = stitch_cfg

@@ -1,9 +1,10 @@
 """One trainer for train.py and stitch-train: what both build to train a network and the epoch loop around
 `engine.train_one_epoch`.
 
-`create_trainer` builds, from the run's options (`RunOptions`) and where it trains (`TrainSetup`), the optimizer (with the LR rule), the fp16 loss scaler, the LR
-schedule (fast-forwarded on resume), timm's ModelEmaV3 (``model_ema``), gradient checkpointing, torch.compile of the
-blocks, DDP under several processes and the loop's context (accumulation, clipping, autocast of the loss).
+`create_trainer` builds, from the run's options (`RunOptions`) and where it trains (`TrainSetup`), the optimizer
+(with the LR rule), the fp16 loss scaler, the LR schedule (fast-forwarded on resume), timm's ModelEmaV3
+(``model_ema``), gradient checkpointing, torch.compile of the blocks, DDP under several processes and the loop's
+context (accumulation, clipping, autocast of the loss).
 `Trainer.fit` runs the epochs: per-epoch seeds, the sampler's and shard stream's epoch, mixup's end, one epoch of
 optimizer steps, BatchNorm statistics across processes, the caller's validation, the scheduler step and the
 caller's end of the epoch. A caller adds to the loop by an `EpochHooks` subclass (state as attributes, hooks as

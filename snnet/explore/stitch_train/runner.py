@@ -423,7 +423,8 @@ def train_run(prep: Prepared, run: RunSpec, plan: RunPlan, run_dir: Path, rank: 
         "seconds": round(time.perf_counter() - t0, 3), "trajectory": TRAJECTORY, "checkpoint": LAYER_CKPT}
     # the results-file record, from the one builder every tool uses (route, FLOPs, params, images and their size)
     result["record"] = stitch_record(
-        net, 0, val, result["flops"], size, cfg_id=run.index, route=plan.route, run=plan.name, front=run.front, end=run.end,
+        net, 0, val, result["flops"], size, cfg_id=run.index, route=plan.route, run=plan.name, front=run.front,
+        end=run.end,
         cut=run.cut, end_block=plan.end_block, gap=plan.gap, layer=layer_label(run.layer_spec), ls_init=run.ls_init,
         objective=run.loss, init_acc1=init["acc1"], stitch_layer_params=layer_params, seconds=result["seconds"])
     save_checkpoint(run_dir / LAYER_CKPT, {"state_dict": stitch_state(st), "spec": json.dumps(st.stitch.layer.spec()),
@@ -445,5 +446,6 @@ def evaluate_anchor(prep: Prepared, label: str) -> dict[str, Any]:
     # cfg_id: the anchor's place in the results file, set when the file is collected
     record = stitch_record(net, 0, m, flops, size, route=label, anchor=label)
     return {"label": label, **prep.anchor_ids[label], "acc1": m["acc1"], "acc5": m["acc5"], "loss": m["loss"],
-            "flops": flops, "params": net.params(0), "img_size": list(size), "data": os.path.abspath(prep.data.data_dir),
+            "flops": flops, "params": net.params(0), "img_size": list(size),
+            "data": os.path.abspath(prep.data.data_dir),
             "record": record}
