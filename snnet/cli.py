@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from snnet.core.distributed import world
 from snnet.core.errors import OneLineParser, SNNetError, UsageError, one_line
 from snnet.core.fileio import check_out_dir
 from snnet.data.options import DataOptions, LoaderOptions
@@ -598,7 +599,7 @@ def cmd_stitch_train(args: argparse.Namespace) -> int:
     # stitch-train imports timm (heavy at import): only a stitch-train command pays for it, not `snnet --help`
     from snnet.explore.stitch_train import SweepError, merge, run_sweep, submit_array
     # a torchrun launch's (rank, world size), from its environment: no process group is made for the runs
-    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world_size = world(launched=True)
     if not logging.getLogger().handlers:
         tag = f" [rank {rank}]" if world_size > 1 else ""
         logging.basicConfig(level=logging.INFO, format=f"%(asctime)s{tag} %(message)s", datefmt="%H:%M:%S")
@@ -779,7 +780,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.fn(args)
     except SNNetError as e:  # the user's input, not a bug: one line (under torchrun, from rank 0 only)
-        if int(os.environ.get("RANK", "0")) == 0:
+        if world(launched=True)[0] == 0:
             print(f"snnet {args.command}: error: {one_line(e)}", file=sys.stderr)
         return e.exit_code
     except BrokenPipeError:  # `snnet pareto ... | head`: the reader left; say nothing more

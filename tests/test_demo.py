@@ -1,7 +1,6 @@
 """The digits demo's machinery (snnet/demo.py) without its 3-minute run: anchor labels (w16, w32, w64) in routes,
 the results-folder comparison behind `make demo-check`, the anchor reuse rule, and the summary's range metric.
 The run itself is checked by `make demo-check` (docs/demo.md), too slow for the test suite."""
-import argparse
 import json
 from pathlib import Path
 
@@ -12,7 +11,8 @@ from snnet.core.config import ConfigError, parse_stitch_config
 from snnet.demo import CONFIG, V2_CONFIGS, compare, train_anchor
 from snnet.results.quality import in_anchor_range
 from snnet.results.records import RESULTS_FILE, read_results, write_results
-from snnet.train.main import _config_text
+from snnet.train.main import network_identity
+from snnet.train.options import RunOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,9 +39,9 @@ def test_unlabelled_anchors_keep_their_names():
     cfg = parse_stitch_config({"anchors": ["a", "a", {"name": "b"}, {"name": "c", "label": "small"}]}, "x")
     assert cfg.labels() == ["a#0", "a#1", "b", "small"]
     # and the run identity (config_sha256) of an unlabelled config is the one it had before labels existed
-    args = argparse.Namespace(model=None, num_classes=10, amp=False, amp_dtype="float16")
-    text = _config_text(args, parse_stitch_config({"anchors": ["a", "b"]}, "x"), {"input_size": (3, 8, 8),
-                                                                                    "crop_pct": 0.9})
+    options = RunOptions.from_values({"data_dir": "d", "num_classes": 10, "amp_dtype": "float16"})
+    text = network_identity(options, parse_stitch_config({"anchors": ["a", "b"]}, "x"), {"input_size": (3, 8, 8),
+                                                                                   "crop_pct": 0.9})
     assert "label" not in text and '"name": "a"' in text
 
 

@@ -149,3 +149,26 @@ def test_the_rule_catches_an_upward_import(tmp_path):
     deps = imports_of(src, "snnet.core.x")
     assert "snnet.train.main" in deps and "snnet.cli" in deps
     assert layer_of("snnet.train.main") > layer_of("snnet.core.x")
+
+
+def test_no_private_name_is_imported_across_modules():
+    """A module's private names (a leading underscore) are its own: another module imports only public names."""
+    found = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("snnet"):
+                found += [f"{name} imports {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    assert not found, found
+
+
+@pytest.mark.parametrize("layer", ["core", "data", "results", "train", "explore", "deploy"])
+def test_each_layer_lists_its_public_modules(layer):
+    """A layer's __init__ names its public modules (`__all__`), every one of them, and imports none."""
+    init = ROOT / "snnet" / layer / "__init__.py"
+    tree = ast.parse(init.read_text())
+    assert not [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))], f"{init} imports"
+    listed = next(ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+                  and [t.id for t in n.targets if isinstance(t, ast.Name)] == ["__all__"])
+    here = sorted(p.stem if p.is_file() else p.name for p in init.parent.iterdir()
+                  if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").is_file())
+    assert sorted(listed) == here

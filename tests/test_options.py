@@ -1,5 +1,6 @@
-"""Typed options instead of train.py's namespace: the option objects' defaults are train.py's, train.py builds them
-from its resolved arguments, and no library module below the entry points takes an argparse namespace (issue 30)."""
+"""Typed options instead of train.py's namespace: each option declared once (its field holds its flag), train.py's
+parser derived from the declarations (issue 39), train.py builds the options from its resolved arguments, and no
+library module below the entry points takes an argparse namespace (issue 30)."""
 from __future__ import annotations
 
 import ast
@@ -10,17 +11,16 @@ import pytest
 
 from snnet.data.options import DataOptions, LoaderOptions
 from snnet.train.args import build_parser, options_from
-from snnet.train.options import TRAINING_OPTIONS
+from snnet.train.options import NetworkOptions, TrainOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the entry points and train.py's argument parser and its resolution: the only modules that may take a namespace.
 #: preflight.py is part of the resolution: it checks the resolved arguments as a whole before any work and is called
 #: only by train.py's edge; the checks other tools reuse (check_output, check_augmentation) take typed values
 EDGE = {"snnet/cli.py", "snnet/demo.py", "snnet/train/args.py", "snnet/train/resolve.py", "snnet/train/preflight.py"}
-#: train.py's program (snnet/train/main.py): only its edge takes the namespace: `run`/`_run` (dry run, checks, the
-#: process group), `_resolve` (classes, auto-resume, dist-bn: frozen from then on), `_config_text`, `_wants_ls_init`
-#: and `run_from`, which turns the resolved arguments into the typed `Run` that every later phase reads
-EDGE_FUNCTIONS = {"snnet/train/main.py": {"run", "_run", "_resolve", "_config_text", "_wants_ls_init", "run_from"}}
+#: train.py's program (snnet/train/main.py) passes the typed RunOptions down (built once from the parsed flags,
+#: resolved once); only `build_run` takes the namespace, the resolved arguments a run records (args.yaml, checkpoints)
+EDGE_FUNCTIONS = {"snnet/train/main.py": {"build_run"}}
 
 
 def _is_namespace(node: ast.AST | None) -> bool:
@@ -69,19 +69,55 @@ def test_the_scan_finds_a_namespace(tmp_path):
     assert [s.split()[0] for s in namespace_takers(src)] == ["f", "g", "args"]
 
 
-@pytest.mark.parametrize("cls", [DataOptions, LoaderOptions, *TRAINING_OPTIONS])
-def test_option_defaults_are_train_py_defaults(cls):
-    """A tool building options by keyword gets what train.py gets without the flag."""
-    defaults = vars(build_parser().parse_args(["folder"]))
-    for f in dataclasses.fields(cls):
-        if f.name == "distributed":  # not a flag: the process group's (resolve_device)
-            continue
-        assert f.name in defaults, f"{cls.__name__}.{f.name}: train.py has no flag of that name"
-        if f.default is dataclasses.MISSING:
-            continue
-        want = defaults[f.name]
-        want = tuple(want) if isinstance(want, list) else want
-        assert f.default == want, f"{cls.__name__}.{f.name}: {f.default!r}, train.py's default {want!r}"
+def test_an_option_is_declared_once():
+    """The parser is derived from the declarations: an option two classes declare separately is refused (declare
+    it once and share it with `again`), and a shared one is one flag."""
+    from snnet.core.options import MODEL, again, flag_fields, option
+    SIZE = option(3, "--size", group=MODEL, help="a size")
+
+    @dataclasses.dataclass(frozen=True)
+    class A:
+        size: int = SIZE
+
+    @dataclasses.dataclass(frozen=True)
+    class B:
+        size: int = again(SIZE)
+
+    @dataclasses.dataclass(frozen=True)
+    class C:
+        size: int = option(3, "--size", group=MODEL, help="a size")
+
+    assert [f.name for _, f, _ in flag_fields([A, B])] == ["size"] and B().size == 3
+    with pytest.raises(TypeError, match="'size' is declared in A and again in C"):
+        list(flag_fields([A, C]))
+
+
+def test_each_default_is_written_once():
+    """grep finds each option's default in one place: every train.py flag is one option() declaration in snnet/."""
+    declared: dict[str, list[str]] = {}
+    for path in sorted((ROOT / "snnet").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "option":
+                names = [a.value for a in node.args[1:] if isinstance(a, ast.Constant)]
+                declared.setdefault(names[0] if names else "DIR", []).append(path.relative_to(ROOT).as_posix())
+    twice = {k: v for k, v in declared.items() if len(v) > 1}
+    assert not twice, f"options declared more than once: {twice}"
+    flags = {a.option_strings[0] if a.option_strings else "DIR" for a in build_parser()._actions} - {"-h"}
+    assert flags == set(declared)
+
+
+def test_the_parser_and_options_by_key_refuse_by_the_same_rule():
+    """One rule per option: train.py's parser and a keyword caller (stitch-train's sweep) refuse the same value."""
+    from snnet.core.errors import UsageError
+    from snnet.train.options import OptionError, options_by_key
+    for flag, key, value, message in (("--drop", "drop", "1.5", "1.5 is not a probability in [0, 1]"),
+                                      ("-b", "batch_size", "0", "0 is not >= 1"),
+                                      ("--dist-bn", "dist_bn", "sync", "'sync'.*'', 'reduce', 'broadcast'")):
+        with pytest.raises(UsageError, match=message.replace(" [", r" \[").replace("1]", r"1\]")):
+            build_parser().parse_args(["folder", flag, value])
+        typed = float(value) if key == "drop" else int(value) if key == "batch_size" else value
+        with pytest.raises(OptionError, match=message.replace(" [", r" \[").replace("1]", r"1\]")):
+            options_by_key([NetworkOptions, TrainOptions, LoaderOptions], {key: typed}, "x")
 
 
 def test_options_from_reads_the_flags_and_refuses_unknown_fields():

@@ -180,9 +180,10 @@ def test_selected_plan_is_written_and_rebuilds_the_same_network(digits_folder, t
     state = load_checkpoint(tmp_path / "sel" / "last.pth.tar")["state_dict"]
     args, cfg = parse_args([str(digits_folder), "--stitch_config", str(cfg_path), *map(str, FAST)])
     args.device = "cpu"
-    train_ds = open_data(str(digits_folder), True, 16)[1]
+    train_ds = open_data(str(digits_folder), True)[1]
     models, adapters = create_anchors(cfg, pretrained=False, img_size=16, num_classes=10)
-    selected = snnet_from_anchors(Selection(network_options(args).selection, train_ds)(cfg, models, adapters), models, adapters, img_size=16)
+    chosen = Selection(network_options(args).selection, train_ds)(cfg, models, adapters)
+    selected = snnet_from_anchors(chosen, models, adapters, img_size=16)
     assert selected.stitch_config.get("positions")["pairs"] == pairs
     rebuilt = build_snnet(load_stitch_config(plan_path), pretrained=False, img_size=16, num_classes=10)
     for net in (selected, rebuilt):

@@ -22,18 +22,18 @@ def _stop_at(monkeypatch, name):
     """Make train.py's phase `name` record its arguments and stop the run there."""
     import snnet.train.main as main_mod
     seen = {}
-    run_from = main_mod.run_from
+    build_run = main_mod.build_run
 
-    def record(args, *a, **k):  # the resolved arguments the typed Run is built from (train.py's edge)
-        seen["args"] = args
-        return run_from(args, *a, **k)
+    def record(options, args, *a, **k):  # the resolved options and the arguments they record (train.py's edge)
+        seen["args"], seen["options"] = args, options
+        return build_run(options, args, *a, **k)
 
     def stop(*a, **k):
         if name == "build_network":
-            seen["args"] = next(x for x in a if hasattr(x, "num_classes"))
+            seen["network"] = next(x for x in a if hasattr(x, "num_classes"))
         raise KeyboardInterrupt  # not a user error: stops the run where it is
 
-    monkeypatch.setattr(main_mod, "run_from", record)
+    monkeypatch.setattr(main_mod, "build_run", record)
     monkeypatch.setattr(main_mod, name, stop)
     return seen
 
@@ -68,9 +68,9 @@ def test_a_run_refused_while_building_leaves_no_trace(digits_folder, tiny_config
     with pytest.raises(KeyboardInterrupt):
         main_mod.main(_argv(digits_folder, tiny_config, tmp_path))
     assert not (tmp_path / "flow").exists()
-    assert seen["args"].num_classes == 10
+    assert seen["network"].num_classes == 10  # the resolved options (classes from the data folder), frozen
     with pytest.raises(AttributeError):
-        seen["args"].epochs = 2
+        seen["network"].num_classes = 2
 
 
 def test_positions_are_chosen_before_the_snnet_is_built(monkeypatch):
@@ -103,7 +103,8 @@ def test_an_evaluation_is_never_taken_for_other_anchor_weights(digits_folder, tm
         torch.manual_seed(n)
         model = timm.create_model(a["name"], num_classes=10, img_size=16, **a["model_kwargs"])
         torch.save({"state_dict": model.state_dict()}, tmp_path / f"a{n}.pth")
-        anchors.append({**a, "model_kwargs": {**a["model_kwargs"], "img_size": 16}, "checkpoint": str(tmp_path / f"a{n}.pth")})
+        anchors.append({**a, "model_kwargs": {**a["model_kwargs"], "img_size": 16},
+                        "checkpoint": str(tmp_path / f"a{n}.pth")})
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({"anchors": anchors, "skip_final_norm": False, "stitch_init_bs": 32}))
     cmd = [sys.executable, "train.py", str(digits_folder), "--stitch_config", str(cfg), *map(str, FAST), "--eval",

@@ -197,7 +197,7 @@ def test_found_networks_verified_by_an_independent_evaluation(searched, digits_f
     own = [resolve_data_config({"img_size": 16}, model=m) for m in models]
     assert [a["data_config"]["crop_pct"] for a in spec["anchors"]] == [c["crop_pct"] for c in own]
     # the calibration images the search drew (same seed and draw), each anchor's own way, and the stitches it saved
-    _, train, _ = open_data(str(digits_folder), True, 32)
+    _, train, _ = open_data(str(digits_folder), True)
     images = [calibration_batches(train, own[a], 2, 32, spec["seed"]) for a in range(2)]
     feats = [{k: v for a in range(2) for k, v in
               base.capture(images[a][n], {a: set(range(len(base.units[a])))}).items()} for n in range(2)]

@@ -3,25 +3,23 @@
 and what is saved, in both tools."""
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from helpers import FAST, TINY
 
 from snnet import build_snnet, parse_stitch_config
-from snnet.data.options import DataOptions, LoaderOptions
+from snnet.data.options import LoaderOptions
 from snnet.train import main as train_main
 from snnet.train import trainer as trainer_module
 from snnet.train.options import (
     TRAINING_OPTIONS,
     OptimOptions,
     OptionError,
+    RunOptions,
     ScheduleOptions,
-    TrainOptions,
     options_by_key,
 )
-from snnet.train.trainer import create_trainer
+from snnet.train.trainer import EpochHooks, TrainSetup, create_trainer
 
 EMA = {"model_ema": True, "model_ema_decay": 0.5}  # a short memory: after a few steps far from the raw weights
 
@@ -36,13 +34,21 @@ def test_trainer_trains_an_ema_and_validates_it():
                       num_classes=10, img_size=16)
     batches = [(torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))) for _ in range(4)]
     loss_fn = lambda x, out, y: torch.nn.functional.cross_entropy(out, y)
-    trainer = create_trainer(net, batches, loss_fn, optim=OptimOptions(opt="sgd", lr=0.1),
-                             schedule=ScheduleOptions(epochs=2, warmup_epochs=0),
-                             train=TrainOptions(batch_size=8, grad_accum_steps=2, log_interval=10 ** 6, **EMA),
-                             device=torch.device("cpu"), amp_dtype=None, sampler=lambda step: step % net.num_configs)
+    options = RunOptions.from_values({"data_dir": "", "opt": "sgd", "lr": 0.1, "epochs": 2, "warmup_epochs": 0,
+                                      "batch_size": 8, "grad_accum_steps": 2, "log_interval": 10 ** 6, **EMA})
+    trainer = create_trainer(net, batches, loss_fn, options,
+                             TrainSetup(torch.device("cpu"), None, sampler=lambda step: step % net.num_configs))
     seen, ends = [], []
-    trainer.fit(lambda epoch, m: (seen.append(trainer.eval_model) or {}, None),
-                lambda epoch, m, metrics, lr: ends.append((epoch, lr)))
+
+    class Hooks(EpochHooks):  # the caller's state on its hooks object, the hooks as methods
+        def validate(self, epoch, train_metrics):
+            seen.append(trainer.eval_model)
+            return {}, None
+
+        def end_epoch(self, epoch, train_metrics, metrics, lr):
+            ends.append((epoch, lr))
+
+    trainer.fit(Hooks())
     assert trainer.ctx.global_step == 2 * 2 and [e for e, _ in ends] == [0, 1]  # 4 batches, 2 per step, 2 epochs
     assert seen == [trainer.ema, trainer.ema] and trainer.ema is not net
     raw, ema = net.state_dict(), trainer.ema.state_dict()
@@ -67,8 +73,8 @@ def test_train_py_saves_validates_and_evaluates_the_ema(tmp_path, digits_folder,
     monkeypatch.setattr(train_main, "evaluate_all", evaluate_all)
     validated = []
     real_validate = train_main.validate_panel
-    monkeypatch.setattr(train_main, "validate_panel", lambda net, *a, **k: validated.append(net) or real_validate(net, *a,
-                                                                                                            **k))
+    monkeypatch.setattr(train_main, "validate_panel",
+                        lambda net, *a, **k: validated.append(net) or real_validate(net, *a, **k))
     argv = [str(digits_folder), "--stitch_config", str(tiny_config), *FAST, "--epochs", "1", "--model-ema",
             "--model-ema-decay", "0.5", "--val-stitches", "0", "--save-predictions", "none", "--output",
             str(tmp_path), "--experiment", "ema"]
@@ -147,22 +153,3 @@ def test_options_by_key_refuses_what_train_py_refuses(key, value, message):
         return
     with pytest.raises(OptionError, match=message):
         options_by_key(classes, {key: value}, "sweep.yaml: train")
-
-
-def test_option_rules_are_the_parsers():
-    """RULES holds each flag's rule as train.py's parser checks it (its choices and its type function)."""
-    from snnet.train.args import build_parser
-    from snnet.train.options import RULES
-    kinds = {"_positive_int": "positive", "_positive_float": "positive", "_non_negative_int": "non_negative",
-             "_non_negative_float": "non_negative", "_probability": "probability"}
-    fields = {f.name for cls in (DataOptions, LoaderOptions, *TRAINING_OPTIONS) for f in dataclasses.fields(cls)}
-    want = {}
-    for action in build_parser()._actions:
-        if action.dest not in fields:
-            continue
-        if action.choices is not None and not isinstance(action.choices, dict):
-            want[action.dest] = tuple(action.choices)
-        elif getattr(action.type, "__name__", None) in kinds:
-            want[action.dest] = kinds[action.type.__name__]
-    assert set(RULES) <= fields and RULES == want
-

@@ -14,10 +14,11 @@ repository's results/ and configs/, so what it writes stays out of the checkout)
 fails, its stderr and ``# exit code N`` too, as a user sees them), or ``lines FILE FIRST LAST``: the lines of a
 committed benchmark output from the first that starts with FIRST to the next that starts with LAST, verbatim and
 unfenced (the Markdown tables benchmarks print render as tables), ``fenced FILE FIRST LAST``: the same in a code
-block, or ``recorded FILE: COMMAND``: a console block of COMMAND with the committed FILE as its output (a recorded
-measurement). ``--write`` regenerates every region of
-README.md and docs/*.md in place (idempotent: a second run changes nothing), ``--check`` exits 1 naming each region
-that differs from what the committed results produce (tests/test_docs.py runs it).
+block, ``recorded FILE: COMMAND``: a console block of COMMAND with the committed FILE as its output (a recorded
+measurement), or ``options``: train.py's option reference, a table derived from the option declarations.
+``--write`` regenerates every region of README.md and docs/*.md in place (idempotent: a second run changes
+nothing), ``--check`` exits 1 naming each region that differs from what the committed results produce
+(tests/test_docs.py runs it).
 
     python tools/docs_blocks.py --write     # after the results changed (make docs-blocks)
     python tools/docs_blocks.py --check
@@ -29,13 +30,14 @@ writes (a leading ``+`` keeps the sign, a thousands comma keeps commas):
     the one below it is cfg 3<!-- = below_mixing("demo")[0] --> (91.7<!-- = acc1("demo", 3) --> % ...)
 
 EXPR is a Python expression over the functions of `Numbers` (results files by short name: demo, v1, v2, or a path
-relative to the repository) and min, max, len, sum, sorted, abs, round, set. ``--write`` rewrites the number, ``--check``
-names every number that differs ("quoted 91.7, the results give 91.6").
+relative to the repository) and min, max, len, sum, sorted, abs, round, set. ``--write`` rewrites the number,
+``--check`` names every number that differs ("quoted 91.7, the results give 91.6").
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -233,8 +235,8 @@ class Numbers:
             value = cells(lines[i])[cells(lines[head]).index(column)]
             return float(re.findall(r"[+-]?[\d,]*\.?\d+", value.replace("*", ""))[n].replace(",", ""))
         except (StopIteration, ValueError, TypeError, IndexError):
-            raise SystemExit(f"docs_blocks: {name} has no table row {row!r} with a number in column {column!r}; fix the "
-                             f"checked number's expression") from None
+            raise SystemExit(f"docs_blocks: {name} has no table row {row!r} with a number in column {column!r}; "
+                             f"fix the checked number's expression") from None
 
     def json(self, name: str, *keys: Any) -> Any:
         """A value of a committed JSON file, by keys/indices."""
@@ -327,6 +329,26 @@ def recorded(command: str) -> str:
     return f"```console\n$ {shown}\n{(ROOT / name).read_text().rstrip()}\n```\n"
 
 
+def options_table() -> str:
+    """``options``: train.py's option reference, one row per option, derived from the option declarations
+    (`snnet.train.options.FLAG_OPTIONS`, the same fields the parser is derived from)."""
+    import typing
+
+    from snnet.core.options import GROUPS, flag_fields
+    from snnet.train.options import FLAG_OPTIONS
+    cell = lambda text: str(text).replace("|", "\\|").replace("<", "&lt;").replace("*", "\\*")
+    rows = ["| flag | default | values | typed option | meaning |", "|---|---|---|---|---|"]
+    for cls, field, flag in sorted(flag_fields(FLAG_OPTIONS), key=lambda x: GROUPS.index(x[2].group)):
+        default = None if field.default is field.default_factory is dataclasses.MISSING else (
+            field.default_factory() if field.default is dataclasses.MISSING else field.default)
+        values = ", ".join(repr(c) for c in flag.choices) if flag.choices else (flag.rule or "").replace("_", "-")
+        hint = typing.get_type_hints(cls)[field.name]
+        names = ", ".join(f"`{n}`" for n in flag.names) or f"`{flag.metavar}` (positional)"
+        rows.append(f"| {names} | `{default!r}` | {cell(values)} | `{cls.__name__}.{field.name}`: "
+                    f"{cell(getattr(hint, '__name__', None) or hint)} | {cell(flag.help)} |")
+    return "\n".join(rows) + "\n"
+
+
 def render(text: str, root: Path = ROOT) -> str:
     """`text` with every generated region's block replaced by what its command prints now and every checked number
     by what its expression gives on the results under `root` (the blocks always read this checkout's)."""
@@ -337,6 +359,8 @@ def render(text: str, root: Path = ROOT) -> str:
             return f"<!-- generated: {m['cmd']} -->\n```\n{lines(m['cmd'])}```\n<!-- /generated -->\n"
         if m["cmd"].startswith("recorded "):
             return f"<!-- generated: {m['cmd']} -->\n{recorded(m['cmd'])}<!-- /generated -->\n"
+        if m["cmd"] == "options":  # train.py's option reference, from the declarations
+            return f"<!-- generated: options -->\n{options_table()}<!-- /generated -->\n"
         return f"<!-- generated: {m['cmd']} -->\n```console\n{run(m['cmd'])}```\n<!-- /generated -->\n"
     text = REGION.sub(block, text)
     fixed = iter(numbers(text, root))

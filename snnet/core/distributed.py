@@ -3,26 +3,46 @@ type associated with device type cpu"), gloo takes CPU tensors. Statistics kept 
 epoch's loss) or on the GPU (least-squares statistics) are summed through `all_reduce_sum`, whatever the backend."""
 from __future__ import annotations
 
-import torch
-import torch.distributed as dist
+import os
+import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
-def world() -> tuple[int, int]:
-    """(rank, world size) of this process; (0, 1) outside a process group."""
-    if dist.is_available() and dist.is_initialized():
+def _group():
+    """torch.distributed when a process group is set up, else None. torch is not imported for this: a process that
+    never imported it has no group, so `world` stays cheap for the `snnet` command line."""
+    dist = sys.modules.get("torch.distributed")
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
+
+
+def world(launched: bool = False) -> tuple[int, int]:
+    """(rank, world size) of this process in its process group; (0, 1) outside one, so collectives are skipped.
+    `launched`: outside a group, the launcher's (torchrun's, or Slurm's once adopted: RANK, WORLD_SIZE), for what
+    runs before the group is set up or without one (train.py's dry run and output lock, stitch-train's processes).
+    The one place a rank is read."""
+    dist = _group()
+    if dist is not None:
         return dist.get_rank(), dist.get_world_size()
+    if launched:
+        return int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
     return 0, 1
 
 
 def collective_device() -> torch.device:
     """Where a tensor must live for this process group's collectives: the current CUDA device under nccl, else CPU."""
-    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+    import torch
+    dist = _group()
+    if dist is not None and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """`t` summed over the ranks (in place when it already lives on the collective's device), on `t`'s own device."""
+    import torch.distributed as dist
     device = collective_device()
     if t.device == device:
         dist.all_reduce(t)
@@ -35,6 +55,8 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     """Every rank's rows of `t` (the same columns, any number of rows per rank), concatenated in rank order, on the
     CPU: the ranks' shares of per-image data (their counts differ by up to one batch)."""
+    import torch
+    import torch.distributed as dist
     device = collective_device()
     n = torch.tensor([t.shape[0]], dtype=torch.int64, device=device)
     sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
@@ -45,3 +67,6 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.zeros_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
     return torch.cat([p[:int(s.item())].cpu() for p, s in zip(parts, sizes)])
+
+
+__all__ = ["all_gather_rows", "all_reduce_sum", "collective_device", "world"]

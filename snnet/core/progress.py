@@ -4,12 +4,13 @@ a live bar only on a terminal, and the whole-run ETA of training (`RunClock`). E
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import sys
 import time
 from collections.abc import Callable
 from typing import IO
+
+from snnet.core.distributed import world
 
 _logger = logging.getLogger("snnet")
 PROGRESS_SECONDS = 10.0  # phases without a step interval of their own log a line at most this often (and at the end)
@@ -126,7 +127,7 @@ def _enabled() -> bool:
     raises it to WARNING on ranks > 0), else on rank 0."""
     if _logger.hasHandlers():
         return _logger.isEnabledFor(logging.INFO)
-    return int(os.environ.get("RANK", "0") or 0) == 0
+    return world(launched=True)[0] == 0
 
 
 def emit(message: str, bar_stream: IO | None = None) -> None:

@@ -18,8 +18,8 @@ from snnet.core.errors import SNNetError
 from snnet.data.options import DataOptions
 from snnet.data.shards import check_shards, is_shards
 
-_TRAIN_NAMES = ("train", "training")
-_VAL_NAMES = ("validation", "val", "valid", "eval", "evaluation")
+TRAIN_NAMES = ("train", "training")
+VAL_NAMES = ("validation", "val", "valid", "eval", "evaluation")
 
 
 def img_extensions() -> set[str]:
@@ -43,7 +43,7 @@ def _split_dir(root: str, split: str, synonyms: tuple[str, ...]) -> str | None:
     return None
 
 
-def _check_image_folder(path: str, what: str) -> None:
+def check_image_folder(path: str, what: str) -> None:
     classes = [d for d in sorted(os.listdir(path)) if os.path.isdir(os.path.join(path, d))]
     if not classes:
         raise DataError(f"{what} folder {path!r} has no class sub-folders; lay it out as {path}/<class>/<image>")
@@ -65,8 +65,8 @@ def resolve_folders(args: DataOptions, need_train: bool) -> tuple[str | None, st
         raise DataError(f"data folder {root!r} does not exist; give the dataset root (with train/ and val/)")
     if not os.listdir(root):
         raise DataError(f"data folder {root!r} is empty; it needs train/ and val/ (or validation/) class folders")
-    train = _split_dir(root, args.train_split, _TRAIN_NAMES)
-    val = _split_dir(root, args.val_split, _VAL_NAMES)
+    train = _split_dir(root, args.train_split, TRAIN_NAMES)
+    val = _split_dir(root, args.val_split, VAL_NAMES)
     if need_train and train is None:
         raise DataError(f"data folder {root!r} has no {args.train_split}/ folder; lay it out as "
                         f"{root}/train/<class>/<image> and {root}/val/<class>/<image>")
@@ -74,7 +74,7 @@ def resolve_folders(args: DataOptions, need_train: bool) -> tuple[str | None, st
         raise DataError(f"data folder {root!r} has no validation/ or val/ folder to evaluate on")
     for path, what in ((train, "train"), (val, "validation")):
         if path is not None:
-            _check_image_folder(path, what)
+            check_image_folder(path, what)
     return train, val
 
 
@@ -334,7 +334,7 @@ def check_data(args: DataOptions, need_train: bool, world_size: int) -> None:
     --num-classes covers the classes; training gives each of `world_size` processes at least one optimizer step.
     Images are counted as timm's folder reader counts them (its extensions, its labels)."""
     if is_shards(args.dataset):  # WebDataset shards: every shard's headers, counts and class indices
-        counts = check_shards(args, need_train, world_size, _TRAIN_NAMES, _VAL_NAMES)
+        counts = check_shards(args, need_train, world_size, TRAIN_NAMES, VAL_NAMES)
         if need_train:
             _check_steps(args, counts["train"], f"the shards in {args.data_dir!r}", world_size)
         return

@@ -9,10 +9,10 @@ import torch
 from timm.data import create_dataset
 
 from snnet.data.checks import (
-    _TRAIN_NAMES,
-    _VAL_NAMES,
+    TRAIN_NAMES,
+    VAL_NAMES,
     DataError,
-    _check_image_folder,
+    check_image_folder,
     check_image_headers,
     hf_folder,
     resolve_folders,
@@ -79,12 +79,12 @@ def _shard_datasets(args: DataOptions, need_train: bool):
     root = shard_root(args.data_dir, args.dataset)
     train = None
     if need_train:
-        split = find_split(root, args.train_split, _TRAIN_NAMES)
+        split = find_split(root, args.train_split, TRAIN_NAMES)
         if split is None:
             raise DataError(f"shard folder {root!r} has no {args.train_split!r} split in its _info.json (it has "
                             f"{', '.join(read_info(root)['splits'])}); pass --train-split")
         train = ShardDataset(split, True, args.seed)
-    split = find_split(root, args.val_split, _VAL_NAMES)
+    split = find_split(root, args.val_split, VAL_NAMES)
     return train, ShardDataset(split, False, args.seed) if split is not None else None
 
 
@@ -95,7 +95,7 @@ def write_folder_shards(folder: str, out: str, shard_size: int, name: str | None
     (`snnet.data.shards.write_shards`) into an empty OUT (or, with `clean`, over an earlier snnet shards output)."""
     if not os.path.isdir(folder):
         raise DataError(f"image folder {folder!r} does not exist; give an ImageFolder root with train/ and val/")
-    splits = {d: os.path.join(folder, d) for d in (*_TRAIN_NAMES, *_VAL_NAMES) if os.path.isdir(os.path.join(folder, d))}
+    splits = {d: os.path.join(folder, d) for d in (*TRAIN_NAMES, *VAL_NAMES) if os.path.isdir(os.path.join(folder, d))}
     if not splits:
         raise DataError(f"image folder {folder!r} has no train/ or val/ (validation/) folder; lay it out as "
                         f"{folder}/train/<class>/<image>")
@@ -103,7 +103,7 @@ def write_folder_shards(folder: str, out: str, shard_size: int, name: str | None
     if check_shard_out(out, clean, shards_request(splits, shard_size, name)) is None:  # done: nothing to check
         return write_shards(splits, out, shard_size, name, clean)  # (which reads the complete output back)
     for split, path in splits.items():
-        _check_image_folder(path, split)
+        check_image_folder(path, split)
         scan_image_folder(path, split)  # loops, folders reached twice through links: refused as for training
     for split, path in splits.items():  # every image packed: a shard is read whole, so none may fail later
         check_image_headers(path, split)
@@ -158,7 +158,7 @@ def class_names_of(dataset) -> list[str] | None:
     return [by_index[i] for i in range(len(mapping))]
 
 
-def _indexable(dataset):
+def indexable(dataset):
     """An hfids (streamed) split as the map-style hfds dataset of the same local files, for a random draw."""
     reader = getattr(dataset, "reader", None)
     if isinstance(dataset, torch.utils.data.IterableDataset) and type(reader).__name__ == "ReaderHfids":

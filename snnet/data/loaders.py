@@ -193,6 +193,5 @@ def create_eval_loader(dataset, args: LoaderOptions, data_cfg: dict[str, Any] | 
                           drop_last=False, persistent_workers=False)
     dataset = copy.copy(dataset)
     dataset.transform = eval_transform(data_cfg)
-    return DataLoader(_Shard(StrictImages(dataset), rank, world_size), batch_size=batch_size or args.validation_batch_size
-                      or args.batch_size, shuffle=False, num_workers=args.workers, pin_memory=args.pin_mem,
-                      drop_last=False, persistent_workers=False)
+    return DataLoader(_Shard(StrictImages(dataset), rank, world_size), batch_size=batch_size, shuffle=False,
+                      num_workers=args.workers, pin_memory=args.pin_mem, drop_last=False, persistent_workers=False)

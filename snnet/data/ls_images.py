@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import DataLoader, Subset
 
-from snnet.data.datasets import _indexable
+from snnet.data.datasets import indexable
 from snnet.data.shards import ShardDataset
 from snnet.data.transforms import eval_transform
 
@@ -23,7 +23,7 @@ class CleanImages:
     """
     def __init__(self, dataset, data_cfg: dict[str, Any] | Sequence[dict[str, Any]], count: int, seed: int,
                  rank: int = 0, world_size: int = 1, batch_size: int = 50):
-        dataset = _indexable(dataset)
+        dataset = indexable(dataset)
         order = np.random.default_rng(seed).permutation(len(dataset))[:count]
         self.indices = [int(i) for i in order[rank::world_size]]
         if isinstance(dataset, ShardDataset):  # the same images as the folder's, read once from their shards

@@ -39,6 +39,7 @@ from timm.data.readers import get_img_extensions  # the image types timm's reade
 from timm.data.readers.reader_image_folder import ReaderImageFolder
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from snnet.core.distributed import world
 from snnet.core.errors import SNNetError
 from snnet.core.fileio import FolderLock, atomic_path, write_text_atomic
 from snnet.core.progress import Progress
@@ -456,7 +457,7 @@ def check_shards(args: DataOptions, need_train: bool, world_size: int, train_nam
     done, counts = 0, {}
     for what, split in splits:
         for path, n in zip(split.files, split.lengths):
-            if int(os.environ.get("RANK", "0") or 0) != 0:
+            if world(launched=True)[0] != 0:
                 if not os.path.isfile(path):
                     raise ShardError(f"{what} shard {path!r} is missing; rewrite the shards (snnet shards) or fix "
                                      f"{INFO_FILE}")

@@ -3,7 +3,8 @@ library's units, least-squares stitches, one-pass evaluator and cost model.
 
 A network is a `Composition` (snnet/core/plan.py): segments of anchors (any families) joined by stitches at unit
 granularity. An edge (front anchor a, its unit i, end anchor b, its unit j) maps a's output of unit i onto b's
-output of unit j, and b continues at unit j + 1; its score comes from the compatibility maps (snnet/explore/similarity.py)
+output of unit j, and b continues at unit j + 1; its score comes from the compatibility maps
+(snnet/explore/similarity.py)
 computed on the calibration images, and its stitch is the least-squares `CutStitch` fitted on those images.
 
 StitchNet's options (its `generate(threshold=0.9, totalThreshold=0.5, maxDepth=10, K=None)`), with the same meaning:

@@ -53,7 +53,7 @@ def predictions_path(results: str | os.PathLike) -> Path:
     path = results_path(results)
     stem = path.stem
     if stem.startswith(Path(RESULTS_FILE).stem):
-        return path.with_name("stitches_pred" + stem[len(Path(RESULTS_FILE).stem):] + ".npz")
+        return path.with_name(Path(PRED_FILE).stem + stem[len(Path(RESULTS_FILE).stem):] + Path(PRED_FILE).suffix)
     return path.with_name(stem + "_pred.npz")
 
 

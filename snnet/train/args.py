@@ -8,18 +8,22 @@ config over it), and the command line is parsed last. File values pass the same 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
 import re
 import sys
-from collections.abc import Iterable, Sequence
-from dataclasses import fields
+import types
+import typing
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from snnet.core import slurm
 from snnet.core.config import ARG_DESTS, ConfigError, StitchConfig, load_stitch_config
 from snnet.core.errors import UsageError
+from snnet.core.options import FILES, GROUPS, Flag, flag_fields, rule_violation
+from snnet.train.options import FLAG_OPTIONS, JobOptions, RunOptions
 
 T = TypeVar("T")
 
@@ -34,51 +38,21 @@ def _number(s: str, kind: type):
     return v
 
 
-def _int(s: str) -> int:
-    return _number(s, int)
+def _converter(kind: type, rule: str | None) -> Callable[[str], Any]:
+    """The parser's type function of a number option: the text as `kind`, within the option's rule (one rule
+    function, `snnet.core.options.rule_violation`, for the parser and for `options_by_key`)."""
+    def convert(s: str) -> Any:
+        v = _number(s, kind)
+        wrong = rule_violation(rule, v, s if kind is float else None)
+        if wrong is not None:
+            raise argparse.ArgumentTypeError(wrong)
+        return v
+    convert.__name__ = f"{rule or ''}_{kind.__name__}".lstrip("_")
+    return convert
 
 
 def _stitch_id(s: str) -> int | str:
     return s if s == "all" else _number(s, int)
-
-
-def _float(s: str) -> float:
-    return _number(s, float)
-
-
-def _positive_int(s: str) -> int:
-    v = _number(s, int)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} is not >= 1")
-    return v
-
-
-def _non_negative_int(s: str) -> int:
-    v = _number(s, int)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{v} is not >= 0")
-    return v
-
-
-def _non_negative_float(s: str) -> float:
-    v = _number(s, float)
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"{s} is not >= 0")
-    return v
-
-
-def _positive_float(s: str) -> float:
-    v = _number(s, float)
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"{s} is not > 0")
-    return v
-
-
-def _probability(s: str) -> float:
-    v = _number(s, float)
-    if not 0 <= v <= 1:
-        raise argparse.ArgumentTypeError(f"{s} is not a probability in [0, 1]")
-    return v
 
 
 class _KwargsAction(argparse.Action):
@@ -118,274 +92,66 @@ class _HelpFormatter(argparse.HelpFormatter):
         return text + " (default: %(default)r)"
 
 
+def _value_kind(hint: Any) -> type:
+    """The type of one value of an option's annotation: int for `int | None`, float for `tuple[float, ...]`."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return _value_kind(args[0]) if len(args) == 1 else hint
+    if typing.get_origin(hint) is tuple:
+        return _value_kind(args[0])
+    return hint
+
+
+def _add_option(container: Any, name: str, field: dataclasses.Field, flag: Flag, hint: Any) -> None:
+    """One option's argument, derived from its declaration (`snnet.core.options.option`)."""
+    default = None if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING \
+        else field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+    kw: dict[str, Any] = {"default": list(default) if isinstance(default, tuple) else default, "help": flag.help}
+    if flag.metavar is not None:
+        kw["metavar"] = flag.metavar
+    kind = _value_kind(hint)
+    if flag.kind == "kwargs":
+        kw.update(nargs=flag.nargs, action=_KwargsAction)
+    elif kind is bool:
+        kw["action"] = "store_true"
+    else:
+        if flag.nargs is not None:
+            kw["nargs"] = flag.nargs
+        if flag.const is not None:
+            kw["const"] = flag.const
+        if flag.choices is not None:
+            kw["choices"] = flag.choices
+        if flag.kind == "stitch_id":
+            kw["type"] = _stitch_id
+        elif flag.kind == "float" or kind in (int, float):
+            kw["type"] = _converter(float if flag.kind == "float" else kind, flag.rule)
+    if flag.names:
+        container.add_argument(*flag.names, dest=name, **kw)
+    else:
+        container.add_argument(name, **kw)
+
+
+def _options(classes: Iterable[type]) -> Iterator[tuple[dataclasses.Field, Flag, Any]]:
+    for cls, field, flag in flag_fields(classes):
+        yield field, flag, typing.get_type_hints(cls)[field.name]
+
+
 def _add_config_flags(container: Any) -> None:
     """-c and --stitch_config: in the pre-parser, which reads them first, and in the full parser, for --help."""
-    container.add_argument("-c", "--config", default="", metavar="FILE",
-                           help="YAML config file specifying default arguments: keys are flag names (- or _), "
-                                "values as typed; the stitch config and typed flags override it")
-    container.add_argument("--stitch_config", "--stitch-config", dest="stitch_config", metavar="FILE",
-                           help="stitch config JSON (SN-Net's files accepted as they are); its fields such as lr, "
-                                "epochs, input_size set flag defaults over -c; typed flags override it")
+    for field, flag, hint in _options([JobOptions]):
+        if flag.group == FILES:
+            _add_option(container, field.name, field, flag, hint)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """train.py's parser, derived from the option declarations (`snnet.train.options.FLAG_OPTIONS`): each option's
+    flag spellings, default, help, type and rule, choices and nargs are its field's."""
     p = _Parser(prog="train.py", description="Train and evaluate stitchable neural networks (SN-Net) over timm "
                 "models, with timm train.py's flags. Precedence: defaults < -c YAML < --stitch_config < typed flags.",
                 allow_abbrev=False, formatter_class=_HelpFormatter)
-    _add_config_flags(p.add_argument_group("Configuration files"))
-
-    g = p.add_argument_group("Dataset")
-    g.add_argument("data", nargs="?", metavar="DIR", help="path to dataset (ImageFolder: train/ and val/ or "
-                   "validation/); a stitch config's data_path is its default")
-    g.add_argument("--data-dir", metavar="DIR", help="path to dataset (root dir); wins over the positional DIR")
-    g.add_argument("--dataset", default="", help="dataset type + name ('<type>/<name>', e.g. torch/cifar10); '' is "
-                   "ImageFolder or ImageTar (SN-Net's data_set IMNET)")
-    g.add_argument("--train-split", default="train", help="dataset train split")
-    g.add_argument("--val-split", default="validation", help="dataset validation split; falls back to val/ when "
-                   "validation/ is absent")
-    g.add_argument("--class-map", default="", help="path to class to idx mapping file")
-    g.add_argument("--dataset-download", action="store_true",
-                   help="Allow download of dataset for torch/ and tfds/ datasets that support it.")
-
-    g = p.add_argument_group("Model")
-    g.add_argument("--model", default=None, help="Name of model to train: one plain timm model instead of an SN-Net "
-                   "(exclusive with --stitch_config)")
-    g.add_argument("--no-pretrained", action="store_true", help="random anchors (no hub weights)")
-    g.add_argument("--pretrained", action="store_true",
-                   help="Start with pretrained version of specified network (if avail); plain --model only")
-    g.add_argument("--initial-checkpoint", default="", help="Initialize model from this checkpoint (weights only)")
-    g.add_argument("--resume", default="", help="Resume full model and optimizer state from checkpoint (model, "
-                   "optimizer, scaler and epoch)")
-    g.add_argument("--no-resume-opt", action="store_true", help="prevent resume of optimizer state when resuming "
-                   "model")
-    g.add_argument("--auto-resume", action="store_true", help="resume from <output>/<experiment>/last.pth.tar when "
-                   "it exists (always on when torchrun --max-restarts restarts the workers); needs --experiment")
-    g.add_argument("--model-kwargs", nargs="*", default={}, action=_KwargsAction, metavar="K=V",
-                   help="extra timm.create_model arguments for the model / every anchor, e.g. depth=6")
-    g.add_argument("--num-classes", type=_positive_int, default=None, help="number of label classes (default: the "
-                   "dataset's class folders, else the stitch config's num_classes)")
-    g.add_argument("--img-size", type=_positive_int, default=None, help="Image size (default: the model's)")
-    g.add_argument("--in-chans", type=_positive_int, default=None, help="Image input channels (default: the "
-                   "model's)")
-    g.add_argument("--crop-pct", type=_float, default=None, help="Input image center crop percent (for validation "
-                   "only; default: the model's)")
-    g.add_argument("--mean", type=_float, nargs="+", default=None, help="Override mean pixel value of dataset "
-                   "(default: the model's)")
-    g.add_argument("--std", type=_float, nargs="+", default=None, help="Override std deviation of dataset "
-                   "(default: the model's)")
-    g.add_argument("--interpolation", default="", help="Image resize interpolation type (overrides model; '' keeps "
-                   "the model's)")
-    g.add_argument("--drop", type=_probability, default=None, help="Dropout rate (default: the model's)")
-    g.add_argument("--drop-path", type=_probability, default=None, help="Drop path rate (default: the model's)")
-    g.add_argument("-b", "--batch-size", type=_positive_int, default=128,
-                   help="Input batch size for training, per process")
-    g.add_argument("-vb", "--validation-batch-size", type=_positive_int, default=None,
-                   help="Validation batch size override (default: --batch-size)")
-    g.add_argument("--channels-last", action="store_true", help="Use channels_last memory layout")
-    g.add_argument("--grad-accum-steps", type=_positive_int, default=1, metavar="N",
-                   help="batches per optimizer step: the loss is divided by N, all N train the step's stitch, DDP "
-                        "syncs gradients on the last; steps per epoch = batches // N (the remainder batches of each "
-                        "epoch are dropped); the LR rule's global batch is -b x processes x N")
-    g.add_argument("--grad-checkpointing", action="store_true",
-                   help="recompute each block's activations in the backward pass (torch.utils.checkpoint, "
-                        "non-reentrant) to save memory, while training only (default: off)")
-    g.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                   help="torch.compile each anchor block module in place with BACKEND (bare flag: inductor) for "
-                        "training and its final evaluation; the route changes every step, so the whole network is "
-                        "not compiled, and stems, norms, heads and stitching layers stay eager (default: off)")
-
-    g = p.add_argument_group("Stitching")
-    g.add_argument("--dry-run", action="store_true",
-                   help="resolve the whole run (config layers, world size of the launch, LR per parameter group, "
-                        "epochs, eval transform, teacher), print it as YAML (the args.yaml every run writes) and "
-                        "exit without loading weights or reading images")
-    g.add_argument("--snnet-compat", action="store_true",
-                   help="reproduce SN-Net's accidents too: the anchors' no-weight-decay parameters (cls_token, "
-                        "pos_embed, relative-position tables, attention biases) are decayed, and the LS init is "
-                        "--ls-mode snnet unless --ls-mode is given (docs/snnet_compat.md, C35)")
-    g.add_argument("--eval", action="store_true", help="evaluate every stitch and exit (with --resume: that "
-                   "checkpoint; without: the freshly built, least-squares initialised SN-Net)")
-    g.add_argument("--ls-mode", choices=("joint", "average", "snnet"), default=None, help="least-squares init: "
-                   "joint (shared layers fitted to all their positions, eval mode, clean images), average (SN-Net's "
-                   "mean of per-position solutions, otherwise as joint) or snnet (SN-Net's init exactly: the first "
-                   "augmented, mixed-up training batch of stitch_init_bs images per process, train mode, float32 "
-                   "pinv per position, averaged; rank 0's result kept) (default: the stitch config's ls_mode, joint)")
-    g.add_argument("--stitch-init-bs", type=_positive_int, default=None, help="images for the least-squares init "
-                   "(default: the stitch config's stitch_init_bs, 100)")
-    g.add_argument("--no-ls-init", action="store_true", help="keep the stitching layers' default init")
-    g.add_argument("--anchor-lr-scale", type=_non_negative_float, default=None,
-                   help="LR multiplier of the anchors (default 1; SN-Net: 0.1 for Swin and CNNs, 1 for DeiT/LeViT)")
-    g.add_argument("--freeze-anchors", action="store_true",
-                   help="train only the stitching layers: anchors frozen and in eval mode (no BatchNorm or dropout "
-                        "updates, no optimizer state for them), SN-Netv2's cheap path")
-    g.add_argument("--sample-sync", action="store_true",
-                   help="all processes train the same stitch each step (SN-Net: each draws its own)")
-    g.add_argument("--val-stitches", type=_stitch_id, nargs="*", default=None,
-                   help="cfg_ids validated after every epoch, or 'all' (every stitch, one pass; summary.csv then "
-                        "also gets the front's hypervolume, front_hv) (default: anchors and a few stitches)")
-    g.add_argument("--save-predictions", default="anchors", metavar="WHICH",
-                   help="with the final evaluation of every stitch, save per-image predictions (top-5 classes, top "
-                        "softmax probability, correct) of these stitches next to stitches_res.txt as "
-                        "stitches_pred.npz, for `snnet pareto --baselines`: anchors (default), all, none, or "
-                        "comma-separated cfg_ids (anchors,9,12 works too)")
-    g.add_argument("--teacher", default="", metavar="NAME", help="distillation teacher (timm name)")
-    g.add_argument("--teacher-checkpoint", default="", help="local weights of the teacher ('' = hub weights)")
-    g.add_argument("--distillation-type", choices=("none", "soft", "hard"), default="none",
-                   help="DeiT distillation from --teacher: none, soft (KL divergence) or hard (teacher's labels)")
-    g.add_argument("--distillation-alpha", type=_probability, default=0.5, help="weight of the distillation loss")
-    g.add_argument("--distillation-tau", type=_float, default=1.0, help="temperature of soft distillation")
-
-    g = p.add_argument_group("Optimizer")
-    g.add_argument("--opt", default="sgd", help="Optimizer (a timm.optim name)")
-    g.add_argument("--opt-eps", type=_float, default=None, help="Optimizer Epsilon (default: the optimizer's)")
-    g.add_argument("--opt-betas", type=_float, nargs="+", default=None, help="Optimizer Betas (default: the "
-                   "optimizer's)")
-    g.add_argument("--momentum", type=_float, default=0.9, help="Optimizer momentum")
-    g.add_argument("--weight-decay", type=_non_negative_float, default=2e-5, help="weight decay")
-    g.add_argument("--clip-grad", type=_non_negative_float, default=None, help="Clip gradient norm (default: no "
-                   "clipping)")
-    g.add_argument("--clip-mode", choices=("norm", "value", "agc"), default="norm", help="Gradient clipping mode")
-    g.add_argument("--layer-decay", type=_positive_float, default=None, metavar="RATE",
-                   help="layer-wise LR decay: an anchor parameter's LR x RATE ** (depth - layer), layer 0 the stem, "
-                        "1..n the blocks, n+1 = depth the norm and head, times --anchor-lr-scale; stitching layers "
-                        "keep x1 (default: off)")
-
-    g = p.add_argument_group("Learning rate schedule")
-    g.add_argument("--sched", default="cosine", help="LR scheduler")
-    g.add_argument("--sched-on-updates", action="store_true",
-                   help="Apply LR scheduler step on update instead of epoch end.")
-    g.add_argument("--lr", type=_non_negative_float, default=None,
-                   help="learning rate, absolute; overrides --lr-base if set (default: from --lr-base)")
-    g.add_argument("--lr-base", type=_non_negative_float, default=0.1,
-                   help="base learning rate: lr = lr_base * global_batch_size / lr_base_size. A stitch config's lr "
-                        "(SN-Net's LR per 512 images) becomes this default with --lr-base-size 512 and "
-                        "--lr-base-scale linear, so with such a config a typed --lr-base is per 512 images too, "
-                        "unless --lr-base-size is typed")
-    g.add_argument("--lr-base-size", type=_positive_int, default=256,
-                   help="base learning rate batch size (divisor; 512 when the stitch config holds lr)")
-    g.add_argument("--lr-base-scale", choices=("", "linear", "sqrt"), default="",
-                   help="base learning rate vs batch_size scaling ('linear', 'sqrt', based on opt if empty)")
-    g.add_argument("--warmup-lr", type=_non_negative_float, default=1e-5, help="warmup learning rate")
-    g.add_argument("--min-lr", type=_non_negative_float, default=0.0,
-                   help="lower lr bound for cyclic schedulers that hit 0")
-    g.add_argument("--scale-warmup-min-lr", action="store_true",
-                   help="scale --warmup-lr and --min-lr with the global batch like an LR from --lr-base (SN-Net's "
-                        "Swin recipe scaled all three; DeiT and LeViT scaled only the LR)")
-    g.add_argument("--epochs", type=_positive_int, default=300, help="number of epochs to train")
-    g.add_argument("--start-epoch", type=_int, default=None,
-                   help="manual epoch number (useful on restarts; default: the resumed checkpoint's, else 0)")
-    g.add_argument("--decay-epochs", type=_float, default=90, help="epoch interval to decay LR")
-    g.add_argument("--decay-milestones", type=_int, nargs="+", default=[90, 180, 270],
-                   help="list of decay epoch indices for multistep lr. must be increasing")
-    g.add_argument("--decay-rate", "--dr", type=_float, default=0.1, help="LR decay rate")
-    g.add_argument("--warmup-epochs", type=_int, default=5, help="epochs to warmup LR, if scheduler supports")
-    g.add_argument("--warmup-prefix", action="store_true", help="Exclude warmup period from decay schedule.")
-    g.add_argument("--lr-one-epoch-late", action="store_true",
-                   help="per-epoch schedules step one epoch late, as DeiT's main.py did for SN-Net's DeiT and LeViT "
-                        "runs: epoch e trains at lr(e-1) (docs/snnet_compat.md, C35)")
-    g.add_argument("--cooldown-epochs", type=_int, default=0,
-                   help="epochs to cooldown LR at min_lr, after cyclic schedule ends")
-    g.add_argument("--patience-epochs", type=_int, default=10, help="patience epochs for Plateau LR scheduler")
-
-    g = p.add_argument_group("Augmentation and regularization")
-    g.add_argument("--no-aug", action="store_true",
-                   help="Disable all training augmentation, override other train aug args")
-    g.add_argument("--scale", type=_float, nargs=2, default=[0.08, 1.0], help="Random resize scale")
-    g.add_argument("--ratio", type=_float, nargs=2, default=[3.0 / 4.0, 4.0 / 3.0], help="Random resize aspect ratio")
-    g.add_argument("--train-crop-mode", default="rrc", choices=("rrc", "rkrc", "rkrr", "src"),
-                   help="Training crop: rrc (timm's random-resized crop, --scale/--ratio), rkrc/rkrr (timm's "
-                        "keep-ratio variants) or src (DeiT-III's 3-Augment crop as SN-Netv2 trains: resize the short "
-                        "side to the image size, random crop with 4 px reflect padding) (default: rrc)")
-    g.add_argument("--hflip", type=_probability, default=0.5, help="Horizontal flip training aug probability")
-    g.add_argument("--vflip", type=_probability, default=0.0, help="Vertical flip training aug probability")
-    g.add_argument("--color-jitter", type=_float, default=0.4, help="Color jitter factor")
-    g.add_argument("--aa", default=None, help="Use AutoAugment policy, e.g. rand-m9-mstd0.5-inc1 (default: none)")
-    g.add_argument("--aug-repeats", type=_float, default=0,
-                   help="Repeated augmentation: each training image drawn N times per epoch across the processes, "
-                        "each copy augmented on its own (distributed training; DeiT uses 3). 0 (default): off; "
-                        "1: the same sampler with one copy, i.e. each image once")
-    g.add_argument("--aug-splits", type=_int, default=0, help="Number of augmentation splits (valid: 0 or >=2)")
-    g.add_argument("--reprob", type=_probability, default=0.0, help="Random erase prob")
-    g.add_argument("--remode", choices=("const", "rand", "pixel"), default="pixel", help="Random erase mode")
-    g.add_argument("--recount", type=_positive_int, default=1, help="Random erase count")
-    g.add_argument("--resplit", action="store_true", help="Do not random erase first (clean) augmentation split")
-    g.add_argument("--mixup", type=_non_negative_float, default=0.0, help="mixup alpha, mixup enabled if > 0.")
-    g.add_argument("--cutmix", type=_non_negative_float, default=0.0, help="cutmix alpha, cutmix enabled if > 0.")
-    g.add_argument("--cutmix-minmax", type=_float, nargs=2, default=None,
-                   help="cutmix min/max ratio, overrides alpha and enables cutmix if set (default: none)")
-    g.add_argument("--mixup-prob", type=_probability, default=1.0,
-                   help="Probability of performing mixup or cutmix when either/both is enabled")
-    g.add_argument("--mixup-switch-prob", type=_probability, default=0.5,
-                   help="Probability of switching to cutmix when both mixup and cutmix enabled")
-    g.add_argument("--mixup-mode", choices=("batch", "pair", "elem"), default="batch",
-                   help="How to apply mixup/cutmix params: per batch, pair or elem")
-    g.add_argument("--mixup-off-epoch", type=_int, default=0, help="Turn off mixup after this epoch, disabled if 0")
-    g.add_argument("--smoothing", type=_probability, default=0.1, help="Label smoothing")
-    g.add_argument("--train-interpolation", default="random",
-                   help="Training interpolation (random, bilinear, bicubic)")
-
-    g = p.add_argument_group("Model exponential moving average")
-    g.add_argument("--model-ema", action="store_true",
-                   help="keep timm's ModelEmaV3 of the weights, updated after every optimizer step; it is validated "
-                        "each epoch (its metric picks model_best), saved as state_dict_ema, restored by --resume, "
-                        "and every stitch of it is evaluated into stitches_res_ema.txt (default: off)")
-    g.add_argument("--model-ema-decay", type=_probability, default=0.9998, help="decay factor for model weights "
-                   "moving average")
-    g.add_argument("--model-ema-warmup", action="store_true", help="enable warmup for model EMA decay (default: "
-                   "off)")
-
-    g = p.add_argument_group("Batch norm")
-    g.add_argument("--sync-bn", action="store_true",
-                   help="Enable synchronized BatchNorm (torch SyncBatchNorm) in distributed runs; needs CUDA (this "
-                        "torch has no SyncBatchNorm on CPU) and --sample-sync with several stitches (every process "
-                        "must run the same BN layers); no effect on one process (default: off)")
-    g.add_argument("--dist-bn", choices=("", "reduce", "broadcast"), default="reduce",
-                   help="Distribute BatchNorm stats between nodes after each epoch ('broadcast', 'reduce', or '')")
-    g.add_argument("--split-bn", action="store_true", help="Enable separate BN layers per augmentation split.")
-
-    g = p.add_argument_group("Device, precision, distributed")
-    g.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
-    g.add_argument("--amp", action="store_true", help="mixed precision via torch.amp (fp16 + GradScaler on CUDA, "
-                   "bf16 on CPU); NVIDIA apex is not used")
-    g.add_argument("--amp-dtype", choices=("", "float16", "bfloat16"), default="",
-                   help="lower precision AMP dtype ('' = float16 on CUDA, bfloat16 on CPU)")
-    g.add_argument("--no-amp-loss", action="store_true",
-                   help="with --amp, compute the loss and the distillation teacher outside autocast, in fp32 "
-                        "(SN-Net's Swin recipe); by default autocast covers forward and loss (DeiT, LeViT, CNN)")
-    g.add_argument("-j", "--workers", type=_int, default=4,
-                   help="how many data loading worker processes to use, per training process (default: timm's 4, "
-                        "at most the usable cores)")
-    g.add_argument("--pin-mem", action="store_true",
-                   help="Pin CPU memory in DataLoader for more efficient (sometimes) transfer to GPU.")
-    g.add_argument("--no-prefetcher", action="store_true", help="disable fast prefetcher")
-    g.add_argument("--dist-backend", default=None, help="default: nccl on CUDA, gloo on CPU")
-    g.add_argument("--dist-url", default=None, help="accepted for timm compatibility; unused: the process group is "
-                   "set up from torchrun's environment")
-
-    g = p.add_argument_group("Output and logging")
-    g.add_argument("--seed", type=_int, default=42, help="random seed")
-    g.add_argument("--output", default="", help="path to output folder ('' = ./output/train)")
-    g.add_argument("--experiment", default="", help="name of train experiment, name of sub-folder for output "
-                   "('' = <date>-<model>-<img size>)")
-    g.add_argument("--log-interval", type=_positive_int, default=50,
-                   help="how many batches to wait before logging training status")
-    g.add_argument("--checkpoint-hist", type=_non_negative_int, default=10,
-                   help="number of best epoch checkpoints to keep as checkpoint-<epoch>.pth.tar (0: none)")
-    g.add_argument("--recovery-interval", type=_non_negative_int, default=0,
-                   help="write recovery.pth.tar every N training steps (0: off); --resume or --auto-resume from it "
-                        "continues inside the epoch exactly")
-    g.add_argument("--eval-metric", default="top1",
-                   help="metric that picks model_best: top1, top5, loss (means over the validation panel) or "
-                        "top1@<cfg_id> (one stitch of the panel); the training loss when there is no val split")
-    g.add_argument("--val-interval", type=_positive_int, default=1, help="validate every N epochs")
-    g.add_argument("--log-tensorboard", default="", metavar="DIR",
-                   help="TensorBoard event files in DIR/<experiment> (rank 0): per epoch train loss, LR, panel "
-                        "top-1 per stitch, front hypervolume; at the end the front as table and figure ('' = off; "
-                        "needs pip install tensorboard)")
-    g.add_argument("--log-wandb", action="store_true",
-                   help="log the same to Weights & Biases (rank 0; files in <output>/<experiment>/wandb; "
-                        "WANDB_MODE=offline for `wandb sync` later; default off; needs pip install wandb)")
-    g.add_argument("--wandb-project", default="snnet", help="wandb project of --log-wandb")
+    groups = {title: p.add_argument_group(title) for title in GROUPS}
+    for field, flag, hint in _options(FLAG_OPTIONS):
+        _add_option(groups[flag.group], field.name, field, flag, hint)
     return p
 
 
@@ -426,6 +192,7 @@ def _fit_short_run(args: argparse.Namespace, argv: Sequence[str]) -> None:
     """Defaults that would misfit this run, fitted with one line each (issue 41): a warm-up not shorter than the run
     (`snnet.train.optim.fit_warmup`), more loader workers than cores (`snnet.data.loaders.default_workers`)."""
     # imported here: parsing alone (snnet --help) imports neither timm nor torch
+    from snnet.core.distributed import world
     from snnet.data.loaders import TIMM_WORKERS, default_workers
     from snnet.train.optim import fit_warmup
     notes = []
@@ -436,7 +203,7 @@ def _fit_short_run(args: argparse.Namespace, argv: Sequence[str]) -> None:
     if not typed and args.workers == TIMM_WORKERS:  # timm's default (a config's other number is its choice)
         args.workers, note = default_workers()
         notes.append(note)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if world(launched=True)[0] == 0:
         for note in filter(None, notes):
             logging.getLogger("snnet").info(note)
 
@@ -564,7 +331,8 @@ def _check_ranges(args: argparse.Namespace) -> None:
                f"use one of {', '.join(INTERPOLATIONS)} or random")
     if args.sched in ("step", "multistep") and args.decay_epochs <= 0:
         refuse("--decay-epochs", args.decay_epochs, f"must be > 0 with --sched {args.sched}")
-    if args.opt_betas is not None and (len(args.opt_betas) not in (1, 2) or not all(0 <= b < 1 for b in args.opt_betas)):
+    betas = args.opt_betas
+    if betas is not None and (len(betas) not in (1, 2) or not all(0 <= b < 1 for b in betas)):
         refuse("--opt-betas", " ".join(map(str, args.opt_betas)), "give one or two betas in [0, 1), e.g. 0.9 0.999")
     if args.cooldown_epochs < 0:
         refuse("--cooldown-epochs", args.cooldown_epochs, "must be >= 0")
@@ -641,7 +409,7 @@ def _yaml_entries(path: str) -> list[tuple[str, str, Any]]:
     return [(str(k), str(k).replace("-", "_"), v) for k, v in data.items()]
 
 
-__all__ = ["build_parser", "parse_args", "options_from", "UsageError", "ConfigError"]
+__all__ = ["arguments", "build_parser", "parse_args", "options_from", "UsageError", "ConfigError"]
 
 
 class FrozenArgs(argparse.Namespace):
@@ -664,12 +432,19 @@ def freeze(args: argparse.Namespace, **resolved: Any) -> FrozenArgs:
     return out
 
 
+def arguments(options: RunOptions, **resolved: Any) -> FrozenArgs:
+    """train.py's arguments as the edge reads and records them (its checks, --dry-run, args.yaml, a checkpoint's
+    "args"): the run's options by flag name (lists as typed), with what the run `resolved` (rank, world size)."""
+    return freeze(argparse.Namespace(), **{k: list(v) if isinstance(v, tuple) else v
+                                           for k, v in options.values().items()}, **resolved)
+
+
 def options_from(cls: type[T], args: argparse.Namespace, **over: Any) -> T:
     """A typed option object (a dataclass: `snnet.data.options.DataOptions`, `LoaderOptions`, ...) from train.py's
     resolved arguments: each field read from the flag of its name (a field train.py has no flag for keeps its
     default), `over` over them. The one place a namespace becomes options; below the entry points no function takes
     a namespace."""
-    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = set(over) - names
     if unknown:
         raise TypeError(f"{cls.__name__} has no field(s) {sorted(unknown)}")

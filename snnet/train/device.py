@@ -13,6 +13,7 @@ from timm.utils.distributed import init_distributed_device_so
 from torch import nn
 
 from snnet.core import slurm
+from snnet.core.distributed import world
 from snnet.core.errors import SNNetError
 from snnet.train.options import TrainOptions
 
@@ -47,11 +48,11 @@ def _agree_on_attempt() -> int:
     restart of a fixed-size worker group starts each global rank once, so the counts agree."""
     global _agreed_attempt
     _agreed_attempt = None
-    if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and world(launched=True)[1] > 1
             and not dist.is_initialized()):
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                               timeout=timedelta(minutes=10))
-        _agreed_attempt = store.add(f"snnet/starts/rank{os.environ['RANK']}", 1) - 1
+        _agreed_attempt = store.add(f"snnet/starts/rank{world(launched=True)[0]}", 1) - 1
     return restart_attempt()
 
 
@@ -104,7 +105,7 @@ def resolve_device(device: str | None, dist_backend: str | None = None, dist_url
     adopt_slurm_env()
     name = str(device_from_flag(device))
     attempt = _agree_on_attempt()
-    if attempt > 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    if attempt > 0 and world(launched=True)[1] > 1 and not dist.is_initialized():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if name.startswith("cuda"):  # before the group: NCCL binds each process to its current device
             name = f"cuda:{local}"
@@ -122,7 +123,7 @@ def _init_restarted_group(device: str, dist_backend: str | None, attempt: int) -
     Seen with torch 2.14 on CPU: restarted workers joining through the agent's store could hang in, or fail,
     the gloo rendezvous. Rank 0 hosts a fresh TCPStore on MASTER_PORT + 1 + attempt instead, so each attempt
     starts from an empty store."""
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, world_size = world(launched=True)
     port = int(os.environ["MASTER_PORT"]) + 1 + attempt
     store = dist.TCPStore(os.environ["MASTER_ADDR"], port, world_size, is_master=rank == 0,
                           timeout=timedelta(minutes=10))

@@ -94,8 +94,8 @@ def _check_finite(loss: torch.Tensor, epoch: int, step: int, cfg_id: int, net: n
     if culprits:
         rank, cfg = culprits[0]
         raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, step {step} on rank {rank} (stitch cfg_id {cfg}: "
-                            f"{unwrap(net).describe(cfg)}); lower --lr or set --clip-grad; what was written before (the last good "
-                            f"checkpoint, finished runs) is kept")
+                            f"{unwrap(net).describe(cfg)}); lower --lr or set --clip-grad; what was written before "
+                            f"(the last good checkpoint, finished runs) is kept")
 
 
 def _forward_loss(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor, cfg_id: int,

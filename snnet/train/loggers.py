@@ -21,8 +21,7 @@ import importlib.util
 import json
 import logging
 import shutil
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,20 +31,11 @@ from PIL import Image
 from snnet.core.errors import UsageError
 from snnet.results.pareto import pareto_report, save_report
 from snnet.results.records import ResultsError
+from snnet.train.options import LoggerOptions
 
 _logger = logging.getLogger("snnet")
 FRONT_COLUMNS = ("cfg_id", "route", "flops", "params", "acc1", "acc5")
 _PACKAGES = {"log_tensorboard": ("--log-tensorboard", "tensorboard"), "log_wandb": ("--log-wandb", "wandb")}
-
-
-@dataclass(frozen=True)
-class LoggerOptions:
-    """The experiment loggers a run asks for (train.py's flags of these names) and the run's configuration they
-    record (`run_config`: its resolved arguments, JSON-able)."""
-    log_tensorboard: str = ""           # TensorBoard's folder ('' = off)
-    log_wandb: bool = False
-    wandb_project: str = "snnet"
-    run_config: Mapping[str, Any] = field(default_factory=dict)
 
 
 class ExperimentLogger:

@@ -71,10 +71,13 @@ def snnet_version(stitch_cfg: StitchConfig | None) -> int:
     return 2 if stitch_cfg is not None and stitch_cfg.get("stitch_plan") == "two_way" else 1
 
 
-def ls_initialise(net: RoutedNet, images_from: Any, stitch_cfg: StitchConfig, count: int, mode: str,
-                  source: InitImages) -> None:
-    """Least-squares init of the stitching layers (see ls_init.py) on `count` clean images, or for ``--ls-mode
-    snnet`` on SN-Net's training batch, with a log line."""
+def ls_initialise(net: RoutedNet, images_from: Any, stitch_cfg: StitchConfig, source: InitImages,
+                  count: int | None = None, mode: str | None = None) -> None:
+    """Least-squares init of the stitching layers (`snnet.core.ls_init.ls_init` on a run's images) on `count`
+    clean images, or for ``--ls-mode snnet`` on SN-Net's training batch, with a log line. `count` and `mode`:
+    --stitch-init-bs and --ls-mode (None: the stitch config's)."""
+    count = count or stitch_cfg.get("stitch_init_bs")
+    mode = mode or stitch_cfg.get("ls_mode")
     rank, world_size = world()
     t0 = time.perf_counter()
     if mode == "snnet":

@@ -4,10 +4,11 @@
     train.py DATA --stitch_config ... --eval --resume CKPT                     # evaluate every stitch
     train.py DATA --model vit_tiny_patch16_224 [timm flags]                    # one plain model
 
-This module wires (as DeiT's main.py): arguments -> typed options -> data -> network -> LS init / resume -> `fit`
-or `evaluate_all`. The trainer (optimizer, schedule, EMA, the epoch loop) is trainer.py, shared with stitch-train;
-the loops engine.py; evaluation and prediction files evaluator.py; resume and recovery resume.py; the LS init's data
-ls_data.py; checkpoints snnet/core/checkpoint.py.
+This module wires (as DeiT's main.py): parse -> typed options (`RunOptions`, once) -> check -> resolve -> build ->
+LS init / resume -> `train_and_evaluate` (the trainer's `fit` with `RunEpochs`) or `evaluate_all`. The trainer
+(optimizer, schedule, EMA, the epoch loop) is trainer.py, shared with stitch-train; the loops engine.py;
+evaluation and prediction files evaluator.py; resume and recovery resume.py; the LS init's data ls_data.py;
+checkpoints snnet/core/checkpoint.py.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import os
 import sys
 import traceback
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -37,22 +38,20 @@ from snnet.core.progress import RunClock
 from snnet.core.steps import UnitStep
 from snnet.data.datasets import class_names_of, create_datasets, data_source, num_classes_of
 from snnet.data.loaders import create_eval_loader, create_train_loader
-from snnet.data.options import DataOptions, LoaderOptions
 from snnet.results.records import EMA_RESULTS_FILE, RESULTS_FILE, ResultsFile, file_sha256, text_sha256
-from snnet.train.args import UsageError, freeze, options_from, parse_args
+from snnet.train.args import UsageError, arguments, parse_args
 from snnet.train.device import adopt_slurm_env, amp_dtype_for, requeued, resolve_device, restart_attempt, unwrap
 from snnet.train.evaluator import Evaluation, evaluate_all, prediction_ids, val_panel, validate_panel
 from snnet.train.loggers import Loggers, check_loggers, create_loggers
 from snnet.train.losses import create_loss
-from snnet.train.ls_data import InitImages
-from snnet.train.ls_data import ls_initialise as fit_stitching_layers
+from snnet.train.ls_data import InitImages, ls_initialise
 from snnet.train.network import build_network, check_train_exclude
 from snnet.train.optim import anchor_lr_scale
-from snnet.train.options import EvalOptions, LossOptions, OptimOptions, ScheduleOptions, TrainOptions
+from snnet.train.options import JobOptions, RunOptions, TrainOptions
 from snnet.train.positions import write_stitch_plan
 from snnet.train.preempt import STOP, Preempted
 from snnet.train.preflight import check_recipe, check_run, output_dir
-from snnet.train.resolve import describe_run, launch_world_size, logger_options, network_options, to_yaml
+from snnet.train.resolve import describe_run, to_yaml
 from snnet.train.resume import (
     all_saved,
     continue_epoch,
@@ -64,7 +63,7 @@ from snnet.train.resume import (
     truncate_summary,
 )
 from snnet.train.sampler import create_sampler
-from snnet.train.trainer import Trainer, create_trainer
+from snnet.train.trainer import EpochHooks, Trainer, TrainSetup, create_trainer
 
 _logger = logging.getLogger("snnet")
 
@@ -74,16 +73,16 @@ def main(argv=None) -> int:
     STOP.install()  # train.py installed it before its imports; callers of main() get it here, before any work
     try:
         adopt_slurm_env()  # under srun: RANK, WORLD_SIZE ... from Slurm's variables, before anything reads them
-        args, stitch_cfg = parse_args(argv)
-        run(args, stitch_cfg)
+        args, stitch_cfg = parse_args(argv)  # parse (each flag checked as typed)
+        start(RunOptions.from_values(vars(args)), stitch_cfg)  # the typed options, once
     except Preempted as e:  # every rank stopped at the same step, the recovery checkpoint written: a clean exit
-        if int(os.environ.get("RANK", "0")) == 0:
+        if world(launched=True)[0] == 0:
             print(f"preempted: {e}", file=sys.stderr)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         return e.exit_code
     except SNNetError as e:
-        if int(os.environ.get("RANK", "0")) == 0:  # every rank meets the same input: one line is enough
+        if world(launched=True)[0] == 0:  # every rank meets the same input: one line is enough
             print(f"error: {one_line(e)}", file=sys.stderr)
         return e.exit_code
     except BaseException:
@@ -103,16 +102,10 @@ def main(argv=None) -> int:
 
 @dataclass
 class Run:
-    """What every phase of one run reads, typed: the option objects built once from the resolved arguments at
-    train.py's edge (`run_from`), and what was derived from them (device, precision, data config, output folder,
-    the network's identity). Nothing below the edge reads train.py's namespace."""
-    optim: OptimOptions
-    schedule: ScheduleOptions
-    loss: LossOptions
-    train: TrainOptions
-    eval: EvalOptions
-    data: DataOptions                 # which images
-    loader: LoaderOptions             # how they are loaded (batch sizes, workers, augmentation)
+    """What every phase of one run reads, typed: the run's options (resolved once, `resolve`) and what was derived
+    from them (device, precision, data config, output folder, the network's identity). Nothing below the edge
+    reads train.py's namespace."""
+    options: RunOptions
     stitch_cfg: StitchConfig | None
     device: torch.device
     amp_dtype: torch.dtype | None
@@ -120,11 +113,25 @@ class Run:
     out_dir: Path
     config_text: str  # the network's identity (anchors, input, classes, precision), hashed into results
     args_json: str    # the resolved arguments as every checkpoint records them ("args")
-    resumed_from: str | None = None   # the checkpoint this run continues (--resume, or found by --auto-resume)
-    evaluating: bool = False          # --eval: evaluate every stitch, train nothing
-    stitch_init_bs: int | None = None  # the LS init's images (None: the stitch config's)
-    ls_mode: str | None = None        # the LS init's mode (None: the stitch config's)
     loggers: Loggers | None = None  # --log-tensorboard, --log-wandb (rank 0)
+
+    optim = property(lambda self: self.options.optim)
+    schedule = property(lambda self: self.options.schedule)
+    loss = property(lambda self: self.options.loss)
+    train = property(lambda self: self.options.train)
+    eval = property(lambda self: self.options.eval)
+    data = property(lambda self: self.options.data)        # which images
+    loader = property(lambda self: self.options.loader)    # how they are loaded
+
+    @property
+    def resumed_from(self) -> str | None:
+        """The checkpoint this run continues (--resume, or found by --auto-resume)."""
+        return self.options.job.resume or None
+
+    @property
+    def evaluating(self) -> bool:
+        """--eval: evaluate every stitch, train nothing."""
+        return self.options.job.eval
 
     @property
     def primary(self) -> bool:
@@ -143,128 +150,133 @@ class Run:
                           self.train.seed, self.evaluating)
 
 
-def run_from(args: argparse.Namespace, stitch_cfg: StitchConfig | None, device: torch.device, data_cfg: dict,
-             out_dir: Path) -> Run:
-    """train.py's edge: the resolved, frozen arguments turned into the typed run, once."""
-    train = options_from(TrainOptions, args)
-    return Run(options_from(OptimOptions, args), options_from(ScheduleOptions, args), options_from(LossOptions, args),
-               train, options_from(EvalOptions, args), options_from(DataOptions, args),
-               options_from(LoaderOptions, args), stitch_cfg, device, amp_dtype_for(train, device), data_cfg, out_dir,
-               _config_text(args, stitch_cfg, data_cfg), json.dumps(vars(args), default=str), args.resume or None,
-               bool(args.eval), args.stitch_init_bs, args.ls_mode)
+def build_run(options: RunOptions, args: argparse.Namespace, stitch_cfg: StitchConfig | None, device: torch.device,
+             data_cfg: dict, out_dir: Path) -> Run:
+    """train.py's edge: the resolved options and the arguments they record (`args`, args.yaml's) as the typed run."""
+    return Run(options, stitch_cfg, device, amp_dtype_for(options.train, device), data_cfg, out_dir,
+               network_identity(options, stitch_cfg, data_cfg), json.dumps(vars(args), default=str))
 
 
 # ------------------------------------------------------------------------------------------------------ building
-def _config_text(args: argparse.Namespace, stitch_cfg: StitchConfig | None, data_cfg: dict) -> str:
+def network_identity(options: RunOptions, stitch_cfg: StitchConfig | None, data_cfg: dict) -> str:
     ident = {"stitch_config": stitch_cfg.values if stitch_cfg else None,
              # an unlabelled anchor records no "label": the identity (config_sha256) of older runs stays the same
              "anchors": [{k: v for k, v in a.__dict__.items() if k != "label" or v is not None}
-                         for a in stitch_cfg.anchors] if stitch_cfg else [args.model],
+                         for a in stitch_cfg.anchors] if stitch_cfg else [options.network.model],
              "input_size": list(data_cfg["input_size"]), "crop_pct": data_cfg["crop_pct"],
-             "num_classes": args.num_classes, "amp": [args.amp, args.amp_dtype]}
+             "num_classes": options.network.num_classes, "amp": [options.train.amp, options.train.amp_dtype]}
     return json.dumps(ident, sort_keys=True, default=str)
 
 
-def _resolve(args: argparse.Namespace, stitch_cfg: StitchConfig | None, dataset) -> argparse.Namespace:
-    """What the run derives from its inputs, resolved once and frozen with them: the number of classes (the data
-    folder's, else the config's), the checkpoint to continue from (--auto-resume, always on in a torchrun restart
-    and in a requeued Slurm job: the run folder's newest checkpoint, the recovery file when there is one), and
-    --dist-bn (off where SyncBatchNorm already synchronises, as timm does), and the data's class names (recorded in
-    the checkpoint's arguments, so an export and `snnet serve` name what they predict)."""
-    num_classes = args.num_classes
+def resolve(options: RunOptions, stitch_cfg: StitchConfig | None, dataset, placement) -> RunOptions:
+    """What the run derives from its inputs, resolved once (frozen from then on): the process group's device, the
+    number of classes (the data folder's, else the config's), the checkpoint to continue from (--auto-resume,
+    always on in a torchrun restart and in a requeued Slurm job: the run folder's newest checkpoint, the recovery
+    file when there is one), --dist-bn (off where SyncBatchNorm already synchronises, as timm does), and the data's
+    class names (recorded in the checkpoint's arguments, so an export and `snnet serve` name what they predict)."""
+    job = options.job
+    num_classes = options.network.num_classes
     if num_classes is None:
         num_classes = num_classes_of(dataset) or (stitch_cfg.get("num_classes") if stitch_cfg else None)
-    resume = args.resume
-    if not resume and not args.eval and (args.auto_resume or restart_attempt() > 0 or requeued() > 0):
-        out_dir = output_dir(args)
+    resume = job.resume
+    if not resume and not job.eval and (job.auto_resume or restart_attempt() > 0 or requeued() > 0):
+        out_dir = output_dir(arguments(options))
         found = [out_dir / name for name in (RECOVERY, LAST) if (out_dir / name).exists()]
         if found:
             resume = str(found[0])
             _logger.info(f"auto-resume: continuing from {resume}")
-    synced = args.sync_bn and args.distributed and not args.eval
-    return freeze(args, num_classes=num_classes, resume=resume, dist_bn="" if synced else args.dist_bn,
-                  class_names=class_names_of(dataset))
-
-
-def ls_initialise(net: RoutedNet, run: Run, images_from) -> None:
-    """The least-squares init of the stitching layers (`snnet.train.ls_data`) with the run's stitch_init_bs and
-    ls_mode (the flag's, else the config's)."""
-    assert run.stitch_cfg is not None  # only an SN-Net has stitching layers to fit
-    count = run.stitch_init_bs or run.stitch_cfg.get("stitch_init_bs")
-    mode = run.ls_mode or run.stitch_cfg.get("ls_mode")
-    fit_stitching_layers(net, images_from, run.stitch_cfg, count, mode, run.init_images)
+    synced = options.train.sync_bn and placement.distributed and not job.eval
+    return options.replaced(device=str(placement.device), distributed=placement.distributed,
+                            num_classes=num_classes, resume=resume,
+                            dist_bn="" if synced else options.train.dist_bn, class_names=class_names_of(dataset))
 
 
 # ------------------------------------------------------------------------------------------------------ the run
-def run(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> None:
-    if args.dry_run:  # before any process group, weight or image: rank 0 prints the resolved run
-        check_recipe(args, stitch_cfg, launch_world_size())  # the checks that need no data, device or file here
-        if int(os.environ.get("RANK", "0")) == 0:
-            device_type = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
-            print(to_yaml(describe_run(args, stitch_cfg, launch_world_size(), device_type)), end="")
+def start(options: RunOptions, stitch_cfg: StitchConfig | None) -> None:
+    """Check, then execute the run under the output folder's lock (--dry-run: print the resolved run)."""
+    args = arguments(options)  # what the edge's checks and the printed run read
+    if options.job.dry_run:  # before any process group, weight or image: rank 0 prints the resolved run
+        check_recipe(args, stitch_cfg, world(launched=True)[1])  # the checks that need no data, device or file here
+        if world(launched=True)[0] == 0:
+            device_type = (options.train.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
+            print(to_yaml(describe_run(args, stitch_cfg, world(launched=True)[1], device_type)), end="")
         return
-    check_run(args, stitch_cfg, launch_world_size())  # every input, before any weight or image
-    check_loggers(logger_options(args))
+    check_run(args, stitch_cfg, world(launched=True)[1])  # check: every input, before any weight or image
+    check_loggers(options.logging)
     out_dir = output_dir(args)  # once: a generated name holds the time of day
     # one run per output folder: rank 0 holds the lock (torchrun's other ranks write into rank 0's folder); the
     # kernel releases it when the process dies, so a crashed run never leaves it stuck
-    with FolderLock(out_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext():
-        _run(args, stitch_cfg, out_dir)
+    with FolderLock(out_dir) if world(launched=True)[0] == 0 else nullcontext():
+        _execute(options, stitch_cfg, out_dir)
 
 
-def _run(args: argparse.Namespace, stitch_cfg: StitchConfig | None, out_dir: Path) -> None:
-    placement = resolve_device(args.device, args.dist_backend, args.dist_url)  # the process group (timm's)
-    args.device, args.distributed, args.rank = str(placement.device), placement.distributed, placement.rank
-    args.world_size, args.local_rank, device = placement.world_size, placement.local_rank, placement.device
-    rank, world_size = world()
-    random_seed(args.seed, 0)  # the network's random parts (random anchors, stitching layers) are the same on every rank
+def _execute(options: RunOptions, stitch_cfg: StitchConfig | None, out_dir: Path) -> None:
+    job = options.job
+    placement = resolve_device(options.train.device, job.dist_backend, job.dist_url)  # the process group (timm's)
+    rank, world_size, device = placement.rank, placement.world_size, placement.device
+    # the network's random parts (random anchors, stitching layers) are the same on every rank
+    random_seed(options.train.seed, 0)
     if rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
-    train_ds, val_ds = create_datasets(options_from(DataOptions, args), need_train=not args.eval)
-    args = _resolve(args, stitch_cfg, train_ds or val_ds)  # frozen from here: nothing changes args mid-run
-    built, stitch_cfg = build_network(network_options(args), stitch_cfg, train_ds)  # positions explicit from here
-    assert built is not None  # None only for structure_only
-    net = built
-    check_train_exclude(net, stitch_cfg)
-    if rank != 0:  # then each rank its own stream (augmentation, dropout); rank 0's goes on unchanged
-        random_seed(args.seed, rank)
-    data_cfg = resolve_data_config(vars(args), model=net)
-    net = _prepare(net, options_from(TrainOptions, args), device, args.eval, args.aug_splits)
-    run_ = run_from(args, stitch_cfg, device, data_cfg, out_dir)
-    if run_.primary and stitch_cfg is not None:  # explicit or selected "positions": <output>/stitch_plan.json
-        write_stitch_plan(unwrap(net), run_.out_dir)
-    resume = args.resume
+    train_ds, val_ds = create_datasets(options.data, need_train=not job.eval)
+    options = resolve(options, stitch_cfg, train_ds or val_ds, placement)  # resolve: frozen from here
+    job = options.job
+    args = arguments(options, distributed=placement.distributed, rank=rank, world_size=world_size,
+                     local_rank=placement.local_rank)
+    net, stitch_cfg = _build(options, stitch_cfg, train_ds, device)  # build: positions explicit from here
+    data_cfg = resolve_data_config(options.input.data_config_args(), model=net)
+    run = build_run(options, args, stitch_cfg, device, data_cfg, out_dir)
+    if run.primary and stitch_cfg is not None:  # explicit or selected "positions": <output>/stitch_plan.json
+        write_stitch_plan(unwrap(net), run.out_dir)
+    resume = job.resume
     resume_state = fitting_checkpoint(net, resume) if resume else None
-    if args.initial_checkpoint:
-        unwrap(net).load_checkpoint_state(fitting_checkpoint(net, args.initial_checkpoint)["state_dict"])
-    if not args.eval:
-        val_panel(run_.eval, unwrap(net))  # refused now, not after the LS init
-        _sampler(unwrap(net), run_, rank)  # the sampler's type and options (ROS buckets from the cost table), too
+    if job.initial_checkpoint:
+        unwrap(net).load_checkpoint_state(fitting_checkpoint(net, job.initial_checkpoint)["state_dict"])
+    sampler = None
+    if not job.eval:
+        val_panel(run.eval, unwrap(net))  # refused now, not after the LS init
+        sampler = _sampler(unwrap(net), run, rank)  # the sampler's type and options (ROS buckets), too
     eval_hash = ""
-    prediction_ids(run_.eval.save_predictions, unwrap(net))  # a bad cfg_id refused before any work
-    if args.eval:  # what is evaluated, and the results file it would continue: refused now, not after the LS init
+    prediction_ids(run.eval.save_predictions, unwrap(net))  # a bad cfg_id refused before any work
+    if job.eval:  # what is evaluated, and the results file it would continue: refused now, not after the LS init
         # no checkpoint: the network's own weights (anchors as built; the LS init is a function of them, the seed and
         # the data) are its identity, so a cached evaluation of other anchor weights is never taken for this one
         eval_hash = file_sha256(resume) if resume else text_sha256(
-            f"init:{args.seed}:{run_.config_text}:{state_sha256(unwrap(net).checkpoint_state())}")
-        if run_.primary:
-            ResultsFile(out_dir / RESULTS_FILE, eval_hash, text_sha256(run_.config_text),
+            f"init:{options.train.seed}:{run.config_text}:{state_sha256(unwrap(net).checkpoint_state())}")
+        if run.primary:
+            ResultsFile(out_dir / RESULTS_FILE, eval_hash, text_sha256(run.config_text),
                         data_source(val_ds) if val_ds is not None else None).completed()
     _logger.info("data: " + ", ".join(f"{k} {v}" for k, v in data_cfg.items()))  # after every check: no banner
-    if run_.primary and not args.eval:  # the resolved run, after every check and before any work (LS init, training)
+    if run.primary and not job.eval:  # the resolved run, after every check and before any work (LS init, training)
         write_text_atomic(out_dir / "args.yaml", to_yaml(describe_run(args, stitch_cfg, world_size, device.type,
                                                                       net=unwrap(net))))
-    run_.loggers = create_loggers(logger_options(args), run_.out_dir, run_.primary)
-    if _wants_ls_init(args, stitch_cfg, resume_state):
-        ls_initialise(net, run_, train_ds if train_ds is not None else val_ds)
+    run.loggers = create_loggers(replace(options.logging, run_config=vars(args)), run.out_dir, run.primary)
+    if _wants_ls_init(options.job, stitch_cfg, resume_state):
+        assert stitch_cfg is not None  # only an SN-Net has stitching layers to fit
+        ls_initialise(net, train_ds if train_ds is not None else val_ds, stitch_cfg, run.init_images,
+                      job.stitch_init_bs, job.ls_mode)
     if resume_state is not None:
         unwrap(net).load_checkpoint_state(resume_state["state_dict"])  # read once, fit checked above
-    if args.eval:
-        evaluate_all(net, val_ds, run_.evaluation, eval_hash)
-        run_.loggers.log_final_front(run_.out_dir / RESULTS_FILE, run_.out_dir, 0)
-        run_.loggers.close()
+    if job.eval:
+        evaluate_all(net, val_ds, run.evaluation, eval_hash)
+        run.loggers.log_final_front(run.out_dir / RESULTS_FILE, run.out_dir, 0)
+        run.loggers.close()
         return
-    fit(net, train_ds, val_ds, run_, resume_state)
+    assert sampler is not None
+    train_and_evaluate(net, train_ds, val_ds, run, resume_state, sampler)
+
+
+def _build(options: RunOptions, stitch_cfg: StitchConfig | None, train_ds, device: torch.device
+           ) -> tuple[RoutedNet, StitchConfig | None]:
+    """The network (positions chosen from data when the config asks), seeded per rank from then on, converted and
+    on its device."""
+    built, stitch_cfg = build_network(options.network_to_build(), stitch_cfg, train_ds)
+    assert built is not None  # None only for structure_only
+    check_train_exclude(built, stitch_cfg)
+    rank = world()[0]
+    if rank != 0:  # then each rank its own stream (augmentation, dropout); rank 0's goes on unchanged
+        random_seed(options.train.seed, rank)
+    return _prepare(built, options.train, device, options.job.eval, options.loader.aug_splits), stitch_cfg
 
 
 def _prepare(net: RoutedNet, train: TrainOptions, device: torch.device, evaluating: bool = False,
@@ -279,12 +291,12 @@ def _prepare(net: RoutedNet, train: TrainOptions, device: torch.device, evaluati
     return net
 
 
-def _wants_ls_init(args: argparse.Namespace, stitch_cfg: StitchConfig | None, resume_state: dict | None) -> bool:
+def _wants_ls_init(job: JobOptions, stitch_cfg: StitchConfig | None, resume_state: dict | None) -> bool:
     """Fit the stitching layers unless they come from a checkpoint (--resume, --initial-checkpoint) or are off."""
-    if stitch_cfg is None or resume_state is not None or not stitch_cfg.get("ls_init") or args.no_ls_init:
+    if stitch_cfg is None or resume_state is not None or not stitch_cfg.get("ls_init") or job.no_ls_init:
         return False
-    if args.initial_checkpoint:
-        _logger.info(f"LS init skipped: the stitching layers come from --initial-checkpoint {args.initial_checkpoint}")
+    if job.initial_checkpoint:
+        _logger.info(f"LS init skipped: the stitching layers come from --initial-checkpoint {job.initial_checkpoint}")
         return False
     return True
 
@@ -343,19 +355,16 @@ def _sampler(net: RoutedNet, run: Run, rank: int):
         raise ConfigError(f"stitch config field 'sampler' {spec!r}: {e}") from None
 
 
-def _setup_training(net: RoutedNet, train_ds, run: Run, resume_state: dict | None) -> Trainer:
+def _setup_training(net: RoutedNet, train_ds, run: Run, resume_state: dict | None, sampler) -> Trainer:
     """The trainer (optimizer, scaler, schedule, EMA, compile, DDP) on the training loader, with the run's loss and
     sampler, resumed where the checkpoint left off."""
-    train, (rank, world_size) = run.train, world()
+    train, world_size = run.train, world()[1]
     _freeze(net, run.stitch_cfg, train.freeze_anchors)
     loader = create_train_loader(train_ds, run.loader, run.data_cfg, run.device)
     loss_fn, mixup_fn = create_loss(run.loss, run.device)
-    trainer = create_trainer(net, loader, loss_fn, optim=run.optim, schedule=run.schedule, train=run.train,
-                             device=run.device, amp_dtype=run.amp_dtype, sampler=_sampler(net, run, rank),
-                             mixup_fn=mixup_fn, rank=rank, world_size=world_size, resume_state=resume_state,
-                             resumed_from=run.resumed_from or "", eval_metric=run.eval.eval_metric,
-                             mixup_off_epoch=run.loss.mixup_off_epoch, input_size=run.data_cfg["input_size"],
-                             after_step=[fault_injection])
+    setup = TrainSetup(run.device, run.amp_dtype, sampler, mixup_fn, resume_state, run.data_cfg["input_size"],
+                       after_step=[fault_injection])
+    trainer = create_trainer(net, loader, loss_fn, run.options, setup)
     accum = trainer.ctx.accum_steps
     continue_epoch(trainer.ctx, resume_state, accum)
     if run.primary:
@@ -370,47 +379,53 @@ def _setup_training(net: RoutedNet, train_ds, run: Run, resume_state: dict | Non
     return trainer
 
 
-def fit(net: RoutedNet, train_ds, val_ds, run: Run, resume_state: dict | None) -> None:
-    """Train epoch by epoch (validation panel, checkpoints, summary.csv), then evaluate every stitch."""
-    train, ev, (rank, world_size) = run.train, run.eval, world()
-    model = unwrap(net)
-    trainer = _setup_training(model, train_ds, run, resume_state)
-    ctx, optimizer, epochs, net = trainer.ctx, trainer.optimizer, trainer.epochs, trainer.net
-    panel = val_panel(run.eval, model)
-    val_loader = create_eval_loader(val_ds, run.loader, run.data_cfg, rank, world_size) if val_ds is not None else None
-    by_loss = "loss" in ev.eval_metric or val_loader is None  # no validation split: best by training loss
-    if val_loader is None and run.primary:
-        _logger.info("no validation split: model_best.pth.tar is the epoch with the lowest training loss")
-    saver = CheckpointSaver(run.out_dir, higher_is_better=not by_loss, max_history=train.checkpoint_hist)
-    saver.best = resume_state.get("best_metric") if resume_state is not None else None
-    steps_per_epoch = trainer.steps_per_epoch
-    args_json = run.args_json
-    write_recovery = recovery_writer(model, optimizer, ctx, saver, args_json, run.config_text, run.primary)
-    catching = STOP.installed  # under Slurm: SIGUSR1/SIGTERM stop the run at an agreed step, with a recovery file
-    ctx.snapshot_rng = train.recovery_interval > 0 or catching
-    ctx.after_step.insert(0, recovery_hook(write_recovery, ctx, train.recovery_interval, steps_per_epoch))
-    ctx.after_step.append(stop_hook(write_recovery, ctx, run.device, run.out_dir, steps_per_epoch))  # after faults
-    if run.primary:
-        truncate_summary(run.out_dir / "summary.csv", epochs.start)
-    loggers = run.loggers or Loggers()
-    clock = ctx.clock = RunClock(epochs, model.num_configs, len(val_ds) // world_size if val_ds is not None else 0,
-                                 1 + (trainer.ema is not None))
-    chosen: dict[str, float | None] = {"metric": None}  # the epoch's metric for model_best (validate -> end_epoch)
+class RunEpochs(EpochHooks):
+    """train.py's epochs around the trainer's: the validation panel (the EMA's metrics when on), model_best by the
+    eval metric (the training loss without a val split), checkpoints and summary.csv each epoch, the loggers, the
+    progress clock, and the stop at a Slurm signal once the epoch is saved."""
 
-    def validate(epoch: int, train_metrics: dict) -> tuple[dict, float | None]:
-        eval_metrics, metric = {}, train_metrics["loss"] if by_loss else None
-        if val_loader is not None and (epoch + 1) % ev.val_interval == 0:
-            eval_metrics = validate_panel(net, val_loader, panel, run.evaluation, epoch, train_metrics["loss"])
+    def __init__(self, trainer: Trainer, run: Run, val_ds, resume_state: dict | None):
+        self.trainer, self.run = trainer, run
+        rank, world_size = world()
+        self.panel = val_panel(run.eval, trainer.model)
+        self.val_loader = create_eval_loader(val_ds, run.loader, run.data_cfg, rank, world_size) \
+            if val_ds is not None else None
+        self.by_loss = "loss" in run.eval.eval_metric or self.val_loader is None
+        if self.val_loader is None and run.primary:
+            _logger.info("no validation split: model_best.pth.tar is the epoch with the lowest training loss")
+        self.saver = CheckpointSaver(run.out_dir, higher_is_better=not self.by_loss,
+                                     max_history=run.train.checkpoint_hist)
+        self.saver.best = resume_state.get("best_metric") if resume_state is not None else None
+        self.loggers = run.loggers or Loggers()
+        self.clock = trainer.ctx.clock = RunClock(trainer.epochs, trainer.model.num_configs,
+                                                  len(val_ds) // world_size if val_ds is not None else 0,
+                                                  1 + (trainer.ema is not None))
+        self.metric: float | None = None  # the epoch's metric for model_best (validate -> end_epoch)
+
+    def start_epoch(self, epoch: int) -> None:
+        self.clock.start(epoch)
+
+    def trained(self, epoch: int) -> None:
+        train = self.run.train
+        self.clock.trained(self.trainer.steps_per_epoch * train.grad_accum_steps * train.batch_size)
+
+    def validate(self, epoch: int, train_metrics: dict) -> tuple[dict, float | None]:
+        trainer, ev, evaluation = self.trainer, self.run.eval, self.run.evaluation
+        eval_metrics, metric = {}, train_metrics["loss"] if self.by_loss else None
+        if self.val_loader is not None and (epoch + 1) % ev.val_interval == 0:
+            eval_metrics = validate_panel(trainer.net, self.val_loader, self.panel, evaluation, epoch,
+                                          train_metrics["loss"])
             if trainer.ema is not None:  # as timm: the EMA's metrics are the epoch's (summary, model_best)
                 trainer.distribute_bn(trainer.ema)
-                eval_metrics = validate_panel(trainer.ema, val_loader, panel, run.evaluation, epoch, train_metrics["loss"],
-                                         " (EMA)")
+                eval_metrics = validate_panel(trainer.ema, self.val_loader, self.panel, evaluation, epoch,
+                                              train_metrics["loss"], " (EMA)")
             metric = eval_metrics[ev.eval_metric] if ev.eval_metric in eval_metrics else eval_metrics["top1"]
-            clock.validated(len(panel))
-        chosen["metric"] = metric
+            self.clock.validated(len(self.panel))
+        self.metric = metric
         return eval_metrics, metric
 
-    def end_epoch(epoch: int, train_metrics: dict, eval_metrics: dict, lr: float) -> None:
+    def end_epoch(self, epoch: int, train_metrics: dict, eval_metrics: dict, lr: float) -> None:
+        run, trainer, ctx = self.run, self.trainer, self.trainer.ctx
         if run.primary:
             try:  # timm appends the row in place: a full disk is said as every other write says it
                 update_summary(epoch, train_metrics, eval_metrics, filename=str(run.out_dir / "summary.csv"),
@@ -419,29 +434,44 @@ def fit(net: RoutedNet, train_ds, val_ds, run: Run, resume_state: dict | None) -
                 if is_disk_full(e, run.out_dir):
                     raise disk_full_error(run.out_dir, "'summary.csv'", 0) from None
                 raise
-            state = training_state(model, optimizer, epoch, ctx.global_step, args_json, run.config_text,
-                                   ctx.loss_scaler, ema=trainer.ema)
-            improved = saver.save(state, chosen["metric"])
-            saver.drop_recovery()
+            state = training_state(trainer.model, trainer.optimizer, epoch, ctx.global_step, run.args_json,
+                                   run.config_text, ctx.loss_scaler, ema=trainer.ema)
+            improved = self.saver.save(state, self.metric)
+            self.saver.drop_recovery()
             _logger.info(f"saved {run.out_dir / LAST}" + (" (best so far)" if improved else ""))
-            loggers.log_epoch(epoch, train_metrics, eval_metrics, lr)
-        took = clock.finish()
+            self.loggers.log_epoch(epoch, train_metrics, eval_metrics, lr)
+        took = self.clock.finish()
         if run.primary:
-            _logger.info(clock.summary(took))
-        if ctx.stop_after_epoch and epoch + 1 < epochs.stop:
+            _logger.info(self.clock.summary(took))
+        if ctx.stop_after_epoch and epoch + 1 < trainer.epochs.stop:
             all_saved()
             raise Preempted(f"{STOP.name()} in the last step of epoch {epoch}: {run.out_dir / LAST} written; "
                             f"--auto-resume (or a requeued Slurm job) continues with epoch {epoch + 1}")
 
-    trainer.fit(validate, end_epoch, start_epoch=clock.start,
-                trained=lambda epoch: clock.trained(steps_per_epoch * train.grad_accum_steps * train.batch_size))
+
+def train_and_evaluate(net: RoutedNet, train_ds, val_ds, run: Run, resume_state: dict | None, sampler) -> None:
+    """Train epoch by epoch (`RunEpochs`: validation panel, checkpoints, summary.csv), then evaluate every
+    stitch."""
+    model = unwrap(net)
+    trainer = _setup_training(model, train_ds, run, resume_state, sampler)
+    ctx, steps_per_epoch = trainer.ctx, trainer.steps_per_epoch
+    epochs = RunEpochs(trainer, run, val_ds, resume_state)
+    write_recovery = recovery_writer(model, trainer.optimizer, ctx, epochs.saver, run.args_json, run.config_text,
+                                     run.primary)
+    catching = STOP.installed  # under Slurm: SIGUSR1/SIGTERM stop the run at an agreed step, with a recovery file
+    ctx.snapshot_rng = run.train.recovery_interval > 0 or catching
+    ctx.after_step.insert(0, recovery_hook(write_recovery, ctx, run.train.recovery_interval, steps_per_epoch))
+    ctx.after_step.append(stop_hook(write_recovery, ctx, run.device, run.out_dir, steps_per_epoch))  # after faults
+    if run.primary:
+        truncate_summary(run.out_dir / "summary.csv", trainer.epochs.start)
+    trainer.fit(epochs)
     if val_ds is not None:
         ckpt_hash = file_sha256(run.out_dir / LAST) if run.primary else ""
-        evaluate_all(net, val_ds, run.evaluation, ckpt_hash)
+        evaluate_all(trainer.net, val_ds, run.evaluation, ckpt_hash)
         if trainer.ema is not None:
             evaluate_all(trainer.ema, val_ds, run.evaluation, ckpt_hash, EMA_RESULTS_FILE)
-        loggers.log_final_front(run.out_dir / RESULTS_FILE, run.out_dir, epochs.stop)
-    loggers.close()
+        epochs.loggers.log_final_front(run.out_dir / RESULTS_FILE, run.out_dir, trainer.epochs.stop)
+    epochs.loggers.close()
 
 
 if __name__ == "__main__":

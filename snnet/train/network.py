@@ -4,8 +4,6 @@ timm model). train.py builds it here, and the preflight builds the same network 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -13,25 +11,9 @@ import torch
 from snnet.core.build import create_anchor, create_anchors, input_size_for, snnet_from_anchors
 from snnet.core.config import AnchorSpec, ConfigError, StitchConfig
 from snnet.core.model import PlainNet, RoutedNet
-from snnet.train.positions import Selection, SelectionOptions, check_selectable
+from snnet.train.options import NetworkOptions
+from snnet.train.positions import Selection, check_selectable
 from snnet.train.sampler import train_ids
-
-
-@dataclass(frozen=True)
-class NetworkOptions:
-    """What the network is built from besides the stitch config: train.py's model flags of these names (the
-    defaults are its defaults), the number of classes, and what a config that selects its positions from data
-    reads (`selection`; None: such a config is refused)."""
-    num_classes: int | None = None
-    model: str | None = None              # one plain timm model (no stitch config)
-    model_kwargs: Mapping[str, Any] = field(default_factory=dict)  # over every anchor's own
-    pretrained: bool = False              # the plain model's hub weights
-    no_pretrained: bool = False           # random anchors
-    img_size: int | None = None
-    in_chans: int | None = None
-    drop: float | None = None             # None: the model's own
-    drop_path: float | None = None
-    selection: SelectionOptions | None = None
 
 
 def build_network(options: NetworkOptions, stitch_cfg: StitchConfig | None, images_from=None,
@@ -43,7 +25,8 @@ def build_network(options: NetworkOptions, stitch_cfg: StitchConfig | None, imag
     `structure_only` (the preflight): the same build on the meta device, no weight read or downloaded, so what the
     architecture decides (model arguments, stitchable anchors, the resolutions, enough positions to select) is
     refused before any work; a config that selects its positions from data then returns no network."""
-    kwargs: dict[str, Any] = dict(num_classes=options.num_classes, drop_path_rate=options.drop_path, drop_rate=options.drop)
+    kwargs: dict[str, Any] = dict(num_classes=options.num_classes, drop_path_rate=options.drop_path,
+                                  drop_rate=options.drop)
     if options.img_size is not None:
         kwargs["img_size"] = options.img_size
     if options.in_chans is not None:

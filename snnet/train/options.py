@@ -1,255 +1,455 @@
-"""Training's options as typed objects: the optimizer and its LR rule (`OptimOptions`), the LR schedule
-(`ScheduleOptions`), the loss (`LossOptions`), the loop (`TrainOptions`) and validation (`EvalOptions`).
-
-Field names and defaults are train.py's flags' (`tests/test_options.py` holds them equal to the parser's), so
-train.py builds them from its resolved arguments (`snnet.train.args.options_from`) and every other tool
-(stitch-train, a Python caller) builds them directly, by keyword (`options_by_key` checks the keys and value types).
-The data layer's own options are `snnet.data.options.DataOptions` and `LoaderOptions`."""
+"""Training's options as typed objects, each option declared once as a field with its train.py flag
+(`snnet.core.options.option`): the optimizer and its LR rule (`OptimOptions`), the LR schedule (`ScheduleOptions`),
+the loss (`LossOptions`), the loop (`TrainOptions`), validation (`EvalOptions`), the input (`InputOptions`), the
+network (`NetworkOptions`), the loggers (`LoggerOptions`) and what this invocation does (`JobOptions`: config
+files, resume, dry run, LS init, output). train.py's parser is derived from these classes and the data layer's
+(`snnet.train.args.build_parser`), so there is nothing to keep equal; train.py builds them from its resolved
+arguments (`snnet.train.args.options_from`) and every other tool (stitch-train, a Python caller) directly, by
+keyword (`options_by_key` checks the keys, the value types and the flags' rules)."""
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
-import types
 import typing
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from snnet.core.errors import UsageError
+from snnet.core.options import (
+    AUGMENT,
+    BATCH_NORM,
+    DATASET,
+    DEVICE,
+    EMA,
+    FILES,
+    MODEL,
+    OPTIMIZER,
+    OUTPUT,
+    SCHEDULE,
+    STITCHING,
+    OptionError,
+    again,
+    flag_of,
+    option,
+    options_by_key,
+)
+from snnet.data.options import (
+    BATCH_SIZE,
+    GRAD_ACCUM_STEPS,
+    NO_PREFETCHER,
+    NUM_CLASSES,
+    SEED,
+    DataOptions,
+    LoaderOptions,
+)
+
+__all__ = ["EvalOptions", "FLAG_OPTIONS", "InputOptions", "JobOptions", "LoggerOptions", "LossOptions",
+           "NetworkOptions", "OptimOptions", "OptionError", "RunOptions", "ScheduleOptions", "SelectionOptions",
+           "TRAINING_OPTIONS",
+           "TrainOptions", "options_by_key"]
+
+#: options several of the objects below share
+IMG_SIZE = option(None, "--img-size", rule="positive", group=MODEL, help="Image size (default: the model's)")
+IN_CHANS = option(None, "--in-chans", rule="positive", group=MODEL,
+                  help="Image input channels (default: the model's)")
+NO_PRETRAINED = option(False, "--no-pretrained", group=MODEL, help="random anchors (no hub weights)")
+LOG_INTERVAL = option(50, "--log-interval", rule="positive", group=OUTPUT,
+                      help="how many batches to wait before logging training status")
 
 
 @dataclass(frozen=True)
 class OptimOptions:
     """The optimizer (timm's create_optimizer_v2), its parameter groups and the LR rule (absolute --lr, or
     --lr-base scaled to the global batch)."""
-    opt: str = "sgd"
-    lr: float | None = None                 # None: lr_base scaled from lr_base_size to the global batch
-    lr_base: float = 0.1
-    lr_base_size: int = 256
-    lr_base_scale: str = ""                 # '' : sqrt for adaptive optimizers (ada*, lamb), else linear
-    weight_decay: float = 2e-5
-    momentum: float = 0.9
-    opt_eps: float | None = None
-    opt_betas: tuple[float, ...] | None = None
-    layer_decay: float | None = None
-    anchor_lr_scale: float | None = None    # None: 1.0
-    clip_grad: float | None = None
-    clip_mode: str = "norm"
-    snnet_compat: bool = False              # SN-Net's parameter groups (docs/snnet_compat.md, C18)
+    opt: str = option("sgd", "--opt", group=OPTIMIZER, help="Optimizer (a timm.optim name)")
+    # None: lr_base scaled from lr_base_size to the global batch
+    lr: float | None = option(None, "--lr", rule="non_negative", group=SCHEDULE,
+                              help="learning rate, absolute; overrides --lr-base if set (default: from --lr-base)")
+    lr_base: float = option(0.1, "--lr-base", rule="non_negative", group=SCHEDULE,
+                            help="base learning rate: lr = lr_base * global_batch_size / lr_base_size. A stitch "
+                                 "config's lr (SN-Net's LR per 512 images) becomes this default with --lr-base-size "
+                                 "512 and --lr-base-scale linear, so with such a config a typed --lr-base is per 512 "
+                                 "images too, unless --lr-base-size is typed")
+    lr_base_size: int = option(256, "--lr-base-size", rule="positive", group=SCHEDULE,
+                               help="base learning rate batch size (divisor; 512 when the stitch config holds lr)")
+    # '' : sqrt for adaptive optimizers (ada*, lamb), else linear
+    lr_base_scale: str = option("", "--lr-base-scale", choices=("", "linear", "sqrt"), group=SCHEDULE,
+                                help="base learning rate vs batch_size scaling ('linear', 'sqrt', based on opt if "
+                                     "empty)")
+    weight_decay: float = option(2e-5, "--weight-decay", rule="non_negative", group=OPTIMIZER, help="weight decay")
+    momentum: float = option(0.9, "--momentum", group=OPTIMIZER, help="Optimizer momentum")
+    opt_eps: float | None = option(None, "--opt-eps", group=OPTIMIZER,
+                                   help="Optimizer Epsilon (default: the optimizer's)")
+    opt_betas: tuple[float, ...] | None = option(None, "--opt-betas", nargs="+", group=OPTIMIZER,
+                                                 help="Optimizer Betas (default: the optimizer's)")
+    layer_decay: float | None = option(None, "--layer-decay", rule="positive", metavar="RATE", group=OPTIMIZER,
+                                       help="layer-wise LR decay: an anchor parameter's LR x RATE ** (depth - layer), "
+                                            "layer 0 the stem, 1..n the blocks, n+1 = depth the norm and head, times "
+                                            "--anchor-lr-scale; stitching layers keep x1 (default: off)")
+    anchor_lr_scale: float | None = option(None, "--anchor-lr-scale", rule="non_negative", group=STITCHING,
+                                           help="LR multiplier of the anchors (default 1; SN-Net: 0.1 for Swin and "
+                                                "CNNs, 1 for DeiT/LeViT)")
+    clip_grad: float | None = option(None, "--clip-grad", rule="non_negative", group=OPTIMIZER,
+                                     help="Clip gradient norm (default: no clipping)")
+    clip_mode: str = option("norm", "--clip-mode", choices=("norm", "value", "agc"), group=OPTIMIZER,
+                            help="Gradient clipping mode")
+    # SN-Net's parameter groups (docs/snnet_compat.md, C18)
+    snnet_compat: bool = option(False, "--snnet-compat", group=STITCHING,
+                                help="reproduce SN-Net's accidents too: the anchors' no-weight-decay parameters "
+                                     "(cls_token, pos_embed, relative-position tables, attention biases) are decayed, "
+                                     "and the LS init is --ls-mode snnet unless --ls-mode is given "
+                                     "(docs/snnet_compat.md, C35)")
 
 
 @dataclass(frozen=True)
 class ScheduleOptions:
     """The LR schedule (timm's create_scheduler_v2 under train.py's flag names) and its warm-up and floor."""
-    sched: str = "cosine"
-    epochs: int = 300
-    decay_epochs: float = 90
-    decay_milestones: tuple[int, ...] = (90, 180, 270)
-    decay_rate: float = 0.1
-    warmup_epochs: int = 5
-    warmup_lr: float = 1e-5
-    warmup_prefix: bool = False
-    cooldown_epochs: int = 0
-    patience_epochs: int = 10
-    min_lr: float = 0.0
-    scale_warmup_min_lr: bool = False       # scale warmup_lr and min_lr with lr_base (SN-Net's Swin)
-    sched_on_updates: bool = False
-    lr_one_epoch_late: bool = False
+    sched: str = option("cosine", "--sched", group=SCHEDULE, help="LR scheduler")
+    epochs: int = option(300, "--epochs", rule="positive", group=SCHEDULE, help="number of epochs to train")
+    decay_epochs: float = option(90, "--decay-epochs", group=SCHEDULE, help="epoch interval to decay LR")
+    decay_milestones: tuple[int, ...] = option((90, 180, 270), "--decay-milestones", nargs="+", group=SCHEDULE,
+                                               help="list of decay epoch indices for multistep lr. must be increasing")
+    decay_rate: float = option(0.1, "--decay-rate", "--dr", group=SCHEDULE, help="LR decay rate")
+    warmup_epochs: int = option(5, "--warmup-epochs", group=SCHEDULE,
+                                help="epochs to warmup LR, if scheduler supports")
+    warmup_lr: float = option(1e-5, "--warmup-lr", rule="non_negative", group=SCHEDULE, help="warmup learning rate")
+    warmup_prefix: bool = option(False, "--warmup-prefix", group=SCHEDULE,
+                                 help="Exclude warmup period from decay schedule.")
+    cooldown_epochs: int = option(0, "--cooldown-epochs", group=SCHEDULE,
+                                  help="epochs to cooldown LR at min_lr, after cyclic schedule ends")
+    patience_epochs: int = option(10, "--patience-epochs", group=SCHEDULE,
+                                  help="patience epochs for Plateau LR scheduler")
+    min_lr: float = option(0.0, "--min-lr", rule="non_negative", group=SCHEDULE,
+                           help="lower lr bound for cyclic schedulers that hit 0")
+    scale_warmup_min_lr: bool = option(False, "--scale-warmup-min-lr", group=SCHEDULE,
+                                       help="scale --warmup-lr and --min-lr with the global batch like an LR from "
+                                            "--lr-base (SN-Net's Swin recipe scaled all three; DeiT and LeViT scaled "
+                                            "only the LR)")
+    sched_on_updates: bool = option(False, "--sched-on-updates", group=SCHEDULE,
+                                    help="Apply LR scheduler step on update instead of epoch end.")
+    lr_one_epoch_late: bool = option(False, "--lr-one-epoch-late", group=SCHEDULE,
+                                     help="per-epoch schedules step one epoch late, as DeiT's main.py did for SN-Net's "
+                                          "DeiT and LeViT runs: epoch e trains at lr(e-1) (docs/snnet_compat.md, C35)")
 
 
 @dataclass(frozen=True)
 class LossOptions:
     """The training loss: label smoothing, mixup/cutmix and distillation."""
-    smoothing: float = 0.1
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    cutmix_minmax: tuple[float, ...] | None = None
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    mixup_mode: str = "batch"
-    mixup_off_epoch: int = 0
-    distillation_type: str = "none"
-    distillation_alpha: float = 0.5
-    distillation_tau: float = 1.0
-    teacher: str = ""
-    teacher_checkpoint: str = ""
-    no_pretrained: bool = False             # a teacher without checkpoint is random too (no download)
-    num_classes: int | None = None
+    smoothing: float = option(0.1, "--smoothing", rule="probability", group=AUGMENT, help="Label smoothing")
+    mixup: float = option(0.0, "--mixup", rule="non_negative", group=AUGMENT,
+                          help="mixup alpha, mixup enabled if > 0.")
+    cutmix: float = option(0.0, "--cutmix", rule="non_negative", group=AUGMENT,
+                           help="cutmix alpha, cutmix enabled if > 0.")
+    cutmix_minmax: tuple[float, ...] | None = option(None, "--cutmix-minmax", nargs=2, group=AUGMENT,
+                                                     help="cutmix min/max ratio, overrides alpha and enables cutmix "
+                                                          "if set (default: none)")
+    mixup_prob: float = option(1.0, "--mixup-prob", rule="probability", group=AUGMENT,
+                               help="Probability of performing mixup or cutmix when either/both is enabled")
+    mixup_switch_prob: float = option(0.5, "--mixup-switch-prob", rule="probability", group=AUGMENT,
+                                      help="Probability of switching to cutmix when both mixup and cutmix enabled")
+    mixup_mode: str = option("batch", "--mixup-mode", choices=("batch", "pair", "elem"), group=AUGMENT,
+                             help="How to apply mixup/cutmix params: per batch, pair or elem")
+    mixup_off_epoch: int = option(0, "--mixup-off-epoch", group=AUGMENT,
+                                  help="Turn off mixup after this epoch, disabled if 0")
+    distillation_type: str = option("none", "--distillation-type", choices=("none", "soft", "hard"), group=STITCHING,
+                                    help="DeiT distillation from --teacher: none, soft (KL divergence) or hard "
+                                         "(teacher's labels)")
+    distillation_alpha: float = option(0.5, "--distillation-alpha", rule="probability", group=STITCHING,
+                                       help="weight of the distillation loss")
+    distillation_tau: float = option(1.0, "--distillation-tau", group=STITCHING,
+                                     help="temperature of soft distillation")
+    teacher: str = option("", "--teacher", metavar="NAME", group=STITCHING,
+                          help="distillation teacher (timm name)")
+    teacher_checkpoint: str = option("", "--teacher-checkpoint", group=STITCHING,
+                                     help="local weights of the teacher ('' = hub weights)")
+    no_pretrained: bool = again(NO_PRETRAINED)  # a teacher without checkpoint is random too (no download)
+    num_classes: int | None = again(NUM_CLASSES)
 
 
 @dataclass(frozen=True)
 class TrainOptions:
     """The training loop: batches and accumulation, precision, EMA, compile, seeds, logging and recovery."""
-    batch_size: int = 128
-    grad_accum_steps: int = 1
-    amp: bool = False
-    amp_dtype: str = ""                     # '': float16 on CUDA, bfloat16 elsewhere
-    no_amp_loss: bool = False
-    model_ema: bool = False
-    model_ema_decay: float = 0.9998
-    model_ema_warmup: bool = False
-    torchcompile: str | None = None
-    grad_checkpointing: bool = False
-    no_prefetcher: bool = False             # batches come on the CPU: the loop moves them
-    seed: int = 42
-    log_interval: int = 50
-    recovery_interval: int = 0
-    distributed: bool = False
-    dist_bn: str = "reduce"
-    freeze_anchors: bool = False
-    sample_sync: bool = False
-    start_epoch: int | None = None
-    no_resume_opt: bool = False
-    checkpoint_hist: int = 10
-    device: str | None = None               # None: cuda when available, else cpu
-    sync_bn: bool = False                   # SyncBatchNorm in a distributed run (main.convert_sync_bn)
-    split_bn: bool = False
-    channels_last: bool = False
+    batch_size: int = again(BATCH_SIZE)
+    grad_accum_steps: int = again(GRAD_ACCUM_STEPS)
+    amp: bool = option(False, "--amp", group=DEVICE,
+                       help="mixed precision via torch.amp (fp16 + GradScaler on CUDA, bf16 on CPU); NVIDIA apex is "
+                            "not used")
+    # '': float16 on CUDA, bfloat16 elsewhere
+    amp_dtype: str = option("", "--amp-dtype", choices=("", "float16", "bfloat16"), group=DEVICE,
+                            help="lower precision AMP dtype ('' = float16 on CUDA, bfloat16 on CPU)")
+    no_amp_loss: bool = option(False, "--no-amp-loss", group=DEVICE,
+                               help="with --amp, compute the loss and the distillation teacher outside autocast, in "
+                                    "fp32 (SN-Net's Swin recipe); by default autocast covers forward and loss (DeiT, "
+                                    "LeViT, CNN)")
+    model_ema: bool = option(False, "--model-ema", group=EMA,
+                             help="keep timm's ModelEmaV3 of the weights, updated after every optimizer step; it is "
+                                  "validated each epoch (its metric picks model_best), saved as state_dict_ema, "
+                                  "restored by --resume, and every stitch of it is evaluated into "
+                                  "stitches_res_ema.txt (default: off)")
+    model_ema_decay: float = option(0.9998, "--model-ema-decay", rule="probability", group=EMA,
+                                    help="decay factor for model weights moving average")
+    model_ema_warmup: bool = option(False, "--model-ema-warmup", group=EMA,
+                                    help="enable warmup for model EMA decay (default: off)")
+    torchcompile: str | None = option(None, "--torchcompile", nargs="?", const="inductor", metavar="BACKEND",
+                                      group=MODEL,
+                                      help="torch.compile each anchor block module in place with BACKEND (bare flag: "
+                                           "inductor) for training and its final evaluation; the route changes every "
+                                           "step, so the whole network is not compiled, and stems, norms, heads and "
+                                           "stitching layers stay eager (default: off)")
+    grad_checkpointing: bool = option(False, "--grad-checkpointing", group=MODEL,
+                                      help="recompute each block's activations in the backward pass "
+                                           "(torch.utils.checkpoint, non-reentrant) to save memory, while training "
+                                           "only (default: off)")
+    no_prefetcher: bool = again(NO_PREFETCHER)  # batches come on the CPU: the loop moves them
+    seed: int = again(SEED)
+    log_interval: int = again(LOG_INTERVAL)
+    recovery_interval: int = option(0, "--recovery-interval", rule="non_negative", group=OUTPUT,
+                                    help="write recovery.pth.tar every N training steps (0: off); --resume or "
+                                         "--auto-resume from it continues inside the epoch exactly")
+    distributed: bool = False               # the process group's (resolve_device), no flag
+    dist_bn: str = option("reduce", "--dist-bn", choices=("", "reduce", "broadcast"), group=BATCH_NORM,
+                          help="Distribute BatchNorm stats between nodes after each epoch ('broadcast', 'reduce', "
+                               "or '')")
+    freeze_anchors: bool = option(False, "--freeze-anchors", group=STITCHING,
+                                  help="train only the stitching layers: anchors frozen and in eval mode (no "
+                                       "BatchNorm or dropout updates, no optimizer state for them), SN-Netv2's cheap "
+                                       "path")
+    sample_sync: bool = option(False, "--sample-sync", group=STITCHING,
+                               help="all processes train the same stitch each step (SN-Net: each draws its own)")
+    start_epoch: int | None = option(None, "--start-epoch", group=SCHEDULE,
+                                     help="manual epoch number (useful on restarts; default: the resumed "
+                                          "checkpoint's, else 0)")
+    no_resume_opt: bool = option(False, "--no-resume-opt", group=MODEL,
+                                 help="prevent resume of optimizer state when resuming model")
+    checkpoint_hist: int = option(10, "--checkpoint-hist", rule="non_negative", group=OUTPUT,
+                                  help="number of best epoch checkpoints to keep as checkpoint-<epoch>.pth.tar "
+                                       "(0: none)")
+    # None: cuda when available, else cpu
+    device: str | None = option(None, "--device", group=DEVICE, help="cuda, cpu, ... (default: cuda when available)")
+    # SyncBatchNorm in a distributed run (main.convert_sync_bn)
+    sync_bn: bool = option(False, "--sync-bn", group=BATCH_NORM,
+                           help="Enable synchronized BatchNorm (torch SyncBatchNorm) in distributed runs; needs CUDA "
+                                "(this torch has no SyncBatchNorm on CPU) and --sample-sync with several stitches "
+                                "(every process must run the same BN layers); no effect on one process (default: "
+                                "off)")
+    split_bn: bool = option(False, "--split-bn", group=BATCH_NORM,
+                            help="Enable separate BN layers per augmentation split.")
+    channels_last: bool = option(False, "--channels-last", group=MODEL, help="Use channels_last memory layout")
 
 
 @dataclass(frozen=True)
 class EvalOptions:
     """Validation during training and the final evaluation of every stitch."""
-    eval_metric: str = "top1"
-    val_stitches: tuple[int | str, ...] | None = None   # None: the anchors and a few stitches
-    val_interval: int = 1
-    save_predictions: str = "anchors"
-    log_interval: int = 50
+    eval_metric: str = option("top1", "--eval-metric", group=OUTPUT,
+                              help="metric that picks model_best: top1, top5, loss (means over the validation panel) "
+                                   "or top1@<cfg_id> (one stitch of the panel); the training loss when there is no "
+                                   "val split")
+    # None: the anchors and a few stitches
+    val_stitches: tuple[int | str, ...] | None = option(None, "--val-stitches", nargs="*", kind="stitch_id",
+                                                        group=STITCHING,
+                                                        help="cfg_ids validated after every epoch, or 'all' (every "
+                                                             "stitch, one pass; summary.csv then also gets the "
+                                                             "front's hypervolume, front_hv) (default: anchors and a "
+                                                             "few stitches)")
+    val_interval: int = option(1, "--val-interval", rule="positive", group=OUTPUT, help="validate every N epochs")
+    save_predictions: str = option("anchors", "--save-predictions", metavar="WHICH", group=STITCHING,
+                                   help="with the final evaluation of every stitch, save per-image predictions "
+                                        "(top-5 classes, top softmax probability, correct) of these stitches next to "
+                                        "stitches_res.txt as stitches_pred.npz, for `snnet pareto --baselines`: "
+                                        "anchors (default), all, none, or comma-separated cfg_ids (anchors,9,12 works "
+                                        "too)")
+    log_interval: int = again(LOG_INTERVAL)
 
 
 @dataclass(frozen=True)
 class InputOptions:
     """What the network is fed: image size, channels and the preprocessing that overrides the model's defaults
     (timm's resolve_data_config reads them)."""
-    img_size: int | None = None
-    in_chans: int | None = None
-    crop_pct: float | None = None
-    interpolation: str = ""
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
+    img_size: int | None = again(IMG_SIZE)
+    in_chans: int | None = again(IN_CHANS)
+    crop_pct: float | None = option(None, "--crop-pct", group=MODEL,
+                                    help="Input image center crop percent (for validation only; default: the "
+                                         "model's)")
+    interpolation: str = option("", "--interpolation", group=MODEL,
+                                help="Image resize interpolation type (overrides model; '' keeps the model's)")
+    mean: tuple[float, ...] | None = option(None, "--mean", nargs="+", group=MODEL,
+                                            help="Override mean pixel value of dataset (default: the model's)")
+    std: tuple[float, ...] | None = option(None, "--std", nargs="+", group=MODEL,
+                                           help="Override std deviation of dataset (default: the model's)")
 
     def data_config_args(self) -> dict[str, Any]:
         """The `args` mapping of timm's resolve_data_config."""
-        return dataclasses.asdict(self)
+        return {k: getattr(self, k) for k in ("img_size", "in_chans", "crop_pct", "interpolation", "mean", "std")}
+
+
+@dataclass(frozen=True)
+class SelectionOptions:
+    """What a ``"positions": {"select": ...}`` selection reads besides the config: the training data (its folder;
+    its seed draws the images), timm's data-config flags (the images' preprocessing: img_size, mean, std, crop_pct,
+    interpolation, ... as `resolve_data_config` reads them), how many images (None: the config's stitch_init_bs)
+    and where the maps are computed (None: cpu)."""
+    data: DataOptions
+    data_config: Mapping[str, Any] = field(default_factory=dict)
+    init_images: int | None = None
+    device: str | None = None
+
+
+@dataclass(frozen=True)
+class NetworkOptions:
+    """What the network is built from besides the stitch config: the model flags, the number of classes, and what
+    a config that selects its positions from data reads (`selection`; None: such a config is refused)."""
+    num_classes: int | None = again(NUM_CLASSES)
+    # one plain timm model (no stitch config)
+    model: str | None = option(None, "--model", group=MODEL,
+                               help="Name of model to train: one plain timm model instead of an SN-Net (exclusive "
+                                    "with --stitch_config)")
+    # over every anchor's own
+    model_kwargs: Mapping[str, Any] = option({}, "--model-kwargs", nargs="*", kind="kwargs", metavar="K=V",
+                                             group=MODEL, help="extra timm.create_model arguments for the model / "
+                                                               "every anchor, e.g. depth=6")
+    pretrained: bool = option(False, "--pretrained", group=MODEL,  # the plain model's hub weights
+                              help="Start with pretrained version of specified network (if avail); plain --model "
+                                   "only")
+    no_pretrained: bool = again(NO_PRETRAINED)  # random anchors
+    img_size: int | None = again(IMG_SIZE)
+    in_chans: int | None = again(IN_CHANS)
+    # None: the model's own
+    drop: float | None = option(None, "--drop", rule="probability", group=MODEL,
+                                help="Dropout rate (default: the model's)")
+    drop_path: float | None = option(None, "--drop-path", rule="probability", group=MODEL,
+                                     help="Drop path rate (default: the model's)")
+    selection: SelectionOptions | None = None
+    # the data's class names by index (resolved from the dataset, no flag): recorded in the checkpoint's arguments
+    # so an export, `snnet serve` and the Python API name what they predict
+    class_names: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class LoggerOptions:
+    """The experiment loggers a run asks for and the run's configuration they record (`run_config`: its resolved
+    arguments, JSON-able)."""
+    # TensorBoard's folder ('' = off)
+    log_tensorboard: str = option("", "--log-tensorboard", metavar="DIR", group=OUTPUT,
+                                  help="TensorBoard event files in DIR/<experiment> (rank 0): per epoch train loss, "
+                                       "LR, panel top-1 per stitch, front hypervolume; at the end the front as table "
+                                       "and figure ('' = off; needs pip install tensorboard)")
+    log_wandb: bool = option(False, "--log-wandb", group=OUTPUT,
+                             help="log the same to Weights & Biases (rank 0; files in <output>/<experiment>/wandb; "
+                                  "WANDB_MODE=offline for `wandb sync` later; default off; needs pip install wandb)")
+    wandb_project: str = option("snnet", "--wandb-project", group=OUTPUT, help="wandb project of --log-wandb")
+    run_config: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """What this invocation of train.py does: its config files, the dataset folder, where it starts from (resume,
+    initial checkpoint), dry run or evaluation, the LS init, the process group and the output folder."""
+    data: str | None = option(None, nargs="?", metavar="DIR", group=DATASET,
+                              help="path to dataset (ImageFolder: train/ and val/ or validation/); a stitch config's "
+                                   "data_path is its default")
+    config: str = option("", "-c", "--config", metavar="FILE", group=FILES,
+                         help="YAML config file specifying default arguments: keys are flag names (- or _), values "
+                              "as typed; the stitch config and typed flags override it")
+    stitch_config: str | None = option(None, "--stitch_config", "--stitch-config", metavar="FILE", group=FILES,
+                                       help="stitch config JSON (SN-Net's files accepted as they are); its fields "
+                                            "such as lr, epochs, input_size set flag defaults over -c; typed flags "
+                                            "override it")
+    initial_checkpoint: str = option("", "--initial-checkpoint", group=MODEL,
+                                     help="Initialize model from this checkpoint (weights only)")
+    resume: str = option("", "--resume", group=MODEL,
+                         help="Resume full model and optimizer state from checkpoint (model, optimizer, scaler and "
+                              "epoch)")
+    auto_resume: bool = option(False, "--auto-resume", group=MODEL,
+                               help="resume from <output>/<experiment>/last.pth.tar when it exists (always on when "
+                                    "torchrun --max-restarts restarts the workers); needs --experiment")
+    dry_run: bool = option(False, "--dry-run", group=STITCHING,
+                           help="resolve the whole run (config layers, world size of the launch, LR per parameter "
+                                "group, epochs, eval transform, teacher), print it as YAML (the args.yaml every run "
+                                "writes) and exit without loading weights or reading images")
+    eval: bool = option(False, "--eval", group=STITCHING,
+                        help="evaluate every stitch and exit (with --resume: that checkpoint; without: the freshly "
+                             "built, least-squares initialised SN-Net)")
+    ls_mode: str | None = option(None, "--ls-mode", choices=("joint", "average", "snnet"), group=STITCHING,
+                                 help="least-squares init: joint (shared layers fitted to all their positions, eval "
+                                      "mode, clean images), average (SN-Net's mean of per-position solutions, "
+                                      "otherwise as joint) or snnet (SN-Net's init exactly: the first augmented, "
+                                      "mixed-up training batch of stitch_init_bs images per process, train mode, "
+                                      "float32 pinv per position, averaged; rank 0's result kept) (default: the "
+                                      "stitch config's ls_mode, joint)")
+    stitch_init_bs: int | None = option(None, "--stitch-init-bs", rule="positive", group=STITCHING,
+                                        help="images for the least-squares init (default: the stitch config's "
+                                             "stitch_init_bs, 100)")
+    no_ls_init: bool = option(False, "--no-ls-init", group=STITCHING, help="keep the stitching layers' default init")
+    dist_backend: str | None = option(None, "--dist-backend", group=DEVICE,
+                                      help="default: nccl on CUDA, gloo on CPU")
+    dist_url: str | None = option(None, "--dist-url", group=DEVICE,
+                                  help="accepted for timm compatibility; unused: the process group is set up from "
+                                       "torchrun's environment")
+    output: str = option("", "--output", group=OUTPUT, help="path to output folder ('' = ./output/train)")
+    experiment: str = option("", "--experiment", group=OUTPUT,
+                             help="name of train experiment, name of sub-folder for output ('' = "
+                                  "<date>-<model>-<img size>)")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """One train.py run's options, every section typed: built once from the parsed (and later the resolved)
+    values (`from_values`), and passed down whole; `values` gives the flat mapping back (train.py's flag names),
+    which is what args.yaml and every checkpoint record."""
+    job: JobOptions
+    data: DataOptions
+    loader: LoaderOptions
+    optim: OptimOptions
+    schedule: ScheduleOptions
+    loss: LossOptions
+    train: TrainOptions
+    eval: EvalOptions
+    input: InputOptions
+    network: NetworkOptions
+    logging: LoggerOptions
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> RunOptions:
+        """Each section from the values of its fields' names (lists as tuples); a section field without a value
+        keeps its default."""
+        hints = typing.get_type_hints(cls)
+        sections = {}
+        for f in dataclasses.fields(cls):
+            section = hints[f.name]
+            names = {g.name for g in dataclasses.fields(section)}
+            sections[f.name] = section(**{n: tuple(v) if isinstance(v, list) else v
+                                          for n, v in values.items() if n in names})
+        return cls(**sections)
+
+    def values(self) -> dict[str, Any]:
+        """Every option's value by its flag's name, the sections' shared ones once: train.py's arguments."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            for g in dataclasses.fields(section):
+                if flag_of(g) is not None:
+                    out.setdefault(g.name, getattr(section, g.name))
+        return out
+
+    def network_to_build(self) -> NetworkOptions:
+        """The network section with what a selection of positions from data reads: the data, timm's data-config
+        options (`InputOptions.data_config_args`), the LS init's image count and the device."""
+        return dataclasses.replace(self.network, selection=SelectionOptions(
+            self.data, self.input.data_config_args(), self.job.stitch_init_bs, self.train.device))
+
+    def replaced(self, **values: Any) -> RunOptions:
+        """The same run with `values` over its own, in every section with a field of that name."""
+        sections = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        known = {g.name for section in sections.values() for g in dataclasses.fields(section)}
+        if set(values) - known:
+            raise TypeError(f"RunOptions has no option(s) {sorted(set(values) - known)}")
+        def over(section: Any) -> Any:
+            names = {g.name for g in dataclasses.fields(section)}
+            return dataclasses.replace(section, **{k: v for k, v in values.items() if k in names})
+        return RunOptions(**{name: over(section) for name, section in sections.items()})
 
 
 #: every option object of a training run (the data layer's are `snnet.data.options`)
 TRAINING_OPTIONS = (OptimOptions, ScheduleOptions, LossOptions, TrainOptions, EvalOptions, InputOptions)
-
-
-class OptionError(UsageError):
-    """A key no option object has, or a value of the wrong type (the message names both and the fix)."""
-
-
-#: the value rules of train.py's flags (its parser's types and choices; tests/test_trainer.py holds them equal), so
-#: a tool building options by keyword refuses what train.py would: "positive" (>= 1 for an int, > 0 for a number),
-#: "non_negative", "probability" (in [0, 1]), or a tuple of the values allowed
-RULES: dict[str, Any] = {
-    **dict.fromkeys(("num_classes", "img_size", "in_chans", "batch_size", "validation_batch_size",
-                     "grad_accum_steps", "layer_decay", "lr_base_size", "epochs", "recount", "log_interval",
-                     "val_interval"), "positive"),
-    **dict.fromkeys(("anchor_lr_scale", "weight_decay", "clip_grad", "lr", "lr_base", "warmup_lr", "min_lr", "mixup",
-                     "cutmix", "checkpoint_hist", "recovery_interval"), "non_negative"),
-    **dict.fromkeys(("distillation_alpha", "hflip", "vflip", "reprob", "mixup_prob", "mixup_switch_prob",
-                     "smoothing", "model_ema_decay"), "probability"),
-    "distillation_type": ("none", "soft", "hard"), "clip_mode": ("norm", "value", "agc"),
-    "lr_base_scale": ("", "linear", "sqrt"), "train_crop_mode": ("rrc", "rkrc", "rkrr", "src"),
-    "remode": ("const", "rand", "pixel"), "mixup_mode": ("batch", "pair", "elem"),
-    "dist_bn": ("", "reduce", "broadcast"), "amp_dtype": ("", "float16", "bfloat16"),
-}
-
-
-def _broken_rule(key: str, value: Any) -> str | None:
-    """What is wrong with `value` under `key`'s rule (None: nothing)."""
-    rule = RULES.get(key)
-    if rule is None or value is None:
-        return None
-    if isinstance(rule, tuple):
-        return None if value in rule else f"{value!r} is not one of {', '.join(map(repr, rule))}"
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return None
-    if not math.isfinite(value):
-        return f"{value!r} is not a finite number"
-    if rule == "positive" and isinstance(value, int) and value < 1:
-        return f"{value} is not >= 1"
-    if rule == "positive" and not value > 0:
-        return f"{value} is not > 0"
-    if rule == "non_negative" and not value >= 0:
-        return f"{value} is not >= 0"
-    if rule == "probability" and not 0 <= value <= 1:
-        return f"{value} is not a probability in [0, 1]"
-    return None
-
-
-_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", tuple: "a list"}
-
-
-def _allowed(hint: Any) -> tuple[Any, ...]:
-    """The concrete types a field's annotation admits (NoneType included for an optional field)."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return tuple(t for a in typing.get_args(hint) for t in _allowed(a))
-    return (typing.get_origin(hint) or hint,)
-
-
-def checked_value(key: str, value: Any, hint: Any, where: str) -> Any:
-    """`value` as the type the field's annotation `hint` says (an int for a float field, a YAML list for a tuple
-    and a numeric string for a number are taken as they are meant) and within its rule (`RULES`); anything else is
-    an `OptionError` naming the key, the value and what it must be."""
-    value = _typed(key, value, hint, where)
-    items = value if isinstance(value, tuple) else (value,)
-    wrong = next(filter(None, (_broken_rule(key, v) for v in items)), None)
-    if wrong is not None:
-        raise OptionError(f"{where} key {key!r}: {wrong} (as for train.py's --{key.replace('_', '-')}); fix the value")
-    return value
-
-
-def _typed(key: str, value: Any, hint: Any, where: str) -> Any:
-    allowed = _allowed(hint)
-    if Any in allowed:
-        return value
-    if value is None:
-        if type(None) in allowed:
-            return None
-    elif isinstance(value, bool):  # before int: a bool is an int to Python, not to a reader
-        if bool in allowed:
-            return value
-    elif isinstance(value, int) and (int in allowed or float in allowed):
-        return value if int in allowed else float(value)
-    elif isinstance(value, float) and float in allowed:
-        return value
-    elif isinstance(value, (list, tuple)) and tuple in allowed:
-        return tuple(value)
-    elif isinstance(value, str):
-        if str in allowed:
-            return value
-        for kind in (int, float):  # a number written as a string (YAML 1.1 reads 1e-3 as one)
-            if kind in allowed:
-                try:
-                    return kind(value)
-                except ValueError:
-                    pass
-    words = " or ".join(_TYPE_WORDS.get(t, "null" if t is type(None) else getattr(t, "__name__", str(t)))
-                        for t in allowed)
-    raise OptionError(f"{where} key {key!r}: {value!r} is not {words}; give {key} {words}")
-
-
-def options_by_key(classes: typing.Iterable[type], values: dict[str, Any], where: str,
-                   **given: Any) -> dict[type, Any]:
-    """{class: instance} of option dataclasses from keyword `values` (train.py's flag names): each key goes to
-    every class with a field of its name, checked against that field's type; a key no class has is an
-    `OptionError` naming it (with the closest names). `given`: values the tool sets itself (not checked, and
-    passed only to classes with that field)."""
-    classes = list(classes)
-    fields = {f.name: cls for cls in classes for f in dataclasses.fields(cls)}
-    unknown = [k for k in values if k not in fields]
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], sorted(fields), n=3)
-        hint = f"did you mean {', '.join(close)}?" if close else "use one of train.py's flags (dashes as underscores)"
-        raise OptionError(f"{where}: unknown key {unknown[0]!r}; {hint}")
-    out = {}
-    for cls in classes:
-        hints = typing.get_type_hints(cls)
-        names = {f.name for f in dataclasses.fields(cls)}
-        out[cls] = cls(**{k: checked_value(k, v, hints[k], where) for k, v in values.items() if k in names},
-                       **{k: v for k, v in given.items() if k in names})
-    return out
+#: every class that declares a train.py flag, in the order the parser is derived from them
+FLAG_OPTIONS = (JobOptions, DataOptions, NetworkOptions, InputOptions, LoaderOptions, TrainOptions, EvalOptions,
+                LossOptions, OptimOptions, ScheduleOptions, LoggerOptions)

@@ -26,8 +26,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,7 @@ from snnet.core.maps import SimilarityError, anchors_net, compatibility_maps
 from snnet.data.checks import DataError
 from snnet.data.datasets import create_datasets
 from snnet.data.ls_images import clean_images
-from snnet.data.options import DataOptions
+from snnet.train.options import SelectionOptions
 
 _logger = logging.getLogger("snnet")
 
@@ -146,18 +145,6 @@ def write_stitch_plan(net: nn.Module, out_dir: str | os.PathLike) -> Path | None
     _logger.info(f"stitch plan (explicit positions) written to {path}: rebuild this network with --stitch_config "
                  f"{path}")
     return path
-
-
-@dataclass(frozen=True)
-class SelectionOptions:
-    """What a ``"positions": {"select": ...}`` selection reads besides the config: the training data (its folder;
-    its seed draws the images), timm's data-config flags (the images' preprocessing: img_size, mean, std, crop_pct,
-    interpolation, ... as `resolve_data_config` reads them), how many images (None: the config's stitch_init_bs)
-    and where the maps are computed (None: cpu)."""
-    data: DataOptions
-    data_config: Mapping[str, Any] = field(default_factory=dict)
-    init_images: int | None = None
-    device: str | None = None
 
 
 class Selection:

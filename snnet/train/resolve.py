@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
+from dataclasses import replace
 from typing import Any
 
 import timm
@@ -24,23 +24,9 @@ from timm.layers import DropPath
 from snnet.core.build import build_snnet
 from snnet.core.config import AnchorSpec, ConfigError, StitchConfig
 from snnet.core.steps import UnitStep
-from snnet.data.options import DataOptions
-from snnet.train.args import options_from
-from snnet.train.loggers import LoggerOptions
-from snnet.train.network import NetworkOptions
 from snnet.train.optim import anchor_lr_scale, create_scheduler, decays_stitch_biases, epoch_offset, resolve_lrs
-from snnet.train.options import OptimOptions, ScheduleOptions
-from snnet.train.positions import SelectionOptions
+from snnet.train.options import LoggerOptions, NetworkOptions, RunOptions
 from snnet.train.sampler import create_sampler, train_ids
-
-#: the flags timm's resolve_data_config reads (the data config of a run: input size, mean, std, crop, resize)
-DATA_CONFIG_FLAGS = ("in_chans", "chans", "input_size", "img_size", "interpolation", "mean", "std", "crop_pct",
-                     "crop_mode")
-
-
-def launch_world_size() -> int:
-    """The number of processes torchrun started (1 outside torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _pretrained_cfg(name: str) -> dict[str, Any]:
@@ -52,22 +38,15 @@ def _pretrained_cfg(name: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ typed options
-def data_config_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """The flags of the run's data config, as timm's resolve_data_config reads them from train.py's arguments."""
-    return {k: getattr(args, k) for k in DATA_CONFIG_FLAGS if hasattr(args, k)}
-
-
 def network_options(args: argparse.Namespace, **over: Any) -> NetworkOptions:
     """How train.py builds its network (`snnet.train.network.build_network`), from its resolved arguments: the model
-    flags, the number of classes (`over` over them) and what a selection of positions from data reads."""
-    selection = SelectionOptions(options_from(DataOptions, args), data_config_flags(args),
-                                 getattr(args, "stitch_init_bs", None), getattr(args, "device", None))
-    return options_from(NetworkOptions, args, selection=selection, **over)
+    options, the number of classes (`over` over them) and what a selection of positions from data reads."""
+    return replace(RunOptions.from_values(vars(args)).network_to_build(), **over)
 
 
 def logger_options(args: argparse.Namespace) -> LoggerOptions:
     """The experiment loggers train.py's flags ask for, recording its resolved arguments."""
-    return options_from(LoggerOptions, args, run_config=vars(args))
+    return replace(RunOptions.from_values(vars(args)).logging, run_config=vars(args))
 
 
 def eval_data_config(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> dict[str, Any]:
@@ -84,13 +63,13 @@ def eval_data_config(args: argparse.Namespace, stitch_cfg: StitchConfig | None) 
 def schedule(args: argparse.Namespace, warmup_lr: float, min_lr: float) -> dict[str, Any]:
     """The LR schedule timm builds from the flags: its total number of epochs and how it steps."""
     probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    _, total = create_scheduler(options_from(ScheduleOptions, args), probe, 1, warmup_lr, min_lr,
+    _, total = create_scheduler(RunOptions.from_values(vars(args)).schedule, probe, 1, warmup_lr, min_lr,
                                 eval_metric=args.eval_metric)
     return {"sched": args.sched, "total_epochs": int(total), "warmup_epochs": args.warmup_epochs,
             "warmup_prefix": args.warmup_prefix, "cooldown_epochs": args.cooldown_epochs,
             "warmup_lr": warmup_lr, "min_lr": min_lr,
             "steps": "per update" if args.sched_on_updates else "per epoch",
-            "epoch_offset": epoch_offset(options_from(ScheduleOptions, args))}
+            "epoch_offset": epoch_offset(RunOptions.from_values(vars(args)).schedule)}
 
 
 def describe_run(args: argparse.Namespace, stitch_cfg: StitchConfig | None, world_size: int,
@@ -98,8 +77,9 @@ def describe_run(args: argparse.Namespace, stitch_cfg: StitchConfig | None, worl
     """The resolved run: timm's args.yaml entries plus a ``resolved`` section of what they amount to, the network
     included (`net`: the run's built network; None: built here on the meta device)."""
     global_batch = args.batch_size * world_size * max(1, getattr(args, "grad_accum_steps", 1) or 1)
-    optim = options_from(OptimOptions, args)
-    lr, warmup_lr, min_lr = resolve_lrs(optim, options_from(ScheduleOptions, args), global_batch)
+    options = RunOptions.from_values(vars(args))
+    optim = options.optim
+    lr, warmup_lr, min_lr = resolve_lrs(optim, options.schedule, global_batch)
     scale = anchor_lr_scale(optim)
     stitch_bias_decay = decays_stitch_biases(optim, stitch_cfg)
     amp = None
@@ -154,7 +134,8 @@ def meta_network(args: argparse.Namespace, stitch_cfg: StitchConfig):
         kwargs["in_chans"] = args.in_chans
     cfg = stitch_cfg.with_model_kwargs(args.model_kwargs)
     # local checkpoints are not read either: the architecture is the timm model's (its kwargs as given)
-    cfg = StitchConfig([AnchorSpec(a.name, None, a.model_kwargs, a.label) for a in cfg.anchors], dict(cfg.values), cfg.path)
+    cfg = StitchConfig([AnchorSpec(a.name, None, a.model_kwargs, a.label) for a in cfg.anchors], dict(cfg.values),
+                       cfg.path)
     with torch.device("meta"):
         net = build_snnet(cfg, pretrained=False, **kwargs)
     net.stitch_config = stitch_cfg

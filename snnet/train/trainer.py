@@ -1,17 +1,19 @@
 """One trainer for train.py and stitch-train: what both build to train a network and the epoch loop around
 `engine.train_one_epoch`.
 
-`create_trainer` builds, from the typed options, the optimizer (with the LR rule), the fp16 loss scaler, the LR
-schedule (fast-forwarded on resume), timm's ModelEmaV3 (``model_ema``), gradient checkpointing, torch.compile of the
-blocks, DDP under several processes and the loop's context (accumulation, clipping, autocast of the loss).
+`create_trainer` builds, from the run's options (`RunOptions`) and where it trains (`TrainSetup`), the optimizer
+(with the LR rule), the fp16 loss scaler, the LR schedule (fast-forwarded on resume), timm's ModelEmaV3
+(``model_ema``), gradient checkpointing, torch.compile of the blocks, DDP under several processes and the loop's
+context (accumulation, clipping, autocast of the loss).
 `Trainer.fit` runs the epochs: per-epoch seeds, the sampler's and shard stream's epoch, mixup's end, one epoch of
 optimizer steps, BatchNorm statistics across processes, the caller's validation, the scheduler step and the
-caller's end-of-epoch hook. train.py adds checkpoints, summary.csv, recovery and stop hooks
-(`snnet.train.main.fit`); stitch-train adds its trajectory (`snnet.explore.stitch_train.runner.train_run`)."""
+caller's end of the epoch. A caller adds to the loop by an `EpochHooks` subclass (state as attributes, hooks as
+methods): train.py's checkpoints, summary.csv and loggers (`snnet.train.main.RunEpochs`), stitch-train's trajectory
+(`snnet.explore.stitch_train.runner.RunTrajectory`)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,11 +23,12 @@ from torch import nn
 
 from snnet.core.checkpoint import CheckpointError, StateDictMismatch
 from snnet.core.cost import cost_table
+from snnet.core.distributed import world
 from snnet.core.errors import UsageError
 from snnet.core.model import RoutedNet
 from snnet.train.engine import TrainContext, train_one_epoch
 from snnet.train.optim import create_optimizer, create_scheduler, epoch_offset, resolve_lrs
-from snnet.train.options import OptimOptions, ScheduleOptions, TrainOptions
+from snnet.train.options import RunOptions, ScheduleOptions, TrainOptions
 from snnet.train.resume import resume_counters
 from snnet.train.sampler import seed_epoch
 
@@ -48,6 +51,38 @@ def create_model_ema(model: RoutedNet, train: TrainOptions, resume_state: dict |
     elif resume_state is not None:
         _logger.info("--model-ema: the checkpoint has no EMA weights; the EMA starts from the resumed weights")
     return ema
+
+
+@dataclass(frozen=True)
+class TrainSetup:
+    """Where and how one process trains, besides the run's options: device and precision, the stitch each step
+    trains (`sampler`), mixup, the checkpoint resumed, the input size FLOPs are traced at before torch.compile
+    (C, H, W), and what every optimizer step calls after it (`after_step`)."""
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    sampler: Callable[[int], int]
+    mixup_fn: Callable | None = None
+    resume_state: dict | None = None
+    input_size: Sequence[int] | None = None
+    after_step: Sequence[Callable[[int], None]] = ()
+
+
+class EpochHooks:
+    """What a caller adds to `Trainer.fit`'s epochs; each method does nothing here. Subclass it and keep the
+    state the hooks share as attributes."""
+
+    def start_epoch(self, epoch: int) -> None:
+        """Before the epoch's first step."""
+
+    def trained(self, epoch: int) -> None:
+        """After the epoch's steps, before BatchNorm statistics are synced and validation."""
+
+    def validate(self, epoch: int, train_metrics: dict) -> tuple[dict, float | None]:
+        """(the epoch's metrics, the scheduler's metric or None)."""
+        return {}, None
+
+    def end_epoch(self, epoch: int, train_metrics: dict, metrics: dict, lr: float) -> None:
+        """After the scheduler step; `lr` is the LR the epoch trained at."""
 
 
 @dataclass
@@ -107,27 +142,21 @@ class Trainer:
         metrics = train_one_epoch(epoch, self.net, self.loader, self.optimizer, self.loss_fn, self.ctx)
         return metrics
 
-    def fit(self, validate: Callable[[int, dict], tuple[dict, float | None]],
-            end_epoch: Callable[[int, dict, dict, float], None] | None = None,
-            start_epoch: Callable[[int], None] | None = None,
-            trained: Callable[[int], None] | None = None) -> dict[str, float]:
-        """The epochs: `start_epoch(epoch)`, one epoch of training, `trained(epoch)`, BatchNorm statistics across
-        processes, `validate(epoch, train_metrics)` -> (metrics, the scheduler's metric or None), the scheduler
-        step, then `end_epoch(epoch, train_metrics, metrics, lr the epoch trained at)`. Returns the last epoch's
-        training metrics."""
+    def fit(self, hooks: EpochHooks | None = None) -> dict[str, float]:
+        """The epochs: `hooks.start_epoch`, one epoch of training, `hooks.trained`, BatchNorm statistics across
+        processes, `hooks.validate` (the metrics, the scheduler's metric), the scheduler step, then
+        `hooks.end_epoch`. Returns the last epoch's training metrics."""
+        hooks = hooks or EpochHooks()
         train_metrics: dict[str, float] = {"loss": float("nan")}
         for epoch in self.epochs:
-            if start_epoch is not None:
-                start_epoch(epoch)
+            hooks.start_epoch(epoch)
             train_metrics = self.train_epoch(epoch)
-            if trained is not None:
-                trained(epoch)
+            hooks.trained(epoch)
             self.distribute_bn(self.model)
-            metrics, metric = validate(epoch, train_metrics)
+            metrics, metric = hooks.validate(epoch, train_metrics)
             lr = self.current_lr
             self.ctx.lr_scheduler.step(epoch + 1 - epoch_offset(self.schedule), metric)
-            if end_epoch is not None:
-                end_epoch(epoch, train_metrics, metrics, lr)
+            hooks.end_epoch(epoch, train_metrics, metrics, lr)
         return train_metrics
 
     def use_ema_weights(self) -> None:
@@ -136,15 +165,14 @@ class Trainer:
             self.model.load_state_dict(self.ema.state_dict())
 
 
-def create_trainer(model: RoutedNet, loader: Any, loss_fn: Callable, *, optim: OptimOptions,
-                   schedule: ScheduleOptions, train: TrainOptions, device: torch.device,
-                   amp_dtype: torch.dtype | None, sampler: Callable[[int], int], mixup_fn: Callable | None = None,
-                   rank: int = 0, world_size: int = 1, resume_state: dict | None = None, resumed_from: str = "",
-                   eval_metric: str = "top1", mixup_off_epoch: int = 0, input_size: Sequence[int] | None = None,
-                   after_step: Iterable[Callable[[int], None]] = ()) -> Trainer:
-    """Optimizer, scaler, schedule, EMA, compile and the loop context for `model` on `loader`, resumed where
-    `resume_state` (a checkpoint) left off. `input_size` (C, H, W): FLOPs are traced before torch.compile, which
-    torch.jit's tracer cannot enter."""
+def create_trainer(model: RoutedNet, loader: Any, loss_fn: Callable, options: RunOptions,
+                   setup: TrainSetup) -> Trainer:
+    """Optimizer, scaler, schedule, EMA, compile and the loop context for `model` on `loader`, from the run's
+    options, resumed where `setup.resume_state` (a checkpoint) left off. FLOPs are traced at `setup.input_size`
+    before torch.compile, which torch.jit's tracer cannot enter."""
+    optim, schedule, train = options.optim, options.schedule, options.train
+    device, amp_dtype, resume_state, input_size = setup.device, setup.amp_dtype, setup.resume_state, setup.input_size
+    rank, world_size = world()
     accum = max(1, train.grad_accum_steps)
     lr, warmup_lr, min_lr = resolve_lrs(optim, schedule, train.batch_size * world_size * accum)
     optimizer = create_optimizer(optim, model, lr)
@@ -156,11 +184,11 @@ def create_trainer(model: RoutedNet, loader: Any, loss_fn: Callable, *, optim: O
                          f"epoch; lower it or -b/--batch-size")
     scheduler, num_epochs = create_scheduler(schedule, optimizer, steps, warmup_lr, min_lr, start_epoch,
                                              global_step if resume_state is not None else None,
-                                             eval_metric=eval_metric)
-    ctx = TrainContext(device, sampler, amp_dtype, loss_scaler, scheduler, mixup_fn,
-                       model_ema=create_model_ema(model, train, resume_state, resumed_from),
+                                             eval_metric=options.eval.eval_metric)
+    ctx = TrainContext(device, setup.sampler, amp_dtype, loss_scaler, scheduler, setup.mixup_fn,
+                       model_ema=create_model_ema(model, train, resume_state, options.job.resume),
                        parameters=lambda: [p for p in model.parameters() if p.requires_grad],
-                       global_step=global_step, after_step=list(after_step), accum_steps=accum,
+                       global_step=global_step, after_step=list(setup.after_step), accum_steps=accum,
                        clip_grad=optim.clip_grad, clip_mode=optim.clip_mode, amp_loss=not train.no_amp_loss,
                        move_batches=train.no_prefetcher, sched_on_updates=schedule.sched_on_updates,
                        log_interval=train.log_interval)
@@ -176,4 +204,7 @@ def create_trainer(model: RoutedNet, loader: Any, loss_fn: Callable, *, optim: O
         ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
         net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True, **ddp_kwargs)
     return Trainer(model, net, loader, optimizer, loss_fn, ctx, range(start_epoch, num_epochs), lr, train, schedule,
-                   rank, world_size, compiled, mixup_off_epoch)
+                   rank, world_size, compiled, options.loss.mixup_off_epoch)
+
+
+__all__ = ["EpochHooks", "TrainSetup", "Trainer", "create_model_ema", "create_trainer"]

@@ -65,15 +65,19 @@ from snnet.train.options import (
     TRAINING_OPTIONS,
     EvalOptions,
     InputOptions,
+    JobOptions,
+    LoggerOptions,
     LossOptions,
+    NetworkOptions,
     OptimOptions,
     OptionError,
+    RunOptions,
     ScheduleOptions,
     TrainOptions,
     options_by_key,
 )
 from snnet.train.preflight import check_augmentation, check_output
-from snnet.train.trainer import create_trainer
+from snnet.train.trainer import EpochHooks, Trainer, TrainSetup, create_trainer
 
 _logger = logging.getLogger("snnet")
 #: the option objects a sweep's `train` sets (train.py's flag names)
@@ -311,8 +315,44 @@ class _Trajectory:
         write_text_atomic(self.path, "".join(line + "\n" for line in self.lines))
 
 
-def _lr(optimizer) -> float:
-    return sum(g["lr"] for g in optimizer.param_groups) / len(optimizer.param_groups)
+class RunTrajectory(EpochHooks):
+    """stitch-train's epochs around the trainer's: each optimizer step and epoch into the run's trajectory, the
+    stitch validated after every epoch (the EMA's weights when on)."""
+
+    def __init__(self, trainer: Trainer, tracked: _TrackedLoss, traj: _Trajectory, evaluate, label: str,
+                 init: dict[str, float]):
+        self.trainer, self.tracked, self.traj, self.evaluate, self.label = trainer, tracked, traj, evaluate, label
+        self.epoch, self.started_at, self.val = 0, 0.0, init  # the epoch running, its start, the last validation
+        trainer.ctx.after_step.append(self.log_step)
+
+    def log_step(self, global_step: int) -> None:
+        loss, acc = self.tracked.take_step()
+        self.traj.add("step", epoch=self.epoch + 1, step=global_step, lr=self.trainer.current_lr, loss=loss,
+                      train_acc1=acc)
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch, self.started_at = epoch, time.perf_counter()
+        self.tracked.epoch = [0, 0]
+
+    def validate(self, epoch: int, train_metrics: dict) -> tuple[dict, float | None]:
+        self.val = self.evaluate()
+        return self.val, self.val["acc1"]
+
+    def end_epoch(self, epoch: int, train_metrics: dict, metrics: dict, lr: float) -> None:
+        hits, samples = self.tracked.epoch
+        self.traj.add("epoch", epoch=epoch + 1, step=self.trainer.ctx.global_step, lr=lr, loss=train_metrics["loss"],
+                      train_acc1=100.0 * hits / max(samples, 1), val_loss=metrics["loss"], val_acc1=metrics["acc1"],
+                      val_acc5=metrics["acc5"], epoch_time=round(time.perf_counter() - self.started_at, 4))
+        self.traj.flush()
+        _logger.info(f"{self.label} epoch {epoch + 1}/{len(self.trainer.epochs)}: train loss "
+                     f"{train_metrics['loss']:.4f}, val top-1 {metrics['acc1']:.2f}")
+
+
+def run_options(options: dict[type, Any], train: TrainOptions) -> RunOptions:
+    """A sweep's typed options (`sweep_options`) with this run's loop options, as the trainer reads them."""
+    return RunOptions(JobOptions(), options[DataOptions], options[LoaderOptions], options[OptimOptions],
+                      options[ScheduleOptions], options[LossOptions], train, options[EvalOptions],
+                      options[InputOptions], NetworkOptions(), LoggerOptions())
 
 
 def train_run(prep: Prepared, run: RunSpec, plan: RunPlan, run_dir: Path, rank: int = 0,
@@ -337,18 +377,9 @@ def train_run(prep: Prepared, run: RunSpec, plan: RunPlan, run_dir: Path, rank: 
     val_loader = create_eval_loader(prep.val_ds, prep.loader, data_cfg)
     tracked = _TrackedLoss(_loss_fn(run, prep.options[LossOptions], prep.models[run.end]))
     # one process trains the whole run (the sweep spreads runs over processes): no DDP, rank 0's seeds
-    trainer = create_trainer(net, loader, tracked, optim=prep.options[OptimOptions],
-                             schedule=prep.options[ScheduleOptions], train=train, device=prep.device,
-                             amp_dtype=amp_dtype, sampler=lambda step: 0,
-                             eval_metric=prep.options[EvalOptions].eval_metric, input_size=(prep.in_chans, *size))
-    optimizer, ctx, num_epochs, lr = trainer.optimizer, trainer.ctx, len(trainer.epochs), trainer.lr
-    epoch_box = [0]
-
-    def log_step(global_step: int) -> None:
-        loss, acc = tracked.take_step()
-        traj.add("step", epoch=epoch_box[0] + 1, step=global_step, lr=_lr(optimizer), loss=loss, train_acc1=acc)
-
-    ctx.after_step.append(log_step)
+    trainer = create_trainer(net, loader, tracked, run_options(prep.options, train),
+                             TrainSetup(prep.device, amp_dtype, lambda step: 0, input_size=(prep.in_chans, *size)))
+    ctx, num_epochs, lr = trainer.ctx, len(trainer.epochs), trainer.lr
 
     def evaluate() -> dict[str, float]:  # the EMA's weights when model_ema is on
         return evaluate_stitches(trainer.eval_model, val_loader, [0], prep.device, amp_dtype, train.log_interval)[0]
@@ -361,27 +392,9 @@ def train_run(prep: Prepared, run: RunSpec, plan: RunPlan, run_dir: Path, rank: 
                  (f" (LS fit error {ls_error:.4f})" if ls_error is not None else " (no LS init)") +
                  f"; {num_epochs} epochs of {trainer.steps_per_epoch} steps, lr {lr:.2e}" +
                  (f", EMA decay {train.model_ema_decay}" if trainer.ema is not None else ""))
-    val, started_at = init, [0.0]
-
-    def start_epoch(epoch: int) -> None:
-        epoch_box[0], started_at[0] = epoch, time.perf_counter()
-        tracked.epoch = [0, 0]
-
-    def validate(epoch: int, train_metrics: dict) -> tuple[dict, float | None]:
-        nonlocal val
-        val = evaluate()
-        return val, val["acc1"]
-
-    def end_epoch(epoch: int, train_metrics: dict, metrics: dict, lr_used: float) -> None:
-        hits, samples = tracked.epoch
-        traj.add("epoch", epoch=epoch + 1, step=ctx.global_step, lr=lr_used, loss=train_metrics["loss"],
-                 train_acc1=100.0 * hits / max(samples, 1), val_loss=metrics["loss"], val_acc1=metrics["acc1"],
-                 val_acc5=metrics["acc5"], epoch_time=round(time.perf_counter() - started_at[0], 4))
-        traj.flush()
-        _logger.info(f"cfg {run.index} epoch {epoch + 1}/{num_epochs}: train loss {train_metrics['loss']:.4f}, "
-                     f"val top-1 {metrics['acc1']:.2f}")
-
-    train_metrics = trainer.fit(validate, end_epoch, start_epoch=start_epoch)
+    hooks = RunTrajectory(trainer, tracked, traj, evaluate, f"cfg {run.index}", init)
+    train_metrics = trainer.fit(hooks)
+    val = hooks.val
     trainer.use_ema_weights()  # the result, its record and stitch_layer.pth.tar are the EMA's when it is on
 
     table = cost_table(net, size, prep.in_chans)
@@ -410,7 +423,8 @@ def train_run(prep: Prepared, run: RunSpec, plan: RunPlan, run_dir: Path, rank: 
         "seconds": round(time.perf_counter() - t0, 3), "trajectory": TRAJECTORY, "checkpoint": LAYER_CKPT}
     # the results-file record, from the one builder every tool uses (route, FLOPs, params, images and their size)
     result["record"] = stitch_record(
-        net, 0, val, result["flops"], size, cfg_id=run.index, route=plan.route, run=plan.name, front=run.front, end=run.end,
+        net, 0, val, result["flops"], size, cfg_id=run.index, route=plan.route, run=plan.name, front=run.front,
+        end=run.end,
         cut=run.cut, end_block=plan.end_block, gap=plan.gap, layer=layer_label(run.layer_spec), ls_init=run.ls_init,
         objective=run.loss, init_acc1=init["acc1"], stitch_layer_params=layer_params, seconds=result["seconds"])
     save_checkpoint(run_dir / LAYER_CKPT, {"state_dict": stitch_state(st), "spec": json.dumps(st.stitch.layer.spec()),
@@ -432,5 +446,6 @@ def evaluate_anchor(prep: Prepared, label: str) -> dict[str, Any]:
     # cfg_id: the anchor's place in the results file, set when the file is collected
     record = stitch_record(net, 0, m, flops, size, route=label, anchor=label)
     return {"label": label, **prep.anchor_ids[label], "acc1": m["acc1"], "acc5": m["acc5"], "loss": m["loss"],
-            "flops": flops, "params": net.params(0), "img_size": list(size), "data": os.path.abspath(prep.data.data_dir),
+            "flops": flops, "params": net.params(0), "img_size": list(size),
+            "data": os.path.abspath(prep.data.data_dir),
             "record": record}

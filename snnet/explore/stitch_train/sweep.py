@@ -154,7 +154,8 @@ def sweep_anchor(label: str, value: Any, source: str, base: Path) -> AnchorSpec:
     if isinstance(value, AnchorSpec):  # already parsed (the command line's --front / --end)
         return value
     where = f"{source}: anchor {label!r}"
-    spec, first = None, None
+    spec: AnchorSpec | None = None
+    first: ConfigError | None = None
     try:
         spec = parse_anchor(value, where)  # paths as given
     except ConfigError as e:
@@ -165,6 +166,7 @@ def sweep_anchor(label: str, value: Any, source: str, base: Path) -> AnchorSpec:
         based = parse_anchor(value, where, base)
     except ConfigError:
         if spec is None:
+            assert first is not None  # spec is None only when the first parse failed
             raise first from None  # wrong both ways: the message names the path as written
         return spec  # the checkpoint is missing both ways: building the anchor names it
     return based if spec is None or _exists(based) else spec
@@ -236,7 +238,7 @@ def _check_field(name: str, value: Any, where: str, labels: Sequence[str]) -> An
 
 
 def _run_spec(index: int, fields: dict[str, Any], where: str, labels: Sequence[str]) -> RunSpec:
-    values = {k: default for k, (_, default) in RUN_FIELDS.items()}
+    values: dict[str, Any] = {k: default for k, (_, default) in RUN_FIELDS.items()}
     for k, v in fields.items():
         values[k] = _check_field(k, v, where, labels)
     if "pair" in fields and ("front" in fields or "end" in fields):
@@ -319,7 +321,8 @@ def parse_sweep(data: Any, source: str, base: Path | None = None, out: str | Non
         raise SweepError(f"{source}: `runs` must be a list of mappings of run fields, e.g. "
                          f"[{{pair: [a, b], cut: 1, gap: 0}}]")
     combos += listed
-    runs, seen = [], {}
+    runs: list[RunSpec] = []
+    seen: dict[Any, int] = {}
     for i, fields in enumerate(combos):
         spec = _run_spec(i, {**defaults, **fields}, f"{source}: run {i}", labels)
         key = dataclasses.replace(spec, index=0)
@@ -351,6 +354,7 @@ def anchor_argument(text: str, flag: str) -> tuple[str, AnchorSpec]:
     """``--front`` / ``--end``: ``[LABEL=]ANCHOR`` with ANCHOR in the one anchor syntax (NAME, NAME:CHECKPOINT,
     FILE#INDEX, a JSON anchor object). Without a label: FILE#INDEX is labelled by the file's stem and the index
     (``pair.json#0`` -> ``pair0``), anything else by its timm name."""
+    label: str | None
     label, sep, ref = text.partition("=")
     if not (sep and LABEL.fullmatch(label)):  # a JSON object or a path with '=' has no LABEL before its first '='
         label, ref = None, text

@@ -1,0 +1,199 @@
+"""Options declared once: each option is a dataclass field whose metadata holds its flag (spellings, help, group,
+value rule, choices, nargs). From these fields train.py's parser is derived (`snnet.train.args.build_parser`), the
+typed option objects are the dataclasses themselves, `options_by_key` checks a keyword value by the same rule, and
+the docs' option reference is generated from them. A field several option objects share (the batch size the loader,
+the data checks and the loop all read) is declared once, as a module constant, and copied with `again`.
+
+No argparse here: the rules are plain functions of a value; the parser wraps them."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from collections.abc import Iterable, Iterator
+from dataclasses import MISSING, dataclass
+from typing import Any
+
+from snnet.core.errors import UsageError
+
+__all__ = ["AUGMENT", "BATCH_NORM", "DATASET", "DEVICE", "EMA", "FILES", "MODEL", "OPTIMIZER", "OUTPUT", "SCHEDULE",
+           "STITCHING", "GROUPS", "Flag", "OptionError", "again", "checked_value", "flag_fields", "flag_of", "option",
+           "options_by_key", "rule_violation"]
+
+#: train.py's help groups, in --help order (each option names its group)
+GROUPS = ("Configuration files", "Dataset", "Model", "Stitching", "Optimizer", "Learning rate schedule",
+          "Augmentation and regularization", "Model exponential moving average", "Batch norm",
+          "Device, precision, distributed", "Output and logging")
+FILES, DATASET, MODEL, STITCHING, OPTIMIZER, SCHEDULE, AUGMENT, EMA, BATCH_NORM, DEVICE, OUTPUT = GROUPS
+#: value rules: "positive" (>= 1 for an integer, > 0 for a number), "non_negative", "probability" (in [0, 1])
+RULES = ("positive", "non_negative", "probability")
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How an option is typed on train.py's command line."""
+    names: tuple[str, ...]          # option strings, timm's spellings first; () for the positional DIR
+    help: str
+    group: str
+    rule: str | None = None         # one of RULES
+    choices: tuple[Any, ...] | None = None
+    nargs: int | str | None = None  # as argparse's (a tuple field needs one)
+    const: Any = None               # the value of a bare flag whose value is optional (nargs "?")
+    metavar: str | None = None
+    kind: str | None = None         # the parser of a value where the annotation does not say it: "float",
+    #                                 "stitch_id" (a cfg_id or 'all'), "kwargs" (k=v pairs)
+
+    def __post_init__(self) -> None:
+        if self.group not in GROUPS:
+            raise ValueError(f"flag {self.names}: group {self.group!r} is not one of {GROUPS}")
+        if self.rule is not None and self.rule not in RULES:
+            raise ValueError(f"flag {self.names}: rule {self.rule!r} is not one of {RULES}")
+
+
+def option(default: Any = MISSING, *names: str, help: str, group: str, rule: str | None = None,
+           choices: tuple[Any, ...] | None = None, nargs: int | str | None = None, const: Any = None,
+           metavar: str | None = None, kind: str | None = None) -> Any:
+    """A dataclass field declaring an option: its default and its flag. A dict default is a fresh copy per
+    instance; MISSING: a field every caller gives (the flag's own default is then None)."""
+    flag = Flag(tuple(names), help, group, rule, choices, nargs, const, metavar, kind)
+    if isinstance(default, dict):
+        return dataclasses.field(default_factory=lambda: dict(default), metadata={"flag": flag})
+    return dataclasses.field(default=default, metadata={"flag": flag})
+
+
+def again(declared: Any) -> Any:
+    """The same option (default and flag) for a second option object: `batch_size: int = again(BATCH_SIZE)`."""
+    if not isinstance(declared, dataclasses.Field):
+        raise TypeError(f"again() takes a field made by option(), not {declared!r}")
+    return dataclasses.field(default=declared.default, default_factory=declared.default_factory,
+                             metadata=declared.metadata)
+
+
+def flag_of(field: dataclasses.Field) -> Flag | None:
+    return field.metadata.get("flag")
+
+
+def flag_fields(classes: Iterable[type]) -> Iterator[tuple[type, dataclasses.Field, Flag]]:
+    """(class, field, flag) of every option field of `classes`, each option once (the first class that has it);
+    an option two classes declare differently is a TypeError (declare it once and use `again`)."""
+    seen: dict[str, tuple[type, Flag]] = {}
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            flag = flag_of(f)
+            if flag is None:
+                continue
+            if f.name in seen:
+                first, first_flag = seen[f.name]
+                if first_flag is not flag:
+                    raise TypeError(f"option {f.name!r} is declared in {first.__name__} and again in "
+                                    f"{cls.__name__}; declare it once and use again()")
+                continue
+            seen[f.name] = (cls, flag)
+            yield cls, f, flag
+
+
+def rule_violation(rule: str | None, value: Any, text: str | None = None) -> str | None:
+    """What is wrong with a number under `rule` (None: nothing). `text`: the value as it was written."""
+    if rule is None or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    shown = value if text is None else text
+    if not math.isfinite(value):
+        return f"{shown!r} is not a finite number"
+    if rule == "positive" and isinstance(value, int):
+        return None if value >= 1 else f"{value} is not >= 1"
+    if rule == "positive":
+        return None if value > 0 else f"{shown} is not > 0"
+    if rule == "non_negative":
+        return None if value >= 0 else f"{shown} is not >= 0"
+    if rule == "probability":
+        return None if 0 <= value <= 1 else f"{shown} is not a probability in [0, 1]"
+    return None
+
+
+class OptionError(UsageError):
+    """A key no option object has, or a value of the wrong type (the message names both and the fix)."""
+
+
+def _broken(flag: Flag | None, value: Any) -> str | None:
+    if flag is None or value is None:
+        return None
+    if flag.choices is not None:
+        return None if value in flag.choices else f"{value!r} is not one of {', '.join(map(repr, flag.choices))}"
+    return rule_violation(flag.rule, value)
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", tuple: "a list"}
+
+
+def _allowed(hint: Any) -> tuple[Any, ...]:
+    """The concrete types a field's annotation admits (NoneType included for an optional field)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return tuple(t for a in typing.get_args(hint) for t in _allowed(a))
+    return (typing.get_origin(hint) or hint,)
+
+
+def checked_value(field: dataclasses.Field, value: Any, hint: Any, where: str) -> Any:
+    """`value` as the type the field's annotation `hint` says (an int for a float field, a YAML list for a tuple
+    and a numeric string for a number are taken as they are meant) and within its flag's rule or choices; anything
+    else is an `OptionError` naming the key, the value and what it must be."""
+    key = field.name
+    value = _typed(key, value, hint, where)
+    items = value if isinstance(value, tuple) else (value,)
+    wrong = next(filter(None, (_broken(flag_of(field), v) for v in items)), None)
+    if wrong is not None:
+        raise OptionError(f"{where} key {key!r}: {wrong} (as for train.py's --{key.replace('_', '-')}); fix the value")
+    return value
+
+
+def _typed(key: str, value: Any, hint: Any, where: str) -> Any:
+    allowed = _allowed(hint)
+    if Any in allowed:
+        return value
+    if value is None:
+        if type(None) in allowed:
+            return None
+    elif isinstance(value, bool):  # before int: a bool is an int to Python, not to a reader
+        if bool in allowed:
+            return value
+    elif isinstance(value, int) and (int in allowed or float in allowed):
+        return value if int in allowed else float(value)
+    elif isinstance(value, float) and float in allowed:
+        return value
+    elif isinstance(value, (list, tuple)) and tuple in allowed:
+        return tuple(value)
+    elif isinstance(value, str):
+        if str in allowed:
+            return value
+        for kind in (int, float):  # a number written as a string (YAML 1.1 reads 1e-3 as one)
+            if kind in allowed:
+                try:
+                    return kind(value)
+                except ValueError:
+                    pass
+    words = " or ".join(_TYPE_WORDS.get(t, "null" if t is type(None) else getattr(t, "__name__", str(t)))
+                        for t in allowed)
+    raise OptionError(f"{where} key {key!r}: {value!r} is not {words}; give {key} {words}")
+
+
+def options_by_key(classes: Iterable[type], values: dict[str, Any], where: str,
+                   **given: Any) -> dict[type, Any]:
+    """{class: instance} of option dataclasses from keyword `values` (train.py's flag names): each key goes to
+    every class with a field of its name, checked against that field's type and its flag's rule; a key no class
+    has is an `OptionError` naming it (with the closest names). `given`: values the tool sets itself (not checked,
+    and passed only to classes with that field)."""
+    classes = list(classes)
+    names = {f.name for cls in classes for f in dataclasses.fields(cls)}
+    unknown = [k for k in values if k not in names]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(names), n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else "use one of train.py's flags (dashes as underscores)"
+        raise OptionError(f"{where}: unknown key {unknown[0]!r}; {hint}")
+    out = {}
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        out[cls] = cls(**{k: checked_value(fields[k], v, hints[k], where) for k, v in values.items() if k in fields},
+                       **{k: v for k, v in given.items() if k in fields})
+    return out
