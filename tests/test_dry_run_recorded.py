@@ -37,6 +37,9 @@ def dry_run_text(argv, world_size, capsys, monkeypatch) -> str:
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # the seed command's device: the same anywhere
+    # the loader-worker default is timm's 4 fitted to the machine's cores (issue 41, tests/test_short_runs.py): a
+    # machine with 4 or more, so the recording is the same on any machine
+    monkeypatch.setattr("snnet.data.loaders.usable_cores", lambda: 64)
     assert main([*argv, "--dry-run"]) == 0
     return capsys.readouterr().out
 

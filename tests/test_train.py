@@ -9,6 +9,7 @@ import timm
 import torch
 
 from snnet.core.config import ConfigError
+from snnet.data.loaders import usable_cores
 from snnet.train.args import UsageError, parse_args
 from snnet.train.sampler import StitchSampler
 
@@ -64,7 +65,8 @@ def test_precedence_default_yaml_stitch_config_typed(tmp_path):
     base = json.dumps({"anchors": ["resnet18"]})
     (tmp_path / "bare.json").write_text(base)
     a, _ = parse_args(["/d", "--stitch_config", str(tmp_path / "bare.json")])  # built-in defaults
-    assert (a.epochs, a.workers, a.dataset, lr_of(a)) == (300, 4, "", (None, 0.1, 256, ""))
+    # timm's 4 loader workers, at most the usable cores (snnet.data.loaders.default_workers)
+    assert (a.epochs, a.workers, a.dataset, lr_of(a)) == (300, min(4, usable_cores()), "", (None, 0.1, 256, ""))
     a, _ = parse_args(["/d", "--stitch_config", str(tmp_path / "bare.json"), "-c", str(y)])  # YAML over defaults
     assert (a.epochs, a.workers, a.dataset, lr_of(a)) == (7, 3, "torch/cifar10", (None, 0.2, 128, ""))
     a, _ = parse_args(["-c", str(y), "--stitch_config", str(j)])  # stitch config over YAML, key by key

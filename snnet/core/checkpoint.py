@@ -51,8 +51,8 @@ def fit_report(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> 
 
 def image_size_hint(module: nn.Module, state: dict[str, torch.Tensor]) -> str:
     """'' or why a ViT's position embedding does not fit: another width (embed_dim), else the image size the
-    checkpoint was trained at and the one the network was built for. A pos_embed of another length is what a wrong image-size guess gives, and the bare
-    shapes do not name the size to use."""
+    checkpoint was trained at and the one the network was built for. A pos_embed of another length is what a wrong
+    image-size guess gives, and the bare shapes do not name the size to use."""
     own = module.state_dict()
     for key, value in state.items():
         if not key.endswith("pos_embed") or key not in own or own[key].shape == value.shape or value.ndim != 3:

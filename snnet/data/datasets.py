@@ -62,8 +62,9 @@ def create_datasets(args: DataOptions, need_train: bool):
                 val = create_dataset(val_name, split=args.val_split, is_training=False, **kw)
             except Exception as e:  # never a silent run without validation
                 reason = " ".join(str(e).split())[:160]
+                why = type(e).__name__ + (f": {reason}" if reason else "")
                 raise DataError(f"the validation split {args.val_split!r} of --dataset {args.dataset!r} in "
-                                f"{args.data_dir!r} cannot be loaded ({type(e).__name__}{': ' + reason if reason else ''}"
+                                f"{args.data_dir!r} cannot be loaded ({why}"
                                 f"); name the split with --val-split, or pass --val-split '' to train without "
                                 f"validation") from None
             val.source = f"{val_name.partition('/')[0]}:{val_name.partition('/')[2]} split {args.val_split}"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import math
 import os
 import re
@@ -188,11 +187,21 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, S
     return args, stitch_cfg
 
 
+#: the lines saying which defaults the last parse fitted to the run (`fitted_notes`)
+_FITTED: list[str] = []
+
+
+def fitted_notes() -> list[str]:
+    """The lines saying which defaults the last `parse_args` fitted to the run: logged once the run's inputs passed
+    their checks (a refused run prints its one line and nothing else)."""
+    return list(_FITTED)
+
+
 def _fit_short_run(args: argparse.Namespace, argv: Sequence[str]) -> None:
-    """Defaults that would misfit this run, fitted with one line each (issue 41): a warm-up not shorter than the run
-    (`snnet.train.optim.fit_warmup`), more loader workers than cores (`snnet.data.loaders.default_workers`)."""
+    """Defaults that would misfit this run, fitted (issue 41): a warm-up not shorter than the run
+    (`snnet.train.optim.fit_warmup`), more loader workers than cores (`snnet.data.loaders.default_workers`); each
+    with one line (`fitted_notes`)."""
     # imported here: parsing alone (snnet --help) imports neither timm nor torch
-    from snnet.core.distributed import world
     from snnet.data.loaders import TIMM_WORKERS, default_workers
     from snnet.train.optim import fit_warmup
     notes = []
@@ -203,9 +212,7 @@ def _fit_short_run(args: argparse.Namespace, argv: Sequence[str]) -> None:
     if not typed and args.workers == TIMM_WORKERS:  # timm's default (a config's other number is its choice)
         args.workers, note = default_workers()
         notes.append(note)
-    if world(launched=True)[0] == 0:
-        for note in filter(None, notes):
-            logging.getLogger("snnet").info(note)
+    _FITTED[:] = [n for n in notes if n]
 
 
 #: SN-Net's untagged teacher name meant DeiT's RegNetY-16GF (timm's default tag for it is now another checkpoint)

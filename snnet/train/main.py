@@ -39,7 +39,7 @@ from snnet.core.steps import UnitStep
 from snnet.data.datasets import class_names_of, create_datasets, data_source, num_classes_of
 from snnet.data.loaders import create_eval_loader, create_train_loader
 from snnet.results.records import EMA_RESULTS_FILE, RESULTS_FILE, ResultsFile, file_sha256, text_sha256
-from snnet.train.args import UsageError, arguments, parse_args
+from snnet.train.args import UsageError, arguments, fitted_notes, parse_args
 from snnet.train.device import adopt_slurm_env, amp_dtype_for, requeued, resolve_device, restart_attempt, unwrap
 from snnet.train.evaluator import Evaluation, evaluate_all, prediction_ids, val_panel, validate_panel
 from snnet.train.loggers import Loggers, check_loggers, create_loggers
@@ -203,6 +203,9 @@ def start(options: RunOptions, stitch_cfg: StitchConfig | None) -> None:
         return
     check_run(args, stitch_cfg, world(launched=True)[1])  # check: every input, before any weight or image
     check_loggers(options.logging)
+    if world(launched=True)[0] == 0:
+        for note in fitted_notes():  # the defaults parsing fitted to this run (a short run, a small machine)
+            _logger.info(note)
     out_dir = output_dir(args)  # once: a generated name holds the time of day
     # one run per output folder: rank 0 holds the lock (torchrun's other ranks write into rank 0's folder); the
     # kernel releases it when the process dies, so a crashed run never leaves it stuck
