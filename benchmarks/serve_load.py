@@ -198,10 +198,10 @@ def deit_net(work: Path, quick: bool) -> Net:
     rng = np.random.default_rng(0)
     images = [_png(Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)), "JPEG")
               for _ in range(16)]
-    # a DeiT-B forward pass takes seconds on this CPU: three loads, no extra traces, a minute of arrivals each
+    # a DeiT-B forward pass takes seconds on this CPU: three loads, no extra traces, 45 s of arrivals each
     out = Net("DeiT-Ti/S/B", ckpt, config, results, anchors, {r["cfg_id"]: r["acc1"] for r in records}, images,
               None, {c: t["latency_ms_b1"] for c, t in table.items()}, 1, threads=2, loads=(0.5, 1.0, 1.5),
-              extra_traces=(), duration=60.0)
+              extra_traces=(), duration=45.0)
     loaded = load_snnet(str(ckpt), str(config))
     _exports(out, loaded, work / "deit_exports")
     return out
@@ -319,7 +319,8 @@ def switch_cost_us(net: Net, rounds: int = 10) -> tuple[float, float]:
     loaded = load_snnet(str(net.checkpoint), str(net.config))
     ids = sorted(net.acc)
     x = torch.randn(1, loaded.in_chans, *loaded.img_size)
-    orders = {"interleaved": [c for _ in range(rounds) for c in ids], "grouped": [c for c in ids for _ in range(rounds)]}
+    orders = {"interleaved": [c for _ in range(rounds) for c in ids],
+              "grouped": [c for c in ids for _ in range(rounds)]}
     times: dict[str, list[float]] = {k: [] for k in orders}
     torch.set_num_threads(net.threads)
     with torch.inference_mode():
@@ -428,7 +429,7 @@ def report(nets: list[Net], runs: list[dict[str, Any]], header: list[str]) -> tu
                   f"{m['anchors_model_mb']:.1f} MiB), largest anchor alone {m['largest']:.0f} MiB (weights "
                   f"{m['largest_model_mb']:.1f} MiB): SN-Net / largest anchor = {m['snnet'] / m['largest']:.2f}x "
                   f"(weights {m['snnet_model_mb'] / m['largest_model_mb']:.2f}x)",
-                  f"switch cost idle: choosing at dispatch {statistics.fmean(r['choose_us'] for r in rows.values()):.0f}"
+                  f"switch cost: choosing at dispatch {statistics.fmean(r['choose_us'] for r in rows.values()):.0f}"
                   f" µs (mean over settings); net(x, cfg_id) at batch 1: {inter:.0f} µs per call with the stitch "
                   f"changing every call vs {grouped:.0f} µs grouped ({inter - grouped:+.0f} µs per switch)"]
     result = {"worst_margin_effacc": min(margins), "dominated": dom,
@@ -463,7 +464,7 @@ def main() -> None:
     p.add_argument("--plot", default=str(ROOT / "results" / "serve_effacc.png"))
     p.add_argument("--slo-factor", type=float, default=3.0)
     p.add_argument("--scale", type=float, default=1.0,
-                   help="multiply every setting's seconds of arrivals (digits 10 s, DeiT 60 s) by this")
+                   help="multiply every setting's seconds of arrivals (digits 10 s, DeiT 45 s) by this")
     p.add_argument("--nets", default="digits,deit")
     p.add_argument("--quick", action="store_true", help="a smoke run: a fifth of the arrivals, fewer stitches")
     args = p.parse_args()
