@@ -404,8 +404,9 @@ def start_server(tiny, log, *extra):
 
 @pytest.mark.slow
 def test_local_engine_serves_an_open_loop_burst_and_stops(tiny, tmp_path):
-    """The default engine (aiohttp, one process): up in seconds, answers a bursty open-loop load with deadlines,
-    sheds what it cannot meet, and stops on SIGTERM."""
+    """The default engine (aiohttp, one process): up in seconds, answers a bursty open-loop load with deadlines
+    (answers or one-line 503s, nothing else), and stops on SIGTERM. Which stitches a burst moves to depends on the
+    machine's speed: the scheduler's choice is tested in process above."""
     port, proc = start_server(tiny, tmp_path, "--shed")
     try:
         deadline = time.monotonic() + 120
@@ -423,8 +424,7 @@ def test_local_engine_serves_an_open_loop_burst_and_stops(tiny, tmp_path):
         statuses = {r.status for r in replies}
         assert statuses <= {200, 503} and 200 in statuses, statuses
         ok = [r for r in replies if r.status == 200]
-        assert len({r.body["cfg_id"] for r in ok}) > 1  # the load moved requests between stitches
-        assert all("latency cannot be met" not in r.body.get("error", "") for r in ok)
+        assert all(r.body["budget"] == {"latency_ms": budget} and "timing_ms" in r.body for r in ok)
         shed = [r for r in replies if r.status == 503]
         assert all(r.body["shed"] and "raise budget.latency_ms" in r.body["error"] for r in shed)
         assert get(url + "health") == (200, {"ok": True})
