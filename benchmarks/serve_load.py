@@ -65,6 +65,7 @@ sys.path.insert(0, str(ROOT))
 from snnet.core.build import build_snnet  # noqa: E402  (after the path insert: the benchmark runs from a checkout)
 from snnet.core.checkpoint import save_checkpoint  # noqa: E402
 from snnet.core.config import parse_stitch_config  # noqa: E402
+from snnet.core.fileio import write_text_atomic  # noqa: E402
 from snnet.deploy.export import export_stitch, load_snnet  # noqa: E402
 from snnet.deploy.latency import measure_latency  # noqa: E402
 from snnet.results.baselines import cascade_settings  # noqa: E402
@@ -521,9 +522,7 @@ def main() -> None:
     lines.append("RESULT " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                       for k, v in result.items()))
     text = "\n".join(lines) + "\n"
-    tmp_out = Path(args.out + ".tmp")
-    tmp_out.write_text(text)
-    tmp_out.replace(args.out)
+    write_text_atomic(args.out, text)
     print(text)
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from snnet.core.fileio import write_text_atomic  # noqa: E402
 from snnet.serve.loadgen import get, post  # noqa: E402  (after the path insert: the benchmark runs from a checkout)
 
 PARTS = ("decode", "queue", "forward", "answer")
@@ -140,9 +141,7 @@ def main() -> None:
     lines += ["", f"RESULT ray_e2e_ms={res['ray']['e2e']:.2f} local_e2e_ms={res['local']['e2e']:.2f} "
                   f"ray_pss_mb={res['ray']['pss']:.0f} local_pss_mb={res['local']['pss']:.0f}"]
     text = "\n".join(lines) + "\n"
-    tmp_out = Path(args.out + ".tmp")
-    tmp_out.write_text(text)
-    tmp_out.replace(args.out)
+    write_text_atomic(args.out, text)
     print(text)
 
 
