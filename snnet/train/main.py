@@ -225,7 +225,7 @@ def _execute(options: RunOptions, stitch_cfg: StitchConfig | None, out_dir: Path
     options = resolve(options, stitch_cfg, train_ds or val_ds, placement)  # resolve: frozen from here
     job = options.job
     args = arguments(options, distributed=placement.distributed, rank=rank, world_size=world_size,
-                     local_rank=placement.local_rank)
+                     local_rank=placement.local_rank, class_names=options.network.class_names)
     net, stitch_cfg = _build(options, stitch_cfg, train_ds, device)  # build: positions explicit from here
     data_cfg = resolve_data_config(options.input.data_config_args(), model=net)
     run = build_run(options, args, stitch_cfg, device, data_cfg, out_dir)
