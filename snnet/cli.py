@@ -32,26 +32,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from snnet.core.distributed import world
 from snnet.core.errors import OneLineParser, SNNetError, UsageError, one_line
 from snnet.core.fileio import check_out_dir
-from snnet.data.options import DataOptions, LoaderOptions
-from snnet.deploy.convert import convert_release
-from snnet.deploy.latency import add_latency, device_name, measure_latency, results_cfg_ids
 from snnet.results.pareto import cost_key, human, infer_anchors, latency_keys, pareto_report, route_of, save_report
 from snnet.results.records import read_results
 from snnet.results.report import write_report
 from snnet.results.select import select
-from snnet.train.device import device_from_flag
 
-if TYPE_CHECKING:  # hints only: the modules import timm (see below)
+if TYPE_CHECKING:  # hints only: the modules import torch or timm (see below)
+    from snnet.data.options import DataOptions, LoaderOptions
     from snnet.explore.similarity import SimilarityOptions
     from snnet.explore.stitch_train import Sweep, SweepSummary
 
-# The modules that import timm (deploy.export, serve, data.datasets, explore: ~1,900 modules, about 2 s) are imported
-# by the command that runs them, so that `snnet pareto`, `select`, `report` and `--help` do not pay for them.
+# The modules that import torch or timm (deploy, serve, data, train.device, explore: torch alone is ~1,100 modules,
+# timm ~800 more) are imported by the command that runs them, so that `snnet --help`, `pareto`, `select` and `report`
+# do not pay for them (issue 41: --help took 6.9 s; tests/test_cli.py checks that torch stays out).
 
 _Parser = OneLineParser  # one line, no usage block
 
@@ -219,6 +215,8 @@ def _held_output():
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
     from snnet.deploy.export import ONNX_OPSET, WEIGHTS, check_cfg_id, check_opset, export_stitch
     formats = [f for f, off in (("torchscript", args.no_torchscript), ("onnx", args.no_onnx)) if not off]
     if "onnx" in formats:  # refused before the checkpoint is read; with --no-onnx the opset is unused
@@ -251,7 +249,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------- latency
 def cmd_latency(args: argparse.Namespace) -> int:
+    import torch
+
     from snnet.deploy.export import check_cfg_id
+    from snnet.deploy.latency import add_latency, device_name, measure_latency, results_cfg_ids
+    from snnet.train.device import device_from_flag
     if args.threads:
         torch.set_num_threads(args.threads)
     device = device_from_flag(args.device)  # the one reading of --device
@@ -767,6 +769,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if not args.trust:
         raise UsageError(f"{args.src!r} is a pickled file: converting it means trusting where it came from; if you "
                          f"do, add --trust")
+    from snnet.deploy.convert import convert_release
     summary = convert_release(args.src, args.dst, tuple(args.levit_depths))
     print(f"converted {args.src} ({summary['family']} keys, {summary['tensors']} tensors, read without running "
           f"code) -> {summary['dst']}; use it with train.py --resume {summary['dst']}")

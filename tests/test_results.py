@@ -318,6 +318,19 @@ def test_console_script_refuses_in_one_line(tiny):
     assert proc.stderr.strip().count("\n") == 0 and "'5X'" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_cli_reads_results_without_torch(snnet_files, tmp_path):
+    """`snnet --help`, `pareto` and `select` on a results file import neither torch nor timm (issue 41: --help took
+    6.9 s, nearly all of it importing torch and timm at the top of snnet.cli); the commands that run a network
+    import them when they run."""
+    code = ("import sys; from snnet.cli import main, build_parser; build_parser().format_help(); "
+            f"assert main(['select', {str(snnet_files['deit'])!r}, '--min-acc', '79']) == 0; "
+            f"assert main(['pareto', {str(snnet_files['deit'])!r}, '--out', {str(tmp_path / 'front')!r}]) == 0; "
+            "heavy = sorted(m for m in ('torch', 'timm', 'fvcore') if m in sys.modules); "
+            "assert not heavy, heavy")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 # --------------------------------------------------------------------------------------------------- switching
 def test_stitch_for_switches_without_reallocating(tiny):
     net = tiny.net
