@@ -91,8 +91,35 @@ def test_docs_site_builds_strictly(tmp_path):
     done = subprocess.run([str(mkdocs), "build", "--strict", "-d", str(tmp_path / "site")], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert (tmp_path / "site" / "python_api.html").is_file()
-    assert (tmp_path / "site" / "repo" / "results" / "demo" / "pareto_flops.png").is_file()
+    site = tmp_path / "site"
+    assert (site / "python_api.html").is_file()
+    assert (site / "repo" / "results" / "demo" / "pareto_flops.png").is_file()
+    # the README and the family READMEs are pages of the site, rendered (issue 41), their links to guides working
+    readme = (site / "repo" / "index.html").read_text()  # mkdocs serves a README.md as its folder's index
+    assert '<h1 id="snnet-stitchable-neural-networks-over-timm">' in readme and 'href="../own_data.html"' in readme
+    assert 'href="stitching_deit/index.html"' in readme
+    for family in ("stitching_deit", "stitching_swin", "stitching_resnet_swin", "stitching_levit"):
+        assert "<h1" in (site / "repo" / family / "index.html").read_text(), family
+
+
+def test_home_links_every_page():
+    """Home (docs/index.md) links the README and every page of the site's navigation (issue 41)."""
+    import yaml
+
+    def pages(node):
+        if isinstance(node, str):
+            return [node]
+        if isinstance(node, list):
+            return [p for item in node for p in pages(item)]
+        return [p for value in node.values() for p in pages(value)]
+    nav = yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"]
+    home = (ROOT / "docs" / "index.md").read_text()
+    linked = {"repo/" + t[3:] if t.startswith("../") else t
+              for t in re.findall(r"\]\(([^)#\s]+)", home)}
+    missing = [p for p in pages(nav) if p != "index.md" and p not in linked]
+    assert not missing, f"docs/index.md does not link {missing}"
+    assert set(pages(nav)) >= {f"repo/{p}" for p in ("README.md", "snnet/README.md")} | {
+        p.name for p in (ROOT / "docs").glob("*.md")}, "a guide or README missing from mkdocs.yml's nav"
 
 
 def test_docs_site_refuses_a_broken_link(tmp_path):
@@ -100,14 +127,20 @@ def test_docs_site_refuses_a_broken_link(tmp_path):
     shutil.copytree(ROOT / "docs", site / "docs")
     shutil.copytree(ROOT / "tools", site / "tools")
     shutil.copy(ROOT / "mkdocs.yml", site / "mkdocs.yml")
-    (site / "results").mkdir()
+    for readme in ["README.md", *[str(p.relative_to(ROOT)) for p in ROOT.glob("*/README.md")],
+                   "results/stitch_anything/README.md"]:
+        (site / readme).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / readme, site / readme)
+    (site / "results" / "demo").symlink_to(ROOT / "results" / "demo")
     with open(site / "docs" / "gpu.md", "a") as f:
         f.write("\n[a missing page](no_such_page.md) and [a missing file](../results/no_such.png)\n")
+    with open(site / "stitching_deit" / "README.md", "a") as f:  # a README's own links are checked too
+        f.write("\n[a missing guide](../docs/no_such_guide.md)\n")
     mkdocs = Path(sys.executable).with_name("mkdocs")
     done = subprocess.run([str(mkdocs), "build", "--strict", "-d", str(tmp_path / "site")], cwd=site,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
-    assert "no_such_page.md" in done.stderr and "no_such.png" in done.stderr
+    assert "no_such_page.md" in done.stderr and "no_such.png" in done.stderr and "no_such_guide.md" in done.stderr
 
 
 @pytest.fixture
