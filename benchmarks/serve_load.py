@@ -15,7 +15,9 @@ deadline / all requests; INFaaS, Model-Switching, SuperServe). This benchmark do
 Systems, each its own `snnet serve` process (the local engine, the same deadline scheduler, `--shed`: a request
 that cannot make its deadline even on its network's fastest option is answered 503 at once), measured in one run:
 
-  switch        the SN-Net; the stitch bound per batch at dispatch from the head's slack (snnet serve)
+  switch        the SN-Net; the stitch bound per batch at dispatch from the head's slack, leaving room for the
+                arrivals a batch holds up (snnet serve; "switch, no headroom": --headroom 0, the greedy choice,
+                shown for comparison and not counted as an alternative)
   fixed <name>  the same server with every request fixing one network (cfg_id): each anchor alone and one
                 stitch of the front between them; "best fixed" is the best of them at each load, chosen after
                 the fact (an oracle a fixed deployment does not have)
@@ -77,6 +79,8 @@ from snnet.serve.loadgen import arrival_times, get, percentile, post, run_load, 
 LOADS = (0.5, 0.75, 1.0, 1.25, 1.5)
 EXTRA_TRACES = ((1.0, 1.0), (8.0, 1.0))  # (CV^2, load): Poisson and burstier, at the capacity
 MAIN_CV2 = 4.0
+#: SN-Net switching without the room for arrivals (snnet serve --headroom 0): the greedy choice, before issue 38's fix
+GREEDY = "switch, no headroom"
 
 
 # ------------------------------------------------------------------------------------------------ the networks
@@ -233,7 +237,8 @@ def _exports(net: Net, loaded, folder: Path) -> None:
 class Server:
     """One `snnet serve` process (local engine) on a free port; stopped by SIGTERM."""
 
-    def __init__(self, net: Net, what: str, work: Path, exported: list[Path] | None = None):
+    def __init__(self, net: Net, what: str, work: Path, exported: list[Path] | None = None,
+                 flags: tuple[str, ...] = ()):
         import socket
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -242,7 +247,7 @@ class Server:
                                                                          str(net.config)]
         self.log = work / f"server_{net.name.replace('/', '')}_{what}.log"
         cmd = [sys.executable, "-m", "snnet.cli", "serve", *source, "--results", str(net.results), "--port",
-               str(self.port), "--max-batch", str(net.max_batch), "--threads", str(net.threads), "--shed"]
+               str(self.port), "--max-batch", str(net.max_batch), "--threads", str(net.threads), "--shed", *flags]
         self.out = open(self.log, "w+")
         env = {**os.environ, "OMP_NUM_THREADS": str(net.threads), "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.out, stderr=subprocess.STDOUT, env=env)
@@ -353,14 +358,15 @@ def switch_cost_us(net: Net, rounds: int = 10) -> tuple[float, float]:
 # ------------------------------------------------------------------------------------------------ the run
 def measure(net: Net, work: Path, slo_factor: float, scale: float, log) -> dict[str, Any]:
     largest = max(net.anchors, key=lambda a: net.flops[a])
-    systems: dict[str, tuple[str, dict[str, Any]]] = {"switch": ("snnet", {})}
+    systems: dict[str, tuple[str, dict[str, Any]]] = {"switch": ("snnet", {}), GREEDY: ("greedy", {})}
     for name, c in net.fixed.items():
         systems[f"fixed {name}"] = ("snnet", {"cfg_id": c})
     systems["anchors (3 models)"] = ("anchors", {})
     for name, spec in net.cascades.items():
         systems[name] = ("anchors" if name.startswith("anchor") else "snnet",
                          {"cascade": {"chain": spec["chain"], "thresholds": spec["thresholds"]}})
-    servers = {"snnet": Server(net, "snnet", work), "anchors": Server(net, "anchors", work, net.exported)}
+    servers = {"snnet": Server(net, "snnet", work), "anchors": Server(net, "anchors", work, net.exported),
+               "greedy": Server(net, "greedy", work, flags=("--headroom", "0"))}
     rows: dict[tuple[str, float, float], dict[str, Any]] = {}
     memory: dict[str, float] = {}
     try:
@@ -378,7 +384,7 @@ def measure(net: Net, work: Path, slo_factor: float, scale: float, log) -> dict[
         plan = [(MAIN_CV2, load) for load in net.loads] + list(net.extra_traces)
         for cv2, load in plan:
             for name, (server, extra) in systems.items():
-                if (cv2, load) in net.extra_traces and name not in ("switch", "anchors (3 models)") and \
+                if (cv2, load) in net.extra_traces and name not in ("switch", GREEDY, "anchors (3 models)") and \
                         not name.startswith("fixed"):
                     continue
                 seed = int(load * 100 + cv2)  # the same arrivals and images for every system
@@ -432,7 +438,7 @@ def report(nets: list[Net], runs: list[dict[str, Any]], header: list[str]) -> tu
                   "dominated by |", "|---|---:|---:|---|---:|---:|---|"]
         for cv2, load in sorted({(k[1], k[2]) for k in rows}):
             sw = rows[("switch", cv2, load)]
-            alts = {k[0]: v for k, v in rows.items() if k[1:] == (cv2, load) and k[0] != "switch"}
+            alts = {k[0]: v for k, v in rows.items() if k[1:] == (cv2, load) and k[0] not in ("switch", GREEDY)}
             best = max(alts, key=lambda k: alts[k]["effacc"])
             margin = sw["effacc"] - alts[best]["effacc"]
             over = [k for k, v in alts.items() if dominated(sw, v)]
@@ -464,7 +470,8 @@ def plot(nets: list[Net], runs: list[dict[str, Any]], path: Path) -> None:
     for ax, net, run in zip(np.atleast_1d(axes), nets, runs):
         for name in run["systems"]:
             pts = sorted((k[2], v["effacc"]) for k, v in run["rows"].items() if k[0] == name and k[1] == MAIN_CV2)
-            style = {"lw": 2.6, "color": "C3", "zorder": 5} if name == "switch" else {"lw": 1.2, "alpha": 0.85}
+            style = {"lw": 2.6, "color": "C3", "zorder": 5} if name == "switch" else \
+                {"lw": 1.4, "color": "C3", "ls": "--", "alpha": 0.7} if name == GREEDY else {"lw": 1.2, "alpha": 0.85}
             ax.plot(*zip(*pts), marker="o", ms=4, label="SN-Net switching" if name == "switch" else name, **style)
         ax.set_xlabel(f"offered load (x the largest anchor's served capacity, {run['capacity']:.1f} req/s)")
         ax.set_ylabel("effective accuracy (%)" + ("" if net.labels is not None else ", expected"))

@@ -298,7 +298,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          f"machine)")
     spec = ServeSpec(checkpoint=args.checkpoint, stitch_config=args.stitch_config, results=args.results,
                      exported=list(args.exported or []), img_size=args.img_size, num_classes=args.num_classes,
-                     max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, shed=args.shed,
+                     max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, shed=args.shed, headroom=args.headroom,
                      max_body_bytes=args.max_body_kb * 1024, device=args.device, threads=args.threads)
     served = load_served(spec)  # refuses a bad checkpoint, config or results file here, before anything starts
     n, what = len(served.records), args.checkpoint or f"{len(spec.exported)} export folders"
@@ -353,6 +353,10 @@ def _serve_parser(sub) -> None:
     v.add_argument("--shed", action="store_true",
                    help="answer 503 at once to a request whose budget.latency_ms cannot be met even on the fastest "
                         "stitch (default: it runs on the fastest and says within_budget false)")
+    v.add_argument("--headroom", type=_amount("--headroom", suffixes=False), default=2.0, metavar="X",
+                   help="choose a stitch only if the requests expected to arrive while its batch runs (X times the "
+                        "arrival rate of the last 2 s) could still meet the head's budget on the fastest stitch "
+                        "(default 2: arrivals come in bursts; 0: the most accurate stitch that meets the deadline)")
     v.add_argument("--max-body-kb", type=_positive_int, default=4096, metavar="KB",
                    help="largest request body; larger ones get 413 (default 4096)")
     v.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")

@@ -191,7 +191,8 @@ sys.exit(m.main(sys.argv[2:]))
 
 @pytest.mark.slow
 def test_train_py_keeps_w_frozen_at_the_ls_init(tmp_path, digits_folder):
-    """train.py's main() (its whole code), with `train_and_evaluate` wrapped to record the stitching layers after the LS init."""
+    """train.py's main() (its whole code), with `train_and_evaluate` wrapped to record the stitching layers after the
+    LS init."""
     cfg, init = tmp_path / "lora.json", tmp_path / "init.pt"
     cfg.write_text(json.dumps({**VALUES, "stitch_init_bs": 32}))
     r = run([sys.executable, "-c", HOOK, init, digits_folder, "--stitch_config", cfg, *FAST, "--epochs", "2",

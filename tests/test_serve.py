@@ -204,6 +204,34 @@ def test_dispatch_keeps_the_queue_behind_it_feasible():
     assert s.plan(100.0)[0] == 2
 
 
+def test_dispatch_leaves_room_for_the_arrivals_a_batch_will_hold_up():
+    """A batch cannot be interrupted: under a recent arrival rate the head gets the most accurate stitch after which
+    the requests arriving meanwhile (2x the rate x its time) still make the same budget on the fastest stitch."""
+    ranked = [1, 2, 0]
+    s = scheduler()
+    queue(s, [job(ranked, 5.2)])  # idle: stitch 1 (4 ms) fits the head's 5.2 ms
+    assert s.plan(100.0)[0] == 1
+    s = scheduler()
+    s.arrivals.extend([99.0 + i / 1000 for i in range(1000)])  # 500/s over the last 2 s
+    queue(s, [job(ranked, 5.2)])
+    # stitch 1: 4 ms holds up 4 arrivals, 1.43 ms more on the fastest: 5.43 > 5.2; stitch 2: 2 + 1.14 (2 arrivals)
+    assert s.plan(100.0)[0] == 2
+    assert s.rate(100.0) == 500.0 and s.rate(102.5) == 0.0  # the window forgets
+    s = scheduler()
+    s.headroom = 0.0  # the check off: the greedy choice
+    s.arrivals.extend([99.0 + i / 1000 for i in range(1000)])
+    queue(s, [job(ranked, 5.2)])
+    assert s.plan(100.0)[0] == 1
+    s = scheduler()
+    s.arrivals.extend([99.0 + i / 1000 for i in range(1000)])
+    queue(s, [job(ranked, 2.5)])  # stitch 2 fits (2 ms) but leaves no room (3.14 ms); stitch 0 does (1 + 1)
+    assert s.plan(100.0)[0] == 0
+    s = scheduler()  # no stitch leaves room: the most accurate that keeps the queue feasible, as before
+    s.arrivals.extend([99.0 + i / 1000 for i in range(1000)])
+    queue(s, [job([1, 2], 2.5)])
+    assert s.plan(100.0)[0] == 2
+
+
 def test_hopeless_requests_are_shed_or_run_on_the_fastest():
     ranked = [1, 2, 0]
     s = scheduler(shed=True)
