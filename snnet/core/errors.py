@@ -32,7 +32,14 @@ def one_line(e: BaseException) -> str:
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse with a usage error on one line (the message and where the help is), exit code 2, no usage block:
-    the parser of the `snnet` command and of the scripts under benchmarks/."""
+    the parser of the `snnet` command, train.py's and the scripts' under benchmarks/. With ``raises=True`` the error
+    is raised as a UsageError instead (train.py: its entry point prints the one line, from rank 0 only)."""
+
+    def __init__(self, *args, raises: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.raises = raises
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        if self.raises:
+            raise UsageError(message)
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from snnet.core import slurm
 from snnet.core.config import ARG_DESTS, ConfigError, StitchConfig, load_stitch_config
-from snnet.core.errors import UsageError
+from snnet.core.errors import OneLineParser, UsageError
 from snnet.core.options import FILES, GROUPS, Flag, flag_fields, rule_violation
 from snnet.train.options import FLAG_OPTIONS, JobOptions, RunOptions
 
@@ -73,11 +73,6 @@ class _KwargsAction(argparse.Action):
             except (ValueError, SyntaxError):
                 out[key] = raw
         setattr(namespace, self.dest, out)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2, no usage dump
-        raise UsageError(message)
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -145,9 +140,9 @@ def _add_config_flags(container: Any) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """train.py's parser, derived from the option declarations (`snnet.train.options.FLAG_OPTIONS`): each option's
     flag spellings, default, help, type and rule, choices and nargs are its field's."""
-    p = _Parser(prog="train.py", description="Train and evaluate stitchable neural networks (SN-Net) over timm "
-                "models, with timm train.py's flags. Precedence: defaults < -c YAML < --stitch_config < typed flags.",
-                allow_abbrev=False, formatter_class=_HelpFormatter)
+    p = OneLineParser(prog="train.py", raises=True, allow_abbrev=False, formatter_class=_HelpFormatter,
+                      description="Train and evaluate stitchable neural networks (SN-Net) over timm models, with timm "
+                      "train.py's flags. Precedence: defaults < -c YAML < --stitch_config < typed flags.")
     groups = {title: p.add_argument_group(title) for title in GROUPS}
     for field, flag, hint in _options(FLAG_OPTIONS):
         _add_option(groups[flag.group], field.name, field, flag, hint)
@@ -160,7 +155,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, S
     line is parsed last, so what is typed wins."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    pre = _Parser(add_help=False, allow_abbrev=False)
+    pre = OneLineParser(add_help=False, allow_abbrev=False, raises=True)
     _add_config_flags(pre)
     files, _ = pre.parse_known_args(argv)
     if files.config:
