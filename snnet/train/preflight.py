@@ -25,6 +25,7 @@ from timm.data import create_transform
 from snnet.core.build import anchor_weights, check_model_name, create_anchor
 from snnet.core.checkpoint import CheckpointError, check_same_network, fit_report, json_field, load_checkpoint
 from snnet.core.config import AnchorSpec, StitchConfig
+from snnet.core.distributed import world
 from snnet.core.errors import SNNetError, UsageError, one_line
 from snnet.core.fileio import lock_holder
 from snnet.core.steps import UnitStep
@@ -80,7 +81,7 @@ def check_output(path: Path) -> None:
     # said here too: distributed_train.sh's check runs before torchrun starts. Only rank 0 (or that one-process
     # check) asks: rank 0 takes the lock (train.main.run), and another rank of the same launch checking after it
     # would see its own run's lock as another run's (a race that refused rank 1 and hung torchrun restarts)
-    holder = lock_holder(path) if int(os.environ.get("RANK", "0")) == 0 else None
+    holder = lock_holder(path) if world(launched=True)[0] == 0 else None
     if holder is not None:
         raise OutputError(f"folder {str(path)!r} is in use by another run ({holder}); wait for it to end or pass "
                           f"another --output/--experiment")

@@ -157,7 +157,7 @@ def fault_injection(global_step: int) -> None:
         return
     wait_at = os.environ.get("SNNET_FAULT_WAIT_AT_STEP")
     if wait_at is not None and int(wait_at) == global_step:
-        write_text_atomic(f"{os.environ['SNNET_FAULT_WAIT_FILE']}.{os.environ.get('RANK', '0')}", f"{global_step}\n")
+        write_text_atomic(f"{os.environ['SNNET_FAULT_WAIT_FILE']}.{world(launched=True)[0]}", f"{global_step}\n")
         end = time.monotonic() + 300
         while STOP.signum is None and time.monotonic() < end:
             time.sleep(0.05)
@@ -165,5 +165,5 @@ def fault_injection(global_step: int) -> None:
     if at is None or int(at) != global_step:
         return
     rank = os.environ.get("SNNET_FAULT_RANK")
-    if rank is None or rank == os.environ.get("RANK", "0"):
+    if rank is None or int(rank) == world(launched=True)[0]:
         os.kill(os.getpid(), signal.SIGKILL)
