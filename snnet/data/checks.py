@@ -56,19 +56,19 @@ def check_image_folder(path: str, what: str) -> None:
                     f"timm's folder reader reads no other files)")
 
 
-def resolve_folders(args: DataOptions, need_train: bool) -> tuple[str | None, str | None]:
+def resolve_folders(data_options: DataOptions, need_train: bool) -> tuple[str | None, str | None]:
     """The train and validation folders of a folder dataset (``--dataset ''``), checked."""
-    root = args.data_dir
+    root = data_options.data_dir
     if os.path.isfile(root):
         raise DataError(f"data folder {root!r} is a file; give the dataset root folder (with train/ and val/)")
     if not os.path.isdir(root):
         raise DataError(f"data folder {root!r} does not exist; give the dataset root (with train/ and val/)")
     if not os.listdir(root):
         raise DataError(f"data folder {root!r} is empty; it needs train/ and val/ (or validation/) class folders")
-    train = _split_dir(root, args.train_split, TRAIN_NAMES)
-    val = _split_dir(root, args.val_split, VAL_NAMES)
+    train = _split_dir(root, data_options.train_split, TRAIN_NAMES)
+    val = _split_dir(root, data_options.val_split, VAL_NAMES)
     if need_train and train is None:
-        raise DataError(f"data folder {root!r} has no {args.train_split}/ folder; lay it out as "
+        raise DataError(f"data folder {root!r} has no {data_options.train_split}/ folder; lay it out as "
                         f"{root}/train/<class>/<image> and {root}/val/<class>/<image>")
     if not need_train and val is None:
         raise DataError(f"data folder {root!r} has no validation/ or val/ folder to evaluate on")
@@ -133,22 +133,22 @@ def scan_image_folder(path: str, what: str = "train") -> dict[str, int]:
     return counts
 
 
-def _load_class_map(args: DataOptions, root: str | None) -> dict:
+def _load_class_map(data_options: DataOptions, root: str | None) -> dict:
     try:
-        mapping = load_class_map(args.class_map, root or "")
+        mapping = load_class_map(data_options.class_map, root or "")
     except Exception as e:  # timm asserts on a missing file or an unknown extension
         reason = " ".join(str(e).split())[:120] or type(e).__name__
-        raise DataError(f"--class-map {args.class_map!r} cannot be read ({reason}); give a .txt file with one class "
+        raise DataError(f"--class-map {data_options.class_map!r} cannot be read ({reason}); give a .txt file with one class "
                         f"folder name per line") from None
     if not mapping:
-        raise DataError(f"--class-map {args.class_map!r} holds no classes; give one class folder name per line")
-    if args.class_map.lower().endswith(".txt"):  # timm's dict keeps a repeated line once, numbered by its last place
-        path = args.class_map if os.path.exists(args.class_map) else os.path.join(root or "", args.class_map)
+        raise DataError(f"--class-map {data_options.class_map!r} holds no classes; give one class folder name per line")
+    if data_options.class_map.lower().endswith(".txt"):  # timm's dict keeps a repeated line once, numbered by its last place
+        path = data_options.class_map if os.path.exists(data_options.class_map) else os.path.join(root or "", data_options.class_map)
         with open(path, encoding="utf-8") as f:
             names = [line.strip() for line in f if line.strip()]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
-            raise DataError(f"--class-map {args.class_map!r} lists class {', '.join(map(repr, twice))} twice (a class "
+            raise DataError(f"--class-map {data_options.class_map!r} lists class {', '.join(map(repr, twice))} twice (a class "
                             f"is one output); list each class folder once")
     return mapping
 
@@ -163,9 +163,9 @@ def train_samples_per_process(images: int, world_size: int, aug_repeats: float =
     return math.ceil(images / world_size)
 
 
-def _check_steps(args: DataOptions, images: int, where: str, world_size: int) -> None:
-    batch, accum = args.batch_size, max(1, int(args.grad_accum_steps or 1))
-    per = train_samples_per_process(images, world_size, args.aug_repeats or 0)
+def _check_steps(data_options: DataOptions, images: int, where: str, world_size: int) -> None:
+    batch, accum = data_options.batch_size, max(1, int(data_options.grad_accum_steps or 1))
+    per = train_samples_per_process(images, world_size, data_options.aug_repeats or 0)
     if per // batch // accum >= 1:
         return
     procs = f"{per} per process over {world_size} processes" if world_size > 1 else "1 process"
@@ -180,8 +180,8 @@ def _check_steps(args: DataOptions, images: int, where: str, world_size: int) ->
                     f"images ({procs}) and timm's training loader drops the last incomplete batch; {fix}")
 
 
-def _check_num_classes(args: DataOptions, classes: int, where: str) -> None:
-    wanted = args.num_classes
+def _check_num_classes(data_options: DataOptions, classes: int, where: str) -> None:
+    wanted = data_options.num_classes
     if wanted is not None and wanted < classes:
         raise DataError(f"--num-classes {wanted} is smaller than the {classes} classes of {where}: labels "
                         f"{wanted}..{classes - 1} would have no output; raise it to {classes} or leave it out "
@@ -191,30 +191,30 @@ def _check_num_classes(args: DataOptions, classes: int, where: str) -> None:
 _TORCH_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "kmnist": 10, "fashion_mnist": 10, "qmnist": 10}
 
 
-def hf_folder(args: DataOptions) -> str:
+def hf_folder(data_options: DataOptions) -> str:
     """The local Hugging Face dataset folder of ``--dataset hfds/NAME`` or ``hfids/NAME``: --data-dir/NAME (parquet
     files in the Hub's layout, data/<split>-*.parquet, or anything `datasets.load_dataset` reads from a folder).
     Nothing is downloaded: a name that is no such folder is refused."""
-    rest = args.dataset.partition("/")[2]
-    folder = os.path.join(args.data_dir, rest) if rest else args.data_dir
+    rest = data_options.dataset.partition("/")[2]
+    folder = os.path.join(data_options.data_dir, rest) if rest else data_options.data_dir
     if not os.path.isdir(folder):
-        raise DataError(f"--dataset {args.dataset!r}: no folder {folder!r}; put the dataset's files (e.g. "
+        raise DataError(f"--dataset {data_options.dataset!r}: no folder {folder!r}; put the dataset's files (e.g. "
                         f"data/train-*.parquet, data/validation-*.parquet) in --data-dir/{rest or 'NAME'} (nothing "
                         f"is downloaded)")
     return os.path.abspath(folder)
 
 
-def _check_other_dataset(args: DataOptions, need_train: bool = True) -> None:
+def _check_other_dataset(data_options: DataOptions, need_train: bool = True) -> None:
     """What is cheap to check for timm's non-folder datasets (torch/..., hfds/..., hfids/...): the name and the root."""
-    prefix, sep, rest = args.dataset.partition("/")
+    prefix, sep, rest = data_options.dataset.partition("/")
     if prefix.lower() in ("hfds", "hfids"):
-        hf_folder(args)
+        hf_folder(data_options)
         try:
             import datasets  # noqa: F401  (timm's readers need it)
         except ImportError:
-            raise DataError(f"--dataset {args.dataset!r} needs the Hugging Face datasets package; pip install "
+            raise DataError(f"--dataset {data_options.dataset!r} needs the Hugging Face datasets package; pip install "
                             f"-r requirements.txt") from None
-        check_hf_parquet(args, need_train)
+        check_hf_parquet(data_options, need_train)
         return
     if prefix.lower() != "torch" or not sep:
         return
@@ -222,17 +222,17 @@ def _check_other_dataset(args: DataOptions, need_train: bool = True) -> None:
     known = set(getattr(dataset_factory, "_TORCH_BASIC_DS", {})) | {"inaturalist", "inat", "places365", "qmnist",
                                                                     "imagenet", "image_folder", "folder"}
     if name not in known:
-        raise DataError(f"--dataset {args.dataset!r}: unknown torchvision dataset {name!r}; one of "
+        raise DataError(f"--dataset {data_options.dataset!r}: unknown torchvision dataset {name!r}; one of "
                         f"{', '.join(sorted(known))}")
-    root = args.data_dir
+    root = data_options.data_dir
     if root and os.path.isfile(root):
         raise DataError(f"data folder {root!r} is a file; give the folder of the {name} dataset")
     if root and not os.path.isdir(root) and (name in ("imagenet", "image_folder", "folder")
-                                             or not args.dataset_download):
+                                             or not data_options.dataset_download):
         raise DataError(f"data folder {root!r} does not exist; give the folder of the {name} dataset"
                         + ("" if name in ("imagenet", "image_folder", "folder") else " or add --dataset-download"))
-    if name in _TORCH_CLASSES and not args.class_map:
-        _check_num_classes(args, _TORCH_CLASSES[name], f"--dataset {args.dataset}")
+    if name in _TORCH_CLASSES and not data_options.class_map:
+        _check_num_classes(data_options, _TORCH_CLASSES[name], f"--dataset {data_options.dataset}")
 
 
 def _parquet_files(folder: str, split: str) -> list[str]:
@@ -247,7 +247,7 @@ def _parquet_files(folder: str, split: str) -> list[str]:
     return found
 
 
-def check_hf_parquet(args: DataOptions, need_train: bool) -> None:
+def check_hf_parquet(data_options: DataOptions, need_train: bool) -> None:
     """``--dataset hfds/NAME`` and ``hfids/NAME``: every parquet file of the run's splits read before any work as the
     folder and shards are: a corrupt or truncated file, no 'image' or 'label' column, labels that are not integer
     class indices or are negative, a class index beyond the class names or --num-classes, an unreadable image (every
@@ -256,8 +256,8 @@ def check_hf_parquet(args: DataOptions, need_train: bool) -> None:
     unless --num-classes covers them. Splits in other formats (no parquet file) are left to `datasets`."""
     import pyarrow.parquet as pq  # with `datasets` (requirements.txt): only hfds/ runs need it
     import pyarrow.types as pa_types
-    folder = hf_folder(args)
-    splits = ([("train", args.train_split)] if need_train else []) + [("validation", args.val_split)]
+    folder = hf_folder(data_options)
+    splits = ([("train", data_options.train_split)] if need_train else []) + [("validation", data_options.val_split)]
     names, top, where = None, -1, None
     for what, split in splits:
         for path in _parquet_files(folder, split):
@@ -309,14 +309,14 @@ def check_hf_parquet(args: DataOptions, need_train: bool) -> None:
                                     f"that every count is exact)") from None
     if where is None:
         return
-    wanted = args.num_classes
+    wanted = data_options.num_classes
     if names is not None:
         if top >= len(names):
             raise DataError(f"parquet file {where!r} has class index {top}, beyond its {len(names)} class names; fix "
                             f"the labels or the ClassLabel names")
-        _check_num_classes(args, len(names), f"--dataset {args.dataset} (its ClassLabel names)")
+        _check_num_classes(data_options, len(names), f"--dataset {data_options.dataset} (its ClassLabel names)")
     elif wanted is None:
-        raise DataError(f"--dataset {args.dataset}: the 'label' column holds plain integers 0..{top} and no class names "
+        raise DataError(f"--dataset {data_options.dataset}: the 'label' column holds plain integers 0..{top} and no class names "
                         f"(no ClassLabel feature), so the class count cannot be read (timm would build a 1000-class "
                         f"head); pass --num-classes {top + 1} (or the true count)")
     elif wanted <= top:
@@ -324,7 +324,7 @@ def check_hf_parquet(args: DataOptions, need_train: bool) -> None:
                         f"raise it to {top + 1} or more")
 
 
-def check_data(args: DataOptions, need_train: bool, world_size: int) -> None:
+def check_data(data_options: DataOptions, need_train: bool, world_size: int) -> None:
     """The dataset of a run, checked before any work by a scan of its folders (no image is opened); a problem is a
     one-line DataError naming the value and the fix.
 
@@ -333,17 +333,17 @@ def check_data(args: DataOptions, need_train: bool, world_size: int) -> None:
     missing from one split would shift the labels of the other) unless --class-map fixes the numbering;
     --num-classes covers the classes; training gives each of `world_size` processes at least one optimizer step.
     Images are counted as timm's folder reader counts them (its extensions, its labels)."""
-    if is_shards(args.dataset):  # WebDataset shards: every shard's headers, counts and class indices
-        counts = check_shards(args, need_train, world_size, TRAIN_NAMES, VAL_NAMES)
+    if is_shards(data_options.dataset):  # WebDataset shards: every shard's headers, counts and class indices
+        counts = check_shards(data_options, need_train, world_size, TRAIN_NAMES, VAL_NAMES)
         if need_train:
-            _check_steps(args, counts["train"], f"the shards in {args.data_dir!r}", world_size)
+            _check_steps(data_options, counts["train"], f"the shards in {data_options.data_dir!r}", world_size)
         return
-    if args.dataset != "":
-        _check_other_dataset(args, need_train)
+    if data_options.dataset != "":
+        _check_other_dataset(data_options, need_train)
         return
-    train_dir, val_dir = resolve_folders(args, need_train)
+    train_dir, val_dir = resolve_folders(data_options, need_train)
     train_dir = train_dir if need_train else None
-    mapping = _load_class_map(args, train_dir or val_dir) if args.class_map else None
+    mapping = _load_class_map(data_options, train_dir or val_dir) if data_options.class_map else None
     raw, scans = {}, {}  # each split folder walked once: class folder -> images, as found / as the class map keeps
     for path, what in ((train_dir, "train"), (val_dir, "validation")):
         if path is not None:
@@ -359,11 +359,11 @@ def check_data(args: DataOptions, need_train: bool, world_size: int) -> None:
             left_out = sorted(set(raw[what]) - set(mapping)) if path is not None else []
             if left_out:
                 raise DataError(f"{what} folder {path!r} has class folders with images that --class-map "
-                                f"{args.class_map!r} leaves out ({_first(left_out)}): their images would be dropped "
+                                f"{data_options.class_map!r} leaves out ({_first(left_out)}): their images would be dropped "
                                 f"without a word; add them to the class map or move them out of the folder")
             if path is not None and not scans[what]:
                 raise DataError(f"{what} folder {path!r} has no images of the classes in --class-map "
-                                f"{args.class_map!r} (its folders: {_first(raw[what])}); "
+                                f"{data_options.class_map!r} (its folders: {_first(raw[what])}); "
                                 f"check the class map")
     elif train_dir and val_dir and set(scans["train"]) != set(scans["validation"]):
         only_train, only_val = set(scans["train"]) - set(scans["validation"]), set(scans["validation"]) - set(scans["train"])
@@ -375,12 +375,12 @@ def check_data(args: DataOptions, need_train: bool, world_size: int) -> None:
     if mapping is not None:
         indices = [v for v in mapping.values() if isinstance(v, int)]
         classes = (max(indices) + 1) if indices else len(mapping)
-        _check_num_classes(args, classes, f"--class-map {args.class_map!r}")
+        _check_num_classes(data_options, classes, f"--class-map {data_options.class_map!r}")
     else:
         what = "train" if train_dir else "validation"
-        _check_num_classes(args, len(scans[what]), f"{what} folder {train_dir or val_dir!r}")
+        _check_num_classes(data_options, len(scans[what]), f"{what} folder {train_dir or val_dir!r}")
     if train_dir:
-        _check_steps(args, sum(scans["train"].values()), f"train folder {train_dir!r}", world_size)
+        _check_steps(data_options, sum(scans["train"].values()), f"train folder {train_dir!r}", world_size)
     # every image the evaluation counts, and a sample of the training images: decodable as 8-bit images
     if val_dir:
         check_image_headers(val_dir, "validation")

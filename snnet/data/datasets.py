@@ -33,60 +33,60 @@ from snnet.data.shards import (
 _logger = logging.getLogger("snnet")
 
 
-def create_datasets(args: DataOptions, need_train: bool):
+def create_datasets(data_options: DataOptions, need_train: bool):
     """(train, val) datasets of a run; train None without `need_train`. A validation split that fails to load is a
     DataError naming it (``--val-split ''`` is the explicit choice of none, for timm's non-folder datasets)."""
-    if is_shards(args.dataset):  # read by snnet.data.shards (exact, resumable), not timm's wds reader
-        return _shard_datasets(args, need_train)
-    if args.dataset == "":
-        train_dir, val_dir = resolve_folders(args, need_train)
+    if is_shards(data_options.dataset):  # read by snnet.data.shards (exact, resumable), not timm's wds reader
+        return _shard_datasets(data_options, need_train)
+    if data_options.dataset == "":
+        train_dir, val_dir = resolve_folders(data_options, need_train)
         make = lambda path, training: create_dataset("", root=path, split="", search_split=False,
-                                                     class_map=args.class_map, is_training=training)
+                                                     class_map=data_options.class_map, is_training=training)
         train = make(train_dir, True) if (need_train and train_dir) else None
         val = make(val_dir, False) if val_dir else None
     else:
-        kw = dict(root=args.data_dir, class_map=args.class_map, download=args.dataset_download,
-                  batch_size=args.batch_size, seed=args.seed)
-        name, val_name = args.dataset, args.dataset
-        prefix = args.dataset.partition("/")[0].lower()
+        kw = dict(root=data_options.data_dir, class_map=data_options.class_map, download=data_options.dataset_download,
+                  batch_size=data_options.batch_size, seed=data_options.seed)
+        name, val_name = data_options.dataset, data_options.dataset
+        prefix = data_options.dataset.partition("/")[0].lower()
         if prefix in ("hfds", "hfids"):  # local files only: the folder --data-dir/NAME, its cache in --data-dir
-            folder = hf_folder(args)
+            folder = hf_folder(data_options)
             name, val_name = f"{prefix}/{folder}", f"hfds/{folder}"  # evaluation indexed: each image once, its id
             kw["download"] = prefix == "hfids"  # hfids: prepared from the local files, so the split sizes are known
-        train = create_dataset(name, split=args.train_split, is_training=True, **kw) if need_train else None
+        train = create_dataset(name, split=data_options.train_split, is_training=True, **kw) if need_train else None
         val = None
-        if not args.val_split:  # --val-split '': the user's choice, said (model_best then goes by training loss)
-            _logger.info(f"--val-split '': no validation split of --dataset {args.dataset!r}")
+        if not data_options.val_split:  # --val-split '': the user's choice, said (model_best: by training loss)
+            _logger.info(f"--val-split '': no validation split of --dataset {data_options.dataset!r}")
         else:
             try:
-                val = create_dataset(val_name, split=args.val_split, is_training=False, **kw)
+                val = create_dataset(val_name, split=data_options.val_split, is_training=False, **kw)
             except Exception as e:  # never a silent run without validation
                 reason = " ".join(str(e).split())[:160]
                 why = type(e).__name__ + (f": {reason}" if reason else "")
-                raise DataError(f"the validation split {args.val_split!r} of --dataset {args.dataset!r} in "
-                                f"{args.data_dir!r} cannot be loaded ({why}"
+                raise DataError(f"the validation split {data_options.val_split!r} of --dataset "
+                                f"{data_options.dataset!r} in {data_options.data_dir!r} cannot be loaded ({why}"
                                 f"); name the split with --val-split, or pass --val-split '' to train without "
                                 f"validation") from None
-            val.source = f"{val_name.partition('/')[0]}:{val_name.partition('/')[2]} split {args.val_split}"
+            val.source = f"{val_name.partition('/')[0]}:{val_name.partition('/')[2]} split {data_options.val_split}"
     for ds, what in ((train, "train"), (val, "validation")):
         if ds is not None and len(ds) == 0:
-            raise DataError(f"the {what} split of {args.data_dir!r} has no samples")
+            raise DataError(f"the {what} split of {data_options.data_dir!r} has no samples")
     return train, val
 
 
-def _shard_datasets(args: DataOptions, need_train: bool):
+def _shard_datasets(data_options: DataOptions, need_train: bool):
     """(train, val) of ``--dataset wds/NAME`` in --data-dir: `snnet.data.shards.ShardDataset`s (val None when the
     shards have no validation split)."""
-    root = shard_root(args.data_dir, args.dataset)
+    root = shard_root(data_options.data_dir, data_options.dataset)
     train = None
     if need_train:
-        split = find_split(root, args.train_split, TRAIN_NAMES)
+        split = find_split(root, data_options.train_split, TRAIN_NAMES)
         if split is None:
-            raise DataError(f"shard folder {root!r} has no {args.train_split!r} split in its _info.json (it has "
-                            f"{', '.join(read_info(root)['splits'])}); pass --train-split")
-        train = ShardDataset(split, True, args.seed)
-    split = find_split(root, args.val_split, VAL_NAMES)
-    return train, ShardDataset(split, False, args.seed) if split is not None else None
+            raise DataError(f"shard folder {root!r} has no {data_options.train_split!r} split in its _info.json (it "
+                            f"has {', '.join(read_info(root)['splits'])}); pass --train-split")
+        train = ShardDataset(split, True, data_options.seed)
+    split = find_split(root, data_options.val_split, VAL_NAMES)
+    return train, ShardDataset(split, False, data_options.seed) if split is not None else None
 
 
 def write_folder_shards(folder: str, out: str, shard_size: int, name: str | None = None, clean: bool = False

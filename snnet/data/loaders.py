@@ -117,25 +117,25 @@ class _NamedSkips(torch.utils.data.Dataset):
         raise RuntimeError(f"Failed to load {self.retries} consecutive samples")
 
 
-def create_train_loader(dataset, args: LoaderOptions, data_cfg: dict[str, Any], device: torch.device,
+def create_train_loader(dataset, options: LoaderOptions, data_cfg: dict[str, Any], device: torch.device,
                         collate_fn=None):
     """timm's training loader; a timm ImageDataset is wrapped so that a skipped unreadable image is named."""
     if isinstance(dataset, ImageDataset):
         dataset = _NamedSkips(dataset)
     elif isinstance(dataset, ShardDataset):  # this rank's deterministic stream (set_epoch before each epoch)
-        dataset = dataset.train_stream(*(world() if args.distributed else (0, 1)), args.batch_size)
-    num_aug_splits = args.aug_splits if args.aug_splits > 1 else 0
+        dataset = dataset.train_stream(*(world() if options.distributed else (0, 1)), options.batch_size)
+    num_aug_splits = options.aug_splits if options.aug_splits > 1 else 0
     loader = create_loader(
-        dataset, input_size=data_cfg["input_size"], batch_size=args.batch_size, is_training=True,
-        no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
-        re_split=args.resplit, scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip,
-        color_jitter=args.color_jitter, auto_augment=args.aa, num_aug_repeats=int(args.aug_repeats),
-        num_aug_splits=num_aug_splits, interpolation=args.train_interpolation, mean=data_cfg["mean"],
-        std=data_cfg["std"], num_workers=args.workers, distributed=args.distributed, collate_fn=collate_fn,
-        pin_memory=args.pin_mem, device=device, use_prefetcher=not args.no_prefetcher,
+        dataset, input_size=data_cfg["input_size"], batch_size=options.batch_size, is_training=True,
+        no_aug=options.no_aug, re_prob=options.reprob, re_mode=options.remode, re_count=options.recount,
+        re_split=options.resplit, scale=options.scale, ratio=options.ratio, hflip=options.hflip, vflip=options.vflip,
+        color_jitter=options.color_jitter, auto_augment=options.aa, num_aug_repeats=int(options.aug_repeats),
+        num_aug_splits=num_aug_splits, interpolation=options.train_interpolation, mean=data_cfg["mean"],
+        std=data_cfg["std"], num_workers=options.workers, distributed=options.distributed, collate_fn=collate_fn,
+        pin_memory=options.pin_mem, device=device, use_prefetcher=not options.no_prefetcher,
         # fresh workers each epoch, seeded from the per-epoch RNG state: a resumed run augments identically
-        persistent_workers=False, train_crop_mode=timm_crop_mode(args.train_crop_mode))
-    if args.train_crop_mode == "src":
+        persistent_workers=False, train_crop_mode=timm_crop_mode(options.train_crop_mode))
+    if options.train_crop_mode == "src":
         loader.dataset.transform = src_crop(loader.dataset.transform, data_cfg["input_size"][-1])
     return loader
 
@@ -179,19 +179,20 @@ class _Shard(torch.utils.data.Dataset):
         return image, label, index
 
 
-def create_eval_loader(dataset, args: LoaderOptions, data_cfg: dict[str, Any] | Sequence[dict[str, Any]],
+def create_eval_loader(dataset, options: LoaderOptions, data_cfg: dict[str, Any] | Sequence[dict[str, Any]],
                        rank: int = 0, world_size: int = 1, batch_size: int | None = None) -> DataLoader:
     """The evaluation loader: batches (images, labels, sample ids), in order, this rank's disjoint shard; a sample id
     is the image's index in the whole split. With a sequence of
     data configs (`anchor_data_configs`' distinct ones) the images of a batch are a list of tensors, one per
     config, of the same images."""
-    batch_size = batch_size or args.validation_batch_size or args.batch_size
+    batch_size = batch_size or options.validation_batch_size or options.batch_size
     if isinstance(dataset, ShardDataset):  # this rank's contiguous range of the shards, whole batches per worker
         stream = dataset.eval_stream(rank, world_size, batch_size)
         stream.transform = eval_transform(data_cfg)
-        return DataLoader(stream, batch_size=batch_size, num_workers=args.workers, pin_memory=args.pin_mem,
+        return DataLoader(stream, batch_size=batch_size, num_workers=options.workers, pin_memory=options.pin_mem,
                           drop_last=False, persistent_workers=False)
     dataset = copy.copy(dataset)
     dataset.transform = eval_transform(data_cfg)
     return DataLoader(_Shard(StrictImages(dataset), rank, world_size), batch_size=batch_size, shuffle=False,
-                      num_workers=args.workers, pin_memory=args.pin_mem, drop_last=False, persistent_workers=False)
+                      num_workers=options.workers, pin_memory=options.pin_mem, drop_last=False,
+                      persistent_workers=False)

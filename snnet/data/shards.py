@@ -418,39 +418,39 @@ class TrainStream(IterableDataset):
 
 
 # -------------------------------------------------------------------------------------------- preflight check
-def check_shards(args: DataOptions, need_train: bool, world_size: int, train_names: Sequence[str], val_names: Sequence[str]):
+def check_shards(data_options: DataOptions, need_train: bool, world_size: int, train_names: Sequence[str], val_names: Sequence[str]):
     """Every shard of the run's splits read as far as its tar headers and class members, before any work: a missing
     or truncated shard, a shard whose samples differ from _info.json, a class index out of range, a sample without
     an image: one line naming the shard. Returns {split name: samples}.
 
     Under torchrun only rank 0 reads the shards (the other ranks check that every shard exists): distributed_train.sh
     has run the whole check once before the launch."""
-    root = shard_root(args.data_dir, args.dataset)
+    root = shard_root(data_options.data_dir, data_options.dataset)
     info = read_info(root)
     splits = []
     if need_train:
-        split = find_split(root, args.train_split, train_names)
+        split = find_split(root, data_options.train_split, train_names)
         if split is None:
-            raise ShardError(f"shard folder {root!r} has no {args.train_split!r} split in {INFO_FILE} (it has "
+            raise ShardError(f"shard folder {root!r} has no {data_options.train_split!r} split in {INFO_FILE} (it has "
                              f"{', '.join(info['splits'])}); pass --train-split")
         splits.append(("train", split))
-    val = find_split(root, args.val_split, val_names)
+    val = find_split(root, data_options.val_split, val_names)
     if val is None and not need_train:
         raise ShardError(f"shard folder {root!r} has no validation split in {INFO_FILE} (it has "
                          f"{', '.join(info['splits'])}); pass --val-split")
     if val is not None:
         splits.append(("validation", val))
-    wanted = args.num_classes
+    wanted = data_options.num_classes
     # what _info.json alone decides: said before the shards are read (and their progress line printed)
     if wanted is not None and splits[0][1].num_classes is not None and wanted < splits[0][1].num_classes:
         raise ShardError(f"--num-classes {wanted} is smaller than the {splits[0][1].num_classes} classes of "
                          f"{INFO_FILE} in {root!r}; raise it or leave it out")
-    if args.class_map:
-        raise ShardError(f"--class-map {args.class_map!r} does not apply to shards: their class indices were fixed "
+    if data_options.class_map:
+        raise ShardError(f"--class-map {data_options.class_map!r} does not apply to shards: their class indices were fixed "
                          f"when they were written (the classes of {INFO_FILE}); drop it, or rewrite the shards from "
                          f"a folder with those classes")
-    if need_train and args.aug_repeats:
-        raise ShardError(f"--aug-repeats {args.aug_repeats} needs an indexable dataset; shards are streamed: drop it")
+    if need_train and data_options.aug_repeats:
+        raise ShardError(f"--aug-repeats {data_options.aug_repeats} needs an indexable dataset; shards are streamed: drop it")
     limit = splits[0][1].num_classes or wanted
     total = sum(len(s.files) for _, s in splits)
     progress = Progress(f"Checking {total} shard(s)", total, seconds=10.0, unit="shards")
