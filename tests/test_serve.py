@@ -257,6 +257,44 @@ def test_hopeless_requests_are_shed_or_run_on_the_fastest():
     assert done.cfg_id == 1 and done.within_budget and float(done.logits[0]) == 1.0 and done.batch_size == 1
 
 
+def test_an_idle_server_gives_freed_heap_back():
+    """glibc keeps freed tensors' memory in its heap once its mmap threshold has risen: the server trims it after
+    set-up and when its queue runs empty (at most once a second). Here: a heap of 200 MiB of freed small blocks
+    shrinks when trimmed, and the scheduler trims when it runs out of work."""
+    import ctypes
+    import platform
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("malloc_trim is glibc's")
+
+    def pss_mb():
+        for line in open(f"/proc/{os.getpid()}/smaps_rollup"):
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    blocks = [libc.malloc(64 << 10) for _ in range(3200)]  # 200 MiB in blocks under glibc's mmap threshold
+    for b in blocks:
+        ctypes.memset(b, 1, 64 << 10)
+    held = pss_mb()
+    for b in blocks[:-1]:  # all but the top block: the heap cannot shrink from its end
+        libc.free(b)
+    freed = pss_mb()
+    from snnet.serve.scheduler import release_free_heap
+    assert release_free_heap()
+    trimmed = pss_mb()
+    libc.free(blocks[-1])
+    assert freed > held - 50 and trimmed < freed - 150, (held, freed, trimmed)
+
+    async def run():
+        s = DeadlineScheduler(lambda x, c: x * 0 + c, StitchMenu(RECORDS, LATENCY, "t"))
+        await s.submit(Job(torch.zeros(3), [1, 2, 0], time.perf_counter()))
+        await asyncio.sleep(0.05)  # the worker finds the queue empty
+        s.close()
+        return s._trimmed
+    assert asyncio.run(run()) > 0
+
+
 def test_quantile_follows_the_recent_95th_percentile():
     rng = np.random.default_rng(0)
     now = [0.0]

@@ -44,7 +44,7 @@ from snnet.deploy.latency import measure_latency
 from snnet.results.records import check_routes, read_results
 from snnet.results.select import BudgetError, route_costs
 from snnet.serve.policy import StitchMenu, finite_positive
-from snnet.serve.scheduler import NO_DEADLINE, DeadlineScheduler, Done, Job, Shed
+from snnet.serve.scheduler import NO_DEADLINE, DeadlineScheduler, Done, Job, Shed, release_free_heap
 from snnet.train.device import device_from_flag
 
 MAX_PIXELS = 40_000_000  # a decoded image above this is refused before it is decoded (decompression bombs)
@@ -181,7 +181,9 @@ class ServeCore:
         if spec.threads:
             torch.set_num_threads(spec.threads)
         served = load_served(spec)
-        return cls(spec, served, latency_table(served, spec))
+        core = cls(spec, served, latency_table(served, spec))
+        release_free_heap()  # what loading and the latency measurement freed
+        return core
 
     # ------------------------------------------------------------------------------------------ one request
     async def handle(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
