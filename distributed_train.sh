@@ -13,11 +13,9 @@ shift
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PYTHON="${PYTHON:-python3}"
 if [ -x "$HERE/.venv/bin/python" ] && [ -z "${VIRTUAL_ENV:-}" ]; then PYTHON="$HERE/.venv/bin/python"; fi
-# every input checked once, before torchrun starts NUM_PROC processes: a bad one is one line (exit 2), not one
-# error per rank followed by torchrun's traceback. SNNET_NO_PREFLIGHT=1 skips it (train.py checks again anyway).
-if [ -z "${SNNET_NO_PREFLIGHT:-}" ]; then
-  PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m snnet.train.preflight "$NUM_PROC" "$@" || exit $?
-fi
-# torchrun (snnet.train.launch: an input refused inside a rank is its one line and exit 2, not torchrun's traceback)
+# torchrun through snnet.train.launch: every input is checked once there, before torchrun starts NUM_PROC
+# processes (a bad one is one line and exit 2, not one error per rank followed by torchrun's traceback;
+# SNNET_NO_PREFLIGHT=1 skips it: train.py checks again anyway), and an input refused inside a rank is its one line
+# and exit 2 too
 # shellcheck disable=SC2086
 PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" exec "$PYTHON" -m snnet.train.launch --nproc_per_node="$NUM_PROC" ${TORCHRUN_ARGS:-} "$HERE/train.py" "$@"
