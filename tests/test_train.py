@@ -218,7 +218,10 @@ def test_two_process_train_evaluate_and_resume_evaluation(tmp_path, digits_folde
     assert r.returncode == 0, r.stderr[-3000:]
     assert "evaluating 4 stitch(es) (8 already in" in r.stderr + r.stdout
     again = (ev / "e" / "stitches_res.txt").read_text().splitlines()
-    assert [json.loads(l) for l in again] == [json.loads(l) for l in full]
+    # the same records; the loss of the 4 redone in one process is summed in another order (float: 1e-7 apart)
+    loss = lambda lines: [json.loads(l).pop("loss") for l in lines]
+    rest = lambda lines: [{k: v for k, v in json.loads(l).items() if k != "loss"} for l in lines]
+    assert rest(again) == rest(full) and loss(again) == pytest.approx(loss(full), rel=1e-6)
 
 
 @pytest.mark.slow
