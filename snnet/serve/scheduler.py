@@ -19,10 +19,11 @@ The room for arrivals: a batch cannot be interrupted, so a request that arrives 
 it. With the recent arrival rate λ (arrivals of the last 2 s), a batch of d ms expects ``headroom x λ x d``
 arrivals (``headroom`` 2 by default: arrivals come in bursts), and a stitch is chosen only if those, arriving at its
 start, could still be answered within the head's budget on the fastest stitch: ``d + fastest(k) + after <=
-budget``. Without that check a burst that lands behind a long batch misses its deadline wholesale (issue 38: with
-a menu of 71 DeiT stitches the greedy choice used every millisecond of the head's slack, and 2-3 % of a bursty
-trace were shed, while the three anchors' coarse menu left slack by accident). This is the blocking term of
-non-preemptive EDF, estimated from the measured rate instead of assumed.
+budget``. This is the blocking term of non-preemptive EDF, estimated from the measured rate instead of assumed.
+Why (issue 38): with a menu of 71 DeiT stitches the greedy choice used every millisecond of the head's slack, and
+2-3 % of a bursty trace were shed behind long batches, while the three anchors' coarse menu left slack by
+accident. Measured against the greedy choice (`headroom=0`) in benchmarks/serve_load.py it has not yet been a
+clear gain: the margins are a few requests either way (docs/serving.md).
 
 This is SuperServe's SlackFit idea (the slack of the most urgent request picks the network) with a feasibility
 check of the queue behind it: under a burst the queue grows, the slack shrinks and the stitches get smaller, and
