@@ -58,6 +58,7 @@ Run = Callable[[torch.Tensor, int], torch.Tensor]
 NO_DEADLINE = float("inf")
 #: at most one heap trim per this many seconds (when the queue runs empty)
 TRIM_EVERY_S = 1.0
+_LIBC: Any = None  # glibc's malloc_trim once looked up; False where there is none
 
 
 def release_free_heap() -> bool:
@@ -67,11 +68,16 @@ def release_free_heap() -> bool:
     hundreds of MiB of them), freed activations and tensors stay in the heap, so a server's memory stays at its
     peak. Measured on DeiT-Ti/S/B (issue 38): after loading and measuring latencies a trim gave back 80 and
     170 MiB. The server trims after its set-up and whenever its queue runs empty (at most once a second)."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+            _LIBC = ctypes.CDLL("libc.so.6").malloc_trim  # opened once: the server trims at every idle second
+        except (OSError, AttributeError):  # not glibc
+            _LIBC = False
+    if _LIBC is False:
         return False
+    _LIBC(0)
     return True
 
 
