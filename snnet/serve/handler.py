@@ -232,7 +232,7 @@ class ServeCore:
 
     async def classify(self, body: bytes, t0: float) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
-        x, req = await loop.run_in_executor(self.decoder, self.parse, body)
+        x, req = await loop.run_in_executor(self.decoder, self.parse, body, t0)
         t_decoded = time.perf_counter()
         budget = req["budget"]
         t_choose = time.perf_counter_ns()
@@ -281,8 +281,10 @@ class ServeCore:
         return answer
 
     # ------------------------------------------------------------------------------------------ checks
-    def parse(self, body: bytes) -> tuple[torch.Tensor, dict[str, Any]]:
-        """The image tensor and the checked request; RequestError (4xx) naming what is wrong."""
+    def parse(self, body: bytes, t0: float | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The image tensor and the checked request; RequestError (4xx) naming what is wrong. With `t0` (when the
+        request came in), a request that can no longer meet its latency budget is shed (`Shed`) before its image is
+        decoded: under a burst, requests that waited for these threads past hope cost no decoding."""
         limit = self.spec.max_body_bytes
         if len(body) > limit:
             raise RequestError(413, f"the request body is over {limit} bytes; send a smaller image (the server's "
@@ -324,6 +326,12 @@ class ServeCore:
                 raise RequestError(400, f"top_k {k!r} is not a positive integer; send e.g. 5")
         if "cascade" in req:
             self._check_cascade(req)
+        if t0 is not None and "latency_ms" in req["budget"]:
+            first = [req["cfg_id"]] if "cfg_id" in req else [req["cascade"]["chain"][0]] if "cascade" in req \
+                else self.menu.cfg_ids  # the fastest it might run: never sheds one that could still make it
+            now = time.perf_counter()
+            if shed := self.scheduler.too_late(first, t0, t0 + req["budget"]["latency_ms"] / 1e3, now):
+                raise shed
         return self.image(req.get("image")), req
 
     def _check_cascade(self, req: dict[str, Any]) -> None:
