@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Train / evaluate a stitchable neural network (SN-Net) with timm's flags. See docs/training.md and `train.py --help`."""
+"""Train / evaluate a stitchable neural network (SN-Net) with timm's flags. See docs/training.md and
+`train.py --help`."""
 import sys
 
 from snnet.train.preempt import STOP

@@ -65,7 +65,8 @@ GRACE = 20  # a step's own deadline comes first; the parent kills it only this l
 SIZES = {
     "real": {"dist_epochs": 3, "dist_subset": None, "dist_workers": 4, "ts_img": 224, "ts_batch": 128, "ts_reps": 10,
              "ts_stitches": 3, "ts_reduced": False, "ev_images": 5000, "ev_jpeg": 256, "ev_img": 224,
-             "ev_batch": 128, "ev_workers": 8, "ev_reduced": False, "ev_stitches": None, "ls_images": 100, "v2_rank": 64, "v2_gap": 1.0},
+             "ev_batch": 128, "ev_workers": 8, "ev_reduced": False, "ev_stitches": None, "ls_images": 100,
+             "v2_rank": 64, "v2_gap": 1.0},
     "smoke": {"dist_epochs": 1, "dist_subset": (6, 3), "dist_workers": 0, "ts_img": 32, "ts_batch": 4, "ts_reps": 1,
               "ts_stitches": 1, "ts_reduced": True, "ev_images": 8, "ev_jpeg": 72, "ev_img": 64, "ev_batch": 8,
               "ev_workers": 0, "ev_reduced": True, "ev_stitches": 6, "ls_images": 8, "v2_rank": 4, "v2_gap": 0.02},
@@ -466,7 +467,8 @@ def step_eval_all(ctx: dict) -> dict:
     cratio = (outs["ours_tensors"]["full_seconds"] / outs["snnet_tensors"]["full_seconds"]
               if "snnet_tensors" in outs else None)
     head = (f"{'reduced DeiT-Ti/S/B (widths 32/64/128, patch 8)' if size['ev_reduced'] else 'DeiT-Ti/S/B'}, "
-            f"{len(ids)} of {model.num_configs} stitches, {n} JPEGs ({size['ev_jpeg']} px -> {img} px, written in {gen_s:.0f} s), batch "
+            f"{len(ids)} of {model.num_configs} stitches, {n} JPEGs ({size['ev_jpeg']} px -> {img} px, "
+            f"written in {gen_s:.0f} s), batch "
             f"{batch}, {workers} loader workers{', pinned memory, fp16' if cuda else ''}; identical top-1 for "
             f"every stitch in all modes: {same}" + ("" if same else f" (max difference {worst:.3f} pp)")
             + f"; FLOPs floor {floor:.3f}")

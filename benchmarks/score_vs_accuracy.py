@@ -141,8 +141,9 @@ def report(result: dict, meta: dict) -> str:
                      f"{i['rho']:+.3f} ({i['p']:.2g}) | — |")
     for pair, r in result.items():
         lines += ["", f"## {pair}: every position", "",
-                  "| i | j | front unit | end unit | MFLOPs | CKA | LS residual | KL | top-1 trained (mean; per seed) | "
-                  "top-1 at LS init (mean) |", "|---:|---:|---|---|---:|---:|---:|---:|---|---:|"]
+                  "| i | j | front unit | end unit | MFLOPs | CKA | LS residual | KL | "
+                  "top-1 trained (mean; per seed) | top-1 at LS init (mean) |",
+                  "|---:|---:|---|---|---:|---:|---:|---:|---|---:|"]
         for p in r["positions"]:
             f = lambda v: "—" if v is None else f"{v:.3f}"
             seeds = ", ".join(f"{p['acc1'][s]:.1f}" for s in sorted(p["acc1"]))

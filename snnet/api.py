@@ -62,12 +62,13 @@ def create_snnet(config: str | os.PathLike | dict | StitchConfig, pretrained: bo
     """The SN-Net of a stitch config, not yet least-squares initialised (`ls_init_from_images`).
 
     `pretrained`: timm's pretrained weights, or each anchor's ``checkpoint`` when the config names one; False builds
-    random anchors, reading no weights at all (seed first: they take torch's global RNG). `img_size`: default the config's ``input_size``
-    (the demo configs record 16), else the anchors' timm default. Other keyword arguments go to every anchor's
-    ``timm.create_model`` (as train.py's ``--model-kwargs``)."""
+    random anchors, reading no weights at all (seed first: they take torch's global RNG). `img_size`: default the
+    config's ``input_size`` (the demo configs record 16), else the anchors' timm default. Other keyword arguments go
+    to every anchor's ``timm.create_model`` (as train.py's ``--model-kwargs``)."""
     cfg = _config(config)
     if not pretrained:  # random anchors: neither timm's weights nor the config's checkpoint files
-        cfg = StitchConfig([AnchorSpec(a.name, None, a.model_kwargs, a.label) for a in cfg.anchors], dict(cfg.values), cfg.path)
+        cfg = StitchConfig([AnchorSpec(a.name, None, a.model_kwargs, a.label) for a in cfg.anchors], dict(cfg.values),
+                           cfg.path)
     if img_size is not None:
         model_kwargs["img_size"] = img_size
     return build_snnet(cfg, pretrained=pretrained, num_classes=num_classes, **model_kwargs)

@@ -336,7 +336,8 @@ def _serve_parser(sub) -> None:
     v.add_argument("--stitch_config", "--stitch-config", metavar="CFG", default=None,
                    help="the stitch config it was trained with (default: the one the checkpoint recorded)")
     v.add_argument("--results", required=True, metavar="FILE",
-                   help="the checkpoint's stitches_res.txt: the accuracies the choice ranks by (its routes are checked)")
+                   help="the checkpoint's stitches_res.txt: the accuracies the choice ranks by "
+                        "(its routes are checked)")
     v.add_argument("--exported", nargs="+", metavar="DIR", default=None,
                    help="serve these snnet export folders (one network each) instead of a checkpoint")
     v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
@@ -387,20 +388,23 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="snnet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{pareto,report,select,export,latency,convert,similarity,search,stitch-train,shards,serve}")
+    sub = p.add_subparsers(dest="command", required=True,
+                           metavar="{pareto,report,select,export,latency,convert,similarity,search,"
+                                   "stitch-train,shards,serve}")
 
     q = sub.add_parser("pareto", help="Pareto-optimal stitches of results files: table, JSON, plot",
                        description="Prints the Pareto-optimal stitches of each results file (and, with several "
-                       "files, the combined front saying which file each network comes from) and each file's front quality "
-                       "(hypervolume, area under the front, mean gap, anchor drift with --before); with --out also "
-                       "writes pareto_<cost>.md (every stitch, front marked), .json and .png.")
+                       "files, the combined front saying which file each network comes from) and each file's front "
+                       "quality (hypervolume, area under the front, mean gap, anchor drift with --before); with --out "
+                       "also writes pareto_<cost>.md (every stitch, front marked), .json and .png.")
     q.add_argument("results", nargs="+", metavar="RESULTS", help="stitches_res.txt files (ours or SN-Net's)")
     q.add_argument("--out", metavar="DIR", help="write pareto_<cost>.{md,json,png} here")
     q.add_argument("--by", choices=("flops", "params", "latency"), default="flops", help="cost axis")
     q.add_argument("--latency-batch", type=_positive_int, default=1, metavar="B",
                    help="with --by latency: the batch size of latency_ms_b<B> (default 1)")
     q.add_argument("--anchors", type=int, default=None, metavar="N",
-                   help="files without routes (SN-Net's): cfg 0..N-1 are anchors (default: inferred, see docs/deploy.md)")
+                   help="files without routes (SN-Net's): cfg 0..N-1 are anchors "
+                        "(default: inferred, see docs/deploy.md)")
     q.add_argument("--before", metavar="RESULTS", default=None,
                    help="results file from before SN-Net training (e.g. train.py --eval of the untrained SN-Net): "
                         "adds each file's anchor drift to the front-quality table")
@@ -657,7 +661,7 @@ def cmd_stitch_train(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------------------------- similarity, search
+# --------------------------------------------------------------------------------------------------- similarity, search
 def _anchor_data_args(p: argparse.ArgumentParser, batches: int) -> None:
     p.add_argument("--anchors", nargs="+", metavar="A", default=None,
                    help="timm names, NAME:CHECKPOINT, FILE#INDEX (anchor INDEX of a stitch config), or a config's "

@@ -1,6 +1,7 @@
 """Cut timm ``VisionTransformer`` anchors (deit_*, vit_*) into embedding / blocks / final norm / head.
 
-Units run timm's own submodules, so the SN-Net keys are ``anchors.<i>.<timm ViT names>`` as in SN-Net (docs/snnet_compat.md, C27).
+Units run timm's own submodules, so the SN-Net keys are ``anchors.<i>.<timm ViT names>`` as in SN-Net
+(docs/snnet_compat.md, C27).
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ def _embed(model: VisionTransformer, x):
 @register_adapter
 class VisionTransformerAdapter(AnchorAdapter):
     family = "deit"
-    #: SN-Net's stitched DeiT routes skip the end anchor's final norm (docs/snnet_compat.md, C7); configs can turn it off
+    #: SN-Net's stitched DeiT routes skip the end anchor's final norm (docs/snnet_compat.md, C7);
+    #: configs can turn it off
     skip_final_norm_default = True
 
     @classmethod

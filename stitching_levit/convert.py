@@ -1,4 +1,5 @@
-"""State-dict keys: SN-Net's LeViT checkpoints (facebookresearch LeViT names; docs/snnet_compat.md, C29) <-> ours (timm 1.0).
+"""State-dict keys: SN-Net's LeViT checkpoints (facebookresearch LeViT names; docs/snnet_compat.md, C29) <->
+ours (timm 1.0).
 
 SN-Net's LeViT keeps one flat ``blocks`` list: for each stage s, ``depth[s]`` pairs (attention residual, MLP
 residual), then, between stages, an attention-subsample and an MLP residual. For depths 4-4-4 that is stage 0 at

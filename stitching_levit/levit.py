@@ -5,7 +5,8 @@ residual pair b of that stage is ``stages[s].blocks[b]``, and the attention-subs
 ``stages[s].downsample`` (a "transition" unit). Units are read from that structure, so every depth works, not only
 SN-Net's hard-coded 4-4-4 (docs/snnet_compat.md, C10).
 
-The distillation head: SN-Net's LeViT returns (head, head_dist) in training and their mean in evaluation (docs/snnet_compat.md, C10).
+The distillation head: SN-Net's LeViT returns (head, head_dist) in training and their mean in evaluation
+(docs/snnet_compat.md, C10).
 timm does the same once ``set_distilled_training(True)`` is called, which this adapter does for each anchor;
 call ``anchor.set_distilled_training(False)`` to train on the averaged logits instead.
 """

@@ -1,4 +1,5 @@
-"""State-dict keys: SN-Net's Swin checkpoints (Microsoft Swin names; docs/snnet_compat.md, C28) <-> ours (timm 1.0 Swin names).
+"""State-dict keys: SN-Net's Swin checkpoints (Microsoft Swin names; docs/snnet_compat.md, C28) <-> ours
+(timm 1.0 Swin names).
 
 The map is one-to-one on parameters; only names move, no tensor changes shape or order:
 

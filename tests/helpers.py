@@ -146,7 +146,8 @@ for line in sys.stdin:
     if pid == 0:  # the child: a fresh process as a user's, its stdin, stdout and stderr its own files
         code = 1
         try:
-            for fd, path, mode in ((0, os.devnull, os.O_RDONLY), (1, req["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+            for fd, path, mode in ((0, os.devnull, os.O_RDONLY),
+                                   (1, req["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
                                    (2, req["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
                 os.dup2(os.open(path, mode, 0o644), fd)
             if req.get("env") is not None:  # the whole environment, as subprocess.run(env=...) gives it
@@ -194,7 +195,8 @@ class ForkedCli:
         self.proc = subprocess.Popen([sys.executable, "-c", _SERVER, ROOT], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, cwd=ROOT, env=env)
         self.calls, self._buffer = 0, b""
-        self.cpu_seconds = 0.0  # the children's CPU time so far (wait4's rusage; the loader workers they waited for too)
+        # the children's CPU time so far (wait4's rusage; the loader workers they waited for too)
+        self.cpu_seconds = 0.0
 
     def _reply(self, deadline=None):
         """The server's next JSON line; None when `deadline` (time.monotonic()) passes first."""

@@ -84,7 +84,8 @@ class LocalCluster:
             "JobCompType=jobcomp/none", "AccountingStorageType=accounting_storage/none",
             "JobAcctGatherType=jobacct_gather/none", "ReturnToService=2", "KillWait=30", "MinJobAge=600",
             # job ids (and so train.py's master ports) unlike another cluster's started by a parallel test worker
-            f"FirstJobId={random.randrange(1000, 10_000_000)}", "SchedulerType=sched/backfill", "SchedulerParameters=sched_interval=2", "MessageTimeout=20",
+            f"FirstJobId={random.randrange(1000, 10_000_000)}", "SchedulerType=sched/backfill",
+            "SchedulerParameters=sched_interval=2", "MessageTimeout=20",
             f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN",
             f"PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP", ""]))
 

@@ -29,7 +29,8 @@ def tiny_snnet(cfg_path):
 @pytest.mark.slow
 def test_snnet_release_is_refused_by_train_and_converted_on_request(tmp_path, tiny_config, digits_folder):
     net = tiny_snnet(tiny_config)
-    release = tmp_path / "snnet_deit.pth"  # what SN-Net's main.py saves (docs/snnet_compat.md, C26): weights + a pickled Namespace
+    # what SN-Net's main.py saves (docs/snnet_compat.md, C26): weights + a pickled Namespace
+    release = tmp_path / "snnet_deit.pth"
     torch.save({"model": net.state_dict(), "epoch": 49, "args": argparse.Namespace(lr=5e-5, model="snnet"),
                 "optimizer": {"state": {}, "param_groups": []}}, release)
     base = [sys.executable, "train.py", digits_folder, "--stitch_config", tiny_config, "--eval", *FAST,
@@ -53,8 +54,10 @@ def test_swin_release_with_cfgnode_maps_keys(tmp_path):
     """SN-Net's Swin checkpoints pickle a yacs CfgNode and use Microsoft Swin names: read without yacs, keys mapped."""
     from snnet.deploy.convert import convert_release
     from stitching_swin.convert import ours_to_snnet
-    cfg = {"anchors": [{"name": "swin_tiny_patch4_window7_224", "model_kwargs": {"embed_dim": 16, "num_heads": [1, 1, 2, 2]}},
-                       {"name": "swin_small_patch4_window7_224", "model_kwargs": {"embed_dim": 16, "num_heads": [1, 1, 2, 2]}}]}
+    cfg = {"anchors": [{"name": "swin_tiny_patch4_window7_224",
+                        "model_kwargs": {"embed_dim": 16, "num_heads": [1, 1, 2, 2]}},
+                       {"name": "swin_small_patch4_window7_224",
+                        "model_kwargs": {"embed_dim": 16, "num_heads": [1, 1, 2, 2]}}]}
     (tmp_path / "swin.json").write_text(json.dumps(cfg))
     net = build_snnet(load_stitch_config(tmp_path / "swin.json"), pretrained=False, num_classes=10, img_size=64)
     yacs = types.ModuleType("yacs")

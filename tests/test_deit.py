@@ -18,7 +18,8 @@ def embed_flops(c):
 
 
 def snnet_flops(route):
-    """SN-Net's published FLOPs (docs/snnet_compat.md, C31 formulas; stitched routes skip the end anchor's final norm)."""
+    """SN-Net's published FLOPs (docs/snnet_compat.md, C31 formulas; stitched routes skip the end anchor's final
+    norm)."""
     if route.is_anchor:
         c = WIDTH[route.anchors[0]]
         return embed_flops(c) + 12 * block_flops(c) + 5 * N * c + 1000 * c
@@ -33,7 +34,8 @@ def block_params(c):
 
 
 def snnet_params(route):
-    """SN-Net's get_model_size (docs/snnet_compat.md, C22, C31): stitched counts omit front cls/pos and include the end's final norm."""
+    """SN-Net's get_model_size (docs/snnet_compat.md, C22, C31): stitched counts omit front cls/pos and include the
+    end's final norm."""
     if route.is_anchor:
         c = WIDTH[route.anchors[0]]
         return 769 * c + 12 * block_params(c) + 2 * c + 1000 * c + 1000 + c + 197 * c
@@ -86,8 +88,8 @@ def test_unit_sum_equals_full_trace(deit):
 
 def test_params_differ_from_snnet_by_what_snnet_miscounts(deit):
     """Ours count exactly the executed modules. SN-Net's stitched count leaves out the front's cls_token (C_f) and
-    pos_embed (197·C_f), which run, and includes the end's final norm (2·C_e), which does not (docs/snnet_compat.md, C22).
-    Ti→S: +37,248 per stitch; S→B: +74,496."""
+    pos_embed (197·C_f), which run, and includes the end's final norm (2·C_e), which does not
+    (docs/snnet_compat.md, C22). Ti→S: +37,248 per stitch; S→B: +74,496."""
     model, _ = deit
     diffs = {}
     for route in model.plan.routes:
@@ -117,7 +119,8 @@ def test_state_dict_keys_and_shapes_are_snnets(deit):
     model, _ = deit
     sd = model.state_dict()
     expected = {f"anchors.{a}.{k}" for a in range(3) for k in timm_vit_keys()}
-    expected |= {f"stitch_layers.{c}.{l}.transform.{p}" for c in range(2) for l in range(11) for p in ("weight", "bias")}
+    expected |= {f"stitch_layers.{c}.{l}.transform.{p}"
+                 for c in range(2) for l in range(11) for p in ("weight", "bias")}
     assert set(sd) == expected
     assert sd["stitch_layers.0.3.transform.weight"].shape == (384, 192)
     assert sd["stitch_layers.1.10.transform.weight"].shape == (768, 384)
@@ -125,7 +128,8 @@ def test_state_dict_keys_and_shapes_are_snnets(deit):
     # an SN-Net checkpoint (same keys and shapes, different values) loads strictly
     snnet_ckpt = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in sd.items()}
     model.load_state_dict(snnet_ckpt, strict=True)
-    assert torch.equal(model.state_dict()["stitch_layers.1.4.transform.bias"], snnet_ckpt["stitch_layers.1.4.transform.bias"])
+    assert torch.equal(model.state_dict()["stitch_layers.1.4.transform.bias"],
+                       snnet_ckpt["stitch_layers.1.4.transform.bias"])
     assert sum(p.numel() for p in model.stitch_layers.parameters()) == 4067712
     assert sum(p.numel() for p in model.parameters()) == 118403448
 

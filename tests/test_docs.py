@@ -203,7 +203,8 @@ def test_audited_pages_quote_only_checked_numbers(name):
 
 
 def test_an_unchecked_number_is_found():
-    assert unmarked_numbers("the w16 anchor reaches 83.06 % and cfg 9 0.68 MFLOPs, 95 % of budgets") == ["83.06", "0.68", "95 %"]
+    assert (unmarked_numbers("the w16 anchor reaches 83.06 % and cfg 9 0.68 MFLOPs, 95 % of budgets")
+            == ["83.06", "0.68", "95 %"])
     assert unmarked_numbers('83.06<!-- = acc1("demo", 0) --> % at 0.68<!-- = mflops("demo", 9) --> MFLOPs') == []
 
 
@@ -227,7 +228,8 @@ def test_every_shell_example_runs_or_says_why():
                 if m is None:
                     unmarked.append(f"{page.name}:{lines[i + 1][:60]}")
                 elif m["file"]:
-                    assert f"def {m['test']}(" in (ROOT / m["file"]).read_text(), f"{page.name}: no {m['file']}::{m['test']}"
+                    assert f"def {m['test']}(" in (ROOT / m["file"]).read_text(), (
+                        f"{page.name}: no {m['file']}::{m['test']}")
             inside = not inside
     assert not unmarked, "shell examples neither run nor saying why:\n" + "\n".join(unmarked)
 
@@ -271,7 +273,8 @@ def test_readme_quick_tour_runs(digits_folder, tiny_config, tmp_path):
     assert [c.split()[0] for c in commands] == ["./distributed_train.sh"] * 3 + ["snnet"] * 5, commands
     experiment = "tour"
     subs = {"/data/imagenet": str(digits_folder), "configs/deit_ti_s_b.json": str(tiny_config),
-            "<experiment>": experiment, "<ckpt>": f"output/train/{experiment}/last.pth.tar", "--cfg-id 42": "--cfg-id 5"}
+            "<experiment>": experiment, "<ckpt>": f"output/train/{experiment}/last.pth.tar",
+            "--cfg-id 42": "--cfg-id 5"}
     cli = ForkedCli(tmp_path)
     try:
         for command in commands:

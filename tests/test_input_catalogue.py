@@ -70,7 +70,8 @@ def world(tmp_path_factory, digits_folder, tiny_config):
     deep = [dict(TINY[0]), dict(TINY[1], model_kwargs=dict(TINY[1]["model_kwargs"], depth=6))]
     (w / "depth.json").write_text(json.dumps({"anchors": deep}))
     (w / "missing_anchor.json").write_text(json.dumps({"anchors": [dict(TINY[0], checkpoint=str(w / "no.pth"))]}))
-    (w / "wrong_anchor.json").write_text(json.dumps({"anchors": [dict(TINY[1], checkpoint=str(w / "other_config.pth.tar"))]}))
+    (w / "wrong_anchor.json").write_text(
+        json.dumps({"anchors": [dict(TINY[1], checkpoint=str(w / "other_config.pth.tar"))]}))
     (w / "bad.yaml").write_text("epochs: [1, 2\n")
     (w / "keys.yaml").write_text("epoch: 3\n")
     (w / "list.yaml").write_text("- 1\n- 2\n")
@@ -173,7 +174,8 @@ CASES = [
     ("results of another checkpoint in the folder", "{data} --stitch_config {cfg} --eval --experiment prev",
      "holds results of another checkpoint or config (cfg_id 0)"),
     # checkpoints
-    ("missing checkpoint", "{data} --stitch_config {cfg} --resume {w}/none.pth", "checkpoint '{w}/none.pth' does not exist"),
+    ("missing checkpoint", "{data} --stitch_config {cfg} --resume {w}/none.pth",
+     "checkpoint '{w}/none.pth' does not exist"),
     ("empty checkpoint", "{data} --stitch_config {cfg} --resume {w}/empty.pth", "is empty"),
     ("garbage checkpoint", "{data} --stitch_config {cfg} --resume {w}/garbage.pth", "cannot be read"),
     ("foreign file as checkpoint", "{data} --stitch_config {cfg} --resume {w}/weights.json", "cannot be read"),
@@ -184,7 +186,8 @@ CASES = [
      "holds pickled Python objects, which could run code (posix.system); it was refused unread"),
     ("planted pickle (torch.save)", "{data} --stitch_config {cfg} --resume {w}/evil_torch.pth",
      "holds pickled Python objects, which could run code (posix.system); it was refused unread"),
-    ("missing anchor checkpoint", "{data} --stitch_config {w}/missing_anchor.json", "does not exist; give the path of an existing file"),
+    ("missing anchor checkpoint", "{data} --stitch_config {w}/missing_anchor.json",
+     "does not exist; give the path of an existing file"),
     ("anchor checkpoint of another model", "{data} --stitch_config {w}/wrong_anchor.json", "does not fit"),
     # configs
     ("missing stitch config", "{data} --stitch_config {w}/none.json", "stitch config '{w}/none.json' does not exist"),
@@ -530,7 +533,8 @@ def test_full_disk_checkpoint_injected(tmp_path, monkeypatch):
     assert (tmp_path / "last.pth.tar").read_bytes() == b"old"
 
 
-@pytest.mark.parametrize("dataset,extra", [("hfds/named", []), ("hfids/named", []), ("hfds/plain", ["--num-classes", "10"])])
+@pytest.mark.parametrize("dataset,extra",
+                         [("hfds/named", []), ("hfids/named", []), ("hfds/plain", ["--num-classes", "10"])])
 def test_good_parquet_passes_the_preflight(world, tiny_config, tmp_path, cli, dataset, extra):
     """The checks refuse only what is wrong: ClassLabel names, or plain integers with --num-classes, pass."""
     code, _, err = cli.call("preflight", ["1", world / "hf", "--dataset", dataset, "--stitch_config", tiny_config,

@@ -1,5 +1,5 @@
-"""LeViT-192/256 against SN-Net's published numbers and checkpoint layout (docs/snnet_compat.md, C10, C29, C33); any LeViT depth; the
-two distillation heads; refusals."""
+"""LeViT-192/256 against SN-Net's published numbers and checkpoint layout (docs/snnet_compat.md, C10, C29, C33); any
+LeViT depth; the two distillation heads; refusals."""
 import statistics
 
 import pytest
@@ -100,7 +100,8 @@ def test_unit_sum_equals_full_trace(levit224):
 
 def test_params_and_stitch_layers(levit224):
     model, _ = levit224
-    assert [model.params(0), model.params(1)] == [10947069, 18893876]  # computed from the architecture (docs/snnet_compat.md, C33)
+    # computed from the architecture (docs/snnet_compat.md, C33)
+    assert [model.params(0), model.params(1)] == [10947069, 18893876]
     assert sum(p.numel() for p in model.parameters()) == 30322097
     assert sum(p.numel() for p in model.stitch_layers.parameters()) == 481152
     sd = model.state_dict()
@@ -115,7 +116,8 @@ def bn_keys(prefix, c):
 
 
 def snnet_levit_state_dict():
-    """A synthetic SN-Net LeViT-192/256 checkpoint with the facebookresearch keys and shapes of docs/snnet_compat.md, C29."""
+    """A synthetic SN-Net LeViT-192/256 checkpoint with the facebookresearch keys and shapes of
+    docs/snnet_compat.md, C29."""
     sd = {}
     for a in range(2):
         p, w, res = f"anchors.{a}.", WIDTHS[a], [14, 7, 4]

@@ -55,7 +55,8 @@ RECIPES = {
     # C33 / stitching_levit/README.md: the README command + LeViT's main.py
     "levit_192_256": {
         "batch_size": 128, "epochs": 100, "opt": "adamw", "opt_eps": 1e-8, "weight_decay": 0.025,
-        "resolved.lr": 1e-4, "resolved.param_groups.anchors.lr": 1e-4, "resolved.param_groups.stitching_layers.lr": 1e-4,
+        "resolved.lr": 1e-4, "resolved.param_groups.anchors.lr": 1e-4,
+        "resolved.param_groups.stitching_layers.lr": 1e-4,
         "resolved.schedule.warmup_lr": 1e-7, "resolved.schedule.min_lr": 1e-6, "resolved.schedule.total_epochs": 100,
         "sched_on_updates": False, "clip_grad": 0.01, "clip_mode": "agc", "drop_path": 0.0, "aug_repeats": 3,
         **AUG, **TEACHER, **EVAL, "amp": True, "resolved.amp.covers": "forward and loss (teacher included)",
@@ -197,7 +198,8 @@ def test_hard_distillation_equals_deits_formula(batch):
     loss = DistillationLoss(torch.nn.CrossEntropyLoss(), _Teacher(teacher), "hard", 0.5)(None, student, y)
     assert torch.allclose(loss, expected, atol=1e-6)
     second = student.flip(0)
-    two_heads = DistillationLoss(torch.nn.CrossEntropyLoss(), _Teacher(teacher), "hard", 0.5)(None, (student, second), y)
+    two_heads = DistillationLoss(torch.nn.CrossEntropyLoss(), _Teacher(teacher), "hard", 0.5)(
+        None, (student, second), y)
     expected = 0.5 * F.cross_entropy(student, y) + 0.5 * F.cross_entropy(second, hard)
     assert torch.allclose(two_heads, expected, atol=1e-6)
 
@@ -249,7 +251,8 @@ def test_snnet_compat_param_groups_are_the_familys_own(card, family):
             if ours[id(p)] != pytest.approx(want):
                 wrong[name] = (ours[id(p)], want)
     assert wrong == {}, f"{card}: (ours, official) {dict(list(wrong.items())[:5])}"
-    biases = [ours[id(p)][0] for n, p in net.named_parameters() if n.startswith("stitch_layers.") and n.endswith("bias")]
+    biases = [ours[id(p)][0] for n, p in net.named_parameters()
+              if n.startswith("stitch_layers.") and n.endswith("bias")]
     assert biases and set(biases) == {args.weight_decay if family == "swin" else 0.0}
     if family == "swin":  # without --snnet-compat: our groups (no stitching-bias decay, the anchors' names kept)
         plain = param_groups(net, args.weight_decay, anchor_lr_scale(args))
@@ -272,7 +275,8 @@ def test_lr_one_epoch_late_reproduces_deits_stepping(digits_folder, tiny_config,
     for late in (False, True):
         out = tmp_path / str(late)
         r = run([sys.executable, "train.py", digits_folder, "--stitch_config", tiny_config, *FAST, "--epochs", "3",
-                 "--warmup-epochs", "0", "--output", out, "--experiment", "x"] + (["--lr-one-epoch-late"] if late else []))
+                 "--warmup-epochs", "0", "--output", out, "--experiment", "x"]
+                + (["--lr-one-epoch-late"] if late else []))
         assert r.returncode == 0, r.stderr[-2000:]
         lrs[late] = [float(row["lr"]) for row in csv.DictReader(open(out / "x" / "summary.csv"))]
     assert lrs[True][0] == lrs[True][1] == lrs[False][0] and lrs[True][2] == lrs[False][1]

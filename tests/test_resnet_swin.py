@@ -1,5 +1,6 @@
-"""ResNet-18 -> ResNet-50 and ResNet-18 -> Swin-Ti against SN-Net's published numbers (docs/snnet_compat.md, C30, C34), the other
-direction (Swin -> ResNet, which SN-Net lacks), split-BN, and the refusal of anchors that cannot be stitched."""
+"""ResNet-18 -> ResNet-50 and ResNet-18 -> Swin-Ti against SN-Net's published numbers (docs/snnet_compat.md, C30,
+C34), the other direction (Swin -> ResNet, which SN-Net lacks), split-BN, and the refusal of anchors that cannot be
+stitched."""
 import json
 import statistics
 
@@ -18,7 +19,8 @@ from stitching_resnet_swin import snnet_to_ours
 SWIN_T = "swin_tiny_patch4_window7_224"
 
 
-# --- analytic oracle (docs/snnet_compat.md, C34): conv MACs + 2 per BN element + pool elements + FC; stitch conv H*W*Cin*Cout ---
+# --- analytic oracle (docs/snnet_compat.md, C34): conv MACs + 2 per BN element + pool elements + FC;
+# stitch conv H*W*Cin*Cout ---
 def conv(h, cin, cout, k):
     return h * h * cout * cin * k * k
 
@@ -62,7 +64,8 @@ def resnet_head(kind):
 
 
 def swin_t_blocks():
-    """timm Swin-Ti per block, with each stage's merge as the first entry of the next stage (docs/snnet_compat.md, C32 formulas)."""
+    """timm Swin-Ti per block, with each stage's merge as the first entry of the next stage (docs/snnet_compat.md,
+    C32 formulas)."""
     tokens, stages = [3136, 784, 196, 49], []
     for s, depth in enumerate([2, 2, 6, 2]):
         c, n = 96 << s, tokens[s]
@@ -179,8 +182,9 @@ def test_params_and_stitch_layers(r18_r50, r18_swin):
 
 
 def test_snnet_checkpoint_keys_load(r18_swin):
-    """SN-Net's R18 -> Swin-Ti checkpoint layout (docs/snnet_compat.md, C30): ResNet keys are timm's; the Swin anchor used timm 0.7
-    names (merge at the end of a stage, a plain Linear head, persistent buffers), which the Swin key map converts."""
+    """SN-Net's R18 -> Swin-Ti checkpoint layout (docs/snnet_compat.md, C30): ResNet keys are timm's; the Swin anchor
+    used timm 0.7 names (merge at the end of a stage, a plain Linear head, persistent buffers), which the Swin key map
+    converts."""
     model, _ = r18_swin
     ours = model.state_dict()
     theirs = {}
@@ -298,7 +302,8 @@ def test_refuses_other_stage_resolution():
 
 
 def test_refuses_plain_vit_unequal_stages_and_wrong_order():
-    with pytest.raises(AnchorError, match=r"cannot mix plain ViT anchors with hierarchical ones: 'deit_small_patch16_224' \(plain\) cannot join"):
+    with pytest.raises(AnchorError, match=r"cannot mix plain ViT anchors with hierarchical ones: "
+                                          r"'deit_small_patch16_224' \(plain\) cannot join"):
         snnet_of(["resnet18", "deit_small_patch16_224"], deit_small_patch16_224=dict(img_size=SMALL))
     with pytest.raises(ValueError, match="different numbers of stages: 'resnet18' has 4, 'levit_256' has 3"):
         snnet_of(["resnet18", "levit_256"], levit_256=dict(img_size=SMALL))

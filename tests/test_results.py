@@ -60,8 +60,8 @@ SNNET_FILES = {
 FIRST5_FRONT = {"deit": [0, 4, 1, 2], "swin": [0, 1, 4, 2], "levit": [0, 4, 3, 1], "r18_r50": [0, 4, 2],
                 "r18_swin_ti": [0, 4, 3, 2, 1]}
 ANCHORS = {"deit": 3, "swin": 3, "levit": 2, "r18_r50": 2, "r18_swin_ti": 2}
-# docs/snnet_compat.md, C25: the fronts of the full files; where every cfg_id a full front excludes among 0..4 is dominated within
-# the first five lines too, the five-line front is the full front restricted to 0..4
+# docs/snnet_compat.md, C25: the fronts of the full files; where every cfg_id a full front excludes among 0..4 is
+# dominated within the first five lines too, the five-line front is the full front restricted to 0..4
 SPEC_FRONT = {"levit": [0, 7, 6, 5, 4, 3, 1], "r18_r50": [0, 9, 8, 6, 5, 4, 2], "r18_swin_ti": [0, 7, 6, 5, 4, 3, 2, 1]}
 
 
@@ -112,7 +112,8 @@ def test_front_matches_brute_force_on_demo_results(monkeypatch):
 
 def test_pareto_cli_several_files(snnet_files, tiny, tmp_path, capsys):
     out = tmp_path / "report"
-    rc, stdout, err = run_cli(capsys, "pareto", snnet_files["levit"], snnet_files["r18_r50"], tiny.results, "--out", out)
+    rc, stdout, err = run_cli(capsys, "pareto", snnet_files["levit"], snnet_files["r18_r50"], tiny.results,
+                              "--out", out)
     assert rc == 0, err
     # SN-Net files have no routes: the inferred anchors are announced, ours are read from the routes
     assert err.count("note:") == 2 and "cfg 0..1" in err

@@ -1,5 +1,5 @@
-"""Compatibility maps: the CKA estimators (snnet/core/cka.py), the least-squares stitches and KL of snnet/explore/similarity.py
-across families (tiny random ViT and ResNet), and `snnet similarity` on tiny models."""
+"""Compatibility maps: the CKA estimators (snnet/core/cka.py), the least-squares stitches and KL of
+snnet/explore/similarity.py across families (tiny random ViT and ResNet), and `snnet similarity` on tiny models."""
 import itertools
 import json
 import math

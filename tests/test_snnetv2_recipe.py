@@ -92,8 +92,8 @@ def test_src_crop_mode_in_train_loader(digits_folder, tiny_config, tmp_path):
     crop = loader.dataset.transform.transforms[0]
     assert [type(t).__name__ for t in crop.transforms] == ["Resize", "RandomCrop"] and crop.transforms[1].padding == 4
     assert next(iter(loader))[0].shape == (16, 3, 16, 16)
-    r = run([sys.executable, "train.py", digits_folder, "--stitch_config", tiny_config, *FAST, "--epochs", "1", "--aa", "3a",
-             "--train-crop-mode", "src", "--output", tmp_path, "--experiment", "src"])
+    r = run([sys.executable, "train.py", digits_folder, "--stitch_config", tiny_config, *FAST, "--epochs", "1",
+             "--aa", "3a", "--train-crop-mode", "src", "--output", tmp_path, "--experiment", "src"])
     assert r.returncode == 0, r.stderr[-2000:]
 
 

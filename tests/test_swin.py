@@ -1,4 +1,5 @@
-"""Swin Ti/S/B against SN-Net's published numbers, checkpoint layout and stitching rules (docs/snnet_compat.md, C28, C32)."""
+"""Swin Ti/S/B against SN-Net's published numbers, checkpoint layout and stitching rules (docs/snnet_compat.md, C28,
+C32)."""
 import statistics
 
 import pytest
@@ -114,7 +115,8 @@ def test_every_cfg_flops_equal_snnet(swin224):
 
 
 def test_params_differ_from_snnet_by_the_front_merges(swin224):
-    """Ours count what runs; SN-Net's count omits the front's PatchMerging before the stitch stage (docs/snnet_compat.md, C22)."""
+    """Ours count what runs; SN-Net's count omits the front's PatchMerging before the stitch stage
+    (docs/snnet_compat.md, C22)."""
     model, _ = swin224
     for route in model.plan.routes:
         missing = 0

@@ -38,7 +38,8 @@ def test_deit_seed_command_line_and_json_precedence():
     assert (args.epochs, args.batch_size, args.workers, args.img_size) == (50, 128, 10, 224)
     assert (args.lr, args.lr_base, args.lr_base_size, args.lr_base_scale) == (None, 5e-5, 512, "linear")
     # SN-Net's untagged teacher meant DeiT's RegNetY-16GF (docs/snnet_compat.md, C19)
-    assert (args.teacher, args.distillation_type, args.experiment) == ("regnety_160.deit_in1k", "hard", "stitch_deit_ti_s_b")
+    assert ((args.teacher, args.distillation_type, args.experiment)
+            == ("regnety_160.deit_in1k", "hard", "stitch_deit_ti_s_b"))
     assert args.data_dir == "/data/imagenet"  # the command line wins over the JSON's data_path
     args, _ = parse_args("/d --stitch_config configs/deit_ti_s_b.json --epochs 3 -b 8 --lr 0.1".split())
     assert (args.epochs, args.batch_size, args.lr) == (3, 8, 0.1)  # unlike SN-Net, typed flags win

@@ -146,8 +146,8 @@ def plan_for(models: Sequence[nn.Module], adapters: Sequence[AnchorAdapter], nam
         return deit_plan(len(models), d0, kernel, stride, nearest)
     if not all(hierarchical):
         plain = [f"{n!r}" for n, h in zip(names, hierarchical) if not h]
-        raise AnchorError(f"cannot mix plain ViT anchors with hierarchical ones: {', '.join(plain)} (plain) cannot join "
-                          f"{', '.join(staged)}; stitch one kind")
+        raise AnchorError(f"cannot mix plain ViT anchors with hierarchical ones: {', '.join(plain)} (plain) cannot "
+                          f"join {', '.join(staged)}; stitch one kind")
     if stitch_stages is None:
         common = set(adapters[0].default_stitch_stages)
         for ad in adapters[1:]:

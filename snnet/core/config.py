@@ -30,8 +30,8 @@ class Field(NamedTuple):
 
 
 #: The one table of stitch-config fields. The first block is SN-Net's config/deit_stitching.json and the CNN family's
-#: {"anchors": [...]}; the rest are ours. train.py's rules for dests (snnet/train/args.py): lr is a base LR per 512 images,
-#: data_set IMNET is timm's folder dataset ''.
+#: {"anchors": [...]}; the rest are ours. train.py's rules for dests (snnet/train/args.py): lr is a base LR per 512
+#: images, data_set IMNET is timm's folder dataset ''.
 FIELDS: dict[str, Field] = {
     "anchors": Field((list,), None, "timm model names, or {'name': ..., 'checkpoint': path}, small to large"),
     "model": Field((str,), "snnet", "SN-Net's model name (informational)"),
@@ -72,7 +72,8 @@ FIELDS: dict[str, Field] = {
     "snnet_stitch_bias_decay": Field((bool,), False, "with --snnet-compat, the stitching layers' biases are "
                                      "weight-decayed too (SN-Net's Swin optimizer did; its other families did not)"),
     "drop_path_schedule": Field((str,), "linear", "linear (timm: the rate ramps from 0 at the first block to the "
-                                "anchor's drop_path_rate at the last) or constant (SN-Netv2: that rate in every block)"),
+                                "anchor's drop_path_rate at the last) or constant (SN-Netv2: that rate in every "
+                                "block)"),
     "positions": Field((dict,), None, "plain ViTs: stitch positions instead of the sliding window, per neighbouring "
                        "anchor pair, one stitching layer each: {\"select\": \"cka\"|\"ls\"|\"kl\", \"per_pair\": K} "
                        "(the K best of the compatibility map on the LS-init images; train.py writes the choice to "
@@ -123,7 +124,8 @@ class StitchConfig:
         """Each anchor's name in routes, results files, tables and plots: its ``"label"`` where the config gives
         one, else its timm name, with ``#index`` where several anchors share that name (deit_tiny_patch16_224#0)."""
         names = [a.name for a in self.anchors]
-        return [a.label or (f"{n}#{i}" if names.count(n) > 1 else n) for i, (a, n) in enumerate(zip(self.anchors, names))]
+        return [a.label or (f"{n}#{i}" if names.count(n) > 1 else n)
+                for i, (a, n) in enumerate(zip(self.anchors, names))]
 
     def get(self, name: str, default: Any = None) -> Any:
         if name in self.values:

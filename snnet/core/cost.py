@@ -1,8 +1,9 @@
 """Cost model: FLOPs in SN-Net's convention and params of exactly what a route executes.
 
 FLOPs follow fvcore (the numbers SN-Net published): one multiply-add counts 1, LayerNorm 5 per element, eval
-BatchNorm 2 per element, and so on (docs/snnet_compat.md, C21). timm now computes attention with ``F.scaled_dot_product_attention``,
-which fvcore does not count; the handler below counts its two matmuls (q·kᵀ and attn·v) as SN-Net's traces did.
+BatchNorm 2 per element, and so on (docs/snnet_compat.md, C21). timm now computes attention with
+``F.scaled_dot_product_attention``, which fvcore does not count; the handler below counts its two matmuls (q·kᵀ and
+attn·v) as SN-Net's traces did.
 
 Each distinct unit (one anchor's stem, block, transition, norm or head; one stitching layer) is traced once for a
 single image; a route's FLOPs are the sum over its steps. `trace_route_flops` traces a whole route for checking.

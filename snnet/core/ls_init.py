@@ -263,7 +263,8 @@ def _rel_error(W: torch.Tensor, b: torch.Tensor, pairs: list[tuple[torch.Tensor,
 
 
 def _broadcast_rank0_state(model: SNNet) -> None:
-    """Under DDP: rank 0's stitching layers and BatchNorm buffers on every rank (what SN-Net's DDP construction kept)."""
+    """Under DDP: rank 0's stitching layers and BatchNorm buffers on every rank (what SN-Net's DDP construction
+    kept)."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return
     for p in model.stitch_layers.parameters():

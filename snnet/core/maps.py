@@ -23,7 +23,8 @@ of the anchors changes no score:
   stitch is. Cost: one pass of B's remaining units per stitchable pair and batch.
 
 `compatibility_maps(net, batches)` computes all three in two passes over the same batches (statistics, then KL) and
-keeps the fitted stitches (`CompatibilityMaps.stitches`) for the training-free composition search (snnet/explore/search.py).
+keeps the fitted stitches (`CompatibilityMaps.stitches`) for the training-free composition search
+(snnet/explore/search.py).
 Memory: one batch's output of every unit of every anchor, and one (C_front + 1) x C_end matrix per stitchable pair.
 """
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 `SNNet` holds anchors + stitching layers; `PlainNet` holds one timm model (``train.py --model``) with its single
 route, so the training and evaluation loops treat both alike. There are no random numbers in here: which route runs
-is the caller's argument (training draws it with `snnet.train.sampler`). Each route is compiled once into a flat tuple of
-steps (`snnet.core.steps`: `UnitStep` runs one unit of one anchor, `StitchStep` the stitching layer at an
+is the caller's argument (training draws it with `snnet.train.sampler`). Each route is compiled once into a flat tuple
+of steps (`snnet.core.steps`: `UnitStep` runs one unit of one anchor, `StitchStep` the stitching layer at an
 address), pure data that the evaluator and the cost model reuse.
 
 An input is one image tensor, read by every anchor (SN-Net: one data config for the whole network), or a sequence
@@ -399,8 +399,9 @@ def _nested_module_list(items: list[tuple[tuple[int, ...], nn.Module]]) -> nn.Mo
 
 class ComposedNet(AnchorsNet):
     """Anchors of any families joined at unit granularity: route `cfg_id` runs the `Composition`
-    ``compositions[cfg_id]`` (snnet/core/plan.py), each of its edges through the stitching module ``stitches[edge]`` (any
-    module mapping the front unit's output onto the end anchor's features; `snnet.core.cut.CutStitch` builds them).
+    ``compositions[cfg_id]`` (snnet/core/plan.py), each of its edges through the stitching module ``stitches[edge]``
+    (any module mapping the front unit's output onto the end anchor's features; `snnet.core.cut.CutStitch` builds
+    them).
     The networks `snnet search` composes; the evaluator, the cost model and `params` run it as any routed network.
     Stitch steps are ``("stitch", (i,))`` with i the edge's index in `edges`.
 

@@ -186,7 +186,8 @@ def deit_plan(n_anchors: int, depth: int, kernel: int = 2, stride: int = 1, near
     combos = anchor_combinations(n_anchors, nearest)
     pairs = [c for c in combos if len(c) == 2]
     pair_index = {pair: c for c, pair in enumerate(pairs)}
-    layers = tuple(LayerSpec((c, lid), pair[0], pair[1], 0) for c, pair in enumerate(pairs) for lid in range(num_layers))
+    layers = tuple(LayerSpec((c, lid), pair[0], pair[1], 0)
+                   for c, pair in enumerate(pairs) for lid in range(num_layers))
 
     routes: list[Route] = []
     for comb in combos:
@@ -200,7 +201,8 @@ def deit_plan(n_anchors: int, depth: int, kernel: int = 2, stride: int = 1, near
             for hop, p in enumerate(chain):
                 front, end = comb[hop], comb[hop + 1]
                 lid = layer_of[p]
-                stitches.append(Stitch(front, end, 0, positions[p][0], positions[p][1], (pair_index[(front, end)], lid)))
+                stitches.append(Stitch(front, end, 0, positions[p][0], positions[p][1],
+                                       (pair_index[(front, end)], lid)))
             routes.append(Route(len(routes), comb, tuple(stitches)))
     return StitchPlan(tuple(routes), layers, n_anchors, hierarchical=False)
 

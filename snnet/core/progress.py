@@ -155,8 +155,9 @@ def _clear_bar(stream: IO) -> None:
 class RunClock:
     """The whole-run ETA of training: the rest of this epoch, the epochs after it at the measured epoch time (the
     mean of the last `recent` epochs, training, validation and checkpoint together, so that a changed pace shows
-    within a few epochs; before the first one ends, this epoch's training projected to its end) and the final evaluation of all `num_configs` stitches on
-    `eval_images` images per process, `passes` times (2 with an EMA; no images: none).
+    within a few epochs; before the first one ends, this epoch's training projected to its end) and the final
+    evaluation of all `num_configs` stitches on `eval_images` images per process, `passes` times (2 with an EMA; no
+    images: none).
 
     The final evaluation is estimated from the last validation of the panel (`validated`: its time per stitch), or
     before any from the training pace (`trained`: seconds per image, a forward pass being about a third of a

@@ -138,18 +138,20 @@ def _load_class_map(data_options: DataOptions, root: str | None) -> dict:
         mapping = load_class_map(data_options.class_map, root or "")
     except Exception as e:  # timm asserts on a missing file or an unknown extension
         reason = " ".join(str(e).split())[:120] or type(e).__name__
-        raise DataError(f"--class-map {data_options.class_map!r} cannot be read ({reason}); give a .txt file with one class "
-                        f"folder name per line") from None
+        raise DataError(f"--class-map {data_options.class_map!r} cannot be read ({reason}); give a .txt file with one "
+                        f"class folder name per line") from None
     if not mapping:
         raise DataError(f"--class-map {data_options.class_map!r} holds no classes; give one class folder name per line")
-    if data_options.class_map.lower().endswith(".txt"):  # timm's dict keeps a repeated line once, numbered by its last place
-        path = data_options.class_map if os.path.exists(data_options.class_map) else os.path.join(root or "", data_options.class_map)
+    # timm's dict keeps a repeated line once, numbered by its last place
+    if data_options.class_map.lower().endswith(".txt"):
+        path = (data_options.class_map if os.path.exists(data_options.class_map)
+                else os.path.join(root or "", data_options.class_map))
         with open(path, encoding="utf-8") as f:
             names = [line.strip() for line in f if line.strip()]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
-            raise DataError(f"--class-map {data_options.class_map!r} lists class {', '.join(map(repr, twice))} twice (a class "
-                            f"is one output); list each class folder once")
+            raise DataError(f"--class-map {data_options.class_map!r} lists class {', '.join(map(repr, twice))} twice "
+                            f"(a class is one output); list each class folder once")
     return mapping
 
 
@@ -287,7 +289,8 @@ def check_hf_parquet(data_options: DataOptions, need_train: bool) -> None:
                                 f"damaged; replace it") from None
             labels = table.column("label").to_pylist()
             if None in labels or (labels and min(labels) < 0):
-                raise DataError(f"{what} parquet file {path!r} has a label {'missing' if None in labels else min(labels)} "
+                raise DataError(f"{what} parquet file {path!r} has a label "
+                                f"{'missing' if None in labels else min(labels)} "
                                 f"(row {labels.index(None) if None in labels else labels.index(min(labels))}); every "
                                 f"image needs a class index >= 0")
             if labels and max(labels) > top:
@@ -316,9 +319,9 @@ def check_hf_parquet(data_options: DataOptions, need_train: bool) -> None:
                             f"the labels or the ClassLabel names")
         _check_num_classes(data_options, len(names), f"--dataset {data_options.dataset} (its ClassLabel names)")
     elif wanted is None:
-        raise DataError(f"--dataset {data_options.dataset}: the 'label' column holds plain integers 0..{top} and no class names "
-                        f"(no ClassLabel feature), so the class count cannot be read (timm would build a 1000-class "
-                        f"head); pass --num-classes {top + 1} (or the true count)")
+        raise DataError(f"--dataset {data_options.dataset}: the 'label' column holds plain integers 0..{top} and no "
+                        f"class names (no ClassLabel feature), so the class count cannot be read (timm would build a "
+                        f"1000-class head); pass --num-classes {top + 1} (or the true count)")
     elif wanted <= top:
         raise DataError(f"--num-classes {wanted} is smaller than the labels of parquet file {where!r} (up to {top}); "
                         f"raise it to {top + 1} or more")
@@ -359,14 +362,15 @@ def check_data(data_options: DataOptions, need_train: bool, world_size: int) -> 
             left_out = sorted(set(raw[what]) - set(mapping)) if path is not None else []
             if left_out:
                 raise DataError(f"{what} folder {path!r} has class folders with images that --class-map "
-                                f"{data_options.class_map!r} leaves out ({_first(left_out)}): their images would be dropped "
-                                f"without a word; add them to the class map or move them out of the folder")
+                                f"{data_options.class_map!r} leaves out ({_first(left_out)}): their images would be "
+                                f"dropped without a word; add them to the class map or move them out of the folder")
             if path is not None and not scans[what]:
                 raise DataError(f"{what} folder {path!r} has no images of the classes in --class-map "
                                 f"{data_options.class_map!r} (its folders: {_first(raw[what])}); "
                                 f"check the class map")
     elif train_dir and val_dir and set(scans["train"]) != set(scans["validation"]):
-        only_train, only_val = set(scans["train"]) - set(scans["validation"]), set(scans["validation"]) - set(scans["train"])
+        only_train, only_val = (set(scans["train"]) - set(scans["validation"]),
+                                set(scans["validation"]) - set(scans["train"]))
         parts = ([f"only in train/: {_first(only_train)}"] if only_train else []) + \
                 ([f"only in {os.path.basename(val_dir)}/: {_first(only_val)}"] if only_val else [])
         raise DataError(f"train folder {train_dir!r} and validation folder {val_dir!r} have different classes "

@@ -418,7 +418,8 @@ class TrainStream(IterableDataset):
 
 
 # -------------------------------------------------------------------------------------------- preflight check
-def check_shards(data_options: DataOptions, need_train: bool, world_size: int, train_names: Sequence[str], val_names: Sequence[str]):
+def check_shards(data_options: DataOptions, need_train: bool, world_size: int, train_names: Sequence[str],
+                 val_names: Sequence[str]):
     """Every shard of the run's splits read as far as its tar headers and class members, before any work: a missing
     or truncated shard, a shard whose samples differ from _info.json, a class index out of range, a sample without
     an image: one line naming the shard. Returns {split name: samples}.
@@ -446,11 +447,12 @@ def check_shards(data_options: DataOptions, need_train: bool, world_size: int, t
         raise ShardError(f"--num-classes {wanted} is smaller than the {splits[0][1].num_classes} classes of "
                          f"{INFO_FILE} in {root!r}; raise it or leave it out")
     if data_options.class_map:
-        raise ShardError(f"--class-map {data_options.class_map!r} does not apply to shards: their class indices were fixed "
-                         f"when they were written (the classes of {INFO_FILE}); drop it, or rewrite the shards from "
-                         f"a folder with those classes")
+        raise ShardError(f"--class-map {data_options.class_map!r} does not apply to shards: their class indices were "
+                         f"fixed when they were written (the classes of {INFO_FILE}); drop it, or rewrite the shards "
+                         f"from a folder with those classes")
     if need_train and data_options.aug_repeats:
-        raise ShardError(f"--aug-repeats {data_options.aug_repeats} needs an indexable dataset; shards are streamed: drop it")
+        raise ShardError(f"--aug-repeats {data_options.aug_repeats} needs an indexable dataset; shards are streamed: "
+                         f"drop it")
     limit = splits[0][1].num_classes or wanted
     total = sum(len(s.files) for _, s in splits)
     progress = Progress(f"Checking {total} shard(s)", total, seconds=10.0, unit="shards")

@@ -1,8 +1,8 @@
 """Convert a released SN-Net checkpoint (a pickled ``.pth``) into this project's pickle-free checkpoint.
 
 SN-Net's files pickle an ``argparse.Namespace`` (DeiT, LeViT, CNN) or a yacs ``CfgNode`` (Swin) next to the weights
-(docs/snnet_compat.md, C26), so ``train.py --resume`` refuses them. This command is the explicit way in: the user names the
-file and passes ``--trust``. Even then nothing in the file runs: it is read by torch's weights-only unpickler with
+(docs/snnet_compat.md, C26), so ``train.py --resume`` refuses them. This command is the explicit way in: the user names
+the file and passes ``--trust``. Even then nothing in the file runs: it is read by torch's weights-only unpickler with
 exactly those two classes allowed (the CfgNode as a plain-dict stand-in), and any other object in it is refused.
 The keys are mapped to timm 1.0's names where the family needs it (Swin, LeViT); the result loads strictly.
 """
@@ -80,7 +80,8 @@ def _plain(obj: Any) -> Any:
     return obj if isinstance(obj, (str, int, float, bool, type(None))) else str(obj)
 
 
-def convert_release(src: str | os.PathLike, dst: str | os.PathLike, stage_depths: tuple[int, ...] | None = None) -> dict[str, Any]:
+def convert_release(src: str | os.PathLike, dst: str | os.PathLike,
+                    stage_depths: tuple[int, ...] | None = None) -> dict[str, Any]:
     """Read `src` (SN-Net's .pth) and write our checkpoint to `dst` atomically (never onto `src` itself). Returns a
     summary."""
     if os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst):

@@ -2,17 +2,17 @@
 
 `pareto_report` + `save_report` are the one code path behind `snnet pareto` and the digits demo's table and plot.
 Files are read by `snnet.results.records.read_results`: this project's stitches_res.txt and SN-Net's own result files
-(any key order; docs/snnet_compat.md, C24 lists the keys each family writes: params, acc5, loss and route may be missing). Front
-definition (docs/snnet_compat.md, C25): sort by cost ascending, ties by accuracy descending, keep each stitch whose top-1 is strictly
-above every cheaper one.
+(any key order; docs/snnet_compat.md, C24 lists the keys each family writes: params, acc5, loss and route may be
+missing). Front definition (docs/snnet_compat.md, C25): sort by cost ascending, ties by accuracy descending, keep
+each stitch whose top-1 is strictly above every cheaper one.
 
 Costs: ``flops`` and ``params`` as the evaluator wrote them, or a measured latency ``latency_ms_b<batch>`` that
 `snnet latency` adds to the records.
 
 Anchors: our records carry a ``route`` (an anchor's route has no ``->``). SN-Net's files do not; there the anchors
-are cfg 0..N-1 (docs/snnet_compat.md, C1), and `infer_anchors` takes N as the length of the leading run of cfg_ids whose FLOPs
-rise (SN-Net lists anchors small to large and the first stitch is cheaper than the largest anchor, which gives
-3 / 3 / 2 / 2 / 2 for the DeiT, Swin, LeViT and both CNN files); callers pass ``n_anchors`` to override.
+are cfg 0..N-1 (docs/snnet_compat.md, C1), and `infer_anchors` takes N as the length of the leading run of cfg_ids
+whose FLOPs rise (SN-Net lists anchors small to large and the first stitch is cheaper than the largest anchor, which
+gives 3 / 3 / 2 / 2 / 2 for the DeiT, Swin, LeViT and both CNN files); callers pass ``n_anchors`` to override.
 """
 from __future__ import annotations
 

@@ -115,9 +115,9 @@ def _check_classes(args: argparse.Namespace, path: str, state: dict) -> None:
     heads = [f"{k} {tuple(v.shape)}" for k, v in state.get("state_dict", {}).items()
              if getattr(v, "ndim", 0) >= 1 and v.shape[0] == recorded and k.rsplit(".", 1)[-1] == "weight"
              and any(p in k for p in ("head", "classifier", "fc."))][:2]
-    raise CheckpointError(f"checkpoint {path!r} has a classifier for {recorded} classes ({', '.join(heads) or 'its head'}"
-                          f"), not the --num-classes {args.num_classes} given; pass --num-classes {recorded}, or drop "
-                          f"--num-classes")
+    raise CheckpointError(f"checkpoint {path!r} has a classifier for {recorded} classes "
+                          f"({', '.join(heads) or 'its head'}), not the --num-classes {args.num_classes} given; "
+                          f"pass --num-classes {recorded}, or drop --num-classes")
 
 
 def _check_teacher_checkpoint(args: argparse.Namespace) -> None:
@@ -191,8 +191,8 @@ def check_structure(args: argparse.Namespace, stitch_cfg: StitchConfig | None, a
     """The network built as the run builds it, on the meta device (no weight read, downloaded or allocated): model
     arguments timm refuses, anchors that cannot be stitched at this input size, a positions selection asking for
     more positions than a pair has, routes `train_exclude` names that the network lacks, and anchor checkpoints that
-    are missing or do not fit their anchors (`anchor_checkpoints`) (a wrong embed_dim, a config without the input_size they were trained at;
-    the classifier too when the number of classes is given)."""
+    are missing or do not fit their anchors (`anchor_checkpoints`) (a wrong embed_dim, a config without the
+    input_size they were trained at; the classifier too when the number of classes is given)."""
     known = args.num_classes or (stitch_cfg.get("num_classes") if stitch_cfg is not None else None)
     net, cfg = build_network(network_options(args, num_classes=known or 1000), stitch_cfg, structure_only=True)
     if net is not None:
