@@ -5,12 +5,14 @@ import argparse
 import hashlib
 import json
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
 from helpers import run_cli
 
 from snnet.results.records import ResultsError, read_results
+from snnet.train.options import LossOptions, RunOptions
 
 
 def test_convert_never_writes_onto_its_input(tmp_path, capsys):
@@ -135,13 +137,14 @@ def test_a_checkpoint_is_never_run_as_another_network(tmp_path, tiny_config):
     other.write_text(json.dumps({**json.loads(tiny_config.read_text()), "skip_final_norm": True}))
     for cfg_path, refused in ((tiny_config, False), (other, True)):
         args, cfg = parse_args(["/d", "--stitch_config", str(cfg_path), "--eval", "--resume", str(ckpt)])
+        options = RunOptions.from_values(vars(args))  # as train.py types them
         if refused:
             with pytest.raises(ConfigError, match="skip_final_norm: True vs False"):
-                check_checkpoints(args, cfg)
+                check_checkpoints(options, cfg)
             with pytest.raises(ConfigError, match="skip_final_norm: True vs False"):
                 load_snnet(ckpt, cfg_path)
         else:
-            check_checkpoints(args, cfg)
+            check_checkpoints(options, cfg)
             load_snnet(ckpt, cfg_path)
     load_snnet(ckpt)  # no config given: the recorded one
 
@@ -165,10 +168,12 @@ def test_a_finished_run_resumed_elsewhere_is_refused_before_work(tmp_path):
     ckpt = tmp_path / "a" / "last.pth.tar"
     save_checkpoint(ckpt, {"state_dict": {}, "epoch": 1})  # epochs 0 and 1 done: a finished 2-epoch run
     base = ["/d", "--model", "resnet18", "--epochs", "2", "--resume", str(ckpt), "--output", str(tmp_path)]
+    def typed(argv):
+        return RunOptions.from_values(vars(parse_args(argv)[0]))
     with pytest.raises(UsageError, match="finished epoch 2 of --epochs 2: no epoch is left to train"):
-        check_checkpoints(parse_args(base + ["--experiment", "b"])[0])
-    check_checkpoints(parse_args(base + ["--experiment", "a"])[0])  # its own folder: on to the final evaluation
-    check_checkpoints(parse_args(base + ["--experiment", "b", "--epochs", "3"])[0])  # an epoch is left
+        check_checkpoints(typed(base + ["--experiment", "b"]))
+    check_checkpoints(typed(base + ["--experiment", "a"]))  # its own folder: on to the final evaluation
+    check_checkpoints(typed(base + ["--experiment", "b", "--epochs", "3"]))  # an epoch is left
 
 
 def test_dry_run_runs_the_checks_that_need_nothing_of_this_machine(capsys):
@@ -191,9 +196,9 @@ def test_teacher_checkpoint_checked_before_work(tmp_path, num_classes):
     from snnet.train.preflight import _check_teacher_checkpoint
     own = tmp_path / "teacher.pth"
     torch.save({"state_dict": timm.create_model("resnet18", num_classes=10).state_dict()}, own)
-    args = argparse.Namespace(teacher="resnet18", teacher_checkpoint=str(own), num_classes=num_classes)
-    _check_teacher_checkpoint(args)
+    loss = LossOptions(teacher="resnet18", teacher_checkpoint=str(own), num_classes=num_classes)
+    _check_teacher_checkpoint(loss)
     other = tmp_path / "other.pth"
     torch.save({"state_dict": timm.create_model("resnet34", num_classes=10).state_dict()}, other)
     with pytest.raises(CheckpointError, match="does not fit the teacher 'resnet18' .*unexpected"):
-        _check_teacher_checkpoint(argparse.Namespace(**{**vars(args), "teacher_checkpoint": str(other)}))
+        _check_teacher_checkpoint(replace(loss, teacher_checkpoint=str(other)))

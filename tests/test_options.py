@@ -14,10 +14,9 @@ from snnet.train.args import build_parser, options_from
 from snnet.train.options import NetworkOptions, TrainOptions
 
 ROOT = Path(__file__).resolve().parents[1]
-#: the entry points and train.py's argument parser and its resolution: the only modules that may take a namespace.
-#: preflight.py is part of the resolution: it checks the resolved arguments as a whole before any work and is called
-#: only by train.py's edge; the checks other tools reuse (check_output, check_augmentation) take typed values
-EDGE = {"snnet/cli.py", "snnet/demo.py", "snnet/train/args.py", "snnet/train/resolve.py", "snnet/train/preflight.py"}
+#: the entry points and train.py's argument parser and its resolution: the only modules that may take a namespace
+#: (preflight.py's checks take the typed RunOptions since issue 39's second round)
+EDGE = {"snnet/cli.py", "snnet/demo.py", "snnet/train/args.py", "snnet/train/resolve.py"}
 #: train.py's program (snnet/train/main.py) passes the typed RunOptions down (built once from the parsed flags,
 #: resolved once); only `build_run` takes the namespace, the resolved arguments a run records (args.yaml, checkpoints)
 EDGE_FUNCTIONS = {"snnet/train/main.py": {"build_run"}}
@@ -57,6 +56,22 @@ def test_no_library_module_takes_a_namespace():
     for rel, names in EDGE_FUNCTIONS.items():  # the allowance names functions that exist and take one
         taking = {f.split()[0] for f in namespace_takers(ROOT / rel)}
         assert names <= taking, f"{rel}: no longer take a namespace, drop from EDGE_FUNCTIONS: {names - taking}"
+
+
+def test_the_training_path_does_not_climb_back_to_the_entry_layer():
+    """Issue 39: train.py's path is a straight line, parse -> resolve -> check -> build -> fit. tools/trace_rooms.py
+    runs a one-epoch demo run up to its fit under a profile hook and lists every call into main.py, args.py or
+    resolve.py made from a lower module (8 when the tool was written, all from preflight.py: reading the namespace
+    back into options and calling resolve.py's helpers; 0 since)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("trace_rooms", ROOT / "tools" / "trace_rooms.py")
+    assert spec is not None and spec.loader is not None
+    trace_rooms = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trace_rooms)
+    rooms, climbs = trace_rooms.demo_walk()
+    for reached in ("snnet/train/preflight.py", "snnet/train/network.py", "snnet/train/sampler.py"):
+        assert reached in rooms, f"the walk did not reach {reached}"  # it went through the checks and the build
+    assert len(climbs) <= 3, f"lower modules call back up into the entry layer: {climbs}"
 
 
 def test_the_scan_finds_a_namespace(tmp_path):

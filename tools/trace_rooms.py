@@ -11,8 +11,9 @@ calling down, is the straight line).
     .venv/bin/python tools/trace_rooms.py            # the count, and each climb (caller -> entry function)
     .venv/bin/python tools/trace_rooms.py --rooms    # and every module entered, in order
 
-The review that filed issue 39 counted 16 returns on a static walk; this dynamic count was 7 when the tool was
-written (all from preflight.py reading the namespace back into options and resolve.py's helpers).
+The review that filed issue 39 counted 16 returns on a static walk. This dynamic count was 8 when the tool was
+written, all from preflight.py (reading the namespace back into options, calling resolve.py's helpers), and 0 once
+the checks took the typed RunOptions and built what they check with the lower layers' functions.
 """
 from __future__ import annotations
 

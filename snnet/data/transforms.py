@@ -2,13 +2,39 @@
 image), each anchor's own data config and their grouping."""
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import timm
 import torch
 from timm.data import create_transform, resolve_data_config
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms as T
+
+
+def pretrained_cfg(name: str | None) -> dict[str, Any]:
+    """timm's pretrained config of a model name as a dict ({} for None, or a name or tag timm does not know: the
+    checks at build time name it)."""
+    if name is None:
+        return {}
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:
+        cfg = None
+    return cfg.to_dict() if cfg is not None else {}
+
+
+def eval_data_config(flags: Mapping[str, Any], stitch_cfg=None) -> dict[str, Any]:
+    """timm's data config of a run (its largest anchor's defaults, or --model's, under train.py's flags: `flags` is
+    the mapping of flag names to values) and the eval resize it means (args.yaml's eval_transform; the transform
+    itself is `eval_transform`)."""
+    name = stitch_cfg.anchors[-1].name if stitch_cfg is not None else flags.get("model")
+    cfg = resolve_data_config(dict(flags), pretrained_cfg=pretrained_cfg(name))
+    size = cfg["input_size"][-1]
+    return {"input_size": list(cfg["input_size"]), "resize": math.floor(size / cfg["crop_pct"]),
+            "crop_pct": cfg["crop_pct"], "crop_mode": cfg.get("crop_mode", "center"),
+            "interpolation": cfg["interpolation"], "mean": list(cfg["mean"]), "std": list(cfg["std"])}
 
 
 def timm_crop_mode(mode: str) -> str:

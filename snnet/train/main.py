@@ -29,13 +29,12 @@ from timm.utils import random_seed, update_summary
 from torch import nn
 
 from snnet.core.checkpoint import LAST, RECOVERY, CheckpointSaver, state_sha256, training_state
-from snnet.core.config import ConfigError, StitchConfig
+from snnet.core.config import StitchConfig
 from snnet.core.distributed import world
 from snnet.core.errors import SNNetError, one_line
 from snnet.core.fileio import FolderLock, disk_full_error, is_disk_full, write_text_atomic
 from snnet.core.model import RoutedNet
 from snnet.core.progress import RunClock
-from snnet.core.steps import UnitStep
 from snnet.data.datasets import class_names_of, create_datasets, data_source, num_classes_of
 from snnet.data.loaders import create_eval_loader, create_train_loader
 from snnet.results.records import EMA_RESULTS_FILE, RESULTS_FILE, ResultsFile, file_sha256, text_sha256
@@ -62,7 +61,7 @@ from snnet.train.resume import (
     stop_hook,
     truncate_summary,
 )
-from snnet.train.sampler import create_sampler
+from snnet.train.sampler import run_sampler
 from snnet.train.trainer import EpochHooks, Trainer, TrainSetup, create_trainer
 
 _logger = logging.getLogger("snnet")
@@ -180,7 +179,7 @@ def resolve(options: RunOptions, stitch_cfg: StitchConfig | None, dataset, place
         num_classes = num_classes_of(dataset) or (stitch_cfg.get("num_classes") if stitch_cfg else None)
     resume = job.resume
     if not resume and not job.eval and (job.auto_resume or restart_attempt() > 0 or requeued() > 0):
-        out_dir = output_dir(arguments(options))
+        out_dir = output_dir(options)
         found = [out_dir / name for name in (RECOVERY, LAST) if (out_dir / name).exists()]
         if found:
             resume = str(found[0])
@@ -194,19 +193,19 @@ def resolve(options: RunOptions, stitch_cfg: StitchConfig | None, dataset, place
 # ------------------------------------------------------------------------------------------------------ the run
 def start(options: RunOptions, stitch_cfg: StitchConfig | None) -> None:
     """Check, then execute the run under the output folder's lock (--dry-run: print the resolved run)."""
-    args = arguments(options)  # what the edge's checks and the printed run read
+    args = arguments(options)  # what the printed run reads
     if options.job.dry_run:  # before any process group, weight or image: rank 0 prints the resolved run
-        check_recipe(args, stitch_cfg, world(launched=True)[1])  # the checks that need no data, device or file here
+        check_recipe(options, stitch_cfg, world(launched=True)[1])  # the checks that need no data, device or file
         if world(launched=True)[0] == 0:
             device_type = (options.train.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
             print(to_yaml(describe_run(args, stitch_cfg, world(launched=True)[1], device_type)), end="")
         return
-    check_run(args, stitch_cfg, world(launched=True)[1])  # check: every input, before any weight or image
+    check_run(options, stitch_cfg, world(launched=True)[1])  # check: every input, before any weight or image
     check_loggers(options.logging)
     if world(launched=True)[0] == 0:
         for note in fitted_notes():  # the defaults parsing fitted to this run (a short run, a small machine)
             _logger.info(note)
-    out_dir = output_dir(args)  # once: a generated name holds the time of day
+    out_dir = output_dir(options)  # once: a generated name holds the time of day
     # one run per output folder: rank 0 holds the lock (torchrun's other ranks write into rank 0's folder); the
     # kernel releases it when the process dies, so a crashed run never leaves it stuck
     with FolderLock(out_dir) if world(launched=True)[0] == 0 else nullcontext():
@@ -346,16 +345,9 @@ def _freeze(model: RoutedNet, stitch_cfg: StitchConfig | None, freeze_anchors: b
 
 
 def _sampler(net: RoutedNet, run: Run, rank: int):
-    spec = run.stitch_cfg.get("sampler") if run.stitch_cfg is not None else None
     # frozen anchors: an anchor's own route has nothing to train, so it is not drawn
-    exclude = [c for c, steps in enumerate(net.routes) if all(isinstance(s, UnitStep) for s in steps)] \
-        if run.train.freeze_anchors else []
-    train_exclude = run.stitch_cfg.get("train_exclude") or [] if run.stitch_cfg is not None else []
-    try:
-        return create_sampler(spec, net, run.train.seed, rank, sync=run.train.sample_sync, exclude=exclude,
-                              train_exclude=train_exclude)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"stitch config field 'sampler' {spec!r}: {e}") from None
+    return run_sampler(net, run.stitch_cfg, run.train.seed, rank, sync=run.train.sample_sync,
+                       freeze_anchors=run.train.freeze_anchors)
 
 
 def _setup_training(net: RoutedNet, train_ds, run: Run, resume_state: dict | None, sampler) -> Trainer:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+from typing import Any
 
 import torch
 from timm.models import group_parameters
@@ -148,6 +149,18 @@ def fit_warmup(warmup_epochs: int, epochs: int, typed: bool) -> tuple[int, str |
 def epoch_offset(schedule: ScheduleOptions) -> int:
     """1 when per-epoch schedules step one epoch late (--lr-one-epoch-late), else 0."""
     return int(schedule.lr_one_epoch_late and not schedule.sched_on_updates)
+
+
+def describe_schedule(schedule: ScheduleOptions, eval_metric: str, warmup_lr: float, min_lr: float) -> dict[str, Any]:
+    """The LR schedule timm builds from the options, built on a one-parameter optimizer (so one timm refuses is
+    refused here): its total number of epochs and how it steps (args.yaml's resolved schedule, and train.py's check)."""
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    _, total = create_scheduler(schedule, probe, 1, warmup_lr, min_lr, eval_metric=eval_metric)
+    return {"sched": schedule.sched, "total_epochs": int(total), "warmup_epochs": schedule.warmup_epochs,
+            "warmup_prefix": schedule.warmup_prefix, "cooldown_epochs": schedule.cooldown_epochs,
+            "warmup_lr": warmup_lr, "min_lr": min_lr,
+            "steps": "per update" if schedule.sched_on_updates else "per epoch",
+            "epoch_offset": epoch_offset(schedule)}
 
 
 def create_scheduler(schedule: ScheduleOptions, optimizer: torch.optim.Optimizer, updates_per_epoch: int,

@@ -5,19 +5,21 @@ train.py runs these checks first, identically on every rank; distributed_train.s
 starts its processes (``python -m snnet.train.preflight NUM_PROC ARGS``), so a bad input under torchrun is one line from
 one process, not one per rank followed by torchrun's traceback.
 
-This module is part of train.py's argument resolution: `check_run` and `check_recipe` check the resolved arguments
-as a whole (train.py's namespace: every flag of the recipe, called only by train.py and by its own entry point
-above). The checks other tools reuse take typed values: `check_output` a folder, `check_augmentation` the
-`LoaderOptions` and an input size.
+Every check takes typed values: `check_run` and `check_recipe` the run's `RunOptions` (train.py's options as typed,
+before they are resolved), `check_output` a folder, `check_augmentation` the `LoaderOptions` and an input size. What
+a check builds to see that it can be built (the network on the meta device, the sampler, the LR schedule, the eval
+data config) it builds with the function the run itself uses, from the layers below: nothing here calls back up
+into train.py's entry modules (issue 39; `tools/trace_rooms.py` counts such calls). Only this module's own command
+line (`main`) parses arguments.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from timm.data import create_transform
@@ -28,32 +30,32 @@ from snnet.core.config import AnchorSpec, StitchConfig
 from snnet.core.distributed import world
 from snnet.core.errors import SNNetError, UsageError, one_line
 from snnet.core.fileio import lock_holder
-from snnet.core.steps import UnitStep
 from snnet.data.checks import check_data
-from snnet.data.options import DataOptions, LoaderOptions
-from snnet.data.transforms import timm_crop_mode
-from snnet.train.args import options_from, parse_args
+from snnet.data.options import LoaderOptions
+from snnet.data.transforms import eval_data_config, timm_crop_mode
 from snnet.train.device import device_from_flag
 from snnet.train.network import build_network, check_train_exclude
-from snnet.train.optim import check_optimizer_name, resolve_lrs
-from snnet.train.options import OptimOptions, ScheduleOptions
-from snnet.train.resolve import describe_network, eval_data_config, network_options, schedule
+from snnet.train.optim import check_optimizer_name, describe_schedule, resolve_lrs
+from snnet.train.options import LossOptions, RunOptions
+from snnet.train.sampler import anchor_routes, run_sampler
 
 
 class OutputError(SNNetError):
     """An output folder that cannot be written; the message names it and the fix."""
 
 
-def output_dir(args: argparse.Namespace) -> Path:
+def output_dir(options: RunOptions) -> Path:
     """Where the run writes: <output>/<experiment>; an evaluation of --resume CKPT without --output/--experiment
     writes next to the checkpoint (a rerun continues there)."""
-    if args.eval and args.resume and not (args.output or args.experiment):
-        return Path(args.resume).resolve().parent
-    name = args.experiment
+    job = options.job
+    if job.eval and job.resume and not (job.output or job.experiment):
+        return Path(job.resume).resolve().parent
+    name = job.experiment
     if not name:
-        stem = Path(args.stitch_config).stem if args.stitch_config else args.model
-        name = f"eval-{stem}" if args.eval else f"{time.strftime('%Y%m%d-%H%M%S')}-{stem}-{args.img_size or 224}"
-    return Path(args.output or "./output/train") / name
+        stem = Path(job.stitch_config).stem if job.stitch_config else options.network.model
+        name = f"eval-{stem}" if job.eval else \
+            f"{time.strftime('%Y%m%d-%H%M%S')}-{stem}-{options.network.img_size or 224}"
+    return Path(job.output or "./output/train") / name
 
 
 def check_output(path: Path) -> None:
@@ -87,66 +89,68 @@ def check_output(path: Path) -> None:
                           f"another --output/--experiment")
 
 
-def check_checkpoints(args: argparse.Namespace, stitch_cfg: StitchConfig | None = None) -> None:
+def check_checkpoints(options: RunOptions, stitch_cfg: StitchConfig | None = None) -> None:
     """--resume and --initial-checkpoint are readable pickle-free checkpoints (their fit to the network is checked
     once the network is built, before any image is read); a --resume checkpoint that recorded its stitch config was
     made with the network the given config builds (a field such as skip_final_norm changes the network without
     changing a weight's shape, so the state dict alone would load and run another network)."""
-    for path in (args.resume, args.initial_checkpoint):
+    job, loss = options.job, options.loss
+    for path in (job.resume, job.initial_checkpoint):
         if not path:
             continue
         state = load_checkpoint(path)
-        _check_classes(args, path, state)
-        if path == args.resume and not args.eval:
-            _check_epochs_left(args, state)
-        if path != args.resume or stitch_cfg is None:
+        _check_classes(options.network.num_classes, path, state)
+        if path == job.resume and not job.eval:
+            _check_epochs_left(options, state)
+        if path != job.resume or stitch_cfg is None:
             continue
-        check_same_network(stitch_cfg, state, path, args.stitch_config, "pass the config it was trained with")
-    if args.teacher_checkpoint and args.distillation_type != "none" and not args.eval:
-        _check_teacher_checkpoint(args)
+        check_same_network(stitch_cfg, state, path, str(job.stitch_config), "pass the config it was trained with")
+    if loss.teacher_checkpoint and loss.distillation_type != "none" and not job.eval:
+        _check_teacher_checkpoint(loss)
 
 
-def _check_classes(args: argparse.Namespace, path: str, state: dict) -> None:
+def _check_classes(num_classes: int | None, path: str, state: dict) -> None:
     """--num-classes against the classes a checkpoint was trained for (its recorded arguments), named by its
     classifier's shape: said first (before the epochs it finished, say), as the network could not load it."""
     recorded = (json_field(state, "args") or {}).get("num_classes")
-    if not args.num_classes or not isinstance(recorded, int) or recorded == args.num_classes:
+    if not num_classes or not isinstance(recorded, int) or recorded == num_classes:
         return
     heads = [f"{k} {tuple(v.shape)}" for k, v in state.get("state_dict", {}).items()
              if getattr(v, "ndim", 0) >= 1 and v.shape[0] == recorded and k.rsplit(".", 1)[-1] == "weight"
              and any(p in k for p in ("head", "classifier", "fc."))][:2]
     raise CheckpointError(f"checkpoint {path!r} has a classifier for {recorded} classes "
-                          f"({', '.join(heads) or 'its head'}), not the --num-classes {args.num_classes} given; "
+                          f"({', '.join(heads) or 'its head'}), not the --num-classes {num_classes} given; "
                           f"pass --num-classes {recorded}, or drop --num-classes")
 
 
-def _check_teacher_checkpoint(args: argparse.Namespace) -> None:
+def _check_teacher_checkpoint(loss: LossOptions) -> None:
     """--teacher-checkpoint: a readable pickle-free checkpoint whose keys and shapes fit the teacher (compared with
     the teacher's meta-device structure: no weight is allocated; the classifier only where --num-classes is given,
     as the data decides its size otherwise)."""
-    state = load_checkpoint(args.teacher_checkpoint, "--teacher-checkpoint")["state_dict"]
-    teacher = create_anchor(AnchorSpec(args.teacher), pretrained=False, structure_only=True,
-                            num_classes=args.num_classes)
+    state = load_checkpoint(loss.teacher_checkpoint, "--teacher-checkpoint")["state_dict"]
+    teacher = create_anchor(AnchorSpec(loss.teacher), pretrained=False, structure_only=True,
+                            num_classes=loss.num_classes)
     own = teacher.state_dict()
-    if args.num_classes is None:  # the head's size is the data's: compare the rest
+    if loss.num_classes is None:  # the head's size is the data's: compare the rest
         head = teacher.get_classifier()
         names = {f"{n}.{k}" for n, m in teacher.named_modules() if m is head for k in m.state_dict()}
         own, state = ({k: v for k, v in d.items() if k not in names} for d in (own, state))
     report = fit_report(own, state)
     if report:
-        raise CheckpointError(f"--teacher-checkpoint {args.teacher_checkpoint!r} does not fit the teacher "
-                              f"{args.teacher!r} ({report}); pass the teacher's own checkpoint or its --teacher NAME")
+        raise CheckpointError(f"--teacher-checkpoint {loss.teacher_checkpoint!r} does not fit the teacher "
+                              f"{loss.teacher!r} ({report}); pass the teacher's own checkpoint or its --teacher NAME")
 
 
-def _check_epochs_left(args: argparse.Namespace, state: dict) -> None:
+def _check_epochs_left(options: RunOptions, state: dict) -> None:
     """A finished run resumed into another folder would train no epoch and then look there for the last.pth.tar it
     never wrote. (In its own folder, a finished run goes on to its final evaluation: a restart after the last epoch.)"""
-    start = args.start_epoch if args.start_epoch is not None else \
-        int(state.get("epoch", -1)) + (0 if "batch_idx" in state else 1)
-    if start < args.epochs or Path(args.resume).resolve().parent == output_dir(args).resolve():
+    resume, epochs, start = options.job.resume, options.schedule.epochs, options.train.start_epoch
+    if start is None:
+        start = int(state.get("epoch", -1)) + (0 if "batch_idx" in state else 1)
+    if start < epochs or Path(resume).resolve().parent == output_dir(options).resolve():
         return
-    raise UsageError(f"--resume {args.resume!r} finished epoch {start} of --epochs {args.epochs}: no epoch is left to "
-                     f"train into {str(output_dir(args))!r}; raise --epochs, or evaluate it with --eval --resume")
+    raise UsageError(f"--resume {resume!r} finished epoch {start} of --epochs {epochs}: no epoch is left to "
+                     f"train into {str(output_dir(options))!r}; raise --epochs, or evaluate it with --eval --resume")
 
 
 def check_augmentation(loader: LoaderOptions, input_size: int | Sequence[int] = 224) -> None:
@@ -165,73 +169,77 @@ def check_augmentation(loader: LoaderOptions, input_size: int | Sequence[int] = 
                          f"rand-m9-mstd0.5-inc1), --scale, --ratio and --train-interpolation") from None
 
 
-def check_run(args: argparse.Namespace, stitch_cfg: StitchConfig | None, world_size: int,
+def check_run(options: RunOptions, stitch_cfg: StitchConfig | None, world_size: int,
               anchor_checkpoints: bool = False) -> None:
     """Every input of the run. `anchor_checkpoints`: the anchors' checkpoints read and fitted too (the launcher's
     check, before torchrun starts: train.py itself loads them moments later, with the same message)."""
-    device_from_flag(args.device)  # a name that is no torch device, or CUDA where there is none
-    check_output(output_dir(args))
-    check_checkpoints(args, stitch_cfg)
-    check_data(options_from(DataOptions, args), need_train=not args.eval, world_size=world_size)
-    check_recipe(args, stitch_cfg, world_size, anchor_checkpoints)
+    device_from_flag(options.train.device)  # a name that is no torch device, or CUDA where there is none
+    check_output(output_dir(options))
+    check_checkpoints(options, stitch_cfg)
+    check_data(options.data, need_train=not options.job.eval, world_size=world_size)
+    check_recipe(options, stitch_cfg, world_size, anchor_checkpoints)
 
 
-def check_recipe(args: argparse.Namespace, stitch_cfg: StitchConfig | None, world_size: int,
+def check_recipe(options: RunOptions, stitch_cfg: StitchConfig | None, world_size: int,
                  anchor_checkpoints: bool = False) -> None:
     """The checks that need no data folder, device or file of this machine (augmentation, optimizer, schedule,
     teacher): `--dry-run`, which resolves a run for another machine, runs these too."""
-    if not args.eval:
-        check_augmentation(options_from(LoaderOptions, args), eval_data_config(args, stitch_cfg)["input_size"])
-    check_training(args, world_size)
-    check_structure(args, stitch_cfg, anchor_checkpoints)
+    if not options.job.eval:
+        check_augmentation(options.loader, eval_data_config(options.values(), stitch_cfg)["input_size"])
+    check_training(options, world_size)
+    check_structure(options, stitch_cfg, anchor_checkpoints)
 
 
-def check_structure(args: argparse.Namespace, stitch_cfg: StitchConfig | None, anchor_checkpoints: bool = False
+def check_structure(options: RunOptions, stitch_cfg: StitchConfig | None, anchor_checkpoints: bool = False
                     ) -> None:
     """The network built as the run builds it, on the meta device (no weight read, downloaded or allocated): model
     arguments timm refuses, anchors that cannot be stitched at this input size, a positions selection asking for
     more positions than a pair has, routes `train_exclude` names that the network lacks, and anchor checkpoints that
     are missing or do not fit their anchors (`anchor_checkpoints`) (a wrong embed_dim, a config without the
     input_size they were trained at; the classifier too when the number of classes is given)."""
-    known = args.num_classes or (stitch_cfg.get("num_classes") if stitch_cfg is not None else None)
-    net, cfg = build_network(network_options(args, num_classes=known or 1000), stitch_cfg, structure_only=True)
+    known = options.network.num_classes or (stitch_cfg.get("num_classes") if stitch_cfg is not None else None)
+    net, cfg = build_network(replace(options.network_to_build(), num_classes=known or 1000), stitch_cfg,
+                             structure_only=True)
     if net is not None:
         check_train_exclude(net, cfg)
-    if net is not None and cfg is not None and not args.eval:
-        check_sampling(args, net, cfg)
+    if net is not None and cfg is not None and not options.job.eval:
+        check_sampling(options, net, cfg)
     if anchor_checkpoints and net is not None and cfg is not None:  # what each rank loads first fits its anchor
         for i, spec in enumerate(cfg.anchors):
             if spec.checkpoint is not None:
                 anchor_weights(net.anchor(i), spec, check_only=True, skip_head=known is None)
 
 
-def check_sampling(args: argparse.Namespace, net, cfg: StitchConfig) -> None:
+def check_sampling(options: RunOptions, net, cfg: StitchConfig) -> None:
     """What training draws: --freeze-anchors leaves a stitched route to train, and the config's sampler is built as
     the run builds it (its type and options; ROS prices the routes with the cost model on the meta network's
     zero-filled copy), so a bad sampler is refused here and by distributed_train.sh's check, not after logging."""
-    if getattr(args, "freeze_anchors", False) and all(isinstance(s, UnitStep) for r in net.routes for s in r):
+    train = options.train
+    if train.freeze_anchors and len(anchor_routes(net)) == len(net.routes):
         raise UsageError(f"--freeze-anchors leaves nothing to train: the stitch config {cfg.path!r} has "
                          f"{net.n_anchors} anchor(s) and no stitched route; drop --freeze-anchors or add an anchor")
-    describe_network(args, cfg, net)  # the sampler, as `resolve.describe_network` and the run create it
+    run_sampler(net, cfg, train.seed, 0, sync=train.sample_sync, freeze_anchors=train.freeze_anchors)
 
 
-def check_training(args: argparse.Namespace, world_size: int = 1) -> None:
+def check_training(options: RunOptions, world_size: int = 1) -> None:
     """What training builds late (the optimizer, the LR schedule, the distillation teacher), refused before any work."""
-    if args.eval:
+    if options.job.eval:
         return
-    check_optimizer_name(args.opt)
-    if args.opt_betas is not None and len(args.opt_betas) == 1 and _takes_two_betas(args.opt):
-        raise UsageError(f"--opt-betas {args.opt_betas[0]:g}: --opt {args.opt} takes two betas (beta1 beta2); give "
-                         f"both, e.g. --opt-betas {args.opt_betas[0]:g} 0.999")
-    global_batch = args.batch_size * world_size * max(1, getattr(args, "grad_accum_steps", 1) or 1)
-    lr, warmup_lr, min_lr = resolve_lrs(options_from(OptimOptions, args), options_from(ScheduleOptions, args),
-                                        global_batch)  # at the launch's world size, as the run resolves it
+    optim, train, loss = options.optim, options.train, options.loss
+    check_optimizer_name(optim.opt)
+    if optim.opt_betas is not None and len(optim.opt_betas) == 1 and _takes_two_betas(optim.opt):
+        raise UsageError(f"--opt-betas {optim.opt_betas[0]:g}: --opt {optim.opt} takes two betas (beta1 beta2); give "
+                         f"both, e.g. --opt-betas {optim.opt_betas[0]:g} 0.999")
+    global_batch = train.batch_size * world_size * max(1, train.grad_accum_steps or 1)
+    # at the launch's world size, as the run resolves it
+    lr, warmup_lr, min_lr = resolve_lrs(optim, options.schedule, global_batch)
     if min_lr > lr:
         raise UsageError(f"--min-lr {min_lr:g} is above the LR {lr:g}: the decaying schedule would raise the LR; "
                          f"lower --min-lr or raise --lr")
-    schedule(args, warmup_lr, min_lr)  # the scheduler timm builds from the flags, on a one-parameter optimizer
-    if args.distillation_type != "none" and args.teacher:
-        check_model_name(args.teacher)
+    # the scheduler timm builds from the options, on a one-parameter optimizer
+    describe_schedule(options.schedule, options.eval.eval_metric, warmup_lr, min_lr)
+    if loss.distillation_type != "none" and loss.teacher:
+        check_model_name(loss.teacher)
 
 
 def _takes_two_betas(opt: str) -> bool:
@@ -255,14 +263,16 @@ def main(argv: list[str] | None = None) -> int:
     show = argv[:1] == ["--print-output-dir"]
     argv = argv[1:] if show else argv
     try:
+        from snnet.train.args import parse_args  # this command line only: the checks take typed options
         args, stitch_cfg = parse_args(argv[1:])
-        if not args.dry_run:
-            check_run(args, stitch_cfg, int(argv[0]), anchor_checkpoints=True)
+        options = RunOptions.from_values(vars(args))  # as train.py's main types them
+        if not options.job.dry_run:
+            check_run(options, stitch_cfg, int(argv[0]), anchor_checkpoints=True)
     except SNNetError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return e.exit_code
     if show:
-        print(output_dir(args))
+        print(output_dir(options))
     return 0
 
 

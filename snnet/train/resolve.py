@@ -11,11 +11,9 @@ model (FLOPs depend on shapes, not weights; about 15 s for DeiT-III S/L on two C
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import replace
 from typing import Any
 
-import timm
 import torch
 import yaml
 from timm.data import resolve_data_config
@@ -23,18 +21,10 @@ from timm.layers import DropPath
 
 from snnet.core.build import build_snnet
 from snnet.core.config import AnchorSpec, ConfigError, StitchConfig
-from snnet.core.steps import UnitStep
-from snnet.train.optim import anchor_lr_scale, create_scheduler, decays_stitch_biases, epoch_offset, resolve_lrs
+from snnet.data.transforms import eval_data_config, pretrained_cfg
+from snnet.train.optim import anchor_lr_scale, decays_stitch_biases, describe_schedule, resolve_lrs
 from snnet.train.options import LoggerOptions, NetworkOptions, RunOptions
-from snnet.train.sampler import create_sampler, train_ids
-
-
-def _pretrained_cfg(name: str) -> dict[str, Any]:
-    try:
-        cfg = timm.models.get_pretrained_cfg(name)
-    except Exception:  # an unknown tag: the checks at build time name it
-        cfg = None
-    return cfg.to_dict() if cfg is not None else {}
+from snnet.train.sampler import anchor_routes, run_sampler, train_ids
 
 
 # ------------------------------------------------------------------------------------------ typed options
@@ -47,29 +37,6 @@ def network_options(args: argparse.Namespace, **over: Any) -> NetworkOptions:
 def logger_options(args: argparse.Namespace) -> LoggerOptions:
     """The experiment loggers train.py's flags ask for, recording its resolved arguments."""
     return replace(RunOptions.from_values(vars(args)).logging, run_config=vars(args))
-
-
-def eval_data_config(args: argparse.Namespace, stitch_cfg: StitchConfig | None) -> dict[str, Any]:
-    """timm's data config of the run (the largest anchor's defaults under the flags), and the eval resize it means
-    (`describe_run`'s eval_transform; the transform itself is `snnet.data.transforms.eval_transform`)."""
-    name = stitch_cfg.anchors[-1].name if stitch_cfg is not None else args.model
-    cfg = resolve_data_config(vars(args), pretrained_cfg=_pretrained_cfg(name))
-    size = cfg["input_size"][-1]
-    return {"input_size": list(cfg["input_size"]), "resize": math.floor(size / cfg["crop_pct"]),
-            "crop_pct": cfg["crop_pct"], "crop_mode": cfg.get("crop_mode", "center"),
-            "interpolation": cfg["interpolation"], "mean": list(cfg["mean"]), "std": list(cfg["std"])}
-
-
-def schedule(args: argparse.Namespace, warmup_lr: float, min_lr: float) -> dict[str, Any]:
-    """The LR schedule timm builds from the flags: its total number of epochs and how it steps."""
-    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    _, total = create_scheduler(RunOptions.from_values(vars(args)).schedule, probe, 1, warmup_lr, min_lr,
-                                eval_metric=args.eval_metric)
-    return {"sched": args.sched, "total_epochs": int(total), "warmup_epochs": args.warmup_epochs,
-            "warmup_prefix": args.warmup_prefix, "cooldown_epochs": args.cooldown_epochs,
-            "warmup_lr": warmup_lr, "min_lr": min_lr,
-            "steps": "per update" if args.sched_on_updates else "per epoch",
-            "epoch_offset": epoch_offset(RunOptions.from_values(vars(args)).schedule)}
 
 
 def describe_run(args: argparse.Namespace, stitch_cfg: StitchConfig | None, world_size: int,
@@ -94,8 +61,8 @@ def describe_run(args: argparse.Namespace, stitch_cfg: StitchConfig | None, worl
                          "no_weight_decay": ("the anchors' 1-D params and biases" if stitch_bias_decay else
                                              "1-D params, biases") + ("" if args.snnet_compat else
                                                                       ", the anchors' no_weight_decay names")},
-        "schedule": schedule(args, warmup_lr, min_lr),
-        "eval_transform": eval_data_config(args, stitch_cfg),
+        "schedule": describe_schedule(options.schedule, options.eval.eval_metric, warmup_lr, min_lr),
+        "eval_transform": eval_data_config(vars(args), stitch_cfg),
         "teacher": None if args.distillation_type == "none" else {
             "name": args.teacher, "type": args.distillation_type, "alpha": args.distillation_alpha,
             "tau": args.distillation_tau},
@@ -142,16 +109,6 @@ def meta_network(args: argparse.Namespace, stitch_cfg: StitchConfig):
     return net
 
 
-def materialise(net) -> None:
-    """Real, zero-filled CPU storage for a meta network, so the cost model can trace it (zeros: index buffers stay
-    valid)."""
-    if any(t.is_meta for t in [*net.parameters(), *net.buffers()]):
-        net.to_empty(device="cpu")
-        with torch.no_grad():
-            for t in [*net.parameters(), *net.buffers()]:
-                t.zero_()
-
-
 def _drop_path(anchor) -> dict[str, Any]:
     """The drop-path rate of each block of an anchor (timm's DropPath modules; 0 where a block has none)."""
     rates = []
@@ -165,7 +122,7 @@ def _drop_path(anchor) -> dict[str, Any]:
 
 
 def _anchor_entry(spec, anchor, schedule: str) -> dict[str, Any]:
-    cfg = _pretrained_cfg(spec.name)
+    cfg = pretrained_cfg(spec.name)
     data = resolve_data_config({}, pretrained_cfg=cfg) if cfg else {}
     return {"name": spec.name, "weights": spec.checkpoint or (f"timm pretrained, tag {cfg.get('tag') or '(default)'}"
                                                               if cfg else "timm, no pretrained config"),
@@ -226,21 +183,18 @@ def describe_network(args: argparse.Namespace, stitch_cfg: StitchConfig | None, 
     if net is None:
         net = meta_network(args, stitch_cfg)
     excluded = sorted(stitch_cfg.get("train_exclude") or [])
-    frozen_anchors = [c for c, steps in enumerate(net.routes) if all(isinstance(s, UnitStep) for s in steps)] \
-        if getattr(args, "freeze_anchors", False) else []
+    freeze = bool(getattr(args, "freeze_anchors", False))
+    frozen_anchors = anchor_routes(net) if freeze else []
     try:
         ids = train_ids(net.num_configs, excluded) or list(range(net.num_configs))
     except ValueError as e:
         raise ConfigError(f"stitch config {stitch_cfg.path!r}: {e}") from None
     trained = [c for c in ids if c not in frozen_anchors]
     spec = stitch_cfg.get("sampler")
-    if (spec or {}).get("type", "uniform") != "uniform":  # a sampler that prices routes: the cost model
-        materialise(net)
+    sampler = run_sampler(net, stitch_cfg, args.seed, 0, sync=args.sample_sync, freeze_anchors=freeze)
     try:
-        sampler = create_sampler(spec, net, args.seed, 0, sync=args.sample_sync, exclude=frozen_anchors,
-                                 train_exclude=excluded)
         sampler_entry = sampler.describe() if hasattr(sampler, "describe") else {"type": (spec or {}).get("type")}
-    except (ValueError, TypeError) as e:  # as train.py would refuse it when training starts, but now
+    except (ValueError, TypeError) as e:
         raise ConfigError(f"stitch config field 'sampler' {spec!r}: {e}") from None
     if "buckets" in sampler_entry:
         sampler_entry["flops"] = "cost model (fvcore convention), one image at the network's input size"

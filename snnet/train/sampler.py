@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from snnet.core.config import ConfigError, StitchConfig
 from snnet.core.cost import cost_table
+from snnet.core.steps import UnitStep
 from snnet.results.select import model_img_size
 
 _SAMPLERS: dict[str, type] = {}
@@ -69,6 +71,39 @@ def create_sampler(spec: dict[str, Any] | None, net, seed: int, rank: int, sync:
         exclude = sorted(set(exclude) | set(train_exclude))
     sampler = cls.for_network(net, seed=seed, rank=rank, sync=sync, **options)
     return Excluding(sampler, exclude, net.num_configs) if exclude else sampler
+
+
+def anchor_routes(net) -> list[int]:
+    """The cfg_ids whose route is one anchor alone (no stitch): what --freeze-anchors leaves nothing to train on."""
+    return [c for c, steps in enumerate(net.routes) if all(isinstance(s, UnitStep) for s in steps)]
+
+
+def materialise(net) -> None:
+    """Real, zero-filled CPU storage for a meta network, so the cost model can trace it (zeros: index buffers stay
+    valid). Nothing for a network that has its weights."""
+    if any(t.is_meta for t in [*net.parameters(), *net.buffers()]):
+        net.to_empty(device="cpu")
+        with torch.no_grad():
+            for t in [*net.parameters(), *net.buffers()]:
+                t.zero_()
+
+
+def run_sampler(net, stitch_cfg: StitchConfig | None, seed: int, rank: int = 0, sync: bool = False,
+                freeze_anchors: bool = False):
+    """The sampler a run draws its training routes with: the stitch config's "sampler" (uniform without one) over
+    the routes its "train_exclude" leaves, the anchors' own routes redrawn under --freeze-anchors. train.py, its
+    checks and its --dry-run build it here, so what the checks refuse is what the run would have refused. A sampler
+    that prices routes (FLOPs buckets) traces a meta network's zero-filled copy. A bad spec: ConfigError naming the
+    field."""
+    spec = stitch_cfg.get("sampler") if stitch_cfg is not None else None
+    excluded = sorted(stitch_cfg.get("train_exclude") or []) if stitch_cfg is not None else []
+    if (spec or {}).get("type", "uniform") != "uniform":
+        materialise(net)
+    try:
+        return create_sampler(spec, net, seed, rank, sync=sync, exclude=anchor_routes(net) if freeze_anchors else [],
+                              train_exclude=excluded)
+    except (ValueError, TypeError) as e:  # refused by the checks before any work, with the same message
+        raise ConfigError(f"stitch config field 'sampler' {spec!r}: {e}") from None
 
 
 def _takes_ids(cls: Any) -> bool:
