@@ -377,8 +377,22 @@ def test_batch_times_are_a_typical_slowdown_plus_jitter_not_a_ratio_percentile()
     assert b.typical(2.0) == pytest.approx(2.4)
     ratio_p95 = float(np.quantile(measured / table, 0.95))
     assert ratio_p95 * 16.0 > b.predict(16.0) + 4.0  # the old rule: a 16 ms batch predicted over 4 ms later
-    now[0] += 5.0  # nothing served for longer than the window: back to the table
+    now[0] += 5.0  # nothing served for 5 s: the last `keep` batches still hold
+    assert b.slowdown == pytest.approx(1.2) and len(b.samples) == b.keep
+    now[0] += 60.0  # nothing for longer than the horizon: back to the table
     assert b.slowdown == 1.0 and b.jitter_ms == 0.0
+
+
+def test_a_slow_network_at_a_low_rate_keeps_what_its_batches_taught():
+    """DeiT at 0.5x load runs a batch every ~0.6 s: fewer than `least` in a 2 s window. The prediction must stay
+    the learned one (here batches 30 % slower than the table), not fall back to the table between bursts."""
+    now = [0.0]
+    b = BatchTimes(clock=lambda: now[0])
+    for _ in range(20):
+        now[0] += 0.6
+        b.add(300.0, 390.0)
+    now[0] += 1.5
+    assert b.slowdown == pytest.approx(1.3) and b.predict(300.0) >= 390.0
 
 
 def test_arrivals_are_poisson_or_bursty_at_the_rate_asked():
