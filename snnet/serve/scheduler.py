@@ -124,34 +124,50 @@ class Done:
     finished: float = 0.0  # perf_counter when its batch's forward pass returned
 
 
-class Quantile:
-    """One quantile of the samples of the last `seconds` (at most `most` of them); `initial` until `least` recent
-    samples exist. Recent, so the estimate follows a machine whose load changes and falls back when samples stop
-    coming (a server shedding every request learns nothing new and must not stay pessimistic for ever)."""
+class Recent:
+    """The samples of the last `seconds` (at most `most`), but never fewer than the last `keep` and none older than
+    `horizon`, summarised by `summarise` (recomputed at most every 50 ms: a dispatch reads it many times); `fallback`
+    until `least` recent samples exist. Recent, so an estimate follows a machine whose load changes and falls back
+    when samples stop coming (a server shedding every request learns nothing new and must not stay pessimistic for
+    ever). Thread-safe: the decoding threads read it too (the early shed). The one window of `Quantile` and
+    `BatchTimes`."""
 
-    def __init__(self, q: float, initial: float, seconds: float = 2.0, least: int = 5, most: int = 400,
+    def __init__(self, summarise: Callable[[list[tuple[float, ...]]], Any], fallback: Any, seconds: float = 2.0,
+                 least: int = 5, most: int = 400, keep: int = 0, horizon: float = math.inf,
                  clock: Callable[[], float] = time.perf_counter):
-        self.q, self.initial, self.seconds, self.least, self.clock = q, initial, seconds, least, clock
-        self.samples: collections.deque[tuple[float, float]] = collections.deque(maxlen=most)
-        self._value, self._at = initial, -math.inf
-        self._lock = threading.Lock()  # read by the decoding threads too (the early shed)
+        self.summarise, self.fallback = summarise, fallback
+        self.seconds, self.least, self.keep, self.horizon, self.clock = seconds, least, keep, horizon, clock
+        self.samples: collections.deque[tuple[float, ...]] = collections.deque(maxlen=most)  # (time, *sample)
+        self._value, self._at = fallback, -math.inf
+        self._lock = threading.Lock()
 
-    def add(self, sample: float) -> None:
+    def add(self, *sample: float) -> None:
         with self._lock:
-            self.samples.append((self.clock(), sample))
+            self.samples.append((self.clock(), *sample))
             self._at = -math.inf  # recompute on the next read
 
     @property
-    def value(self) -> float:
+    def value(self) -> Any:
         with self._lock:
             now = self.clock()
-            if now - self._at > 0.05:  # at most every 50 ms: a dispatch reads it many times
-                while self.samples and now - self.samples[0][0] > self.seconds:
+            if now - self._at > 0.05:
+                old = self.seconds if len(self.samples) > self.keep else self.horizon
+                while self.samples and now - self.samples[0][0] > old:
                     self.samples.popleft()
-                self._value = float(np.quantile([x for _, x in self.samples], self.q)) \
-                    if len(self.samples) >= self.least else self.initial
+                    old = self.seconds if len(self.samples) > self.keep else self.horizon
+                self._value = self.summarise([x[1:] for x in self.samples]) if len(self.samples) >= self.least \
+                    else self.fallback
                 self._at = now
             return self._value
+
+
+class Quantile(Recent):
+    """One quantile of the recent samples (`Recent`: the last `seconds`); `initial` until `least` exist."""
+
+    def __init__(self, q: float, initial: float, seconds: float = 2.0, least: int = 5, most: int = 400,
+                 clock: Callable[[], float] = time.perf_counter):
+        super().__init__(lambda xs: float(np.quantile([x for x, in xs], q)), initial, seconds, least, most,
+                         clock=clock)
 
 
 class BatchTimes:
@@ -167,50 +183,39 @@ class BatchTimes:
     slower than it ran, and at 1x load the digits server shed 88 % of the requests while its worker ran batches
     for about 2 s of 10.7.
 
-    Recent means the batches of the last `seconds`, but never fewer than the last `keep` (a slow network at a low
-    rate runs a handful of batches in 2 s), and none older than `horizon` (a server that runs nothing, shedding
-    everything, must not stay pessimistic for ever). Until `least` recent batches exist: the table as measured
-    (slowdown 1, jitter 0). Why `keep` (issue 38, the repeated DeiT run): at 0.5x load DeiT ran fewer than 5
-    batches in 2 s, the prediction fell back to a latency table measured faster than the machine then ran, and 9 in
-    100 of the answers that said `within_budget` missed their budget."""
+    Recent (`Recent`) means the batches of the last `seconds`, but never fewer than the last `keep` (a slow network
+    at a low rate runs a handful of batches in 2 s), and none older than `horizon` (a server that runs nothing,
+    shedding everything, must not stay pessimistic for ever). Until `least` recent batches exist: the table as
+    measured (slowdown 1, jitter 0). Why `keep` (issue 38, the repeated DeiT run): at 0.5x load DeiT ran fewer than
+    5 batches in 2 s, the prediction fell back to a latency table measured faster than the machine then ran, and 9
+    in 100 of the answers that said `within_budget` missed their budget."""
 
     def __init__(self, seconds: float = 2.0, least: int = 5, most: int = 400, keep: int = 30,
                  horizon: float = 60.0, clock: Callable[[], float] = time.perf_counter):
-        self.seconds, self.least, self.keep, self.horizon, self.clock = seconds, least, keep, horizon, clock
-        self.samples: collections.deque[tuple[float, float, float]] = collections.deque(maxlen=most)
-        self._slowdown, self._jitter, self._at = 1.0, 0.0, -math.inf
-        self._residuals = np.zeros(0)  # measured - slowdown x table of the recent batches, sorted
-        self._lock = threading.Lock()  # read by the decoding threads too (the early shed)
+        self.window = Recent(self._fit, (1.0, 0.0, np.zeros(0)), seconds, least, most, keep, horizon, clock)
+        self.keep = keep
+
+    @staticmethod
+    def _fit(batches: list[tuple[float, ...]]) -> tuple[float, float, np.ndarray]:
+        """(slowdown, jitter, the sorted residuals measured - slowdown x table) of (table, measured) pairs."""
+        table = np.array([t for t, _ in batches])
+        measured = np.array([m for _, m in batches])
+        slowdown = float(np.median(measured / table))
+        residuals = np.sort(measured - slowdown * table)
+        return slowdown, max(0.0, float(np.quantile(residuals, 0.95))), residuals
+
+    @property
+    def samples(self) -> collections.deque[tuple[float, ...]]:
+        return self.window.samples
 
     def add(self, table_ms: float, measured_ms: float) -> None:
         if table_ms > 0:
-            with self._lock:
-                self.samples.append((self.clock(), table_ms, measured_ms))
-                self._at = -math.inf  # recompute on the next read
-
-    def _current(self) -> tuple[float, float]:
-        with self._lock:
-            now = self.clock()
-            if now - self._at > 0.05:  # at most every 50 ms: a dispatch reads it many times
-                while self.samples and (now - self.samples[0][0] > self.horizon or
-                                        (now - self.samples[0][0] > self.seconds and len(self.samples) > self.keep)):
-                    self.samples.popleft()
-                if len(self.samples) < self.least:
-                    self._slowdown, self._jitter, self._residuals = 1.0, 0.0, np.zeros(0)
-                else:
-                    table = np.array([t for _, t, _ in self.samples])
-                    measured = np.array([m for _, _, m in self.samples])
-                    self._slowdown = float(np.median(measured / table))
-                    self._residuals = np.sort(measured - self._slowdown * table)
-                    self._jitter = max(0.0, float(np.quantile(self._residuals, 0.95)))
-                self._at = now
-            return self._slowdown, self._jitter
+            self.window.add(table_ms, measured_ms)
 
     def chance_within(self, table_ms: float, ms_left: float) -> float:
         """The share of recent batches that, scaled to this one, took at most `ms_left` (1 or 0 by the table until
         enough batches were served)."""
-        slowdown, _ = self._current()
-        residuals = self._residuals
+        slowdown, _, residuals = self.window.value
         slack = ms_left - slowdown * table_ms
         if len(residuals) == 0:
             return 1.0 if slack >= 0 else 0.0
@@ -218,11 +223,11 @@ class BatchTimes:
 
     @property
     def slowdown(self) -> float:
-        return self._current()[0]
+        return self.window.value[0]
 
     @property
     def jitter_ms(self) -> float:
-        return self._current()[1]
+        return self.window.value[1]
 
     def typical(self, table_ms: float) -> float:
         """The batch's time at the machine's typical speed now (about half the batches take longer)."""
@@ -230,7 +235,7 @@ class BatchTimes:
 
     def predict(self, table_ms: float) -> float:
         """The time ~95 % of such batches stay within (0 for no batch)."""
-        slowdown, jitter = self._current()
+        slowdown, jitter, _ = self.window.value
         return table_ms * slowdown + jitter if table_ms > 0 else 0.0
 
 
