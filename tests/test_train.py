@@ -258,6 +258,8 @@ def test_plain_model_training(tmp_path, digits_folder):
     ("no model", ["{data}"], "give --stitch_config FILE"),
     ("split-bn", ["{data}", "--stitch_config", "{cfg}", "--split-bn"], "--split-bn needs --aug-splits > 1 or "
                                                                        "--resplit"),
+    ("split-bn odd batch", ["{data}", "--stitch_config", "{cfg}", "--split-bn", "--resplit", "-b", "5"],
+     "-b/--batch-size 5 with --split-bn and no --aug-splits: split-BN halves each batch"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, digits_folder, tiny_config, case, argv,
                                                             message):
@@ -285,27 +287,34 @@ SEED_CNN = ("-b 128 --stitch_config configs/resnet18_resnet50.json --sched cosin
 @pytest.mark.dist
 def test_cnn_seed_command_runs_on_two_cpu_processes(tmp_path_factory, tmp_path):
     """DEVELOPERS.md's ResNet command, flags verbatim, on 2 gloo processes. Appended (the command line wins): one
-    epoch, 32 px, random anchors and batch 16, since weights cannot be downloaded here and 30 epochs at 224 px of
-    ResNet-50 do not fit a CPU test. 32 training images: one 16-image step per process (at -b 128 that one step,
-    3 augmentation splits of 128 images under CPU bf16 autocast, took 97 s)."""
+    epoch, 32 px, random anchors and batch 4, since weights cannot be downloaded here and 30 epochs at 224 px of
+    ResNet-50 do not fit a CPU test. 10 training images: one 4-image step per process (split-BN halves it). Small
+    because --amp is bf16 autocast on CPU, and a CPU without bf16 instructions (this one) runs bf16 convolutions on
+    reference kernels: a ResNet-50 step of 48 images took 40 s vs 0.9 s in fp32, which the run now says in one
+    warning (rank 0's)."""
     from PIL import Image
     from sklearn.datasets import load_digits
+
+    from snnet.train.device import cpu_has_fast_bf16
     d = load_digits()
-    root = tmp_path_factory.mktemp("digits64")
-    for n in range(64):
-        folder = root / ("val" if n < 32 else "train") / str(d.target[n])
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((d.images[n] / 16 * 255).astype(np.uint8)).resize((32, 32)).convert("RGB").save(
-            folder / f"{n}.png")
+    root = tmp_path_factory.mktemp("digits_cnn")
+    for split, indices in (("val", range(20)), ("train", range(20, 30))):  # each 10 classes
+        for n in indices:
+            folder = root / split / str(d.target[n])
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((d.images[n] / 16 * 255).astype(np.uint8)).resize((32, 32)).convert("RGB").save(
+                folder / f"{n}.png")
     # the card's teacher (DeiT's RegNetY-16GF) cannot be downloaded here: a local ResNet-18 stands in for it
     teacher = tmp_path / "teacher.pth"
     torch.save(timm.create_model("resnet18", num_classes=10).state_dict(), teacher)
-    extra = ["--epochs", "1", "--img-size", "32", "--no-pretrained", "-b", "16", "--output", str(tmp_path),
+    extra = ["--epochs", "1", "--img-size", "32", "--no-pretrained", "-b", "4", "--output", str(tmp_path),
              "--experiment", "cnn", "--teacher", "resnet18", "--teacher-checkpoint", str(teacher)]
     r = run(["./distributed_train.sh", "2", str(root), *SEED_CNN.split(), *extra], timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "1 steps/epoch; 2 process(es)" in r.stderr
+    assert r.stderr.count("--amp on this CPU") == (0 if cpu_has_fast_bf16() else 1), r.stderr[-3000:]
     records = [json.loads(l) for l in (tmp_path / "cnn" / "stitches_res.txt").read_text().splitlines()]
-    assert [rec["cfg_id"] for rec in records] == list(range(10)) and {rec["samples"] for rec in records} == {32}
+    assert [rec["cfg_id"] for rec in records] == list(range(10)) and {rec["samples"] for rec in records} == {20}
     state = torch.load(tmp_path / "cnn" / "last.pth.tar", weights_only=True)
     assert "anchors.1.layer3.5.bn2.aux_bn.0.running_mean" in state["state_dict"]  # split-BN, SN-Net's keys
     # evaluation of that checkpoint with the same flags (split-BN keys load strictly), in one process (train.py's

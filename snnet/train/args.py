@@ -353,6 +353,9 @@ def _check_values(args: argparse.Namespace) -> None:
         raise UsageError(f"-j/--workers {args.workers} must be >= 0")
     if args.split_bn and not (args.aug_splits > 1 or args.resplit):
         raise UsageError("--split-bn needs --aug-splits > 1 or --resplit (timm's rule); add --resplit")
+    if args.split_bn and args.aug_splits < 2 and args.batch_size % 2:
+        raise UsageError(f"-b/--batch-size {args.batch_size} with --split-bn and no --aug-splits: split-BN halves "
+                         f"each batch (timm: 2 parts), so it must be even; give -b {args.batch_size + 1}")
     if args.val_stitches is not None and any(c != "all" and c < 0 for c in args.val_stitches):
         raise UsageError(f"--val-stitches {args.val_stitches} must be cfg_ids >= 0 or 'all'")
     if not re.fullmatch(r"none|all|(anchors|\d+)(,(anchors|\d+))*", args.save_predictions):
