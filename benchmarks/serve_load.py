@@ -187,20 +187,32 @@ def _cascade(pred, chain: list[int], flops: dict[int, float], target: float) -> 
     return {"chain": s["chain"], "thresholds": s["thresholds"], "acc1": s["acc1"], "flops": s["flops"]}
 
 
-def deit_net(work: Path, quick: bool) -> Net:
-    from PIL import Image
-    config = ROOT / "configs" / "deit_ti_s_b.json"
+DEIT_CONFIG = ROOT / "configs" / "deit_ti_s_b.json"
+DEIT_ANCHORS = [0, 1, 2]
+
+
+def deit_menu(quick: bool) -> tuple[Any, list[dict[str, Any]], dict[int, dict[str, float]]]:
+    """SN-Net's DeiT-Ti/S/B with random weights, the served stitches' records (SN-Net's published top-1 and FLOPs:
+    the anchors and up to 10 front stitches) and their batch-1 latency table measured here. Shared with
+    benchmarks/serve_sim.py."""
     published = read_results(ROOT / "benchmarks" / "data" / "snnet_deit_ti_s_b_stitches_res.txt")
     torch.manual_seed(0)
-    net = build_snnet(parse_stitch_config(json.loads(config.read_text())), pretrained=False, num_classes=1000,
-                      img_size=224).eval()
+    net = build_snnet(parse_stitch_config(json.loads(DEIT_CONFIG.read_text())), pretrained=False,
+                      num_classes=1000, img_size=224).eval()
+    ids = sorted(set(_front_ids(published, 6 if quick else 10)) | set(DEIT_ANCHORS))
+    records = [{**r, "route": net.describe(r["cfg_id"])} for r in published if r["cfg_id"] in ids]
+    table = measure_latency(net, ids, (1,), (224, 224), 3, warmup=1, repeats=3 if quick else 5)
+    return net, records, table
+
+
+def deit_net(work: Path, quick: bool) -> Net:
+    from PIL import Image
+    config = DEIT_CONFIG
+    net, records, table = deit_menu(quick)
+    anchors = DEIT_ANCHORS
     ckpt = work / "deit_snnet.pth.tar"
     save_checkpoint(ckpt, {"state_dict": net.state_dict(), "epoch": 0,
                            "args": json.dumps({"num_classes": 1000, "img_size": 224, "model_kwargs": {}})})
-    anchors = [0, 1, 2]
-    ids = sorted(set(_front_ids(published, 6 if quick else 10)) | set(anchors))
-    records = [{**r, "route": net.describe(r["cfg_id"])} for r in published if r["cfg_id"] in ids]
-    table = measure_latency(net, ids, (1,), (224, 224), 3, warmup=1, repeats=3 if quick else 5)
     results = _with_latency(records, table, work / "deit_res.txt")
     rng = np.random.default_rng(0)
     images = [_png(Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)), "JPEG")
