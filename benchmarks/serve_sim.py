@@ -9,30 +9,35 @@ with confidence intervals, not one trace's luck.
 
 The model: SN-Net's DeiT-Ti/S/B served stitches (the anchors and 10 stitches of the published front, the published
 top-1 per answer: the *expected* effective accuracy, as serve_load's DeiT part) with batch-1 latencies measured
-here (serve_load's own `deit_menu`, or `--table` from an earlier run). A batch takes its table time x a lognormal
-factor (median 1, `--sigma`), plus `--after-ms` until the answer. Requests arrive open loop with gamma
-inter-arrival times (CV^2 1, 4, 8) at offered loads x the capacity of the largest anchor (1000 / its ms); the SLO
-is `--slo-factor` x the largest anchor's ms (3, as serve_load). A request is shed when the scheduler sheds it
-(`--shed`, as every serve_load server). No HTTP, decoding or client time: the server's own time only.
+here (serve_load's own `deit_menu`, or `--table` from an earlier run; `--table results/serve_sim_toy_table.json`
+is a made-up menu whose fast stitches are far less accurate, to show where switching cannot win). A batch takes
+its table time x a lognormal factor (median 1, `--sigma`), plus `--after-ms` until the answer. Requests arrive
+open loop with gamma inter-arrival times (CV^2 1, 4, 8) at offered loads x the capacity of the largest anchor
+(1000 / its ms); the SLO is `--slo-factor` x the largest anchor's ms (3, as serve_load). A request is shed when
+the scheduler sheds it (`--shed`, as every serve_load server). No HTTP, decoding or client time: the server's own
+time only.
 
-Systems (the same scheduler, different menus): switch (every served stitch; headroom 2 and the shared slack, the
-server's defaults), switch with headroom 0, switch without the shared slack (`fair=False`: the rule before this
-benchmark, the head spends what the queue can make up on the fastest stitch), anchors (the three anchors' menu:
-INFaaS-style model switching), and every served stitch fixed alone; "best fixed" is the best fixed one per
-(trace, load), chosen after the fact (an oracle). Margin: switch minus the best alternative (the anchors or the
-best fixed), mean over `--seeds` traces with its 95 % interval (t over the seeds, paired: every system sees the
-same arrivals).
+Systems (the same scheduler, different menus): switch (every served stitch, the server's defaults: the shared
+slack and the burst quantile), switch without the burst quantile (`burst_q=None`: the rule of the previous round),
+switch without the shared slack either (`fair=False`: the rule before that: the head spends what the queue can make
+up on the fastest stitch), anchors (the three anchors' menu: INFaaS-style model switching), and every served stitch
+fixed alone; "best fixed" is the best fixed one per (trace, load), chosen after the fact (an oracle). Margin:
+switch minus the best alternative (the anchors or the best fixed), mean over `--seeds` traces with its 95 %
+interval (t over the seeds, paired: every system sees the same arrivals). The burst quantile (0.6) was chosen on
+the traces of seeds 0-4; `--seed-offset 100` runs traces it was not chosen on.
 
-    .venv/bin/python benchmarks/serve_sim.py [--seeds 5] [--requests 1000] [--table FILE | --save-table FILE] \
-        > results/bench_serve_sim.txt
+    .venv/bin/python benchmarks/serve_sim.py [--seeds 5] [--seed-offset 0] [--requests 1000] \
+        [--table FILE | --save-table FILE] > results/bench_serve_sim.txt
 
 Last line: RESULT sim_worst_margin_effacc=<e> sim_dominated=<d>.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -57,12 +62,12 @@ TRACES = (4.0, 1.0, 8.0)  # CV^2 of the inter-arrival times; 4 is serve_load's m
 T95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}  # t(0.975, n - 1)
 
 
-def simulate(menu: StitchMenu, candidates: list[int], times: np.ndarray, slo_ms: float, headroom: float,
-             fair: bool, sigma: float, after_ms: float, seed: int) -> dict[str, Any]:
+def simulate(menu: StitchMenu, candidates: list[int], times: np.ndarray, slo_ms: float, fair: bool,
+             burst_q: float | None, sigma: float, after_ms: float, seed: int) -> dict[str, Any]:
     """One server, one trace: each request's credit (its stitch's top-1 when answered within the SLO, else 0),
     whether it met the SLO, and its stitch (-1 when shed)."""
     clock = [0.0]
-    sched = DeadlineScheduler(lambda x, c: x, menu, max_batch=1, shed=True, headroom=headroom, fair=fair)
+    sched = DeadlineScheduler(lambda x, c: x, menu, max_batch=1, shed=True, fair=fair, burst_q=burst_q)
     sched.learned = Learned(BatchTimes(clock=lambda: clock[0]), Quantile(0.95, 0.5, clock=lambda: clock[0]))
     rng = np.random.default_rng(seed)
     n = len(times)
@@ -113,6 +118,8 @@ def interval(values: list[float]) -> tuple[float, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=5, help="traces per (trace, load); every system sees the same ones")
+    p.add_argument("--seed-offset", type=int, default=0,
+                   help="the first trace's seed (traces the scheduler's settings were not chosen on: e.g. 100)")
     p.add_argument("--requests", type=int, default=1000, help="requests per trace")
     p.add_argument("--sigma", type=float, default=0.1, help="lognormal spread of a batch's time around the table's")
     p.add_argument("--after-ms", type=float, default=1.0, help="from a batch's end to its answers")
@@ -122,34 +129,41 @@ def main() -> None:
     args = p.parse_args()
     t0 = time.perf_counter()
 
+    name = "SN-Net DeiT-Ti/S/B (published)"
     if args.table:
         saved = json.loads(args.table.read_text())
         records, latency = saved["records"], {int(c): float(ms) for c, ms in saved["latency_ms_b1"].items()}
-        source = f"{args.table} (an earlier measurement)"
+        source = f"{args.table} ({saved.get('measured', 'an earlier measurement')})"
+        name = saved.get("name", name)
     else:
+        load_before = os.getloadavg()[0]
         _, records, table = deit_menu(quick=False)
         latency = {c: t["latency_ms_b1"] for c, t in table.items()}
-        source = "measured now (serve_load.deit_menu: warm-up 1, median of 5)"
+        source = (f"measured now (serve_load.deit_menu: warm-up 1, median of 5; load average {load_before:.2f} "
+                  f"before, {os.getloadavg()[0]:.2f} after)")
         if args.save_table:
-            args.save_table.write_text(json.dumps({"records": records, "latency_ms_b1": latency}, indent=1) + "\n")
-    menu = StitchMenu(records, {c: {1: ms} for c, ms in latency.items()}, "SN-Net DeiT-Ti/S/B (published)")
+            args.save_table.write_text(json.dumps({"measured": source, "records": records, "latency_ms_b1": latency},
+                                                  indent=1) + "\n")
+    menu = StitchMenu(records, {c: {1: ms} for c, ms in latency.items()}, name)
     ranked = [r["cfg_id"] for r in menu.ranked]
     largest = max(DEIT_ANCHORS, key=lambda a: menu.by_id[a]["flops"])
     slo = args.slo_factor * latency[largest]
     capacity = 1000.0 / latency[largest]
-    systems: dict[str, tuple[list[int], float, bool]] = {
-        "switch": (ranked, 2.0, True), "switch, no headroom": (ranked, 0.0, True),
-        "switch, unshared slack": (ranked, 2.0, False),
-        "anchors (3 models)": ([c for c in ranked if c in DEIT_ANCHORS], 2.0, True)}
+    burst_q = inspect.signature(DeadlineScheduler).parameters["burst_q"].default  # the server's default
+    systems: dict[str, tuple[list[int], bool, float | None]] = {
+        "switch": (ranked, True, burst_q), "switch, no burst quantile": (ranked, True, None),
+        "switch, unshared slack": (ranked, False, None),
+        "anchors (3 models)": ([c for c in ranked if c in DEIT_ANCHORS], True, burst_q)}
     for c in sorted(latency, key=lambda c: latency[c]):
-        systems[f"fixed cfg {c}"] = ([c], 2.0, True)
+        systems[f"fixed cfg {c}"] = ([c], True, burst_q)
 
-    print(f"$ .venv/bin/python benchmarks/serve_sim.py --seeds {args.seeds} --requests {args.requests} "
+    print(f"$ .venv/bin/python benchmarks/serve_sim.py --seeds {args.seeds} --seed-offset {args.seed_offset} "
+          f"--requests {args.requests} "
           f"--sigma {args.sigma} --after-ms {args.after_ms} --slo-factor {args.slo_factor}"
           + (f" --table {args.table}" if args.table else ""))
     print(f"latency table: {source}; SLO {slo:.1f} ms ({args.slo_factor} x the largest anchor's {latency[largest]:.1f} "
           f"ms); capacity {capacity:.2f} req/s; torch {torch.__version__}")
-    print("\n| cfg_id | top-1 (published) | GFLOPs | batch-1 ms |\n|---:|---:|---:|---:|")
+    print(f"\nmenu: {name}\n\n| cfg_id | top-1 | GFLOPs | batch-1 ms |\n|---:|---:|---:|---:|")
     for c in sorted(latency, key=lambda c: latency[c]):
         r = menu.by_id[c]
         print(f"| {c} | {r['acc1']:.2f} | {r['flops'] / 1e9:.2f} | {latency[c]:.1f} |")
@@ -158,10 +172,11 @@ def main() -> None:
     for cv2 in TRACES:
         for load in LOADS:
             for seed in range(args.seeds):
+                seed += args.seed_offset
                 times = arrival_times(args.requests, load * capacity, cv2, seed=1000 * seed + int(load * 100 + cv2))
-                for name, (cands, headroom, fair) in systems.items():
+                for name, (cands, fair, bq) in systems.items():
                     rows.setdefault((name, cv2, load), []).append(
-                        simulate(menu, cands, times, slo, headroom, fair, args.sigma, args.after_ms, seed))
+                        simulate(menu, cands, times, slo, fair, bq, args.sigma, args.after_ms, seed))
             print(f"# CV2 {cv2:g} load {load:.2f}x done, {time.perf_counter() - t0:.0f} s", file=sys.stderr,
                   flush=True)
 
@@ -170,7 +185,7 @@ def main() -> None:
 
     fixed = [n for n in systems if n.startswith("fixed")]
     worst, dom = math.inf, 0
-    print("\n| trace | load | switch eff. acc | no headroom | unshared slack | anchors | best fixed (oracle) | "
+    print("\n| trace | load | switch eff. acc | no burst quantile | unshared slack | anchors | best fixed (oracle) | "
           "margin ± 95 % | switch SLO / top-1 | dominated by |")
     print("|---|---:|---:|---:|---:|---:|---|---:|---|---|")
     for cv2 in TRACES:
@@ -185,7 +200,7 @@ def main() -> None:
                     and mean(n, cv2, load, "top1") > sw_top]
             dom += bool(doms)
             print(f"| CV2 {cv2:g} | {load:.2f}x | {mean('switch', cv2, load, 'effacc'):.2f} | "
-                  f"{mean('switch, no headroom', cv2, load, 'effacc'):.2f} | "
+                  f"{mean('switch, no burst quantile', cv2, load, 'effacc'):.2f} | "
                   f"{mean('switch, unshared slack', cv2, load, 'effacc'):.2f} | "
                   f"{mean('anchors (3 models)', cv2, load, 'effacc'):.2f} | "
                   f"{best_fixed.removeprefix('fixed ')}: {mean(best_fixed, cv2, load, 'effacc'):.2f} | "

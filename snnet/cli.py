@@ -89,6 +89,26 @@ def _percent(text: str) -> float:
     return value
 
 
+def _quantile_or_off(text: str) -> float | None:
+    if text.strip().lower() == "off":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a quantile; write a number from 0 to 1 (e.g. 0.6) or off")
+    return value
+
+
+def _magnitude(v: float) -> str:
+    """A small difference as its power of ten ('< 1e-05'), so the line reads the same on CPUs whose float kernels
+    differ in the last bits (2.3e-06 on one, 1.7e-06 on another); larger ones as they are."""
+    if v == 0 or v >= 1e-3:
+        return f"{v:.2g}"
+    return f"< {10.0 ** math.ceil(math.log10(v)):.0e}"
+
+
 def _positive_int(text: str) -> int:
     if not re.fullmatch(r"\s*\d+\s*", text) or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer; write e.g. 32")
@@ -239,7 +259,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     sizes = ", ".join(f"{name} ({(out / name).stat().st_size / 1024:.1f} KiB)"
                       for name in [*spec["files"].values(), "model.json"])
     print(f"  {out}/: {sizes}")
-    diffs = ", ".join(f"{k} {'n/a (onnxruntime not installed)' if v is None else f'{v:.2g}'}"
+    diffs = ", ".join(f"{k} {'n/a (onnxruntime not installed)' if v is None else _magnitude(v)}"
                       for k, v in spec["max_abs_diff_vs_snnet"].items())
     print(f"  max |logits - SN-Net logits| on 3 random images: {diffs}")
     print(f"  load: from snnet.deploy.export import load_exported; net = load_exported({str(out)!r})  "
@@ -299,7 +319,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     spec = ServeSpec(checkpoint=args.checkpoint, stitch_config=args.stitch_config, results=args.results,
                      exported=list(args.exported or []), img_size=args.img_size, num_classes=args.num_classes,
                      max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, shed=args.shed, headroom=args.headroom,
-                     max_body_bytes=args.max_body_kb * 1024, device=args.device, threads=args.threads)
+                     burst_q=args.burst_quantile, max_body_bytes=args.max_body_kb * 1024, device=args.device,
+                     threads=args.threads)
     served = load_served(spec)  # refuses a bad checkpoint, config or results file here, before anything starts
     n, what = len(served.records), args.checkpoint or f"{len(spec.exported)} export folders"
     del served
@@ -358,6 +379,10 @@ def _serve_parser(sub) -> None:
                    help="choose a stitch only if the requests expected to arrive while its batch runs (X times the "
                         "arrival rate of the last 2 s) could still meet the head's budget on the fastest stitch "
                         "(default 2: arrivals come in bursts; 0: the most accurate stitch that meets the deadline)")
+    v.add_argument("--burst-quantile", type=_quantile_or_off, default=0.6, metavar="Q",
+                   help="expect the burst that follows an arrival within one latency budget in Q of the cases of "
+                        "the last 30 s, and choose a stitch the queue and that burst could share (default 0.6; "
+                        "off: the queue alone)")
     v.add_argument("--max-body-kb", type=_positive_int, default=4096, metavar="KB",
                    help="largest request body; larger ones get 413 (default 4096)")
     v.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")

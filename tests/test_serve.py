@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -248,6 +249,50 @@ def test_dispatch_shares_the_slack_of_the_queue():
     s = scheduler(max_batch=1)  # deadlines 4.5, 5, 5.5: stitch 2 for all ends at 2, 4, 6 > 5.5; stitch 0 at 1, 2, 3
     queue(s, [job(ranked, 4.5), job(ranked, 5.0), job(ranked, 5.5)])
     assert s.plan(100.0)[0] == 0
+
+
+def test_burst_is_a_quantile_of_the_arrivals_that_followed_each_arrival():
+    """After each arrival of the last `burst_window` s whose next `span` is over: how many more came within `span`.
+    Bursts of 5 arrivals 1 ms apart, one a second: 4, 3, 2, 1, 0 more within 10 ms, ten times each."""
+    for q, want in [(0.6, 2), (0.9, 4), (0.0, 0)]:  # 0.6: the quantile of 50 counts, 10 each of 0..4, is 2.4
+        s = scheduler()
+        s.history.extend(t + i / 1000 for t in range(80, 90) for i in range(5))
+        s.burst_q = q
+        offsets = s.burst(100.0, 0.01)  # the i-th next arrival came i ms after
+        assert offsets == pytest.approx([i / 1000 for i in range(1, want + 1)]), q
+    assert s.burst(100.0, 0.0005) == []  # the arrivals were 1 ms apart
+    s.burst_q = 1.0
+    assert len(s.burst(100.0, 0.01)) == 4
+    assert len(s.burst(115.0, 0.01)) == 4 and len(s.history) == 25  # 30 s later only the bursts at 85-89 remain
+    assert s.burst(125.0, 0.01) == [] and len(s.history) == 0  # none left: no burst expected
+    s = scheduler()
+    s.history.extend([99.995, 99.996, 99.997, 99.998, 99.999])  # their next 10 ms are not over at 100: not counted
+    assert s.burst(100.0, 0.01) == []
+    s = scheduler()  # bursts of 3 whose second came 1 ms after the first, the third 2 or 8 ms after it: the medians
+    s.history.extend(t + d for t in range(80, 90) for d in (0, 0.001, 0.002 if t % 2 else 0.008))
+    s.burst_q = 1.0
+    assert s.burst(100.0, 0.01) == pytest.approx([0.001, 0.005])
+
+
+def test_dispatch_keeps_room_for_the_usual_burst():
+    """Issue 38: on bursty traces the next requests of a burst arrived behind a batch sized for the queue alone. The
+    head (12 ms budget, alone, no arrivals in the last 2 s, batches of 1) runs stitch 1 (4 ms) unless the bursts of
+    the last 30 s say 6 more requests usually follow within 12 ms, 1 ms apart (deadlines 13, 14, ... 18 ms from
+    now): they and the head could not all run stitch 1 in time (4, 8, 12, 16 > 15), but could run stitch 2 (2, 4,
+    ... 14)."""
+    ranked = [1, 2, 0]
+    bursts = [t + i / 1000 for t in range(80, 98) for i in range(7)]  # 7 arrivals 1 ms apart, once a second
+    for burst_q, want in [(None, 1), (0.0, 1), (1.0, 2)]:
+        s = scheduler(max_batch=1)
+        s.burst_q = burst_q
+        s.history.extend(bursts)
+        queue(s, [job(ranked, 12.0)])
+        assert s.plan(100.0)[0] == want, burst_q
+    s = scheduler(max_batch=1)
+    s.burst_q = 1.0
+    s.history.extend(t + i / 10_000 for t in range(80, 98) for i in range(12))  # 12 arrivals 0.1 ms apart
+    queue(s, [job(ranked, 5.0)])  # 11 more within 5 ms: even stitch 0 (1 ms each) could not run them all in time
+    assert s.plan(100.0)[0] == 1  # no stitch has room for the burst: the choice without it (stitch 1 fits 5 ms)
 
 
 def test_dispatch_leaves_room_for_the_arrivals_a_batch_will_hold_up():
@@ -535,6 +580,8 @@ def test_serve_refuses_results_of_another_network_before_starting(tiny, tmp_path
     assert_refused(rc, err, "is not of this SN-Net")
     rc, _, err = run_cli(capsys, "serve", "--results", tiny.results)
     assert_refused(rc, err, "pass the SN-Net checkpoint")
+    rc, _, err = run_cli(capsys, "serve", tiny.ckpt, "--stitch_config", tiny.config, "--burst-quantile", "1.5")
+    assert_refused(rc, err, "--burst-quantile", "'1.5' is not a quantile", "or off")
 
 
 def test_serve_refuses_a_port_in_use_before_starting_ray(tiny, capsys):
@@ -649,3 +696,17 @@ def test_http_server_answers_refuses_holds_up_under_load_and_stops(server):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
     assert "shutting down" in open(log / "err").read()
+
+
+@pytest.mark.slow
+def test_the_scheduler_simulation_runs():
+    """benchmarks/serve_sim.py (docs/serving.md's simulation) on the committed DeiT latency table, short: every
+    (trace, load) row, every system's column, the RESULT line."""
+    out = subprocess.run([sys.executable, "benchmarks/serve_sim.py", "--table", "results/serve_sim_deit_table.json",
+                          "--seeds", "2", "--requests", "40"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| CV2")]
+    assert len(rows) == 15 and all(len(r.strip("|").split("|")) == 10 for r in rows), out.stdout
+    last = out.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"RESULT sim_worst_margin_effacc=-?\d+\.\d{3} sim_dominated=\d+", last), last

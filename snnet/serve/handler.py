@@ -75,6 +75,7 @@ class ServeSpec:
     max_wait_ms: float = 0.0
     shed: bool = False  # answer 503 at once when a latency budget cannot be met even on the fastest stitch
     headroom: float = 2.0  # arrivals a batch expects: this many times the recent rate x its time (0: greedy)
+    burst_q: float | None = 0.6  # the quantile of the bursts after an arrival the queue must afford (None: off)
     max_body_bytes: int = 4 << 20
     device: str = "cpu"
     threads: int | None = None
@@ -167,7 +168,8 @@ class ServeCore:
         device = device_from_flag(spec.device)
         model = served.model.to(device).eval()
         self.scheduler = DeadlineScheduler(lambda x, c: model(x.to(device), c).float().cpu(), self.menu,
-                                           spec.max_batch, spec.max_wait_ms, spec.shed, spec.headroom)
+                                           spec.max_batch, spec.max_wait_ms, spec.shed, spec.headroom,
+                                           burst_q=spec.burst_q)
         # images are decoded and transformed here, off the event loop: a large image never stalls other clients
         self.decoder = concurrent.futures.ThreadPoolExecutor(max_workers=DECODE_THREADS,
                                                              thread_name_prefix="snnet-decode")
@@ -390,6 +392,7 @@ class ServeCore:
                 "img_size": list(self.served.img_size), "num_classes": self.served.num_classes,
                 "class_names": self.served.class_names,
                 "max_batch": self.spec.max_batch, "max_wait_ms": self.spec.max_wait_ms, "headroom": self.spec.headroom,
+                "burst_quantile": self.spec.burst_q,
                 "max_body_bytes": self.spec.max_body_bytes, "device": self.spec.device,  # no file paths: clients
                 "responses": {str(k): v for k, v in sorted(self.counts.items())},
                 **self.scheduler.stats(), "shed_enabled": self.spec.shed,
