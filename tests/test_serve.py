@@ -359,7 +359,12 @@ def test_a_request_past_hope_is_shed_before_its_image_is_decoded(core):
             core.parse(undecodable, time.perf_counter() - 1.0)  # came in 1 s ago with a 5 ms budget
         with pytest.raises(RequestError, match="not a readable image"):  # still in time: decoded, and refused
             core.parse(undecodable, time.perf_counter())
-        assert handle(core, {"image": "bm90IGFuIGltYWdl", "budget": {"latency_ms": 1e-3}})[0] == 503
+        # a budget no stitch could meet even on an idle server is the client's to fix (422), not the load's (503)
+        assert handle(core, {"image": "bm90IGFuIGltYWdl", "budget": {"latency_ms": 1e-3}})[0] == 422
+        tiny = min(r["flops"] for r in core.menu.records) / 2
+        with pytest.raises(BudgetError, match="flops"):  # past hope too, but no stitch is within its FLOPs
+            core.parse(json.dumps({"image": "bm90IGFuIGltYWdl", "budget": {"latency_ms": 5.0, "flops": tiny}}).encode(),
+                       time.perf_counter() - 1.0)
     finally:
         core.scheduler.shed = False
     with pytest.raises(RequestError):  # a server that does not shed decodes it

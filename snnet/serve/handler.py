@@ -329,8 +329,9 @@ class ServeCore:
         if "cascade" in req:
             self._check_cascade(req)
         if t0 is not None and "latency_ms" in req["budget"]:
-            first = [req["cfg_id"]] if "cfg_id" in req else [req["cascade"]["chain"][0]] if "cascade" in req \
-                else self.menu.cfg_ids  # the fastest it might run: never sheds one that could still make it
+            # the stitches its first stage may run (a budget no stitch could ever meet is a 422, not a 503): the
+            # fastest of them decides, so it never sheds a request that could still make it
+            first = self.candidates(req)[0]
             now = time.perf_counter()
             if shed := self.scheduler.too_late(first, t0, t0 + req["budget"]["latency_ms"] / 1e3, now):
                 raise shed
