@@ -286,7 +286,7 @@ class DeadlineScheduler:
         self.arrivals: collections.deque[float] = collections.deque(maxlen=10_000)  # perf_counter of submits
         self.burst_q, self.burst_window = burst_q, burst_window
         self.history: collections.deque[float] = collections.deque(maxlen=5_000)  # arrivals of the last burst_window
-        self._burst: tuple[float, float, list[float]] = (-math.inf, 0.0, [])  # (computed at, span, offsets)
+        self._burst: dict[float, tuple[float, list[float]]] = {}  # span -> (computed at, offsets)
         self.queue: list[tuple[tuple[float, int], Job]] = []
         self.running: tuple[int, int, float] | None = None  # (cfg_id, batch size, start) of the batch running
         self.batches = self.shed_count = 0
@@ -408,8 +408,8 @@ class DeadlineScheduler:
         each arrival of the last `burst_window` seconds whose next `span` is over (the `burst_q` quantile of those
         counts), and when: the i-th at the median time the i-th next arrival came, among the arrivals it came within
         `span` of (recomputed at most every 50 ms)."""
-        at, was, offsets = self._burst
-        if now - at <= 0.05 and was == span:
+        at, offsets = self._burst.get(span, (-math.inf, []))
+        if now - at <= 0.05:
             return offsets
         while self.history and now - self.history[0] > self.burst_window:
             self.history.popleft()
@@ -422,7 +422,9 @@ class DeadlineScheduler:
             for i in range(1, k + 1):
                 j = np.flatnonzero(counts >= i)
                 offsets.append(float(np.median(times[j + i] - times[j])))
-        self._burst = (now, span, offsets)
+        if len(self._burst) > 64:  # budgets of many sizes: keep the cache small
+            self._burst.clear()
+        self._burst[span] = (now, offsets)
         return offsets
 
     def _leaves_room(self, ms: float, head: Job, fastest: int, rate: float, after: float) -> bool:
