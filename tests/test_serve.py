@@ -261,6 +261,8 @@ def test_burst_is_a_quantile_of_the_arrivals_that_followed_each_arrival():
         offsets = s.burst(100.0, 0.01)  # the i-th next arrival came i ms after
         assert offsets == pytest.approx([i / 1000 for i in range(1, want + 1)]), q
     assert s.burst(100.0, 0.0005) == []  # the arrivals were 1 ms apart
+    s = scheduler()
+    s.history.extend(t + i / 1000 for t in range(80, 90) for i in range(5))
     s.burst_q = 1.0
     assert len(s.burst(100.0, 0.01)) == 4
     assert len(s.burst(115.0, 0.01)) == 4 and len(s.history) == 25  # 30 s later only the bursts at 85-89 remain
