@@ -75,7 +75,7 @@ class LocalCluster:
             "ClusterName=snnettest", f"SlurmctldHost={self.node}(127.0.0.1)", "SlurmUser=root", "SlurmdUser=root",
             f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
             # cred_expire: also how long a requeued job waits before it may start again (default 120 s)
-            "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={f}/munge/munge.socket,cred_expire=10",
+            "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={f}/munge/munge.socket,cred_expire=5",
             f"StateSaveLocation={f}/state", f"SlurmdSpoolDir={f}/spool",
             f"SlurmctldPidFile={f}/slurmctld.pid", f"SlurmdPidFile={f}/slurmd.pid",
             f"SlurmctldLogFile={f}/slurmctld.log", f"SlurmdLogFile={f}/slurmd.log",

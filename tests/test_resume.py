@@ -68,6 +68,11 @@ def test_one_process_kill_and_resume_is_bit_identical(single, digits_folder, tin
     assert_identical(single / "whole", single / "killed")
 
 
+# the launch's preflight checks (snnet.train.launch) run in the `double` fixture's launch; the launches that only
+# kill and resume skip them (tests/test_launch_checks.py tests the checks themselves)
+NO_PREFLIGHT = {"SNNET_NO_PREFLIGHT": "1"}
+
+
 @pytest.fixture(scope="module")
 def double(tmp_path_factory, digits_folder, tiny_config):
     out = tmp_path_factory.mktemp("double")
@@ -82,11 +87,11 @@ def test_two_processes_kill_one_rank_and_auto_resume_is_bit_identical(double, di
     step = kill_step(2, processes=2)  # 5 steps per epoch each
     cmd = ["./distributed_train.sh", "2", digits_folder, "--stitch_config", tiny_config, *FAST, *RNG_HEAVY,
            "--output", double, "--experiment", "killed", "--auto-resume"]
-    r = run(cmd, env={"SNNET_FAULT_KILL_AT_STEP": str(step), "SNNET_FAULT_RANK": "1"})
+    r = run(cmd, env={**NO_PREFLIGHT, "SNNET_FAULT_KILL_AT_STEP": str(step), "SNNET_FAULT_RANK": "1"})
     assert r.returncode != 0
     assert (double / "killed" / "last.pth.tar").is_file(), r.stderr[-3000:]  # killed in epoch 2, not before
     assert final_state(double / "killed")["epoch"] == 0
-    r = run(cmd)  # --auto-resume finds killed/last.pth.tar
+    r = run(cmd, env=NO_PREFLIGHT)  # --auto-resume finds killed/last.pth.tar
     assert r.returncode == 0, r.stderr[-3000:]
     assert "auto-resume: continuing from" in r.stderr + r.stdout
     assert_identical(double / "whole", double / "killed")
@@ -98,7 +103,7 @@ def test_torchrun_max_restarts_restarts_from_the_last_checkpoint(double, digits_
     step = kill_step(3, processes=2)
     r = run(["./distributed_train.sh", "2", digits_folder, "--stitch_config", tiny_config, *FAST, *RNG_HEAVY,
              "--output", double, "--experiment", "restarted"],
-            env={"SNNET_FAULT_KILL_AT_STEP": str(step), "SNNET_FAULT_RANK": "0",
+            env={**NO_PREFLIGHT, "SNNET_FAULT_KILL_AT_STEP": str(step), "SNNET_FAULT_RANK": "0",
                  "TORCHRUN_ARGS": "--max-restarts=3"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "auto-resume: continuing from" in r.stderr + r.stdout
@@ -118,12 +123,12 @@ def test_recovery_checkpoint_resumes_inside_the_epoch_bit_identical(processes, s
     launch = [sys.executable, "train.py"] if processes == 1 else ["./distributed_train.sh", "2"]
     cmd = [*launch, digits_folder, "--stitch_config", tiny_config, *FAST, *RNG_HEAVY, "--output", base,
            "--experiment", "recovered", "--auto-resume", "--recovery-interval", str(interval)]
-    r = run(cmd, env={"SNNET_FAULT_KILL_AT_STEP": str(step), "SNNET_FAULT_RANK": "0"})
+    r = run(cmd, env={**NO_PREFLIGHT, "SNNET_FAULT_KILL_AT_STEP": str(step), "SNNET_FAULT_RANK": "0"})
     assert r.returncode != 0
     rec = torch.load(base / "recovered" / "recovery.pth.tar", weights_only=True)
     assert (rec["epoch"], rec["batch_idx"], rec["global_step"]) == (1, saved - per_epoch, saved)
     assert len(rec["ranks"]) == processes
-    r = run(cmd)
+    r = run(cmd, env=NO_PREFLIGHT)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "auto-resume: continuing from" in r.stderr + r.stdout and "recovery.pth.tar" in r.stderr + r.stdout
     assert not (base / "recovered" / "recovery.pth.tar").exists()  # superseded by the epoch checkpoints
