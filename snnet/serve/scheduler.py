@@ -40,14 +40,15 @@ on CV^2 8 traces; with the shared slack it is level with the best fixed network 
 
 Why the burst quantile (issue 38): the shared slack still spends the whole slack of the requests queued *now*; on
 CV^2 8 traces (long quiet gaps, then dozens of requests) the next requests of the burst arrived behind a batch
-sized for the queue alone, and switching lost to a fixed DeiT-S-sized stitch by up to 3.8 points (the same
-simulation). So the scheduler keeps the arrival times of the last `burst_window` seconds (30) and counts, after
-each, how many more arrived within one latency budget; the `burst_q` quantile (0.6) of those counts is the burst to
-expect, and the i-th of them comes at the median time the i-th next arrival came (`burst`). Those requests, each
-with its own deadline, join the queue in the `_all_on` check of the first tier. It adapts to the traffic: Poisson
-arrivals give a few requests spread over the budget and the big stitches stay; bursty ones many close together and a
-stitch the burst can share. docs/serving.md has what it wins in the simulation and where it does not; the quantile
-was chosen on the simulation's traces, and traces it was not chosen on are reported beside them.
+sized for the queue alone, and switching lost to a fixed stitch between DeiT-Ti and DeiT-S by up to 3.8 points
+(the same simulation). So the scheduler keeps the arrival times of the last `burst_window` seconds (30) and
+counts, after each, how many more arrived within one latency budget; the `burst_q` quantile (0.6) of those counts is
+the burst to expect, and the i-th of them comes at the median time the i-th next arrival came (`burst`). Those
+requests, each with its own deadline, join the queue in the `_all_on` check of the first tier. It adapts to the
+traffic: Poisson arrivals give a few requests spread over the budget and the big stitches stay; bursty ones many
+close together and a stitch the burst can share. docs/serving.md has what it wins in the simulation and where it
+does not; the quantile was chosen on the simulation's traces, and traces it was not chosen on are reported beside
+them.
 
 This is SuperServe's SlackFit idea (the slack of the most urgent request picks the network) with a feasibility
 check of the queue behind it: under a burst the queue grows, the slack shrinks and the stitches get smaller, and
@@ -364,13 +365,14 @@ class DeadlineScheduler:
         if head.deadline == NO_DEADLINE:  # no latency budget: the best stitch it may run
             c = head.candidates[0]
             return c, [j for j in ordered if c in j.candidates][:self.max_batch]
-        # three tiers, best first: keeps the queue feasible and leaves room for arrivals; keeps the queue feasible;
-        # may make the head's deadline. In each, the highest expected top-1 in time wins.
+        # four tiers, best first: room for the usual burst too; keeps the queue feasible, leaves room for arrivals
+        # and the whole queue could run it; keeps the queue feasible; may make the head's deadline. In each, the
+        # highest expected top-1 in time wins.
         best: list[tuple[float, int, list[Job]] | None] = [None, None, None, None]
         rate = self.rate(now)
         left_ms = (head.deadline - now) * 1e3 - after
         phantoms: list[Job] = []
-        if self.burst_q is not None:
+        if self.burst_q is not None and len(head.candidates) > 1:  # one candidate (a fixed cfg_id): no choice
             budget = head.deadline - head.arrival
             phantoms = [Job(head.x, head.candidates, now + o, now + o + budget) for o in self.burst(now, budget)]
         for c in head.candidates:  # best first
