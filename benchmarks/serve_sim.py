@@ -129,12 +129,12 @@ def main() -> None:
     args = p.parse_args()
     t0 = time.perf_counter()
 
-    name = "SN-Net DeiT-Ti/S/B (published)"
+    menu_name = "SN-Net DeiT-Ti/S/B (published)"
     if args.table:
         saved = json.loads(args.table.read_text())
         records, latency = saved["records"], {int(c): float(ms) for c, ms in saved["latency_ms_b1"].items()}
         source = f"{args.table} ({saved.get('measured', 'an earlier measurement')})"
-        name = saved.get("name", name)
+        menu_name = saved.get("name", menu_name)
     else:
         load_before = os.getloadavg()[0]
         _, records, table = deit_menu(quick=False)
@@ -144,7 +144,7 @@ def main() -> None:
         if args.save_table:
             args.save_table.write_text(json.dumps({"measured": source, "records": records, "latency_ms_b1": latency},
                                                   indent=1) + "\n")
-    menu = StitchMenu(records, {c: {1: ms} for c, ms in latency.items()}, name)
+    menu = StitchMenu(records, {c: {1: ms} for c, ms in latency.items()}, menu_name)
     ranked = [r["cfg_id"] for r in menu.ranked]
     largest = max(DEIT_ANCHORS, key=lambda a: menu.by_id[a]["flops"])
     slo = args.slo_factor * latency[largest]
@@ -163,7 +163,7 @@ def main() -> None:
           + (f" --table {args.table}" if args.table else ""))
     print(f"latency table: {source}; SLO {slo:.1f} ms ({args.slo_factor} x the largest anchor's {latency[largest]:.1f} "
           f"ms); capacity {capacity:.2f} req/s; torch {torch.__version__}")
-    print(f"\nmenu: {name}\n\n| cfg_id | top-1 | GFLOPs | batch-1 ms |\n|---:|---:|---:|---:|")
+    print(f"\nmenu: {menu_name}\n\n| cfg_id | top-1 | GFLOPs | batch-1 ms |\n|---:|---:|---:|---:|")
     for c in sorted(latency, key=lambda c: latency[c]):
         r = menu.by_id[c]
         print(f"| {c} | {r['acc1']:.2f} | {r['flops'] / 1e9:.2f} | {latency[c]:.1f} |")
