@@ -63,6 +63,7 @@ class StitchMenu:
         if lacking := [r["cfg_id"] for r in self.records if "acc1" not in r or r.get("flops") is None]:
             raise SNNetError(f"{source!r} lacks top-1 or FLOPs of cfg_ids {lacking}; pass a complete evaluation")
         self.ranked = sorted(self.records, key=best_key, reverse=True)  # select's ranking, best first
+        self._batch: dict[tuple[int, int], float] = {}  # (cfg_id, n) -> batch_ms: the scheduler asks thousands of times
 
     @property
     def cfg_ids(self) -> list[int]:
@@ -72,6 +73,12 @@ class StitchMenu:
         """Predicted ms to run `n` queued requests of one stitch (0 for none)."""
         if n <= 0:
             return 0.0
+        known = self._batch.get((cfg_id, n))
+        if known is None:
+            known = self._batch[cfg_id, n] = self._batch_ms(cfg_id, n)
+        return known
+
+    def _batch_ms(self, cfg_id: int, n: int) -> float:
         table = self.latency[cfg_id]
         sizes = list(table)
         largest = sizes[-1]

@@ -297,6 +297,7 @@ class DeadlineScheduler:
         self._worker: asyncio.Task | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="snnet-batch")
         self._trimmed = -math.inf
+        self._fastest_of: dict[tuple[int, ...], int] = {}
 
     # ------------------------------------------------------------------------------------------ the queue
     def depth(self) -> int:
@@ -375,6 +376,8 @@ class DeadlineScheduler:
         if self.burst_q is not None and len(head.candidates) > 1:  # one candidate (a fixed cfg_id): no choice
             budget = head.deadline - head.arrival
             phantoms = [Job(head.x, head.candidates, now + o, now + o + budget) for o in self.burst(now, budget)]
+        hopeful = self._hopeful(ordered, now, after)  # what `_all_on` weighs, the same for every candidate
+        with_burst = hopeful + self._hopeful(phantoms, now, after)  # the burst after the queue
         for c in head.candidates:  # best first
             acc = float(self.menu.by_id[c]["acc1"])
             if best[0] is not None and acc <= best[0][0]:
@@ -389,8 +392,8 @@ class DeadlineScheduler:
             if self._rest_feasible(ordered, batch, now, end, after):
                 tier = 2
                 if self._leaves_room(ms, head, fastest, rate, after) and \
-                        (not self.fair or self._all_on(c, ordered, now, after)):
-                    tier = 0 if not phantoms or self._all_on(c, ordered + phantoms, now, after) else 1
+                        (not self.fair or self._all_on(c, hopeful, now, after)):
+                    tier = 0 if not phantoms or self._all_on(c, with_burst, now, after) else 1
             held = best[tier]
             if held is None or value > held[0]:
                 best[tier] = (value, c, batch)
@@ -456,14 +459,18 @@ class DeadlineScheduler:
                     return False  # one it could have saved
         return True
 
-    def _all_on(self, c: int, ordered: list[Job], now: float, after: float) -> bool:
-        """Whether every queued request could run on `c` (those that may not: on their fastest), in deadline order
-        in batches of up to `max_batch`, and meet its deadline; requests that could not meet it even alone on their
-        fastest do not count. So the head's stitch is one the whole queue could afford: the slack is shared, not
-        spent by the head and left to the rest to make up on the fastest stitch."""
-        t = now
-        rest = [j for j in ordered if j.deadline < NO_DEADLINE and
+    def _hopeful(self, jobs: list[Job], now: float, after: float) -> list[Job]:
+        """The requests of `jobs` with a deadline they could still meet alone on their fastest stitch."""
+        return [j for j in jobs if j.deadline < NO_DEADLINE and
                 now + (self.batch_ms(self._fastest(j), 1) + after) / 1e3 <= j.deadline]
+
+    def _all_on(self, c: int, hopeful: list[Job], now: float, after: float) -> bool:
+        """Whether every request of `hopeful` (`_hopeful`: in deadline order) could run on `c` (those that may not:
+        on their fastest), in deadline order in batches of up to `max_batch`, and meet its deadline. So the head's
+        stitch is one the whole queue could afford: the slack is shared, not spent by the head and left to the rest
+        to make up on the fastest stitch."""
+        t = now
+        rest = hopeful
         while rest:
             k = c if c in rest[0].candidates else self._fastest(rest[0])
             chunk = [j for j in rest if k in j.candidates][:self.max_batch]
@@ -475,7 +482,13 @@ class DeadlineScheduler:
         return True
 
     def _fastest(self, job: Job) -> int:
-        return min(job.candidates, key=lambda k: self.menu.batch_ms(k, 1))
+        """The candidate of `job` fastest at batch 1 (remembered per candidate list: a dispatch asks it of every
+        queued request, for every stitch it weighs)."""
+        key = tuple(job.candidates)
+        c = self._fastest_of.get(key)
+        if c is None:
+            c = self._fastest_of[key] = min(key, key=lambda k: self.menu.batch_ms(k, 1))
+        return c
 
     # ------------------------------------------------------------------------------------------ the worker
     async def _loop(self) -> None:
