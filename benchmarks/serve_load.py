@@ -319,14 +319,23 @@ def served_capacity(url: str, net: Net, cfg_id: int, n: int, concurrency: int) -
 
 
 def run_setting(net: Net, url: str, slo: float, allowance: float, capacity: float, load: float, cv2: float,
-                duration: float, extra: dict[str, Any], seed: int) -> dict[str, Any]:
+                duration: float, extra: dict[str, Any], seed: int, traces: int = 1) -> dict[str, Any]:
+    """One system at one (CV^2, load): `traces` independent arrival traces of `duration` s each (seeds `seed`,
+    `seed` + 1000, ...; the same for every system), one after another, their requests pooled."""
     rate = load * capacity
-    n = max(10, int(rate * duration))
-    times = arrival_times(n, rate, cv2, seed=seed)
-    payload, order = bodies(net, n, slo - allowance, extra, seed)
-    t0 = time.perf_counter()
-    replies = run_open_loop(url, payload, times, time_limit=float(times[-1]) + 1, timeout=slo / 1e3 * 4 + 10)
-    wall = max(time.perf_counter() - t0, float(times[-1]))
+    replies, order, wall, n = [], [], 0.0, 0
+    for k in range(traces):
+        m = max(10, int(rate * duration))
+        times = arrival_times(m, rate, cv2, seed=seed + 1000 * k)
+        payload, picked = bodies(net, m, slo - allowance, extra, seed + 1000 * k)
+        t0 = time.perf_counter()
+        got = run_open_loop(url, payload, times, time_limit=float(times[-1]) + 1, timeout=slo / 1e3 * 4 + 10)
+        wall += max(time.perf_counter() - t0, float(times[-1]))
+        for r in got:
+            r.index += n
+        replies += got
+        order += picked
+        n += m
     ok = [r for r in replies if r.status == 200]
     in_time = [r for r in ok if r.ms <= slo]
     # each request's credit: 100 when answered correctly in time (digits), its stitch's published top-1 (DeiT), else 0
@@ -369,7 +378,7 @@ def switch_cost_us(net: Net, rounds: int = 10) -> tuple[float, float]:
 
 
 # ------------------------------------------------------------------------------------------------ the run
-def measure(net: Net, work: Path, slo_factor: float, scale: float, log) -> dict[str, Any]:
+def measure(net: Net, work: Path, slo_factor: float, scale: float, log, traces: int = 1) -> dict[str, Any]:
     largest = max(net.anchors, key=lambda a: net.flops[a])
     systems: dict[str, tuple[str, dict[str, Any]]] = {"switch": ("snnet", {}), GREEDY: ("greedy", {})}
     for name, c in net.fixed.items():
@@ -402,7 +411,7 @@ def measure(net: Net, work: Path, slo_factor: float, scale: float, log) -> dict[
                     continue
                 seed = int(load * 100 + cv2)  # the same arrivals and images for every system
                 row = run_setting(net, servers[server].url, slo, allowance, capacity, load, cv2,
-                                  net.duration * scale, extra, seed)
+                                  net.duration * scale, extra, seed, traces)
                 rows[(name, cv2, load)] = row
                 log(f"    CV2 {cv2:g} load {load:.2f}x {name:28s} effacc {row['effacc']:6.2f} attain "
                     f"{row['attain']:.3f} top1 {row['top1']:.2f} p99 {row['p99']:.1f} shed {row['shed']}")
@@ -512,9 +521,13 @@ def main() -> None:
     p.add_argument("--slo-factor", type=float, default=3.0)
     p.add_argument("--scale", type=float, default=1.0,
                    help="multiply every setting's seconds of arrivals (digits 10 s, DeiT 60 s) by this")
+    p.add_argument("--traces", type=int, default=1,
+                   help="independent arrival traces per setting, pooled (each of the setting's seconds x --scale)")
     p.add_argument("--nets", default="digits,deit")
     p.add_argument("--quick", action="store_true", help="a smoke run: a fifth of the arrivals, fewer stitches")
     args = p.parse_args()
+    if args.traces < 1:
+        p.error(f"--traces {args.traces}: pass 1 or more")
     scale = 0.2 if args.quick else args.scale
     t_start = time.time()
     out: list[str] = []
@@ -532,7 +545,7 @@ def main() -> None:
                 f"{min(net.latency.values()):.2f} .. {max(net.latency.values()):.2f}; fixed: {net.fixed}; "
                 f"cascades: {net.cascades}")
             nets.append(net)
-            runs.append(measure(net, work, args.slo_factor, scale, log))
+            runs.append(measure(net, work, args.slo_factor, scale, log, args.traces))
     load1, load5, load15 = os.getloadavg()
     cmd = " ".join(["$ .venv/bin/python benchmarks/serve_load.py", *sys.argv[1:]])
     header = [f"{cmd}   # {time.strftime('%Y-%m-%d')}, {(time.time() - t_start) / 60:.1f} min",
@@ -542,7 +555,9 @@ def main() -> None:
               "served alone (closed-loop saturation through the same server); "
               + "; ".join(f"{n.name}: CV2 {MAIN_CV2:g} at {', '.join(f'{x:g}' for x in n.loads)}x"
                           + "".join(f", CV2 {c:g} at {x:g}x" for c, x in n.extra_traces)
-                          + f", {n.duration * scale:g} s of arrivals per setting" for n in nets)
+                          + (f", {args.traces} traces of {n.duration * scale:g} s of arrivals per setting"
+                             if args.traces > 1 else f", {n.duration * scale:g} s of arrivals per setting")
+                          for n in nets)
               + "; every server: snnet serve --engine local --shed (the same scheduler)"]
     lines, result = report(nets, runs, header)
     plot(nets, runs, Path(args.plot))
