@@ -353,6 +353,10 @@ def run_setting(net: Net, url: str, slo: float, allowance: float, capacity: floa
             "within_met": sum(r.body["server_ms"] <= r.body["budget"]["latency_ms"] for r in within),
             "stitches": len({r.body["cfg_id"] for r in ok}),
             "choose_us": statistics.fmean(r.body["switch_us"] for r in ok) if ok else float("nan"),
+            # where an answered request's server time went (means, ms), and its batch's size
+            "timing": {k: statistics.fmean(r.body["timing_ms"][k] for r in ok) if ok else float("nan")
+                       for k in ("decode", "queue", "forward", "answer")},
+            "batch": statistics.fmean(r.body["batch_size"] for r in ok) if ok else float("nan"),
             "late_send_ms": max((r.late_send_ms for r in replies if r.status), default=0.0)}
 
 
@@ -477,6 +481,17 @@ def report(nets: list[Net], runs: list[dict[str, Any]], header: list[str]) -> tu
                 dom += bool(over)
             lines.append(f"| CV2 {cv2:g} | {load:.2f}x | {sw['effacc']:.2f} | {best} | {alts[best]['effacc']:.2f} | "
                          f"{margin:+.2f} | {margin_se(sw, alts[best]):.2f} | {', '.join(over) or '-'} |")
+        at = 1.0 if any(k[1:] == (MAIN_CV2, 1.0) for k in rows) else max(k[2] for k in rows)
+        lines += ["", f"where an answered request's server time went at CV2 {MAIN_CV2:g}, {at:g}x (means, ms; "
+                  "choosing: the dispatch's choice of stitch and batch, µs per batch):", "",
+                  "| system | decode | queue | forward | answer | batch size | choosing µs |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for name in run["systems"]:
+            r = rows.get((name, MAIN_CV2, at))
+            if r is not None:
+                t = r["timing"]
+                lines.append(f"| {name} | {t['decode']:.2f} | {t['queue']:.2f} | {t['forward']:.2f} | "
+                             f"{t['answer']:.2f} | {r['batch']:.1f} | {r['choose_us']:.0f} |")
         m = run["memory"]
         inter, grouped = run["switch_us"]
         lines += ["", f"memory (PSS after the load): SN-Net server {m['snnet']:.0f} MiB (weights "
