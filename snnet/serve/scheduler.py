@@ -376,13 +376,8 @@ class DeadlineScheduler:
         if self.burst_q is not None and len(head.candidates) > 1:  # one candidate (a fixed cfg_id): no choice
             budget = head.deadline - head.arrival
             phantoms = [Job(head.x, head.candidates, now + o, now + o + budget) for o in self.burst(now, budget)]
-        weighs: dict[bool, list[Job]] = {}  # what `_all_on` weighs, the same for every candidate: made once, if asked
-
-        def weighed(burst: bool) -> list[Job]:  # the hopeful queued requests, then (burst) the burst's
-            if burst not in weighs:
-                weighs[burst] = weighed(False) + self._hopeful(phantoms, now, after) if burst else \
-                    self._hopeful(ordered, now, after)
-            return weighs[burst]
+        hopeful: list[Job] | None = None  # what `_all_on` weighs, the same for every candidate: made when first asked
+        with_burst: list[Job] = []
         for c in head.candidates:  # best first
             acc = float(self.menu.by_id[c]["acc1"])
             if best[0] is not None and acc <= best[0][0]:
@@ -396,9 +391,12 @@ class DeadlineScheduler:
             tier = 3
             if self._rest_feasible(ordered, batch, now, end, after):
                 tier = 2
-                if self._leaves_room(ms, head, fastest, rate, after) and \
-                        (not self.fair or self._all_on(c, weighed(False), now, after)):
-                    tier = 0 if not phantoms or self._all_on(c, weighed(True), now, after) else 1
+                if self._leaves_room(ms, head, fastest, rate, after):
+                    if hopeful is None:
+                        hopeful = self._hopeful(ordered, now, after)
+                        with_burst = hopeful + self._hopeful(phantoms, now, after)
+                    if not self.fair or self._all_on(c, hopeful, now, after):
+                        tier = 0 if not phantoms or self._all_on(c, with_burst, now, after) else 1
             held = best[tier]
             if held is None or value > held[0]:
                 best[tier] = (value, c, batch)
