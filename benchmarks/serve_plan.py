@@ -47,7 +47,7 @@ def plan_us(menu: StitchMenu, candidates: list[int], depth: int, max_batch: int,
     clock = [now]
     sched = DeadlineScheduler(lambda x, c: x, menu, max_batch=max_batch, shed=True)
     sched.learned = Learned(BatchTimes(clock=lambda: clock[0]), Quantile(0.95, 0.5, clock=lambda: clock[0]))
-    for c in list(menu.by_id)[:30] * 3:  # 30 batches at the table's speed, the last 2 s
+    for c in (list(menu.by_id) * 3)[:30]:  # 30 batches at the table's speed, the last 2 s
         sched.learned.batches.add(menu.batch_ms(c, 1), menu.batch_ms(c, 1))
     x = torch.empty(0)
     history = now - 31.0 + arrival_times(int(rate * 30), rate, 4.0, seed=0)
