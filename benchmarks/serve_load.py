@@ -79,6 +79,8 @@ from snnet.serve.loadgen import arrival_times, get, percentile, post, run_load, 
 LOADS = (0.5, 0.75, 1.0, 1.25, 1.5)
 EXTRA_TRACES = ((1.0, 1.0), (8.0, 1.0))  # (CV^2, load): Poisson and burstier, at the capacity
 MAIN_CV2 = 4.0
+#: --client-cpus: the cores the servers run on (the others than the client's); empty: no pinning, all share
+SERVER_CPUS: set[int] = set()
 #: SN-Net switching without the room for arrivals (snnet serve --headroom 0): the greedy choice, before issue 38's fix
 GREEDY = "switch, no headroom"
 
@@ -219,7 +221,7 @@ def deit_net(work: Path, quick: bool) -> Net:
               for _ in range(16)]
     # a DeiT-B forward pass takes ~0.3 s on this CPU: three loads, no extra traces, 60 s of arrivals each
     out = Net("DeiT-Ti/S/B", ckpt, config, results, anchors, {r["cfg_id"]: r["acc1"] for r in records}, images,
-              None, {c: t["latency_ms_b1"] for c, t in table.items()}, 1, threads=2,
+              None, {c: t["latency_ms_b1"] for c, t in table.items()}, 1, threads=min(2, len(SERVER_CPUS) or 2),
               flops={r["cfg_id"]: float(r["flops"]) for r in records}, loads=(0.5, 1.0, 1.5),
               extra_traces=(), duration=60.0)
     loaded = load_snnet(str(ckpt), str(config))
@@ -262,7 +264,13 @@ class Server:
                str(self.port), "--max-batch", str(net.max_batch), "--threads", str(net.threads), "--shed", *flags]
         self.out = open(self.log, "w+")
         env = {**os.environ, "OMP_NUM_THREADS": str(net.threads), "PYTHONPATH": str(ROOT)}
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.out, stderr=subprocess.STDOUT, env=env)
+        cpus = SERVER_CPUS or None  # --client-cpus: the servers on the other cores
+
+        def pin() -> None:
+            if cpus:
+                os.sched_setaffinity(0, cpus)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.out, stderr=subprocess.STDOUT, env=env,
+                                     preexec_fn=pin if cpus else None)
         self.url = f"http://127.0.0.1:{self.port}/"
         t0 = time.monotonic()
         while "serving" not in self.log.read_text():
@@ -543,9 +551,24 @@ def main() -> None:
                    help="independent arrival traces per setting, pooled (each of the setting's seconds x --scale)")
     p.add_argument("--nets", default="digits,deit")
     p.add_argument("--quick", action="store_true", help="a smoke run: a fifth of the arrivals, fewer stitches")
+    p.add_argument("--client-cpus", default="",
+                   help="cores for this process (the load generator, the latency tables), e.g. '1'; the servers run "
+                        "on the others, as serving research runs its clients on other machines (default: no pinning)")
     args = p.parse_args()
     if args.traces < 1:
         p.error(f"--traces {args.traces}: pass 1 or more")
+    if args.client_cpus:
+        every = os.sched_getaffinity(0)
+        try:
+            client = {int(c) for c in args.client_cpus.split(",")}
+        except ValueError:
+            p.error(f"--client-cpus {args.client_cpus!r}: pass core numbers separated by commas, e.g. 1")
+        if not client < every:
+            p.error(f"--client-cpus {args.client_cpus!r}: pass some but not all of this process's cores "
+                    f"{sorted(every)}, so that the servers keep at least one")
+        SERVER_CPUS.update(every - client)
+        os.sched_setaffinity(0, client)
+        torch.set_num_threads(len(client))
     scale = 0.2 if args.quick else args.scale
     t_start = time.time()
     out: list[str] = []
@@ -576,7 +599,9 @@ def main() -> None:
                           + (f", {args.traces} traces of {n.duration * scale:g} s of arrivals per setting"
                              if args.traces > 1 else f", {n.duration * scale:g} s of arrivals per setting")
                           for n in nets)
-              + "; every server: snnet serve --engine local --shed (the same scheduler)"]
+              + "; every server: snnet serve --engine local --shed (the same scheduler)"
+              + (f"; client on cores {args.client_cpus}, servers on cores {','.join(map(str, sorted(SERVER_CPUS)))}"
+                 if SERVER_CPUS else "; client and servers on the same cores")]
     lines, result = report(nets, runs, header)
     plot(nets, runs, Path(args.plot))
     lines.append("")
