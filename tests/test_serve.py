@@ -717,3 +717,15 @@ def test_the_scheduler_simulation_runs():
     assert len(rows) == 15 and all(len(r.strip("|").split("|")) == 10 for r in rows), out.stdout
     last = out.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"RESULT sim_worst_margin_effacc=-?\d+\.\d{3} sim_dominated=\d+", last), last
+
+
+def test_the_load_benchmark_refuses_client_cores_that_leave_the_servers_none():
+    """benchmarks/serve_load.py --client-cpus: the client on some cores, the servers on the others; naming every
+    core, a core this process cannot run on, or no number is a one-line error before anything is built."""
+    every = sorted(os.sched_getaffinity(0))
+    for value, says in [(",".join(map(str, every)), "some but not all"), ("9999", "some but not all"),
+                        ("one", "core numbers separated by commas")]:
+        out = subprocess.run([sys.executable, "benchmarks/serve_load.py", "--client-cpus", value], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and says in out.stderr and f"--client-cpus {value!r}" in out.stderr, out.stderr
+        assert "building" not in out.stdout
