@@ -89,6 +89,63 @@ def test_the_choice_is_selects_rule():
             assert menu.choose(latency_ms=budget, flops=flops).cfg_id == want
 
 
+def test_switching_runs_this_machines_latency_front(core):
+    """A stitch another one beats at top-1 and at the latency of every measured batch size is never a candidate:
+    cfg 3 (70 %) is slower than cfg 2 (72 %) at batch 1 and 8; cfg 4 is slower than cfg 1 at batch 8 but faster at
+    batch 1, so it stays; cfg 5 ties cfg 2 exactly and ranks after it (more FLOPs). A FLOPs budget is applied first:
+    within 150 FLOPs nothing beats cfg 3."""
+    records = RECORDS + [{"cfg_id": 3, "flops": 150, "params": 15, "acc1": 70.0},
+                         {"cfg_id": 4, "flops": 250, "params": 25, "acc1": 75.0},
+                         {"cfg_id": 5, "flops": 300, "params": 30, "acc1": 72.0}]
+    latency = {**LATENCY, 3: {1: 2.5, 8: 5.0}, 4: {1: 1.5, 8: 11.0}, 5: {1: 2.0, 8: 4.0}}
+    menu = StitchMenu(records, latency, "t")
+    assert [r["cfg_id"] for r in menu.ranked] == [1, 4, 2, 5, 3, 0]
+    assert menu.front() == [1, 4, 2, 0] and menu.front(1000) == [1, 4, 2, 0]
+    assert menu.front(150) == [3, 0] and menu.front(100) == [0] and menu.front(99) == []
+    # the server switches among its front (GET / shows it); a fixed cfg_id or a cascade is not filtered
+    assert core.candidates({"budget": {"latency_ms": 1e6}}) == [core.menu.front()] == [core.info()["front"]]
+    assert core.candidates({"budget": {}, "cfg_id": core.menu.ranked[-1]["cfg_id"]}) == \
+        [[core.menu.ranked[-1]["cfg_id"]]]
+
+
+def test_the_front_changes_no_dispatch_choice():
+    """On random menus and queues the dispatch over the front picks the stitch it picks over every stitch, or one
+    that beats it (at least its top-1, at most its latency everywhere): dropping beaten stitches loses nothing."""
+    rng = np.random.default_rng(1)
+    dropped = 0
+    for trial in range(60):
+        n = int(rng.integers(3, 12))
+        records = [{"cfg_id": c, "flops": int(rng.integers(1, 6)) * 100, "params": 1,
+                    "acc1": float(rng.integers(60, 70))} for c in range(n)]  # ties in top-1 and FLOPs
+        latency = {}
+        for c in range(n):
+            b1 = float(rng.choice([1.0, 1.5, 2.0, 3.0, 4.0]))  # few values: exact ties too
+            latency[c] = {1: b1, 8: b1 * float(rng.choice([1.5, 2.0, 3.0]))}
+        menu = StitchMenu(records, latency, "t")
+        ranked, front = [r["cfg_id"] for r in menu.ranked], menu.front()
+        dropped += len(ranked) - len(front)
+
+        def beats(t, s):
+            return menu.by_id[t]["acc1"] >= menu.by_id[s]["acc1"] and \
+                all(menu.batch_ms(t, b) <= menu.batch_ms(s, b) for b in (1, 8))
+        for s in ranked:  # every dropped stitch is beaten by one in the front
+            assert s in front or any(beats(t, s) for t in front), (trial, s)
+        for q in range(5):
+            now = 100.0
+            deadlines = rng.uniform(1.0, 12.0, int(rng.integers(1, 10)))
+            max_batch = int(rng.choice([1, 4, 8]))
+            arrivals = (now - 2.0 + np.sort(rng.uniform(0, 2, q * 150))).tolist()  # 0 to 300 per s lately
+            picks = []
+            for candidates in (ranked, front):
+                s = DeadlineScheduler(lambda x, c: x, menu, max_batch=max_batch)
+                s.learned.fresh(0.0)
+                s.arrivals.extend(arrivals)
+                queue(s, [job(candidates, float(d)) for d in deadlines])
+                picks.append(s.plan(now)[0])
+            assert picks[1] == picks[0] or beats(picks[1], picks[0]), (trial, q, picks)
+    assert dropped > 50  # the menus had beaten stitches to drop
+
+
 # ------------------------------------------------------------------------------------------------ in process
 @pytest.fixture(scope="module")
 def core(tiny):

@@ -230,7 +230,7 @@ class ServeCore:
             return [[req["cfg_id"]]]
         latency, flops = budget.get("latency_ms"), budget.get("flops")
         self.menu.choose(latency, flops)  # on an idle server: raises when nothing could ever fit
-        return [[r["cfg_id"] for r in self.menu.ranked if flops is None or r["flops"] <= flops]]
+        return [self.menu.front(flops)]  # a stitch that another beats at top-1 and latency is never worth weighing
 
     async def classify(self, body: bytes, t0: float) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
@@ -390,6 +390,7 @@ class ServeCore:
         keep = ("cfg_id", "route", "flops", "params", "acc1", "latency_ms")
         return {"stitches": [{k: r.get(k) for k in keep} for r in self.menu.records],
                 "latency_ms": {str(c): {str(b): ms for b, ms in t.items()} for c, t in self.menu.latency.items()},
+                "front": self.menu.front(),  # what a request without a FLOPs budget is switched among, best first
                 "img_size": list(self.served.img_size), "num_classes": self.served.num_classes,
                 "class_names": self.served.class_names,
                 "max_batch": self.spec.max_batch, "max_wait_ms": self.spec.max_wait_ms, "headroom": self.spec.headroom,

@@ -64,6 +64,8 @@ class StitchMenu:
             raise SNNetError(f"{source!r} lacks top-1 or FLOPs of cfg_ids {lacking}; pass a complete evaluation")
         self.ranked = sorted(self.records, key=best_key, reverse=True)  # select's ranking, best first
         self._batch: dict[tuple[int, int], float] = {}  # (cfg_id, n) -> batch_ms: the scheduler asks thousands of times
+        self._flops = sorted(r["flops"] for r in self.records)  # a FLOPs budget admits a prefix of these
+        self._front: dict[int, tuple[int, ...]] = {}  # stitches within a FLOPs budget -> their front
 
     @property
     def cfg_ids(self) -> list[int]:
@@ -92,6 +94,32 @@ class StitchMenu:
                 lo, hi = sizes[i - 1], sizes[i]
                 total += table[lo] + (table[hi] - table[lo]) * (rest - lo) / (hi - lo)
         return total
+
+    def front(self, flops: float | None = None) -> list[int]:
+        """The candidates of a request with this FLOPs budget (None: any), best first by `ranked`, without the
+        stitches another candidate beats: at least its top-1 and at most its latency at every measured batch size
+        (so at every batch size: `batch_ms` is linear between them). On an exact tie the one ranked first stays.
+
+        The dispatch never needs a beaten stitch: whatever it would be chosen for, the stitch beating it scores at
+        least as much (its top-1 times a chance to end in time no lower, and every check of the queue is at least as
+        easy with its batch times), so dropping it changes no choice except between equals, and each choice weighs
+        fewer stitches. The latencies are the server's table (measured on its machine), so the front is too."""
+        k = len(self._flops) if flops is None else bisect.bisect_right(self._flops, flops)
+        known = self._front.get(k)
+        if known is None:
+            within = [r["cfg_id"] for r in self.ranked if flops is None or r["flops"] <= flops]
+            sizes = sorted({b for c in within for b in self.latency[c]})
+            cost = {c: [self.batch_ms(c, b) for b in sizes] for c in within}
+            acc = {c: float(self.by_id[c]["acc1"]) for c in within}
+
+            def beats(t: int, s: int, t_first: bool) -> bool:
+                if acc[t] < acc[s] or any(a > b for a, b in zip(cost[t], cost[s])):
+                    return False
+                return acc[t] > acc[s] or any(a < b for a, b in zip(cost[t], cost[s])) or t_first
+
+            known = self._front[k] = tuple(s for i, s in enumerate(within)
+                                           if not any(beats(t, s, j < i) for j, t in enumerate(within) if t != s))
+        return list(known)
 
     def wait_ms(self, cfg_id: int, queued: Mapping[int, int], busy_ms: float = 0.0, overhead_ms: float = 0.0,
                 slowdown: float = 1.0) -> float:
