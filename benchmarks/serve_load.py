@@ -48,6 +48,7 @@ import argparse
 import base64
 import io
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -327,7 +328,8 @@ def served_capacity(url: str, net: Net, cfg_id: int, n: int, concurrency: int) -
 
 
 def run_setting(net: Net, url: str, slo: float, allowance: float, capacity: float, load: float, cv2: float,
-                duration: float, extra: dict[str, Any], seed: int, traces: int = 1) -> dict[str, Any]:
+                duration: float, extra: dict[str, Any], seed: int, traces: int = 1, stamp: bool = False
+                ) -> dict[str, Any]:
     """One system at one (CV^2, load): `traces` independent arrival traces of `duration` s each (seeds `seed`,
     `seed` + 1000, ...; the same for every system), one after another, their requests pooled."""
     rate = load * capacity
@@ -337,7 +339,8 @@ def run_setting(net: Net, url: str, slo: float, allowance: float, capacity: floa
         times = arrival_times(m, rate, cv2, seed=seed + 1000 * k)
         payload, picked = bodies(net, m, slo - allowance, extra, seed + 1000 * k)
         t0 = time.perf_counter()
-        got = run_open_loop(url, payload, times, time_limit=float(times[-1]) + 1, timeout=slo / 1e3 * 4 + 10)
+        got = run_open_loop(url, payload, times, time_limit=float(times[-1]) + 1, timeout=slo / 1e3 * 4 + 10,
+                            stamp=stamp)
         wall += max(time.perf_counter() - t0, float(times[-1]))
         for r in got:
             r.index += n
@@ -358,7 +361,7 @@ def run_setting(net: Net, url: str, slo: float, allowance: float, capacity: floa
             "top1": statistics.fmean(net.acc[r.body["cfg_id"]] for r in ok) if ok else float("nan"),
             "p50": percentile([r.ms for r in ok], 50), "p99": percentile([r.ms for r in ok], 99),
             "goodput": len(in_time) / wall, "within": len(within),
-            "within_met": sum(r.body["server_ms"] <= r.body["budget"]["latency_ms"] for r in within),
+            "within_met": sum(r.body["elapsed_ms"] <= r.body["budget"]["latency_ms"] for r in within),
             "stitches": len({r.body["cfg_id"] for r in ok}),
             "choose_us": statistics.fmean(r.body["switch_us"] for r in ok) if ok else float("nan"),
             # where an answered request's server time went (means, ms), and its batch's size
@@ -392,7 +395,8 @@ def switch_cost_us(net: Net, rounds: int = 10) -> tuple[float, float]:
 
 
 # ------------------------------------------------------------------------------------------------ the run
-def measure(net: Net, work: Path, slo_factor: float, scale: float, log, traces: int = 1) -> dict[str, Any]:
+def measure(net: Net, work: Path, slo_factor: float, scale: float, log, traces: int = 1,
+            stamp: bool = False) -> dict[str, Any]:
     largest = max(net.anchors, key=lambda a: net.flops[a])
     systems: dict[str, tuple[str, dict[str, Any]]] = {"switch": ("snnet", {}), GREEDY: ("greedy", {})}
     for name, c in net.fixed.items():
@@ -408,7 +412,9 @@ def measure(net: Net, work: Path, slo_factor: float, scale: float, log, traces: 
     try:
         url = servers["snnet"].url
         fixed_largest = {"cfg_id": largest}
-        idle_ms(url, net, fixed_largest, 5)  # warm-up
+        for server in servers.values():  # warm-up: every server's first batches run cold (lazy allocation)
+            for c in net.anchors:
+                idle_ms(server.url, net, {"cfg_id": c}, 3)
         e2e, allowance = idle_ms(url, net, fixed_largest, 40 if net.labels is not None else 16)
         slo = slo_factor * e2e  # the deadline: a multiple of the largest anchor's idle end-to-end time
         capacity = served_capacity(url, net, largest, 400 if net.labels is not None else 8,
@@ -425,7 +431,7 @@ def measure(net: Net, work: Path, slo_factor: float, scale: float, log, traces: 
                     continue
                 seed = int(load * 100 + cv2)  # the same arrivals and images for every system
                 row = run_setting(net, servers[server].url, slo, allowance, capacity, load, cv2,
-                                  net.duration * scale, extra, seed, traces)
+                                  net.duration * scale, extra, seed, traces, stamp)
                 rows[(name, cv2, load)] = row
                 log(f"    CV2 {cv2:g} load {load:.2f}x {name:28s} effacc {row['effacc']:6.2f} attain "
                     f"{row['attain']:.3f} top1 {row['top1']:.2f} p99 {row['p99']:.1f} shed {row['shed']}")
@@ -505,14 +511,15 @@ def report(nets: list[Net], runs: list[dict[str, Any]], header: list[str]) -> tu
                              f"{t['answer']:.2f} | {r['batch']:.1f} | {r['choose_us']:.0f} | {r['outside_p95']:.2f} |")
         m = run["memory"]
         inter, grouped = run["switch_us"]
+        choose_us = statistics.fmean(r["choose_us"] for r in rows.values() if math.isfinite(r["choose_us"]))
         lines += ["", f"memory (PSS after the load): SN-Net server {m['snnet']:.0f} MiB (weights "
                   f"{m['snnet_model_mb']:.1f} MiB), anchors server {m['anchors']:.0f} MiB (weights "
                   f"{m['anchors_model_mb']:.1f} MiB), largest anchor alone {m['largest']:.0f} MiB (weights "
                   f"{m['largest_model_mb']:.1f} MiB): SN-Net / largest anchor = {m['snnet'] / m['largest']:.2f}x "
                   f"(weights {m['snnet_model_mb'] / m['largest_model_mb']:.2f}x)",
-                  f"switch cost: choosing at dispatch {statistics.fmean(r['choose_us'] for r in rows.values()):.0f}"
-                  f" µs (mean over settings); net(x, cfg_id) at batch 1: {inter:.0f} µs per call with the stitch "
-                  f"changing every call vs {grouped:.0f} µs grouped ({inter - grouped:+.0f} µs per switch)"]
+                  f"switch cost: choosing at dispatch {choose_us:.0f} µs (mean over settings with answers); "
+                  f"net(x, cfg_id) at batch 1: {inter:.0f} µs per call with the stitch changing every call vs "
+                  f"{grouped:.0f} µs grouped ({inter - grouped:+.0f} µs per switch)"]
     result = {"worst_margin_effacc": min(margins), "dominated": dom,
               "within_met": within_met / within if within else float("nan")}
     return lines, result
@@ -554,6 +561,9 @@ def main() -> None:
     p.add_argument("--client-cpus", default="",
                    help="cores for this process (the load generator, the latency tables), e.g. '1'; the servers run "
                         "on the others, as serving research runs its clients on other machines (default: no pinning)")
+    p.add_argument("--sent-at", action="store_true",
+                   help="every request carries the time it was due (sent_at), so each server counts its budget "
+                        "from then, not from when it read the request (default: from when it read it)")
     args = p.parse_args()
     if args.traces < 1:
         p.error(f"--traces {args.traces}: pass 1 or more")
@@ -586,7 +596,7 @@ def main() -> None:
                 f"{min(net.latency.values()):.2f} .. {max(net.latency.values()):.2f}; fixed: {net.fixed}; "
                 f"cascades: {net.cascades}")
             nets.append(net)
-            runs.append(measure(net, work, args.slo_factor, scale, log, args.traces))
+            runs.append(measure(net, work, args.slo_factor, scale, log, args.traces, args.sent_at))
     load1, load5, load15 = os.getloadavg()
     cmd = " ".join(["$ .venv/bin/python benchmarks/serve_load.py", *sys.argv[1:]])
     header = [f"{cmd}   # {time.strftime('%Y-%m-%d')}, {(time.time() - t_start) / 60:.1f} min",
@@ -601,7 +611,8 @@ def main() -> None:
                           for n in nets)
               + "; every server: snnet serve --engine local --shed (the same scheduler)"
               + (f"; client on cores {args.client_cpus}, servers on cores {','.join(map(str, sorted(SERVER_CPUS)))}"
-                 if SERVER_CPUS else "; client and servers on the same cores")]
+                 if SERVER_CPUS else "; client and servers on the same cores")
+              + ("; every request carries sent_at (budgets count from the time it was due)" if args.sent_at else "")]
     lines, result = report(nets, runs, header)
     plot(nets, runs, Path(args.plot))
     lines.append("")

@@ -125,7 +125,7 @@ def test_the_front_changes_no_dispatch_choice():
         ranked, front = [r["cfg_id"] for r in menu.ranked], menu.front()
         dropped += len(ranked) - len(front)
 
-        def beats(t, s):
+        def beats(t, s, menu=menu):
             return menu.by_id[t]["acc1"] >= menu.by_id[s]["acc1"] and \
                 all(menu.batch_ms(t, b) <= menu.batch_ms(s, b) for b in (1, 8))
         for s in ranked:  # every dropped stitch is beaten by one in the front
@@ -385,9 +385,20 @@ def test_dispatch_leaves_room_for_the_arrivals_a_batch_will_hold_up():
 def test_hopeless_requests_are_shed_or_run_on_the_fastest():
     ranked = [1, 2, 0]
     s = scheduler(shed=True)
+    s.last_start = 99.5  # a batch was taken half a second ago
     hopeless = job(ranked, 0.5)  # the fastest stitch takes 1 ms
     queue(s, [hopeless, job(ranked, 50.0)])
     assert s.plan(100.0) is hopeless
+    # no batch for over a second (a cold start, or a server shedding everything on a speed it learned when slow):
+    # the hopeless head runs on the fastest stitch, so that the server learns its speed again
+    s.last_start = 98.5
+    cfg_id, batch = s.plan(100.0)
+    assert cfg_id == 0 and batch[0] is hopeless
+    assert s.take(100.0)[0] == 0 and s.last_start == 100.0  # taking a batch is what counts
+    queue(s, [job(ranked, 0.5, now=100.1)])
+    assert isinstance(s.plan(100.1), Job)  # a batch taken 0.1 s ago: shed again
+    s.last_start, s.running = 98.5, (1, 1, 99.0)  # a batch running (a long one): no probe beside it
+    assert isinstance(s.plan(100.1), Job)
     s = scheduler(shed=False)
     queue(s, [job(ranked, 0.5)])
     assert s.plan(100.0)[0] == 0
@@ -413,11 +424,21 @@ def test_a_request_past_hope_is_shed_before_its_image_is_decoded(core):
     idle(core)
     undecodable = json.dumps({"image": "bm90IGFuIGltYWdl", "budget": {"latency_ms": 5.0}}).encode()
     core.scheduler.shed = True
-    try:
+    try:  # a server that took no batch lately runs even a hopeless request (`probing`): decoded, and refused
+        core.scheduler.last_start = time.perf_counter() - 5.0
+        with pytest.raises(RequestError, match="not a readable image"):
+            core.parse(undecodable, time.perf_counter() - 1.0)
+        core.scheduler.running = (0, 1, time.perf_counter())  # busy: a batch running
         with pytest.raises(Shed):
             core.parse(undecodable, time.perf_counter() - 1.0)  # came in 1 s ago with a 5 ms budget
         with pytest.raises(RequestError, match="not a readable image"):  # still in time: decoded, and refused
             core.parse(undecodable, time.perf_counter())
+        # the client's sent_at: sent 1 s ago, so past hope though the server read it just now; a sent_at after the
+        # arrival (a clock ahead of the server's) counts from the arrival
+        for sent_at, past in [(time.time() - 1.0, True), (time.time() + 60.0, False)]:
+            body = json.dumps({"image": "bm90IGFuIGltYWdl", "budget": {"latency_ms": 5.0}, "sent_at": sent_at})
+            with pytest.raises(Shed if past else RequestError):
+                core.parse(body.encode(), time.perf_counter())
         # a budget no stitch could meet even on an idle server is the client's to fix (422), not the load's (503)
         assert handle(core, {"image": "bm90IGFuIGltYWdl", "budget": {"latency_ms": 1e-3}})[0] == 422
         tiny = min(r["flops"] for r in core.menu.records) / 2
@@ -425,9 +446,21 @@ def test_a_request_past_hope_is_shed_before_its_image_is_decoded(core):
             core.parse(json.dumps({"image": "bm90IGFuIGltYWdl", "budget": {"latency_ms": 5.0, "flops": tiny}}).encode(),
                        time.perf_counter() - 1.0)
     finally:
-        core.scheduler.shed = False
+        core.scheduler.shed, core.scheduler.running = False, None
     with pytest.raises(RequestError):  # a server that does not shed decodes it
         core.parse(undecodable, time.perf_counter() - 1.0)
+
+
+def test_a_budget_counts_from_the_clients_sent_at(core):
+    """A request sent 200 ms before the server read it (its sent_at): the wait counts against its budget
+    (elapsed_ms, timing_ms.before) and the server's own time (server_ms) stays its own."""
+    idle(core)
+    status, a = handle(core, {"image": png(), "budget": {"latency_ms": 1e4}, "sent_at": time.time() - 0.2})
+    assert status == 200, a
+    assert 195 <= a["timing_ms"]["before"] <= 400 and a["elapsed_ms"] == pytest.approx(
+        a["server_ms"] + a["timing_ms"]["before"], abs=1.0)
+    status, a = handle(core, {"image": png(), "budget": {"latency_ms": 1e4}})
+    assert status == 200 and a["timing_ms"]["before"] == 0.0 and a["elapsed_ms"] == a["server_ms"]
 
 
 def test_an_idle_server_gives_freed_heap_back():
@@ -602,6 +635,7 @@ BAD = [  # (body, status, words of the one-line reason)
     ({"image": png(), "top_k": 0}, 400, "top_k 0"),
     ({"image": png(), "colour": 1}, 400, "unknown field 'colour'"),
     (b"[" * 100_000 + b"]" * 100_000, 400, "nests JSON"),
+    ({"image": png(), "sent_at": "now"}, 400, "sent_at 'now' is not a Unix time"),
     ({"image": png(), "cascade": {"chain": [0]}}, 400, "not an object of chain and thresholds"),
     ({"image": png(), "cascade": {"chain": [0, 999], "thresholds": [0.5]}}, 400, "not a list of served cfg_ids"),
     ({"image": png(), "cascade": {"chain": [0, 1], "thresholds": [2]}}, 400, "must be 1 probabilities"),
@@ -700,11 +734,14 @@ def test_local_engine_serves_an_open_loop_burst_and_stops(tiny, tmp_path):
         times = arrival_times(120, 200.0, cv2=8.0, seed=0)  # bursts far above what the server can run
         budget = 3 * slowest + 20
         bodies = [json.dumps({"image": png(i % 7), "budget": {"latency_ms": budget}}).encode() for i in range(120)]
-        replies = run_open_loop(url, bodies, times, time_limit=30, timeout=20)
+        replies = run_open_loop(url, bodies, times, time_limit=30, timeout=20, stamp=True)
         statuses = {r.status for r in replies}
         assert statuses <= {200, 503} and 200 in statuses, statuses
         ok = [r for r in replies if r.status == 200]
         assert all(r.body["budget"] == {"latency_ms": budget} and "timing_ms" in r.body for r in ok)
+        # stamped with the time each was due: what it waited before the server read it counts
+        assert all(r.body["elapsed_ms"] >= r.body["server_ms"] for r in ok)
+        assert max(r.body["timing_ms"]["before"] for r in ok) > 0
         shed = [r for r in replies if r.status == 503]
         assert all(r.body["shed"] and "raise budget.latency_ms" in r.body["error"] for r in shed)
         assert get(url + "health") == (200, {"ok": True})

@@ -68,17 +68,21 @@ class Reply:
 
 
 def run_open_loop(url: str, bodies: Sequence[bytes], times: Sequence[float], time_limit: float = 120.0,
-                  timeout: float = 30.0) -> list[Reply]:
+                  timeout: float = 30.0, stamp: bool = False) -> list[Reply]:
     """POST `bodies[i]` at `times[i]` seconds after the start, each on its own schedule (open loop). Requests whose
-    time falls after `time_limit`, or whose answer has not come `timeout` s after their time, get status 0."""
+    time falls after `time_limit`, or whose answer has not come `timeout` s after their time, get status 0. With
+    `stamp`, each body (a JSON object) gets `"sent_at"`: the Unix time it was due, so that `snnet serve` counts its
+    latency budget from then (the same clock: this loop runs on 127.0.0.1 only)."""
     check_loopback(url)
     if len(bodies) != len(times):
         raise UsageError(f"{len(bodies)} bodies for {len(times)} arrival times; pass one time per body")
-    return asyncio.run(_open_loop(url, bodies, times, time_limit, timeout))
+    if stamp and not all(b.rstrip().endswith(b"}") and b.lstrip().startswith(b"{") for b in bodies):
+        raise UsageError("stamp=True adds sent_at to each body, which must then be a JSON object; send objects")
+    return asyncio.run(_open_loop(url, bodies, times, time_limit, timeout, stamp))
 
 
 async def _open_loop(url: str, bodies: Sequence[bytes], times: Sequence[float], time_limit: float,
-                     timeout: float) -> list[Reply]:
+                     timeout: float, stamp: bool = False) -> list[Reply]:
     import aiohttp  # the open loop's client (installed with Ray Serve's and the local engine's aiohttp)
     replies = [Reply(i, 0, float("nan")) for i in range(len(bodies))]
     headers = {"Content-Type": "application/json"}
@@ -90,8 +94,11 @@ async def _open_loop(url: str, bodies: Sequence[bytes], times: Sequence[float], 
             when = start + float(times[i])
             await asyncio.sleep(max(0.0, when - time.perf_counter()))
             sent = time.perf_counter()
+            data = bodies[i]
+            if stamp:  # the time it was due, on the wall clock the server reads too
+                data = data.rstrip()[:-1] + b', "sent_at": %.6f}' % (time.time() - (sent - when))
             try:
-                async with s.post(url, data=bodies[i], headers=headers) as resp:
+                async with s.post(url, data=data, headers=headers) as resp:
                     data = await resp.read()
                     replies[i] = Reply(i, resp.status, (time.perf_counter() - when) * 1e3,
                                        json.loads(data or b"{}"), (sent - when) * 1e3)
