@@ -777,8 +777,12 @@ def test_http_server_answers_refuses_holds_up_under_load_and_stops(server):
     assert status == 200 and len(info["stitches"]) > 2
     idle = {int(c): t["1"] for c, t in info["latency_ms"].items()}
     budget = sorted(idle.values())[len(idle) // 2] + 200  # decoding and the hand-offs count too: ample room
+    # the first request through Ray runs its cold paths (once, in a full test run on 2 busy cores, it was
+    # predicted past even this budget): warm up without a budget first
+    assert post(url, json.dumps({"image": png()}).encode())[0] == 200
     status, a = post(url, json.dumps({"image": png(), "budget": {"latency_ms": budget}}).encode())
-    assert status == 200 and idle[a["cfg_id"]] <= budget and a["within_budget"], a
+    assert status == 200 and idle[a["cfg_id"]] <= budget and a["within_budget"], \
+        (a.get("predicted_ms"), a.get("timing_ms"), a.get("error"))
     for body, want, words in BAD[:3] + BAD[5:6] + BAD[9:10]:
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
         status, a = post(url, raw)
