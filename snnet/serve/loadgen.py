@@ -94,11 +94,11 @@ async def _open_loop(url: str, bodies: Sequence[bytes], times: Sequence[float], 
             when = start + float(times[i])
             await asyncio.sleep(max(0.0, when - time.perf_counter()))
             sent = time.perf_counter()
-            data = bodies[i]
+            body = bodies[i]
             if stamp:  # the time it was due, on the wall clock the server reads too
-                data = data.rstrip()[:-1] + b', "sent_at": %.6f}' % (time.time() - (sent - when))
+                body = body.rstrip()[:-1] + b', "sent_at": %.6f}' % (time.time() - (sent - when))
             try:
-                async with s.post(url, data=data, headers=headers) as resp:
+                async with s.post(url, data=body, headers=headers) as resp:
                     data = await resp.read()
                     replies[i] = Reply(i, resp.status, (time.perf_counter() - when) * 1e3,
                                        json.loads(data or b"{}"), (sent - when) * 1e3)
