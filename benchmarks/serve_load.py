@@ -327,13 +327,18 @@ def served_capacity(url: str, net: Net, cfg_id: int, n: int, concurrency: int) -
     return sum(r.status == 200 for r in replies) / (time.perf_counter() - t0)
 
 
+# what --requests keeps of each answer's body (see docs/serving.md, "Request and answers")
+REQUEST_FIELDS = ("cfg_id", "predicted_ms", "within_budget", "elapsed_ms", "server_ms", "batch_size", "queue_depth",
+                  "switch_us", "timing_ms")
+
+
 def run_setting(net: Net, url: str, slo: float, allowance: float, capacity: float, load: float, cv2: float,
                 duration: float, extra: dict[str, Any], seed: int, traces: int = 1, stamp: bool = False
                 ) -> dict[str, Any]:
     """One system at one (CV^2, load): `traces` independent arrival traces of `duration` s each (seeds `seed`,
     `seed` + 1000, ...; the same for every system), one after another, their requests pooled."""
     rate = load * capacity
-    replies, order, wall, n = [], [], 0.0, 0
+    replies, order, due, trace, wall, n = [], [], [], [], 0.0, 0
     for k in range(traces):
         m = max(10, int(rate * duration))
         times = arrival_times(m, rate, cv2, seed=seed + 1000 * k)
@@ -346,6 +351,8 @@ def run_setting(net: Net, url: str, slo: float, allowance: float, capacity: floa
             r.index += n
         replies += got
         order += picked
+        due += [float(t) for t in times]
+        trace += [k] * m
         n += m
     ok = [r for r in replies if r.status == 200]
     in_time = [r for r in ok if r.ms <= slo]
@@ -370,7 +377,12 @@ def run_setting(net: Net, url: str, slo: float, allowance: float, capacity: floa
             "batch": statistics.fmean(r.body["batch_size"] for r in ok) if ok else float("nan"),
             # the time outside the server (HTTP both ways, the client's own work), 95th percentile
             "outside_p95": percentile([r.ms - r.body["server_ms"] for r in ok], 95),
-            "late_send_ms": max((r.late_send_ms for r in replies if r.status), default=0.0)}
+            "late_send_ms": max((r.late_send_ms for r in replies if r.status), default=0.0),
+            # every request, for --requests: its trace, arrival (s into the trace), status, end-to-end ms, credit,
+            # and the server's own account of it (stitch, prediction, batch, queue, where its time went)
+            "requests": [{"trace": trace[r.index], "i": r.index, "due_s": round(due[r.index], 6), "status": r.status,
+                          "ms": None if r.ms != r.ms else round(r.ms, 3), "credit": float(credit[r.index]),
+                          **{k: r.body[k] for k in REQUEST_FIELDS if k in r.body}} for r in replies]}
 
 
 def switch_cost_us(net: Net, rounds: int = 10) -> tuple[float, float]:
@@ -561,6 +573,10 @@ def main() -> None:
     p.add_argument("--client-cpus", default="",
                    help="cores for this process (the load generator, the latency tables), e.g. '1'; the servers run "
                         "on the others, as serving research runs its clients on other machines (default: no pinning)")
+    p.add_argument("--requests", default="",
+                   help="also write every request of every setting as JSON lines to this file (network, system, "
+                        "CV2, load, trace, arrival, status, end-to-end ms, credit, the server's own account): what a "
+                        "table's row came from")
     p.add_argument("--sent-at", action="store_true",
                    help="every request carries the time it was due (sent_at), so each server counts its budget "
                         "from then, not from when it read the request (default: from when it read it)")
@@ -619,6 +635,11 @@ def main() -> None:
     lines.append("RESULT " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                       for k, v in result.items()))
     text = "\n".join(lines) + "\n"
+    if args.requests:
+        write_text_atomic(args.requests, "".join(
+            json.dumps({"net": net.name, "system": name, "cv2": cv2, "load": load, **req}) + "\n"
+            for net, run in zip(nets, runs) for (name, cv2, load), row in run["rows"].items()
+            for req in row["requests"]))
     write_text_atomic(args.out, text)
     print(text)
 
