@@ -25,18 +25,22 @@ TINY = [{"name": "deit_tiny_patch16_224", "model_kwargs": {"patch_size": 4, "dep
 FAST = ["--img-size", "16", "-b", "16", "--opt", "adamw", "--lr", "1e-3", "--warmup-epochs", "0", "-j", "0",
         "--no-pretrained", "--log-interval", "5", "--seed", "1"]
 
-__all__ = ["ROOT", "TINY", "FAST", "IMG", "run", "run_cli", "assert_refused", "vit", "Tiny", "ForkedCli"]
+__all__ = ["ROOT", "TINY", "FAST", "IMG", "run", "run_cli", "shared_cli", "assert_refused", "vit", "Tiny",
+           "ForkedCli"]
 
 
 def run(args, timeout=300, env=None):
-    """Run a command from the repository root, one intra-op thread per process. `python train.py ...` and
-    `python -m snnet.cli ...` are forked from a server that imported the library once (ForkedCli: a fresh process
-    with its own stdout, stderr, environment and exit code, -9 when killed), so each costs its own work and not the
-    ~6 CPU-seconds of importing torch, timm and the library (the children share the server's str hash seed); any
-    other command (torchrun, distributed_train.sh) is started as is. SNNET_TEST_FORK=0 starts every command afresh."""
+    """Run a command from the repository root, one intra-op thread per process. `python train.py ...`,
+    `python -m snnet.cli ...` and the launcher of `./distributed_train.sh N ...` (what the script execs:
+    `python -m snnet.train.launch --nproc_per_node=N $TORCHRUN_ARGS train.py ...`, with the script's PYTHONPATH) are
+    forked from a server that imported the library once (ForkedCli: a fresh process with its own stdout, stderr,
+    environment and exit code, -9 when killed), so each costs its own work and not the ~6 CPU-seconds of importing
+    torch, timm and the library (the children share the server's str hash seed); the ranks torchrun starts are fresh
+    processes, as is any other command (torchrun itself, a script's usage error). SNNET_TEST_FORK=0 starts every
+    command afresh."""
     args = [str(a) for a in args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    entry = _entry_point(args)
+    entry = _entry_point(args, full_env)
     # one call at a time per server; a second, concurrent one (a test's threads) starts a process of its own
     if entry and os.environ.get("SNNET_TEST_FORK", "1") != "0" and _FORK_OWNER[0] in (None, os.getpid()) \
             and _FORK_LOCK.acquire(blocking=False):
@@ -53,9 +57,14 @@ _FORK_SERVERS: list = []  # this process's fork server (one per pytest-xdist wor
 _FORK_OWNER: list = [None]  # the pid that started it (a process forked from a test does not share its pipes)
 
 
-def _entry_point(args):
-    """(ForkedCli entry, its argv) for `python train.py ARGV` and `python -m snnet.cli ARGV` of this Python, or
-    None for any other command."""
+def _entry_point(args, env):
+    """(ForkedCli entry, its argv) for `python train.py ARGV` and `python -m snnet.cli ARGV` of this Python and for
+    `./distributed_train.sh N ARGV` (then `env` gets the script's PYTHONPATH), or None for any other command."""
+    if len(args) >= 2 and args[0] in ("./distributed_train.sh", os.path.join(ROOT, "distributed_train.sh")) \
+            and args[1].isdigit() and int(args[1]) >= 1 and "PYTHON" not in env:
+        env["PYTHONPATH"] = ROOT + (f":{env['PYTHONPATH']}" if env.get("PYTHONPATH") else "")
+        return "launch", [f"--nproc_per_node={args[1]}", *env.get("TORCHRUN_ARGS", "").split(),
+                          os.path.join(ROOT, "train.py"), *args[2:]]
     if len(args) >= 2 and args[0] == sys.executable:
         if args[1] in ("train.py", os.path.join(ROOT, "train.py")):
             return "train", args[2:]
@@ -72,6 +81,13 @@ def _fork_server():
         _FORK_SERVERS.append(server)
         atexit.register(lambda: (server.close(), shutil.rmtree(workdir, ignore_errors=True)))
     return _FORK_SERVERS[0]
+
+
+def shared_cli():
+    """This worker's fork server, the one `run` uses: `.call(entry, argv, cwd=..., env=...)` for what `run` cannot
+    say (another working folder), without a server of its own (each costs ~6 CPU-s of imports). Not to be closed;
+    one call at a time."""
+    return _fork_server()
 
 
 def run_cli(capsys, *argv):
@@ -138,8 +154,10 @@ class Tiny:
 _SERVER = r"""
 import json, logging, os, sys, threading, traceback
 sys.path.insert(0, sys.argv[1])
-import snnet.cli, snnet.train.main, snnet.train.preflight  # imports only: nothing computed before a fork
-ENTRY = {"train": snnet.train.main.main, "snnet": snnet.cli.main, "preflight": snnet.train.preflight.main}
+import snnet.cli, snnet.train.launch, snnet.train.main, snnet.train.preflight  # imports only: nothing computed
+import torch.distributed.run  # before a fork (the launcher's torchrun, imported where it runs)
+ENTRY = {"train": snnet.train.main.main, "snnet": snnet.cli.main, "preflight": snnet.train.preflight.main,
+         "launch": snnet.train.launch.main}
 for line in sys.stdin:
     req = json.loads(line)
     pid = os.fork()
@@ -185,7 +203,8 @@ class ForkedCli:
     lines included: under pytest `logging.basicConfig` is a no-op in-process, so an in-process call hides what a user
     sees before a late error). One server process imports the library once and forks a child per call, so a call
     costs its own work, not torch's import. `call(entry, argv)` -> (exit code, stdout, stderr); entry: "train"
-    (train.py), "snnet" (the snnet command) or "preflight" (distributed_train.sh's check). `env`: the child's whole
+    (train.py), "snnet" (the snnet command), "preflight" (distributed_train.sh's check) or "launch" (the launcher
+    distributed_train.sh execs: its checks, then torchrun, whose ranks are fresh processes). `env`: the child's whole
     environment (None: the server's); `timeout`: seconds, then the child is killed and subprocess.TimeoutExpired
     raised, as subprocess.run does."""
 

@@ -262,37 +262,34 @@ def test_readme_quick_tour_runs(digits_folder, tiny_config, tmp_path):
     * the config, configs/deit_ti_s_b.json -> two tiny DeiTs of widths 8 and 16 (12 networks; DeiT-Ti/S/B take
       minutes per step on a CPU), with train.py's flags of a quick CPU run (helpers.FAST: --no-pretrained (no
       weights can be downloaded), 16 px, batch 16, one seed) and --epochs 1;
-    * the launcher, ./distributed_train.sh N -> train.py's entry point in one process (helpers.ForkedCli; torchrun
+    * the launcher, ./distributed_train.sh N -> train.py's entry point in one process (helpers.shared_cli; torchrun
       of N processes is tested in test_train/test_ddp);
     * the placeholders: <experiment> -> the run's --experiment name, <ckpt> -> its last.pth.tar; --cfg-id 42 ->
       --cfg-id 5 (the tiny SN-Net has 12 networks); snnet latency gets --warmup 1 --repeats 2 (timing is not tested
       here).
     Every command must exit 0 and leave what the README says it does."""
-    from helpers import FAST, ForkedCli
+    from helpers import FAST, shared_cli
     commands = quick_tour()
     assert [c.split()[0] for c in commands] == ["./distributed_train.sh"] * 3 + ["snnet"] * 5, commands
     experiment = "tour"
     subs = {"/data/imagenet": str(digits_folder), "configs/deit_ti_s_b.json": str(tiny_config),
             "<experiment>": experiment, "<ckpt>": f"output/train/{experiment}/last.pth.tar",
             "--cfg-id 42": "--cfg-id 5"}
-    cli = ForkedCli(tmp_path)
-    try:
-        for command in commands:
-            for old, new in subs.items():
-                command = command.replace(old, new)
-            argv = command.split()
-            if argv[0] == "./distributed_train.sh":
-                entry, argv = "train", [*argv[2:], *FAST, "--epochs", "1", "--experiment", experiment]
-            else:
-                entry, argv = "snnet", argv[1:] + (["--warmup", "1", "--repeats", "2"] if argv[1] == "latency" else [])
-            code, out, err = cli.call(entry, argv, cwd=tmp_path)
-            assert code == 0, f"{command}\n{out}\n{err}"
-            if "--dry-run" in argv:
-                assert not (tmp_path / "output" / "train" / experiment / "last.pth.tar").exists(), "the dry run trained"
-            elif argv[0] == "select":
-                assert re.match(r"cfg_id \d+: best top-1 with flops <= 2G", out), out
-    finally:
-        cli.close()
+    cli = shared_cli()
+    for command in commands:
+        for old, new in subs.items():
+            command = command.replace(old, new)
+        argv = command.split()
+        if argv[0] == "./distributed_train.sh":
+            entry, argv = "train", [*argv[2:], *FAST, "--epochs", "1", "--experiment", experiment]
+        else:
+            entry, argv = "snnet", argv[1:] + (["--warmup", "1", "--repeats", "2"] if argv[1] == "latency" else [])
+        code, out, err = cli.call(entry, argv, cwd=tmp_path)
+        assert code == 0, f"{command}\n{out}\n{err}"
+        if "--dry-run" in argv:
+            assert not (tmp_path / "output" / "train" / experiment / "last.pth.tar").exists(), "the dry run trained"
+        elif argv[0] == "select":
+            assert re.match(r"cfg_id \d+: best top-1 with flops <= 2G", out), out
     run = tmp_path / "output" / "train" / experiment
     records = [json.loads(ln) for ln in (run / "stitches_res.txt").read_text().splitlines()]
     assert len(records) == 12 and all("latency_ms_b1" in r for r in records)  # evaluated, then timed
@@ -366,7 +363,7 @@ def test_own_data_guide_runs(tmp_path, capsys):
     * snnet export gets --no-onnx (the ONNX check costs seconds; the quick tour's export writes it).
     The section 7 Python block then runs on the export: the class names of the folders come back as labels."""
     import timm
-    from helpers import FAST, ForkedCli
+    from helpers import FAST, shared_cli
 
     from snnet.core.checkpoint import json_field, load_checkpoint
     from snnet.core.config import parse_stitch_config
@@ -381,20 +378,17 @@ def test_own_data_guide_runs(tmp_path, capsys):
     from helpers import TINY
     (tmp_path / "pets_stitch.json").write_text(json.dumps({**raw, "anchors": TINY}))
     _pets(tmp_path / "data" / "pets")
-    cli = ForkedCli(tmp_path)
-    try:
-        for command in commands:
-            argv = command.split()
-            if argv[0] == "./distributed_train.sh":
-                entry, argv = "train", [*argv[2:], *FAST, "--epochs", "1", "--stitch-init-bs", "16"]
-            else:
-                entry, argv = "snnet", argv[1:] + (["--no-onnx"] if argv[1] == "export" else [])
-            code, out, err = cli.call(entry, argv, cwd=tmp_path)
-            assert code == 0, f"{command}\n{out}\n{err}"
-            if "--dry-run" in argv:
-                assert not (tmp_path / "output" / "train" / "pets").exists(), "the dry run trained"
-    finally:
-        cli.close()
+    cli = shared_cli()
+    for command in commands:
+        argv = command.split()
+        if argv[0] == "./distributed_train.sh":
+            entry, argv = "train", [*argv[2:], *FAST, "--epochs", "1", "--stitch-init-bs", "16"]
+        else:
+            entry, argv = "snnet", argv[1:] + (["--no-onnx"] if argv[1] == "export" else [])
+        code, out, err = cli.call(entry, argv, cwd=tmp_path)
+        assert code == 0, f"{command}\n{out}\n{err}"
+        if "--dry-run" in argv:
+            assert not (tmp_path / "output" / "train" / "pets").exists(), "the dry run trained"
     run = tmp_path / "output" / "train" / "pets"
     assert json_field(load_checkpoint(run / "last.pth.tar"), "args")["class_names"] == PETS
     assert json.loads((run / "stitches_res.classes.json").read_text())["class_names"] == PETS

@@ -68,7 +68,7 @@ def test_cnn_every_cfg_same_as_stitch_by_stitch_with_amp(digits_loader):
 def test_trie_computes_each_distinct_prefix_once():
     cfg = parse_stitch_config({"anchors": ["deit_tiny_patch16_224", "deit_small_patch16_224",
                                            "deit_base_patch16_224"]})
-    model = build_snnet(cfg, pretrained=False, img_size=32, patch_size=8)
+    model = build_snnet(cfg, pretrained=False, img_size=32, patch_size=8, weight_init="skip")  # costs only
     tree = RouteTree({c: model.routes[c] for c in range(model.num_configs)})
     naive = sum(len(r) for r in model.routes)
     unique = tree.unique_steps()
@@ -83,7 +83,7 @@ def test_unit_sums_equal_full_trace_for_every_deit_cfg():
     """FLOPs from per-unit traces (one trace per distinct unit) equal a whole-route trace, for all 71 cfgs."""
     cfg = parse_stitch_config({"anchors": ["deit_tiny_patch16_224", "deit_small_patch16_224",
                                            "deit_base_patch16_224"]})
-    model = build_snnet(cfg, pretrained=False, img_size=32, patch_size=8)
+    model = build_snnet(cfg, pretrained=False, img_size=32, patch_size=8, weight_init="skip")  # costs only
     table = measure(model, 32)
     for c in range(model.num_configs):
         assert table.route_flops(model.routes[c]) == trace_route_flops(model, c, 32), c

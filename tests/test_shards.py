@@ -16,7 +16,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from helpers import FAST, ROOT, ForkedCli, assert_refused, run, run_cli
+from helpers import FAST, ROOT, assert_refused, run, run_cli, shared_cli
 
 EVAL_CFG = dict(input_size=(3, 16, 16), interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0,
                 crop_mode="center")
@@ -255,7 +255,7 @@ def test_train_on_two_processes_from_shards_then_evaluate_exactly(demo, trained,
     folder, wds = demo
     shards = ["--dataset", "wds/digits"]
     ckpt = trained / "last.pth.tar"
-    cli = ForkedCli(tmp_path)  # one process: forked from a server that imported the library once
+    cli = shared_cli()  # one process: forked from a server that imported the library once
 
     def evaluate(data, name, procs, workers, *extra):
         argv = [data, *extra, "--stitch_config", tiny_config, *FAST, "-j", str(workers), "--eval", "--resume", ckpt,
@@ -287,7 +287,6 @@ def test_train_on_two_processes_from_shards_then_evaluate_exactly(demo, trained,
         pred = preds(name)  # image by image: the same ids, labels and top-5 classes as the folder's
         for key in ("sample_id", "label", "cfg_id", "top5"):
             assert np.array_equal(pred[key], folder_pred[key]), (procs, workers, key)
-    cli.close()
 
 
 @pytest.mark.slow
@@ -368,9 +367,8 @@ def test_hugging_face_datasets_from_local_parquet_train_and_evaluate_exactly(dig
     assert "fitted on 32 clean images" in r.stderr
     trained = results(tmp_path / "train" / "stitches_res.txt")
     ckpt = tmp_path / "train" / "last.pth.tar"
-    cli = ForkedCli(tmp_path)
-    code, _, err = cli.call("train", [digits_folder, *common, "--eval", "--resume", ckpt, "--experiment", "folder"])
-    cli.close()
+    code, _, err = shared_cli().call("train", [digits_folder, *common, "--eval", "--resume", ckpt, "--experiment",
+                                               "folder"])
     assert code == 0, err[-3000:]
     folder_res = results(tmp_path / "folder" / "stitches_res.txt")
     assert [(g["cfg_id"], g["samples"], g["acc1"]) for g in trained] == \
@@ -443,16 +441,13 @@ def test_resumed_evaluation_is_keyed_by_its_data_source(demo, tiny, tmp_path):
     for cls in sorted((folder / "val").iterdir()):
         (small / "val" / cls.name).mkdir(parents=True)
         shutil.copy(sorted(cls.iterdir())[0], small / "val" / cls.name)
-    cli = ForkedCli(tmp_path)
-    try:
-        common = ["--stitch_config", tiny.config, *FAST, "--eval", "--resume", tiny.ckpt, "--output", tmp_path,
-                  "--experiment", "ev", "--save-predictions", "none"]
-        code, _, err = cli.call("train", [small, *common])
-        assert code == 0, err
-        before = (tmp_path / "ev" / "stitches_res.txt").read_text()
-        code, _, err = cli.call("train", [wds, "--dataset", "wds/digits", *common])
-    finally:
-        cli.close()
+    cli = shared_cli()
+    common = ["--stitch_config", tiny.config, *FAST, "--eval", "--resume", tiny.ckpt, "--output", tmp_path,
+              "--experiment", "ev", "--save-predictions", "none"]
+    code, _, err = cli.call("train", [small, *common])
+    assert code == 0, err
+    before = (tmp_path / "ev" / "stitches_res.txt").read_text()
+    code, _, err = cli.call("train", [wds, "--dataset", "wds/digits", *common])
     lines = err.strip().splitlines()  # after the shard check's progress line
     assert code == 2 and "Traceback" not in err and lines[-1].startswith("error: "), err
     assert "holds results of another data source ('folder:" in lines[-1] and "this run evaluates 'wds:" in err

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from helpers import FAST, run
+from helpers import FAST, assert_refused, run
 
 from snnet import build_snnet, parse_stitch_config
 from snnet.train.args import UsageError, parse_args
@@ -239,6 +239,10 @@ def test_sync_bn_rules_and_in_place_conversion():
         convert_sync_bn(net, _sync_args(sample_sync=False), torch.device("cpu"))
     with pytest.raises(UsageError, match="--sync-bn needs CUDA devices: .* drop --sync-bn"):
         convert_sync_bn(net, _sync_args(), torch.device("cpu"))  # this torch's SyncBatchNorm is CUDA-only
+    from snnet.train.preflight import check_sync_bn
+    check_sync_bn(_sync_args(sample_sync=False), 1, "cpu", net.num_configs)  # one process: nothing to check
+    with pytest.raises(UsageError, match="--sync-bn needs --sample-sync"):  # what distributed_train.sh's check
+        check_sync_bn(_sync_args(sample_sync=False), 2, None, net.num_configs)  # runs on the meta network
     # a network with BatchNorm (ResNet anchors), converted as on CUDA: every BN replaced in place, same parameters
     # and keys, and the units run the replacements (eval mode runs on CPU)
     cfg = parse_stitch_config({"anchors": ["resnet18", "resnet50"], "input_size": 32})
@@ -254,8 +258,10 @@ def test_sync_bn_rules_and_in_place_conversion():
 
 
 @pytest.mark.dist
-def test_sync_bn_on_cpu_processes_is_refused(tmp_path, digits_folder, tiny_config):
+def test_sync_bn_on_cpu_processes_is_refused_before_they_start(tmp_path, digits_folder, tiny_config):
+    """By distributed_train.sh's check (each rank would refuse the same: the test above), one line and exit 2,
+    before torchrun starts a process or the run's folder is made."""
     r = run(["./distributed_train.sh", "2", digits_folder, "--stitch_config", tiny_config, *FAST, "--epochs", "1",
              "--sync-bn", "--sample-sync", "--output", tmp_path, "--experiment", "sbn"])
-    assert r.returncode != 0
-    assert "error: --sync-bn needs CUDA devices" in r.stderr
+    assert_refused(r.returncode, r.stderr, "--sync-bn needs CUDA devices")
+    assert "torch.distributed" not in r.stderr and not (tmp_path / "sbn").exists()

@@ -49,7 +49,7 @@ from snnet.train.optim import anchor_lr_scale
 from snnet.train.options import JobOptions, RunOptions, TrainOptions
 from snnet.train.positions import write_stitch_plan
 from snnet.train.preempt import STOP, Preempted
-from snnet.train.preflight import check_recipe, check_run, output_dir
+from snnet.train.preflight import check_recipe, check_run, check_sync_bn, output_dir
 from snnet.train.resolve import describe_run, to_yaml
 from snnet.train.resume import (
     all_saved,
@@ -313,12 +313,7 @@ def convert_sync_bn(net: RoutedNet, train: TrainOptions, device: torch.device, e
     if not train.distributed:
         _logger.info("--sync-bn: one process, nothing to synchronise; BatchNorm layers unchanged")
         return net
-    if net.num_configs > 1 and not train.sample_sync:
-        raise UsageError("--sync-bn needs --sample-sync: SyncBatchNorm communicates inside every BatchNorm layer, so "
-                         "all processes must train the same stitch each step; add --sample-sync")
-    if device.type != "cuda":
-        raise UsageError(f"--sync-bn needs CUDA devices: torch's SyncBatchNorm does not run on {device.type}; drop "
-                         f"--sync-bn (--dist-bn reduce averages BatchNorm statistics after each epoch instead)")
+    check_sync_bn(train, 2, device.type, net.num_configs)  # distributed: at least two processes
     return nn.SyncBatchNorm.convert_sync_batchnorm(net)
 
 

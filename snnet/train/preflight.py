@@ -36,7 +36,7 @@ from snnet.data.transforms import eval_data_config, timm_crop_mode
 from snnet.train.device import device_from_flag
 from snnet.train.network import build_network, check_train_exclude
 from snnet.train.optim import check_optimizer_name, describe_schedule, resolve_lrs
-from snnet.train.options import LossOptions, RunOptions
+from snnet.train.options import LossOptions, RunOptions, TrainOptions
 from snnet.train.sampler import anchor_routes, run_sampler
 
 
@@ -173,11 +173,28 @@ def check_run(options: RunOptions, stitch_cfg: StitchConfig | None, world_size: 
               anchor_checkpoints: bool = False) -> None:
     """Every input of the run. `anchor_checkpoints`: the anchors' checkpoints read and fitted too (the launcher's
     check, before torchrun starts: train.py itself loads them moments later, with the same message)."""
-    device_from_flag(options.train.device)  # a name that is no torch device, or CUDA where there is none
+    device = device_from_flag(options.train.device)  # a name that is no torch device, or CUDA where there is none
+    if not options.job.eval:
+        check_sync_bn(options.train, world_size, device.type)
     check_output(output_dir(options))
     check_checkpoints(options, stitch_cfg)
     check_data(options.data, need_train=not options.job.eval, world_size=world_size)
     check_recipe(options, stitch_cfg, world_size, anchor_checkpoints)
+
+
+def check_sync_bn(train: TrainOptions, world_size: int, device_type: str | None = None,
+                  num_configs: int | None = None) -> None:
+    """--sync-bn's needs in a training run of `world_size` processes (one process: nothing to synchronise): CUDA
+    devices (`device_type`), and --sample-sync where the network has several stitches (`num_configs`); either
+    unknown (None) is not checked. The launcher's check and each rank's (train.py) call this one."""
+    if not train.sync_bn or world_size <= 1:
+        return
+    if num_configs is not None and num_configs > 1 and not train.sample_sync:
+        raise UsageError("--sync-bn needs --sample-sync: SyncBatchNorm communicates inside every BatchNorm layer, so "
+                         "all processes must train the same stitch each step; add --sample-sync")
+    if device_type is not None and device_type != "cuda":
+        raise UsageError(f"--sync-bn needs CUDA devices: torch's SyncBatchNorm does not run on {device_type}; drop "
+                         f"--sync-bn (--dist-bn reduce averages BatchNorm statistics after each epoch instead)")
 
 
 def check_recipe(options: RunOptions, stitch_cfg: StitchConfig | None, world_size: int,
@@ -187,11 +204,11 @@ def check_recipe(options: RunOptions, stitch_cfg: StitchConfig | None, world_siz
     if not options.job.eval:
         check_augmentation(options.loader, eval_data_config(options.values(), stitch_cfg)["input_size"])
     check_training(options, world_size)
-    check_structure(options, stitch_cfg, anchor_checkpoints)
+    check_structure(options, stitch_cfg, anchor_checkpoints, world_size)
 
 
-def check_structure(options: RunOptions, stitch_cfg: StitchConfig | None, anchor_checkpoints: bool = False
-                    ) -> None:
+def check_structure(options: RunOptions, stitch_cfg: StitchConfig | None, anchor_checkpoints: bool = False,
+                    world_size: int = 1) -> None:
     """The network built as the run builds it, on the meta device (no weight read, downloaded or allocated): model
     arguments timm refuses, anchors that cannot be stitched at this input size, a positions selection asking for
     more positions than a pair has, routes `train_exclude` names that the network lacks, and anchor checkpoints that
@@ -204,6 +221,7 @@ def check_structure(options: RunOptions, stitch_cfg: StitchConfig | None, anchor
         check_train_exclude(net, cfg)
     if net is not None and cfg is not None and not options.job.eval:
         check_sampling(options, net, cfg)
+        check_sync_bn(options.train, world_size, num_configs=net.num_configs)
     if anchor_checkpoints and net is not None and cfg is not None:  # what each rank loads first fits its anchor
         for i, spec in enumerate(cfg.anchors):
             if spec.checkpoint is not None:
