@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import gzip
 import io
 import json
 import math
@@ -68,7 +69,7 @@ sys.path.insert(0, str(ROOT))
 from snnet.core.build import build_snnet  # noqa: E402  (after the path insert: the benchmark runs from a checkout)
 from snnet.core.checkpoint import save_checkpoint  # noqa: E402
 from snnet.core.config import parse_stitch_config  # noqa: E402
-from snnet.core.fileio import write_text_atomic  # noqa: E402
+from snnet.core.fileio import atomic_path, write_text_atomic  # noqa: E402
 from snnet.deploy.export import export_stitch, load_snnet  # noqa: E402
 from snnet.deploy.latency import measure_latency  # noqa: E402
 from snnet.results.baselines import cascade_settings  # noqa: E402
@@ -574,7 +575,8 @@ def main() -> None:
                    help="cores for this process (the load generator, the latency tables), e.g. '1'; the servers run "
                         "on the others, as serving research runs its clients on other machines (default: no pinning)")
     p.add_argument("--requests", default="",
-                   help="also write every request of every setting as JSON lines to this file (network, system, "
+                   help="also write every request of every setting as JSON lines to this file (gzip where it ends in "
+                        "'.gz'; network, system, "
                         "CV2, load, trace, arrival, status, end-to-end ms, credit, the server's own account): what a "
                         "table's row came from")
     p.add_argument("--sent-at", action="store_true",
@@ -635,11 +637,13 @@ def main() -> None:
     lines.append("RESULT " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                       for k, v in result.items()))
     text = "\n".join(lines) + "\n"
-    if args.requests:
-        write_text_atomic(args.requests, "".join(
-            json.dumps({"net": net.name, "system": name, "cv2": cv2, "load": load, **req}) + "\n"
-            for net, run in zip(nets, runs) for (name, cv2, load), row in run["rows"].items()
-            for req in row["requests"]))
+    if args.requests:  # gzip-compressed where the name ends in .gz
+        jsonl = "".join(json.dumps({"net": net.name, "system": name, "cv2": cv2, "load": load, **req}) + "\n"
+                        for net, run in zip(nets, runs) for (name, cv2, load), row in run["rows"].items()
+                        for req in row["requests"])
+        with atomic_path(args.requests) as tmp:
+            with (gzip.open(tmp, "wt") if args.requests.endswith(".gz") else open(tmp, "w")) as f:
+                f.write(jsonl)
     write_text_atomic(args.out, text)
     print(text)
 
