@@ -575,10 +575,9 @@ def main() -> None:
                    help="cores for this process (the load generator, the latency tables), e.g. '1'; the servers run "
                         "on the others, as serving research runs its clients on other machines (default: no pinning)")
     p.add_argument("--requests", default="",
-                   help="also write every request of every setting as JSON lines to this file (gzip where it ends in "
-                        "'.gz'; network, system, "
-                        "CV2, load, trace, arrival, status, end-to-end ms, credit, the server's own account): what a "
-                        "table's row came from")
+                   help="also write every request of every setting to this file as JSON lines (gzip where the name "
+                        "ends in .gz): network, system, CV2, load, trace, arrival, status, end-to-end ms, credit and "
+                        "the server's own account; what each row of the tables came from")
     p.add_argument("--sent-at", action="store_true",
                    help="every request carries the time it was due (sent_at), so each server counts its budget "
                         "from then, not from when it read the request (default: from when it read it)")
