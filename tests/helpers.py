@@ -41,6 +41,8 @@ def run(args, timeout=300, env=None):
     args = [str(a) for a in args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     entry = _entry_point(args, full_env)
+    if entry and entry[0] == "launch":  # as the script sets it
+        full_env["PYTHONPATH"] = ROOT + (f":{full_env['PYTHONPATH']}" if full_env.get("PYTHONPATH") else "")
     # one call at a time per server; a second, concurrent one (a test's threads) starts a process of its own
     if entry and os.environ.get("SNNET_TEST_FORK", "1") != "0" and _FORK_OWNER[0] in (None, os.getpid()) \
             and _FORK_LOCK.acquire(blocking=False):
@@ -59,10 +61,10 @@ _FORK_OWNER: list = [None]  # the pid that started it (a process forked from a t
 
 def _entry_point(args, env):
     """(ForkedCli entry, its argv) for `python train.py ARGV` and `python -m snnet.cli ARGV` of this Python and for
-    `./distributed_train.sh N ARGV` (then `env` gets the script's PYTHONPATH), or None for any other command."""
+    `./distributed_train.sh N ARGV` under `env` (the launcher it execs, with `env`'s TORCHRUN_ARGS; not where `env`
+    names another PYTHON), or None for any other command."""
     if len(args) >= 2 and args[0] in ("./distributed_train.sh", os.path.join(ROOT, "distributed_train.sh")) \
             and args[1].isdigit() and int(args[1]) >= 1 and "PYTHON" not in env:
-        env["PYTHONPATH"] = ROOT + (f":{env['PYTHONPATH']}" if env.get("PYTHONPATH") else "")
         return "launch", [f"--nproc_per_node={args[1]}", *env.get("TORCHRUN_ARGS", "").split(),
                           os.path.join(ROOT, "train.py"), *args[2:]]
     if len(args) >= 2 and args[0] == sys.executable:
