@@ -18,6 +18,11 @@ that cannot make its deadline even on its network's fastest option is answered 5
   switch        the SN-Net; the stitch bound per batch at dispatch from the head's slack, leaving room for the
                 arrivals a batch holds up (snnet serve; "switch, no headroom": --headroom 0, the greedy choice,
                 shown for comparison and not counted as an alternative)
+  switch, again the same switching server measured once more, last in each setting: an A/A control. Its
+                difference from "switch" is what the machine alone moves a system by between two windows of a few
+                seconds (load beside it, cache, frequency); it is not an alternative. The same worst margin with
+                the control in switch's place (`CONTROL ... control_worst_margin`) is what that statistic reads
+                for a system *identical* to switching: the bar's noise floor on this machine
   fixed <name>  the same server with every request fixing one network (cfg_id): each anchor alone and one
                 stitch of the front between them; "best fixed" is the best of them at each load, chosen after
                 the fact (an oracle a fixed deployment does not have)
@@ -40,7 +45,9 @@ and how often an answer saying `within_budget` met its budget (the prediction's 
 
     .venv/bin/python benchmarks/serve_load.py [--quick] [--out results/bench_serve.txt]
 
-Last line: RESULT worst_margin_effacc=<e> dominated=<d> within_met=<w> (see the docs: docs/serving.md).
+Last line: RESULT worst_margin_effacc=<e> dominated=<d> within_met=<w> (see the docs: docs/serving.md); the line
+before it: CONTROL aa_mean_abs=<m> aa_largest_abs=<a> control_worst_margin=<c> control_dominated=<n>, the same
+statistics for the A/A control (switching measured again): what they read when there is nothing to find.
 """
 from __future__ import annotations
 
@@ -85,6 +92,9 @@ MAIN_CV2 = 4.0
 SERVER_CPUS: set[int] = set()
 #: SN-Net switching without the room for arrivals (snnet serve --headroom 0): the greedy choice, before issue 38's fix
 GREEDY = "switch, no headroom"
+#: the switching server measured again, last in each setting: an A/A control (not an alternative)
+CONTROL = "switch, again (A/A control)"
+SWITCHES = ("switch", GREEDY, CONTROL)  # never counted as alternatives to switching
 
 
 # ------------------------------------------------------------------------------------------------ the networks
@@ -418,6 +428,7 @@ def measure(net: Net, work: Path, slo_factor: float, scale: float, log, traces: 
     for name, spec in net.cascades.items():
         systems[name] = ("anchors" if name.startswith("anchor") else "snnet",
                          {"cascade": {"chain": spec["chain"], "thresholds": spec["thresholds"]}})
+    systems[CONTROL] = ("snnet", {})  # last: the farthest in time from "switch"
     servers = {"snnet": Server(net, "snnet", work), "anchors": Server(net, "anchors", work, net.exported),
                "greedy": Server(net, "greedy", work, flags=("--headroom", "0"))}
     rows: dict[tuple[str, float, float], dict[str, Any]] = {}
@@ -439,7 +450,7 @@ def measure(net: Net, work: Path, slo_factor: float, scale: float, log, traces: 
         plan = [(MAIN_CV2, load) for load in net.loads] + list(net.extra_traces)
         for cv2, load in plan:
             for name, (server, extra) in systems.items():
-                if (cv2, load) in net.extra_traces and name not in ("switch", GREEDY, "anchors (3 models)") and \
+                if (cv2, load) in net.extra_traces and name not in (*SWITCHES, "anchors (3 models)") and \
                         not name.startswith("fixed"):
                     continue
                 seed = int(load * 100 + cv2)  # the same arrivals and images for every system
@@ -479,9 +490,24 @@ def dominated(sw: dict[str, Any], alt: dict[str, Any]) -> bool:
     return alt["attain"] > sw["attain"] and alt["top1"] > sw["top1"]
 
 
-def report(nets: list[Net], runs: list[dict[str, Any]], header: list[str]) -> tuple[list[str], dict[str, float]]:
+def compare(rows: dict[tuple[str, float, float], dict[str, Any]], who: str, cv2: float, load: float
+            ) -> tuple[str, float, list[str]]:
+    """`who` (switching or its A/A control) at one setting against the alternatives (every system but the
+    switching ones): the best alternative by effective accuracy, `who`'s margin over it, and the alternatives that
+    dominate `who` (higher SLO attainment and higher mean top-1)."""
+    sw = rows[(who, cv2, load)]
+    alts = {k[0]: v for k, v in rows.items() if k[1:] == (cv2, load) and k[0] not in SWITCHES}
+    best = max(alts, key=lambda k: alts[k]["effacc"])
+    return best, sw["effacc"] - alts[best]["effacc"], [k for k, v in alts.items() if dominated(sw, v)]
+
+
+def report(nets: list[Net], runs: list[dict[str, Any]], header: list[str]
+           ) -> tuple[list[str], dict[str, float], dict[str, float]]:
+    """The tables, the RESULT values and the A/A control's (`CONTROL`) values."""
     lines = list(header)
     margins, dom, within, within_met = [], 0, 0, 0
+    aa: list[float] = []  # the control's effective accuracy - switching's, every setting
+    ctl_margins, ctl_dom = [], 0
     for net, run in zip(nets, runs):
         rows = run["rows"]
         lines += ["", f"## {net.name}: SLO {run['slo']:.1f} ms end to end, capacity {run['capacity']:.1f} req/s"
@@ -497,19 +523,34 @@ def report(nets: list[Net], runs: list[dict[str, Any]], header: list[str]) -> tu
                          f"{r['stitches']} | {wm} |")
             within += r["within"]
             within_met += r["within_met"]
+        control = any(k[0] == CONTROL for k in rows)
+        aa_head = " A/A: again - switch | the control's margin |" if control else ""
         lines += ["", "| trace | load | switch effective acc | best alternative | its effective acc | margin | "
-                  "noise (1 SE) | dominated by |", "|---|---:|---:|---|---:|---:|---:|---|"]
+                  "noise (1 SE) | dominated by |" + aa_head,
+                  "|---|---:|---:|---|---:|---:|---:|---|" + ("---:|---:|" if control else "")]
         for cv2, load in sorted({(k[1], k[2]) for k in rows}):
             sw = rows[("switch", cv2, load)]
-            alts = {k[0]: v for k, v in rows.items() if k[1:] == (cv2, load) and k[0] not in ("switch", GREEDY)}
-            best = max(alts, key=lambda k: alts[k]["effacc"])
-            margin = sw["effacc"] - alts[best]["effacc"]
-            over = [k for k, v in alts.items() if dominated(sw, v)]
+            best, margin, over = compare(rows, "switch", cv2, load)
             if cv2 == MAIN_CV2:
                 margins.append(margin)
                 dom += bool(over)
-            lines.append(f"| CV2 {cv2:g} | {load:.2f}x | {sw['effacc']:.2f} | {best} | {alts[best]['effacc']:.2f} | "
-                         f"{margin:+.2f} | {margin_se(sw, alts[best]):.2f} | {', '.join(over) or '-'} |")
+            alt = rows[(best, cv2, load)]
+            line = (f"| CV2 {cv2:g} | {load:.2f}x | {sw['effacc']:.2f} | {best} | {alt['effacc']:.2f} | "
+                    f"{margin:+.2f} | {margin_se(sw, alt):.2f} | {', '.join(over) or '-'} |")
+            if control:
+                _, ctl_margin, ctl_over = compare(rows, CONTROL, cv2, load)
+                aa.append(rows[(CONTROL, cv2, load)]["effacc"] - sw["effacc"])
+                if cv2 == MAIN_CV2:
+                    ctl_margins.append(ctl_margin)
+                    ctl_dom += bool(ctl_over)
+                line += f" {aa[-1]:+.2f} | {ctl_margin:+.2f} |"
+            lines.append(line)
+        if control:
+            here = aa[-len({(k[1], k[2]) for k in rows}):]
+            lines += ["", f"A/A control: the switching server measured again, last in each setting, differed from "
+                      f"its first measurement by {statistics.fmean(abs(d) for d in here):.2f} points of effective "
+                      f"accuracy on average, {max(abs(d) for d in here):.2f} at most: the machine's own noise between "
+                      f"two windows of the same run, beside which the margins above are to be read"]
         at = 1.0 if any(k[1:] == (MAIN_CV2, 1.0) for k in rows) else max(k[2] for k in rows)
         lines += ["", f"where an answered request's server time went at CV2 {MAIN_CV2:g}, {at:g}x (means, ms; "
                   "choosing: the dispatch's choice of stitch and batch, µs per batch; outside: the client's end to end "
@@ -535,7 +576,9 @@ def report(nets: list[Net], runs: list[dict[str, Any]], header: list[str]) -> tu
                   f"{grouped:.0f} µs grouped ({inter - grouped:+.0f} µs per switch)"]
     result = {"worst_margin_effacc": min(margins), "dominated": dom,
               "within_met": within_met / within if within else float("nan")}
-    return lines, result
+    controls = {"aa_mean_abs": statistics.fmean(abs(d) for d in aa), "aa_largest_abs": max(abs(d) for d in aa),
+                "control_worst_margin": min(ctl_margins), "control_dominated": ctl_dom} if aa else {}
+    return lines, result, controls
 
 
 def plot(nets: list[Net], runs: list[dict[str, Any]], path: Path) -> None:
@@ -547,7 +590,8 @@ def plot(nets: list[Net], runs: list[dict[str, Any]], path: Path) -> None:
         for name in run["systems"]:
             pts = sorted((k[2], v["effacc"]) for k, v in run["rows"].items() if k[0] == name and k[1] == MAIN_CV2)
             style = {"lw": 2.6, "color": "C3", "zorder": 5} if name == "switch" else \
-                {"lw": 1.4, "color": "C3", "ls": "--", "alpha": 0.7} if name == GREEDY else {"lw": 1.2, "alpha": 0.85}
+                {"lw": 1.4, "color": "C3", "ls": "--", "alpha": 0.7} if name == GREEDY else \
+                {"lw": 1.4, "color": "C3", "ls": ":", "alpha": 0.9} if name == CONTROL else {"lw": 1.2, "alpha": 0.85}
             ax.plot(*zip(*pts), marker="o", ms=4, label="SN-Net switching" if name == "switch" else name, **style)
         ax.set_xlabel(f"offered load (x the largest anchor's served capacity, {run['capacity']:.1f} req/s)")
         ax.set_ylabel("effective accuracy (%)" + ("" if net.labels is not None else ", expected"))
@@ -630,9 +674,12 @@ def main() -> None:
               + (f"; client on cores {args.client_cpus}, servers on cores {','.join(map(str, sorted(SERVER_CPUS)))}"
                  if SERVER_CPUS else "; client and servers on the same cores")
               + ("; every request carries sent_at (budgets count from the time it was due)" if args.sent_at else "")]
-    lines, result = report(nets, runs, header)
+    lines, result, controls = report(nets, runs, header)
     plot(nets, runs, Path(args.plot))
     lines.append("")
+    if controls:  # what the RESULT statistics read for a system identical to switching (see CONTROL)
+        lines.append("CONTROL " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                           for k, v in controls.items()))
     lines.append("RESULT " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                       for k, v in result.items()))
     text = "\n".join(lines) + "\n"

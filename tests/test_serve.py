@@ -833,3 +833,36 @@ def test_the_load_benchmark_refuses_client_cores_that_leave_the_servers_none(mon
         assert e.value.code == 2 and says in err and f"--client-cpus {value!r}" in err, err
         assert "building" not in out and not serve_load.SERVER_CPUS
     assert sorted(os.sched_getaffinity(0)) == every
+
+
+def test_the_load_benchmark_reports_its_a_a_control(monkeypatch):
+    """benchmarks/serve_load.py's report: the switching server measured again (the A/A control) is never an
+    alternative; its difference from switching and its own margin are in the table, and the CONTROL values are the
+    RESULT statistics with the control in switching's place (made-up rows, no server)."""
+    monkeypatch.syspath_prepend(f"{ROOT}/benchmarks")
+    import serve_load
+    from serve_load import CONTROL, GREEDY, MAIN_CV2
+
+    def row(effacc, attain, top1):
+        return {"effacc": effacc, "attain": attain, "top1": top1, "credit": np.full(4, effacc), "p50": 1.0,
+                "p99": 2.0, "goodput": 1.0, "shed": 0, "stitches": 1, "within": 10, "within_met": 9,
+                "choose_us": 50.0, "timing": dict.fromkeys(("decode", "queue", "forward", "answer"), 1.0),
+                "batch": 1.0, "outside_p95": 1.0}
+
+    rows = {}
+    for load, (sw, again, fixed, greedy) in {0.5: (80, 76, 79, 95), 1.0: (70, 73, 72, 95)}.items():
+        rows[("switch", MAIN_CV2, load)] = row(sw, 0.9, 90)
+        rows[(CONTROL, MAIN_CV2, load)] = row(again, 0.95, 91)  # dominates switching: never counted
+        rows[(GREEDY, MAIN_CV2, load)] = row(greedy, 0.99, 99)  # neither
+        rows[("fixed a", MAIN_CV2, load)] = row(fixed, 0.92, 89)
+    net = serve_load.Net("toy", ROOT, ROOT, ROOT, [0], {0: 90.0}, [], [0], {0: 1.0}, 1, 1)
+    run = {"slo": 10.0, "capacity": 5.0, "rows": rows, "systems": ["switch", GREEDY, "fixed a", CONTROL],
+           "memory": {k: 1.0 for k in ("snnet", "snnet_model_mb", "anchors", "anchors_model_mb", "largest",
+                                       "largest_model_mb")}, "switch_us": (2.0, 1.0)}
+    lines, result, controls = serve_load.report([net], [run], ["header"])
+    assert result == {"worst_margin_effacc": -2.0, "dominated": 0, "within_met": 0.9}
+    assert controls == {"aa_mean_abs": 3.5, "aa_largest_abs": 4.0, "control_worst_margin": -3.0,
+                        "control_dominated": 0}
+    table = [ln for ln in lines if ln.startswith("| CV2 4 | 1.00x | 70.00")]
+    assert table == ["| CV2 4 | 1.00x | 70.00 | fixed a | 72.00 | -2.00 | 0.00 | - | +3.00 | +1.00 |"]
+    assert any(ln.startswith("A/A control:") and "3.50 points" in ln and "4.00 at most" in ln for ln in lines)
