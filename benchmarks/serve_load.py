@@ -481,7 +481,9 @@ def measure(net: Net, work: Path, slo_factor: float, scale: float, log, traces: 
 def margin_se(a: dict[str, Any], b: dict[str, Any]) -> float:
     """The standard error of effective accuracy a - b, both measured on the same arrivals and images: the spread of
     the per-request difference of credit / sqrt(n). A margin within about 2 of these is the trace's luck: one
-    request more or less in time."""
+    request more or less in time. It counts the requests as independent, so it leaves out what moves a whole window
+    of them (the machine beside the server): the A/A control (`CONTROL`) measures that, and on 2 shared cores it is
+    several times larger (docs/serving.md, "An A/A control")."""
     d = a["credit"] - b["credit"]
     return float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
 
@@ -587,11 +589,13 @@ def plot(nets: list[Net], runs: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(nets), figsize=(6.5 * len(nets), 4.6))
     for ax, net, run in zip(np.atleast_1d(axes), nets, runs):
+        others = iter(f"C{i}" for i in range(10) if i != 3)  # red (C3) is switching's alone
         for name in run["systems"]:
             pts = sorted((k[2], v["effacc"]) for k, v in run["rows"].items() if k[0] == name and k[1] == MAIN_CV2)
             style = {"lw": 2.6, "color": "C3", "zorder": 5} if name == "switch" else \
                 {"lw": 1.4, "color": "C3", "ls": "--", "alpha": 0.7} if name == GREEDY else \
-                {"lw": 1.4, "color": "C3", "ls": ":", "alpha": 0.9} if name == CONTROL else {"lw": 1.2, "alpha": 0.85}
+                {"lw": 1.4, "color": "C3", "ls": ":", "alpha": 0.9} if name == CONTROL else \
+                {"lw": 1.2, "alpha": 0.85, "color": next(others)}
             ax.plot(*zip(*pts), marker="o", ms=4, label="SN-Net switching" if name == "switch" else name, **style)
         ax.set_xlabel(f"offered load (x the largest anchor's served capacity, {run['capacity']:.1f} req/s)")
         ax.set_ylabel("effective accuracy (%)" + ("" if net.labels is not None else ", expected"))
