@@ -526,6 +526,7 @@ def report(nets: list[Net], runs: list[dict[str, Any]], header: list[str]
             within += r["within"]
             within_met += r["within_met"]
         control = any(k[0] == CONTROL for k in rows)
+        here: list[float] = []  # this network's control - switching
         aa_head = " A/A: again - switch | the control's margin |" if control else ""
         lines += ["", "| trace | load | switch effective acc | best alternative | its effective acc | margin | "
                   "noise (1 SE) | dominated by |" + aa_head,
@@ -541,14 +542,14 @@ def report(nets: list[Net], runs: list[dict[str, Any]], header: list[str]
                     f"{margin:+.2f} | {margin_se(sw, alt):.2f} | {', '.join(over) or '-'} |")
             if control:
                 _, ctl_margin, ctl_over = compare(rows, CONTROL, cv2, load)
-                aa.append(rows[(CONTROL, cv2, load)]["effacc"] - sw["effacc"])
+                here.append(rows[(CONTROL, cv2, load)]["effacc"] - sw["effacc"])
                 if cv2 == MAIN_CV2:
                     ctl_margins.append(ctl_margin)
                     ctl_dom += bool(ctl_over)
-                line += f" {aa[-1]:+.2f} | {ctl_margin:+.2f} |"
+                line += f" {here[-1]:+.2f} | {ctl_margin:+.2f} |"
             lines.append(line)
         if control:
-            here = aa[-len({(k[1], k[2]) for k in rows}):]
+            aa += here
             lines += ["", f"A/A control: the switching server measured again, last in each setting, differed from "
                       f"its first measurement by {statistics.fmean(abs(d) for d in here):.2f} points of effective "
                       f"accuracy on average, {max(abs(d) for d in here):.2f} at most: the machine's own noise between "
