@@ -109,6 +109,18 @@ def world(tmp_path_factory, digits_folder, tiny_config):
     ten = build_snnet(tiny, pretrained=False, img_size=16, num_classes=10)
     torch.save({"state_dict": ten.state_dict(), "epoch": 0, "args": json.dumps({"num_classes": 10})},
                w / "ten_classes.pth.tar")
+    # issue 54: checkpoints that fit another network than the run's (refused by the checks, before any work)
+    (w / "ckpt_folder").mkdir()
+    (w / "folder_anchor.json").write_text(
+        json.dumps({"anchors": [dict(TINY[0], checkpoint=str(w / "ckpt_folder")), TINY[1]]}))
+    big = build_snnet(tiny, pretrained=False, img_size=32, num_classes=10)
+    torch.save({"state_dict": big.state_dict(), "epoch": 0}, w / "img32.pth.tar")
+    from snnet.core.build import create_anchor
+    from snnet.core.config import AnchorSpec
+    plain = create_anchor(AnchorSpec(TINY[0]["name"], None, TINY[0]["model_kwargs"]), pretrained=False,
+                          num_classes=10, img_size=16)
+    torch.save({"state_dict": plain.state_dict(), "epoch": 0,
+                "config": json.dumps({"stitch_config": None, "anchors": [TINY[0]["name"]]})}, w / "plain.pth.tar")
     return w
 
 
@@ -378,6 +390,36 @@ def test_bad_input_40(case, argv, message, world, digits_folder, tiny_config, tm
     test_bad_input(case, argv, message, world, digits_folder, tiny_config, tmp_path, cli_warnings)
 
 
+# issue 54: what the runs learned late, now learned by the checks (the meta-device network against the checkpoint's
+# keys and shapes, no weight read; the cfg_ids against the network)
+CASES54 = [
+    ("anchor checkpoint that is a folder", "{data} --stitch_config {w}/folder_anchor.json",
+     "checkpoint of anchor 'deit_tiny_patch16_224' '{w}/ckpt_folder' is a folder, not a checkpoint file; give the "
+     "path of the file, e.g. '{w}/ckpt_folder/last.pth.tar'"),
+    ("eval of a checkpoint trained at another image size", "{data} --stitch_config {cfg} --eval --resume "
+     "{w}/img32.pth.tar", "the checkpoint was trained at image size 32, the network built for 16: use img_size=32"),
+    ("plain model checkpoint resumed into a stitch config", "{data} --stitch_config {cfg} --resume {w}/plain.pth.tar",
+     "it is a plain model's checkpoint ('deit_tiny_patch16_224'), not an SN-Net's: resume it with --model"),
+    ("stitch checkpoint resumed into a plain model", "{data} --model resnet18 --resume {w}/ten_classes.pth.tar",
+     "it is an SN-Net's checkpoint: pass the --stitch_config it was trained with instead of --model"),
+    ("save-predictions cfg_id out of range", "{data} --stitch_config {cfg} --save-predictions 99",
+     "--save-predictions 99: cfg_id [99] out of range; this network has cfg_ids 0..11"),
+]
+
+
+@pytest.mark.parametrize("case,argv,message", CASES54, ids=[c[0] for c in CASES54])
+def test_bad_input_54(case, argv, message, world, digits_folder, tiny_config, tmp_path, cli):
+    """As the catalogue's cases, and refused by the checks themselves: distributed_train.sh's check (the preflight
+    entry, which does no work) says the same line, so train.py, which runs those checks first, says it before its
+    first log line (these were refused after the network was built and the run had logged)."""
+    test_bad_input(case, argv, message, world, digits_folder, tiny_config, tmp_path, cli)
+    fill = lambda s: s.format(w=world, cfg=tiny_config, data=digits_folder)
+    code, _, err = cli.call("preflight", ["1", *FAST, *fill(argv).split(), "--output", tmp_path / "pre",
+                                          "--experiment", "new"])
+    assert code == 2 and fill(message) in err, err
+    assert not (tmp_path / "pre").exists()
+
+
 def test_catalogue_is_large_enough():
     assert len(CASES) >= 60
 
@@ -469,6 +511,33 @@ def test_second_run_into_a_busy_folder_is_refused(digits_folder, tiny_config, tm
         assert snapshot(tmp_path) == before
 
 
+def test_two_runs_started_at_once_the_second_is_refused_before_any_work(digits_folder, tiny_config, tmp_path,
+                                                                         monkeypatch):
+    """Two runs started at the same moment into one folder both find it free; the one that locks it second is
+    refused when it locks, which is before its checks, logs and work (it was after its LS init): the lock is taken
+    right after the folder is checked (simulated: another process locks it in between)."""
+    from contextlib import ExitStack
+
+    from snnet.core.fileio import FolderBusyError
+    from snnet.train import main as train_main
+    from snnet.train.args import parse_args
+    from snnet.train.options import RunOptions
+    busy = tmp_path / "runs" / "busy"
+    real_check, worked = train_main.check_output, []
+    args, cfg = parse_args([str(a) for a in FAST + [digits_folder, "--stitch_config", tiny_config, "--output",
+                                                    tmp_path / "runs", "--experiment", "busy"]])
+    with ExitStack() as other_run:
+        def check_then_lose_the_race(path):
+            real_check(path)
+            other_run.enter_context(lock_held_by_another_process(busy))
+        monkeypatch.setattr(train_main, "check_output", check_then_lose_the_race)
+        monkeypatch.setattr(train_main, "check_run", lambda *a, **k: worked.append("checks"))
+        monkeypatch.setattr(train_main, "_execute", lambda *a, **k: worked.append("work"))
+        with pytest.raises(FolderBusyError, match=f"folder '{busy}' is in use by another run"):
+            train_main.start(RunOptions.from_values(vars(args)), cfg)
+    assert worked == []
+
+
 def test_lock_of_a_killed_run_is_not_stuck(tmp_path):
     """kill -9 of the holder: the kernel releases the lock; the next run takes it, and removes the file after."""
     from snnet.core.fileio import FolderLock, lock_holder
@@ -531,6 +600,45 @@ def test_full_disk_checkpoint_injected(tmp_path, monkeypatch):
         checkpoint.save_checkpoint(tmp_path / "last.pth.tar", {"w": torch.zeros(1000)})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth.tar"]
     assert (tmp_path / "last.pth.tar").read_bytes() == b"old"
+
+
+def test_full_disk_at_the_start_is_one_line(small_disk, digits_folder, tiny_config, cli):
+    """An --output on a disk already full: the run's first write (its lock file) says so in one line naming the
+    folder and the bytes needed, and leaves nothing (it was a 10-line OSError traceback and an empty lock file)."""
+    fd = os.open(small_disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:  # filled to the last byte
+        while os.write(fd, bytes(4096)):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    before = snapshot(small_disk)
+    code, _, err = cli.call("train", FAST + [digits_folder, "--stitch_config", tiny_config, "--output", small_disk,
+                                             "--experiment", "x"])
+    err = err.strip()
+    assert code == 2 and err.count("\n") == 0 and "Traceback" not in err, err
+    assert f"disk full: writing the lock file '.snnet.lock' into folder '{small_disk / 'x'}' needs about" in err, err
+    assert snapshot(small_disk) == before and not (small_disk / "x").exists()
+
+
+def test_full_disk_at_the_lock_injected(tmp_path, monkeypatch):
+    """ENOSPC injected where the lock file is written (where no small disk can be mounted): one line naming the
+    folder and the bytes needed; the lock file and the folders it made are gone."""
+    import errno
+
+    from snnet.core import fileio
+    real_write = os.write
+
+    def write(fd, data):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(fileio.FolderLock.NAME):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+    monkeypatch.setattr(fileio.os, "write", write)
+    with pytest.raises(fileio.DiskFullError, match=r"disk full: writing the lock file '.snnet.lock' into folder "
+                                                   f"'{tmp_path / 'a' / 'run'}' needs about \\d+ bytes"):
+        fileio.FolderLock(tmp_path / "a" / "run").acquire()
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("dataset,extra",

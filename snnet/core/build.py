@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from snnet.core.adapter import AnchorAdapter, AnchorError, adapter_for
-from snnet.core.checkpoint import CheckpointError, load_weights
+from snnet.core.checkpoint import CheckpointError, classifier_keys, load_weights
 from snnet.core.config import AnchorSpec, ConfigError, StitchConfig
 from snnet.core.cut import probe, why_not_stitchable
 from snnet.core.model import SNNet
@@ -93,10 +93,7 @@ def anchor_weights(model: nn.Module, spec: AnchorSpec, check_only: bool = False,
     """The anchor's local checkpoint loaded into `model` (its architecture), or with `check_only` only checked to fit
     it (the preflight, on the meta-device anchor; `skip_head`: not the classifier, whose size the data decides)."""
     assert spec.checkpoint is not None
-    skip: set[str] = set()
-    if skip_head and hasattr(model, "get_classifier"):
-        head = model.get_classifier()
-        skip = {f"{n}.{k}" for n, m in model.named_modules() if m is head for k in m.state_dict()}
+    skip = classifier_keys(model) if skip_head else set()
     try:
         load_weights(model, spec.checkpoint, f"checkpoint of anchor {spec.name!r}",
                      "check the anchor name, num_classes and img_size, or fix the path in the config", check_only, skip)

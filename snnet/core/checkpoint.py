@@ -49,6 +49,14 @@ def fit_report(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> 
             f"{len(wrong)} of another shape e.g. {wrong[:2]}")
 
 
+def classifier_keys(model: nn.Module) -> set[str]:
+    """The state-dict keys of a timm model's classifier (`get_classifier()`, a distilled model's heads too): what a
+    fit check leaves out where the data decides the number of classes."""
+    heads = model.get_classifier() if hasattr(model, "get_classifier") else ()
+    heads = {id(h) for h in (heads if isinstance(heads, (tuple, list)) else (heads,))}
+    return {f"{n}.{k}" if n else k for n, m in model.named_modules() if id(m) in heads for k in m.state_dict()}
+
+
 def image_size_hint(module: nn.Module, state: dict[str, torch.Tensor]) -> str:
     """'' or why a ViT's position embedding does not fit: another width (embed_dim), else the image size the
     checkpoint was trained at and the one the network was built for. A pos_embed of another length is what a wrong
@@ -113,16 +121,51 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
         torch.save(state, tmp)
 
 
-def _read(path: Path, what: str) -> Any:
+_CHECKPOINT_SUFFIXES = (".pth.tar", ".pth", ".pt", ".safetensors", ".bin", ".ckpt")
+
+
+def _folder_error(path: Path, what: str) -> CheckpointError:
+    """A checkpoint path that is a folder: named as one (it exists), with the checkpoint files in it to choose from."""
+    try:
+        inside = sorted(p.name for p in path.iterdir() if p.name.endswith(_CHECKPOINT_SUFFIXES) and p.is_file())
+    except OSError:
+        inside = []
+    pick = f" (it holds {', '.join(repr(str(path / n)) for n in inside[:3])})" if inside else ""
+    return CheckpointError(f"{what} {str(path)!r} is a folder, not a checkpoint file; give the path of the file"
+                           f"{pick or ', e.g. ' + repr(str(path / LAST))}")
+
+
+def _lazy_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's keys, shapes and dtypes from its header, as meta tensors: no weight is read."""
+    from safetensors import safe_open
+    out = {}
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            part = f.get_slice(key)
+            dtype = getattr(torch, _SAFETENSORS_DTYPES.get(part.get_dtype(), "float32"))
+            out[key] = torch.empty(part.get_shape(), dtype=dtype, device="meta")
+    return out
+
+
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def _read(path: Path, what: str, lazy: bool = False) -> Any:
     """The object in a safetensors file or a torch file read with weights_only=True (a pickle that references code
-    is refused unread, naming what it references)."""
+    is refused unread, naming what it references). `lazy`: keys and shapes without reading the weights (a torch file
+    memory-mapped, a safetensors file's header as meta tensors): what the preflight compares with a network."""
+    if path.is_dir():
+        raise _folder_error(path, what)
     if not path.is_file():
         raise CheckpointError(f"{what} {str(path)!r} does not exist; give the path of an existing file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{what} {str(path)!r} is empty (an interrupted copy?); use another file")
     try:
         if path.suffix == ".safetensors":
-            return load_file(str(path))
+            return _lazy_safetensors(path) if lazy else load_file(str(path))
+        if lazy and zipfile.is_zipfile(path):  # torch's zip format maps; a legacy file is read whole
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
         code = foreign_globals(path)
@@ -136,13 +179,14 @@ def _read(path: Path, what: str) -> Any:
                               f"give a safetensors file or a .pth(.tar) of tensors") from None
 
 
-def load_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike, what: str = "checkpoint", lazy: bool = False) -> dict[str, Any]:
     """A checkpoint as a dict whose ``state_dict`` holds the weights (``module.`` prefixes of DDP removed).
 
     Accepts this project's checkpoints, timm's (``state_dict``), DeiT/SN-Net-style ``model`` entries, and bare
-    state dicts (safetensors or torch)."""
+    state dicts (safetensors or torch). `lazy` (the preflight's fit checks): the weights memory-mapped or, for
+    safetensors, meta tensors of their shapes: keys, shapes and the recorded fields, no weight read."""
     path = Path(path)
-    state = _read(path, what)
+    state = _read(path, what, lazy)
     if not isinstance(state, dict):
         raise CheckpointError(f"{what} {str(path)!r} holds a {type(state).__name__}, not a checkpoint dict")
     if "state_dict" not in state and state and all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -160,7 +204,7 @@ def load_weights(module: nn.Module, path: str | os.PathLike, what: str, fix: str
     """Load the weights of checkpoint `path` into `module` strictly; a mismatch is one CheckpointError that says
     what differs and `fix`. `check_only` (the preflight, on a meta-device module): the fit alone, `skip` aside."""
     try:
-        state = load_checkpoint(path, what)["state_dict"]
+        state = load_checkpoint(path, what, lazy=check_only)["state_dict"]
         if check_only:
             check_fitting(module, state, skip)
         else:

@@ -167,8 +167,26 @@ class FolderLock:
         while not p.exists() and p != p.parent:
             missing.append(p)
             p = p.parent
-        self.folder.mkdir(parents=True, exist_ok=True)
         self.made = missing  # innermost first: removed in this order when left empty
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._lock()
+        except OSError as e:  # a full disk (or quota) where the lock file is made or written: one line, no trace
+            if self.fd is not None:  # our lock file, empty or torn: removed while still locked
+                self.path.unlink(missing_ok=True)
+                os.close(self.fd)
+                self.fd = None
+            if not is_disk_full(e, p):
+                raise
+            error = disk_full_error(self.folder if self.folder.exists() else p, f"the lock file {self.NAME!r}", 0,
+                                    len(self._holder_text()))
+            self._remove_made()
+            raise error from None
+
+    def _holder_text(self) -> str:
+        return f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+
+    def _lock(self) -> None:
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
             try:
@@ -188,10 +206,9 @@ class FolderLock:
             if same:
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
-                     .encode())
         self.fd = fd
+        os.ftruncate(fd, 0)
+        os.write(fd, self._holder_text().encode())
 
     def release(self) -> None:
         if self.fd is None:
@@ -202,6 +219,9 @@ class FolderLock:
             pass
         os.close(self.fd)
         self.fd = None
+        self._remove_made()
+
+    def _remove_made(self) -> None:
         for d in self.made:
             try:
                 d.rmdir()

@@ -21,7 +21,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from snnet.core.adapter import AnchorAdapter, Unit, adapter_for, block_units, entry_unit, module_param_count
-from snnet.core.checkpoint import load_fitting
+from snnet.core.checkpoint import classifier_keys, load_fitting
 from snnet.core.layers import create_stitch_layer
 from snnet.core.plan import Composition, Edge, LayerSpec, PlanError, Route, Stitch, StitchPlan
 from snnet.core.steps import Step, UnitStep, stitch_step, unit_step
@@ -182,6 +182,10 @@ class RoutedNet(nn.Module):
         """The state dict a checkpoint stores."""
         return self.state_dict()
 
+    def checkpoint_heads(self) -> set[str]:
+        """The `checkpoint_state` keys of the anchors' classifiers (whose size the data decides)."""
+        return {f"{self._anchor_prefix(a)}{k}" for a in range(self.n_anchors) for k in classifier_keys(self.anchor(a))}
+
     def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load a checkpoint's state dict strictly; `StateDictMismatch` says what does not fit."""
         load_fitting(self, state)
@@ -252,6 +256,9 @@ class PlainNet(RoutedNet):
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
+
+    def checkpoint_heads(self) -> set[str]:
+        return classifier_keys(self.model)
 
     def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
         load_fitting(self.model, state)

@@ -49,7 +49,7 @@ from snnet.train.optim import anchor_lr_scale
 from snnet.train.options import JobOptions, RunOptions, TrainOptions
 from snnet.train.positions import write_stitch_plan
 from snnet.train.preempt import STOP, Preempted
-from snnet.train.preflight import check_recipe, check_run, check_sync_bn, output_dir
+from snnet.train.preflight import check_output, check_recipe, check_run, check_sync_bn, output_dir
 from snnet.train.resolve import describe_run, to_yaml
 from snnet.train.resume import (
     all_saved,
@@ -200,15 +200,20 @@ def start(options: RunOptions, stitch_cfg: StitchConfig | None) -> None:
             device_type = (options.train.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
             print(to_yaml(describe_run(args, stitch_cfg, world(launched=True)[1], device_type)), end="")
         return
-    check_run(options, stitch_cfg, world(launched=True)[1])  # check: every input, before any weight or image
-    check_loggers(options.logging)
-    if world(launched=True)[0] == 0:
-        for note in fitted_notes():  # the defaults parsing fitted to this run (a short run, a small machine)
-            _logger.info(note)
+    rank, world_size = world(launched=True)
     out_dir = output_dir(options)  # once: a generated name holds the time of day
-    # one run per output folder: rank 0 holds the lock (torchrun's other ranks write into rank 0's folder); the
-    # kernel releases it when the process dies, so a crashed run never leaves it stuck
-    with FolderLock(out_dir) if world(launched=True)[0] == 0 else nullcontext():
+    check_output(out_dir)  # it can be made, and no other run holds it
+    # one run per output folder, locked before anything else is done (a run started at the same moment is refused
+    # here, not after its checks and LS init): rank 0 holds the lock (torchrun's other ranks write into rank 0's
+    # folder); the kernel releases it when the process dies, so a crashed run never leaves it stuck, and a refused
+    # run's release removes the folder it made
+    with FolderLock(out_dir) if rank == 0 else nullcontext():
+        # check: every input, before any weight or image (the anchors' checkpoints by their keys and shapes)
+        check_run(options, stitch_cfg, world_size, anchor_checkpoints=True, out_dir=out_dir)
+        check_loggers(options.logging)
+        if rank == 0:
+            for note in fitted_notes():  # the defaults parsing fitted to this run (a short run, a small machine)
+                _logger.info(note)
         _execute(options, stitch_cfg, out_dir)
 
 

@@ -25,7 +25,14 @@ from pathlib import Path
 from timm.data import create_transform
 
 from snnet.core.build import anchor_weights, check_model_name, create_anchor
-from snnet.core.checkpoint import CheckpointError, check_same_network, fit_report, json_field, load_checkpoint
+from snnet.core.checkpoint import (
+    CheckpointError,
+    check_same_network,
+    classifier_keys,
+    fit_report,
+    json_field,
+    load_checkpoint,
+)
 from snnet.core.config import AnchorSpec, StitchConfig
 from snnet.core.distributed import world
 from snnet.core.errors import SNNetError, UsageError, one_line
@@ -34,9 +41,11 @@ from snnet.data.checks import check_data
 from snnet.data.options import LoaderOptions
 from snnet.data.transforms import eval_data_config, timm_crop_mode
 from snnet.train.device import device_from_flag
+from snnet.train.evaluator import prediction_ids, val_panel
 from snnet.train.network import build_network, check_train_exclude
 from snnet.train.optim import check_optimizer_name, describe_schedule, resolve_lrs
 from snnet.train.options import LossOptions, RunOptions, TrainOptions
+from snnet.train.resume import fitting_checkpoint
 from snnet.train.sampler import anchor_routes, run_sampler
 
 
@@ -90,15 +99,16 @@ def check_output(path: Path) -> None:
 
 
 def check_checkpoints(options: RunOptions, stitch_cfg: StitchConfig | None = None) -> None:
-    """--resume and --initial-checkpoint are readable pickle-free checkpoints (their fit to the network is checked
-    once the network is built, before any image is read); a --resume checkpoint that recorded its stitch config was
-    made with the network the given config builds (a field such as skip_final_norm changes the network without
-    changing a weight's shape, so the state dict alone would load and run another network)."""
+    """--resume and --initial-checkpoint are readable pickle-free checkpoints, read lazily (keys, shapes and the
+    recorded fields; their fit to the network is checked on the meta-device network, `check_structure`); a --resume
+    checkpoint that recorded its stitch config was made with the network the given config builds (a field such as
+    skip_final_norm changes the network without changing a weight's shape, so the state dict alone would load and
+    run another network)."""
     job, loss = options.job, options.loss
     for path in (job.resume, job.initial_checkpoint):
         if not path:
             continue
-        state = load_checkpoint(path)
+        state = load_checkpoint(path, lazy=True)
         _check_classes(options.network.num_classes, path, state)
         if path == job.resume and not job.eval:
             _check_epochs_left(options, state)
@@ -132,8 +142,7 @@ def _check_teacher_checkpoint(loss: LossOptions) -> None:
                             num_classes=loss.num_classes)
     own = teacher.state_dict()
     if loss.num_classes is None:  # the head's size is the data's: compare the rest
-        head = teacher.get_classifier()
-        names = {f"{n}.{k}" for n, m in teacher.named_modules() if m is head for k in m.state_dict()}
+        names = classifier_keys(teacher)
         own, state = ({k: v for k, v in d.items() if k not in names} for d in (own, state))
     report = fit_report(own, state)
     if report:
@@ -170,13 +179,15 @@ def check_augmentation(loader: LoaderOptions, input_size: int | Sequence[int] = 
 
 
 def check_run(options: RunOptions, stitch_cfg: StitchConfig | None, world_size: int,
-              anchor_checkpoints: bool = False) -> None:
-    """Every input of the run. `anchor_checkpoints`: the anchors' checkpoints read and fitted too (the launcher's
-    check, before torchrun starts: train.py itself loads them moments later, with the same message)."""
+              anchor_checkpoints: bool = False, out_dir: Path | None = None) -> None:
+    """Every input of the run. `anchor_checkpoints`: the anchors' checkpoints fitted too, by their keys and shapes
+    (the launcher's check and train.py's). `out_dir`: the run's folder, already checked (`check_output`) and locked
+    by the caller (train.py checks under its lock: a probe of the lock here would release it); None: checked here."""
     device = device_from_flag(options.train.device)  # a name that is no torch device, or CUDA where there is none
     if not options.job.eval:
         check_sync_bn(options.train, world_size, device.type)
-    check_output(output_dir(options))
+    if out_dir is None:
+        check_output(output_dir(options))
     check_checkpoints(options, stitch_cfg)
     check_data(options.data, need_train=not options.job.eval, world_size=world_size)
     check_recipe(options, stitch_cfg, world_size, anchor_checkpoints)
@@ -213,7 +224,10 @@ def check_structure(options: RunOptions, stitch_cfg: StitchConfig | None, anchor
     arguments timm refuses, anchors that cannot be stitched at this input size, a positions selection asking for
     more positions than a pair has, routes `train_exclude` names that the network lacks, and anchor checkpoints that
     are missing or do not fit their anchors (`anchor_checkpoints`) (a wrong embed_dim, a config without the
-    input_size they were trained at; the classifier too when the number of classes is given)."""
+    input_size they were trained at; the classifier too when the number of classes is given), cfg_ids the network
+    lacks (`check_cfg_ids`), and a --resume or --initial-checkpoint that does not fit the network (another image
+    size, model, config: its keys and shapes, no weight read; the classifier too when the number of classes is
+    given)."""
     known = options.network.num_classes or (stitch_cfg.get("num_classes") if stitch_cfg is not None else None)
     net, cfg = build_network(replace(options.network_to_build(), num_classes=known or 1000), stitch_cfg,
                              structure_only=True)
@@ -226,6 +240,20 @@ def check_structure(options: RunOptions, stitch_cfg: StitchConfig | None, anchor
         for i, spec in enumerate(cfg.anchors):
             if spec.checkpoint is not None:
                 anchor_weights(net.anchor(i), spec, check_only=True, skip_head=known is None)
+    if net is None:  # positions the run selects from data: the network is known only then
+        return
+    check_cfg_ids(options, net)
+    for path in (options.job.resume, options.job.initial_checkpoint):  # what the run loads fits what it builds
+        if path and not options.train.split_bn:  # (split BN adds the aux BatchNorms only the run's conversion makes)
+            fitting_checkpoint(net, path, structure_only=True)
+
+
+def check_cfg_ids(options: RunOptions, net) -> None:
+    """Every option that names cfg_ids names ones the network has (--save-predictions; --val-stitches and a
+    top1@ID --eval-metric in training), by the run's own parsers of them."""
+    prediction_ids(options.eval.save_predictions, net)
+    if not options.job.eval:
+        val_panel(options.eval, net)
 
 
 def check_sampling(options: RunOptions, net, cfg: StitchConfig) -> None:

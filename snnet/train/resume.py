@@ -26,24 +26,50 @@ from snnet.core.checkpoint import (
 )
 from snnet.core.distributed import world
 from snnet.core.fileio import write_text_atomic
-from snnet.core.model import RoutedNet
+from snnet.core.model import PlainNet, RoutedNet
 from snnet.train.device import requeued, restart_attempt, unwrap
 from snnet.train.engine import TrainContext
 from snnet.train.options import TrainOptions
 from snnet.train.preempt import STOP, Preempted
 
 
-def fitting_checkpoint(net: torch.nn.Module, path: str) -> dict:
+def fitting_checkpoint(net: torch.nn.Module, path: str, structure_only: bool = False) -> dict:
     """A checkpoint to start from (--resume, --initial-checkpoint), read once and refused now if it does not fit the
-    network (before any image is read)."""
-    state = load_checkpoint(path)
-    report = fit_report(unwrap(net).checkpoint_state(), state["state_dict"])
+    network (before any image is read). `structure_only` (the preflight, on the meta-device network built with a
+    guessed number of classes where the data decides it): keys and shapes read without the weights (`load_checkpoint`
+    lazy), the classifiers left out."""
+    model = unwrap(net)
+    state = load_checkpoint(path, lazy=structure_only)
+    own, theirs = model.checkpoint_state(), state["state_dict"]
+    if structure_only:
+        heads = model.checkpoint_heads()
+        own, theirs = ({k: v for k, v in d.items() if k not in heads} for d in (own, theirs))
+    report = fit_report(own, theirs)
     if report:
-        hint = image_size_hint(unwrap(net), state["state_dict"])  # a wrong --img-size: name the right one
+        hint = image_size_hint(model, theirs) or _network_kind_hint(model, state)  # name the right flag
         raise CheckpointError(f"checkpoint {path!r} does not fit this model ({hint + '; ' if hint else ''}{report}); "
                               f"it was made with another stitch config, model, image size or --num-classes: pass "
                               f"the same ones")
     return state
+
+
+def _network_kind_hint(model: torch.nn.Module, state: dict) -> str:
+    """'' or what a checkpoint of the other kind of network is: an SN-Net's (it recorded a stitch config) given to a
+    plain --model run, or a plain model's given to a --stitch_config run (by its recorded network, else its keys)."""
+    ident = json_field(state, "config")
+    recorded = ident.get("stitch_config") if isinstance(ident, dict) else None
+    anchors = ident.get("anchors") if isinstance(ident, dict) else None
+    keys = state["state_dict"]
+    stitched = recorded is not None or any(k.startswith(("anchors.", "stitch_layers.")) for k in keys)
+    plain = isinstance(model, PlainNet)
+    if plain and stitched:
+        return "it is an SN-Net's checkpoint: pass the --stitch_config it was trained with instead of --model"
+    if not plain and not stitched:
+        name = f" ({anchors[0]!r})" if isinstance(anchors, list) and len(anchors) == 1 and \
+            isinstance(anchors[0], str) else ""
+        return (f"it is a plain model's checkpoint{name}, not an SN-Net's: resume it with --model, or name it as an "
+                f"anchor's \"checkpoint\" in the stitch config")
+    return ""
 
 
 def resume_counters(train: TrainOptions, resume_state: dict | None, optimizer: torch.optim.Optimizer,
