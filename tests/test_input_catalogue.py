@@ -121,7 +121,21 @@ def world(tmp_path_factory, digits_folder, tiny_config):
                           num_classes=10, img_size=16)
     torch.save({"state_dict": plain.state_dict(), "epoch": 0,
                 "config": json.dumps({"stitch_config": None, "anchors": [TINY[0]["name"]]})}, w / "plain.pth.tar")
+    for split in ("train", "val"):  # an image over PIL's decompression-bomb limit, last of its class folder
+        shutil.copytree(digits_folder, w / f"bomb_{split}")
+        (w / f"bomb_{split}" / split / "3" / "zz.png").write_bytes(bomb_png())
     return w
+
+
+def bomb_png(width=14000, height=14000):
+    """A PNG header of a 196-Mpx image (no pixel data: PIL refuses it at open, by its size)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + \
+        chunk(b"IEND", b"")
 
 
 def _hf_datasets(root, digits_folder):
@@ -404,6 +418,8 @@ CASES54 = [
      "it is an SN-Net's checkpoint: pass the --stitch_config it was trained with instead of --model"),
     ("save-predictions cfg_id out of range", "{data} --stitch_config {cfg} --save-predictions 99",
      "--save-predictions 99: cfg_id [99] out of range; this network has cfg_ids 0..11"),
+    ("validation image over PIL's size limit", "{w}/bomb_val --stitch_config {cfg} --eval",
+     "validation image '{w}/bomb_val/val/3/zz.png' is too large for PIL"),
 ]
 
 
@@ -418,6 +434,20 @@ def test_bad_input_54(case, argv, message, world, digits_folder, tiny_config, tm
                                           "--experiment", "new"])
     assert code == 2 and fill(message) in err, err
     assert not (tmp_path / "pre").exists()
+
+
+def test_training_image_over_pils_size_limit_is_skipped_in_one_line(world, tiny_config, tmp_path, cli):
+    """A 196-Mpx training image (PIL's DecompressionBombError, which timm's loader lets through: it was a traceback
+    after the run had written files) is skipped as a corrupt one is, one warning naming it, and the run goes on."""
+    bomb = world / "bomb_train" / "train" / "3" / "zz.png"
+    code, _, err = cli.call("train", FAST + [world / "bomb_train", "--stitch_config", tiny_config, "--epochs", "1",
+                                             "--output", tmp_path, "--experiment", "x", "--save-predictions", "none"])
+    assert code == 0 and "Traceback" not in err, err
+    skipped = [line for line in err.splitlines() if "skipped" in line]
+    assert skipped and all(f"skipped training image '{bomb}' (too large for PIL: 196,000,000 pixels, over its "
+                           f"limit of 178,956,970; downscale it); the next image is used in its place" in line
+                           for line in skipped), err
+    assert (tmp_path / "x" / "last.pth.tar").exists()
 
 
 def test_catalogue_is_large_enough():

@@ -497,3 +497,30 @@ def test_shard_class_options_refused_before_any_shard_is_read(bad_shards, monkey
     assert_refused(*preflight(capsys, bad_shards, "--num-classes", "5"), "--num-classes 5 is smaller than the 10")
     assert_refused(*preflight(capsys, bad_shards, "--class-map", str(bad_shards / "_info.json")), "--class-map",
                    "does not apply to shards")
+
+
+def test_training_skips_an_unreadable_shard_image_in_one_warning_and_evaluation_stops(demo, tmp_path, caplog):
+    """A corrupt or over-large (decompression-bomb) image inside a training shard is skipped with one warning naming
+    the sample and its shard, the next readable sample taking its place (the epoch keeps its length), as a corrupt
+    image in a folder is; evaluation stops on it, naming it (it stopped training mid-epoch with 4 stderr lines)."""
+    from test_input_catalogue import bomb_png
+
+    from snnet.data.shards import EvalStream, ShardError, TrainStream, find_split
+    wds = tmp_path / "wds"
+    shutil.copytree(demo[1], wds)
+    shard = wds / "train-000000.tar"
+    names = [name for name, _ in shard_members(shard) if name.endswith(".png")]
+    rewrite_member(shard, names[3], b"\x89PNG truncated")
+    rewrite_member(shard, names[7], bomb_png())
+    split = find_split(str(wds), "train")
+    stream = TrainStream(split, seed=0, rank=0, world_size=1, batch_size=16, buffer=8)
+    with caplog.at_level(logging.WARNING):
+        got = list(stream)
+    assert len(got) == len(stream)
+    skipped = sorted(r.getMessage() for r in caplog.records if "skipped training image" in r.getMessage())
+    assert len(skipped) == 2, skipped
+    for name, why in ((names[3], "(UnidentifiedImageError)"),
+                      (names[7], "(too large for PIL: 196,000,000 pixels, over its limit of 178,956,970; downscale")):
+        assert any(f"sample {name.rsplit('.', 1)[0]!r} of shard {str(shard)!r} {why}" in m for m in skipped), skipped
+    with pytest.raises(ShardError, match=f"sample {names[3].rsplit('.', 1)[0]!r} of shard .* cannot be read"):
+        list(EvalStream(find_split(str(wds), "train"), 0, 1, 16))

@@ -11,13 +11,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from PIL import Image
 from timm.data import ImageDataset, create_loader
 from torch.utils.data import DataLoader
 
 from snnet.core.distributed import world
 from snnet.data.checks import DataError
 from snnet.data.options import LoaderOptions
-from snnet.data.shards import ShardDataset
+from snnet.data.shards import ShardDataset, image_problem
 from snnet.data.transforms import eval_transform, src_crop, timm_crop_mode
 
 _logger = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ _TIMM_SKIP = re.compile(r"^Skipped sample \(index \d+\)\. (.*)$", re.S)
 
 
 class _HoldTimmSkip(logging.Filter):
-    """While `_NamedSkips` loads an image, timm's "Skipped sample (index N). <reason>" warning (which for a truncated
+    """While `NamedSkips` loads an image, timm's "Skipped sample (index N). <reason>" warning (which for a truncated
     image does not name the file) is held back and its reason kept, for the one line that names the file."""
     def filter(self, record: logging.LogRecord) -> bool:
         if not getattr(_SKIP, "active", False):
@@ -66,7 +67,7 @@ class _HoldTimmSkip(logging.Filter):
 _HOLD = _HoldTimmSkip()
 
 
-class _NamedSkips(torch.utils.data.Dataset):
+class NamedSkips(torch.utils.data.Dataset):
     """A training dataset whose skipped (unreadable) images are named: timm's ImageDataset skips an image it cannot
     decode and uses the next one, logging only the index for a truncated file. This reproduces timm's retry rule
     exactly (next index, up to the dataset's retry limit, then timm's error), so the same images are used, and logs
@@ -106,10 +107,11 @@ class _NamedSkips(torch.utils.data.Dataset):
             _SKIP.active, _SKIP.reason = True, None
             try:
                 return self.dataset[index]
-            except RuntimeError as e:
-                if "consecutive samples" not in str(e):
+            except (RuntimeError, Image.DecompressionBombError) as e:  # timm lets PIL's size limit through
+                if isinstance(e, RuntimeError) and "consecutive samples" not in str(e):
                     raise
-                _logger.warning(f"skipped training image {self._name(index)!r} ({_SKIP.reason or 'unreadable'}); "
+                reason = _SKIP.reason if isinstance(e, RuntimeError) else image_problem(e)
+                _logger.warning(f"skipped training image {self._name(index)!r} ({reason or 'unreadable'}); "
                                 f"the next image is used in its place: remove or replace the file")
                 index = (index + 1) % len(self.dataset)
             finally:
@@ -121,7 +123,7 @@ def create_train_loader(dataset, options: LoaderOptions, data_cfg: dict[str, Any
                         collate_fn=None):
     """timm's training loader; a timm ImageDataset is wrapped so that a skipped unreadable image is named."""
     if isinstance(dataset, ImageDataset):
-        dataset = _NamedSkips(dataset)
+        dataset = NamedSkips(dataset)
     elif isinstance(dataset, ShardDataset):  # this rank's deterministic stream (set_epoch before each epoch)
         dataset = dataset.train_stream(*(world() if options.distributed else (0, 1)), options.batch_size)
     num_aug_splits = options.aug_splits if options.aug_splits > 1 else 0
@@ -142,7 +144,7 @@ def create_train_loader(dataset, options: LoaderOptions, data_cfg: dict[str, Any
 
 class StrictImages(torch.utils.data.Dataset):
     """Evaluation reads every image or stops, naming the file: timm's datasets skip an unreadable image and
-    substitute the next one, which is fine for training (`_NamedSkips` names the file) but would make the counts of
+    substitute the next one, which is fine for training (`NamedSkips` names the file) but would make the counts of
     an evaluation silently wrong."""
     def __init__(self, dataset):
         self.dataset = dataset
@@ -155,11 +157,12 @@ class StrictImages(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         try:
             return self.dataset[index]
-        except RuntimeError as e:
-            if "consecutive samples" not in str(e):
+        except (RuntimeError, Image.DecompressionBombError) as e:  # timm lets PIL's size limit through
+            if isinstance(e, RuntimeError) and "consecutive samples" not in str(e):
                 raise
             name = self.dataset.filename(index, absolute=True) if hasattr(self.dataset, "filename") else index
-            raise DataError(f"image {str(name)!r} cannot be read; remove or replace it (evaluation does not skip "
+            why = f" ({image_problem(e)})" if isinstance(e, Image.DecompressionBombError) else ""
+            raise DataError(f"image {str(name)!r} cannot be read{why}; remove or replace it (evaluation does not skip "
                             f"images, so that every count is exact)") from None
 
 

@@ -7,9 +7,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from timm.data import ImageDataset
 from torch.utils.data import DataLoader, Subset
 
 from snnet.data.datasets import indexable
+from snnet.data.loaders import NamedSkips
 from snnet.data.shards import ShardDataset
 from snnet.data.transforms import eval_transform
 
@@ -28,6 +30,8 @@ class CleanImages:
         self.indices = [int(i) for i in order[rank::world_size]]
         if isinstance(dataset, ShardDataset):  # the same images as the folder's, read once from their shards
             self.base, self.indices = dataset.subset(self.indices), list(range(len(self.indices)))
+        elif isinstance(dataset, ImageDataset):  # its own transform; an unreadable image skipped as training does
+            self.base = NamedSkips(dataset)
         else:
             self.base = copy.copy(dataset)  # same samples, its own transform
         self.base.transform = eval_transform(data_cfg)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import tarfile
@@ -46,11 +47,34 @@ from snnet.core.progress import Progress
 from snnet.data.options import DataOptions
 
 INFO_FILE = "_info.json"
+_logger = logging.getLogger(__name__)
 SHUFFLE_BUFFER = int(os.environ.get("SNNET_SHARD_SHUFFLE", "1024"))  # samples a training worker mixes
 
 
 class ShardError(SNNetError):
     """Shards that cannot be used as they are; the message names the shard and the fix (exit code 2)."""
+
+
+class UnreadableSample(ShardError):
+    """A sample whose image cannot be decoded: evaluation stops on it, training skips it (`reason`: why)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+_BOMB = re.compile(r"\((\d+) pixels\) exceeds limit of (\d+) pixels")
+
+
+def image_problem(e: BaseException) -> str:
+    """Why PIL could not read an image, for the one line that names it: an image over PIL's decompression-bomb limit
+    as its size and the limit (PIL.Image.DecompressionBombError, which timm's loader does not catch), else the error's
+    type."""
+    if isinstance(e, Image.DecompressionBombError):
+        m = _BOMB.search(str(e))
+        size = f": {int(m.group(1)):,} pixels, over its limit of {int(m.group(2)):,}" if m else ""
+        return f"too large for PIL{size}; downscale it"
+    return type(e).__name__
 
 
 
@@ -212,7 +236,7 @@ def check_image_header(data: bytes, where: str) -> None:
         with Image.open(io.BytesIO(data)):
             pass
     except Exception as e:
-        raise ShardError(f"{where}: its image cannot be read ({type(e).__name__}); remove or replace it and rewrite "
+        raise ShardError(f"{where}: its image cannot be read ({image_problem(e)}); remove or replace it and rewrite "
                          f"the shards (evaluation does not skip images, so that every count is exact)") from None
 
 
@@ -232,8 +256,9 @@ def decode(sample: dict, where: str):
     try:
         img = Image.open(io.BytesIO(sample[ext])).convert("RGB")
     except Exception as e:
-        raise ShardError(f"{where}: its image cannot be read ({type(e).__name__}); remove or replace it "
-                         f"(evaluation does not skip images, so that every count is exact)") from None
+        raise UnreadableSample(f"{where}: its image cannot be read ({image_problem(e)}); remove or replace it "
+                               f"(evaluation does not skip images, so that every count is exact)",
+                               image_problem(e)) from None
     return img, sample_label(sample, where)
 
 
@@ -412,9 +437,31 @@ class TrainStream(IterableDataset):
             yield buf[int(j)]
 
     def __iter__(self):
+        """The decoded samples; an image that cannot be decoded is skipped with one warning naming it, and the next
+        readable sample is used in its place (twice, as timm's folder dataset uses the next image), so the epoch keeps
+        its length and a multi-day run does not end on one bad file (evaluation stops on it: `decode`)."""
+        owed = 0  # skipped samples whose places the next readable one fills
+        last = None
         for where, sample in self.samples(*_worker()):
-            img, label = decode(sample, where)
-            yield (self.transform(img) if self.transform is not None else img), label
+            try:
+                last = decode(sample, where)
+            except UnreadableSample as e:
+                _logger.warning(f"skipped training image {where} ({e.reason}); the next image is used in its place: "
+                                f"remove or replace it and rewrite the shards")
+                owed += 1
+                continue
+            for _ in range(1 + owed):
+                yield self._transformed(*last)
+            owed = 0
+        if owed and last is None:
+            raise ShardError(f"no image of this worker's share of the training shards in {self.split.root!r} can "
+                             f"be read; rewrite the shards with snnet shards")
+        for _ in range(owed):  # bad samples at the end: the last readable one fills their places
+            assert last is not None
+            yield self._transformed(*last)
+
+    def _transformed(self, img, label):
+        return (self.transform(img) if self.transform is not None else img), label
 
 
 # -------------------------------------------------------------------------------------------- preflight check
