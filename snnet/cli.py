@@ -1,5 +1,6 @@
 """snnet: from stitches_res.txt to a deployed network.
 
+    snnet quickstart DATA --out DIR [--anchors NAME...] [--img-size S] [--anchor-epochs N] [--snnet-epochs N]
     snnet pareto RESULTS... [--out DIR] [--by flops|params|latency] [--anchors N] [--baselines]
     snnet report RESULTS... --out report.html [--by flops|params|latency] [--anchors N] [--title T] [--baselines]
     snnet select RESULTS --max-flops 5G | --max-params 20M | --max-latency-ms 3 | --min-acc 78
@@ -86,18 +87,6 @@ def _percent(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a top-1 in percent; write e.g. --min-acc 78") from None
     if value > 100:
         raise argparse.ArgumentTypeError(f"{text!r} is above 100; top-1 is in percent, e.g. --min-acc 78")
-    return value
-
-
-def _quantile_or_off(text: str) -> float | None:
-    if text.strip().lower() == "off":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a quantile; write a number from 0 to 1 (e.g. 0.6) or off")
     return value
 
 
@@ -318,8 +307,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          f"machine)")
     spec = ServeSpec(checkpoint=args.checkpoint, stitch_config=args.stitch_config, results=args.results,
                      exported=list(args.exported or []), img_size=args.img_size, num_classes=args.num_classes,
-                     max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, shed=args.shed, headroom=args.headroom,
-                     burst_q=args.burst_quantile, max_body_bytes=args.max_body_kb * 1024, device=args.device,
+                     max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, shed=args.shed,
+                     max_body_bytes=args.max_body_kb * 1024, device=args.device,
                      threads=args.threads)
     served = load_served(spec)  # refuses a bad checkpoint, config or results file here, before anything starts
     n, what = len(served.records), args.checkpoint or f"{len(spec.exported)} export folders"
@@ -348,10 +337,11 @@ def _serve_parser(sub) -> None:
     v = sub.add_parser("serve", help="an HTTP endpoint that picks the stitch per request from its deadline and the "
                        "load, batching requests that run the same stitch",
                        description="Serves one trained SN-Net: requests wait in deadline order; when the worker is "
-                       "free, the most urgent one binds the stitch: the best one (snnet select's rule over "
-                       "--results) whose batch, by the latency table measured at start, ends before its deadline "
-                       "(budget.latency_ms) and leaves the queue behind it feasible, within budget.flops. "
-                       "docs/serving.md has the request format and the numbers.")
+                       "free, the most urgent one binds the stitch by a table lookup: the best one (snnet select's "
+                       "rule over --results, within budget.flops) whose batch, with the queue behind it, ends "
+                       "before its deadline (budget.latency_ms) by the latency table measured at start (about "
+                       "30 s) and the speed measured since. A request without a latency budget always gets "
+                       "snnet select's stitch. docs/serving.md has the request format and the numbers.")
     v.add_argument("checkpoint", metavar="CKPT", nargs="?", default=None,
                    help="SN-Net checkpoint written by train.py (or --exported)")
     v.add_argument("--stitch_config", "--stitch-config", metavar="CFG", default=None,
@@ -375,14 +365,6 @@ def _serve_parser(sub) -> None:
     v.add_argument("--shed", action="store_true",
                    help="answer 503 at once to a request whose budget.latency_ms cannot be met even on the fastest "
                         "stitch (default: it runs on the fastest and says within_budget false)")
-    v.add_argument("--headroom", type=_amount("--headroom", suffixes=False), default=2.0, metavar="X",
-                   help="choose a stitch only if the requests expected to arrive while its batch runs (X times the "
-                        "arrival rate of the last 2 s) could still meet the head's budget on the fastest stitch "
-                        "(default 2: arrivals come in bursts; 0: the most accurate stitch that meets the deadline)")
-    v.add_argument("--burst-quantile", type=_quantile_or_off, default=0.6, metavar="Q",
-                   help="expect the burst that follows an arrival within one latency budget in Q of the cases of "
-                        "the last 30 s, and choose a stitch the queue and that burst could share (default 0.6; "
-                        "off: the queue alone)")
     v.add_argument("--max-body-kb", type=_positive_int, default=4096, metavar="KB",
                    help="largest request body; larger ones get 413 (default 4096)")
     v.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
@@ -414,7 +396,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="snnet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True,
-                           metavar="{pareto,report,select,export,latency,convert,similarity,search,"
+                           metavar="{quickstart,pareto,report,select,export,latency,convert,similarity,search,"
                                    "stitch-train,shards,serve}")
 
     q = sub.add_parser("pareto", help="Pareto-optimal stitches of results files: table, JSON, plot",
@@ -510,7 +492,47 @@ def build_parser() -> argparse.ArgumentParser:
     _similarity_parsers(sub)
     _serve_parser(sub)
     _stitch_train_parser(sub)
+    _quickstart_parser(sub)
     return p
+
+
+# ------------------------------------------------------------------------------------------------------ quickstart
+def _quickstart_parser(sub) -> None:
+    q = sub.add_parser("quickstart", help="your image folder -> anchors -> SN-Net -> every stitch evaluated -> "
+                       "front and report, offline, in one command",
+                       description="The digits demo for your own images (docs/own_data.md): chooses small CNN "
+                       "anchors for the data, trains them from scratch (or fine-tunes --anchors NAME ...), writes "
+                       "the stitch config, trains the SN-Net on every core (distributed_train.sh's launcher), "
+                       "evaluates every stitch and writes stitches_res.txt, the Pareto table and plot with their "
+                       "baselines and report.html under --out. Prints each choice and the flag that changes it; a "
+                       "second run with the same arguments continues where the first stopped.")
+    q.add_argument("data", metavar="DATA", help="a folder with one sub-folder of images per class (split 80/20 "
+                   "into DIR/data), or with train/ and val/ holding one sub-folder per class each")
+    q.add_argument("--out", required=True, metavar="DIR", help="everything goes here: anchors, SN-Net, logs, "
+                   "results")
+    q.add_argument("--anchors", nargs="+", metavar="NAME", default=None,
+                   help="timm models to fine-tune as anchors instead, smallest first (pretrained where their "
+                        "weights are on this machine)")
+    q.add_argument("--no-pretrained", action="store_true", help="with --anchors: random weights")
+    q.add_argument("--widths", nargs="+", type=_positive_int, metavar="W", default=None,
+                   help="widths of the CNN anchors, smallest first (default 16 24 32)")
+    q.add_argument("--img-size", type=_positive_int, default=None, metavar="S",
+                   help="image side the anchors see (default: 32, smaller images their size)")
+    q.add_argument("--anchor-epochs", type=_positive_int, default=None, metavar="N")
+    q.add_argument("--snnet-epochs", type=_positive_int, default=None, metavar="N")
+    q.add_argument("--batch", type=_positive_int, default=None, metavar="B", help="batch per process (default 32)")
+    q.add_argument("--nproc", type=_positive_int, default=None, metavar="N",
+                   help="SN-Net processes (default: one per core)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--fresh", action="store_true", help="redo every step, even those a run of the same arguments "
+                   "finished")
+    q.set_defaults(fn=cmd_quickstart)
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from snnet.quickstart import main as quickstart
+    check_out_dir(args.out)
+    return quickstart(args)
 
 
 # ---------------------------------------------------------------------------------------------------- stitch-train

@@ -123,8 +123,8 @@ def demo_anchors(*configs: Path) -> list[tuple[str, str, dict]]:
 def stitch_config_for(work: Path, config: Path = CONFIG) -> Path:
     """A demo config (configs/demo_digits.json unless given) names the anchors' checkpoints under the default work
     folder; another --work gets a copy of it (same file name) pointing at the anchors trained there."""
-    if work.resolve() == WORK.resolve():
-        return config
+    if work.resolve() == WORK.resolve() or Path(config).resolve().parent == work.resolve():
+        return config  # the default work folder, or a config written for this work folder (snnet quickstart)
     cfg = json.loads(Path(config).read_text())
     for anchor in cfg["anchors"]:
         anchor["checkpoint"] = str((work / Path(anchor["checkpoint"]).parent.name / "last.pth.tar").resolve())
@@ -177,42 +177,75 @@ def run(cmd: list[str | Path], log: Path, step: str) -> float:
         beat.join()
     if code != 0:
         tail = log.read_text().splitlines()[-15:]
-        sys.exit(f"demo step {step} failed (exit {code}):\n" + "\n".join(tail))
+        sys.exit(f"step {step} failed (exit {code}; full log: {log}):\n" + "\n".join(tail))
     took = time.perf_counter() - t0
     print(f"[{step}] done in {took:.0f}s", flush=True)
     return took
 
 
-def anchor_command(work: Path, data: Path, name: str, model: str, kwargs: dict, epochs: int, seed: int = SEED
-                   ) -> list[str]:
-    """train.py's arguments for one anchor (a plain model of the config's timm name and model_kwargs)."""
-    return ["train.py", str(data), "--model", model, "--model-kwargs", *[f"{k}={v}" for k, v in kwargs.items()],
-            "--epochs", str(epochs), *ANCHOR_FLAGS, "--output", str(work), "--experiment", name, *common(seed)]
+def _kwarg(value) -> str:
+    """A model_kwargs value as --model-kwargs reads it back (a list without spaces: [16,32,64])."""
+    return json.dumps(value, separators=(",", ":")) if isinstance(value, (list, tuple, dict)) else str(value)
+
+
+def anchor_command(work: Path, data: Path, name: str, model: str, kwargs: dict, epochs: int, seed: int = SEED,
+                   flags: list[str] | None = None, common_flags: list[str] | None = None) -> list[str]:
+    """train.py's arguments for one anchor (a plain model of the config's timm name and model_kwargs). The recipe:
+    `flags` (default ANCHOR_FLAGS) and `common_flags` (default COMMON with this seed)."""
+    return ["train.py", str(data), "--model", model, "--model-kwargs", *[f"{k}={_kwarg(v)}" for k, v in kwargs.items()],
+            "--epochs", str(epochs), *(ANCHOR_FLAGS if flags is None else flags), "--output", str(work),
+            "--experiment", name, *(common(seed) if common_flags is None else common_flags)]
+
+
+STAMP = "demo_command.json"  # beside a finished step's output: the command that made it (reused only by the same)
+
+
+def finished(run_dir: Path, cmd: list[str], output: str = "last.pth.tar") -> bool:
+    """Whether the same command already finished this step here (its output and its command stamp)."""
+    stamp = run_dir / STAMP
+    return (run_dir / output).exists() and stamp.exists() and json.loads(stamp.read_text()) == cmd
+
+
+def run_step(cmd: list[str], run_dir: Path, log: Path, step: str, resume: bool, stamp: list[str]) -> None:
+    """One training step into `run_dir`: afresh, or with `resume` continuing an interrupted run of it there
+    (train.py --auto-resume: from its last checkpoint, inside the epoch where it stopped); `stamp` (the command
+    `finished` compares) is then written beside its output."""
+    again = resume and (run_dir / "last.pth.tar").exists()
+    if again:
+        print(f"[{step}] continuing the interrupted run in {run_dir} (--auto-resume)", flush=True)
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    run([*cmd, *(["--auto-resume"] if again else [])], log, step)
+    write_text_atomic(run_dir / STAMP, json.dumps(stamp))
 
 
 def train_anchor(work: Path, data: Path, name: str, model: str, kwargs: dict, epochs: int, fresh: bool,
-                 seed: int = SEED) -> None:
+                 seed: int = SEED, flags: list[str] | None = None, common_flags: list[str] | None = None,
+                 resume: bool = False) -> None:
     """Train one anchor unless the same command already trained it here (its command is kept beside the checkpoint:
-    a checkpoint of another recipe or epoch count is retrained, not silently reused)."""
-    cmd = anchor_command(work, data, name, model, kwargs, epochs, seed)
-    stamp = work / name / "demo_command.json"
-    if not fresh and (work / name / "last.pth.tar").exists() and stamp.exists() and \
-            json.loads(stamp.read_text()) == cmd:
+    a checkpoint of another recipe or epoch count is retrained, not silently reused). `flags`: the recipe
+    (anchor_command); `resume`: an interrupted run of the same anchor continues (run_step)."""
+    cmd = anchor_command(work, data, name, model, kwargs, epochs, seed, flags, common_flags)
+    if not fresh and finished(work / name, cmd):
         print(f"[{name}] reusing {work / name / 'last.pth.tar'} (trained by the same command)", flush=True)
         return
-    shutil.rmtree(work / name, ignore_errors=True)
-    run([sys.executable, *cmd], work / f"{name}.log", name)
-    write_text_atomic(stamp, json.dumps(cmd))
+    run_step([sys.executable, *cmd], work / name, work / f"{name}.log", name, resume and not fresh, cmd)
 
 
-def train_snnet(work: Path, data: Path, config: Path, name: str, epochs: int, extra: list[str], seed: int = SEED
-                ) -> Path:
-    """Train (and evaluate every stitch of) one SN-Net on two processes, as a user would."""
+def train_snnet(work: Path, data: Path, config: Path, name: str, epochs: int, extra: list[str], seed: int = SEED,
+                flags: list[str] | None = None, common_flags: list[str] | None = None, nproc: int = 2,
+                resume: bool = False) -> Path:
+    """Train (and evaluate every stitch of) one SN-Net on `nproc` processes, as a user would (distributed_train.sh).
+    The recipe: `flags` (default SNNET_FLAGS), `extra`, `common_flags` (default COMMON with this seed); `resume`: a
+    run of the same command that finished is kept, an interrupted one continues (run_step)."""
     run_dir = work / name
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run(["./distributed_train.sh", "2", data, "--stitch_config", stitch_config_for(work, config), "--epochs",
-         str(epochs), *SNNET_FLAGS, *extra, "--output", work, "--experiment", name, *common(seed)],
-        work / f"{name}.log", name)
+    cmd = ["./distributed_train.sh", str(nproc), str(data), "--stitch_config", str(stitch_config_for(work, config)),
+           "--epochs", str(epochs), *(SNNET_FLAGS if flags is None else flags), *extra, "--output", str(work),
+           "--experiment", name, *(common(seed) if common_flags is None else common_flags)]
+    if resume and finished(run_dir, cmd, RESULTS_FILE):
+        print(f"[{name}] reusing {run_dir} (trained and evaluated by the same command)", flush=True)
+        return run_dir
+    run_step(cmd, run_dir, work / f"{name}.log", name, resume, cmd)
     return run_dir
 
 
@@ -366,14 +399,17 @@ def save_weights(checkpoint: Path, dest: Path) -> None:
         Path(tmp).write_bytes(buf.getvalue())
 
 
-def evaluate_weights(work: Path, data: Path, weights: Path) -> Path:
+def evaluate_weights(work: Path, data: Path, weights: Path, config: Path = CONFIG, flags: list[str] | None = None
+                     ) -> Path:
     """Every stitch of the saved SN-Net evaluated from that file (train.py --eval --resume, one process), so the
     results' checkpoint_sha256 names the file committed beside them and `snnet latency --results` / `snnet serve
     --results` accept the pair. Same weights as the training run's own final evaluation: the same top-1 and top-5
-    for every cfg_id (the loss differs in the last digits: one process sums in another order than two)."""
+    for every cfg_id (the loss differs in the last digits: one process sums in another order than two). `config`
+    and `flags` (default EVAL_FLAGS): the stitch config and evaluation settings of another run (snnet quickstart)."""
     shutil.rmtree(work / "snnet_eval", ignore_errors=True)
-    run([sys.executable, "train.py", data, "--stitch_config", CONFIG, "--eval", "--resume", weights,
-         *EVAL_FLAGS, "--output", work, "--experiment", "snnet_eval"], work / "snnet_eval.log", "snnet_eval")
+    run([sys.executable, "train.py", data, "--stitch_config", config, "--eval", "--resume", weights,
+         *(EVAL_FLAGS if flags is None else flags), "--output", work, "--experiment", "snnet_eval"],
+        work / "snnet_eval.log", "snnet_eval")
     return work / "snnet_eval"
 
 
@@ -386,7 +422,8 @@ def copy_results(run_dir: Path, dest: Path) -> None:
     write_predictions(predictions_path(dest), pred)
 
 
-def report(results: Path, sources: list[Path] | None = None, title: str = TITLE) -> list[Path]:
+def report(results: Path, sources: list[Path] | None = None, title: str = TITLE, img_size: int | None = None
+           ) -> list[Path]:
     """Step 4's table, plot and HTML report, made as `snnet pareto RESULTS... --out DIR` and `snnet report RESULTS...
     --out DIR/report.html` make them, with --baselines (the same functions): the committed
     results/demo/pareto_flops.{md,json,png} and report.html are regenerated from results/demo/stitches_res.txt (and
@@ -396,7 +433,7 @@ def report(results: Path, sources: list[Path] | None = None, title: str = TITLE)
 
     Files written before records carried ``img_size`` (the committed ones) get the size the demo trains and
     evaluates at (COMMON's --img-size) for the plot's subtitle; records that carry one keep theirs."""
-    img_size = int(COMMON[COMMON.index("--img-size") + 1])
+    img_size = img_size or int(COMMON[COMMON.index("--img-size") + 1])
     # the report names the files it read: relative to the working directory (the repository root for `make demo`)
     paths = [os.path.relpath(s) for s in sources or [results / RESULTS_FILE]]
     rep = pareto_report(paths, "flops", baselines=True)

@@ -112,7 +112,7 @@ def test_a_step_shows_progress_and_fails_with_its_log(tmp_path, monkeypatch, cap
     out = capsys.readouterr().out
     assert "[step1] Train: " in out and "[step1] running for " in out and "[step1] done in" in out
     assert (tmp_path / "ok.log").read_text().splitlines()[-1] == "done"
-    with pytest.raises(SystemExit, match=r"demo step step2 failed \(exit 3\):\nboom"):
+    with pytest.raises(SystemExit, match=r"step step2 failed \(exit 3; full log: .*bad\.log\):\nboom"):
         demo.run([sys.executable, "-c", "print('boom'); raise SystemExit(3)"], tmp_path / "bad.log", "step2")
 
 

@@ -17,7 +17,7 @@ LAYERS = ("core", "data", "results", "train", "deploy", "explore", "serve")
 #: deploy: it may import core, results, train and deploy, not explore)
 APART = {("serve", "explore")}
 #: the entry points: the only modules that may import the CLI (and any layer)
-ENTRY = {"snnet.cli", "snnet.demo", "snnet.__main__"}
+ENTRY = {"snnet.cli", "snnet.demo", "snnet.quickstart", "snnet.__main__"}
 #: the Python API: above every layer (it fronts core, results, train and deploy), never imported by them, and like
 #: them it does not import the CLI; the package root re-exports it lazily (on first use)
 FACADE = {"snnet.api"}

@@ -243,8 +243,10 @@ def check_structure(options: RunOptions, stitch_cfg: StitchConfig | None, anchor
     if net is None:  # positions the run selects from data: the network is known only then
         return
     check_cfg_ids(options, net)
+    if options.job.dry_run or options.train.split_bn:  # no file of this machine; split BN's aux BatchNorms are
+        return  # made by the run's conversion only
     for path in (options.job.resume, options.job.initial_checkpoint):  # what the run loads fits what it builds
-        if path and not options.train.split_bn:  # (split BN adds the aux BatchNorms only the run's conversion makes)
+        if path:
             fitting_checkpoint(net, path, structure_only=True)
 
 

@@ -1,0 +1,263 @@
+"""`snnet quickstart DATA --out DIR`: the digits demo (snnet/demo.py) for your own images, offline and from scratch.
+
+1. looks at the data (an ImageFolder with train/ and val/, or one folder per class, which is split 80/20 into
+   DIR/data with links to the images), counts the images per class and measures their size;
+2. chooses the anchors, the image size, the epochs and the processes from that, and prints each choice with the
+   flag that changes it (`plan`);
+3. trains the anchors from scratch as plain models (train.py --model, two at a time: the demo's `train_anchor`),
+   or with --anchors NAME ... fine-tunes those timm models (pretrained where their weights are on this machine);
+4. writes the stitch config (DIR/stitch_config.json) and trains the SN-Net on every core with the launcher of
+   distributed_train.sh (the demo's `train_snnet`);
+5. keeps the trained SN-Net (DIR/results/snnet.pth.tar), evaluates every stitch from that file and writes what the
+   demo writes: stitches_res.txt, the Pareto table and plot with the no-training baselines, and report.html.
+
+Every step's full log is a file in DIR; the console gets each step's progress line (epoch, loss, ETA). A second
+run with the same arguments reuses every finished step and continues an interrupted one where it stopped
+(train.py --auto-resume); changed arguments redo the steps they change. Nothing here needs the network.
+
+Why small CNNs (docs/own_data.md, "What quickstart chooses"): a ViT trained from scratch on a few hundred images
+per class barely leaves chance in the time a CNN needs to pass 90 % (measured: benchmarks/quickstart_check.py), and
+ResNets of one depth and different widths stitch stage by stage like SN-Net's ResNet pairs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from snnet.core.errors import UsageError
+from snnet.core.fileio import write_text_atomic
+from snnet.data.checks import TRAIN_NAMES, VAL_NAMES, img_extensions, scan_image_folder
+from snnet.demo import (
+    WEIGHTS_FILE,
+    copy_results,
+    evaluate_weights,
+    report,
+    save_weights,
+    summary,
+    train_anchor,
+    train_snnet,
+)
+from snnet.results.records import RESULTS_FILE
+
+#: the anchors quickstart trains from scratch: ResNet-18's layout (2 basic blocks in each of 4 stages) at widths
+#: w, 2w, 4w, 8w; labels c<w>
+FAMILY = "resnet18"
+WIDTHS = (16, 24, 32)
+VAL_SHARE = 0.2  # a folder without train/ and val/ is split so (per class, by file name, seeded)
+MIN_STEPS = 1000  # optimizer steps each anchor gets at least (few images: more epochs), within the epoch bounds
+EPOCHS = (20, 60)
+SNNET_SHARE = 0.6  # the SN-Net's epochs: this share of the anchors' (each step trains one sampled stitch)
+BATCH = 32
+SEED = 0
+
+
+@dataclass
+class DataSummary:
+    """What quickstart read from the data: the split folders and the images per class of each."""
+    root: Path  # the ImageFolder train.py reads (train/ and val/)
+    train: dict[str, int]
+    val: dict[str, int]
+    side: int  # median shorter side of a sample of the training images (pixels)
+    split_made: bool = False  # split by quickstart from one folder per class
+
+    @property
+    def classes(self) -> int:
+        return len(self.train)
+
+    @property
+    def images(self) -> int:
+        return sum(self.train.values())
+
+
+@dataclass
+class Plan:
+    """Every choice of a quickstart run; `lines` says each, why, and the flag that changes it."""
+    img_size: int
+    anchors: list[tuple[str, str, dict]]  # (label, timm name, model_kwargs); model_kwargs {} for --anchors
+    pretrained: bool
+    anchor_epochs: int
+    snnet_epochs: int
+    batch: int
+    nproc: int
+    lines: list[str] = field(default_factory=list)
+
+
+def _split_of(root: Path, names: tuple[str, ...]) -> Path | None:
+    return next((root / n for n in names if (root / n).is_dir()), None)
+
+
+def read_data(data: Path, out: Path, seed: int = SEED) -> DataSummary:
+    """The data as an ImageFolder with train/ and val/: `data` itself, or (one folder per class) a split of it into
+    out/data made of links to its images. One line naming the folder and the fix when it is neither."""
+    if not data.is_dir():
+        raise UsageError(f"DATA {str(data)!r} is not a folder; give a folder of images, one sub-folder per class (or "
+                         f"train/ and val/ with one sub-folder per class each)")
+    train, val = _split_of(data, TRAIN_NAMES), _split_of(data, VAL_NAMES)
+    made = False
+    if train is None and val is None:
+        flat = scan_image_folder(str(data), "DATA")
+        if not flat or "" in flat:
+            raise UsageError(f"DATA {str(data)!r} has no class sub-folders with images; lay it out as "
+                             f"{data}/<class>/<image> (or {data}/train/<class>/ and {data}/val/<class>/)")
+        data, made = _split_folder(data, out / "data", seed), True
+        train, val = data / "train", data / "val"
+    if train is None or val is None:
+        raise UsageError(f"DATA {str(data)!r} has {'train/' if train else 'val/'} but no "
+                         f"{'val/ (or validation/)' if train else 'train/'}; add it, or give one folder per class "
+                         f"(quickstart then splits it {1 - VAL_SHARE:.0%}/{VAL_SHARE:.0%})")
+    counts = scan_image_folder(str(train), "train"), scan_image_folder(str(val), "validation")
+    return DataSummary(data, *counts, _median_side(train), made)
+
+
+def _images(folder: Path) -> list[Path]:
+    ext = img_extensions()
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in ext and p.is_file())
+
+
+def _split_folder(src: Path, dest: Path, seed: int) -> Path:
+    """One folder per class split VAL_SHARE per class (seeded, by file name) into dest/train and dest/val, as links
+    to the images (nothing copied). Kept once written (a resumed run reads the same split)."""
+    if (dest / "val").is_dir():
+        return dest
+    tmp = dest.with_name(dest.name + ".tmp")
+    if tmp.exists():
+        import shutil
+        shutil.rmtree(tmp)
+    rng = random.Random(seed)
+    for cls in sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = _images(cls)
+        rng.shuffle(files)
+        n_val = max(1, round(VAL_SHARE * len(files))) if len(files) > 1 else 0
+        for split, part in (("val", files[:n_val]), ("train", files[n_val:])):
+            folder = tmp / split / cls.name
+            folder.mkdir(parents=True, exist_ok=True)
+            for f in part:
+                (folder / f"{f.relative_to(cls).as_posix().replace('/', '__')}").symlink_to(f.resolve())
+    tmp.rename(dest)
+    return dest
+
+
+def _median_side(train: Path, sample: int = 64) -> int:
+    from PIL import Image
+    files = _images(train)
+    step = max(1, len(files) // sample)
+    sides = []
+    for f in files[::step][:sample]:
+        with Image.open(f) as im:
+            sides.append(min(im.size))
+    return int(statistics.median(sides)) if sides else 0
+
+
+def plan(summary: DataSummary, args: argparse.Namespace) -> Plan:
+    """The run's choices from the data and the flags, each said with why and the flag that changes it."""
+    lines = []
+    side = summary.side
+    if args.img_size:
+        img_size, why = args.img_size, "--img-size"
+    else:
+        img_size = 32 if side >= 32 else max(16, side // 8 * 8)
+        why = (f"your images' median side is {side} px; small anchors learn these classes at 32 px in minutes on a "
+               f"CPU" if side >= 32 else f"your images' median side is {side} px")
+    lines.append(f"image size: {img_size} px ({why}; change: --img-size)")
+    if args.anchors:
+        anchors = [(name.split(".")[0].replace("_", "-"), name, {}) for name in args.anchors]
+        labels = [a[0] for a in anchors]
+        if len(set(labels)) < len(labels):
+            anchors = [(f"a{i}", name, {}) for i, (_, name, _) in enumerate(anchors)]
+        weights = ("random weights (--no-pretrained)" if args.no_pretrained else
+                   "timm's pretrained weights, from this machine's cache or the hub (change: --no-pretrained)")
+        lines.append(f"anchors: {', '.join(args.anchors)} (--anchors, smallest first), fine-tuned from {weights}")
+    else:
+        widths = args.widths or list(WIDTHS)
+        anchors = [(f"c{w}", FAMILY, {"channels": [w, 2 * w, 4 * w, 8 * w], "stem_width": w}) for w in widths]
+        lines.append(f"anchors: {len(widths)} small CNNs from scratch, ResNet-18's layout at widths "
+                     f"{'/'.join(map(str, widths))} ({', '.join(a[0] for a in anchors)}): they learn from a few "
+                     f"hundred images per class and stitch stage by stage (change: --widths W W W, or --anchors NAME "
+                     f"... for timm models)")
+    batch = args.batch or BATCH
+    steps_per_epoch = max(1, summary.images // batch)
+    if args.anchor_epochs:
+        anchor_epochs, why = args.anchor_epochs, "--anchor-epochs"
+    else:
+        anchor_epochs = min(EPOCHS[1], max(EPOCHS[0], -(-MIN_STEPS // steps_per_epoch)))
+        why = (f"{summary.images} training images in batches of {batch}: {steps_per_epoch} steps an epoch, at least "
+               f"{MIN_STEPS} steps within {EPOCHS[0]}-{EPOCHS[1]} epochs")
+    lines.append(f"anchor training: {anchor_epochs} epochs ({why}; change: --anchor-epochs, --batch)")
+    snnet_epochs = args.snnet_epochs or max(10, round(SNNET_SHARE * anchor_epochs))
+    nproc = args.nproc or max(1, min(os.cpu_count() or 1, 8))
+    lines.append(f"SN-Net training: {snnet_epochs} epochs on {nproc} process(es) (every core; change: --snnet-epochs, "
+                 f"--nproc)")
+    return Plan(img_size, anchors, bool(args.anchors) and not args.no_pretrained, anchor_epochs, snnet_epochs, batch,
+                nproc, lines)
+
+
+def _recipes(p: Plan, seed: int) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(anchor flags, SN-Net flags, flags both share, evaluation flags) of train.py."""
+    common = ["--img-size", str(p.img_size), "-b", str(p.batch), "--opt", "adamw", "--weight-decay", "0.05",
+              "--scale", "0.8", "1", "--smoothing", "0.1", "-j", "0", "--seed", str(seed), "--log-interval", "10"]
+    if not p.pretrained:
+        common.append("--no-pretrained")
+    anchor = ["--lr", "2e-3", "--warmup-epochs", "1" if p.anchor_epochs > 1 else "0"]
+    snnet = ["--lr", "1e-3", "--anchor-lr-scale", "1", "--warmup-epochs", "1" if p.snnet_epochs > 1 else "0"]
+    return anchor, snnet, common, ["--img-size", str(p.img_size), "-b", str(p.batch), "-j", "0"]
+
+
+def stitch_config(out: Path, p: Plan, classes: int) -> Path:
+    """The stitch config of the anchors trained in `out` (each anchor's checkpoint: out/anchor_<label>)."""
+    cfg = {"description": f"snnet quickstart: {', '.join(a[0] for a in p.anchors)}",
+           "anchors": [{"name": model, "label": label, "checkpoint": str(out / f"anchor_{label}" / "last.pth.tar"),
+                        **({"model_kwargs": kwargs} if kwargs else {})} for label, model, kwargs in p.anchors],
+           "input_size": p.img_size, "num_classes": classes, "stitch_init_bs": 256, "ls_mode": "joint"}
+    path = out / "stitch_config.json"
+    write_text_atomic(path, json.dumps(cfg, indent=1) + "\n")
+    return path
+
+
+def main(args: argparse.Namespace) -> int:
+    """`snnet quickstart` (its arguments: snnet/cli.py, which imports this module only when the command runs)."""
+    data, out = Path(args.data).resolve(), Path(args.out).resolve()
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    summary_ = read_data(data, out, args.seed)
+    small = {c: n for c, n in summary_.train.items()}
+    print(f"data: {summary_.root}{' (split from ' + str(data) + ')' if summary_.split_made else ''}: "
+          f"{summary_.classes} classes, {summary_.images} training and {sum(summary_.val.values())} validation "
+          f"images ({', '.join(f'{c} {n}' for c, n in list(small.items())[:8])}"
+          f"{', ...' if len(small) > 8 else ''}), median side {summary_.side} px", flush=True)
+    p = plan(summary_, args)
+    for line in p.lines:
+        print(line, flush=True)
+    anchor_flags, snnet_flags, common, eval_flags = _recipes(p, args.seed)
+    steps = len(p.anchors) + 2
+
+    def train(anchor: tuple[str, str, dict]) -> None:
+        label, model, kwargs = anchor
+        train_anchor(out, summary_.root, f"anchor_{label}", model, kwargs, p.anchor_epochs, args.fresh, args.seed,
+                     anchor_flags, common, resume=True)
+
+    print(f"[1/{steps - 1}] anchors: training {len(p.anchors)} two at a time (largest first)", flush=True)
+    with ThreadPoolExecutor(max_workers=min(2, p.nproc)) as pool:
+        list(pool.map(train, p.anchors[::-1]))
+    config = stitch_config(out, p, summary_.classes)
+    print(f"[2/{steps - 1}] SN-Net: {config}", flush=True)
+    run_dir = train_snnet(out, summary_.root, config, "snnet", p.snnet_epochs, [], args.seed, snnet_flags, common,
+                          p.nproc, resume=not args.fresh)
+    print(f"[3/{steps - 1}] every stitch evaluated from the saved SN-Net; front, baselines, report", flush=True)
+    results = out / "results"
+    weights = results / WEIGHTS_FILE
+    save_weights(run_dir / "last.pth.tar", weights)
+    copy_results(evaluate_weights(out, summary_.root, weights, config, eval_flags), results / RESULTS_FILE)
+    title = f"SN-Net on {data.name}: {', '.join(a[0] for a in p.anchors)}"
+    files = [weights, *report(results, [results / RESULTS_FILE], title, p.img_size)]
+    for line in summary([results / RESULTS_FILE]):
+        print(line)
+    print(f"quickstart finished in {time.perf_counter() - t0:.0f}s: {results / RESULTS_FILE}, "
+          f"{', '.join(str(f) for f in files)}; open {results / 'report.html'} in a browser", flush=True)
+    return 0
