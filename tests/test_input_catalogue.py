@@ -707,3 +707,30 @@ def test_an_output_folder_below_one_that_cannot_be_entered(tmp_path, monkeypatch
     monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(locked) else real_access(p, mode))
     with pytest.raises(OutputError, match=f"'{locked}' does not allow it"):
         check_output(locked / "inner" / "run")
+
+
+def test_the_preflight_fits_checkpoints_without_reading_their_weights(world, tiny_config, tmp_path, monkeypatch):
+    """The fit of --resume/--initial-checkpoint/anchor checkpoints is judged from keys and shapes: a torch file is
+    memory-mapped, a safetensors file read as far as its header (meta tensors), so a big checkpoint costs the
+    preflight no read of its weights; a misfit is still named (here another image size)."""
+    from safetensors.torch import save_file
+
+    from snnet import build_snnet, load_stitch_config
+    from snnet.core import checkpoint
+    from snnet.core.checkpoint import CheckpointError, load_checkpoint
+    from snnet.train.resume import fitting_checkpoint
+    weights = torch.load(world / "img32.pth.tar", weights_only=True)["state_dict"]  # an SN-Net at 32 px
+    save_file(weights, tmp_path / "net.safetensors")
+    monkeypatch.setattr(checkpoint, "load_file", lambda *a, **k: pytest.fail("safetensors weights were read"))
+    lazy = load_checkpoint(tmp_path / "net.safetensors", lazy=True)["state_dict"]
+    assert {k: (v.shape, v.dtype) for k, v in lazy.items()} == {k: (v.shape, v.dtype) for k, v in weights.items()}
+    assert all(v.is_meta for v in lazy.values())
+    real_load, loads = torch.load, []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k) or real_load(*a, **k))
+    with torch.device("meta"):
+        meta16 = build_snnet(load_stitch_config(tiny_config), pretrained=False, img_size=16, num_classes=10)
+    for path in (tmp_path / "net.safetensors", world / "img32.pth.tar"):
+        with pytest.raises(CheckpointError, match="the checkpoint was trained at image size 32, the network built "
+                                                  "for 16"):
+            fitting_checkpoint(meta16, str(path), structure_only=True)
+    assert loads and all(k.get("mmap") and k.get("weights_only") for k in loads)  # the torch file memory-mapped
