@@ -74,8 +74,6 @@ class ServeSpec:
     max_batch: int = 16
     max_wait_ms: float = 0.0
     shed: bool = False  # answer 503 at once when a latency budget cannot be met even on the fastest stitch
-    headroom: float = 2.0  # arrivals a batch expects: this many times the recent rate x its time (0: greedy)
-    burst_q: float | None = 0.6  # the quantile of the bursts after an arrival the queue must afford (None: off)
     max_body_bytes: int = 4 << 20
     device: str = "cpu"
     threads: int | None = None
@@ -168,8 +166,9 @@ class ServeCore:
         device = device_from_flag(spec.device)
         model = served.model.to(device).eval()
         self.scheduler = DeadlineScheduler(lambda x, c: model(x.to(device), c).float().cpu(), self.menu,
-                                           spec.max_batch, spec.max_wait_ms, spec.shed, spec.headroom,
-                                           burst_q=spec.burst_q)
+                                           spec.max_batch, spec.max_wait_ms, spec.shed)
+        for flops in sorted({r["flops"] for r in self.menu.records}):  # every FLOPs budget's table, before serving
+            self.scheduler.prepare(self.menu.front(flops))
         # images are decoded and transformed here, off the event loop: a large image never stalls other clients
         self.decoder = concurrent.futures.ThreadPoolExecutor(max_workers=DECODE_THREADS,
                                                              thread_name_prefix="snnet-decode")
@@ -222,14 +221,18 @@ class ServeCore:
 
     def candidates(self, req: dict[str, Any]) -> list[list[int]]:
         """The stitches each stage of the request may run, best first (one stage unless it is a cascade).
-        Raises BudgetError (422) when the budget is beyond every allowed stitch even on an idle server."""
+        Without a latency budget: `snnet select`'s stitch for its FLOPs budget alone, whatever the load and
+        whoever it is batched with. Raises BudgetError (422) when the budget is beyond every allowed stitch even on
+        an idle server."""
         budget = req["budget"]
         if "cascade" in req:
             return [[c] for c in req["cascade"]["chain"]]
         if "cfg_id" in req:  # a fixed stitch: no choice, the budget is only reported against
             return [[req["cfg_id"]]]
         latency, flops = budget.get("latency_ms"), budget.get("flops")
-        self.menu.choose(latency, flops)  # on an idle server: raises when nothing could ever fit
+        idle = self.menu.choose(latency, flops)  # on an idle server: raises when nothing could ever fit
+        if latency is None:
+            return [[idle.cfg_id]]
         return [self.menu.front(flops)]  # a stitch that another beats at top-1 and latency is never worth weighing
 
     async def classify(self, body: bytes, t0: float) -> dict[str, Any]:
@@ -412,8 +415,7 @@ class ServeCore:
                 "front": self.menu.front(),  # what a request without a FLOPs budget is switched among, best first
                 "img_size": list(self.served.img_size), "num_classes": self.served.num_classes,
                 "class_names": self.served.class_names,
-                "max_batch": self.spec.max_batch, "max_wait_ms": self.spec.max_wait_ms, "headroom": self.spec.headroom,
-                "burst_quantile": self.spec.burst_q,
+                "max_batch": self.spec.max_batch, "max_wait_ms": self.spec.max_wait_ms,
                 "max_body_bytes": self.spec.max_body_bytes, "device": self.spec.device,  # no file paths: clients
                 "responses": {str(k): v for k, v in sorted(self.counts.items())},
                 **self.scheduler.stats(), "shed_enabled": self.spec.shed,

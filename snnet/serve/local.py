@@ -27,8 +27,15 @@ def make_app(core: ServeCore) -> web.Application:
         declared = request.content_length
         if declared is not None and declared > limit:
             body = b"\0" * (limit + 1)  # refused as over-size without reading it
-        else:
-            body = await request.content.read(limit + 1)
+        else:  # chunked or declared: read until the end, or one byte past the limit (then 413, nothing more read)
+            parts, size = [], 0
+            while size <= limit:
+                part = await request.content.read(limit + 1 - size)
+                if not part:
+                    break
+                parts.append(part)
+                size += len(part)
+            body = b"".join(parts)
         status, payload = await core.handle(request.method, request.path, body)
         return web.json_response(payload, status=status)
 

@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import bisect
 import math
+from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from snnet.core.errors import SNNetError
 from snnet.results.select import BudgetError, Record, best_key, select
@@ -97,13 +100,14 @@ class StitchMenu:
 
     def front(self, flops: float | None = None) -> list[int]:
         """The candidates of a request with this FLOPs budget (None: any), best first by `ranked`, without the
-        stitches another candidate beats: at least its top-1 and at most its latency at every measured batch size
-        (so at every batch size: `batch_ms` is linear between them). On an exact tie the one ranked first stays.
+        stitches another candidate beats: a higher top-1 (or the same, and ranked before it by select's rule: fewer
+        FLOPs, params, lower cfg_id) and at most its latency at every measured batch size (so at every batch size:
+        `batch_ms` is linear between them). A top-1 tie is never decided by the measured latency, so the same
+        stitches are weighed on every start of the server whenever their speeds keep their order.
 
-        The dispatch never needs a beaten stitch: whatever it would be chosen for, the stitch beating it scores at
-        least as much (its top-1 times a chance to end in time no lower, and every check of the queue is at least as
-        easy with its batch times), so dropping it changes no choice except between equals, and each choice weighs
-        fewer stitches. The latencies are the server's table (measured on its machine), so the front is too."""
+        The dispatch never needs a beaten stitch: wherever it would fit, the stitch beating it fits too and ranks
+        first, so dropping it changes no choice and each table weighs fewer stitches. The latencies are the
+        server's table (measured on its machine), so the front is too."""
         k = len(self._flops) if flops is None else bisect.bisect_right(self._flops, flops)
         known = self._front.get(k)
         if known is None:
@@ -112,10 +116,10 @@ class StitchMenu:
             cost = {c: [self.batch_ms(c, b) for b in sizes] for c in within}
             acc = {c: float(self.by_id[c]["acc1"]) for c in within}
 
-            def beats(t: int, s: int, t_first: bool) -> bool:
+            def beats(t: int, s: int, t_first: bool) -> bool:  # a top-1 tie goes by select's rule, not speed
                 if acc[t] < acc[s] or any(a > b for a, b in zip(cost[t], cost[s])):
                     return False
-                return acc[t] > acc[s] or any(a < b for a, b in zip(cost[t], cost[s])) or t_first
+                return acc[t] > acc[s] or t_first
 
             known = self._front[k] = tuple(s for i, s in enumerate(within)
                                            if not any(beats(t, s, j < i) for j, t in enumerate(within) if t != s))
@@ -160,8 +164,78 @@ class StitchMenu:
         return Choice(c, wait, False)
 
 
+class SlackTable:
+    """The dispatch's choice for one candidate list, precomputed: (the head's slack, the queue's depth, the arrival
+    rate) -> the stitch its batch runs. SuperServe's SlackFit, with the queue behind the head counted.
+
+    For every bucket the table holds the first candidate (best first: select's ranking) that *fits*: its batch of
+    b = min(depth, max_batch) requests, then the rest of the queue (depth - b) and, with `arrivals`, the requests
+    expected to arrive while the batch runs (rate x its time, to the nearest whole), run in batches of `max_batch`
+    on the fastest candidate, all end within the slack. Nothing fits: the fastest. Everything is in the latency table's
+    milliseconds (`StitchMenu.batch_ms`); the scheduler converts the slack and the rate it measures into them with
+    the learned slowdown and jitter, so the table never needs rebuilding when the machine's speed drifts. Each
+    bucket's lower slack edge and upper rate edge are used, so a choice that fits the bucket's edge fits the
+    request (slack buckets 3 % apart, rate buckets 25 %); a deeper queue than the table's counts as its deepest,
+    arrivals faster than 4x the fastest's capacity choose the fastest.
+
+    The choice is a few float operations and one array read (`choose`): benchmarks/serve_plan.py measures it."""
+
+    SLACK_STEP, RATE_STEP = 1.03, 1.25
+
+    def __init__(self, menu: StitchMenu, candidates: Sequence[int], max_batch: int, arrivals: bool = True,
+                 rest_on_same: bool = True):
+        self.ids = list(candidates)
+        self.max_batch = b_max = max(1, max_batch)
+        t1 = {c: menu.batch_ms(c, 1) for c in self.ids}
+        self.fastest = min(self.ids, key=lambda c: (t1[c], self.ids.index(c)))
+        sizes = {c: np.array([0.0] + [menu.batch_ms(c, n) for n in range(1, b_max + 1)]) for c in self.ids}
+
+        def drain(n: np.ndarray, c: int = self.fastest) -> np.ndarray:  # ms to run n requests on c, full batches
+            return n // b_max * sizes[c][b_max] + sizes[c][n % b_max]
+
+        self.depths = max(64, 8 * b_max)
+        slowest_full = max(menu.batch_ms(c, b_max) for c in self.ids)
+        self.lo = 0.5 * t1[self.fastest]
+        hi = 2.0 * (slowest_full + max(float(drain(np.array(self.depths + b_max), c)) for c in self.ids))
+        n_slack = int(math.ceil(math.log(hi / self.lo) / math.log(self.SLACK_STEP))) + 1
+        slack = self.lo * self.SLACK_STEP ** np.arange(n_slack)
+        capacity = b_max / sizes[self.fastest][b_max] * 1e3  # requests/s the fastest sustains
+        self.rate_lo = 0.01 * capacity
+        n_rate = int(math.ceil(math.log(400.0) / math.log(self.RATE_STEP))) + 2 if arrivals else 1
+        rates = np.concatenate([[0.0], self.rate_lo * self.RATE_STEP ** np.arange(n_rate - 1)])
+        self._log_slack, self._log_rate = math.log(self.SLACK_STEP), math.log(self.RATE_STEP)
+        self.n_slack, self.n_rate = n_slack, n_rate
+        table = np.full((n_slack, self.depths, n_rate), self.ids.index(self.fastest), np.int32)
+        for d in range(1, self.depths + 1):
+            b = min(d, b_max)
+            for i in reversed(range(len(self.ids))):  # worst first: a better fitting candidate overwrites
+                t = menu.batch_ms(self.ids[i], b)
+                coming = np.floor(rates * t / 1e3 + 0.5).astype(np.int64)
+                need = t + drain(d - b + coming, self.ids[i] if rest_on_same else self.fastest)
+                table[:, d - 1, :][slack[:, None] >= need[None, :]] = i
+        self._table = array("H")
+        self._table.frombytes(table.astype(np.uint16).tobytes())
+
+    def choose(self, slack_ms: float, depth: int, rate: float = 0.0) -> int:
+        """The stitch for a head with `slack_ms` (table ms) left, `depth` requests queued (itself included) and
+        `rate` arrivals per table second."""
+        if slack_ms < self.lo:
+            return self.fastest
+        i = min(int(math.log(slack_ms / self.lo) / self._log_slack), self.n_slack - 1)
+        if rate <= 0.0 or self.n_rate == 1:
+            j = 0
+        elif rate <= self.rate_lo:
+            j = 1
+        else:
+            j = int(math.ceil(math.log(rate / self.rate_lo) / self._log_rate)) + 1
+            if j >= self.n_rate:  # arrivals beyond 4x what the fastest sustains: nothing else can keep up
+                return self.fastest
+        d = min(max(depth, 1), self.depths) - 1
+        return self.ids[self._table[(i * self.depths + d) * self.n_rate + j]]
+
+
 def finite_positive(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
-__all__ = ["BudgetError", "Choice", "StitchMenu", "FLAGS", "finite_positive"]
+__all__ = ["BudgetError", "Choice", "SlackTable", "StitchMenu", "FLAGS", "finite_positive"]

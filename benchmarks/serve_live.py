@@ -1,0 +1,291 @@
+"""Is the replay right? SN-Net switching against the replay's strongest alternative on real `snnet serve` servers,
+in randomized blocks.
+
+benchmarks/serve_replay.py decides the serving claim on a virtual clock charged with this machine's measured costs.
+This benchmark checks that replay against real servers under real open-loop HTTP load, as a randomized experiment:
+
+* **what runs**: SN-Net's DeiT-Ti/S/B (random weights; the credit of an answer in time is its stitch's published
+  top-1, as in the replay), batches of up to 8, the three DeiT settings where the replay's margin of switching over
+  its strongest alternative is smallest (the claim's weakest points), and in each: **switch**, that **alternative**
+  (a fixed stitch: requests naming its cfg_id; or the anchors exported and loaded together) and an **A/A copy** of
+  switch (a second switching server: what the machine alone moves a system by);
+* **frozen settings**: the SLO (server time, from when a request was due: `sent_at`), the arrival rates and the
+  latency table every server uses are the calibration's (results/serve_calibration.json), not re-measured;
+* **randomized blocks**: each block draws one arrival trace per setting (seeds `--seed-offset` + block: the same
+  for every system) and runs the systems in a random order, each on a **fresh server** (so no system inherits
+  another's learned speeds or arrival history); the load generator on its own core (`--client-cpus`, default the
+  last core), the servers on the others with one thread, as the calibration measured them;
+* **statistics**: per setting, switch minus the alternative and switch minus its A/A copy, paired by block, mean
+  with its 95 % interval (t over the blocks); and per (setting, system) whether the replay's prediction for the very
+  same traces lies inside the live mean's 95 % interval.
+
+    .venv/bin/python benchmarks/serve_live.py [--blocks 10] [--requests 40] > results/bench_serve_live.txt
+
+Last line: RESULT live_behind=<settings where the alternative is ahead beyond the interval> aa_covers_zero=<1 when
+every A/A interval covers 0> replay_inside=<k>/<n> ((setting, system) pairs whose replay prediction is inside the
+live interval).
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from snnet.core.build import build_snnet  # noqa: E402  (after the path insert: runs from a checkout)
+from snnet.core.checkpoint import save_checkpoint  # noqa: E402
+from snnet.core.config import parse_stitch_config  # noqa: E402
+from snnet.core.fileio import write_text_atomic  # noqa: E402
+from snnet.results.quality import pareto_front  # noqa: E402
+from snnet.results.records import read_results  # noqa: E402
+from snnet.serve.loadgen import post, run_open_loop  # noqa: E402
+
+DEIT_CONFIG = ROOT / "configs" / "deit_ti_s_b.json"
+DEIT_ANCHORS = [0, 1, 2]
+REPLAY = ROOT / "results" / "bench_serve_replay.txt"
+CALIBRATION = ROOT / "results" / "serve_calibration.json"
+T975 = {2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228, 11: 2.201,
+        12: 2.179, 14: 2.145, 19: 2.093, 29: 2.045}
+
+
+# ------------------------------------------------------------------------------------------------ the networks
+def png(img, fmt: str = "PNG") -> str:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def front_ids(records: list[dict[str, Any]], most: int) -> list[int]:
+    """The FLOPs-accuracy front's cfg_ids, thinned to at most `most` spread over its FLOPs range (ends kept)."""
+    front = sorted(pareto_front(records), key=lambda r: r["flops"])
+    if len(front) <= most:
+        return [r["cfg_id"] for r in front]
+    picks = np.unique(np.round(np.linspace(0, len(front) - 1, most)).astype(int))
+    return [front[i]["cfg_id"] for i in picks]
+
+
+def deit_served() -> tuple[Any, list[dict[str, Any]]]:
+    """SN-Net's DeiT-Ti/S/B with random weights (seed 0) and the served stitches' records: SN-Net's published top-1
+    and FLOPs of the anchors and 10 front stitches. The replay's calibration times the same network."""
+    published = read_results(ROOT / "benchmarks" / "data" / "snnet_deit_ti_s_b_stitches_res.txt")
+    torch.manual_seed(0)
+    net = build_snnet(parse_stitch_config(json.loads(DEIT_CONFIG.read_text())), pretrained=False,
+                      num_classes=1000, img_size=224).eval()
+    ids = sorted(set(front_ids(published, 10)) | set(DEIT_ANCHORS))
+    return net, [{**r, "route": net.describe(r["cfg_id"])} for r in published if r["cfg_id"] in ids]
+
+
+def deit_images(n: int = 16) -> list[str]:
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    return [png(Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)), "JPEG") for _ in range(n)]
+
+
+# ------------------------------------------------------------------------------------------------ servers
+class Server:
+    """One `snnet serve` process (local engine, --shed) on a free port and the given cores; stopped by SIGTERM."""
+
+    def __init__(self, source: list[str], results: Path, log: Path, cpus: set[int], max_batch: int = 8):
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "snnet.cli", "serve", *source, "--results", str(results), "--port",
+               str(self.port), "--max-batch", str(max_batch), "--threads", "1", "--shed"]
+        self.log, self.out = log, open(log, "w+")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.out, stderr=subprocess.STDOUT, env=env,
+                                     preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+        self.url = f"http://127.0.0.1:{self.port}/"
+        t0 = time.monotonic()
+        while "serving" not in log.read_text():
+            if self.proc.poll() is not None or time.monotonic() - t0 > 300:
+                raise RuntimeError(f"a server did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(30)
+        self.out.close()
+
+
+def run_trace(url: str, images: list[str], times: np.ndarray, picks: np.ndarray, slo_ms: float,
+              extra: dict[str, Any], acc: dict[int, float]) -> dict[str, float]:
+    """One open-loop trace: each request due at its time carries sent_at (the server counts its budget from then);
+    its credit is its stitch's top-1 when the server answered it within the SLO, else 0."""
+    bodies = [json.dumps({"image": images[i], "budget": {"latency_ms": slo_ms}, "top_k": 1, **extra}).encode()
+              for i in picks]
+    replies = run_open_loop(url, bodies, times, time_limit=float(times[-1]) + 1, timeout=slo_ms / 1e3 * 4 + 10,
+                            stamp=True)
+    credit = [acc[r.body["cfg_id"]] if r.status == 200 and r.body["elapsed_ms"] <= slo_ms else 0.0 for r in replies]
+    return {"effacc": statistics.fmean(credit), "attain": statistics.fmean(c > 0 for c in credit),
+            "shed": sum(r.status == 503 for r in replies), "failed": sum(r.status not in (200, 503) for r in replies)}
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+def weakest_settings(path: Path, n: int) -> list[tuple[str, float, str, float]]:
+    """From the replay's DeiT table: the `n` settings with the smallest margin of switching over an alternative,
+    as (arrivals, load, the alternative, the margin); the alternative is 'anchors' or 'fixed cfg N'."""
+    lines = path.read_text().splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("## deit"))
+    header = next(ln for ln in lines[start:] if ln.startswith("| arrivals"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    rows = []
+    for ln in lines[start:]:
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        if len(cells) != len(cols) or cells[0] in ("arrivals", "---"):
+            continue
+        row = dict(zip(cols, cells))
+        margins = {c[len("switch - "):]: float(row[c].split("±")[0]) for c in cols
+                   if c.startswith("switch - ") and c[len("switch - "):] in ("best fixed", "anchors")}
+        alt = min(margins, key=lambda a: margins[a])
+        rows.append((row["arrivals"], float(row["load"].rstrip("x")),
+                     row["best fixed (tuning)"] if alt == "best fixed" else "anchors", margins[alt]))
+    return sorted(rows, key=lambda r: r[3])[:n]
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    m = statistics.fmean(values)
+    return m, (T975.get(len(values) - 1, 2.0) * statistics.stdev(values) / len(values) ** 0.5
+               if len(values) > 1 else float("nan"))
+
+
+def main() -> None:
+    from serve_replay import Calibrated, arrivals, replay, systems
+
+    from snnet.deploy.export import export_stitch, load_snnet
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--blocks", type=int, default=10, help="randomized blocks (default 10)")
+    p.add_argument("--requests", type=int, default=40, help="requests per trace (default 40)")
+    p.add_argument("--settings", type=int, default=3, help="how many of the replay's weakest DeiT settings")
+    p.add_argument("--seed-offset", type=int, default=5000, help="the blocks' trace seeds start here")
+    p.add_argument("--replay", type=Path, default=REPLAY, help="the replay's results (its DeiT table)")
+    p.add_argument("--calibration", type=Path, default=CALIBRATION)
+    p.add_argument("--client-cpus", default="", help="the load generator's cores (default: the last core)")
+    p.add_argument("--out", type=Path, default=None, help="also write the report here")
+    args = p.parse_args()
+    if args.blocks < 2 or args.requests < 2:
+        p.error(f"--blocks {args.blocks} --requests {args.requests}: pass at least 2 of each (an interval needs 2)")
+    every = os.sched_getaffinity(0)
+    try:
+        client = {int(c) for c in args.client_cpus.split(",")} if args.client_cpus else {max(every)}
+    except ValueError:
+        p.error(f"--client-cpus {args.client_cpus!r}: pass core numbers separated by commas, e.g. 1")
+    if not client < every:
+        p.error(f"--client-cpus {args.client_cpus!r}: pass some but not all of this process's cores {sorted(every)}")
+    servers_on = every - client
+    os.sched_setaffinity(0, client)
+    torch.set_num_threads(1)
+    t_start = time.time()
+    cal = Calibrated("deit", json.loads(args.calibration.read_text())["nets"]["deit"])
+    plan = weakest_settings(args.replay, args.settings)
+    out = [f"$ .venv/bin/python benchmarks/serve_live.py --blocks {args.blocks} --requests {args.requests} "
+           f"--settings {args.settings} --seed-offset {args.seed_offset}",
+           f"frozen from {args.calibration.name}: SLO {cal.slo_ms:.1f} ms (server time from when a request was "
+           f"due), 1x = {cal.capacity:.2f} req/s; settings: the replay's {args.settings} weakest DeiT settings "
+           f"({args.replay.name}); servers on cores {sorted(servers_on)} (1 thread), client on {sorted(client)}", ""]
+    print("\n".join(out), file=sys.stderr, flush=True)
+    live: dict[tuple[int, str], list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        net, records = deit_served()
+        ckpt = work / "deit.pth.tar"
+        save_checkpoint(ckpt, {"state_dict": net.state_dict(), "epoch": 0,
+                               "args": json.dumps({"num_classes": 1000, "img_size": 224, "model_kwargs": {}})})
+        results = work / "deit_res.txt"  # the calibration's latency table: no server measures its own
+        results.write_text("".join(json.dumps({**r, "latency_ms_b1": cal.menu.batch_ms(r["cfg_id"], 1),
+                                               "latency_ms_b8": cal.menu.batch_ms(r["cfg_id"], 8)}) + "\n"
+                                   for r in records))
+        source = [str(ckpt), "--stitch_config", str(DEIT_CONFIG)]
+        if any(alt == "anchors" for _, _, alt, _ in plan):
+            loaded = load_snnet(str(ckpt), str(DEIT_CONFIG))
+            for a in DEIT_ANCHORS:
+                export_stitch(loaded, a, work / f"cfg{a}", formats=())
+        images = deit_images()
+        acc = {r["cfg_id"]: r["acc1"] for r in records}
+        rng = np.random.default_rng(args.seed_offset)
+        runs = 0
+        for block in range(args.blocks):
+            seed = args.seed_offset + block
+            for s, (kind, load, alt, _) in enumerate(plan):
+                times = arrivals(kind, args.requests, load * cal.capacity, cal.slo_ms / 1e3, seed)
+                picks = np.random.default_rng(seed).integers(0, len(images), args.requests)
+                for system in rng.permutation(["switch", "A/A", alt]).tolist():
+                    extra: dict[str, Any] = {}
+                    src = source
+                    if system.startswith("fixed cfg "):
+                        extra = {"cfg_id": int(system.split()[-1])}
+                    elif system == "anchors":
+                        src = ["--exported", *(str(work / f"cfg{a}") for a in DEIT_ANCHORS)]
+                    server = Server(src, results, work / "server.log", servers_on)
+                    try:
+                        for i in range(2):  # its first batches run cold (lazy allocation)
+                            post(server.url, json.dumps({"image": images[i], "top_k": 1, **extra}).encode())
+                        row = run_trace(server.url, images, times, picks, cal.slo_ms, extra, acc)
+                    finally:
+                        server.stop()
+                    live.setdefault((s, system), []).append(row["effacc"])
+                    runs += 1
+                    print(f"block {block + 1}/{args.blocks} {kind} {load:g}x {system}: effacc {row['effacc']:.2f} "
+                          f"attain {row['attain']:.2f} shed {row['shed']} failed {row['failed']} "
+                          f"({time.time() - t_start:.0f} s, {runs} runs)", file=sys.stderr, flush=True)
+    # the replay's prediction for the very same traces and images
+    by_name = systems(cal)
+    behind, aa_ok, inside, pairs = 0, True, 0, 0
+    out += ["| arrivals | load | alternative (replay margin) | switch | alternative | A/A | switch - alternative | "
+            "switch - A/A | replay: switch / alternative / A/A |", "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+    for s, (kind, load, alt, margin) in enumerate(plan):
+        predicted = {}
+        for system in ("switch", alt):
+            effs = []
+            for block in range(args.blocks):
+                seed = args.seed_offset + block
+                times = arrivals(kind, args.requests, load * cal.capacity, cal.slo_ms / 1e3, seed)
+                draws = np.random.default_rng(10_000 + seed).random((args.requests, 4))
+                draws[:, 0] = (np.random.default_rng(seed).integers(0, len(images), args.requests) + 0.5) / \
+                    len(images)  # the live trace's images
+                effs.append(replay(cal, by_name[system], times, draws)["effacc"])
+            predicted[system] = statistics.fmean(effs)
+        predicted["A/A"] = predicted["switch"]
+        means = {k: interval(live[s, k]) for k in ("switch", alt, "A/A")}
+        d_alt = interval([a - b for a, b in zip(live[s, "switch"], live[s, alt])])
+        d_aa = interval([a - b for a, b in zip(live[s, "switch"], live[s, "A/A"])])
+        behind += d_alt[0] + d_alt[1] < 0
+        aa_ok &= abs(d_aa[0]) <= d_aa[1]
+        for k in ("switch", alt, "A/A"):
+            pairs += 1
+            inside += abs(predicted[k] - means[k][0]) <= means[k][1]
+        out.append(f"| {kind} | {load:g}x | {alt} ({margin:+.2f}) | "
+                   + " | ".join(f"{means[k][0]:.2f} ± {means[k][1]:.2f}" for k in ("switch", alt, "A/A"))
+                   + f" | {d_alt[0]:+.2f} ± {d_alt[1]:.2f} | {d_aa[0]:+.2f} ± {d_aa[1]:.2f} | "
+                   + " / ".join(f"{predicted[k]:.2f}" for k in ("switch", alt, "A/A")) + " |")
+    out += ["", f"{runs} server runs in {(time.time() - t_start) / 60:.1f} min; load average "
+                f"{os.getloadavg()[0]:.2f} at the end",
+            f"RESULT live_behind={behind} aa_covers_zero={int(aa_ok)} replay_inside={inside}/{pairs}"]
+    text = "\n".join(out) + "\n"
+    if args.out:
+        write_text_atomic(args.out, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,489 @@
+"""Does SN-Net switching serve more requests correctly within their deadline than the alternatives? A calibrated
+replay of the server's own policy on traces nobody tuned on.
+
+Live runs on two shared cores move by several points between identical runs (docs/serving_notes.md), more than
+the margins they look for. This benchmark takes the machine's noise out and keeps its costs: it replays *the
+server's own scheduler* (snnet/serve/scheduler.py: `DeadlineScheduler.admit`, `.take` and `.done_batch`, the
+learned batch times and answer times on a virtual clock) and charges every cost measured on this machine:
+
+* **calibration** (`--calibrate`, committed as results/serve_calibration.json with its provenance): for each
+  served stitch and batch size 1, 2, 4, 8 the forward pass's time as a distribution (samples); the time to decode
+  and transform a request's image and the time to answer (softmax, top-k, JSON); the dispatch's own cost
+  (`take`) against the queue's depth, switching and fixed; digits: every served stitch's prediction and confidence
+  on each validation image. The server's latency table is what `snnet serve` measures at start (the medians at
+  batch 1 and 8).
+* **the replay**: requests arrive open loop; one decoding thread (decode + transform: the event loop's core)
+  admits them in order; the worker runs the scheduler's batches one after another, each charged the dispatch's
+  cost at its depth and a forward time drawn from the calibrated distribution of its stitch and size, then each
+  answer its answer time. A request earns its stitch's correctness (digits: the real prediction on its image;
+  DeiT: SN-Net's published top-1 / 100, the *expected* correctness) when answered within the SLO, else nothing
+  (late, or shed: every system runs with shedding, as `snnet serve --shed`). Every system sees the same arrivals,
+  images and random numbers (per request: its decode, forward and answer draws).
+
+Settings (frozen from the calibration before any trace is drawn): arrivals Poisson, gamma CV^2 4 and 8, and on/off
+bursts (Poisson at 3x the mean rate for exponential ON periods of 20 SLOs on average, none for 40); loads
+0.5x..3x the capacity of the largest anchor at batch 1; SLO 3x the largest anchor's batch-1 time plus the median
+decode and answer times; batches of up to 8; both networks (digits: the committed demo SN-Net; DeiT-Ti/S/B:
+random weights for the timing, SN-Net's published top-1 for the credit).
+
+Systems: **switch** (the SN-Net's front, `snnet serve`'s planner); every **fixed** stitch, the best per setting
+chosen on the *tuning* traces (seeds 0..9) and judged on the evaluation traces; **anchors** (the anchors alone,
+the same planner: INFaaS-style model switching); digits also the **anchor cascade** and the **SN-Net cascade**
+(run the cheap stage, escalate an unsure answer when its deadline allows; thresholds from the demo's predictions,
+as serve_load). The planner's one knob (counting the arrivals a batch holds up) is chosen on the tuning traces too,
+and its effect reported on the evaluation traces.
+
+Per setting: switching minus each alternative, the paired mean over the evaluation traces with its 95 % interval
+(t). Evaluation traces are seeds `--seed-offset` + 0..`--traces`-1 (pass an offset nobody chose).
+
+    .venv/bin/python benchmarks/serve_replay.py --calibrate          # ~3 min, idle machine: the calibration
+    .venv/bin/python benchmarks/serve_replay.py --seed-offset N > results/bench_serve_replay.txt
+
+Last line: RESULT replay_behind=<b> replay_ahead_deit=<a> replay_settings_deit=<s> choice_p99_us=<c>: b = settings
+(both networks) where an alternative is ahead beyond its interval, a = DeiT settings where switching is ahead of
+every alternative beyond the intervals, s = DeiT settings, c = the dispatch's 99th-percentile cost (calibration).
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import heapq
+import io
+import json
+import math
+import multiprocessing
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from serve_plan import MAX_BATCH, choice_cost, menu_of  # noqa: E402
+
+from snnet.core.fileio import write_text_atomic  # noqa: E402  (after the path insert: runs from a checkout)
+from snnet.deploy.export import labelled  # noqa: E402
+from snnet.serve.loadgen import arrival_times  # noqa: E402
+from snnet.serve.scheduler import DeadlineScheduler, Job  # noqa: E402
+
+CALIBRATION = ROOT / "results" / "serve_calibration.json"
+SIZES = (1, 2, 4, 8)
+ARRIVALS = ("poisson", "gamma4", "gamma8", "onoff")
+LOADS = (0.5, 1.0, 1.5, 2.0, 3.0)
+SLO_FACTOR = 3.0
+TUNING_SEEDS = range(10)
+#: the planner's rule with one part changed (snnet/serve/policy.py `SlackTable`): not alternatives, its knobs
+VARIANTS = ("switch, no arrivals term", "switch, rest on fastest")
+T975 = {9: 2.262, 19: 2.093, 29: 2.045, 39: 2.023, 49: 2.010}
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+def _timed(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def _predictions(loaded, files: list[Path], labels: list[int], records: dict[int, dict[str, Any]]):
+    """Every served stitch's top-5 and confidence on the validation images (as the demo's evaluation computes)."""
+    from PIL import Image
+
+    from snnet.data.transforms import eval_transform
+    from snnet.results.predictions import build
+    tf = eval_transform(loaded.data_config)
+    x = torch.stack([tf(Image.open(f).convert("RGB")) for f in files])
+    per: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    with torch.inference_mode():
+        for c in records:
+            prob = torch.softmax(loaded.net(x, c).float(), -1)
+            top = prob.topk(5, -1)
+            per[c] = (top.indices.numpy(), top.values[:, 0].numpy())
+    return build(np.arange(len(files)), np.asarray(labels), per, records, prob.shape[-1])
+
+
+def _cascade(pred, chain: list[int], flops: dict[int, float], target: float) -> dict[str, Any]:
+    """The cheapest threshold setting of `chain` reaching `target` top-1 (else the most accurate), chosen on the
+    served images' own predictions: an optimistic baseline."""
+    from snnet.results.baselines import cascade_settings
+    settings = cascade_settings(pred, chain, flops)
+    reach = [s for s in settings if s["acc1"] >= target]
+    s = min(reach, key=lambda s: s["flops"]) if reach else max(settings, key=lambda s: (s["acc1"], -s["flops"]))
+    return {"chain": s["chain"], "thresholds": s["thresholds"], "acc1": s["acc1"], "flops": s["flops"]}
+
+
+def _digits(work: Path) -> dict[str, Any]:
+    from PIL import Image
+    from serve_live import front_ids, png
+
+    from snnet.data.transforms import eval_transform
+    from snnet.demo import write_digits
+    from snnet.deploy.export import load_snnet
+    from snnet.results.records import read_results
+    data = write_digits(work / "digits")
+    val = sorted((data / "val").glob("*/*.png"))
+    classes = sorted(p.name for p in (data / "val").iterdir())
+    labels = [classes.index(p.parent.name) for p in val]
+    loaded = load_snnet(str(ROOT / "results" / "demo" / "snnet.pth.tar"), str(ROOT / "configs" / "demo_digits.json"))
+    every = read_results(ROOT / "results" / "demo" / "stitches_res.txt")
+    anchors = [0, 1, 2]
+    ids = sorted(set(front_ids(every, 12)) | set(anchors))
+    records = [r for r in every if r["cfg_id"] in ids]
+    by_id = {r["cfg_id"]: r for r in records}
+    pred = _predictions(loaded, val, labels, by_id)
+    rows = {c: pred.row(c) for c in ids}
+    flops = {r["cfg_id"]: float(r["flops"]) for r in every}
+    top = max(by_id[a]["acc1"] for a in anchors)
+    front = sorted((c for c in ids if c not in anchors), key=lambda c: flops[c])
+    best = max(ids, key=lambda c: (by_id[c]["acc1"], -flops[c]))
+    cascades = {"anchor cascade": _cascade(pred, anchors, flops, top),
+                "SN-Net cascade": _cascade(pred, [front[0], best], flops, by_id[best]["acc1"])}
+    bodies = [json.dumps({"image": png(Image.open(p).convert("RGB")), "budget": {"latency_ms": 20}}) for p in val]
+    return {"net": loaded.net, "tf": eval_transform(loaded.data_config), "records": records, "anchors": anchors,
+            "bodies": bodies, "threads": 1, "cascades": cascades,
+            "correct": {c: pred.correct[rows[c]].astype(int).tolist() for c in ids},
+            "confidence": {c: np.round(pred.top_prob[rows[c]].astype(float), 5).tolist() for c in ids}}
+
+
+def _deit() -> dict[str, Any]:
+    from serve_live import DEIT_ANCHORS, deit_images, deit_served
+
+    from snnet.data.transforms import eval_transform
+    net, records = deit_served()
+    bodies = [json.dumps({"image": image, "budget": {"latency_ms": 2000}}) for image in deit_images()]
+    cfg = {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
+           "std": (0.229, 0.224, 0.225), "crop_pct": 0.875, "crop_mode": "center"}
+    return {"net": net, "tf": eval_transform(cfg), "records": records, "anchors": DEIT_ANCHORS, "bodies": bodies,
+            "threads": 1, "cascades": {}}
+
+
+def _decode(body: str, tf) -> torch.Tensor:
+    from PIL import Image
+    req = json.loads(body)
+    return tf(Image.open(io.BytesIO(base64.b64decode(req["image"]))).convert("RGB"))
+
+
+def calibrate(out: Path, quick: bool) -> None:
+    """Measure on one core with one thread: where benchmarks/serve_live.py runs its servers (the load generator on
+    the other core), so that the live validation checks the replay on the machine it was calibrated on."""
+    t_start = time.time()
+    cores = os.sched_getaffinity(0)
+    if len(cores) > 1:
+        os.sched_setaffinity(0, cores - {max(cores)})
+    repeats = 5 if quick else 40
+    nets: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, made in (("digits", lambda: _digits(Path(tmp))), ("deit", _deit)):
+            m = made()
+            torch.set_num_threads(m["threads"])
+            ids = [r["cfg_id"] for r in m["records"]]
+            xs = [_decode(b, m["tf"]) for b in m["bodies"]]
+            service: dict[str, dict[str, list[float]]] = {}
+            with torch.inference_mode():
+                for size in SIZES:
+                    x = torch.stack([xs[k % len(xs)] for k in range(size)])
+                    n = repeats if name == "digits" else max(3, repeats // (4 * size))
+                    for c in ids:
+                        forward = (lambda net=m["net"], x=x, c=c: net(x, c))
+                        forward()  # warm-up
+                        service.setdefault(str(c), {})[str(size)] = sorted(_timed(forward, n))
+                    print(f"calibrate {name}: batch {size} done ({time.time() - t_start:.0f} s)", file=sys.stderr)
+            bodies = iter(m["bodies"] * (4 * repeats))
+            decode = sorted(_timed(lambda tf=m["tf"], bodies=bodies: _decode(next(bodies), tf), 4 * repeats))
+            logits = m["net"](xs[0][None], ids[0]).detach()
+            answer_ms = sorted(_timed(lambda logits=logits: json.dumps(labelled(logits, None, 5)[0]), 4 * repeats))
+            menu, largest, _ = menu_of({"records": m["records"], "anchors": m["anchors"], "service_ms": service})
+            slo = SLO_FACTOR * menu.batch_ms(largest, 1) + statistics.median(decode) + statistics.median(answer_ms)
+            reps = 200 if quick else 2000
+            choice = {"switch": choice_cost(menu, menu.front(), slo, reps),  # serve_plan.py's measurement
+                      "fixed": choice_cost(menu, [largest], slo, reps)}
+            nets[name] = {"records": m["records"], "anchors": m["anchors"], "threads": m["threads"],
+                          "service_ms": service, "decode_ms": decode, "answer_ms": answer_ms, "choice_us": choice,
+                          "cascades": m["cascades"], "images": len(m["bodies"]),
+                          **({"correct": {str(c): v for c, v in m["correct"].items()},
+                              "confidence": {str(c): v for c, v in m["confidence"].items()}}
+                             if "correct" in m else {})}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    saved = {"measured": {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
+                          "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
+                          "torch": torch.__version__, "load_average_after": round(os.getloadavg()[0], 2),
+                          "command": "benchmarks/serve_replay.py --calibrate" + (" --quick" if quick else ""),
+                          "seconds": round(time.time() - t_start)},
+             "nets": nets}
+    write_text_atomic(out, json.dumps(saved, indent=1) + "\n")
+    print(f"calibration written to {out} in {time.time() - t_start:.0f} s", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------------ the replay
+class Calibrated:
+    """One network's calibration, ready to draw from."""
+
+    def __init__(self, name: str, cal: dict[str, Any]):
+        self.name = name
+        self.records = cal["records"]
+        self.anchors = cal["anchors"]
+        self.service = {int(c): {int(b): np.array(v) for b, v in t.items()} for c, t in cal["service_ms"].items()}
+        self.decode, self.answer = np.array(cal["decode_ms"]), np.array(cal["answer_ms"])
+        self.menu, self.largest, _ = menu_of(cal)
+        b1 = self.menu.batch_ms(self.largest, 1)
+        self.slo_ms = SLO_FACTOR * b1 + float(np.median(self.decode)) + float(np.median(self.answer))
+        self.capacity = 1e3 / b1
+        self.images = int(cal["images"])
+        if "correct" in cal:
+            self.correct = {int(c): np.array(v, float) for c, v in cal["correct"].items()}
+            self.confidence = {int(c): np.array(v) for c, v in cal["confidence"].items()}
+        else:  # the expected correctness: the published top-1
+            self.correct = {c: np.full(self.images, r["acc1"] / 100.0) for c, r in self.menu.by_id.items()}
+            self.confidence = {}
+        self.cascades = cal.get("cascades", {})
+        choice = cal["choice_us"]
+        self.choice = {k: (np.array([int(d) for d in v]), np.array([p[0] for p in v.values()]))
+                       for k, v in choice.items()}
+        self.choice_p99 = max(p[1] for v in choice.values() for p in v.values())
+
+    def service_ms(self, c: int, n: int, u: float) -> float:
+        """The forward time of a batch of `n` on `c` at quantile `u` of its calibrated distribution (sizes
+        between the measured ones: linear between their quantiles)."""
+        table = self.service[c]
+        if n in table:
+            s = table[n]
+            return float(s[min(int(u * len(s)), len(s) - 1)])
+        lo = max(b for b in table if b < n)
+        hi = min((b for b in table if b > n), default=None)
+        if hi is None:
+            full, rest = divmod(n, lo)
+            return full * self.service_ms(c, lo, u) + (self.service_ms(c, rest, u) if rest else 0.0)
+        a, b = self.service_ms(c, lo, u), self.service_ms(c, hi, u)
+        return a + (b - a) * (n - lo) / (hi - lo)
+
+    def choose_us(self, kind: str, depth: int) -> float:
+        depths, p50 = self.choice[kind]
+        return float(np.interp(depth, depths, p50))
+
+
+def arrivals(kind: str, n: int, rate: float, slo_s: float, seed: int) -> np.ndarray:
+    if kind == "poisson":
+        return arrival_times(n, rate, 1.0, seed)
+    if kind.startswith("gamma"):
+        return arrival_times(n, rate, float(kind[5:]), seed)
+    rng = np.random.default_rng(seed)  # on/off: Poisson at 3x the rate while ON (1/3 of the time)
+    out: list[float] = []
+    t = 0.0
+    while len(out) < n:
+        on = rng.exponential(20 * slo_s)
+        k = rng.poisson(3 * rate * on)
+        out.extend(np.sort(t + rng.uniform(0, on, k)).tolist())
+        t += on + rng.exponential(40 * slo_s)
+    times = np.array(out[:n])
+    return times - times[0]
+
+
+def replay(net: Calibrated, system: dict[str, Any], times: np.ndarray, draws: np.ndarray) -> dict[str, float]:
+    """One system on one trace: effective accuracy (percent), SLO attainment, shed share, mean FLOPs."""
+    n = len(times)
+    clock = [0.0]
+    sched = DeadlineScheduler(lambda x, c: x, net.menu, MAX_BATCH, shed=True, arrivals=system.get("arrivals", True),
+                              rest_on_same=system.get("rest_on_same", True), clock=lambda: clock[0])
+    kind = "fixed" if len(system["stages"][0]) == 1 else "switch"
+    slo = net.slo_ms / 1e3
+    image = (draws[:, 0] * net.images).astype(int)
+    decode = net.decode[(draws[:, 1] * len(net.decode)).astype(int)] / 1e3
+    answer = net.answer[(draws[:, 3] * len(net.answer)).astype(int)] / 1e3
+    admitted = np.empty(n)
+    free = 0.0
+    for i in range(n):  # one decoding thread, in arrival order
+        free = max(free, times[i]) + decode[i]
+        admitted[i] = free
+    pending = [(float(admitted[i]), i, 0) for i in range(n)]  # (time, request, stage)
+    heapq.heapify(pending)
+    credit, met, shed = np.zeros(n), np.zeros(n, bool), np.zeros(n, bool)
+    flops = np.zeros(n)
+    owner: dict[int, tuple[int, int]] = {}
+    x = torch.empty(0)
+    stages, thresholds = system["stages"], system.get("thresholds", [])
+    t = 0.0
+    while pending or sched.queue:
+        while pending and pending[0][0] <= t:
+            at, i, stage = heapq.heappop(pending)
+            clock[0] = at
+            job = Job(x, stages[stage], float(times[i]), float(times[i]) + slo)
+            owner[id(job)] = (i, stage)
+            sched.admit(job, at)
+        if not sched.queue:
+            t = pending[0][0]
+            continue
+        clock[0] = t
+        depth = len(sched.queue)
+        planned = sched.take(t)
+        t += net.choose_us(kind, depth) / 1e6
+        if planned is None:
+            continue
+        if isinstance(planned, Job):
+            i, stage = owner.pop(id(planned))
+            shed[i] = stage == 0  # a shed escalation keeps its first answer
+            continue
+        c, batch = planned
+        ms = net.service_ms(c, len(batch), float(draws[owner[id(batch[0])][0], 2]))
+        t += ms / 1e3
+        clock[0] = t
+        sched.done_batch(c, len(batch), ms)
+        for job in batch:
+            i, stage = owner.pop(id(job))
+            done = t + answer[i]
+            sched.observe_after(answer[i] * 1e3)
+            flops[i] += net.menu.by_id[c]["flops"]
+            if stage + 1 < len(stages) and net.confidence[c][image[i]] < thresholds[stage] and \
+                    done + sched.batch_ms(stages[stage + 1][0], 1) / 1e3 <= job.deadline:
+                heapq.heappush(pending, (done, i, stage + 1))
+                credit[i] = 0.0  # the escalation's answer replaces this one
+                met[i] = done <= job.deadline
+                if met[i]:
+                    credit[i] = net.correct[c][image[i]]  # stands if the escalation is shed
+                continue
+            met[i] = done - times[i] <= slo
+            credit[i] = net.correct[c][image[i]] if met[i] else 0.0
+    return {"effacc": 100.0 * float(credit.mean()), "attain": float(met.mean()), "shed": float(shed.mean()),
+            "flops": float(flops.mean())}
+
+
+def systems(net: Calibrated) -> dict[str, dict[str, Any]]:
+    front = net.menu.front()
+    out: dict[str, dict[str, Any]] = {"switch": {"stages": [front]},
+                                      "switch, no arrivals term": {"stages": [front], "arrivals": False},
+                                      "switch, rest on fastest": {"stages": [front], "rest_on_same": False},
+                                      "anchors": {"stages": [[c for c in front if c in net.anchors] or
+                                                             [net.largest]]}}
+    for name, cas in net.cascades.items():
+        out[name] = {"stages": [[c] for c in cas["chain"]], "thresholds": cas["thresholds"]}
+    for c in sorted(net.menu.by_id):
+        out[f"fixed cfg {c}"] = {"stages": [[c]]}
+    return out
+
+
+def _run_one(job: tuple[str, dict[str, Any], str, str, float, int, int]) -> tuple[str, str, float, int, dict]:
+    name, cal, sys_name, kind, load, seed, n = job
+    net = _NETS.get(name)
+    if net is None:
+        net = _NETS[name] = Calibrated(name, cal)
+    system = systems(net)[sys_name]
+    rate = load * net.capacity
+    times = arrivals(kind, n, rate, net.slo_ms / 1e3, seed)
+    draws = np.random.default_rng(10_000 + seed).random((n, 4))
+    return sys_name, kind, load, seed, replay(net, system, times, draws)
+
+
+_NETS: dict[str, Calibrated] = {}
+
+
+def interval(diffs: list[float]) -> tuple[float, float]:
+    m = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return m, math.nan
+    return m, T975.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--calibrate", action="store_true", help="measure this machine into --calibration, then stop")
+    p.add_argument("--calibration", type=Path, default=CALIBRATION, help="the calibration file (default: committed)")
+    p.add_argument("--seed-offset", type=int, default=1000, help="the evaluation traces' first seed (tuning: 0..9)")
+    p.add_argument("--traces", type=int, default=30, help="evaluation traces per setting (default 30)")
+    p.add_argument("--requests", type=int, default=2000, help="requests per trace (default 2000)")
+    p.add_argument("--nets", nargs="+", default=["digits", "deit"], choices=["digits", "deit"])
+    p.add_argument("--quick", action="store_true", help="a smoke run: few traces and requests, two loads")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: every core)")
+    args = p.parse_args()
+    if args.calibrate:
+        calibrate(args.calibration, args.quick)
+        return
+    if args.seed_offset < len(TUNING_SEEDS):
+        p.error(f"--seed-offset {args.seed_offset} overlaps the tuning seeds 0..{len(TUNING_SEEDS) - 1}; "
+                f"pass one of at least {len(TUNING_SEEDS)}")
+    t_start = time.time()
+    saved = json.loads(args.calibration.read_text())
+    loads = (0.5, 2.0) if args.quick else LOADS
+    tuning = range(2) if args.quick else TUNING_SEEDS
+    evaluation = range(args.seed_offset, args.seed_offset + args.traces)
+    lines = [f"$ .venv/bin/python benchmarks/serve_replay.py --seed-offset {args.seed_offset} --traces {args.traces} "
+             f"--requests {args.requests}" + (" --quick" if args.quick else ""),
+             f"calibration: {args.calibration.name} ({json.dumps(saved['measured'])})", ""]
+    behind = ahead_deit = settings_deit = 0
+    with multiprocessing.get_context("fork").Pool(args.workers) as pool:
+        for name in args.nets:
+            cal = saved["nets"][name]
+            net = Calibrated(name, cal)
+            names = list(systems(net))
+            fixed = [s for s in names if s.startswith("fixed")]
+            settings = [(k, ld) for k in ARRIVALS for ld in loads]
+            # 1. tuning traces: every system, to choose the best fixed stitch per setting and the knob
+            jobs = [(name, cal, s, k, ld, seed, args.requests) for k, ld in settings for s in names for seed in tuning]
+            tuned: dict[tuple[str, str, float], list[float]] = {}
+            for i, (s, k, ld, _, res) in enumerate(pool.imap_unordered(_run_one, jobs, chunksize=4)):
+                tuned.setdefault((s, k, ld), []).append(res["effacc"])
+                if (i + 1) % max(1, len(jobs) // 10) == 0:
+                    el = time.time() - t_start
+                    print(f"{name} tuning: {i + 1}/{len(jobs)} runs, {el:.0f} s", file=sys.stderr, flush=True)
+            mean = {key: statistics.fmean(v) for key, v in tuned.items()}
+            knobs = {v: statistics.fmean(mean["switch", k, ld] - mean[v, k, ld] for k, ld in settings)
+                     for v in VARIANTS}
+            best_fixed = {(k, ld): max(fixed, key=lambda s: mean[s, k, ld]) for k, ld in settings}
+            # 2. evaluation traces: switching, the knob's other setting, the chosen fixed stitch, the rest
+            judged = ["switch", *VARIANTS, "anchors", *net.cascades]
+            jobs = [(name, cal, s, k, ld, seed, args.requests) for k, ld in settings
+                    for s in [*judged, best_fixed[k, ld]] for seed in evaluation]
+            got: dict[tuple[str, str, float, int], dict[str, float]] = {}
+            for i, (s, k, ld, seed, res) in enumerate(pool.imap_unordered(_run_one, jobs, chunksize=4)):
+                got[s, k, ld, seed] = res
+                if (i + 1) % max(1, len(jobs) // 10) == 0:
+                    el = time.time() - t_start
+                    print(f"{name} evaluation: {i + 1}/{len(jobs)} runs, {el:.0f} s", file=sys.stderr, flush=True)
+            alts = ["best fixed", "anchors", *net.cascades]
+            lines += [f"## {name}: {len(net.menu.records)} served stitches ({len(net.menu.front())} on the latency "
+                      f"front), SLO {net.slo_ms:.1f} ms, 1x = {net.capacity:.1f} req/s (the largest anchor, cfg "
+                      f"{net.largest}, at batch 1), batches of up to {MAX_BATCH}",
+                      f"tuning (seeds {tuning.start}..{tuning.stop - 1}): switch minus each variant of its rule, "
+                      "mean over settings: " + ", ".join(f"{v[8:]} {d:+.2f}" for v, d in knobs.items()),
+                      "", "| arrivals | load | switch | attain | " + " | ".join(f"switch - {a}" for a in alts) +
+                      " | " + " | ".join(f"switch - {v[8:]}" for v in VARIANTS) + " | best fixed (tuning) |",
+                      "|---|---:|---:|---:|" + "---:|" * (len(alts) + len(VARIANTS)) + "---|"]
+            for k, ld in settings:
+                sw = [got["switch", k, ld, s]["effacc"] for s in evaluation]
+                cells, diffs = [], []
+                for a in alts:
+                    key = best_fixed[k, ld] if a == "best fixed" else a
+                    d, h = interval([x - got[key, k, ld, s]["effacc"] for x, s in zip(sw, evaluation)])
+                    cells.append(f"{d:+.2f} ± {h:.2f}")
+                    diffs.append((d, h))
+                behind += any(d + h < 0 for d, h in diffs)
+                variants = [interval([x - got[v, k, ld, s]["effacc"] for x, s in zip(sw, evaluation)])
+                            for v in VARIANTS]
+                attain = statistics.fmean(got["switch", k, ld, s]["attain"] for s in evaluation)
+                lines.append(f"| {k} | {ld:g}x | {statistics.fmean(sw):.2f} | {100 * attain:.1f}% | "
+                             + " | ".join(cells + [f"{d:+.2f} ± {h:.2f}" for d, h in variants])
+                             + f" | {best_fixed[k, ld]} |")
+                if name == "deit":
+                    settings_deit += 1
+                    ahead_deit += all(d - h > 0 for d, h in diffs)
+            lines.append("")
+    p99 = max(Calibrated(n, saved["nets"][n]).choice_p99 for n in args.nets)
+    lines += [f"{time.time() - t_start:.0f} s on {args.workers} processes; load average {os.getloadavg()[0]:.2f}",
+              f"RESULT replay_behind={behind} replay_ahead_deit={ahead_deit} replay_settings_deit={settings_deit} "
+              f"choice_p99_us={p99:.1f}"]
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

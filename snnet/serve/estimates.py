@@ -1,0 +1,110 @@
+"""What the scheduler measures while it serves: how long batches take now, and the time from a batch to its answer.
+
+Both are summaries of the recent samples (`Recent`), recomputed when a sample arrives (in the batch worker's thread
+or after an answer), never when the dispatch reads them: a read is an attribute access, so the choice of a stitch
+costs the same whatever was learned.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+#: a summary is recomputed at most this often (s): at a batch every 2 ms, once per batch would cost the worker more
+#: than the forward pass of a small stitch
+RESUMMARISE_S = 0.02
+
+
+class Recent:
+    """The samples of the last `seconds` (at most `most`, never fewer than the last `keep`), summarised by
+    `summarise` when a sample is added; `fallback` until `least` samples exist. Thread-safe (the decoding threads
+    read the batch times too: the early shed)."""
+
+    def __init__(self, summarise: Callable[[list[tuple[float, ...]]], Any], fallback: Any, seconds: float = 2.0,
+                 least: int = 5, most: int = 400, keep: int = 0, clock: Callable[[], float] = time.perf_counter):
+        self.summarise, self.fallback = summarise, fallback
+        self.seconds, self.least, self.keep, self.clock = seconds, least, keep, clock
+        self.samples: collections.deque[tuple[float, ...]] = collections.deque(maxlen=most)  # (time, *sample)
+        self.value: Any = fallback
+        self._at = -float("inf")
+        self._lock = threading.Lock()
+
+    def add(self, *sample: float) -> None:
+        with self._lock:
+            now = self.clock()
+            self.samples.append((now, *sample))
+            while len(self.samples) > self.keep and now - self.samples[0][0] > self.seconds:
+                self.samples.popleft()
+            if len(self.samples) < self.least:
+                self.value = self.fallback
+            elif now - self._at >= RESUMMARISE_S or len(self.samples) == self.least:
+                self.value = self.summarise([x[1:] for x in self.samples])
+                self._at = now
+
+
+class Quantile(Recent):
+    """One quantile of the recent samples; `initial` until `least` exist."""
+
+    def __init__(self, q: float, initial: float, seconds: float = 2.0, least: int = 5, most: int = 400,
+                 clock: Callable[[], float] = time.perf_counter):
+        super().__init__(lambda xs: float(np.quantile([x for x, in xs], q)), initial, seconds, least, most,
+                         clock=clock)
+
+
+class BatchTimes:
+    """How long a batch takes now: measured ms = slowdown x the latency table's ms + jitter. The slowdown is the
+    median of measured / table over the recent batches (the machine's speed now: work beside the server moves it);
+    the jitter is the 95th percentile of what the slowdown leaves unexplained (measured - slowdown x table, at
+    least 0): preemption and cache misses add milliseconds to a batch, not a factor. `predict` (slowdown x table +
+    jitter) is met by ~95 % of batches, `typical` (slowdown x table) by about half. Recent means the batches of the
+    last `seconds`, never fewer than the last `keep` (a slow network at a low rate runs a handful of batches in 2 s);
+    until `least` exist, the table as measured."""
+
+    def __init__(self, seconds: float = 2.0, least: int = 5, most: int = 400, keep: int = 30,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.window = Recent(self._fit, (1.0, 0.0), seconds, least, most, keep, clock)
+
+    @staticmethod
+    def _fit(batches: list[tuple[float, ...]]) -> tuple[float, float]:
+        table = np.array([t for t, _ in batches])
+        measured = np.array([m for _, m in batches])
+        slowdown = float(np.median(measured / table))
+        return slowdown, max(0.0, float(np.quantile(measured - slowdown * table, 0.95)))
+
+    def add(self, table_ms: float, measured_ms: float) -> None:
+        if table_ms > 0:
+            self.window.add(table_ms, measured_ms)
+
+    @property
+    def slowdown(self) -> float:
+        return self.window.value[0]
+
+    @property
+    def jitter_ms(self) -> float:
+        return self.window.value[1]
+
+    def typical(self, table_ms: float) -> float:
+        """The batch's time at the machine's typical speed now (about half the batches take longer)."""
+        return table_ms * self.window.value[0]
+
+    def predict(self, table_ms: float) -> float:
+        """The time ~95 % of such batches stay within (0 for no batch)."""
+        slowdown, jitter = self.window.value
+        return table_ms * slowdown + jitter if table_ms > 0 else 0.0
+
+
+@dataclass
+class Learned:
+    """The batch times (`BatchTimes`) and the time from the end of a batch to the answer (95th percentile)."""
+    batches: BatchTimes = field(default_factory=BatchTimes)
+    after_ms: Quantile = field(default_factory=lambda: Quantile(0.95, 0.5))
+
+    @classmethod
+    def on(cls, clock: Callable[[], float], after_ms: float = 0.5) -> Learned:
+        """Nothing learned yet, on `clock` (a simulation's virtual clock; tests: an idle server)."""
+        return cls(BatchTimes(clock=clock), Quantile(0.95, after_ms, clock=clock))
