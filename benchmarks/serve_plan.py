@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from snnet.serve.policy import StitchMenu  # noqa: E402  (after the path insert: runs from a checkout)
-from snnet.serve.scheduler import DeadlineScheduler, Job  # noqa: E402
+from snnet.serve.scheduler import DeadlineScheduler, Pending  # noqa: E402
 
 CALIBRATION = ROOT / "results" / "serve_calibration.json"
 DEPTHS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -54,7 +54,7 @@ def choice_cost(menu: StitchMenu, candidates: list[int], slo_ms: float, repeats:
             sched.done_batch(c, 1, menu.batch_ms(c, 1))
         sched.arrivals.extend(998.0 + np.arange(0, 2.0, 2.0 / 200))
         for k in range(depth):
-            sched.admit(Job(x, candidates, 1000.0 - k * 1e-6, 1000.0 - k * 1e-6 + slo_ms / 1e3), 1000.0)
+            sched.admit(Pending(x, candidates, 1000.0 - k * 1e-6, 1000.0 - k * 1e-6 + slo_ms / 1e3), 1000.0)
         times = np.empty(repeats)
         for r in range(repeats):
             t0 = time.perf_counter_ns()

@@ -74,7 +74,7 @@ from serve_plan import MAX_BATCH, choice_cost, menu_of  # noqa: E402
 from snnet.core.fileio import write_text_atomic  # noqa: E402  (after the path insert: runs from a checkout)
 from snnet.deploy.export import labelled  # noqa: E402
 from snnet.serve.loadgen import arrival_times  # noqa: E402
-from snnet.serve.scheduler import DeadlineScheduler, Job  # noqa: E402
+from snnet.serve.scheduler import DeadlineScheduler, Pending  # noqa: E402
 
 CALIBRATION = ROOT / "results" / "serve_calibration.json"
 SIZES = (1, 2, 4, 8)
@@ -319,7 +319,7 @@ def replay(net: Calibrated, system: dict[str, Any], times: np.ndarray, draws: np
         while pending and pending[0][0] <= t:
             at, i, stage = heapq.heappop(pending)
             clock[0] = at
-            job = Job(x, stages[stage], float(times[i]), float(times[i]) + slo)
+            job = Pending(x, stages[stage], float(times[i]), float(times[i]) + slo)
             owner[id(job)] = (i, stage)
             sched.admit(job, at)
         if not sched.queue:
@@ -331,7 +331,7 @@ def replay(net: Calibrated, system: dict[str, Any], times: np.ndarray, draws: np
         t += net.choose_us(kind, depth) / 1e6
         if planned is None:
             continue
-        if isinstance(planned, Job):
+        if isinstance(planned, Pending):
             i, stage = owner.pop(id(planned))
             shed[i] = stage == 0  # a shed escalation keeps its first answer
             continue

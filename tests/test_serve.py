@@ -27,7 +27,7 @@ from snnet.serve.estimates import BatchTimes, Learned, Quantile
 from snnet.serve.handler import RequestError, ServeCore, ServeSpec
 from snnet.serve.loadgen import arrival_times, check_loopback, get, percentile, post, run_load, run_open_loop
 from snnet.serve.policy import BudgetError, SlackTable, StitchMenu
-from snnet.serve.scheduler import DeadlineScheduler, Job, Shed
+from snnet.serve.scheduler import DeadlineScheduler, Pending, Shed
 
 
 def png(seed: int = 0, size: int = 16) -> str:
@@ -158,8 +158,8 @@ def test_budget_in_the_request_is_honoured(core, tiny):
 
 
 # ------------------------------------------------------------------------------------------------ the scheduler
-def job(candidates, ms_left, now=100.0, arrival=None):
-    return Job(torch.zeros(1), candidates, now if arrival is None else arrival, now + ms_left / 1e3)
+def pending(candidates, ms_left, now=100.0, arrival=None):
+    return Pending(torch.zeros(1), candidates, now if arrival is None else arrival, now + ms_left / 1e3)
 
 
 def scheduler(shed=False, max_batch=8, arrivals=True, records=RECORDS):
@@ -218,29 +218,29 @@ def test_dispatch_binds_the_best_stitch_that_meets_the_head_deadline():
     ranked = [1, 2, 0]  # best first (top-1 80, 72, 60)
     for ms_left, want in [(4.5, 1), (3.0, 2), (1.5, 0)]:
         s = scheduler()
-        queue(s, [job(ranked, ms_left)])
+        queue(s, [pending(ranked, ms_left)])
         assert s.plan(100.0) == want
     s = scheduler()  # the earliest deadline is the head, whatever came first; the batch takes the rest along
-    late, urgent = job(ranked, 50.0), job(ranked, 1.5)
+    late, urgent = pending(ranked, 50.0), pending(ranked, 1.5)
     queue(s, [late, urgent])
     cfg_id, batch = s.take(100.0)
     assert cfg_id == 0 and batch == [urgent, late] and not s.queue
     s = scheduler(max_batch=1)  # the queue behind the head counts: 4 + 1 + 1 > 5.5 ms, 2 + 1 + 1 fits
-    queue(s, [job(ranked, 5.5), job(ranked, 6.0), job(ranked, 7.0)])
+    queue(s, [pending(ranked, 5.5), pending(ranked, 6.0), pending(ranked, 7.0)])
     assert s.plan(100.0) == 2
     s = scheduler()  # a slower machine (the batches' measured slowdown) moves the choice down
     for _ in range(10):
         s.done_batch(2, 1, 3.0)
-    queue(s, [job(ranked, 4.5)])
+    queue(s, [pending(ranked, 4.5)])
     assert s.plan(100.0) == 2
     s = scheduler()  # arrivals at 1000/s: a 4 ms batch holds up 4-5 of them, which then miss 5.2 ms on the fastest
     s.arrivals.extend([98.0 + i / 1000 for i in range(2000)])
-    queue(s, [job(ranked, 5.2)])
+    queue(s, [pending(ranked, 5.2)])
     assert s.plan(100.0) == 2 and s.rate(100.0) == pytest.approx(1000.5)
     assert s.rate(103.0) == 0.0  # the window forgets
     s = scheduler(arrivals=False)
     s.arrivals.extend([98.0 + i / 1000 for i in range(2000)])
-    queue(s, [job(ranked, 5.2)])
+    queue(s, [pending(ranked, 5.2)])
     assert s.plan(100.0) == 1
 
 
@@ -254,7 +254,7 @@ def test_a_request_without_a_latency_budget_gets_selects_stitch_whoever_it_is_ba
         want = select(core.menu.records, {"flops": r["flops"]}, None, "t", {})[0]["cfg_id"]
         assert core.candidates({"budget": {"flops": r["flops"]}}) == [[want]]
     s = scheduler()
-    urgent, free = job([1, 2, 0], 1.5), Job(torch.zeros(1), [1], 100.0)  # no deadline: select's stitch 1
+    urgent, free = pending([1, 2, 0], 1.5), Pending(torch.zeros(1), [1], 100.0)  # no deadline: select's stitch 1
     queue(s, [free, urgent])
     cfg_id, batch = s.take(100.0)
     assert cfg_id == 0 and batch == [urgent] and s.queue[0][1] is free
@@ -321,8 +321,8 @@ def test_hopeless_requests_are_shed_or_run_on_the_fastest():
     ranked = [1, 2, 0]
     s = scheduler(shed=True)
     s.last_start = 99.5  # a batch was taken half a second ago
-    hopeless = job(ranked, 0.5)  # the fastest stitch takes 1 ms
-    queue(s, [hopeless, job(ranked, 50.0)])
+    hopeless = pending(ranked, 0.5)  # the fastest stitch takes 1 ms
+    queue(s, [hopeless, pending(ranked, 50.0)])
     assert s.plan(100.0) is hopeless
     # no batch for over a second (a cold start, or a server shedding everything on a speed it learned when slow):
     # the hopeless head runs on the fastest stitch, so that the server learns its speed again
@@ -331,23 +331,23 @@ def test_hopeless_requests_are_shed_or_run_on_the_fastest():
     cfg_id, batch = s.take(100.0)
     assert cfg_id == 0 and batch[0] is hopeless and s.last_start == 100.0  # taking a batch is what counts
     s.queue.clear()
-    queue(s, [job(ranked, 0.5, now=100.1)])
-    assert isinstance(s.plan(100.1), Job)  # a batch taken 0.1 s ago: shed again
+    queue(s, [pending(ranked, 0.5, now=100.1)])
+    assert isinstance(s.plan(100.1), Pending)  # a batch taken 0.1 s ago: shed again
     s.last_start, s.running = 98.5, (1, 1, 99.0)  # a batch running (a long one): no probe beside it
-    assert isinstance(s.take(100.1), Job) and not s.queue and s.shed_count == 1
+    assert isinstance(s.take(100.1), Pending) and not s.queue and s.shed_count == 1
     s = scheduler(shed=False)
-    queue(s, [job(ranked, 0.5)])
+    queue(s, [pending(ranked, 0.5)])
     assert s.plan(100.0) == 0
     s = scheduler(shed=True)  # no latency budget: never shed, its stitch
-    queue(s, [Job(torch.zeros(1), [1], 100.0)])
+    queue(s, [Pending(torch.zeros(1), [1], 100.0)])
     assert s.plan(100.0) == 1
 
     async def run():
         s = DeadlineScheduler(lambda x, c: x * 0 + c, StitchMenu(RECORDS, LATENCY, "t"), shed=True)
         now = time.perf_counter()
-        done = await s.submit(Job(torch.zeros(3), ranked, now, now + 5.0))
+        done = await s.submit(Pending(torch.zeros(3), ranked, now, now + 5.0))
         with pytest.raises(Shed):
-            await s.submit(Job(torch.zeros(3), ranked, now - 1.0, now - 0.5))
+            await s.submit(Pending(torch.zeros(3), ranked, now - 1.0, now - 0.5))
         s.close()
         return done
     done = asyncio.run(run())
@@ -430,7 +430,7 @@ def test_an_idle_server_gives_freed_heap_back():
 
     async def run():
         s = DeadlineScheduler(lambda x, c: x * 0 + c, StitchMenu(RECORDS, LATENCY, "t"))
-        await s.submit(Job(torch.zeros(3), [1, 2, 0], time.perf_counter()))
+        await s.submit(Pending(torch.zeros(3), [1, 2, 0], time.perf_counter()))
         await asyncio.sleep(0.05)  # the worker finds the queue empty
         s.close()
         return s._trimmed

@@ -44,7 +44,7 @@ from snnet.deploy.latency import measure_latency
 from snnet.results.records import check_routes, read_results
 from snnet.results.select import BudgetError, route_costs
 from snnet.serve.policy import StitchMenu, finite_positive
-from snnet.serve.scheduler import NO_DEADLINE, DeadlineScheduler, Done, Job, Shed, release_free_heap
+from snnet.serve.scheduler import NO_DEADLINE, DeadlineScheduler, Done, Pending, Shed, release_free_heap
 from snnet.train.device import device_from_flag
 
 MAX_PIXELS = 40_000_000  # a decoded image above this is refused before it is decoded (decompression bombs)
@@ -251,7 +251,7 @@ class ServeCore:
         done: Done | None = None
         for stage, candidates in enumerate(stages):
             try:
-                done = await self.scheduler.submit(Job(x, candidates, start, deadline))
+                done = await self.scheduler.submit(Pending(x, candidates, start, deadline))
             except Shed:
                 if done is None:  # the first stage: nothing to answer with
                     raise

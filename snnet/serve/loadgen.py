@@ -1,4 +1,4 @@
-"""Bounded load generators for `snnet serve`, 127.0.0.1 only (benchmarks/serve_load.py and the tests use them).
+"""Bounded load generators for `snnet serve`, 127.0.0.1 only (benchmarks/serve_live.py and the tests use them).
 
 * **Open loop** (`arrival_times`, `run_open_loop`): the arrival time of every request is fixed in advance (Poisson,
   or bursty: gamma inter-arrival times with a squared coefficient of variation CV^2 above 1) and each request is

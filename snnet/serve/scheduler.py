@@ -37,7 +37,7 @@ import torch
 from snnet.serve.estimates import Learned
 from snnet.serve.policy import SlackTable, StitchMenu
 
-Run = Callable[[torch.Tensor, int], torch.Tensor]
+Forward = Callable[[torch.Tensor, int], torch.Tensor]
 NO_DEADLINE = float("inf")
 #: at most one heap trim per this many seconds (when the queue runs empty)
 TRIM_EVERY_S = 1.0
@@ -74,7 +74,7 @@ class Shed(Exception):
 
 
 @dataclass
-class Job:
+class Pending:
     """One request in the queue. `candidates`: cfg_ids it may run, best first; `deadline`: perf_counter seconds."""
     x: torch.Tensor
     candidates: Sequence[int]  # a tuple once queued
@@ -106,7 +106,7 @@ class DeadlineScheduler:
     accepting requests meanwhile. `admit` and `take` are the worker's steps on any clock (benchmarks/serve_replay.py
     runs them on a virtual one); `done_batch` is what the worker learns from a batch."""
 
-    def __init__(self, run: Run, menu: StitchMenu, max_batch: int = 16, max_wait_ms: float = 0.0,
+    def __init__(self, run: Forward, menu: StitchMenu, max_batch: int = 16, max_wait_ms: float = 0.0,
                  shed: bool = False, arrivals: bool = True, rest_on_same: bool = True, window: float = 2.0,
                  clock: Callable[[], float] = time.perf_counter):
         self.run, self.menu = run, menu
@@ -114,7 +114,7 @@ class DeadlineScheduler:
         self.arrivals_counted, self.window = arrivals, window  # the rate: arrivals of the last `window` seconds
         self.rest_on_same = rest_on_same  # the table's rule for the queue behind the head (`SlackTable`)
         self.arrivals: collections.deque[float] = collections.deque(maxlen=100_000)
-        self.queue: list[tuple[tuple[float, int], Job]] = []
+        self.queue: list[tuple[tuple[float, int], Pending]] = []
         self.running: tuple[int, int, float] | None = None  # (cfg_id, batch size, start) of the batch running
         self.batches = self.shed_count = 0
         self.last_start = -math.inf  # when the last batch was taken (the clock of `take`)
@@ -132,7 +132,7 @@ class DeadlineScheduler:
     def depth(self) -> int:
         return len(self.queue) + (self.running[1] if self.running else 0)
 
-    async def submit(self, job: Job) -> Done:
+    async def submit(self, job: Pending) -> Done:
         loop = asyncio.get_running_loop()
         if self._worker is None or self._worker.done():
             self._wake = asyncio.Event()
@@ -143,7 +143,7 @@ class DeadlineScheduler:
         self._wake.set()
         return await job.future
 
-    def admit(self, job: Job, now: float) -> None:
+    def admit(self, job: Pending, now: float) -> None:
         """Queue `job`, arrived at `now` (the server's `submit`; a simulation's virtual clock)."""
         job.candidates = tuple(job.candidates)
         job.seq = next(self._seq)
@@ -162,17 +162,17 @@ class DeadlineScheduler:
                                                           self.rest_on_same)
         return known
 
-    def take(self, now: float) -> tuple[int, list[Job]] | Job | None:
+    def take(self, now: float) -> tuple[int, list[Pending]] | Pending | None:
         """`plan(now)`, acted on: the batch (or the shed head) leaves the queue. The worker's one step."""
         planned = self.plan(now)
         if planned is None:
             return None
-        if isinstance(planned, Job):
+        if isinstance(planned, Pending):
             heapq.heappop(self.queue)
             self.shed_count += 1
             return planned
-        batch: list[tuple[tuple[float, int], Job]] = []
-        aside: list[tuple[tuple[float, int], Job]] = []
+        batch: list[tuple[tuple[float, int], Pending]] = []
+        aside: list[tuple[tuple[float, int], Pending]] = []
         while self.queue and len(batch) < self.max_batch and len(aside) < 4 * self.max_batch:
             entry = heapq.heappop(self.queue)
             (batch if planned in entry[1].candidates else aside).append(entry)
@@ -214,7 +214,7 @@ class DeadlineScheduler:
         everything would never learn that it is fast again)."""
         return self.running is None and now - self.last_start > PROBE_AFTER_S
 
-    def plan(self, now: float) -> int | Job | None:
+    def plan(self, now: float) -> int | Pending | None:
         """The stitch the head's batch runs now; the head itself when it is to be shed; None when the queue is
         empty. Does not change the queue: a heap read, a table lookup and a few float operations."""
         if not self.queue:
@@ -272,7 +272,7 @@ class DeadlineScheduler:
             planned = self.take(t_choose)
             if planned is None:
                 continue
-            if isinstance(planned, Job):  # shed: answered at once
+            if isinstance(planned, Pending):  # shed: answered at once
                 shed = self.too_late(planned.candidates, planned.arrival, planned.deadline, t_choose)
                 if planned.future is not None and not planned.future.done():
                     planned.future.set_exception(shed or Shed((t_choose - planned.arrival) * 1e3, 0.0))
