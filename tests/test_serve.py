@@ -162,9 +162,9 @@ def pending(candidates, ms_left, now=100.0, arrival=None):
     return Pending(torch.zeros(1), candidates, now if arrival is None else arrival, now + ms_left / 1e3)
 
 
-def scheduler(shed=False, max_batch=8, arrivals=True, records=RECORDS):
+def scheduler(shed=False, max_batch=8, arrivals=True, records=RECORDS, rest_on_same=True):
     s = DeadlineScheduler(lambda x, c: x, StitchMenu(records, LATENCY, "t"), max_batch=max_batch, shed=shed,
-                          arrivals=arrivals)
+                          arrivals=arrivals, rest_on_same=rest_on_same)
     s.learned = Learned.on(lambda: 100.0, after_ms=0.0)  # nothing learned yet, nothing after the batch
     return s
 
@@ -174,14 +174,14 @@ def queue(s, jobs, now=100.0):
         s.admit(j, now)
 
 
-def fits(menu, ranked, c, slack, depth, rate, max_batch):
+def fits(menu, ranked, c, slack, depth, rate, max_batch, rest_on_same=True):
     """The table's rule written out: the batch on `c`, then the rest of the queue and the arrivals during the batch
-    on the fastest, end within the slack."""
-    fastest = min(ranked, key=lambda k: menu.batch_ms(k, 1))
+    (on `c` itself, or on the fastest), end within the slack."""
+    rest = c if rest_on_same else min(ranked, key=lambda k: menu.batch_ms(k, 1))
     b = min(depth, max_batch)
     t = menu.batch_ms(c, b)
     n = depth - b + math.floor(rate * t / 1e3 + 0.5)
-    return t + n // max_batch * menu.batch_ms(fastest, max_batch) + menu.batch_ms(fastest, n % max_batch) <= slack
+    return t + n // max_batch * menu.batch_ms(rest, max_batch) + menu.batch_ms(rest, n % max_batch) <= slack
 
 
 def test_the_slack_table_is_the_rule_looked_up():
@@ -198,19 +198,19 @@ def test_the_slack_table_is_the_rule_looked_up():
             latency[c] = {1: b1, 8: b1 * float(rng.uniform(1.5, 6.0))}
         menu = StitchMenu(records, latency, "t")
         ranked = [r["cfg_id"] for r in menu.ranked]
-        max_batch = int(rng.choice([1, 4, 8]))
-        table = SlackTable(menu, ranked, max_batch)
+        max_batch, same = int(rng.choice([1, 4, 8])), bool(trial % 2)
+        table = SlackTable(menu, ranked, max_batch, rest_on_same=same)
         fastest = min(ranked, key=lambda k: menu.batch_ms(k, 1))
         for _ in range(40):
             slack, depth = float(rng.uniform(0.2, 200.0)), int(rng.integers(1, 40))
             rate = float(rng.choice([0.0, rng.uniform(1.0, 2000.0)]))
             c = table.choose(slack, depth, rate)
-            assert c == fastest or fits(menu, ranked, c, slack, depth, rate, max_batch), (trial, slack, depth, rate)
+            assert c == fastest or fits(menu, ranked, c, slack, depth, rate, max_batch, same), (trial, slack, depth)
             if rate > 4 * max_batch / menu.batch_ms(fastest, max_batch) * 1e3:
                 assert c == fastest  # beyond 4x what the fastest sustains: the fastest
                 continue
             for better in ranked[:ranked.index(c)]:
-                assert not fits(menu, ranked, better, slack / 1.031, depth, rate * 1.251, max_batch), \
+                assert not fits(menu, ranked, better, slack / 1.031, depth, rate * 1.251, max_batch, same), \
                     (trial, slack, depth, rate, c, better)
 
 
@@ -225,9 +225,12 @@ def test_dispatch_binds_the_best_stitch_that_meets_the_head_deadline():
     queue(s, [late, urgent])
     cfg_id, batch = s.take(100.0)
     assert cfg_id == 0 and batch == [urgent, late] and not s.queue
-    s = scheduler(max_batch=1)  # the queue behind the head counts: 4 + 1 + 1 > 5.5 ms, 2 + 1 + 1 fits
-    queue(s, [pending(ranked, 5.5), pending(ranked, 6.0), pending(ranked, 7.0)])
-    assert s.plan(100.0) == 2
+    # the queue behind the head counts, within the head's slack: on the same stitch 2 + 2 + 2 > 5.5 ms, 1 + 1 + 1
+    # fits; on the fastest, 4 + 1 + 1 > 5.5 and 2 + 1 + 1 fits
+    for same, want in [(True, 0), (False, 2)]:
+        s = scheduler(max_batch=1, rest_on_same=same)
+        queue(s, [pending(ranked, 5.5), pending(ranked, 6.0), pending(ranked, 7.0)])
+        assert s.plan(100.0) == want
     s = scheduler()  # a slower machine (the batches' measured slowdown) moves the choice down
     for _ in range(10):
         s.done_batch(2, 1, 3.0)
