@@ -174,19 +174,23 @@ def queue(s, jobs, now=100.0):
         s.admit(j, now)
 
 
-def fits(menu, ranked, c, slack, depth, rate, max_batch, rest_on_same=True):
-    """The table's rule written out: the batch on `c`, then the rest of the queue and the arrivals during the batch
-    (on `c` itself, or on the fastest), end within the slack."""
+def fits(menu, ranked, c, slack, budget, depth, rate, max_batch, rest_on_same=True):
+    """The table's rule written out: the batch on `c`, then the rest of the queue, end within the head's slack; the
+    batch, then the arrivals during it (rate x its time), end within one budget; the rest and the arrivals run on
+    `c` itself, or on the fastest."""
     rest = c if rest_on_same else min(ranked, key=lambda k: menu.batch_ms(k, 1))
+
+    def drain(n):
+        return n // max_batch * menu.batch_ms(rest, max_batch) + menu.batch_ms(rest, n % max_batch)
     b = min(depth, max_batch)
     t = menu.batch_ms(c, b)
-    n = depth - b + math.floor(rate * t / 1e3 + 0.5)
-    return t + n // max_batch * menu.batch_ms(rest, max_batch) + menu.batch_ms(rest, n % max_batch) <= slack
+    return t + drain(depth - b) <= slack and t + drain(math.floor(rate * t / 1e3 + 0.5)) <= budget
 
 
 def test_the_slack_table_is_the_rule_looked_up():
     """On random menus, the table's stitch fits the request (or is the fastest when nothing does), and no stitch
-    ranked before it fits the bucket's edges (the slack 3 % lower, the rate 25 % higher): a lookup, not a search."""
+    ranked before it fits the bucket's edges (slack and budget 3 % lower, the rate 25 % higher): a lookup, not a
+    search."""
     rng = np.random.default_rng(2)
     for trial in range(30):
         n = int(rng.integers(2, 9))
@@ -203,15 +207,19 @@ def test_the_slack_table_is_the_rule_looked_up():
         fastest = min(ranked, key=lambda k: menu.batch_ms(k, 1))
         for _ in range(40):
             slack, depth = float(rng.uniform(0.2, 200.0)), int(rng.integers(1, 40))
+            budget = slack + float(rng.choice([0.0, rng.uniform(0.0, 100.0)]))
             rate = float(rng.choice([0.0, rng.uniform(1.0, 2000.0)]))
-            c = table.choose(slack, depth, rate)
-            assert c == fastest or fits(menu, ranked, c, slack, depth, rate, max_batch, same), (trial, slack, depth)
-            if rate > 4 * max_batch / menu.batch_ms(fastest, max_batch) * 1e3:
-                assert c == fastest  # beyond 4x what the fastest sustains: the fastest
+            c = table.choose(slack, budget, depth, rate)
+            args = (depth, rate, max_batch, same)
+            assert c == fastest or fits(menu, ranked, c, slack, budget, *args), (trial, slack, budget, args)
+            top = table.rate_lo * table.RATE_STEP ** (table.n_rate - 2)  # at least 4x what the fastest sustains
+            assert top >= 4 * max_batch / menu.batch_ms(fastest, max_batch) * 1e3
+            if rate > top:
+                assert c == fastest  # beyond the table's rates: the fastest
                 continue
             for better in ranked[:ranked.index(c)]:
-                assert not fits(menu, ranked, better, slack / 1.031, depth, rate * 1.251, max_batch, same), \
-                    (trial, slack, depth, rate, c, better)
+                assert not fits(menu, ranked, better, slack / 1.031, budget / 1.031, depth, rate * 1.251,
+                                max_batch, same), (trial, slack, budget, args, c, better)
 
 
 def test_dispatch_binds_the_best_stitch_that_meets_the_head_deadline():
@@ -314,7 +322,8 @@ def test_the_front_changes_no_dispatch_choice():
         max_batch = int(rng.choice([1, 4, 8]))
         tables = [SlackTable(menu, cands, max_batch) for cands in (ranked, front)]
         for _ in range(20):
-            args = float(rng.uniform(0.5, 30.0)), int(rng.integers(1, 20)), float(rng.choice([0.0, 300.0]))
+            slack = float(rng.uniform(0.5, 30.0))
+            args = slack, slack + 5.0, int(rng.integers(1, 20)), float(rng.choice([0.0, 300.0]))
             picks = [t.choose(*args) for t in tables]
             assert picks[1] == picks[0] or beats(picks[1], picks[0]), (trial, args, picks)
     assert dropped > 30  # the menus had beaten stitches to drop

@@ -165,20 +165,26 @@ class StitchMenu:
 
 
 class SlackTable:
-    """The dispatch's choice for one candidate list, precomputed: (the head's slack, the queue's depth, the arrival
-    rate) -> the stitch its batch runs. SuperServe's SlackFit, with the queue behind the head counted.
+    """The dispatch's choice for one candidate list, precomputed: (the head's slack, its budget, the queue's depth,
+    the arrival rate) -> the stitch its batch runs. SuperServe's SlackFit, with the queue and the arrivals counted.
 
-    For every bucket the table holds the first candidate (best first: select's ranking) that *fits*: its batch of
-    b = min(depth, max_batch) requests, then the rest of the queue (depth - b) and, with `arrivals`, the requests
-    expected to arrive while the batch runs (rate x its time, to the nearest whole), run in batches of `max_batch`
-    on the fastest candidate, all end within the slack. Nothing fits: the fastest. Everything is in the latency table's
-    milliseconds (`StitchMenu.batch_ms`); the scheduler converts the slack and the rate it measures into them with
-    the learned slowdown and jitter, so the table never needs rebuilding when the machine's speed drifts. Each
-    bucket's lower slack edge and upper rate edge are used, so a choice that fits the bucket's edge fits the
-    request (slack buckets 3 % apart, rate buckets 25 %); a deeper queue than the table's counts as its deepest,
-    arrivals faster than 4x the fastest's capacity choose the fastest.
+    The choice is the first candidate (best first: select's ranking) that *fits* twice:
+    * the queue: its batch of b = min(depth, max_batch) requests, then the rest of the queue (depth - b) run in
+      batches of `max_batch`, end within the head's slack;
+    * the arrivals (with `arrivals`): the requests expected to arrive while its batch runs (rate x its time, to the
+      nearest whole), arriving as it starts and then run in batches of `max_batch`, end within one budget (the
+      head's: a batch cannot be interrupted, so an arrival waits for all of it; this is the blocking term of
+      non-preemptive EDF, from the measured rate).
+    The rest and the arrivals run on that same stitch (`rest_on_same`) or on the fastest. Nothing fits: the fastest.
 
-    The choice is a few float operations and one array read (`choose`): benchmarks/serve_plan.py measures it."""
+    Two precomputed bit masks per bucket, one for each check ((slack, depth) and (depth, rate, budget)); the choice
+    is their AND's lowest bit: a few float operations and two array reads whatever the queue (`choose`;
+    benchmarks/serve_plan.py measures it). Everything is in the latency table's milliseconds
+    (`StitchMenu.batch_ms`): the scheduler converts the slack, budget and rate it measures with the learned slowdown
+    and jitter, so no table is rebuilt when the machine's speed drifts. A bucket's lower slack and budget edge and
+    upper rate edge are used, so a choice that fits the bucket fits the request (slack and budget buckets 3 % apart,
+    rate buckets 25 %); a deeper queue than the table's counts as its deepest; arrivals faster than 4x what the
+    fastest sustains choose the fastest."""
 
     SLACK_STEP, RATE_STEP = 1.03, 1.25
 
@@ -190,38 +196,47 @@ class SlackTable:
         self.fastest = min(self.ids, key=lambda c: (t1[c], self.ids.index(c)))
         sizes = {c: np.array([0.0] + [menu.batch_ms(c, n) for n in range(1, b_max + 1)]) for c in self.ids}
 
-        def drain(n: np.ndarray, c: int = self.fastest) -> np.ndarray:  # ms to run n requests on c, full batches
+        def drain(n: np.ndarray, c: int) -> np.ndarray:  # ms to run n requests on c, in full batches
             return n // b_max * sizes[c][b_max] + sizes[c][n % b_max]
 
-        self.depths = max(64, 8 * b_max)
-        slowest_full = max(menu.batch_ms(c, b_max) for c in self.ids)
+        self.depths = d_max = max(64, 8 * b_max)
         self.lo = 0.5 * t1[self.fastest]
-        hi = 2.0 * (slowest_full + max(float(drain(np.array(self.depths + b_max), c)) for c in self.ids))
-        n_slack = int(math.ceil(math.log(hi / self.lo) / math.log(self.SLACK_STEP))) + 1
-        slack = self.lo * self.SLACK_STEP ** np.arange(n_slack)
+        hi = 2.0 * max(sizes[c][b_max] + float(drain(np.array(d_max + b_max), c)) for c in self.ids)
+        self.n_slack = int(math.ceil(math.log(hi / self.lo) / math.log(self.SLACK_STEP))) + 1
+        edges = self.lo * self.SLACK_STEP ** np.arange(self.n_slack)
         capacity = b_max / sizes[self.fastest][b_max] * 1e3  # requests/s the fastest sustains
         self.rate_lo = 0.01 * capacity
-        n_rate = int(math.ceil(math.log(400.0) / math.log(self.RATE_STEP))) + 2 if arrivals else 1
-        rates = np.concatenate([[0.0], self.rate_lo * self.RATE_STEP ** np.arange(n_rate - 1)])
+        self.n_rate = int(math.ceil(math.log(400.0) / math.log(self.RATE_STEP))) + 2 if arrivals else 1
+        rates = np.concatenate([[0.0], self.rate_lo * self.RATE_STEP ** np.arange(self.n_rate - 1)])
         self._log_slack, self._log_rate = math.log(self.SLACK_STEP), math.log(self.RATE_STEP)
-        self.n_slack, self.n_rate = n_slack, n_rate
-        table = np.full((n_slack, self.depths, n_rate), self.ids.index(self.fastest), np.int32)
-        for d in range(1, self.depths + 1):
-            b = min(d, b_max)
-            for i in reversed(range(len(self.ids))):  # worst first: a better fitting candidate overwrites
-                t = menu.batch_ms(self.ids[i], b)
-                coming = np.floor(rates * t / 1e3 + 0.5).astype(np.int64)
-                need = t + drain(d - b + coming, self.ids[i] if rest_on_same else self.fastest)
-                table[:, d - 1, :][slack[:, None] >= need[None, :]] = i
-        self._table = array("H")
-        self._table.frombytes(table.astype(np.uint16).tobytes())
+        self.words = (len(self.ids) + 63) // 64
+        queue = np.zeros((self.words, self.n_slack, d_max), np.uint64)
+        room = np.zeros((self.words, d_max, self.n_rate, self.n_slack), np.uint64)
+        depth = np.arange(1, d_max + 1)
+        batch = np.minimum(depth, b_max)
+        for i, c in enumerate(self.ids):
+            word, bit = divmod(i, 64)
+            rest = c if rest_on_same else self.fastest
+            t = sizes[c][batch]
+            fits = edges[:, None] >= (t + drain(depth - batch, rest))[None, :]
+            queue[word][fits] |= np.uint64(1 << bit)
+            coming = np.floor(rates[None, :] * t[:, None] / 1e3 + 0.5).astype(np.int64)
+            fits = edges[None, None, :] >= (t[:, None] + drain(coming, rest))[:, :, None]
+            room[word][fits] |= np.uint64(1 << bit)
+        self._queue, self._room = array("Q"), array("Q")
+        self._queue.frombytes(queue.tobytes())
+        self._room.frombytes(room.tobytes())
 
-    def choose(self, slack_ms: float, depth: int, rate: float = 0.0) -> int:
-        """The stitch for a head with `slack_ms` (table ms) left, `depth` requests queued (itself included) and
-        `rate` arrivals per table second."""
+    def _slack_bucket(self, ms: float) -> int:
+        return min(int(math.log(ms / self.lo) / self._log_slack), self.n_slack - 1)
+
+    def choose(self, slack_ms: float, budget_ms: float, depth: int, rate: float = 0.0) -> int:
+        """The stitch for a head with `slack_ms` left of its `budget_ms` (table ms), `depth` requests queued
+        (itself included) and `rate` arrivals per table second."""
         if slack_ms < self.lo:
             return self.fastest
-        i = min(int(math.log(slack_ms / self.lo) / self._log_slack), self.n_slack - 1)
+        i = self._slack_bucket(slack_ms)
+        k = self._slack_bucket(max(budget_ms, slack_ms))
         if rate <= 0.0 or self.n_rate == 1:
             j = 0
         elif rate <= self.rate_lo:
@@ -231,7 +246,12 @@ class SlackTable:
             if j >= self.n_rate:  # arrivals beyond 4x what the fastest sustains: nothing else can keep up
                 return self.fastest
         d = min(max(depth, 1), self.depths) - 1
-        return self.ids[self._table[(i * self.depths + d) * self.n_rate + j]]
+        for w in range(self.words):
+            m = self._queue[(w * self.n_slack + i) * self.depths + d] & \
+                self._room[((w * self.depths + d) * self.n_rate + j) * self.n_slack + k]
+            if m:
+                return self.ids[w * 64 + (m & -m).bit_length() - 1]
+        return self.fastest
 
 
 def finite_positive(value: Any) -> bool:

@@ -233,7 +233,8 @@ class DeadlineScheduler:
             return candidates[0]
         table = self.table(candidates)  # type: ignore[arg-type]
         rate = self.rate(now) * slowdown if self.arrivals_counted else 0.0
-        return table.choose((left_ms - jitter) / slowdown, len(self.queue), rate)
+        budget_ms = (head.deadline - head.arrival) * 1e3 - self.learned.after_ms.value
+        return table.choose((left_ms - jitter) / slowdown, (budget_ms - jitter) / slowdown, len(self.queue), rate)
 
     def rate(self, now: float) -> float:
         """Arrivals per second over the last `window` seconds."""
