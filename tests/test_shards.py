@@ -505,7 +505,7 @@ def test_training_skips_an_unreadable_shard_image_in_one_warning_and_evaluation_
     image in a folder is; evaluation stops on it, naming it (it stopped training mid-epoch with 4 stderr lines)."""
     from test_input_catalogue import bomb_png
 
-    from snnet.data.shards import EvalStream, ShardError, TrainStream, find_split
+    from snnet.data.shards import EvalStream, ShardError, ShardSubset, TrainStream, find_split
     wds = tmp_path / "wds"
     shutil.copytree(demo[1], wds)
     shard = wds / "train-000000.tar"
@@ -524,3 +524,9 @@ def test_training_skips_an_unreadable_shard_image_in_one_warning_and_evaluation_
         assert any(f"sample {name.rsplit('.', 1)[0]!r} of shard {str(shard)!r} {why}" in m for m in skipped), skipped
     with pytest.raises(ShardError, match=f"sample {names[3].rsplit('.', 1)[0]!r} of shard .* cannot be read"):
         list(EvalStream(find_split(str(wds), "train"), 0, 1, 16))
+    caplog.clear()  # the LS init's images from the training shards: skipped the same way
+    with caplog.at_level(logging.WARNING):
+        drawn = [ShardSubset(split, [3, 4, 7])[i] for i in range(3)]  # 3 -> 4; 4; 7 -> 3 -> 4
+    assert all(np.array_equal(np.asarray(img), np.asarray(drawn[1][0])) and label == drawn[1][1]
+               for img, label in drawn)
+    assert sum("skipped training image" in r.getMessage() for r in caplog.records) == 3

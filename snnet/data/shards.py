@@ -325,14 +325,25 @@ class ShardSubset(Dataset):
                 if pos in wanted_set:
                     found[pos] = (where, sample)
         self.samples = [found[int(p)] for p in positions]
-        self.transform = transform
+        self.transform, self.split_root = transform, split.root
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        img, label = decode(self.samples[i][1], self.samples[i][0])
-        return (self.transform(img) if self.transform is not None else img), label
+        """An unreadable image is skipped with one warning naming it and the next sample used, as training skips one
+        (these are the LS init's images, drawn from the training split)."""
+        for k in range(len(self.samples)):
+            where, sample = self.samples[(i + k) % len(self.samples)]
+            try:
+                img, label = decode(sample, where)
+            except UnreadableSample as e:
+                _logger.warning(f"skipped training image {where} ({e.reason}); the next image is used in its place: "
+                                f"remove or replace it and rewrite the shards")
+                continue
+            return (self.transform(img) if self.transform is not None else img), label
+        raise ShardError(f"none of the {len(self.samples)} images drawn from the shards in {self.split_root!r} can be "
+                         f"read; rewrite the shards with snnet shards")
 
 
 def _worker() -> tuple[int, int]:
