@@ -6,4 +6,4 @@ name with a leading underscore is its module's own and is never imported by anot
 
 __all__ = ["adapter", "build", "checkpoint", "cka", "config", "cost", "cut", "distributed", "errors", "fileio",
            "layers", "ls_init", "lstsq", "maps", "model", "options", "plan", "progress", "route_tree", "slurm",
-           "steps"]
+           "steps", "weights"]

@@ -7,6 +7,8 @@ import json
 import math
 import os
 import re
+import statistics
+import sys
 
 from PIL import Image
 from timm.data import dataset_factory
@@ -385,11 +387,58 @@ def check_data(data_options: DataOptions, need_train: bool, world_size: int) -> 
         _check_num_classes(data_options, len(scans[what]), f"{what} folder {train_dir or val_dir!r}")
     if train_dir:
         _check_steps(data_options, sum(scans["train"].values()), f"train folder {train_dir!r}", world_size)
+        warn_small_classes(scans["train"], f"train folder {train_dir!r}")
     # every image the evaluation counts, and a sample of the training images: decodable as 8-bit images
     if val_dir:
         check_image_headers(val_dir, "validation")
     if train_dir:
         check_image_headers(train_dir, "train", per_class=2)
+
+
+#: a class with fewer training images than this share of the median class gets a warning (`small_class_warning`)
+SMALL_CLASS_SHARE = 0.1
+#: set by the launcher once its check has warned, so the ranks it starts do not say it again
+WARNED_ENV = "SNNET_DATA_WARNED"
+
+
+def small_class_warning(counts: dict[str, int], where: str) -> str | None:
+    """One line naming the classes with far fewer images than the others (under SMALL_CLASS_SHARE of the median
+    class's count) and the counts, or None. Not an error: a rare class can be meant, but a class of 1 image beside
+    classes of 120 is more often a stray folder, and training says nothing of it otherwise."""
+    if len(counts) < 2:
+        return None
+    median = statistics.median(counts.values())
+    small = sorted((n, c) for c, n in counts.items() if n < SMALL_CLASS_SHARE * median)
+    if not small:
+        return None
+    named = ", ".join(f"{c!r} has {n}" for n, c in small[:5]) + (f" (and {len(small) - 5} more)" if len(small) > 5
+                                                                   else "")
+    return (f"warning: {where}: {named} image(s), under a tenth of the median class's {median:g} (of {len(counts)} "
+            f"classes): the network will hardly learn {'it' if len(small) == 1 else 'them'}; add images, or move "
+            f"the folder out if it is not meant to be a class")
+
+
+def warn_small_classes(counts: dict[str, int], where: str) -> None:
+    """`small_class_warning`'s line on stderr, once per launch: from rank 0 (or the launcher's check, whose ranks
+    then stay quiet)."""
+    from snnet.core.distributed import world
+    line = small_class_warning(counts, where)
+    if line and not os.environ.get(WARNED_ENV) and world(launched=True)[0] == 0:
+        print(line, file=sys.stderr, flush=True)
+
+
+def warn_small_classes_here(data_options: DataOptions) -> None:
+    """The dry run's warning: when the folder dataset is on this machine, its train folder scanned (no image
+    opened) for `warn_small_classes`; a dataset elsewhere, shards or a layout the run would refuse: nothing here
+    (the dry run resolves a run for any machine; the real run checks the data)."""
+    if data_options.dataset != "":
+        return
+    try:
+        train_dir, _ = resolve_folders(data_options, need_train=True)
+        if train_dir:
+            warn_small_classes(scan_image_folder(train_dir, "train"), f"train folder {train_dir!r}")
+    except SNNetError:
+        return
 
 
 def _hidden(label: str) -> bool:

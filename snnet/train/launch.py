@@ -27,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
         code = preflight([nproc if nproc.isdigit() else "1", *config.training_script_args])
         if code:
             return code
+        from snnet.data.checks import WARNED_ENV
+        os.environ[WARNED_ENV] = "1"  # the check warned about the data once; its ranks need not again
+    # torchrun's 4-line banner about OMP_NUM_THREADS, on every launch, says it sets 1 thread per process when the
+    # variable is unset: set here, the same setting without the banner (a value the user set is kept)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         run(config)
     except ChildFailedError as e:

@@ -35,6 +35,7 @@ from snnet.core.errors import SNNetError, one_line
 from snnet.core.fileio import FolderLock, disk_full_error, is_disk_full, write_text_atomic
 from snnet.core.model import RoutedNet
 from snnet.core.progress import RunClock
+from snnet.data.checks import warn_small_classes_here
 from snnet.data.datasets import class_names_of, create_datasets, data_source, num_classes_of
 from snnet.data.loaders import create_eval_loader, create_train_loader
 from snnet.results.records import EMA_RESULTS_FILE, RESULTS_FILE, ResultsFile, file_sha256, text_sha256
@@ -196,6 +197,7 @@ def start(options: RunOptions, stitch_cfg: StitchConfig | None) -> None:
     args = arguments(options)  # what the printed run reads
     if options.job.dry_run:  # before any process group, weight or image: rank 0 prints the resolved run
         check_recipe(options, stitch_cfg, world(launched=True)[1])  # the checks that need no data, device or file
+        warn_small_classes_here(options.data)  # the data's one warning, when the folder is on this machine
         if world(launched=True)[0] == 0:
             device_type = (options.train.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
             print(to_yaml(describe_run(args, stitch_cfg, world(launched=True)[1], device_type)), end="")

@@ -37,7 +37,8 @@ from snnet.core.config import AnchorSpec, StitchConfig
 from snnet.core.distributed import world
 from snnet.core.errors import SNNetError, UsageError, one_line
 from snnet.core.fileio import lock_holder
-from snnet.data.checks import check_data
+from snnet.core.weights import WeightsUnavailable, check_pretrained
+from snnet.data.checks import WARNED_ENV, check_data
 from snnet.data.options import LoaderOptions
 from snnet.data.transforms import eval_data_config, timm_crop_mode
 from snnet.train.device import device_from_flag
@@ -228,6 +229,7 @@ def check_structure(options: RunOptions, stitch_cfg: StitchConfig | None, anchor
     lacks (`check_cfg_ids`), and a --resume or --initial-checkpoint that does not fit the network (another image
     size, model, config: its keys and shapes, no weight read; the classifier too when the number of classes is
     given)."""
+    check_hub_weights(options, stitch_cfg)
     known = options.network.num_classes or (stitch_cfg.get("num_classes") if stitch_cfg is not None else None)
     net, cfg = build_network(replace(options.network_to_build(), num_classes=known or 1000), stitch_cfg,
                              structure_only=True)
@@ -256,6 +258,33 @@ def check_cfg_ids(options: RunOptions, net) -> None:
     prediction_ids(options.eval.save_predictions, net)
     if not options.job.eval:
         val_panel(options.eval, net)
+
+
+def check_hub_weights(options: RunOptions, stitch_cfg: StitchConfig | None) -> None:
+    """Every model the run loads timm's pretrained weights for (an anchor without a checkpoint unless
+    --no-pretrained, a plain --model with --pretrained, a distillation teacher without --teacher-checkpoint) has
+    them cached here or reachable; else one line naming it, where it looked and the fixes, within seconds
+    (`check_pretrained`), not a minute of download retries in every rank."""
+    network, loss = options.network, options.loss
+    names = []
+    if stitch_cfg is None:
+        if network.model and network.pretrained:
+            names.append(("--model", network.model))
+    elif not network.no_pretrained:
+        names += [(f"anchor {i}", a.name) for i, a in enumerate(stitch_cfg.anchors) if a.checkpoint is None]
+    if loss.distillation_type != "none" and loss.teacher and not loss.teacher_checkpoint and \
+            not loss.no_pretrained and not options.job.eval:
+        names.append(("teacher", loss.teacher))
+    for where, name in names:
+        try:
+            check_pretrained(name, where)
+        except WeightsUnavailable as e:
+            if not options.job.dry_run:
+                raise
+            # a dry run resolves a run for any machine (another may have the weights): said once, not refused
+            if not os.environ.get(WARNED_ENV) and world(launched=True)[0] == 0:
+                print(f"warning: here the run would be refused: {one_line(e)}", file=sys.stderr, flush=True)
+            return
 
 
 def check_sampling(options: RunOptions, net, cfg: StitchConfig) -> None:
@@ -316,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         options = RunOptions.from_values(vars(args))  # as train.py's main types them
         if not options.job.dry_run:
             check_run(options, stitch_cfg, int(argv[0]), anchor_checkpoints=True)
+        else:  # the dry run checks the rest in its ranks; weights not loadable here are said once, before they start
+            check_hub_weights(options, stitch_cfg)
     except SNNetError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return e.exit_code

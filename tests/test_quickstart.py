@@ -1,0 +1,187 @@
+"""snnet quickstart (issue 53): the data it reads and splits, the choices it prints, the whole run on a tiny generated
+folder (docs/own_data.md's first command) and its resume; the refusal of pretrained weights that are neither cached
+nor reachable; the warning about a class with far fewer images than the others."""
+import argparse
+import importlib.util
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import ROOT, run
+
+from snnet.core.weights import WeightsUnavailable, check_pretrained
+from snnet.data.checks import small_class_warning
+from snnet.quickstart import DataSummary, plan, read_data
+
+MARK = "<!-- example runs in: tests/test_quickstart.py::test_quickstart_guide_runs -->"
+
+
+def _shapes():
+    spec = importlib.util.spec_from_file_location("shapes_data", Path(ROOT) / "benchmarks" / "shapes_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _args(**kw):
+    base = dict(img_size=None, anchors=None, no_pretrained=False, widths=None, anchor_epochs=None,
+                snnet_epochs=None, batch=None, nproc=None)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_a_flat_folder_is_split_per_class_and_kept(tmp_path):
+    data = _shapes().write(tmp_path / "mine", ["circle", "square", "ring"], 8, 2, size=16, flat=True)
+    summary = read_data(data, tmp_path / "out")
+    assert summary.split_made and summary.root == tmp_path / "out" / "data"
+    assert summary.train == {"circle": 8, "ring": 8, "square": 8} and summary.val == {"circle": 2, "ring": 2,
+                                                                                      "square": 2}
+    assert summary.side == 16
+    again = read_data(data, tmp_path / "out")  # a resumed run reads the same split
+    assert again.train == summary.train and sorted((tmp_path / "out/data/val/ring").iterdir()) == \
+        sorted((tmp_path / "out/data/val/ring").iterdir())
+
+
+@pytest.mark.parametrize("layout, needle", [("file", "is not a folder"), ("empty", "no class sub-folders"),
+                                            ("train-only", "has train/ but no val/")])
+def test_bad_data_is_one_line(tmp_path, layout, needle):
+    from snnet.core.errors import UsageError
+    data = tmp_path / "d"
+    if layout == "file":
+        data.write_text("x")
+    elif layout == "empty":
+        data.mkdir()
+    else:
+        (data / "train" / "a").mkdir(parents=True)
+    with pytest.raises(UsageError, match=re.escape(needle)):
+        read_data(data, tmp_path / "out")
+
+
+def test_the_plan_says_each_choice_and_its_flag():
+    summary = DataSummary(Path("d"), {c: 240 for c in "abcde"}, {c: 60 for c in "abcde"}, 64)
+    p = plan(summary, _args(nproc=2))
+    assert p.img_size == 32 and [a[0] for a in p.anchors] == ["c16", "c24", "c32"]
+    assert p.anchors[2][2] == {"channels": [32, 64, 128, 256], "stem_width": 32} and not p.pretrained
+    assert p.anchor_epochs == 28  # 1200 images / 32 = 37 steps an epoch, >= 1000 steps
+    text = "\n".join(p.lines)
+    for flag in ("--img-size", "--widths", "--anchors", "--anchor-epochs", "--snnet-epochs", "--nproc"):
+        assert flag in text, flag
+    tiny = plan(DataSummary(Path("d"), {"a": 12, "b": 12}, {"a": 4, "b": 4}, 16), _args(nproc=1))
+    assert tiny.img_size == 16 and tiny.anchor_epochs == 60  # few images: the most epochs
+    fine = plan(summary, _args(anchors=["resnet18.a1_in1k", "resnet50.a1_in1k"], nproc=1))
+    assert fine.pretrained and [a[1] for a in fine.anchors] == ["resnet18.a1_in1k", "resnet50.a1_in1k"]
+
+
+@pytest.mark.slow
+@pytest.mark.dist  # two anchors in parallel, then distributed_train.sh (one rank), then the evaluation
+def test_quickstart_guide_runs(tmp_path, capsys):
+    """docs/own_data.md's quickstart command on a generated folder of 3 classes (12 images each at 16 px, split
+    here), with what only the test adds: the tiny widths 4 8, 16 px, 1 epoch each, batch 4, one SN-Net process.
+    Then the same command again: every step is reused, nothing is trained."""
+    from helpers import run_cli
+    text = (Path(ROOT) / "docs" / "own_data.md").read_text()
+    block = re.search(re.escape(MARK) + r"\n```bash\n(?P<body>.*?)^```\n", text, re.M | re.S)
+    assert block is not None, "docs/own_data.md has no quickstart block marked for this test"
+    command = [ln for ln in block["body"].splitlines() if ln.strip() and not ln.startswith("#")][0]
+    argv = re.sub(r"\s+#.*$", "", command).split()
+    assert argv[:2] == ["snnet", "quickstart"], command
+    _shapes().write(tmp_path / "data" / "mine", ["circle", "square", "ring"], 10, 2, size=16, flat=True)
+    os.chdir(tmp_path)  # the guide's relative paths
+    try:
+        extra = ["--widths", "4", "8", "--img-size", "16", "--anchor-epochs", "1", "--snnet-epochs", "1", "--batch",
+                 "4", "--nproc", "1"]
+        rc, out, err = run_cli(capsys, *argv[1:], *extra)
+        assert rc == 0, out[-3000:] + err
+        out_dir = tmp_path / argv[argv.index("--out") + 1]
+        results = out_dir / "results"
+        for f in ("stitches_res.txt", "pareto_flops.png", "pareto_flops.md", "report.html", "snnet.pth.tar"):
+            assert (results / f).is_file(), f
+        records = [json.loads(ln) for ln in (results / "stitches_res.txt").read_text().splitlines()]
+        assert [r["route"] for r in records[:2]] == ["c4", "c8"] and len(records) > 2
+        for what in ("image size: 16 px", "anchors: 2 small CNNs", "change: --widths", "ETA", "[snnet] done in",
+                     "quickstart finished in", "report.html in a browser"):
+            assert what in out, what
+        rc, out, err = run_cli(capsys, *argv[1:], *extra)  # again: resumed, nothing redone
+        assert rc == 0, err
+        assert out.count("reusing") == 4 and "$ " not in out, out  # 2 anchors, SN-Net, evaluation
+    finally:
+        os.chdir(ROOT)
+
+
+def _fake_cache(cache: Path, repo: str, filename: str = "model.safetensors") -> None:
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("abc")
+    (folder / "snapshots" / "abc").mkdir(parents=True)
+    (folder / "snapshots" / "abc" / filename).write_bytes(b"x")
+
+
+def test_pretrained_weights_cached_unreachable_or_offline(tmp_path, monkeypatch):
+    """Cached: accepted without a connection. Not cached: HF_HUB_OFFLINE refuses at once; otherwise one connection
+    attempt (here to a closed local port) decides, and the line names the model, the cache, and the three fixes."""
+    import huggingface_hub.constants as hf
+
+    from snnet.core import weights
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hf, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    weights._REACHED.clear()
+    t0 = time.perf_counter()
+    with pytest.raises(WeightsUnavailable) as e:
+        check_pretrained("deit_tiny_patch16_224", "anchor 0")
+    assert time.perf_counter() - t0 < weights.CONNECT_SECONDS + 2
+    line = str(e.value)
+    for needle in ("anchor 0 'deit_tiny_patch16_224'", str(tmp_path / "hub"), "127.0.0.1: no connection",
+                   "\"checkpoint\"", "timm.create_model('deit_tiny_patch16_224', pretrained=True)", "--no-pretrained"):
+        assert needle in line, needle
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsUnavailable, match="HF_HUB_OFFLINE is set"):
+        check_pretrained("deit_tiny_patch16_224", "anchor 0")
+    _fake_cache(tmp_path / "hub", "timm/deit_tiny_patch16_224.fb_in1k")
+    check_pretrained("deit_tiny_patch16_224", "anchor 0")  # cached: no connection needed
+
+
+@pytest.mark.slow  # the launcher's check in a forked process: ~10 s with timm's model registry
+def test_an_unreachable_pretrained_anchor_is_refused_before_torchrun(tmp_path):
+    """distributed_train.sh with a DeiT-Ti/S config and no weights anywhere: one line, exit 2, in seconds, before
+    torchrun starts; the dry run says the same line once as a warning (it resolves a run for any machine)."""
+    from test_docs import _pets
+    _pets(tmp_path / "pets")
+    cfg = tmp_path / "pets_stitch.json"
+    cfg.write_text(json.dumps({"anchors": ["deit_tiny_patch16_224", "deit_small_patch16_224"], "input_size": 224}))
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "TORCH_HOME": str(tmp_path / "torch")}
+    for extra in ([], ["--dry-run"]):
+        t0 = time.perf_counter()
+        done = run(["./distributed_train.sh", "2", tmp_path / "pets", "--stitch_config", cfg, "-b", "8", "--output",
+                    tmp_path / "out", *extra], env=env, timeout=120)
+        took = time.perf_counter() - t0
+        lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+        # the real run: refused; the dry run (a run resolved for any machine): said once as a warning
+        assert done.returncode == (0 if extra else 2) and len(lines) == 1, done.stderr
+        assert lines[0].startswith("warning: here the run would be refused: " if extra else "error: "), lines[0]
+        assert "anchor 0 'deit_tiny_patch16_224'" in lines[0] and "--no-pretrained" in lines[0], lines[0]
+        assert "HF_HUB_OFFLINE is set" in lines[0] and lines[0].rstrip().endswith("random weights"), lines[0]
+        assert "OMP_NUM_THREADS" not in done.stdout + done.stderr and took < 30, took
+
+
+def test_a_class_far_below_the_others_is_named():
+    line = small_class_warning({"cat": 120, "dog": 118, "fox": 1}, "train folder 'd/train'")
+    assert line is not None and "'fox' has 1" in line and "median class's 118" in line and "\n" not in line
+    assert small_class_warning({"cat": 120, "dog": 118, "fox": 12}, "x") is None  # a tenth: not flagged
+    assert small_class_warning({"cat": 5}, "x") is None
+
+
+def test_the_small_class_warning_shows_in_the_dry_run(tmp_path):
+    from test_docs import _pets
+    _pets(tmp_path / "pets")
+    for f in sorted((tmp_path / "pets" / "train" / "fox").iterdir())[1:]:
+        f.unlink()
+    done = run([sys.executable, "train.py", tmp_path / "pets", "--model",
+                "resnet18", "--img-size", "16", "--dry-run"])
+    assert done.returncode == 0, done.stderr
+    warnings = [ln for ln in done.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "'fox' has 1 image(s)" in warnings[0] and "median class's 12" in warnings[0]
