@@ -4,13 +4,13 @@
     snnet pareto RESULTS... [--out DIR] [--by flops|params|latency] [--anchors N] [--baselines]
     snnet report RESULTS... --out report.html [--by flops|params|latency] [--anchors N] [--title T] [--baselines]
     snnet select RESULTS --max-flops 5G | --max-params 20M | --max-latency-ms 3 | --min-acc 78
-    snnet export CKPT --stitch_config CFG --cfg-id N --out DIR [--img-size S]
-    snnet latency CKPT --stitch_config CFG [--batch 1 --batch 32] [--warmup 5 --repeats 20] [--results FILE]
+    snnet export CKPT --cfg-id N --out DIR [--stitch_config CFG] [--img-size S]
+    snnet latency CKPT [--stitch_config CFG] [--batch 1 --batch 32] [--warmup 5 --repeats 20] [--results FILE]
     snnet similarity --anchors A B | --stitch_config CFG --data DIR --out DIR [--batches N] [--img-size S]
     snnet search --anchors A B C | --stitch_config CFG --data DIR --out DIR [--score cka|ls|kl] [--threshold 0.9]
     snnet stitch-train --sweep SWEEP.yaml [--out DIR] | DATA --front A --end B --cut I [--gap G] --out DIR
     snnet shards FOLDER OUT --shard-size N
-    snnet serve CKPT --stitch_config CFG --results stitches_res.txt [--host 127.0.0.1 --port 8000]
+    snnet serve CKPT --results stitches_res.txt [--stitch_config CFG] [--host 127.0.0.1 --port 8000]
 
 A bad input (a foreign or empty results file, a budget no stitch meets, a cfg_id the checkpoint lacks, a missing
 file, an unparseable number) ends with one line on stderr naming the value and the fix, exit code 2, and no
@@ -515,9 +515,9 @@ def _quickstart_parser(sub) -> None:
                         "weights are on this machine)")
     q.add_argument("--no-pretrained", action="store_true", help="with --anchors: random weights")
     q.add_argument("--widths", nargs="+", type=_positive_int, metavar="W", default=None,
-                   help="widths of the CNN anchors, smallest first (default 16 24 32)")
+                   help="widths of the CNN anchors, smallest first (default 8 16 24)")
     q.add_argument("--img-size", type=_positive_int, default=None, metavar="S",
-                   help="image side the anchors see (default: 32, smaller images their size)")
+                   help="image side the anchors see (default: 64, smaller images 32 or their size)")
     q.add_argument("--anchor-epochs", type=_positive_int, default=None, metavar="N")
     q.add_argument("--snnet-epochs", type=_positive_int, default=None, metavar="N")
     q.add_argument("--batch", type=_positive_int, default=None, metavar="B", help="batch per process (default 32)")

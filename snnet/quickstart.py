@@ -44,12 +44,12 @@ from snnet.demo import (
     train_anchor,
     train_snnet,
 )
-from snnet.results.records import RESULTS_FILE
+from snnet.results.records import RESULTS_FILE, file_sha256, read_results
 
 #: the anchors quickstart trains from scratch: ResNet-18's layout (2 basic blocks in each of 4 stages) at widths
 #: w, 2w, 4w, 8w; labels c<w>
 FAMILY = "resnet18"
-WIDTHS = (16, 24, 32)
+WIDTHS = (8, 16, 24)
 VAL_SHARE = 0.2  # a folder without train/ and val/ is split so (per class, by file name, seeded)
 MIN_STEPS = 1000  # optimizer steps each anchor gets at least (few images: more epochs), within the epoch bounds
 EPOCHS = (20, 60)
@@ -162,12 +162,12 @@ def plan(summary: DataSummary, args: argparse.Namespace) -> Plan:
     if args.img_size:
         img_size, why = args.img_size, "--img-size"
     else:
-        img_size = 32 if side >= 32 else max(16, side // 8 * 8)
-        why = (f"your images' median side is {side} px; small anchors learn these classes at 32 px in minutes on a "
-               f"CPU" if side >= 32 else f"your images' median side is {side} px")
+        img_size = 64 if side >= 64 else 32 if side >= 32 else max(16, side // 8 * 8)
+        why = (f"your images' median side is {side} px; up to 64 px: ResNet's stem divides the side by 4 at once, "
+               f"and 64 px learned faster than 32 px at the same cost per epoch (docs/own_data.md)")
     lines.append(f"image size: {img_size} px ({why}; change: --img-size)")
     if args.anchors:
-        anchors = [(name.split(".")[0].replace("_", "-"), name, {}) for name in args.anchors]
+        anchors: list[tuple[str, str, dict]] = [(name.split(".")[0], name, {}) for name in args.anchors]
         labels = [a[0] for a in anchors]
         if len(set(labels)) < len(labels):
             anchors = [(f"a{i}", name, {}) for i, (_, name, _) in enumerate(anchors)]
@@ -204,8 +204,8 @@ def _recipes(p: Plan, seed: int) -> tuple[list[str], list[str], list[str], list[
               "--scale", "0.8", "1", "--smoothing", "0.1", "-j", "0", "--seed", str(seed), "--log-interval", "10"]
     if not p.pretrained:
         common.append("--no-pretrained")
-    anchor = ["--lr", "2e-3", "--warmup-epochs", "1" if p.anchor_epochs > 1 else "0"]
-    snnet = ["--lr", "1e-3", "--anchor-lr-scale", "1", "--warmup-epochs", "1" if p.snnet_epochs > 1 else "0"]
+    anchor = ["--lr", "5e-3", "--warmup-epochs", "1" if p.anchor_epochs > 1 else "0"]
+    snnet = ["--lr", "5e-4", "--anchor-lr-scale", "1", "--warmup-epochs", "1" if p.snnet_epochs > 1 else "0"]
     return anchor, snnet, common, ["--img-size", str(p.img_size), "-b", str(p.batch), "-j", "0"]
 
 
@@ -218,6 +218,14 @@ def stitch_config(out: Path, p: Plan, classes: int) -> Path:
     path = out / "stitch_config.json"
     write_text_atomic(path, json.dumps(cfg, indent=1) + "\n")
     return path
+
+
+def _evaluated(results: Path, weights: Path) -> bool:
+    """Whether `results` holds every stitch evaluated from exactly these weights (its checkpoint_sha256)."""
+    if not results.exists():
+        return False
+    records, sha = read_results(results), file_sha256(weights)
+    return bool(records) and all(r.get("checkpoint_sha256") == sha for r in records)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -235,25 +243,27 @@ def main(args: argparse.Namespace) -> int:
     for line in p.lines:
         print(line, flush=True)
     anchor_flags, snnet_flags, common, eval_flags = _recipes(p, args.seed)
-    steps = len(p.anchors) + 2
 
     def train(anchor: tuple[str, str, dict]) -> None:
         label, model, kwargs = anchor
         train_anchor(out, summary_.root, f"anchor_{label}", model, kwargs, p.anchor_epochs, args.fresh, args.seed,
                      anchor_flags, common, resume=True)
 
-    print(f"[1/{steps - 1}] anchors: training {len(p.anchors)} two at a time (largest first)", flush=True)
+    print(f"[1/3] anchors: training {len(p.anchors)} two at a time (largest first)", flush=True)
     with ThreadPoolExecutor(max_workers=min(2, p.nproc)) as pool:
         list(pool.map(train, p.anchors[::-1]))
     config = stitch_config(out, p, summary_.classes)
-    print(f"[2/{steps - 1}] SN-Net: {config}", flush=True)
+    print(f"[2/3] SN-Net: {config}", flush=True)
     run_dir = train_snnet(out, summary_.root, config, "snnet", p.snnet_epochs, [], args.seed, snnet_flags, common,
                           p.nproc, resume=not args.fresh)
-    print(f"[3/{steps - 1}] every stitch evaluated from the saved SN-Net; front, baselines, report", flush=True)
+    print("[3/3] every stitch evaluated from the saved SN-Net; front, baselines, report", flush=True)
     results = out / "results"
     weights = results / WEIGHTS_FILE
     save_weights(run_dir / "last.pth.tar", weights)
-    copy_results(evaluate_weights(out, summary_.root, weights, config, eval_flags), results / RESULTS_FILE)
+    if _evaluated(results / RESULTS_FILE, weights):
+        print(f"[snnet_eval] reusing {results / RESULTS_FILE} (evaluated from these weights)", flush=True)
+    else:
+        copy_results(evaluate_weights(out, summary_.root, weights, config, eval_flags), results / RESULTS_FILE)
     title = f"SN-Net on {data.name}: {', '.join(a[0] for a in p.anchors)}"
     files = [weights, *report(results, [results / RESULTS_FILE], title, p.img_size)]
     for line in summary([results / RESULTS_FILE]):

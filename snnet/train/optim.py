@@ -141,7 +141,8 @@ def fit_warmup(warmup_epochs: int, epochs: int, typed: bool) -> tuple[int, str |
     if typed:
         raise UsageError(f"--warmup-epochs {warmup_epochs} is not shorter than --epochs {epochs}: the run would end "
                          f"before its LR is reached; give --warmup-epochs below {epochs} (0 for none)")
-    return 0, (f"warm-up: {warmup_epochs} epochs (not typed: timm's default or the config's) is not shorter than the "
+    return 0, (f"warm-up: {warmup_epochs} epochs (from the stitch config, a -c file or timm's default; not typed) is "
+               f"not shorter than the "
                f"run's {epochs} epochs, so this run has none and starts at its LR; --warmup-epochs N below {epochs} "
                f"sets one")
 

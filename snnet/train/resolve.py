@@ -121,11 +121,13 @@ def _drop_path(anchor) -> dict[str, Any]:
     return {"per_block": rates, "max": max(rates, default=0.0)}
 
 
-def _anchor_entry(spec, anchor, schedule: str) -> dict[str, Any]:
+def _anchor_entry(spec, anchor, schedule: str, random: bool = False) -> dict[str, Any]:
+    """One anchor of the dry run; `random`: --no-pretrained (an anchor without a checkpoint starts from random
+    weights, not timm's pretrained ones, whatever the plain --model flag --pretrained says)."""
     cfg = pretrained_cfg(spec.name)
     data = resolve_data_config({}, pretrained_cfg=cfg) if cfg else {}
-    return {"name": spec.name, "weights": spec.checkpoint or (f"timm pretrained, tag {cfg.get('tag') or '(default)'}"
-                                                              if cfg else "timm, no pretrained config"),
+    hub = f"timm pretrained, tag {cfg.get('tag') or '(default)'}" if cfg else "timm, no pretrained config"
+    return {"name": spec.name, "weights": spec.checkpoint or ("random (--no-pretrained)" if random else hub),
             "params": sum(p.numel() for p in anchor.parameters()),
             "drop_path": {"schedule": schedule, **_drop_path(anchor)},
             "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}}
@@ -211,7 +213,8 @@ def describe_network(args: argparse.Namespace, stitch_cfg: StitchConfig | None, 
         "stitching_layers": _stitching_layers(net),
         "final_norm_on_stitched_routes": not net.skip_final_norm if hasattr(net, "skip_final_norm") else None,
         "anchor_parameters": anchors,
-        "anchors": [_anchor_entry(spec_, net.anchor(i), stitch_cfg.get("drop_path_schedule"))
+        "anchors": [_anchor_entry(spec_, net.anchor(i), stitch_cfg.get("drop_path_schedule"),
+                                  bool(getattr(args, "no_pretrained", False)))
                     for i, spec_ in enumerate(stitch_cfg.anchors)],
         "ls_init": _ls_init(args, stitch_cfg, amp_dtype),
     }
