@@ -56,6 +56,9 @@ def walk(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
         if room in ENTRY:
             caller = frame.f_back
             while caller is not None and not ours(caller.f_code.co_filename):
+                if caller.f_code.co_filename == me:  # the walk's own call of main: where the path starts, whoever
+                    caller = None                    # called the walk (a test, another tool)
+                    break
                 caller = caller.f_back  # through library frames (functools, dataclasses) to our caller
             if caller is not None:
                 where = caller.f_code.co_filename[len(prefix):]
