@@ -30,8 +30,9 @@ Systems: **switch** (the SN-Net's front, `snnet serve`'s planner); every **fixed
 chosen on the *tuning* traces (seeds 0..9) and judged on the evaluation traces; **anchors** (the anchors alone,
 the same planner: INFaaS-style model switching); digits also the **anchor cascade** and the **SN-Net cascade**
 (run the cheap stage, escalate an unsure answer when its deadline allows; thresholds from the demo's predictions,
-as serve_load). The planner's one knob (counting the arrivals a batch holds up) is chosen on the tuning traces too,
-and its effect reported on the evaluation traces.
+as serve_live's plan). The planner's rule (its two knobs: counting the arrivals a batch holds up, and running the
+queue behind the head on the same stitch or on the fastest) is chosen on the tuning traces too, over both networks,
+and the other rules are reported beside it on the evaluation traces.
 
 Per setting: switching minus each alternative, the paired mean over the evaluation traces with its 95 % interval
 (t). Evaluation traces are seeds `--seed-offset` + 0..`--traces`-1 (pass an offset nobody chose).
@@ -82,8 +83,11 @@ ARRIVALS = ("poisson", "gamma4", "gamma8", "onoff")
 LOADS = (0.5, 1.0, 1.5, 2.0, 3.0)
 SLO_FACTOR = 3.0
 TUNING_SEEDS = range(10)
-#: the planner's rule with one part changed (snnet/serve/policy.py `SlackTable`): not alternatives, its knobs
-VARIANTS = ("switch, no arrivals term", "switch, rest on fastest")
+#: the planner's rules (snnet/serve/policy.py `SlackTable`): its two knobs on and off; the one that scores best on
+#: the tuning traces is "switch" on the evaluation traces, the others are shown beside it (not alternatives)
+RULES = {"switch, arrivals, rest on same": {}, "switch, arrivals, rest on fastest": {"rest_on_same": False},
+         "switch, no arrivals, rest on same": {"arrivals": False},
+         "switch, no arrivals, rest on fastest": {"arrivals": False, "rest_on_same": False}}
 T975 = {9: 2.262, 19: 2.093, 29: 2.045, 39: 2.023, 49: 2.010}
 
 
@@ -175,7 +179,7 @@ def _decode(body: str, tf) -> torch.Tensor:
     return tf(Image.open(io.BytesIO(base64.b64decode(req["image"]))).convert("RGB"))
 
 
-def calibrate(out: Path, quick: bool) -> None:
+def calibrate(out: Path, quick: bool, note: str = "") -> None:
     """Measure on one core with one thread: where benchmarks/serve_live.py runs its servers (the load generator on
     the other core), so that the live validation checks the replay on the machine it was calibrated on."""
     t_start = time.time()
@@ -221,6 +225,7 @@ def calibrate(out: Path, quick: bool) -> None:
                           "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
                           "torch": torch.__version__, "load_average_after": round(os.getloadavg()[0], 2),
                           "command": "benchmarks/serve_replay.py --calibrate" + (" --quick" if quick else ""),
+                          "cores": sorted(os.sched_getaffinity(0)), "note": note,
                           "seconds": round(time.time() - t_start)},
              "nets": nets}
     write_text_atomic(out, json.dumps(saved, indent=1) + "\n")
@@ -361,11 +366,9 @@ def replay(net: Calibrated, system: dict[str, Any], times: np.ndarray, draws: np
 
 def systems(net: Calibrated) -> dict[str, dict[str, Any]]:
     front = net.menu.front()
-    out: dict[str, dict[str, Any]] = {"switch": {"stages": [front]},
-                                      "switch, no arrivals term": {"stages": [front], "arrivals": False},
-                                      "switch, rest on fastest": {"stages": [front], "rest_on_same": False},
-                                      "anchors": {"stages": [[c for c in front if c in net.anchors] or
-                                                             [net.largest]]}}
+    out: dict[str, dict[str, Any]] = {r: {"stages": [front], **knobs} for r, knobs in RULES.items()}
+    out["switch"] = out["switch, arrivals, rest on same"]  # the server's defaults
+    out["anchors"] = {"stages": [[c for c in front if c in net.anchors] or [net.largest]]}
     for name, cas in net.cascades.items():
         out[name] = {"stages": [[c] for c in cas["chain"]], "thresholds": cas["thresholds"]}
     for c in sorted(net.menu.by_id):
@@ -388,6 +391,19 @@ def _run_one(job: tuple[str, dict[str, Any], str, str, float, int, int]) -> tupl
 _NETS: dict[str, Calibrated] = {}
 
 
+def _tagged(pool, jobs: list[tuple], what: str, t_start: float) -> dict[tuple[str, str, str, float, int], dict]:
+    """Run `jobs` on the pool: {(network, system, arrivals, load, seed): its replay}, with progress and an ETA."""
+    got = {}
+    t0 = time.time()
+    for i, (s, k, ld, seed, res) in enumerate(pool.imap_unordered(_run_one, jobs, chunksize=4)):
+        got[jobs[0][0], s, k, ld, seed] = res
+        if (i + 1) % max(1, len(jobs) // 5) == 0:
+            left = (time.time() - t0) / (i + 1) * (len(jobs) - i - 1)
+            print(f"{what}: {i + 1}/{len(jobs)} runs, {time.time() - t_start:.0f} s, ~{left:.0f} s left",
+                  file=sys.stderr, flush=True)
+    return got
+
+
 def interval(diffs: list[float]) -> tuple[float, float]:
     m = statistics.fmean(diffs)
     if len(diffs) < 2:
@@ -398,6 +414,7 @@ def interval(diffs: list[float]) -> tuple[float, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--calibrate", action="store_true", help="measure this machine into --calibration, then stop")
+    p.add_argument("--note", default="", help="with --calibrate: how the machine was kept quiet, stored with it")
     p.add_argument("--calibration", type=Path, default=CALIBRATION, help="the calibration file (default: committed)")
     p.add_argument("--seed-offset", type=int, default=1000, help="the evaluation traces' first seed (tuning: 0..9)")
     p.add_argument("--traces", type=int, default=30, help="evaluation traces per setting (default 30)")
@@ -407,7 +424,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: every core)")
     args = p.parse_args()
     if args.calibrate:
-        calibrate(args.calibration, args.quick)
+        calibrate(args.calibration, args.quick, args.note)
         return
     if args.seed_offset < len(TUNING_SEEDS):
         p.error(f"--seed-offset {args.seed_offset} overlaps the tuning seeds 0..{len(TUNING_SEEDS) - 1}; "
@@ -421,46 +438,43 @@ def main() -> None:
              f"--requests {args.requests}" + (" --quick" if args.quick else ""),
              f"calibration: {args.calibration.name} ({json.dumps(saved['measured'])})", ""]
     behind = ahead_deit = settings_deit = 0
+    settings = [(k, ld) for k in ARRIVALS for ld in loads]
+    nets = {name: Calibrated(name, saved["nets"][name]) for name in args.nets}
+
     with multiprocessing.get_context("fork").Pool(args.workers) as pool:
-        for name in args.nets:
-            cal = saved["nets"][name]
-            net = Calibrated(name, cal)
+        # 1. tuning traces: every system of every network: the best fixed stitch per setting and the rule
+        tuned: dict[tuple[str, str, str, float], list[float]] = {}
+        for name, net in nets.items():
+            jobs = [(name, saved["nets"][name], s, k, ld, seed, args.requests) for k, ld in settings
+                    for s in systems(net) if s != "switch" for seed in tuning]
+            for (_, s, k, ld, _), res in _tagged(pool, jobs, f"{name} tuning", t_start).items():
+                tuned.setdefault((name, s, k, ld), []).append(res["effacc"])
+        mean = {key: statistics.fmean(v) for key, v in tuned.items()}
+        rule_score = {r: statistics.fmean(mean[n, r, k, ld] for n in nets for k, ld in settings) for r in RULES}
+        chosen = max(RULES, key=lambda r: rule_score[r])
+        others = [r for r in RULES if r != chosen]
+        # 2. evaluation traces: the chosen rule ("switch"), the others, the best fixed, the rest
+        for name, net in nets.items():
             names = list(systems(net))
             fixed = [s for s in names if s.startswith("fixed")]
-            settings = [(k, ld) for k in ARRIVALS for ld in loads]
-            # 1. tuning traces: every system, to choose the best fixed stitch per setting and the knob
-            jobs = [(name, cal, s, k, ld, seed, args.requests) for k, ld in settings for s in names for seed in tuning]
-            tuned: dict[tuple[str, str, float], list[float]] = {}
-            for i, (s, k, ld, _, res) in enumerate(pool.imap_unordered(_run_one, jobs, chunksize=4)):
-                tuned.setdefault((s, k, ld), []).append(res["effacc"])
-                if (i + 1) % max(1, len(jobs) // 10) == 0:
-                    el = time.time() - t_start
-                    print(f"{name} tuning: {i + 1}/{len(jobs)} runs, {el:.0f} s", file=sys.stderr, flush=True)
-            mean = {key: statistics.fmean(v) for key, v in tuned.items()}
-            knobs = {v: statistics.fmean(mean["switch", k, ld] - mean[v, k, ld] for k, ld in settings)
-                     for v in VARIANTS}
-            best_fixed = {(k, ld): max(fixed, key=lambda s: mean[s, k, ld]) for k, ld in settings}
-            # 2. evaluation traces: switching, the knob's other setting, the chosen fixed stitch, the rest
-            judged = ["switch", *VARIANTS, "anchors", *net.cascades]
-            jobs = [(name, cal, s, k, ld, seed, args.requests) for k, ld in settings
+            best_fixed = {(k, ld): max(fixed, key=lambda s: mean[name, s, k, ld]) for k, ld in settings}
+            judged = [*RULES, "anchors", *net.cascades]
+            jobs = [(name, saved["nets"][name], s, k, ld, seed, args.requests) for k, ld in settings
                     for s in [*judged, best_fixed[k, ld]] for seed in evaluation]
-            got: dict[tuple[str, str, float, int], dict[str, float]] = {}
-            for i, (s, k, ld, seed, res) in enumerate(pool.imap_unordered(_run_one, jobs, chunksize=4)):
-                got[s, k, ld, seed] = res
-                if (i + 1) % max(1, len(jobs) // 10) == 0:
-                    el = time.time() - t_start
-                    print(f"{name} evaluation: {i + 1}/{len(jobs)} runs, {el:.0f} s", file=sys.stderr, flush=True)
+            got = {(s, k, ld, seed): res for (_, s, k, ld, seed), res in
+                   _tagged(pool, jobs, f"{name} evaluation", t_start).items()}
             alts = ["best fixed", "anchors", *net.cascades]
             lines += [f"## {name}: {len(net.menu.records)} served stitches ({len(net.menu.front())} on the latency "
                       f"front), SLO {net.slo_ms:.1f} ms, 1x = {net.capacity:.1f} req/s (the largest anchor, cfg "
                       f"{net.largest}, at batch 1), batches of up to {MAX_BATCH}",
-                      f"tuning (seeds {tuning.start}..{tuning.stop - 1}): switch minus each variant of its rule, "
-                      "mean over settings: " + ", ".join(f"{v[8:]} {d:+.2f}" for v, d in knobs.items()),
+                      f"tuning (seeds {tuning.start}..{tuning.stop - 1}, both networks): the rule "
+                      f"'{chosen}' scored best ({rule_score[chosen]:.2f} mean effective accuracy; "
+                      + ", ".join(f"'{r}' {rule_score[r]:.2f}" for r in others) + "); 'switch' below is that rule",
                       "", "| arrivals | load | switch | attain | " + " | ".join(f"switch - {a}" for a in alts) +
-                      " | " + " | ".join(f"switch - {v[8:]}" for v in VARIANTS) + " | best fixed (tuning) |",
-                      "|---|---:|---:|---:|" + "---:|" * (len(alts) + len(VARIANTS)) + "---|"]
+                      " | " + " | ".join(f"switch - '{r}'" for r in others) + " | best fixed (tuning) |",
+                      "|---|---:|---:|---:|" + "---:|" * (len(alts) + len(others)) + "---|"]
             for k, ld in settings:
-                sw = [got["switch", k, ld, s]["effacc"] for s in evaluation]
+                sw = [got[chosen, k, ld, s]["effacc"] for s in evaluation]
                 cells, diffs = [], []
                 for a in alts:
                     key = best_fixed[k, ld] if a == "best fixed" else a
@@ -468,9 +482,9 @@ def main() -> None:
                     cells.append(f"{d:+.2f} ± {h:.2f}")
                     diffs.append((d, h))
                 behind += any(d + h < 0 for d, h in diffs)
-                variants = [interval([x - got[v, k, ld, s]["effacc"] for x, s in zip(sw, evaluation)])
-                            for v in VARIANTS]
-                attain = statistics.fmean(got["switch", k, ld, s]["attain"] for s in evaluation)
+                variants = [interval([x - got[r, k, ld, s]["effacc"] for x, s in zip(sw, evaluation)])
+                            for r in others]
+                attain = statistics.fmean(got[chosen, k, ld, s]["attain"] for s in evaluation)
                 lines.append(f"| {k} | {ld:g}x | {statistics.fmean(sw):.2f} | {100 * attain:.1f}% | "
                              + " | ".join(cells + [f"{d:+.2f} ± {h:.2f}" for d, h in variants])
                              + f" | {best_fixed[k, ld]} |")

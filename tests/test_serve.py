@@ -268,7 +268,7 @@ def test_a_request_without_a_latency_budget_gets_selects_stitch_whoever_it_is_ba
     urgent, free = pending([1, 2, 0], 1.5), Pending(torch.zeros(1), [1], 100.0)  # no deadline: select's stitch 1
     queue(s, [free, urgent])
     cfg_id, batch = s.take(100.0)
-    assert cfg_id == 0 and batch == [urgent] and s.queue[0][1] is free
+    assert cfg_id == 0 and batch == [urgent] and s.queue[0][2] is free
     assert s.take(100.01) == (1, [free])
     # a top-1 tie is select's (fewer FLOPs) whatever the measured speeds: both stay on the front
     tie = RECORDS + [{"cfg_id": 3, "flops": 300, "params": 30, "acc1": 80.0}]

@@ -83,9 +83,6 @@ class Pending:
     future: asyncio.Future | None = None
     seq: int = 0
 
-    def key(self) -> tuple[float, int]:
-        return self.deadline, self.seq
-
 
 @dataclass
 class Done:
@@ -114,7 +111,7 @@ class DeadlineScheduler:
         self.arrivals_counted, self.window = arrivals, window  # the rate: arrivals of the last `window` seconds
         self.rest_on_same = rest_on_same  # the table's rule for the queue behind the head (`SlackTable`)
         self.arrivals: collections.deque[float] = collections.deque(maxlen=100_000)
-        self.queue: list[tuple[tuple[float, int], Pending]] = []
+        self.queue: list[tuple[float, int, Pending]] = []  # a heap of (deadline, arrival order, request)
         self.running: tuple[int, int, float] | None = None  # (cfg_id, batch size, start) of the batch running
         self.batches = self.shed_count = 0
         self.last_start = -math.inf  # when the last batch was taken (the clock of `take`)
@@ -148,7 +145,7 @@ class DeadlineScheduler:
         job.candidates = tuple(job.candidates)
         job.seq = next(self._seq)
         self.arrivals.append(now)
-        heapq.heappush(self.queue, (job.key(), job))
+        heapq.heappush(self.queue, (job.deadline, job.seq, job))
 
     def prepare(self, candidates: Sequence[int]) -> None:
         """Build the table of a candidate list now (the server does it at start for every FLOPs budget's front,
@@ -171,15 +168,19 @@ class DeadlineScheduler:
             heapq.heappop(self.queue)
             self.shed_count += 1
             return planned
-        batch: list[tuple[tuple[float, int], Pending]] = []
-        aside: list[tuple[tuple[float, int], Pending]] = []
-        while self.queue and len(batch) < self.max_batch and len(aside) < 4 * self.max_batch:
-            entry = heapq.heappop(self.queue)
-            (batch if planned in entry[1].candidates else aside).append(entry)
+        batch: list[Pending] = []
+        aside: list[tuple[float, int, Pending]] = []
+        queue, most = self.queue, self.max_batch
+        while queue and len(batch) < most and len(aside) < 4 * most:
+            entry = heapq.heappop(queue)
+            if planned in entry[2].candidates:
+                batch.append(entry[2])
+            else:
+                aside.append(entry)
         for entry in aside:
-            heapq.heappush(self.queue, entry)
+            heapq.heappush(queue, entry)
         self.last_start = now
-        return planned, [j for _, j in batch]
+        return planned, batch
 
     # ------------------------------------------------------------------------------------------ the choice
     def batch_ms(self, cfg_id: int, n: int) -> float:
@@ -219,7 +220,7 @@ class DeadlineScheduler:
         empty. Does not change the queue: a heap read, a table lookup and a few float operations."""
         if not self.queue:
             return None
-        head = self.queue[0][1]
+        head = self.queue[0][2]
         candidates = head.candidates
         if head.deadline == NO_DEADLINE:
             return candidates[0]
@@ -258,7 +259,7 @@ class DeadlineScheduler:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            head = self.queue[0][1]
+            head = self.queue[0][2]
             if self.max_wait > 0 and len(self.queue) < self.max_batch:
                 left = head.arrival + self.max_wait - time.perf_counter()
                 if left > 0:
