@@ -145,3 +145,37 @@ def test_options_from_reads_the_flags_and_refuses_unknown_fields():
     assert loader.with_batch_size(64).batch_size == 64 and loader.batch_size == 7
     with pytest.raises(TypeError, match="no field"):
         options_from(DataOptions, args, nonsense=1)
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--warmup-epochs", "-2", "argument --warmup-epochs: -2 is not >= 0"),
+    ("--aug-splits", "-1", "argument --aug-splits: -1 is not >= 0"),
+    ("--distillation-tau", "-3", "argument --distillation-tau: -3 is not > 0"),
+    ("--crop-pct", "0", "argument --crop-pct: 0 is not in (0, 1]"),
+    ("--aug-repeats", "2.5", "argument --aug-repeats: 2.5 is not a whole number >= 0"),
+    ("--train-interpolation", "cubic", "argument --train-interpolation: 'cubic' is not one of 'nearest'"),
+])
+def test_a_single_value_is_refused_by_its_fields_rule_at_parse_time(flag, value, message):
+    """Issue 52: a check of one option's value is the rule or choices of its field, so the parser refuses it (and
+    a -c YAML, a stitch config or stitch-train's `train` mapping by the same rule), in one line."""
+    from snnet.core.errors import UsageError
+    from snnet.core.options import OptionError, options_by_key
+    from snnet.train.args import parse_args
+    from snnet.train.options import FLAG_OPTIONS
+    with pytest.raises(UsageError) as e:
+        parse_args(["folder", "--model", "resnet18", flag, value])
+    assert message in str(e.value) and "\n" not in str(e.value)
+    key = flag.lstrip("-").replace("-", "_")
+    typed = float(value) if key != "train_interpolation" else value
+    with pytest.raises(OptionError, match=f"key '{key}'"):
+        options_by_key([c for c in FLAG_OPTIONS if key in {f.name for f in dataclasses.fields(c)}], {key: typed},
+                       "the sweep's train", data_dir="folder")
+
+
+def test_what_was_typed_comes_from_the_parser():
+    """Whether an option was typed is the parser's answer, every spelling included, not a match on argv's text."""
+    from snnet.train.args import typed_dests
+    assert typed_dests(["folder", "-j4", "--warmup-epochs=3", "--model", "m"]) == {"data", "workers", "warmup_epochs",
+                                                                                  "model"}
+    assert typed_dests(["folder", "--workers", "2", "--dr", "0.5"]) == {"data", "workers", "decay_rate"}
+    assert typed_dests([]) == set()

@@ -27,8 +27,15 @@ GROUPS = ("Configuration files", "Dataset", "Model", "Stitching", "Optimizer", "
           "Augmentation and regularization", "Model exponential moving average", "Batch norm",
           "Device, precision, distributed", "Output and logging")
 FILES, DATASET, MODEL, STITCHING, OPTIMIZER, SCHEDULE, AUGMENT, EMA, BATCH_NORM, DEVICE, OUTPUT = GROUPS
-#: value rules: "positive" (>= 1 for an integer, > 0 for a number), "non_negative", "probability" (in [0, 1])
-RULES = ("positive", "non_negative", "probability")
+#: value rules: "positive" (>= 1 for an integer, > 0 for a number), "non_negative", "probability" (in [0, 1]),
+#: "fraction" (in (0, 1]: a part of something, never none of it), "count" (a whole number >= 0, in a float field);
+#: for a name: "interpolation" (a resize interpolation timm's transforms know, '' for the model's) and
+#: "train_interpolation" (one of them or 'random'). A name's rule, unlike choices, leaves the parser's surface (and
+#: --help) as timm's: its flag takes any text and the rule refuses what is not one of them
+RULES = ("positive", "non_negative", "probability", "fraction", "count", "interpolation", "train_interpolation")
+#: resize interpolations timm's transforms know
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+_NAMES = {"interpolation": ("", *INTERPOLATIONS), "train_interpolation": (*INTERPOLATIONS, "random")}
 
 
 @dataclass(frozen=True)
@@ -95,7 +102,10 @@ def flag_fields(classes: Iterable[type]) -> Iterator[tuple[type, dataclasses.Fie
 
 
 def rule_violation(rule: str | None, value: Any, text: str | None = None) -> str | None:
-    """What is wrong with a number under `rule` (None: nothing). `text`: the value as it was written."""
+    """What is wrong with a number or a name under `rule` (None: nothing). `text`: the value as it was written."""
+    if rule in _NAMES:
+        names = _NAMES[rule]
+        return None if value in names else f"{value!r} is not one of {', '.join(map(repr, names))}"
     if rule is None or not isinstance(value, (int, float)) or isinstance(value, bool):
         return None
     shown = value if text is None else text
@@ -109,6 +119,10 @@ def rule_violation(rule: str | None, value: Any, text: str | None = None) -> str
         return None if value >= 0 else f"{shown} is not >= 0"
     if rule == "probability":
         return None if 0 <= value <= 1 else f"{shown} is not a probability in [0, 1]"
+    if rule == "fraction":
+        return None if 0 < value <= 1 else f"{shown} is not in (0, 1]"
+    if rule == "count":
+        return None if value >= 0 and value == int(value) else f"{shown} is not a whole number >= 0"
     return None
 
 

@@ -23,8 +23,9 @@ GRAD_ACCUM_STEPS = option(1, "--grad-accum-steps", rule="positive", metavar="N",
 NUM_CLASSES = option(None, "--num-classes", rule="positive", group=MODEL,
                      help="number of label classes (default: the dataset's class folders, else the stitch "
                           "config's num_classes)")
-SEED = option(42, "--seed", group=OUTPUT, help="random seed")
-AUG_REPEATS = option(0, "--aug-repeats", group=AUGMENT,
+SEED = option(42, "--seed", rule="non_negative", group=OUTPUT,
+              help="random seed (numpy and torch seed with unsigned integers)")
+AUG_REPEATS = option(0, "--aug-repeats", rule="count", group=AUGMENT,
                      help="Repeated augmentation: each training image drawn N times per epoch across the processes, "
                           "each copy augmented on its own (distributed training; DeiT uses 3). 0 (default): off; "
                           "1: the same sampler with one copy, i.e. each image once")
@@ -62,7 +63,7 @@ class LoaderOptions:
     batch_size: int = again(BATCH_SIZE)
     validation_batch_size: int | None = option(None, "-vb", "--validation-batch-size", rule="positive", group=MODEL,
                                                help="Validation batch size override (default: --batch-size)")
-    workers: int = option(4, "-j", "--workers", group=DEVICE,
+    workers: int = option(4, "-j", "--workers", rule="non_negative", group=DEVICE,
                           help="how many data loading worker processes to use, per training process (default: "
                                "timm's 4, at most the usable cores)")
     pin_mem: bool = option(False, "--pin-mem", group=DEVICE,
@@ -83,8 +84,8 @@ class LoaderOptions:
     color_jitter: Any = option(0.4, "--color-jitter", kind="float", group=AUGMENT, help="Color jitter factor")
     aa: str | None = option(None, "--aa", group=AUGMENT,
                             help="Use AutoAugment policy, e.g. rand-m9-mstd0.5-inc1 (default: none)")
-    train_interpolation: str = option("random", "--train-interpolation", group=AUGMENT,
-                                      help="Training interpolation (random, bilinear, bicubic)")
+    train_interpolation: str = option("random", "--train-interpolation", rule="train_interpolation",
+                                      group=AUGMENT, help="Training interpolation (random, bilinear, bicubic)")
     # rrc, rkrc, rkrr (timm's) or src (DeiT-III's, `transforms.src_crop`)
     train_crop_mode: str = option("rrc", "--train-crop-mode", choices=("rrc", "rkrc", "rkrr", "src"), group=AUGMENT,
                                   help="Training crop: rrc (timm's random-resized crop, --scale/--ratio), rkrc/rkrr "
@@ -98,7 +99,7 @@ class LoaderOptions:
     resplit: bool = option(False, "--resplit", group=AUGMENT,
                            help="Do not random erase first (clean) augmentation split")
     aug_repeats: float = again(AUG_REPEATS)
-    aug_splits: int = option(0, "--aug-splits", group=AUGMENT,
+    aug_splits: int = option(0, "--aug-splits", rule="non_negative", group=AUGMENT,
                              help="Number of augmentation splits (valid: 0 or >=2)")
 
     def with_batch_size(self, batch_size: int) -> LoaderOptions:

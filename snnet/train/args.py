@@ -50,6 +50,17 @@ def _converter(kind: type, rule: str | None) -> Callable[[str], Any]:
     return convert
 
 
+def _named(rule: str) -> Callable[[str], str]:
+    """The parser's type function of a name option with a rule (`rule_violation`: one of the names it allows)."""
+    def convert(s: str) -> str:
+        wrong = rule_violation(rule, s)
+        if wrong is not None:
+            raise argparse.ArgumentTypeError(wrong)
+        return s
+    convert.__name__ = rule
+    return convert
+
+
 def _stitch_id(s: str) -> int | str:
     return s if s == "all" else _number(s, int)
 
@@ -119,6 +130,8 @@ def _add_option(container: Any, name: str, field: dataclasses.Field, flag: Flag,
             kw["type"] = _stitch_id
         elif flag.kind == "float" or kind in (int, float):
             kw["type"] = _converter(float if flag.kind == "float" else kind, flag.rule)
+        elif kind is str and flag.rule is not None:
+            kw["type"] = _named(flag.rule)
     if flag.names:
         container.add_argument(*flag.names, dest=name, **kw)
     else:
@@ -177,7 +190,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, S
     args.data_dir = args.data_dir or args.data
     if not args.data_dir:
         raise UsageError("no dataset: give the dataset folder as the first argument (e.g. train.py /data/imagenet)")
-    _fit_short_run(args, argv)
+    _fit_short_run(args, typed_dests(argv))
     _check_values(args)
     return args, stitch_cfg
 
@@ -192,7 +205,17 @@ def fitted_notes() -> list[str]:
     return list(_FITTED)
 
 
-def _fit_short_run(args: argparse.Namespace, argv: Sequence[str]) -> None:
+def typed_dests(argv: Sequence[str]) -> set[str]:
+    """The options `argv` types (their dests), as train.py's parser reads it, every spelling included (-j4,
+    --workers=4): `argv` parsed by the parser with each default suppressed, so only what was typed is set."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    typed, _ = parser.parse_known_args(list(argv))
+    return set(vars(typed))
+
+
+def _fit_short_run(args: argparse.Namespace, typed: set[str]) -> None:
     """Defaults that would misfit this run, fitted (issue 41): a warm-up not shorter than the run
     (`snnet.train.optim.fit_warmup`), more loader workers than cores (`snnet.data.loaders.default_workers`); each
     with one line (`fitted_notes`)."""
@@ -200,11 +223,9 @@ def _fit_short_run(args: argparse.Namespace, argv: Sequence[str]) -> None:
     from snnet.data.loaders import TIMM_WORKERS, default_workers
     from snnet.train.optim import fit_warmup
     notes = []
-    typed = any(a == "--warmup-epochs" or a.startswith("--warmup-epochs=") for a in argv)
-    args.warmup_epochs, note = fit_warmup(args.warmup_epochs, args.epochs, typed)
+    args.warmup_epochs, note = fit_warmup(args.warmup_epochs, args.epochs, "warmup_epochs" in typed)
     notes.append(note)
-    typed = any(re.match(r"(-j\d*|--workers(=.*)?)$", a) for a in argv)
-    if not typed and args.workers == TIMM_WORKERS:  # timm's default (a config's other number is its choice)
+    if "workers" not in typed and args.workers == TIMM_WORKERS:  # timm's (a config's other number is its choice)
         args.workers, note = default_workers()
         notes.append(note)
     _FITTED[:] = [n for n in notes if n]
@@ -296,52 +317,26 @@ def _coerce_one(action: argparse.Action, value: Any) -> Any:
     return v
 
 
-#: resize interpolations timm's transforms know ("random" for training only)
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
-
-
 def _check_ranges(args: argparse.Namespace) -> None:
-    """Numbers that timm and torch accept without a word but that would change the run: refused by name."""
+    """Numbers that timm and torch accept without a word but that would change the run, where one option alone
+    cannot say it (a single value's range is its field's rule or choices, checked by the parser): refused by name."""
     def refuse(flag: str, value, why: str) -> None:
         raise UsageError(f"{flag} {value}: {why}")
 
-    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
-        refuse("--crop-pct", args.crop_pct, "must be in (0, 1] (the fraction of the resized image kept; 0 would "
-                                            "silently become the model's own)")
-    if args.decay_rate < 0:
-        refuse("--decay-rate", args.decay_rate, "must be >= 0 (a negative rate makes the LR negative)")
-    if not 0 <= args.momentum <= 1:
-        refuse("--momentum", args.momentum, "must be in [0, 1]")
     for flag, pair in (("--scale", args.scale), ("--ratio", args.ratio)):
         if pair is not None and (pair[0] > pair[1] or pair[0] <= 0):
             refuse(flag, " ".join(map(str, pair)), "must be MIN MAX with 0 < MIN <= MAX")
     if args.model_ema and args.model_ema_decay >= 1:
         refuse("--model-ema-decay", args.model_ema_decay, "must be below 1 (at 1 the EMA never moves from the start)")
-    if args.seed < 0:
-        refuse("--seed", args.seed, "must be >= 0 (numpy and torch seed with unsigned integers)")
     channels = args.in_chans or 3
     for flag, values in (("--mean", args.mean), ("--std", args.std)):
         if values is not None and len(values) not in (1, channels):
             refuse(flag, " ".join(map(str, values)), f"give 1 or {channels} values (one per input channel)")
-    if args.std is not None and any(v <= 0 for v in args.std):
-        refuse("--std", " ".join(map(str, args.std)), "every value must be > 0 (images are divided by it)")
-    if args.interpolation not in INTERPOLATIONS + ("",):
-        refuse("--interpolation", repr(args.interpolation), f"use one of {', '.join(INTERPOLATIONS)} ('' keeps the "
-                                                             f"model's)")
-    if args.train_interpolation not in INTERPOLATIONS + ("random",):
-        refuse("--train-interpolation", repr(args.train_interpolation),
-               f"use one of {', '.join(INTERPOLATIONS)} or random")
     if args.sched in ("step", "multistep") and args.decay_epochs <= 0:
         refuse("--decay-epochs", args.decay_epochs, f"must be > 0 with --sched {args.sched}")
     betas = args.opt_betas
     if betas is not None and (len(betas) not in (1, 2) or not all(0 <= b < 1 for b in betas)):
         refuse("--opt-betas", " ".join(map(str, args.opt_betas)), "give one or two betas in [0, 1), e.g. 0.9 0.999")
-    if args.cooldown_epochs < 0:
-        refuse("--cooldown-epochs", args.cooldown_epochs, "must be >= 0")
-    if args.aug_repeats < 0 or args.aug_repeats != int(args.aug_repeats):
-        refuse("--aug-repeats", f"{args.aug_repeats:g}", "must be a whole number >= 0: 0 draws each training image "
-               "once per epoch; N >= 1 (distributed runs) draws it N times across the processes, each copy augmented "
-               "on its own (timm's RepeatAugSampler; DeiT uses 3, and 1 is the plain once-per-epoch draw)")
     if args.start_epoch is not None and not args.eval and not 0 <= args.start_epoch < args.epochs:
         refuse("--start-epoch", args.start_epoch, f"leaves no epoch to train of --epochs {args.epochs}; use 0.."
                                                   f"{args.epochs - 1}, or raise --epochs")
@@ -349,8 +344,6 @@ def _check_ranges(args: argparse.Namespace) -> None:
 
 def _check_values(args: argparse.Namespace) -> None:
     _check_ranges(args)
-    if args.workers < 0:
-        raise UsageError(f"-j/--workers {args.workers} must be >= 0")
     if args.split_bn and not (args.aug_splits > 1 or args.resplit):
         raise UsageError("--split-bn needs --aug-splits > 1 or --resplit (timm's rule); add --resplit")
     if args.split_bn and args.aug_splits < 2 and args.batch_size % 2:

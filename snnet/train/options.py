@@ -76,7 +76,7 @@ class OptimOptions:
                                 help="base learning rate vs batch_size scaling ('linear', 'sqrt', based on opt if "
                                      "empty)")
     weight_decay: float = option(2e-5, "--weight-decay", rule="non_negative", group=OPTIMIZER, help="weight decay")
-    momentum: float = option(0.9, "--momentum", group=OPTIMIZER, help="Optimizer momentum")
+    momentum: float = option(0.9, "--momentum", rule="probability", group=OPTIMIZER, help="Optimizer momentum")
     opt_eps: float | None = option(None, "--opt-eps", group=OPTIMIZER,
                                    help="Optimizer Epsilon (default: the optimizer's)")
     opt_betas: tuple[float, ...] | None = option(None, "--opt-betas", nargs="+", group=OPTIMIZER,
@@ -108,13 +108,14 @@ class ScheduleOptions:
     decay_epochs: float = option(90, "--decay-epochs", group=SCHEDULE, help="epoch interval to decay LR")
     decay_milestones: tuple[int, ...] = option((90, 180, 270), "--decay-milestones", nargs="+", group=SCHEDULE,
                                                help="list of decay epoch indices for multistep lr. must be increasing")
-    decay_rate: float = option(0.1, "--decay-rate", "--dr", group=SCHEDULE, help="LR decay rate")
-    warmup_epochs: int = option(5, "--warmup-epochs", group=SCHEDULE,
+    decay_rate: float = option(0.1, "--decay-rate", "--dr", rule="non_negative", group=SCHEDULE,
+                               help="LR decay rate")
+    warmup_epochs: int = option(5, "--warmup-epochs", rule="non_negative", group=SCHEDULE,
                                 help="epochs to warmup LR, if scheduler supports")
     warmup_lr: float = option(1e-5, "--warmup-lr", rule="non_negative", group=SCHEDULE, help="warmup learning rate")
     warmup_prefix: bool = option(False, "--warmup-prefix", group=SCHEDULE,
                                  help="Exclude warmup period from decay schedule.")
-    cooldown_epochs: int = option(0, "--cooldown-epochs", group=SCHEDULE,
+    cooldown_epochs: int = option(0, "--cooldown-epochs", rule="non_negative", group=SCHEDULE,
                                   help="epochs to cooldown LR at min_lr, after cyclic schedule ends")
     patience_epochs: int = option(10, "--patience-epochs", group=SCHEDULE,
                                   help="patience epochs for Plateau LR scheduler")
@@ -155,7 +156,7 @@ class LossOptions:
                                          "(teacher's labels)")
     distillation_alpha: float = option(0.5, "--distillation-alpha", rule="probability", group=STITCHING,
                                        help="weight of the distillation loss")
-    distillation_tau: float = option(1.0, "--distillation-tau", group=STITCHING,
+    distillation_tau: float = option(1.0, "--distillation-tau", rule="positive", group=STITCHING,
                                      help="temperature of soft distillation")
     teacher: str = option("", "--teacher", metavar="NAME", group=STITCHING,
                           help="distillation teacher (timm name)")
@@ -266,14 +267,14 @@ class InputOptions:
     (timm's resolve_data_config reads them)."""
     img_size: int | None = again(IMG_SIZE)
     in_chans: int | None = again(IN_CHANS)
-    crop_pct: float | None = option(None, "--crop-pct", group=MODEL,
+    crop_pct: float | None = option(None, "--crop-pct", rule="fraction", group=MODEL,
                                     help="Input image center crop percent (for validation only; default: the "
                                          "model's)")
-    interpolation: str = option("", "--interpolation", group=MODEL,
+    interpolation: str = option("", "--interpolation", rule="interpolation", group=MODEL,
                                 help="Image resize interpolation type (overrides model; '' keeps the model's)")
     mean: tuple[float, ...] | None = option(None, "--mean", nargs="+", group=MODEL,
                                             help="Override mean pixel value of dataset (default: the model's)")
-    std: tuple[float, ...] | None = option(None, "--std", nargs="+", group=MODEL,
+    std: tuple[float, ...] | None = option(None, "--std", nargs="+", rule="positive", group=MODEL,
                                            help="Override std deviation of dataset (default: the model's)")
 
     def data_config_args(self) -> dict[str, Any]:
