@@ -14,7 +14,7 @@ _CORE = {
     "snnet.core.config": ("ConfigError", "StitchConfig", "load_stitch_config", "parse_stitch_config"),
     "snnet.core.layers": ("StitchingLayer", "create_stitch_layer", "register_stitch_layer"),
     "snnet.core.model": ("PlainNet", "RoutedNet", "SNNet"),
-    "snnet.core.plan": ("PlanError", "Route", "Stitch", "StitchPlan", "deit_plan", "paired_positions",
+    "snnet.core.plan": ("PlanError", "Route", "Junction", "StitchPlan", "deit_plan", "paired_positions",
                         "stagewise_plan", "unpaired_positions"),
 }
 _WHERE = {name: module for module, names in _CORE.items() for name in names}
@@ -26,9 +26,9 @@ if TYPE_CHECKING:
     from snnet.core.layers import StitchingLayer, create_stitch_layer, register_stitch_layer
     from snnet.core.model import PlainNet, RoutedNet, SNNet
     from snnet.core.plan import (
+        Junction,
         PlanError,
         Route,
-        Stitch,
         StitchPlan,
         deit_plan,
         paired_positions,
@@ -40,7 +40,7 @@ __all__ = [
     "AnchorAdapter", "AnchorError", "Unit", "register_adapter", "build_snnet", "create_anchor", "plan_for",
     "ConfigError", "StitchConfig", "load_stitch_config", "parse_stitch_config", "StitchingLayer", "create_stitch_layer",
     "register_stitch_layer", "SNNet", "RoutedNet", "PlainNet",
-    "PlanError", "Route", "Stitch", "StitchPlan", "deit_plan", "paired_positions", "stagewise_plan",
+    "PlanError", "Route", "Junction", "StitchPlan", "deit_plan", "paired_positions", "stagewise_plan",
     "unpaired_positions",
     *("create_snnet", "ls_init_from_images", "evaluate", "stitch_for", "load", "export", "predict", "data_config"),
 ]

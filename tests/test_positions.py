@@ -9,7 +9,7 @@ import torch
 from helpers import FAST, TINY, run
 
 from snnet.core.config import ConfigError, load_stitch_config, parse_stitch_config
-from snnet.core.plan import PlanError, Stitch, positions_plan
+from snnet.core.plan import Junction, PlanError, positions_plan
 
 THREE = TINY + [{"name": "deit_tiny_patch16_224", "model_kwargs": {"patch_size": 4, "depth": 4, "embed_dim": 24,
                                                                      "num_heads": 2}}]
@@ -22,8 +22,8 @@ def test_explicit_positions_build_routes_in_the_documented_cfg_id_order():
     assert [r.anchors for r in plan.routes[:3]] == [(0,), (1,), (2,)] and all(r.is_anchor for r in plan.routes[:3])
     # pair (0, 1)'s positions in the order listed, then pair (1, 2)'s; one layer per position at (pair, index)
     assert [r.stitches for r in plan.routes[3:]] == [
-        (Stitch(0, 1, 0, 2, 3, (0, 0)),), (Stitch(0, 1, 0, 0, 1, (0, 1)),), (Stitch(0, 1, 0, 3, 4, (0, 2)),),
-        (Stitch(1, 2, 0, 1, 0, (1, 0)),)]
+        (Junction(0, 1, 0, 2, 3, (0, 0)),), (Junction(0, 1, 0, 0, 1, (0, 1)),), (Junction(0, 1, 0, 3, 4, (0, 2)),),
+        (Junction(1, 2, 0, 1, 0, (1, 0)),)]
     assert [r.cfg_id for r in plan.routes] == list(range(7))
     assert [(s.address, s.front, s.end) for s in plan.layers] == [((0, 0), 0, 1), ((0, 1), 0, 1), ((0, 2), 0, 1),
                                                                   ((1, 0), 1, 2)]
@@ -93,7 +93,7 @@ def test_position_is_the_map_edge_the_snnet_stitch_maps(three_anchors):
     net, anchors, _ = three_anchors
     for j in range(4):
         for k in range(5):
-            _, where = net.feature_points([Stitch(0, 1, 0, j, k, ())])
+            _, where = net.feature_points([Junction(0, 1, 0, j, k, ())])
             (_, ux), (_, uy) = where[(0, 1, 0, j, k)]
             assert edge_units(anchors.units[0], anchors.units[1], j, k) == (ux, uy)
 
@@ -113,7 +113,7 @@ def test_select_picks_the_best_positions_of_the_map(three_anchors, score, key, b
             grid = np.full((4, 5), np.nan)
             for j in range(4):
                 for k in range(5):
-                    _, where = net.feature_points([Stitch(c, c + 1, 0, j, k, ())])
+                    _, where = net.feature_points([Junction(c, c + 1, 0, j, k, ())])
                     (_, ux), (_, uy) = where[(c, c + 1, 0, j, k)]
                     grid[j, k] = getattr(maps, key)[(c, c + 1)][ux, uy]
             assert not np.isnan(grid).any()

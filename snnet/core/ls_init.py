@@ -34,7 +34,7 @@ from snnet.core.cost import eval_mode
 from snnet.core.layers import to_rows
 from snnet.core.lstsq import NormalEquations, as_affine
 from snnet.core.model import SNNet
-from snnet.core.plan import Stitch
+from snnet.core.plan import Junction
 from snnet.core.progress import PROGRESS_SECONDS, Progress
 
 MODES = ("joint", "average", "snnet")
@@ -49,7 +49,7 @@ class FitReport:
     rel_error: float  # on the fitting data: ||XW+b - Y|| / ||Y|| over all the layer's rows
 
 
-def _key(st: Stitch) -> PosKey:
+def _key(st: Junction) -> PosKey:
     return (st.front, st.end, st.stage, st.j, st.k)
 
 
@@ -58,11 +58,11 @@ def _rows(model: SNNet, feats, anchor: int, unit: int, stage: int) -> torch.Tens
     return to_rows(feats[(anchor, unit)], layout).double()
 
 
-def _layer_positions(model: SNNet) -> dict[tuple[int, ...], list[Stitch]]:
+def _layer_positions(model: SNNet) -> dict[tuple[int, ...], list[Junction]]:
     return {spec.address: model.plan.positions_of_layer(spec.address) for spec in model.plan.layers}
 
 
-def _check_rows(model: SNNet, st: Stitch, x: torch.Tensor, y: torch.Tensor) -> None:
+def _check_rows(model: SNNet, st: Junction, x: torch.Tensor, y: torch.Tensor) -> None:
     if x.shape[0] != y.shape[0]:
         f, e = model.names[st.front], model.names[st.end]
         raise ValueError(
@@ -71,7 +71,7 @@ def _check_rows(model: SNNet, st: Stitch, x: torch.Tensor, y: torch.Tensor) -> N
             f"run at the same resolution")
 
 
-def _add_batch(stats: NormalEquations, model: SNNet, feats, positions: list[Stitch], where) -> None:
+def _add_batch(stats: NormalEquations, model: SNNet, feats, positions: list[Junction], where) -> None:
     """One batch's rows of every position: X from the front feature point, Y from the end anchor's own input."""
     stats.new_batch()
     for st in positions:
@@ -83,7 +83,7 @@ def _add_batch(stats: NormalEquations, model: SNNet, feats, positions: list[Stit
         stats.add((fa, ux), X, key, Y)
 
 
-def _fit_layer(stats: NormalEquations, model: SNNet, address, positions: list[Stitch], where, mode: str,
+def _fit_layer(stats: NormalEquations, model: SNNet, address, positions: list[Junction], where, mode: str,
                rcond) -> FitReport:
     """Solve one layer (joint, or SN-Net's mean of per-position solutions), set it, and report the error of the map
     the layer then holds (a low-rank layer keeps a truncated SVD of the solution: its own error is reported)."""

@@ -23,7 +23,7 @@ from torch import nn
 from snnet.core.adapter import AnchorAdapter, Unit, adapter_for, block_units, entry_unit, module_param_count
 from snnet.core.checkpoint import classifier_keys, load_fitting
 from snnet.core.layers import create_stitch_layer
-from snnet.core.plan import Composition, Edge, LayerSpec, PlanError, Route, Stitch, StitchPlan
+from snnet.core.plan import Composition, Edge, Junction, LayerSpec, PlanError, Route, StitchPlan
 from snnet.core.steps import Step, UnitStep, stitch_step, unit_step
 
 #: where a feature is read: (anchor, unit index); its value is that unit's output
@@ -372,7 +372,7 @@ class SNNet(AnchorsNet):
     def describe(self, cfg_id: int) -> str:
         return self.plan.route(cfg_id).describe(self.names, self.plan.hierarchical)
 
-    def feature_points(self, positions: Sequence[Stitch]) -> tuple[dict[int, set[int]], dict[tuple, tuple]]:
+    def feature_points(self, positions: Sequence[Junction]) -> tuple[dict[int, set[int]], dict[tuple, tuple]]:
         """For stitches (front j -> end k): the unit outputs to `capture` per anchor, and per position key
         (front, end, stage, j, k) the feature points of its input X (front block j's output) and its target Y (the
         end anchor's input to block k, i.e. the output of the unit before it)."""

@@ -8,6 +8,9 @@ Vocabulary:
   anchor    one pretrained network, index 0..n-1, ordered small to large.
   position  (j, k) inside one stage: the front anchor runs up to and including its block j, the stitching layer
             maps its features, the end anchor continues from its block k.
+  junction  one place a route crosses from a front anchor to an end anchor (`Junction`: the two anchors, the stage,
+            the position and the address of the stitching layer that maps the features there); a route of SN-Net
+            has one, of SN-Netv2's two-way plan up to two.
   address   where a stitching layer lives in ``SNNet.stitch_layers`` (a path of ModuleList indices); the shape of
             the address is what makes checkpoint keys identical to SN-Net's.
 """
@@ -25,7 +28,9 @@ class PlanError(SNNetError):
 
 
 @dataclass(frozen=True)
-class Stitch:
+class Junction:
+    """Where a route crosses from anchor `front` to anchor `end`: at position (j, k) of `stage`, through the
+    stitching layer at address `layer`."""
     front: int
     end: int
     stage: int
@@ -42,7 +47,7 @@ class Stitch:
 class Route:
     cfg_id: int
     anchors: tuple[int, ...]  # anchors used, front first
-    stitches: tuple[Stitch, ...] = ()
+    stitches: tuple[Junction, ...] = ()
 
     @property
     def is_anchor(self) -> bool:
@@ -97,9 +102,9 @@ class StitchPlan:
     def layer(self, address: tuple[int, ...]) -> LayerSpec:
         return self._by_address[tuple(address)]
 
-    def positions_of_layer(self, address: tuple[int, ...]) -> list[Stitch]:
+    def positions_of_layer(self, address: tuple[int, ...]) -> list[Junction]:
         """Distinct stitches (front, end, stage, j, k) that use the layer at `address`, in cfg_id order."""
-        seen: dict[tuple, Stitch] = {}
+        seen: dict[tuple, Junction] = {}
         for route in self.routes:
             for st in route.stitches:
                 if st.layer == tuple(address):
@@ -201,7 +206,7 @@ def deit_plan(n_anchors: int, depth: int, kernel: int = 2, stride: int = 1, near
             for hop, p in enumerate(chain):
                 front, end = comb[hop], comb[hop + 1]
                 lid = layer_of[p]
-                stitches.append(Stitch(front, end, 0, positions[p][0], positions[p][1],
+                stitches.append(Junction(front, end, 0, positions[p][0], positions[p][1],
                                        (pair_index[(front, end)], lid)))
             routes.append(Route(len(routes), comb, tuple(stitches)))
     return StitchPlan(tuple(routes), layers, n_anchors, hierarchical=False)
@@ -246,7 +251,7 @@ def positions_plan(depths: Sequence[int], pairs: Sequence[Sequence[Sequence[int]
                 raise PlanError(f"positions of pair ({c}, {c + 1}): [{j}, {k}] is listed twice; list each once")
             seen.add((j, k))
             layers.append(LayerSpec((c, p), c, c + 1, 0))
-            routes.append(Route(len(routes), (c, c + 1), (Stitch(c, c + 1, 0, j, k, (c, p)),)))
+            routes.append(Route(len(routes), (c, c + 1), (Junction(c, c + 1, 0, j, k, (c, p)),)))
     return StitchPlan(tuple(routes), tuple(layers), n_anchors, hierarchical=False)
 
 
@@ -299,7 +304,7 @@ def stagewise_plan(stage_depths: Sequence[Sequence[int]], stitch_stages: Sequenc
                 positions, layer_of, num_layers = unpaired_positions(df, de)
             layers.extend(LayerSpec((s_idx, i - 1, lid), i - 1, i, s) for lid in range(num_layers))
             for (j, k), lid in zip(positions, layer_of):
-                routes.append(Route(len(routes), (i - 1, i), (Stitch(i - 1, i, s, j, k, (s_idx, i - 1, lid)),)))
+                routes.append(Route(len(routes), (i - 1, i), (Junction(i - 1, i, s, j, k, (s_idx, i - 1, lid)),)))
     return StitchPlan(tuple(routes), tuple(layers), n, hierarchical=True)
 
 
@@ -325,8 +330,8 @@ def two_way_plan(front_depth: int, end_depth: int) -> StitchPlan:
         raise PlanError(f"two-way stitching needs the large anchor's depth to be a multiple of the small one's: "
                         f"{front_depth} and {end_depth}")
     r = end_depth // front_depth
-    sl = [Stitch(0, 1, 0, i, (i + 1) * r, (0, i)) for i in range(front_depth)]
-    ls = [Stitch(1, 0, 0, j, j * front_depth // end_depth + 1, (1, j // r)) for j in range(end_depth - 1)
+    sl = [Junction(0, 1, 0, i, (i + 1) * r, (0, i)) for i in range(front_depth)]
+    ls = [Junction(1, 0, 0, j, j * front_depth // end_depth + 1, (1, j // r)) for j in range(end_depth - 1)
           if j % r == r - 1]
     routes = [Route(0, (0,)), Route(1, (1,))]
     routes += [Route(0, (0, 1), (st,)) for st in sl]
