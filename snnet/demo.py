@@ -140,10 +140,10 @@ def _child_env() -> dict[str, str]:
     return {**os.environ, **THREADS_ENV, "PYTHONUNBUFFERED": "1"}
 
 
-def run(cmd: list[str | Path], log: Path, step: str) -> float:
+def run(cmd: list[str | Path], log: Path, step: str, env: dict[str, str] | None = None) -> float:
     """Run one step, its whole output to `log`. Every RELAY_SECONDS the console gets the step's latest progress line
     (epoch, loss, ETA), or, while it prints none (starting, the preflight check), how long it has been running: a
-    newcomer sees it move at least every 10 s. Exits with the log's tail on failure."""
+    newcomer sees it move at least every 10 s. Exits with the log's tail on failure. `env`: added to _child_env's."""
     print(f"[{step}] $ {' '.join(str(c) for c in cmd)}", flush=True)
     print(f"[{step}]   (full log: {log})", flush=True)
     t0 = time.perf_counter()
@@ -164,8 +164,8 @@ def run(cmd: list[str | Path], log: Path, step: str) -> float:
     beat.start()
     try:
         with open(log, "w", buffering=1) as f:  # line-buffered: the log can be followed while the step runs
-            proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=_child_env(), stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True)
+            proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env={**_child_env(), **(env or {})},
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             assert proc.stdout is not None
             for line in proc.stdout:
                 f.write(line)
@@ -206,7 +206,8 @@ def finished(run_dir: Path, cmd: list[str], output: str = "last.pth.tar") -> boo
     return (run_dir / output).exists() and stamp.exists() and json.loads(stamp.read_text()) == cmd
 
 
-def run_step(cmd: list[str], run_dir: Path, log: Path, step: str, resume: bool, stamp: list[str]) -> None:
+def run_step(cmd: list[str], run_dir: Path, log: Path, step: str, resume: bool, stamp: list[str],
+             env: dict[str, str] | None = None) -> None:
     """One training step into `run_dir`: afresh, or with `resume` continuing an interrupted run of it there
     (train.py --auto-resume: from its last checkpoint, inside the epoch where it stopped); `stamp` (the command
     `finished` compares) is then written beside its output."""
@@ -215,7 +216,7 @@ def run_step(cmd: list[str], run_dir: Path, log: Path, step: str, resume: bool, 
         print(f"[{step}] continuing the interrupted run in {run_dir} (--auto-resume)", flush=True)
     else:
         shutil.rmtree(run_dir, ignore_errors=True)
-    run([*cmd, *(["--auto-resume"] if again else [])], log, step)
+    run([*cmd, *(["--auto-resume"] if again else [])], log, step, env)
     write_text_atomic(run_dir / STAMP, json.dumps(stamp))
 
 
@@ -234,10 +235,12 @@ def train_anchor(work: Path, data: Path, name: str, model: str, kwargs: dict, ep
 
 def train_snnet(work: Path, data: Path, config: Path, name: str, epochs: int, extra: list[str], seed: int = SEED,
                 flags: list[str] | None = None, common_flags: list[str] | None = None, nproc: int = 2,
-                resume: bool = False) -> Path:
+                resume: bool = False, preflight: bool = True) -> Path:
     """Train (and evaluate every stitch of) one SN-Net on `nproc` processes, as a user would (distributed_train.sh).
     The recipe: `flags` (default SNNET_FLAGS), `extra`, `common_flags` (default COMMON with this seed); `resume`: a
-    run of the same command that finished is kept, an interrupted one continues (run_step)."""
+    run of the same command that finished is kept, an interrupted one continues (run_step); `preflight` False: the
+    launcher's checks are skipped (SNNET_NO_PREFLIGHT=1; train.py checks the same again), for a config and anchors
+    the caller just wrote and trained (snnet quickstart: one interpreter's torch and timm import less, ~5 s of CPU)."""
     run_dir = work / name
     cmd = ["./distributed_train.sh", str(nproc), str(data), "--stitch_config", str(stitch_config_for(work, config)),
            "--epochs", str(epochs), *(SNNET_FLAGS if flags is None else flags), *extra, "--output", str(work),
@@ -245,7 +248,7 @@ def train_snnet(work: Path, data: Path, config: Path, name: str, epochs: int, ex
     if resume and finished(run_dir, cmd, RESULTS_FILE):
         print(f"[{name}] reusing {run_dir} (trained and evaluated by the same command)", flush=True)
         return run_dir
-    run_step(cmd, run_dir, work / f"{name}.log", name, resume, cmd)
+    run_step(cmd, run_dir, work / f"{name}.log", name, resume, cmd, None if preflight else {"SNNET_NO_PREFLIGHT": "1"})
     return run_dir
 
 

@@ -255,7 +255,7 @@ def main(args: argparse.Namespace) -> int:
     config = stitch_config(out, p, summary_.classes)
     print(f"[2/3] SN-Net: {config}", flush=True)
     run_dir = train_snnet(out, summary_.root, config, "snnet", p.snnet_epochs, [], args.seed, snnet_flags, common,
-                          p.nproc, resume=not args.fresh)
+                          p.nproc, resume=not args.fresh, preflight=False)
     print("[3/3] every stitch evaluated from the saved SN-Net; front, baselines, report", flush=True)
     results = out / "results"
     weights = results / WEIGHTS_FILE

@@ -82,7 +82,7 @@ def test_compare_finds_every_difference(tmp_path):
 def test_anchors_are_reused_only_when_trained_by_the_same_command(tmp_path, monkeypatch):
     calls = []
 
-    def fake_run(cmd, log, step):
+    def fake_run(cmd, log, step, env=None):
         calls.append(cmd)
         (tmp_path / step).mkdir(exist_ok=True)
         (tmp_path / step / "last.pth.tar").write_bytes(b"x")
