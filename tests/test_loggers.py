@@ -134,13 +134,13 @@ def test_wandb_offline_run_reads_back(tmp_path, digits_folder, tiny_config):
 def test_missing_package_refused_in_one_line(flags, package, monkeypatch):
     from snnet.train import loggers
     from snnet.train.args import parse_args
-    from snnet.train.resolve import logger_options
+    from snnet.train.options import RunOptions
     args, _ = parse_args(["/d", "--model", "resnet18", *flags])
     real = loggers.importlib.util.find_spec
     monkeypatch.setattr(loggers.importlib.util, "find_spec", lambda name, *a: None if name == package else
                         real(name, *a))
     with pytest.raises(UsageError) as e:
-        loggers.check_loggers(logger_options(args))
+        loggers.check_loggers(RunOptions.from_values(vars(args)).logging)  # as main checks them
     message = str(e.value)
     assert "\n" not in message and f"pip install {package}" in message and flags[0] in message
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from snnet.data.options import DataOptions, LoaderOptions
-from snnet.train.args import build_parser, options_from
+from snnet.data.options import LoaderOptions
+from snnet.train.args import build_parser
 from snnet.train.options import NetworkOptions, TrainOptions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,15 +136,19 @@ def test_the_parser_and_options_by_key_refuse_by_the_same_rule():
             options_by_key([NetworkOptions, TrainOptions, LoaderOptions], {key: typed}, "x")
 
 
-def test_options_from_reads_the_flags_and_refuses_unknown_fields():
+def test_run_options_read_the_flags_and_refuse_unknown_fields():
+    """train.py's arguments become its typed options once (`RunOptions.from_values`, as main does); `replaced` sets
+    an option in every section that has it and refuses a name no section has."""
+    from snnet.train.options import RunOptions
     args = build_parser().parse_args(["folder", "-b", "7", "--scale", "0.5", "1.0", "--workers", "0"])
-    args.data_dir, args.distributed = "folder", True
-    loader = options_from(LoaderOptions, args)
-    assert (loader.batch_size, loader.scale, loader.workers, loader.distributed) == (7, (0.5, 1.0), 0, True)
-    assert options_from(DataOptions, args, seed=3).seed == 3
+    args.data_dir = "folder"
+    options = RunOptions.from_values(vars(args))
+    loader = options.loader
+    assert (loader.batch_size, loader.scale, loader.workers) == (7, (0.5, 1.0), 0)
+    assert options.replaced(seed=3).data.seed == 3 and options.replaced(seed=3).train.seed == 3
     assert loader.with_batch_size(64).batch_size == 64 and loader.batch_size == 7
-    with pytest.raises(TypeError, match="no field"):
-        options_from(DataOptions, args, nonsense=1)
+    with pytest.raises(TypeError, match="no option"):
+        options.replaced(nonsense=1)
 
 
 @pytest.mark.parametrize("flag,value,message", [

@@ -146,8 +146,8 @@ def test_selected_plan_is_written_and_rebuilds_the_same_network(digits_folder, t
     from snnet.core.checkpoint import load_checkpoint
     from snnet.explore.similarity import open_data
     from snnet.train.args import parse_args
+    from snnet.train.options import RunOptions
     from snnet.train.positions import PLAN_FILE, Selection
-    from snnet.train.resolve import network_options
     anchors = []
     for n, a in enumerate(THREE):  # anchors with weights of their own (as pretrained ones): every build sees them
         torch.manual_seed(10 + n)
@@ -182,7 +182,7 @@ def test_selected_plan_is_written_and_rebuilds_the_same_network(digits_folder, t
     args.device = "cpu"
     train_ds = open_data(str(digits_folder), True)[1]
     models, adapters = create_anchors(cfg, pretrained=False, img_size=16, num_classes=10)
-    chosen = Selection(network_options(args).selection, train_ds)(cfg, models, adapters)
+    chosen = Selection(RunOptions.from_values(vars(args)).network_to_build().selection, train_ds)(cfg, models, adapters)
     selected = snnet_from_anchors(chosen, models, adapters, img_size=16)
     assert selected.stitch_config.get("positions")["pairs"] == pairs
     rebuilt = build_snnet(load_stitch_config(plan_path), pretrained=False, img_size=16, num_classes=10)

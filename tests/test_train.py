@@ -344,10 +344,10 @@ def test_demo_config_follows_the_work_folder(tmp_path):
 def test_typed_model_kwargs_win_over_the_anchors_own(tiny_config):
     """--model-kwargs applies to every anchor and wins over an anchor's model_kwargs (what the user types wins)."""
     from snnet.train.network import build_network
-    from snnet.train.resolve import network_options
+    from snnet.train.options import RunOptions
     args, cfg = parse_args(["/d", "--stitch_config", str(tiny_config), "--img-size", "16", "--no-pretrained",
-                            "--model-kwargs", "depth=2"])
-    net, _ = build_network(network_options(args, num_classes=10), cfg)
+                            "--model-kwargs", "depth=2", "--num-classes", "10"])
+    net, _ = build_network(RunOptions.from_values(vars(args)).network_to_build(), cfg)
     assert [len(a.blocks) for a in net.anchors] == [2, 2] and net.anchors[1].embed_dim == 16
 
 

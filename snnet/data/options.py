@@ -1,8 +1,9 @@
 """The data layer's options as typed objects: which images (`DataOptions`) and how they are loaded
 (`LoaderOptions`). Each field declares its train.py flag (`snnet.core.options.option`: timm's name, help, rule),
-so train.py's parser is derived from these classes and builds them from its resolved arguments
-(`snnet.train.args.options_from`); every other tool (similarity, search, stitch-train, a Python caller) builds them
-directly, by keyword. The options the training loop shares (batch size, seed, ...) are declared here, once."""
+so train.py's parser is derived from these classes and builds them from its resolved arguments, once
+(`snnet.train.options.RunOptions.from_values`); every other tool (similarity, search, stitch-train, a Python
+caller) builds them directly, by keyword. The options the training loop shares (batch size, seed, ...) are
+declared here, once."""
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, replace

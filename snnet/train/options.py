@@ -4,7 +4,7 @@ the loss (`LossOptions`), the loop (`TrainOptions`), validation (`EvalOptions`),
 network (`NetworkOptions`), the loggers (`LoggerOptions`) and what this invocation does (`JobOptions`: config
 files, resume, dry run, LS init, output). train.py's parser is derived from these classes and the data layer's
 (`snnet.train.args.build_parser`), so there is nothing to keep equal; train.py builds them from its resolved
-arguments (`snnet.train.args.options_from`) and every other tool (stitch-train, a Python caller) directly, by
+arguments once (`RunOptions.from_values`) and every other tool (stitch-train, a Python caller) directly, by
 keyword (`options_by_key` checks the keys, the value types and the flags' rules)."""
 from __future__ import annotations
 

@@ -11,7 +11,6 @@ model (FLOPs depend on shapes, not weights; about 15 s for DeiT-III S/L on two C
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -23,20 +22,8 @@ from snnet.core.build import build_snnet
 from snnet.core.config import AnchorSpec, ConfigError, StitchConfig
 from snnet.data.transforms import eval_data_config, pretrained_cfg
 from snnet.train.optim import anchor_lr_scale, decays_stitch_biases, describe_schedule, resolve_lrs
-from snnet.train.options import LoggerOptions, NetworkOptions, RunOptions
+from snnet.train.options import RunOptions
 from snnet.train.sampler import anchor_routes, run_sampler, train_ids
-
-
-# ------------------------------------------------------------------------------------------ typed options
-def network_options(args: argparse.Namespace, **over: Any) -> NetworkOptions:
-    """How train.py builds its network (`snnet.train.network.build_network`), from its resolved arguments: the model
-    options, the number of classes (`over` over them) and what a selection of positions from data reads."""
-    return replace(RunOptions.from_values(vars(args)).network_to_build(), **over)
-
-
-def logger_options(args: argparse.Namespace) -> LoggerOptions:
-    """The experiment loggers train.py's flags ask for, recording its resolved arguments."""
-    return replace(RunOptions.from_values(vars(args)).logging, run_config=vars(args))
 
 
 def describe_run(args: argparse.Namespace, stitch_cfg: StitchConfig | None, world_size: int,
