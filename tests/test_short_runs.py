@@ -23,6 +23,7 @@ def test_fit_warmup():
     assert fit_warmup(2, 3, typed=True) == (2, None)
     warmup, note = fit_warmup(5, 3, typed=False)
     assert warmup == 0 and "5 epochs" in note and "3 epochs" in note and "--warmup-epochs N below 3" in note
+    assert "(from the stitch config 'c.json')" in fit_warmup(5, 3, typed=False, source="stitch config 'c.json'")[1]
     with pytest.raises(UsageError, match=r"--warmup-epochs 3 is not shorter than --epochs 3.*below 3"):
         fit_warmup(3, 3, typed=True)
 
@@ -31,6 +32,11 @@ def test_parse_args_fits_the_default_and_refuses_the_typed(tiny_config, tmp_path
     base = [str(tmp_path), "--stitch_config", str(tiny_config)]
     args, _ = parse_args([*base, "--epochs", "3"])  # the line is logged once the run's inputs passed their checks
     assert args.warmup_epochs == 0 and any("not shorter than the run's 3 epochs" in n for n in fitted_notes())
+    assert any("warm-up: 5 epochs (timm's default) is" in n for n in fitted_notes())  # the one source, named
+    yaml = tmp_path / "recipe.yaml"
+    yaml.write_text("warmup-epochs: 4\n")
+    assert parse_args([*base, "-c", str(yaml), "--epochs", "3"])[0].warmup_epochs == 0
+    assert any(f"warm-up: 4 epochs (from -c/--config {str(yaml)!r}) is" in n for n in fitted_notes())
     assert parse_args([*base, "--epochs", "30"])[0].warmup_epochs == 5  # timm's default where it fits
     with pytest.raises(UsageError, match="--warmup-epochs 5 is not shorter than --epochs 3"):
         parse_args([*base, "--epochs", "3", "--warmup-epochs=5"])

@@ -171,14 +171,19 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, S
     pre = OneLineParser(add_help=False, allow_abbrev=False, raises=True)
     _add_config_flags(pre)
     files, _ = pre.parse_known_args(argv)
+    origin: dict[str, str] = {}  # dest -> the file that set its default (the last one wins, as in set_defaults)
     if files.config:
         source = f"-c/--config {files.config!r}"
-        parser.set_defaults(**_checked_defaults(parser, source, "key", _yaml_entries(files.config)))
+        defaults = _checked_defaults(parser, source, "key", _yaml_entries(files.config))
+        parser.set_defaults(**defaults)
+        origin.update(dict.fromkeys(defaults, source))
     stitch_path = files.stitch_config or parser.get_default("stitch_config")  # a YAML may name the stitch config
     stitch_cfg = load_stitch_config(stitch_path) if stitch_path else None
     if stitch_cfg is not None:
         source = f"stitch config {stitch_path!r}"
-        parser.set_defaults(**_checked_defaults(parser, source, "field", _stitch_entries(stitch_cfg)))
+        defaults = _checked_defaults(parser, source, "field", _stitch_entries(stitch_cfg))
+        parser.set_defaults(**defaults)
+        origin.update(dict.fromkeys(defaults, source))
     args = parser.parse_args(argv)
 
     if stitch_cfg is None and args.model is None:
@@ -190,7 +195,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, S
     args.data_dir = args.data_dir or args.data
     if not args.data_dir:
         raise UsageError("no dataset: give the dataset folder as the first argument (e.g. train.py /data/imagenet)")
-    _fit_short_run(args, typed_dests(argv))
+    _fit_short_run(args, typed_dests(argv), origin)
     _check_values(args)
     return args, stitch_cfg
 
@@ -215,15 +220,17 @@ def typed_dests(argv: Sequence[str]) -> set[str]:
     return set(vars(typed))
 
 
-def _fit_short_run(args: argparse.Namespace, typed: set[str]) -> None:
+def _fit_short_run(args: argparse.Namespace, typed: set[str], origin: dict[str, str]) -> None:
     """Defaults that would misfit this run, fitted (issue 41): a warm-up not shorter than the run
     (`snnet.train.optim.fit_warmup`), more loader workers than cores (`snnet.data.loaders.default_workers`); each
-    with one line (`fitted_notes`)."""
+    with one line (`fitted_notes`) naming where the fitted value came from (`origin`: dest -> file; else timm's
+    default)."""
     # imported here: parsing alone (snnet --help) imports neither timm nor torch
     from snnet.data.loaders import TIMM_WORKERS, default_workers
     from snnet.train.optim import fit_warmup
     notes = []
-    args.warmup_epochs, note = fit_warmup(args.warmup_epochs, args.epochs, "warmup_epochs" in typed)
+    args.warmup_epochs, note = fit_warmup(args.warmup_epochs, args.epochs, "warmup_epochs" in typed,
+                                          origin.get("warmup_epochs", "timm's default"))
     notes.append(note)
     if "workers" not in typed and args.workers == TIMM_WORKERS:  # timm's (a config's other number is its choice)
         args.workers, note = default_workers()

@@ -129,22 +129,25 @@ def decays_stitch_biases(optim: OptimOptions, stitch_cfg) -> bool:
     return bool(optim.snnet_compat and stitch_cfg is not None and stitch_cfg.get("snnet_stitch_bias_decay"))
 
 
-def fit_warmup(warmup_epochs: int, epochs: int, typed: bool) -> tuple[int, str | None]:
+def fit_warmup(warmup_epochs: int, epochs: int, typed: bool, source: str = "timm's default"
+               ) -> tuple[int, str | None]:
     """The warm-up a run of `epochs` epochs gets, and the one line saying so when it is not `warmup_epochs`.
 
     A warm-up at least as long as the run means the run never trains at its LR (timm's default 5 epochs on a
     3-epoch run trained at 1e-5, 1e-2, 2e-2 while the log said 5e-2). Typed on the command line (`typed`) that is a
     contradiction, refused (UsageError); from a default, YAML or recipe card it is clipped to none, so the run starts
-    at its LR and decays from there as the schedule says: a shorter warm-up would be a length nobody chose."""
+    at its LR and decays from there as the schedule says: a shorter warm-up would be a length nobody chose. `source`:
+    where the untyped value came from ("timm's default", or the file that set it), named in the line."""
     if warmup_epochs <= 0 or warmup_epochs < epochs:
         return warmup_epochs, None
     if typed:
         raise UsageError(f"--warmup-epochs {warmup_epochs} is not shorter than --epochs {epochs}: the run would end "
                          f"before its LR is reached; give --warmup-epochs below {epochs} (0 for none)")
-    return 0, (f"warm-up: {warmup_epochs} epochs (from the stitch config, a -c file or timm's default; not typed) is "
-               f"not shorter than the "
-               f"run's {epochs} epochs, so this run has none and starts at its LR; --warmup-epochs N below {epochs} "
-               f"sets one")
+    said = source if source == "timm's default" else f"from the {source}" if source.startswith("stitch") else \
+        f"from {source}"
+    return 0, (f"warm-up: {warmup_epochs} epochs ({said}) is "
+               f"not shorter than the run's {epochs} epochs, so this run has none and starts at its LR; "
+               f"--warmup-epochs N below {epochs} sets one")
 
 
 def epoch_offset(schedule: ScheduleOptions) -> int:
