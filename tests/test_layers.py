@@ -172,3 +172,26 @@ def test_each_layer_lists_its_public_modules(layer):
     here = sorted(p.stem if p.is_file() else p.name for p in init.parent.iterdir()
                   if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").is_file())
     assert sorted(listed) == here
+
+
+def class_homes(paths) -> dict[str, list[str]]:
+    """{class name: the files that define a class of that name} (nested classes included)."""
+    homes: dict[str, list[str]] = {}
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ClassDef):
+                homes.setdefault(node.name, []).append(path.as_posix())
+    return homes
+
+
+def test_no_two_classes_share_a_name():
+    """Issue 52: one word per concept (snnet/README.md's glossary): a class name names one thing in snnet/, so a
+    reader (and a grep) never has to ask which `Prepared` or `Run` is meant."""
+    shared = {name: where for name, where in class_homes(sorted(PKG.rglob("*.py"))).items() if len(where) > 1}
+    assert not shared, f"class names defined more than once (give each its own word): {shared}"
+
+
+def test_the_class_name_rule_catches_a_second_home(tmp_path):
+    (tmp_path / "a.py").write_text("class Prepared:\n    pass\n")
+    (tmp_path / "b.py").write_text("def f():\n    class Prepared:\n        pass\n")
+    assert len(class_homes([tmp_path / "a.py", tmp_path / "b.py"])["Prepared"]) == 2

@@ -188,7 +188,7 @@ def calibration_batches(dataset, data_cfg: dict[str, Any] | Sequence[dict[str, A
 
 
 @dataclass
-class Prepared:
+class ExploreSetup:
     """What both commands build from their arguments, every input checked before any image is read."""
     out: Path
     cfg: Any                 # StitchConfig: the anchors' specs
@@ -205,7 +205,7 @@ class Prepared:
 
 
 def prepare(options: SimilarityOptions, data: DataOptions, loader: LoaderOptions, device: str | None, need_train: bool,
-            what: str, need_val: bool = False) -> Prepared:
+            what: str, need_val: bool = False) -> ExploreSetup:
     """Output folder, batch size, device (`device_from_flag`: None is cuda when available), anchors (>= 2), data
     folder, then the anchors themselves."""
     out = check_out_dir(options.out)
@@ -225,10 +225,10 @@ def prepare(options: SimilarityOptions, data: DataOptions, loader: LoaderOptions
     img_size = options.img_size or cfg.get("input_size")
     net = build_anchors(cfg, options.pretrained, classes, img_size).to(on)
     per_anchor, distinct, _ = data_configs(net, img_size)
-    return Prepared(out, cfg, net, on, data, loader, train, val, classes, img_size, per_anchor, distinct)
+    return ExploreSetup(out, cfg, net, on, data, loader, train, val, classes, img_size, per_anchor, distinct)
 
 
-def anchor_records(run: Prepared) -> list[dict[str, Any]]:
+def anchor_records(run: ExploreSetup) -> list[dict[str, Any]]:
     """Per anchor: its spec and the preprocessing it was fed (JSON-able)."""
     return [{"name": a.name, "checkpoint": a.checkpoint, "model_kwargs": a.model_kwargs,
              "data_config": dict(c)} for a, c in zip(run.cfg.anchors, run.data_cfgs)]

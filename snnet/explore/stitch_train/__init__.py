@@ -60,8 +60,8 @@ from snnet.explore.stitch_train.runner import (
     LAYER_CKPT,
     RESULT,
     TRAJECTORY,
-    Prepared,
     RunPlan,
+    SweepSetup,
     evaluate_anchor,
     plan_run,
     prepare,
@@ -86,7 +86,7 @@ from snnet.explore.stitch_train.sweep import (
 
 __all__ = ["AnchorProbe", "FORMAT", "LAYER_CKPT", "RESULT", "RUN_FIELDS", "RunPlan", "RunSpec", "SWEEP_JSON",
            "SWEEP_KEYS", "Stitched", "StitchedNet", "Sweep", "SweepError", "SweepSummary", "TRAIN_DEFAULTS",
-           "TRAIN_REFUSED", "TRAJECTORY", "Prepared", "aligned_block", "anchor_argument", "build_stitched",
+           "TRAIN_REFUSED", "TRAJECTORY", "SweepSetup", "aligned_block", "anchor_argument", "build_stitched",
            "collect", "evaluate_anchor", "fit_stitch", "layer_label", "load_sweep", "merge", "parse_sweep",
            "plan_run", "prepare", "probe_anchor", "run_sweep", "submit_array", "train_run",
            "weights_sha256"]

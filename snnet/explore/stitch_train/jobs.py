@@ -25,8 +25,8 @@ from snnet.core.slurm import submit
 from snnet.explore.stitch_train.plots import write_sweep_plots
 from snnet.explore.stitch_train.runner import (
     RESULT,
-    Prepared,
     RunPlan,
+    SweepSetup,
     evaluate_anchor,
     prepare,
     train_run,
@@ -57,7 +57,7 @@ class SweepSummary:
     anchor_ids: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> identity (weights' sha256 ...)
 
 
-def _jobs(prep: Prepared) -> list[tuple[str, Any, Path]]:
+def _jobs(prep: SweepSetup) -> list[tuple[str, Any, Path]]:
     """Runs, then one evaluation per anchor used: (kind, what, the file that marks it done). An anchor's evaluation
     is named by a hash of its identity (weights included), the data and the recipe, so it is never stale."""
     out = prep.sweep.out
@@ -71,7 +71,7 @@ def _jobs(prep: Prepared) -> list[tuple[str, Any, Path]]:
     return jobs
 
 
-def collect(prep: Prepared) -> list[dict[str, Any]]:
+def collect(prep: SweepSetup) -> list[dict[str, Any]]:
     """The results-file records of every finished job: runs as cfg_id = their index, then the anchors."""
     records = []
     for k, (kind, _what, done) in enumerate(_jobs(prep)):
@@ -91,7 +91,7 @@ def _meet(world_size: int) -> None:
     dist.barrier()
 
 
-def _finish(prep: Prepared, records: list[dict[str, Any]]) -> Path:
+def _finish(prep: SweepSetup, records: list[dict[str, Any]]) -> Path:
     """The sweep's results file and its pictures (sweep.png, curves.png: what `snnet report` shows)."""
     write_results(prep.sweep.out / RESULTS_FILE, records)
     write_sweep_plots(prep.sweep.out, records)

@@ -103,7 +103,7 @@ class RunPlan:
 
 
 @dataclass
-class Prepared:
+class SweepSetup:
     """What every run of a sweep shares: options, data, anchors (built once, frozen) and their probes."""
     sweep: Sweep
     options: dict[type, Any]                    # option class -> the sweep's (TRAIN_DEFAULTS < its `train`)
@@ -183,7 +183,7 @@ def _anchor_identity(spec, model, sha_cache: dict[str, str]) -> dict[str, Any]:
     return ident
 
 
-def prepare(sweep: Sweep) -> Prepared:
+def prepare(sweep: Sweep) -> SweepSetup:
     """Every input checked, before anything is written: train.py flags, data, anchors (seeded, built and loaded
     once), every run's blocks, resolution and stitching layer."""
 
@@ -218,7 +218,7 @@ def prepare(sweep: Sweep) -> Prepared:
         for p in model.parameters():
             p.requires_grad = False
         models[label], adapters[label] = model, adapter_for(model, label)
-    prep = Prepared(sweep, options, train_ds, val_ds, device, models, adapters, idents)
+    prep = SweepSetup(sweep, options, train_ds, val_ds, device, models, adapters, idents)
     seen: dict[str, int] = {}
     for run in sweep.runs:
         plan = plan_run(prep, run)
@@ -230,7 +230,7 @@ def prepare(sweep: Sweep) -> Prepared:
     return prep
 
 
-def run_hash(prep: Prepared, run: RunSpec, end_block: int) -> tuple[str, dict[str, Any]]:
+def run_hash(prep: SweepSetup, run: RunSpec, end_block: int) -> tuple[str, dict[str, Any]]:
     """(sha256, identity) of a run: both anchors' identities (weights included), the cut, the layer, the loss, the
     run's seed, the data folder and the recipe. It names the run's folder: a changed run never reuses a result."""
     ident = {"format": FORMAT, "front": prep.anchor_ids[run.front], "end": prep.anchor_ids[run.end],
@@ -243,7 +243,7 @@ def run_hash(prep: Prepared, run: RunSpec, end_block: int) -> tuple[str, dict[st
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest(), ident
 
 
-def plan_run(prep: Prepared, run: RunSpec) -> RunPlan:
+def plan_run(prep: SweepSetup, run: RunSpec) -> RunPlan:
     where = f"{prep.sweep.source}: run {run.index}"
     size = prep.size(run.front)
     fp, ep = prep.probe(run.front, size), prep.probe(run.end, size)
@@ -355,7 +355,7 @@ def run_options(options: dict[type, Any], train: TrainOptions) -> RunOptions:
                       options[InputOptions], NetworkOptions(), LoggerOptions())
 
 
-def train_run(prep: Prepared, run: RunSpec, plan: RunPlan, run_dir: Path, rank: int = 0,
+def train_run(prep: SweepSetup, run: RunSpec, plan: RunPlan, run_dir: Path, rank: int = 0,
               world_size: int = 1) -> dict[str, Any]:
     """Train and evaluate one run in this process; writes its folder (result.json last) and returns the result."""
     train = replace(prep.train, seed=run.seed)  # the run's seed: its stitch's init, its epochs' draws
@@ -435,7 +435,7 @@ def train_run(prep: Prepared, run: RunSpec, plan: RunPlan, run_dir: Path, rank: 
     return result
 
 
-def evaluate_anchor(prep: Prepared, label: str) -> dict[str, Any]:
+def evaluate_anchor(prep: SweepSetup, label: str) -> dict[str, Any]:
     """An anchor on its own (top-1, FLOPs, params), for the results file's reference points."""
     net = PlainNet(prep.models[label], label)
     data_cfg = prep.data_cfg(label)
