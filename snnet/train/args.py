@@ -16,15 +16,13 @@ import sys
 import types
 import typing
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from snnet.core import slurm
 from snnet.core.config import ARG_DESTS, ConfigError, StitchConfig, load_stitch_config
 from snnet.core.errors import OneLineParser, UsageError
 from snnet.core.options import FILES, GROUPS, Flag, flag_fields, rule_violation
 from snnet.train.options import FLAG_OPTIONS, JobOptions, RunOptions
-
-T = TypeVar("T")
 
 
 def _number(s: str, kind: type):
@@ -414,7 +412,7 @@ def _yaml_entries(path: str) -> list[tuple[str, str, Any]]:
     return [(str(k), str(k).replace("-", "_"), v) for k, v in data.items()]
 
 
-__all__ = ["arguments", "build_parser", "parse_args", "options_from", "UsageError", "ConfigError"]
+__all__ = ["arguments", "build_parser", "parse_args", "typed_dests", "UsageError", "ConfigError"]
 
 
 class FrozenArgs(argparse.Namespace):
@@ -443,18 +441,3 @@ def arguments(options: RunOptions, **resolved: Any) -> FrozenArgs:
     return freeze(argparse.Namespace(), **{k: list(v) if isinstance(v, tuple) else v
                                            for k, v in options.values().items()}, **resolved)
 
-
-def options_from(cls: type[T], args: argparse.Namespace, **over: Any) -> T:
-    """A typed option object (a dataclass: `snnet.data.options.DataOptions`, `LoaderOptions`, ...) from train.py's
-    resolved arguments: each field read from the flag of its name (a field train.py has no flag for keeps its
-    default), `over` over them. The one place a namespace becomes options; below the entry points no function takes
-    a namespace."""
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = set(over) - names
-    if unknown:
-        raise TypeError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
-    values = {n: getattr(args, n) for n in names if hasattr(args, n)}
-    for n, v in values.items():  # argparse gives lists (nargs), the options hold tuples
-        if isinstance(v, list):
-            values[n] = tuple(v)
-    return cls(**{**values, **over})
