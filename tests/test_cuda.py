@@ -234,11 +234,11 @@ def test_checkpoint_gpu_to_cpu_and_back_same_logits(tmp_path, digits_images):
 
 def test_ls_init_of_a_cuda_network_as_train_py_runs_it(digits_folder):
     """train.py fits the stitching layers after moving the network to the device (main._prepare, then
-    ls_data.ls_initialise on clean_images' batches): the fit must run there and change the layers."""
+    ls_data.run_ls_init on clean_images' batches): the fit must run there and change the layers."""
     from timm.data import create_dataset
 
     from snnet.core.config import parse_stitch_config
-    from snnet.train.ls_data import ls_initialise
+    from snnet.train.ls_data import run_ls_init
     from snnet.train.main import Run
     from snnet.train.options import RunOptions
     raw = {"anchors": [vit(8), vit(16)], "skip_final_norm": False, "stitch_init_bs": 32}
@@ -248,7 +248,7 @@ def test_ls_init_of_a_cuda_network_as_train_py_runs_it(digits_folder):
                 "crop_pct": 1.0, "crop_mode": "center"}
     run = Run(RunOptions.from_values({"seed": 0, "data_dir": str(digits_folder)}), parse_stitch_config(raw), CUDA,
               None, data_cfg, digits_folder, "{}", "{}")
-    ls_initialise(net, create_dataset("", root=str(digits_folder / "train"), split="", search_split=False),
+    run_ls_init(net, create_dataset("", root=str(digits_folder / "train"), split="", search_split=False),
                   run.stitch_cfg, run.init_images)
     after = net.stitch_layers.state_dict()
     assert all(v.device.type == "cuda" for v in after.values())

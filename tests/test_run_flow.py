@@ -47,7 +47,7 @@ def test_args_yaml_is_written_before_any_work(digits_folder, tiny_config, tmp_pa
     """The run stops at the least-squares init (the first work): args.yaml is already there, with what the run
     resolved (classes from the data folder) and the same resolved section as --dry-run prints."""
     import snnet.train.main as main_mod
-    seen = _stop_at(monkeypatch, "ls_initialise")
+    seen = _stop_at(monkeypatch, "run_ls_init")
     with pytest.raises(KeyboardInterrupt):
         main_mod.main(_argv(digits_folder, tiny_config, tmp_path))
     written = yaml.safe_load((tmp_path / "flow" / "args.yaml").read_text())

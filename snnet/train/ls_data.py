@@ -71,7 +71,7 @@ def snnet_version(stitch_cfg: StitchConfig | None) -> int:
     return 2 if stitch_cfg is not None and stitch_cfg.get("stitch_plan") == "two_way" else 1
 
 
-def ls_initialise(net: RoutedNet, images_from: Any, stitch_cfg: StitchConfig, source: InitImages,
+def run_ls_init(net: RoutedNet, images_from: Any, stitch_cfg: StitchConfig, source: InitImages,
                   count: int | None = None, mode: str | None = None) -> None:
     """Least-squares init of the stitching layers (`snnet.core.ls_init.ls_init` on a run's images) on `count`
     clean images, or for ``--ls-mode snnet`` on SN-Net's training batch, with a log line. `count` and `mode`:

@@ -44,7 +44,7 @@ from snnet.train.device import adopt_slurm_env, amp_dtype_for, requeued, resolve
 from snnet.train.evaluator import Evaluation, evaluate_all, prediction_ids, val_panel, validate_panel
 from snnet.train.loggers import Loggers, check_loggers, create_loggers
 from snnet.train.losses import create_loss
-from snnet.train.ls_data import InitImages, ls_initialise
+from snnet.train.ls_data import InitImages, run_ls_init
 from snnet.train.network import build_network, check_train_exclude
 from snnet.train.optim import anchor_lr_scale
 from snnet.train.options import JobOptions, RunOptions, TrainOptions
@@ -262,7 +262,7 @@ def _execute(options: RunOptions, stitch_cfg: StitchConfig | None, out_dir: Path
     run.loggers = create_loggers(replace(options.logging, run_config=vars(args)), run.out_dir, run.primary)
     if _wants_ls_init(options.job, stitch_cfg, resume_state):
         assert stitch_cfg is not None  # only an SN-Net has stitching layers to fit
-        ls_initialise(net, train_ds if train_ds is not None else val_ds, stitch_cfg, run.init_images,
+        run_ls_init(net, train_ds if train_ds is not None else val_ds, stitch_cfg, run.init_images,
                       job.stitch_init_bs, job.ls_mode)
     if resume_state is not None:
         unwrap(net).load_checkpoint_state(resume_state["state_dict"])  # read once, fit checked above
