@@ -183,3 +183,24 @@ def test_what_was_typed_comes_from_the_parser():
                                                                                   "model"}
     assert typed_dests(["folder", "--workers", "2", "--dr", "0.5"]) == {"data", "workers", "decay_rate"}
     assert typed_dests([]) == set()
+
+
+def test_the_learning_rates_are_resolved_in_one_place():
+    """Issue 52: the global batch and the LRs come from one function (`optim.resolve_lrs`), which the preflight,
+    --dry-run's resolved run and the trainer call; no other module multiplies the batch by the world size."""
+    from snnet.train.args import parse_args
+    from snnet.train.optim import resolve_lrs
+    from snnet.train.options import RunOptions
+
+    def lrs(*flags: str, world_size: int = 4):
+        return resolve_lrs(RunOptions.from_values(vars(parse_args(["folder", "--model", "resnet18", *flags])[0])),
+                           world_size)
+    assert lrs("-b", "32", "--grad-accum-steps", "2", "--lr-base", "0.1") == (256, 0.1, 1e-5, 0.0)
+    assert lrs("-b", "64", "--lr-base", "0.1") == pytest.approx((256, 0.1, 1e-5, 0.0))
+    assert lrs("-b", "128", "--lr-base", "0.1", "--opt", "adamw")[1] == pytest.approx(0.1 * 2 ** 0.5)  # sqrt rule
+    assert lrs("-b", "128", "--lr", "0.3", "--scale-warmup-min-lr").lr == 0.3  # an absolute --lr is not scaled
+    scaled = lrs("-b", "128", "--lr-base", "0.1", "--min-lr", "1e-6", "--scale-warmup-min-lr")
+    assert scaled == pytest.approx((512, 0.2, 2e-5, 2e-6))
+    multiplying = [p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "snnet").rglob("*.py"))
+                   if "* world_size" in p.read_text() or "world_size *" in p.read_text()]
+    assert multiplying == ["snnet/train/optim.py"]

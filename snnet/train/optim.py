@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import difflib
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from timm.models import group_parameters
@@ -12,7 +12,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from torch import nn
 
 from snnet.core.errors import SNNetError, UsageError
-from snnet.train.options import OptimOptions, ScheduleOptions
+from snnet.train.options import OptimOptions, RunOptions, ScheduleOptions
 
 
 class OptimError(SNNetError):
@@ -78,18 +78,30 @@ def layer_ids(net: nn.Module) -> dict[str, tuple[int, int]]:
     return out
 
 
-def resolve_lrs(optim: OptimOptions, schedule: ScheduleOptions, global_batch: int) -> tuple[float, float, float]:
-    """(lr, warmup_lr, min_lr) of the run. --lr is absolute (timm); else --lr-base is scaled from --lr-base-size to
-    the global batch (linearly, or by the square root for adaptive optimizers unless --lr-base-scale says), and with
-    --scale-warmup-min-lr so are --warmup-lr and --min-lr (SN-Net's Swin)."""
+class LearningRates(NamedTuple):
+    """A run's global batch and the learning rates it resolves to (`resolve_lrs`)."""
+    global_batch: int  # images per optimizer step, over every process: -b x processes x --grad-accum-steps
+    lr: float
+    warmup_lr: float
+    min_lr: float
+
+
+def resolve_lrs(options: RunOptions, world_size: int) -> LearningRates:
+    """The run's global batch and (lr, warmup_lr, min_lr), the one place they are resolved (the preflight's checks,
+    --dry-run's resolved run and the trainer read them from here). --lr is absolute (timm); else --lr-base is scaled
+    from --lr-base-size to the global batch (linearly, or by the square root for adaptive optimizers unless
+    --lr-base-scale says), and with --scale-warmup-min-lr so are --warmup-lr and --min-lr (SN-Net's Swin)."""
+    optim, schedule, train = options.optim, options.schedule, options.train
+    global_batch = train.batch_size * world_size * max(1, train.grad_accum_steps or 1)
     if optim.lr is not None:
-        return optim.lr, schedule.warmup_lr, schedule.min_lr
+        return LearningRates(global_batch, optim.lr, schedule.warmup_lr, schedule.min_lr)
     scale = optim.lr_base_scale or ("sqrt" if any(o in optim.opt.lower() for o in ("ada", "lamb")) else "linear")
     ratio = global_batch / optim.lr_base_size
     factor = ratio ** 0.5 if scale == "sqrt" else ratio
     if schedule.scale_warmup_min_lr:
-        return optim.lr_base * factor, schedule.warmup_lr * factor, schedule.min_lr * factor
-    return optim.lr_base * factor, schedule.warmup_lr, schedule.min_lr
+        return LearningRates(global_batch, optim.lr_base * factor, schedule.warmup_lr * factor,
+                             schedule.min_lr * factor)
+    return LearningRates(global_batch, optim.lr_base * factor, schedule.warmup_lr, schedule.min_lr)
 
 
 def anchor_lr_scale(optim: OptimOptions) -> float:

@@ -302,14 +302,13 @@ def check_training(options: RunOptions, world_size: int = 1) -> None:
     """What training builds late (the optimizer, the LR schedule, the distillation teacher), refused before any work."""
     if options.job.eval:
         return
-    optim, train, loss = options.optim, options.train, options.loss
+    optim, loss = options.optim, options.loss
     check_optimizer_name(optim.opt)
     if optim.opt_betas is not None and len(optim.opt_betas) == 1 and _takes_two_betas(optim.opt):
         raise UsageError(f"--opt-betas {optim.opt_betas[0]:g}: --opt {optim.opt} takes two betas (beta1 beta2); give "
                          f"both, e.g. --opt-betas {optim.opt_betas[0]:g} 0.999")
-    global_batch = train.batch_size * world_size * max(1, train.grad_accum_steps or 1)
     # at the launch's world size, as the run resolves it
-    lr, warmup_lr, min_lr = resolve_lrs(optim, options.schedule, global_batch)
+    _, lr, warmup_lr, min_lr = resolve_lrs(options, world_size)
     if min_lr > lr:
         raise UsageError(f"--min-lr {min_lr:g} is above the LR {lr:g}: the decaying schedule would raise the LR; "
                          f"lower --min-lr or raise --lr")

@@ -30,10 +30,9 @@ def describe_run(args: argparse.Namespace, stitch_cfg: StitchConfig | None, worl
                  device_type: str, net=None) -> dict[str, Any]:
     """The resolved run: timm's args.yaml entries plus a ``resolved`` section of what they amount to, the network
     included (`net`: the run's built network; None: built here on the meta device)."""
-    global_batch = args.batch_size * world_size * max(1, getattr(args, "grad_accum_steps", 1) or 1)
     options = RunOptions.from_values(vars(args))
     optim = options.optim
-    lr, warmup_lr, min_lr = resolve_lrs(optim, options.schedule, global_batch)
+    global_batch, lr, warmup_lr, min_lr = resolve_lrs(options, world_size)
     scale = anchor_lr_scale(optim)
     stitch_bias_decay = decays_stitch_biases(optim, stitch_cfg)
     amp = None

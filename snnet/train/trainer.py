@@ -174,7 +174,7 @@ def create_trainer(model: RoutedNet, loader: Any, loss_fn: Callable, options: Ru
     device, amp_dtype, resume_state, input_size = setup.device, setup.amp_dtype, setup.resume_state, setup.input_size
     rank, world_size = world()
     accum = max(1, train.grad_accum_steps)
-    lr, warmup_lr, min_lr = resolve_lrs(optim, schedule, train.batch_size * world_size * accum)
+    _, lr, warmup_lr, min_lr = resolve_lrs(options, world_size)
     optimizer = create_optimizer(optim, model, lr)
     loss_scaler = NativeScaler(device=device.type) if amp_dtype == torch.float16 else None
     start_epoch, global_step = resume_counters(train, resume_state, optimizer, loss_scaler)
