@@ -12,9 +12,10 @@ This benchmark checks that replay against real servers under real open-loop HTTP
 * **frozen settings**: the SLO (server time, from when a request was due: `sent_at`), the arrival rates and the
   latency table every server uses are the calibration's (results/serve_calibration.json), not re-measured;
 * **randomized blocks**: each block draws one arrival trace per setting (seeds `--seed-offset` + block: the same
-  for every system) and runs the systems in a random order, each on a **fresh server** (so no system inherits
-  another's learned speeds or arrival history); the load generator on its own core (`--client-cpus`, default the
-  last core), the servers on the others with one thread, as the calibration measured them;
+  for every system) and runs the three systems in a random order, each on a **fresh server** (so no system
+  inherits another's learned speeds or arrival history), the settings in a random order on it, 2.5 s apart (the
+  server's arrival-rate window forgets the last trace); the load generator on its own core (`--client-cpus`,
+  default the last core), the servers on the others with one thread, as the calibration measured them;
 * **statistics**: per setting, switch minus the alternative and switch minus its A/A copy, paired by block, mean
   with its 95 % interval (t over the blocks); and per (setting, system) whether the replay's prediction for the very
   same traces lies inside the live mean's 95 % interval.
@@ -226,28 +227,37 @@ def main() -> None:
         runs = 0
         for block in range(args.blocks):
             seed = args.seed_offset + block
-            for s, (kind, load, alt, _) in enumerate(plan):
-                times = arrivals(kind, args.requests, load * cal.capacity, cal.slo_ms / 1e3, seed)
-                picks = np.random.default_rng(seed).integers(0, len(images), args.requests)
-                for system in rng.permutation(["switch", "A/A", alt]).tolist():
-                    extra: dict[str, Any] = {}
-                    src = source
-                    if system.startswith("fixed cfg "):
-                        extra = {"cfg_id": int(system.split()[-1])}
-                    elif system == "anchors":
-                        src = ["--exported", *(str(work / f"cfg{a}") for a in DEIT_ANCHORS)]
-                    server = Server(src, results, work / "server.log", servers_on)
-                    try:
-                        for i in range(2):  # its first batches run cold (lazy allocation)
-                            post(server.url, json.dumps({"image": images[i], "top_k": 1, **extra}).encode())
+            for role in rng.permutation(["switch", "A/A", "alternative"]).tolist():
+                server, server_kind = None, ""
+                try:
+                    for s in rng.permutation(len(plan)).tolist():
+                        kind, load, alt, _ = plan[s]
+                        system = alt if role == "alternative" else role
+                        need = "exported" if system == "anchors" else "snnet"
+                        extra = {"cfg_id": int(system.split()[-1])} if system.startswith("fixed cfg ") else {}
+                        if server is None or need != server_kind:  # a fresh server for each role in each block
+                            if server is not None:
+                                server.stop()
+                            src = ["--exported", *(str(work / f"cfg{a}") for a in DEIT_ANCHORS)] \
+                                if need == "exported" else source
+                            server, server_kind = Server(src, results, work / "server.log", servers_on), need
+                            for i in range(2):  # its first batches run cold (lazy allocation)
+                                post(server.url, json.dumps({"image": images[i], "top_k": 1}).encode())
+                        if extra:
+                            post(server.url, json.dumps({"image": images[0], "top_k": 1, **extra}).encode())
+                        time.sleep(2.5)  # the server's arrival rate (2 s) forgets the last trace
+                        times = arrivals(kind, args.requests, load * cal.capacity, cal.slo_ms / 1e3, seed)
+                        picks = np.random.default_rng(seed).integers(0, len(images), args.requests)
                         row = run_trace(server.url, images, times, picks, cal.slo_ms, extra, acc)
-                    finally:
+                        live.setdefault((s, role if role != "alternative" else alt), []).append(row["effacc"])
+                        runs += 1
+                        print(f"block {block + 1}/{args.blocks} {kind} {load:g}x {system}: effacc "
+                              f"{row['effacc']:.2f} attain {row['attain']:.2f} shed {row['shed']} failed "
+                              f"{row['failed']} ({time.time() - t_start:.0f} s, {runs} runs)", file=sys.stderr,
+                              flush=True)
+                finally:
+                    if server is not None:
                         server.stop()
-                    live.setdefault((s, system), []).append(row["effacc"])
-                    runs += 1
-                    print(f"block {block + 1}/{args.blocks} {kind} {load:g}x {system}: effacc {row['effacc']:.2f} "
-                          f"attain {row['attain']:.2f} shed {row['shed']} failed {row['failed']} "
-                          f"({time.time() - t_start:.0f} s, {runs} runs)", file=sys.stderr, flush=True)
     # the replay's prediction for the very same traces and images
     by_name = systems(cal)
     behind, aa_ok, inside, pairs = 0, True, 0, 0

@@ -80,12 +80,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=5000, help="timed calls per depth (default 5000)")
     p.add_argument("--calibration", type=Path, default=CALIBRATION)
+    p.add_argument("--note", default="", help="how the machine was kept quiet (printed with the table)")
     args = p.parse_args()
     t_start = time.time()
     saved = json.loads(args.calibration.read_text())
     lines = [f"$ .venv/bin/python benchmarks/serve_plan.py --repeats {args.repeats}",
              f"machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
-             f"torch {torch.__version__}; menus from {args.calibration.name}", "",
+             f"torch {torch.__version__}; menus from {args.calibration.name}; cores "
+             f"{sorted(os.sched_getaffinity(0))}" + (f"; {args.note}" if args.note else ""), "",
              "| network | queue | switching p50 µs | switching p99 µs | fixed p50 µs | fixed p99 µs |",
              "|---|---:|---:|---:|---:|---:|"]
     worst = 0.0

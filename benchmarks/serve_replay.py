@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import base64
 import heapq
+import inspect
 import io
 import json
 import math
@@ -240,7 +241,7 @@ class Calibrated:
         self.name = name
         self.records = cal["records"]
         self.anchors = cal["anchors"]
-        self.service = {int(c): {int(b): np.array(v) for b, v in t.items()} for c, t in cal["service_ms"].items()}
+        self.service = {int(c): {int(b): list(v) for b, v in t.items()} for c, t in cal["service_ms"].items()}
         self.decode, self.answer = np.array(cal["decode_ms"]), np.array(cal["answer_ms"])
         self.menu, self.largest, _ = menu_of(cal)
         b1 = self.menu.batch_ms(self.largest, 1)
@@ -248,15 +249,17 @@ class Calibrated:
         self.capacity = 1e3 / b1
         self.images = int(cal["images"])
         if "correct" in cal:
-            self.correct = {int(c): np.array(v, float) for c, v in cal["correct"].items()}
-            self.confidence = {int(c): np.array(v) for c, v in cal["confidence"].items()}
+            self.correct = {int(c): [float(x) for x in v] for c, v in cal["correct"].items()}
+            self.confidence = {int(c): list(v) for c, v in cal["confidence"].items()}
         else:  # the expected correctness: the published top-1
-            self.correct = {c: np.full(self.images, r["acc1"] / 100.0) for c, r in self.menu.by_id.items()}
+            self.correct = {c: [r["acc1"] / 100.0] * self.images for c, r in self.menu.by_id.items()}
             self.confidence = {}
+        self.tables: dict = {}  # the schedulers' choice tables, built once for every trace replayed here
         self.cascades = cal.get("cascades", {})
         choice = cal["choice_us"]
-        self.choice = {k: (np.array([int(d) for d in v]), np.array([p[0] for p in v.values()]))
-                       for k, v in choice.items()}
+        deepest = max(int(d) for v in choice.values() for d in v)
+        self.choice = {k: np.interp(np.arange(deepest + 1), [int(d) for d in v], [p[0] for p in v.values()]).tolist()
+                       for k, v in choice.items()}  # µs at each depth up to the deepest measured
         self.choice_p99 = max(p[1] for v in choice.values() for p in v.values())
 
     def service_ms(self, c: int, n: int, u: float) -> float:
@@ -265,7 +268,7 @@ class Calibrated:
         table = self.service[c]
         if n in table:
             s = table[n]
-            return float(s[min(int(u * len(s)), len(s) - 1)])
+            return s[min(int(u * len(s)), len(s) - 1)]
         lo = max(b for b in table if b < n)
         hi = min((b for b in table if b > n), default=None)
         if hi is None:
@@ -275,8 +278,8 @@ class Calibrated:
         return a + (b - a) * (n - lo) / (hi - lo)
 
     def choose_us(self, kind: str, depth: int) -> float:
-        depths, p50 = self.choice[kind]
-        return float(np.interp(depth, depths, p50))
+        at = self.choice[kind]
+        return at[min(depth, len(at) - 1)]
 
 
 def arrivals(kind: str, n: int, rate: float, slo_s: float, seed: int) -> np.ndarray:
@@ -301,21 +304,22 @@ def replay(net: Calibrated, system: dict[str, Any], times: np.ndarray, draws: np
     n = len(times)
     clock = [0.0]
     sched = DeadlineScheduler(lambda x, c: x, net.menu, MAX_BATCH, shed=True, arrivals=system.get("arrivals", True),
-                              rest_on_same=system.get("rest_on_same", True), clock=lambda: clock[0])
+                              rest_on_same=system.get("rest_on_same", True), clock=lambda: clock[0],
+                              tables=net.tables)
     kind = "fixed" if len(system["stages"][0]) == 1 else "switch"
     slo = net.slo_ms / 1e3
-    image = (draws[:, 0] * net.images).astype(int)
-    decode = net.decode[(draws[:, 1] * len(net.decode)).astype(int)] / 1e3
-    answer = net.answer[(draws[:, 3] * len(net.answer)).astype(int)] / 1e3
-    admitted = np.empty(n)
+    image = (draws[:, 0] * net.images).astype(int).tolist()
+    decode = (net.decode[(draws[:, 1] * len(net.decode)).astype(int)] / 1e3).tolist()
+    answer = (net.answer[(draws[:, 3] * len(net.answer)).astype(int)] / 1e3).tolist()
+    u_service = draws[:, 2].tolist()
+    times = times.tolist()
+    pending = []  # (time, request, stage), admitted by one decoding thread in arrival order
     free = 0.0
-    for i in range(n):  # one decoding thread, in arrival order
+    for i in range(n):
         free = max(free, times[i]) + decode[i]
-        admitted[i] = free
-    pending = [(float(admitted[i]), i, 0) for i in range(n)]  # (time, request, stage)
+        pending.append((free, i, 0))
     heapq.heapify(pending)
-    credit, met, shed = np.zeros(n), np.zeros(n, bool), np.zeros(n, bool)
-    flops = np.zeros(n)
+    credit, met, shed, flops = [0.0] * n, [False] * n, [False] * n, [0.0] * n
     owner: dict[int, tuple[int, int]] = {}
     x = torch.empty(0)
     stages, thresholds = system["stages"], system.get("thresholds", [])
@@ -324,7 +328,7 @@ def replay(net: Calibrated, system: dict[str, Any], times: np.ndarray, draws: np
         while pending and pending[0][0] <= t:
             at, i, stage = heapq.heappop(pending)
             clock[0] = at
-            job = Pending(x, stages[stage], float(times[i]), float(times[i]) + slo)
+            job = Pending(x, stages[stage], times[i], times[i] + slo)
             owner[id(job)] = (i, stage)
             sched.admit(job, at)
         if not sched.queue:
@@ -341,7 +345,7 @@ def replay(net: Calibrated, system: dict[str, Any], times: np.ndarray, draws: np
             shed[i] = stage == 0  # a shed escalation keeps its first answer
             continue
         c, batch = planned
-        ms = net.service_ms(c, len(batch), float(draws[owner[id(batch[0])][0], 2]))
+        ms = net.service_ms(c, len(batch), u_service[owner[id(batch[0])][0]])
         t += ms / 1e3
         clock[0] = t
         sched.done_batch(c, len(batch), ms)
@@ -360,14 +364,15 @@ def replay(net: Calibrated, system: dict[str, Any], times: np.ndarray, draws: np
                 continue
             met[i] = done - times[i] <= slo
             credit[i] = net.correct[c][image[i]] if met[i] else 0.0
-    return {"effacc": 100.0 * float(credit.mean()), "attain": float(met.mean()), "shed": float(shed.mean()),
-            "flops": float(flops.mean())}
+    return {"effacc": 100.0 * sum(credit) / n, "attain": sum(met) / n, "shed": sum(shed) / n, "flops": sum(flops) / n}
 
 
 def systems(net: Calibrated) -> dict[str, dict[str, Any]]:
     front = net.menu.front()
     out: dict[str, dict[str, Any]] = {r: {"stages": [front], **knobs} for r, knobs in RULES.items()}
-    out["switch"] = out["switch, arrivals, rest on same"]  # the server's defaults
+    defaults = {k: v.default for k, v in inspect.signature(DeadlineScheduler).parameters.items()}
+    out["switch"] = {"stages": [front], "arrivals": defaults["arrivals"],  # the server's own defaults
+                     "rest_on_same": defaults["rest_on_same"]}
     out["anchors"] = {"stages": [[c for c in front if c in net.anchors] or [net.largest]]}
     for name, cas in net.cascades.items():
         out[name] = {"stages": [[c] for c in cas["chain"]], "thresholds": cas["thresholds"]}
@@ -445,20 +450,23 @@ def main() -> None:
         # 1. tuning traces: every system of every network: the best fixed stitch per setting and the rule
         tuned: dict[tuple[str, str, str, float], list[float]] = {}
         for name, net in nets.items():
+            tuned_systems = [s for s in systems(net) if s in RULES or s.startswith("fixed")]  # what tuning chooses
             jobs = [(name, saved["nets"][name], s, k, ld, seed, args.requests) for k, ld in settings
-                    for s in systems(net) if s != "switch" for seed in tuning]
+                    for s in tuned_systems for seed in tuning]
             for (_, s, k, ld, _), res in _tagged(pool, jobs, f"{name} tuning", t_start).items():
                 tuned.setdefault((name, s, k, ld), []).append(res["effacc"])
         mean = {key: statistics.fmean(v) for key, v in tuned.items()}
         rule_score = {r: statistics.fmean(mean[n, r, k, ld] for n in nets for k, ld in settings) for r in RULES}
         chosen = max(RULES, key=lambda r: rule_score[r])
-        others = [r for r in RULES if r != chosen]
+        # beside it on the evaluation traces: the rules that differ from it in one knob (each knob's effect)
+        others = [r for r in RULES if sum(RULES[r].get(k, True) != RULES[chosen].get(k, True)
+                                          for k in ("arrivals", "rest_on_same")) == 1]
         # 2. evaluation traces: the chosen rule ("switch"), the others, the best fixed, the rest
         for name, net in nets.items():
             names = list(systems(net))
             fixed = [s for s in names if s.startswith("fixed")]
             best_fixed = {(k, ld): max(fixed, key=lambda s: mean[name, s, k, ld]) for k, ld in settings}
-            judged = [*RULES, "anchors", *net.cascades]
+            judged = [chosen, *others, "anchors", *net.cascades]
             jobs = [(name, saved["nets"][name], s, k, ld, seed, args.requests) for k, ld in settings
                     for s in [*judged, best_fixed[k, ld]] for seed in evaluation]
             got = {(s, k, ld, seed): res for (_, s, k, ld, seed), res in

@@ -13,11 +13,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 #: a summary is recomputed at most this often (s): at a batch every 2 ms, once per batch would cost the worker more
 #: than the forward pass of a small stitch
 RESUMMARISE_S = 0.02
+
+
+def quantile(values: list[float], q: float) -> float:
+    """numpy's default (linear) quantile of a short list, in plain Python: a few hundred values are sorted faster
+    than numpy's call overhead (a summary is recomputed up to once per batch)."""
+    x = sorted(values)
+    pos = q * (len(x) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(x) - 1)
+    return x[lo] + (x[hi] - x[lo]) * (pos - lo)
 
 
 class Recent:
@@ -52,8 +60,7 @@ class Quantile(Recent):
 
     def __init__(self, q: float, initial: float, seconds: float = 2.0, least: int = 5, most: int = 400,
                  clock: Callable[[], float] = time.perf_counter):
-        super().__init__(lambda xs: float(np.quantile([x for x, in xs], q)), initial, seconds, least, most,
-                         clock=clock)
+        super().__init__(lambda xs: quantile([x for x, in xs], q), initial, seconds, least, most, clock=clock)
 
 
 class BatchTimes:
@@ -71,10 +78,8 @@ class BatchTimes:
 
     @staticmethod
     def _fit(batches: list[tuple[float, ...]]) -> tuple[float, float]:
-        table = np.array([t for t, _ in batches])
-        measured = np.array([m for _, m in batches])
-        slowdown = float(np.median(measured / table))
-        return slowdown, max(0.0, float(np.quantile(measured - slowdown * table, 0.95)))
+        slowdown = quantile([m / t for t, m in batches], 0.5)
+        return slowdown, max(0.0, quantile([m - slowdown * t for t, m in batches], 0.95))
 
     def add(self, table_ms: float, measured_ms: float) -> None:
         if table_ms > 0:

@@ -105,7 +105,7 @@ class DeadlineScheduler:
 
     def __init__(self, run: Forward, menu: StitchMenu, max_batch: int = 16, max_wait_ms: float = 0.0,
                  shed: bool = False, arrivals: bool = True, rest_on_same: bool = True, window: float = 2.0,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter, tables: dict | None = None):
         self.run, self.menu = run, menu
         self.max_batch, self.max_wait, self.shed = max(1, max_batch), max_wait_ms / 1e3, shed
         self.arrivals_counted, self.window = arrivals, window  # the rate: arrivals of the last `window` seconds
@@ -122,7 +122,9 @@ class DeadlineScheduler:
         self._worker: asyncio.Task | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="snnet-batch")
         self._trimmed = -math.inf
-        self._tables: dict[tuple[int, ...], SlackTable] = {}
+        # the choice tables, by candidates and rule; `tables`: a cache shared with other schedulers of this menu (a
+        # simulation replaying many traces builds each table once)
+        self._tables: dict[tuple, SlackTable] = {} if tables is None else tables
         self._fastest_of: dict[tuple[int, ...], int] = {}
 
     # ------------------------------------------------------------------------------------------ the queue
@@ -153,10 +155,11 @@ class DeadlineScheduler:
         self.table(tuple(candidates))
 
     def table(self, candidates: tuple[int, ...]) -> SlackTable:
-        known = self._tables.get(candidates)
+        key = (candidates, self.max_batch, self.arrivals_counted, self.rest_on_same)
+        known = self._tables.get(key)
         if known is None:
-            known = self._tables[candidates] = SlackTable(self.menu, candidates, self.max_batch, self.arrivals_counted,
-                                                          self.rest_on_same)
+            known = self._tables[key] = SlackTable(self.menu, candidates, self.max_batch, self.arrivals_counted,
+                                                   self.rest_on_same)
         return known
 
     def take(self, now: float) -> tuple[int, list[Pending]] | Pending | None:
