@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# tools/quiet_core.sh CMD ARGS...: run a measurement on a quiet core. Every other process of the machine, and
+# whatever those start meanwhile, is confined to the other cores by a cpuset cgroup while CMD runs on core 0
+# (QUIET_CPUS=...: other cores; OTHERS_CPUS=...: where the rest goes, default the cores not in QUIET_CPUS), then
+# given every core back. benchmarks/serve_live.py runs with QUIET_CPUS=0,1 OTHERS_CPUS=1: its servers on core 0
+# alone, its load generator on core 1 beside the rest of the machine. For timing on a shared 2-core machine (the serving
+# calibration and live validation, docs/serving.md). Needs root and cgroup v1's cpuset (/sys/fs/cgroup/cpuset).
+set -u
+CG=/sys/fs/cgroup/cpuset
+QUIET=${QUIET_CPUS:-0}
+if [ ! -w "$CG/cgroup.procs" ]; then
+    echo "quiet_core.sh: no writable cgroup v1 cpuset at $CG (needs root); run the command without it" >&2
+    exit 2
+fi
+REST=${OTHERS_CPUS:-}
+[ -n "$REST" ] || REST=$(python3 -c "import os; q={int(c) for c in '$QUIET'.split(',')}; print(','.join(map(str, sorted(os.sched_getaffinity(0) - q))))")
+mkdir -p "$CG/others"
+cat "$CG/cpuset.mems" > "$CG/others/cpuset.mems"
+echo "$REST" > "$CG/others/cpuset.cpus"
+for p in $(cat "$CG/cgroup.procs"); do echo "$p" > "$CG/others/cgroup.procs" 2>/dev/null; done
+bash -c 'echo $$ > '"$CG"'/cgroup.procs; exec taskset -c '"$QUIET"' "$@"' quiet "$@"
+rc=$?
+for p in $(cat "$CG/others/cgroup.procs"); do echo "$p" > "$CG/cgroup.procs" 2>/dev/null; done
+exit $rc
