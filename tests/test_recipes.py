@@ -243,10 +243,11 @@ def test_snnet_compat_param_groups_are_the_familys_own(card, family):
     """--snnet-compat: every trainable parameter of the card's network (built on the meta device) gets the weight
     decay and LR scale the family's official optimizer gave it; Swin's stitching-layer biases are decayed."""
     from snnet.train.args import parse_args
+    from snnet.train.network import build_network
     from snnet.train.optim import anchor_lr_scale, decays_stitch_biases, param_groups
-    from snnet.train.resolve import meta_network
+    from snnet.train.options import RunOptions
     args, cfg = parse_args(["/data", "--stitch_config", f"configs/{card}.json", "--snnet-compat"])
-    net = meta_network(args, cfg)
+    net, _ = build_network(RunOptions.from_values(vars(args)).network, cfg, structure_only=True)  # as the preflight
     groups = param_groups(net, args.weight_decay, anchor_lr_scale(args), decay_all=args.snnet_compat,
                           decay_stitch_biases=decays_stitch_biases(args, net.stitch_config))
     ours = {id(p): (g["weight_decay"], g["lr_scale"]) for g in groups for p in g["params"]}

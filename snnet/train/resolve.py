@@ -3,24 +3,25 @@
 Everything here comes from the arguments (all configuration layers already applied), the launch's world size and
 timm's pretrained configs: no weights are loaded and no image is read, so a recipe can be checked on any machine.
 
-The ``network`` section is the SN-Net itself: `describe_run` builds it with its parameters on torch's meta device
-(shapes only: seconds, no memory), or takes the built network of a real run. A FLOPs-bucket sampler (``ros``) needs
+The ``network`` section is the SN-Net itself: `describe_run` builds it with the run's own function
+(`snnet.train.network.build_network`, structure only: its parameters on torch's meta device, shapes only, seconds,
+no memory), or takes the built network of a real run. A FLOPs-bucket sampler (``ros``) needs
 each route's FLOPs: only then is the meta network given real, zero-filled storage on the CPU and priced by the cost
 model (FLOPs depend on shapes, not weights; about 15 s for DeiT-III S/L on two CPU cores).
 """
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from typing import Any
 
-import torch
 import yaml
 from timm.data import resolve_data_config
 from timm.layers import DropPath
 
-from snnet.core.build import build_snnet
-from snnet.core.config import AnchorSpec, ConfigError, StitchConfig
+from snnet.core.config import ConfigError, StitchConfig
 from snnet.data.transforms import eval_data_config, pretrained_cfg
+from snnet.train.network import build_network
 from snnet.train.optim import anchor_lr_scale, decays_stitch_biases, describe_schedule, resolve_lrs
 from snnet.train.options import RunOptions
 from snnet.train.sampler import anchor_routes, run_sampler, train_ids
@@ -74,25 +75,6 @@ def _plan_kind(stitch_cfg: StitchConfig, net) -> str:
     if stitch_cfg.get("positions"):
         return PLAN_KINDS["positions"]
     return PLAN_KINDS.get(stitch_cfg.get("stitch_plan"), stitch_cfg.get("stitch_plan"))
-
-
-def meta_network(args: argparse.Namespace, stitch_cfg: StitchConfig):
-    """The run's SN-Net with every tensor on the meta device (no weights, no memory), built from the same arguments
-    as train.py's `build_network`."""
-    kwargs = dict(num_classes=args.num_classes or stitch_cfg.get("num_classes"), drop_path_rate=args.drop_path,
-                  drop_rate=args.drop)
-    if args.img_size is not None:
-        kwargs["img_size"] = args.img_size
-    if args.in_chans is not None:
-        kwargs["in_chans"] = args.in_chans
-    cfg = stitch_cfg.with_model_kwargs(args.model_kwargs)
-    # local checkpoints are not read either: the architecture is the timm model's (its kwargs as given)
-    cfg = StitchConfig([AnchorSpec(a.name, None, a.model_kwargs, a.label) for a in cfg.anchors], dict(cfg.values),
-                       cfg.path)
-    with torch.device("meta"):
-        net = build_snnet(cfg, pretrained=False, **kwargs)
-    net.stitch_config = stitch_cfg
-    return net
 
 
 def _drop_path(anchor) -> dict[str, Any]:
@@ -168,8 +150,10 @@ def describe_network(args: argparse.Namespace, stitch_cfg: StitchConfig | None, 
         return {"plan": _plan_kind(stitch_cfg, None), "positions": "chosen from data at run time (written to "
                 "<output>/stitch_plan.json); the network is described in the run's own args.yaml",
                 "ls_init": _ls_init(args, stitch_cfg, amp_dtype)}
-    if net is None:
-        net = meta_network(args, stitch_cfg)
+    if net is None:  # the run's network as train.py builds it, on the meta device (no weight read or allocated)
+        network = RunOptions.from_values(vars(args)).network
+        network = replace(network, num_classes=network.num_classes or stitch_cfg.get("num_classes"))
+        net, _ = build_network(network, stitch_cfg, structure_only=True)
     excluded = sorted(stitch_cfg.get("train_exclude") or [])
     freeze = bool(getattr(args, "freeze_anchors", False))
     frozen_anchors = anchor_routes(net) if freeze else []
