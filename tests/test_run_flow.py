@@ -1,21 +1,25 @@
 """train.py's flow runs forward: the command line, config files and recipe are resolved once into frozen arguments,
 written as args.yaml after every check and before any work (a refused run leaves no trace); stitch positions are
 chosen before the SN-Net is built; nothing changes args mid-run."""
-import argparse
 
 import pytest
 import yaml
 from helpers import FAST
 
 
-def test_frozen_args_refuse_changes():
-    from snnet.train.args import freeze
-    args = freeze(argparse.Namespace(lr=0.1, epochs=3), epochs=5)
-    assert (args.lr, args.epochs) == (0.1, 5) and vars(args) == {"lr": 0.1, "epochs": 5}
-    with pytest.raises(AttributeError, match="read-only"):
-        args.lr = 1.0
-    with pytest.raises(AttributeError, match="read-only"):
-        del args.epochs
+def test_the_recorded_arguments_refuse_changes():
+    """What args.yaml and a checkpoint record: the options by flag name (lists as typed), then what the run
+    resolved; read-only (the run reads its typed options)."""
+    from snnet.train.options import RunOptions
+    from snnet.train.resolve import recorded_arguments
+    options = RunOptions.from_values({"data_dir": "d", "lr": 0.1, "epochs": 3, "mean": (0.5,)})
+    recorded = recorded_arguments(options, rank=0, epochs=5)
+    assert (recorded["lr"], recorded["epochs"], recorded["mean"], recorded["rank"]) == (0.1, 5, [0.5], 0)
+    assert list(recorded)[-1] == "rank" and "data_dir" in recorded
+    with pytest.raises(TypeError):
+        recorded["lr"] = 1.0  # type: ignore[index]
+    with pytest.raises(TypeError):
+        del recorded["epochs"]  # type: ignore[attr-defined]
 
 
 def _stop_at(monkeypatch, name):
@@ -24,9 +28,9 @@ def _stop_at(monkeypatch, name):
     seen = {}
     build_run = main_mod.build_run
 
-    def record(options, args, *a, **k):  # the resolved options and the arguments they record (train.py's edge)
-        seen["args"], seen["options"] = args, options
-        return build_run(options, args, *a, **k)
+    def record(options, recorded, *a, **k):  # the resolved options and the arguments they record (train.py's edge)
+        seen["args"], seen["options"] = recorded, options
+        return build_run(options, recorded, *a, **k)
 
     def stop(*a, **k):
         if name == "build_network":
@@ -52,11 +56,11 @@ def test_args_yaml_is_written_before_any_work(digits_folder, tiny_config, tmp_pa
         main_mod.main(_argv(digits_folder, tiny_config, tmp_path))
     written = yaml.safe_load((tmp_path / "flow" / "args.yaml").read_text())
     assert written["num_classes"] == 10 and written["resume"] in ("", None)
-    plain = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(seen["args"]).items()}  # YAML: lists
+    plain = {k: list(v) if isinstance(v, tuple) else v for k, v in seen["args"].items()}  # YAML: lists
     assert plain == {k: v for k, v in written.items() if k != "resolved"}  # what was recorded is what runs
-    with pytest.raises(AttributeError):
-        seen["args"].lr = 1.0
-    dry = main_mod.describe_run(seen["args"], None, 1, "cpu")["resolved"]
+    with pytest.raises(TypeError):
+        seen["args"]["lr"] = 1.0
+    dry = main_mod.describe_run(seen["options"], None, 1, "cpu")["resolved"]
     assert written["resolved"]["lr"] == dry["lr"] and written["resolved"]["schedule"] == dry["schedule"]
 
 

@@ -22,7 +22,7 @@ from snnet.core import slurm
 from snnet.core.config import ARG_DESTS, ConfigError, StitchConfig, load_stitch_config
 from snnet.core.errors import OneLineParser, UsageError
 from snnet.core.options import FILES, GROUPS, Flag, flag_fields, rule_violation
-from snnet.train.options import FLAG_OPTIONS, JobOptions, RunOptions
+from snnet.train.options import FLAG_OPTIONS, JobOptions
 
 
 def _number(s: str, kind: type):
@@ -412,32 +412,4 @@ def _yaml_entries(path: str) -> list[tuple[str, str, Any]]:
     return [(str(k), str(k).replace("-", "_"), v) for k, v in data.items()]
 
 
-__all__ = ["arguments", "build_parser", "parse_args", "typed_dests", "UsageError", "ConfigError"]
-
-
-class FrozenArgs(argparse.Namespace):
-    """A run's arguments once resolved (command line, -c YAML, stitch config and recipe, then what the run derives
-    before any work: device, classes, resume checkpoint): read-only, so what args.yaml records is what every phase
-    reads. Make one with `freeze`."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError(f"args.{name} is resolved once before the run starts (args.yaml) and is read-only; "
-                             f"derive a local value instead")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"args.{name} is read-only")
-
-
-def freeze(args: argparse.Namespace, **resolved: Any) -> FrozenArgs:
-    """`args` with `resolved` values set, frozen (a copy; `args` itself is not changed)."""
-    out = FrozenArgs.__new__(FrozenArgs)
-    out.__dict__.update({**vars(args), **resolved})
-    return out
-
-
-def arguments(options: RunOptions, **resolved: Any) -> FrozenArgs:
-    """train.py's arguments as the edge reads and records them (its checks, --dry-run, args.yaml, a checkpoint's
-    "args"): the run's options by flag name (lists as typed), with what the run `resolved` (rank, world size)."""
-    return freeze(argparse.Namespace(), **{k: list(v) if isinstance(v, tuple) else v
-                                           for k, v in options.values().items()}, **resolved)
-
+__all__ = ["build_parser", "parse_args", "typed_dests", "UsageError", "ConfigError"]

@@ -12,15 +12,16 @@ checkpoints snnet/core/checkpoint.py.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import sys
 import traceback
+from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from timm.data import resolve_data_config
@@ -39,7 +40,7 @@ from snnet.data.checks import warn_small_classes_here
 from snnet.data.datasets import class_names_of, create_datasets, data_source, num_classes_of
 from snnet.data.loaders import create_eval_loader, create_train_loader
 from snnet.results.records import EMA_RESULTS_FILE, RESULTS_FILE, ResultsFile, file_sha256, text_sha256
-from snnet.train.args import UsageError, arguments, fitted_notes, parse_args
+from snnet.train.args import UsageError, fitted_notes, parse_args
 from snnet.train.device import adopt_slurm_env, amp_dtype_for, requeued, resolve_device, restart_attempt, unwrap
 from snnet.train.evaluator import Evaluation, evaluate_all, prediction_ids, val_panel, validate_panel
 from snnet.train.loggers import Loggers, check_loggers, create_loggers
@@ -51,7 +52,7 @@ from snnet.train.options import JobOptions, RunOptions, TrainOptions
 from snnet.train.positions import write_stitch_plan
 from snnet.train.preempt import STOP, Preempted
 from snnet.train.preflight import check_output, check_recipe, check_run, check_sync_bn, output_dir
-from snnet.train.resolve import describe_run, to_yaml
+from snnet.train.resolve import describe_run, recorded_arguments, to_yaml
 from snnet.train.resume import (
     all_saved,
     continue_epoch,
@@ -150,11 +151,12 @@ class Run:
                           self.train.seed, self.evaluating)
 
 
-def build_run(options: RunOptions, args: argparse.Namespace, stitch_cfg: StitchConfig | None, device: torch.device,
-             data_cfg: dict, out_dir: Path) -> Run:
-    """train.py's edge: the resolved options and the arguments they record (`args`, args.yaml's) as the typed run."""
+def build_run(options: RunOptions, recorded: Mapping[str, Any], stitch_cfg: StitchConfig | None,
+              device: torch.device, data_cfg: dict, out_dir: Path) -> Run:
+    """train.py's edge: the resolved options and the arguments they record (`recorded`, args.yaml's) as the typed
+    run."""
     return Run(options, stitch_cfg, device, amp_dtype_for(options.train, device), data_cfg, out_dir,
-               network_identity(options, stitch_cfg, data_cfg), json.dumps(vars(args), default=str))
+               network_identity(options, stitch_cfg, data_cfg), json.dumps(dict(recorded), default=str))
 
 
 # ------------------------------------------------------------------------------------------------------ building
@@ -194,13 +196,12 @@ def resolve(options: RunOptions, stitch_cfg: StitchConfig | None, dataset, place
 # ------------------------------------------------------------------------------------------------------ the run
 def start(options: RunOptions, stitch_cfg: StitchConfig | None) -> None:
     """Check, then execute the run under the output folder's lock (--dry-run: print the resolved run)."""
-    args = arguments(options)  # what the printed run reads
     if options.job.dry_run:  # before any process group, weight or image: rank 0 prints the resolved run
         check_recipe(options, stitch_cfg, world(launched=True)[1])  # the checks that need no data, device or file
         warn_small_classes_here(options.data)  # the data's one warning, when the folder is on this machine
         if world(launched=True)[0] == 0:
             device_type = (options.train.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
-            print(to_yaml(describe_run(args, stitch_cfg, world(launched=True)[1], device_type)), end="")
+            print(to_yaml(describe_run(options, stitch_cfg, world(launched=True)[1], device_type)), end="")
         return
     rank, world_size = world(launched=True)
     out_dir = output_dir(options)  # once: a generated name holds the time of day
@@ -230,11 +231,11 @@ def _execute(options: RunOptions, stitch_cfg: StitchConfig | None, out_dir: Path
     train_ds, val_ds = create_datasets(options.data, need_train=not job.eval)
     options = resolve(options, stitch_cfg, train_ds or val_ds, placement)  # resolve: frozen from here
     job = options.job
-    args = arguments(options, distributed=placement.distributed, rank=rank, world_size=world_size,
-                     local_rank=placement.local_rank, class_names=options.network.class_names)
+    recorded = recorded_arguments(options, distributed=placement.distributed, rank=rank, world_size=world_size,
+                                  local_rank=placement.local_rank, class_names=options.network.class_names)
     net, stitch_cfg = _build(options, stitch_cfg, train_ds, device)  # build: positions explicit from here
     data_cfg = resolve_data_config(options.input.data_config_args(), model=net)
-    run = build_run(options, args, stitch_cfg, device, data_cfg, out_dir)
+    run = build_run(options, recorded, stitch_cfg, device, data_cfg, out_dir)
     if run.primary and stitch_cfg is not None:  # explicit or selected "positions": <output>/stitch_plan.json
         write_stitch_plan(unwrap(net), run.out_dir)
     resume = job.resume
@@ -257,9 +258,9 @@ def _execute(options: RunOptions, stitch_cfg: StitchConfig | None, out_dir: Path
                         data_source(val_ds) if val_ds is not None else None).completed()
     _logger.info("data: " + ", ".join(f"{k} {v}" for k, v in data_cfg.items()))  # after every check: no banner
     if run.primary and not job.eval:  # the resolved run, after every check and before any work (LS init, training)
-        write_text_atomic(out_dir / "args.yaml", to_yaml(describe_run(args, stitch_cfg, world_size, device.type,
-                                                                      net=unwrap(net))))
-    run.loggers = create_loggers(replace(options.logging, run_config=vars(args)), run.out_dir, run.primary)
+        write_text_atomic(out_dir / "args.yaml", to_yaml(describe_run(options, stitch_cfg, world_size, device.type,
+                                                                      net=unwrap(net), recorded=recorded)))
+    run.loggers = create_loggers(replace(options.logging, run_config=recorded), run.out_dir, run.primary)
     if _wants_ls_init(options.job, stitch_cfg, resume_state):
         assert stitch_cfg is not None  # only an SN-Net has stitching layers to fit
         run_ls_init(net, train_ds if train_ds is not None else val_ds, stitch_cfg, run.init_images,

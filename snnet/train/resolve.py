@@ -11,8 +11,9 @@ model (FLOPs depend on shapes, not weights; about 15 s for DeiT-III S/L on two C
 """
 from __future__ import annotations
 
-import argparse
+from collections.abc import Mapping
 from dataclasses import replace
+from types import MappingProxyType
 from typing import Any
 
 import yaml
@@ -27,38 +28,47 @@ from snnet.train.options import RunOptions
 from snnet.train.sampler import anchor_routes, run_sampler, train_ids
 
 
-def describe_run(args: argparse.Namespace, stitch_cfg: StitchConfig | None, world_size: int,
-                 device_type: str, net=None) -> dict[str, Any]:
-    """The resolved run: timm's args.yaml entries plus a ``resolved`` section of what they amount to, the network
-    included (`net`: the run's built network; None: built here on the meta device)."""
-    options = RunOptions.from_values(vars(args))
-    optim = options.optim
+def recorded_arguments(options: RunOptions, **resolved: Any) -> Mapping[str, Any]:
+    """train.py's arguments as args.yaml, a checkpoint's "args" and the loggers record them: the run's options by
+    flag name (lists as typed), then what the run `resolved` (rank, world size, classes). Read-only; the run itself
+    reads its typed options, never this record."""
+    return MappingProxyType({**{k: list(v) if isinstance(v, tuple) else v for k, v in options.values().items()},
+                             **resolved})
+
+
+def describe_run(options: RunOptions, stitch_cfg: StitchConfig | None, world_size: int, device_type: str,
+                 net=None, recorded: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The resolved run: timm's args.yaml entries (`recorded`, else the options' `recorded_arguments`) plus a
+    ``resolved`` section of what they amount to, the network included (`net`: the run's built network; None: built
+    here on the meta device)."""
+    optim, train, loss = options.optim, options.train, options.loss
     global_batch, lr, warmup_lr, min_lr = resolve_lrs(options, world_size)
     scale = anchor_lr_scale(optim)
     stitch_bias_decay = decays_stitch_biases(optim, stitch_cfg)
     amp = None
-    if args.amp:
-        amp = {"dtype": args.amp_dtype or ("float16" if device_type == "cuda" else "bfloat16"),
-               "covers": "forward" if args.no_amp_loss else "forward and loss (teacher included)"}
+    if train.amp:
+        amp = {"dtype": train.amp_dtype or ("float16" if device_type == "cuda" else "bfloat16"),
+               "covers": "forward" if train.no_amp_loss else "forward and loss (teacher included)"}
     resolved = {
         "world_size": world_size, "global_batch": global_batch, "device": device_type, "lr": lr,
-        "param_groups": {"anchors": {"lr": lr * scale, "lr_scale": scale, "weight_decay": args.weight_decay},
-                         "stitching_layers": {"lr": lr, "lr_scale": 1.0, "weight_decay": args.weight_decay,
-                                              "bias_weight_decay": args.weight_decay if stitch_bias_decay else 0.0},
+        "param_groups": {"anchors": {"lr": lr * scale, "lr_scale": scale, "weight_decay": optim.weight_decay},
+                         "stitching_layers": {"lr": lr, "lr_scale": 1.0, "weight_decay": optim.weight_decay,
+                                              "bias_weight_decay": optim.weight_decay if stitch_bias_decay else 0.0},
                          "no_weight_decay": ("the anchors' 1-D params and biases" if stitch_bias_decay else
-                                             "1-D params, biases") + ("" if args.snnet_compat else
+                                             "1-D params, biases") + ("" if optim.snnet_compat else
                                                                       ", the anchors' no_weight_decay names")},
         "schedule": describe_schedule(options.schedule, options.eval.eval_metric, warmup_lr, min_lr),
-        "eval_transform": eval_data_config(vars(args), stitch_cfg),
-        "teacher": None if args.distillation_type == "none" else {
-            "name": args.teacher, "type": args.distillation_type, "alpha": args.distillation_alpha,
-            "tau": args.distillation_tau},
+        "eval_transform": eval_data_config(recorded_arguments(options), stitch_cfg),
+        "teacher": None if loss.distillation_type == "none" else {
+            "name": loss.teacher, "type": loss.distillation_type, "alpha": loss.distillation_alpha,
+            "tau": loss.distillation_tau},
         "amp": amp,
-        "anchors": [a.name for a in stitch_cfg.anchors] if stitch_cfg is not None else [args.model],
-        "ls_mode": (args.ls_mode or stitch_cfg.get("ls_mode")) if stitch_cfg is not None else None,
-        "network": describe_network(args, stitch_cfg, net, amp["dtype"] if amp else None),
+        "anchors": [a.name for a in stitch_cfg.anchors] if stitch_cfg is not None else [options.network.model],
+        "ls_mode": (options.job.ls_mode or stitch_cfg.get("ls_mode")) if stitch_cfg is not None else None,
+        "network": describe_network(options, stitch_cfg, net, amp["dtype"] if amp else None),
     }
-    plain = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(vars(args).items())}
+    plain = {k: (list(v) if isinstance(v, tuple) else v)
+             for k, v in sorted((recorded if recorded is not None else recorded_arguments(options)).items())}
     return {**plain, "resolved": resolved}
 
 
@@ -120,11 +130,12 @@ def _stitching_layers(net) -> dict[str, Any]:
     return entry
 
 
-def _ls_init(args: argparse.Namespace, stitch_cfg: StitchConfig, amp_dtype: str | None) -> dict[str, Any]:
-    if not stitch_cfg.get("ls_init") or args.no_ls_init:
+def _ls_init(options: RunOptions, stitch_cfg: StitchConfig, amp_dtype: str | None) -> dict[str, Any]:
+    job = options.job
+    if not stitch_cfg.get("ls_init") or job.no_ls_init:
         return {"on": False}
-    mode = args.ls_mode or stitch_cfg.get("ls_mode")
-    entry = {"on": True, "mode": mode, "images": args.stitch_init_bs or stitch_cfg.get("stitch_init_bs"),
+    mode = job.ls_mode or stitch_cfg.get("ls_mode")
+    entry = {"on": True, "mode": mode, "images": job.stitch_init_bs or stitch_cfg.get("stitch_init_bs"),
              "when": "only without --resume / --initial-checkpoint"}
     if mode == "snnet" and stitch_cfg.get("stitch_plan") == "two_way":
         entry["fit"] = (f"SN-Netv2's: the first training batch per process (training augmentation, mixup/cutmix), "
@@ -140,22 +151,23 @@ def _ls_init(args: argparse.Namespace, stitch_cfg: StitchConfig, amp_dtype: str 
     return entry
 
 
-def describe_network(args: argparse.Namespace, stitch_cfg: StitchConfig | None, net=None,
+def describe_network(options: RunOptions, stitch_cfg: StitchConfig | None, net=None,
                      amp_dtype: str | None = None) -> dict[str, Any]:
     """The network a run trains: plan, networks in total and drawn in training, the sampler with its buckets, the
     stitching layers, each anchor's weights, drop-path and data config, and the LS init."""
     if stitch_cfg is None:
-        return {"plan": "plain (one timm model, one network)", "networks": 1, "trained": 1, "model": args.model}
+        return {"plan": "plain (one timm model, one network)", "networks": 1, "trained": 1,
+                "model": options.network.model}
     if net is None and "select" in (stitch_cfg.get("positions") or {}):
         return {"plan": _plan_kind(stitch_cfg, None), "positions": "chosen from data at run time (written to "
                 "<output>/stitch_plan.json); the network is described in the run's own args.yaml",
-                "ls_init": _ls_init(args, stitch_cfg, amp_dtype)}
+                "ls_init": _ls_init(options, stitch_cfg, amp_dtype)}
     if net is None:  # the run's network as train.py builds it, on the meta device (no weight read or allocated)
-        network = RunOptions.from_values(vars(args)).network
+        network = options.network
         network = replace(network, num_classes=network.num_classes or stitch_cfg.get("num_classes"))
         net, _ = build_network(network, stitch_cfg, structure_only=True)
     excluded = sorted(stitch_cfg.get("train_exclude") or [])
-    freeze = bool(getattr(args, "freeze_anchors", False))
+    freeze = options.train.freeze_anchors
     frozen_anchors = anchor_routes(net) if freeze else []
     try:
         ids = train_ids(net.num_configs, excluded) or list(range(net.num_configs))
@@ -163,7 +175,8 @@ def describe_network(args: argparse.Namespace, stitch_cfg: StitchConfig | None, 
         raise ConfigError(f"stitch config {stitch_cfg.path!r}: {e}") from None
     trained = [c for c in ids if c not in frozen_anchors]
     spec = stitch_cfg.get("sampler")
-    sampler = run_sampler(net, stitch_cfg, args.seed, 0, sync=args.sample_sync, freeze_anchors=freeze)
+    sampler = run_sampler(net, stitch_cfg, options.train.seed, 0, sync=options.train.sample_sync,
+                          freeze_anchors=freeze)
     try:
         sampler_entry = sampler.describe() if hasattr(sampler, "describe") else {"type": (spec or {}).get("type")}
     except (ValueError, TypeError) as e:
@@ -173,7 +186,7 @@ def describe_network(args: argparse.Namespace, stitch_cfg: StitchConfig | None, 
     by_stitches: dict[int, int] = {}
     for route in net.plan.routes:
         by_stitches[len(route.stitches)] = by_stitches.get(len(route.stitches), 0) + 1
-    anchors = "frozen (--freeze-anchors)" if getattr(args, "freeze_anchors", False) else \
+    anchors = "frozen (--freeze-anchors)" if freeze else \
         "trained" if stitch_cfg.get("fulltune") else "frozen except parameters named 'cls' (fulltune false)"
     return {
         "plan": _plan_kind(stitch_cfg, net), "networks": net.num_configs,
@@ -184,9 +197,9 @@ def describe_network(args: argparse.Namespace, stitch_cfg: StitchConfig | None, 
         "final_norm_on_stitched_routes": not net.skip_final_norm if hasattr(net, "skip_final_norm") else None,
         "anchor_parameters": anchors,
         "anchors": [_anchor_entry(spec_, net.anchor(i), stitch_cfg.get("drop_path_schedule"),
-                                  bool(getattr(args, "no_pretrained", False)))
+                                  options.network.no_pretrained)
                     for i, spec_ in enumerate(stitch_cfg.anchors)],
-        "ls_init": _ls_init(args, stitch_cfg, amp_dtype),
+        "ls_init": _ls_init(options, stitch_cfg, amp_dtype),
     }
 
 
