@@ -203,7 +203,7 @@ def test_sweep_resumes_only_the_missing_run_and_plots(anchors, digits_folder, tm
 @pytest.mark.dist
 @pytest.mark.slow  # ~25 s on 2 cores: two processes, then the same sweep in one
 def test_torchrun_splits_the_runs_and_matches_one_process(anchors, digits_folder, tmp_path):
-    """Two processes take jobs 0, 2, 4 and 1, 3, 5 (runs 0..2, then the evaluations of v8, v16 and r16); each run is
+    """Two processes take tasks 0, 2, 4 and 1, 3, 5 (runs 0..2, then the evaluations of v8, v16 and r16); each run is
     trained in one process, so the results equal a one-process sweep's. r16 has no checkpoint (random weights):
     every process builds the same r16 from the sweep's seed, so run 2 (trained by rank 0) and r16's evaluation (by
     rank 1) match the one-process sweep too."""

@@ -1,6 +1,7 @@
-"""stitch-train's sweep as jobs: the runs (and anchor evaluations) split across torchrun processes or the tasks of
-a Slurm job array, their results collected into the sweep's results file and plots (`run_sweep`, `merge`,
-`submit_array`). The package's docstring (`snnet.explore.stitch_train`) describes the experiment."""
+"""stitch-train's sweep as tasks (a run, or one anchor's evaluation: the sweep's unit of work, numbered as a Slurm
+job array's tasks run them): split across torchrun processes or the tasks of a Slurm job array, their results
+collected into the sweep's results file and plots (`run_sweep`, `merge`, `submit_array`). The package's docstring
+(`snnet.explore.stitch_train`) describes the experiment."""
 from __future__ import annotations
 
 import hashlib
@@ -57,24 +58,24 @@ class SweepSummary:
     anchor_ids: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> identity (weights' sha256 ...)
 
 
-def _jobs(prep: SweepSetup) -> list[tuple[str, Any, Path]]:
+def _tasks(prep: SweepSetup) -> list[tuple[str, Any, Path]]:
     """Runs, then one evaluation per anchor used: (kind, what, the file that marks it done). An anchor's evaluation
     is named by a hash of its identity (weights included), the data and the recipe, so it is never stale."""
     out = prep.sweep.out
-    jobs: list[tuple[str, Any, Path]] = [("run", (run, plan), out / "runs" / plan.name / RESULT)
+    tasks: list[tuple[str, Any, Path]] = [("run", (run, plan), out / "runs" / plan.name / RESULT)
             for run, plan in zip(prep.sweep.runs, prep.plans)]
     for label, ident in prep.anchor_ids.items():
         h = hashlib.sha256(json.dumps({**ident, "data": os.path.abspath(prep.data.data_dir),
                                        "train": prep.train_recipe}, sort_keys=True,
                                       default=str).encode()).hexdigest()[:8]
-        jobs.append(("anchor", label, out / "anchors" / f"{label}_{h}.json"))
-    return jobs
+        tasks.append(("anchor", label, out / "anchors" / f"{label}_{h}.json"))
+    return tasks
 
 
 def collect(prep: SweepSetup) -> list[dict[str, Any]]:
-    """The results-file records of every finished job: runs as cfg_id = their index, then the anchors."""
+    """The results-file records of every finished task: runs as cfg_id = their index, then the anchors."""
     records = []
-    for k, (kind, _what, done) in enumerate(_jobs(prep)):
+    for k, (kind, _what, done) in enumerate(_tasks(prep)):
         if not done.is_file():
             continue
         r = json.loads(done.read_text())
@@ -83,7 +84,7 @@ def collect(prep: SweepSetup) -> list[dict[str, Any]]:
 
 
 def _meet(world_size: int) -> None:
-    """Under torchrun: wait for every process to finish its jobs (a gloo process group, used once as a barrier)."""
+    """Under torchrun: wait for every process to finish its tasks (a gloo process group, used once as a barrier)."""
     if world_size <= 1:
         return
     if not dist.is_initialized():
@@ -99,16 +100,16 @@ def _finish(prep: SweepSetup, records: list[dict[str, Any]]) -> Path:
 
 
 def run_sweep(sweep: Sweep, dry_run: bool = False, task: int | None = None) -> SweepSummary:
-    """Every unfinished job of this process (all of them outside torchrun), or only job `task` (a Slurm array
-    task); the results file at the end (with `task`: once every job is finished, by the task that finds so)."""
+    """Every unfinished task of this process (all of them outside torchrun), or only task `task` (a Slurm array
+    task); the results file at the end (with `task`: once every task is finished, by the one that finds so)."""
     rank, world_size = world(launched=True) if task is None else (0, 1)  # torchrun's: no group for the runs
     prep = prepare(sweep)
-    jobs = _jobs(prep)
-    if task is not None and not 0 <= task < len(jobs):
-        raise SweepError(f"--task {task}: this sweep has jobs 0..{len(jobs) - 1} ({len(sweep.runs)} runs, then the "
+    tasks = _tasks(prep)
+    if task is not None and not 0 <= task < len(tasks):
+        raise SweepError(f"--task {task}: this sweep has tasks 0..{len(tasks) - 1} ({len(sweep.runs)} runs, then the "
                          f"anchor evaluations); submit it again with --submit")
-    done = [k for k, (_, _, marker) in enumerate(jobs) if marker.is_file()]
-    mine = [k for k in range(len(jobs)) if k % world_size == rank and k not in done and task in (None, k)]
+    done = [k for k, (_, _, marker) in enumerate(tasks) if marker.is_file()]
+    mine = [k for k in range(len(tasks)) if k % world_size == rank and k not in done and task in (None, k)]
     n = len(sweep.runs)
     summary = SweepSummary(sweep.out, None, [], [k for k in done if k < n],
                            [k for k in range(n) if k % world_size != rank and k not in done], [], prep.models,
@@ -126,12 +127,12 @@ def run_sweep(sweep: Sweep, dry_run: bool = False, task: int | None = None) -> S
                             for r, p in zip(sweep.runs, prep.plans)],
                    "anchors": {label: ident for label, ident in prep.anchor_ids.items()}}
         write_text_atomic(sweep.out / SWEEP_JSON, json.dumps(listing, indent=1) + "\n")
-    _logger.info(f"{sweep.source}: {n} runs + {len(jobs) - n} anchor evaluations; {len(done)} already done"
+    _logger.info(f"{sweep.source}: {n} runs + {len(tasks) - n} anchor evaluations; {len(done)} already done"
                  + (f"; process {rank} of {world_size} takes {len(mine)}" if world_size > 1 else
                     f"; {len(mine)} to do") + f"; output {sweep.out}")
     progress = Progress("Sweep", max(len(mine), 1), 1, unit=None)
     for step, k in enumerate(mine, start=1):
-        kind, what, marker = jobs[k]
+        kind, what, marker = tasks[k]
         t0 = time.perf_counter()
         if kind == "run":
             run, plan = what
@@ -143,16 +144,16 @@ def run_sweep(sweep: Sweep, dry_run: bool = False, task: int | None = None) -> S
             write_text_atomic(marker, json.dumps(result, indent=1) + "\n")
             extra = f"anchor {what}: top-1 {result['acc1']:.2f}"
         progress.update(step, 1, f"{extra} in {time.perf_counter() - t0:.1f}s")
-        if world_size == 1 and task is None:  # the results so far, after every job (torchrun: rank 0, at the end)
+        if world_size == 1 and task is None:  # the results so far, after every task (torchrun: rank 0, at the end)
             write_results(sweep.out / RESULTS_FILE, collect(prep))
     _meet(world_size)
     summary.records = collect(prep)
-    if task is not None:  # an array task: the one that finds every job finished merges (identical if several do)
-        missing = [k for k, (_, _, marker) in enumerate(jobs) if not marker.is_file()]
+    if task is not None:  # an array task: the one that finds every task finished merges (identical if several do)
+        missing = [k for k, (_, _, marker) in enumerate(tasks) if not marker.is_file()]
         if not missing:
             summary.results_file = _finish(prep, summary.records)
         else:
-            _logger.info(f"job {task} done; jobs {missing} not finished yet: the last task writes {RESULTS_FILE} "
+            _logger.info(f"task {task} done; tasks {missing} not finished yet: the last task writes {RESULTS_FILE} "
                          f"(or snnet stitch-train --sweep ... --merge)")
     elif rank == 0:
         summary.results_file = _finish(prep, summary.records)
@@ -162,11 +163,11 @@ def run_sweep(sweep: Sweep, dry_run: bool = False, task: int | None = None) -> S
 
 
 def merge(sweep: Sweep) -> tuple[Path, list[int]]:
-    """The results file (and pictures) from every finished job of the sweep, whoever ran it; (its path, the
-    unfinished jobs)."""
+    """The results file (and pictures) from every finished task of the sweep, whoever ran it; (its path, the
+    unfinished tasks)."""
     prep = prepare(sweep)
-    jobs = _jobs(prep)
-    missing = [k for k, (_, _, marker) in enumerate(jobs) if not marker.is_file()]
+    tasks = _tasks(prep)
+    missing = [k for k, (_, _, marker) in enumerate(tasks) if not marker.is_file()]
     records = collect(prep)
     if not records:
         raise SweepError(f"{sweep.source}: no finished run in {sweep.out}; run the sweep first (--submit, or without "
@@ -180,17 +181,17 @@ ARRAY_SCRIPT = "array.sbatch"
 def submit_array(sweep: Sweep, sweep_file: str, data: str | None = None,
                  train: Sequence[tuple[str, Any]] = (), sbatch: str = "",
                  max_parallel: int | None = None) -> tuple[str | None, list[int]]:
-    """`--submit`: the sweep's unfinished jobs as one Slurm job array (task k runs job k with ``--task k``, reading
-    `sweep_file`, over `data` and the `train` flags when given). Writes <out>/slurm/array.sbatch and runs sbatch
-    with the `sbatch` options (at most `max_parallel` tasks at once); (the array's job id, or None when every job
-    is finished, and the submitted job indices)."""
+    """`--submit`: the sweep's unfinished tasks as one Slurm job array (array task k runs task k with ``--task k``,
+    reading `sweep_file`, over `data` and the `train` flags when given). Writes <out>/slurm/array.sbatch and runs sbatch
+    with the `sbatch` options (at most `max_parallel` tasks at once); (the array's job id, or None when every task
+    is finished, and the submitted task indices)."""
     prep = prepare(sweep)
-    todo = [k for k, (_, _, marker) in enumerate(_jobs(prep)) if not marker.is_file()]
+    todo = [k for k, (_, _, marker) in enumerate(_tasks(prep)) if not marker.is_file()]
     if not todo:
         return None, []
     options = shlex.split(sbatch or "")
     if any(o == "-a" or o.startswith(("--array", "-a")) for o in options):
-        raise SweepError(f"--sbatch {sbatch!r}: the array is the sweep's unfinished jobs; drop --array (limit "
+        raise SweepError(f"--sbatch {sbatch!r}: the array is the sweep's unfinished tasks; drop --array (limit "
                          f"the tasks running at once with --max-parallel N)")
     argv = [sys.executable, "-m", "snnet.cli", "stitch-train", "--sweep", os.path.abspath(sweep_file),
             "--out", os.path.abspath(sweep.out)]
@@ -200,7 +201,7 @@ def submit_array(sweep: Sweep, sweep_file: str, data: str | None = None,
         argv += ["--train", f"{key}={value!r}"]
     folder = sweep.out / "slurm"
     env = f"export PYTHONPATH={shlex.quote(os.environ['PYTHONPATH'])}\n" if os.environ.get("PYTHONPATH") else ""
-    script = (f"#!/usr/bin/env bash\n# written by snnet stitch-train --submit: array task k runs job k of the sweep\n"
+    script = (f"#!/usr/bin/env bash\n# written by snnet stitch-train --submit: array task k runs task k of the sweep\n"
               f"#SBATCH --job-name=snnet-sweep\n#SBATCH --output={folder}/task-%A_%a.out\n#SBATCH --requeue\n"
               f"set -euo pipefail\ncd {shlex.quote(os.getcwd())}\n{env}"
               f"exec {' '.join(shlex.quote(a) for a in argv)} --task \"$SLURM_ARRAY_TASK_ID\"\n")
