@@ -87,8 +87,8 @@ def test_the_scan_finds_a_namespace(tmp_path):
 
 def test_an_option_is_declared_once():
     """The parser is derived from the declarations: an option two classes declare separately is refused (declare
-    it once and share it with `again`), and a shared one is one flag."""
-    from snnet.core.options import MODEL, again, flag_fields, option
+    it once and share it with `shared`), and a shared one is one flag."""
+    from snnet.core.options import MODEL, flag_fields, option, shared
     SIZE = option(3, "--size", group=MODEL, help="a size")
 
     @dataclasses.dataclass(frozen=True)
@@ -97,7 +97,7 @@ def test_an_option_is_declared_once():
 
     @dataclasses.dataclass(frozen=True)
     class B:
-        size: int = again(SIZE)
+        size: int = shared(SIZE)
 
     @dataclasses.dataclass(frozen=True)
     class C:

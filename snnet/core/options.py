@@ -2,7 +2,7 @@
 value rule, choices, nargs). From these fields train.py's parser is derived (`snnet.train.args.build_parser`), the
 typed option objects are the dataclasses themselves, `options_by_key` checks a keyword value by the same rule, and
 the docs' option reference is generated from them. A field several option objects share (the batch size the loader,
-the data checks and the loop all read) is declared once, as a module constant, and copied with `again`.
+the data checks and the loop all read) is declared once, as a module constant, and copied with `shared`.
 
 No argparse here: the rules are plain functions of a value; the parser wraps them."""
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 from snnet.core.errors import UsageError
 
 __all__ = ["AUGMENT", "BATCH_NORM", "DATASET", "DEVICE", "EMA", "FILES", "MODEL", "OPTIMIZER", "OUTPUT", "SCHEDULE",
-           "STITCHING", "GROUPS", "Flag", "OptionError", "again", "checked_value", "flag_fields", "flag_of", "option",
-           "options_by_key", "rule_violation"]
+           "STITCHING", "GROUPS", "Flag", "OptionError", "checked_value", "flag_fields", "flag_of", "option",
+           "options_by_key", "rule_violation", "shared"]
 
 #: train.py's help groups, in --help order (each option names its group)
 GROUPS = ("Configuration files", "Dataset", "Model", "Stitching", "Optimizer", "Learning rate schedule",
@@ -70,10 +70,10 @@ def option(default: Any = MISSING, *names: str, help: str, group: str, rule: str
     return dataclasses.field(default=default, metadata={"flag": flag})
 
 
-def again(declared: Any) -> Any:
-    """The same option (default and flag) for a second option object: `batch_size: int = again(BATCH_SIZE)`."""
+def shared(declared: Any) -> Any:
+    """The same option (default and flag) for a second option object: `batch_size: int = shared(BATCH_SIZE)`."""
     if not isinstance(declared, dataclasses.Field):
-        raise TypeError(f"again() takes a field made by option(), not {declared!r}")
+        raise TypeError(f"shared() takes a field made by option(), not {declared!r}")
     return dataclasses.field(default=declared.default, default_factory=declared.default_factory,
                              metadata=declared.metadata)
 
@@ -84,7 +84,7 @@ def flag_of(field: dataclasses.Field) -> Flag | None:
 
 def flag_fields(classes: Iterable[type]) -> Iterator[tuple[type, dataclasses.Field, Flag]]:
     """(class, field, flag) of every option field of `classes`, each option once (the first class that has it);
-    an option two classes declare differently is a TypeError (declare it once and use `again`)."""
+    an option two classes declare differently is a TypeError (declare it once and use `shared`)."""
     seen: dict[str, tuple[type, Flag]] = {}
     for cls in classes:
         for f in dataclasses.fields(cls):
@@ -95,7 +95,7 @@ def flag_fields(classes: Iterable[type]) -> Iterator[tuple[type, dataclasses.Fie
                 first, first_flag = seen[f.name]
                 if first_flag is not flag:
                     raise TypeError(f"option {f.name!r} is declared in {first.__name__} and again in "
-                                    f"{cls.__name__}; declare it once and use again()")
+                                    f"{cls.__name__}; declare it once and use shared()")
                 continue
             seen[f.name] = (cls, flag)
             yield cls, f, flag

@@ -9,12 +9,12 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, replace
 from typing import Any
 
-from snnet.core.options import AUGMENT, DATASET, DEVICE, MODEL, OUTPUT, again, option
+from snnet.core.options import AUGMENT, DATASET, DEVICE, MODEL, OUTPUT, option, shared
 
 __all__ = ["AUG_REPEATS", "BATCH_SIZE", "DataOptions", "GRAD_ACCUM_STEPS", "LoaderOptions", "NO_PREFETCHER",
            "NUM_CLASSES", "SEED"]
 
-#: options the data layer shares with the training loop (`snnet.train.options` uses them `again`)
+#: options the data layer shares with the training loop (`snnet.train.options` uses them `shared`)
 BATCH_SIZE = option(128, "-b", "--batch-size", rule="positive", group=MODEL,
                     help="Input batch size for training, per process")
 GRAD_ACCUM_STEPS = option(1, "--grad-accum-steps", rule="positive", metavar="N", group=MODEL,
@@ -49,19 +49,19 @@ class DataOptions:
     class_map: str = option("", "--class-map", group=DATASET, help="path to class to idx mapping file")
     dataset_download: bool = option(False, "--dataset-download", group=DATASET,
                                     help="Allow download of dataset for torch/ and tfds/ datasets that support it.")
-    num_classes: int | None = again(NUM_CLASSES)  # None: the data's own count
-    seed: int = again(SEED)
+    num_classes: int | None = shared(NUM_CLASSES)  # None: the data's own count
+    seed: int = shared(SEED)
     # what one training epoch draws (the steps check of `check_data`; timm's iterable datasets batch by it)
-    batch_size: int = again(BATCH_SIZE)
-    grad_accum_steps: int = again(GRAD_ACCUM_STEPS)
-    aug_repeats: float = again(AUG_REPEATS)
+    batch_size: int = shared(BATCH_SIZE)
+    grad_accum_steps: int = shared(GRAD_ACCUM_STEPS)
+    aug_repeats: float = shared(AUG_REPEATS)
 
 
 @dataclass(frozen=True)
 class LoaderOptions:
     """How images are loaded: batch sizes, workers, and timm's training augmentation (its `create_loader` keywords
     under train.py's flag names)."""
-    batch_size: int = again(BATCH_SIZE)
+    batch_size: int = shared(BATCH_SIZE)
     validation_batch_size: int | None = option(None, "-vb", "--validation-batch-size", rule="positive", group=MODEL,
                                                help="Validation batch size override (default: --batch-size)")
     workers: int = option(4, "-j", "--workers", rule="non_negative", group=DEVICE,
@@ -70,7 +70,7 @@ class LoaderOptions:
     pin_mem: bool = option(False, "--pin-mem", group=DEVICE,
                            help="Pin CPU memory in DataLoader for more efficient (sometimes) transfer to GPU.")
     distributed: bool = False           # training: this rank's share of each epoch (the process group's, no flag)
-    no_prefetcher: bool = again(NO_PREFETCHER)
+    no_prefetcher: bool = shared(NO_PREFETCHER)
     # training augmentation (timm's create_loader)
     no_aug: bool = option(False, "--no-aug", group=AUGMENT,
                           help="Disable all training augmentation, override other train aug args")
@@ -99,7 +99,7 @@ class LoaderOptions:
     recount: int = option(1, "--recount", rule="positive", group=AUGMENT, help="Random erase count")
     resplit: bool = option(False, "--resplit", group=AUGMENT,
                            help="Do not random erase first (clean) augmentation split")
-    aug_repeats: float = again(AUG_REPEATS)
+    aug_repeats: float = shared(AUG_REPEATS)
     aug_splits: int = option(0, "--aug-splits", rule="non_negative", group=AUGMENT,
                              help="Number of augmentation splits (valid: 0 or >=2)")
 

@@ -27,10 +27,10 @@ from snnet.core.options import (
     SCHEDULE,
     STITCHING,
     OptionError,
-    again,
     flag_of,
     option,
     options_by_key,
+    shared,
 )
 from snnet.data.options import (
     BATCH_SIZE,
@@ -162,15 +162,15 @@ class LossOptions:
                           help="distillation teacher (timm name)")
     teacher_checkpoint: str = option("", "--teacher-checkpoint", group=STITCHING,
                                      help="local weights of the teacher ('' = hub weights)")
-    no_pretrained: bool = again(NO_PRETRAINED)  # a teacher without checkpoint is random too (no download)
-    num_classes: int | None = again(NUM_CLASSES)
+    no_pretrained: bool = shared(NO_PRETRAINED)  # a teacher without checkpoint is random too (no download)
+    num_classes: int | None = shared(NUM_CLASSES)
 
 
 @dataclass(frozen=True)
 class TrainOptions:
     """The training loop: batches and accumulation, precision, EMA, compile, seeds, logging and recovery."""
-    batch_size: int = again(BATCH_SIZE)
-    grad_accum_steps: int = again(GRAD_ACCUM_STEPS)
+    batch_size: int = shared(BATCH_SIZE)
+    grad_accum_steps: int = shared(GRAD_ACCUM_STEPS)
     amp: bool = option(False, "--amp", group=DEVICE,
                        help="mixed precision via torch.amp (fp16 + GradScaler on CUDA, bf16 on CPU); NVIDIA apex is "
                             "not used")
@@ -200,9 +200,9 @@ class TrainOptions:
                                       help="recompute each block's activations in the backward pass "
                                            "(torch.utils.checkpoint, non-reentrant) to save memory, while training "
                                            "only (default: off)")
-    no_prefetcher: bool = again(NO_PREFETCHER)  # batches come on the CPU: the loop moves them
-    seed: int = again(SEED)
-    log_interval: int = again(LOG_INTERVAL)
+    no_prefetcher: bool = shared(NO_PREFETCHER)  # batches come on the CPU: the loop moves them
+    seed: int = shared(SEED)
+    log_interval: int = shared(LOG_INTERVAL)
     recovery_interval: int = option(0, "--recovery-interval", rule="non_negative", group=OUTPUT,
                                     help="write recovery.pth.tar every N training steps (0: off); --resume or "
                                          "--auto-resume from it continues inside the epoch exactly")
@@ -258,15 +258,15 @@ class EvalOptions:
                                         "stitches_res.txt as stitches_pred.npz, for `snnet pareto --baselines`: "
                                         "anchors (default), all, none, or comma-separated cfg_ids (anchors,9,12 works "
                                         "too)")
-    log_interval: int = again(LOG_INTERVAL)
+    log_interval: int = shared(LOG_INTERVAL)
 
 
 @dataclass(frozen=True)
 class InputOptions:
     """What the network is fed: image size, channels and the preprocessing that overrides the model's defaults
     (timm's resolve_data_config reads them)."""
-    img_size: int | None = again(IMG_SIZE)
-    in_chans: int | None = again(IN_CHANS)
+    img_size: int | None = shared(IMG_SIZE)
+    in_chans: int | None = shared(IN_CHANS)
     crop_pct: float | None = option(None, "--crop-pct", rule="fraction", group=MODEL,
                                     help="Input image center crop percent (for validation only; default: the "
                                          "model's)")
@@ -298,7 +298,7 @@ class SelectionOptions:
 class NetworkOptions:
     """What the network is built from besides the stitch config: the model flags, the number of classes, and what
     a config that selects its positions from data reads (`selection`; None: such a config is refused)."""
-    num_classes: int | None = again(NUM_CLASSES)
+    num_classes: int | None = shared(NUM_CLASSES)
     # one plain timm model (no stitch config)
     model: str | None = option(None, "--model", group=MODEL,
                                help="Name of model to train: one plain timm model instead of an SN-Net (exclusive "
@@ -310,9 +310,9 @@ class NetworkOptions:
     pretrained: bool = option(False, "--pretrained", group=MODEL,  # the plain model's hub weights
                               help="Start with pretrained version of specified network (if avail); plain --model "
                                    "only")
-    no_pretrained: bool = again(NO_PRETRAINED)  # random anchors
-    img_size: int | None = again(IMG_SIZE)
-    in_chans: int | None = again(IN_CHANS)
+    no_pretrained: bool = shared(NO_PRETRAINED)  # random anchors
+    img_size: int | None = shared(IMG_SIZE)
+    in_chans: int | None = shared(IN_CHANS)
     # None: the model's own
     drop: float | None = option(None, "--drop", rule="probability", group=MODEL,
                                 help="Dropout rate (default: the model's)")
