@@ -233,13 +233,15 @@ def _sync_args(**kw):
 
 
 def test_sync_bn_rules_and_in_place_conversion():
+    """--sync-bn's rules, checked once before any work (`check_sync_bn`, from the preflight's `check_structure`),
+    and the conversion."""
     from snnet.train.main import convert_sync_bn
+    from snnet.train.preflight import check_sync_bn
     net = tiny_vit_snnet()
     with pytest.raises(UsageError, match="--sync-bn needs --sample-sync"):
-        convert_sync_bn(net, _sync_args(sample_sync=False), torch.device("cpu"))
+        check_sync_bn(_sync_args(sample_sync=False), 2, "cpu", net.num_configs)
     with pytest.raises(UsageError, match="--sync-bn needs CUDA devices: .* drop --sync-bn"):
-        convert_sync_bn(net, _sync_args(), torch.device("cpu"))  # this torch's SyncBatchNorm is CUDA-only
-    from snnet.train.preflight import check_sync_bn
+        check_sync_bn(_sync_args(), 2, "cpu", net.num_configs)  # this torch's SyncBatchNorm is CUDA-only
     check_sync_bn(_sync_args(sample_sync=False), 1, "cpu", net.num_configs)  # one process: nothing to check
     with pytest.raises(UsageError, match="--sync-bn needs --sample-sync"):  # what distributed_train.sh's check
         check_sync_bn(_sync_args(sample_sync=False), 2, None, net.num_configs)  # runs on the meta network
@@ -265,3 +267,21 @@ def test_sync_bn_on_cpu_processes_is_refused_before_they_start(tmp_path, digits_
              "--sync-bn", "--sample-sync", "--output", tmp_path, "--experiment", "sbn"])
     assert_refused(r.returncode, r.stderr, "--sync-bn needs CUDA devices")
     assert "torch.distributed" not in r.stderr and not (tmp_path / "sbn").exists()
+
+
+def test_the_preflight_checks_sync_bn_once_with_the_device_and_the_network(tiny_config):
+    """One call of `check_sync_bn`, in `check_structure`: the meta network's stitches (--sample-sync) and, where
+    the machine is known (not a dry run's), its device."""
+    from snnet.train.args import parse_args
+    from snnet.train.options import RunOptions
+    from snnet.train.preflight import check_structure
+
+    def options(*flags):
+        args, cfg = parse_args(["/d", "--stitch_config", str(tiny_config), "--no-pretrained", "--sync-bn", *flags])
+        return RunOptions.from_values(vars(args)), cfg
+    with pytest.raises(UsageError, match="--sync-bn needs --sample-sync"):
+        check_structure(*options(), world_size=2)
+    check_structure(*options("--sample-sync"), world_size=2)  # a dry run: another machine's device
+    check_structure(*options("--sample-sync"), world_size=1, device_type="cpu")  # one process: nothing to sync
+    with pytest.raises(UsageError, match="--sync-bn needs CUDA devices"):
+        check_structure(*options("--sample-sync"), world_size=2, device_type="cpu")

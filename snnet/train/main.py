@@ -51,7 +51,7 @@ from snnet.train.optim import anchor_lr_scale
 from snnet.train.options import JobOptions, RunOptions, TrainOptions
 from snnet.train.positions import write_stitch_plan
 from snnet.train.preempt import STOP, Preempted
-from snnet.train.preflight import check_output, check_recipe, check_run, check_sync_bn, output_dir
+from snnet.train.preflight import check_output, check_recipe, check_run, output_dir
 from snnet.train.resolve import describe_run, recorded_arguments, to_yaml
 from snnet.train.resume import (
     all_saved,
@@ -314,14 +314,14 @@ def _wants_ls_init(job: JobOptions, stitch_cfg: StitchConfig | None, resume_stat
 def convert_sync_bn(net: RoutedNet, train: TrainOptions, device: torch.device, evaluating: bool = False
                     ) -> RoutedNet:
     """--sync-bn: torch SyncBatchNorm in place of every BatchNorm of a distributed training run (timm's rule: one
-    process has nothing to synchronise). Units look their modules up by name at run time, so the replacements are
-    what runs; parameters keep their identity and names."""
+    process has nothing to synchronise; its needs were checked before any work, `preflight.check_sync_bn`). Units
+    look their modules up by name at run time, so the replacements are what runs; parameters keep their identity and
+    names."""
     if not train.sync_bn or evaluating:
         return net
     if not train.distributed:
         _logger.info("--sync-bn: one process, nothing to synchronise; BatchNorm layers unchanged")
         return net
-    check_sync_bn(train, 2, device.type, net.num_configs)  # distributed: at least two processes
     return nn.SyncBatchNorm.convert_sync_batchnorm(net)
 
 

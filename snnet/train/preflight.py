@@ -185,20 +185,18 @@ def check_run(options: RunOptions, stitch_cfg: StitchConfig | None, world_size: 
     (the launcher's check and train.py's). `out_dir`: the run's folder, already checked (`check_output`) and locked
     by the caller (train.py checks under its lock: a probe of the lock here would release it); None: checked here."""
     device = device_from_flag(options.train.device)  # a name that is no torch device, or CUDA where there is none
-    if not options.job.eval:
-        check_sync_bn(options.train, world_size, device.type)
     if out_dir is None:
         check_output(output_dir(options))
     check_checkpoints(options, stitch_cfg)
     check_data(options.data, need_train=not options.job.eval, world_size=world_size)
-    check_recipe(options, stitch_cfg, world_size, anchor_checkpoints)
+    check_recipe(options, stitch_cfg, world_size, anchor_checkpoints, device.type)
 
 
 def check_sync_bn(train: TrainOptions, world_size: int, device_type: str | None = None,
                   num_configs: int | None = None) -> None:
     """--sync-bn's needs in a training run of `world_size` processes (one process: nothing to synchronise): CUDA
     devices (`device_type`), and --sample-sync where the network has several stitches (`num_configs`); either
-    unknown (None) is not checked. The launcher's check and each rank's (train.py) call this one."""
+    unknown (None) is not checked. Called once, by `check_structure` (the launcher's check and each rank's)."""
     if not train.sync_bn or world_size <= 1:
         return
     if num_configs is not None and num_configs > 1 and not train.sample_sync:
@@ -210,17 +208,18 @@ def check_sync_bn(train: TrainOptions, world_size: int, device_type: str | None 
 
 
 def check_recipe(options: RunOptions, stitch_cfg: StitchConfig | None, world_size: int,
-                 anchor_checkpoints: bool = False) -> None:
+                 anchor_checkpoints: bool = False, device_type: str | None = None) -> None:
     """The checks that need no data folder, device or file of this machine (augmentation, optimizer, schedule,
-    teacher): `--dry-run`, which resolves a run for another machine, runs these too."""
+    teacher): `--dry-run`, which resolves a run for another machine, runs these too. `device_type`: this machine's,
+    for the checks that need it (None: a dry run's, not checked)."""
     if not options.job.eval:
         check_augmentation(options.loader, eval_data_config(options.values(), stitch_cfg)["input_size"])
     check_training(options, world_size)
-    check_structure(options, stitch_cfg, anchor_checkpoints, world_size)
+    check_structure(options, stitch_cfg, anchor_checkpoints, world_size, device_type)
 
 
 def check_structure(options: RunOptions, stitch_cfg: StitchConfig | None, anchor_checkpoints: bool = False,
-                    world_size: int = 1) -> None:
+                    world_size: int = 1, device_type: str | None = None) -> None:
     """The network built as the run builds it, on the meta device (no weight read, downloaded or allocated): model
     arguments timm refuses, anchors that cannot be stitched at this input size, a positions selection asking for
     more positions than a pair has, routes `train_exclude` names that the network lacks, and anchor checkpoints that
@@ -237,7 +236,8 @@ def check_structure(options: RunOptions, stitch_cfg: StitchConfig | None, anchor
         check_train_exclude(net, cfg)
     if net is not None and cfg is not None and not options.job.eval:
         check_sampling(options, net, cfg)
-        check_sync_bn(options.train, world_size, num_configs=net.num_configs)
+    if not options.job.eval:
+        check_sync_bn(options.train, world_size, device_type, net.num_configs if net is not None else None)
     if anchor_checkpoints and net is not None and cfg is not None:  # what each rank loads first fits its anchor
         for i, spec in enumerate(cfg.anchors):
             if spec.checkpoint is not None:
