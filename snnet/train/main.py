@@ -40,7 +40,7 @@ from snnet.data.checks import warn_small_classes_here
 from snnet.data.datasets import class_names_of, create_datasets, data_source, num_classes_of
 from snnet.data.loaders import create_eval_loader, create_train_loader
 from snnet.results.records import EMA_RESULTS_FILE, RESULTS_FILE, ResultsFile, file_sha256, text_sha256
-from snnet.train.args import UsageError, fitted_notes, parse_args
+from snnet.train.args import fitted_notes, parse_args
 from snnet.train.device import adopt_slurm_env, amp_dtype_for, requeued, resolve_device, restart_attempt, unwrap
 from snnet.train.evaluator import Evaluation, evaluate_all, prediction_ids, val_panel, validate_panel
 from snnet.train.loggers import Loggers, check_loggers, create_loggers
@@ -329,11 +329,9 @@ def convert_sync_bn(net: RoutedNet, train: TrainOptions, device: torch.device, e
 def _freeze(model: RoutedNet, stitch_cfg: StitchConfig | None, freeze_anchors: bool) -> None:
     """--freeze-anchors: only the stitching layers train, the anchors stay in eval mode (no BatchNorm statistics or
     dropout updates, no optimizer state for them). SN-Net's ``fulltune: false``: the stitching layers and the class
-    tokens train. A parameter frozen by its own layer (a LoRA layer's W) stays frozen either way."""
+    tokens train. A parameter frozen by its own layer (a LoRA layer's W) stays frozen either way. (A plain --model
+    with --freeze-anchors never trains: parsing refuses it.)"""
     if stitch_cfg is None:
-        if freeze_anchors:
-            raise UsageError("--freeze-anchors needs an SN-Net (--stitch_config): a plain --model has no stitching "
-                             "layers to train")
         return
     if freeze_anchors:
         keep = lambda name: name.startswith("stitch_layers.")
