@@ -158,6 +158,9 @@ def test_run_options_read_the_flags_and_refuse_unknown_fields():
     ("--crop-pct", "0", "argument --crop-pct: 0 is not in (0, 1]"),
     ("--aug-repeats", "2.5", "argument --aug-repeats: 2.5 is not a whole number >= 0"),
     ("--train-interpolation", "cubic", "argument --train-interpolation: 'cubic' is not one of 'nearest'"),
+    ("--eval-metric", "top2", "argument --eval-metric: 'top2' is not a metric of the validation panel"),
+    ("--save-predictions", "anchors;9", "argument --save-predictions: 'anchors;9' is not anchors, all, none or"),
+    ("--val-stitches", "-1", "argument --val-stitches: -1 is not >= 0"),
 ])
 def test_a_single_value_is_refused_by_its_fields_rule_at_parse_time(flag, value, message):
     """Issue 52: a check of one option's value is the rule or choices of its field, so the parser refuses it (and
@@ -170,7 +173,8 @@ def test_a_single_value_is_refused_by_its_fields_rule_at_parse_time(flag, value,
         parse_args(["folder", "--model", "resnet18", flag, value])
     assert message in str(e.value) and "\n" not in str(e.value)
     key = flag.lstrip("-").replace("-", "_")
-    typed = float(value) if key != "train_interpolation" else value
+    typed = (value if key in ("train_interpolation", "eval_metric", "save_predictions") else
+             (int(value),) if key == "val_stitches" else float(value))
     with pytest.raises(OptionError, match=f"key '{key}'"):
         options_by_key([c for c in FLAG_OPTIONS if key in {f.name for f in dataclasses.fields(c)}], {key: typed},
                        "the sweep's train", data_dir="folder")

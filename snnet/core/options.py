@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from collections.abc import Iterable, Iterator
@@ -31,11 +32,18 @@ FILES, DATASET, MODEL, STITCHING, OPTIMIZER, SCHEDULE, AUGMENT, EMA, BATCH_NORM,
 #: "fraction" (in (0, 1]: a part of something, never none of it), "count" (a whole number >= 0, in a float field);
 #: for a name: "interpolation" (a resize interpolation timm's transforms know, '' for the model's) and
 #: "train_interpolation" (one of them or 'random'). A name's rule, unlike choices, leaves the parser's surface (and
-#: --help) as timm's: its flag takes any text and the rule refuses what is not one of them
-RULES = ("positive", "non_negative", "probability", "fraction", "count", "interpolation", "train_interpolation")
+#: --help) as timm's: its flag takes any text and the rule refuses what is not one of them. For a text of a form:
+#: "metric" (a validation-panel metric) and "stitches" (a set of stitches by name or cfg_id)
+RULES = ("positive", "non_negative", "probability", "fraction", "count", "interpolation", "train_interpolation",
+         "metric", "stitches")
 #: resize interpolations timm's transforms know
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 _NAMES = {"interpolation": ("", *INTERPOLATIONS), "train_interpolation": (*INTERPOLATIONS, "random")}
+#: rule -> (the form a text must have, what it is)
+_FORMS = {"metric": (r"top1|top5|loss|top1@\d+", "a metric of the validation panel; use top1, top5, loss (means "
+                                                  "over the panel) or top1@<cfg_id> (one stitch of the panel)"),
+          "stitches": (r"none|all|(anchors|\d+)(,(anchors|\d+))*", "anchors, all, none or comma-separated cfg_ids "
+                                                                  "(e.g. anchors,9)")}
 
 
 @dataclass(frozen=True)
@@ -106,6 +114,9 @@ def rule_violation(rule: str | None, value: Any, text: str | None = None) -> str
     if rule in _NAMES:
         names = _NAMES[rule]
         return None if value in names else f"{value!r} is not one of {', '.join(map(repr, names))}"
+    if rule in _FORMS:
+        form, what = _FORMS[rule]
+        return None if isinstance(value, str) and re.fullmatch(form, value) else f"{value!r} is not {what}"
     if rule is None or not isinstance(value, (int, float)) or isinstance(value, bool):
         return None
     shown = value if text is None else text

@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import math
 import os
-import re
 import sys
 import types
 import typing
@@ -59,8 +58,18 @@ def _named(rule: str) -> Callable[[str], str]:
     return convert
 
 
-def _stitch_id(s: str) -> int | str:
-    return s if s == "all" else _number(s, int)
+def _stitch_id(rule: str | None) -> Callable[[str], int | str]:
+    """The parser's type function of a cfg_id option: 'all' or a cfg_id, within the option's rule."""
+    def convert(s: str) -> int | str:
+        if s == "all":
+            return s
+        v = _number(s, int)
+        wrong = rule_violation(rule, v)
+        if wrong is not None:
+            raise argparse.ArgumentTypeError(wrong)
+        return v
+    convert.__name__ = "stitch_id"
+    return convert
 
 
 class _KwargsAction(argparse.Action):
@@ -125,7 +134,7 @@ def _add_option(container: Any, name: str, field: dataclasses.Field, flag: Flag,
         if flag.choices is not None:
             kw["choices"] = flag.choices
         if flag.kind == "stitch_id":
-            kw["type"] = _stitch_id
+            kw["type"] = _stitch_id(flag.rule)
         elif flag.kind == "float" or kind in (int, float):
             kw["type"] = _converter(float if flag.kind == "float" else kind, flag.rule)
         elif kind is str and flag.rule is not None:
@@ -354,18 +363,10 @@ def _check_values(args: argparse.Namespace) -> None:
     if args.split_bn and args.aug_splits < 2 and args.batch_size % 2:
         raise UsageError(f"-b/--batch-size {args.batch_size} with --split-bn and no --aug-splits: split-BN halves "
                          f"each batch (timm: 2 parts), so it must be even; give -b {args.batch_size + 1}")
-    if args.val_stitches is not None and any(c != "all" and c < 0 for c in args.val_stitches):
-        raise UsageError(f"--val-stitches {args.val_stitches} must be cfg_ids >= 0 or 'all'")
-    if not re.fullmatch(r"none|all|(anchors|\d+)(,(anchors|\d+))*", args.save_predictions):
-        raise UsageError(f"--save-predictions {args.save_predictions!r} is not anchors, all, none or comma-separated "
-                         f"cfg_ids (e.g. anchors,9)")
     restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" or slurm.restart_count() > 0
     if (args.auto_resume or restarted) and not args.experiment and not args.eval:
         raise UsageError("--auto-resume (and torchrun --max-restarts, a requeued Slurm job) needs --experiment NAME, "
                          "so that a restarted run finds its own checkpoint")
-    if not re.fullmatch(r"top1|top5|loss|top1@\d+", args.eval_metric):
-        raise UsageError(f"--eval-metric {args.eval_metric!r} is not a metric of the validation panel; use top1, top5, "
-                         f"loss (means over the panel) or top1@<cfg_id> (one stitch of the panel)")
     if args.freeze_anchors and not args.stitch_config and not args.eval:
         raise UsageError("--freeze-anchors with a plain --model leaves nothing to train (it has no stitching layers); "
                          "drop --freeze-anchors or give --stitch_config")

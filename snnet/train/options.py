@@ -240,19 +240,19 @@ class TrainOptions:
 @dataclass(frozen=True)
 class EvalOptions:
     """Validation during training and the final evaluation of every stitch."""
-    eval_metric: str = option("top1", "--eval-metric", group=OUTPUT,
+    eval_metric: str = option("top1", "--eval-metric", rule="metric", group=OUTPUT,
                               help="metric that picks model_best: top1, top5, loss (means over the validation panel) "
                                    "or top1@<cfg_id> (one stitch of the panel); the training loss when there is no "
                                    "val split")
     # None: the anchors and a few stitches
     val_stitches: tuple[int | str, ...] | None = option(None, "--val-stitches", nargs="*", kind="stitch_id",
-                                                        group=STITCHING,
+                                                        rule="non_negative", group=STITCHING,
                                                         help="cfg_ids validated after every epoch, or 'all' (every "
                                                              "stitch, one pass; summary.csv then also gets the "
                                                              "front's hypervolume, front_hv) (default: anchors and a "
                                                              "few stitches)")
     val_interval: int = option(1, "--val-interval", rule="positive", group=OUTPUT, help="validate every N epochs")
-    save_predictions: str = option("anchors", "--save-predictions", metavar="WHICH", group=STITCHING,
+    save_predictions: str = option("anchors", "--save-predictions", metavar="WHICH", rule="stitches", group=STITCHING,
                                    help="with the final evaluation of every stitch, save per-image predictions "
                                         "(top-5 classes, top softmax probability, correct) of these stitches next to "
                                         "stitches_res.txt as stitches_pred.npz, for `snnet pareto --baselines`: "
