@@ -16,7 +16,7 @@ from snnet.train.options import NetworkOptions, TrainOptions
 ROOT = Path(__file__).resolve().parents[1]
 #: the entry points and train.py's argument parser and its resolution: the only modules that may take a namespace
 #: (preflight.py's checks take the typed RunOptions since issue 39's second round)
-EDGE = {"snnet/cli.py", "snnet/demo.py", "snnet/train/args.py", "snnet/train/resolve.py"}
+EDGE = {"snnet/cli.py", "snnet/demo.py", "snnet/train/args.py"}
 #: train.py's program (snnet/train/main.py) passes the typed RunOptions down (built once from the parsed flags,
 #: resolved once); only `build_run` takes the namespace, the resolved arguments a run records (args.yaml, checkpoints)
 EDGE_FUNCTIONS = {"snnet/train/main.py": {"build_run"}}
@@ -61,9 +61,9 @@ def test_no_library_module_takes_a_namespace():
 def test_the_training_path_does_not_climb_back_to_the_entry_layer():
     """Issue 39: train.py's path is a straight line, parse -> resolve -> check -> build -> fit. tools/trace_rooms.py
     runs a one-epoch demo run up to its fit under a profile hook and lists every call into main.py, args.py or
-    resolve.py made from a lower module (8 when the tool was written, all from preflight.py: reading the namespace
-    back into options and calling resolve.py's helpers; 0 since, and held there: the walk's own call of main, from
-    whatever ran the walk, is the path's start, not a climb)."""
+    describe.py (resolve.py then) made from a lower module (8 when the tool was written, all from preflight.py:
+    reading the namespace back into options and calling resolve.py's helpers; 0 since, and held there: the walk's
+    own call of main, from whatever ran the walk, is the path's start, not a climb)."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("trace_rooms", ROOT / "tools" / "trace_rooms.py")
     assert spec is not None and spec.loader is not None

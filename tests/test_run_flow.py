@@ -10,8 +10,8 @@ from helpers import FAST
 def test_the_recorded_arguments_refuse_changes():
     """What args.yaml and a checkpoint record: the options by flag name (lists as typed), then what the run
     resolved; read-only (the run reads its typed options)."""
+    from snnet.train.describe import recorded_arguments
     from snnet.train.options import RunOptions
-    from snnet.train.resolve import recorded_arguments
     options = RunOptions.from_values({"data_dir": "d", "lr": 0.1, "epochs": 3, "mean": (0.5,)})
     recorded = recorded_arguments(options, rank=0, epochs=5)
     assert (recorded["lr"], recorded["epochs"], recorded["mean"], recorded["rank"]) == (0.1, 5, [0.5], 0)

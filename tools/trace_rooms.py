@@ -4,7 +4,7 @@ Issue 39 asks for the training path as a straight line: parse -> resolve -> chec
 once, with no lower module calling back up. This tool measures it. It runs `snnet.train.main.main(argv)` (the
 digits demo's card on generated digits, one process, CPU) under a profile hook up to the start of the fit
 (`train_and_evaluate`), so what it measures is the set-up, not the epochs. A *climb back* is a call into the entry
-layer (`snnet/train/main.py`, `args.py`, `resolve.py`) made by a function of another module of this repository:
+layer (`snnet/train/main.py`, `args.py`, `describe.py`) made by a function of another module of this repository:
 after the path has left the entry layer, something below calls up into it again (the entry layer calling itself, or
 calling down, is the straight line).
 
@@ -12,8 +12,9 @@ calling down, is the straight line).
     .venv/bin/python tools/trace_rooms.py --rooms    # and every module entered, in order
 
 The review that filed issue 39 counted 16 returns on a static walk. This dynamic count was 8 when the tool was
-written, all from preflight.py (reading the namespace back into options, calling resolve.py's helpers), and 0 once
-the checks took the typed RunOptions and built what they check with the lower layers' functions.
+written, all from preflight.py (reading the namespace back into options, calling resolve.py's helpers; resolve.py is
+describe.py now), and 0 once the checks took the typed RunOptions and built what they check with the lower layers'
+functions.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-ENTRY = ("snnet/train/main.py", "snnet/train/args.py", "snnet/train/resolve.py")
+ENTRY = ("snnet/train/main.py", "snnet/train/args.py", "snnet/train/describe.py")
 
 
 class _FitReached(BaseException):

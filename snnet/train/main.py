@@ -41,6 +41,7 @@ from snnet.data.datasets import class_names_of, create_datasets, data_source, nu
 from snnet.data.loaders import create_eval_loader, create_train_loader
 from snnet.results.records import EMA_RESULTS_FILE, RESULTS_FILE, ResultsFile, file_sha256, text_sha256
 from snnet.train.args import fitted_notes, parse_args
+from snnet.train.describe import describe_run, recorded_arguments, to_yaml
 from snnet.train.device import adopt_slurm_env, amp_dtype_for, requeued, resolve_device, restart_attempt, unwrap
 from snnet.train.evaluator import Evaluation, evaluate_all, prediction_ids, val_panel, validate_panel
 from snnet.train.loggers import Loggers, check_loggers, create_loggers
@@ -52,7 +53,6 @@ from snnet.train.options import JobOptions, RunOptions, TrainOptions
 from snnet.train.positions import write_stitch_plan
 from snnet.train.preempt import STOP, Preempted
 from snnet.train.preflight import check_output, check_recipe, check_run, output_dir
-from snnet.train.resolve import describe_run, recorded_arguments, to_yaml
 from snnet.train.resume import (
     all_saved,
     continue_epoch,
