@@ -208,3 +208,24 @@ def test_the_learning_rates_are_resolved_in_one_place():
     multiplying = [p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "snnet").rglob("*.py"))
                    if "* world_size" in p.read_text() or "world_size *" in p.read_text()]
     assert multiplying == ["snnet/train/optim.py"]
+
+
+def test_what_options_say_together_is_checked_once_in_the_preflight():
+    """Issue 52: parsing checks each value by its field's rule; what several options say together is one function
+    over the typed options (`preflight.check_combinations`), which the launcher's check, train.py and --dry-run
+    call first."""
+    from snnet.core.errors import UsageError
+    from snnet.train.args import parse_args
+    from snnet.train.options import RunOptions
+    from snnet.train.preflight import check_combinations
+
+    def options(*flags: str) -> RunOptions:
+        return RunOptions.from_values(vars(parse_args(["folder", "--model", "resnet18", *flags])[0]))
+    check_combinations(options("--split-bn", "--resplit", "--epochs", "3", "--start-epoch", "2"))
+    for flags, message in ((("--split-bn",), "--split-bn needs --aug-splits > 1 or --resplit"),
+                           (("--epochs", "2", "--start-epoch", "2"), "leaves no epoch to train of --epochs 2"),
+                           (("--distillation-type", "soft"), "needs --teacher NAME"),
+                           (("--freeze-anchors",), "leaves nothing to train")):
+        typed = options(*flags)  # parsing takes each value alone
+        with pytest.raises(UsageError, match=message):
+            check_combinations(typed)

@@ -17,7 +17,6 @@ import typing
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from snnet.core import slurm
 from snnet.core.config import ARG_DESTS, ConfigError, StitchConfig, load_stitch_config
 from snnet.core.errors import OneLineParser, UsageError
 from snnet.core.options import FILES, GROUPS, Flag, flag_fields, rule_violation
@@ -203,7 +202,6 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, S
     if not args.data_dir:
         raise UsageError("no dataset: give the dataset folder as the first argument (e.g. train.py /data/imagenet)")
     _fit_short_run(args, typed_dests(argv), origin)
-    _check_values(args)
     return args, stitch_cfg
 
 
@@ -329,55 +327,6 @@ def _coerce_one(action: argparse.Action, value: Any) -> Any:
     if action.choices is not None and v not in action.choices:
         raise argparse.ArgumentTypeError(f"{v!r} is not one of {', '.join(map(repr, action.choices))}")
     return v
-
-
-def _check_ranges(args: argparse.Namespace) -> None:
-    """Numbers that timm and torch accept without a word but that would change the run, where one option alone
-    cannot say it (a single value's range is its field's rule or choices, checked by the parser): refused by name."""
-    def refuse(flag: str, value, why: str) -> None:
-        raise UsageError(f"{flag} {value}: {why}")
-
-    for flag, pair in (("--scale", args.scale), ("--ratio", args.ratio)):
-        if pair is not None and (pair[0] > pair[1] or pair[0] <= 0):
-            refuse(flag, " ".join(map(str, pair)), "must be MIN MAX with 0 < MIN <= MAX")
-    if args.model_ema and args.model_ema_decay >= 1:
-        refuse("--model-ema-decay", args.model_ema_decay, "must be below 1 (at 1 the EMA never moves from the start)")
-    channels = args.in_chans or 3
-    for flag, values in (("--mean", args.mean), ("--std", args.std)):
-        if values is not None and len(values) not in (1, channels):
-            refuse(flag, " ".join(map(str, values)), f"give 1 or {channels} values (one per input channel)")
-    if args.sched in ("step", "multistep") and args.decay_epochs <= 0:
-        refuse("--decay-epochs", args.decay_epochs, f"must be > 0 with --sched {args.sched}")
-    betas = args.opt_betas
-    if betas is not None and (len(betas) not in (1, 2) or not all(0 <= b < 1 for b in betas)):
-        refuse("--opt-betas", " ".join(map(str, args.opt_betas)), "give one or two betas in [0, 1), e.g. 0.9 0.999")
-    if args.start_epoch is not None and not args.eval and not 0 <= args.start_epoch < args.epochs:
-        refuse("--start-epoch", args.start_epoch, f"leaves no epoch to train of --epochs {args.epochs}; use 0.."
-                                                  f"{args.epochs - 1}, or raise --epochs")
-
-
-def _check_values(args: argparse.Namespace) -> None:
-    _check_ranges(args)
-    if args.split_bn and not (args.aug_splits > 1 or args.resplit):
-        raise UsageError("--split-bn needs --aug-splits > 1 or --resplit (timm's rule); add --resplit")
-    if args.split_bn and args.aug_splits < 2 and args.batch_size % 2:
-        raise UsageError(f"-b/--batch-size {args.batch_size} with --split-bn and no --aug-splits: split-BN halves "
-                         f"each batch (timm: 2 parts), so it must be even; give -b {args.batch_size + 1}")
-    restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" or slurm.restart_count() > 0
-    if (args.auto_resume or restarted) and not args.experiment and not args.eval:
-        raise UsageError("--auto-resume (and torchrun --max-restarts, a requeued Slurm job) needs --experiment NAME, "
-                         "so that a restarted run finds its own checkpoint")
-    if args.freeze_anchors and not args.stitch_config and not args.eval:
-        raise UsageError("--freeze-anchors with a plain --model leaves nothing to train (it has no stitching layers); "
-                         "drop --freeze-anchors or give --stitch_config")
-    if args.torchcompile:
-        import torch._dynamo
-        backends = torch._dynamo.list_backends(exclude_tags=())
-        if args.torchcompile not in backends:
-            raise UsageError(f"--torchcompile {args.torchcompile!r} is not a torch.compile backend here; use one of "
-                             f"{', '.join(sorted(backends))}")
-    if args.distillation_type != "none" and not args.teacher:
-        raise UsageError(f"--distillation-type {args.distillation_type} needs --teacher NAME")
 
 
 def unique_key_loader():

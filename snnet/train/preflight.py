@@ -24,6 +24,7 @@ from pathlib import Path
 
 from timm.data import create_transform
 
+from snnet.core import slurm
 from snnet.core.build import anchor_weights, check_model_name, create_anchor
 from snnet.core.checkpoint import (
     CheckpointError,
@@ -184,12 +185,64 @@ def check_run(options: RunOptions, stitch_cfg: StitchConfig | None, world_size: 
     """Every input of the run. `anchor_checkpoints`: the anchors' checkpoints fitted too, by their keys and shapes
     (the launcher's check and train.py's). `out_dir`: the run's folder, already checked (`check_output`) and locked
     by the caller (train.py checks under its lock: a probe of the lock here would release it); None: checked here."""
+    check_combinations(options)  # first: what the options say together, before any file is looked at
     device = device_from_flag(options.train.device)  # a name that is no torch device, or CUDA where there is none
     if out_dir is None:
         check_output(output_dir(options))
     check_checkpoints(options, stitch_cfg)
     check_data(options.data, need_train=not options.job.eval, world_size=world_size)
-    check_recipe(options, stitch_cfg, world_size, anchor_checkpoints, device.type)
+    _check_build(options, stitch_cfg, world_size, anchor_checkpoints, device.type)
+
+
+def check_combinations(options: RunOptions) -> None:
+    """What several options say together, refused by name (a single value's range is its field's rule or choices,
+    which the parser checks): numbers timm and torch accept without a word but that would change the run, and
+    options that need another one. One function over the run's options; the launcher's check, train.py's and
+    --dry-run's call it first."""
+    optim, schedule, loss, train, loader, job = (options.optim, options.schedule, options.loss, options.train,
+                                                 options.loader, options.job)
+    shown = lambda values: " ".join(map(str, values))
+
+    def refuse(flag: str, value, why: str) -> None:
+        raise UsageError(f"{flag} {value}: {why}")
+
+    for flag, pair in (("--scale", loader.scale), ("--ratio", loader.ratio)):
+        if pair is not None and (pair[0] > pair[1] or pair[0] <= 0):
+            refuse(flag, shown(pair), "must be MIN MAX with 0 < MIN <= MAX")
+    if train.model_ema and train.model_ema_decay >= 1:
+        refuse("--model-ema-decay", train.model_ema_decay, "must be below 1 (at 1 the EMA never moves from the start)")
+    channels = options.input.in_chans or 3
+    for flag, values in (("--mean", options.input.mean), ("--std", options.input.std)):
+        if values is not None and len(values) not in (1, channels):
+            refuse(flag, shown(values), f"give 1 or {channels} values (one per input channel)")
+    if schedule.sched in ("step", "multistep") and schedule.decay_epochs <= 0:
+        refuse("--decay-epochs", schedule.decay_epochs, f"must be > 0 with --sched {schedule.sched}")
+    betas = optim.opt_betas
+    if betas is not None and (len(betas) not in (1, 2) or not all(0 <= b < 1 for b in betas)):
+        refuse("--opt-betas", shown(betas), "give one or two betas in [0, 1), e.g. 0.9 0.999")
+    if train.start_epoch is not None and not job.eval and not 0 <= train.start_epoch < schedule.epochs:
+        refuse("--start-epoch", train.start_epoch, f"leaves no epoch to train of --epochs {schedule.epochs}; use 0.."
+                                                   f"{schedule.epochs - 1}, or raise --epochs")
+    if train.split_bn and not (loader.aug_splits > 1 or loader.resplit):
+        raise UsageError("--split-bn needs --aug-splits > 1 or --resplit (timm's rule); add --resplit")
+    if train.split_bn and loader.aug_splits < 2 and loader.batch_size % 2:
+        raise UsageError(f"-b/--batch-size {loader.batch_size} with --split-bn and no --aug-splits: split-BN halves "
+                         f"each batch (timm: 2 parts), so it must be even; give -b {loader.batch_size + 1}")
+    restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" or slurm.restart_count() > 0
+    if (job.auto_resume or restarted) and not job.experiment and not job.eval:
+        raise UsageError("--auto-resume (and torchrun --max-restarts, a requeued Slurm job) needs --experiment NAME, "
+                         "so that a restarted run finds its own checkpoint")
+    if train.freeze_anchors and not job.stitch_config and not job.eval:
+        raise UsageError("--freeze-anchors with a plain --model leaves nothing to train (it has no stitching layers); "
+                         "drop --freeze-anchors or give --stitch_config")
+    if train.torchcompile:
+        import torch._dynamo
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if train.torchcompile not in backends:
+            raise UsageError(f"--torchcompile {train.torchcompile!r} is not a torch.compile backend here; use one of "
+                             f"{', '.join(sorted(backends))}")
+    if loss.distillation_type != "none" and not loss.teacher:
+        raise UsageError(f"--distillation-type {loss.distillation_type} needs --teacher NAME")
 
 
 def check_sync_bn(train: TrainOptions, world_size: int, device_type: str | None = None,
@@ -212,6 +265,14 @@ def check_recipe(options: RunOptions, stitch_cfg: StitchConfig | None, world_siz
     """The checks that need no data folder, device or file of this machine (augmentation, optimizer, schedule,
     teacher): `--dry-run`, which resolves a run for another machine, runs these too. `device_type`: this machine's,
     for the checks that need it (None: a dry run's, not checked)."""
+    check_combinations(options)
+    _check_build(options, stitch_cfg, world_size, anchor_checkpoints, device_type)
+
+
+def _check_build(options: RunOptions, stitch_cfg: StitchConfig | None, world_size: int,
+                 anchor_checkpoints: bool = False, device_type: str | None = None) -> None:
+    """What the run builds late (augmentation, optimizer and schedule, teacher, the network's structure), refused
+    before any work."""
     if not options.job.eval:
         check_augmentation(options.loader, eval_data_config(options.values(), stitch_cfg)["input_size"])
     check_training(options, world_size)
