@@ -283,7 +283,7 @@ def main() -> None:
         aa_ok &= abs(d_aa[0]) <= d_aa[1]
         for k in ("switch", alt, "A/A"):
             pairs += 1
-            inside += abs(predicted[k] - means[k][0]) <= means[k][1]
+            inside += abs(predicted[k] - means[k][0]) <= means[k][1] + 1e-6  # a zero-width interval can hold it
         out.append(f"| {kind} | {load:g}x | {alt} ({margin:+.2f}) | "
                    + " | ".join(f"{means[k][0]:.2f} ± {means[k][1]:.2f}" for k in ("switch", alt, "A/A"))
                    + f" | {d_alt[0]:+.2f} ± {d_alt[1]:.2f} | {d_aa[0]:+.2f} ± {d_aa[1]:.2f} | "

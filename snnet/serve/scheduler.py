@@ -122,9 +122,10 @@ class DeadlineScheduler:
         self._worker: asyncio.Task | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="snnet-batch")
         self._trimmed = -math.inf
-        # the choice tables, by candidates and rule; `tables`: a cache shared with other schedulers of this menu (a
-        # simulation replaying many traces builds each table once)
-        self._tables: dict[tuple, SlackTable] = {} if tables is None else tables
+        # the choice tables by candidates; `tables`: a cache shared with other schedulers of this menu (a simulation
+        # replaying many traces builds each table once), by rule
+        self._tables: dict[tuple[int, ...], SlackTable] = \
+            (tables if tables is not None else {}).setdefault((self.max_batch, arrivals, rest_on_same), {})
         self._fastest_of: dict[tuple[int, ...], int] = {}
 
     # ------------------------------------------------------------------------------------------ the queue
@@ -155,11 +156,10 @@ class DeadlineScheduler:
         self.table(tuple(candidates))
 
     def table(self, candidates: tuple[int, ...]) -> SlackTable:
-        key = (candidates, self.max_batch, self.arrivals_counted, self.rest_on_same)
-        known = self._tables.get(key)
+        known = self._tables.get(candidates)
         if known is None:
-            known = self._tables[key] = SlackTable(self.menu, candidates, self.max_batch, self.arrivals_counted,
-                                                   self.rest_on_same)
+            known = self._tables[candidates] = SlackTable(self.menu, candidates, self.max_batch, self.arrivals_counted,
+                                                          self.rest_on_same)
         return known
 
     def take(self, now: float) -> tuple[int, list[Pending]] | Pending | None:
@@ -172,15 +172,18 @@ class DeadlineScheduler:
             self.shed_count += 1
             return planned
         batch: list[Pending] = []
-        aside: list[tuple[float, int, Pending]] = []
+        aside: list[tuple[float, int, Pending]] | None = None  # allocated only when a request cannot join
         queue, most = self.queue, self.max_batch
-        while queue and len(batch) < most and len(aside) < 4 * most:
+        while queue and len(batch) < most:
             entry = heapq.heappop(queue)
             if planned in entry[2].candidates:
                 batch.append(entry[2])
             else:
+                aside = aside if aside is not None else []
                 aside.append(entry)
-        for entry in aside:
+                if len(aside) >= 4 * most:
+                    break
+        for entry in aside or ():
             heapq.heappush(queue, entry)
         self.last_start = now
         return planned, batch
