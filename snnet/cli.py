@@ -530,9 +530,10 @@ def _quickstart_parser(sub) -> None:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
+    from snnet.quickstart import QuickstartOptions
     from snnet.quickstart import main as quickstart
     check_out_dir(args.out)
-    return quickstart(args)
+    return quickstart(QuickstartOptions.from_values(vars(args)))
 
 
 # ---------------------------------------------------------------------------------------------------- stitch-train

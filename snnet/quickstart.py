@@ -21,7 +21,7 @@ ResNets of one depth and different widths stitch stage by stage like SN-Net's Re
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import random
@@ -61,6 +61,29 @@ EPOCHS = (20, 60)
 SNNET_SHARE = 0.4
 BATCH = 32
 SEED = 0
+
+
+@dataclass(frozen=True)
+class QuickstartOptions:
+    """`snnet quickstart`'s options as typed (snnet/cli.py's parser makes them; None: quickstart chooses)."""
+    data: str
+    out: str
+    anchors: list[str] | None = None
+    no_pretrained: bool = False
+    widths: list[int] | None = None
+    img_size: int | None = None
+    anchor_epochs: int | None = None
+    snnet_epochs: int | None = None
+    batch: int | None = None
+    nproc: int | None = None
+    seed: int = SEED
+    fresh: bool = False
+
+    @classmethod
+    def from_values(cls, values: dict) -> QuickstartOptions:
+        """The options from a parser's values (its other keys, such as the command's function, are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
 
 
 @dataclass
@@ -160,7 +183,7 @@ def _median_side(train: Path, sample: int = 64) -> int:
     return int(statistics.median(sides)) if sides else 0
 
 
-def plan(summary: DataSummary, args: argparse.Namespace) -> Plan:
+def plan(summary: DataSummary, args: QuickstartOptions) -> Plan:
     """The run's choices from the data and the flags, each said with why and the flag that changes it."""
     lines = []
     side = summary.side
@@ -233,7 +256,7 @@ def _evaluated(results: Path, weights: Path) -> bool:
     return bool(records) and all(r.get("checkpoint_sha256") == sha for r in records)
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: QuickstartOptions) -> int:
     """`snnet quickstart` (its arguments: snnet/cli.py, which imports this module only when the command runs)."""
     data, out = Path(args.data).resolve(), Path(args.out).resolve()
     t0 = time.perf_counter()

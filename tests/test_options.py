@@ -17,9 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 #: the entry points and train.py's argument parser and its resolution: the only modules that may take a namespace
 #: (preflight.py's checks take the typed RunOptions since issue 39's second round)
 EDGE = {"snnet/cli.py", "snnet/demo.py", "snnet/train/args.py"}
-#: train.py's program (snnet/train/main.py) passes the typed RunOptions down (built once from the parsed flags,
-#: resolved once); only `build_run` takes the namespace, the resolved arguments a run records (args.yaml, checkpoints)
-EDGE_FUNCTIONS = {"snnet/train/main.py": {"build_run"}}
+#: functions below the entry points allowed to take a namespace: none (train.py's program passes the typed RunOptions
+#: down, and what a run records, args.yaml and checkpoints, is a read-only mapping)
+EDGE_FUNCTIONS: dict[str, set[str]] = {}
 
 
 def _is_namespace(node: ast.AST | None) -> bool:

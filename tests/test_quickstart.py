@@ -1,7 +1,6 @@
 """snnet quickstart (issue 53): the data it reads and splits, the choices it prints, the whole run on a tiny generated
 folder (docs/own_data.md's first command) and its resume; the refusal of pretrained weights that are neither cached
 nor reachable; the warning about a class with far fewer images than the others."""
-import argparse
 import importlib.util
 import json
 import os
@@ -15,7 +14,7 @@ from helpers import ROOT, run
 
 from snnet.core.weights import WeightsUnavailable, check_pretrained
 from snnet.data.checks import small_class_warning
-from snnet.quickstart import DataSummary, plan, read_data
+from snnet.quickstart import DataSummary, QuickstartOptions, plan, read_data
 
 MARK = "<!-- example runs in: tests/test_quickstart.py::test_quickstart_guide_runs -->"
 
@@ -28,9 +27,7 @@ def _shapes():
 
 
 def _args(**kw):
-    base = dict(img_size=None, anchors=None, no_pretrained=False, widths=None, anchor_epochs=None,
-                snnet_epochs=None, batch=None, nproc=None)
-    return argparse.Namespace(**{**base, **kw})
+    return QuickstartOptions(data="d", out="o", **kw)
 
 
 def test_a_flat_folder_is_split_per_class_and_kept(tmp_path):
