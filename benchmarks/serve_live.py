@@ -147,7 +147,7 @@ def weakest_settings(path: Path, n: int) -> list[tuple[str, float, str, float]]:
     """From the replay's DeiT table: the `n` settings with the smallest margin of switching over an alternative,
     as (arrivals, load, the alternative, the margin); the alternative is 'anchors' or 'fixed cfg N'."""
     lines = path.read_text().splitlines()
-    start = next(i for i, ln in enumerate(lines) if ln.startswith("## deit"))
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("### deit"))
     header = next(ln for ln in lines[start:] if ln.startswith("| arrivals"))
     cols = [c.strip() for c in header.strip("|").split("|")]
     rows = []

@@ -472,7 +472,7 @@ def main() -> None:
             got = {(s, k, ld, seed): res for (_, s, k, ld, seed), res in
                    _tagged(pool, jobs, f"{name} evaluation", t_start).items()}
             alts = ["best fixed", "anchors", *net.cascades]
-            lines += [f"## {name}: {len(net.menu.records)} served stitches ({len(net.menu.front())} on the latency "
+            lines += [f"### {name}: {len(net.menu.records)} served stitches ({len(net.menu.front())} on the latency "
                       f"front), SLO {net.slo_ms:.1f} ms, 1x = {net.capacity:.1f} req/s (the largest anchor, cfg "
                       f"{net.largest}, at batch 1), batches of up to {MAX_BATCH}",
                       f"tuning (seeds {tuning.start}..{tuning.stop - 1}, both networks): the rule "

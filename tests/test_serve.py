@@ -801,9 +801,9 @@ def test_the_live_validation_takes_the_replays_weakest_settings_and_refuses_bad_
     import serve_live
     table = tmp_path / "replay.txt"
     table.write_text("\n".join([
-        "## digits: ...", "| arrivals | load | switch | attain | switch - best fixed | switch - anchors | "
+        "### digits: ...", "| arrivals | load | switch | attain | switch - best fixed | switch - anchors | "
         "best fixed (tuning) |", "|---|", "| poisson | 1x | 90.00 | 99% | -5.00 ± 1.00 | +1.00 ± 0.50 | fixed cfg 9 |",
-        "## deit: ...", "| arrivals | load | switch | attain | switch - best fixed | switch - anchors | "
+        "### deit: ...", "| arrivals | load | switch | attain | switch - best fixed | switch - anchors | "
         "switch - no arrivals term | best fixed (tuning) |", "|---|",
         "| poisson | 0.5x | 80.00 | 100% | +1.00 ± 0.10 | +0.50 ± 0.10 | -9.00 ± 1.00 | fixed cfg 16 |",
         "| gamma4 | 2x | 78.00 | 100% | +0.20 ± 0.10 | +0.90 ± 0.10 | +0.00 ± 0.00 | fixed cfg 1 |",
