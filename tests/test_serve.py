@@ -783,7 +783,7 @@ def test_the_replay_benchmark_reports_intervals_and_its_result():
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [ln for ln in out.stdout.splitlines() if re.match(r"\| (poisson|gamma4|gamma8|onoff) \|", ln)]
     assert len(rows) == 2 * 4 * 2 and all("±" in r for r in rows), out.stdout
-    assert out.stdout.count("tuning (seeds 0..1)") == 2
+    assert out.stdout.count("tuning (seeds 0..1, both networks)") == 2
     last = out.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"RESULT replay_behind=\d+ replay_ahead_deit=\d+ replay_settings_deit=8 "
                         r"choice_p99_us=\d+\.\d", last), last
