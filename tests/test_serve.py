@@ -46,7 +46,6 @@ LATENCY = {0: {1: 1.0, 8: 2.0}, 1: {1: 4.0, 8: 10.0}, 2: {1: 2.0, 8: 4.0}}
 def test_budget_picks_the_best_stitch_that_fits_an_idle_server():
     menu = StitchMenu(RECORDS, LATENCY, "t")
     assert menu.choose().cfg_id == 1  # no budget: the most accurate
-    assert menu.choose(latency_ms=3.0) == menu.choose(latency_ms=3.0, queued={})
     assert menu.choose(latency_ms=3.0).cfg_id == 2 and menu.choose(latency_ms=4.0).cfg_id == 1
     assert menu.choose(latency_ms=1.5).cfg_id == 0
     assert menu.choose(flops=250).cfg_id == 2 and menu.choose(flops=250, latency_ms=1.0).cfg_id == 0
@@ -56,21 +55,11 @@ def test_budget_picks_the_best_stitch_that_fits_an_idle_server():
         menu.choose(flops=50)
 
 
-def test_load_moves_requests_to_faster_stitches():
+def test_batch_times_are_the_table_linearly_between_its_sizes():
     menu = StitchMenu(RECORDS, LATENCY, "t")
     assert menu.batch_ms(1, 8) == 10.0 and menu.batch_ms(1, 4) == pytest.approx(4 + 6 * 3 / 7)
     assert menu.batch_ms(0, 17) == pytest.approx(2 * 2.0 + 1.0)  # two full batches and one of 1
-    # 4 ms fits stitch 1 idle; with stitch 0's queue of 8 ahead (2 ms) only stitch 0 (joins its queue: +0.14 ms)
-    # or stitch 2 (2 + 2 ms) fit; stitch 2 is the more accurate
-    loaded = menu.choose(latency_ms=4.0, queued={0: 8})
-    assert (loaded.cfg_id, loaded.within_budget) == (2, True) and loaded.predicted_ms == pytest.approx(4.0)
-    busy = menu.choose(latency_ms=4.0, queued={0: 8}, busy_ms=1.0)
-    assert busy.cfg_id == 0 and busy.within_budget
-    # a load no stitch can meet: the fastest answers, flagged; the budget itself is fine on an idle server
-    over = menu.choose(latency_ms=4.0, queued={1: 40})
-    assert (over.cfg_id, over.within_budget) == (0, False) and over.predicted_ms > 4.0
-    # the server's observed time outside the network counts too
-    assert menu.choose(latency_ms=4.0, overhead_ms=2.5).cfg_id == 0
+    assert menu.batch_ms(2, 0) == 0.0
 
 
 def test_the_choice_is_selects_rule():

@@ -1,21 +1,14 @@
-"""Which stitch answers a request: its budget (latency in ms, FLOPs, or both) and the server's current load.
+"""Which stitch answers a request: the served stitches and their ranking (`StitchMenu`), and the dispatch's choice
+under load (`SlackTable`).
 
 The ranking is `snnet select`'s (results/select.py `select`: the highest top-1 within the budget, ties to fewer
-FLOPs, params, lower cfg_id); this module only says what "within the budget" means under load:
-
-* a FLOPs budget is a property of the stitch: load does not change it;
-* a latency budget is the time the request will spend in the server: the work queued ahead of it (the batch
-  running now, one batch per other stitch's queue), the batch of its own stitch that it would join, and the
-  server's observed time per request outside the network (decoding, transform, hand-offs). The network part is
-  scaled by the observed slowdown (measured batch time / the table's): handler.py keeps running means of both, so a
-  busy or slow machine shifts the choice to faster stitches. Batch times
-  come from the latency table (`snnet latency`'s measurement, deploy/latency.py) at batch 1 and the largest batch,
-  linearly between (a batch larger than the largest runs as several). The estimate is pessimistic on purpose:
-  every queue is counted as ahead of the request.
-
-When no stitch fits only because of the load, the fastest stitch within the FLOPs budget answers and the response
-says the budget was predicted to be missed; a budget that no stitch meets even on an idle server is the client's
-error (`BudgetError`, HTTP 422), with the closest stitch named.
+FLOPs, params, lower cfg_id). A FLOPs budget is a property of the stitch: load does not change it, and a request
+without a latency budget gets `select`'s stitch (`StitchMenu.choose`). A latency budget is a deadline: the
+scheduler (scheduler.py) binds the stitch at dispatch by a lookup in the `SlackTable` of the request's candidates
+(the latency front within its FLOPs budget, `StitchMenu.front`). Batch times come from the latency table (`snnet
+latency`'s measurement, deploy/latency.py) at batch 1 and the largest batch, linearly between (a batch larger
+than the largest runs as several). A budget that no stitch meets even on an idle server is the client's error
+(`BudgetError`, HTTP 422), with the closest stitch named.
 """
 from __future__ import annotations
 
@@ -32,7 +25,7 @@ from snnet.core.errors import SNNetError
 from snnet.results.select import BudgetError, Record, best_key, select
 
 #: how the request names each limit (the errors of `select` say which one to change)
-FLAGS = {"flops": "budget.flops", "latency_ms": "budget.latency_ms", "wait_ms": "budget.latency_ms"}
+FLAGS = {"flops": "budget.flops", "latency_ms": "budget.latency_ms"}
 
 
 @dataclass(frozen=True)
@@ -125,43 +118,18 @@ class StitchMenu:
                                            if not any(beats(t, s, j < i) for j, t in enumerate(within) if t != s))
         return list(known)
 
-    def wait_ms(self, cfg_id: int, queued: Mapping[int, int], busy_ms: float = 0.0, overhead_ms: float = 0.0,
-                slowdown: float = 1.0) -> float:
-        """Predicted server time of a request of `cfg_id` joining the queues now: the overhead, then, scaled by the
-        slowdown, the batch running (`busy_ms` left of it), everything queued and the growth of its own batch."""
-        n = queued.get(cfg_id, 0)
-        network = busy_ms + sum(self.batch_ms(c, k) for c, k in queued.items() if c in self.by_id) + \
-            self.batch_ms(cfg_id, n + 1) - self.batch_ms(cfg_id, n)
-        return overhead_ms + slowdown * network
-
-    def choose(self, latency_ms: float | None = None, flops: float | None = None,
-               queued: Mapping[int, int] | None = None, busy_ms: float = 0.0, overhead_ms: float = 0.0,
-               slowdown: float = 1.0) -> Choice:
-        """The stitch for a request (see the module doc and `wait_ms`). `queued`: cfg_id -> requests waiting;
-        `busy_ms`: what is left of the batch running now (by the table); `overhead_ms`: the server's time per
-        request besides the network; `slowdown`: measured batch time / the table's. Raises BudgetError when no
-        stitch meets the budget on an idle server."""
+    def choose(self, latency_ms: float | None = None, flops: float | None = None) -> Choice:
+        """`select`'s stitch for a budget on an idle server: the most accurate within the FLOPs budget whose batch-1
+        latency fits the latency budget. Raises BudgetError when none does (the server's 422)."""
         limits: dict[str, float] = {"flops": flops} if flops is not None else {}
         if latency_ms is None:
             return Choice(select(self.records, limits, None, self.source, FLAGS)[0]["cfg_id"], None, True)
-        queued = queued or {}
-        ahead = busy_ms + sum(self.batch_ms(c, n) for c, n in queued.items() if c in self.by_id)
-        # select's rule without building records per request: the first stitch in its ranking order that fits
-        waits = []
-        for r in self.ranked:
-            if flops is not None and not r["flops"] <= flops:
-                continue
-            c = r["cfg_id"]
-            n = queued.get(c, 0)
-            wait = overhead_ms + slowdown * (ahead + self.batch_ms(c, n + 1) - self.batch_ms(c, n))
-            if wait <= latency_ms:
-                return Choice(c, wait, True)
-            waits.append((wait, -r["acc1"], c))
-        # nothing fits now: refused if nothing fits an idle server either (raises, naming the closest), else the
-        # stitch that answers soonest
+        for r in self.ranked:  # select's rule without building records per request: the first that fits
+            if (flops is None or r["flops"] <= flops) and r["latency_ms"] <= latency_ms:
+                return Choice(r["cfg_id"], r["latency_ms"], True)
+        # none fits: select raises, naming the closest stitch and the budget to ask for
         select(self.records, {**limits, "latency_ms": latency_ms}, None, self.source, FLAGS)
-        wait, _, c = min(waits)
-        return Choice(c, wait, False)
+        raise AssertionError("select found a stitch the ranking did not")  # pragma: no cover
 
 
 class SlackTable:
