@@ -30,12 +30,14 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Sequence
+from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from snnet.core.distributed import world
 from snnet.core.errors import OneLineParser, SNNetError, UsageError, one_line
 from snnet.core.fileio import check_out_dir
+from snnet.core.options import add_options, option, shared
 from snnet.results.pareto import cost_key, human, infer_anchors, latency_keys, pareto_report, route_of, save_report
 from snnet.results.records import read_results
 from snnet.results.report import write_report
@@ -380,17 +382,132 @@ def _serve_parser(sub) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- parser
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", metavar="CKPT", help="SN-Net checkpoint written by train.py (e.g. last.pth.tar)")
-    p.add_argument("--stitch_config", "--stitch-config", metavar="CFG", default=None,
-                   help="the stitch config it was trained with (default: the one the checkpoint recorded)")
-    p.add_argument("--img-size", type=_positive_int, default=None, metavar="S",
-                   help="image size (default: the checkpoint's training --img-size)")
-    p.add_argument("--num-classes", type=_positive_int, default=None, metavar="N",
-                   help="classifier classes (default: the checkpoint's)")
-    p.add_argument("--no-pretrained", action="store_true",
-                   help="accepted for train.py compatibility; anchors are never downloaded here (the checkpoint's "
-                        "weights replace everything)")
+# Each command's options are a frozen dataclass of option() fields (snnet.core.options), its parser derived from them
+# by add_options; an option two commands share is declared once, below, and copied with shared().
+#: the results files pareto and report read
+RESULTS_FILES = option(MISSING, nargs="+", metavar="RESULTS", help="stitches_res.txt files (ours or SN-Net's)")
+LATENCY_BATCH = option(1, "--latency-batch", parse=_positive_int, metavar="B",
+                       help="with --by latency: the batch size of latency_ms_b<B> (default 1)")
+TITLE = option("", "--title", help="plot title")
+#: the trained SN-Net a command loads (export, latency, serve)
+CHECKPOINT = option(MISSING, metavar="CKPT", help="SN-Net checkpoint written by train.py (e.g. last.pth.tar)")
+TRAINED_STITCH_CONFIG = option(None, "--stitch_config", "--stitch-config", metavar="CFG",
+                               help="the stitch config it was trained with (default: the one the checkpoint recorded)")
+TRAINED_IMG_SIZE = option(None, "--img-size", parse=_positive_int, metavar="S",
+                          help="image size (default: the checkpoint's training --img-size)")
+TRAINED_NUM_CLASSES = option(None, "--num-classes", parse=_positive_int, metavar="N",
+                             help="classifier classes (default: the checkpoint's)")
+CPU_DEVICE = option("cpu", "--device", help="cpu or cuda[:i] (default cpu)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParetoCommand:
+    """`snnet pareto`."""
+    results: tuple[str, ...] = shared(RESULTS_FILES)
+    out: str | None = option(None, "--out", metavar="DIR", help="write pareto_<cost>.{md,json,png} here")
+    by: str = option("flops", "--by", choices=("flops", "params", "latency"), help="cost axis")
+    latency_batch: int = shared(LATENCY_BATCH)
+    anchors: int | None = option(None, "--anchors", parse=int, metavar="N",
+                                 help="files without routes (SN-Net's): cfg 0..N-1 are anchors "
+                                      "(default: inferred, see docs/deploy.md)")
+    before: str | None = option(None, "--before", metavar="RESULTS",
+                                help="results file from before SN-Net training (e.g. train.py --eval of the untrained "
+                                     "SN-Net): adds each file's anchor drift to the front-quality table")
+    baselines: bool = option(False, "--baselines",
+                             help="also the baselines that need no training, from the per-image predictions beside "
+                                  "each file (stitches_pred.npz, written by train.py's evaluation): random anchor "
+                                  "mixing and a confidence cascade of the anchors, their hypervolumes and how many "
+                                  "stitches beat them (dashed on the plot)")
+    title: str = shared(TITLE)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportCommand:
+    """`snnet report`."""
+    results: tuple[str, ...] = shared(RESULTS_FILES)
+    out: str = option(MISSING, "--out", required=True, metavar="FILE",
+                      help="the HTML file to write, e.g. report.html")
+    by: str = option("flops", "--by", choices=("flops", "params", "latency"),
+                     help="cost axis shown first (default flops)")
+    latency_batch: int = shared(LATENCY_BATCH)
+    anchors: int | None = option(None, "--anchors", parse=int, metavar="N",
+                                 help="files without routes (SN-Net's): cfg 0..N-1 are anchors (default: inferred)")
+    baselines: bool = option(False, "--baselines",
+                             help="also draw the no-training baselines (random anchor mixing, confidence cascade; "
+                                  "dashed) from the per-image predictions beside each file (as snnet pareto "
+                                  "--baselines)")
+    title: str = option("", "--title", help="page title")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SelectCommand:
+    """`snnet select`."""
+    results: str = option(MISSING, metavar="RESULTS", help="a stitches_res.txt")
+    max_flops: float | None = option(None, "--max-flops", parse=_amount("--max-flops"), metavar="F", help="e.g. 5G")
+    max_params: float | None = option(None, "--max-params", parse=_amount("--max-params"), metavar="P",
+                                      help="e.g. 20M")
+    max_latency_ms: float | None = option(None, "--max-latency-ms", parse=_amount("--max-latency-ms", suffixes=False),
+                                          metavar="MS", help="e.g. 3 (needs snnet latency --results first)")
+    latency_batch: int = option(1, "--latency-batch", parse=_positive_int, metavar="B",
+                                help="batch size of the latency budget (default 1)")
+    min_acc: float | None = option(None, "--min-acc", parse=_percent, metavar="TOP1", help="e.g. 78 (percent)")
+    json: bool = option(False, "--json", help="print the chosen record as one JSON line")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainedNetwork:
+    """The trained SN-Net export and latency load (the checkpoint and what it was trained with)."""
+    checkpoint: str = shared(CHECKPOINT)
+    stitch_config: str | None = shared(TRAINED_STITCH_CONFIG)
+    img_size: int | None = shared(TRAINED_IMG_SIZE)
+    num_classes: int | None = shared(TRAINED_NUM_CLASSES)
+    no_pretrained: bool = option(False, "--no-pretrained",
+                                 help="accepted for train.py compatibility; anchors are never downloaded here (the "
+                                      "checkpoint's weights replace everything)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportCommand(TrainedNetwork):
+    """`snnet export`."""
+    cfg_id: int = option(MISSING, "--cfg-id", "--cfg_id", parse=_cfg_id, required=True, metavar="N",
+                         help="the stitch to export")
+    out: str = option(MISSING, "--out", required=True, metavar="DIR", help="export folder")
+    no_torchscript: bool = option(False, "--no-torchscript", help="skip model.torchscript.pt")
+    no_onnx: bool = option(False, "--no-onnx", help="skip model.onnx")
+    opset: int = option(17, "--opset", parse=_positive_int, help="ONNX opset (default 17)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LatencyCommand(TrainedNetwork):
+    """`snnet latency`."""
+    batch: tuple[int, ...] | None = option(None, "--batch", parse=_positive_int, action="append", metavar="B",
+                                           help="batch size, repeatable (default: --batch 1 --batch 32)")
+    warmup: int = option(5, "--warmup", parse=_count, help="untimed calls per stitch and batch (default 5)")
+    repeats: int = option(20, "--repeats", parse=_positive_int, help="timed calls; the median is kept (default 20)")
+    results: str | None = option(None, "--results", metavar="FILE",
+                                 help="add latency_ms_b<B>, latency_device to this results file")
+    cfg_ids: tuple[int, ...] | None = option(None, "--cfg-ids", parse=_cfg_id, nargs="+", metavar="N",
+                                             help="only these stitches (default: those in --results, else all)")
+    device: str = shared(CPU_DEVICE)
+    threads: int | None = option(None, "--threads", parse=_positive_int,
+                                 help="torch intra-op threads (default: torch's)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConvertCommand:
+    """`snnet convert`."""
+    src: str = option(MISSING, metavar="SNNET_PTH", help="SN-Net's released checkpoint")
+    dst: str = option(MISSING, metavar="OUT", help="our checkpoint to write (e.g. snnet_deit.pth.tar)")
+    trust: bool = option(False, "--trust", help="required: you trust this file's origin")
+    levit_depths: tuple[int, ...] = option((4, 4, 4), "--levit-depths", parse=int, nargs=3, metavar="D",
+                                           help="LeViT stage depths of the released model (SN-Net: 4 4 4)")
+
+
+def _command(sub: Any, name: str, options: type, fn: Any, **parser: Any) -> None:
+    """The subcommand `name`: its parser derived from its options class, running `fn` on the parsed values."""
+    p = sub.add_parser(name, **parser)
+    add_options(p, [options])
+    p.set_defaults(fn=fn)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -398,97 +515,30 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True,
                            metavar="{quickstart,pareto,report,select,export,latency,convert,similarity,search,"
                                    "stitch-train,shards,serve}")
-
-    q = sub.add_parser("pareto", help="Pareto-optimal stitches of results files: table, JSON, plot",
-                       description="Prints the Pareto-optimal stitches of each results file (and, with several "
-                       "files, the combined front saying which file each network comes from) and each file's front "
-                       "quality (hypervolume, area under the front, mean gap, anchor drift with --before); with --out "
-                       "also writes pareto_<cost>.md (every stitch, front marked), .json and .png.")
-    q.add_argument("results", nargs="+", metavar="RESULTS", help="stitches_res.txt files (ours or SN-Net's)")
-    q.add_argument("--out", metavar="DIR", help="write pareto_<cost>.{md,json,png} here")
-    q.add_argument("--by", choices=("flops", "params", "latency"), default="flops", help="cost axis")
-    q.add_argument("--latency-batch", type=_positive_int, default=1, metavar="B",
-                   help="with --by latency: the batch size of latency_ms_b<B> (default 1)")
-    q.add_argument("--anchors", type=int, default=None, metavar="N",
-                   help="files without routes (SN-Net's): cfg 0..N-1 are anchors "
-                        "(default: inferred, see docs/deploy.md)")
-    q.add_argument("--before", metavar="RESULTS", default=None,
-                   help="results file from before SN-Net training (e.g. train.py --eval of the untrained SN-Net): "
-                        "adds each file's anchor drift to the front-quality table")
-    q.add_argument("--baselines", action="store_true",
-                   help="also the baselines that need no training, from the per-image predictions beside each file "
-                        "(stitches_pred.npz, written by train.py's evaluation): random anchor mixing and a confidence "
-                        "cascade of the anchors, their hypervolumes and how many stitches beat them (dashed on the "
-                        "plot)")
-    q.add_argument("--title", default="", help="plot title")
-    q.set_defaults(fn=cmd_pareto)
-
-    r = sub.add_parser("report", help="one self-contained HTML page: cost-accuracy scatter, fronts, budget slider, "
-                       "route diagram",
-                       description="Writes one HTML file (inline SVG and JavaScript, no network) showing every stitch "
-                       "of each results file against a cost (a selector offers each cost the records hold), the Pareto "
-                       "fronts, details on hover/click, a budget slider marking the best stitch within it (snnet "
-                       "select's rule) and the route diagram of the selected stitch.")
-    r.add_argument("results", nargs="+", metavar="RESULTS", help="stitches_res.txt files (ours or SN-Net's)")
-    r.add_argument("--out", required=True, metavar="FILE", help="the HTML file to write, e.g. report.html")
-    r.add_argument("--by", choices=("flops", "params", "latency"), default="flops",
-                   help="cost axis shown first (default flops)")
-    r.add_argument("--latency-batch", type=_positive_int, default=1, metavar="B",
-                   help="with --by latency: the batch size of latency_ms_b<B> (default 1)")
-    r.add_argument("--anchors", type=int, default=None, metavar="N",
-                   help="files without routes (SN-Net's): cfg 0..N-1 are anchors (default: inferred)")
-    r.add_argument("--baselines", action="store_true",
-                   help="also draw the no-training baselines (random anchor mixing, confidence cascade; dashed) from "
-                        "the per-image predictions beside each file (as snnet pareto --baselines)")
-    r.add_argument("--title", default="", help="page title")
-    r.set_defaults(fn=cmd_report)
-
-    s = sub.add_parser("select", help="the best stitch within a budget",
-                       description="Highest top-1 within the budgets (all must hold); with --min-acc the cheapest "
-                       "by FLOPs that reaches it. Budgets take K/M/G suffixes: 5G, 20M, 750K, 4.5e9.")
-    s.add_argument("results", metavar="RESULTS", help="a stitches_res.txt")
-    s.add_argument("--max-flops", type=_amount("--max-flops"), metavar="F", help="e.g. 5G")
-    s.add_argument("--max-params", type=_amount("--max-params"), metavar="P", help="e.g. 20M")
-    s.add_argument("--max-latency-ms", type=_amount("--max-latency-ms", suffixes=False), metavar="MS",
-                   help="e.g. 3 (needs snnet latency --results first)")
-    s.add_argument("--latency-batch", type=_positive_int, default=1, metavar="B",
-                   help="batch size of the latency budget (default 1)")
-    s.add_argument("--min-acc", type=_percent, metavar="TOP1", help="e.g. 78 (percent)")
-    s.add_argument("--json", action="store_true", help="print the chosen record as one JSON line")
-    s.set_defaults(fn=cmd_select)
-
-    e = sub.add_parser("export", help="one stitch as a standalone network (safetensors + JSON, TorchScript, ONNX)")
-    _model_args(e)
-    e.add_argument("--cfg-id", "--cfg_id", type=_cfg_id, required=True, metavar="N", help="the stitch to export")
-    e.add_argument("--out", required=True, metavar="DIR", help="export folder")
-    e.add_argument("--no-torchscript", action="store_true", help="skip model.torchscript.pt")
-    e.add_argument("--no-onnx", action="store_true", help="skip model.onnx")
-    e.add_argument("--opset", type=_positive_int, default=17, help="ONNX opset (default 17)")
-    e.set_defaults(fn=cmd_export)
-
-    t = sub.add_parser("latency", help="measured latency per stitch, optionally added to a results file")
-    _model_args(t)
-    t.add_argument("--batch", type=_positive_int, action="append", metavar="B",
-                   help="batch size, repeatable (default: --batch 1 --batch 32)")
-    t.add_argument("--warmup", type=_count, default=5, help="untimed calls per stitch and batch (default 5)")
-    t.add_argument("--repeats", type=_positive_int, default=20, help="timed calls; the median is kept (default 20)")
-    t.add_argument("--results", metavar="FILE", help="add latency_ms_b<B>, latency_device to this results file")
-    t.add_argument("--cfg-ids", type=_cfg_id, nargs="+", metavar="N",
-                   help="only these stitches (default: those in --results, else all)")
-    t.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
-    t.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads (default: torch's)")
-    t.set_defaults(fn=cmd_latency)
-
-    c = sub.add_parser("convert", help="a released SN-Net .pth (pickled) -> a pickle-free checkpoint",
-                       description="Reads SN-Net's released checkpoint with torch's weights-only unpickler, allowing "
-                       "only the argparse Namespace / yacs CfgNode SN-Net stored (no code from the file runs), maps "
-                       "keys to timm 1.0 names (Swin, LeViT), and writes a checkpoint train.py --resume accepts.")
-    c.add_argument("src", metavar="SNNET_PTH", help="SN-Net's released checkpoint")
-    c.add_argument("dst", metavar="OUT", help="our checkpoint to write (e.g. snnet_deit.pth.tar)")
-    c.add_argument("--trust", action="store_true", help="required: you trust this file's origin")
-    c.add_argument("--levit-depths", type=int, nargs=3, default=[4, 4, 4], metavar="D",
-                   help="LeViT stage depths of the released model (SN-Net: 4 4 4)")
-    c.set_defaults(fn=cmd_convert)
+    _command(sub, "pareto", ParetoCommand, cmd_pareto,
+             help="Pareto-optimal stitches of results files: table, JSON, plot",
+             description="Prints the Pareto-optimal stitches of each results file (and, with several files, the "
+             "combined front saying which file each network comes from) and each file's front quality (hypervolume, "
+             "area under the front, mean gap, anchor drift with --before); with --out also writes pareto_<cost>.md "
+             "(every stitch, front marked), .json and .png.")
+    _command(sub, "report", ReportCommand, cmd_report,
+             help="one self-contained HTML page: cost-accuracy scatter, fronts, budget slider, route diagram",
+             description="Writes one HTML file (inline SVG and JavaScript, no network) showing every stitch of each "
+             "results file against a cost (a selector offers each cost the records hold), the Pareto fronts, details "
+             "on hover/click, a budget slider marking the best stitch within it (snnet select's rule) and the route "
+             "diagram of the selected stitch.")
+    _command(sub, "select", SelectCommand, cmd_select, help="the best stitch within a budget",
+             description="Highest top-1 within the budgets (all must hold); with --min-acc the cheapest by FLOPs that "
+             "reaches it. Budgets take K/M/G suffixes: 5G, 20M, 750K, 4.5e9.")
+    _command(sub, "export", ExportCommand, cmd_export,
+             help="one stitch as a standalone network (safetensors + JSON, TorchScript, ONNX)")
+    _command(sub, "latency", LatencyCommand, cmd_latency,
+             help="measured latency per stitch, optionally added to a results file")
+    _command(sub, "convert", ConvertCommand, cmd_convert,
+             help="a released SN-Net .pth (pickled) -> a pickle-free checkpoint",
+             description="Reads SN-Net's released checkpoint with torch's weights-only unpickler, allowing only the "
+             "argparse Namespace / yacs CfgNode SN-Net stored (no code from the file runs), maps keys to timm 1.0 "
+             "names (Swin, LeViT), and writes a checkpoint train.py --resume accepts.")
     _similarity_parsers(sub)
     _serve_parser(sub)
     _stitch_train_parser(sub)

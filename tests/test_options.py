@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -108,18 +109,39 @@ def test_an_option_is_declared_once():
         list(flag_fields([A, C]))
 
 
+def _option_calls(path: Path) -> Iterator[ast.Call]:
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "option":
+            yield node
+
+
 def test_each_default_is_written_once():
-    """grep finds each option's default in one place: every train.py flag is one option() declaration in snnet/."""
+    """grep finds each option's default in one place: every train.py flag is one option() declaration in the modules
+    that declare train.py's options (the `snnet` commands' own options, in snnet/cli.py, are checked below)."""
+    import sys
+
+    from snnet.train.options import FLAG_OPTIONS
+    modules = sorted({Path(str(sys.modules[cls.__module__].__file__)) for cls in FLAG_OPTIONS})
     declared: dict[str, list[str]] = {}
-    for path in sorted((ROOT / "snnet").rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "option":
-                names = [a.value for a in node.args[1:] if isinstance(a, ast.Constant)]
-                declared.setdefault(names[0] if names else "DIR", []).append(path.relative_to(ROOT).as_posix())
+    for path in modules:
+        for node in _option_calls(path):
+            names = [a.value for a in node.args[1:] if isinstance(a, ast.Constant)]
+            declared.setdefault(names[0] if names else "DIR", []).append(path.relative_to(ROOT).as_posix())
     twice = {k: v for k, v in declared.items() if len(v) > 1}
     assert not twice, f"options declared more than once: {twice}"
     flags = {a.option_strings[0] if a.option_strings else "DIR" for a in build_parser()._actions} - {"-h"}
     assert flags == set(declared)
+
+
+def test_a_snnet_commands_option_is_declared_once():
+    """Two commands' options that say the same (flag, help) are one declaration, copied with shared()."""
+    seen: dict[tuple[str, str], int] = {}
+    for node in _option_calls(ROOT / "snnet" / "cli.py"):
+        names = tuple(a.value for a in node.args[1:] if isinstance(a, ast.Constant))
+        text = ast.unparse(next((k.value for k in node.keywords if k.arg == "help"), ast.Constant("")))
+        key = (names[0] if names else "positional", text)
+        assert key not in seen, f"{key[0]} is declared on lines {seen[key]} and {node.lineno}; declare it once"
+        seen[key] = node.lineno
 
 
 def test_the_parser_and_options_by_key_refuse_by_the_same_rule():

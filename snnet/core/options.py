@@ -1,27 +1,29 @@
 """Options declared once: each option is a dataclass field whose metadata holds its flag (spellings, help, group,
-value rule, choices, nargs). From these fields train.py's parser is derived (`snnet.train.args.build_parser`), the
+value rule, choices, nargs). From these fields train.py's parser is derived (`snnet.train.args.build_parser`) and
+every `snnet` subcommand's (`add_options`, the one place an argument is added to a parser for the library), the
 typed option objects are the dataclasses themselves, `options_by_key` checks a keyword value by the same rule, and
 the docs' option reference is generated from them. A field several option objects share (the batch size the loader,
 the data checks and the loop all read) is declared once, as a module constant, and copied with `shared`.
 
-No argparse here: the rules are plain functions of a value; the parser wraps them."""
+The rules are plain functions of a value; `add_options` wraps them as the parser's type functions."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import math
 import re
 import types
 import typing
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import MISSING, dataclass
 from typing import Any
 
 from snnet.core.errors import UsageError
 
 __all__ = ["AUGMENT", "BATCH_NORM", "DATASET", "DEVICE", "EMA", "FILES", "MODEL", "OPTIMIZER", "OUTPUT", "SCHEDULE",
-           "STITCHING", "GROUPS", "Flag", "OptionError", "checked_value", "flag_fields", "flag_of", "option",
-           "options_by_key", "rule_violation", "shared"]
+           "STITCHING", "GROUPS", "Flag", "OptionError", "add_options", "checked_value", "flag_fields", "flag_of",
+           "option", "options_by_key", "rule_violation", "shared"]
 
 #: train.py's help groups, in --help order (each option names its group)
 GROUPS = ("Configuration files", "Dataset", "Model", "Stitching", "Optimizer", "Learning rate schedule",
@@ -48,10 +50,10 @@ _FORMS = {"metric": (r"top1|top5|loss|top1@\d+", "a metric of the validation pan
 
 @dataclass(frozen=True)
 class Flag:
-    """How an option is typed on train.py's command line."""
-    names: tuple[str, ...]          # option strings, timm's spellings first; () for the positional DIR
-    help: str
-    group: str
+    """How an option is typed on a command line (train.py's or a `snnet` subcommand's)."""
+    names: tuple[str, ...]          # option strings, timm's spellings first; () for a positional (the field's name)
+    help: str                       # "": none
+    group: str                      # train.py's: one of GROUPS; a subcommand's: a help group's title, "" for none
     rule: str | None = None         # one of RULES
     choices: tuple[Any, ...] | None = None
     nargs: int | str | None = None  # as argparse's (a tuple field needs one)
@@ -59,20 +61,27 @@ class Flag:
     metavar: str | None = None
     kind: str | None = None         # the parser of a value where the annotation does not say it: "float",
     #                                 "stitch_id" (a cfg_id or 'all'), "kwargs" (k=v pairs)
+    required: bool = False          # a flag that must be typed (a positional always is, unless its nargs says not)
+    parse: Callable[[str], Any] | None = None  # the parser's type function of a value whose form neither the
+    #                                 annotation nor a rule says (a budget with a K/M/G suffix, key=value)
+    action: str | None = None       # "append" (the flag repeated) or "extend" (its values added up)
 
     def __post_init__(self) -> None:
-        if self.group not in GROUPS:
-            raise ValueError(f"flag {self.names}: group {self.group!r} is not one of {GROUPS}")
+        if not self.names and (self.required or self.action is not None):
+            raise ValueError(f"flag {self.help!r}: a positional (no names) has neither required nor an action; "
+                             f"its nargs says whether it may be left out")
         if self.rule is not None and self.rule not in RULES:
             raise ValueError(f"flag {self.names}: rule {self.rule!r} is not one of {RULES}")
 
 
-def option(default: Any = MISSING, *names: str, help: str, group: str, rule: str | None = None,
+def option(default: Any = MISSING, *names: str, help: str, group: str = "", rule: str | None = None,
            choices: tuple[Any, ...] | None = None, nargs: int | str | None = None, const: Any = None,
-           metavar: str | None = None, kind: str | None = None) -> Any:
+           metavar: str | None = None, kind: str | None = None, required: bool = False,
+           parse: Callable[[str], Any] | None = None, action: str | None = None) -> Any:
     """A dataclass field declaring an option: its default and its flag. A dict default is a fresh copy per
-    instance; MISSING: a field every caller gives (the flag's own default is then None)."""
-    flag = Flag(tuple(names), help, group, rule, choices, nargs, const, metavar, kind)
+    instance; MISSING: a field every caller gives (the flag's own default is then None). No names: a positional
+    argument, named by the field."""
+    flag = Flag(tuple(names), help, group, rule, choices, nargs, const, metavar, kind, required, parse, action)
     if isinstance(default, dict):
         return dataclasses.field(default_factory=lambda: dict(default), metadata={"flag": flag})
     return dataclasses.field(default=default, metadata={"flag": flag})
@@ -222,3 +231,60 @@ def options_by_key(classes: Iterable[type], values: dict[str, Any], where: str,
         out[cls] = cls(**{k: checked_value(fields[k], v, hints[k], where) for k, v in values.items() if k in fields},
                        **{k: v for k, v in given.items() if k in fields})
     return out
+
+
+def _checked_number(kind: type, rule: str | None) -> Callable[[str], Any]:
+    """The parser's type function of a number option without its own parser: the text as `kind`, within `rule`."""
+    def convert(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") \
+                from None
+        wrong = rule_violation(rule, value, text if kind is float else None)
+        if wrong is not None:
+            raise argparse.ArgumentTypeError(wrong)
+        return value
+    convert.__name__ = f"{rule or ''}_{kind.__name__}".lstrip("_")
+    return convert
+
+
+def _value_type(hint: Any) -> Any:
+    """The type of one value of an annotation: int for `int | None`, str for `tuple[str, ...]`."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return _value_type(args[0]) if len(args) == 1 else hint
+    if typing.get_origin(hint) in (tuple, list):
+        return _value_type(args[0])
+    return hint
+
+
+def add_options(parser: argparse.ArgumentParser, classes: Iterable[type]) -> None:
+    """The arguments of `parser` derived from the option fields of `classes` (each option once, in field order): a
+    field's flag gives the spellings (none: a positional named by the field), the help, the help group (made on
+    first use; "": the parser's own), metavar, nargs, const, choices, required and the action; the value's type
+    function is the flag's `parse`, else the annotation's number type within the flag's rule; a bool is a switch.
+    A tuple default is the parser's list."""
+    groups: dict[str, Any] = {}
+    for cls, field, flag in flag_fields(classes):
+        if flag.group and flag.group not in groups:
+            groups[flag.group] = parser.add_argument_group(flag.group)
+        container = groups[flag.group] if flag.group else parser
+        default = None if field.default is MISSING and field.default_factory is MISSING \
+            else field.default_factory() if field.default_factory is not MISSING else field.default
+        kw: dict[str, Any] = {"default": list(default) if isinstance(default, tuple) else default, "help": flag.help}
+        kind = _value_type(typing.get_type_hints(cls)[field.name])
+        if kind is bool and flag.parse is None:
+            kw["action"] = "store_true"
+        else:
+            for key in ("metavar", "nargs", "const", "choices", "action"):
+                if getattr(flag, key) is not None:
+                    kw[key] = getattr(flag, key)
+            if flag.parse is not None:
+                kw["type"] = flag.parse
+            elif kind in (int, float):
+                kw["type"] = _checked_number(kind, flag.rule)
+        if flag.names:
+            container.add_argument(*flag.names, dest=field.name, required=flag.required, **kw)
+        else:
+            container.add_argument(field.name, **kw)
