@@ -44,14 +44,14 @@ def train_epochs(net, batches, amp_dtype, epochs=8, cfg_id=None, scaler=True, **
     """Epochs of engine.train_one_epoch on `batches` (one stitch, or the sampler's draw); the mean losses."""
     from timm.utils import NativeScaler
 
-    from snnet.train.engine import TrainContext, train_one_epoch
+    from snnet.train.engine import LoopSettings, TrainContext, train_one_epoch
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=5e-3)
     loss_scaler = NativeScaler(device="cuda") if scaler and amp_dtype == torch.float16 else None
     from snnet.train.device import unwrap
     n = unwrap(net).num_configs
     pick = (lambda step: cfg_id) if cfg_id is not None else (lambda step: step % n)
-    ctx = TrainContext(CUDA, pick, amp_dtype, loss_scaler, parameters=lambda: list(net.parameters()),
-                       log_interval=10 ** 6, move_batches=True, **ctx_kw)
+    ctx = TrainContext(pick, LoopSettings(CUDA, amp_dtype, log_interval=10 ** 6, move_batches=True),
+                       loss_scaler=loss_scaler, parameters=lambda: list(net.parameters()), **ctx_kw)
     loss_fn = lambda x, out, y: nn.functional.cross_entropy(out, y)
     losses = [train_one_epoch(e, net, batches, opt, loss_fn, ctx)["loss"] for e in range(epochs)]
     return losses, ctx

@@ -4,5 +4,5 @@ The layer's public surface is its modules below (each module's own ``__all__`` o
 name with a leading underscore is its module's own and is never imported by another module
 (tests/test_layers.py). Nothing is imported here, so importing one module costs only that module."""
 
-__all__ = ["args", "describe", "device", "engine", "evaluator", "launch", "loggers", "losses", "ls_data", "main",
-           "network", "optim", "options", "positions", "preempt", "preflight", "resume", "sampler", "trainer"]
+__all__ = ["args", "describe", "device", "engine", "evaluator", "hooks", "launch", "loggers", "losses", "ls_data",
+           "main", "network", "optim", "options", "positions", "preempt", "preflight", "resume", "sampler", "trainer"]

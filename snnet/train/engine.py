@@ -2,9 +2,11 @@
 
 The network is a `snnet.core.model.RoutedNet` (an `SNNet`, or a `PlainNet` holding one timm model): the loops only use
 ``forward(x, cfg_id)``, ``routes``, ``run_step`` and ``describe``, so they treat both alike. As in timm and DeiT,
-a loop returns a metrics dict; the objects a run builds once (sampler, scaler, scheduler, mixup, hooks) and the
-loop's settings (accumulation, clipping, autocast of the loss, logging) travel in one `TrainContext`, so a new option
-adds a field, not a parameter to every call (`snnet.train.trainer` builds it from the typed options).
+a loop returns a metrics dict; what a training run builds once (sampler, scaler, scheduler, mixup, the after-step
+hooks) travels in one `TrainContext`, with the loop's frozen settings (`LoopSettings`: device, precision, accumulation,
+clipping, autocast of the loss, logging) and where training stands (`TrainState`: the steps taken, this epoch's loss
+and RNG snapshots, what a recovery checkpoint holds), so a new option adds a field, not a parameter to every call
+(`snnet.train.trainer` builds them from the typed options).
 """
 from __future__ import annotations
 
@@ -44,34 +46,11 @@ class NonFiniteLoss(SNNetError):
     exit_code = 3
 
 
-@dataclass
-class TrainContext:
-    """What a training run built once and every epoch uses."""
+@dataclass(frozen=True)
+class LoopSettings:
+    """How the training loop runs, fixed for the whole run (train.py's flags; defaults theirs)."""
     device: torch.device
-    sampler: Callable[[int], int]                 # global step -> cfg_id this process trains
     amp_dtype: torch.dtype | None = None
-    loss_scaler: Any = None                       # timm NativeScaler (fp16 on CUDA)
-    lr_scheduler: Any = None
-    mixup_fn: Callable | None = None
-    model_ema: Any = None                         # timm ModelEmaV3, updated after every optimizer step
-    parameters: Callable[[], Iterable] = list     # the trainable parameters (gradient clipping)
-    global_step: int = 0                          # optimizer steps taken so far (drives the sampler)
-    # (with --grad-accum-steps N a step is N micro-batches: global_step, epoch_step, skip and the hooks count steps)
-    after_step: list[Callable[[int], None]] = field(default_factory=list)  # hooks called with the new step
-    # mid-epoch state, for recovery checkpoints: this epoch's loss sum and samples so far, and the RNG states at the
-    # end of the last two batches (a prefetching loader prepares batch i+1 right after batch i-1)
-    epoch: int = 0
-    epoch_step: int = 0                           # optimizer steps of this epoch so far
-    epoch_loss: list[float] = field(default_factory=lambda: [0.0, 0.0])
-    rng_after: deque = field(default_factory=lambda: deque(maxlen=2))
-    snapshot_rng: bool = False                    # take those snapshots (only recovery checkpoints need them)
-    # resuming from a recovery checkpoint: optimizer steps of this epoch already trained, and the RNG states to
-    # restore after the last two batches of step skip (None where there is none)
-    skip: int = 0
-    restore: list = field(default_factory=lambda: [None, None])
-    clock: Any = None                             # progress.RunClock: the whole-run ETA of the progress lines
-    stop_after_epoch: bool = False                # a stop signal came in an epoch's last step (train/preempt.py)
-    # the loop's settings (train.py's flags; defaults theirs)
     accum_steps: int = 1                          # --grad-accum-steps: micro-batches per optimizer step
     clip_grad: float | None = None                # --clip-grad, --clip-mode
     clip_mode: str = "norm"
@@ -79,6 +58,58 @@ class TrainContext:
     move_batches: bool = False                    # --no-prefetcher: the loop moves each batch to the device
     sched_on_updates: bool = False                # --sched-on-updates: the scheduler steps after every update
     log_interval: int = 50
+    snapshot_rng: bool = False                    # snapshot the RNG after each batch (recovery checkpoints need it)
+
+
+@dataclass
+class TrainState:
+    """Where training stands: what a recovery checkpoint saves and a resumed run restores (`rank_state`,
+    `continue_from`; the epoch checkpoints save `epoch` and `global_step`). With --grad-accum-steps N a step is N
+    micro-batches: global_step, epoch_step and skip count optimizer steps."""
+    global_step: int = 0                          # optimizer steps taken so far (drives the sampler)
+    epoch: int = 0
+    epoch_step: int = 0                           # optimizer steps of this epoch so far
+    # this epoch's loss sum and samples so far, and the RNG states at the end of the last two batches (a prefetching
+    # loader prepares batch i+1 right after batch i-1)
+    epoch_loss: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    rng_after: deque = field(default_factory=lambda: deque(maxlen=2))
+    # resuming from a recovery checkpoint: optimizer steps of this epoch already trained, and the RNG states to
+    # restore after the last two batches of step skip (None where there is none)
+    skip: int = 0
+    restore: list = field(default_factory=lambda: [None, None])
+
+    def rank_state(self) -> dict[str, Any]:
+        """What this rank writes into a recovery checkpoint ("ranks"): its RNG states after the last two steps and
+        its share of the epoch's loss."""
+        rng = list(self.rng_after)
+        return {"rng": rng[-1], "rng_prev": rng[0] if len(rng) == 2 else None, "epoch_loss": list(self.epoch_loss)}
+
+    def continue_from(self, batch_idx: int, saved: dict[str, Any]) -> None:
+        """Continue an epoch a recovery checkpoint interrupted after `batch_idx` steps, from this rank's
+        `rank_state` there."""
+        self.skip = int(batch_idx)
+        self.restore = [saved["rng_prev"], saved["rng"]]
+        self.epoch_loss = [float(v) for v in saved["epoch_loss"]]
+
+
+@dataclass
+class TrainContext:
+    """What a training run built once and every epoch uses, with the loop's settings and the training state."""
+    sampler: Callable[[int], int]                 # global step -> cfg_id this process trains
+    settings: LoopSettings
+    state: TrainState = field(default_factory=TrainState)
+    loss_scaler: Any = None                       # timm NativeScaler (fp16 on CUDA)
+    lr_scheduler: Any = None
+    mixup_fn: Callable | None = None
+    model_ema: Any = None                         # timm ModelEmaV3, updated after every optimizer step
+    parameters: Callable[[], Iterable] = list     # the trainable parameters (gradient clipping)
+    after_step: list[Callable[[int], None]] = field(default_factory=list)  # hooks called with the new global step
+    clock: Any = None                             # progress.RunClock: the whole-run ETA of the progress lines
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps taken so far (the state's)."""
+        return self.state.global_step
 
 
 def _check_finite(loss: torch.Tensor, epoch: int, step: int, cfg_id: int, net: nn.Module) -> None:
@@ -99,12 +130,12 @@ def _check_finite(loss: torch.Tensor, epoch: int, step: int, cfg_id: int, net: n
 
 
 def _forward_loss(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor, cfg_id: int,
-                  ctx: TrainContext) -> torch.Tensor:
+                  settings: LoopSettings) -> torch.Tensor:
     """The stitch's loss; autocast covers the forward, and the loss (with the teacher) too unless --no-amp-loss
     (SN-Net's Swin computed its loss outside autocast: docs/snnet_compat.md, C19)."""
-    with amp_context(ctx.device, ctx.amp_dtype):
+    with amp_context(settings.device, settings.amp_dtype):
         out = model(x, cfg_id)
-        if ctx.amp_loss:
+        if settings.amp_loss:
             return loss_fn(x, out, y)
     return loss_fn(x, out, y)
 
@@ -113,85 +144,88 @@ def _optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, ctx: T
                     zero_grad: bool = True, update: bool = True) -> None:
     """Backward of `loss`; with gradient accumulation the first micro-batch of a step zeroes the gradients
     (`zero_grad`) and the last clips and steps (`update`), as timm's need_update."""
+    settings = ctx.settings
     if zero_grad:
         optimizer.zero_grad(set_to_none=True)
     if ctx.loss_scaler is not None:
-        ctx.loss_scaler(loss, optimizer, clip_grad=ctx.clip_grad, clip_mode=ctx.clip_mode,
+        ctx.loss_scaler(loss, optimizer, clip_grad=settings.clip_grad, clip_mode=settings.clip_mode,
                         parameters=ctx.parameters(), need_update=update)
         return
     loss.backward()
     if not update:
         return
-    if ctx.clip_grad is not None:
-        dispatch_clip_grad(ctx.parameters(), ctx.clip_grad, mode=ctx.clip_mode)
+    if settings.clip_grad is not None:
+        dispatch_clip_grad(ctx.parameters(), settings.clip_grad, mode=settings.clip_mode)
     optimizer.step()
 
 
-def _skip_trained(ctx: TrainContext, i: int, skip: int) -> bool:
+def _skip_trained(state: TrainState, i: int, skip: int) -> bool:
     """While resuming mid-epoch: True for batches already trained (read, not trained: the loader's randomness is
     replayed), restoring the RNG states the interrupted run had after steps skip-1 and skip."""
     if i > skip:
         return False
-    state = ctx.restore[0] if i == skip - 1 else ctx.restore[1] if i == skip else None
-    if state is not None:
-        set_rng_state(state)
+    rng = state.restore[0] if i == skip - 1 else state.restore[1] if i == skip else None
+    if rng is not None:
+        set_rng_state(rng)
     return True
 
 
 def train_one_epoch(epoch: int, model: nn.Module, loader: Batches, optimizer: torch.optim.Optimizer,
                     loss_fn: Callable, ctx: TrainContext) -> OrderedDict[str, float]:
-    """One epoch of optimizer steps; each step trains the stitch ``ctx.sampler(ctx.global_step)`` on
+    """One epoch of optimizer steps; each step trains the stitch ``ctx.sampler(state.global_step)`` on
     --grad-accum-steps micro-batches (loss divided by their number, DDP gradient sync on the last one only); the
     loader's last len(loader) % N batches are dropped. Returns the mean loss over all ranks' samples;
-    ``ctx.global_step`` advances."""
+    ``ctx.state`` advances."""
     model.train()
-    accum = max(1, ctx.accum_steps)
+    settings, state = ctx.settings, ctx.state
+    accum = max(1, settings.accum_steps)
     steps = len(loader) // accum
-    skip, ctx.skip, ctx.epoch = ctx.skip, 0, epoch
-    progress = Progress(f"Train: {epoch}", steps, ctx.log_interval, done=skip,
+    skip, state.skip, state.epoch = state.skip, 0, epoch
+    progress = Progress(f"Train: {epoch}", steps, settings.log_interval, done=skip,
                         run_eta=ctx.clock.remaining if ctx.clock is not None else None)
     if not skip:
-        ctx.epoch_loss = [0.0, 0.0]
-    ctx.rng_after.clear()
+        state.epoch_loss = [0.0, 0.0]
+    state.rng_after.clear()
     step_loss, step_samples = 0.0, 0
     for i, (x, y) in enumerate(loader, start=1):
         if i > steps * accum:  # fewer than N batches left: not a whole step
             break
-        if _skip_trained(ctx, i, skip * accum):
+        if _skip_trained(state, i, skip * accum):
             continue
         micro = (i - 1) % accum
         update = micro == accum - 1
-        if ctx.move_batches:
-            x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+        if settings.move_batches:
+            x, y = x.to(settings.device, non_blocking=True), y.to(settings.device, non_blocking=True)
         if ctx.mixup_fn is not None:
             x, y = ctx.mixup_fn(x, y)
-        cfg_id = ctx.sampler(ctx.global_step)  # per optimizer step: its micro-batches all train this stitch
+        cfg_id = ctx.sampler(state.global_step)  # per optimizer step: its micro-batches all train this stitch
         with contextlib.nullcontext() if update or not hasattr(model, "no_sync") else model.no_sync():
-            loss = _forward_loss(model, loss_fn, x, y, cfg_id, ctx)
-            _check_finite(loss, epoch, ctx.global_step, cfg_id, model)
+            loss = _forward_loss(model, loss_fn, x, y, cfg_id, settings)
+            _check_finite(loss, epoch, state.global_step, cfg_id, model)
             _optimizer_step(loss / accum if accum > 1 else loss, optimizer, ctx, zero_grad=micro == 0,
                             update=update)
         value = float(loss.detach().double().cpu())
-        ctx.epoch_loss[0] += value * x.shape[0]
-        ctx.epoch_loss[1] += x.shape[0]
+        state.epoch_loss[0] += value * x.shape[0]
+        state.epoch_loss[1] += x.shape[0]
         step_loss, step_samples = step_loss + value, step_samples + x.shape[0]
-        if ctx.snapshot_rng:
-            ctx.rng_after.append(rng_state())  # nothing below draws random numbers
+        if settings.snapshot_rng:
+            state.rng_after.append(rng_state())  # nothing below draws random numbers
         if not update:
             continue
-        ctx.global_step += 1
+        state.global_step += 1
         if ctx.model_ema is not None:  # timm's step argument: the number of updates so far
-            ctx.model_ema.update(unwrap(model), step=ctx.global_step)
-        ctx.epoch_step = i // accum
+            ctx.model_ema.update(unwrap(model), step=state.global_step)
+        state.epoch_step = i // accum
         for hook in ctx.after_step:
-            hook(ctx.global_step)
-        if ctx.lr_scheduler is not None and ctx.sched_on_updates:
-            ctx.lr_scheduler.step_update(num_updates=ctx.global_step)
+            hook(state.global_step)
+        if ctx.lr_scheduler is not None and settings.sched_on_updates:
+            ctx.lr_scheduler.step_update(num_updates=state.global_step)
         lr = sum(g["lr"] for g in optimizer.param_groups) / len(optimizer.param_groups)
-        progress.update(ctx.epoch_step, step_samples, f"loss {step_loss / accum:.4f} (avg "
-                                                      f"{ctx.epoch_loss[0] / ctx.epoch_loss[1]:.4f}) lr {lr:.3e}")
+        progress.update(state.epoch_step, step_samples, f"loss {step_loss / accum:.4f} (avg "
+                                                        f"{state.epoch_loss[0] / state.epoch_loss[1]:.4f}) "
+                                                        f"lr {lr:.3e}")
         step_loss, step_samples = 0.0, 0
-    stats = torch.tensor(ctx.epoch_loss, dtype=torch.float64)
+    stats = torch.tensor(state.epoch_loss, dtype=torch.float64)
     if world()[1] > 1:
         stats = all_reduce_sum(stats)  # on the backend's device (nccl: CUDA tensors only)
     return OrderedDict(loss=float(stats[0] / max(stats[1], 1)))

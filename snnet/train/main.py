@@ -5,10 +5,11 @@
     train.py DATA --model vit_tiny_patch16_224 [timm flags]                    # one plain model
 
 This module wires (as DeiT's main.py): parse -> typed options (`RunOptions`, once) -> check -> resolve -> build ->
-LS init / resume -> `train_and_evaluate` (the trainer's `fit` with `RunEpochs`) or `evaluate_all`. The trainer
-(optimizer, schedule, EMA, the epoch loop) is trainer.py, shared with stitch-train; the loops engine.py;
-evaluation and prediction files evaluator.py; resume and recovery resume.py; the LS init's data ls_data.py;
-checkpoints snnet/core/checkpoint.py.
+LS init / resume -> `train_and_evaluate` (the trainer's `fit` with `RunEpochs`) or
+`evaluate_all`. The trainer (optimizer, schedule, EMA, the epoch loop) is trainer.py, shared with stitch-train; the
+loops engine.py; the epoch and after-step hooks (recovery checkpoint, stop at a Slurm signal) hooks.py; evaluation
+and prediction files evaluator.py; resuming resume.py; the LS init's data ls_data.py; checkpoints
+snnet/core/checkpoint.py.
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ from snnet.train.args import fitted_notes, parse_args
 from snnet.train.describe import describe_run, recorded_arguments, to_yaml
 from snnet.train.device import adopt_slurm_env, amp_dtype_for, requeued, resolve_device, restart_attempt, unwrap
 from snnet.train.evaluator import Evaluation, evaluate_all, prediction_ids, val_panel, validate_panel
+from snnet.train.hooks import EpochHooks, Recovery, fault_injection
 from snnet.train.loggers import Loggers, check_loggers, create_loggers
 from snnet.train.losses import create_loss
 from snnet.train.ls_data import InitImages, run_ls_init
@@ -53,18 +55,9 @@ from snnet.train.options import JobOptions, RunOptions, TrainOptions
 from snnet.train.positions import write_stitch_plan
 from snnet.train.preempt import STOP, Preempted
 from snnet.train.preflight import check_output, check_recipe, check_run, output_dir
-from snnet.train.resume import (
-    all_saved,
-    continue_epoch,
-    fault_injection,
-    fitting_checkpoint,
-    recovery_hook,
-    recovery_writer,
-    stop_hook,
-    truncate_summary,
-)
+from snnet.train.resume import continue_epoch, fitting_checkpoint, truncate_summary
 from snnet.train.sampler import run_sampler
-from snnet.train.trainer import EpochHooks, Trainer, TrainSetup, create_trainer
+from snnet.train.trainer import Trainer, TrainSetup, create_trainer
 
 _logger = logging.getLogger("snnet")
 
@@ -358,11 +351,12 @@ def _setup_training(net: RoutedNet, train_ds, run: Run, resume_state: dict | Non
     _freeze(net, run.stitch_cfg, train.freeze_anchors)
     loader = create_train_loader(train_ds, run.loader, run.data_cfg, run.device)
     loss_fn, mixup_fn = create_loss(run.loss, run.device)
+    catching = STOP.installed  # under Slurm: SIGUSR1/SIGTERM stop the run at an agreed step, with a recovery file
     setup = TrainSetup(run.device, run.amp_dtype, sampler, mixup_fn, resume_state, run.data_cfg["input_size"],
-                       after_step=[fault_injection])
+                       after_step=[fault_injection], snapshot_rng=train.recovery_interval > 0 or catching)
     trainer = create_trainer(net, loader, loss_fn, run.options, setup)
-    accum = trainer.ctx.accum_steps
-    continue_epoch(trainer.ctx, resume_state, accum)
+    accum = trainer.ctx.settings.accum_steps
+    continue_epoch(trainer.state, resume_state, accum)
     if run.primary:
         _logger.info(f"output: {run.out_dir}; {net.num_configs} network(s); lr {trainer.lr:.3e} (anchors "
                      f"x{anchor_lr_scale(run.optim)}); {trainer.steps_per_epoch} steps/epoch"
@@ -378,7 +372,8 @@ def _setup_training(net: RoutedNet, train_ds, run: Run, resume_state: dict | Non
 class RunEpochs(EpochHooks):
     """train.py's epochs around the trainer's: the validation panel (the EMA's metrics when on), model_best by the
     eval metric (the training loss without a val split), checkpoints and summary.csv each epoch, the loggers, the
-    progress clock, and the stop at a Slurm signal once the epoch is saved."""
+    progress clock, the recovery checkpoint inside an epoch and the stop at a Slurm signal (`recovery`, whose
+    after-step hooks `train_and_evaluate` installs), the run stopping once the epoch is saved."""
 
     def __init__(self, trainer: Trainer, run: Run, val_ds, resume_state: dict | None):
         self.trainer, self.run = trainer, run
@@ -397,6 +392,9 @@ class RunEpochs(EpochHooks):
                                                   len(val_ds) // world_size if val_ds is not None else 0,
                                                   1 + (trainer.ema is not None))
         self.metric: float | None = None  # the epoch's metric for model_best (validate -> end_epoch)
+        self.recovery = Recovery(trainer.model, trainer.optimizer, trainer.ctx, self.saver,
+                                 (run.args_json, run.config_text), run.train.recovery_interval,
+                                 trainer.steps_per_epoch, run.out_dir)
 
     def start_epoch(self, epoch: int) -> None:
         self.clock.start(epoch)
@@ -421,7 +419,7 @@ class RunEpochs(EpochHooks):
         return eval_metrics, metric
 
     def end_epoch(self, epoch: int, train_metrics: dict, eval_metrics: dict, lr: float) -> None:
-        run, trainer, ctx = self.run, self.trainer, self.trainer.ctx
+        run, trainer = self.run, self.trainer
         if run.primary:
             try:  # timm appends the row in place: a full disk is said as every other write says it
                 update_summary(epoch, train_metrics, eval_metrics, filename=str(run.out_dir / "summary.csv"),
@@ -430,8 +428,8 @@ class RunEpochs(EpochHooks):
                 if is_disk_full(e, run.out_dir):
                     raise disk_full_error(run.out_dir, "'summary.csv'", 0) from None
                 raise
-            state = training_state(trainer.model, trainer.optimizer, epoch, ctx.global_step, run.args_json,
-                                   run.config_text, ctx.loss_scaler, ema=trainer.ema)
+            state = training_state(trainer.model, trainer.optimizer, epoch, trainer.state.global_step, run.args_json,
+                                   run.config_text, trainer.ctx.loss_scaler, ema=trainer.ema)
             improved = self.saver.save(state, self.metric)
             self.saver.drop_recovery()
             _logger.info(f"saved {run.out_dir / LAST}" + (" (best so far)" if improved else ""))
@@ -439,10 +437,7 @@ class RunEpochs(EpochHooks):
         took = self.clock.finish()
         if run.primary:
             _logger.info(self.clock.summary(took))
-        if ctx.stop_after_epoch and epoch + 1 < trainer.epochs.stop:
-            all_saved()
-            raise Preempted(f"{STOP.name()} in the last step of epoch {epoch}: {run.out_dir / LAST} written; "
-                            f"--auto-resume (or a requeued Slurm job) continues with epoch {epoch + 1}")
+        self.recovery.stop_after(epoch, trainer.epochs)
 
 
 def train_and_evaluate(net: RoutedNet, train_ds, val_ds, run: Run, resume_state: dict | None, sampler) -> None:
@@ -450,14 +445,8 @@ def train_and_evaluate(net: RoutedNet, train_ds, val_ds, run: Run, resume_state:
     stitch."""
     model = unwrap(net)
     trainer = _setup_training(model, train_ds, run, resume_state, sampler)
-    ctx, steps_per_epoch = trainer.ctx, trainer.steps_per_epoch
     epochs = RunEpochs(trainer, run, val_ds, resume_state)
-    write_recovery = recovery_writer(model, trainer.optimizer, ctx, epochs.saver, run.args_json, run.config_text,
-                                     run.primary)
-    catching = STOP.installed  # under Slurm: SIGUSR1/SIGTERM stop the run at an agreed step, with a recovery file
-    ctx.snapshot_rng = run.train.recovery_interval > 0 or catching
-    ctx.after_step.insert(0, recovery_hook(write_recovery, ctx, run.train.recovery_interval, steps_per_epoch))
-    ctx.after_step.append(stop_hook(write_recovery, ctx, run.device, run.out_dir, steps_per_epoch))  # after faults
+    epochs.recovery.install()
     if run.primary:
         truncate_summary(run.out_dir / "summary.csv", trainer.epochs.start)
     trainer.fit(epochs)

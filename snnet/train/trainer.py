@@ -4,12 +4,13 @@
 `create_trainer` builds, from the run's options (`RunOptions`) and where it trains (`TrainSetup`), the optimizer
 (with the LR rule), the fp16 loss scaler, the LR schedule (fast-forwarded on resume), timm's ModelEmaV3
 (``model_ema``), gradient checkpointing, torch.compile of the blocks, DDP under several processes and the loop's
-context (accumulation, clipping, autocast of the loss).
+context (`engine.TrainContext`: its settings, such as accumulation, clipping and autocast of the loss, and the
+training state).
 `Trainer.fit` runs the epochs: per-epoch seeds, the sampler's and shard stream's epoch, mixup's end, one epoch of
 optimizer steps, BatchNorm statistics across processes, the caller's validation, the scheduler step and the
-caller's end of the epoch. A caller adds to the loop by an `EpochHooks` subclass (state as attributes, hooks as
-methods): train.py's checkpoints, summary.csv and loggers (`snnet.train.main.RunEpochs`), stitch-train's trajectory
-(`snnet.explore.stitch_train.runner.RunTrajectory`)."""
+caller's end of the epoch. A caller adds to the loop by an `EpochHooks` subclass (`snnet.train.hooks`; state as
+attributes, hooks as methods): train.py's checkpoints, summary.csv and loggers (`snnet.train.main.RunEpochs`),
+stitch-train's trajectory (`snnet.explore.stitch_train.runner.RunTrajectory`)."""
 from __future__ import annotations
 
 import logging
@@ -26,7 +27,8 @@ from snnet.core.cost import cost_table
 from snnet.core.distributed import world
 from snnet.core.errors import UsageError
 from snnet.core.model import RoutedNet
-from snnet.train.engine import TrainContext, train_one_epoch
+from snnet.train.engine import LoopSettings, TrainContext, TrainState, train_one_epoch
+from snnet.train.hooks import EpochHooks
 from snnet.train.optim import create_optimizer, create_scheduler, epoch_offset, resolve_lrs
 from snnet.train.options import RunOptions, ScheduleOptions, TrainOptions
 from snnet.train.resume import resume_counters
@@ -57,7 +59,8 @@ def create_model_ema(model: RoutedNet, train: TrainOptions, resume_state: dict |
 class TrainSetup:
     """Where and how one process trains, besides the run's options: device and precision, the stitch each step
     trains (`sampler`), mixup, the checkpoint resumed, the input size FLOPs are traced at before torch.compile
-    (C, H, W), and what every optimizer step calls after it (`after_step`)."""
+    (C, H, W), what every optimizer step calls after it (`after_step`), and whether the loop snapshots the RNG
+    after each batch (`snapshot_rng`: recovery checkpoints need it)."""
     device: torch.device
     amp_dtype: torch.dtype | None
     sampler: Callable[[int], int]
@@ -65,24 +68,7 @@ class TrainSetup:
     resume_state: dict | None = None
     input_size: Sequence[int] | None = None
     after_step: Sequence[Callable[[int], None]] = ()
-
-
-class EpochHooks:
-    """What a caller adds to `Trainer.fit`'s epochs; each method does nothing here. Subclass it and keep the
-    state the hooks share as attributes."""
-
-    def start_epoch(self, epoch: int) -> None:
-        """Before the epoch's first step."""
-
-    def trained(self, epoch: int) -> None:
-        """After the epoch's steps, before BatchNorm statistics are synced and validation."""
-
-    def validate(self, epoch: int, train_metrics: dict) -> tuple[dict, float | None]:
-        """(the epoch's metrics, the scheduler's metric or None)."""
-        return {}, None
-
-    def end_epoch(self, epoch: int, train_metrics: dict, metrics: dict, lr: float) -> None:
-        """After the scheduler step; `lr` is the LR the epoch trained at."""
+    snapshot_rng: bool = False
 
 
 @dataclass
@@ -106,7 +92,12 @@ class Trainer:
     @property
     def steps_per_epoch(self) -> int:
         """Optimizer steps per epoch (the last len(loader) % accumulation batches are dropped)."""
-        return len(self.loader) // self.ctx.accum_steps
+        return len(self.loader) // self.ctx.settings.accum_steps
+
+    @property
+    def state(self) -> TrainState:
+        """Where training stands (the steps taken; what a recovery checkpoint holds)."""
+        return self.ctx.state
 
     @property
     def ema(self) -> RoutedNet | None:
@@ -185,13 +176,14 @@ def create_trainer(model: RoutedNet, loader: Any, loss_fn: Callable, options: Ru
     scheduler, num_epochs = create_scheduler(schedule, optimizer, steps, warmup_lr, min_lr, start_epoch,
                                              global_step if resume_state is not None else None,
                                              eval_metric=options.eval.eval_metric)
-    ctx = TrainContext(device, setup.sampler, amp_dtype, loss_scaler, scheduler, setup.mixup_fn,
-                       model_ema=create_model_ema(model, train, resume_state, options.job.resume),
+    settings = LoopSettings(device, amp_dtype, accum_steps=accum, clip_grad=optim.clip_grad,
+                            clip_mode=optim.clip_mode, amp_loss=not train.no_amp_loss,
+                            move_batches=train.no_prefetcher, sched_on_updates=schedule.sched_on_updates,
+                            log_interval=train.log_interval, snapshot_rng=setup.snapshot_rng)
+    ctx = TrainContext(setup.sampler, settings, TrainState(global_step=global_step), loss_scaler, scheduler,
+                       setup.mixup_fn, model_ema=create_model_ema(model, train, resume_state, options.job.resume),
                        parameters=lambda: [p for p in model.parameters() if p.requires_grad],
-                       global_step=global_step, after_step=list(setup.after_step), accum_steps=accum,
-                       clip_grad=optim.clip_grad, clip_mode=optim.clip_mode, amp_loss=not train.no_amp_loss,
-                       move_batches=train.no_prefetcher, sched_on_updates=schedule.sched_on_updates,
-                       log_interval=train.log_interval)
+                       after_step=list(setup.after_step))
     if train.grad_checkpointing:
         model.set_grad_checkpointing(True)
     compiled = 0
