@@ -5,7 +5,7 @@
     train.py DATA --model vit_tiny_patch16_224 [timm flags]                    # one plain model
 
 This module wires (as DeiT's main.py): parse -> typed options (`RunOptions`, once) -> check -> resolve -> build ->
-LS init / resume -> `train_and_evaluate` (the trainer's `fit` with `RunEpochs`) or
+LS init / resume -> `train_and_evaluate` (a `TrainingRun`: `build`, `fit` with `RunEpochs`, `evaluate`) or
 `evaluate_all`. The trainer (optimizer, schedule, EMA, the epoch loop) is trainer.py, shared with stitch-train; the
 loops engine.py; the epoch and after-step hooks (recovery checkpoint, stop at a Slurm signal) hooks.py; evaluation
 and prediction files evaluator.py; resuming resume.py; the LS init's data ls_data.py; checkpoints
@@ -373,7 +373,7 @@ class RunEpochs(EpochHooks):
     """train.py's epochs around the trainer's: the validation panel (the EMA's metrics when on), model_best by the
     eval metric (the training loss without a val split), checkpoints and summary.csv each epoch, the loggers, the
     progress clock, the recovery checkpoint inside an epoch and the stop at a Slurm signal (`recovery`, whose
-    after-step hooks `train_and_evaluate` installs), the run stopping once the epoch is saved."""
+    after-step hooks `TrainingRun.build` installs), the run stopping once the epoch is saved."""
 
     def __init__(self, trainer: Trainer, run: Run, val_ds, resume_state: dict | None):
         self.trainer, self.run = trainer, run
@@ -440,23 +440,48 @@ class RunEpochs(EpochHooks):
         self.recovery.stop_after(epoch, trainer.epochs)
 
 
-def train_and_evaluate(net: RoutedNet, train_ds, val_ds, run: Run, resume_state: dict | None, sampler) -> None:
-    """Train epoch by epoch (`RunEpochs`: validation panel, checkpoints, summary.csv), then evaluate every
-    stitch."""
-    model = unwrap(net)
-    trainer = _setup_training(model, train_ds, run, resume_state, sampler)
-    epochs = RunEpochs(trainer, run, val_ds, resume_state)
-    epochs.recovery.install()
-    if run.primary:
-        truncate_summary(run.out_dir / "summary.csv", trainer.epochs.start)
-    trainer.fit(epochs)
-    if val_ds is not None:
+class TrainingRun:
+    """train.py's training, in torchtitan's shape: `build` (the trainer, its epoch hooks `RunEpochs`, the recovery
+    and stop hooks after every step), `fit` (the epochs), `evaluate` (every stitch of the trained network, and of
+    its EMA when on)."""
+
+    def __init__(self, trainer: Trainer, epochs: RunEpochs, run: Run, val_ds):
+        self.trainer, self.epochs, self.run, self.val_ds = trainer, epochs, run, val_ds
+
+    @classmethod
+    def build(cls, net: RoutedNet, train_ds, val_ds, run: Run, resume_state: dict | None, sampler) -> TrainingRun:
+        """The trainer on `net` (resumed where `resume_state` left off), train.py's epoch hooks, and the recovery
+        checkpoint and stop at a Slurm signal after every optimizer step."""
+        trainer = _setup_training(unwrap(net), train_ds, run, resume_state, sampler)
+        epochs = RunEpochs(trainer, run, val_ds, resume_state)
+        epochs.recovery.install()
+        return cls(trainer, epochs, run, val_ds)
+
+    def fit(self) -> None:
+        """The epochs (summary.csv's rows of epochs this run redoes dropped first)."""
+        if self.run.primary:
+            truncate_summary(self.run.out_dir / "summary.csv", self.trainer.epochs.start)
+        self.trainer.fit(self.epochs)
+
+    def evaluate(self) -> None:
+        """Every stitch on the validation split (none without one), then the EMA's; the final front logged."""
+        trainer, run, val_ds = self.trainer, self.run, self.val_ds
+        if val_ds is None:
+            return
         ckpt_hash = file_sha256(run.out_dir / LAST) if run.primary else ""
         evaluate_all(trainer.net, val_ds, run.evaluation, ckpt_hash)
         if trainer.ema is not None:
             evaluate_all(trainer.ema, val_ds, run.evaluation, ckpt_hash, EMA_RESULTS_FILE)
-        epochs.loggers.log_final_front(run.out_dir / RESULTS_FILE, run.out_dir, trainer.epochs.stop)
-    epochs.loggers.close()
+        self.epochs.loggers.log_final_front(run.out_dir / RESULTS_FILE, run.out_dir, trainer.epochs.stop)
+
+
+def train_and_evaluate(net: RoutedNet, train_ds, val_ds, run: Run, resume_state: dict | None, sampler) -> None:
+    """Train epoch by epoch (`RunEpochs`: validation panel, checkpoints, summary.csv), then evaluate every
+    stitch."""
+    training = TrainingRun.build(net, train_ds, val_ds, run, resume_state, sampler)
+    training.fit()
+    training.evaluate()
+    training.epochs.loggers.close()
 
 
 if __name__ == "__main__":
