@@ -335,52 +335,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_parser(sub) -> None:
-    v = sub.add_parser("serve", help="an HTTP endpoint that picks the stitch per request from its deadline and the "
-                       "load, batching requests that run the same stitch",
-                       description="Serves one trained SN-Net: requests wait in deadline order; when the worker is "
-                       "free, the most urgent one binds the stitch by a table lookup: the best one (snnet select's "
-                       "rule over --results, within budget.flops) whose batch, with the queue behind it, ends "
-                       "before its deadline (budget.latency_ms) by the latency table measured at start (about "
-                       "30 s) and the speed measured since. A request without a latency budget always gets "
-                       "snnet select's stitch. docs/serving.md has the request format and the numbers.")
-    v.add_argument("checkpoint", metavar="CKPT", nargs="?", default=None,
-                   help="SN-Net checkpoint written by train.py (or --exported)")
-    v.add_argument("--stitch_config", "--stitch-config", metavar="CFG", default=None,
-                   help="the stitch config it was trained with (default: the one the checkpoint recorded)")
-    v.add_argument("--results", required=True, metavar="FILE",
-                   help="the checkpoint's stitches_res.txt: the accuracies the choice ranks by "
-                        "(its routes are checked)")
-    v.add_argument("--exported", nargs="+", metavar="DIR", default=None,
-                   help="serve these snnet export folders (one network each) instead of a checkpoint")
-    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    v.add_argument("--port", type=_positive_int, default=8000, help="HTTP port (default 8000)")
-    v.add_argument("--img-size", type=_positive_int, default=None, metavar="S",
-                   help="image size (default: the checkpoint's training --img-size)")
-    v.add_argument("--num-classes", type=_positive_int, default=None, metavar="N",
-                   help="classifier classes (default: the checkpoint's)")
-    v.add_argument("--max-batch", type=_positive_int, default=16, metavar="B",
-                   help="largest batch of one stitch (default 16)")
-    v.add_argument("--max-wait-ms", type=_amount("--max-wait-ms", suffixes=False), default=0.0, metavar="MS",
-                   help="wait up to this long for a fuller batch when the worker is free (default 0: run at once; "
-                        "the wait counts in every prediction)")
-    v.add_argument("--shed", action="store_true",
-                   help="answer 503 at once to a request whose budget.latency_ms cannot be met even on the fastest "
-                        "stitch (default: it runs on the fastest and says within_budget false)")
-    v.add_argument("--max-body-kb", type=_positive_int, default=4096, metavar="KB",
-                   help="largest request body; larger ones get 413 (default 4096)")
-    v.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
-    v.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads per replica")
-    v.add_argument("--engine", choices=("local", "ray"), default="local",
-                   help="local: aiohttp in this process (default, one machine); ray: Ray Serve (replicas, clusters)")
-    v.add_argument("--replicas", type=_positive_int, default=1,
-                   help="Ray replicas (across a cluster's nodes; default 1; needs --engine ray)")
-    v.add_argument("--address", default="local",
-                   help="with --engine ray: 'local' starts a private Ray instance here (default); 'auto' or "
-                        "HOST:PORT joins a cluster")
-    v.set_defaults(fn=cmd_serve)
-
-
 # ---------------------------------------------------------------------------------------------------- parser
 # Each command's options are a frozen dataclass of option() fields (snnet.core.options), its parser derived from them
 # by add_options; an option two commands share is declared once, below, and copied with shared().
@@ -503,6 +457,44 @@ class ConvertCommand:
                                            help="LeViT stage depths of the released model (SN-Net: 4 4 4)")
 
 
+@dataclass(frozen=True, kw_only=True)
+class ServeCommand:
+    """`snnet serve`."""
+    checkpoint: str | None = option(None, nargs="?", metavar="CKPT",
+                                    help="SN-Net checkpoint written by train.py (or --exported)")
+    stitch_config: str | None = shared(TRAINED_STITCH_CONFIG)
+    results: str = option(MISSING, "--results", required=True, metavar="FILE",
+                          help="the checkpoint's stitches_res.txt: the accuracies the choice ranks by (its routes are "
+                               "checked)")
+    exported: tuple[str, ...] | None = option(None, "--exported", nargs="+", metavar="DIR",
+                                              help="serve these snnet export folders (one network each) instead of a "
+                                                   "checkpoint")
+    host: str = option("127.0.0.1", "--host", help="address to listen on (default 127.0.0.1: this machine only)")
+    port: int = option(8000, "--port", parse=_positive_int, help="HTTP port (default 8000)")
+    img_size: int | None = shared(TRAINED_IMG_SIZE)
+    num_classes: int | None = shared(TRAINED_NUM_CLASSES)
+    max_batch: int = option(16, "--max-batch", parse=_positive_int, metavar="B",
+                            help="largest batch of one stitch (default 16)")
+    max_wait_ms: float = option(0.0, "--max-wait-ms", parse=_amount("--max-wait-ms", suffixes=False), metavar="MS",
+                                help="wait up to this long for a fuller batch when the worker is free (default 0: run "
+                                     "at once; the wait counts in every prediction)")
+    shed: bool = option(False, "--shed",
+                        help="answer 503 at once to a request whose budget.latency_ms cannot be met even on the "
+                             "fastest stitch (default: it runs on the fastest and says within_budget false)")
+    max_body_kb: int = option(4096, "--max-body-kb", parse=_positive_int, metavar="KB",
+                              help="largest request body; larger ones get 413 (default 4096)")
+    device: str = shared(CPU_DEVICE)
+    threads: int | None = option(None, "--threads", parse=_positive_int, help="torch intra-op threads per replica")
+    engine: str = option("local", "--engine", choices=("local", "ray"),
+                         help="local: aiohttp in this process (default, one machine); ray: Ray Serve (replicas, "
+                              "clusters)")
+    replicas: int = option(1, "--replicas", parse=_positive_int,
+                           help="Ray replicas (across a cluster's nodes; default 1; needs --engine ray)")
+    address: str = option("local", "--address",
+                          help="with --engine ray: 'local' starts a private Ray instance here (default); 'auto' or "
+                               "HOST:PORT joins a cluster")
+
+
 def _command(sub: Any, name: str, options: type, fn: Any, **parser: Any) -> None:
     """The subcommand `name`: its parser derived from its options class, running `fn` on the parsed values."""
     p = sub.add_parser(name, **parser)
@@ -540,43 +532,57 @@ def build_parser() -> argparse.ArgumentParser:
              "argparse Namespace / yacs CfgNode SN-Net stored (no code from the file runs), maps keys to timm 1.0 "
              "names (Swin, LeViT), and writes a checkpoint train.py --resume accepts.")
     _similarity_parsers(sub)
-    _serve_parser(sub)
+    _command(sub, "serve", ServeCommand, cmd_serve,
+             help="an HTTP endpoint that picks the stitch per request from its deadline and the load, batching "
+             "requests that run the same stitch",
+             description="Serves one trained SN-Net: requests wait in deadline order; when the worker is free, the "
+             "most urgent one binds the stitch by a table lookup: the best one (snnet select's rule over --results, "
+             "within budget.flops) whose batch, with the queue behind it, ends before its deadline "
+             "(budget.latency_ms) by the latency table measured at start (about 30 s) and the speed measured since. "
+             "A request without a latency budget always gets snnet select's stitch. docs/serving.md has the request "
+             "format and the numbers.")
     _stitch_train_parser(sub)
     _quickstart_parser(sub)
     return p
 
 
 # ------------------------------------------------------------------------------------------------------ quickstart
-def _quickstart_parser(sub) -> None:
-    q = sub.add_parser("quickstart", help="your image folder -> anchors -> SN-Net -> every stitch evaluated -> "
-                       "front and report, offline, in one command",
-                       description="The digits demo for your own images (docs/own_data.md): chooses small CNN "
-                       "anchors for the data, trains them from scratch (or fine-tunes --anchors NAME ...), writes "
-                       "the stitch config, trains the SN-Net on every core (distributed_train.sh's launcher), "
-                       "evaluates every stitch and writes stitches_res.txt, the Pareto table and plot with their "
-                       "baselines and report.html under --out. Prints each choice and the flag that changes it; a "
-                       "second run with the same arguments continues where the first stopped.")
-    q.add_argument("data", metavar="DATA", help="a folder with one sub-folder of images per class (split 80/20 "
-                   "into DIR/data), or with train/ and val/ holding one sub-folder per class each")
-    q.add_argument("--out", required=True, metavar="DIR", help="everything goes here: anchors, SN-Net, logs, "
-                   "results")
-    q.add_argument("--anchors", nargs="+", metavar="NAME", default=None,
-                   help="timm models to fine-tune as anchors instead, smallest first (pretrained where their "
-                        "weights are on this machine)")
-    q.add_argument("--no-pretrained", action="store_true", help="with --anchors: random weights")
-    q.add_argument("--widths", nargs="+", type=_positive_int, metavar="W", default=None,
-                   help="widths of the CNN anchors, smallest first (default 8 16 24)")
-    q.add_argument("--img-size", type=_positive_int, default=None, metavar="S",
-                   help="image side the anchors see (default: 64, smaller images 32 or their size)")
-    q.add_argument("--anchor-epochs", type=_positive_int, default=None, metavar="N")
-    q.add_argument("--snnet-epochs", type=_positive_int, default=None, metavar="N")
-    q.add_argument("--batch", type=_positive_int, default=None, metavar="B", help="batch per process (default 32)")
-    q.add_argument("--nproc", type=_positive_int, default=None, metavar="N",
-                   help="SN-Net processes (default: one per core)")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--fresh", action="store_true", help="redo every step, even those a run of the same arguments "
-                   "finished")
-    q.set_defaults(fn=cmd_quickstart)
+@dataclass(frozen=True, kw_only=True)
+class QuickstartCommand:
+    """`snnet quickstart`'s flags (snnet.quickstart.QuickstartOptions is what they make)."""
+    data: str = option(MISSING, metavar="DATA",
+                       help="a folder with one sub-folder of images per class (split 80/20 into DIR/data), or with "
+                            "train/ and val/ holding one sub-folder per class each")
+    out: str = option(MISSING, "--out", required=True, metavar="DIR",
+                      help="everything goes here: anchors, SN-Net, logs, results")
+    anchors: tuple[str, ...] | None = option(None, "--anchors", nargs="+", metavar="NAME",
+                                             help="timm models to fine-tune as anchors instead, smallest first "
+                                                  "(pretrained where their weights are on this machine)")
+    no_pretrained: bool = option(False, "--no-pretrained", help="with --anchors: random weights")
+    widths: tuple[int, ...] | None = option(None, "--widths", nargs="+", parse=_positive_int, metavar="W",
+                                            help="widths of the CNN anchors, smallest first (default 8 16 24)")
+    img_size: int | None = option(None, "--img-size", parse=_positive_int, metavar="S",
+                                  help="image side the anchors see (default: 64, smaller images 32 or their size)")
+    anchor_epochs: int | None = option(None, "--anchor-epochs", parse=_positive_int, metavar="N", help="")
+    snnet_epochs: int | None = option(None, "--snnet-epochs", parse=_positive_int, metavar="N", help="")
+    batch: int | None = option(None, "--batch", parse=_positive_int, metavar="B", help="batch per process (default 32)")
+    nproc: int | None = option(None, "--nproc", parse=_positive_int, metavar="N",
+                               help="SN-Net processes (default: one per core)")
+    seed: int = option(0, "--seed", parse=int, help="")
+    fresh: bool = option(False, "--fresh",
+                         help="redo every step, even those a run of the same arguments finished")
+
+
+def _quickstart_parser(sub: Any) -> None:
+    _command(sub, "quickstart", QuickstartCommand, cmd_quickstart,
+             help="your image folder -> anchors -> SN-Net -> every stitch evaluated -> front and report, offline, in "
+             "one command",
+             description="The digits demo for your own images (docs/own_data.md): chooses small CNN anchors for the "
+             "data, trains them from scratch (or fine-tunes --anchors NAME ...), writes the stitch config, trains the "
+             "SN-Net on every core (distributed_train.sh's launcher), evaluates every stitch and writes "
+             "stitches_res.txt, the Pareto table and plot with their baselines and report.html under --out. Prints "
+             "each choice and the flag that changes it; a second run with the same arguments continues where the "
+             "first stopped.")
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
@@ -597,52 +603,76 @@ def _key_value(text: str) -> tuple[str, Any]:
         return key, raw
 
 
-def _stitch_train_parser(sub) -> None:
+SLURM, ONE_RUN = "Slurm (docs/slurm.md)", "one run (without --sweep)"  # stitch-train's help groups
+
+
+@dataclass(frozen=True, kw_only=True)
+class StitchTrainCommand:
     """`snnet stitch-train` (snnet/explore/stitch_train: sweeps of stitching layers between frozen anchors)."""
-    p = sub.add_parser(
-        "stitch-train", help="train one stitching layer between two frozen anchors, or a YAML sweep of them",
-        description="Front anchor up to block i, a stitching layer, end anchor from block j (any gap); only the "
-        "layer trains, the anchors stay frozen in eval mode. Each run writes trajectory.jsonl, stitch_layer.pth.tar "
-        "and result.json (last) in its folder; the sweep folder gets stitches_res.txt for snnet pareto. Finished "
-        "runs are skipped on rerun. Under torchrun the runs are split across the processes. See "
-        "docs/stitch_train.md.")
-    p.add_argument("data", nargs="?", metavar="DATA", help="dataset folder with train/ and val/ (overrides the "
-                   "sweep's `data`)")
-    p.add_argument("--sweep", metavar="YAML", help="a sweep file (e.g. configs/sweeps/digits_3x3.yaml)")
-    p.add_argument("--out", metavar="DIR", help="output folder (overrides the sweep's `out`)")
-    p.add_argument("--train", type=_key_value, nargs="+", action="extend", default=[], metavar="FLAG=VALUE",
-                   help="train.py flags for every run, e.g. epochs=3 lr=1e-3 img_size=16 (over the sweep's `train`); "
-                   "given twice, the flags add up (a key given again takes its later value)")
-    p.add_argument("--dry-run", action="store_true", help="check everything and list the runs; train nothing")
-    slurm = p.add_argument_group("Slurm (docs/slurm.md)")
-    slurm.add_argument("--submit", action="store_true", help="submit the sweep's unfinished jobs as a Slurm job "
-                       "array (one run or anchor evaluation per array task) instead of running them here")
-    slurm.add_argument("--sbatch", metavar="OPTIONS", help="sbatch options of --submit, one string after '=', e.g. "
-                       "--sbatch='--partition=gpu --gpus-per-task=1 --time=1:00:00'")
-    slurm.add_argument("--max-parallel", type=int, metavar="N", help="--submit: at most N array tasks at once")
-    slurm.add_argument("--task", type=int, metavar="K", help="run job K of the sweep only (what an array task runs: "
-                       "--task $SLURM_ARRAY_TASK_ID); the task that finds every job finished writes the results")
-    slurm.add_argument("--merge", action="store_true", help="write stitches_res.txt (and the pictures) from the "
-                       "finished jobs, whoever ran them; list the unfinished ones")
-    one = p.add_argument_group("one run (without --sweep)")
-    one.add_argument("--front", metavar="[LABEL=]ANCHOR", help="NAME (timm), NAME:CHECKPOINT, FILE#INDEX of a stitch "
-                     "config, or a JSON anchor object '{\"name\": ..., \"checkpoint\": ..., \"model_kwargs\": ...}'")
-    one.add_argument("--end", metavar="[LABEL=]ANCHOR", help="the end anchor, the same way")
-    one.add_argument("--cut", type=int, metavar="I", help="the front anchor's last block that runs (flat, from 0)")
-    one.add_argument("--end-block", type=int, metavar="J", help="the end anchor's first block that runs")
-    one.add_argument("--gap", type=int, metavar="G", help="J minus the block aligned with I (default 0)")
-    one.add_argument("--layer", metavar="TYPE", help="stitching-layer type (default linear)")
-    one.add_argument("--layer-option", type=_key_value, nargs="+", default=[], metavar="KEY=VALUE",
-                     help="stitching-layer options, e.g. rank=8")
-    one.add_argument("--no-ls-init", action="store_true", help="train the layer from its random init")
-    one.add_argument("--ls-images", type=int, metavar="N", help="images of the least-squares init (default 256)")
-    one.add_argument("--loss", choices=("ce", "kd"), help="ce (default) or kd from the end anchor's logits")
-    one.add_argument("--temperature", type=float, metavar="T", help="kd temperature (default 1)")
-    one.add_argument("--kd-alpha", type=float, metavar="A", help="kd weight (default 1: KL only)")
-    one.add_argument("--seed", type=int, metavar="S", help="seed of the run and of the anchors' random init "
-                     "(default 0)")
-    one.add_argument("--no-pretrained", action="store_true", help="anchors without a checkpoint start random")
-    p.set_defaults(fn=cmd_stitch_train)
+    data: str | None = option(None, nargs="?", metavar="DATA",
+                              help="dataset folder with train/ and val/ (overrides the sweep's `data`)")
+    sweep: str | None = option(None, "--sweep", metavar="YAML",
+                               help="a sweep file (e.g. configs/sweeps/digits_3x3.yaml)")
+    out: str | None = option(None, "--out", metavar="DIR", help="output folder (overrides the sweep's `out`)")
+    train: tuple[tuple[str, Any], ...] = option((), "--train", parse=_key_value, nargs="+", action="extend",
+                                                metavar="FLAG=VALUE",
+                                                help="train.py flags for every run, e.g. epochs=3 lr=1e-3 img_size=16 "
+                                                     "(over the sweep's `train`); given twice, the flags add up (a key "
+                                                     "given again takes its later value)")
+    dry_run: bool = option(False, "--dry-run", help="check everything and list the runs; train nothing")
+    submit: bool = option(False, "--submit", group=SLURM,
+                          help="submit the sweep's unfinished jobs as a Slurm job array (one run or anchor evaluation "
+                               "per array task) instead of running them here")
+    sbatch: str | None = option(None, "--sbatch", group=SLURM, metavar="OPTIONS",
+                                help="sbatch options of --submit, one string after '=', e.g. --sbatch='--partition=gpu "
+                                     "--gpus-per-task=1 --time=1:00:00'")
+    max_parallel: int | None = option(None, "--max-parallel", group=SLURM, parse=int, metavar="N",
+                                      help="--submit: at most N array tasks at once")
+    task: int | None = option(None, "--task", group=SLURM, parse=int, metavar="K",
+                              help="run job K of the sweep only (what an array task runs: --task "
+                                   "$SLURM_ARRAY_TASK_ID); the task that finds every job finished writes the results")
+    merge: bool = option(False, "--merge", group=SLURM,
+                         help="write stitches_res.txt (and the pictures) from the finished jobs, whoever ran them; "
+                              "list the unfinished ones")
+    front: str | None = option(None, "--front", group=ONE_RUN, metavar="[LABEL=]ANCHOR",
+                               help="NAME (timm), NAME:CHECKPOINT, FILE#INDEX of a stitch config, or a JSON anchor "
+                                    "object '{\"name\": ..., \"checkpoint\": ..., \"model_kwargs\": ...}'")
+    end: str | None = option(None, "--end", group=ONE_RUN, metavar="[LABEL=]ANCHOR",
+                             help="the end anchor, the same way")
+    cut: int | None = option(None, "--cut", group=ONE_RUN, parse=int, metavar="I",
+                             help="the front anchor's last block that runs (flat, from 0)")
+    end_block: int | None = option(None, "--end-block", group=ONE_RUN, parse=int, metavar="J",
+                                   help="the end anchor's first block that runs")
+    gap: int | None = option(None, "--gap", group=ONE_RUN, parse=int, metavar="G",
+                             help="J minus the block aligned with I (default 0)")
+    layer: str | None = option(None, "--layer", group=ONE_RUN, metavar="TYPE",
+                               help="stitching-layer type (default linear)")
+    layer_option: tuple[tuple[str, Any], ...] = option((), "--layer-option", group=ONE_RUN, parse=_key_value,
+                                                       nargs="+", metavar="KEY=VALUE",
+                                                       help="stitching-layer options, e.g. rank=8")
+    no_ls_init: bool = option(False, "--no-ls-init", group=ONE_RUN, help="train the layer from its random init")
+    ls_images: int | None = option(None, "--ls-images", group=ONE_RUN, parse=int, metavar="N",
+                                   help="images of the least-squares init (default 256)")
+    loss: str | None = option(None, "--loss", group=ONE_RUN, choices=("ce", "kd"),
+                              help="ce (default) or kd from the end anchor's logits")
+    temperature: float | None = option(None, "--temperature", group=ONE_RUN, parse=float, metavar="T",
+                                       help="kd temperature (default 1)")
+    kd_alpha: float | None = option(None, "--kd-alpha", group=ONE_RUN, parse=float, metavar="A",
+                                    help="kd weight (default 1: KL only)")
+    seed: int | None = option(None, "--seed", group=ONE_RUN, parse=int, metavar="S",
+                              help="seed of the run and of the anchors' random init (default 0)")
+    no_pretrained: bool = option(False, "--no-pretrained", group=ONE_RUN,
+                                 help="anchors without a checkpoint start random")
+
+
+def _stitch_train_parser(sub: Any) -> None:
+    _command(sub, "stitch-train", StitchTrainCommand, cmd_stitch_train,
+             help="train one stitching layer between two frozen anchors, or a YAML sweep of them",
+             description="Front anchor up to block i, a stitching layer, end anchor from block j (any gap); only the "
+             "layer trains, the anchors stay frozen in eval mode. Each run writes trajectory.jsonl, "
+             "stitch_layer.pth.tar and result.json (last) in its folder; the sweep folder gets stitches_res.txt for "
+             "snnet pareto. Finished runs are skipped on rerun. Under torchrun the runs are split across the "
+             "processes. See docs/stitch_train.md.")
 
 
 _ONE_RUN = {"front": "--front", "end": "--end", "cut": "--cut", "end_block": "--end-block", "gap": "--gap",
@@ -760,28 +790,6 @@ def cmd_stitch_train(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------- similarity, search
-def _anchor_data_args(p: argparse.ArgumentParser, batches: int) -> None:
-    p.add_argument("--anchors", nargs="+", metavar="A", default=None,
-                   help="timm names, NAME:CHECKPOINT, FILE#INDEX (anchor INDEX of a stitch config), or a config's "
-                        "JSON anchor object (or use --stitch_config)")
-    p.add_argument("--stitch_config", "--stitch-config", metavar="CFG", default=None,
-                   help="take the anchors (names, checkpoints, model_kwargs) from this stitch config")
-    p.add_argument("--data", required=True, metavar="DIR", help="ImageFolder root with train/ (and val/)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--batches", type=_positive_int, default=batches, metavar="N",
-                   help=f"calibration batches (default {batches})")
-    p.add_argument("--batch-size", "-b", type=_positive_int, default=64, metavar="B",
-                   help="images per batch (default 64; at least 4 for the unbiased CKA)")
-    p.add_argument("--img-size", type=_positive_int, default=None, metavar="S",
-                   help="image size (default: the config's input_size, else the anchors' own)")
-    p.add_argument("--num-classes", type=_positive_int, default=None, metavar="N",
-                   help="classifier classes (default: the config's, else the data's)")
-    p.add_argument("--no-pretrained", action="store_true",
-                   help="random anchors where no checkpoint is named (default: timm's pretrained weights)")
-    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available)")
-    p.add_argument("--seed", type=_count, default=0, help="which calibration images are drawn (default 0)")
-
-
 def _fraction(text: str) -> float:
     try:
         value = parse_amount(text, "the threshold", suffixes=False)
@@ -792,48 +800,82 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _similarity_parsers(sub) -> None:
-    m = sub.add_parser("similarity", help="compatibility maps of anchors: CKA, least-squares stitch residual, KL",
-                       description="For every (unit of A, unit of B) pair of every ordered anchor pair: unbiased "
-                       "minibatch linear CKA, the relative residual of the least-squares stitch and the KL divergence "
-                       "of the stitched network from B (docs/stitch_anything.md). Writes similarity.json, "
-                       "similarity.csv and cka.png, ls_residual.png, kl.png.")
-    _anchor_data_args(m, batches=4)
-    m.add_argument("--split", choices=("train", "val"), default="train",
-                   help="the split the images come from (default train)")
-    m.add_argument("--no-kl", action="store_true", help="skip the KL map (one pass of B per stitchable pair)")
-    m.set_defaults(fn=cmd_similarity)
+@dataclass(frozen=True, kw_only=True)
+class AnchorImages:
+    """The anchors similarity and search compare and the images they compare them on."""
+    anchors: tuple[str, ...] | None = option(None, "--anchors", nargs="+", metavar="A",
+                                             help="timm names, NAME:CHECKPOINT, FILE#INDEX (anchor INDEX of a stitch "
+                                                  "config), or a config's JSON anchor object (or use --stitch_config)")
+    stitch_config: str | None = option(None, "--stitch_config", "--stitch-config", metavar="CFG",
+                                       help="take the anchors (names, checkpoints, model_kwargs) from this stitch "
+                                            "config")
+    data: str = option(MISSING, "--data", required=True, metavar="DIR", help="ImageFolder root with train/ (and val/)")
+    out: str = option(MISSING, "--out", required=True, metavar="DIR", help="output folder")
+    batches: int = option(4, "--batches", parse=_positive_int, metavar="N", help="calibration batches (default 4)")
+    batch_size: int = option(64, "--batch-size", "-b", parse=_positive_int, metavar="B",
+                             help="images per batch (default 64; at least 4 for the unbiased CKA)")
+    img_size: int | None = option(None, "--img-size", parse=_positive_int, metavar="S",
+                                  help="image size (default: the config's input_size, else the anchors' own)")
+    num_classes: int | None = option(None, "--num-classes", parse=_positive_int, metavar="N",
+                                     help="classifier classes (default: the config's, else the data's)")
+    no_pretrained: bool = option(False, "--no-pretrained",
+                                 help="random anchors where no checkpoint is named (default: timm's pretrained "
+                                      "weights)")
+    device: str | None = option(None, "--device", help="cpu or cuda[:i] (default: cuda when available)")
+    seed: int = option(0, "--seed", parse=_count, help="which calibration images are drawn (default 0)")
 
-    s = sub.add_parser("search", help="training-free composition search over anchor paths (StitchNet's options)",
-                       description="Beam search over (anchor, cut) paths scored by the compatibility maps of the "
-                       "train split, each edge a least-squares stitch; the anchors and every network found are "
-                       "evaluated in one pass on the validation split. Writes stitches_res.txt (snnet pareto reads "
-                       "it), pareto_flops.{md,json,png}, networks/cfg_<id>.svg, search.json, stitches.safetensors "
-                       "and the maps (similarity/).")
-    _anchor_data_args(s, batches=4)
-    s.add_argument("--score", choices=("cka", "ls", "kl"), default="cka",
-                   help="edge score: cka (StitchNet's), ls (1 - residual^2) or kl (exp(-KL)) (default cka)")
-    s.add_argument("--threshold", type=_fraction, default=0.9, help="an edge needs a score above this (0.9)")
-    s.add_argument("--total-threshold", type=_fraction, default=0.5,
-                   help="a path's product of scores must reach this (0.5)")
-    s.add_argument("--max-depth", type=_positive_int, default=10, help="most segments per network (10)")
-    s.add_argument("--beam-width", type=_count, default=16, help="partial paths kept per level; 0: all (16)")
-    s.add_argument("--max-networks", type=_count, default=0, help="evaluate at most the N best-scored; 0: all")
-    s.set_defaults(fn=cmd_search)
 
-    w = sub.add_parser("shards", help="an ImageFolder as WebDataset tar shards with timm's _info.json",
-                       description="Writes each split folder of FOLDER (train/, val/ or validation/) as tar shards "
-                       "<split>-NNNNNN.tar of N samples in OUT, then OUT/_info.json (splits, file names, samples per "
-                       "shard, classes), every file atomically. Train and evaluate from them with train.py OUT "
-                       "--dataset wds/NAME.")
-    w.add_argument("folder", metavar="FOLDER", help="ImageFolder root with train/ and val/ class folders")
-    w.add_argument("out", metavar="OUT", help="folder for the shards and _info.json")
-    w.add_argument("--shard-size", type=_positive_int, default=1000, metavar="N", help="samples per shard (1000)")
-    w.add_argument("--name", default=None, help="dataset name in _info.json (default: FOLDER's name)")
-    w.add_argument("--clean", action="store_true",
-                   help="OUT holds an earlier snnet shards output: remove its shards and _info.json first (after "
-                        "every check passed); without it a non-empty OUT is refused")
-    w.set_defaults(fn=cmd_shards)
+@dataclass(frozen=True, kw_only=True)
+class SimilarityCommand(AnchorImages):
+    """`snnet similarity`."""
+    split: str = option("train", "--split", choices=("train", "val"),
+                        help="the split the images come from (default train)")
+    no_kl: bool = option(False, "--no-kl", help="skip the KL map (one pass of B per stitchable pair)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchCommand(AnchorImages):
+    """`snnet search`."""
+    score: str = option("cka", "--score", choices=("cka", "ls", "kl"),
+                        help="edge score: cka (StitchNet's), ls (1 - residual^2) or kl (exp(-KL)) (default cka)")
+    threshold: float = option(0.9, "--threshold", parse=_fraction, help="an edge needs a score above this (0.9)")
+    total_threshold: float = option(0.5, "--total-threshold", parse=_fraction,
+                                    help="a path's product of scores must reach this (0.5)")
+    max_depth: int = option(10, "--max-depth", parse=_positive_int, help="most segments per network (10)")
+    beam_width: int = option(16, "--beam-width", parse=_count, help="partial paths kept per level; 0: all (16)")
+    max_networks: int = option(0, "--max-networks", parse=_count, help="evaluate at most the N best-scored; 0: all")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardsCommand:
+    """`snnet shards`."""
+    folder: str = option(MISSING, metavar="FOLDER", help="ImageFolder root with train/ and val/ class folders")
+    out: str = option(MISSING, metavar="OUT", help="folder for the shards and _info.json")
+    shard_size: int = option(1000, "--shard-size", parse=_positive_int, metavar="N", help="samples per shard (1000)")
+    name: str | None = option(None, "--name", help="dataset name in _info.json (default: FOLDER's name)")
+    clean: bool = option(False, "--clean",
+                         help="OUT holds an earlier snnet shards output: remove its shards and _info.json first "
+                              "(after every check passed); without it a non-empty OUT is refused")
+
+
+def _similarity_parsers(sub: Any) -> None:
+    _command(sub, "similarity", SimilarityCommand, cmd_similarity,
+             help="compatibility maps of anchors: CKA, least-squares stitch residual, KL",
+             description="For every (unit of A, unit of B) pair of every ordered anchor pair: unbiased minibatch "
+             "linear CKA, the relative residual of the least-squares stitch and the KL divergence of the stitched "
+             "network from B (docs/stitch_anything.md). Writes similarity.json, similarity.csv and cka.png, "
+             "ls_residual.png, kl.png.")
+    _command(sub, "search", SearchCommand, cmd_search,
+             help="training-free composition search over anchor paths (StitchNet's options)",
+             description="Beam search over (anchor, cut) paths scored by the compatibility maps of the train split, "
+             "each edge a least-squares stitch; the anchors and every network found are evaluated in one pass on the "
+             "validation split. Writes stitches_res.txt (snnet pareto reads it), pareto_flops.{md,json,png}, "
+             "networks/cfg_<id>.svg, search.json, stitches.safetensors and the maps (similarity/).")
+    _command(sub, "shards", ShardsCommand, cmd_shards,
+             help="an ImageFolder as WebDataset tar shards with timm's _info.json",
+             description="Writes each split folder of FOLDER (train/, val/ or validation/) as tar shards "
+             "<split>-NNNNNN.tar of N samples in OUT, then OUT/_info.json (splits, file names, samples per shard, "
+             "classes), every file atomically. Train and evaluate from them with train.py OUT --dataset wds/NAME.")
 
 
 def cmd_shards(args: argparse.Namespace) -> int:
