@@ -38,6 +38,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,7 @@ from PIL import Image
 from snnet.core.checkpoint import VERSION as CHECKPOINT_VERSION
 from snnet.core.checkpoint import load_checkpoint
 from snnet.core.fileio import atomic_path, write_text_atomic
+from snnet.core.options import add_options, option
 from snnet.results.baselines import file_baselines
 from snnet.results.pareto import infer_anchors, is_anchor, pareto_report, save_report
 from snnet.results.predictions import load_for, predictions_path, write_predictions
@@ -252,27 +254,37 @@ def train_snnet(work: Path, data: Path, config: Path, name: str, epochs: int, ex
     return run_dir
 
 
+@dataclass(frozen=True, kw_only=True)
+class DemoOptions:
+    """`python -m snnet.demo`'s options (its parser is derived from them)."""
+    work: str = option(str(WORK), "--work", help="scratch folder (data, checkpoints, logs; default output/demo)")
+    results: str | None = option(None, "--results",
+                                 help="where the results file, table, plot and report go (default: WORK/results/demo, "
+                                      "with --v2 WORK/results/demo_v2; the committed results/demo* change only "
+                                      "through --publish)")
+    anchor_epochs: int = option(ANCHOR_EPOCHS, "--anchor-epochs", parse=int, help="")
+    snnet_epochs: int = option(SNNET_EPOCHS, "--snnet-epochs", parse=int, help="")
+    fresh: bool = option(False, "--fresh", help="retrain the anchors even if the same command trained them")
+    v2: bool = option(False, "--v2", help="SN-Net vs. SN-Netv2 on anchors w16 and w64 (two-way plan, LoRA stitching "
+                                          "layers, ROS sampling): both fronts in one plot, in WORK/results/demo_v2")
+    seed: int = option(SEED, "--seed", parse=int,
+                       help="training seed of the anchors and the SN-Net (the committed results: %(default)s; recipe "
+                            "studies run several)")
+    snnet_flags: str = option("", "--snnet-flags",
+                              help="extra train.py flags for the SN-Net runs, one string (recipe studies, "
+                                   "docs/demo.md); the committed results use none")
+    publish: bool = option(False, "--publish",
+                           help="train nothing: copy the last run's results (default WORK/results/demo and demo_v2, "
+                                "those present) into the committed results/demo and results/demo_v2 and rebuild "
+                                "their tables, plots and reports there (make demo-results)")
+    check: bool = option(False, "--check",
+                         help="train nothing: compare the last run's top-1 per cfg_id (WORK/results/demo, demo_v2: "
+                              "those present) with the committed results; exit 1 on any difference (make demo-check)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", default=str(WORK), help="scratch folder (data, checkpoints, logs; default output/demo)")
-    p.add_argument("--results", default=None, help="where the results file, table, plot and report go (default: "
-                   "WORK/results/demo, with --v2 WORK/results/demo_v2; the committed results/demo* change only "
-                   "through --publish)")
-    p.add_argument("--anchor-epochs", type=int, default=ANCHOR_EPOCHS)
-    p.add_argument("--snnet-epochs", type=int, default=SNNET_EPOCHS)
-    p.add_argument("--fresh", action="store_true", help="retrain the anchors even if the same command trained them")
-    p.add_argument("--v2", action="store_true", help="SN-Net vs. SN-Netv2 on anchors w16 and w64 (two-way plan, "
-                   "LoRA stitching layers, ROS sampling): both fronts in one plot, in WORK/results/demo_v2")
-    p.add_argument("--seed", type=int, default=SEED, help="training seed of the anchors and the SN-Net (the "
-                   "committed results: %(default)s; recipe studies run several)")
-    p.add_argument("--snnet-flags", default="", help="extra train.py flags for the SN-Net runs, one string (recipe "
-                   "studies, docs/demo.md); the committed results use none")
-    p.add_argument("--publish", action="store_true", help="train nothing: copy the last run's results (default "
-                   "WORK/results/demo and demo_v2, those present) into the committed results/demo and "
-                   "results/demo_v2 and rebuild their tables, plots and reports there (make demo-results)")
-    p.add_argument("--check", action="store_true", help="train nothing: compare the last run's top-1 per cfg_id "
-                   "(WORK/results/demo, demo_v2: those present) with the committed results; exit 1 on any "
-                   "difference (make demo-check)")
+    add_options(p, [DemoOptions])
     args = p.parse_args(argv)
     work = Path(args.work)
     if args.publish or args.check:
