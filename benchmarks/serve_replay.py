@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import heapq
 import inspect
 import io
 import json
@@ -75,8 +74,10 @@ from serve_plan import MAX_BATCH, choice_cost, menu_of  # noqa: E402
 
 from snnet.core.fileio import write_text_atomic  # noqa: E402  (after the path insert: runs from a checkout)
 from snnet.deploy.export import labelled  # noqa: E402
+from snnet.serve import simulate  # noqa: E402
 from snnet.serve.loadgen import arrival_times  # noqa: E402
 from snnet.serve.scheduler import DeadlineScheduler, Pending  # noqa: E402
+from snnet.serve.simulate import VirtualClock  # noqa: E402
 
 CALIBRATION = ROOT / "results" / "serve_calibration.json"
 SIZES = (1, 2, 4, 8)
@@ -89,6 +90,7 @@ TUNING_SEEDS = range(10)
 RULES = {"switch, arrivals, rest on same": {}, "switch, arrivals, rest on fastest": {"rest_on_same": False},
          "switch, no arrivals, rest on same": {"arrivals": False},
          "switch, no arrivals, rest on fastest": {"arrivals": False, "rest_on_same": False}}
+KNOBS = ("arrivals", "rest_on_same")
 T975 = {9: 2.262, 19: 2.093, 29: 2.045, 39: 2.023, 49: 2.010}
 
 
@@ -302,9 +304,9 @@ def arrivals(kind: str, n: int, rate: float, slo_s: float, seed: int) -> np.ndar
 def replay(net: Calibrated, system: dict[str, Any], times: np.ndarray, draws: np.ndarray) -> dict[str, float]:
     """One system on one trace: effective accuracy (percent), SLO attainment, shed share, mean FLOPs."""
     n = len(times)
-    clock = [0.0]
+    clock = VirtualClock()
     sched = DeadlineScheduler(lambda x, c: x, net.menu, MAX_BATCH, shed=True, arrivals=system.get("arrivals", True),
-                              rest_on_same=system.get("rest_on_same", True), clock=lambda: clock[0],
+                              rest_on_same=system.get("rest_on_same", True), clock=clock,
                               tables=net.tables)
     kind = "fixed" if len(system["stages"][0]) == 1 else "switch"
     slo = net.slo_ms / 1e3
@@ -313,57 +315,47 @@ def replay(net: Calibrated, system: dict[str, Any], times: np.ndarray, draws: np
     answer = (net.answer[(draws[:, 3] * len(net.answer)).astype(int)] / 1e3).tolist()
     u_service = draws[:, 2].tolist()
     times = times.tolist()
-    pending = []  # (time, request, stage), admitted by one decoding thread in arrival order
+    stages, thresholds = system["stages"], system.get("thresholds", [])
+    owner: dict[int, tuple[int, int]] = {}
+    x = torch.empty(0)
+
+    def job(i: int, stage: int) -> Pending:
+        made = Pending(x, stages[stage], times[i], times[i] + slo)
+        owner[id(made)] = (i, stage)
+        return made
+
+    admissions = []  # admitted by one decoding thread in arrival order
     free = 0.0
     for i in range(n):
         free = max(free, times[i]) + decode[i]
-        pending.append((free, i, 0))
-    heapq.heapify(pending)
+        admissions.append((free, (i, 0), job(i, 0)))
     credit, met, shed, flops = [0.0] * n, [False] * n, [False] * n, [0.0] * n
-    owner: dict[int, tuple[int, int]] = {}
-    x = torch.empty(0)
-    stages, thresholds = system["stages"], system.get("thresholds", [])
-    t = 0.0
-    while pending or sched.queue:
-        while pending and pending[0][0] <= t:
-            at, i, stage = heapq.heappop(pending)
-            clock[0] = at
-            job = Pending(x, stages[stage], times[i], times[i] + slo)
-            owner[id(job)] = (i, stage)
-            sched.admit(job, at)
-        if not sched.queue:
-            t = pending[0][0]
-            continue
-        clock[0] = t
-        depth = len(sched.queue)
-        planned = sched.take(t)
-        t += net.choose_us(kind, depth) / 1e6
-        if planned is None:
-            continue
-        if isinstance(planned, Pending):
-            i, stage = owner.pop(id(planned))
-            shed[i] = stage == 0  # a shed escalation keeps its first answer
-            continue
-        c, batch = planned
-        ms = net.service_ms(c, len(batch), u_service[owner[id(batch[0])][0]])
-        t += ms / 1e3
-        clock[0] = t
-        sched.done_batch(c, len(batch), ms)
-        for job in batch:
-            i, stage = owner.pop(id(job))
-            done = t + answer[i]
-            sched.observe_after(answer[i] * 1e3)
-            flops[i] += net.menu.by_id[c]["flops"]
-            if stage + 1 < len(stages) and net.confidence[c][image[i]] < thresholds[stage] and \
-                    done + sched.batch_ms(stages[stage + 1][0], 1) / 1e3 <= job.deadline:
-                heapq.heappush(pending, (done, i, stage + 1))
-                credit[i] = 0.0  # the escalation's answer replaces this one
-                met[i] = done <= job.deadline
-                if met[i]:
-                    credit[i] = net.correct[c][image[i]]  # stands if the escalation is shed
-                continue
-            met[i] = done - times[i] <= slo
-            credit[i] = net.correct[c][image[i]] if met[i] else 0.0
+
+    def service_ms(c: int, batch: list[Pending]) -> float:
+        return net.service_ms(c, len(batch), u_service[owner[id(batch[0])][0]])
+
+    def answered(done_job: Pending, c: int, t: float) -> tuple | None:
+        i, stage = owner.pop(id(done_job))
+        done = t + answer[i]
+        sched.observe_after(answer[i] * 1e3)
+        flops[i] += net.menu.by_id[c]["flops"]
+        if stage + 1 < len(stages) and net.confidence[c][image[i]] < thresholds[stage] and \
+                done + sched.batch_ms(stages[stage + 1][0], 1) / 1e3 <= done_job.deadline:
+            credit[i] = 0.0  # the escalation's answer replaces this one
+            met[i] = done <= done_job.deadline
+            if met[i]:
+                credit[i] = net.correct[c][image[i]]  # stands if the escalation is shed
+            return done, (i, stage + 1), job(i, stage + 1)
+        met[i] = done - times[i] <= slo
+        credit[i] = net.correct[c][image[i]] if met[i] else 0.0
+        return None
+
+    def shed_one(shed_job: Pending) -> None:
+        i, stage = owner.pop(id(shed_job))
+        shed[i] = stage == 0  # a shed escalation keeps its first answer
+
+    simulate.replay(sched, clock, admissions, service_ms, answered, shed_one,
+                    lambda depth: net.choose_us(kind, depth) / 1e6)
     return {"effacc": 100.0 * sum(credit) / n, "attain": sum(met) / n, "shed": sum(shed) / n, "flops": sum(flops) / n}
 
 
@@ -371,8 +363,7 @@ def systems(net: Calibrated) -> dict[str, dict[str, Any]]:
     front = net.menu.front()
     out: dict[str, dict[str, Any]] = {r: {"stages": [front], **knobs} for r, knobs in RULES.items()}
     defaults = {k: v.default for k, v in inspect.signature(DeadlineScheduler).parameters.items()}
-    out["switch"] = {"stages": [front], "arrivals": defaults["arrivals"],  # the server's own defaults
-                     "rest_on_same": defaults["rest_on_same"]}
+    out["switch"] = {"stages": [front], **{k: defaults[k] for k in KNOBS}}  # the server's own defaults
     out["anchors"] = {"stages": [[c for c in front if c in net.anchors] or [net.largest]]}
     for name, cas in net.cascades.items():
         out[name] = {"stages": [[c] for c in cas["chain"]], "thresholds": cas["thresholds"]}
@@ -460,7 +451,7 @@ def main() -> None:
         chosen = max(RULES, key=lambda r: rule_score[r])
         # beside it on the evaluation traces: the rules that differ from it in one knob (each knob's effect)
         others = [r for r in RULES if sum(RULES[r].get(k, True) != RULES[chosen].get(k, True)
-                                          for k in ("arrivals", "rest_on_same")) == 1]
+                                          for k in KNOBS) == 1]
         # 2. evaluation traces: the chosen rule ("switch"), the others, the best fixed, the rest
         for name, net in nets.items():
             names = list(systems(net))

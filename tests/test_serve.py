@@ -23,11 +23,13 @@ from helpers import ROOT, assert_refused, run_cli
 from PIL import Image
 
 from snnet.core.errors import UsageError
+from snnet.serve import simulate
 from snnet.serve.estimates import BatchTimes, Learned, Quantile
 from snnet.serve.handler import RequestError, ServeCore, ServeSpec
 from snnet.serve.loadgen import arrival_times, check_loopback, get, percentile, post, run_load, run_open_loop
 from snnet.serve.policy import BudgetError, SlackTable, StitchMenu
 from snnet.serve.scheduler import DeadlineScheduler, Pending, Shed
+from snnet.serve.simulate import VirtualClock
 
 
 def png(seed: int = 0, size: int = 16) -> str:
@@ -738,6 +740,34 @@ def test_http_server_answers_refuses_holds_up_under_load_and_stops(server):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
     assert "shutting down" in open(log / "err").read()
+
+
+def test_a_replay_runs_the_schedulers_batches_on_a_virtual_clock():
+    """snnet/serve/simulate.py `replay` with a fixed stitch and the latency table's times: the first request runs
+    alone, the three that came meanwhile run as one batch when it ends, an answer may queue another request (a
+    cascade's next stage), and a head past hope is shed, all on the virtual clock that the scheduler reads."""
+    menu = StitchMenu(RECORDS, LATENCY, "t")  # cfg 2: 2 ms at batch 1, 4 ms at 8, linear between
+    clock = VirtualClock()
+    sched = DeadlineScheduler(lambda x, c: x, menu, 8, shed=True, clock=clock)
+    x = torch.empty(0)
+    jobs = [Pending(x, (2,), t, t + 0.1) for t in (0.0, 0.0005, 0.001, 0.0015)]
+    late = Pending(x, (2,), 0.0, 0.002)  # queued at 1.8 ms with 0.2 ms left: shed
+    admissions = [(j.arrival, k, j) for k, j in enumerate(jobs)] + [(0.0018, 9, late)]
+    ends: list[tuple[float, int]] = []
+    shed: list[Pending] = []
+    again = Pending(x, (0,), 0.0, 0.2)  # a later deadline than the three queued: it runs after them
+
+    def answered(job, cfg_id, end):
+        ends.append((round(end * 1e3, 6), cfg_id))
+        return (end, 99, again) if job is jobs[0] else None
+
+    simulate.replay(sched, clock, admissions, lambda c, batch: menu.batch_ms(c, len(batch)), answered, shed.append)
+    three = 2.0 + 2.0 * 2 / 7  # ms: a batch of 3 on cfg 2
+    assert shed == [late]
+    assert ends == [(2.0, 2), (pytest.approx(2.0 + three), 2), (pytest.approx(2.0 + three), 2),
+                    (pytest.approx(2.0 + three), 2), (pytest.approx(2.0 + three + 1.0), 0)], ends
+    assert clock() == pytest.approx((2.0 + three + 1.0) / 1e3) and sched.batches == 0  # no worker ran
+    assert sched.learned.batches.window.samples[-1][1:] == (1.0, 1.0)  # it learned each batch's time
 
 
 def test_the_replay_runs_the_servers_policy_on_a_virtual_clock(monkeypatch):

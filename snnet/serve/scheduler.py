@@ -100,8 +100,8 @@ class Done:
 
 class DeadlineScheduler:
     """`await submit(job)` -> Done. One worker thread runs the batches one after another; the event loop keeps
-    accepting requests meanwhile. `admit` and `take` are the worker's steps on any clock (benchmarks/serve_replay.py
-    runs them on a virtual one); `done_batch` is what the worker learns from a batch."""
+    accepting requests meanwhile. `admit` and `take` are the worker's steps on any clock (simulate.py `replay` runs
+    them on a virtual one); `done_batch` is what the worker learns from a batch."""
 
     def __init__(self, run: Forward, menu: StitchMenu, max_batch: int = 16, max_wait_ms: float = 0.0,
                  shed: bool = False, arrivals: bool = True, rest_on_same: bool = True, window: float = 2.0,
