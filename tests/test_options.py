@@ -251,3 +251,80 @@ def test_what_options_say_together_is_checked_once_in_the_preflight():
         typed = options(*flags)  # parsing takes each value alone
         with pytest.raises(UsageError, match=message):
             check_combinations(typed)
+
+
+def test_add_options_derives_a_commands_parser():
+    """A `snnet` command's options: a positional, a required flag, a help group, its own value parser, a repeated
+    flag and values that add up, a tuple default (the parser's list); `add_options` is the one derivation."""
+    import argparse
+
+    from snnet.core.options import add_options, option
+
+    def even(text: str) -> int:
+        if int(text) % 2:
+            raise argparse.ArgumentTypeError(f"{text!r} is not even")
+        return int(text)
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Command:
+        src: str = option(dataclasses.MISSING, metavar="SRC", help="the input")
+        out: str = option(dataclasses.MISSING, "--out", required=True, metavar="DIR", help="the output")
+        size: int = option(2, "--size", parse=even, group="Sizes", help="an even size")
+        batch: tuple[int, ...] | None = option(None, "--batch", parse=int, action="append", group="Sizes", help="b")
+        pair: tuple[str, ...] = option((), "--pair", nargs="+", action="extend", help="pairs")
+        depths: tuple[int, ...] = option((4, 4), "--depths", parse=int, nargs=2, help="depths")
+        fast: bool = option(False, "--fast", help="go fast")
+
+    p = argparse.ArgumentParser(prog="cmd", exit_on_error=False)
+    add_options(p, [Command])
+    got = vars(p.parse_args(["a", "--out", "o", "--size", "4", "--batch", "1", "--batch", "3", "--pair", "x",
+                             "--pair", "y", "z", "--fast"]))
+    assert got == {"src": "a", "out": "o", "size": 4, "batch": [1, 3], "pair": ["x", "y", "z"], "depths": [4, 4],
+                   "fast": True}
+    assert vars(p.parse_args(["a", "--out", "o"]))["depths"] == [4, 4]
+    assert "Sizes:" in p.format_help()
+    with pytest.raises(argparse.ArgumentError, match="'3' is not even"):
+        p.parse_args(["a", "--out", "o", "--size", "3"])
+    with pytest.raises(ValueError, match="positional"):
+        option(None, help="a positional", required=True)
+
+
+def test_add_options_derives_train_pys_parser_as_train_args_does():
+    """`snnet.core.options.add_options`, the derivation of the `snnet` commands' parsers, derives train.py's parser
+    as `snnet.train.args.build_parser` does (the same help, values and refusals): train.py can take it over."""
+    from snnet.core.errors import OneLineParser, UsageError
+    from snnet.core.options import GROUPS, add_options
+    from snnet.train.options import FLAG_OPTIONS
+
+    ours = build_parser()
+    derived = OneLineParser(prog=ours.prog, raises=True, allow_abbrev=False, formatter_class=ours.formatter_class,
+                            description=ours.description)
+    add_options(derived, FLAG_OPTIONS, groups=GROUPS)
+    assert derived.format_help() == ours.format_help()
+    good = ["data", "--model", "m", "--lr", "0.1", "--epochs", "3", "--model-kwargs", "a=1", "b=x", "--model-kwargs",
+            "c=[1]", "--val-stitches", "all", "3", "--torchcompile", "--opt-betas", "0.9", "0.99", "--color-jitter",
+            "0.3", "--interpolation", "bicubic", "--train-interpolation", "random", "--eval-metric", "top1@3",
+            "--save-predictions", "anchors,9", "--scale", "0.5", "1"]
+    assert vars(derived.parse_args(good)) == vars(ours.parse_args(good))
+    assert vars(derived.parse_args([])) == vars(ours.parse_args([]))
+    for bad in (["--lr", "nan"], ["--epochs", "x"], ["--val-stitches", "-1"], ["--interpolation", "cubic"],
+                ["--eval-metric", "acc"], ["--model-kwargs", "depth"], ["--color-jitter", "inf"], ["--std", "0"]):
+        with pytest.raises(UsageError) as theirs:
+            ours.parse_args(bad)
+        with pytest.raises(UsageError) as mine:
+            derived.parse_args(bad)
+        assert str(mine.value) == str(theirs.value), bad
+
+
+def test_add_argument_is_written_only_where_a_parser_is_derived():
+    """Issue 52: every `snnet` command's parser (and the demo's) is derived from option() dataclasses; an argument is
+    added to a parser only by a derivation: snnet.core.options.add_options and train.py's (snnet/train/args.py,
+    which add_options can replace: the test above)."""
+    derivations = {"snnet/core/options.py", "snnet/train/args.py"}
+    found = {}
+    for path in sorted((ROOT / "snnet").rglob("*.py")):
+        n = path.read_text().count(".add_argument(")
+        if n:
+            found[path.relative_to(ROOT).as_posix()] = n
+    assert set(found) <= derivations, f"add_argument outside the derivation of parsers: {found}; declare the " \
+                                      f"option as an option() field and derive the parser (add_options)"

@@ -22,8 +22,9 @@ from typing import Any
 from snnet.core.errors import UsageError
 
 __all__ = ["AUGMENT", "BATCH_NORM", "DATASET", "DEVICE", "EMA", "FILES", "MODEL", "OPTIMIZER", "OUTPUT", "SCHEDULE",
-           "STITCHING", "GROUPS", "Flag", "OptionError", "add_options", "checked_value", "flag_fields", "flag_of",
-           "option", "options_by_key", "rule_violation", "shared"]
+           "STITCHING", "GROUPS", "Flag", "KwargsAction", "OptionError", "add_options", "checked_name",
+           "checked_number", "checked_stitch_id", "checked_value", "flag_fields", "flag_of", "option", "options_by_key",
+           "rule_violation", "shared"]
 
 #: train.py's help groups, in --help order (each option names its group)
 GROUPS = ("Configuration files", "Dataset", "Model", "Stitching", "Optimizer", "Learning rate schedule",
@@ -233,20 +234,73 @@ def options_by_key(classes: Iterable[type], values: dict[str, Any], where: str,
     return out
 
 
-def _checked_number(kind: type, rule: str | None) -> Callable[[str], Any]:
-    """The parser's type function of a number option without its own parser: the text as `kind`, within `rule`."""
+def _number(text: str, kind: type) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if kind is float and not math.isfinite(value):  # float() takes 'nan' and 'inf', which no flag means
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _refuse(wrong: str | None) -> None:
+    if wrong is not None:
+        raise argparse.ArgumentTypeError(wrong)
+
+
+def checked_number(kind: type, rule: str | None) -> Callable[[str], Any]:
+    """The parser's type function of a number option: the text as `kind`, within the option's rule (one rule
+    function, `rule_violation`, for the parser and for `options_by_key`)."""
     def convert(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") \
-                from None
-        wrong = rule_violation(rule, value, text if kind is float else None)
-        if wrong is not None:
-            raise argparse.ArgumentTypeError(wrong)
+        value = _number(text, kind)
+        _refuse(rule_violation(rule, value, text if kind is float else None))
         return value
     convert.__name__ = f"{rule or ''}_{kind.__name__}".lstrip("_")
     return convert
+
+
+def checked_name(rule: str) -> Callable[[str], str]:
+    """The parser's type function of a name option with a rule (`rule_violation`: one of the names it allows)."""
+    def convert(text: str) -> str:
+        _refuse(rule_violation(rule, text))
+        return text
+    convert.__name__ = rule
+    return convert
+
+
+def checked_stitch_id(rule: str | None) -> Callable[[str], int | str]:
+    """The parser's type function of a cfg_id option: 'all' or a cfg_id, within the option's rule."""
+    def convert(text: str) -> int | str:
+        if text == "all":
+            return text
+        value = _number(text, int)
+        _refuse(rule_violation(rule, value))
+        return value
+    convert.__name__ = "stitch_id"
+    return convert
+
+
+class KwargsAction(argparse.Action):
+    """k=v pairs with Python-literal values (timm's ParseKwargs, with an error that names the bad pair): an option
+    of kind "kwargs"."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        import ast
+        # the flag given twice on one command line adds up (the later value of a key wins); a file's default is
+        # replaced, as every typed flag replaces its default
+        repeated = getattr(self, "_parsing", None) is namespace
+        self._parsing = namespace
+        out = dict(getattr(namespace, self.dest) or {}) if repeated else {}
+        for item in values:
+            key, sep, raw = item.partition("=")
+            if not sep or not key:
+                raise UsageError(f"{option_string} {item!r}: write key=value, e.g. depth=6")
+            try:
+                out[key] = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                out[key] = raw
+        setattr(namespace, self.dest, out)
 
 
 def _value_type(hint: Any) -> Any:
@@ -259,31 +313,51 @@ def _value_type(hint: Any) -> Any:
     return hint
 
 
-def add_options(parser: argparse.ArgumentParser, classes: Iterable[type]) -> None:
+def _value_parser(flag: Flag, kind: Any) -> Callable[[str], Any] | None:
+    """The type function of one value: the flag's own parser, else by its kind, annotation and rule."""
+    if flag.parse is not None:
+        return flag.parse
+    if flag.kind == "stitch_id":
+        return checked_stitch_id(flag.rule)
+    if flag.kind == "float" or kind in (int, float):
+        return checked_number(float if flag.kind == "float" else kind, flag.rule)
+    if kind is str and flag.rule is not None:
+        return checked_name(flag.rule)
+    return None
+
+
+def add_options(parser: argparse.ArgumentParser, classes: Iterable[type], groups: Iterable[str] = (),
+                where: Callable[[Flag], bool] | None = None) -> None:
     """The arguments of `parser` derived from the option fields of `classes` (each option once, in field order): a
-    field's flag gives the spellings (none: a positional named by the field), the help, the help group (made on
-    first use; "": the parser's own), metavar, nargs, const, choices, required and the action; the value's type
-    function is the flag's `parse`, else the annotation's number type within the flag's rule; a bool is a switch.
-    A tuple default is the parser's list."""
-    groups: dict[str, Any] = {}
+    field's flag gives the spellings (none: a positional named by the field), the help, the help group ("": the
+    parser's own; `groups`: titles made first, in that order, the others on first use), metavar, nargs, const,
+    choices, required and the action; the value's type function is the flag's `parse`, else its kind's or the
+    annotation's number type within the flag's rule (a name with a rule: the rule's names); a bool is a switch and
+    a "kwargs" option k=v pairs. A tuple default is the parser's list. `where`: only the options it accepts."""
+    made = {title: parser.add_argument_group(title) for title in groups}
     for cls, field, flag in flag_fields(classes):
-        if flag.group and flag.group not in groups:
-            groups[flag.group] = parser.add_argument_group(flag.group)
-        container = groups[flag.group] if flag.group else parser
+        if where is not None and not where(flag):
+            continue
+        if flag.group and flag.group not in made:
+            made[flag.group] = parser.add_argument_group(flag.group)
+        container = made[flag.group] if flag.group else parser
         default = None if field.default is MISSING and field.default_factory is MISSING \
             else field.default_factory() if field.default_factory is not MISSING else field.default
         kw: dict[str, Any] = {"default": list(default) if isinstance(default, tuple) else default, "help": flag.help}
+        if flag.metavar is not None:
+            kw["metavar"] = flag.metavar
         kind = _value_type(typing.get_type_hints(cls)[field.name])
-        if kind is bool and flag.parse is None:
+        if flag.kind == "kwargs":
+            kw.update(nargs=flag.nargs, action=KwargsAction)
+        elif kind is bool and flag.parse is None:
             kw["action"] = "store_true"
         else:
-            for key in ("metavar", "nargs", "const", "choices", "action"):
+            for key in ("nargs", "const", "choices", "action"):
                 if getattr(flag, key) is not None:
                     kw[key] = getattr(flag, key)
-            if flag.parse is not None:
-                kw["type"] = flag.parse
-            elif kind in (int, float):
-                kw["type"] = _checked_number(kind, flag.rule)
+            convert = _value_parser(flag, kind)
+            if convert is not None:
+                kw["type"] = convert
         if flag.names:
             container.add_argument(*flag.names, dest=field.name, required=flag.required, **kw)
         else:
