@@ -328,3 +328,14 @@ def test_add_argument_is_written_only_where_a_parser_is_derived():
             found[path.relative_to(ROOT).as_posix()] = n
     assert set(found) <= derivations, f"add_argument outside the derivation of parsers: {found}; declare the " \
                                       f"option as an option() field and derive the parser (add_options)"
+
+
+def test_quickstarts_flags_make_its_options():
+    """`snnet quickstart`'s flags (snnet.cli.QuickstartCommand: snnet.quickstart imports torch, which `snnet --help`
+    must not) are QuickstartOptions' fields with their defaults, so the parsed values make the typed options."""
+    from snnet.cli import QuickstartCommand
+    from snnet.quickstart import QuickstartOptions
+
+    def defaults(cls: type) -> dict[str, object]:
+        return {f.name: f.default for f in dataclasses.fields(cls)}
+    assert defaults(QuickstartCommand) == defaults(QuickstartOptions)
