@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -29,7 +30,7 @@ import re
 import sys
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -120,7 +121,7 @@ def _cfg_id(text: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- pareto
-def cmd_pareto(args: argparse.Namespace) -> int:
+def cmd_pareto(args: ParetoCommand) -> int:
     if args.out:
         check_out_dir(args.out)
     report = pareto_report(args.results, cost_key(args.by, args.latency_batch), args.anchors, args.before,
@@ -135,7 +136,7 @@ def cmd_pareto(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- report
-def cmd_report(args: argparse.Namespace) -> int:
+def cmd_report(args: ReportCommand) -> int:
     out = Path(args.out)
     if out.is_dir():
         raise UsageError(f"--out {args.out!r} is a folder; pass the HTML file to write, e.g. --out "
@@ -150,7 +151,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- select
-def cmd_select(args: argparse.Namespace) -> int:
+def cmd_select(args: SelectCommand) -> int:
     records = read_results(args.results)
     lat = f"latency_ms_b{args.latency_batch}"
     limits, flags = {}, {"flops": "--max-flops", "params": "--max-params", lat: "--max-latency-ms",
@@ -181,7 +182,7 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- export
-def _load(args: argparse.Namespace):
+def _load(args: TrainedNetwork):
     from snnet.deploy.export import load_snnet
     return load_snnet(args.checkpoint, args.stitch_config, args.img_size, args.num_classes)
 
@@ -225,7 +226,7 @@ def _held_output():
             tmp.close()
 
 
-def cmd_export(args: argparse.Namespace) -> int:
+def cmd_export(args: ExportCommand) -> int:
     import torch
 
     from snnet.deploy.export import ONNX_OPSET, WEIGHTS, check_cfg_id, check_opset, export_stitch
@@ -259,7 +260,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- latency
-def cmd_latency(args: argparse.Namespace) -> int:
+def cmd_latency(args: LatencyCommand) -> int:
     import torch
 
     from snnet.deploy.export import check_cfg_id
@@ -298,7 +299,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- serve
-def cmd_serve(args: argparse.Namespace) -> int:
+def cmd_serve(args: ServeCommand) -> int:
     from snnet.serve.handler import ServeSpec, load_served
     if (args.checkpoint is None) == (not args.exported):
         raise UsageError("pass the SN-Net checkpoint (snnet serve CKPT ...) or --exported DIR... (export folders), "
@@ -495,11 +496,17 @@ class ServeCommand:
                                "HOST:PORT joins a cluster")
 
 
-def _command(sub: Any, name: str, options: type, fn: Any, **parser: Any) -> None:
-    """The subcommand `name`: its parser derived from its options class, running `fn` on the parsed values."""
+def _command(sub: Any, name: str, options: type, fn: Callable[[Any], int], **parser: Any) -> None:
+    """The subcommand `name`: its parser derived from its options class, running `fn` on the typed options."""
     p = sub.add_parser(name, **parser)
     add_options(p, [options])
-    p.set_defaults(fn=fn)
+    p.set_defaults(fn=fn, options=options)
+
+
+def typed_options(args: argparse.Namespace) -> Any:
+    """The parsed command's options as its options class (a list value as a tuple): what its function takes."""
+    return args.options(**{f.name: tuple(v) if isinstance(v := getattr(args, f.name), list) else v
+                           for f in dataclasses.fields(args.options)})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -585,11 +592,11 @@ def _quickstart_parser(sub: Any) -> None:
              "first stopped.")
 
 
-def cmd_quickstart(args: argparse.Namespace) -> int:
+def cmd_quickstart(args: QuickstartCommand) -> int:
     from snnet.quickstart import QuickstartOptions
     from snnet.quickstart import main as quickstart
     check_out_dir(args.out)
-    return quickstart(QuickstartOptions.from_values(vars(args)))
+    return quickstart(QuickstartOptions.from_values(dataclasses.asdict(args)))
 
 
 # ---------------------------------------------------------------------------------------------------- stitch-train
@@ -680,7 +687,7 @@ _ONE_RUN = {"front": "--front", "end": "--end", "cut": "--cut", "end_block": "--
             "kd_alpha": "--kd-alpha", "seed": "--seed"}
 
 
-def sweep_from_args(args: argparse.Namespace) -> Sweep:
+def sweep_from_args(args: StitchTrainCommand) -> Sweep:
     """The sweep the command line asks for: --sweep FILE, or one run from the run flags."""
     # stitch-train imports timm (heavy at import): only a stitch-train command pays for it, not `snnet --help`
     from snnet.explore.stitch_train import TRAIN_REFUSED, SweepError, anchor_argument, load_sweep, parse_sweep
@@ -731,7 +738,7 @@ def _sweep_table(summary: SweepSummary) -> str:
     return "\n".join(rows) + "\n"
 
 
-def cmd_stitch_train(args: argparse.Namespace) -> int:
+def cmd_stitch_train(args: StitchTrainCommand) -> int:
     """`snnet stitch-train`. A user error is an SNNetError raised through: `snnet`'s main prints it in one line
     (rank 0 only) and exits with its code."""
     # stitch-train imports timm (heavy at import): only a stitch-train command pays for it, not `snnet --help`
@@ -753,8 +760,8 @@ def cmd_stitch_train(args: argparse.Namespace) -> int:
                          "into a sweep file")
     if args.max_parallel is not None and args.max_parallel < 1:
         raise SweepError(f"--max-parallel {args.max_parallel} must be >= 1")
-    if args.submit:
-        job, todo = submit_array(sweep, args.sweep, args.data, args.train, args.sbatch, args.max_parallel)
+    if args.submit and args.sweep:  # --submit without --sweep is refused above
+        job, todo = submit_array(sweep, args.sweep, args.data, args.train, args.sbatch or "", args.max_parallel)
         if job is None:
             print(f"every job of {sweep.source} is finished; nothing to submit (results: snnet stitch-train --sweep "
                   f"{args.sweep} --merge)")
@@ -878,7 +885,7 @@ def _similarity_parsers(sub: Any) -> None:
              "classes), every file atomically. Train and evaluate from them with train.py OUT --dataset wds/NAME.")
 
 
-def cmd_shards(args: argparse.Namespace) -> int:
+def cmd_shards(args: ShardsCommand) -> int:
     from snnet.data.datasets import write_folder_shards
     check_out_dir(args.out)
     info = write_folder_shards(args.folder, args.out, args.shard_size, args.name, args.clean)
@@ -889,7 +896,7 @@ def cmd_shards(args: argparse.Namespace) -> int:
     return 0
 
 
-def _similarity_options(args: argparse.Namespace) -> tuple[SimilarityOptions, DataOptions, LoaderOptions]:
+def _similarity_options(args: AnchorImages) -> tuple[SimilarityOptions, DataOptions, LoaderOptions]:
     """The flags both tools share, as typed options: (theirs, which images, how they are loaded)."""
     from snnet.explore.similarity import SimilarityOptions, data_options, loader_options
     options = SimilarityOptions(out=args.out, anchors=tuple(args.anchors or ()), stitch_config=args.stitch_config,
@@ -898,13 +905,13 @@ def _similarity_options(args: argparse.Namespace) -> tuple[SimilarityOptions, Da
     return options, data_options(args.data, args.num_classes), loader_options(args.batch_size)
 
 
-def cmd_similarity(args: argparse.Namespace) -> int:
+def cmd_similarity(args: SimilarityCommand) -> int:
     from snnet.explore.similarity import run_similarity
     run_similarity(*_similarity_options(args), args.device, split=args.split, kl=not args.no_kl)
     return 0
 
 
-def cmd_search(args: argparse.Namespace) -> int:
+def cmd_search(args: SearchCommand) -> int:
     from snnet.explore.search import SearchOptions, run_search
     options, data, loader = _similarity_options(args)
     search = SearchOptions(threshold=args.threshold, total_threshold=args.total_threshold, max_depth=args.max_depth,
@@ -913,7 +920,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_convert(args: argparse.Namespace) -> int:
+def cmd_convert(args: ConvertCommand) -> int:
     if not args.trust:
         raise UsageError(f"{args.src!r} is a pickled file: converting it means trusting where it came from; if you "
                          f"do, add --trust")
@@ -929,7 +936,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
     args = build_parser().parse_args(argv)
     try:
-        return args.fn(args)
+        return args.fn(typed_options(args))
     except SNNetError as e:  # the user's input, not a bug: one line (under torchrun, from rank 0 only)
         if world(launched=True)[0] == 0:
             print(f"snnet {args.command}: error: {one_line(e)}", file=sys.stderr)
