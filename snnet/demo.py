@@ -285,7 +285,7 @@ class DemoOptions:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_options(p, [DemoOptions])
-    args = p.parse_args(argv)
+    args = DemoOptions(**vars(p.parse_args(argv)))  # typed from here on
     work = Path(args.work)
     if args.publish or args.check:
         done = [name for name in PUBLISHED if any((work / "results" / name).rglob(RESULTS_FILE))]  # v2: v1/, v2/
