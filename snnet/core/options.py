@@ -327,16 +327,18 @@ def _value_parser(flag: Flag, kind: Any) -> Callable[[str], Any] | None:
 
 
 def add_options(parser: argparse.ArgumentParser, classes: Iterable[type], groups: Iterable[str] = (),
-                where: Callable[[Flag], bool] | None = None) -> None:
+                only_group: str | None = None) -> None:
     """The arguments of `parser` derived from the option fields of `classes` (each option once, in field order): a
     field's flag gives the spellings (none: a positional named by the field), the help, the help group ("": the
     parser's own; `groups`: titles made first, in that order, the others on first use), metavar, nargs, const,
     choices, required and the action; the value's type function is the flag's `parse`, else its kind's or the
     annotation's number type within the flag's rule (a name with a rule: the rule's names); a bool is a switch and
-    a "kwargs" option k=v pairs. A tuple default is the parser's list. `where`: only the options it accepts."""
+    a "kwargs" option k=v pairs. A tuple default is the parser's list. `only_group`: only the options of that help
+    group (train.py's pre-parser: the configuration files), a name rather than a predicate so that this module calls
+    no function of its callers (the training path does not climb back up: tests/test_options.py)."""
     made = {title: parser.add_argument_group(title) for title in groups}
     for cls, field, flag in flag_fields(classes):
-        if where is not None and not where(flag):
+        if only_group is not None and flag.group != only_group:
             continue
         if flag.group and flag.group not in made:
             made[flag.group] = parser.add_argument_group(flag.group)

@@ -8,88 +8,15 @@ config over it), and the command line is parsed last. File values pass the same 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import math
 import os
 import sys
-import types
-import typing
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from snnet.core.config import ARG_DESTS, ConfigError, StitchConfig, load_stitch_config
 from snnet.core.errors import OneLineParser, UsageError
-from snnet.core.options import FILES, GROUPS, Flag, flag_fields, rule_violation
+from snnet.core.options import FILES, GROUPS, KwargsAction, add_options
 from snnet.train.options import FLAG_OPTIONS, JobOptions
-
-
-def _number(s: str, kind: type):
-    try:
-        v = kind(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not {'an integer' if kind is int else 'a number'}") from None
-    if kind is float and not math.isfinite(v):  # float() takes 'nan' and 'inf', which no flag means
-        raise argparse.ArgumentTypeError(f"{s!r} is not a finite number")
-    return v
-
-
-def _converter(kind: type, rule: str | None) -> Callable[[str], Any]:
-    """The parser's type function of a number option: the text as `kind`, within the option's rule (one rule
-    function, `snnet.core.options.rule_violation`, for the parser and for `options_by_key`)."""
-    def convert(s: str) -> Any:
-        v = _number(s, kind)
-        wrong = rule_violation(rule, v, s if kind is float else None)
-        if wrong is not None:
-            raise argparse.ArgumentTypeError(wrong)
-        return v
-    convert.__name__ = f"{rule or ''}_{kind.__name__}".lstrip("_")
-    return convert
-
-
-def _named(rule: str) -> Callable[[str], str]:
-    """The parser's type function of a name option with a rule (`rule_violation`: one of the names it allows)."""
-    def convert(s: str) -> str:
-        wrong = rule_violation(rule, s)
-        if wrong is not None:
-            raise argparse.ArgumentTypeError(wrong)
-        return s
-    convert.__name__ = rule
-    return convert
-
-
-def _stitch_id(rule: str | None) -> Callable[[str], int | str]:
-    """The parser's type function of a cfg_id option: 'all' or a cfg_id, within the option's rule."""
-    def convert(s: str) -> int | str:
-        if s == "all":
-            return s
-        v = _number(s, int)
-        wrong = rule_violation(rule, v)
-        if wrong is not None:
-            raise argparse.ArgumentTypeError(wrong)
-        return v
-    convert.__name__ = "stitch_id"
-    return convert
-
-
-class _KwargsAction(argparse.Action):
-    """k=v pairs with Python-literal values (timm's ParseKwargs, with an error that names the bad pair)."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        import ast
-        # the flag given twice on one command line adds up (the later value of a key wins); a -c YAML or stitch
-        # config default is replaced, as every typed flag replaces its default
-        repeated = getattr(self, "_parsing", None) is namespace
-        self._parsing = namespace
-        out = dict(getattr(namespace, self.dest) or {}) if repeated else {}
-        for item in values:
-            key, sep, raw = item.partition("=")
-            if not sep or not key:
-                raise UsageError(f"{option_string} {item!r}: write key=value, e.g. depth=6")
-            try:
-                out[key] = ast.literal_eval(raw)
-            except (ValueError, SyntaxError):
-                out[key] = raw
-        setattr(namespace, self.dest, out)
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -103,68 +30,13 @@ class _HelpFormatter(argparse.HelpFormatter):
         return text + " (default: %(default)r)"
 
 
-def _value_kind(hint: Any) -> type:
-    """The type of one value of an option's annotation: int for `int | None`, float for `tuple[float, ...]`."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return _value_kind(args[0]) if len(args) == 1 else hint
-    if typing.get_origin(hint) is tuple:
-        return _value_kind(args[0])
-    return hint
-
-
-def _add_option(container: Any, name: str, field: dataclasses.Field, flag: Flag, hint: Any) -> None:
-    """One option's argument, derived from its declaration (`snnet.core.options.option`)."""
-    default = None if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING \
-        else field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
-    kw: dict[str, Any] = {"default": list(default) if isinstance(default, tuple) else default, "help": flag.help}
-    if flag.metavar is not None:
-        kw["metavar"] = flag.metavar
-    kind = _value_kind(hint)
-    if flag.kind == "kwargs":
-        kw.update(nargs=flag.nargs, action=_KwargsAction)
-    elif kind is bool:
-        kw["action"] = "store_true"
-    else:
-        if flag.nargs is not None:
-            kw["nargs"] = flag.nargs
-        if flag.const is not None:
-            kw["const"] = flag.const
-        if flag.choices is not None:
-            kw["choices"] = flag.choices
-        if flag.kind == "stitch_id":
-            kw["type"] = _stitch_id(flag.rule)
-        elif flag.kind == "float" or kind in (int, float):
-            kw["type"] = _converter(float if flag.kind == "float" else kind, flag.rule)
-        elif kind is str and flag.rule is not None:
-            kw["type"] = _named(flag.rule)
-    if flag.names:
-        container.add_argument(*flag.names, dest=name, **kw)
-    else:
-        container.add_argument(name, **kw)
-
-
-def _options(classes: Iterable[type]) -> Iterator[tuple[dataclasses.Field, Flag, Any]]:
-    for cls, field, flag in flag_fields(classes):
-        yield field, flag, typing.get_type_hints(cls)[field.name]
-
-
-def _add_config_flags(container: Any) -> None:
-    """-c and --stitch_config: in the pre-parser, which reads them first, and in the full parser, for --help."""
-    for field, flag, hint in _options([JobOptions]):
-        if flag.group == FILES:
-            _add_option(container, field.name, field, flag, hint)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """train.py's parser, derived from the option declarations (`snnet.train.options.FLAG_OPTIONS`): each option's
     flag spellings, default, help, type and rule, choices and nargs are its field's."""
     p = OneLineParser(prog="train.py", raises=True, allow_abbrev=False, formatter_class=_HelpFormatter,
                       description="Train and evaluate stitchable neural networks (SN-Net) over timm models, with timm "
                       "train.py's flags. Precedence: defaults < -c YAML < --stitch_config < typed flags.")
-    groups = {title: p.add_argument_group(title) for title in GROUPS}
-    for field, flag, hint in _options(FLAG_OPTIONS):
-        _add_option(groups[flag.group], field.name, field, flag, hint)
+    add_options(p, FLAG_OPTIONS, groups=GROUPS)
     return p
 
 
@@ -175,7 +47,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, S
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     pre = OneLineParser(add_help=False, allow_abbrev=False, raises=True)
-    _add_config_flags(pre)
+    add_options(pre, [JobOptions], only_group=FILES)  # -c and --stitch_config, read first
     files, _ = pre.parse_known_args(argv)
     origin: dict[str, str] = {}  # dest -> the file that set its default (the last one wins, as in set_defaults)
     if files.config:
@@ -301,7 +173,7 @@ def _coerce(action: argparse.Action, value: Any) -> Any:
         if not isinstance(value, bool):
             raise argparse.ArgumentTypeError(f"{value!r} is not true or false")
         return value
-    if isinstance(action, _KwargsAction):
+    if isinstance(action, KwargsAction):
         if not (isinstance(value, dict) and all(isinstance(k, str) for k in value)):
             raise argparse.ArgumentTypeError(f"{value!r} is not a mapping of argument names to values, e.g. "
                                              f"{{depth: 6}}")
