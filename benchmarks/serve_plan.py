@@ -8,10 +8,10 @@ a fixed network's at any depth: this benchmark shows it does.
 
 Each call is timed alone (perf_counter_ns) on a virtual clock, the queue refilled after it: `depth` requests 1 µs
 apart, each with the SLO (3x the largest anchor's batch-1 time) as budget, after 30 batches at the table's speed
-and 2 s of arrivals (so the rate is counted). Menus: the served stitches of both networks in
-results/serve_calibration.json (benchmarks/serve_replay.py --calibrate), batches of up to 8; switching weighs the
-front, fixed the largest anchor. benchmarks/serve_replay.py --calibrate stores the same measurement and charges it
-to every batch of its replay.
+and 2 s of arrivals (so the rate is counted and the mode looked up: its table is simulated before the timing).
+Menus: the served stitches of both networks in results/serve_calibration.json (benchmarks/serve_replay.py
+--calibrate), batches of up to 8; switching weighs the front, fixed the largest anchor.
+benchmarks/serve_replay.py --calibrate stores the same measurement and charges it to every batch of its replay.
 
     .venv/bin/python benchmarks/serve_plan.py [--repeats 5000] > results/bench_serve_plan.txt
 
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from snnet.serve.policy import StitchMenu  # noqa: E402  (after the path insert: runs from a checkout)
-from snnet.serve.scheduler import DeadlineScheduler, Pending  # noqa: E402
+from snnet.serve.scheduler import GAPS, DeadlineScheduler, Pending  # noqa: E402
 
 CALIBRATION = ROOT / "results" / "serve_calibration.json"
 DEPTHS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -48,13 +48,17 @@ def choice_cost(menu: StitchMenu, candidates: list[int], slo_ms: float, repeats:
     out: dict[str, list[float]] = {}
     x = torch.empty(0)
     for depth in DEPTHS:
-        sched = DeadlineScheduler(lambda x, c: x, menu, max_batch, shed=True, clock=lambda: 1000.0)
+        sched = DeadlineScheduler(lambda x, c: x, menu, max_batch, shed=True, clock=lambda: 1000.0, build_now=True)
         sched.prepare(candidates)
         for c in (list(menu.by_id) * 4)[:30]:
             sched.done_batch(c, 1, menu.batch_ms(c, 1))
-        sched.arrivals.extend(998.0 + np.arange(0, 2.0, 2.0 / 200))
+        for t in 998.0 + np.linspace(0, 2.0, GAPS + 1):  # past hope by 1000 s: shed, leaving their gaps and rate
+            sched.admit(Pending(x, candidates, t, t + slo_ms / 1e3), t)
+        while sched.queue:
+            sched.take(1000.0)
         for k in range(depth):
             sched.admit(Pending(x, candidates, 1000.0 - k * 1e-6, 1000.0 - k * 1e-6 + slo_ms / 1e3), 1000.0)
+        sched.plan(1000.0)  # the mode table is simulated here (the server: in a thread of its own), not timed
         times = np.empty(repeats)
         for r in range(repeats):
             t0 = time.perf_counter_ns()

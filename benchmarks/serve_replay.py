@@ -87,10 +87,11 @@ SLO_FACTOR = 3.0
 TUNING_SEEDS = range(10)
 #: the planner's rules (snnet/serve/policy.py `SlackTable`): its two knobs on and off; the one that scores best on
 #: the tuning traces is "switch" on the evaluation traces, the others are shown beside it (not alternatives)
-RULES = {"switch, arrivals, rest on same": {}, "switch, arrivals, rest on fastest": {"rest_on_same": False},
-         "switch, no arrivals, rest on same": {"arrivals": False},
-         "switch, no arrivals, rest on fastest": {"arrivals": False, "rest_on_same": False}}
-KNOBS = ("arrivals", "rest_on_same")
+RULES = {"switch, modes, arrivals, rest on same": {},
+         "switch, arrivals, rest on same": {"modes": False},
+         "switch, modes, arrivals, rest on fastest": {"rest_on_same": False},
+         "switch, modes, no arrivals, rest on same": {"arrivals": False}}
+KNOBS = ("modes", "arrivals", "rest_on_same")
 T975 = {9: 2.262, 19: 2.093, 29: 2.045, 39: 2.023, 49: 2.010}
 
 
@@ -306,8 +307,8 @@ def replay(net: Calibrated, system: dict[str, Any], times: np.ndarray, draws: np
     n = len(times)
     clock = VirtualClock()
     sched = DeadlineScheduler(lambda x, c: x, net.menu, MAX_BATCH, shed=True, arrivals=system.get("arrivals", True),
-                              rest_on_same=system.get("rest_on_same", True), clock=clock,
-                              tables=net.tables)
+                              rest_on_same=system.get("rest_on_same", True), modes=system.get("modes", True),
+                              clock=clock, tables=net.tables, build_now=True)
     kind = "fixed" if len(system["stages"][0]) == 1 else "switch"
     slo = net.slo_ms / 1e3
     image = (draws[:, 0] * net.images).astype(int).tolist()
@@ -329,6 +330,7 @@ def replay(net: Calibrated, system: dict[str, Any], times: np.ndarray, draws: np
     for i in range(n):
         free = max(free, times[i]) + decode[i]
         admissions.append((free, (i, 0), job(i, 0)))
+        sched.observe_before(decode[i] * 1e3)  # the median the server learns (a trace's own, at once)
     credit, met, shed, flops = [0.0] * n, [False] * n, [False] * n, [0.0] * n
 
     def service_ms(c: int, batch: list[Pending]) -> float:

@@ -3,6 +3,7 @@ real HTTP servers (the local engine and Ray Serve) started on a free port, answe
 closed-loop load and stopped by SIGTERM."""
 import asyncio
 import base64
+import dataclasses
 import http.client
 import io
 import json
@@ -27,7 +28,7 @@ from snnet.serve import simulate
 from snnet.serve.estimates import BatchTimes, Learned, Quantile
 from snnet.serve.handler import RequestError, ServeCore, ServeSpec
 from snnet.serve.loadgen import arrival_times, check_loopback, get, percentile, post, run_load, run_open_loop
-from snnet.serve.policy import BudgetError, SlackTable, StitchMenu
+from snnet.serve.policy import BudgetError, ModeTable, SlackTable, StitchMenu
 from snnet.serve.scheduler import DeadlineScheduler, Pending, Shed
 from snnet.serve.simulate import VirtualClock
 
@@ -236,12 +237,12 @@ def test_dispatch_binds_the_best_stitch_that_meets_the_head_deadline():
     queue(s, [pending(ranked, 4.5)])
     assert s.plan(100.0) == 2
     s = scheduler()  # arrivals at 1000/s: a 4 ms batch holds up 4-5 of them, which then miss 5.2 ms on the fastest
-    s.arrivals.extend([98.0 + i / 1000 for i in range(2000)])
+    s.arrivals.times.extend([98.0 + i / 1000 for i in range(2000)])
     queue(s, [pending(ranked, 5.2)])
-    assert s.plan(100.0) == 2 and s.rate(100.0) == pytest.approx(1000.5)
-    assert s.rate(103.0) == 0.0  # the window forgets
+    assert s.plan(100.0) == 2 and s.arrivals.rate(100.0) == pytest.approx(1000.5)
+    assert s.arrivals.rate(103.0) == 0.0  # the window forgets
     s = scheduler(arrivals=False)
-    s.arrivals.extend([98.0 + i / 1000 for i in range(2000)])
+    s.arrivals.times.extend([98.0 + i / 1000 for i in range(2000)])
     queue(s, [pending(ranked, 5.2)])
     assert s.plan(100.0) == 1
 
@@ -362,7 +363,7 @@ def test_a_request_past_hope_is_shed_before_its_image_is_decoded(core):
     fastest stitch is answered 503 before its image is decoded (here: an image that would fail decoding)."""
     idle(core)
     undecodable = json.dumps({"image": "bm90IGFuIGltYWdl", "budget": {"latency_ms": 5.0}}).encode()
-    core.scheduler.shed = True
+    core.scheduler.rule = dataclasses.replace(core.scheduler.rule, shed=True)
     try:  # a server that took no batch lately runs even a hopeless request (`probing`): decoded, and refused
         core.scheduler.last_start = time.perf_counter() - 5.0
         with pytest.raises(RequestError, match="not a readable image"):
@@ -385,7 +386,7 @@ def test_a_request_past_hope_is_shed_before_its_image_is_decoded(core):
             core.parse(json.dumps({"image": "bm90IGFuIGltYWdl", "budget": {"latency_ms": 5.0, "flops": tiny}}).encode(),
                        time.perf_counter() - 1.0)
     finally:
-        core.scheduler.shed, core.scheduler.running = False, None
+        core.scheduler.rule, core.scheduler.running = dataclasses.replace(core.scheduler.rule, shed=False), None
     with pytest.raises(RequestError):  # a server that does not shed decodes it
         core.parse(undecodable, time.perf_counter() - 1.0)
 
@@ -436,7 +437,7 @@ def test_an_idle_server_gives_freed_heap_back():
         await s.submit(Pending(torch.zeros(3), [1, 2, 0], time.perf_counter()))
         await asyncio.sleep(0.05)  # the worker finds the queue empty
         s.close()
-        return s._trimmed
+        return s._worker.trimmed
     assert asyncio.run(run()) > 0
 
 
@@ -768,6 +769,69 @@ def test_a_replay_runs_the_schedulers_batches_on_a_virtual_clock():
                     (pytest.approx(2.0 + three), 2), (pytest.approx(2.0 + three + 1.0), 0)], ends
     assert clock() == pytest.approx((2.0 + three + 1.0) / 1e3) and sched.batches == 0  # no worker ran
     assert sched.learned.batches.window.samples[-1][1:] == (1.0, 1.0)  # it learned each batch's time
+
+
+def test_the_mode_table_is_a_lookup_by_rate_and_burstiness():
+    table = ModeTable([10.0, 20.0, 40.0], [1.0, 4.0, 8.0], [None, None, 5, None, 5, 5, 5, 5, 5])
+    assert table.choose(5.0, 1.0) is None and table.choose(5.0, 6.0) == 5  # CV^2 edges: 2 and sqrt(32)
+    assert table.choose(10.5, 1.9) is None and table.choose(10.5, 2.1) == 5  # 10.5/s: the 20/s row (the safer)
+    assert table.choose(1e6, 0.0) == 5  # beyond the table: its heaviest row
+    assert "cfg_id 5 always from 40.0 req/s" in table.describe().split("; ")[0]
+    with pytest.raises(ValueError, match="8 modes for 3 rates x 3"):
+        ModeTable([10.0, 20.0, 40.0], [1.0, 4.0, 8.0], [None] * 8)
+
+
+def _modes_scheduler(clock, build_now=True, modes=True):
+    """A switching scheduler on the test menu (front 1, 2, 0) that measured 30 batches at the table's speed."""
+    menu = StitchMenu(RECORDS, LATENCY, "t")
+    sched = DeadlineScheduler(lambda x, c: x, menu, 8, shed=True, clock=clock, build_now=build_now, modes=modes)
+    for k in range(30):
+        sched.done_batch(k % 3, 1, menu.batch_ms(k % 3, 1))
+    return sched, menu
+
+
+def test_a_heavy_or_bursty_load_runs_the_fastest_stitch_always_a_light_one_switches():
+    """simulate.py `mode_table` on the test menu (cfg 1: 80 %, 4 ms alone; cfg 2: 72 %, 2 ms; cfg 0: 60 %, 1 ms
+    alone and 2 ms for 8, the fastest at full batches) with a 12 ms budget: at the lightest load switching answers
+    as many in time and on better stitches, under heavy bursts cfg 0 always answers more; the scheduler looks the
+    table up by the rate and CV^2 of its last arrivals, and switches before it has seen enough of them."""
+    clock = VirtualClock()
+    sched, menu = _modes_scheduler(clock)
+    table = sched.choices.simulate((1, 2, 0), int(math.floor(math.log(12.0) / math.log(1.05))), sched.learned)
+    assert table.modes[0] is None and table.modes[len(table.modes) - 1] == 0, table.modes
+    assert set(table.modes) == {None, 0}, table.modes
+    assert sched.mode((1, 2, 0), 12.0) is None  # no arrivals seen yet: switching
+    x = torch.empty(0)
+    times = arrival_times(300, 2 * 4000.0, 8.0, seed=1)  # twice what cfg 0 sustains, in bursts
+    lone = float(times[-1]) + 1e-4
+    chosen = {}
+    for modes in (True, False):  # the same arrivals, then a lone head with all its budget left
+        s, _ = (sched, menu) if modes else _modes_scheduler(clock, modes=False)
+        for t in times:
+            s.admit(Pending(x, (1, 2, 0), t, t + 0.012), t)
+        while s.queue:  # the burst is past hope by then: shed (after one probe batch)
+            s.take(lone + 0.5)
+        s.admit(Pending(x, (1, 2, 0), lone, lone + 0.012), lone)
+        chosen[modes] = s.plan(lone)
+    rate, cv2 = sched.arrivals.load()
+    assert rate > 4000 and cv2 > 4, (rate, cv2)
+    assert sched.mode((1, 2, 0), 12.0) == 0
+    assert chosen == {True: 0, False: 1}  # per batch a lone head gets the most accurate; the mode: the fastest
+
+
+def test_a_server_simulates_its_mode_table_in_a_thread_of_its_own():
+    """Without `build_now` (the server) the first lookup starts the simulation and switches meanwhile; once it is
+    done the table is looked up."""
+    clock = VirtualClock()
+    sched, _ = _modes_scheduler(clock, build_now=False)
+    x = torch.empty(0)
+    for t in arrival_times(300, 8000.0, 8.0, seed=1):
+        sched.admit(Pending(x, (1, 2, 0), t, t + 0.012), t)
+    assert sched.mode((1, 2, 0), 12.0) is None  # being simulated
+    assert sched.choices.builder is not None
+    sched.choices.builder.shutdown(wait=True)
+    assert sched.mode((1, 2, 0), 12.0) == 0 and sched.stats()["mode_tables"] == 1
+    sched.close()
 
 
 def test_the_replay_runs_the_servers_policy_on_a_virtual_clock(monkeypatch):

@@ -103,13 +103,55 @@ class BatchTimes:
         return table_ms * slowdown + jitter if table_ms > 0 else 0.0
 
 
+class Arrivals:
+    """The recent arrivals: their rate over the last `window` seconds (what a `SlackTable` counts) and the rate and
+    squared coefficient of variation of the last `gaps` inter-arrival gaps (what a `ModeTable` is looked up by),
+    their sums kept as they slide: a few float operations per arrival."""
+
+    def __init__(self, window: float = 2.0, gaps: int = 256):
+        self.window, self.most = window, gaps
+        self.times: collections.deque[float] = collections.deque(maxlen=100_000)
+        self.gaps: collections.deque[float] = collections.deque()
+        self.sum = self.squares = 0.0
+        self.last: float | None = None
+
+    def add(self, now: float) -> None:
+        self.times.append(now)
+        if self.last is not None:
+            gap = now - self.last
+            self.gaps.append(gap)
+            self.sum += gap
+            self.squares += gap * gap
+            if len(self.gaps) > self.most:
+                old = self.gaps.popleft()
+                self.sum -= old
+                self.squares -= old * old
+        self.last = now
+
+    def rate(self, now: float) -> float:
+        """Arrivals per second over the last `window` seconds."""
+        while self.times and now - self.times[0] > self.window:
+            self.times.popleft()
+        return len(self.times) / self.window
+
+    def load(self) -> tuple[float, float] | None:
+        """The rate (per second) and CV^2 of the last `gaps` gaps; None before 8 were seen."""
+        n = len(self.gaps)
+        if n < 8 or self.sum <= 0:
+            return None
+        mean = self.sum / n
+        return 1.0 / mean, max(0.0, self.squares / n - mean * mean) / (mean * mean)
+
+
 @dataclass
 class Learned:
-    """The batch times (`BatchTimes`) and the time from the end of a batch to the answer (95th percentile)."""
+    """The batch times (`BatchTimes`), the time from the end of a batch to the answer (95th percentile) and the
+    time to decode a request before it is queued (median)."""
     batches: BatchTimes = field(default_factory=BatchTimes)
     after_ms: Quantile = field(default_factory=lambda: Quantile(0.95, 0.5))
+    before_ms: Quantile = field(default_factory=lambda: Quantile(0.5, 0.0))
 
     @classmethod
     def on(cls, clock: Callable[[], float], after_ms: float = 0.5) -> Learned:
         """Nothing learned yet, on `clock` (a simulation's virtual clock; tests: an idle server)."""
-        return cls(BatchTimes(clock=clock), Quantile(0.95, after_ms, clock=clock))
+        return cls(BatchTimes(clock=clock), Quantile(0.95, after_ms, clock=clock), Quantile(0.5, 0.0, clock=clock))

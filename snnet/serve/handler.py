@@ -249,6 +249,7 @@ class ServeCore:
         loop = asyncio.get_running_loop()
         x, req = await loop.run_in_executor(self.decoder, self.parse, body, t0)
         t_decoded = time.perf_counter()
+        self.scheduler.observe_before((t_decoded - t0) * 1e3)
         start = self.since(req, t0)  # what the latency budget counts from
         budget = req["budget"]
         t_choose = time.perf_counter_ns()

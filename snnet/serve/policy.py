@@ -222,8 +222,43 @@ class SlackTable:
         return self.fastest
 
 
+class ModeTable:
+    """(arrival rate, its squared coefficient of variation) -> the stitch every request of one candidate list and
+    budget runs, or None: the `SlackTable`'s choice per batch (switching). Built by simulation (simulate.py
+    `mode_table`) at the server's speed: where the load is heavy or bursty enough, the fastest stitch always
+    answers more requests correctly in time than a choice per batch (a slow stitch chosen in a lull holds up the
+    burst behind it: a batch cannot be interrupted).
+
+    A lookup: the first simulated rate at or above the measured one (the heavier load: the safer side), the nearest
+    CV^2 on a log scale."""
+
+    def __init__(self, rates: Sequence[float], cv2s: Sequence[float], modes: Sequence[int | None]):
+        if len(modes) != len(rates) * len(cv2s):
+            raise ValueError(f"{len(modes)} modes for {len(rates)} rates x {len(cv2s)} CV^2")
+        self.rates, self.cv2s, self.modes = list(rates), list(cv2s), list(modes)
+        self._cv_edges = [math.sqrt(a * b) for a, b in zip(self.cv2s, self.cv2s[1:])]
+
+    def choose(self, rate: float, cv2: float) -> int | None:
+        i = min(bisect.bisect_left(self.rates, rate), len(self.rates) - 1)
+        return self.modes[i * len(self.cv2s) + bisect.bisect_right(self._cv_edges, cv2)]
+
+    def fixed_share(self) -> float:
+        """The share of the table's cells that run one stitch always."""
+        return sum(m is not None for m in self.modes) / len(self.modes)
+
+    def describe(self) -> str:
+        """One line per simulated CV^2: from which rate on one stitch runs always (req/s), or never."""
+        out = []
+        for j, cv2 in enumerate(self.cv2s):
+            fixed = [(r, self.modes[i * len(self.cv2s) + j]) for i, r in enumerate(self.rates)]
+            first = next(((r, m) for r, m in fixed if m is not None), None)
+            out.append(f"CV^2 {cv2:g}: " + ("switching at every simulated rate" if first is None else
+                                            f"cfg_id {first[1]} always from {first[0]:.1f} req/s"))
+        return "; ".join(out)
+
+
 def finite_positive(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
-__all__ = ["BudgetError", "Choice", "SlackTable", "StitchMenu", "FLAGS", "finite_positive"]
+__all__ = ["BudgetError", "Choice", "ModeTable", "SlackTable", "StitchMenu", "FLAGS", "finite_positive"]

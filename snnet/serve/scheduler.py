@@ -10,6 +10,13 @@ recent arrival rate. The batch is the head and the next queued requests that may
 the burst drains. A request with one candidate (a fixed cfg_id, a cascade's stage) or without a latency budget
 (its FLOPs budget's best stitch, `snnet select`'s rule) has no choice: it only ever runs that stitch.
 
+Where choosing per batch loses, the server does not choose (`modes`): under a load heavy or bursty enough, a slow
+stitch chosen in a lull holds up the burst that follows (a batch cannot be interrupted), and the fastest stitch at
+full batches, run always, answers more requests in time. Which of the two serves a load better is simulated once
+per candidate list and budget (simulate.py `mode_table`, with this server's measured batch times and decoding
+time, in a thread of its own once 30 batches were measured) and looked up by the rate and burstiness (CV^2) of the
+last `GAPS` arrivals (`ModeTable`, policy.py).
+
 A head that cannot meet its deadline even on its fastest candidate at batch 1, at the machine's typical speed, is
 *shed* when the server runs with `shed=True` (the handler answers 503 at once; it costs no compute), unless the
 server has taken no batch for `PROBE_AFTER_S`: a server that learned a slow speed and sheds everything would run
@@ -22,11 +29,11 @@ done (`predicted_ms`) and whether that meets its budget.
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import heapq
 import itertools
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,14 +41,19 @@ from typing import Any
 
 import torch
 
-from snnet.serve.estimates import Learned
-from snnet.serve.policy import SlackTable, StitchMenu
+from snnet.serve.estimates import Arrivals, Learned
+from snnet.serve.policy import ModeTable, SlackTable, StitchMenu
+from snnet.serve.simulate import VirtualClock, mode_table
 
 Forward = Callable[[torch.Tensor, int], torch.Tensor]
 NO_DEADLINE = float("inf")
 #: at most one heap trim per this many seconds (when the queue runs empty)
 TRIM_EVERY_S = 1.0
 PROBE_AFTER_S = 1.0  # a server that took no batch for this long runs its head even if hopeless (`probing`)
+_NOTHING = torch.empty(0)  # a simulated request's image
+GAPS = 256  # the load a mode is looked up by: the rate and CV^2 of the last GAPS inter-arrival gaps
+MODE_AFTER = 5  # batches measured before a mode table is simulated: their measured / table ratios are its noise
+BUDGET_STEP = 1.05  # mode tables are simulated per budget bucket (its lower edge), buckets 5 % apart
 _LIBC: Any = None  # glibc's malloc_trim once looked up; False where there is none
 
 
@@ -98,35 +110,128 @@ class Done:
     finished: float = 0.0  # perf_counter when its batch's forward pass returned
 
 
+@dataclass(frozen=True)
+class Rule:
+    """How the dispatch batches and chooses: `max_batch` and `max_wait_ms` (a batching wait when the queue is
+    shorter), `shed` (answer a hopeless head at once), the choice's knobs that the replay tunes (`arrivals`: count
+    the arrivals a batch holds up; `rest_on_same`: the queue behind the head runs on its stitch, else the fastest;
+    `modes`: run the fastest stitch always where the measured load makes that better) and `build_now` (simulate a
+    mode table at once, as a simulation wants, not in a thread of its own)."""
+    max_batch: int = 16
+    max_wait_ms: float = 0.0
+    shed: bool = False
+    arrivals: bool = True
+    rest_on_same: bool = True
+    modes: bool = True
+    build_now: bool = False
+
+
+class Choices:
+    """The choice tables of one menu and rule: a `SlackTable` per candidate list (built when first needed, or at
+    start by `prepare`) and a `ModeTable` per candidate list and budget bucket (simulated once the server measured
+    `MODE_AFTER` batches, in a thread of its own). `shared`: a cache shared with other schedulers of this menu (a
+    simulation replaying many traces builds each table once)."""
+
+    def __init__(self, menu: StitchMenu, rule: Rule, run: Forward, window: float, shared: dict):
+        self.menu, self.rule, self.run, self.window, self.shared = menu, rule, run, window, shared
+        self.slack: dict[tuple[int, ...], SlackTable] = \
+            shared.setdefault((rule.max_batch, rule.arrivals, rule.rest_on_same), {})
+        self.modes: dict[tuple[tuple[int, ...], int], ModeTable | None] = \
+            shared.setdefault(("modes", rule.max_batch, rule.arrivals, rule.rest_on_same, rule.shed), {})
+        self.fastest_of: dict[tuple[int, ...], int] = {}
+        self.builder: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def table(self, candidates: tuple[int, ...]) -> SlackTable:
+        known = self.slack.get(candidates)
+        if known is None:
+            r = self.rule
+            known = self.slack[candidates] = SlackTable(self.menu, candidates, r.max_batch, r.arrivals,
+                                                        r.rest_on_same)
+        return known
+
+    def fastest(self, candidates: tuple[int, ...]) -> int:
+        c = self.fastest_of.get(candidates)
+        if c is None:
+            c = self.fastest_of[candidates] = min(candidates, key=lambda k: self.menu.batch_ms(k, 1))
+        return c
+
+    def mode(self, candidates: tuple[int, ...], budget_ms: float, load: tuple[float, float] | None,
+             learned: Learned) -> int | None:
+        """The stitch every request of `candidates` with this budget (ms from arrival to its batch's end) runs at
+        `load` (the arrivals' rate and CV^2), or None: switching (the `SlackTable`'s choice). A lookup in the
+        `ModeTable` of the candidates and budget bucket; switching until `MODE_AFTER` batches were measured, 8
+        arrivals seen and the table simulated (once, from what `learned` holds then)."""
+        if load is None or budget_ms <= 0 or len(learned.batches.window.samples) < MODE_AFTER:
+            return None
+        key = (candidates, int(math.floor(math.log(budget_ms) / math.log(BUDGET_STEP))))
+        if key not in self.modes:
+            self.modes[key] = None  # being simulated
+            if self.rule.build_now:
+                self.modes[key] = self.simulate(*key, learned)
+            else:
+                if self.builder is None:
+                    self.builder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="snnet-modes")
+                self.builder.submit(self._build, key, learned)
+        table = self.modes[key]
+        return None if table is None else table.choose(*load)
+
+    def _build(self, key: tuple[tuple[int, ...], int], learned: Learned) -> None:
+        t0 = time.perf_counter()
+        table = self.modes[key] = self.simulate(*key, learned)
+        print(f"snnet serve: stitches {list(key[0])} within {BUDGET_STEP ** key[1]:.1f} ms simulated in "
+              f"{time.perf_counter() - t0:.1f} s: {table.describe()}", file=sys.stderr, flush=True)
+
+    def simulate(self, candidates: tuple[int, ...], bucket: int, learned: Learned) -> ModeTable:
+        """The candidates' `ModeTable` at the bucket's lower budget edge, simulated with this rule and what
+        `learned` measured: the batches' measured / table ratios and the decoding time."""
+        def make(clock: VirtualClock) -> DeadlineScheduler:
+            r = self.rule
+            made = DeadlineScheduler(self.run, self.menu, r.max_batch, shed=r.shed, arrivals=r.arrivals,
+                                     rest_on_same=r.rest_on_same, modes=False, window=self.window, clock=clock,
+                                     tables=self.shared)
+            made.learned = Learned.on(clock, after_ms=0.0)  # the budget simulated is what is left for the batch
+            return made
+
+        ratios = [m / t for _, t, m in list(learned.batches.window.samples)]
+        return mode_table(self.menu, candidates, BUDGET_STEP ** bucket, self.rule.max_batch, make,
+                          lambda c, t, d: Pending(_NOTHING, c, t, d), learned.before_ms.value, ratios)
+
+    def close(self) -> None:
+        if self.builder is not None:
+            self.builder.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass
+class _Worker:
+    """The worker task, its wake-up event and its thread (the forward passes), and when it last trimmed the heap."""
+    wake: asyncio.Event | None = None
+    task: asyncio.Task | None = None
+    pool: concurrent.futures.ThreadPoolExecutor | None = None
+    trimmed: float = -math.inf
+
+
 class DeadlineScheduler:
     """`await submit(job)` -> Done. One worker thread runs the batches one after another; the event loop keeps
     accepting requests meanwhile. `admit` and `take` are the worker's steps on any clock (simulate.py `replay` runs
-    them on a virtual one); `done_batch` is what the worker learns from a batch."""
+    them on a virtual one); `done_batch` is what the worker learns from a batch. The keyword arguments are `Rule`'s;
+    `window`: the seconds of arrivals the rate counts; `tables`: `Choices`' shared cache."""
 
     def __init__(self, run: Forward, menu: StitchMenu, max_batch: int = 16, max_wait_ms: float = 0.0,
-                 shed: bool = False, arrivals: bool = True, rest_on_same: bool = True, window: float = 2.0,
-                 clock: Callable[[], float] = time.perf_counter, tables: dict | None = None):
+                 shed: bool = False, arrivals: bool = True, rest_on_same: bool = True, modes: bool = True,
+                 window: float = 2.0, clock: Callable[[], float] = time.perf_counter, tables: dict | None = None,
+                 build_now: bool = False):
         self.run, self.menu = run, menu
-        self.max_batch, self.max_wait, self.shed = max(1, max_batch), max_wait_ms / 1e3, shed
-        self.arrivals_counted, self.window = arrivals, window  # the rate: arrivals of the last `window` seconds
-        self.rest_on_same = rest_on_same  # the table's rule for the queue behind the head (`SlackTable`)
-        self.arrivals: collections.deque[float] = collections.deque(maxlen=100_000)
+        self.rule = Rule(max(1, max_batch), max_wait_ms, shed, arrivals, rest_on_same, modes, build_now)
+        self.choices = Choices(menu, self.rule, run, window, tables if tables is not None else {})
+        self.arrivals = Arrivals(window, GAPS)
+        self.learned = Learned.on(clock)
+        self.clock = clock
         self.queue: list[tuple[float, int, Pending]] = []  # a heap of (deadline, arrival order, request)
         self.running: tuple[int, int, float] | None = None  # (cfg_id, batch size, start) of the batch running
         self.batches = self.shed_count = 0
         self.last_start = -math.inf  # when the last batch was taken (the clock of `take`)
-        self.learned = Learned.on(clock)
-        self.clock = clock
         self._seq = itertools.count()
-        self._wake: asyncio.Event | None = None
-        self._worker: asyncio.Task | None = None
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="snnet-batch")
-        self._trimmed = -math.inf
-        # the choice tables by candidates; `tables`: a cache shared with other schedulers of this menu (a simulation
-        # replaying many traces builds each table once), by rule
-        self._tables: dict[tuple[int, ...], SlackTable] = \
-            (tables if tables is not None else {}).setdefault((self.max_batch, arrivals, rest_on_same), {})
-        self._fastest_of: dict[tuple[int, ...], int] = {}
+        self._worker = _Worker()
 
     # ------------------------------------------------------------------------------------------ the queue
     def depth(self) -> int:
@@ -134,33 +239,27 @@ class DeadlineScheduler:
 
     async def submit(self, job: Pending) -> Done:
         loop = asyncio.get_running_loop()
-        if self._worker is None or self._worker.done():
-            self._wake = asyncio.Event()
-            self._worker = loop.create_task(self._loop())
+        w = self._worker
+        if w.task is None or w.task.done():
+            w.wake = asyncio.Event()
+            w.task = loop.create_task(self._loop())
         job.future = loop.create_future()
         self.admit(job, time.perf_counter())
-        assert self._wake is not None
-        self._wake.set()
+        assert w.wake is not None
+        w.wake.set()
         return await job.future
 
     def admit(self, job: Pending, now: float) -> None:
         """Queue `job`, arrived at `now` (the server's `submit`; a simulation's virtual clock)."""
         job.candidates = tuple(job.candidates)
         job.seq = next(self._seq)
-        self.arrivals.append(now)
+        self.arrivals.add(now)
         heapq.heappush(self.queue, (job.deadline, job.seq, job))
 
     def prepare(self, candidates: Sequence[int]) -> None:
         """Build the table of a candidate list now (the server does it at start for every FLOPs budget's front,
         so that no request waits for one)."""
-        self.table(tuple(candidates))
-
-    def table(self, candidates: tuple[int, ...]) -> SlackTable:
-        known = self._tables.get(candidates)
-        if known is None:
-            known = self._tables[candidates] = SlackTable(self.menu, candidates, self.max_batch, self.arrivals_counted,
-                                                          self.rest_on_same)
-        return known
+        self.choices.table(tuple(candidates))
 
     def take(self, now: float) -> tuple[int, list[Pending]] | Pending | None:
         """`plan(now)`, acted on: the batch (or the shed head) leaves the queue. The worker's one step."""
@@ -173,7 +272,7 @@ class DeadlineScheduler:
             return planned
         batch: list[Pending] = []
         aside: list[tuple[float, int, Pending]] | None = None  # allocated only when a request cannot join
-        queue, most = self.queue, self.max_batch
+        queue, most = self.queue, self.rule.max_batch
         while queue and len(batch) < most:
             entry = heapq.heappop(queue)
             if planned in entry[2].candidates:
@@ -197,20 +296,14 @@ class DeadlineScheduler:
         """The same batch at the machine's typical speed now (what shedding is decided on)."""
         return self.learned.batches.typical(self.menu.batch_ms(cfg_id, n))
 
-    def fastest(self, candidates: tuple[int, ...]) -> int:
-        c = self._fastest_of.get(candidates)
-        if c is None:
-            c = self._fastest_of[candidates] = min(candidates, key=lambda k: self.menu.batch_ms(k, 1))
-        return c
-
     def too_late(self, candidates: Sequence[int], arrival: float, deadline: float, now: float) -> Shed | None:
         """The `Shed` for a request that cannot meet its deadline even on its fastest candidate at batch 1 at the
         machine's typical speed, started now; None when it can, has no deadline, or the server does not shed.
         The dispatch asks it of the head; the handler asks it before decoding the image (an early shed).
         Thread-safe."""
-        if not self.shed or deadline == NO_DEADLINE:
+        if not self.rule.shed or deadline == NO_DEADLINE:
             return None
-        fastest = self.typical_ms(self.fastest(tuple(candidates)), 1)
+        fastest = self.typical_ms(self.choices.fastest(tuple(candidates)), 1)
         if now + (fastest + self.learned.after_ms.value) / 1e3 <= deadline:
             return None
         return Shed((now - arrival) * 1e3, fastest)
@@ -223,31 +316,33 @@ class DeadlineScheduler:
 
     def plan(self, now: float) -> int | Pending | None:
         """The stitch the head's batch runs now; the head itself when it is to be shed; None when the queue is
-        empty. Does not change the queue: a heap read, a table lookup and a few float operations."""
+        empty. Does not change the queue: a heap read, two table lookups and a few float operations."""
         if not self.queue:
             return None
         head = self.queue[0][2]
-        candidates = head.candidates
+        candidates: tuple[int, ...] = head.candidates  # type: ignore[assignment]
         if head.deadline == NO_DEADLINE:
             return candidates[0]
+        rule = self.rule
         slowdown, jitter = self.learned.batches.window.value
         left_ms = (head.deadline - now) * 1e3 - self.learned.after_ms.value
-        if self.shed and not self.probing(now):
-            fastest = self.fastest(candidates)  # type: ignore[arg-type]
-            if left_ms < slowdown * self.menu.batch_ms(fastest, 1):
+        if rule.shed and not self.probing(now):
+            if left_ms < slowdown * self.menu.batch_ms(self.choices.fastest(candidates), 1):
                 return head
         if len(candidates) == 1:
             return candidates[0]
-        table = self.table(candidates)  # type: ignore[arg-type]
-        rate = self.rate(now) * slowdown if self.arrivals_counted else 0.0
         budget_ms = (head.deadline - head.arrival) * 1e3 - self.learned.after_ms.value
+        if rule.modes:
+            fixed = self.choices.mode(candidates, budget_ms, self.arrivals.load(), self.learned)
+            if fixed is not None:
+                return fixed
+        table = self.choices.table(candidates)
+        rate = self.arrivals.rate(now) * slowdown if rule.arrivals else 0.0
         return table.choose((left_ms - jitter) / slowdown, (budget_ms - jitter) / slowdown, len(self.queue), rate)
 
-    def rate(self, now: float) -> float:
-        """Arrivals per second over the last `window` seconds."""
-        while self.arrivals and now - self.arrivals[0] > self.window:
-            self.arrivals.popleft()
-        return len(self.arrivals) / self.window
+    def mode(self, candidates: Sequence[int], budget_ms: float) -> int | None:
+        """What the head of `candidates` with this budget runs at the measured load (`Choices.mode`)."""
+        return self.choices.mode(tuple(candidates), budget_ms, self.arrivals.load(), self.learned)
 
     def done_batch(self, cfg_id: int, n: int, measured_ms: float) -> None:
         """Learn from a batch of `n` on `cfg_id` that took `measured_ms` (the worker after each forward pass)."""
@@ -255,23 +350,27 @@ class DeadlineScheduler:
 
     # ------------------------------------------------------------------------------------------ the worker
     async def _loop(self) -> None:
-        assert self._wake is not None
+        w = self._worker
+        assert w.wake is not None
         loop = asyncio.get_running_loop()
+        if w.pool is None:
+            w.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="snnet-batch")
+        max_wait = self.rule.max_wait_ms / 1e3
         while True:
             if not self.queue:
-                if time.perf_counter() - self._trimmed > TRIM_EVERY_S:  # idle: give freed activations back
-                    self._trimmed = time.perf_counter()
+                if time.perf_counter() - w.trimmed > TRIM_EVERY_S:  # idle: give freed activations back
+                    w.trimmed = time.perf_counter()
                     release_free_heap()
-                self._wake.clear()
-                await self._wake.wait()
+                w.wake.clear()
+                await w.wake.wait()
                 continue
             head = self.queue[0][2]
-            if self.max_wait > 0 and len(self.queue) < self.max_batch:
-                left = head.arrival + self.max_wait - time.perf_counter()
+            if max_wait > 0 and len(self.queue) < self.rule.max_batch:
+                left = head.arrival + max_wait - time.perf_counter()
                 if left > 0:
-                    self._wake.clear()
+                    w.wake.clear()
                     try:
-                        await asyncio.wait_for(self._wake.wait(), left)
+                        await asyncio.wait_for(w.wake.wait(), left)
                     except asyncio.TimeoutError:
                         pass
                     continue
@@ -292,7 +391,7 @@ class DeadlineScheduler:
             self.running = (cfg_id, len(batch), started)
             try:
                 x = torch.stack([j.x for j in batch])
-                out, finished = await loop.run_in_executor(self._pool, self._forward, x, cfg_id, started)
+                out, finished = await loop.run_in_executor(w.pool, self._forward, x, cfg_id, started)
             except Exception as e:  # this batch's requests fail; the server goes on
                 for j in batch:
                     if j.future is not None and not j.future.done():
@@ -308,6 +407,10 @@ class DeadlineScheduler:
                 self.running = None
                 self.batches += 1
 
+    def observe_before(self, ms: float) -> None:
+        """The handler's time to decode and transform a request's image (before it is queued)."""
+        self.learned.before_ms.add(ms)
+
     def observe_after(self, ms: float) -> None:
         """The handler's time from a batch's end to the answer (softmax, top-k, the event loop's delay)."""
         self.learned.after_ms.add(ms)
@@ -321,11 +424,15 @@ class DeadlineScheduler:
         return out, finished
 
     def close(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        w = self._worker
+        if w.task is not None:
+            w.task.cancel()
+        if w.pool is not None:
+            w.pool.shutdown(wait=False, cancel_futures=True)
+        self.choices.close()
 
     def stats(self) -> dict[str, Any]:
         return {"batches": self.batches, "shed": self.shed_count, "queue_depth": self.depth(),
                 "slowdown": self.learned.batches.slowdown, "jitter_ms_p95": self.learned.batches.jitter_ms,
-                "after_ms_p95": self.learned.after_ms.value}
+                "after_ms_p95": self.learned.after_ms.value,
+                "mode_tables": sum(t is not None for t in self.choices.modes.values())}

@@ -7,8 +7,12 @@ charges the costs calibrated on this machine, the tests a latency table's.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
+
+import numpy as np
+
+from snnet.serve.policy import ModeTable, StitchMenu
 
 
 class VirtualClock:
@@ -71,4 +75,59 @@ def replay(sched: Dispatch, clock: VirtualClock, admissions: list[tuple[float, A
                 heapq.heappush(admissions, again)
 
 
-__all__ = ["Dispatch", "VirtualClock", "replay"]
+
+
+#: the loads a mode table is simulated at: multiples of what the fastest candidate sustains in full batches, and
+#: the arrivals' squared coefficient of variation (1: Poisson; gamma above it: bursts)
+LOADS = tuple(0.02 * 1.5 ** k for k in range(12))
+CV2S = (1.0, 4.0, 8.0)
+
+
+def mode_table(menu: StitchMenu, candidates: Sequence[int], budget_ms: float, max_batch: int,
+               make: Callable[[VirtualClock], Any], make_job: Callable[[Sequence[int], float, float], Any],
+               before_ms: float = 0.0, ratios: Sequence[float] = (1.0,), requests: int = 1000,
+               seed: int = 0) -> ModeTable:
+    """Which serves each load better: switching among `candidates`, or always their fastest at full batches (the
+    stitch that sustains the most requests)? Each (load, CV^2) of `LOADS` x `CV2S` is replayed on gamma arrivals
+    (`requests` of them, the same for both) and scored by the expected correct answers within `budget_ms` (real
+    ms, from arrival to the batch's end): top-1 x met. A batch takes the latency table's time x one of `ratios`
+    (measured / table, the server's recent batches), drawn at random, the same draws for both. Each request is
+    queued `before_ms` after it arrived or after the previous one was queued, whichever is later (the decoding).
+    `make(clock)`: a scheduler of the server's rule without modes that spends all of a budget on queueing and the
+    batch; `make_job(candidates, arrival, deadline)`: its request. Ties go to switching."""
+    from snnet.serve.loadgen import arrival_times  # a leaf module: numpy only
+    ids = list(candidates)
+    b_max = max(1, max_batch)
+    fastest = min(ids, key=lambda c: (menu.batch_ms(c, b_max), ids.index(c)))
+    capacity = b_max / menu.batch_ms(fastest, b_max) * 1e3  # requests per second it sustains (table speed)
+    acc = {c: float(menu.by_id[c]["acc1"]) / 100.0 for c in ids}
+    modes: list[int | None] = []
+    for i, load in enumerate(LOADS):
+        for j, cv2 in enumerate(CV2S):
+            times = arrival_times(requests, load * capacity, cv2, seed + 1000 * i + j).tolist()
+            noise = np.random.default_rng(seed + 1000 * i + j).choice(np.asarray(ratios, float), requests).tolist()
+            scores = []
+            for system in (tuple(ids), (fastest,)):
+                clock = VirtualClock()
+                jobs, free = [], 0.0
+                for k, t in enumerate(times):
+                    free = max(free, t) + before_ms / 1e3
+                    jobs.append((free, k, make_job(system, t, t + budget_ms / 1e3)))
+                earned = [0.0]
+
+                def answered(job: Any, cfg_id: int, end: float, earned: list[float] = earned) -> None:
+                    if end <= job.deadline:
+                        earned[0] += acc[cfg_id]
+
+                draws = iter(noise)
+
+                def service_ms(c: int, batch: list, draws: Any = draws) -> float:
+                    return menu.batch_ms(c, len(batch)) * next(draws)
+
+                replay(make(clock), clock, jobs, service_ms, answered)
+                scores.append(earned[0])
+            modes.append(fastest if scores[1] > scores[0] else None)
+    return ModeTable([load * capacity for load in LOADS], list(CV2S), modes)
+
+
+__all__ = ["CV2S", "Dispatch", "LOADS", "VirtualClock", "mode_table", "replay"]
