@@ -195,3 +195,36 @@ def test_the_class_name_rule_catches_a_second_home(tmp_path):
     (tmp_path / "a.py").write_text("class Prepared:\n    pass\n")
     (tmp_path / "b.py").write_text("def f():\n    class Prepared:\n        pass\n")
     assert len(class_homes([tmp_path / "a.py", tmp_path / "b.py"])["Prepared"]) == 2
+
+
+def class_fields(cls: ast.ClassDef) -> tuple[set[str], bool]:
+    """A class's fields (its annotated class-level names and every `self.<name>` its methods assign) and whether it
+    is an options class (a field declared with `option(...)`, the parsers' one declaration)."""
+    names, options = set(), False
+    for node in cls.body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+            options |= isinstance(node.value, ast.Call) and getattr(node.value.func, "id", None) == "option"
+    for fn in ast.walk(cls):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) and fn.args.args and fn.args.args[0].arg == "self":
+            for node in ast.walk(fn):
+                targets = node.targets if isinstance(node, ast.Assign) else \
+                    [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else []
+                names |= {e.attr for t in targets for e in ast.walk(t) if isinstance(e, ast.Attribute)
+                          and isinstance(e.value, ast.Name) and e.value.id == "self"}
+    return names, options
+
+
+def test_no_class_but_an_options_class_has_more_than_15_fields():
+    """Issue 52: a class of more than 15 fields mixes concerns (the training context had 26: built components,
+    progress, saved state and copied flags; the serving scheduler 32); options classes are the declared flags."""
+    big = {f"{path.relative_to(ROOT)}:{node.name}": len(names) for path in sorted(PKG.rglob("*.py"))
+           for node in ast.walk(ast.parse(path.read_text(), str(path))) if isinstance(node, ast.ClassDef)
+           for names, options in [class_fields(node)] if len(names) > 15 and not options}
+    assert not big, f"classes of more than 15 fields (split them by concern): {big}"
+
+
+def test_the_field_count_sees_dataclass_fields_and_attributes():
+    tree = ast.parse("class A:\n    x: int = 1\n    y: int = option(2)\n    def f(self):\n"
+                     "        self.z = self.w = 0\n        self.x += 1\n")
+    assert class_fields(tree.body[0]) == ({"x", "y", "z", "w"}, True)  # type: ignore[arg-type]
