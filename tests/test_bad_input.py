@@ -51,7 +51,12 @@ def test_kernel_stride_out_of_range(field, value, match):
     ("stitch_stride", "2", "'stitch_stride' must be int, got '2'"),
     ("nearest_stitching", 1, "'nearest_stitching' must be bool, got 1"),
     ("stitch_kernal_size", 2, "unknown field.*'stitch_kernal_size' \\(did you mean 'stitch_kernel_size'\\?\\)"),
-    ("ls_mode", "mean", "'ls_mode' must be 'joint' or 'average'"),
+    # a field that sets a flag is checked by the flag's declaration (choices, rule), worded as train.py's refusal
+    ("ls_mode", "mean", "field 'ls_mode': 'mean' is not one of 'joint', 'average', 'snnet' \\(as for --ls-mode\\)"),
+    ("batch_size", 0, "field 'batch_size': 0 is not >= 1 \\(as for -b/--batch-size\\); fix the value in the file"),
+    ("num_workers", -1, "field 'num_workers': -1 is not >= 0 \\(as for -j/--workers\\)"),
+    ("distillation_type", "medium", "'medium' is not one of 'none', 'soft', 'hard'"),
+    ("lr", "1", "'lr' must be int or float, got '1'"),
 ])
 def test_config_field_errors(field, value, match):
     with pytest.raises(ConfigError, match=match):

@@ -117,11 +117,13 @@ def _option_calls(path: Path) -> Iterator[ast.Call]:
 
 def test_each_default_is_written_once():
     """grep finds each option's default in one place: every train.py flag is one option() declaration in the modules
-    that declare train.py's options (the `snnet` commands' own options, in snnet/cli.py, are checked below)."""
+    that declare train.py's options, snnet/core/config.py's `ConfigFlags` (the flags a stitch config sets) included
+    (the `snnet` commands' own options, in snnet/cli.py, are checked below)."""
     import sys
 
+    from snnet.core.config import ConfigFlags
     from snnet.train.options import FLAG_OPTIONS
-    modules = sorted({Path(str(sys.modules[cls.__module__].__file__)) for cls in FLAG_OPTIONS})
+    modules = sorted({Path(str(sys.modules[cls.__module__].__file__)) for cls in [*FLAG_OPTIONS, ConfigFlags]})
     declared: dict[str, list[str]] = {}
     for path in modules:
         for node in _option_calls(path):
@@ -340,3 +342,22 @@ def test_quickstarts_flags_make_its_options():
     def defaults(cls: type) -> dict[str, object]:
         return {f.name: f.default for f in dataclasses.fields(cls)}
     assert defaults(QuickstartCommand) == defaults(QuickstartOptions)
+
+
+def test_a_stitch_config_field_that_sets_a_flag_points_at_its_declaration():
+    """Issue 52: a stitch config's field that sets a train.py flag (lr, epochs, input_size, ...) is not typed again:
+    its type, rule, choices and meaning are the flag's one declaration (`snnet.core.config.ConfigFlags`), the same
+    declaration train.py's option objects copy, so the config and the parser cannot disagree."""
+    from snnet.core.config import ARG_DESTS, CONFIG_FLAGS, FIELDS
+    from snnet.core.options import flag_fields, flag_of
+    from snnet.train.options import FLAG_OPTIONS
+
+    train = {f.name: flag for _, f, flag in flag_fields(FLAG_OPTIONS)}
+    assert set(ARG_DESTS.values()) == set(CONFIG_FLAGS)
+    for name, dest in ARG_DESTS.items():
+        field = FIELDS[name]
+        assert field.flag is flag_of(CONFIG_FLAGS[dest]) is train[dest], name
+        assert field.meaning == train[dest].help, name
+    assert FIELDS["lr"].types == (int, float) and FIELDS["input_size"].types == (int,)
+    assert (FIELDS["ls_mode"].default, FIELDS["stitch_init_bs"].default, FIELDS["batch_size"].default) == \
+        ("joint", 100, None)  # the config's own fallback where it has one; else the flag's default applies

@@ -4,22 +4,89 @@ Every field has a type; a field nobody knows is an error that names it (SN-Net s
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import os
 import re
-from dataclasses import dataclass, field
+import typing
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from snnet.core.errors import SNNetError
+from snnet.core.options import (
+    DATASET,
+    DEVICE,
+    MODEL,
+    OUTPUT,
+    SCHEDULE,
+    STITCHING,
+    Flag,
+    flag_of,
+    option,
+    rule_violation,
+)
 
 
 class ConfigError(SNNetError):
     """A stitch config that cannot be used; the message names the value and the fix."""
 
 
-_NUM = (int, float)
+@dataclass(frozen=True)
+class ConfigFlags:
+    """train.py's options that a stitch config's field sets the default of (`FIELDS`' dest column), declared here
+    once, in the lowest layer, so that the config reads a field's type, rule, choices and meaning from its flag's
+    declaration: train.py's option objects copy these fields (`shared(CONFIG_FLAGS["epochs"])` in
+    `snnet.train.options` and `snnet.data.options`). Never built: its fields are declarations."""
+    data: str | None = option(None, nargs="?", metavar="DIR", group=DATASET,
+                              help="path to dataset (ImageFolder: train/ and val/ or validation/); a stitch config's "
+                                   "data_path is its default")
+    dataset: str = option("", "--dataset", group=DATASET,
+                          help="dataset type + name ('<type>/<name>', e.g. torch/cifar10); '' is ImageFolder or "
+                               "ImageTar (SN-Net's data_set IMNET)")
+    batch_size: int = option(128, "-b", "--batch-size", rule="positive", group=MODEL,
+                             help="Input batch size for training, per process")
+    num_classes: int | None = option(None, "--num-classes", rule="positive", group=MODEL,
+                                     help="number of label classes (default: the dataset's class folders, else the "
+                                          "stitch config's num_classes)")
+    img_size: int | None = option(None, "--img-size", rule="positive", group=MODEL,
+                                  help="Image size (default: the model's)")
+    workers: int = option(4, "-j", "--workers", rule="non_negative", group=DEVICE,
+                          help="how many data loading worker processes to use, per training process (default: "
+                               "timm's 4, at most the usable cores)")
+    lr_base: float = option(0.1, "--lr-base", rule="non_negative", group=SCHEDULE,
+                            help="base learning rate: lr = lr_base * global_batch_size / lr_base_size. A stitch "
+                                 "config's lr (SN-Net's LR per 512 images) becomes this default with --lr-base-size "
+                                 "512 and --lr-base-scale linear, so with such a config a typed --lr-base is per 512 "
+                                 "images too, unless --lr-base-size is typed")
+    epochs: int = option(300, "--epochs", rule="positive", group=SCHEDULE, help="number of epochs to train")
+    warmup_lr: float = option(1e-5, "--warmup-lr", rule="non_negative", group=SCHEDULE, help="warmup learning rate")
+    min_lr: float = option(0.0, "--min-lr", rule="non_negative", group=SCHEDULE,
+                           help="lower lr bound for cyclic schedulers that hit 0")
+    distillation_type: str = option("none", "--distillation-type", choices=("none", "soft", "hard"), group=STITCHING,
+                                    help="DeiT distillation from --teacher: none, soft (KL divergence) or hard "
+                                         "(teacher's labels)")
+    teacher: str = option("", "--teacher", metavar="NAME", group=STITCHING,
+                          help="distillation teacher (timm name)")
+    ls_mode: str | None = option(None, "--ls-mode", choices=("joint", "average", "snnet"), group=STITCHING,
+                                 help="least-squares init: joint (shared layers fitted to all their positions, eval "
+                                      "mode, clean images), average (SN-Net's mean of per-position solutions, "
+                                      "otherwise as joint) or snnet (SN-Net's init exactly: the first augmented, "
+                                      "mixed-up training batch of stitch_init_bs images per process, train mode, "
+                                      "float32 pinv per position, averaged; rank 0's result kept) (default: the "
+                                      "stitch config's ls_mode, joint)")
+    stitch_init_bs: int | None = option(None, "--stitch-init-bs", rule="positive", group=STITCHING,
+                                        help="images for the least-squares init (default: the stitch config's "
+                                             "stitch_init_bs, 100)")
+    experiment: str = option("", "--experiment", group=OUTPUT,
+                             help="name of train experiment, name of sub-folder for output ('' = "
+                                  "<date>-<model>-<img size>)")
+
+
+#: dest -> the declaration of a flag a stitch config sets (a dataclass field: `shared` copies it into an option object)
+CONFIG_FLAGS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(ConfigFlags)}
+_JSON_TYPES = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}
 
 
 class Field(NamedTuple):
@@ -27,39 +94,52 @@ class Field(NamedTuple):
     default: Any  # used by StitchConfig.get when the file leaves the field out
     meaning: str
     dest: str | None = None  # train.py flag (argparse dest) whose default the field sets; None: read by the model
+    flag: Flag | None = None  # that flag's declaration (its rule and choices check the field's value)
+
+
+def _sets(dest: str, default: Any = None) -> Field:
+    """The field of a stitch config that sets train.py's `dest` (a `ConfigFlags` declaration): its JSON type, meaning,
+    rule and choices are the flag's. `default`: what `StitchConfig.get` gives when the file leaves the field out
+    (None: the flag's own default applies, set by train.py's parser)."""
+    declared = CONFIG_FLAGS[dest]
+    hint = typing.get_type_hints(ConfigFlags)[dest]
+    value_types = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+    flag = flag_of(declared)
+    assert flag is not None and len(value_types) == 1 and declared.default is not MISSING
+    return Field(_JSON_TYPES[value_types[0]], default, flag.help, dest, flag)
 
 
 #: The one table of stitch-config fields. The first block is SN-Net's config/deit_stitching.json and the CNN family's
-#: {"anchors": [...]}; the rest are ours. train.py's rules for dests (snnet/train/args.py): lr is a base LR per 512
-#: images, data_set IMNET is timm's folder dataset ''.
+#: {"anchors": [...]}; the rest are ours. A field that sets a train.py flag's default is `_sets(dest)`: its type,
+#: rule, choices and meaning are that flag's declaration (`ConfigFlags`). train.py's rules for dests
+#: (snnet/train/args.py): lr is a base LR per 512 images, data_set IMNET is timm's folder dataset ''.
 FIELDS: dict[str, Field] = {
     "anchors": Field((list,), None, "timm model names, or {'name': ..., 'checkpoint': path}, small to large"),
     "model": Field((str,), "snnet", "SN-Net's model name (informational)"),
-    "batch_size": Field((int,), None, "per-process batch size", "batch_size"),
-    "data_path": Field((str,), None, "dataset root", "data"),
-    "data_set": Field((str,), None, "SN-Net's dataset kind: IMNET or a timm --dataset value", "dataset"),
-    "exp_name": Field((str,), None, "experiment name", "experiment"),
-    "input_size": Field((int,), None, "image size", "img_size"),
-    "num_workers": Field((int,), None, "data loader workers", "workers"),
-    "lr": Field(_NUM, None, "learning rate per 512 images of global batch", "lr_base"),
-    "warmup_lr": Field(_NUM, None, "warm-up start LR", "warmup_lr"),
-    "min_lr": Field(_NUM, None, "final LR", "min_lr"),
-    "epochs": Field((int,), None, "epochs", "epochs"),
+    "batch_size": _sets("batch_size"),
+    "data_path": _sets("data"),
+    "data_set": _sets("dataset"),
+    "exp_name": _sets("experiment"),
+    "input_size": _sets("img_size"),
+    "num_workers": _sets("workers"),
+    "lr": _sets("lr_base"),
+    "warmup_lr": _sets("warmup_lr"),
+    "min_lr": _sets("min_lr"),
+    "epochs": _sets("epochs"),
     "fulltune": Field((bool,), True, "train the anchors too; false trains only stitching layers and class tokens"),
     "ls_init": Field((bool,), True, "least-squares initialise the stitching layers"),
     "nearest_stitching": Field((bool,), True, "plain ViTs: stitch only neighbouring anchors"),
     "stitch_stride": Field((int,), 1, "plain ViTs: sliding-window stride"),
     "stitch_kernel_size": Field((int,), 2, "plain ViTs: sliding-window size"),
-    "stitch_init_bs": Field((int,), 100, "images used for the least-squares init", "stitch_init_bs"),
-    "distillation_type": Field((str,), None, "none, soft or hard", "distillation_type"),
-    "teacher_model": Field((str,), None, "timm name of the distillation teacher", "teacher"),
+    "stitch_init_bs": _sets("stitch_init_bs", 100),
+    "distillation_type": _sets("distillation_type"),
+    "teacher_model": _sets("teacher"),
     # ours
-    "ls_mode": Field((str,), "joint", "joint (least squares over all positions of a shared layer), average "
-                     "(SN-Net's mean of per-position solutions) or snnet (SN-Net's init exactly)", "ls_mode"),
+    "ls_mode": _sets("ls_mode", "joint"),
     "skip_final_norm": Field((bool,), None, "stitched plain-ViT routes skip the end anchor's final norm (SN-Net: "
                              "true)"),
     "stitch_stages": Field((list,), None, "hierarchical families: stages to stitch (family default if absent)"),
-    "num_classes": Field((int,), None, "classifier classes", "num_classes"),
+    "num_classes": _sets("num_classes"),
     "recipe": Field((dict,), None, "the training recipe: train.py flag names (- or _) -> values, as in a -c YAML; "
                     "same layer as the fields above (a flag set twice is an error)"),
     "stitch_plan": Field((str,), "sliding_window", "sliding_window (SN-Net) or two_way (SN-Netv2: two plain ViTs, "
@@ -160,13 +240,18 @@ def parse_stitch_config(data: Any, source: str = "stitch config") -> StitchConfi
     repeated = sorted({x for x in labels if labels.count(x) > 1})
     if repeated:
         raise ConfigError(f"{source}: anchors share the label(s) {repeated}; give each anchor its own 'label'")
-    for k in ("stitch_stride", "stitch_kernel_size", "stitch_init_bs", "batch_size", "input_size", "epochs",
-              "num_classes"):
+    for k in ("stitch_stride", "stitch_kernel_size"):
         if k in data and data[k] < 1:
             raise ConfigError(f"{source}: field {k!r} must be >= 1, got {data[k]!r}")
-    if data.get("ls_mode", "joint") not in ("joint", "average", "snnet"):
-        raise ConfigError(f"{source}: field 'ls_mode' must be 'joint' or 'average' or 'snnet' (SN-Net's init "
-                          f"exactly), got {data['ls_mode']!r}")
+    for k, v in data.items():  # a field that sets a flag: the flag's choices and rule, as if it had been typed
+        flag = FIELDS[k].flag
+        if flag is None:
+            continue
+        wrong = f"{v!r} is not one of {', '.join(map(repr, flag.choices))}" \
+            if flag.choices is not None and v not in flag.choices else rule_violation(flag.rule, v)
+        if wrong is not None:  # worded as train.py's refusal of a file's value (snnet/train/args.py)
+            raise ConfigError(f"{source}: field {k!r}: {wrong} (as for {'/'.join(flag.names) or flag.metavar}); fix "
+                              f"the value in the file")
     if data.get("stitch_plan", "sliding_window") not in ("sliding_window", "two_way"):
         raise ConfigError(f"{source}: field 'stitch_plan' must be 'sliding_window' or 'two_way', got "
                           f"{data['stitch_plan']!r}")

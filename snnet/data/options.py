@@ -3,27 +3,26 @@
 so train.py's parser is derived from these classes and builds them from its resolved arguments, once
 (`snnet.train.options.RunOptions.from_values`); every other tool (similarity, search, stitch-train, a Python
 caller) builds them directly, by keyword. The options the training loop shares (batch size, seed, ...) are
-declared here, once."""
+declared here, once, except those a stitch config sets (batch size, number of classes, dataset, workers): they are
+declared in `snnet.core.config.ConfigFlags`, below this layer, so the config reads their type and rule too."""
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, replace
 from typing import Any
 
+from snnet.core.config import CONFIG_FLAGS
 from snnet.core.options import AUGMENT, DATASET, DEVICE, MODEL, OUTPUT, option, shared
 
 __all__ = ["AUG_REPEATS", "BATCH_SIZE", "DataOptions", "GRAD_ACCUM_STEPS", "LoaderOptions", "NO_PREFETCHER",
            "NUM_CLASSES", "SEED"]
 
 #: options the data layer shares with the training loop (`snnet.train.options` uses them `shared`)
-BATCH_SIZE = option(128, "-b", "--batch-size", rule="positive", group=MODEL,
-                    help="Input batch size for training, per process")
+BATCH_SIZE = CONFIG_FLAGS["batch_size"]  # a stitch config sets these two: declared in snnet.core.config
 GRAD_ACCUM_STEPS = option(1, "--grad-accum-steps", rule="positive", metavar="N", group=MODEL,
                           help="batches per optimizer step: the loss is divided by N, all N train the step's stitch, "
                                "DDP syncs gradients on the last; steps per epoch = batches // N (the remainder "
                                "batches of each epoch are dropped); the LR rule's global batch is -b x processes x N")
-NUM_CLASSES = option(None, "--num-classes", rule="positive", group=MODEL,
-                     help="number of label classes (default: the dataset's class folders, else the stitch "
-                          "config's num_classes)")
+NUM_CLASSES = CONFIG_FLAGS["num_classes"]
 SEED = option(42, "--seed", rule="non_negative", group=OUTPUT,
               help="random seed (numpy and torch seed with unsigned integers)")
 AUG_REPEATS = option(0, "--aug-repeats", rule="count", group=AUGMENT,
@@ -40,9 +39,7 @@ class DataOptions:
     data_dir: str = option(MISSING, "--data-dir", metavar="DIR", group=DATASET,
                            help="path to dataset (root dir); wins over the positional DIR")
     # '' = an ImageFolder root; wds/NAME = shards; torch/, hfds/, hfids/ = timm's
-    dataset: str = option("", "--dataset", group=DATASET,
-                          help="dataset type + name ('<type>/<name>', e.g. torch/cifar10); '' is ImageFolder or "
-                               "ImageTar (SN-Net's data_set IMNET)")
+    dataset: str = shared(CONFIG_FLAGS["dataset"])
     train_split: str = option("train", "--train-split", group=DATASET, help="dataset train split")
     val_split: str = option("validation", "--val-split", group=DATASET,
                             help="dataset validation split; falls back to val/ when validation/ is absent")
@@ -64,9 +61,7 @@ class LoaderOptions:
     batch_size: int = shared(BATCH_SIZE)
     validation_batch_size: int | None = option(None, "-vb", "--validation-batch-size", rule="positive", group=MODEL,
                                                help="Validation batch size override (default: --batch-size)")
-    workers: int = option(4, "-j", "--workers", rule="non_negative", group=DEVICE,
-                          help="how many data loading worker processes to use, per training process (default: "
-                               "timm's 4, at most the usable cores)")
+    workers: int = shared(CONFIG_FLAGS["workers"])
     pin_mem: bool = option(False, "--pin-mem", group=DEVICE,
                            help="Pin CPU memory in DataLoader for more efficient (sometimes) transfer to GPU.")
     distributed: bool = False           # training: this rank's share of each epoch (the process group's, no flag)

@@ -5,7 +5,8 @@ network (`NetworkOptions`), the loggers (`LoggerOptions`) and what this invocati
 files, resume, dry run, LS init, output). train.py's parser is derived from these classes and the data layer's
 (`snnet.train.args.build_parser`), so there is nothing to keep equal; train.py builds them from its resolved
 arguments once (`RunOptions.from_values`) and every other tool (stitch-train, a Python caller) directly, by
-keyword (`options_by_key` checks the keys, the value types and the flags' rules)."""
+keyword (`options_by_key` checks the keys, the value types and the flags' rules). The flags a stitch config sets
+(lr, epochs, ls_mode, ...) are declared in `snnet.core.config.ConfigFlags` and copied here with `shared`."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,10 +15,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from snnet.core.config import CONFIG_FLAGS
 from snnet.core.options import (
     AUGMENT,
     BATCH_NORM,
-    DATASET,
     DEVICE,
     EMA,
     FILES,
@@ -48,7 +49,7 @@ __all__ = ["EvalOptions", "FLAG_OPTIONS", "InputOptions", "JobOptions", "LoggerO
            "TrainOptions", "options_by_key"]
 
 #: options several of the objects below share
-IMG_SIZE = option(None, "--img-size", rule="positive", group=MODEL, help="Image size (default: the model's)")
+IMG_SIZE = CONFIG_FLAGS["img_size"]  # a stitch config's input_size sets it: declared in snnet.core.config
 IN_CHANS = option(None, "--in-chans", rule="positive", group=MODEL,
                   help="Image input channels (default: the model's)")
 NO_PRETRAINED = option(False, "--no-pretrained", group=MODEL, help="random anchors (no hub weights)")
@@ -64,11 +65,7 @@ class OptimOptions:
     # None: lr_base scaled from lr_base_size to the global batch
     lr: float | None = option(None, "--lr", rule="non_negative", group=SCHEDULE,
                               help="learning rate, absolute; overrides --lr-base if set (default: from --lr-base)")
-    lr_base: float = option(0.1, "--lr-base", rule="non_negative", group=SCHEDULE,
-                            help="base learning rate: lr = lr_base * global_batch_size / lr_base_size. A stitch "
-                                 "config's lr (SN-Net's LR per 512 images) becomes this default with --lr-base-size "
-                                 "512 and --lr-base-scale linear, so with such a config a typed --lr-base is per 512 "
-                                 "images too, unless --lr-base-size is typed")
+    lr_base: float = shared(CONFIG_FLAGS["lr_base"])
     lr_base_size: int = option(256, "--lr-base-size", rule="positive", group=SCHEDULE,
                                help="base learning rate batch size (divisor; 512 when the stitch config holds lr)")
     # '' : sqrt for adaptive optimizers (ada*, lamb), else linear
@@ -104,7 +101,7 @@ class OptimOptions:
 class ScheduleOptions:
     """The LR schedule (timm's create_scheduler_v2 under train.py's flag names) and its warm-up and floor."""
     sched: str = option("cosine", "--sched", group=SCHEDULE, help="LR scheduler")
-    epochs: int = option(300, "--epochs", rule="positive", group=SCHEDULE, help="number of epochs to train")
+    epochs: int = shared(CONFIG_FLAGS["epochs"])
     decay_epochs: float = option(90, "--decay-epochs", group=SCHEDULE, help="epoch interval to decay LR")
     decay_milestones: tuple[int, ...] = option((90, 180, 270), "--decay-milestones", nargs="+", group=SCHEDULE,
                                                help="list of decay epoch indices for multistep lr. must be increasing")
@@ -112,15 +109,14 @@ class ScheduleOptions:
                                help="LR decay rate")
     warmup_epochs: int = option(5, "--warmup-epochs", rule="non_negative", group=SCHEDULE,
                                 help="epochs to warmup LR, if scheduler supports")
-    warmup_lr: float = option(1e-5, "--warmup-lr", rule="non_negative", group=SCHEDULE, help="warmup learning rate")
+    warmup_lr: float = shared(CONFIG_FLAGS["warmup_lr"])
     warmup_prefix: bool = option(False, "--warmup-prefix", group=SCHEDULE,
                                  help="Exclude warmup period from decay schedule.")
     cooldown_epochs: int = option(0, "--cooldown-epochs", rule="non_negative", group=SCHEDULE,
                                   help="epochs to cooldown LR at min_lr, after cyclic schedule ends")
     patience_epochs: int = option(10, "--patience-epochs", group=SCHEDULE,
                                   help="patience epochs for Plateau LR scheduler")
-    min_lr: float = option(0.0, "--min-lr", rule="non_negative", group=SCHEDULE,
-                           help="lower lr bound for cyclic schedulers that hit 0")
+    min_lr: float = shared(CONFIG_FLAGS["min_lr"])
     scale_warmup_min_lr: bool = option(False, "--scale-warmup-min-lr", group=SCHEDULE,
                                        help="scale --warmup-lr and --min-lr with the global batch like an LR from "
                                             "--lr-base (SN-Net's Swin recipe scaled all three; DeiT and LeViT scaled "
@@ -151,15 +147,12 @@ class LossOptions:
                              help="How to apply mixup/cutmix params: per batch, pair or elem")
     mixup_off_epoch: int = option(0, "--mixup-off-epoch", group=AUGMENT,
                                   help="Turn off mixup after this epoch, disabled if 0")
-    distillation_type: str = option("none", "--distillation-type", choices=("none", "soft", "hard"), group=STITCHING,
-                                    help="DeiT distillation from --teacher: none, soft (KL divergence) or hard "
-                                         "(teacher's labels)")
+    distillation_type: str = shared(CONFIG_FLAGS["distillation_type"])
     distillation_alpha: float = option(0.5, "--distillation-alpha", rule="probability", group=STITCHING,
                                        help="weight of the distillation loss")
     distillation_tau: float = option(1.0, "--distillation-tau", rule="positive", group=STITCHING,
                                      help="temperature of soft distillation")
-    teacher: str = option("", "--teacher", metavar="NAME", group=STITCHING,
-                          help="distillation teacher (timm name)")
+    teacher: str = shared(CONFIG_FLAGS["teacher"])
     teacher_checkpoint: str = option("", "--teacher-checkpoint", group=STITCHING,
                                      help="local weights of the teacher ('' = hub weights)")
     no_pretrained: bool = shared(NO_PRETRAINED)  # a teacher without checkpoint is random too (no download)
@@ -344,9 +337,7 @@ class LoggerOptions:
 class JobOptions:
     """What this invocation of train.py does: its config files, the dataset folder, where it starts from (resume,
     initial checkpoint), dry run or evaluation, the LS init, the process group and the output folder."""
-    data: str | None = option(None, nargs="?", metavar="DIR", group=DATASET,
-                              help="path to dataset (ImageFolder: train/ and val/ or validation/); a stitch config's "
-                                   "data_path is its default")
+    data: str | None = shared(CONFIG_FLAGS["data"])
     config: str = option("", "-c", "--config", metavar="FILE", group=FILES,
                          help="YAML config file specifying default arguments: keys are flag names (- or _), values "
                               "as typed; the stitch config and typed flags override it")
@@ -369,16 +360,8 @@ class JobOptions:
     eval: bool = option(False, "--eval", group=STITCHING,
                         help="evaluate every stitch and exit (with --resume: that checkpoint; without: the freshly "
                              "built, least-squares initialised SN-Net)")
-    ls_mode: str | None = option(None, "--ls-mode", choices=("joint", "average", "snnet"), group=STITCHING,
-                                 help="least-squares init: joint (shared layers fitted to all their positions, eval "
-                                      "mode, clean images), average (SN-Net's mean of per-position solutions, "
-                                      "otherwise as joint) or snnet (SN-Net's init exactly: the first augmented, "
-                                      "mixed-up training batch of stitch_init_bs images per process, train mode, "
-                                      "float32 pinv per position, averaged; rank 0's result kept) (default: the "
-                                      "stitch config's ls_mode, joint)")
-    stitch_init_bs: int | None = option(None, "--stitch-init-bs", rule="positive", group=STITCHING,
-                                        help="images for the least-squares init (default: the stitch config's "
-                                             "stitch_init_bs, 100)")
+    ls_mode: str | None = shared(CONFIG_FLAGS["ls_mode"])
+    stitch_init_bs: int | None = shared(CONFIG_FLAGS["stitch_init_bs"])
     no_ls_init: bool = option(False, "--no-ls-init", group=STITCHING, help="keep the stitching layers' default init")
     dist_backend: str | None = option(None, "--dist-backend", group=DEVICE,
                                       help="default: nccl on CUDA, gloo on CPU")
@@ -386,9 +369,7 @@ class JobOptions:
                                   help="accepted for timm compatibility; unused: the process group is set up from "
                                        "torchrun's environment")
     output: str = option("", "--output", group=OUTPUT, help="path to output folder ('' = ./output/train)")
-    experiment: str = option("", "--experiment", group=OUTPUT,
-                             help="name of train experiment, name of sub-folder for output ('' = "
-                                  "<date>-<model>-<img size>)")
+    experiment: str = shared(CONFIG_FLAGS["experiment"])
 
 
 @dataclass(frozen=True)
