@@ -776,7 +776,8 @@ def test_the_mode_table_is_a_lookup_by_rate_and_burstiness():
     assert table.choose(5.0, 1.0) is None and table.choose(5.0, 6.0) == 5  # CV^2 edges: 2 and sqrt(32)
     assert table.choose(10.5, 1.9) is None and table.choose(10.5, 2.1) == 5  # 10.5/s: the 20/s row (the safer)
     assert table.choose(1e6, 0.0) == 5  # beyond the table: its heaviest row
-    assert "cfg_id 5 always from 40.0 req/s" in table.describe().split("; ")[0]
+    assert table.describe().split("; ")[:2] == ["CV^2 1: cfg_id always at 40: 5",
+                                                 "CV^2 4: cfg_id always at 20: 5, 40: 5"]
     with pytest.raises(ValueError, match="8 modes for 3 rates x 3"):
         ModeTable([10.0, 20.0, 40.0], [1.0, 4.0, 8.0], [None] * 8)
 
@@ -790,16 +791,17 @@ def _modes_scheduler(clock, build_now=True, modes=True):
     return sched, menu
 
 
-def test_a_heavy_or_bursty_load_runs_the_fastest_stitch_always_a_light_one_switches():
+def test_a_heavy_or_bursty_load_runs_one_stitch_always_a_light_one_switches():
     """simulate.py `mode_table` on the test menu (cfg 1: 80 %, 4 ms alone; cfg 2: 72 %, 2 ms; cfg 0: 60 %, 1 ms
     alone and 2 ms for 8, the fastest at full batches) with a 12 ms budget: at the lightest load switching answers
-    as many in time and on better stitches, under heavy bursts cfg 0 always answers more; the scheduler looks the
-    table up by the rate and CV^2 of its last arrivals, and switches before it has seen enough of them."""
+    as many in time and on better stitches; under heavy bursts one stitch always answers more (at the heaviest, the
+    fastest: nothing else keeps up). The scheduler looks the table up by the rate and CV^2 of its last arrivals, and
+    switches before it has seen enough of them."""
     clock = VirtualClock()
     sched, menu = _modes_scheduler(clock)
     table = sched.choices.simulate((1, 2, 0), int(math.floor(math.log(12.0) / math.log(1.05))), sched.learned)
-    assert table.modes[0] is None and table.modes[len(table.modes) - 1] == 0, table.modes
-    assert set(table.modes) == {None, 0}, table.modes
+    heaviest_bursts = table.modes[len(table.modes) - 1]
+    assert table.modes[0] is None and heaviest_bursts == 0, table.modes
     assert sched.mode((1, 2, 0), 12.0) is None  # no arrivals seen yet: switching
     x = torch.empty(0)
     times = arrival_times(300, 2 * 4000.0, 8.0, seed=1)  # twice what cfg 0 sustains, in bursts
@@ -815,7 +817,7 @@ def test_a_heavy_or_bursty_load_runs_the_fastest_stitch_always_a_light_one_switc
         chosen[modes] = s.plan(lone)
     rate, cv2 = sched.arrivals.load()
     assert rate > 4000 and cv2 > 4, (rate, cv2)
-    assert sched.mode((1, 2, 0), 12.0) == 0
+    assert sched.mode((1, 2, 0), 12.0) == table.choose(rate, cv2) == 0
     assert chosen == {True: 0, False: 1}  # per batch a lone head gets the most accurate; the mode: the fastest
 
 

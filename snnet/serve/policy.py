@@ -225,9 +225,9 @@ class SlackTable:
 class ModeTable:
     """(arrival rate, its squared coefficient of variation) -> the stitch every request of one candidate list and
     budget runs, or None: the `SlackTable`'s choice per batch (switching). Built by simulation (simulate.py
-    `mode_table`) at the server's speed: where the load is heavy or bursty enough, the fastest stitch always
-    answers more requests correctly in time than a choice per batch (a slow stitch chosen in a lull holds up the
-    burst behind it: a batch cannot be interrupted).
+    `mode_table`) at the server's speed: where the load is heavy or bursty enough, one stitch always answers more
+    requests correctly in time than a choice per batch (a slow stitch chosen in a lull holds up the burst behind
+    it: a batch cannot be interrupted).
 
     A lookup: the first simulated rate at or above the measured one (the heavier load: the safer side), the nearest
     CV^2 on a log scale."""
@@ -247,13 +247,13 @@ class ModeTable:
         return sum(m is not None for m in self.modes) / len(self.modes)
 
     def describe(self) -> str:
-        """One line per simulated CV^2: from which rate on one stitch runs always (req/s), or never."""
+        """One line per simulated CV^2: the stitch run always at each simulated rate (req/s) where one is."""
         out = []
         for j, cv2 in enumerate(self.cv2s):
-            fixed = [(r, self.modes[i * len(self.cv2s) + j]) for i, r in enumerate(self.rates)]
-            first = next(((r, m) for r, m in fixed if m is not None), None)
-            out.append(f"CV^2 {cv2:g}: " + ("switching at every simulated rate" if first is None else
-                                            f"cfg_id {first[1]} always from {first[0]:.1f} req/s"))
+            fixed = [f"{r:.4g}: {m}" for i, r in enumerate(self.rates)
+                     if (m := self.modes[i * len(self.cv2s) + j]) is not None]
+            out.append(f"CV^2 {cv2:g}: " + ("switching at every simulated rate" if not fixed else
+                                            "cfg_id always at " + ", ".join(fixed)))
         return "; ".join(out)
 
 

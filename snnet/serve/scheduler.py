@@ -11,11 +11,11 @@ the burst drains. A request with one candidate (a fixed cfg_id, a cascade's stag
 (its FLOPs budget's best stitch, `snnet select`'s rule) has no choice: it only ever runs that stitch.
 
 Where choosing per batch loses, the server does not choose (`modes`): under a load heavy or bursty enough, a slow
-stitch chosen in a lull holds up the burst that follows (a batch cannot be interrupted), and the fastest stitch at
-full batches, run always, answers more requests in time. Which of the two serves a load better is simulated once
-per candidate list and budget (simulate.py `mode_table`, with this server's measured batch times and decoding
-time, in a thread of its own once 30 batches were measured) and looked up by the rate and burstiness (CV^2) of the
-last `GAPS` arrivals (`ModeTable`, policy.py).
+stitch chosen in a lull holds up the burst that follows (a batch cannot be interrupted), and one stitch run always
+answers more requests in time. Whether switching or which one stitch serves a load best is simulated once per
+candidate list and budget (simulate.py `mode_table`, with this server's measured batch times and decoding time, in
+a thread of its own at the lowest priority once `MODE_AFTER` batches were measured) and looked up by the rate and
+burstiness (CV^2) of the last `GAPS` arrivals (`ModeTable`, policy.py).
 
 A head that cannot meet its deadline even on its fastest candidate at batch 1, at the machine's typical speed, is
 *shed* when the server runs with `shed=True` (the handler answers 503 at once; it costs no compute), unless the
@@ -33,7 +33,9 @@ import concurrent.futures
 import heapq
 import itertools
 import math
+import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -115,7 +117,7 @@ class Rule:
     """How the dispatch batches and chooses: `max_batch` and `max_wait_ms` (a batching wait when the queue is
     shorter), `shed` (answer a hopeless head at once), the choice's knobs that the replay tunes (`arrivals`: count
     the arrivals a batch holds up; `rest_on_same`: the queue behind the head runs on its stitch, else the fastest;
-    `modes`: run the fastest stitch always where the measured load makes that better) and `build_now` (simulate a
+    `modes`: run one stitch always where the measured load makes that better) and `build_now` (simulate a
     mode table at once, as a simulation wants, not in a thread of its own)."""
     max_batch: int = 16
     max_wait_ms: float = 0.0
@@ -176,6 +178,10 @@ class Choices:
         return None if table is None else table.choose(*load)
 
     def _build(self, key: tuple[tuple[int, ...], int], learned: Learned) -> None:
+        try:  # this thread yields the core to the forward passes and the event loop (Linux: a thread's own nice)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):
+            pass
         t0 = time.perf_counter()
         table = self.modes[key] = self.simulate(*key, learned)
         print(f"snnet serve: stitches {list(key[0])} within {BUDGET_STEP ** key[1]:.1f} ms simulated in "

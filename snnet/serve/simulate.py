@@ -87,27 +87,28 @@ def mode_table(menu: StitchMenu, candidates: Sequence[int], budget_ms: float, ma
                make: Callable[[VirtualClock], Any], make_job: Callable[[Sequence[int], float, float], Any],
                before_ms: float = 0.0, ratios: Sequence[float] = (1.0,), requests: int = 1000,
                seed: int = 0) -> ModeTable:
-    """Which serves each load better: switching among `candidates`, or always their fastest at full batches (the
-    stitch that sustains the most requests)? Each (load, CV^2) of `LOADS` x `CV2S` is replayed on gamma arrivals
-    (`requests` of them, the same for both) and scored by the expected correct answers within `budget_ms` (real
-    ms, from arrival to the batch's end): top-1 x met. A batch takes the latency table's time x one of `ratios`
-    (measured / table, the server's recent batches), drawn at random, the same draws for both. Each request is
-    queued `before_ms` after it arrived or after the previous one was queued, whichever is later (the decoding).
-    `make(clock)`: a scheduler of the server's rule without modes that spends all of a budget on queueing and the
-    batch; `make_job(candidates, arrival, deadline)`: its request. Ties go to switching."""
+    """Which serves each load best: switching among `candidates`, or always one of them? Each (load, CV^2) of
+    `LOADS` x `CV2S` is replayed on gamma arrivals (`requests` of them, the same for every system) and scored by
+    the expected correct answers within `budget_ms` (real ms, from arrival to the batch's end): top-1 x met. A batch
+    takes the latency table's time x one of `ratios` (measured / table, the server's recent batches), drawn at
+    random, the same draws for every system. Each request is queued `before_ms` after it arrived or after the
+    previous one was queued, whichever is later (the decoding). `make(clock)`: a scheduler of the server's rule
+    without modes that spends all of a budget on queueing and the batch; `make_job(candidates, arrival, deadline)`:
+    its request. Ties go to switching, then to the better ranked stitch."""
     from snnet.serve.loadgen import arrival_times  # a leaf module: numpy only
     ids = list(candidates)
     b_max = max(1, max_batch)
     fastest = min(ids, key=lambda c: (menu.batch_ms(c, b_max), ids.index(c)))
     capacity = b_max / menu.batch_ms(fastest, b_max) * 1e3  # requests per second it sustains (table speed)
     acc = {c: float(menu.by_id[c]["acc1"]) / 100.0 for c in ids}
+    systems: list[tuple[int, ...]] = [tuple(ids)] + [(c,) for c in ids]
     modes: list[int | None] = []
     for i, load in enumerate(LOADS):
         for j, cv2 in enumerate(CV2S):
             times = arrival_times(requests, load * capacity, cv2, seed + 1000 * i + j).tolist()
             noise = np.random.default_rng(seed + 1000 * i + j).choice(np.asarray(ratios, float), requests).tolist()
             scores = []
-            for system in (tuple(ids), (fastest,)):
+            for system in systems:
                 clock = VirtualClock()
                 jobs, free = [], 0.0
                 for k, t in enumerate(times):
@@ -126,7 +127,8 @@ def mode_table(menu: StitchMenu, candidates: Sequence[int], budget_ms: float, ma
 
                 replay(make(clock), clock, jobs, service_ms, answered)
                 scores.append(earned[0])
-            modes.append(fastest if scores[1] > scores[0] else None)
+            best = max(range(len(systems)), key=lambda k: (scores[k], -k))
+            modes.append(None if best == 0 else systems[best][0])
     return ModeTable([load * capacity for load in LOADS], list(CV2S), modes)
 
 
