@@ -55,6 +55,12 @@ class Recent:
                 self._at = now
 
 
+    def snapshot(self) -> list[tuple[float, ...]]:
+        """The samples kept now, (time, *sample) each, copied under the lock (another thread may be adding)."""
+        with self._lock:
+            return list(self.samples)
+
+
 class Quantile(Recent):
     """One quantile of the recent samples; `initial` until `least` exist."""
 

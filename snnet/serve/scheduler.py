@@ -183,7 +183,12 @@ class Choices:
         except (AttributeError, OSError):
             pass
         t0 = time.perf_counter()
-        table = self.modes[key] = self.simulate(*key, learned)
+        try:
+            table = self.modes[key] = self.simulate(*key, learned)
+        except Exception as e:  # the server goes on switching; say why
+            print(f"snnet serve: stitches {list(key[0])}: the mode table failed ({type(e).__name__}: {e}); "
+                  f"switching per batch", file=sys.stderr, flush=True)
+            return
         print(f"snnet serve: stitches {list(key[0])} within {BUDGET_STEP ** key[1]:.1f} ms simulated in "
               f"{time.perf_counter() - t0:.1f} s: {table.describe()}", file=sys.stderr, flush=True)
 
@@ -198,7 +203,7 @@ class Choices:
             made.learned = Learned.on(clock, after_ms=0.0)  # the budget simulated is what is left for the batch
             return made
 
-        ratios = [m / t for _, t, m in list(learned.batches.window.samples)]
+        ratios = [m / t for _, t, m in learned.batches.window.snapshot()]
         return mode_table(self.menu, candidates, BUDGET_STEP ** bucket, self.rule.max_batch, make,
                           lambda c, t, d: Pending(_NOTHING, c, t, d), learned.before_ms.value, ratios)
 
