@@ -30,9 +30,10 @@ Systems: **switch** (the SN-Net's front, `snnet serve`'s planner); every **fixed
 chosen on the *tuning* traces (seeds 0..9) and judged on the evaluation traces; **anchors** (the anchors alone,
 the same planner: INFaaS-style model switching); digits also the **anchor cascade** and the **SN-Net cascade**
 (run the cheap stage, escalate an unsure answer when its deadline allows; thresholds from the demo's predictions,
-as serve_live's plan). The planner's rule (its two knobs: counting the arrivals a batch holds up, and running the
-queue behind the head on the same stitch or on the fastest) is chosen on the tuning traces too, over both networks,
-and the other rules are reported beside it on the evaluation traces.
+as serve_live's plan). The planner's rule (its three knobs: counting the arrivals a batch holds up, running the
+queue behind the head on the same stitch or on the fastest, and the modes: one stitch always where the server's own
+simulation says it serves the measured load better) is chosen on the tuning traces too, over both networks, and
+the rules that differ from it in one knob are reported beside it on the evaluation traces.
 
 Per setting: switching minus each alternative, the paired mean over the evaluation traces with its 95 % interval
 (t). Evaluation traces are seeds `--seed-offset` + 0..`--traces`-1 (pass an offset nobody chose).
@@ -85,8 +86,9 @@ ARRIVALS = ("poisson", "gamma4", "gamma8", "onoff")
 LOADS = (0.5, 1.0, 1.5, 2.0, 3.0)
 SLO_FACTOR = 3.0
 TUNING_SEEDS = range(10)
-#: the planner's rules (snnet/serve/policy.py `SlackTable`): its two knobs on and off; the one that scores best on
-#: the tuning traces is "switch" on the evaluation traces, the others are shown beside it (not alternatives)
+#: the planner's rules (snnet/serve/scheduler.py `Rule`): the server's default and each knob off in turn; the one
+#: that scores best on the tuning traces is "switch" on the evaluation traces, the others are shown beside it (not
+#: alternatives). tests/test_serve.py checks that the committed run's winner is the server's default.
 RULES = {"switch, modes, arrivals, rest on same": {},
          "switch, arrivals, rest on same": {"modes": False},
          "switch, modes, arrivals, rest on fastest": {"rest_on_same": False},

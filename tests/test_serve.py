@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -29,7 +30,7 @@ from snnet.serve.estimates import BatchTimes, Learned, Quantile
 from snnet.serve.handler import RequestError, ServeCore, ServeSpec
 from snnet.serve.loadgen import arrival_times, check_loopback, get, percentile, post, run_load, run_open_loop
 from snnet.serve.policy import BudgetError, ModeTable, SlackTable, StitchMenu
-from snnet.serve.scheduler import DeadlineScheduler, Pending, Shed
+from snnet.serve.scheduler import DeadlineScheduler, Pending, Rule, Shed
 from snnet.serve.simulate import VirtualClock
 
 
@@ -791,6 +792,11 @@ def _modes_scheduler(clock, build_now=True, modes=True):
     return sched, menu
 
 
+def mode_now(sched):
+    """The mode of the test menu's front with a 12 ms budget at the scheduler's measured load."""
+    return sched.choices.mode((1, 2, 0), 12.0, sched.arrivals.load(), sched.learned)
+
+
 def test_a_heavy_or_bursty_load_runs_one_stitch_always_a_light_one_switches():
     """simulate.py `mode_table` on the test menu (cfg 1: 80 %, 4 ms alone; cfg 2: 72 %, 2 ms; cfg 0: 60 %, 1 ms
     alone and 2 ms for 8, the fastest at full batches) with a 12 ms budget: at the lightest load switching answers
@@ -802,7 +808,7 @@ def test_a_heavy_or_bursty_load_runs_one_stitch_always_a_light_one_switches():
     table = sched.choices.simulate((1, 2, 0), int(math.floor(math.log(12.0) / math.log(1.05))), sched.learned)
     heaviest_bursts = table.modes[len(table.modes) - 1]
     assert table.modes[0] is None and heaviest_bursts == 0, table.modes
-    assert sched.mode((1, 2, 0), 12.0) is None  # no arrivals seen yet: switching
+    assert mode_now(sched) is None  # no arrivals seen yet: switching
     x = torch.empty(0)
     times = arrival_times(300, 2 * 4000.0, 8.0, seed=1)  # twice what cfg 0 sustains, in bursts
     lone = float(times[-1]) + 1e-4
@@ -817,7 +823,7 @@ def test_a_heavy_or_bursty_load_runs_one_stitch_always_a_light_one_switches():
         chosen[modes] = s.plan(lone)
     rate, cv2 = sched.arrivals.load()
     assert rate > 4000 and cv2 > 4, (rate, cv2)
-    assert sched.mode((1, 2, 0), 12.0) == table.choose(rate, cv2) == 0
+    assert mode_now(sched) == table.choose(rate, cv2) == 0
     assert chosen == {True: 0, False: 1}  # per batch a lone head gets the most accurate; the mode: the fastest
 
 
@@ -829,11 +835,25 @@ def test_a_server_simulates_its_mode_table_in_a_thread_of_its_own():
     x = torch.empty(0)
     for t in arrival_times(300, 8000.0, 8.0, seed=1):
         sched.admit(Pending(x, (1, 2, 0), t, t + 0.012), t)
-    assert sched.mode((1, 2, 0), 12.0) is None  # being simulated
+    assert mode_now(sched) is None  # being simulated
     assert sched.choices.builder is not None
     sched.choices.builder.shutdown(wait=True)
-    assert sched.mode((1, 2, 0), 12.0) == 0 and sched.stats()["mode_tables"] == 1
+    assert mode_now(sched) == 0 and sched.stats()["mode_tables"] == 1
     sched.close()
+
+
+def test_the_committed_replays_tuned_rule_is_the_servers_default(monkeypatch):
+    """The replay reports the rule its tuning traces chose as "switch"; the server must run that rule, else the
+    replay's headline is another server's (results/bench_serve_replay.txt, benchmarks/serve_replay.py RULES)."""
+    monkeypatch.syspath_prepend(f"{ROOT}/benchmarks")
+    import serve_replay
+    text = Path(ROOT, "results", "bench_serve_replay.txt").read_text()
+    chosen = re.search(r"the rule '([^']+)' scored best", text).group(1)  # type: ignore[union-attr]
+    default = dataclasses.asdict(Rule())
+    assert all(default[k] == v for k, v in serve_replay.RULES[chosen].items()), (chosen, default)
+    assert serve_replay.systems(serve_replay.Calibrated("deit", json.loads(
+        Path(ROOT, "results", "serve_calibration.json").read_text())["nets"]["deit"]))["switch"] == \
+        {"stages": mock.ANY, **{k: True for k in serve_replay.KNOBS}}
 
 
 def test_the_replay_runs_the_servers_policy_on_a_virtual_clock(monkeypatch):

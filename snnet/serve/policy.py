@@ -242,10 +242,6 @@ class ModeTable:
         i = min(bisect.bisect_left(self.rates, rate), len(self.rates) - 1)
         return self.modes[i * len(self.cv2s) + bisect.bisect_right(self._cv_edges, cv2)]
 
-    def fixed_share(self) -> float:
-        """The share of the table's cells that run one stitch always."""
-        return sum(m is not None for m in self.modes) / len(self.modes)
-
     def describe(self) -> str:
         """One line per simulated CV^2: the stitch run always at each simulated rate (req/s) where one is."""
         out = []

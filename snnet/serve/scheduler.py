@@ -351,10 +351,6 @@ class DeadlineScheduler:
         rate = self.arrivals.rate(now) * slowdown if rule.arrivals else 0.0
         return table.choose((left_ms - jitter) / slowdown, (budget_ms - jitter) / slowdown, len(self.queue), rate)
 
-    def mode(self, candidates: Sequence[int], budget_ms: float) -> int | None:
-        """What the head of `candidates` with this budget runs at the measured load (`Choices.mode`)."""
-        return self.choices.mode(tuple(candidates), budget_ms, self.arrivals.load(), self.learned)
-
     def done_batch(self, cfg_id: int, n: int, measured_ms: float) -> None:
         """Learn from a batch of `n` on `cfg_id` that took `measured_ms` (the worker after each forward pass)."""
         self.learned.batches.add(self.menu.batch_ms(cfg_id, n), measured_ms)
