@@ -145,3 +145,60 @@ def test_random_anchors_are_the_same_on_every_rank(digits_folder, tiny_config, t
     assert len(one) == 12 and [r["acc1"] for r in one] == [r["acc1"] for r in two]
     # random tiny anchors predict nearly one class (top-1 near 10 % whatever the weights): the loss tells networks apart
     assert [r["loss"] for r in one] == pytest.approx([r["loss"] for r in two], rel=1e-5)
+
+
+def test_the_preflight_the_dry_run_and_the_trainer_read_one_resolved_run(digits_folder, tiny_config, tmp_path,
+                                                                         monkeypatch, capsys):
+    """Issue 52: train.py resolves the global batch, the rates, the schedule and the folder once (`resolve_run`)
+    and hands the same `ResolvedRun` to the preflight's checks, to args.yaml's description and to the trainer;
+    none of them resolves its own. --dry-run prints the same values."""
+    import snnet.train.describe as describe_mod
+    import snnet.train.main as main_mod
+    import snnet.train.preflight as preflight_mod
+    import snnet.train.trainer as trainer_mod
+    from snnet.train.resolved import ResolvedRun
+
+    def again(*a, **k):
+        raise AssertionError("the run was resolved a second time")
+    for module in (preflight_mod, describe_mod, trainer_mod):
+        monkeypatch.setattr(module, "resolve_run", again)
+    made, read = [], {}
+    resolve_run, check_training, describe_run = main_mod.resolve_run, preflight_mod.check_training, \
+        main_mod.describe_run
+
+    def resolving(*a, **k):
+        made.append(resolve_run(*a, **k))
+        return made[-1]
+
+    def checking(options, world_size=1, resolved=None):
+        read["preflight"] = resolved
+        return check_training(options, world_size, resolved)
+
+    def describing(*a, **k):
+        read["describe"] = k.get("resolved")
+        return describe_run(*a, **k)
+
+    def trainer(net, loader, loss_fn, options, setup):
+        read["trainer"] = setup.resolved
+        raise KeyboardInterrupt  # the trainer got what it builds from: stop before it builds
+
+    monkeypatch.setattr(main_mod, "resolve_run", resolving)
+    monkeypatch.setattr(preflight_mod, "check_training", checking)
+    monkeypatch.setattr(main_mod, "describe_run", describing)
+    monkeypatch.setattr(main_mod, "create_trainer", trainer)
+    monkeypatch.setattr(main_mod, "run_ls_init", lambda *a, **k: None)
+    argv = [*_argv(digits_folder, tiny_config, tmp_path), "-b", "8", "--lr", "2e-3"]
+    with pytest.raises(KeyboardInterrupt):
+        main_mod.main(argv)
+    assert len(made) == 1 and isinstance(made[0], ResolvedRun)
+    assert read == {"preflight": made[0], "describe": made[0], "trainer": made[0]}
+    assert (made[0].global_batch, made[0].out_dir) == (8, tmp_path / "flow")
+    assert made[0].lr == 2e-3
+    written = yaml.safe_load((tmp_path / "flow" / "args.yaml").read_text())["resolved"]
+    capsys.readouterr()
+    assert main_mod.main([*argv, "--dry-run"]) in (0, None)
+    dry = yaml.safe_load(capsys.readouterr().out)["resolved"]
+    assert len(made) == 2 and read["preflight"] is made[1] and read["describe"] is made[1]
+    assert (dry["global_batch"], dry["lr"], dry["schedule"]) == (written["global_batch"], written["lr"],
+                                                                 written["schedule"]) == \
+        (made[1].global_batch, made[1].lr, made[1].schedule)

@@ -5,4 +5,5 @@ name with a leading underscore is its module's own and is never imported by anot
 (tests/test_layers.py). Nothing is imported here, so importing one module costs only that module."""
 
 __all__ = ["args", "describe", "device", "engine", "evaluator", "hooks", "launch", "loggers", "losses", "ls_data",
-           "main", "network", "optim", "options", "positions", "preempt", "preflight", "resume", "sampler", "trainer"]
+           "main", "network", "optim", "options", "positions", "preempt", "preflight", "resolved", "resume", "sampler",
+           "trainer"]

@@ -23,8 +23,9 @@ from timm.layers import DropPath
 from snnet.core.config import ConfigError, StitchConfig
 from snnet.data.transforms import eval_data_config, pretrained_cfg
 from snnet.train.network import build_network
-from snnet.train.optim import anchor_lr_scale, decays_stitch_biases, describe_schedule, resolve_lrs
+from snnet.train.optim import anchor_lr_scale, decays_stitch_biases
 from snnet.train.options import RunOptions
+from snnet.train.resolved import ResolvedRun, resolve_run
 from snnet.train.sampler import anchor_routes, run_sampler, train_ids
 
 
@@ -37,27 +38,30 @@ def recorded_arguments(options: RunOptions, **resolved: Any) -> Mapping[str, Any
 
 
 def describe_run(options: RunOptions, stitch_cfg: StitchConfig | None, world_size: int, device_type: str,
-                 net=None, recorded: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                 net=None, recorded: Mapping[str, Any] | None = None,
+                 resolved: ResolvedRun | None = None) -> dict[str, Any]:
     """The resolved run: timm's args.yaml entries (`recorded`, else the options' `recorded_arguments`) plus a
     ``resolved`` section of what they amount to, the network included (`net`: the run's built network; None: built
-    here on the meta device)."""
+    here on the meta device). The global batch, the rates and the schedule are the run's `resolved` ones (train.py's,
+    which its preflight and trainer read too; None: resolved here at `world_size`)."""
     optim, train, loss = options.optim, options.train, options.loss
-    global_batch, lr, warmup_lr, min_lr = resolve_lrs(options, world_size)
+    run = resolved if resolved is not None else resolve_run(options, world_size)
+    global_batch, lr = run.global_batch, run.lr
     scale = anchor_lr_scale(optim)
     stitch_bias_decay = decays_stitch_biases(optim, stitch_cfg)
     amp = None
     if train.amp:
         amp = {"dtype": train.amp_dtype or ("float16" if device_type == "cuda" else "bfloat16"),
                "covers": "forward" if train.no_amp_loss else "forward and loss (teacher included)"}
-    resolved = {
-        "world_size": world_size, "global_batch": global_batch, "device": device_type, "lr": lr,
+    section = {
+        "world_size": run.world_size, "global_batch": global_batch, "device": device_type, "lr": lr,
         "param_groups": {"anchors": {"lr": lr * scale, "lr_scale": scale, "weight_decay": optim.weight_decay},
                          "stitching_layers": {"lr": lr, "lr_scale": 1.0, "weight_decay": optim.weight_decay,
                                               "bias_weight_decay": optim.weight_decay if stitch_bias_decay else 0.0},
                          "no_weight_decay": ("the anchors' 1-D params and biases" if stitch_bias_decay else
                                              "1-D params, biases") + ("" if optim.snnet_compat else
                                                                       ", the anchors' no_weight_decay names")},
-        "schedule": describe_schedule(options.schedule, options.eval.eval_metric, warmup_lr, min_lr),
+        "schedule": dict(run.schedule),
         "eval_transform": eval_data_config(recorded_arguments(options), stitch_cfg),
         "teacher": None if loss.distillation_type == "none" else {
             "name": loss.teacher, "type": loss.distillation_type, "alpha": loss.distillation_alpha,
@@ -69,7 +73,7 @@ def describe_run(options: RunOptions, stitch_cfg: StitchConfig | None, world_siz
     }
     plain = {k: (list(v) if isinstance(v, tuple) else v)
              for k, v in sorted((recorded if recorded is not None else recorded_arguments(options)).items())}
-    return {**plain, "resolved": resolved}
+    return {**plain, "resolved": section}
 
 
 # ------------------------------------------------------------------------------------------------------ the network

@@ -55,6 +55,7 @@ from snnet.train.options import JobOptions, RunOptions, TrainOptions
 from snnet.train.positions import write_stitch_plan
 from snnet.train.preempt import STOP, Preempted
 from snnet.train.preflight import check_output, check_recipe, check_run, output_dir
+from snnet.train.resolved import ResolvedRun, resolve_run
 from snnet.train.resume import continue_epoch, fitting_checkpoint, truncate_summary
 from snnet.train.sampler import run_sampler
 from snnet.train.trainer import Trainer, TrainSetup, create_trainer
@@ -108,6 +109,7 @@ class Run:
     config_text: str  # the network's identity (anchors, input, classes, precision), hashed into results
     args_json: str    # the resolved arguments as every checkpoint records them ("args")
     loggers: Loggers | None = None  # --log-tensorboard, --log-wandb (rank 0)
+    resolved: ResolvedRun | None = None  # global batch, rates, schedule, folder: the trainer reads them from here
 
     optim = property(lambda self: self.options.optim)
     schedule = property(lambda self: self.options.schedule)
@@ -145,11 +147,12 @@ class Run:
 
 
 def build_run(options: RunOptions, recorded: Mapping[str, Any], stitch_cfg: StitchConfig | None,
-              device: torch.device, data_cfg: dict, out_dir: Path) -> Run:
+              device: torch.device, data_cfg: dict, out_dir: Path, resolved: ResolvedRun | None = None) -> Run:
     """train.py's edge: the resolved options and the arguments they record (`recorded`, args.yaml's) as the typed
     run."""
     return Run(options, stitch_cfg, device, amp_dtype_for(options.train, device), data_cfg, out_dir,
-               network_identity(options, stitch_cfg, data_cfg), json.dumps(dict(recorded), default=str))
+               network_identity(options, stitch_cfg, data_cfg), json.dumps(dict(recorded), default=str),
+               resolved=resolved)
 
 
 # ------------------------------------------------------------------------------------------------------ building
@@ -189,15 +192,18 @@ def resolve(options: RunOptions, stitch_cfg: StitchConfig | None, dataset, place
 # ------------------------------------------------------------------------------------------------------ the run
 def start(options: RunOptions, stitch_cfg: StitchConfig | None) -> None:
     """Check, then execute the run under the output folder's lock (--dry-run: print the resolved run)."""
-    if options.job.dry_run:  # before any process group, weight or image: rank 0 prints the resolved run
-        check_recipe(options, stitch_cfg, world(launched=True)[1])  # the checks that need no data, device or file
-        warn_small_classes_here(options.data)  # the data's one warning, when the folder is on this machine
-        if world(launched=True)[0] == 0:
-            device_type = (options.train.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
-            print(to_yaml(describe_run(options, stitch_cfg, world(launched=True)[1], device_type)), end="")
-        return
     rank, world_size = world(launched=True)
-    out_dir = output_dir(options)  # once: a generated name holds the time of day
+    # the global batch, rates, schedule and folder, resolved once: the checks, the dry run and the trainer read them
+    resolved = resolve_run(options, world_size)
+    if options.job.dry_run:  # before any process group, weight or image: rank 0 prints the resolved run
+        # the checks that need no data, device or file
+        check_recipe(options, stitch_cfg, world_size, resolved=resolved)
+        warn_small_classes_here(options.data)  # the data's one warning, when the folder is on this machine
+        if rank == 0:
+            device_type = (options.train.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
+            print(to_yaml(describe_run(options, stitch_cfg, world_size, device_type, resolved=resolved)), end="")
+        return
+    out_dir = resolved.out_dir  # named once: a generated name holds the time of day
     check_output(out_dir)  # it can be made, and no other run holds it
     # one run per output folder, locked before anything else is done (a run started at the same moment is refused
     # here, not after its checks and LS init): rank 0 holds the lock (torchrun's other ranks write into rank 0's
@@ -205,18 +211,20 @@ def start(options: RunOptions, stitch_cfg: StitchConfig | None) -> None:
     # run's release removes the folder it made
     with FolderLock(out_dir) if rank == 0 else nullcontext():
         # check: every input, before any weight or image (the anchors' checkpoints by their keys and shapes)
-        check_run(options, stitch_cfg, world_size, anchor_checkpoints=True, out_dir=out_dir)
+        check_run(options, stitch_cfg, world_size, anchor_checkpoints=True, out_dir=out_dir, resolved=resolved)
         check_loggers(options.logging)
         if rank == 0:
             for note in fitted_notes():  # the defaults parsing fitted to this run (a short run, a small machine)
                 _logger.info(note)
-        _execute(options, stitch_cfg, out_dir)
+        _execute(options, stitch_cfg, resolved)
 
 
-def _execute(options: RunOptions, stitch_cfg: StitchConfig | None, out_dir: Path) -> None:
-    job = options.job
+def _execute(options: RunOptions, stitch_cfg: StitchConfig | None, resolved: ResolvedRun) -> None:
+    job, out_dir = options.job, resolved.out_dir
     placement = resolve_device(options.train.device, job.dist_backend, job.dist_url)  # the process group (timm's)
     rank, world_size, device = placement.rank, placement.world_size, placement.device
+    if world_size != resolved.world_size:  # the launch's environment said otherwise: the process group counts
+        resolved = resolve_run(options, world_size, out_dir)
     # the network's random parts (random anchors, stitching layers) are the same on every rank
     random_seed(options.train.seed, 0)
     if rank != 0:
@@ -228,7 +236,7 @@ def _execute(options: RunOptions, stitch_cfg: StitchConfig | None, out_dir: Path
                                   local_rank=placement.local_rank, class_names=options.network.class_names)
     net, stitch_cfg = _build(options, stitch_cfg, train_ds, device)  # build: positions explicit from here
     data_cfg = resolve_data_config(options.input.data_config_args(), model=net)
-    run = build_run(options, recorded, stitch_cfg, device, data_cfg, out_dir)
+    run = build_run(options, recorded, stitch_cfg, device, data_cfg, out_dir, resolved)
     if run.primary and stitch_cfg is not None:  # explicit or selected "positions": <output>/stitch_plan.json
         write_stitch_plan(unwrap(net), run.out_dir)
     resume = job.resume
@@ -252,7 +260,8 @@ def _execute(options: RunOptions, stitch_cfg: StitchConfig | None, out_dir: Path
     _logger.info("data: " + ", ".join(f"{k} {v}" for k, v in data_cfg.items()))  # after every check: no banner
     if run.primary and not job.eval:  # the resolved run, after every check and before any work (LS init, training)
         write_text_atomic(out_dir / "args.yaml", to_yaml(describe_run(options, stitch_cfg, world_size, device.type,
-                                                                      net=unwrap(net), recorded=recorded)))
+                                                                      net=unwrap(net), recorded=recorded,
+                                                                      resolved=resolved)))
     run.loggers = create_loggers(replace(options.logging, run_config=recorded), run.out_dir, run.primary)
     if _wants_ls_init(options.job, stitch_cfg, resume_state):
         assert stitch_cfg is not None  # only an SN-Net has stitching layers to fit
@@ -353,7 +362,8 @@ def _setup_training(net: RoutedNet, train_ds, run: Run, resume_state: dict | Non
     loss_fn, mixup_fn = create_loss(run.loss, run.device)
     catching = STOP.installed  # under Slurm: SIGUSR1/SIGTERM stop the run at an agreed step, with a recovery file
     setup = TrainSetup(run.device, run.amp_dtype, sampler, mixup_fn, resume_state, run.data_cfg["input_size"],
-                       after_step=[fault_injection], snapshot_rng=train.recovery_interval > 0 or catching)
+                       after_step=[fault_injection], snapshot_rng=train.recovery_interval > 0 or catching,
+                       resolved=run.resolved)
     trainer = create_trainer(net, loader, loss_fn, run.options, setup)
     accum = trainer.ctx.settings.accum_steps
     continue_epoch(trainer.state, resume_state, accum)

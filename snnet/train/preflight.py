@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -45,28 +44,15 @@ from snnet.data.transforms import eval_data_config, timm_crop_mode
 from snnet.train.device import device_from_flag
 from snnet.train.evaluator import prediction_ids, val_panel
 from snnet.train.network import build_network, check_train_exclude
-from snnet.train.optim import check_optimizer_name, describe_schedule, resolve_lrs
+from snnet.train.optim import check_optimizer_name
 from snnet.train.options import LossOptions, RunOptions, TrainOptions
+from snnet.train.resolved import ResolvedRun, output_dir, resolve_run
 from snnet.train.resume import fitting_checkpoint
 from snnet.train.sampler import anchor_routes, run_sampler
 
 
 class OutputError(SNNetError):
     """An output folder that cannot be written; the message names it and the fix."""
-
-
-def output_dir(options: RunOptions) -> Path:
-    """Where the run writes: <output>/<experiment>; an evaluation of --resume CKPT without --output/--experiment
-    writes next to the checkpoint (a rerun continues there)."""
-    job = options.job
-    if job.eval and job.resume and not (job.output or job.experiment):
-        return Path(job.resume).resolve().parent
-    name = job.experiment
-    if not name:
-        stem = Path(job.stitch_config).stem if job.stitch_config else options.network.model
-        name = f"eval-{stem}" if job.eval else \
-            f"{time.strftime('%Y%m%d-%H%M%S')}-{stem}-{options.network.img_size or 224}"
-    return Path(job.output or "./output/train") / name
 
 
 def check_output(path: Path) -> None:
@@ -181,17 +167,19 @@ def check_augmentation(loader: LoaderOptions, input_size: int | Sequence[int] = 
 
 
 def check_run(options: RunOptions, stitch_cfg: StitchConfig | None, world_size: int,
-              anchor_checkpoints: bool = False, out_dir: Path | None = None) -> None:
+              anchor_checkpoints: bool = False, out_dir: Path | None = None,
+              resolved: ResolvedRun | None = None) -> None:
     """Every input of the run. `anchor_checkpoints`: the anchors' checkpoints fitted too, by their keys and shapes
     (the launcher's check and train.py's). `out_dir`: the run's folder, already checked (`check_output`) and locked
-    by the caller (train.py checks under its lock: a probe of the lock here would release it); None: checked here."""
+    by the caller (train.py checks under its lock: a probe of the lock here would release it); None: checked here.
+    `resolved`: the run's `ResolvedRun` (train.py's, which it hands on to the trainer); None: resolved here."""
     check_combinations(options)  # first: what the options say together, before any file is looked at
     device = device_from_flag(options.train.device)  # a name that is no torch device, or CUDA where there is none
     if out_dir is None:
         check_output(output_dir(options))
     check_checkpoints(options, stitch_cfg)
     check_data(options.data, need_train=not options.job.eval, world_size=world_size)
-    _check_build(options, stitch_cfg, world_size, anchor_checkpoints, device.type)
+    _check_build(options, stitch_cfg, world_size, anchor_checkpoints, device.type, resolved)
 
 
 def check_combinations(options: RunOptions) -> None:
@@ -261,21 +249,24 @@ def check_sync_bn(train: TrainOptions, world_size: int, device_type: str | None 
 
 
 def check_recipe(options: RunOptions, stitch_cfg: StitchConfig | None, world_size: int,
-                 anchor_checkpoints: bool = False, device_type: str | None = None) -> None:
+                 anchor_checkpoints: bool = False, device_type: str | None = None,
+                 resolved: ResolvedRun | None = None) -> None:
     """The checks that need no data folder, device or file of this machine (augmentation, optimizer, schedule,
     teacher): `--dry-run`, which resolves a run for another machine, runs these too. `device_type`: this machine's,
-    for the checks that need it (None: a dry run's, not checked)."""
+    for the checks that need it (None: a dry run's, not checked). `resolved`: the run's `ResolvedRun` (the dry
+    run's, which it then describes); None: resolved here."""
     check_combinations(options)
-    _check_build(options, stitch_cfg, world_size, anchor_checkpoints, device_type)
+    _check_build(options, stitch_cfg, world_size, anchor_checkpoints, device_type, resolved)
 
 
 def _check_build(options: RunOptions, stitch_cfg: StitchConfig | None, world_size: int,
-                 anchor_checkpoints: bool = False, device_type: str | None = None) -> None:
+                 anchor_checkpoints: bool = False, device_type: str | None = None,
+                 resolved: ResolvedRun | None = None) -> None:
     """What the run builds late (augmentation, optimizer and schedule, teacher, the network's structure), refused
     before any work."""
     if not options.job.eval:
         check_augmentation(options.loader, eval_data_config(options.values(), stitch_cfg)["input_size"])
-    check_training(options, world_size)
+    check_training(options, world_size, resolved)
     check_structure(options, stitch_cfg, anchor_checkpoints, world_size, device_type)
 
 
@@ -359,8 +350,9 @@ def check_sampling(options: RunOptions, net, cfg: StitchConfig) -> None:
     run_sampler(net, cfg, train.seed, 0, sync=train.sample_sync, freeze_anchors=train.freeze_anchors)
 
 
-def check_training(options: RunOptions, world_size: int = 1) -> None:
-    """What training builds late (the optimizer, the LR schedule, the distillation teacher), refused before any work."""
+def check_training(options: RunOptions, world_size: int = 1, resolved: ResolvedRun | None = None) -> None:
+    """What training builds late (the optimizer, the LR schedule, the distillation teacher), refused before any work.
+    The rates and the schedule are the run's `resolved` ones (None: resolved here at `world_size`)."""
     if options.job.eval:
         return
     optim, loss = options.optim, options.loss
@@ -369,12 +361,11 @@ def check_training(options: RunOptions, world_size: int = 1) -> None:
         raise UsageError(f"--opt-betas {optim.opt_betas[0]:g}: --opt {optim.opt} takes two betas (beta1 beta2); give "
                          f"both, e.g. --opt-betas {optim.opt_betas[0]:g} 0.999")
     # at the launch's world size, as the run resolves it
-    _, lr, warmup_lr, min_lr = resolve_lrs(options, world_size)
-    if min_lr > lr:
-        raise UsageError(f"--min-lr {min_lr:g} is above the LR {lr:g}: the decaying schedule would raise the LR; "
-                         f"lower --min-lr or raise --lr")
-    # the scheduler timm builds from the options, on a one-parameter optimizer
-    describe_schedule(options.schedule, options.eval.eval_metric, warmup_lr, min_lr)
+    run = resolved if resolved is not None else resolve_run(options, world_size)
+    if run.min_lr > run.lr:
+        raise UsageError(f"--min-lr {run.min_lr:g} is above the LR {run.lr:g}: the decaying schedule would raise the "
+                         f"LR; lower --min-lr or raise --lr")
+    _ = run.schedule  # the scheduler timm builds from the options, on a one-parameter optimizer: refused here
     if loss.distillation_type != "none" and loss.teacher:
         check_model_name(loss.teacher)
 

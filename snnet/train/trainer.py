@@ -29,8 +29,9 @@ from snnet.core.errors import UsageError
 from snnet.core.model import RoutedNet
 from snnet.train.engine import LoopSettings, TrainContext, TrainState, train_one_epoch
 from snnet.train.hooks import EpochHooks
-from snnet.train.optim import create_optimizer, create_scheduler, epoch_offset, resolve_lrs
+from snnet.train.optim import create_optimizer, create_scheduler, epoch_offset
 from snnet.train.options import RunOptions, ScheduleOptions, TrainOptions
+from snnet.train.resolved import ResolvedRun, resolve_run
 from snnet.train.resume import resume_counters
 from snnet.train.sampler import seed_epoch
 
@@ -60,7 +61,8 @@ class TrainSetup:
     """Where and how one process trains, besides the run's options: device and precision, the stitch each step
     trains (`sampler`), mixup, the checkpoint resumed, the input size FLOPs are traced at before torch.compile
     (C, H, W), what every optimizer step calls after it (`after_step`), and whether the loop snapshots the RNG
-    after each batch (`snapshot_rng`: recovery checkpoints need it)."""
+    after each batch (`snapshot_rng`: recovery checkpoints need it), and the run's `ResolvedRun` (`resolved`: the
+    global batch, rates and schedule train.py's preflight checked; None: resolved from the options here)."""
     device: torch.device
     amp_dtype: torch.dtype | None
     sampler: Callable[[int], int]
@@ -69,6 +71,7 @@ class TrainSetup:
     input_size: Sequence[int] | None = None
     after_step: Sequence[Callable[[int], None]] = ()
     snapshot_rng: bool = False
+    resolved: ResolvedRun | None = None
 
 
 @dataclass
@@ -165,7 +168,8 @@ def create_trainer(model: RoutedNet, loader: Any, loss_fn: Callable, options: Ru
     device, amp_dtype, resume_state, input_size = setup.device, setup.amp_dtype, setup.resume_state, setup.input_size
     rank, world_size = world()
     accum = max(1, train.grad_accum_steps)
-    _, lr, warmup_lr, min_lr = resolve_lrs(options, world_size)
+    resolved = setup.resolved if setup.resolved is not None else resolve_run(options, world_size)
+    lr, warmup_lr, min_lr = resolved.lr, resolved.warmup_lr, resolved.min_lr
     optimizer = create_optimizer(optim, model, lr)
     loss_scaler = NativeScaler(device=device.type) if amp_dtype == torch.float16 else None
     start_epoch, global_step = resume_counters(train, resume_state, optimizer, loss_scaler)
