@@ -87,10 +87,11 @@ class LearningRates(NamedTuple):
 
 
 def resolve_lrs(options: RunOptions, world_size: int) -> LearningRates:
-    """The run's global batch and (lr, warmup_lr, min_lr), the one place they are resolved (the preflight's checks,
-    --dry-run's resolved run and the trainer read them from here). --lr is absolute (timm); else --lr-base is scaled
-    from --lr-base-size to the global batch (linearly, or by the square root for adaptive optimizers unless
-    --lr-base-scale says), and with --scale-warmup-min-lr so are --warmup-lr and --min-lr (SN-Net's Swin)."""
+    """The run's global batch and (lr, warmup_lr, min_lr), the one place they are resolved (`resolved.resolve_run`
+    calls it, and the preflight's checks, --dry-run and the trainer read its `ResolvedRun`). --lr is absolute
+    (timm); else --lr-base is scaled from --lr-base-size to the global batch (linearly, or by the square root for
+    adaptive optimizers unless --lr-base-scale says), and with --scale-warmup-min-lr so are --warmup-lr and --min-lr
+    (SN-Net's Swin)."""
     optim, schedule, train = options.optim, options.schedule, options.train
     global_batch = train.batch_size * world_size * max(1, train.grad_accum_steps or 1)
     if optim.lr is not None:
