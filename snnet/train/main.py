@@ -54,7 +54,7 @@ from snnet.train.optim import anchor_lr_scale
 from snnet.train.options import JobOptions, RunOptions, TrainOptions
 from snnet.train.positions import write_stitch_plan
 from snnet.train.preempt import STOP, Preempted
-from snnet.train.preflight import check_output, check_recipe, check_run, output_dir
+from snnet.train.preflight import check_output, check_recipe, check_run
 from snnet.train.resolved import ResolvedRun, resolve_run
 from snnet.train.resume import continue_epoch, fitting_checkpoint, truncate_summary
 from snnet.train.sampler import run_sampler
@@ -166,10 +166,11 @@ def network_identity(options: RunOptions, stitch_cfg: StitchConfig | None, data_
     return json.dumps(ident, sort_keys=True, default=str)
 
 
-def resolve(options: RunOptions, stitch_cfg: StitchConfig | None, dataset, placement) -> RunOptions:
+def resolve(options: RunOptions, stitch_cfg: StitchConfig | None, dataset, placement, out_dir: Path
+            ) -> RunOptions:
     """What the run derives from its inputs, resolved once (frozen from then on): the process group's device, the
     number of classes (the data folder's, else the config's), the checkpoint to continue from (--auto-resume,
-    always on in a torchrun restart and in a requeued Slurm job: the run folder's newest checkpoint, the recovery
+    always on in a torchrun restart and in a requeued Slurm job: `out_dir`'s newest checkpoint, the recovery
     file when there is one), --dist-bn (off where SyncBatchNorm already synchronises, as timm does), and the data's
     class names (recorded in the checkpoint's arguments, so an export and `snnet serve` name what they predict)."""
     job = options.job
@@ -178,7 +179,6 @@ def resolve(options: RunOptions, stitch_cfg: StitchConfig | None, dataset, place
         num_classes = num_classes_of(dataset) or (stitch_cfg.get("num_classes") if stitch_cfg else None)
     resume = job.resume
     if not resume and not job.eval and (job.auto_resume or restart_attempt() > 0 or requeued() > 0):
-        out_dir = output_dir(options)
         found = [out_dir / name for name in (RECOVERY, LAST) if (out_dir / name).exists()]
         if found:
             resume = str(found[0])
@@ -230,7 +230,7 @@ def _execute(options: RunOptions, stitch_cfg: StitchConfig | None, resolved: Res
     if rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
     train_ds, val_ds = create_datasets(options.data, need_train=not job.eval)
-    options = resolve(options, stitch_cfg, train_ds or val_ds, placement)  # resolve: frozen from here
+    options = resolve(options, stitch_cfg, train_ds or val_ds, placement, out_dir)  # resolve: frozen from here
     job = options.job
     recorded = recorded_arguments(options, distributed=placement.distributed, rank=rank, world_size=world_size,
                                   local_rank=placement.local_rank, class_names=options.network.class_names)
