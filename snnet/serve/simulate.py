@@ -1,8 +1,9 @@
 """A scheduler replayed on a virtual clock: the dispatch's own steps (`admit`, `take`, `done_batch`) run on arrival
 times, every batch charged a service time, nothing run.
 
-`replay` is the loop; its callers say what a batch costs and what an answer earns: benchmarks/serve_replay.py
-charges the costs calibrated on this machine, the tests a latency table's.
+`replay` is the loop; its callers say what a batch costs and what an answer earns: the server's `mode_table`
+(switching or one stitch, per measured load) charges its latency table times its measured noise,
+benchmarks/serve_replay.py the costs calibrated on this machine, the tests a latency table's.
 """
 from __future__ import annotations
 
