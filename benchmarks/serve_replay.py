@@ -31,9 +31,12 @@ chosen on the *tuning* traces (seeds 0..9) and judged on the evaluation traces; 
 the same planner: INFaaS-style model switching); digits also the **anchor cascade** and the **SN-Net cascade**
 (run the cheap stage, escalate an unsure answer when its deadline allows; thresholds from the demo's predictions,
 as serve_live's plan). The planner's rule (its three knobs: counting the arrivals a batch holds up, running the
-queue behind the head on the same stitch or on the fastest, and the modes: one stitch always where the server's own
-simulation says it serves the measured load better) is chosen on the tuning traces too, over both networks, and
-the rules that differ from it in one knob are reported beside it on the evaluation traces.
+queue behind the head on the same stitch or on the fastest, and the modes: one stitch always, or a choice among the
+fastest few, where the server's own simulation says it serves the measured load better) is chosen on the tuning
+traces too, over both networks, and the rules that differ from it in one knob are reported beside it on the
+evaluation traces. The replayed server has run for a while: its mode tables are simulated from every calibrated
+forward time of every stitch (once, before the traces) and it knows its answer time; each trace learns its batch
+times afresh.
 
 Per setting: switching minus each alternative, the paired mean over the evaluation traces with its 95 % interval
 (t). Evaluation traces are seeds `--seed-offset` + 0..`--traces`-1 (pass an offset nobody chose).
@@ -76,9 +79,10 @@ from serve_plan import MAX_BATCH, choice_cost, menu_of  # noqa: E402
 from snnet.core.fileio import write_text_atomic  # noqa: E402  (after the path insert: runs from a checkout)
 from snnet.deploy.export import labelled  # noqa: E402
 from snnet.serve import simulate  # noqa: E402
-from snnet.serve.loadgen import arrival_times  # noqa: E402
-from snnet.serve.scheduler import DeadlineScheduler, Pending  # noqa: E402
-from snnet.serve.simulate import VirtualClock  # noqa: E402
+from snnet.serve.estimates import Learned  # noqa: E402
+from snnet.serve.loadgen import arrival_times, onoff_times  # noqa: E402
+from snnet.serve.scheduler import GAPS, DeadlineScheduler, Pending  # noqa: E402
+from snnet.serve.simulate import ONOFF, VirtualClock  # noqa: E402
 
 CALIBRATION = ROOT / "results" / "serve_calibration.json"
 SIZES = (1, 2, 4, 8)
@@ -86,6 +90,7 @@ ARRIVALS = ("poisson", "gamma4", "gamma8", "onoff")
 LOADS = (0.5, 1.0, 1.5, 2.0, 3.0)
 SLO_FACTOR = 3.0
 TUNING_SEEDS = range(10)
+WARM_SEED = 1 << 40  # + a trace's seed: the arrivals before it (`history`), apart from every trace's seeds
 #: the planner's rules (snnet/serve/scheduler.py `Rule`): the server's default and each knob off in turn; the one
 #: that scores best on the tuning traces is "switch" on the evaluation traces, the others are shown beside it (not
 #: alternatives). tests/test_serve.py checks that the committed run's winner is the server's default.
@@ -260,6 +265,16 @@ class Calibrated:
             self.correct = {c: [r["acc1"] / 100.0] * self.images for c, r in self.menu.by_id.items()}
             self.confidence = {}
         self.tables: dict = {}  # the schedulers' choice tables, built once for every trace replayed here
+        # what a server that has run for a while has measured (its mode tables are simulated from it): every
+        # calibrated forward time of every stitch and size, and the decoding times
+        self.warm = Learned.on(VirtualClock())
+        for c in self.menu.cfg_ids:
+            for b, samples in sorted(self.service[c].items()):
+                for ms in samples:
+                    self.warm.batches.add(self.menu.batch_ms(c, b), ms, c)
+        for ms in self.decode:
+            self.warm.before_ms.add(float(ms))
+        self.after_p95 = float(np.quantile(self.answer, 0.95))
         self.cascades = cal.get("cascades", {})
         choice = cal["choice_us"]
         deepest = max(int(d) for v in choice.values() for d in v)
@@ -292,25 +307,28 @@ def arrivals(kind: str, n: int, rate: float, slo_s: float, seed: int) -> np.ndar
         return arrival_times(n, rate, 1.0, seed)
     if kind.startswith("gamma"):
         return arrival_times(n, rate, float(kind[5:]), seed)
-    rng = np.random.default_rng(seed)  # on/off: Poisson at 3x the rate while ON (1/3 of the time)
-    out: list[float] = []
-    t = 0.0
-    while len(out) < n:
-        on = rng.exponential(20 * slo_s)
-        k = rng.poisson(3 * rate * on)
-        out.extend(np.sort(t + rng.uniform(0, on, k)).tolist())
-        t += on + rng.exponential(40 * slo_s)
-    times = np.array(out[:n])
-    return times - times[0]
+    return onoff_times(n, rate, ONOFF[0] * slo_s, ONOFF[1] * slo_s, seed)  # Poisson at 3x the rate while ON
 
 
-def replay(net: Calibrated, system: dict[str, Any], times: np.ndarray, draws: np.ndarray) -> dict[str, float]:
-    """One system on one trace: effective accuracy (percent), SLO attainment, shed share, mean FLOPs."""
+def history(kind: str, rate: float, slo_s: float, seed: int) -> np.ndarray:
+    """The arrivals a server saw before a trace began (the same load, its own random numbers), ending before 0."""
+    past = arrivals(kind, GAPS + 1, rate, slo_s, WARM_SEED + seed)
+    return past - past[-1] - 1.0 / rate
+
+
+def replay(net: Calibrated, system: dict[str, Any], times: np.ndarray, draws: np.ndarray,
+           seen: np.ndarray | None = None) -> dict[str, float]:
+    """One system on one trace: effective accuracy (percent), SLO attainment, shed share, mean FLOPs. `seen`: the
+    arrivals before it (`history`), which the server has counted."""
     n = len(times)
     clock = VirtualClock()
     sched = DeadlineScheduler(lambda x, c: x, net.menu, MAX_BATCH, shed=True, arrivals=system.get("arrivals", True),
                               rest_on_same=system.get("rest_on_same", True), modes=system.get("modes", True),
                               clock=clock, tables=net.tables, build_now=True)
+    sched.choices.measured = net.warm
+    sched.learned = Learned.on(clock, after_ms=net.after_p95)  # a server that has answered before
+    for t in (seen if seen is not None else ()):
+        sched.arrivals.add(float(t))
     kind = "fixed" if len(system["stages"][0]) == 1 else "switch"
     slo = net.slo_ms / 1e3
     image = (draws[:, 0] * net.images).astype(int).tolist()
@@ -332,7 +350,6 @@ def replay(net: Calibrated, system: dict[str, Any], times: np.ndarray, draws: np
     for i in range(n):
         free = max(free, times[i]) + decode[i]
         admissions.append((free, (i, 0), job(i, 0)))
-        sched.observe_before(decode[i] * 1e3)  # the median the server learns (a trace's own, at once)
     credit, met, shed, flops = [0.0] * n, [False] * n, [False] * n, [0.0] * n
 
     def service_ms(c: int, batch: list[Pending]) -> float:
@@ -385,10 +402,42 @@ def _run_one(job: tuple[str, dict[str, Any], str, str, float, int, int]) -> tupl
     rate = load * net.capacity
     times = arrivals(kind, n, rate, net.slo_ms / 1e3, seed)
     draws = np.random.default_rng(10_000 + seed).random((n, 4))
-    return sys_name, kind, load, seed, replay(net, system, times, draws)
+    return sys_name, kind, load, seed, replay(net, system, times, draws, history(kind, rate, net.slo_ms / 1e3, seed))
 
 
 _NETS: dict[str, Calibrated] = {}
+
+
+def _mode_tables(job: tuple[str, dict[str, Any], str]) -> dict:
+    """The mode tables one switching system's traces look up (simulated from the warm server's measurements, as in
+    `replay`), for `prebuild`."""
+    name, cal, sys_name = job
+    net = Calibrated(name, cal)
+    system = systems(net)[sys_name]
+    clock = VirtualClock()
+    sched = DeadlineScheduler(lambda x, c: x, net.menu, MAX_BATCH, shed=True, arrivals=system.get("arrivals", True),
+                              rest_on_same=system.get("rest_on_same", True), clock=clock, tables=net.tables,
+                              build_now=True)
+    sched.choices.measured = net.warm
+    sched.choices.mode(tuple(system["stages"][0]), net.slo_ms - net.after_p95, (1.0, 1.0), sched.learned)
+    return {k: v for k, v in net.tables.items() if k[0] in ("modes", "built")}
+
+
+def prebuild(pool, nets: dict[str, Calibrated], cal: dict[str, Any]) -> None:
+    """Simulate every mode table once, in parallel, before the traces (each worker process would otherwise
+    simulate its own copy); the workers forked afterwards inherit them."""
+    jobs, seen = [], set()
+    for name, net in nets.items():
+        for s, system in systems(net).items():
+            key = (name, tuple(system["stages"][0]), system.get("arrivals", True), system.get("rest_on_same", True))
+            if system.get("modes", True) and len(system["stages"]) == 1 and len(system["stages"][0]) > 1 \
+                    and key not in seen:
+                seen.add(key)
+                jobs.append((name, cal[name], s))
+    for name, got in zip([j[0] for j in jobs], pool.imap(_mode_tables, jobs)):
+        for key, tables in got.items():
+            nets[name].tables.setdefault(key, {}).update(tables)
+    _NETS.update(nets)
 
 
 def _tagged(pool, jobs: list[tuple], what: str, t_start: float) -> dict[tuple[str, str, str, float, int], dict]:
@@ -441,6 +490,10 @@ def main() -> None:
     settings = [(k, ld) for k in ARRIVALS for ld in loads]
     nets = {name: Calibrated(name, saved["nets"][name]) for name in args.nets}
 
+    t0 = time.time()
+    with multiprocessing.get_context("fork").Pool(args.workers) as pool:
+        prebuild(pool, nets, saved["nets"])
+    print(f"mode tables simulated in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
     with multiprocessing.get_context("fork").Pool(args.workers) as pool:
         # 1. tuning traces: every system of every network: the best fixed stitch per setting and the rule
         tuned: dict[tuple[str, str, str, float], list[float]] = {}

@@ -773,13 +773,18 @@ def test_a_replay_runs_the_schedulers_batches_on_a_virtual_clock():
 
 
 def test_the_mode_table_is_a_lookup_by_rate_and_burstiness():
-    table = ModeTable([10.0, 20.0, 40.0], [1.0, 4.0, 8.0], [None, None, 5, None, 5, 5, 5, 5, 5])
-    assert table.choose(5.0, 1.0) is None and table.choose(5.0, 6.0) == 5  # CV^2 edges: 2 and sqrt(32)
-    assert table.choose(10.5, 1.9) is None and table.choose(10.5, 2.1) == 5  # 10.5/s: the 20/s row (the safer)
-    assert table.choose(1e6, 0.0) == 5  # beyond the table: its heaviest row
-    assert table.describe().split("; ")[:2] == ["CV^2 1: cfg_id always at 40: 5",
-                                                 "CV^2 4: cfg_id always at 20: 5, 40: 5"]
-    with pytest.raises(ValueError, match="8 modes for 3 rates x 3"):
+    """The nearest simulated load (log rate, half the log CV^2) at the place the server measures it."""
+    table = ModeTable([10.0, 20.0, 40.0], [1.0, 4.0, 8.0], [None, None, (5,), None, (5, 3), (5,), (5,), (5,), (5,)])
+    assert table.choose(10.0, 1.0) is None and table.choose(10.0, 8.0) == (5,) and table.choose(20.0, 4.0) == (5, 3)
+    assert table.choose(5.0, 1.0) is None and table.choose(5.0, 9.0) == (5,)  # below the table: its lightest row
+    assert table.choose(14.0, 1.1) is None  # nearer 10/s than 20/s on a log scale
+    assert table.choose(1e6, 0.0) == (5,)  # beyond the table: its heaviest row
+    assert table.describe().split("; ")[:2] == ["CV^2 1: cfg_ids at 40: 5",
+                                                 "CV^2 4: cfg_ids at 20: 5/3, 40: 5"]
+    # a load simulated at CV^2 8 that the server measures at 5: a measured 2.5 is nearer it than the Poisson row
+    measured = ModeTable([10.0], [1.0, 8.0], [None, (5,)], cells=[(10.0, 1.0), (10.0, 5.0)])
+    assert measured.choose(10.0, 2.5) == (5,) and ModeTable([10.0], [1.0, 8.0], [None, (5,)]).choose(10.0, 2.5) is None
+    with pytest.raises(ValueError, match="8 modes for 3 rates x 3 kinds"):
         ModeTable([10.0, 20.0, 40.0], [1.0, 4.0, 8.0], [None] * 8)
 
 
@@ -807,7 +812,7 @@ def test_a_heavy_or_bursty_load_runs_one_stitch_always_a_light_one_switches():
     sched, menu = _modes_scheduler(clock)
     table = sched.choices.simulate((1, 2, 0), int(math.floor(math.log(12.0) / math.log(1.05))), sched.learned)
     heaviest_bursts = table.modes[len(table.modes) - 1]
-    assert table.modes[0] is None and heaviest_bursts == 0, table.modes
+    assert table.modes[0] is None and heaviest_bursts == (0,), table.modes
     assert mode_now(sched) is None  # no arrivals seen yet: switching
     x = torch.empty(0)
     times = arrival_times(300, 2 * 4000.0, 8.0, seed=1)  # twice what cfg 0 sustains, in bursts
@@ -823,7 +828,7 @@ def test_a_heavy_or_bursty_load_runs_one_stitch_always_a_light_one_switches():
         chosen[modes] = s.plan(lone)
     rate, cv2 = sched.arrivals.load()
     assert rate > 4000 and cv2 > 4, (rate, cv2)
-    assert mode_now(sched) == table.choose(rate, cv2) == 0
+    assert mode_now(sched) == table.choose(rate, cv2) == (0,)
     assert chosen == {True: 0, False: 1}  # per batch a lone head gets the most accurate; the mode: the fastest
 
 
@@ -838,7 +843,7 @@ def test_a_server_simulates_its_mode_table_in_a_thread_of_its_own():
     assert mode_now(sched) is None  # being simulated
     assert sched.choices.builder is not None
     sched.choices.builder.shutdown(wait=True)
-    assert mode_now(sched) == 0 and sched.stats()["mode_tables"] == 1
+    assert mode_now(sched) == (0,) and sched.stats()["mode_tables"] == 1
     sched.close()
 
 

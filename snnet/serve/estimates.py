@@ -16,6 +16,7 @@ from typing import Any
 #: a summary is recomputed at most this often (s): at a batch every 2 ms, once per batch would cost the worker more
 #: than the forward pass of a small stitch
 RESUMMARISE_S = 0.02
+PER_STITCH = 256  # the measured / table ratios kept per stitch (`BatchTimes.ratios`: a mode table's noise)
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -81,15 +82,31 @@ class BatchTimes:
     def __init__(self, seconds: float = 2.0, least: int = 5, most: int = 400, keep: int = 30,
                  clock: Callable[[], float] = time.perf_counter):
         self.window = Recent(self._fit, (1.0, 0.0), seconds, least, most, keep, clock)
+        self.count = 0  # batches measured since start
+        self._by_stitch: dict[int, collections.deque[float]] = {}  # cfg_id -> its last `PER_STITCH` ratios
+        self._lock = threading.Lock()
 
     @staticmethod
     def _fit(batches: list[tuple[float, ...]]) -> tuple[float, float]:
         slowdown = quantile([m / t for t, m in batches], 0.5)
         return slowdown, max(0.0, quantile([m - slowdown * t for t, m in batches], 0.95))
 
-    def add(self, table_ms: float, measured_ms: float) -> None:
+    def add(self, table_ms: float, measured_ms: float, cfg_id: int | None = None) -> None:
         if table_ms > 0:
             self.window.add(table_ms, measured_ms)
+            if cfg_id is not None:
+                with self._lock:
+                    self.count += 1
+                    kept = self._by_stitch.get(cfg_id)
+                    if kept is None:
+                        kept = self._by_stitch[cfg_id] = collections.deque(maxlen=PER_STITCH)
+                    kept.append(measured_ms / table_ms)
+
+    def ratios(self) -> dict[int, list[float]]:
+        """Each stitch's last `PER_STITCH` measured / table ratios (its own noise: stitches differ in their tails),
+        copied under the lock (the worker thread adds)."""
+        with self._lock:
+            return {c: list(kept) for c, kept in self._by_stitch.items()}
 
     @property
     def slowdown(self) -> float:
@@ -114,7 +131,7 @@ class Arrivals:
     squared coefficient of variation of the last `gaps` inter-arrival gaps (what a `ModeTable` is looked up by),
     their sums kept as they slide: a few float operations per arrival."""
 
-    def __init__(self, window: float = 2.0, gaps: int = 256):
+    def __init__(self, window: float = 2.0, gaps: int = 2048):
         self.window, self.most = window, gaps
         self.times: collections.deque[float] = collections.deque(maxlen=100_000)
         self.gaps: collections.deque[float] = collections.deque()

@@ -53,6 +53,26 @@ def arrival_times(n: int, rate: float, cv2: float = 1.0, seed: int = 0) -> np.nd
     return np.cumsum(gaps) - gaps[0]
 
 
+def onoff_times(n: int, rate: float, on_s: float, off_s: float, seed: int = 0) -> np.ndarray:
+    """`n` arrival times in seconds from 0, `rate` requests/s on average, in bursts: Poisson at
+    rate x (on_s + off_s) / on_s during ON periods (exponential, `on_s` seconds on average), none during OFF periods
+    (exponential, `off_s` on average)."""
+    if n < 1 or not rate > 0 or not on_s > 0 or not off_s >= 0:
+        raise UsageError(f"on/off arrivals need n >= 1, rate > 0, on_s > 0 and off_s >= 0 "
+                         f"(got {n}, {rate}, {on_s}, {off_s})")
+    rng = np.random.default_rng(seed)
+    peak = rate * (on_s + off_s) / on_s
+    out: list[float] = []
+    t = 0.0
+    while len(out) < n:
+        on = rng.exponential(on_s)
+        k = rng.poisson(peak * on)
+        out.extend(np.sort(t + rng.uniform(0, on, k)).tolist())
+        t += on + rng.exponential(off_s)
+    times = np.array(out[:n])
+    return times - times[0]
+
+
 def _connect(url: str, timeout: float) -> http.client.HTTPConnection:
     parts = urlsplit(url)
     return http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=timeout)

@@ -223,33 +223,55 @@ class SlackTable:
 
 
 class ModeTable:
-    """(arrival rate, its squared coefficient of variation) -> the stitch every request of one candidate list and
-    budget runs, or None: the `SlackTable`'s choice per batch (switching). Built by simulation (simulate.py
-    `mode_table`) at the server's speed: where the load is heavy or bursty enough, one stitch always answers more
-    requests correctly in time than a choice per batch (a slow stitch chosen in a lull holds up the burst behind
-    it: a batch cannot be interrupted).
+    """(arrival rate, its squared coefficient of variation) -> the candidates one candidate list and budget switches
+    among: None for all of them (the `SlackTable`'s choice per batch), one stitch (it runs always) or the fastest
+    few. Built by simulation (simulate.py `mode_table`) at the server's speed: where the load is heavy or bursty
+    enough, fewer, faster stitches answer more requests correctly in time than a choice among all of them (a slow
+    stitch chosen in a lull holds up the burst behind it: a batch cannot be interrupted).
 
-    A lookup: the first simulated rate at or above the measured one (the heavier load: the safer side), the nearest
-    CV^2 on a log scale."""
+    Each simulated load (`rates` x `rows`, row-major, as `modes`; a row is a kind of arrivals: gamma of a CV^2, or
+    on/off bursts) sits in the table at the rate and CV^2 the server *measures* on it (`cells`: the medians of its
+    estimate; without them a row's CV^2 as it is). A lookup takes the nearest cell (log rate, half the log CV^2),
+    read from a grid precomputed when the table is built: two logarithms and an array read."""
 
-    def __init__(self, rates: Sequence[float], cv2s: Sequence[float], modes: Sequence[int | None]):
-        if len(modes) != len(rates) * len(cv2s):
-            raise ValueError(f"{len(modes)} modes for {len(rates)} rates x {len(cv2s)} CV^2")
-        self.rates, self.cv2s, self.modes = list(rates), list(cv2s), list(modes)
-        self._cv_edges = [math.sqrt(a * b) for a, b in zip(self.cv2s, self.cv2s[1:])]
+    STEP = 0.05  # the grid's resolution in log units
 
-    def choose(self, rate: float, cv2: float) -> int | None:
-        i = min(bisect.bisect_left(self.rates, rate), len(self.rates) - 1)
-        return self.modes[i * len(self.cv2s) + bisect.bisect_right(self._cv_edges, cv2)]
+    def __init__(self, rates: Sequence[float], rows: Sequence[float | str], modes: Sequence[tuple[int, ...] | None],
+                 cells: Sequence[tuple[float, float]] | None = None):
+        if len(modes) != len(rates) * len(rows):
+            raise ValueError(f"{len(modes)} modes for {len(rates)} rates x {len(rows)} kinds of arrivals")
+        self.rates, self.rows, self.modes = list(rates), list(rows), list(modes)
+        if cells is None:
+            if not all(isinstance(c, (int, float)) for c in self.rows):
+                raise ValueError("rows named by kind (not by CV^2) need the cells they were measured at")
+            cells = [(r, float(c)) for r in self.rates for c in self.rows]
+        x = np.log([max(r, 1e-9) for r, _ in cells])
+        y = 0.5 * np.log([max(c, 1e-3) for _, c in cells])
+        self.x0, self.y0 = float(x.min()) - 1.0, float(y.min()) - 1.0
+        self.nx = int((x.max() + 1.0 - self.x0) / self.STEP) + 1
+        self.ny = int((y.max() + 1.0 - self.y0) / self.STEP) + 1
+        gx = self.x0 + self.STEP * np.arange(self.nx)
+        gy = self.y0 + self.STEP * np.arange(self.ny)
+        d = (gx[:, None, None] - x[None, None, :]) ** 2 + (gy[None, :, None] - y[None, None, :]) ** 2
+        self._nearest = array("H", d.argmin(-1).astype(np.uint16).ravel().tobytes())
+
+    def choose(self, rate: float, cv2: float) -> tuple[int, ...] | None:
+        i = int((math.log(max(rate, 1e-9)) - self.x0) / self.STEP)
+        j = int((0.5 * math.log(max(cv2, 1e-3)) - self.y0) / self.STEP)
+        i = 0 if i < 0 else self.nx - 1 if i >= self.nx else i
+        j = 0 if j < 0 else self.ny - 1 if j >= self.ny else j
+        return self.modes[self._nearest[i * self.ny + j]]
 
     def describe(self) -> str:
-        """One line per simulated CV^2: the stitch run always at each simulated rate (req/s) where one is."""
+        """One line per simulated kind of arrivals: the candidates run at each simulated rate (req/s) where not
+        all are."""
         out = []
-        for j, cv2 in enumerate(self.cv2s):
-            fixed = [f"{r:.4g}: {m}" for i, r in enumerate(self.rates)
-                     if (m := self.modes[i * len(self.cv2s) + j]) is not None]
-            out.append(f"CV^2 {cv2:g}: " + ("switching at every simulated rate" if not fixed else
-                                            "cfg_id always at " + ", ".join(fixed)))
+        for j, row in enumerate(self.rows):
+            fixed = [f"{r:.4g}: {'/'.join(map(str, m))}" for i, r in enumerate(self.rates)
+                     if (m := self.modes[i * len(self.rows) + j]) is not None]
+            out.append((row if isinstance(row, str) else f"CV^2 {row:g}") + ": "
+                       + ("switching among all at every simulated rate" if not fixed else
+                          "cfg_ids at " + ", ".join(fixed)))
         return "; ".join(out)
 
 

@@ -10,12 +10,13 @@ recent arrival rate. The batch is the head and the next queued requests that may
 the burst drains. A request with one candidate (a fixed cfg_id, a cascade's stage) or without a latency budget
 (its FLOPs budget's best stitch, `snnet select`'s rule) has no choice: it only ever runs that stitch.
 
-Where choosing per batch loses, the server does not choose (`modes`): under a load heavy or bursty enough, a slow
-stitch chosen in a lull holds up the burst that follows (a batch cannot be interrupted), and one stitch run always
-answers more requests in time. Whether switching or which one stitch serves a load best is simulated once per
-candidate list and budget (simulate.py `mode_table`, with this server's measured batch times and decoding time, in
-a thread of its own at the lowest priority once `MODE_AFTER` batches were measured) and looked up by the rate and
-burstiness (CV^2) of the last `GAPS` arrivals (`ModeTable`, policy.py).
+Where choosing among all candidates loses, the server narrows the choice (`modes`): under a load heavy or bursty
+enough, a slow stitch chosen in a lull holds up the burst that follows (a batch cannot be interrupted), and one
+stitch always, or a choice among the few fastest, answers more requests in time. Which serves a load best is
+simulated per candidate list and budget (simulate.py `mode_table`, with this server's measured batch times per
+stitch and its decoding time, in a thread of its own at the lowest priority once `MODE_AFTER` batches were
+measured, and again whenever they have grown `REBUILD_FACTOR`-fold) and looked up by the rate and burstiness
+(CV^2) of the last `GAPS` arrivals (`ModeTable`, policy.py).
 
 A head that cannot meet its deadline even on its fastest candidate at batch 1, at the machine's typical speed, is
 *shed* when the server runs with `shed=True` (the handler answers 503 at once; it costs no compute), unless the
@@ -53,8 +54,9 @@ NO_DEADLINE = float("inf")
 TRIM_EVERY_S = 1.0
 PROBE_AFTER_S = 1.0  # a server that took no batch for this long runs its head even if hopeless (`probing`)
 _NOTHING = torch.empty(0)  # a simulated request's image
-GAPS = 256  # the load a mode is looked up by: the rate and CV^2 of the last GAPS inter-arrival gaps
+GAPS = 2048  # the load a mode is looked up by: the rate and CV^2 of the last GAPS inter-arrival gaps
 MODE_AFTER = 5  # batches measured before a mode table is simulated: their measured / table ratios are its noise
+REBUILD_FACTOR = 8  # a mode table is simulated again once the batches measured have grown this many times
 BUDGET_STEP = 1.05  # mode tables are simulated per budget bucket (its lower edge), buckets 5 % apart
 _LIBC: Any = None  # glibc's malloc_trim once looked up; False where there is none
 
@@ -131,15 +133,20 @@ class Rule:
 class Choices:
     """The choice tables of one menu and rule: a `SlackTable` per candidate list (built when first needed, or at
     start by `prepare`) and a `ModeTable` per candidate list and budget bucket (simulated once the server measured
-    `MODE_AFTER` batches, in a thread of its own). `shared`: a cache shared with other schedulers of this menu (a
-    simulation replaying many traces builds each table once)."""
+    `MODE_AFTER` batches and again at `REBUILD_FACTOR` times as many, in a thread of its own). `shared`: a cache
+    shared with other schedulers of this menu (a simulation replaying many traces builds each table once);
+    `measured`: what the tables are simulated from instead of the scheduler's own measurements (a replay of a server
+    that has run for a while)."""
 
     def __init__(self, menu: StitchMenu, rule: Rule, run: Forward, window: float, shared: dict):
         self.menu, self.rule, self.run, self.window, self.shared = menu, rule, run, window, shared
         self.slack: dict[tuple[int, ...], SlackTable] = \
             shared.setdefault((rule.max_batch, rule.arrivals, rule.rest_on_same), {})
-        self.modes: dict[tuple[tuple[int, ...], int], ModeTable | None] = \
-            shared.setdefault(("modes", rule.max_batch, rule.arrivals, rule.rest_on_same, rule.shed), {})
+        kind = (rule.max_batch, rule.arrivals, rule.rest_on_same, rule.shed)
+        self.modes: dict[tuple[tuple[int, ...], int], ModeTable | None] = shared.setdefault(("modes", *kind), {})
+        self.built: dict[tuple[tuple[int, ...], int], int] = shared.setdefault(("built", *kind), {})
+        self.building: set[tuple[tuple[int, ...], int]] = set()
+        self.measured: Learned | None = None  # simulate from this, not the scheduler's own (a replay's warm server)
         self.fastest_of: dict[tuple[int, ...], int] = {}
         self.builder: concurrent.futures.ThreadPoolExecutor | None = None
 
@@ -158,21 +165,26 @@ class Choices:
         return c
 
     def mode(self, candidates: tuple[int, ...], budget_ms: float, load: tuple[float, float] | None,
-             learned: Learned) -> int | None:
-        """The stitch every request of `candidates` with this budget (ms from arrival to its batch's end) runs at
-        `load` (the arrivals' rate and CV^2), or None: switching (the `SlackTable`'s choice). A lookup in the
-        `ModeTable` of the candidates and budget bucket; switching until `MODE_AFTER` batches were measured, 8
-        arrivals seen and the table simulated (once, from what `learned` holds then)."""
-        if load is None or budget_ms <= 0 or len(learned.batches.window.samples) < MODE_AFTER:
+             learned: Learned) -> tuple[int, ...] | None:
+        """The candidates every request of `candidates` with this budget (ms from arrival to its batch's end) is
+        chosen among at `load` (the arrivals' rate and CV^2): one stitch, the fastest few, or None: all of them. A
+        lookup in the `ModeTable` of the candidates and budget bucket; None until `MODE_AFTER` batches were
+        measured, 8 arrivals seen and the table simulated (from what `learned` holds then; again, while the last
+        one serves, once the batches measured have grown `REBUILD_FACTOR`-fold)."""
+        learned = self.measured or learned
+        if load is None or budget_ms <= 0 or learned.batches.count < MODE_AFTER:
             return None
         key = (candidates, int(math.floor(math.log(budget_ms) / math.log(BUDGET_STEP))))
-        if key not in self.modes:
-            self.modes[key] = None  # being simulated
+        count = learned.batches.count
+        if key not in self.built or (count >= REBUILD_FACTOR * self.built[key] and key not in self.building):
+            self.built[key] = count
+            self.modes.setdefault(key, None)  # switching until the first is simulated; then the last one
             if self.rule.build_now:
                 self.modes[key] = self.simulate(*key, learned)
             else:
                 if self.builder is None:
                     self.builder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="snnet-modes")
+                self.building.add(key)
                 self.builder.submit(self._build, key, learned)
         table = self.modes[key]
         return None if table is None else table.choose(*load)
@@ -185,12 +197,15 @@ class Choices:
         t0 = time.perf_counter()
         try:
             table = self.modes[key] = self.simulate(*key, learned)
-        except Exception as e:  # the server goes on switching; say why
+        except Exception as e:  # the server goes on with the table it had (switching before the first); say why
             print(f"snnet serve: stitches {list(key[0])}: the mode table failed ({type(e).__name__}: {e}); "
-                  f"switching per batch", file=sys.stderr, flush=True)
+                  f"keeping the previous one", file=sys.stderr, flush=True)
             return
-        print(f"snnet serve: stitches {list(key[0])} within {BUDGET_STEP ** key[1]:.1f} ms simulated in "
-              f"{time.perf_counter() - t0:.1f} s: {table.describe()}", file=sys.stderr, flush=True)
+        finally:
+            self.building.discard(key)
+        print(f"snnet serve: stitches {list(key[0])} within {BUDGET_STEP ** key[1]:.1f} ms simulated from "
+              f"{self.built[key]} measured batches in {time.perf_counter() - t0:.1f} s: {table.describe()}",
+              file=sys.stderr, flush=True)
 
     def simulate(self, candidates: tuple[int, ...], bucket: int, learned: Learned) -> ModeTable:
         """The candidates' `ModeTable` at the bucket's lower budget edge, simulated with this rule and what
@@ -203,9 +218,9 @@ class Choices:
             made.learned = Learned.on(clock, after_ms=0.0)  # the budget simulated is what is left for the batch
             return made
 
-        ratios = [m / t for _, t, m in learned.batches.window.snapshot()]
         return mode_table(self.menu, candidates, BUDGET_STEP ** bucket, self.rule.max_batch, make,
-                          lambda c, t, d: Pending(_NOTHING, c, t, d), learned.before_ms.value, ratios)
+                          lambda c, t, d: Pending(_NOTHING, c, t, d), learned.before_ms.value,
+                          learned.batches.ratios(), GAPS)
 
     def close(self) -> None:
         if self.builder is not None:
@@ -344,16 +359,18 @@ class DeadlineScheduler:
             return candidates[0]
         budget_ms = (head.deadline - head.arrival) * 1e3 - self.learned.after_ms.value
         if rule.modes:
-            fixed = self.choices.mode(candidates, budget_ms, self.arrivals.load(), self.learned)
-            if fixed is not None:
-                return fixed
+            fewer = self.choices.mode(candidates, budget_ms, self.arrivals.load(), self.learned)
+            if fewer is not None:
+                if len(fewer) == 1:
+                    return fewer[0]
+                candidates = fewer
         table = self.choices.table(candidates)
         rate = self.arrivals.rate(now) * slowdown if rule.arrivals else 0.0
         return table.choose((left_ms - jitter) / slowdown, (budget_ms - jitter) / slowdown, len(self.queue), rate)
 
     def done_batch(self, cfg_id: int, n: int, measured_ms: float) -> None:
         """Learn from a batch of `n` on `cfg_id` that took `measured_ms` (the worker after each forward pass)."""
-        self.learned.batches.add(self.menu.batch_ms(cfg_id, n), measured_ms)
+        self.learned.batches.add(self.menu.batch_ms(cfg_id, n), measured_ms, cfg_id)
 
     # ------------------------------------------------------------------------------------------ the worker
     async def _loop(self) -> None:

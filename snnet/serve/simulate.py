@@ -8,7 +8,7 @@ benchmarks/serve_replay.py the costs calibrated on this machine, the tests a lat
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -82,55 +82,93 @@ def replay(sched: Dispatch, clock: VirtualClock, admissions: list[tuple[float, A
 #: the arrivals' squared coefficient of variation (1: Poisson; gamma above it: bursts)
 LOADS = tuple(0.02 * 1.5 ** k for k in range(12))
 CV2S = (1.0, 4.0, 8.0)
+#: and on/off bursts: ON and OFF periods of these many budgets on average (loadgen.py `onoff_times`)
+ONOFF = (20.0, 40.0)
+OWN_RATIOS = 20  # a stitch measured fewer times draws its noise from every stitch's ratios
 
 
 def mode_table(menu: StitchMenu, candidates: Sequence[int], budget_ms: float, max_batch: int,
                make: Callable[[VirtualClock], Any], make_job: Callable[[Sequence[int], float, float], Any],
-               before_ms: float = 0.0, ratios: Sequence[float] = (1.0,), requests: int = 1000,
-               seed: int = 0) -> ModeTable:
-    """Which serves each load best: switching among `candidates`, or always one of them? Each (load, CV^2) of
-    `LOADS` x `CV2S` is replayed on gamma arrivals (`requests` of them, the same for every system) and scored by
-    the expected correct answers within `budget_ms` (real ms, from arrival to the batch's end): top-1 x met. A batch
-    takes the latency table's time x one of `ratios` (measured / table, the server's recent batches), drawn at
-    random, the same draws for every system. Each request is queued `before_ms` after it arrived or after the
-    previous one was queued, whichever is later (the decoding). `make(clock)`: a scheduler of the server's rule
-    without modes that spends all of a budget on queueing and the batch; `make_job(candidates, arrival, deadline)`:
-    its request. Ties go to switching, then to the better ranked stitch."""
-    from snnet.serve.loadgen import arrival_times  # a leaf module: numpy only
+               before_ms: float = 0.0, ratios: Mapping[int, Sequence[float]] | None = None, gaps: int = 2048,
+               requests: int = 1000, seed: int = 0) -> ModeTable:
+    """Which serves each load best: switching among all `candidates`, one of them always, or switching among the
+    fastest few (the 2, 3, ... fastest at full batches)? Each load of `LOADS` is replayed on gamma arrivals of each
+    CV^2 of `CV2S` and on on/off bursts (`ONOFF`; `requests` arrivals, the same for every system) and scored by the
+    expected correct answers within `budget_ms` (real ms, from arrival to the batch's end): top-1 x met. A batch
+    takes the latency table's time x a
+    ratio (measured / table) drawn from its stitch's own measured `ratios` (cfg_id -> ratios: stitches differ in
+    their tails; all stitches' together for a stitch measured fewer than `OWN_RATIOS` times; none: the table's time)
+    at the quantile of its first request's draw, the same draws for every system. Each request is queued
+    `before_ms` after it arrived or after the previous one was queued, whichever is later (the decoding).
+    `make(clock)`: a scheduler of the server's rule without modes that spends all of a budget on queueing and the
+    batch; `make_job(candidates, arrival, deadline)`: its request. Ties go to switching among all, then to the
+    earlier system (single stitches by rank, then the fewest fast ones).
+
+    Each cell is placed at the rate and CV^2 the server *measures* on its arrivals (`estimates.Arrivals.load`, over
+    `gaps` gaps: the medians of that estimate over the trace), where the lookup looks."""
+    from snnet.serve.loadgen import arrival_times, onoff_times  # a leaf module: numpy only
     ids = list(candidates)
     b_max = max(1, max_batch)
     fastest = min(ids, key=lambda c: (menu.batch_ms(c, b_max), ids.index(c)))
     capacity = b_max / menu.batch_ms(fastest, b_max) * 1e3  # requests per second it sustains (table speed)
     acc = {c: float(menu.by_id[c]["acc1"]) / 100.0 for c in ids}
-    systems: list[tuple[int, ...]] = [tuple(ids)] + [(c,) for c in ids]
-    modes: list[int | None] = []
+    measured = {c: sorted(v) for c, v in (ratios or {}).items() if v}
+    pooled = sorted(r for v in measured.values() for r in v) or [1.0]
+    noise = {c: measured[c] if len(measured.get(c, ())) >= OWN_RATIOS else pooled for c in ids}
+    by_speed = sorted(ids, key=lambda c: (menu.batch_ms(c, b_max), ids.index(c)))
+    fast_few = [tuple(c for c in ids if c in by_speed[:k]) for k in range(2, len(ids))]
+    systems: list[tuple[int, ...]] = [tuple(ids)] + [(c,) for c in ids] + fast_few
+    modes: list[tuple[int, ...] | None] = []
+    cells: list[tuple[float, float]] = []  # the rate and CV^2 the server would measure, per cell
+    rows: list[float | str] = [*CV2S, "on/off"]
     for i, load in enumerate(LOADS):
-        for j, cv2 in enumerate(CV2S):
-            times = arrival_times(requests, load * capacity, cv2, seed + 1000 * i + j).tolist()
-            noise = np.random.default_rng(seed + 1000 * i + j).choice(np.asarray(ratios, float), requests).tolist()
+        for j, row in enumerate(rows):
+            if isinstance(row, str):
+                times = onoff_times(requests, load * capacity, ONOFF[0] * budget_ms / 1e3,
+                                    ONOFF[1] * budget_ms / 1e3, seed + 1000 * i + j)
+            else:
+                times = arrival_times(requests, load * capacity, row, seed + 1000 * i + j)
+            est = measured_load(np.diff(times), gaps)
+            cells.append((float(np.median([r for r, _ in est])) if est else load * capacity,
+                          float(np.median([c for _, c in est])) if est else 1.0))
+            u = np.random.default_rng(seed + 1000 * i + j).random(requests).tolist()
             scores = []
             for system in systems:
                 clock = VirtualClock()
-                jobs, free = [], 0.0
-                for k, t in enumerate(times):
+                jobs, free, index = [], 0.0, {}
+                for k, t in enumerate(times.tolist()):
                     free = max(free, t) + before_ms / 1e3
-                    jobs.append((free, k, make_job(system, t, t + budget_ms / 1e3)))
+                    job = make_job(system, t, t + budget_ms / 1e3)
+                    index[id(job)] = k
+                    jobs.append((free, k, job))
                 earned = [0.0]
 
                 def answered(job: Any, cfg_id: int, end: float, earned: list[float] = earned) -> None:
                     if end <= job.deadline:
                         earned[0] += acc[cfg_id]
 
-                draws = iter(noise)
-
-                def service_ms(c: int, batch: list, draws: Any = draws) -> float:
-                    return menu.batch_ms(c, len(batch)) * next(draws)
+                def service_ms(c: int, batch: list, index: dict = index, u: list[float] = u) -> float:
+                    own = noise[c]
+                    return menu.batch_ms(c, len(batch)) * own[min(int(u[index[id(batch[0])]] * len(own)),
+                                                                  len(own) - 1)]
 
                 replay(make(clock), clock, jobs, service_ms, answered)
                 scores.append(earned[0])
             best = max(range(len(systems)), key=lambda k: (scores[k], -k))
-            modes.append(None if best == 0 else systems[best][0])
-    return ModeTable([load * capacity for load in LOADS], list(CV2S), modes)
+            modes.append(None if best == 0 else systems[best])
+    return ModeTable([load * capacity for load in LOADS], rows, modes, cells)
 
 
-__all__ = ["CV2S", "Dispatch", "LOADS", "VirtualClock", "mode_table", "replay"]
+def measured_load(gaps: np.ndarray, window: int) -> list[tuple[float, float]]:
+    """The rate and CV^2 `estimates.Arrivals` measures over `window` consecutive gaps, at windows a quarter
+    apart."""
+    if len(gaps) < 8 or np.mean(gaps) <= 0:
+        return []
+    out = []
+    for start in range(0, max(1, len(gaps) - window + 1), max(1, window // 4)):
+        g = gaps[start:start + window]
+        out.append((1.0 / float(np.mean(g)), float(np.var(g) / np.mean(g) ** 2)))
+    return out
+
+
+__all__ = ["CV2S", "ONOFF", "Dispatch", "LOADS", "OWN_RATIOS", "VirtualClock", "measured_load", "mode_table", "replay"]
