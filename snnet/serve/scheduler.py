@@ -14,7 +14,7 @@ Where choosing among all candidates loses, the server narrows the choice (`modes
 enough, a slow stitch chosen in a lull holds up the burst that follows (a batch cannot be interrupted), and one
 stitch always, or a choice among the few fastest, answers more requests in time. Which serves a load best is
 simulated per candidate list and budget (simulate.py `mode_table`, with this server's measured batch times per
-stitch and its decoding time, in a process of its own at the lowest priority once `MODE_AFTER` batches were
+stitch and its decoding time, in a thread of its own at the lowest priority once `MODE_AFTER` batches were
 measured, and again whenever they have grown `REBUILD_FACTOR`-fold) and looked up by the rate and burstiness
 (CV^2) of the last `GAPS` arrivals (`ModeTable`, policy.py).
 
@@ -34,7 +34,6 @@ import concurrent.futures
 import heapq
 import itertools
 import math
-import multiprocessing
 import os
 import sys
 import threading
@@ -121,7 +120,7 @@ class Rule:
     shorter), `shed` (answer a hopeless head at once), the choice's knobs that the replay tunes (`arrivals`: count
     the arrivals a batch holds up; `rest_on_same`: the queue behind the head runs on its stitch, else the fastest;
     `modes`: run one stitch always where the measured load makes that better) and `build_now` (simulate a
-    mode table at once, as a simulation wants, not in a process of its own)."""
+    mode table at once, as a simulation wants, not in a thread of its own)."""
     max_batch: int = 16
     max_wait_ms: float = 0.0
     shed: bool = False
@@ -134,7 +133,7 @@ class Rule:
 class Choices:
     """The choice tables of one menu and rule: a `SlackTable` per candidate list (built when first needed, or at
     start by `prepare`) and a `ModeTable` per candidate list and budget bucket (simulated once the server measured
-    `MODE_AFTER` batches and again at `REBUILD_FACTOR` times as many, in a process of its own). `shared`: a cache
+    `MODE_AFTER` batches and again at `REBUILD_FACTOR` times as many, in a thread of its own). `shared`: a cache
     shared with other schedulers of this menu (a simulation replaying many traces builds each table once);
     `measured`: what the tables are simulated from instead of the scheduler's own measurements (a replay of a server
     that has run for a while)."""
@@ -150,7 +149,6 @@ class Choices:
         self.measured: Learned | None = None  # simulate from this, not the scheduler's own (a replay's warm server)
         self.fastest_of: dict[tuple[int, ...], int] = {}
         self.builder: concurrent.futures.ThreadPoolExecutor | None = None
-        self.apart: concurrent.futures.ProcessPoolExecutor | None = None
 
     def table(self, candidates: tuple[int, ...]) -> SlackTable:
         known = self.slack.get(candidates)
@@ -198,7 +196,7 @@ class Choices:
             pass
         t0 = time.perf_counter()
         try:
-            table = self.modes[key] = self.simulate_apart(*key, learned)
+            table = self.modes[key] = self.simulate(*key, learned)
         except Exception as e:  # the server goes on with the table it had (switching before the first); say why
             print(f"snnet serve: stitches {list(key[0])}: the mode table failed ({type(e).__name__}: {e}); "
                   f"keeping the previous one", file=sys.stderr, flush=True)
@@ -210,54 +208,23 @@ class Choices:
               file=sys.stderr, flush=True)
 
     def simulate(self, candidates: tuple[int, ...], bucket: int, learned: Learned) -> ModeTable:
-        """The candidates' `ModeTable` at the bucket's lower budget edge, simulated here with this rule and what
+        """The candidates' `ModeTable` at the bucket's lower budget edge, simulated with this rule and what
         `learned` measured: the batches' measured / table ratios and the decoding time."""
-        return simulate_modes(self.menu, self.rule, self.window, candidates, BUDGET_STEP ** bucket,
-                              learned.before_ms.value, learned.batches.ratios(), self.shared)
+        def make(clock: VirtualClock) -> DeadlineScheduler:
+            r = self.rule
+            made = DeadlineScheduler(self.run, self.menu, r.max_batch, shed=r.shed, arrivals=r.arrivals,
+                                     rest_on_same=r.rest_on_same, modes=False, window=self.window, clock=clock,
+                                     tables=self.shared)
+            made.learned = Learned.on(clock, after_ms=0.0)  # the budget simulated is what is left for the batch
+            return made
 
-    def simulate_apart(self, candidates: tuple[int, ...], bucket: int, learned: Learned) -> ModeTable:
-        """`simulate` in a process of its own at the lowest priority (the server's way): a thread would hold the
-        interpreter lock between the forward passes' operations and slow every batch down while it simulates.
-        The choice tables of the candidates it may narrow to are built here afterwards."""
-        if self.apart is None:
-            self.apart = concurrent.futures.ProcessPoolExecutor(
-                1, mp_context=multiprocessing.get_context("spawn"), initializer=_lowest_priority)
-        table = self.apart.submit(simulate_modes, self.menu, self.rule, self.window, candidates,
-                                  BUDGET_STEP ** bucket, learned.before_ms.value, learned.batches.ratios()).result()
-        for fewer in {m for m in table.modes if m is not None and len(m) > 1}:
-            self.table(fewer)
-        return table
+        return mode_table(self.menu, candidates, BUDGET_STEP ** bucket, self.rule.max_batch, make,
+                          lambda c, t, d: Pending(_NOTHING, c, t, d), learned.before_ms.value,
+                          learned.batches.ratios(), GAPS)
 
     def close(self) -> None:
         if self.builder is not None:
             self.builder.shutdown(wait=False, cancel_futures=True)
-        if self.apart is not None:
-            self.apart.shutdown(wait=False, cancel_futures=True)
-
-
-def _lowest_priority() -> None:
-    try:
-        os.nice(19)
-    except OSError:
-        pass
-
-
-def simulate_modes(menu: StitchMenu, rule: Rule, window: float, candidates: tuple[int, ...], budget_ms: float,
-                   before_ms: float, ratios: dict[int, list[float]], shared: dict | None = None) -> ModeTable:
-    """The `ModeTable` of `candidates` and a budget, simulated (simulate.py `mode_table`) with schedulers of
-    `rule` without modes, each spending all of a budget on queueing and the batch. `shared`: their choice tables'
-    cache (a process of its own: a new one)."""
-    tables = shared if shared is not None else {}
-
-    def make(clock: VirtualClock) -> DeadlineScheduler:
-        made = DeadlineScheduler(lambda x, c: x, menu, rule.max_batch, shed=rule.shed, arrivals=rule.arrivals,
-                                 rest_on_same=rule.rest_on_same, modes=False, window=window, clock=clock,
-                                 tables=tables)
-        made.learned = Learned.on(clock, after_ms=0.0)
-        return made
-
-    return mode_table(menu, candidates, budget_ms, rule.max_batch, make, lambda c, t, d: Pending(_NOTHING, c, t, d),
-                      before_ms, ratios, GAPS)
 
 
 @dataclass
