@@ -47,8 +47,10 @@ def choice_cost(menu: StitchMenu, candidates: list[int], slo_ms: float, repeats:
     """{depth: [p50 µs, p99 µs]} of one `take` over `repeats` calls at each depth of DEPTHS."""
     out: dict[str, list[float]] = {}
     x = torch.empty(0)
+    tables: dict = {}  # one server's tables: the mode table is simulated once, not at every depth
     for depth in DEPTHS:
-        sched = DeadlineScheduler(lambda x, c: x, menu, max_batch, shed=True, clock=lambda: 1000.0, build_now=True)
+        sched = DeadlineScheduler(lambda x, c: x, menu, max_batch, shed=True, clock=lambda: 1000.0, build_now=True,
+                                  tables=tables)
         sched.prepare(candidates)
         for c in (list(menu.by_id) * 4)[:30]:
             sched.done_batch(c, 1, menu.batch_ms(c, 1))
