@@ -469,7 +469,8 @@ def main() -> None:
     p.add_argument("--traces", type=int, default=30, help="evaluation traces per setting (default 30)")
     p.add_argument("--requests", type=int, default=2000, help="requests per trace (default 2000)")
     p.add_argument("--nets", nargs="+", default=["digits", "deit"], choices=["digits", "deit"])
-    p.add_argument("--quick", action="store_true", help="a smoke run: few traces and requests, two loads")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: few traces and requests, two loads, mode tables from 100 arrivals per load")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: every core)")
     args = p.parse_args()
     if args.calibrate:
@@ -490,6 +491,8 @@ def main() -> None:
     settings = [(k, ld) for k in ARRIVALS for ld in loads]
     nets = {name: Calibrated(name, saved["nets"][name]) for name in args.nets}
 
+    if args.quick:
+        simulate.MODE_REQUESTS = 100
     t0 = time.time()
     with multiprocessing.get_context("fork").Pool(args.workers) as pool:
         prebuild(pool, nets, saved["nets"])

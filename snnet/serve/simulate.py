@@ -84,13 +84,14 @@ LOADS = tuple(0.02 * 1.5 ** k for k in range(12))
 CV2S = (1.0, 4.0, 8.0)
 #: and on/off bursts: ON and OFF periods of these many budgets on average (loadgen.py `onoff_times`)
 ONOFF = (20.0, 40.0)
+MODE_REQUESTS = 1000  # arrivals per simulated load of a mode table (a smoke run may lower it)
 OWN_RATIOS = 20  # a stitch measured fewer times draws its noise from every stitch's ratios
 
 
 def mode_table(menu: StitchMenu, candidates: Sequence[int], budget_ms: float, max_batch: int,
                make: Callable[[VirtualClock], Any], make_job: Callable[[Sequence[int], float, float], Any],
                before_ms: float = 0.0, ratios: Mapping[int, Sequence[float]] | None = None, gaps: int = 2048,
-               requests: int = 1000, seed: int = 0) -> ModeTable:
+               requests: int | None = None, seed: int = 0) -> ModeTable:
     """Which serves each load best: switching among all `candidates`, one of them always, or switching among the
     fastest few (the 2, 3, ... fastest at full batches)? Each load of `LOADS` is replayed on gamma arrivals of each
     CV^2 of `CV2S` and on on/off bursts (`ONOFF`; `requests` arrivals, the same for every system) and scored by the
@@ -107,6 +108,7 @@ def mode_table(menu: StitchMenu, candidates: Sequence[int], budget_ms: float, ma
     Each cell is placed at the rate and CV^2 the server *measures* on its arrivals (`estimates.Arrivals.load`, over
     `gaps` gaps: the medians of that estimate over the trace), where the lookup looks."""
     from snnet.serve.loadgen import arrival_times, onoff_times  # a leaf module: numpy only
+    requests = requests or MODE_REQUESTS
     ids = list(candidates)
     b_max = max(1, max_batch)
     fastest = min(ids, key=lambda c: (menu.batch_ms(c, b_max), ids.index(c)))
@@ -171,4 +173,5 @@ def measured_load(gaps: np.ndarray, window: int) -> list[tuple[float, float]]:
     return out
 
 
-__all__ = ["CV2S", "ONOFF", "Dispatch", "LOADS", "OWN_RATIOS", "VirtualClock", "measured_load", "mode_table", "replay"]
+__all__ = ["CV2S", "ONOFF", "Dispatch", "LOADS", "MODE_REQUESTS", "OWN_RATIOS", "VirtualClock", "measured_load",
+           "mode_table", "replay"]
