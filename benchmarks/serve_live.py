@@ -14,8 +14,9 @@ This benchmark checks that replay against real servers under real open-loop HTTP
 * **randomized blocks**: each block draws one arrival trace per setting (seeds `--seed-offset` + block: the same
   for every system) and runs the three systems in a random order, each on a **fresh server** (so no system
   inherits another's learned speeds or arrival history), the settings in a random order on it, 2.5 s apart (the
-  server's arrival-rate window forgets the last trace); the load generator on its own core (`--client-cpus`,
-  default the last core), the servers on the others with one thread, as the calibration measured them;
+  server's 2 s arrival-rate window forgets the last trace; the modes' load, its last 2048 arrivals, does not: a
+  known confound); the load generator on its own core (`--client-cpus`, default the last core), the servers on
+  the others with one thread, as the calibration measured them;
 * **statistics**: per setting, switch minus the alternative and switch minus its A/A copy, paired by block, mean
   with its 95 % interval (t over the blocks); and per (setting, system) whether the replay's prediction for the very
   same traces lies inside the live mean's 95 % interval.
