@@ -94,9 +94,9 @@ class BatchTimes:
     def add(self, table_ms: float, measured_ms: float, cfg_id: int | None = None) -> None:
         if table_ms > 0:
             self.window.add(table_ms, measured_ms)
-            if cfg_id is not None:
-                with self._lock:
-                    self.count += 1
+            with self._lock:
+                self.count += 1
+                if cfg_id is not None:
                     kept = self._by_stitch.get(cfg_id)
                     if kept is None:
                         kept = self._by_stitch[cfg_id] = collections.deque(maxlen=PER_STITCH)
