@@ -9,17 +9,21 @@ This benchmark checks that replay against real servers under real open-loop HTTP
   its strongest alternative is smallest (the claim's weakest points), and in each: **switch**, that **alternative**
   (a fixed stitch: requests naming its cfg_id; or the anchors exported and loaded together) and an **A/A copy** of
   switch (a second switching server: what the machine alone moves a system by);
-* **frozen settings**: the SLO (server time, from when a request was due: `sent_at`), the arrival rates and the
-  latency table every server uses are the calibration's (results/serve_calibration.json), not re-measured;
+* **frozen settings**: the SLO, the arrival rates and the latency table every server uses come from one calibration
+  of DeiT measured at the start on the servers' core (serve_replay.py's `--calibrate`: this machine's speed moves by
+  a third between hours, so the committed calibration of another hour would predict another machine), not
+  re-measured per server; each run's log shows the machine's speed against it (forward time / calibrated median);
 * **randomized blocks**: each block draws one arrival trace per setting (seeds `--seed-offset` + block: the same
   for every system) and runs the three systems in a random order, each on a **fresh server** (so no system
   inherits another's learned speeds or arrival history), the settings in a random order on it, 2.5 s apart (the
-  server's 2 s arrival-rate window forgets the last trace; the modes' load, its last 2048 arrivals, does not: a
-  known confound); the load generator on its own core (`--client-cpus`, default the last core), the servers on
+  server's 2 s arrival-rate window forgets the last trace); a server that chooses is first **warmed** as the
+  replay's server is: sent requests one at a time until it simulates its mode table, then left idle until the
+  table is built; the load generator on its own core (`--client-cpus`, default the last core), the servers on
   the others with one thread, as the calibration measured them;
 * **statistics**: per setting, switch minus the alternative and switch minus its A/A copy, paired by block, mean
   with its 95 % interval (t over the blocks); and per (setting, system) whether the replay's prediction for the very
-  same traces lies inside the live mean's 95 % interval.
+  same traces (and the arrivals its server counted before each: the warm-up and the earlier settings' traces) lies
+  inside the live mean's 95 % interval.
 
     .venv/bin/python benchmarks/serve_live.py [--blocks 10] [--requests 40] > results/bench_serve_live.txt
 
@@ -60,7 +64,6 @@ from snnet.serve.loadgen import post, run_open_loop  # noqa: E402
 DEIT_CONFIG = ROOT / "configs" / "deit_ti_s_b.json"
 DEIT_ANCHORS = [0, 1, 2]
 REPLAY = ROOT / "results" / "bench_serve_replay.txt"
-CALIBRATION = ROOT / "results" / "serve_calibration.json"
 T975 = {2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228, 11: 2.201,
         12: 2.179, 14: 2.145, 19: 2.093, 29: 2.045}
 
@@ -131,16 +134,38 @@ class Server:
 
 
 def run_trace(url: str, images: list[str], times: np.ndarray, picks: np.ndarray, slo_ms: float,
-              extra: dict[str, Any], acc: dict[int, float]) -> dict[str, float]:
+              extra: dict[str, Any], acc: dict[int, float], cal: Any) -> dict[str, float]:
     """One open-loop trace: each request due at its time carries sent_at (the server counts its budget from then);
-    its credit is its stitch's top-1 when the server answered it within the SLO, else 0."""
+    its credit is its stitch's top-1 when the server answered it within the SLO, else 0. `speed`: the median over
+    its answers of the forward pass's time over the calibration's median for that stitch and batch size (1: the
+    machine ran as fast as when it was calibrated)."""
     bodies = [json.dumps({"image": images[i], "budget": {"latency_ms": slo_ms}, "top_k": 1, **extra}).encode()
               for i in picks]
     replies = run_open_loop(url, bodies, times, time_limit=float(times[-1]) + 1, timeout=slo_ms / 1e3 * 4 + 10,
                             stamp=True)
     credit = [acc[r.body["cfg_id"]] if r.status == 200 and r.body["elapsed_ms"] <= slo_ms else 0.0 for r in replies]
+    speed = [r.body["timing_ms"]["forward"] / cal.service_ms(r.body["cfg_id"], r.body["batch_size"], 0.5)
+             for r in replies if r.status == 200]
     return {"effacc": statistics.fmean(credit), "attain": statistics.fmean(c > 0 for c in credit),
-            "shed": sum(r.status == 503 for r in replies), "failed": sum(r.status not in (200, 503) for r in replies)}
+            "shed": sum(r.status == 503 for r in replies), "failed": sum(r.status not in (200, 503) for r in replies),
+            "speed": statistics.median(speed) if speed else float("nan")}
+
+
+def warm(server: Server, images: list[str], slo_ms: float, history: list[float]) -> None:
+    """Bring a switching server to the state the replay models, one that has run before: one request at a time
+    with the SLO's budget (its batch times measured, its arrivals counted) until it simulates its mode table,
+    then wait, idle, until the table is built. `history`: the send times (Unix) of what it was sent."""
+    from snnet.serve.loadgen import get
+    from snnet.serve.scheduler import MODE_AFTER
+    for i in range(max(MODE_AFTER, 8) + 2):  # the 8 gaps the load needs, MODE_AFTER batches
+        history.append(time.time())
+        post(server.url, json.dumps({"image": images[i % len(images)], "budget": {"latency_ms": slo_ms},
+                                     "top_k": 1}).encode())
+    t0 = time.monotonic()
+    while get(server.url)[1].get("mode_tables", 0) < 1:
+        if time.monotonic() - t0 > 300:
+            raise RuntimeError(f"a server built no mode table in 300 s: {server.log.read_text()[-2000:]}")
+        time.sleep(0.5)
 
 
 # ------------------------------------------------------------------------------------------------ the plan
@@ -181,7 +206,8 @@ def main() -> None:
     p.add_argument("--settings", type=int, default=3, help="how many of the replay's weakest DeiT settings")
     p.add_argument("--seed-offset", type=int, default=5000, help="the blocks' trace seeds start here")
     p.add_argument("--replay", type=Path, default=REPLAY, help="the replay's results (its DeiT table)")
-    p.add_argument("--calibration", type=Path, default=CALIBRATION)
+    p.add_argument("--calibration", type=Path, default=None,
+                   help="use this calibration (serve_replay.py --calibrate) instead of measuring DeiT at the start")
     p.add_argument("--client-cpus", default="", help="the load generator's cores (default: the last core)")
     p.add_argument("--out", type=Path, default=None, help="also write the report here")
     args = p.parse_args()
@@ -198,17 +224,28 @@ def main() -> None:
     os.sched_setaffinity(0, client)
     torch.set_num_threads(1)
     t_start = time.time()
-    cal = Calibrated("deit", json.loads(args.calibration.read_text())["nets"]["deit"])
     plan = weakest_settings(args.replay, args.settings)
-    out = [f"$ .venv/bin/python benchmarks/serve_live.py --blocks {args.blocks} --requests {args.requests} "
-           f"--settings {args.settings} --seed-offset {args.seed_offset}",
-           f"frozen from {args.calibration.name}: SLO {cal.slo_ms:.1f} ms (server time from when a request was "
-           f"due), 1x = {cal.capacity:.2f} req/s; settings: the replay's {args.settings} weakest DeiT settings "
-           f"({args.replay.name}); servers on cores {sorted(servers_on)} (1 thread), client on {sorted(client)}", ""]
-    print("\n".join(out), file=sys.stderr, flush=True)
     live: dict[tuple[int, str], list[float]] = {}
+    seen: dict[tuple[int, int, str], np.ndarray] = {}  # (setting, block, system): what its server counted before
+    log: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        measured = args.calibration
+        if measured is None:  # this machine now, on the servers' cores: its speed moves by a third between hours
+            measured = work / "calibration.json"
+            subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve_replay.py"), "--calibrate", "--nets",
+                            "deit", "--calibration", str(measured), "--note", "serve_live.py's, at its start"],
+                           check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                           preexec_fn=lambda: os.sched_setaffinity(0, servers_on))
+        cal = Calibrated("deit", json.loads(measured.read_text())["nets"]["deit"])
+        out = [f"$ .venv/bin/python benchmarks/serve_live.py --blocks {args.blocks} --requests {args.requests} "
+               f"--settings {args.settings} --seed-offset {args.seed_offset}",
+               f"frozen from {'a calibration at the start' if args.calibration is None else args.calibration.name}"
+               f": SLO {cal.slo_ms:.1f} ms (server time from when a request was due), 1x = {cal.capacity:.2f} "
+               f"req/s (largest anchor at batch 1: {cal.menu.batch_ms(cal.largest, 1):.1f} ms); settings: the "
+               f"replay's {args.settings} weakest DeiT settings ({args.replay.name}); servers on cores "
+               f"{sorted(servers_on)} (1 thread), client on {sorted(client)}", ""]
+        print("\n".join(out), file=sys.stderr, flush=True)
         net, records = deit_served()
         ckpt = work / "deit.pth.tar"
         save_checkpoint(ckpt, {"state_dict": net.state_dict(), "epoch": 0,
@@ -230,6 +267,7 @@ def main() -> None:
             seed = args.seed_offset + block
             for role in rng.permutation(["switch", "A/A", "alternative"]).tolist():
                 server, server_kind = None, ""
+                sent: list[float] = []  # Unix times of every request sent to this server
                 try:
                     for s in rng.permutation(len(plan)).tolist():
                         kind, load, alt, _ = plan[s]
@@ -243,30 +281,39 @@ def main() -> None:
                                 if need == "exported" else source
                             server, server_kind = Server(src, results, work / "server.log", servers_on), need
                             for i in range(2):  # its first batches run cold (lazy allocation)
+                                sent.append(time.time())
                                 post(server.url, json.dumps({"image": images[i], "top_k": 1}).encode())
+                            if not extra:  # it chooses: as the replay's server, it has simulated its modes
+                                warm(server, images, cal.slo_ms, sent)
                         if extra:
+                            sent.append(time.time())
                             post(server.url, json.dumps({"image": images[0], "top_k": 1, **extra}).encode())
                         time.sleep(2.5)  # the server's arrival rate (2 s) forgets the last trace
                         times = arrivals(kind, args.requests, load * cal.capacity, cal.slo_ms / 1e3, seed)
                         picks = np.random.default_rng(seed).integers(0, len(images), args.requests)
-                        row = run_trace(server.url, images, times, picks, cal.slo_ms, extra, acc)
-                        live.setdefault((s, role if role != "alternative" else alt), []).append(row["effacc"])
+                        key = role if role != "alternative" else alt
+                        began = time.time()
+                        seen[s, block, key] = np.array(sent) - began
+                        row = run_trace(server.url, images, times, picks, cal.slo_ms, extra, acc, cal)
+                        sent.extend((began + times).tolist())
+                        live.setdefault((s, key), []).append(row["effacc"])
                         runs += 1
-                        print(f"block {block + 1}/{args.blocks} {kind} {load:g}x {system}: effacc "
-                              f"{row['effacc']:.2f} attain {row['attain']:.2f} shed {row['shed']} failed "
-                              f"{row['failed']} ({time.time() - t_start:.0f} s, {runs} runs)", file=sys.stderr,
-                              flush=True)
+                        log.append(f"block {block + 1}/{args.blocks} {kind} {load:g}x {system}: "
+                                   f"effacc {row['effacc']:.2f} attain {row['attain']:.2f} shed {row['shed']} "
+                                   f"failed {row['failed']} speed {row['speed']:.2f} ({time.time() - t_start:.0f} s, "
+                                   f"{runs} runs)")
+                        print(log[-1], file=sys.stderr, flush=True)
                 finally:
                     if server is not None:
                         server.stop()
-    # the replay's prediction for the very same traces and images
+    # the replay's prediction for the very same traces, images and arrivals counted before each
     by_name = systems(cal)
     behind, aa_ok, inside, pairs = 0, True, 0, 0
     out += ["| arrivals | load | alternative (replay margin) | switch | alternative | A/A | switch - alternative | "
             "switch - A/A | replay: switch / alternative / A/A |", "|---|---:|---|---:|---:|---:|---:|---:|---|"]
     for s, (kind, load, alt, margin) in enumerate(plan):
         predicted = {}
-        for system in ("switch", alt):
+        for key in ("switch", alt, "A/A"):
             effs = []
             for block in range(args.blocks):
                 seed = args.seed_offset + block
@@ -274,9 +321,9 @@ def main() -> None:
                 draws = np.random.default_rng(10_000 + seed).random((args.requests, 4))
                 draws[:, 0] = (np.random.default_rng(seed).integers(0, len(images), args.requests) + 0.5) / \
                     len(images)  # the live trace's images
-                effs.append(replay(cal, by_name[system], times, draws)["effacc"])
-            predicted[system] = statistics.fmean(effs)
-        predicted["A/A"] = predicted["switch"]
+                effs.append(replay(cal, by_name["switch" if key == "A/A" else key], times, draws,
+                                   seen[s, block, key])["effacc"])
+            predicted[key] = statistics.fmean(effs)
         means = {k: interval(live[s, k]) for k in ("switch", alt, "A/A")}
         d_alt = interval([a - b for a, b in zip(live[s, "switch"], live[s, alt])])
         d_aa = interval([a - b for a, b in zip(live[s, "switch"], live[s, "A/A"])])
@@ -289,8 +336,12 @@ def main() -> None:
                    + " | ".join(f"{means[k][0]:.2f} ± {means[k][1]:.2f}" for k in ("switch", alt, "A/A"))
                    + f" | {d_alt[0]:+.2f} ± {d_alt[1]:.2f} | {d_aa[0]:+.2f} ± {d_aa[1]:.2f} | "
                    + " / ".join(f"{predicted[k]:.2f}" for k in ("switch", alt, "A/A")) + " |")
+    speeds = [float(ln.split(" speed ")[1].split()[0]) for ln in log]
     out += ["", f"{runs} server runs in {(time.time() - t_start) / 60:.1f} min; load average "
-                f"{os.getloadavg()[0]:.2f} at the end",
+                f"{os.getloadavg()[0]:.2f} at the end; the machine's speed against the calibration (forward time / "
+                f"calibrated median, per run): first block {statistics.fmean(speeds[:3 * len(plan)]):.2f}, last "
+                f"{statistics.fmean(speeds[-3 * len(plan):]):.2f}, range {min(speeds):.2f}..{max(speeds):.2f}",
+            "", "<details><summary>every run, in the order run</summary>", "", *log, "", "</details>", "",
             f"RESULT live_behind={behind} aa_covers_zero={int(aa_ok)} replay_inside={inside}/{pairs}"]
     text = "\n".join(out) + "\n"
     if args.out:

@@ -190,9 +190,11 @@ def _decode(body: str, tf) -> torch.Tensor:
     return tf(Image.open(io.BytesIO(base64.b64decode(req["image"]))).convert("RGB"))
 
 
-def calibrate(out: Path, quick: bool, note: str = "") -> None:
+def calibrate(out: Path, quick: bool, note: str = "", names: tuple[str, ...] = ("digits", "deit")) -> None:
     """Measure on one core with one thread: where benchmarks/serve_live.py runs its servers (the load generator on
-    the other core), so that the live validation checks the replay on the machine it was calibrated on."""
+    the other core), so that the live validation checks the replay on the machine it was calibrated on. `names`:
+    the networks measured (serve_live.py measures DeiT again at its start: this machine's speed moves by a third
+    between hours)."""
     t_start = time.time()
     cores = os.sched_getaffinity(0)
     if len(cores) > 1:
@@ -201,6 +203,8 @@ def calibrate(out: Path, quick: bool, note: str = "") -> None:
     nets: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, made in (("digits", lambda: _digits(Path(tmp))), ("deit", _deit)):
+            if name not in names:
+                continue
             m = made()
             torch.set_num_threads(m["threads"])
             ids = [r["cfg_id"] for r in m["records"]]
@@ -235,7 +239,8 @@ def calibrate(out: Path, quick: bool, note: str = "") -> None:
     saved = {"measured": {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
                           "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
                           "torch": torch.__version__, "load_average_after": round(os.getloadavg()[0], 2),
-                          "command": "benchmarks/serve_replay.py --calibrate" + (" --quick" if quick else ""),
+                          "command": "benchmarks/serve_replay.py --calibrate" + (" --quick" if quick else "")
+                          + ("" if set(names) == {"digits", "deit"} else " --nets " + " ".join(names)),
                           "cores": sorted(os.sched_getaffinity(0)), "note": note,
                           "seconds": round(time.time() - t_start)},
              "nets": nets}
@@ -468,13 +473,14 @@ def main() -> None:
     p.add_argument("--seed-offset", type=int, default=1000, help="the evaluation traces' first seed (tuning: 0..9)")
     p.add_argument("--traces", type=int, default=30, help="evaluation traces per setting (default 30)")
     p.add_argument("--requests", type=int, default=2000, help="requests per trace (default 2000)")
-    p.add_argument("--nets", nargs="+", default=["digits", "deit"], choices=["digits", "deit"])
+    p.add_argument("--nets", nargs="+", default=["digits", "deit"], choices=["digits", "deit"],
+                   help="the networks replayed (with --calibrate: measured; default both)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: few traces and requests, two loads, mode tables from 100 arrivals per load")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: every core)")
     args = p.parse_args()
     if args.calibrate:
-        calibrate(args.calibration, args.quick, args.note)
+        calibrate(args.calibration, args.quick, args.note, tuple(args.nets))
         return
     if args.seed_offset < len(TUNING_SEEDS):
         p.error(f"--seed-offset {args.seed_offset} overlaps the tuning seeds 0..{len(TUNING_SEEDS) - 1}; "

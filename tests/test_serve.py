@@ -847,6 +847,33 @@ def test_a_server_simulates_its_mode_table_in_a_thread_of_its_own():
     sched.close()
 
 
+def test_a_mode_table_is_built_only_while_the_server_is_idle():
+    """The builder never takes the core from a forward pass: while requests are queued or running (the worker
+    clears `idle`) it waits between simulations and the server switches; once idle it finishes; a server closed
+    while a build waits stops that build (its thread is not left blocked)."""
+    clock = VirtualClock()
+    for close_first in (False, True):
+        sched, _ = _modes_scheduler(clock, build_now=False)
+        x = torch.empty(0)
+        for t in arrival_times(300, 8000.0, 8.0, seed=1):
+            sched.admit(Pending(x, (1, 2, 0), t, t + 0.012), t)
+        sched.choices.idle.clear()  # what `submit` does: busy
+        assert mode_now(sched) is None
+        builder = sched.choices.builder
+        assert builder is not None
+        time.sleep(0.5)
+        assert sched.stats()["mode_tables"] == 0 and sched.choices.building  # waits while busy
+        if close_first:
+            sched.close()
+            builder.shutdown(wait=True)
+            assert sched.stats()["mode_tables"] == 0  # stopped, not finished
+            continue
+        sched.choices.idle.set()  # the worker found the queue empty
+        builder.shutdown(wait=True)
+        assert mode_now(sched) == (0,) and sched.stats()["mode_tables"] == 1
+        sched.close()
+
+
 def test_the_committed_replays_tuned_rule_is_the_servers_default(monkeypatch):
     """The replay reports the rule its tuning traces chose as "switch"; the server must run that rule, else the
     replay's headline is another server's (results/bench_serve_replay.txt, benchmarks/serve_replay.py RULES)."""

@@ -14,9 +14,9 @@ Where choosing among all candidates loses, the server narrows the choice (`modes
 enough, a slow stitch chosen in a lull holds up the burst that follows (a batch cannot be interrupted), and one
 stitch always, or a choice among the few fastest, answers more requests in time. Which serves a load best is
 simulated per candidate list and budget (simulate.py `mode_table`, with this server's measured batch times per
-stitch and its decoding time, in a thread of its own at the lowest priority once `MODE_AFTER` batches were
-measured, and again whenever they have grown `REBUILD_FACTOR`-fold) and looked up by the rate and burstiness
-(CV^2) of the last `GAPS` arrivals (`ModeTable`, policy.py).
+stitch and its decoding time, in a thread of its own that works only while the server is idle, once `MODE_AFTER`
+batches were measured, and again whenever they have grown `REBUILD_FACTOR`-fold) and looked up by the rate and
+burstiness (CV^2) of the last `GAPS` arrivals (`ModeTable`, policy.py).
 
 A head that cannot meet its deadline even on its fastest candidate at batch 1, at the machine's typical speed, is
 *shed* when the server runs with `shed=True` (the handler answers 503 at once; it costs no compute), unless the
@@ -130,6 +130,10 @@ class Rule:
     build_now: bool = False
 
 
+class _Closed(Exception):
+    """A mode table's build stopped by the server's close."""
+
+
 class Choices:
     """The choice tables of one menu and rule: a `SlackTable` per candidate list (built when first needed, or at
     start by `prepare`) and a `ModeTable` per candidate list and budget bucket (simulated once the server measured
@@ -149,6 +153,12 @@ class Choices:
         self.measured: Learned | None = None  # simulate from this, not the scheduler's own (a replay's warm server)
         self.fastest_of: dict[tuple[int, ...], int] = {}
         self.builder: concurrent.futures.ThreadPoolExecutor | None = None
+        # set while the server has nothing to do (no request queued, no batch running): the builder simulates only
+        # then, so a table being built never takes the core from a forward pass (under a load that never lets up,
+        # the server serves without modes until the load leaves it idle)
+        self.idle = threading.Event()
+        self.idle.set()
+        self.closed = False
 
     def table(self, candidates: tuple[int, ...]) -> SlackTable:
         known = self.slack.get(candidates)
@@ -197,6 +207,8 @@ class Choices:
         t0 = time.perf_counter()
         try:
             table = self.modes[key] = self.simulate(*key, learned)
+        except _Closed:
+            return
         except Exception as e:  # the server goes on with the table it had (switching before the first); say why
             print(f"snnet serve: stitches {list(key[0])}: the mode table failed ({type(e).__name__}: {e}); "
                   f"keeping the previous one", file=sys.stderr, flush=True)
@@ -220,10 +232,18 @@ class Choices:
 
         return mode_table(self.menu, candidates, BUDGET_STEP ** bucket, self.rule.max_batch, make,
                           lambda c, t, d: Pending(_NOTHING, c, t, d), learned.before_ms.value,
-                          learned.batches.ratios(), GAPS)
+                          learned.batches.ratios(), GAPS, pause=None if self.rule.build_now else self._pause)
+
+    def _pause(self) -> None:
+        """The builder's wait between simulations: until the server is idle; a closed server's build stops."""
+        self.idle.wait()
+        if self.closed:
+            raise _Closed
 
     def close(self) -> None:
         if self.builder is not None:
+            self.closed = True
+            self.idle.set()  # a builder waiting for an idle moment stops (its thread is not left blocked)
             self.builder.shutdown(wait=False, cancel_futures=True)
 
 
@@ -270,6 +290,7 @@ class DeadlineScheduler:
             w.wake = asyncio.Event()
             w.task = loop.create_task(self._loop())
         job.future = loop.create_future()
+        self.choices.idle.clear()  # busy: a mode table being built waits
         self.admit(job, time.perf_counter())
         assert w.wake is not None
         w.wake.set()
@@ -386,6 +407,7 @@ class DeadlineScheduler:
                     w.trimmed = time.perf_counter()
                     release_free_heap()
                 w.wake.clear()
+                self.choices.idle.set()  # nothing to serve: a mode table may be built now
                 await w.wake.wait()
                 continue
             head = self.queue[0][2]

@@ -91,7 +91,8 @@ OWN_RATIOS = 20  # a stitch measured fewer times draws its noise from every stit
 def mode_table(menu: StitchMenu, candidates: Sequence[int], budget_ms: float, max_batch: int,
                make: Callable[[VirtualClock], Any], make_job: Callable[[Sequence[int], float, float], Any],
                before_ms: float = 0.0, ratios: Mapping[int, Sequence[float]] | None = None, gaps: int = 2048,
-               requests: int | None = None, seed: int = 0) -> ModeTable:
+               requests: int | None = None, seed: int = 0,
+               pause: Callable[[], Any] | None = None) -> ModeTable:
     """Which serves each load best: switching among all `candidates`, one of them always, or switching among the
     fastest few (the 2, 3, ... fastest at full batches)? Each load of `LOADS` is replayed on gamma arrivals of each
     CV^2 of `CV2S` and on on/off bursts (`ONOFF`; `requests` arrivals, the same for every system) and scored by the
@@ -106,7 +107,8 @@ def mode_table(menu: StitchMenu, candidates: Sequence[int], budget_ms: float, ma
     earlier system (single stitches by rank, then the fewest fast ones).
 
     Each cell is placed at the rate and CV^2 the server *measures* on its arrivals (`estimates.Arrivals.load`, over
-    `gaps` gaps: the medians of that estimate over the trace), where the lookup looks."""
+    `gaps` gaps: the medians of that estimate over the trace), where the lookup looks. `pause`: called before each
+    system's simulation (a server's builder waits there while requests are being served)."""
     from snnet.serve.loadgen import arrival_times, onoff_times  # a leaf module: numpy only
     requests = requests or MODE_REQUESTS
     ids = list(candidates)
@@ -136,6 +138,8 @@ def mode_table(menu: StitchMenu, candidates: Sequence[int], budget_ms: float, ma
             u = np.random.default_rng(seed + 1000 * i + j).random(requests).tolist()
             scores = []
             for system in systems:
+                if pause is not None:
+                    pause()
                 clock = VirtualClock()
                 jobs, free, index = [], 0.0, {}
                 for k, t in enumerate(times.tolist()):
