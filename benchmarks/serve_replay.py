@@ -322,9 +322,11 @@ def history(kind: str, rate: float, slo_s: float, seed: int) -> np.ndarray:
 
 
 def replay(net: Calibrated, system: dict[str, Any], times: np.ndarray, draws: np.ndarray,
-           seen: np.ndarray | None = None) -> dict[str, float]:
+           seen: np.ndarray | None = None, speed: float = 1.0) -> dict[str, float]:
     """One system on one trace: effective accuracy (percent), SLO attainment, shed share, mean FLOPs. `seen`: the
-    arrivals before it (`history`), which the server has counted."""
+    arrivals before it (`history`), which the server has counted. `speed`: the machine's forward times over the
+    calibration's (serve_live.py: measured per live run; the server's latency table stays the calibration's, and it
+    learns the difference from its batches as a live server does)."""
     n = len(times)
     clock = VirtualClock()
     sched = DeadlineScheduler(lambda x, c: x, net.menu, MAX_BATCH, shed=True, arrivals=system.get("arrivals", True),
@@ -358,7 +360,7 @@ def replay(net: Calibrated, system: dict[str, Any], times: np.ndarray, draws: np
     credit, met, shed, flops = [0.0] * n, [False] * n, [False] * n, [0.0] * n
 
     def service_ms(c: int, batch: list[Pending]) -> float:
-        return net.service_ms(c, len(batch), u_service[owner[id(batch[0])][0]])
+        return speed * net.service_ms(c, len(batch), u_service[owner[id(batch[0])][0]])
 
     def answered(done_job: Pending, c: int, t: float) -> tuple | None:
         i, stage = owner.pop(id(done_job))
