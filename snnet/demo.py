@@ -343,17 +343,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def summary(sources: list[Path]) -> list[str]:
     """What the picture should show, in numbers: the share of stitches whose top-1 lies within the anchors' top-1
-    range +-3 points, and on what share of budgets the stitched front beats random mixing of the anchors."""
+    range (exactly, and +-3 points), and on what share of budgets the stitched front beats random mixing of the
+    anchors."""
     lines = []
     for path in sources:
         records = read_results(path)
         n = infer_anchors(records)
         anchors = [r["cfg_id"] for r in records if is_anchor(r, n)]
         inside, stitches = in_anchor_range(records, anchors, RANGE_MARGIN)
+        exact, _ = in_anchor_range(records, anchors, 0.0)
         b = file_baselines(path, records, anchors)
         lines.append(f"{os.path.relpath(path)}: anchors " + ", ".join(
             f"{r['route']} {r['acc1']:.2f}" for r in records if r["cfg_id"] in anchors) +
-            f"; {inside} of {stitches} stitches within the anchors' top-1 range +-{RANGE_MARGIN:g}; front above "
+            f"; {exact} of {stitches} stitches within the anchors' top-1 range ({inside} within it "
+            f"+-{RANGE_MARGIN:g}); front above "
             f"random mixing on {100 * b['ahead_of_mixing']:.0f} % of budgets ({b['above_mixing']} of "
             f"{b['stitches']} stitches above the line)")
     return lines

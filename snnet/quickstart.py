@@ -16,7 +16,8 @@ run with the same arguments reuses every finished step and continues an interrup
 (train.py --auto-resume); changed arguments redo the steps they change. Nothing here needs the network.
 
 Why small CNNs (docs/own_data.md, "What quickstart chooses"): a ViT trained from scratch on a few hundred images
-per class barely leaves chance in the time a CNN needs to pass 90 % (measured: benchmarks/quickstart_check.py), and
+per class barely leaves chance in the time a CNN needs to pass 90 % (measured on benchmarks/shapes_data.py's images,
+docs/own_data.md), and
 ResNets of one depth and different widths stitch stage by stage like SN-Net's ResNet pairs.
 """
 from __future__ import annotations
