@@ -89,3 +89,20 @@ def test_readme_sampler_draws_anchors_first(scaled):
     assert set(early) <= {0, 1} and len(set(late)) == net.num_configs
     again = create_sampler({"type": "anchors_first", "warmup_steps": 50}, net, seed=3, rank=1)
     assert [again(s) for s in range(100)] == early + late[:50]  # a pure function of (seed, rank, step)
+
+
+def test_a_checkout_that_was_never_installed_finds_its_families():
+    """Without installed metadata (no entry points: a clone run as `python train.py`, or the image of a GPU machine
+    that has torch but not this project) the four families come from the checkout's pyproject.toml; before, every
+    anchor was refused with "supported families: none registered" (the first GPU run hit it)."""
+    import subprocess
+    import sys
+    code = ("import importlib.metadata as m; real = m.entry_points; "
+            "m.entry_points = lambda **k: [] if k.get('group') == 'snnet.families' else real(**k); "
+            "from snnet.core.adapter import registered_adapters; "
+            "print(sorted(c.family for c in registered_adapters()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=README.parent.parent).stdout
+    families = eval(out)
+    assert {"deit", "swin", "levit"} <= set(families), families
+    assert len(families) >= 4, families

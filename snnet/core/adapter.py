@@ -8,10 +8,12 @@ Adding a timm family is a subclass of `AnchorAdapter` (see snnet/README.md) regi
 """
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -121,10 +123,32 @@ def register_adapter(cls: type[AnchorAdapter]) -> type[AnchorAdapter]:
 def load_family_packages() -> None:
     """Import the family packages declared under the ``snnet.families`` entry-point group (pyproject.toml).
 
-    Each package registers its adapters on import. Third-party packages can add families the same way.
+    Each package registers its adapters on import. Third-party packages can add families the same way. Run from a
+    checkout that was never installed (``python train.py`` with the checkout on ``PYTHONPATH``, as
+    distributed_train.sh does), there is no installed metadata: the families the checkout's own pyproject.toml
+    declares are imported instead.
     """
-    for ep in entry_points(group="snnet.families"):
+    eps = list(entry_points(group="snnet.families"))
+    for ep in eps:
         ep.load()
+    if not eps:
+        for module in _checkout_families():
+            importlib.import_module(module)
+
+
+def _checkout_families() -> list[str]:
+    """The modules under ``[project.entry-points."snnet.families"]`` of the pyproject.toml beside this checkout's
+    ``snnet`` package (none when there is no such file, as in an installed copy)."""
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    try:
+        import tomllib  # Python 3.11+; on 3.10 a checkout must be installed (pip install -e .)
+    except ModuleNotFoundError:
+        return []
+    if not pyproject.is_file():
+        return []
+    with open(pyproject, "rb") as f:
+        declared = tomllib.load(f).get("project", {}).get("entry-points", {}).get("snnet.families", {})
+    return [str(v).split(":")[0] for v in declared.values()]
 
 
 def registered_adapters() -> list[type[AnchorAdapter]]:
