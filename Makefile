@@ -108,7 +108,7 @@ demo-check: demo demo-v2
 # on a machine with CUDA, within 10 minutes: tests/test_cuda.py, a nccl run of the digits demo config checked against a
 # CPU evaluation, and real-size benchmarks -> results/gpu/<gpu name>.md; without CUDA one line and exit 2
 gpu-check: venv
-	@$(BIN)/python benchmarks/gpu_check.py
+	@$(BIN)/python benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 # the documentation site from docs/ (mkdocs.yml) into site/; --strict: a broken link or anchor fails the build
 docs: venv

@@ -406,6 +406,17 @@ def _deit_ti_s_b(ctx: dict, reduced: bool):
     return build_snnet(cfg, pretrained=False, img_size=size["ev_img"]).to(ctx["device"])
 
 
+def _loader_rate(make, label: str, batches: int, deadline: float) -> list:
+    """[label, images, images/s] of the first `batches` batches of the loader `make()` gives (the workers' start
+    counted, as a real evaluation pays it), stopping early at `deadline` (time.time())."""
+    t, n = time.perf_counter(), 0
+    for i, (x, *_) in enumerate(make()):
+        n += x.shape[0]
+        if i + 1 >= batches or time.time() > deadline:
+            break
+    return [label, n, f"{n / (time.perf_counter() - t):.0f}"]
+
+
 def step_eval_all(ctx: dict) -> dict:
     import eval_all_stitches as eas
     import torch
@@ -426,16 +437,24 @@ def step_eval_all(ctx: dict) -> dict:
     ids = list(range(model.num_configs))
     if size["ev_stitches"]:  # smoke: a few stitches spread over the plan (the anchors first)
         ids = sorted(set(ids[:: max(1, len(ids) // size["ev_stitches"])][: size["ev_stitches"]]))
-    jpeg = lambda: eas.loader_for(folder, batch, workers, img=img, pin_mem=cuda)
-    modes, outs = [("ours", "JPEG"), ("snnet", "JPEG"), ("ours_tensors", "tensors"), ("snnet_tensors", "tensors")], {}
-    tensors = None
+    jpeg = lambda pin=cuda: eas.loader_for(folder, batch, workers, img=img, pin_mem=pin)
+    # compute only first (the ratio that is the model's, not the machine's loader's), then with JPEG decoding: the
+    # first GPU run's loader delivered 57-70 images/s, so the JPEG modes took its whole share and the compute-only
+    # pass per stitch never ran
+    modes, outs = [("ours_tensors", "tensors"), ("snnet_tensors", "tensors"), ("ours", "JPEG"), ("snnet", "JPEG")], {}
+    tensors, loader_rows = None, []
     for k, (mode, _) in enumerate(modes):
         left = ctx["deadline"] - time.time()
         if left < 10 and outs:
             log(f"eval_all: no time left for {mode}")
             break
         if mode.endswith("tensors") and tensors is None:  # pre-decoded, on the device: compute only
+            t = time.perf_counter()
             tensors = [(x.to(device), y.to(device)) for x, y, *_ in jpeg()]  # (images, labels[, sample ids])
+            loader_rows.append([f"{workers} workers, pinned memory: {cuda}", n, f"{n / (time.perf_counter() - t):.0f}"])
+            if cuda:  # where the loader is slow, is it the pinning? the same loader unpinned, on a few batches
+                loader_rows.append(_loader_rate(lambda: jpeg(False), f"{workers} workers, pinned memory: False",
+                                                8, ctx["deadline"] - 60))
         # SN-Net's way gets a share of what is left and is extrapolated from the stitches it finished
         share = left / (len(modes) - k) if mode.startswith("snnet") else None
         log(f"eval_all: {mode} ({len(ids)} stitches, {n} images)")
@@ -448,7 +467,9 @@ def step_eval_all(ctx: dict) -> dict:
         o["peak"] = torch.cuda.max_memory_allocated(device) if cuda else None
         o["full_seconds"] = o["seconds"] * len(ids) / len(o["done"])
         outs[mode] = o
-    diffs = [abs(outs[m]["results"][c]["acc1"] - outs["ours"]["results"][c]["acc1"])
+    # each way against the one pass on the same data (the JPEG modes may not have run)
+    same_data = lambda m: "ours_tensors" if m.endswith("tensors") else "ours"
+    diffs = [abs(outs[m]["results"][c]["acc1"] - outs[same_data(m)]["results"][c]["acc1"])
              for m in outs for c in outs[m]["done"]]
     same, worst = max(diffs) == 0, max(diffs)
     rows = []
@@ -463,7 +484,7 @@ def step_eval_all(ctx: dict) -> dict:
                      f"{len(ids) * n / o['full_seconds']:.0f}", f"{n / o['full_seconds']:.0f}",
                      "-" if o["util"] is None else f"{o['util']:.0f}", gib(o["peak"]),
                      f"{o['peak_activation_bytes'] / 2 ** 20:.1f}" if o["peak_activation_bytes"] else "-"])
-    ratio = outs["ours"]["full_seconds"] / outs["snnet"]["full_seconds"] if "snnet" in outs else None
+    ratio = outs["ours"]["full_seconds"] / outs["snnet"]["full_seconds"] if {"ours", "snnet"} <= set(outs) else None
     cratio = (outs["ours_tensors"]["full_seconds"] / outs["snnet_tensors"]["full_seconds"]
               if "snnet_tensors" in outs else None)
     head = (f"{'reduced DeiT-Ti/S/B (widths 32/64/128, patch 8)' if size['ev_reduced'] else 'DeiT-Ti/S/B'}, "
@@ -474,11 +495,14 @@ def step_eval_all(ctx: dict) -> dict:
             + f"; FLOPs floor {floor:.3f}")
     table = md_table(["mode", "data", "time (s)", "stitch-images/s", "images/s", "GPU use (%)", "peak memory (GiB)",
                       "peak live activations (MiB)"], rows, "---|---|---:|---:|---:|---:|---:|---:")
+    if loader_rows:
+        table += "\n\nThe loader alone (decoding, resizing, collating; no model):\n\n" + md_table(
+            ["loader", "images", "images/s"], loader_rows, "---|---:|---:")
     fmt = lambda v: "-" if v is None else f"{v:.3f}"
     out = {"summary": f"ratio {fmt(ratio)} with JPEG decoding, {fmt(cratio)} compute only (floor {floor:.3f})",
            "tables": [head + "\n\n" + table],
            "data": {"ratio": ratio, "compute_ratio": cratio, "floor": floor, "identical": same,
-                    "max_acc1_diff": worst, "rows": rows}}
+                    "max_acc1_diff": worst, "rows": rows, "loader_rows": loader_rows}}
     # both ways run the same kernels on the same batches and should agree exactly; one flipped image (a library
     # may pick another kernel from one call to the next) is shown, not failed: more is a real difference
     if worst > 100.0 / n + 1e-9:
@@ -555,8 +579,10 @@ def environment(device) -> dict:
            "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
            "CUDA (torch built with)": torch.version.cuda or "-", "cpu cores": os.cpu_count()}
     try:
-        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                       text=True, timeout=5).stdout.strip() or "-"
+        git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=5).stdout
+        # "+changes": the tree had uncommitted changes to tracked files (the first GPU run did: its adapter fix)
+        env["commit"] = (git("rev-parse", "--short", "HEAD").strip() or "-") + (
+            " +changes" if git("status", "--porcelain", "--untracked-files=no").strip() else "")
     except Exception:
         env["commit"] = "-"
     if device.type == "cuda":
