@@ -6,9 +6,11 @@ On the digits demo (batches of ~1-3 ms) a choice of a millisecond would be a sha
 a fixed network does not pay. The choice is a table lookup (snnet/serve/policy.py), so it should cost the same as
 a fixed network's at any depth: this benchmark shows it does.
 
-Each call is timed alone (perf_counter_ns) on a virtual clock, the queue refilled after it: `depth` requests 1 µs
-apart, each with the SLO (3x the largest anchor's batch-1 time) as budget, after 30 batches at the table's speed
-and 2 s of arrivals (so the rate is counted and the mode looked up: its table is simulated before the timing).
+Each call is timed alone (perf_counter_ns) on a virtual clock, the queue refilled after it, the calls of every
+system and depth interleaved in a random order (a slow moment of the machine falls on all of them alike): `depth`
+requests 1 µs apart, each with the SLO (3x the largest anchor's batch-1 time) as budget, after 30 batches at the
+table's speed and 2 s of arrivals (so the rate is counted and the mode looked up: its table is simulated before
+the timing).
 Menus: the served stitches of both networks in results/serve_calibration.json (benchmarks/serve_replay.py
 --calibrate), batches of up to 8; switching weighs the front, fixed the largest anchor.
 benchmarks/serve_replay.py --calibrate stores the same measurement and charges it to every batch of its replay.
@@ -42,34 +44,50 @@ DEPTHS = (1, 2, 4, 8, 16, 32, 64, 128)
 MAX_BATCH = 8
 
 
-def choice_cost(menu: StitchMenu, candidates: list[int], slo_ms: float, repeats: int,
-                max_batch: int = MAX_BATCH) -> dict[str, list[float]]:
-    """{depth: [p50 µs, p99 µs]} of one `take` over `repeats` calls at each depth of DEPTHS."""
-    out: dict[str, list[float]] = {}
+def ready_scheduler(menu: StitchMenu, candidates: list[int], slo_ms: float, depth: int, tables: dict,
+                    max_batch: int = MAX_BATCH) -> DeadlineScheduler:
+    """A scheduler as a served one stands: 30 batches measured, 2 s of arrivals counted (so its mode table is looked
+    up: simulated here, not timed), `depth` requests queued."""
     x = torch.empty(0)
-    tables: dict = {}  # one server's tables: the mode table is simulated once, not at every depth
-    for depth in DEPTHS:
-        sched = DeadlineScheduler(lambda x, c: x, menu, max_batch, shed=True, clock=lambda: 1000.0, build_now=True,
-                                  tables=tables)
-        sched.prepare(candidates)
-        for c in (list(menu.by_id) * 4)[:30]:
-            sched.done_batch(c, 1, menu.batch_ms(c, 1))
-        for t in 998.0 + np.linspace(0, 2.0, GAPS + 1):  # past hope by 1000 s: shed, leaving their gaps and rate
-            sched.admit(Pending(x, candidates, t, t + slo_ms / 1e3), t)
-        while sched.queue:
-            sched.take(1000.0)
-        for k in range(depth):
-            sched.admit(Pending(x, candidates, 1000.0 - k * 1e-6, 1000.0 - k * 1e-6 + slo_ms / 1e3), 1000.0)
-        sched.plan(1000.0)  # the mode table is simulated here (the server: in a thread of its own), not timed
-        times = np.empty(repeats)
-        for r in range(repeats):
+    sched = DeadlineScheduler(lambda x, c: x, menu, max_batch, shed=True, clock=lambda: 1000.0, build_now=True,
+                              tables=tables)
+    sched.prepare(candidates)
+    for c in (list(menu.by_id) * 4)[:30]:
+        sched.done_batch(c, 1, menu.batch_ms(c, 1))
+    for t in 998.0 + np.linspace(0, 2.0, GAPS + 1):  # past hope by 1000 s: shed, leaving their gaps and rate
+        sched.admit(Pending(x, candidates, t, t + slo_ms / 1e3), t)
+    while sched.queue:
+        sched.take(1000.0)
+    for k in range(depth):
+        sched.admit(Pending(x, candidates, 1000.0 - k * 1e-6, 1000.0 - k * 1e-6 + slo_ms / 1e3), 1000.0)
+    sched.plan(1000.0)
+    return sched
+
+
+def choice_costs(specs: dict[str, tuple[StitchMenu, list[int], float]], repeats: int, seed: int = 0
+                 ) -> dict[str, dict[str, list[float]]]:
+    """{name: {depth: [p50 µs, p99 µs]}} of one `take`, `repeats` calls in each cell (a system of `specs` at a
+    depth of DEPTHS). The calls are interleaved: each round times one call of every cell, in a random order, so a
+    moment when the machine is slow (on a shared 2-core VM a hiccup can last a millisecond, a hundred calls) falls
+    on every cell alike rather than on the one being timed then."""
+    cells = []
+    for name, (menu, candidates, slo_ms) in specs.items():
+        tables: dict = {}  # one server's tables: the mode table is simulated once, not at every depth
+        cells += [(name, str(d), ready_scheduler(menu, candidates, slo_ms, d, tables)) for d in DEPTHS]
+    times = np.empty((len(cells), repeats))
+    rng = np.random.default_rng(seed)
+    for r in range(repeats):
+        for i in rng.permutation(len(cells)):
+            sched = cells[i][2]
             t0 = time.perf_counter_ns()
             planned = sched.take(1000.0)
-            times[r] = (time.perf_counter_ns() - t0) / 1e3
+            times[i, r] = (time.perf_counter_ns() - t0) / 1e3
             assert isinstance(planned, tuple), "the benchmark's queue must be one the server runs, not shed"
             for j in planned[1]:
                 sched.admit(j, 1000.0)
-        out[str(depth)] = [float(np.percentile(times, 50)), float(np.percentile(times, 99))]
+    out: dict[str, dict[str, list[float]]] = {name: {} for name in specs}
+    for i, (name, depth, _) in enumerate(cells):
+        out[name][depth] = [float(np.percentile(times[i], 50)), float(np.percentile(times[i], 99))]
     return out
 
 
@@ -86,6 +104,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=5000, help="timed calls per depth (default 5000)")
     p.add_argument("--calibration", type=Path, default=CALIBRATION)
+    p.add_argument("--seed", type=int, default=0, help="the random order of the interleaved calls")
     p.add_argument("--note", default="", help="how the machine was kept quiet (printed with the table)")
     args = p.parse_args()
     t_start = time.time()
@@ -97,10 +116,15 @@ def main() -> None:
              "| network | queue | switching p50 µs | switching p99 µs | fixed p50 µs | fixed p99 µs |",
              "|---|---:|---:|---:|---:|---:|"]
     worst = 0.0
+    specs = {}
     for name, cal in saved["nets"].items():
         menu, largest, slo = menu_of(cal)
-        sw = choice_cost(menu, menu.front(), slo, args.repeats)
-        fx = choice_cost(menu, [largest], slo, args.repeats)
+        specs[f"{name} switching"] = (menu, menu.front(), slo)
+        specs[f"{name} fixed"] = (menu, [largest], slo)
+    costs = choice_costs(specs, args.repeats, seed=args.seed)  # every system and depth interleaved, random order
+    for name in saved["nets"]:
+        menu = specs[f"{name} switching"][0]
+        sw, fx = costs[f"{name} switching"], costs[f"{name} fixed"]
         for d in sw:
             lines.append(f"| {name} ({len(menu.front())} stitches) | {d} | {sw[d][0]:.1f} | {sw[d][1]:.1f} | "
                          f"{fx[d][0]:.1f} | {fx[d][1]:.1f} |")

@@ -74,7 +74,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from serve_plan import MAX_BATCH, choice_cost, menu_of  # noqa: E402
+from serve_plan import MAX_BATCH, choice_costs, menu_of  # noqa: E402
 
 from snnet.core.fileio import write_text_atomic  # noqa: E402  (after the path insert: runs from a checkout)
 from snnet.deploy.export import labelled  # noqa: E402
@@ -226,8 +226,8 @@ def calibrate(out: Path, quick: bool, note: str = "", names: tuple[str, ...] = (
             menu, largest, _ = menu_of({"records": m["records"], "anchors": m["anchors"], "service_ms": service})
             slo = SLO_FACTOR * menu.batch_ms(largest, 1) + statistics.median(decode) + statistics.median(answer_ms)
             reps = 200 if quick else 2000
-            choice = {"switch": choice_cost(menu, menu.front(), slo, reps),  # serve_plan.py's measurement
-                      "fixed": choice_cost(menu, [largest], slo, reps)}
+            choice = choice_costs({"switch": (menu, menu.front(), slo),  # serve_plan.py's measurement
+                                   "fixed": (menu, [largest], slo)}, reps)
             nets[name] = {"records": m["records"], "anchors": m["anchors"], "threads": m["threads"],
                           "service_ms": service, "decode_ms": decode, "answer_ms": answer_ms, "choice_us": choice,
                           "cascades": m["cascades"], "images": len(m["bodies"]),

@@ -195,16 +195,15 @@ class SlackTable:
         self._queue.frombytes(queue.tobytes())
         self._room.frombytes(room.tobytes())
 
-    def _slack_bucket(self, ms: float) -> int:
-        return min(int(math.log(ms / self.lo) / self._log_slack), self.n_slack - 1)
-
     def choose(self, slack_ms: float, budget_ms: float, depth: int, rate: float = 0.0) -> int:
         """The stitch for a head with `slack_ms` left of its `budget_ms` (table ms), `depth` requests queued
         (itself included) and `rate` arrivals per table second."""
-        if slack_ms < self.lo:
+        lo = self.lo
+        if slack_ms < lo:
             return self.fastest
-        i = self._slack_bucket(slack_ms)
-        k = self._slack_bucket(max(budget_ms, slack_ms))
+        top, step = self.n_slack - 1, self._log_slack
+        i = min(int(math.log(slack_ms / lo) / step), top)  # the slack's bucket (its lower edge)
+        k = i if budget_ms <= slack_ms else min(int(math.log(budget_ms / lo) / step), top)
         if rate <= 0.0 or self.n_rate == 1:
             j = 0
         elif rate <= self.rate_lo:
@@ -213,10 +212,14 @@ class SlackTable:
             j = int(math.ceil(math.log(rate / self.rate_lo) / self._log_rate)) + 1
             if j >= self.n_rate:  # arrivals beyond 4x what the fastest sustains: nothing else can keep up
                 return self.fastest
-        d = min(max(depth, 1), self.depths) - 1
+        depths, n_slack = self.depths, self.n_slack
+        d = (depth if depth < depths else depths) - 1 if depth > 1 else 0
+        if self.words == 1:  # up to 64 candidates: one word of each table
+            m = self._queue[i * depths + d] & self._room[(d * self.n_rate + j) * n_slack + k]
+            return self.ids[(m & -m).bit_length() - 1] if m else self.fastest
         for w in range(self.words):
-            m = self._queue[(w * self.n_slack + i) * self.depths + d] & \
-                self._room[((w * self.depths + d) * self.n_rate + j) * self.n_slack + k]
+            m = self._queue[(w * n_slack + i) * depths + d] & \
+                self._room[((w * depths + d) * self.n_rate + j) * n_slack + k]
             if m:
                 return self.ids[w * 64 + (m & -m).bit_length() - 1]
         return self.fastest

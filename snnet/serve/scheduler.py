@@ -58,6 +58,7 @@ GAPS = 2048  # the load a mode is looked up by: the rate and CV^2 of the last GA
 MODE_AFTER = 5  # batches measured before a mode table is simulated: their measured / table ratios are its noise
 REBUILD_FACTOR = 8  # a mode table is simulated again once the batches measured have grown this many times
 BUDGET_STEP = 1.05  # mode tables are simulated per budget bucket (its lower edge), buckets 5 % apart
+_LOG_BUDGET_STEP = math.log(BUDGET_STEP)
 _LIBC: Any = None  # glibc's malloc_trim once looked up; False where there is none
 
 
@@ -152,6 +153,7 @@ class Choices:
         self.building: set[tuple[tuple[int, ...], int]] = set()
         self.measured: Learned | None = None  # simulate from this, not the scheduler's own (a replay's warm server)
         self.fastest_of: dict[tuple[int, ...], int] = {}
+        self.fastest_ms_of: dict[tuple[int, ...], float] = {}
         self.builder: concurrent.futures.ThreadPoolExecutor | None = None
         # set while the server has nothing to do (no request queued, no batch running): the builder simulates only
         # then, so a table being built never takes the core from a forward pass (under a load that never lets up,
@@ -174,6 +176,13 @@ class Choices:
             c = self.fastest_of[candidates] = min(candidates, key=lambda k: self.menu.batch_ms(k, 1))
         return c
 
+    def fastest_ms(self, candidates: tuple[int, ...]) -> float:
+        """The table's batch-1 ms of the fastest of `candidates`."""
+        ms = self.fastest_ms_of.get(candidates)
+        if ms is None:
+            ms = self.fastest_ms_of[candidates] = self.menu.batch_ms(self.fastest(candidates), 1)
+        return ms
+
     def mode(self, candidates: tuple[int, ...], budget_ms: float, load: tuple[float, float] | None,
              learned: Learned) -> tuple[int, ...] | None:
         """The candidates every request of `candidates` with this budget (ms from arrival to its batch's end) is
@@ -184,9 +193,9 @@ class Choices:
         learned = self.measured or learned
         if load is None or budget_ms <= 0 or learned.batches.count < MODE_AFTER:
             return None
-        key = (candidates, int(math.floor(math.log(budget_ms) / math.log(BUDGET_STEP))))
-        count = learned.batches.count
-        if key not in self.built or (count >= REBUILD_FACTOR * self.built[key] and key not in self.building):
+        key = (candidates, math.floor(math.log(budget_ms) / _LOG_BUDGET_STEP))
+        count, built = learned.batches.count, self.built.get(key)
+        if built is None or (count >= REBUILD_FACTOR * built and key not in self.building):
             self.built[key] = count
             self.modes.setdefault(key, None)  # switching until the first is simulated; then the last one
             if self.rule.build_now:
@@ -197,7 +206,7 @@ class Choices:
                 self.building.add(key)
                 self.builder.submit(self._build, key, learned)
         table = self.modes[key]
-        return None if table is None else table.choose(*load)
+        return None if table is None else table.choose(load[0], load[1])
 
     def _build(self, key: tuple[tuple[int, ...], int], learned: Learned) -> None:
         try:  # this thread yields the core to the forward passes and the event loop (Linux: a thread's own nice)
@@ -364,28 +373,32 @@ class DeadlineScheduler:
     def plan(self, now: float) -> int | Pending | None:
         """The stitch the head's batch runs now; the head itself when it is to be shed; None when the queue is
         empty. Does not change the queue: a heap read, two table lookups and a few float operations."""
-        if not self.queue:
+        queue = self.queue
+        if not queue:
             return None
-        head = self.queue[0][2]
+        head = queue[0][2]
         candidates: tuple[int, ...] = head.candidates  # type: ignore[assignment]
-        if head.deadline == NO_DEADLINE:
+        deadline = head.deadline
+        if deadline == NO_DEADLINE:
             return candidates[0]
-        rule = self.rule
-        slowdown, jitter = self.learned.batches.window.value
-        left_ms = (head.deadline - now) * 1e3 - self.learned.after_ms.value
-        if rule.shed and not self.probing(now):
-            if left_ms < slowdown * self.menu.batch_ms(self.choices.fastest(candidates), 1):
+        rule, learned, choices = self.rule, self.learned, self.choices
+        slowdown, jitter = learned.batches.window.value
+        after_ms = learned.after_ms.value
+        left_ms = (deadline - now) * 1e3 - after_ms
+        # (`probing`, inlined: this runs at every dispatch)
+        if rule.shed and not (self.running is None and now - self.last_start > PROBE_AFTER_S):
+            if left_ms < slowdown * choices.fastest_ms(candidates):
                 return head
         if len(candidates) == 1:
             return candidates[0]
-        budget_ms = (head.deadline - head.arrival) * 1e3 - self.learned.after_ms.value
+        budget_ms = (deadline - head.arrival) * 1e3 - after_ms
         if rule.modes:
-            fewer = self.choices.mode(candidates, budget_ms, self.arrivals.load(), self.learned)
+            fewer = choices.mode(candidates, budget_ms, self.arrivals.load(), learned)
             if fewer is not None:
                 if len(fewer) == 1:
                     return fewer[0]
                 candidates = fewer
-        table = self.choices.table(candidates)
+        table = choices.table(candidates)
         rate = self.arrivals.rate(now) * slowdown if rule.arrivals else 0.0
         return table.choose((left_ms - jitter) / slowdown, (budget_ms - jitter) / slowdown, len(self.queue), rate)
 
