@@ -149,7 +149,11 @@ def run_trace(url: str, images: list[str], times: np.ndarray, picks: np.ndarray,
     credit = [acc[r.body["cfg_id"]] if r.status == 200 and r.body["elapsed_ms"] <= slo_ms else 0.0 for r in replies]
     speed = [r.body["timing_ms"]["forward"] / cal.service_ms(r.body["cfg_id"], r.body["batch_size"], 0.5)
              for r in replies if r.status == 200]
-    return {"effacc": statistics.fmean(credit), "attain": statistics.fmean(c > 0 for c in credit),
+    picks: dict[int, int] = {}
+    for r in replies:
+        if r.status == 200:
+            picks[r.body["cfg_id"]] = picks.get(r.body["cfg_id"], 0) + 1
+    return {"picks": picks, "effacc": statistics.fmean(credit), "attain": statistics.fmean(c > 0 for c in credit),
             "shed": sum(r.status == 503 for r in replies), "failed": sum(r.status not in (200, 503) for r in replies),
             "speed": statistics.median(speed) if speed else float("nan")}
 
@@ -231,6 +235,7 @@ def main() -> None:
     live: dict[tuple[int, str], list[float]] = {}
     seen: dict[tuple[int, int, str], np.ndarray] = {}  # (setting, block, system): what its server counted before
     speed: dict[tuple[int, int, str], float] = {}  # (setting, block, system): the run's forward times / calibration
+    at: dict[tuple[int, int, str], tuple[int, dict]] = {}  # (setting, block, system): its log line, live picks
     log: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -307,6 +312,7 @@ def main() -> None:
                                    f"effacc {row['effacc']:.2f} attain {row['attain']:.2f} shed {row['shed']} "
                                    f"failed {row['failed']} speed {row['speed']:.2f} ({time.time() - t_start:.0f} s, "
                                    f"{runs} runs)")
+                        at[s, block, key] = (len(log) - 1, row["picks"])
                         print(log[-1], file=sys.stderr, flush=True)
                 finally:
                     if server is not None:
@@ -328,7 +334,13 @@ def main() -> None:
                 draws[:, 0] = (np.random.default_rng(seed).integers(0, len(images), args.requests) + 0.5) / \
                     len(images)  # the live trace's images
                 system_ = by_name["switch" if key == "A/A" else key]
-                effs.append(replay(cal, system_, times, draws, seen[s, block, key], speed[s, block, key])["effacc"])
+                one = replay(cal, system_, times, draws, seen[s, block, key], speed[s, block, key])
+                effs.append(one["effacc"])
+                # each run's line: the replay's prediction of it and both answers per cfg_id (where they part)
+                line, live_picks = at[s, block, key]
+                fmt = lambda p: " ".join(f"{c}:{p[c]}" for c in sorted(p))
+                log[line] += (f"; replay {one['effacc']:.2f}; answers per cfg_id live {fmt(live_picks)}, "
+                              f"replay {fmt(one['picks'])}")
                 effs_start.append(replay(cal, system_, times, draws, seen[s, block, key])["effacc"])
             predicted[key], at_start[key] = statistics.fmean(effs), statistics.fmean(effs_start)
         means = {k: interval(live[s, k]) for k in ("switch", alt, "A/A")}

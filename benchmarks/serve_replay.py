@@ -358,6 +358,7 @@ def replay(net: Calibrated, system: dict[str, Any], times: np.ndarray, draws: np
         free = max(free, times[i]) + decode[i]
         admissions.append((free, (i, 0), job(i, 0)))
     credit, met, shed, flops = [0.0] * n, [False] * n, [False] * n, [0.0] * n
+    picks: dict[int, int] = {}  # answers per cfg_id (serve_live.py compares them with a live run's)
 
     def service_ms(c: int, batch: list[Pending]) -> float:
         return speed * net.service_ms(c, len(batch), u_service[owner[id(batch[0])][0]])
@@ -367,6 +368,7 @@ def replay(net: Calibrated, system: dict[str, Any], times: np.ndarray, draws: np
         done = t + answer[i]
         sched.observe_after(answer[i] * 1e3)
         flops[i] += net.menu.by_id[c]["flops"]
+        picks[c] = picks.get(c, 0) + 1
         if stage + 1 < len(stages) and net.confidence[c][image[i]] < thresholds[stage] and \
                 done + sched.batch_ms(stages[stage + 1][0], 1) / 1e3 <= done_job.deadline:
             credit[i] = 0.0  # the escalation's answer replaces this one
@@ -384,7 +386,8 @@ def replay(net: Calibrated, system: dict[str, Any], times: np.ndarray, draws: np
 
     simulate.replay(sched, clock, admissions, service_ms, answered, shed_one,
                     lambda depth: net.choose_us(kind, depth) / 1e6)
-    return {"effacc": 100.0 * sum(credit) / n, "attain": sum(met) / n, "shed": sum(shed) / n, "flops": sum(flops) / n}
+    return {"effacc": 100.0 * sum(credit) / n, "attain": sum(met) / n, "shed": sum(shed) / n, "flops": sum(flops) / n,
+            "picks": picks}
 
 
 def systems(net: Calibrated) -> dict[str, dict[str, Any]]:
