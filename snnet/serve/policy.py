@@ -214,9 +214,6 @@ class SlackTable:
                 return self.fastest
         depths, n_slack = self.depths, self.n_slack
         d = (depth if depth < depths else depths) - 1 if depth > 1 else 0
-        if self.words == 1:  # up to 64 candidates: one word of each table
-            m = self._queue[i * depths + d] & self._room[(d * self.n_rate + j) * n_slack + k]
-            return self.ids[(m & -m).bit_length() - 1] if m else self.fastest
         for w in range(self.words):
             m = self._queue[(w * n_slack + i) * depths + d] & \
                 self._room[((w * depths + d) * self.n_rate + j) * n_slack + k]

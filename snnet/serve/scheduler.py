@@ -385,8 +385,7 @@ class DeadlineScheduler:
         slowdown, jitter = learned.batches.window.value
         after_ms = learned.after_ms.value
         left_ms = (deadline - now) * 1e3 - after_ms
-        # (`probing`, inlined: this runs at every dispatch)
-        if rule.shed and not (self.running is None and now - self.last_start > PROBE_AFTER_S):
+        if rule.shed and not self.probing(now):
             if left_ms < slowdown * choices.fastest_ms(candidates):
                 return head
         if len(candidates) == 1:
