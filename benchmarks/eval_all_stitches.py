@@ -104,11 +104,14 @@ def time_mode(model, mode: str, loader, ids, device, amp_dtype=None, deadline: f
     results = {}
     if mode in ("snnet", "snnet_tensors"):  # SN-Net: for each stitch a full pass (docs/snnet_compat.md, C23)
         for c in ids:
+            # stop before a stitch that would run past `deadline` at the pace so far (the first GPU runs started one
+            # more 65 s pass with 28 s left, and the step was killed with nothing reported)
+            if deadline is not None and results and \
+                    time.perf_counter() + (time.perf_counter() - t0) / len(results) > deadline:
+                break
             data = loader() if mode == "snnet" else loader
             results.update(evaluate_stitches(model, data, [c], device, amp_dtype, shared_prefixes=False,
                                              log_interval=10 ** 9))
-            if deadline is not None and time.perf_counter() > deadline:
-                break
     else:
         data = loader() if mode == "ours" else loader
         results = evaluate_stitches(model, data, ids, device, amp_dtype, stats=stats, log_interval=10 ** 9)

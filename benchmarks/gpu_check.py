@@ -510,7 +510,7 @@ def step_eval_all(ctx: dict) -> dict:
                 loader_rows.append(_loader_rate(lambda: jpeg(False), f"{workers} workers, pinned memory: False",
                                                 8, ctx["deadline"] - 60))
         # SN-Net's way gets a share of what is left and is extrapolated from the stitches it finished
-        share = left / (len(modes) - k) if mode.startswith("snnet") else None
+        share = (left - 5) / (len(modes) - k) if mode.startswith("snnet") else None  # 5 s to write the report
         log(f"eval_all: {mode} ({len(ids)} stitches, {n} images)")
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
