@@ -59,6 +59,7 @@ CUDA_ONLY = {"cuda_tests"}
 # seconds each step may take at real size; what a step leaves unused goes to the next ones
 # (the tests compile blocks with inductor from a cold cache: the largest share)
 ALLOT = {"cuda_tests": 150, "distributed": 110, "train_step": 70, "eval_all": 130, "ls_init": 40, "v2_step": 70}
+THREAD_ENV = {"OMP", "KMP", "GOMP", "MKL", "OPENBLAS"}  # thread and affinity settings the eval_all step logs
 GRACE = 20  # a step's own deadline comes first; the parent kills it only this long after
 
 # the sizes of each step: real (a GPU machine) and smoke (toy size, for the test suite)
@@ -496,7 +497,20 @@ def step_eval_all(ctx: dict) -> dict:
     # first GPU run's loader delivered 57-70 images/s, so the JPEG modes took its whole share and the compute-only
     # pass per stitch never ran
     modes, outs = [("ours_tensors", "tensors"), ("snnet_tensors", "tensors"), ("ours", "JPEG"), ("snnet", "JPEG")], {}
-    tensors, loader_rows = None, []
+    # the loader alone first, each row logged as it is measured (a step stopped later still shows them): the first
+    # GPU runs' loader delivered 40-70 images/s with 8 workers where this code gives 550 on 2 local cores, and
+    # the CPUs this process may use (its affinity, which DataLoader workers inherit) is one suspect
+    log(f"eval_all: this process may run on {len(os.sched_getaffinity(0))} of {os.cpu_count()} CPUs; "
+        f"torch threads {torch.get_num_threads()}; "
+        + (", ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.split("_")[0] in THREAD_ENV) or "-"))
+    probe = [(f"0 workers (in this process), pinned memory: {cuda}", 0, cuda)] + (
+        [(f"{workers} workers, pinned memory: False", workers, False)] if cuda else [])
+    loader_rows = []
+    for label, w, pin in probe:
+        loader_rows.append(_loader_rate(lambda: eas.loader_for(folder, batch, w, img=img, pin_mem=pin), label, 4,
+                                        ctx["deadline"] - 60))
+        log(f"eval_all: loader alone, {label}: {loader_rows[-1][2]} images/s")
+    tensors, rate = None, None
     for k, (mode, _) in enumerate(modes):
         left = ctx["deadline"] - time.time()
         if left < 10 and outs:
@@ -505,10 +519,16 @@ def step_eval_all(ctx: dict) -> dict:
         if mode.endswith("tensors") and tensors is None:  # pre-decoded, on the device: compute only
             t = time.perf_counter()
             tensors = [(x.to(device), y.to(device)) for x, y, *_ in jpeg()]  # (images, labels[, sample ids])
-            loader_rows.append([f"{workers} workers, pinned memory: {cuda}", n, f"{n / (time.perf_counter() - t):.0f}"])
-            if cuda:  # where the loader is slow, is it the pinning? the same loader unpinned, on a few batches
-                loader_rows.append(_loader_rate(lambda: jpeg(False), f"{workers} workers, pinned memory: False",
-                                                8, ctx["deadline"] - 60))
+            rate = n / (time.perf_counter() - t)
+            loader_rows.append([f"{workers} workers, pinned memory: {cuda} (all images, into device memory)", n,
+                                f"{rate:.0f}"])
+            log(f"eval_all: loader alone, {loader_rows[-1][0]}: {rate:.0f} images/s")
+        # a JPEG mode is bound by the loader's rate just measured: one pass (ours) or one stitch's pass (SN-Net's
+        # first) that cannot end in the time left is not started (the step would be stopped, reporting nothing)
+        if not mode.endswith("tensors") and rate and n / rate > left - 5:
+            log(f"eval_all: {mode} skipped: one pass of {n} images at {rate:.0f} images/s needs {n / rate:.0f} s, "
+                f"{left:.0f} s left")
+            continue
         # SN-Net's way gets a share of what is left and is extrapolated from the stitches it finished
         share = (left - 5) / (len(modes) - k) if mode.startswith("snnet") else None  # 5 s to write the report
         log(f"eval_all: {mode} ({len(ids)} stitches, {n} images)")
@@ -524,7 +544,7 @@ def step_eval_all(ctx: dict) -> dict:
     # each way against the one pass on the same data (the JPEG modes may not have run)
     same_data = lambda m: "ours_tensors" if m.endswith("tensors") else "ours"
     diffs = [abs(outs[m]["results"][c]["acc1"] - outs[same_data(m)]["results"][c]["acc1"])
-             for m in outs for c in outs[m]["done"]]
+             for m in outs if same_data(m) in outs for c in outs[m]["done"]]
     same, worst = max(diffs) == 0, max(diffs)
     rows = []
     names = {"ours": "ours: one pass, shared prefixes", "snnet": "SN-Net: a pass per stitch",
@@ -631,7 +651,8 @@ def environment(device) -> dict:
     import torch
     env = {"date (UTC)": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "host": platform.node(),
            "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-           "CUDA (torch built with)": torch.version.cuda or "-", "cpu cores": os.cpu_count()}
+           "CUDA (torch built with)": torch.version.cuda or "-", "cpu cores": os.cpu_count(),
+           "cpu cores this process may use": len(os.sched_getaffinity(0))}
     try:
         git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=5).stdout
         # "+changes": the tree had uncommitted changes to tracked files (the first GPU run did: its adapter fix)
