@@ -507,8 +507,8 @@ def step_eval_all(ctx: dict) -> dict:
         [(f"{workers} workers, pinned memory: False", workers, False)] if cuda else [])
     loader_rows = []
     for label, w, pin in probe:
-        loader_rows.append(_loader_rate(lambda: eas.loader_for(folder, batch, w, img=img, pin_mem=pin), label, 4,
-                                        ctx["deadline"] - 60))
+        make = lambda w=w, pin=pin: eas.loader_for(folder, batch, w, img=img, pin_mem=pin)
+        loader_rows.append(_loader_rate(make, label, 4, ctx["deadline"] - 60))
         log(f"eval_all: loader alone, {label}: {loader_rows[-1][2]} images/s")
     tensors, rate = None, None
     for k, (mode, _) in enumerate(modes):
