@@ -954,3 +954,25 @@ def test_the_live_validation_takes_the_replays_weakest_settings_and_refuses_bad_
             serve_live.main()
         assert e.value.code == 2 and says in capsys.readouterr().err
     assert sorted(os.sched_getaffinity(0)) == every
+
+
+def test_the_choice_benchmark_times_the_slack_table_on_a_steady_state(monkeypatch):
+    """benchmarks/serve_plan.py: the timed calls leave the scheduler as prepared (an earlier version re-admitted
+    each batch, so the counted rate grew until the choice was the fastest stitch's shortcut), and at the prepared
+    load the mode table leaves the choice to the slack table, among more than one stitch."""
+    monkeypatch.syspath_prepend(f"{ROOT}/benchmarks")
+    import serve_plan
+    saved = json.loads(Path(ROOT, "results", "serve_calibration.json").read_text())
+    for name in ("digits", "deit"):
+        menu, _, slo = serve_plan.menu_of(saved["nets"][name])
+        sched = serve_plan.ready_scheduler(menu, menu.front(), slo, 16, {})
+        before = (sched.arrivals.load(), sched.arrivals.rate(1000.0), sorted(e[1] for e in sched.queue))
+        chosen = {sched.plan(1000.0)}
+        for _ in range(50):
+            serve_plan.timed_take(sched)
+            chosen.add(sched.plan(1000.0))
+        assert (sched.arrivals.load(), sched.arrivals.rate(1000.0), sorted(e[1] for e in sched.queue)) == before
+        head = sched.queue[0][2]
+        mode = sched.choices.mode(head.candidates, (head.deadline - head.arrival) * 1e3 - 0.5,
+                                  sched.arrivals.load(), sched.learned)
+        assert mode is None or len(mode) > 1, (name, mode)

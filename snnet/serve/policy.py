@@ -24,6 +24,8 @@ import numpy as np
 from snnet.core.errors import SNNetError
 from snnet.results.select import BudgetError, Record, best_key, select
 
+_log, _ceil = math.log, math.ceil  # a global read each in the dispatch, not an attribute of math
+
 #: how the request names each limit (the errors of `select` say which one to change)
 FLAGS = {"flops": "budget.flops", "latency_ms": "budget.latency_ms"}
 
@@ -194,32 +196,40 @@ class SlackTable:
         self._queue, self._room = array("Q"), array("Q")
         self._queue.frombytes(queue.tobytes())
         self._room.frombytes(room.tobytes())
+        # what `choose` reads, in one tuple: a dispatch unpacks it at once rather than reading a dozen attributes
+        self._read = (self.lo, self.n_slack - 1, self._log_slack, self.rate_lo, self.n_rate, self._log_rate, d_max,
+                      self._queue, self._room, self.ids, self.fastest, self.words)
 
     def choose(self, slack_ms: float, budget_ms: float, depth: int, rate: float = 0.0) -> int:
         """The stitch for a head with `slack_ms` left of its `budget_ms` (table ms), `depth` requests queued
         (itself included) and `rate` arrivals per table second."""
-        lo = self.lo
+        lo, top, step, rate_lo, n_rate, log_rate, depths, queue, room, ids, fastest, words = self._read
         if slack_ms < lo:
-            return self.fastest
-        top, step = self.n_slack - 1, self._log_slack
-        i = min(int(math.log(slack_ms / lo) / step), top)  # the slack's bucket (its lower edge)
-        k = i if budget_ms <= slack_ms else min(int(math.log(budget_ms / lo) / step), top)
-        if rate <= 0.0 or self.n_rate == 1:
+            return fastest
+        i = int(_log(slack_ms / lo) / step)  # the slack's bucket (its lower edge)
+        if i > top:
+            i = top
+        if budget_ms <= slack_ms:
+            k = i
+        else:
+            k = int(_log(budget_ms / lo) / step)
+            if k > top:
+                k = top
+        if rate <= 0.0 or n_rate == 1:
             j = 0
-        elif rate <= self.rate_lo:
+        elif rate <= rate_lo:
             j = 1
         else:
-            j = int(math.ceil(math.log(rate / self.rate_lo) / self._log_rate)) + 1
-            if j >= self.n_rate:  # arrivals beyond 4x what the fastest sustains: nothing else can keep up
-                return self.fastest
-        depths, n_slack = self.depths, self.n_slack
+            j = int(_ceil(_log(rate / rate_lo) / log_rate)) + 1
+            if j >= n_rate:  # arrivals beyond 4x what the fastest sustains: nothing else can keep up
+                return fastest
         d = (depth if depth < depths else depths) - 1 if depth > 1 else 0
-        for w in range(self.words):
-            m = self._queue[(w * n_slack + i) * depths + d] & \
-                self._room[((w * depths + d) * self.n_rate + j) * n_slack + k]
+        n_slack = top + 1
+        for w in range(words):
+            m = queue[(w * n_slack + i) * depths + d] & room[((w * depths + d) * n_rate + j) * n_slack + k]
             if m:
-                return self.ids[w * 64 + (m & -m).bit_length() - 1]
-        return self.fastest
+                return ids[w * 64 + (m & -m).bit_length() - 1]
+        return fastest
 
 
 class ModeTable:
