@@ -95,6 +95,9 @@ class DataSummary:
     val: dict[str, int]
     side: int  # median shorter side of a sample of the training images (pixels)
     split_made: bool = False  # split by quickstart from one folder per class
+    #: train.py's flags that read it when it is not an ImageFolder: --dataset wds/ (tar shards with _info.json) or
+    #: hfds/ (a local Hugging Face dataset's parquet files), and the split names found
+    flags: tuple[str, ...] = ()
 
     @property
     def classes(self) -> int:
@@ -128,6 +131,11 @@ def read_data(data: Path, out: Path, seed: int = SEED) -> DataSummary:
     if not data.is_dir():
         raise UsageError(f"DATA {str(data)!r} is not a folder; give a folder of images, one sub-folder per class (or "
                          f"train/ and val/ with one sub-folder per class each)")
+    from snnet.data.shards import INFO_FILE
+    if (data / INFO_FILE).is_file():
+        return _read_shards(data)
+    if any(data.rglob("*.parquet")):
+        return _read_parquet(data)
     train, val = _split_of(data, TRAIN_NAMES), _split_of(data, VAL_NAMES)
     made = False
     if train is None and val is None:
@@ -143,6 +151,84 @@ def read_data(data: Path, out: Path, seed: int = SEED) -> DataSummary:
                          f"(quickstart then splits it {1 - VAL_SHARE:.0%}/{VAL_SHARE:.0%})")
     counts = scan_image_folder(str(train), "train"), scan_image_folder(str(val), "validation")
     return DataSummary(data, *counts, _median_side(train), made)
+
+
+def _named_counts(labels: list[int], names: list[str] | None) -> dict[str, int]:
+    """Images per class name (every class, in index order; names are the indices where the data has none)."""
+    top = max(labels, default=-1)
+    names = names or [str(i) for i in range(top + 1)]
+    counts = [0] * len(names)
+    for k in labels:
+        counts[k] += 1
+    return dict(zip(names, counts))
+
+
+def _side_of(images: list, sample: int = 64) -> int:
+    """The median shorter side of up to `sample` images (PIL-readable sources), spread over the list."""
+    from PIL import Image
+    step = max(1, len(images) // sample)
+    sides = []
+    for src in images[::step][:sample]:
+        with Image.open(src) as im:
+            sides.append(min(im.size))
+    return int(statistics.median(sides)) if sides else 0
+
+
+def _read_shards(data: Path) -> DataSummary:
+    """DATA as WebDataset tar shards with _info.json (snnet shards writes them): every sample's class read."""
+    import io
+
+    from snnet.data.shards import find_split, image_ext, read_info, read_range, sample_label
+    train, val = find_split(str(data), "train", TRAIN_NAMES), find_split(str(data), "validation", VAL_NAMES)
+    if train is None or val is None:
+        raise UsageError(f"DATA {str(data)!r}: its shards have no {'train' if train is None else 'validation'} "
+                         f"split (_info.json lists {', '.join(read_info(str(data))['splits'])}); write both with "
+                         f"snnet shards FOLDER OUT from a folder with train/ and val/")
+    counts: list[dict[str, int]] = []
+    images: list = []
+    for split in (train, val):
+        labels = []
+        for _, where, sample in read_range(split, 0, split.num_samples):
+            labels.append(sample_label(sample, where))
+            if not counts:  # the training split: its images for the median side
+                ext = image_ext(sample)
+                if ext is not None:
+                    images.append(io.BytesIO(sample[ext]))
+        names = list(split.classes) if split.classes else None
+        counts.append(_named_counts(labels, names))
+    return DataSummary(data, counts[0], counts[1], _side_of(images), flags=(
+        "--dataset", "wds/", "--train-split", train.name, "--val-split", val.name))
+
+
+def _read_parquet(data: Path) -> DataSummary:
+    """DATA as a local Hugging Face dataset: parquet files in the Hub's layout (data/<split>-*.parquet), an 'image'
+    and a 'label' column (class indices; names from its ClassLabel feature)."""
+
+    import pyarrow.parquet as pq
+
+    from snnet.data.checks import parquet_class_names, parquet_files, parquet_image_source
+    found: list[tuple[str, list[str]] | None] = []
+    for synonyms in (TRAIN_NAMES, ("validation", *VAL_NAMES)):  # each split's first name with parquet files
+        found.append(next(((n, fs) for n in synonyms for fs in [parquet_files(str(data), n)] if fs), None))
+    if found[0] is None or found[1] is None:
+        raise UsageError(f"DATA {str(data)!r}: parquet files but no {'train' if found[0] is None else 'validation'} "
+                         f"split among them (named data/<split>-*.parquet, split one of "
+                         f"{', '.join(TRAIN_NAMES if found[0] is None else ('validation', *VAL_NAMES))})")
+    counts: list[list[int]] = []
+    images: list = []
+    names = None
+    for _, files in (found[0], found[1]):
+        labels = []
+        for f in files:
+            table = pq.read_table(f, columns=["label"])
+            names = names or parquet_class_names(table.schema)
+            labels += table.column("label").to_pylist()
+            if not counts and len(images) < 64:
+                images += [parquet_image_source(im, f) for im in pq.read_table(f, columns=["image"]).column(
+                    "image").to_pylist()[:64]]
+        counts.append(labels)
+    return DataSummary(data, _named_counts(counts[0], names), _named_counts(counts[1], names), _side_of(images),
+                       flags=("--dataset", "hfds/", "--train-split", found[0][0], "--val-split", found[1][0]))
 
 
 def _images(folder: Path) -> list[Path]:
@@ -174,14 +260,7 @@ def _split_folder(src: Path, dest: Path, seed: int) -> Path:
 
 
 def _median_side(train: Path, sample: int = 64) -> int:
-    from PIL import Image
-    files = _images(train)
-    step = max(1, len(files) // sample)
-    sides = []
-    for f in files[::step][:sample]:
-        with Image.open(f) as im:
-            sides.append(min(im.size))
-    return int(statistics.median(sides)) if sides else 0
+    return _side_of(_images(train), sample)
 
 
 def plan(summary: DataSummary, args: QuickstartOptions) -> Plan:
@@ -272,6 +351,7 @@ def main(args: QuickstartOptions) -> int:
     for line in p.lines:
         print(line, flush=True)
     anchor_flags, snnet_flags, common, eval_flags = _recipes(p, args.seed)
+    common, eval_flags = common + list(summary_.flags), eval_flags + list(summary_.flags)  # shards, parquet
 
     def train(anchor: tuple[str, str, dict]) -> None:
         label, model, kwargs = anchor

@@ -112,6 +112,49 @@ def test_quickstart_guide_runs(tmp_path, capsys):
         os.chdir(ROOT)
 
 
+def _as_shards_and_parquet(folder: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """An ImageFolder (train/, val/) written as `snnet shards` tar shards and as a local Hugging Face dataset
+    (parquet in the Hub's layout, data/<split>-*.parquet)."""
+    import datasets
+
+    from snnet.data.datasets import write_folder_shards
+    write_folder_shards(str(folder), str(tmp_path / "shards"), 16)
+    parts = datasets.load_dataset("imagefolder", data_dir=str(folder), cache_dir=str(tmp_path / "cache"))
+    (tmp_path / "hf" / "data").mkdir(parents=True)
+    for split, ds in parts.items():
+        ds.to_parquet(str(tmp_path / "hf" / "data" / f"{split}-00000-of-00001.parquet"))
+    return tmp_path / "shards", tmp_path / "hf"
+
+
+def test_shards_and_a_local_hugging_face_dataset_read_as_the_folder(tmp_path):
+    """quickstart's DATA as tar shards or as parquet files: the same classes, counts and image side as the folder
+    they were written from, and the train.py flags that read them (--dataset wds/ or hfds/ with their splits)."""
+    folder = _shapes().write(tmp_path / "mine", ["circle", "square", "ring"], 10, 3, size=24)
+    shards, hf = _as_shards_and_parquet(folder, tmp_path)
+    want = read_data(folder, tmp_path / "o1")
+    assert want.train == {"circle": 10, "ring": 10, "square": 10} and want.side == 24
+    for data, flags in ((shards, ("--dataset", "wds/", "--train-split", "train", "--val-split", "val")),
+                        (hf, ("--dataset", "hfds/", "--train-split", "train", "--val-split", "validation"))):
+        got = read_data(data, tmp_path / "o2")
+        assert (got.root, got.train, got.val, got.side, got.flags) == (data, want.train, want.val, 24, flags), data
+
+
+@pytest.mark.slow
+def test_quickstart_trains_from_shards(tmp_path, capsys):
+    """The whole quickstart from tar shards at the guide test's tiny sizes: train.py gets --dataset wds/ at every
+    step (anchors, SN-Net, evaluation) and the results count the validation split's images."""
+    from helpers import run_cli
+    folder = _shapes().write(tmp_path / "mine", ["circle", "square", "ring"], 10, 2, size=16)
+    shards, _ = _as_shards_and_parquet(folder, tmp_path)
+    rc, out, err = run_cli(capsys, "quickstart", str(shards), "--out", str(tmp_path / "out"), "--widths", "4", "8",
+                           "--img-size", "16", "--anchor-epochs", "1", "--snnet-epochs", "1", "--batch", "4",
+                           "--nproc", "1")
+    assert rc == 0, out[-3000:] + err
+    assert out.count("--dataset wds/") >= 3, out  # the two anchors' and the SN-Net's command lines
+    records = [json.loads(ln) for ln in (tmp_path / "out" / "results" / "stitches_res.txt").read_text().splitlines()]
+    assert len(records) == 4 and all(r["samples"] == 6 for r in records), records
+
+
 def _opens_in_a_browser(page: Path, profile: Path) -> None:
     """The quickstart's report.html loads in Chromium without a script error and shows its front (tests/test_report.py
     checks the page itself in depth); nothing when no browser is installed (`make browser`), as that file skips."""

@@ -9,6 +9,7 @@ import os
 import re
 import statistics
 import sys
+from typing import Any
 
 from PIL import Image
 from timm.data import dataset_factory
@@ -239,7 +240,7 @@ def _check_other_dataset(data_options: DataOptions, need_train: bool = True) -> 
         _check_num_classes(data_options, _TORCH_CLASSES[name], f"--dataset {data_options.dataset}")
 
 
-def _parquet_files(folder: str, split: str) -> list[str]:
+def parquet_files(folder: str, split: str) -> list[str]:
     """The parquet files of one split in the Hub's layouts (data/<split>-*.parquet, <split>/*.parquet, ...)."""
     found = []
     for root, dirs, files in os.walk(folder):
@@ -249,6 +250,23 @@ def _parquet_files(folder: str, split: str) -> list[str]:
                                            or os.path.basename(root) == split):
                 found.append(os.path.join(root, f))
     return found
+
+
+def parquet_image_source(img: Any, parquet_path: str) -> Any:
+    """What PIL opens for one cell of a parquet file's 'image' column: its bytes, or (`datasets` stores an image of a
+    local file by its path, bytes None, and reads it from there) that path, relative to the parquet file's folder."""
+    data = img.get("bytes") if isinstance(img, dict) else img
+    ref = img.get("path") if isinstance(img, dict) else None
+    if data is not None or not ref:
+        return io.BytesIO(data if data is not None else b"")
+    return ref if os.path.isabs(ref) else os.path.join(os.path.dirname(parquet_path), ref)
+
+
+def parquet_class_names(schema) -> list[str] | None:
+    """The class names of a parquet file's 'label' column (its Hugging Face ClassLabel feature), or None."""
+    meta = json.loads((schema.metadata or {}).get(b"huggingface", b"{}") or b"{}")
+    feature = meta.get("info", {}).get("features", {}).get("label", {})
+    return list(feature["names"]) if feature.get("_type") == "ClassLabel" and feature.get("names") else None
 
 
 def check_hf_parquet(data_options: DataOptions, need_train: bool) -> None:
@@ -264,7 +282,7 @@ def check_hf_parquet(data_options: DataOptions, need_train: bool) -> None:
     splits = ([("train", data_options.train_split)] if need_train else []) + [("validation", data_options.val_split)]
     names, top, where = None, -1, None
     for what, split in splits:
-        for path in _parquet_files(folder, split):
+        for path in parquet_files(folder, split):
             try:
                 pf = pq.ParquetFile(path)
                 schema = pf.schema_arrow
@@ -280,10 +298,8 @@ def check_hf_parquet(data_options: DataOptions, need_train: bool) -> None:
             if not pa_types.is_integer(kind):
                 raise DataError(f"{what} parquet file {path!r}: its 'label' column holds {kind}, not integer class "
                                 f"indices; store the labels as class indices 0..N-1 (a ClassLabel feature)")
-            meta = json.loads((schema.metadata or {}).get(b"huggingface", b"{}") or b"{}")
-            feature = meta.get("info", {}).get("features", {}).get("label", {})
-            if feature.get("_type") == "ClassLabel" and feature.get("names") and names is None:
-                names = list(feature["names"])
+            if names is None:
+                names = parquet_class_names(schema)
             try:
                 table = pf.read(columns=["label", "image"] if what == "validation" else ["label"])
             except Exception as e:
@@ -300,13 +316,8 @@ def check_hf_parquet(data_options: DataOptions, need_train: bool) -> None:
             rows = table.column("image").to_pylist() if what == "validation" else \
                 pf.read_row_group(0, columns=["image"]).column("image").to_pylist()[:2] if pf.num_row_groups else []
             for row, img in enumerate(rows):
-                data = img.get("bytes") if isinstance(img, dict) else img
-                ref = img.get("path") if isinstance(img, dict) else None
                 try:
-                    # `datasets` stores an image of a local file by its path (bytes None), and reads it from there
-                    source = io.BytesIO(data if data is not None else b"") if data is not None or not ref else \
-                        ref if os.path.isabs(ref) else os.path.join(os.path.dirname(path), ref)
-                    with Image.open(source):
+                    with Image.open(parquet_image_source(img, path)):
                         pass
                 except Exception as e:
                     raise DataError(f"{what} parquet file {path!r}: the image of row {row} cannot be read "

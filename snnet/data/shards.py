@@ -223,7 +223,8 @@ def _image_exts() -> set[str]:
 _WANTED = _image_exts() | {"cls"}  # the members a sample's decoding reads
 
 
-def _image_ext(sample: dict) -> str | None:
+def image_ext(sample: dict) -> str | None:
+    """The member of `sample` holding its image (its extension), or None."""
     for ext in sample:
         if ext in _WANTED and ext != "cls":
             return ext
@@ -250,7 +251,7 @@ def sample_label(sample: dict, where: str) -> int:
 
 def decode(sample: dict, where: str):
     """(PIL RGB image, class index) of one sample, decoded as timm's ImageDataset decodes a file."""
-    ext = _image_ext(sample)
+    ext = image_ext(sample)
     if ext is None:
         raise ShardError(f"{where} has no image member ({', '.join(sample) or 'nothing'}); rewrite the shard")
     try:
@@ -528,7 +529,7 @@ def check_shards(data_options: DataOptions, need_train: bool, world_size: int, t
             for _pos, key, sample in iter_shard(path, headers_only=not whole):
                 seen += 1
                 where = f"sample {key!r} of {what} shard {path!r}"
-                ext = _image_ext(sample)
+                ext = image_ext(sample)
                 if ext is None:
                     raise ShardError(f"{where} has no image member ({', '.join(sample)}); rewrite the shard")
                 if whole:  # read whole (not headers_only): the image member's bytes
