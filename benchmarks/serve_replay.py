@@ -64,6 +64,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -322,11 +323,12 @@ def history(kind: str, rate: float, slo_s: float, seed: int) -> np.ndarray:
 
 
 def replay(net: Calibrated, system: dict[str, Any], times: np.ndarray, draws: np.ndarray,
-           seen: np.ndarray | None = None, speed: float = 1.0) -> dict[str, float]:
+           seen: np.ndarray | None = None, speed: float | Callable[[float], float] = 1.0) -> dict[str, float]:
     """One system on one trace: effective accuracy (percent), SLO attainment, shed share, mean FLOPs. `seen`: the
     arrivals before it (`history`), which the server has counted. `speed`: the machine's forward times over the
-    calibration's (serve_live.py: measured per live run; the server's latency table stays the calibration's, and it
-    learns the difference from its batches as a live server does)."""
+    calibration's, one number or a function of the trace's time (serve_live.py: measured through a live run; the
+    server's latency table stays the calibration's, and it learns the difference from its batches as a live server
+    does)."""
     n = len(times)
     clock = VirtualClock()
     sched = DeadlineScheduler(lambda x, c: x, net.menu, MAX_BATCH, shed=True, arrivals=system.get("arrivals", True),
@@ -361,7 +363,8 @@ def replay(net: Calibrated, system: dict[str, Any], times: np.ndarray, draws: np
     picks: dict[int, int] = {}  # answers per cfg_id (serve_live.py compares them with a live run's)
 
     def service_ms(c: int, batch: list[Pending]) -> float:
-        return speed * net.service_ms(c, len(batch), u_service[owner[id(batch[0])][0]])
+        now_speed = speed(clock.now) if callable(speed) else speed  # a batch runs at the machine's speed when it starts
+        return now_speed * net.service_ms(c, len(batch), u_service[owner[id(batch[0])][0]])
 
     def answered(done_job: Pending, c: int, t: float) -> tuple | None:
         i, stage = owner.pop(id(done_job))

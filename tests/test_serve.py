@@ -956,6 +956,28 @@ def test_the_live_validation_takes_the_replays_weakest_settings_and_refuses_bad_
     assert sorted(os.sched_getaffinity(0)) == every
 
 
+def test_the_live_prediction_follows_the_machines_speed_through_a_run(monkeypatch):
+    """serve_live.speed_profile: a slow spell of a few batches is followed, one slow batch is not; and the replay
+    charges a batch the speed of when it starts: a run slowed in its second half is predicted between the run at
+    full speed and the run slowed throughout."""
+    monkeypatch.syspath_prepend(f"{ROOT}/benchmarks")
+    import serve_live
+    import serve_replay
+    answered = [(float(t), 2.0 if 10 <= t < 16 else 3.0 if t == 4 else 1.0) for t in range(20)]
+    profile = serve_live.speed_profile(answered)
+    assert [profile(t) for t in (-1.0, 2.0, 4.0, 4.5, 13.0, 18.0)] == [1.0, 1.0, 1.0, 1.0, 2.0, 1.0]
+    saved = json.loads(Path(ROOT, "results", "serve_calibration.json").read_text())
+    net = serve_replay.Calibrated("deit", saved["nets"]["deit"])
+    switch = serve_replay.systems(net)["switch"]
+    n = 60
+    times = np.sort(np.random.default_rng(1).random(n)) * n / (2.0 * net.capacity)  # twice the capacity
+    draws = np.random.default_rng(2).random((n, 4))
+    half = times[n // 2]
+    got = [serve_replay.replay(net, switch, times, draws, speed=v)["effacc"]
+           for v in (1.0, lambda t: 1.0 if t < half else 3.0, 3.0)]
+    assert got[0] > got[1] > got[2], got
+
+
 def test_the_choice_benchmark_times_the_slack_table_on_a_steady_state(monkeypatch):
     """benchmarks/serve_plan.py: the timed calls leave the scheduler as prepared (an earlier version re-admitted
     each batch, so the counted rate grew until the choice was the fastest stitch's shortcut), and at the prepared
