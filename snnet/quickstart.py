@@ -137,7 +137,7 @@ def read_data(data: Path, out: Path, seed: int = SEED) -> DataSummary:
     from snnet.data.shards import INFO_FILE
     if (data / INFO_FILE).is_file():
         return _read_shards(data)
-    if any(data.rglob("*.parquet")):
+    if any(data.glob("*.parquet")) or any(data.glob("*/*.parquet")):  # the Hub's layouts: data/, <split>/
         return _read_parquet(data)
     train, val = _split_of(data, TRAIN_NAMES), _split_of(data, VAL_NAMES)
     made = False
@@ -156,12 +156,15 @@ def read_data(data: Path, out: Path, seed: int = SEED) -> DataSummary:
     return DataSummary(data, *counts, _median_side(train), made)
 
 
-def _named_counts(labels: list[int], names: list[str] | None) -> dict[str, int]:
-    """Images per class name (every class, in index order; names are the indices where the data has none)."""
-    top = max(labels, default=-1)
-    names = names or [str(i) for i in range(top + 1)]
+def _named_counts(labels: list[int], names: list[str] | None, where: Path) -> dict[str, int]:
+    """Images per class name (every class, in index order; names are the indices where the data has none). A class
+    index outside the names is one line naming it (train.py would refuse it too, later)."""
+    names = names or [str(i) for i in range(max(labels, default=-1) + 1)]
     counts = [0] * len(names)
     for k in labels:
+        if not 0 <= k < len(names):
+            raise UsageError(f"DATA {str(where)!r} has an image of class index {k}, outside its {len(names)} class "
+                             f"names; store the labels as class indices 0..{len(names) - 1}")
         counts[k] += 1
     return dict(zip(names, counts))
 
@@ -178,7 +181,8 @@ def _side_of(images: list, sample: int = 64) -> int:
 
 
 def _read_shards(data: Path) -> DataSummary:
-    """DATA as WebDataset tar shards with _info.json (snnet shards writes them): every sample's class read."""
+    """DATA as WebDataset tar shards with _info.json (snnet shards writes them): every sample's class read (a pass
+    over the shards: quickstart's data is small)."""
     import io
 
     from snnet.data.shards import find_split, image_ext, read_info, read_range, sample_label
@@ -198,7 +202,7 @@ def _read_shards(data: Path) -> DataSummary:
                 if ext is not None:
                     images.append(io.BytesIO(sample[ext]))
         names = list(split.classes) if split.classes else None
-        counts.append(_named_counts(labels, names))
+        counts.append(_named_counts(labels, names, data))
     return DataSummary(data, counts[0], counts[1], _side_of(images), flags=(
         "--dataset", "wds/", "--train-split", train.name, "--val-split", val.name))
 
@@ -206,7 +210,6 @@ def _read_shards(data: Path) -> DataSummary:
 def _read_parquet(data: Path) -> DataSummary:
     """DATA as a local Hugging Face dataset: parquet files in the Hub's layout (data/<split>-*.parquet), an 'image'
     and a 'label' column (class indices; names from its ClassLabel feature)."""
-
     import pyarrow.parquet as pq
 
     from snnet.data.checks import parquet_class_names, parquet_files, parquet_image_source
@@ -226,11 +229,12 @@ def _read_parquet(data: Path) -> DataSummary:
             table = pq.read_table(f, columns=["label"])
             names = names or parquet_class_names(table.schema)
             labels += table.column("label").to_pylist()
-            if not counts and len(images) < 64:
-                images += [parquet_image_source(im, f) for im in pq.read_table(f, columns=["image"]).column(
-                    "image").to_pylist()[:64]]
+            if not counts and len(images) < 64:  # the training split: its first images for the median side
+                first = next(pq.ParquetFile(f).iter_batches(batch_size=64, columns=["image"]), None)
+                images += [parquet_image_source(im, f) for im in (first.column(0).to_pylist() if first else [])]
         counts.append(labels)
-    return DataSummary(data, _named_counts(counts[0], names), _named_counts(counts[1], names), _side_of(images),
+    return DataSummary(data, _named_counts(counts[0], names, data), _named_counts(counts[1], names, data),
+                       _side_of(images),
                        flags=("--dataset", "hfds/", "--train-split", found[0][0], "--val-split", found[1][0]))
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, run
 
+from snnet.core.errors import UsageError
 from snnet.core.weights import WeightsUnavailable, check_pretrained
 from snnet.data.checks import small_class_warning
 from snnet.quickstart import DataSummary, QuickstartOptions, plan, read_data
@@ -137,6 +138,16 @@ def test_shards_and_a_local_hugging_face_dataset_read_as_the_folder(tmp_path):
                         (hf, ("--dataset", "hfds/", "--train-split", "train", "--val-split", "validation"))):
         got = read_data(data, tmp_path / "o2")
         assert (got.root, got.train, got.val, got.side, got.flags) == (data, want.train, want.val, 24, flags), data
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    png = next((folder / "train" / "ring").iterdir()).read_bytes()
+    bad = tmp_path / "bad" / "data"
+    bad.mkdir(parents=True)
+    for split in ("train", "validation"):  # plain integer labels, one of them negative
+        pq.write_table(pa.table({"image": [{"bytes": png, "path": None}] * 2, "label": [0, -1]}),
+                       bad / f"{split}-00000-of-00001.parquet")
+    with pytest.raises(UsageError, match=r"class index -1, outside its 1 class names"):
+        read_data(bad.parent, tmp_path / "o3")
 
 
 @pytest.mark.slow
