@@ -998,3 +998,26 @@ def test_the_choice_benchmark_times_the_slack_table_on_a_steady_state(monkeypatc
         mode = sched.choices.mode(head.candidates, (head.deadline - head.arrival) * 1e3 - 0.5,
                                   sched.arrivals.load(), sched.learned)
         assert mode is None or len(mode) > 1, (name, mode)
+
+
+def test_quiet_core_gives_every_core_back_when_it_is_killed():
+    """tools/quiet_core.sh (the serving benchmarks' quiet core) confines every other process to the other cores
+    while its command runs; stopped by a signal mid-run it still gives them back and stops its command (a kill of
+    it once left the whole machine, the test suite started next included, on one core)."""
+    cg = Path("/sys/fs/cgroup/cpuset")
+    if not os.access(cg / "cgroup.procs", os.W_OK) or len(os.sched_getaffinity(1)) < 2:
+        pytest.skip("needs root, cgroup v1's cpuset and 2 cores (as the serving benchmarks do)")
+    every = os.sched_getaffinity(1)
+    wrapper = subprocess.Popen(["tools/quiet_core.sh", "sleep", "60"], cwd=ROOT, start_new_session=True)
+    try:
+        deadline = time.time() + 10
+        while os.sched_getaffinity(1) == every and time.time() < deadline:  # confined once it runs
+            time.sleep(0.05)
+        assert os.sched_getaffinity(1) != every
+    finally:
+        wrapper.terminate()
+        assert wrapper.wait(timeout=10) == 143
+    assert os.sched_getaffinity(1) == every and os.sched_getaffinity(0) == every
+    assert (cg / "others" / "cgroup.procs").read_text().split() == []
+    out = subprocess.run(["pgrep", "-f", "^sleep 60$"], capture_output=True, text=True)
+    assert out.stdout == "", "its command outlived it"

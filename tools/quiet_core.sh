@@ -17,8 +17,20 @@ REST=${OTHERS_CPUS:-}
 mkdir -p "$CG/others"
 cat "$CG/cpuset.mems" > "$CG/others/cpuset.mems"
 echo "$REST" > "$CG/others/cpuset.cpus"
+# every core back, however this ends: a stopped measurement (Ctrl-C, kill) must not leave the machine on one
+# core (a kill of this script mid-run once left every process, the test suite started next included, on core 1)
+child=
+restore() {
+    [ -n "$child" ] && kill "$child" 2>/dev/null
+    for p in $(cat "$CG/others/cgroup.procs"); do echo "$p" > "$CG/cgroup.procs" 2>/dev/null; done
+}
+trap restore EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM HUP
 for p in $(cat "$CG/cgroup.procs"); do echo "$p" > "$CG/others/cgroup.procs" 2>/dev/null; done
-bash -c 'echo $$ > '"$CG"'/cgroup.procs; exec taskset -c '"$QUIET"' "$@"' quiet "$@"
+bash -c 'echo $$ > '"$CG"'/cgroup.procs; exec taskset -c '"$QUIET"' "$@"' quiet "$@" &
+child=$!
+wait "$child"
 rc=$?
-for p in $(cat "$CG/others/cgroup.procs"); do echo "$p" > "$CG/cgroup.procs" 2>/dev/null; done
+child=
 exit $rc
