@@ -3,8 +3,9 @@ leaving the queue) for SN-Net switching against a fixed network, at queue depths
 
 `take` runs on the server's event loop between two batches: while it runs, no batch runs and no request is read.
 On the digits demo (batches of ~1-3 ms) a choice of a millisecond would be a share of the network's own time that
-a fixed network does not pay. The choice is a table lookup (snnet/serve/policy.py), so it should cost the same as
-a fixed network's at any depth: this benchmark shows it does.
+a fixed network does not pay. The choice is a table lookup (snnet/serve/policy.py): its cost grows little with
+the depth, but it is a few times a fixed network's dispatch (results/bench_serve_plan.txt; the target, 20 µs at the
+99th percentile, is not met on the 2-core machine).
 
 Each call is timed alone (perf_counter_ns) on a virtual clock, the queue refilled after it, the calls of every
 system and depth interleaved in a random order (a slow moment of the machine falls on all of them alike): `depth`
