@@ -21,7 +21,10 @@ echo "$REST" > "$CG/others/cpuset.cpus"
 # core (a kill of this script mid-run once left every process, the test suite started next included, on core 1)
 child=
 restore() {
-    [ -n "$child" ] && kill "$child" 2>/dev/null
+    if [ -n "$child" ]; then  # stopped, and waited for: this script ends only once its command is gone
+        kill "$child" 2>/dev/null
+        wait "$child" 2>/dev/null
+    fi
     for p in $(cat "$CG/others/cgroup.procs"); do echo "$p" > "$CG/cgroup.procs" 2>/dev/null; done
 }
 trap restore EXIT
