@@ -432,7 +432,8 @@ def _mode_tables(job: tuple[str, dict[str, Any], str]) -> dict:
                               rest_on_same=system.get("rest_on_same", True), clock=clock, tables=net.tables,
                               build_now=True)
     sched.choices.measured = net.warm
-    sched.choices.mode(tuple(system["stages"][0]), net.slo_ms - net.after_p95, (1.0, 1.0), sched.learned)
+    sched.choices.mode(sched.choices.lane(tuple(system["stages"][0])), net.slo_ms - net.after_p95, (1.0, 1.0),
+                       sched.learned)
     return {k: v for k, v in net.tables.items() if k[0] in ("modes", "built")}
 
 
@@ -448,8 +449,9 @@ def prebuild(pool, nets: dict[str, Calibrated], cal: dict[str, Any]) -> None:
                 seen.add(key)
                 jobs.append((name, cal[name], s))
     for name, got in zip([j[0] for j in jobs], pool.imap(_mode_tables, jobs)):
-        for key, tables in got.items():
-            nets[name].tables.setdefault(key, {}).update(tables)
+        for key, tables in got.items():  # {candidates: {budget bucket: ...}} of one rule
+            for candidates, by_bucket in tables.items():
+                nets[name].tables.setdefault(key, {}).setdefault(candidates, {}).update(by_bucket)
     _NETS.update(nets)
 
 

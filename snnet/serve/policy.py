@@ -225,6 +225,9 @@ class SlackTable:
                 return fastest
         d = (depth if depth < depths else depths) - 1 if depth > 1 else 0
         n_slack = top + 1
+        if words == 1:  # up to 64 candidates: every menu so far
+            m = queue[i * depths + d] & room[(d * n_rate + j) * n_slack + k]
+            return ids[(m & -m).bit_length() - 1] if m else fastest
         for w in range(words):
             m = queue[(w * n_slack + i) * depths + d] & room[((w * depths + d) * n_rate + j) * n_slack + k]
             if m:
@@ -264,13 +267,15 @@ class ModeTable:
         gy = self.y0 + self.STEP * np.arange(self.ny)
         d = (gx[:, None, None] - x[None, None, :]) ** 2 + (gy[None, :, None] - y[None, None, :]) ** 2
         self._nearest = array("H", d.argmin(-1).astype(np.uint16).ravel().tobytes())
+        self._read = (self.x0, self.y0, self.STEP, self.nx - 1, self.ny, self._nearest, self.modes)
 
     def choose(self, rate: float, cv2: float) -> tuple[int, ...] | None:
-        i = int((math.log(max(rate, 1e-9)) - self.x0) / self.STEP)
-        j = int((0.5 * math.log(max(cv2, 1e-3)) - self.y0) / self.STEP)
-        i = 0 if i < 0 else self.nx - 1 if i >= self.nx else i
-        j = 0 if j < 0 else self.ny - 1 if j >= self.ny else j
-        return self.modes[self._nearest[i * self.ny + j]]
+        x0, y0, step, i_top, ny, nearest, modes = self._read
+        i = int((_log(rate if rate > 1e-9 else 1e-9) - x0) / step)
+        j = int((0.5 * _log(cv2 if cv2 > 1e-3 else 1e-3) - y0) / step)
+        i = 0 if i < 0 else i_top if i > i_top else i
+        j = 0 if j < 0 else ny - 1 if j >= ny else j
+        return modes[nearest[i * ny + j]]
 
     def describe(self) -> str:
         """One line per simulated kind of arrivals: the candidates run at each simulated rate (req/s) where not

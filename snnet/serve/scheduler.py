@@ -59,6 +59,7 @@ MODE_AFTER = 5  # batches measured before a mode table is simulated: their measu
 REBUILD_FACTOR = 8  # a mode table is simulated again once the batches measured have grown this many times
 BUDGET_STEP = 1.05  # mode tables are simulated per budget bucket (its lower edge), buckets 5 % apart
 _LOG_BUDGET_STEP = math.log(BUDGET_STEP)
+_log, _floor = math.log, math.floor  # a global read each in the dispatch, not an attribute of math
 _LIBC: Any = None  # glibc's malloc_trim once looked up; False where there is none
 
 
@@ -92,13 +93,31 @@ class Shed(Exception):
 
 @dataclass
 class Pending:
-    """One request in the queue. `candidates`: cfg_ids it may run, best first; `deadline`: perf_counter seconds."""
+    """One request in the queue. `candidates`: cfg_ids it may run, best first; `deadline`: perf_counter seconds;
+    `lane`: its candidates' `Lane`, set when it is queued."""
     x: torch.Tensor
     candidates: Sequence[int]  # a tuple once queued
     arrival: float
     deadline: float = NO_DEADLINE
     future: asyncio.Future | None = None
     seq: int = 0
+    lane: Lane | None = None
+
+
+class Lane:
+    """One candidate list as the dispatch reads it, made once per list (`Choices.lane`) and held by every request
+    queued with it, so that a choice hashes no tuple: the list, its one stitch (None for a choice), its fastest
+    candidate and that one's batch-1 table ms, its `SlackTable` (None for one stitch) and its mode tables by
+    budget bucket (`Choices.mode`; dicts shared with the other schedulers of the menu, as the tables are)."""
+
+    __slots__ = ("candidates", "single", "fastest", "fastest_ms", "table", "modes", "built", "building")
+
+    def __init__(self, candidates: tuple[int, ...], fastest: int, fastest_ms: float, table: SlackTable | None,
+                 modes: dict[int, ModeTable | None], built: dict[int, int]):
+        self.candidates, self.fastest, self.fastest_ms, self.table = candidates, fastest, fastest_ms, table
+        self.single = candidates[0] if len(candidates) == 1 else None
+        self.modes, self.built = modes, built  # budget bucket -> its mode table; -> batches measured when built
+        self.building: set[int] = set()  # buckets whose table a thread is simulating now
 
 
 @dataclass
@@ -148,12 +167,11 @@ class Choices:
         self.slack: dict[tuple[int, ...], SlackTable] = \
             shared.setdefault((rule.max_batch, rule.arrivals, rule.rest_on_same), {})
         kind = (rule.max_batch, rule.arrivals, rule.rest_on_same, rule.shed)
-        self.modes: dict[tuple[tuple[int, ...], int], ModeTable | None] = shared.setdefault(("modes", *kind), {})
-        self.built: dict[tuple[tuple[int, ...], int], int] = shared.setdefault(("built", *kind), {})
-        self.building: set[tuple[tuple[int, ...], int]] = set()
+        # candidates -> {budget bucket: its mode table}, and -> {budget bucket: the batches measured when built}
+        self.modes: dict[tuple[int, ...], dict[int, ModeTable | None]] = shared.setdefault(("modes", *kind), {})
+        self.built: dict[tuple[int, ...], dict[int, int]] = shared.setdefault(("built", *kind), {})
+        self.lanes: dict[tuple[int, ...], Lane] = {}
         self.measured: Learned | None = None  # simulate from this, not the scheduler's own (a replay's warm server)
-        self.fastest_of: dict[tuple[int, ...], int] = {}
-        self.fastest_ms_of: dict[tuple[int, ...], float] = {}
         self.builder: concurrent.futures.ThreadPoolExecutor | None = None
         # set while the server has nothing to do (no request queued, no batch running): the builder simulates only
         # then, so a table being built never takes the core from a forward pass (under a load that never lets up,
@@ -170,62 +188,64 @@ class Choices:
                                                         r.rest_on_same)
         return known
 
-    def fastest(self, candidates: tuple[int, ...]) -> int:
-        c = self.fastest_of.get(candidates)
-        if c is None:
-            c = self.fastest_of[candidates] = min(candidates, key=lambda k: self.menu.batch_ms(k, 1))
-        return c
+    def lane(self, candidates: tuple[int, ...]) -> Lane:
+        """The `Lane` of a candidate list (made, with its slack table, when first asked for)."""
+        known = self.lanes.get(candidates)
+        if known is None:
+            ms = self.menu.batch_ms
+            fastest = min(candidates, key=lambda k: ms(k, 1))
+            known = self.lanes[candidates] = Lane(candidates, fastest, ms(fastest, 1),
+                                                  self.table(candidates) if len(candidates) > 1 else None,
+                                                  self.modes.setdefault(candidates, {}),
+                                                  self.built.setdefault(candidates, {}))
+        return known
 
-    def fastest_ms(self, candidates: tuple[int, ...]) -> float:
-        """The table's batch-1 ms of the fastest of `candidates`."""
-        ms = self.fastest_ms_of.get(candidates)
-        if ms is None:
-            ms = self.fastest_ms_of[candidates] = self.menu.batch_ms(self.fastest(candidates), 1)
-        return ms
-
-    def mode(self, candidates: tuple[int, ...], budget_ms: float, load: tuple[float, float] | None,
-             learned: Learned) -> tuple[int, ...] | None:
-        """The candidates every request of `candidates` with this budget (ms from arrival to its batch's end) is
-        chosen among at `load` (the arrivals' rate and CV^2): one stitch, the fastest few, or None: all of them. A
-        lookup in the `ModeTable` of the candidates and budget bucket; None until `MODE_AFTER` batches were
+    def mode(self, lane: Lane, budget_ms: float, load: tuple[float, float] | None, learned: Learned) -> Lane | None:
+        """The candidates every request of `lane` with this budget (ms from arrival to its batch's end) is chosen
+        among at `load` (the arrivals' rate and CV^2): one stitch, the fastest few (their lane), or None: all of
+        them. A lookup in the lane's `ModeTable` of the budget bucket; None until `MODE_AFTER` batches were
         measured, 8 arrivals seen and the table simulated (from what `learned` holds then; again, while the last
         one serves, once the batches measured have grown `REBUILD_FACTOR`-fold)."""
         learned = self.measured or learned
-        if load is None or budget_ms <= 0 or learned.batches.count < MODE_AFTER:
+        count = learned.batches.count
+        if load is None or budget_ms <= 0 or count < MODE_AFTER:
             return None
-        key = (candidates, math.floor(math.log(budget_ms) / _LOG_BUDGET_STEP))
-        count, built = learned.batches.count, self.built.get(key)
-        if built is None or (count >= REBUILD_FACTOR * built and key not in self.building):
-            self.built[key] = count
-            self.modes.setdefault(key, None)  # switching until the first is simulated; then the last one
+        bucket = _floor(_log(budget_ms) / _LOG_BUDGET_STEP)
+        built = lane.built.get(bucket)
+        if built is None or (count >= REBUILD_FACTOR * built and bucket not in lane.building):
+            lane.built[bucket] = count
+            lane.modes.setdefault(bucket, None)  # switching until the first is simulated; then the last one
             if self.rule.build_now:
-                self.modes[key] = self.simulate(*key, learned)
+                lane.modes[bucket] = self.simulate(lane.candidates, bucket, learned)
             else:
                 if self.builder is None:
                     self.builder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="snnet-modes")
-                self.building.add(key)
-                self.builder.submit(self._build, key, learned)
-        table = self.modes[key]
-        return None if table is None else table.choose(load[0], load[1])
+                lane.building.add(bucket)
+                self.builder.submit(self._build, lane, bucket, learned)
+        table = lane.modes[bucket]
+        if table is None:
+            return None
+        fewer = table.choose(load[0], load[1])
+        return None if fewer is None else self.lane(fewer)
 
-    def _build(self, key: tuple[tuple[int, ...], int], learned: Learned) -> None:
+    def _build(self, lane: Lane, bucket: int, learned: Learned) -> None:
         try:  # this thread yields the core to the forward passes and the event loop (Linux: a thread's own nice)
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         except (AttributeError, OSError):
             pass
         t0 = time.perf_counter()
         try:
-            table = self.modes[key] = self.simulate(*key, learned)
+            table = lane.modes[bucket] = self.simulate(lane.candidates, bucket, learned)
         except _Closed:
             return
         except Exception as e:  # the server goes on with the table it had (switching before the first); say why
-            print(f"snnet serve: stitches {list(key[0])}: the mode table failed ({type(e).__name__}: {e}); "
-                  f"keeping the previous one", file=sys.stderr, flush=True)
+            print(f"snnet serve: stitches {list(lane.candidates)}: the mode table failed ({type(e).__name__}: {e});"
+                  f" keeping the previous one", file=sys.stderr, flush=True)
             return
         finally:
-            self.building.discard(key)
-        print(f"snnet serve: stitches {list(key[0])} within {BUDGET_STEP ** key[1]:.1f} ms simulated from "
-              f"{self.built[key]} measured batches in {time.perf_counter() - t0:.1f} s: {table.describe()}",
+            lane.building.discard(bucket)
+        print(f"snnet serve: stitches {list(lane.candidates)} within {BUDGET_STEP ** bucket:.1f} ms simulated from "
+              f"{lane.built[bucket]} measured batches in {time.perf_counter() - t0:.1f} s: {table.describe()}",
               file=sys.stderr, flush=True)
 
     def simulate(self, candidates: tuple[int, ...], bucket: int, learned: Learned) -> ModeTable:
@@ -308,6 +328,7 @@ class DeadlineScheduler:
     def admit(self, job: Pending, now: float) -> None:
         """Queue `job`, arrived at `now` (the server's `submit`; a simulation's virtual clock)."""
         job.candidates = tuple(job.candidates)
+        job.lane = self.choices.lane(job.candidates)
         job.seq = next(self._seq)
         self.arrivals.add(now)
         heapq.heappush(self.queue, (job.deadline, job.seq, job))
@@ -315,7 +336,7 @@ class DeadlineScheduler:
     def prepare(self, candidates: Sequence[int]) -> None:
         """Build the table of a candidate list now (the server does it at start for every FLOPs budget's front,
         so that no request waits for one)."""
-        self.choices.table(tuple(candidates))
+        self.choices.lane(tuple(candidates))
 
     def take(self, now: float) -> tuple[int, list[Pending]] | Pending | None:
         """`plan(now)`, acted on: the batch (or the shed head) leaves the queue. The worker's one step."""
@@ -326,13 +347,16 @@ class DeadlineScheduler:
             heapq.heappop(self.queue)
             self.shed_count += 1
             return planned
-        batch: list[Pending] = []
+        queue, most, pop = self.queue, self.rule.max_batch, heapq.heappop
+        head = pop(queue)[2]  # the head may run it: it was chosen for the head
+        batch: list[Pending] = [head]
+        lane = head.lane  # a request of the head's lane may run it too (no search of its candidates)
         aside: list[tuple[float, int, Pending]] | None = None  # allocated only when a request cannot join
-        queue, most = self.queue, self.rule.max_batch
         while queue and len(batch) < most:
-            entry = heapq.heappop(queue)
-            if planned in entry[2].candidates:
-                batch.append(entry[2])
+            entry = pop(queue)
+            job = entry[2]
+            if job.lane is lane or planned in job.candidates:
+                batch.append(job)
             else:
                 aside = aside if aside is not None else []
                 aside.append(entry)
@@ -359,7 +383,7 @@ class DeadlineScheduler:
         Thread-safe."""
         if not self.rule.shed or deadline == NO_DEADLINE:
             return None
-        fastest = self.typical_ms(self.choices.fastest(tuple(candidates)), 1)
+        fastest = self.typical_ms(self.choices.lane(tuple(candidates)).fastest, 1)
         if now + (fastest + self.learned.after_ms.value) / 1e3 <= deadline:
             return None
         return Shed((now - arrival) * 1e3, fastest)
@@ -377,29 +401,28 @@ class DeadlineScheduler:
         if not queue:
             return None
         head = queue[0][2]
-        candidates: tuple[int, ...] = head.candidates  # type: ignore[assignment]
+        lane: Lane = head.lane  # type: ignore[assignment]
         deadline = head.deadline
         if deadline == NO_DEADLINE:
-            return candidates[0]
-        rule, learned, choices = self.rule, self.learned, self.choices
+            return lane.candidates[0]
+        rule, learned = self.rule, self.learned
         slowdown, jitter = learned.batches.window.value
         after_ms = learned.after_ms.value
         left_ms = (deadline - now) * 1e3 - after_ms
-        if rule.shed and not self.probing(now):
-            if left_ms < slowdown * choices.fastest_ms(candidates):
-                return head
-        if len(candidates) == 1:
-            return candidates[0]
+        if rule.shed and left_ms < slowdown * lane.fastest_ms and not self.probing(now):
+            return head
+        if lane.single is not None:
+            return lane.single
         budget_ms = (deadline - head.arrival) * 1e3 - after_ms
         if rule.modes:
-            fewer = choices.mode(candidates, budget_ms, self.arrivals.load(), learned)
+            fewer = self.choices.mode(lane, budget_ms, self.arrivals.load(), learned)
             if fewer is not None:
-                if len(fewer) == 1:
-                    return fewer[0]
-                candidates = fewer
-        table = choices.table(candidates)
+                if fewer.single is not None:
+                    return fewer.single
+                lane = fewer
         rate = self.arrivals.rate(now) * slowdown if rule.arrivals else 0.0
-        return table.choose((left_ms - jitter) / slowdown, (budget_ms - jitter) / slowdown, len(self.queue), rate)
+        return lane.table.choose((left_ms - jitter) / slowdown, (budget_ms - jitter) / slowdown,  # type: ignore[union-attr]
+                                 len(queue), rate)
 
     def done_batch(self, cfg_id: int, n: int, measured_ms: float) -> None:
         """Learn from a batch of `n` on `cfg_id` that took `measured_ms` (the worker after each forward pass)."""
@@ -493,4 +516,4 @@ class DeadlineScheduler:
         return {"batches": self.batches, "shed": self.shed_count, "queue_depth": self.depth(),
                 "slowdown": self.learned.batches.slowdown, "jitter_ms_p95": self.learned.batches.jitter_ms,
                 "after_ms_p95": self.learned.after_ms.value,
-                "mode_tables": sum(t is not None for t in self.choices.modes.values())}
+                "mode_tables": sum(t is not None for by in self.choices.modes.values() for t in by.values())}
