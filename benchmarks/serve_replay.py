@@ -42,6 +42,7 @@ Per setting: switching minus each alternative, the paired mean over the evaluati
 (t). Evaluation traces are seeds `--seed-offset` + 0..`--traces`-1 (pass an offset nobody chose).
 
     .venv/bin/python benchmarks/serve_replay.py --calibrate          # ~3 min, idle machine: the calibration
+    .venv/bin/python benchmarks/serve_replay.py --calibrate-choice   # after a change to the scheduler: its cost
     .venv/bin/python benchmarks/serve_replay.py --seed-offset N > results/bench_serve_replay.txt
 
 Last line: RESULT replay_behind=<b> replay_ahead_deit=<a> replay_settings_deit=<s> choice_p99_us=<c>: b = settings
@@ -197,9 +198,7 @@ def calibrate(out: Path, quick: bool, note: str = "", names: tuple[str, ...] = (
     the networks measured (serve_live.py measures DeiT again at its start: this machine's speed moves by a third
     between hours)."""
     t_start = time.time()
-    cores = os.sched_getaffinity(0)
-    if len(cores) > 1:
-        os.sched_setaffinity(0, cores - {max(cores)})
+    _one_core()
     repeats = 5 if quick else 40
     nets: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -224,17 +223,13 @@ def calibrate(out: Path, quick: bool, note: str = "", names: tuple[str, ...] = (
             decode = sorted(_timed(lambda tf=m["tf"], bodies=bodies: _decode(next(bodies), tf), 4 * repeats))
             logits = m["net"](xs[0][None], ids[0]).detach()
             answer_ms = sorted(_timed(lambda logits=logits: json.dumps(labelled(logits, None, 5)[0]), 4 * repeats))
-            menu, largest, _ = menu_of({"records": m["records"], "anchors": m["anchors"], "service_ms": service})
-            slo = SLO_FACTOR * menu.batch_ms(largest, 1) + statistics.median(decode) + statistics.median(answer_ms)
-            reps = 200 if quick else 2000
-            choice = choice_costs({"switch": (menu, menu.front(), slo),  # serve_plan.py's measurement
-                                   "fixed": (menu, [largest], slo)}, reps)
             nets[name] = {"records": m["records"], "anchors": m["anchors"], "threads": m["threads"],
-                          "service_ms": service, "decode_ms": decode, "answer_ms": answer_ms, "choice_us": choice,
+                          "service_ms": service, "decode_ms": decode, "answer_ms": answer_ms,
                           "cascades": m["cascades"], "images": len(m["bodies"]),
                           **({"correct": {str(c): v for c, v in m["correct"].items()},
                               "confidence": {str(c): v for c, v in m["confidence"].items()}}
                              if "correct" in m else {})}
+            nets[name]["choice_us"] = choice_us(nets[name], 200 if quick else 2000)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     saved = {"measured": {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
@@ -247,6 +242,42 @@ def calibrate(out: Path, quick: bool, note: str = "", names: tuple[str, ...] = (
              "nets": nets}
     write_text_atomic(out, json.dumps(saved, indent=1) + "\n")
     print(f"calibration written to {out} in {time.time() - t_start:.0f} s", file=sys.stderr)
+
+
+def _one_core() -> None:
+    """Run on the first core only (the server's core in benchmarks/serve_live.py; the other is the client's)."""
+    cores = os.sched_getaffinity(0)
+    if len(cores) > 1:
+        os.sched_setaffinity(0, cores - {max(cores)})
+
+
+def choice_us(cal: dict[str, Any], repeats: int) -> dict[str, dict[str, list[float]]]:
+    """The dispatch's cost for one network's calibration (serve_plan.py's measurement: {"switch" (the front),
+    "fixed" (the largest anchor): {depth: [p50 µs, p99 µs]}}) at the calibrated SLO."""
+    menu, largest, _ = menu_of(cal)
+    slo = SLO_FACTOR * menu.batch_ms(largest, 1) + float(np.median(cal["decode_ms"])) + \
+        float(np.median(cal["answer_ms"]))
+    return choice_costs({"switch": (menu, menu.front(), slo), "fixed": (menu, [largest], slo)}, repeats)
+
+
+def calibrate_choice(path: Path, note: str, repeats: int = 2000) -> None:
+    """Measure the dispatch's cost again into the calibration at `path`, its forward, decode and answer times kept:
+    the dispatch's cost is the code's (a change to the scheduler), the rest is the machine's. Its provenance goes
+    under measured["choice_us"]."""
+    t_start = time.time()
+    _one_core()
+    saved = json.loads(path.read_text())
+    for cal in saved["nets"].values():
+        cal["choice_us"] = choice_us(cal, repeats)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    saved["measured"]["choice_us"] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
+                                      "command": "benchmarks/serve_replay.py --calibrate-choice", "note": note,
+                                      "cores": sorted(os.sched_getaffinity(0)),
+                                      "load_average_after": round(os.getloadavg()[0], 2),
+                                      "seconds": round(time.time() - t_start)}
+    write_text_atomic(path, json.dumps(saved, indent=1) + "\n")
+    print(f"the dispatch's cost measured again into {path} in {time.time() - t_start:.0f} s", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------------------ the replay
@@ -478,7 +509,10 @@ def interval(diffs: list[float]) -> tuple[float, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--calibrate", action="store_true", help="measure this machine into --calibration, then stop")
-    p.add_argument("--note", default="", help="with --calibrate: how the machine was kept quiet, stored with it")
+    p.add_argument("--calibrate-choice", action="store_true",
+                   help="measure only the dispatch's cost again into --calibration (after a change to the scheduler: "
+                        "the forward, decode and answer times stay), then stop")
+    p.add_argument("--note", default="", help="with --calibrate(-choice): how the machine was kept quiet, stored")
     p.add_argument("--calibration", type=Path, default=CALIBRATION, help="the calibration file (default: committed)")
     p.add_argument("--seed-offset", type=int, default=1000, help="the evaluation traces' first seed (tuning: 0..9)")
     p.add_argument("--traces", type=int, default=30, help="evaluation traces per setting (default 30)")
@@ -491,6 +525,9 @@ def main() -> None:
     args = p.parse_args()
     if args.calibrate:
         calibrate(args.calibration, args.quick, args.note, tuple(args.nets))
+        return
+    if args.calibrate_choice:
+        calibrate_choice(args.calibration, args.note)
         return
     if args.seed_offset < len(TUNING_SEEDS):
         p.error(f"--seed-offset {args.seed_offset} overlaps the tuning seeds 0..{len(TUNING_SEEDS) - 1}; "

@@ -930,6 +930,36 @@ def test_the_replay_benchmark_reports_intervals_and_its_result():
     assert bad.returncode == 2 and "overlaps the tuning seeds" in bad.stderr
 
 
+@pytest.mark.slow
+def test_the_dispatch_cost_is_measured_again_into_the_calibration_its_times_kept(tmp_path, monkeypatch):
+    """serve_replay.py --calibrate-choice: after a change to the scheduler only the dispatch's cost is measured
+    again (the code's); the forward, decode and answer times (the machine's) stay as they were, and the new
+    measurement's provenance is stored beside the calibration's."""
+    monkeypatch.syspath_prepend(f"{ROOT}/benchmarks")
+    import serve_plan
+    import serve_replay
+    saved = json.loads(Path(ROOT, "results", "serve_calibration.json").read_text())
+    saved["nets"] = {"deit": saved["nets"]["deit"]}
+    stale = {"switch": {"1": [0.0, 0.0]}, "fixed": {"1": [0.0, 0.0]}}
+    saved["nets"]["deit"]["choice_us"] = stale
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps(saved))
+    affinity = os.sched_getaffinity(0)
+    try:
+        serve_replay.calibrate_choice(path, "a test", repeats=20)
+    finally:
+        os.sched_setaffinity(0, affinity)
+    again = json.loads(path.read_text())
+    cal = again["nets"]["deit"]
+    assert {k: v for k, v in cal.items() if k != "choice_us"} == \
+        {k: v for k, v in saved["nets"]["deit"].items() if k != "choice_us"}
+    assert set(cal["choice_us"]) == {"switch", "fixed"} and cal["choice_us"] != stale
+    assert all(list(v) == [str(d) for d in serve_plan.DEPTHS] and all(0 < p50 <= p99 for p50, p99 in v.values())
+               for v in cal["choice_us"].values())
+    assert again["measured"]["choice_us"]["note"] == "a test" and again["measured"]["date"] == saved["measured"]["date"]
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
 def test_the_live_validation_takes_the_replays_weakest_settings_and_refuses_bad_cores(tmp_path, monkeypatch,
                                                                                       capsys):
     """benchmarks/serve_live.py runs the replay's weakest DeiT settings (smallest margin of switching over its
