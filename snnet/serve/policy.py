@@ -147,14 +147,15 @@ class SlackTable:
       non-preemptive EDF, from the measured rate).
     The rest and the arrivals run on that same stitch (`rest_on_same`) or on the fastest. Nothing fits: the fastest.
 
-    Two precomputed bit masks per bucket, one for each check ((slack, depth) and (depth, rate, budget)); the choice
-    is their AND's lowest bit: a few float operations and two array reads whatever the queue (`choose`;
-    benchmarks/serve_plan.py measures it). Everything is in the latency table's milliseconds
-    (`StitchMenu.batch_ms`): the scheduler converts the slack, budget and rate it measures with the learned slowdown
-    and jitter, so no table is rebuilt when the machine's speed drifts. A bucket's lower slack and budget edge and
-    upper rate edge are used, so a choice that fits the bucket fits the request (slack and budget buckets 3 % apart,
-    rate buckets 25 %); a deeper queue than the table's counts as its deepest; arrivals faster than 4x what the
-    fastest sustains choose the fastest."""
+    Two precomputed bit masks per bucket, one for each check ((slack, depth) and (batch size, rate, budget): the
+    arrivals' check depends on the depth only through the batch), in the narrowest word that holds the candidates
+    (16 bits for up to 16: small tables stay in the cache); the choice is their AND's lowest bit: a few float
+    operations and two array reads whatever the queue (`choose`; benchmarks/serve_plan.py measures it). Everything
+    is in the latency table's milliseconds (`StitchMenu.batch_ms`): the scheduler converts the slack, budget and
+    rate it measures with the learned slowdown and jitter, so no table is rebuilt when the machine's speed drifts.
+    A bucket's lower slack and budget edge and upper rate edge are used, so a choice that fits the bucket fits the
+    request (slack and budget buckets 3 % apart, rate buckets 25 %); a deeper queue than the table's counts as its
+    deepest; arrivals faster than 4x what the fastest sustains choose the fastest."""
 
     SLACK_STEP, RATE_STEP = 1.03, 1.25
 
@@ -179,31 +180,34 @@ class SlackTable:
         self.n_rate = int(math.ceil(math.log(400.0) / math.log(self.RATE_STEP))) + 2 if arrivals else 1
         rates = np.concatenate([[0.0], self.rate_lo * self.RATE_STEP ** np.arange(self.n_rate - 1)])
         self._log_slack, self._log_rate = math.log(self.SLACK_STEP), math.log(self.RATE_STEP)
-        self.words = (len(self.ids) + 63) // 64
-        queue = np.zeros((self.words, self.n_slack, d_max), np.uint64)
-        room = np.zeros((self.words, d_max, self.n_rate, self.n_slack), np.uint64)
+        bits, code, dtype = next(w for w in ((16, "H", np.uint16), (32, "I", np.uint32), (64, "Q", np.uint64))
+                                 if len(self.ids) <= w[0] or w[0] == 64)
+        self.bits, self.words = bits, -(-len(self.ids) // bits)
+        queue = np.zeros((self.words, self.n_slack, d_max), dtype)
+        room = np.zeros((self.words, b_max, self.n_rate, self.n_slack), dtype)
         depth = np.arange(1, d_max + 1)
         batch = np.minimum(depth, b_max)
         for i, c in enumerate(self.ids):
-            word, bit = divmod(i, 64)
+            word, bit = divmod(i, bits)
             rest = c if rest_on_same else self.fastest
             t = sizes[c][batch]
             fits = edges[:, None] >= (t + drain(depth - batch, rest))[None, :]
-            queue[word][fits] |= np.uint64(1 << bit)
+            queue[word][fits] |= dtype(1 << bit)
+            t = sizes[c][1:]  # batches of 1..max_batch
             coming = np.floor(rates[None, :] * t[:, None] / 1e3 + 0.5).astype(np.int64)
             fits = edges[None, None, :] >= (t[:, None] + drain(coming, rest))[:, :, None]
-            room[word][fits] |= np.uint64(1 << bit)
-        self._queue, self._room = array("Q"), array("Q")
+            room[word][fits] |= dtype(1 << bit)
+        self._queue, self._room = array(code), array(code)
         self._queue.frombytes(queue.tobytes())
         self._room.frombytes(room.tobytes())
         # what `choose` reads, in one tuple: a dispatch unpacks it at once rather than reading a dozen attributes
         self._read = (self.lo, self.n_slack - 1, self._log_slack, self.rate_lo, self.n_rate, self._log_rate, d_max,
-                      self._queue, self._room, self.ids, self.fastest, self.words)
+                      b_max, self._queue, self._room, self.ids, self.fastest, self.words, bits)
 
     def choose(self, slack_ms: float, budget_ms: float, depth: int, rate: float = 0.0) -> int:
         """The stitch for a head with `slack_ms` left of its `budget_ms` (table ms), `depth` requests queued
         (itself included) and `rate` arrivals per table second."""
-        lo, top, step, rate_lo, n_rate, log_rate, depths, queue, room, ids, fastest, words = self._read
+        lo, top, step, rate_lo, n_rate, log_rate, depths, b_max, queue, room, ids, fastest, words, bits = self._read
         if slack_ms < lo:
             return fastest
         i = int(_log(slack_ms / lo) / step)  # the slack's bucket (its lower edge)
@@ -224,14 +228,15 @@ class SlackTable:
             if j >= n_rate:  # arrivals beyond 4x what the fastest sustains: nothing else can keep up
                 return fastest
         d = (depth if depth < depths else depths) - 1 if depth > 1 else 0
+        b = d if d < b_max else b_max - 1  # the batch's size - 1
         n_slack = top + 1
-        if words == 1:  # up to 64 candidates: every menu so far
-            m = queue[i * depths + d] & room[(d * n_rate + j) * n_slack + k]
+        if words == 1:  # up to 16 (32, 64) candidates: every menu so far
+            m = queue[i * depths + d] & room[(b * n_rate + j) * n_slack + k]
             return ids[(m & -m).bit_length() - 1] if m else fastest
         for w in range(words):
-            m = queue[(w * n_slack + i) * depths + d] & room[((w * depths + d) * n_rate + j) * n_slack + k]
+            m = queue[(w * n_slack + i) * depths + d] & room[((w * b_max + b) * n_rate + j) * n_slack + k]
             if m:
-                return ids[w * 64 + (m & -m).bit_length() - 1]
+                return ids[w * bits + (m & -m).bit_length() - 1]
         return fastest
 
 
