@@ -183,10 +183,11 @@ def fits(menu, ranked, c, slack, budget, depth, rate, max_batch, rest_on_same=Tr
 def test_the_slack_table_is_the_rule_looked_up():
     """On random menus, the table's stitch fits the request (or is the fastest when nothing does), and no stitch
     ranked before it fits the bucket's edges (slack and budget 3 % lower, the rate 25 % higher): a lookup, not a
-    search."""
+    search. The last three menus are wider than a 16-bit mask: 20 (32 bits), 40 and 70 candidates (64 bits, two
+    words)."""
     rng = np.random.default_rng(2)
     for trial in range(30):
-        n = int(rng.integers(2, 9))
+        n = int(rng.integers(2, 9)) if trial < 27 else (20, 40, 70)[trial - 27]
         records = [{"cfg_id": c, "flops": 100 * (c + 1), "params": 1, "acc1": float(rng.uniform(50, 80))}
                    for c in range(n)]
         latency = {}
@@ -197,6 +198,7 @@ def test_the_slack_table_is_the_rule_looked_up():
         ranked = [r["cfg_id"] for r in menu.ranked]
         max_batch, same = int(rng.choice([1, 4, 8])), bool(trial % 2)
         table = SlackTable(menu, ranked, max_batch, rest_on_same=same)
+        assert (table.bits, table.words) == {20: (32, 1), 40: (64, 1), 70: (64, 2)}.get(n, (16, 1))
         fastest = min(ranked, key=lambda k: menu.batch_ms(k, 1))
         for _ in range(40):
             slack, depth = float(rng.uniform(0.2, 200.0)), int(rng.integers(1, 40))
