@@ -99,6 +99,12 @@ def test_bad_ls_mode():
         ls_init(small_deit(), [], mode="mean")
 
 
+def spawn_forked(worker, args):
+    """mp.spawn of 2 processes, forked from this one (torch, timm and snnet imported): spawn's fresh interpreters
+    each imported them again (~6 CPU-s apiece), which these checks of the gloo collectives do not need."""
+    mp.start_processes(worker, args=args, nprocs=2, join=True, start_method="fork")
+
+
 def _ddp_worker(rank, world, init_file, x, out_file):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -113,7 +119,7 @@ def _ddp_worker(rank, world, init_file, x, out_file):
 def test_ddp_sums_statistics_and_broadcasts(tmp_path, digits_images):
     """Two gloo processes, each with half the images: both end with the layers a single process fits on all."""
     x = digits_images[0][:64]
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), x, str(tmp_path / "out")), nprocs=2, join=True)
+    spawn_forked(_ddp_worker, (2, str(tmp_path / "init"), x, str(tmp_path / "out")))
     r0 = torch.load(tmp_path / "out.0", weights_only=True)
     r1 = torch.load(tmp_path / "out.1", weights_only=True)
     single = small_deit()
@@ -276,7 +282,7 @@ def _snnet_ddp_worker(rank, world, init_file, x, out_file):
 def test_snnet_mode_ddp_keeps_rank0(tmp_path, digits_images):
     """Two gloo processes on different batches end with rank 0's layers and BN statistics, as SN-Net's DDP did."""
     x = digits_images[0][:32].reshape(2, 16, 3, 32, 32)
-    mp.spawn(_snnet_ddp_worker, args=(2, str(tmp_path / "init"), x, str(tmp_path / "out")), nprocs=2, join=True)
+    spawn_forked(_snnet_ddp_worker, (2, str(tmp_path / "init"), x, str(tmp_path / "out")))
     r0 = torch.load(tmp_path / "out.0", weights_only=True)
     r1 = torch.load(tmp_path / "out.1", weights_only=True)
     single = small_resnets(drop_path_rate=0.0)
