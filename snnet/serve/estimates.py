@@ -163,7 +163,8 @@ class Arrivals:
         if n < 8 or self.sum <= 0:
             return None
         mean = self.sum / n
-        return 1.0 / mean, max(0.0, self.squares / n - mean * mean) / (mean * mean)
+        var = self.squares / n - mean * mean
+        return 1.0 / mean, (var if var > 0.0 else 0.0) / (mean * mean)
 
 
 @dataclass
