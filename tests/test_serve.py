@@ -881,28 +881,34 @@ def test_a_mode_table_is_built_only_while_the_server_is_idle():
         sched.close()
 
 
-def test_the_committed_replays_tuned_rule_is_the_servers_default(monkeypatch):
+@pytest.fixture(scope="module")
+def deit_replay():
+    """benchmarks/serve_replay.py and its committed DeiT calibration, one `Calibrated` for the module: the replayed
+    server's mode tables (simulated from the calibration, seconds each, the same every time) are built once for
+    every test that replays it."""
+    if f"{ROOT}/benchmarks" not in sys.path:
+        sys.path.insert(0, f"{ROOT}/benchmarks")
+    import serve_replay
+    saved = json.loads(Path(ROOT, "results", "serve_calibration.json").read_text())
+    return serve_replay, serve_replay.Calibrated("deit", saved["nets"]["deit"])
+
+
+def test_the_committed_replays_tuned_rule_is_the_servers_default(deit_replay):
     """The replay reports the rule its tuning traces chose as "switch"; the server must run that rule, else the
     replay's headline is another server's (results/bench_serve_replay.txt, benchmarks/serve_replay.py RULES)."""
-    monkeypatch.syspath_prepend(f"{ROOT}/benchmarks")
-    import serve_replay
+    serve_replay, net = deit_replay
     text = Path(ROOT, "results", "bench_serve_replay.txt").read_text()
     chosen = re.search(r"the rule '([^']+)' scored best", text).group(1)  # type: ignore[union-attr]
     default = dataclasses.asdict(Rule())
     assert all(default[k] == v for k, v in serve_replay.RULES[chosen].items()), (chosen, default)
-    assert serve_replay.systems(serve_replay.Calibrated("deit", json.loads(
-        Path(ROOT, "results", "serve_calibration.json").read_text())["nets"]["deit"]))["switch"] == \
-        {"stages": mock.ANY, **{k: True for k in serve_replay.KNOBS}}
+    assert serve_replay.systems(net)["switch"] == {"stages": mock.ANY, **{k: True for k in serve_replay.KNOBS}}
 
 
-def test_the_replay_runs_the_servers_policy_on_a_virtual_clock(monkeypatch):
+def test_the_replay_runs_the_servers_policy_on_a_virtual_clock(deit_replay):
     """benchmarks/serve_replay.py on the committed calibration: on a trace whose requests come one at a time the
     switching server answers each in time on the most accurate stitch whose batch fits the SLO; under a burst far
     beyond capacity it sheds; the same random numbers give the same answers (paired systems)."""
-    monkeypatch.syspath_prepend(f"{ROOT}/benchmarks")
-    import serve_replay
-    saved = json.loads(Path(ROOT, "results", "serve_calibration.json").read_text())
-    net = serve_replay.Calibrated("deit", saved["nets"]["deit"])
+    serve_replay, net = deit_replay
     switch = serve_replay.systems(net)["switch"]
     n = 20
     draws = np.random.default_rng(0).random((n, 4))
@@ -993,18 +999,16 @@ def test_the_live_validation_takes_the_replays_weakest_settings_and_refuses_bad_
     assert sorted(os.sched_getaffinity(0)) == every
 
 
-def test_the_live_prediction_follows_the_machines_speed_through_a_run(monkeypatch):
+def test_the_live_prediction_follows_the_machines_speed_through_a_run(monkeypatch, deit_replay):
     """serve_live.speed_profile: a slow spell of a few batches is followed, one slow batch is not; and the replay
     charges a batch the speed of when it starts: a run slowed in its second half is predicted between the run at
     full speed and the run slowed throughout."""
     monkeypatch.syspath_prepend(f"{ROOT}/benchmarks")
     import serve_live
-    import serve_replay
+    serve_replay, net = deit_replay
     answered = [(float(t), 2.0 if 10 <= t < 16 else 3.0 if t == 4 else 1.0) for t in range(20)]
     profile = serve_live.speed_profile(answered)
     assert [profile(t) for t in (-1.0, 2.0, 4.0, 4.5, 13.0, 18.0)] == [1.0, 1.0, 1.0, 1.0, 2.0, 1.0]
-    saved = json.loads(Path(ROOT, "results", "serve_calibration.json").read_text())
-    net = serve_replay.Calibrated("deit", saved["nets"]["deit"])
     switch = serve_replay.systems(net)["switch"]
     n = 60
     times = np.sort(np.random.default_rng(1).random(n)) * n / (2.0 * net.capacity)  # twice the capacity
