@@ -31,7 +31,8 @@ __all__ = ["ROOT", "TINY", "FAST", "IMG", "run", "run_cli", "shared_cli", "asser
 
 def run(args, timeout=300, env=None):
     """Run a command from the repository root, one intra-op thread per process. `python train.py ...`,
-    `python -m snnet.cli ...` and the launcher of `./distributed_train.sh N ...` (what the script execs:
+    `python -m snnet.cli ...`, `python -m torch.distributed.run ...` (torchrun), `python -c CODE ...` and the
+    launcher of `./distributed_train.sh N ...` (what the script execs:
     `python -m snnet.train.launch --nproc_per_node=N $TORCHRUN_ARGS train.py ...`, with the script's PYTHONPATH) are
     forked from a server that imported the library once (ForkedCli: a fresh process with its own stdout, stderr,
     environment and exit code, -9 when killed), so each costs its own work and not the ~6 CPU-seconds of importing
@@ -60,7 +61,8 @@ _FORK_OWNER: list = [None]  # the pid that started it (a process forked from a t
 
 
 def _entry_point(args, env):
-    """(ForkedCli entry, its argv) for `python train.py ARGV` and `python -m snnet.cli ARGV` of this Python and for
+    """(ForkedCli entry, its argv) for `python train.py ARGV`, `python -m snnet.cli ARGV`,
+    `python -m torch.distributed.run ARGV` and `python -c CODE ARGV` of this Python and for
     `./distributed_train.sh N ARGV` under `env` (the launcher it execs, with `env`'s TORCHRUN_ARGS; not where `env`
     names another PYTHON), or None for any other command."""
     if len(args) >= 2 and args[0] in ("./distributed_train.sh", os.path.join(ROOT, "distributed_train.sh")) \
@@ -72,6 +74,10 @@ def _entry_point(args, env):
             return "train", args[2:]
         if args[1:3] == ["-m", "snnet.cli"]:
             return "snnet", args[3:]
+        if args[1:3] == ["-m", "torch.distributed.run"]:
+            return "torchrun", args[3:]
+        if args[1] == "-c" and len(args) >= 3:
+            return "code", args[2:]
     return None
 
 
@@ -158,8 +164,16 @@ import json, logging, os, sys, threading, traceback
 sys.path.insert(0, sys.argv[1])
 import snnet.cli, snnet.train.launch, snnet.train.main, snnet.train.preflight  # imports only: nothing computed
 import torch.distributed.run  # before a fork (the launcher's torchrun, imported where it runs)
+
+
+def code(argv):  # `python -c CODE ARGS`: CODE run as __main__ (sys.argv is ["-c", *ARGS], as Python sets it)
+    exec(compile(argv[0], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+    return 0
+
+
 ENTRY = {"train": snnet.train.main.main, "snnet": snnet.cli.main, "preflight": snnet.train.preflight.main,
-         "launch": snnet.train.launch.main}
+         "launch": snnet.train.launch.main, "torchrun": lambda argv: torch.distributed.run.main(argv) or 0,
+         "code": code}
 for line in sys.stdin:
     req = json.loads(line)
     pid = os.fork()
@@ -174,7 +188,7 @@ for line in sys.stdin:
                 os.environ.clear()
                 os.environ.update(req["env"])
             os.chdir(req["cwd"])
-            sys.argv = [req["entry"], *req["argv"]]
+            sys.argv = ["-c", *req["argv"][1:]] if req["entry"] == "code" else [req["entry"], *req["argv"]]
             code = ENTRY[req["entry"]](req["argv"])
         except SystemExit as e:
             if e.code is not None and not isinstance(e.code, int):  # sys.exit("message"): printed, exit 1
@@ -205,8 +219,10 @@ class ForkedCli:
     lines included: under pytest `logging.basicConfig` is a no-op in-process, so an in-process call hides what a user
     sees before a late error). One server process imports the library once and forks a child per call, so a call
     costs its own work, not torch's import. `call(entry, argv)` -> (exit code, stdout, stderr); entry: "train"
-    (train.py), "snnet" (the snnet command), "preflight" (distributed_train.sh's check) or "launch" (the launcher
-    distributed_train.sh execs: its checks, then torchrun, whose ranks are fresh processes). `env`: the child's whole
+    (train.py), "snnet" (the snnet command), "preflight" (distributed_train.sh's check), "launch" (the launcher
+    distributed_train.sh execs: its checks, then torchrun, whose ranks are fresh processes), "torchrun"
+    (`python -m torch.distributed.run`: its ranks fresh processes too) or "code" (`python -c CODE ARGS`, argv
+    [CODE, *ARGS]). `env`: the child's whole
     environment (None: the server's); `timeout`: seconds, then the child is killed and subprocess.TimeoutExpired
     raised, as subprocess.run does."""
 

@@ -4,16 +4,17 @@ architectures of configs/demo_digits_v2.json and configs/demo_digits_v1_pair.jso
 random weights saved as their checkpoints), on scikit-learn's digits as `snnet.demo` writes them; the configs
 reach them through `snnet.demo.stitch_config_for`, as `python -m snnet.demo --v2 --work DIR` does.
 
-Two runs, side by side (one process and one core each): two-way + LoRA + ROS (configs/demo_digits_v2.json), and
---freeze-anchors on SN-Net's sliding-window plan (configs/demo_digits_v1_pair.json). train.py's main() runs whole;
-a hook records the network after its least-squares init (before `fit`) and every stitch the sampler draws."""
+Two runs, one after the other (each a process forked by helpers.run from a server that imported torch, timm and
+snnet once: side by side, each fresh interpreter spent ~6 CPU-s importing them): two-way + LoRA + ROS
+(configs/demo_digits_v2.json), and --freeze-anchors on SN-Net's sliding-window plan (configs/demo_digits_v1_pair.json).
+train.py's main() runs whole; a hook records the network after its least-squares init (before `fit`) and every
+stitch the sampler draws."""
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
+from helpers import run
 
 from snnet import build_snnet, load_stitch_config
 from snnet.core.cost import cost_table
@@ -22,7 +23,6 @@ from snnet.demo import V2_CONFIGS, demo_anchors, stitch_config_for, write_digits
 from snnet.results.records import read_results
 from snnet.train.sampler import BucketSampler, flops_groups
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--img-size", "16", "-b", "64", "--opt", "adamw", "--lr", "1e-3", "--warmup-epochs", "0", "-j", "0",
          "--no-pretrained", "--log-interval", "1000", "--seed", "1", "--epochs", "1"]
 HOOK = """
@@ -67,18 +67,12 @@ def runs(tmp_path_factory):
     anchors = anchor_checkpoints(work)
     jobs = {"v2": (stitch_config_for(work, V2_CONFIGS["v2"]), []),
             "frozen": (stitch_config_for(work, V2_CONFIGS["v1"]), ["--freeze-anchors"])}
-    procs = {}
+    out = {}
     for exp, (cfg, extra) in jobs.items():
         (work / f"{exp}_hook").mkdir()
-        procs[exp] = subprocess.Popen(
-            [sys.executable, "-c", HOOK, str(work / f"{exp}_hook"), str(data), "--stitch_config", str(cfg), *FLAGS,
-             *extra, "--output", str(work), "--experiment", exp], cwd=ROOT, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    out = {}
-    for exp, proc in procs.items():
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, f"{exp}: {err[-3000:]}"
-        cfg = jobs[exp][0]
+        r = run([sys.executable, "-c", HOOK, work / f"{exp}_hook", data, "--stitch_config", cfg, *FLAGS, *extra,
+                 "--output", work, "--experiment", exp])
+        assert r.returncode == 0, f"{exp}: {r.stderr[-3000:]}"
         net = build_snnet(load_stitch_config(cfg), pretrained=False, num_classes=10, img_size=16)
         out[exp] = {
             "net": net, "cfg": json.loads(cfg.read_text()),
