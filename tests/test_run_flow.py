@@ -94,14 +94,13 @@ def test_positions_are_chosen_before_the_snnet_is_built(monkeypatch):
 def test_an_evaluation_is_never_taken_for_other_anchor_weights(digits_folder, tmp_path):
     """--eval without a checkpoint is identified by the network's own weights: a rerun with the same anchor files skips
     the evaluated stitches; the same config with other weights in those files is refused (one line), never
-    answered with the earlier numbers."""
+    answered with the earlier numbers. train.py's three runs are forked from helpers' server (its imports done once),
+    each with only the environment below, as a fresh process with that environment."""
     import json
-    import subprocess
-    import sys
 
     import timm
     import torch
-    from helpers import ROOT, TINY
+    from helpers import TINY, shared_cli
     anchors = []
     for n, a in enumerate(TINY):
         torch.manual_seed(n)
@@ -111,19 +110,20 @@ def test_an_evaluation_is_never_taken_for_other_anchor_weights(digits_folder, tm
                         "checkpoint": str(tmp_path / f"a{n}.pth")})
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({"anchors": anchors, "skip_final_norm": False, "stitch_init_bs": 32}))
-    cmd = [sys.executable, "train.py", str(digits_folder), "--stitch_config", str(cfg), *map(str, FAST), "--eval",
-           "--output", str(tmp_path), "--experiment", "ev", "--device", "cpu"]
+    argv = [str(digits_folder), "--stitch_config", str(cfg), *map(str, FAST), "--eval", "--output", str(tmp_path),
+            "--experiment", "ev", "--device", "cpu"]
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
-    assert first.returncode == 0, first.stderr[-2000:]
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
-    assert again.returncode == 0 and "already evaluated" in again.stderr, again.stderr[-2000:]
+    train_py = lambda: shared_cli().call("train", argv, env=env, timeout=300)  # (exit code, stdout, stderr)
+    code, _, err = train_py()
+    assert code == 0, err[-2000:]
+    code, _, err = train_py()
+    assert code == 0 and "already evaluated" in err, err[-2000:]
     torch.manual_seed(99)  # other weights under the same file name
     model = timm.create_model(TINY[1]["name"], num_classes=10, img_size=16, **TINY[1]["model_kwargs"])
     torch.save({"state_dict": model.state_dict()}, tmp_path / "a1.pth")
-    other = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
-    assert other.returncode == 2, other.stderr[-2000:]
-    assert other.stderr.strip().splitlines()[-1].startswith("error: ") and "another checkpoint" in other.stderr
+    code, _, err = train_py()
+    assert code == 2, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("error: ") and "another checkpoint" in err
 
 
 @pytest.mark.dist
