@@ -171,9 +171,16 @@ def code(argv):  # `python -c CODE ARGS`: CODE run as __main__ (sys.argv is ["-c
     return 0
 
 
+def script(argv):  # `python SCRIPT ARGS`: SCRIPT run as __main__, its folder first on sys.path (sys.argv is argv)
+    import runpy
+    sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))
+    runpy.run_path(argv[0], run_name="__main__")
+    return 0
+
+
 ENTRY = {"train": snnet.train.main.main, "snnet": snnet.cli.main, "preflight": snnet.train.preflight.main,
          "launch": snnet.train.launch.main, "torchrun": lambda argv: torch.distributed.run.main(argv) or 0,
-         "code": code}
+         "code": code, "script": script}
 for line in sys.stdin:
     req = json.loads(line)
     pid = os.fork()
@@ -188,7 +195,8 @@ for line in sys.stdin:
                 os.environ.clear()
                 os.environ.update(req["env"])
             os.chdir(req["cwd"])
-            sys.argv = ["-c", *req["argv"][1:]] if req["entry"] == "code" else [req["entry"], *req["argv"]]
+            sys.argv = {"code": ["-c", *req["argv"][1:]], "script": req["argv"]}.get(req["entry"],
+                                                                                    [req["entry"], *req["argv"]])
             code = ENTRY[req["entry"]](req["argv"])
         except SystemExit as e:
             if e.code is not None and not isinstance(e.code, int):  # sys.exit("message"): printed, exit 1
@@ -221,8 +229,9 @@ class ForkedCli:
     costs its own work, not torch's import. `call(entry, argv)` -> (exit code, stdout, stderr); entry: "train"
     (train.py), "snnet" (the snnet command), "preflight" (distributed_train.sh's check), "launch" (the launcher
     distributed_train.sh execs: its checks, then torchrun, whose ranks are fresh processes), "torchrun"
-    (`python -m torch.distributed.run`: its ranks fresh processes too) or "code" (`python -c CODE ARGS`, argv
-    [CODE, *ARGS]). `env`: the child's whole
+    (`python -m torch.distributed.run`: its ranks fresh processes too), "code" (`python -c CODE ARGS`, argv
+    [CODE, *ARGS]) or "script" (`python SCRIPT ARGS`, argv [SCRIPT, *ARGS]; only by `call`: `run` starts other
+    scripts afresh). `env`: the child's whole
     environment (None: the server's); `timeout`: seconds, then the child is killed and subprocess.TimeoutExpired
     raised, as subprocess.run does."""
 

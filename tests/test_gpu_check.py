@@ -5,9 +5,17 @@ import sys
 
 import pytest
 import torch
-from helpers import ROOT, run
+from helpers import ROOT, run, shared_cli
 
 SCRIPT = f"{ROOT}/benchmarks/gpu_check.py"
+
+
+def gpu_check(*argv, env=None, timeout=600):
+    """`python benchmarks/gpu_check.py ARGV` as `run` would start it, forked from helpers' server (its torch and
+    timm imported once) instead of a fresh interpreter: (exit code, stdout, stderr)."""
+    import os
+    return shared_cli().call("script", [SCRIPT, *argv], env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                             timeout=timeout)
 
 
 def _plant_an_earlier_run(work):
@@ -28,9 +36,9 @@ def _plant_an_earlier_run(work):
 def test_smoke_runs_every_step_and_writes_the_report(tmp_path):
     """Into a --work folder an earlier run left (a rerun must work: issue 32)."""
     _plant_an_earlier_run(tmp_path / "work")
-    r = run([sys.executable, SCRIPT, "--smoke", "--device", "cpu", "--out", tmp_path / "out", "--work",
-             tmp_path / "work"], timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    code, stdout, stderr = gpu_check("--smoke", "--device", "cpu", "--out", tmp_path / "out", "--work",
+                                     tmp_path / "work")
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
     md = list((tmp_path / "out").glob("*-smoke.md"))
     assert len(md) == 1, list((tmp_path / "out").iterdir())
     report = json.loads(md[0].with_suffix(".json").read_text())
@@ -46,11 +54,12 @@ def test_smoke_runs_every_step_and_writes_the_report(tmp_path):
     for needle in ("## Summary", "| distributed | ok |", "## train_step", "## eval_all", "## v2_step",
                    '"type": "lora"', f"| torch | {torch.__version__} |"):
         assert needle in text, needle
-    assert "gpu-check summary" in r.stdout and not list((tmp_path / "out").glob("*.tmp*"))
+    assert "gpu-check summary" in stdout and not list((tmp_path / "out").glob("*.tmp*"))
 
 
 def test_without_cuda_one_line_and_exit_2(tmp_path):
     """Where no CUDA device is visible (CUDA_VISIBLE_DEVICES empty hides any), `make gpu-check` stops at once."""
+    # a fresh interpreter (run): CUDA_VISIBLE_DEVICES is read when CUDA starts, which a forked process may inherit
     r = run([sys.executable, SCRIPT, "--out", tmp_path / "out"], env={"CUDA_VISIBLE_DEVICES": ""}, timeout=120)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2, r.stderr
