@@ -36,9 +36,12 @@ def run(args, timeout=300, env=None):
     `python -m snnet.train.launch --nproc_per_node=N $TORCHRUN_ARGS train.py ...`, with the script's PYTHONPATH) are
     forked from a server that imported the library once (ForkedCli: a fresh process with its own stdout, stderr,
     environment and exit code, -9 when killed), so each costs its own work and not the ~6 CPU-seconds of importing
-    torch, timm and the library (the children share the server's str hash seed); the ranks torchrun starts are fresh
-    processes, as is any other command (torchrun itself, a script's usage error). SNNET_TEST_FORK=0 starts every
-    command afresh."""
+    torch, timm and the library (the children share the server's str hash seed). The ranks torchrun starts there
+    (`python -u train.py ...`, `python -u -m snnet.cli ...`) are forked too, from a process forked before the
+    launcher runs anything (`fork_ranks` in the server; the ranks of one launch share its str hash seed), and
+    torchrun waits for and signals them as its own children; SNNET_TEST_FORK_RANKS=0 starts them afresh. Any other
+    command (a script's usage error, ./distributed_train.sh started by the test itself) is a fresh process.
+    SNNET_TEST_FORK=0 starts every command afresh."""
     args = [str(a) for a in args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     entry = _entry_point(args, full_env)
@@ -178,6 +181,113 @@ def script(argv):  # `python SCRIPT ARGS`: SCRIPT run as __main__, its folder fi
     return 0
 
 
+def exit_code(e):  # a SystemExit's exit code, as the interpreter gives it (sys.exit("message"): printed, exit 1)
+    if e.code is not None and not isinstance(e.code, int):
+        print(e.code, file=sys.stderr)
+    return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+
+
+def finish(code):
+    # at exit as the interpreter would: join non-daemon threads, close logging's handlers; not the atexit
+    # handlers the server registered on import (wandb's, tempfile's finalizers: they would delete the
+    # server's wandb-media folder, which the next child needs)
+    try:
+        threading._shutdown()
+        logging.shutdown()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code if isinstance(code, int) else 1)
+
+
+def rank_main(argv, env, cwd):  # a rank torchrun starts as `python -u SCRIPT ARGS` or `python -u -m MODULE ARGS`
+    import io
+    import runpy
+    code = 1
+    try:
+        os.setsid()  # as torchrun's Popen(start_new_session=True)
+        os.environ.clear()
+        os.environ.update(env)
+        os.chdir(cwd)
+        for fd, name in ((1, "stdout"), (2, "stderr")):  # -u: unbuffered
+            setattr(sys, name, io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), write_through=True))
+        if argv[0] == "-m":
+            sys.argv = [argv[1], *argv[2:]]
+            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = list(argv)
+            sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))
+            runpy.run_path(argv[0], run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = exit_code(e)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        finish(code)
+
+
+def fork_ranks():
+    # torchrun's ranks (`python -u train.py ...`, `python -u -m snnet.cli ...`) forked from a process forked here,
+    # before the launcher runs anything (its state: this server's imports, the call's environment and folder), not
+    # fresh interpreters that import torch, timm and snnet again (~6 CPU-s each). Double-forked and handed to the
+    # launcher (a child subreaper) by their parent's exit, so torchrun waits for and signals them as its own
+    # children. Only ranks whose stdout and stderr are the launcher's (torchrun's default); any other command,
+    # and every rank under SNNET_TEST_FORK_RANKS=0, is started by Popen as torchrun does.
+    import ctypes
+    import subprocess
+    from torch.distributed.elastic.multiprocessing.subprocess_handler import subprocess_handler
+    req_r, req_w = os.pipe()
+    rep_r, rep_w = os.pipe()
+    if ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+        return
+    if os.fork() == 0:  # the ranks' parent: one request line (argv, env, cwd) per rank, its pid back
+        os.close(req_w)
+        os.close(rep_r)
+        with os.fdopen(req_r) as requests:
+            for line in requests:
+                r = json.loads(line)
+                got_r, got_w = os.pipe()
+                middle = os.fork()
+                if middle == 0:
+                    pid = os.fork()
+                    if pid == 0:
+                        for fd in (got_r, got_w, rep_w, requests.fileno()):
+                            os.close(fd)
+                        rank_main(r["argv"], r["env"], r["cwd"])
+                    os.write(got_w, f"{pid}\n".encode())
+                    os._exit(0)
+                os.close(got_w)
+                with os.fdopen(got_r) as got:
+                    pid = int(got.readline())
+                os.waitpid(middle, 0)  # gone: the rank is the launcher's child now
+                os.write(rep_w, f"{pid}\n".encode())
+        os._exit(0)
+    os.close(req_r)
+    os.close(rep_w)
+    requests, replies, lock = os.fdopen(req_w, "w"), os.fdopen(rep_r), threading.Lock()
+
+    class ForkedRank(subprocess.Popen):
+        def _execute_child(self, args, executable, preexec_fn, close_fds, pass_fds, cwd, env, *rest):
+            with lock:
+                requests.write(json.dumps({"argv": list(args[2:]), "env": dict(env), "cwd": cwd or os.getcwd()})
+                               + "\n")
+                requests.flush()
+                self.pid = int(replies.readline())
+            self._child_created = True
+
+    popen = subprocess_handler.SubprocessHandler._popen
+
+    def forked_popen(handler, args, env):
+        args = [str(a) for a in args]
+        if handler._stdout is None and handler._stderr is None and len(args) >= 3 and \
+                args[:2] == [sys.executable, "-u"] and (args[2] == "-m" or args[2].endswith(".py")):
+            return ForkedRank(args, env=env, start_new_session=True)
+        return popen(handler, args, env)
+    subprocess_handler.SubprocessHandler._popen = forked_popen
+
+
 ENTRY = {"train": snnet.train.main.main, "snnet": snnet.cli.main, "preflight": snnet.train.preflight.main,
          "launch": snnet.train.launch.main, "torchrun": lambda argv: torch.distributed.run.main(argv) or 0,
          "code": code, "script": script}
@@ -197,25 +307,16 @@ for line in sys.stdin:
             os.chdir(req["cwd"])
             sys.argv = {"code": ["-c", *req["argv"][1:]], "script": req["argv"]}.get(req["entry"],
                                                                                     [req["entry"], *req["argv"]])
+            if req["entry"] in ("launch", "torchrun") and os.environ.get("SNNET_TEST_FORK_RANKS", "1") != "0":
+                fork_ranks()
             code = ENTRY[req["entry"]](req["argv"])
         except SystemExit as e:
-            if e.code is not None and not isinstance(e.code, int):  # sys.exit("message"): printed, exit 1
-                print(e.code, file=sys.stderr)
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            code = exit_code(e)
         except BaseException:
             traceback.print_exc()
             code = 1
         finally:
-            # at exit as the interpreter would: join non-daemon threads, close logging's handlers; not the atexit
-            # handlers the server registered on import (wandb's, tempfile's finalizers: they would delete the
-            # server's wandb-media folder, which the next child needs)
-            try:
-                threading._shutdown()
-                logging.shutdown()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code if isinstance(code, int) else 1)
+            finish(code)
     print(json.dumps({"pid": pid}), flush=True)
     _, status, usage = os.wait4(pid, 0)
     print(json.dumps({"code": os.waitstatus_to_exitcode(status), "cpu": usage.ru_utime + usage.ru_stime}), flush=True)
@@ -228,8 +329,8 @@ class ForkedCli:
     sees before a late error). One server process imports the library once and forks a child per call, so a call
     costs its own work, not torch's import. `call(entry, argv)` -> (exit code, stdout, stderr); entry: "train"
     (train.py), "snnet" (the snnet command), "preflight" (distributed_train.sh's check), "launch" (the launcher
-    distributed_train.sh execs: its checks, then torchrun, whose ranks are fresh processes), "torchrun"
-    (`python -m torch.distributed.run`: its ranks fresh processes too), "code" (`python -c CODE ARGS`, argv
+    distributed_train.sh execs: its checks, then torchrun, whose ranks are forked as well: see `run`), "torchrun"
+    (`python -m torch.distributed.run`, its ranks forked too), "code" (`python -c CODE ARGS`, argv
     [CODE, *ARGS]) or "script" (`python SCRIPT ARGS`, argv [SCRIPT, *ARGS]; only by `call`: `run` starts other
     scripts afresh). `env`: the child's whole
     environment (None: the server's); `timeout`: seconds, then the child is killed and subprocess.TimeoutExpired
