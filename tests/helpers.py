@@ -243,27 +243,31 @@ def fork_ranks():
     if ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
         return
     if os.fork() == 0:  # the ranks' parent: one request line (argv, env, cwd) per rank, its pid back
-        os.close(req_w)
-        os.close(rep_r)
-        with os.fdopen(req_r) as requests:
-            for line in requests:
-                r = json.loads(line)
-                got_r, got_w = os.pipe()
-                middle = os.fork()
-                if middle == 0:
-                    pid = os.fork()
-                    if pid == 0:
-                        for fd in (got_r, got_w, rep_w, requests.fileno()):
-                            os.close(fd)
-                        rank_main(r["argv"], r["env"], r["cwd"])
-                    os.write(got_w, f"{pid}\n".encode())
-                    os._exit(0)
-                os.close(got_w)
-                with os.fdopen(got_r) as got:
-                    pid = int(got.readline())
-                os.waitpid(middle, 0)  # gone: the rank is the launcher's child now
-                os.write(rep_w, f"{pid}\n".encode())
-        os._exit(0)
+        try:  # never returns: whatever happens here, this process ends here
+            os.close(req_w)
+            os.close(rep_r)
+            with os.fdopen(req_r) as requests:
+                for line in requests:
+                    r = json.loads(line)
+                    got_r, got_w = os.pipe()
+                    middle = os.fork()
+                    if middle == 0:
+                        try:
+                            pid = os.fork()
+                            if pid == 0:
+                                for fd in (got_r, got_w, rep_w, requests.fileno()):
+                                    os.close(fd)
+                                rank_main(r["argv"], r["env"], r["cwd"])  # ends the process
+                            os.write(got_w, f"{pid}\n".encode())
+                        finally:
+                            os._exit(0)
+                    os.close(got_w)
+                    with os.fdopen(got_r) as got:
+                        pid = int(got.readline())
+                    os.waitpid(middle, 0)  # gone: the rank is the launcher's child now
+                    os.write(rep_w, f"{pid}\n".encode())
+        finally:
+            os._exit(0)
     os.close(req_r)
     os.close(rep_w)
     requests, replies, lock = os.fdopen(req_w, "w"), os.fdopen(rep_r), threading.Lock()
