@@ -158,8 +158,8 @@ def test_lr_scales_with_the_world_size(capsys, monkeypatch):
 @pytest.mark.dist
 def test_dry_run_under_torchrun_prints_once(tmp_path):
     """./distributed_train.sh N ... --dry-run on a CPU machine: N processes, rank 0 prints, nothing is read. SN-Net's
-    global batch of 1024 as 2 processes x 512 (8 x 128 resolves the same; each process costs ~6 s of imports, so 2
-    keep the suite shorter): the LR is scaled from the global batch, as SN-Net's run resolves it."""
+    global batch of 1024 as 2 processes x 512 (8 x 128 resolves the same; each process costs its own start-up and
+    checks, so 2 keep the suite shorter): the LR is scaled from the global batch, as SN-Net's run resolves it."""
     r = run(["./distributed_train.sh", "2", tmp_path / "no-such-imagenet", "--stitch_config",
              "configs/deit_ti_s_b.json", "-b", "512", "--dry-run"], timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
