@@ -304,7 +304,10 @@ for line in sys.stdin:
             for fd, path, mode in ((0, os.devnull, os.O_RDONLY),
                                    (1, req["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
                                    (2, req["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
-                os.dup2(os.open(path, mode, 0o644), fd)
+                if path is None:  # stderr into stdout's file, as 2>&1
+                    os.dup2(1, fd)
+                else:
+                    os.dup2(os.open(path, mode, 0o644), fd)
             if req.get("env") is not None:  # the whole environment, as subprocess.run(env=...) gives it
                 os.environ.clear()
                 os.environ.update(req["env"])
@@ -362,9 +365,13 @@ class ForkedCli:
         line, _, self._buffer = self._buffer.partition(b"\n")
         return json.loads(line)
 
-    def call(self, entry, argv, cwd=ROOT, env=None, timeout=None):
+    def call(self, entry, argv, cwd=ROOT, env=None, timeout=None, log=None):
+        """`log`: a file that gets the child's stdout and stderr both (`> log 2>&1`) and is kept; stdout and stderr
+        are then returned empty."""
         self.calls += 1
         out, err = (os.path.join(self.workdir, f"call{self.calls}.{s}") for s in ("out", "err"))
+        if log is not None:
+            out, err = str(log), None
         req = {"entry": entry, "argv": [str(a) for a in argv], "cwd": str(cwd), "stdout": out, "stderr": err,
                "env": env}
         self.proc.stdin.write((json.dumps(req) + "\n").encode())
@@ -376,6 +383,8 @@ class ForkedCli:
             self.cpu_seconds += self._reply()["cpu"]
             raise subprocess.TimeoutExpired([entry, *req["argv"]], timeout)
         self.cpu_seconds += reply["cpu"]
+        if log is not None:
+            return reply["code"], "", ""
         with open(out) as f, open(err) as g:
             stdout, stderr = f.read(), g.read()
         os.remove(out)

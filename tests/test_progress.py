@@ -4,17 +4,13 @@ import io
 import logging
 import os
 import re
-import subprocess
-import sys
 import types
 
 import pytest
-from helpers import FAST, ROOT
+from helpers import FAST, shared_cli
 
 from snnet.core import progress
 from snnet.core.progress import Progress, RunClock
-
-PY = sys.executable
 
 
 class Clock:
@@ -126,13 +122,14 @@ def test_lines_go_to_stderr_where_logging_is_not_configured(monkeypatch, capsys)
 
 @pytest.mark.slow
 def test_training_log_has_eta_lines_and_no_carriage_return(tmp_path, digits_folder, tiny_config):
+    """train.py (forked from helpers' server: its imports done once) with stdout and stderr into one file, as the
+    demo logs a run."""
     log = tmp_path / "train.log"
-    with open(log, "w") as f:  # as the demo logs a run: stdout and stderr into one file
-        r = subprocess.run([PY, "train.py", digits_folder, "--stitch_config", tiny_config, "--epochs", "1",
-                            "--output", tmp_path, "--experiment", "p", *FAST], cwd=ROOT, stdout=f,
-                           stderr=subprocess.STDOUT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    code, _, _ = shared_cli().call("train", [digits_folder, "--stitch_config", tiny_config, "--epochs", "1",
+                                             "--output", tmp_path, "--experiment", "p", *FAST],
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300, log=log)
     text = log.read_text()
-    assert r.returncode == 0, text[-3000:]
+    assert code == 0, text[-3000:]
     assert b"\r" not in log.read_bytes()  # read_text() would turn a carriage return into a newline
     lines = text.splitlines()
 
