@@ -200,25 +200,10 @@ def finish(code):
         os._exit(code if isinstance(code, int) else 1)
 
 
-def rank_main(argv, env, cwd):  # a rank torchrun starts as `python -u SCRIPT ARGS` or `python -u -m MODULE ARGS`
-    import io
-    import runpy
+def exit_after(body):  # a forked child's end: body()'s exit code, a SystemExit's or 1 (printed) for an exception
     code = 1
     try:
-        os.setsid()  # as torchrun's Popen(start_new_session=True)
-        os.environ.clear()
-        os.environ.update(env)
-        os.chdir(cwd)
-        for fd, name in ((1, "stdout"), (2, "stderr")):  # -u: unbuffered
-            setattr(sys, name, io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), write_through=True))
-        if argv[0] == "-m":
-            sys.argv = [argv[1], *argv[2:]]
-            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
-        else:
-            sys.argv = list(argv)
-            sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))
-            runpy.run_path(argv[0], run_name="__main__")
-        code = 0
+        code = body()
     except SystemExit as e:
         code = exit_code(e)
     except BaseException:
@@ -226,6 +211,29 @@ def rank_main(argv, env, cwd):  # a rank torchrun starts as `python -u SCRIPT AR
         code = 1
     finally:
         finish(code)
+
+
+def rank_main(argv, env, cwd):  # a rank torchrun starts as `python -u SCRIPT ARGS` or `python -u -m MODULE ARGS`
+    exit_after(lambda: _rank(argv, env, cwd))
+
+
+def _rank(argv, env, cwd):
+    import io
+    import runpy
+    os.setsid()  # as torchrun's Popen(start_new_session=True)
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    for fd, name in ((1, "stdout"), (2, "stderr")):  # -u: unbuffered
+        setattr(sys, name, io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), write_through=True))
+    if argv[0] == "-m":
+        sys.argv = [argv[1], *argv[2:]]
+        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = list(argv)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))
+        runpy.run_path(argv[0], run_name="__main__")
+    return 0
 
 
 def fork_ranks():
@@ -299,8 +307,7 @@ for line in sys.stdin:
     req = json.loads(line)
     pid = os.fork()
     if pid == 0:  # the child: a fresh process as a user's, its stdin, stdout and stderr its own files
-        code = 1
-        try:
+        def child(req=req):
             for fd, path, mode in ((0, os.devnull, os.O_RDONLY),
                                    (1, req["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
                                    (2, req["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
@@ -316,14 +323,8 @@ for line in sys.stdin:
                                                                                     [req["entry"], *req["argv"]])
             if req["entry"] in ("launch", "torchrun") and os.environ.get("SNNET_TEST_FORK_RANKS", "1") != "0":
                 fork_ranks()
-            code = ENTRY[req["entry"]](req["argv"])
-        except SystemExit as e:
-            code = exit_code(e)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        finally:
-            finish(code)
+            return ENTRY[req["entry"]](req["argv"])
+        exit_after(child)
     print(json.dumps({"pid": pid}), flush=True)
     _, status, usage = os.wait4(pid, 0)
     print(json.dumps({"code": os.waitstatus_to_exitcode(status), "cpu": usage.ru_utime + usage.ru_stime}), flush=True)
