@@ -647,6 +647,11 @@ STEP_FUNCS = {"cuda_tests": step_cuda_tests, "distributed": step_distributed, "t
 
 def _child(name: str, opts: dict, result_path: str) -> None:
     """One step in its own process; its outcome as JSON at `result_path`."""
+    # a forkserver child's default start method is forkserver, so its DataLoader workers would each start a fresh
+    # interpreter and import torch, timm and snnet (8 workers: 8 images/s on the H200 machine, 755 with none);
+    # train.py's workers under torchrun are forked (Linux, Python <= 3.13), and so are these now
+    import multiprocessing
+    multiprocessing.set_start_method("fork", force=True)
     import torch
     os.setsid()  # its own process group: the parent can stop it with everything it started
     ctx = {"size": SIZES[opts["size"]], "device": torch.device(opts["device"]), "work": Path(opts["work"]) / name,
