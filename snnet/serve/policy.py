@@ -66,6 +66,11 @@ class StitchMenu:
         self._front: dict[int, tuple[int, ...]] = {}  # stitches within a FLOPs budget -> their front
 
     @property
+
+    def fastest(self, candidates: Sequence[int]) -> int:
+        """The candidate whose batch of 1 takes the least ms (the first listed on a tie): where a choice falls back
+        to, and what shedding is decided on."""
+        return min(candidates, key=lambda c: self.latency[c][1])
     def cfg_ids(self) -> list[int]:
         return list(self.by_id)
 
@@ -163,15 +168,14 @@ class SlackTable:
                  rest_on_same: bool = True):
         self.ids = list(candidates)
         self.max_batch = b_max = max(1, max_batch)
-        t1 = {c: menu.batch_ms(c, 1) for c in self.ids}
-        self.fastest = min(self.ids, key=lambda c: (t1[c], self.ids.index(c)))
+        self.fastest = menu.fastest(self.ids)
         sizes = {c: np.array([0.0] + [menu.batch_ms(c, n) for n in range(1, b_max + 1)]) for c in self.ids}
 
         def drain(n: np.ndarray, c: int) -> np.ndarray:  # ms to run n requests on c, in full batches
             return n // b_max * sizes[c][b_max] + sizes[c][n % b_max]
 
         self.depths = d_max = max(64, 8 * b_max)
-        self.lo = 0.5 * t1[self.fastest]
+        self.lo = 0.5 * menu.batch_ms(self.fastest, 1)
         hi = 2.0 * max(sizes[c][b_max] + float(drain(np.array(d_max + b_max), c)) for c in self.ids)
         self.n_slack = int(math.ceil(math.log(hi / self.lo) / math.log(self.SLACK_STEP))) + 1
         edges = self.lo * self.SLACK_STEP ** np.arange(self.n_slack)

@@ -192,13 +192,18 @@ class Choices:
         """The `Lane` of a candidate list (made, with its slack table, when first asked for)."""
         known = self.lanes.get(candidates)
         if known is None:
-            ms = self.menu.batch_ms
-            fastest = min(candidates, key=lambda k: ms(k, 1))
-            known = self.lanes[candidates] = Lane(candidates, fastest, ms(fastest, 1),
-                                                  self.table(candidates) if len(candidates) > 1 else None,
+            table = self.table(candidates) if len(candidates) > 1 else None
+            fastest = candidates[0] if table is None else table.fastest
+            known = self.lanes[candidates] = Lane(candidates, fastest, self.menu.batch_ms(fastest, 1), table,
                                                   self.modes.setdefault(candidates, {}),
                                                   self.built.setdefault(candidates, {}))
         return known
+
+    def fastest(self, candidates: tuple[int, ...]) -> int:
+        """The fastest of a candidate list, making nothing: the handler's decoding threads ask it (a lane and its
+        table are made only where requests are queued, on the event loop)."""
+        known = self.lanes.get(candidates)
+        return self.menu.fastest(candidates) if known is None else known.fastest
 
     def mode(self, lane: Lane, budget_ms: float, load: tuple[float, float] | None, learned: Learned) -> Lane | None:
         """The candidates every request of `lane` with this budget (ms from arrival to its batch's end) is chosen
@@ -383,7 +388,7 @@ class DeadlineScheduler:
         Thread-safe."""
         if not self.rule.shed or deadline == NO_DEADLINE:
             return None
-        fastest = self.typical_ms(self.choices.lane(tuple(candidates)).fastest, 1)
+        fastest = self.typical_ms(self.choices.fastest(tuple(candidates)), 1)
         if now + (fastest + self.learned.after_ms.value) / 1e3 <= deadline:
             return None
         return Shed((now - arrival) * 1e3, fastest)
