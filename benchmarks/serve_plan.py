@@ -62,7 +62,7 @@ def ready_scheduler(menu: StitchMenu, candidates: list[int], slo_ms: float, dept
     # arrivals at a tenth of what the fastest candidate sustains in full batches: a load at which the mode table
     # leaves the choice to the slack table (the path that costs most; at heavier loads one stitch is often chosen
     # by the mode alone). Python floats, as perf_counter gives the server: numpy scalars would slow the arithmetic.
-    fastest = min(candidates, key=lambda c: menu.batch_ms(c, 1))
+    fastest = menu.fastest(candidates)
     rate = 0.1 * max_batch / menu.batch_ms(fastest, max_batch) * 1e3
     for t in (998.0 - np.arange(GAPS + 1)[::-1] / rate).tolist():  # the last GAPS gaps at that rate, ending 2 s
         sched.admit(Pending(x, candidates, t, t + slo_ms / 1e3), t)  # before: past hope, shed, leaving their gaps
