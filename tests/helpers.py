@@ -26,7 +26,7 @@ FAST = ["--img-size", "16", "-b", "16", "--opt", "adamw", "--lr", "1e-3", "--war
         "--no-pretrained", "--log-interval", "5", "--seed", "1"]
 
 __all__ = ["ROOT", "TINY", "FAST", "IMG", "run", "run_cli", "shared_cli", "assert_refused", "vit", "Tiny",
-           "ForkedCli"]
+           "ForkedCli", "ForkedPopen"]
 
 
 def run(args, timeout=300, env=None):
@@ -99,6 +99,28 @@ def shared_cli():
     say (another working folder), without a server of its own (each costs ~6 CPU-s of imports). Not to be closed;
     one call at a time."""
     return _fork_server()
+
+
+class ForkedPopen:
+    """`subprocess.Popen(cmd, stdout=PIPE, stderr=STDOUT, text=True, env=...)` as snnet.demo's step runner uses it,
+    run to its end by `run` (so train.py and the launcher are forked, not fresh interpreters): `stdout` then yields
+    its output lines (stderr after stdout), `wait()` its exit code. For a test that checks what the steps produce,
+    not their progress while they run (the relay sees every line only at the end). Install it with
+    `monkeypatch.setattr(snnet.demo, "subprocess", ForkedPopen.module())`."""
+
+    def __init__(self, cmd, cwd=None, env=None, **_):
+        done = run(cmd, timeout=600, env=env)
+        self.returncode = done.returncode
+        self.stdout = iter((done.stdout + done.stderr).splitlines(keepends=True))
+
+    def wait(self, timeout=None):
+        return self.returncode
+
+    @classmethod
+    def module(cls):
+        """A stand-in for the `subprocess` module of one importer: Popen forks, PIPE and STDOUT as subprocess's."""
+        import types
+        return types.SimpleNamespace(Popen=cls, PIPE=subprocess.PIPE, STDOUT=subprocess.STDOUT)
 
 
 def run_cli(capsys, *argv):

@@ -151,10 +151,14 @@ def test_shards_and_a_local_hugging_face_dataset_read_as_the_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_quickstart_trains_from_shards(tmp_path, capsys):
+def test_quickstart_trains_from_shards(tmp_path, capsys, monkeypatch):
     """The whole quickstart from tar shards at the guide test's tiny sizes: train.py gets --dataset wds/ at every
-    step (anchors, SN-Net, evaluation) and the results count the validation split's images."""
-    from helpers import run_cli
+    step (anchors, SN-Net, evaluation) and the results count the validation split's images. Its steps are forked
+    from the tests' import server (the guide test runs them as fresh processes, with their progress relayed)."""
+    from helpers import ForkedPopen, run_cli
+
+    import snnet.demo
+    monkeypatch.setattr(snnet.demo, "subprocess", ForkedPopen.module())
     folder = _shapes().write(tmp_path / "mine", ["circle", "square", "ring"], 10, 2, size=16)
     shards, _ = _as_shards_and_parquet(folder, tmp_path)
     rc, out, err = run_cli(capsys, "quickstart", str(shards), "--out", str(tmp_path / "out"), "--widths", "4", "8",
