@@ -348,6 +348,11 @@ def test_hopeless_requests_are_shed_or_run_on_the_fastest():
     s = scheduler(shed=True)  # no latency budget: never shed, its stitch
     queue(s, [Pending(torch.zeros(1), [1], 100.0)])
     assert s.plan(100.0) == 1
+    # the handler's early check (its decoding threads) decides on the fastest stitch and makes no lane or table
+    s = scheduler(shed=True)
+    late = s.too_late(ranked, 99.9, 100.0005, 100.0)
+    assert isinstance(late, Shed) and late.fastest_ms == LATENCY[0][1] and s.too_late(ranked, 100.0, 100.05, 100.0) \
+        is None and not s.choices.lanes and not s.choices.slack
 
     async def run():
         s = DeadlineScheduler(lambda x, c: x * 0 + c, StitchMenu(RECORDS, LATENCY, "t"), shed=True)

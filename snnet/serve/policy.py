@@ -65,12 +65,12 @@ class StitchMenu:
         self._flops = sorted(r["flops"] for r in self.records)  # a FLOPs budget admits a prefix of these
         self._front: dict[int, tuple[int, ...]] = {}  # stitches within a FLOPs budget -> their front
 
-    @property
-
     def fastest(self, candidates: Sequence[int]) -> int:
         """The candidate whose batch of 1 takes the least ms (the first listed on a tie): where a choice falls back
         to, and what shedding is decided on."""
         return min(candidates, key=lambda c: self.latency[c][1])
+
+    @property
     def cfg_ids(self) -> list[int]:
         return list(self.by_id)
 
