@@ -516,9 +516,9 @@ def step_eval_all(ctx: dict) -> dict:
     # first GPU run's loader delivered 57-70 images/s, so the JPEG modes took its whole share and the compute-only
     # pass per stitch never ran
     modes, outs = [("ours_tensors", "tensors"), ("snnet_tensors", "tensors"), ("ours", "JPEG"), ("snnet", "JPEG")], {}
-    # the loader alone first, each row logged as it is measured (a step stopped later still shows them): the first
-    # GPU runs' loader delivered 40-70 images/s with 8 workers where this code gives 550 on 2 local cores, and
-    # the CPUs this process may use (its affinity, which DataLoader workers inherit) is one suspect
+    # the loader alone first, each row logged as it is measured (a step stopped later still shows them), with the
+    # CPUs and the quota this process may use: the first GPU runs' loader gave 8-87 images/s with 8 workers, until
+    # `_child` forked them (they had been started by forkserver, each importing torch)
     log(f"eval_all: this process may run on {len(os.sched_getaffinity(0))} of {os.cpu_count()} CPUs; "
         f"cgroup CPU quota {cpu_quota() or 'none'}; torch threads {torch.get_num_threads()}; "
         + (", ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.split("_")[0] in THREAD_ENV) or "-"))
@@ -536,8 +536,8 @@ def step_eval_all(ctx: dict) -> dict:
             log(f"eval_all: no time left for {mode}")
             break
         if mode.endswith("tensors") and tensors is None:  # pre-decoded, on the device: compute only
-            # at most 40 % of the time left (the first GPU machine's loader gave 40 images/s: 125 s for 5000
-            # images); the compute-only modes then use the images decoded by then, and say so
+            # at most 40 % of the time left (a slow loader must not take the step's time: 5000 images at the 40
+            # images/s of the first GPU runs took 125 s); the compute-only modes use the images decoded by then
             t, tensors, stop = time.perf_counter(), [], time.time() + 0.4 * left
             for x, y, *_ in jpeg():  # (images, labels[, sample ids])
                 tensors.append((x.to(device), y.to(device)))
@@ -685,8 +685,9 @@ def environment(device) -> dict:
     env = {"date (UTC)": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "host": platform.node(),
            "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
            "CUDA (torch built with)": torch.version.cuda or "-", "cpu cores": os.cpu_count(),
-           "cpu cores this process may use": len(os.sched_getaffinity(0)),
-           "cpu quota (cgroup)": "-" if cpu_quota() is None else f"{cpu_quota():g} cores"}
+           "cpu cores this process may use": len(os.sched_getaffinity(0))}
+    quota = cpu_quota()
+    env["cpu quota (cgroup)"] = "-" if quota is None else f"{quota:g} cores"
     try:
         git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=5).stdout
         # "+changes": the tree had uncommitted changes to tracked files (the first GPU run did: its adapter fix)

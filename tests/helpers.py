@@ -105,7 +105,8 @@ class ForkedPopen:
     """`subprocess.Popen(cmd, stdout=PIPE, stderr=STDOUT, text=True, env=...)` as snnet.demo's step runner uses it,
     run to its end by `run` (so train.py and the launcher are forked, not fresh interpreters): `stdout` then yields
     its output lines (stderr after stdout), `wait()` its exit code. For a test that checks what the steps produce,
-    not their progress while they run (the relay sees every line only at the end). Install it with
+    not their progress while they run (the relay sees every line only at the end). `cwd` is not read: `run` works
+    in the repository root, as snnet.demo asks. Install it with
     `monkeypatch.setattr(snnet.demo, "subprocess", ForkedPopen.module())`."""
 
     def __init__(self, cmd, cwd=None, env=None, **_):
