@@ -145,7 +145,8 @@ def _child_env() -> dict[str, str]:
 def run(cmd: list[str | Path], log: Path, step: str, env: dict[str, str] | None = None) -> float:
     """Run one step, its whole output to `log`. Every RELAY_SECONDS the console gets the step's latest progress line
     (epoch, loss, ETA), or, while it prints none (starting, the preflight check), how long it has been running: a
-    newcomer sees it move at least every 10 s. Exits with the log's tail on failure. `env`: added to _child_env's."""
+    newcomer sees it move at least every 10 s; the step's last progress line is always shown. Exits with the log's
+    tail on failure. `env`: added to _child_env's."""
     print(f"[{step}] $ {' '.join(str(c) for c in cmd)}", flush=True)
     print(f"[{step}]   (full log: {log})", flush=True)
     t0 = time.perf_counter()
@@ -177,6 +178,8 @@ def run(cmd: list[str | Path], log: Path, step: str, env: dict[str, str] | None 
     finally:
         stop.set()
         beat.join()
+    if latest[0]:  # the step's last progress line, when it ended before the heartbeat echoed it (a fast machine)
+        print(f"[{step}] {latest[0]}", flush=True)
     if code != 0:
         tail = log.read_text().splitlines()[-15:]
         sys.exit(f"step {step} failed (exit {code}; full log: {log}):\n" + "\n".join(tail))

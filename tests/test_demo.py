@@ -101,7 +101,8 @@ def test_anchors_are_reused_only_when_trained_by_the_same_command(tmp_path, monk
 
 def test_a_step_shows_progress_and_fails_with_its_log(tmp_path, monkeypatch, capsys):
     """The console gets the step's newest ETA line every RELAY_SECONDS, a 'running for' line when it prints none,
-    the whole output goes to the log; a failing step exits naming itself, with the log's tail."""
+    and the last ETA line when the step ends before the heartbeat showed it (CI's fast machine once saw none); the
+    whole output goes to the log; a failing step exits naming itself, with the log's tail."""
     import sys
 
     from snnet import demo
@@ -112,6 +113,10 @@ def test_a_step_shows_progress_and_fails_with_its_log(tmp_path, monkeypatch, cap
     out = capsys.readouterr().out
     assert "[step1] Train: " in out and "[step1] running for " in out and "[step1] done in" in out
     assert (tmp_path / "ok.log").read_text().splitlines()[-1] == "done"
+    monkeypatch.setattr(demo, "RELAY_SECONDS", 60.0)  # a step that ends before the first heartbeat (a fast machine)
+    demo.run([sys.executable, "-c", "print('Train: 0 ETA 0:00'); print('Train: 1 ETA 0:00, last')"],
+             tmp_path / "fast.log", "fast")
+    assert "[fast] Train: 1 ETA 0:00, last\n[fast] done in" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"step step2 failed \(exit 3; full log: .*bad\.log\):\nboom"):
         demo.run([sys.executable, "-c", "print('boom'); raise SystemExit(3)"], tmp_path / "bad.log", "step2")
 
