@@ -203,6 +203,7 @@ def anchor_command(work: Path, data: Path, name: str, model: str, kwargs: dict, 
 
 
 STAMP = "demo_command.json"  # beside a finished step's output: the command that made it (reused only by the same)
+STARTED = "demo_started.json"  # written when a step starts: the command an interrupted run continues only under
 
 
 def finished(run_dir: Path, cmd: list[str], output: str = "last.pth.tar") -> bool:
@@ -213,14 +214,21 @@ def finished(run_dir: Path, cmd: list[str], output: str = "last.pth.tar") -> boo
 
 def run_step(cmd: list[str], run_dir: Path, log: Path, step: str, resume: bool, stamp: list[str],
              env: dict[str, str] | None = None) -> None:
-    """One training step into `run_dir`: afresh, or with `resume` continuing an interrupted run of it there
-    (train.py --auto-resume: from its last checkpoint, inside the epoch where it stopped); `stamp` (the command
-    `finished` compares) is then written beside its output."""
+    """One training step into `run_dir`: afresh, or with `resume` continuing an interrupted run of the same command
+    there (train.py --auto-resume: from its last checkpoint, inside the epoch where it stopped); `stamp` (the command
+    `finished` compares) is written when the step starts and again beside its output when it ends. A run of another
+    command (other epochs: its schedule differs; another recipe) is never continued: it is trained afresh."""
+    started = run_dir / STARTED
     again = resume and (run_dir / "last.pth.tar").exists()
+    if again and not (started.exists() and json.loads(started.read_text()) == stamp):
+        print(f"[{step}] {run_dir} holds a run of another command: training afresh", flush=True)
+        again = False
     if again:
         print(f"[{step}] continuing the interrupted run in {run_dir} (--auto-resume)", flush=True)
     else:
         shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        write_text_atomic(started, json.dumps(stamp))
     run([*cmd, *(["--auto-resume"] if again else [])], log, step, env)
     write_text_atomic(run_dir / STAMP, json.dumps(stamp))
 

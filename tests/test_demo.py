@@ -149,3 +149,31 @@ def test_saved_weights_are_the_committed_sn_net_and_publish_copies_them(tmp_path
     sha = hashlib.sha256((committed / WEIGHTS_FILE).read_bytes()).hexdigest()
     records = [json.loads(ln) for ln in (committed / "stitches_res.txt").read_text().splitlines()]
     assert {r["checkpoint_sha256"] for r in records} == {sha}
+
+
+def test_only_an_interrupted_run_of_the_same_command_is_continued(tmp_path, monkeypatch, capsys):
+    """run_step continues (--auto-resume) a run only when its command started it; a run of another command (here
+    16 epochs, now 32: a resumed cosine schedule is not a 32-epoch run, and its final evaluation refused the older
+    results file) or of unknown origin is cleared and trained afresh."""
+    from snnet import demo
+    calls = []
+
+    def fake_run(cmd, log, step, env=None):
+        calls.append(cmd)
+        (run_dir / "last.pth.tar").write_text("checkpoint")
+
+    monkeypatch.setattr(demo, "run", fake_run)
+    run_dir = tmp_path / "snnet"
+    a, b = ["train.py", "--epochs", "16"], ["train.py", "--epochs", "32"]
+    demo.run_step(a, run_dir, tmp_path / "a.log", "snnet", True, a)  # nothing there: afresh
+    (run_dir / demo.STAMP).unlink()  # interrupted before it finished
+    demo.run_step(a, run_dir, tmp_path / "a.log", "snnet", True, a)
+    assert calls == [a, [*a, "--auto-resume"]]
+    (run_dir / "other.txt").write_text("from the 16-epoch run")
+    demo.run_step(b, run_dir, tmp_path / "b.log", "snnet", True, b)
+    assert calls[-1] == b and not (run_dir / "other.txt").exists()
+    assert json.loads((run_dir / demo.STARTED).read_text()) == b
+    assert "holds a run of another command: training afresh" in capsys.readouterr().out
+    (run_dir / demo.STARTED).unlink()  # a run from before the started stamp: its command is unknown
+    demo.run_step(b, run_dir, tmp_path / "b.log", "snnet", True, b)
+    assert calls[-1] == b
