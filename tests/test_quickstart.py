@@ -63,7 +63,7 @@ def test_the_plan_says_each_choice_and_its_flag():
     p = plan(summary, _args(nproc=2))
     assert p.img_size == 64 and [a[0] for a in p.anchors] == ["c6", "c12", "c24"]
     assert p.anchors[2][2] == {"channels": [24, 48, 96, 192], "stem_width": 24} and not p.pretrained
-    assert p.anchor_epochs == 41 and p.snnet_epochs == 16  # 1200 images / 32 = 37 steps an epoch, >= 1500 steps
+    assert p.anchor_epochs == 41 and p.snnet_epochs == 33  # 1200 images / 32 = 37 steps an epoch, >= 1500 steps
     text = "\n".join(p.lines)
     for flag in ("--img-size", "--widths", "--anchors", "--anchor-epochs", "--snnet-epochs", "--nproc"):
         assert flag in text, flag

@@ -416,7 +416,7 @@ class RunEpochs(EpochHooks):
     def validate(self, epoch: int, train_metrics: dict) -> tuple[dict, float | None]:
         trainer, ev, evaluation = self.trainer, self.run.eval, self.run.evaluation
         eval_metrics, metric = {}, train_metrics["loss"] if self.by_loss else None
-        if self.val_loader is not None and (epoch + 1) % ev.val_interval == 0:
+        if self.val_loader is not None and validates(epoch, ev.val_interval, trainer.epochs):
             eval_metrics = validate_panel(trainer.net, self.val_loader, self.panel, evaluation, epoch,
                                           train_metrics["loss"])
             if trainer.ema is not None:  # as timm: the EMA's metrics are the epoch's (summary, model_best)
@@ -448,6 +448,12 @@ class RunEpochs(EpochHooks):
         if run.primary:
             _logger.info(self.clock.summary(took))
         self.recovery.stop_after(epoch, trainer.epochs)
+
+
+def validates(epoch: int, interval: int, epochs: range) -> bool:
+    """Whether epoch `epoch` (0-based) of `epochs` is validated under --val-interval `interval`: every interval-th
+    epoch and the last, so a run always ends with its metrics (summary.csv, model_best)."""
+    return (epoch + 1) % interval == 0 or epoch + 1 == epochs.stop
 
 
 class TrainingRun:

@@ -244,7 +244,8 @@ class EvalOptions:
                                                              "stitch, one pass; summary.csv then also gets the "
                                                              "front's hypervolume, front_hv) (default: anchors and a "
                                                              "few stitches)")
-    val_interval: int = option(1, "--val-interval", rule="positive", group=OUTPUT, help="validate every N epochs")
+    val_interval: int = option(1, "--val-interval", rule="positive", group=OUTPUT,
+                               help="validate every N epochs and after the last")
     save_predictions: str = option("anchors", "--save-predictions", metavar="WHICH", rule="stitches", group=STITCHING,
                                    help="with the final evaluation of every stitch, save per-image predictions "
                                         "(top-5 classes, top softmax probability, correct) of these stitches next to "
