@@ -249,7 +249,10 @@ def snnet_from_anchors(cfg: StitchConfig, models: Sequence[nn.Module], adapters:
         raise ConfigError(f"stitch config: {e}") from None
     model.stitch_config = cfg
     kwargs = {"img_size": img_size} if img_size is not None else {}
-    check_resolutions(model, input_size_for(cfg, model, kwargs), in_chans or 3)
+    size = input_size_for(cfg, model, kwargs)
+    check_resolutions(model, size, in_chans or 3)
+    if img_size is not None or cfg.get("input_size") is not None:  # CNN anchors keep no size of their own
+        model.built_img_size = size
     return model
 
 

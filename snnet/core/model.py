@@ -42,6 +42,7 @@ class RoutedNet(nn.Module):
     grad_checkpointing: bool = False             # set_grad_checkpointing(): recompute blocks in the backward pass
     input_groups: list[int] | None = None        # anchor -> index of its tensor in a sequence input (None: all 0)
     class_names: list[str] | None = None         # the training data's name of each class (snnet.load sets it)
+    built_img_size: tuple[int, int] | None = None  # the input size it was built for (CNN anchors keep none)
 
     def anchor(self, index: int) -> nn.Module:
         raise NotImplementedError

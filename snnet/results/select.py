@@ -101,11 +101,13 @@ def model_img_size(net: SNNet) -> tuple[int, int]:
     """The image size the anchors were built for (all anchors of an SN-Net take the same input).
 
     ViT and Swin anchors say it (``patch_embed.img_size``); timm records the kwargs a model was created with
-    (``_model_args``, e.g. LeViT's ``img_size``); CNNs take any size, so their timm default applies.
+    (``_model_args``, e.g. LeViT's ``img_size``); CNNs take any size: the size the SN-Net was built for (its
+    ``img_size`` or its config's ``input_size``: ``built_img_size``), else their timm default.
     """
     anchor = net.anchors[0]
     size = getattr(getattr(anchor, "patch_embed", None), "img_size", None)
     size = size or (getattr(anchor, "_model_args", None) or {}).get("img_size")
+    size = size or getattr(net, "built_img_size", None)
     size = size or (net.pretrained_cfg.get("input_size") or (3, 224, 224))[-2:]
     return (size, size) if isinstance(size, int) else (int(size[-2]), int(size[-1]))
 
