@@ -63,7 +63,8 @@ MIN_STEPS = 1500
 EPOCHS = (20, 60)
 #: the SN-Net's epochs: this share of the anchors' (each step trains one sampled route of 7, so a stitch gets about
 #: 1/7 of the steps: at 0.4, some 40 steps of each stitching layer on 1200 images and 2 processes; on shapes set A,
-#: 0.8 lowered the stitches' mean validation loss 0.381 -> 0.373 with the anchors' unchanged, docs/own_data.md)
+#: 32 and 33 epochs lowered the stitches' mean validation loss from 0.381 to 0.373 and 0.365 with the anchors' about
+#: unchanged, docs/own_data.md)
 SNNET_SHARE = 0.8
 BATCH = 32
 #: validate every 5th epoch and the last (quickstart reads only the last): the per-epoch validation was ~1 s of each
@@ -373,8 +374,8 @@ def main(args: QuickstartOptions) -> int:
                      anchor_flags, common, resume=True)
 
     # with several cores every anchor trains at once (one thread each): the cores share them to the end, where two
-    # at a time left one core idle while the last, smallest anchor trained alone (set A: 579 s for c12 then c6 beside
-    # c24's 445 s)
+    # at a time left one core idle while the last, smallest anchor trained alone (set A: 566 s at once against 579 s
+    # for c12 then c6 beside c24's 445 s; a small gain, the three contend for the cache)
     workers = min(len(p.anchors), 2 * p.nproc) if p.nproc > 1 else 1
     print(f"[1/3] anchors: training {len(p.anchors)}, {workers} at a time on {p.nproc} process(es)", flush=True)
     with ThreadPoolExecutor(max_workers=workers) as pool:
