@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from timm.data import resolve_data_config
 from timm.layers import convert_splitbn_model
-from timm.utils import random_seed, update_summary
+from timm.utils import random_seed
 from torch import nn
 
 from snnet.core.checkpoint import LAST, RECOVERY, CheckpointSaver, state_sha256, training_state
@@ -56,7 +56,7 @@ from snnet.train.positions import write_stitch_plan
 from snnet.train.preempt import STOP, Preempted
 from snnet.train.preflight import check_output, check_recipe, check_run
 from snnet.train.resolved import ResolvedRun, resolve_run
-from snnet.train.resume import continue_epoch, fitting_checkpoint, truncate_summary
+from snnet.train.resume import append_summary, continue_epoch, fitting_checkpoint, truncate_summary
 from snnet.train.sampler import run_sampler
 from snnet.train.trainer import Trainer, TrainSetup, create_trainer
 
@@ -432,8 +432,7 @@ class RunEpochs(EpochHooks):
         run, trainer = self.run, self.trainer
         if run.primary:
             try:  # timm appends the row in place: a full disk is said as every other write says it
-                update_summary(epoch, train_metrics, eval_metrics, filename=str(run.out_dir / "summary.csv"),
-                               lr=lr, write_header=None)
+                append_summary(run.out_dir / "summary.csv", epoch, train_metrics, eval_metrics, lr)
             except OSError as e:
                 if is_disk_full(e, run.out_dir):
                     raise disk_full_error(run.out_dir, "'summary.csv'", 0) from None

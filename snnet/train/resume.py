@@ -1,10 +1,12 @@
 """Continuing a run: the checkpoint it starts from (`fitting_checkpoint`), the counters, optimizer and scaler it
 resumes (`resume_counters`), the steps of an interrupted epoch it skips (`continue_epoch`, into the run's
-`TrainState`) and summary.csv's redone rows (`truncate_summary`). The recovery checkpoint written inside an epoch,
-the stop at an agreed step under Slurm and the fault-injection hooks of the tests are after-step hooks
-(`snnet.train.hooks`)."""
+`TrainState`) and summary.csv's rows (`append_summary`; `truncate_summary` drops the redone ones). The recovery
+checkpoint written inside an epoch, the stop at an agreed step under Slurm and the fault-injection hooks of the
+tests are after-step hooks (`snnet.train.hooks`)."""
 from __future__ import annotations
 
+import csv
+import io
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +97,36 @@ def continue_epoch(state: TrainState, resume_state: dict | None, accum: int = 1)
         raise CheckpointError(f"recovery checkpoint made with --grad-accum-steps {saved} cannot continue its epoch "
                               f"with {accum}; resume it with --grad-accum-steps {saved}, or resume from {LAST}")
     state.continue_from(int(resume_state["batch_idx"]), ranks[rank])
+
+
+def append_summary(path: Path, epoch: int, train_metrics: dict, eval_metrics: dict, lr: float | None) -> None:
+    """summary.csv's row of an epoch, as timm's update_summary makes it (epoch, train_*, eval_*, lr; rows end with
+    \r\n), in a file whose header is every column its rows have had. With --val-interval N an epoch without
+    validation has no eval_* cells, and timm's writer took the header from the first row (epoch 0, unvalidated),
+    leaving the later rows longer than their header. A row that brings new columns rewrites the file (atomically)
+    under the wider header, the earlier rows' new cells empty; a row without some columns leaves them empty."""
+    row: dict[str, Any] = {"epoch": epoch, **{f"train_{k}": v for k, v in train_metrics.items()},
+                           **{f"eval_{k}": v for k, v in eval_metrics.items()}}
+    if lr is not None:
+        row["lr"] = lr
+    header: list[str] = []
+    rows: list[dict[str, str]] = []
+    if path.exists() and path.stat().st_size:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            if any(k not in header for k in row):
+                rows = list(reader)
+    if header and all(k in header for k in row):
+        with path.open("a", newline="") as f:
+            csv.DictWriter(f, fieldnames=header, restval="").writerow(row)
+        return
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(row) + [k for k in header if k not in row], restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    writer.writerow(row)
+    write_text_atomic(path, text.getvalue(), newline="")
 
 
 def truncate_summary(path: Path, start_epoch: int) -> None:
