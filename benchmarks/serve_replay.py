@@ -83,6 +83,7 @@ from snnet.deploy.export import labelled  # noqa: E402
 from snnet.serve import simulate  # noqa: E402
 from snnet.serve.estimates import Learned  # noqa: E402
 from snnet.serve.loadgen import arrival_times, onoff_times  # noqa: E402
+from snnet.serve.policy import StitchMenu  # noqa: E402
 from snnet.serve.scheduler import GAPS, DeadlineScheduler, Pending  # noqa: E402
 from snnet.serve.simulate import ONOFF, VirtualClock  # noqa: E402
 
@@ -424,12 +425,21 @@ def replay(net: Calibrated, system: dict[str, Any], times: np.ndarray, draws: np
             "picks": picks}
 
 
+def anchors_front(net: Calibrated) -> list[int]:
+    """What a server of the anchors alone (`snnet serve --exported` the anchors) switches among: the anchors' own
+    latency front. A stitch that beats an anchor does not remove it there (the SN-Net's front left digits' largest
+    anchor out, and a replay of the SN-Net's front among the anchors served two of the three)."""
+    alone = StitchMenu([net.menu.by_id[a] for a in net.anchors], {a: net.menu.latency[a] for a in net.anchors},
+                       net.menu.source)
+    return alone.front()
+
+
 def systems(net: Calibrated) -> dict[str, dict[str, Any]]:
     front = net.menu.front()
     out: dict[str, dict[str, Any]] = {r: {"stages": [front], **knobs} for r, knobs in RULES.items()}
     defaults = {k: v.default for k, v in inspect.signature(DeadlineScheduler).parameters.items()}
     out["switch"] = {"stages": [front], **{k: defaults[k] for k in KNOBS}}  # the server's own defaults
-    out["anchors"] = {"stages": [[c for c in front if c in net.anchors] or [net.largest]]}
+    out["anchors"] = {"stages": [anchors_front(net)]}
     for name, cas in net.cascades.items():
         out[name] = {"stages": [[c] for c in cas["chain"]], "thresholds": cas["thresholds"]}
     for c in sorted(net.menu.by_id):

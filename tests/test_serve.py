@@ -3,6 +3,7 @@ real HTTP servers (the local engine and Ray Serve) started on a free port, answe
 closed-loop load and stopped by SIGTERM."""
 import asyncio
 import base64
+import copy
 import dataclasses
 import http.client
 import io
@@ -926,6 +927,24 @@ def test_the_replay_runs_the_servers_policy_on_a_virtual_clock(deit_replay):
     assert got["shed"] > 0.3 and got["attain"] < 0.7, got
     assert serve_replay.replay(net, switch, burst, draws) == got  # deterministic: paired comparisons
 
+
+
+def test_anchor_switching_is_replayed_as_a_server_of_the_anchors_alone(deit_replay):
+    """The "anchors" alternative is what `snnet serve --exported` the anchors switches among: the anchors' own
+    front. A stitch that beats the largest anchor (here: made faster than it at every batch size) takes it off the
+    SN-Net's front but not off the anchors', where it is the most accurate."""
+    serve_replay, net = deit_replay
+    fast = copy.copy(net)
+    largest = max(net.anchors, key=lambda a: net.menu.by_id[a]["acc1"])
+    better = max((c for c in net.menu.by_id if c not in net.anchors), key=lambda c: net.menu.by_id[c]["acc1"])
+    records = [{**r, "acc1": net.menu.by_id[largest]["acc1"] + 0.5} if r["cfg_id"] == better else r
+               for r in net.menu.records]
+    latency = {c: ({b: 0.5 * v for b, v in net.menu.latency[largest].items()} if c == better else t)
+               for c, t in net.menu.latency.items()}
+    fast.menu = StitchMenu(records, latency, "t")
+    assert largest not in fast.menu.front()  # beaten by the stitch
+    assert serve_replay.systems(fast)["anchors"]["stages"] == [[c for c in (2, 1, 0) if c in net.anchors]]
+    assert serve_replay.systems(fast)["anchors"]["stages"][0][0] == largest
 
 @pytest.mark.slow
 def test_the_replay_benchmark_reports_intervals_and_its_result():
