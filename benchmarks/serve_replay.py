@@ -427,8 +427,7 @@ def replay(net: Calibrated, system: dict[str, Any], times: np.ndarray, draws: np
 
 def anchors_front(net: Calibrated) -> list[int]:
     """What a server of the anchors alone (`snnet serve --exported` the anchors) switches among: the anchors' own
-    latency front. A stitch that beats an anchor does not remove it there (the SN-Net's front left digits' largest
-    anchor out, and a replay of the SN-Net's front among the anchors served two of the three)."""
+    latency front, where a stitch that beats an anchor on the SN-Net's front (digits' largest) does not remove it."""
     alone = StitchMenu([net.menu.by_id[a] for a in net.anchors], {a: net.menu.latency[a] for a in net.anchors},
                        net.menu.source)
     return alone.front()
