@@ -35,7 +35,7 @@ from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from snnet.core.distributed import world
+from snnet.core.distributed import say_refusal, world
 from snnet.core.errors import OneLineParser, SNNetError, UsageError, one_line
 from snnet.core.fileio import check_out_dir
 from snnet.core.options import add_options, option, shared
@@ -939,8 +939,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.fn(typed_options(args))
     except SNNetError as e:  # the user's input, not a bug: one line (under torchrun, from rank 0 only)
-        if world(launched=True)[0] == 0:
-            print(f"snnet {args.command}: error: {one_line(e)}", file=sys.stderr)
+        say_refusal(f"snnet {args.command}: error: {one_line(e)}")
         return e.exit_code
     except BrokenPipeError:  # `snnet pareto ... | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -3,9 +3,10 @@ distributed_train.sh's check): the anchors' own checkpoints (missing, another wi
 can still only fail inside a rank ends with its one line and exit 2, not torchrun's ChildFailedError banner. Also
 the one rule for a stitch config's relative anchor checkpoints (docs/robustness.md)."""
 import json
+import sys
 
 import pytest
-from helpers import FAST, TINY, ForkedCli, run
+from helpers import FAST, ROOT, TINY, ForkedCli, run
 
 from snnet.core.config import ConfigError, load_stitch_config
 
@@ -76,6 +77,28 @@ def test_a_refusal_inside_the_ranks_is_one_line_not_torchruns_banner(anchors, di
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
     assert r.returncode == 2, r.stderr[-3000:]
     assert len(errors) == 1 and "no_such.pth.tar" in errors[0], r.stderr[-3000:]
+    assert "ChildFailedError" not in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+
+
+RANK_SCRIPT = """import os, sys, time
+from snnet.core.distributed import say_refusal
+rank = int(os.environ["RANK"])
+time.sleep(30 if rank == 0 else 0)  # rank 1 refuses first; torchrun then stops rank 0 before it can say anything
+say_refusal(f"error: refused on rank {rank}")
+sys.exit(2)
+"""
+
+
+@pytest.mark.dist
+def test_the_refusal_of_whichever_rank_failed_first_is_said(tmp_path):
+    """The launch prints the line of the first rank that refused, also when that is not rank 0 (rank 0 printed for
+    all ranks, and a launch whose rank 1 failed first ended in exit 2 with no line: CI, 2026-11-26)."""
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    r = run([sys.executable, "-c", "import sys; from snnet.train.launch import main; sys.exit(main(sys.argv[1:]))",
+             "--nproc_per_node=2", script], env={"SNNET_NO_PREFLIGHT": "1", "PYTHONPATH": ROOT}, timeout=60)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    assert r.returncode == 2 and errors == ["error: refused on rank 1"], r.stderr[-3000:]
     assert "ChildFailedError" not in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
 
 

@@ -31,6 +31,27 @@ def world(launched: bool = False) -> tuple[int, int]:
     return 0, 1
 
 
+REFUSAL_DIR = "SNNET_REFUSAL_DIR"
+
+
+def say_refusal(line: str) -> None:
+    """A user error's one line, said once per launch. Under `snnet.train.launch` (which sets SNNET_REFUSAL_DIR) each
+    rank writes its line to that folder and the launcher prints the line of the first rank to fail: printed by rank 0
+    alone, the line was lost whenever another rank failed first and torchrun stopped rank 0 before it printed.
+    Elsewhere (torchrun itself, one process) rank 0 prints it."""
+    rank = world(launched=True)[0]
+    folder = os.environ.get(REFUSAL_DIR)
+    if folder and os.path.isdir(folder):
+        from snnet.core.fileio import write_text_atomic
+        try:
+            write_text_atomic(os.path.join(folder, f"{rank}.txt"), line + "\n")  # never half a line
+            return
+        except OSError:
+            pass  # the folder is gone: say it here
+    if rank == 0:
+        print(line, file=sys.stderr)
+
+
 def collective_device() -> torch.device:
     """Where a tensor must live for this process group's collectives: the current CUDA device under nccl, else CPU."""
     import torch

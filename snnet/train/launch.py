@@ -5,14 +5,20 @@ two differences:
   node; ``SNNET_NO_PREFLIGHT=1`` skips them): a refused input ends the launch with its one line and exit 2 before any
   process starts. In this process rather than a separate one, so a launch starts one interpreter less (torch's
   import, about 2.5 s of CPU, paid once);
-* a launch whose first failed process exited 2 (an input refused inside a rank, which printed its one line
-  `error: ...`) ends with exit 2 and nothing more, not torchrun's ChildFailedError traceback and banner. Any other
-  failure (a crash, a kill) is reported by torchrun as before."""
+* a launch whose first failed process exited 2 (an input refused inside a rank) ends with that rank's one line
+  `error: ...` and exit 2, not torchrun's ChildFailedError traceback and banner. The ranks write their line to a
+  folder of this launch (`say_refusal`) and this process prints the first failed rank's, so the line is there
+  whichever rank failed first (printed by rank 0, it was lost when torchrun stopped rank 0 before it printed). Any
+  other failure (a crash, a kill) is reported by torchrun as before."""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
+from snnet.core.distributed import REFUSAL_DIR
 from snnet.core.errors import UsageError
 
 
@@ -32,13 +38,21 @@ def main(argv: list[str] | None = None) -> int:
     # torchrun's 4-line banner about OMP_NUM_THREADS, on every launch, says it sets 1 thread per process when the
     # variable is unset: set here, the same setting without the banner (a value the user set is kept)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    said = Path(tempfile.mkdtemp(prefix="snnet-launch-"))
+    os.environ[REFUSAL_DIR] = str(said)
     try:
         run(config)
     except ChildFailedError as e:
-        _, first = e.get_first_failure()
-        if first.exitcode == UsageError.exit_code:  # the rank said why, in one line
+        rank, first = e.get_first_failure()
+        if first.exitcode == UsageError.exit_code:  # the rank wrote why, in one line
+            lines = [p.read_text() for p in [said / f"{rank}.txt", *sorted(said.glob("*.txt"))] if p.is_file()]
+            print(lines[0] if lines else "error: a process refused its input (exit 2); see its log above",
+                  end="" if lines else "\n", file=sys.stderr)
             return first.exitcode
         raise
+    finally:
+        shutil.rmtree(said, ignore_errors=True)
+        os.environ.pop(REFUSAL_DIR, None)
     return 0
 
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from snnet.core.checkpoint import LAST, RECOVERY, CheckpointSaver, state_sha256, training_state
 from snnet.core.config import StitchConfig
-from snnet.core.distributed import world
+from snnet.core.distributed import say_refusal, world
 from snnet.core.errors import SNNetError, one_line
 from snnet.core.fileio import FolderLock, disk_full_error, is_disk_full, write_text_atomic
 from snnet.core.model import RoutedNet
@@ -76,9 +76,8 @@ def main(argv=None) -> int:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         return e.exit_code
-    except SNNetError as e:
-        if world(launched=True)[0] == 0:  # every rank meets the same input: one line is enough
-            print(f"error: {one_line(e)}", file=sys.stderr)
+    except SNNetError as e:  # every rank meets the same input: one line is enough
+        say_refusal(f"error: {one_line(e)}")
         return e.exit_code
     except BaseException:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
