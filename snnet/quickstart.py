@@ -49,12 +49,26 @@ from snnet.demo import (
 from snnet.results.records import RESULTS_FILE, file_sha256, read_results
 
 #: the anchors quickstart trains from scratch: ResNet-18's layout (2 basic blocks in each of 4 stages) at widths
-#: w, 2w, 4w, 8w; labels c<w>
+#: w, 2w, 4w, 8w and a stem as narrow (`anchor_kwargs`); labels c<w>
 FAMILY = "resnet18"
-#: each twice the last, as DeiT-Ti/S/B's widths (192/384/768), so that the anchors can span an accuracy range the
-#: stitches fill: on shapes set A (the tuning set) 85.67/88.33/89.00 %, 4 of 4 stitches between; 8/16/24 left all
-#: three within one validation image of each other on set B, as 6/12/24 did too: easy data (docs/own_data.md)
+
+
+def anchor_kwargs(width: int) -> dict:
+    """timm's resnet18 at stage widths w, 2w, 4w, 8w with a stem of 3x3 convs of w/2, w/2 and w channels (its
+    "deep" stem). Its default stem, a 7x7 conv, has 64 channels whatever `stem_width` says: at 64 px that conv alone
+    is 9.6 MFLOPs, which made the width-6 anchor 12 MFLOPs where its stages are 2."""
+    return {"channels": [width, 2 * width, 4 * width, 8 * width], "stem_type": "deep",
+            "stem_width": (width + 1) // 2}
+#: each twice the last, as DeiT-Ti/S/B's widths (192/384/768): 1.6, 6.1 and 24.0 MFLOPs at 64 px, a FLOPs range the
+#: stitches fill. Accuracy is another matter on easy data: on shapes set A (tuning) the anchors alone scored 96.67,
+#: 93.00 and 94.00 %, within a few validation images of each other (docs/own_data.md)
 WIDTHS = (6, 12, 24)
+#: the stages quickstart's CNNs are stitched in (0-3), one stitch between the two blocks of each, per pair of
+#: neighbouring anchors: the last two. On shapes set A (tuning), stitched in all four stages, the stitches scored
+#: 63.3/88.3 % (stage 0, c6->c12/c12->c24), 83.7/91.7 (1), 92.3/92.3 (2), 96.0/92.0 (3), anchors 96.7/92.7/91.3:
+#: a stitch early in a narrow CNN passes on the few channels of its first stages; SN-Net's ResNet default (stages 1
+#: and 2) put c6->c12 at 83.7-87.7 % in three runs
+STITCH_STAGES = (2, 3)
 VAL_SHARE = 0.2  # a folder without train/ and val/ is split so (per class, by file name, seeded)
 #: optimizer steps each anchor gets at least (few images: more epochs), within the epoch bounds. 1000 (28 epochs on
 #: 1200 images) left the width-24 and the width-16 CNN at the same 88.3 % on shapes set A, top-1 still rising at the
@@ -299,7 +313,7 @@ def plan(summary: DataSummary, args: QuickstartOptions) -> Plan:
         lines.append(f"anchors: {', '.join(args.anchors)} (--anchors, smallest first), fine-tuned from {weights}")
     else:
         widths = args.widths or list(WIDTHS)
-        anchors = [(f"c{w}", FAMILY, {"channels": [w, 2 * w, 4 * w, 8 * w], "stem_width": w}) for w in widths]
+        anchors = [(f"c{w}", FAMILY, anchor_kwargs(w)) for w in widths]
         lines.append(f"anchors: {len(widths)} small CNNs from scratch, ResNet-18's layout at widths "
                      f"{'/'.join(map(str, widths))} ({', '.join(a[0] for a in anchors)}): they learn from a few "
                      f"hundred images per class and stitch stage by stage (change: --widths W W W, or --anchors NAME "
@@ -339,6 +353,8 @@ def stitch_config(out: Path, p: Plan, classes: int) -> Path:
            "anchors": [{"name": model, "label": label, "checkpoint": str(out / f"anchor_{label}" / "last.pth.tar"),
                         **({"model_kwargs": kwargs} if kwargs else {})} for label, model, kwargs in p.anchors],
            "input_size": p.img_size, "num_classes": classes, "stitch_init_bs": 256, "ls_mode": "joint"}
+    if all(model == FAMILY and kwargs for _, model, kwargs in p.anchors):  # quickstart's own CNNs
+        cfg["stitch_stages"] = list(STITCH_STAGES)
     path = out / "stitch_config.json"
     write_text_atomic(path, json.dumps(cfg, indent=1) + "\n")
     return path

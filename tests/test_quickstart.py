@@ -62,7 +62,8 @@ def test_the_plan_says_each_choice_and_its_flag():
     summary = DataSummary(Path("d"), {c: 240 for c in "abcde"}, {c: 60 for c in "abcde"}, 64)
     p = plan(summary, _args(nproc=2))
     assert p.img_size == 64 and [a[0] for a in p.anchors] == ["c6", "c12", "c24"]
-    assert p.anchors[2][2] == {"channels": [24, 48, 96, 192], "stem_width": 24} and not p.pretrained
+    assert p.anchors[2][2] == {"channels": [24, 48, 96, 192], "stem_type": "deep", "stem_width": 12}
+    assert not p.pretrained
     assert p.anchor_epochs == 41 and p.snnet_epochs == 33  # 1200 images / 32 = 37 steps an epoch, >= 1500 steps
     text = "\n".join(p.lines)
     for flag in ("--img-size", "--widths", "--anchors", "--anchor-epochs", "--snnet-epochs", "--nproc"):
@@ -101,7 +102,8 @@ def test_quickstart_guide_runs(tmp_path, capsys):
             assert (results / f).is_file(), f
         records = [json.loads(ln) for ln in (results / "stitches_res.txt").read_text().splitlines()]
         assert [r["route"] for r in records[:2]] == ["c4", "c8"]
-        assert len(records) == 2 + 2, [r["route"] for r in records]  # one stitch in each of stages 1 and 2
+        # one stitch in each of the last two stages (STITCH_STAGES)
+        assert [r["route"].split("..")[1][:2] for r in records[2:]] == ["s2", "s3"], [r["route"] for r in records]
         for what in ("image size: 16 px", "anchors: 2 small CNNs", "change: --widths", "ETA", "[snnet] done in",
                      "quickstart finished in", "report.html in a browser"):
             assert what in out, what
@@ -261,3 +263,21 @@ def test_the_small_class_warning_shows_in_the_dry_run(tmp_path):
     assert done.returncode == 0, done.stderr
     warnings = [ln for ln in done.stderr.splitlines() if ln.startswith("warning:")]
     assert len(warnings) == 1 and "'fox' has 1 image(s)" in warnings[0] and "median class's 12" in warnings[0]
+
+
+def test_an_anchor_is_narrow_from_its_stem_on():
+    """timm's default ResNet stem is a 64-channel 7x7 conv whatever `stem_width` says; quickstart's anchors take a
+    stem as narrow as their first stage, so the smallest costs a fraction of the largest (at 64 px: a 64-channel
+    stem alone is 9.6 MFLOPs)."""
+    import timm
+    import torch
+
+    from snnet.quickstart import FAMILY, anchor_kwargs
+    params = {}
+    for w in (6, 24):
+        model = timm.create_model(FAMILY, num_classes=5, **anchor_kwargs(w))
+        stem_out = [m for m in model.conv1.modules() if isinstance(m, torch.nn.Conv2d)][-1].out_channels
+        assert stem_out == w == model.layer1[0].conv1.in_channels, (w, stem_out)
+        params[w] = sum(p.numel() for p in model.parameters())
+    assert params[24] > 10 * params[6], params
+

@@ -33,7 +33,7 @@ def one_line(e: BaseException) -> str:
 class OneLineParser(argparse.ArgumentParser):
     """argparse with a usage error on one line (the message and where the help is), exit code 2, no usage block:
     the parser of the `snnet` command, train.py's and the scripts' under benchmarks/. With ``raises=True`` the error
-    is raised as a UsageError instead (train.py: its entry point prints the one line, from rank 0 only)."""
+    is raised as a UsageError instead (train.py: its entry point says the one line once per launch, `say_refusal`)."""
 
     def __init__(self, *args, raises: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
