@@ -28,6 +28,7 @@ table and plot with both fronts and their combined front (demo_v2/pareto_flops.{
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -53,7 +54,7 @@ from snnet.results.baselines import file_baselines
 from snnet.results.pareto import infer_anchors, is_anchor, pareto_report, save_report
 from snnet.results.predictions import load_for, predictions_path, write_predictions
 from snnet.results.quality import in_anchor_range
-from snnet.results.records import RESULTS_FILE, read_results, write_results
+from snnet.results.records import RESULTS_FILE, file_sha256, read_results, write_results
 from snnet.results.report import write_report
 
 WEIGHTS_FILE = "snnet.pth.tar"  # the demo's trained SN-Net beside its results (save_weights)
@@ -255,14 +256,29 @@ def train_snnet(work: Path, data: Path, config: Path, name: str, epochs: int, ex
     launcher's checks are skipped (SNNET_NO_PREFLIGHT=1; train.py checks the same again), for a config and anchors
     the caller just wrote and trained (snnet quickstart: one interpreter's torch and timm import less, ~5 s of CPU)."""
     run_dir = work / name
-    cmd = ["./distributed_train.sh", str(nproc), str(data), "--stitch_config", str(stitch_config_for(work, config)),
+    config = stitch_config_for(work, config)
+    cmd = ["./distributed_train.sh", str(nproc), str(data), "--stitch_config", str(config),
            "--epochs", str(epochs), *(SNNET_FLAGS if flags is None else flags), *extra, "--output", str(work),
            "--experiment", name, *(common(seed) if common_flags is None else common_flags)]
-    if resume and finished(run_dir, cmd, RESULTS_FILE):
+    stamp = [*cmd, f"inputs sha256 {inputs_sha256(config)}"]  # the same command on other anchors: another run
+    if resume and finished(run_dir, stamp, RESULTS_FILE):
         print(f"[{name}] reusing {run_dir} (trained and evaluated by the same command)", flush=True)
         return run_dir
-    run_step(cmd, run_dir, work / f"{name}.log", name, resume, cmd, None if preflight else {"SNNET_NO_PREFLIGHT": "1"})
+    run_step(cmd, run_dir, work / f"{name}.log", name, resume, stamp,
+             None if preflight else {"SNNET_NO_PREFLIGHT": "1"})
     return run_dir
+
+
+def inputs_sha256(config: Path) -> str:
+    """One SHA-256 of a stitch config's text and its anchors' checkpoints: what an SN-Net run starts from beside its
+    command. The command names the config's path only, so a config rewritten at that path (other widths or stitch
+    stages) or an anchor retrained into the same checkpoint file was taken for the run already done."""
+    digest = hashlib.sha256(config.read_bytes())
+    for anchor in json.loads(config.read_text()).get("anchors", []):
+        checkpoint = anchor.get("checkpoint") if isinstance(anchor, dict) else None
+        if checkpoint and Path(checkpoint).is_file():
+            digest.update(file_sha256(checkpoint).encode())
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -96,6 +96,7 @@ class QuickstartOptions:
     anchors: list[str] | None = None
     no_pretrained: bool = False
     widths: list[int] | None = None
+    stitch_stages: list[int] | None = None
     img_size: int | None = None
     anchor_epochs: int | None = None
     snnet_epochs: int | None = None
@@ -138,6 +139,7 @@ class Plan:
     img_size: int
     anchors: list[tuple[str, str, dict]]  # (label, timm name, model_kwargs); model_kwargs {} for --anchors
     pretrained: bool
+    stitch_stages: list[int] | None  # None: the anchors' family default
     anchor_epochs: int
     snnet_epochs: int
     batch: int
@@ -318,6 +320,16 @@ def plan(summary: DataSummary, args: QuickstartOptions) -> Plan:
                      f"{'/'.join(map(str, widths))} ({', '.join(a[0] for a in anchors)}): they learn from a few "
                      f"hundred images per class and stitch stage by stage (change: --widths W W W, or --anchors NAME "
                      f"... for timm models)")
+    stages = list(args.stitch_stages) if args.stitch_stages else None if args.anchors else list(STITCH_STAGES)
+    if stages is not None and not args.anchors and not all(0 <= s <= 3 for s in stages):
+        raise UsageError(f"--stitch-stages {' '.join(map(str, stages))}: the CNN anchors have stages 0-3; give some "
+                         f"of 0 1 2 3")
+    if stages is not None:
+        why = ("--stitch-stages" if args.stitch_stages else
+               "the last two: stitched in stages 0 and 1, the narrow CNNs' stitches scored 63-92 % beside anchors at "
+               "91-97 % on the tuning data, docs/own_data.md")
+        lines.append(f"stitches: in stage(s) {' '.join(map(str, stages))} of 0-3, one between the two blocks of each, "
+                     f"per pair of neighbouring anchors ({why}; change: --stitch-stages S ...)")
     batch = args.batch or BATCH
     steps_per_epoch = max(1, summary.images // batch)
     if args.anchor_epochs:
@@ -331,8 +343,8 @@ def plan(summary: DataSummary, args: QuickstartOptions) -> Plan:
     nproc = args.nproc or max(1, min(os.cpu_count() or 1, 8))
     lines.append(f"SN-Net training: {snnet_epochs} epochs on {nproc} process(es) (every core; change: --snnet-epochs, "
                  f"--nproc)")
-    return Plan(img_size, anchors, bool(args.anchors) and not args.no_pretrained, anchor_epochs, snnet_epochs, batch,
-                nproc, lines)
+    return Plan(img_size, anchors, bool(args.anchors) and not args.no_pretrained, stages, anchor_epochs, snnet_epochs,
+                batch, nproc, lines)
 
 
 def _recipes(p: Plan, seed: int) -> tuple[list[str], list[str], list[str], list[str]]:
@@ -353,8 +365,8 @@ def stitch_config(out: Path, p: Plan, classes: int) -> Path:
            "anchors": [{"name": model, "label": label, "checkpoint": str(out / f"anchor_{label}" / "last.pth.tar"),
                         **({"model_kwargs": kwargs} if kwargs else {})} for label, model, kwargs in p.anchors],
            "input_size": p.img_size, "num_classes": classes, "stitch_init_bs": 256, "ls_mode": "joint"}
-    if all(model == FAMILY and kwargs for _, model, kwargs in p.anchors):  # quickstart's own CNNs
-        cfg["stitch_stages"] = list(STITCH_STAGES)
+    if p.stitch_stages is not None:
+        cfg["stitch_stages"] = p.stitch_stages
     path = out / "stitch_config.json"
     write_text_atomic(path, json.dumps(cfg, indent=1) + "\n")
     return path

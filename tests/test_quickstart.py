@@ -66,12 +66,17 @@ def test_the_plan_says_each_choice_and_its_flag():
     assert not p.pretrained
     assert p.anchor_epochs == 41 and p.snnet_epochs == 33  # 1200 images / 32 = 37 steps an epoch, >= 1500 steps
     text = "\n".join(p.lines)
-    for flag in ("--img-size", "--widths", "--anchors", "--anchor-epochs", "--snnet-epochs", "--nproc"):
+    for flag in ("--img-size", "--widths", "--anchors", "--anchor-epochs", "--snnet-epochs", "--nproc",
+                 "--stitch-stages"):
         assert flag in text, flag
+    assert p.stitch_stages == [2, 3] and "stitches: in stage(s) 2 3 of 0-3" in text
+    with pytest.raises(UsageError, match="--stitch-stages 1 4: the CNN anchors have stages 0-3"):
+        plan(summary, _args(nproc=1, stitch_stages=[1, 4]))
     tiny = plan(DataSummary(Path("d"), {"a": 12, "b": 12}, {"a": 4, "b": 4}, 16), _args(nproc=1))
     assert tiny.img_size == 16 and tiny.anchor_epochs == 60  # few images: the most epochs
     fine = plan(summary, _args(anchors=["resnet18.a1_in1k", "resnet50.a1_in1k"], nproc=1))
     assert fine.pretrained and [a[1] for a in fine.anchors] == ["resnet18.a1_in1k", "resnet50.a1_in1k"]
+    assert fine.stitch_stages is None  # the family's own default
 
 
 @pytest.mark.slow
@@ -111,6 +116,12 @@ def test_quickstart_guide_runs(tmp_path, capsys):
         rc, out, err = run_cli(capsys, *argv[1:], *extra)  # again: resumed, nothing redone
         assert rc == 0, err
         assert out.count("reusing") == 4 and "$ " not in out, out  # 2 anchors, SN-Net, evaluation
+        # other stitch stages rewrite the config at the same path: the SN-Net is trained again (it was reused)
+        rc, out, err = run_cli(capsys, *argv[1:], *extra, "--stitch-stages", "3")
+        assert rc == 0, err
+        assert out.count("reusing") == 2 and "[snnet] $ " in out, out  # the anchors only
+        records = [json.loads(ln) for ln in (results / "stitches_res.txt").read_text().splitlines()]
+        assert [r["route"].split("..")[1][:2] for r in records[2:]] == ["s3"], [r["route"] for r in records]
     finally:
         os.chdir(ROOT)
 
