@@ -941,7 +941,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(typed_options(args))
-    except SNNetError as e:  # the user's input, not a bug: one line (under torchrun, from rank 0 only)
+    except SNNetError as e:  # the user's input, not a bug: one line (under torchrun, once per launch)
         say_refusal(f"snnet {args.command}: error: {one_line(e)}")
         return e.exit_code
     except BrokenPipeError:  # `snnet pareto ... | head`: the reader left; say nothing more

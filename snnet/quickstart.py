@@ -59,6 +59,8 @@ def anchor_kwargs(width: int) -> dict:
     is 9.6 MFLOPs, which made the width-6 anchor 12 MFLOPs where its stages are 2."""
     return {"channels": [width, 2 * width, 4 * width, 8 * width], "stem_type": "deep",
             "stem_width": (width + 1) // 2}
+
+
 #: each twice the last, as DeiT-Ti/S/B's widths (192/384/768): 1.6, 6.1 and 24.0 MFLOPs at 64 px, a FLOPs range the
 #: stitches fill. Accuracy is another matter on easy data: on shapes set A (tuning) the anchors alone scored 96.67,
 #: 93.00 and 94.00 %, within a few validation images of each other (docs/own_data.md)
