@@ -24,9 +24,11 @@ This benchmark checks that replay against real servers under real open-loop HTTP
   with its 95 % interval (t over the blocks); and per (setting, system) whether the replay's prediction for the very
   same traces (and the arrivals its server counted before each: the warm-up and the earlier settings' traces) lies
   inside the live mean's 95 % interval. The prediction replays each run at **that run's machine speed through
-  it** (its forward times over the calibration's medians for the same stitch and batch size, a median of 5 answers
-  by time, `speed_profile`: a property of the machine, not of the policy; it moved by a third within one run of
-  this benchmark, and by twice within one trace); the prediction at the calibration's speed is shown beside it.
+  it** (its batches' forward times over the calibration's medians for the same stitch and batch size, a median of
+  3 batches by when they started, `speed_profile`: a property of the machine, not of the policy; it moved by a
+  third within one run of this benchmark, and by twice within one trace); the prediction at the calibration's speed
+  is shown beside it, and so is live minus the prediction paired by block with its interval (the prediction has
+  noise of its own: one replay per block).
 
     .venv/bin/python benchmarks/serve_live.py [--blocks 10] [--requests 40] > results/bench_serve_live.txt
 
@@ -143,33 +145,50 @@ def run_trace(url: str, images: list[str], times: np.ndarray, picks: np.ndarray,
     """One open-loop trace: each request due at its time carries sent_at (the server counts its budget from then);
     its credit is its stitch's top-1 when the server answered it within the SLO, else 0. `speed`: the median over
     its answers of the forward pass's time over the calibration's median for that stitch and batch size (1: the
-    machine ran as fast as when it was calibrated)."""
+    machine ran as fast as when it was calibrated); `batches`: each batch's start on the trace's clock and its
+    speed (`batch_speeds`)."""
     bodies = [json.dumps({"image": images[i], "budget": {"latency_ms": slo_ms}, "top_k": 1, **extra}).encode()
               for i in picks]
     replies = run_open_loop(url, bodies, times, time_limit=float(times[-1]) + 1, timeout=slo_ms / 1e3 * 4 + 10,
                             stamp=True)
     credit = [acc[r.body["cfg_id"]] if r.status == 200 and r.body["elapsed_ms"] <= slo_ms else 0.0 for r in replies]
-    answered = [(float(times[i]), r.body["timing_ms"]["forward"] / cal.service_ms(r.body["cfg_id"],
-                                                                                  r.body["batch_size"], 0.5))
-                for i, r in enumerate(replies) if r.status == 200]
-    speed = [v for _, v in answered]
+    speed = [r.body["timing_ms"]["forward"] / cal.service_ms(r.body["cfg_id"], r.body["batch_size"], 0.5)
+             for r in replies if r.status == 200]
     picks: dict[int, int] = {}
     for r in replies:
         if r.status == 200:
             picks[r.body["cfg_id"]] = picks.get(r.body["cfg_id"], 0) + 1
     return {"picks": picks, "effacc": statistics.fmean(credit), "attain": statistics.fmean(c > 0 for c in credit),
             "shed": sum(r.status == 503 for r in replies), "failed": sum(r.status not in (200, 503) for r in replies),
-            "speed": statistics.median(speed) if speed else float("nan"), "answered": answered}
+            "speed": statistics.median(speed) if speed else float("nan"), "batches": batch_speeds(replies, times, cal)}
 
 
-def speed_profile(answered: list[tuple[float, float]], k: int = 5) -> Callable[[float], float]:
-    """The machine's speed through one live run as a function of the trace's time (seconds): from each answered
-    request's due time on, the median speed of it and its neighbours (k answers by time), so that a slow spell of
-    a few batches is followed and one slow batch is not (the median of the whole run scaled every batch alike: two
-    runs' predictions collapsed where a hiccup had slowed a part of them). Before the first answer, the first."""
-    answered = sorted(answered)
-    at = [t for t, _ in answered]
-    values = [v for _, v in answered]
+def batch_speeds(replies: list[Any], times: np.ndarray, cal: Any) -> list[tuple[float, float]]:
+    """One (start, speed) per batch the server ran for these answers: when its forward pass began on the trace's
+    clock (the request's due time plus its wait before, in decoding and in the queue) and its forward time over the
+    calibration's median for that stitch and batch size. The answers of one batch share its start and forward time
+    and count once (a batch of 8 is one measurement of the machine, not 8)."""
+    seen: dict[tuple[int, int, float], tuple[float, float]] = {}
+    for i, r in enumerate(replies):
+        if r.status != 200:
+            continue
+        t, c, n = r.body["timing_ms"], r.body["cfg_id"], r.body["batch_size"]
+        start = float(times[i]) + (t["before"] + t["decode"] + t["queue"]) / 1e3
+        # one batch: its answers carry the same measured forward time (the server times the batch once)
+        seen.setdefault((c, n, t["forward"]), (start, t["forward"] / cal.service_ms(c, n, 0.5)))
+    return sorted(seen.values())
+
+
+def speed_profile(batches: list[tuple[float, float]], k: int = 3) -> Callable[[float], float]:
+    """The machine's speed through one live run as a function of the trace's time (seconds): from each batch's
+    start on (`batch_speeds`), the median speed of it and its neighbours (k batches by time), so that a slow spell
+    of a few batches is followed and one slow batch is not. The replay charges a batch the speed of when it starts,
+    so the profile is keyed by when the live batches started, not by when their requests were due (under a burst
+    those are up to an SLO apart, and a slow batch keyed by its requests' arrival would slow the replay's earlier
+    batches). Before the first batch, the first."""
+    batches = sorted(batches)
+    at = [t for t, _ in batches]
+    values = [v for _, v in batches]
     half = k // 2
     smooth = [statistics.median(values[max(0, i - half):i + half + 1]) for i in range(len(values))]
     return lambda t: smooth[max(0, bisect.bisect_right(at, t) - 1)]
@@ -323,7 +342,7 @@ def main() -> None:
                         seen[s, block, key] = np.array(sent) - began
                         row = run_trace(server.url, images, times, picks, cal.slo_ms, extra, acc, cal)
                         sent.extend((began + times).tolist())
-                        speed[s, block, key] = speed_profile(row["answered"]) if row["answered"] else 1.0
+                        speed[s, block, key] = speed_profile(row["batches"]) if row["batches"] else 1.0
                         live.setdefault((s, key), []).append(row["effacc"])
                         runs += 1
                         log.append(f"block {block + 1}/{args.blocks} {kind} {load:g}x {system}: "
@@ -340,9 +359,10 @@ def main() -> None:
     behind, aa_ok, inside, pairs = 0, True, 0, 0
     out += ["| arrivals | load | alternative (replay margin) | switch | alternative | A/A | switch - alternative | "
             "switch - A/A | replay at each run's speeds: switch / alternative / A/A | replay at the calibration's "
-            "speed |", "|---|---:|---|---:|---:|---:|---:|---:|---|---|"]
+            "speed | live - replay, paired by block: switch / alternative / A/A |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---|---|---|"]
     for s, (kind, load, alt, margin) in enumerate(plan):
-        predicted, at_start = {}, {}
+        predicted, at_start, paired = {}, {}, {}
         for key in ("switch", alt, "A/A"):
             effs, effs_start = [], []
             for block in range(args.blocks):
@@ -361,6 +381,7 @@ def main() -> None:
                               f"replay {fmt(one['picks'])}")
                 effs_start.append(replay(cal, system_, times, draws, seen[s, block, key])["effacc"])
             predicted[key], at_start[key] = statistics.fmean(effs), statistics.fmean(effs_start)
+            paired[key] = interval([a - b for a, b in zip(live[s, key], effs)])
         means = {k: interval(live[s, k]) for k in ("switch", alt, "A/A")}
         d_alt = interval([a - b for a, b in zip(live[s, "switch"], live[s, alt])])
         d_aa = interval([a - b for a, b in zip(live[s, "switch"], live[s, "A/A"])])
@@ -373,7 +394,8 @@ def main() -> None:
                    + " | ".join(f"{means[k][0]:.2f} ± {means[k][1]:.2f}" for k in ("switch", alt, "A/A"))
                    + f" | {d_alt[0]:+.2f} ± {d_alt[1]:.2f} | {d_aa[0]:+.2f} ± {d_aa[1]:.2f} | "
                    + " / ".join(f"{predicted[k]:.2f}" for k in ("switch", alt, "A/A")) + " | "
-                   + " / ".join(f"{at_start[k]:.2f}" for k in ("switch", alt, "A/A")) + " |")
+                   + " / ".join(f"{at_start[k]:.2f}" for k in ("switch", alt, "A/A")) + " | "
+                   + " / ".join(f"{paired[k][0]:+.2f} ± {paired[k][1]:.2f}" for k in ("switch", alt, "A/A")) + " |")
     speeds = [float(ln.split(" speed ")[1].split()[0]) for ln in log]
     out += ["", f"{runs} server runs in {(time.time() - t_start) / 60:.1f} min; load average "
                 f"{os.getloadavg()[0]:.2f} at the end; the machine's speed against the calibration (forward time / "

@@ -1030,8 +1030,8 @@ def test_the_live_prediction_follows_the_machines_speed_through_a_run(monkeypatc
     monkeypatch.syspath_prepend(f"{ROOT}/benchmarks")
     import serve_live
     serve_replay, net = deit_replay
-    answered = [(float(t), 2.0 if 10 <= t < 16 else 3.0 if t == 4 else 1.0) for t in range(20)]
-    profile = serve_live.speed_profile(answered)
+    batches = [(float(t), 2.0 if 10 <= t < 16 else 3.0 if t == 4 else 1.0) for t in range(20)]
+    profile = serve_live.speed_profile(batches)
     assert [profile(t) for t in (-1.0, 2.0, 4.0, 4.5, 13.0, 18.0)] == [1.0, 1.0, 1.0, 1.0, 2.0, 1.0]
     switch = serve_replay.systems(net)["switch"]
     n = 60
@@ -1041,6 +1041,33 @@ def test_the_live_prediction_follows_the_machines_speed_through_a_run(monkeypatc
     got = [serve_replay.replay(net, switch, times, draws, speed=v)["effacc"]
            for v in (1.0, lambda t: 1.0 if t < half else 3.0, 3.0)]
     assert got[0] > got[1] > got[2], got
+
+
+def test_the_live_speed_is_keyed_by_when_each_batch_started(monkeypatch, deit_replay):
+    """serve_live.batch_speeds: a batch counts once however many answers it gave, at the time its forward pass
+    began on the trace's clock (due time + wait before, decoding and queue), not when its requests were due: under
+    a burst a slow batch starts up to an SLO after its requests arrived, and the replay charges its speed then."""
+    monkeypatch.syspath_prepend(f"{ROOT}/benchmarks")
+    import serve_live
+
+    from snnet.serve.loadgen import Reply
+    _, net = deit_replay
+    c = net.menu.cfg_ids[0]
+    median = net.service_ms(c, 2, 0.5)
+
+    def reply(i: int, queue_ms: float, forward_ms: float, status: int = 200) -> Reply:
+        return Reply(i, status, 0.0, {"cfg_id": c, "batch_size": 2, "timing_ms": {
+            "before": 1.0, "decode": 4.0, "queue": queue_ms, "forward": forward_ms}})
+
+    times = np.array([0.0, 0.5, 1.0, 1.2, 1.4])
+    # requests 0 and 1 ran together at 1.005 s (a slow batch), request 2 alone at 1.305 s, request 3 was shed,
+    # request 4 alone at 1.605 s (each batch's forward time is its own measurement)
+    replies = [reply(0, 1000.0, 3 * median), reply(1, 500.0, 3 * median), reply(2, 300.0, median),
+               reply(3, 0.0, median, status=503), reply(4, 200.0, 1.1 * median)]
+    got = serve_live.batch_speeds(replies, times, net)
+    assert [(round(t, 3), round(v, 6)) for t, v in got] == [(1.005, 3.0), (1.305, 1.0), (1.605, 1.1)], got
+    profile = serve_live.speed_profile(got)  # k=3 batches: the slow one alone is not followed past its own start
+    assert [round(profile(t), 6) for t in (0.2, 1.1, 1.4, 2.0)] == [2.0, 2.0, 1.1, 1.05]
 
 
 def test_the_choice_benchmark_times_the_slack_table_on_a_steady_state(monkeypatch):
