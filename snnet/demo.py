@@ -383,7 +383,7 @@ def summary(sources: list[Path]) -> list[str]:
         lines.append(f"{os.path.relpath(path)}: anchors " + ", ".join(
             f"{r['route']} {r['acc1']:.2f}" for r in records if r["cfg_id"] in anchors) +
             f"; {exact} of {stitches} stitches within the anchors' top-1 range ({inside} within it "
-            f"+-{RANGE_MARGIN:g}); front above "
+            f"+-{RANGE_MARGIN:g} points); front above "
             f"random mixing on {100 * b['ahead_of_mixing']:.0f} % of budgets ({b['above_mixing']} of "
             f"{b['stitches']} stitches above the line)")
     return lines

@@ -116,12 +116,6 @@ def test_quickstart_guide_runs(tmp_path, capsys):
         rc, out, err = run_cli(capsys, *argv[1:], *extra)  # again: resumed, nothing redone
         assert rc == 0, err
         assert out.count("reusing") == 4 and "$ " not in out, out  # 2 anchors, SN-Net, evaluation
-        # other stitch stages rewrite the config at the same path: the SN-Net is trained again (it was reused)
-        rc, out, err = run_cli(capsys, *argv[1:], *extra, "--stitch-stages", "3")
-        assert rc == 0, err
-        assert out.count("reusing") == 2 and "[snnet] $ " in out, out  # the anchors only
-        records = [json.loads(ln) for ln in (results / "stitches_res.txt").read_text().splitlines()]
-        assert [r["route"].split("..")[1][:2] for r in records[2:]] == ["s3"], [r["route"] for r in records]
     finally:
         os.chdir(ROOT)
 
@@ -166,21 +160,30 @@ def test_shards_and_a_local_hugging_face_dataset_read_as_the_folder(tmp_path):
 @pytest.mark.slow
 def test_quickstart_trains_from_shards(tmp_path, capsys, monkeypatch):
     """The whole quickstart from tar shards at the guide test's tiny sizes: train.py gets --dataset wds/ at every
-    step (anchors, SN-Net, evaluation) and the results count the validation split's images. Its steps are forked
-    from the tests' import server (the guide test runs them as fresh processes, with their progress relayed)."""
+    step (anchors, SN-Net, evaluation) and the results count the validation split's images. Then other stitch
+    stages: they rewrite the config at the same path, and the SN-Net is trained again (it was once reused because
+    the command names only the path), the anchors reused. Its steps are forked from the tests' import server (the
+    guide test runs them as fresh processes, with their progress relayed)."""
     from helpers import ForkedPopen, run_cli
 
     import snnet.demo
     monkeypatch.setattr(snnet.demo, "subprocess", ForkedPopen.module())
     folder = _shapes().write(tmp_path / "mine", ["circle", "square", "ring"], 10, 2, size=16)
     shards, _ = _as_shards_and_parquet(folder, tmp_path)
-    rc, out, err = run_cli(capsys, "quickstart", str(shards), "--out", str(tmp_path / "out"), "--widths", "4", "8",
-                           "--img-size", "16", "--anchor-epochs", "1", "--snnet-epochs", "1", "--batch", "4",
-                           "--nproc", "1")
+    command = ["quickstart", str(shards), "--out", str(tmp_path / "out"), "--widths", "4", "8", "--img-size", "16",
+               "--anchor-epochs", "1", "--snnet-epochs", "1", "--batch", "4", "--nproc", "1"]
+    rc, out, err = run_cli(capsys, *command)
     assert rc == 0, out[-3000:] + err
     assert out.count("--dataset wds/") >= 3, out  # the two anchors' and the SN-Net's command lines
-    records = [json.loads(ln) for ln in (tmp_path / "out" / "results" / "stitches_res.txt").read_text().splitlines()]
+    results = tmp_path / "out" / "results" / "stitches_res.txt"
+    records = [json.loads(ln) for ln in results.read_text().splitlines()]
     assert len(records) == 4 and all(r["samples"] == 6 for r in records), records
+    assert [r["route"].split("..")[1][:2] for r in records[2:]] == ["s2", "s3"], [r["route"] for r in records]
+    rc, out, err = run_cli(capsys, *command, "--stitch-stages", "3")
+    assert rc == 0, err
+    assert out.count("reusing") == 2 and "[snnet] $ " in out, out  # the anchors only
+    records = [json.loads(ln) for ln in results.read_text().splitlines()]
+    assert [r["route"].split("..")[1][:2] for r in records[2:]] == ["s3"], [r["route"] for r in records]
 
 
 def _opens_in_a_browser(page: Path, profile: Path) -> None:
