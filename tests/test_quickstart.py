@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import ROOT, run
 
@@ -29,6 +30,21 @@ def _shapes():
 
 def _args(**kw):
     return QuickstartOptions(data="d", out="o", **kw)
+
+
+def test_the_shapes_generators_noise_is_a_harder_set_and_its_range_is_checked(tmp_path, capsys):
+    """benchmarks/shapes_data.py --noise: the default is the sets measured so far, image for image; more noise
+    spreads the pixels wider; a value off the 0-255 scale is one line naming it, exit 2."""
+    shapes = _shapes()
+    rng = lambda: np.random.default_rng(3)  # noqa: E731
+    default, same = shapes.image("star", rng()), shapes.image("star", rng(), noise_sd=shapes.NOISE)
+    assert np.array_equal(np.asarray(default), np.asarray(same))
+    spread = [np.asarray(shapes.image("star", rng(), noise_sd=sd), dtype=float).std() for sd in (0.0, 28.0, 90.0)]
+    assert spread[0] < spread[1] < spread[2], spread
+    with pytest.raises(SystemExit) as e:
+        shapes.main([str(tmp_path / "x"), "--noise", "300"])
+    assert e.value.code == 2 and "--noise 300 is outside 0-255" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_a_flat_folder_is_split_per_class_and_kept(tmp_path):
