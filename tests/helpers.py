@@ -354,6 +354,56 @@ for line in sys.stdin:
 """
 
 
+class Hung(subprocess.TimeoutExpired):
+    """A call past its timeout: subprocess.TimeoutExpired whose message also holds the end of the call's output and
+    the Python stacks of its processes at the timeout (a hang that happens once in many suite runs is diagnosed from
+    CI's log, or not at all)."""
+
+    def __init__(self, cmd, timeout, report):
+        super().__init__(cmd, timeout)
+        self.report = report
+
+    def __str__(self):
+        return super().__str__() + "\n" + self.report
+
+
+def process_tree(pid):
+    """`pid` and every process descended from it (from /proc: its children, theirs, ...), parents first."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop(0)
+        tree.append(p)
+        todo.extend(sorted(children.get(p, [])))
+    return tree
+
+
+def python_stacks(pids, seconds=20):
+    """`py-spy dump` of each process (the Python stack of every thread; installed with ray[serve]): one text per
+    process, or one line saying why there is none."""
+    spy = shutil.which("py-spy", path=os.path.dirname(sys.executable)) or shutil.which("py-spy")
+    if spy is None:
+        return ["(no py-spy here: no stacks of the hung processes)"]
+    out = []
+    for p in pids:
+        try:
+            r = subprocess.run([spy, "dump", "--pid", str(p)], capture_output=True, text=True, timeout=seconds)
+            text = r.stdout or r.stderr
+            at = text.find("\nPython v")  # after its first line, the command: the fork server's is its whole code
+            out.append(f"--- py-spy dump --pid {p}:\n" + (text[at + 1:] if at >= 0 else text)[-4000:])
+        except subprocess.TimeoutExpired:
+            out.append(f"--- py-spy dump --pid {p}: no answer in {seconds} s")
+    return out
+
+
 class ForkedCli:
     """The real entry points as a user runs them: a fresh process per call, with its real stdout and stderr (log
     lines included: under pytest `logging.basicConfig` is a no-op in-process, so an in-process call hides what a user
@@ -402,10 +452,22 @@ class ForkedCli:
         self.proc.stdin.flush()
         pid = self._reply()["pid"]
         reply = self._reply(None if timeout is None else time.monotonic() + timeout)
-        if reply is None:  # as subprocess.run: kill the child, wait for it, raise
-            os.kill(pid, signal.SIGKILL)
+        if reply is None:  # as subprocess.run: kill the child (and what it started), wait for it, raise
+            tree = process_tree(pid)
+            stacks = python_stacks(tree)  # where a hang hangs, before the kill: CI's log is all there is of it
+            for p in tree:
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             self.cpu_seconds += self._reply()["cpu"]
-            raise subprocess.TimeoutExpired([entry, *req["argv"]], timeout)
+            tails = []
+            for path in (out, err):
+                if path is not None and os.path.isfile(path):
+                    with open(path, errors="replace") as f:
+                        tails.append(f"--- the end of its {'stdout' if path == out else 'stderr'}:\n"
+                                     + f.read()[-3000:])
+            raise Hung([entry, *req["argv"]], timeout, "\n".join(tails + stacks))
         self.cpu_seconds += reply["cpu"]
         if log is not None:
             return reply["code"], "", ""

@@ -3,7 +3,12 @@ distributed_train.sh's check): the anchors' own checkpoints (missing, another wi
 can still only fail inside a rank ends with its one line and exit 2, not torchrun's ChildFailedError banner. Also
 the one rule for a stitch config's relative anchor checkpoints (docs/robustness.md)."""
 import json
+import os
+import re
+import shutil
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from helpers import FAST, ROOT, TINY, ForkedCli, run
@@ -100,6 +105,49 @@ def test_the_refusal_of_whichever_rank_failed_first_is_said(tmp_path):
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
     assert r.returncode == 2 and errors == ["error: refused on rank 1"], r.stderr[-3000:]
     assert "ChildFailedError" not in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+
+
+HANGING_SCRIPT = """
+import time
+
+
+def waiting_in_the_rank():
+    time.sleep(300)
+
+
+print("rank started", flush=True)
+waiting_in_the_rank()
+"""
+
+
+@pytest.mark.dist
+def test_a_hung_launch_is_killed_whole_and_reported_with_its_stacks(tmp_path):
+    """A call past its timeout (a test's launch that hangs: once in a suite run, test_resume's killed rank, CI gave
+    no more than "timed out after 300 seconds") kills the launcher and every process under it, torchrun's ranks
+    included, and raises with the end of the output and each process's Python stack at the timeout."""
+    import helpers
+    script = tmp_path / "hang.py"
+    script.write_text(HANGING_SCRIPT)
+    (tmp_path / "cli").mkdir()
+    cli = ForkedCli(tmp_path / "cli")
+    try:
+        with pytest.raises(helpers.Hung) as e:
+            cli.call("torchrun", ["--nproc_per_node=2", str(script)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                     timeout=15)
+        report = str(e.value)
+        assert "timed out after 15 seconds" in report and "rank started" in report, report[-3000:]
+        assert helpers.process_tree(cli.proc.pid)[1:] == []  # the server alone: nothing of the call is under it
+        if shutil.which("py-spy", path=os.path.dirname(sys.executable)) or shutil.which("py-spy"):
+            assert report.count("waiting_in_the_rank") >= 2, report[-6000:]  # both ranks' stacks
+            dumped = [int(p) for p in re.findall(r"py-spy dump --pid (\d+)", report)]
+            deadline = time.monotonic() + 10
+            while (alive := [p for p in dumped if Path(f"/proc/{p}").exists()
+                             and "Z" not in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1][:3]]) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert len(dumped) >= 3 and alive == [], (dumped, alive)  # launcher, ranks: killed, not left to run
+    finally:
+        cli.close()
 
 
 # ------------------------------------------------------------------------ relative anchor checkpoints in a config
