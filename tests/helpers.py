@@ -414,8 +414,9 @@ class ForkedCli:
     (`python -m torch.distributed.run`, its ranks forked too), "code" (`python -c CODE ARGS`, argv
     [CODE, *ARGS]) or "script" (`python SCRIPT ARGS`, argv [SCRIPT, *ARGS]; only by `call`: `run` starts other
     scripts afresh). `env`: the child's whole
-    environment (None: the server's); `timeout`: seconds, then the child is killed and subprocess.TimeoutExpired
-    raised, as subprocess.run does."""
+    environment (None: the server's); `timeout`: seconds, then the child and every process under it are killed and
+    `Hung` (a subprocess.TimeoutExpired, as subprocess.run raises, with the end of the output and the stacks) is
+    raised."""
 
     def __init__(self, workdir, warnings=False):
         self.workdir = str(workdir)
