@@ -71,8 +71,6 @@ from snnet.serve.loadgen import post, run_open_loop  # noqa: E402
 DEIT_CONFIG = ROOT / "configs" / "deit_ti_s_b.json"
 DEIT_ANCHORS = [0, 1, 2]
 REPLAY = ROOT / "results" / "bench_serve_replay.txt"
-T975 = {2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228, 11: 2.201,
-        12: 2.179, 14: 2.145, 19: 2.093, 29: 2.045}
 
 
 # ------------------------------------------------------------------------------------------------ the networks
@@ -233,47 +231,16 @@ def weakest_settings(path: Path, n: int) -> list[tuple[str, float, str, float]]:
     return sorted(rows, key=lambda r: r[3])[:n]
 
 
-def interval(values: list[float]) -> tuple[float, float]:
-    m = statistics.fmean(values)
-    return m, (T975.get(len(values) - 1, 2.0) * statistics.stdev(values) / len(values) ** 0.5
-               if len(values) > 1 else float("nan"))
-
-
-def main() -> None:
-    from serve_replay import Calibrated, arrivals, replay, systems
+def collect(args: argparse.Namespace, servers_on: set[int], client: set[int]) -> dict[str, Any]:
+    """The live runs: a calibration at the start (or `args.calibration`), then every block's randomized runs on
+    fresh servers. Returns the raw record `analyse` reads (JSON: written with --raw, read back with --from-raw, so
+    that the prediction can be redone on old runs after a change to the replay)."""
+    from serve_replay import Calibrated, arrivals
 
     from snnet.deploy.export import export_stitch, load_snnet
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--blocks", type=int, default=10, help="randomized blocks (default 10)")
-    p.add_argument("--requests", type=int, default=40, help="requests per trace (default 40)")
-    p.add_argument("--settings", type=int, default=3, help="how many of the replay's weakest DeiT settings")
-    p.add_argument("--seed-offset", type=int, default=5000, help="the blocks' trace seeds start here")
-    p.add_argument("--replay", type=Path, default=REPLAY, help="the replay's results (its DeiT table)")
-    p.add_argument("--calibration", type=Path, default=None,
-                   help="use this calibration (serve_replay.py --calibrate) instead of measuring DeiT at the start")
-    p.add_argument("--client-cpus", default="", help="the load generator's cores (default: the last core)")
-    p.add_argument("--out", type=Path, default=None, help="also write the report here")
-    args = p.parse_args()
-    if args.blocks < 2 or args.requests < 2:
-        p.error(f"--blocks {args.blocks} --requests {args.requests}: pass at least 2 of each (an interval needs 2)")
-    every = os.sched_getaffinity(0)
-    try:
-        client = {int(c) for c in args.client_cpus.split(",")} if args.client_cpus else {max(every)}
-    except ValueError:
-        p.error(f"--client-cpus {args.client_cpus!r}: pass core numbers separated by commas, e.g. 1")
-    if not client < every:
-        p.error(f"--client-cpus {args.client_cpus!r}: pass some but not all of this process's cores {sorted(every)}")
-    servers_on = every - client
-    os.sched_setaffinity(0, client)
-    torch.set_num_threads(1)
     t_start = time.time()
     plan = weakest_settings(args.replay, args.settings)
-    live: dict[tuple[int, str], list[float]] = {}
-    seen: dict[tuple[int, int, str], np.ndarray] = {}  # (setting, block, system): what its server counted before
-    # (setting, block, system): the run's forward times / calibration through it (speed_profile)
-    speed: dict[tuple[int, int, str], Callable[[float], float] | float] = {}
-    at: dict[tuple[int, int, str], tuple[int, dict]] = {}  # (setting, block, system): its log line, live picks
-    log: list[str] = []
+    runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         measured = args.calibration
@@ -283,15 +250,16 @@ def main() -> None:
                             "deit", "--calibration", str(measured), "--note", "serve_live.py's, at its start"],
                            check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                            preexec_fn=lambda: os.sched_setaffinity(0, servers_on))
-        cal = Calibrated("deit", json.loads(measured.read_text())["nets"]["deit"])
-        out = [f"$ .venv/bin/python benchmarks/serve_live.py --blocks {args.blocks} --requests {args.requests} "
-               f"--settings {args.settings} --seed-offset {args.seed_offset}",
-               f"frozen from {'a calibration at the start' if args.calibration is None else args.calibration.name}"
-               f": SLO {cal.slo_ms:.1f} ms (server time from when a request was due), 1x = {cal.capacity:.2f} "
-               f"req/s (largest anchor at batch 1: {cal.menu.batch_ms(cal.largest, 1):.1f} ms); settings: the "
-               f"replay's {args.settings} weakest DeiT settings ({args.replay.name}); servers on cores "
-               f"{sorted(servers_on)} (1 thread), client on {sorted(client)}", ""]
-        print("\n".join(out), file=sys.stderr, flush=True)
+        calibration = json.loads(measured.read_text())["nets"]["deit"]
+        cal = Calibrated("deit", calibration)
+        header = [f"$ .venv/bin/python benchmarks/serve_live.py --blocks {args.blocks} --requests {args.requests} "
+                  f"--settings {args.settings} --seed-offset {args.seed_offset}",
+                  f"frozen from {'a calibration at the start' if args.calibration is None else args.calibration.name}"
+                  f": SLO {cal.slo_ms:.1f} ms (server time from when a request was due), 1x = {cal.capacity:.2f} "
+                  f"req/s (largest anchor at batch 1: {cal.menu.batch_ms(cal.largest, 1):.1f} ms); settings: the "
+                  f"replay's {args.settings} weakest DeiT settings ({args.replay.name}); servers on cores "
+                  f"{sorted(servers_on)} (1 thread), client on {sorted(client)}", ""]
+        print("\n".join(header), file=sys.stderr, flush=True)
         net, records = deit_served()
         ckpt = work / "deit.pth.tar"
         save_checkpoint(ckpt, {"state_dict": net.state_dict(), "epoch": 0,
@@ -308,7 +276,6 @@ def main() -> None:
         images = deit_images()
         acc = {r["cfg_id"]: r["acc1"] for r in records}
         rng = np.random.default_rng(args.seed_offset)
-        runs = 0
         for block in range(args.blocks):
             seed = args.seed_offset + block
             for role in rng.permutation(["switch", "A/A", "alternative"]).tolist():
@@ -339,52 +306,67 @@ def main() -> None:
                         picks = np.random.default_rng(seed).integers(0, len(images), args.requests)
                         key = role if role != "alternative" else alt
                         began = time.time()
-                        seen[s, block, key] = np.array(sent) - began
+                        seen = (np.array(sent) - began).tolist()  # what its server counted before the trace
                         row = run_trace(server.url, images, times, picks, cal.slo_ms, extra, acc, cal)
                         sent.extend((began + times).tolist())
-                        speed[s, block, key] = speed_profile(row["batches"]) if row["batches"] else 1.0
-                        live.setdefault((s, key), []).append(row["effacc"])
-                        runs += 1
-                        log.append(f"block {block + 1}/{args.blocks} {kind} {load:g}x {system}: "
-                                   f"effacc {row['effacc']:.2f} attain {row['attain']:.2f} shed {row['shed']} "
-                                   f"failed {row['failed']} speed {row['speed']:.2f} ({time.time() - t_start:.0f} s, "
-                                   f"{runs} runs)")
-                        at[s, block, key] = (len(log) - 1, row["picks"])
-                        print(log[-1], file=sys.stderr, flush=True)
+                        line = (f"block {block + 1}/{args.blocks} {kind} {load:g}x {system}: effacc {row['effacc']:.2f}"
+                                f" attain {row['attain']:.2f} shed {row['shed']} failed {row['failed']} speed "
+                                f"{row['speed']:.2f} ({time.time() - t_start:.0f} s, {len(runs) + 1} runs)")
+                        runs.append({"setting": s, "block": block, "system": key, "effacc": row["effacc"],
+                                     "seen": seen, "batches": row["batches"], "picks": row["picks"], "line": line})
+                        print(line, file=sys.stderr, flush=True)
                 finally:
                     if server is not None:
                         server.stop()
-    # the replay's prediction for the very same traces, images and arrivals counted before each
+    return {"header": header, "calibration": calibration, "plan": plan, "blocks": args.blocks,
+            "requests": args.requests, "seed_offset": args.seed_offset, "images": len(images), "runs": runs,
+            "minutes": (time.time() - t_start) / 60, "load": os.getloadavg()[0]}
+
+
+def analyse(record: dict[str, Any]) -> str:
+    """The report of one collection (`collect`'s record): per setting the live means, the paired differences and the
+    replay's predictions of the very same runs; its last line the RESULT."""
+    from serve_replay import Calibrated, arrivals, interval, replay, systems
+    cal = Calibrated("deit", record["calibration"])
+    plan = [tuple(x) for x in record["plan"]]
+    blocks, requests, offset = record["blocks"], record["requests"], record["seed_offset"]
+    by_run = {(r["setting"], r["block"], r["system"]): r for r in record["runs"]}
+    log = [r["line"] for r in record["runs"]]
+    line_of = {(r["setting"], r["block"], r["system"]): i for i, r in enumerate(record["runs"])}
     by_name = systems(cal)
     behind, aa_ok, inside, pairs = 0, True, 0, 0
+    out = list(record["header"])
     out += ["| arrivals | load | alternative (replay margin) | switch | alternative | A/A | switch - alternative | "
             "switch - A/A | replay at each run's speeds: switch / alternative / A/A | replay at the calibration's "
             "speed | live - replay, paired by block: switch / alternative / A/A |",
             "|---|---:|---|---:|---:|---:|---:|---:|---|---|---|"]
     for s, (kind, load, alt, margin) in enumerate(plan):
+        live = {k: [by_run[s, b, k]["effacc"] for b in range(blocks)] for k in ("switch", alt, "A/A")}
         predicted, at_start, paired = {}, {}, {}
         for key in ("switch", alt, "A/A"):
             effs, effs_start = [], []
-            for block in range(args.blocks):
-                seed = args.seed_offset + block
-                times = arrivals(kind, args.requests, load * cal.capacity, cal.slo_ms / 1e3, seed)
-                draws = np.random.default_rng(10_000 + seed).random((args.requests, 4))
-                draws[:, 0] = (np.random.default_rng(seed).integers(0, len(images), args.requests) + 0.5) / \
-                    len(images)  # the live trace's images
+            for block in range(blocks):
+                seed = offset + block
+                run = by_run[s, block, key]
+                times = arrivals(kind, requests, load * cal.capacity, cal.slo_ms / 1e3, seed)
+                draws = np.random.default_rng(10_000 + seed).random((requests, 4))
+                draws[:, 0] = (np.random.default_rng(seed).integers(0, record["images"], requests) + 0.5) / \
+                    record["images"]  # the live trace's images
                 system_ = by_name["switch" if key == "A/A" else key]
-                one = replay(cal, system_, times, draws, seen[s, block, key], speed[s, block, key])
+                seen = np.array(run["seen"])
+                speed = speed_profile([tuple(b) for b in run["batches"]]) if run["batches"] else 1.0
+                one = replay(cal, system_, times, draws, seen, speed)
                 effs.append(one["effacc"])
                 # each run's line: the replay's prediction of it and both answers per cfg_id (where they part)
-                line, live_picks = at[s, block, key]
-                fmt = lambda p: " ".join(f"{c}:{p[c]}" for c in sorted(p))
-                log[line] += (f"; replay {one['effacc']:.2f}; answers per cfg_id live {fmt(live_picks)}, "
-                              f"replay {fmt(one['picks'])}")
-                effs_start.append(replay(cal, system_, times, draws, seen[s, block, key])["effacc"])
+                fmt = lambda p: " ".join(f"{c}:{p[c]}" for c in sorted(p, key=int))  # noqa: E731
+                log[line_of[s, block, key]] += (f"; replay {one['effacc']:.2f}; answers per cfg_id live "
+                                                f"{fmt(run['picks'])}, replay {fmt(one['picks'])}")
+                effs_start.append(replay(cal, system_, times, draws, seen)["effacc"])
             predicted[key], at_start[key] = statistics.fmean(effs), statistics.fmean(effs_start)
-            paired[key] = interval([a - b for a, b in zip(live[s, key], effs)])
-        means = {k: interval(live[s, k]) for k in ("switch", alt, "A/A")}
-        d_alt = interval([a - b for a, b in zip(live[s, "switch"], live[s, alt])])
-        d_aa = interval([a - b for a, b in zip(live[s, "switch"], live[s, "A/A"])])
+            paired[key] = interval([a - b for a, b in zip(live[key], effs)])
+        means = {k: interval(live[k]) for k in ("switch", alt, "A/A")}
+        d_alt = interval([a - b for a, b in zip(live["switch"], live[alt])])
+        d_aa = interval([a - b for a, b in zip(live["switch"], live["A/A"])])
         behind += d_alt[0] + d_alt[1] < 0
         aa_ok &= abs(d_aa[0]) <= d_aa[1]
         for k in ("switch", alt, "A/A"):
@@ -397,13 +379,58 @@ def main() -> None:
                    + " / ".join(f"{at_start[k]:.2f}" for k in ("switch", alt, "A/A")) + " | "
                    + " / ".join(f"{paired[k][0]:+.2f} ± {paired[k][1]:.2f}" for k in ("switch", alt, "A/A")) + " |")
     speeds = [float(ln.split(" speed ")[1].split()[0]) for ln in log]
-    out += ["", f"{runs} server runs in {(time.time() - t_start) / 60:.1f} min; load average "
-                f"{os.getloadavg()[0]:.2f} at the end; the machine's speed against the calibration (forward time / "
-                f"calibrated median, per run): first block {statistics.fmean(speeds[:3 * len(plan)]):.2f}, last "
+    out += ["", f"{len(log)} server runs in {record['minutes']:.1f} min; load average {record['load']:.2f} at the "
+                f"end; the machine's speed against the calibration (forward time / calibrated median, per run): first "
+                f"block {statistics.fmean(speeds[:3 * len(plan)]):.2f}, last "
                 f"{statistics.fmean(speeds[-3 * len(plan):]):.2f}, range {min(speeds):.2f}..{max(speeds):.2f}",
             "", "<details><summary>every run, in the order run</summary>", "", *log, "", "</details>", "",
             f"RESULT live_behind={behind} aa_covers_zero={int(aa_ok)} replay_inside={inside}/{pairs}"]
-    text = "\n".join(out) + "\n"
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--blocks", type=int, default=10, help="randomized blocks (default 10)")
+    p.add_argument("--requests", type=int, default=40, help="requests per trace (default 40)")
+    p.add_argument("--settings", type=int, default=3, help="how many of the replay's weakest DeiT settings")
+    p.add_argument("--seed-offset", type=int, default=5000, help="the blocks' trace seeds start here")
+    p.add_argument("--replay", type=Path, default=REPLAY, help="the replay's results (its DeiT table)")
+    p.add_argument("--calibration", type=Path, default=None,
+                   help="use this calibration (serve_replay.py --calibrate) instead of measuring DeiT at the start")
+    p.add_argument("--client-cpus", default="", help="the load generator's cores (default: the last core)")
+    p.add_argument("--out", type=Path, default=None, help="also write the report here")
+    p.add_argument("--raw", type=Path, default=None,
+                   help="also write every run's raw data here (JSON: the calibration, arrivals counted, each batch's "
+                        "start and speed), which --from-raw reads")
+    p.add_argument("--from-raw", type=Path, default=None,
+                   help="run no server: redo the report from a --raw file (the replay's predictions with today's code)")
+    args = p.parse_args()
+    if args.from_raw is not None:
+        try:
+            record = json.loads(args.from_raw.read_text())
+        except (OSError, ValueError) as e:
+            p.error(f"--from-raw {args.from_raw}: {e}; pass a file that serve_live.py --raw wrote")
+        text = analyse(record)
+        if args.out:
+            write_text_atomic(args.out, text)
+        print(text)
+        return
+    if args.blocks < 2 or args.requests < 2:
+        p.error(f"--blocks {args.blocks} --requests {args.requests}: pass at least 2 of each (an interval needs 2)")
+    every = os.sched_getaffinity(0)
+    try:
+        client = {int(c) for c in args.client_cpus.split(",")} if args.client_cpus else {max(every)}
+    except ValueError:
+        p.error(f"--client-cpus {args.client_cpus!r}: pass core numbers separated by commas, e.g. 1")
+    if not client < every:
+        p.error(f"--client-cpus {args.client_cpus!r}: pass some but not all of this process's cores {sorted(every)}")
+    servers_on = every - client
+    os.sched_setaffinity(0, client)
+    torch.set_num_threads(1)
+    record = collect(args, servers_on, client)
+    if args.raw:
+        write_text_atomic(args.raw, json.dumps(record))
+    text = analyse(record)
     if args.out:
         write_text_atomic(args.out, text)
     print(text)

@@ -102,7 +102,6 @@ RULES = {"switch, modes, arrivals, rest on same": {},
          "switch, modes, arrivals, rest on fastest": {"rest_on_same": False},
          "switch, modes, no arrivals, rest on same": {"arrivals": False}}
 KNOBS = ("modes", "arrivals", "rest_on_same")
-T975 = {9: 2.262, 19: 2.093, 29: 2.045, 39: 2.023, 49: 2.010}
 
 
 # ------------------------------------------------------------------------------------------------ calibration
@@ -508,11 +507,14 @@ def _tagged(pool, jobs: list[tuple], what: str, t_start: float) -> dict[tuple[st
     return got
 
 
-def interval(diffs: list[float]) -> tuple[float, float]:
-    m = statistics.fmean(diffs)
-    if len(diffs) < 2:
+def interval(values: list[float]) -> tuple[float, float]:
+    """The mean and the half-width of its 95 % interval (Student's t with n - 1 degrees of freedom; nan for one
+    value). serve_live.py's intervals are these too."""
+    from scipy import stats
+    m = statistics.fmean(values)
+    if len(values) < 2:
         return m, math.nan
-    return m, T975.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return m, float(stats.t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def main() -> None:

@@ -1070,6 +1070,44 @@ def test_the_live_speed_is_keyed_by_when_each_batch_started(monkeypatch, deit_re
     assert [round(profile(t), 6) for t in (0.2, 1.1, 1.4, 2.0)] == [2.0, 2.0, 1.1, 1.05]
 
 
+def test_the_live_report_is_redone_from_its_raw_runs(monkeypatch, tmp_path, capsys):
+    """serve_live.py --raw keeps every run's data and --from-raw redoes the report from it with today's replay,
+    starting no server: the same report from the record as written and as read back; a file that is not such a
+    record is one line, exit 2."""
+    monkeypatch.syspath_prepend(f"{ROOT}/benchmarks")
+    import serve_live
+    saved = json.loads(Path(ROOT, "results", "serve_calibration.json").read_text())["nets"]["deit"]
+    plan = [("onoff", 1.0, "anchors", 0.06)]
+    runs = []
+    for block in range(2):
+        for k, system in enumerate(("switch", "anchors", "A/A")):
+            eff = 79.0 + k * 0.1 + block * 0.4
+            runs.append({"setting": 0, "block": block, "system": system, "effacc": eff, "seen": [-3.0, -2.0, -1.0],
+                         "batches": [[0.1, 1.0], [0.6, 1.1], [1.2, 0.9]], "picks": {"1": 4},
+                         "line": f"block {block + 1}/2 onoff 1x {system}: effacc {eff:.2f} attain 1.00 shed 0 "
+                                 f"failed 0 speed 1.00 (1 s, {len(runs) + 1} runs)"})
+    record = {"header": ["$ serve_live.py", ""], "calibration": saved, "plan": plan, "blocks": 2, "requests": 4,
+              "seed_offset": 7, "images": 16, "runs": runs, "minutes": 0.5, "load": 1.0}
+    text = serve_live.analyse(record)
+    raw = tmp_path / "raw.json"
+    raw.write_text(json.dumps(record))
+    assert serve_live.analyse(json.loads(raw.read_text())) == text
+    row = next(ln for ln in text.splitlines() if ln.startswith("| onoff | 1x | anchors"))
+    cells = [c.strip() for c in row.split("|")]
+    assert len(cells) == 13 and cells[4] == "79.20 ± 2.54" and cells[7:9] == ["-0.10 ± 0.00", "-0.20 ± 0.00"], row
+    assert text.splitlines()[-1].startswith("RESULT live_behind=") and "replay_inside=" in text.splitlines()[-1]
+    assert text.count("; replay ") == 6 and "answers per cfg_id live 1:4" in text
+    monkeypatch.setattr(sys, "argv", ["serve_live.py", "--from-raw", str(raw), "--out", str(tmp_path / "r.txt")])
+    serve_live.main()
+    assert (tmp_path / "r.txt").read_text() == text
+    capsys.readouterr()
+    (tmp_path / "bad.json").write_text("not json")
+    monkeypatch.setattr(sys, "argv", ["serve_live.py", "--from-raw", str(tmp_path / "bad.json")])
+    with pytest.raises(SystemExit) as e:
+        serve_live.main()
+    assert e.value.code == 2 and "--from-raw" in capsys.readouterr().err
+
+
 def test_the_choice_benchmark_times_the_slack_table_on_a_steady_state(monkeypatch):
     """benchmarks/serve_plan.py: the timed calls leave the scheduler as prepared (an earlier version re-admitted
     each batch, so the counted rate grew until the choice was the fastest stitch's shortcut), and at the prepared
