@@ -71,6 +71,8 @@ from snnet.serve.loadgen import post, run_open_loop  # noqa: E402
 DEIT_CONFIG = ROOT / "configs" / "deit_ti_s_b.json"
 DEIT_ANCHORS = [0, 1, 2]
 REPLAY = ROOT / "results" / "bench_serve_replay.txt"
+#: what a run's raw record keeps of each answer, after its status, cfg_id, batch size and elapsed ms (--raw)
+ANSWER_TIMES = ("before", "decode", "queue", "forward", "answer")
 
 
 # ------------------------------------------------------------------------------------------------ the networks
@@ -158,7 +160,9 @@ def run_trace(url: str, images: list[str], times: np.ndarray, picks: np.ndarray,
             picks[r.body["cfg_id"]] = picks.get(r.body["cfg_id"], 0) + 1
     return {"picks": picks, "effacc": statistics.fmean(credit), "attain": statistics.fmean(c > 0 for c in credit),
             "shed": sum(r.status == 503 for r in replies), "failed": sum(r.status not in (200, 503) for r in replies),
-            "speed": statistics.median(speed) if speed else float("nan"), "batches": batch_speeds(replies, times, cal)}
+            "speed": statistics.median(speed) if speed else float("nan"), "batches": batch_speeds(replies, times, cal),
+            "answers": [[r.status, r.body.get("cfg_id"), r.body.get("batch_size"), r.body.get("elapsed_ms"),
+                         *(r.body.get("timing_ms", {}).get(k) for k in ANSWER_TIMES)] for r in replies]}
 
 
 def batch_speeds(replies: list[Any], times: np.ndarray, cal: Any) -> list[tuple[float, float]]:
@@ -313,7 +317,8 @@ def collect(args: argparse.Namespace, servers_on: set[int], client: set[int]) ->
                                 f" attain {row['attain']:.2f} shed {row['shed']} failed {row['failed']} speed "
                                 f"{row['speed']:.2f} ({time.time() - t_start:.0f} s, {len(runs) + 1} runs)")
                         runs.append({"setting": s, "block": block, "system": key, "effacc": row["effacc"],
-                                     "seen": seen, "batches": row["batches"], "picks": row["picks"], "line": line})
+                                     "seen": seen, "batches": row["batches"], "picks": row["picks"], "line": line,
+                                     "answers": row["answers"]})
                         print(line, file=sys.stderr, flush=True)
                 finally:
                     if server is not None:
@@ -401,7 +406,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="also write the report here")
     p.add_argument("--raw", type=Path, default=None,
                    help="also write every run's raw data here (JSON: the calibration, arrivals counted, each batch's "
-                        "start and speed), which --from-raw reads")
+                        "start and speed, each answer's status, stitch, batch size and times), which --from-raw reads")
     p.add_argument("--from-raw", type=Path, default=None,
                    help="run no server: redo the report from a --raw file (the replay's predictions with today's code)")
     args = p.parse_args()
