@@ -30,7 +30,10 @@ This benchmark checks that replay against real servers under real open-loop HTTP
   is shown beside it, and so is live minus the prediction paired by block with its interval (the prediction has
   noise of its own: one replay per block).
 
-    .venv/bin/python benchmarks/serve_live.py [--blocks 10] [--requests 40] > results/bench_serve_live.txt
+    .venv/bin/python benchmarks/serve_live.py [--blocks 10] [--requests 40] --out results/bench_serve_live.txt \
+        --raw results/bench_serve_live_raw.json          # the runs' raw data too
+    .venv/bin/python benchmarks/serve_live.py --from-raw results/bench_serve_live_raw.json   # the report again,
+                                                         # with today's replay, no server started
 
 Last line: RESULT live_behind=<settings where the alternative is ahead beyond the interval> aa_covers_zero=<1 when
 every A/A interval covers 0> replay_inside=<k>/<n> ((setting, system) pairs whose replay prediction is inside the
