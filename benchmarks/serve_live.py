@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import base64
 import bisect
+import collections
 import io
 import json
 import os
@@ -148,39 +149,44 @@ def run_trace(url: str, images: list[str], times: np.ndarray, picks: np.ndarray,
     """One open-loop trace: each request due at its time carries sent_at (the server counts its budget from then);
     its credit is its stitch's top-1 when the server answered it within the SLO, else 0. `speed`: the median over
     its answers of the forward pass's time over the calibration's median for that stitch and batch size (1: the
-    machine ran as fast as when it was calibrated); `batches`: each batch's start on the trace's clock and its
-    speed (`batch_speeds`)."""
+    machine ran as fast as when it was calibrated); `answers`: one row per request (`answer_row`), what the raw
+    record keeps and the prediction reads (`batch_speeds`, `picks`)."""
     bodies = [json.dumps({"image": images[i], "budget": {"latency_ms": slo_ms}, "top_k": 1, **extra}).encode()
               for i in picks]
     replies = run_open_loop(url, bodies, times, time_limit=float(times[-1]) + 1, timeout=slo_ms / 1e3 * 4 + 10,
                             stamp=True)
     credit = [acc[r.body["cfg_id"]] if r.status == 200 and r.body["elapsed_ms"] <= slo_ms else 0.0 for r in replies]
-    speed = [r.body["timing_ms"]["forward"] / cal.service_ms(r.body["cfg_id"], r.body["batch_size"], 0.5)
-             for r in replies if r.status == 200]
-    picks: dict[int, int] = {}
-    for r in replies:
-        if r.status == 200:
-            picks[r.body["cfg_id"]] = picks.get(r.body["cfg_id"], 0) + 1
-    return {"picks": picks, "effacc": statistics.fmean(credit), "attain": statistics.fmean(c > 0 for c in credit),
+    answers = [answer_row(r.status, r.body) for r in replies]
+    speed = [a[7] / cal.service_ms(a[1], a[2], 0.5) for a in answers if a[0] == 200]
+    return {"effacc": statistics.fmean(credit), "attain": statistics.fmean(c > 0 for c in credit),
             "shed": sum(r.status == 503 for r in replies), "failed": sum(r.status not in (200, 503) for r in replies),
-            "speed": statistics.median(speed) if speed else float("nan"), "batches": batch_speeds(replies, times, cal),
-            "answers": [[r.status, r.body.get("cfg_id"), r.body.get("batch_size"), r.body.get("elapsed_ms"),
-                         *(r.body.get("timing_ms", {}).get(k) for k in ANSWER_TIMES)] for r in replies]}
+            "speed": statistics.median(speed) if speed else float("nan"), "answers": answers}
 
 
-def batch_speeds(replies: list[Any], times: np.ndarray, cal: Any) -> list[tuple[float, float]]:
-    """One (start, speed) per batch the server ran for these answers: when its forward pass began on the trace's
-    clock (the request's due time plus its wait before, in decoding and in the queue) and its forward time over the
-    calibration's median for that stitch and batch size. The answers of one batch share its start and forward time
-    and count once (a batch of 8 is one measurement of the machine, not 8)."""
+def answer_row(status: int, body: dict[str, Any]) -> list[Any]:
+    """What the raw record keeps of one answer: status, cfg_id, batch size, elapsed ms and `ANSWER_TIMES` (None
+    where the answer has none: a shed or failed request)."""
+    return [status, body.get("cfg_id"), body.get("batch_size"), body.get("elapsed_ms"),
+            *(body.get("timing_ms", {}).get(k) for k in ANSWER_TIMES)]
+
+
+def picks_of(answers: list[list[Any]]) -> dict[int, int]:
+    """Answers per cfg_id (the answered requests)."""
+    return dict(collections.Counter(int(a[1]) for a in answers if a[0] == 200))
+
+
+def batch_speeds(answers: list[list[Any]], times: np.ndarray, cal: Any) -> list[tuple[float, float]]:
+    """One (start, speed) per batch the server ran for these answers (`answer_row`s, in request order): when its
+    forward pass began on the trace's clock (the request's due time plus its wait before, in decoding and in the
+    queue) and its forward time over the calibration's median for that stitch and batch size. The answers of one
+    batch share its start and forward time and count once (a batch of 8 is one measurement of the machine, not 8)."""
     seen: dict[tuple[int, int, float], tuple[float, float]] = {}
-    for i, r in enumerate(replies):
-        if r.status != 200:
+    for i, (status, c, n, _, before, decode, queue, forward, _) in enumerate(answers):
+        if status != 200:
             continue
-        t, c, n = r.body["timing_ms"], r.body["cfg_id"], r.body["batch_size"]
-        start = float(times[i]) + (t["before"] + t["decode"] + t["queue"]) / 1e3
+        start = float(times[i]) + (before + decode + queue) / 1e3
         # one batch: its answers carry the same measured forward time (the server times the batch once)
-        seen.setdefault((c, n, t["forward"]), (start, t["forward"] / cal.service_ms(c, n, 0.5)))
+        seen.setdefault((c, n, forward), (start, forward / cal.service_ms(c, n, 0.5)))
     return sorted(seen.values())
 
 
@@ -320,8 +326,7 @@ def collect(args: argparse.Namespace, servers_on: set[int], client: set[int]) ->
                                 f" attain {row['attain']:.2f} shed {row['shed']} failed {row['failed']} speed "
                                 f"{row['speed']:.2f} ({time.time() - t_start:.0f} s, {len(runs) + 1} runs)")
                         runs.append({"setting": s, "block": block, "system": key, "effacc": row["effacc"],
-                                     "seen": seen, "batches": row["batches"], "picks": row["picks"], "line": line,
-                                     "answers": row["answers"]})
+                                     "seen": seen, "answers": row["answers"], "line": line})
                         print(line, file=sys.stderr, flush=True)
                 finally:
                     if server is not None:
@@ -338,9 +343,9 @@ def analyse(record: dict[str, Any]) -> str:
     cal = Calibrated("deit", record["calibration"])
     plan = [tuple(x) for x in record["plan"]]
     blocks, requests, offset = record["blocks"], record["requests"], record["seed_offset"]
-    by_run = {(r["setting"], r["block"], r["system"]): r for r in record["runs"]}
+    by_run = {(r["setting"], r["block"], r["system"]): (i, r) for i, r in enumerate(record["runs"])}
     log = [r["line"] for r in record["runs"]]
-    line_of = {(r["setting"], r["block"], r["system"]): i for i, r in enumerate(record["runs"])}
+    fmt = lambda p: " ".join(f"{c}:{p[c]}" for c in sorted(p))  # noqa: E731  (answers per cfg_id)
     by_name = systems(cal)
     behind, aa_ok, inside, pairs = 0, True, 0, 0
     out = list(record["header"])
@@ -349,26 +354,25 @@ def analyse(record: dict[str, Any]) -> str:
             "speed | live - replay, paired by block: switch / alternative / A/A |",
             "|---|---:|---|---:|---:|---:|---:|---:|---|---|---|"]
     for s, (kind, load, alt, margin) in enumerate(plan):
-        live = {k: [by_run[s, b, k]["effacc"] for b in range(blocks)] for k in ("switch", alt, "A/A")}
+        live = {k: [by_run[s, b, k][1]["effacc"] for b in range(blocks)] for k in ("switch", alt, "A/A")}
         predicted, at_start, paired = {}, {}, {}
         for key in ("switch", alt, "A/A"):
             effs, effs_start = [], []
             for block in range(blocks):
                 seed = offset + block
-                run = by_run[s, block, key]
+                line, run = by_run[s, block, key]
                 times = arrivals(kind, requests, load * cal.capacity, cal.slo_ms / 1e3, seed)
                 draws = np.random.default_rng(10_000 + seed).random((requests, 4))
                 draws[:, 0] = (np.random.default_rng(seed).integers(0, record["images"], requests) + 0.5) / \
                     record["images"]  # the live trace's images
                 system_ = by_name["switch" if key == "A/A" else key]
                 seen = np.array(run["seen"])
-                speed = speed_profile([tuple(b) for b in run["batches"]]) if run["batches"] else 1.0
-                one = replay(cal, system_, times, draws, seen, speed)
+                batches = batch_speeds(run["answers"], times, cal)
+                one = replay(cal, system_, times, draws, seen, speed_profile(batches) if batches else 1.0)
                 effs.append(one["effacc"])
                 # each run's line: the replay's prediction of it and both answers per cfg_id (where they part)
-                fmt = lambda p: " ".join(f"{c}:{p[c]}" for c in sorted(p, key=int))  # noqa: E731
-                log[line_of[s, block, key]] += (f"; replay {one['effacc']:.2f}; answers per cfg_id live "
-                                                f"{fmt(run['picks'])}, replay {fmt(one['picks'])}")
+                log[line] += (f"; replay {one['effacc']:.2f}; answers per cfg_id live {fmt(picks_of(run['answers']))}"
+                              f", replay {fmt(one['picks'])}")
                 effs_start.append(replay(cal, system_, times, draws, seen)["effacc"])
             predicted[key], at_start[key] = statistics.fmean(effs), statistics.fmean(effs_start)
             paired[key] = interval([a - b for a, b in zip(live[key], effs)])
@@ -408,8 +412,8 @@ def main() -> None:
     p.add_argument("--client-cpus", default="", help="the load generator's cores (default: the last core)")
     p.add_argument("--out", type=Path, default=None, help="also write the report here")
     p.add_argument("--raw", type=Path, default=None,
-                   help="also write every run's raw data here (JSON: the calibration, arrivals counted, each batch's "
-                        "start and speed, each answer's status, stitch, batch size and times), which --from-raw reads")
+                   help="also write every run's raw data here (JSON: the calibration, the arrivals each server "
+                        "counted, each answer's status, stitch, batch size and times), which --from-raw reads")
     p.add_argument("--from-raw", type=Path, default=None,
                    help="run no server: redo the report from a --raw file (the replay's predictions with today's code)")
     args = p.parse_args()

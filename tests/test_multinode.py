@@ -18,7 +18,7 @@ import time
 import uuid
 
 import pytest
-from helpers import FAST, ROOT, run
+from helpers import FAST, ROOT, process_tree, run
 from test_resume import assert_identical
 
 EPOCHS = ["--epochs", "2"]
@@ -41,13 +41,6 @@ def children(pid: int) -> list[int]:
         return []
 
 
-def descendants(pid: int) -> list[int]:
-    found = []
-    for c in children(pid):
-        found += [c, *descendants(c)]
-    return found
-
-
 def environ(pid: int) -> dict[str, str]:
     with open(f"/proc/{pid}/environ") as f:
         return dict(kv.split("=", 1) for kv in f.read().split("\0") if "=" in kv)
@@ -56,7 +49,7 @@ def environ(pid: int) -> dict[str, str]:
 def stop(procs) -> None:
     """Kill the agents we started and their workers, by pid (deepest first)."""
     for p in procs:
-        for pid in [*reversed(descendants(p.pid)), p.pid]:
+        for pid in reversed(process_tree(p.pid)):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -1049,15 +1049,14 @@ def test_the_live_speed_is_keyed_by_when_each_batch_started(monkeypatch, deit_re
     a burst a slow batch starts up to an SLO after its requests arrived, and the replay charges its speed then."""
     monkeypatch.syspath_prepend(f"{ROOT}/benchmarks")
     import serve_live
-
-    from snnet.serve.loadgen import Reply
     _, net = deit_replay
     c = net.menu.cfg_ids[0]
     median = net.service_ms(c, 2, 0.5)
 
-    def reply(i: int, queue_ms: float, forward_ms: float, status: int = 200) -> Reply:
-        return Reply(i, status, 0.0, {"cfg_id": c, "batch_size": 2, "timing_ms": {
-            "before": 1.0, "decode": 4.0, "queue": queue_ms, "forward": forward_ms}})
+    def reply(i: int, queue_ms: float, forward_ms: float, status: int = 200) -> list:
+        body = {} if status != 200 else {"cfg_id": c, "batch_size": 2, "elapsed_ms": 1.0, "timing_ms": {
+            "before": 1.0, "decode": 4.0, "queue": queue_ms, "forward": forward_ms, "answer": 0.5}}
+        return serve_live.answer_row(status, body)
 
     times = np.array([0.0, 0.5, 1.0, 1.2, 1.4])
     # requests 0 and 1 ran together at 1.005 s (a slow batch), request 2 alone at 1.305 s, request 3 was shed,
@@ -1082,11 +1081,14 @@ def test_the_live_report_is_redone_from_its_raw_runs(monkeypatch, tmp_path, caps
     for block in range(2):
         for k, system in enumerate(("switch", "anchors", "A/A")):
             eff = 79.0 + k * 0.1 + block * 0.4
+            # four answers of cfg 1 in two batches of two (forward 60 and 70 ms), one shed request
+            answers = [[200, 1, 2, 100.0, 1.0, 2.0, q, f, 0.5] for q, f in ((0.0, 60.0), (0.0, 60.0), (5.0, 70.0),
+                                                                            (5.0, 70.0))] + [[503] + [None] * 8]
             runs.append({"setting": 0, "block": block, "system": system, "effacc": eff, "seen": [-3.0, -2.0, -1.0],
-                         "batches": [[0.1, 1.0], [0.6, 1.1], [1.2, 0.9]], "picks": {"1": 4},
+                         "answers": answers,
                          "line": f"block {block + 1}/2 onoff 1x {system}: effacc {eff:.2f} attain 1.00 shed 0 "
                                  f"failed 0 speed 1.00 (1 s, {len(runs) + 1} runs)"})
-    record = {"header": ["$ serve_live.py", ""], "calibration": saved, "plan": plan, "blocks": 2, "requests": 4,
+    record = {"header": ["$ serve_live.py", ""], "calibration": saved, "plan": plan, "blocks": 2, "requests": 5,
               "seed_offset": 7, "images": 16, "runs": runs, "minutes": 0.5, "load": 1.0}
     text = serve_live.analyse(record)
     raw = tmp_path / "raw.json"
