@@ -26,14 +26,18 @@ This benchmark checks that replay against real servers under real open-loop HTTP
   inside the live mean's 95 % interval. The prediction replays each run at **that run's machine speed through
   it** (its batches' forward times over the calibration's medians for the same stitch and batch size, a median of
   3 batches by when they started, `speed_profile`: a property of the machine, not of the policy; it moved by a
-  third within one run of this benchmark, and by twice within one trace); the prediction at the calibration's speed
-  is shown beside it, and so is live minus the prediction paired by block with its interval (the prediction has
-  noise of its own: one replay per block).
+  third within one run of this benchmark, and by twice within one trace) on **a server with that live server's
+  history** (`past_of`: every answer it gave before the trace, warm-up and earlier traces, so that the replayed
+  server starts with the slowdown, jitter and answer time it had learned and the mode tables it had simulated from
+  its own measured batches, by the same code); the prediction at the calibration's speed by a server that has run
+  a while on the calibration is shown beside it, and so is live minus the prediction paired by block with its
+  interval (the prediction has noise of its own: one replay per block).
 
     .venv/bin/python benchmarks/serve_live.py [--blocks 10] [--requests 40] --out results/bench_serve_live.txt \
         --raw results/bench_serve_live_raw.json          # the runs' raw data too
     .venv/bin/python benchmarks/serve_live.py --from-raw results/bench_serve_live_raw.json   # the report again,
-                                                         # with today's replay, no server started
+                                                         # with today's replay, no server started (~10 min on
+                                                         # 2 cores: each server's mode tables are simulated anew)
 
 Last line: RESULT live_behind=<settings where the alternative is ahead beyond the interval> aa_covers_zero=<1 when
 every A/A interval covers 0> replay_inside=<k>/<n> ((setting, system) pairs whose replay prediction is inside the
@@ -205,21 +209,80 @@ def speed_profile(batches: list[tuple[float, float]], k: int = 3) -> Callable[[f
     return lambda t: smooth[max(0, bisect.bisect_right(at, t) - 1)]
 
 
-def warm(server: Server, images: list[str], slo_ms: float, history: list[float]) -> None:
+def send(server: Server, body: dict[str, Any], posts: list[tuple[float, list[Any]]]) -> None:
+    """One request outside the traces (a cold start, the warm-up, a fixed stitch's first), kept in `posts` as (Unix
+    time sent, `answer_row`): the live server learned from it, and so does the replay of its later traces."""
+    sent = time.time()
+    status, answer = post(server.url, json.dumps(body).encode())
+    posts.append((sent, answer_row(status, answer)))
+
+
+def warm(server: Server, images: list[str], slo_ms: float, posts: list[tuple[float, list[Any]]]) -> None:
     """Bring a switching server to the state the replay models, one that has run before: one request at a time
     with the SLO's budget (its batch times measured, its arrivals counted) until it simulates its mode table,
-    then wait, idle, until the table is built. `history`: the send times (Unix) of what it was sent."""
+    then wait, idle, until the table is built. `posts`: what it was sent and answered (`send`)."""
     from snnet.serve.loadgen import get
     from snnet.serve.scheduler import MODE_AFTER
     for i in range(max(MODE_AFTER, 8) + 2):  # the 8 gaps the load needs, MODE_AFTER batches
-        history.append(time.time())
-        post(server.url, json.dumps({"image": images[i % len(images)], "budget": {"latency_ms": slo_ms},
-                                     "top_k": 1}).encode())
+        send(server, {"image": images[i % len(images)], "budget": {"latency_ms": slo_ms}, "top_k": 1}, posts)
     t0 = time.monotonic()
     while get(server.url)[1].get("mode_tables", 0) < 1:
         if time.monotonic() - t0 > 300:
             raise RuntimeError(f"a server built no mode table in 300 s: {server.log.read_text()[-2000:]}")
         time.sleep(0.5)
+
+
+def server_ids(runs: list[dict[str, Any]]) -> list[int]:
+    """Which server each run's trace was sent to (in the order run). Records before the key "server" existed: a
+    new server for each role in each block, and again where the role's system needs another kind of server (a fixed
+    stitch on the SN-Net, the anchors exported), as `collect` starts them."""
+    if all("server" in r for r in runs):
+        return [int(r["server"]) for r in runs]
+    ids, last = [], None
+    for r in runs:
+        role = r["system"] if r["system"] in ("switch", "A/A") else "alternative"
+        key = (r["block"], role, r["system"] == "anchors")
+        ids.append(len(ids) if not ids else ids[-1] + (key != last))
+        last = key
+    return ids
+
+
+def answered_events(rows: list[tuple[float, list[Any]]]) -> list[tuple[float, str, tuple[float, ...]]]:
+    """What a server learned from its answers (`answer_row`s, each with the time its request was sent on a trace's
+    clock), as the replay's `past`: per answered request its decoding ("before") and its answer time ("after"; the
+    server's own measure starts a little later, when the batch's result reaches the handler), per batch, once, the
+    moment it was chosen ("plan") and its forward pass ("batch")."""
+    out: list[tuple[float, str, tuple[float, ...]]] = []
+    batches: set[tuple[int, int, float, float]] = set()
+    for sent, (status, c, n, _, before, decode, queue, forward, answer) in rows:
+        if status != 200:
+            continue
+        decoded = sent + (before + decode) / 1e3
+        start, end = decoded + queue / 1e3, decoded + (queue + forward) / 1e3
+        out.append((decoded, "before", (decode,)))
+        batch = (c, n, forward, round(start, 3))  # the answers of one batch share its start and forward time
+        if batch not in batches:
+            batches.add(batch)
+            out += [(start, "plan", ()), (end, "batch", (c, n, forward))]
+        out.append((end + answer / 1e3, "after", (answer,)))
+    return out
+
+
+def past_of(record: dict[str, Any], j: int, ids: list[int], times_of: Callable[[dict[str, Any]], np.ndarray]) \
+        -> list[tuple[float, str, tuple[float, ...]]]:
+    """Run `j`'s server's history before its trace, on that trace's clock (the replay's `past`): the requests sent
+    outside the traces ("warm": cold start, warm-up, a fixed stitch's first) and the earlier traces' answers (each
+    placed by its arrivals' position in this run's `seen`: every request sent to the server, in order)."""
+    runs = record["runs"]
+    run = runs[j]
+    rows = [(float(t), list(row)) for t, *row in run.get("warm", [])]
+    seen = run["seen"]
+    for p in range(j):
+        if ids[p] == ids[j]:
+            times = times_of(runs[p])
+            offset = seen[len(runs[p]["seen"])] - float(times[0])
+            rows += [(offset + float(t), a) for t, a in zip(times, runs[p]["answers"])]
+    return answered_events(rows)
 
 
 # ------------------------------------------------------------------------------------------------ the plan
@@ -289,11 +352,13 @@ def collect(args: argparse.Namespace, servers_on: set[int], client: set[int]) ->
         images = deit_images()
         acc = {r["cfg_id"]: r["acc1"] for r in records}
         rng = np.random.default_rng(args.seed_offset)
+        servers = 0  # the servers started so far (a run's "server": which one its trace was sent to)
         for block in range(args.blocks):
             seed = args.seed_offset + block
             for role in rng.permutation(["switch", "A/A", "alternative"]).tolist():
                 server, server_kind = None, ""
-                sent: list[float] = []  # Unix times of every request sent to this server
+                sent: list[float] = []  # Unix times of the traces' requests sent to this server
+                posts: list[tuple[float, list[Any]]] = []  # those sent outside the traces, with their answers
                 try:
                     for s in rng.permutation(len(plan)).tolist():
                         kind, load, alt, _ = plan[s]
@@ -306,27 +371,29 @@ def collect(args: argparse.Namespace, servers_on: set[int], client: set[int]) ->
                             src = ["--exported", *(str(work / f"cfg{a}") for a in DEIT_ANCHORS)] \
                                 if need == "exported" else source
                             server, server_kind = Server(src, results, work / "server.log", servers_on), need
+                            servers += 1
+                            sent, posts = [], []
                             for i in range(2):  # its first batches run cold (lazy allocation)
-                                sent.append(time.time())
-                                post(server.url, json.dumps({"image": images[i], "top_k": 1}).encode())
+                                send(server, {"image": images[i], "top_k": 1}, posts)
                             if not extra:  # it chooses: as the replay's server, it has simulated its modes
-                                warm(server, images, cal.slo_ms, sent)
+                                warm(server, images, cal.slo_ms, posts)
                         if extra:
-                            sent.append(time.time())
-                            post(server.url, json.dumps({"image": images[0], "top_k": 1, **extra}).encode())
+                            send(server, {"image": images[0], "top_k": 1, **extra}, posts)
                         time.sleep(2.5)  # the server's arrival rate (2 s) forgets the last trace
                         times = arrivals(kind, args.requests, load * cal.capacity, cal.slo_ms / 1e3, seed)
                         picks = np.random.default_rng(seed).integers(0, len(images), args.requests)
                         key = role if role != "alternative" else alt
                         began = time.time()
-                        seen = (np.array(sent) - began).tolist()  # what its server counted before the trace
+                        # what its server counted before the trace: every request sent to it, in order
+                        seen = (np.array(sorted(sent + [t for t, _ in posts])) - began).tolist()
                         row = run_trace(server.url, images, times, picks, cal.slo_ms, extra, acc, cal)
                         sent.extend((began + times).tolist())
                         line = (f"block {block + 1}/{args.blocks} {kind} {load:g}x {system}: effacc {row['effacc']:.2f}"
                                 f" attain {row['attain']:.2f} shed {row['shed']} failed {row['failed']} speed "
                                 f"{row['speed']:.2f} ({time.time() - t_start:.0f} s, {len(runs) + 1} runs)")
                         runs.append({"setting": s, "block": block, "system": key, "effacc": row["effacc"],
-                                     "seen": seen, "answers": row["answers"], "line": line})
+                                     "seen": seen, "answers": row["answers"], "server": servers,
+                                     "warm": [[t - began, *a] for t, a in posts], "line": line})
                         print(line, file=sys.stderr, flush=True)
                 finally:
                     if server is not None:
@@ -336,17 +403,66 @@ def collect(args: argparse.Namespace, servers_on: set[int], client: set[int]) ->
             "minutes": (time.time() - t_start) / 60, "load": os.getloadavg()[0]}
 
 
-def analyse(record: dict[str, Any]) -> str:
-    """The report of one collection (`collect`'s record): per setting the live means, the paired differences and the
-    replay's predictions of the very same runs; its last line the RESULT."""
-    from serve_replay import Calibrated, arrivals, interval, replay, systems
+_RECORD: dict[str, Any] = {}  # the record `predict`'s worker processes replay (set before they fork)
+
+
+def _predict_server(job: list[int]) -> dict[int, tuple[dict[str, Any], dict[str, Any]]]:
+    """The replays of one server's runs (indices into the record's runs, in the order run): each at that run's
+    speeds from that server's own history on, and at the calibration's speed as a server that has run a while."""
+    from serve_replay import Calibrated, arrivals, replay, systems
+    record = _RECORD
     cal = Calibrated("deit", record["calibration"])
+    by_name = systems(cal)
+    plan, requests, offset = record["plan"], record["requests"], record["seed_offset"]
+    ids = server_ids(record["runs"])
+
+    def times_of(run: dict[str, Any]) -> np.ndarray:
+        kind, load = plan[run["setting"]][:2]
+        return arrivals(kind, requests, load * cal.capacity, cal.slo_ms / 1e3, offset + run["block"])
+
+    out = {}
+    for j in job:
+        run = record["runs"][j]
+        seed = offset + run["block"]
+        times = times_of(run)
+        draws = np.random.default_rng(10_000 + seed).random((requests, 4))
+        draws[:, 0] = (np.random.default_rng(seed).integers(0, record["images"], requests) + 0.5) / \
+            record["images"]  # the live trace's images
+        system = by_name["switch" if run["system"] == "A/A" else run["system"]]
+        seen = np.array(run["seen"])
+        batches = batch_speeds(run["answers"], times, cal)
+        out[j] = (replay(cal, system, times, draws, seen, speed_profile(batches) if batches else 1.0,
+                         past=past_of(record, j, ids, times_of)),
+                  replay(cal, system, times, draws, seen))
+    return out
+
+
+def predict(record: dict[str, Any], workers: int) -> dict[int, tuple[dict[str, Any], dict[str, Any]]]:
+    """Every run's replays (`_predict_server`), one job per server (its runs share the history a mode table is
+    simulated from: simulated once per process), on `workers` processes."""
+    import multiprocessing
+    ids = server_ids(record["runs"])
+    jobs = [[j for j, i in enumerate(ids) if i == server] for server in sorted(set(ids))]
+    _RECORD.clear()
+    _RECORD.update(record)
+    if workers <= 1:
+        parts = [_predict_server(job) for job in jobs]
+    else:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            parts = pool.map(_predict_server, jobs, chunksize=1)
+    return {j: v for part in parts for j, v in part.items()}
+
+
+def analyse(record: dict[str, Any], workers: int = 1) -> str:
+    """The report of one collection (`collect`'s record): per setting the live means, the paired differences and the
+    replay's predictions of the very same runs; its last line the RESULT. `workers`: processes for the replays."""
+    from serve_replay import interval
     plan = [tuple(x) for x in record["plan"]]
-    blocks, requests, offset = record["blocks"], record["requests"], record["seed_offset"]
+    blocks = record["blocks"]
     by_run = {(r["setting"], r["block"], r["system"]): (i, r) for i, r in enumerate(record["runs"])}
+    predicted_runs = predict(record, workers)
     log = [r["line"] for r in record["runs"]]
     fmt = lambda p: " ".join(f"{c}:{p[c]}" for c in sorted(p))  # noqa: E731  (answers per cfg_id)
-    by_name = systems(cal)
     behind, aa_ok, inside, pairs = 0, True, 0, 0
     out = list(record["header"])
     out += ["| arrivals | load | alternative (replay margin) | switch | alternative | A/A | switch - alternative | "
@@ -359,21 +475,13 @@ def analyse(record: dict[str, Any]) -> str:
         for key in ("switch", alt, "A/A"):
             effs, effs_start = [], []
             for block in range(blocks):
-                seed = offset + block
-                line, run = by_run[s, block, key]
-                times = arrivals(kind, requests, load * cal.capacity, cal.slo_ms / 1e3, seed)
-                draws = np.random.default_rng(10_000 + seed).random((requests, 4))
-                draws[:, 0] = (np.random.default_rng(seed).integers(0, record["images"], requests) + 0.5) / \
-                    record["images"]  # the live trace's images
-                system_ = by_name["switch" if key == "A/A" else key]
-                seen = np.array(run["seen"])
-                batches = batch_speeds(run["answers"], times, cal)
-                one = replay(cal, system_, times, draws, seen, speed_profile(batches) if batches else 1.0)
+                j, run = by_run[s, block, key]
+                one, start = predicted_runs[j]
                 effs.append(one["effacc"])
                 # each run's line: the replay's prediction of it and both answers per cfg_id (where they part)
-                log[line] += (f"; replay {one['effacc']:.2f}; answers per cfg_id live {fmt(picks_of(run['answers']))}"
-                              f", replay {fmt(one['picks'])}")
-                effs_start.append(replay(cal, system_, times, draws, seen)["effacc"])
+                log[j] += (f"; replay {one['effacc']:.2f}; answers per cfg_id live {fmt(picks_of(run['answers']))}"
+                           f", replay {fmt(one['picks'])}")
+                effs_start.append(start["effacc"])
             predicted[key], at_start[key] = statistics.fmean(effs), statistics.fmean(effs_start)
             paired[key] = interval([a - b for a, b in zip(live[key], effs)])
         means = {k: interval(live[k]) for k in ("switch", alt, "A/A")}
@@ -414,6 +522,8 @@ def main() -> None:
     p.add_argument("--raw", type=Path, default=None,
                    help="also write every run's raw data here (JSON: the calibration, the arrivals each server "
                         "counted, each answer's status, stitch, batch size and times), which --from-raw reads")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="processes for the replays of the analysis (default: every core)")
     p.add_argument("--from-raw", type=Path, default=None,
                    help="run no server: redo the report from a --raw file (the replay's predictions with today's code)")
     args = p.parse_args()
@@ -422,7 +532,7 @@ def main() -> None:
             record = json.loads(args.from_raw.read_text())
         except (OSError, ValueError) as e:
             p.error(f"--from-raw {args.from_raw}: {e}; pass a file that serve_live.py --raw wrote")
-        text = analyse(record)
+        text = analyse(record, args.workers)
         if args.out:
             write_text_atomic(args.out, text)
         print(text)
@@ -440,9 +550,10 @@ def main() -> None:
     os.sched_setaffinity(0, client)
     torch.set_num_threads(1)
     record = collect(args, servers_on, client)
+    os.sched_setaffinity(0, every)  # the analysis's replays on every core
     if args.raw:
         write_text_atomic(args.raw, json.dumps(record))
-    text = analyse(record)
+    text = analyse(record, args.workers)
     if args.out:
         write_text_atomic(args.out, text)
     print(text)

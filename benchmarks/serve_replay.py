@@ -354,21 +354,53 @@ def history(kind: str, rate: float, slo_s: float, seed: int) -> np.ndarray:
 
 
 def replay(net: Calibrated, system: dict[str, Any], times: np.ndarray, draws: np.ndarray,
-           seen: np.ndarray | None = None, speed: float | Callable[[float], float] = 1.0) -> dict[str, float]:
+           seen: np.ndarray | None = None, speed: float | Callable[[float], float] = 1.0,
+           past: list[tuple[float, str, tuple[float, ...]]] | None = None) -> dict[str, float]:
     """One system on one trace: effective accuracy (percent), SLO attainment, shed share, mean FLOPs. `seen`: the
     arrivals before it (`history`), which the server has counted. `speed`: the machine's forward times over the
     calibration's, one number or a function of the trace's time (serve_live.py: measured through a live run; the
     server's latency table stays the calibration's, and it learns the difference from its batches as a live server
-    does)."""
+    does).
+
+    Without `past` the server is one that has run for a while on this calibration: its mode tables simulated from
+    every calibrated forward time. `past` is one live server's own history before the trace (serve_live.py: its
+    warm-up and earlier traces), (time, kind, values) on the trace's clock with kind "plan" (a batch was chosen:
+    where the live server looked its mode table up, and simulated one when its batches measured had grown enough),
+    "batch" (cfg_id, batch size, forward ms), "before" (decode ms) or "after" (ms from a batch's end to its
+    answer): fed to the replayed server's own estimates in time order with the arrivals `seen`, so that it starts
+    the trace with the slowdown, jitter, answer time and mode tables that live server had (simulated from its
+    measured batches by the same code)."""
     n = len(times)
     clock = VirtualClock()
+    own = past is not None
     sched = DeadlineScheduler(lambda x, c: x, net.menu, MAX_BATCH, shed=True, arrivals=system.get("arrivals", True),
                               rest_on_same=system.get("rest_on_same", True), modes=system.get("modes", True),
-                              clock=clock, tables=net.tables, build_now=True)
-    sched.choices.measured = net.warm
+                              clock=clock, tables=_without_modes(net.tables) if own else net.tables, build_now=True)
     sched.learned = Learned.on(clock, after_ms=net.after_p95)  # a server that has answered before
-    for t in (seen if seen is not None else ()):
-        sched.arrivals.add(float(t))
+    if not own:
+        sched.choices.measured = net.warm
+        for t in (seen if seen is not None else ()):
+            sched.arrivals.add(float(t))
+    else:
+        sched.choices.simulate = _simulated_once(sched.choices.simulate, sched.rule)  # type: ignore[method-assign]
+        lane = sched.choices.lane(tuple(system["stages"][0])) if len(system["stages"][0]) > 1 else None
+        timeline = sorted([(float(t), "arrive", ()) for t in (seen if seen is not None else ())] + list(past or ()),
+                          key=lambda e: e[0])
+        for t, what, values in timeline:
+            clock.now = t
+            if what == "arrive":
+                sched.arrivals.add(t)
+            elif what == "plan":
+                if lane is not None and sched.rule.modes:
+                    sched.choices.mode(lane, net.slo_ms - sched.learned.after_ms.value, sched.arrivals.load(),
+                                       sched.learned)
+            elif what == "batch":
+                sched.done_batch(int(values[0]), int(values[1]), values[2])
+            elif what == "before":
+                sched.observe_before(values[0])
+            else:
+                sched.observe_after(values[0])
+        clock.now = 0.0
     kind = "fixed" if len(system["stages"][0]) == 1 else "switch"
     slo = net.slo_ms / 1e3
     image = (draws[:, 0] * net.images).astype(int).tolist()
@@ -422,6 +454,27 @@ def replay(net: Calibrated, system: dict[str, Any], times: np.ndarray, draws: np
                     lambda depth: net.choose_us(kind, depth) / 1e6)
     return {"effacc": 100.0 * sum(credit) / n, "attain": sum(met) / n, "shed": sum(shed) / n, "flops": sum(flops) / n,
             "picks": picks}
+
+
+def _without_modes(tables: dict) -> dict:
+    """The shared tables of a replay without its mode tables (the slack tables depend on the menu alone)."""
+    return {k: v for k, v in tables.items() if k[0] not in ("modes", "built")}
+
+
+_SIMULATED: dict[tuple, Any] = {}  # mode tables simulated in this process, by what they were simulated from
+
+
+def _simulated_once(simulate: Callable, rule: Any) -> Callable:
+    """`simulate` (a scheduler's mode-table simulation) that reuses a table simulated before in this process from the
+    same candidates, budget bucket, rule, decoding time and measured ratios (the replays of one live server's traces
+    share the history before each: a table takes seconds to simulate)."""
+    def run(candidates: tuple[int, ...], bucket: int, learned: Learned) -> Any:
+        key = (candidates, bucket, rule, learned.before_ms.value,
+               tuple(sorted((c, tuple(v)) for c, v in learned.batches.ratios().items())))
+        if key not in _SIMULATED:
+            _SIMULATED[key] = simulate(candidates, bucket, learned)
+        return _SIMULATED[key]
+    return run
 
 
 def anchors_front(net: Calibrated) -> list[int]:

@@ -1069,6 +1069,68 @@ def test_the_live_speed_is_keyed_by_when_each_batch_started(monkeypatch, deit_re
     assert [round(profile(t), 6) for t in (0.2, 1.1, 1.4, 2.0)] == [2.0, 2.0, 1.1, 1.05]
 
 
+def test_a_live_servers_history_is_placed_on_its_traces_clock(monkeypatch):
+    """serve_live.past_of: a run's server history before its trace, on that trace's clock: the requests sent outside
+    the traces ("warm", already on it) and the earlier traces of the same server, placed by their first arrival's
+    position in this run's `seen`; per batch once its choice ("plan") and forward pass ("batch"), per answer its
+    decoding and answer time; a shed request teaches nothing. Records without server ids: a new server per role and
+    block, and where the alternative needs another kind of server."""
+    monkeypatch.syspath_prepend(f"{ROOT}/benchmarks")
+    import serve_live
+    ok = lambda c, n, q, f: [200, c, n, 100.0, 1.0, 4.0, q, f, 2.0]  # noqa: E731
+    first = {"setting": 0, "block": 0, "system": "switch", "seen": [-9.0, -8.0], "server": 1,
+             "warm": [[-9.0, *ok(3, 1, 0.0, 50.0)], [-8.0, *ok(3, 1, 0.0, 50.0)]],
+             "answers": [ok(7, 2, 505.0, 100.0), ok(7, 2, 5.0, 100.0), [503] + [None] * 8]}  # one batch of 2
+    # the second trace began 20 s after the first: its seen holds the warm-ups and the first trace's 3 arrivals
+    second = {"setting": 1, "block": 0, "system": "switch", "seen": [-29.0, -28.0, -20.0, -19.5, -19.0],
+              "server": 1, "warm": [[-29.0, *ok(3, 1, 0.0, 50.0)], [-28.0, *ok(3, 1, 0.0, 50.0)]],
+              "answers": [ok(7, 1, 0.0, 90.0)]}
+    record = {"runs": [first, second]}
+    times = {0: np.array([0.0, 0.5, 1.0]), 1: np.array([0.0])}
+    ids = serve_live.server_ids(record["runs"])
+    past = serve_live.past_of(record, 1, ids, lambda run: times[run["setting"]])
+    batches = sorted((round(t, 4), v) for t, kind, v in past if kind == "batch")
+    assert batches == [(-28.945, (3, 1, 50.0)), (-27.945, (3, 1, 50.0)), (-19.39, (7, 2, 100.0))], batches
+    assert sum(kind == "plan" for _, kind, _ in past) == 3
+    assert sorted(round(t, 4) for t, kind, _ in past if kind == "after") == [-28.943, -27.943, -19.388, -19.388]
+    assert all(v == (4.0,) for _, kind, v in past if kind == "before") and len(past) == 3 * 2 + 4 + 4
+    assert serve_live.past_of(record, 0, ids, lambda run: times[run["setting"]])[0][1] == "before"
+    old = [{"block": b, "system": s} for b in (0, 1) for s in ("switch", "anchors", "fixed cfg 3")] + \
+        [{"block": 1, "system": "fixed cfg 3"}, {"block": 1, "system": "anchors"}]
+    assert serve_live.server_ids(old) == [0, 1, 2, 3, 4, 5, 5, 6]
+
+
+def test_a_replay_from_a_live_servers_history_starts_where_that_server_was(monkeypatch, deit_replay):
+    """serve_replay.replay with `past`: the replayed server learns the live one's batches and answers in time order
+    and simulates its mode tables from them (once per history in a process), so a server that measured a machine
+    twice as slow as its table starts the trace choosing smaller stitches than one that measured the table's speed,
+    on the same trace at the same speed."""
+    monkeypatch.setattr(simulate, "MODE_REQUESTS", 40)  # the tables' simulation at toy size: this is about state
+    serve_replay, net = deit_replay
+    switch = serve_replay.systems(net)["switch"]
+    n = 24
+    times = np.sort(np.random.default_rng(3).random(n)) * n / (1.5 * net.capacity)
+    draws = np.random.default_rng(4).random((n, 4))
+    seen = np.arange(-40.0, -20.0)
+    c = net.menu.cfg_ids[len(net.menu.cfg_ids) // 2]
+
+    def past(slow: float) -> list:
+        out = []
+        for k in range(20):  # one request at a time, 1 s apart, each batch measured `slow` x the table
+            t = -40.0 + k
+            out += [(t, "before", (2.0,)), (t + 0.01, "plan", ()),
+                    (t + 0.2, "batch", (c, 1, slow * net.menu.batch_ms(c, 1))), (t + 0.21, "after", (1.0,))]
+        return out
+
+    serve_replay._SIMULATED.clear()
+    fast = serve_replay.replay(net, switch, times, draws, seen, past=past(1.0))
+    slow = serve_replay.replay(net, switch, times, draws, seen, past=past(2.0))
+    built = len(serve_replay._SIMULATED)
+    again = serve_replay.replay(net, switch, times, draws, seen, past=past(2.0))
+    assert slow["flops"] < fast["flops"], (slow, fast)
+    assert again == slow and len(serve_replay._SIMULATED) == built >= 2
+
+
 def test_the_live_report_is_redone_from_its_raw_runs(monkeypatch, tmp_path, capsys):
     """serve_live.py --raw keeps every run's data and --from-raw redoes the report from it with today's replay,
     starting no server: the same report from the record as written and as read back; a file that is not such a
