@@ -29,9 +29,10 @@ This benchmark checks that replay against real servers under real open-loop HTTP
   third within one run of this benchmark, and by twice within one trace) on **a server with that live server's
   history** (`past_of`: every answer it gave before the trace, warm-up and earlier traces, so that the replayed
   server starts with the slowdown, jitter and answer time it had learned and the mode tables it had simulated from
-  its own measured batches, by the same code); the prediction at the calibration's speed by a server that has run
-  a while on the calibration is shown beside it, and so is live minus the prediction paired by block with its
-  interval (the prediction has noise of its own: one replay per block).
+  its own measured batches, by the same code: the tables its GET / reported in use when the trace began, kept for
+  the trace, as a live server simulates a new one in the background while idle); the prediction at the
+  calibration's speed by a server that has run a while on the calibration is shown beside it, and so is live minus
+  the prediction paired by block with its interval (the prediction has noise of its own: one replay per block).
 
     .venv/bin/python benchmarks/serve_live.py [--blocks 10] [--requests 40] --out results/bench_serve_live.txt \
         --raw results/bench_serve_live_raw.json          # the runs' raw data too
@@ -74,7 +75,7 @@ from snnet.core.config import parse_stitch_config  # noqa: E402
 from snnet.core.fileio import write_text_atomic  # noqa: E402
 from snnet.results.quality import pareto_front  # noqa: E402
 from snnet.results.records import read_results  # noqa: E402
-from snnet.serve.loadgen import post, run_open_loop  # noqa: E402
+from snnet.serve.loadgen import get, post, run_open_loop  # noqa: E402
 
 DEIT_CONFIG = ROOT / "configs" / "deit_ti_s_b.json"
 DEIT_ANCHORS = [0, 1, 2]
@@ -221,7 +222,6 @@ def warm(server: Server, images: list[str], slo_ms: float, posts: list[tuple[flo
     """Bring a switching server to the state the replay models, one that has run before: one request at a time
     with the SLO's budget (its batch times measured, its arrivals counted) until it simulates its mode table,
     then wait, idle, until the table is built. `posts`: what it was sent and answered (`send`)."""
-    from snnet.serve.loadgen import get
     from snnet.serve.scheduler import MODE_AFTER
     for i in range(max(MODE_AFTER, 8) + 2):  # the 8 gaps the load needs, MODE_AFTER batches
         send(server, {"image": images[i % len(images)], "budget": {"latency_ms": slo_ms}, "top_k": 1}, posts)
@@ -380,6 +380,7 @@ def collect(args: argparse.Namespace, servers_on: set[int], client: set[int]) ->
                         if extra:
                             send(server, {"image": images[0], "top_k": 1, **extra}, posts)
                         time.sleep(2.5)  # the server's arrival rate (2 s) forgets the last trace
+                        tables = get(server.url)[1].get("mode_tables_from")  # the mode tables it starts the trace with
                         times = arrivals(kind, args.requests, load * cal.capacity, cal.slo_ms / 1e3, seed)
                         picks = np.random.default_rng(seed).integers(0, len(images), args.requests)
                         key = role if role != "alternative" else alt
@@ -392,7 +393,7 @@ def collect(args: argparse.Namespace, servers_on: set[int], client: set[int]) ->
                                 f" attain {row['attain']:.2f} shed {row['shed']} failed {row['failed']} speed "
                                 f"{row['speed']:.2f} ({time.time() - t_start:.0f} s, {len(runs) + 1} runs)")
                         runs.append({"setting": s, "block": block, "system": key, "effacc": row["effacc"],
-                                     "seen": seen, "answers": row["answers"], "server": servers,
+                                     "seen": seen, "answers": row["answers"], "server": servers, "tables": tables,
                                      "warm": [[t - began, *a] for t, a in posts], "line": line})
                         print(line, file=sys.stderr, flush=True)
                 finally:
@@ -432,7 +433,7 @@ def _predict_server(job: list[int]) -> dict[int, tuple[dict[str, Any], dict[str,
         seen = np.array(run["seen"])
         batches = batch_speeds(run["answers"], times, cal)
         out[j] = (replay(cal, system, times, draws, seen, speed_profile(batches) if batches else 1.0,
-                         past=past_of(record, j, ids, times_of)),
+                         past=past_of(record, j, ids, times_of), tables_from=run.get("tables")),
                   replay(cal, system, times, draws, seen))
     return out
 

@@ -355,7 +355,8 @@ def history(kind: str, rate: float, slo_s: float, seed: int) -> np.ndarray:
 
 def replay(net: Calibrated, system: dict[str, Any], times: np.ndarray, draws: np.ndarray,
            seen: np.ndarray | None = None, speed: float | Callable[[float], float] = 1.0,
-           past: list[tuple[float, str, tuple[float, ...]]] | None = None) -> dict[str, float]:
+           past: list[tuple[float, str, tuple[float, ...]]] | None = None,
+           tables_from: list[tuple[list[int], int, int]] | None = None) -> dict[str, float]:
     """One system on one trace: effective accuracy (percent), SLO attainment, shed share, mean FLOPs. `seen`: the
     arrivals before it (`history`), which the server has counted. `speed`: the machine's forward times over the
     calibration's, one number or a function of the trace's time (serve_live.py: measured through a live run; the
@@ -369,7 +370,11 @@ def replay(net: Calibrated, system: dict[str, Any], times: np.ndarray, draws: np
     "batch" (cfg_id, batch size, forward ms), "before" (decode ms) or "after" (ms from a batch's end to its
     answer): fed to the replayed server's own estimates in time order with the arrivals `seen`, so that it starts
     the trace with the slowdown, jitter, answer time and mode tables that live server had (simulated from its
-    measured batches by the same code)."""
+    measured batches by the same code). `tables_from`: the live server's mode tables in use when the trace began,
+    (candidates, budget bucket, batches measured when it was simulated) as its GET / reported them: each is
+    simulated when the replayed server has measured as many, and none changes during the trace (a live server
+    simulates a new one in the background while idle); without it, a table is simulated where the live server's
+    rule asked for one ("plan") and takes over at once."""
     n = len(times)
     clock = VirtualClock()
     own = past is not None
@@ -386,20 +391,27 @@ def replay(net: Calibrated, system: dict[str, Any], times: np.ndarray, draws: np
         lane = sched.choices.lane(tuple(system["stages"][0])) if len(system["stages"][0]) > 1 else None
         timeline = sorted([(float(t), "arrive", ()) for t in (seen if seen is not None else ())] + list(past or ()),
                           key=lambda e: e[0])
+        known = {b: n for c, b, n in tables_from or () if lane is not None and tuple(c) == lane.candidates}
         for t, what, values in timeline:
             clock.now = t
             if what == "arrive":
                 sched.arrivals.add(t)
             elif what == "plan":
-                if lane is not None and sched.rule.modes:
+                if lane is not None and sched.rule.modes and tables_from is None:
                     sched.choices.mode(lane, net.slo_ms - sched.learned.after_ms.value, sched.arrivals.load(),
                                        sched.learned)
             elif what == "batch":
                 sched.done_batch(int(values[0]), int(values[1]), values[2])
+                for bucket, count in known.items():
+                    if lane is not None and sched.learned.batches.count == count:
+                        lane.modes[bucket] = sched.choices.simulate(lane.candidates, bucket, sched.learned)
+                        lane.built[bucket] = count
             elif what == "before":
                 sched.observe_before(values[0])
             else:
                 sched.observe_after(values[0])
+        if tables_from is not None:  # the live server's tables stay for the trace
+            sched.choices.simulate = lambda c, b, _: sched.choices.lane(c).modes.get(b)  # type: ignore[method-assign]
         clock.now = 0.0
     kind = "fixed" if len(system["stages"][0]) == 1 else "switch"
     slo = net.slo_ms / 1e3

@@ -857,6 +857,8 @@ def test_a_server_simulates_its_mode_table_in_a_thread_of_its_own():
     assert sched.choices.builder is not None
     sched.choices.builder.shutdown(wait=True)
     assert mode_now(sched) == (0,) and sched.stats()["mode_tables"] == 1
+    bucket = int(math.floor(math.log(12.0) / math.log(1.05)))  # GET / says which table is in use, and from what
+    assert sched.stats()["mode_tables_from"] == [[[1, 2, 0], bucket, 30]]
     sched.close()
 
 
@@ -1129,6 +1131,14 @@ def test_a_replay_from_a_live_servers_history_starts_where_that_server_was(monke
     again = serve_replay.replay(net, switch, times, draws, seen, past=past(2.0))
     assert slow["flops"] < fast["flops"], (slow, fast)
     assert again == slow and len(serve_replay._SIMULATED) == built >= 2
+    # the table the live server reported in use (simulated from its 5th batch on): that one, kept for the trace
+    lane = tuple(switch["stages"][0])
+    bucket = int(math.floor(math.log(net.slo_ms - 1.0) / math.log(1.05)))
+    serve_replay._SIMULATED.clear()
+    serve_replay.replay(net, switch, times, draws, seen, past=past(2.0), tables_from=[(list(lane), bucket, 5)])
+    assert len(serve_replay._SIMULATED) == 1
+    (candidates, simulated_bucket, *_, ratios), = serve_replay._SIMULATED
+    assert candidates == lane and simulated_bucket == bucket and sum(len(v) for _, v in ratios) == 5
 
 
 def test_the_live_report_is_redone_from_its_raw_runs(monkeypatch, tmp_path, capsys):

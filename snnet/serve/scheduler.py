@@ -172,6 +172,9 @@ class Choices:
         self.built: dict[tuple[int, ...], dict[int, int]] = shared.setdefault(("built", *kind), {})
         self.lanes: dict[tuple[int, ...], Lane] = {}
         self.measured: Learned | None = None  # simulate from this, not the scheduler's own (a replay's warm server)
+        # (candidates, budget bucket) -> the batches measured when the table in use was simulated (GET / reports it:
+        # benchmarks/serve_live.py replays a live server with the same tables)
+        self.simulated_from: dict[tuple[tuple[int, ...], int], int] = {}
         self.builder: concurrent.futures.ThreadPoolExecutor | None = None
         # set while the server has nothing to do (no request queued, no batch running): the builder simulates only
         # then, so a table being built never takes the core from a forward pass (under a load that never lets up,
@@ -264,9 +267,12 @@ class Choices:
             made.learned = Learned.on(clock, after_ms=0.0)  # the budget simulated is what is left for the batch
             return made
 
-        return mode_table(self.menu, candidates, BUDGET_STEP ** bucket, self.rule.max_batch, make,
-                          lambda c, t, d: Pending(_NOTHING, c, t, d), learned.before_ms.value,
-                          learned.batches.ratios(), GAPS, pause=None if self.rule.build_now else self._pause)
+        measured = learned.batches.count  # the batches its ratios come from (read together)
+        table = mode_table(self.menu, candidates, BUDGET_STEP ** bucket, self.rule.max_batch, make,
+                           lambda c, t, d: Pending(_NOTHING, c, t, d), learned.before_ms.value,
+                           learned.batches.ratios(), GAPS, pause=None if self.rule.build_now else self._pause)
+        self.simulated_from[(candidates, bucket)] = measured  # set as the table takes over (its caller stores it)
+        return table
 
     def _pause(self) -> None:
         """The builder's wait between simulations: until the server is idle; a closed server's build stops."""
@@ -521,4 +527,5 @@ class DeadlineScheduler:
         return {"batches": self.batches, "shed": self.shed_count, "queue_depth": self.depth(),
                 "slowdown": self.learned.batches.slowdown, "jitter_ms_p95": self.learned.batches.jitter_ms,
                 "after_ms_p95": self.learned.after_ms.value,
-                "mode_tables": sum(t is not None for by in self.choices.modes.values() for t in by.values())}
+                "mode_tables": sum(t is not None for by in self.choices.modes.values() for t in by.values()),
+                "mode_tables_from": [[list(c), b, n] for (c, b), n in sorted(self.choices.simulated_from.items())]}
