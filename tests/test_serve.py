@@ -826,6 +826,7 @@ def test_a_heavy_or_bursty_load_runs_one_stitch_always_a_light_one_switches():
     table = sched.choices.simulate((1, 2, 0), int(math.floor(math.log(12.0) / math.log(1.05))), sched.learned)
     heaviest_bursts = table.modes[len(table.modes) - 1]
     assert table.modes[0] is None and heaviest_bursts == (0,), table.modes
+    assert sched.stats()["mode_tables_from"] == []  # simulated, not in use: GET / reports only tables looked up
     assert mode_now(sched) is None  # no arrivals seen yet: switching
     x = torch.empty(0)
     times = arrival_times(300, 2 * 4000.0, 8.0, seed=1)  # twice what cfg 0 sustains, in bursts

@@ -224,7 +224,7 @@ class Choices:
             lane.built[bucket] = count
             lane.modes.setdefault(bucket, None)  # switching until the first is simulated; then the last one
             if self.rule.build_now:
-                lane.modes[bucket] = self.simulate(lane.candidates, bucket, learned)
+                self._take_over(lane, bucket, self.simulate(lane.candidates, bucket, learned))
             else:
                 if self.builder is None:
                     self.builder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="snnet-modes")
@@ -243,7 +243,8 @@ class Choices:
             pass
         t0 = time.perf_counter()
         try:
-            table = lane.modes[bucket] = self.simulate(lane.candidates, bucket, learned)
+            table = self.simulate(lane.candidates, bucket, learned)
+            self._take_over(lane, bucket, table)
         except _Closed:
             return
         except Exception as e:  # the server goes on with the table it had (switching before the first); say why
@@ -267,12 +268,16 @@ class Choices:
             made.learned = Learned.on(clock, after_ms=0.0)  # the budget simulated is what is left for the batch
             return made
 
-        measured = learned.batches.count  # the batches its ratios come from (read together)
-        table = mode_table(self.menu, candidates, BUDGET_STEP ** bucket, self.rule.max_batch, make,
-                           lambda c, t, d: Pending(_NOTHING, c, t, d), learned.before_ms.value,
-                           learned.batches.ratios(), GAPS, pause=None if self.rule.build_now else self._pause)
-        self.simulated_from[(candidates, bucket)] = measured  # set as the table takes over (its caller stores it)
-        return table
+        return mode_table(self.menu, candidates, BUDGET_STEP ** bucket, self.rule.max_batch, make,
+                          lambda c, t, d: Pending(_NOTHING, c, t, d), learned.before_ms.value,
+                          learned.batches.ratios(), GAPS, pause=None if self.rule.build_now else self._pause)
+
+    def _take_over(self, lane: Lane, bucket: int, table: ModeTable) -> None:
+        """A simulated table is looked up from now on; GET / reports it with the batches measured when it was asked
+        for (`lane.built`: no other build of the bucket starts while one runs, and the simulation reads the
+        measurements as it starts)."""
+        lane.modes[bucket] = table
+        self.simulated_from[(lane.candidates, bucket)] = lane.built[bucket]
 
     def _pause(self) -> None:
         """The builder's wait between simulations: until the server is idle; a closed server's build stops."""
