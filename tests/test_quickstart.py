@@ -41,6 +41,13 @@ def test_the_shapes_generators_noise_is_a_harder_set_and_its_range_is_checked(tm
     assert np.array_equal(np.asarray(default), np.asarray(same))
     spread = [np.asarray(shapes.image("star", rng(), noise_sd=sd), dtype=float).std() for sd in (0.0, 28.0, 90.0)]
     assert spread[0] < spread[1] < spread[2], spread
+    # --noise-over: the shape is noisy too, where by default it is one flat colour the noise leaves alone
+    flat = lambda px: np.unique(px.reshape(-1, 3), axis=0, return_counts=True)[1].max()  # noqa: E731
+    under = np.asarray(shapes.image("hexagon", rng(), noise_sd=90.0), dtype=np.uint8)
+    over = np.asarray(shapes.image("hexagon", rng(), noise_sd=90.0, noise_over=True), dtype=np.uint8)
+    assert flat(under) > 20 * flat(over), (flat(under), flat(over))
+    assert np.array_equal(np.asarray(shapes.image("star", rng(), noise_sd=0.0)),
+                          np.asarray(shapes.image("star", rng(), noise_sd=0.0, noise_over=True)))
     with pytest.raises(SystemExit) as e:
         shapes.main([str(tmp_path / "x"), "--noise", "300"])
     assert e.value.code == 2 and "--noise 300 is outside 0-255" in capsys.readouterr().err
