@@ -25,7 +25,14 @@ restore() {
         kill "$child" 2>/dev/null
         wait "$child" 2>/dev/null
     fi
-    for p in $(cat "$CG/others/cgroup.procs"); do echo "$p" > "$CG/cgroup.procs" 2>/dev/null; done
+    # every core to the confined group first, so that nothing stays on one core, not even a process forked while
+    # the group is emptied (a test run beside it once left one there); then empty it, pass by pass
+    cat "$CG/cpuset.cpus" > "$CG/others/cpuset.cpus" 2>/dev/null
+    for _ in 1 2 3 4 5 6 7 8 9 10; do
+        left=$(cat "$CG/others/cgroup.procs")
+        [ -z "$left" ] && break
+        for p in $left; do echo "$p" > "$CG/cgroup.procs" 2>/dev/null; done
+    done
 }
 trap restore EXIT
 trap 'exit 130' INT
