@@ -16,7 +16,7 @@ from helpers import ROOT, run
 from snnet.core.errors import UsageError
 from snnet.core.weights import WeightsUnavailable, check_pretrained
 from snnet.data.checks import small_class_warning
-from snnet.quickstart import DataSummary, QuickstartOptions, plan, read_data
+from snnet.quickstart import DataSummary, QuickstartOptions, _recipes, plan, read_data
 
 MARK = "<!-- example runs in: tests/test_quickstart.py::test_quickstart_guide_runs -->"
 
@@ -92,7 +92,9 @@ def test_the_plan_says_each_choice_and_its_flag():
     for flag in ("--img-size", "--widths", "--anchors", "--anchor-epochs", "--snnet-epochs", "--nproc",
                  "--stitch-stages"):
         assert flag in text, flag
-    assert p.stitch_stages == [2, 3] and "stitches: in stage(s) 2 3 of 0-3" in text
+    assert p.stitch_stages == [3] and "stitches: in stage(s) 3 of 0-3" in text
+    snnet_flags = _recipes(p, 0)[1]  # the stitching layers at 5e-3, the CNN anchors at a tenth of it
+    assert snnet_flags[:4] == ["--lr", "0.005", "--anchor-lr-scale", "0.1"], snnet_flags
     with pytest.raises(UsageError, match="--stitch-stages 1 4: the CNN anchors have stages 0-3"):
         plan(summary, _args(nproc=1, stitch_stages=[1, 4]))
     tiny = plan(DataSummary(Path("d"), {"a": 12, "b": 12}, {"a": 4, "b": 4}, 16), _args(nproc=1))
@@ -100,6 +102,7 @@ def test_the_plan_says_each_choice_and_its_flag():
     fine = plan(summary, _args(anchors=["resnet18.a1_in1k", "resnet50.a1_in1k"], nproc=1))
     assert fine.pretrained and [a[1] for a in fine.anchors] == ["resnet18.a1_in1k", "resnet50.a1_in1k"]
     assert fine.stitch_stages is None  # the family's own default
+    assert _recipes(fine, 0)[1][:4] == ["--lr", "0.0005", "--anchor-lr-scale", "1"]  # timm anchors: SN-Net's one LR
 
 
 @pytest.mark.slow
@@ -130,8 +133,8 @@ def test_quickstart_guide_runs(tmp_path, capsys):
             assert (results / f).is_file(), f
         records = [json.loads(ln) for ln in (results / "stitches_res.txt").read_text().splitlines()]
         assert [r["route"] for r in records[:2]] == ["c4", "c8"]
-        # one stitch in each of the last two stages (STITCH_STAGES)
-        assert [r["route"].split("..")[1][:2] for r in records[2:]] == ["s2", "s3"], [r["route"] for r in records]
+        # one stitch, in the last stage (STITCH_STAGES)
+        assert [r["route"].split("..")[1][:2] for r in records[2:]] == ["s3"], [r["route"] for r in records]
         for what in ("image size: 16 px", "anchors: 2 small CNNs", "change: --widths", "ETA", "[snnet] done in",
                      "quickstart finished in", "report.html in a browser"):
             assert what in out, what
