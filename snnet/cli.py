@@ -571,7 +571,7 @@ class QuickstartCommand:
                                             help="widths of the CNN anchors, smallest first (default 6 12 24)")
     stitch_stages: tuple[int, ...] | None = option(None, "--stitch-stages", nargs="+", parse=_count, metavar="S",
                                                    help="stages of hierarchical anchors to stitch in, from 0 (default: "
-                                                        "the CNN anchors' last two, 2 3; --anchors: the family's)")
+                                                        "the CNN anchors' last, 3; --anchors: the family's)")
     img_size: int | None = option(None, "--img-size", parse=_positive_int, metavar="S",
                                   help="image side the anchors see (default: 64, smaller images 32 or their size)")
     anchor_epochs: int | None = option(None, "--anchor-epochs", parse=_positive_int, metavar="N", help="")

@@ -101,7 +101,7 @@ def item_cost(item) -> float:
 
 def pytest_collection_modifyitems(config, items):
     """The test files in order of their estimated total cost, costliest first; the tests of a file keep their order
-    and stay together (a module fixture is set up once). With -n 2 the scheduler below hands out whole files in this
+    and stay together (a module fixture is set up once). With -n N the scheduler below hands out whole files in this
     order (longest processing time first), so the last files to run are the quickest."""
     files: dict = {}
     for item in items:
