@@ -5,7 +5,8 @@ each image a random size, position and rotation on a noisy background in a colou
 
 Two class sets that share nothing, so a recipe tuned on one can be checked on the other:
 ``A`` circle, square, triangle, cross, ring, bars, dots (tuning);
-``B`` star, hexagon, ellipse, chevron, checker, diamond, half-disc (the unseen check).
+``B`` star, hexagon, ellipse, chevron, checker, diamond, half-disc (first the unseen check; since then tuned on
+too, with --noise-over: quickstart's stitch stages and LRs; a check on unseen shapes now needs a set of its own).
 
     python benchmarks/shapes_data.py OUT --set B --classes 5 --train 240 --val 60 --seed 7
 
