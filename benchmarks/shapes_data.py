@@ -3,10 +3,12 @@ each image a random size, position and rotation on a noisy background in a colou
 (+-0.2 of the hue circle, so neighbouring classes share colours; --any-colour: any), saved as 64x64 PNG files;
 --noise: the pixel noise (default 28) on the background, and with --noise-over on the shapes too (a harder set).
 
-Two class sets that share nothing, so a recipe tuned on one can be checked on the other:
+Three class sets that share nothing, so a recipe tuned on one can be checked on the other:
 ``A`` circle, square, triangle, cross, ring, bars, dots (tuning);
 ``B`` star, hexagon, ellipse, chevron, checker, diamond, half-disc (first the unseen check; since then tuned on
-too, with --noise-over: quickstart's stitch stages and LRs; a check on unseen shapes now needs a set of its own).
+too, with --noise-over: quickstart's stitch stages, LRs and stitch directions);
+``C`` pentagon, arrow, crescent, zigzag, frame, ell (the unseen check: written before quickstart ever ran on it,
+judged with set B's tuned setting, --any-colour --noise 60 --noise-over, and never tuned on).
 
     python benchmarks/shapes_data.py OUT --set B --classes 5 --train 240 --val 60 --seed 7
 
@@ -80,12 +82,36 @@ def _draw(kind: str, d: ImageDraw.ImageDraw, rng: np.random.Generator, size: int
     elif kind == "half-disc":
         start = float(rng.uniform(0, 360))
         d.pieslice(box, start, start + 180, fill=colour)
+    elif kind == "pentagon":
+        d.polygon(_poly(cx, cy, r, 5, rot), fill=colour)
+    elif kind == "arrow":
+        c, s_ = math.cos(rot), math.sin(rot)
+        pts = [(-1, -0.18), (0.2, -0.18), (0.2, -0.5), (1, 0), (0.2, 0.5), (0.2, 0.18), (-1, 0.18)]
+        d.polygon([(cx + r * (x * c - y * s_), cy + r * (x * s_ + y * c)) for x, y in pts], fill=colour)
+    elif kind == "crescent":
+        d.ellipse(box, fill=colour)
+        off = r * 0.55
+        bite = (cx + off * math.cos(rot), cy + off * math.sin(rot))
+        d.ellipse((bite[0] - r * 0.85, bite[1] - r * 0.85, bite[0] + r * 0.85, bite[1] + r * 0.85),
+                  fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    elif kind == "zigzag":
+        c, s_ = math.cos(rot), math.sin(rot)
+        pts = [(-1 + 0.5 * i, 0.45 * (-1) ** i) for i in range(5)]
+        d.line([(cx + r * (x * c - y * s_), cy + r * (x * s_ + y * c)) for x, y in pts], fill=colour, width=w,
+               joint="curve")
+    elif kind == "frame":
+        d.polygon(_poly(cx, cy, r, 4, rot), outline=colour, width=w)
+    elif kind == "ell":
+        c, s_ = math.cos(rot), math.sin(rot)
+        pts = [(-0.6, -1), (-0.1, -1), (-0.1, 0.5), (0.8, 0.5), (0.8, 1), (-0.6, 1)]
+        d.polygon([(cx + r * (x * c - y * s_), cy + r * (x * s_ + y * c)) for x, y in pts], fill=colour)
     else:
         raise ValueError(kind)
 
 
 SETS = {"A": ["circle", "square", "triangle", "cross", "ring", "bars", "dots"],
-        "B": ["star", "hexagon", "ellipse", "chevron", "checker", "diamond", "half-disc"]}
+        "B": ["star", "hexagon", "ellipse", "chevron", "checker", "diamond", "half-disc"],
+        "C": ["pentagon", "arrow", "crescent", "zigzag", "frame", "ell"]}
 
 
 NOISE = 28.0  # the pixel noise's standard deviation (0-255 scale) by default
