@@ -572,6 +572,11 @@ class QuickstartCommand:
     stitch_stages: tuple[int, ...] | None = option(None, "--stitch-stages", nargs="+", parse=_count, metavar="S",
                                                    help="stages of hierarchical anchors to stitch in, from 0 (default: "
                                                         "the CNN anchors' last, 3; --anchors: the family's)")
+    stitch_plan: str | None = option(None, "--stitch-plan", choices=("large_to_small", "two_way", "sliding_window"),
+                                     help="which anchor runs first in a stitch: large_to_small (the larger anchor's "
+                                          "front, the smaller's last blocks; the default for the CNN anchors), "
+                                          "sliding_window (SN-Net: the smaller in front; --anchors' default) or "
+                                          "two_way (both)")
     img_size: int | None = option(None, "--img-size", parse=_positive_int, metavar="S",
                                   help="image side the anchors see (default: 64, smaller images 32 or their size)")
     anchor_epochs: int | None = option(None, "--anchor-epochs", parse=_positive_int, metavar="N", help="")

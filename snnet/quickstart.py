@@ -72,6 +72,13 @@ WIDTHS = (6, 12, 24)
 #: docs/own_data.md) the stage-2 stitch c6->c12 scored 74.0-85.0 % in all 7 runs, 1.3-7.0 points below c6 at twice
 #: its FLOPs: never on the front, and it took a seventh of the SN-Net's steps
 STITCH_STAGES = (3,)
+#: which anchor runs first in those stitches: the larger (its stem and stages up to the last block, then the smaller
+#: anchor's last block and head: a network a little cheaper than the larger anchor). SN-Net's way round, the smaller
+#: in front, passes the smaller anchor's features on: on set B tuning draws (noise 60 and 90 over the shapes) the
+#: stage-3 stitch c6->c12 scored within 2.7 points of c6 either way in 4 runs, at 1.3x its FLOPs; with the larger in
+#: front the stage-3 stitches scored 83.7-91.7 %, all 8 (4 runs) between the smallest and the largest anchor, at
+#: 0.92x the larger anchor's FLOPs (in stage 2 that way round, 2 of 4 fell below c6; docs/own_data.md)
+STITCH_PLAN = "large_to_small"
 VAL_SHARE = 0.2  # a folder without train/ and val/ is split so (per class, by file name, seeded)
 #: optimizer steps each anchor gets at least (few images: more epochs), within the epoch bounds. 1000 (28 epochs on
 #: 1200 images) left the width-24 and the width-16 CNN at the same 88.3 % on shapes set A, top-1 still rising at the
@@ -105,6 +112,7 @@ class QuickstartOptions:
     no_pretrained: bool = False
     widths: list[int] | None = None
     stitch_stages: list[int] | None = None
+    stitch_plan: str | None = None
     img_size: int | None = None
     anchor_epochs: int | None = None
     snnet_epochs: int | None = None
@@ -148,6 +156,7 @@ class Plan:
     anchors: list[tuple[str, str, dict]]  # (label, timm name, model_kwargs); model_kwargs {} for --anchors
     pretrained: bool
     stitch_stages: list[int] | None  # None: the anchors' family default
+    stitch_plan: str  # the stitch config's "stitch_plan"
     anchor_epochs: int
     snnet_epochs: int
     batch: int
@@ -339,6 +348,18 @@ def plan(summary: DataSummary, args: QuickstartOptions) -> Plan:
                "docs/own_data.md")
         lines.append(f"stitches: in stage(s) {' '.join(map(str, stages))} of 0-3, one between the two blocks of each, "
                      f"per pair of neighbouring anchors ({why}; change: --stitch-stages S ...)")
+    if args.stitch_plan:
+        stitch_plan, why = args.stitch_plan, "--stitch-plan"
+    elif args.anchors:
+        stitch_plan, why = "sliding_window", "SN-Net's for pretrained anchors"
+    else:
+        stitch_plan = STITCH_PLAN
+        why = ("SN-Net's way round, the smaller anchor's features into the larger's last block, scored no better "
+               "than the smaller anchor at more FLOPs on the tuning data, docs/own_data.md")
+    front = {"large_to_small": "the larger anchor in front, the smaller's last blocks after it",
+             "sliding_window": "the smaller anchor in front, the larger's last blocks after it (SN-Net)",
+             "two_way": "both ways round"}[stitch_plan]
+    lines.append(f"stitch direction: {stitch_plan}, {front} ({why}; change: --stitch-plan)")
     batch = args.batch or BATCH
     steps_per_epoch = max(1, summary.images // batch)
     if args.anchor_epochs:
@@ -352,8 +373,8 @@ def plan(summary: DataSummary, args: QuickstartOptions) -> Plan:
     nproc = args.nproc or max(1, min(os.cpu_count() or 1, 8))
     lines.append(f"SN-Net training: {snnet_epochs} epochs on {nproc} process(es) (every core; change: --snnet-epochs, "
                  f"--nproc)")
-    return Plan(img_size, anchors, bool(args.anchors) and not args.no_pretrained, stages, anchor_epochs, snnet_epochs,
-                batch, nproc, lines, own_cnns=not args.anchors)
+    return Plan(img_size, anchors, bool(args.anchors) and not args.no_pretrained, stages, stitch_plan, anchor_epochs,
+                snnet_epochs, batch, nproc, lines, own_cnns=not args.anchors)
 
 
 def _recipes(p: Plan, seed: int) -> tuple[list[str], list[str], list[str], list[str]]:
@@ -379,6 +400,8 @@ def stitch_config(out: Path, p: Plan, classes: int) -> Path:
            "input_size": p.img_size, "num_classes": classes, "stitch_init_bs": 256, "ls_mode": "joint"}
     if p.stitch_stages is not None:
         cfg["stitch_stages"] = p.stitch_stages
+    if p.stitch_plan != "sliding_window":
+        cfg["stitch_plan"] = p.stitch_plan
     path = out / "stitch_config.json"
     write_text_atomic(path, json.dumps(cfg, indent=1) + "\n")
     return path

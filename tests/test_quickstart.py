@@ -90,9 +90,11 @@ def test_the_plan_says_each_choice_and_its_flag():
     assert p.anchor_epochs == 41 and p.snnet_epochs == 33  # 1200 images / 32 = 37 steps an epoch, >= 1500 steps
     text = "\n".join(p.lines)
     for flag in ("--img-size", "--widths", "--anchors", "--anchor-epochs", "--snnet-epochs", "--nproc",
-                 "--stitch-stages"):
+                 "--stitch-stages", "--stitch-plan"):
         assert flag in text, flag
     assert p.stitch_stages == [3] and "stitches: in stage(s) 3 of 0-3" in text
+    assert p.stitch_plan == "large_to_small" and "stitch direction: large_to_small, the larger anchor in front" in text
+    assert plan(summary, _args(nproc=2, stitch_plan="two_way")).stitch_plan == "two_way"
     snnet_flags = _recipes(p, 0)[1]  # the stitching layers at 5e-3, the CNN anchors at a tenth of it
     assert snnet_flags[:4] == ["--lr", "0.005", "--anchor-lr-scale", "0.1"], snnet_flags
     with pytest.raises(UsageError, match="--stitch-stages 1 4: the CNN anchors have stages 0-3"):
@@ -101,7 +103,7 @@ def test_the_plan_says_each_choice_and_its_flag():
     assert tiny.img_size == 16 and tiny.anchor_epochs == 60  # few images: the most epochs
     fine = plan(summary, _args(anchors=["resnet18.a1_in1k", "resnet50.a1_in1k"], nproc=1))
     assert fine.pretrained and [a[1] for a in fine.anchors] == ["resnet18.a1_in1k", "resnet50.a1_in1k"]
-    assert fine.stitch_stages is None  # the family's own default
+    assert fine.stitch_stages is None and fine.stitch_plan == "sliding_window"  # the family's own default, SN-Net's
     assert _recipes(fine, 0)[1][:4] == ["--lr", "0.0005", "--anchor-lr-scale", "1"]  # timm anchors: SN-Net's one LR
 
 
@@ -133,8 +135,8 @@ def test_quickstart_guide_runs(tmp_path, capsys):
             assert (results / f).is_file(), f
         records = [json.loads(ln) for ln in (results / "stitches_res.txt").read_text().splitlines()]
         assert [r["route"] for r in records[:2]] == ["c4", "c8"]
-        # one stitch, in the last stage (STITCH_STAGES)
-        assert [r["route"].split("..")[1][:2] for r in records[2:]] == ["s3"], [r["route"] for r in records]
+        # one stitch, in the last stage (STITCH_STAGES), the larger anchor in front (STITCH_PLAN)
+        assert [r["route"] for r in records[2:]] == ["c8[..s3.b0] -(0.0.0)-> c4[s3.b1..]"], records
         for what in ("image size: 16 px", "anchors: 2 small CNNs", "change: --widths", "ETA", "[snnet] done in",
                      "quickstart finished in", "report.html in a browser"):
             assert what in out, what

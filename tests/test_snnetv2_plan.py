@@ -112,3 +112,46 @@ def test_snnetv2_release_converts_and_loads(tmp_path):
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert all(torch.equal(net(x, c), other(x, c)) for c in range(net.num_configs))
+
+
+def test_two_way_for_cnns_each_stage_both_ways_one_hop():
+    """Hierarchical anchors with "stitch_plan": "two_way": after each stage's SN-Net routes (small front), the same
+    positions with the larger anchor in front, each with its own layer mapping the larger width onto the smaller;
+    the one-way plan keeps its cfg_ids and keys; LS init fits the reverse layers; FLOPs sit between the two."""
+    from snnet import parse_stitch_config
+    from snnet.core.cost import trace_route_flops
+    from snnet.core.ls_init import ls_init, stitch_errors
+    from snnet.core.plan import PlanError, stagewise_plan
+    cnn = lambda w: {"name": "resnet18", "model_kwargs": {"channels": [w, 2 * w, 4 * w, 8 * w]}}
+    one = stagewise_plan([[2, 2, 2, 2]] * 3, [2, 3])
+    two = stagewise_plan([[2, 2, 2, 2]] * 3, [2, 3], large_front=True)
+    assert [r.stitches for r in two.routes[:5]] == [r.stitches for r in one.routes[:5]]  # stage 2's SN-Net ids
+    assert [positions(two, c) for c in (5, 6, 9, 10)] == [
+        [((1, 0), (0, 1), (0, 2, 0))], [((2, 1), (0, 1), (0, 3, 0))],
+        [((1, 0), (0, 1), (1, 2, 0))], [((2, 1), (0, 1), (1, 3, 0))]]
+    assert len(one) == 7 and len(two) == 11 and len(two.layers) == 8
+    back = stagewise_plan([[2, 2, 2, 2]] * 3, [3], small_front=False, large_front=True)  # "large_to_small"
+    assert [positions(back, c) for c in (3, 4)] == [[((1, 0), (0, 1), (0, 0, 0))], [((2, 1), (0, 1), (0, 1, 0))]]
+    with pytest.raises(PlanError, match="equal depths in each stitched stage: stage 1 has 2 blocks"):
+        stagewise_plan([[2, 2, 2, 2], [2, 3, 2, 2]], [1], large_front=True)
+    torch.manual_seed(0)
+    cfg = parse_stitch_config({"anchors": [cnn(4), cnn(8)], "stitch_plan": "two_way", "stitch_stages": [3]})
+    net = build_snnet(cfg, pretrained=False, num_classes=5, img_size=32)
+    assert [net.describe(c) for c in range(2, 4)] == ["resnet18#0[..s3.b0] -(0.0.0)-> resnet18#1[s3.b1..]",
+                                                      "resnet18#1[..s3.b0] -(0.1.0)-> resnet18#0[s3.b1..]"]
+    assert tuple(net.stitch_layer((0, 1, 0)).transform.weight.shape[:2]) == (32, 64)  # c8's 64 channels onto c4's 32
+    x = torch.randn(32, 3, 32, 32)
+    before = stitch_errors(net, x)
+    ls_init(net, [x])
+    after = stitch_errors(net, x)
+    assert len(after) == 2 and all(after[k] < before[k] for k in after)
+    net.eval()
+    flops = [trace_route_flops(net, c, 32) for c in range(4)]
+    assert flops[0] < flops[2] < flops[1] and flops[0] < flops[3] < flops[1]
+    assert all(net(x, c).shape == (32, 5) for c in range(4))
+    cfg = parse_stitch_config({"anchors": [cnn(4), cnn(8)], "stitch_plan": "large_to_small", "stitch_stages": [3]})
+    assert build_snnet(cfg, pretrained=False, num_classes=5, img_size=32).describe(2) == \
+        "resnet18#1[..s3.b0] -(0.0.0)-> resnet18#0[s3.b1..]"
+    vit = {"name": "deit_tiny_patch16_224", "model_kwargs": {"depth": 2, "embed_dim": 8, "num_heads": 2}}
+    with pytest.raises(Exception, match="'large_to_small' takes hierarchical anchors"):
+        build_snnet(parse_stitch_config({"anchors": [vit, vit], "stitch_plan": "large_to_small"}), pretrained=False)

@@ -142,8 +142,10 @@ FIELDS: dict[str, Field] = {
     "num_classes": _sets("num_classes"),
     "recipe": Field((dict,), None, "the training recipe: train.py flag names (- or _) -> values, as in a -c YAML; "
                     "same layer as the fields above (a flag set twice is an error)"),
-    "stitch_plan": Field((str,), "sliding_window", "sliding_window (SN-Net) or two_way (SN-Netv2: two plain ViTs, "
-                         "both directions and two-hop routes)"),
+    "stitch_plan": Field((str,), "sliding_window", "sliding_window (SN-Net: the smaller anchor in front), two_way "
+                         "(SN-Netv2: two plain ViTs, both directions and two-hop routes; hierarchical anchors: every "
+                         "stitched stage both ways, one hop) or large_to_small (hierarchical anchors: the larger "
+                         "anchor in front only)"),
     "stitch_layer": Field((dict,), None, "stitching-layer type and options, e.g. {\"type\": \"linear\"} (default)"),
     "sampler": Field((dict,), None, "stitch sampler type and options, e.g. {\"type\": \"uniform\"} (default, "
                      "SN-Net's)"),
@@ -252,8 +254,8 @@ def parse_stitch_config(data: Any, source: str = "stitch config") -> StitchConfi
         if wrong is not None:  # worded as train.py's refusal of a file's value (snnet/train/args.py)
             raise ConfigError(f"{source}: field {k!r}: {wrong} (as for {'/'.join(flag.names) or flag.metavar}); fix "
                               f"the value in the file")
-    if data.get("stitch_plan", "sliding_window") not in ("sliding_window", "two_way"):
-        raise ConfigError(f"{source}: field 'stitch_plan' must be 'sliding_window' or 'two_way', got "
+    if data.get("stitch_plan", "sliding_window") not in ("sliding_window", "two_way", "large_to_small"):
+        raise ConfigError(f"{source}: field 'stitch_plan' must be 'sliding_window', 'two_way' or 'large_to_small', got "
                           f"{data['stitch_plan']!r}")
     if data.get("drop_path_schedule", "linear") not in ("linear", "constant"):
         raise ConfigError(f"{source}: field 'drop_path_schedule' must be 'linear' (timm) or 'constant' (SN-Netv2), "

@@ -268,12 +268,19 @@ def _chains(positions: list[tuple[int, int]], hops: int, after_k: int = 0) -> li
 
 
 def stagewise_plan(stage_depths: Sequence[Sequence[int]], stitch_stages: Sequence[int], kernel: int = 2,
-                   stride: int = 1, names: Sequence[str] | None = None) -> StitchPlan:
+                   stride: int = 1, names: Sequence[str] | None = None, small_front: bool = True,
+                   large_front: bool = False) -> StitchPlan:
     """Plan of SN-Net's hierarchical families (stage-wise; docs/snnet_compat.md, C1, C5).
 
     Neighbouring anchors (i-1, i) are stitched inside each stage of `stitch_stages`: forward-only sliding window
     when their depths in that stage are equal, depth interpolation when the end anchor is deeper. Layers live at
     ``stitch_layers.<index of the stage in stitch_stages>.<i-1>.<layer id>``.
+
+    `small_front` routes are SN-Net's (the smaller anchor in front). `large_front` (SN-Netv2's other way, for
+    hierarchical anchors, one hop per route) stitches each stage's positions the other way too: the larger anchor i
+    in front, the smaller i-1 at the end, one stitching layer per position at ``stitch_layers.<stage index>.<pair>.
+    <position>`` with pair n-1 + i-1 beside SN-Net's routes (i-1 without them), listed after that stage's SN-Net
+    routes. Anchors whose depths differ in a stitched stage are refused there (no interpolation back).
 
     SN-Net sorts the depths but indexes anchors by position, silently stitching the wrong anchors when they are not
     ordered small to large (docs/snnet_compat.md, C6); here that is refused.
@@ -290,10 +297,12 @@ def stagewise_plan(stage_depths: Sequence[Sequence[int]], stitch_stages: Sequenc
     for s in stitch_stages:
         if not 0 <= s < n_stages:
             raise PlanError(f"stitch stage {s} is out of range: the anchors have stages 0..{n_stages - 1}")
+    if not (small_front or large_front):
+        raise PlanError("a stage-wise plan stitches the smaller anchor in front, the larger, or both; got neither")
     routes = [Route(a, (a,)) for a in range(n)]
     layers: list[LayerSpec] = []
     for s_idx, s in enumerate(stitch_stages):
-        for i in range(1, n):
+        for i in range(1 if small_front else n, n):
             df, de = stage_depths[i - 1][s], stage_depths[i][s]
             if de < df:
                 raise PlanError(f"anchors are not ordered small to large: stage {s} has {df} blocks in {label(i - 1)} "
@@ -305,6 +314,17 @@ def stagewise_plan(stage_depths: Sequence[Sequence[int]], stitch_stages: Sequenc
             layers.extend(LayerSpec((s_idx, i - 1, lid), i - 1, i, s) for lid in range(num_layers))
             for (j, k), lid in zip(positions, layer_of):
                 routes.append(Route(len(routes), (i - 1, i), (Junction(i - 1, i, s, j, k, (s_idx, i - 1, lid)),)))
+        for i in range(1 if large_front else n, n):
+            df, de = stage_depths[i - 1][s], stage_depths[i][s]
+            if df != de:
+                raise PlanError(f"the larger anchor in front needs equal depths in each stitched stage: stage {s} has "
+                                f"{df} blocks in {label(i - 1)} but {de} in {label(i)}; stitch other stages or use "
+                                f"the sliding window (the smaller anchor in front)")
+            positions, _, _ = paired_positions(de, kernel, stride, forward_only=True)
+            pair = (n - 1 if small_front else 0) + i - 1
+            layers.extend(LayerSpec((s_idx, pair, p), i, i - 1, s) for p in range(len(positions)))
+            for p, (j, k) in enumerate(positions):
+                routes.append(Route(len(routes), (i, i - 1), (Junction(i, i - 1, s, j, k, (s_idx, pair, p)),)))
     return StitchPlan(tuple(routes), tuple(layers), n, hierarchical=True)
 
 
