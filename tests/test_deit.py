@@ -160,3 +160,28 @@ def test_stitched_route_skips_final_norm_unless_switched_off():
         for b in range(st.k, 12):
             h = s.blocks[b](h)
         assert torch.allclose(on(x, 5), s.forward_head(h), atol=1e-5)
+
+
+
+def test_units_of_one_structure_are_traced_once(monkeypatch):
+    """`measure` traces each structure (module types, settings, parameter shapes) on each input shape once: two tiny
+    DeiTs of 4 blocks price their 8 blocks with 2 traces and their stitching layers (one shape) with 1; the table is
+    the one an unshared trace of every unit gives (the Ti/S/B table above is SN-Net's, cfg_id for cfg_id)."""
+    import snnet.core.cost as cost
+    from snnet import parse_stitch_config
+    vit = lambda width: {"name": "deit_tiny_patch16_224", "model_kwargs": {"patch_size": 4, "depth": 4,
+                                                                            "embed_dim": width, "num_heads": 2}}
+    net = build_snnet(parse_stitch_config({"anchors": [vit(8), vit(16)]}), pretrained=False, num_classes=10,
+                      img_size=16)
+    traces, real = [], cost.count_flops
+    monkeypatch.setattr(cost, "count_flops", lambda fn, owner, x: traces.append(owner) or real(fn, owner, x))
+    shared = measure(net, 16)
+    units = sum(len(u) for u in net.units)
+    blocks = sum(unit.kind == "block" for u in net.units for unit in u)
+    layers = len(net.stitch_inputs())
+    assert blocks == 8 and layers > 1 and len(traces) == units - blocks + 2 + 1, (units, layers, len(traces))
+    monkeypatch.setattr(cost, "structure", lambda module: None)  # nothing shared: every unit traced
+    traces.clear()
+    alone = measure(net, 16)
+    assert len(traces) == units + layers
+    assert (shared.unit_flops, shared.layer_flops) == (alone.unit_flops, alone.layer_flops)

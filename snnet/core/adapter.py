@@ -41,6 +41,7 @@ class Unit:
     modules: tuple[str, ...]       # names of the anchor's submodules/parameters this unit executes (for params)
     stage: int | None = None       # for blocks: the stage and the block index inside it
     index: int | None = None
+    submodule: str | None = None   # the one submodule the unit runs, x -> submodule(x) (`module_unit`); else None
 
 
 class AnchorAdapter:
@@ -193,7 +194,7 @@ def _run_forward_head(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def module_unit(path: str, kind: str, stage: int | None = None, index: int | None = None) -> Unit:
     """A unit that runs the anchor's submodule at `path` (e.g. ``blocks.3``, ``layers.1.downsample``)."""
-    return Unit(path, kind, partial(_run_submodule, path), (path,), stage, index)
+    return Unit(path, kind, partial(_run_submodule, path), (path,), stage, index, submodule=path)
 
 
 def head_unit(modules: Sequence[str]) -> Unit:

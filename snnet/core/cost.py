@@ -5,8 +5,10 @@ BatchNorm 2 per element, and so on (docs/snnet_compat.md, C21). timm now compute
 ``F.scaled_dot_product_attention``, which fvcore does not count; the handler below counts its two matmuls (q·kᵀ and
 attn·v) as SN-Net's traces did.
 
-Each distinct unit (one anchor's stem, block, transition, norm or head; one stitching layer) is traced once for a
-single image; a route's FLOPs are the sum over its steps. `trace_route_flops` traces a whole route for checking.
+Each distinct unit (one anchor's stem, block, transition, norm or head; one stitching layer) is priced once for a
+single image, and units of one structure (the same module types, settings and parameter shapes, run on the same
+input shape: a ViT's identical blocks, one pair's stitching layers) are traced once between them; a route's FLOPs
+are the sum over its steps. `trace_route_flops` traces a whole route for checking.
 """
 from __future__ import annotations
 
@@ -121,6 +123,34 @@ def _sizes(model: SNNet, img_size) -> list[tuple[int, int]]:
     return [one(img_size)] * model.n_anchors
 
 
+def structure(module: nn.Module) -> tuple | None:
+    """What fixes `module`'s FLOPs for a given input shape: per submodule its name, type, plain attributes (a
+    block's settings: its fused attention, a stitching layer's layouts) and its parameters' and buffers' shapes and
+    dtypes. None (never priced by another's trace) when a submodule has a hook, which may run anything."""
+    parts = []
+    for name, m in module.named_modules():
+        if m._forward_hooks or m._forward_pre_hooks:
+            return None
+        attrs = tuple(sorted((k, repr(v)) for k, v in vars(m).items()
+                             if not k.startswith("_") and k != "training"
+                             and not isinstance(v, (torch.Tensor, nn.Module))))
+        tensors = tuple((n, tuple(t.shape), t.dtype) for n, t in [*m.named_parameters(recurse=False),
+                                                                   *m.named_buffers(recurse=False)])
+        parts.append((name, type(m), attrs, tensors))
+    return tuple(parts)
+
+
+def _priced(cache: dict, module: nn.Module | None, x: torch.Tensor, price: Callable[[], int]) -> int:
+    """`price()`, once for every module of one `structure` run on one input shape (`module` None: not shared)."""
+    key = structure(module) if module is not None else None
+    if key is None:
+        return price()
+    key = (key, tuple(x.shape), x.dtype)
+    if key not in cache:
+        cache[key] = price()
+    return cache[key]
+
+
 @torch.no_grad()
 def measure(model: SNNet, img_size: Size = 224, in_chans: int = 3) -> CostTable:
     """Trace every unit of every anchor and every stitching module once, for one image: any network the library
@@ -130,13 +160,15 @@ def measure(model: SNNet, img_size: Size = 224, in_chans: int = 3) -> CostTable:
     sizes = _sizes(model, img_size)
     device = next(model.parameters()).device
     unit_flops, unit_outputs = [], []
+    cache: dict = {}  # structure and input shape -> FLOPs (`_priced`)
     with eval_mode(model):
         for a, units in enumerate(model.units):
             anchor = model.anchor(a)
             x = torch.zeros(1, in_chans, *sizes[a], device=device)
             flops, shapes = [], []
             for unit in units:
-                flops.append(count_flops(partial(unit.run, anchor), anchor, x))
+                module = anchor.get_submodule(unit.submodule) if unit.submodule is not None else None
+                flops.append(_priced(cache, module, x, partial(count_flops, partial(unit.run, anchor), anchor, x)))
                 x = unit.run(anchor, x)
                 shapes.append(x.shape)
             unit_flops.append(flops)
@@ -150,7 +182,7 @@ def measure(model: SNNet, img_size: Size = 224, in_chans: int = 3) -> CostTable:
             layer = model.stitch_layer(address)
             # a low-rank layer runs as its merged linear map once deployed (SN-Netv2 counted that one too)
             layer = layer.merged() if hasattr(layer, "merged") else layer
-            layer_flops[address] = count_flops(layer, layer, x)
+            layer_flops[address] = _priced(cache, layer, x, partial(count_flops, layer, layer, x))
     return CostTable(sizes[0], unit_flops, layer_flops, unit_outputs, None if len(set(sizes)) == 1 else sizes)
 
 
