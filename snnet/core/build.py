@@ -122,17 +122,12 @@ def plan_for(models: Sequence[nn.Module], adapters: Sequence[AnchorAdapter], nam
                               f"train.py, which writes the pairs it chose")
         _check_widths(models, adapters, names, [0])
         return positions_plan([d[0] for d in depths], positions["pairs"])
-    if kind in ("two_way", "large_to_small") and hierarchical and all(hierarchical):  # one hop per route, the
-        # larger anchor in front too, or only (plan.stagewise_plan)
-        stages = stitch_stages if stitch_stages is not None else _default_stages(adapters)
-        plan = stagewise_plan(depths, list(stages), kernel=2, stride=1, names=names,
-                              small_front=kind == "two_way", large_front=True)
-        _check_widths(models, adapters, names, stages)
-        return plan
-    if kind == "large_to_small":
+    # hierarchical anchors stitched the larger in front too (two_way) or only (large_to_small), one hop per route
+    large_front = kind in ("two_way", "large_to_small") and bool(hierarchical) and all(hierarchical)
+    if kind == "large_to_small" and not large_front:
         raise AnchorError(f"'stitch_plan': 'large_to_small' takes hierarchical anchors (stage by stage); "
                           f"{', '.join(map(repr, names))} are not all hierarchical: use two_way or sliding_window")
-    if kind == "two_way":
+    if kind == "two_way" and not large_front:
         if len(models) != 2:
             raise AnchorError(f"two-way stitching (SN-Netv2) takes two plain ViT anchors, got {len(models)}: "
                               f"{list(names)}; keep two")
@@ -158,18 +153,14 @@ def plan_for(models: Sequence[nn.Module], adapters: Sequence[AnchorAdapter], nam
         raise AnchorError(f"cannot mix plain ViT anchors with hierarchical ones: {', '.join(plain)} (plain) cannot "
                           f"join {', '.join(staged)}; stitch one kind")
     if stitch_stages is None:
-        stitch_stages = _default_stages(adapters)
-    plan = stagewise_plan(depths, list(stitch_stages), kernel=2, stride=1, names=names)
+        common = set(adapters[0].default_stitch_stages)
+        for ad in adapters[1:]:
+            common &= set(ad.default_stitch_stages)
+        stitch_stages = sorted(common)
+    plan = stagewise_plan(depths, list(stitch_stages), kernel=2, stride=1, names=names,
+                          small_front=kind != "large_to_small", large_front=large_front)
     _check_widths(models, adapters, names, stitch_stages)
     return plan
-
-
-def _default_stages(adapters: Sequence[AnchorAdapter]) -> list[int]:
-    """The stages every anchor's family stitches by default (SN-Net's per family)."""
-    common = set(adapters[0].default_stitch_stages)
-    for ad in adapters[1:]:
-        common &= set(ad.default_stitch_stages)
-    return sorted(common)
 
 
 def _check_widths(models, adapters, names, stages) -> None:
