@@ -1,5 +1,5 @@
 """The cost model's pricing time: every unit traced on its own against units of one structure traced once between
-them (snnet/core/cost.py `measure`), side by side on the same built network, in alternating order, with the tables
+them (snnet/stitching/cost.py `measure`), side by side on the same built network, in alternating order, with the tables
 compared cfg_id for cfg_id. Pricing runs wherever FLOPs are needed: `--dry-run` and the launch checks (the ROS
 sampler's buckets), the evaluation's FLOPs column, `snnet latency`.
 
@@ -15,7 +15,7 @@ from unittest import mock
 import torch
 
 from snnet import build_snnet, load_stitch_config
-from snnet.core import cost
+from snnet.stitching import cost
 
 #: (stitch config, build kwargs): SN-Net's DeiT Ti/S/B (71 networks), SN-Netv2's B/L (135), SN-Net's ResNet-18/50;
 #: the ViTs with PyTorch's default init, not timm's trunc-normal pass over their weights (only shapes matter here)

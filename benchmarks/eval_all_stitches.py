@@ -145,8 +145,8 @@ def flops_floor(plan: str = "sliding_window") -> tuple[float, int]:
 
 def flops_floor_of(model, img: int) -> float:
     """FLOPs of the distinct route prefixes over FLOPs of every route run from the input, at `img` px."""
-    from snnet.core.cost import measure
-    from snnet.core.route_tree import RouteTree
+    from snnet.stitching.cost import measure
+    from snnet.stitching.route_tree import RouteTree
     table = measure(model, img)
     naive = sum(table.route_flops(r) for r in model.routes)
     tree = RouteTree({c: r for c, r in enumerate(model.routes)})

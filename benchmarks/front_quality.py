@@ -256,9 +256,9 @@ def shared_prefixes(recipe: str, work: Path):
     """`shared(a, b)`: the FLOPs of the steps routes a and b begin with alike (e.g. the small anchor's stem and
     first blocks, which a stitch starting from them can reuse after the small anchor ran), from the recipe's
     network (built without weights; its FLOPs are the results files')."""
-    from snnet.core.build import build_snnet
-    from snnet.core.config import load_stitch_config
-    from snnet.core.cost import cost_table
+    from snnet.stitching.build import build_snnet
+    from snnet.stitching.config import load_stitch_config
+    from snnet.stitching.cost import cost_table
     net = build_snnet(load_stitch_config(work / f"config_{recipe}.json"), pretrained=False, num_classes=10,
                       img_size=16)
     table = cost_table(net, 16)
@@ -369,7 +369,7 @@ def plot(summary: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from snnet.core.fileio import save_figure
+    from snnet.utils.fileio import save_figure
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4), dpi=130)
     for name, s in summary.items():
         xs = list(range(len(s["hv"])))
@@ -389,7 +389,7 @@ def plot(summary: dict[str, dict], path: Path) -> None:
 
 def train_all(args, names: list[str], half: int, every: dict, work: Path, results: Path) -> list[dict]:
     """Anchors (once), then every (recipe, seed, budget) run; runs.jsonl in `results`."""
-    from snnet.core.fileio import write_text_atomic
+    from snnet.utils.fileio import write_text_atomic
     t0 = time.perf_counter()
     data = write_digits(work)
     train_anchors(work, data, args.anchor_epochs)
@@ -471,12 +471,12 @@ def main(argv=None) -> int:
                           f"shared blocks)", flush=True)
                     added += 1
         if added:
-            from snnet.core.fileio import write_text_atomic
+            from snnet.utils.fileio import write_text_atomic
             write_text_atomic(results / "runs.jsonl", "".join(json.dumps(r) + "\n" for r in runs))
             print(f"{added} baseline update(s) written to runs.jsonl, from the run folders in {work / 'runs'}")
     else:
         runs = train_all(args, names, half, every, work, results)
-    from snnet.core.fileio import write_text_atomic
+    from snnet.utils.fileio import write_text_atomic
     summary = summarise(runs, names, args.epochs)
     halves = {f"{n}, half budget": v for n, v in summarise(runs, ["ours"], half).items()} \
         if half != args.epochs else {}

@@ -616,7 +616,7 @@ def step_eval_all(ctx: dict) -> dict:
 def step_ls_init(ctx: dict) -> dict:
     import torch
 
-    from snnet.core.ls_init import ls_init
+    from snnet.stitching.ls_init import ls_init
     size, device = ctx["size"], ctx["device"]
     cuda = device.type == "cuda"
     model = _deit_ti_s_b(ctx, size["ev_reduced"])
@@ -741,7 +741,7 @@ def render(env: dict, results: dict, smoke: bool, total: float) -> str:
 
 # ------------------------------------------------------------------------------------------------ main
 def main(argv=None) -> int:
-    from snnet.core.errors import OneLineParser
+    from snnet.utils.errors import OneLineParser
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--smoke", action="store_true", help="every step at toy size (the test suite runs this)")
@@ -819,7 +819,7 @@ def main(argv=None) -> int:
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-    from snnet.core.fileio import write_text_atomic
+    from snnet.utils.fileio import write_text_atomic
     total = time.time() - t_start
     md = out_dir / f"{name}.md"
     write_text_atomic(md, render(env, results, args.smoke, total))

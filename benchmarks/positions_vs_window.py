@@ -35,7 +35,7 @@ import front_quality as fq  # noqa: E402  (benchmarks/front_quality.py: the mach
 from snnet.demo import demo_anchors, write_digits  # noqa: E402
 from snnet.train.positions import PLAN_FILE  # noqa: E402
 
-PER_PAIR = 10  # the sliding window's positions per pair on depth-4 anchors (snnet.core.plan.paired_positions(4))
+PER_PAIR = 10  # the sliding window's positions per pair on depth-4 anchors (snnet.stitching.plan.paired_positions(4))
 BASE_FLAGS, BASE_FIELDS = fq.RECIPES["ours"]
 RECIPES: dict[str, tuple[list[str], dict]] = {
     "window": (BASE_FLAGS, BASE_FIELDS),
@@ -59,8 +59,8 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--from-runs", action="store_true", help="rewrite the table from <results>/runs.jsonl")
     args = p.parse_args(argv)
-    from snnet.core.fileio import write_text_atomic
-    from snnet.core.plan import paired_positions
+    from snnet.stitching.plan import paired_positions
+    from snnet.utils.fileio import write_text_atomic
     assert len(paired_positions(4)[0]) == PER_PAIR
     work, results = Path(args.work), Path(args.results)
     work.mkdir(parents=True, exist_ok=True)

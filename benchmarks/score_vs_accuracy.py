@@ -159,7 +159,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from snnet.core.fileio import save_figure
+    from snnet.utils.fileio import save_figure
     fig, axes = plt.subplots(len(result), 3, figsize=(12, 3.6 * len(result)), dpi=120, squeeze=False)
     for row, (pair, r) in zip(axes, result.items()):
         for ax, (name, (key, _sign)) in zip(row, SCORES.items()):
@@ -189,8 +189,8 @@ def main(argv=None) -> int:
     bad = [x for x, pr in zip(args.pairs, pairs) if len(pr) != 2 or not set(pr) <= set(ANCHORS)]
     if bad:
         sys.exit(f"--pairs {bad}: write FRONT-END with labels {', '.join(ANCHORS)}, e.g. w16-w64")
-    from snnet.core.fileio import write_text_atomic
     from snnet.demo import write_digits
+    from snnet.utils.fileio import write_text_atomic
     work, results = Path(args.work), Path(args.results)
     work.mkdir(parents=True, exist_ok=True)
     results.mkdir(parents=True, exist_ok=True)

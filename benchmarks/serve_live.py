@@ -69,13 +69,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from snnet.core.build import build_snnet  # noqa: E402  (after the path insert: runs from a checkout)
-from snnet.core.checkpoint import save_checkpoint  # noqa: E402
-from snnet.core.config import parse_stitch_config  # noqa: E402
-from snnet.core.fileio import write_text_atomic  # noqa: E402
 from snnet.results.quality import pareto_front  # noqa: E402
 from snnet.results.records import read_results  # noqa: E402
 from snnet.serve.loadgen import get, post, run_open_loop  # noqa: E402
+from snnet.stitching.build import build_snnet  # noqa: E402  (after the path insert: runs from a checkout)
+from snnet.stitching.config import parse_stitch_config  # noqa: E402
+from snnet.utils.checkpoint import save_checkpoint  # noqa: E402
+from snnet.utils.fileio import write_text_atomic  # noqa: E402
 
 DEIT_CONFIG = ROOT / "configs" / "deit_ti_s_b.json"
 DEIT_ANCHORS = [0, 1, 2]

@@ -28,8 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from snnet.core.fileio import write_text_atomic  # noqa: E402
 from snnet.serve.loadgen import get, post  # noqa: E402  (after the path insert: the benchmark runs from a checkout)
+from snnet.utils.fileio import write_text_atomic  # noqa: E402
 
 PARTS = ("decode", "queue", "forward", "answer")
 

@@ -78,7 +78,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from serve_plan import MAX_BATCH, choice_costs, menu_of  # noqa: E402
 
-from snnet.core.fileio import write_text_atomic  # noqa: E402  (after the path insert: runs from a checkout)
 from snnet.deploy.export import labelled  # noqa: E402
 from snnet.serve import simulate  # noqa: E402
 from snnet.serve.estimates import Learned  # noqa: E402
@@ -86,6 +85,7 @@ from snnet.serve.loadgen import arrival_times, onoff_times  # noqa: E402
 from snnet.serve.policy import StitchMenu  # noqa: E402
 from snnet.serve.scheduler import GAPS, DeadlineScheduler, Pending  # noqa: E402
 from snnet.serve.simulate import ONOFF, VirtualClock  # noqa: E402
+from snnet.utils.fileio import write_text_atomic  # noqa: E402  (after the path insert: runs from a checkout)
 
 CALIBRATION = ROOT / "results" / "serve_calibration.json"
 SIZES = (1, 2, 4, 8)

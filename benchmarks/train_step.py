@@ -29,7 +29,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from snnet import build_snnet, load_stitch_config, parse_stitch_config  # noqa: E402
-from snnet.core.config import AnchorSpec  # noqa: E402
+from snnet.stitching.config import AnchorSpec  # noqa: E402
 from snnet.train.sampler import create_sampler  # noqa: E402
 
 

@@ -9,23 +9,23 @@ from typing import TYPE_CHECKING
 #: where each name of the package lives; imported on first use (PEP 562), so that `import snnet.x` is as light as
 #: snnet.x itself: train.py installs its Slurm signal handlers (snnet.train.preempt, no torch) before torch loads
 _CORE = {
-    "snnet.core.adapter": ("AnchorAdapter", "AnchorError", "Unit", "register_adapter"),
-    "snnet.core.build": ("build_snnet", "create_anchor", "plan_for"),
-    "snnet.core.config": ("ConfigError", "StitchConfig", "load_stitch_config", "parse_stitch_config"),
-    "snnet.core.layers": ("StitchingLayer", "create_stitch_layer", "register_stitch_layer"),
-    "snnet.core.model": ("PlainNet", "RoutedNet", "SNNet"),
-    "snnet.core.plan": ("PlanError", "Route", "Junction", "StitchPlan", "deit_plan", "paired_positions",
+    "snnet.stitching.adapter": ("AnchorAdapter", "AnchorError", "Unit", "register_adapter"),
+    "snnet.stitching.build": ("build_snnet", "create_anchor", "plan_for"),
+    "snnet.stitching.config": ("ConfigError", "StitchConfig", "load_stitch_config", "parse_stitch_config"),
+    "snnet.stitching.layers": ("StitchingLayer", "create_stitch_layer", "register_stitch_layer"),
+    "snnet.stitching.model": ("PlainNet", "RoutedNet", "SNNet"),
+    "snnet.stitching.plan": ("PlanError", "Route", "Junction", "StitchPlan", "deit_plan", "paired_positions",
                         "stagewise_plan", "unpaired_positions"),
 }
 _WHERE = {name: module for module, names in _CORE.items() for name in names}
 
 if TYPE_CHECKING:
-    from snnet.core.adapter import AnchorAdapter, AnchorError, Unit, register_adapter
-    from snnet.core.build import build_snnet, create_anchor, plan_for
-    from snnet.core.config import ConfigError, StitchConfig, load_stitch_config, parse_stitch_config
-    from snnet.core.layers import StitchingLayer, create_stitch_layer, register_stitch_layer
-    from snnet.core.model import PlainNet, RoutedNet, SNNet
-    from snnet.core.plan import (
+    from snnet.stitching.adapter import AnchorAdapter, AnchorError, Unit, register_adapter
+    from snnet.stitching.build import build_snnet, create_anchor, plan_for
+    from snnet.stitching.config import ConfigError, StitchConfig, load_stitch_config, parse_stitch_config
+    from snnet.stitching.layers import StitchingLayer, create_stitch_layer, register_stitch_layer
+    from snnet.stitching.model import PlainNet, RoutedNet, SNNet
+    from snnet.stitching.plan import (
         Junction,
         PlanError,
         Route,

@@ -3,8 +3,8 @@ budget, one stitch exported (docs/python_api.md). Each function is a thin front 
 train.py and the `snnet` command use, so a number from here is the number they give:
 
 ==========================  ===========================================================================
-`create_snnet`              snnet.core.build.build_snnet (image size from the config's ``input_size``)
-`ls_init_from_images`       snnet.core.ls_init.ls_init (``ls_mode`` from the config)
+`create_snnet`              snnet.stitching.build.build_snnet (image size from the config's ``input_size``)
+`ls_init_from_images`       snnet.stitching.ls_init.ls_init (``ls_mode`` from the config)
 `evaluate`                  snnet.train.engine.evaluate_stitches + snnet.results.records (stitches_res.txt)
 `stitch_for`                snnet.results.select.stitch_for (the rule of ``snnet select``)
 `load`                      snnet.deploy.export.load_snnet (an SN-Net from a training checkpoint)
@@ -24,12 +24,6 @@ from typing import Any
 import torch
 from timm.data import create_dataset, resolve_data_config
 
-from snnet.core.build import build_snnet
-from snnet.core.config import AnchorSpec, StitchConfig, load_stitch_config, parse_stitch_config
-from snnet.core.cost import cost_table
-from snnet.core.errors import SNNetError
-from snnet.core.ls_init import FitReport, ls_init
-from snnet.core.model import SNNet
 from snnet.data.datasets import class_names_of
 from snnet.data.loaders import StrictImages
 from snnet.data.ls_images import clean_images
@@ -37,7 +31,13 @@ from snnet.data.transforms import eval_transform
 from snnet.deploy.export import export_stitch, labelled, load_exported, load_snnet
 from snnet.results.records import stitch_record, write_class_names, write_results
 from snnet.results.select import model_img_size, stitch_for
+from snnet.stitching.build import build_snnet
+from snnet.stitching.config import AnchorSpec, StitchConfig, load_stitch_config, parse_stitch_config
+from snnet.stitching.cost import cost_table
+from snnet.stitching.ls_init import FitReport, ls_init
+from snnet.stitching.model import SNNet
 from snnet.train.engine import evaluate_stitches
+from snnet.utils.errors import SNNetError
 
 __all__ = ["create_snnet", "ls_init_from_images", "evaluate", "stitch_for", "load", "export", "predict",
            "data_config"]

@@ -35,14 +35,14 @@ from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from snnet.core.distributed import say_refusal, world
-from snnet.core.errors import OneLineParser, SNNetError, UsageError, one_line
-from snnet.core.fileio import check_out_dir
-from snnet.core.options import add_options, option, shared
 from snnet.results.pareto import cost_key, human, infer_anchors, latency_keys, pareto_report, route_of, save_report
 from snnet.results.records import read_results
 from snnet.results.report import write_report
 from snnet.results.select import select
+from snnet.utils.distributed import say_refusal, world
+from snnet.utils.errors import OneLineParser, SNNetError, UsageError, one_line
+from snnet.utils.fileio import check_out_dir
+from snnet.utils.options import add_options, option, shared
 
 if TYPE_CHECKING:  # hints only: the modules import torch or timm (see below)
     from snnet.data.options import DataOptions, LoaderOptions
@@ -337,7 +337,7 @@ def cmd_serve(args: ServeCommand) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- parser
-# Each command's options are a frozen dataclass of option() fields (snnet.core.options), its parser derived from them
+# Each command's options are a frozen dataclass of option() fields (snnet.utils.options), its parser derived from them
 # by add_options; an option two commands share is declared once, below, and copied with shared().
 #: the results files pareto and report read
 RESULTS_FILES = option(MISSING, nargs="+", metavar="RESULTS", help="stitches_res.txt files (ours or SN-Net's)")

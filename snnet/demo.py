@@ -46,16 +46,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from snnet.core.checkpoint import VERSION as CHECKPOINT_VERSION
-from snnet.core.checkpoint import load_checkpoint
-from snnet.core.fileio import atomic_path, write_text_atomic
-from snnet.core.options import add_options, option
 from snnet.results.baselines import file_baselines
 from snnet.results.pareto import infer_anchors, is_anchor, pareto_report, save_report
 from snnet.results.predictions import load_for, predictions_path, write_predictions
 from snnet.results.quality import in_anchor_range
 from snnet.results.records import RESULTS_FILE, file_sha256, read_results, write_results
 from snnet.results.report import write_report
+from snnet.utils.checkpoint import VERSION as CHECKPOINT_VERSION
+from snnet.utils.checkpoint import load_checkpoint
+from snnet.utils.fileio import atomic_path, write_text_atomic
+from snnet.utils.options import add_options, option
 
 WEIGHTS_FILE = "snnet.pth.tar"  # the demo's trained SN-Net beside its results (save_weights)
 

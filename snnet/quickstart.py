@@ -33,8 +33,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from snnet.core.errors import UsageError
-from snnet.core.fileio import write_text_atomic
 from snnet.data.checks import TRAIN_NAMES, VAL_NAMES, img_extensions, scan_image_folder
 from snnet.demo import (
     WEIGHTS_FILE,
@@ -47,6 +45,8 @@ from snnet.demo import (
     train_snnet,
 )
 from snnet.results.records import RESULTS_FILE, file_sha256, read_results
+from snnet.utils.errors import UsageError
+from snnet.utils.fileio import write_text_atomic
 
 #: the anchors quickstart trains from scratch: ResNet-18's layout (2 basic blocks in each of 4 stages) at widths
 #: w, 2w, 4w, 8w and a stem as narrow (`anchor_kwargs`); labels c<w>

@@ -10,7 +10,7 @@ import re
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from snnet.core.adapter import TOKENS, AnchorAdapter, Unit, head_unit, module_unit, register_adapter
+from snnet.stitching.adapter import TOKENS, AnchorAdapter, Unit, head_unit, module_unit, register_adapter
 
 #: a LayerScale key of DeiT-III's own ViT code (SN-Netv2's anchors)
 RELEASE_KEY = re.compile(r"(\bblocks\.\d+)\.gamma_([12])$")

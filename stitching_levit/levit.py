@@ -15,7 +15,7 @@ from __future__ import annotations
 from timm.models.levit import Levit
 from torch import nn
 
-from snnet.core.adapter import NCHW, TOKENS, AnchorAdapter, Unit, head_unit, register_adapter, stage_units
+from snnet.stitching.adapter import NCHW, TOKENS, AnchorAdapter, Unit, head_unit, register_adapter, stage_units
 
 from .convert import RELEASE_KEY, snnet_to_ours
 

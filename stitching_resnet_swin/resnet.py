@@ -13,7 +13,7 @@ from __future__ import annotations
 from timm.models.resnet import ResNet
 from torch import nn
 
-from snnet.core.adapter import NCHW, AnchorAdapter, Unit, head_unit, module_unit, register_adapter
+from snnet.stitching.adapter import NCHW, AnchorAdapter, Unit, head_unit, module_unit, register_adapter
 
 _STEM_MODULES = ("conv1", "bn1", "act1", "maxpool")
 

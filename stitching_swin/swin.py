@@ -10,7 +10,7 @@ from __future__ import annotations
 from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
-from snnet.core.adapter import NHWC, AnchorAdapter, Unit, head_unit, module_unit, register_adapter, stage_units
+from snnet.stitching.adapter import NHWC, AnchorAdapter, Unit, head_unit, module_unit, register_adapter, stage_units
 
 from .convert import RELEASE_KEY, snnet_to_ours
 

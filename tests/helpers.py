@@ -163,10 +163,10 @@ class Tiny:
 
         import torch
 
-        from snnet.core.build import build_snnet
-        from snnet.core.checkpoint import save_checkpoint
-        from snnet.core.config import parse_stitch_config
-        from snnet.core.cost import cost_table
+        from snnet.stitching.build import build_snnet
+        from snnet.stitching.config import parse_stitch_config
+        from snnet.stitching.cost import cost_table
+        from snnet.utils.checkpoint import save_checkpoint
         self.root = root
         raw = {"anchors": [vit(8), vit(16)]}
         self.config = root / "tiny.json"

@@ -22,14 +22,14 @@ import pytest
 import torch
 
 from snnet import cli
-from snnet.core.build import create_anchor
-from snnet.core.checkpoint import save_checkpoint
-from snnet.core.config import AnchorSpec
-from snnet.core.maps import anchors_net, compatibility_maps
-from snnet.core.model import ComposedNet
-from snnet.core.plan import Composition, Segment
-from snnet.core.route_tree import RouteTree
 from snnet.results.records import read_results
+from snnet.stitching.build import create_anchor
+from snnet.stitching.config import AnchorSpec
+from snnet.stitching.maps import anchors_net, compatibility_maps
+from snnet.stitching.model import ComposedNet
+from snnet.stitching.plan import Composition, Segment
+from snnet.stitching.route_tree import RouteTree
+from snnet.utils.checkpoint import save_checkpoint
 
 IMG = 16
 RESNET = {"name": "resnet18", "model_kwargs": {"layers": [1, 1, 1, 1]}}
@@ -160,8 +160,8 @@ def test_each_anchor_scores_as_it_does_alone_with_its_own_data_config(searched, 
 @pytest.fixture(scope="module")
 def random_anchors():
     """The two anchors with random weights (seeded), their adapters and per-anchor preprocessing."""
-    from snnet.core.adapter import adapter_for
     from snnet.data.transforms import anchor_data_configs
+    from snnet.stitching.adapter import adapter_for
     models = []
     for i, spec in enumerate((RESNET, VIT)):
         torch.manual_seed(10 + i)
@@ -257,8 +257,8 @@ def test_search_prices_each_anchor_at_its_own_input_size(random_anchors):
     """Anchors whose own input sizes differ (the ResNet at 32x32, the ViT at 16x16): the maps record each size, and
     every network's FLOPs (units at their anchor's size, stitches on the front's output) equal a trace of the whole
     network on its front anchor's input."""
-    from snnet.core.cost import trace_route_flops
     from snnet.explore.search import network_flops
+    from snnet.stitching.cost import trace_route_flops
     models, adapters, names, _ = random_anchors
     g = torch.Generator().manual_seed(2)
     big, small = torch.rand(8, 3, 32, 32, generator=g), torch.rand(8, 3, IMG, IMG, generator=g)

@@ -11,10 +11,10 @@ import yaml
 from helpers import vit
 
 import snnet
-from snnet.core.adapter import AnchorError
-from snnet.core.checkpoint import save_checkpoint
 from snnet.results.select import model_img_size
+from snnet.stitching.adapter import AnchorError
 from snnet.train.main import main
+from snnet.utils.checkpoint import save_checkpoint
 
 DEMO = "configs/demo_digits.json"
 
@@ -58,12 +58,12 @@ def anchor_at_16(tmp_path_factory):
     root = tmp_path_factory.mktemp("api")
     torch.manual_seed(0)
     spec = vit(16)
-    model = snnet.create_anchor(snnet.core.config.AnchorSpec(spec["name"], None, spec["model_kwargs"]),
+    model = snnet.create_anchor(snnet.stitching.config.AnchorSpec(spec["name"], None, spec["model_kwargs"]),
                                 pretrained=False, num_classes=10, img_size=16)
     save_checkpoint(root / "w16.pth.tar", {"state_dict": model.state_dict()})
     other = vit(32)
     torch.manual_seed(1)
-    wide = snnet.create_anchor(snnet.core.config.AnchorSpec(other["name"], None, other["model_kwargs"]),
+    wide = snnet.create_anchor(snnet.stitching.config.AnchorSpec(other["name"], None, other["model_kwargs"]),
                                pretrained=False, num_classes=10, img_size=16)
     save_checkpoint(root / "w32.pth.tar", {"state_dict": wide.state_dict()})
     return {"anchors": [{**spec, "checkpoint": str(root / "w16.pth.tar")},

@@ -5,7 +5,7 @@ import pytest
 import timm
 
 from snnet import AnchorError, ConfigError, PlanError, build_snnet, load_stitch_config, parse_stitch_config, plan_for
-from snnet.core.adapter import adapter_for
+from snnet.stitching.adapter import adapter_for
 
 SMALL = dict(img_size=32, patch_size=8)
 
@@ -101,7 +101,7 @@ def test_local_anchor_checkpoint(tmp_path):
     from safetensors.torch import save_file
 
     from snnet import create_anchor
-    from snnet.core.config import AnchorSpec
+    from snnet.stitching.config import AnchorSpec
     src = vit("deit_tiny_patch16_224")
     save_file(src.state_dict(), str(tmp_path / "ti.safetensors"))
     torch.save({"model": src.state_dict()}, tmp_path / "ti.pth")
@@ -118,7 +118,7 @@ def test_local_anchor_checkpoint(tmp_path):
 def test_unavailable_pretrained_weights_are_one_line(monkeypatch):
     """A download that fails (offline, unknown tag, hub error) names the model and the ways out, no traceback."""
     from snnet import create_anchor
-    from snnet.core.config import AnchorSpec
+    from snnet.stitching.config import AnchorSpec
 
     def offline(*args, **kwargs):
         raise OSError("We couldn't connect to the hub\nsecond line")

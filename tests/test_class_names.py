@@ -14,11 +14,11 @@ from helpers import IMG, vit
 from PIL import Image
 
 import snnet
-from snnet.core.checkpoint import save_checkpoint
-from snnet.core.config import parse_stitch_config
 from snnet.data.datasets import class_names_of
 from snnet.deploy.export import labelled, load_exported, load_snnet, recorded_class_names
 from snnet.results.records import classes_path, read_class_names, write_class_names
+from snnet.stitching.config import parse_stitch_config
+from snnet.utils.checkpoint import save_checkpoint
 
 NAMES = ["cat", "dog", "zebra"]
 
@@ -64,7 +64,7 @@ def test_the_results_sidecar(tmp_path):
     assert classes_path(results).name == "stitches_res.classes.json"
     assert read_class_names(results) == NAMES and read_class_names(tmp_path) == NAMES  # the folder means its file
     classes_path(results).write_text("[1, 2]")
-    with pytest.raises(snnet.core.errors.SNNetError, match="not a class-names file"):
+    with pytest.raises(snnet.utils.errors.SNNetError, match="not a class-names file"):
         read_class_names(results)
 
 
@@ -126,7 +126,7 @@ def test_train_py_records_the_folders_names(tiny_config, tmp_path):
 
     from helpers import FAST, run
 
-    from snnet.core.checkpoint import json_field, load_checkpoint
+    from snnet.utils.checkpoint import json_field, load_checkpoint
     _folder(tmp_path / "data" / "train")
     _folder(tmp_path / "data" / "val")
     done = run([sys.executable, "train.py", str(tmp_path / "data"), "--stitch_config", str(tiny_config), *FAST,

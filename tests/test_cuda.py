@@ -2,7 +2,7 @@
 
 Every test here is skipped, saying why, where no CUDA device is visible: this project's machines have none, so
 these tests have not run yet. Each checks one CUDA-only branch of the code (snnet/train/device.py, engine.py,
-data.py, main.py, core/model.py) at toy size: fp16 with a GradScaler, bf16, channels_last, torch.compile of the
+data.py, main.py, stitching/model.py) at toy size: fp16 with a GradScaler, bf16, channels_last, torch.compile of the
 blocks, the EMA, SyncBatchNorm with --sample-sync, pinned-memory loaders, checkpoints across devices, and the
 engine's cross-rank reductions under nccl.
 """
@@ -175,8 +175,8 @@ def test_sync_bn_with_sample_sync_trains(nccl_group, digits_images):
     assert sampler(5) == create_sampler(None, net, seed=0, rank=1, sync=True)(5)  # every rank, the same stitch
     # without --sample-sync, several processes would train different stitches through one SyncBatchNorm: refused
     # before any work (preflight.check_sync_bn), not by convert_sync_bn; on CUDA with it, allowed
-    from snnet.core.errors import UsageError
     from snnet.train.preflight import check_sync_bn
+    from snnet.utils.errors import UsageError
     with pytest.raises(UsageError, match="--sample-sync"):
         check_sync_bn(TrainOptions(sync_bn=True, sample_sync=False), 2, "cuda", net.num_configs)
     check_sync_bn(TrainOptions(sync_bn=True, sample_sync=True), 2, "cuda", net.num_configs)
@@ -218,7 +218,7 @@ def test_pinned_memory_loaders(digits_folder, tiny_config):
 def test_checkpoint_gpu_to_cpu_and_back_same_logits(tmp_path, digits_images):
     """A checkpoint saved from a CUDA network loads on the CPU (train.py's weights-only reader maps to CPU) and back
     on CUDA: the logits after each move are those of the original weights on that device, bit for bit."""
-    from snnet.core.checkpoint import load_checkpoint, save_checkpoint, training_state
+    from snnet.utils.checkpoint import load_checkpoint, save_checkpoint, training_state
     net = snnet().to(CUDA)
     train_epochs(net, digits_batches(digits_images, n=2), torch.float16, epochs=1, cfg_id=2)
     net.eval()
@@ -250,7 +250,7 @@ def test_ls_init_of_a_cuda_network_as_train_py_runs_it(digits_folder):
     ls_data.run_ls_init on clean_images' batches): the fit must run there and change the layers."""
     from timm.data import create_dataset
 
-    from snnet.core.config import parse_stitch_config
+    from snnet.stitching.config import parse_stitch_config
     from snnet.train.ls_data import run_ls_init
     from snnet.train.main import Run
     from snnet.train.options import RunOptions

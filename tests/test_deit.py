@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from snnet import build_snnet, load_stitch_config
-from snnet.core.cost import measure, trace_route_flops
+from snnet.stitching.cost import measure, trace_route_flops
 
 N = 197  # tokens at 224 px
 WIDTH = [192, 384, 768]
@@ -135,7 +135,7 @@ def test_state_dict_keys_and_shapes_are_snnets(deit):
 
 
 def test_stitched_route_skips_final_norm_unless_switched_off():
-    from snnet.core.config import parse_stitch_config
+    from snnet.stitching.config import parse_stitch_config
     cfg = parse_stitch_config({"anchors": ["deit_tiny_patch16_224", "deit_small_patch16_224"]})
     on = build_snnet(cfg, pretrained=False, img_size=32, patch_size=8)
     cfg_off = parse_stitch_config({"anchors": ["deit_tiny_patch16_224", "deit_small_patch16_224"],
@@ -167,7 +167,7 @@ def test_units_of_one_structure_are_traced_once(monkeypatch):
     """`measure` traces each structure (module types, settings, parameter shapes) on each input shape once: two tiny
     DeiTs of 4 blocks price their 8 blocks with 2 traces and their stitching layers (one shape) with 1; the table is
     the one an unshared trace of every unit gives (the Ti/S/B table above is SN-Net's, cfg_id for cfg_id)."""
-    import snnet.core.cost as cost
+    import snnet.stitching.cost as cost
     from snnet import parse_stitch_config
     vit = lambda width: {"name": "deit_tiny_patch16_224", "model_kwargs": {"patch_size": 4, "depth": 4,
                                                                             "embed_dim": width, "num_heads": 2}}

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from snnet import build_snnet, load_stitch_config
-from snnet.core.config import ConfigError, parse_stitch_config
 from snnet.demo import CONFIG, V2_CONFIGS, compare, train_anchor
 from snnet.results.quality import in_anchor_range
 from snnet.results.records import RESULTS_FILE, read_results, write_results
+from snnet.stitching.config import ConfigError, parse_stitch_config
 from snnet.train.main import network_identity
 from snnet.train.options import RunOptions
 
@@ -130,8 +130,8 @@ def test_saved_weights_are_the_committed_sn_net_and_publish_copies_them(tmp_path
 
     import torch
 
-    from snnet.core.checkpoint import load_checkpoint, save_checkpoint
     from snnet.demo import WEIGHTS_FILE, publish, save_weights
+    from snnet.utils.checkpoint import load_checkpoint, save_checkpoint
     weights = {"a.weight": torch.arange(6.0).reshape(2, 3)}
     args = {"num_classes": 10, "img_size": 16, "model_kwargs": {}, "data_dir": "/some/machine/path", "lr": 1e-3}
     save_checkpoint(tmp_path / "last.pth.tar", {"epoch": 3, "state_dict": weights, "optimizer": {"state": {}},

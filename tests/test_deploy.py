@@ -6,12 +6,12 @@ import pytest
 import torch
 from helpers import IMG, assert_refused, run_cli, vit
 
-from snnet.core.build import build_snnet
-from snnet.core.checkpoint import save_checkpoint
-from snnet.core.config import parse_stitch_config
 from snnet.deploy.export import count_params, export_stitch, load_exported, load_snnet, stitched_network
 from snnet.results.records import read_results
 from snnet.results.select import model_img_size
+from snnet.stitching.build import build_snnet
+from snnet.stitching.config import parse_stitch_config
+from snnet.utils.checkpoint import save_checkpoint
 
 
 # --------------------------------------------------------------------------------------------------- export
@@ -245,7 +245,7 @@ def test_export_removes_what_a_killed_export_left(tiny, tmp_path):
     import os
     import time
 
-    from snnet.core.fileio import FolderLock
+    from snnet.utils.fileio import FolderLock
     killed = tmp_path / ".anchor1.k1ll3d.tmp"
     killed.mkdir()
     (killed / "model.safetensors").write_bytes(b"half")
@@ -276,7 +276,7 @@ def test_export_full_disk_injected(tiny, tmp_path, monkeypatch):
 
     import safetensors.torch
 
-    from snnet.core.fileio import DiskFullError
+    from snnet.utils.fileio import DiskFullError
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -365,8 +365,8 @@ def test_own_data_guide_runs(tmp_path, capsys):
     import timm
     from helpers import FAST, shared_cli
 
-    from snnet.core.checkpoint import json_field, load_checkpoint
-    from snnet.core.config import parse_stitch_config
+    from snnet.stitching.config import parse_stitch_config
+    from snnet.utils.checkpoint import json_field, load_checkpoint
     guide = guide_blocks()
     commands = guide["commands"]
     assert [c.split()[:2] for c in commands] == [["snnet", "shards"], *[["./distributed_train.sh"] * 1 + [n] for n in
@@ -409,11 +409,11 @@ def test_own_data_guide_runs(tmp_path, capsys):
 
 
 def test_the_stitch_config_reference_is_current(monkeypatch):
-    """docs/stitch_config.md is generated from snnet/core/config.py's field table: a field added, removed or
+    """docs/stitch_config.md is generated from snnet/stitching/config.py's field table: a field added, removed or
     reworded there without `python tools/config_reference.py --write` fails here."""
     import config_reference
 
-    from snnet.core.config import ANCHOR_FIELDS, FIELDS, Field
+    from snnet.stitching.config import ANCHOR_FIELDS, FIELDS, Field
     assert config_reference.main(["--check"]) == 0
     page = (ROOT / "docs" / "stitch_config.md").read_text()
     assert all(f"| `{name}` |" in page for name in [*FIELDS, *ANCHOR_FIELDS])

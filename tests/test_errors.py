@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from helpers import FAST, ROOT, run, run_cli
 
-from snnet.core.errors import SNNetError
+from snnet.utils.errors import SNNetError
 
 
 def _error_classes():
@@ -36,7 +36,7 @@ def test_every_error_class_is_an_snnet_error():
 
 def test_one_usage_error_class():
     defined = [(p, n) for p, n, _ in _error_classes() if n == "UsageError"]
-    assert defined == [("snnet/core/errors.py", "UsageError")], defined
+    assert defined == [("snnet/utils/errors.py", "UsageError")], defined
 
 
 BAD_KWARGS = [("deit_tiny_patch16_224", {"depth": -1}, "RuntimeError"),
@@ -48,9 +48,9 @@ BAD_KWARGS = [("deit_tiny_patch16_224", {"depth": -1}, "RuntimeError"),
 
 @pytest.mark.parametrize("name,kwargs,raised", BAD_KWARGS)
 def test_a_bad_model_argument_is_an_anchor_error(name, kwargs, raised):
-    from snnet.core.adapter import AnchorError
-    from snnet.core.build import create_anchor
-    from snnet.core.config import AnchorSpec
+    from snnet.stitching.adapter import AnchorError
+    from snnet.stitching.build import create_anchor
+    from snnet.stitching.config import AnchorSpec
     with pytest.raises(AnchorError, match=rf"cannot create '{name}' with arguments .*\({raised}.*fix --model-kwargs"):
         create_anchor(AnchorSpec(name, None, kwargs), pretrained=False)
 

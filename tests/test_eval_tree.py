@@ -4,9 +4,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from snnet import build_snnet, parse_stitch_config
-from snnet.core.cost import measure, trace_route_flops
-from snnet.core.ls_init import ls_init
-from snnet.core.route_tree import RouteTree
+from snnet.stitching.cost import measure, trace_route_flops
+from snnet.stitching.ls_init import ls_init
+from snnet.stitching.route_tree import RouteTree
 from snnet.train.engine import evaluate_stitches
 
 

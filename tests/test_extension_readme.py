@@ -9,11 +9,11 @@ import torch
 from helpers import TINY
 
 from snnet import build_snnet, parse_stitch_config
-from snnet.core.checkpoint import save_checkpoint
-from snnet.core.cost import measure, trace_route_flops
-from snnet.core.ls_init import ls_init, stitch_errors
 from snnet.deploy.export import export_stitch, load_exported, load_snnet
+from snnet.stitching.cost import measure, trace_route_flops
+from snnet.stitching.ls_init import ls_init, stitch_errors
 from snnet.train.sampler import create_sampler
+from snnet.utils.checkpoint import save_checkpoint
 
 README = Path(__file__).resolve().parent.parent / "snnet" / "README.md"
 
@@ -99,7 +99,7 @@ def test_a_checkout_that_was_never_installed_finds_its_families():
     import sys
     code = ("import importlib.metadata as m; real = m.entry_points; "
             "m.entry_points = lambda **k: [] if k.get('group') == 'snnet.families' else real(**k); "
-            "from snnet.core.adapter import registered_adapters; "
+            "from snnet.stitching.adapter import registered_adapters; "
             "print(sorted(c.family for c in registered_adapters()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=README.parent.parent).stdout

@@ -33,11 +33,11 @@ def test_project_license_is_an_spdx_string():
 
 def test_pricing_a_network_prints_no_deprecation_warning():
     """fvcore's import scripts a function with torch.jit.script, which torch 2.14 deprecates: every evaluation and
-    export printed a FutureWarning. The one warning is silenced around that import (core/cost.py), so a fresh
+    export printed a FutureWarning. The one warning is silenced around that import (stitching/cost.py), so a fresh
     process that turns warnings into errors prices a network."""
     import subprocess
     import sys
-    code = ("import torch\nfrom snnet.core.cost import count_flops\n"
+    code = ("import torch\nfrom snnet.stitching.cost import count_flops\n"
             "m = torch.nn.Linear(4, 3)\nprint(count_flops(m, m, torch.zeros(1, 4)))\n")
     out = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", code], capture_output=True, text=True,
                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})

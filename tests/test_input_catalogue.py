@@ -115,8 +115,8 @@ def world(tmp_path_factory, digits_folder, tiny_config):
         json.dumps({"anchors": [dict(TINY[0], checkpoint=str(w / "ckpt_folder")), TINY[1]]}))
     big = build_snnet(tiny, pretrained=False, img_size=32, num_classes=10)
     torch.save({"state_dict": big.state_dict(), "epoch": 0}, w / "img32.pth.tar")
-    from snnet.core.build import create_anchor
-    from snnet.core.config import AnchorSpec
+    from snnet.stitching.build import create_anchor
+    from snnet.stitching.config import AnchorSpec
     plain = create_anchor(AnchorSpec(TINY[0]["name"], None, TINY[0]["model_kwargs"]), pretrained=False,
                           num_classes=10, img_size=16)
     torch.save({"state_dict": plain.state_dict(), "epoch": 0,
@@ -525,7 +525,7 @@ def test_pareto_without_anchors_shows_the_front(world4, tmp_path, cli):
 def lock_held_by_another_process(folder):
     """A second process holding FolderLock(folder), as a first run does; yields its pid, kill -9 at the end.
     (Not this test process: POSIX locks are per process, and reading the lock file here would release it.)"""
-    code = ("import sys, time; sys.path.insert(0, sys.argv[2]); from snnet.core.fileio import FolderLock; "
+    code = ("import sys, time; sys.path.insert(0, sys.argv[2]); from snnet.utils.fileio import FolderLock; "
             "FolderLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)")
     p = subprocess.Popen([sys.executable, "-c", code, str(folder), str(DEMO.parent.parent)], stdout=subprocess.PIPE,
                          text=True)
@@ -559,10 +559,10 @@ def test_two_runs_started_at_once_the_second_is_refused_before_any_work(digits_f
     right after the folder is checked (simulated: another process locks it in between)."""
     from contextlib import ExitStack
 
-    from snnet.core.fileio import FolderBusyError
     from snnet.train import main as train_main
     from snnet.train.args import parse_args
     from snnet.train.options import RunOptions
+    from snnet.utils.fileio import FolderBusyError
     busy = tmp_path / "runs" / "busy"
     real_check, worked = train_main.check_output, []
     args, cfg = parse_args([str(a) for a in FAST + [digits_folder, "--stitch_config", tiny_config, "--output",
@@ -581,7 +581,7 @@ def test_two_runs_started_at_once_the_second_is_refused_before_any_work(digits_f
 
 def test_lock_of_a_killed_run_is_not_stuck(tmp_path):
     """kill -9 of the holder: the kernel releases the lock; the next run takes it, and removes the file after."""
-    from snnet.core.fileio import FolderLock, lock_holder
+    from snnet.utils.fileio import FolderLock, lock_holder
     folder = tmp_path / "run"
     with lock_held_by_another_process(folder) as pid:
         assert lock_holder(folder).startswith(f"pid {pid} on ")
@@ -607,7 +607,7 @@ def test_other_ranks_of_the_run_do_not_see_rank_0s_lock_as_another_run(tmp_path,
 
 
 def test_a_refused_run_leaves_no_folder(tmp_path):
-    from snnet.core.fileio import FolderLock
+    from snnet.utils.fileio import FolderLock
     with FolderLock(tmp_path / "a" / "b"):
         pass
     assert list(tmp_path.iterdir()) == []
@@ -628,8 +628,8 @@ def test_full_disk_checkpoint_injected(tmp_path, monkeypatch):
     folder and the bytes the checkpoint needs; no temporary file left, the old checkpoint untouched."""
     import errno
 
-    from snnet.core import checkpoint
-    from snnet.core.fileio import DiskFullError
+    from snnet.utils import checkpoint
+    from snnet.utils.fileio import DiskFullError
     (tmp_path / "last.pth.tar").write_bytes(b"old")
 
     def full(obj, f, *a, **k):
@@ -668,7 +668,7 @@ def test_full_disk_at_the_lock_injected(tmp_path, monkeypatch):
     folder and the bytes needed; the lock file and the folders it made are gone."""
     import errno
 
-    from snnet.core import fileio
+    from snnet.utils import fileio
     real_write = os.write
 
     def write(fd, data):
@@ -727,9 +727,9 @@ def test_the_preflight_fits_checkpoints_without_reading_their_weights(world, tin
     from safetensors.torch import save_file
 
     from snnet import build_snnet, load_stitch_config
-    from snnet.core import checkpoint
-    from snnet.core.checkpoint import CheckpointError, load_checkpoint
     from snnet.train.resume import fitting_checkpoint
+    from snnet.utils import checkpoint
+    from snnet.utils.checkpoint import CheckpointError, load_checkpoint
     weights = torch.load(world / "img32.pth.tar", weights_only=True)["state_dict"]  # an SN-Net at 32 px
     save_file(weights, tmp_path / "net.safetensors")
     monkeypatch.setattr(checkpoint, "load_file", lambda *a, **k: pytest.fail("safetensors weights were read"))

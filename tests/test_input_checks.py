@@ -106,8 +106,8 @@ def test_no_pretrained_means_no_download_for_the_teacher_too(monkeypatch, caplog
 def test_an_anchor_that_cannot_join_is_named():
     import timm
 
-    from snnet.core.adapter import AnchorError, adapter_for
-    from snnet.core.build import plan_for
+    from snnet.stitching.adapter import AnchorError, adapter_for
+    from snnet.stitching.build import plan_for
     vit = timm.create_model("deit_tiny_patch16_224", depth=2, embed_dim=8, num_heads=2, patch_size=4, img_size=16)
     cnn = timm.create_model("resnet18")
     models, names = [vit, cnn], ["deit_tiny_patch16_224", "resnet18"]
@@ -122,11 +122,11 @@ def test_a_checkpoint_is_never_run_as_another_network(tmp_path, tiny_config):
     """skip_final_norm changes what a stitched route computes without changing a weight: a checkpoint trained with
     one value loads cleanly under the other. --resume (training or --eval) and export refuse that, naming the field."""
     from snnet import build_snnet, load_stitch_config
-    from snnet.core.checkpoint import save_checkpoint
-    from snnet.core.config import ConfigError
     from snnet.deploy.export import load_snnet
+    from snnet.stitching.config import ConfigError
     from snnet.train.args import parse_args
     from snnet.train.preflight import check_checkpoints
+    from snnet.utils.checkpoint import save_checkpoint
     trained = load_stitch_config(tiny_config)  # skip_final_norm: false
     net = build_snnet(trained, pretrained=False, img_size=16, num_classes=10)
     ident = {"stitch_config": trained.values, "anchors": [a.__dict__ for a in trained.anchors]}
@@ -160,10 +160,10 @@ def test_anchor_drift_refuses_an_unrelated_before_file():
 
 
 def test_a_finished_run_resumed_elsewhere_is_refused_before_work(tmp_path):
-    from snnet.core.checkpoint import save_checkpoint
-    from snnet.core.errors import UsageError
     from snnet.train.args import parse_args
     from snnet.train.preflight import check_checkpoints
+    from snnet.utils.checkpoint import save_checkpoint
+    from snnet.utils.errors import UsageError
     (tmp_path / "a").mkdir()
     ckpt = tmp_path / "a" / "last.pth.tar"
     save_checkpoint(ckpt, {"state_dict": {}, "epoch": 1})  # epochs 0 and 1 done: a finished 2-epoch run
@@ -192,8 +192,8 @@ def test_teacher_checkpoint_checked_before_work(tmp_path, num_classes):
     pass (whatever the head's size when the data decides it), another model's are one CheckpointError."""
     import timm
 
-    from snnet.core.checkpoint import CheckpointError
     from snnet.train.preflight import _check_teacher_checkpoint
+    from snnet.utils.checkpoint import CheckpointError
     own = tmp_path / "teacher.pth"
     torch.save({"state_dict": timm.create_model("resnet18", num_classes=10).state_dict()}, own)
     loss = LossOptions(teacher="resnet18", teacher_checkpoint=str(own), num_classes=num_classes)

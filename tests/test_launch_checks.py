@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import FAST, ROOT, TINY, ForkedCli, run
 
-from snnet.core.config import ConfigError, load_stitch_config
+from snnet.stitching.config import ConfigError, load_stitch_config
 
 NO_SIZE = [a for i, a in enumerate(FAST) if a != "--img-size" and FAST[i - 1] != "--img-size"]
 
@@ -24,7 +24,7 @@ def anchors(tmp_path_factory):
     configs naming them."""
     import timm
 
-    from snnet.core.checkpoint import save_checkpoint
+    from snnet.utils.checkpoint import save_checkpoint
     w = tmp_path_factory.mktemp("anchors")
     specs = []
     for i, spec in enumerate(TINY):
@@ -86,7 +86,7 @@ def test_a_refusal_inside_the_ranks_is_one_line_not_torchruns_banner(anchors, di
 
 
 RANK_SCRIPT = """import os, sys, time
-from snnet.core.distributed import say_refusal
+from snnet.utils.distributed import say_refusal
 rank = int(os.environ["RANK"])
 time.sleep(30 if rank == 0 else 0)  # rank 1 refuses first; torchrun then stops rank 0 before it can say anything
 say_refusal(f"error: refused on rank {rank}")
@@ -177,7 +177,7 @@ def test_load_weights_names_the_width_not_the_image_size():
     """A ViT checkpoint of another embed_dim: the hint names the width (it named an image size to use)."""
     import timm
 
-    from snnet.core.checkpoint import image_size_hint
+    from snnet.utils.checkpoint import image_size_hint
     kw = dict(patch_size=4, depth=1, num_heads=2, img_size=16)
     narrow = timm.create_model("deit_tiny_patch16_224", pretrained=False, embed_dim=16, **kw)
     wide = timm.create_model("deit_tiny_patch16_224", pretrained=False, embed_dim=24, **kw)

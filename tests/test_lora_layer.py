@@ -8,11 +8,11 @@ import torch
 from helpers import FAST, TINY, run
 
 from snnet import build_snnet, parse_stitch_config
-from snnet.core.adapter import NCHW, NHWC, TOKENS
-from snnet.core.checkpoint import save_checkpoint
-from snnet.core.layers import StitchingLayer, create_stitch_layer, stitch_layer_from_spec
-from snnet.core.ls_init import ls_init
 from snnet.deploy.export import count_params, export_stitch, load_exported, load_snnet, stitched_network
+from snnet.stitching.adapter import NCHW, NHWC, TOKENS
+from snnet.stitching.layers import StitchingLayer, create_stitch_layer, stitch_layer_from_spec
+from snnet.stitching.ls_init import ls_init
+from snnet.utils.checkpoint import save_checkpoint
 
 RANK = 4
 VALUES = {"anchors": TINY, "skip_final_norm": False, "stitch_layer": {"type": "lora", "rank": RANK}}
@@ -162,7 +162,7 @@ def test_export_writes_one_linear_layer_with_the_snnets_logits(trained, tmp_path
     cin, cout = layer_spec["in_channels"], layer_spec["out_channels"]
     assert layer_spec["type"] == "linear" and "rank" not in layer_spec
     assert spec["params"] == loaded.net.params(c) - RANK * (cin + cout)
-    from snnet.core.cost import cost_table
+    from snnet.stitching.cost import cost_table
     # the cost model counts the merged linear map (SN-Netv2's convention), which is what the export runs
     assert spec["flops"] == cost_table(loaded.net, 16).route_flops(loaded.net.routes[c])
     exported = load_exported(tmp_path / "out")
@@ -213,7 +213,7 @@ def test_train_py_keeps_w_frozen_at_the_ls_init(tmp_path, digits_folder):
 def test_flops_count_the_merged_layer_as_snnetv2():
     """Deployed, a LoRA stitching layer is one linear map: its FLOPs are the linear layer's (SN-Netv2 counted the
     merged layer, since it merged on eval())."""
-    from snnet.core.cost import measure
+    from snnet.stitching.cost import measure
     lora, linear = tiny({"type": "lora", "rank": 4}), tiny({"type": "linear"})
     t_lora, t_linear = measure(lora, 16), measure(linear, 16)
     assert t_lora.layer_flops == t_linear.layer_flops

@@ -11,8 +11,8 @@ import torch.multiprocessing as mp
 from helpers import FAST, run  # noqa: E402
 
 from snnet import build_snnet, parse_stitch_config
-from snnet.core.layers import to_rows
-from snnet.core.ls_init import ls_init, stitch_errors
+from snnet.stitching.layers import to_rows
+from snnet.stitching.ls_init import ls_init, stitch_errors
 
 SMALL = dict(img_size=32, patch_size=8)
 
@@ -392,7 +392,7 @@ def test_train_py_picks_snnetv2s_fit_for_the_two_way_plan():
 def test_ps_inv_cut_offs_of_snnet_and_snnetv2():
     """SN-Net's torch 1.10 cut-off (1e-15 relative) keeps a near-dependent column that torch 2.x's default
     (eps x max(rows, cols)), SN-Netv2's, cuts: the two solves differ on such features and agree on well-posed ones."""
-    from snnet.core.ls_init import SNNET_PINV_RTOL, ps_inv
+    from snnet.stitching.ls_init import SNNET_PINV_RTOL, ps_inv
     g = torch.Generator().manual_seed(0)
     X, Y = torch.randn(50, 4, generator=g), torch.randn(50, 3, generator=g)
     w1, _ = ps_inv(X, Y)

@@ -89,7 +89,7 @@ def test_the_scan_finds_a_namespace(tmp_path):
 def test_an_option_is_declared_once():
     """The parser is derived from the declarations: an option two classes declare separately is refused (declare
     it once and share it with `shared`), and a shared one is one flag."""
-    from snnet.core.options import MODEL, flag_fields, option, shared
+    from snnet.utils.options import MODEL, flag_fields, option, shared
     SIZE = option(3, "--size", group=MODEL, help="a size")
 
     @dataclasses.dataclass(frozen=True)
@@ -117,11 +117,11 @@ def _option_calls(path: Path) -> Iterator[ast.Call]:
 
 def test_each_default_is_written_once():
     """grep finds each option's default in one place: every train.py flag is one option() declaration in the modules
-    that declare train.py's options, snnet/core/config.py's `ConfigFlags` (the flags a stitch config sets) included
+    that declare train.py's options, snnet/stitching/config.py's `ConfigFlags` (the flags a stitch config sets) included
     (the `snnet` commands' own options, in snnet/cli.py, are checked below)."""
     import sys
 
-    from snnet.core.config import ConfigFlags
+    from snnet.stitching.config import ConfigFlags
     from snnet.train.options import FLAG_OPTIONS
     modules = sorted({Path(str(sys.modules[cls.__module__].__file__)) for cls in [*FLAG_OPTIONS, ConfigFlags]})
     declared: dict[str, list[str]] = {}
@@ -148,8 +148,8 @@ def test_a_snnet_commands_option_is_declared_once():
 
 def test_the_parser_and_options_by_key_refuse_by_the_same_rule():
     """One rule per option: train.py's parser and a keyword caller (stitch-train's sweep) refuse the same value."""
-    from snnet.core.errors import UsageError
     from snnet.train.options import OptionError, options_by_key
+    from snnet.utils.errors import UsageError
     for flag, key, value, message in (("--drop", "drop", "1.5", "1.5 is not a probability in [0, 1]"),
                                       ("-b", "batch_size", "0", "0 is not >= 1"),
                                       ("--dist-bn", "dist_bn", "sync", "'sync'.*'', 'reduce', 'broadcast'")):
@@ -189,10 +189,10 @@ def test_run_options_read_the_flags_and_refuse_unknown_fields():
 def test_a_single_value_is_refused_by_its_fields_rule_at_parse_time(flag, value, message):
     """Issue 52: a check of one option's value is the rule or choices of its field, so the parser refuses it (and
     a -c YAML, a stitch config or stitch-train's `train` mapping by the same rule), in one line."""
-    from snnet.core.errors import UsageError
-    from snnet.core.options import OptionError, options_by_key
     from snnet.train.args import parse_args
     from snnet.train.options import FLAG_OPTIONS
+    from snnet.utils.errors import UsageError
+    from snnet.utils.options import OptionError, options_by_key
     with pytest.raises(UsageError) as e:
         parse_args(["folder", "--model", "resnet18", flag, value])
     assert message in str(e.value) and "\n" not in str(e.value)
@@ -239,10 +239,10 @@ def test_what_options_say_together_is_checked_once_in_the_preflight():
     """Issue 52: parsing checks each value by its field's rule; what several options say together is one function
     over the typed options (`preflight.check_combinations`), which the launcher's check, train.py and --dry-run
     call first."""
-    from snnet.core.errors import UsageError
     from snnet.train.args import parse_args
     from snnet.train.options import RunOptions
     from snnet.train.preflight import check_combinations
+    from snnet.utils.errors import UsageError
 
     def options(*flags: str) -> RunOptions:
         return RunOptions.from_values(vars(parse_args(["folder", "--model", "resnet18", *flags])[0]))
@@ -261,7 +261,7 @@ def test_add_options_derives_a_commands_parser():
     flag and values that add up, a tuple default (the parser's list); `add_options` is the one derivation."""
     import argparse
 
-    from snnet.core.options import add_options, option
+    from snnet.utils.options import add_options, option
 
     def even(text: str) -> int:
         if int(text) % 2:
@@ -296,8 +296,8 @@ def test_train_pys_parser_is_derived_by_add_options():
     """train.py's parser (`snnet.train.args.build_parser`) is `add_options` over FLAG_OPTIONS, in GROUPS' order: the
     help groups in that order, the values typed, and the refusals it gave when it had its own derivation (the
     messages below were that derivation's, word for word)."""
-    from snnet.core.errors import UsageError
-    from snnet.core.options import GROUPS
+    from snnet.utils.errors import UsageError
+    from snnet.utils.options import GROUPS
 
     parser = build_parser()
     titles = [g.title for g in parser._action_groups if g.title in GROUPS]
@@ -323,8 +323,8 @@ def test_train_pys_parser_is_derived_by_add_options():
 
 def test_add_argument_is_written_only_where_a_parser_is_derived():
     """Issue 52: every parser in snnet/ (train.py's, every `snnet` command's, the demo's) is derived from option()
-    dataclasses; an argument is added to a parser only by the one derivation, snnet.core.options.add_options."""
-    derivations = {"snnet/core/options.py"}
+    dataclasses; an argument is added to a parser only by the one derivation, snnet.utils.options.add_options."""
+    derivations = {"snnet/utils/options.py"}
     found = {}
     for path in sorted((ROOT / "snnet").rglob("*.py")):
         n = path.read_text().count(".add_argument(")
@@ -347,11 +347,11 @@ def test_quickstarts_flags_make_its_options():
 
 def test_a_stitch_config_field_that_sets_a_flag_points_at_its_declaration():
     """Issue 52: a stitch config's field that sets a train.py flag (lr, epochs, input_size, ...) is not typed again:
-    its type, rule, choices and meaning are the flag's one declaration (`snnet.core.config.ConfigFlags`), the same
+    its type, rule, choices and meaning are the flag's one declaration (`snnet.stitching.config.ConfigFlags`), the same
     declaration train.py's option objects copy, so the config and the parser cannot disagree."""
-    from snnet.core.config import ARG_DESTS, CONFIG_FLAGS, FIELDS
-    from snnet.core.options import flag_fields, flag_of
+    from snnet.stitching.config import ARG_DESTS, CONFIG_FLAGS, FIELDS
     from snnet.train.options import FLAG_OPTIONS
+    from snnet.utils.options import flag_fields, flag_of
 
     train = {f.name: flag for _, f, flag in flag_fields(FLAG_OPTIONS)}
     assert set(ARG_DESTS.values()) == set(CONFIG_FLAGS)

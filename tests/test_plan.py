@@ -1,7 +1,7 @@
 """Stitch plans: SN-Net's cfg_id order and counts (docs/snnet_compat.md, C1-C5), pure data."""
 import pytest
 
-from snnet.core.plan import (
+from snnet.stitching.plan import (
     PlanError,
     anchor_combinations,
     deit_plan,

@@ -8,8 +8,8 @@ import pytest
 import torch
 from helpers import FAST, TINY, run
 
-from snnet.core.config import ConfigError, load_stitch_config, parse_stitch_config
-from snnet.core.plan import Junction, PlanError, positions_plan
+from snnet.stitching.config import ConfigError, load_stitch_config, parse_stitch_config
+from snnet.stitching.plan import Junction, PlanError, positions_plan
 
 THREE = TINY + [{"name": "deit_tiny_patch16_224", "model_kwargs": {"patch_size": 4, "depth": 4, "embed_dim": 24,
                                                                      "num_heads": 2}}]
@@ -82,7 +82,7 @@ def three_anchors():
     cfg = parse_stitch_config({"anchors": THREE, "skip_final_norm": False,
                                "positions": {"pairs": [[[0, 0]], [[0, 0]]]}})
     net = build_snnet(cfg, pretrained=False, img_size=16, num_classes=10).eval()
-    from snnet.core.maps import anchors_net
+    from snnet.stitching.maps import anchors_net
     anchors = anchors_net(list(net.anchors), net.adapters, net.names)
     batches = [torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(s)) for s in range(2)]
     return net, anchors, batches
@@ -101,7 +101,7 @@ def test_position_is_the_map_edge_the_snnet_stitch_maps(three_anchors):
 @pytest.mark.parametrize("score,key,best", [("kl", "kl", np.argmin), ("ls", "ls_residual", np.argmin),
                                             ("cka", "cka", np.argmax)])
 def test_select_picks_the_best_positions_of_the_map(three_anchors, score, key, best):
-    from snnet.core.maps import compatibility_maps
+    from snnet.stitching.maps import compatibility_maps
     from snnet.train.positions import select_positions
     net, anchors, batches = three_anchors
     maps = compatibility_maps(anchors, batches, pairs=[(0, 1), (1, 2)])
@@ -142,12 +142,12 @@ def test_selected_plan_is_written_and_rebuilds_the_same_network(digits_folder, t
     import timm
 
     from snnet import build_snnet
-    from snnet.core.build import create_anchors, snnet_from_anchors
-    from snnet.core.checkpoint import load_checkpoint
     from snnet.explore.similarity import open_data
+    from snnet.stitching.build import create_anchors, snnet_from_anchors
     from snnet.train.args import parse_args
     from snnet.train.options import RunOptions
     from snnet.train.positions import PLAN_FILE, Selection
+    from snnet.utils.checkpoint import load_checkpoint
     anchors = []
     for n, a in enumerate(THREE):  # anchors with weights of their own (as pretrained ones): every build sees them
         torch.manual_seed(10 + n)

@@ -1,4 +1,4 @@
-"""Progress lines (snnet/core/progress.py): rate and ETA per interval, the whole-run ETA of training, a live bar only on
+"""Progress lines (utils/progress.py): rate and ETA per interval, the whole-run ETA of training, a live bar only on
 a terminal, and a real run's log with an ETA line for LS init, training and evaluation and no carriage return."""
 import io
 import logging
@@ -9,8 +9,8 @@ import types
 import pytest
 from helpers import FAST, shared_cli
 
-from snnet.core import progress
-from snnet.core.progress import Progress, RunClock
+from snnet.utils import progress
+from snnet.utils.progress import Progress, RunClock
 
 
 class Clock:

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from helpers import ROOT, run
 
-from snnet.core.errors import UsageError
-from snnet.core.weights import WeightsUnavailable, check_pretrained
 from snnet.data.checks import small_class_warning
 from snnet.quickstart import DataSummary, QuickstartOptions, _recipes, plan, read_data
+from snnet.stitching.weights import WeightsUnavailable, check_pretrained
+from snnet.utils.errors import UsageError
 
 MARK = "<!-- example runs in: tests/test_quickstart.py::test_quickstart_guide_runs -->"
 
@@ -69,7 +69,7 @@ def test_a_flat_folder_is_split_per_class_and_kept(tmp_path):
 @pytest.mark.parametrize("layout, needle", [("file", "is not a folder"), ("empty", "no class sub-folders"),
                                             ("train-only", "has train/ but no val/")])
 def test_bad_data_is_one_line(tmp_path, layout, needle):
-    from snnet.core.errors import UsageError
+    from snnet.utils.errors import UsageError
     data = tmp_path / "d"
     if layout == "file":
         data.write_text("x")
@@ -243,7 +243,7 @@ def test_pretrained_weights_cached_unreachable_or_offline(tmp_path, monkeypatch)
     attempt (here to a closed local port) decides, and the line names the model, the cache, and the three fixes."""
     import huggingface_hub.constants as hf
 
-    from snnet.core import weights
+    from snnet.stitching import weights
     monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(hf, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

@@ -25,10 +25,10 @@ if str(ROOT) not in sys.path:
 
 from helpers import run_cli  # noqa: E402
 
-from snnet.core.plan import deit_plan, stagewise_plan, two_way_plan  # noqa: E402
 from snnet.results.pareto import eval_subtitle, pareto_front, plot_series  # noqa: E402
 from snnet.results.records import read_results  # noqa: E402
 from snnet.results.report import parse_route, report_data  # noqa: E402
+from snnet.stitching.plan import deit_plan, stagewise_plan, two_way_plan  # noqa: E402
 
 DEMO = ROOT / "results" / "demo" / "stitches_res.txt"
 DEMO_V2 = [ROOT / "results" / "demo_v2" / v / "stitches_res.txt" for v in ("v1", "v2")]
@@ -102,8 +102,8 @@ def test_parse_route_reads_every_route_the_plans_write():
 def test_one_parser_reads_every_tools_routes():
     """The routes of `snnet search` (Composition.describe: cut stitches ' -> ', unit names) and of `snnet
     stitch-train` (layer types in the link) parse with the same function `snnet pareto` and `snnet select` use."""
-    from snnet.core.plan import Composition, Segment
     from snnet.results import pareto, report, select
+    from snnet.stitching.plan import Composition, Segment
     assert report.parse_route is pareto.parse_route and select.route_of is pareto.route_of
     units = [["embed", "blocks.0", "blocks.1", "head"], ["stem", "layer1.0", "layer2.0", "head"]]
     comp = Composition((Segment(0, 0, 1), Segment(1, 2, 3), ))
@@ -618,7 +618,7 @@ def screenshot(out, page=ROOT / "results" / "demo" / "report.html", budget_pos=8
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
-    from snnet.core.fileio import atomic_path
+    from snnet.utils.fileio import atomic_path
     with tempfile.TemporaryDirectory() as profile:
         driver = start_browser(chromium, chromedriver, profile)
         try:

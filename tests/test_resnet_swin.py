@@ -10,10 +10,10 @@ import torch
 from timm.layers import SplitBatchNorm2d, convert_splitbn_model
 
 from snnet import AnchorError, SNNet, build_snnet, load_stitch_config, plan_for
-from snnet.core.adapter import NCHW, NHWC, adapter_for
-from snnet.core.build import check_resolutions
-from snnet.core.cost import measure, trace_route_flops
-from snnet.core.ls_init import ls_init, stitch_errors
+from snnet.stitching.adapter import NCHW, NHWC, adapter_for
+from snnet.stitching.build import check_resolutions
+from snnet.stitching.cost import measure, trace_route_flops
+from snnet.stitching.ls_init import ls_init, stitch_errors
 from stitching_resnet_swin import snnet_to_ours
 
 SWIN_T = "swin_tiny_patch4_window7_224"

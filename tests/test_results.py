@@ -11,12 +11,12 @@ import torch
 from helpers import IMG, ROOT, assert_refused, run_cli
 
 from snnet import cli
-from snnet.core.build import build_snnet
-from snnet.core.config import parse_stitch_config
-from snnet.core.cost import cost_table
 from snnet.results.pareto import front_table, infer_anchors, pareto_front, pareto_report
 from snnet.results.records import ResultsError, ResultsFile, read_results
 from snnet.results.select import BudgetError, model_img_size, stitch_for
+from snnet.stitching.build import build_snnet
+from snnet.stitching.config import parse_stitch_config
+from snnet.stitching.cost import cost_table
 
 # The first five lines of each SN-Net results file, verbatim (docs/snnet_compat.md, C31-C34)
 SNNET_FILES = {

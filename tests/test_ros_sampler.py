@@ -10,9 +10,9 @@ import torch
 from helpers import FAST, TINY, run
 from test_resume import assert_identical, final_state
 
-from snnet.core.build import build_snnet
-from snnet.core.config import parse_stitch_config
-from snnet.core.cost import cost_table
+from snnet.stitching.build import build_snnet
+from snnet.stitching.config import parse_stitch_config
+from snnet.stitching.cost import cost_table
 from snnet.train.sampler import BucketSampler, create_sampler, flops_groups
 
 GAP = 5e-5  # GFLOPs: the tiny two-ViT SN-Net's 12 routes (0.08 to 0.30 MFLOPs) fall into 4 groups of 2 to 4 routes

@@ -81,8 +81,8 @@ def test_positions_are_chosen_before_the_snnet_is_built(monkeypatch):
     """build_snnet refuses a config that still asks to select positions: selection happens on the built anchors,
     before the SN-Net exists (train.py's build_network), never from inside it."""
     from snnet import parse_stitch_config
-    from snnet.core.build import build_snnet
-    from snnet.core.config import ConfigError
+    from snnet.stitching.build import build_snnet
+    from snnet.stitching.config import ConfigError
     cfg = parse_stitch_config({"anchors": [{"name": "deit_tiny_patch16_224", "model_kwargs": {
         "patch_size": 4, "depth": 2, "embed_dim": w, "num_heads": 2}} for w in (8, 16)],
         "positions": {"select": "kl", "per_pair": 1}})

@@ -11,17 +11,17 @@ import torch
 from torch import nn
 
 from snnet import cli
-from snnet.core.build import create_anchor
-from snnet.core.checkpoint import save_checkpoint
-from snnet.core.config import AnchorSpec
-from snnet.core.cost import trace_route_flops
-from snnet.core.cut import CutStitch, cut_points
-from snnet.core.maps import CompatibilityMaps
-from snnet.core.model import ComposedNet
-from snnet.core.plan import Composition, Segment
 from snnet.explore.search import SearchOptions, beam_search
 from snnet.explore.similarity import calibration_batches, open_data
 from snnet.results.records import read_results
+from snnet.stitching.build import create_anchor
+from snnet.stitching.config import AnchorSpec
+from snnet.stitching.cost import trace_route_flops
+from snnet.stitching.cut import CutStitch, cut_points
+from snnet.stitching.maps import CompatibilityMaps
+from snnet.stitching.model import ComposedNet
+from snnet.stitching.plan import Composition, Segment
+from snnet.utils.checkpoint import save_checkpoint
 
 
 # ------------------------------------------------------------------------------------------------ synthetic maps

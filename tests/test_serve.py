@@ -25,7 +25,6 @@ import torch
 from helpers import ROOT, assert_refused, run_cli
 from PIL import Image
 
-from snnet.core.errors import UsageError
 from snnet.serve import simulate
 from snnet.serve.estimates import BatchTimes, Learned, Quantile
 from snnet.serve.handler import RequestError, ServeCore, ServeSpec
@@ -33,6 +32,7 @@ from snnet.serve.loadgen import arrival_times, check_loopback, get, percentile, 
 from snnet.serve.policy import BudgetError, ModeTable, SlackTable, StitchMenu
 from snnet.serve.scheduler import DeadlineScheduler, Pending, Rule, Shed
 from snnet.serve.simulate import VirtualClock
+from snnet.utils.errors import UsageError
 
 
 def png(seed: int = 0, size: int = 16) -> str:

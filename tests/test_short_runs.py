@@ -10,10 +10,10 @@ import sys
 import pytest
 from helpers import run
 
-from snnet.core.errors import UsageError
 from snnet.data import loaders
 from snnet.train.args import fitted_notes, parse_args
 from snnet.train.optim import fit_warmup
+from snnet.utils.errors import UsageError
 
 QUICK = ["--img-size", "16", "-b", "16", "--no-pretrained", "--log-interval", "5", "--seed", "1", "-j", "0"]
 

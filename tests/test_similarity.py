@@ -1,4 +1,4 @@
-"""Compatibility maps: the CKA estimators (snnet/core/cka.py), the least-squares stitches and KL of
+"""Compatibility maps: the CKA estimators (snnet/stitching/cka.py), the least-squares stitches and KL of
 snnet/explore/similarity.py across families (tiny random ViT and ResNet), and `snnet similarity` on tiny models."""
 import itertools
 import json
@@ -9,13 +9,13 @@ import pytest
 import torch
 from helpers import run_cli
 
-from snnet.core.cka import MinibatchCKA, gram, hsic_unbiased, linear_cka, minibatch_cka
-from snnet.core.config import parse_stitch_config
-from snnet.core.cut import CutStitch, why_not_stitchable
-from snnet.core.maps import compatibility_maps
-from snnet.core.model import ComposedNet
-from snnet.core.plan import Composition, Segment
 from snnet.explore.similarity import build_anchors
+from snnet.stitching.cka import MinibatchCKA, gram, hsic_unbiased, linear_cka, minibatch_cka
+from snnet.stitching.config import parse_stitch_config
+from snnet.stitching.cut import CutStitch, why_not_stitchable
+from snnet.stitching.maps import compatibility_maps
+from snnet.stitching.model import ComposedNet
+from snnet.stitching.plan import Composition, Segment
 
 VIT = {"name": "deit_tiny_patch16_224", "model_kwargs": {"patch_size": 4, "depth": 2, "embed_dim": 16,
                                                          "num_heads": 2}}

@@ -10,7 +10,7 @@ import time
 import pytest
 from helpers import FAST, ROOT, assert_refused, run_cli
 
-from snnet.core import slurm
+from snnet.utils import slurm
 
 TASK = {"SLURM_JOB_ID": "1234", "SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_NTASKS": "4",
         "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[01-02]", "MASTER_ADDR": "gpu01"}

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from snnet import build_snnet, load_stitch_config
-from snnet.core.cost import measure
-from snnet.core.plan import two_way_plan
+from snnet.stitching.cost import measure
+from snnet.stitching.plan import two_way_plan
 
 ORACLE = Path(__file__).parent / "data" / "snnetv2_deit3_s_l_results.jsonl"
 
@@ -68,7 +68,7 @@ def test_snnetv2_s_l_keys_params_and_id_13(s_l):
 
 def test_two_way_on_small_vits_ls_init_and_every_route_runs():
     from snnet import parse_stitch_config
-    from snnet.core.ls_init import ls_init, stitch_errors
+    from snnet.stitching.ls_init import ls_init, stitch_errors
     vit = lambda width, depth: {"name": "deit_tiny_patch16_224", "model_kwargs": {
         "patch_size": 4, "depth": depth, "embed_dim": width, "num_heads": 2}}
     torch.manual_seed(0)
@@ -83,7 +83,7 @@ def test_two_way_on_small_vits_ls_init_and_every_route_runs():
     assert after.keys() == before.keys() and len(after) == 5 and all(after[k] < before[k] for k in after)
     net.eval()
     table = measure(net, 16)
-    from snnet.core.cost import trace_route_flops
+    from snnet.stitching.cost import trace_route_flops
     for c in range(net.num_configs):
         assert net(x, c).shape == (16, 10)
         assert table.route_flops(net.routes[c]) == trace_route_flops(net, c, 16)
@@ -119,9 +119,9 @@ def test_two_way_for_cnns_each_stage_both_ways_one_hop():
     positions with the larger anchor in front, each with its own layer mapping the larger width onto the smaller;
     the one-way plan keeps its cfg_ids and keys; LS init fits the reverse layers; FLOPs sit between the two."""
     from snnet import parse_stitch_config
-    from snnet.core.cost import trace_route_flops
-    from snnet.core.ls_init import ls_init, stitch_errors
-    from snnet.core.plan import PlanError, stagewise_plan
+    from snnet.stitching.cost import trace_route_flops
+    from snnet.stitching.ls_init import ls_init, stitch_errors
+    from snnet.stitching.plan import PlanError, stagewise_plan
     cnn = lambda w: {"name": "resnet18", "model_kwargs": {"channels": [w, 2 * w, 4 * w, 8 * w]}}
     one = stagewise_plan([[2, 2, 2, 2]] * 3, [2, 3])
     two = stagewise_plan([[2, 2, 2, 2]] * 3, [2, 3], large_front=True)

@@ -11,7 +11,7 @@ import torch
 from helpers import run
 
 from snnet import build_snnet, load_stitch_config, parse_stitch_config
-from snnet.core.config import ConfigError
+from snnet.stitching.config import ConfigError
 
 ORACLE = Path(__file__).parent / "data" / "snnetv2_deit3_s_l_results.jsonl"
 
@@ -106,7 +106,7 @@ def test_eval_deit3_s_l_v2_writes_snnetv2_networks(tmp_path):
     FLOPs and timm's params at 224 are checked row for row on the same library code by test_snnetv2_plan."""
     from PIL import Image
 
-    from snnet.core.cost import cost_table
+    from snnet.stitching.cost import cost_table
     val = tmp_path / "data" / "val" / "c0"
     val.mkdir(parents=True)
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (240, 260, 3), dtype=np.uint8)).save(val / "0.png")

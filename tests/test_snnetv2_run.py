@@ -13,7 +13,7 @@ import yaml
 from helpers import TINY
 
 from snnet import build_snnet, parse_stitch_config
-from snnet.core.config import ConfigError
+from snnet.stitching.config import ConfigError
 from snnet.train.sampler import create_sampler, flops_groups, train_ids
 
 ORACLE = Path(__file__).parent / "data" / "snnetv2_deit3_s_l_results.jsonl"

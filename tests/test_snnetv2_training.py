@@ -17,10 +17,10 @@ import torch
 from helpers import run
 
 from snnet import build_snnet, load_stitch_config
-from snnet.core.cost import cost_table
-from snnet.core.plan import deit_plan, two_way_plan
 from snnet.demo import V2_CONFIGS, demo_anchors, stitch_config_for, write_digits
 from snnet.results.records import read_results
+from snnet.stitching.cost import cost_table
+from snnet.stitching.plan import deit_plan, two_way_plan
 from snnet.train.sampler import BucketSampler, flops_groups
 
 FLAGS = ["--img-size", "16", "-b", "64", "--opt", "adamw", "--lr", "1e-3", "--warmup-epochs", "0", "-j", "0",

@@ -6,9 +6,9 @@ import json
 import pytest
 from helpers import TINY
 
-from snnet.core.build import build_snnet
-from snnet.core.config import parse_stitch_config
-from snnet.core.steps import StitchStep, UnitStep, as_step, stitch_step, unit_step
+from snnet.stitching.build import build_snnet
+from snnet.stitching.config import parse_stitch_config
+from snnet.stitching.steps import StitchStep, UnitStep, as_step, stitch_step, unit_step
 
 
 def test_steps_are_named_and_equal_their_plain_form():

@@ -1,5 +1,5 @@
 """`snnet stitch-train`: one stitching layer between two frozen anchors, sweeps, resume, torchrun;
-on the core's one cut mechanism (snnet.core.cut: class-token ViT <-> CNN pairs, the fit's error of the held map), the
+on the core's one cut mechanism (stitching/cut.py: class-token ViT <-> CNN pairs, the fit's error of the held map), the
 one anchor syntax on the command line, and reproducible random anchors (seeded, hashed by their weights).
 
 Tiny random anchors (saved as checkpoints) on the conftest's small digits folder, one epoch per run, so the whole file
@@ -28,9 +28,9 @@ TRAIN = {"img_size": 16, "batch_size": 32, "epochs": 1, "workers": 0, "hflip": 0
 @pytest.fixture(scope="module")
 def anchors(tmp_path_factory):
     """label -> anchor mapping of a sweep file; each anchor's random weights saved as its checkpoint."""
-    from snnet.core.build import create_anchor
-    from snnet.core.checkpoint import save_checkpoint
-    from snnet.core.config import AnchorSpec
+    from snnet.stitching.build import create_anchor
+    from snnet.stitching.config import AnchorSpec
+    from snnet.utils.checkpoint import save_checkpoint
     folder = tmp_path_factory.mktemp("anchors")
     specs = {"v8": {**VIT, "model_kwargs": {**VIT["model_kwargs"], "embed_dim": 8}},
              "v16": {**VIT, "model_kwargs": {**VIT["model_kwargs"], "embed_dim": 16}},
@@ -77,7 +77,7 @@ def run_result(out, rec):
 
 # ---------------------------------------------------------------------------------------------------- layers
 def test_lowrank_layer_keeps_the_best_rank_r_map_and_counts_its_own_parameters():
-    from snnet.core.layers import create_stitch_layer, stitch_layer_from_spec
+    from snnet.stitching.layers import create_stitch_layer, stitch_layer_from_spec
     torch.manual_seed(0)
     W, b = torch.randn(6, 10), torch.randn(6)
     layer = create_stitch_layer({"type": "lowrank", "rank": 3}, 10, 6, "nchw", "tokens")
@@ -105,8 +105,8 @@ def test_cross_family_runs_train_only_the_layer_and_leave_the_anchors_bit_identi
     """ViT -> ResNet (entering block 0 reads the 64-channel stem output, not the stage's 8 channels) and ResNet ->
     ViT through the layout bridges; both anchors frozen and in eval mode: weights and BatchNorm statistics exactly
     the checkpoints' after training."""
-    from snnet.core.checkpoint import load_checkpoint
     from snnet.explore.stitch_train import load_sweep, run_sweep
+    from snnet.utils.checkpoint import load_checkpoint
     out = tmp_path / "sweep"
     path = write_sweep(tmp_path / "x.yaml", {"vn": anchors["vn"], "rn": anchors["rn"]}, digits_folder, out,
                        runs=[{"pair": ["vn", "rn"], "cut": 1, "end_block": 0},
@@ -236,8 +236,8 @@ def test_class_token_vit_and_cnn_stitch_both_ways(anchors, digits_folder, tmp_pa
     """A ViT with a class token and a ResNet, through the core's `CutStitch`: ViT -> CNN drops the class token, CNN
     -> ViT predicts it from the position-averaged features (a second linear map, fitted by least squares and trained
     with the layer)."""
-    from snnet.core.checkpoint import load_checkpoint
     from snnet.explore.stitch_train import load_sweep, run_sweep
+    from snnet.utils.checkpoint import load_checkpoint
     out = tmp_path / "sweep"
     path = write_sweep(tmp_path / "x.yaml", {"v8": anchors["v8"], "rn": anchors["rn"]}, digits_folder, out,
                        runs=[{"pair": ["v8", "rn"], "cut": 1, "end_block": 1},
@@ -266,10 +266,10 @@ def test_class_token_vit_and_cnn_stitch_both_ways(anchors, digits_folder, tmp_pa
 def test_front_and_end_take_the_one_anchor_syntax(anchors, digits_folder, tmp_path):
     """--front as a JSON anchor object and --end as NAME:CHECKPOINT (timm's test_resnet, its weights saved here),
     labelled by their timm names or by LABEL=ANCHOR; a class-token ViT front and a CNN end train."""
-    from snnet.core.build import create_anchor
-    from snnet.core.checkpoint import save_checkpoint
-    from snnet.core.config import AnchorSpec
     from snnet.results.records import file_sha256
+    from snnet.stitching.build import create_anchor
+    from snnet.stitching.config import AnchorSpec
+    from snnet.utils.checkpoint import save_checkpoint
     torch.manual_seed(5)
     ckpt = tmp_path / "test_resnet.pth.tar"
     save_checkpoint(ckpt, {"state_dict": create_anchor(AnchorSpec("test_resnet"), pretrained=False,

@@ -1,4 +1,4 @@
-"""build_snnet's family-agnostic resolution check (snnet.core.build.check_resolutions): anchors whose stitched stages do
+"""build_snnet's family-agnostic resolution check (build.check_resolutions): anchors whose stitched stages do
 not run at the same resolution are refused when the SN-Net is built, not deep inside the least-squares init."""
 import pytest
 

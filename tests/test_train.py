@@ -8,8 +8,8 @@ import pytest
 import timm
 import torch
 
-from snnet.core.config import ConfigError
 from snnet.data.loaders import usable_cores
+from snnet.stitching.config import ConfigError
 from snnet.train.args import UsageError, parse_args
 from snnet.train.sampler import StitchSampler
 
@@ -162,7 +162,7 @@ def test_every_flag_has_help_showing_its_default():
 
 def test_stitch_config_fields_map_to_flags():
     """config.FIELDS is the one table; SN-Net's field names keep their flags."""
-    from snnet.core.config import ARG_DESTS
+    from snnet.stitching.config import ARG_DESTS
     from snnet.train.args import build_parser
     assert {k: ARG_DESTS[k] for k in ("lr", "input_size", "data_path", "data_set", "exp_name", "num_workers",
                                       "teacher_model", "batch_size", "warmup_lr", "min_lr", "epochs")} == {

@@ -95,10 +95,10 @@ def test_stitch_train_model_ema_is_evaluated_and_saved(tmp_path, digits_folder, 
     (the result's acc1) evaluates the EMA, and stitch_layer.pth.tar holds the EMA's weights."""
     from test_stitch_train import TRAIN, write_sweep
 
-    from snnet.core.checkpoint import load_checkpoint
     from snnet.explore.stitch_train import load_sweep, run_sweep
     from snnet.explore.stitch_train import runner as runner_module
     from snnet.results.records import read_results
+    from snnet.utils.checkpoint import load_checkpoint
     anchors = {f"v{w}": {"name": "deit_tiny_patch16_224",
                          "model_kwargs": {"patch_size": 4, "depth": 3, "embed_dim": w, "num_heads": 2}}
                for w in (8, 16)}

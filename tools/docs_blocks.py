@@ -334,8 +334,8 @@ def options_table() -> str:
     (`snnet.train.options.FLAG_OPTIONS`, the same fields the parser is derived from)."""
     import typing
 
-    from snnet.core.options import GROUPS, flag_fields
     from snnet.train.options import FLAG_OPTIONS
+    from snnet.utils.options import GROUPS, flag_fields
     cell = lambda text: str(text).replace("|", "\\|").replace("<", "&lt;").replace("*", "\\*")
     rows = ["| flag | default | values | typed option | meaning |", "|---|---|---|---|---|"]
     for cls, field, flag in sorted(flag_fields(FLAG_OPTIONS), key=lambda x: GROUPS.index(x[2].group)):

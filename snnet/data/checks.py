@@ -17,9 +17,9 @@ from timm.data.readers import get_img_extensions
 from timm.data.readers.class_map import load_class_map
 from timm.utils.misc import natural_key
 
-from snnet.core.errors import SNNetError
 from snnet.data.options import DataOptions
 from snnet.data.shards import check_shards, is_shards
+from snnet.utils.errors import SNNetError
 
 TRAIN_NAMES = ("train", "training")
 VAL_NAMES = ("validation", "val", "valid", "eval", "evaluation")
@@ -432,7 +432,7 @@ def small_class_warning(counts: dict[str, int], where: str) -> str | None:
 def warn_small_classes(counts: dict[str, int], where: str) -> None:
     """`small_class_warning`'s line on stderr, once per launch: from rank 0 (or the launcher's check, whose ranks
     then stay quiet)."""
-    from snnet.core.distributed import world
+    from snnet.utils.distributed import world
     line = small_class_warning(counts, where)
     if line and not os.environ.get(WARNED_ENV) and world(launched=True)[0] == 0:
         print(line, file=sys.stderr, flush=True)

@@ -15,11 +15,11 @@ from PIL import Image
 from timm.data import ImageDataset, create_loader
 from torch.utils.data import DataLoader
 
-from snnet.core.distributed import world
 from snnet.data.checks import DataError
 from snnet.data.options import LoaderOptions
 from snnet.data.shards import ShardDataset, image_problem
 from snnet.data.transforms import eval_transform, src_crop, timm_crop_mode
+from snnet.utils.distributed import world
 
 _logger = logging.getLogger(__name__)
 

@@ -1,23 +1,23 @@
 """The data layer's options as typed objects: which images (`DataOptions`) and how they are loaded
-(`LoaderOptions`). Each field declares its train.py flag (`snnet.core.options.option`: timm's name, help, rule),
+(`LoaderOptions`). Each field declares its train.py flag (`snnet.utils.options.option`: timm's name, help, rule),
 so train.py's parser is derived from these classes and builds them from its resolved arguments, once
 (`snnet.train.options.RunOptions.from_values`); every other tool (similarity, search, stitch-train, a Python
 caller) builds them directly, by keyword. The options the training loop shares (batch size, seed, ...) are
 declared here, once, except those a stitch config sets (batch size, number of classes, dataset, workers): they are
-declared in `snnet.core.config.ConfigFlags`, below this layer, so the config reads their type and rule too."""
+declared in `snnet.stitching.config.ConfigFlags`, below this layer, so the config reads their type and rule too."""
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, replace
 from typing import Any
 
-from snnet.core.config import CONFIG_FLAGS
-from snnet.core.options import AUGMENT, DATASET, DEVICE, MODEL, OUTPUT, option, shared
+from snnet.stitching.config import CONFIG_FLAGS
+from snnet.utils.options import AUGMENT, DATASET, DEVICE, MODEL, OUTPUT, option, shared
 
 __all__ = ["AUG_REPEATS", "BATCH_SIZE", "DataOptions", "GRAD_ACCUM_STEPS", "LoaderOptions", "NO_PREFETCHER",
            "NUM_CLASSES", "SEED"]
 
 #: options the data layer shares with the training loop (`snnet.train.options` uses them `shared`)
-BATCH_SIZE = CONFIG_FLAGS["batch_size"]  # a stitch config sets these two: declared in snnet.core.config
+BATCH_SIZE = CONFIG_FLAGS["batch_size"]  # a stitch config sets these two: declared in snnet.stitching.config
 GRAD_ACCUM_STEPS = option(1, "--grad-accum-steps", rule="positive", metavar="N", group=MODEL,
                           help="batches per optimizer step: the loss is divided by N, all N train the step's stitch, "
                                "DDP syncs gradients on the last; steps per epoch = batches // N (the remainder "

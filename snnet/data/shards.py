@@ -40,11 +40,11 @@ from timm.data.readers import get_img_extensions  # the image types timm's reade
 from timm.data.readers.reader_image_folder import ReaderImageFolder
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from snnet.core.distributed import world
-from snnet.core.errors import SNNetError
-from snnet.core.fileio import FolderLock, atomic_path, write_text_atomic
-from snnet.core.progress import Progress
 from snnet.data.options import DataOptions
+from snnet.utils.distributed import world
+from snnet.utils.errors import SNNetError
+from snnet.utils.fileio import FolderLock, atomic_path, write_text_atomic
+from snnet.utils.progress import Progress
 
 INFO_FILE = "_info.json"
 _logger = logging.getLogger(__name__)

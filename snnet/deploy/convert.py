@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from snnet.core.adapter import AnchorAdapter, registered_adapters
-from snnet.core.checkpoint import CheckpointError, save_checkpoint, strip_ddp_prefix
 from snnet.results.records import file_sha256
+from snnet.stitching.adapter import AnchorAdapter, registered_adapters
+from snnet.utils.checkpoint import CheckpointError, save_checkpoint, strip_ddp_prefix
 
 
 class _CfgNode:

@@ -39,26 +39,31 @@ import torch
 from timm.data import resolve_data_config
 from torch import nn
 
-from snnet.core.adapter import Unit, adapter_for
-from snnet.core.build import build_snnet, create_anchor
-from snnet.core.checkpoint import (
+from snnet.results.records import file_sha256
+from snnet.stitching.adapter import Unit, adapter_for
+from snnet.stitching.build import build_snnet, create_anchor
+from snnet.stitching.config import (
+    AnchorSpec,
+    ConfigError,
+    StitchConfig,
+    check_same_network,
+    load_stitch_config,
+    recorded_stitch_config,
+)
+from snnet.stitching.cost import cost_table
+from snnet.stitching.layers import stitch_layer_from_spec
+from snnet.stitching.model import SNNet
+from snnet.stitching.steps import StitchStep, UnitStep, as_step, stitch_step
+from snnet.utils.checkpoint import (
     CheckpointError,
     StateDictMismatch,
-    check_same_network,
     json_field,
     load_checkpoint,
-    recorded_stitch_config,
     tensor_bytes,
 )
-from snnet.core.config import AnchorSpec, ConfigError, StitchConfig, load_stitch_config
-from snnet.core.cost import cost_table
-from snnet.core.errors import SNNetError
-from snnet.core.fileio import FolderLock, disk_full_error, give_default_mode, is_disk_full, lock_holder
-from snnet.core.layers import stitch_layer_from_spec
-from snnet.core.model import SNNet
-from snnet.core.progress import Progress
-from snnet.core.steps import StitchStep, UnitStep, as_step, stitch_step
-from snnet.results.records import file_sha256
+from snnet.utils.errors import SNNetError
+from snnet.utils.fileio import FolderLock, disk_full_error, give_default_mode, is_disk_full, lock_holder
+from snnet.utils.progress import Progress
 
 FORMAT = "snnet-stitch"
 FORMAT_VERSION = 1
@@ -236,7 +241,7 @@ class StitchedNetwork(nn.Module):
     """One route of an SN-Net as a plain network: pruned anchor copies + the route's stitching layers.
 
     ``steps`` are the SN-Net's route steps with stitching-layer addresses turned into keys of ``stitch_layers``:
-    `UnitStep`s and `StitchStep`s (`snnet.core.steps`; plain tuples ``("unit", anchor, unit_index)`` or
+    `UnitStep`s and `StitchStep`s (`snnet.stitching.steps`; plain tuples ``("unit", anchor, unit_index)`` or
     ``("stitch", "1_2")`` as read from a file are taken too).
     """
 

@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from snnet.core.cost import cost_table
-from snnet.core.progress import PROGRESS_SECONDS, Progress
 from snnet.results.pareto import human
 from snnet.results.records import ResultsError, check_routes, file_sha256, is_number, read_results, update_results
+from snnet.stitching.cost import cost_table
+from snnet.utils.progress import PROGRESS_SECONDS, Progress
 
 if TYPE_CHECKING:
-    from snnet.core.model import SNNet
+    from snnet.stitching.model import SNNet
 
 
 def device_name(device: torch.device) -> str:

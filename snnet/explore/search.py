@@ -1,7 +1,7 @@
 """Training-free composition search (`snnet search`): StitchNet's search over paths through several anchors, on this
 library's units, least-squares stitches, one-pass evaluator and cost model.
 
-A network is a `Composition` (snnet/core/plan.py): segments of anchors (any families) joined by stitches at unit
+A network is a `Composition` (snnet/stitching/plan.py): segments of anchors (any families) joined by stitches at unit
 granularity. An edge (front anchor a, its unit i, end anchor b, its unit j) maps a's output of unit i onto b's
 output of unit j, and b continues at unit j + 1; its score comes from the compatibility maps
 (snnet/explore/similarity.py)
@@ -38,17 +38,17 @@ from xml.sax.saxutils import escape
 import torch
 from safetensors.torch import save_file
 
-from snnet.core.cost import cost_table
-from snnet.core.fileio import atomic_path, write_text_atomic
-from snnet.core.maps import CompatibilityMaps, SimilarityError, compatibility_maps
-from snnet.core.model import ComposedNet
-from snnet.core.plan import Composition, Edge, Segment
 from snnet.data.loaders import create_eval_loader
 from snnet.data.options import DataOptions, LoaderOptions
 from snnet.explore.similarity import SimilarityOptions, anchor_records, calibration_batches, prepare, write_maps
 from snnet.results.pareto import human, pareto_report, save_report
 from snnet.results.records import RESULTS_FILE, stitch_record, write_results
+from snnet.stitching.cost import cost_table
+from snnet.stitching.maps import CompatibilityMaps, SimilarityError, compatibility_maps
+from snnet.stitching.model import ComposedNet
+from snnet.stitching.plan import Composition, Edge, Segment
 from snnet.train.engine import evaluate_stitches
+from snnet.utils.fileio import atomic_path, write_text_atomic
 
 SEARCH_SCORES = ("cka", "ls", "kl")
 

@@ -1,4 +1,4 @@
-"""`snnet similarity`: the compatibility maps of two or more anchors (snnet/core/maps.py) on a data folder, written as
+"""`snnet similarity`: the compatibility maps of two or more anchors (stitching/maps.py) on a data folder, written as
 JSON, CSV and heatmaps."""
 from __future__ import annotations
 
@@ -14,18 +14,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from snnet.core.adapter import adapter_for
-from snnet.core.build import check_model_name, create_anchor
-from snnet.core.config import StitchConfig, load_stitch_config, parse_anchor
-from snnet.core.fileio import check_out_dir, save_figure, write_text_atomic
-from snnet.core.maps import SCORES, CompatibilityMaps, SimilarityError, anchors_net, compatibility_maps
-from snnet.core.model import ComposedNet
 from snnet.data.checks import DataError, check_data
 from snnet.data.datasets import create_datasets, num_classes_of
 from snnet.data.ls_images import clean_images
 from snnet.data.options import DataOptions, LoaderOptions
 from snnet.data.transforms import anchor_data_configs
+from snnet.stitching.adapter import adapter_for
+from snnet.stitching.build import check_model_name, create_anchor
+from snnet.stitching.config import StitchConfig, load_stitch_config, parse_anchor
+from snnet.stitching.maps import SCORES, CompatibilityMaps, SimilarityError, anchors_net, compatibility_maps
+from snnet.stitching.model import ComposedNet
 from snnet.train.device import device_from_flag
+from snnet.utils.fileio import check_out_dir, save_figure, write_text_atomic
 
 
 # ---------------------------------------------------------------------------------------------------- files
@@ -111,7 +111,7 @@ def write_maps(maps: CompatibilityMaps, out_dir: str | os.PathLike, meta: dict[s
 # ---------------------------------------------------------------------------------------------------- anchors, data
 def anchor_specs(anchors: Sequence[str] | None, stitch_config: str | None):
     """The anchors' specs (a StitchConfig) from ``--anchors`` (each in the one anchor syntax of
-    `snnet.core.config.parse_anchor`: NAME, NAME:CHECKPOINT, FILE#INDEX or a JSON anchor object) or from a stitch
+    `snnet.stitching.config.parse_anchor`: NAME, NAME:CHECKPOINT, FILE#INDEX or a JSON anchor object) or from a stitch
     config's anchors list (exactly one of the two)."""
     if bool(anchors) == bool(stitch_config):
         raise SimilarityError("name the anchors with --anchors A B ... or --stitch_config CFG (one of the two)")
@@ -139,7 +139,7 @@ class SimilarityOptions:
     """What `snnet similarity` and `snnet search` read besides the data (`DataOptions`, `data_options`) and its
     loading (`LoaderOptions`, `loader_options`: the batch size): the anchors, the calibration draw, the output."""
     out: str                              # output folder
-    anchors: tuple[str, ...] = ()         # each in the anchor syntax of `snnet.core.config.parse_anchor`
+    anchors: tuple[str, ...] = ()         # each in the anchor syntax of `snnet.stitching.config.parse_anchor`
     stitch_config: str | None = None      # or the anchors of this stitch config (exactly one of the two)
     batches: int = 4                      # calibration batches
     img_size: int | None = None           # None: the config's input_size, else each anchor's own

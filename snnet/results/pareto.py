@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from snnet.core.fileio import save_figure, write_text_atomic
 from snnet.results.baselines import add_to_report, draw
 from snnet.results.quality import front_quality, pareto_front, quality_table
 from snnet.results.records import RESULTS_FILE, ResultsError, check_same_evaluation_set, is_number, read_results
+from snnet.utils.fileio import save_figure, write_text_atomic
 
 COSTS = ("flops", "params", "latency")
 
@@ -79,8 +79,8 @@ def latency_keys(records: Sequence[dict[str, Any]]) -> list[str]:
 # ------------------------------------------------------------------------------------------------------ routes
 # The one route syntax of every results file, and its one reader. A route is an anchor's name alone (an anchor), or
 # segments NAME[FIRST..LAST] joined by links: ' -(LAYER)-> ' (a stitching layer: SN-Net's address '0.1' from
-# `core/plan.py` Route.describe, stitch-train's layer type 'linear' / 'lowrank rank4') or ' -> ' (a cut stitch of
-# `snnet search`, `core/plan.py` Composition.describe). FIRST/LAST are blocks ('b3', 's1.b2' in hierarchical plans)
+# `stitching/plan.py` Route.describe, stitch-train's layer type 'linear' / 'lowrank rank4') or ' -> ' (a cut stitch of
+# `snnet search`, `stitching/plan.py` Composition.describe). FIRST/LAST are blocks ('b3', 's1.b2' in hierarchical plans)
 # or unit names ('blocks.5', 'layer3.1'); empty FIRST = from the input, empty LAST = to the head; a bare NAME in a
 # stitched route leaves its part unsaid.
 _LINK = re.compile(r"\s+(?:-\(([^()]+)\)->|->)\s+")

@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from snnet.core.fileio import atomic_path
 from snnet.results.records import RESULTS_FILE, ResultsError, results_path
+from snnet.utils.fileio import atomic_path
 
 FORMAT = "snnet-predictions"
 VERSION = 1

@@ -12,11 +12,11 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from snnet.core.errors import SNNetError
-from snnet.core.fileio import write_text_atomic
+from snnet.utils.errors import SNNetError
+from snnet.utils.fileio import write_text_atomic
 
 if TYPE_CHECKING:
-    from snnet.core.model import SNNet
+    from snnet.stitching.model import SNNet
 
 _logger = logging.getLogger("snnet")
 RESULTS_FILE = "stitches_res.txt"

@@ -30,7 +30,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from snnet.core.fileio import write_text_atomic
 from snnet.results.baselines import file_baselines, jsonable
 from snnet.results.pareto import (
     anchor_name,
@@ -45,6 +44,7 @@ from snnet.results.pareto import (
 )
 from snnet.results.records import ResultsError, is_number
 from snnet.results.select import select
+from snnet.utils.fileio import write_text_atomic
 
 # one colour per results file (matplotlib's tab10, in the order the PNG of `snnet pareto` uses) and per anchor
 FILE_COLOURS = ["#1f77b4", "#d62728", "#9467bd", "#8c564b", "#17becf", "#bcbd22", "#e377c2", "#7f7f7f"]

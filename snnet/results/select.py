@@ -15,12 +15,12 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from snnet.core.errors import SNNetError
 from snnet.results.pareto import human, latency_keys, require_cost, route_of
 from snnet.results.records import check_routes
+from snnet.utils.errors import SNNetError
 
 if TYPE_CHECKING:
-    from snnet.core.model import SNNet
+    from snnet.stitching.model import SNNet
 
 Record = dict[str, Any]
 KWARGS = {"flops": "max_flops", "params": "max_params"}  # how stitch_for names the budgets in its errors
@@ -118,7 +118,7 @@ def route_costs(net: SNNet, img_size: int | tuple[int, int] | None = None) -> tu
     the anchors were built for) and the params it executes; the costs `stitch_for` and `snnet serve` rank by."""
     size = model_img_size(net) if img_size is None else img_size
     size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    from snnet.core.cost import cost_table  # torch: only for a network in hand, not for a results file
+    from snnet.stitching.cost import cost_table  # torch: only for a network in hand, not for a results file
     table = cost_table(net, size)
     return size, {c: {"cfg_id": c, "route": net.describe(c), "flops": table.route_flops(steps),
                       "params": net.params(c)} for c, steps in enumerate(net.routes)}

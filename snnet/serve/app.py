@@ -24,8 +24,8 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from snnet.core.errors import UsageError
 from snnet.serve.handler import ServeCore, ServeSpec
+from snnet.utils.errors import UsageError
 
 #: requests a replica accepts at once: they must reach its queues (the batching and the load the choice sees)
 #: rather than wait in Ray's proxy, whose default (5) would hide the load

@@ -37,7 +37,6 @@ from typing import Any
 import torch
 from PIL import Image
 
-from snnet.core.errors import SNNetError
 from snnet.data.transforms import eval_transform
 from snnet.deploy.export import SPEC, labelled, load_exported, load_snnet
 from snnet.deploy.latency import measure_latency
@@ -46,6 +45,7 @@ from snnet.results.select import BudgetError, route_costs
 from snnet.serve.policy import StitchMenu, finite_positive
 from snnet.serve.scheduler import NO_DEADLINE, DeadlineScheduler, Done, Pending, Shed, release_free_heap
 from snnet.train.device import device_from_flag
+from snnet.utils.errors import SNNetError
 
 MAX_PIXELS = 40_000_000  # a decoded image above this is refused before it is decoded (decompression bombs)
 DECODE_THREADS = 2  # threads that decode and transform images, off the event loop

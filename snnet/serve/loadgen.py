@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from snnet.core.errors import UsageError
+from snnet.utils.errors import UsageError
 
 
 def check_loopback(url: str) -> None:

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from snnet.core.errors import SNNetError
 from snnet.results.select import BudgetError, Record, best_key, select
+from snnet.utils.errors import SNNetError
 
 _log, _ceil = math.log, math.ceil  # a global read each in the dispatch, not an attribute of math
 

@@ -13,10 +13,10 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from snnet.core.config import ARG_DESTS, ConfigError, StitchConfig, load_stitch_config
-from snnet.core.errors import OneLineParser, UsageError
-from snnet.core.options import FILES, GROUPS, KwargsAction, add_options
+from snnet.stitching.config import ARG_DESTS, ConfigError, StitchConfig, load_stitch_config
 from snnet.train.options import FLAG_OPTIONS, JobOptions
+from snnet.utils.errors import OneLineParser, UsageError
+from snnet.utils.options import FILES, GROUPS, KwargsAction, add_options
 
 
 class _HelpFormatter(argparse.HelpFormatter):

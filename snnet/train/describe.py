@@ -20,8 +20,8 @@ import yaml
 from timm.data import resolve_data_config
 from timm.layers import DropPath
 
-from snnet.core.config import ConfigError, StitchConfig
 from snnet.data.transforms import eval_data_config, pretrained_cfg
+from snnet.stitching.config import ConfigError, StitchConfig
 from snnet.train.network import build_network
 from snnet.train.optim import anchor_lr_scale, decays_stitch_biases
 from snnet.train.options import RunOptions

@@ -13,10 +13,10 @@ import torch.distributed as dist
 from timm.utils.distributed import init_distributed_device_so
 from torch import nn
 
-from snnet.core import slurm
-from snnet.core.distributed import world
-from snnet.core.errors import SNNetError
 from snnet.train.options import TrainOptions
+from snnet.utils import slurm
+from snnet.utils.distributed import world
+from snnet.utils.errors import SNNetError
 
 
 class DeviceError(SNNetError):
@@ -59,7 +59,7 @@ def _agree_on_attempt() -> int:
 
 def adopt_slurm_env() -> dict[str, str]:
     """Under ``srun`` (one task per GPU, no torchrun): export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
-    MASTER_PORT from Slurm's variables (`snnet.core.slurm.torch_env`), so that everything reading torchrun's
+    MASTER_PORT from Slurm's variables (`snnet.utils.slurm.torch_env`), so that everything reading torchrun's
     variables (timm, the logging of rank 0 only, the samplers) sees the same world. Returns what it set; a second
     call sets nothing."""
     found = slurm.torch_env()

@@ -1,6 +1,6 @@
 """The loops: train one epoch, evaluate stitches. Nothing else lives here.
 
-The network is a `snnet.core.model.RoutedNet` (an `SNNet`, or a `PlainNet` holding one timm model): the loops only use
+The network is a `stitching.model.RoutedNet` (an `SNNet`, or a `PlainNet` holding one timm model): the loops only use
 ``forward(x, cfg_id)``, ``routes``, ``run_step`` and ``describe``, so they treat both alike. As in timm and DeiT,
 a loop returns a metrics dict; what a training run builds once (sampler, scaler, scheduler, mixup, the after-step
 hooks) travels in one `TrainContext`, with the loop's frozen settings (`LoopSettings`: device, precision, accumulation,
@@ -24,12 +24,12 @@ import torch.nn.functional as F
 from timm.utils import dispatch_clip_grad
 from torch import nn
 
-from snnet.core.distributed import all_gather_rows, all_reduce_sum, world
-from snnet.core.errors import SNNetError
-from snnet.core.progress import Progress
-from snnet.core.route_tree import RouteTree
+from snnet.stitching.route_tree import RouteTree
 from snnet.train.device import amp_context, unwrap
 from snnet.train.sampler import rng_state, set_rng_state
+from snnet.utils.distributed import all_gather_rows, all_reduce_sum, world
+from snnet.utils.errors import SNNetError
+from snnet.utils.progress import Progress
 
 
 class Batches(Protocol):
@@ -314,7 +314,7 @@ def evaluate_stitches(net: nn.Module, loader: Batches, cfg_ids: Sequence[int], d
 
     One pass over the data for all stitches: each batch is decoded once and every route runs on it; with
     `shared_prefixes` the routes are walked as a trie so each distinct prefix is computed once per batch
-    (snnet/core/route_tree.py). ``shared_prefixes=False`` runs each route from the input (for comparison).
+    (snnet/stitching/route_tree.py). ``shared_prefixes=False`` runs each route from the input (for comparison).
 
     A batch is (images, labels) or (images, labels, sample ids) (`create_eval_loader`). Its images are one tensor,
     read by every route, or a list of tensors of the same images preprocessed

@@ -11,10 +11,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from snnet.core.cost import cost_table
-from snnet.core.distributed import world
-from snnet.core.errors import UsageError
-from snnet.core.model import RoutedNet
 from snnet.data.checks import DataError
 from snnet.data.datasets import class_names_of, data_source
 from snnet.data.loaders import create_eval_loader
@@ -36,9 +32,13 @@ from snnet.results.records import (
     text_sha256,
     write_class_names,
 )
+from snnet.stitching.cost import cost_table
+from snnet.stitching.model import RoutedNet
 from snnet.train.device import unwrap
 from snnet.train.engine import PerImage, default_val_panel, evaluate_stitches
 from snnet.train.options import EvalOptions
+from snnet.utils.distributed import world
+from snnet.utils.errors import UsageError
 
 _logger = logging.getLogger("snnet")
 

@@ -11,13 +11,13 @@ from typing import Any
 
 import torch
 
-from snnet.core.checkpoint import LAST, RECOVERY, CheckpointSaver, training_state
-from snnet.core.distributed import world
-from snnet.core.fileio import write_text_atomic
-from snnet.core.model import RoutedNet
+from snnet.stitching.model import RoutedNet
 from snnet.train.device import requeued, restart_attempt
 from snnet.train.engine import TrainContext
 from snnet.train.preempt import STOP, Preempted
+from snnet.utils.checkpoint import LAST, RECOVERY, CheckpointSaver, training_state
+from snnet.utils.distributed import world
+from snnet.utils.fileio import write_text_atomic
 
 
 class EpochHooks:

@@ -18,8 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from snnet.core.distributed import REFUSAL_DIR
-from snnet.core.errors import UsageError
+from snnet.utils.distributed import REFUSAL_DIR
+from snnet.utils.errors import UsageError
 
 
 def main(argv: list[str] | None = None) -> int:

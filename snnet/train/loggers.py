@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from snnet.core.errors import UsageError
 from snnet.results.pareto import pareto_report, save_report
 from snnet.results.records import ResultsError
 from snnet.train.options import LoggerOptions
+from snnet.utils.errors import UsageError
 
 _logger = logging.getLogger("snnet")
 FRONT_COLUMNS = ("cfg_id", "route", "flops", "params", "acc1", "acc5")

@@ -9,8 +9,8 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
-from snnet.core.build import create_anchor
-from snnet.core.config import AnchorSpec
+from snnet.stitching.build import create_anchor
+from snnet.stitching.config import AnchorSpec
 from snnet.train.options import LossOptions
 
 

@@ -1,6 +1,6 @@
 """The least-squares init of a run's stitching layers and the images it fits on: clean images of the training split
 (`snnet.data.ls_images.clean_images`), or for ``--ls-mode snnet`` SN-Net's augmented training batch
-(docs/snnet_compat.md, C12; SN-Netv2's fit, C36). The fit itself is `snnet.core.ls_init.ls_init`."""
+(docs/snnet_compat.md, C12; SN-Netv2's fit, C36). The fit itself is `snnet.stitching.ls_init.ls_init`."""
 from __future__ import annotations
 
 import logging
@@ -10,18 +10,18 @@ from typing import Any
 
 import torch
 
-from snnet.core.config import StitchConfig
-from snnet.core.distributed import world
-from snnet.core.errors import one_line
-from snnet.core.ls_init import ls_init
-from snnet.core.model import RoutedNet
 from snnet.data.checks import DataError
 from snnet.data.datasets import create_datasets
 from snnet.data.loaders import create_train_loader
 from snnet.data.ls_images import clean_images
 from snnet.data.options import DataOptions, LoaderOptions
+from snnet.stitching.config import StitchConfig
+from snnet.stitching.ls_init import ls_init
+from snnet.stitching.model import RoutedNet
 from snnet.train.losses import create_mixup
 from snnet.train.options import LossOptions
+from snnet.utils.distributed import world
+from snnet.utils.errors import one_line
 
 _logger = logging.getLogger("snnet")
 
@@ -73,7 +73,7 @@ def snnet_version(stitch_cfg: StitchConfig | None) -> int:
 
 def run_ls_init(net: RoutedNet, images_from: Any, stitch_cfg: StitchConfig, source: InitImages,
                   count: int | None = None, mode: str | None = None) -> None:
-    """Least-squares init of the stitching layers (`snnet.core.ls_init.ls_init` on a run's images) on `count`
+    """Least-squares init of the stitching layers (`snnet.stitching.ls_init.ls_init` on a run's images) on `count`
     clean images, or for ``--ls-mode snnet`` on SN-Net's training batch, with a log line. `count` and `mode`:
     --stitch-init-bs and --ls-mode (None: the stitch config's)."""
     count = count or stitch_cfg.get("stitch_init_bs")

@@ -9,7 +9,7 @@ LS init / resume -> `train_and_evaluate` (a `TrainingRun`: `build`, `fit` with `
 `evaluate_all`. The trainer (optimizer, schedule, EMA, the epoch loop) is trainer.py, shared with stitch-train; the
 loops engine.py; the epoch and after-step hooks (recovery checkpoint, stop at a Slurm signal) hooks.py; evaluation
 and prediction files evaluator.py; resuming resume.py; the LS init's data ls_data.py; checkpoints
-snnet/core/checkpoint.py.
+snnet/utils/checkpoint.py.
 """
 from __future__ import annotations
 
@@ -30,17 +30,12 @@ from timm.layers import convert_splitbn_model
 from timm.utils import random_seed
 from torch import nn
 
-from snnet.core.checkpoint import LAST, RECOVERY, CheckpointSaver, state_sha256, training_state
-from snnet.core.config import StitchConfig
-from snnet.core.distributed import say_refusal, world
-from snnet.core.errors import SNNetError, one_line
-from snnet.core.fileio import FolderLock, disk_full_error, is_disk_full, write_text_atomic
-from snnet.core.model import RoutedNet
-from snnet.core.progress import RunClock
 from snnet.data.checks import warn_small_classes_here
 from snnet.data.datasets import class_names_of, create_datasets, data_source, num_classes_of
 from snnet.data.loaders import create_eval_loader, create_train_loader
 from snnet.results.records import EMA_RESULTS_FILE, RESULTS_FILE, ResultsFile, file_sha256, text_sha256
+from snnet.stitching.config import StitchConfig
+from snnet.stitching.model import RoutedNet
 from snnet.train.args import fitted_notes, parse_args
 from snnet.train.describe import describe_run, recorded_arguments, to_yaml
 from snnet.train.device import adopt_slurm_env, amp_dtype_for, requeued, resolve_device, restart_attempt, unwrap
@@ -59,6 +54,11 @@ from snnet.train.resolved import ResolvedRun, resolve_run
 from snnet.train.resume import append_summary, continue_epoch, fitting_checkpoint, truncate_summary
 from snnet.train.sampler import run_sampler
 from snnet.train.trainer import Trainer, TrainSetup, create_trainer
+from snnet.utils.checkpoint import LAST, RECOVERY, CheckpointSaver, state_sha256, training_state
+from snnet.utils.distributed import say_refusal, world
+from snnet.utils.errors import SNNetError, one_line
+from snnet.utils.fileio import FolderLock, disk_full_error, is_disk_full, write_text_atomic
+from snnet.utils.progress import RunClock
 
 _logger = logging.getLogger("snnet")
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from snnet.core.build import create_anchor, create_anchors, input_size_for, snnet_from_anchors
-from snnet.core.config import AnchorSpec, ConfigError, StitchConfig
-from snnet.core.model import PlainNet, RoutedNet
+from snnet.stitching.build import create_anchor, create_anchors, input_size_for, snnet_from_anchors
+from snnet.stitching.config import AnchorSpec, ConfigError, StitchConfig
+from snnet.stitching.model import PlainNet, RoutedNet
 from snnet.train.options import NetworkOptions
 from snnet.train.positions import Selection, check_selectable
 from snnet.train.sampler import train_ids

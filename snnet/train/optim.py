@@ -11,8 +11,8 @@ from timm.optim._param_groups import auto_group_layers
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from torch import nn
 
-from snnet.core.errors import SNNetError, UsageError
 from snnet.train.options import OptimOptions, RunOptions, ScheduleOptions
+from snnet.utils.errors import SNNetError, UsageError
 
 
 class OptimError(SNNetError):

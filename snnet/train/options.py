@@ -1,12 +1,12 @@
 """Training's options as typed objects, each option declared once as a field with its train.py flag
-(`snnet.core.options.option`): the optimizer and its LR rule (`OptimOptions`), the LR schedule (`ScheduleOptions`),
+(`snnet.utils.options.option`): the optimizer and its LR rule (`OptimOptions`), the LR schedule (`ScheduleOptions`),
 the loss (`LossOptions`), the loop (`TrainOptions`), validation (`EvalOptions`), the input (`InputOptions`), the
 network (`NetworkOptions`), the loggers (`LoggerOptions`) and what this invocation does (`JobOptions`: config
 files, resume, dry run, LS init, output). train.py's parser is derived from these classes and the data layer's
 (`snnet.train.args.build_parser`), so there is nothing to keep equal; train.py builds them from its resolved
 arguments once (`RunOptions.from_values`) and every other tool (stitch-train, a Python caller) directly, by
 keyword (`options_by_key` checks the keys, the value types and the flags' rules). The flags a stitch config sets
-(lr, epochs, ls_mode, ...) are declared in `snnet.core.config.ConfigFlags` and copied here with `shared`."""
+(lr, epochs, ls_mode, ...) are declared in `snnet.stitching.config.ConfigFlags` and copied here with `shared`."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,8 +15,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from snnet.core.config import CONFIG_FLAGS
-from snnet.core.options import (
+from snnet.data.options import (
+    BATCH_SIZE,
+    GRAD_ACCUM_STEPS,
+    NO_PREFETCHER,
+    NUM_CLASSES,
+    SEED,
+    DataOptions,
+    LoaderOptions,
+)
+from snnet.stitching.config import CONFIG_FLAGS
+from snnet.utils.options import (
     AUGMENT,
     BATCH_NORM,
     DEVICE,
@@ -33,15 +42,6 @@ from snnet.core.options import (
     options_by_key,
     shared,
 )
-from snnet.data.options import (
-    BATCH_SIZE,
-    GRAD_ACCUM_STEPS,
-    NO_PREFETCHER,
-    NUM_CLASSES,
-    SEED,
-    DataOptions,
-    LoaderOptions,
-)
 
 __all__ = ["EvalOptions", "FLAG_OPTIONS", "InputOptions", "JobOptions", "LoggerOptions", "LossOptions",
            "NetworkOptions", "OptimOptions", "OptionError", "RunOptions", "ScheduleOptions", "SelectionOptions",
@@ -49,7 +49,7 @@ __all__ = ["EvalOptions", "FLAG_OPTIONS", "InputOptions", "JobOptions", "LoggerO
            "TrainOptions", "options_by_key"]
 
 #: options several of the objects below share
-IMG_SIZE = CONFIG_FLAGS["img_size"]  # a stitch config's input_size sets it: declared in snnet.core.config
+IMG_SIZE = CONFIG_FLAGS["img_size"]  # a stitch config's input_size sets it: declared in snnet.stitching.config
 IN_CHANS = option(None, "--in-chans", rule="positive", group=MODEL,
                   help="Image input channels (default: the model's)")
 NO_PRETRAINED = option(False, "--no-pretrained", group=MODEL, help="random anchors (no hub weights)")

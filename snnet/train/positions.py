@@ -34,15 +34,15 @@ import torch
 from timm.data import resolve_data_config
 from torch import nn
 
-from snnet.core.adapter import Unit, block_units, entry_unit
-from snnet.core.config import ConfigError, StitchConfig
-from snnet.core.cut import probe, why_not_stitchable
-from snnet.core.fileio import write_text_atomic
-from snnet.core.maps import SimilarityError, anchors_net, compatibility_maps
 from snnet.data.checks import DataError
 from snnet.data.datasets import create_datasets
 from snnet.data.ls_images import clean_images
+from snnet.stitching.adapter import Unit, block_units, entry_unit
+from snnet.stitching.config import ConfigError, StitchConfig
+from snnet.stitching.cut import probe, why_not_stitchable
+from snnet.stitching.maps import SimilarityError, anchors_net, compatibility_maps
 from snnet.train.options import SelectionOptions
+from snnet.utils.fileio import write_text_atomic
 
 _logger = logging.getLogger("snnet")
 
@@ -56,7 +56,7 @@ SELECTION_BATCH = 64
 def edge_units(front_units: Sequence[Unit], end_units: Sequence[Unit], j: int, k: int) -> tuple[int, int]:
     """Position (j, k) of two plain (one-stage) anchors as a map edge (front unit, end unit): the unit of the front's
     block j, and the end's unit before its block k (before its final norm when k is its depth), by the one rule of
-    `snnet.core.adapter.entry_unit` (SN-Net's routes and the least-squares init pair them the same way)."""
+    `snnet.stitching.adapter.entry_unit` (SN-Net's routes and the least-squares init pair them the same way)."""
     fb, eb = block_units(front_units), block_units(end_units)
     if (0, j) not in fb or not 0 <= k <= len(eb):
         raise ConfigError(f"position ({j}, {k}) is outside the anchors' blocks: j in 0..{len(fb) - 1}, k in "
@@ -66,7 +66,7 @@ def edge_units(front_units: Sequence[Unit], end_units: Sequence[Unit], j: int, k
 
 def stitchable_positions(net, cuts, a: int, b: int) -> list[tuple[int, int, int, int]]:
     """The candidate positions of anchors a -> b of an anchors-only ComposedNet that can be stitched, from the units'
-    cut points (`snnet.core.cut.probe`, or the maps' own): (j, k, front unit, end unit) in (j, k) order. The one
+    cut points (`snnet.stitching.cut.probe`, or the maps' own): (j, k, front unit, end unit) in (j, k) order. The one
     enumeration of the selection and of the preflight's structural check."""
     depth_a, depth_b = len(block_units(net.units[a])), len(block_units(net.units[b]))
     out = []

@@ -18,7 +18,7 @@ import signal
 import threading
 from typing import TYPE_CHECKING
 
-from snnet.core.slurm import PREEMPTED_EXIT
+from snnet.utils.slurm import PREEMPTED_EXIT
 
 if TYPE_CHECKING:
     import torch
@@ -60,7 +60,7 @@ class StopRequest:
         import torch
         import torch.distributed as dist
 
-        from snnet.core.distributed import world
+        from snnet.utils.distributed import world
         flag = torch.tensor([0.0 if self.signum is None else 1.0], device=device)
         if world()[1] > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)

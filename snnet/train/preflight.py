@@ -23,24 +23,12 @@ from pathlib import Path
 
 from timm.data import create_transform
 
-from snnet.core import slurm
-from snnet.core.build import anchor_weights, check_model_name, create_anchor
-from snnet.core.checkpoint import (
-    CheckpointError,
-    check_same_network,
-    classifier_keys,
-    fit_report,
-    json_field,
-    load_checkpoint,
-)
-from snnet.core.config import AnchorSpec, StitchConfig
-from snnet.core.distributed import world
-from snnet.core.errors import SNNetError, UsageError, one_line
-from snnet.core.fileio import lock_holder
-from snnet.core.weights import WeightsUnavailable, check_pretrained
 from snnet.data.checks import WARNED_ENV, check_data
 from snnet.data.options import LoaderOptions
 from snnet.data.transforms import eval_data_config, timm_crop_mode
+from snnet.stitching.build import anchor_weights, check_model_name, create_anchor
+from snnet.stitching.config import AnchorSpec, StitchConfig, check_same_network
+from snnet.stitching.weights import WeightsUnavailable, check_pretrained
 from snnet.train.device import device_from_flag
 from snnet.train.evaluator import prediction_ids, val_panel
 from snnet.train.network import build_network, check_train_exclude
@@ -49,6 +37,17 @@ from snnet.train.options import LossOptions, RunOptions, TrainOptions
 from snnet.train.resolved import ResolvedRun, output_dir, resolve_run
 from snnet.train.resume import fitting_checkpoint
 from snnet.train.sampler import anchor_routes, run_sampler
+from snnet.utils import slurm
+from snnet.utils.checkpoint import (
+    CheckpointError,
+    classifier_keys,
+    fit_report,
+    json_field,
+    load_checkpoint,
+)
+from snnet.utils.distributed import world
+from snnet.utils.errors import SNNetError, UsageError, one_line
+from snnet.utils.fileio import lock_holder
 
 
 class OutputError(SNNetError):

@@ -12,7 +12,11 @@ from typing import Any
 
 import torch
 
-from snnet.core.checkpoint import (
+from snnet.stitching.model import PlainNet
+from snnet.train.device import unwrap
+from snnet.train.engine import TrainState
+from snnet.train.options import TrainOptions
+from snnet.utils.checkpoint import (
     LAST,
     CheckpointError,
     fit_report,
@@ -20,12 +24,8 @@ from snnet.core.checkpoint import (
     json_field,
     load_checkpoint,
 )
-from snnet.core.distributed import world
-from snnet.core.fileio import write_text_atomic
-from snnet.core.model import PlainNet
-from snnet.train.device import unwrap
-from snnet.train.engine import TrainState
-from snnet.train.options import TrainOptions
+from snnet.utils.distributed import world
+from snnet.utils.fileio import write_text_atomic
 
 
 def fitting_checkpoint(net: torch.nn.Module, path: str, structure_only: bool = False) -> dict:

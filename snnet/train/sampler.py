@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from snnet.core.config import ConfigError, StitchConfig
-from snnet.core.cost import cost_table
-from snnet.core.steps import UnitStep
 from snnet.results.select import model_img_size
+from snnet.stitching.config import ConfigError, StitchConfig
+from snnet.stitching.cost import cost_table
+from snnet.stitching.steps import UnitStep
 
 _SAMPLERS: dict[str, type] = {}
 

@@ -22,11 +22,8 @@ import torch
 from timm.utils import ModelEmaV3, NativeScaler, distribute_bn
 from torch import nn
 
-from snnet.core.checkpoint import CheckpointError, StateDictMismatch
-from snnet.core.cost import cost_table
-from snnet.core.distributed import world
-from snnet.core.errors import UsageError
-from snnet.core.model import RoutedNet
+from snnet.stitching.cost import cost_table
+from snnet.stitching.model import RoutedNet
 from snnet.train.engine import LoopSettings, TrainContext, TrainState, train_one_epoch
 from snnet.train.hooks import EpochHooks
 from snnet.train.optim import create_optimizer, create_scheduler, epoch_offset
@@ -34,6 +31,9 @@ from snnet.train.options import RunOptions, ScheduleOptions, TrainOptions
 from snnet.train.resolved import ResolvedRun, resolve_run
 from snnet.train.resume import resume_counters
 from snnet.train.sampler import seed_epoch
+from snnet.utils.checkpoint import CheckpointError, StateDictMismatch
+from snnet.utils.distributed import world
+from snnet.utils.errors import UsageError
 
 _logger = logging.getLogger("snnet")
 

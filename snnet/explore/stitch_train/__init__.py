@@ -8,7 +8,7 @@ with blocks numbered flat over the stages (0 = the first block). j may be any bl
 i, one after it (dropping depth), one before it (repeating depth), or one past the last block (the end anchor only
 runs its final norm and head). Front and end may be the same anchor, two anchors of one family, or two families whose
 features meet at the same number of positions: the layout bridges (tokens, NHWC, NCHW) and the prefix-token bridge
-of `snnet.core.cut.CutStitch` (a class-token ViT <-> CNN pair drops the class token, or predicts it). Only the stitch
+of `stitching.cut.CutStitch` (a class-token ViT <-> CNN pair drops the class token, or predicts it). Only the stitch
 trains: both anchors are frozen and stay in eval mode, so their weights and BatchNorm statistics are exactly the
 given ones after training, and dropout / drop-path stay off. The loss is cross-entropy, or distillation from the end
 anchor's own logits (KL at a temperature, mixed with cross-entropy by kd_alpha).
@@ -16,9 +16,9 @@ anchor's own logits (KL at a temperature, mixed with cross-entropy by kd_alpha).
 The package, by concern:
 
 * `sweep.py`: the sweep file (YAML, docs/stitch_train.md): schema, checks, the runs it expands to; anchors in the
-  one anchor syntax of every tool (`snnet.core.config.parse_anchor`).
-* `network.py`: the stitched network, on the core's one cut mechanism: `snnet.core.cut` (cut points, the
-  stitchability rule, `CutStitch` and its least-squares fit) and a `snnet.core.model.ComposedNet` of one
+  one anchor syntax of every tool (`snnet.stitching.config.parse_anchor`).
+* `network.py`: the stitched network, on the core's one cut mechanism: `snnet.stitching.cut` (cut points, the
+  stitchability rule, `CutStitch` and its least-squares fit) and a `snnet.stitching.model.ComposedNet` of one
   `Composition`, as `snnet search` builds its networks.
 * `runner.py`: the sweep prepared (anchors seeded, built once, hashed by their weights) and one run trained and
   evaluated with train.py's loop, optimizer, schedule, loaders and losses.

@@ -19,10 +19,6 @@ from typing import Any
 
 import torch.distributed as dist
 
-from snnet.core.distributed import world
-from snnet.core.fileio import write_text_atomic
-from snnet.core.progress import Progress
-from snnet.core.slurm import submit
 from snnet.explore.stitch_train.plots import write_sweep_plots
 from snnet.explore.stitch_train.runner import (
     RESULT,
@@ -38,6 +34,10 @@ from snnet.explore.stitch_train.sweep import (
     SweepError,
 )
 from snnet.results.records import RESULTS_FILE, write_results
+from snnet.utils.distributed import world
+from snnet.utils.fileio import write_text_atomic
+from snnet.utils.progress import Progress
+from snnet.utils.slurm import submit
 
 _logger = logging.getLogger("snnet")
 

@@ -22,19 +22,19 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from snnet.core.adapter import AnchorAdapter, Unit, entry_unit
-from snnet.core.cost import CostTable, eval_mode
-from snnet.core.cut import CutPoint, CutStitch, probe, why_not_stitchable
-from snnet.core.lstsq import NormalEquations
-from snnet.core.maps import anchors_net
-from snnet.core.model import ComposedNet
-from snnet.core.plan import Composition, Edge, Segment
 from snnet.explore.stitch_train.sweep import SweepError
+from snnet.stitching.adapter import AnchorAdapter, Unit, entry_unit
+from snnet.stitching.cost import CostTable, eval_mode
+from snnet.stitching.cut import CutPoint, CutStitch, probe, why_not_stitchable
+from snnet.stitching.lstsq import NormalEquations
+from snnet.stitching.maps import anchors_net
+from snnet.stitching.model import ComposedNet
+from snnet.stitching.plan import Composition, Edge, Segment
 
 
 @dataclass
 class AnchorProbe:
-    """One anchor's cut points at one input size (the core's probe, `snnet.core.cut.probe`) and its units, read in
+    """One anchor's cut points at one input size (the core's probe, `snnet.stitching.cut.probe`) and its units, read in
     stitch-train's vocabulary: blocks numbered flat over the stages."""
     cuts: list[CutPoint]
     units: list[Unit]
@@ -53,7 +53,7 @@ class AnchorProbe:
         return self.blocks[i]
 
     def entry_unit(self, j: int) -> int:
-        """The unit where the end anchor continues from block j (`snnet.core.adapter.entry_unit`: block j, or one
+        """The unit where the end anchor continues from block j (`snnet.stitching.adapter.entry_unit`: block j, or one
         past the last block for j = depth, i.e. its final norm and head)."""
         unit = self.units[self.blocks[min(j, self.depth - 1)]]
         # a block unit always has its stage and its index in it

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from snnet.core.fileio import save_figure
+from snnet.utils.fileio import save_figure
 
 SWEEP_PNG, CURVES_PNG = "sweep.png", "curves.png"
 

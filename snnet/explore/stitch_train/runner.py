@@ -28,12 +28,6 @@ from typing import Any
 from timm.data import resolve_data_config
 from timm.utils import random_seed
 
-from snnet.core.adapter import AnchorAdapter, adapter_for
-from snnet.core.build import create_anchor
-from snnet.core.checkpoint import save_checkpoint, state_sha256
-from snnet.core.cost import cost_table
-from snnet.core.fileio import write_text_atomic
-from snnet.core.model import PlainNet
 from snnet.data.checks import DataError, check_data
 from snnet.data.datasets import create_datasets, num_classes_of
 from snnet.data.loaders import create_eval_loader, create_train_loader
@@ -58,6 +52,10 @@ from snnet.explore.stitch_train.sweep import (
     layer_label,
 )
 from snnet.results.records import file_sha256, stitch_record
+from snnet.stitching.adapter import AnchorAdapter, adapter_for
+from snnet.stitching.build import create_anchor
+from snnet.stitching.cost import cost_table
+from snnet.stitching.model import PlainNet
 from snnet.train.device import amp_dtype_for, device_from_flag
 from snnet.train.engine import evaluate_stitches
 from snnet.train.losses import DistillationLoss, base_criterion
@@ -78,6 +76,8 @@ from snnet.train.options import (
 )
 from snnet.train.preflight import check_augmentation, check_output
 from snnet.train.trainer import EpochHooks, Trainer, TrainSetup, create_trainer
+from snnet.utils.checkpoint import save_checkpoint, state_sha256
+from snnet.utils.fileio import write_text_atomic
 
 _logger = logging.getLogger("snnet")
 #: the option objects a sweep's `train` sets (train.py's flag names)
@@ -85,7 +85,7 @@ RUN_OPTIONS = (DataOptions, LoaderOptions, *TRAINING_OPTIONS)
 
 RESULT, TRAJECTORY, LAYER_CKPT = "result.json", "trajectory.jsonl", "stitch_layer.pth.tar"
 #: least-squares cutoff of the stitch's fit: None is LAPACK's machine-precision default, as train.py's
-#: least-squares init (snnet/core/ls_init.py) uses
+#: least-squares init (snnet/stitching/ls_init.py) uses
 LS_RCOND = None
 
 
@@ -169,7 +169,7 @@ def sweep_options(sweep: Sweep) -> dict[type, Any]:
 
 
 def weights_sha256(model) -> str:
-    """An anchor's identity as built (`snnet.core.checkpoint.state_sha256` of its state dict)."""
+    """An anchor's identity as built (`snnet.utils.checkpoint.state_sha256` of its state dict)."""
     return state_sha256(model.state_dict())
 
 

@@ -2,7 +2,7 @@
 
 Pure parsing: no model is built here. A sweep is a YAML mapping (or, from the command line, the same mapping with
 one run) of anchors by label, train.py flags, run defaults, a grid and/or a list of runs. Anchors take the one anchor
-syntax of every tool (`snnet.core.config.parse_anchor`: NAME, NAME:CHECKPOINT, FILE#INDEX, an anchor object); labels
+syntax of every tool (`stitching.config.parse_anchor`: NAME, NAME:CHECKPOINT, FILE#INDEX, an anchor object); labels
 name routes and run folders, so they follow `LABEL`. Every error is a `SweepError` (an `SNNetError`) naming the value
 and the fix; `snnet`'s main prints it in one line.
 """
@@ -21,10 +21,10 @@ from typing import Any
 
 import yaml
 
-from snnet.core.config import AnchorSpec, ConfigError, parse_anchor
-from snnet.core.errors import SNNetError
-from snnet.core.layers import stitch_layer_types
+from snnet.stitching.config import AnchorSpec, ConfigError, parse_anchor
+from snnet.stitching.layers import stitch_layer_types
 from snnet.train.args import unique_key_loader
+from snnet.utils.errors import SNNetError
 
 FORMAT = "snnet-stitch-train/1"
 

@@ -42,7 +42,7 @@ def say_refusal(line: str) -> None:
     rank = world(launched=True)[0]
     folder = os.environ.get(REFUSAL_DIR)
     if folder and os.path.isdir(folder):
-        from snnet.core.fileio import write_text_atomic
+        from snnet.utils.fileio import write_text_atomic
         try:
             write_text_atomic(os.path.join(folder, f"{rank}.txt"), line + "\n")  # never half a line
             return

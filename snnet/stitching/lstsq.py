@@ -2,8 +2,8 @@
 summed over DDP ranks, solved once, with the residual of *any* map computed from the same statistics.
 
 Every least-squares fit of the library goes through `NormalEquations`: the least-squares init of SN-Net's stitching
-layers (joint or SN-Net's per-position average, `snnet.core.ls_init`), the compatibility maps' stitches
-(`snnet.core.maps`) and stitch-train's layers. A *feature point* (`xkey`) names the input rows X; a *target*
+layers (joint or SN-Net's per-position average, `snnet.stitching.ls_init`), the compatibility maps' stitches
+(`snnet.stitching.maps`) and stitch-train's layers. A *feature point* (`xkey`) names the input rows X; a *target*
 (`ykey`) names the rows Y fitted from one feature point. Many targets may read one feature point: its
 ``[X|1]ᵀ[X|1]`` is accumulated once per batch.
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from snnet.core.distributed import all_reduce_sum
+from snnet.utils.distributed import all_reduce_sum
 
 
 def augmented(X: torch.Tensor) -> torch.Tensor:

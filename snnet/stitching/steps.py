@@ -1,4 +1,4 @@
-"""Route steps: what a compiled route runs, one step at a time (`snnet.core.model`). Pure data, no torch.
+"""Route steps: what a compiled route runs, one step at a time (`snnet.stitching.model`). Pure data, no torch.
 
     UnitStep("unit", anchor, unit)   run one unit of one anchor            (`unit_step(anchor, unit)`)
     StitchStep("stitch", address)    run the stitching layer at `address`  (`stitch_step(address)`)

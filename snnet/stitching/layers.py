@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from snnet.core.adapter import LAYOUTS, NCHW, NHWC, TOKENS
+from snnet.stitching.adapter import LAYOUTS, NCHW, NHWC, TOKENS
 
 
 def to_rows(x: torch.Tensor, layout: str) -> torch.Tensor:

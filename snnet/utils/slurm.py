@@ -11,7 +11,7 @@ import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 
-from snnet.core.errors import SNNetError
+from snnet.utils.errors import SNNetError
 
 
 class SlurmError(SNNetError):

@@ -21,9 +21,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from snnet.core.config import ConfigError, parse_stitch_config
-from snnet.core.errors import SNNetError
-from snnet.core.fileio import atomic_path
+from snnet.utils.errors import SNNetError
+from snnet.utils.fileio import atomic_path
 
 VERSION = 3
 LAST, BEST, RECOVERY = "last.pth.tar", "model_best.pth.tar", "recovery.pth.tar"
@@ -330,49 +329,3 @@ def state_sha256(state: dict[str, torch.Tensor]) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-#: stitch-config fields that define the network without changing a state-dict shape (or its keys): a checkpoint
-#: loaded under other values would load cleanly and run another network
-NETWORK_FIELDS = ("skip_final_norm", "nearest_stitching", "stitch_kernel_size", "stitch_stride", "stitch_plan",
-                  "stitch_stages", "stitch_layer", "positions")
-
-
-def recorded_stitch_config(state: dict[str, Any], source: str):
-    """The stitch config a train.py checkpoint recorded (anchors and the config's fields, as JSON text), or None for a
-    checkpoint that records none (SN-Net's, converted). ConfigError when it cannot be parsed."""
-    ident = json_field(state, "config")
-    if not isinstance(ident, dict) or not isinstance(ident.get("anchors"), list) or \
-            not all(isinstance(a, dict) for a in ident["anchors"]):
-        return None
-    anchors = [{k: v for k, v in a.items() if v is not None} for a in ident["anchors"]]
-    return parse_stitch_config({"anchors": anchors, **(ident.get("stitch_config") or {})},
-                               f"the stitch config recorded in {source}")
-
-
-def network_differences(given, recorded) -> list[str]:
-    """What makes `given` (a StitchConfig) build another network than `recorded` does: anchors (names, model_kwargs;
-    not their weight files) and the `NETWORK_FIELDS`, as 'field: given vs recorded'. Positions a config still selects
-    from data are not compared (selection on the same anchors and images gives the recorded ones)."""
-    out = []
-    ours = [(a.name, a.model_kwargs) for a in given.anchors]
-    theirs = [(a.name, a.model_kwargs) for a in recorded.anchors]
-    if ours != theirs:
-        out.append(f"anchors: {ours} vs {theirs}")
-    for name in NETWORK_FIELDS:
-        if name == "positions" and "select" in (given.get("positions") or {}):
-            continue
-        if given.get(name) != recorded.get(name):
-            out.append(f"{name}: {given.get(name)!r} vs {recorded.get(name)!r}")
-    return out
-
-
-def check_same_network(given, state: dict[str, Any], checkpoint: str, config: str, fix: str) -> None:
-    """Refuse (ConfigError) a config `given` that builds another network than the one checkpoint `state` recorded
-    (`network_differences`); a checkpoint that records none passes. `config` names the given config, `fix` ends the
-    message (what the user should pass)."""
-    recorded = recorded_stitch_config(state, repr(checkpoint))
-    differences = network_differences(given, recorded) if recorded is not None else []
-    if differences:
-        raise ConfigError(f"checkpoint {checkpoint!r} was trained as another network than --stitch_config "
-                          f"{config!r} builds ({'; '.join(differences)}, given vs recorded); {fix}")

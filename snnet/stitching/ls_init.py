@@ -30,12 +30,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from snnet.core.cost import eval_mode
-from snnet.core.layers import to_rows
-from snnet.core.lstsq import NormalEquations, as_affine
-from snnet.core.model import SNNet
-from snnet.core.plan import Junction
-from snnet.core.progress import PROGRESS_SECONDS, Progress
+from snnet.stitching.cost import eval_mode
+from snnet.stitching.layers import to_rows
+from snnet.stitching.lstsq import NormalEquations, as_affine
+from snnet.stitching.model import SNNet
+from snnet.stitching.plan import Junction
+from snnet.utils.progress import PROGRESS_SECONDS, Progress
 
 MODES = ("joint", "average", "snnet")
 PosKey = tuple  # (front, end, stage, j, k)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from snnet.core.errors import SNNetError, UsageError
+from snnet.utils.errors import SNNetError, UsageError
 
 
 class DiskFullError(SNNetError):

@@ -20,7 +20,7 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from snnet.core.errors import SNNetError
+from snnet.utils.errors import SNNetError
 
 
 class PlanError(SNNetError):

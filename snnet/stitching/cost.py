@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import torch
 from torch import nn
 
-from snnet.core.steps import UnitStep
+from snnet.stitching.steps import UnitStep
 
 if TYPE_CHECKING:  # hints only: a runtime import made model.py and cost.py import each other
-    from snnet.core.model import RoutedNet as SNNet
+    from snnet.stitching.model import RoutedNet as SNNet
 
 
 def _fvcore_nn() -> Any:

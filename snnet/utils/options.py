@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import MISSING, dataclass
 from typing import Any
 
-from snnet.core.errors import UsageError
+from snnet.utils.errors import UsageError
 
 __all__ = ["AUGMENT", "BATCH_NORM", "DATASET", "DEVICE", "EMA", "FILES", "MODEL", "OPTIMIZER", "OUTPUT", "SCHEDULE",
            "STITCHING", "GROUPS", "Flag", "KwargsAction", "OptionError", "add_options", "checked_name",

@@ -13,7 +13,7 @@ import socket
 import threading
 from urllib.parse import urlparse
 
-from snnet.core.adapter import AnchorError
+from snnet.stitching.adapter import AnchorError
 
 CONNECT_SECONDS = 3.0
 #: the files timm reads from an anchor's hub repository (a safetensors file first)

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from snnet.core.adapter import NCHW, NHWC, TOKENS, AnchorError
-from snnet.core.layers import create_stitch_layer, to_rows
-from snnet.core.lstsq import NormalEquations, affine_of, as_affine, from_affine
+from snnet.stitching.adapter import NCHW, NHWC, TOKENS, AnchorError
+from snnet.stitching.layers import create_stitch_layer, to_rows
+from snnet.stitching.lstsq import NormalEquations, affine_of, as_affine, from_affine
 
 FLAT = "flat"  # (B, C): a pooled output (the head's logits)
 

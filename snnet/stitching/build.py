@@ -8,12 +8,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from snnet.core.adapter import AnchorAdapter, AnchorError, adapter_for
-from snnet.core.checkpoint import CheckpointError, classifier_keys, load_weights
-from snnet.core.config import AnchorSpec, ConfigError, StitchConfig
-from snnet.core.cut import probe, why_not_stitchable
-from snnet.core.model import SNNet
-from snnet.core.plan import StitchPlan, deit_plan, positions_plan, stagewise_plan, two_way_plan
+from snnet.stitching.adapter import AnchorAdapter, AnchorError, adapter_for
+from snnet.stitching.config import AnchorSpec, ConfigError, StitchConfig
+from snnet.stitching.cut import probe, why_not_stitchable
+from snnet.stitching.model import SNNet
+from snnet.stitching.plan import StitchPlan, deit_plan, positions_plan, stagewise_plan, two_way_plan
+from snnet.utils.checkpoint import CheckpointError, classifier_keys, load_weights
 
 
 # timm is imported by the functions that use it: about 1 s, which `import snnet` and `snnet --help` do not pay

@@ -3,7 +3,7 @@
 `SNNet` holds anchors + stitching layers; `PlainNet` holds one timm model (``train.py --model``) with its single
 route, so the training and evaluation loops treat both alike. There are no random numbers in here: which route runs
 is the caller's argument (training draws it with `snnet.train.sampler`). Each route is compiled once into a flat tuple
-of steps (`snnet.core.steps`: `UnitStep` runs one unit of one anchor, `StitchStep` the stitching layer at an
+of steps (`snnet.stitching.steps`: `UnitStep` runs one unit of one anchor, `StitchStep` the stitching layer at an
 address), pure data that the evaluator and the cost model reuse.
 
 An input is one image tensor, read by every anchor (SN-Net: one data config for the whole network), or a sequence
@@ -20,11 +20,11 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from snnet.core.adapter import AnchorAdapter, Unit, adapter_for, block_units, entry_unit, module_param_count
-from snnet.core.checkpoint import classifier_keys, load_fitting
-from snnet.core.layers import create_stitch_layer
-from snnet.core.plan import Composition, Edge, Junction, LayerSpec, PlanError, Route, StitchPlan
-from snnet.core.steps import Step, UnitStep, stitch_step, unit_step
+from snnet.stitching.adapter import AnchorAdapter, Unit, adapter_for, block_units, entry_unit, module_param_count
+from snnet.stitching.layers import create_stitch_layer
+from snnet.stitching.plan import Composition, Edge, Junction, LayerSpec, PlanError, Route, StitchPlan
+from snnet.stitching.steps import Step, UnitStep, stitch_step, unit_step
+from snnet.utils.checkpoint import classifier_keys, load_fitting
 
 #: where a feature is read: (anchor, unit index); its value is that unit's output
 FeaturePoint = tuple[int, int]
@@ -294,7 +294,7 @@ class AnchorsNet(RoutedNet):
 
 class SNNet(AnchorsNet):
     """Anchors + stitching layers. `stitch_layer` is the config's stitching-layer spec, e.g. ``{"type": "linear"}``
-    (the default; see `snnet.core.layers.register_stitch_layer` for other types)."""
+    (the default; see `snnet.stitching.layers.register_stitch_layer` for other types)."""
 
     def __init__(self, anchors: Sequence[nn.Module], plan: StitchPlan, names: Sequence[str] | None = None,
                  adapters: Sequence[AnchorAdapter] | None = None, skip_final_norm: bool = False,
@@ -323,7 +323,7 @@ class SNNet(AnchorsNet):
                                    ead.stage_layout(ea, spec.stage))
 
     def entry_unit(self, anchor: int, stage: int, block: int) -> int:
-        """The unit where anchor `anchor` continues from block `block` of `stage` (`snnet.core.adapter.entry_unit`)."""
+        """The unit where anchor `anchor` continues from block `block` of `stage` (`adapter.entry_unit`)."""
         try:
             return entry_unit(self.units[anchor], stage, block, self._block_unit[anchor])
         except KeyError:
@@ -407,8 +407,8 @@ def _nested_module_list(items: list[tuple[tuple[int, ...], nn.Module]]) -> nn.Mo
 
 class ComposedNet(AnchorsNet):
     """Anchors of any families joined at unit granularity: route `cfg_id` runs the `Composition`
-    ``compositions[cfg_id]`` (snnet/core/plan.py), each of its edges through the stitching module ``stitches[edge]``
-    (any module mapping the front unit's output onto the end anchor's features; `snnet.core.cut.CutStitch` builds
+    ``compositions[cfg_id]`` (plan.py), each of its edges through the stitching module ``stitches[edge]``
+    (any module mapping the front unit's output onto the end anchor's features; `snnet.stitching.cut.CutStitch` builds
     them).
     The networks `snnet search` composes; the evaluator, the cost model and `params` run it as any routed network.
     Stitch steps are ``("stitch", (i,))`` with i the edge's index in `edges`.

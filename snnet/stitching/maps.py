@@ -6,7 +6,7 @@ on the same images, each anchor reading them preprocessed its own way (a batch i
 tensor per input group of the net: `ComposedNet.input_groups`, snnet.data.transforms.anchor_data_configs), so the order
 of the anchors changes no score:
 
-* ``cka``: linear CKA (snnet/core/cka.py) between A's output of unit i and B's output of unit j, one sample per image
+* ``cka``: linear CKA (cka.py) between A's output of unit i and B's output of unit j, one sample per image
   (the whole output flattened: every position, channel and prefix token), unbiased minibatch estimator averaged
   over the batches. Defined for every pair; symmetric.
 * ``ls_residual``: the relative error ``||stitch(A_i) - B_j|| / ||B_j||`` of the best linear stitch from A's
@@ -40,15 +40,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from snnet.core.cka import MinibatchCKA
-from snnet.core.cost import eval_mode
-from snnet.core.cut import CutPoint, CutStitch, cut_points, why_not_stitchable
-from snnet.core.errors import SNNetError
-from snnet.core.lstsq import NormalEquations
-from snnet.core.model import ComposedNet
-from snnet.core.plan import Composition, Edge, Segment
-from snnet.core.progress import PROGRESS_SECONDS, Progress
-from snnet.core.steps import unit_step
+from snnet.stitching.cka import MinibatchCKA
+from snnet.stitching.cost import eval_mode
+from snnet.stitching.cut import CutPoint, CutStitch, cut_points, why_not_stitchable
+from snnet.stitching.lstsq import NormalEquations
+from snnet.stitching.model import ComposedNet
+from snnet.stitching.plan import Composition, Edge, Segment
+from snnet.stitching.steps import unit_step
+from snnet.utils.errors import SNNetError
+from snnet.utils.progress import PROGRESS_SECONDS, Progress
 
 #: least-squares cutoff: directions of [X|1]ᵀ[X|1] below this fraction of its largest eigenvalue (singular values of
 #: [X|1] below ~1e-5 of the largest) are left out. LayerNorm outputs have channels that sum to zero up to float32

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import IO
 
-from snnet.core.distributed import world
+from snnet.utils.distributed import world
 
 _logger = logging.getLogger("snnet")
 PROGRESS_SECONDS = 10.0  # phases without a step interval of their own log a line at most this often (and at the end)

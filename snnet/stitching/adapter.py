@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from snnet.core.errors import SNNetError
+from snnet.utils.errors import SNNetError
 
 #: feature layouts a unit boundary can have
 TOKENS = "tokens"  # (B, N, C), spatial tokens row-major over (h, w), prefix tokens (cls) first
