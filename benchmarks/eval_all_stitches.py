@@ -95,8 +95,7 @@ def time_mode(model, mode: str, loader, ids, device, amp_dtype=None, deadline: f
     `deadline` (time.perf_counter() seconds) and stopped (benchmarks/gpu_check.py extrapolates from them)."""
     import torch
 
-    from snnet.train.engine import evaluate_stitches
-    stats: dict = {}
+    from snnet.train.evaluator import evaluate_stitches
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
@@ -110,15 +109,31 @@ def time_mode(model, mode: str, loader, ids, device, amp_dtype=None, deadline: f
                     time.perf_counter() + (time.perf_counter() - t0) / len(results) > deadline:
                 break
             data = loader() if mode == "snnet" else loader
-            results.update(evaluate_stitches(model, data, [c], device, amp_dtype, shared_prefixes=False,
-                                             log_interval=10 ** 9))
+            results.update(evaluate_stitches(model, data, [c], device, amp_dtype, log_interval=10 ** 9))
     else:
         data = loader() if mode == "ours" else loader
-        results = evaluate_stitches(model, data, ids, device, amp_dtype, stats=stats, log_interval=10 ** 9)
+        peak = tracking_peak(model)
+        results = evaluate_stitches(model, data, ids, device, amp_dtype, log_interval=10 ** 9)
+        del model.run_step
     if cuda:
         torch.cuda.synchronize(device)
     return {"seconds": time.perf_counter() - t0, "results": results, "done": list(results),
-            "peak_activation_bytes": stats.get("peak_activation_bytes", 0)}
+            "peak_activation_bytes": peak[0] if mode in ("ours", "ours_tensors") else 0}
+
+
+def tracking_peak(model) -> list[int]:
+    """Wrap `model.run_step` to record the peak bytes of the activations the one-pass walk holds after each step
+    (weak references: a dropped activation stops counting at once). Returns a one-item list."""
+    import weakref
+    live, peak, run_step = weakref.WeakSet(), [0], model.run_step
+
+    def step(s, x):
+        out = run_step(s, x)
+        live.add(out)
+        peak[0] = max(peak[0], sum(t.numel() * t.element_size() for t in live))
+        return out
+    model.run_step = step
+    return peak
 
 
 def run_mode(mode: str, root: str, batch: int, workers: int, queue, plan: str = "sliding_window",

@@ -5,7 +5,7 @@ train.py and the `snnet` command use, so a number from here is the number they g
 ==========================  ===========================================================================
 `create_snnet`              snnet.stitching.build.build_snnet (image size from the config's ``input_size``)
 `ls_init_from_images`       snnet.stitching.ls_init.ls_init (``ls_mode`` from the config)
-`evaluate`                  snnet.train.engine.evaluate_stitches + snnet.results.records (stitches_res.txt)
+`evaluate`                  snnet.train.evaluator.evaluate_stitches + snnet.results.records (stitches_res.txt)
 `stitch_for`                snnet.results.select.stitch_for (the rule of ``snnet select``)
 `load`                      snnet.deploy.export.load_snnet (an SN-Net from a training checkpoint)
 `export`                    snnet.deploy.export.export_stitch (``snnet export``)
@@ -36,7 +36,7 @@ from snnet.stitching.config import AnchorSpec, StitchConfig, load_stitch_config,
 from snnet.stitching.cost import cost_table
 from snnet.stitching.ls_init import FitReport, ls_init
 from snnet.stitching.model import SNNet
-from snnet.train.engine import evaluate_stitches
+from snnet.train.evaluator import evaluate_stitches
 from snnet.utils.errors import SNNetError
 
 __all__ = ["create_snnet", "ls_init_from_images", "evaluate", "stitch_for", "load", "export", "predict",

@@ -43,7 +43,7 @@ def run(args, timeout=300, env=None):
     command (a script's usage error, ./distributed_train.sh started by the test itself) is a fresh process.
     SNNET_TEST_FORK=0 starts every command afresh."""
     args = [str(a) for a in args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env = with_faults({**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     entry = _entry_point(args, full_env)
     if entry and entry[0] == "launch":  # as the script sets it
         full_env["PYTHONPATH"] = ROOT + (f":{full_env['PYTHONPATH']}" if full_env.get("PYTHONPATH") else "")
@@ -59,6 +59,17 @@ def run(args, timeout=300, env=None):
 
 
 _FORK_LOCK = threading.Lock()
+FAULTS = os.path.join(ROOT, "tests", "faults")
+
+
+def with_faults(env):
+    """`env`, with tests/faults first on PYTHONPATH when it asks for a fault (SNNET_FAULT_*: tests/faults/inject.py),
+    so that every Python process of the run (torchrun's ranks, Slurm's tasks) injects it."""
+    if not any(k.startswith("SNNET_FAULT_") for k in env):
+        return env
+    return {**env, "PYTHONPATH": FAULTS + (f":{env['PYTHONPATH']}" if env.get("PYTHONPATH") else "")}
+
+
 _FORK_SERVERS: list = []  # this process's fork server (one per pytest-xdist worker), started on first use
 _FORK_OWNER: list = [None]  # the pid that started it (a process forked from a test does not share its pipes)
 
@@ -188,7 +199,9 @@ class Tiny:
 _SERVER = r"""
 import json, logging, os, sys, threading, traceback
 sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, os.path.join(sys.argv[1], "tests", "faults"))
 import snnet.cli, snnet.train.launch, snnet.train.main, snnet.train.preflight  # imports only: nothing computed
+import inject  # the faults a test asks for (tests/faults/inject.py), applied in a forked child
 import torch.distributed.run  # before a fork (the launcher's torchrun, imported where it runs)
 
 
@@ -247,6 +260,7 @@ def _rank(argv, env, cwd):
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
+    inject.apply_if_asked()
     for fd, name in ((1, "stdout"), (2, "stderr")):  # -u: unbuffered
         setattr(sys, name, io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), write_through=True))
     if argv[0] == "-m":
@@ -341,6 +355,7 @@ for line in sys.stdin:
             if req.get("env") is not None:  # the whole environment, as subprocess.run(env=...) gives it
                 os.environ.clear()
                 os.environ.update(req["env"])
+                inject.apply_if_asked()  # a fault a test asked for (tests/faults/inject.py)
             os.chdir(req["cwd"])
             sys.argv = {"code": ["-c", *req["argv"][1:]], "script": req["argv"]}.get(req["entry"],
                                                                                     [req["entry"], *req["argv"]])

@@ -215,7 +215,7 @@ def test_maps_with_per_anchor_inputs_are_the_same_in_both_orders(random_anchors)
 def test_one_pass_evaluator_feeds_each_root_its_own_input(random_anchors):
     """evaluate_stitches on per-group batches: the trie (one input per root), route by route, and a plain loop on
     the front anchor's input agree exactly; a single tensor still feeds every route."""
-    from snnet.train.engine import evaluate_stitches
+    from snnet.train.evaluator import evaluate_stitches
     models, adapters, names, _ = random_anchors
     g = torch.Generator().manual_seed(1)
     raw = torch.rand(48, 3, IMG, IMG, generator=g)
@@ -233,7 +233,7 @@ def test_one_pass_evaluator_feeds_each_root_its_own_input(random_anchors):
     ids = list(range(net.num_configs))
     cpu = torch.device("cpu")
     tree = evaluate_stitches(net, loader, ids, cpu)
-    one_by_one = evaluate_stitches(net, loader, ids, cpu, shared_prefixes=False)
+    one_by_one = {c: evaluate_stitches(net, loader, [c], cpu)[c] for c in ids}  # each route from its input
     for c, comp in enumerate(comps):
         logits = net.run_steps(net.routes[c], own[comp.segments[0].anchor])
         acc1 = 100.0 * int((logits.argmax(1) == ys).sum()) / len(ys)

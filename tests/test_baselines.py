@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from snnet.results.baselines import baselines, cascade_settings, mixing_line, network_cascade, score_setting
 from snnet.results.predictions import (
     Predictions,
-    build,
+    build_predictions,
     check_against,
     merge,
     predictions_path,
@@ -142,7 +142,8 @@ def _file(tmp_path, recs, pred_ids=(0, 1), probs=None, correct=None):
     for k, c in enumerate(pred_ids):
         top = np.stack([np.where(np.asarray(correct[k], bool), label, (label + 1) % 3), (label + 2) % 3], 1)
         per[c] = (top, np.asarray(probs[k], np.float32))
-    write_predictions(predictions_path(res), build(np.arange(n), label, per, {r["cfg_id"]: r for r in recs}, 3))
+    records = {r["cfg_id"]: r for r in recs}
+    write_predictions(predictions_path(res), build_predictions(np.arange(n), label, per, records, 3))
     return res
 
 
@@ -229,7 +230,7 @@ def test_evaluation_records_the_chosen_stitches_per_image(digits_images):
     from helpers import vit
 
     from snnet import build_snnet, parse_stitch_config
-    from snnet.train.engine import PerImage, evaluate_stitches
+    from snnet.train.evaluator import PerImage, evaluate_stitches
     torch.manual_seed(0)
     net = build_snnet(parse_stitch_config({"anchors": [vit(8), vit(16)]}), pretrained=False, num_classes=10,
                       img_size=16).eval()

@@ -1,10 +1,10 @@
 """The CUDA path: what runs only on a GPU (marker `cuda`; `make gpu-check` runs this file first).
 
 Every test here is skipped, saying why, where no CUDA device is visible: this project's machines have none, so
-these tests have not run yet. Each checks one CUDA-only branch of the code (snnet/train/device.py, engine.py,
+these tests have not run yet. Each checks one CUDA-only branch of the code (snnet/train/device.py, trainer.py,
 data.py, main.py, stitching/model.py) at toy size: fp16 with a GradScaler, bf16, channels_last, torch.compile of the
-blocks, the EMA, SyncBatchNorm with --sample-sync, pinned-memory loaders, checkpoints across devices, and the
-engine's cross-rank reductions under nccl.
+blocks, the EMA, SyncBatchNorm with --sample-sync, pinned-memory loaders, checkpoints across devices, and
+the trainer's and the evaluator's cross-rank reductions under nccl.
 """
 import socket
 
@@ -45,23 +45,29 @@ def digits_batches(digits_images, n=4, batch=32, img=IMG):
 LEARNS = {"n": 16, "lr": 2e-3}
 
 
-def train_epochs(net, batches, amp_dtype, epochs=8, cfg_id=None, scaler=True, lr=5e-3, device=None, **ctx_kw):
-    """Epochs of engine.train_one_epoch on `batches` (one stitch, or the sampler's draw); the mean losses."""
-    from timm.utils import NativeScaler
-
-    from snnet.train.engine import LoopSettings, TrainContext, train_one_epoch
-    device = device or CUDA
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr)
-    loss_scaler = (NativeScaler(device="cuda") if scaler and amp_dtype == torch.float16 and device.type == "cuda"
-                   else None)
+def train_epochs(net, batches, amp_dtype, epochs=8, cfg_id=None, lr=5e-3, device=None, ema_decay=None):
+    """Epochs of the trainer's `train_one_epoch` on `batches` (one stitch, or every stitch in turn), AdamW at a
+    constant LR; `net` may be a DDP wrapper of the network. Returns the mean losses and the trainer."""
     from snnet.train.device import unwrap
-    n = unwrap(net).num_configs
+    from snnet.train.options import RunOptions
+    from snnet.train.resolve import resolve
+    from snnet.train.trainer import Trainer
+    device = device or CUDA
+    model = unwrap(net)
+    n = model.num_configs
     pick = (lambda step: cfg_id) if cfg_id is not None else (lambda step: step % n)
-    ctx = TrainContext(pick, LoopSettings(device, amp_dtype, log_interval=10 ** 6, move_batches=True),
-                       loss_scaler=loss_scaler, parameters=lambda: list(net.parameters()), **ctx_kw)
+    dtype = {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(amp_dtype, "")
+    values = {"data_dir": "", "opt": "adamw", "lr": lr, "weight_decay": 0.01, "sched": "step", "decay_epochs": 10 ** 4,
+              "warmup_epochs": 0, "epochs": epochs, "log_interval": 10 ** 6, "no_prefetcher": True,
+              "device": str(device), "amp": amp_dtype is not None, "amp_dtype": dtype}
+    if ema_decay is not None:
+        values.update(model_ema=True, model_ema_decay=ema_decay)
+    options = resolve(RunOptions.from_values(values), world_size=1)
     loss_fn = lambda x, out, y: nn.functional.cross_entropy(out, y)
-    losses = [train_one_epoch(e, net, batches, opt, loss_fn, ctx)["loss"] for e in range(epochs)]
-    return losses, ctx
+    trainer = Trainer(model, batches, loss_fn, options, pick)
+    trainer.net = net  # a DDP wrapper the test built runs the steps
+    losses = [trainer.train_one_epoch(e)["loss"] for e in range(epochs)]
+    return losses, trainer
 
 
 def assert_learns(losses):
@@ -70,10 +76,9 @@ def assert_learns(losses):
 
 
 def test_fp16_with_grad_scaler_trains(digits_images):
-    """train.py's fp16 path on CUDA: autocast fp16 and timm's NativeScaler (amp_dtype_for's default there)."""
-    from snnet.train.device import amp_dtype_for
-    from snnet.train.options import TrainOptions
-    assert amp_dtype_for(TrainOptions(amp=True), CUDA) == torch.float16
+    """train.py's fp16 path on CUDA: autocast fp16 and timm's NativeScaler (--amp's default there)."""
+    from snnet.train.options import RunOptions
+    assert RunOptions.from_values({"data_dir": "", "amp": True, "device": str(CUDA)}).amp_dtype == torch.float16
     net = snnet().to(CUDA)
     losses, ctx = train_epochs(net, digits_batches(digits_images, n=LEARNS["n"]), torch.float16, cfg_id=2,
                                lr=LEARNS["lr"])
@@ -126,12 +131,10 @@ def test_torchcompile_blocks_match_eager_and_train(digits_images):
 def test_ema_follows_on_the_device(digits_images):
     """--model-ema: timm's ModelEmaV3 of a CUDA network stays on CUDA, moves after each step, and its weights are
     the decayed average (not the network's)."""
-    from timm.utils import ModelEmaV3
     net = snnet().to(CUDA)
-    ema = ModelEmaV3(net, decay=0.9)
-    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
-    train_epochs(net, digits_batches(digits_images), torch.float16, epochs=2, cfg_id=2, model_ema=ema)
-    after = ema.module.state_dict()
+    before = {k: v.clone() for k, v in net.state_dict().items()}  # the EMA starts as a copy of the network
+    _, trainer = train_epochs(net, digits_batches(digits_images), torch.float16, epochs=2, cfg_id=2, ema_decay=0.9)
+    after = trainer.ema.state_dict()
     assert all(v.device.type == "cuda" for v in after.values())
     moved = [k for k in after if after[k].is_floating_point() and not torch.equal(after[k], before[k])]
     assert moved, "the EMA did not move"
@@ -158,13 +161,14 @@ def nccl_group():
 
 
 def test_sync_bn_with_sample_sync_trains(nccl_group, digits_images):
-    """--sync-bn with --sample-sync (main.convert_sync_bn): every BatchNorm becomes SyncBatchNorm, the network
-    trains under DDP on the device (device_ids, find_unused_parameters, as main.fit wraps it)."""
-    from snnet.train.main import convert_sync_bn
-    from snnet.train.options import TrainOptions
+    """--sync-bn with --sample-sync (trainer.prepare): every BatchNorm becomes SyncBatchNorm, the network trains under
+    DDP on the device (device_ids, find_unused_parameters, as the trainer wraps it)."""
+    from snnet.train.options import RunOptions, TrainOptions
     from snnet.train.sampler import create_sampler
+    from snnet.train.trainer import prepare
     net = resnet_snnet()
-    net = convert_sync_bn(net, TrainOptions(sync_bn=True, distributed=True, sample_sync=True), CUDA).to(CUDA)
+    options = RunOptions.from_values({"data_dir": "", "sync_bn": True, "sample_sync": True, "device": str(CUDA)})
+    net = prepare(net, options.replaced(distributed=True))
     assert any(isinstance(m, nn.SyncBatchNorm) for m in net.modules())
     assert not any(type(m) is nn.BatchNorm2d for m in net.modules())
     sampler = create_sampler(None, net, seed=0, rank=0, sync=True)
@@ -182,17 +186,18 @@ def test_sync_bn_with_sample_sync_trains(nccl_group, digits_images):
     check_sync_bn(TrainOptions(sync_bn=True, sample_sync=True), 2, "cuda", net.num_configs)
 
 
-def test_engine_reductions_run_under_nccl(nccl_group, digits_images, monkeypatch):
+def test_cross_rank_reductions_run_under_nccl(nccl_group, digits_images, monkeypatch):
     """The per-stitch counts of the evaluation and the epoch's loss are summed over ranks with dist.all_reduce;
-    under nccl (train.py's backend on CUDA) a CPU tensor cannot be reduced, so this fails while the engine keeps
+    under nccl (train.py's backend on CUDA) a CPU tensor cannot be reduced, so this fails while the loops keep
     them on the CPU. One process stands for several (world() patched), so a single GPU finds it."""
-    from snnet.train import engine
+    from snnet.train import evaluator, trainer
     net = snnet().to(CUDA)
     batches = digits_batches(digits_images, n=1)
-    monkeypatch.setattr(engine, "world", lambda: (0, 2))
-    metrics = engine.evaluate_stitches(net, batches, [0, 1], CUDA, log_interval=10 ** 6)
+    monkeypatch.setattr(evaluator, "world", lambda: (0, 2))
+    metrics = evaluator.evaluate_stitches(net, batches, [0, 1], CUDA, log_interval=10 ** 6)
     assert metrics[0]["samples"] == 32
-    monkeypatch.setattr(engine, "_check_finite", lambda *a, **k: None)  # its all_gather needs a real 2nd rank
+    monkeypatch.setattr(trainer, "world", lambda: (0, 2))
+    monkeypatch.setattr(trainer, "_check_finite", lambda *a, **k: None)  # its all_gather needs a real 2nd rank
     losses, _ = train_epochs(net, batches, torch.float16, epochs=1, cfg_id=0)
     assert torch.isfinite(torch.tensor(losses)).all()
 
@@ -246,23 +251,23 @@ def test_checkpoint_gpu_to_cpu_and_back_same_logits(tmp_path, digits_images):
 
 
 def test_ls_init_of_a_cuda_network_as_train_py_runs_it(digits_folder):
-    """train.py fits the stitching layers after moving the network to the device (main._prepare, then
+    """train.py fits the stitching layers after moving the network to the device (trainer.prepare, then
     ls_data.run_ls_init on clean_images' batches): the fit must run there and change the layers."""
     from timm.data import create_dataset
 
     from snnet.stitching.config import parse_stitch_config
     from snnet.train.ls_data import run_ls_init
-    from snnet.train.main import Run
     from snnet.train.options import RunOptions
+    from snnet.train.resolve import resolve
     raw = {"anchors": [vit(8), vit(16)], "skip_final_norm": False, "stitch_init_bs": 32}
     net = snnet().to(CUDA)
     before = {k: v.clone() for k, v in net.stitch_layers.state_dict().items()}
     data_cfg = {"input_size": (3, IMG, IMG), "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.5,) * 3,
                 "crop_pct": 1.0, "crop_mode": "center"}
-    run = Run(RunOptions.from_values({"seed": 0, "data_dir": str(digits_folder)}), parse_stitch_config(raw), CUDA,
-              None, data_cfg, digits_folder, "{}", "{}")
+    options = resolve(RunOptions.from_values({"seed": 0, "data_dir": str(digits_folder), "device": str(CUDA)}),
+                      world_size=1)
     run_ls_init(net, create_dataset("", root=str(digits_folder / "train"), split="", search_split=False),
-                  run.stitch_cfg, run.init_images)
+                parse_stitch_config(raw), options, data_cfg)
     after = net.stitch_layers.state_dict()
     assert all(v.device.type == "cuda" for v in after.values())
     assert any(not torch.equal(after[k], before[k]) for k in after)

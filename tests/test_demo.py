@@ -11,8 +11,8 @@ from snnet.demo import CONFIG, V2_CONFIGS, compare, train_anchor
 from snnet.results.quality import in_anchor_range
 from snnet.results.records import RESULTS_FILE, read_results, write_results
 from snnet.stitching.config import ConfigError, parse_stitch_config
-from snnet.train.main import network_identity
 from snnet.train.options import RunOptions
+from snnet.train.trainer import network_identity
 
 ROOT = Path(__file__).resolve().parent.parent
 

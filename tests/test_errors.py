@@ -73,7 +73,7 @@ def test_bad_model_kwargs_are_one_line_in_snnet(digits_folder, tmp_path, capsys)
 
 
 def test_exit_codes_come_from_the_error():
-    from snnet.train.engine import NonFiniteLoss
+    from snnet.train.trainer import NonFiniteLoss
     assert SNNetError.exit_code == 2 and NonFiniteLoss.exit_code == 3 and issubclass(NonFiniteLoss, SNNetError)
 
 

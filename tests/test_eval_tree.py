@@ -1,4 +1,6 @@
 """Evaluating every stitch in one pass with shared prefixes gives the stitch-by-stitch results."""
+import weakref
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -7,7 +9,7 @@ from snnet import build_snnet, parse_stitch_config
 from snnet.stitching.cost import measure, trace_route_flops
 from snnet.stitching.ls_init import ls_init
 from snnet.stitching.route_tree import RouteTree
-from snnet.train.engine import evaluate_stitches
+from snnet.train.evaluator import evaluate_stitches
 
 
 def vit(width):
@@ -22,13 +24,30 @@ def digits_loader(digits_images):
     return DataLoader(TensorDataset(x, y[:192]), batch_size=64)
 
 
+def tracking_peak(model):
+    """Wrap `model.run_step` to record the peak bytes of the activations alive after each step (tensors the walk
+    still holds: weak references, so a dropped activation stops counting at once). Returns a one-item list."""
+    live, peak, run_step = weakref.WeakSet(), [0], model.run_step
+
+    def step(s, x):
+        out = run_step(s, x)
+        live.add(out)
+        peak[0] = max(peak[0], sum(t.numel() * t.element_size() for t in live))
+        return out
+    model.run_step = step
+    return peak
+
+
 def tree_vs_one_by_one(model, loader, amp=None):
+    """Each stitch evaluated alone (a one-route tree runs it from the input), then all in one pass; the peak bytes of
+    live activations in the one pass."""
     ids = list(range(model.num_configs))
     cpu = torch.device("cpu")
-    one_by_one = {c: evaluate_stitches(model, loader, [c], cpu, amp, shared_prefixes=False)[c] for c in ids}
-    stats = {}
-    tree = evaluate_stitches(model, loader, ids, cpu, amp, stats=stats)
-    return one_by_one, tree, stats
+    one_by_one = {c: evaluate_stitches(model, loader, [c], cpu, amp)[c] for c in ids}
+    peak = tracking_peak(model)
+    tree = evaluate_stitches(model, loader, ids, cpu, amp)
+    del model.run_step
+    return one_by_one, tree, {"peak_activation_bytes": peak[0]}
 
 
 def assert_same(one_by_one, tree):

@@ -553,29 +553,26 @@ def test_second_run_into_a_busy_folder_is_refused(digits_folder, tiny_config, tm
 
 
 def test_two_runs_started_at_once_the_second_is_refused_before_any_work(digits_folder, tiny_config, tmp_path,
-                                                                         monkeypatch):
+                                                                         monkeypatch, capsys):
     """Two runs started at the same moment into one folder both find it free; the one that locks it second is
     refused when it locks, which is before its checks, logs and work (it was after its LS init): the lock is taken
     right after the folder is checked (simulated: another process locks it in between)."""
     from contextlib import ExitStack
 
     from snnet.train import main as train_main
-    from snnet.train.args import parse_args
-    from snnet.train.options import RunOptions
-    from snnet.utils.fileio import FolderBusyError
     busy = tmp_path / "runs" / "busy"
     real_check, worked = train_main.check_output, []
-    args, cfg = parse_args([str(a) for a in FAST + [digits_folder, "--stitch_config", tiny_config, "--output",
-                                                    tmp_path / "runs", "--experiment", "busy"]])
+    argv = [str(a) for a in FAST + [digits_folder, "--stitch_config", tiny_config, "--output", tmp_path / "runs",
+                                    "--experiment", "busy"]]
     with ExitStack() as other_run:
         def check_then_lose_the_race(path):
             real_check(path)
             other_run.enter_context(lock_held_by_another_process(busy))
         monkeypatch.setattr(train_main, "check_output", check_then_lose_the_race)
         monkeypatch.setattr(train_main, "check_run", lambda *a, **k: worked.append("checks"))
-        monkeypatch.setattr(train_main, "_execute", lambda *a, **k: worked.append("work"))
-        with pytest.raises(FolderBusyError, match=f"folder '{busy}' is in use by another run"):
-            train_main.start(RunOptions.from_values(vars(args)), cfg)
+        monkeypatch.setattr(train_main.Trainer, "for_run", classmethod(lambda *a, **k: worked.append("work")))
+        assert train_main.main(argv) == 2
+    assert f"folder '{busy}' is in use by another run" in capsys.readouterr().err
     assert worked == []
 
 

@@ -162,6 +162,7 @@ def test_anchor_drift_refuses_an_unrelated_before_file():
 def test_a_finished_run_resumed_elsewhere_is_refused_before_work(tmp_path):
     from snnet.train.args import parse_args
     from snnet.train.preflight import check_checkpoints
+    from snnet.train.resolve import resolve
     from snnet.utils.checkpoint import save_checkpoint
     from snnet.utils.errors import UsageError
     (tmp_path / "a").mkdir()
@@ -169,7 +170,7 @@ def test_a_finished_run_resumed_elsewhere_is_refused_before_work(tmp_path):
     save_checkpoint(ckpt, {"state_dict": {}, "epoch": 1})  # epochs 0 and 1 done: a finished 2-epoch run
     base = ["/d", "--model", "resnet18", "--epochs", "2", "--resume", str(ckpt), "--output", str(tmp_path)]
     def typed(argv):
-        return RunOptions.from_values(vars(parse_args(argv)[0]))
+        return resolve(RunOptions.from_values(vars(parse_args(argv)[0])))
     with pytest.raises(UsageError, match="finished epoch 2 of --epochs 2: no epoch is left to train"):
         check_checkpoints(typed(base + ["--experiment", "b"]))
     check_checkpoints(typed(base + ["--experiment", "a"]))  # its own folder: on to the final evaluation

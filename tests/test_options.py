@@ -214,8 +214,8 @@ def test_what_was_typed_comes_from_the_parser():
 
 
 def test_the_learning_rates_are_resolved_in_one_place():
-    """Issue 52: the global batch and the LRs come from one function (`optim.resolve_lrs`), which `resolve_run` calls
-    for the `ResolvedRun` the preflight, --dry-run and the trainer read; no other module multiplies the batch by the
+    """The global batch and the LRs come from one function (`optim.resolve_lrs`), which `resolve` calls once for the
+    options the preflight, --dry-run and the trainer read; no other module multiplies the batch by the
     world size."""
     from snnet.train.args import parse_args
     from snnet.train.optim import resolve_lrs

@@ -43,7 +43,7 @@ def test_val_interval_validates_every_nth_epoch_and_the_last(single, digits_fold
     """--val-interval N validates epochs N-1, 2N-1, ... and always the last one (a run's metrics, model_best and
     summary.csv's last row come from it), and skipping validations leaves the trained weights bit-identical (snnet
     quickstart validates every 5th epoch): the `single` run (every epoch validated) again at interval 2."""
-    from snnet.train.main import validates
+    from snnet.train.trainer import validates
     assert [e for e in range(7) if validates(e, 3, range(7))] == [2, 5, 6]
     assert [e for e in range(4, 6) if validates(e, 3, range(4, 6))] == [5]  # resumed at epoch 4
     assert [e for e in range(5) if validates(e, 1, range(5))] == [0, 1, 2, 3, 4]

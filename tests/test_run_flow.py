@@ -23,22 +23,23 @@ def test_the_recorded_arguments_refuse_changes():
 
 
 def _stop_at(monkeypatch, name):
-    """Make train.py's phase `name` record its arguments and stop the run there."""
-    import snnet.train.main as main_mod
+    """Make train.py's phase `name` (a function the trainer's build calls) record what it got and stop the run."""
+    import snnet.train.trainer as trainer_mod
     seen = {}
-    build_run = main_mod.build_run
+    recorded_arguments = trainer_mod.recorded_arguments
 
-    def record(options, recorded, *a, **k):  # the resolved options and the arguments they record (train.py's edge)
-        seen["args"], seen["options"] = recorded, options
-        return build_run(options, recorded, *a, **k)
+    def record(options, **resolved):  # the resolved options and the arguments they record
+        seen["options"] = options
+        seen["args"] = recorded_arguments(options, **resolved)
+        return seen["args"]
 
     def stop(*a, **k):
         if name == "build_network":
             seen["network"] = next(x for x in a if hasattr(x, "num_classes"))
         raise KeyboardInterrupt  # not a user error: stops the run where it is
 
-    monkeypatch.setattr(main_mod, "build_run", record)
-    monkeypatch.setattr(main_mod, name, stop)
+    monkeypatch.setattr(trainer_mod, "recorded_arguments", record)
+    monkeypatch.setattr(trainer_mod, name, stop)
     return seen
 
 
@@ -60,7 +61,7 @@ def test_args_yaml_is_written_before_any_work(digits_folder, tiny_config, tmp_pa
     assert plain == {k: v for k, v in written.items() if k != "resolved"}  # what was recorded is what runs
     with pytest.raises(TypeError):
         seen["args"]["lr"] = 1.0
-    dry = main_mod.describe_run(seen["options"], None, 1, "cpu")["resolved"]
+    dry = main_mod.describe_run(seen["options"], None, "cpu")["resolved"]
     assert written["resolved"]["lr"] == dry["lr"] and written["resolved"]["schedule"] == dry["schedule"]
 
 
@@ -149,56 +150,105 @@ def test_random_anchors_are_the_same_on_every_rank(digits_folder, tiny_config, t
 
 def test_the_preflight_the_dry_run_and_the_trainer_read_one_resolved_run(digits_folder, tiny_config, tmp_path,
                                                                          monkeypatch, capsys):
-    """Issue 52: train.py resolves the global batch, the rates, the schedule and the folder once (`resolve_run`)
-    and hands the same `ResolvedRun` to the preflight's checks, to args.yaml's description and to the trainer;
-    none of them resolves its own. --dry-run prints the same values."""
-    import snnet.train.describe as describe_mod
+    """train.py resolves its options once (`resolve`: the global batch, the rates, the schedule, the folder) and
+    hands the same frozen `RunOptions` to the preflight's checks, to args.yaml's description and to the trainer;
+    none of them resolves again. --dry-run prints the same values."""
     import snnet.train.main as main_mod
     import snnet.train.preflight as preflight_mod
     import snnet.train.trainer as trainer_mod
-    from snnet.train.resolved import ResolvedRun
+    from snnet.train.options import RunOptions
 
-    def again(*a, **k):
-        raise AssertionError("the run was resolved a second time")
-    for module in (preflight_mod, describe_mod, trainer_mod):
-        monkeypatch.setattr(module, "resolve_run", again)
     made, read = [], {}
-    resolve_run, check_training, describe_run = main_mod.resolve_run, preflight_mod.check_training, \
-        main_mod.describe_run
+    resolve, check_training, describe_run = main_mod.resolve, preflight_mod.check_training, trainer_mod.describe_run
 
     def resolving(*a, **k):
-        made.append(resolve_run(*a, **k))
+        made.append(resolve(*a, **k))
         return made[-1]
 
-    def checking(options, world_size=1, resolved=None):
-        read["preflight"] = resolved
-        return check_training(options, world_size, resolved)
+    def checking(options):
+        read["preflight"] = options
+        return check_training(options)
 
-    def describing(*a, **k):
-        read["describe"] = k.get("resolved")
-        return describe_run(*a, **k)
+    def describing(options, *a, **k):
+        read["describe"] = options
+        return describe_run(options, *a, **k)
 
-    def trainer(net, loader, loss_fn, options, setup):
-        read["trainer"] = setup.resolved
+    def trainer(self, net, loader, loss_fn, options, *a, **k):
+        read["trainer"] = options
         raise KeyboardInterrupt  # the trainer got what it builds from: stop before it builds
 
-    monkeypatch.setattr(main_mod, "resolve_run", resolving)
+    monkeypatch.setattr(main_mod, "resolve", resolving)
     monkeypatch.setattr(preflight_mod, "check_training", checking)
-    monkeypatch.setattr(main_mod, "describe_run", describing)
-    monkeypatch.setattr(main_mod, "create_trainer", trainer)
-    monkeypatch.setattr(main_mod, "run_ls_init", lambda *a, **k: None)
+    monkeypatch.setattr(trainer_mod, "describe_run", describing)
+    monkeypatch.setattr(trainer_mod.Trainer, "__init__", trainer)
+    monkeypatch.setattr(trainer_mod, "run_ls_init", lambda *a, **k: None)
     argv = [*_argv(digits_folder, tiny_config, tmp_path), "-b", "8", "--lr", "2e-3"]
     with pytest.raises(KeyboardInterrupt):
         main_mod.main(argv)
-    assert len(made) == 1 and isinstance(made[0], ResolvedRun)
-    assert read == {"preflight": made[0], "describe": made[0], "trainer": made[0]}
-    assert (made[0].global_batch, made[0].out_dir) == (8, tmp_path / "flow")
-    assert made[0].lr == 2e-3
+    assert len(made) == 1 and isinstance(made[0], RunOptions)
+    assert read["preflight"] is made[0]
+    # the trainer's build adds only the data's classes (known once the datasets are open)
+    assert read["describe"] is read["trainer"] and read["trainer"] == made[0].replaced(
+        num_classes=10, class_names=read["trainer"].network.class_names)
+    assert (made[0].global_batch, made[0].out_dir, made[0].lr) == (8, tmp_path / "flow", 2e-3)
     written = yaml.safe_load((tmp_path / "flow" / "args.yaml").read_text())["resolved"]
     capsys.readouterr()
     assert main_mod.main([*argv, "--dry-run"]) in (0, None)
     dry = yaml.safe_load(capsys.readouterr().out)["resolved"]
-    assert len(made) == 2 and read["preflight"] is made[1] and read["describe"] is made[1]
+    assert len(made) == 2 and read["preflight"] is made[1]
     assert (dry["global_batch"], dry["lr"], dry["schedule"]) == (written["global_batch"], written["lr"],
-                                                                 written["schedule"]) == \
-        (made[1].global_batch, made[1].lr, made[1].schedule)
+                                                                 written["schedule"])
+    assert (dry["global_batch"], dry["lr"]) == (made[1].global_batch, made[1].lr)
+
+
+def _project_frames(stack) -> list[str]:
+    """The repository's own frames of `stack` (a traceback.extract_stack()), from train.py's module frame down:
+    'file:function', the library's and the entry point's (not the tests', torch's or the environment's)."""
+    from helpers import ROOT
+    frames = [f for f in stack if f.filename.startswith(ROOT + "/") and "/.venv/" not in f.filename
+              and "/tests/" not in f.filename]
+    start = next(i for i, f in enumerate(frames) if f.filename == ROOT + "/train.py" and f.name == "<module>")
+    return [f"{f.filename[len(ROOT) + 1:]}:{f.name}" for f in frames[start:]]
+
+
+def test_the_network_is_at_most_six_frames_below_train_py(digits_folder, tiny_config, tmp_path, monkeypatch):
+    """train.py's training step calls the network, and its --eval --resume reaches the one-pass evaluation's
+    mechanism (the route tree), within 6 of the repository's own frames counted from train.py's module frame
+    (timm: train.py, main, train_one_epoch; torchtitan about 5)."""
+    import runpy
+    import sys
+    import traceback
+
+    import torch
+    from helpers import ROOT
+
+    from snnet.stitching.model import RoutedNet
+    stacks, phase = {}, []
+
+    def record(module, inputs):  # the first training call of the network; the first unit the --eval run's tree runs
+        if phase[-1] in stacks:
+            return
+        if phase[-1] == "train" and isinstance(module, RoutedNet) and module.training:
+            stacks["train"] = traceback.extract_stack()
+        elif phase[-1] == "eval" and any(f.filename.endswith("snnet/stitching/route_tree.py")
+                                         for f in traceback.extract_stack()):
+            stacks["eval"] = traceback.extract_stack()
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    argv = [str(digits_folder), "--stitch_config", str(tiny_config), *map(str, FAST), "--epochs", "1", "--output",
+            str(tmp_path), "--device", "cpu"]
+    try:
+        for name, extra in (("train", ["--experiment", "frames"]),
+                            ("eval", ["--experiment", "frames-eval", "--eval", "--resume",
+                                      str(tmp_path / "frames" / "last.pth.tar")])):
+            phase.append(name)
+            monkeypatch.setattr(sys, "argv", [ROOT + "/train.py", *argv, *extra])
+            with pytest.raises(SystemExit) as done:
+                runpy.run_path(ROOT + "/train.py", run_name="__main__")
+            assert done.value.code == 0, name
+    finally:
+        handle.remove()
+    train = _project_frames(stacks["train"])
+    assert train[-1] == "snnet/train/trainer.py:train_one_epoch" and len(train) <= 6, train
+    evaluation = _project_frames(stacks["eval"])
+    first = next(i for i, f in enumerate(evaluation) if f.startswith("snnet/stitching/"))
+    assert evaluation[first] == "snnet/stitching/route_tree.py:run" and first + 1 <= 6, evaluation

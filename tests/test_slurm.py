@@ -9,7 +9,7 @@ import tempfile
 import time
 
 import pytest
-from helpers import FAST, ROOT, run
+from helpers import FAST, ROOT, run, with_faults
 from slurm_cluster import LocalCluster, why_not
 from test_resume import assert_identical, final_state
 
@@ -40,7 +40,7 @@ def submit_train(cluster, out, name, digits_folder, tiny_config, env=None):
     r = cluster.run("sbatch", "--parsable", "--ntasks=2", "--cpus-per-task=1", f"--output={log}",
                     f"--job-name={name}", "slurm/train.sbatch", digits_folder, "--stitch_config", tiny_config, *FLAGS,
                     "--output", out, "--experiment", name, cwd=ROOT,
-                    env={"OMP_NUM_THREADS": "1", **(env or {})})
+                    env=with_faults({"OMP_NUM_THREADS": "1", **(env or {})}))
     return r.stdout.strip().split(";")[0], log
 
 

@@ -171,7 +171,7 @@ def test_train_exclude_refused_naming_the_value(tiny):
         train_ids(12, [3, 12, 40])
     with pytest.raises(ValueError, match="no route to train"):
         train_ids(2, [0, 1])
-    from snnet.train.main import check_train_exclude
+    from snnet.train.network import check_train_exclude
     cfg = parse_stitch_config({"anchors": TINY, "train_exclude": [99]})
     with pytest.raises(ConfigError, match=r"train_exclude \[99\].*remove them"):
         check_train_exclude(tiny, cfg)

@@ -26,12 +26,12 @@ from snnet.train.sampler import BucketSampler, flops_groups
 FLAGS = ["--img-size", "16", "-b", "64", "--opt", "adamw", "--lr", "1e-3", "--warmup-epochs", "0", "-j", "0",
          "--no-pretrained", "--log-interval", "1000", "--seed", "1", "--epochs", "1"]
 HOOK = """
-import json, sys, torch, snnet.train.main as m
-out, fit, create = sys.argv[1], m.train_and_evaluate, m.run_sampler
+import json, sys, torch, snnet.train.main as m, snnet.train.trainer as t
+out, fit, create = sys.argv[1], t.Trainer.fit, t.run_sampler
 record = {"draws": []}
-def keep_init(net, *args):
-    torch.save({k: v.detach().clone() for k, v in net.state_dict().items()}, out + "/init.pt")
-    return fit(net, *args)
+def keep_init(self, *args):
+    torch.save({k: v.detach().clone() for k, v in self.model.state_dict().items()}, out + "/init.pt")
+    return fit(self, *args)
 def recording(*args, **kwargs):
     sampler = create(*args, **kwargs)
     inner = getattr(sampler, "inner", sampler)
@@ -40,7 +40,7 @@ def recording(*args, **kwargs):
         record["draws"].append([step, sampler(step)])
         return record["draws"][-1][1]
     return draw
-m.train_and_evaluate, m.run_sampler = keep_init, recording
+t.Trainer.fit, t.run_sampler = keep_init, recording
 rc = m.main(sys.argv[2:])
 open(out + "/sampler.json", "w").write(json.dumps(record))
 sys.exit(rc)

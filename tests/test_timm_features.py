@@ -235,8 +235,9 @@ def _sync_args(**kw):
 def test_sync_bn_rules_and_in_place_conversion():
     """--sync-bn's rules, checked once before any work (`check_sync_bn`, from the preflight's `check_structure`),
     and the conversion."""
-    from snnet.train.main import convert_sync_bn
+    from snnet.train.options import RunOptions
     from snnet.train.preflight import check_sync_bn
+    from snnet.train.trainer import prepare
     net = tiny_vit_snnet()
     with pytest.raises(UsageError, match="--sync-bn needs --sample-sync"):
         check_sync_bn(_sync_args(sample_sync=False), 2, "cpu", net.num_configs)
@@ -252,7 +253,8 @@ def test_sync_bn_rules_and_in_place_conversion():
     x = torch.randn(2, 3, 32, 32)
     bns = sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
     params, keys, before = [id(p) for p in net.parameters()], list(net.state_dict()), net(x, 3)
-    assert convert_sync_bn(net, _sync_args(), torch.device("cuda")) is net
+    options = RunOptions.from_values({"data_dir": "", "sync_bn": True, "sample_sync": True, "device": "cpu"})
+    net = prepare(net, options.replaced(distributed=True))
     assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in net.modules()) == bns > 0
     assert not any(type(m) is torch.nn.BatchNorm2d for m in net.modules())
     assert [id(p) for p in net.parameters()] == params and list(net.state_dict()) == keys
@@ -276,12 +278,12 @@ def test_the_preflight_checks_sync_bn_once_with_the_device_and_the_network(tiny_
     from snnet.train.options import RunOptions
     from snnet.train.preflight import check_structure
 
-    def options(*flags):
+    def options(*flags, world_size=2):
         args, cfg = parse_args(["/d", "--stitch_config", str(tiny_config), "--no-pretrained", "--sync-bn", *flags])
-        return RunOptions.from_values(vars(args)), cfg
+        return RunOptions.from_values(vars(args)).replaced(world_size=world_size), cfg
     with pytest.raises(UsageError, match="--sync-bn needs --sample-sync"):
-        check_structure(*options(), world_size=2)
-    check_structure(*options("--sample-sync"), world_size=2)  # a dry run: another machine's device
-    check_structure(*options("--sample-sync"), world_size=1, device_type="cpu")  # one process: nothing to sync
+        check_structure(*options())
+    check_structure(*options("--sample-sync"))  # a dry run: another machine's device
+    check_structure(*options("--sample-sync", world_size=1), device_type="cpu")  # one process: nothing to sync
     with pytest.raises(UsageError, match="--sync-bn needs CUDA devices"):
-        check_structure(*options("--sample-sync"), world_size=2, device_type="cpu")
+        check_structure(*options("--sample-sync"), device_type="cpu")

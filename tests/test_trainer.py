@@ -1,7 +1,10 @@
-"""One trainer (snnet/train/trainer.py) for train.py and stitch-train: --model-ema (`"model_ema": true` in a sweep's
-`train`) trains an EMA that differs from the raw weights, and the EMA is what validation and the result evaluate
-and what is saved, in both tools."""
+"""One trainer (snnet/train/trainer.py) for train.py and stitch-train: its epoch loop (the training state a recovery
+checkpoint saves and restores, the after-step hooks per optimizer step, a resumed epoch), and --model-ema
+(`"model_ema": true` in a sweep's `train`): an EMA that differs from the raw weights is what validation and the
+result evaluate and what is saved, in both tools."""
 from __future__ import annotations
+
+from collections import deque
 
 import pytest
 import torch
@@ -19,7 +22,9 @@ from snnet.train.options import (
     ScheduleOptions,
     options_by_key,
 )
-from snnet.train.trainer import EpochHooks, TrainSetup, create_trainer
+from snnet.train.resolve import resolve
+from snnet.train.resume import TrainState
+from snnet.train.trainer import EpochHooks, Trainer
 
 EMA = {"model_ema": True, "model_ema_decay": 0.5}  # a short memory: after a few steps far from the raw weights
 
@@ -28,16 +33,53 @@ def _floats_differ(a: dict, b: dict) -> bool:
     return any(not torch.equal(v, b[k]) for k, v in a.items() if v.is_floating_point())
 
 
-def test_trainer_trains_an_ema_and_validates_it():
+def tiny_trainer(batches: int = 4, size: int = 8, sampler=None, **values) -> Trainer:
+    """A trainer of a tiny two-anchor SN-Net on `batches` random batches of `size` images (16 px, 10 classes)."""
     torch.manual_seed(0)
     net = build_snnet(parse_stitch_config({"anchors": TINY, "skip_final_norm": False}), pretrained=False,
                       num_classes=10, img_size=16)
-    batches = [(torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))) for _ in range(4)]
+    data = [(torch.randn(size, 3, 16, 16), torch.randint(0, 10, (size,))) for _ in range(batches)]
     loss_fn = lambda x, out, y: torch.nn.functional.cross_entropy(out, y)
-    options = RunOptions.from_values({"data_dir": "", "opt": "sgd", "lr": 0.1, "epochs": 2, "warmup_epochs": 0,
-                                      "batch_size": 8, "grad_accum_steps": 2, "log_interval": 10 ** 6, **EMA})
-    trainer = create_trainer(net, batches, loss_fn, options,
-                             TrainSetup(torch.device("cpu"), None, sampler=lambda step: step % net.num_configs))
+    options = resolve(RunOptions.from_values({"data_dir": "", "opt": "sgd", "lr": 0.1, "epochs": 2, "warmup_epochs": 0,
+                                              "batch_size": size, "log_interval": 10 ** 6, **values}), world_size=1)
+    return Trainer(net, data, loss_fn, options, sampler or (lambda step: step % net.num_configs), snapshot_rng=True)
+
+
+def test_an_epoch_advances_the_state_and_calls_the_hooks_per_optimizer_step():
+    trainer, steps = tiny_trainer(batches=7, size=2, grad_accum_steps=2), []
+    trainer.after_step.append(steps.append)
+    metrics = trainer.train_one_epoch(3)
+    state = trainer.state
+    assert steps == [1, 2, 3] and state.global_step == 3  # 7 batches, 2 per step: 1 dropped
+    assert (state.epoch, state.epoch_step, state.epoch_loss[1]) == (3, 3, 12.0)
+    assert metrics["loss"] == pytest.approx(state.epoch_loss[0] / 12)
+    assert len(state.rng_after) == 2  # the last two batches' RNG snapshots (recovery checkpoints need them)
+
+
+def test_a_recovery_rank_state_restores_what_the_epoch_continues_from():
+    saved = TrainState(global_step=9, epoch=1, epoch_step=4, epoch_loss=[5.5, 8.0],
+                       rng_after=deque(["a", "b"], maxlen=2)).rank_state()
+    assert saved == {"rng": "b", "rng_prev": "a", "epoch_loss": [5.5, 8.0]}
+    resumed = TrainState(global_step=9)
+    resumed.continue_from(4, saved)
+    assert (resumed.skip, resumed.restore, resumed.epoch_loss) == (4, ["a", "b"], [5.5, 8.0])
+    assert TrainState(rng_after=deque(["only"], maxlen=2)).rank_state()["rng_prev"] is None
+
+
+def test_a_resumed_epoch_skips_the_steps_it_already_trained():
+    """From a recovery checkpoint after step 2 of 6: the epoch trains steps 3 to 6 and adds their samples to the
+    saved loss sum."""
+    trainer, steps = tiny_trainer(batches=6, size=2), []
+    trainer.after_step.append(steps.append)
+    trainer.state = TrainState(global_step=2)
+    trainer.state.continue_from(2, {"rng": None, "rng_prev": None, "epoch_loss": [0.0, 4.0]})
+    trainer.train_one_epoch(0)
+    assert steps == [3, 4, 5, 6] and trainer.state.skip == 0 and trainer.state.epoch_loss[1] == 12.0
+
+
+def test_trainer_trains_an_ema_and_validates_it():
+    trainer = tiny_trainer(grad_accum_steps=2, **EMA)
+    net = trainer.model
     seen, ends = [], []
 
     class Hooks(EpochHooks):  # the caller's state on its hooks object, the hooks as methods
@@ -49,7 +91,7 @@ def test_trainer_trains_an_ema_and_validates_it():
             ends.append((epoch, lr))
 
     trainer.fit(Hooks())
-    assert trainer.ctx.global_step == 2 * 2 and [e for e, _ in ends] == [0, 1]  # 4 batches, 2 per step, 2 epochs
+    assert trainer.state.global_step == 2 * 2 and [e for e, _ in ends] == [0, 1]  # 4 batches, 2 per step, 2 epochs
     assert seen == [trainer.ema, trainer.ema] and trainer.ema is not net
     raw, ema = net.state_dict(), trainer.ema.state_dict()
     assert _floats_differ(raw, ema)
@@ -63,17 +105,17 @@ def test_train_py_saves_validates_and_evaluates_the_ema(tmp_path, digits_folder,
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.delenv("RANK", raising=False)
     built, evaluated = [], []
-    real_create, real_evaluate = train_main.create_trainer, train_main.evaluate_all
-    monkeypatch.setattr(train_main, "create_trainer", lambda *a, **k: built.append(real_create(*a, **k)) or built[-1])
+    real_build, real_evaluate = Trainer.for_run.__func__, trainer_module.evaluate_all
+    monkeypatch.setattr(Trainer, "for_run", classmethod(lambda cls, *a: built.append(real_build(cls, *a)) or built[-1]))
 
-    def evaluate_all(net, val_ds, run, ckpt_hash, results_name="stitches_res.txt"):
-        evaluated.append((net, results_name))
-        return real_evaluate(net, val_ds, run, ckpt_hash, results_name)
+    def evaluate_all(net, *a):
+        evaluated.append((net, a[5] if len(a) > 5 else "stitches_res.txt"))
+        return real_evaluate(net, *a)
 
-    monkeypatch.setattr(train_main, "evaluate_all", evaluate_all)
+    monkeypatch.setattr(trainer_module, "evaluate_all", evaluate_all)
     validated = []
-    real_validate = train_main.validate_panel
-    monkeypatch.setattr(train_main, "validate_panel",
+    real_validate = trainer_module.validate_panel
+    monkeypatch.setattr(trainer_module, "validate_panel",
                         lambda net, *a, **k: validated.append(net) or real_validate(net, *a, **k))
     argv = [str(digits_folder), "--stitch_config", str(tiny_config), *FAST, "--epochs", "1", "--model-ema",
             "--model-ema-decay", "0.5", "--val-stitches", "0", "--save-predictions", "none", "--output",

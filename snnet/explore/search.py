@@ -47,7 +47,7 @@ from snnet.stitching.cost import cost_table
 from snnet.stitching.maps import CompatibilityMaps, SimilarityError, compatibility_maps
 from snnet.stitching.model import ComposedNet
 from snnet.stitching.plan import Composition, Edge, Segment
-from snnet.train.engine import evaluate_stitches
+from snnet.train.evaluator import evaluate_stitches
 from snnet.utils.fileio import atomic_path, write_text_atomic
 
 SEARCH_SCORES = ("cka", "ls", "kl")

@@ -91,7 +91,7 @@ def class_dtype(num_classes: int) -> type:
     return np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32
 
 
-def build(sample_id: np.ndarray, label: np.ndarray, per_stitch: dict[int, tuple[np.ndarray, np.ndarray]],
+def build_predictions(sample_id: np.ndarray, label: np.ndarray, per_stitch: dict[int, tuple[np.ndarray, np.ndarray]],
           records: dict[int, dict[str, Any]], num_classes: int) -> Predictions:
     """Predictions from gathered arrays: `per_stitch` maps cfg_id -> (top-k classes [N, k], top probability [N]),
     rows in `sample_id` order; `records` are the stitches' results records (stamped with the run's hashes)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import torch
 
@@ -54,10 +54,11 @@ class RouteTree:
         return list(self.root.children)
 
     def run(self, run_step: Callable[[tuple, torch.Tensor], torch.Tensor], x: Inputs,
-            emit: Callable[[int, torch.Tensor], None], track_bytes: bool = False) -> int:
-        """Walk the trie; call ``emit(cfg_id, output)`` for every route. `x` is the input of every route (a tensor),
-        or per root: a mapping or a function from a route's first step to the tensor that route reads (asked once
-        per root). Returns the peak bytes of live activations (inputs excluded) when `track_bytes`, else 0."""
+            emit: Callable[[int, torch.Tensor], None]) -> None:
+        """Walk the trie depth first; call ``emit(cfg_id, output)`` for every route. `x` is the input of every route
+        (a tensor), or per root: a mapping or a function from a route's first step to the tensor that route reads
+        (asked once per root). Only the activations on the path from a root to the current node are alive, so the
+        memory held is at most one activation per step of the longest route."""
         if isinstance(x, torch.Tensor):
             input_for = lambda step: x
         elif isinstance(x, Mapping):
@@ -67,32 +68,18 @@ class RouteTree:
         else:
             raise TypeError(f"RouteTree.run takes a tensor, a mapping or a function of the first step, not "
                             f"{type(x).__name__}")
-        peak = live = 0
-
-        def nbytes(t) -> int:
-            if isinstance(t, torch.Tensor):
-                return t.numel() * t.element_size()
-            return sum(nbytes(v) for v in t) if isinstance(t, (tuple, list)) else 0
-
-        # explicit stack instead of recursion: (node's children iterator, activation feeding them, its size); the
-        # roots' entry holds no activation: each root reads its own input
-        stack = [(iter(self.root.children.items()), None, 0)]
+        # explicit stack instead of recursion: (node's children iterator, activation feeding them); the roots' entry
+        # holds no activation: each root reads its own input
+        stack: list[tuple[Any, Any]] = [(iter(self.root.children.items()), None)]
         while stack:
-            children, h, size = stack[-1]
+            children, h = stack[-1]
             item = next(children, None)
             if item is None:
                 stack.pop()  # every route continuing from `h` is done: drop it
-                live -= size
                 continue
             step, node = item
             out = run_step(step, input_for(step) if len(stack) == 1 else h)
             for cfg_id in node.cfg_ids:
                 emit(cfg_id, out)
             if node.children:
-                out_size = nbytes(out) if track_bytes else 0
-                live += out_size
-                peak = max(peak, live)
-                stack.append((iter(node.children.items()), out, out_size))
-            elif track_bytes:
-                peak = max(peak, live + nbytes(out))
-        return peak
+                stack.append((iter(node.children.items()), out))

@@ -23,9 +23,8 @@ from timm.layers import DropPath
 from snnet.data.transforms import eval_data_config, pretrained_cfg
 from snnet.stitching.config import ConfigError, StitchConfig
 from snnet.train.network import build_network
-from snnet.train.optim import anchor_lr_scale, decays_stitch_biases
+from snnet.train.optim import anchor_lr_scale, decays_stitch_biases, describe_schedule
 from snnet.train.options import RunOptions
-from snnet.train.resolved import ResolvedRun, resolve_run
 from snnet.train.sampler import anchor_routes, run_sampler, train_ids
 
 
@@ -37,16 +36,14 @@ def recorded_arguments(options: RunOptions, **resolved: Any) -> Mapping[str, Any
                              **resolved})
 
 
-def describe_run(options: RunOptions, stitch_cfg: StitchConfig | None, world_size: int, device_type: str,
-                 net=None, recorded: Mapping[str, Any] | None = None,
-                 resolved: ResolvedRun | None = None) -> dict[str, Any]:
-    """The resolved run: timm's args.yaml entries (`recorded`, else the options' `recorded_arguments`) plus a
-    ``resolved`` section of what they amount to, the network included (`net`: the run's built network; None: built
-    here on the meta device). The global batch, the rates and the schedule are the run's `resolved` ones (train.py's,
-    which its preflight and trainer read too; None: resolved here at `world_size`)."""
+def describe_run(options: RunOptions, stitch_cfg: StitchConfig | None, device_type: str, net=None,
+                 recorded: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The resolved run (`options`, as `snnet.train.resolve.resolve` returned them): timm's args.yaml entries
+    (`recorded`, else the options' `recorded_arguments`) plus a ``resolved`` section of what they amount to, the
+    network included (`net`: the run's built network; None: built here on the meta device), on a `device_type`
+    (cuda, cpu) device. Returns the mapping args.yaml holds."""
     optim, train, loss = options.optim, options.train, options.loss
-    run = resolved if resolved is not None else resolve_run(options, world_size)
-    global_batch, lr = run.global_batch, run.lr
+    global_batch, lr = options.global_batch, options.lr
     scale = anchor_lr_scale(optim)
     stitch_bias_decay = decays_stitch_biases(optim, stitch_cfg)
     amp = None
@@ -54,14 +51,15 @@ def describe_run(options: RunOptions, stitch_cfg: StitchConfig | None, world_siz
         amp = {"dtype": train.amp_dtype or ("float16" if device_type == "cuda" else "bfloat16"),
                "covers": "forward" if train.no_amp_loss else "forward and loss (teacher included)"}
     section = {
-        "world_size": run.world_size, "global_batch": global_batch, "device": device_type, "lr": lr,
+        "world_size": options.world_size, "global_batch": global_batch, "device": device_type, "lr": lr,
         "param_groups": {"anchors": {"lr": lr * scale, "lr_scale": scale, "weight_decay": optim.weight_decay},
                          "stitching_layers": {"lr": lr, "lr_scale": 1.0, "weight_decay": optim.weight_decay,
                                               "bias_weight_decay": optim.weight_decay if stitch_bias_decay else 0.0},
                          "no_weight_decay": ("the anchors' 1-D params and biases" if stitch_bias_decay else
                                              "1-D params, biases") + ("" if optim.snnet_compat else
                                                                       ", the anchors' no_weight_decay names")},
-        "schedule": dict(run.schedule),
+        "schedule": describe_schedule(options.schedule, options.eval.eval_metric, options.warmup_lr,
+                                      options.min_lr),
         "eval_transform": eval_data_config(recorded_arguments(options), stitch_cfg),
         "teacher": None if loss.distillation_type == "none" else {
             "name": loss.teacher, "type": loss.distillation_type, "alpha": loss.distillation_alpha,

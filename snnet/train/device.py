@@ -3,7 +3,6 @@ process under Slurm's srun) and precision."""
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -13,7 +12,6 @@ import torch.distributed as dist
 from timm.utils.distributed import init_distributed_device_so
 from torch import nn
 
-from snnet.train.options import TrainOptions
 from snnet.utils import slurm
 from snnet.utils.distributed import world
 from snnet.utils.errors import SNNetError
@@ -28,29 +26,29 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-_agreed_attempt: int | None = None  # set by resolve_device, see _agree_on_attempt
+_agreed_attempt: int | None = None  # set once per process by agree_on_attempt
 
 
 def restart_attempt() -> int:
     """How often torchrun has restarted this worker group (0 on the first attempt), the same on every rank once
-    resolve_device has run; before, this node's TORCHELASTIC_RESTART_COUNT."""
+    `agree_on_attempt` has run; before, this node's TORCHELASTIC_RESTART_COUNT."""
     if _agreed_attempt is not None:
         return _agreed_attempt
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
-def _agree_on_attempt() -> int:
+def agree_on_attempt() -> int:
     """The worker group's restart count as every rank on every node sees it.
 
     TORCHELASTIC_RESTART_COUNT counts only this node's failures: when a worker on another node dies while ours
     still runs (e.g. stuck in a collective), our agent restarts its workers as a membership change without
     counting it, so the new workers see a different count on each node (and looked for different stores: a hang).
     With the agent's store (torchrun's c10d and static rendezvous) each rank counts its starts there instead: every
-    restart of a fixed-size worker group starts each global rank once, so the counts agree."""
+    restart of a fixed-size worker group starts each global rank once, so the counts agree. Counted once per
+    process: later calls return the same number."""
     global _agreed_attempt
-    _agreed_attempt = None
-    if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and world(launched=True)[1] > 1
-            and not dist.is_initialized()):
+    if (_agreed_attempt is None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and world(launched=True)[1] > 1 and not dist.is_initialized()):
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                               timeout=timedelta(minutes=10))
         _agreed_attempt = store.add(f"snnet/starts/rank{world(launched=True)[0]}", 1) - 1
@@ -72,9 +70,10 @@ def requeued() -> int:
     return slurm.restart_count()
 
 
-def device_from_flag(name: str | None, per_rank: bool = False) -> torch.device:
+def device_from_flag(name: str | None, per_rank: bool = False, here: bool = True) -> torch.device:
     """The one reading of ``--device``: None means cuda when available (with `per_rank`, this process's
-    ``cuda:LOCAL_RANK``), else cpu; a name that is no torch device, or cuda where there is none, is one line."""
+    ``cuda:LOCAL_RANK``), else cpu; a name that is no torch device, or cuda where there is none, is one line.
+    `here` False (a dry run, resolved for any machine): the name is parsed, not checked against this machine."""
     if name is None:
         if not torch.cuda.is_available():
             return torch.device("cpu")
@@ -83,7 +82,7 @@ def device_from_flag(name: str | None, per_rank: bool = False) -> torch.device:
         device = torch.device(name)
     except (RuntimeError, TypeError):
         raise DeviceError(f"--device {name!r} is not a torch device; use cpu or cuda[:index]") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if here and device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"--device {name}: CUDA is not available here; use --device cpu")
     return device
 
@@ -105,7 +104,7 @@ def resolve_device(device: str | None, dist_backend: str | None = None, dist_url
     the job's first host."""
     adopt_slurm_env()
     name = str(device_from_flag(device))
-    attempt = _agree_on_attempt()
+    attempt = agree_on_attempt()
     if attempt > 0 and world(launched=True)[1] > 1 and not dist.is_initialized():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if name.startswith("cuda"):  # before the group: NCCL binds each process to its current device
@@ -130,20 +129,6 @@ def _init_restarted_group(device: str, dist_backend: str | None, attempt: int) -
                           timeout=timedelta(minutes=10))
     backend = dist_backend or ("nccl" if device.startswith("cuda") else "gloo")
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
-
-
-def amp_dtype_for(train: TrainOptions, device: torch.device) -> torch.dtype | None:
-    """None without --amp; else --amp-dtype, by default fp16 on CUDA (with a GradScaler) and bf16 elsewhere."""
-    if not train.amp:
-        return None
-    dtype = getattr(torch, train.amp_dtype) if train.amp_dtype else \
-        torch.float16 if device.type == "cuda" else torch.bfloat16
-    if device.type == "cpu" and dtype == torch.bfloat16 and world(launched=True)[0] == 0 and not cpu_has_fast_bf16():
-        logging.getLogger("snnet").warning(
-            "--amp on this CPU: it has no bf16 instructions (AVX-512 BF16 or AMX), so bf16 autocast falls back to "
-            "slow kernels (measured on a 2-core AMD EPYC: a ResNet-50 training step 45x and a DeiT-S step 15x slower "
-            "than fp32); leave out --amp on this machine")
-    return dtype
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -87,8 +87,8 @@ class LearningRates(NamedTuple):
 
 
 def resolve_lrs(options: RunOptions, world_size: int) -> LearningRates:
-    """The run's global batch and (lr, warmup_lr, min_lr), the one place they are resolved (`resolved.resolve_run`
-    calls it, and the preflight's checks, --dry-run and the trainer read its `ResolvedRun`). --lr is absolute
+    """The run's global batch and (lr, warmup_lr, min_lr), the one place they are computed (`resolve.resolve` calls
+    it once; the preflight's checks, --dry-run and the trainer read the resolved options). --lr is absolute
     (timm); else --lr-base is scaled from --lr-base-size to the global batch (linearly, or by the square root for
     adaptive optimizers unless --lr-base-scale says), and with --scale-warmup-min-lr so are --warmup-lr and --min-lr
     (SN-Net's Swin)."""

@@ -13,7 +13,11 @@ import dataclasses
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 from snnet.data.options import (
     BATCH_SIZE,
@@ -199,7 +203,7 @@ class TrainOptions:
     recovery_interval: int = option(0, "--recovery-interval", rule="non_negative", group=OUTPUT,
                                     help="write recovery.pth.tar every N training steps (0: off); --resume or "
                                          "--auto-resume from it continues inside the epoch exactly")
-    distributed: bool = False               # the process group's (resolve_device), no flag
+    distributed: bool = False               # several processes (resolved from the launch), no flag
     dist_bn: str = option("reduce", "--dist-bn", choices=("", "reduce", "broadcast"), group=BATCH_NORM,
                           help="Distribute BatchNorm stats between nodes after each epoch ('broadcast', 'reduce', "
                                "or '')")
@@ -219,7 +223,7 @@ class TrainOptions:
                                        "(0: none)")
     # None: cuda when available, else cpu
     device: str | None = option(None, "--device", group=DEVICE, help="cuda, cpu, ... (default: cuda when available)")
-    # SyncBatchNorm in a distributed run (main.convert_sync_bn)
+    # SyncBatchNorm in a distributed training run (trainer.prepare)
     sync_bn: bool = option(False, "--sync-bn", group=BATCH_NORM,
                            help="Enable synchronized BatchNorm (torch SyncBatchNorm) in distributed runs; needs CUDA "
                                 "(this torch has no SyncBatchNorm on CPU) and --sample-sync with several stitches "
@@ -375,9 +379,11 @@ class JobOptions:
 
 @dataclass(frozen=True)
 class RunOptions:
-    """One train.py run's options, every section typed: built once from the parsed (and later the resolved)
-    values (`from_values`), and passed down whole; `values` gives the flat mapping back (train.py's flag names),
-    which is what args.yaml and every checkpoint record."""
+    """One run's configuration, frozen: its options in typed sections (built once from the parsed values,
+    `from_values`), and what the run derives from them and from the launch, filled in once by
+    `snnet.train.resolve.resolve` before any work (world size, global batch, learning rates, output folder; the
+    resolved device, resume checkpoint and classes go into their sections). `values` gives the flat mapping back
+    (train.py's flag names), which args.yaml and every checkpoint record."""
     job: JobOptions
     data: DataOptions
     loader: LoaderOptions
@@ -389,29 +395,53 @@ class RunOptions:
     input: InputOptions
     network: NetworkOptions
     logging: LoggerOptions
+    # resolved (`resolve`): the processes of the launch, images per optimizer step over all of them
+    # (-b x processes x --grad-accum-steps), the absolute learning rates and the run's folder
+    world_size: int = 1
+    global_batch: int = 0
+    lr: float = 0.0
+    warmup_lr: float = 0.0
+    min_lr: float = 0.0
+    out_dir: Path = Path("output/train")
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> RunOptions:
         """Each section from the values of its fields' names (lists as tuples); a section field without a value
-        keeps its default."""
+        keeps its default. The resolved fields keep theirs until `resolve`."""
         hints = typing.get_type_hints(cls)
         sections = {}
-        for f in dataclasses.fields(cls):
-            section = hints[f.name]
+        for name in SECTIONS:
+            section = hints[name]
             names = {g.name for g in dataclasses.fields(section)}
-            sections[f.name] = section(**{n: tuple(v) if isinstance(v, list) else v
-                                          for n, v in values.items() if n in names})
+            sections[name] = section(**{n: tuple(v) if isinstance(v, list) else v
+                                        for n, v in values.items() if n in names})
         return cls(**sections)
 
     def values(self) -> dict[str, Any]:
         """Every option's value by its flag's name, the sections' shared ones once: train.py's arguments."""
         out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            section = getattr(self, f.name)
+        for name in SECTIONS:
+            section = getattr(self, name)
             for g in dataclasses.fields(section):
                 if flag_of(g) is not None:
                     out.setdefault(g.name, getattr(section, g.name))
         return out
+
+    @property
+    def device(self) -> torch.device:
+        """The device this process runs on (--device as resolved: cuda:LOCAL_RANK or cpu)."""
+        import torch  # here: parsing train.py's flags (snnet --help) does not load torch
+        return torch.device(self.train.device or "cpu")
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        """The autocast dtype (None without --amp): --amp-dtype, by default fp16 on CUDA and bf16 elsewhere."""
+        if not self.train.amp:
+            return None
+        import torch
+        if self.train.amp_dtype:
+            return getattr(torch, self.train.amp_dtype)
+        return torch.float16 if self.device.type == "cuda" else torch.bfloat16
 
     def network_to_build(self) -> NetworkOptions:
         """The network section with what a selection of positions from data reads: the data, timm's data-config
@@ -420,15 +450,23 @@ class RunOptions:
             self.data, self.input.data_config_args(), self.job.stitch_init_bs, self.train.device))
 
     def replaced(self, **values: Any) -> RunOptions:
-        """The same run with `values` over its own, in every section with a field of that name."""
-        sections = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """The same run with `values` over its own: a resolved field by its name, an option in every section with a
+        field of that name."""
+        top = {k: values.pop(k) for k in list(values) if k in RESOLVED}
+        sections = {name: getattr(self, name) for name in SECTIONS}
         known = {g.name for section in sections.values() for g in dataclasses.fields(section)}
         if set(values) - known:
             raise TypeError(f"RunOptions has no option(s) {sorted(set(values) - known)}")
+
         def over(section: Any) -> Any:
             names = {g.name for g in dataclasses.fields(section)}
             return dataclasses.replace(section, **{k: v for k, v in values.items() if k in names})
-        return RunOptions(**{name: over(section) for name, section in sections.items()})
+        return dataclasses.replace(self, **{name: over(section) for name, section in sections.items()}, **top)
+
+
+#: RunOptions' sections (typed option objects) and its resolved fields
+SECTIONS = ("job", "data", "loader", "optim", "schedule", "loss", "train", "eval", "input", "network", "logging")
+RESOLVED = ("world_size", "global_batch", "lr", "warmup_lr", "min_lr", "out_dir")
 
 
 #: every option object of a training run (the data layer's are `snnet.data.options`)

@@ -5,12 +5,11 @@ train.py runs these checks first, identically on every rank; distributed_train.s
 starts its processes (``python -m snnet.train.preflight NUM_PROC ARGS``), so a bad input under torchrun is one line from
 one process, not one per rank followed by torchrun's traceback.
 
-Every check takes typed values: `check_run` and `check_recipe` the run's `RunOptions` (train.py's options as typed,
-before they are resolved), `check_output` a folder, `check_augmentation` the `LoaderOptions` and an input size. What
+Every check takes typed values: `check_run` and `check_recipe` the run's resolved `RunOptions`, `check_output` a
+folder, `check_augmentation` the `LoaderOptions` and an input size. What
 a check builds to see that it can be built (the network on the meta device, the sampler, the LR schedule, the eval
 data config) it builds with the function the run itself uses, from the layers below: nothing here calls back up
-into train.py's entry modules (issue 39; `tools/trace_rooms.py` counts such calls). Only this module's own command
-line (`main`) parses arguments.
+into train.py's entry modules. Only this module's own command line (`main`) parses arguments.
 """
 from __future__ import annotations
 
@@ -34,7 +33,7 @@ from snnet.train.evaluator import prediction_ids, val_panel
 from snnet.train.network import build_network, check_train_exclude
 from snnet.train.optim import check_optimizer_name
 from snnet.train.options import LossOptions, RunOptions, TrainOptions
-from snnet.train.resolved import ResolvedRun, output_dir, resolve_run
+from snnet.train.resolve import resolve
 from snnet.train.resume import fitting_checkpoint
 from snnet.train.sampler import anchor_routes, run_sampler
 from snnet.utils import slurm
@@ -143,10 +142,10 @@ def _check_epochs_left(options: RunOptions, state: dict) -> None:
     resume, epochs, start = options.job.resume, options.schedule.epochs, options.train.start_epoch
     if start is None:
         start = int(state.get("epoch", -1)) + (0 if "batch_idx" in state else 1)
-    if start < epochs or Path(resume).resolve().parent == output_dir(options).resolve():
+    if start < epochs or Path(resume).resolve().parent == options.out_dir.resolve():
         return
     raise UsageError(f"--resume {resume!r} finished epoch {start} of --epochs {epochs}: no epoch is left to "
-                     f"train into {str(output_dir(options))!r}; raise --epochs, or evaluate it with --eval --resume")
+                     f"train into {str(options.out_dir)!r}; raise --epochs, or evaluate it with --eval --resume")
 
 
 def check_augmentation(loader: LoaderOptions, input_size: int | Sequence[int] = 224) -> None:
@@ -165,20 +164,19 @@ def check_augmentation(loader: LoaderOptions, input_size: int | Sequence[int] = 
                          f"rand-m9-mstd0.5-inc1), --scale, --ratio and --train-interpolation") from None
 
 
-def check_run(options: RunOptions, stitch_cfg: StitchConfig | None, world_size: int,
-              anchor_checkpoints: bool = False, out_dir: Path | None = None,
-              resolved: ResolvedRun | None = None) -> None:
-    """Every input of the run. `anchor_checkpoints`: the anchors' checkpoints fitted too, by their keys and shapes
-    (the launcher's check and train.py's). `out_dir`: the run's folder, already checked (`check_output`) and locked
-    by the caller (train.py checks under its lock: a probe of the lock here would release it); None: checked here.
-    `resolved`: the run's `ResolvedRun` (train.py's, which it hands on to the trainer); None: resolved here."""
+def check_run(options: RunOptions, stitch_cfg: StitchConfig | None, anchor_checkpoints: bool = False,
+              locked: bool = False) -> None:
+    """Every input of the run (`options` as resolved). `anchor_checkpoints`: the anchors' checkpoints fitted too,
+    by their keys and shapes (the launcher's check and train.py's). `locked`: the run's folder is already checked
+    (`check_output`) and locked by the caller (train.py checks under its lock: a probe of the lock here would
+    release it)."""
     check_combinations(options)  # first: what the options say together, before any file is looked at
     device = device_from_flag(options.train.device)  # a name that is no torch device, or CUDA where there is none
-    if out_dir is None:
-        check_output(output_dir(options))
+    if not locked:
+        check_output(options.out_dir)
     check_checkpoints(options, stitch_cfg)
-    check_data(options.data, need_train=not options.job.eval, world_size=world_size)
-    _check_build(options, stitch_cfg, world_size, anchor_checkpoints, device.type, resolved)
+    check_data(options.data, need_train=not options.job.eval, world_size=options.world_size)
+    _check_build(options, stitch_cfg, anchor_checkpoints, device.type)
 
 
 def check_combinations(options: RunOptions) -> None:
@@ -247,30 +245,27 @@ def check_sync_bn(train: TrainOptions, world_size: int, device_type: str | None 
                          f"--sync-bn (--dist-bn reduce averages BatchNorm statistics after each epoch instead)")
 
 
-def check_recipe(options: RunOptions, stitch_cfg: StitchConfig | None, world_size: int,
-                 anchor_checkpoints: bool = False, device_type: str | None = None,
-                 resolved: ResolvedRun | None = None) -> None:
+def check_recipe(options: RunOptions, stitch_cfg: StitchConfig | None, anchor_checkpoints: bool = False,
+                 device_type: str | None = None) -> None:
     """The checks that need no data folder, device or file of this machine (augmentation, optimizer, schedule,
     teacher): `--dry-run`, which resolves a run for another machine, runs these too. `device_type`: this machine's,
-    for the checks that need it (None: a dry run's, not checked). `resolved`: the run's `ResolvedRun` (the dry
-    run's, which it then describes); None: resolved here."""
+    for the checks that need it (None: a dry run's, not checked)."""
     check_combinations(options)
-    _check_build(options, stitch_cfg, world_size, anchor_checkpoints, device_type, resolved)
+    _check_build(options, stitch_cfg, anchor_checkpoints, device_type)
 
 
-def _check_build(options: RunOptions, stitch_cfg: StitchConfig | None, world_size: int,
-                 anchor_checkpoints: bool = False, device_type: str | None = None,
-                 resolved: ResolvedRun | None = None) -> None:
+def _check_build(options: RunOptions, stitch_cfg: StitchConfig | None, anchor_checkpoints: bool = False,
+                 device_type: str | None = None) -> None:
     """What the run builds late (augmentation, optimizer and schedule, teacher, the network's structure), refused
     before any work."""
     if not options.job.eval:
         check_augmentation(options.loader, eval_data_config(options.values(), stitch_cfg)["input_size"])
-    check_training(options, world_size, resolved)
-    check_structure(options, stitch_cfg, anchor_checkpoints, world_size, device_type)
+    check_training(options)
+    check_structure(options, stitch_cfg, anchor_checkpoints, device_type)
 
 
 def check_structure(options: RunOptions, stitch_cfg: StitchConfig | None, anchor_checkpoints: bool = False,
-                    world_size: int = 1, device_type: str | None = None) -> None:
+                    device_type: str | None = None) -> None:
     """The network built as the run builds it, on the meta device (no weight read, downloaded or allocated): model
     arguments timm refuses, anchors that cannot be stitched at this input size, a positions selection asking for
     more positions than a pair has, routes `train_exclude` names that the network lacks, and anchor checkpoints that
@@ -288,7 +283,7 @@ def check_structure(options: RunOptions, stitch_cfg: StitchConfig | None, anchor
     if net is not None and cfg is not None and not options.job.eval:
         check_sampling(options, net, cfg)
     if not options.job.eval:
-        check_sync_bn(options.train, world_size, device_type, net.num_configs if net is not None else None)
+        check_sync_bn(options.train, options.world_size, device_type, net.num_configs if net is not None else None)
     if anchor_checkpoints and net is not None and cfg is not None:  # what each rank loads first fits its anchor
         for i, spec in enumerate(cfg.anchors):
             if spec.checkpoint is not None:
@@ -349,9 +344,9 @@ def check_sampling(options: RunOptions, net, cfg: StitchConfig) -> None:
     run_sampler(net, cfg, train.seed, 0, sync=train.sample_sync, freeze_anchors=train.freeze_anchors)
 
 
-def check_training(options: RunOptions, world_size: int = 1, resolved: ResolvedRun | None = None) -> None:
-    """What training builds late (the optimizer, the LR schedule, the distillation teacher), refused before any work.
-    The rates and the schedule are the run's `resolved` ones (None: resolved here at `world_size`)."""
+def check_training(options: RunOptions) -> None:
+    """What training builds late (the optimizer, the distillation teacher), refused before any work (the rates and
+    the LR schedule are refused where they are resolved, `snnet.train.resolve.resolve`)."""
     if options.job.eval:
         return
     optim, loss = options.optim, options.loss
@@ -359,12 +354,6 @@ def check_training(options: RunOptions, world_size: int = 1, resolved: ResolvedR
     if optim.opt_betas is not None and len(optim.opt_betas) == 1 and _takes_two_betas(optim.opt):
         raise UsageError(f"--opt-betas {optim.opt_betas[0]:g}: --opt {optim.opt} takes two betas (beta1 beta2); give "
                          f"both, e.g. --opt-betas {optim.opt_betas[0]:g} 0.999")
-    # at the launch's world size, as the run resolves it
-    run = resolved if resolved is not None else resolve_run(options, world_size)
-    if run.min_lr > run.lr:
-        raise UsageError(f"--min-lr {run.min_lr:g} is above the LR {run.lr:g}: the decaying schedule would raise the "
-                         f"LR; lower --min-lr or raise --lr")
-    _ = run.schedule  # the scheduler timm builds from the options, on a one-parameter optimizer: refused here
     if loss.distillation_type != "none" and loss.teacher:
         check_model_name(loss.teacher)
 
@@ -392,16 +381,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from snnet.train.args import parse_args  # this command line only: the checks take typed options
         args, stitch_cfg = parse_args(argv[1:])
-        options = RunOptions.from_values(vars(args))  # as train.py's main types them
+        # typed and resolved as train.py's main does, at the launch's processes per node
+        options = resolve(RunOptions.from_values(vars(args)), world_size=int(argv[0]))
         if not options.job.dry_run:
-            check_run(options, stitch_cfg, int(argv[0]), anchor_checkpoints=True)
+            check_run(options, stitch_cfg, anchor_checkpoints=True)
         else:  # the dry run checks the rest in its ranks; weights not loadable here are said once, before they start
             check_hub_weights(options, stitch_cfg)
     except SNNetError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return e.exit_code
     if show:
-        print(output_dir(options))
+        print(options.out_dir)
     return 0
 
 

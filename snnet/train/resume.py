@@ -1,12 +1,14 @@
-"""Continuing a run: the checkpoint it starts from (`fitting_checkpoint`), the counters, optimizer and scaler it
-resumes (`resume_counters`), the steps of an interrupted epoch it skips (`continue_epoch`, into the run's
-`TrainState`) and summary.csv's rows (`append_summary`; `truncate_summary` drops the redone ones). The recovery
-checkpoint written inside an epoch, the stop at an agreed step under Slurm and the fault-injection hooks of the
-tests are after-step hooks (`snnet.train.hooks`)."""
+"""Continuing a run: where training stands (`TrainState`), the recovery checkpoint written inside an epoch and the
+stop at an agreed step under Slurm (`Recovery`, after-step hooks of the trainer), the checkpoint a run starts from
+(`fitting_checkpoint`), the counters, optimizer and scaler it resumes (`resume_counters`), the steps of an
+interrupted epoch it skips (`continue_epoch`) and summary.csv's rows (`append_summary`; `truncate_summary` drops the
+redone ones)."""
 from __future__ import annotations
 
 import csv
 import io
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,18 +16,123 @@ import torch
 
 from snnet.stitching.model import PlainNet
 from snnet.train.device import unwrap
-from snnet.train.engine import TrainState
 from snnet.train.options import TrainOptions
+from snnet.train.preempt import STOP, Preempted
 from snnet.utils.checkpoint import (
     LAST,
+    RECOVERY,
     CheckpointError,
+    CheckpointSaver,
     fit_report,
     image_size_hint,
     json_field,
     load_checkpoint,
+    training_state,
 )
 from snnet.utils.distributed import world
 from snnet.utils.fileio import write_text_atomic
+
+
+@dataclass
+class TrainState:
+    """Where training stands: what a recovery checkpoint saves and a resumed run restores (`rank_state`,
+    `continue_from`; the epoch checkpoints save `epoch` and `global_step`). With --grad-accum-steps N a step is N
+    micro-batches: global_step, epoch_step and skip count optimizer steps."""
+    global_step: int = 0                          # optimizer steps taken so far (drives the sampler)
+    epoch: int = 0
+    epoch_step: int = 0                           # optimizer steps of this epoch so far
+    # this epoch's loss sum and samples so far, and the RNG states at the end of the last two batches (a prefetching
+    # loader prepares batch i+1 right after batch i-1)
+    epoch_loss: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    rng_after: deque = field(default_factory=lambda: deque(maxlen=2))
+    # resuming from a recovery checkpoint: optimizer steps of this epoch already trained, and the RNG states to
+    # restore after the last two batches of step skip (None where there is none)
+    skip: int = 0
+    restore: list = field(default_factory=lambda: [None, None])
+
+    def rank_state(self) -> dict[str, Any]:
+        """What this rank writes into a recovery checkpoint ("ranks"): its RNG states after the last two steps and
+        its share of the epoch's loss."""
+        rng = list(self.rng_after)
+        return {"rng": rng[-1], "rng_prev": rng[0] if len(rng) == 2 else None, "epoch_loss": list(self.epoch_loss)}
+
+    def continue_from(self, batch_idx: int, saved: dict[str, Any]) -> None:
+        """Continue an epoch a recovery checkpoint interrupted after `batch_idx` steps, from this rank's
+        `rank_state` there."""
+        self.skip = int(batch_idx)
+        self.restore = [saved["rng_prev"], saved["rng"]]
+        self.epoch_loss = [float(v) for v in saved["epoch_loss"]]
+
+
+
+class Recovery:
+    """train.py's after-step hooks around a trainer's `TrainState`: the recovery checkpoint ``recovery.pth.tar``
+    every --recovery-interval steps inside an epoch (`periodic`), and under Slurm (`snnet.train.preempt`) the stop
+    at a step every rank agrees on once any rank got SIGUSR1/SIGTERM (`check_stop`, then `stop_after` at the
+    epoch's end). `install` puts them into the trainer's ``after_step``: the recovery checkpoint first, the stop
+    last."""
+
+    def __init__(self, trainer: Any, saver: CheckpointSaver, identity: tuple[str, str], every: int, out_dir: Path):
+        self.trainer, self.saver = trainer, saver  # a `snnet.train.trainer.Trainer`
+        self.args_json, self.config_text = identity  # what every checkpoint records ("args", "config")
+        self.every, self.steps_per_epoch, self.out_dir = every, trainer.steps_per_epoch, out_dir
+        self.stop_after_epoch = False  # a stop signal came in an epoch's last step: the run stops after the epoch
+
+    def install(self) -> None:
+        self.trainer.after_step.insert(0, self.periodic)
+        self.trainer.after_step.append(self.check_stop)
+
+    def write(self, global_step: int) -> None:
+        """Writes ``recovery.pth.tar`` after an optimizer step inside an epoch (a collective: every rank calls it).
+        Every rank contributes what it needs to continue exactly (`TrainState.rank_state`)."""
+        trainer = self.trainer
+        state = trainer.state
+        mine = state.rank_state()
+        ranks: list[Any] = [mine]
+        if world()[1] > 1:
+            ranks = [None] * world()[1]
+            torch.distributed.all_gather_object(ranks, mine)
+        if world()[0] == 0:
+            saved = training_state(trainer.model, trainer.optimizer, state.epoch, global_step, self.args_json,
+                                   self.config_text, trainer.loss_scaler, ema=trainer.ema)
+            self.saver.save_recovery({**saved, "batch_idx": state.epoch_step, "ranks": ranks})
+
+    def periodic(self, global_step: int) -> None:
+        """The recovery checkpoint every --recovery-interval steps (not at an epoch's end, where last.pth.tar is
+        written)."""
+        if self.every and not global_step % self.every and self.trainer.state.epoch_step != self.steps_per_epoch:
+            self.write(global_step)
+
+    def check_stop(self, global_step: int) -> None:
+        """Once any rank got a stop signal, every rank stops after this same step. Inside an epoch the recovery
+        checkpoint is written and the run ends (`Preempted`); at an epoch's last step the epoch ends as usual
+        (validation, last.pth.tar) and `stop_after` ends the run after it."""
+        state = self.trainer.state
+        if self.stop_after_epoch or not STOP.agreed(self.trainer.device):
+            return
+        if state.epoch_step == self.steps_per_epoch:
+            self.stop_after_epoch = True
+            return
+        self.write(global_step)
+        all_saved()
+        raise Preempted(f"{STOP.name()} after step {global_step} (epoch {state.epoch}, step {state.epoch_step} of "
+                        f"{self.steps_per_epoch}): {self.out_dir / RECOVERY} written; --auto-resume (or a requeued "
+                        f"Slurm job) continues there")
+
+    def stop_after(self, epoch: int, epochs: range) -> None:
+        """At the end of an epoch (its last.pth.tar written): the run stops here when a signal came in its last
+        step and epochs are left."""
+        if self.stop_after_epoch and epoch + 1 < epochs.stop:
+            all_saved()
+            raise Preempted(f"{STOP.name()} in the last step of epoch {epoch}: {self.out_dir / LAST} written; "
+                            f"--auto-resume (or a requeued Slurm job) continues with epoch {epoch + 1}")
+
+
+def all_saved() -> None:
+    """Before a preempted run exits: every rank waits for rank 0's checkpoint (srun --kill-on-bad-exit ends the
+    other tasks as soon as one exits with a non-zero code)."""
+    if world()[1] > 1:
+        torch.distributed.barrier()
 
 
 def fitting_checkpoint(net: torch.nn.Module, path: str, structure_only: bool = False) -> dict:

@@ -56,8 +56,8 @@ from snnet.stitching.adapter import AnchorAdapter, adapter_for
 from snnet.stitching.build import create_anchor
 from snnet.stitching.cost import cost_table
 from snnet.stitching.model import PlainNet
-from snnet.train.device import amp_dtype_for, device_from_flag
-from snnet.train.engine import evaluate_stitches
+from snnet.train.device import device_from_flag
+from snnet.train.evaluator import evaluate_stitches
 from snnet.train.losses import DistillationLoss, base_criterion
 from snnet.train.options import (
     TRAINING_OPTIONS,
@@ -75,7 +75,8 @@ from snnet.train.options import (
     options_by_key,
 )
 from snnet.train.preflight import check_augmentation, check_output
-from snnet.train.trainer import EpochHooks, Trainer, TrainSetup, create_trainer
+from snnet.train.resolve import resolve
+from snnet.train.trainer import EpochHooks, Trainer
 from snnet.utils.checkpoint import save_checkpoint, state_sha256
 from snnet.utils.fileio import write_text_atomic
 
@@ -323,7 +324,7 @@ class RunTrajectory(EpochHooks):
                  init: dict[str, float]):
         self.trainer, self.tracked, self.traj, self.evaluate, self.label = trainer, tracked, traj, evaluate, label
         self.epoch, self.started_at, self.val = 0, 0.0, init  # the epoch running, its start, the last validation
-        trainer.ctx.after_step.append(self.log_step)
+        trainer.after_step.append(self.log_step)
 
     def log_step(self, global_step: int) -> None:
         loss, acc = self.tracked.take_step()
@@ -340,7 +341,7 @@ class RunTrajectory(EpochHooks):
 
     def end_epoch(self, epoch: int, train_metrics: dict, metrics: dict, lr: float) -> None:
         hits, samples = self.tracked.epoch
-        self.traj.add("epoch", epoch=epoch + 1, step=self.trainer.ctx.global_step, lr=lr, loss=train_metrics["loss"],
+        self.traj.add("epoch", epoch=epoch + 1, step=self.trainer.state.global_step, lr=lr, loss=train_metrics["loss"],
                       train_acc1=100.0 * hits / max(samples, 1), val_loss=metrics["loss"], val_acc1=metrics["acc1"],
                       val_acc5=metrics["acc5"], epoch_time=round(time.perf_counter() - self.started_at, 4))
         self.traj.flush()
@@ -372,14 +373,14 @@ def train_run(prep: SweepSetup, run: RunSpec, plan: RunPlan, run_dir: Path, rank
     if run.ls_init:
         ls_error, _ = fit_stitch(st, clean_images(prep.train_ds, data_cfg, run.ls_images, run.seed), prep.device,
                                  LS_RCOND)
-    amp_dtype = amp_dtype_for(train, prep.device)
+    # one process trains the whole run (the sweep spreads runs over processes): no DDP, rank 0's seeds
+    options = resolve(run_options(prep.options, replace(train, device=str(prep.device))), world_size=1)
+    amp_dtype = options.amp_dtype
     loader = create_train_loader(prep.train_ds, prep.loader, data_cfg, prep.device)
     val_loader = create_eval_loader(prep.val_ds, prep.loader, data_cfg)
     tracked = _TrackedLoss(_loss_fn(run, prep.options[LossOptions], prep.models[run.end]))
-    # one process trains the whole run (the sweep spreads runs over processes): no DDP, rank 0's seeds
-    trainer = create_trainer(net, loader, tracked, run_options(prep.options, train),
-                             TrainSetup(prep.device, amp_dtype, lambda step: 0, input_size=(prep.in_chans, *size)))
-    ctx, num_epochs, lr = trainer.ctx, len(trainer.epochs), trainer.lr
+    trainer = Trainer(net, loader, tracked, options, lambda step: 0, input_size=(prep.in_chans, *size))
+    num_epochs, lr = len(trainer.epochs), trainer.lr
 
     def evaluate() -> dict[str, float]:  # the EMA's weights when model_ema is on
         return evaluate_stitches(trainer.eval_model, val_loader, [0], prep.device, amp_dtype, train.log_interval)[0]
@@ -414,7 +415,7 @@ def train_run(prep: SweepSetup, run: RunSpec, plan: RunPlan, run_dir: Path, rank
         "temperature": run.temperature, "kd_alpha": run.kd_alpha, "seed": run.seed, "anchor_seed": prep.sweep.seed,
         "params": net.params(0), "stitch_layer_params": layer_params, "stitch_layer_trainable_params": trainable,
         "flops": table.route_flops(net.routes[0]), "stitch_layer_flops": layer_flops,
-        "img_size": list(size), "epochs": num_epochs, "steps": ctx.global_step, "lr": lr,
+        "img_size": list(size), "epochs": num_epochs, "steps": trainer.state.global_step, "lr": lr,
         "train": prep.train_recipe, "data": os.path.abspath(prep.data.data_dir),
         "acc1": val["acc1"], "acc5": val["acc5"], "val_loss": val["loss"], "train_loss": train_metrics["loss"],
         "init_acc1": init["acc1"], "init_acc5": init["acc5"], "init_val_loss": init["loss"],
@@ -429,7 +430,7 @@ def train_run(prep: SweepSetup, run: RunSpec, plan: RunPlan, run_dir: Path, rank
         objective=run.loss, init_acc1=init["acc1"], stitch_layer_params=layer_params, seconds=result["seconds"])
     save_checkpoint(run_dir / LAYER_CKPT, {"state_dict": stitch_state(st), "spec": json.dumps(st.stitch.layer.spec()),
                                            "cut_points": json.dumps(result["cut_points"]), "route": plan.route,
-                                           "epoch": num_epochs - 1, "global_step": ctx.global_step,
+                                           "epoch": num_epochs - 1, "global_step": trainer.state.global_step,
                                            "config": json.dumps(plan.ident)})
     write_text_atomic(run_dir / RESULT, json.dumps(result, indent=1) + "\n")  # last: the run is finished
     return result
