@@ -1237,14 +1237,14 @@ def test_the_choice_benchmark_reports_every_runs_worst_and_their_median(monkeypa
 
 
 def test_quiet_core_gives_every_core_back_when_it_is_killed():
-    """tools/quiet_core.sh (the serving benchmarks' quiet core) confines every other process to the other cores
-    while its command runs; stopped by a signal mid-run it still gives them back and stops its command (a kill of
-    it once left the whole machine, the test suite started next included, on one core)."""
+    """benchmarks/quiet_core.sh (the serving benchmarks' quiet core) confines every other process to the other cores
+    while its command runs; stopped by a signal mid-run it still gives them back and stops its command (the
+    machine, and the test suite run next, must not be left on one core)."""
     cg = Path("/sys/fs/cgroup/cpuset")
     if not os.access(cg / "cgroup.procs", os.W_OK) or len(os.sched_getaffinity(1)) < 2:
         pytest.skip("needs root, cgroup v1's cpuset and 2 cores (as the serving benchmarks do)")
     every = os.sched_getaffinity(1)
-    wrapper = subprocess.Popen(["tools/quiet_core.sh", "sleep", "60"], cwd=ROOT, start_new_session=True)
+    wrapper = subprocess.Popen(["benchmarks/quiet_core.sh", "sleep", "60"], cwd=ROOT, start_new_session=True)
     try:
         deadline = time.time() + 10
         while os.sched_getaffinity(1) == every and time.time() < deadline:  # confined once it runs

@@ -1,20 +1,15 @@
 """Walk train.py's path from argv to the training loop and count how often it climbs back to the entry layer.
 
-Issue 39 asks for the training path as a straight line: parse -> resolve -> check -> build -> fit, each step called
-once, with no lower module calling back up. This tool measures it. It runs `snnet.train.main.main(argv)` (the
-digits demo's card on generated digits, one process, CPU) under a profile hook up to the start of the fit
-(`train_and_evaluate`), so what it measures is the set-up, not the epochs. A *climb back* is a call into the entry
-layer (`snnet/train/main.py`, `args.py`, `describe.py`) made by a function of another module of this repository:
-after the path has left the entry layer, something below calls up into it again (the entry layer calling itself, or
-calling down, is the straight line).
+The training path is a straight line: parse -> resolve -> check -> build -> fit, each step called once, with no
+lower module calling back up. This tool checks it. It runs `snnet.train.main.main(argv)` (the digits demo's card on
+generated digits, one process, CPU) under a profile hook up to the start of the fit (`train_and_evaluate`), so what
+it measures is the set-up, not the epochs. A *climb back* is a call into the entry layer (`snnet/train/main.py`,
+`args.py`, `describe.py`) made by a function of another module of this repository: after the path has left the
+entry layer, something below calls up into it again (the entry layer calling itself, or calling down, is the
+straight line). tests/test_options.py holds the count at 0.
 
-    .venv/bin/python tools/trace_rooms.py            # the count, and each climb (caller -> entry function)
-    .venv/bin/python tools/trace_rooms.py --rooms    # and every module entered, in order
-
-The review that filed issue 39 counted 16 returns on a static walk. This dynamic count was 8 when the tool was
-written, all from preflight.py (reading the namespace back into options, calling resolve.py's helpers; resolve.py is
-describe.py now), and 0 once the checks took the typed RunOptions and built what they check with the lower layers'
-functions.
+    .venv/bin/python benchmarks/trace_rooms.py            # the count, and each climb (caller -> entry function)
+    .venv/bin/python benchmarks/trace_rooms.py --rooms    # and every module entered, in order
 """
 from __future__ import annotations
 
