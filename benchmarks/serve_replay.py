@@ -417,8 +417,9 @@ def replay(net: Calibrated, system: dict[str, Any], times: np.ndarray, draws: np
                               rest_on_same=system.get("rest_on_same", True), modes=system.get("modes", True),
                               clock=clock, tables=_without_modes(net.tables) if own else net.tables, build_now=True)
     sched.learned = Learned.on(clock, after_ms=net.after_p95)  # a server that has answered before
-    if not own:
-        sched.choices.measured = net.warm
+    if not own:  # its mode tables are simulated from the warm server's measurements, not from the trace's
+        mode = sched.choices.mode
+        sched.choices.mode = lambda lane, budget_ms, load, _: mode(lane, budget_ms, load, net.warm)  # type: ignore[method-assign]
         for t in (seen if seen is not None else ()):
             sched.arrivals.add(float(t))
     else:
@@ -570,9 +571,8 @@ def _mode_tables(job: tuple[str, dict[str, Any], str]) -> dict:
     sched = DeadlineScheduler(lambda x, c: x, net.menu, MAX_BATCH, shed=True, arrivals=system.get("arrivals", True),
                               rest_on_same=system.get("rest_on_same", True), clock=clock, tables=net.tables,
                               build_now=True)
-    sched.choices.measured = net.warm
     sched.choices.mode(sched.choices.lane(tuple(system["stages"][0])), net.slo_ms - net.after_p95, (1.0, 1.0),
-                       sched.learned)
+                       net.warm)
     return {k: v for k, v in net.tables.items() if k[0] in ("modes", "built")}
 
 
