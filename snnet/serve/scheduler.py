@@ -68,8 +68,7 @@ def release_free_heap() -> bool:
 
     Once glibc's dynamic mmap threshold has risen (it does when a large block is freed: loading a checkpoint frees
     hundreds of MiB of them), freed activations and tensors stay in the heap, so a server's memory stays at its
-    peak. Measured on DeiT-Ti/S/B (issue 38): after loading and measuring latencies a trim gave back 80 and
-    170 MiB. The server trims after its set-up and whenever its queue runs empty (at most once a second)."""
+    peak. The server trims after its set-up and whenever its queue runs empty (at most once a second)."""
     global _LIBC
     if _LIBC is None:
         try:
@@ -169,8 +168,7 @@ class Choices:
         self.modes: dict[tuple[int, ...], dict[int, ModeTable | None]] = shared.setdefault(("modes", *kind), {})
         self.built: dict[tuple[int, ...], dict[int, int]] = shared.setdefault(("built", *kind), {})
         self.lanes: dict[tuple[int, ...], Lane] = {}
-        # (candidates, budget bucket) -> the batches measured when the table in use was simulated (GET / reports it:
-        # benchmarks/serve_live.py replays a live server with the same tables)
+        # (candidates, budget bucket) -> the batches measured when the table in use was simulated (GET / reports it)
         self.simulated_from: dict[tuple[tuple[int, ...], int], int] = {}
         self.builder: concurrent.futures.ThreadPoolExecutor | None = None
         # set while the server has nothing to do (no request queued, no batch running): the builder simulates only
