@@ -158,7 +158,7 @@ def _predictions(loaded, files: list[Path], labels: list[int], records: dict[int
     from PIL import Image
 
     from snnet.data.transforms import eval_transform
-    from snnet.results.predictions import build
+    from snnet.results.predictions import build_predictions
     tf = eval_transform(loaded.data_config)
     x = torch.stack([tf(Image.open(f).convert("RGB")) for f in files])
     per: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -167,7 +167,7 @@ def _predictions(loaded, files: list[Path], labels: list[int], records: dict[int
             prob = torch.softmax(loaded.net(x, c).float(), -1)
             top = prob.topk(5, -1)
             per[c] = (top.indices.numpy(), top.values[:, 0].numpy())
-    return build(np.arange(len(files)), np.asarray(labels), per, records, prob.shape[-1])
+    return build_predictions(np.arange(len(files)), np.asarray(labels), per, records, prob.shape[-1])
 
 
 def _cascade(pred, chain: list[int], flops: dict[int, float], target: float) -> dict[str, Any]:

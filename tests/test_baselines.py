@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from snnet.results.baselines import baselines, cascade_settings, mixing_line, score_setting
 from snnet.results.predictions import (
     Predictions,
-    build,
+    build_predictions,
     check_against,
     merge,
     predictions_path,
@@ -152,7 +152,8 @@ def _file(tmp_path, recs, pred_ids=(0, 1), probs=None, correct=None):
     for k, c in enumerate(pred_ids):
         top = np.stack([np.where(np.asarray(correct[k], bool), label, (label + 1) % 3), (label + 2) % 3], 1)
         per[c] = (top, np.asarray(probs[k], np.float32))
-    write_predictions(predictions_path(res), build(np.arange(n), label, per, {r["cfg_id"]: r for r in recs}, 3))
+    pred = build_predictions(np.arange(n), label, per, {r["cfg_id"]: r for r in recs}, 3)
+    write_predictions(predictions_path(res), pred)
     return res
 
 

@@ -91,10 +91,12 @@ def class_dtype(num_classes: int) -> type:
     return np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32
 
 
-def build(sample_id: np.ndarray, label: np.ndarray, per_stitch: dict[int, tuple[np.ndarray, np.ndarray]],
-          records: dict[int, dict[str, Any]], num_classes: int) -> Predictions:
-    """Predictions from gathered arrays: `per_stitch` maps cfg_id -> (top-k classes [N, k], top probability [N]),
-    rows in `sample_id` order; `records` are the stitches' results records (stamped with the run's hashes)."""
+def build_predictions(sample_id: np.ndarray, label: np.ndarray,
+                      per_stitch: dict[int, tuple[np.ndarray, np.ndarray]], records: dict[int, dict[str, Any]],
+                      num_classes: int) -> Predictions:
+    """`Predictions` from gathered arrays: `sample_id` and `label` [N] per image, `per_stitch` cfg_id -> (top-k
+    classes [N, k], top probability [N]) with rows in `sample_id` order, `records` cfg_id -> the stitch's results
+    record (stamped with the run's hashes), `num_classes` for the class dtype."""
     ids = sorted(per_stitch)
     dt = class_dtype(num_classes)
     top5 = np.stack([per_stitch[c][0] for c in ids]).astype(dt)
@@ -106,6 +108,9 @@ def build(sample_id: np.ndarray, label: np.ndarray, per_stitch: dict[int, tuple[
     return Predictions(sample_id.astype(np.int64), label, np.asarray(ids, dtype=np.int32), top5,
                        np.stack([per_stitch[c][1] for c in ids]).astype(np.float32), top5[:, :, 0] == label[None],
                        meta)
+
+
+build = build_predictions  # the old name: snnet/train/evaluator.py imports it until it is renamed there
 
 
 def merge(old: Predictions | None, new: Predictions) -> Predictions:
