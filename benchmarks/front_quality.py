@@ -231,10 +231,45 @@ def finals(summary: dict[str, dict], target: float | None, target_name: str = "s
     return "\n".join(lines) + "\n"
 
 
+def on_images(pred, images):
+    """The predictions `pred` (snnet.results.predictions.Predictions) of the images at positions `images` only."""
+    from snnet.results.predictions import Predictions
+    return Predictions(pred.sample_id[images], pred.label[images], pred.cfg_id, pred.top5[:, images],
+                       pred.top_prob[:, images], pred.correct[:, images], pred.meta)
+
+
+def stage_costs(chain, flops: dict[int, float], shared=None) -> dict[int, float]:
+    """What each stage of a cascade `chain` costs: its FLOPs less what it shares with an earlier stage (`shared(a,
+    b)`: the FLOPs of the computation routes a and b begin with alike, reused when a ran first; None: nothing)."""
+    return {c: flops[c] - (max((shared(a, c) for a in chain[:j]), default=0.0) if shared else 0.0)
+            for j, c in enumerate(chain)}
+
+
+def network_cascade(records: list[dict], pred, anchors: list[int], shared=None) -> dict:
+    """The SN-Net used as a cascade whose stages may be any of its networks, stitches included (a stitched route
+    that hands unsure images on, or takes them over): every network alone, every pair in FLOPs order, and every
+    chain of the anchors, over `cascade_settings`' thresholds. Nothing computed is shared between stages (a stitch
+    that starts with the small anchor's blocks could reuse them: this counts them twice, so it is a lower bound on
+    that hybrid) unless `shared` says what two routes compute alike (`stage_costs`). `pred` must hold every network
+    of `records`. Returns the front ("cascade"), the settings tried and the front's hypervolume."""
+    from snnet.results.baselines import cascade_settings
+    from snnet.results.quality import hypervolume, pareto_front
+    flops = {r["cfg_id"]: float(r["flops"]) for r in records}
+    ids = sorted(flops, key=lambda c: (flops[c], c))
+    chain = [c for c in ids if c in set(anchors)]
+    chains = [list(sub) for k in range(1, len(chain) + 1) for sub in itertools.combinations(chain, k)]
+    chains += [[c] for c in ids if c not in set(anchors)]
+    chains += [[a, b] for a, b in itertools.combinations(ids, 2) if not (a in chain and b in chain)]
+    settings = [s for sub in chains for s in cascade_settings(pred, sub, stage_costs(sub, flops, shared))]
+    front = pareto_front(settings)
+    ref = max(flops[a] for a in anchors)
+    return {"cascade": front, "cascade_settings": len(settings),
+            "hypervolume": hypervolume([(s["flops"] / ref, s["acc1"]) for s in front])}
+
+
 def run_hybrid(run: dict, work: Path, data: Path) -> float:
-    """The SN-Net used as a cascade (stitches as stages too: `snnet.results.baselines.network_cascade`): its last
-    checkpoint evaluated once more with every stitch's per-image predictions; returns that cascade's hypervolume."""
-    from snnet.results.baselines import network_cascade
+    """The SN-Net used as a cascade (stitches as stages too: `network_cascade`): its last checkpoint evaluated once
+    more with every stitch's per-image predictions; returns that cascade's hypervolume."""
     from snnet.results.pareto import is_anchor
     from snnet.results.predictions import load_for
     from snnet.results.records import read_results
@@ -281,7 +316,7 @@ def held_out(run: dict, work: Path) -> dict:
     half averaged over the two folds. Needs `run_hybrid`'s folder (every stitch's predictions)."""
     import numpy as np
 
-    from snnet.results.baselines import cascade_settings, mixing_line, network_cascade, score_setting
+    from snnet.results.baselines import cascade_settings, mixing_line, score_setting
     from snnet.results.pareto import is_anchor
     from snnet.results.predictions import load_for
     from snnet.results.quality import hypervolume, hypervolume_line, pareto_front
@@ -301,19 +336,20 @@ def held_out(run: dict, work: Path) -> dict:
     assert np.array_equal(init_pred.sample_id, pred.sample_id)
     for choose, score in (halves, halves[::-1]):
         pre = pareto_front([s for k in range(1, len(chain) + 1) for sub in itertools.combinations(chain, k)
-                             for s in cascade_settings(init_pred, sub, flops, choose)])
-        scored = [score_setting(init_pred, s, flops, score) for s in pre]
+                             for s in cascade_settings(on_images(init_pred, choose), sub, flops)])
+        scored = [score_setting(on_images(init_pred, score), s, flops) for s in pre]
         out["cascade_pretrained"].append(hypervolume([(s["flops"] / ref, s["acc1"]) for s in scored]))
         acc = {c: 100.0 * pred.correct[pred.row(c)][score].mean() for c in flops}
         out["stitched"].append(hypervolume([(flops[c] / ref, acc[c]) for c in flops]))
         out["mixing"].append(hypervolume_line(mixing_line([(flops[a] / ref, acc[a]) for a in chain])))
         casc = pareto_front([s for k in range(1, len(chain) + 1) for sub in itertools.combinations(chain, k)
-                              for s in cascade_settings(pred, sub, flops, choose)])
-        hyb = network_cascade(records, pred, anchors, choose)["cascade"]
-        hyb_shared = network_cascade(records, pred, anchors, choose, shared)["cascade"]
+                              for s in cascade_settings(on_images(pred, choose), sub, flops)])
+        hyb = network_cascade(records, on_images(pred, choose), anchors)["cascade"]
+        hyb_shared = network_cascade(records, on_images(pred, choose), anchors, shared)["cascade"]
         for key, front, share in (("cascade", casc, None), ("hybrid", hyb, None),
                                   ("hybrid_shared", hyb_shared, shared)):
-            scored = [score_setting(pred, s, flops, score, share) for s in front]
+            scored = [score_setting(on_images(pred, score), s, stage_costs(s["chain"], flops, share))
+                      for s in front]
             out[key].append(hypervolume([(s["flops"] / ref, s["acc1"]) for s in scored]))
     return {f"held_out_{k}": statistics.mean(v) for k, v in out.items()}
 

@@ -47,10 +47,8 @@ live interval).
 from __future__ import annotations
 
 import argparse
-import base64
 import bisect
 import collections
-import io
 import json
 import os
 import statistics
@@ -69,52 +67,25 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from snnet.results.quality import pareto_front  # noqa: E402
-from snnet.results.records import read_results  # noqa: E402
-from snnet.serve.loadgen import get, post, run_open_loop  # noqa: E402
-from snnet.stitching.build import build_snnet  # noqa: E402  (after the path insert: runs from a checkout)
-from snnet.stitching.config import parse_stitch_config  # noqa: E402
+from loadgen import get, post, run_open_loop  # noqa: E402  (after the path insert: runs from a checkout)
+from serve_replay import (  # noqa: E402
+    DEIT_ANCHORS,
+    DEIT_CONFIG,
+    Calibrated,
+    arrivals,
+    deit_images,
+    deit_served,
+    interval,
+    replay,
+    systems,
+)
+
 from snnet.utils.checkpoint import save_checkpoint  # noqa: E402
 from snnet.utils.fileio import write_text_atomic  # noqa: E402
 
-DEIT_CONFIG = ROOT / "configs" / "deit_ti_s_b.json"
-DEIT_ANCHORS = [0, 1, 2]
 REPLAY = ROOT / "results" / "bench_serve_replay.txt"
 #: what a run's raw record keeps of each answer, after its status, cfg_id, batch size and elapsed ms (--raw)
 ANSWER_TIMES = ("before", "decode", "queue", "forward", "answer")
-
-
-# ------------------------------------------------------------------------------------------------ the networks
-def png(img, fmt: str = "PNG") -> str:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def front_ids(records: list[dict[str, Any]], most: int) -> list[int]:
-    """The FLOPs-accuracy front's cfg_ids, thinned to at most `most` spread over its FLOPs range (ends kept)."""
-    front = sorted(pareto_front(records), key=lambda r: r["flops"])
-    if len(front) <= most:
-        return [r["cfg_id"] for r in front]
-    picks = np.unique(np.round(np.linspace(0, len(front) - 1, most)).astype(int))
-    return [front[i]["cfg_id"] for i in picks]
-
-
-def deit_served() -> tuple[Any, list[dict[str, Any]]]:
-    """SN-Net's DeiT-Ti/S/B with random weights (seed 0) and the served stitches' records: SN-Net's published top-1
-    and FLOPs of the anchors and 10 front stitches. The replay's calibration times the same network."""
-    published = read_results(ROOT / "benchmarks" / "data" / "snnet_deit_ti_s_b_stitches_res.txt")
-    torch.manual_seed(0)
-    net = build_snnet(parse_stitch_config(json.loads(DEIT_CONFIG.read_text())), pretrained=False,
-                      num_classes=1000, img_size=224).eval()
-    ids = sorted(set(front_ids(published, 10)) | set(DEIT_ANCHORS))
-    return net, [{**r, "route": net.describe(r["cfg_id"])} for r in published if r["cfg_id"] in ids]
-
-
-def deit_images(n: int = 16) -> list[str]:
-    from PIL import Image
-    rng = np.random.default_rng(0)
-    return [png(Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)), "JPEG") for _ in range(n)]
 
 
 # ------------------------------------------------------------------------------------------------ servers
@@ -311,8 +282,6 @@ def collect(args: argparse.Namespace, servers_on: set[int], client: set[int]) ->
     """The live runs: a calibration at the start (or `args.calibration`), then every block's randomized runs on
     fresh servers. Returns the raw record `analyse` reads (JSON: written with --raw, read back with --from-raw, so
     that the prediction can be redone on old runs after a change to the replay)."""
-    from serve_replay import Calibrated, arrivals
-
     from snnet.deploy.export import export_stitch, load_snnet
     t_start = time.time()
     plan = weakest_settings(args.replay, args.settings)
@@ -410,7 +379,6 @@ _RECORD: dict[str, Any] = {}  # the record `predict`'s worker processes replay (
 def _predict_server(job: list[int]) -> dict[int, tuple[dict[str, Any], dict[str, Any]]]:
     """The replays of one server's runs (indices into the record's runs, in the order run): each at that run's
     speeds from that server's own history on, and at the calibration's speed as a server that has run a while."""
-    from serve_replay import Calibrated, arrivals, replay, systems
     record = _RECORD
     cal = Calibrated("deit", record["calibration"])
     by_name = systems(cal)
@@ -457,7 +425,6 @@ def predict(record: dict[str, Any], workers: int) -> dict[int, tuple[dict[str, A
 def analyse(record: dict[str, Any], workers: int = 1) -> str:
     """The report of one collection (`collect`'s record): per setting the live means, the paired differences and the
     replay's predictions of the very same runs; its last line the RESULT. `workers`: processes for the replays."""
-    from serve_replay import interval
     plan = [tuple(x) for x in record["plan"]]
     blocks = record["blocks"]
     by_run = {(r["setting"], r["block"], r["system"]): (i, r) for i, r in enumerate(record["runs"])}

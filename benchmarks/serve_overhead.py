@@ -27,8 +27,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from snnet.serve.loadgen import get, post  # noqa: E402  (after the path insert: the benchmark runs from a checkout)
+from loadgen import get, post  # noqa: E402  (after the path insert: the benchmark runs from a checkout)
+
 from snnet.utils.fileio import write_text_atomic  # noqa: E402
 
 PARTS = ("decode", "queue", "forward", "answer")

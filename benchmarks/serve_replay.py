@@ -79,15 +79,20 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from serve_plan import MAX_BATCH, choice_costs, menu_of  # noqa: E402
 
 from snnet.deploy.export import labelled  # noqa: E402
+from snnet.results.quality import pareto_front  # noqa: E402
+from snnet.results.records import read_results  # noqa: E402
 from snnet.serve import simulate  # noqa: E402
 from snnet.serve.estimates import Learned  # noqa: E402
-from snnet.serve.loadgen import arrival_times, onoff_times  # noqa: E402
 from snnet.serve.policy import StitchMenu  # noqa: E402
 from snnet.serve.scheduler import GAPS, DeadlineScheduler, Pending  # noqa: E402
-from snnet.serve.simulate import ONOFF, VirtualClock  # noqa: E402
+from snnet.serve.simulate import ONOFF, VirtualClock, arrival_times, onoff_times  # noqa: E402
+from snnet.stitching.build import build_snnet  # noqa: E402
+from snnet.stitching.config import parse_stitch_config  # noqa: E402
 from snnet.utils.fileio import write_text_atomic  # noqa: E402  (after the path insert: runs from a checkout)
 
 CALIBRATION = ROOT / "results" / "serve_calibration.json"
+DEIT_CONFIG = ROOT / "configs" / "deit_ti_s_b.json"
+DEIT_ANCHORS = [0, 1, 2]
 SIZES = (1, 2, 4, 8)
 ARRIVALS = ("poisson", "gamma4", "gamma8", "onoff")
 LOADS = (0.5, 1.0, 1.5, 2.0, 3.0)
@@ -102,6 +107,40 @@ RULES = {"switch, modes, arrivals, rest on same": {},
          "switch, modes, arrivals, rest on fastest": {"rest_on_same": False},
          "switch, modes, no arrivals, rest on same": {"arrivals": False}}
 KNOBS = ("modes", "arrivals", "rest_on_same")
+
+
+# ------------------------------------------------------------------------------------------------ the networks
+def png(img, fmt: str = "PNG") -> str:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def front_ids(records: list[dict[str, Any]], most: int) -> list[int]:
+    """The FLOPs-accuracy front's cfg_ids, thinned to at most `most` spread over its FLOPs range (ends kept)."""
+    front = sorted(pareto_front(records), key=lambda r: r["flops"])
+    if len(front) <= most:
+        return [r["cfg_id"] for r in front]
+    picks = np.unique(np.round(np.linspace(0, len(front) - 1, most)).astype(int))
+    return [front[i]["cfg_id"] for i in picks]
+
+
+def deit_served() -> tuple[Any, list[dict[str, Any]]]:
+    """SN-Net's DeiT-Ti/S/B with random weights (seed 0) and the served stitches' records: SN-Net's published top-1
+    and FLOPs of the anchors and 10 front stitches: the network the calibration times and serve_live.py serves."""
+    published = read_results(ROOT / "benchmarks" / "data" / "snnet_deit_ti_s_b_stitches_res.txt")
+    torch.manual_seed(0)
+    net = build_snnet(parse_stitch_config(json.loads(DEIT_CONFIG.read_text())), pretrained=False,
+                      num_classes=1000, img_size=224).eval()
+    ids = sorted(set(front_ids(published, 10)) | set(DEIT_ANCHORS))
+    return net, [{**r, "route": net.describe(r["cfg_id"])} for r in published if r["cfg_id"] in ids]
+
+
+def deit_images(n: int = 16) -> list[str]:
+    """`n` random 256x256 JPEG images, base64: the DeiT requests' images."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    return [png(Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)), "JPEG") for _ in range(n)]
 
 
 # ------------------------------------------------------------------------------------------------ calibration
@@ -143,12 +182,10 @@ def _cascade(pred, chain: list[int], flops: dict[int, float], target: float) -> 
 
 def _digits(work: Path) -> dict[str, Any]:
     from PIL import Image
-    from serve_live import front_ids, png
 
     from snnet.data.transforms import eval_transform
     from snnet.demo import write_digits
     from snnet.deploy.export import load_snnet
-    from snnet.results.records import read_results
     data = write_digits(work / "digits")
     val = sorted((data / "val").glob("*/*.png"))
     classes = sorted(p.name for p in (data / "val").iterdir())
@@ -175,8 +212,6 @@ def _digits(work: Path) -> dict[str, Any]:
 
 
 def _deit() -> dict[str, Any]:
-    from serve_live import DEIT_ANCHORS, deit_images, deit_served
-
     from snnet.data.transforms import eval_transform
     net, records = deit_served()
     bodies = [json.dumps({"image": image, "budget": {"latency_ms": 2000}}) for image in deit_images()]
@@ -382,8 +417,9 @@ def replay(net: Calibrated, system: dict[str, Any], times: np.ndarray, draws: np
                               rest_on_same=system.get("rest_on_same", True), modes=system.get("modes", True),
                               clock=clock, tables=_without_modes(net.tables) if own else net.tables, build_now=True)
     sched.learned = Learned.on(clock, after_ms=net.after_p95)  # a server that has answered before
-    if not own:
-        sched.choices.measured = net.warm
+    if not own:  # its mode tables are simulated from the warm server's measurements, not from the trace's
+        mode = sched.choices.mode
+        sched.choices.mode = lambda lane, budget_ms, load, _: mode(lane, budget_ms, load, net.warm)  # type: ignore[method-assign]
         for t in (seen if seen is not None else ()):
             sched.arrivals.add(float(t))
     else:
@@ -535,9 +571,8 @@ def _mode_tables(job: tuple[str, dict[str, Any], str]) -> dict:
     sched = DeadlineScheduler(lambda x, c: x, net.menu, MAX_BATCH, shed=True, arrivals=system.get("arrivals", True),
                               rest_on_same=system.get("rest_on_same", True), clock=clock, tables=net.tables,
                               build_now=True)
-    sched.choices.measured = net.warm
     sched.choices.mode(sched.choices.lane(tuple(system["stages"][0])), net.slo_ms - net.after_p95, (1.0, 1.0),
-                       sched.learned)
+                       net.warm)
     return {k: v for k, v in net.tables.items() if k[0] in ("modes", "built")}
 
 

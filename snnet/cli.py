@@ -51,7 +51,7 @@ if TYPE_CHECKING:  # hints only: the modules import torch or timm (see below)
 
 # The modules that import torch or timm (deploy, serve, data, train.device, explore: torch alone is ~1,100 modules,
 # timm ~800 more) are imported by the command that runs them, so that `snnet --help`, `pareto`, `select` and `report`
-# do not pay for them (issue 41: --help took 6.9 s; tests/test_cli.py checks that torch stays out).
+# start in a fraction of a second (tests/test_results.py checks that torch stays out).
 
 _Parser = OneLineParser  # one line, no usage block
 

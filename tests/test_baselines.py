@@ -7,10 +7,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import FAST, assert_refused, run, run_cli
+from helpers import FAST, ROOT, assert_refused, run, run_cli
 from torch.utils.data import DataLoader, TensorDataset
 
-from snnet.results.baselines import baselines, cascade_settings, mixing_line, network_cascade, score_setting
+from snnet.results.baselines import baselines, cascade_settings, mixing_line, score_setting
 from snnet.results.predictions import (
     Predictions,
     build_predictions,
@@ -77,20 +77,29 @@ def test_cascade_cost_counts_every_anchor_run_and_the_answer_is_the_last_one():
     assert [(f["flops"], f["acc1"]) for f in front] == [(10, 25), (20, 50), (30, 75), (40, 100)]
 
 
-def test_a_setting_chosen_on_some_images_is_scored_on_others():
+@pytest.fixture
+def front_quality(monkeypatch):
+    """benchmarks/front_quality.py: its held-out cascades and the SN-Net used as a cascade."""
+    monkeypatch.syspath_prepend(f"{ROOT}/benchmarks")
+    import front_quality
+    return front_quality
+
+
+def test_a_setting_chosen_on_some_images_is_scored_on_others(front_quality):
     pred = _pred([[0.9, 0.8, 0.3, 0.2], [0.9, 0.9, 0.9, 0.9]], [[1, 0, 0, 0], [0, 1, 1, 1]])
     flops = {0: 10.0, 1: 40.0}
-    first = np.array([0, 1])
-    for s in cascade_settings(pred, [0, 1], flops, first):  # on images 0 and 1, then scored on all four
-        again = score_setting(pred, s, flops, first)
+    first = front_quality.on_images(pred, np.array([0, 1]))
+    for s in cascade_settings(first, [0, 1], flops):  # on images 0 and 1, then scored on all four
+        again = score_setting(first, s, flops)
         assert (again["flops"], again["acc1"]) == pytest.approx((s["flops"], s["acc1"]))
-    s = next(s for s in cascade_settings(pred, [0, 1], flops, first) if abs(s["thresholds"][0] - 0.8) < 1e-6)
+    s = next(s for s in cascade_settings(first, [0, 1], flops) if abs(s["thresholds"][0] - 0.8) < 1e-6)
     assert (s["flops"], s["acc1"]) == (10.0, 50.0)  # both images answered by the small anchor, image 0 right
     assert score_setting(pred, s, flops)["acc1"] == 75.0 and score_setting(pred, s, flops)["flops"] == 30.0
 
 
-def test_network_cascade_may_hand_images_to_a_stitch():
+def test_network_cascade_may_hand_images_to_a_stitch(front_quality):
     # stitch 2 (20 FLOPs) is right on exactly the images the small anchor is unsure of: 0 > 2 is perfect at 15 FLOPs
+    network_cascade = front_quality.network_cascade
     pred = _pred([[0.9, 0.9, 0.3, 0.2], [0.9] * 4, [0.9] * 4], [[1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 1, 1]],
                  flops_ids=(0, 1, 2))
     recs = _records([50.0, 75.0, 50.0], [10, 40, 20])
@@ -102,7 +111,8 @@ def test_network_cascade_may_hand_images_to_a_stitch():
     h = network_cascade(recs, pred, [0, 1], shared=shared)
     assert any(s["chain"] == [0, 2] and s["acc1"] == 100.0 and s["flops"] == 17.5 for s in h["cascade"])
     s = next(s for s in h["cascade"] if s["chain"] == [0, 2] and s["acc1"] == 100.0)
-    assert score_setting(pred, s, {0: 10.0, 1: 40.0, 2: 20.0}, shared=shared)["flops"] == 17.5
+    costs = front_quality.stage_costs([0, 2], {0: 10.0, 1: 40.0, 2: 20.0}, shared)
+    assert costs == {0: 10.0, 2: 15.0} and score_setting(pred, s, costs)["flops"] == 17.5
 
 
 def _records(accs, flops, anchors=2):
@@ -142,8 +152,8 @@ def _file(tmp_path, recs, pred_ids=(0, 1), probs=None, correct=None):
     for k, c in enumerate(pred_ids):
         top = np.stack([np.where(np.asarray(correct[k], bool), label, (label + 1) % 3), (label + 2) % 3], 1)
         per[c] = (top, np.asarray(probs[k], np.float32))
-    records = {r["cfg_id"]: r for r in recs}
-    write_predictions(predictions_path(res), build_predictions(np.arange(n), label, per, records, 3))
+    pred = build_predictions(np.arange(n), label, per, {r["cfg_id"]: r for r in recs}, 3)
+    write_predictions(predictions_path(res), pred)
     return res
 
 

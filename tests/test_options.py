@@ -60,13 +60,12 @@ def test_no_library_module_takes_a_namespace():
 
 
 def test_the_training_path_does_not_climb_back_to_the_entry_layer():
-    """Issue 39: train.py's path is a straight line, parse -> resolve -> check -> build -> fit. tools/trace_rooms.py
-    runs a one-epoch demo run up to its fit under a profile hook and lists every call into main.py, args.py or
-    describe.py (resolve.py then) made from a lower module (8 when the tool was written, all from preflight.py:
-    reading the namespace back into options and calling resolve.py's helpers; 0 since, and held there: the walk's
-    own call of main, from whatever ran the walk, is the path's start, not a climb)."""
+    """train.py's path is a straight line, parse -> resolve -> check -> build -> fit. benchmarks/trace_rooms.py runs
+    a one-epoch demo run up to its fit under a profile hook and lists every call into main.py or args.py made from a
+    lower module: none (the walk's own call of main, from whatever ran the walk, is the path's start, not a
+    climb)."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("trace_rooms", ROOT / "tools" / "trace_rooms.py")
+    spec = importlib.util.spec_from_file_location("trace_rooms", ROOT / "benchmarks" / "trace_rooms.py")
     assert spec is not None and spec.loader is not None
     trace_rooms = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(trace_rooms)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,22 +78,11 @@ def _grid(p: np.ndarray, stages: int) -> np.ndarray:
     return np.concatenate([values, [np.inf]])
 
 
-def _stage_costs(chain: Sequence[int], flops: dict[int, float], shared: Callable[[int, int], float] | None):
-    """Cumulative cost after each stage: a stage costs its FLOPs less what it shares with an earlier stage
-    (`shared(a, b)`: the FLOPs of the computation both routes begin with, reusable when a ran first)."""
-    extra = [flops[c] - (max((shared(a, c) for a in chain[:j]), default=0.0) if shared else 0.0)
-             for j, c in enumerate(chain)]
-    return np.cumsum(extra)
-
-
-def cascade_settings(pred: Predictions, chain: Sequence[int], flops: dict[int, float],
-                     images: np.ndarray | None = None,
-                     shared: Callable[[int, int], float] | None = None) -> list[dict[str, Any]]:
-    """Every threshold setting of one chain: {"chain", "thresholds", "flops" (mean per image), "acc1" (percent)};
-    `images`: positions of the images to use (default all); `shared`: see `_stage_costs` (default: nothing
-    shared)."""
-    p, ok = _chain_inputs(pred, chain, images)
-    cum = _stage_costs(chain, flops, shared)
+def cascade_settings(pred: Predictions, chain: Sequence[int], flops: dict[int, float]) -> list[dict[str, Any]]:
+    """Every threshold setting of one chain (cfg_ids, run in this order; `flops`: each stage's cost by cfg_id) on
+    `pred`'s images: a list of {"chain", "thresholds", "flops" (mean per image), "acc1" (percent)}."""
+    p, ok = _chain_inputs(pred, chain)
+    cum = np.cumsum([flops[c] for c in chain])
     if len(chain) == 1:
         return [{"chain": list(chain), "thresholds": [], "flops": float(cum[0]), "acc1": 100.0 * ok[0].mean()}]
     grids = [_grid(p[j], len(chain) - 1) for j in range(len(chain) - 1)]
@@ -101,11 +90,10 @@ def cascade_settings(pred: Predictions, chain: Sequence[int], flops: dict[int, f
             for ts in itertools.product(*grids)]
 
 
-def _chain_inputs(pred: Predictions, chain: Sequence[int], images: np.ndarray | None):
-    """Per stage of `chain`: the top probability and the correctness of each image (of `images`, default all)."""
+def _chain_inputs(pred: Predictions, chain: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per stage of `chain`: the top probability and the correctness of each image."""
     rows = [pred.row(c) for c in chain]
-    p, ok = pred.top_prob[rows].astype(np.float64), pred.correct[rows]
-    return (p[:, images], ok[:, images]) if images is not None else (p, ok)
+    return pred.top_prob[rows].astype(np.float64), pred.correct[rows]
 
 
 def _run(p: np.ndarray, ok: np.ndarray, cum: np.ndarray, thresholds: Sequence[float]) -> dict[str, float]:
@@ -119,6 +107,14 @@ def _run(p: np.ndarray, ok: np.ndarray, cum: np.ndarray, thresholds: Sequence[fl
         exit_at[leave] = j
         pending &= ~leave
     return {"flops": float(cum[exit_at].mean()), "acc1": 100.0 * ok[exit_at, np.arange(n)].mean()}
+
+
+def score_setting(pred: Predictions, setting: dict[str, Any], flops: dict[int, float]) -> dict[str, Any]:
+    """One cascade setting (its chain and thresholds, e.g. chosen on other images) scored on `pred`'s images: the
+    setting with its "flops" (mean per image) and "acc1" (percent) there."""
+    p, ok = _chain_inputs(pred, setting["chain"])
+    ts = [np.inf if t is None else t for t in setting["thresholds"]]
+    return {**setting, **_run(p, ok, np.cumsum([flops[c] for c in setting["chain"]]), ts)}
 
 
 # ------------------------------------------------------------------------------------------------------ both
@@ -243,38 +239,3 @@ def add_to_report(report, anchors: Sequence[Sequence[int]], unit: tuple[float, s
     report.markdown += "\n" + head + "\n\n" + summary_table(rows)
     for label, b in rows:
         report.markdown += f"\n### {label}: the cascade's front\n\n" + cascade_table(b, scale, unit_name)
-
-
-def network_cascade(records: Sequence[dict[str, Any]], pred: Predictions, anchors: Sequence[int],
-                    images: np.ndarray | None = None,
-                    shared: Callable[[int, int], float] | None = None) -> dict[str, Any]:
-    """A cascade whose stages may be any networks of the SN-Net, stitches included (a stitched route that hands
-    unsure images on, or takes them over): every network alone, every pair in FLOPs order, and every chain of the
-    anchors, over `cascade_settings`' thresholds; nothing computed is shared between stages (a stitch that starts
-    with the small anchor's blocks could reuse them: this counts them twice, so it is a lower bound on that
-    hybrid) unless `shared` says what two routes compute alike (`_stage_costs`). `pred` must hold every network of
-    `records`; `images`: positions of the images to use (default all). Returns the front and its hypervolume."""
-    by_id = {r["cfg_id"]: r for r in records}
-    flops = {c: float(r["flops"]) for c, r in by_id.items()}
-    ids = sorted(by_id, key=lambda c: (flops[c], c))
-    chain = [c for c in ids if c in set(anchors)]
-    settings = [s for k in range(1, len(chain) + 1) for sub in itertools.combinations(chain, k)
-                for s in cascade_settings(pred, sub, flops, images, shared)]
-    settings += [s for c in ids if c not in set(anchors)
-                 for s in cascade_settings(pred, [c], flops, images, shared)]
-    settings += [s for a, b in itertools.combinations(ids, 2) if not (a in chain and b in chain)
-                 for s in cascade_settings(pred, [a, b], flops, images, shared)]
-    front = pareto_front(settings)
-    ref = max(flops[a] for a in anchors)
-    return {"cascade": front, "cascade_settings": len(settings),
-            "hypervolume": hypervolume([(s["flops"] / ref, s["acc1"]) for s in front]),
-            "stages": sorted({c for s in front for c in s["chain"]})}
-
-
-def score_setting(pred: Predictions, setting: dict[str, Any], flops: dict[int, float],
-                  images: np.ndarray | None = None,
-                  shared: Callable[[int, int], float] | None = None) -> dict[str, Any]:
-    """One cascade setting (chain and thresholds, e.g. chosen on other images) scored on `images`."""
-    p, ok = _chain_inputs(pred, setting["chain"], images)
-    ts = [np.inf if t is None else t for t in setting["thresholds"]]
-    return {**setting, **_run(p, ok, _stage_costs(setting["chain"], flops, shared), ts)}

@@ -91,10 +91,12 @@ def class_dtype(num_classes: int) -> type:
     return np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32
 
 
-def build_predictions(sample_id: np.ndarray, label: np.ndarray, per_stitch: dict[int, tuple[np.ndarray, np.ndarray]],
-          records: dict[int, dict[str, Any]], num_classes: int) -> Predictions:
-    """Predictions from gathered arrays: `per_stitch` maps cfg_id -> (top-k classes [N, k], top probability [N]),
-    rows in `sample_id` order; `records` are the stitches' results records (stamped with the run's hashes)."""
+def build_predictions(sample_id: np.ndarray, label: np.ndarray,
+                      per_stitch: dict[int, tuple[np.ndarray, np.ndarray]], records: dict[int, dict[str, Any]],
+                      num_classes: int) -> Predictions:
+    """`Predictions` from gathered arrays: `sample_id` and `label` [N] per image, `per_stitch` cfg_id -> (top-k
+    classes [N, k], top probability [N]) with rows in `sample_id` order, `records` cfg_id -> the stitch's results
+    record (stamped with the run's hashes), `num_classes` for the class dtype."""
     ids = sorted(per_stitch)
     dt = class_dtype(num_classes)
     top5 = np.stack([per_stitch[c][0] for c in ids]).astype(dt)

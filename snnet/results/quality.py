@@ -153,7 +153,7 @@ def front_quality(records: Sequence[dict[str, Any]], anchors: Sequence[int],
 def in_anchor_range(records: Sequence[dict[str, Any]], anchors: Sequence[int], margin: float = 3.0
                     ) -> tuple[int, int]:
     """(stitches whose top-1 lies within the anchors' top-1 range widened by `margin` points, stitches): the demo's
-    test of a working SN-Net (issue 31: stitches between two anchors should not fall far below the smaller one)."""
+    test of a working SN-Net (a stitch between two anchors should not fall far below the smaller one)."""
     top1 = [float(r["acc1"]) for r in records if r["cfg_id"] in set(anchors)]
     lo, hi = min(top1) - margin, max(top1) + margin
     stitches = [float(r["acc1"]) for r in records if r["cfg_id"] not in set(anchors)]

@@ -5,7 +5,6 @@
     handler.py    the engine-free request path (body -> checked request -> scheduler -> JSON): `ServeCore`
     local.py      the one-machine engine (aiohttp in one process; `snnet serve`'s default)
     app.py        the Ray Serve deployment around `ServeCore` (`--engine ray`: replicas, clusters)
-    loadgen.py    bounded open-loop (scheduled arrivals) and closed-loop load generators, 127.0.0.1 only
 
 The layer sits beside deploy/ (it may import core, results, train and deploy; only the CLI imports it).
 docs/serving.md has the commands, the request format and the measured numbers.

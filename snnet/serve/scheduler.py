@@ -68,8 +68,7 @@ def release_free_heap() -> bool:
 
     Once glibc's dynamic mmap threshold has risen (it does when a large block is freed: loading a checkpoint frees
     hundreds of MiB of them), freed activations and tensors stay in the heap, so a server's memory stays at its
-    peak. Measured on DeiT-Ti/S/B (issue 38): after loading and measuring latencies a trim gave back 80 and
-    170 MiB. The server trims after its set-up and whenever its queue runs empty (at most once a second)."""
+    peak. The server trims after its set-up and whenever its queue runs empty (at most once a second)."""
     global _LIBC
     if _LIBC is None:
         try:
@@ -158,9 +157,7 @@ class Choices:
     """The choice tables of one menu and rule: a `SlackTable` per candidate list (built when first needed, or at
     start by `prepare`) and a `ModeTable` per candidate list and budget bucket (simulated once the server measured
     `MODE_AFTER` batches and again at `REBUILD_FACTOR` times as many, in a thread of its own). `shared`: a cache
-    shared with other schedulers of this menu (a simulation replaying many traces builds each table once);
-    `measured`: what the tables are simulated from instead of the scheduler's own measurements (a replay of a server
-    that has run for a while)."""
+    shared with other schedulers of this menu (a simulation replaying many traces builds each table once)."""
 
     def __init__(self, menu: StitchMenu, rule: Rule, run: Forward, window: float, shared: dict):
         self.menu, self.rule, self.run, self.window, self.shared = menu, rule, run, window, shared
@@ -171,9 +168,7 @@ class Choices:
         self.modes: dict[tuple[int, ...], dict[int, ModeTable | None]] = shared.setdefault(("modes", *kind), {})
         self.built: dict[tuple[int, ...], dict[int, int]] = shared.setdefault(("built", *kind), {})
         self.lanes: dict[tuple[int, ...], Lane] = {}
-        self.measured: Learned | None = None  # simulate from this, not the scheduler's own (a replay's warm server)
-        # (candidates, budget bucket) -> the batches measured when the table in use was simulated (GET / reports it:
-        # benchmarks/serve_live.py replays a live server with the same tables)
+        # (candidates, budget bucket) -> the batches measured when the table in use was simulated (GET / reports it)
         self.simulated_from: dict[tuple[tuple[int, ...], int], int] = {}
         self.builder: concurrent.futures.ThreadPoolExecutor | None = None
         # set while the server has nothing to do (no request queued, no batch running): the builder simulates only
@@ -214,7 +209,6 @@ class Choices:
         them. A lookup in the lane's `ModeTable` of the budget bucket; None until `MODE_AFTER` batches were
         measured, 8 arrivals seen and the table simulated (from what `learned` holds then; again, while the last
         one serves, once the batches measured have grown `REBUILD_FACTOR`-fold)."""
-        learned = self.measured or learned
         count = learned.batches.count
         if load is None or budget_ms <= 0 or count < MODE_AFTER:
             return None

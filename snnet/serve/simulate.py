@@ -3,7 +3,8 @@ times, every batch charged a service time, nothing run.
 
 `replay` is the loop; its callers say what a batch costs and what an answer earns: the server's `mode_table`
 (switching or one stitch, per measured load) charges its latency table times its measured noise,
-benchmarks/serve_replay.py the costs calibrated on this machine, the tests a latency table's.
+benchmarks/serve_replay.py the costs calibrated on this machine. `arrival_times` (gamma: Poisson or bursty) and
+`onoff_times` (on/off bursts) draw the arrivals a load is simulated on.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from snnet.serve.policy import ModeTable, StitchMenu
+from snnet.utils.errors import UsageError
 
 
 class VirtualClock:
@@ -75,14 +77,41 @@ def replay(sched: Dispatch, clock: VirtualClock, admissions: list[tuple[float, A
             if again is not None:
                 heapq.heappush(admissions, again)
 
+def arrival_times(n: int, rate: float, cv2: float = 1.0, seed: int = 0) -> np.ndarray:
+    """`n` arrival times in seconds from 0, `rate` requests/s on average: gamma inter-arrival times of shape
+    1/cv2 (cv2 = 1: Poisson; 4 or 8: bursts of many requests close together, then long gaps)."""
+    if n < 1 or not rate > 0 or not cv2 > 0:
+        raise UsageError(f"arrivals need n >= 1, rate > 0 and cv2 > 0 (got {n}, {rate}, {cv2})")
+    rng = np.random.default_rng(seed)
+    gaps = rng.gamma(1.0 / cv2, cv2 / rate, n)
+    return np.cumsum(gaps) - gaps[0]
 
+
+def onoff_times(n: int, rate: float, on_s: float, off_s: float, seed: int = 0) -> np.ndarray:
+    """`n` arrival times in seconds from 0, `rate` requests/s on average, in bursts: Poisson at
+    rate x (on_s + off_s) / on_s during ON periods (exponential, `on_s` seconds on average), none during OFF periods
+    (exponential, `off_s` on average)."""
+    if n < 1 or not rate > 0 or not on_s > 0 or not off_s >= 0:
+        raise UsageError(f"on/off arrivals need n >= 1, rate > 0, on_s > 0 and off_s >= 0 "
+                         f"(got {n}, {rate}, {on_s}, {off_s})")
+    rng = np.random.default_rng(seed)
+    peak = rate * (on_s + off_s) / on_s
+    out: list[float] = []
+    t = 0.0
+    while len(out) < n:
+        on = rng.exponential(on_s)
+        k = rng.poisson(peak * on)
+        out.extend(np.sort(t + rng.uniform(0, on, k)).tolist())
+        t += on + rng.exponential(off_s)
+    times = np.array(out[:n])
+    return times - times[0]
 
 
 #: the loads a mode table is simulated at: multiples of what the fastest candidate sustains in full batches, and
 #: the arrivals' squared coefficient of variation (1: Poisson; gamma above it: bursts)
 LOADS = tuple(0.02 * 1.5 ** k for k in range(12))
 CV2S = (1.0, 4.0, 8.0)
-#: and on/off bursts: ON and OFF periods of these many budgets on average (loadgen.py `onoff_times`)
+#: and on/off bursts: ON and OFF periods of these many budgets on average (`onoff_times`)
 ONOFF = (20.0, 40.0)
 MODE_REQUESTS = 1000  # arrivals per simulated load of a mode table (a smoke run may lower it)
 OWN_RATIOS = 20  # a stitch measured fewer times draws its noise from every stitch's ratios
@@ -109,7 +138,6 @@ def mode_table(menu: StitchMenu, candidates: Sequence[int], budget_ms: float, ma
     Each cell is placed at the rate and CV^2 the server *measures* on its arrivals (`estimates.Arrivals.load`, over
     `gaps` gaps: the medians of that estimate over the trace), where the lookup looks. `pause`: called before each
     system's simulation (a server's builder waits there while requests are being served)."""
-    from snnet.serve.loadgen import arrival_times, onoff_times  # a leaf module: numpy only
     requests = requests or MODE_REQUESTS
     ids = list(candidates)
     b_max = max(1, max_batch)
@@ -177,5 +205,5 @@ def measured_load(gaps: np.ndarray, window: int) -> list[tuple[float, float]]:
     return out
 
 
-__all__ = ["CV2S", "ONOFF", "Dispatch", "LOADS", "MODE_REQUESTS", "OWN_RATIOS", "VirtualClock", "measured_load",
-           "mode_table", "replay"]
+__all__ = ["CV2S", "ONOFF", "Dispatch", "LOADS", "MODE_REQUESTS", "OWN_RATIOS", "VirtualClock", "arrival_times",
+           "measured_load", "mode_table", "onoff_times", "replay"]

@@ -1,7 +1,7 @@
 """Whether timm's pretrained weights of an anchor can be had here, decided in seconds and without a download.
 
 A pretrained anchor whose weights are neither in a local cache nor reachable would otherwise make every rank spend a
-minute in huggingface_hub's retries before failing (issue 53). `check_pretrained` is what the preflight (train.py,
+minute in huggingface_hub's retries before failing. `check_pretrained` is what the preflight (train.py,
 distributed_train.sh's launcher, --dry-run) asks first: the weights' file in the Hugging Face hub cache, or the old
 torch hub cache for a URL; if absent, HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) set means no download, and otherwise
 one TCP connection to the host, given CONNECT_SECONDS, says whether a download could start.

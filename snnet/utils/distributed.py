@@ -36,9 +36,9 @@ REFUSAL_DIR = "SNNET_REFUSAL_DIR"
 
 def say_refusal(line: str) -> None:
     """A user error's one line, said once per launch. Under `snnet.train.launch` (which sets SNNET_REFUSAL_DIR) each
-    rank writes its line to that folder and the launcher prints the line of the first rank to fail: printed by rank 0
-    alone, the line was lost whenever another rank failed first and torchrun stopped rank 0 before it printed.
-    Elsewhere (torchrun itself, one process) rank 0 prints it."""
+    rank writes its line to that folder and the launcher prints the line of the first rank to fail (a line only rank
+    0 prints is lost when another rank fails first and torchrun stops rank 0 before it prints). Elsewhere (torchrun
+    itself, one process) rank 0 prints it."""
     rank = world(launched=True)[0]
     folder = os.environ.get(REFUSAL_DIR)
     if folder and os.path.isdir(folder):

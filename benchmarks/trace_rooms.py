@@ -1,20 +1,15 @@
 """Walk train.py's path from argv to the training loop and count how often it climbs back to the entry layer.
 
-Issue 39 asks for the training path as a straight line: parse -> resolve -> check -> build -> fit, each step called
-once, with no lower module calling back up. This tool measures it. It runs `snnet.train.main.main(argv)` (the
-digits demo's card on generated digits, one process, CPU) under a profile hook up to the start of the fit
-(`train_and_evaluate`), so what it measures is the set-up, not the epochs. A *climb back* is a call into the entry
-layer (`snnet/train/main.py`, `args.py`, `describe.py`) made by a function of another module of this repository:
-after the path has left the entry layer, something below calls up into it again (the entry layer calling itself, or
-calling down, is the straight line).
+The training path is a straight line: parse -> resolve -> check -> build -> fit, each step called once, with no
+lower module calling back up. This tool checks it. It runs `snnet.train.main.main(argv)` (the digits demo's card on
+generated digits, one process, CPU) under a profile hook up to the start of the fit (`Trainer.fit`), so what it
+measures is the set-up, not the epochs. A *climb back* is a call into the entry layer (`snnet/train/main.py`,
+`args.py`) made by a function of another module of this repository: after the path has left the entry layer,
+something below calls up into it again (the entry layer calling itself, or calling down, is the straight line).
+tests/test_options.py holds the count at 0.
 
-    .venv/bin/python tools/trace_rooms.py            # the count, and each climb (caller -> entry function)
-    .venv/bin/python tools/trace_rooms.py --rooms    # and every module entered, in order
-
-The review that filed issue 39 counted 16 returns on a static walk. This dynamic count was 8 when the tool was
-written, all from preflight.py (reading the namespace back into options, calling resolve.py's helpers; resolve.py is
-describe.py now), and 0 once the checks took the typed RunOptions and built what they check with the lower layers'
-functions.
+    .venv/bin/python benchmarks/trace_rooms.py            # the count, and each climb (caller -> entry function)
+    .venv/bin/python benchmarks/trace_rooms.py --rooms    # and every module entered, in order
 """
 from __future__ import annotations
 
@@ -28,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-ENTRY = ("snnet/train/main.py", "snnet/train/args.py", "snnet/train/describe.py")
+ENTRY = ("snnet/train/main.py", "snnet/train/args.py")
 
 
 class _FitReached(BaseException):
@@ -39,6 +34,7 @@ def walk(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     """The rooms (repository modules, relative paths) that `main(argv)` enters, in order, up to the fit; and the
     climbs back: (caller module:function, entry module:function) for each call into the entry layer from below."""
     import snnet.train.main as train_main
+    from snnet.train.trainer import Trainer
 
     rooms: list[str] = []
     climbs: list[tuple[str, str]] = []
@@ -69,8 +65,8 @@ def walk(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     def fit(*_args, **_kwargs):
         raise _FitReached
 
-    real_fit = train_main.train_and_evaluate
-    train_main.train_and_evaluate = fit
+    real_fit = Trainer.fit
+    Trainer.fit = fit  # type: ignore[method-assign]
     sys.setprofile(hook)
     try:
         train_main.main(argv)
@@ -80,7 +76,7 @@ def walk(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
         raise SystemExit("the run ended before its fit started: pass a training run's arguments")
     finally:
         sys.setprofile(None)
-        train_main.train_and_evaluate = real_fit
+        Trainer.fit = real_fit  # type: ignore[method-assign]
     return rooms, climbs
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# tools/quiet_core.sh CMD ARGS...: run a measurement on a quiet core. Every other process of the machine, and
+# benchmarks/quiet_core.sh CMD ARGS...: run a measurement on a quiet core. Every other process of the machine, and
 # whatever those start meanwhile, is confined to the other cores by a cpuset cgroup while CMD runs on core 0
 # (QUIET_CPUS=...: other cores; OTHERS_CPUS=...: where the rest goes, default the cores not in QUIET_CPUS), then
 # given every core back. benchmarks/serve_live.py runs with QUIET_CPUS=0,1 OTHERS_CPUS=1: its servers on core 0
@@ -17,8 +17,7 @@ REST=${OTHERS_CPUS:-}
 mkdir -p "$CG/others"
 cat "$CG/cpuset.mems" > "$CG/others/cpuset.mems"
 echo "$REST" > "$CG/others/cpuset.cpus"
-# every core back, however this ends: a stopped measurement (Ctrl-C, kill) must not leave the machine on one
-# core (a kill of this script mid-run once left every process, the test suite started next included, on core 1)
+# every core back, however this ends: a stopped measurement (Ctrl-C, kill) must not leave the machine on one core
 child=
 restore() {
     if [ -n "$child" ]; then  # stopped, and waited for: this script ends only once its command is gone
@@ -26,7 +25,7 @@ restore() {
         wait "$child" 2>/dev/null
     fi
     # every core to the confined group first, so that nothing stays on one core, not even a process forked while
-    # the group is emptied (a test run beside it once left one there); then empty it, pass by pass
+    # the group is emptied; then empty it, pass by pass
     cat "$CG/cpuset.cpus" > "$CG/others/cpuset.cpus" 2>/dev/null
     for _ in 1 2 3 4 5 6 7 8 9 10; do
         left=$(cat "$CG/others/cgroup.procs")
