@@ -57,7 +57,7 @@ RECIPES: dict[str, tuple[list[str], dict]] = {
     # SN-Net's own: its LS init and decay quirks (--snnet-compat), uniform sampling, each rank its own stitch, one LR
     # (the demo config's "ls_mode" field would win over --snnet-compat's implied mode, so it is named)
     "snnet": (["--snnet-compat", "--ls-mode", "snnet"], {}),
-    # this project's: the options the ablation below kept (see docs/front_quality_results.md)
+    # this project's: the options the ablation below kept (see docs/results.md)
     # ROS buckets of 0.3 MFLOPs (the digits stitches cost 0.27-4.1 MFLOPs: 13 buckets), 5x the LR for the stitching
     # layers (anchors keep SN-Net's LR), joint LS init, and none of SN-Net's decay quirks
     "ours": (["--ls-mode", "joint", "--lr", "1e-3", "--anchor-lr-scale", "0.2"],

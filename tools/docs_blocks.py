@@ -330,22 +330,18 @@ def recorded(command: str) -> str:
 
 
 def options_table() -> str:
-    """``options``: train.py's option reference, one row per option, derived from the option declarations
+    """``options``: train.py's option reference, one list item per option, derived from the option declarations
     (`snnet.train.options.FLAG_OPTIONS`, the same fields the parser is derived from)."""
-    import typing
-
     from snnet.train.options import FLAG_OPTIONS
     from snnet.utils.options import GROUPS, flag_fields
-    cell = lambda text: str(text).replace("|", "\\|").replace("<", "&lt;").replace("*", "\\*")
-    rows = ["| flag | default | values | typed option | meaning |", "|---|---|---|---|---|"]
-    for cls, field, flag in sorted(flag_fields(FLAG_OPTIONS), key=lambda x: GROUPS.index(x[2].group)):
+    text = lambda t: str(t).replace("<", "&lt;").replace("*", "\\*")
+    rows = []
+    for _cls, field, flag in sorted(flag_fields(FLAG_OPTIONS), key=lambda x: GROUPS.index(x[2].group)):
         default = None if field.default is field.default_factory is dataclasses.MISSING else (
             field.default_factory() if field.default is dataclasses.MISSING else field.default)
         values = ", ".join(repr(c) for c in flag.choices) if flag.choices else (flag.rule or "").replace("_", "-")
-        hint = typing.get_type_hints(cls)[field.name]
         names = ", ".join(f"`{n}`" for n in flag.names) or f"`{flag.metavar}` (positional)"
-        rows.append(f"| {names} | `{default!r}` | {cell(values)} | `{cls.__name__}.{field.name}`: "
-                    f"{cell(getattr(hint, '__name__', None) or hint)} | {cell(flag.help)} |")
+        rows.append(f"* {names} (`{default!r}`{'; ' + text(values) if values else ''}): {text(flag.help)}")
     return "\n".join(rows) + "\n"
 
 
