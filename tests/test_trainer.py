@@ -114,8 +114,8 @@ def test_train_py_saves_validates_and_evaluates_the_ema(tmp_path, digits_folder,
 
     monkeypatch.setattr(trainer_module, "evaluate_all", evaluate_all)
     validated = []
-    real_validate = trainer_module.validate_panel
-    monkeypatch.setattr(trainer_module, "validate_panel",
+    real_validate = trainer_module.validate_stitches
+    monkeypatch.setattr(trainer_module, "validate_stitches",
                         lambda net, *a, **k: validated.append(net) or real_validate(net, *a, **k))
     argv = [str(digits_folder), "--stitch_config", str(tiny_config), *FAST, "--epochs", "1", "--model-ema",
             "--model-ema-decay", "0.5", "--val-stitches", "0", "--save-predictions", "none", "--output",

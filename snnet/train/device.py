@@ -98,7 +98,7 @@ class Placement:
     local_rank: int = 0
 
 
-def resolve_device(device: str | None, dist_backend: str | None = None, dist_url: str | None = None) -> Placement:
+def init_distributed(device: str | None, dist_backend: str | None = None, dist_url: str | None = None) -> Placement:
     """timm's init_distributed_device (its keyword form), plus the process group of a torchrun restart (see
     below). Under Slurm's srun the ranks come from Slurm's environment (`adopt_slurm_env`), the master address from
     the job's first host."""

@@ -1,5 +1,5 @@
 """Evaluation: the loop that evaluates stitches in one pass over the data (`evaluate_stitches`), the validation panel
-after each epoch (`validate_panel`) and the final evaluation of every stitch into a results file, with the chosen
+after each epoch (`validate_stitches`) and the final evaluation of every stitch into a results file, with the chosen
 stitches' per-image predictions next to it (`evaluate_all`)."""
 from __future__ import annotations
 
@@ -197,20 +197,15 @@ def _recording(emit: Callable, per_image: PerImage, batch: Sequence, y: torch.Te
     return both
 
 
-def default_val_panel(num_configs: int, n_anchors: int, extra: int = 4) -> list[int]:
-    """Anchors plus a few evenly spread stitches: validated after every epoch (the full sweep runs at the end)."""
-    stitched = list(range(n_anchors, num_configs))
-    step = max(1, len(stitched) // max(extra, 1))
-    return list(range(n_anchors)) + stitched[step // 2::step][:extra]
-
-
-
-
-def val_panel(options: EvalOptions, model: RoutedNet) -> list[int]:
-    """The cfg_ids validated after each epoch (--val-stitches; default the anchors and a few stitches)."""
+def panel_cfg_ids(options: EvalOptions, model: RoutedNet, extra: int = 4) -> list[int]:
+    """The validation panel: the cfg_ids validated after each epoch (--val-stitches; default the anchors and `extra`
+    evenly spread stitches; the full sweep runs at the end). Refuses cfg_ids the network lacks and a top1@ID
+    --eval-metric outside the panel."""
     given = options.val_stitches
     if given is None:
-        panel = default_val_panel(model.num_configs, model.n_anchors)
+        stitched = list(range(model.n_anchors, model.num_configs))
+        step = max(1, len(stitched) // max(extra, 1))
+        panel = list(range(model.n_anchors)) + stitched[step // 2::step][:extra]
     elif "all" in given:
         panel = list(range(model.num_configs))
     else:
@@ -225,7 +220,7 @@ def val_panel(options: EvalOptions, model: RoutedNet) -> list[int]:
     return panel
 
 
-def validate_panel(net: nn.Module, val_loader: Any, panel: list[int], options: RunOptions, input_size: Sequence[int],
+def validate_stitches(net: nn.Module, val_loader: Any, panel: list[int], options: RunOptions, input_size: Sequence[int],
                    epoch: int, train_loss: float, label: str = "") -> dict[str, float]:
     """The panel's metrics after an epoch (`input_size`: the network's (C, H, W), for the front's FLOPs): mean loss,
     top-1 and top-5, each stitch's top-1 and, when the panel is every stitch, the front's hypervolume; one log line.

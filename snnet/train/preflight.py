@@ -29,7 +29,7 @@ from snnet.stitching.build import anchor_weights, check_model_name, create_ancho
 from snnet.stitching.config import AnchorSpec, StitchConfig, check_same_network
 from snnet.stitching.weights import WeightsUnavailable, check_pretrained
 from snnet.train.device import device_from_flag
-from snnet.train.evaluator import prediction_ids, val_panel
+from snnet.train.evaluator import panel_cfg_ids, prediction_ids
 from snnet.train.network import build_network, check_train_exclude
 from snnet.train.optim import check_optimizer_name
 from snnet.train.options import LossOptions, RunOptions, TrainOptions
@@ -303,7 +303,7 @@ def check_cfg_ids(options: RunOptions, net) -> None:
     top1@ID --eval-metric in training), by the run's own parsers of them."""
     prediction_ids(options.eval.save_predictions, net)
     if not options.job.eval:
-        val_panel(options.eval, net)
+        panel_cfg_ids(options.eval, net)
 
 
 def check_hub_weights(options: RunOptions, stitch_cfg: StitchConfig | None) -> None:

@@ -32,8 +32,8 @@ from snnet.stitching.config import StitchConfig
 from snnet.stitching.cost import cost_table
 from snnet.stitching.model import RoutedNet
 from snnet.train.describe import describe_run, recorded_arguments, to_yaml
-from snnet.train.device import amp_context, resolve_device, unwrap
-from snnet.train.evaluator import evaluate_all, val_panel, validate_panel
+from snnet.train.device import amp_context, init_distributed, unwrap
+from snnet.train.evaluator import evaluate_all, panel_cfg_ids, validate_stitches
 from snnet.train.loggers import Loggers, create_loggers
 from snnet.train.losses import create_loss
 from snnet.train.ls_data import run_ls_init
@@ -160,7 +160,7 @@ class Trainer:
         they come from a checkpoint, the checkpoint resumed, the sampler, the training loader and loss, and the
         epoch records. With --eval nothing is trained: the returned trainer only evaluates (`evaluate`)."""
         job, out_dir = options.job, options.out_dir
-        placement = resolve_device(options.train.device, job.dist_backend, job.dist_url)  # the process group
+        placement = init_distributed(options.train.device, job.dist_backend, job.dist_url)  # the process group
         if placement.world_size != options.world_size:
             raise UsageError(f"the process group has {placement.world_size} process(es), the launch said "
                              f"{options.world_size}; launch with torchrun (distributed_train.sh) or srun")
@@ -433,7 +433,7 @@ class EpochRecords(EpochHooks):
         options = trainer.options
         self.trainer, self.options = trainer, options
         rank, world_size = world()
-        self.panel = val_panel(options.eval, trainer.model)
+        self.panel = panel_cfg_ids(options.eval, trainer.model)
         self.val_loader = create_eval_loader(val_ds, options.loader, trainer.data_cfg, rank, world_size) \
             if val_ds is not None else None
         self.by_loss = "loss" in options.eval.eval_metric or self.val_loader is None
@@ -461,11 +461,11 @@ class EpochRecords(EpochHooks):
         eval_metrics, metric = {}, train_metrics["loss"] if self.by_loss else None
         if self.val_loader is not None and validates(epoch, ev.val_interval, trainer.epochs):
             size = trainer.data_cfg["input_size"]
-            eval_metrics = validate_panel(trainer.net, self.val_loader, self.panel, self.options, size, epoch,
+            eval_metrics = validate_stitches(trainer.net, self.val_loader, self.panel, self.options, size, epoch,
                                           train_metrics["loss"])
             if trainer.ema is not None:  # as timm: the EMA's metrics are the epoch's (summary, model_best)
                 trainer.distribute_bn(trainer.ema)
-                eval_metrics = validate_panel(trainer.ema, self.val_loader, self.panel, self.options, size, epoch,
+                eval_metrics = validate_stitches(trainer.ema, self.val_loader, self.panel, self.options, size, epoch,
                                               train_metrics["loss"], " (EMA)")
             metric = eval_metrics[ev.eval_metric] if ev.eval_metric in eval_metrics else eval_metrics["top1"]
             self.clock.validated(len(self.panel))
