@@ -203,3 +203,39 @@ def test_teacher_checkpoint_checked_before_work(tmp_path, num_classes):
     torch.save({"state_dict": timm.create_model("resnet34", num_classes=10).state_dict()}, other)
     with pytest.raises(CheckpointError, match="does not fit the teacher 'resnet18' .*unexpected"):
         _check_teacher_checkpoint(replace(loss, teacher_checkpoint=str(other)))
+
+
+def test_a_switch_a_card_sets_is_turned_off_on_the_command_line(capsys):
+    """A recipe card's ``"amp": true`` (SN-Netv2's fp16 GPU recipe) is turned off by --no-amp; every switch of
+    train.py has its --no- form, except the negative ones and those whose --no- name is another option."""
+    from snnet.train.args import build_parser
+    from snnet.train.main import main
+    base = ["/data/imagenet", "--stitch_config", "configs/deit3_s_l_v2.json", "--dry-run"]
+    assert main(base) == 0 and "\namp: true\n" in capsys.readouterr().out
+    assert main([*base, "--no-amp"]) == 0 and "\namp: false\n" in capsys.readouterr().out
+    strings = {s for a in build_parser()._actions for s in a.option_strings}
+    switches = [a for a in build_parser()._actions if a.nargs == 0 and a.option_strings[0].startswith("--")
+                and a.dest != "help"]
+    for action in switches:
+        first = action.option_strings[0]
+        assert first.startswith("--no-") or f"--no-{first[2:]}" in strings, first
+    assert {"--no-amp", "--no-model-ema", "--no-sample-sync", "--no-freeze-anchors"} <= strings
+
+
+def test_slow_amp_on_this_cpu_says_where_amp_came_from(tmp_path, monkeypatch, caplog):
+    """On a CPU without bf16 instructions the warning names what asked for amp (a -c YAML here) and the fix."""
+    import snnet.train.main as main_mod
+    from snnet.train.args import parse_args
+    from snnet.train.resolve import resolve
+    yaml_file = tmp_path / "recipe.yaml"
+    yaml_file.write_text("amp: true\n")
+    monkeypatch.setattr(main_mod, "cpu_has_fast_bf16", lambda: False)
+    args, _ = parse_args(["/d", "--model", "resnet18", "-c", str(yaml_file), "--device", "cpu"])
+    with caplog.at_level("WARNING", logger="snnet"):
+        main_mod.warn_slow_amp(resolve(RunOptions.from_values(vars(args))))
+    assert f"amp (from -c/--config '{yaml_file}')" in caplog.text and "pass --no-amp" in caplog.text
+    caplog.clear()
+    args, _ = parse_args(["/d", "--model", "resnet18", "-c", str(yaml_file), "--device", "cpu", "--no-amp"])
+    with caplog.at_level("WARNING", logger="snnet"):
+        main_mod.warn_slow_amp(resolve(RunOptions.from_values(vars(args))))
+    assert caplog.text == ""

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="train.py", raises=True, allow_abbrev=False, formatter_class=_HelpFormatter,
                       description="Train and evaluate stitchable neural networks (SN-Net) over timm models, with timm "
                       "train.py's flags. Precedence: defaults < -c YAML < --stitch_config < typed flags.")
-    add_options(p, FLAG_OPTIONS, groups=GROUPS)
+    add_options(p, FLAG_OPTIONS, groups=GROUPS, negatable=True)  # --amp / --no-amp: a card's switch can be undone
     return p
 
 
@@ -63,7 +63,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, S
         parser.set_defaults(**defaults)
         origin.update(dict.fromkeys(defaults, source))
     args = parser.parse_args(argv)
-
+    typed = typed_dests(argv)
+    _ORIGIN.clear()
+    _ORIGIN.update({dest: source for dest, source in origin.items() if dest not in typed})
     if stitch_cfg is None and args.model is None:
         raise UsageError("give --stitch_config FILE (an SN-Net) or --model NAME (one plain timm model)")
     if stitch_cfg is not None and args.model:
@@ -73,12 +75,20 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, S
     args.data_dir = args.data_dir or args.data
     if not args.data_dir:
         raise UsageError("no dataset: give the dataset folder as the first argument (e.g. train.py /data/imagenet)")
-    _fit_short_run(args, typed_dests(argv), origin)
+    _fit_short_run(args, typed, origin)
     return args, stitch_cfg
 
 
 #: the lines saying which defaults the last parse fitted to the run (`fitted_notes`)
 _FITTED: list[str] = []
+#: dest -> the file whose value the last parse kept for it (the command line did not type it): `set_by`
+_ORIGIN: dict[str, str] = {}
+
+
+def set_by(dest: str) -> str:
+    """Where the last `parse_args` took option `dest`'s value from: the file that set it (e.g. "stitch config
+    'configs/deit3_s_l_v2.json'"), else "the command line" (typed, or the built-in default)."""
+    return _ORIGIN.get(dest, "the command line")
 
 
 def fitted_notes() -> list[str]:

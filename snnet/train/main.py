@@ -21,9 +21,9 @@ import torch
 
 from snnet.data.checks import warn_small_classes_here
 from snnet.stitching.config import StitchConfig
-from snnet.train.args import fitted_notes, parse_args
+from snnet.train.args import fitted_notes, parse_args, set_by
 from snnet.train.describe import describe_run, to_yaml
-from snnet.train.device import adopt_slurm_env, device_from_flag
+from snnet.train.device import adopt_slurm_env, cpu_has_fast_bf16, device_from_flag
 from snnet.train.loggers import check_loggers
 from snnet.train.options import RunOptions
 from snnet.train.preempt import STOP, Preempted
@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         adopt_slurm_env()  # under srun: RANK, WORLD_SIZE ... from Slurm's variables, before anything reads them
         args, stitch_cfg = parse_args(argv)  # parse (each flag checked as typed)
         options = resolve(RunOptions.from_values(vars(args)))  # typed and resolved, once
+        warn_slow_amp(options)
         if options.job.dry_run:
             dry_run(options, stitch_cfg)
             return 0
@@ -90,6 +91,15 @@ def dry_run(options: RunOptions, stitch_cfg: StitchConfig | None) -> None:
     if world(launched=True)[0] == 0:
         device_type = device_from_flag(options.train.device, here=False).type  # the run's, on its machine
         print(to_yaml(describe_run(options, stitch_cfg, device_type)), end="")
+
+
+def warn_slow_amp(options: RunOptions) -> None:
+    """On a CPU without bf16 instructions (AVX-512 BF16 or AMX), bf16 autocast runs reference kernels, many times
+    slower than fp32: said once (rank 0), naming where amp was asked for and how to turn it off."""
+    if (options.amp_dtype == torch.bfloat16 and options.device.type == "cpu" and not options.job.dry_run
+            and world(launched=True)[0] == 0 and not cpu_has_fast_bf16()):
+        _logger.warning(f"amp (from {set_by('amp')}) on this CPU: it has no bf16 instructions (AVX-512 BF16 or AMX), "
+                        f"so bf16 autocast runs slow reference kernels, many times slower than fp32; pass --no-amp")
 
 
 def _leave_group() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from snnet.train.device import agree_on_attempt, cpu_has_fast_bf16, device_from_flag, requeued
+from snnet.train.device import agree_on_attempt, device_from_flag, requeued
 from snnet.train.optim import describe_schedule, resolve_lrs
 from snnet.train.options import RunOptions
 from snnet.utils.checkpoint import LAST, RECOVERY
@@ -79,11 +79,6 @@ def resolve(options: RunOptions, world_size: int | None = None) -> RunOptions:
     synced = train.sync_bn and distributed and not job.eval
     resolved = resolved.replaced(device=str(device), distributed=distributed, resume=resume,
                                  dist_bn="" if synced else train.dist_bn)
-    if (resolved.amp_dtype == torch.bfloat16 and device.type == "cpu" and world(launched=True)[0] == 0
-            and not cpu_has_fast_bf16()):
-        _logger.warning(
-            "amp on this CPU: it has no bf16 instructions (AVX-512 BF16 or AMX), so bf16 autocast falls back to "
-            "slow kernels, many times slower than fp32; pass --no-amp (it also overrides a recipe card's amp)")
     return resolved
 
 

@@ -303,6 +303,20 @@ class KwargsAction(argparse.Action):
         setattr(namespace, self.dest, out)
 
 
+class Switch(argparse.Action):
+    """A switch with its negation: ``--amp`` sets True, ``--no-amp`` False, so that a value a config file set (a
+    recipe card's ``"amp": true``) can be turned off on the command line."""
+
+    def __init__(self, option_strings: list[str], dest: str, default: Any = False, required: bool = False,
+                 help: str | None = None):
+        negations = [f"--no-{s[2:]}" for s in option_strings if s.startswith("--")]
+        super().__init__([*option_strings, *negations], dest, nargs=0, default=default, required=required,
+                         help=help)
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, not (option_string or "").startswith("--no-"))
+
+
 def _value_type(hint: Any) -> Any:
     """The type of one value of an annotation: int for `int | None`, str for `tuple[str, ...]`."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -327,7 +341,7 @@ def _value_parser(flag: Flag, kind: Any) -> Callable[[str], Any] | None:
 
 
 def add_options(parser: argparse.ArgumentParser, classes: Iterable[type], groups: Iterable[str] = (),
-                only_group: str | None = None) -> None:
+                only_group: str | None = None, negatable: bool = False) -> None:
     """The arguments of `parser` derived from the option fields of `classes` (each option once, in field order): a
     field's flag gives the spellings (none: a positional named by the field), the help, the help group ("": the
     parser's own; `groups`: titles made first, in that order, the others on first use), metavar, nargs, const,
@@ -335,8 +349,11 @@ def add_options(parser: argparse.ArgumentParser, classes: Iterable[type], groups
     annotation's number type within the flag's rule (a name with a rule: the rule's names); a bool is a switch and
     a "kwargs" option k=v pairs. A tuple default is the parser's list. `only_group`: only the options of that help
     group (train.py's pre-parser: the configuration files), a name rather than a predicate so that this module calls
-    no function of its callers (the training path does not climb back up: tests/test_options.py)."""
+    no function of its callers (the training path does not climb back up: tests/test_options.py). `negatable`: each
+    switch also gets its ``--no-`` form (`Switch`), unless it is negative itself or that name is another option's."""
     made = {title: parser.add_argument_group(title) for title in groups}
+    classes = list(classes)
+    taken = {name for _, _, flag in flag_fields(classes) for name in flag.names}
     for cls, field, flag in flag_fields(classes):
         if only_group is not None and flag.group != only_group:
             continue
@@ -352,7 +369,9 @@ def add_options(parser: argparse.ArgumentParser, classes: Iterable[type], groups
         if flag.kind == "kwargs":
             kw.update(nargs=flag.nargs, action=KwargsAction)
         elif kind is bool and flag.parse is None:
-            kw["action"] = "store_true"
+            long = [n for n in flag.names if n.startswith("--")]
+            kw["action"] = Switch if negatable and long and not any(
+                n.startswith("--no-") or f"--no-{n[2:]}" in taken for n in long) else "store_true"
         else:
             for key in ("nargs", "const", "choices", "action"):
                 if getattr(flag, key) is not None:
