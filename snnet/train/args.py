@@ -108,7 +108,7 @@ def typed_dests(argv: Sequence[str]) -> set[str]:
 
 
 def _fit_short_run(args: argparse.Namespace, typed: set[str], origin: dict[str, str]) -> None:
-    """Defaults that would misfit this run, fitted (issue 41): a warm-up not shorter than the run
+    """Defaults that would misfit this run, fitted: a warm-up not shorter than the run
     (`snnet.train.optim.fit_warmup`), more loader workers than cores (`snnet.data.loaders.default_workers`); each
     with one line (`fitted_notes`) naming where the fitted value came from (`origin`: dest -> file; else timm's
     default)."""
