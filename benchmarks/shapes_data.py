@@ -1,4 +1,4 @@
-"""Generated image folders standing in for a newcomer's own data (issue 53): N classes of drawn shapes or textures,
+"""Generated image folders standing in for a newcomer's own data: N classes of drawn shapes or textures,
 each image a random size, position and rotation on a noisy background in a colour whose hue leans to its class's
 (+-0.2 of the hue circle, so neighbouring classes share colours; --any-colour: any), saved as 64x64 PNG files;
 --noise: the pixel noise (default 28) on the background, and with --noise-over on the shapes too (a harder set).

@@ -1,4 +1,4 @@
-"""Class names end to end (issue 41): read from the data (an ImageFolder's folder names, a shard folder's
+"""Class names end to end: read from the data (an ImageFolder's folder names, a shard folder's
 _info.json, a Hugging Face ClassLabel through timm's reader), recorded in the checkpoint's arguments (JSON), written
 into an export's model.json and beside stitches_res.txt, and returned by the Python API (``label`` beside
 ``class``). train.py recording them from a folder runs in tests/test_docs.py's own-data guide test."""

@@ -1,5 +1,5 @@
 """The training recipe tests/test_cuda.py's fp16 and bf16 tests judge the GPU by, run on the CPU: where it does not
-learn in fp32 here, a failure on the GPU says nothing about CUDA (the first GPU run failed that way, 2026-11-26)."""
+learn in fp32 here, a failure on the GPU says nothing about CUDA."""
 import pytest
 import torch
 from test_cuda import LEARNS, assert_learns, digits_batches, snnet, train_epochs

@@ -1,4 +1,4 @@
-"""`train.py --dry-run` prints, byte for byte, what it printed when these files were recorded (issue 39: the options
+"""`train.py --dry-run` prints, byte for byte, what it printed when these files were recorded (the options
 are re-declared, the parser derived from them; every recipe card, the seed command and the precedence of -c YAML,
 stitch config and typed flags must resolve exactly as before).
 
@@ -47,7 +47,7 @@ def dry_run_text(argv, world_size, capsys, monkeypatch) -> str:
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # the seed command's device: the same anywhere
-    # the loader-worker default is timm's 4 fitted to the machine's cores (issue 41, tests/test_short_runs.py): a
+    # the loader-worker default is timm's 4 fitted to the machine's cores (tests/test_short_runs.py): a
     # machine with 4 or more, so the recording is the same on any machine
     monkeypatch.setattr("snnet.data.loaders.usable_cores", lambda: 64)
     assert main([*argv, "--dry-run"]) == 0
@@ -103,5 +103,5 @@ def parser_surface() -> str:
 
 
 def test_train_py_flags_are_spelled_as_recorded():
-    """timm's flag names and spellings, aliases, defaults, nargs and choices: as recorded before issue 39."""
+    """timm's flag names and spellings, aliases, defaults, nargs and choices: as recorded."""
     check("flags", parser_surface())

@@ -1,4 +1,4 @@
-"""A new user's first run (issue 41): files written with the umask's mode, packaging metadata without setuptools'
+"""A new user's first run: files written with the umask's mode, packaging metadata without setuptools'
 deprecation warning."""
 from __future__ import annotations
 

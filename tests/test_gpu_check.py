@@ -34,7 +34,7 @@ def _plant_an_earlier_run(work):
 @pytest.mark.slow
 @pytest.mark.dist  # starts distributed_train.sh (torchrun) twice
 def test_smoke_runs_every_step_and_writes_the_report(tmp_path):
-    """Into a --work folder an earlier run left (a rerun must work: issue 32)."""
+    """Into a --work folder an earlier run left (a rerun must work)."""
     _plant_an_earlier_run(tmp_path / "work")
     code, stdout, stderr = gpu_check("--smoke", "--device", "cpu", "--out", tmp_path / "out", "--work",
                                      tmp_path / "work")

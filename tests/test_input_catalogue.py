@@ -99,7 +99,7 @@ def world(tmp_path_factory, digits_folder, tiny_config):
     (w / "coarse.json").write_text(json.dumps({"anchors": coarse}))  # 16 tokens vs 4: no stitch joins them
     (w / "exclude.json").write_text(json.dumps({"anchors": TINY, "train_exclude": [40]}))
     _hf_datasets(w / "hf", digits_folder)
-    # issue 40: the residue of the outside catalogues
+    # the residue of the outside catalogues
     for name, gap in (("gap0", 0), ("gap_neg", -1), ("gap_huge", 1e9), ("gap_str", "wide")):
         (w / f"ros_{name}.json").write_text(json.dumps({"anchors": TINY, "sampler": {"type": "ros", "gap": gap}}))
     (w / "vit_stages.json").write_text(json.dumps({"anchors": TINY, "stitch_stages": [1, 2]}))
@@ -109,7 +109,7 @@ def world(tmp_path_factory, digits_folder, tiny_config):
     ten = build_snnet(tiny, pretrained=False, img_size=16, num_classes=10)
     torch.save({"state_dict": ten.state_dict(), "epoch": 0, "args": json.dumps({"num_classes": 10})},
                w / "ten_classes.pth.tar")
-    # issue 54: checkpoints that fit another network than the run's (refused by the checks, before any work)
+    # checkpoints that fit another network than the run's (refused by the checks, before any work)
     (w / "ckpt_folder").mkdir()
     (w / "folder_anchor.json").write_text(
         json.dumps({"anchors": [dict(TINY[0], checkpoint=str(w / "ckpt_folder")), TINY[1]]}))
@@ -383,7 +383,7 @@ def test_bad_input(case, argv, message, world, digits_folder, tiny_config, tmp_p
     assert not PWNED.exists(), "the planted pickle ran code"
 
 
-# issue 40: the outside catalogues' residue, each one line before any work (no warning or log line first: these run
+# the outside catalogues' residue, each one line before any work (no warning or log line first: these run
 # with Python's warnings shown, as a user sees them), naming the value
 CASES40 = [
     ("ROS gap 0", "{data} --stitch_config {w}/ros_gap0.json", "ros option gap 0 must be a number > 0"),
@@ -415,7 +415,7 @@ def test_bad_input_40(case, argv, message, world, digits_folder, tiny_config, tm
     test_bad_input(case, argv, message, world, digits_folder, tiny_config, tmp_path, cli_warnings)
 
 
-# issue 54: what the runs learned late, now learned by the checks (the meta-device network against the checkpoint's
+# what the runs learned late, now learned by the checks (the meta-device network against the checkpoint's
 # keys and shapes, no weight read; the cfg_ids against the network)
 CASES54 = [
     ("anchor checkpoint that is a folder", "{data} --stitch_config {w}/folder_anchor.json",
@@ -465,7 +465,7 @@ def test_catalogue_is_large_enough():
     assert len(CASES) >= 60
 
 
-# ------------------------------------------------------------------------------ the snnet command, part 4 (issue 32)
+# ------------------------------------------------------------------------------ the snnet command, part 4
 DEMO = Path(__file__).resolve().parent.parent / "results" / "demo"
 
 

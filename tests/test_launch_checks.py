@@ -97,7 +97,7 @@ sys.exit(2)
 @pytest.mark.dist
 def test_the_refusal_of_whichever_rank_failed_first_is_said(tmp_path):
     """The launch prints the line of the first rank that refused, also when that is not rank 0 (rank 0 printed for
-    all ranks, and a launch whose rank 1 failed first ended in exit 2 with no line: CI, 2026-11-26)."""
+    all ranks, and a launch whose rank 1 failed first ended in exit 2 with no line)."""
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
     r = run([sys.executable, "-c", "import sys; from snnet.train.launch import main; sys.exit(main(sys.argv[1:]))",

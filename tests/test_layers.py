@@ -185,7 +185,7 @@ def class_homes(paths) -> dict[str, list[str]]:
 
 
 def test_no_two_classes_share_a_name():
-    """Issue 52: one word per concept (snnet/README.md's glossary): a class name names one thing in snnet/, so a
+    """One word per concept (snnet/README.md's glossary): a class name names one thing in snnet/, so a
     reader (and a grep) never has to ask which `Prepared` or `Run` is meant."""
     shared = {name: where for name, where in class_homes(sorted(PKG.rglob("*.py"))).items() if len(where) > 1}
     assert not shared, f"class names defined more than once (give each its own word): {shared}"

@@ -1,6 +1,6 @@
 """Typed options instead of train.py's namespace: each option declared once (its field holds its flag), train.py's
-parser derived from the declarations (issue 39), train.py builds the options from its resolved arguments, and no
-library module below the entry points takes an argparse namespace (issue 30)."""
+parser derived from the declarations, train.py builds the options from its resolved arguments, and no
+library module below the entry points takes an argparse namespace."""
 from __future__ import annotations
 
 import ast
@@ -16,7 +16,6 @@ from snnet.train.options import NetworkOptions, TrainOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the entry points and train.py's argument parser and its resolution: the only modules that may take a namespace
-#: (preflight.py's checks take the typed RunOptions since issue 39's second round)
 EDGE = {"snnet/cli.py", "snnet/demo.py", "snnet/train/args.py"}
 #: functions below the entry points allowed to take a namespace: none (train.py's program passes the typed RunOptions
 #: down, and what a run records, args.yaml and checkpoints, is a read-only mapping)
@@ -186,7 +185,7 @@ def test_run_options_read_the_flags_and_refuse_unknown_fields():
     ("--val-stitches", "-1", "argument --val-stitches: -1 is not >= 0"),
 ])
 def test_a_single_value_is_refused_by_its_fields_rule_at_parse_time(flag, value, message):
-    """Issue 52: a check of one option's value is the rule or choices of its field, so the parser refuses it (and
+    """A check of one option's value is the rule or choices of its field, so the parser refuses it (and
     a -c YAML, a stitch config or stitch-train's `train` mapping by the same rule), in one line."""
     from snnet.train.args import parse_args
     from snnet.train.options import FLAG_OPTIONS
@@ -235,7 +234,7 @@ def test_the_learning_rates_are_resolved_in_one_place():
 
 
 def test_what_options_say_together_is_checked_once_in_the_preflight():
-    """Issue 52: parsing checks each value by its field's rule; what several options say together is one function
+    """Parsing checks each value by its field's rule; what several options say together is one function
     over the typed options (`preflight.check_combinations`), which the launcher's check, train.py and --dry-run
     call first."""
     from snnet.train.args import parse_args
@@ -321,7 +320,7 @@ def test_train_pys_parser_is_derived_by_add_options():
 
 
 def test_add_argument_is_written_only_where_a_parser_is_derived():
-    """Issue 52: every parser in snnet/ (train.py's, every `snnet` command's, the demo's) is derived from option()
+    """Every parser in snnet/ (train.py's, every `snnet` command's, the demo's) is derived from option()
     dataclasses; an argument is added to a parser only by the one derivation, snnet.utils.options.add_options."""
     derivations = {"snnet/utils/options.py"}
     found = {}
@@ -345,7 +344,7 @@ def test_quickstarts_flags_make_its_options():
 
 
 def test_a_stitch_config_field_that_sets_a_flag_points_at_its_declaration():
-    """Issue 52: a stitch config's field that sets a train.py flag (lr, epochs, input_size, ...) is not typed again:
+    """A stitch config's field that sets a train.py flag (lr, epochs, input_size, ...) is not typed again:
     its type, rule, choices and meaning are the flag's one declaration (`snnet.stitching.config.ConfigFlags`), the same
     declaration train.py's option objects copy, so the config and the parser cannot disagree."""
     from snnet.stitching.config import ARG_DESTS, CONFIG_FLAGS, FIELDS

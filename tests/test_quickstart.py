@@ -1,4 +1,4 @@
-"""snnet quickstart (issue 53): the data it reads and splits, the choices it prints, the whole run on a tiny generated
+"""snnet quickstart: the data it reads and splits, the choices it prints, the whole run on a tiny generated
 folder (docs/own_data.md's first command) and its resume; the refusal of pretrained weights that are neither cached
 nor reachable; the warning about a class with far fewer images than the others."""
 import importlib.util

@@ -320,7 +320,7 @@ def test_console_script_refuses_in_one_line(tiny):
 
 
 def test_cli_reads_results_without_torch(snnet_files, tmp_path):
-    """`snnet --help`, `pareto` and `select` on a results file import neither torch nor timm (issue 41: --help took
+    """`snnet --help`, `pareto` and `select` on a results file import neither torch nor timm (--help took
     6.9 s, nearly all of it importing torch and timm at the top of snnet.cli); the commands that run a network
     import them when they run."""
     code = ("import sys; from snnet.cli import main, build_parser; build_parser().format_help(); "

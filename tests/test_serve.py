@@ -251,7 +251,7 @@ def test_dispatch_binds_the_best_stitch_that_meets_the_head_deadline():
 
 
 def test_a_request_without_a_latency_budget_gets_selects_stitch_whoever_it_is_batched_with(core):
-    """Issue 51: a request without a latency budget is answered by `snnet select`'s stitch for its FLOPs budget
+    """A request without a latency budget is answered by `snnet select`'s stitch for its FLOPs budget
     (ties to fewer FLOPs), never by the smaller stitch of a head it was batched with, on every start."""
     from snnet.results.select import select
     best = select(core.menu.records, {}, None, "t", {})[0]["cfg_id"]

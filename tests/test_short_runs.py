@@ -1,4 +1,4 @@
-"""Short runs that do what they say (issue 41): a warm-up not shorter than the run is clipped to none with one line
+"""Short runs that do what they say: a warm-up not shorter than the run is clipped to none with one line
 (refused when typed), so a 3-epoch run trains at the LR its log names; the loader's worker default is at most the
 usable cores, and says what it chose."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Route steps are small named types (issue 30) that keep their plain-tuple form: equal, same hash, same JSON."""
+"""Route steps are small named types that keep their plain-tuple form: equal, same hash, same JSON."""
 from __future__ import annotations
 
 import json
