@@ -1,5 +1,6 @@
 """Evaluating every stitch in one pass with shared prefixes gives the stitch-by-stitch results."""
-import weakref
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,26 +25,14 @@ def digits_loader(digits_images):
     return DataLoader(TensorDataset(x, y[:192]), batch_size=64)
 
 
-def tracking_peak(model):
-    """Wrap `model.run_step` to record the peak bytes of the activations alive after each step (tensors the walk
-    still holds: weak references, so a dropped activation stops counting at once). Returns a one-item list."""
-    live, peak, run_step = weakref.WeakSet(), [0], model.run_step
-
-    def step(s, x):
-        out = run_step(s, x)
-        live.add(out)
-        peak[0] = max(peak[0], sum(t.numel() * t.element_size() for t in live))
-        return out
-    model.run_step = step
-    return peak
-
-
 def tree_vs_one_by_one(model, loader, amp=None):
     """Each stitch evaluated alone (a one-route tree runs it from the input), then all in one pass; the peak bytes of
     live activations in the one pass."""
     ids = list(range(model.num_configs))
     cpu = torch.device("cpu")
     one_by_one = {c: evaluate_stitches(model, loader, [c], cpu, amp)[c] for c in ids}
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from eval_all_stitches import tracking_peak  # the benchmark's measure: weak references to live activations
     peak = tracking_peak(model)
     tree = evaluate_stitches(model, loader, ids, cpu, amp)
     del model.run_step
