@@ -25,6 +25,7 @@ import asyncio
 import base64
 import binascii
 import concurrent.futures
+import gc
 import io
 import json
 import re
@@ -185,6 +186,11 @@ class ServeCore:
         served = load_served(spec)
         core = cls(spec, served, latency_table(served, spec))
         release_free_heap()  # what loading and the latency measurement freed
+        # what is loaded by now (torch, timm, the network: millions of objects) leaves the garbage collector's
+        # reach: a full collection, run by whichever thread allocates, holds the GIL and with it every client for
+        # as long as it walks them; now it walks only what serving allocates
+        gc.collect()
+        gc.freeze()
         return core
 
     # ------------------------------------------------------------------------------------------ one request
