@@ -15,8 +15,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from snnet.serve.app import check_port
-from snnet.serve.handler import ServeCore, ServeSpec
+from snnet.serve.handler import ServeCore, ServeSpec, check_port
 
 
 def make_app(core: ServeCore) -> web.Application:
