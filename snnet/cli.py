@@ -585,8 +585,8 @@ class QuickstartCommand:
                                      help="which anchor runs first in a stitch: large_to_small (the larger anchor's "
                                           "front, the smaller's last blocks; the default for the CNN anchors), "
                                           "sliding_window (SN-Net: the smaller in front; --anchors' default) or "
-                                          "two_way (both); large_to_small and two_way take anchors stitched stage by "
-                                          "stage (CNNs, Swin, LeViT), not plain ViTs")
+                                          "two_way (both); large_to_small takes anchors stitched stage by stage "
+                                          "(CNNs, Swin, LeViT), not plain ViTs")
     img_size: int | None = option(None, "--img-size", parse=_positive_int, metavar="S",
                                   help="image side the anchors see (default: 64, smaller images 32 or their size)")
     anchor_epochs: int | None = option(None, "--anchor-epochs", parse=_positive_int, metavar="N", help="")

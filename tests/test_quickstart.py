@@ -14,7 +14,7 @@ import pytest
 from helpers import ROOT, run
 
 from snnet.data.checks import small_class_warning
-from snnet.quickstart import DataSummary, QuickstartOptions, _recipes, plan, read_data
+from snnet.quickstart import DataSummary, QuickstartOptions, _recipes, plan, read_data, write_split
 from snnet.stitching.weights import WeightsUnavailable, check_pretrained
 from snnet.utils.errors import UsageError
 
@@ -55,15 +55,21 @@ def test_the_shapes_generators_noise_is_a_harder_set_and_its_range_is_checked(tm
 
 
 def test_a_flat_folder_is_split_per_class_and_kept(tmp_path):
+    """Reading writes nothing; the split is written whole (links, and what it was made from) and read the same
+    again (a resumed run)."""
     data = _shapes().write(tmp_path / "mine", ["circle", "square", "ring"], 8, 2, size=16, flat=True)
     summary = read_data(data, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
     assert summary.split_made and summary.root == tmp_path / "out" / "data"
     assert summary.train == {"circle": 8, "ring": 8, "square": 8} and summary.val == {"circle": 2, "ring": 2,
                                                                                       "square": 2}
-    assert summary.side == 16
-    again = read_data(data, tmp_path / "out")  # a resumed run reads the same split
-    assert again.train == summary.train and sorted((tmp_path / "out/data/val/ring").iterdir()) == \
-        sorted((tmp_path / "out/data/val/ring").iterdir())
+    assert summary.side == 16 and len(summary.files) == 30 and not summary.warnings
+    write_split(summary, tmp_path / "out", {"files": summary.files})
+    again = read_data(data, tmp_path / "out")
+    assert again.links == summary.links
+    assert sorted(p.name for p in (tmp_path / "out/data/val/ring").iterdir()) == \
+        sorted(name for _, name in again.links["val"]["ring"])
+    assert json.loads((tmp_path / "out/data/split.json").read_text())["files"] == summary.files
 
 
 @pytest.mark.parametrize("layout, needle", [("file", "is not a folder"), ("empty", "no class sub-folders"),
