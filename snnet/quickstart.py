@@ -226,12 +226,12 @@ def _with_files(summary: DataSummary, data: Path) -> DataSummary:
     return summary
 
 
-def _walk(top: Path, data: Path, hidden: list[str]) -> list[Path]:
+def _walk(top: Path, data: Path, hidden: list[str], seen: dict[str, Path]) -> list[Path]:
     """Every file under `top` (links followed, as timm's reader follows them), hidden files and folders left out
-    (named in `hidden`, relative to `data`). A folder reached twice through links is one line: its images would be
-    read twice, in the training and the validation split alike."""
+    (named in `hidden`, relative to `data`). A folder reached twice through links (`seen`: each folder walked so
+    far, by its real path) is one line: its images would be read twice, in the training and the validation split
+    alike."""
     found: list[Path] = []
-    seen: dict[str, Path] = {}
     stack = [top]
     while stack:
         folder = stack.pop()
@@ -292,6 +292,7 @@ def _read_folder(data: Path, dest: Path, seed: int, known: dict[str, list]) -> D
     hidden: list[str] = []
     loose: list[str] = []  # files beside the class folders, and folders beside train/ and val/
     classes: dict[str, dict[str, list[Path]]] = {}
+    seen: dict[str, Path] = {}
     for split, root in roots.items():
         assert root is not None
         classes[split] = {}
@@ -299,7 +300,7 @@ def _read_folder(data: Path, dest: Path, seed: int, known: dict[str, list]) -> D
             if _hidden(entry.name):
                 hidden.append(Path(entry.path).relative_to(data).as_posix() + ("/" if entry.is_dir() else ""))
             elif entry.is_dir():
-                classes[split][entry.name] = _walk(Path(entry.path), data, hidden)
+                classes[split][entry.name] = _walk(Path(entry.path), data, hidden, seen)
             else:
                 loose.append(Path(entry.path).relative_to(data).as_posix())
     if "all" not in roots:
@@ -347,7 +348,7 @@ def _read_folder(data: Path, dest: Path, seed: int, known: dict[str, list]) -> D
     usable = {s: {c: [p for p in fs if record[p.relative_to(data).as_posix()][2] is None] for c, fs in cs.items()}
               for s, cs in images.items()}
     _check_classes(usable, images, data, roots)
-    return _split(summary, usable, data, seed)
+    return _split(summary, usable, data, roots, seed)
 
 
 def _check_classes(usable: dict[str, dict[str, list[Path]]], images: dict[str, dict[str, list[Path]]], data: Path,
@@ -382,7 +383,8 @@ def _check_classes(usable: dict[str, dict[str, list[Path]]], images: dict[str, d
                          f"{str(data / classes[0])!r} as DATA")
 
 
-def _split(summary: DataSummary, usable: dict[str, dict[str, list[Path]]], data: Path, seed: int) -> DataSummary:
+def _split(summary: DataSummary, usable: dict[str, dict[str, list[Path]]], data: Path,
+           roots: Mapping[str, Path | None], seed: int) -> DataSummary:
     """The split as DIR/data will hold it (`write_split`): one folder per class split VAL_SHARE per class (seeded,
     by file name), or train/ and val/ as they are; each image under a link name timm's reader lists (its path
     below the class, '/' as '__', '.png' added to another format's name)."""
@@ -404,12 +406,10 @@ def _split(summary: DataSummary, usable: dict[str, dict[str, list[Path]]], data:
         for c, files in cs.items():
             names: set[str] = set()
             summary.links[split][c] = []
-            base = (data / c) if "all" in usable else (data / (TRAIN_NAMES[0] if split == "train" else "val") / c)
+            root = roots["all" if "all" in roots else split]
+            assert root is not None
             for f in files:
-                try:
-                    name = f.relative_to(base).as_posix().replace("/", "__")
-                except ValueError:  # train/ and val/ under another of their names
-                    name = f.name
+                name = f.relative_to(root / c).as_posix().replace("/", "__")
                 name += "" if f.suffix.lower() in timm_ext else ".png"
                 stem, k = name, 1
                 while name in names:
