@@ -107,6 +107,12 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _port(text: str) -> int:
+    if not re.fullmatch(r"\s*\d+\s*", text) or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port; give one in 1-65535, e.g. 8000")
+    return int(text)
+
+
 def _count(text: str) -> int:
     if not re.fullmatch(r"\s*\d+\s*", text):
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 0; write e.g. 5")
@@ -300,7 +306,7 @@ def cmd_latency(args: LatencyCommand) -> int:
 
 # ---------------------------------------------------------------------------------------------------- serve
 def cmd_serve(args: ServeCommand) -> int:
-    from snnet.serve.handler import ServeSpec, load_served
+    from snnet.serve.handler import ServeSpec, check_port, load_served
     if (args.checkpoint is None) == (not args.exported):
         raise UsageError("pass the SN-Net checkpoint (snnet serve CKPT ...) or --exported DIR... (export folders), "
                          "not both")
@@ -308,6 +314,8 @@ def cmd_serve(args: ServeCommand) -> int:
         flag = f"--replicas {args.replicas}" if args.replicas > 1 else f"--address {args.address}"
         raise UsageError(f"{flag} needs Ray Serve: add --engine ray (the local engine serves one process on this "
                          f"machine)")
+    if args.engine == "local" or args.address == "local":
+        check_port(args.host, args.port)  # another program's port: refused before anything loads
     spec = ServeSpec(checkpoint=args.checkpoint, stitch_config=args.stitch_config, results=args.results,
                      exported=list(args.exported or []), img_size=args.img_size, num_classes=args.num_classes,
                      max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, shed=args.shed,
@@ -454,8 +462,9 @@ class ConvertCommand:
     src: str = option(MISSING, metavar="SNNET_PTH", help="SN-Net's released checkpoint")
     dst: str = option(MISSING, metavar="OUT", help="our checkpoint to write (e.g. snnet_deit.pth.tar)")
     trust: bool = option(False, "--trust", help="required: you trust this file's origin")
-    levit_depths: tuple[int, ...] = option((4, 4, 4), "--levit-depths", parse=int, nargs=3, metavar="D",
-                                           help="LeViT stage depths of the released model (SN-Net: 4 4 4)")
+    levit_depths: tuple[int, ...] | None = option(None, "--levit-depths", parse=_positive_int, nargs=3, metavar="D",
+                                                  help="LeViT stage depths every anchor of the release must have "
+                                                       "(default: each anchor's, read from its keys)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -471,7 +480,7 @@ class ServeCommand:
                                               help="serve these snnet export folders (one network each) instead of a "
                                                    "checkpoint")
     host: str = option("127.0.0.1", "--host", help="address to listen on (default 127.0.0.1: this machine only)")
-    port: int = option(8000, "--port", parse=_positive_int, help="HTTP port (default 8000)")
+    port: int = option(8000, "--port", parse=_port, help="HTTP port, 1-65535 (default 8000)")
     img_size: int | None = shared(TRAINED_IMG_SIZE)
     num_classes: int | None = shared(TRAINED_NUM_CLASSES)
     max_batch: int = option(16, "--max-batch", parse=_positive_int, metavar="B",
@@ -576,8 +585,8 @@ class QuickstartCommand:
                                      help="which anchor runs first in a stitch: large_to_small (the larger anchor's "
                                           "front, the smaller's last blocks; the default for the CNN anchors), "
                                           "sliding_window (SN-Net: the smaller in front; --anchors' default) or "
-                                          "two_way (both); large_to_small and two_way take anchors stitched stage by "
-                                          "stage (CNNs, Swin, LeViT), not plain ViTs")
+                                          "two_way (both); large_to_small takes anchors stitched stage by stage "
+                                          "(CNNs, Swin, LeViT), not plain ViTs")
     img_size: int | None = option(None, "--img-size", parse=_positive_int, metavar="S",
                                   help="image side the anchors see (default: 64, smaller images 32 or their size)")
     anchor_epochs: int | None = option(None, "--anchor-epochs", parse=_positive_int, metavar="N", help="")
@@ -935,7 +944,12 @@ def cmd_convert(args: ConvertCommand) -> int:
         raise UsageError(f"{args.src!r} is a pickled file: converting it means trusting where it came from; if you "
                          f"do, add --trust")
     from snnet.deploy.convert import convert_release
-    summary = convert_release(args.src, args.dst, tuple(args.levit_depths))
+    summary = convert_release(args.src, args.dst, tuple(args.levit_depths) if args.levit_depths else None)
+    if not summary["snnet"]:  # one network's weights (a timm or train.py --model checkpoint)
+        print(f"converted {args.src}: one plain network's weights ({summary['tensors']} tensors, e.g. "
+              f"{summary['example']!r}; no SN-Net anchors.<i>. keys), read without running code -> {summary['dst']}; "
+              f"use it as an anchor's \"checkpoint\" in a stitch config, not with train.py --resume")
+        return 0
     print(f"converted {args.src} ({summary['family']} keys, {summary['tensors']} tensors, read without running "
           f"code) -> {summary['dst']}; use it with train.py --resume {summary['dst']}")
     return 0

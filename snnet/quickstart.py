@@ -1,25 +1,30 @@
 """`snnet quickstart DATA --out DIR`: the digits demo (snnet/demo.py) for your own images, offline and from scratch.
 
-1. looks at the data (an ImageFolder with train/ and val/, or one folder per class, which is split 80/20 into
-   DIR/data with links to the images), counts the images per class and measures their size;
-2. chooses the anchors, the image size, the epochs and the processes from that, and prints each choice with the
-   flag that changes it (`plan`);
+0. checks everything before any work (`preflight`; nothing is written before it passes): the options, DATA's
+   layout, every image (read to its end: a file that cannot be trained on is skipped with a warning naming it),
+   the classes, what --out already holds, and each step's train.py command as train.py would check it (the stitch
+   config built on the meta device included);
+1. looks at the data (one folder per class, which is split 80/20 per class, or train/ and val/, laid out in DIR/data
+   as links to the images; or tar shards or parquet files), counts the images per class and measures their size;
+2. chooses the anchors, the image size, the epochs, the batch and the processes from that, and prints each choice
+   with the flag that changes it (`plan`);
 3. trains the anchors from scratch as plain models (train.py --model, all at once on several cores: the demo's
-   `train_anchor`), or with --anchors NAME ... fine-tunes those timm models (pretrained where their weights are on
-   this machine);
+   `train_anchor`), or with --anchors NAME ... fine-tunes those timm models (from timm's pretrained weights, which
+   must be cached or reachable, unless --no-pretrained);
 4. writes the stitch config (DIR/stitch_config.json) and trains the SN-Net on every core with the launcher of
    distributed_train.sh (the demo's `train_snnet`);
 5. keeps the trained SN-Net (DIR/results/snnet.pth.tar), evaluates every stitch from that file and writes what the
    demo writes: stitches_res.txt, the Pareto table and plot with the no-training baselines, and report.html.
 
-Every step's full log is a file in DIR; the console gets each step's progress line (epoch, loss, ETA). A second
-run with the same arguments reuses every finished step and continues an interrupted one where it stopped
-(train.py --auto-resume); changed arguments redo the steps they change. Nothing here needs the network.
+Every step's full log is a file in DIR; the console gets each step's progress line (epoch, loss, ETA) and, once,
+every warning a step writes. A step that fails starts no other. A second run with the same arguments on the same
+DATA reuses every finished step and continues an interrupted one where it stopped (train.py --auto-resume); changed
+arguments redo the steps they change; a changed DATA (DIR/data/split.json records every image it was split from,
+with its size and time) is refused until --fresh, which starts from nothing. Nothing here needs the network.
 
 Why small CNNs (docs/own_data.md, "What quickstart chooses"): a ViT trained from scratch on a few hundred images
-per class barely leaves chance in the time a CNN needs to pass 90 % (measured on benchmarks/shapes_data.py's images,
-docs/own_data.md), and
-ResNets of one depth and different widths stitch stage by stage like SN-Net's ResNet pairs.
+per class barely leaves chance in the time a CNN needs to pass 90 %, and ResNets of one depth and different widths
+stitch stage by stage like SN-Net's ResNet pairs.
 """
 from __future__ import annotations
 
@@ -27,13 +32,28 @@ import dataclasses
 import json
 import os
 import random
+import re
+import shutil
 import statistics
+import sys
+import tempfile
+import threading
 import time
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from snnet.data.checks import TRAIN_NAMES, VAL_NAMES, img_extensions, scan_image_folder
+from snnet.data.checks import (
+    TRAIN_NAMES,
+    VAL_NAMES,
+    WARNED_ENV,
+    img_extensions,
+    pillow_extensions,
+    small_class_warning,
+    unusable_image,
+)
 from snnet.demo import (
     WEIGHTS_FILE,
     copy_results,
@@ -45,7 +65,7 @@ from snnet.demo import (
     train_snnet,
 )
 from snnet.results.records import RESULTS_FILE, file_sha256, read_results
-from snnet.utils.errors import UsageError
+from snnet.utils.errors import SNNetError, UsageError, one_line
 from snnet.utils.fileio import write_text_atomic
 
 #: the anchors quickstart trains from scratch: ResNet-18's layout (2 basic blocks in each of 4 stages) at widths
@@ -61,46 +81,40 @@ def anchor_kwargs(width: int) -> dict:
             "stem_width": (width + 1) // 2}
 
 
-#: each twice the last, as DeiT-Ti/S/B's widths (192/384/768): 1.6, 6.1 and 24.0 MFLOPs at 64 px, a FLOPs range the
-#: stitches fill. Accuracy is another matter on easy data: on shapes set A (tuning) the anchors alone scored 96.67,
-#: 93.00 and 94.00 %, within a few validation images of each other (docs/own_data.md)
+#: the anchors' first-stage widths, each twice the last as DeiT-Ti/S/B's (192/384/768): 1.6, 6.1 and 24.0 MFLOPs at
+#: 64 px, a FLOPs range for the stitches to fill
 WIDTHS = (6, 12, 24)
-#: the stages quickstart's CNNs are stitched in (0-3), one stitch between the two blocks of each, per pair of
-#: neighbouring anchors: the last only. On shapes set A (tuning), stitched in all four stages, the stitches scored
-#: 63.3/88.3 % (stage 0, c6->c12/c12->c24), 83.7/91.7 (1), 92.3/92.3 (2), 96.0/92.0 (3), anchors 96.7/92.7/91.3: a
-#: stitch early in a narrow CNN passes on the few channels of its first stages. On noisier set B draws (tuning,
-#: docs/own_data.md) the stage-2 stitch c6->c12 scored 74.0-85.0 % in all 7 runs, 1.3-7.0 points below c6 at twice
-#: its FLOPs: never on the front, and it took a seventh of the SN-Net's steps
+#: the stage (0-3) the CNN anchors are stitched in, one stitch between its two blocks per pair of neighbouring
+#: anchors: the last, since an earlier stitch in a narrow CNN passes on the few channels of its first stages and
+#: scores below the smallest anchor (docs/own_data.md)
 STITCH_STAGES = (3,)
-#: which anchor runs first in those stitches: the larger (its stem and stages up to the last block, then the smaller
-#: anchor's last block and head: a network a little cheaper than the larger anchor). SN-Net's way round, the smaller
-#: in front, passes the smaller anchor's features on: on set B tuning draws (noise 60 and 90 over the shapes) the
-#: stage-3 stitch c6->c12 scored within 2.7 points of c6 either way in 4 runs, at 1.3x its FLOPs; with the larger in
-#: front the stage-3 stitches scored 83.7-91.7 %, all 8 (4 runs) between the smallest and the largest anchor, at
-#: 0.92x the larger anchor's FLOPs (in stage 2 that way round, 2 of 4 fell below c6; docs/own_data.md)
+#: which anchor runs first in a stitch: the larger (its stem and stages up to the last block, then the smaller
+#: anchor's last block and head), a network a little cheaper than the larger anchor; the smaller in front, SN-Net's
+#: way, passes the smaller anchor's features on at more FLOPs than it costs (docs/own_data.md)
 STITCH_PLAN = "large_to_small"
-VAL_SHARE = 0.2  # a folder without train/ and val/ is split so (per class, by file name, seeded)
-#: optimizer steps each anchor gets at least (few images: more epochs), within the epoch bounds. 1000 (28 epochs on
-#: 1200 images) left the width-24 and the width-16 CNN at the same 88.3 % on shapes set A, top-1 still rising at the
-#: end: the runs were too short, not the networks too narrow
+VAL_SHARE = 0.2  # the share of each class a folder without train/ and val/ gives to validation (seeded, by file)
+#: the optimizer steps each anchor gets at least (few images: more epochs), within EPOCHS; fewer leave the anchors
+#: still learning when they stop
 MIN_STEPS = 1500
 EPOCHS = (20, 60)
-#: the SN-Net's epochs: this share of the anchors' (each step trains one sampled route of 5, 3 anchors and 2
-#: stitches, so a stitching layer gets about 1/5 of the steps; on shapes set A, with 7 routes, 32 and 33 epochs
-#: lowered the stitches' mean validation loss from 0.381 to 0.373 and 0.365 with the anchors' about unchanged,
-#: docs/own_data.md)
+#: the SN-Net's epochs as a share of the anchors': each step trains one sampled route, so a stitching layer learns
+#: in a fraction of the steps and needs epochs of its own
 SNNET_SHARE = 0.8
-#: the SN-Net's LR for the stitching layers, and the anchors' share of it (--anchor-lr-scale): the anchors keep 5e-4
-#: (the demo's 1e-3 cost them 1-4 points), the stitching layers, new and small, learn at 10x. On two noisy set B
-#: tuning draws it lifted the stage-2 stitch c6->c12 from 74.0 to 79.7 % (noise 90), kept it at 84-85 % (noise 60);
-#: 2e-3 and 1e-2 did no better (docs/own_data.md)
+#: the SN-Net's LR for the stitching layers, and the anchors' share of it (--anchor-lr-scale): the trained anchors
+#: keep 5e-4 (at the demo's 1e-3 they lose points), the new, small stitching layers learn at 10x (docs/own_data.md)
 SNNET_LR, SNNET_ANCHOR_LR_SCALE = 5e-3, 0.1
-BATCH = 32
-#: validate every 5th epoch and the last (quickstart reads only the last; the weights are the same either way): a
-#: validation took about 1 s in the logs (c24: 300 images at 349 images/s); the SN-Net's 33 epochs took 265 s
-#: validating every epoch (set A) and 182 s every 5th (set B, as many images of the same size)
+BATCH = 32  # images per batch and process, or fewer where each SN-Net process draws fewer an epoch
+#: validate every 5th epoch and the last: quickstart reads only the last, and each validation is a pass over the
+#: validation images
 VAL_INTERVAL = 5
 SEED = 0
+SEEDS = 2 ** 31  # --seed takes 0..SEEDS-1: numpy seeds each process with it plus its rank, below 2**32
+SPLIT_FILE = "split.json"  # in DIR/data: what the split was made from (DATA, its images' sizes and times, the seed)
+#: what quickstart writes in --out (the rest of the folder is left alone); --fresh removes these
+PRODUCTS = ("data", "data.tmp", "stitch_config.json", "snnet", "snnet.log", "snnet_eval", "snnet_eval.log",
+            "results")
+CHECK_QUIETLY = 2000  # images read without a progress line (a few seconds at most)
+ODD_FOLDERS = ("__MACOSX",)  # written by macOS archives beside the real folders: hidden, never a class
 
 
 @dataclass(frozen=True)
@@ -131,7 +145,7 @@ class QuickstartOptions:
 @dataclass
 class DataSummary:
     """What quickstart read from the data: the split folders and the images per class of each."""
-    root: Path  # the ImageFolder train.py reads (train/ and val/)
+    root: Path  # the ImageFolder train.py reads (train/ and val/): DIR/data for an image folder
     train: dict[str, int]
     val: dict[str, int]
     side: int  # median shorter side of a sample of the training images (pixels)
@@ -139,6 +153,13 @@ class DataSummary:
     #: train.py's flags that read it when it is not an ImageFolder: --dataset wds/ (tar shards with _info.json) or
     #: hfds/ (a local Hugging Face dataset's parquet files), and the split names found
     flags: tuple[str, ...] = ()
+    #: an image folder's split as quickstart lays it out in DIR/data: split -> class -> (image, link name)
+    links: dict[str, dict[str, list[tuple[Path, str]]]] = field(default_factory=dict)
+    #: what the split is made from: each image under DATA (relative path) -> [size, mtime_ns, why it is skipped or
+    #: None]; for shards and parquet, each file
+    files: dict[str, list] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # said on the console with the data line
+    warnings: list[str] = field(default_factory=list)  # said on stderr once the checks pass
 
     @property
     def classes(self) -> int:
@@ -165,36 +186,328 @@ class Plan:
     own_cnns: bool = False  # quickstart's CNNs from scratch (not --anchors): SNNET_LR
 
 
+# ---------------------------------------------------------------------------------------------------- the data
 def _split_of(root: Path, names: tuple[str, ...]) -> Path | None:
     return next((root / n for n in names if (root / n).is_dir()), None)
 
 
-def read_data(data: Path, out: Path, seed: int = SEED) -> DataSummary:
-    """The data as an ImageFolder with train/ and val/: `data` itself, or (one folder per class) a split of it into
-    out/data made of links to its images. One line naming the folder and the fix when it is neither."""
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name in ODD_FOLDERS
+
+
+def _first(names, n: int = 5) -> str:
+    names = list(names)
+    return ", ".join(repr(str(x)) for x in names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def read_data(data: Path, out: Path, seed: int = SEED, known: dict[str, list] | None = None) -> DataSummary:
+    """The data as quickstart will train on it, read without writing anything: an image folder (one folder per
+    class, split VAL_SHARE per class by `seed`, or train/ and val/) with every image checked (`known`: the checks
+    of an earlier run, reused for images of the same size and time), or tar shards or parquet files. One line naming
+    the folder and the fix when it cannot be used."""
     if not data.is_dir():
         raise UsageError(f"DATA {str(data)!r} is not a folder; give a folder of images, one sub-folder per class (or "
                          f"train/ and val/ with one sub-folder per class each)")
     from snnet.data.shards import INFO_FILE
     if (data / INFO_FILE).is_file():
-        return _read_shards(data)
+        return _with_files(_read_shards(data), data)
     if any(data.glob("*.parquet")) or any(data.glob("*/*.parquet")):  # the Hub's layouts: data/, <split>/
-        return _read_parquet(data)
+        return _with_files(_read_parquet(data), data)
+    return _read_folder(data, out / "data", seed, known or {})
+
+
+def _with_files(summary: DataSummary, data: Path) -> DataSummary:
+    """Shards or parquet files: every file of DATA (size and time) is what the run is made from."""
+    for path in sorted(data.rglob("*")):
+        rel = path.relative_to(data)
+        if path.is_file() and not any(_hidden(part) for part in rel.parts):
+            st = path.stat()
+            summary.files[rel.as_posix()] = [st.st_size, st.st_mtime_ns, None]
+    return summary
+
+
+def _walk(top: Path, data: Path, hidden: list[str], seen: dict[str, Path]) -> list[Path]:
+    """Every file under `top` (links followed, as timm's reader follows them), hidden files and folders left out
+    (named in `hidden`, relative to `data`). A folder reached twice through links (`seen`: each folder walked so
+    far, by its real path) is one line: its images would be read twice, in the training and the validation split
+    alike."""
+    found: list[Path] = []
+    stack = [top]
+    while stack:
+        folder = stack.pop()
+        real = os.path.realpath(folder)
+        if real in seen:
+            raise UsageError(f"DATA {str(data)!r}: {str(folder)!r} and {str(seen[real])!r} are the same folder "
+                             f"(through a symlink): its images would be read twice; remove the link")
+        seen[real] = folder
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name, reverse=True)
+        except OSError as e:
+            raise UsageError(f"DATA {str(data)!r}: folder {str(folder)!r} cannot be listed ({e.strerror or e}); fix "
+                             f"its permissions or remove it") from None
+        for entry in entries:
+            path = Path(entry.path)
+            if _hidden(entry.name):
+                hidden.append(path.relative_to(data).as_posix() + ("/" if entry.is_dir() else ""))
+            elif entry.is_dir():
+                stack.append(path)
+            elif entry.is_file():
+                found.append(path)
+    return sorted(found)
+
+
+def _check_images(paths: list[Path], data: Path, known: dict[str, list]) -> dict[str, list]:
+    """[size, mtime_ns, why it cannot be trained on or None] of each image, by its path relative to `data`: read to
+    its end (`unusable_image`, on every core), or taken from `known` when its size and time are the same."""
+    record, todo = {}, []
+    for path in paths:
+        rel, st = path.relative_to(data).as_posix(), path.stat()
+        old = known.get(rel)
+        if old is not None and old[:2] == [st.st_size, st.st_mtime_ns]:
+            record[rel] = old
+        else:
+            record[rel] = [st.st_size, st.st_mtime_ns, None]
+            todo.append((rel, path))
+    if todo:
+        from snnet.utils.progress import Progress
+        progress = Progress("Checking images", len(todo), seconds=10.0) if len(todo) > CHECK_QUIETLY else None
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            for i, ((rel, _), problem) in enumerate(zip(todo, pool.map(lambda t: unusable_image(str(t[1])), todo))):
+                record[rel][2] = problem
+                if progress is not None:
+                    progress.update(i + 1, 1)
+    return record
+
+
+def _read_folder(data: Path, dest: Path, seed: int, known: dict[str, list]) -> DataSummary:
+    """An image folder as quickstart lays it out in `dest`: the classes are the folders directly under DATA (or under
+    its train/ and val/), each with every image below it; hidden files and folders, files of other kinds and images
+    that cannot be read are left out, each kind said in one warning naming the files."""
     train, val = _split_of(data, TRAIN_NAMES), _split_of(data, VAL_NAMES)
-    made = False
-    if train is None and val is None:
-        flat = scan_image_folder(str(data), "DATA")
-        if not flat or "" in flat:
-            raise UsageError(f"DATA {str(data)!r} has no class sub-folders with images; lay it out as "
-                             f"{data}/<class>/<image> (or {data}/train/<class>/ and {data}/val/<class>/)")
-        data, made = _split_folder(data, out / "data", seed), True
-        train, val = data / "train", data / "val"
-    if train is None or val is None:
+    if (train is None) != (val is None):
         raise UsageError(f"DATA {str(data)!r} has {'train/' if train else 'val/'} but no "
                          f"{'val/ (or validation/)' if train else 'train/'}; add it, or give one folder per class "
                          f"(quickstart then splits it {1 - VAL_SHARE:.0%}/{VAL_SHARE:.0%})")
-    counts = scan_image_folder(str(train), "train"), scan_image_folder(str(val), "validation")
-    return DataSummary(data, *counts, _median_side(train), made)
+    roots = {"train": train, "val": val} if train is not None and val is not None else {"all": data}
+    hidden: list[str] = []
+    loose: list[str] = []  # files beside the class folders, and folders beside train/ and val/
+    classes: dict[str, dict[str, list[Path]]] = {}
+    seen: dict[str, Path] = {}
+    for split, root in roots.items():
+        assert root is not None
+        classes[split] = {}
+        for entry in sorted(os.scandir(root), key=lambda e: e.name):
+            if _hidden(entry.name):
+                hidden.append(Path(entry.path).relative_to(data).as_posix() + ("/" if entry.is_dir() else ""))
+            elif entry.is_dir():
+                classes[split][entry.name] = _walk(Path(entry.path), data, hidden, seen)
+            else:
+                loose.append(Path(entry.path).relative_to(data).as_posix())
+    if "all" not in roots:
+        loose += [e.name + "/" for e in os.scandir(data) if e.is_dir() and not _hidden(e.name)
+                  and Path(e.path) not in (train, val)]
+    timm_ext, pillow_ext = img_extensions(), pillow_extensions()
+    others = [p for files in (f for c in classes.values() for f in c.values()) for p in files
+              if p.suffix.lower() not in pillow_ext | timm_ext]
+    images = {s: {c: [p for p in files if p.suffix.lower() in pillow_ext | timm_ext] for c, files in cs.items()}
+              for s, cs in classes.items()}
+    record = _check_images([p for cs in images.values() for files in cs.values() for p in files], data, known)
+    summary = DataSummary(dest, {}, {}, 0, split_made="all" in roots, files=record)
+    where = f"DATA {str(data)!r}"
+    if hidden:
+        summary.warnings.append(f"warning: {where}: {len(hidden)} hidden file(s) and folder(s) left out "
+                                f"({_first(hidden)}): timm would read a hidden image (macOS's ._ files are not "
+                                f"images) and make a hidden folder a class")
+    if loose:
+        beside = "train/ and val/" if "all" not in roots else "the class folders"
+        summary.warnings.append(f"warning: {where}: {len(loose)} file(s) or folder(s) beside {beside} left out "
+                                f"({_first(loose)}): the classes are the folders "
+                                f"{'in train/ and val/' if 'all' not in roots else 'in DATA'}")
+    if others:
+        rel = [p.relative_to(data).as_posix() for p in others]
+        summary.warnings.append(f"warning: {where}: {len(others)} file(s) left out, not images Pillow reads here "
+                                f"({_first(rel)})")
+    bad = [(rel, r[2]) for rel, r in record.items() if r[2] is not None]
+    if bad:
+        summary.warnings.append(f"warning: {where}: {len(bad)} image(s) skipped, they cannot be trained on: "
+                                + "; ".join(f"{rel!r}: {why}" for rel, why in bad[:5])
+                                + (f"; and {len(bad) - 5} more" if len(bad) > 5 else ""))
+    extra = sorted({p.suffix.lower() for cs in images.values() for fs in cs.values() for p in fs
+                    if p.suffix.lower() not in timm_ext and record[p.relative_to(data).as_posix()][2] is None})
+    if extra:
+        summary.notes.append(f"data: {'/'.join(extra)} images are read too (linked in {dest} under a .png name: "
+                             f"timm's reader lists {', '.join(sorted(timm_ext))} files only, Pillow reads them by "
+                             f"their content)")
+    nested = sorted({f"{c}/{p.relative_to(root / c).parts[0]}" for s, root in roots.items() if root is not None
+                     for c, fs in images[s].items() for p in fs if len(p.relative_to(root / c).parts) > 1})
+    if nested:
+        summary.warnings.append(f"warning: {where}: class folders hold sub-folders ({_first(nested)}): each class is "
+                                f"a folder directly under {'train/ and val/' if 'all' not in roots else 'DATA'}, with "
+                                f"every image below it; if the sub-folders are the classes, make them the top "
+                                f"folders")
+    usable = {s: {c: [p for p in fs if record[p.relative_to(data).as_posix()][2] is None] for c, fs in cs.items()}
+              for s, cs in images.items()}
+    _check_classes(usable, images, data, roots)
+    return _split(summary, usable, data, roots, seed)
+
+
+def _check_classes(usable: dict[str, dict[str, list[Path]]], images: dict[str, dict[str, list[Path]]], data: Path,
+                   roots: Mapping[str, Path | None]) -> None:
+    """Enough classes, each with enough readable images (two, or one in each of train/ and val/), the same classes
+    in train/ and val/; a class folder without any image file is no class (it is left out, said by the caller)."""
+    where = f"DATA {str(data)!r}"
+    for split, cs in usable.items():
+        for c, files in cs.items():
+            skipped = len(images[split][c]) - len(files)
+            need = 2 if split == "all" else 1
+            if images[split][c] and len(files) < need:
+                folder = c if split == "all" else f"{roots[split].name}/{c}"  # type: ignore[union-attr]
+                least = "2 per class (one to train on, one to validate)" if need == 2 else "1 in each of train/, val/"
+                raise UsageError(f"{where}: class {c!r} has {len(files)} readable image(s) in {folder!r}"
+                                 f"{f' ({skipped} skipped, unreadable)' if skipped else ''}; quickstart needs at least "
+                                 f"{least}: add images, or move the folder out")
+    named = {s: {c for c, fs in cs.items() if images[s][c]} for s, cs in usable.items()}
+    if "train" in named and named["train"] != named["val"]:
+        only_train, only_val = sorted(named["train"] - named["val"]), sorted(named["val"] - named["train"])
+        parts = ([f"only in train/: {_first(only_train)}"] if only_train else []) + \
+                ([f"only in val/: {_first(only_val)}"] if only_val else [])
+        raise UsageError(f"{where}: train/ and val/ hold different classes ({'; '.join(parts)}); give both the same "
+                         f"class folders, each with images")
+    classes = sorted(named.get("all", named.get("train", set())))
+    if not classes:
+        raise UsageError(f"{where} has no class sub-folders with images; lay it out as {data}/<class>/<image> (or "
+                         f"{data}/train/<class>/ and {data}/val/<class>/)")
+    if len(classes) < 2:
+        raise UsageError(f"{where} holds one class, {classes[0]!r}: a classifier needs at least 2 (one folder of "
+                         f"images per class); if {classes[0]!r} holds the classes as sub-folders, give "
+                         f"{str(data / classes[0])!r} as DATA")
+
+
+def _split(summary: DataSummary, usable: dict[str, dict[str, list[Path]]], data: Path,
+           roots: Mapping[str, Path | None], seed: int) -> DataSummary:
+    """The split as DIR/data will hold it (`write_split`): one folder per class split VAL_SHARE per class (seeded,
+    by file name), or train/ and val/ as they are; each image under a link name timm's reader lists (its path
+    below the class, '/' as '__', '.png' added to another format's name)."""
+    timm_ext = img_extensions()
+    if "all" in usable:
+        rng = random.Random(seed)
+        parts: dict[str, dict[str, list[Path]]] = {"train": {}, "val": {}}
+        for c, files in sorted(usable["all"].items()):
+            if not files:
+                continue
+            files = sorted(files)
+            rng.shuffle(files)
+            n_val = max(1, round(VAL_SHARE * len(files)))
+            parts["val"][c], parts["train"][c] = files[:n_val], files[n_val:]
+    else:
+        parts = {s: {c: sorted(fs) for c, fs in cs.items() if fs} for s, cs in usable.items()}
+    for split, cs in parts.items():
+        summary.links[split] = {}
+        for c, files in cs.items():
+            names: set[str] = set()
+            summary.links[split][c] = []
+            root = roots["all" if "all" in roots else split]
+            assert root is not None
+            for f in files:
+                name = f.relative_to(root / c).as_posix().replace("/", "__")
+                name += "" if f.suffix.lower() in timm_ext else ".png"
+                stem, k = name, 1
+                while name in names:
+                    k += 1
+                    name = f"{k}_{stem}"
+                names.add(name)
+                summary.links[split][c].append((f, name))
+    summary.train = {c: len(v) for c, v in summary.links["train"].items()}
+    summary.val = {c: len(v) for c, v in summary.links["val"].items()}
+    summary.side = _side_of([f for fs in parts["train"].values() for f in fs])
+    empty = sorted({c for cs in usable.values() for c, fs in cs.items() if not fs} - set(summary.train))
+    if empty:
+        summary.warnings.append(f"warning: DATA {str(data)!r}: {len(empty)} class folder(s) without any image left "
+                                f"out ({_first(empty)})")
+    line = small_class_warning(summary.train, f"DATA {str(data)!r}")
+    if line:
+        summary.warnings.append(line)
+    return summary
+
+
+def write_split(summary: DataSummary, out: Path, record: dict) -> None:
+    """DIR/data: the split's links (an image folder's) and `record` (split.json: what it was made from), written
+    whole under another name and then renamed, so that an interrupted run leaves no half split."""
+    dest = out / "data"
+    tmp = out / "data.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for split, cs in summary.links.items():
+        for c, links in cs.items():
+            folder = tmp / split / c
+            folder.mkdir(parents=True)
+            for f, name in links:
+                (folder / name).symlink_to(f.resolve())
+    write_text_atomic(tmp / SPLIT_FILE, json.dumps(record) + "\n")
+    if dest.is_symlink() or dest.is_file():
+        dest.unlink()
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+
+
+def _split_record(data: Path, summary: DataSummary, seed: int) -> dict:
+    return {"data": str(data), "seed": seed, "val_share": VAL_SHARE, "files": summary.files}
+
+
+def _recorded(out: Path) -> dict | None:
+    try:
+        record = json.loads((out / "data" / SPLIT_FILE).read_text())
+        return record if isinstance(record, dict) else {}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+
+
+def _class_of(rel: str) -> str:
+    """The class folder of an image's path relative to DATA (its first folder, or the one in train/ or val/)."""
+    parts = rel.split("/")
+    return parts[1] if parts[0] in (*TRAIN_NAMES, *VAL_NAMES) and len(parts) > 2 else parts[0]
+
+
+def _check_state(out: Path, data: Path, summary: DataSummary, seed: int, fresh: bool) -> str | None:
+    """What --out already holds against this run's data: None (nothing, --fresh, or the same split), a line saying
+    the split is made again (another --seed: every step's command changes with it, so every step is redone), or a
+    refusal naming what changed in DATA and the flag that starts over (the anchors trained on the old split would
+    otherwise be reused as if they had seen these images)."""
+    recorded = _recorded(out)
+    if fresh:
+        return None
+    started = any((out / name).exists() for name in ("data", "stitch_config.json", "snnet")) or \
+        any(out.glob("anchor_*"))
+    if recorded is None and not started:
+        return None
+    fix = f"pass --fresh to start over in {str(out)!r} (its split, anchors, SN-Net and results are replaced), or " \
+          f"another --out"
+    if not recorded or not isinstance(recorded.get("files"), dict):
+        raise UsageError(f"--out {str(out)!r} holds a quickstart run without a record of the data it was made from "
+                         f"({out / 'data' / SPLIT_FILE}); {fix}")
+    if recorded.get("data") != str(data):
+        raise UsageError(f"--out {str(out)!r} holds a quickstart run on DATA {recorded.get('data')!r}, not "
+                         f"{str(data)!r}; {fix}")
+    old, new = recorded["files"], summary.files
+    if {k: v[:2] for k, v in old.items()} != {k: v[:2] for k, v in new.items()}:
+        added, removed = sorted(set(new) - set(old)), sorted(set(old) - set(new))
+        changed = sorted(k for k in set(new) & set(old) if new[k][:2] != old[k][:2])
+        classes_new = sorted({_class_of(n) for n in new} - {_class_of(n) for n in old})
+        classes_old = sorted({_class_of(n) for n in old} - {_class_of(n) for n in new})
+        said = ([f"{len(added)} image(s) added (e.g. {added[0]!r})"] if added else []) + \
+               ([f"{len(removed)} removed (e.g. {removed[0]!r})"] if removed else []) + \
+               ([f"{len(changed)} changed (e.g. {changed[0]!r})"] if changed else []) + \
+               ([f"new class folder(s) {_first(classes_new)}"] if classes_new else []) + \
+               ([f"class folder(s) {_first(classes_old)} gone"] if classes_old else [])
+        raise UsageError(f"DATA {str(data)!r} changed since {str(out / 'data')!r} was split from it "
+                         f"({', '.join(said)}); {fix}")
+    if (recorded.get("seed"), recorded.get("val_share")) != (seed, VAL_SHARE):
+        return (f"data: splitting DATA again (--seed {seed}; the split in {out / 'data'} was made with --seed "
+                f"{recorded.get('seed')}): every step is redone")
+    return None
+
 
 
 def _named_counts(labels: list[int], names: list[str] | None, where: Path) -> dict[str, int]:
@@ -280,40 +593,39 @@ def _read_parquet(data: Path) -> DataSummary:
                        flags=("--dataset", "hfds/", "--train-split", found[0][0], "--val-split", found[1][0]))
 
 
-def _images(folder: Path) -> list[Path]:
-    ext = img_extensions()
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in ext and p.is_file())
+# ---------------------------------------------------------------------------------------------------- the choices
+def check_options(args: QuickstartOptions, data: Path, out: Path) -> None:
+    """What the options say on their own and together, refused by quickstart's own flag before anything is read."""
+    if not 0 <= args.seed < SEEDS:
+        raise UsageError(f"--seed {args.seed} is outside 0..{SEEDS - 1}; give e.g. --seed 0")
+    if args.anchors is not None:
+        if len(args.anchors) < 2:
+            raise UsageError(f"--anchors {' '.join(args.anchors)}: an SN-Net stitches at least 2 anchors; name 2 or "
+                             f"more timm models, smallest first")
+        if args.widths:
+            raise UsageError(f"--widths {' '.join(map(str, args.widths))} sets quickstart's own CNN anchors, which "
+                             f"--anchors replaces; give one of them")
+    if args.widths is not None:
+        w = list(args.widths)
+        if len(w) < 2 or any(a >= b for a, b in zip(w, w[1:])):
+            raise UsageError(f"--widths {' '.join(map(str, w))}: give 2 or more widths, smallest first, each larger "
+                             f"than the last (e.g. --widths 6 12 24)")
+    if args.stitch_stages is not None and not args.anchors and not all(0 <= s <= 3 for s in args.stitch_stages):
+        raise UsageError(f"--stitch-stages {' '.join(map(str, args.stitch_stages))}: the CNN anchors have stages 0-3; "
+                         f"give some of 0 1 2 3")
+    if out == data or data in out.parents:
+        raise UsageError(f"--out {str(out)!r} is inside DATA {str(data)!r}: quickstart's own files there would be "
+                         f"read as a class of images; give an --out outside DATA")
+    if any(data == out / p or (out / p) in data.parents for p in PRODUCTS) or \
+            any(data.is_relative_to(a) for a in out.glob("anchor_*")):
+        raise UsageError(f"DATA {str(data)!r} is inside what quickstart writes in --out {str(out)!r}; give DATA "
+                         f"outside it, or another --out")
 
 
-def _split_folder(src: Path, dest: Path, seed: int) -> Path:
-    """One folder per class split VAL_SHARE per class (seeded, by file name) into dest/train and dest/val, as links
-    to the images (nothing copied). Kept once written (a resumed run reads the same split)."""
-    if (dest / "val").is_dir():
-        return dest
-    tmp = dest.with_name(dest.name + ".tmp")
-    if tmp.exists():
-        import shutil
-        shutil.rmtree(tmp)
-    rng = random.Random(seed)
-    for cls in sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = _images(cls)
-        rng.shuffle(files)
-        n_val = max(1, round(VAL_SHARE * len(files))) if len(files) > 1 else 0
-        for split, part in (("val", files[:n_val]), ("train", files[n_val:])):
-            folder = tmp / split / cls.name
-            folder.mkdir(parents=True, exist_ok=True)
-            for f in part:
-                (folder / f"{f.relative_to(cls).as_posix().replace('/', '__')}").symlink_to(f.resolve())
-    tmp.rename(dest)
-    return dest
-
-
-def _median_side(train: Path, sample: int = 64) -> int:
-    return _side_of(_images(train), sample)
-
-
-def plan(summary: DataSummary, args: QuickstartOptions) -> Plan:
-    """The run's choices from the data and the flags, each said with why and the flag that changes it."""
+def plan(summary: DataSummary, args: QuickstartOptions, weights: dict[str, str] | None = None) -> Plan:
+    """The run's choices from the data and the flags, each said with why and the flag that changes it; a choice no
+    step could run with (a batch larger than the images a process draws) is one line naming quickstart's flag.
+    `weights`: where each --anchors model's pretrained weights come from (`check_anchors`)."""
     lines = []
     side = summary.side
     if args.img_size:
@@ -328,16 +640,19 @@ def plan(summary: DataSummary, args: QuickstartOptions) -> Plan:
         labels = [a[0] for a in anchors]
         if len(set(labels)) < len(labels):
             anchors = [(f"a{i}", name, {}) for i, (_, name, _) in enumerate(anchors)]
-        weights = ("random weights (--no-pretrained)" if args.no_pretrained else
-                   "timm's pretrained weights, from this machine's cache or the hub (change: --no-pretrained)")
-        lines.append(f"anchors: {', '.join(args.anchors)} (--anchors, smallest first), fine-tuned from {weights}")
+        where = {"cached": "this machine's cache", "reachable": "downloaded by its step, not cached here"}
+        said = "".join(f"{name}: {where[w]}; " for name, w in (weights or {}).items() if w in where)
+        start = ("random weights (--no-pretrained)" if args.no_pretrained else
+                 f"timm's pretrained weights ({said}change: --no-pretrained)")
+        lines.append(f"anchors: {', '.join(args.anchors)} (--anchors, smallest first), fine-tuned from {start}")
     else:
         widths = args.widths or list(WIDTHS)
         anchors = [(f"c{w}", FAMILY, anchor_kwargs(w)) for w in widths]
+        anyway = "; --no-pretrained: they start from random weights anyway" if args.no_pretrained else ""
         lines.append(f"anchors: {len(widths)} small CNNs from scratch, ResNet-18's layout at widths "
                      f"{'/'.join(map(str, widths))} ({', '.join(a[0] for a in anchors)}): they learn from a few "
                      f"hundred images per class and stitch stage by stage (change: --widths W W W, or --anchors NAME "
-                     f"... for timm models)")
+                     f"... for timm models){anyway}")
     stages = list(args.stitch_stages) if args.stitch_stages else None if args.anchors else list(STITCH_STAGES)
     if stages is not None and not args.anchors and not all(0 <= s <= 3 for s in stages):
         raise UsageError(f"--stitch-stages {' '.join(map(str, stages))}: the CNN anchors have stages 0-3; give some "
@@ -346,8 +661,9 @@ def plan(summary: DataSummary, args: QuickstartOptions) -> Plan:
         why = ("--stitch-stages" if args.stitch_stages else
                "the last: a stitch earlier in these narrow CNNs scored below the smallest anchor on the tuning data, "
                "docs/own_data.md")
-        lines.append(f"stitches: in stage(s) {' '.join(map(str, stages))} of 0-3, one between the two blocks of each, "
-                     f"per pair of neighbouring anchors ({why}; change: --stitch-stages S ...)")
+        lines.append(f"stitches: in stage(s) {' '.join(map(str, stages))}{' of 0-3' if not args.anchors else ''}, "
+                     f"one between the two blocks of each, per pair of neighbouring anchors ({why}; change: "
+                     f"--stitch-stages S ...)")
     if args.stitch_plan:
         stitch_plan, why = args.stitch_plan, "--stitch-plan"
     elif args.anchors:
@@ -360,21 +676,57 @@ def plan(summary: DataSummary, args: QuickstartOptions) -> Plan:
              "sliding_window": "the smaller anchor in front, the larger's last blocks after it (SN-Net)",
              "two_way": "both ways round"}[stitch_plan]
     lines.append(f"stitch direction: {stitch_plan}, {front} ({why}; change: --stitch-plan)")
-    batch = args.batch or BATCH
-    steps_per_epoch = max(1, summary.images // batch)
+    images = summary.images
+    nproc = args.nproc or max(1, min(os.cpu_count() or 1, 8, images // 2))
+    per = -(-images // nproc)  # the training images one SN-Net process draws an epoch (padded to equal shares)
+    if args.batch and args.batch > per:
+        procs = f"each of the SN-Net's {nproc} processes draws {per} of" if nproc > 1 else "the SN-Net draws"
+        raise UsageError(f"--batch {args.batch} gives no training step: {procs} the {images} training images an "
+                         f"epoch, and a training batch is never short; give --batch {per} or less"
+                         f"{' (or fewer --nproc)' if nproc > 1 else ''}, or add images")
+    batch = args.batch or min(BATCH, per)
+    if batch < 2:
+        raise UsageError(f"{'--batch 1' if args.batch else f'--nproc {nproc}'} leaves 1 image per training batch "
+                         f"({images} training images); BatchNorm needs 2: "
+                         f"{'give --batch 2 or more' if args.batch else 'give fewer --nproc'}")
+    steps_per_epoch = max(1, images // batch)
     if args.anchor_epochs:
         anchor_epochs, why = args.anchor_epochs, "--anchor-epochs"
     else:
         anchor_epochs = min(EPOCHS[1], max(EPOCHS[0], -(-MIN_STEPS // steps_per_epoch)))
-        why = (f"{summary.images} training images in batches of {batch}: {steps_per_epoch} steps an epoch, at least "
+        why = (f"{images} training images in batches of {batch}: {steps_per_epoch} steps an epoch, at least "
                f"{MIN_STEPS} steps within {EPOCHS[0]}-{EPOCHS[1]} epochs")
     lines.append(f"anchor training: {anchor_epochs} epochs ({why}; change: --anchor-epochs, --batch)")
     snnet_epochs = args.snnet_epochs or max(10, round(SNNET_SHARE * anchor_epochs))
-    nproc = args.nproc or max(1, min(os.cpu_count() or 1, 8))
-    lines.append(f"SN-Net training: {snnet_epochs} epochs on {nproc} process(es) (every core; change: --snnet-epochs, "
-                 f"--nproc)")
+    cores = "--nproc" if args.nproc else f"every core, at least 2 images each{', as many as the images allow' if nproc < min(os.cpu_count() or 1, 8) else ''}"  # noqa: E501
+    lines.append(f"SN-Net training: {snnet_epochs} epochs on {nproc} process(es), batches of {batch} ({cores}; "
+                 f"change: --snnet-epochs, --nproc, --batch)")
     return Plan(img_size, anchors, bool(args.anchors) and not args.no_pretrained, stages, stitch_plan, anchor_epochs,
                 snnet_epochs, batch, nproc, lines, own_cnns=not args.anchors)
+
+
+def check_anchors(args: QuickstartOptions) -> dict[str, str]:
+    """--anchors' names are timm's, and with pretrained weights each has them on this machine or reachable (decided
+    in seconds, nothing downloaded: snnet/stitching/weights.py); returns where each one's weights come from."""
+    from snnet.stitching.build import check_model_name
+    from snnet.stitching.weights import WeightsUnavailable, check_pretrained
+    source: dict[str, str] = {}
+    for name in args.anchors or []:
+        try:
+            check_model_name(name)
+        except SNNetError as e:
+            raise UsageError(f"--anchors {name}: {one_line(e)}") from None
+    for name in [] if args.no_pretrained else args.anchors or []:
+        import timm
+        if timm.models.get_pretrained_cfg(name) is None:
+            raise UsageError(f"--anchors {name}: timm has no pretrained weights of {name!r} (timm.list_pretrained"
+                             f"('{name.split('.')[0]}*') lists those it has); name one of them, or pass "
+                             f"--no-pretrained to train it from random weights")
+        try:
+            source[name] = check_pretrained(name, "--anchors")
+        except WeightsUnavailable as e:
+            raise UsageError(one_line(e)) from None
+    return source
 
 
 def _recipes(p: Plan, seed: int) -> tuple[list[str], list[str], list[str], list[str]]:
@@ -384,7 +736,9 @@ def _recipes(p: Plan, seed: int) -> tuple[list[str], list[str], list[str], list[
               "--val-interval", str(VAL_INTERVAL)]
     if not p.pretrained:
         common.append("--no-pretrained")
-    anchor = ["--lr", "5e-3", "--warmup-epochs", "1" if p.anchor_epochs > 1 else "0"]
+    # a plain --model starts from random weights unless --pretrained says otherwise
+    anchor = ["--lr", "5e-3", "--warmup-epochs", "1" if p.anchor_epochs > 1 else "0",
+              *(["--pretrained"] if p.pretrained else [])]
     # from scratch, the stitching layers at 10x the anchors' LR (SNNET_LR); timm anchors keep SN-Net's one LR
     lr, scale = (SNNET_LR, SNNET_ANCHOR_LR_SCALE) if p.own_cnns else (5e-4, 1.0)
     snnet = ["--lr", f"{lr:g}", "--anchor-lr-scale", f"{scale:g}", "--warmup-epochs",
@@ -392,8 +746,9 @@ def _recipes(p: Plan, seed: int) -> tuple[list[str], list[str], list[str], list[
     return anchor, snnet, common, ["--img-size", str(p.img_size), "-b", str(p.batch), "-j", "0"]
 
 
-def stitch_config(out: Path, p: Plan, classes: int) -> Path:
-    """The stitch config of the anchors trained in `out` (each anchor's checkpoint: out/anchor_<label>)."""
+def stitch_config(out: Path, p: Plan, classes: int, folder: Path | None = None) -> Path:
+    """The stitch config of the anchors trained in `out` (each anchor's checkpoint: out/anchor_<label>), written to
+    `folder` (default `out`)."""
     cfg = {"description": f"snnet quickstart: {', '.join(a[0] for a in p.anchors)}",
            "anchors": [{"name": model, "label": label, "checkpoint": str(out / f"anchor_{label}" / "last.pth.tar"),
                         **({"model_kwargs": kwargs} if kwargs else {})} for label, model, kwargs in p.anchors],
@@ -402,9 +757,132 @@ def stitch_config(out: Path, p: Plan, classes: int) -> Path:
         cfg["stitch_stages"] = p.stitch_stages
     if p.stitch_plan != "sliding_window":
         cfg["stitch_plan"] = p.stitch_plan
-    path = out / "stitch_config.json"
+    path = (folder or out) / "stitch_config.json"
     write_text_atomic(path, json.dumps(cfg, indent=1) + "\n")
     return path
+
+
+def _anchor_argv(out: Path, root: Path, p: Plan, anchor: tuple[str, str, dict], flags: list[str],
+                 common: list[str], seed: int) -> list[str]:
+    from snnet.demo import anchor_command
+    label, model, kwargs = anchor
+    return anchor_command(out, root, f"anchor_{label}", model, kwargs, p.anchor_epochs, seed, flags, common)[1:]
+
+
+def check_steps(out: Path, summary: DataSummary, p: Plan, args: QuickstartOptions) -> None:
+    """Each step's train.py command checked as train.py checks it before any work (its options together, the
+    augmentation, the optimizer and schedule, the network built on the meta device: the anchors, and the SN-Net
+    from the stitch config quickstart will write, its stitch plan and stages at the image size), with the data and
+    the anchors' checkpoints left to the steps: neither exists yet. A refusal names quickstart's choices."""
+    from snnet.train.args import parse_args
+    from snnet.train.options import RunOptions
+    from snnet.train.preflight import check_recipe
+    from snnet.train.resolve import resolve
+    anchor_flags, snnet_flags, common, _ = _recipes(p, args.seed)
+    common = common + list(summary.flags)
+    anchors = (f"--anchors {' '.join(args.anchors)}" if args.anchors else
+               f"the CNN anchors of --widths {' '.join(str(k['channels'][0]) for _, _, k in p.anchors)}")
+
+    def check(argv: list[str], world: int, what: str) -> None:
+        try:
+            parsed, cfg = parse_args(argv)
+            check_recipe(resolve(RunOptions.from_values(vars(parsed)), world_size=world), cfg)
+        except SNNetError as e:
+            raise UsageError(f"{what}: {one_line(e)}") from None
+
+    for anchor in p.anchors:
+        check(_anchor_argv(out, summary.root, p, anchor, anchor_flags, common, args.seed), 1,
+              f"anchor {anchor[1]!r} at --img-size {p.img_size} cannot be trained")
+    with tempfile.TemporaryDirectory(prefix="snnet_quickstart_") as tmp:
+        config = stitch_config(out, p, summary.classes, Path(tmp))
+        stages = f", --stitch-stages {' '.join(map(str, p.stitch_stages))}" if p.stitch_stages is not None else ""
+        check([str(summary.root), "--stitch_config", str(config), "--epochs", str(p.snnet_epochs), *snnet_flags,
+               "--output", str(out), "--experiment", "snnet", *common], p.nproc,
+              f"the SN-Net of {anchors} (--stitch-plan {p.stitch_plan}{stages}, --img-size {p.img_size}) cannot be "
+              f"built")
+
+
+def preflight(args: QuickstartOptions, data: Path, out: Path) -> tuple[DataSummary, Plan, str | None]:
+    """Everything quickstart and its steps would refuse, refused before any work and before anything is written:
+    the options, the data (every image read), what --out holds, the choices, the anchors' names and weights, and
+    each step's command. Returns the data, the plan and a line to say (the split is made again), else raises
+    UsageError."""
+    check_options(args, data, out)
+    sources = check_anchors(args)
+    known = (_recorded(out) or {}).get("files") if not args.fresh else None
+    summary = read_data(data, out, args.seed, known if isinstance(known, dict) else None)
+    again = _check_state(out, data, summary, args.seed, args.fresh)
+    p = plan(summary, args, sources)
+    check_steps(out, summary, p, args)
+    return summary, p, again
+
+
+# ---------------------------------------------------------------------------------------------------- the steps
+#: a warning line in a step's log: the project's "warning: ..." (after a rank's prefix or the log's time) and
+#: Python's "...Warning: ..."
+WARNING_LINE = re.compile(r"^(?:\[[^\]]*\]:?\s*)?(?:\d\d:\d\d:\d\d\s+)?(warning: .*)$|:\s(\w+Warning: .*)$")
+RELAY_SECONDS = 1.0
+
+
+class WarningRelay:
+    """Every warning the steps write to their logs (DIR/*.log) on the console, once: a step's own log holds it
+    whole, the console one line per distinct warning, as the step writes it (the steps' data warnings, which the
+    preflight said already, stay in the logs: the steps run with WARNED_ENV set)."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.seen: set[str] = set()
+        self.offsets = {log: log.stat().st_size for log in out.glob("*.log")}  # an earlier run's: said then
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> WarningRelay:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.poll()
+
+    def _run(self) -> None:
+        while not self.stop.wait(RELAY_SECONDS):
+            self.poll()
+
+    def poll(self) -> None:
+        for log in sorted(self.out.glob("*.log")):
+            try:
+                size = log.stat().st_size
+                start = self.offsets.get(log, 0)
+                start = 0 if size < start else start  # rewritten by a step that started again
+                with open(log, "rb") as f:
+                    f.seek(start)
+                    chunk = f.read(size - start)
+            except OSError:
+                continue
+            end = chunk.rfind(b"\n") + 1  # whole lines only; the rest waits for the next poll
+            self.offsets[log] = start + end
+            for line in chunk[:end].decode(errors="replace").splitlines():
+                m = WARNING_LINE.search(line.strip())
+                text = m and (m.group(1) or m.group(2))
+                if text and text not in self.seen:
+                    self.seen.add(text)
+                    print(f"[{log.stem}] {text}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def _steps_env() -> Iterator[None]:
+    """The steps' environment: the data warnings were said by the preflight (WARNED_ENV), so the steps keep them to
+    their logs. Set for the steps and restored after (quickstart may run inside another program)."""
+    before = os.environ.get(WARNED_ENV)
+    os.environ[WARNED_ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(WARNED_ENV, None)
+        else:
+            os.environ[WARNED_ENV] = before
 
 
 def _evaluated(results: Path, weights: Path) -> bool:
@@ -415,47 +893,91 @@ def _evaluated(results: Path, weights: Path) -> bool:
     return bool(records) and all(r.get("checkpoint_sha256") == sha for r in records)
 
 
+def start_fresh(out: Path) -> list[str]:
+    """--fresh: what quickstart wrote in `out` (PRODUCTS, the anchors' folders and logs) removed; the names."""
+    gone = []
+    for path in sorted([*(out / name for name in PRODUCTS), *out.glob("anchor_*")]):
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+            gone.append(path.name)
+        elif path.is_dir():
+            shutil.rmtree(path)
+            gone.append(path.name + "/")
+    return gone
+
+
+def train_anchors(p: Plan, train, workers: int) -> None:
+    """Every anchor trained, `workers` at a time, the largest first; once one fails no other starts (those running
+    finish), and the run ends with that failure."""
+    failed: list[str] = []
+
+    def one(anchor: tuple[str, str, dict]) -> None:
+        if failed:
+            return
+        try:
+            train(anchor)
+        except SystemExit as e:  # demo.run: the step failed; its message holds the log's tail
+            failed.append(str(e.code))
+            running = "; the anchors still training finish first" if workers > 1 else ""
+            print(f"{e.code}\nquickstart: anchor {anchor[0]} failed: no other step starts{running}",
+                  file=sys.stderr, flush=True)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(one, p.anchors[::-1]))
+    if failed:
+        raise SystemExit(1)
+
+
 def main(args: QuickstartOptions) -> int:
     """`snnet quickstart` (its arguments: snnet/cli.py, which imports this module only when the command runs)."""
     data, out = Path(args.data).resolve(), Path(args.out).resolve()
     t0 = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    summary_ = read_data(data, out, args.seed)
-    small = {c: n for c, n in summary_.train.items()}
+    summary_, p, again = preflight(args, data, out)  # refuses before anything is written
+    small = dict(summary_.train)
     print(f"data: {summary_.root}{' (split from ' + str(data) + ')' if summary_.split_made else ''}: "
           f"{summary_.classes} classes, {summary_.images} training and {sum(summary_.val.values())} validation "
           f"images ({', '.join(f'{c} {n}' for c, n in list(small.items())[:8])}"
           f"{', ...' if len(small) > 8 else ''}), median side {summary_.side} px", flush=True)
-    p = plan(summary_, args)
+    for line in summary_.notes + ([again] if again else []):
+        print(line, flush=True)
+    for line in summary_.warnings:
+        print(line, file=sys.stderr, flush=True)
     for line in p.lines:
         print(line, flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.fresh:
+        gone = start_fresh(out)
+        if gone:
+            print(f"--fresh: removed {', '.join(gone)} from {out}", flush=True)
+    record = _split_record(data, summary_, args.seed)
+    if _recorded(out) != record:
+        write_split(summary_, out, record)
     anchor_flags, snnet_flags, common, eval_flags = _recipes(p, args.seed)
     common, eval_flags = common + list(summary_.flags), eval_flags + list(summary_.flags)  # shards, parquet
 
     def train(anchor: tuple[str, str, dict]) -> None:
         label, model, kwargs = anchor
-        train_anchor(out, summary_.root, f"anchor_{label}", model, kwargs, p.anchor_epochs, args.fresh, args.seed,
+        train_anchor(out, summary_.root, f"anchor_{label}", model, kwargs, p.anchor_epochs, False, args.seed,
                      anchor_flags, common, resume=True)
 
     # with several cores every anchor trains at once (one thread each): the cores share them to the end, where two
-    # at a time left one core idle while the last, smallest anchor trained alone (set A: 566 s at once against 579 s
-    # for c12 then c6 beside c24's 445 s; a small gain, the three contend for the cache)
+    # at a time would leave a core idle while the last, smallest anchor trains alone
     workers = min(len(p.anchors), 2 * p.nproc) if p.nproc > 1 else 1
-    print(f"[1/3] anchors: training {len(p.anchors)}, {workers} at a time on {p.nproc} process(es)", flush=True)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(train, p.anchors[::-1]))
-    config = stitch_config(out, p, summary_.classes)
-    print(f"[2/3] SN-Net: {config}", flush=True)
-    run_dir = train_snnet(out, summary_.root, config, "snnet", p.snnet_epochs, [], args.seed, snnet_flags, common,
-                          p.nproc, resume=not args.fresh, preflight=False)
-    print("[3/3] every stitch evaluated from the saved SN-Net; front, baselines, report", flush=True)
-    results = out / "results"
-    weights = results / WEIGHTS_FILE
-    save_weights(run_dir / "last.pth.tar", weights)
-    if _evaluated(results / RESULTS_FILE, weights):
-        print(f"[snnet_eval] reusing {results / RESULTS_FILE} (evaluated from these weights)", flush=True)
-    else:
-        copy_results(evaluate_weights(out, summary_.root, weights, config, eval_flags), results / RESULTS_FILE)
+    with _steps_env(), WarningRelay(out):
+        print(f"[1/3] anchors: training {len(p.anchors)}, {workers} at a time on {p.nproc} process(es)", flush=True)
+        train_anchors(p, train, workers)
+        config = stitch_config(out, p, summary_.classes)
+        print(f"[2/3] SN-Net: {config}", flush=True)
+        run_dir = train_snnet(out, summary_.root, config, "snnet", p.snnet_epochs, [], args.seed, snnet_flags, common,
+                              p.nproc, resume=True, preflight=False)
+        print("[3/3] every stitch evaluated from the saved SN-Net; front, baselines, report", flush=True)
+        results = out / "results"
+        weights = results / WEIGHTS_FILE
+        save_weights(run_dir / "last.pth.tar", weights)
+        if _evaluated(results / RESULTS_FILE, weights):
+            print(f"[snnet_eval] reusing {results / RESULTS_FILE} (evaluated from these weights)", flush=True)
+        else:
+            copy_results(evaluate_weights(out, summary_.root, weights, config, eval_flags), results / RESULTS_FILE)
     title = f"SN-Net on {data.name}: {', '.join(a[0] for a in p.anchors)}"
     files = [weights, *report(results, [results / RESULTS_FILE], title, p.img_size)]
     for line in summary([results / RESULTS_FILE]):

@@ -23,12 +23,13 @@ SN-Net (``anchors.{a}.`` + ...)              ours (``anchors.{a}.`` + ...)
 ===========================================  =================================================================
 
 The attention-bias tables have the same shape and order in both (offset (dy, dx) -> dy * resolution + dx), so no
-tensor changes. Indices depend on the depths: pass them for LeViT variants other than 4-4-4.
+tensor changes. Indices depend on the depths, which each anchor's keys encode (`release_depths`: the subsample
+blocks are the ones without ``.m.``), so anchors of different LeViT variants convert alike.
 """
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -71,6 +72,28 @@ def _table(depths: Sequence[int]) -> list[tuple[str, str]]:
 
 
 _ANCHOR = re.compile(r"^(anchors\.\d+\.)(.*)$")
+_FLAT = re.compile(r"^blocks\.(\d+)\.(m\.)?")
+
+
+def release_depths(names: Iterable[str]) -> tuple[int, ...]:
+    """The stage depths one LeViT's flat SN-Net keys (its ``anchors.{a}.`` prefix removed) encode: stage s is
+    2 x depth[s] residual blocks, and a subsample block (keys without ``.m.``) and an MLP residual lie between two
+    stages. ValueError when the keys follow no such layout."""
+    blocks, subsample = set(), set()
+    for name in names:
+        m = _FLAT.match(name)
+        if m:
+            blocks.add(int(m[1]))
+            if m[2] is None:
+                subsample.add(int(m[1]))
+    if not blocks:
+        raise ValueError("no flat LeViT blocks (blocks.<i>.m.) among its keys")
+    edges = [0, *[i for s in sorted(subsample) for i in (s, s + 2)], max(blocks) + 1]
+    spans = [b - a for a, b in zip(edges[::2], edges[1::2])]
+    if blocks != set(range(max(blocks) + 1)) or any(n <= 0 or n % 2 for n in spans):
+        raise ValueError(f"its flat blocks 0..{max(blocks)} (subsample blocks {sorted(subsample)}) follow no LeViT "
+                         f"layout of stages")
+    return tuple(n // 2 for n in spans)
 
 
 def _convert(state_dict: dict[str, torch.Tensor], pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
@@ -90,9 +113,29 @@ def _convert(state_dict: dict[str, torch.Tensor], pairs: list[tuple[str, str]]) 
     return out
 
 
-def snnet_to_ours(state_dict: dict[str, torch.Tensor], depths: Sequence[int] = (4, 4, 4)) -> dict[str, torch.Tensor]:
-    """An SN-Net LeViT state dict (``anchors.{a}.`` prefixed or a bare LeViT) with timm 1.0 keys."""
-    return _convert(state_dict, _table(depths))
+def snnet_to_ours(state_dict: dict[str, torch.Tensor], depths: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+    """An SN-Net LeViT state dict (``anchors.{a}.`` prefixed or a bare LeViT) with timm 1.0 keys; each anchor's
+    depths read from its keys (`release_depths`). `depths`: what they must be; ValueError naming the anchor and its
+    depths when they are not."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        m = _ANCHOR.match(key)
+        groups.setdefault("" if key.startswith("stitch_layers.") else m[1] if m else "", {})[key] = value
+    out = {}
+    for prefix, part in groups.items():
+        names = [k[len(prefix):] for k in part]
+        if prefix == "" and not any(_FLAT.match(n) for n in names):  # the stitching layers, nothing of an anchor
+            out.update(_convert(part, []))
+            continue
+        try:
+            found = release_depths(names)
+        except ValueError as e:
+            raise ValueError(f"{prefix or 'the network'} {e}") from None
+        if depths is not None and tuple(depths) != found:
+            raise ValueError(f"{prefix or 'the network'} holds a LeViT of stage depths {'-'.join(map(str, found))}, "
+                             f"not {'-'.join(map(str, depths))}")
+        out.update(_convert(part, _table(found)))
+    return out
 
 
 def ours_to_snnet(state_dict: dict[str, torch.Tensor], depths: Sequence[int] = (4, 4, 4)) -> dict[str, torch.Tensor]:

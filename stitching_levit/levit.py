@@ -36,7 +36,7 @@ class LevitAdapter(AnchorAdapter):
 
     @classmethod
     def convert_release_state(cls, state_dict, stage_depths=None):
-        return snnet_to_ours(state_dict, tuple(stage_depths or (4, 4, 4)))
+        return snnet_to_ours(state_dict, tuple(stage_depths) if stage_depths else None)
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:

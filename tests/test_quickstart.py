@@ -14,7 +14,7 @@ import pytest
 from helpers import ROOT, run
 
 from snnet.data.checks import small_class_warning
-from snnet.quickstart import DataSummary, QuickstartOptions, _recipes, plan, read_data
+from snnet.quickstart import DataSummary, QuickstartOptions, _recipes, plan, read_data, write_split
 from snnet.stitching.weights import WeightsUnavailable, check_pretrained
 from snnet.utils.errors import UsageError
 
@@ -55,15 +55,21 @@ def test_the_shapes_generators_noise_is_a_harder_set_and_its_range_is_checked(tm
 
 
 def test_a_flat_folder_is_split_per_class_and_kept(tmp_path):
+    """Reading writes nothing; the split is written whole (links, and what it was made from) and read the same
+    again (a resumed run)."""
     data = _shapes().write(tmp_path / "mine", ["circle", "square", "ring"], 8, 2, size=16, flat=True)
     summary = read_data(data, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
     assert summary.split_made and summary.root == tmp_path / "out" / "data"
     assert summary.train == {"circle": 8, "ring": 8, "square": 8} and summary.val == {"circle": 2, "ring": 2,
                                                                                       "square": 2}
-    assert summary.side == 16
-    again = read_data(data, tmp_path / "out")  # a resumed run reads the same split
-    assert again.train == summary.train and sorted((tmp_path / "out/data/val/ring").iterdir()) == \
-        sorted((tmp_path / "out/data/val/ring").iterdir())
+    assert summary.side == 16 and len(summary.files) == 30 and not summary.warnings
+    write_split(summary, tmp_path / "out", {"files": summary.files})
+    again = read_data(data, tmp_path / "out")
+    assert again.links == summary.links
+    assert sorted(p.name for p in (tmp_path / "out/data/val/ring").iterdir()) == \
+        sorted(name for _, name in again.links["val"]["ring"])
+    assert json.loads((tmp_path / "out/data/split.json").read_text())["files"] == summary.files
 
 
 @pytest.mark.parametrize("layout, needle", [("file", "is not a folder"), ("empty", "no class sub-folders"),
@@ -122,7 +128,15 @@ def test_quickstart_guide_runs(tmp_path, capsys):
     command = [ln for ln in block["body"].splitlines() if ln.strip() and not ln.startswith("#")][0]
     argv = re.sub(r"\s+#.*$", "", command).split()
     assert argv[:2] == ["snnet", "quickstart"], command
-    _shapes().write(tmp_path / "data" / "mine", ["circle", "square", "ring"], 10, 2, size=16, flat=True)
+    mine = _shapes().write(tmp_path / "data" / "mine", ["circle", "square", "ring"], 10, 2, size=16, flat=True)
+    # as a newcomer's folder: a macOS ._ file, a GIF, a truncated JPEG (skipped, named), a note
+    (mine / "ring" / "._val_0000.png").write_bytes(b"\x00\x05\x16\x07" + bytes(80))
+    from PIL import Image
+    with Image.open(mine / "ring" / "val_0001.png") as im:
+        im.save(mine / "ring" / "scan.gif")
+        im.resize((64, 64)).save(mine / "square" / "cut.jpg")
+    (mine / "square" / "cut.jpg").write_bytes((mine / "square" / "cut.jpg").read_bytes()[:400])
+    (mine / "README.txt").write_text("my shapes")
     os.chdir(tmp_path)  # the guide's relative paths
     try:
         extra = ["--widths", "4", "8", "--img-size", "16", "--anchor-epochs", "1", "--snnet-epochs", "1", "--batch",
@@ -138,8 +152,12 @@ def test_quickstart_guide_runs(tmp_path, capsys):
         # one stitch, in the last stage (STITCH_STAGES), the larger anchor in front (STITCH_PLAN)
         assert [r["route"] for r in records[2:]] == ["c8[..s3.b0] -(0.0.0)-> c4[s3.b1..]"], records
         for what in ("image size: 16 px", "anchors: 2 small CNNs", "change: --widths", "ETA", "[snnet] done in",
-                     "quickstart finished in", "report.html in a browser"):
+                     "quickstart finished in", "report.html in a browser", "30 training and 7 validation images",
+                     ".gif images are read too"):
             assert what in out, what
+        warned = [ln for ln in err.splitlines() if ln.startswith("warning:")]
+        assert len(warned) == 3 and "'ring/._val_0000.png'" in warned[0] and "'README.txt'" in warned[1], err
+        assert "'square/cut.jpg': unreadable" in warned[2], err
         _opens_in_a_browser(results / "report.html", tmp_path / "profile")
         rc, out, err = run_cli(capsys, *argv[1:], *extra)  # again: resumed, nothing redone
         assert rc == 0, err
@@ -286,6 +304,108 @@ def test_an_unreachable_pretrained_anchor_is_refused_before_torchrun(tmp_path):
         assert "anchor 0 'deit_tiny_patch16_224'" in lines[0] and "--no-pretrained" in lines[0], lines[0]
         assert "HF_HUB_OFFLINE is set" in lines[0] and lines[0].rstrip().endswith("random weights"), lines[0]
         assert "OMP_NUM_THREADS" not in done.stdout + done.stderr and took < 30, took
+
+
+def test_anchors_fine_tune_from_the_weights_the_plan_names(tmp_path, monkeypatch):
+    """--anchors: each model's pretrained weights are found before any work (here in a cache) and the plan says
+    where from; the anchors' train.py step gets --pretrained (a plain --model starts from random weights without
+    it), the SN-Net's none (its anchors are the trained checkpoints)."""
+    import huggingface_hub.constants as hf
+
+    from snnet.quickstart import check_anchors
+    from snnet.stitching import weights
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    weights._REACHED.clear()
+    _fake_cache(tmp_path / "hub", "timm/resnet18.a1_in1k")
+    _fake_cache(tmp_path / "hub", "timm/resnet34.a1_in1k")
+    args = _args(anchors=["resnet18", "resnet34"], nproc=1)
+    sources = check_anchors(args)
+    assert sources == {"resnet18": "cached", "resnet34": "cached"}
+    summary = DataSummary(Path("d"), {c: 40 for c in "abc"}, {c: 10 for c in "abc"}, 64)
+    p = plan(summary, args, sources)
+    line = next(ln for ln in p.lines if ln.startswith("anchors:"))
+    assert "timm's pretrained weights (resnet18: this machine's cache; resnet34: this machine's cache" in line
+    anchor_flags, snnet_flags, common, _ = _recipes(p, 0)
+    assert "--pretrained" in anchor_flags and "--no-pretrained" not in common and "--pretrained" not in snnet_flags
+    unpretrained = plan(summary, _args(anchors=["resnet18", "resnet34"], no_pretrained=True, nproc=1))
+    assert "--pretrained" not in _recipes(unpretrained, 0)[0] and "--no-pretrained" in _recipes(unpretrained, 0)[2]
+    with pytest.raises(UsageError, match="--anchors 'resnet50' needs timm's pretrained weights"):
+        check_anchors(_args(anchors=["resnet18", "resnet50"], nproc=1))
+
+
+def test_the_batch_and_processes_fit_the_images():
+    """Few images: the default batch is what each SN-Net process draws an epoch (timm drops a short batch), the
+    default processes leave each at least 2; a --batch no process could fill is refused by quickstart's flag."""
+    few = DataSummary(Path("d"), {"a": 6, "b": 6, "c": 3}, {"a": 2, "b": 2, "c": 1}, 16)
+    p = plan(few, _args(nproc=2))
+    assert (p.batch, p.nproc) == (8, 2)
+    assert plan(few, _args()).nproc <= 7
+    with pytest.raises(UsageError, match=r"--batch 9 gives no training step: each of the SN-Net's 2 processes draws "
+                                         r"8 of the 15 training images an epoch.*give --batch 8 or less \(or fewer "
+                                         r"--nproc\)"):
+        plan(few, _args(nproc=2, batch=9))
+
+
+def test_what_out_holds_follows_data_and_seed(tmp_path):
+    """A split records what it was made from: the same DATA and seed reuse it; another --seed splits it again (and
+    says so); an image added, changed or removed, or another DATA, is refused naming the change and --fresh, which
+    starts from nothing: it removes what quickstart wrote in --out, nothing else."""
+    from snnet.quickstart import SEED, _check_state, _split_record, start_fresh
+    data = _shapes().write(tmp_path / "mine", ["circle", "square"], 6, 2, size=16, flat=True).resolve()
+    out = (tmp_path / "out").resolve()
+    summary = read_data(data, out)
+    assert _check_state(out, data, summary, SEED, fresh=False) is None  # nothing there yet
+    write_split(summary, out, _split_record(data, summary, SEED))
+    assert _check_state(out, data, read_data(data, out), SEED, fresh=False) is None
+    again = _check_state(out, data, read_data(data, out, 1), 1, fresh=False)
+    assert again is not None and "--seed 1" in again and "every step is redone" in again
+    (data / "circle" / "train_0000.png").write_bytes((data / "square" / "train_0000.png").read_bytes())
+    (data / "square" / "val_0001.png").unlink()
+    changed = read_data(data, out)
+    with pytest.raises(UsageError, match=r"changed since .* \(1 removed \(e.g. 'square/val_0001.png'\), 1 changed "
+                                         r"\(e.g. 'circle/train_0000.png'\)\); pass --fresh"):
+        _check_state(out, data, changed, SEED, fresh=False)
+    assert _check_state(out, data, changed, SEED, fresh=True) is None
+    (out / "anchor_c6").mkdir()
+    (out / "anchor_c6.log").write_text("")
+    (out / "notes.md").write_text("mine")  # not quickstart's: kept
+    assert start_fresh(out) == ["anchor_c6/", "anchor_c6.log", "data/"]
+    assert sorted(p.name for p in out.iterdir()) == ["notes.md"]
+
+
+def test_a_steps_warnings_reach_the_console_once(tmp_path, capsys):
+    """Each distinct warning line the steps write to their logs is said once on the console (with the step that
+    said it first), a line only when whole; what a log held before this run was said then."""
+    from snnet.quickstart import WarningRelay
+    (tmp_path / "anchor_c6.log").write_text("warning: from an earlier run\n")
+    with WarningRelay(tmp_path) as relay:
+        with open(tmp_path / "anchor_c6.log", "a") as f:
+            f.write("12:00:01 Train: 0 [ 1/2] loss 1.0\n12:00:02 warning: skipped training image 'a.png' (cut)\n")
+        (tmp_path / "anchor_c12.log").write_text("12:00:02 warning: skipped training image 'a.png' (cut)\n"
+                                                 "/x/timm.py:3: UserWarning: an old argument\nwarning: half a li")
+        relay.poll()
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["[anchor_c12] warning: skipped training image 'a.png' (cut)",
+                   "[anchor_c12] UserWarning: an old argument"], err
+
+
+def test_after_a_step_fails_no_other_starts(capsys):
+    """An anchor's step that fails (demo.run exits with the log's tail) is said at once; no anchor starts after it,
+    and the run ends with exit 1 before the SN-Net's step."""
+    from snnet.quickstart import train_anchors
+    p = plan(DataSummary(Path("d"), {"a": 40, "b": 40}, {"a": 10, "b": 10}, 64), _args(widths=[4, 8, 16], nproc=1))
+    started = []
+
+    def train(anchor):
+        started.append(anchor[0])
+        if anchor[0] == "c16":
+            raise SystemExit("step anchor_c16 failed (exit 2; full log: x.log):\nerror: no")
+    with pytest.raises(SystemExit) as e:
+        train_anchors(p, train, workers=1)
+    assert e.value.code == 1 and started == ["c16"]
+    err = capsys.readouterr().err
+    assert "step anchor_c16 failed" in err and "anchor c16 failed: no other step starts" in err
 
 
 def test_a_class_far_below_the_others_is_named():

@@ -18,7 +18,7 @@ from timm.data.readers.class_map import load_class_map
 from timm.utils.misc import natural_key
 
 from snnet.data.options import DataOptions
-from snnet.data.shards import check_shards, is_shards
+from snnet.data.shards import check_shards, image_problem, is_shards
 from snnet.utils.errors import SNNetError
 
 TRAIN_NAMES = ("train", "training")
@@ -459,6 +459,39 @@ def _hidden(label: str) -> bool:
 #: PIL modes of 16/32-bit images: timm's loader converts them to RGB by clipping to 0..255, so a 16-bit PNG becomes
 #: a nearly white image, silently
 _WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def pillow_extensions() -> set[str]:
+    """The file extensions of the image formats Pillow can open here (timm's folder reader lists fewer: .png, .jpg,
+    .jpeg; .gif, .webp, .tif, .bmp ... are images too)."""
+    Image.init()
+    return {ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+def unusable_image(path: str) -> str | None:
+    """Why an image file cannot be trained on (a few words), or None. Its data is read to the end, so a truncated
+    file is found as well as a foreign or empty one: a PNG's chunks with their checksums, a JPEG decoded at 1/8
+    scale, any other format decoded; a 16/32-bit image, which timm's RGB conversion would clip to nearly white, is
+    named from its header. A few ms per photo."""
+    try:
+        with Image.open(path) as img:
+            if img.mode in _WIDE_MODES:
+                return f"a 16/32-bit image (mode {img.mode}), which timm's loader would clip to nearly white"
+            if img.format == "PNG":
+                img.verify()
+            else:
+                if img.format == "JPEG":
+                    img.draft("RGB", (max(1, img.size[0] // 8), max(1, img.size[1] // 8)))
+                img.load()
+    except Image.DecompressionBombError as e:
+        return image_problem(e)
+    except Exception as e:
+        if os.path.getsize(path) == 0:
+            return "an empty file"
+        reason = " ".join(str(e).split())
+        return "not an image Pillow reads" if isinstance(e, Image.UnidentifiedImageError) else \
+            f"unreadable ({type(e).__name__}{': ' + reason[:60] if reason else ''})"
+    return None
 
 
 def check_image_headers(folder: str, what: str, per_class: int | None = None) -> int:

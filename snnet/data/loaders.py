@@ -111,7 +111,7 @@ class NamedSkips(torch.utils.data.Dataset):
                 if isinstance(e, RuntimeError) and "consecutive samples" not in str(e):
                     raise
                 reason = _SKIP.reason if isinstance(e, RuntimeError) else image_problem(e)
-                _logger.warning(f"skipped training image {self._name(index)!r} ({reason or 'unreadable'}); "
+                _logger.warning(f"warning: skipped training image {self._name(index)!r} ({reason or 'unreadable'}); "
                                 f"the next image is used in its place: remove or replace the file")
                 index = (index + 1) % len(self.dataset)
             finally:

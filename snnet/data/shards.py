@@ -339,8 +339,8 @@ class ShardSubset(Dataset):
             try:
                 img, label = decode(sample, where)
             except UnreadableSample as e:
-                _logger.warning(f"skipped training image {where} ({e.reason}); the next image is used in its place: "
-                                f"remove or replace it and rewrite the shards")
+                _logger.warning(f"warning: skipped training image {where} ({e.reason}); the next image is used in "
+                                f"its place: remove or replace it and rewrite the shards")
                 continue
             return (self.transform(img) if self.transform is not None else img), label
         raise ShardError(f"none of the {len(self.samples)} images drawn from the shards in {self.split_root!r} can be "
@@ -458,8 +458,8 @@ class TrainStream(IterableDataset):
             try:
                 last = decode(sample, where)
             except UnreadableSample as e:
-                _logger.warning(f"skipped training image {where} ({e.reason}); the next image is used in its place: "
-                                f"remove or replace it and rewrite the shards")
+                _logger.warning(f"warning: skipped training image {where} ({e.reason}); the next image is used in "
+                                f"its place: remove or replace it and rewrite the shards")
                 owed += 1
                 continue
             for _ in range(1 + owed):

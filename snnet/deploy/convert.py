@@ -4,7 +4,9 @@ SN-Net's files pickle an ``argparse.Namespace`` (DeiT, LeViT, CNN) or a yacs ``C
 (docs/snnet_compat.md, C26), so ``train.py --resume`` refuses them. This command is the explicit way in: the user names
 the file and passes ``--trust``. Even then nothing in the file runs: it is read by torch's weights-only unpickler with
 exactly those two classes allowed (the CfgNode as a plain-dict stand-in), and any other object in it is refused.
-The keys are mapped to timm 1.0's names where the family needs it (Swin, LeViT); the result loads strictly.
+The keys are mapped to timm 1.0's names where the family needs it (Swin, LeViT); the result loads strictly. A file
+of one plain network (no ``anchors.<i>.`` keys: a timm or train.py --model checkpoint) is written pickle-free too,
+and the summary says what it is: an anchor's weights, not an SN-Net.
 """
 from __future__ import annotations
 
@@ -44,6 +46,8 @@ def load_release(path: str | os.PathLike) -> dict[str, Any]:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{str(path)!r} is not an SN-Net release checkpoint: it holds objects other than "
                               f"tensors, an argparse Namespace or a yacs CfgNode ({first}); refused unread") from None
+    if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        return {"state_dict": state}  # a bare state dict (torch.save(model.state_dict()))
     if not isinstance(state, dict) or not isinstance(state.get("model", state.get("state_dict")), dict):
         raise CheckpointError(f"{str(path)!r} has no 'model' or 'state_dict' entry; it is not an SN-Net checkpoint")
     return state
@@ -63,10 +67,23 @@ def family_of(keys) -> str:
 
 def convert_state_dict(state_dict: dict[str, torch.Tensor],
                        stage_depths: tuple[int, ...] | None = None) -> dict[str, torch.Tensor]:
-    """A released SN-Net state dict with this project's keys; the family's adapter owns the key map."""
+    """A released SN-Net state dict with this project's keys; the family's adapter owns the key map. Keys of
+    another layout than the family's (another depth than `stage_depths`, a key it does not know) are one
+    CheckpointError naming them."""
     sd = strip_ddp_prefix(state_dict)
     cls = release_adapter(sd)
-    return sd if cls is None else cls.convert_release_state(sd, stage_depths)
+    if cls is None:
+        return sd
+    try:
+        return cls.convert_release_state(sd, stage_depths)
+    except (KeyError, ValueError) as e:
+        reason = e.args[0] if e.args else type(e).__name__
+        raise CheckpointError(f"its {cls.family} keys cannot be mapped: {reason}") from None
+
+
+def is_snnet(keys) -> bool:
+    """Whether state-dict keys are an SN-Net's (anchors.<i>.*, stitch_layers.*), not one plain network's."""
+    return any(k.startswith(("anchors.", "stitch_layers.")) for k in strip_ddp_prefix(dict.fromkeys(keys)))
 
 
 def _plain(obj: Any) -> Any:
@@ -92,10 +109,16 @@ def convert_release(src: str | os.PathLike, dst: str | os.PathLike,
     if not isinstance(weights, dict):
         raise CheckpointError(f"{str(src)!r} holds no 'model' or 'state_dict' weights: not an SN-Net release; give "
                               f"the .pth SN-Net published")
-    converted = convert_state_dict(weights, stage_depths)
+    try:
+        converted = convert_state_dict(weights, stage_depths)
+    except CheckpointError as e:
+        fix = ("leave out --levit-depths: each anchor's depths are read from its keys" if stage_depths else
+               "it is no SN-Net release this version reads; check the file")
+        raise CheckpointError(f"{str(src)!r}: {e}; {fix}") from None
     meta = state.get("args", state.get("config"))
     out = {"state_dict": converted, "epoch": int(state["epoch"]) if isinstance(state.get("epoch"), int) else -1,
            "converted_from": json.dumps({"file": str(src), "sha256": file_sha256(src),
                                          "family": family_of(converted), "snnet_args": _plain(meta)}, default=str)}
     save_checkpoint(dst, out)
-    return {"tensors": len(converted), "family": family_of(weights), "dst": str(dst)}
+    return {"tensors": len(converted), "family": family_of(weights), "dst": str(dst), "snnet": is_snnet(converted),
+            "example": next(iter(converted), "")}

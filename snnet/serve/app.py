@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -24,8 +23,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from snnet.serve.handler import ServeCore, ServeSpec
-from snnet.utils.errors import UsageError
+from snnet.serve.handler import ServeCore, ServeSpec, check_port
 
 #: requests a replica accepts at once: they must reach its queues (the batching and the load the choice sees)
 #: rather than wait in Ray's proxy, whose default (5) would hide the load
@@ -55,17 +53,6 @@ class SNNetDeployment:
             request.url.path
         status, payload = await self.core.handle(request.method, path or "/", body)
         return JSONResponse(payload, status_code=status)
-
-
-def check_port(host: str, port: int) -> None:
-    """Refuse a port another program holds before Ray's proxy tries it (its failure would be a retry loop)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise UsageError(f"cannot listen on {host}:{port} ({e.strerror}); pass a free --port or another "
-                             f"--host") from None
 
 
 def start(apps: dict[str, tuple[ServeSpec, str]], host: str = "127.0.0.1", port: int = 8000,

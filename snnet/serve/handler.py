@@ -25,10 +25,12 @@ import asyncio
 import base64
 import binascii
 import concurrent.futures
+import gc
 import io
 import json
 import re
 import resource
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,12 +42,12 @@ from PIL import Image
 from snnet.data.transforms import eval_transform
 from snnet.deploy.export import SPEC, labelled, load_exported, load_snnet
 from snnet.deploy.latency import measure_latency
-from snnet.results.records import check_routes, read_results
+from snnet.results.records import check_routes, file_sha256, read_results
 from snnet.results.select import BudgetError, route_costs
 from snnet.serve.policy import StitchMenu, finite_positive
 from snnet.serve.scheduler import NO_DEADLINE, DeadlineScheduler, Done, Pending, Shed, release_free_heap
 from snnet.train.device import device_from_flag
-from snnet.utils.errors import SNNetError
+from snnet.utils.errors import SNNetError, UsageError
 
 MAX_PIXELS = 40_000_000  # a decoded image above this is refused before it is decoded (decompression bombs)
 DECODE_THREADS = 2  # threads that decode and transform images, off the event loop
@@ -103,6 +105,27 @@ class Served:
     class_names: list[str] | None = None  # the training data's, by class index (None: the data named none)
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse a port another program holds before anything loads (Ray's proxy would retry it in a loop)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise UsageError(f"cannot listen on {host}:{port} ({e.strerror}); pass a free --port or another "
+                             f"--host") from None
+
+
+def _check_measured(records: list[dict[str, Any]], served: str, sha: str | None, source: str) -> None:
+    """Refuse results that name another checkpoint (their checkpoint_sha256) than the one served: their accuracies,
+    which the choice ranks by, are not this network's."""
+    other = next((r for r in records if sha and r.get("checkpoint_sha256") not in (None, sha)), None)
+    if other is not None:
+        raise SNNetError(f"{source} is of checkpoint {str(other['checkpoint_sha256'])[:16]}... (its "
+                         f"checkpoint_sha256, cfg_id {other['cfg_id']}), not of {served} ({str(sha)[:16]}...); pass "
+                         f"the results of the checkpoint served (train.py --eval --resume of it writes them)")
+
+
 def load_served(spec: ServeSpec) -> Served:
     """The model and its records: an SN-Net checkpoint (every stitch in the results file) or export folders (the
     records of their cfg_ids). Costs are the served network's at the served size; routes must match the file's."""
@@ -121,6 +144,9 @@ def load_served(spec: ServeSpec) -> Served:
             meta = json.loads((Path(folder) / SPEC).read_text())
             nets[meta["cfg_id"]] = net
             costs[meta["cfg_id"]] = {"route": meta["route"], "flops": meta.get("flops"), "params": meta["params"]}
+            _check_measured([r for r in records if r.get("cfg_id") == meta["cfg_id"]],
+                            f"the one export folder {folder!r} was exported from",
+                            meta.get("source", {}).get("checkpoint_sha256"), source)
         by_id = {r["cfg_id"]: r for r in records}
         for c, cost in costs.items():
             if c not in by_id or by_id[c].get("route", cost["route"]) != cost["route"]:
@@ -134,6 +160,8 @@ def load_served(spec: ServeSpec) -> Served:
         raise SNNetError("pass the SN-Net checkpoint to serve (snnet serve CKPT ...) or export folders")
     loaded = load_snnet(spec.checkpoint, spec.stitch_config, spec.img_size, spec.num_classes)
     check_routes(loaded.net, records, source)
+    if any("checkpoint_sha256" in r for r in records):
+        _check_measured(records, f"checkpoint {spec.checkpoint!r}", file_sha256(spec.checkpoint), source)
     _, costs = route_costs(loaded.net, loaded.img_size)
     chosen = [{**r, **costs[r["cfg_id"]]} for r in records]  # FLOPs at the served size replace the recorded ones
     return Served(loaded.net, chosen, loaded.img_size, loaded.in_chans, int(loaded.num_classes or 0),
@@ -185,6 +213,11 @@ class ServeCore:
         served = load_served(spec)
         core = cls(spec, served, latency_table(served, spec))
         release_free_heap()  # what loading and the latency measurement freed
+        # what is loaded by now (torch, timm, the network: millions of objects) leaves the garbage collector's
+        # reach: a full collection, run by whichever thread allocates, holds the GIL and with it every client for
+        # as long as it walks them; now it walks only what serving allocates
+        gc.collect()
+        gc.freeze()
         return core
 
     # ------------------------------------------------------------------------------------------ one request

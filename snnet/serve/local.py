@@ -15,8 +15,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from snnet.serve.app import check_port
-from snnet.serve.handler import ServeCore, ServeSpec
+from snnet.serve.handler import ServeCore, ServeSpec, check_port
 
 
 def make_app(core: ServeCore) -> web.Application:
@@ -29,12 +28,15 @@ def make_app(core: ServeCore) -> web.Application:
             body = b"\0" * (limit + 1)  # refused as over-size without reading it
         else:  # chunked or declared: read until the end, or one byte past the limit (then 413, nothing more read)
             parts, size = [], 0
-            while size <= limit:
-                part = await request.content.read(limit + 1 - size)
-                if not part:
-                    break
-                parts.append(part)
-                size += len(part)
+            try:
+                while size <= limit:
+                    part = await request.content.read(limit + 1 - size)
+                    if not part:
+                        break
+                    parts.append(part)
+                    size += len(part)
+            except ConnectionError:  # the client left before sending its whole body: nobody to answer
+                return web.Response(status=400)
             body = b"".join(parts)
         status, payload = await core.handle(request.method, request.path, body)
         return web.json_response(payload, status=status)

@@ -14,7 +14,7 @@ Where choosing among all candidates loses, the server narrows the choice (`modes
 enough, a slow stitch chosen in a lull holds up the burst that follows (a batch cannot be interrupted), and one
 stitch always, or a choice among the few fastest, answers more requests in time. Which serves a load best is
 simulated per candidate list and budget (simulate.py `mode_table`, with this server's measured batch times per
-stitch and its decoding time, in a thread of its own that works only while the server is idle, once `MODE_AFTER`
+stitch and its decoding time, in a process of its own that works only while the server is idle, once `MODE_AFTER`
 batches were measured, and again whenever they have grown `REBUILD_FACTOR`-fold) and looked up by the rate and
 burstiness (CV^2) of the last `GAPS` arrivals (`ModeTable`, policy.py).
 
@@ -34,26 +34,26 @@ import concurrent.futures
 import heapq
 import itertools
 import math
+import multiprocessing
 import os
 import sys
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from snnet.serve.estimates import Arrivals, Learned
 from snnet.serve.policy import ModeTable, SlackTable, StitchMenu
 from snnet.serve.simulate import VirtualClock, mode_table
 
-Forward = Callable[[torch.Tensor, int], torch.Tensor]
+if TYPE_CHECKING:  # torch is imported where a batch runs: the mode-table builder's process never needs it
+    import torch
+
+Forward = Callable[["torch.Tensor", int], "torch.Tensor"]
 NO_DEADLINE = float("inf")
 #: at most one heap trim per this many seconds (when the queue runs empty)
 TRIM_EVERY_S = 1.0
 PROBE_AFTER_S = 1.0  # a server that took no batch for this long runs its head even if hopeless (`probing`)
-_NOTHING = torch.empty(0)  # a simulated request's image
 GAPS = 2048  # the load a mode is looked up by: the rate and CV^2 of the last GAPS inter-arrival gaps
 MODE_AFTER = 5  # batches measured before a mode table is simulated: their measured / table ratios are its noise
 REBUILD_FACTOR = 8  # a mode table is simulated again once the batches measured have grown this many times
@@ -94,7 +94,7 @@ class Shed(Exception):
 class Pending:
     """One request in the queue. `candidates`: cfg_ids it may run, best first; `deadline`: perf_counter seconds;
     `lane`: its candidates' `Lane`, set when it is queued."""
-    x: torch.Tensor
+    x: torch.Tensor | None  # None: a simulated request
     candidates: Sequence[int]  # a tuple once queued
     arrival: float
     deadline: float = NO_DEADLINE
@@ -153,13 +153,55 @@ class _Closed(Exception):
     """A mode table's build stopped by the server's close."""
 
 
+class _Builder:
+    """The process that simulates a server's mode tables (one at a time, at nice 19). A simulation is seconds of
+    Python: in the server's own interpreter it shared the GIL, the garbage collector and the cores with the request
+    path, and a full collection it set off (half a second of CPU here, more when the niced thread that held the GIL
+    got no core) held every client. Apart, it costs the server nothing but the core it may use while idle.
+    `idle`: set while the server has nothing to do (the builder waits for it between simulations, so a table being
+    built never takes the core from a forward pass); `closed`: the server stopped (a build stops at its next wait)."""
+
+    def __init__(self) -> None:
+        context = multiprocessing.get_context("spawn")  # not a fork of a process with torch's threads
+        self.idle, self.closed = context.Event(), context.Event()  # both clear: made by a dispatch, so busy
+        self.pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=context, initializer=_builder_started,
+                                                           initargs=(self.idle, self.closed))
+
+
+_BUILDER_EVENTS: tuple[Any, Any] | None = None  # in the builder's process: the server's (idle, closed) events
+
+
+def _builder_started(idle: Any, closed: Any) -> None:
+    global _BUILDER_EVENTS
+    _BUILDER_EVENTS = (idle, closed)
+    try:
+        os.nice(19)  # the forward passes and the event loop come first
+    except OSError:
+        pass
+
+
+def _builder_pause() -> None:
+    """The builder's wait between simulations: until the server is idle; a closed server's build stops."""
+    assert _BUILDER_EVENTS is not None
+    idle, closed = _BUILDER_EVENTS
+    idle.wait()
+    if closed.is_set():
+        raise _Closed
+
+
+def _simulate_apart(menu: StitchMenu, rule: Rule, window: float, candidates: tuple[int, ...], bucket: int,
+                    before_ms: float, ratios: Mapping[int, Sequence[float]]) -> ModeTable:
+    """`Choices.simulate` in the builder's process (its own table cache; no forward pass runs in a simulation)."""
+    return Choices(menu, rule, None, window, {}).simulate_from(candidates, bucket, before_ms, ratios, _builder_pause)
+
+
 class Choices:
     """The choice tables of one menu and rule: a `SlackTable` per candidate list (built when first needed, or at
     start by `prepare`) and a `ModeTable` per candidate list and budget bucket (simulated once the server measured
-    `MODE_AFTER` batches and again at `REBUILD_FACTOR` times as many, in a thread of its own). `shared`: a cache
-    shared with other schedulers of this menu (a simulation replaying many traces builds each table once)."""
+    `MODE_AFTER` batches and again at `REBUILD_FACTOR` times as many, in a process of its own). `shared`: a cache
+    shared with other schedulers of this menu (a simulation replaying many traces builds each table once))."""
 
-    def __init__(self, menu: StitchMenu, rule: Rule, run: Forward, window: float, shared: dict):
+    def __init__(self, menu: StitchMenu, rule: Rule, run: Forward | None, window: float, shared: dict):
         self.menu, self.rule, self.run, self.window, self.shared = menu, rule, run, window, shared
         self.slack: dict[tuple[int, ...], SlackTable] = \
             shared.setdefault((rule.max_batch, rule.arrivals, rule.rest_on_same), {})
@@ -170,13 +212,9 @@ class Choices:
         self.lanes: dict[tuple[int, ...], Lane] = {}
         # (candidates, budget bucket) -> the batches measured when the table in use was simulated (GET / reports it)
         self.simulated_from: dict[tuple[tuple[int, ...], int], int] = {}
-        self.builder: concurrent.futures.ThreadPoolExecutor | None = None
-        # set while the server has nothing to do (no request queued, no batch running): the builder simulates only
-        # then, so a table being built never takes the core from a forward pass (under a load that never lets up,
-        # the server serves without modes until the load leaves it idle)
-        self.idle = threading.Event()
-        self.idle.set()
-        self.closed = False
+        # made at the first build; it simulates only while the server is idle (`busy`, `free`): under a load that
+        # never lets up, the server serves without modes until the load leaves it idle
+        self.builder: _Builder | None = None
 
     def table(self, candidates: tuple[int, ...]) -> SlackTable:
         known = self.slack.get(candidates)
@@ -220,10 +258,7 @@ class Choices:
             if self.rule.build_now:
                 self._take_over(lane, bucket, self.simulate(lane.candidates, bucket, learned))
             else:
-                if self.builder is None:
-                    self.builder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="snnet-modes")
-                lane.building.add(bucket)
-                self.builder.submit(self._build, lane, bucket, learned)
+                self._build(lane, bucket, learned)
         table = lane.modes[bucket]
         if table is None:
             return None
@@ -231,29 +266,48 @@ class Choices:
         return None if fewer is None else self.lane(fewer)
 
     def _build(self, lane: Lane, bucket: int, learned: Learned) -> None:
-        try:  # this thread yields the core to the forward passes and the event loop (Linux: a thread's own nice)
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except (AttributeError, OSError):
-            pass
+        """Start the bucket's simulation in the builder's process (from what `learned` holds now); the table is
+        taken over when it is done."""
         t0 = time.perf_counter()
         try:
-            table = self.simulate(lane.candidates, bucket, learned)
-            self._take_over(lane, bucket, table)
-        except _Closed:
+            if self.builder is None:
+                self.builder = _Builder()
+            future = self.builder.pool.submit(_simulate_apart, self.menu, self.rule, self.window, lane.candidates,
+                                              bucket, learned.before_ms.value, learned.batches.ratios())
+        except Exception as e:  # a builder that died (killed, out of memory): a new one at the next build
+            self.builder = None
+            self._failed(lane, e)
             return
-        except Exception as e:  # the server goes on with the table it had (switching before the first); say why
-            print(f"snnet serve: stitches {list(lane.candidates)}: the mode table failed ({type(e).__name__}: {e});"
-                  f" keeping the previous one", file=sys.stderr, flush=True)
+        lane.building.add(bucket)
+        future.add_done_callback(lambda done: self._built(lane, bucket, done, t0))
+
+    def _built(self, lane: Lane, bucket: int, done: concurrent.futures.Future, t0: float) -> None:
+        lane.building.discard(bucket)
+        if done.cancelled() or isinstance(done.exception(), _Closed):
             return
-        finally:
-            lane.building.discard(bucket)
+        if done.exception() is not None:
+            self._failed(lane, done.exception())
+            return
+        table = done.result()
+        self._take_over(lane, bucket, table)
         print(f"snnet serve: stitches {list(lane.candidates)} within {BUDGET_STEP ** bucket:.1f} ms simulated from "
               f"{lane.built[bucket]} measured batches in {time.perf_counter() - t0:.1f} s: {table.describe()}",
               file=sys.stderr, flush=True)
 
+    @staticmethod
+    def _failed(lane: Lane, e: BaseException | None) -> None:
+        """The server goes on with the table it had (switching before the first); this says why."""
+        print(f"snnet serve: stitches {list(lane.candidates)}: the mode table failed ({type(e).__name__}: {e}); "
+              f"keeping the previous one", file=sys.stderr, flush=True)
+
     def simulate(self, candidates: tuple[int, ...], bucket: int, learned: Learned) -> ModeTable:
-        """The candidates' `ModeTable` at the bucket's lower budget edge, simulated with this rule and what
+        """The candidates' `ModeTable` at the bucket's lower budget edge, simulated here with this rule and what
         `learned` measured: the batches' measured / table ratios and the decoding time."""
+        return self.simulate_from(candidates, bucket, learned.before_ms.value, learned.batches.ratios())
+
+    def simulate_from(self, candidates: tuple[int, ...], bucket: int, before_ms: float,
+                      ratios: Mapping[int, Sequence[float]], pause: Callable[[], Any] | None = None) -> ModeTable:
+        """`simulate` from the decoding time and the measured / table ratios; `pause`: the builder's wait."""
         def make(clock: VirtualClock) -> DeadlineScheduler:
             r = self.rule
             made = DeadlineScheduler(self.run, self.menu, r.max_batch, shed=r.shed, arrivals=r.arrivals,
@@ -263,8 +317,7 @@ class Choices:
             return made
 
         return mode_table(self.menu, candidates, BUDGET_STEP ** bucket, self.rule.max_batch, make,
-                          lambda c, t, d: Pending(_NOTHING, c, t, d), learned.before_ms.value,
-                          learned.batches.ratios(), GAPS, pause=None if self.rule.build_now else self._pause)
+                          lambda c, t, d: Pending(None, c, t, d), before_ms, ratios, GAPS, pause=pause)
 
     def _take_over(self, lane: Lane, bucket: int, table: ModeTable) -> None:
         """A simulated table is looked up from now on; GET / reports it with the batches measured when it was asked
@@ -273,17 +326,21 @@ class Choices:
         lane.modes[bucket] = table
         self.simulated_from[(lane.candidates, bucket)] = lane.built[bucket]
 
-    def _pause(self) -> None:
-        """The builder's wait between simulations: until the server is idle; a closed server's build stops."""
-        self.idle.wait()
-        if self.closed:
-            raise _Closed
+    def busy(self) -> None:
+        """A request came: a mode table being built waits."""
+        if self.builder is not None:
+            self.builder.idle.clear()
+
+    def free(self) -> None:
+        """Nothing to serve: a mode table may be built now."""
+        if self.builder is not None:
+            self.builder.idle.set()
 
     def close(self) -> None:
         if self.builder is not None:
-            self.closed = True
-            self.idle.set()  # a builder waiting for an idle moment stops (its thread is not left blocked)
-            self.builder.shutdown(wait=False, cancel_futures=True)
+            self.builder.closed.set()
+            self.builder.idle.set()  # a build waiting for an idle moment stops (its process is not left blocked)
+            self.builder.pool.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclass
@@ -301,7 +358,7 @@ class DeadlineScheduler:
     them on a virtual one); `done_batch` is what the worker learns from a batch. The keyword arguments are `Rule`'s;
     `window`: the seconds of arrivals the rate counts; `tables`: `Choices`' shared cache."""
 
-    def __init__(self, run: Forward, menu: StitchMenu, max_batch: int = 16, max_wait_ms: float = 0.0,
+    def __init__(self, run: Forward | None, menu: StitchMenu, max_batch: int = 16, max_wait_ms: float = 0.0,
                  shed: bool = False, arrivals: bool = True, rest_on_same: bool = True, modes: bool = True,
                  window: float = 2.0, clock: Callable[[], float] = time.perf_counter, tables: dict | None = None,
                  build_now: bool = False):
@@ -329,7 +386,7 @@ class DeadlineScheduler:
             w.wake = asyncio.Event()
             w.task = loop.create_task(self._loop())
         job.future = loop.create_future()
-        self.choices.idle.clear()  # busy: a mode table being built waits
+        self.choices.busy()
         self.admit(job, time.perf_counter())
         assert w.wake is not None
         w.wake.set()
@@ -440,6 +497,7 @@ class DeadlineScheduler:
 
     # ------------------------------------------------------------------------------------------ the worker
     async def _loop(self) -> None:
+        import torch
         w = self._worker
         assert w.wake is not None
         loop = asyncio.get_running_loop()
@@ -452,7 +510,7 @@ class DeadlineScheduler:
                     w.trimmed = time.perf_counter()
                     release_free_heap()
                 w.wake.clear()
-                self.choices.idle.set()  # nothing to serve: a mode table may be built now
+                self.choices.free()
                 await w.wake.wait()
                 continue
             head = self.queue[0][2]
@@ -508,6 +566,8 @@ class DeadlineScheduler:
 
     def _forward(self, x: torch.Tensor, cfg_id: int, started: float) -> tuple[torch.Tensor, float]:
         """The batch's forward pass and its end, learned here in the worker thread (off the event loop)."""
+        import torch
+        assert self.run is not None
         with torch.inference_mode():
             out = self.run(x, cfg_id)
         finished = time.perf_counter()

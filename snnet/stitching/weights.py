@@ -93,27 +93,27 @@ def cache_dir() -> str:
     return str(HF_HUB_CACHE)
 
 
-def check_pretrained(name: str, where: str = "anchor") -> None:
+def check_pretrained(name: str, where: str = "anchor") -> str:
     """Refuse, in one line, timm's pretrained weights of `name` when they are neither cached here nor reachable
     (nothing is downloaded); `where` names the model in the message (e.g. "anchor 0"). A model timm loads from a
-    local file, or whose weights are cached or reachable, passes."""
+    local file, or whose weights are cached or reachable, passes: returns "", "cached" or "reachable"."""
     kind, loc, filename = _source(name)
     if not kind:
-        return
+        return ""
     if kind == "hf":
         if _hf_cached(loc, filename):
-            return
+            return "cached"
         from huggingface_hub.constants import ENDPOINT
         host, looked = ENDPOINT, f"the Hugging Face cache {cache_dir()} (repository {loc})"
     else:
         if _url_cached(loc):
-            return
+            return "cached"
         import torch
         host, looked = loc, f"torch's hub cache {os.path.join(torch.hub.get_dir(), 'checkpoints')}"
     if _offline():
         why = "HF_HUB_OFFLINE is set"
     elif reachable(host):
-        return
+        return "reachable"
     else:
         why = f"{urlparse(host).hostname}: no connection in {CONNECT_SECONDS:g} s"
     fetch = f"python -c \"import timm; timm.create_model('{name}', pretrained=True)\""
