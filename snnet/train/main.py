@@ -40,7 +40,10 @@ _logger = logging.getLogger("snnet")
 def main(argv: list[str] | None = None) -> int:
     """train.py's program: returns its exit code (0; 2 for bad input, said in one line; 3 for a non-finite loss;
     Slurm's code for a preempted run that saved its recovery checkpoint)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    # a warning's line says so ("HH:MM:SS warning: ..."): quickstart relays such lines of its steps to its console
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelprefix)s%(message)s", datefmt="%H:%M:%S")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_level_prefix)
     STOP.install()  # train.py installed it before its imports; callers of main() get it here, before any work
     try:
         adopt_slurm_env()  # under srun: RANK, WORLD_SIZE ... from Slurm's variables, before anything reads them
@@ -100,6 +103,11 @@ def warn_slow_amp(options: RunOptions) -> None:
             and world(launched=True)[0] == 0 and not cpu_has_fast_bf16()):
         _logger.warning(f"amp (from {set_by('amp')}) on this CPU: it has no bf16 instructions (AVX-512 BF16 or AMX), "
                         f"so bf16 autocast runs slow reference kernels, many times slower than fp32; pass --no-amp")
+
+
+def _level_prefix(record: logging.LogRecord) -> bool:
+    record.levelprefix = "warning: " if record.levelno >= logging.WARNING else ""
+    return True
 
 
 def _leave_group() -> None:
