@@ -195,8 +195,9 @@ def test_key_map_follows_the_depths():
     theirs = ours_to_snnet(sd, depths=(2, 3, 4))
     assert "blocks.12.kv.c.weight" in theirs and "blocks.21.m.2.bn.weight" in theirs and len(theirs) == len(sd)
     assert snnet_to_ours(theirs, depths=(2, 3, 4)).keys() == sd.keys()
-    with pytest.raises(KeyError, match="check the depths argument"):
-        snnet_to_ours(theirs)  # read as 4-4-4, index 8 is not a subsample
+    assert snnet_to_ours(theirs).keys() == sd.keys()  # the depths read from the keys
+    with pytest.raises(ValueError, match="stage depths 2-3-4, not 4-4-4"):
+        snnet_to_ours(theirs, depths=(4, 4, 4))
 
 
 # --- small images ----------------------------------------------------------------------------------------------------

@@ -310,8 +310,8 @@ class Switch(argparse.Action):
     def __init__(self, option_strings: list[str], dest: str, default: Any = False, required: bool = False,
                  help: str | None = None):
         negations = [f"--no-{s[2:]}" for s in option_strings if s.startswith("--")]
-        super().__init__([*option_strings, *negations], dest, nargs=0, default=default, required=required,
-                         help=help)
+        super().__init__([*option_strings, *negations], dest, nargs=0, const=True, default=default,
+                         required=required, help=help)
 
     def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
         setattr(namespace, self.dest, not (option_string or "").startswith("--no-"))
