@@ -82,11 +82,11 @@ EVAL_FLAGS = ["--img-size", "16", "-b", "32", "-j", "0"]  # evaluate_weights: CO
 SEED = 0  # COMMON's seed of the anchors and the SN-Net (--seed; the data split is always the same)
 THREADS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # see _child_env
 #: what the demo sets for its own process and every process it starts (main: before any kernel runs; torch, oneDNN
-#: and MKL choose their kernels at first use): one thread per process, and the kernels of the instruction set every
-#: x86-64 CPU of the last decade has, whatever the machine's own: ATen's AVX2 build, oneDNN's AVX2 JIT kernels, and
-#: MKL's SSE2 code branch, the one MKL runs alike on Intel and AMD CPUs (its AVX2 branch is Intel-only; elsewhere
-#: MKL ignores it and dispatches by vendor). Each library's AVX-512 kernels sum in another order, and a few hundred
-#: training steps amplify the last bits into other top-1 on 360 images.
+#: and MKL choose their kernels at first use): one thread per process, and kernels that do not depend on the CPU's
+#: instruction set beyond AVX2 or on its vendor: ATen's AVX2 build, oneDNN's AVX2 JIT kernels, and MKL's SSE2 code
+#: branch, the one MKL runs alike on Intel and AMD CPUs (its AVX2 branch is Intel-only; elsewhere MKL ignores it and
+#: dispatches by vendor). Each library's AVX-512 kernels sum in another order, and a few hundred training steps
+#: amplify the last bits into other top-1 on 360 images.
 PINNED_ENV = {**THREADS_ENV, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "COMPATIBLE"}
 RELAY_SECONDS = 5.0  # the console gets the running step's newest progress line this often (run)
 RANGE_MARGIN = 3.0  # summary(): stitches within the anchors' top-1 range +- this many points
