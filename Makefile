@@ -99,7 +99,7 @@ demo-v2: venv
 
 # the only way the committed results/demo and results/demo_v2 change: both demos afresh, then copied there
 demo-results: demo demo-v2
-	$(BIN)/python -m snnet.demo --publish
+	$(BIN)/python tools/publish_demo.py
 
 # both demos afresh, then every cfg_id's route, FLOPs and top-1/top-5 compared with the committed results (exit 1)
 demo-check: demo demo-v2

@@ -15,9 +15,10 @@
 
 Everything goes to output/demo (gitignored; results in output/demo/results/demo). Each step's full log is a file
 there; the console gets the step's progress line (epoch, loss, ETA) every few seconds. The committed results/demo
-and results/demo_v2 change only through `--publish` (`make demo-results`); `--check` (`make demo-check`) compares a
-fresh run with them. Every training process runs on one thread (THREADS_ENV): the numbers are then the same on
-every machine of one kind (docs/demo.md says what can still move them).
+and results/demo_v2 change only through tools/publish_demo.py (`make demo-results`); `--check` (`make demo-check`)
+compares a fresh run with them. The demo's process and every process it starts run on one thread each with the
+AVX2 kernels of ATen and oneDNN and MKL's SSE2 code branch for every CPU vendor (PINNED_ENV): the numbers are then
+the same on every x86-64 CPU with AVX2, AVX-512 or not (docs/demo.md says what can still move them).
 
 `python -m snnet.demo --v2` (`make demo-v2`) compares SN-Net with SN-Netv2 on the same two anchors (w16 and w64,
 the same checkpoints as above): step 3 trains, with the same epochs and learning rates, an SN-Net with SN-Net's
@@ -62,24 +63,31 @@ WEIGHTS_FILE = "snnet.pth.tar"  # the demo's trained SN-Net beside its results (
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "demo_digits.json"
 WORK = ROOT / "output" / "demo"  # scratch: data, checkpoints, logs and the fresh results (gitignored)
-#: the committed results, changed only by --publish (make demo-results)
+#: the committed results, changed only by tools/publish_demo.py (make demo-results)
 PUBLISHED = {"demo": ROOT / "results" / "demo", "demo_v2": ROOT / "results" / "demo_v2"}
 TITLE = "SN-Net on digits: 3 ViT anchors w16, w32, w64 (widths 16/32/64)"
 # --v2: the same two anchors (w16, w64) stitched by SN-Net (sliding windows) and by SN-Netv2 (two-way, LoRA, ROS)
 V2_CONFIGS = {"v1": ROOT / "configs" / "demo_digits_v1_pair.json", "v2": ROOT / "configs" / "demo_digits_v2.json"}
 V2_TITLE = "SN-Net (v1) vs. SN-Netv2 (v2) on digits: anchors w16 and w64"
 ANCHOR_EPOCHS = 30
-SNNET_EPOCHS = 60  # training budget per route matters: 30 epochs left the front below random mixing (docs/demo.md)
+SNNET_EPOCHS = 60  # the budget per route: with 30 the front is above random mixing on fewer budgets (docs/demo.md)
 ANCHOR_FLAGS = ["--lr", "2e-3", "--warmup-epochs", "2"]
 # every SN-Net of the demo: one LR for anchors and stitching layers, as SN-Net trains DeiTs. With the anchors at a
-# tenth of it (the demo's recipe before issue 31) only the stitching layers adapted and stitches between the two
-# small anchors fell 5-15 points below both (docs/demo.md, the recipe study)
+# tenth of it only the stitching layers adapt, and stitches between the two small anchors fall 5-15 points below
+# both (docs/demo.md, the recipe study)
 SNNET_FLAGS = ["--lr", "1e-3", "--anchor-lr-scale", "1", "--warmup-epochs", "1"]
 COMMON = ["--img-size", "16", "-b", "32", "--opt", "adamw", "--weight-decay", "0.05", "--scale", "0.7", "1",
           "--hflip", "0", "--smoothing", "0.1", "-j", "0", "--seed", "0", "--log-interval", "10"]
 EVAL_FLAGS = ["--img-size", "16", "-b", "32", "-j", "0"]  # evaluate_weights: COMMON's evaluation settings
 SEED = 0  # COMMON's seed of the anchors and the SN-Net (--seed; the data split is always the same)
 THREADS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # see _child_env
+#: what the demo sets for its own process and every process it starts (main: before any kernel runs; torch, oneDNN
+#: and MKL choose their kernels at first use): one thread per process, and kernels that do not depend on the CPU's
+#: instruction set beyond AVX2 or on its vendor: ATen's AVX2 build, oneDNN's AVX2 JIT kernels, and MKL's SSE2 code
+#: branch, the one MKL runs alike on Intel and AMD CPUs (its AVX2 branch is Intel-only; elsewhere MKL ignores it and
+#: dispatches by vendor). Each library's AVX-512 kernels sum in another order, and a few hundred training steps
+#: amplify the last bits into other top-1 on 360 images.
+PINNED_ENV = {**THREADS_ENV, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "COMPATIBLE"}
 RELAY_SECONDS = 5.0  # the console gets the running step's newest progress line this often (run)
 RANGE_MARGIN = 3.0  # summary(): stitches within the anchors' top-1 range +- this many points
 
@@ -137,9 +145,9 @@ def stitch_config_for(work: Path, config: Path = CONFIG) -> Path:
 
 
 def _child_env() -> dict[str, str]:
-    """The environment of every training process: one OpenMP/MKL thread each. A CPU reduction split over threads
-    sums in another order, so top-1 would depend on the machine's core count (a plain `make demo` gave other
-    numbers than a run under OMP_NUM_THREADS=1); torchrun pins 1 thread per process anyway, the anchors did not."""
+    """The environment of every training process (the demo's and snnet quickstart's): one OpenMP/MKL thread each.
+    A CPU reduction split over threads sums in another order, so top-1 would depend on the machine's core count.
+    The demo's own main adds PINNED_ENV's instruction-set pins to os.environ, and so to this."""
     return {**os.environ, **THREADS_ENV, "PYTHONUNBUFFERED": "1"}
 
 
@@ -288,7 +296,7 @@ class DemoOptions:
     results: str | None = option(None, "--results",
                                  help="where the results file, table, plot and report go (default: WORK/results/demo, "
                                       "with --v2 WORK/results/demo_v2; the committed results/demo* change only "
-                                      "through --publish)")
+                                      "through tools/publish_demo.py)")
     anchor_epochs: int = option(ANCHOR_EPOCHS, "--anchor-epochs", parse=int, help="")
     snnet_epochs: int = option(SNNET_EPOCHS, "--snnet-epochs", parse=int, help="")
     fresh: bool = option(False, "--fresh", help="retrain the anchors even if the same command trained them")
@@ -300,10 +308,6 @@ class DemoOptions:
     snnet_flags: str = option("", "--snnet-flags",
                               help="extra train.py flags for the SN-Net runs, one string (recipe studies, "
                                    "docs/demo.md); the committed results use none")
-    publish: bool = option(False, "--publish",
-                           help="train nothing: copy the last run's results (default WORK/results/demo and demo_v2, "
-                                "those present) into the committed results/demo and results/demo_v2 and rebuild "
-                                "their tables, plots and reports there (make demo-results)")
     check: bool = option(False, "--check",
                          help="train nothing: compare the last run's top-1 per cfg_id (WORK/results/demo, demo_v2: "
                               "those present) with the committed results; exit 1 on any difference (make demo-check)")
@@ -314,21 +318,17 @@ def main(argv: list[str] | None = None) -> int:
     add_options(p, [DemoOptions])
     args = DemoOptions(**vars(p.parse_args(argv)))  # typed from here on
     work = Path(args.work)
-    if args.publish or args.check:
-        done = [name for name in PUBLISHED if any((work / "results" / name).rglob(RESULTS_FILE))]  # v2: v1/, v2/
-        if not done:
-            sys.exit(f"no demo results under {work / 'results'}; run make demo (and make demo-v2) first")
-        for name in done:
+    if args.check:
+        bad = []
+        for name in fresh_results(work):
             fresh, committed = work / "results" / name, PUBLISHED[name]
-            if args.publish:
-                publish(fresh, committed, name == "demo_v2")
-            else:
-                bad = compare(fresh, committed)
-                print(f"{name}: " + ("identical top-1 per cfg_id to the committed results" if not bad else
-                                     f"{len(bad)} difference(s) from {committed}:\n  " + "\n  ".join(bad)))
-                if bad:
-                    return 1
-        return 0
+            diff = compare(fresh, committed)
+            print(f"{name}: " + ("identical top-1 per cfg_id to the committed results" if not diff else
+                                 f"{len(diff)} difference(s) from {committed}:\n  " + "\n  ".join(diff)))
+            bad += diff
+        return 1 if bad else 0
+
+    os.environ.update(PINNED_ENV)  # this process and, through _child_env, every step it starts
 
     results = Path(args.results or work / "results" / ("demo_v2" if args.v2 else "demo"))
     work.mkdir(parents=True, exist_ok=True)
@@ -389,9 +389,18 @@ def summary(sources: list[Path]) -> list[str]:
     return lines
 
 
+def fresh_results(work: Path) -> list[str]:
+    """The names of PUBLISHED whose fresh results a run left under WORK/results (demo, demo_v2: those present);
+    exits when there are none."""
+    done = [name for name in PUBLISHED if any((work / "results" / name).rglob(RESULTS_FILE))]  # v2: v1/, v2/
+    if not done:
+        sys.exit(f"no demo results under {work / 'results'}; run make demo (and make demo-v2) first")
+    return done
+
+
 def compare(fresh: Path, committed: Path) -> list[str]:
     """Differences between two demo results folders: per results file (demo: one, demo_v2: v1/ and v2/), every
-    cfg_id's route, FLOPs and top-1/top-5 (exact: the demo is deterministic on one machine kind)."""
+    cfg_id's route, FLOPs and top-1/top-5 (exact: the demo is deterministic on every CPU it pins, PINNED_ENV)."""
     out = []
     for f in sorted(committed.rglob(RESULTS_FILE)):
         g = fresh / f.relative_to(committed)
@@ -406,20 +415,6 @@ def compare(fresh: Path, committed: Path) -> list[str]:
                 out.append(f"{f.relative_to(committed.parent)} cfg {cfg_id}: committed {old.get(cfg_id)}, fresh "
                            f"{new.get(cfg_id)}")
     return out
-
-
-def publish(fresh: Path, committed: Path, v2: bool) -> None:
-    """Copy a fresh run's results files (and predictions) to the committed folder and rebuild its report there."""
-    sources = [committed / f.relative_to(fresh) for f in sorted(fresh.rglob(RESULTS_FILE))]
-    for src, dest in zip(sorted(fresh.rglob(RESULTS_FILE)), sources):
-        copy_results(src.parent, dest)
-    weights = []
-    if (fresh / WEIGHTS_FILE).exists():  # the demo's SN-Net (not the v2 comparison's)
-        with atomic_path(committed / WEIGHTS_FILE) as tmp:
-            shutil.copyfile(fresh / WEIGHTS_FILE, tmp)
-        weights.append(committed / WEIGHTS_FILE)
-    files = report(committed, sources, V2_TITLE) if v2 else report(committed)
-    print(f"published {fresh} -> {', '.join(str(f) for f in [*sources, *weights, *files])}")
 
 
 def save_weights(checkpoint: Path, dest: Path) -> None:
@@ -476,8 +471,8 @@ def report(results: Path, sources: list[Path] | None = None, title: str = TITLE,
     from snnet.demo import report; report(Path('results/demo'))"` from the repository root), and results/demo_v2's
     (both fronts and the combined one) from its v1/ and v2/ results files.
 
-    Files written before records carried ``img_size`` (the committed ones) get the size the demo trains and
-    evaluates at (COMMON's --img-size) for the plot's subtitle; records that carry one keep theirs."""
+    The plot's subtitle names `img_size`, by default the size the demo trains and evaluates at (COMMON's
+    --img-size), for records that carry none; records that carry one keep theirs."""
     img_size = img_size or int(COMMON[COMMON.index("--img-size") + 1])
     # the report names the files it read: relative to the working directory (the repository root for `make demo`)
     paths = [os.path.relpath(s) for s in sources or [results / RESULTS_FILE]]

@@ -124,13 +124,16 @@ def test_a_step_shows_progress_and_fails_with_its_log(tmp_path, monkeypatch, cap
 def test_saved_weights_are_the_committed_sn_net_and_publish_copies_them(tmp_path, monkeypatch):
     """save_weights keeps what rebuilding and evaluating the SN-Net read (weights, identity, classes, image size)
     and drops the optimizer and this machine's paths; the same checkpoint gives the same bytes (no git noise from
-    `make demo-results`); --publish copies the file. The committed one loads as the demo's SN-Net and its records
-    name its sha256 (what `snnet latency --results` and `snnet serve --results` check)."""
+    `make demo-results`); tools/publish_demo.py copies the file. The committed one loads as the demo's SN-Net and
+    its records name its sha256 (what `snnet latency --results` and `snnet serve --results` check)."""
     import hashlib
 
     import torch
 
-    from snnet.demo import WEIGHTS_FILE, publish, save_weights
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))  # tools/ is not a package
+    from publish_demo import publish
+
+    from snnet.demo import WEIGHTS_FILE, save_weights
     from snnet.utils.checkpoint import load_checkpoint, save_checkpoint
     weights = {"a.weight": torch.arange(6.0).reshape(2, 3)}
     args = {"num_classes": 10, "img_size": 16, "model_kwargs": {}, "data_dir": "/some/machine/path", "lr": 1e-3}
@@ -143,7 +146,7 @@ def test_saved_weights_are_the_committed_sn_net_and_publish_copies_them(tmp_path
     assert "optimizer" not in slim and torch.equal(slim["state_dict"]["a.weight"], weights["a.weight"])
     assert json.loads(slim["args"]) == {"num_classes": 10, "img_size": 16, "model_kwargs": {}}
     committed = ROOT / "results" / "demo"
-    monkeypatch.setattr("snnet.demo.report", lambda *a, **k: [])  # the plots and report: not what is tested here
+    monkeypatch.setattr("publish_demo.report", lambda *a, **k: [])  # the plots and report: not what is tested here
     publish(committed, tmp_path / "published", v2=False)  # the committed folder as a "fresh" run: a copy of itself
     assert (tmp_path / "published" / WEIGHTS_FILE).read_bytes() == (committed / WEIGHTS_FILE).read_bytes()
     sha = hashlib.sha256((committed / WEIGHTS_FILE).read_bytes()).hexdigest()
@@ -177,3 +180,26 @@ def test_only_an_interrupted_run_of_the_same_command_is_continued(tmp_path, monk
     (run_dir / demo.STARTED).unlink()  # a run from before the started stamp: its command is unknown
     demo.run_step(b, run_dir, tmp_path / "b.log", "snnet", True, b)
     assert calls[-1] == b
+
+
+def test_every_step_of_the_demo_runs_pinned(tmp_path, monkeypatch):
+    """`python -m snnet.demo` starts every step with PINNED_ENV (one thread, the AVX2 kernels of ATen and oneDNN,
+    MKL's vendor-independent code branch), whatever the caller's environment says; snnet quickstart, which runs its
+    steps through the same functions, pins the threads only."""
+    from snnet import demo
+    for key in demo.PINNED_ENV:  # absent here, and absent again after the test (main sets them in os.environ)
+        monkeypatch.setenv(key, "512")
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("MKL_CBWR", "AUTO")  # a caller's own choice does not survive
+    seen = []
+
+    def fake_run(cmd, log, step, env=None):
+        seen.append({**demo._child_env(), **(env or {})})
+        raise SystemExit("stop after the first step")
+
+    monkeypatch.setattr(demo, "run", fake_run)
+    assert demo._child_env()["MKL_CBWR"] == "AUTO" and "ATEN_CPU_CAPABILITY" not in demo._child_env()
+    monkeypatch.setattr(demo, "write_digits", lambda work: tmp_path / "digits")
+    with pytest.raises(SystemExit, match="stop after the first step"):
+        demo.main(["--work", str(tmp_path)])
+    assert seen and all(env[key] == value for env in seen for key, value in demo.PINNED_ENV.items())
