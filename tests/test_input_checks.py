@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -205,14 +206,19 @@ def test_teacher_checkpoint_checked_before_work(tmp_path, num_classes):
         _check_teacher_checkpoint(replace(loss, teacher_checkpoint=str(other)))
 
 
-def test_a_switch_a_card_sets_is_turned_off_on_the_command_line(capsys):
-    """A recipe card's ``"amp": true`` (SN-Netv2's fp16 GPU recipe) is turned off by --no-amp; every switch of
-    train.py has its --no- form, except the negative ones and those whose --no- name is another option."""
+def test_a_switch_a_card_sets_is_turned_off_on_the_command_line(tmp_path, tiny_config, capsys):
+    """A recipe card's ``"amp": true`` (SN-Netv2's cards set it: their fp16 GPU recipe) is turned off by --no-amp;
+    every switch of train.py has its --no- form, except the negative ones and those whose --no- name is another
+    option."""
     from snnet.train.args import build_parser
     from snnet.train.main import main
-    base = ["/data/imagenet", "--stitch_config", "configs/deit3_s_l_v2.json", "--dry-run"]
+    card = json.loads(Path(tiny_config).read_text())
+    card["recipe"] = {"amp": True}
+    (tmp_path / "card.json").write_text(json.dumps(card))
+    base = ["/data/imagenet", "--stitch_config", str(tmp_path / "card.json"), "--no-pretrained", "--dry-run"]
     assert main(base) == 0 and "\namp: true\n" in capsys.readouterr().out
     assert main([*base, "--no-amp"]) == 0 and "\namp: false\n" in capsys.readouterr().out
+    assert json.loads(Path("configs/deit3_s_l_v2.json").read_text())["recipe"]["amp"] is True
     strings = {s for a in build_parser()._actions for s in a.option_strings}
     switches = [a for a in build_parser()._actions if a.nargs == 0 and a.option_strings[0].startswith("--")
                 and a.dest != "help"]
