@@ -3,14 +3,12 @@ with each package's own reader; both packages are optional (requirements-extras.
 at startup in one line naming the pip command."""
 import json
 import math
-import os
 import struct
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import FAST, ROOT, run
+from helpers import FAST, run
 
 from snnet.train.args import UsageError
 
@@ -153,8 +151,7 @@ def test_missing_package_stops_train_py_at_startup(tmp_path, digits_folder, tiny
             f"sys.argv = ['train.py'] + {json.dumps([str(digits_folder), '--stitch_config', str(tiny_config)])} + "
             f"{json.dumps(['--output', str(tmp_path / 'out'), '--log-wandb', *FAST])}\n"
             "runpy.run_path('train.py', run_name='__main__')\n")
-    r = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = run([PY, "-c", code])  # forked from the test's server, as a fresh `python -c` would run it
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.strip().count("\n") == 0 and "pip install wandb" in r.stderr and "--log-wandb" in r.stderr
     assert not (tmp_path / "out").exists()
