@@ -577,10 +577,10 @@ class QuickstartCommand:
                                                   "(pretrained where their weights are on this machine)")
     no_pretrained: bool = option(False, "--no-pretrained", help="with --anchors: random weights")
     widths: tuple[int, ...] | None = option(None, "--widths", nargs="+", parse=_positive_int, metavar="W",
-                                            help="widths of the CNN anchors, smallest first (default 6 12 24)")
+                                            help="widths of the CNN anchors, smallest first (default 4 12)")
     stitch_stages: tuple[int, ...] | None = option(None, "--stitch-stages", nargs="+", parse=_count, metavar="S",
                                                    help="stages of hierarchical anchors to stitch in, from 0 (default: "
-                                                        "the CNN anchors' last, 3; --anchors: the family's)")
+                                                        "all four of the CNN anchors, 0-3; --anchors: the family's)")
     stitch_plan: str | None = option(None, "--stitch-plan", choices=("large_to_small", "two_way", "sliding_window"),
                                      help="which anchor runs first in a stitch: large_to_small (the larger anchor's "
                                           "front, the smaller's last blocks; the default for the CNN anchors), "
@@ -588,10 +588,12 @@ class QuickstartCommand:
                                           "two_way (both); large_to_small takes anchors stitched stage by stage "
                                           "(CNNs, Swin, LeViT), not plain ViTs")
     img_size: int | None = option(None, "--img-size", parse=_positive_int, metavar="S",
-                                  help="image side the anchors see (default: 64, smaller images 32 or their size)")
+                                  help="image side the anchors see (default: 64; smaller images twice their side, up "
+                                       "to 64)")
     anchor_epochs: int | None = option(None, "--anchor-epochs", parse=_positive_int, metavar="N", help="")
     snnet_epochs: int | None = option(None, "--snnet-epochs", parse=_positive_int, metavar="N", help="")
-    batch: int | None = option(None, "--batch", parse=_positive_int, metavar="B", help="batch per process (default 32)")
+    batch: int | None = option(None, "--batch", parse=_positive_int, metavar="B",
+                               help="batch per process (default 32; the CNN anchors 128)")
     nproc: int | None = option(None, "--nproc", parse=_positive_int, metavar="N",
                                help="SN-Net processes (default: one per core)")
     seed: int = option(0, "--seed", parse=int, help="")

@@ -68,42 +68,48 @@ from snnet.results.records import RESULTS_FILE, file_sha256, read_results
 from snnet.utils.errors import SNNetError, UsageError, one_line
 from snnet.utils.fileio import write_text_atomic
 
-#: the anchors quickstart trains from scratch: ResNet-18's layout (2 basic blocks in each of 4 stages) at widths
-#: w, 2w, 4w, 8w and a stem as narrow (`anchor_kwargs`); labels c<w>
-FAMILY = "resnet18"
+#: the anchors quickstart trains from scratch: ResNet-34's layout (3, 4, 6 and 3 basic blocks in its 4 stages) at
+#: widths w, 2w, 4w, 8w and a stem as narrow (`anchor_kwargs`); labels c<w>. Its deep stages give each pair of
+#: anchors a stitch between every two neighbouring blocks, 12 in all, as SN-Net stitches ResNet-50's 6-block stage
+FAMILY = "resnet34"
 
 
 def anchor_kwargs(width: int) -> dict:
-    """timm's resnet18 at stage widths w, 2w, 4w, 8w with a stem of 3x3 convs of w/2, w/2 and w channels (its
+    """timm's resnet34 at stage widths w, 2w, 4w, 8w with a stem of 3x3 convs of w/2, w/2 and w channels (its
     "deep" stem). Its default stem, a 7x7 conv, has 64 channels whatever `stem_width` says: at 64 px that conv alone
-    is 9.6 MFLOPs, which made the width-6 anchor 12 MFLOPs where its stages are 2."""
+    is 9.6 MFLOPs, more than a width-4 anchor's whole network."""
     return {"channels": [width, 2 * width, 4 * width, 8 * width], "stem_type": "deep",
             "stem_width": (width + 1) // 2}
 
 
-#: the anchors' first-stage widths, each twice the last as DeiT-Ti/S/B's (192/384/768): 1.6, 6.1 and 24.0 MFLOPs at
-#: 64 px, a FLOPs range for the stitches to fill
-WIDTHS = (6, 12, 24)
-#: the stage (0-3) the CNN anchors are stitched in, one stitch between its two blocks per pair of neighbouring
-#: anchors: the last, since an earlier stitch in a narrow CNN passes on the few channels of its first stages and
-#: scores below the smallest anchor (docs/own_data.md)
-STITCH_STAGES = (3,)
-#: which anchor runs first in a stitch: the larger (its stem and stages up to the last block, then the smaller
-#: anchor's last block and head), a network a little cheaper than the larger anchor; the smaller in front, SN-Net's
-#: way, passes the smaller anchor's features on at more FLOPs than it costs (docs/own_data.md)
+#: the anchors' first-stage widths: two anchors 3x apart, about 9x apart in FLOPs, so that they differ in accuracy
+#: as they differ in cost and the stitches between them have room above the line that mixes them. A third anchor in
+#: between adds a corner to that line where a few hundred images per class leave the larger two close in accuracy
+WIDTHS = (4, 12)
+#: the stages (0-3) the CNN anchors are stitched in: all four, one stitch between every two neighbouring blocks of
+#: each, per pair of neighbouring anchors
+STITCH_STAGES = (0, 1, 2, 3)
+#: which anchor runs first in a stitch: the larger (its stem and blocks up to the stitch, then the smaller anchor's
+#: remaining blocks and head). The larger anchor's early stages carry most of its advantage and its late ones most
+#: of its FLOPs, so these networks keep much of its accuracy at a fraction of its cost; the smaller in front,
+#: SN-Net's way, passes the smaller anchor's narrow early features on and scores about as the smaller anchor at
+#: several times its FLOPs (docs/own_data.md)
 STITCH_PLAN = "large_to_small"
 VAL_SHARE = 0.2  # the share of each class a folder without train/ and val/ gives to validation (seeded, by file)
-#: the optimizer steps each anchor gets at least (few images: more epochs), within EPOCHS; fewer leave the anchors
-#: still learning when they stop
-MIN_STEPS = 1500
-EPOCHS = (20, 60)
+#: the optimizer steps each anchor gets at least (few images: more epochs), within EPOCHS, in batches of
+#: ANCHOR_BATCH; fewer leave the anchors still learning when they stop
+MIN_STEPS = 600
+EPOCHS = (30, 60)
 #: the SN-Net's epochs as a share of the anchors': each step trains one sampled route, so a stitching layer learns
-#: in a fraction of the steps and needs epochs of its own
-SNNET_SHARE = 0.8
+#: in a fraction of the steps and needs epochs of its own; its batches are BATCH, a quarter of the anchors'
+SNNET_SHARE = 0.5
 #: the SN-Net's LR for the stitching layers, and the anchors' share of it (--anchor-lr-scale): the trained anchors
 #: keep 5e-4 (at the demo's 1e-3 they lose points), the new, small stitching layers learn at 10x (docs/own_data.md)
 SNNET_LR, SNNET_ANCHOR_LR_SCALE = 5e-3, 0.1
 BATCH = 32  # images per batch and process, or fewer where each SN-Net process draws fewer an epoch
+#: the anchors' batch (one process each): these small CNNs spend most of a step's time outside the convolutions,
+#: so a larger batch trains more images a second
+ANCHOR_BATCH = 128
 #: validate every 5th epoch and the last: quickstart reads only the last, and each validation is a pass over the
 #: validation images
 VAL_INTERVAL = 5
@@ -180,10 +186,11 @@ class Plan:
     stitch_plan: str  # the stitch config's "stitch_plan"
     anchor_epochs: int
     snnet_epochs: int
-    batch: int
+    batch: int  # the SN-Net's, per process
     nproc: int
     lines: list[str] = field(default_factory=list)
     own_cnns: bool = False  # quickstart's CNNs from scratch (not --anchors): SNNET_LR
+    anchor_batch: int = 0  # the anchors' (0: `batch`)
 
 
 # ---------------------------------------------------------------------------------------------------- the data
@@ -631,9 +638,10 @@ def plan(summary: DataSummary, args: QuickstartOptions, weights: dict[str, str] 
     if args.img_size:
         img_size, why = args.img_size, "--img-size"
     else:
-        img_size = 64 if side >= 64 else 32 if side >= 32 else max(16, side // 8 * 8)
-        why = (f"your images' median side is {side} px; up to 64 px: ResNet's stem divides the side by 4 at once, "
-               f"and 64 px learned faster than 32 px at the same cost per epoch (docs/own_data.md)")
+        img_size = 64 if side >= 64 else min(64, max(16, 2 * side // 8 * 8))
+        why = (f"your images' median side is {side} px; smaller ones twice their side, up to 64 px: ResNet's stem "
+               f"divides the side by 4 at once, and 28 px photos seen at 56 px scored higher at the same FLOPs than "
+               f"at 28 px (docs/own_data.md)")
     lines.append(f"image size: {img_size} px ({why}; change: --img-size)")
     if args.anchors:
         anchors: list[tuple[str, str, dict]] = [(name.split(".")[0], name, {}) for name in args.anchors]
@@ -649,7 +657,7 @@ def plan(summary: DataSummary, args: QuickstartOptions, weights: dict[str, str] 
         widths = args.widths or list(WIDTHS)
         anchors = [(f"c{w}", FAMILY, anchor_kwargs(w)) for w in widths]
         anyway = "; --no-pretrained: they start from random weights anyway" if args.no_pretrained else ""
-        lines.append(f"anchors: {len(widths)} small CNNs from scratch, ResNet-18's layout at widths "
+        lines.append(f"anchors: {len(widths)} small CNNs from scratch, ResNet-34's layout at widths "
                      f"{'/'.join(map(str, widths))} ({', '.join(a[0] for a in anchors)}): they learn from a few "
                      f"hundred images per class and stitch stage by stage (change: --widths W W W, or --anchors NAME "
                      f"... for timm models){anyway}")
@@ -658,20 +666,19 @@ def plan(summary: DataSummary, args: QuickstartOptions, weights: dict[str, str] 
         raise UsageError(f"--stitch-stages {' '.join(map(str, stages))}: the CNN anchors have stages 0-3; give some "
                          f"of 0 1 2 3")
     if stages is not None:
-        why = ("--stitch-stages" if args.stitch_stages else
-               "the last: a stitch earlier in these narrow CNNs scored below the smallest anchor on the tuning data, "
-               "docs/own_data.md")
+        why = "--stitch-stages" if args.stitch_stages else "every stage: a stitch at each depth of the anchors"
         lines.append(f"stitches: in stage(s) {' '.join(map(str, stages))}{' of 0-3' if not args.anchors else ''}, "
-                     f"one between the two blocks of each, per pair of neighbouring anchors ({why}; change: "
-                     f"--stitch-stages S ...)")
+                     f"one between every two neighbouring blocks of each, per pair of neighbouring anchors ({why}; "
+                     f"change: --stitch-stages S ...)")
     if args.stitch_plan:
         stitch_plan, why = args.stitch_plan, "--stitch-plan"
     elif args.anchors:
         stitch_plan, why = "sliding_window", "SN-Net's for pretrained anchors"
     else:
         stitch_plan = STITCH_PLAN
-        why = ("SN-Net's way round, the smaller anchor's features into the larger's last block, scored no better "
-               "than the smaller anchor at more FLOPs on the tuning data, docs/own_data.md")
+        why = ("the larger anchor's early stages carry most of its accuracy, its late ones most of its FLOPs; "
+               "SN-Net's way round passes the smaller anchor's narrow early features on and scored about as the "
+               "smaller anchor at several times its FLOPs, docs/own_data.md")
     front = {"large_to_small": "the larger anchor in front, the smaller's last blocks after it",
              "sliding_window": "the smaller anchor in front, the larger's last blocks after it (SN-Net)",
              "two_way": "both ways round"}[stitch_plan]
@@ -689,12 +696,13 @@ def plan(summary: DataSummary, args: QuickstartOptions, weights: dict[str, str] 
         raise UsageError(f"{'--batch 1' if args.batch else f'--nproc {nproc}'} leaves 1 image per training batch "
                          f"({images} training images); BatchNorm needs 2: "
                          f"{'give --batch 2 or more' if args.batch else 'give fewer --nproc'}")
-    steps_per_epoch = max(1, images // batch)
+    anchor_batch = args.batch or (min(ANCHOR_BATCH, images) if not args.anchors else batch)
+    steps_per_epoch = max(1, images // anchor_batch)
     if args.anchor_epochs:
         anchor_epochs, why = args.anchor_epochs, "--anchor-epochs"
     else:
         anchor_epochs = min(EPOCHS[1], max(EPOCHS[0], -(-MIN_STEPS // steps_per_epoch)))
-        why = (f"{images} training images in batches of {batch}: {steps_per_epoch} steps an epoch, at least "
+        why = (f"{images} training images in batches of {anchor_batch}: {steps_per_epoch} steps an epoch, at least "
                f"{MIN_STEPS} steps within {EPOCHS[0]}-{EPOCHS[1]} epochs")
     lines.append(f"anchor training: {anchor_epochs} epochs ({why}; change: --anchor-epochs, --batch)")
     snnet_epochs = args.snnet_epochs or max(10, round(SNNET_SHARE * anchor_epochs))
@@ -702,7 +710,7 @@ def plan(summary: DataSummary, args: QuickstartOptions, weights: dict[str, str] 
     lines.append(f"SN-Net training: {snnet_epochs} epochs on {nproc} process(es), batches of {batch} ({cores}; "
                  f"change: --snnet-epochs, --nproc, --batch)")
     return Plan(img_size, anchors, bool(args.anchors) and not args.no_pretrained, stages, stitch_plan, anchor_epochs,
-                snnet_epochs, batch, nproc, lines, own_cnns=not args.anchors)
+                snnet_epochs, batch, nproc, lines, own_cnns=not args.anchors, anchor_batch=anchor_batch)
 
 
 def check_anchors(args: QuickstartOptions) -> dict[str, str]:
@@ -731,18 +739,18 @@ def check_anchors(args: QuickstartOptions) -> dict[str, str]:
 
 def _recipes(p: Plan, seed: int) -> tuple[list[str], list[str], list[str], list[str]]:
     """(anchor flags, SN-Net flags, flags both share, evaluation flags) of train.py."""
-    common = ["--img-size", str(p.img_size), "-b", str(p.batch), "--opt", "adamw", "--weight-decay", "0.05",
+    common = ["--img-size", str(p.img_size), "--opt", "adamw", "--weight-decay", "0.05",
               "--scale", "0.8", "1", "--smoothing", "0.1", "-j", "0", "--seed", str(seed), "--log-interval", "10",
               "--val-interval", str(VAL_INTERVAL)]
     if not p.pretrained:
         common.append("--no-pretrained")
     # a plain --model starts from random weights unless --pretrained says otherwise
     anchor = ["--lr", "5e-3", "--warmup-epochs", "1" if p.anchor_epochs > 1 else "0",
-              *(["--pretrained"] if p.pretrained else [])]
+              *(["--pretrained"] if p.pretrained else []), "-b", str(p.anchor_batch or p.batch)]
     # from scratch, the stitching layers at 10x the anchors' LR (SNNET_LR); timm anchors keep SN-Net's one LR
     lr, scale = (SNNET_LR, SNNET_ANCHOR_LR_SCALE) if p.own_cnns else (5e-4, 1.0)
     snnet = ["--lr", f"{lr:g}", "--anchor-lr-scale", f"{scale:g}", "--warmup-epochs",
-             "1" if p.snnet_epochs > 1 else "0"]
+             "1" if p.snnet_epochs > 1 else "0", "-b", str(p.batch)]
     return anchor, snnet, common, ["--img-size", str(p.img_size), "-b", str(p.batch), "-j", "0"]
 
 

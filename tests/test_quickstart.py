@@ -90,23 +90,29 @@ def test_bad_data_is_one_line(tmp_path, layout, needle):
 def test_the_plan_says_each_choice_and_its_flag():
     summary = DataSummary(Path("d"), {c: 240 for c in "abcde"}, {c: 60 for c in "abcde"}, 64)
     p = plan(summary, _args(nproc=2))
-    assert p.img_size == 64 and [a[0] for a in p.anchors] == ["c6", "c12", "c24"]
-    assert p.anchors[2][2] == {"channels": [24, 48, 96, 192], "stem_type": "deep", "stem_width": 12}
+    assert p.img_size == 64 and [a[0] for a in p.anchors] == ["c4", "c12"]
+    assert p.anchors[1][1:] == ("resnet34", {"channels": [12, 24, 48, 96], "stem_type": "deep", "stem_width": 6})
     assert not p.pretrained
-    assert p.anchor_epochs == 41 and p.snnet_epochs == 33  # 1200 images / 32 = 37 steps an epoch, >= 1500 steps
+    # 1200 images in the anchors' batches of 128: 9 steps an epoch, >= 600 steps within 30-60 epochs; half for SN-Net
+    assert (p.anchor_batch, p.batch, p.anchor_epochs, p.snnet_epochs) == (128, 32, 60, 30)
+    anchor_flags, snnet_flags, common, _ = _recipes(p, 0)
+    assert anchor_flags[-2:] == ["-b", "128"] and snnet_flags[-2:] == ["-b", "32"] and "-b" not in common
     text = "\n".join(p.lines)
     for flag in ("--img-size", "--widths", "--anchors", "--anchor-epochs", "--snnet-epochs", "--nproc",
                  "--stitch-stages", "--stitch-plan"):
         assert flag in text, flag
-    assert p.stitch_stages == [3] and "stitches: in stage(s) 3 of 0-3" in text
+    assert p.stitch_stages == [0, 1, 2, 3] and "stitches: in stage(s) 0 1 2 3 of 0-3" in text
     assert p.stitch_plan == "large_to_small" and "stitch direction: large_to_small, the larger anchor in front" in text
     assert plan(summary, _args(nproc=2, stitch_plan="two_way")).stitch_plan == "two_way"
-    snnet_flags = _recipes(p, 0)[1]  # the stitching layers at 5e-3, the CNN anchors at a tenth of it
+    # the stitching layers at 5e-3, the CNN anchors at a tenth of it
     assert snnet_flags[:4] == ["--lr", "0.005", "--anchor-lr-scale", "0.1"], snnet_flags
     with pytest.raises(UsageError, match="--stitch-stages 1 4: the CNN anchors have stages 0-3"):
         plan(summary, _args(nproc=1, stitch_stages=[1, 4]))
     tiny = plan(DataSummary(Path("d"), {"a": 12, "b": 12}, {"a": 4, "b": 4}, 16), _args(nproc=1))
-    assert tiny.img_size == 16 and tiny.anchor_epochs == 60  # few images: the most epochs
+    assert tiny.img_size == 32 and tiny.anchor_epochs == 60  # small images seen at twice their side; the most epochs
+    assert tiny.anchor_batch == 24  # a batch is never larger than the images (timm drops a short one)
+    photos = plan(DataSummary(Path("d"), {c: 800 for c in "abcde"}, {c: 200 for c in "abcde"}, 28), _args(nproc=2))
+    assert photos.img_size == 56 and (photos.anchor_epochs, photos.snnet_epochs) == (30, 15)
     fine = plan(summary, _args(anchors=["resnet18.a1_in1k", "resnet50.a1_in1k"], nproc=1))
     assert fine.pretrained and [a[1] for a in fine.anchors] == ["resnet18.a1_in1k", "resnet50.a1_in1k"]
     assert fine.stitch_stages is None and fine.stitch_plan == "sliding_window"  # the family's own default, SN-Net's
@@ -149,8 +155,11 @@ def test_quickstart_guide_runs(tmp_path, capsys):
             assert (results / f).is_file(), f
         records = [json.loads(ln) for ln in (results / "stitches_res.txt").read_text().splitlines()]
         assert [r["route"] for r in records[:2]] == ["c4", "c8"]
-        # one stitch, in the last stage (STITCH_STAGES), the larger anchor in front (STITCH_PLAN)
-        assert [r["route"] for r in records[2:]] == ["c8[..s3.b0] -(0.0.0)-> c4[s3.b1..]"], records
+        # a stitch between every two neighbouring blocks of ResNet-34's 3, 4, 6 and 3 (STITCH_STAGES), the larger
+        # anchor in front (STITCH_PLAN)
+        routes = [r["route"] for r in records[2:]]
+        assert len(routes) == 2 + 3 + 5 + 2 and routes[0] == "c8[..s0.b0] -(0.0.0)-> c4[s0.b1..]", routes
+        assert routes[-1] == "c8[..s3.b1] -(3.0.1)-> c4[s3.b2..]", routes
         for what in ("image size: 16 px", "anchors: 2 small CNNs", "change: --widths", "ETA", "[snnet] done in",
                      "quickstart finished in", "report.html in a browser", "30 training and 7 validation images",
                      ".gif images are read too"):
@@ -223,13 +232,15 @@ def test_quickstart_trains_from_shards(tmp_path, capsys, monkeypatch):
     assert out.count("--dataset wds/") >= 3, out  # the two anchors' and the SN-Net's command lines
     results = tmp_path / "out" / "results" / "stitches_res.txt"
     records = [json.loads(ln) for ln in results.read_text().splitlines()]
-    assert len(records) == 3 and all(r["samples"] == 6 for r in records), records
-    assert [r["route"].split("..")[1][:2] for r in records[2:]] == ["s3"], [r["route"] for r in records]
+    assert len(records) == 14 and all(r["samples"] == 6 for r in records), records
+    stages = [r["route"].split("..")[1][:2] for r in records[2:]]
+    assert stages == ["s0"] * 2 + ["s1"] * 3 + ["s2"] * 5 + ["s3"] * 2, [r["route"] for r in records]
     rc, out, err = run_cli(capsys, *command, "--stitch-stages", "2", "3")
     assert rc == 0, err
     assert out.count("reusing") == 2 and "[snnet] $ " in out, out  # the anchors only
     records = [json.loads(ln) for ln in results.read_text().splitlines()]
-    assert [r["route"].split("..")[1][:2] for r in records[2:]] == ["s2", "s3"], [r["route"] for r in records]
+    assert [r["route"].split("..")[1][:2] for r in records[2:]] == ["s2"] * 5 + ["s3"] * 2, [r["route"] for r in
+                                                                                               records]
 
 
 def _opens_in_a_browser(page: Path, profile: Path) -> None:
