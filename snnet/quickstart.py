@@ -93,7 +93,7 @@ STITCH_STAGES = (0, 1, 2, 3)
 #: remaining blocks and head). The larger anchor's early stages carry most of its advantage and its late ones most
 #: of its FLOPs, so these networks keep much of its accuracy at a fraction of its cost; the smaller in front,
 #: SN-Net's way, passes the smaller anchor's narrow early features on and scores about as the smaller anchor at
-#: several times its FLOPs (docs/own_data.md)
+#: several times its FLOPs
 STITCH_PLAN = "large_to_small"
 VAL_SHARE = 0.2  # the share of each class a folder without train/ and val/ gives to validation (seeded, by file)
 #: the optimizer steps each anchor gets at least (few images: more epochs), within EPOCHS, in batches of
@@ -640,8 +640,8 @@ def plan(summary: DataSummary, args: QuickstartOptions, weights: dict[str, str] 
     else:
         img_size = 64 if side >= 64 else min(64, max(16, 2 * side // 8 * 8))
         why = (f"your images' median side is {side} px; smaller ones twice their side, up to 64 px: ResNet's stem "
-               f"divides the side by 4 at once, and 28 px photos seen at 56 px scored higher at the same FLOPs than "
-               f"at 28 px (docs/own_data.md)")
+               f"divides the side by 4 at once, and 28 px photos seen at 56 px score higher at the same FLOPs than "
+               f"at 28 px")
     lines.append(f"image size: {img_size} px ({why}; change: --img-size)")
     if args.anchors:
         anchors: list[tuple[str, str, dict]] = [(name.split(".")[0], name, {}) for name in args.anchors]
@@ -677,8 +677,8 @@ def plan(summary: DataSummary, args: QuickstartOptions, weights: dict[str, str] 
     else:
         stitch_plan = STITCH_PLAN
         why = ("the larger anchor's early stages carry most of its accuracy, its late ones most of its FLOPs; "
-               "SN-Net's way round passes the smaller anchor's narrow early features on and scored about as the "
-               "smaller anchor at several times its FLOPs, docs/own_data.md")
+               "SN-Net's way round passes the smaller anchor's narrow early features on and scores about as the "
+               "smaller anchor at several times its FLOPs")
     front = {"large_to_small": "the larger anchor in front, the smaller's last blocks after it",
              "sliding_window": "the smaller anchor in front, the larger's last blocks after it (SN-Net)",
              "two_way": "both ways round"}[stitch_plan]
