@@ -80,28 +80,28 @@ def test_a_changed_number_is_caught(tmp_path):
 
 
 def test_a_changed_prose_number_is_caught(tmp_path):
-    """Checked numbers in prose (``92.8<!-- = acc1("demo", 3) -->``): a number edited by hand is rewritten, and a
+    """Checked numbers in prose (``90.56<!-- = acc1("demo", 9) -->``): a number edited by hand is rewritten, and a
     changed result changes the number the page must quote, so --check fails until the page is regenerated."""
-    page = (ROOT / "docs" / "results.md").read_text()
+    page = (ROOT / "docs" / "deploy.md").read_text()
     records = [json.loads(ln) for ln in (ROOT / "results" / "demo" / "stitches_res.txt").read_text().splitlines()]
-    value = f"{records[3]['acc1']:.1f}"  # what the page quotes for cfg 3, one decimal
-    quoted = f'{value}<!-- = acc1("demo", 3) -->'
+    value = f"{records[9]['acc1']:.2f}"  # what the page quotes for cfg 9, two decimals
+    quoted = f'{value}<!-- = acc1("demo", 9) -->'
     assert quoted in page and docs_blocks.render(page) == page
-    typo = f"{float(value) + 0.1:.1f}"
+    typo = f"{float(value) + 0.1:.2f}"
     edited = page.replace(quoted, quoted.replace(value, typo))
     assert docs_blocks.render(edited) == page
-    assert (typo, value, 'acc1("demo", 3)') in docs_blocks.numbers(edited)
-    # the same page against results where cfg 3 reached 50.0 %: the quoted value is now wrong
+    assert (typo, value, 'acc1("demo", 9)') in docs_blocks.numbers(edited)
+    # the same page against results where cfg 9 reached 50.00 %: the quoted value is now wrong
     demo = tmp_path / "results" / "demo"
     demo.mkdir(parents=True)
     shutil.copy(ROOT / "results" / "demo" / "stitches_pred.npz", demo)
-    records[3]["acc1"] = 50.0
+    records[9]["acc1"] = 50.0
     (demo / "stitches_res.txt").write_text("".join(json.dumps(r) + "\n" for r in records))
-    for other in (ROOT / "results").iterdir():  # the page quotes the other results too, unchanged
+    for other in (ROOT / "results").iterdir():  # the page may quote the other results too, unchanged
         if other.name != "demo":
             (tmp_path / "results" / other.name).symlink_to(other)
-    assert (value, "50.0", 'acc1("demo", 3)') in docs_blocks.numbers(page, tmp_path)
-    assert '50.0<!-- = acc1("demo", 3) -->' in docs_blocks.render(page, tmp_path)
+    assert (value, "50.00", 'acc1("demo", 9)') in docs_blocks.numbers(page, tmp_path)
+    assert '50.00<!-- = acc1("demo", 9) -->' in docs_blocks.render(page, tmp_path)
 
 
 def test_docs_site_builds_strictly(tmp_path):
