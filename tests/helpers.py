@@ -2,7 +2,8 @@
 conftest.py.
 
 TINY: two tiny DeiT anchors (widths 8 and 16) for a stitch config; FAST: train.py flags of a quick CPU run on the
-16x16 digits; ROOT: the repository root; run: a command from ROOT; run_cli: `snnet ...` in-process.
+16x16 digits; ROOT: the repository root; run: a command from ROOT; start: one not waited for; run_cli: `snnet ...`
+in-process.
 """
 import atexit
 import json
@@ -25,8 +26,8 @@ TINY = [{"name": "deit_tiny_patch16_224", "model_kwargs": {"patch_size": 4, "dep
 FAST = ["--img-size", "16", "-b", "16", "--opt", "adamw", "--lr", "1e-3", "--warmup-epochs", "0", "-j", "0",
         "--no-pretrained", "--log-interval", "5", "--seed", "1"]
 
-__all__ = ["ROOT", "TINY", "FAST", "IMG", "run", "run_cli", "shared_cli", "assert_refused", "vit", "Tiny",
-           "ForkedCli", "ForkedPopen"]
+__all__ = ["ROOT", "TINY", "FAST", "IMG", "run", "start", "run_cli", "shared_cli", "assert_refused", "vit", "Tiny",
+           "ForkedCli", "ForkedProcess", "ForkedPopen"]
 
 
 def run(args, timeout=300, env=None):
@@ -42,23 +43,47 @@ def run(args, timeout=300, env=None):
     torchrun waits for and signals them as its own children; SNNET_TEST_FORK_RANKS=0 starts them afresh. Any other
     command (a script's usage error, ./distributed_train.sh started by the test itself) is a fresh process.
     SNNET_TEST_FORK=0 starts every command afresh."""
+    args, full_env, entry, server = _forkable(args, env)
+    if server:
+        try:
+            code, out, err = server.call(entry[0], entry[1], cwd=ROOT, env=full_env, timeout=timeout)
+        finally:
+            server.lock.release()
+        return subprocess.CompletedProcess(args, code, out, err)
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def start(args, log, env=None):
+    """`run`'s command started, not waited for, its stdout and stderr both into the file `log`: forked as `run`
+    forks it (a ForkedProcess; several may run at once, e.g. two torchrun agents as two nodes), else a
+    `subprocess.Popen` in a session of its own. Either has `pid`, `poll()`, `wait(timeout)` and `returncode`; the
+    caller kills what is left of it (`process_tree`) before it returns."""
+    args, full_env, entry, server = _forkable(args, env)
+    if server:
+        try:
+            return server.start(entry[0], entry[1], cwd=ROOT, env=full_env, log=log)
+        finally:
+            server.lock.release()
+    with open(log, "w") as f:
+        return subprocess.Popen(args, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=full_env,
+                                start_new_session=True)
+
+
+def _forkable(args, env):
+    """(args as strings, the command's whole environment, its ForkedCli entry or None, this process's fork server
+    with its lock held when the command is to be forked there, else None)."""
     args = [str(a) for a in args]
     full_env = with_faults({**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     entry = _entry_point(args, full_env)
     if entry and entry[0] == "launch":  # as the script sets it
         full_env["PYTHONPATH"] = ROOT + (f":{full_env['PYTHONPATH']}" if full_env.get("PYTHONPATH") else "")
-    # one call at a time per server; a second, concurrent one (a test's threads) starts a process of its own
-    if entry and os.environ.get("SNNET_TEST_FORK", "1") != "0" and _FORK_OWNER[0] in (None, os.getpid()) \
-            and _FORK_LOCK.acquire(blocking=False):
-        try:
-            code, out, err = _fork_server().call(entry[0], entry[1], cwd=ROOT, env=full_env, timeout=timeout)
-        finally:
-            _FORK_LOCK.release()
-        return subprocess.CompletedProcess(args, code, out, err)
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+    # one thread at a time talks to the server; another thread's command meanwhile is a process of its own
+    if entry and os.environ.get("SNNET_TEST_FORK", "1") != "0" and _FORK_OWNER[0] in (None, os.getpid()):
+        server = _fork_server()
+        if server.lock.acquire(blocking=False):
+            return args, full_env, entry, server
+    return args, full_env, entry, None
 
-
-_FORK_LOCK = threading.Lock()
 FAULTS = os.path.join(ROOT, "tests", "faults")
 
 
@@ -197,7 +222,7 @@ class Tiny:
 
 
 _SERVER = r"""
-import json, logging, os, sys, threading, traceback
+import json, logging, os, select, sys, threading, traceback
 sys.path.insert(0, sys.argv[1])
 sys.path.insert(0, os.path.join(sys.argv[1], "tests", "faults"))
 import snnet.cli, snnet.train.launch, snnet.train.main, snnet.train.preflight  # imports only: nothing computed
@@ -340,11 +365,15 @@ def fork_ranks():
 ENTRY = {"train": snnet.train.main.main, "snnet": snnet.cli.main, "preflight": snnet.train.preflight.main,
          "launch": snnet.train.launch.main, "torchrun": lambda argv: torch.distributed.run.main(argv) or 0,
          "code": code, "script": script}
-for line in sys.stdin:
-    req = json.loads(line)
+running = {}  # a pidfd (readable once its child has exited) -> (the call's id, the child's pid)
+
+
+def start(req):
     pid = os.fork()
     if pid == 0:  # the child: a fresh process as a user's, its stdin, stdout and stderr its own files
         def child(req=req):
+            for fd in running:  # the other calls' children are not this one's
+                os.close(fd)
             for fd, path, mode in ((0, os.devnull, os.O_RDONLY),
                                    (1, req["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
                                    (2, req["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
@@ -363,9 +392,28 @@ for line in sys.stdin:
                 fork_ranks()
             return ENTRY[req["entry"]](req["argv"])
         exit_after(child)
-    print(json.dumps({"pid": pid}), flush=True)
-    _, status, usage = os.wait4(pid, 0)
-    print(json.dumps({"code": os.waitstatus_to_exitcode(status), "cpu": usage.ru_utime + usage.ru_stime}), flush=True)
+    running[os.pidfd_open(pid)] = (req["id"], pid)
+    print(json.dumps({"id": req["id"], "pid": pid}), flush=True)
+
+
+# one request line per call; its child's pid is answered at once and its exit code when it ends, so calls may run
+# at the same time (two torchrun agents as two nodes); at the end of stdin, the calls still running are waited for
+pending, stdin_open = b"", True
+while stdin_open or running:
+    for fd in select.select(([0] if stdin_open else []) + list(running), [], [])[0]:
+        if fd == 0:
+            chunk = os.read(0, 65536)
+            stdin_open = bool(chunk)
+            pending += chunk
+            while b"\n" in pending:
+                line, _, pending = pending.partition(b"\n")
+                start(json.loads(line))
+        else:
+            call_id, pid = running.pop(fd)
+            os.close(fd)
+            _, status, usage = os.wait4(pid, 0)
+            print(json.dumps({"id": call_id, "code": os.waitstatus_to_exitcode(status),
+                              "cpu": usage.ru_utime + usage.ru_stime}), flush=True)
 """
 
 
@@ -431,16 +479,18 @@ class ForkedCli:
     scripts afresh). `env`: the child's whole
     environment (None: the server's); `timeout`: seconds, then the child and every process under it are killed and
     `Hung` (a subprocess.TimeoutExpired, as subprocess.run raises, with the end of the output and the stacks) is
-    raised."""
+    raised. `start(entry, argv, log=...)` does not wait: a ForkedProcess, and the server forks the next call
+    meanwhile. Not for several threads at once (`lock`)."""
 
     def __init__(self, workdir, warnings=False):
         self.workdir = str(workdir)
         env = {**os.environ, "OMP_NUM_THREADS": "1", **({} if warnings else {"PYTHONWARNINGS": "ignore"})}
         self.proc = subprocess.Popen([sys.executable, "-c", _SERVER, ROOT], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, cwd=ROOT, env=env)
-        self.calls, self._buffer = 0, b""
+        self.calls, self._buffer, self._ended = 0, b"", {}  # _ended: call id -> its exit, read while waiting
         # the children's CPU time so far (wait4's rusage; the loader workers they waited for too)
         self.cpu_seconds = 0.0
+        self.lock = threading.Lock()  # held by the thread talking to the server (`run`, ForkedProcess)
 
     def _reply(self, deadline=None):
         """The server's next JSON line; None when `deadline` (time.monotonic()) passes first."""
@@ -455,44 +505,89 @@ class ForkedCli:
         line, _, self._buffer = self._buffer.partition(b"\n")
         return json.loads(line)
 
-    def call(self, entry, argv, cwd=ROOT, env=None, timeout=None, log=None):
-        """`log`: a file that gets the child's stdout and stderr both (`> log 2>&1`) and is kept; stdout and stderr
-        are then returned empty."""
+    def start(self, entry, argv, cwd=ROOT, env=None, log=None):
+        """`entry ARGV` started, not waited for: a ForkedProcess. `log`: a file that gets its stdout and stderr
+        both (`> log 2>&1`); None: files of the work folder that `call` reads."""
         self.calls += 1
         out, err = (os.path.join(self.workdir, f"call{self.calls}.{s}") for s in ("out", "err"))
         if log is not None:
             out, err = str(log), None
-        req = {"entry": entry, "argv": [str(a) for a in argv], "cwd": str(cwd), "stdout": out, "stderr": err,
-               "env": env}
+        req = {"id": self.calls, "entry": entry, "argv": [str(a) for a in argv], "cwd": str(cwd), "stdout": out,
+               "stderr": err, "env": env}
         self.proc.stdin.write((json.dumps(req) + "\n").encode())
         self.proc.stdin.flush()
-        pid = self._reply()["pid"]
-        reply = self._reply(None if timeout is None else time.monotonic() + timeout)
-        if reply is None:  # as subprocess.run: kill the child (and what it started), wait for it, raise
-            tree = process_tree(pid)
+        while "pid" not in (reply := self._reply()):  # answered at once; another call's end may come first
+            self._ended[reply["id"]] = reply
+        return ForkedProcess(self, reply["id"], reply["pid"], [entry, *req["argv"]], out, err)
+
+    def _collect(self, proc, deadline=None):
+        """Wait for `proc`'s end until `deadline` (time.monotonic(); None: no limit): whether it ended."""
+        while proc.id not in self._ended:
+            reply = self._reply(deadline)
+            if reply is None:
+                return False
+            self._ended[reply["id"]] = reply
+        reply = self._ended.pop(proc.id)
+        proc.returncode = reply["code"]
+        self.cpu_seconds += reply["cpu"]
+        return True
+
+    def call(self, entry, argv, cwd=ROOT, env=None, timeout=None, log=None):
+        """`log`: a file that gets the child's stdout and stderr both (`> log 2>&1`) and is kept; stdout and stderr
+        are then returned empty."""
+        proc = self.start(entry, argv, cwd=cwd, env=env, log=log)
+        out, err = proc.out, proc.err
+        if not self._collect(proc, None if timeout is None else time.monotonic() + timeout):
+            # as subprocess.run: kill the child (and what it started), wait for it, raise
+            tree = process_tree(proc.pid)
             stacks = python_stacks(tree)  # where a hang hangs, before the kill: CI's log is all there is of it
             for p in tree:
                 try:
                     os.kill(p, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-            self.cpu_seconds += self._reply()["cpu"]
+            self._collect(proc)
             tails = []
             for path in (out, err):
                 if path is not None and os.path.isfile(path):
                     with open(path, errors="replace") as f:
                         tails.append(f"--- the end of its {'stdout' if path == out else 'stderr'}:\n"
                                      + f.read()[-3000:])
-            raise Hung([entry, *req["argv"]], timeout, "\n".join(tails + stacks))
-        self.cpu_seconds += reply["cpu"]
+            raise Hung(proc.args, timeout, "\n".join(tails + stacks))
         if log is not None:
-            return reply["code"], "", ""
+            return proc.returncode, "", ""
         with open(out) as f, open(err) as g:
             stdout, stderr = f.read(), g.read()
         os.remove(out)
         os.remove(err)
-        return reply["code"], stdout, stderr
+        return proc.returncode, stdout, stderr
 
     def close(self):
         self.proc.stdin.close()
         self.proc.wait(timeout=30)
+
+
+class ForkedProcess:
+    """A call `ForkedCli.start` started, as much of a `subprocess.Popen` as the tests use: `pid`, `args`,
+    `returncode`, `poll()` and `wait(timeout)` (subprocess.TimeoutExpired past it)."""
+
+    def __init__(self, cli, call_id, pid, args, out, err):
+        self.cli, self.id, self.pid, self.args, self.out, self.err = cli, call_id, pid, args, out, err
+        self.returncode = None
+
+    def _collect(self, deadline):
+        if self.returncode is None and self.cli.lock.acquire(
+                timeout=-1 if deadline is None else max(0.0, deadline - time.monotonic())):
+            try:
+                self.cli._collect(self, deadline)
+            finally:
+                self.cli.lock.release()
+        return self.returncode
+
+    def poll(self):
+        return self._collect(time.monotonic())
+
+    def wait(self, timeout=None):
+        if self._collect(None if timeout is None else time.monotonic() + timeout) is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode

@@ -18,10 +18,11 @@ import time
 import uuid
 
 import pytest
-from helpers import FAST, ROOT, process_tree, run
+from helpers import FAST, process_tree, run, start
 from test_resume import assert_identical
 
 EPOCHS = ["--epochs", "2"]
+WAIT_STEP = 7  # 2 processes x 80 images / batch 16: 5 steps per epoch; step 7 is inside the second epoch
 DEADLINE = 150  # seconds for a two-node run (about 20 s on 2 CPU cores)
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="finds worker processes in /proc")
@@ -31,19 +32,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(c) for c in f.read().split()]
-    except OSError:
-        return []
-
-
-def environ(pid: int) -> dict[str, str]:
-    with open(f"/proc/{pid}/environ") as f:
-        return dict(kv.split("=", 1) for kv in f.read().split("\0") if "=" in kv)
 
 
 def stop(procs) -> None:
@@ -67,41 +55,34 @@ def torchrun_args(backend: str, port: int, node: int) -> list[str]:
 
 
 class Nodes:
-    """Two `./distributed_train.sh 1 ...` agents started concurrently; killed on any failure or timeout."""
+    """Two `./distributed_train.sh 1 ...` agents started concurrently (helpers.start: forked, as `run` forks them);
+    killed on any failure or timeout."""
 
-    def __init__(self, backend, digits_folder, tiny_config, out, experiment, extra_torchrun=(), preflight=False):
+    def __init__(self, backend, digits_folder, tiny_config, out, experiment, extra_torchrun=(), preflight=False,
+                 env=None):
         port = free_port()
         rdzv = torchrun_args(backend, port, 0)
         self.logs = [out / f"{experiment}.node{i}.log" for i in range(2)]
         self.procs = []
         for i in range(2):
             args = rdzv if backend == "c10d" else torchrun_args(backend, port, i)  # c10d: one rdzv-id for both
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHRUN_ARGS": " ".join([*args, *extra_torchrun]),
-                   **({} if preflight else {"SNNET_NO_PREFLIGHT": "1"})}  # the launch's checks: one case runs them
-            with open(self.logs[i], "w") as log:
-                self.procs.append(subprocess.Popen(
-                    ["./distributed_train.sh", "1", digits_folder, "--stitch_config", tiny_config, *FAST, *EPOCHS,
-                     "--output", out, "--experiment", experiment],
-                    cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
+            node_env = {**(env or {}), "TORCHRUN_ARGS": " ".join([*args, *extra_torchrun]),
+                        **({} if preflight else {"SNNET_NO_PREFLIGHT": "1"})}  # the launch's checks: one case runs them
+            self.procs.append(start(["./distributed_train.sh", "1", digits_folder, "--stitch_config", tiny_config,
+                                     *FAST, *EPOCHS, "--output", out, "--experiment", experiment], self.logs[i],
+                                    node_env))
         self.deadline = time.monotonic() + DEADLINE
 
     def log(self, i: int) -> str:
         return self.logs[i].read_text()
 
-    def workers(self) -> dict[int, tuple[int, int]]:
-        """global rank -> (node index, worker pid) of the current worker group."""
-        found = {}
-        for i, p in enumerate(self.procs):
-            for pid in children(p.pid):
-                rank = environ(pid).get("RANK")
-                if rank is not None:
-                    found[int(rank)] = (i, pid)
-        return found
-
     def check_time(self, what: str) -> None:
-        if time.monotonic() > self.deadline:
+        """Fails when the deadline has passed or an agent has ended while the test waits for `what`."""
+        ended = [i for i, p in enumerate(self.procs) if p.poll() is not None]
+        if time.monotonic() > self.deadline or ended:
             stop(self.procs)
-            pytest.fail(f"timed out waiting for {what}\n" + "\n".join(self.log(i)[-3000:] for i in range(2)))
+            why = f"node(s) {ended} ended" if ended else "timed out"
+            pytest.fail(f"{why} waiting for {what}\n" + "\n".join(self.log(i)[-3000:] for i in range(2)))
 
     def wait(self) -> None:
         try:
@@ -141,18 +122,22 @@ def test_c10d_node_failure_restarts_both_nodes_bit_identical(one_node, tmp_path,
     """Rank 1's worker dies in epoch 1 while rank 0's is stuck (as in a collective on NCCL; SIGSTOP here): the
     agent of the failed node counts a restart (TORCHELASTIC_RESTART_COUNT=1), the other agent restarts its healthy
     worker as a membership change and does not count it (its new worker sees 0). Both new workers must still
-    agree that this is a restart: same process-group store, both resume from last.pth.tar."""
-    nodes = Nodes("c10d", digits_folder, tiny_config, tmp_path, "restarted", ["--max-restarts", "2"])
+    agree that this is a restart: same process-group store, both resume from last.pth.tar. Both workers wait after
+    step WAIT_STEP (tests/faults: each writes its pid), so that the faults hit epoch 1 however fast the run is."""
+    waiting = tmp_path / "waiting"
+    nodes = Nodes("c10d", digits_folder, tiny_config, tmp_path, "restarted", ["--max-restarts", "2"],
+                  env={"SNNET_FAULT_WAIT_AT_STEP": str(WAIT_STEP), "SNNET_FAULT_WAIT_FILE": str(waiting)})
     run_dir = tmp_path / "restarted"
-    while not (run_dir / "checkpoint-0.pth.tar").exists() or len(nodes.workers()) < 2:
-        nodes.check_time("the epoch-0 checkpoint")
+    files = [waiting.with_name(f"waiting.{rank}") for rank in range(2)]
+    while not all(f.exists() for f in files):
+        nodes.check_time(f"both workers at step {WAIT_STEP}")
         time.sleep(0.02)
-    workers = nodes.workers()
-    (node0, pid0), (_, pid1) = workers[0], workers[1]
+    assert (run_dir / "checkpoint-0.pth.tar").exists()
+    pid0, pid1 = (int(f.read_text().split()[1]) for f in files)
     os.kill(pid0, signal.SIGSTOP)
     os.kill(pid1, signal.SIGKILL)
     # the healthy node's agent sees the other node waiting in a new rendezvous round and stops its worker
-    while f"Sending process {pid0} closing signal" not in nodes.log(node0):
+    while f"Sending process {pid0} closing signal" not in nodes.log(0) + nodes.log(1):
         nodes.check_time("the healthy node to restart its worker")
         time.sleep(0.05)
     os.kill(pid0, signal.SIGCONT)

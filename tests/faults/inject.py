@@ -2,9 +2,11 @@
 variables that only the tests set, in every process of a run (a forked test child, a torchrun rank, a Slurm task).
 
 SNNET_FAULT_KILL_AT_STEP=N kills the process with SIGKILL after optimizer step N (on the rank SNNET_FAULT_RANK,
-default every rank); SNNET_FAULT_WAIT_AT_STEP=N makes every rank write SNNET_FAULT_WAIT_FILE.<rank> after step N and
-wait there (at most 5 minutes) until it receives a stop signal (tests/test_slurm.py preempts it there). Both act only
-in the first attempt of a torchrun --max-restarts run or a Slurm job. The hook runs after the recovery checkpoint and
+default every rank); SNNET_FAULT_WAIT_AT_STEP=N makes every rank write "N <its pid>" to SNNET_FAULT_WAIT_FILE.<rank>
+after step N and wait there (at most 5 minutes) until it receives a stop signal (tests/test_slurm.py preempts it
+there) or is killed (tests/test_multinode.py), once: not where that file exists already (a worker that torchrun
+restarts as a membership change sees attempt 0 again). Both act only in the first attempt of a torchrun
+--max-restarts run or a Slurm job. The hook runs after the recovery checkpoint and
 before the stop check, as a fault between two steps would."""
 from __future__ import annotations
 
@@ -27,8 +29,9 @@ def fault(global_step: int) -> None:
     if restart_attempt() != 0 or requeued() != 0:
         return
     wait_at = os.environ.get("SNNET_FAULT_WAIT_AT_STEP")
-    if wait_at is not None and int(wait_at) == global_step:
-        write_text_atomic(f"{os.environ['SNNET_FAULT_WAIT_FILE']}.{world(launched=True)[0]}", f"{global_step}\n")
+    path = f"{os.environ.get('SNNET_FAULT_WAIT_FILE')}.{world(launched=True)[0]}"
+    if wait_at is not None and int(wait_at) == global_step and not os.path.exists(path):
+        write_text_atomic(path, f"{global_step} {os.getpid()}\n")
         end = time.monotonic() + 300
         while STOP.signum is None and time.monotonic() < end:
             time.sleep(0.05)
