@@ -16,7 +16,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from helpers import FAST, ROOT, assert_refused, run, run_cli, shared_cli
+from helpers import FAST, ROOT, assert_refused, run, run_cli, shared_cli, start
 
 EVAL_CFG = dict(input_size=(3, 16, 16), interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0,
                 crop_mode="center")
@@ -297,13 +297,10 @@ def test_two_localhost_nodes_train_from_shards_like_one_node(demo, trained, tmp_
     from test_multinode import free_port, stop, torchrun_args
     port, procs, logs = free_port(), [], [tmp_path / f"node{i}.log" for i in range(2)]
     for i in range(2):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHRUN_ARGS": " ".join(torchrun_args("static", port, i)),
+        env = {"TORCHRUN_ARGS": " ".join(torchrun_args("static", port, i)),
                "SNNET_NO_PREFLIGHT": "1"}  # the shards' launch checks ran in the `trained` launch
-        with open(logs[i], "w") as log:
-            procs.append(subprocess.Popen(["./distributed_train.sh", "1",
-                                           *[str(a) for a in train_argv(demo[1], tiny_config, tmp_path, "nodes")]],
-                                          cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                          start_new_session=True))
+        procs.append(start(["./distributed_train.sh", "1", *train_argv(demo[1], tiny_config, tmp_path, "nodes")],
+                           logs[i], env))
     try:
         for p in procs:
             p.wait(timeout=240)
