@@ -1,6 +1,7 @@
 """train.py and stitch-train on a real Slurm cluster on this machine (tests/slurm_cluster.py; `make slurm` installs
 slurm-wlm and munge): a 2-task job of slurm/train.sbatch preempted mid-epoch, by `scontrol requeue` (SIGTERM) and by
-the job's warning signal (SIGUSR1, the job requeues itself), ends bit-identical to an uninterrupted job; a 2-run
+the job's warning signal (SIGUSR1, the job requeues itself), ends bit-identical to an uninterrupted 2-process run; a
+warning during the preflight requeues; of two jobs into one folder one is refused; a 2-run
 sweep runs as a job array and its results are merged into one stitches_res.txt. Skipped, saying why, without root or
 the packages."""
 import shutil
@@ -70,15 +71,19 @@ def assert_identical_at_the_end(a, b):
 
 
 def test_preempted_jobs_are_requeued_and_resume_bit_identically(cluster, tmp_path, digits_folder, tiny_config):
-    """Three 2-task jobs at once: uninterrupted, preempted by `scontrol requeue` (SIGTERM), preempted by the warning
-    signal (SIGUSR1: the job requeues itself). One test, not three: under pytest-xdist each test may land on another
-    worker, and the three jobs would then run twice."""
+    """Two 2-task jobs at once, preempted by `scontrol requeue` (SIGTERM) and by the warning signal (SIGUSR1: the job
+    requeues itself), against an uninterrupted run of the same flags on 2 processes: `./distributed_train.sh 2`,
+    forked (helpers.run) while the jobs start, the same computation as a 2-task job, whose ranks come from Slurm's
+    environment instead of torchrun's. One test, not two: under pytest-xdist each test may land on another worker,
+    and the reference run would then run twice."""
     out = tmp_path
-    wait = {"SNNET_FAULT_WAIT_AT_STEP": str(WAIT_STEP), "SNNET_NO_PREFLIGHT": "1"}  # "whole" runs the preflight
-    jobs = {"whole": submit_train(cluster, out, "whole", digits_folder, tiny_config)}
-    for name in ("requeued", "warned"):
-        jobs[name] = submit_train(cluster, out, name, digits_folder, tiny_config,
-                                  {**wait, "SNNET_FAULT_WAIT_FILE": str(out / f"{name}.waiting")})
+    wait = {"SNNET_FAULT_WAIT_AT_STEP": str(WAIT_STEP), "SNNET_NO_PREFLIGHT": "1"}  # the preflight: the next test's
+    jobs = {name: submit_train(cluster, out, name, digits_folder, tiny_config,
+                               {**wait, "SNNET_FAULT_WAIT_FILE": str(out / f"{name}.waiting")})
+            for name in ("requeued", "warned")}
+    whole = run(["./distributed_train.sh", "2", digits_folder, "--stitch_config", tiny_config, *FLAGS,
+                 "--output", out, "--experiment", "whole"], timeout=240)
+    assert whole.returncode == 0 and "2 process(es)" in whole.stderr, whole.stderr[-3000:]
     for name in ("requeued", "warned"):  # both tasks wait after step WAIT_STEP until they get a signal
         job, log = jobs[name]
         for rank in (0, 1):
@@ -88,11 +93,10 @@ def test_preempted_jobs_are_requeued_and_resume_bit_identically(cluster, tmp_pat
     infos = {name: wait_done(cluster, job, log) for name, (job, log) in jobs.items()}
     logs = {name: log.read_text() for name, (_, log) in jobs.items()}
 
-    assert infos["whole"]["JobState"] == "COMPLETED" and infos["whole"]["Restarts"] == "0", logs["whole"][-3000:]
-    assert "2 process(es)" in logs["whole"]
     for name, signal in (("requeued", "SIGTERM"), ("warned", "SIGUSR1")):
         log = logs[name]
         assert infos[name]["JobState"] == "COMPLETED" and infos[name]["Restarts"] == "1", log[-4000:]
+        assert "2 task(s)" in log and "2 process(es)" in log, log[-4000:]
         assert f"preempted: {signal} after step {WAIT_STEP} (epoch 1, step 2 of 5)" in log, log[-4000:]
         assert "auto-resume: continuing from" in log and "recovery.pth.tar" in log, log[-4000:]
         if signal == "SIGUSR1":  # the job requeued itself
