@@ -298,8 +298,10 @@ def step_distributed(ctx: dict) -> dict:
                 *(["--pin-mem"] if cuda else ["--device", "cpu"])]
     variants = [("", nproc, evaluate)] + ([("", 1, evaluate)] if nproc > 1 else [])
     # NVIDIA_TF32_OVERRIDE=0: no TF32 in cuDNN/cuBLAS (torch lets cuDNN convolutions use it by default), so the
-    # GPU's fp32 differs from the CPU's by summation order only and a flipped top-1 means a real difference
-    nproc = attempts(f"--eval --resume on {device.type}", variants, "eval_device", {"NVIDIA_TF32_OVERRIDE": "0"})
+    # GPU's fp32 differs from the CPU's by summation order only and a flipped top-1 means a real difference.
+    # SNNET_NO_PREFLIGHT: the training launch checked this data and config; the ranks check the checkpoint
+    nproc = attempts(f"--eval --resume on {device.type}", variants, "eval_device",
+                     {"NVIDIA_TF32_OVERRIDE": "0", "SNNET_NO_PREFLIGHT": "1"})
     t = time.time()
     log("CPU evaluation of the same checkpoint (in this process)")
     rc = train_main([str(data), "--stitch_config", str(config), "--eval", "--resume", str(ckpt), *map(str, common),
