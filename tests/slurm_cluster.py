@@ -85,7 +85,7 @@ class LocalCluster:
             "JobAcctGatherType=jobacct_gather/none", "ReturnToService=2", "KillWait=30", "MinJobAge=600",
             # job ids (and so train.py's master ports) unlike another cluster's started by a parallel test worker
             f"FirstJobId={random.randrange(1000, 10_000_000)}", "SchedulerType=sched/backfill",
-            "SchedulerParameters=sched_interval=2", "MessageTimeout=20",
+            "SchedulerParameters=sched_interval=1", "MessageTimeout=20",
             f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN",
             f"PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP", ""]))
 
@@ -119,7 +119,7 @@ class LocalCluster:
                 self.stop()
                 why = f"exited: {dead}" if dead else "timeout"
                 raise RuntimeError(f"local Slurm cluster: {what} not ready ({why})\n{logs}")
-            time.sleep(0.5)
+            time.sleep(0.1)
 
     def run(self, *cmd, check: bool = True, **kw) -> subprocess.CompletedProcess:
         """A Slurm command (sbatch, scontrol, ...) against this cluster."""
