@@ -23,7 +23,7 @@ from test_resume import assert_identical
 
 EPOCHS = ["--epochs", "2"]
 WAIT_STEP = 7  # 2 processes x 80 images / batch 16: 5 steps per epoch; step 7 is inside the second epoch
-DEADLINE = 150  # seconds for a two-node run (about 20 s on 2 CPU cores)
+DEADLINE = 150  # seconds for a two-node run (a few seconds on 2 CPU cores)
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="finds worker processes in /proc")
 
@@ -128,7 +128,7 @@ def test_c10d_node_failure_restarts_both_nodes_bit_identical(one_node, tmp_path,
     nodes = Nodes("c10d", digits_folder, tiny_config, tmp_path, "restarted", ["--max-restarts", "2"],
                   env={"SNNET_FAULT_WAIT_AT_STEP": str(WAIT_STEP), "SNNET_FAULT_WAIT_FILE": str(waiting)})
     run_dir = tmp_path / "restarted"
-    files = [waiting.with_name(f"waiting.{rank}") for rank in range(2)]
+    files = [tmp_path / f"waiting.{rank}" for rank in range(2)]
     while not all(f.exists() for f in files):
         nodes.check_time(f"both workers at step {WAIT_STEP}")
         time.sleep(0.02)
