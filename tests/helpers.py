@@ -365,7 +365,7 @@ def fork_ranks():
 ENTRY = {"train": snnet.train.main.main, "snnet": snnet.cli.main, "preflight": snnet.train.preflight.main,
          "launch": snnet.train.launch.main, "torchrun": lambda argv: torch.distributed.run.main(argv) or 0,
          "code": code, "script": script}
-running = {}  # a pidfd (readable once its child has exited) -> (the call's id, the child's pid)
+running = {}  # a pidfd (Linux 5.3: readable once its child has exited) -> (the call's id, the child's pid)
 
 
 def start(req):
