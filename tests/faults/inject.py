@@ -29,12 +29,13 @@ def fault(global_step: int) -> None:
     if restart_attempt() != 0 or requeued() != 0:
         return
     wait_at = os.environ.get("SNNET_FAULT_WAIT_AT_STEP")
-    path = f"{os.environ.get('SNNET_FAULT_WAIT_FILE')}.{world(launched=True)[0]}"
-    if wait_at is not None and int(wait_at) == global_step and not os.path.exists(path):
-        write_text_atomic(path, f"{global_step} {os.getpid()}\n")
-        end = time.monotonic() + 300
-        while STOP.signum is None and time.monotonic() < end:
-            time.sleep(0.05)
+    if wait_at is not None and int(wait_at) == global_step:
+        path = f"{os.environ['SNNET_FAULT_WAIT_FILE']}.{world(launched=True)[0]}"
+        if not os.path.exists(path):  # once per rank
+            write_text_atomic(path, f"{global_step} {os.getpid()}\n")
+            end = time.monotonic() + 300
+            while STOP.signum is None and time.monotonic() < end:
+                time.sleep(0.05)
     at = os.environ.get("SNNET_FAULT_KILL_AT_STEP")
     if at is None or int(at) != global_step:
         return
