@@ -26,8 +26,8 @@ TINY = [{"name": "deit_tiny_patch16_224", "model_kwargs": {"patch_size": 4, "dep
 FAST = ["--img-size", "16", "-b", "16", "--opt", "adamw", "--lr", "1e-3", "--warmup-epochs", "0", "-j", "0",
         "--no-pretrained", "--log-interval", "5", "--seed", "1"]
 
-__all__ = ["ROOT", "TINY", "FAST", "IMG", "run", "start", "run_cli", "shared_cli", "assert_refused", "vit", "Tiny",
-           "ForkedCli", "ForkedProcess", "ForkedPopen"]
+__all__ = ["ROOT", "TINY", "FAST", "IMG", "SMALL_MODES", "run", "start", "run_cli", "shared_cli", "assert_refused",
+           "vit", "Tiny", "ForkedCli", "ForkedProcess", "ForkedPopen", "small_mode_builder"]
 
 
 def run(args, timeout=300, env=None):
@@ -179,6 +179,20 @@ def assert_refused(rc, err, *needles):
     for n in needles:
         assert str(n) in lines[0], (n, lines[0])
     return lines[0]
+
+
+#: arrivals per simulated load of the mode tables the serving tests build (snnet.serve.simulate.MODE_REQUESTS,
+#: 1000 in a server): a fifth of the work, and on the tests' menus the same choices at the light and heavy ends
+SMALL_MODES = 200
+
+
+def small_mode_builder(idle, closed):
+    """snnet.serve.scheduler's mode-table builder process, started to simulate `SMALL_MODES` arrivals per load: a
+    test puts it in place of `scheduler._builder_started` (the pool's initializer, run in the spawned process; this
+    module imports nothing heavy there)."""
+    from snnet.serve import scheduler, simulate
+    simulate.MODE_REQUESTS = SMALL_MODES
+    scheduler._builder_started(idle, closed)
 
 
 IMG = 16  # the image size of `Tiny`

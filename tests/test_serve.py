@@ -10,6 +10,7 @@ import http.client
 import io
 import json
 import math
+import multiprocessing
 import os
 import re
 import signal
@@ -24,7 +25,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, assert_refused, run_cli
+from helpers import ROOT, SMALL_MODES, assert_refused, run_cli, small_mode_builder
 from PIL import Image
 
 from snnet.serve import simulate
@@ -90,8 +91,14 @@ def test_the_choice_is_selects_rule():
 # ------------------------------------------------------------------------------------------------ in process
 @pytest.fixture(scope="module")
 def core(tiny):
-    return ServeCore.build(ServeSpec(checkpoint=str(tiny.ckpt), stitch_config=str(tiny.config),
-                                     results=str(tiny.results), max_batch=8, max_wait_ms=20, latency_repeats=3))
+    """A server in this process; its mode tables (simulated in a process of its own while it is idle, none of
+    these tests' subject) at the tests' size, and stopped with it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("snnet.serve.scheduler._builder_started", small_mode_builder)
+        built = ServeCore.build(ServeSpec(checkpoint=str(tiny.ckpt), stitch_config=str(tiny.config),
+                                          results=str(tiny.results), max_batch=8, max_wait_ms=20, latency_repeats=3))
+        yield built
+        built.scheduler.close()
 
 
 def handle(core, body, method="POST", path="/"):
@@ -912,12 +919,13 @@ def mode_now(sched):
     return None if fewer is None else fewer.candidates
 
 
-def test_a_heavy_or_bursty_load_runs_one_stitch_always_a_light_one_switches():
+def test_a_heavy_or_bursty_load_runs_one_stitch_always_a_light_one_switches(monkeypatch):
     """simulate.py `mode_table` on the test menu (cfg 1: 80 %, 4 ms alone; cfg 2: 72 %, 2 ms; cfg 0: 60 %, 1 ms
     alone and 2 ms for 8, the fastest at full batches) with a 12 ms budget: at the lightest load switching answers
     as many in time and on better stitches; under heavy bursts one stitch always answers more (at the heaviest, the
     fastest: nothing else keeps up). The scheduler looks the table up by the rate and CV^2 of its last arrivals, and
     switches before it has seen enough of them."""
+    monkeypatch.setattr(simulate, "MODE_REQUESTS", SMALL_MODES)
     clock = VirtualClock()
     sched, menu = _modes_scheduler(clock)
     table = sched.choices.simulate((1, 2, 0), int(math.floor(math.log(12.0) / math.log(1.05))), sched.learned)
@@ -943,68 +951,94 @@ def test_a_heavy_or_bursty_load_runs_one_stitch_always_a_light_one_switches():
     assert chosen == {True: 0, False: 1}  # per batch a lone head gets the most accurate; the mode: the fastest
 
 
-def test_a_server_simulates_its_mode_table_in_a_process_of_its_own():
+def cpu_and_state(pid: int) -> tuple[int, str]:
+    """A process's CPU time so far (clock ticks, user + system) and its state (R running, S sleeping, ...)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12]), fields[0]
+
+
+def blocked(pid: int, timeout: float = 120.0) -> None:
+    """Wait until the process sleeps with its CPU time unchanged over 0.3 s (it waits on something, not computing
+    or waiting for a core); fail after `timeout` s."""
+    deadline, seen, still = time.monotonic() + timeout, None, 0
+    while still < 3:
+        assert time.monotonic() < deadline, f"process {pid} kept computing for {timeout} s: {cpu_and_state(pid)}"
+        time.sleep(0.1)
+        now = cpu_and_state(pid)
+        still = still + 1 if now[1] == "S" and now == seen else 0
+        seen = now
+
+
+def test_a_server_builds_its_mode_tables_in_a_process_of_its_own_only_while_idle(monkeypatch):
     """Without `build_now` (the server) the first lookup starts the simulation and switches meanwhile; once it is
     done the table is looked up. The simulation (seconds of Python) runs in another process: the server's
     interpreter spends no CPU on it, so its GIL and garbage collector never hold a request (in the server's own
-    thread a collection it set off held every client for as long as it took)."""
+    thread a collection it set off held every client for as long as it took). The builder never takes the core
+    from a forward pass: while requests are queued or running (the worker says `busy`) it waits between
+    simulations, computing nothing; once idle it finishes. A server closed while a build waits (here a rebuild, once
+    the batches measured have grown 8-fold) stops that build: its process is not left blocked."""
+    monkeypatch.setattr(simulate, "MODE_REQUESTS", SMALL_MODES)
+    # the same size in the builder's process
+    monkeypatch.setattr("snnet.serve.scheduler._builder_started", small_mode_builder)
     clock = VirtualClock()
-    sched, _ = _modes_scheduler(clock, build_now=False)
+    sched, menu = _modes_scheduler(clock, build_now=False)
+    lane = sched.choices.lane((1, 2, 0))
     x = torch.empty(0)
     for t in arrival_times(300, 8000.0, 8.0, seed=1):
         sched.admit(Pending(x, (1, 2, 0), t, t + 0.012), t)
+    others = set(multiprocessing.active_children())
     cpu = time.process_time()
-    assert mode_now(sched) is None  # being simulated
-    assert sched.choices.builder is not None
-    sched.choices.free()  # what the worker says when its queue runs empty
-    sched.choices.builder.pool.shutdown(wait=True)
+    assert mode_now(sched) is None  # a dispatch asks (so the server is busy): being simulated, switching meanwhile
+    builder = sched.choices.builder
+    assert builder is not None
+    (process,) = set(multiprocessing.active_children()) - others  # the builder's
+    blocked(process.pid)  # started, and waiting while the server is busy
+    assert sched.stats()["mode_tables"] == 0 and lane.building
+    sched.choices.free()  # the worker found the queue empty
+    deadline = time.monotonic() + 120
+    while lane.building:
+        assert time.monotonic() < deadline, "the mode table was not built within 120 s of the server going idle"
+        time.sleep(0.02)
     here = time.process_time() - cpu
     assert mode_now(sched) == (0,) and sched.stats()["mode_tables"] == 1
-    alone = time.process_time()
-    sched.choices.simulate((1, 2, 0), int(math.floor(math.log(12.0) / math.log(1.05))), sched.learned)
-    alone = time.process_time() - alone  # the same simulation in this process
-    assert here < alone / 4, (here, alone)
     bucket = int(math.floor(math.log(12.0) / math.log(1.05)))  # GET / says which table is in use, and from what
     assert sched.stats()["mode_tables_from"] == [[[1, 2, 0], bucket, 30]]
+    alone = time.process_time()
+    sched.choices.simulate((1, 2, 0), bucket, sched.learned)
+    alone = time.process_time() - alone  # the same simulation in this process
+    assert here < alone / 4, (here, alone)
+    for k in range(7 * 30):  # 8x the batches the table was simulated from: the next lookup simulates it again
+        sched.done_batch(k % 3, 1, menu.batch_ms(k % 3, 1))
+    sched.choices.busy()  # a request came
+    assert mode_now(sched) == (0,) and lane.building  # the table in use serves while the next one is simulated
+    blocked(process.pid)
     sched.close()
-
-
-def test_a_mode_table_is_built_only_while_the_server_is_idle():
-    """The builder never takes the core from a forward pass: while requests are queued or running (the worker
-    says `busy`) it waits between simulations and the server switches; once idle it finishes; a server closed
-    while a build waits stops that build (its process is not left blocked)."""
-    clock = VirtualClock()
-    for close_first in (False, True):
-        sched, _ = _modes_scheduler(clock, build_now=False)
-        x = torch.empty(0)
-        for t in arrival_times(300, 8000.0, 8.0, seed=1):
-            sched.admit(Pending(x, (1, 2, 0), t, t + 0.012), t)
-        assert mode_now(sched) is None  # a dispatch asks: busy
-        builder = sched.choices.builder
-        assert builder is not None
-        time.sleep(0.5)
-        assert sched.stats()["mode_tables"] == 0 and sched.choices.lane((1, 2, 0)).building  # waits while busy
-        if close_first:
-            sched.close()
-            builder.pool.shutdown(wait=True)
-            assert sched.stats()["mode_tables"] == 0  # stopped, not finished
-            continue
-        sched.choices.free()  # the worker found the queue empty
-        builder.pool.shutdown(wait=True)
-        assert mode_now(sched) == (0,) and sched.stats()["mode_tables"] == 1
-        sched.close()
+    process.join(60)  # the build stopped at its wait, and its process ended
+    assert process.exitcode == 0, process.exitcode
+    deadline = time.monotonic() + 60
+    while lane.building:
+        assert time.monotonic() < deadline, "the stopped build was never reported"
+        time.sleep(0.02)
+    assert sched.stats()["mode_tables_from"] == [[[1, 2, 0], bucket, 30]]  # the table in use stays
 
 
 @pytest.fixture(scope="module")
 def deit_replay():
-    """benchmarks/serve_replay.py and its committed DeiT calibration, one `Calibrated` for the module: the replayed
-    server's mode tables (simulated from the calibration, seconds each, the same every time) are built once for
-    every test that replays it."""
+    """benchmarks/serve_replay.py and its committed DeiT calibration, one `Calibrated` for the module: the mode
+    tables its "switch" server looks up (simulated from the calibration, at the tests' size as in the benchmark's
+    --quick) are built here, once for every test that replays it."""
     if f"{ROOT}/benchmarks" not in sys.path:
         sys.path.insert(0, f"{ROOT}/benchmarks")
     import serve_replay
-    saved = json.loads(Path(ROOT, "results", "serve_calibration.json").read_text())
-    return serve_replay, serve_replay.Calibrated("deit", saved["nets"]["deit"])
+    cal = json.loads(Path(ROOT, "results", "serve_calibration.json").read_text())["nets"]["deit"]
+    net = serve_replay.Calibrated("deit", cal)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(simulate, "MODE_REQUESTS", SMALL_MODES)
+        for key, tables in serve_replay._mode_tables(("deit", cal, "switch")).items():
+            for candidates, by_bucket in tables.items():
+                net.tables.setdefault(key, {}).setdefault(candidates, {}).update(by_bucket)
+    return serve_replay, net
 
 
 def test_the_committed_replays_tuned_rule_is_the_servers_default(deit_replay):
@@ -1080,6 +1114,7 @@ def test_the_dispatch_cost_is_measured_again_into_the_calibration_its_times_kept
     again (the code's); the forward, decode and answer times (the machine's) stay as they were, and the new
     measurement's provenance is stored beside the calibration's."""
     monkeypatch.syspath_prepend(f"{ROOT}/benchmarks")
+    monkeypatch.setattr(simulate, "MODE_REQUESTS", SMALL_MODES)  # the mode table the timed scheduler looks up
     import serve_plan
     import serve_replay
     saved = json.loads(Path(ROOT, "results", "serve_calibration.json").read_text())
@@ -1293,6 +1328,7 @@ def test_the_choice_benchmark_times_the_slack_table_on_a_steady_state(monkeypatc
     each batch, so the counted rate grew until the choice was the fastest stitch's shortcut), and at the prepared
     load the mode table leaves the choice to the slack table, among more than one stitch."""
     monkeypatch.syspath_prepend(f"{ROOT}/benchmarks")
+    monkeypatch.setattr(simulate, "MODE_REQUESTS", SMALL_MODES)
     import serve_plan
     saved = json.loads(Path(ROOT, "results", "serve_calibration.json").read_text())
     for name in ("digits", "deit"):
