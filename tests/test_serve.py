@@ -25,7 +25,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, SMALL_MODES, assert_refused, run_cli, small_mode_builder
+from helpers import ROOT, SMALL_MODES, assert_refused, run_cli, shared_cli, small_mode_builder
 from PIL import Image
 
 from snnet.serve import simulate
@@ -1089,23 +1089,26 @@ def test_anchor_switching_is_replayed_as_a_server_of_the_anchors_alone(deit_repl
     assert serve_replay.systems(fast)["anchors"]["stages"][0][0] == largest
 
 @pytest.mark.slow
-def test_the_replay_benchmark_reports_intervals_and_its_result():
-    """benchmarks/serve_replay.py --quick on the committed calibration: every setting's row with intervals, the
-    tuning line, the RESULT line; an evaluation seed offset inside the tuning seeds is refused in one line."""
-    cmd = [sys.executable, "benchmarks/serve_replay.py", "--quick", "--traces", "2", "--requests", "60",
-           "--seed-offset", "4242"]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = [ln for ln in out.stdout.splitlines() if re.match(r"\| (poisson|gamma4|gamma8|onoff) \|", ln)]
-    assert len(rows) == 2 * 4 * 2 and all("±" in r for r in rows), out.stdout
-    assert out.stdout.count("tuning (seeds 0..1, both networks)") == 2
-    last = out.stdout.strip().splitlines()[-1]
+def test_the_replay_benchmark_reports_intervals_and_its_result(monkeypatch, capsys, deit_replay):
+    """benchmarks/serve_replay.py --quick on the committed calibration (`python benchmarks/serve_replay.py ...`,
+    forked from helpers' server: its torch and timm imported once): every setting's row with intervals, the
+    tuning line, the RESULT line; an evaluation seed offset inside the tuning seeds is refused in one line, exit 2."""
+    code, stdout, stderr = shared_cli().call(
+        "script", ["benchmarks/serve_replay.py", "--quick", "--traces", "2", "--requests", "60", "--seed-offset",
+                   "4242"], env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert code == 0, stderr[-3000:]
+    rows = [ln for ln in stdout.splitlines() if re.match(r"\| (poisson|gamma4|gamma8|onoff) \|", ln)]
+    assert len(rows) == 2 * 4 * 2 and all("±" in r for r in rows), stdout
+    assert stdout.count("tuning (seeds 0..1, both networks)") == 2
+    last = stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"RESULT replay_behind=\d+ replay_ahead_deit=\d+ replay_settings_deit=8 "
                         r"choice_p99_us=\d+\.\d", last), last
-    bad = subprocess.run([sys.executable, "benchmarks/serve_replay.py", "--seed-offset", "3"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "overlaps the tuning seeds" in bad.stderr
+    serve_replay, _ = deit_replay
+    monkeypatch.setattr(sys, "argv", ["serve_replay.py", "--seed-offset", "3"])
+    with pytest.raises(SystemExit) as e:
+        serve_replay.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "overlaps the tuning seeds" in err.splitlines()[-1], err
 
 
 @pytest.mark.slow
