@@ -25,7 +25,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, SMALL_MODES, assert_refused, run_cli, shared_cli, small_mode_builder
+from helpers import ROOT, SMALL_MODES, assert_refused, process_tree, run_cli, shared_cli, small_mode_builder
 from PIL import Image
 
 from snnet.serve import simulate
@@ -736,14 +736,52 @@ def large_small_png(side: int = 6300) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def cpu_and_state(pid: int) -> tuple[int, str]:
+    """A process's CPU time so far (clock ticks, user + system) and its state (R running, S sleeping, ...)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12]), fields[0]
+
+
+def the_builder(server: int, timeout: float = 120.0) -> int:
+    """The pid of a server's mode-table builder (the process under it at nice 19), once it has started."""
+    deadline = time.monotonic() + timeout
+    while True:
+        niced = [p for p in process_tree(server)[1:] if nice_of(p) == 19]
+        if niced:
+            return niced[0]
+        assert time.monotonic() < deadline, f"no mode-table builder under the server after {timeout} s"
+        time.sleep(0.1)
+
+
+def nice_of(pid: int) -> int | None:
+    """A process's nice value; None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[16])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def simulating(builder: int, server: subprocess.Popen, at_least: float, timeout: float = 120.0) -> None:
+    """Wait `at_least` seconds, and until the builder has computed 0.2 s of CPU meanwhile (the window overlaps a
+    simulation); fail after `timeout` s."""
+    t0, cpu0 = time.monotonic(), cpu_and_state(builder)[0]
+    while time.monotonic() - t0 < at_least or cpu_and_state(builder)[0] - cpu0 < 0.2 * os.sysconf("SC_CLK_TCK"):
+        assert server.poll() is None and time.monotonic() - t0 < timeout, \
+            f"the builder computed {cpu_and_state(builder)[0] - cpu0} ticks in {timeout} s"
+        time.sleep(0.1)
+
+
 @pytest.mark.slow
 def test_no_client_waits_for_another(tiny, tmp_path, loadgen):
     """On an idle server no request waits more than 1 s beyond its own work (its decoding and its batch's forward
     pass), whatever the others send: small requests with latency budgets from 3 clients (their budgets vary, so
-    that the server simulates mode tables meanwhile), a 39.7-Mpx PNG of ~50 KB, and 5 clients that send half a
-    request and hold it. The simulation ran in the server's own interpreter: its garbage collections (walking the
-    millions of objects torch and timm load) held the GIL, and with it every client, for 0.5-1 s here and for 19 s
-    when the thread that held it was niced and got no core. A client that leaves mid-request costs no traceback."""
+    that the server simulates mode tables meanwhile: its builder process computes during the clients' run), a
+    39.7-Mpx PNG of ~50 KB, and 5 clients that send half a request and hold it. The simulation ran in the server's
+    own interpreter: its garbage collections (walking the millions of objects torch and timm load) held the GIL, and
+    with it every client, for 0.5-1 s here and for 19 s when the thread that held it was niced and got no core. A
+    client that leaves mid-request costs no traceback."""
     get, post = loadgen.get, loadgen.post
     port, proc = start_server(tiny, tmp_path, "--max-body-kb", "512")
     try:
@@ -757,6 +795,7 @@ def test_no_client_waits_for_another(tiny, tmp_path, loadgen):
                  for i in range(8)]
         for body in small * 2:  # the batches and arrivals a mode table is simulated from
             assert post(url, body)[0] == 200
+        builder = the_builder(proc.pid)
         waits, failed, stop = [], [], threading.Event()
 
         def client(k: int) -> None:
@@ -775,7 +814,7 @@ def test_no_client_waits_for_another(tiny, tmp_path, loadgen):
         threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(3)]
         for t in threads:
             t.start()
-        time.sleep(2)
+        simulating(builder, proc, at_least=1.0)  # the clients run while the builder computes
         held = []
         for _ in range(5):  # half a request each, held
             s = socket.create_connection(("127.0.0.1", port))
@@ -788,10 +827,10 @@ def test_no_client_waits_for_another(tiny, tmp_path, loadgen):
         took = time.perf_counter() - t0
         assert status == 200, a
         waits.append(took - (a["timing_ms"]["decode"] + a["timing_ms"]["forward"]) / 1e3)
-        time.sleep(8)
+        simulating(builder, proc, at_least=2.0)  # held while the clients go on and the builder computes
         for s in held:
             s.close()
-        time.sleep(2)
+        time.sleep(1)
         stop.set()
         for t in threads:
             t.join(60)
@@ -949,13 +988,6 @@ def test_a_heavy_or_bursty_load_runs_one_stitch_always_a_light_one_switches(monk
     assert rate > 4000 and cv2 > 4, (rate, cv2)
     assert mode_now(sched) == table.choose(rate, cv2) == (0,)
     assert chosen == {True: 0, False: 1}  # per batch a lone head gets the most accurate; the mode: the fastest
-
-
-def cpu_and_state(pid: int) -> tuple[int, str]:
-    """A process's CPU time so far (clock ticks, user + system) and its state (R running, S sleeping, ...)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12]), fields[0]
 
 
 def blocked(pid: int, timeout: float = 120.0) -> None:
