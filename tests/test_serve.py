@@ -705,9 +705,13 @@ def local_server(tiny, tmp_path_factory):
         wait_serving(proc, log, 180)
         yield f"http://127.0.0.1:{port}/", port, proc, log
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
+        if proc.poll() is None:  # not stopped by the last test (not run here): stopped so that its builder stops
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(30)
 
 
 @pytest.mark.slow
