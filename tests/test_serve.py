@@ -694,55 +694,16 @@ def wait_serving(proc: subprocess.Popen, log: Path, timeout: float) -> None:
         time.sleep(0.2)
 
 
-@pytest.fixture(scope="module")
-def local_server(tiny, tmp_path_factory):
-    """`snnet serve` with the default engine (aiohttp, one process) as a user starts it on a free port, shedding
-    late requests, bodies up to 512 KB: (url, port, process, log folder). The tests below share it; the last one
-    stops it."""
-    log = tmp_path_factory.mktemp("local")
-    port, proc = start_server(tiny, log, "--shed", "--max-body-kb", "512")
-    try:
-        wait_serving(proc, log, 180)
-        yield f"http://127.0.0.1:{port}/", port, proc, log
-    finally:
-        if proc.poll() is None:  # not stopped by the last test (not run here): stopped so that its builder stops
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(30)
-
-
-@pytest.mark.slow
-def test_local_engine_serves_an_open_loop_burst(local_server, loadgen):
-    """The default engine: answers a bursty open-loop load with deadlines (answers or one-line 503s, nothing else).
-    Which stitches a burst moves to depends on the machine's speed: the scheduler's choice is tested in process
-    above."""
-    url, port, _, _ = local_server
-    status, info = loadgen.get(url)
-    assert status == 200 and info["shed_enabled"] and "results" not in json.dumps(info)
-    slowest = max(t["1"] for t in info["latency_ms"].values())
-    times = arrival_times(120, 200.0, cv2=8.0, seed=0)  # bursts far above what the server can run
-    budget = 3 * slowest + 20
-    bodies = [json.dumps({"image": png(i % 7), "budget": {"latency_ms": budget}}).encode() for i in range(120)]
-    replies = loadgen.run_open_loop(url, bodies, times, time_limit=30, timeout=20, stamp=True)
-    statuses = {r.status for r in replies}
-    assert statuses <= {200, 503} and 200 in statuses, statuses
-    ok = [r for r in replies if r.status == 200]
-    assert all(r.body["budget"] == {"latency_ms": budget} and "timing_ms" in r.body for r in ok)
-    # stamped with the time each was due: what it waited before the server read it counts
-    assert all(r.body["elapsed_ms"] >= r.body["server_ms"] for r in ok)
-    assert max(r.body["timing_ms"]["before"] for r in ok) > 0
-    shed = [r for r in replies if r.status == 503]
-    assert all(r.body["shed"] and "raise budget.latency_ms" in r.body["error"] for r in shed)
-    assert loadgen.get(url + "health") == (200, {"ok": True})
-    # a chunked body (no Content-Length) over --max-body-kb 512: 413, and the server stops reading at the limit
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
-    conn.request("POST", "/", body=(b"x" * 8192 for _ in range(400)), encode_chunked=True)
-    answer = conn.getresponse()
-    assert answer.status == 413 and "--max-body-kb is 512" in json.loads(answer.read())["error"]
-    conn.close()
+def end(proc: subprocess.Popen) -> None:
+    """A server a test left running (it failed before stopping it): stopped by SIGTERM, so that what it started
+    (Ray's processes, the mode-table builder) stops too; killed if it has not stopped after a minute."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
 
 
 def large_small_png(side: int = 6300) -> str:
@@ -798,81 +759,112 @@ def simulating(builder: int, server: subprocess.Popen, at_least: float, timeout:
 
 
 @pytest.mark.slow
-def test_no_client_waits_for_another(local_server, loadgen):
-    """On an idle server no request waits more than 1 s beyond its own work (its decoding and its batch's forward
-    pass), whatever the others send: small requests with latency budgets from 3 clients (2 s and more, never shed
-    before they have waited longer than this allows; each budget its own, so that the server simulates mode tables
-    meanwhile: its builder process computes during the clients' run), a 39.7-Mpx PNG of ~50 KB, and 5 clients that
-    send half a request and hold it. The simulation ran in the server's own interpreter: its garbage collections
-    (walking the millions of objects torch and timm load) held the GIL, and with it every client, for 0.5-1 s here
-    and for 19 s when the thread that held it was niced and got no core. A client that leaves mid-request costs no
-    traceback."""
-    post = loadgen.post
-    url, port, proc, log = local_server
-    small = [json.dumps({"image": png(i), "budget": {"latency_ms": 2000.0 * 1.1 ** i}}).encode() for i in range(8)]
-    for body in small * 2:  # the batches and arrivals a mode table is simulated from
-        assert post(url, body)[0] == 200
-    builder = the_builder(proc.pid)
-    waits, failed, stop = [], [], threading.Event()
+def test_local_engine_serves_bursts_stalls_no_client_and_stops(tiny, tmp_path, loadgen):
+    """`snnet serve` with the default engine (aiohttp, one process) as a user starts it, shedding late requests,
+    bodies up to 512 KB:
 
-    def client(k: int) -> None:
-        i = k
-        while not stop.is_set():
-            t0 = time.perf_counter()
-            status, a = post(url, small[i % len(small)], timeout=60)
-            took = time.perf_counter() - t0
-            if status != 200:
-                failed.append(a)
-                return
-            waits.append(took - (a["timing_ms"]["decode"] + a["timing_ms"]["forward"]) / 1e3)
-            i += 3
-            time.sleep(0.01)
-
-    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(3)]
-    for t in threads:
-        t.start()
+    1. it answers a bursty open-loop load with deadlines (answers or one-line 503s, nothing else; which stitches a
+       burst moves to depends on the machine's speed: the scheduler's choice is tested in process above), and
+       refuses a chunked body over its limit;
+    2. idle again, no request waits more than 1 s beyond its own work (its decoding and its batch's forward pass),
+       whatever the others send: small requests with latency budgets from 3 clients (2 s and more, never shed before
+       they have waited longer than this allows; each budget its own, so that the server simulates mode tables
+       meanwhile: its builder process computes during the clients' run), a 39.7-Mpx PNG of ~50 KB, and 5 clients
+       that send half a request and hold it. The simulation ran in the server's own interpreter: its garbage
+       collections (walking the millions of objects torch and timm load) held the GIL, and with it every client, for
+       0.5-1 s here and for 19 s when the thread that held it was niced and got no core. A client that leaves
+       mid-request costs no traceback;
+    3. it stops on SIGTERM (exit 0, no traceback), and so does its mode-table builder's process."""
+    get, post = loadgen.get, loadgen.post
+    port, proc = start_server(tiny, tmp_path, "--shed", "--max-body-kb", "512")
+    log, url = tmp_path, f"http://127.0.0.1:{port}/"
     try:
-        simulating(builder, proc, at_least=1.0)  # the clients run while the builder computes
-        held = []
-        for _ in range(5):  # half a request each, held
-            s = socket.create_connection(("127.0.0.1", port))
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")  # closed: reset at once
-            s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 4000\r\n"
-                      b"\r\n{\"image\": \"iVBOR")
-            held.append(s)
-        t0 = time.perf_counter()
-        status, a = post(url, json.dumps({"image": large_small_png()}).encode(), timeout=120)
-        took = time.perf_counter() - t0
-        assert status == 200, a
-        waits.append(took - (a["timing_ms"]["decode"] + a["timing_ms"]["forward"]) / 1e3)
-        simulating(builder, proc, at_least=2.0)  # held while the clients go on and the builder computes
-        for s in held:
-            s.close()
-        time.sleep(1)
-    finally:
-        stop.set()
+        wait_serving(proc, log, 180)
+        # 1. a burst
+        status, info = get(url)
+        assert status == 200 and info["shed_enabled"] and "results" not in json.dumps(info)
+        slowest = max(t["1"] for t in info["latency_ms"].values())
+        times = arrival_times(120, 200.0, cv2=8.0, seed=0)  # bursts far above what the server can run
+        budget = 3 * slowest + 20
+        bodies = [json.dumps({"image": png(i % 7), "budget": {"latency_ms": budget}}).encode() for i in range(120)]
+        replies = loadgen.run_open_loop(url, bodies, times, time_limit=30, timeout=20, stamp=True)
+        statuses = {r.status for r in replies}
+        assert statuses <= {200, 503} and 200 in statuses, statuses
+        ok = [r for r in replies if r.status == 200]
+        assert all(r.body["budget"] == {"latency_ms": budget} and "timing_ms" in r.body for r in ok)
+        # stamped with the time each was due: what it waited before the server read it counts
+        assert all(r.body["elapsed_ms"] >= r.body["server_ms"] for r in ok)
+        assert max(r.body["timing_ms"]["before"] for r in ok) > 0
+        shed = [r for r in replies if r.status == 503]
+        assert all(r.body["shed"] and "raise budget.latency_ms" in r.body["error"] for r in shed)
+        assert get(url + "health") == (200, {"ok": True})
+        # a chunked body (no Content-Length) over --max-body-kb 512: 413, and the server stops reading at the limit
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+        conn.request("POST", "/", body=(b"x" * 8192 for _ in range(400)), encode_chunked=True)
+        answer = conn.getresponse()
+        assert answer.status == 413 and "--max-body-kb is 512" in json.loads(answer.read())["error"]
+        conn.close()
+
+        # 2. no client waits for another
+        small = [json.dumps({"image": png(i), "budget": {"latency_ms": 2000.0 * 1.1 ** i}}).encode()
+                 for i in range(8)]
+        for body in small * 2:  # the batches and arrivals a mode table is simulated from
+            assert post(url, body)[0] == 200
+        builder = the_builder(proc.pid)
+        waits, failed, stop = [], [], threading.Event()
+
+        def client(k: int) -> None:
+            i = k
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                status, a = post(url, small[i % len(small)], timeout=60)
+                took = time.perf_counter() - t0
+                if status != 200:
+                    failed.append(a)
+                    return
+                waits.append(took - (a["timing_ms"]["decode"] + a["timing_ms"]["forward"]) / 1e3)
+                i += 3
+                time.sleep(0.01)
+
+        threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(3)]
         for t in threads:
-            t.join(60)
-    assert not failed and len(waits) > 50 and max(waits) < 1.0, (failed, len(waits), sorted(waits)[-5:])
-    assert "Traceback" not in (log / "err").read_text()
+            t.start()
+        try:
+            simulating(builder, proc, at_least=1.0)  # the clients run while the builder computes
+            held = []
+            for _ in range(5):  # half a request each, held
+                s = socket.create_connection(("127.0.0.1", port))
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")  # closed: reset at once
+                s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+                          b"4000\r\n\r\n{\"image\": \"iVBOR")
+                held.append(s)
+            t0 = time.perf_counter()
+            status, a = post(url, json.dumps({"image": large_small_png()}).encode(), timeout=120)
+            took = time.perf_counter() - t0
+            assert status == 200, a
+            waits.append(took - (a["timing_ms"]["decode"] + a["timing_ms"]["forward"]) / 1e3)
+            simulating(builder, proc, at_least=2.0)  # held while the clients go on and the builder computes
+            for s in held:
+                s.close()
+            time.sleep(1)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(60)
+        assert not failed and len(waits) > 50 and max(waits) < 1.0, (failed, len(waits), sorted(waits)[-5:])
+        assert "Traceback" not in (log / "err").read_text()
 
-
-@pytest.mark.slow
-def test_local_engine_stops_on_sigterm(local_server, loadgen):
-    """The local server, after the tests above, stops on SIGTERM (exit 0, no traceback), and so does its mode-table
-    builder's process."""
-    url, _, proc, log = local_server
-    for i in range(16):  # requests with a budget: a mode table is asked for (here or in the tests above)
-        assert loadgen.post(url, json.dumps({"image": png(i), "budget": {"latency_ms": 1e4}}).encode())[0] == 200
-    the_builder(proc.pid)
-    under = process_tree(proc.pid)[1:]
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(30) == 0
-    assert "snnet serve: stopped" in (log / "err").read_text() and "Traceback" not in (log / "err").read_text()
-    deadline = time.monotonic() + 30
-    while any(alive(p) for p in under):
-        assert time.monotonic() < deadline, [p for p in under if alive(p)]
-        time.sleep(0.1)
+        # 3. SIGTERM
+        under = process_tree(proc.pid)[1:]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert "snnet serve: stopped" in (log / "err").read_text() and "Traceback" not in (log / "err").read_text()
+        deadline = time.monotonic() + 30
+        while any(alive(p) for p in under):
+            assert time.monotonic() < deadline, [p for p in under if alive(p)]
+            time.sleep(0.1)
+    finally:
+        end(proc)
 
 
 @pytest.fixture(scope="module")
@@ -881,14 +873,11 @@ def server(tiny, tmp_path_factory):
     pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install -r requirements-extras.txt)")
     log = tmp_path_factory.mktemp("serve")
     port, proc = start_server(tiny, log, "--engine", "ray")
-    deadline = time.monotonic() + 300  # Ray starts in ~20 s idle, minutes on a 2-core machine under load
-    while "serving" not in open(log / "out").read():
-        assert proc.poll() is None and time.monotonic() < deadline, open(log / "err").read()[-3000:]
-        time.sleep(0.5)
-    yield f"http://127.0.0.1:{port}/", proc, log
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(30)
+    try:
+        wait_serving(proc, log, 300)  # Ray starts in ~20 s idle, minutes on a 2-core machine under load
+        yield f"http://127.0.0.1:{port}/", proc, log
+    finally:
+        end(proc)
 
 
 @pytest.mark.slow
