@@ -1013,7 +1013,7 @@ def test_a_heavy_or_bursty_load_runs_one_stitch_always_a_light_one_switches(monk
     assert chosen == {True: 0, False: 1}  # per batch a lone head gets the most accurate; the mode: the fastest
 
 
-def blocked(pid: int, timeout: float = 120.0) -> None:
+def blocked(pid: int, timeout: float = 300.0) -> None:
     """Wait until the process sleeps with its CPU time unchanged over 0.3 s (it waits on something, not computing
     or waiting for a core); fail after `timeout` s."""
     deadline, seen, still = time.monotonic() + timeout, None, 0
@@ -1051,9 +1051,9 @@ def test_a_server_builds_its_mode_tables_in_a_process_of_its_own_only_while_idle
     blocked(process.pid)  # started, and waiting while the server is busy
     assert sched.stats()["mode_tables"] == 0 and lane.building
     sched.choices.free()  # the worker found the queue empty
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # the builder runs at nice 19: on a busy machine it gets a sliver of a core
     while lane.building:
-        assert time.monotonic() < deadline, "the mode table was not built within 120 s of the server going idle"
+        assert time.monotonic() < deadline, "the mode table was not built within 300 s of the server going idle"
         time.sleep(0.02)
     here = time.process_time() - cpu
     assert mode_now(sched) == (0,) and sched.stats()["mode_tables"] == 1
@@ -1069,7 +1069,7 @@ def test_a_server_builds_its_mode_tables_in_a_process_of_its_own_only_while_idle
     assert mode_now(sched) == (0,) and lane.building  # the table in use serves while the next one is simulated
     blocked(process.pid)
     sched.close()
-    process.join(60)  # the build stopped at its wait, and its process ended
+    process.join(300)  # the build stopped at its wait, and its process ended
     assert process.exitcode == 0, process.exitcode
     deadline = time.monotonic() + 60
     while lane.building:
