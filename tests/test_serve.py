@@ -1054,7 +1054,7 @@ def test_a_server_builds_its_mode_tables_in_a_process_of_its_own_only_while_idle
     deadline = time.monotonic() + 300  # the builder runs at nice 19: on a busy machine it gets a sliver of a core
     while lane.building:
         assert time.monotonic() < deadline, "the mode table was not built within 300 s of the server going idle"
-        time.sleep(0.02)
+        time.sleep(0.1)  # seldom: this process's CPU while it waits counts against it below
     here = time.process_time() - cpu
     assert mode_now(sched) == (0,) and sched.stats()["mode_tables"] == 1
     bucket = int(math.floor(math.log(12.0) / math.log(1.05)))  # GET / says which table is in use, and from what
