@@ -16,7 +16,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, Tiny
+from helpers import TINY, ForkedCli, Tiny
 from xdist.scheduler import LoadScopeScheduling
 
 # Intra-op threads for the test process (SNNET_TEST_THREADS, default 1): most test tensors are small, and on a 2-core
@@ -61,6 +61,15 @@ def tiny_config(tmp_path_factory):
 def tiny(tmp_path_factory):
     """A two-anchor ViT SN-Net with its checkpoint, config and a results file (helpers.Tiny)."""
     return Tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    """The module's fork server (helpers.ForkedCli): `cli.call(entry, argv)` runs train.py, `snnet`, the preflight
+    or the launcher as a fresh process would, forked from one that imported them once."""
+    runner = ForkedCli(tmp_path_factory.mktemp("cli"))
+    yield runner
+    runner.close()
 
 
 @pytest.fixture

@@ -353,13 +353,6 @@ def snapshot(folder: Path) -> dict:
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def cli(tmp_path_factory):
-    runner = ForkedCli(tmp_path_factory.mktemp("cli"))
-    yield runner
-    runner.close()
-
-
 @pytest.mark.parametrize("case,argv,message", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(case, argv, message, world, digits_folder, tiny_config, tmp_path, cli):
     if torch.cuda.is_available() and "cuda" in argv:

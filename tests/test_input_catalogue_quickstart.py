@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, ForkedCli
+from helpers import ROOT
 from PIL import Image
 
 DEMO = Path(ROOT) / "results" / "demo"
@@ -77,13 +77,6 @@ def world(tmp_path_factory):
                                              for r in records))
     (w / "hub").mkdir()  # an empty Hugging Face cache
     return w
-
-
-@pytest.fixture(scope="module")
-def cli(tmp_path_factory):
-    runner = ForkedCli(tmp_path_factory.mktemp("cli75"))
-    yield runner
-    runner.close()
 
 
 QS = "quickstart {w}/grow --out {out} --widths 4 8 --img-size 16"

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import FAST, ROOT, TINY, ForkedCli, run, shared_cli
+from helpers import FAST, ROOT, TINY, run, shared_cli
 
 from snnet.stitching.config import ConfigError, load_stitch_config
 
@@ -40,13 +40,6 @@ def anchors(tmp_path_factory):
     write("no_input_size.json", {"anchors": specs})  # built at the timm default, 224: not what they were trained at
     write("rso.json", {"anchors": TINY, "sampler": {"type": "rso"}})
     return w
-
-
-@pytest.fixture(scope="module")
-def cli(tmp_path_factory):
-    runner = ForkedCli(tmp_path_factory.mktemp("cli"))
-    yield runner
-    runner.close()
 
 
 @pytest.mark.parametrize("config,flags,needles", [
