@@ -5,10 +5,8 @@ each image a random size, position and rotation on a noisy background in a colou
 
 Three class sets that share nothing, so a recipe tuned on one can be checked on the other:
 ``A`` circle, square, triangle, cross, ring, bars, dots (tuning);
-``B`` star, hexagon, ellipse, chevron, checker, diamond, half-disc (first the unseen check; since then tuned on
-too, with --noise-over: quickstart's stitch stages, LRs and stitch directions);
-``C`` pentagon, arrow, crescent, zigzag, frame, ell (the unseen check: written before quickstart ever ran on it,
-judged with set B's tuned setting, --any-colour --noise 60 --noise-over, and never tuned on).
+``B`` star, hexagon, ellipse, chevron, checker, diamond, half-disc (tuning, with --noise-over the harder one);
+``C`` pentagon, arrow, crescent, zigzag, frame, ell (the held-out check: never tuned on).
 
     python benchmarks/shapes_data.py OUT --set B --classes 5 --train 240 --val 60 --seed 7
 
