@@ -49,9 +49,11 @@ from snnet.data.checks import (
     TRAIN_NAMES,
     VAL_NAMES,
     WARNED_ENV,
+    first_names,
     img_extensions,
     pillow_extensions,
     small_class_warning,
+    split_folder,
     unusable_image,
 )
 from snnet.demo import (
@@ -194,17 +196,8 @@ class Plan:
 
 
 # ---------------------------------------------------------------------------------------------------- the data
-def _split_of(root: Path, names: tuple[str, ...]) -> Path | None:
-    return next((root / n for n in names if (root / n).is_dir()), None)
-
-
 def _hidden(name: str) -> bool:
     return name.startswith(".") or name in ODD_FOLDERS
-
-
-def _first(names, n: int = 5) -> str:
-    names = list(names)
-    return ", ".join(repr(str(x)) for x in names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def read_data(data: Path, out: Path, seed: int = SEED, known: dict[str, list] | None = None) -> DataSummary:
@@ -290,7 +283,8 @@ def _read_folder(data: Path, dest: Path, seed: int, known: dict[str, list]) -> D
     """An image folder as quickstart lays it out in `dest`: the classes are the folders directly under DATA (or under
     its train/ and val/), each with every image below it; hidden files and folders, files of other kinds and images
     that cannot be read are left out, each kind said in one warning naming the files."""
-    train, val = _split_of(data, TRAIN_NAMES), _split_of(data, VAL_NAMES)
+    train, val = (None if f is None else Path(f)
+                  for f in (split_folder(str(data), names[0], names) for names in (TRAIN_NAMES, VAL_NAMES)))
     if (train is None) != (val is None):
         raise UsageError(f"DATA {str(data)!r} has {'train/' if train else 'val/'} but no "
                          f"{'val/ (or validation/)' if train else 'train/'}; add it, or give one folder per class "
@@ -323,17 +317,17 @@ def _read_folder(data: Path, dest: Path, seed: int, known: dict[str, list]) -> D
     where = f"DATA {str(data)!r}"
     if hidden:
         summary.warnings.append(f"warning: {where}: {len(hidden)} hidden file(s) and folder(s) left out "
-                                f"({_first(hidden)}): timm would read a hidden image (macOS's ._ files are not "
+                                f"({first_names(hidden)}): timm would read a hidden image (macOS's ._ files are not "
                                 f"images) and make a hidden folder a class")
     if loose:
         beside = "train/ and val/" if "all" not in roots else "the class folders"
         summary.warnings.append(f"warning: {where}: {len(loose)} file(s) or folder(s) beside {beside} left out "
-                                f"({_first(loose)}): the classes are the folders "
+                                f"({first_names(loose)}): the classes are the folders "
                                 f"{'in train/ and val/' if 'all' not in roots else 'in DATA'}")
     if others:
         rel = [p.relative_to(data).as_posix() for p in others]
         summary.warnings.append(f"warning: {where}: {len(others)} file(s) left out, not images Pillow reads here "
-                                f"({_first(rel)})")
+                                f"({first_names(rel)})")
     bad = [(rel, r[2]) for rel, r in record.items() if r[2] is not None]
     if bad:
         summary.warnings.append(f"warning: {where}: {len(bad)} image(s) skipped, they cannot be trained on: "
@@ -348,10 +342,10 @@ def _read_folder(data: Path, dest: Path, seed: int, known: dict[str, list]) -> D
     nested = sorted({f"{c}/{p.relative_to(root / c).parts[0]}" for s, root in roots.items() if root is not None
                      for c, fs in images[s].items() for p in fs if len(p.relative_to(root / c).parts) > 1})
     if nested:
-        summary.warnings.append(f"warning: {where}: class folders hold sub-folders ({_first(nested)}): each class is "
-                                f"a folder directly under {'train/ and val/' if 'all' not in roots else 'DATA'}, with "
-                                f"every image below it; if the sub-folders are the classes, make them the top "
-                                f"folders")
+        summary.warnings.append(f"warning: {where}: class folders hold sub-folders ({first_names(nested)}): each "
+                                f"class is a folder directly under "
+                                f"{'train/ and val/' if 'all' not in roots else 'DATA'}, with every image below it; "
+                                f"if the sub-folders are the classes, make them the top folders")
     usable = {s: {c: [p for p in fs if record[p.relative_to(data).as_posix()][2] is None] for c, fs in cs.items()}
               for s, cs in images.items()}
     _check_classes(usable, images, data, roots)
@@ -376,8 +370,8 @@ def _check_classes(usable: dict[str, dict[str, list[Path]]], images: dict[str, d
     named = {s: {c for c, fs in cs.items() if images[s][c]} for s, cs in usable.items()}
     if "train" in named and named["train"] != named["val"]:
         only_train, only_val = sorted(named["train"] - named["val"]), sorted(named["val"] - named["train"])
-        parts = ([f"only in train/: {_first(only_train)}"] if only_train else []) + \
-                ([f"only in val/: {_first(only_val)}"] if only_val else [])
+        parts = ([f"only in train/: {first_names(only_train)}"] if only_train else []) + \
+                ([f"only in val/: {first_names(only_val)}"] if only_val else [])
         raise UsageError(f"{where}: train/ and val/ hold different classes ({'; '.join(parts)}); give both the same "
                          f"class folders, each with images")
     classes = sorted(named.get("all", named.get("train", set())))
@@ -430,7 +424,7 @@ def _split(summary: DataSummary, usable: dict[str, dict[str, list[Path]]], data:
     empty = sorted({c for cs in usable.values() for c, fs in cs.items() if not fs} - set(summary.train))
     if empty:
         summary.warnings.append(f"warning: DATA {str(data)!r}: {len(empty)} class folder(s) without any image left "
-                                f"out ({_first(empty)})")
+                                f"out ({first_names(empty)})")
     line = small_class_warning(summary.train, f"DATA {str(data)!r}")
     if line:
         summary.warnings.append(line)
@@ -506,8 +500,8 @@ def _check_state(out: Path, data: Path, summary: DataSummary, seed: int, fresh: 
         said = ([f"{len(added)} image(s) added (e.g. {added[0]!r})"] if added else []) + \
                ([f"{len(removed)} removed (e.g. {removed[0]!r})"] if removed else []) + \
                ([f"{len(changed)} changed (e.g. {changed[0]!r})"] if changed else []) + \
-               ([f"new class folder(s) {_first(classes_new)}"] if classes_new else []) + \
-               ([f"class folder(s) {_first(classes_old)} gone"] if classes_old else [])
+               ([f"new class folder(s) {first_names(classes_new)}"] if classes_new else []) + \
+               ([f"class folder(s) {first_names(classes_old)} gone"] if classes_old else [])
         raise UsageError(f"DATA {str(data)!r} changed since {str(out / 'data')!r} was split from it "
                          f"({', '.join(said)}); {fix}")
     if (recorded.get("seed"), recorded.get("val_share")) != (seed, VAL_SHARE):

@@ -38,7 +38,8 @@ class DataError(SNNetError):
     """A dataset that cannot be used; the message names the folder and the fix."""
 
 
-def _split_dir(root: str, split: str, synonyms: tuple[str, ...]) -> str | None:
+def split_folder(root: str, split: str, synonyms: tuple[str, ...]) -> str | None:
+    """The folder of split `split` under `root` (else the first of `synonyms` present), or None."""
     for name in (split, *[s for s in synonyms if s != split]):
         path = os.path.join(root, name)
         if os.path.isdir(path):
@@ -68,8 +69,8 @@ def resolve_folders(data_options: DataOptions, need_train: bool) -> tuple[str | 
         raise DataError(f"data folder {root!r} does not exist; give the dataset root (with train/ and val/)")
     if not os.listdir(root):
         raise DataError(f"data folder {root!r} is empty; it needs train/ and val/ (or validation/) class folders")
-    train = _split_dir(root, data_options.train_split, TRAIN_NAMES)
-    val = _split_dir(root, data_options.val_split, VAL_NAMES)
+    train = split_folder(root, data_options.train_split, TRAIN_NAMES)
+    val = split_folder(root, data_options.val_split, VAL_NAMES)
     if need_train and train is None:
         raise DataError(f"data folder {root!r} has no {data_options.train_split}/ folder; lay it out as "
                         f"{root}/train/<class>/<image> and {root}/val/<class>/<image>")
@@ -82,13 +83,10 @@ def resolve_folders(data_options: DataOptions, need_train: bool) -> tuple[str | 
 
 
 # ---------------------------------------------------------------------------------------- check_data: no image decoded
-def _first(names, n: int = 5) -> str:
-    names = sorted(names, key=_natural_key)
+def first_names(names, n: int = 5) -> str:
+    """The first `n` of `names` in natural order, quoted, and how many more: for one-line messages."""
+    names = sorted(map(str, names), key=natural_key)
     return ", ".join(repr(x) for x in names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
-
-
-def _natural_key(name: str):
-    return natural_key(name)
 
 
 def scan_image_folder(path: str, what: str = "train") -> dict[str, int]:
@@ -375,17 +373,18 @@ def check_data(data_options: DataOptions, need_train: bool, world_size: int) -> 
             left_out = sorted(set(raw[what]) - set(mapping)) if path is not None else []
             if left_out:
                 raise DataError(f"{what} folder {path!r} has class folders with images that --class-map "
-                                f"{data_options.class_map!r} leaves out ({_first(left_out)}): their images would be "
-                                f"dropped without a word; add them to the class map or move them out of the folder")
+                                f"{data_options.class_map!r} leaves out ({first_names(left_out)}): their images "
+                                f"would be dropped without a word; add them to the class map or move them out of "
+                                f"the folder")
             if path is not None and not scans[what]:
                 raise DataError(f"{what} folder {path!r} has no images of the classes in --class-map "
-                                f"{data_options.class_map!r} (its folders: {_first(raw[what])}); "
+                                f"{data_options.class_map!r} (its folders: {first_names(raw[what])}); "
                                 f"check the class map")
     elif train_dir and val_dir and set(scans["train"]) != set(scans["validation"]):
         only_train, only_val = (set(scans["train"]) - set(scans["validation"]),
                                 set(scans["validation"]) - set(scans["train"]))
-        parts = ([f"only in train/: {_first(only_train)}"] if only_train else []) + \
-                ([f"only in {os.path.basename(val_dir)}/: {_first(only_val)}"] if only_val else [])
+        parts = ([f"only in train/: {first_names(only_train)}"] if only_train else []) + \
+                ([f"only in {os.path.basename(val_dir)}/: {first_names(only_val)}"] if only_val else [])
         raise DataError(f"train folder {train_dir!r} and validation folder {val_dir!r} have different classes "
                         f"({'; '.join(parts)}): timm numbers each split's class folders separately, so the labels "
                         f"would not match; give both the same class folders (each with images), or pass --class-map")
