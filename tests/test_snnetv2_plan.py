@@ -155,3 +155,47 @@ def test_two_way_for_cnns_each_stage_both_ways_one_hop():
     vit = {"name": "deit_tiny_patch16_224", "model_kwargs": {"depth": 2, "embed_dim": 8, "num_heads": 2}}
     with pytest.raises(Exception, match="'large_to_small' takes hierarchical anchors"):
         build_snnet(parse_stitch_config({"anchors": [vit, vit], "stitch_plan": "large_to_small"}), pretrained=False)
+
+
+def test_per_stitch_batchnorm_statistics_leave_the_anchors_their_own():
+    """"bn_stats": "per_stitch": training a stitched route updates only that stitch's copy of the end anchor's
+    BatchNorm statistics (the front anchor's blocks before it see its own route's images); the end anchor's own
+    route gives what it gave; the one-pass trie, a checkpoint round trip and
+    the exported stitch run with the stitch's statistics. The default keeps SN-Net's shared statistics and keys."""
+    from snnet import parse_stitch_config
+    from snnet.deploy.export import stitched_network
+    from snnet.stitching.route_tree import RouteTree
+    cnn = lambda w: {"name": "resnet18", "model_kwargs": {"channels": [w, 2 * w, 4 * w, 8 * w]}}
+    cfg = {"anchors": [cnn(4), cnn(8)], "stitch_plan": "large_to_small", "stitch_stages": [2, 3]}
+    torch.manual_seed(0)
+    shared = build_snnet(parse_stitch_config(cfg), pretrained=False, num_classes=5, img_size=32)
+    net = build_snnet(parse_stitch_config({**cfg, "bn_stats": "per_stitch"}), pretrained=False, num_classes=5,
+                      img_size=32)
+    net.load_state_dict(shared.state_dict(), strict=False)
+    assert not any(k.startswith("bn_stats") for k in shared.state_dict())
+    assert net.routes[2][-1] == ("unit", 0, net.routes[2][-1].unit, "0_0_0")  # c4's head after stitch 0.0.0
+    x = torch.randn(16, 3, 32, 32)
+    net.eval()
+    own = net(x, 0).detach()  # c4: the end anchor of stitch 2
+    stitched = net(x, 2).detach()
+    net.train()
+    shared.train()
+    for _ in range(3):  # features far from the anchors' own: the statistics move
+        net(3 * x + 1, 2)
+        shared(3 * x + 1, 2)
+    net.eval()
+    shared.eval()
+    assert torch.equal(net(x, 0), own)
+    assert not torch.allclose(shared(x, 0), own)  # SN-Net's shared statistics: the anchor's route moved
+    assert not torch.allclose(net(x, 2), stitched)
+    outs = {}
+    RouteTree(dict(enumerate(net.routes))).run(net.run_step, x, outs.__setitem__)
+    assert all(torch.allclose(outs[c], net(x, c), atol=1e-6) for c in range(net.num_configs))
+    again = build_snnet(parse_stitch_config({**cfg, "bn_stats": "per_stitch"}), pretrained=False, num_classes=5,
+                        img_size=32).eval()
+    again.load_checkpoint_state(net.checkpoint_state())
+    assert torch.equal(again(x, 2), net(x, 2))
+    module, _ = stitched_network(net, 2)
+    assert torch.allclose(module(x), net(x, 2), atol=1e-5)
+    with pytest.raises(Exception, match="bn_stats 'per_route' is not known: use shared or per_stitch"):
+        build_snnet(parse_stitch_config({**cfg, "bn_stats": "per_route"}), pretrained=False, num_classes=5)

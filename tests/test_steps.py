@@ -18,6 +18,15 @@ def test_steps_are_named_and_equal_their_plain_form():
     assert json.loads(json.dumps([u, s])) == [["unit", 1, 4], ["stitch", "0_1"]]  # export files keep this form
 
 
+def test_a_step_with_statistics_has_four_items_and_survives_copies():
+    import copy
+    import pickle
+    u = unit_step(1, 4, "0_1_2")
+    assert u == ("unit", 1, 4, "0_1_2") and u.stats == "0_1_2" and unit_step(1, 4).stats is None
+    assert as_step(json.loads(json.dumps(u))) == u and isinstance(as_step(list(u)), UnitStep)
+    assert copy.deepcopy(u) == u and pickle.loads(pickle.dumps(u)).stats == "0_1_2"
+
+
 def test_as_step_reads_the_plain_form_back():
     assert isinstance(as_step(["unit", 0, 2]), UnitStep) and as_step(["unit", 0, 2]) == unit_step(0, 2)
     assert isinstance(as_step(("stitch", [3])), StitchStep) and as_step(("stitch", [3])).address == (3,)

@@ -53,7 +53,7 @@ from snnet.stitching.config import (
 from snnet.stitching.cost import cost_table
 from snnet.stitching.layers import stitch_layer_from_spec
 from snnet.stitching.model import SNNet
-from snnet.stitching.steps import StitchStep, UnitStep, as_step, stitch_step
+from snnet.stitching.steps import StitchStep, UnitStep, as_step, stitch_step, unit_step
 from snnet.utils.checkpoint import (
     CheckpointError,
     StateDictMismatch,
@@ -284,9 +284,17 @@ def stitched_network(net: SNNet, cfg_id: int) -> tuple[StitchedNetwork, dict[int
     used = sorted({s.anchor for s in steps if isinstance(s, UnitStep)})
     keep = {a: _kept_modules(net, steps, a) for a in used}
     anchors = {a: prune_anchor(copy.deepcopy(net.anchors[a]), keep[a]) for a in used}
+    for s in steps:  # "per_stitch": the route's BatchNorm statistics become the copies' own
+        if isinstance(s, UnitStep) and s.stats is not None and net.bn_stats is not None:
+            model = anchors[s.anchor]
+            for name, (mean, var) in net.bn_stats.of(net, s).items():
+                bn = model.get_submodule(name)
+                bn.running_mean.copy_(mean)
+                bn.running_var.copy_(var)
     layers = {_layer_key(s.address): _standalone_layer(net.stitch_layer(s.address)) for s in steps
               if isinstance(s, StitchStep)}
-    local = [s if isinstance(s, UnitStep) else stitch_step(_layer_key(s.address)) for s in steps]
+    local = [unit_step(s.anchor, s.unit) if isinstance(s, UnitStep) else stitch_step(_layer_key(s.address))
+             for s in steps]
     return StitchedNetwork(anchors, {a: net.units[a] for a in used}, layers, local).eval(), keep
 
 

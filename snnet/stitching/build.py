@@ -252,8 +252,8 @@ def snnet_from_anchors(cfg: StitchConfig, models: Sequence[nn.Module], adapters:
     labels = cfg.labels()  # readable routes need distinct names: a label of the config's, or the timm name (#index)
     try:
         model = SNNet(models, plan, names=labels, adapters=adapters, skip_final_norm=skip,
-                      stitch_layer=cfg.get("stitch_layer"))
-    except ValueError as e:  # an unknown stitching-layer type or option
+                      stitch_layer=cfg.get("stitch_layer"), bn_stats=cfg.get("bn_stats"))
+    except ValueError as e:  # an unknown stitching-layer type or option, or bn_stats value
         raise ConfigError(f"stitch config: {e}") from None
     model.stitch_config = cfg
     kwargs = {"img_size": img_size} if img_size is not None else {}

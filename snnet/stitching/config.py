@@ -147,6 +147,9 @@ FIELDS: dict[str, Field] = {
                          "stitched stage both ways, one hop) or large_to_small (hierarchical anchors: the larger "
                          "anchor in front only)"),
     "stitch_layer": Field((dict,), None, "stitching-layer type and options, e.g. {\"type\": \"linear\"} (default)"),
+    "bn_stats": Field((str,), "shared", "BatchNorm running statistics of an anchor's blocks after a stitch: shared "
+                      "(SN-Net's: the anchor's own, updated by every route) or per_stitch (each stitch keeps its "
+                      "own, so the anchors keep theirs)"),
     "sampler": Field((dict,), None, "stitch sampler type and options, e.g. {\"type\": \"uniform\"} (default, "
                      "SN-Net's)"),
     "train_exclude": Field((list,), None, "cfg_ids that are built and evaluated but never drawn in training (the "

@@ -13,7 +13,8 @@ of tensors of the same images preprocessed several ways, one per *input group*: 
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -43,6 +44,7 @@ class RoutedNet(nn.Module):
     input_groups: list[int] | None = None        # anchor -> index of its tensor in a sequence input (None: all 0)
     class_names: list[str] | None = None         # the training data's name of each class (snnet.load sets it)
     built_img_size: tuple[int, int] | None = None  # the input size it was built for (CNN anchors keep none)
+    bn_stats: StitchStats | None                 # SNNet with "bn_stats": "per_stitch": the stitches' BatchNorm stats
 
     def anchor(self, index: int) -> nn.Module:
         raise NotImplementedError
@@ -72,12 +74,33 @@ class RoutedNet(nn.Module):
     def run_step(self, step: Step, x: torch.Tensor) -> torch.Tensor:
         if isinstance(step, UnitStep):
             unit = self.units[step.anchor][step.unit]
+            run = unit.run
+            if step.stats is not None:  # the unit's BatchNorm layers read and update the stitch's statistics
+                stats = self.bn_stats
+                assert stats is not None, "a step with stats in a network that keeps none"
+
+                def run(model: nn.Module, h: torch.Tensor, unit: Unit = unit, step: UnitStep = step) -> torch.Tensor:
+                    with stats.swapped(self, step):
+                        return unit.run(model, h)
             if self.grad_checkpointing and self.training and unit.kind == "block" and torch.is_grad_enabled():
                 # keep only the block's input; its activations are recomputed in the backward pass (the RNG state
                 # is replayed, so drop-path draws the same masks)
-                return torch.utils.checkpoint.checkpoint(unit.run, self.anchor(step.anchor), x, use_reentrant=False)
-            return unit.run(self.anchor(step.anchor), x)
+                return torch.utils.checkpoint.checkpoint(run, self.anchor(step.anchor), x, use_reentrant=False)
+            return run(self.anchor(step.anchor), x)
         return self.stitch_layer(step.address)(x)
+
+    def unit_batchnorms(self, anchor: int, unit: int) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+        """The BatchNorm layers unit `unit` of anchor `anchor` runs, with their names in the anchor (looked up each
+        time: --sync-bn replaces them after the network is built)."""
+        model, out = self.anchor(anchor), []
+        for name in self.units[anchor][unit].modules:
+            try:
+                sub = model.get_submodule(name)
+            except AttributeError:  # a parameter's name
+                continue
+            out += [(f"{name}.{n}" if n else name, m) for n, m in sub.named_modules()
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        return out
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """timm's method name (``--grad-checkpointing``): while training, every ``block`` unit runs under
@@ -298,8 +321,11 @@ class SNNet(AnchorsNet):
 
     def __init__(self, anchors: Sequence[nn.Module], plan: StitchPlan, names: Sequence[str] | None = None,
                  adapters: Sequence[AnchorAdapter] | None = None, skip_final_norm: bool = False,
-                 stitch_layer: dict[str, Any] | None = None):
+                 stitch_layer: dict[str, Any] | None = None, bn_stats: str = "shared"):
         super().__init__()
+        if bn_stats not in BN_STATS:
+            raise ValueError(f"bn_stats {bn_stats!r} is not known: use {' or '.join(BN_STATS)}")
+        self.per_stitch_stats = bn_stats == "per_stitch"
         if len(anchors) != plan.n_anchors:
             raise PlanError(f"the plan is for {plan.n_anchors} anchors but {len(anchors)} were given")
         self.anchors = nn.ModuleList(anchors)
@@ -313,6 +339,7 @@ class SNNet(AnchorsNet):
         self.stitch_layer_spec = dict(stitch_layer or {"type": "linear"})
         self.stitch_layers = _nested_module_list([(spec.address, self._make_layer(spec)) for spec in plan.layers])
         self.routes: list[tuple[Step, ...]] = [self._compile(route) for route in plan.routes]
+        self.bn_stats = StitchStats(self) if self.per_stitch_stats else None
 
     # ------------------------------------------------------------------------------------------------ construction
     def _make_layer(self, spec: LayerSpec) -> nn.Module:
@@ -342,16 +369,20 @@ class SNNet(AnchorsNet):
             return tuple(unit_step(a, u) for u in range(len(self.units[a])))
         steps: list[Step] = []
         start = 0
+        stats: str | None = None  # per_stitch: the key of the stitches passed so far
         for st in route.stitches:
             stop = self.block_unit(st.front, st.stage, st.j)
-            steps.extend(unit_step(st.front, u) for u in range(start, stop + 1))
+            steps.extend(unit_step(st.front, u, stats) for u in range(start, stop + 1))
             steps.append(stitch_step(st.layer))
             start = self.entry_unit(st.end, st.stage, st.k)
+            if self.per_stitch_stats:
+                key = "_".join(map(str, st.layer))
+                stats = key if stats is None else f"{stats}-{key}"
         last = route.stitches[-1].end
         for u in range(start, len(self.units[last])):
             # SN-Net's stitched DeiT routes call the head on the last block output (docs/snnet_compat.md, C7)
             if not (self.skip_final_norm and self.units[last][u].kind == "norm"):
-                steps.append(unit_step(last, u))
+                steps.append(unit_step(last, u, stats))
         return tuple(steps)
 
     # ------------------------------------------------------------------------------------------------- running
@@ -386,6 +417,64 @@ class SNNet(AnchorsNet):
             need.setdefault(st.end, set()).add(uy)
             where[(st.front, st.end, st.stage, st.j, st.k)] = ((st.front, ux), (st.end, uy))
         return need, where
+
+
+#: where the BatchNorm layers of an anchor's blocks after a stitch keep their running statistics: ``shared`` (SN-Net's:
+#: the anchor's own, updated by every route that runs them) or ``per_stitch`` (`StitchStats`)
+BN_STATS = ("shared", "per_stitch")
+
+
+class StitchStats(nn.Module):
+    """Running statistics of BatchNorm, one set per stitch: the blocks an anchor runs after a stitching layer see
+    that layer's outputs, whose mean and variance are not the anchor's own features'. With one set shared by every
+    route (SN-Net's), each route's updates pull the others' statistics and the anchors' own towards a blend that fits
+    none of them. Here the units after a stitch (steps with ``stats``) read and update their own copy, initialised
+    from the anchor's statistics when the network is built; the BatchNorm weights stay shared. Buffers:
+    ``sets.<stats key>.<anchor>-<BatchNorm name, dots as dashes>-running_mean`` (and ``-running_var``)."""
+
+    def __init__(self, net: SNNet):
+        super().__init__()
+        self.sets = nn.ModuleDict()
+        for route in net.routes:
+            for step in route:
+                if not isinstance(step, UnitStep) or step.stats is None:
+                    continue
+                if step.stats not in self.sets:
+                    self.sets[step.stats] = nn.Module()
+                holder = self.sets[step.stats]
+                for name, bn in net.unit_batchnorms(step.anchor, step.unit):
+                    if bn.running_mean is None:  # no running statistics to keep
+                        continue
+                    for stat in ("running_mean", "running_var"):
+                        holder.register_buffer(self.buffer_name(step.anchor, name, stat),
+                                               getattr(bn, stat).detach().clone())
+
+    @staticmethod
+    def buffer_name(anchor: int, bn_name: str, stat: str) -> str:
+        return f"{anchor}-{bn_name.replace('.', '-')}-{stat}"
+
+    def of(self, net: SNNet, step: UnitStep) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """BatchNorm name -> (running mean, running var) that `step`'s unit runs with."""
+        holder = self.sets[step.stats]
+        return {name: tuple(getattr(holder, self.buffer_name(step.anchor, name, stat))
+                            for stat in ("running_mean", "running_var"))
+                for name, bn in net.unit_batchnorms(step.anchor, step.unit) if bn.running_mean is not None}
+
+    @contextlib.contextmanager
+    def swapped(self, net: SNNet, step: UnitStep) -> Iterator[None]:
+        """While inside, the unit's BatchNorm layers hold `step`'s statistics (read in eval mode, updated in place in
+        training); the anchor's own are put back after."""
+        layers = dict(net.unit_batchnorms(step.anchor, step.unit))
+        kept = {}
+        for name, (mean, var) in self.of(net, step).items():
+            bn = layers[name]
+            kept[name] = (bn._buffers["running_mean"], bn._buffers["running_var"])
+            bn._buffers["running_mean"], bn._buffers["running_var"] = mean, var
+        try:
+            yield
+        finally:
+            for name, (mean, var) in kept.items():
+                layers[name]._buffers["running_mean"], layers[name]._buffers["running_var"] = mean, var
 
 
 def _nested_module_list(items: list[tuple[tuple[int, ...], nn.Module]]) -> nn.ModuleList:
