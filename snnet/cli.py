@@ -587,6 +587,9 @@ class QuickstartCommand:
                                           "sliding_window (SN-Net: the smaller in front; --anchors' default) or "
                                           "two_way (both); large_to_small takes anchors stitched stage by stage "
                                           "(CNNs, Swin, LeViT), not plain ViTs")
+    bn_stats: str | None = option(None, "--bn-stats", choices=("per_stitch", "shared"),
+                                  help="BatchNorm statistics of the anchors' blocks after a stitch: per_stitch (the "
+                                       "default: each stitch keeps its own) or shared (SN-Net's)")
     img_size: int | None = option(None, "--img-size", parse=_positive_int, metavar="S",
                                   help="image side the anchors see (default: 64; smaller images twice their side, up "
                                        "to 64)")

@@ -97,14 +97,17 @@ STITCH_STAGES = (0, 1, 2, 3)
 #: SN-Net's way, passes the smaller anchor's narrow early features on and scores about as the smaller anchor at
 #: several times its FLOPs
 STITCH_PLAN = "large_to_small"
+#: BatchNorm running statistics in the SN-Net: one set per stitch for the anchor blocks after it, so that neither the
+#: stitches nor the anchors evaluate with statistics blended from every route (no-op for anchors without BatchNorm)
+BN_STATS = "per_stitch"
 VAL_SHARE = 0.2  # the share of each class a folder without train/ and val/ gives to validation (seeded, by file)
 #: the optimizer steps each anchor gets at least (few images: more epochs), within EPOCHS, in batches of
 #: ANCHOR_BATCH; fewer leave the anchors still learning when they stop
 MIN_STEPS = 600
 EPOCHS = (30, 60)
 #: the SN-Net's epochs as a share of the anchors': each step trains one sampled route, so a stitching layer learns
-#: in a fraction of the steps and needs epochs of its own; its batches are BATCH, a quarter of the anchors'
-SNNET_SHARE = 0.5
+#: in a fraction of the steps and needs as many epochs as an anchor; its batches are BATCH, a quarter of the anchors'
+SNNET_SHARE = 1.0
 #: the SN-Net's LR for the stitching layers, and the anchors' share of it (--anchor-lr-scale): the trained anchors
 #: keep 5e-4 (at the demo's 1e-3 they lose points), the new, small stitching layers learn at 10x (docs/own_data.md)
 SNNET_LR, SNNET_ANCHOR_LR_SCALE = 5e-3, 0.1
@@ -135,6 +138,7 @@ class QuickstartOptions:
     widths: list[int] | None = None
     stitch_stages: list[int] | None = None
     stitch_plan: str | None = None
+    bn_stats: str | None = None
     img_size: int | None = None
     anchor_epochs: int | None = None
     snnet_epochs: int | None = None
@@ -193,6 +197,7 @@ class Plan:
     lines: list[str] = field(default_factory=list)
     own_cnns: bool = False  # quickstart's CNNs from scratch (not --anchors): SNNET_LR
     anchor_batch: int = 0  # the anchors' (0: `batch`)
+    bn_stats: str = "shared"  # the stitch config's "bn_stats"
 
 
 # ---------------------------------------------------------------------------------------------------- the data
@@ -677,6 +682,12 @@ def plan(summary: DataSummary, args: QuickstartOptions, weights: dict[str, str] 
              "sliding_window": "the smaller anchor in front, the larger's last blocks after it (SN-Net)",
              "two_way": "both ways round"}[stitch_plan]
     lines.append(f"stitch direction: {stitch_plan}, {front} ({why}; change: --stitch-plan)")
+    bn_stats = args.bn_stats or BN_STATS
+    why = "--bn-stats" if args.bn_stats else ("an anchor's blocks after a stitch see the stitch's features, not its "
+                                              "own: shared statistics fit neither")
+    lines.append(f"BatchNorm statistics: {bn_stats}, "
+                 f"{'one set per stitch' if bn_stats == 'per_stitch' else 'one set per anchor (SN-Net)'} "
+                 f"({why}; change: --bn-stats)")
     images = summary.images
     nproc = args.nproc or max(1, min(os.cpu_count() or 1, 8, images // 2))
     per = -(-images // nproc)  # the training images one SN-Net process draws an epoch (padded to equal shares)
@@ -704,7 +715,8 @@ def plan(summary: DataSummary, args: QuickstartOptions, weights: dict[str, str] 
     lines.append(f"SN-Net training: {snnet_epochs} epochs on {nproc} process(es), batches of {batch} ({cores}; "
                  f"change: --snnet-epochs, --nproc, --batch)")
     return Plan(img_size, anchors, bool(args.anchors) and not args.no_pretrained, stages, stitch_plan, anchor_epochs,
-                snnet_epochs, batch, nproc, lines, own_cnns=not args.anchors, anchor_batch=anchor_batch)
+                snnet_epochs, batch, nproc, lines, own_cnns=not args.anchors, anchor_batch=anchor_batch,
+                bn_stats=bn_stats)
 
 
 def check_anchors(args: QuickstartOptions) -> dict[str, str]:
@@ -759,6 +771,8 @@ def stitch_config(out: Path, p: Plan, classes: int, folder: Path | None = None) 
         cfg["stitch_stages"] = p.stitch_stages
     if p.stitch_plan != "sliding_window":
         cfg["stitch_plan"] = p.stitch_plan
+    if p.bn_stats != "shared":
+        cfg["bn_stats"] = p.bn_stats
     path = (folder or out) / "stitch_config.json"
     write_text_atomic(path, json.dumps(cfg, indent=1) + "\n")
     return path

@@ -14,7 +14,7 @@ import pytest
 from helpers import ROOT, run
 
 from snnet.data.checks import small_class_warning
-from snnet.quickstart import DataSummary, QuickstartOptions, _recipes, plan, read_data, write_split
+from snnet.quickstart import DataSummary, QuickstartOptions, _recipes, plan, read_data, stitch_config, write_split
 from snnet.stitching.weights import WeightsUnavailable, check_pretrained
 from snnet.utils.errors import UsageError
 
@@ -87,23 +87,26 @@ def test_bad_data_is_one_line(tmp_path, layout, needle):
         read_data(data, tmp_path / "out")
 
 
-def test_the_plan_says_each_choice_and_its_flag():
+def test_the_plan_says_each_choice_and_its_flag(tmp_path):
     summary = DataSummary(Path("d"), {c: 240 for c in "abcde"}, {c: 60 for c in "abcde"}, 64)
     p = plan(summary, _args(nproc=2))
     assert p.img_size == 64 and [a[0] for a in p.anchors] == ["c4", "c12"]
     assert p.anchors[1][1:] == ("resnet34", {"channels": [12, 24, 48, 96], "stem_type": "deep", "stem_width": 6})
     assert not p.pretrained
-    # 1200 images in the anchors' batches of 128: 9 steps an epoch, >= 600 steps within 30-60 epochs; half for SN-Net
-    assert (p.anchor_batch, p.batch, p.anchor_epochs, p.snnet_epochs) == (128, 32, 60, 30)
+    # 1200 images in the anchors' batches of 128: 9 steps an epoch, >= 600 steps within 30-60 epochs; as many for SN-Net
+    assert (p.anchor_batch, p.batch, p.anchor_epochs, p.snnet_epochs) == (128, 32, 60, 60)
     anchor_flags, snnet_flags, common, _ = _recipes(p, 0)
     assert anchor_flags[-2:] == ["-b", "128"] and snnet_flags[-2:] == ["-b", "32"] and "-b" not in common
     text = "\n".join(p.lines)
     for flag in ("--img-size", "--widths", "--anchors", "--anchor-epochs", "--snnet-epochs", "--nproc",
-                 "--stitch-stages", "--stitch-plan"):
+                 "--stitch-stages", "--stitch-plan", "--bn-stats"):
         assert flag in text, flag
     assert p.stitch_stages == [0, 1, 2, 3] and "stitches: in stage(s) 0 1 2 3 of 0-3" in text
     assert p.stitch_plan == "large_to_small" and "stitch direction: large_to_small, the larger anchor in front" in text
     assert plan(summary, _args(nproc=2, stitch_plan="two_way")).stitch_plan == "two_way"
+    assert p.bn_stats == "per_stitch" and "BatchNorm statistics: per_stitch, one set per stitch" in text
+    assert plan(summary, _args(nproc=2, bn_stats="shared")).bn_stats == "shared"
+    assert json.loads(stitch_config(tmp_path, p, 2).read_text())["bn_stats"] == "per_stitch"
     # the stitching layers at 5e-3, the CNN anchors at a tenth of it
     assert snnet_flags[:4] == ["--lr", "0.005", "--anchor-lr-scale", "0.1"], snnet_flags
     with pytest.raises(UsageError, match="--stitch-stages 1 4: the CNN anchors have stages 0-3"):
@@ -112,7 +115,7 @@ def test_the_plan_says_each_choice_and_its_flag():
     assert tiny.img_size == 32 and tiny.anchor_epochs == 60  # small images seen at twice their side; the most epochs
     assert tiny.anchor_batch == 24  # a batch is never larger than the images (timm drops a short one)
     photos = plan(DataSummary(Path("d"), {c: 800 for c in "abcde"}, {c: 200 for c in "abcde"}, 28), _args(nproc=2))
-    assert photos.img_size == 56 and (photos.anchor_epochs, photos.snnet_epochs) == (30, 15)
+    assert photos.img_size == 56 and (photos.anchor_epochs, photos.snnet_epochs) == (30, 30)
     fine = plan(summary, _args(anchors=["resnet18.a1_in1k", "resnet50.a1_in1k"], nproc=1))
     assert fine.pretrained and [a[1] for a in fine.anchors] == ["resnet18.a1_in1k", "resnet50.a1_in1k"]
     assert fine.stitch_stages is None and fine.stitch_plan == "sliding_window"  # the family's own default, SN-Net's
