@@ -287,7 +287,7 @@ def stitched_network(net: SNNet, cfg_id: int) -> tuple[StitchedNetwork, dict[int
     for s in steps:  # "per_stitch": the route's BatchNorm statistics become the copies' own
         if isinstance(s, UnitStep) and s.stats is not None and net.bn_stats is not None:
             model = anchors[s.anchor]
-            for name, (mean, var) in net.bn_stats.of(net, s).items():
+            for name, _, mean, var in net.bn_stats.of(net, s):
                 bn = model.get_submodule(name)
                 bn.running_mean.copy_(mean)
                 bn.running_var.copy_(var)

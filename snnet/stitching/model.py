@@ -453,28 +453,27 @@ class StitchStats(nn.Module):
     def buffer_name(anchor: int, bn_name: str, stat: str) -> str:
         return f"{anchor}-{bn_name.replace('.', '-')}-{stat}"
 
-    def of(self, net: SNNet, step: UnitStep) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """BatchNorm name -> (running mean, running var) that `step`'s unit runs with."""
+    def of(self, net: SNNet, step: UnitStep) -> list[tuple[str, nn.Module, torch.Tensor, torch.Tensor]]:
+        """(name, BatchNorm layer, running mean, running var) of each BatchNorm layer `step`'s unit runs, with the
+        statistics it runs with there."""
         holder = self.sets[step.stats]
-        return {name: tuple(getattr(holder, self.buffer_name(step.anchor, name, stat))
-                            for stat in ("running_mean", "running_var"))
-                for name, bn in net.unit_batchnorms(step.anchor, step.unit) if bn.running_mean is not None}
+        return [(name, bn, getattr(holder, self.buffer_name(step.anchor, name, "running_mean")),
+                 getattr(holder, self.buffer_name(step.anchor, name, "running_var")))
+                for name, bn in net.unit_batchnorms(step.anchor, step.unit) if bn.running_mean is not None]
 
     @contextlib.contextmanager
     def swapped(self, net: SNNet, step: UnitStep) -> Iterator[None]:
         """While inside, the unit's BatchNorm layers hold `step`'s statistics (read in eval mode, updated in place in
         training); the anchor's own are put back after."""
-        layers = dict(net.unit_batchnorms(step.anchor, step.unit))
-        kept = {}
-        for name, (mean, var) in self.of(net, step).items():
-            bn = layers[name]
-            kept[name] = (bn._buffers["running_mean"], bn._buffers["running_var"])
+        kept = []
+        for _, bn, mean, var in self.of(net, step):
+            kept.append((bn, bn._buffers["running_mean"], bn._buffers["running_var"]))
             bn._buffers["running_mean"], bn._buffers["running_var"] = mean, var
         try:
             yield
         finally:
-            for name, (mean, var) in kept.items():
-                layers[name]._buffers["running_mean"], layers[name]._buffers["running_var"] = mean, var
+            for bn, mean, var in kept:
+                bn._buffers["running_mean"], bn._buffers["running_var"] = mean, var
 
 
 def _nested_module_list(items: list[tuple[tuple[int, ...], nn.Module]]) -> nn.ModuleList:
