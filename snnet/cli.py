@@ -587,10 +587,6 @@ class QuickstartCommand:
                                           "sliding_window (SN-Net: the smaller in front; --anchors' default) or "
                                           "two_way (both); large_to_small takes anchors stitched stage by stage "
                                           "(CNNs, Swin, LeViT), not plain ViTs")
-    stitch_kernel: int | None = option(None, "--stitch-kernel", parse=int, choices=(1, 3), metavar="K",
-                                       help="the stitching layers' kernel: 3 (the CNN anchors' default: each "
-                                            "output pixel maps its 3x3 neighbourhood) or 1 (SN-Net's, --anchors' "
-                                            "default; plain ViTs take only 1)")
     bn_stats: str | None = option(None, "--bn-stats", choices=("per_stitch", "shared"),
                                   help="BatchNorm statistics of the anchors' blocks after a stitch: per_stitch (the "
                                        "default: each stitch keeps its own) or shared (SN-Net's)")

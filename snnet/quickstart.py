@@ -97,10 +97,6 @@ STITCH_STAGES = (0, 1, 2, 3)
 #: SN-Net's way, passes the smaller anchor's narrow early features on and scores about as the smaller anchor at
 #: several times its FLOPs
 STITCH_PLAN = "large_to_small"
-#: the quickstart's CNNs' stitching layers: a linear map of each pixel's 3x3 neighbourhood of the larger anchor's
-#: features, whose least-squares fit reproduces the smaller anchor's features far better than a 1x1 map (the
-#: stitched networks start and end higher; a few kFLOPs each)
-STITCH_KERNEL = 3
 #: BatchNorm running statistics in the SN-Net: one set per stitch for the anchor blocks after it, so that neither the
 #: stitches nor the anchors evaluate with statistics blended from every route (no-op for anchors without BatchNorm)
 BN_STATS = "per_stitch"
@@ -143,7 +139,6 @@ class QuickstartOptions:
     stitch_stages: list[int] | None = None
     stitch_plan: str | None = None
     bn_stats: str | None = None
-    stitch_kernel: int | None = None
     img_size: int | None = None
     anchor_epochs: int | None = None
     snnet_epochs: int | None = None
@@ -203,7 +198,6 @@ class Plan:
     own_cnns: bool = False  # quickstart's CNNs from scratch (not --anchors): SNNET_LR
     anchor_batch: int = 0  # the anchors' (0: `batch`)
     bn_stats: str = "shared"  # the stitch config's "bn_stats"
-    stitch_kernel: int = 1  # the stitching layers' kernel_size
 
 
 # ---------------------------------------------------------------------------------------------------- the data
@@ -688,14 +682,6 @@ def plan(summary: DataSummary, args: QuickstartOptions, weights: dict[str, str] 
              "sliding_window": "the smaller anchor in front, the larger's last blocks after it (SN-Net)",
              "two_way": "both ways round"}[stitch_plan]
     lines.append(f"stitch direction: {stitch_plan}, {front} ({why}; change: --stitch-plan)")
-    if args.stitch_kernel:
-        kernel, why = args.stitch_kernel, "--stitch-kernel"
-    elif args.anchors:
-        kernel, why = 1, "SN-Net's for pretrained anchors"
-    else:
-        kernel, why = STITCH_KERNEL, ("each output pixel reads its 3x3 neighbourhood: the least-squares fit starts "
-                                      "the stitches far closer to the smaller anchor's features")
-    lines.append(f"stitching layers: {kernel}x{kernel} linear maps ({why}; change: --stitch-kernel)")
     bn_stats = args.bn_stats or BN_STATS
     why = "--bn-stats" if args.bn_stats else ("an anchor's blocks after a stitch see the stitch's features, not its "
                                               "own: shared statistics fit neither")
@@ -730,7 +716,7 @@ def plan(summary: DataSummary, args: QuickstartOptions, weights: dict[str, str] 
                  f"change: --snnet-epochs, --nproc, --batch)")
     return Plan(img_size, anchors, bool(args.anchors) and not args.no_pretrained, stages, stitch_plan, anchor_epochs,
                 snnet_epochs, batch, nproc, lines, own_cnns=not args.anchors, anchor_batch=anchor_batch,
-                bn_stats=bn_stats, stitch_kernel=kernel)
+                bn_stats=bn_stats)
 
 
 def check_anchors(args: QuickstartOptions) -> dict[str, str]:
@@ -787,8 +773,6 @@ def stitch_config(out: Path, p: Plan, classes: int, folder: Path | None = None) 
         cfg["stitch_plan"] = p.stitch_plan
     if p.bn_stats != "shared":
         cfg["bn_stats"] = p.bn_stats
-    if p.stitch_kernel != 1:
-        cfg["stitch_layer"] = {"type": "linear", "kernel_size": p.stitch_kernel}
     path = (folder or out) / "stitch_config.json"
     write_text_atomic(path, json.dumps(cfg, indent=1) + "\n")
     return path
@@ -830,8 +814,8 @@ def check_steps(out: Path, summary: DataSummary, p: Plan, args: QuickstartOption
         stages = f", --stitch-stages {' '.join(map(str, p.stitch_stages))}" if p.stitch_stages is not None else ""
         check([str(summary.root), "--stitch_config", str(config), "--epochs", str(p.snnet_epochs), *snnet_flags,
                "--output", str(out), "--experiment", "snnet", *common], p.nproc,
-              f"the SN-Net of {anchors} (--stitch-plan {p.stitch_plan}{stages}, --stitch-kernel {p.stitch_kernel}, "
-              f"--img-size {p.img_size}) cannot be built")
+              f"the SN-Net of {anchors} (--stitch-plan {p.stitch_plan}{stages}, --img-size {p.img_size}) cannot be "
+              f"built")
 
 
 def preflight(args: QuickstartOptions, data: Path, out: Path) -> tuple[DataSummary, Plan, str | None]:

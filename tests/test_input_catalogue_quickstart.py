@@ -97,8 +97,8 @@ CASES = [  # (case, argv, the words of the one line, environment added)
      "--anchors resnte34: unknown timm model name 'resnte34': did you mean resnet34", None),
     ("quickstart plain ViTs larger in front", "quickstart {w}/grow --out {out} --anchors deit_tiny_patch16_224 "
      "deit_small_patch16_224 --no-pretrained --stitch-plan large_to_small --img-size 32",
-     "(--stitch-plan large_to_small, --stitch-kernel 1, --img-size 32) cannot be built: 'stitch_plan': "
-     "'large_to_small' takes hierarchical anchors", None),
+     "(--stitch-plan large_to_small, --img-size 32) cannot be built: 'stitch_plan': 'large_to_small' takes "
+     "hierarchical anchors", None),
     ("quickstart --stitch-stages 5", QS + " --stitch-stages 5", "--stitch-stages 5: the CNN anchors have stages 0-3",
      None),
     ("quickstart pretrained anchors offline", "quickstart {w}/grow --out {out} --anchors resnet18 resnet34",

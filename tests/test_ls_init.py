@@ -58,39 +58,6 @@ def test_joint_and_average_equal_direct_least_squares(digits_images):
 
 
 @torch.no_grad()
-def test_a_3x3_stitching_layer_is_the_least_squares_map_of_its_neighbourhoods(digits_images):
-    """kernel_size 3: the fit solves on each output pixel's 3x3 neighbourhood (zero-padded, as the conv reads it),
-    equals a direct solve on those rows, and fits at least as well as the 1x1 map; its spec rebuilds it."""
-    from snnet.stitching.layers import NCHW, TOKENS, StitchingLayer, stitch_layer_from_spec
-    x = torch.nn.functional.interpolate(digits_images[0][:64], size=32)
-    cnn = lambda w: {"name": "resnet18", "model_kwargs": {"channels": [w, 2 * w, 4 * w, 8 * w]}}
-    errors = {}
-    for k in (1, 3):
-        torch.manual_seed(0)
-        cfg = {"anchors": [cnn(4), cnn(8)], "stitch_plan": "large_to_small", "stitch_stages": [1],
-               "stitch_layer": {"type": "linear", "kernel_size": k}}
-        net = build_snnet(parse_stitch_config(cfg), pretrained=False, num_classes=10, img_size=32).eval()
-        ls_init(net, [x])
-        errors[k] = stitch_errors(net, x)
-    st = net.plan.routes[2].stitches[0]
-    need, where = net.feature_points([st])
-    feats = net.capture(x, need)
-    (fx, ux), (fy, uy) = where[(st.front, st.end, st.stage, st.j, st.k)]
-    X, Y = feats[(fx, ux)].double(), feats[(fy, uy)].double()
-    cols = torch.nn.functional.unfold(X, 3, padding=1).transpose(1, 2).reshape(-1, X.shape[1] * 9)
-    A = direct_solve(cols, to_rows(Y, NCHW))
-    layer = net.stitch_layer(st.layer)
-    assert layer.transform.weight.shape[2:] == (3, 3)
-    assert torch.allclose(layer.transform.weight.double().reshape(A.shape[1], -1), A[:-1].T, atol=1e-4)
-    assert all(errors[3][key] <= errors[1][key] + 1e-6 for key in errors[1]), errors
-    assert isinstance(stitch_layer_from_spec(layer.spec()), StitchingLayer) and layer.spec()["kernel_size"] == 3
-    with pytest.raises(ValueError, match="kernel_size 3 takes feature maps"):
-        StitchingLayer(8, 4, TOKENS, TOKENS, kernel_size=3)
-    with pytest.raises(ValueError, match="kernel_size 2 must be an odd integer"):
-        StitchingLayer(8, 4, NCHW, NCHW, kernel_size=2)
-
-
-@torch.no_grad()
 @pytest.mark.slow
 def test_ls_quality_on_held_out_digits(digits_images):
     """Right after init, stitched features are close to the end anchor's own features at the same depth, on images

@@ -99,16 +99,14 @@ def test_the_plan_says_each_choice_and_its_flag(tmp_path):
     assert anchor_flags[-2:] == ["-b", "128"] and snnet_flags[-2:] == ["-b", "32"] and "-b" not in common
     text = "\n".join(p.lines)
     for flag in ("--img-size", "--widths", "--anchors", "--anchor-epochs", "--snnet-epochs", "--nproc",
-                 "--stitch-stages", "--stitch-plan", "--bn-stats", "--stitch-kernel"):
+                 "--stitch-stages", "--stitch-plan", "--bn-stats"):
         assert flag in text, flag
     assert p.stitch_stages == [0, 1, 2, 3] and "stitches: in stage(s) 0 1 2 3 of 0-3" in text
     assert p.stitch_plan == "large_to_small" and "stitch direction: large_to_small, the larger anchor in front" in text
     assert plan(summary, _args(nproc=2, stitch_plan="two_way")).stitch_plan == "two_way"
     assert p.bn_stats == "per_stitch" and "BatchNorm statistics: per_stitch, one set per stitch" in text
     assert plan(summary, _args(nproc=2, bn_stats="shared")).bn_stats == "shared"
-    written = json.loads(stitch_config(tmp_path, p, 2).read_text())
-    assert written["bn_stats"] == "per_stitch" and written["stitch_layer"] == {"type": "linear", "kernel_size": 3}
-    assert "stitching layers: 3x3 linear maps" in text and plan(summary, _args(stitch_kernel=1)).stitch_kernel == 1
+    assert json.loads(stitch_config(tmp_path, p, 2).read_text())["bn_stats"] == "per_stitch"
     # the stitching layers at 5e-3, the CNN anchors at a tenth of it
     assert snnet_flags[:4] == ["--lr", "0.005", "--anchor-lr-scale", "0.1"], snnet_flags
     with pytest.raises(UsageError, match="--stitch-stages 1 4: the CNN anchors have stages 0-3"):
@@ -121,7 +119,6 @@ def test_the_plan_says_each_choice_and_its_flag(tmp_path):
     fine = plan(summary, _args(anchors=["resnet18.a1_in1k", "resnet50.a1_in1k"], nproc=1))
     assert fine.pretrained and [a[1] for a in fine.anchors] == ["resnet18.a1_in1k", "resnet50.a1_in1k"]
     assert fine.stitch_stages is None and fine.stitch_plan == "sliding_window"  # the family's own default, SN-Net's
-    assert fine.stitch_kernel == 1  # SN-Net's 1x1 maps for timm anchors (plain ViTs take only those)
     assert _recipes(fine, 0)[1][:4] == ["--lr", "0.0005", "--anchor-lr-scale", "1"]  # timm anchors: SN-Net's one LR
 
 

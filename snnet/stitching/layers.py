@@ -99,24 +99,15 @@ def stitch_layer_from_spec(spec: dict[str, Any]) -> nn.Module:
 
 @register_stitch_layer("linear")
 class StitchingLayer(nn.Module):
-    """One stitching layer: Linear on channels-last features, or a Conv on NCHW maps (1x1, or `kernel_size` with
-    "same" padding: each output pixel a linear map of the front's k x k neighbourhood), then a layout change."""
+    """One stitching layer: Linear on channels-last features, or 1x1 Conv on NCHW maps, then a layout change."""
 
-    def __init__(self, in_channels: int, out_channels: int, in_layout: str = TOKENS, out_layout: str = TOKENS,
-                 kernel_size: int = 1):
+    def __init__(self, in_channels: int, out_channels: int, in_layout: str = TOKENS, out_layout: str = TOKENS):
         super().__init__()
         if in_layout not in LAYOUTS or out_layout not in LAYOUTS:
             raise ValueError(f"unknown feature layout {in_layout!r} -> {out_layout!r}; use one of {LAYOUTS}")
-        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or \
-                kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size {kernel_size!r} must be an odd integer >= 1")
-        if kernel_size > 1 and in_layout != NCHW:
-            raise ValueError(f"kernel_size {kernel_size} takes feature maps (CNN front anchors); {in_layout} "
-                             f"features take 1")
-        self.in_layout, self.out_layout, self.kernel_size = in_layout, out_layout, kernel_size
+        self.in_layout, self.out_layout = in_layout, out_layout
         if in_layout == NCHW:
-            self.transform = nn.Conv2d(in_channels, out_channels, kernel_size=kernel_size, padding=kernel_size // 2,
-                                       bias=True)
+            self.transform = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=True)
         else:
             self.transform = nn.Linear(in_channels, out_channels, bias=True)
 
@@ -129,13 +120,8 @@ class StitchingLayer(nn.Module):
 
     @torch.no_grad()
     def set_affine(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
-        """Set the map y = W x + b from a (out, in) matrix and an (out,) vector; with `kernel_size` k, "in" is the
-        k x k neighbourhood's channels (`input_rows`)."""
+        """Set the map y = W x + b from a (out, in) matrix and an (out,) vector."""
         w = self.transform.weight
-        if weight.numel() != w.numel():
-            raise ValueError(f"a stitching layer of {tuple(w.shape)} takes W of {w.shape[0]} x {w[0].numel()}, not "
-                             f"{tuple(weight.shape)}: a kernel_size {self.kernel_size} map reads k x k neighbourhoods; "
-                             f"fit it with ls_mode joint or average")
         self.transform.weight.copy_(weight.reshape(w.shape).to(w.dtype))
         self.transform.bias.copy_(bias.to(w.dtype))
 
@@ -149,20 +135,10 @@ class StitchingLayer(nn.Module):
         t = self.transform
         cin, cout = (t.in_channels, t.out_channels) if isinstance(t, nn.Conv2d) else (t.in_features, t.out_features)
         return {"type": self.layer_type, "in_channels": cin, "out_channels": cout, "in_layout": self.in_layout,
-                "out_layout": self.out_layout, **({"kernel_size": self.kernel_size} if self.kernel_size > 1 else {})}
-
-    def input_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """Front features as the rows its map reads (what the least-squares fit solves on): one row per output
-        pixel, the k x k neighbourhood's channels in the weight's (channel, row, column) order."""
-        if self.kernel_size == 1:
-            return to_rows(x, self.in_layout)
-        c = x.shape[1]
-        cols = nn.functional.unfold(x, self.kernel_size, padding=self.kernel_size // 2)
-        return cols.transpose(1, 2).reshape(-1, c * self.kernel_size ** 2)
+                "out_layout": self.out_layout}
 
     def extra_repr(self) -> str:
-        kernel = f", kernel {self.kernel_size}" if self.kernel_size > 1 else ""
-        return f"{self.in_layout} -> {self.out_layout}{kernel}"
+        return f"{self.in_layout} -> {self.out_layout}"
 
 
 class LoRALinear(nn.Module):

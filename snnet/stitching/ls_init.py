@@ -77,11 +77,7 @@ def _add_batch(stats: NormalEquations, model: SNNet, feats, positions: list[Junc
     for st in positions:
         key = _key(st)
         (fa, ux), (ea, uy) = where[key]
-        layer = model.stitch_layer(st.layer)
-        if getattr(layer, "kernel_size", 1) > 1:  # a map over k x k neighbourhoods: one row per output pixel
-            X = layer.input_rows(feats[(fa, ux)]).double()
-        else:
-            X = _rows(model, feats, fa, ux, st.stage)
+        X = _rows(model, feats, fa, ux, st.stage)
         Y = _rows(model, feats, ea, uy, st.stage)
         _check_rows(model, st, X, Y)
         stats.add((fa, ux), X, key, Y)
