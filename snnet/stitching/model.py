@@ -435,6 +435,9 @@ class StitchStats(nn.Module):
     def __init__(self, net: SNNet):
         super().__init__()
         self.sets = nn.ModuleDict()
+        #: per (anchor, unit): (BatchNorm name in the anchor, its buffers' names here), found once: the names stay
+        #: when --sync-bn replaces the layers, so each swap looks the layers up by name without walking the unit
+        self.layers: dict[tuple[int, int], list[tuple[str, str, str]]] = {}
         for route in net.routes:
             for step in route:
                 if not isinstance(step, UnitStep) or step.stats is None:
@@ -442,9 +445,12 @@ class StitchStats(nn.Module):
                 if step.stats not in self.sets:
                     self.sets[step.stats] = nn.Module()
                 holder = self.sets[step.stats]
-                for name, bn in net.unit_batchnorms(step.anchor, step.unit):
-                    if bn.running_mean is None:  # no running statistics to keep
-                        continue
+                found = [(name, bn) for name, bn in net.unit_batchnorms(step.anchor, step.unit)
+                         if bn.running_mean is not None]  # a layer without running statistics keeps nothing
+                self.layers[(step.anchor, step.unit)] = [
+                    (name, self.buffer_name(step.anchor, name, "running_mean"),
+                     self.buffer_name(step.anchor, name, "running_var")) for name, _ in found]
+                for name, bn in found:
                     for stat in ("running_mean", "running_var"):
                         holder.register_buffer(self.buffer_name(step.anchor, name, stat),
                                                getattr(bn, stat).detach().clone())
@@ -456,10 +462,9 @@ class StitchStats(nn.Module):
     def of(self, net: SNNet, step: UnitStep) -> list[tuple[str, nn.Module, torch.Tensor, torch.Tensor]]:
         """(name, BatchNorm layer, running mean, running var) of each BatchNorm layer `step`'s unit runs, with the
         statistics it runs with there."""
-        holder = self.sets[step.stats]
-        return [(name, bn, getattr(holder, self.buffer_name(step.anchor, name, "running_mean")),
-                 getattr(holder, self.buffer_name(step.anchor, name, "running_var")))
-                for name, bn in net.unit_batchnorms(step.anchor, step.unit) if bn.running_mean is not None]
+        buffers, model = self.sets[step.stats]._buffers, net.anchor(step.anchor)
+        return [(name, model.get_submodule(name), buffers[mean], buffers[var])
+                for name, mean, var in self.layers[(step.anchor, step.unit)]]
 
     @contextlib.contextmanager
     def swapped(self, net: SNNet, step: UnitStep) -> Iterator[None]:
