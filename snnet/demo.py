@@ -16,9 +16,9 @@
 Everything goes to output/demo (gitignored; results in output/demo/results/demo). Each step's full log is a file
 there; the console gets the step's progress line (epoch, loss, ETA) every few seconds. The committed results/demo
 and results/demo_v2 change only through tools/publish_demo.py (`make demo-results`); `--check` (`make demo-check`)
-compares a fresh run with them. The demo's process and every process it starts run on one thread each with the
-AVX2 kernels of ATen and oneDNN and MKL's SSE2 code branch for every CPU vendor (PINNED_ENV): the numbers are then
-the same on every x86-64 CPU with AVX2, AVX-512 or not (docs/demo.md says what can still move them).
+compares a fresh run with them. The demo's process and every process it starts run on one thread each with
+ATen's AVX2 kernels, MKL's SSE2 code branch for every CPU vendor and oneDNN off (PINNED_ENV): the numbers are then
+the same on every x86-64 CPU with AVX2, Intel or AMD, AVX-512 or not (docs/demo.md says what can still move them).
 
 `python -m snnet.demo --v2` (`make demo-v2`) compares SN-Net with SN-Netv2 on the same two anchors (w16 and w64,
 the same checkpoints as above): step 3 trains, with the same epochs and learning rates, an SN-Net with SN-Net's
@@ -53,6 +53,7 @@ from snnet.results.predictions import load_for, predictions_path, write_predicti
 from snnet.results.quality import in_anchor_range
 from snnet.results.records import RESULTS_FILE, file_sha256, read_results, write_results
 from snnet.results.report import write_report
+from snnet.train.device import ONEDNN_ENV
 from snnet.utils.checkpoint import VERSION as CHECKPOINT_VERSION
 from snnet.utils.checkpoint import load_checkpoint
 from snnet.utils.fileio import atomic_path, write_text_atomic
@@ -76,18 +77,19 @@ ANCHOR_FLAGS = ["--lr", "2e-3", "--warmup-epochs", "2"]
 # tenth of it only the stitching layers adapt, and stitches between the two small anchors fall 5-15 points below
 # both (docs/demo.md, the recipe study)
 SNNET_FLAGS = ["--lr", "1e-3", "--anchor-lr-scale", "1", "--warmup-epochs", "1"]
+#: validation (a panel of stitches) every 5th epoch and the last: the demo reads only the final evaluation
 COMMON = ["--img-size", "16", "-b", "32", "--opt", "adamw", "--weight-decay", "0.05", "--scale", "0.7", "1",
-          "--hflip", "0", "--smoothing", "0.1", "-j", "0", "--seed", "0", "--log-interval", "10"]
+          "--hflip", "0", "--smoothing", "0.1", "-j", "0", "--seed", "0", "--log-interval", "10", "--val-interval", "5"]
 EVAL_FLAGS = ["--img-size", "16", "-b", "32", "-j", "0"]  # evaluate_weights: COMMON's evaluation settings
 SEED = 0  # COMMON's seed of the anchors and the SN-Net (--seed; the data split is always the same)
 THREADS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # see _child_env
-#: what the demo sets for its own process and every process it starts (main: before any kernel runs; torch, oneDNN
-#: and MKL choose their kernels at first use): one thread per process, and kernels that do not depend on the CPU's
-#: instruction set beyond AVX2 or on its vendor: ATen's AVX2 build, oneDNN's AVX2 JIT kernels, and MKL's SSE2 code
-#: branch, the one MKL runs alike on Intel and AMD CPUs (its AVX2 branch is Intel-only; elsewhere MKL ignores it and
-#: dispatches by vendor). Each library's AVX-512 kernels sum in another order, and a few hundred training steps
-#: amplify the last bits into other top-1 on 360 images.
-PINNED_ENV = {**THREADS_ENV, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "COMPATIBLE"}
+#: what the demo sets for its own process and every process it starts (main: before any kernel runs; torch and MKL
+#: choose their kernels at first use): one thread per process, and kernels that do not depend on the CPU beyond AVX2:
+#: ATen's AVX2 build, MKL's SSE2 code branch (the one MKL runs alike on Intel and AMD CPUs; its AVX2 branch is
+#: Intel-only, elsewhere MKL dispatches by vendor), and no oneDNN (ONEDNN_ENV: its kernels block by the CPU's cache
+#: sizes, so even pinned to AVX2 they sum in another order on an Intel CPU than on an AMD one). Any other order of
+#: the sums moves the last bits, and a few hundred training steps amplify them into other top-1 on 360 images.
+PINNED_ENV = {**THREADS_ENV, "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE", ONEDNN_ENV: "0"}
 RELAY_SECONDS = 5.0  # the console gets the running step's newest progress line this often (run)
 RANGE_MARGIN = 3.0  # summary(): stitches within the anchors' top-1 range +- this many points
 

@@ -183,9 +183,9 @@ def test_only_an_interrupted_run_of_the_same_command_is_continued(tmp_path, monk
 
 
 def test_every_step_of_the_demo_runs_pinned(tmp_path, monkeypatch):
-    """`python -m snnet.demo` starts every step with PINNED_ENV (one thread, the AVX2 kernels of ATen and oneDNN,
-    MKL's vendor-independent code branch), whatever the caller's environment says; snnet quickstart, which runs its
-    steps through the same functions, pins the threads only."""
+    """`python -m snnet.demo` starts every step with PINNED_ENV (one thread, ATen's AVX2 kernels, MKL's
+    vendor-independent code branch, oneDNN off), whatever the caller's environment says; snnet quickstart, which runs
+    its steps through the same functions, pins the threads only."""
     from snnet import demo
     for key in demo.PINNED_ENV:  # absent here, and absent again after the test (main sets them in os.environ)
         monkeypatch.setenv(key, "512")
@@ -203,3 +203,38 @@ def test_every_step_of_the_demo_runs_pinned(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="stop after the first step"):
         demo.main(["--work", str(tmp_path)])
     assert seen and all(env[key] == value for env in seen for key, value in demo.PINNED_ENV.items())
+
+
+_CONV_SUMS = """
+import hashlib, torch
+from snnet.train.device import apply_onednn_switch
+apply_onednn_switch()
+torch.manual_seed(0)
+x = torch.randn(8, 16, 12, 12)
+conv = torch.nn.Conv2d(16, 32, 3, padding=1)
+conv(x).square().sum().backward()
+print(hashlib.sha256(conv.weight.grad.numpy().tobytes()).hexdigest())
+"""
+
+
+@pytest.mark.slow
+def test_the_pin_takes_onednn_out_of_the_sums():
+    """With the demo's PINNED_ENV a convolution's weight gradient has the same bits whatever oneDNN's instruction set
+    (oneDNN is off: nothing it chooses by the CPU can move the sums); with oneDNN on, the instruction set moves them,
+    as another CPU's cache sizes move its blocking."""
+    import os
+    import subprocess
+    import sys
+
+    from snnet.demo import PINNED_ENV
+    from snnet.train.device import ONEDNN_ENV
+
+    def grad_bits(isa: str, onednn: bool) -> str:
+        env = {**os.environ, **PINNED_ENV, "ONEDNN_MAX_CPU_ISA": isa}
+        if onednn:
+            env.pop(ONEDNN_ENV)
+        return subprocess.run([sys.executable, "-c", _CONV_SUMS], env=env, capture_output=True, text=True,
+                              check=True, cwd=ROOT).stdout.strip()
+
+    assert grad_bits("AVX2", onednn=False) == grad_bits("SSE41", onednn=False)
+    assert grad_bits("AVX2", onednn=True) != grad_bits("SSE41", onednn=True)

@@ -21,6 +21,18 @@ class DeviceError(SNNetError):
     """A device request this machine cannot meet; the message names the fix."""
 
 
+#: "0" turns oneDNN (mkldnn) off in this process: convolutions then run as ATen's im2col and the BLAS's gemm. oneDNN
+#: sizes its blocks by the CPU's caches, so its kernels sum in another order on another CPU even with their
+#: instruction set pinned (ONEDNN_MAX_CPU_ISA); the digits demo sets it to give the same numbers on every x86-64 CPU
+ONEDNN_ENV = "SNNET_ONEDNN"
+
+
+def apply_onednn_switch() -> None:
+    """oneDNN off when ONEDNN_ENV is "0" (torch has no variable of its own for it)."""
+    if os.environ.get(ONEDNN_ENV) == "0":
+        torch.backends.mkldnn.enabled = False
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The network inside a DistributedDataParallel wrapper (or the network itself)."""
     return model.module if hasattr(model, "module") else model

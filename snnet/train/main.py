@@ -23,7 +23,7 @@ from snnet.data.checks import warn_small_classes_here
 from snnet.stitching.config import StitchConfig
 from snnet.train.args import fitted_notes, parse_args, set_by
 from snnet.train.describe import describe_run, to_yaml
-from snnet.train.device import adopt_slurm_env, cpu_has_fast_bf16, device_from_flag
+from snnet.train.device import adopt_slurm_env, apply_onednn_switch, cpu_has_fast_bf16, device_from_flag
 from snnet.train.loggers import check_loggers
 from snnet.train.options import RunOptions
 from snnet.train.preempt import STOP, Preempted
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     for handler in logging.getLogger().handlers:
         handler.addFilter(_level_prefix)
     STOP.install()  # train.py installed it before its imports; callers of main() get it here, before any work
+    apply_onednn_switch()  # before any kernel runs
     try:
         adopt_slurm_env()  # under srun: RANK, WORLD_SIZE ... from Slurm's variables, before anything reads them
         args, stitch_cfg = parse_args(argv)  # parse (each flag checked as typed)
