@@ -56,6 +56,26 @@ def test_an_epoch_advances_the_state_and_calls_the_hooks_per_optimizer_step():
     assert len(state.rng_after) == 2  # the last two batches' RNG snapshots (recovery checkpoints need them)
 
 
+def test_under_a_grad_scaler_a_non_finite_loss_stops_at_the_next_read_and_never_reaches_the_weights():
+    """fp16 with a GradScaler reads the losses back only where it logs (no stall of the device per step): a NaN loss
+    at step 2 is caught at the read after step 4, named by its step, and the scaler kept it off the weights."""
+    trainer = tiny_trainer(batches=6, amp=True, amp_dtype="float16", device="cpu", log_interval=4)
+    assert trainer.loss_scaler is not None
+    base, calls, weights = trainer.loss_fn, [], {}
+
+    def loss_fn(x, out, y):
+        calls.append(1)
+        return base(x, out, y) * (float("nan") if len(calls) == 3 else 1.0)
+
+    trainer.loss_fn = loss_fn
+    trainer.after_step.append(lambda step: weights.__setitem__(step, {k: v.clone() for k, v in
+                                                                       trainer.model.state_dict().items()}))
+    with pytest.raises(trainer_module.NonFiniteLoss, match=r"at epoch 0, step 2 on rank 0 \(stitch cfg_id 2:"):
+        trainer.train_one_epoch(0)
+    assert sorted(weights) == [1, 2, 3, 4]  # trained on to the read
+    assert not _floats_differ(weights[2], weights[3]) and _floats_differ(weights[3], weights[4])
+
+
 def test_a_recovery_rank_state_restores_what_the_epoch_continues_from():
     saved = TrainState(global_step=9, epoch=1, epoch_step=4, epoch_loss=[5.5, 8.0],
                        rng_after=deque(["a", "b"], maxlen=2)).rank_state()

@@ -45,6 +45,10 @@ class TrainState:
     # loader prepares batch i+1 right after batch i-1)
     epoch_loss: list[float] = field(default_factory=lambda: [0.0, 0.0])
     rng_after: deque = field(default_factory=lambda: deque(maxlen=2))
+    # losses not read back yet, (loss tensor, samples, epoch, global_step, cfg_id) in order (`Trainer.settle_losses`),
+    # and the latest read-back step's loss
+    pending: list = field(default_factory=list)
+    last_loss: float = float("nan")
     # resuming from a recovery checkpoint: optimizer steps of this epoch already trained, and the RNG states to
     # restore after the last two batches of step skip (None where there is none)
     skip: int = 0
@@ -87,6 +91,7 @@ class Recovery:
         Every rank contributes what it needs to continue exactly (`TrainState.rank_state`)."""
         trainer = self.trainer
         state = trainer.state
+        trainer.settle_losses()
         mine = state.rank_state()
         ranks: list[Any] = [mine]
         if world()[1] > 1:

@@ -353,7 +353,8 @@ class Trainer:
         if not skip:
             state.epoch_loss = [0.0, 0.0]
         state.rng_after.clear()
-        step_loss, step_samples = 0.0, 0
+        state.pending.clear()
+        step_samples = 0
         for i, (x, y) in enumerate(loader, start=1):
             if i > steps * accum:  # fewer than N batches left: not a whole step
                 break
@@ -373,12 +374,12 @@ class Trainer:
                         loss = loss_fn(x, out, y)
                 if train.no_amp_loss:
                     loss = loss_fn(x, out, y)
-                _check_finite(loss, epoch, state.global_step, cfg_id, net)
+                if self.loss_scaler is None:  # nothing else would keep a non-finite step off the weights
+                    _check_finite(math.isfinite(loss.item()), epoch, state.global_step, cfg_id, net, self.device)
                 self._backward(loss / accum if accum > 1 else loss, zero_grad=micro == 0, update=update)
-            value = float(loss.detach().double().cpu())
-            state.epoch_loss[0] += value * x.shape[0]
-            state.epoch_loss[1] += x.shape[0]
-            step_loss, step_samples = step_loss + value, step_samples + x.shape[0]
+            # read back where shown or saved (`settle_losses`): a read here would stall the device every step
+            state.pending.append((loss.detach(), x.shape[0], epoch, state.global_step, cfg_id))
+            step_samples += x.shape[0]
             if self.snapshot_rng:
                 state.rng_after.append(rng_state())  # nothing below draws random numbers
             if not update:
@@ -391,14 +392,40 @@ class Trainer:
                 hook(state.global_step)
             if self.options.schedule.sched_on_updates:
                 self.lr_scheduler.step_update(num_updates=state.global_step)
-            progress.update(state.epoch_step, step_samples, f"loss {step_loss / accum:.4f} (avg "
+            due = progress.due(state.epoch_step)  # by step count: every rank settles at the same steps
+            if due:
+                self.settle_losses()
+            progress.update(state.epoch_step, step_samples, f"loss {state.last_loss:.4f} (avg "
                                                             f"{state.epoch_loss[0] / state.epoch_loss[1]:.4f}) "
-                                                            f"lr {self.current_lr:.3e}")
-            step_loss, step_samples = 0.0, 0
+                                                            f"lr {self.current_lr:.3e}" if due else "")
+            step_samples = 0
+        self.settle_losses()
         stats = torch.tensor(state.epoch_loss, dtype=torch.float64)
         if self.world_size > 1:
             stats = all_reduce_sum(stats)  # on the backend's device (nccl: CUDA tensors only)
         return OrderedDict(loss=float(stats[0] / max(stats[1], 1)))
+
+    def settle_losses(self) -> None:
+        """The losses of the steps since the last read, read back in one synchronisation and added to the epoch's
+        sum in step order (`TrainState.epoch_loss`, `last_loss`: the latest step's mean over its micro-batches).
+        Under a GradScaler the finiteness check happens here: the scaler skipped the steps of a non-finite loss,
+        so none reached the weights. Every rank calls it at the same steps (the check is a collective)."""
+        state = self.state
+        if not state.pending:
+            return
+        values = torch.stack([t.float() for t, *_ in state.pending]).double().cpu().tolist()
+        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+        if self.loss_scaler is not None:
+            _, _, epoch, step, cfg_id = state.pending[-1 if bad is None else bad]
+            _check_finite(bad is None, epoch, step, cfg_id, self.net, self.device)
+        last = state.pending[-1][3]
+        step_loss = 0.0
+        for (_, n, _, step, _), v in zip(state.pending, values):
+            state.epoch_loss[0] += v * n
+            state.epoch_loss[1] += n
+            step_loss += v if step == last else 0.0
+        state.last_loss = step_loss / self.accum_steps
+        state.pending.clear()
 
     def _backward(self, loss: torch.Tensor, zero_grad: bool = True, update: bool = True) -> None:
         """Backward of `loss`; with gradient accumulation the first micro-batch of a step zeroes the gradients
@@ -578,18 +605,18 @@ def validates(epoch: int, interval: int, epochs: range) -> bool:
     return (epoch + 1) % interval == 0 or epoch + 1 == epochs.stop
 
 
-def _check_finite(loss: torch.Tensor, epoch: int, step: int, cfg_id: int, net: nn.Module) -> None:
-    """Stop before a non-finite loss reaches the weights. Under DDP every rank learns of it in the same step (each
-    trains its own stitch), so no rank is left waiting in an all-reduce."""
-    mine = torch.tensor([0.0 if math.isfinite(loss.item()) else 1.0, float(cfg_id)], device=loss.device)
+def _check_finite(finite: bool, epoch: int, step: int, cfg_id: int, net: nn.Module, device: torch.device) -> None:
+    """Stop on a non-finite loss (of stitch `cfg_id` at `step`). Under DDP every rank learns of it in the same call
+    (each trains its own stitch), so no rank is left waiting in an all-reduce."""
+    mine = torch.tensor([0.0 if finite else 1.0, float(cfg_id), float(step)], device=device)
     if world()[1] > 1:
         flags = [torch.zeros_like(mine) for _ in range(world()[1])]
         dist.all_gather(flags, mine)
     else:
         flags = [mine]
-    culprits = [(r, int(f[1])) for r, f in enumerate(flags) if f[0] > 0]
+    culprits = [(r, int(f[1]), int(f[2])) for r, f in enumerate(torch.stack(flags).cpu()) if f[0] > 0]
     if culprits:
-        rank, cfg = culprits[0]
+        rank, cfg, step = culprits[0]
         raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, step {step} on rank {rank} (stitch cfg_id {cfg}: "
                             f"{unwrap(net).describe(cfg)}); lower --lr or set --clip-grad; what was written before "
                             f"(the last good checkpoint, finished runs) is kept")

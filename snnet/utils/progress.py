@@ -66,13 +66,17 @@ class Progress:
         """``update`` of the next step."""
         self.update(self.step + 1, items, extra)
 
+    def due(self, step: int) -> bool:
+        """Whether `update(step)` logs a line."""
+        last = self.total is not None and step >= self.total
+        return bool(last or (self.every and step % self.every == 0) or
+                    (self.seconds is not None and time.perf_counter() - self.last_line >= self.seconds))
+
     def update(self, step: int, items: int = 0, extra: str = "") -> None:
         self.step, self.items = step, self.items + items
         now = time.perf_counter()
         last = self.total is not None and step >= self.total
-        due = last or (self.every and step % self.every == 0) or \
-            (self.seconds is not None and now - self.last_line >= self.seconds)
-        if due:
+        if self.due(step):
             self.last_line = now
             emit(self.line(extra), self.stream if self.bar else None)
         elif self.bar and now - self.last_bar >= 0.1:
