@@ -384,62 +384,8 @@ def _train_step_table(ctx: dict, config: str, sets: list[str], label: str) -> di
             "data": {"ratio": mean, "rows": rows, "notes": notes}}
 
 
-def _timm_anchor_table(ctx: dict, config: str, anchor: int) -> str:
-    """The SN-Net's route of one anchor alone (cfg_id of its anchor route) against timm's own model of that anchor,
-    built by timm.create_model outside the SN-Net, one training step each, interleaved (train_step.py's `time_step`):
-    what SN-Net's wrapping costs a plain timm training step."""
-    import statistics
-
-    import timm
-    import torch
-    import train_step as ts
-
-    from snnet import build_snnet
-    from snnet.train.sampler import anchor_routes
-    size, device = ctx["size"], ctx["device"]
-    cuda = device.type == "cuda"
-    amp = torch.float16 if cuda else None
-    cfg, _ = ts.load_config(str(ROOT / config), size["ts_reduced"], [])
-    torch.manual_seed(0)
-    net = build_snnet(cfg, pretrained=False, img_size=size["ts_img"]).to(device).train()
-    cfg_id = anchor_routes(net)[anchor]
-    spec = cfg.anchors[anchor]
-    own = timm.create_model(spec.name, pretrained=False, img_size=size["ts_img"], **spec.model_kwargs).to(device)
-    own.train()
-    batch = size["ts_batch"]
-    x = torch.randn(batch, 3, size["ts_img"], size["ts_img"], device=device)
-    y = torch.randint(0, 1000, (batch,), device=device)
-    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
-    routed, peaks = (lambda t: net(t, cfg_id)), {}
-    runs = {"snnet": (routed, list(net.parameters())), "timm": (own, list(own.parameters()))}
-    for _ in range(2):  # warm-up, peak memory
-        for key, (fn, params) in runs.items():
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(device)
-            ts.time_step(fn, params, x, y, amp, scaler)
-            if cuda:
-                peaks[key] = max(peaks.get(key, 0), torch.cuda.max_memory_allocated(device))
-    times: dict[str, list[float]] = {"snnet": [], "timm": []}
-    for _ in range(size["ts_reps"]):
-        for key, (fn, params) in runs.items():
-            times[key].append(ts.time_step(fn, params, x, y, amp, scaler))
-    med = {k: statistics.median(v) for k, v in times.items()}
-    log(f"timm's own {spec.name}: SN-Net route / timm {med['snnet'] / med['timm']:.3f}")
-    return (f"The SN-Net's route of anchor {anchor} alone (cfg {cfg_id}) against timm's own `{spec.name}` "
-            f"(timm.create_model), batch {batch}, one training step each, interleaved:\n\n" + md_table(
-                ["network", "step (s)", "img/s", "peak (GiB)"],
-                [[f"SN-Net cfg {cfg_id}", f"{med['snnet']:.4f}", f"{batch / med['snnet']:.0f}",
-                  gib(peaks.get("snnet"))],
-                 [f"timm {spec.name}", f"{med['timm']:.4f}", f"{batch / med['timm']:.0f}", gib(peaks.get("timm"))],
-                 ["ratio (SN-Net / timm)", f"{med['snnet'] / med['timm']:.3f}", "", ""]],
-                "---|---:|---:|---:"))
-
-
 def step_train_step(ctx: dict) -> dict:
-    out = _train_step_table(ctx, "configs/deit_ti_s_b.json", [], "DeiT-Ti/S/B step")
-    if time.time() < ctx["deadline"] - 10:  # DeiT-S (anchor 1) as timm builds it: the issue's reference step
-        out["tables"].append(_timm_anchor_table(ctx, "configs/deit_ti_s_b.json", 1))
-    return out
+    return _train_step_table(ctx, "configs/deit_ti_s_b.json", [], "DeiT-Ti/S/B step")
 
 
 def step_v2_step(ctx: dict) -> dict:

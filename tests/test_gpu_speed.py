@@ -1,0 +1,49 @@
+"""benchmarks/gpu_speed.py: run at toy size on the CPU so the script cannot rot between GPU loans; a rerun of one
+part keeps the others; its refusal where no CUDA device is visible."""
+import json
+import math
+import os
+
+import pytest
+from helpers import ROOT, shared_cli
+
+SCRIPT = f"{ROOT}/benchmarks/gpu_speed.py"
+
+
+def gpu_speed(*argv, timeout=600):
+    """`python benchmarks/gpu_speed.py ARGV`, forked from helpers' server: (exit code, stdout, stderr)."""
+    return shared_cli().call("script", [SCRIPT, *map(str, argv)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             timeout=timeout)
+
+
+@pytest.mark.slow
+def test_smoke_runs_every_part_and_a_rerun_of_one_keeps_the_others(tmp_path):
+    code, stdout, stderr = gpu_speed("--smoke", "--device", "cpu", "--out", tmp_path)
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
+    report = json.loads((tmp_path / "speed_cpu_smoke.json").read_text())["results"]
+    assert list(report) == ["eager", "recipe", "compiled"]
+    assert all(p["status"] == "ok" for p in report.values()), {k: p["summary"] for k, p in report.items()}
+    eager = report["eager"]["data"]
+    assert eager["rounds"] == 3 and len(eager["pairs"]) == 8  # 3 anchors x (timm, standalone) + 2 stitches
+    profile = list(eager["profile"].values())  # anchor 1's route through the SN-Net, timm's own model
+    assert profile[0]["cpu_ops"] == profile[1]["cpu_ops"] > 0  # the SN-Net's route runs no op timm's model does not
+    assert len(report["recipe"]["data"]["step_ms"]) == 5 and report["recipe"]["data"]["ddp_step_ms"] > 0
+    assert math.isfinite(report["compiled"]["data"]["anchors_compiled_vs_timm"])
+    result = stdout.strip().splitlines()[-1]
+    assert result.startswith("RESULT gpu_vs_timm=") and "nan" not in result, result
+
+    code, stdout, stderr = gpu_speed("--smoke", "--device", "cpu", "--out", tmp_path, "--parts", "recipe",
+                                     "--no-ddp", "--keep")
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
+    again = json.loads((tmp_path / "speed_cpu_smoke.json").read_text())["results"]
+    assert again["eager"] == {**report["eager"], "kept": True} and again["compiled"]["kept"]
+    assert "kept" not in again["recipe"] and again["recipe"]["data"]["ddp_step_ms"] is None
+    md = (tmp_path / "speed_cpu_smoke.md").read_text()
+    assert "| eager (kept from the run before) | ok |" in md and md.count("\n## ") == 3
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_without_cuda_one_line_and_exit_2(tmp_path):
+    code, stdout, stderr = gpu_speed("--out", tmp_path, timeout=120)
+    assert code == 2 and stderr.count("\n") == 1 and "no CUDA device" in stderr, stderr
+    assert not list(tmp_path.iterdir())
