@@ -70,27 +70,32 @@ from snnet.results.records import RESULTS_FILE, file_sha256, read_results
 from snnet.utils.errors import SNNetError, UsageError, one_line
 from snnet.utils.fileio import write_text_atomic
 
-#: the anchors quickstart trains from scratch: ResNet-34's layout (3, 4, 6 and 3 basic blocks in its 4 stages) at
-#: widths w, 2w, 4w, 8w and a stem as narrow (`anchor_kwargs`); labels c<w>. Its deep stages give each pair of
-#: anchors a stitch between every two neighbouring blocks, 12 in all, as SN-Net stitches ResNet-50's 6-block stage
+#: the anchors quickstart trains from scratch: timm's resnet34 with its 16 basic blocks laid out 1, 1, 8 and 6 over
+#: its 4 stages (`anchor_kwargs`); labels c<w>. Stitches join two anchors between neighbouring blocks of the two deep
+#: stages, 12 per pair of neighbouring anchors, as SN-Net stitches ResNet-50's 6-block stage: a stitch that leaves
+#: the larger anchor before stage 2 passes its features through the smaller anchor's 4- and 8-channel early blocks,
+#: which lose what the larger one saw
 FAMILY = "resnet34"
+LAYERS = (1, 1, 8, 6)
 
 
-def anchor_kwargs(width: int) -> dict:
-    """timm's resnet34 at stage widths w, 2w, 4w, 8w with a stem of 3x3 convs of w/2, w/2 and w channels (its
-    "deep" stem). Its default stem, a 7x7 conv, has 64 channels whatever `stem_width` says: at 64 px that conv alone
-    is 9.6 MFLOPs, more than a width-4 anchor's whole network."""
-    return {"channels": [width, 2 * width, 4 * width, 8 * width], "stem_type": "deep",
-            "stem_width": (width + 1) // 2}
+def anchor_kwargs(width: int, smallest: int | None = None) -> dict:
+    """timm's resnet34 with LAYERS blocks at stage widths up to w, 2w, 4w, 8w, and the stem of the smallest anchor
+    (first-stage width `smallest`, default `width`): 3x3 convs of s/2, s/2 and s channels (timm's "deep" stem;
+    its default stem, a 7x7 conv, has 64 channels whatever `stem_width` says: at 64 px that alone is 9.6 MFLOPs).
+    The two early stages are at most twice the smallest anchor's width: every stitch runs the larger anchor's stem
+    and early stages, so they set the cost of the cheapest stitch (here about 1.5x the smallest anchor's FLOPs; with
+    w and 2w there, about 2.6x) while its late stages carry its accuracy."""
+    s = width if smallest is None else smallest
+    return {"layers": list(LAYERS), "channels": [min(width, 2 * s), min(2 * width, 4 * s), 4 * width, 8 * width],
+            "stem_type": "deep", "stem_width": (s + 1) // 2}
 
 
-#: the anchors' first-stage widths: two anchors 3x apart, about 9x apart in FLOPs, so that they differ in accuracy
-#: as they differ in cost and the stitches between them have room above the line that mixes them. A third anchor in
-#: between adds a corner to that line where a few hundred images per class leave the larger two close in accuracy
+#: the anchors' first-stage widths: two anchors 3x apart, about 7x apart in FLOPs, so that they differ in accuracy
+#: as they differ in cost and the stitches between them have room above the line that mixes them
 WIDTHS = (4, 12)
-#: the stages (0-3) the CNN anchors are stitched in: all four, one stitch between every two neighbouring blocks of
-#: each, per pair of neighbouring anchors
-STITCH_STAGES = (0, 1, 2, 3)
+#: the stages the CNN anchors are stitched in: the two deep ones (stages 0 and 1 hold one block each)
+STITCH_STAGES = (2, 3)
 #: which anchor runs first in a stitch: the larger (its stem and blocks up to the stitch, then the smaller anchor's
 #: remaining blocks and head). The larger anchor's early stages carry most of its advantage and its late ones most
 #: of its FLOPs, so these networks keep much of its accuracy at a fraction of its cost; the smaller in front,
@@ -616,9 +621,8 @@ def check_options(args: QuickstartOptions, data: Path, out: Path) -> None:
         if len(w) < 2 or any(a >= b for a, b in zip(w, w[1:])):
             raise UsageError(f"--widths {' '.join(map(str, w))}: give 2 or more widths, smallest first, each larger "
                              f"than the last (e.g. --widths 6 12 24)")
-    if args.stitch_stages is not None and not args.anchors and not all(0 <= s <= 3 for s in args.stitch_stages):
-        raise UsageError(f"--stitch-stages {' '.join(map(str, args.stitch_stages))}: the CNN anchors have stages 0-3; "
-                         f"give some of 0 1 2 3")
+    if args.stitch_stages is not None and not args.anchors:
+        _check_cnn_stages(args.stitch_stages)
     if out == data or data in out.parents:
         raise UsageError(f"--out {str(out)!r} is inside DATA {str(data)!r}: quickstart's own files there would be "
                          f"read as a class of images; give an --out outside DATA")
@@ -626,6 +630,15 @@ def check_options(args: QuickstartOptions, data: Path, out: Path) -> None:
             any(data.is_relative_to(a) for a in out.glob("anchor_*")):
         raise UsageError(f"DATA {str(data)!r} is inside what quickstart writes in --out {str(out)!r}; give DATA "
                          f"outside it, or another --out")
+
+
+def _check_cnn_stages(stages: list[int]) -> None:
+    """--stitch-stages for quickstart's CNN anchors: stages with two or more blocks (LAYERS), where a stitch fits."""
+    deep = [s for s, n in enumerate(LAYERS) if n > 1]
+    if not stages or not all(s in deep for s in stages):
+        raise UsageError(f"--stitch-stages {' '.join(map(str, stages))}: the CNN anchors have stages 0-3 of "
+                         f"{', '.join(map(str, LAYERS))} blocks, and a stitch goes between two blocks of one stage; "
+                         f"give some of {' '.join(map(str, deep))}")
 
 
 def plan(summary: DataSummary, args: QuickstartOptions, weights: dict[str, str] | None = None) -> Plan:
@@ -654,18 +667,20 @@ def plan(summary: DataSummary, args: QuickstartOptions, weights: dict[str, str] 
         lines.append(f"anchors: {', '.join(args.anchors)} (--anchors, smallest first), fine-tuned from {start}")
     else:
         widths = args.widths or list(WIDTHS)
-        anchors = [(f"c{w}", FAMILY, anchor_kwargs(w)) for w in widths]
+        anchors = [(f"c{w}", FAMILY, anchor_kwargs(w, widths[0])) for w in widths]
         anyway = "; --no-pretrained: they start from random weights anyway" if args.no_pretrained else ""
-        lines.append(f"anchors: {len(widths)} small CNNs from scratch, ResNet-34's layout at widths "
-                     f"{'/'.join(map(str, widths))} ({', '.join(a[0] for a in anchors)}): they learn from a few "
+        lines.append(f"anchors: {len(widths)} small CNNs from scratch, ResNet-34's 16 blocks laid out "
+                     f"{', '.join(map(str, LAYERS))} at widths {'/'.join(map(str, widths))} "
+                     f"({', '.join(a[0] for a in anchors)}): they learn from a few "
                      f"hundred images per class and stitch stage by stage (change: --widths W W W, or --anchors NAME "
                      f"... for timm models){anyway}")
     stages = list(args.stitch_stages) if args.stitch_stages else None if args.anchors else list(STITCH_STAGES)
-    if stages is not None and not args.anchors and not all(0 <= s <= 3 for s in stages):
-        raise UsageError(f"--stitch-stages {' '.join(map(str, stages))}: the CNN anchors have stages 0-3; give some "
-                         f"of 0 1 2 3")
+    if stages is not None and not args.anchors:
+        _check_cnn_stages(stages)
     if stages is not None:
-        why = "--stitch-stages" if args.stitch_stages else "every stage: a stitch at each depth of the anchors"
+        why = "--stitch-stages" if args.stitch_stages else (
+            "the deep stages: a stitch before stage 2 would pass the larger anchor's features through the smaller "
+            "one's narrow early blocks")
         lines.append(f"stitches: in stage(s) {' '.join(map(str, stages))}{' of 0-3' if not args.anchors else ''}, "
                      f"one between every two neighbouring blocks of each, per pair of neighbouring anchors ({why}; "
                      f"change: --stitch-stages S ...)")
