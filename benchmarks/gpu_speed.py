@@ -50,8 +50,10 @@ CONFIG = "configs/deit_ti_s_b.json"
 IMAGENET_TRAIN = 1_281_167
 # part -> share of the budget (what a part leaves goes to the next)
 SHARES = {"eager": 0.25, "recipe": 0.2, "compiled": 0.55}
-SIZES = {"real": {"img": 224, "batch": 128, "steps": 10, "rounds": 12, "routes": 40, "recipe_steps": 40},
-         "smoke": {"img": 32, "batch": 4, "steps": 2, "rounds": 3, "routes": 6, "recipe_steps": 4}}
+SIZES = {"real": {"img": 224, "batch": 128, "steps": 10, "rounds": 12, "warm": 2, "routes": 40, "recipe_steps": 40,
+                  "recipe_rounds": 3},
+         "smoke": {"img": 32, "batch": 4, "steps": 1, "rounds": 3, "warm": 1, "routes": 4, "recipe_steps": 4,
+                   "recipe_rounds": 2}}
 T95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}
 
 
@@ -168,7 +170,7 @@ def part_eager(ctx: dict) -> dict:
     for r in runners:  # warm-up (cuDNN/cuBLAS choices, the allocator), peak memory of a step
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        r.block(2)
+        r.block(size["warm"])
         if device.type == "cuda":
             peaks[r.name] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     times: list[list[float]] = [[] for _ in runners]
@@ -269,8 +271,8 @@ def part_recipe(ctx: dict) -> dict:
             "--no-prefetcher", "--output", str(ctx["tmp"]), "--img-size", str(size["img"]), "--num-classes", "1000"]
     if ctx["amp"] is None:
         argv.append("--no-amp")
-    if ctx["smoke"]:  # batch 4 scales the recipe's LR below its --min-lr
-        argv += ["--min-lr", "0"]
+    if ctx["smoke"]:  # batch 4 scales the recipe's LR below its --min-lr; a small teacher for the path alone
+        argv += ["--min-lr", "0", "--teacher", "resnet18"]
     args, stitch_cfg = parse_args(argv)
     options = resolve(RunOptions.from_values(vars(args)), world_size=1)
     loss_fn, mixup_fn = create_loss(options.loss, device)
@@ -315,7 +317,7 @@ def part_recipe(ctx: dict) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     rng = random.Random(1)
-    for rnd in range(3):
+    for rnd in range(size["recipe_rounds"]):
         order = list(variants)
         rng.shuffle(order)
         for k in order:
