@@ -1,26 +1,31 @@
 """What an SN-Net training step costs on one GPU against timm's own models: eager, compiled, and the recipe.
 
     python benchmarks/gpu_speed.py [--budget 420] [--out results/gpu]          # on a CUDA machine
+    python benchmarks/gpu_speed.py --parts compiled --keep                     # rerun one part, keep the others
     python benchmarks/gpu_speed.py --smoke --device cpu --out DIR              # toy size on the CPU (the tests)
 
 Random weights and random images on the device (no loader), DeiT-Ti/S/B (configs/deit_ti_s_b.json), 224 px,
-batch 128, fp16 autocast with a GradScaler, AdamW. A training step is forward, loss, backward and optimizer step;
-steps are timed in blocks of --steps back to back with one synchronisation per block, as a training loop runs them.
+batch 128, fp16 autocast with a GradScaler, AdamW (fused, as train.py's on CUDA). A training step is forward, loss,
+backward and optimizer step; steps are timed in blocks of 10 back to back with one synchronisation per block, as a
+training loop runs them.
 
 1. eager    every anchor's route through the SN-Net against timm's own model (timm.create_model) and against the
             standalone route (the same modules as an nn.Sequential), and two sampled stitches against their
-            standalone route; every network runs one block per round, in a new random order each round, for
-            --rounds rounds. Ratio per round (SN-Net / reference), then the mean over rounds and its 95 % t-interval;
-            `gpu_vs_timm` pools the three anchors (per round, the mean of their ratios). torch.profiler then splits
-            one block of anchor 1's route and of timm's model into kernel time and launches.
+            standalone route; every network runs one block per round, in a new random order each round, for 12
+            rounds. Ratio per round (SN-Net / reference), then the mean over rounds and its 95 % t-interval;
+            `gpu_vs_timm` pools the three anchors (per round, the mean of their ratios). torch.profiler then counts
+            one block of anchor 1's route and of timm's model: kernel time, kernels, CPU ops.
 2. recipe   the trainer's own epoch loop (snnet.train.trainer.Trainer) with the config's recipe: the sampler's
-            routes, mixup/cutmix, hard distillation from a random RegNetY-16GF teacher, AdamW, fp16; images/s,
-            peak memory, and the ImageNet epoch (1,281,167 images) on 8 such GPUs if DDP scaled linearly.
+            routes, mixup/cutmix, hard distillation from a random RegNetY-16GF teacher, AdamW, fp16; beside bare
+            loops of the same steps (AdamW fused or foreach, the loss read back every step or not) and the trainer
+            under DDP in a process group of one; images/s, peak memory, and the ImageNet epoch (1,281,167 images)
+            on 8 such GPUs if DDP scaled linearly.
 3. compiled `--torchcompile`'s path (SNNet.compile_blocks) on the sampler's routes against torch.compile of timm's
             Ti/S/B models; each route's reference is compiled timm's step time at the route's FLOPs (interpolated
-            between the anchors), so `compiled_vs_timm` = reference time / SN-Net time over the same routes.
+            between the anchors), so `compiled_vs_timm` = reference time / SN-Net time over the same routes; then
+            each anchor's route through the compiled SN-Net against compiled timm's model of the same size.
 
-Writes <out>/speed_<gpu>.md and .json atomically; the report's last line is
+Writes <out>/speed_<gpu>.md and .json atomically after each part; the report's last line is
 ``RESULT gpu_vs_timm=... gpu_vs_timm_hi=... compiled_vs_timm=... recipe_img_s=...``. Each part stops at the
 budget's share and says what it left; exit 0 when every part ran, 1 when one failed or was cut, 2 without CUDA.
 """
