@@ -50,6 +50,7 @@ for _p in (str(ROOT), str(ROOT / "benchmarks")):
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from train_step import update  # noqa: E402
 
 CONFIG = "configs/deit_ti_s_b.json"
 IMAGENET_TRAIN = 1_281_167
@@ -100,14 +101,7 @@ class Runner:
                else contextlib.nullcontext())
         with amp:
             loss = F.cross_entropy(self.forward(self.x, route), self.y)
-        self.opt.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.opt)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.opt.step()
+        update(loss, self.opt, self.scaler)
 
     def block(self, steps: int, routes=None) -> float:
         """Seconds per step over `steps` back-to-back steps (one synchronisation at the end)."""
@@ -300,14 +294,7 @@ def part_recipe(ctx: dict) -> dict:
                 loss = loss_fn(x, net(x, sampler(i)), y)
             if reads:
                 math.isfinite(loss.item())
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            update(loss, optimizer, scaler)
             if reads:
                 float(loss.detach().double().cpu())
 

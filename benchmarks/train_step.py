@@ -48,6 +48,18 @@ def standalone(net, cfg_id: int) -> nn.Sequential:
     return nn.Sequential(*[_Step(net, s) for s in net.routes[cfg_id]])
 
 
+def update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    """Zeroed gradients, the backward of `loss` (scaled under a GradScaler) and the optimizer's step."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
 def time_step(fn, params, x, y, amp_dtype=None, scaler=None) -> float:
     """Seconds of one forward, loss, backward and SGD step. On CUDA the clock waits for the device (kernels run
     asynchronously), autocast runs in `amp_dtype` and a GradScaler scales the loss, as a fp16 training step does."""
@@ -58,14 +70,7 @@ def time_step(fn, params, x, y, amp_dtype=None, scaler=None) -> float:
     t0 = time.perf_counter()
     with torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext():
         loss = nn.functional.cross_entropy(fn(x), y)
-    opt.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-    else:
-        loss.backward()
-        opt.step()
+    update(loss, opt, scaler)
     if cuda:
         torch.cuda.synchronize(x.device)
     return time.perf_counter() - t0
