@@ -34,11 +34,21 @@ restore() {
     done
 }
 trap restore EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM HUP
-for p in $(cat "$CG/cgroup.procs"); do echo "$p" > "$CG/others/cgroup.procs" 2>/dev/null; done
+# until the command's pid is known a signal is only noted: acted on between the fork and `child=$!`, it would end
+# this script with the command still running
+stop=
+trap 'stop=130' INT
+trap 'stop=143' TERM HUP
+for p in $(cat "$CG/cgroup.procs"); do
+    [ -n "$stop" ] && exit "$stop"
+    echo "$p" > "$CG/others/cgroup.procs" 2>/dev/null
+done
+[ -n "$stop" ] && exit "$stop"
 bash -c 'echo $$ > '"$CG"'/cgroup.procs; exec taskset -c '"$QUIET"' "$@"' quiet "$@" &
 child=$!
+trap 'exit 130' INT
+trap 'exit 143' TERM HUP
+[ -n "$stop" ] && exit "$stop"
 wait "$child"
 rc=$?
 child=
