@@ -82,7 +82,7 @@ lint: venv
 test: venv browser slurm lint
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs -n 2 --durations=15 tests
 
-# the fast tier: no test over ~6 s, nothing that starts several processes, no browser, no Slurm cluster (markers:
+# the fast tier: no test over ~1.5 s, nothing that starts several processes, no browser, no Slurm cluster (markers:
 # pyproject.toml);
 # on both cores (pytest-xdist), as make test
 test-fast: venv

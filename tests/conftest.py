@@ -1,6 +1,6 @@
 """Fixtures only; the shared constants and helpers (ROOT, TINY, FAST, run, run_cli) are in helpers.py.
 
-Test tiers (markers registered in pyproject.toml): `slow` (one test over ~6 s on a 2-core machine), `dist` (starts
+Test tiers (markers registered in pyproject.toml): `slow` (one test over ~1.5 s on a 2-core machine), `dist` (starts
 several processes: torchrun, distributed_train.sh, mp.spawn), `browser` (needs Chromium), `slurm` (a local Slurm
 cluster: root, slurm-wlm and munge). `make test-fast` runs
 `-m "not slow and not dist and not browser"`.
@@ -99,7 +99,7 @@ def pytest_configure(config):
 
 
 # Estimated CPU seconds of one test, by marker (the first that matches): only the order of the files depends on it.
-# Rough means of this suite's tests on the 2-core machine (Nov 2026): `dist` ~10-100, `slow` ~1-30, the rest < 1.
+# Rough means of this suite's tests on the 2-core machine (Nov 2026): `dist` ~10-100, `slow` ~1.5-30, the rest < 1.5.
 COST = (("slurm", 60.0), ("dist", 30.0), ("slow", 8.0), ("browser", 3.0))
 COST_OTHER = 0.3
 

@@ -8,6 +8,7 @@ CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.slow
 def test_the_cuda_tests_recipe_learns_on_the_cpu(digits_images, amp_dtype):
     losses, _ = train_epochs(snnet(), digits_batches(digits_images, n=LEARNS["n"]), amp_dtype, cfg_id=2,
                              lr=LEARNS["lr"], device=CPU)

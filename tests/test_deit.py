@@ -52,6 +52,7 @@ def deit():
     return model, measure(model, 224)  # default init instead of timm's trunc-normal pass over 114M parameters (s)
 
 
+@pytest.mark.slow
 def test_config_is_snnets_file_and_builds_71(deit):
     model, _ = deit
     assert model.num_configs == 71 and model.skip_final_norm
@@ -80,6 +81,7 @@ def test_every_cfg_flops_equal_snnet(deit):
         assert table.route_flops(model.routes[route.cfg_id]) == snnet_flops(route), route.cfg_id
 
 
+@pytest.mark.slow
 def test_unit_sum_equals_full_trace(deit):
     model, table = deit
     for cfg_id in (0, 2, 3, 5, 39, 70):

@@ -99,6 +99,7 @@ def test_anchors_are_reused_only_when_trained_by_the_same_command(tmp_path, monk
     assert len(calls) == 3 and "4" in calls[1]
 
 
+@pytest.mark.slow
 def test_a_step_shows_progress_and_fails_with_its_log(tmp_path, monkeypatch, capsys):
     """The console gets the step's newest ETA line every RELAY_SECONDS, a 'running for' line when it prints none,
     and the last ETA line when the step ends before the heartbeat showed it (CI's fast machine once saw none); the

@@ -34,6 +34,7 @@ FAMILIES = {
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.slow
 def test_pruning_is_family_agnostic(family):
     raw, size = FAMILIES[family]
     torch.manual_seed(0)
@@ -48,6 +49,7 @@ def test_pruning_is_family_agnostic(family):
             torch.testing.assert_close(module(x), net(x, c), rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_export_cli_round_trip(tiny, tmp_path, capsys):
     import onnxruntime as ort
     out, cfg_id = tmp_path / "export", 7  # ViT#0 blocks 0-2 -> ViT#1 blocks 1-3

@@ -59,6 +59,7 @@ def test_docs_are_read_in_minutes():
     assert set(dated) <= {"results.md"}, f"dates on {dated}: only docs/results.md may carry them"
 
 
+@pytest.mark.slow
 def test_generated_blocks_match_the_committed_results():
     """tools/docs_blocks.py --check: every generated console block is what its command prints on the committed
     results; a retyped or stale number fails here."""
@@ -79,6 +80,7 @@ def test_a_changed_number_is_caught(tmp_path):
     assert edited != perf and docs_blocks.render(edited) == perf
 
 
+@pytest.mark.slow
 def test_a_changed_prose_number_is_caught(tmp_path):
     """Checked numbers in prose (``90.56<!-- = acc1("demo", 9) -->``): a number edited by hand is rewritten, and a
     changed result changes the number the page must quote, so --check fails until the page is regenerated."""

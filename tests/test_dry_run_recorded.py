@@ -68,11 +68,13 @@ def check(case: str, text: str) -> None:
 
 
 @pytest.mark.parametrize("case", [_slow(c) for c in CASES])
+@pytest.mark.slow
 def test_dry_run_is_byte_identical_to_the_recording(case, capsys, monkeypatch):
     argv, world_size = CASES[case]
     check(case, dry_run_text(argv, world_size, capsys, monkeypatch))
 
 
+@pytest.mark.slow
 def test_yaml_then_card_then_typed(tmp_path, capsys, monkeypatch):
     """The precedence, recorded: a -c YAML under the stitch config under typed flags (the YAML names the card)."""
     yaml_file = tmp_path / "a.yaml"

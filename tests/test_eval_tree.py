@@ -47,6 +47,7 @@ def assert_same(one_by_one, tree):
 
 
 @pytest.mark.parametrize("nearest", [True, False])
+@pytest.mark.slow
 def test_deit_every_cfg_same_as_stitch_by_stitch(digits_loader, digits_images, nearest):
     torch.manual_seed(0)
     cfg = parse_stitch_config({"anchors": [vit(8), vit(16), vit(32)], "num_classes": 10,
@@ -63,6 +64,7 @@ def test_deit_every_cfg_same_as_stitch_by_stitch(digits_loader, digits_images, n
     assert 0 < stats["peak_activation_bytes"] <= longest * act
 
 
+@pytest.mark.slow
 def test_cnn_every_cfg_same_as_stitch_by_stitch_with_amp(digits_loader):
     cfg = parse_stitch_config({"anchors": ["resnet18", "resnet50"], "num_classes": 10})
     torch.manual_seed(0)
@@ -73,6 +75,7 @@ def test_cnn_every_cfg_same_as_stitch_by_stitch_with_amp(digits_loader):
     assert_same(one_by_one, tree)
 
 
+@pytest.mark.slow
 def test_trie_computes_each_distinct_prefix_once():
     cfg = parse_stitch_config({"anchors": ["deit_tiny_patch16_224", "deit_small_patch16_224",
                                            "deit_base_patch16_224"]})

@@ -91,6 +91,7 @@ def test_readme_sampler_draws_anchors_first(scaled):
     assert [again(s) for s in range(100)] == early + late[:50]  # a pure function of (seed, rank, step)
 
 
+@pytest.mark.slow
 def test_a_checkout_that_was_never_installed_finds_its_families():
     """Without installed metadata (no entry points: a clone run as `python train.py`, or the image of a GPU machine
     that has torch but not this project) the four families come from the checkout's pyproject.toml; before, every

@@ -37,6 +37,7 @@ def test_without_the_package_it_says_how_to_install_it(tmp_path, capsys):
 @pytest.mark.skipif(not (FM.ROOT / FM.FILES[0][0]).is_file(),
                     reason=f"Debian's dataset-fashion-mnist is not installed ({FM.ROOT}): apt-get install "
                            f"dataset-fashion-mnist")
+@pytest.mark.slow
 def test_a_draw_is_an_image_folder_of_the_classes_asked(tmp_path, capsys):
     assert FM.main(["--classes", "1,3", "--per-class", "4", "--seed", "5", "--out", str(tmp_path / "a")]) == 0
     assert "2 classes (trouser, dress), 4 photos each" in capsys.readouterr().out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 
+import pytest
 import tomllib
 from helpers import ROOT
 
@@ -31,6 +32,7 @@ def test_project_license_is_an_spdx_string():
     assert any(r.startswith("setuptools>=77") for r in meta["build-system"]["requires"])
 
 
+@pytest.mark.slow
 def test_pricing_a_network_prints_no_deprecation_warning():
     """fvcore's import scripts a function with torch.jit.script, which torch 2.14 deprecates: every evaluation and
     export printed a FutureWarning. The one warning is silenced around that import (stitching/cost.py), so a fresh

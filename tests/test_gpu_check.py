@@ -57,6 +57,7 @@ def test_smoke_runs_every_step_and_writes_the_report(tmp_path):
     assert "gpu-check summary" in stdout and not list((tmp_path / "out").glob("*.tmp*"))
 
 
+@pytest.mark.slow
 def test_without_cuda_one_line_and_exit_2(tmp_path):
     """Where no CUDA device is visible (CUDA_VISIBLE_DEVICES empty hides any), `make gpu-check` stops at once."""
     # a fresh interpreter (run): CUDA_VISIBLE_DEVICES is read when CUDA starts, which a forked process may inherit

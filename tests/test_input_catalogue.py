@@ -354,6 +354,7 @@ def snapshot(folder: Path) -> dict:
 
 
 @pytest.mark.parametrize("case,argv,message", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.slow
 def test_bad_input(case, argv, message, world, digits_folder, tiny_config, tmp_path, cli):
     if torch.cuda.is_available() and "cuda" in argv:
         pytest.skip("this machine has CUDA")
@@ -404,6 +405,7 @@ def cli_warnings(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case,argv,message", CASES40, ids=[c[0] for c in CASES40])
+@pytest.mark.slow
 def test_bad_input_40(case, argv, message, world, digits_folder, tiny_config, tmp_path, cli_warnings):
     test_bad_input(case, argv, message, world, digits_folder, tiny_config, tmp_path, cli_warnings)
 
@@ -428,6 +430,7 @@ CASES54 = [
 
 
 @pytest.mark.parametrize("case,argv,message", CASES54, ids=[c[0] for c in CASES54])
+@pytest.mark.slow
 def test_bad_input_54(case, argv, message, world, digits_folder, tiny_config, tmp_path, cli):
     """As the catalogue's cases, and refused by the checks themselves: distributed_train.sh's check (the preflight
     entry, which does no work) says the same line, so train.py, which runs those checks first, says it before its
@@ -710,6 +713,7 @@ def test_an_output_folder_below_one_that_cannot_be_entered(tmp_path, monkeypatch
         check_output(locked / "inner" / "run")
 
 
+@pytest.mark.slow
 def test_the_preflight_fits_checkpoints_without_reading_their_weights(world, tiny_config, tmp_path, monkeypatch):
     """The fit of --resume/--initial-checkpoint/anchor checkpoints is judged from keys and shapes: a torch file is
     memory-mapped, a safetensors file read as far as its header (meta tensors), so a big checkpoint costs the

@@ -134,6 +134,7 @@ CASES = [  # (case, argv, the words of the one line, environment added)
 
 
 @pytest.mark.parametrize("case,argv,message,env", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.slow
 def test_bad_input(case, argv, message, env, world, tmp_path, cli):
     import os
     import socket
@@ -222,6 +223,7 @@ def test_a_train_val_folder_whose_classes_hold_year_folders_keeps_its_classes(tm
     assert len(summary.warnings) == 1 and "('cat/2019', 'cat/2020', 'dog/2019', 'dog/2020')" in summary.warnings[0]
 
 
+@pytest.mark.slow
 def test_convert_says_what_it_converted(world, tmp_path, cli):
     """A LeViT release of anchors of two depths converts (each anchor's depths read from its keys) and loads into
     timm's models; a timm network's checkpoint is written pickle-free with a line saying it is one network's

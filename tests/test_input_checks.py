@@ -178,6 +178,7 @@ def test_a_finished_run_resumed_elsewhere_is_refused_before_work(tmp_path):
     check_checkpoints(typed(base + ["--experiment", "b", "--epochs", "3"]))  # an epoch is left
 
 
+@pytest.mark.slow
 def test_dry_run_runs_the_checks_that_need_nothing_of_this_machine(capsys):
     """--dry-run resolves a run for another machine (no data folder, no GPU here): the recipe's own checks still run,
     so a card with an unknown scheduler is refused by its dry run, not by the cluster."""

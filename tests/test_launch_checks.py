@@ -49,6 +49,7 @@ def anchors(tmp_path_factory):
     ("no_input_size.json", NO_SIZE, ["trained at image size 16, the network built for 224"]),
     ("rso.json", FAST, ["sampler type 'rso' is not known"]),  # the sampler built, as each rank builds it
 ])
+@pytest.mark.slow
 def test_the_launch_check_reads_the_anchor_checkpoints(anchors, digits_folder, tmp_path, cli, config, flags, needles):
     """distributed_train.sh's check refuses, in one line and exit 2, what every rank would refuse when it loads its
     anchors (it exited 0, and torchrun's processes then failed one by one)."""
@@ -60,6 +61,7 @@ def test_the_launch_check_reads_the_anchor_checkpoints(anchors, digits_folder, t
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_the_launch_check_passes_fitting_anchors_whatever_the_data_classes(anchors, digits_folder, tmp_path, cli):
     code, _, err = cli.call("preflight", ["2", digits_folder, "--stitch_config", anchors / "good.json", *FAST,
                                           "--output", tmp_path])
@@ -162,6 +164,7 @@ def test_a_relative_anchor_checkpoint_is_the_configs_and_a_second_candidate_is_r
     assert load_stitch_config("c.json").anchors[0].checkpoint == "out/a.pth"
 
 
+@pytest.mark.slow
 def test_load_weights_names_the_width_not_the_image_size():
     """A ViT checkpoint of another embed_dim: the hint names the width (it named an image size to use)."""
     import timm

@@ -73,6 +73,7 @@ def levit224():
     return model, measure(model, 224)
 
 
+@pytest.mark.slow
 def test_config_builds_8_in_snnet_order(levit224):
     model, _ = levit224
     rows = [(r.stitches[0].stage, r.stitches[0].position, r.stitches[0].layer) for r in model.plan.routes[2:]]
@@ -92,6 +93,7 @@ def test_every_cfg_flops_equal_snnet(levit224):
         assert table.route_flops(model.routes[route.cfg_id]) == snnet_flops(route), route.cfg_id
 
 
+@pytest.mark.slow
 def test_unit_sum_equals_full_trace(levit224):
     model, table = levit224
     for cfg_id in (0, 2, 7):
@@ -251,6 +253,7 @@ def test_conv_variant_stitches_nchw_maps():
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_every_cfg_runs_and_ls_init_helps(digits_images):
     images = torch.nn.functional.interpolate(digits_images[0], size=128, mode="bilinear")
     model = snnet_of(NAMES, 128)  # 8x8 tokens in stage 0, 4x4 in stage 1

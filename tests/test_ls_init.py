@@ -38,6 +38,7 @@ def direct_solve(X, Y):
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_joint_and_average_equal_direct_least_squares(digits_images):
     x = digits_images[0][:96]
     model = small_deit()
@@ -95,6 +96,7 @@ def test_ls_quality_on_held_out_digits(digits_images):
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_ls_runs_in_eval_mode_and_is_deterministic(digits_images):
     """Drop-path would make the fit random in train mode (SN-Net); here two fits are identical and the mode is kept."""
     x = digits_images[0][:64]
@@ -199,6 +201,7 @@ def bn_buffers(module):
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_snnet_mode_is_snnet_init_bit_for_bit_with_batchnorm(digits_images):
     """ResNet-18 -> ResNet-34 with BatchNorm and drop-path: `--ls-mode snnet` equals SN-Net's code re-derived with plain
     torch (train mode, every anchor through all blocks, float32 pinv per position, mean) bitwise, stitching weights and

@@ -58,6 +58,7 @@ def test_no_library_module_takes_a_namespace():
         assert names <= taking, f"{rel}: no longer take a namespace, drop from EDGE_FUNCTIONS: {names - taking}"
 
 
+@pytest.mark.slow
 def test_the_training_path_does_not_climb_back_to_the_entry_layer():
     """train.py's path is a straight line, parse -> resolve -> check -> build -> fit. benchmarks/trace_rooms.py runs
     a one-epoch demo run up to its fit under a profile hook and lists every call into main.py or args.py made from a

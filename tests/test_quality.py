@@ -48,6 +48,7 @@ def test_front_quality_normalises_by_the_largest_anchor_and_measures_drift():
         front_quality(after, anchors=[0, 3], before=before[:1])
 
 
+@pytest.mark.slow
 def test_snnet_pareto_prints_front_quality(tmp_path):
     def write(name, accs):
         recs = [{**r, "route": "a" if r["cfg_id"] in (0, 3) else "a -> b"} for r in records(accs)]

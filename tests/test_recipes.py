@@ -141,12 +141,14 @@ def test_recipe_card_resolves_to_snnets_run_at_8_processes(config):
     assert wrong == {}, f"{config}: (resolved, SN-Net's) {wrong}"
 
 
+@pytest.mark.slow
 def test_typed_flags_still_win_over_the_card(capsys, monkeypatch):
     run_ = dry_run(capsys, monkeypatch, "deit_ti_s_b", "--epochs", "3", "--lr", "0.1", "--no-amp-loss")
     assert (run_["epochs"], run_["resolved"]["lr"], run_["resolved"]["amp"]["covers"]) == (3, 0.1, "forward")
     assert run_["resolved"]["world_size"] == 8 and run_["resolved"]["schedule"]["total_epochs"] == 3
 
 
+@pytest.mark.slow
 def test_lr_scales_with_the_world_size(capsys, monkeypatch):
     """SN-Net's per-512 rule (C16): DeiT at 4 processes halves the LR; Swin scales warm-up and minimum LR too."""
     deit = dry_run(capsys, monkeypatch, "deit_ti_s_b", world_size=4)["resolved"]
@@ -239,6 +241,7 @@ def official_group(family, name, p, wd, anchor_scale):
 @pytest.mark.parametrize("card, family", [("deit_ti_s_b", "deit"), ("swin_ti_s_b", "swin"),
                                           ("levit_192_256", "levit"), ("resnet18_resnet50", "cnn"),
                                           ("resnet18_swin_ti", "cnn"), ("deit3_s_l_v2", "deit")])
+@pytest.mark.slow
 def test_snnet_compat_param_groups_are_the_familys_own(card, family):
     """--snnet-compat: every trainable parameter of the card's network (built on the meta device) gets the weight
     decay and LR scale the family's official optimizer gave it; Swin's stitching-layer biases are decayed."""
@@ -267,6 +270,7 @@ def test_snnet_compat_param_groups_are_the_familys_own(card, family):
         assert {wd[id(p)] for n, p in net.named_parameters() if n.endswith((".bias", "bias_table"))} == {0.0}
 
 
+@pytest.mark.slow
 def test_swin_dry_run_shows_its_stitching_bias_decay(capsys, monkeypatch):
     groups = dry_run(capsys, monkeypatch, "swin_ti_s_b", "--snnet-compat")["resolved"]["param_groups"]
     assert groups["stitching_layers"]["bias_weight_decay"] == 0.05

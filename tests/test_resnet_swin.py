@@ -124,6 +124,7 @@ def test_configs_name_snnets_anchors_with_the_weights_it_loaded():
     assert json.load(open("configs/resnet18_swin_ti.json"))["anchors"] == ["resnet18.tv_in1k", f"{SWIN_T}.ms_in1k"]
 
 
+@pytest.mark.slow
 def test_cfg_order(r18_r50, r18_swin):
     rows = [(r.stitches[0].stage, r.stitches[0].position, r.stitches[0].layer) for r in r18_r50[0].plan.routes[2:]]
     assert r18_r50[0].num_configs == 10 and rows == [
@@ -136,6 +137,7 @@ def test_cfg_order(r18_r50, r18_swin):
         (2, (1, 4), (1, 0, 1)), (2, (1, 5), (1, 0, 1))]
 
 
+@pytest.mark.slow
 def test_published_flops(r18_r50, r18_swin):
     """Anchors and the first stitched rows of both results files (docs/snnet_compat.md, C34), and their ranges."""
     model, table = r18_r50
@@ -148,18 +150,21 @@ def test_published_flops(r18_r50, r18_swin):
     assert round(flops[7] / 1e9, 3) == 2.542 and round(max(flops[2:]) / 1e9, 3) == 4.096
 
 
+@pytest.mark.slow
 def test_every_cfg_flops_equal_snnet(r18_r50, r18_swin):
     for (model, table), kinds in ((r18_r50, ["r18", "r50"]), (r18_swin, ["r18", "swin_t"])):
         for route in model.plan.routes:
             assert table.route_flops(model.routes[route.cfg_id]) == snnet_flops(route, kinds), (kinds, route.cfg_id)
 
 
+@pytest.mark.slow
 def test_unit_sum_equals_full_trace(r18_r50, r18_swin):
     for (model, table), cfg_ids in ((r18_r50, (1, 4, 9)), (r18_swin, (2, 7))):
         for cfg_id in cfg_ids:
             assert table.route_flops(model.routes[cfg_id]) == trace_route_flops(model, cfg_id, 224), cfg_id
 
 
+@pytest.mark.slow
 def test_params_and_stitch_layers(r18_r50, r18_swin):
     model, _ = r18_r50
     sd = model.state_dict()
@@ -181,6 +186,7 @@ def test_params_and_stitch_layers(r18_r50, r18_swin):
     assert sum(p.numel() for p in model.parameters()) == 40200010
 
 
+@pytest.mark.slow
 def test_snnet_checkpoint_keys_load(r18_swin):
     """SN-Net's R18 -> Swin-Ti checkpoint layout (docs/snnet_compat.md, C30): ResNet keys are timm's; the Swin anchor
     used timm 0.7 names (merge at the end of a stage, a plain Linear head, persistent buffers), which the Swin key map
@@ -237,6 +243,7 @@ def digits64(digits_images):
 # (held-out error 1.02 -> 0.70), the other pairs drop below a third
 @pytest.mark.parametrize("names,count,ratio", [(["resnet18", "resnet50"], 10, 0.5), (["resnet18", SWIN_T], 8, 0.8),
                                                ([SWIN_T, "resnet50"], 2 + 3 + 5, 0.5)])
+@pytest.mark.slow
 def test_every_cfg_runs_and_ls_init_helps(names, count, ratio, digits64):
     """Every route runs; the least-squares init brings stitched features close to the end anchor's own, on images
     it never saw. Swin -> ResNet (NHWC tokens -> NCHW map, absent from SN-Net) works the same way."""
@@ -255,6 +262,7 @@ def test_every_cfg_runs_and_ls_init_helps(names, count, ratio, digits64):
     assert torch.allclose(outs[0], model.anchors[0](x), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_layouts_of_stitching_layers():
     """1x1 conv on the ResNet map, then NHWC for timm's Swin; the reverse is a Linear on NHWC, then NCHW."""
     to_swin = snnet_of(["resnet18", SWIN_T])

@@ -319,6 +319,7 @@ def test_console_script_refuses_in_one_line(tiny):
     assert proc.stderr.strip().count("\n") == 0 and "'5X'" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_reads_results_without_torch(snnet_files, tmp_path):
     """`snnet --help`, `pareto` and `select` on a results file import neither torch nor timm (--help took
     6.9 s, nearly all of it importing torch and timm at the top of snnet.cli); the commands that run a network

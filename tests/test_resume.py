@@ -39,6 +39,7 @@ def test_truncate_summary_keeps_the_rows_bytes(tmp_path):
     assert path.read_bytes() == b"epoch,train_loss,lr\r\n0,2.5,0.1\r\n1,2.25,0.1\r\n"
 
 
+@pytest.mark.slow
 def test_val_interval_validates_every_nth_epoch_and_the_last(single, digits_folder, tiny_config, tmp_path):
     """--val-interval N validates epochs N-1, 2N-1, ... and always the last one (a run's metrics, model_best and
     summary.csv's last row come from it), and skipping validations leaves the trained weights bit-identical (snnet

@@ -211,6 +211,7 @@ def _project_frames(stack) -> list[str]:
     return [f"{f.filename[len(ROOT) + 1:]}:{f.name}" for f in frames[start:]]
 
 
+@pytest.mark.slow
 def test_the_network_is_at_most_six_frames_below_train_py(digits_folder, tiny_config, tmp_path, monkeypatch):
     """train.py's training step calls the network, and its --eval --resume reaches the one-pass evaluation's
     mechanism (the route tree), within 6 of the repository's own frames counted from train.py's module frame

@@ -155,6 +155,7 @@ def searched(digits_folder, tmp_path_factory):
     return config, out
 
 
+@pytest.mark.slow
 def test_search_writes_results_pareto_and_drawings(searched, capsys):
     _, out = searched
     records = read_results(out / "stitches_res.txt")
@@ -180,6 +181,7 @@ def test_search_writes_results_pareto_and_drawings(searched, capsys):
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_found_networks_verified_by_an_independent_evaluation(searched, digits_folder):
     """Rebuild every network from search.json and stitches.safetensors, then check: each stitch is the lstsq fit on
     the calibration images (each anchor's features on its own preprocessing of them), top-1 from a plain loop over

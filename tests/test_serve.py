@@ -546,6 +546,7 @@ def test_a_cascade_escalates_unsure_answers_only(core, tiny):
     assert status == 200 and a["stages"] == chain[:1] and a["cfg_id"] == chain[0], a  # always sure: one stage
 
 
+@pytest.mark.slow
 def test_a_large_image_is_decoded_off_the_event_loop(core):
     side = 2500
     buf = io.BytesIO()
@@ -1025,6 +1026,7 @@ def blocked(pid: int, timeout: float = 300.0) -> None:
         seen = now
 
 
+@pytest.mark.slow
 def test_a_server_builds_its_mode_tables_in_a_process_of_its_own_only_while_idle(monkeypatch):
     """Without `build_now` (the server) the first lookup starts the simulation and switches meanwhile; once it is
     done the table is looked up. The simulation (seconds of Python) runs in another process: the server's
@@ -1096,6 +1098,7 @@ def deit_replay():
     return serve_replay, net
 
 
+@pytest.mark.slow
 def test_the_committed_replays_tuned_rule_is_the_servers_default(deit_replay):
     """The replay reports the rule its tuning traces chose as "switch"; the server must run that rule, else the
     replay's headline is another server's (results/bench_serve_replay.txt, benchmarks/serve_replay.py RULES)."""
@@ -1107,6 +1110,7 @@ def test_the_committed_replays_tuned_rule_is_the_servers_default(deit_replay):
     assert serve_replay.systems(net)["switch"] == {"stages": mock.ANY, **{k: True for k in serve_replay.KNOBS}}
 
 
+@pytest.mark.slow
 def test_the_replay_runs_the_servers_policy_on_a_virtual_clock(deit_replay):
     """benchmarks/serve_replay.py on the committed calibration: on a trace whose requests come one at a time the
     switching server answers each in time on the most accurate stitch whose batch fits the SLO; under a burst far
@@ -1381,6 +1385,7 @@ def test_the_live_report_is_redone_from_its_raw_runs(monkeypatch, tmp_path, caps
     assert e.value.code == 2 and "--from-raw" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_choice_benchmark_times_the_slack_table_on_a_steady_state(monkeypatch):
     """benchmarks/serve_plan.py: the timed calls leave the scheduler as prepared (an earlier version re-admitted
     each batch, so the counted rate grew until the choice was the fastest stitch's shortcut), and at the prepared

@@ -44,6 +44,7 @@ def shard_members(path):
         return [(m.name, tar.extractfile(m).read()) for m in tar]
 
 
+@pytest.mark.slow
 def test_snnet_shards_writes_the_folder_in_order_with_timms_info(demo, tmp_path, capsys, caplog):
     folder, wds = demo
     info = json.loads((wds / "_info.json").read_text())
@@ -84,6 +85,7 @@ def eval_args(workers, batch=16):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.slow
 def test_stream_evaluation_reads_every_image_exactly_once(demo, workers):
     """Any number of ranks (7 > the 4 validation shards) and loader workers: the ranks' batches hold every image
     once, with the folder's label for its id, and len(loader) is the number of batches."""
@@ -107,6 +109,7 @@ def test_stream_evaluation_reads_every_image_exactly_once(demo, workers):
         assert sorted(seen) == list(range(360)) and set(seen.values()) == {1}, world_size
 
 
+@pytest.mark.slow
 def test_stream_evaluation_equals_the_folder_tensor_for_tensor(demo):
     from timm.data import create_dataset
 
@@ -187,6 +190,7 @@ def rewrite_member(path, suffix, data):
             tar.addfile(info, io.BytesIO(blob))
 
 
+@pytest.mark.slow
 def test_preflight_refuses_bad_shards_naming_the_shard(bad_shards, capsys):
     rc, err = preflight(capsys, bad_shards)
     assert rc == 0, err
@@ -451,6 +455,7 @@ def test_resumed_evaluation_is_keyed_by_its_data_source(demo, tiny, tmp_path):
     assert (tmp_path / "ev" / "stitches_res.txt").read_text() == before
 
 
+@pytest.mark.slow
 def test_the_same_shards_command_again_finishes_a_killed_run_or_does_nothing(demo, tmp_path):
     """`snnet shards` killed (kill -9) mid-way left shards without _info.json, and the same command again was refused
     (OUT not empty). Now the same command finishes the job: the output is byte for byte a whole run's; run once more

@@ -113,6 +113,7 @@ def _rel(pred, target):
     return float((pred.double() - target.double()).norm() / target.double().norm())
 
 
+@pytest.mark.slow
 def test_cut_points_and_stitchability_across_families(vit_resnet):
     net, _, maps = vit_resnet
     vit, res = maps.cuts
@@ -214,6 +215,7 @@ def test_a_stitch_that_cannot_exist_is_refused(vit_resnet):
 _run = run_cli
 
 
+@pytest.mark.slow
 def test_similarity_command_writes_the_maps(digits_folder, tmp_path, capsys):
     out = tmp_path / "maps"
     rc, stdout, err = _run(capsys, "similarity", "--anchors", json.dumps(VIT), "resnet18", "--no-pretrained",

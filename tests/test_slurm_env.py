@@ -75,6 +75,7 @@ def _catches(pid, signum):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc/PID/status")
+@pytest.mark.slow
 def test_a_warning_signal_during_start_up_is_noted_not_fatal(tmp_path, digits_folder, tiny_config):
     """Under Slurm, train.py catches SIGUSR1 from its first lines, before torch is imported (seconds): a warning
     that arrives while the job is still starting stops the run after its first step with a recovery checkpoint

@@ -76,6 +76,7 @@ def test_src_crop_is_deit3_three_augment_crop():
         src_crop(T.Compose([T.ToTensor()]), 24)
 
 
+@pytest.mark.slow
 def test_src_crop_mode_in_train_loader(digits_folder, tiny_config, tmp_path):
     """The training loader of a run with --train-crop-mode src crops as DeiT-III does; such a run trains."""
     from helpers import FAST

@@ -123,6 +123,7 @@ def test_snnet_compat_dry_run_names_snnetv2s_fit():
     assert "autocast float16" in ls["fit"] and "default cut-off" in ls["fit"]
 
 
+@pytest.mark.slow
 def test_v1_dry_run_network_is_fast_and_uniform():
     """A card with SN-Net's uniform sampler needs no FLOPs: its network is described from the meta device."""
     network = dry_run("configs/deit_ti_s_b.json")["resolved"]["network"]

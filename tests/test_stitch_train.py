@@ -100,6 +100,7 @@ def test_lowrank_layer_keeps_the_best_rank_r_map_and_counts_its_own_parameters()
 
 
 # ---------------------------------------------------------------------------------------------------- one sweep
+@pytest.mark.slow
 def test_cross_family_runs_train_only_the_layer_and_leave_the_anchors_bit_identical(anchors, digits_folder,
                                                                                       tmp_path):
     """ViT -> ResNet (entering block 0 reads the 64-channel stem output, not the stage's 8 channels) and ResNet ->
@@ -143,6 +144,7 @@ def test_cross_family_runs_train_only_the_layer_and_leave_the_anchors_bit_identi
     assert set(ckpt["state_dict"]) == {"transform.weight", "transform.bias"}
 
 
+@pytest.mark.slow
 def test_sweep_resumes_only_the_missing_run_and_plots(anchors, digits_folder, tmp_path):
     """A grid over cuts and gaps plus single runs (other direction, lowrank from random init, KD): rerun after
     deleting one run's result.json trains that run only; the results file is what `snnet pareto` plots."""
@@ -232,6 +234,7 @@ def test_torchrun_splits_the_runs_and_matches_one_process(anchors, digits_folder
 
 
 # ---------------------------------------------------------------------------------------------------- the core's cut
+@pytest.mark.slow
 def test_class_token_vit_and_cnn_stitch_both_ways(anchors, digits_folder, tmp_path):
     """A ViT with a class token and a ResNet, through the core's `CutStitch`: ViT -> CNN drops the class token, CNN
     -> ViT predicts it from the position-averaged features (a second linear map, fitted by least squares and trained
@@ -263,6 +266,7 @@ def test_class_token_vit_and_cnn_stitch_both_ways(anchors, digits_folder, tmp_pa
     assert set(ckpt["state_dict"]) == {"transform.weight", "transform.bias", "prefix.weight", "prefix.bias"}
 
 
+@pytest.mark.slow
 def test_front_and_end_take_the_one_anchor_syntax(anchors, digits_folder, tmp_path):
     """--front as a JSON anchor object and --end as NAME:CHECKPOINT (timm's test_resnet, its weights saved here),
     labelled by their timm names or by LABEL=ANCHOR; a class-token ViT front and a CNN end train."""
@@ -295,6 +299,7 @@ def test_front_and_end_take_the_one_anchor_syntax(anchors, digits_folder, tmp_pa
     assert rc == 2 and "gone.pth" in err and err.count("\n") == 1, err
 
 
+@pytest.mark.slow
 def test_lowrank_reports_the_error_of_its_own_rank_r_map(anchors, digits_folder, tmp_path):
     """The least-squares fit reports the relative error of the map the layer holds: a rank-1 or rank-2 layer keeps
     a truncated SVD of the least-squares map, so its error is its own and above the full-rank linear layer's; the
@@ -335,6 +340,7 @@ RANDOM = {"r8": {**VIT, "model_kwargs": {**VIT["model_kwargs"], "embed_dim": 8}}
           "r16": {**VIT, "model_kwargs": {**VIT["model_kwargs"], "embed_dim": 16}}}
 
 
+@pytest.mark.slow
 def test_random_anchors_repeat_and_the_hash_covers_the_seed_and_the_weights(digits_folder, tmp_path):
     """Anchors are built right after seeding with the sweep's seed, so two sweeps of the same random-anchor file
     build bit-identical anchors and give identical metrics. A run's folder hash covers its seed and both anchors'

@@ -79,6 +79,7 @@ def swin224():
     return model, measure(model, 224)
 
 
+@pytest.mark.slow
 def test_config_builds_41_in_snnet_order(swin224):
     model, _ = swin224
     assert model.num_configs == 41
@@ -93,12 +94,14 @@ def test_config_builds_41_in_snnet_order(swin224):
     assert [r[2] for r in rows[21:]] == [(i, i + 1) for i in range(17)] and rows[-1][3] == (2, 1, 16)
 
 
+@pytest.mark.slow
 def test_anchor_flops_and_params(swin224):
     model, table = swin224
     assert [table.route_flops(model.routes[a]) for a in range(3)] == [4509194496, 8768534784, 15467826176]
     assert [model.params(a) for a in range(3)] == [28288354, 49606258, 87768224]
 
 
+@pytest.mark.slow
 def test_published_rows(swin224):
     """SN-Net's results file and README stitches (docs/snnet_compat.md, C32)."""
     model, table = swin224
@@ -108,12 +111,14 @@ def test_published_rows(swin224):
     assert model.params(3) == 49615570 and model.params(4) == 87692407  # no merge before stage 0: SN-Net is right
 
 
+@pytest.mark.slow
 def test_every_cfg_flops_equal_snnet(swin224):
     model, table = swin224
     for route in model.plan.routes:
         assert table.route_flops(model.routes[route.cfg_id]) == snnet_flops(route), route.cfg_id
 
 
+@pytest.mark.slow
 def test_params_differ_from_snnet_by_the_front_merges(swin224):
     """Ours count what runs; SN-Net's count omits the front's PatchMerging before the stitch stage
     (docs/snnet_compat.md, C22)."""
@@ -128,6 +133,7 @@ def test_params_differ_from_snnet_by_the_front_merges(swin224):
     assert model.params(7) - snnet_params(model.plan.routes[7]) == 74496 + 296448
 
 
+@pytest.mark.slow
 def test_unit_sum_equals_full_trace(swin224):
     model, table = swin224
     for cfg_id in (5, 23):
@@ -169,6 +175,7 @@ def snnet_swin_state_dict():
     return {k: torch.randn(shape, generator=g) for k, shape in sd.items()}
 
 
+@pytest.mark.slow
 def test_snnet_checkpoint_converts_and_loads_strictly(swin224):
     model, _ = swin224
     theirs = snnet_swin_state_dict()
@@ -192,6 +199,7 @@ def test_snnet_checkpoint_converts_and_loads_strictly(swin224):
     assert all(torch.equal(back[k], theirs[k]) for k in back)
 
 
+@pytest.mark.slow
 def test_stitch_layer_keys_and_shapes(swin224):
     model, _ = swin224
     sd = model.state_dict()
@@ -231,6 +239,7 @@ def swin_small_img():
     return model
 
 
+@pytest.mark.slow
 def test_every_cfg_runs_on_small_images(swin_small_img):
     model = swin_small_img
     x = torch.randn(2, 3, SMALL, SMALL)

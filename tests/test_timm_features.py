@@ -120,6 +120,7 @@ def test_grad_accum_two_half_batches_equal_one_full_batch(tmp_path, digits_folde
         assert torch.allclose(v, states[1]["state_dict"][k], atol=1e-5), k
 
 
+@pytest.mark.slow
 def test_grad_accum_larger_than_the_epoch_is_refused(tmp_path, digits_folder, tiny_config):
     r = train(digits_folder, tiny_config, tmp_path, "x", "--epochs", "1", "--grad-accum-steps", "11")
     assert r.returncode == 2 and "--grad-accum-steps 11 exceeds the 10 training batch(es)" in r.stderr

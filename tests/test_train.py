@@ -260,6 +260,7 @@ def test_plain_model_training(tmp_path, digits_folder):
     ("split-bn odd batch", ["{data}", "--stitch_config", "{cfg}", "--split-bn", "--resplit", "-b", "5"],
      "-b/--batch-size 5 with --split-bn and no --aug-splits: split-BN halves each batch"),
 ])
+@pytest.mark.slow
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, digits_folder, tiny_config, case, argv,
                                                             message):
     (tmp_path / "empty").mkdir()
