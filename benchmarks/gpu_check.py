@@ -7,7 +7,7 @@ A GPU is lent now and then, for minutes, so everything runs in one go within --b
 whole run stays under 10 minutes), in this order, each step timed, a failing step reported with its one-line cause
 and the next step run anyway:
 
-1. cuda_tests   tests/test_cuda.py (pytest -m cuda): fp16 + GradScaler, bf16, channels_last, --torchcompile blocks,
+1. cuda_tests   tests/test_cuda.py (pytest -m cuda): fp16 + GradScaler, bf16, channels_last, --torchcompile routes,
                 EMA, SyncBatchNorm with --sample-sync, pinned-memory loaders, GPU <-> CPU checkpoint round trip;
 2. distributed  ./distributed_train.sh <all visible GPUs> (nccl, fp16, pinned memory) on the digits demo's config
                 (random anchors), then --eval --resume on the GPUs and a CPU evaluation of the same checkpoint:

@@ -111,20 +111,18 @@ def test_channels_last_same_logits_and_trains(digits_images):
     assert_learns(losses)
 
 
-def test_torchcompile_blocks_match_eager_and_train(digits_images):
-    """--torchcompile: RoutedNet.compile_blocks compiles each block module in place (inductor); the logits of a few
-    routes equal the eager ones and a fp16 training run learns."""
-    net = snnet().to(CUDA).eval()
+def test_torchcompile_routes_match_eager_and_train(digits_images):
+    """--torchcompile: RoutedNet.compile_routes compiles each route at its first training step (inductor); a few
+    routes' training logits equal the eager ones and a fp16 training run learns."""
+    net = snnet().to(CUDA).train()
     x = digits_batches(digits_images, n=1)[0][0].to(CUDA)
     routes = [0, 1, net.num_configs - 1]
-    with torch.no_grad():
-        want = {c: net(x, c) for c in routes}
-    compiled = net.compile_blocks("inductor")
-    assert compiled == 8  # 4 blocks per anchor
-    with torch.no_grad():
-        for c in routes:
-            torch.testing.assert_close(net(x, c), want[c], rtol=1e-3, atol=1e-3)
-    losses, _ = train_epochs(net.train(), digits_batches(digits_images), torch.float16, epochs=8, cfg_id=1)
+    want = {c: net(x, c).detach() for c in routes}
+    net.compile_routes("inductor")
+    for c in routes:
+        torch.testing.assert_close(net(x, c).detach(), want[c], rtol=1e-3, atol=1e-3)
+    assert sorted(net._compiled_routes) == sorted(routes)
+    losses, _ = train_epochs(net, digits_batches(digits_images), torch.float16, epochs=8, cfg_id=1)
     assert_learns(losses)
 
 

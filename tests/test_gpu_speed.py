@@ -28,7 +28,8 @@ def test_smoke_runs_every_part_and_a_rerun_of_one_keeps_the_others(tmp_path):
     profile = list(eager["profile"].values())  # anchor 1's route through the SN-Net, timm's own model
     assert profile[0]["cpu_ops"] == profile[1]["cpu_ops"] > 0  # the SN-Net's route runs no op timm's model does not
     assert len(report["recipe"]["data"]["step_ms"]) == 5 and report["recipe"]["data"]["ddp_step_ms"] > 0
-    assert math.isfinite(report["compiled"]["data"]["anchors_compiled_vs_timm"])
+    compiled = report["compiled"]["data"]
+    assert math.isfinite(compiled["anchors_compiled_vs_timm"]) and compiled["distinct_routes"] == 2
     result = stdout.strip().splitlines()[-1]
     assert result.startswith("RESULT gpu_vs_timm=") and "nan" not in result, result
 

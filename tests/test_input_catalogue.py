@@ -312,6 +312,8 @@ CASES = [
     ("optimizer beta of 1.5", "{data} --stitch_config {cfg} --opt-betas 0.9 1.5", "--opt-betas 0.9 1.5"),
     ("unknown compile backend", "{data} --stitch_config {cfg} --torchcompile fastest",
      "--torchcompile 'fastest' is not a torch.compile backend"),
+    ("compile with checkpointing", "{data} --stitch_config {cfg} --torchcompile eager --grad-checkpointing",
+     "--torchcompile with --grad-checkpointing"),
     ("frozen plain model", "{data} --model resnet18 --freeze-anchors", "leaves nothing to train"),
     ("unknown sampler type", "{data} --stitch_config {w}/rso.json", "sampler type 'rso' is not known"),
     ("ROS gap wider than the FLOPs range", "{data} --stitch_config {w}/wide_gap.json",

@@ -160,6 +160,39 @@ def test_grad_checkpointing_gives_the_same_gradients(monkeypatch):
     assert not calls
 
 
+# ------------------------------------------------------------------------------------------------ --torchcompile
+def test_each_route_trains_as_one_graph_compiled_once():
+    """compile_routes: a route's first training step compiles it into one graph (a backend that counts its graphs
+    sees one per route, however the routes alternate), the logits and gradients are eager's, and evaluation runs
+    eagerly."""
+    torch.manual_seed(0)
+    net = tiny_vit_snnet((8, 16, 24)).train()
+    x = torch.randn(4, 3, 16, 16)
+    routes = [0, net.num_configs - 1, 3]
+
+    def step(c):
+        net.zero_grad(set_to_none=True)
+        out = net(x, c)
+        out.logsumexp(1).mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+    want = {c: step(c) for c in routes}
+    graphs = []
+    net.compile_routes(lambda gm, inputs: graphs.append(gm) or gm.forward)
+    for c in routes + routes[::-1] + routes:
+        out, grads = step(c)
+        torch.testing.assert_close(out, want[c][0])
+        assert grads.keys() == want[c][1].keys()
+        for n, g in grads.items():
+            torch.testing.assert_close(g, want[c][1][n], msg=n)
+    assert len(graphs) == len(routes)
+    assert sorted(net._compiled_routes) == sorted(routes)
+    net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, 5), net.run_steps(net.routes[5], x))
+    assert len(graphs) == len(routes)
+
+
 # ---------------------------------------------------------------- train.py runs: compile (eager) and checkpointing
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory, digits_folder, tiny_config):
@@ -169,7 +202,7 @@ def baseline(tmp_path_factory, digits_folder, tiny_config):
     return out / "plain"
 
 
-@pytest.mark.parametrize("flags,logged", [(["--torchcompile", "eager"], "torch.compile (eager) of 8 block module(s)"),
+@pytest.mark.parametrize("flags,logged", [(["--torchcompile", "eager"], "torch.compile (eager) of each route"),
                                           (["--grad-checkpointing"], "gradient checkpointing")])
 @pytest.mark.slow
 def test_compile_and_grad_checkpointing_train_like_the_plain_run(baseline, tmp_path, digits_folder, tiny_config,

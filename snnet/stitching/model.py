@@ -45,6 +45,7 @@ class RoutedNet(nn.Module):
     class_names: list[str] | None = None         # the training data's name of each class (snnet.load sets it)
     built_img_size: tuple[int, int] | None = None  # the input size it was built for (CNN anchors keep none)
     bn_stats: StitchStats | None                 # SNNet with "bn_stats": "per_stitch": the stitches' BatchNorm stats
+    compile_backend: str | None = None           # compile_routes(): the torch.compile backend of training routes
 
     def anchor(self, index: int) -> nn.Module:
         raise NotImplementedError
@@ -108,24 +109,15 @@ class RoutedNet(nn.Module):
         Evaluation and the least-squares init are unaffected."""
         self.grad_checkpointing = bool(enable)
 
-    def compile_blocks(self, backend: str = "inductor") -> int:
-        """``--torchcompile``: torch.compile each ``block`` unit's module in place (``nn.Module.compile``, so the
-        state-dict keys stay timm's). The route changes every step, so the whole ``forward(x, cfg_id)`` is not
-        compiled (one graph per route, past dynamo's recompile limit); blocks of one class share their compiled code.
-        Stems, transitions, norms, heads and the stitching layers run eagerly. Returns the number compiled."""
-        compiled = 0
-        for a, units in enumerate(self.units):
-            for unit in units:
-                if unit.kind != "block" or len(unit.modules) != 1:
-                    continue
-                try:
-                    module = self.anchor(a).get_submodule(unit.modules[0])
-                except AttributeError:  # a block unit naming a parameter, not a module: left eager
-                    continue
-                module.compile(backend=backend)
-                compiled += 1
-        _raise_recompile_limit(compiled)
-        return compiled
+    def compile_routes(self, backend: str = "inductor") -> None:
+        """``--torchcompile``: from now on each route trains as one torch.compile'd graph, compiled at its first
+        training step (`forward` in training mode with gradients). A route is a fixed tuple of steps, so its graph is
+        straight-line code: the anchor routes are timm's models step for step, and a step pays one compiled call, not
+        one per block. Evaluation and anything else without gradients run the routes eagerly (one pass over every
+        route does not repay their compile time)."""
+        self.compile_backend = backend
+        self._compiled_routes: dict[int, Any] = {}
+        _raise_recompile_limit(self.num_configs)
 
     def run_steps(self, steps: Sequence[Step], x: torch.Tensor) -> torch.Tensor:
         for step in steps:
@@ -152,7 +144,14 @@ class RoutedNet(nn.Module):
         return self.anchor_input(x, first_step.anchor)
 
     def forward(self, x: torch.Tensor, cfg_id: int = 0) -> torch.Tensor:
-        return self.run_steps(self.routes[self.check_cfg_id(cfg_id)], x)
+        cfg_id = self.check_cfg_id(cfg_id)
+        if self.compile_backend is None or not (self.training and torch.is_grad_enabled()):
+            return self.run_steps(self.routes[cfg_id], x)
+        run = self._compiled_routes.get(cfg_id)
+        if run is None:
+            run = torch.compile(_route_function(self, cfg_id), backend=self.compile_backend)
+            self._compiled_routes[cfg_id] = run
+        return run(x)
 
     def describe(self, cfg_id: int) -> str:
         raise NotImplementedError
@@ -229,10 +228,24 @@ class RoutedNet(nn.Module):
         return getattr(self.anchor(self.n_anchors - 1), "pretrained_cfg", {}) or {}
 
 
+def _route_function(net: RoutedNet, cfg_id: int):
+    """Route `cfg_id` of `net` as a function of the input alone, for torch.compile. Dynamo keeps its compiled graphs
+    on the function's code object and checks a call against each graph's guards in turn; every route gets a code
+    object of its own (named route_<cfg_id>), so a call checks one graph's guards, not those of every route
+    trained so far."""
+    steps = net.routes[cfg_id]
+
+    def route(x: torch.Tensor) -> torch.Tensor:
+        return net.run_steps(steps, x)
+    route.__code__ = route.__code__.replace(co_name=f"route_{cfg_id}")
+    route.__name__ = route.__qualname__ = f"route_{cfg_id}"
+    return route
+
+
 def _raise_recompile_limit(modules: int) -> None:
-    """Compiled blocks share code per class, but dynamo specialises on what differs between instances (width,
-    drop-path rate) and on train/eval mode; let each compiled module have its own entries before dynamo gives up
-    and runs that code eagerly."""
+    """Where a compiled route breaks its graph (an eager-only step), dynamo compiles the rest of it in code that
+    every route shares (run_steps, a unit's run), specialised per route; let each route have its own entries there
+    before dynamo gives up and runs that code eagerly."""
     import torch._dynamo  # heavy (the compiler); only a --compile run reaches it
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
@@ -273,10 +286,9 @@ class PlainNet(RoutedNet):
         if hasattr(self.model, "set_grad_checkpointing"):
             self.model.set_grad_checkpointing(enable)
 
-    def compile_blocks(self, backend: str = "inductor") -> int:
-        """One route: the whole timm model is compiled in place."""
+    def compile_routes(self, backend: str = "inductor") -> None:
+        """One route: the whole timm model is compiled in place, for training and evaluation alike."""
         self.model.compile(backend=backend)
-        return 1
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()

@@ -189,10 +189,9 @@ class TrainOptions:
                                     help="enable warmup for model EMA decay (default: off)")
     torchcompile: str | None = option(None, "--torchcompile", nargs="?", const="inductor", metavar="BACKEND",
                                       group=MODEL,
-                                      help="torch.compile each anchor block module in place with BACKEND (bare flag: "
-                                           "inductor) for training and its final evaluation; the route changes every "
-                                           "step, so the whole network is not compiled, and stems, norms, heads and "
-                                           "stitching layers stay eager (default: off)")
+                                      help="torch.compile each route as one graph with BACKEND (bare flag: "
+                                           "inductor), at its first training step; evaluation runs eagerly "
+                                           "(default: off)")
     grad_checkpointing: bool = option(False, "--grad-checkpointing", group=MODEL,
                                       help="recompute each block's activations in the backward pass "
                                            "(torch.utils.checkpoint, non-reentrant) to save memory, while training "

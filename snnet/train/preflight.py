@@ -226,6 +226,10 @@ def check_combinations(options: RunOptions) -> None:
         if train.torchcompile not in backends:
             raise UsageError(f"--torchcompile {train.torchcompile!r} is not a torch.compile backend here; use one of "
                              f"{', '.join(sorted(backends))}")
+        if train.grad_checkpointing:
+            raise UsageError("--torchcompile with --grad-checkpointing: a compiled route recomputes its "
+                             "checkpointed blocks with other random numbers (drop-path) than the forward pass drew; "
+                             "drop one of them")
     if loss.distillation_type != "none" and not loss.teacher:
         raise UsageError(f"--distillation-type {loss.distillation_type} needs --teacher NAME")
 

@@ -140,13 +140,12 @@ class Trainer:
         self.state = TrainState(global_step=global_step)
         self.model_ema = create_model_ema(model, options, resume_state)
         self.after_step: list[Callable[[int], None]] = []  # called with the new global step after each update
-        self.compiled = 0  # block modules torch.compile compiled
         if train.grad_checkpointing:
             model.set_grad_checkpointing(True)
         if train.torchcompile:  # after the EMA's copy; FLOPs are traced by torch.jit, which cannot enter compiled code
             if input_size is not None:  # so trace them now
                 cost_table(model, (int(input_size[1]), int(input_size[2])), int(input_size[0]))
-            self.compiled = model.compile_blocks(train.torchcompile)
+            model.compile_routes(train.torchcompile)
         if train.distributed:  # each process trains its own stitch, so the used parameters differ between processes
             ddp_kwargs = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
             self.net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True, **ddp_kwargs)
@@ -241,8 +240,8 @@ class Trainer:
                      f"x{anchor_lr_scale(options.optim)}); {self.steps_per_epoch} steps/epoch"
                      + (f" of {self.accum_steps} batches" if self.accum_steps > 1 else "")
                      + f"; {self.world_size} process(es); amp {self.amp_dtype}"
-                     + (f"; torch.compile ({train.torchcompile}) of {self.compiled} block module(s)"
-                        if self.compiled else "")
+                     + (f"; torch.compile ({train.torchcompile}) of each route at its first step"
+                        if train.torchcompile else "")
                      + ("; gradient checkpointing" if train.grad_checkpointing else "")
                      + (f"; EMA decay {train.model_ema_decay}" if self.ema is not None else ""))
 
