@@ -456,6 +456,16 @@ def part_compiled(ctx: dict) -> dict:
     rows.append([f"SN-Net, {len(routes)} sampled steps over {len(distinct)} routes, one graph each",
                  f"{compile_s:.0f}", f"{t_eager * 1e3:.2f}", f"{t_snnet * 1e3:.2f}", f"{t_eager / t_snnet:.2f}x"])
     log(f"compiled: SN-Net {t_snnet * 1e3:.2f} ms/step, reference {ref * 1e3:.2f}: {ratio:.3f}")
+    # whether a compiled route's step slows as more routes are compiled: as many others again, then the same steps
+    more = [c for c in range(net.num_configs) if c not in distinct][:len(distinct)]
+    scaling = ""
+    if more and time.time() + 1.5 * compile_s < deadline:
+        runner.block(len(more), more)
+        t_more = statistics.median(runner.block(len(routes), routes) for _ in range(3))
+        data.update(snnet_compiled_ms_more=t_more * 1e3, routes_compiled_more=len(distinct) + len(more))
+        scaling = (f" With {len(distinct) + len(more)} routes compiled the same steps take {t_more * 1e3:.2f} ms "
+                   f"({t_more / t_snnet:.3f}x).")
+        log(f"compiled: {len(distinct) + len(more)} routes compiled: {t_more * 1e3:.2f} ms/step")
     # the same sizes exactly: each anchor's route through the compiled SN-Net (its cache holding the sampled
     # routes) against compiled timm's model, interleaved by rounds
     runner.block(2 * len(anchors), anchors)  # compiles the anchor routes the sampled ones did not hold
@@ -476,7 +486,7 @@ def part_compiled(ctx: dict) -> dict:
             + f"\n\nCompiled timm at the same FLOPs as the sampled routes (linear between the anchors' step times): "
               f"{ref * 1e3:.2f} ms per step; SN-Net compiled {t_snnet * 1e3:.2f} ms: **compiled_vs_timm "
               f"{ratio:.3f}** (images/s against compiled timm's); peak memory {peak:.2f} GiB; backend {backend}; "
-              f"compiling all {net.num_configs} routes would take about {all_s / 60:.0f} min at this mean. "
+              f"compiling all {net.num_configs} routes would take about {all_s / 60:.0f} min at this mean.{scaling} "
               f"Where steps are bound by the CPU's launches, time grows less than linearly with FLOPs, so the "
               f"interpolated reference favours the stitches; the anchors' own routes below compare equal sizes:\n\n"
             + md_table(["route", "SN-Net compiled step (ms)", "timm compiled step (ms)",

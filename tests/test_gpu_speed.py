@@ -30,6 +30,7 @@ def test_smoke_runs_every_part_and_a_rerun_of_one_keeps_the_others(tmp_path):
     assert len(report["recipe"]["data"]["step_ms"]) == 5 and report["recipe"]["data"]["ddp_step_ms"] > 0
     compiled = report["compiled"]["data"]
     assert math.isfinite(compiled["anchors_compiled_vs_timm"]) and compiled["distinct_routes"] == 2
+    assert compiled["routes_compiled_more"] == 4 and compiled["snnet_compiled_ms_more"] > 0
     result = stdout.strip().splitlines()[-1]
     assert result.startswith("RESULT gpu_vs_timm=") and "nan" not in result, result
 
