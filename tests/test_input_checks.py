@@ -246,3 +246,31 @@ def test_slow_amp_on_this_cpu_says_where_amp_came_from(tmp_path, monkeypatch, ca
     with caplog.at_level("WARNING", logger="snnet"):
         main_mod.warn_slow_amp(resolve(RunOptions.from_values(vars(args))))
     assert caplog.text == ""
+
+
+def test_a_teacher_named_by_its_label_is_that_anchor_with_its_weights(tmp_path):
+    """--teacher LABEL names a labelled anchor of the stitch config: the teacher is built with the anchor's
+    model_kwargs and loads its checkpoint (the quickstart distils from its largest anchor); a timm name stays a timm
+    model."""
+    import timm
+
+    from snnet.stitching.config import parse_stitch_config
+    from snnet.train.losses import create_teacher
+    kwargs = {"patch_size": 4, "depth": 2, "embed_dim": 16, "num_heads": 2, "img_size": 16}
+    torch.manual_seed(3)
+    own = timm.create_model("deit_tiny_patch16_224", num_classes=5, **kwargs)
+    torch.save({"state_dict": own.state_dict()}, tmp_path / "big.pth")
+    cfg = parse_stitch_config({"anchors": [
+        {"name": "deit_tiny_patch16_224", "model_kwargs": kwargs},
+        {"name": "deit_tiny_patch16_224", "label": "big", "checkpoint": str(tmp_path / "big.pth"),
+         "model_kwargs": kwargs}]})
+    assert list(cfg.labelled()) == ["big"]
+    teacher = create_teacher(LossOptions(teacher="big", num_classes=5, no_pretrained=True), torch.device("cpu"),
+                             cfg.labelled())
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    theirs = teacher.state_dict()
+    assert theirs.keys() == own.state_dict().keys()
+    assert all(torch.equal(v, theirs[k]) for k, v in own.state_dict().items())
+    plain = create_teacher(LossOptions(teacher="resnet18", num_classes=5, no_pretrained=True), torch.device("cpu"),
+                           cfg.labelled())
+    assert type(plain).__name__ == "ResNet"

@@ -68,7 +68,7 @@ class ConfigFlags:
                                     help="DeiT distillation from --teacher: none, soft (KL divergence) or hard "
                                          "(teacher's labels)")
     teacher: str = option("", "--teacher", metavar="NAME", group=STITCHING,
-                          help="distillation teacher (timm name)")
+                          help="distillation teacher: a timm name, or a stitch config anchor's \"label\"")
     ls_mode: str | None = option(None, "--ls-mode", choices=("joint", "average", "snnet"), group=STITCHING,
                                  help="least-squares init: joint (shared layers fitted to all their positions, eval "
                                       "mode, clean images), average (SN-Net's mean of per-position solutions, "
@@ -211,6 +211,10 @@ class StitchConfig:
         names = [a.name for a in self.anchors]
         return [a.label or (f"{n}#{i}" if names.count(n) > 1 else n)
                 for i, (a, n) in enumerate(zip(self.anchors, names))]
+
+    def labelled(self) -> dict[str, AnchorSpec]:
+        """The anchors that have a ``"label"``, by label (what ``--teacher`` may name)."""
+        return {a.label: a for a in self.anchors if a.label}
 
     def get(self, name: str, default: Any = None) -> Any:
         if name in self.values:

@@ -54,14 +54,25 @@ class DistillationLoss(nn.Module):
         return (1 - self.alpha) * loss + self.alpha * distill
 
 
-def create_teacher(loss: LossOptions, device: torch.device) -> nn.Module:
-    """The frozen distillation teacher: a timm model by name, hub weights or --teacher-checkpoint."""
+def create_teacher(loss: LossOptions, device: torch.device, anchors: dict[str, AnchorSpec] | None = None
+                   ) -> nn.Module:
+    """The frozen distillation teacher: the stitch config's anchor labelled --teacher (`anchors`, label -> spec:
+    its checkpoint and model_kwargs), or a timm model by name with hub weights or --teacher-checkpoint."""
+    spec = (anchors or {}).get(loss.teacher)
+    if spec is not None and not loss.teacher_checkpoint:
+        teacher = create_anchor(spec, pretrained=spec.checkpoint is None and not loss.no_pretrained,
+                                num_classes=loss.num_classes)
+        return _frozen(teacher, device)
     offline = loss.no_pretrained and not loss.teacher_checkpoint
     if offline:  # --no-pretrained means no download anywhere: the recipe still runs, offline, with a random teacher
         logging.getLogger("snnet").warning(f"--no-pretrained: the teacher {loss.teacher!r} is random too (no "
                                            f"download); give --teacher-checkpoint for a trained one")
     teacher = create_anchor(AnchorSpec(loss.teacher, loss.teacher_checkpoint or None),
                             pretrained=not loss.teacher_checkpoint and not offline, num_classes=loss.num_classes)
+    return _frozen(teacher, device)
+
+
+def _frozen(teacher: nn.Module, device: torch.device) -> nn.Module:
     teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad = False
@@ -77,10 +88,12 @@ def create_mixup(loss: LossOptions) -> Mixup | None:
                  label_smoothing=loss.smoothing, num_classes=loss.num_classes)
 
 
-def create_loss(loss: LossOptions, device: torch.device) -> tuple[DistillationLoss, Mixup | None]:
-    """(loss_fn(inputs, outputs, targets), mixup_fn or None) for the run's flags, as timm's train.py wires them."""
+def create_loss(loss: LossOptions, device: torch.device, anchors: dict[str, AnchorSpec] | None = None
+                ) -> tuple[DistillationLoss, Mixup | None]:
+    """(loss_fn(inputs, outputs, targets), mixup_fn or None) for the run's flags, as timm's train.py wires them;
+    `anchors` (label -> spec) are the stitch config's, which --teacher may name."""
     mixup_fn = create_mixup(loss)
-    teacher = create_teacher(loss, device) if loss.distillation_type != "none" else None
+    teacher = create_teacher(loss, device, anchors) if loss.distillation_type != "none" else None
     loss_fn = DistillationLoss(base_criterion(mixup_fn is not None, loss.smoothing), teacher, loss.distillation_type,
                                loss.distillation_alpha, loss.distillation_tau).to(device)
     return loss_fn, mixup_fn

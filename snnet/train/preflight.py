@@ -322,7 +322,8 @@ def check_hub_weights(options: RunOptions, stitch_cfg: StitchConfig | None) -> N
             names.append(("--model", network.model))
     elif not network.no_pretrained:
         names += [(f"anchor {i}", a.name) for i, a in enumerate(stitch_cfg.anchors) if a.checkpoint is None]
-    if loss.distillation_type != "none" and loss.teacher and not loss.teacher_checkpoint and \
+    own_anchor = stitch_cfg is not None and loss.teacher in stitch_cfg.labelled()  # its checkpoint, no download
+    if loss.distillation_type != "none" and loss.teacher and not loss.teacher_checkpoint and not own_anchor and \
             not loss.no_pretrained and not options.job.eval:
         names.append(("teacher", loss.teacher))
     for where, name in names:

@@ -216,7 +216,8 @@ class Trainer:
         else:
             freeze(net, stitch_cfg, options.train.freeze_anchors)
             loader = create_train_loader(train_ds, options.loader, data_cfg, options.device)
-            loss_fn, mixup_fn = create_loss(options.loss, options.device)
+            loss_fn, mixup_fn = create_loss(options.loss, options.device,
+                                             stitch_cfg.labelled() if stitch_cfg is not None else None)
             sampler = run_sampler(net, stitch_cfg, options.train.seed, rank, sync=options.train.sample_sync,
                                   freeze_anchors=options.train.freeze_anchors)
             trainer = cls(net, loader, loss_fn, options, sampler, mixup_fn=mixup_fn, resume_state=resume_state,
