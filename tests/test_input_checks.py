@@ -248,7 +248,7 @@ def test_slow_amp_on_this_cpu_says_where_amp_came_from(tmp_path, monkeypatch, ca
     assert caplog.text == ""
 
 
-def test_a_teacher_named_by_its_label_is_that_anchor_with_its_weights(tmp_path):
+def test_a_teacher_named_by_its_label_is_that_anchor_with_its_weights(tmp_path, capsys):
     """--teacher LABEL names a labelled anchor of the stitch config: the teacher is built with the anchor's
     model_kwargs and loads its checkpoint (the quickstart distils from its largest anchor); a timm name stays a timm
     model."""
@@ -260,10 +260,10 @@ def test_a_teacher_named_by_its_label_is_that_anchor_with_its_weights(tmp_path):
     torch.manual_seed(3)
     own = timm.create_model("deit_tiny_patch16_224", num_classes=5, **kwargs)
     torch.save({"state_dict": own.state_dict()}, tmp_path / "big.pth")
-    cfg = parse_stitch_config({"anchors": [
-        {"name": "deit_tiny_patch16_224", "model_kwargs": kwargs},
-        {"name": "deit_tiny_patch16_224", "label": "big", "checkpoint": str(tmp_path / "big.pth"),
-         "model_kwargs": kwargs}]})
+    anchors = [{"name": "deit_tiny_patch16_224", "model_kwargs": kwargs},
+               {"name": "deit_tiny_patch16_224", "label": "big", "checkpoint": str(tmp_path / "big.pth"),
+                "model_kwargs": kwargs}]
+    cfg = parse_stitch_config({"anchors": anchors})
     assert list(cfg.labelled()) == ["big"]
     teacher = create_teacher(LossOptions(teacher="big", num_classes=5, no_pretrained=True), torch.device("cpu"),
                              cfg.labelled())
@@ -274,3 +274,10 @@ def test_a_teacher_named_by_its_label_is_that_anchor_with_its_weights(tmp_path):
     plain = create_teacher(LossOptions(teacher="resnet18", num_classes=5, no_pretrained=True), torch.device("cpu"),
                            cfg.labelled())
     assert type(plain).__name__ == "ResNet"
+    from snnet.train.main import main
+    (tmp_path / "cfg.json").write_text(json.dumps({"anchors": anchors}))
+    base = ["/data/imagenet", "--stitch_config", str(tmp_path / "cfg.json"), "--distillation-type", "soft",
+            "--num-classes", "5", "--img-size", "16", "--no-pretrained", "--dry-run"]
+    assert main(base + ["--teacher", "big"]) == 0  # the preflight takes the label: no timm name, no download
+    capsys.readouterr()
+    assert main(base + ["--teacher", "bigg"]) == 2 and "unknown timm model name 'bigg'" in capsys.readouterr().err

@@ -264,7 +264,7 @@ def _check_build(options: RunOptions, stitch_cfg: StitchConfig | None, anchor_ch
     before any work."""
     if not options.job.eval:
         check_augmentation(options.loader, eval_data_config(options.values(), stitch_cfg)["input_size"])
-    check_training(options)
+    check_training(options, stitch_cfg)
     check_structure(options, stitch_cfg, anchor_checkpoints, device_type)
 
 
@@ -349,9 +349,10 @@ def check_sampling(options: RunOptions, net, cfg: StitchConfig) -> None:
     run_sampler(net, cfg, train.seed, 0, sync=train.sample_sync, freeze_anchors=train.freeze_anchors)
 
 
-def check_training(options: RunOptions) -> None:
-    """What training builds late (the optimizer, the distillation teacher), refused before any work (the rates and
-    the LR schedule are refused where they are resolved, `snnet.train.resolve.resolve`)."""
+def check_training(options: RunOptions, stitch_cfg: StitchConfig | None = None) -> None:
+    """What training builds late (the optimizer, the distillation teacher: a timm name, or a labelled anchor of
+    `stitch_cfg`), refused before any work (the rates and the LR schedule are refused where they are resolved,
+    `snnet.train.resolve.resolve`)."""
     if options.job.eval:
         return
     optim, loss = options.optim, options.loss
@@ -359,7 +360,8 @@ def check_training(options: RunOptions) -> None:
     if optim.opt_betas is not None and len(optim.opt_betas) == 1 and _takes_two_betas(optim.opt):
         raise UsageError(f"--opt-betas {optim.opt_betas[0]:g}: --opt {optim.opt} takes two betas (beta1 beta2); give "
                          f"both, e.g. --opt-betas {optim.opt_betas[0]:g} 0.999")
-    if loss.distillation_type != "none" and loss.teacher:
+    if loss.distillation_type != "none" and loss.teacher and \
+            not (stitch_cfg is not None and loss.teacher in stitch_cfg.labelled()):
         check_model_name(loss.teacher)
 
 
