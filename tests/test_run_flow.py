@@ -165,9 +165,9 @@ def test_the_preflight_the_dry_run_and_the_trainer_read_one_resolved_run(digits_
         made.append(resolve(*a, **k))
         return made[-1]
 
-    def checking(options):
+    def checking(options, *a):
         read["preflight"] = options
-        return check_training(options)
+        return check_training(options, *a)
 
     def describing(options, *a, **k):
         read["describe"] = options
