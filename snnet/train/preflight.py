@@ -322,9 +322,8 @@ def check_hub_weights(options: RunOptions, stitch_cfg: StitchConfig | None) -> N
             names.append(("--model", network.model))
     elif not network.no_pretrained:
         names += [(f"anchor {i}", a.name) for i, a in enumerate(stitch_cfg.anchors) if a.checkpoint is None]
-    own_anchor = stitch_cfg is not None and loss.teacher in stitch_cfg.labelled()  # its checkpoint, no download
-    if loss.distillation_type != "none" and loss.teacher and not loss.teacher_checkpoint and not own_anchor and \
-            not loss.no_pretrained and not options.job.eval:
+    if loss.distillation_type != "none" and loss.teacher and not loss.teacher_checkpoint and \
+            not _teacher_is_anchor(loss, stitch_cfg) and not loss.no_pretrained and not options.job.eval:
         names.append(("teacher", loss.teacher))
     for where, name in names:
         try:
@@ -360,9 +359,14 @@ def check_training(options: RunOptions, stitch_cfg: StitchConfig | None = None) 
     if optim.opt_betas is not None and len(optim.opt_betas) == 1 and _takes_two_betas(optim.opt):
         raise UsageError(f"--opt-betas {optim.opt_betas[0]:g}: --opt {optim.opt} takes two betas (beta1 beta2); give "
                          f"both, e.g. --opt-betas {optim.opt_betas[0]:g} 0.999")
-    if loss.distillation_type != "none" and loss.teacher and \
-            not (stitch_cfg is not None and loss.teacher in stitch_cfg.labelled()):
+    if loss.distillation_type != "none" and loss.teacher and not _teacher_is_anchor(loss, stitch_cfg):
         check_model_name(loss.teacher)
+
+
+def _teacher_is_anchor(loss: LossOptions, stitch_cfg: StitchConfig | None) -> bool:
+    """--teacher names a labelled anchor of the stitch config: built from its spec and checkpoint, not by a timm
+    name and not downloaded."""
+    return stitch_cfg is not None and loss.teacher in stitch_cfg.labelled()
 
 
 def _takes_two_betas(opt: str) -> bool:
