@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from snnet.results.baselines import file_baselines
+from snnet.results.baselines import against_mixing, file_baselines
 from snnet.results.pareto import infer_anchors, is_anchor, pareto_report, save_report
 from snnet.results.predictions import load_for, predictions_path, write_predictions
 from snnet.results.quality import in_anchor_range
@@ -381,13 +381,12 @@ def summary(sources: list[Path]) -> list[str]:
         anchors = [r["cfg_id"] for r in records if is_anchor(r, n)]
         inside, stitches = in_anchor_range(records, anchors, RANGE_MARGIN)
         exact, _ = in_anchor_range(records, anchors, 0.0)
-        b = file_baselines(path, records, anchors)
+        above, ahead = against_mixing(file_baselines(path, records, anchors))
         lines.append(f"{os.path.relpath(path)}: anchors " + ", ".join(
             f"{r['route']} {r['acc1']:.2f}" for r in records if r["cfg_id"] in anchors) +
             f"; {exact} of {stitches} stitches within the anchors' top-1 range ({inside} within it "
             f"+-{RANGE_MARGIN:g} points); front above "
-            f"random mixing on {100 * b['ahead_of_mixing']:.0f} % of budgets ({b['above_mixing']} of "
-            f"{b['stitches']} stitches above the line)")
+            f"random mixing on {ahead} of budgets ({above} stitches above the line)")
     return lines
 
 
@@ -456,7 +455,7 @@ def evaluate_weights(work: Path, data: Path, weights: Path, config: Path = CONFI
 
 
 def copy_results(run_dir: Path, dest: Path) -> None:
-    """A run's stitches_res.txt and the anchors' per-image predictions beside it (stitches_pred.npz, which
+    """A run's stitches_res.txt and the per-image predictions beside it (stitches_pred.npz, which
     `snnet pareto --baselines` reads), checked against each other, to `dest` and beside it."""
     records = read_results(run_dir)
     pred = load_for(run_dir / RESULTS_FILE, records)

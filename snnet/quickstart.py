@@ -772,7 +772,9 @@ def _recipes(p: Plan, seed: int) -> tuple[list[str], list[str], list[str], list[
     lr, scale = (SNNET_LR, SNNET_ANCHOR_LR_SCALE) if p.own_cnns else (5e-4, 1.0)
     snnet = ["--lr", f"{lr:g}", "--anchor-lr-scale", f"{scale:g}", "--warmup-epochs",
              "1" if p.snnet_epochs > 1 else "0", "-b", str(p.batch)]
-    return anchor, snnet, common, ["--img-size", str(p.img_size), "-b", str(p.batch), "-j", "0"]
+    # every stitch's per-image predictions: the baselines' intervals over resampled validation images
+    return anchor, snnet, common, ["--img-size", str(p.img_size), "-b", str(p.batch), "-j", "0",
+                                   "--save-predictions", "all"]
 
 
 def stitch_config(out: Path, p: Plan, classes: int, folder: Path | None = None) -> Path:

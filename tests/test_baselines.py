@@ -10,7 +10,7 @@ import torch
 from helpers import FAST, ROOT, assert_refused, run, run_cli
 from torch.utils.data import DataLoader, TensorDataset
 
-from snnet.results.baselines import baselines, cascade_settings, mixing_line, score_setting
+from snnet.results.baselines import baselines, cascade_settings, mixing_line, score_setting, summary_table
 from snnet.results.predictions import (
     Predictions,
     build_predictions,
@@ -138,6 +138,25 @@ def test_baselines_count_stitches_above_each_and_the_budgets_where_the_front_lea
     assert hv["cascade"] == pytest.approx(0.25 * 25 + 0.25 * 50 + 0.25 * 75 + 0.1 * 100)  # steps at 10/40 .. 40/40
     assert hv["cascade"] > hv["stitched"]
     assert 0 < b["ahead_of_mixing"] < 1
+
+
+def test_intervals_over_resampled_images_show_which_stitches_clear_the_line_by_chance():
+    # 200 images; right on: anchor 0 images 0-99, anchor 1 0-159; stitch 2 0-179 (above the line on every resample),
+    # stitch 3 0-99 (never above: anchor 1 is right wherever anchor 0 is), stitch 4 0-129 at 25 FLOPs, the middle of
+    # the line: (a0 + a1) / 2 exactly on these images, above it on about half the resamples
+    n = 200
+    right = [np.arange(n) < k for k in (100, 160, 180, 100, 130)]
+    pred = _pred(np.full((5, n), 0.9), right, flops_ids=range(5))
+    recs = _records([50.0, 80.0, 90.0, 50.0, 65.0], [10, 40, 20, 30, 25])
+    b = baselines(recs, [0, 1], pred)
+    assert b["above_mixing"] == 1 and b["interval"]["above_mixing"] == [1, 2]
+    lo, hi = b["interval"]["ahead_of_mixing"]
+    assert 0 < lo <= b["ahead_of_mixing"] <= hi <= 1
+    assert baselines(recs, [0, 1], pred) == b  # seeded
+    assert "| 1 of 3 (1-2) |" in summary_table([("x", b)])
+    anchors_only = _pred(np.full((2, n), 0.9), right[:2])
+    assert baselines(recs, [0, 1], anchors_only)["interval"] is None
+    assert "| 1 of 3 |" in summary_table([("x", baselines(recs, [0, 1], anchors_only))])
 
 
 # ------------------------------------------------------------------------------------------------------ the file

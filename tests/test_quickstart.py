@@ -171,6 +171,8 @@ def test_quickstart_guide_runs(tmp_path, capsys):
                      "quickstart finished in", "report.html in a browser", "30 training and 7 validation images",
                      ".gif images are read too"):
             assert what in out, what
+        # every stitch's predictions kept: the counts against mixing come with intervals over resampled images
+        assert re.search(r"\d+ of 12 \(\d+-\d+\) stitches above the line", out), out[-2000:]
         warned = [ln for ln in err.splitlines() if ln.startswith("warning:")]
         assert len(warned) == 3 and "'ring/._val_0000.png'" in warned[0] and "'README.txt'" in warned[1], err
         assert "'square/cut.jpg': unreadable" in warned[2], err

@@ -23,6 +23,11 @@ stitched deployment could mix stitches too (the line through its own front), whi
 "Stitches above a baseline": stitched (non-anchor) routes whose top-1 exceeds the baseline's best at their FLOPs.
 "Ahead on": the share of budgets from the cheapest anchor's cost to the largest anchor's where the stitched front's
 best top-1 exceeds the baseline's.
+
+With every stitch's predictions (`--save-predictions all`), both counts against mixing come with a 90 % interval
+over resamples of the validation images (a paired bootstrap: every network and the line are scored on the same
+resampled images). On a few hundred images, anchors a point apart and stitches within a point of the line, which
+stitches clear it depends on the images drawn; the interval says how much.
 """
 from __future__ import annotations
 
@@ -41,6 +46,8 @@ from snnet.results.records import ResultsError
 #: settings tried per chain (threshold tuples), and the images up to which a two-stage chain tries every value
 MAX_SETTINGS = 2000
 EXACT_IMAGES = 2000
+#: resamples of the validation images for the intervals against mixing, and the share of them an interval covers
+RESAMPLES, COVER = 1000, 0.9
 
 
 # ------------------------------------------------------------------------------------------------------ mixing
@@ -117,6 +124,35 @@ def score_setting(pred: Predictions, setting: dict[str, Any], flops: dict[int, f
     return {**setting, **_run(p, ok, np.cumsum([flops[c] for c in setting["chain"]]), ts)}
 
 
+def resampled_mixing(records: Sequence[dict[str, Any]], anchors: Sequence[int], pred: Predictions,
+                     budgets: np.ndarray, seed: int = 0) -> dict[str, list] | None:
+    """COVER intervals, over RESAMPLES resamples of the validation images (seeded), of the stitches above the
+    mixing line and the share of `budgets` where the stitched front is ahead of it; the line is rebuilt from the
+    anchors' top-1 on each resample. None unless `pred` holds every record's predictions."""
+    ids = [r["cfg_id"] for r in records]
+    if not set(ids) <= set(pred.cfg_id.tolist()):
+        return None
+    correct = np.stack([pred.correct[pred.row(i)] for i in ids]).astype(np.float32)  # [networks, images]
+    n = correct.shape[1]
+    rng = np.random.default_rng(seed)
+    acc = np.concatenate([100 * correct @ rng.multinomial(n, np.full(n, 1 / n), size=m).T.astype(np.float32) / n
+                          for m in [100] * (RESAMPLES // 100)], axis=1)  # [networks, resamples]
+    flops = np.array([float(r["flops"]) for r in records])
+    order = np.argsort(flops, kind="stable")
+    fits = np.searchsorted(flops[order], budgets, side="right") - 1  # the cheapest network fits every budget
+    rows = {c: k for k, c in enumerate(ids)}
+    stitches = [k for k, c in enumerate(ids) if c not in set(anchors)]
+    above, ahead = [], []
+    for a in acc.T:
+        line = mixing_line([(flops[rows[c]], a[rows[c]]) for c in anchors])
+        above.append(sum(a[k] > line_at(line, flops[k]) for k in stitches))
+        xs, ys = zip(*line)
+        ahead.append(float(np.mean(np.maximum.accumulate(a[order])[fits] > np.interp(budgets, xs, ys))))
+    tail = (1 - COVER) / 2
+    span = lambda v: [np.quantile(v, tail, method="lower").item(), np.quantile(v, 1 - tail, method="higher").item()]
+    return {"above_mixing": span(above), "ahead_of_mixing": span(ahead)}
+
+
 # ------------------------------------------------------------------------------------------------------ both
 def baselines(records: Sequence[dict[str, Any]], anchors: Sequence[int], pred: Predictions,
               anchor_records: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -156,6 +192,7 @@ def baselines(records: Sequence[dict[str, Any]], anchors: Sequence[int], pred: P
         "above_cascade": sum(1 for x, y in stitches if y > staircase_at(casc_pts, x)),
         "ahead_of_mixing": ahead(lambda b: line_at(mixing, b)),
         "ahead_of_cascade": ahead(lambda b: staircase_at(casc_pts, b)),
+        "interval": None if anchor_records is not None else resampled_mixing(records, anchors, pred, budgets),
     }
 
 
@@ -165,6 +202,16 @@ def file_baselines(path: str | Path, records: Sequence[dict[str, Any]], anchors:
 
 
 # ------------------------------------------------------------------------------------------------------ words
+def against_mixing(b: dict[str, Any]) -> tuple[str, str]:
+    """("N of M", "P %") of the stitches above the mixing line and the budgets ahead of it, each with its interval
+    over resampled validation images where `baselines` has one ("4 of 12 (1-10)", "63 % (20-90)")."""
+    above, ahead = f"{b['above_mixing']} of {b['stitches']}", f"{100 * b['ahead_of_mixing']:.0f} %"
+    if b.get("interval"):
+        (a0, a1), (h0, h1) = b["interval"]["above_mixing"], b["interval"]["ahead_of_mixing"]
+        above, ahead = f"{above} ({a0}-{a1})", f"{ahead} ({100 * h0:.0f}-{100 * h1:.0f})"
+    return above, ahead
+
+
 def summary_table(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
     """Markdown: per file, the stitched front and both baselines (hypervolume, stitches above, budgets ahead)."""
     lines = ["| file | front | hypervolume | stitches above it | stitched front ahead on |",
@@ -172,8 +219,8 @@ def summary_table(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
     for label, b in rows:
         hv = b["hypervolume"]
         lines.append(f"| {label} | stitched front | {hv['stitched']:.3f} | | |")
-        lines.append(f"| {label} | random anchor mixing | {hv['mixing']:.3f} | {b['above_mixing']} of "
-                     f"{b['stitches']} | {100 * b['ahead_of_mixing']:.0f} % of budgets |")
+        above, ahead = against_mixing(b)
+        lines.append(f"| {label} | random anchor mixing | {hv['mixing']:.3f} | {above} | {ahead} of budgets |")
         lines.append(f"| {label} | confidence cascade | {hv['cascade']:.3f} | {b['above_cascade']} of "
                      f"{b['stitches']} | {100 * b['ahead_of_cascade']:.0f} % of budgets |")
     return "\n".join(lines) + "\n"
@@ -190,13 +237,14 @@ def cascade_table(b: dict[str, Any], scale: float, unit: str) -> str:
 
 def describe(label: str, b: dict[str, Any]) -> str:
     """One paragraph for a terminal."""
-    hv = b["hypervolume"]
+    hv, (above, ahead) = b["hypervolume"], against_mixing(b)
+    span = f" ({100 * COVER:.0f} % intervals over resampled validation images)" if b.get("interval") else ""
     return (f"{label}: hypervolume stitched {hv['stitched']:.3f}, mixing {hv['mixing']:.3f}, cascade "
             f"{hv['cascade']:.3f} (anchor chain cfg {' < '.join(map(str, b['anchors']))}, {b['images']} images, "
-            f"{b['cascade_settings']} cascade settings); {b['above_mixing']} of {b['stitches']} stitches above the "
-            f"mixing line, {b['above_cascade']} above the cascade's front; the stitched front is ahead on "
-            f"{100 * b['ahead_of_mixing']:.0f} % (mixing) and {100 * b['ahead_of_cascade']:.0f} % (cascade) of the "
-            f"budgets between the smallest and the largest anchor")
+            f"{b['cascade_settings']} cascade settings); {above} stitches above the mixing line, {b['above_cascade']} "
+            f"above the cascade's front; the stitched front is ahead of mixing on {ahead} and of the "
+            f"cascade on {100 * b['ahead_of_cascade']:.0f} % of the budgets between the smallest and the largest "
+            f"anchor{span}")
 
 
 def jsonable(b: dict[str, Any]) -> dict[str, Any]:
