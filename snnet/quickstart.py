@@ -66,7 +66,8 @@ from snnet.demo import (
     train_anchor,
     train_snnet,
 )
-from snnet.results.records import RESULTS_FILE, file_sha256, read_results
+from snnet.results.predictions import load_for
+from snnet.results.records import RESULTS_FILE, ResultsError, file_sha256, read_results
 from snnet.utils.errors import SNNetError, UsageError, one_line
 from snnet.utils.fileio import write_text_atomic
 
@@ -919,11 +920,18 @@ def _steps_env() -> Iterator[None]:
 
 
 def _evaluated(results: Path, weights: Path) -> bool:
-    """Whether `results` holds every stitch evaluated from exactly these weights (its checkpoint_sha256)."""
+    """Whether `results` holds every stitch evaluated from exactly these weights (its checkpoint_sha256), with the
+    per-image predictions of every stitch beside it (those of an evaluation that kept fewer are made again)."""
     if not results.exists():
         return False
     records, sha = read_results(results), file_sha256(weights)
-    return bool(records) and all(r.get("checkpoint_sha256") == sha for r in records)
+    if not records or any(r.get("checkpoint_sha256") != sha for r in records):
+        return False
+    try:
+        held = set(load_for(results, records).cfg_id.tolist())
+    except ResultsError:
+        return False
+    return held >= {r["cfg_id"] for r in records}
 
 
 def start_fresh(out: Path) -> list[str]:

@@ -15,6 +15,7 @@ from helpers import ROOT, run
 
 from snnet.data.checks import small_class_warning
 from snnet.quickstart import DataSummary, QuickstartOptions, _recipes, plan, read_data, stitch_config, write_split
+from snnet.results.predictions import predictions_path, read_predictions, write_predictions
 from snnet.stitching.weights import WeightsUnavailable, check_pretrained
 from snnet.utils.errors import UsageError
 
@@ -180,6 +181,13 @@ def test_quickstart_guide_runs(tmp_path, capsys):
         rc, out, err = run_cli(capsys, *argv[1:], *extra)  # again: resumed, nothing redone
         assert rc == 0, err
         assert out.count("reusing") == 4 and "$ " not in out, out  # 2 anchors, SN-Net, evaluation
+        # an evaluation that kept the anchors' predictions only is made again, not reused without its intervals
+        pred_file = predictions_path(results / "stitches_res.txt")
+        write_predictions(pred_file, read_predictions(pred_file).subset([0, 1]))
+        rc, out, err = run_cli(capsys, *argv[1:], *extra)
+        assert rc == 0, err
+        assert out.count("reusing") == 3 and "[snnet_eval] $ " in out, out
+        assert read_predictions(pred_file).cfg_id.tolist() == list(range(14))
     finally:
         os.chdir(ROOT)
 
