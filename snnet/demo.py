@@ -381,12 +381,12 @@ def summary(sources: list[Path]) -> list[str]:
         anchors = [r["cfg_id"] for r in records if is_anchor(r, n)]
         inside, stitches = in_anchor_range(records, anchors, RANGE_MARGIN)
         exact, _ = in_anchor_range(records, anchors, 0.0)
-        above, ahead = against_mixing(file_baselines(path, records, anchors))
+        above, ahead, span = against_mixing(file_baselines(path, records, anchors))
         lines.append(f"{os.path.relpath(path)}: anchors " + ", ".join(
             f"{r['route']} {r['acc1']:.2f}" for r in records if r["cfg_id"] in anchors) +
             f"; {exact} of {stitches} stitches within the anchors' top-1 range ({inside} within it "
             f"+-{RANGE_MARGIN:g} points); front above "
-            f"random mixing on {ahead} of budgets ({above} stitches above the line)")
+            f"random mixing on {ahead} of budgets; {above} stitches above the line{span}")
     return lines
 
 

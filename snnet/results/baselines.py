@@ -202,14 +202,16 @@ def file_baselines(path: str | Path, records: Sequence[dict[str, Any]], anchors:
 
 
 # ------------------------------------------------------------------------------------------------------ words
-def against_mixing(b: dict[str, Any]) -> tuple[str, str]:
-    """("N of M", "P %") of the stitches above the mixing line and the budgets ahead of it, each with its interval
-    over resampled validation images where `baselines` has one ("4 of 12 (1-10)", "63 % (20-90)")."""
+def against_mixing(b: dict[str, Any]) -> tuple[str, str, str]:
+    """("N of M", "P %", note) of the stitches above the mixing line and the budgets ahead of it, each with its
+    interval over resampled validation images where `baselines` has one ("4 of 12 (1-10)", "63 % (20-90)"), and
+    the note that says what the intervals are ("" without them)."""
     above, ahead = f"{b['above_mixing']} of {b['stitches']}", f"{100 * b['ahead_of_mixing']:.0f} %"
-    if b.get("interval"):
-        (a0, a1), (h0, h1) = b["interval"]["above_mixing"], b["interval"]["ahead_of_mixing"]
-        above, ahead = f"{above} ({a0}-{a1})", f"{ahead} ({100 * h0:.0f}-{100 * h1:.0f})"
-    return above, ahead
+    if not b.get("interval"):
+        return above, ahead, ""
+    (a0, a1), (h0, h1) = b["interval"]["above_mixing"], b["interval"]["ahead_of_mixing"]
+    return (f"{above} ({a0}-{a1})", f"{ahead} ({100 * h0:.0f}-{100 * h1:.0f})",
+            f" ({100 * COVER:.0f} % intervals over resampled validation images)")
 
 
 def summary_table(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
@@ -219,7 +221,7 @@ def summary_table(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
     for label, b in rows:
         hv = b["hypervolume"]
         lines.append(f"| {label} | stitched front | {hv['stitched']:.3f} | | |")
-        above, ahead = against_mixing(b)
+        above, ahead, _ = against_mixing(b)
         lines.append(f"| {label} | random anchor mixing | {hv['mixing']:.3f} | {above} | {ahead} of budgets |")
         lines.append(f"| {label} | confidence cascade | {hv['cascade']:.3f} | {b['above_cascade']} of "
                      f"{b['stitches']} | {100 * b['ahead_of_cascade']:.0f} % of budgets |")
@@ -237,8 +239,7 @@ def cascade_table(b: dict[str, Any], scale: float, unit: str) -> str:
 
 def describe(label: str, b: dict[str, Any]) -> str:
     """One paragraph for a terminal."""
-    hv, (above, ahead) = b["hypervolume"], against_mixing(b)
-    span = f" ({100 * COVER:.0f} % intervals over resampled validation images)" if b.get("interval") else ""
+    hv, (above, ahead, span) = b["hypervolume"], against_mixing(b)
     return (f"{label}: hypervolume stitched {hv['stitched']:.3f}, mixing {hv['mixing']:.3f}, cascade "
             f"{hv['cascade']:.3f} (anchor chain cfg {' < '.join(map(str, b['anchors']))}, {b['images']} images, "
             f"{b['cascade_settings']} cascade settings); {above} stitches above the mixing line, {b['above_cascade']} "
