@@ -580,7 +580,7 @@ class QuickstartCommand:
                                             help="widths of the CNN anchors, smallest first (default 4 12)")
     stitch_stages: tuple[int, ...] | None = option(None, "--stitch-stages", nargs="+", parse=_count, metavar="S",
                                                    help="stages of hierarchical anchors to stitch in, from 0 (default: "
-                                                        "all four of the CNN anchors, 0-3; --anchors: the family's)")
+                                                        "the CNN anchors' deep stages, 2 3; --anchors: the family's)")
     stitch_plan: str | None = option(None, "--stitch-plan", choices=("large_to_small", "two_way", "sliding_window"),
                                      help="which anchor runs first in a stitch: large_to_small (the larger anchor's "
                                           "front, the smaller's last blocks; the default for the CNN anchors), "
@@ -593,13 +593,16 @@ class QuickstartCommand:
     img_size: int | None = option(None, "--img-size", parse=_positive_int, metavar="S",
                                   help="image side the anchors see (default: 64; smaller images twice their side, up "
                                        "to 64)")
-    anchor_epochs: int | None = option(None, "--anchor-epochs", parse=_positive_int, metavar="N", help="")
-    snnet_epochs: int | None = option(None, "--snnet-epochs", parse=_positive_int, metavar="N", help="")
+    anchor_epochs: int | None = option(None, "--anchor-epochs", parse=_positive_int, metavar="N",
+                                       help="epochs of each anchor (default: 30-60, enough for 600 steps)")
+    snnet_epochs: int | None = option(None, "--snnet-epochs", parse=_positive_int, metavar="N",
+                                      help="epochs of the SN-Net (default: as many as the anchors')")
     batch: int | None = option(None, "--batch", parse=_positive_int, metavar="B",
                                help="batch per process (default 32; the CNN anchors 128)")
     nproc: int | None = option(None, "--nproc", parse=_positive_int, metavar="N",
                                help="SN-Net processes (default: one per core)")
-    seed: int = option(0, "--seed", parse=int, help="")
+    seed: int = option(0, "--seed", parse=int,
+                       help="seeds the 80/20 split and every training step (default 0; another redoes every step)")
     fresh: bool = option(False, "--fresh",
                          help="redo every step, even those a run of the same arguments finished")
 

@@ -145,6 +145,18 @@ def test_a_snnet_commands_option_is_declared_once():
         seen[key] = node.lineno
 
 
+def test_every_snnet_commands_flag_has_help():
+    """`snnet CMD --help` explains every flag: an empty help string leaves a user guessing at its default."""
+    import argparse
+
+    from snnet.cli import build_parser
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    bare = [(name, a.option_strings[0]) for name, sub in commands.items() for a in sub._actions
+            if a.option_strings and not (a.help or "").strip()]
+    assert bare == []
+    assert "the CNN anchors' deep stages, 2 3" in " ".join(commands["quickstart"].format_help().split())
+
+
 def test_the_parser_and_options_by_key_refuse_by_the_same_rule():
     """One rule per option: train.py's parser and a keyword caller (stitch-train's sweep) refuse the same value."""
     from snnet.train.options import OptionError, options_by_key
