@@ -64,6 +64,8 @@ def parse_amount(text: str, flag: str = "the budget", suffixes: bool = True) -> 
     """'5G' -> 5e9, '20M' -> 2e7, '3.5k' -> 3500, '4.5e9' -> 4.5e9 (K/M/G/T, any case); refuses anything else."""
     m = _AMOUNT.match(str(text))
     if m is None or (m.group(3) and not suffixes):
+        if _AMOUNT.match(str(text).strip().removeprefix("-")):
+            raise UsageError(f"{text!r} is negative; write e.g. {flag} {'5G' if suffixes else '3'} (0 or more)")
         if suffixes:
             raise UsageError(f"{text!r} is not a number with an optional K/M/G/T suffix; write e.g. {flag} 5G "
                              f"(or 750K, 20M, 4.5e9)")

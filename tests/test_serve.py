@@ -642,7 +642,7 @@ def test_serve_refuses_results_of_another_network_before_starting(tiny, tmp_path
     rc, _, err = run_cli(capsys, "serve", "--results", tiny.results)
     assert_refused(rc, err, "pass the SN-Net checkpoint")
     rc, _, err = run_cli(capsys, "serve", tiny.ckpt, "--results", tiny.results, "--max-wait-ms", "-1")
-    assert_refused(rc, err, "--max-wait-ms")
+    assert_refused(rc, err, "--max-wait-ms", "is negative")
 
 
 def test_serve_refuses_a_port_in_use_before_starting_ray(tiny, capsys):
