@@ -950,10 +950,11 @@ def cmd_search(args: SearchCommand) -> int:
 
 
 def cmd_convert(args: ConvertCommand) -> int:
+    from snnet.deploy.convert import check_paths, convert_release
+    check_paths(args.src, args.dst)
     if not args.trust:
         raise UsageError(f"{args.src!r} is a pickled file: converting it means trusting where it came from; if you "
                          f"do, add --trust")
-    from snnet.deploy.convert import convert_release
     summary = convert_release(args.src, args.dst, tuple(args.levit_depths) if args.levit_depths else None)
     if not summary["snnet"]:  # one network's weights (a timm or train.py --model checkpoint)
         print(f"converted {args.src}: one plain network's weights ({summary['tensors']} tensors, e.g. "
@@ -978,7 +979,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except OSError as e:  # unwritable --out, full disk: the environment, not a bug
-        print(f"snnet {args.command}: error: {e.strerror or e}: {e.filename!r}; check the path and permissions",
+        print(f"snnet {args.command}: error: {e.filename!r}: {e.strerror or e}; check the path and permissions",
               file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAST, run
+from helpers import FAST, assert_refused, run, run_cli
 
 from snnet import build_snnet, load_stitch_config
 
@@ -89,3 +89,22 @@ def test_convert_refuses_other_pickled_objects_and_runs_nothing(tmp_path):
     r = run([sys.executable, "-m", "snnet.cli", "convert", tmp_path / "evil.pth", tmp_path / "out.pth.tar", "--trust"])
     assert r.returncode == 2 and "refused unread" in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
     assert not PWNED.exists() and not (tmp_path / "out.pth.tar").exists()
+
+
+def test_convert_checks_both_paths_before_asking_for_trust(tmp_path, capsys):
+    """What no --trust can fix is said first: a file torch.save did not write, an output folder or a file in the
+    output's way; nothing is written."""
+    plain, text, folder = tmp_path / "plain.pth", tmp_path / "notes.pth", tmp_path / "out"
+    torch.save({"model": {"w": torch.zeros(2)}}, plain)
+    text.write_text("not a checkpoint\n")
+    folder.mkdir()
+    for argv, needle in [((text, tmp_path / "a.pth.tar"), "is not a file torch.save wrote"),
+                         ((tmp_path / "missing.pth", tmp_path / "a.pth.tar"), "does not exist"),
+                         ((plain, folder), f"output {str(folder)!r} is a folder; give a file path, e.g. "
+                                           f"{str(folder / 'plain.pth.tar')!r}"),
+                         ((plain, text / "a.pth.tar"), f"{str(text)!r} is a file, not a folder"),
+                         ((plain, tmp_path / "a.pth.tar"), "add --trust")]:
+        rc, _, err = run_cli(capsys, "convert", *argv)
+        assert_refused(rc, err, needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.pth", "out", "plain.pth"]
+    assert list(folder.iterdir()) == []

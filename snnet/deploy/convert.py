@@ -35,6 +35,35 @@ class _CfgNode:
 _ALLOWED = [argparse.Namespace, (_CfgNode, "yacs.config.CfgNode")]
 
 
+#: the first bytes of what torch.save writes: its zip archive, or (before torch 1.6) a pickle of protocol 2 or more
+TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def check_paths(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Refuse, before anything is read or trusted, a `src` that is no torch file and a `dst` that cannot take the
+    result (a folder, or `src` itself)."""
+    if not os.path.isfile(src):
+        what = "is a folder" if os.path.isdir(src) else "does not exist"
+        raise CheckpointError(f"SN-Net checkpoint {str(src)!r} {what}; give the downloaded .pth file")
+    with open(src, "rb") as f:
+        head = f.read(4)
+    if not head.startswith(TORCH_FILE_MAGIC):
+        raise CheckpointError(f"{str(src)!r} is not a file torch.save wrote (neither its zip archive nor a pickle); "
+                              f"give the .pth SN-Net published")
+    if os.path.isdir(dst):
+        raise CheckpointError(f"output {str(dst)!r} is a folder; give a file path, e.g. "
+                              f"{os.path.join(str(dst), Path(src).stem + '.pth.tar')!r}")
+    above = Path(dst).parent
+    while not above.exists():  # the folders that would be made; the first that exists must be one
+        above = above.parent
+    if not above.is_dir():
+        raise CheckpointError(f"output {str(dst)!r} cannot be written: {str(above)!r} is a file, not a folder; give "
+                              f"another output path")
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+        raise CheckpointError(f"{str(dst)!r} is the release being converted: writing there would replace it; give "
+                              f"another output path")
+
+
 def load_release(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -101,9 +130,7 @@ def convert_release(src: str | os.PathLike, dst: str | os.PathLike,
                     stage_depths: tuple[int, ...] | None = None) -> dict[str, Any]:
     """Read `src` (SN-Net's .pth) and write our checkpoint to `dst` atomically (never onto `src` itself). Returns a
     summary."""
-    if os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst):
-        raise CheckpointError(f"{str(dst)!r} is the release being converted: writing there would replace it; give "
-                              f"another output path")
+    check_paths(src, dst)
     state = load_release(src)
     weights = state.get("model", state.get("state_dict"))
     if not isinstance(weights, dict):
