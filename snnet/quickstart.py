@@ -29,6 +29,7 @@ stitch stage by stage like SN-Net's ResNet pairs.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -39,7 +40,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -290,6 +291,20 @@ def _check_images(paths: list[Path], data: Path, known: dict[str, list]) -> dict
     return record
 
 
+def _copies(paths: list[Path]) -> list[list[Path]]:
+    """The groups of two or more byte-identical files among `paths` (each group sorted, groups by their first file):
+    sizes first, so only files of one size are read and hashed."""
+    by_size: dict[int, list[Path]] = {}
+    for path in paths:
+        by_size.setdefault(path.stat().st_size, []).append(path)
+    groups: dict[bytes, list[Path]] = {}
+    for same in (ps for ps in by_size.values() if len(ps) > 1):
+        for path in same:
+            digest = hashlib.blake2b(path.read_bytes(), digest_size=16).digest()
+            groups.setdefault(digest, []).append(path)
+    return sorted((sorted(g) for g in groups.values() if len(g) > 1), key=lambda g: g[0])
+
+
 def _read_folder(data: Path, dest: Path, seed: int, known: dict[str, list]) -> DataSummary:
     """An image folder as quickstart lays it out in `dest`: the classes are the folders directly under DATA (or under
     its train/ and val/), each with every image below it; hidden files and folders, files of other kinds and images
@@ -360,7 +375,36 @@ def _read_folder(data: Path, dest: Path, seed: int, known: dict[str, list]) -> D
     usable = {s: {c: [p for p in fs if record[p.relative_to(data).as_posix()][2] is None] for c, fs in cs.items()}
               for s, cs in images.items()}
     _check_classes(usable, images, data, roots)
-    return _split(summary, usable, data, roots, seed)
+    copies = _copies([p for cs in usable.values() for fs in cs.values() for p in fs])
+    label = {p: (s, c) for s, cs in usable.items() for c, fs in cs.items() for p in fs}
+    both = [g for g in copies if len({label[p][1] for p in g}) > 1]
+    if both:
+        summary.warnings.append(f"warning: {where}: {len(both)} image(s) are in two or more classes as identical "
+                                f"files ({_pairs(both, data, lambda p: label[p][1])}): one photo, two labels; keep "
+                                f"each in one class")
+    kept = [g for g in copies if "all" in roots and len({label[p][1] for p in g}) == 1]
+    if kept:
+        summary.notes.append(f"data: {len(kept)} image(s) have identical copies in their class "
+                             f"({_pairs(kept, data)}), each kept on one side of the split: no validation image is a "
+                             f"copy of a training one")
+    leaks = [g for g in copies if "all" not in roots and len({label[p][0] for p in g}) > 1]
+    if leaks:
+        summary.warnings.append(f"warning: {where}: {len(leaks)} validation image(s) are identical to training "
+                                f"images ({_pairs(leaks, data, lambda p: label[p][0])}): their top-1 is not held "
+                                f"out; remove one copy")
+    return _split(summary, usable, data, roots, seed, copies)
+
+
+def _pairs(groups: list[list[Path]], data: Path, key=lambda p: p, n: int = 3) -> str:
+    """'a/1.png'='b/7.png', ... for the first `n` groups of identical files: of each group, the first file of each
+    `key` (its class, its split)."""
+    def firsts(g: list[Path]) -> list[Path]:
+        one: dict = {}
+        for p in g:
+            one.setdefault(key(p), p)
+        return list(one.values())[:3]
+    said = ["=".join(repr(p.relative_to(data).as_posix()) for p in firsts(g)) for g in groups[:n]]
+    return ", ".join(said) + (f" and {len(groups) - n} more" if len(groups) > n else "")
 
 
 def _check_classes(usable: dict[str, dict[str, list[Path]]], images: dict[str, dict[str, list[Path]]], data: Path,
@@ -396,21 +440,33 @@ def _check_classes(usable: dict[str, dict[str, list[Path]]], images: dict[str, d
 
 
 def _split(summary: DataSummary, usable: dict[str, dict[str, list[Path]]], data: Path,
-           roots: Mapping[str, Path | None], seed: int) -> DataSummary:
+           roots: Mapping[str, Path | None], seed: int, copies: Sequence[list[Path]] = ()) -> DataSummary:
     """The split as DIR/data will hold it (`write_split`): one folder per class split VAL_SHARE per class (seeded,
-    by file name), or train/ and val/ as they are; each image under a link name timm's reader lists (its path
+    by file name; the identical files of a group in `copies` on one side, so that no validation image is a copy of
+    a training one), or train/ and val/ as they are; each image under a link name timm's reader lists (its path
     below the class, '/' as '__', '.png' added to another format's name)."""
     timm_ext = img_extensions()
     if "all" in usable:
         rng = random.Random(seed)
         parts: dict[str, dict[str, list[Path]]] = {"train": {}, "val": {}}
+        group = {p: g for g in copies for p in g}
         for c, files in sorted(usable["all"].items()):
             if not files:
                 continue
             files = sorted(files)
-            rng.shuffle(files)
-            n_val = max(1, round(VAL_SHARE * len(files)))
-            parts["val"][c], parts["train"][c] = files[:n_val], files[n_val:]
+            in_class, placed, units = set(files), set(), []
+            for f in files:  # each file alone, or with its copies in this class
+                if f not in placed:
+                    units.append([p for p in group.get(f, [f]) if p in in_class])
+                    placed.update(units[-1])
+            if len(units) < 2:  # one image in copies: a copy validates
+                units = [[f] for f in files]
+            rng.shuffle(units)
+            n_val, k = max(1, round(VAL_SHARE * len(files))), 0
+            while sum(map(len, units[:k])) < n_val and k < len(units) - 1:
+                k += 1
+            parts["val"][c] = [f for u in units[:k] for f in u]
+            parts["train"][c] = [f for u in units[k:] for f in u]
     else:
         parts = {s: {c: sorted(fs) for c, fs in cs.items() if fs} for s, cs in usable.items()}
     for split, cs in parts.items():

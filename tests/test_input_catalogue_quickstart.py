@@ -211,12 +211,13 @@ def test_a_train_val_folder_whose_classes_hold_year_folders_keeps_its_classes(tm
     """train/cat/2019/*.png ...: timm's reader would name the classes 2019 and 2020; quickstart's classes are cat and
     dog, each with every image below it, and a warning says so."""
     from snnet.quickstart import read_data
-    px = (np.random.default_rng(1).random((16, 16, 3)) * 255).astype("uint8")
+    rng = np.random.default_rng(1)
     for split, n in (("train", 3), ("val", 1)):
         for cls in ("cat", "dog"):
             for year in ("2019", "2020"):
                 (tmp_path / "d" / split / cls / year).mkdir(parents=True)
                 for i in range(n):
+                    px = (rng.random((16, 16, 3)) * 255).astype("uint8")
                     Image.fromarray(px).save(tmp_path / "d" / split / cls / year / f"{i}.png")
     summary = read_data(tmp_path / "d", tmp_path / "out")
     assert summary.train == {"cat": 6, "dog": 6} and summary.val == {"cat": 2, "dog": 2}

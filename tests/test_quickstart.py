@@ -4,6 +4,7 @@ nor reachable; the warning about a class with far fewer images than the others."
 import importlib.util
 import json
 import os
+import random
 import re
 import sys
 import time
@@ -14,7 +15,16 @@ import pytest
 from helpers import ROOT, run
 
 from snnet.data.checks import small_class_warning
-from snnet.quickstart import DataSummary, QuickstartOptions, _recipes, plan, read_data, stitch_config, write_split
+from snnet.quickstart import (
+    SEED,
+    DataSummary,
+    QuickstartOptions,
+    _recipes,
+    plan,
+    read_data,
+    stitch_config,
+    write_split,
+)
 from snnet.results.predictions import predictions_path, read_predictions, write_predictions
 from snnet.stitching.weights import WeightsUnavailable, check_pretrained
 from snnet.utils.errors import UsageError
@@ -71,6 +81,39 @@ def test_a_flat_folder_is_split_per_class_and_kept(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out/data/val/ring").iterdir()) == \
         sorted(name for _, name in again.links["val"]["ring"])
     assert json.loads((tmp_path / "out/data/split.json").read_text())["files"] == summary.files
+
+
+def test_identical_files_stay_on_one_side_and_are_named(tmp_path):
+    """Copies of one image in a class go to one side of the split (no validation image is a training image); a
+    copy in another class, or in val/ of a file in train/, is a warning naming both files. Without copies the split
+    is the one made before copies were looked for: every file shuffled alone."""
+    shapes = _shapes()
+    data = shapes.write(tmp_path / "mine", ["circle", "square"], 8, 2, size=16, flat=True)
+    plain, rng = read_data(data, tmp_path / "out"), random.Random(SEED)
+    for c in ("circle", "square"):  # each file shuffled alone, the first fifth validates
+        files = sorted((data / c).iterdir())
+        rng.shuffle(files)
+        assert [f for f, _ in plain.links["val"][c]] == files[:2]
+    circles = sorted((data / "circle").iterdir())
+    for i in range(4):  # four copies of each of the first three circles, one of them in square/
+        for k in range(3):
+            (data / "circle" / f"copy{k}_{i}.png").write_bytes(circles[k].read_bytes())
+    (data / "square" / "odd.png").write_bytes(circles[5].read_bytes())
+    summary = read_data(data, tmp_path / "out")
+    val = {f.name for f, _ in summary.links["val"]["circle"]}
+    groups = [{circles[k].name} | {f"copy{k}_{i}.png" for i in range(4)} for k in range(3)]
+    assert all(g <= val or not g & val for g in groups), val
+    assert any(g <= val for g in groups) and not all(g <= val for g in groups), val  # this seed: both sides
+    assert 4 <= summary.val["circle"] <= 8  # a fifth of 22 images: 4, or up to 4 more to keep a group whole
+    assert any("identical copies in their class" in n and "'circle/" in n for n in summary.notes), summary.notes
+    two = [w for w in summary.warnings if "in two or more classes as identical files" in w]
+    assert len(two) == 1 and f"'circle/{circles[5].name}'='square/odd.png'" in two[0], summary.warnings
+    # train/ and val/ as given: a validation image identical to a training image is said
+    given = shapes.write(tmp_path / "given", ["circle", "square"], 6, 2, size=16)
+    train_img = sorted((given / "train" / "circle").iterdir())[0]
+    (given / "val" / "circle" / "leak.png").write_bytes(train_img.read_bytes())
+    leak = [w for w in read_data(given, tmp_path / "o2").warnings if "validation image(s) are identical" in w]
+    assert len(leak) == 1 and "'val/circle/leak.png'" in leak[0] and f"'train/circle/{train_img.name}'" in leak[0]
 
 
 @pytest.mark.parametrize("layout, needle", [("file", "is not a folder"), ("empty", "no class sub-folders"),
