@@ -462,8 +462,9 @@ def _split(summary: DataSummary, usable: dict[str, dict[str, list[Path]]], data:
             if len(units) < 2:  # one image in copies: a copy validates
                 units = [[f] for f in files]
             rng.shuffle(units)
-            n_val, k = max(1, round(VAL_SHARE * len(files))), 0
-            while sum(map(len, units[:k])) < n_val and k < len(units) - 1:
+            n_val, k, taken = max(1, round(VAL_SHARE * len(files))), 0, 0
+            while taken < n_val and k < len(units) - 1:  # whole units, a fifth of the files or just over
+                taken += len(units[k])
                 k += 1
             parts["val"][c] = [f for u in units[:k] for f in u]
             parts["train"][c] = [f for u in units[k:] for f in u]
