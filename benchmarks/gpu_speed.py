@@ -65,7 +65,18 @@ SIZES = {"real": {"img": 224, "batch": 128, "steps": 10, "rounds": 12, "warm": 2
          "smoke": {"img": 32, "batch": 4, "steps": 1, "rounds": 3, "warm": 1, "routes": 4, "distinct": 2,
                    "recipe_steps": 4,
                    "recipe_rounds": 2}}
-T95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}
+#: two-sided 95 % quantiles of Student's t for 1-5 degrees of freedom (`t95` expands the rest)
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}
+
+
+def t95(df: int) -> float:
+    """The two-sided 95 % quantile of Student's t with `df` degrees of freedom: the table, then its Cornish-Fisher
+    expansion around the normal's 1.96 (within 0.002 of the exact quantile at 6, within 1e-4 from 10 on)."""
+    if df in T95:
+        return T95[df]
+    z = 1.959963984540054
+    return (z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+            + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3))
 
 
 def log(msg: str) -> None:
@@ -77,7 +88,7 @@ def mean_ci(values: list[float]) -> tuple[float, float, float]:
     m = statistics.fmean(values)
     if len(values) < 2:
         return m, float("nan"), float("nan")
-    half = T95.get(len(values), 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+    half = t95(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
     return m, m - half, m + half
 
 

@@ -16,6 +16,21 @@ def gpu_speed(*argv, timeout=600):
                              timeout=timeout)
 
 
+def test_the_intervals_use_students_t_at_every_round_count():
+    """A mean over n rounds has n - 1 degrees of freedom: 12 rounds take t = 2.201, not the normal's 1.96."""
+    import sys
+
+    from scipy import stats
+    sys.path.insert(0, f"{ROOT}/benchmarks")
+    import gpu_speed as gs
+    for df in range(1, 300):
+        assert abs(gs.t95(df) - stats.t.ppf(0.975, df)) < 0.002, df
+    values = [1.0, 1.1, 0.9, 1.05, 0.95, 1.02, 0.98, 1.01, 0.99, 1.03, 0.97, 1.0]
+    m, lo, hi = gs.mean_ci(values)
+    exact = stats.t.ppf(0.975, 11) * stats.sem(values)
+    assert m == pytest.approx(sum(values) / 12) and hi - m == pytest.approx(exact, rel=1e-4) and m - lo == hi - m
+
+
 @pytest.mark.slow
 def test_smoke_runs_every_part_and_a_rerun_of_one_keeps_the_others(tmp_path):
     code, stdout, stderr = gpu_speed("--smoke", "--device", "cpu", "--out", tmp_path)
