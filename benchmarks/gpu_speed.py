@@ -11,10 +11,11 @@ training loop runs them.
 
 1. eager    every anchor's route through the SN-Net against timm's own model (timm.create_model) and against the
             standalone route (the same modules as an nn.Sequential), and two sampled stitches against their
-            standalone route; every network runs one block per round, in a new random order each round, for 12
-            rounds. Ratio per round (SN-Net / reference), then the mean over rounds and its 95 % t-interval;
-            `gpu_vs_timm` pools the three anchors (per round, the mean of their ratios). torch.profiler then counts
-            one block of anchor 1's route and of timm's model: kernel time, kernels, CPU ops.
+            standalone route; every network runs one block per round, in a new random order each round, for 24
+            rounds (fewer where the part's budget ends first). Ratio per round (SN-Net / reference), then the mean
+            over rounds and its 95 % t-interval; `gpu_vs_timm` pools the three anchors (per round, the mean of their
+            ratios). torch.profiler then counts one block of anchor 1's route and of timm's model: kernel time,
+            kernels, CPU ops.
 2. recipe   the trainer's own epoch loop (snnet.train.trainer.Trainer) with the config's recipe: the sampler's
             routes, mixup/cutmix, hard distillation from a random RegNetY-16GF teacher, AdamW, fp16; beside bare
             loops of the same steps (AdamW fused or foreach, the loss read back every step or not) and the trainer
@@ -59,7 +60,7 @@ CONFIG = "configs/deit_ti_s_b.json"
 IMAGENET_TRAIN = 1_281_167
 # part -> share of the budget (what a part leaves goes to the next)
 SHARES = {"eager": 0.25, "recipe": 0.2, "compiled": 0.55}
-SIZES = {"real": {"img": 224, "batch": 128, "steps": 10, "rounds": 12, "warm": 2, "routes": 40, "distinct": 8,
+SIZES = {"real": {"img": 224, "batch": 128, "steps": 10, "rounds": 24, "warm": 2, "routes": 40, "distinct": 8,
                   "recipe_steps": 40,
                   "recipe_rounds": 3},
          "smoke": {"img": 32, "batch": 4, "steps": 1, "rounds": 3, "warm": 1, "routes": 4, "distinct": 2,
