@@ -1,7 +1,7 @@
 """Does SN-Net switching serve more requests correctly within their deadline than the alternatives? A calibrated
 replay of the server's own policy on traces nobody tuned on.
 
-Live runs on two shared cores move by several points between identical runs (docs/serving_notes.md), more than
+Live runs on two shared cores move by several points between identical runs, more than
 the margins they look for. This benchmark takes the machine's noise out and keeps its costs: it replays *the
 server's own scheduler* (snnet/serve/scheduler.py: `DeadlineScheduler.admit`, `.take` and `.done_batch`, the
 learned batch times and answer times on a virtual clock) and charges every cost measured on this machine:
