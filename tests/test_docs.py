@@ -143,6 +143,17 @@ def test_home_links_every_page():
         p.name for p in (ROOT / "docs").glob("*.md")}, "a guide or README missing from mkdocs.yml's nav"
 
 
+def test_the_code_names_only_guides_that_exist():
+    """A docstring or comment that sends the reader to docs/<page>.md names a page the repository has (the site's
+    link check covers the pages themselves, not the code)."""
+    files = subprocess.run(["git", "ls-files", "*.py", "*.sh", "*.sbatch", "Makefile"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    named = {(f, page) for f in files for page in re.findall(r"\bdocs/([\w-]+\.md)", (ROOT / f).read_text())}
+    assert named, "no code names a guide: the pattern is wrong"
+    missing = sorted((f, page) for f, page in named if not (ROOT / "docs" / page).is_file() and "no_such" not in page)
+    assert not missing, f"code names guides that do not exist: {missing}"
+
+
 def test_docs_site_refuses_a_broken_link(tmp_path):
     site = tmp_path / "src"
     shutil.copytree(ROOT / "docs", site / "docs")

@@ -7,7 +7,7 @@ The pages link to files of the repository as they read on a checkout (``../resul
 * the README and every Markdown file outside docs/ that a page links to (the family READMEs, snnet/README.md, ...;
   followed from page to page) become pages of the site under ``repo/``, rendered as the guides are (the
   family READMEs showed as plain text, the README was not in the site); their own links, relative to where they
-  sit in the repository, are rewritten to the site's pages (``docs/x.md`` -> the guide ``x.md``) and files;
+  sit in the repository, are rewritten to the site's pages (``docs/<page>.md`` -> the guide ``<page>.md``) and files;
 * any other file a page links to (images, HTML pages, data) is copied into the site under ``repo/``;
 * a link to a file that does not exist is a warning, so `mkdocs build --strict` fails on it.
 """
