@@ -146,9 +146,12 @@ def test_home_links_every_page():
 def test_the_code_names_only_guides_that_exist():
     """A docstring or comment that sends the reader to docs/<page>.md names a page the repository has (the site's
     link check covers the pages themselves, not the code)."""
-    files = subprocess.run(["git", "ls-files", "*.py", "*.sh", "*.sbatch", "Makefile"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
-    named = {(f, page) for f in files for page in re.findall(r"\bdocs/([\w-]+\.md)", (ROOT / f).read_text())}
+    files = []
+    for folder, subs, names in os.walk(ROOT):  # not the hidden folders (.venv) nor what runs and builds write
+        subs[:] = [d for d in subs if not d.startswith(".") and d not in ("output", "node_modules", "site")]
+        files += [Path(folder, n) for n in names if n.endswith((".py", ".sh", ".sbatch")) or n == "Makefile"]
+    named = {(f.relative_to(ROOT).as_posix(), page) for f in files
+             for page in re.findall(r"\bdocs/([\w-]+\.md)", f.read_text())}
     assert named, "no code names a guide: the pattern is wrong"
     missing = sorted((f, page) for f, page in named if not (ROOT / "docs" / page).is_file() and "no_such" not in page)
     assert not missing, f"code names guides that do not exist: {missing}"
