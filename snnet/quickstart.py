@@ -291,12 +291,12 @@ def _check_images(paths: list[Path], data: Path, known: dict[str, list]) -> dict
     return record
 
 
-def _copies(paths: list[Path]) -> list[list[Path]]:
-    """The groups of two or more byte-identical files among `paths` (each group sorted, groups by their first file):
-    sizes first, so only files of one size are read and hashed."""
+def _copies(sizes: Mapping[Path, int]) -> list[list[Path]]:
+    """The groups of two or more byte-identical files among `sizes`' (each group sorted, groups by their first file):
+    by the sizes already read first, so only files of one size are read and hashed."""
     by_size: dict[int, list[Path]] = {}
-    for path in paths:
-        by_size.setdefault(path.stat().st_size, []).append(path)
+    for path, size in sizes.items():
+        by_size.setdefault(size, []).append(path)
     groups: dict[bytes, list[Path]] = {}
     for same in (ps for ps in by_size.values() if len(ps) > 1):
         for path in same:
@@ -375,7 +375,8 @@ def _read_folder(data: Path, dest: Path, seed: int, known: dict[str, list]) -> D
     usable = {s: {c: [p for p in fs if record[p.relative_to(data).as_posix()][2] is None] for c, fs in cs.items()}
               for s, cs in images.items()}
     _check_classes(usable, images, data, roots)
-    copies = _copies([p for cs in usable.values() for fs in cs.values() for p in fs])
+    copies = _copies({p: record[p.relative_to(data).as_posix()][0] for cs in usable.values() for fs in cs.values()
+                      for p in fs})
     label = {p: (s, c) for s, cs in usable.items() for c, fs in cs.items() for p in fs}
     both = [g for g in copies if len({label[p][1] for p in g}) > 1]
     if both:
