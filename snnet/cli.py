@@ -570,8 +570,8 @@ class QuickstartCommand:
     """`snnet quickstart`'s flags (snnet.quickstart.QuickstartOptions is what they make)."""
     data: str = option(MISSING, metavar="DATA",
                        help="a folder with one sub-folder of images per class (split 80/20 into DIR/data), or with "
-                            "train/ and val/ holding one sub-folder per class each; or tar shards (_info.json, as "
-                            "snnet shards writes them) or a local Hugging Face dataset's parquet files")
+                            "train/ and val/ (or test/, any case) holding one sub-folder per class each; or tar shards "
+                            "(_info.json, as snnet shards writes them) or a local Hugging Face dataset's parquet files")
     out: str = option(MISSING, "--out", required=True, metavar="DIR",
                       help="everything goes here: anchors, SN-Net, logs, results")
     anchors: tuple[str, ...] | None = option(None, "--anchors", nargs="+", metavar="NAME",

@@ -54,7 +54,6 @@ from snnet.data.checks import (
     img_extensions,
     pillow_extensions,
     small_class_warning,
-    split_folder,
     unusable_image,
 )
 from snnet.demo import (
@@ -107,6 +106,7 @@ STITCH_PLAN = "large_to_small"
 #: BatchNorm running statistics in the SN-Net: one set per stitch for the anchor blocks after it, so that neither the
 #: stitches nor the anchors evaluate with statistics blended from every route (no-op for anchors without BatchNorm)
 BN_STATS = "per_stitch"
+TEST_NAMES = ("test", "testing")  # a test folder beside train/ where DATA has no val/: the validation split
 VAL_SHARE = 0.2  # the share of each class a folder without train/ and val/ gives to validation (seeded, by file)
 #: the optimizer steps each anchor gets at least (few images: more epochs), within EPOCHS, in batches of
 #: ANCHOR_BATCH; fewer leave the anchors still learning when they stop
@@ -305,16 +305,28 @@ def _copies(sizes: Mapping[Path, int]) -> list[list[Path]]:
     return sorted((sorted(g) for g in groups.values() if len(g) > 1), key=lambda g: g[0])
 
 
+def _split_dirs(data: Path) -> tuple[Path | None, Path | None]:
+    """DATA's train and validation folders, or None: the first of TRAIN_NAMES and of VAL_NAMES there, in any case
+    (Train/, VAL/); beside a train folder without a validation one, a test folder (TEST_NAMES) is the validation
+    folder, since quickstart evaluates the last weights of each run and chooses nothing on them."""
+    dirs = sorted(e.name for e in os.scandir(data) if e.is_dir() and not _hidden(e.name))
+
+    def first(names: tuple[str, ...]) -> Path | None:
+        return next((data / d for n in names for d in dirs if d.lower() == n), None)
+
+    train, val = first(TRAIN_NAMES), first(VAL_NAMES)
+    return train, (first(TEST_NAMES) if val is None and train is not None else val)
+
+
 def _read_folder(data: Path, dest: Path, seed: int, known: dict[str, list]) -> DataSummary:
     """An image folder as quickstart lays it out in `dest`: the classes are the folders directly under DATA (or under
     its train/ and val/), each with every image below it; hidden files and folders, files of other kinds and images
     that cannot be read are left out, each kind said in one warning naming the files."""
-    train, val = (None if f is None else Path(f)
-                  for f in (split_folder(str(data), names[0], names) for names in (TRAIN_NAMES, VAL_NAMES)))
+    train, val = _split_dirs(data)
     if (train is None) != (val is None):
-        raise UsageError(f"DATA {str(data)!r} has {'train/' if train else 'val/'} but no "
-                         f"{'val/ (or validation/)' if train else 'train/'}; add it, or give one folder per class "
-                         f"(quickstart then splits it {1 - VAL_SHARE:.0%}/{VAL_SHARE:.0%})")
+        raise UsageError(f"DATA {str(data)!r} has {(train or val).name}/ but no "  # type: ignore[union-attr]
+                         f"{'val/ (or validation/, test/)' if train else 'train/'}; add it, or give one folder per "
+                         f"class (quickstart then splits it {1 - VAL_SHARE:.0%}/{VAL_SHARE:.0%})")
     roots = {"train": train, "val": val} if train is not None and val is not None else {"all": data}
     hidden: list[str] = []
     loose: list[str] = []  # files beside the class folders, and folders beside train/ and val/
@@ -341,6 +353,9 @@ def _read_folder(data: Path, dest: Path, seed: int, known: dict[str, list]) -> D
     record = _check_images([p for cs in images.values() for files in cs.values() for p in files], data, known)
     summary = DataSummary(dest, {}, {}, 0, split_made="all" in roots, files=record)
     where = f"DATA {str(data)!r}"
+    if val is not None and val.name.lower() in TEST_NAMES:
+        summary.notes.append(f"data: {where} has no val/: its {val.name}/ is the validation split (every stitch is "
+                             f"evaluated on it; nothing is chosen on it)")
     if hidden:
         summary.warnings.append(f"warning: {where}: {len(hidden)} hidden file(s) and folder(s) left out "
                                 f"({first_names(hidden)}): timm would read a hidden image (macOS's ._ files are not "
@@ -537,7 +552,7 @@ def _recorded(out: Path) -> dict | None:
 def _class_of(rel: str) -> str:
     """The class folder of an image's path relative to DATA (its first folder, or the one in train/ or val/)."""
     parts = rel.split("/")
-    return parts[1] if parts[0] in (*TRAIN_NAMES, *VAL_NAMES) and len(parts) > 2 else parts[0]
+    return parts[1] if parts[0].lower() in (*TRAIN_NAMES, *VAL_NAMES, *TEST_NAMES) and len(parts) > 2 else parts[0]
 
 
 def _check_state(out: Path, data: Path, summary: DataSummary, seed: int, fresh: bool) -> str | None:

@@ -6,6 +6,7 @@ import json
 import os
 import random
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -114,6 +115,27 @@ def test_identical_files_stay_on_one_side_and_are_named(tmp_path):
     (given / "val" / "circle" / "leak.png").write_bytes(train_img.read_bytes())
     leak = [w for w in read_data(given, tmp_path / "o2").warnings if "validation image(s) are identical" in w]
     assert len(leak) == 1 and "'val/circle/leak.png'" in leak[0] and f"'train/circle/{train_img.name}'" in leak[0]
+
+
+def test_split_folders_are_found_in_any_case_and_test_stands_in_for_val(tmp_path):
+    """Train/ and Val/ (or Test/, where there is no val/) are splits, not two classes named after them."""
+    shapes = _shapes()
+    for names in (("Train", "Val"), ("train", "test"), ("TRAINING", "Testing")):
+        data = shapes.write(tmp_path / "_".join(names), ["circle", "square"], 6, 2, size=16)
+        for split, name in zip(("train", "val"), names):
+            (data / split).rename(data / f"{name}.tmp")
+            (data / f"{name}.tmp").rename(data / name)
+        summary = read_data(data, tmp_path / "out")
+        assert not summary.split_made and summary.train == {"circle": 6, "square": 6}, names
+        assert summary.val == {"circle": 2, "square": 2} and not summary.warnings, (names, summary.warnings)
+        test_note = [n for n in summary.notes if "has no val/" in n]
+        assert bool(test_note) == names[1].lower().startswith("test"), (names, summary.notes)
+        assert not test_note or f"its {names[1]}/ is the validation split" in test_note[0]
+    data = tmp_path / "train_test"  # with val/ beside it, test/ is left out, and said
+    shutil.copytree(data / "test", data / "val")
+    summary = read_data(data, tmp_path / "out")
+    assert summary.val == {"circle": 2, "square": 2} and not any("has no val/" in n for n in summary.notes)
+    assert len(summary.warnings) == 1 and "left out ('test/')" in summary.warnings[0], summary.warnings
 
 
 @pytest.mark.parametrize("layout, needle", [("file", "is not a folder"), ("empty", "no class sub-folders"),
