@@ -54,6 +54,7 @@ from snnet.data.checks import (
     img_extensions,
     pillow_extensions,
     small_class_warning,
+    split_folder,
     unusable_image,
 )
 from snnet.demo import (
@@ -309,13 +310,10 @@ def _split_dirs(data: Path) -> tuple[Path | None, Path | None]:
     """DATA's train and validation folders, or None: the first of TRAIN_NAMES and of VAL_NAMES there, in any case
     (Train/, VAL/); beside a train folder without a validation one, a test folder (TEST_NAMES) is the validation
     folder, since quickstart evaluates the last weights of each run and chooses nothing on them."""
-    dirs = sorted(e.name for e in os.scandir(data) if e.is_dir() and not _hidden(e.name))
-
-    def first(names: tuple[str, ...]) -> Path | None:
-        return next((data / d for n in names for d in dirs if d.lower() == n), None)
-
-    train, val = first(TRAIN_NAMES), first(VAL_NAMES)
-    return train, (first(TEST_NAMES) if val is None and train is not None else val)
+    train, val = (split_folder(str(data), names[0], names) for names in (TRAIN_NAMES, VAL_NAMES))
+    if val is None and train is not None:
+        val = split_folder(str(data), TEST_NAMES[0], TEST_NAMES)
+    return (None if train is None else Path(train)), (None if val is None else Path(val))
 
 
 def _read_folder(data: Path, dest: Path, seed: int, known: dict[str, list]) -> DataSummary:

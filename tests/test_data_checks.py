@@ -56,6 +56,16 @@ def test_layout_checks_are_resolve_folders(tmp_path):
         check_data(data_args(tmp_path), need_train=True, world_size=1)
 
 
+def test_split_folders_in_another_case_are_the_splits(tmp_path):
+    """Train/ and VAL/ are read as train/ and val/ (the exact name first where both are there)."""
+    from snnet.data.checks import resolve_folders
+    make_split(tmp_path, "Train", range(2))
+    make_split(tmp_path, "VAL", range(2), per_class=1)
+    assert resolve_folders(data_args(tmp_path), need_train=True) == (str(tmp_path / "Train"), str(tmp_path / "VAL"))
+    make_split(tmp_path, "train", range(2))
+    assert resolve_folders(data_args(tmp_path), need_train=True)[0] == str(tmp_path / "train")
+
+
 def test_val_with_other_classes_names_them(good):
     make_split(good, "val", ["9"], per_class=1, start=500)
     for f in (good / "val" / "4").iterdir():

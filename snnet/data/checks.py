@@ -38,13 +38,15 @@ class DataError(SNNetError):
     """A dataset that cannot be used; the message names the folder and the fix."""
 
 
-def split_folder(root: str, split: str, synonyms: tuple[str, ...]) -> str | None:
-    """The folder of split `split` under `root` (else the first of `synonyms` present), or None."""
-    for name in (split, *[s for s in synonyms if s != split]):
-        path = os.path.join(root, name)
-        if os.path.isdir(path):
-            return path
-    return None
+def split_folder(root: str, split: str, synonyms: tuple[str, ...] = ()) -> str | None:
+    """The folder of split `split` under `root` (else the first of `synonyms` present), or None. A name matches a
+    folder of its exact name first, else one that differs only in case (Train/, VAL/, as exported datasets have)."""
+    names = (split, *[s for s in synonyms if s != split])
+    for name in names:
+        if os.path.isdir(os.path.join(root, name)):
+            return os.path.join(root, name)
+    folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    return next((os.path.join(root, d) for name in names for d in folders if d.lower() == name.lower()), None)
 
 
 def check_image_folder(path: str, what: str) -> None:

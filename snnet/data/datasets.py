@@ -17,6 +17,7 @@ from snnet.data.checks import (
     hf_folder,
     resolve_folders,
     scan_image_folder,
+    split_folder,
 )
 from snnet.data.options import DataOptions
 from snnet.data.shards import (
@@ -96,7 +97,7 @@ def write_folder_shards(folder: str, out: str, shard_size: int, name: str | None
     (`snnet.data.shards.write_shards`) into an empty OUT (or, with `clean`, over an earlier snnet shards output)."""
     if not os.path.isdir(folder):
         raise DataError(f"image folder {folder!r} does not exist; give an ImageFolder root with train/ and val/")
-    splits = {d: os.path.join(folder, d) for d in (*TRAIN_NAMES, *VAL_NAMES) if os.path.isdir(os.path.join(folder, d))}
+    splits = {d: path for d in (*TRAIN_NAMES, *VAL_NAMES) if (path := split_folder(folder, d)) is not None}
     if not splits:
         raise DataError(f"image folder {folder!r} has no train/ or val/ (validation/) folder; lay it out as "
                         f"{folder}/train/<class>/<image>")
