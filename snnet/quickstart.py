@@ -37,9 +37,11 @@ import re
 import shutil
 import statistics
 import sys
+import tarfile
 import tempfile
 import threading
 import time
+import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -219,8 +221,15 @@ def read_data(data: Path, out: Path, seed: int = SEED, known: dict[str, list] | 
     of an earlier run, reused for images of the same size and time), or tar shards or parquet files. One line naming
     the folder and the fix when it cannot be used."""
     if not data.is_dir():
-        raise UsageError(f"DATA {str(data)!r} is not a folder; give a folder of images, one sub-folder per class (or "
-                         f"train/ and val/ with one sub-folder per class each)")
+        layout = "a folder of images, one sub-folder per class (or train/ and val/ with one sub-folder per class each)"
+        if not data.exists():
+            raise UsageError(f"DATA {str(data)!r} does not exist; give {layout}")
+        kind = "zip" if zipfile.is_zipfile(data) else "tar" if tarfile.is_tarfile(data) else None
+        if kind:
+            unpack = f"unzip {data} -d DIR" if kind == "zip" else f"mkdir DIR && tar xf {data} -C DIR"
+            raise UsageError(f"DATA {str(data)!r} is a {kind} archive; unpack it ({unpack}) and give the folder of "
+                             f"images it holds")
+        raise UsageError(f"DATA {str(data)!r} is not a folder; give {layout}")
     from snnet.data.shards import INFO_FILE
     if (data / INFO_FILE).is_file():
         return _with_files(_read_shards(data), data)

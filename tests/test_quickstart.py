@@ -139,7 +139,9 @@ def test_split_folders_are_found_in_any_case_and_test_stands_in_for_val(tmp_path
 
 
 @pytest.mark.parametrize("layout, needle", [("file", "is not a folder"), ("empty", "no class sub-folders"),
-                                            ("train-only", "has train/ but no val/")])
+                                            ("train-only", "has train/ but no val/"), ("missing", "does not exist"),
+                                            ("zip", "is a zip archive; unpack it (unzip"),
+                                            ("tar", "is a tar archive; unpack it (mkdir DIR && tar xf")])
 def test_bad_data_is_one_line(tmp_path, layout, needle):
     from snnet.utils.errors import UsageError
     data = tmp_path / "d"
@@ -147,6 +149,12 @@ def test_bad_data_is_one_line(tmp_path, layout, needle):
         data.write_text("x")
     elif layout == "empty":
         data.mkdir()
+    elif layout in ("zip", "tar"):
+        (tmp_path / "a").mkdir()
+        (tmp_path / "a" / "1.png").write_bytes(b"x")
+        data = Path(shutil.make_archive(str(tmp_path / "d"), "zip" if layout == "zip" else "gztar", tmp_path, "a"))
+    elif layout == "missing":
+        pass
     else:
         (data / "train" / "a").mkdir(parents=True)
     with pytest.raises(UsageError, match=re.escape(needle)):
