@@ -909,7 +909,7 @@ def _similarity_parsers(sub: Any) -> None:
              "networks/cfg_<id>.svg, search.json, stitches.safetensors and the maps (similarity/).")
     _command(sub, "shards", ShardsCommand, cmd_shards,
              help="an ImageFolder as WebDataset tar shards with timm's _info.json",
-             description="Writes each split folder of FOLDER (train/, val/ or validation/) as tar shards "
+             description="Writes each split folder of FOLDER (train/, val/ or validation/, test/) as tar shards "
              "<split>-NNNNNN.tar of N samples in OUT, then OUT/_info.json (splits, file names, samples per shard, "
              "classes), every file atomically. Train and evaluate from them with train.py OUT --dataset wds/NAME.")
 

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from snnet.data.checks import (
+    TEST_NAMES,
     TRAIN_NAMES,
     VAL_NAMES,
     WARNED_ENV,
@@ -109,7 +110,6 @@ STITCH_PLAN = "large_to_small"
 #: BatchNorm running statistics in the SN-Net: one set per stitch for the anchor blocks after it, so that neither the
 #: stitches nor the anchors evaluate with statistics blended from every route (no-op for anchors without BatchNorm)
 BN_STATS = "per_stitch"
-TEST_NAMES = ("test", "testing")  # a test folder beside train/ where DATA has no val/: the validation split
 VAL_SHARE = 0.2  # the share of each class a folder without train/ and val/ gives to validation (seeded, by file)
 #: the optimizer steps each anchor gets at least (few images: more epochs), within EPOCHS, in batches of
 #: ANCHOR_BATCH; fewer leave the anchors still learning when they stop

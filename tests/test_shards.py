@@ -162,6 +162,34 @@ def test_training_stream_is_a_function_of_seed_and_epoch(demo):
     assert sum(keys(TrainStream(split, 6, 0, 2, 16, buffer=64), 2), []) != first[0]
 
 
+def test_a_test_split_is_packed_and_named_where_there_is_no_validation_one(tmp_path, capsys, caplog):
+    """Train/ and Test/ (any case): both packed; a folder that is no split is said; training on either the folder or
+    its shards says that nothing will be evaluated and which --val-split would."""
+    from PIL import Image
+
+    from snnet.data.checks import check_data
+    for split in ("Train", "Test"):
+        for c in ("a", "b"):
+            (tmp_path / "d" / split / c).mkdir(parents=True)
+            for i in range(2):
+                image = Image.new("RGB", (8, 8), (60 * i, 100 if c == "a" else 0, 0))
+                image.save(tmp_path / "d" / split / c / f"{i}.png")
+    (tmp_path / "d" / "extra").mkdir()
+    rc, out, err = run_cli(capsys, "shards", tmp_path / "d", tmp_path / "wds", "--shard-size", "10")
+    assert rc == 0, err
+    assert "train: 4 images" in out and "test: 4 images" in out
+    assert "'extra' left out, not a split folder" in caplog.text, caplog.text
+
+    def args(data, dataset=""):
+        return argparse.Namespace(data_dir=str(data), dataset=dataset, train_split="train", val_split="validation",
+                                  class_map="", batch_size=2, num_classes=None, grad_accum_steps=1, eval=False,
+                                  aug_repeats=0, dataset_download=False)
+    for data, dataset, name in ((tmp_path / "d", "", "Test"), (tmp_path / "wds", "wds/d", "test")):
+        check_data(args(data, dataset), need_train=True, world_size=1)
+        err = capsys.readouterr().err
+        assert f"has no validation split but a {name!r} one" in err and f"--val-split {name} " in err, err
+
+
 @pytest.fixture
 def bad_shards(demo, tmp_path):
     dst = tmp_path / "wds"

@@ -18,11 +18,12 @@ from timm.data.readers.class_map import load_class_map
 from timm.utils.misc import natural_key
 
 from snnet.data.options import DataOptions
-from snnet.data.shards import check_shards, image_problem, is_shards
+from snnet.data.shards import check_shards, image_problem, is_shards, read_info, shard_root
 from snnet.utils.errors import SNNetError
 
 TRAIN_NAMES = ("train", "training")
 VAL_NAMES = ("validation", "val", "valid", "eval", "evaluation")
+TEST_NAMES = ("test", "testing")  # held-out splits beside train/: packed as shards; quickstart's val/ where none is
 
 
 def img_extensions() -> set[str]:
@@ -353,11 +354,16 @@ def check_data(data_options: DataOptions, need_train: bool, world_size: int) -> 
         counts = check_shards(data_options, need_train, world_size, TRAIN_NAMES, VAL_NAMES)
         if need_train:
             _check_steps(data_options, counts["train"], f"the shards in {data_options.data_dir!r}", world_size)
+            if "validation" not in counts:
+                root = shard_root(data_options.data_dir, data_options.dataset)
+                _warn_test_split(data_options, read_info(root)["splits"])
         return
     if data_options.dataset != "":
         _check_other_dataset(data_options, need_train)
         return
     train_dir, val_dir = resolve_folders(data_options, need_train)
+    if need_train and val_dir is None:
+        _warn_test_split(data_options, os.listdir(data_options.data_dir))
     train_dir = train_dir if need_train else None
     mapping = _load_class_map(data_options, train_dir or val_dir) if data_options.class_map else None
     raw, scans = {}, {}  # each split folder walked once: class folder -> images, as found / as the class map keeps
@@ -428,6 +434,17 @@ def small_class_warning(counts: dict[str, int], where: str) -> str | None:
     return (f"warning: {where}: {named} image(s), under a tenth of the median class's {median:g} (of {len(counts)} "
             f"classes): the network will hardly learn {'it' if len(small) == 1 else 'them'}; add images, or move "
             f"the folder out if it is not meant to be a class")
+
+
+def _warn_test_split(data_options: DataOptions, splits) -> None:
+    """Training without a validation split where the data has a test split: said once per launch (as
+    `warn_small_classes`), with the flag that evaluates on it; without it no stitch is evaluated."""
+    from snnet.utils.distributed import world
+    test = next((s for s in sorted(splits) if s.lower() in TEST_NAMES), None)
+    if test and not os.environ.get(WARNED_ENV) and world(launched=True)[0] == 0:
+        print(f"warning: {data_options.data_dir!r} has no validation split but a {test!r} one: nothing will be "
+              f"evaluated (no stitches_res.txt); pass --val-split {test} to evaluate on it", file=sys.stderr,
+              flush=True)
 
 
 def warn_small_classes(counts: dict[str, int], where: str) -> None:

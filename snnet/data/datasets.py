@@ -9,11 +9,13 @@ import torch
 from timm.data import create_dataset
 
 from snnet.data.checks import (
+    TEST_NAMES,
     TRAIN_NAMES,
     VAL_NAMES,
     DataError,
     check_image_folder,
     check_image_headers,
+    first_names,
     hf_folder,
     resolve_folders,
     scan_image_folder,
@@ -97,10 +99,16 @@ def write_folder_shards(folder: str, out: str, shard_size: int, name: str | None
     (`snnet.data.shards.write_shards`) into an empty OUT (or, with `clean`, over an earlier snnet shards output)."""
     if not os.path.isdir(folder):
         raise DataError(f"image folder {folder!r} does not exist; give an ImageFolder root with train/ and val/")
-    splits = {d: path for d in (*TRAIN_NAMES, *VAL_NAMES) if (path := split_folder(folder, d)) is not None}
+    splits = {d: path for d in (*TRAIN_NAMES, *VAL_NAMES, *TEST_NAMES)
+              if (path := split_folder(folder, d)) is not None}
     if not splits:
-        raise DataError(f"image folder {folder!r} has no train/ or val/ (validation/) folder; lay it out as "
+        raise DataError(f"image folder {folder!r} has no train/, val/ (validation/) or test/ folder; lay it out as "
                         f"{folder}/train/<class>/<image>")
+    used = {os.path.basename(p) for p in splits.values()}
+    if left := [n for n in os.listdir(folder) if n not in used and not n.startswith(".")]:
+        names = ", ".join(f"{n}/" for n in (*TRAIN_NAMES, *VAL_NAMES, *TEST_NAMES))
+        _logger.warning(f"warning: image folder {folder!r}: {first_names(left)} left out, not a split folder "
+                        f"({names}, in any case)")
     name = name or os.path.basename(os.path.abspath(folder))
     if check_shard_out(out, clean, shards_request(splits, shard_size, name)) is None:  # done: nothing to check
         return write_shards(splits, out, shard_size, name, clean)  # (which reads the complete output back)
