@@ -135,6 +135,9 @@ SPLIT_FILE = "split.json"  # in DIR/data: what the split was made from (DATA, it
 PRODUCTS = ("data", "data.tmp", "stitch_config.json", "snnet", "snnet.log", "snnet_eval", "snnet_eval.log",
             "results")
 CHECK_QUIETLY = 2000  # images read without a progress line (a few seconds at most)
+#: an image whose shorter side is above this (or above twice --img-size, if more) is stored in DIR/data downscaled
+#: to it, not linked: every epoch decodes every image, and a 12-Mpx photo decodes ~100x slower than one this size
+STORED_SIDE = 256
 ODD_FOLDERS = ("__MACOSX",)  # written by macOS archives beside the real folders: hidden, never a class
 
 
@@ -522,28 +525,57 @@ def _split(summary: DataSummary, usable: dict[str, dict[str, list[Path]]], data:
     return summary
 
 
-def write_split(summary: DataSummary, out: Path, record: dict) -> None:
-    """DIR/data: the split's links (an image folder's) and `record` (split.json: what it was made from), written
-    whole under another name and then renamed, so that an interrupted run leaves no half split."""
+def write_split(summary: DataSummary, out: Path, record: dict) -> int:
+    """DIR/data: the split (an image folder's: a link to each image, or a downscaled copy of a large one, `_store`)
+    and `record` (split.json: what it was made from; its "stored_side", else STORED_SIDE), written whole under
+    another name and then renamed, so that an interrupted run leaves no half split. Returns the images copied."""
     dest = out / "data"
     tmp = out / "data.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    todo = []
     for split, cs in summary.links.items():
         for c, links in cs.items():
             folder = tmp / split / c
             folder.mkdir(parents=True)
-            for f, name in links:
-                (folder / name).symlink_to(f.resolve())
+            todo += [(f, folder / name) for f, name in links]
+    side = record.get("stored_side", STORED_SIDE)
+    from snnet.utils.progress import Progress
+    progress = Progress("Writing the split", len(todo), seconds=10.0) if len(todo) > CHECK_QUIETLY else None
+    copied = 0
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for i, stored in enumerate(pool.map(lambda t: _store(t[0], t[1], side), todo)):
+            copied += stored
+            if progress is not None:
+                progress.update(i + 1, 1)
     write_text_atomic(tmp / SPLIT_FILE, json.dumps(record) + "\n")
     if dest.is_symlink() or dest.is_file():
         dest.unlink()
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
+    return copied
 
 
-def _split_record(data: Path, summary: DataSummary, seed: int) -> dict:
-    return {"data": str(data), "seed": seed, "val_share": VAL_SHARE, "files": summary.files}
+def _store(src: Path, dst: Path, side: int) -> bool:
+    """`dst` as a link to the image `src`, or, where its shorter side is above `side`, as an RGB copy downscaled to
+    that side (as timm's loader converts it; a JPEG decoded at a fraction of its size first). True for a copy."""
+    from PIL import Image
+    with Image.open(src) as img:
+        w, h = img.size
+        if min(w, h) <= side:
+            dst.symlink_to(src.resolve())
+            return False
+        size = (max(1, round(w * side / min(w, h))), max(1, round(h * side / min(w, h))))
+        if img.format == "JPEG":
+            img.draft("RGB", size)
+        small = img.convert("RGB").resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    small.save(dst, **({"quality": 95} if dst.suffix.lower() in (".jpg", ".jpeg") else {}))
+    return True
+
+
+def _split_record(data: Path, summary: DataSummary, seed: int, img_size: int) -> dict:
+    return {"data": str(data), "seed": seed, "val_share": VAL_SHARE, "files": summary.files,
+            "stored_side": max(STORED_SIDE, 2 * img_size)}
 
 
 def _recorded(out: Path) -> dict | None:
@@ -1070,9 +1102,13 @@ def main(args: QuickstartOptions) -> int:
         gone = start_fresh(out)
         if gone:
             print(f"--fresh: removed {', '.join(gone)} from {out}", flush=True)
-    record = _split_record(data, summary_, args.seed)
+    record = _split_record(data, summary_, args.seed, p.img_size)
     if _recorded(out) != record:
-        write_split(summary_, out, record)
+        copied = write_split(summary_, out, record)
+        if copied:
+            print(f"data: {copied} image(s) larger than {record['stored_side']} px on their shorter side stored "
+                  f"downscaled to it in {out / 'data'} (every epoch decodes every image; the originals are not "
+                  f"changed)", flush=True)
     anchor_flags, snnet_flags, common, eval_flags = _recipes(p, args.seed)
     common, eval_flags = common + list(summary_.flags), eval_flags + list(summary_.flags)  # shards, parquet
 

@@ -53,7 +53,7 @@ def world(tmp_path_factory):
     from snnet.quickstart import SEED, _split_record, read_data, write_split
     grown = shapes(w / "grown")
     summary = read_data(grown.resolve(), (w / "used").resolve())
-    write_split(summary, (w / "used").resolve(), _split_record(grown.resolve(), summary, SEED))
+    write_split(summary, (w / "used").resolve(), _split_record(grown.resolve(), summary, SEED, 32))
     shutil.copytree(grown / "ring", grown / "star")
     # SN-Net's LeViT release of anchors of two depths (128S: 2-3-4, 128: 4-4-4), and one whose blocks have a gap
     import timm

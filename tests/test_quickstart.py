@@ -21,6 +21,7 @@ from snnet.quickstart import (
     DataSummary,
     QuickstartOptions,
     _recipes,
+    _split_record,
     plan,
     read_data,
     stitch_config,
@@ -82,6 +83,29 @@ def test_a_flat_folder_is_split_per_class_and_kept(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out/data/val/ring").iterdir()) == \
         sorted(name for _, name in again.links["val"]["ring"])
     assert json.loads((tmp_path / "out/data/split.json").read_text())["files"] == summary.files
+
+
+def test_large_photos_are_stored_downscaled_small_ones_linked(tmp_path):
+    """Images above the stored side (256 px, or twice --img-size) are copied at it, as RGB in their format; the rest
+    are links; a larger --img-size stores them larger."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "d" / c).mkdir(parents=True)
+        for i, (size, ext, mode) in enumerate([((900, 600), ".jpg", "RGB"), ((400, 800), ".png", "L"),
+                                               ((40, 30), ".png", "RGB"), ((256, 300), ".png", "RGB")]):
+            pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(pixels).convert(mode).save(tmp_path / "d" / c / f"{i}{ext}")
+    summary = read_data(tmp_path / "d", tmp_path / "out")
+    assert write_split(summary, tmp_path / "out", _split_record(tmp_path / "d", summary, SEED, 32)) == 4
+    stored = list((tmp_path / "out" / "data").glob("*/*/*"))
+    assert len(stored) == 8 and sorted(p.name for p in stored if p.is_symlink()) == ["2.png", "2.png", "3.png", "3.png"]
+    for path in (p for p in stored if not p.is_symlink()):
+        with Image.open(path) as img:
+            want = ((384, 256), "JPEG") if path.name == "0.jpg" else ((256, 512), "PNG")
+            assert (img.size, img.mode, img.format) == (*want[:1], "RGB", want[1]), (path, img.size, img.mode)
+    assert write_split(summary, tmp_path / "out", _split_record(tmp_path / "d", summary, SEED, 256)) == 2  # 512 px
+    assert all(p.is_symlink() for p in (tmp_path / "out" / "data").glob("*/*/1.png"))
 
 
 def test_identical_files_stay_on_one_side_and_are_named(tmp_path):
@@ -456,7 +480,7 @@ def test_what_out_holds_follows_data_and_seed(tmp_path):
     out = (tmp_path / "out").resolve()
     summary = read_data(data, out)
     assert _check_state(out, data, summary, SEED, fresh=False) is None  # nothing there yet
-    write_split(summary, out, _split_record(data, summary, SEED))
+    write_split(summary, out, _split_record(data, summary, SEED, 32))
     assert _check_state(out, data, read_data(data, out), SEED, fresh=False) is None
     again = _check_state(out, data, read_data(data, out, 1), 1, fresh=False)
     assert again is not None and "--seed 1" in again and "every step is redone" in again
