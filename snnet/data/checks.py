@@ -363,7 +363,8 @@ def check_data(data_options: DataOptions, need_train: bool, world_size: int) -> 
         return
     train_dir, val_dir = resolve_folders(data_options, need_train)
     if need_train and val_dir is None:
-        _warn_test_split(data_options, os.listdir(data_options.data_dir))
+        root = data_options.data_dir
+        _warn_test_split(data_options, [d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))])
     train_dir = train_dir if need_train else None
     mapping = _load_class_map(data_options, train_dir or val_dir) if data_options.class_map else None
     raw, scans = {}, {}  # each split folder walked once: class folder -> images, as found / as the class map keeps
