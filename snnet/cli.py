@@ -92,6 +92,9 @@ def _percent(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a top-1 in percent; write e.g. --min-acc 78") from None
     if value > 100:
         raise argparse.ArgumentTypeError(f"{text!r} is above 100; top-1 is in percent, e.g. --min-acc 78")
+    if 0 < value < 1 and not str(text).endswith("%"):  # 0.78 for 78 % would choose nearly any stitch
+        raise argparse.ArgumentTypeError(f"{text!r} reads as a fraction; top-1 is in percent: --min-acc "
+                                         f"{value * 100:g} (or {text}% if you mean under 1 %)")
     return value
 
 

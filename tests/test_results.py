@@ -304,6 +304,8 @@ def test_budget_nobody_meets_names_the_closest(tiny, snnet_files, capsys):
     assert out == "" and line.startswith("snnet select: error:")
     rc, _, err = run_cli(capsys, "select", snnet_files["levit"], "--min-acc", "90")
     assert_refused(rc, err, "top-1 90", "closest is cfg_id 1", "lower --min-acc to at most 81.22")
+    rc, _, err = run_cli(capsys, "select", snnet_files["levit"], "--min-acc", "0.78")
+    assert_refused(rc, err, "'0.78' reads as a fraction", "--min-acc 78 (or 0.78% if")
     rc, _, err = run_cli(capsys, "select", snnet_files["levit"], "--max-params", "5M")
     assert_refused(rc, err, "no 'params'", "--max-flops")
     rc, _, err = run_cli(capsys, "select", tiny.results, "--max-latency-ms", "3")
