@@ -1072,6 +1072,9 @@ def test_a_server_builds_its_mode_tables_in_a_process_of_its_own_only_while_idle
     blocked(process.pid)
     sched.close()
     process.join(300)  # the build stopped at its wait, and its process ended
+    deadline = time.monotonic() + 30  # the pool's own thread joins it too: whichever reaps it first sets the code
+    while process.exitcode is None and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert process.exitcode == 0, process.exitcode
     deadline = time.monotonic() + 60
     while lane.building:
