@@ -187,3 +187,27 @@ def test_units_of_one_structure_are_traced_once(monkeypatch):
     alone = measure(net, 16)
     assert len(traces) == units + layers
     assert (shared.unit_flops, shared.layer_flops) == (alone.unit_flops, alone.layer_flops)
+
+
+def test_a_network_built_again_reuses_its_cost_table(monkeypatch):
+    """`cost_table` of a second network of the same structure (the run's own after its preflight's) is the first
+    one's table, not a second trace; another width or a hooked network is traced anew."""
+    import snnet.stitching.cost as cost
+    from snnet import parse_stitch_config
+    vit = lambda width: {"name": "deit_tiny_patch16_224", "model_kwargs": {"patch_size": 4, "depth": 2,
+                                                                            "embed_dim": width, "num_heads": 2}}
+
+    def build(widths):
+        cfg = parse_stitch_config({"anchors": [vit(w) for w in widths]})
+        return build_snnet(cfg, pretrained=False, num_classes=10, img_size=16)
+    traced, real = [], cost.measure
+    monkeypatch.setattr(cost, "measure", lambda net, sizes, chans: traced.append(net) or real(net, sizes, chans))
+    monkeypatch.setattr(cost, "_BY_STRUCTURE", {}, raising=False)
+    first, again, other = build([8, 16]), build([8, 16]), build([8, 12])
+    table = cost.cost_table(first, 16)
+    assert cost.cost_table(again, 16) is table and len(traced) == 1
+    assert cost.cost_table(other, 16) is not table and len(traced) == 2
+    hooked = build([8, 16])
+    hooked.anchor(0).blocks[0].register_forward_hook(lambda *a: None)
+    assert cost.cost_table(hooked, 16) == table and len(traced) == 3
+    assert real(again, [(16, 16)] * 2, 3) == table

@@ -188,15 +188,37 @@ def measure(model: SNNet, img_size: Size = 224, in_chans: int = 3) -> CostTable:
 
 # net -> {(sizes, in_chans): CostTable}; weak keys, so a net's tables go when the net does
 _TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# (a network's structure, sizes, in_chans) -> CostTable, for another network of one structure in this process (a
+# run's preflight builds the network it then builds again; a dry run describes and checks it): the newest few
+_BY_STRUCTURE: dict[tuple, CostTable] = {}
+_BY_STRUCTURE_KEPT = 4
+
+
+def _table_key(model: SNNet) -> tuple | None:
+    """`structure(model)` less the network's adapter objects (one per build, with the anchor types already in the
+    key), or None where a hook makes the structure unknown."""
+    parts = structure(model)
+    if parts is None:
+        return None
+    (name, kind, attrs, tensors), *rest = parts
+    return ((name, kind, tuple(a for a in attrs if a[0] != "adapters"), tensors), *rest)
 
 
 def cost_table(model: SNNet, img_size: Size, in_chans: int = 3) -> CostTable:
     """`measure` of one network at one image size (or per-anchor sizes), traced once and then cached (FLOPs depend on
-    the architecture and the input size, not on the weights, so training does not invalidate it)."""
+    the architecture and the input size, not on the weights, so training does not invalidate it), for this network
+    and for any other of the same structure."""
     sizes = tuple(_sizes(model, img_size))
     tables = _TABLES.setdefault(model, {})
     if (sizes, in_chans) not in tables:
-        tables[(sizes, in_chans)] = measure(model, list(sizes), in_chans)
+        key = _table_key(model)
+        key = None if key is None else (key, sizes, in_chans)
+        table = _BY_STRUCTURE.pop(key, None) if key is not None else None
+        tables[(sizes, in_chans)] = table = table or measure(model, list(sizes), in_chans)
+        if key is not None:
+            _BY_STRUCTURE[key] = table  # the newest last
+            while len(_BY_STRUCTURE) > _BY_STRUCTURE_KEPT:
+                del _BY_STRUCTURE[next(iter(_BY_STRUCTURE))]
     return tables[(sizes, in_chans)]
 
 
