@@ -250,6 +250,18 @@ def test_layer_decay_scales_within_each_anchor():
         (0.5, 0.0), (0.5, 0.05), (1.0, 0.0), (1.0, 0.05)]
 
 
+def test_adam_and_adamw_run_fused_on_the_cpu():
+    """Adam and AdamW of a CPU network are torch's fused step (its square root the exact instruction, the same bits
+    on every CPU); other optimizers are timm's as they are."""
+    from snnet.train.optim import create_optimizer
+    from snnet.train.options import OptimOptions
+    net = tiny_vit_snnet()
+    for name, fused in (("adamw", True), ("adam", True), ("sgd", None), ("lookahead_adamw", None)):
+        opt = create_optimizer(OptimOptions(opt=name, weight_decay=0.05), net, 1e-3)
+        groups = getattr(opt, "base_optimizer", opt).param_groups
+        assert {g.get("fused") for g in groups} == {fused}, name
+
+
 @pytest.mark.slow
 def test_layer_decay_reaches_the_optimizer_and_sync_bn_is_a_no_op_on_one_process(tmp_path, digits_folder,
                                                                                  tiny_config):

@@ -119,19 +119,23 @@ def check_optimizer_name(name: str) -> None:
         raise OptimError(f"--opt {name!r} is not an optimizer timm knows; {hint}")
 
 
-#: timm optimizer names that are torch's own Adam/AdamW: on CUDA they run fused
+#: timm optimizer names that are torch's own Adam/AdamW: they run fused on CUDA and on the CPU
 FUSED_OPTIMIZERS = {"adam", "adamw"}
+FUSED_DEVICES = ({"cuda"}, {"cpu"})
 
 
 def create_optimizer(optim: OptimOptions, net: nn.Module, lr: float) -> torch.optim.Optimizer:
-    """timm's create_optimizer_v2 over `param_groups`; Adam and AdamW of a network on CUDA fused."""
+    """timm's create_optimizer_v2 over `param_groups`; Adam and AdamW of a network on CUDA or on the CPU fused."""
     kwargs: dict = {}
     if optim.opt_eps is not None:
         kwargs["eps"] = optim.opt_eps
     if optim.opt_betas is not None:
         kwargs["betas"] = tuple(optim.opt_betas)
-    if optim.opt.lower() in FUSED_OPTIMIZERS and all(p.is_cuda for p in net.parameters()):
-        # one kernel launch per step for all tensors, and a GradScaler that steps without reading found_inf back
+    if optim.opt.lower() in FUSED_OPTIMIZERS and {p.device.type for p in net.parameters()} in FUSED_DEVICES:
+        # CUDA: one kernel launch per step for all tensors, and a GradScaler that steps without reading found_inf
+        # back. CPU: one vectorised pass per tensor, its square root the exact instruction; the unfused step's
+        # Tensor.sqrt is MKL's vector math, whose last bits depend on the CPU model even on MKL_CBWR's compatible
+        # branch, so the same run would train to other weights on another CPU
         kwargs["fused"] = True
     try:
         groups = param_groups(net, optim.weight_decay, anchor_lr_scale(optim), decay_all=optim.snnet_compat,
