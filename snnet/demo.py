@@ -246,15 +246,28 @@ def run_step(cmd: list[str], run_dir: Path, log: Path, step: str, resume: bool, 
 
 def train_anchor(work: Path, data: Path, name: str, model: str, kwargs: dict, epochs: int, fresh: bool,
                  seed: int = SEED, flags: list[str] | None = None, common_flags: list[str] | None = None,
-                 resume: bool = False) -> None:
+                 resume: bool = False, tag: list[str] | None = None) -> None:
     """Train one anchor unless the same command already trained it here (its command is kept beside the checkpoint:
     a checkpoint of another recipe or epoch count is retrained, not silently reused). `flags`: the recipe
-    (anchor_command); `resume`: an interrupted run of the same anchor continues (run_step)."""
+    (anchor_command); `resume`: an interrupted run of the same anchor continues (run_step); `tag`: what else must be
+    the same for a reuse (the demo: its code, `code_sha256`)."""
     cmd = anchor_command(work, data, name, model, kwargs, epochs, seed, flags, common_flags)
-    if not fresh and finished(work / name, cmd):
+    stamp = [*cmd, *(tag or [])]
+    if not fresh and finished(work / name, stamp):
         print(f"[{name}] reusing {work / name / 'last.pth.tar'} (trained by the same command)", flush=True)
         return
-    run_step([sys.executable, *cmd], work / name, work / f"{name}.log", name, resume and not fresh, cmd)
+    run_step([sys.executable, *cmd], work / name, work / f"{name}.log", name, resume and not fresh, stamp)
+
+
+def code_sha256() -> str:
+    """One SHA-256 of the code a training step runs (train.py, the launcher, the snnet and stitching_* packages): an
+    anchor the demo trained before a change to it may have other weights than the same command trains now."""
+    files = [ROOT / "train.py", ROOT / "distributed_train.sh", *ROOT.glob("snnet/**/*.py"),
+             *ROOT.glob("stitching_*/**/*.py")]
+    digest = hashlib.sha256()
+    for path in sorted(f for f in files if f.is_file()):
+        digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def train_snnet(work: Path, data: Path, config: Path, name: str, epochs: int, extra: list[str], seed: int = SEED,
@@ -342,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     # time is about the largest anchor's, not the sum
     def train(anchor: tuple[str, str, dict]) -> None:
         name, model, kwargs = anchor
-        train_anchor(work, data, name, model, kwargs, args.anchor_epochs, args.fresh, args.seed)
+        train_anchor(work, data, name, model, kwargs, args.anchor_epochs, args.fresh, args.seed, tag=code)
+    code = [f"code sha256 {code_sha256()}"]  # anchors trained by other code are retrained, not reused
     with ThreadPoolExecutor(max_workers=2) as pool:
         list(pool.map(train, anchors[::-1]))
     extra = shlex.split(args.snnet_flags)

@@ -1,6 +1,7 @@
 """The digits demo's machinery (snnet/demo.py) without its 3-minute run: anchor labels (w16, w32, w64) in routes,
 the results-folder comparison behind `make demo-check`, the anchor reuse rule, and the summary's range metric.
 The run itself is checked by `make demo-check` (docs/demo.md), too slow for the test suite."""
+import hashlib
 import json
 from pathlib import Path
 
@@ -97,6 +98,13 @@ def test_anchors_are_reused_only_when_trained_by_the_same_command(tmp_path, monk
     train_anchor(tmp_path, tmp_path / "digits", *spec, 4, fresh=False)  # other epochs: retrained
     train_anchor(tmp_path, tmp_path / "digits", *spec, 4, fresh=True)  # --fresh: retrained
     assert len(calls) == 3 and "4" in calls[1]
+    # the demo tags its anchors with its code: an anchor trained by other code is retrained
+    from snnet.demo import code_sha256
+    code = [f"code sha256 {code_sha256()}"]
+    train_anchor(tmp_path, tmp_path / "digits", *spec, 4, fresh=False, tag=code)
+    train_anchor(tmp_path, tmp_path / "digits", *spec, 4, fresh=False, tag=code)  # the same code: reused
+    train_anchor(tmp_path, tmp_path / "digits", *spec, 4, fresh=False, tag=["code sha256 0"])
+    assert len(calls) == 5 and code_sha256() == code_sha256() != hashlib.sha256().hexdigest()
 
 
 @pytest.mark.slow
