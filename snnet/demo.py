@@ -351,12 +351,13 @@ def main(argv: list[str] | None = None) -> int:
     data = write_digits(work)
     print(f"data: {data} (scikit-learn digits, ImageFolder)", flush=True)
     anchors = demo_anchors(*V2_CONFIGS.values()) if args.v2 else demo_anchors()
+    code = [f"code sha256 {code_sha256()}"]  # anchors trained by other code are retrained, not reused
+
     # two at a time (one thread each, like the SN-Net's two processes), the largest first: on two cores the wall
     # time is about the largest anchor's, not the sum
     def train(anchor: tuple[str, str, dict]) -> None:
         name, model, kwargs = anchor
         train_anchor(work, data, name, model, kwargs, args.anchor_epochs, args.fresh, args.seed, tag=code)
-    code = [f"code sha256 {code_sha256()}"]  # anchors trained by other code are retrained, not reused
     with ThreadPoolExecutor(max_workers=2) as pool:
         list(pool.map(train, anchors[::-1]))
     extra = shlex.split(args.snnet_flags)
