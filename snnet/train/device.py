@@ -9,7 +9,6 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from timm.utils.distributed import init_distributed_device_so
 from torch import nn
 
 from snnet.utils import slurm
@@ -124,6 +123,8 @@ def init_distributed(device: str | None, dist_backend: str | None = None, dist_u
             torch.cuda.set_device(name)
         _init_restarted_group(name, dist_backend, attempt)
         return Placement(torch.device(name), True, dist.get_rank(), dist.get_world_size(), local)
+    # imported here: timm takes seconds to import, and the rest of this module (the oneDNN switch) needs none of it
+    from timm.utils.distributed import init_distributed_device_so
     found = init_distributed_device_so(device=name, dist_backend=dist_backend, dist_url=dist_url)
     return Placement(torch.device(found["device"]), found["distributed"], found["global_rank"], found["world_size"],
                      found["local_rank"])
