@@ -56,7 +56,7 @@ from snnet.results.report import write_report
 from snnet.train.device import ONEDNN_ENV
 from snnet.utils.checkpoint import VERSION as CHECKPOINT_VERSION
 from snnet.utils.checkpoint import load_checkpoint
-from snnet.utils.fileio import atomic_path, write_text_atomic
+from snnet.utils.fileio import atomic_path, shown_path, write_text_atomic
 from snnet.utils.options import add_options, option
 
 WEIGHTS_FILE = "snnet.pth.tar"  # the demo's trained SN-Net beside its results (save_weights)
@@ -397,7 +397,7 @@ def summary(sources: list[Path]) -> list[str]:
         inside, stitches = in_anchor_range(records, anchors, RANGE_MARGIN)
         exact, _ = in_anchor_range(records, anchors, 0.0)
         above, ahead, span = against_mixing(file_baselines(path, records, anchors))
-        lines.append(f"{os.path.relpath(path)}: anchors " + ", ".join(
+        lines.append(f"{shown_path(path)}: anchors " + ", ".join(
             f"{r['route']} {r['acc1']:.2f}" for r in records if r["cfg_id"] in anchors) +
             f"; {exact} of {stitches} stitches within the anchors' top-1 range ({inside} within it "
             f"+-{RANGE_MARGIN:g} points); front above "
@@ -490,8 +490,8 @@ def report(results: Path, sources: list[Path] | None = None, title: str = TITLE,
     The plot's subtitle names `img_size`, by default the size the demo trains and evaluates at (COMMON's
     --img-size), for records that carry none; records that carry one keep theirs."""
     img_size = img_size or int(COMMON[COMMON.index("--img-size") + 1])
-    # the report names the files it read: relative to the working directory (the repository root for `make demo`)
-    paths = [os.path.relpath(s) for s in sources or [results / RESULTS_FILE]]
+    # the report names the files it read as the results do (relative to the repository root for `make demo`)
+    paths = [shown_path(s) for s in sources or [results / RESULTS_FILE]]
     rep = pareto_report(paths, "flops", baselines=True)
     print(rep.text, end="")
     page, _ = write_report(paths, results / "report.html", "flops", title=title, img_size=img_size, baselines=True)

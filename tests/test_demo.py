@@ -66,6 +66,17 @@ def test_in_anchor_range():
     assert in_anchor_range(records, [0, 1], margin=0.0) == (0, 4)
 
 
+def test_the_summary_names_results_outside_the_working_folder_absolutely(tmp_path, monkeypatch):
+    """`snnet quickstart DATA --out /elsewhere` ends with a line naming its results: `/elsewhere/...`, not
+    `../../elsewhere/...`; inside the working folder the name stays relative (the committed demo's)."""
+    from snnet.demo import summary
+    results = Path(__file__).resolve().parent.parent / "results" / "demo" / RESULTS_FILE
+    monkeypatch.chdir(tmp_path)
+    assert summary([results])[0].startswith(f"{results}: anchors ")
+    monkeypatch.chdir(results.parent.parent.parent)
+    assert summary([results])[0].startswith(f"results/demo/{RESULTS_FILE}: anchors ")
+
+
 def test_compare_finds_every_difference(tmp_path):
     """make demo-check: identical results folders compare clean; a changed top-1 or a missing file is named."""
     committed = ROOT / "results" / "demo"

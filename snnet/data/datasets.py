@@ -32,6 +32,7 @@ from snnet.data.shards import (
     shards_request,
     write_shards,
 )
+from snnet.utils.fileio import shown_path
 
 _logger = logging.getLogger("snnet")
 
@@ -120,23 +121,15 @@ def write_folder_shards(folder: str, out: str, shard_size: int, name: str | None
     return write_shards(splits, out, shard_size, name, clean)
 
 
-def _shown_path(path: str) -> str:
-    """A path as a results record shows it: relative to the working folder when inside it (a committed result names
-    no machine's home), else absolute."""
-    path = os.path.abspath(path)
-    rel = os.path.relpath(path)
-    return path if rel.startswith("..") else rel
-
-
 def data_source(dataset) -> str:
     """Where a split's images come from, for the results record: the shard folder and split, or the image folder."""
     if getattr(dataset, "source", None):
         return dataset.source
     split = getattr(dataset, "split", None)
     if split is not None and hasattr(split, "files"):
-        return f"wds:{_shown_path(split.root)} split {split.name} ({len(split.files)} shards)"
+        return f"wds:{shown_path(split.root)} split {split.name} ({len(split.files)} shards)"
     root = getattr(getattr(dataset, "reader", None), "root", None)
-    return f"folder:{_shown_path(root)}" if root else type(dataset).__name__
+    return f"folder:{shown_path(root)}" if root else type(dataset).__name__
 
 
 def _class_to_idx(dataset) -> dict | None:

@@ -28,6 +28,14 @@ class FolderBusyError(SNNetError):
 _NEARLY_FULL = 1 << 20
 
 
+def shown_path(path: str | os.PathLike) -> str:
+    """A path as the results and the console show it: relative to the working folder when inside it (a committed
+    result names no machine's home), else absolute (never ``../../tmp/...``)."""
+    path = os.path.abspath(path)
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
 def free_bytes(folder: str | os.PathLike) -> int:
     st = os.statvfs(folder)
     return st.f_bavail * st.f_frsize
