@@ -959,12 +959,14 @@ def cmd_convert(args: ConvertCommand) -> int:
         raise UsageError(f"{args.src!r} is a pickled file: converting it means trusting where it came from; if you "
                          f"do, add --trust")
     summary = convert_release(args.src, args.dst, tuple(args.levit_depths) if args.levit_depths else None)
+    tensors = f"{summary['tensors']} tensor{'s' if summary['tensors'] != 1 else ''}"
     if not summary["snnet"]:  # one network's weights (a timm or train.py --model checkpoint)
-        print(f"converted {args.src}: one plain network's weights ({summary['tensors']} tensors, e.g. "
+        print(f"converted {args.src}: one plain network's weights ({tensors}, e.g. "
               f"{summary['example']!r}; no SN-Net anchors.<i>. keys), read without running code -> {summary['dst']}; "
               f"use it as an anchor's \"checkpoint\" in a stitch config, not with train.py --resume")
         return 0
-    print(f"converted {args.src} ({summary['family']} keys, {summary['tensors']} tensors, read without running "
+    keys = "timm 1.0" if summary["family"] == "plain" else f"{summary['family']}, mapped to timm 1.0"
+    print(f"converted {args.src} ({keys} keys, {tensors}, read without running "
           f"code) -> {summary['dst']}; use it with train.py --resume {summary['dst']}")
     return 0
 

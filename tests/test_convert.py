@@ -108,3 +108,22 @@ def test_convert_checks_both_paths_before_asking_for_trust(tmp_path, capsys):
         assert_refused(rc, err, needle)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.pth", "out", "plain.pth"]
     assert list(folder.iterdir()) == []
+
+
+def test_convert_refuses_weights_that_are_no_state_dict(tmp_path, capsys):
+    """An empty state dict, or one with an entry that is not a tensor, is refused naming it: converted, it would
+    only fail later, where an anchor's checkpoint or --resume loads it. Nothing is written."""
+    for name, weights, needle in [("empty", {}, "holds an empty state dict"),
+                                  ("text", {"w": torch.zeros(2), "note": "x"}, "weight 'note' is a str, not a tensor"),
+                                  ("nested", {"w": torch.zeros(2), "block": {"b": torch.zeros(1)}},
+                                   "weight 'block' is a dict, not a tensor")]:
+        torch.save({"model": weights, "epoch": 3}, tmp_path / f"{name}.pth")
+        rc, _, err = run_cli(capsys, "convert", tmp_path / f"{name}.pth", tmp_path / f"{name}.pth.tar", "--trust")
+        assert_refused(rc, err, needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.pth", "nested.pth", "text.pth"]
+
+
+def test_convert_says_what_it_wrote_in_words(tmp_path, capsys):
+    torch.save({"model": {"anchors.0.w": torch.zeros(2)}, "epoch": 3}, tmp_path / "one.pth")
+    rc, out, _ = run_cli(capsys, "convert", tmp_path / "one.pth", tmp_path / "one.pth.tar", "--trust")
+    assert rc == 0 and "(timm 1.0 keys, 1 tensor, read without running code)" in out, out

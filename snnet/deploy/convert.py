@@ -82,6 +82,17 @@ def load_release(path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
+def check_weights(src: str | os.PathLike, weights: dict) -> None:
+    """Refuse weights no network loads: none at all, or an entry that is not a tensor (a nested dict, a string)."""
+    if not weights:
+        raise CheckpointError(f"{str(src)!r} holds an empty state dict: no weights to convert; give the .pth SN-Net "
+                              f"published")
+    key, value = next(((k, v) for k, v in weights.items() if not isinstance(v, torch.Tensor)), (None, None))
+    if key is not None:
+        raise CheckpointError(f"{str(src)!r}: weight {str(key)!r} is a {type(value).__name__}, not a tensor, so it "
+                              f"is no network's state dict; give the .pth SN-Net published")
+
+
 def release_adapter(keys) -> type[AnchorAdapter] | None:
     """The registered family whose old SN-Net key names `keys` use; None when they are timm 1.0's already (DeiT,
     ResNet)."""
@@ -136,6 +147,7 @@ def convert_release(src: str | os.PathLike, dst: str | os.PathLike,
     if not isinstance(weights, dict):
         raise CheckpointError(f"{str(src)!r} holds no 'model' or 'state_dict' weights: not an SN-Net release; give "
                               f"the .pth SN-Net published")
+    check_weights(src, weights)
     try:
         converted = convert_state_dict(weights, stage_depths)
     except CheckpointError as e:
