@@ -32,7 +32,7 @@ from snnet.stitching.route_tree import RouteTree
 from snnet.utils.checkpoint import save_checkpoint
 
 IMG = 16
-RESNET = {"name": "resnet18", "model_kwargs": {"layers": [1, 1, 1, 1]}}
+RESNET = {"name": "resnet18", "model_kwargs": {"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128], "stem_width": 16}}
 VIT = {"name": "deit_tiny_patch16_224", "model_kwargs": {
     "patch_size": 4, "depth": 2, "embed_dim": 16, "num_heads": 2,
     # another normalisation than the ResNet's (timm's pretrained_cfg is the data config resolve_data_config reads)
