@@ -157,6 +157,14 @@ def test_bad_input(case, argv, message, env, world, tmp_path, cli):
     assert snapshot(world) == before and not (tmp_path / "out").exists(), "files were written or overwritten"
 
 
+def test_an_out_the_kernel_refuses_is_refused_before_the_data_is_read(world, cli):
+    """Permission bits allow root to write in /proc; making a folder there fails. Said before the data is read or
+    any choice printed (it was a bare OSError line after the whole plan)."""
+    code, out, err = cli.call("snnet", ["quickstart", f"{world}/grow", "--out", "/proc/snnet-out"])
+    assert code == 2 and out == "" and err.strip().count("\n") == 0, (out, err)
+    assert "--out '/proc/snnet-out' cannot be written: making a folder in '/proc' fails" in err, err
+
+
 # ------------------------------------------------------------------------------------ unusual but valid
 def odd_folder(root: Path) -> Path:
     """A newcomer's photo folder: hidden files (macOS's ._ and .DS_Store, a Jupyter checkpoint folder), a note, an

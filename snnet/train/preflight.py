@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -46,7 +45,7 @@ from snnet.utils.checkpoint import (
 )
 from snnet.utils.distributed import world
 from snnet.utils.errors import SNNetError, UsageError, one_line
-from snnet.utils.fileio import lock_holder
+from snnet.utils.fileio import lock_holder, unwritable
 
 
 class OutputError(SNNetError):
@@ -54,27 +53,10 @@ class OutputError(SNNetError):
 
 
 def check_output(path: Path) -> None:
-    """`path` exists as a writable folder, or can be created: its nearest existing ancestor is a writable folder.
-    Nothing is left behind (a refused run leaves no trace): a folder below one this user cannot enter counts as
-    missing (os.path.exists: pathlib raised PermissionError there), and the ancestor is tried by making and removing
-    a temporary folder in it, which also refuses what permission bits cannot tell (/proc, a read-only mount, root's
-    writes where the kernel allows none)."""
-    probe = path
-    while not os.path.exists(probe):
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if os.path.exists(probe) and not os.path.isdir(probe):
-        raise OutputError(f"output folder {str(path)!r} cannot be made: {str(probe)!r} is a file; pass another "
-                          f"--output/--experiment")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise OutputError(f"output folder {str(path)!r} is not writable ({str(probe)!r} does not allow it); pass "
-                          f"another --output or fix the permissions")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".snnet-probe-", dir=probe))
-    except OSError as e:
-        raise OutputError(f"output folder {str(path)!r} cannot be written: making a folder in {str(probe)!r} fails "
-                          f"({e.strerror or type(e).__name__}); pass another --output") from None
+    """`path` can be made and written (`unwritable`), and no other run holds it."""
+    reason = unwritable(path)
+    if reason:
+        raise OutputError(f"output folder {str(path)!r} {reason}; pass another --output/--experiment")
     # said here too: distributed_train.sh's check runs before torchrun starts. Only rank 0 (or that one-process
     # check) asks: rank 0 takes the lock (train.main.run), and another rank of the same launch checking after it
     # would see its own run's lock as another run's (a race that refused rank 1 and hung torchrun restarts)

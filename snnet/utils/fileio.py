@@ -132,19 +132,33 @@ def save_figure(fig, path, **savefig_kwargs) -> None:
     plt.close(fig)
 
 
-def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
-    """Refuse, before any work, an output folder that cannot be made or written: an existing file, or a folder
-    (the nearest existing one) without write permission. Later failures (a full disk) still end in one line."""
-    out = Path(path)
-    base = out
-    while not base.exists() and base != base.parent:
+def unwritable(path: str | os.PathLike) -> str | None:
+    """Why the folder `path` cannot be made or written, or None when it can. Its nearest existing ancestor must be
+    a folder this user may write, and making and removing a temporary folder there must work, which also refuses
+    what permission bits cannot tell (/proc, a read-only mount, root's writes where the kernel allows none). A
+    folder below one this user cannot enter counts as missing (os.path.exists: pathlib raises PermissionError
+    there). Nothing is left behind."""
+    base = Path(path)
+    while not os.path.exists(base) and base != base.parent:
         base = base.parent
-    if base.exists() and not base.is_dir():
-        what = "is a file" if base == out else f"is under {str(base)!r}, a file"
-        raise UsageError(f"{flag} {str(out)!r} {what}, not a folder; pass another {flag} folder")
-    if base.exists() and not os.access(base, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {str(out)!r}: folder {str(base)!r} is not writable; pass another {flag} folder")
-    return out
+    if os.path.exists(base) and not os.path.isdir(base):
+        return "is a file, not a folder" if base == Path(path) else f"cannot be made: {str(base)!r} is a file"
+    if not os.access(base, os.W_OK | os.X_OK):
+        return f"is not writable ({str(base)!r} does not allow it)"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".snnet-probe-", dir=base))
+    except OSError as e:
+        return f"cannot be written: making a folder in {str(base)!r} fails ({e.strerror or type(e).__name__})"
+    return None
+
+
+def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Refuse, before any work, an output folder that cannot be made or written (`unwritable`). Later failures (a
+    full disk) still end in one line."""
+    reason = unwritable(path)
+    if reason:
+        raise UsageError(f"{flag} {str(path)!r} {reason}; pass another {flag} folder")
+    return Path(path)
 
 
 class FolderLock:
