@@ -90,11 +90,11 @@ def main(argv: list[str] | None = None) -> int:
 def dry_run(options: RunOptions, stitch_cfg: StitchConfig | None) -> None:
     """--dry-run: the checks that need no data, device or file of this machine, then rank 0 prints the resolved run
     (args.yaml's YAML) before any process group, weight or image."""
-    check_recipe(options, stitch_cfg)
+    net = check_recipe(options, stitch_cfg)  # the network on the meta device, described below
     warn_small_classes_here(options.data)  # the data's one warning, when the folder is on this machine
     if world(launched=True)[0] == 0:
         device_type = device_from_flag(options.train.device, here=False).type  # the run's, on its machine
-        print(to_yaml(describe_run(options, stitch_cfg, device_type)), end="")
+        print(to_yaml(describe_run(options, stitch_cfg, device_type, net)), end="")
 
 
 def warn_slow_amp(options: RunOptions) -> None:

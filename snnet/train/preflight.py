@@ -232,26 +232,26 @@ def check_sync_bn(train: TrainOptions, world_size: int, device_type: str | None 
 
 
 def check_recipe(options: RunOptions, stitch_cfg: StitchConfig | None, anchor_checkpoints: bool = False,
-                 device_type: str | None = None) -> None:
+                 device_type: str | None = None):
     """The checks that need no data folder, device or file of this machine (augmentation, optimizer, schedule,
     teacher): `--dry-run`, which resolves a run for another machine, runs these too. `device_type`: this machine's,
-    for the checks that need it (None: a dry run's, not checked)."""
+    for the checks that need it (None: a dry run's, not checked). Returns the network `check_structure` built."""
     check_combinations(options)
-    _check_build(options, stitch_cfg, anchor_checkpoints, device_type)
+    return _check_build(options, stitch_cfg, anchor_checkpoints, device_type)
 
 
 def _check_build(options: RunOptions, stitch_cfg: StitchConfig | None, anchor_checkpoints: bool = False,
-                 device_type: str | None = None) -> None:
+                 device_type: str | None = None):
     """What the run builds late (augmentation, optimizer and schedule, teacher, the network's structure), refused
     before any work."""
     if not options.job.eval:
         check_augmentation(options.loader, eval_data_config(options.values(), stitch_cfg)["input_size"])
     check_training(options, stitch_cfg)
-    check_structure(options, stitch_cfg, anchor_checkpoints, device_type)
+    return check_structure(options, stitch_cfg, anchor_checkpoints, device_type)
 
 
 def check_structure(options: RunOptions, stitch_cfg: StitchConfig | None, anchor_checkpoints: bool = False,
-                    device_type: str | None = None) -> None:
+                    device_type: str | None = None):
     """The network built as the run builds it, on the meta device (no weight read, downloaded or allocated): model
     arguments timm refuses, anchors that cannot be stitched at this input size, a positions selection asking for
     more positions than a pair has, routes `train_exclude` names that the network lacks, and anchor checkpoints that
@@ -259,7 +259,7 @@ def check_structure(options: RunOptions, stitch_cfg: StitchConfig | None, anchor
     input_size they were trained at; the classifier too when the number of classes is given), cfg_ids the network
     lacks (`check_cfg_ids`), and a --resume or --initial-checkpoint that does not fit the network (another image
     size, model, config: its keys and shapes, no weight read; the classifier too when the number of classes is
-    given)."""
+    given). Returns that meta-device network (None: a plain --model run, or positions chosen from data)."""
     check_hub_weights(options, stitch_cfg)
     known = options.network.num_classes or (stitch_cfg.get("num_classes") if stitch_cfg is not None else None)
     net, cfg = build_network(replace(options.network_to_build(), num_classes=known or 1000), stitch_cfg,
@@ -275,13 +275,14 @@ def check_structure(options: RunOptions, stitch_cfg: StitchConfig | None, anchor
             if spec.checkpoint is not None:
                 anchor_weights(net.anchor(i), spec, check_only=True, skip_head=known is None)
     if net is None:  # positions the run selects from data: the network is known only then
-        return
+        return None
     check_cfg_ids(options, net)
     if options.job.dry_run or options.train.split_bn:  # no file of this machine; split BN's aux BatchNorms are
-        return  # made by the run's conversion only
+        return net  # made by the run's conversion only
     for path in (options.job.resume, options.job.initial_checkpoint):  # what the run loads fits what it builds
         if path:
             fitting_checkpoint(net, path, structure_only=True)
+    return net
 
 
 def check_cfg_ids(options: RunOptions, net) -> None:
