@@ -55,7 +55,7 @@ from snnet.results.records import RESULTS_FILE, file_sha256, read_results, write
 from snnet.results.report import write_report
 from snnet.train.device import ONEDNN_ENV
 from snnet.utils.checkpoint import VERSION as CHECKPOINT_VERSION
-from snnet.utils.checkpoint import load_checkpoint
+from snnet.utils.checkpoint import CheckpointError, load_checkpoint
 from snnet.utils.fileio import atomic_path, shown_path, write_text_atomic
 from snnet.utils.options import add_options, option
 
@@ -213,14 +213,27 @@ def anchor_command(work: Path, data: Path, name: str, model: str, kwargs: dict, 
             "--experiment", name, *(common(seed) if common_flags is None else common_flags)]
 
 
-STAMP = "demo_command.json"  # beside a finished step's output: the command that made it (reused only by the same)
+STAMP = "demo_command.json"  # beside a finished step's output: its command and its outputs' SHA-256 (`finished`)
 STARTED = "demo_started.json"  # written when a step starts: the command an interrupted run continues only under
 
 
+OUTPUTS = ("last.pth.tar", RESULTS_FILE)  # a step's outputs whose SHA-256 its stamp keeps
+
+
+def _output_digests(run_dir: Path) -> dict[str, str]:
+    return {name: file_sha256(run_dir / name) for name in OUTPUTS if (run_dir / name).is_file()}
+
+
 def finished(run_dir: Path, cmd: list[str], output: str = "last.pth.tar") -> bool:
-    """Whether the same command already finished this step here (its output and its command stamp)."""
+    """Whether the same command already finished this step here: `output` is there, the stamp names this command,
+    and the step's outputs are the bytes it left (a checkpoint truncated or replaced since, by a partial copy of
+    the folder, is trained again, not reused)."""
     stamp = run_dir / STAMP
-    return (run_dir / output).exists() and stamp.exists() and json.loads(stamp.read_text()) == cmd
+    if not ((run_dir / output).exists() and stamp.exists()):
+        return False
+    record = json.loads(stamp.read_text())
+    return isinstance(record, dict) and record.get("command") == cmd and \
+        record.get("sha256") == _output_digests(run_dir)
 
 
 def run_step(cmd: list[str], run_dir: Path, log: Path, step: str, resume: bool, stamp: list[str],
@@ -235,13 +248,19 @@ def run_step(cmd: list[str], run_dir: Path, log: Path, step: str, resume: bool, 
         print(f"[{step}] {run_dir} holds a run of another command: training afresh", flush=True)
         again = False
     if again:
+        try:  # a checkpoint truncated by a partial copy of the folder cannot be continued
+            load_checkpoint(run_dir / "last.pth.tar", lazy=True)
+        except CheckpointError:
+            print(f"[{step}] {run_dir / 'last.pth.tar'} cannot be read as a checkpoint: training afresh", flush=True)
+            again = False
+    if again:
         print(f"[{step}] continuing the interrupted run in {run_dir} (--auto-resume)", flush=True)
     else:
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
         write_text_atomic(started, json.dumps(stamp))
     run([*cmd, *(["--auto-resume"] if again else [])], log, step, env)
-    write_text_atomic(run_dir / STAMP, json.dumps(stamp))
+    write_text_atomic(run_dir / STAMP, json.dumps({"command": stamp, "sha256": _output_digests(run_dir)}))
 
 
 def train_anchor(work: Path, data: Path, name: str, model: str, kwargs: dict, epochs: int, fresh: bool,

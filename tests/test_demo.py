@@ -105,7 +105,7 @@ def test_anchors_are_reused_only_when_trained_by_the_same_command(tmp_path, monk
     train_anchor(tmp_path, tmp_path / "digits", *spec, 3, fresh=False)
     train_anchor(tmp_path, tmp_path / "digits", *spec, 3, fresh=False)  # same command: reused
     assert len(calls) == 1
-    assert json.loads((tmp_path / "anchor_w16" / "demo_command.json").read_text()) == calls[0][1:]
+    assert json.loads((tmp_path / "anchor_w16" / "demo_command.json").read_text())["command"] == calls[0][1:]
     train_anchor(tmp_path, tmp_path / "digits", *spec, 4, fresh=False)  # other epochs: retrained
     train_anchor(tmp_path, tmp_path / "digits", *spec, 4, fresh=True)  # --fresh: retrained
     assert len(calls) == 3 and "4" in calls[1]
@@ -178,12 +178,15 @@ def test_only_an_interrupted_run_of_the_same_command_is_continued(tmp_path, monk
     """run_step continues (--auto-resume) a run only when its command started it; a run of another command (here
     16 epochs, now 32: a resumed cosine schedule is not a 32-epoch run, and its final evaluation refused the older
     results file) or of unknown origin is cleared and trained afresh."""
+    import torch
+
     from snnet import demo
+    from snnet.utils.checkpoint import save_checkpoint
     calls = []
 
     def fake_run(cmd, log, step, env=None):
         calls.append(cmd)
-        (run_dir / "last.pth.tar").write_text("checkpoint")
+        save_checkpoint(run_dir / "last.pth.tar", {"state_dict": {"w": torch.zeros(2)}, "epoch": 0})
 
     monkeypatch.setattr(demo, "run", fake_run)
     run_dir = tmp_path / "snnet"
@@ -200,6 +203,29 @@ def test_only_an_interrupted_run_of_the_same_command_is_continued(tmp_path, monk
     (run_dir / demo.STARTED).unlink()  # a run from before the started stamp: its command is unknown
     demo.run_step(b, run_dir, tmp_path / "b.log", "snnet", True, b)
     assert calls[-1] == b
+    (run_dir / demo.STAMP).unlink()  # interrupted again, and then its checkpoint truncated: not continued
+    (run_dir / "last.pth.tar").write_bytes((run_dir / "last.pth.tar").read_bytes()[:100])
+    demo.run_step(b, run_dir, tmp_path / "b.log", "snnet", True, b)
+    assert calls[-1] == b and "cannot be read as a checkpoint: training afresh" in capsys.readouterr().out
+
+
+def test_a_finished_step_is_reused_only_with_the_outputs_it_left(tmp_path, monkeypatch):
+    """A step is reused when the same command finished it and its checkpoint and results are the bytes it wrote; a
+    checkpoint truncated since (a partial copy of the folder) or another command makes it run again."""
+    from snnet import demo
+    run_dir = tmp_path / "anchor"
+    monkeypatch.setattr(demo, "run", lambda cmd, log, step, env=None: [
+        (run_dir / name).write_text(f"{name} of {cmd}") for name in ("last.pth.tar", "stitches_res.txt")])
+    cmd = ["train.py", "--epochs", "3"]
+    demo.run_step(cmd, run_dir, tmp_path / "a.log", "anchor", False, cmd)
+    assert demo.finished(run_dir, cmd) and not demo.finished(run_dir, [*cmd, "--seed", "1"])
+    checkpoint = run_dir / "last.pth.tar"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:5])
+    assert not demo.finished(run_dir, cmd)
+    demo.run_step(cmd, run_dir, tmp_path / "a.log", "anchor", False, cmd)
+    assert demo.finished(run_dir, cmd)
+    (run_dir / "stitches_res.txt").write_text("")
+    assert not demo.finished(run_dir, cmd, "stitches_res.txt")
 
 
 def test_every_step_of_the_demo_runs_pinned(tmp_path, monkeypatch):
