@@ -26,6 +26,7 @@ from snnet.data.options import LoaderOptions
 from snnet.data.transforms import eval_data_config, timm_crop_mode
 from snnet.stitching.build import anchor_weights, check_model_name, create_anchor
 from snnet.stitching.config import AnchorSpec, StitchConfig, check_same_network
+from snnet.stitching.model import RoutedNet
 from snnet.stitching.weights import WeightsUnavailable, check_pretrained
 from snnet.train.device import device_from_flag
 from snnet.train.evaluator import panel_cfg_ids, prediction_ids
@@ -232,7 +233,7 @@ def check_sync_bn(train: TrainOptions, world_size: int, device_type: str | None 
 
 
 def check_recipe(options: RunOptions, stitch_cfg: StitchConfig | None, anchor_checkpoints: bool = False,
-                 device_type: str | None = None):
+                 device_type: str | None = None) -> RoutedNet | None:
     """The checks that need no data folder, device or file of this machine (augmentation, optimizer, schedule,
     teacher): `--dry-run`, which resolves a run for another machine, runs these too. `device_type`: this machine's,
     for the checks that need it (None: a dry run's, not checked). Returns the network `check_structure` built."""
@@ -241,7 +242,7 @@ def check_recipe(options: RunOptions, stitch_cfg: StitchConfig | None, anchor_ch
 
 
 def _check_build(options: RunOptions, stitch_cfg: StitchConfig | None, anchor_checkpoints: bool = False,
-                 device_type: str | None = None):
+                 device_type: str | None = None) -> RoutedNet | None:
     """What the run builds late (augmentation, optimizer and schedule, teacher, the network's structure), refused
     before any work."""
     if not options.job.eval:
@@ -251,7 +252,7 @@ def _check_build(options: RunOptions, stitch_cfg: StitchConfig | None, anchor_ch
 
 
 def check_structure(options: RunOptions, stitch_cfg: StitchConfig | None, anchor_checkpoints: bool = False,
-                    device_type: str | None = None):
+                    device_type: str | None = None) -> RoutedNet | None:
     """The network built as the run builds it, on the meta device (no weight read, downloaded or allocated): model
     arguments timm refuses, anchors that cannot be stitched at this input size, a positions selection asking for
     more positions than a pair has, routes `train_exclude` names that the network lacks, and anchor checkpoints that
