@@ -276,7 +276,7 @@ def _walk(top: Path, data: Path, hidden: list[str], seen: dict[str, Path]) -> li
                 hidden.append(path.relative_to(data).as_posix() + ("/" if entry.is_dir() else ""))
             elif entry.is_dir():
                 stack.append(path)
-            elif entry.is_file():
+            elif entry.is_file() or entry.is_symlink():  # a link to nothing: named as an image left out
                 found.append(path)
     return sorted(found)
 
@@ -286,7 +286,13 @@ def _check_images(paths: list[Path], data: Path, known: dict[str, list]) -> dict
     its end (`unusable_image`, on every core), or taken from `known` when its size and time are the same."""
     record, todo = {}, []
     for path in paths:
-        rel, st = path.relative_to(data).as_posix(), path.stat()
+        rel = path.relative_to(data).as_posix()
+        try:
+            st = path.stat()
+        except OSError as e:  # a link whose target is gone (an unmounted disk, a moved folder)
+            what = f"a link to {os.readlink(path)!r} that" if path.is_symlink() else "it"
+            record[rel] = [0, 0, f"{what} cannot be read ({e.strerror or type(e).__name__})"]
+            continue
         old = known.get(rel)
         if old is not None and old[:2] == [st.st_size, st.st_mtime_ns]:
             record[rel] = old

@@ -168,7 +168,8 @@ def test_an_out_the_kernel_refuses_is_refused_before_the_data_is_read(world, cli
 # ------------------------------------------------------------------------------------ unusual but valid
 def odd_folder(root: Path) -> Path:
     """A newcomer's photo folder: hidden files (macOS's ._ and .DS_Store, a Jupyter checkpoint folder), a note, an
-    empty, a text and a truncated .jpg, a 16-bit PNG, .gif/.webp/.tif images and a class with a year sub-folder."""
+    empty, a text and a truncated .jpg, a 16-bit PNG, a link to a photo on a disk that is not mounted, .gif/.webp/.tif
+    images and a class with a year sub-folder."""
     data = shapes(root)
     px = (np.random.default_rng(0).random((16, 16, 3)) * 255).astype("uint8")
     for cls, ext in (("circle", "gif"), ("square", "webp"), ("ring", "tif")):
@@ -184,6 +185,7 @@ def odd_folder(root: Path) -> Path:
     Image.fromarray(np.repeat(np.repeat(px, 8, 0), 8, 1)).save(jpg)
     (data / "square" / "cut.jpg").write_bytes(jpg.read_bytes()[:600])
     Image.fromarray(np.full((16, 16), 4000, dtype=np.uint16)).save(data / "ring" / "deep.png")
+    (data / "ring" / "trip.png").symlink_to(root / "unmounted" / "trip.png")
     (data / "circle" / "2019").mkdir()
     shutil.copy(data / "circle" / "train_0001.png", data / "circle" / "2019" / "beach.png")
     return data
@@ -205,11 +207,12 @@ def test_an_odd_photo_folder_is_read_and_every_file_left_out_is_named(tmp_path):
     for name in ("'.DS_Store'", "'.ipynb_checkpoints/'", "'circle/._train_0000.png'", "'ring/notes.txt'",
                  "'circle/empty.jpg': an empty file", "'circle/text.jpg': not an image Pillow reads",
                  "'square/cut.jpg': unreadable (OSError", "'ring/deep.png': a 16/32-bit image (mode I;16)",
+                 f"'ring/trip.png': a link to '{tmp_path / 'photos' / 'unmounted' / 'trip.png'}' that cannot be read",
                  "class folders hold sub-folders ('circle/2019')"):
         assert name in said, name
     linked = {name for split in summary.links.values() for links in split.values() for _, name in links}
     assert {"extra.gif.png", "extra.webp.png", "extra.tif.png", "2019__beach.png", "whole.jpg"} <= linked, linked
-    assert not linked & {"empty.jpg", "text.jpg", "cut.jpg", "deep.png", "._train_0000.png", "notes.txt"}
+    assert not linked & {"empty.jpg", "text.jpg", "cut.jpg", "deep.png", "trip.png", "._train_0000.png", "notes.txt"}
     assert summary.train == {"circle": 11, "ring": 10, "square": 11} and summary.val == {"circle": 3, "ring": 3,
                                                                                          "square": 3}
     assert any(".gif/.tif/.webp images are read too" in n for n in summary.notes), summary.notes
