@@ -107,7 +107,10 @@ def warn_slow_amp(options: RunOptions) -> None:
 
 
 def _level_prefix(record: logging.LogRecord) -> bool:
-    record.levelprefix = "warning: " if record.levelno >= logging.WARNING else ""
+    """A warning's line starts "warning: " once: the data layer's messages carry it themselves, for the snnet
+    commands that log without this format."""
+    record.levelprefix = "warning: " if record.levelno >= logging.WARNING and \
+        not record.getMessage().startswith("warning: ") else ""
     return True
 
 
