@@ -6,12 +6,13 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import FAST, ROOT, TINY, run, shared_cli
+from helpers import FAST, ROOT, TINY, process_tree, run, shared_cli, start
 
 from snnet.stitching.config import ConfigError, load_stitch_config
 
@@ -139,6 +140,33 @@ def test_a_hung_launch_is_killed_whole_and_reported_with_its_stacks(tmp_path):
                 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert len(dumped) >= 3 and alive == [], (dumped, alive)  # launcher, ranks: killed, not left to run
+
+
+@pytest.mark.slow
+@pytest.mark.dist  # a 2-rank launch (forked)
+def test_ctrl_c_ends_a_launch_in_one_line_with_exit_130(digits_folder, tiny_config, tmp_path):
+    """SIGINT to the launcher, as Ctrl-C sends it: torchrun passes it on to the ranks, rank 0 says in one line how
+    to continue, and the launch exits 130 without a traceback (it printed torchrun's SignalException and each rank's
+    KeyboardInterrupt, and exited 1)."""
+    log = tmp_path / "launch.log"
+    p = start(["./distributed_train.sh", "2", digits_folder, "--stitch_config", tiny_config, *FAST, "--epochs", "50",
+               "--output", tmp_path, "--experiment", "x"], log)
+    try:
+        end = time.monotonic() + 180
+        while "Train:" not in (log.read_text() if log.exists() else ""):
+            assert p.poll() is None and time.monotonic() < end, log.read_text()[-3000:] if log.exists() else ""
+            time.sleep(0.2)
+        os.kill(p.pid, signal.SIGINT)
+        assert p.wait(60) == 130, log.read_text()[-3000:]
+    finally:
+        for pid in reversed(process_tree(p.pid)):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    text = log.read_text()
+    assert "Traceback" not in text, text[-3000:]
+    assert text.count("interrupted; the same command with --auto-resume continues from the last checkpoint") == 1
 
 
 # ------------------------------------------------------------------------ relative anchor checkpoints in a config

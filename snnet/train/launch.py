@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -23,6 +24,7 @@ from snnet.utils.errors import UsageError
 
 
 def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -42,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ[REFUSAL_DIR] = str(said)
     try:
         run(config)
+    except SignalException as e:
+        if e.sigval != signal.SIGINT:
+            raise
+        return 128 + signal.SIGINT  # Ctrl-C: the ranks stopped, and rank 0 said how to continue, in one line
     except ChildFailedError as e:
         rank, first = e.get_first_failure()
         if first.exitcode == UsageError.exit_code:  # the rank wrote why, in one line

@@ -74,6 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     except SNNetError as e:  # every rank meets the same input: one line is enough
         say_refusal(f"error: {one_line(e)}")
         return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; the checkpoints written so far stay
+        if world(launched=True)[0] == 0:
+            print("interrupted; the same command with --auto-resume continues from the last checkpoint",
+                  file=sys.stderr, flush=True)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            os._exit(130)  # as below: tearing the group down can block on peers that are gone
+        return 130
     except BaseException:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # a peer crashed or the group broke: leave now. Interpreter teardown (process-group destructors) can
