@@ -988,7 +988,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"snnet {args.command}: interrupted", file=sys.stderr)
+        again = "; the same command continues where it stopped" if args.command == "quickstart" else ""
+        print(f"snnet {args.command}: interrupted{again}", file=sys.stderr)
         return 130
 
 

@@ -35,6 +35,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -191,6 +192,8 @@ def run(cmd: list[str | Path], log: Path, step: str, env: dict[str, str] | None 
         beat.join()
     if latest[0]:  # the step's last progress line, when it ended before the heartbeat echoed it (a fast machine)
         print(f"[{step}] {latest[0]}", flush=True)
+    if code in (-signal.SIGINT, 128 + signal.SIGINT):  # Ctrl-C reached the step too: not its failure
+        raise KeyboardInterrupt
     if code != 0:
         tail = log.read_text().splitlines()[-15:]
         sys.exit(f"step {step} failed (exit {code}; full log: {log}):\n" + "\n".join(tail))

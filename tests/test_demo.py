@@ -209,6 +209,16 @@ def test_only_an_interrupted_run_of_the_same_command_is_continued(tmp_path, monk
     assert calls[-1] == b and "cannot be read as a checkpoint: training afresh" in capsys.readouterr().out
 
 
+def test_a_step_stopped_by_ctrl_c_is_an_interruption_not_a_failure(tmp_path):
+    """A step that exits 130 (train.py after Ctrl-C, which reached it too) ends the run as interrupted: `snnet`
+    then says so in one line, not "step failed" with the log's tail and "no other step starts"."""
+    import sys
+
+    from snnet import demo
+    with pytest.raises(KeyboardInterrupt):
+        demo.run([sys.executable, "-c", "raise SystemExit(130)"], tmp_path / "step.log", "anchor_c4")
+
+
 def test_a_finished_step_is_reused_only_with_the_outputs_it_left(tmp_path, monkeypatch):
     """A step is reused when the same command finished it and its checkpoint and results are the bytes it wrote; a
     checkpoint truncated since (a partial copy of the folder) or another command makes it run again."""
