@@ -306,6 +306,8 @@ def step_distributed(ctx: dict) -> dict:
     log("CPU evaluation of the same checkpoint (in this process)")
     rc = train_main([str(data), "--stitch_config", str(config), "--eval", "--resume", str(ckpt), *map(str, common),
                      "--device", "cpu", "--output", str(work), "--experiment", "eval_cpu"])
+    if rc == 130:  # Ctrl-C: train.py's main says so and returns 130; the whole check stops
+        raise KeyboardInterrupt
     if rc != 0:
         raise RuntimeError(f"CPU evaluation of the checkpoint failed (exit {rc})")
     rows.append(["--eval --resume on cpu, 1 process (in process)", "ok", f"{time.time() - t:.1f}", ""])

@@ -22,6 +22,11 @@ def test_the_recorded_arguments_refuse_changes():
         del recorded["epochs"]  # type: ignore[attr-defined]
 
 
+class Stop(BaseException):
+    """Raised by a patched phase to stop train.py's main where it is: not a user error, not Ctrl-C (which main
+    turns into exit 130)."""
+
+
 def _stop_at(monkeypatch, name):
     """Make train.py's phase `name` (a function the trainer's build calls) record what it got and stop the run."""
     import snnet.train.trainer as trainer_mod
@@ -36,7 +41,7 @@ def _stop_at(monkeypatch, name):
     def stop(*a, **k):
         if name == "build_network":
             seen["network"] = next(x for x in a if hasattr(x, "num_classes"))
-        raise KeyboardInterrupt  # not a user error: stops the run where it is
+        raise Stop  # not a user error: stops the run where it is
 
     monkeypatch.setattr(trainer_mod, "recorded_arguments", record)
     monkeypatch.setattr(trainer_mod, name, stop)
@@ -53,7 +58,7 @@ def test_args_yaml_is_written_before_any_work(digits_folder, tiny_config, tmp_pa
     resolved (classes from the data folder) and the same resolved section as --dry-run prints."""
     import snnet.train.main as main_mod
     seen = _stop_at(monkeypatch, "run_ls_init")
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Stop):
         main_mod.main(_argv(digits_folder, tiny_config, tmp_path))
     written = yaml.safe_load((tmp_path / "flow" / "args.yaml").read_text())
     assert written["num_classes"] == 10 and written["resume"] in ("", None)
@@ -70,7 +75,7 @@ def test_a_run_refused_while_building_leaves_no_trace(digits_folder, tiny_config
     written, and the arguments it got are already the frozen, resolved ones."""
     import snnet.train.main as main_mod
     seen = _stop_at(monkeypatch, "build_network")
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Stop):
         main_mod.main(_argv(digits_folder, tiny_config, tmp_path))
     assert not (tmp_path / "flow").exists()
     assert seen["network"].num_classes == 10  # the resolved options (classes from the data folder), frozen
@@ -175,7 +180,7 @@ def test_the_preflight_the_dry_run_and_the_trainer_read_one_resolved_run(digits_
 
     def trainer(self, net, loader, loss_fn, options, *a, **k):
         read["trainer"] = options
-        raise KeyboardInterrupt  # the trainer got what it builds from: stop before it builds
+        raise Stop  # the trainer got what it builds from: stop before it builds
 
     monkeypatch.setattr(main_mod, "resolve", resolving)
     monkeypatch.setattr(preflight_mod, "check_training", checking)
@@ -183,7 +188,7 @@ def test_the_preflight_the_dry_run_and_the_trainer_read_one_resolved_run(digits_
     monkeypatch.setattr(trainer_mod.Trainer, "__init__", trainer)
     monkeypatch.setattr(trainer_mod, "run_ls_init", lambda *a, **k: None)
     argv = [*_argv(digits_folder, tiny_config, tmp_path), "-b", "8", "--lr", "2e-3"]
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Stop):
         main_mod.main(argv)
     assert len(made) == 1 and isinstance(made[0], RunOptions)
     assert read["preflight"] is made[0]
