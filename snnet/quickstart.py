@@ -73,7 +73,7 @@ from snnet.demo import (
 from snnet.results.predictions import load_for
 from snnet.results.records import RESULTS_FILE, ResultsError, file_sha256, read_results
 from snnet.utils.errors import SNNetError, UsageError, one_line
-from snnet.utils.fileio import write_text_atomic
+from snnet.utils.fileio import FolderLock, write_text_atomic
 
 #: the anchors quickstart trains from scratch: timm's resnet34 with its 16 basic blocks laid out 1, 1, 8 and 6 over
 #: its 4 stages (`anchor_kwargs`); labels c<w>. Stitches join two anchors between neighbouring blocks of the two deep
@@ -1092,6 +1092,13 @@ def main(args: QuickstartOptions) -> int:
     data, out = Path(args.data).resolve(), Path(args.out).resolve()
     t0 = time.perf_counter()
     summary_, p, again = preflight(args, data, out)  # refuses before anything is written
+    with FolderLock(out, "--out"):  # one quickstart at a time in --out: a second would clear what this one trains
+        return _run(args, data, out, t0, summary_, p, again)
+
+
+def _run(args: QuickstartOptions, data: Path, out: Path, t0: float, summary_: DataSummary, p: Plan,
+         again: str | None) -> int:
+    """main's work, `out` locked: the split, the anchors, the SN-Net, the evaluation, the report."""
     small = dict(summary_.train)
     print(f"data: {summary_.root}{' (split from ' + str(data) + ')' if summary_.split_made else ''}: "
           f"{summary_.classes} classes, {summary_.images} training and {sum(summary_.val.values())} validation "

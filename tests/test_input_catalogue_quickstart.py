@@ -7,6 +7,7 @@ import argparse
 import hashlib
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -163,6 +164,20 @@ def test_an_out_the_kernel_refuses_is_refused_before_the_data_is_read(world, cli
     code, out, err = cli.call("snnet", ["quickstart", f"{world}/grow", "--out", "/proc/snnet-out"])
     assert code == 2 and out == "" and err.strip().count("\n") == 0, (out, err)
     assert "--out '/proc/snnet-out' cannot be written: making a folder in '/proc' fails" in err, err
+
+
+def test_a_quickstart_into_an_out_another_one_is_using_is_refused(world, tmp_path, cli):
+    """Two quickstarts into one --out (two terminals): the second cleared and retrained the folders the first was
+    training in, and the first then failed. The second is refused in one line naming the first; nothing of it is
+    left. (The lock is held here, in the test's process; the quickstart runs in a forked one.)"""
+    from snnet.utils.fileio import FolderLock
+    out = tmp_path / "busy"
+    with FolderLock(out, "--out"):
+        code, _, err = cli.call("snnet", ["quickstart", f"{world}/grow", "--out", str(out)])
+        assert sorted(p.name for p in out.iterdir()) == [FolderLock.NAME]
+    assert code == 2 and err.strip().count("\n") == 0, err
+    assert f"folder '{out}' is in use by another run (pid {os.getpid()} on" in err and "pass another --out" in err
+    assert not out.exists()
 
 
 # ------------------------------------------------------------------------------------ unusual but valid
