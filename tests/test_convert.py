@@ -92,8 +92,8 @@ def test_convert_refuses_other_pickled_objects_and_runs_nothing(tmp_path):
 
 
 def test_convert_checks_both_paths_before_asking_for_trust(tmp_path, capsys):
-    """What no --trust can fix is said first: a file torch.save did not write, an output folder or a file in the
-    output's way; nothing is written."""
+    """What no --trust can fix is said first: a file torch.save did not write, an output folder, a file in the
+    output's way or a folder that takes no write (/proc); nothing is written."""
     plain, text, folder = tmp_path / "plain.pth", tmp_path / "notes.pth", tmp_path / "out"
     torch.save({"model": {"w": torch.zeros(2)}}, plain)
     text.write_text("not a checkpoint\n")
@@ -103,6 +103,7 @@ def test_convert_checks_both_paths_before_asking_for_trust(tmp_path, capsys):
                          ((plain, folder), f"output {str(folder)!r} is a folder; give a file path, e.g. "
                                            f"{str(folder / 'plain.pth.tar')!r}"),
                          ((plain, text / "a.pth.tar"), f"{str(text)!r} is a file, not a folder"),
+                         ((plain, "/proc/snnet-convert/a.pth.tar"), "folder '/proc/snnet-convert' "),  # kernel: no
                          ((plain, tmp_path / "a.pth.tar"), "add --trust")]:
         rc, _, err = run_cli(capsys, "convert", *argv)
         assert_refused(rc, err, needle)

@@ -22,6 +22,7 @@ import torch
 from snnet.results.records import file_sha256
 from snnet.stitching.adapter import AnchorAdapter, registered_adapters
 from snnet.utils.checkpoint import CheckpointError, save_checkpoint, strip_ddp_prefix
+from snnet.utils.fileio import unwritable
 
 
 class _CfgNode:
@@ -41,7 +42,7 @@ TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80")
 
 def check_paths(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Refuse, before anything is read or trusted, a `src` that is no torch file and a `dst` that cannot take the
-    result (a folder, or `src` itself)."""
+    result (a folder, `src` itself, or in a folder that cannot be made or written)."""
     if not os.path.isfile(src):
         what = "is a folder" if os.path.isdir(src) else "does not exist"
         raise CheckpointError(f"SN-Net checkpoint {str(src)!r} {what}; give the downloaded .pth file")
@@ -53,12 +54,10 @@ def check_paths(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     if os.path.isdir(dst):
         raise CheckpointError(f"output {str(dst)!r} is a folder; give a file path, e.g. "
                               f"{os.path.join(str(dst), Path(src).stem + '.pth.tar')!r}")
-    above = Path(dst).parent
-    while not above.exists():  # the folders that would be made; the first that exists must be one
-        above = above.parent
-    if not above.is_dir():
-        raise CheckpointError(f"output {str(dst)!r} cannot be written: {str(above)!r} is a file, not a folder; give "
-                              f"another output path")
+    reason = unwritable(Path(dst).parent)  # the folder, or the first existing one above it, takes a write
+    if reason:
+        raise CheckpointError(f"output {str(dst)!r}: folder {str(Path(dst).parent)!r} {reason}; give another "
+                              f"output path")
     if os.path.exists(dst) and os.path.samefile(src, dst):
         raise CheckpointError(f"{str(dst)!r} is the release being converted: writing there would replace it; give "
                               f"another output path")
