@@ -58,6 +58,19 @@ def test_no_library_module_takes_a_namespace():
         assert names <= taking, f"{rel}: no longer take a namespace, drop from EDGE_FUNCTIONS: {names - taking}"
 
 
+def test_train_help_is_printed_without_importing_torch_or_timm():
+    """`train.py --help` is what a newcomer types first: its parser alone, in a fraction of a second, not after the
+    seconds torch and timm take to import; a --stitch_config's values show in it as before."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-X", "importtime", "train.py", "--stitch_config", "configs/deit_ti_s_b.json",
+                        "--help"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--stitch_config" in r.stdout and "stitch_deit_ti_s_b" in r.stdout, r.stderr
+    imported = {ln.rsplit("|", 1)[-1].strip() for ln in r.stderr.splitlines() if ln.startswith("import time:")}
+    assert imported and not imported & {"torch", "timm"}, sorted(imported)
+
+
 @pytest.mark.slow
 def test_the_training_path_does_not_climb_back_to_the_entry_layer():
     """train.py's path is a straight line, parse -> resolve -> check -> build -> fit. benchmarks/trace_rooms.py runs
