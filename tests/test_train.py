@@ -235,11 +235,16 @@ def test_eval_without_resume_uses_fresh_ls_init_and_counts(tmp_path, digits_fold
 
 
 @pytest.mark.slow
+@pytest.mark.dist
 def test_plain_model_training(tmp_path, digits_folder):
-    r = run([PY, "train.py", str(digits_folder), "--model", "deit_tiny_patch16_224", "--model-kwargs",
+    """One timm model on 2 processes: DDP as timm's train.py makes it, without find_unused_parameters (every
+    parameter of one network is used; only an SN-Net's routes leave some out), so torch does not walk the graph
+    after each backward nor warn on every rank that it found nothing."""
+    r = run(["./distributed_train.sh", "2", str(digits_folder), "--model", "deit_tiny_patch16_224", "--model-kwargs",
              "patch_size=4", "depth=2", "embed_dim=8", "num_heads=2", "--epochs", "1", "--output", str(tmp_path),
              "--experiment", "plain", *FAST])
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0 and "2 process(es)" in r.stderr, r.stderr[-3000:]
+    assert "find_unused_parameters" not in r.stderr, r.stderr[-3000:]
     import torch
     state = torch.load(tmp_path / "plain" / "last.pth.tar", weights_only=True)
     assert "pos_embed" in state["state_dict"]  # plain timm keys: usable as an anchor checkpoint

@@ -148,7 +148,8 @@ class Trainer:
             model.compile_routes(train.torchcompile)
         if train.distributed:  # each process trains its own stitch, so the used parameters differ between processes
             ddp_kwargs = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
-            self.net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True, **ddp_kwargs)
+            self.net = nn.parallel.DistributedDataParallel(  # one network (a plain --model) uses every parameter
+                model, find_unused_parameters=model.num_configs > 1, **ddp_kwargs)
 
     # ------------------------------------------------------------------------------------------------- train.py
     @classmethod
