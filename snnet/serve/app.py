@@ -61,6 +61,8 @@ def start(apps: dict[str, tuple[ServeSpec, str]], host: str = "127.0.0.1", port:
     ({name: (spec, route prefix)}); returns when every replica is ready."""
     if address == "local":
         check_port(host, port)
+        # the private instance keeps Ray's default, token authentication, without Ray's console line about it
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
@@ -70,12 +72,17 @@ def start(apps: dict[str, tuple[ServeSpec, str]], host: str = "127.0.0.1", port:
         serve.run(app, name=name, route_prefix=prefix)  # returns once its replicas are up
 
 
-def stop() -> None:
-    """Shut down the applications and the Ray instance this process started (a joined cluster keeps running)."""
+def stop(address: str = "local") -> None:
+    """Shut down the applications and the Ray instance this process started (a joined cluster keeps running).
+
+    A local instance ends with its Ray processes, Serve's actors with them: serve.shutdown's controller kills itself
+    mid-task there, which Ray reports on the console as a failed task. A joined cluster keeps running, so its
+    applications are shut down first."""
     if not ray.is_initialized():  # nothing started (serve.shutdown would start Ray only to find nothing)
         return
     try:
-        serve.shutdown()
+        if address != "local":
+            serve.shutdown()
     finally:
         ray.shutdown()
 
@@ -101,4 +108,4 @@ def serve_until_stopped(spec: ServeSpec, host: str, port: int, address: str = "l
             signal.signal(signal.SIGTERM, previous)
         if ray.is_initialized():
             print("snnet serve: shutting down", file=sys.stderr, flush=True)
-        stop()
+        stop(address)
