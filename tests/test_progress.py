@@ -104,6 +104,10 @@ def test_run_clock_whole_run_eta(clock):
         clock.now += took
         c.finish()
     assert c.epoch == 2 and c.remaining() == pytest.approx(7 * 15)
+    one = RunClock(range(0, 1), num_configs=1, eval_images=60)  # a plain model: one network, no "stitches"
+    one.start(0)
+    clock.now += 5
+    assert one.summary(one.finish()).endswith("run ETA 0:00 (final evaluation of the network ~0:00)")
 
 
 def test_lines_go_to_stderr_where_logging_is_not_configured(monkeypatch, capsys):

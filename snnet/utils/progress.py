@@ -217,6 +217,6 @@ class RunClock:
 
     def summary(self, took: float) -> str:
         """E.g. 'epoch 4/30 took 0:02; run ETA 1:00 (final evaluation of 12 stitches ~0:05)', after `finish`."""
-        final = f" (final evaluation of {self.num_configs} stitches ~{fmt_time(self.final_eval)})" \
-            if self.eval_images else ""
+        what = f"{self.num_configs} stitches" if self.num_configs > 1 else "the network"
+        final = f" (final evaluation of {what} ~{fmt_time(self.final_eval)})" if self.eval_images else ""
         return f"epoch {self.epoch + 1}/{self.end} took {fmt_time(took)}; run ETA {fmt_time(self.remaining())}{final}"
