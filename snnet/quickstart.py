@@ -34,6 +34,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import statistics
 import sys
@@ -1154,4 +1155,16 @@ def _run(args: QuickstartOptions, data: Path, out: Path, t0: float, summary_: Da
         print(line)
     print(f"quickstart finished in {time.perf_counter() - t0:.0f}s: {results / RESULTS_FILE}, "
           f"{', '.join(str(f) for f in files)}; open {results / 'report.html'} in a browser", flush=True)
+    for line in next_commands(results / RESULTS_FILE, weights, len(p.anchors)):
+        print(line)
     return 0
+
+
+def next_commands(results: Path, weights: Path, num_anchors: int) -> list[str]:
+    """What to type next: choose a stitch (a top-1 halfway between the anchors', so that one between them is
+    chosen), then serve them all."""
+    top1 = [r["acc1"] for r in read_results(str(results))[:num_anchors]]
+    res, ckpt = shlex.quote(str(results)), shlex.quote(str(weights))
+    return [f"next: snnet select {res} --min-acc {int((min(top1) + max(top1)) / 2)}  # the cheapest network with "
+            f"at least this top-1 (or --max-flops, --max-params)",
+            f"      snnet serve {ckpt} --results {res}  # an HTTP server: each request's budget picks its stitch"]

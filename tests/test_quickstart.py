@@ -275,6 +275,11 @@ def test_quickstart_guide_runs(tmp_path, capsys):
         assert len(warned) == 3 and "'ring/._val_0000.png'" in warned[0] and "'README.txt'" in warned[1], err
         assert "'square/cut.jpg': unreadable" in warned[2], err
         _opens_in_a_browser(results / "report.html", tmp_path / "profile")
+        # what to type next, as printed: the selection runs and picks a network; the server's files exist
+        select, serve = [ln.split("#")[0].split() for ln in out.splitlines()[-2:]]
+        assert select[:3] == ["next:", "snnet", "select"] and serve[:2] == ["snnet", "serve"], out[-500:]
+        assert run_cli(capsys, *select[2:])[0] == 0
+        assert Path(serve[2]) == results / "snnet.pth.tar" and Path(serve[4]) == results / "stitches_res.txt"
         rc, out, err = run_cli(capsys, *argv[1:], *extra)  # again: resumed, nothing redone
         assert rc == 0, err
         assert out.count("reusing") == 4 and "$ " not in out, out  # 2 anchors, SN-Net, evaluation
