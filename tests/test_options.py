@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,6 +70,13 @@ def test_train_help_is_printed_without_importing_torch_or_timm():
     assert r.returncode == 0 and "--stitch_config" in r.stdout and "stitch_deit_ti_s_b" in r.stdout, r.stderr
     imported = {ln.rsplit("|", 1)[-1].strip() for ln in r.stderr.splitlines() if ln.startswith("import time:")}
     assert imported and not imported & {"torch", "timm"}, sorted(imported)
+    # through the launcher too: the help, not a launch (PYTHONPROFILEIMPORTTIME: the launcher's and train.py's)
+    r = subprocess.run(["./distributed_train.sh", "8", "/data", "--stitch_config", "configs/deit_ti_s_b.json",
+                        "--help"], cwd=root, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"})
+    assert r.returncode == 0 and "stitch_deit_ti_s_b" in r.stdout, r.stderr
+    imported = {ln.rsplit("|", 1)[-1].strip() for ln in r.stderr.splitlines() if ln.startswith("import time:")}
+    assert "snnet.train" in imported and not imported & {"torch", "timm"}, sorted(imported)
 
 
 @pytest.mark.slow

@@ -1,7 +1,9 @@
 """``python -m snnet.train.launch [torchrun options] train.py ARGS``: torchrun, as distributed_train.sh starts it, with
-two differences:
+three differences:
 
-* first the launch's checks run in this process (`snnet.train.preflight`, for ``--nproc_per_node`` processes per
+* a ``-h``/``--help`` among the script's arguments prints the script's help (train.py's, without loading torch)
+  instead of launching anything;
+* the launch's checks run first, in this process (`snnet.train.preflight`, for ``--nproc_per_node`` processes per
   node; ``SNNET_NO_PREFLIGHT=1`` skips them): a refused input ends the launch with its one line and exit 2 before any
   process starts. In this process rather than a separate one, so a launch starts one interpreter less (torch's
   import, about 2.5 s of CPU, paid once);
@@ -15,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -24,6 +27,11 @@ from snnet.utils.errors import UsageError
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    script = next((i for i, a in enumerate(argv) if a.endswith(".py") and not a.startswith("-")), None)
+    if script is not None and {"-h", "--help"} & set(argv[script + 1:]):
+        # the script's help, which train.py prints without loading torch: no launch, no checks, no processes
+        return subprocess.run([sys.executable, *argv[script:]]).returncode
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
