@@ -158,16 +158,19 @@ def test_lr_scales_with_the_world_size(capsys, monkeypatch):
 
 
 @pytest.mark.dist
-def test_dry_run_under_torchrun_prints_once(tmp_path):
-    """./distributed_train.sh N ... --dry-run on a CPU machine: N processes, rank 0 prints, nothing is read. SN-Net's
-    global batch of 1024 as 2 processes x 512 (8 x 128 resolves the same; each process costs its own start-up and
-    checks, so 2 keep the suite shorter): the LR is scaled from the global batch, as SN-Net's run resolves it."""
-    r = run(["./distributed_train.sh", "2", tmp_path / "no-such-imagenet", "--stitch_config",
-             "configs/deit_ti_s_b.json", "-b", "512", "--dry-run"], timeout=300)
+def test_dry_run_of_a_launch_resolves_its_world_size_without_starting_it(tmp_path):
+    """./distributed_train.sh 8 ... --dry-run, as the README's quick tour types it: the launcher prints the run as
+    its 8 processes would resolve it (SN-Net's global batch of 1024 as 8 x 128, the LR scaled from it) and starts
+    none of them (ranks started afresh, SNNET_TEST_FORK_RANKS=0, would each report their imports); nothing is
+    read."""
+    r = run(["./distributed_train.sh", "8", tmp_path / "no-such-imagenet", "--stitch_config",
+             "configs/deit_ti_s_b.json", "--dry-run"], timeout=300,
+            env={"SNNET_TEST_FORK_RANKS": "0", "PYTHONPROFILEIMPORTTIME": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     printed = yaml.safe_load(r.stdout)
-    assert printed["resolved"]["world_size"] == 2 and printed["resolved"]["lr"] == 1e-4
-    assert r.stdout.count("resolved:") == 1 and not (tmp_path / "no-such-imagenet").exists()
+    assert printed["resolved"]["world_size"] == 8 and printed["resolved"]["global_batch"] == 1024
+    assert printed["resolved"]["lr"] == 1e-4 and r.stdout.count("resolved:") == 1
+    assert "import time:" not in r.stderr and not (tmp_path / "no-such-imagenet").exists()
 
 
 # ------------------------------------------------------------------------------------------- distillation (C19)

@@ -37,6 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.run import parse_args, run
 
     config = parse_args(argv)
+    if "--dry-run" in config.training_script_args:
+        # the run as this launch would resolve it, printed by this process: the ranks would each resolve the same
+        nodes, nproc = str(config.nnodes).split(":")[-1], str(config.nproc_per_node)
+        world_size = (int(nodes) if nodes.isdigit() else 1) * (int(nproc) if nproc.isdigit() else 1)
+        os.environ.update(WORLD_SIZE=str(world_size), RANK="0", LOCAL_RANK="0")
+        from snnet.train.main import main as train_main
+        return train_main(config.training_script_args)
     if not os.environ.get("SNNET_NO_PREFLIGHT"):
         from snnet.train.preflight import main as preflight
         nproc = str(config.nproc_per_node)
