@@ -295,21 +295,23 @@ def code_sha256() -> str:
 def train_snnet(work: Path, data: Path, config: Path, name: str, epochs: int, extra: list[str], seed: int = SEED,
                 flags: list[str] | None = None, common_flags: list[str] | None = None, nproc: int = 2,
                 resume: bool = False, preflight: bool = True) -> Path:
-    """Train (and evaluate every stitch of) one SN-Net on `nproc` processes, as a user would (distributed_train.sh).
+    """Train (and evaluate every stitch of) one SN-Net on `nproc` processes, as a user would (distributed_train.sh;
+    one process: train.py itself, which a launch of one process runs the same, without the launcher's interpreter).
     The recipe: `flags` (default SNNET_FLAGS), `extra`, `common_flags` (default COMMON with this seed); `resume`: a
     run of the same command that finished is kept, an interrupted one continues (run_step); `preflight` False: the
     launcher's checks are skipped (SNNET_NO_PREFLIGHT=1; train.py checks the same again), for a config and anchors
     the caller just wrote and trained (snnet quickstart: one interpreter's torch and timm import less, ~5 s of CPU)."""
     run_dir = work / name
     config = stitch_config_for(work, config)
-    cmd = ["./distributed_train.sh", str(nproc), str(data), "--stitch_config", str(config),
+    launch = ["./distributed_train.sh", str(nproc)] if nproc > 1 else ["train.py"]
+    cmd = [*launch, str(data), "--stitch_config", str(config),
            "--epochs", str(epochs), *(SNNET_FLAGS if flags is None else flags), *extra, "--output", str(work),
            "--experiment", name, *(common(seed) if common_flags is None else common_flags)]
     stamp = [*cmd, f"inputs sha256 {inputs_sha256(config)}"]  # the same command on other anchors: another run
     if resume and finished(run_dir, stamp, RESULTS_FILE):
         print(f"[{name}] reusing {run_dir} (trained and evaluated by the same command)", flush=True)
         return run_dir
-    run_step(cmd, run_dir, work / f"{name}.log", name, resume, stamp,
+    run_step(cmd if nproc > 1 else [sys.executable, *cmd], run_dir, work / f"{name}.log", name, resume, stamp,
              None if preflight else {"SNNET_NO_PREFLIGHT": "1"})
     return run_dir
 

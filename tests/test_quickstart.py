@@ -225,7 +225,7 @@ def test_the_plan_says_each_choice_and_its_flag(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.dist  # two anchors (one at a time), then distributed_train.sh (one rank), then the evaluation
+@pytest.mark.dist  # two anchors (one at a time), then the SN-Net (one process), then the evaluation
 def test_quickstart_guide_runs(tmp_path, capsys):
     """docs/own_data.md's quickstart command on a generated folder of 3 classes (12 images each at 16 px, split
     here), with what only the test adds: the tiny widths 4 8, 16 px, 1 epoch each, batch 4, one process. Then the
