@@ -157,7 +157,7 @@ def test_lr_scales_with_the_world_size(capsys, monkeypatch):
     assert (swin["lr"], swin["schedule"]["warmup_lr"], swin["schedule"]["min_lr"]) == (5e-4, 5e-7, 5e-6)
 
 
-@pytest.mark.dist
+@pytest.mark.slow  # the launcher alone: one process
 def test_dry_run_of_a_launch_resolves_its_world_size_without_starting_it(tmp_path):
     """./distributed_train.sh 8 ... --dry-run, as the README's quick tour types it: the launcher prints the run as
     its 8 processes would resolve it (SN-Net's global batch of 1024 as 8 x 128, the LR scaled from it) and starts
