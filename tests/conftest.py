@@ -99,7 +99,7 @@ def pytest_configure(config):
 
 
 # Estimated CPU seconds of one test, by marker (the first that matches): only the order of the files depends on it.
-# Rough means of this suite's tests on the 2-core machine (Nov 2026): `dist` ~10-100, `slow` ~1.5-30, the rest < 1.5.
+# Rough means of this suite's tests on a 2-core machine: `dist` ~10-100, `slow` ~1.5-30, the rest < 1.5.
 COST = (("slurm", 60.0), ("dist", 30.0), ("slow", 8.0), ("browser", 3.0))
 COST_OTHER = 0.3
 
