@@ -265,6 +265,8 @@ def test_quickstart_guide_runs(tmp_path, capsys):
         routes = [r["route"] for r in records[2:]]
         assert len(routes) == 7 + 5 and routes[0] == "c8[..s2.b0] -(0.0.0)-> c4[s2.b1..]", routes
         assert routes[-1] == "c8[..s3.b4] -(1.0.4)-> c4[s3.b5..]", routes
+        # one process: the SN-Net step is train.py itself, without a launcher's interpreter before it
+        assert f"[snnet] $ {sys.executable} train.py " in out and "distributed_train.sh" not in out, out[-3000:]
         for what in ("image size: 16 px", "anchors: 2 small CNNs", "change: --widths", "ETA", "[snnet] done in",
                      "quickstart finished in", "report.html in a browser", "30 training and 7 validation images",
                      ".gif images are read too"):
