@@ -1,8 +1,9 @@
 """``python -m snnet.train.launch [torchrun options] train.py ARGS``: torchrun, as distributed_train.sh starts it, with
-three differences:
+these differences:
 
 * a ``-h``/``--help`` among the script's arguments prints the script's help (train.py's, without loading torch)
-  instead of launching anything;
+  instead of launching anything, and a ``--dry-run`` is resolved and printed by this process for the launch's
+  world size (nodes x processes per node), no process started;
 * the launch's checks run first, in this process (`snnet.train.preflight`, for ``--nproc_per_node`` processes per
   node; ``SNNET_NO_PREFLIGHT=1`` skips them): a refused input ends the launch with its one line and exit 2 before any
   process starts. In this process rather than a separate one, so a launch starts one interpreter less (torch's
@@ -37,17 +38,17 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.run import parse_args, run
 
     config = parse_args(argv)
+    nproc = int(config.nproc_per_node) if str(config.nproc_per_node).isdigit() else 1  # "gpu", "auto": taken as 1
     if "--dry-run" in config.training_script_args:
         # the run as this launch would resolve it, printed by this process: the ranks would each resolve the same
-        nodes, nproc = str(config.nnodes).split(":")[-1], str(config.nproc_per_node)
-        world_size = (int(nodes) if nodes.isdigit() else 1) * (int(nproc) if nproc.isdigit() else 1)
+        nodes = str(config.nnodes).split(":")[-1]  # "MIN:MAX": the most nodes the launch may have
+        world_size = (int(nodes) if nodes.isdigit() else 1) * nproc
         os.environ.update(WORLD_SIZE=str(world_size), RANK="0", LOCAL_RANK="0")
         from snnet.train.main import main as train_main
         return train_main(config.training_script_args)
     if not os.environ.get("SNNET_NO_PREFLIGHT"):
         from snnet.train.preflight import main as preflight
-        nproc = str(config.nproc_per_node)
-        code = preflight([nproc if nproc.isdigit() else "1", *config.training_script_args])
+        code = preflight([str(nproc), *config.training_script_args])
         if code:
             return code
         from snnet.data.checks import WARNED_ENV
