@@ -35,13 +35,15 @@ from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from snnet.data.options import CLASS_FOLDERS, DATA_ROOT
 from snnet.results.pareto import cost_key, human, infer_anchors, latency_keys, pareto_report, route_of, save_report
 from snnet.results.records import read_results
 from snnet.results.report import write_report
 from snnet.results.select import select
+from snnet.stitching.config import load_stitch_config
 from snnet.utils.distributed import say_refusal, world
 from snnet.utils.errors import OneLineParser, SNNetError, UsageError, one_line
-from snnet.utils.fileio import check_out_dir
+from snnet.utils.fileio import check_out_dir, checkpoint_path, data_folder
 from snnet.utils.options import add_options, option, shared
 
 if TYPE_CHECKING:  # hints only: the modules import torch or timm (see below)
@@ -198,6 +200,17 @@ def _load(args: TrainedNetwork):
     return load_snnet(args.checkpoint, args.stitch_config, args.img_size, args.num_classes)
 
 
+def _inputs_first(checkpoint: str | None = None, stitch_config: str | None = None, results: str | None = None) -> None:
+    """The files a command reads, checked before it imports torch and timm (seconds here): a mistyped path is
+    refused at once. Loading them checks them again, with the same messages."""
+    if checkpoint:
+        checkpoint_path(checkpoint, "checkpoint")
+    if stitch_config:
+        load_stitch_config(stitch_config)
+    if results:
+        read_results(results)
+
+
 @contextlib.contextmanager
 def _held_output():
     """Hold what is written on stdout and stderr (fds 1 and 2, native code included) and pass it on afterwards,
@@ -238,13 +251,14 @@ def _held_output():
 
 
 def cmd_export(args: ExportCommand) -> int:
+    check_out_dir(args.out)
+    _inputs_first(args.checkpoint, args.stitch_config)
     import torch
 
     from snnet.deploy.export import ONNX_OPSET, WEIGHTS, check_cfg_id, check_opset, export_stitch
     formats = [f for f, off in (("torchscript", args.no_torchscript), ("onnx", args.no_onnx)) if not off]
     if "onnx" in formats:  # refused before the checkpoint is read; with --no-onnx the opset is unused
         check_opset(args.opset)
-    check_out_dir(args.out)
     loaded = _load(args)
     check_cfg_id(loaded.net, args.cfg_id, args.checkpoint)
     try:
@@ -272,6 +286,7 @@ def cmd_export(args: ExportCommand) -> int:
 
 # ---------------------------------------------------------------------------------------------------- latency
 def cmd_latency(args: LatencyCommand) -> int:
+    _inputs_first(args.checkpoint, args.stitch_config, args.results)
     import torch
 
     from snnet.deploy.export import check_cfg_id
@@ -311,7 +326,7 @@ def cmd_latency(args: LatencyCommand) -> int:
 
 # ---------------------------------------------------------------------------------------------------- serve
 def cmd_serve(args: ServeCommand) -> int:
-    from snnet.serve.handler import ServeSpec, check_port, load_served
+    from snnet.serve import check_port
     if (args.checkpoint is None) == (not args.exported):
         raise UsageError("pass the SN-Net checkpoint (snnet serve CKPT ...) or --exported DIR... (export folders), "
                          "not both")
@@ -321,6 +336,8 @@ def cmd_serve(args: ServeCommand) -> int:
                          f"machine)")
     if args.engine == "local" or args.address == "local":
         check_port(args.host, args.port)  # another program's port: refused before anything loads
+    _inputs_first(args.checkpoint, args.stitch_config, args.results)
+    from snnet.serve.handler import ServeSpec, load_served
     spec = ServeSpec(checkpoint=args.checkpoint, stitch_config=args.stitch_config, results=args.results,
                      exported=list(args.exported or []), img_size=args.img_size, num_classes=args.num_classes,
                      max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, shed=args.shed,
@@ -625,9 +642,10 @@ def _quickstart_parser(sub: Any) -> None:
 
 
 def cmd_quickstart(args: QuickstartCommand) -> int:
+    data_folder(args.data, "DATA", CLASS_FOLDERS)  # before torch and timm are imported (seconds)
+    check_out_dir(args.out)
     from snnet.quickstart import QuickstartOptions
     from snnet.quickstart import main as quickstart
-    check_out_dir(args.out)
     return quickstart(QuickstartOptions.from_values(dataclasses.asdict(args)))
 
 
@@ -918,8 +936,9 @@ def _similarity_parsers(sub: Any) -> None:
 
 
 def cmd_shards(args: ShardsCommand) -> int:
-    from snnet.data.datasets import write_folder_shards
+    data_folder(args.folder, "image folder", DATA_ROOT)  # before torch and timm are imported (seconds)
     check_out_dir(args.out)
+    from snnet.data.datasets import write_folder_shards
     info = write_folder_shards(args.folder, args.out, args.shard_size, args.name, args.clean)
     for name, split in info["splits"].items():
         print(f"{name}: {split['num_samples']} images in {len(split['filenames'])} shard(s)")
@@ -937,13 +956,21 @@ def _similarity_options(args: AnchorImages) -> tuple[SimilarityOptions, DataOpti
     return options, data_options(args.data, args.num_classes), loader_options(args.batch_size)
 
 
+def _anchor_images_first(args: AnchorImages) -> None:
+    """similarity's and search's data folder and stitch config, before torch and timm are imported (seconds)."""
+    data_folder(args.data, "data folder", DATA_ROOT)
+    _inputs_first(stitch_config=args.stitch_config)
+
+
 def cmd_similarity(args: SimilarityCommand) -> int:
+    _anchor_images_first(args)
     from snnet.explore.similarity import run_similarity
     run_similarity(*_similarity_options(args), args.device, split=args.split, kl=not args.no_kl)
     return 0
 
 
 def cmd_search(args: SearchCommand) -> int:
+    _anchor_images_first(args)
     from snnet.explore.search import SearchOptions, run_search
     options, data, loader = _similarity_options(args)
     search = SearchOptions(threshold=args.threshold, total_threshold=args.total_threshold, max_depth=args.max_depth,

@@ -38,11 +38,9 @@ import shlex
 import shutil
 import statistics
 import sys
-import tarfile
 import tempfile
 import threading
 import time
-import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -61,6 +59,7 @@ from snnet.data.checks import (
     split_folder,
     unusable_image,
 )
+from snnet.data.options import CLASS_FOLDERS
 from snnet.demo import (
     WEIGHTS_FILE,
     copy_results,
@@ -74,7 +73,7 @@ from snnet.demo import (
 from snnet.results.predictions import load_for
 from snnet.results.records import RESULTS_FILE, ResultsError, file_sha256, read_results
 from snnet.utils.errors import SNNetError, UsageError, one_line
-from snnet.utils.fileio import FolderLock, write_text_atomic
+from snnet.utils.fileio import FolderLock, data_folder, write_text_atomic
 
 #: the anchors quickstart trains from scratch: timm's resnet34 with its 16 basic blocks laid out 1, 1, 8 and 6 over
 #: its 4 stages (`anchor_kwargs`); labels c<w>. Stitches join two anchors between neighbouring blocks of the two deep
@@ -224,16 +223,7 @@ def read_data(data: Path, out: Path, seed: int = SEED, known: dict[str, list] | 
     class, split VAL_SHARE per class by `seed`, or train/ and val/) with every image checked (`known`: the checks
     of an earlier run, reused for images of the same size and time), or tar shards or parquet files. One line naming
     the folder and the fix when it cannot be used."""
-    if not data.is_dir():
-        layout = "a folder of images, one sub-folder per class (or train/ and val/ with one sub-folder per class each)"
-        if not data.exists():
-            raise UsageError(f"DATA {str(data)!r} does not exist; give {layout}")
-        kind = "zip" if zipfile.is_zipfile(data) else "tar" if tarfile.is_tarfile(data) else None
-        if kind:
-            unpack = f"unzip {data} -d DIR" if kind == "zip" else f"mkdir DIR && tar xf {data} -C DIR"
-            raise UsageError(f"DATA {str(data)!r} is a {kind} archive; unpack it ({unpack}) and give the folder of "
-                             f"images it holds")
-        raise UsageError(f"DATA {str(data)!r} is not a folder; give {layout}")
+    data_folder(data, "DATA", CLASS_FOLDERS)
     from snnet.data.shards import INFO_FILE
     if (data / INFO_FILE).is_file():
         return _with_files(_read_shards(data), data)

@@ -176,9 +176,9 @@ def test_export_unwritable_out(tiny, tmp_path, capsys):
 def test_export_unsupported_opset_refused_up_front(tiny, tmp_path, capsys, opset):
     from torch.onnx import _constants
     lo, hi = _constants.ONNX_MIN_OPSET, _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
-    # a missing checkpoint: the opset is refused before anything is read
-    rc, out, err = run_cli(capsys, "export", tmp_path / "missing.pth.tar", "--cfg-id", 1, "--out", tmp_path / "x",
-                       "--opset", opset)
+    # refused before the checkpoint is loaded (a missing one is refused first, before torch is imported)
+    rc, out, err = run_cli(capsys, "export", tiny.ckpt, "--stitch_config", tiny.config, "--cfg-id", 1, "--out",
+                           tmp_path / "x", "--opset", opset)
     assert_refused(rc, err, f"--opset {opset}", f"{lo}..{hi}", "--no-onnx")
     assert out == "" and list(tmp_path.iterdir()) == []
 

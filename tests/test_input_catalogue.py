@@ -184,7 +184,7 @@ CASES = [
     # data
     ("missing data folder", "{w}/nope --stitch_config {cfg}", "data folder '{w}/nope' does not exist"),
     ("empty data folder", "{w}/empty --stitch_config {cfg}", "data folder '{w}/empty' is empty"),
-    ("data path is a file", "{w}/afile --stitch_config {cfg}", "is a file; give the dataset root folder"),
+    ("data path is a file", "{w}/afile --stitch_config {cfg}", "is a file, not a folder; give the dataset root"),
     ("no train split", "{w}/only_val --stitch_config {cfg}", "has no train/ folder"),
     ("images without class folders", "{w}/flat --stitch_config {cfg}", "has no class sub-folders"),
     ("class folders without images", "{w}/noimg --stitch_config {cfg}", "has class folders but no images"),

@@ -162,7 +162,7 @@ def test_split_folders_are_found_in_any_case_and_test_stands_in_for_val(tmp_path
     assert len(summary.warnings) == 1 and "left out ('test/')" in summary.warnings[0], summary.warnings
 
 
-@pytest.mark.parametrize("layout, needle", [("file", "is not a folder"), ("empty", "no class sub-folders"),
+@pytest.mark.parametrize("layout, needle", [("file", "is a file, not a folder"), ("empty", "no class sub-folders"),
                                             ("train-only", "has train/ but no val/"), ("missing", "does not exist"),
                                             ("zip", "is a zip archive; unpack it (unzip"),
                                             ("tar", "is a tar archive; unpack it (mkdir DIR && tar xf")])

@@ -335,6 +335,45 @@ def test_cli_reads_results_without_torch(snnet_files, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+def test_a_mistyped_path_is_refused_before_torch_is_imported(tmp_path):
+    """The commands that load a network or read images (export, latency, serve, quickstart, similarity, search,
+    shards) refuse a checkpoint, stitch config, results file or data folder that is not there, or not a file or a
+    folder as asked, in one line before they import torch and timm (seconds); the loaders give the same lines."""
+    demo = Path(ROOT) / "results" / "demo"
+    ckpt, res, nope = demo / "snnet.pth.tar", demo / "stitches_res.txt", tmp_path / "nope"
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "photos.zip", "w") as z:
+        z.writestr("a/0.png", b"")
+    anchors = ["--anchors", "resnet18", "resnet34", "--out", tmp_path / "o"]
+    cases = [
+        (["export", nope, "--cfg-id", "1", "--out", tmp_path / "e"], f"checkpoint '{nope}' does not exist; give"),
+        (["export", tmp_path, "--cfg-id", "1", "--out", tmp_path / "e"], f"checkpoint '{tmp_path}' is a folder, "
+         f"not a checkpoint file"),
+        (["latency", ckpt, "--stitch_config", nope], f"stitch config '{nope}' does not exist"),
+        (["latency", ckpt, "--results", nope], f"results file '{nope}' does not exist"),
+        (["serve", nope, "--results", res, "--port", "1"], f"checkpoint '{nope}' does not exist"),
+        (["serve", ckpt, "--results", nope, "--port", "1"], f"results file '{nope}' does not exist"),
+        (["quickstart", nope, "--out", tmp_path / "q"], f"DATA '{nope}' does not exist; give a folder of images"),
+        (["quickstart", tmp_path / "photos.zip", "--out", tmp_path / "q"], "is a zip archive; unpack it (unzip "),
+        (["quickstart", res, "--out", tmp_path / "q"], f"DATA '{res}' is a file, not a folder"),
+        (["similarity", "--data", nope, *anchors], f"data folder '{nope}' does not exist; give the dataset root"),
+        (["search", "--data", res, *anchors], f"data folder '{res}' is a file, not a folder"),
+        (["shards", nope, tmp_path / "s"], f"image folder '{nope}' does not exist"),
+    ]
+    code = ("import contextlib, io, json, sys; from snnet.cli import main\n"
+            "for argv, words in json.loads(sys.argv[1]):\n"
+            "    with contextlib.redirect_stderr(io.StringIO()) as err:\n"
+            "        code = main(argv)\n"
+            "    lines = err.getvalue().splitlines()\n"
+            "    assert code == 2 and len(lines) == 1 and words in lines[0], (argv, code, lines)\n"
+            "heavy = sorted(m for m in ('torch', 'timm') if m in sys.modules)\n"
+            "assert not heavy, heavy")
+    cases_json = json.dumps([[[str(a) for a in argv], words] for argv, words in cases])
+    proc = subprocess.run([sys.executable, "-c", code, cases_json], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (tmp_path / "e").exists() and not (tmp_path / "q").exists() and not (tmp_path / "s").exists()
+
+
 # --------------------------------------------------------------------------------------------------- switching
 def test_stitch_for_switches_without_reallocating(tiny):
     net = tiny.net

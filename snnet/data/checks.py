@@ -17,9 +17,10 @@ from timm.data.readers import get_img_extensions
 from timm.data.readers.class_map import load_class_map
 from timm.utils.misc import natural_key
 
-from snnet.data.options import DataOptions
+from snnet.data.options import DATA_ROOT, DataOptions
 from snnet.data.shards import check_shards, image_problem, is_shards, read_info, shard_root
 from snnet.utils.errors import SNNetError
+from snnet.utils.fileio import data_folder
 
 TRAIN_NAMES = ("train", "training")
 VAL_NAMES = ("validation", "val", "valid", "eval", "evaluation")
@@ -66,10 +67,7 @@ def check_image_folder(path: str, what: str) -> None:
 def resolve_folders(data_options: DataOptions, need_train: bool) -> tuple[str | None, str | None]:
     """The train and validation folders of a folder dataset (``--dataset ''``), checked."""
     root = data_options.data_dir
-    if os.path.isfile(root):
-        raise DataError(f"data folder {root!r} is a file; give the dataset root folder (with train/ and val/)")
-    if not os.path.isdir(root):
-        raise DataError(f"data folder {root!r} does not exist; give the dataset root (with train/ and val/)")
+    data_folder(root, "data folder", DATA_ROOT, DataError)
     if not os.listdir(root):
         raise DataError(f"data folder {root!r} is empty; it needs train/ and val/ (or validation/) class folders")
     train = split_folder(root, data_options.train_split, TRAIN_NAMES)

@@ -21,7 +21,7 @@ from snnet.data.checks import (
     scan_image_folder,
     split_folder,
 )
-from snnet.data.options import DataOptions
+from snnet.data.options import DATA_ROOT, DataOptions
 from snnet.data.shards import (
     ShardDataset,
     check_shard_out,
@@ -32,7 +32,7 @@ from snnet.data.shards import (
     shards_request,
     write_shards,
 )
-from snnet.utils.fileio import shown_path
+from snnet.utils.fileio import data_folder, shown_path
 
 _logger = logging.getLogger("snnet")
 
@@ -98,8 +98,7 @@ def write_folder_shards(folder: str, out: str, shard_size: int, name: str | None
     """``snnet shards``: the split folders of an ImageFolder (train/, val/ or validation/), checked as a training run
     checks them, and every image's header (each is decoded as it is packed), written as WebDataset shards
     (`snnet.data.shards.write_shards`) into an empty OUT (or, with `clean`, over an earlier snnet shards output)."""
-    if not os.path.isdir(folder):
-        raise DataError(f"image folder {folder!r} does not exist; give an ImageFolder root with train/ and val/")
+    data_folder(folder, "image folder", DATA_ROOT, DataError)
     splits = {d: path for d in (*TRAIN_NAMES, *VAL_NAMES, *TEST_NAMES)
               if (path := split_folder(folder, d)) is not None}
     if not splits:

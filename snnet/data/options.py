@@ -13,9 +13,13 @@ from typing import Any
 from snnet.stitching.config import CONFIG_FLAGS
 from snnet.utils.options import AUGMENT, DATASET, DEVICE, MODEL, OUTPUT, option, shared
 
-__all__ = ["AUG_REPEATS", "BATCH_SIZE", "DataOptions", "GRAD_ACCUM_STEPS", "LoaderOptions", "NO_PREFETCHER",
-           "NUM_CLASSES", "SEED"]
+__all__ = ["AUG_REPEATS", "BATCH_SIZE", "CLASS_FOLDERS", "DATA_ROOT", "DataOptions", "GRAD_ACCUM_STEPS",
+           "LoaderOptions", "NO_PREFETCHER", "NUM_CLASSES", "SEED"]
 
+#: what to give for a data folder that is not one: a folder dataset's root (train.py, shards, similarity), and the
+#: folders quickstart also takes
+DATA_ROOT = "the dataset root (with train/ and val/)"
+CLASS_FOLDERS = "a folder of images, one sub-folder per class (or train/ and val/ with one sub-folder per class each)"
 #: options the data layer shares with the training loop (`snnet.train.options` uses them `shared`)
 BATCH_SIZE = CONFIG_FLAGS["batch_size"]  # a stitch config sets these two: declared in snnet.stitching.config
 GRAD_ACCUM_STEPS = option(1, "--grad-accum-steps", rule="positive", metavar="N", group=MODEL,

@@ -23,7 +23,8 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from snnet.serve.handler import ServeCore, ServeSpec, check_port
+from snnet.serve import check_port
+from snnet.serve.handler import ServeCore, ServeSpec
 
 #: requests a replica accepts at once: they must reach its queues (the batching and the load the choice sees)
 #: rather than wait in Ray's proxy, whose default (5) would hide the load

@@ -30,7 +30,6 @@ import io
 import json
 import re
 import resource
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +46,7 @@ from snnet.results.select import BudgetError, route_costs
 from snnet.serve.policy import StitchMenu, finite_positive
 from snnet.serve.scheduler import NO_DEADLINE, DeadlineScheduler, Done, Pending, Shed, release_free_heap
 from snnet.train.device import device_from_flag
-from snnet.utils.errors import SNNetError, UsageError
+from snnet.utils.errors import SNNetError
 
 MAX_PIXELS = 40_000_000  # a decoded image above this is refused before it is decoded (decompression bombs)
 DECODE_THREADS = 2  # threads that decode and transform images, off the event loop
@@ -103,17 +102,6 @@ class Served:
     num_classes: int
     data_config: dict[str, Any]
     class_names: list[str] | None = None  # the training data's, by class index (None: the data named none)
-
-
-def check_port(host: str, port: int) -> None:
-    """Refuse a port another program holds before anything loads (Ray's proxy would retry it in a loop)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise UsageError(f"cannot listen on {host}:{port} ({e.strerror}); pass a free --port or another "
-                             f"--host") from None
 
 
 def _check_measured(records: list[dict[str, Any]], served: str, sha: str | None, source: str) -> None:

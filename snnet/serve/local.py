@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from snnet.serve.handler import ServeCore, ServeSpec, check_port
+from snnet.serve import check_port
+from snnet.serve.handler import ServeCore, ServeSpec
 
 
 def make_app(core: ServeCore) -> web.Application:

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from snnet.utils.errors import SNNetError
-from snnet.utils.fileio import atomic_path
+from snnet.utils.fileio import atomic_path, checkpoint_path
 
 VERSION = 3
 LAST, BEST, RECOVERY = "last.pth.tar", "model_best.pth.tar", "recovery.pth.tar"
@@ -120,20 +120,6 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
         torch.save(state, tmp)
 
 
-_CHECKPOINT_SUFFIXES = (".pth.tar", ".pth", ".pt", ".safetensors", ".bin", ".ckpt")
-
-
-def _folder_error(path: Path, what: str) -> CheckpointError:
-    """A checkpoint path that is a folder: named as one (it exists), with the checkpoint files in it to choose from."""
-    try:
-        inside = sorted(p.name for p in path.iterdir() if p.name.endswith(_CHECKPOINT_SUFFIXES) and p.is_file())
-    except OSError:
-        inside = []
-    pick = f" (it holds {', '.join(repr(str(path / n)) for n in inside[:3])})" if inside else ""
-    return CheckpointError(f"{what} {str(path)!r} is a folder, not a checkpoint file; give the path of the file"
-                           f"{pick or ', e.g. ' + repr(str(path / LAST))}")
-
-
 def _lazy_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """A safetensors file's keys, shapes and dtypes from its header, as meta tensors: no weight is read."""
     from safetensors import safe_open
@@ -154,12 +140,7 @@ def _read(path: Path, what: str, lazy: bool = False) -> Any:
     """The object in a safetensors file or a torch file read with weights_only=True (a pickle that references code
     is refused unread, naming what it references). `lazy`: keys and shapes without reading the weights (a torch file
     memory-mapped, a safetensors file's header as meta tensors): what the preflight compares with a network."""
-    if path.is_dir():
-        raise _folder_error(path, what)
-    if not path.is_file():
-        raise CheckpointError(f"{what} {str(path)!r} does not exist; give the path of an existing file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{what} {str(path)!r} is empty (an interrupted copy?); use another file")
+    checkpoint_path(path, what, CheckpointError)
     try:
         if path.suffix == ".safetensors":
             return _lazy_safetensors(path) if lazy else load_file(str(path))

@@ -1,13 +1,15 @@
 """Files that are either complete or absent: atomic writes (temp file, fsync, rename); a full disk said in one
-line; one process per folder (`FolderLock`)."""
+line; one process per folder (`FolderLock`); the paths a command reads, checked before it imports torch."""
 from __future__ import annotations
 
 import errno
 import fcntl
 import os
 import socket
+import tarfile
 import tempfile
 import time
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -150,6 +152,46 @@ def unwritable(path: str | os.PathLike) -> str | None:
     except OSError as e:
         return f"cannot be written: making a folder in {str(base)!r} fails ({e.strerror or type(e).__name__})"
     return None
+
+
+#: what a folder given for a checkpoint file is searched for
+CHECKPOINT_SUFFIXES = (".pth.tar", ".pth", ".pt", ".safetensors", ".bin", ".ckpt")
+
+
+def checkpoint_path(path: str | os.PathLike, what: str, error: type[SNNetError] = UsageError) -> Path:
+    """`path` if it is a file with content, else `error` naming it and the fix: a folder (with the checkpoint files
+    in it to choose from), nothing there, or an empty file (an interrupted copy). Needs no torch: a command checks
+    its checkpoint before it imports torch, and loading checks it again."""
+    path = Path(path)
+    if path.is_dir():
+        try:
+            inside = sorted(p.name for p in path.iterdir() if p.name.endswith(CHECKPOINT_SUFFIXES) and p.is_file())
+        except OSError:
+            inside = []
+        pick = f" (it holds {', '.join(repr(str(path / n)) for n in inside[:3])})" if inside else \
+            f", e.g. {str(path / 'last.pth.tar')!r}"
+        raise error(f"{what} {str(path)!r} is a folder, not a checkpoint file; give the path of the file{pick}")
+    if not path.is_file():
+        raise error(f"{what} {str(path)!r} does not exist; give the path of an existing file")
+    if path.stat().st_size == 0:
+        raise error(f"{what} {str(path)!r} is empty (an interrupted copy?); use another file")
+    return path
+
+
+def data_folder(path: str | os.PathLike, what: str, layout: str, error: type[SNNetError] = UsageError) -> Path:
+    """`path` if it is a folder, else `error` naming it and the fix (`layout`: what to give instead): nothing there,
+    an archive to unpack first (zip, tar), or another file. Needs no torch, as `checkpoint_path`."""
+    path = Path(path)
+    if path.is_dir():
+        return path
+    if not path.exists():
+        raise error(f"{what} {str(path)!r} does not exist; give {layout}")
+    kind = "zip" if zipfile.is_zipfile(path) else "tar" if tarfile.is_tarfile(path) else None
+    if kind:
+        unpack = f"unzip {path} -d DIR" if kind == "zip" else f"mkdir DIR && tar xf {path} -C DIR"
+        raise error(f"{what} {str(path)!r} is a {kind} archive; unpack it ({unpack}) and give the folder of images "
+                    f"it holds")
+    raise error(f"{what} {str(path)!r} is a file, not a folder; give {layout}")
 
 
 def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
