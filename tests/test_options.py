@@ -79,6 +79,31 @@ def test_train_help_is_printed_without_importing_torch_or_timm():
     assert "snnet.train" in imported and not imported & {"torch", "timm"}, sorted(imported)
 
 
+def test_a_mistyped_data_folder_or_config_is_refused_before_torch_is_imported(tmp_path):
+    """train.py and its launcher refuse a data folder that is not there (or a file), a stitch config that is not
+    there and a bad flag value in one line, before torch and timm are imported (seconds); a dry run, resolved for
+    any machine, does not look for its data folder."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    cfg = "configs/deit_ti_s_b.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "SLURM_PROCID")}
+    for argv, words in [([tmp_path / "nope", "--stitch_config", cfg], f"data folder '{tmp_path / 'nope'}' does "
+                         "not exist; give the dataset root"),
+                        (["README.md", "--stitch_config", cfg], "data folder 'README.md' is a file, not a folder"),
+                        ([tmp_path, "--stitch_config", tmp_path / "none.json"], "stitch config"),
+                        ([tmp_path, "--stitch_config", cfg, "--lr", "abc"], "argument --lr: 'abc' is not a number")]:
+        for launch in ([sys.executable, "train.py"], ["./distributed_train.sh", "2"]):
+            r = subprocess.run([*launch, *map(str, argv)], cwd=root, capture_output=True, text=True, timeout=120,
+                               env={**env, "PYTHONPROFILEIMPORTTIME": "1"})
+            said = [ln for ln in r.stderr.splitlines() if not ln.startswith("import time:")]
+            imported = {ln.rsplit("|", 1)[-1].strip() for ln in r.stderr.splitlines() if ln.startswith("import time:")}
+            assert r.returncode == 2 and len(said) == 1 and words in said[0], (launch, argv, said)
+            assert "snnet.train.args" in imported and not imported & {"torch", "timm"}, (launch, argv)
+    from snnet.train.args import refused_before_torch
+    assert refused_before_torch([str(tmp_path / "nope"), "--stitch_config", cfg, "--dry-run"]) == 0
+
+
 @pytest.mark.slow
 def test_the_training_path_does_not_climb_back_to_the_entry_layer():
     """train.py's path is a straight line, parse -> resolve -> check -> build -> fit. benchmarks/trace_rooms.py runs

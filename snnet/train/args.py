@@ -13,9 +13,11 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from snnet.data.options import DATA_ROOT
 from snnet.stitching.config import ARG_DESTS, ConfigError, StitchConfig, load_stitch_config
 from snnet.train.options import FLAG_OPTIONS, JobOptions
-from snnet.utils.errors import OneLineParser, UsageError
+from snnet.utils.errors import OneLineParser, SNNetError, UsageError, one_line
+from snnet.utils.fileio import data_folder
 from snnet.utils.options import FILES, GROUPS, KwargsAction, add_options
 
 
@@ -40,10 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, StitchConfig | None]:
+def parse_args(argv: Sequence[str] | None = None, fit: bool = True) -> tuple[argparse.Namespace, StitchConfig | None]:
     """train.py's arguments and stitch config, by timm's two-stage parse: a pre-parser reads -c and --stitch_config;
     the YAML's keys, then the stitch config's fields become parser defaults (each replacing the last); the command
-    line is parsed last, so what is typed wins."""
+    line is parsed last, so what is typed wins. `fit`: fit the defaults that would misfit the run (`_fit_short_run`,
+    which imports torch; without it the parse imports neither torch nor timm)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     pre = OneLineParser(add_help=False, allow_abbrev=False, raises=True)
@@ -75,8 +78,24 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, S
     args.data_dir = args.data_dir or args.data
     if not args.data_dir:
         raise UsageError("no dataset: give the dataset folder as the first argument (e.g. train.py /data/imagenet)")
-    _fit_short_run(args, typed, origin)
+    if fit:
+        _fit_short_run(args, typed, origin)
     return args, stitch_cfg
+
+
+def refused_before_torch(argv: Sequence[str]) -> int:
+    """Where train.py and its launcher start: the command line, its files (-c, --stitch_config) and a folder
+    dataset's root checked before torch and timm are imported (seconds), so that a typo is refused at once, in one
+    line; its exit code (0: go on to the run's own checks). A dry run resolves a run for any machine: its data folder
+    is not checked."""
+    try:
+        args, _ = parse_args(argv, fit=False)
+        if not args.dry_run and not args.dataset:
+            data_folder(args.data_dir, "data folder", DATA_ROOT)
+    except SNNetError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return e.exit_code
+    return 0
 
 
 #: the lines saying which defaults the last parse fitted to the run (`fitted_notes`)

@@ -33,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     if script is not None and {"-h", "--help"} & set(argv[script + 1:]):
         # the script's help, which train.py prints without loading torch: no launch, no checks, no processes
         return subprocess.run([sys.executable, *argv[script:]]).returncode
+    if script is not None and not os.environ.get("SNNET_NO_PREFLIGHT"):
+        from snnet.train.args import refused_before_torch
+        code = refused_before_torch(argv[script + 1:])
+        if code:
+            return code
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
