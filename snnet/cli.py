@@ -957,9 +957,11 @@ def _similarity_options(args: AnchorImages) -> tuple[SimilarityOptions, DataOpti
 
 
 def _anchor_images_first(args: AnchorImages) -> None:
-    """similarity's and search's data folder and stitch config, before torch and timm are imported (seconds)."""
+    """similarity's and search's data folder and stitch config, before torch and timm are imported (seconds); a
+    config given with --anchors is refused as the pair, later."""
     data_folder(args.data, "data folder", DATA_ROOT)
-    _inputs_first(stitch_config=args.stitch_config)
+    if not args.anchors:
+        _inputs_first(stitch_config=args.stitch_config)
 
 
 def cmd_similarity(args: SimilarityCommand) -> int:
