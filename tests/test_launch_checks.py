@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -101,6 +102,21 @@ def test_the_refusal_of_whichever_rank_failed_first_is_said(tmp_path):
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
     assert r.returncode == 2 and errors == ["error: refused on rank 1"], r.stderr[-3000:]
     assert "ChildFailedError" not in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+
+
+@pytest.mark.dist
+def test_a_launch_leaves_nothing_in_the_temp_folder(tmp_path):
+    """torchrun makes a log folder (torchelastic_*) in the temp folder for every launch and leaves it there; the
+    launcher's goes with the launch, as its folder for the ranks' refusals does. A fresh interpreter: the temp
+    folder is read from TMPDIR once per process."""
+    script, temp = tmp_path / "rank.py", tmp_path / "tmp"
+    script.write_text("print('rank ran', flush=True)\n")
+    temp.mkdir()
+    r = subprocess.run([sys.executable, "-m", "snnet.train.launch", "--nproc_per_node=2", script], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "SNNET_NO_PREFLIGHT": "1", "TMPDIR": str(temp), "PYTHONPATH": ROOT})
+    assert r.returncode == 0 and r.stdout.count("rank ran") == 2, r.stderr[-3000:]
+    assert list(temp.iterdir()) == [], list(temp.rglob("*"))
 
 
 HANGING_SCRIPT = """

@@ -63,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     said = Path(tempfile.mkdtemp(prefix="snnet-launch-"))
     os.environ[REFUSAL_DIR] = str(said)
+    if config.log_dir is None and config.redirects == config.tee == "0":
+        # torchrun's own log folder would be a new empty /tmp/torchelastic_* left by every launch: this one goes
+        # with the launch (a launch that redirects or tees its ranks' output keeps torchrun's, or its --log-dir)
+        config.log_dir = str(said / "torchelastic")
     try:
         run(config)
     except SignalException as e:
