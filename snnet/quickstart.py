@@ -591,26 +591,38 @@ def _class_of(rel: str) -> str:
     return parts[1] if parts[0].lower() in (*TRAIN_NAMES, *VAL_NAMES, *TEST_NAMES) and len(parts) > 2 else parts[0]
 
 
+def _fresh_fix(out: Path) -> str:
+    return f"pass --fresh to start over in {str(out)!r} (its split, anchors, SN-Net and results are replaced), or " \
+           f"another --out"
+
+
+def _recorded_run(out: Path, data: Path, fresh: bool) -> dict | None:
+    """The record of the quickstart run --out holds (None: nothing there, or --fresh), refused when it has none or
+    is of another DATA: what needs no image read, checked before the images are."""
+    if fresh:
+        return None
+    recorded = _recorded(out)
+    started = any((out / name).exists() for name in ("data", "stitch_config.json", "snnet")) or \
+        any(out.glob("anchor_*"))
+    if recorded is None and not started:
+        return None
+    if not recorded or not isinstance(recorded.get("files"), dict):
+        raise UsageError(f"--out {str(out)!r} holds a quickstart run without a record of the data it was made from "
+                         f"({out / 'data' / SPLIT_FILE}); {_fresh_fix(out)}")
+    if recorded.get("data") != str(data):
+        raise UsageError(f"--out {str(out)!r} holds a quickstart run on DATA {recorded.get('data')!r}, not "
+                         f"{str(data)!r}; {_fresh_fix(out)}")
+    return recorded
+
+
 def _check_state(out: Path, data: Path, summary: DataSummary, seed: int, fresh: bool) -> str | None:
     """What --out already holds against this run's data: None (nothing, --fresh, or the same split), a line saying
     the split is made again (another --seed: every step's command changes with it, so every step is redone), or a
     refusal naming what changed in DATA and the flag that starts over (the anchors trained on the old split would
     otherwise be reused as if they had seen these images)."""
-    recorded = _recorded(out)
-    if fresh:
+    recorded = _recorded_run(out, data, fresh)
+    if recorded is None:
         return None
-    started = any((out / name).exists() for name in ("data", "stitch_config.json", "snnet")) or \
-        any(out.glob("anchor_*"))
-    if recorded is None and not started:
-        return None
-    fix = f"pass --fresh to start over in {str(out)!r} (its split, anchors, SN-Net and results are replaced), or " \
-          f"another --out"
-    if not recorded or not isinstance(recorded.get("files"), dict):
-        raise UsageError(f"--out {str(out)!r} holds a quickstart run without a record of the data it was made from "
-                         f"({out / 'data' / SPLIT_FILE}); {fix}")
-    if recorded.get("data") != str(data):
-        raise UsageError(f"--out {str(out)!r} holds a quickstart run on DATA {recorded.get('data')!r}, not "
-                         f"{str(data)!r}; {fix}")
     old, new = recorded["files"], summary.files
     if {k: v[:2] for k, v in old.items()} != {k: v[:2] for k, v in new.items()}:
         added, removed = sorted(set(new) - set(old)), sorted(set(old) - set(new))
@@ -623,12 +635,11 @@ def _check_state(out: Path, data: Path, summary: DataSummary, seed: int, fresh: 
                ([f"new class folder(s) {first_names(classes_new)}"] if classes_new else []) + \
                ([f"class folder(s) {first_names(classes_old)} gone"] if classes_old else [])
         raise UsageError(f"DATA {str(data)!r} changed since {str(out / 'data')!r} was split from it "
-                         f"({', '.join(said)}); {fix}")
+                         f"({', '.join(said)}); {_fresh_fix(out)}")
     if (recorded.get("seed"), recorded.get("val_share")) != (seed, VAL_SHARE):
         return (f"data: splitting DATA again (--seed {seed}; the split in {out / 'data'} was made with --seed "
                 f"{recorded.get('seed')}): every step is redone")
     return None
-
 
 
 def _named_counts(labels: list[int], names: list[str] | None, where: Path) -> dict[str, int]:
@@ -952,8 +963,8 @@ def preflight(args: QuickstartOptions, data: Path, out: Path) -> tuple[DataSumma
     UsageError."""
     check_options(args, data, out)
     sources = check_anchors(args)
-    known = (_recorded(out) or {}).get("files") if not args.fresh else None
-    summary = read_data(data, out, args.seed, known if isinstance(known, dict) else None)
+    recorded = _recorded_run(out, data, args.fresh)  # another DATA's run in --out: refused before the images are read
+    summary = read_data(data, out, args.seed, recorded["files"] if recorded else None)
     again = _check_state(out, data, summary, args.seed, args.fresh)
     p = plan(summary, args, sources)
     check_steps(out, summary, p, args)

@@ -117,8 +117,8 @@ CASES = [  # (case, argv, the words of the one line, environment added)
     ("quickstart DATA changed since the split", "quickstart {w}/grown --out {w}/used", "DATA '{w}/grown' changed "
      "since '{w}/used/data' was split from it (12 image(s) added (e.g. 'star/train_0000.png'), new class folder(s) "
      "'star'); pass --fresh to start over", None),
-    ("quickstart a used --out, another DATA", "quickstart {w}/few --out {w}/used", "--out '{w}/used' holds a "
-     "quickstart run on DATA '{w}/grown', not '{w}/few'; pass --fresh", None),
+    ("quickstart a used --out, another DATA", "quickstart {w}/lone --out {w}/used", "--out '{w}/used' holds a "
+     "quickstart run on DATA '{w}/grown', not '{w}/lone'; pass --fresh", None),  # before lone's images are read
     ("convert LeViT of other depths than --levit-depths", "convert {w}/levit.pth {out}/x.pth.tar --trust "
      "--levit-depths 4 4 4", "anchors.0. holds a LeViT of stage depths 2-3-4, not 4-4-4; leave out --levit-depths",
      None),
