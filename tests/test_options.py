@@ -79,6 +79,7 @@ def test_train_help_is_printed_without_importing_torch_or_timm():
     assert "snnet.train" in imported and not imported & {"torch", "timm"}, sorted(imported)
 
 
+@pytest.mark.slow  # fresh interpreters
 def test_a_mistyped_data_folder_or_config_is_refused_before_torch_is_imported(tmp_path):
     """train.py and its launcher refuse a data folder that is not there (or a file), a stitch config that is not
     there and a bad flag value in one line, before torch and timm are imported (seconds); a dry run, resolved for

@@ -335,6 +335,7 @@ def test_cli_reads_results_without_torch(snnet_files, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+@pytest.mark.slow  # fresh interpreters
 def test_a_mistyped_path_is_refused_before_torch_is_imported(tmp_path):
     """The commands that load a network or read images (export, latency, serve, quickstart, similarity, search,
     shards) refuse a checkpoint, stitch config, results file or data folder that is not there, or not a file or a
