@@ -615,12 +615,11 @@ def _recorded_run(out: Path, data: Path, fresh: bool) -> dict | None:
     return recorded
 
 
-def _check_state(out: Path, data: Path, summary: DataSummary, seed: int, fresh: bool) -> str | None:
-    """What --out already holds against this run's data: None (nothing, --fresh, or the same split), a line saying
-    the split is made again (another --seed: every step's command changes with it, so every step is redone), or a
-    refusal naming what changed in DATA and the flag that starts over (the anchors trained on the old split would
-    otherwise be reused as if they had seen these images)."""
-    recorded = _recorded_run(out, data, fresh)
+def _check_state(out: Path, data: Path, summary: DataSummary, seed: int, recorded: dict | None) -> str | None:
+    """What --out already holds (`recorded`: `_recorded_run`'s) against this run's data: None (nothing, --fresh, or
+    the same split), a line saying the split is made again (another --seed: every step's command changes with it, so
+    every step is redone), or a refusal naming what changed in DATA and the flag that starts over (the anchors
+    trained on the old split would otherwise be reused as if they had seen these images)."""
     if recorded is None:
         return None
     old, new = recorded["files"], summary.files
@@ -965,7 +964,7 @@ def preflight(args: QuickstartOptions, data: Path, out: Path) -> tuple[DataSumma
     sources = check_anchors(args)
     recorded = _recorded_run(out, data, args.fresh)  # another DATA's run in --out: refused before the images are read
     summary = read_data(data, out, args.seed, recorded["files"] if recorded else None)
-    again = _check_state(out, data, summary, args.seed, args.fresh)
+    again = _check_state(out, data, summary, args.seed, recorded)
     p = plan(summary, args, sources)
     check_steps(out, summary, p, args)
     return summary, p, again

@@ -482,22 +482,26 @@ def test_what_out_holds_follows_data_and_seed(tmp_path):
     """A split records what it was made from: the same DATA and seed reuse it; another --seed splits it again (and
     says so); an image added, changed or removed, or another DATA, is refused naming the change and --fresh, which
     starts from nothing: it removes what quickstart wrote in --out, nothing else."""
-    from snnet.quickstart import SEED, _check_state, _split_record, start_fresh
+    from snnet.quickstart import SEED, _check_state, _recorded_run, _split_record, start_fresh
     data = _shapes().write(tmp_path / "mine", ["circle", "square"], 6, 2, size=16, flat=True).resolve()
     out = (tmp_path / "out").resolve()
+
+    def check_state(summary, seed, fresh):  # as preflight checks --out: the record first, then the files
+        return _check_state(out, data, summary, seed, _recorded_run(out, data, fresh))
+
     summary = read_data(data, out)
-    assert _check_state(out, data, summary, SEED, fresh=False) is None  # nothing there yet
+    assert check_state(summary, SEED, False) is None  # nothing there yet
     write_split(summary, out, _split_record(data, summary, SEED, 32))
-    assert _check_state(out, data, read_data(data, out), SEED, fresh=False) is None
-    again = _check_state(out, data, read_data(data, out, 1), 1, fresh=False)
+    assert check_state(read_data(data, out), SEED, False) is None
+    again = check_state(read_data(data, out, 1), 1, False)
     assert again is not None and "--seed 1" in again and "every step is redone" in again
     (data / "circle" / "train_0000.png").write_bytes((data / "square" / "train_0000.png").read_bytes())
     (data / "square" / "val_0001.png").unlink()
     changed = read_data(data, out)
     with pytest.raises(UsageError, match=r"changed since .* \(1 removed \(e.g. 'square/val_0001.png'\), 1 changed "
                                          r"\(e.g. 'circle/train_0000.png'\)\); pass --fresh"):
-        _check_state(out, data, changed, SEED, fresh=False)
-    assert _check_state(out, data, changed, SEED, fresh=True) is None
+        check_state(changed, SEED, False)
+    assert check_state(changed, SEED, True) is None
     (out / "anchor_c6").mkdir()
     (out / "anchor_c6.log").write_text("")
     (out / "notes.md").write_text("mine")  # not quickstart's: kept
