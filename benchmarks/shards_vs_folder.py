@@ -61,9 +61,9 @@ def main() -> None:
     from eval_all_stitches import make_folder
     from timm.data import create_dataset
 
-    from snnet.data.datasets import write_folder_shards
+    from snnet.data.datasets import ShardDataset, write_folder_shards
     from snnet.data.loaders import create_eval_loader, create_train_loader
-    from snnet.data.shards import ShardDataset, find_split
+    from snnet.data.shards import find_split
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_folder(Path(tmp) / "folder", opts.images, size=opts.size)

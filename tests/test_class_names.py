@@ -40,8 +40,8 @@ def test_an_image_folder_names_its_classes_in_index_order(tmp_path):
 
 
 def test_shards_and_a_hugging_face_reader_name_their_classes(tmp_path):
-    from snnet.data.datasets import write_folder_shards
-    from snnet.data.shards import ShardDataset, find_split, read_info
+    from snnet.data.datasets import ShardDataset, write_folder_shards
+    from snnet.data.shards import find_split, read_info
     _folder(tmp_path / "imgs" / "train")
     _folder(tmp_path / "imgs" / "val")
     write_folder_shards(str(tmp_path / "imgs"), str(tmp_path / "shards"), 5)

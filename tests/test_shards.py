@@ -89,8 +89,9 @@ def eval_args(workers, batch=16):
 def test_stream_evaluation_reads_every_image_exactly_once(demo, workers):
     """Any number of ranks (7 > the 4 validation shards) and loader workers: the ranks' batches hold every image
     once, with the folder's label for its id, and len(loader) is the number of batches."""
+    from snnet.data.datasets import ShardDataset
     from snnet.data.loaders import create_eval_loader
-    from snnet.data.shards import ShardDataset, find_split
+    from snnet.data.shards import find_split
     folder, wds = demo
     labels = [label for _, label in folder_samples(folder / "val")]
     ds = ShardDataset(find_split(str(wds), "validation", ("val",)))
@@ -113,8 +114,9 @@ def test_stream_evaluation_reads_every_image_exactly_once(demo, workers):
 def test_stream_evaluation_equals_the_folder_tensor_for_tensor(demo):
     from timm.data import create_dataset
 
+    from snnet.data.datasets import ShardDataset
     from snnet.data.loaders import create_eval_loader
-    from snnet.data.shards import ShardDataset, find_split
+    from snnet.data.shards import find_split
     folder, wds = demo
     fds = create_dataset("", root=str(folder / "val"), split="", search_split=False, is_training=False)
     sds = ShardDataset(find_split(str(wds), "val"))
@@ -130,8 +132,9 @@ def test_stream_evaluation_equals_the_folder_tensor_for_tensor(demo):
 def test_ls_init_images_from_shards_are_the_folders(demo):
     from timm.data import create_dataset
 
+    from snnet.data.datasets import ShardDataset
     from snnet.data.ls_images import clean_images
-    from snnet.data.shards import ShardDataset, find_split
+    from snnet.data.shards import find_split
     folder, wds = demo
     fds = create_dataset("", root=str(folder / "train"), split="", search_split=False, is_training=True)
     sds = ShardDataset(find_split(str(wds), "train"))
@@ -146,7 +149,8 @@ def keys(stream, workers=1):
 
 
 def test_training_stream_is_a_function_of_seed_and_epoch(demo):
-    from snnet.data.shards import TrainStream, find_split
+    from snnet.data.datasets import TrainStream
+    from snnet.data.shards import find_split
     _, wds = demo
     split = find_split(str(wds), "train")
     streams = [TrainStream(split, seed=5, rank=r, world_size=2, batch_size=16, buffer=64) for r in (0, 1)]
@@ -535,7 +539,8 @@ def test_training_skips_an_unreadable_shard_image_in_one_warning_and_evaluation_
     image in a folder is; evaluation stops on it, naming it (it stopped training mid-epoch with 4 stderr lines)."""
     from test_input_catalogue import bomb_png
 
-    from snnet.data.shards import EvalStream, ShardError, ShardSubset, TrainStream, find_split
+    from snnet.data.datasets import EvalStream, ShardSubset, TrainStream
+    from snnet.data.shards import ShardError, find_split
     wds = tmp_path / "wds"
     shutil.copytree(demo[1], wds)
     shard = wds / "train-000000.tar"

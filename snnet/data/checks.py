@@ -12,10 +12,6 @@ import sys
 from typing import Any
 
 from PIL import Image
-from timm.data import dataset_factory
-from timm.data.readers import get_img_extensions
-from timm.data.readers.class_map import load_class_map
-from timm.utils.misc import natural_key
 
 from snnet.data.options import DATA_ROOT, DataOptions
 from snnet.data.shards import check_shards, image_problem, is_shards, read_info, shard_root
@@ -28,7 +24,9 @@ TEST_NAMES = ("test", "testing")  # held-out splits beside train/: packed as sha
 
 
 def img_extensions() -> set[str]:
-    """The image file extensions timm's folder reader lists (read at call time: timm lets them be changed)."""
+    """The image file extensions timm's folder reader lists (read at call time: timm lets them be changed). timm,
+    and with it torch, is imported by the checks that use it, so that a command can check its flags without them."""
+    from timm.data.readers import get_img_extensions
     return get_img_extensions(as_set=True)
 
 
@@ -86,6 +84,7 @@ def resolve_folders(data_options: DataOptions, need_train: bool) -> tuple[str | 
 # ---------------------------------------------------------------------------------------- check_data: no image decoded
 def first_names(names, n: int = 5) -> str:
     """The first `n` of `names` in natural order, quoted, and how many more: for one-line messages."""
+    from timm.utils.misc import natural_key  # timm's folder reader's order
     names = sorted(map(str, names), key=natural_key)
     return ", ".join(repr(x) for x in names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
@@ -136,6 +135,7 @@ def scan_image_folder(path: str, what: str = "train") -> dict[str, int]:
 
 
 def _load_class_map(data_options: DataOptions, root: str | None) -> dict:
+    from timm.data.readers.class_map import load_class_map
     try:
         mapping = load_class_map(data_options.class_map, root or "")
     except Exception as e:  # timm asserts on a missing file or an unknown extension
@@ -222,6 +222,7 @@ def _check_other_dataset(data_options: DataOptions, need_train: bool = True) -> 
         return
     if prefix.lower() != "torch" or not sep:
         return
+    from timm.data import dataset_factory
     name = rest.split("/")[-1].lower()
     known = set(getattr(dataset_factory, "_TORCH_BASIC_DS", {})) | {"inaturalist", "inat", "places365", "qmnist",
                                                                     "imagenet", "image_folder", "folder"}

@@ -16,8 +16,9 @@ from timm.data import ImageDataset, create_loader
 from torch.utils.data import DataLoader
 
 from snnet.data.checks import DataError
+from snnet.data.datasets import ShardDataset
 from snnet.data.options import LoaderOptions
-from snnet.data.shards import ShardDataset, image_problem
+from snnet.data.shards import image_problem
 from snnet.data.transforms import eval_transform, src_crop, timm_crop_mode
 from snnet.utils.distributed import world
 

@@ -10,9 +10,8 @@ import numpy as np
 from timm.data import ImageDataset
 from torch.utils.data import DataLoader, Subset
 
-from snnet.data.datasets import indexable
+from snnet.data.datasets import ShardDataset, indexable
 from snnet.data.loaders import NamedSkips
-from snnet.data.shards import ShardDataset
 from snnet.data.transforms import eval_transform
 
 

@@ -1,5 +1,7 @@
 """WebDataset tar shards: written from an ImageFolder (`write_shards`, ``snnet shards``), checked before a run
-(`check_shards`), and read for training, the LS init and an exact evaluation (``--dataset wds/NAME``).
+(`check_shards`), and read by position (`read_range`) for training, the LS init and an exact evaluation
+(``--dataset wds/NAME``: the streams of `snnet.data.datasets`). torch and timm are imported only where a shard is
+written or an image member recognised, so the checks load without them.
 
 The layout is timm's (its ``wds/`` reader reads these shards too): a folder of tar files and an ``_info.json``
 listing, per split, the shard file names, the samples in each shard and their total::
@@ -24,6 +26,7 @@ the webdataset package and, for a distributed evaluation, pads or repeats sample
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -36,9 +39,6 @@ from typing import cast
 
 import numpy as np
 from PIL import Image
-from timm.data.readers import get_img_extensions  # the image types timm's readers take
-from timm.data.readers.reader_image_folder import ReaderImageFolder
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from snnet.data.options import DataOptions
 from snnet.utils.distributed import world
@@ -185,6 +185,7 @@ def iter_shard(path: str, start: int = 0, stop: int | None = None, what: str = "
         raise ShardError(f"{what} {path!r} is not a readable tar file ({e}); rewrite it with snnet shards") from None
     pos, key = -1, None
     sample: dict[str, bytes | int] = {}
+    images = frozenset() if headers_only else _image_exts()
     with tar:
         try:
             for m in tar:
@@ -201,7 +202,7 @@ def iter_shard(path: str, start: int = 0, stop: int | None = None, what: str = "
                         return
                 if pos < start:
                     continue
-                if ext == "cls" or (not headers_only and ext in _WANTED):  # what decoding needs; the rest: sizes
+                if ext == "cls" or ext in images:  # what decoding needs; the rest: sizes
                     tar.fileobj.seek(m.offset_data)  # (tarfile seeks back to its own offset for the next header)
                     sample[ext] = tar.fileobj.read(m.size)
                 else:
@@ -216,17 +217,19 @@ def iter_shard(path: str, start: int = 0, stop: int | None = None, what: str = "
                              f"it with snnet shards") from None
 
 
-def _image_exts() -> set[str]:
-    return {e.lstrip(".") for e in get_img_extensions(as_set=True)} | {"jpg", "jpeg", "png", "webp"}
-
-
-_WANTED = _image_exts() | {"cls"}  # the members a sample's decoding reads
+@functools.cache
+def _image_exts() -> frozenset[str]:
+    """The image members a sample's decoding reads: the image types timm's readers take (timm and torch imported
+    here, on first use, so that the format's checks load without them)."""
+    from timm.data.readers import get_img_extensions
+    return frozenset({e.lstrip(".") for e in get_img_extensions(as_set=True)} | {"jpg", "jpeg", "png", "webp"})
 
 
 def image_ext(sample: dict) -> str | None:
     """The member of `sample` holding its image (its extension), or None."""
+    wanted = _image_exts()
     for ext in sample:
-        if ext in _WANTED and ext != "cls":
+        if ext in wanted:
             return ext
     return None
 
@@ -277,203 +280,6 @@ def read_range(split: ShardSplit, lo: int, hi: int) -> Iterator[tuple[int, str, 
         if seen != b - a:
             raise ShardError(f"shard {split.files[i]!r} has {a + seen} samples, {INFO_FILE} says {n}; rewrite "
                              f"the shards with snnet shards")
-
-
-# ----------------------------------------------------------------------------------------------- datasets
-class ShardDataset(Dataset):
-    """One split of a shard folder as `create_datasets` returns it: ``len``, the classes, a ``transform``. It is
-    not indexed directly: `eval_stream`, `train_stream` and `subset` make the readers."""
-
-    def __init__(self, split: ShardSplit, is_training: bool = False, seed: int = 0):
-        self.split, self.is_training, self.seed = split, is_training, seed
-        self.transform = None
-        self.num_classes = split.num_classes
-        self.class_to_idx = {c: i for i, c in enumerate(split.classes)} if split.classes else None
-
-    def __len__(self) -> int:
-        return self.split.num_samples
-
-    def __getitem__(self, index):
-        raise TypeError("shards are streamed, not indexed: use eval_stream, train_stream or subset")
-
-    def subset(self, positions: Sequence[int]) -> ShardSubset:
-        return ShardSubset(self.split, positions, self.transform)
-
-    def train_stream(self, rank: int, world_size: int, batch_size: int) -> TrainStream:
-        return TrainStream(self.split, self.seed, rank, world_size, batch_size, self.transform)
-
-    def eval_stream(self, rank: int, world_size: int, batch_size: int) -> EvalStream:
-        return EvalStream(self.split, rank, world_size, batch_size, self.transform)
-
-
-class ShardSubset(Dataset):
-    """Samples at given positions, in the given order, read once (one pass over the shards they lie in) and kept
-    as encoded bytes: the LS init's clean images."""
-
-    def __init__(self, split: ShardSplit, positions: Sequence[int], transform=None):
-        wanted = sorted(set(int(p) for p in positions))
-        found: dict[int, tuple[str, dict]] = {}
-        runs, start = [], None  # contiguous runs of wanted positions, read shard by shard
-        for i, p in enumerate(wanted):
-            if start is None:
-                start = p
-            if i + 1 == len(wanted) or wanted[i + 1] != p + 1:
-                runs.append((start, p + 1))
-                start = None
-        wanted_set = set(wanted)
-        for lo, hi in runs:
-            for pos, where, sample in read_range(split, lo, hi):
-                if pos in wanted_set:
-                    found[pos] = (where, sample)
-        self.samples = [found[int(p)] for p in positions]
-        self.transform, self.split_root = transform, split.root
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        """An unreadable image is skipped with one warning naming it and the next sample used, as training skips one
-        (these are the LS init's images, drawn from the training split)."""
-        for k in range(len(self.samples)):
-            where, sample = self.samples[(i + k) % len(self.samples)]
-            try:
-                img, label = decode(sample, where)
-            except UnreadableSample as e:
-                _logger.warning(f"warning: skipped training image {where} ({e.reason}); the next image is used in "
-                                f"its place: remove or replace it and rewrite the shards")
-                continue
-            return (self.transform(img) if self.transform is not None else img), label
-        raise ShardError(f"none of the {len(self.samples)} images drawn from the shards in {self.split_root!r} can be "
-                         f"read; rewrite the shards with snnet shards")
-
-
-def _worker() -> tuple[int, int]:
-    info = get_worker_info()
-    return (info.id, info.num_workers) if info is not None else (0, 1)
-
-
-def _part(n: int, i: int, k: int) -> tuple[int, int]:
-    """The i-th of k contiguous, near-equal parts of range(n)."""
-    return i * n // k, (i + 1) * n // k
-
-
-class EvalStream(IterableDataset):
-    """This rank's contiguous range of the split, whole batches per loader worker; yields (image, label, sample
-    id) with the id the sample's position in the split. len() is the rank's image count."""
-
-    def __init__(self, split: ShardSplit, rank: int, world_size: int, batch_size: int, transform=None):
-        self.split, self.rank, self.world_size, self.batch_size = split, rank, world_size, batch_size
-        self.transform = transform
-        self.lo, self.hi = _part(split.num_samples, rank, world_size)
-
-    def __len__(self) -> int:
-        return self.hi - self.lo
-
-    def worker_range(self, worker: int, workers: int) -> tuple[int, int]:
-        batches = -(-(self.hi - self.lo) // self.batch_size)
-        b0, b1 = _part(batches, worker, workers)
-        return self.lo + b0 * self.batch_size, min(self.lo + b1 * self.batch_size, self.hi)
-
-    def __iter__(self):
-        lo, hi = self.worker_range(*_worker())
-        for pos, where, sample in read_range(self.split, lo, hi):
-            img, label = decode(sample, where)
-            yield (self.transform(img) if self.transform is not None else img), label, pos
-
-
-def epoch_order(split: ShardSplit, seed: int, epoch: int) -> list[int]:
-    """The shard order of an epoch: a permutation drawn from (seed, epoch)."""
-    return [int(i) for i in np.random.default_rng([seed, epoch, 0x5A4D]).permutation(len(split.files))]
-
-
-class TrainStream(IterableDataset):
-    """This rank's part of the epoch's training stream (module docstring); ``set_epoch`` before each epoch.
-    len() is the samples of the rank's whole batches, so a training loader (drop_last) has exactly
-    (ceil(N / world) // batch) batches on every rank."""
-
-    def __init__(self, split: ShardSplit, seed: int, rank: int, world_size: int, batch_size: int, transform=None,
-                 buffer: int | None = None):
-        self.split, self.seed, self.rank, self.world_size = split, seed, rank, world_size
-        self.batch_size, self.transform, self.epoch = batch_size, transform, 0
-        self.buffer = SHUFFLE_BUFFER if buffer is None else buffer
-        n = split.num_samples
-        self.per_rank = -(-n // world_size)
-        self.batches = self.per_rank // batch_size
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.batches * self.batch_size
-
-    def _segments(self, lo: int, hi: int) -> list[tuple[int, int, int]]:
-        """(shard, first, stop) pieces of positions lo..hi-1 of the epoch stream (positions wrap around N)."""
-        order, n = epoch_order(self.split, self.seed, self.epoch), self.split.num_samples
-        starts = np.cumsum([0] + [self.split.lengths[i] for i in order])
-        pieces = []
-        p = lo
-        while p < hi:
-            q = p % n
-            j = int(np.searchsorted(starts, q, side="right") - 1)
-            take = min(int(starts[j + 1]) - q, hi - p)
-            pieces.append((order[j], q - int(starts[j]), q - int(starts[j]) + take))
-            p += take
-        return pieces
-
-    def worker_range(self, worker: int, workers: int) -> tuple[int, int]:
-        b0, b1 = _part(self.batches, worker, workers)
-        base = self.rank * self.per_rank
-        return base + b0 * self.batch_size, base + b1 * self.batch_size
-
-    def samples(self, worker: int = 0, workers: int = 1) -> Iterator[tuple[str, dict]]:
-        """(where, sample) of this worker's share of the epoch, shuffled through the seeded buffer."""
-        lo, hi = self.worker_range(worker, workers)
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, 0x5348])
-        buf: list[tuple[str, dict]] = []
-        for shard, a, b in self._segments(lo, hi):
-            seen = 0
-            path = self.split.files[shard]
-            for _pos, key, sample in iter_shard(path, a, b):
-                seen += 1
-                item = (f"sample {key!r} of shard {path!r}", sample)
-                if len(buf) < max(self.buffer, 1):
-                    buf.append(item)
-                    continue
-                j = int(rng.integers(len(buf)))
-                buf[j], item = item, buf[j]
-                yield item
-            if seen != b - a:
-                raise ShardError(f"shard {path!r} has fewer samples than {INFO_FILE} says "
-                                 f"({self.split.lengths[shard]}); rewrite the shards with snnet shards")
-        for j in rng.permutation(len(buf)):
-            yield buf[int(j)]
-
-    def __iter__(self):
-        """The decoded samples; an image that cannot be decoded is skipped with one warning naming it, and the next
-        readable sample is used in its place (twice, as timm's folder dataset uses the next image), so the epoch keeps
-        its length and a multi-day run does not end on one bad file (evaluation stops on it: `decode`)."""
-        owed = 0  # skipped samples whose places the next readable one fills
-        last = None
-        for where, sample in self.samples(*_worker()):
-            try:
-                last = decode(sample, where)
-            except UnreadableSample as e:
-                _logger.warning(f"warning: skipped training image {where} ({e.reason}); the next image is used in "
-                                f"its place: remove or replace it and rewrite the shards")
-                owed += 1
-                continue
-            for _ in range(1 + owed):
-                yield self._transformed(*last)
-            owed = 0
-        if owed and last is None:
-            raise ShardError(f"no image of this worker's share of the training shards in {self.split.root!r} can "
-                             f"be read; rewrite the shards with snnet shards")
-        for _ in range(owed):  # bad samples at the end: the last readable one fills their places
-            assert last is not None
-            yield self._transformed(*last)
-
-    def _transformed(self, img, label):
-        return (self.transform(img) if self.transform is not None else img), label
 
 
 # -------------------------------------------------------------------------------------------- preflight check
@@ -628,6 +434,8 @@ def write_shards(splits: dict[str, str], out: str, shard_size: int, name: str, c
     checks them) as WebDataset shards in `out`, samples in the order timm's folder reader lists them (so a sample id
     of the shards is the image's index in the folder evaluation). Each shard and then ``_info.json`` are written
     atomically (temp file, rename); progress is logged. Returns the info written."""
+
+    from timm.data.readers.reader_image_folder import ReaderImageFolder
 
     if shard_size < 1:
         raise ShardError(f"--shard-size {shard_size} must be at least 1 (samples per shard)")
