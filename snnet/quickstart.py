@@ -60,16 +60,6 @@ from snnet.data.checks import (
     unusable_image,
 )
 from snnet.data.options import CLASS_FOLDERS
-from snnet.demo import (
-    WEIGHTS_FILE,
-    copy_results,
-    evaluate_weights,
-    report,
-    save_weights,
-    summary,
-    train_anchor,
-    train_snnet,
-)
 from snnet.results.predictions import load_for
 from snnet.results.records import RESULTS_FILE, ResultsError, file_sha256, read_results
 from snnet.utils.errors import SNNetError, UsageError, one_line
@@ -1099,7 +1089,19 @@ def main(args: QuickstartOptions) -> int:
 
 def _run(args: QuickstartOptions, data: Path, out: Path, t0: float, summary_: DataSummary, p: Plan,
          again: str | None) -> int:
-    """main's work, `out` locked: the split, the anchors, the SN-Net, the evaluation, the report."""
+    """main's work, `out` locked: the split, the anchors, the SN-Net, the evaluation, the report. The steps (and
+    torch with them) are imported here, after the preflight, so that a refused flag is said at once."""
+    from snnet.demo import (
+        WEIGHTS_FILE,
+        copy_results,
+        evaluate_weights,
+        report,
+        save_weights,
+        summary,
+        train_anchor,
+        train_snnet,
+    )
+
     small = dict(summary_.train)
     print(f"data: {summary_.root}{' (split from ' + str(data) + ')' if summary_.split_made else ''}: "
           f"{summary_.classes} classes, {summary_.images} training and {sum(summary_.val.values())} validation "

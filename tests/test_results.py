@@ -339,13 +339,17 @@ def test_cli_reads_results_without_torch(snnet_files, tmp_path):
 def test_a_mistyped_path_is_refused_before_torch_is_imported(tmp_path):
     """The commands that load a network or read images (export, latency, serve, quickstart, similarity, search,
     shards) refuse a checkpoint, stitch config, results file or data folder that is not there, or not a file or a
-    folder as asked, in one line before they import torch and timm (seconds); the loaders give the same lines."""
+    folder as asked, in one line before they import torch and timm (seconds); the loaders give the same lines.
+    quickstart's own flags are refused as early."""
     demo = Path(ROOT) / "results" / "demo"
     ckpt, res, nope = demo / "snnet.pth.tar", demo / "stitches_res.txt", tmp_path / "nope"
     import zipfile
     with zipfile.ZipFile(tmp_path / "photos.zip", "w") as z:
         z.writestr("a/0.png", b"")
     anchors = ["--anchors", "resnet18", "resnet34", "--out", tmp_path / "o"]
+    photos = tmp_path / "photos"  # a folder of images: quickstart's own flags are refused before it is read
+    for c in "ab":
+        (photos / c).mkdir(parents=True)
     cases = [
         (["export", nope, "--cfg-id", "1", "--out", tmp_path / "e"], f"checkpoint '{nope}' does not exist; give"),
         (["export", tmp_path, "--cfg-id", "1", "--out", tmp_path / "e"], f"checkpoint '{tmp_path}' is a folder, "
@@ -360,6 +364,11 @@ def test_a_mistyped_path_is_refused_before_torch_is_imported(tmp_path):
         (["similarity", "--data", nope, *anchors], f"data folder '{nope}' does not exist; give the dataset root"),
         (["search", "--data", res, *anchors], f"data folder '{res}' is a file, not a folder"),
         (["shards", nope, tmp_path / "s"], f"image folder '{nope}' does not exist"),
+        (["quickstart", photos, "--out", tmp_path / "q", "--seed", "-1"], "--seed -1 is outside 0.."),
+        (["quickstart", photos, "--out", tmp_path / "q", "--widths", "8", "4"], "--widths 8 4: give 2 or more"),
+        (["quickstart", photos, "--out", tmp_path / "q", "--anchors", "resnet18"], "stitches at least 2 anchors"),
+        (["quickstart", photos, "--out", tmp_path / "q", "--stitch-stages", "0"], "--stitch-stages 0: the CNN"),
+        (["quickstart", photos, "--out", photos / "a"], "is inside DATA"),
     ]
     code = ("import contextlib, io, json, sys; from snnet.cli import main\n"
             "for argv, words in json.loads(sys.argv[1]):\n"
