@@ -338,8 +338,9 @@ def test_cli_reads_results_without_torch(snnet_files, tmp_path):
 @pytest.mark.slow  # fresh interpreters
 def test_a_mistyped_path_is_refused_before_torch_is_imported(tmp_path):
     """The commands that load a network or read images (export, latency, serve, quickstart, similarity, search,
-    shards) refuse a checkpoint, stitch config, results file or data folder that is not there, or not a file or a
-    folder as asked, in one line before they import torch and timm (seconds); the loaders give the same lines.
+    shards) refuse a checkpoint, export folder, stitch config, results file or data folder that is not there, or not
+    a file or a folder as asked, in one line before they import torch and timm (seconds); the loaders give the same
+    lines.
     quickstart's own flags are refused as early."""
     demo = Path(ROOT) / "results" / "demo"
     ckpt, res, nope = demo / "snnet.pth.tar", demo / "stitches_res.txt", tmp_path / "nope"
@@ -358,6 +359,7 @@ def test_a_mistyped_path_is_refused_before_torch_is_imported(tmp_path):
         (["latency", ckpt, "--results", nope], f"results file '{nope}' does not exist"),
         (["serve", nope, "--results", res, "--port", "1"], f"checkpoint '{nope}' does not exist"),
         (["serve", ckpt, "--results", nope, "--port", "1"], f"results file '{nope}' does not exist"),
+        (["serve", "--exported", tmp_path, "--results", res, "--port", "1"], f"'{tmp_path}' is not an export folder"),
         (["quickstart", nope, "--out", tmp_path / "q"], f"DATA '{nope}' does not exist; give a folder of images"),
         (["quickstart", tmp_path / "photos.zip", "--out", tmp_path / "q"], "is a zip archive; unpack it (unzip "),
         (["quickstart", res, "--out", tmp_path / "q"], f"DATA '{res}' is a file, not a folder"),

@@ -62,12 +62,21 @@ from snnet.utils.checkpoint import (
     tensor_bytes,
 )
 from snnet.utils.errors import SNNetError
-from snnet.utils.fileio import FolderLock, disk_full_error, give_default_mode, is_disk_full, lock_holder
+from snnet.utils.fileio import (
+    EXPORT_SPEC,
+    EXPORT_WEIGHTS,
+    FolderLock,
+    disk_full_error,
+    export_folder,
+    give_default_mode,
+    is_disk_full,
+    lock_holder,
+)
 from snnet.utils.progress import Progress
 
 FORMAT = "snnet-stitch"
 FORMAT_VERSION = 1
-WEIGHTS, SPEC, TORCHSCRIPT, ONNX = "model.safetensors", "model.json", "model.torchscript.pt", "model.onnx"
+SPEC, WEIGHTS, TORCHSCRIPT, ONNX = EXPORT_SPEC, EXPORT_WEIGHTS, "model.torchscript.pt", "model.onnx"
 ONNX_OPSET = 17
 
 
@@ -323,11 +332,8 @@ def _spec(loaded: Loaded, cfg_id: int, module: StitchedNetwork, keep: dict[int, 
 def load_exported(path: str | os.PathLike) -> StitchedNetwork:
     """Rebuild an exported stitch from its folder (model.json + model.safetensors); returns it in eval mode, its
     ``class_names`` attribute the training data's class names (model.json's; None where the data named none)."""
-    folder = Path(path)
+    folder = export_folder(path, ExportError)
     spec_file, weights = folder / SPEC, folder / WEIGHTS
-    if not spec_file.is_file() or not weights.is_file():
-        raise ExportError(f"{str(folder)!r} is not an export folder (needs {SPEC} and {WEIGHTS}); create one with "
-                          f"snnet export CKPT --stitch_config CFG --cfg-id N --out DIR")
     try:
         spec = json.loads(spec_file.read_text())
     except (ValueError, UnicodeDecodeError):

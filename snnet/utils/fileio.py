@@ -178,6 +178,20 @@ def checkpoint_path(path: str | os.PathLike, what: str, error: type[SNNetError] 
     return path
 
 
+#: an export folder's files (snnet export): the network's spec and its weights
+EXPORT_SPEC, EXPORT_WEIGHTS = "model.json", "model.safetensors"
+
+
+def export_folder(path: str | os.PathLike, error: type[SNNetError] = UsageError) -> Path:
+    """`path` if it holds an export's spec and weights, else `error` naming it and the fix. Needs no torch, as
+    `checkpoint_path`: snnet serve --exported checks its folders before it imports torch, and loading checks again."""
+    folder = Path(path)
+    if not (folder / EXPORT_SPEC).is_file() or not (folder / EXPORT_WEIGHTS).is_file():
+        raise error(f"{str(folder)!r} is not an export folder (needs {EXPORT_SPEC} and {EXPORT_WEIGHTS}); create one "
+                    f"with snnet export CKPT --stitch_config CFG --cfg-id N --out DIR")
+    return folder
+
+
 def data_folder(path: str | os.PathLike, what: str, layout: str, error: type[SNNetError] = UsageError) -> Path:
     """`path` if it is a folder, else `error` naming it and the fix (`layout`: what to give instead): nothing there,
     an archive to unpack first (zip, tar), or another file. Needs no torch, as `checkpoint_path`."""
