@@ -1,5 +1,6 @@
 """Datasets: timm's (folders, torchvision, Hugging Face) and WebDataset shards (`snnet.data.shards`), created
-from checked folders; where a split's images come from and how many classes it has."""
+from checked folders; where a split's images come from and how many classes it has. The shards' torch datasets are
+here (at the end): `ShardDataset` and its exact evaluation stream, deterministic training stream and subset."""
 from __future__ import annotations
 
 import logging
