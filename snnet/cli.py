@@ -43,7 +43,7 @@ from snnet.results.select import select
 from snnet.stitching.config import load_stitch_config
 from snnet.utils.distributed import say_refusal, world
 from snnet.utils.errors import OneLineParser, SNNetError, UsageError, one_line
-from snnet.utils.fileio import check_out_dir, checkpoint_path, data_folder, export_folder
+from snnet.utils.fileio import check_out_dir, checkpoint_path, data_folder, export_folder, release_paths
 from snnet.utils.options import add_options, option, shared
 
 if TYPE_CHECKING:  # hints only: the modules import torch or timm (see below)
@@ -984,11 +984,11 @@ def cmd_search(args: SearchCommand) -> int:
 
 
 def cmd_convert(args: ConvertCommand) -> int:
-    from snnet.deploy.convert import check_paths, convert_release
-    check_paths(args.src, args.dst)
+    release_paths(args.src, args.dst)  # and --trust: before torch is imported (seconds)
     if not args.trust:
         raise UsageError(f"{args.src!r} is a pickled file: converting it means trusting where it came from; if you "
                          f"do, add --trust")
+    from snnet.deploy.convert import convert_release
     summary = convert_release(args.src, args.dst, tuple(args.levit_depths) if args.levit_depths else None)
     tensors = f"{summary['tensors']} tensor{'s' if summary['tensors'] != 1 else ''}"
     if not summary["snnet"]:  # one network's weights (a timm or train.py --model checkpoint)

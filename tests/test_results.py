@@ -338,10 +338,9 @@ def test_cli_reads_results_without_torch(snnet_files, tmp_path):
 @pytest.mark.slow  # fresh interpreters
 def test_a_mistyped_path_is_refused_before_torch_is_imported(tmp_path):
     """The commands that load a network or read images (export, latency, serve, quickstart, similarity, search,
-    shards) refuse a checkpoint, export folder, stitch config, results file or data folder that is not there, or not
-    a file or a folder as asked, in one line before they import torch and timm (seconds); the loaders give the same
-    lines.
-    quickstart's own flags are refused as early."""
+    shards, convert) refuse a checkpoint, export folder, stitch config, results file or data folder that is not
+    there, or not a file or a folder as asked, in one line before they import torch and timm (seconds); the loaders
+    give the same lines. quickstart's own flags and convert's missing --trust are refused as early."""
     demo = Path(ROOT) / "results" / "demo"
     ckpt, res, nope = demo / "snnet.pth.tar", demo / "stitches_res.txt", tmp_path / "nope"
     import zipfile
@@ -366,6 +365,9 @@ def test_a_mistyped_path_is_refused_before_torch_is_imported(tmp_path):
         (["similarity", "--data", nope, *anchors], f"data folder '{nope}' does not exist; give the dataset root"),
         (["search", "--data", res, *anchors], f"data folder '{res}' is a file, not a folder"),
         (["shards", nope, tmp_path / "s"], f"image folder '{nope}' does not exist"),
+        (["convert", nope, tmp_path / "c.pth.tar"], f"SN-Net checkpoint '{nope}' does not exist"),
+        (["convert", res, tmp_path / "c.pth.tar"], "is not a file torch.save wrote"),
+        (["convert", ckpt, tmp_path / "c.pth.tar"], "is a pickled file: converting it means trusting"),
         (["quickstart", photos, "--out", tmp_path / "q", "--seed", "-1"], "--seed -1 is outside 0.."),
         (["quickstart", photos, "--out", tmp_path / "q", "--widths", "8", "4"], "--widths 8 4: give 2 or more"),
         (["quickstart", photos, "--out", tmp_path / "q", "--anchors", "resnet18"], "stitches at least 2 anchors"),
@@ -383,7 +385,7 @@ def test_a_mistyped_path_is_refused_before_torch_is_imported(tmp_path):
     cases_json = json.dumps([[[str(a) for a in argv], words] for argv, words in cases])
     proc = subprocess.run([sys.executable, "-c", code, cases_json], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert not (tmp_path / "e").exists() and not (tmp_path / "q").exists() and not (tmp_path / "s").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name in ("e", "q", "s", "c.pth.tar")]
 
 
 # --------------------------------------------------------------------------------------------------- switching

@@ -22,7 +22,7 @@ import torch
 from snnet.results.records import file_sha256
 from snnet.stitching.adapter import AnchorAdapter, registered_adapters
 from snnet.utils.checkpoint import CheckpointError, save_checkpoint, strip_ddp_prefix
-from snnet.utils.fileio import unwritable
+from snnet.utils.fileio import release_paths
 
 
 class _CfgNode:
@@ -34,33 +34,6 @@ class _CfgNode:
 
 
 _ALLOWED = [argparse.Namespace, (_CfgNode, "yacs.config.CfgNode")]
-
-
-#: the first bytes of what torch.save writes: its zip archive, or (before torch 1.6) a pickle of protocol 2 or more
-TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80")
-
-
-def check_paths(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Refuse, before anything is read or trusted, a `src` that is no torch file and a `dst` that cannot take the
-    result (a folder, `src` itself, or in a folder that cannot be made or written)."""
-    if not os.path.isfile(src):
-        what = "is a folder" if os.path.isdir(src) else "does not exist"
-        raise CheckpointError(f"SN-Net checkpoint {str(src)!r} {what}; give the downloaded .pth file")
-    with open(src, "rb") as f:
-        head = f.read(4)
-    if not head.startswith(TORCH_FILE_MAGIC):
-        raise CheckpointError(f"{str(src)!r} is not a file torch.save wrote (neither its zip archive nor a pickle); "
-                              f"give the .pth SN-Net published")
-    if os.path.isdir(dst):
-        raise CheckpointError(f"output {str(dst)!r} is a folder; give a file path, e.g. "
-                              f"{os.path.join(str(dst), Path(src).stem + '.pth.tar')!r}")
-    reason = unwritable(Path(dst).parent)  # the folder, or the first existing one above it, takes a write
-    if reason:
-        raise CheckpointError(f"output {str(dst)!r}: folder {str(Path(dst).parent)!r} {reason}; give another "
-                              f"output path")
-    if os.path.exists(dst) and os.path.samefile(src, dst):
-        raise CheckpointError(f"{str(dst)!r} is the release being converted: writing there would replace it; give "
-                              f"another output path")
 
 
 def load_release(path: str | os.PathLike) -> dict[str, Any]:
@@ -140,7 +113,7 @@ def convert_release(src: str | os.PathLike, dst: str | os.PathLike,
                     stage_depths: tuple[int, ...] | None = None) -> dict[str, Any]:
     """Read `src` (SN-Net's .pth) and write our checkpoint to `dst` atomically (never onto `src` itself). Returns a
     summary."""
-    check_paths(src, dst)
+    release_paths(src, dst, CheckpointError)
     state = load_release(src)
     weights = state.get("model", state.get("state_dict"))
     if not isinstance(weights, dict):

@@ -192,6 +192,33 @@ def export_folder(path: str | os.PathLike, error: type[SNNetError] = UsageError)
     return folder
 
 
+#: the first bytes of what torch.save writes: its zip archive, or (before torch 1.6) a pickle of protocol 2 or more
+TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def release_paths(src: str | os.PathLike, dst: str | os.PathLike, error: type[SNNetError] = UsageError) -> None:
+    """snnet convert's paths: refuse, before anything is read or trusted, a `src` that is no torch file and a `dst`
+    that cannot take the result (a folder, `src` itself, or in a folder that cannot be made or written). Needs no
+    torch, as `checkpoint_path`: the command checks them before it imports torch, and converting checks again."""
+    if not os.path.isfile(src):
+        what = "is a folder" if os.path.isdir(src) else "does not exist"
+        raise error(f"SN-Net checkpoint {str(src)!r} {what}; give the downloaded .pth file")
+    with open(src, "rb") as f:
+        head = f.read(4)
+    if not head.startswith(TORCH_FILE_MAGIC):
+        raise error(f"{str(src)!r} is not a file torch.save wrote (neither its zip archive nor a pickle); give the "
+                    f".pth SN-Net published")
+    if os.path.isdir(dst):
+        raise error(f"output {str(dst)!r} is a folder; give a file path, e.g. "
+                    f"{os.path.join(str(dst), Path(src).stem + '.pth.tar')!r}")
+    reason = unwritable(Path(dst).parent)  # the folder, or the first existing one above it, takes a write
+    if reason:
+        raise error(f"output {str(dst)!r}: folder {str(Path(dst).parent)!r} {reason}; give another output path")
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+        raise error(f"{str(dst)!r} is the release being converted: writing there would replace it; give another "
+                    f"output path")
+
+
 def data_folder(path: str | os.PathLike, what: str, layout: str, error: type[SNNetError] = UsageError) -> Path:
     """`path` if it is a folder, else `error` naming it and the fix (`layout`: what to give instead): nothing there,
     an archive to unpack first (zip, tar), or another file. Needs no torch, as `checkpoint_path`."""
