@@ -49,7 +49,8 @@ from snnet.utils.options import add_options, option, shared
 if TYPE_CHECKING:  # hints only: the modules import torch or timm (see below)
     from snnet.data.options import DataOptions, LoaderOptions
     from snnet.explore.similarity import SimilarityOptions
-    from snnet.explore.stitch_train import Sweep, SweepSummary
+    from snnet.explore.stitch_train.jobs import SweepSummary
+    from snnet.explore.stitch_train.sweep import Sweep
 
 # The modules that import torch or timm (deploy, serve, data, train.device, explore: torch alone is ~1,100 modules,
 # timm ~800 more) are imported by the command that runs them, so that `snnet --help`, `pareto`, `select` and `report`
@@ -741,8 +742,8 @@ _ONE_RUN = {"front": "--front", "end": "--end", "cut": "--cut", "end_block": "--
 
 def sweep_from_args(args: StitchTrainCommand) -> Sweep:
     """The sweep the command line asks for: --sweep FILE, or one run from the run flags."""
-    # stitch-train imports timm (heavy at import): only a stitch-train command pays for it, not `snnet --help`
-    from snnet.explore.stitch_train import TRAIN_REFUSED, SweepError, anchor_argument, load_sweep, parse_sweep
+    # the sweep's checks load without torch, so a bad sweep or flag is refused at once
+    from snnet.explore.stitch_train.sweep import TRAIN_REFUSED, SweepError, anchor_argument, load_sweep, parse_sweep
     train = dict(args.train)
     given = [flag for dest, flag in _ONE_RUN.items() if getattr(args, dest) is not None]
     given += [f for f, on in (("--no-ls-init", args.no_ls_init), ("--layer-option", args.layer_option),
@@ -793,8 +794,7 @@ def _sweep_table(summary: SweepSummary) -> str:
 def cmd_stitch_train(args: StitchTrainCommand) -> int:
     """`snnet stitch-train`. A user error is an SNNetError raised through: `snnet`'s main prints it in one line
     (rank 0 only) and exits with its code."""
-    # stitch-train imports timm (heavy at import): only a stitch-train command pays for it, not `snnet --help`
-    from snnet.explore.stitch_train import SweepError, merge, run_sweep, submit_array
+    from snnet.explore.stitch_train.sweep import SweepError
     # a torchrun launch's (rank, world size), from its environment: no process group is made for the runs
     rank, world_size = world(launched=True)
     if not logging.getLogger().handlers:
@@ -812,6 +812,10 @@ def cmd_stitch_train(args: StitchTrainCommand) -> int:
                          "into a sweep file")
     if args.max_parallel is not None and args.max_parallel < 1:
         raise SweepError(f"--max-parallel {args.max_parallel} must be >= 1")
+    if not args.merge:  # --merge reads the runs' results only
+        data_folder(sweep.data, "data folder", DATA_ROOT, SweepError)
+    # the jobs import torch and timm: only after the sweep, its data folder and the flags are checked
+    from snnet.explore.stitch_train.jobs import merge, run_sweep, submit_array
     if args.submit and args.sweep:  # --submit without --sweep is refused above
         job, todo = submit_array(sweep, args.sweep, args.data, args.train, args.sbatch or "", args.max_parallel)
         if job is None:

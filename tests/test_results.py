@@ -338,9 +338,10 @@ def test_cli_reads_results_without_torch(snnet_files, tmp_path):
 @pytest.mark.slow  # fresh interpreters
 def test_a_mistyped_path_is_refused_before_torch_is_imported(tmp_path):
     """The commands that load a network or read images (export, latency, serve, quickstart, similarity, search,
-    shards, convert) refuse a checkpoint, export folder, stitch config, results file or data folder that is not
-    there, or not a file or a folder as asked, in one line before they import torch and timm (seconds); the loaders
-    give the same lines. quickstart's own flags and convert's missing --trust are refused as early."""
+    shards, convert, stitch-train) refuse a checkpoint, export folder, stitch config, sweep, results file or data
+    folder that is not there, or not a file or a folder as asked, in one line before they import torch and timm
+    (seconds); the loaders give the same lines. quickstart's and stitch-train's own flags and convert's missing
+    --trust are refused as early."""
     demo = Path(ROOT) / "results" / "demo"
     ckpt, res, nope = demo / "snnet.pth.tar", demo / "stitches_res.txt", tmp_path / "nope"
     import zipfile
@@ -373,6 +374,11 @@ def test_a_mistyped_path_is_refused_before_torch_is_imported(tmp_path):
         (["quickstart", photos, "--out", tmp_path / "q", "--anchors", "resnet18"], "stitches at least 2 anchors"),
         (["quickstart", photos, "--out", tmp_path / "q", "--stitch-stages", "0"], "--stitch-stages 0: the CNN"),
         (["quickstart", photos, "--out", photos / "a"], "is inside DATA"),
+        (["stitch-train", "--sweep", nope], f"sweep file '{nope}' does not exist"),
+        (["stitch-train", nope, "--front", "resnet18", "--end", "resnet34", "--cut", "1", "--out", tmp_path / "st"],
+         f"data folder '{nope}' does not exist"),
+        (["stitch-train", photos, "--front", "resnet18", "--end", "resnet34", "--cut", "1", "--out", tmp_path / "st",
+          "--max-parallel", "2"], "--sbatch and --max-parallel are options of --submit"),
     ]
     code = ("import contextlib, io, json, sys; from snnet.cli import main\n"
             "for argv, words in json.loads(sys.argv[1]):\n"
@@ -385,7 +391,7 @@ def test_a_mistyped_path_is_refused_before_torch_is_imported(tmp_path):
     cases_json = json.dumps([[[str(a) for a in argv], words] for argv, words in cases])
     proc = subprocess.run([sys.executable, "-c", code, cases_json], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert not [p.name for p in tmp_path.iterdir() if p.name in ("e", "q", "s", "c.pth.tar")]
+    assert not [p.name for p in tmp_path.iterdir() if p.name in ("e", "q", "s", "st", "c.pth.tar")]
 
 
 # --------------------------------------------------------------------------------------------------- switching

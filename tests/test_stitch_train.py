@@ -106,7 +106,8 @@ def test_cross_family_runs_train_only_the_layer_and_leave_the_anchors_bit_identi
     """ViT -> ResNet (entering block 0 reads the 64-channel stem output, not the stage's 8 channels) and ResNet ->
     ViT through the layout bridges; both anchors frozen and in eval mode: weights and BatchNorm statistics exactly
     the checkpoints' after training."""
-    from snnet.explore.stitch_train import load_sweep, run_sweep
+    from snnet.explore.stitch_train.jobs import run_sweep
+    from snnet.explore.stitch_train.sweep import load_sweep
     from snnet.utils.checkpoint import load_checkpoint
     out = tmp_path / "sweep"
     path = write_sweep(tmp_path / "x.yaml", {"vn": anchors["vn"], "rn": anchors["rn"]}, digits_folder, out,
@@ -239,7 +240,8 @@ def test_class_token_vit_and_cnn_stitch_both_ways(anchors, digits_folder, tmp_pa
     """A ViT with a class token and a ResNet, through the core's `CutStitch`: ViT -> CNN drops the class token, CNN
     -> ViT predicts it from the position-averaged features (a second linear map, fitted by least squares and trained
     with the layer)."""
-    from snnet.explore.stitch_train import load_sweep, run_sweep
+    from snnet.explore.stitch_train.jobs import run_sweep
+    from snnet.explore.stitch_train.sweep import load_sweep
     from snnet.utils.checkpoint import load_checkpoint
     out = tmp_path / "sweep"
     path = write_sweep(tmp_path / "x.yaml", {"v8": anchors["v8"], "rn": anchors["rn"]}, digits_folder, out,
@@ -306,7 +308,10 @@ def test_lowrank_reports_the_error_of_its_own_rank_r_map(anchors, digits_folder,
     number equals the error measured by running the fitted stitch, and is what result.json and the trajectory
     record."""
     from snnet.data.ls_images import clean_images
-    from snnet.explore.stitch_train import fit_stitch, load_sweep, prepare, run_sweep
+    from snnet.explore.stitch_train.jobs import run_sweep
+    from snnet.explore.stitch_train.network import fit_stitch
+    from snnet.explore.stitch_train.runner import prepare
+    from snnet.explore.stitch_train.sweep import load_sweep
     out = tmp_path / "sweep"
     layers = ["linear", {"type": "lowrank", "rank": 1}, {"type": "lowrank", "rank": 2}]
     path = write_sweep(tmp_path / "s.yaml", {"v8": anchors["v8"], "v16": anchors["v16"]}, digits_folder, out,
@@ -345,7 +350,8 @@ def test_random_anchors_repeat_and_the_hash_covers_the_seed_and_the_weights(digi
     """Anchors are built right after seeding with the sweep's seed, so two sweeps of the same random-anchor file
     build bit-identical anchors and give identical metrics. A run's folder hash covers its seed and both anchors'
     weights, and an anchor's cached evaluation is named by its weights: after a change neither is reused."""
-    from snnet.explore.stitch_train import load_sweep, run_sweep
+    from snnet.explore.stitch_train.jobs import run_sweep
+    from snnet.explore.stitch_train.sweep import load_sweep
     runs = [{"pair": ["r8", "r16"], "cut": 1}]
     summaries = []
     for k in range(2):

@@ -157,8 +157,9 @@ def test_stitch_train_model_ema_is_evaluated_and_saved(tmp_path, digits_folder, 
     (the result's acc1) evaluates the EMA, and stitch_layer.pth.tar holds the EMA's weights."""
     from test_stitch_train import TRAIN, write_sweep
 
-    from snnet.explore.stitch_train import load_sweep, run_sweep
     from snnet.explore.stitch_train import runner as runner_module
+    from snnet.explore.stitch_train.jobs import run_sweep
+    from snnet.explore.stitch_train.sweep import load_sweep
     from snnet.results.records import read_results
     from snnet.utils.checkpoint import load_checkpoint
     anchors = {f"v{w}": {"name": "deit_tiny_patch16_224",

@@ -22,8 +22,11 @@ The package, by concern:
   `Composition`, as `snnet search` builds its networks.
 * `runner.py`: the sweep prepared (anchors seeded, built once, hashed by their weights) and one run trained and
   evaluated with train.py's loop, optimizer, schedule, loaders and losses.
-* here: the sweep's jobs split across torchrun processes or the tasks of a Slurm job array, and the results file
-  (the command line is `snnet.cli`'s ``stitch-train``).
+* `jobs.py`: the sweep's jobs split across torchrun processes or the tasks of a Slurm job array, and the results
+  file (the command line is `snnet.cli`'s ``stitch-train``).
+* `plots.py`: the sweep's plots.
+
+Nothing is imported here, so the command line checks a sweep (`sweep.py`, without torch) before it imports torch.
 
 Each run writes, in its own folder named after what it is plus a hash of everything that defines it (so editing the
 sweep never mixes runs): ``trajectory.jsonl`` (a line per optimizer step and per epoch, rewritten atomically after
@@ -45,48 +48,3 @@ finds every job finished writes the results file; ``--merge`` writes it from wha
 User errors are `SNNetError`s (`SweepError` and the core's own); `snnet`'s main catches them once and prints one
 line (on rank 0 only).
 """
-from __future__ import annotations
-
-from snnet.explore.stitch_train.jobs import SWEEP_JSON, SweepSummary, collect, merge, run_sweep, submit_array
-from snnet.explore.stitch_train.network import (
-    AnchorProbe,
-    Stitched,
-    StitchedNet,
-    build_stitched,
-    fit_stitch,
-    probe_anchor,
-)
-from snnet.explore.stitch_train.runner import (
-    LAYER_CKPT,
-    RESULT,
-    TRAJECTORY,
-    RunPlan,
-    SweepSetup,
-    evaluate_anchor,
-    plan_run,
-    prepare,
-    train_run,
-    weights_sha256,
-)
-from snnet.explore.stitch_train.sweep import (
-    FORMAT,
-    RUN_FIELDS,
-    SWEEP_KEYS,
-    TRAIN_DEFAULTS,
-    TRAIN_REFUSED,
-    RunSpec,
-    Sweep,
-    SweepError,
-    aligned_block,
-    anchor_argument,
-    layer_label,
-    load_sweep,
-    parse_sweep,
-)
-
-__all__ = ["AnchorProbe", "FORMAT", "LAYER_CKPT", "RESULT", "RUN_FIELDS", "RunPlan", "RunSpec", "SWEEP_JSON",
-           "SWEEP_KEYS", "Stitched", "StitchedNet", "Sweep", "SweepError", "SweepSummary", "TRAIN_DEFAULTS",
-           "TRAIN_REFUSED", "TRAJECTORY", "SweepSetup", "aligned_block", "anchor_argument", "build_stitched",
-           "collect", "evaluate_anchor", "fit_stitch", "layer_label", "load_sweep", "merge", "parse_sweep",
-           "plan_run", "prepare", "probe_anchor", "run_sweep", "submit_array", "train_run",
-           "weights_sha256"]

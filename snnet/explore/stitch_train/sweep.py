@@ -22,7 +22,6 @@ from typing import Any
 import yaml
 
 from snnet.stitching.config import AnchorSpec, ConfigError, parse_anchor
-from snnet.stitching.layers import stitch_layer_types
 from snnet.train.args import unique_key_loader
 from snnet.utils.errors import SNNetError
 
@@ -210,6 +209,7 @@ def _check_field(name: str, value: Any, where: str, labels: Sequence[str]) -> An
         spec = {"type": value} if isinstance(value, str) else value
         if not (isinstance(spec, dict) and isinstance(spec.get("type"), str)):
             raise bad("a stitching-layer type name or a mapping {type: NAME, ...options}")
+        from snnet.stitching.layers import stitch_layer_types  # torch: only a sweep that names a layer type
         if spec["type"] not in stitch_layer_types():
             raise bad(f"one of the stitching-layer types {', '.join(stitch_layer_types())}")
         for k, v in spec.items():
