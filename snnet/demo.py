@@ -52,7 +52,14 @@ from snnet.results.baselines import against_mixing, file_baselines
 from snnet.results.pareto import infer_anchors, is_anchor, pareto_report, save_report
 from snnet.results.predictions import load_for, predictions_path, write_predictions
 from snnet.results.quality import in_anchor_range
-from snnet.results.records import RESULTS_FILE, file_sha256, read_results, write_results
+from snnet.results.records import (
+    RESULTS_FILE,
+    file_sha256,
+    read_class_names,
+    read_results,
+    write_class_names,
+    write_results,
+)
 from snnet.results.report import write_report
 from snnet.train.device import ONEDNN_ENV
 from snnet.utils.checkpoint import VERSION as CHECKPOINT_VERSION
@@ -459,15 +466,16 @@ def compare(fresh: Path, committed: Path) -> list[str]:
 
 def save_weights(checkpoint: Path, dest: Path) -> None:
     """The trained SN-Net of a training checkpoint without what only training needs (optimizer state, counters):
-    its weights, the run's identity and, of its arguments, only what rebuilding it and its evaluation preprocessing
-    read (classes, image size, model kwargs, the data-config flags; no paths of this machine). The project's
+    its weights, the run's identity and, of its arguments, only what rebuilding it, its evaluation preprocessing and
+    its answers read (classes and their names, image size, model kwargs, the data-config flags; no paths of this
+    machine). The project's
     checkpoint format (tensors and JSON text, read with torch.load(weights_only=True)): `snnet export`, `snnet.load`
     and `snnet latency` take it as they take last.pth.tar. A safetensors file would hold the weights alone: the
     readers would then build the anchors at timm's default 224 px and record that in an export's data config."""
     state = load_checkpoint(checkpoint)
     args = json.loads(state["args"])
-    keep = ("num_classes", "img_size", "in_chans", "model_kwargs", "input_size", "crop_pct", "crop_mode", "mean",
-            "std", "interpolation")
+    keep = ("num_classes", "class_names", "img_size", "in_chans", "model_kwargs", "input_size", "crop_pct",
+            "crop_mode", "mean", "std", "interpolation")
     slim = {"epoch": state["epoch"], "arch": state.get("arch", ""), "state_dict": state["state_dict"],
             "args": json.dumps({k: args[k] for k in keep if k in args}), "config": state["config"],
             "version": CHECKPOINT_VERSION}
@@ -495,11 +503,13 @@ def evaluate_weights(work: Path, data: Path, weights: Path, config: Path = CONFI
 
 def copy_results(run_dir: Path, dest: Path) -> None:
     """A run's stitches_res.txt and the per-image predictions beside it (stitches_pred.npz, which
-    `snnet pareto --baselines` reads), checked against each other, to `dest` and beside it."""
+    `snnet pareto --baselines` reads), checked against each other, and its class names
+    (stitches_res.classes.json), to `dest` and beside it."""
     records = read_results(run_dir)
     pred = load_for(run_dir / RESULTS_FILE, records)
     write_results(dest, records)
     write_predictions(predictions_path(dest), pred)
+    write_class_names(dest, read_class_names(run_dir / RESULTS_FILE))
 
 
 def report(results: Path, sources: list[Path] | None = None, title: str = TITLE, img_size: int | None = None

@@ -66,6 +66,8 @@ def test_the_results_sidecar(tmp_path):
     classes_path(results).write_text("[1, 2]")
     with pytest.raises(snnet.utils.errors.SNNetError, match="not a class-names file"):
         read_class_names(results)
+    write_class_names(results, None)  # evaluated again on data without names: the earlier names do not stay
+    assert not classes_path(results).exists()
 
 
 @pytest.fixture(scope="module")

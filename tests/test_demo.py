@@ -142,10 +142,11 @@ def test_a_step_shows_progress_and_fails_with_its_log(tmp_path, monkeypatch, cap
 
 
 def test_saved_weights_are_the_committed_sn_net_and_publish_copies_them(tmp_path, monkeypatch):
-    """save_weights keeps what rebuilding and evaluating the SN-Net read (weights, identity, classes, image size)
-    and drops the optimizer and this machine's paths; the same checkpoint gives the same bytes (no git noise from
-    `make demo-results`); tools/publish_demo.py copies the file. The committed one loads as the demo's SN-Net and
-    its records name its sha256 (what `snnet latency --results` and `snnet serve --results` check)."""
+    """save_weights keeps what rebuilding and evaluating the SN-Net and naming its answers read (weights, identity,
+    classes and their names, image size) and drops the optimizer and this machine's paths; the same checkpoint
+    gives the same bytes (no git noise from `make demo-results`); tools/publish_demo.py copies the file. The
+    committed one loads as the demo's SN-Net and its records name its sha256 (what `snnet latency --results` and
+    `snnet serve --results` check)."""
     import hashlib
 
     import torch
@@ -156,7 +157,9 @@ def test_saved_weights_are_the_committed_sn_net_and_publish_copies_them(tmp_path
     from snnet.demo import WEIGHTS_FILE, save_weights
     from snnet.utils.checkpoint import load_checkpoint, save_checkpoint
     weights = {"a.weight": torch.arange(6.0).reshape(2, 3)}
-    args = {"num_classes": 10, "img_size": 16, "model_kwargs": {}, "data_dir": "/some/machine/path", "lr": 1e-3}
+    names = [f"class {i}" for i in range(10)]  # what `snnet serve` and an export answer with
+    args = {"num_classes": 10, "class_names": names, "img_size": 16, "model_kwargs": {}, "data_dir": "/some/path",
+            "lr": 1e-3}
     save_checkpoint(tmp_path / "last.pth.tar", {"epoch": 3, "state_dict": weights, "optimizer": {"state": {}},
                                                 "args": json.dumps(args), "config": "{}"})
     for name in ("one", "two"):
@@ -164,7 +167,7 @@ def test_saved_weights_are_the_committed_sn_net_and_publish_copies_them(tmp_path
     assert (tmp_path / "one" / WEIGHTS_FILE).read_bytes() == (tmp_path / "two" / WEIGHTS_FILE).read_bytes()
     slim = load_checkpoint(tmp_path / "one" / WEIGHTS_FILE)
     assert "optimizer" not in slim and torch.equal(slim["state_dict"]["a.weight"], weights["a.weight"])
-    assert json.loads(slim["args"]) == {"num_classes": 10, "img_size": 16, "model_kwargs": {}}
+    assert json.loads(slim["args"]) == {"num_classes": 10, "class_names": names, "img_size": 16, "model_kwargs": {}}
     committed = ROOT / "results" / "demo"
     monkeypatch.setattr("publish_demo.report", lambda *a, **k: [])  # the plots and report: not what is tested here
     publish(committed, tmp_path / "published", v2=False)  # the committed folder as a "fresh" run: a copy of itself

@@ -260,6 +260,11 @@ def test_quickstart_guide_runs(tmp_path, capsys):
             assert (results / f).is_file(), f
         records = [json.loads(ln) for ln in (results / "stitches_res.txt").read_text().splitlines()]
         assert [r["route"] for r in records[:2]] == ["c4", "c8"]
+        # the served network names its answers by the class folders, as the results beside it do
+        from snnet.results.records import read_class_names
+        from snnet.utils.checkpoint import load_checkpoint
+        names = json.loads(load_checkpoint(results / "snnet.pth.tar")["args"]).get("class_names")
+        assert names == read_class_names(results / "stitches_res.txt") == ["circle", "ring", "square"], names
         # a stitch between every two neighbouring blocks of the 8- and 6-block stages 2 and 3 (STITCH_STAGES), the
         # larger anchor in front (STITCH_PLAN)
         routes = [r["route"] for r in records[2:]]

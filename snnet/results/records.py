@@ -225,9 +225,12 @@ def classes_path(results: str | os.PathLike) -> Path:
 
 
 def write_class_names(results: str | os.PathLike, names: Sequence[str] | None) -> None:
-    """Write the class-names sidecar of `results` (atomically); nothing when the data names no classes."""
+    """Write the class-names sidecar of `results` (atomically); when the data names no classes, remove one an
+    earlier evaluation left there."""
     if names:
         write_text_atomic(classes_path(results), json.dumps({"class_names": [str(n) for n in names]}) + "\n")
+    else:
+        classes_path(results).unlink(missing_ok=True)
 
 
 def read_class_names(results: str | os.PathLike) -> list[str] | None:
