@@ -847,9 +847,11 @@ def plan(summary: DataSummary, args: QuickstartOptions, weights: dict[str, str] 
 def check_anchors(args: QuickstartOptions) -> dict[str, str]:
     """--anchors' names are timm's, and with pretrained weights each has them on this machine or reachable (decided
     in seconds, nothing downloaded: snnet/stitching/weights.py); returns where each one's weights come from."""
+    source: dict[str, str] = {}
+    if not args.anchors:  # the own CNN anchors: nothing to look up (and no torch to import for it)
+        return source
     from snnet.stitching.build import check_model_name
     from snnet.stitching.weights import WeightsUnavailable, check_pretrained
-    source: dict[str, str] = {}
     for name in args.anchors or []:
         try:
             check_model_name(name)

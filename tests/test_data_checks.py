@@ -156,6 +156,18 @@ def test_images_counted_as_timm_reads_them(tmp_path):
         check_data(data_args(only_bmp), need_train=True, world_size=1)
 
 
+def test_the_extensions_and_order_read_without_timm_are_timms():
+    """The checks read timm's image extensions from its source and sort class names as its folder reader does, so
+    that a folder is checked before timm (and torch) is imported: both agree with timm itself."""
+    from timm.data.readers import get_img_extensions
+    from timm.utils.misc import natural_key
+
+    from snnet.data.checks import _natural_order, _timm_start_extensions
+    assert _timm_start_extensions() == get_img_extensions()
+    names = ["a10", "A2", "b", "Z9x1", "x01", "x1", "10", "9", "Bee 3", "bee 12", "café"]
+    assert sorted(names, key=_natural_order) == sorted(names, key=natural_key)
+
+
 def test_clean_images_reports_the_true_count(tmp_path):
     from timm.data import create_dataset
     train = make_split(tmp_path, "train", range(3), per_class=10)

@@ -341,16 +341,22 @@ def test_a_mistyped_path_is_refused_before_torch_is_imported(tmp_path):
     shards, convert, stitch-train) refuse a checkpoint, export folder, stitch config, sweep, results file or data
     folder that is not there, or not a file or a folder as asked, in one line before they import torch and timm
     (seconds); the loaders give the same lines. quickstart's and stitch-train's own flags and convert's missing
-    --trust are refused as early."""
+    --trust are refused as early, and so is a folder quickstart cannot train on (no images, one class)."""
     demo = Path(ROOT) / "results" / "demo"
     ckpt, res, nope = demo / "snnet.pth.tar", demo / "stitches_res.txt", tmp_path / "nope"
     import zipfile
+
+    from PIL import Image
     with zipfile.ZipFile(tmp_path / "photos.zip", "w") as z:
         z.writestr("a/0.png", b"")
     anchors = ["--anchors", "resnet18", "resnet34", "--out", tmp_path / "o"]
     photos = tmp_path / "photos"  # a folder of images: quickstart's own flags are refused before it is read
     for c in "ab":
         (photos / c).mkdir(parents=True)
+    one = tmp_path / "one" / "cat"  # a folder of one class
+    one.mkdir(parents=True)
+    for i in range(2):
+        Image.new("L", (8, 8)).save(one / f"{i}.png")
     cases = [
         (["export", nope, "--cfg-id", "1", "--out", tmp_path / "e"], f"checkpoint '{nope}' does not exist; give"),
         (["export", tmp_path, "--cfg-id", "1", "--out", tmp_path / "e"], f"checkpoint '{tmp_path}' is a folder, "
@@ -374,6 +380,8 @@ def test_a_mistyped_path_is_refused_before_torch_is_imported(tmp_path):
         (["quickstart", photos, "--out", tmp_path / "q", "--anchors", "resnet18"], "stitches at least 2 anchors"),
         (["quickstart", photos, "--out", tmp_path / "q", "--stitch-stages", "0"], "--stitch-stages 0: the CNN"),
         (["quickstart", photos, "--out", photos / "a"], "is inside DATA"),
+        (["quickstart", photos, "--out", tmp_path / "q"], "has no class sub-folders with images"),
+        (["quickstart", one.parent, "--out", tmp_path / "q"], "holds one class, 'cat': a classifier needs at least 2"),
         (["stitch-train", "--sweep", nope], f"sweep file '{nope}' does not exist"),
         (["stitch-train", nope, "--front", "resnet18", "--end", "resnet34", "--cut", "1", "--out", tmp_path / "st"],
          f"data folder '{nope}' does not exist"),

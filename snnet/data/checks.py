@@ -2,6 +2,9 @@
 an epoch gives, the image headers (no image decoded)."""
 from __future__ import annotations
 
+import ast
+import functools
+import importlib.util
 import io
 import json
 import math
@@ -9,6 +12,7 @@ import os
 import re
 import statistics
 import sys
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -24,10 +28,37 @@ TEST_NAMES = ("test", "testing")  # held-out splits beside train/: packed as sha
 
 
 def img_extensions() -> set[str]:
-    """The image file extensions timm's folder reader lists (read at call time: timm lets them be changed). timm,
-    and with it torch, is imported by the checks that use it, so that a command can check its flags without them."""
+    """The image file extensions timm's folder reader lists. Where timm is loaded, its list now (timm lets it be
+    changed at run time); else the list timm starts with, read from timm's own source without importing timm and
+    torch (seconds), so that a command refuses a folder without images at once."""
+    if "timm" not in sys.modules:
+        start = _timm_start_extensions()
+        if start:
+            return set(start)
     from timm.data.readers import get_img_extensions
     return get_img_extensions(as_set=True)
+
+
+@functools.cache
+def _timm_start_extensions() -> tuple[str, ...] | None:
+    """``IMG_EXTENSIONS`` as timm's ``data/readers/img_extensions.py`` sets it (a literal tuple), found without
+    running timm's package; None where that file or literal is not there (then timm itself is asked)."""
+    spec = importlib.util.find_spec("timm")
+    roots = (spec.submodule_search_locations or []) if spec is not None else []
+    for root in roots:
+        try:
+            tree = ast.parse(Path(root, "data", "readers", "img_extensions.py").read_text())
+        except (OSError, SyntaxError, ValueError):
+            continue
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "IMG_EXTENSIONS" for t in node.targets):
+                try:
+                    value = ast.literal_eval(node.value)
+                except ValueError:
+                    return None
+                ok = isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+                return value if ok else None
+    return None
 
 
 def _is_image(name: str, extensions: set[str]) -> bool:
@@ -82,10 +113,14 @@ def resolve_folders(data_options: DataOptions, need_train: bool) -> tuple[str | 
 
 
 # ---------------------------------------------------------------------------------------- check_data: no image decoded
+def _natural_order(name: str) -> list[Any]:
+    """Sort key of the order timm's folder reader numbers classes in: case folded, digit runs as numbers."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name.lower())]
+
+
 def first_names(names, n: int = 5) -> str:
     """The first `n` of `names` in natural order, quoted, and how many more: for one-line messages."""
-    from timm.utils.misc import natural_key  # timm's folder reader's order
-    names = sorted(map(str, names), key=natural_key)
+    names = sorted(map(str, names), key=_natural_order)
     return ", ".join(repr(x) for x in names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
