@@ -161,9 +161,11 @@ def test_no_private_name_is_imported_across_modules():
     assert not found, found
 
 
-@pytest.mark.parametrize("layer", ["utils", "stitching", "data", "results", "train", "explore", "deploy"])
+@pytest.mark.parametrize("layer", ["utils", "stitching", "data", "results", "train", "explore", "explore/stitch_train",
+                                   "deploy"])
 def test_each_layer_lists_its_public_modules(layer):
-    """A layer's __init__ names its public modules (`__all__`), every one of them, and imports none."""
+    """A layer's __init__ (and stitch-train's package's) names its public modules (`__all__`), every one of them,
+    and imports none."""
     init = ROOT / "snnet" / layer / "__init__.py"
     tree = ast.parse(init.read_text())
     assert not [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))], f"{init} imports"

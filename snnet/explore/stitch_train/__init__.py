@@ -48,3 +48,5 @@ finds every job finished writes the results file; ``--merge`` writes it from wha
 User errors are `SNNetError`s (`SweepError` and the core's own); `snnet`'s main catches them once and prints one
 line (on rank 0 only).
 """
+
+__all__ = ["jobs", "network", "plots", "runner", "sweep"]
