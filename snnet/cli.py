@@ -43,7 +43,7 @@ from snnet.results.select import select
 from snnet.stitching.config import load_stitch_config
 from snnet.utils.distributed import say_refusal, world
 from snnet.utils.errors import OneLineParser, SNNetError, UsageError, one_line
-from snnet.utils.fileio import check_out_dir, checkpoint_path, data_folder, export_folder, release_paths
+from snnet.utils.fileio import check_out_dir, checkpoint_path, data_folder, release_paths
 from snnet.utils.options import add_options, option, shared
 
 if TYPE_CHECKING:  # hints only: the modules import torch or timm (see below)
@@ -338,8 +338,9 @@ def cmd_serve(args: ServeCommand) -> int:
     if args.engine == "local" or args.address == "local":
         check_port(args.host, args.port)  # another program's port: refused before anything loads
     _inputs_first(args.checkpoint, args.stitch_config, args.results)
-    for folder in args.exported or ():
-        export_folder(folder)
+    if args.exported:  # their stitches against the results: refused before torch loads
+        from snnet.serve import exported_stitches
+        exported_stitches(args.exported, read_results(args.results), f"results file {args.results!r}")
     from snnet.serve.handler import ServeSpec, load_served
     spec = ServeSpec(checkpoint=args.checkpoint, stitch_config=args.stitch_config, results=args.results,
                      exported=list(args.exported or []), img_size=args.img_size, num_classes=args.num_classes,

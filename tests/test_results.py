@@ -340,8 +340,9 @@ def test_a_mistyped_path_is_refused_before_torch_is_imported(tmp_path):
     """The commands that load a network or read images (export, latency, serve, quickstart, similarity, search,
     shards, convert, stitch-train) refuse a checkpoint, export folder, stitch config, sweep, results file or data
     folder that is not there, or not a file or a folder as asked, in one line before they import torch and timm
-    (seconds); the loaders give the same lines. quickstart's and stitch-train's own flags and convert's missing
-    --trust are refused as early, and so is a folder quickstart cannot train on (no images, one class)."""
+    (seconds); the loaders give the same lines. quickstart's and stitch-train's own flags, convert's missing
+    --trust, a folder quickstart cannot train on (no images, one class) and export folders the results did not
+    measure (or of one stitch twice) are refused as early."""
     demo = Path(ROOT) / "results" / "demo"
     ckpt, res, nope = demo / "snnet.pth.tar", demo / "stitches_res.txt", tmp_path / "nope"
     import zipfile
@@ -357,6 +358,13 @@ def test_a_mistyped_path_is_refused_before_torch_is_imported(tmp_path):
     one.mkdir(parents=True)
     for i in range(2):
         Image.new("L", (8, 8)).save(one / f"{i}.png")
+    record = json.loads(res.read_text().splitlines()[3])  # export folders of cfg_id 3 (their specs: the check)
+    for name, sha in (("x1", record["checkpoint_sha256"]), ("x2", record["checkpoint_sha256"]), ("other", "0" * 64)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"")
+        (tmp_path / name / "model.json").write_text(json.dumps(
+            {"format": "snnet-stitch", "format_version": 1, "cfg_id": 3, "route": record["route"], "params": 1,
+             "source": {"checkpoint_sha256": sha}}))
     cases = [
         (["export", nope, "--cfg-id", "1", "--out", tmp_path / "e"], f"checkpoint '{nope}' does not exist; give"),
         (["export", tmp_path, "--cfg-id", "1", "--out", tmp_path / "e"], f"checkpoint '{tmp_path}' is a folder, "
@@ -366,6 +374,9 @@ def test_a_mistyped_path_is_refused_before_torch_is_imported(tmp_path):
         (["serve", nope, "--results", res, "--port", "1"], f"checkpoint '{nope}' does not exist"),
         (["serve", ckpt, "--results", nope, "--port", "1"], f"results file '{nope}' does not exist"),
         (["serve", "--exported", tmp_path, "--results", res, "--port", "1"], f"'{tmp_path}' is not an export folder"),
+        (["serve", "--exported", tmp_path / "other", "--results", res, "--port", "1"], "not of the one export folder"),
+        (["serve", "--exported", tmp_path / "x1", tmp_path / "x2", "--results", res, "--port", "1"],
+         f"'{tmp_path / 'x2'}' both hold cfg_id 3; give each stitch once"),
         (["quickstart", nope, "--out", tmp_path / "q"], f"DATA '{nope}' does not exist; give a folder of images"),
         (["quickstart", tmp_path / "photos.zip", "--out", tmp_path / "q"], "is a zip archive; unpack it (unzip "),
         (["quickstart", res, "--out", tmp_path / "q"], f"DATA '{res}' is a file, not a folder"),

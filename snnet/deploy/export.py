@@ -63,19 +63,20 @@ from snnet.utils.checkpoint import (
 )
 from snnet.utils.errors import SNNetError
 from snnet.utils.fileio import (
+    EXPORT_FORMAT,
+    EXPORT_FORMAT_VERSION,
     EXPORT_SPEC,
     EXPORT_WEIGHTS,
     FolderLock,
     disk_full_error,
-    export_folder,
+    export_spec,
     give_default_mode,
     is_disk_full,
     lock_holder,
 )
 from snnet.utils.progress import Progress
 
-FORMAT = "snnet-stitch"
-FORMAT_VERSION = 1
+FORMAT, FORMAT_VERSION = EXPORT_FORMAT, EXPORT_FORMAT_VERSION
 SPEC, WEIGHTS, TORCHSCRIPT, ONNX = EXPORT_SPEC, EXPORT_WEIGHTS, "model.torchscript.pt", "model.onnx"
 ONNX_OPSET = 17
 
@@ -332,15 +333,8 @@ def _spec(loaded: Loaded, cfg_id: int, module: StitchedNetwork, keep: dict[int, 
 def load_exported(path: str | os.PathLike) -> StitchedNetwork:
     """Rebuild an exported stitch from its folder (model.json + model.safetensors); returns it in eval mode, its
     ``class_names`` attribute the training data's class names (model.json's; None where the data named none)."""
-    folder = export_folder(path, ExportError)
-    spec_file, weights = folder / SPEC, folder / WEIGHTS
-    try:
-        spec = json.loads(spec_file.read_text())
-    except (ValueError, UnicodeDecodeError):
-        raise ExportError(f"{str(spec_file)!r} is not valid JSON; export again") from None
-    if not isinstance(spec, dict) or spec.get("format") != FORMAT or spec.get("format_version") != FORMAT_VERSION:
-        raise ExportError(f"{str(spec_file)!r} is not a {FORMAT} v{FORMAT_VERSION} spec; export again with this "
-                          f"version of snnet")
+    spec = export_spec(path, ExportError)
+    spec_file, weights = Path(path) / SPEC, Path(path) / WEIGHTS
     anchors, units = {}, {}
     for a in spec["anchors"]:
         model = create_anchor(AnchorSpec(a["name"], None, a["model_kwargs"]), pretrained=False,

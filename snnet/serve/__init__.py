@@ -7,14 +7,19 @@
     app.py        the Ray Serve deployment around `ServeCore` (`--engine ray`: replicas, clusters)
 
 The layer sits beside deploy/ (it may import core, results, train and deploy; only the CLI imports it).
-docs/serving.md has the commands, the request format and the measured numbers. `check_port` is here, free of torch:
-the command refuses a port in use before it imports anything heavy.
+docs/serving.md has the commands, the request format and the measured numbers. The checks of what a server is
+given are here, free of torch (`check_port`, `exported_stitches`): the command refuses a port in use, or export
+folders that do not fit the results, before it imports anything heavy.
 """
 from __future__ import annotations
 
+import os
 import socket
+from collections.abc import Sequence
+from typing import Any
 
-from snnet.utils.errors import UsageError
+from snnet.utils.errors import SNNetError, UsageError
+from snnet.utils.fileio import export_spec
 
 
 def check_port(host: str, port: int) -> None:
@@ -26,3 +31,38 @@ def check_port(host: str, port: int) -> None:
         except OSError as e:
             raise UsageError(f"cannot listen on {host}:{port} ({e.strerror}); pass a free --port or another "
                              f"--host") from None
+
+
+def check_measured(records: list[dict[str, Any]], served: str, sha: str | None, source: str) -> None:
+    """Refuse results that name another checkpoint (their checkpoint_sha256) than the one served: their accuracies,
+    which the choice ranks by, are not this network's."""
+    other = next((r for r in records if sha and r.get("checkpoint_sha256") not in (None, sha)), None)
+    if other is not None:
+        raise SNNetError(f"{source} is of checkpoint {str(other['checkpoint_sha256'])[:16]}... (its "
+                         f"checkpoint_sha256, cfg_id {other['cfg_id']}), not of {served} ({str(sha)[:16]}...); pass "
+                         f"the results of the checkpoint served (train.py --eval --resume of it writes them)")
+
+
+def exported_stitches(folders: Sequence[str | os.PathLike], records: list[dict[str, Any]], source: str
+                      ) -> list[dict[str, Any]]:
+    """The specs (model.json) of the export folders to serve, in order, checked against the results file's
+    `records`: each stitch once, and each measured there (its cfg_id, its route, the checkpoint it was exported
+    from)."""
+    specs: list[dict[str, Any]] = []
+    seen: dict[int, str] = {}
+    by_id = {r["cfg_id"]: r for r in records}
+    for folder in folders:
+        spec = export_spec(folder)
+        cfg_id = spec["cfg_id"]
+        check_measured([r for r in records if r.get("cfg_id") == cfg_id],
+                       f"the one export folder {str(folder)!r} was exported from",
+                       spec.get("source", {}).get("checkpoint_sha256"), source)
+        if cfg_id not in by_id or by_id[cfg_id].get("route", spec["route"]) != spec["route"]:
+            raise SNNetError(f"export of cfg_id {cfg_id} ({spec['route']!r}) is not in {source}; pass the results of "
+                             f"the SN-Net it was exported from")
+        if cfg_id in seen:
+            raise UsageError(f"--exported {seen[cfg_id]!r} and {str(folder)!r} both hold cfg_id {cfg_id}; give each "
+                             f"stitch once")
+        seen[cfg_id] = str(folder)
+        specs.append(spec)
+    return specs

@@ -32,17 +32,17 @@ import re
 import resource
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
 from snnet.data.transforms import eval_transform
-from snnet.deploy.export import SPEC, labelled, load_exported, load_snnet
+from snnet.deploy.export import labelled, load_exported, load_snnet
 from snnet.deploy.latency import measure_latency
 from snnet.results.records import check_routes, file_sha256, read_results
 from snnet.results.select import BudgetError, route_costs
+from snnet.serve import check_measured, exported_stitches
 from snnet.serve.policy import StitchMenu, finite_positive
 from snnet.serve.scheduler import NO_DEADLINE, DeadlineScheduler, Done, Pending, Shed, release_free_heap
 from snnet.train.device import device_from_flag
@@ -104,16 +104,6 @@ class Served:
     class_names: list[str] | None = None  # the training data's, by class index (None: the data named none)
 
 
-def _check_measured(records: list[dict[str, Any]], served: str, sha: str | None, source: str) -> None:
-    """Refuse results that name another checkpoint (their checkpoint_sha256) than the one served: their accuracies,
-    which the choice ranks by, are not this network's."""
-    other = next((r for r in records if sha and r.get("checkpoint_sha256") not in (None, sha)), None)
-    if other is not None:
-        raise SNNetError(f"{source} is of checkpoint {str(other['checkpoint_sha256'])[:16]}... (its "
-                         f"checkpoint_sha256, cfg_id {other['cfg_id']}), not of {served} ({str(sha)[:16]}...); pass "
-                         f"the results of the checkpoint served (train.py --eval --resume of it writes them)")
-
-
 def load_served(spec: ServeSpec) -> Served:
     """The model and its records: an SN-Net checkpoint (every stitch in the results file) or export folders (the
     records of their cfg_ids). Costs are the served network's at the served size; routes must match the file's."""
@@ -124,23 +114,12 @@ def load_served(spec: ServeSpec) -> Served:
     records = read_results(spec.results)
     source = f"results file {spec.results!r}"
     if spec.exported:
-        nets: dict[int, torch.nn.Module] = {}
-        costs: dict[int, dict[str, Any]] = {}
-        meta: dict[str, Any] = {}
-        for folder in spec.exported:
-            net = load_exported(folder)
-            meta = json.loads((Path(folder) / SPEC).read_text())
-            nets[meta["cfg_id"]] = net
-            costs[meta["cfg_id"]] = {"route": meta["route"], "flops": meta.get("flops"), "params": meta["params"]}
-            _check_measured([r for r in records if r.get("cfg_id") == meta["cfg_id"]],
-                            f"the one export folder {folder!r} was exported from",
-                            meta.get("source", {}).get("checkpoint_sha256"), source)
+        specs = exported_stitches(spec.exported, records, source)
+        nets: dict[int, torch.nn.Module] = {m["cfg_id"]: load_exported(f) for f, m in zip(spec.exported, specs)}
         by_id = {r["cfg_id"]: r for r in records}
-        for c, cost in costs.items():
-            if c not in by_id or by_id[c].get("route", cost["route"]) != cost["route"]:
-                raise SNNetError(f"export of cfg_id {c} ({cost['route']!r}) is not in {source}; pass the results of "
-                                 f"the SN-Net it was exported from")
-        chosen = [{**by_id[c], **costs[c], "cfg_id": c} for c in sorted(nets)]
+        chosen = [{**by_id[m["cfg_id"]], "route": m["route"], "flops": m.get("flops"), "params": m["params"],
+                   "cfg_id": m["cfg_id"]} for m in sorted(specs, key=lambda m: m["cfg_id"])]
+        meta = specs[-1]
         size = (int(meta["img_size"][0]), int(meta["img_size"][1]))
         return Served(ExportedSet(nets).eval(), chosen, size, int(meta["in_chans"]), int(meta["num_classes"]),
                       dict(meta["data_config"]), meta.get("class_names"))
@@ -149,7 +128,7 @@ def load_served(spec: ServeSpec) -> Served:
     loaded = load_snnet(spec.checkpoint, spec.stitch_config, spec.img_size, spec.num_classes)
     check_routes(loaded.net, records, source)
     if any("checkpoint_sha256" in r for r in records):
-        _check_measured(records, f"checkpoint {spec.checkpoint!r}", file_sha256(spec.checkpoint), source)
+        check_measured(records, f"checkpoint {spec.checkpoint!r}", file_sha256(spec.checkpoint), source)
     _, costs = route_costs(loaded.net, loaded.img_size)
     chosen = [{**r, **costs[r["cfg_id"]]} for r in records]  # FLOPs at the served size replace the recorded ones
     return Served(loaded.net, chosen, loaded.img_size, loaded.in_chans, int(loaded.num_classes or 0),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import socket
 import tarfile
@@ -13,6 +14,7 @@ import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from snnet.utils.errors import SNNetError, UsageError
 
@@ -178,8 +180,9 @@ def checkpoint_path(path: str | os.PathLike, what: str, error: type[SNNetError] 
     return path
 
 
-#: an export folder's files (snnet export): the network's spec and its weights
+#: an export folder's files (snnet export): the network's spec and its weights; the spec's format and version
 EXPORT_SPEC, EXPORT_WEIGHTS = "model.json", "model.safetensors"
+EXPORT_FORMAT, EXPORT_FORMAT_VERSION = "snnet-stitch", 1
 
 
 def export_folder(path: str | os.PathLike, error: type[SNNetError] = UsageError) -> Path:
@@ -190,6 +193,22 @@ def export_folder(path: str | os.PathLike, error: type[SNNetError] = UsageError)
         raise error(f"{str(folder)!r} is not an export folder (needs {EXPORT_SPEC} and {EXPORT_WEIGHTS}); create one "
                     f"with snnet export CKPT --stitch_config CFG --cfg-id N --out DIR")
     return folder
+
+
+def export_spec(path: str | os.PathLike, error: type[SNNetError] = UsageError) -> dict[str, Any]:
+    """The spec (model.json) of the export folder `path`, checked to be one this version writes, else `error`
+    naming the file and the fix. Needs no torch: snnet serve --exported reads its folders' stitches before it
+    imports torch, and loading reads them again."""
+    spec_file = export_folder(path, error) / EXPORT_SPEC
+    try:
+        spec = json.loads(spec_file.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise error(f"{str(spec_file)!r} is not valid JSON; export again") from None
+    if not isinstance(spec, dict) or spec.get("format") != EXPORT_FORMAT or \
+            spec.get("format_version") != EXPORT_FORMAT_VERSION:
+        raise error(f"{str(spec_file)!r} is not a {EXPORT_FORMAT} v{EXPORT_FORMAT_VERSION} spec; export again with "
+                    f"this version of snnet")
+    return spec
 
 
 #: the first bytes of what torch.save writes: its zip archive, or (before torch 1.6) a pickle of protocol 2 or more
