@@ -88,7 +88,18 @@ def test_convert_refuses_other_pickled_objects_and_runs_nothing(tmp_path):
     torch.save({"model": {}, "args": Exploit()}, tmp_path / "evil.pth")
     r = run([sys.executable, "-m", "snnet.cli", "convert", tmp_path / "evil.pth", tmp_path / "out.pth.tar", "--trust"])
     assert r.returncode == 2 and "refused unread" in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "(posix.system)" in r.stderr and "\x1b" not in r.stderr, r.stderr  # the culprit named, not torch's advice
     assert not PWNED.exists() and not (tmp_path / "out.pth.tar").exists()
+
+
+def test_a_release_cut_short_is_said_to_be_corrupt(tmp_path):
+    """A download that stopped part-way is no pickle of other objects: the line says to download it again."""
+    from snnet.deploy.convert import load_release
+    from snnet.utils.checkpoint import CheckpointError
+    torch.save({"model": {"w": torch.zeros(64)}}, tmp_path / "whole.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "whole.pth").read_bytes()[:300])
+    with pytest.raises(CheckpointError, match=r"cannot be read \(.+\); it is corrupt or cut short .* download it"):
+        load_release(tmp_path / "cut.pth")
 
 
 def test_convert_checks_both_paths_before_asking_for_trust(tmp_path, capsys):

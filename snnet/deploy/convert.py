@@ -21,7 +21,7 @@ import torch
 
 from snnet.results.records import file_sha256
 from snnet.stitching.adapter import AnchorAdapter, registered_adapters
-from snnet.utils.checkpoint import CheckpointError, save_checkpoint, strip_ddp_prefix
+from snnet.utils.checkpoint import CheckpointError, foreign_globals, save_checkpoint, strip_ddp_prefix
 from snnet.utils.fileio import release_paths
 
 
@@ -44,9 +44,16 @@ def load_release(path: str | os.PathLike) -> dict[str, Any]:
         with torch.serialization.safe_globals(_ALLOWED):
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{str(path)!r} is not an SN-Net release checkpoint: it holds objects other than "
-                              f"tensors, an argparse Namespace or a yacs CfgNode ({first}); refused unread") from None
+        allowed = ("argparse.Namespace", "yacs.config.CfgNode")
+        code = [name for name in foreign_globals(path) if name not in allowed]
+        if code:  # the weights-only unpickler refused what the file references: named, never run
+            raise CheckpointError(f"{str(path)!r} is not an SN-Net release checkpoint: it holds pickled objects other "
+                                  f"than tensors, an argparse Namespace or a yacs CfgNode ({', '.join(code[:3])}); "
+                                  f"refused unread") from None
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        reason = lines[0].split(". ")[0][:160] if lines else type(e).__name__
+        raise CheckpointError(f"SN-Net checkpoint {str(path)!r} cannot be read ({reason}); it is corrupt or cut "
+                              f"short (an interrupted download?): download it again") from None
     if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
         return {"state_dict": state}  # a bare state dict (torch.save(model.state_dict()))
     if not isinstance(state, dict) or not isinstance(state.get("model", state.get("state_dict")), dict):
