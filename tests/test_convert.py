@@ -135,6 +135,24 @@ def test_convert_refuses_weights_that_are_no_state_dict(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.pth", "nested.pth", "text.pth"]
 
 
+def test_convert_replaces_only_its_own_earlier_output(tmp_path, capsys):
+    """An output that exists is replaced only when an earlier conversion wrote it (a rerun): a checkpoint that
+    train.py wrote there, or any other file, is refused and kept as it was."""
+    from snnet.utils.checkpoint import save_checkpoint
+    release, trained, notes = tmp_path / "release.pth", tmp_path / "last.pth.tar", tmp_path / "notes.txt"
+    torch.save({"model": {"w": torch.zeros(2)}}, release)
+    save_checkpoint(trained, {"state_dict": {"w": torch.ones(2)}, "epoch": 9, "args": "{}"})
+    notes.write_text("mine\n")
+    before = trained.read_bytes()
+    for dst in (trained, notes):
+        rc, _, err = run_cli(capsys, "convert", release, dst, "--trust")
+        assert_refused(rc, err, f"output {str(dst)!r} exists and is no earlier snnet convert output")
+    assert trained.read_bytes() == before and notes.read_text() == "mine\n"
+    for _ in range(2):  # converted, then converted again onto its own output
+        rc, out, _ = run_cli(capsys, "convert", release, tmp_path / "ours.pth.tar", "--trust")
+        assert rc == 0 and "converted" in out
+
+
 def test_convert_says_what_it_wrote_in_words(tmp_path, capsys):
     torch.save({"model": {"anchors.0.w": torch.zeros(2)}, "epoch": 3}, tmp_path / "one.pth")
     rc, out, _ = run_cli(capsys, "convert", tmp_path / "one.pth", tmp_path / "one.pth.tar", "--trust")

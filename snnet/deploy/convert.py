@@ -22,7 +22,7 @@ import torch
 from snnet.results.records import file_sha256
 from snnet.stitching.adapter import AnchorAdapter, registered_adapters
 from snnet.utils.checkpoint import CheckpointError, foreign_globals, save_checkpoint, strip_ddp_prefix
-from snnet.utils.fileio import release_paths
+from snnet.utils.fileio import CONVERTED_FROM, release_paths
 
 
 class _CfgNode:
@@ -135,7 +135,7 @@ def convert_release(src: str | os.PathLike, dst: str | os.PathLike,
         raise CheckpointError(f"{str(src)!r}: {e}; {fix}") from None
     meta = state.get("args", state.get("config"))
     out = {"state_dict": converted, "epoch": int(state["epoch"]) if isinstance(state.get("epoch"), int) else -1,
-           "converted_from": json.dumps({"file": str(src), "sha256": file_sha256(src),
+           CONVERTED_FROM: json.dumps({"file": str(src), "sha256": file_sha256(src),
                                          "family": family_of(converted), "snnet_args": _plain(meta)}, default=str)}
     save_checkpoint(dst, out)
     return {"tensors": len(converted), "family": family_of(weights), "dst": str(dst), "snnet": is_snnet(converted),

@@ -10,7 +10,6 @@ import hashlib
 import json
 import math
 import os
-import pickletools
 import shutil
 import zipfile
 from collections.abc import Collection
@@ -22,7 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from snnet.utils.errors import SNNetError
-from snnet.utils.fileio import atomic_path, checkpoint_path
+from snnet.utils.fileio import atomic_path, checkpoint_path, pickle_ops
 
 VERSION = 3
 LAST, BEST, RECOVERY = "last.pth.tar", "model_best.pth.tar", "recovery.pth.tar"
@@ -197,25 +196,17 @@ _SAFE_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "_codecs.encode", 
 
 
 def foreign_globals(path: str | os.PathLike) -> list[str]:
-    """Names of classes/functions a pickle references beyond what torch's weights-only loader allows, read with
-    pickletools (which parses opcodes and executes nothing); [] for files that are not pickles at all."""
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as z:
-                data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
-        else:
-            data = Path(path).read_bytes()
-        names: list[str] = []
-        strings: list[Any] = []
-        for op, arg, _ in pickletools.genops(data):
-            if op.name == "GLOBAL":
-                names.append(str(arg).replace(" ", "."))
-            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                names.append(".".join(strings[-2:]))
-            elif isinstance(arg, str):
-                strings.append(arg)
-    except Exception:  # not a pickle (garbage, JSON, safetensors, truncated)
-        return []
+    """Names of classes/functions a pickle references beyond what torch's weights-only loader allows, read from its
+    opcodes (`pickle_ops`: nothing executed); [] for files that are not pickles at all."""
+    names: list[str] = []
+    strings: list[Any] = []
+    for op, arg in pickle_ops(path):
+        if op == "GLOBAL":
+            names.append(str(arg).replace(" ", "."))
+        elif op == "STACK_GLOBAL" and len(strings) >= 2:
+            names.append(".".join(strings[-2:]))
+        elif isinstance(arg, str):
+            strings.append(arg)
     return [n for n in dict.fromkeys(names) if not n.startswith(_SAFE_GLOBAL_PREFIXES)]
 
 

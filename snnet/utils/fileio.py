@@ -6,6 +6,7 @@ import errno
 import fcntl
 import json
 import os
+import pickletools
 import socket
 import tarfile
 import tempfile
@@ -236,6 +237,28 @@ def release_paths(src: str | os.PathLike, dst: str | os.PathLike, error: type[SN
     if os.path.exists(dst) and os.path.samefile(src, dst):
         raise error(f"{str(dst)!r} is the release being converted: writing there would replace it; give another "
                     f"output path")
+    if os.path.exists(dst) and not any(arg == CONVERTED_FROM for _, arg in pickle_ops(dst)):
+        raise error(f"output {str(dst)!r} exists and is no earlier snnet convert output (a trained checkpoint?): "
+                    f"converting would replace it; give another output path, or remove it first")
+
+
+#: the key of a converted checkpoint that records its release (snnet convert): a rerun may replace such a file
+CONVERTED_FROM = "converted_from"
+
+
+def pickle_ops(path: str | os.PathLike) -> list[tuple[str, Any]]:
+    """(opcode name, argument) of the pickle in a torch file (its zip archive's data.pkl, or the file itself), parsed
+    by pickletools, which executes nothing; [] for a file that holds no readable pickle (garbage, JSON,
+    safetensors, a truncated file)."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+        else:
+            data = Path(path).read_bytes()
+        return [(op.name, arg) for op, arg, _ in pickletools.genops(data)]
+    except Exception:
+        return []
 
 
 def data_folder(path: str | os.PathLike, what: str, layout: str, error: type[SNNetError] = UsageError) -> Path:
