@@ -43,7 +43,7 @@ from snnet.results.select import select
 from snnet.stitching.config import load_stitch_config
 from snnet.utils.distributed import say_refusal, world
 from snnet.utils.errors import OneLineParser, SNNetError, UsageError, one_line
-from snnet.utils.fileio import check_out_dir, checkpoint_path, data_folder, release_paths
+from snnet.utils.fileio import check_out_dir, checkpoint_path, data_folder, export_out, release_paths
 from snnet.utils.options import add_options, option, shared
 
 if TYPE_CHECKING:  # hints only: the modules import torch or timm (see below)
@@ -253,6 +253,7 @@ def _held_output():
 
 def cmd_export(args: ExportCommand) -> int:
     check_out_dir(args.out)
+    export_out(args.out)  # files of another program there: refused, not replaced
     _inputs_first(args.checkpoint, args.stitch_config)
     import torch
 

@@ -172,6 +172,31 @@ def test_export_unwritable_out(tiny, tmp_path, capsys):
     assert blocker.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
+def test_export_replaces_only_an_earlier_export(tiny, tmp_path, capsys):
+    """An --out folder holding files of an export's names that no export wrote (a model.json of its own, another
+    program's model.safetensors or model.onnx, which the export would remove) is refused, and kept; an earlier
+    export's folder is replaced by the next export."""
+    from snnet.deploy.export import export_stitch, load_snnet
+    from snnet.utils.errors import SNNetError
+    theirs = {"own": ("model.json", '{"mine": 1}'), "hf": ("model.safetensors", "weights"), "onnx": ("model.onnx", "x")}
+    for name, (file, text) in theirs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / file).write_text(text)
+    for name, (file, _) in list(theirs.items())[:2]:  # the command: at once
+        rc, stdout, err = run_cli(capsys, "export", tiny.ckpt, "--stitch_config", tiny.config, "--cfg-id", 1,
+                                  "--out", tmp_path / name)
+        assert_refused(rc, err, f"holds {file}, which no snnet export wrote", "--out")
+    with pytest.raises(SNNetError, match="holds model.onnx, which no snnet export wrote"):  # the other formats too
+        export_stitch(load_snnet(tiny.ckpt, tiny.config), 1, tmp_path / "onnx", formats=[])
+    assert {n: (tmp_path / n / f).read_text() for n, (f, _) in theirs.items()} == {n: t for n, (_, t) in
+                                                                                  theirs.items()}
+    assert sorted(p.name for p in (tmp_path / "own").iterdir()) == ["model.json"]
+    for cfg_id in (1, 2):  # again into its own folder: replaced
+        rc, _, _ = run_cli(capsys, "export", tiny.ckpt, "--stitch_config", tiny.config, "--cfg-id", cfg_id,
+                           "--out", tmp_path / "ours", "--no-torchscript", "--no-onnx")
+        assert rc == 0 and json.loads((tmp_path / "ours" / "model.json").read_text())["cfg_id"] == cfg_id
+
+
 @pytest.mark.parametrize("opset", [5, 6, 21, 99])
 def test_export_unsupported_opset_refused_up_front(tiny, tmp_path, capsys, opset):
     from torch.onnx import _constants

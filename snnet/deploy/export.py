@@ -69,6 +69,7 @@ from snnet.utils.fileio import (
     EXPORT_WEIGHTS,
     FolderLock,
     disk_full_error,
+    export_out,
     export_spec,
     give_default_mode,
     is_disk_full,
@@ -494,6 +495,8 @@ def export_stitch(loaded: Loaded, cfg_id: int, out_dir: str | os.PathLike,
 
     if "onnx" in formats:
         check_opset(opset)
+    # what the export writes there, and the other formats' files it removes: another program's files are kept
+    export_out(out_dir, (SPEC, WEIGHTS, *(f.filename for f in _FORMATS.values())), ExportError)
     net = loaded.net.eval()
     cfg_id = check_cfg_id(net, cfg_id, loaded.checkpoint)
     module, keep = stitched_network(net, cfg_id)

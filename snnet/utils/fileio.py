@@ -196,6 +196,25 @@ def export_folder(path: str | os.PathLike, error: type[SNNetError] = UsageError)
     return folder
 
 
+def export_out(path: str | os.PathLike, files: tuple[str, ...] = (EXPORT_SPEC, EXPORT_WEIGHTS),
+               error: type[SNNetError] = UsageError) -> None:
+    """Refuse an export's output folder `path` that holds any of `files` (what an export writes or replaces there)
+    when no earlier export wrote them (its model.json is no spec of this format): they would be lost. An earlier
+    export's folder is replaced, as a rerun should. Needs no torch: snnet export checks --out at once."""
+    folder = Path(path)
+    found = [name for name in files if (folder / name).exists()]
+    if not found:
+        return
+    try:
+        ours = json.loads((folder / EXPORT_SPEC).read_text()).get("format") == EXPORT_FORMAT
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        ours = False
+    if not ours:
+        them = "it" if len(found) == 1 else "them"
+        raise error(f"--out {str(folder)!r} holds {', '.join(found)}, which no snnet export wrote: exporting would "
+                    f"replace {them}; give another --out, or remove {them} first")
+
+
 def export_spec(path: str | os.PathLike, error: type[SNNetError] = UsageError) -> dict[str, Any]:
     """The spec (model.json) of the export folder `path`, checked to be one this version writes, else `error`
     naming the file and the fix. Needs no torch: snnet serve --exported reads its folders' stitches before it
