@@ -156,6 +156,12 @@ def cmd_report(args: ReportCommand) -> int:
         raise UsageError(f"--out {args.out!r} is a folder; pass the HTML file to write, e.g. --out "
                          f"{str(out / 'report.html')!r}")
     check_out_dir(out.parent, "--out")  # its folder: made if missing, refused if it is a file or not writable
+    if out.is_file():  # a page written before is replaced; anything else (a results file, notes) is kept
+        with open(out, "rb") as f:
+            head = f.read(512).lstrip().lower()
+        if not head.startswith((b"<!doctype html", b"<html")):
+            raise UsageError(f"--out {args.out!r} exists and is no HTML page (a results file?): the report would "
+                             f"replace it; pass another --out, e.g. {str(out.with_name('report.html'))!r}")
     path, notes = write_report(args.results, out, cost_key(args.by, args.latency_batch), args.anchors, args.title,
                                baselines=args.baselines)
     for note in notes:

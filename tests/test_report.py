@@ -181,13 +181,20 @@ def test_report_refusals(tmp_path, capsys):
              (["report", levit, "--by", "params", "--out", tmp_path / "b.html"], ["'params'", "--by flops"]),
              (["report", DEMO, "--by", "latency", "--out", tmp_path / "c.html"], ["latency_ms_b1", "snnet latency"]),
              (["report", DEMO, "--anchors", "0", "--out", tmp_path / "d.html"], ["--anchors 0", ">= 1"]),
-             (["report", DEMO, "--out", levit / "e.html"], ["a file", "--out"])]
+             (["report", DEMO, "--out", levit / "e.html"], ["a file", "--out"]),
+             # the results file itself as --out: it would be lost
+             (["report", levit, "--out", levit], ["exists and is no HTML page", "report.html"])]
+    text = levit.read_text()
     for argv, needles in cases:
         rc, _, err = cli_run(capsys, *argv)
         lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("note:")]
         assert rc == 2 and len(lines) == 1 and "Traceback" not in err, (argv, err)
         assert all(n in lines[0] for n in needles), (needles, lines[0])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "levit.txt"]  # no page written
+    assert levit.read_text() == text
+    for _ in range(2):  # a page written before is replaced
+        rc, _, err = cli_run(capsys, "report", levit, "--out", tmp_path / "r.html")
+        assert rc == 0, err
 
 
 def test_eval_subtitle():
