@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from snnet.data.options import CLASS_FOLDERS, DATA_ROOT
 from snnet.results.pareto import cost_key, human, infer_anchors, latency_keys, pareto_report, route_of, save_report
-from snnet.results.records import read_results
+from snnet.results.records import RESULTS_FILE, read_results
 from snnet.results.report import write_report
 from snnet.results.select import select
 from snnet.stitching.config import load_stitch_config
@@ -987,6 +987,9 @@ def cmd_similarity(args: SimilarityCommand) -> int:
 
 def cmd_search(args: SearchCommand) -> int:
     _anchor_images_first(args)
+    if (Path(args.out) / RESULTS_FILE).exists() and not (Path(args.out) / "search.json").exists():
+        raise UsageError(f"--out {args.out!r} holds a {RESULTS_FILE} that no snnet search wrote (a training run's?): "
+                         f"the search would replace it; pass another --out, or remove it first")
     from snnet.explore.search import SearchOptions, run_search
     options, data, loader = _similarity_options(args)
     search = SearchOptions(threshold=args.threshold, total_threshold=args.total_threshold, max_depth=args.max_depth,

@@ -341,8 +341,8 @@ def test_a_mistyped_path_is_refused_before_torch_is_imported(tmp_path):
     shards, convert, stitch-train) refuse a checkpoint, export folder, stitch config, sweep, results file or data
     folder that is not there, or not a file or a folder as asked, in one line before they import torch and timm
     (seconds); the loaders give the same lines. quickstart's and stitch-train's own flags, convert's missing
-    --trust, a folder quickstart cannot train on (no images, one class) and export folders the results did not
-    measure (or of one stitch twice) are refused as early."""
+    --trust, a folder quickstart cannot train on (no images, one class), export folders the results did not
+    measure (or of one stitch twice) and a search --out with another tool's results are refused as early."""
     demo = Path(ROOT) / "results" / "demo"
     ckpt, res, nope = demo / "snnet.pth.tar", demo / "stitches_res.txt", tmp_path / "nope"
     import zipfile
@@ -382,6 +382,8 @@ def test_a_mistyped_path_is_refused_before_torch_is_imported(tmp_path):
         (["quickstart", res, "--out", tmp_path / "q"], f"DATA '{res}' is a file, not a folder"),
         (["similarity", "--data", nope, *anchors], f"data folder '{nope}' does not exist; give the dataset root"),
         (["search", "--data", res, *anchors], f"data folder '{res}' is a file, not a folder"),
+        (["search", "--data", photos, "--anchors", "resnet18", "resnet34", "--out", demo],  # a training run's folder
+         f"--out '{demo}' holds a stitches_res.txt that no snnet search wrote"),
         (["shards", nope, tmp_path / "s"], f"image folder '{nope}' does not exist"),
         (["convert", nope, tmp_path / "c.pth.tar"], f"SN-Net checkpoint '{nope}' does not exist"),
         (["convert", res, tmp_path / "c.pth.tar"], "is not a file torch.save wrote"),
