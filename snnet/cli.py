@@ -802,7 +802,7 @@ def _sweep_table(summary: SweepSummary) -> str:
 def cmd_stitch_train(args: StitchTrainCommand) -> int:
     """`snnet stitch-train`. A user error is an SNNetError raised through: `snnet`'s main prints it in one line
     (rank 0 only) and exits with its code."""
-    from snnet.explore.stitch_train.sweep import SweepError
+    from snnet.explore.stitch_train.sweep import SWEEP_JSON, SweepError
     # a torchrun launch's (rank, world size), from its environment: no process group is made for the runs
     rank, world_size = world(launched=True)
     if not logging.getLogger().handlers:
@@ -822,6 +822,9 @@ def cmd_stitch_train(args: StitchTrainCommand) -> int:
         raise SweepError(f"--max-parallel {args.max_parallel} must be >= 1")
     if not args.merge:  # --merge reads the runs' results only
         data_folder(sweep.data, "data folder", DATA_ROOT, SweepError)
+    if (sweep.out / RESULTS_FILE).exists() and not (sweep.out / SWEEP_JSON).exists():
+        raise SweepError(f"--out {str(sweep.out)!r} holds a {RESULTS_FILE} that no stitch-train sweep wrote (a "
+                         f"training run's?): the sweep would replace it; pass another --out, or remove it first")
     # the jobs import torch and timm: only after the sweep, its data folder and the flags are checked
     from snnet.explore.stitch_train.jobs import merge, run_sweep, submit_array
     if args.submit and args.sweep:  # --submit without --sweep is refused above

@@ -342,7 +342,8 @@ def test_a_mistyped_path_is_refused_before_torch_is_imported(tmp_path):
     folder that is not there, or not a file or a folder as asked, in one line before they import torch and timm
     (seconds); the loaders give the same lines. quickstart's and stitch-train's own flags, convert's missing
     --trust, a folder quickstart cannot train on (no images, one class), export folders the results did not
-    measure (or of one stitch twice) and a search --out with another tool's results are refused as early."""
+    measure (or of one stitch twice) and a search or sweep --out with another tool's results are refused as
+    early."""
     demo = Path(ROOT) / "results" / "demo"
     ckpt, res, nope = demo / "snnet.pth.tar", demo / "stitches_res.txt", tmp_path / "nope"
     import zipfile
@@ -400,6 +401,8 @@ def test_a_mistyped_path_is_refused_before_torch_is_imported(tmp_path):
          f"data folder '{nope}' does not exist"),
         (["stitch-train", photos, "--front", "resnet18", "--end", "resnet34", "--cut", "1", "--out", tmp_path / "st",
           "--max-parallel", "2"], "--sbatch and --max-parallel are options of --submit"),
+        (["stitch-train", photos, "--front", "resnet18", "--end", "resnet34", "--cut", "1", "--out", demo],
+         f"--out '{demo}' holds a stitches_res.txt that no stitch-train sweep wrote"),
     ]
     code = ("import contextlib, io, json, sys; from snnet.cli import main\n"
             "for argv, words in json.loads(sys.argv[1]):\n"

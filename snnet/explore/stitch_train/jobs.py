@@ -30,6 +30,7 @@ from snnet.explore.stitch_train.runner import (
 )
 from snnet.explore.stitch_train.sweep import (
     FORMAT,
+    SWEEP_JSON,
     Sweep,
     SweepError,
 )
@@ -40,8 +41,6 @@ from snnet.utils.progress import Progress
 from snnet.utils.slurm import submit
 
 _logger = logging.getLogger("snnet")
-
-SWEEP_JSON = "sweep.json"
 
 
 # ---------------------------------------------------------------------------------------------- the sweep
@@ -210,4 +209,4 @@ def submit_array(sweep: Sweep, sweep_file: str, data: str | None = None,
     return submit(str(folder / ARRAY_SCRIPT), [f"--array={spec}", *options]), todo
 
 
-__all__ = ["ARRAY_SCRIPT", "SWEEP_JSON", "SweepSummary", "collect", "merge", "run_sweep", "submit_array"]
+__all__ = ["ARRAY_SCRIPT", "SweepSummary", "collect", "merge", "run_sweep", "submit_array"]

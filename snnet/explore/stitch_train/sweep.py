@@ -26,6 +26,7 @@ from snnet.train.args import unique_key_loader
 from snnet.utils.errors import SNNetError
 
 FORMAT = "snnet-stitch-train/1"
+SWEEP_JSON = "sweep.json"  # the sweep's listing in its folder (written when it starts; the results file comes last)
 
 
 class SweepError(SNNetError):
