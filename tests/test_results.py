@@ -342,8 +342,8 @@ def test_a_mistyped_path_is_refused_before_torch_is_imported(tmp_path):
     folder that is not there, or not a file or a folder as asked, in one line before they import torch and timm
     (seconds); the loaders give the same lines. quickstart's and stitch-train's own flags, convert's missing
     --trust, a folder quickstart cannot train on (no images, one class), export folders the results did not
-    measure (or of one stitch twice) and a search or sweep --out with another tool's results are refused as
-    early."""
+    measure (or of one stitch twice), results of another checkpoint than the one served and a search or sweep
+    --out with another tool's results are refused as early."""
     demo = Path(ROOT) / "results" / "demo"
     ckpt, res, nope = demo / "snnet.pth.tar", demo / "stitches_res.txt", tmp_path / "nope"
     import zipfile
@@ -366,6 +366,8 @@ def test_a_mistyped_path_is_refused_before_torch_is_imported(tmp_path):
         (tmp_path / name / "model.json").write_text(json.dumps(
             {"format": "snnet-stitch", "format_version": 1, "cfg_id": 3, "route": record["route"], "params": 1,
              "source": {"checkpoint_sha256": sha}}))
+    other = tmp_path / "other.txt"  # the demo's results, as if of another checkpoint
+    other.write_text(res.read_text().replace(record["checkpoint_sha256"], "0" * 64))
     cases = [
         (["export", nope, "--cfg-id", "1", "--out", tmp_path / "e"], f"checkpoint '{nope}' does not exist; give"),
         (["export", tmp_path, "--cfg-id", "1", "--out", tmp_path / "e"], f"checkpoint '{tmp_path}' is a folder, "
@@ -376,6 +378,7 @@ def test_a_mistyped_path_is_refused_before_torch_is_imported(tmp_path):
         (["serve", ckpt, "--results", nope, "--port", "1"], f"results file '{nope}' does not exist"),
         (["serve", "--exported", tmp_path, "--results", res, "--port", "1"], f"'{tmp_path}' is not an export folder"),
         (["serve", "--exported", tmp_path / "other", "--results", res, "--port", "1"], "not of the one export folder"),
+        (["serve", ckpt, "--results", other, "--port", "1"], "is of checkpoint 0000000000000000..."),
         (["serve", "--exported", tmp_path / "x1", tmp_path / "x2", "--results", res, "--port", "1"],
          f"'{tmp_path / 'x2'}' both hold cfg_id 3; give each stitch once"),
         (["quickstart", nope, "--out", tmp_path / "q"], f"DATA '{nope}' does not exist; give a folder of images"),
