@@ -468,10 +468,10 @@ def save_weights(checkpoint: Path, dest: Path) -> None:
     """The trained SN-Net of a training checkpoint without what only training needs (optimizer state, counters):
     its weights, the run's identity and, of its arguments, only what rebuilding it, its evaluation preprocessing and
     its answers read (classes and their names, image size, model kwargs, the data-config flags; no paths of this
-    machine). The project's
-    checkpoint format (tensors and JSON text, read with torch.load(weights_only=True)): `snnet export`, `snnet.load`
-    and `snnet latency` take it as they take last.pth.tar. A safetensors file would hold the weights alone: the
-    readers would then build the anchors at timm's default 224 px and record that in an export's data config."""
+    machine). The project's checkpoint format (tensors and JSON text, read with torch.load(weights_only=True)):
+    `snnet export`, `snnet.load` and `snnet latency` take it as they take last.pth.tar. A safetensors file would hold
+    the weights alone: the readers would then build the anchors at timm's default 224 px and record that in an
+    export's data config."""
     state = load_checkpoint(checkpoint)
     args = json.loads(state["args"])
     keep = ("num_classes", "class_names", "img_size", "in_chans", "model_kwargs", "input_size", "crop_pct",

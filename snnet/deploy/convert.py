@@ -136,7 +136,7 @@ def convert_release(src: str | os.PathLike, dst: str | os.PathLike,
     meta = state.get("args", state.get("config"))
     out = {"state_dict": converted, "epoch": int(state["epoch"]) if isinstance(state.get("epoch"), int) else -1,
            CONVERTED_FROM: json.dumps({"file": str(src), "sha256": file_sha256(src),
-                                         "family": family_of(converted), "snnet_args": _plain(meta)}, default=str)}
+                                       "family": family_of(converted), "snnet_args": _plain(meta)}, default=str)}
     save_checkpoint(dst, out)
     return {"tensors": len(converted), "family": family_of(weights), "dst": str(dst), "snnet": is_snnet(converted),
             "example": next(iter(converted), "")}
