@@ -221,3 +221,29 @@ def test_load_weights_names_the_width_not_the_image_size():
     assert "width (embed_dim) is 16" in hint and "image size" not in hint
 
 
+
+
+def test_a_new_run_into_a_finished_runs_folder_is_refused(tmp_path, digits_folder, capsys, monkeypatch):
+    """A run that trains from nothing into a folder holding a run's last.pth.tar would replace it at its first
+    epoch: the launch's check refuses it, naming --auto-resume; with --auto-resume, or in a requeued Slurm job's
+    check (its batch script runs again), it continues that run."""
+    import timm
+
+    from snnet.train.preflight import main
+    from snnet.utils.checkpoint import save_checkpoint
+    folder = tmp_path / "out" / "e"
+    folder.mkdir(parents=True)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    save_checkpoint(folder / "last.pth.tar", {"state_dict": model.state_dict(), "epoch": 0,
+                                              "args": json.dumps({"num_classes": 10})})
+    before = (folder / "last.pth.tar").read_bytes()
+    argv = ["1", str(digits_folder), "--model", "resnet18", *FAST, "--epochs", "2", "--output", str(tmp_path / "out"),
+            "--experiment", "e"]
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"output folder '{folder}' holds a training run's last.pth.tar" in err and "--auto-resume" in err, err
+    assert main([*argv, "--auto-resume"]) == 0, capsys.readouterr().err
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (folder / "last.pth.tar").read_bytes() == before

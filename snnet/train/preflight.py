@@ -38,6 +38,8 @@ from snnet.train.resume import fitting_checkpoint
 from snnet.train.sampler import anchor_routes, run_sampler
 from snnet.utils import slurm
 from snnet.utils.checkpoint import (
+    LAST,
+    RECOVERY,
     CheckpointError,
     classifier_keys,
     fit_report,
@@ -65,6 +67,22 @@ def check_output(path: Path) -> None:
     if holder is not None:
         raise OutputError(f"folder {str(path)!r} is in use by another run ({holder}); wait for it to end or pass "
                           f"another --output/--experiment")
+
+
+def restarted() -> bool:
+    """Whether this process belongs to a restarted run (torchrun's restart of its workers, or a requeued Slurm job,
+    whose batch script checks the run again): it continues the run's own checkpoint."""
+    return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" or slurm.restart_count() > 0
+
+
+def check_fresh_output(path: Path) -> None:
+    """A run that starts training from nothing (no --resume, nothing for --auto-resume to continue) into a folder
+    that holds a training run's checkpoint would replace it at its first epoch: refused, naming the ways on."""
+    found = [name for name in (RECOVERY, LAST) if (path / name).exists()]
+    if found:
+        raise OutputError(f"output folder {str(path)!r} holds a training run's {found[0]}: a new run would replace "
+                          f"it; add --auto-resume to continue that run, or pass another --experiment (or move the "
+                          f"folder away)")
 
 
 def check_checkpoints(options: RunOptions, stitch_cfg: StitchConfig | None = None) -> None:
@@ -157,6 +175,8 @@ def check_run(options: RunOptions, stitch_cfg: StitchConfig | None, anchor_check
     device = device_from_flag(options.train.device)  # a name that is no torch device, or CUDA where there is none
     if not locked:
         check_output(options.out_dir)
+    if not options.job.eval and not options.job.resume and not restarted():
+        check_fresh_output(options.out_dir)
     check_checkpoints(options, stitch_cfg)
     check_data(options.data, need_train=not options.job.eval, world_size=options.world_size)
     _check_build(options, stitch_cfg, anchor_checkpoints, device.type)
@@ -196,8 +216,7 @@ def check_combinations(options: RunOptions) -> None:
     if train.split_bn and loader.aug_splits < 2 and loader.batch_size % 2:
         raise UsageError(f"-b/--batch-size {loader.batch_size} with --split-bn and no --aug-splits: split-BN halves "
                          f"each batch (timm: 2 parts), so it must be even; give -b {loader.batch_size + 1}")
-    restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" or slurm.restart_count() > 0
-    if (job.auto_resume or restarted) and not job.experiment and not job.eval:
+    if (job.auto_resume or restarted()) and not job.experiment and not job.eval:
         raise UsageError("--auto-resume (and torchrun --max-restarts, a requeued Slurm job) needs --experiment NAME, "
                          "so that a restarted run finds its own checkpoint")
     if train.freeze_anchors and not job.stitch_config and not job.eval:
