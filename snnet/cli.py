@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from snnet.data.options import CLASS_FOLDERS, DATA_ROOT
 from snnet.results.pareto import cost_key, human, infer_anchors, latency_keys, pareto_report, route_of, save_report
-from snnet.results.records import RESULTS_FILE, file_sha256, read_results
+from snnet.results.records import RESULTS_FILE, check_checkpoint_sha, file_sha256, read_results
 from snnet.results.report import write_report
 from snnet.results.select import select
 from snnet.stitching.config import load_stitch_config
@@ -294,7 +294,10 @@ def cmd_export(args: ExportCommand) -> int:
 
 # ---------------------------------------------------------------------------------------------------- latency
 def cmd_latency(args: LatencyCommand) -> int:
-    _inputs_first(args.checkpoint, args.stitch_config, args.results)
+    _inputs_first(args.checkpoint, args.stitch_config)
+    if args.results:  # another checkpoint's results: refused before torch loads (measuring checks them again)
+        check_checkpoint_sha(read_results(args.results), file_sha256(args.checkpoint),
+                             f"checkpoint {args.checkpoint!r}", f"results file {args.results!r}")
     import torch
 
     from snnet.deploy.export import check_cfg_id
@@ -346,12 +349,12 @@ def cmd_serve(args: ServeCommand) -> int:
         check_port(args.host, args.port)  # another program's port: refused before anything loads
     _inputs_first(args.checkpoint, args.stitch_config)
     # the results against what is served (export folders' stitches, the checkpoint's bytes): before torch loads
-    from snnet.serve import check_measured, exported_stitches
+    from snnet.serve import exported_stitches
     records, source = read_results(args.results), f"results file {args.results!r}"
     if args.exported:
         exported_stitches(args.exported, records, source)
     elif args.checkpoint and any("checkpoint_sha256" in r for r in records):
-        check_measured(records, f"checkpoint {args.checkpoint!r}", file_sha256(args.checkpoint), source)
+        check_checkpoint_sha(records, file_sha256(args.checkpoint), f"checkpoint {args.checkpoint!r}", source)
     from snnet.serve.handler import ServeSpec, load_served
     spec = ServeSpec(checkpoint=args.checkpoint, stitch_config=args.stitch_config, results=args.results,
                      exported=list(args.exported or []), img_size=args.img_size, num_classes=args.num_classes,

@@ -129,8 +129,8 @@ CASES = [  # (case, argv, the words of the one line, environment added)
     ("serve --port 70000", f"serve {DEMO}/snnet.pth.tar --results {DEMO}/stitches_res.txt --port 70000",
      "argument --port: '70000' is not a TCP port; give one in 1-65535", None),
     ("serve --exported of another checkpoint", "serve --exported {w}/export3 --results {w}/other_res.txt --port "
-     "{port}", "results file '{w}/other_res.txt' is of checkpoint abababababababab... (its checkpoint_sha256, cfg_id "
-     "3), not of the one export folder '{w}/export3' was exported from", None),
+     "{port}", "results file '{w}/other_res.txt' holds results of another checkpoint (cfg_id 3: checkpoint_sha256 "
+     "abababababababab..., the checkpoint export folder '{w}/export3' was exported from is ", None),
 ]
 
 

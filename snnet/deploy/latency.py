@@ -25,7 +25,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from snnet.results.pareto import human
-from snnet.results.records import ResultsError, check_routes, file_sha256, is_number, read_results, update_results
+from snnet.results.records import (
+    ResultsError,
+    check_checkpoint_sha,
+    check_routes,
+    file_sha256,
+    is_number,
+    read_results,
+    update_results,
+)
 from snnet.stitching.cost import cost_table
 from snnet.utils.progress import PROGRESS_SECONDS, Progress
 
@@ -120,13 +128,7 @@ def results_cfg_ids(net: SNNet, path: str | os.PathLike, checkpoint: str | os.Pa
     check_routes(net, records, source)
     if checkpoint is not None:
         digest = file_sha256(checkpoint)
-        for r in records:
-            other = r.get("checkpoint_sha256")
-            if other is not None and other != digest:
-                raise ResultsError(f"{source} holds results of another checkpoint (cfg_id {r['cfg_id']}: "
-                                   f"checkpoint_sha256 {str(other)[:16]}..., {str(checkpoint)!r} is "
-                                   f"{digest[:16]}...); pass the checkpoint that was evaluated, or measure without "
-                                   f"--results (nothing written)")
+        check_checkpoint_sha(records, digest, f"checkpoint {str(checkpoint)!r}", source)
     if img_size is None:
         return [r["cfg_id"] for r in records]
     here = _size_text(list(img_size))

@@ -31,6 +31,18 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def check_checkpoint_sha(records: list[dict[str, Any]], digest: str | None, what: str, source: str) -> None:
+    """Refuse `records` of another checkpoint than the one whose sha256 is `digest` (`what` names it), naming the
+    first record whose checkpoint_sha256 differs: their accuracies are not its own. Records without one are not
+    compared, nor is anything when `digest` is None. Needs no torch: the commands check before they load a
+    network (snnet latency, snnet serve)."""
+    other = next((r for r in records if digest and r.get("checkpoint_sha256") not in (None, digest)), None)
+    if other is not None:
+        raise ResultsError(f"{source} holds results of another checkpoint (cfg_id {other['cfg_id']}: checkpoint_sha256 "
+                           f"{str(other['checkpoint_sha256'])[:16]}..., {what} is {str(digest)[:16]}...); pass the "
+                           f"checkpoint they were evaluated from, or evaluate this one (train.py --eval --resume)")
+
+
 def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -18,6 +18,7 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
+from snnet.results.records import check_checkpoint_sha
 from snnet.utils.errors import SNNetError, UsageError
 from snnet.utils.fileio import export_spec
 
@@ -33,16 +34,6 @@ def check_port(host: str, port: int) -> None:
                              f"--host") from None
 
 
-def check_measured(records: list[dict[str, Any]], served: str, sha: str | None, source: str) -> None:
-    """Refuse results that name another checkpoint (their checkpoint_sha256) than the one served: their accuracies,
-    which the choice ranks by, are not this network's."""
-    other = next((r for r in records if sha and r.get("checkpoint_sha256") not in (None, sha)), None)
-    if other is not None:
-        raise SNNetError(f"{source} is of checkpoint {str(other['checkpoint_sha256'])[:16]}... (its "
-                         f"checkpoint_sha256, cfg_id {other['cfg_id']}), not of {served} ({str(sha)[:16]}...); pass "
-                         f"the results of the checkpoint served (train.py --eval --resume of it writes them)")
-
-
 def exported_stitches(folders: Sequence[str | os.PathLike], records: list[dict[str, Any]], source: str
                       ) -> list[dict[str, Any]]:
     """The specs (model.json) of the export folders to serve, in order, checked against the results file's
@@ -54,9 +45,8 @@ def exported_stitches(folders: Sequence[str | os.PathLike], records: list[dict[s
     for folder in folders:
         spec = export_spec(folder)
         cfg_id = spec["cfg_id"]
-        check_measured([r for r in records if r.get("cfg_id") == cfg_id],
-                       f"the one export folder {str(folder)!r} was exported from",
-                       spec.get("source", {}).get("checkpoint_sha256"), source)
+        check_checkpoint_sha([r for r in records if r.get("cfg_id") == cfg_id], spec.get("source", {}).get(
+            "checkpoint_sha256"), f"the checkpoint export folder {str(folder)!r} was exported from", source)
         if cfg_id not in by_id or by_id[cfg_id].get("route", spec["route"]) != spec["route"]:
             raise SNNetError(f"export of cfg_id {cfg_id} ({spec['route']!r}) is not in {source}; pass the results of "
                              f"the SN-Net it was exported from")

@@ -40,9 +40,9 @@ from PIL import Image
 from snnet.data.transforms import eval_transform
 from snnet.deploy.export import labelled, load_exported, load_snnet
 from snnet.deploy.latency import measure_latency
-from snnet.results.records import check_routes, file_sha256, read_results
+from snnet.results.records import check_checkpoint_sha, check_routes, file_sha256, read_results
 from snnet.results.select import BudgetError, route_costs
-from snnet.serve import check_measured, exported_stitches
+from snnet.serve import exported_stitches
 from snnet.serve.policy import StitchMenu, finite_positive
 from snnet.serve.scheduler import NO_DEADLINE, DeadlineScheduler, Done, Pending, Shed, release_free_heap
 from snnet.train.device import device_from_flag
@@ -128,7 +128,7 @@ def load_served(spec: ServeSpec) -> Served:
     loaded = load_snnet(spec.checkpoint, spec.stitch_config, spec.img_size, spec.num_classes)
     check_routes(loaded.net, records, source)
     if any("checkpoint_sha256" in r for r in records):
-        check_measured(records, f"checkpoint {spec.checkpoint!r}", file_sha256(spec.checkpoint), source)
+        check_checkpoint_sha(records, file_sha256(spec.checkpoint), f"checkpoint {spec.checkpoint!r}", source)
     _, costs = route_costs(loaded.net, loaded.img_size)
     chosen = [{**r, **costs[r["cfg_id"]]} for r in records]  # FLOPs at the served size replace the recorded ones
     return Served(loaded.net, chosen, loaded.img_size, loaded.in_chans, int(loaded.num_classes or 0),
