@@ -587,16 +587,22 @@ def _fresh_fix(out: Path) -> str:
 
 
 def _recorded_run(out: Path, data: Path, fresh: bool) -> dict | None:
-    """The record of the quickstart run --out holds (None: nothing there, or --fresh), refused when it has none or
-    is of another DATA: what needs no image read, checked before the images are."""
+    """The record of the quickstart run --out holds (None: nothing there, or --fresh), refused when it is of
+    another DATA, and --out refused when it holds files of quickstart's names but no run's record (another
+    program's: neither replaced nor, with --fresh, removed): what needs no image read, checked before the images
+    are."""
+    recorded = _recorded(out)
+    if recorded is None:
+        theirs = [n + "/" if (out / n).is_dir() else n for n in PRODUCTS if n != "data.tmp" and (out / n).exists()]
+        theirs += sorted(p.name for p in out.glob("anchor_*"))
+        if theirs:
+            them = "it" if len(theirs) == 1 else "them"
+            raise UsageError(f"--out {str(out)!r} holds {', '.join(theirs)} but no quickstart run's record "
+                             f"({out / 'data' / SPLIT_FILE}): quickstart would replace {them}; pass another --out")
+        return None
     if fresh:
         return None
-    recorded = _recorded(out)
-    started = any((out / name).exists() for name in ("data", "stitch_config.json", "snnet")) or \
-        any(out.glob("anchor_*"))
-    if recorded is None and not started:
-        return None
-    if not recorded or not isinstance(recorded.get("files"), dict):
+    if not isinstance(recorded.get("files"), dict):
         raise UsageError(f"--out {str(out)!r} holds a quickstart run without a record of the data it was made from "
                          f"({out / 'data' / SPLIT_FILE}); {_fresh_fix(out)}")
     if recorded.get("data") != str(data):

@@ -514,6 +514,23 @@ def test_what_out_holds_follows_data_and_seed(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["notes.md"]
 
 
+def test_an_out_with_others_files_of_its_names_is_refused_even_with_fresh(tmp_path, capsys):
+    """--out holding folders of quickstart's names (data/, results/) but no quickstart run's record is another
+    program's: refused before anything is read, with --fresh too (which would otherwise remove them), and kept."""
+    from helpers import run_cli
+    data = _shapes().write(tmp_path / "mine", ["circle", "square"], 6, 2, size=16, flat=True)
+    out = tmp_path / "project"
+    (out / "data" / "raw").mkdir(parents=True)
+    (out / "data" / "raw" / "notes.txt").write_text("mine")
+    (out / "results").mkdir()
+    (out / "results" / "table.csv").write_text("mine")
+    for fresh in ([], ["--fresh"]):
+        rc, _, err = run_cli(capsys, "quickstart", data, "--out", out, *fresh)
+        assert rc == 2 and f"--out '{out}' holds data/, results/ but no quickstart run's record" in err, err
+    assert (out / "data" / "raw" / "notes.txt").read_text() == (out / "results" / "table.csv").read_text() == "mine"
+    assert sorted(p.name for p in out.iterdir()) == ["data", "results"]
+
+
 def test_a_steps_warnings_reach_the_console_once(tmp_path, capsys):
     """Each distinct warning line the steps write to their logs is said once on the console (with the step that
     said it first), a line only when whole; what a log held before this run was said then."""
