@@ -19,6 +19,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from snnet.utils.errors import UsageError
+from snnet.utils.fileio import replaceable_image_folder
+
 ROOT = Path("/usr/share/datasets/fashion-mnist")
 PACKAGE = "dataset-fashion-mnist"
 NAMES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot"]
@@ -88,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", default="0-4", help="class indices: a range 0-4, a list 5,7,9, or both (default 0-4)")
     p.add_argument("--per-class", type=int, default=500, help="photos per class (default 500)")
     p.add_argument("--seed", type=int, default=0, help="which photos are drawn (default 0)")
-    p.add_argument("--out", required=True, help="the image folder to write (replaced if it exists)")
+    p.add_argument("--out", required=True, help="the image folder to write (an earlier one of this script's is "
+                                                "replaced; a folder holding anything else is refused)")
     p.add_argument("--root", default=str(ROOT), help=f"the package's files (default {ROOT})")
     a = p.parse_args(argv)
     try:
@@ -97,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     if a.per_class < 1:
         p.error(f"--per-class {a.per_class}: give at least 1")
+    try:
+        replaceable_image_folder(a.out, NAMES)
+    except UsageError as e:
+        raise SystemExit(f"error: --out {e}") from None
     out = write(Path(a.out), classes, a.per_class, a.seed, Path(a.root))
     print(f"wrote {out}: {len(classes)} classes ({', '.join(NAMES[k] for k in classes)}), {a.per_class} photos each")
     return 0

@@ -22,6 +22,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from snnet.utils.errors import UsageError
+from snnet.utils.fileio import replaceable_image_folder
+
 
 def _poly(cx: float, cy: float, r: float, n: int, rot: float, inner: float | None = None) -> list[tuple[float, float]]:
     pts = []
@@ -176,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if not 0 <= a.noise <= 255:
         p.error(f"--noise {a.noise:g} is outside 0-255; pass a standard deviation on the 0-255 pixel scale")
+    try:
+        replaceable_image_folder(a.out, {*(k for kinds in SETS.values() for k in kinds), "train", "val"})
+    except UsageError as e:
+        raise SystemExit(f"error: OUT {e}") from None
     out = write(Path(a.out), SETS[a.set][:a.classes], a.train, a.val, a.seed, a.size, a.flat, not a.any_colour,
                 a.noise, a.noise_over)
     print(f"wrote {out}: {a.classes} classes of set {a.set}, {a.train} + {a.val} images each")

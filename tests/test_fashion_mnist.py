@@ -34,6 +34,17 @@ def test_without_the_package_it_says_how_to_install_it(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_folder_holding_anything_else_is_refused_not_replaced(tmp_path):
+    """The draw replaces --out as a whole: only an earlier draw's folder (class folders of PNG files) may be there;
+    a user's files are refused in one line, before the package is read, and kept."""
+    (tmp_path / "data" / "raw").mkdir(parents=True)
+    (tmp_path / "data" / "raw" / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as e:
+        FM.main(["--out", str(tmp_path / "data"), "--root", str(tmp_path / "absent")])
+    assert str(e.value).startswith(f"error: --out '{tmp_path / 'data'}' holds 'raw', which this writer does not")
+    assert (tmp_path / "data" / "raw" / "notes.txt").read_text() == "mine"
+
+
 @pytest.mark.skipif(not (FM.ROOT / FM.FILES[0][0]).is_file(),
                     reason=f"Debian's dataset-fashion-mnist is not installed ({FM.ROOT}): apt-get install "
                            f"dataset-fashion-mnist")

@@ -12,7 +12,7 @@ import tarfile
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -294,6 +294,22 @@ def data_folder(path: str | os.PathLike, what: str, layout: str, error: type[SNN
         raise error(f"{what} {str(path)!r} is a {kind} archive; unpack it ({unpack}) and give the folder of images "
                     f"it holds")
     raise error(f"{what} {str(path)!r} is a file, not a folder; give {layout}")
+
+
+def replaceable_image_folder(path: str | os.PathLike, names: Collection[str], error: type[SNNetError] = UsageError
+                             ) -> None:
+    """Refuse an image folder that a writer replaces as a whole (benchmarks' data writers) unless it is missing,
+    empty or holds only what such a writer writes: folders named in `names` and PNG files. Anything else in it
+    (another program's files, a user's data) would be removed with it."""
+    folder = Path(path)
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise error(f"{str(folder)!r} is a file, not an image folder; pass another folder")
+    theirs = [p for p in folder.rglob("*") if (p.name not in names if p.is_dir() else p.suffix != ".png")]
+    if theirs:
+        raise error(f"{str(folder)!r} holds {str(theirs[0].relative_to(folder))!r}, which this writer does not "
+                    f"write, and is replaced as a whole; pass another folder, or remove it first")
 
 
 def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
