@@ -594,3 +594,24 @@ def test_files_at_different_image_sizes_combined_with_a_note(tmp_path, capsys):
     assert rc == 0, err
     assert "combined front mixes image sizes ('a': 16x16, 'b': 24x24)" in err
     assert "## combined" in out
+
+
+def test_a_files_sha256_is_read_once_per_version(tmp_path, monkeypatch):
+    """A command's early check and its loader ask for the same checkpoint's sha256: the second is the first's; a
+    file replaced (a rename, as the project writes) or rewritten is hashed again."""
+    import hashlib
+
+    from snnet.results import records
+    path = tmp_path / "ckpt"
+    path.write_bytes(b"one")
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: opened.append(str(p)) or real_open(p, *a, **k))
+    first = records.file_sha256(path)
+    assert records.file_sha256(str(path)) == first == hashlib.sha256(b"one").hexdigest()
+    assert opened.count(str(path)) == 1
+    (tmp_path / "new").write_bytes(b"two")
+    (tmp_path / "new").replace(path)
+    assert records.file_sha256(path) == hashlib.sha256(b"two").hexdigest()
+    path.write_bytes(b"three, longer")
+    assert records.file_sha256(path) == hashlib.sha256(b"three, longer").hexdigest()

@@ -2,6 +2,7 @@
 records to the checkpoint and config that produced them."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -23,10 +24,19 @@ RESULTS_FILE = "stitches_res.txt"
 EMA_RESULTS_FILE = "stitches_res_ema.txt"  # the same for the --model-ema weights
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """The file's SHA-256, read once per version of the file in a process: a command's early check and its loader's
+    ask for the same checkpoint (hundreds of MB). A version is the file's inode, size and modification time; the
+    project's writers replace files by rename (a new inode), so a rewritten file is hashed again."""
+    st = os.stat(path)
+    return _sha256_of(os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_of(path: str, inode: int, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
+        for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
 
