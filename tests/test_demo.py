@@ -300,3 +300,55 @@ def test_the_pin_takes_onednn_out_of_the_sums():
     assert all(p.returncode == 0 for p in runs) and all(bits), bits
     assert bits[0] == bits[1]  # pinned: the same sums whatever oneDNN's instruction set
     assert bits[2] != bits[3]  # oneDNN on: the instruction set moves them
+
+
+_PINNED_STEPS = """
+import hashlib, torch, timm
+from snnet.train.device import apply_onednn_switch
+apply_onednn_switch()
+torch.manual_seed(0)
+net = timm.create_model("deit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=16, patch_size=4,
+                        depth=2, embed_dim=32, num_heads=2)
+opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.05, fused=True)
+x, y = torch.randn(32, 3, 16, 16), torch.randint(0, 10, (32,))
+for _ in range(3):
+    loss = torch.nn.functional.cross_entropy(net(x), y, label_smoothing=0.1)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in net.parameters())).hexdigest()
+print(digest, torch.backends.cpu.get_cpu_capability(), torch.__version__, timm.__version__)
+"""
+#: what _PINNED_STEPS prints under the demo's PINNED_ENV (the kernels results/demo was trained with), and the
+#: versions it was computed with: the same digest on every x86-64 CPU with AVX2 is the demo's claim of reproducing
+PINNED_DIGEST = ("cdcf2b272870ba1c", "2.14.1", "1.0.31")
+
+
+@pytest.mark.slow
+def test_the_pinned_kernels_give_the_committed_bits_on_this_cpu():
+    """Three training steps of a small ViT (the demo's operations: patch convolution, matrix products, LayerNorm,
+    attention, GELU, label-smoothed cross-entropy, fused AdamW) under PINNED_ENV give the bits recorded with the
+    committed demo, on whatever CPU runs the suite, so a CPU on which `make demo` cannot reproduce results/demo
+    fails here in seconds. ATen's plain kernels give other bits: the digest tells kernels apart."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    import timm
+    import torch
+
+    from snnet.demo import PINNED_ENV
+    if (torch.__version__.split("+")[0], timm.__version__) != PINNED_DIGEST[1:]:
+        pytest.skip(f"the recorded digest is of torch {PINNED_DIGEST[1]} and timm {PINNED_DIGEST[2]}; "
+                    f"another build moves the demo's numbers too (docs/demo.md)")
+    runs = [subprocess.Popen([sys.executable, "-c", _PINNED_STEPS], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, **PINNED_ENV, **extra})
+            for extra in ({}, {"ATEN_CPU_CAPABILITY": "default"})]
+    (pinned, capability, *_), (plain, _, *_) = [p.communicate(timeout=300)[0].split() for p in runs]
+    assert all(p.returncode == 0 for p in runs)
+    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    model = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), platform.processor())
+    assert pinned[:16] == PINNED_DIGEST[0], (f"the demo's pinned kernels ({capability}) sum otherwise on this CPU "
+                                             f"({model}): a fresh `make demo` here will not give results/demo")
+    assert plain[:16] != pinned[:16]
