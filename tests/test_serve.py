@@ -43,6 +43,13 @@ def png(seed: int = 0, size: int = 16) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def png16() -> str:
+    """A 16-bit grayscale PNG (PIL opens it as mode I;16): converted to RGB, every pixel would clip to 255."""
+    buf = io.BytesIO()
+    Image.fromarray(np.full((16, 16), 4000, dtype=np.uint16)).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
 # ------------------------------------------------------------------------------------------------ the choice
 RECORDS = [{"cfg_id": 0, "flops": 100, "params": 10, "acc1": 60.0}, {"cfg_id": 1, "flops": 400, "params": 40,
            "acc1": 80.0}, {"cfg_id": 2, "flops": 200, "params": 20, "acc1": 72.0}]
@@ -587,6 +594,7 @@ BAD = [  # (body, status, words of the one-line reason)
     (b"[1, 2]", 400, "not an object"),
     ({"image": "%%%"}, 400, "not valid base64"),
     ({"image": base64.b64encode(b"not an image").decode()}, 400, "not a readable image"),
+    ({"image": png16()}, 400, "a 16/32-bit image (mode I;16)"),
     ({}, 400, "image is missing"),
     ({"image": png(), "budget": {"latency_ms": -3}}, 400, "budget.latency_ms -3 is not a positive number"),
     ({"image": png(), "budget": {"latency_ms": "fast"}}, 400, "not a positive number"),

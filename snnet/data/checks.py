@@ -511,7 +511,7 @@ def _hidden(label: str) -> bool:
 
 #: PIL modes of 16/32-bit images: timm's loader converts them to RGB by clipping to 0..255, so a 16-bit PNG becomes
 #: a nearly white image, silently
-_WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
 def pillow_extensions() -> set[str]:
@@ -528,7 +528,7 @@ def unusable_image(path: str) -> str | None:
     named from its header. A few ms per photo."""
     try:
         with Image.open(path) as img:
-            if img.mode in _WIDE_MODES:
+            if img.mode in WIDE_MODES:
                 return f"a 16/32-bit image (mode {img.mode}), which timm's loader would clip to nearly white"
             if img.format == "PNG":
                 img.verify()
@@ -566,7 +566,7 @@ def check_image_headers(folder: str, what: str, per_class: int | None = None) ->
             except Exception as e:
                 raise DataError(f"{what} image {path!r} cannot be read ({type(e).__name__}); remove or replace it "
                                 f"(evaluation does not skip images, so that every count is exact)") from None
-            if mode in _WIDE_MODES:
+            if mode in WIDE_MODES:
                 raise DataError(f"{what} image {path!r} is a {mode} (16/32-bit) image, which timm's loader would clip "
                                 f"to nearly white; convert the images to 8-bit RGB first")
             checked += 1

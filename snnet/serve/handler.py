@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from snnet.data.checks import WIDE_MODES
 from snnet.data.transforms import eval_transform
 from snnet.deploy.export import labelled, load_exported, load_snnet
 from snnet.deploy.latency import measure_latency
@@ -402,6 +403,9 @@ class ServeCore:
             if w * h > MAX_PIXELS:
                 raise RequestError(400, f"image of {w}x{h} pixels is over the {MAX_PIXELS:,}-pixel limit; send a "
                                         f"smaller image")
+            if opened.mode in WIDE_MODES:  # PIL's conversion would clip it to nearly white, as training refuses it
+                raise RequestError(400, f"image is a 16/32-bit image (mode {opened.mode}), which the network was "
+                                        f"not trained on; convert it to 8-bit first")
             img = opened.convert("L" if self.served.in_chans == 1 else "RGB")
         except RequestError:
             raise
