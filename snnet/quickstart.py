@@ -62,6 +62,7 @@ from snnet.data.checks import (
 from snnet.data.options import CLASS_FOLDERS
 from snnet.results.predictions import load_for
 from snnet.results.records import RESULTS_FILE, ResultsError, file_sha256, read_results
+from snnet.utils.distributed import usable_cores
 from snnet.utils.errors import SNNetError, UsageError, one_line
 from snnet.utils.fileio import FolderLock, data_folder, write_text_atomic
 
@@ -283,7 +284,7 @@ def _check_images(paths: list[Path], data: Path, known: dict[str, list]) -> dict
     if todo:
         from snnet.utils.progress import Progress
         progress = Progress("Checking images", len(todo), seconds=10.0) if len(todo) > CHECK_QUIETLY else None
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        with ThreadPoolExecutor(max_workers=min(8, usable_cores())) as pool:
             for i, ((rel, _), problem) in enumerate(zip(todo, pool.map(lambda t: unusable_image(str(t[1])), todo))):
                 record[rel][2] = problem
                 if progress is not None:
@@ -530,7 +531,7 @@ def write_split(summary: DataSummary, out: Path, record: dict) -> int:
     from snnet.utils.progress import Progress
     progress = Progress("Writing the split", len(todo), seconds=10.0) if len(todo) > CHECK_QUIETLY else None
     copied = 0
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=min(8, usable_cores())) as pool:
         for i, stored in enumerate(pool.map(lambda t: _store(t[0], t[1], side), todo)):
             copied += stored
             if progress is not None:
@@ -820,7 +821,7 @@ def plan(summary: DataSummary, args: QuickstartOptions, weights: dict[str, str] 
                  f"{'one set per stitch' if bn_stats == 'per_stitch' else 'one set per anchor (SN-Net)'} "
                  f"({why}; change: --bn-stats)")
     images = summary.images
-    nproc = args.nproc or max(1, min(os.cpu_count() or 1, 8, images // 2))
+    nproc = args.nproc or max(1, min(usable_cores(), 8, images // 2))
     per = -(-images // nproc)  # the training images one SN-Net process draws an epoch (padded to equal shares)
     if args.batch and args.batch > per:
         procs = f"each of the SN-Net's {nproc} processes draws {per} of" if nproc > 1 else "the SN-Net draws"
@@ -842,7 +843,7 @@ def plan(summary: DataSummary, args: QuickstartOptions, weights: dict[str, str] 
                f"{MIN_STEPS} steps within {EPOCHS[0]}-{EPOCHS[1]} epochs")
     lines.append(f"anchor training: {anchor_epochs} epochs ({why}; change: --anchor-epochs, --batch)")
     snnet_epochs = args.snnet_epochs or max(10, round(SNNET_SHARE * anchor_epochs))
-    cores = "--nproc" if args.nproc else f"every core, at least 2 images each{', as many as the images allow' if nproc < min(os.cpu_count() or 1, 8) else ''}"  # noqa: E501
+    cores = "--nproc" if args.nproc else f"every core, at least 2 images each{', as many as the images allow' if nproc < min(usable_cores(), 8) else ''}"  # noqa: E501
     lines.append(f"SN-Net training: {snnet_epochs} epochs on {nproc} process(es), batches of {batch} ({cores}; "
                  f"change: --snnet-epochs, --nproc, --batch)")
     return Plan(img_size, anchors, bool(args.anchors) and not args.no_pretrained, stages, stitch_plan, anchor_epochs,

@@ -483,6 +483,21 @@ def test_the_batch_and_processes_fit_the_images():
         plan(few, _args(nproc=2, batch=9))
 
 
+def test_the_default_processes_are_the_cores_this_process_may_use():
+    """Slurm and containers give a job some of a machine's cores (its affinity mask): the default --nproc counts
+    those, not the machine's."""
+    cores = os.sched_getaffinity(0)
+    if len(cores) < 2:
+        pytest.skip("needs 2 cores to give this process 1 of them")
+    summary = DataSummary(Path("d"), {c: 400 for c in "abc"}, {c: 100 for c in "abc"}, 64)
+    try:
+        os.sched_setaffinity(0, {min(cores)})
+        assert plan(summary, _args()).nproc == 1
+    finally:
+        os.sched_setaffinity(0, cores)
+    assert plan(summary, _args()).nproc == min(len(cores), 8)
+
+
 def test_what_out_holds_follows_data_and_seed(tmp_path):
     """A split records what it was made from: the same DATA and seed reuse it; another --seed splits it again (and
     says so); an image added, changed or removed, or another DATA, is refused naming the change and --fresh, which

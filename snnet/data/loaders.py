@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import re
 import threading
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ from snnet.data.datasets import ShardDataset
 from snnet.data.options import LoaderOptions
 from snnet.data.shards import image_problem
 from snnet.data.transforms import eval_transform, src_crop, timm_crop_mode
-from snnet.utils.distributed import world
+from snnet.utils.distributed import usable_cores, world
 
 _logger = logging.getLogger(__name__)
 
@@ -29,14 +28,6 @@ _SKIP = threading.local()
 
 #: timm's -j/--workers default, used where the machine has that many cores
 TIMM_WORKERS = 4
-
-
-def usable_cores() -> int:
-    """The CPU cores this process may run on (its affinity mask: a container's or Slurm's share), else os.cpu_count."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def default_workers() -> tuple[int, str | None]:

@@ -18,6 +18,14 @@ def _group():
     return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask: a container's or Slurm's share), else os.cpu_count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def world(launched: bool = False) -> tuple[int, int]:
     """(rank, world size) of this process in its process group; (0, 1) outside one, so collectives are skipped.
     `launched`: outside a group, the launcher's (torchrun's, or Slurm's once adopted: RANK, WORLD_SIZE), for what
