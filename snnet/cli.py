@@ -293,7 +293,18 @@ def cmd_export(args: ExportCommand) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- latency
+def _check_threads(threads: int | None) -> None:
+    """--threads within the cores this process may use: more threads than cores take turns on them and slow every
+    call (several times over), so a latency table or a server would measure and serve that."""
+    from snnet.utils.distributed import usable_cores
+    cores = usable_cores()
+    if threads and threads > cores:
+        raise UsageError(f"--threads {threads} is more than the {cores} CPU core(s) this process may use; give "
+                         f"--threads {cores} or fewer (threads beyond the cores take turns and slow every call)")
+
+
 def cmd_latency(args: LatencyCommand) -> int:
+    _check_threads(args.threads)
     _inputs_first(args.checkpoint, args.stitch_config)
     if args.results:  # another checkpoint's results: refused before torch loads (measuring checks them again)
         check_checkpoint_sha(read_results(args.results), file_sha256(args.checkpoint),
@@ -346,6 +357,7 @@ def cmd_serve(args: ServeCommand) -> int:
         raise UsageError(f"{flag} needs Ray Serve: add --engine ray (the local engine serves one process on this "
                          f"machine)")
     if args.engine == "local" or args.address == "local":
+        _check_threads(args.threads)  # this machine's cores (a cluster's replicas run on its nodes')
         check_port(args.host, args.port)  # another program's port: refused before anything loads
     _inputs_first(args.checkpoint, args.stitch_config)
     # the results against what is served (export folders' stitches, the checkpoint's bytes): before torch loads
@@ -493,7 +505,7 @@ class LatencyCommand(TrainedNetwork):
                                              help="only these stitches (default: those in --results, else all)")
     device: str = shared(CPU_DEVICE)
     threads: int | None = option(None, "--threads", parse=_positive_int,
-                                 help="torch intra-op threads (default: torch's)")
+                                 help="torch intra-op threads, at most the cores here (default: torch's)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -534,7 +546,8 @@ class ServeCommand:
     max_body_kb: int = option(4096, "--max-body-kb", parse=_positive_int, metavar="KB",
                               help="largest request body; larger ones get 413 (default 4096)")
     device: str = shared(CPU_DEVICE)
-    threads: int | None = option(None, "--threads", parse=_positive_int, help="torch intra-op threads per replica")
+    threads: int | None = option(None, "--threads", parse=_positive_int,
+                                 help="torch intra-op threads per replica, at most the cores here (default: torch's)")
     engine: str = option("local", "--engine", choices=("local", "ray"),
                          help="local: aiohttp in this process (default, one machine); ray: Ray Serve (replicas, "
                               "clusters)")

@@ -651,6 +651,11 @@ def test_serve_refuses_results_of_another_network_before_starting(tiny, tmp_path
     assert_refused(rc, err, "pass the SN-Net checkpoint")
     rc, _, err = run_cli(capsys, "serve", tiny.ckpt, "--results", tiny.results, "--max-wait-ms", "-1")
     assert_refused(rc, err, "--max-wait-ms", "is negative")
+    many = str(len(os.sched_getaffinity(0)) + 1)  # threads beyond the cores: a table and serving several times slower
+    for command in ("serve", "latency"):
+        rc, _, err = run_cli(capsys, command, tiny.ckpt, *(["--results", tiny.results] if command == "serve" else []),
+                             "--threads", many)
+        assert_refused(rc, err, f"--threads {many} is more than the", "CPU core(s) this process may use")
 
 
 def test_serve_refuses_a_port_in_use_before_starting_ray(tiny, capsys):
