@@ -4,6 +4,7 @@ usable cores, and says what it chose."""
 from __future__ import annotations
 
 import csv
+import os
 import re
 import sys
 
@@ -43,13 +44,13 @@ def test_parse_args_fits_the_default_and_refuses_the_typed(tiny_config, tmp_path
 
 
 def test_worker_default_fits_the_cores(monkeypatch, tiny_config, tmp_path):
-    monkeypatch.setattr(loaders.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     assert loaders.default_workers()[0] == 2 and "2 usable core(s)" in loaders.default_workers()[1]
     args, _ = parse_args([str(tmp_path), "--stitch_config", str(tiny_config)])
     assert args.workers == 2 and any("not timm's 4" in n for n in fitted_notes())
     for typed in (["-j", "4"], ["-j4"], ["--workers=4"]):  # typed wins, even timm's number
         assert parse_args([str(tmp_path), "--stitch_config", str(tiny_config), *typed])[0].workers == 4
-    monkeypatch.setattr(loaders.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     assert loaders.default_workers() == (4, None)
 
 
