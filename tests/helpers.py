@@ -235,6 +235,27 @@ class Tiny:
         self.results.write_text("".join(json.dumps(r) + "\n" for r in self.records))
 
 
+def trace_route_flops(model, cfg_id: int, img_size: int = 224, in_chans: int = 3) -> int:
+    """FLOPs of one whole route traced in one piece: the slow, obviously-right count the cost table is checked
+    against."""
+    import torch
+
+    from snnet.stitching.cost import count_flops, eval_mode
+    x = torch.zeros(1, in_chans, img_size, img_size, device=next(model.parameters()).device)
+    with torch.no_grad(), eval_mode(model):
+        return count_flops(lambda t: model(t, cfg_id), model, x)
+
+
+def open_data(data_dir: str, need_train: bool, num_classes: int | None = None):
+    """(options, train, val) of an ImageFolder root as the tools read it, checked."""
+    from snnet.data.checks import check_data
+    from snnet.data.datasets import create_datasets
+    from snnet.explore.similarity import data_options
+    data = data_options(data_dir, num_classes)
+    check_data(data, need_train=need_train, world_size=1)
+    return data, *create_datasets(data, need_train=need_train)
+
+
 _SERVER = r"""
 import json, logging, os, select, sys, threading, traceback
 sys.path.insert(0, sys.argv[1])

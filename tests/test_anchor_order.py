@@ -257,8 +257,9 @@ def test_search_prices_each_anchor_at_its_own_input_size(random_anchors):
     """Anchors whose own input sizes differ (the ResNet at 32x32, the ViT at 16x16): the maps record each size, and
     every network's FLOPs (units at their anchor's size, stitches on the front's output) equal a trace of the whole
     network on its front anchor's input."""
+    from helpers import trace_route_flops
+
     from snnet.explore.search import network_flops
-    from snnet.stitching.cost import trace_route_flops
     models, adapters, names, _ = random_anchors
     g = torch.Generator().manual_seed(2)
     big, small = torch.rand(8, 3, 32, 32, generator=g), torch.rand(8, 3, IMG, IMG, generator=g)

@@ -1,9 +1,10 @@
 """DeiT Ti/S/B against SN-Net's published numbers and checkpoint layout (docs/snnet_compat.md, C7, C22, C27, C31)."""
 import pytest
 import torch
+from helpers import trace_route_flops
 
 from snnet import build_snnet, load_stitch_config
-from snnet.stitching.cost import measure, trace_route_flops
+from snnet.stitching.cost import measure
 
 N = 197  # tokens at 224 px
 WIDTH = [192, 384, 768]

@@ -4,10 +4,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import trace_route_flops
 from torch.utils.data import DataLoader, TensorDataset
 
 from snnet import build_snnet, parse_stitch_config
-from snnet.stitching.cost import measure, trace_route_flops
+from snnet.stitching.cost import measure
 from snnet.stitching.ls_init import ls_init
 from snnet.stitching.route_tree import RouteTree
 from snnet.train.evaluator import evaluate_stitches

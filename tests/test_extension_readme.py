@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY
+from helpers import TINY, trace_route_flops
 
 from snnet import build_snnet, parse_stitch_config
 from snnet.deploy.export import export_stitch, load_exported, load_snnet
-from snnet.stitching.cost import measure, trace_route_flops
+from snnet.stitching.cost import measure
 from snnet.stitching.ls_init import ls_init, stitch_errors
 from snnet.train.sampler import create_sampler
 from snnet.utils.checkpoint import save_checkpoint

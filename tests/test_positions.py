@@ -140,9 +140,9 @@ def test_selected_plan_is_written_and_rebuilds_the_same_network(digits_folder, t
     the same network (same results), and a network built from it has the same state-dict keys and logits as one
     built by selecting again."""
     import timm
+    from helpers import open_data
 
     from snnet import build_snnet
-    from snnet.explore.similarity import open_data
     from snnet.stitching.build import create_anchors, snnet_from_anchors
     from snnet.train.args import parse_args
     from snnet.train.options import RunOptions

@@ -7,12 +7,13 @@ import statistics
 import pytest
 import timm
 import torch
+from helpers import trace_route_flops
 from timm.layers import SplitBatchNorm2d, convert_splitbn_model
 
 from snnet import AnchorError, SNNet, build_snnet, load_stitch_config, plan_for
 from snnet.stitching.adapter import NCHW, NHWC, adapter_for
 from snnet.stitching.build import check_resolutions
-from snnet.stitching.cost import measure, trace_route_flops
+from snnet.stitching.cost import measure
 from snnet.stitching.ls_init import ls_init, stitch_errors
 from stitching_resnet_swin import snnet_to_ours
 

@@ -8,15 +8,15 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 import torch
+from helpers import open_data, trace_route_flops
 from torch import nn
 
 from snnet import cli
 from snnet.explore.search import SearchOptions, beam_search
-from snnet.explore.similarity import calibration_batches, open_data
+from snnet.explore.similarity import calibration_batches
 from snnet.results.records import read_results
 from snnet.stitching.build import create_anchor
 from snnet.stitching.config import AnchorSpec
-from snnet.stitching.cost import trace_route_flops
 from snnet.stitching.cut import CutStitch, cut_points
 from snnet.stitching.maps import CompatibilityMaps
 from snnet.stitching.model import ComposedNet

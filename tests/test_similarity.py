@@ -10,7 +10,7 @@ import torch
 from helpers import run_cli
 
 from snnet.explore.similarity import build_anchors
-from snnet.stitching.cka import MinibatchCKA, gram, hsic_unbiased, linear_cka, minibatch_cka
+from snnet.stitching.cka import MinibatchCKA, _HsicTerms, _rows, gram
 from snnet.stitching.config import parse_stitch_config
 from snnet.stitching.cut import CutStitch, why_not_stitchable
 from snnet.stitching.maps import compatibility_maps
@@ -19,6 +19,38 @@ from snnet.stitching.plan import Composition, Segment
 
 VIT = {"name": "deit_tiny_patch16_224", "model_kwargs": {"patch_size": 4, "depth": 2, "embed_dim": 16,
                                                          "num_heads": 2}}
+
+
+# the references MinibatchCKA is checked against
+def linear_cka(X: torch.Tensor, Y: torch.Tensor) -> float:
+    """Biased full-batch linear CKA of X (n, p) and Y (n, q), float64, on column-centred X and Y:
+    ``||Yᵀ X||²_F / (||Xᵀ X||_F ||Yᵀ Y||_F)``, through the n x n Gram matrices when that is smaller; 0 when either
+    side is constant."""
+    X, Y = _rows(X), _rows(Y)
+    if X.shape[0] != Y.shape[0]:
+        raise ValueError(f"CKA needs the same samples on both sides: {X.shape[0]} vs {Y.shape[0]} rows")
+    X, Y = X - X.mean(0), Y - Y.mean(0)
+    n, p, q = X.shape[0], X.shape[1], Y.shape[1]
+    if p * q + p * p + q * q <= 3 * n * n:  # feature space
+        cross, xx, yy = (Y.T @ X).square().sum(), (X.T @ X).square().sum(), (Y.T @ Y).square().sum()
+    else:  # the same sums through the Gram matrices
+        K, L = X @ X.T, Y @ Y.T
+        cross, xx, yy = (K * L).sum(), K.square().sum(), L.square().sum()
+    den = math.sqrt(float(xx) * float(yy))
+    return float(cross) / den if den > 0 else 0.0
+
+
+def hsic_unbiased(K, L):
+    """Unbiased HSIC₁ of two n x n Gram matrices (n >= 4), as MinibatchCKA sums it per minibatch."""
+    return float(_HsicTerms(K).hsic(_HsicTerms(L)))
+
+
+def minibatch_cka(batches):
+    """Unbiased minibatch CKA of paired minibatches (X_b, Y_b)."""
+    acc = MinibatchCKA()
+    for X, Y in batches:
+        acc.add({"x": X, "y": Y}, [("x", "y")])
+    return acc.cka("x", "y")
 
 
 def _pair(n=400, p=12, q=7, noise=0.5, seed=0):

@@ -83,7 +83,7 @@ def test_two_way_on_small_vits_ls_init_and_every_route_runs():
     assert after.keys() == before.keys() and len(after) == 5 and all(after[k] < before[k] for k in after)
     net.eval()
     table = measure(net, 16)
-    from snnet.stitching.cost import trace_route_flops
+    from helpers import trace_route_flops
     for c in range(net.num_configs):
         assert net(x, c).shape == (16, 10)
         assert table.route_flops(net.routes[c]) == trace_route_flops(net, c, 16)
@@ -118,8 +118,9 @@ def test_two_way_for_cnns_each_stage_both_ways_one_hop():
     """Hierarchical anchors with "stitch_plan": "two_way": after each stage's SN-Net routes (small front), the same
     positions with the larger anchor in front, each with its own layer mapping the larger width onto the smaller;
     the one-way plan keeps its cfg_ids and keys; LS init fits the reverse layers; FLOPs sit between the two."""
+    from helpers import trace_route_flops
+
     from snnet import parse_stitch_config
-    from snnet.stitching.cost import trace_route_flops
     from snnet.stitching.ls_init import ls_init, stitch_errors
     from snnet.stitching.plan import PlanError, stagewise_plan
     cnn = lambda w: {"name": "resnet18", "model_kwargs": {"channels": [w, 2 * w, 4 * w, 8 * w]}}

@@ -5,11 +5,12 @@ import statistics
 import pytest
 import timm
 import torch
+from helpers import trace_route_flops
 
 from snnet import AnchorError, SNNet, build_snnet, load_stitch_config, plan_for
 from snnet.stitching.adapter import adapter_for
 from snnet.stitching.build import check_resolutions
-from snnet.stitching.cost import measure, trace_route_flops
+from snnet.stitching.cost import measure
 from snnet.stitching.ls_init import ls_init, stitch_errors
 from stitching_swin import ours_to_snnet, snnet_to_ours
 

@@ -153,14 +153,6 @@ def data_options(data_dir: str | os.PathLike, num_classes: int | None = None) ->
     return DataOptions(data_dir=str(data_dir), num_classes=num_classes, seed=0, batch_size=1)
 
 
-def open_data(data_dir: str, need_train: bool, num_classes: int | None = None):
-    """(options, train, val) of an ImageFolder root, checked (one-line DataError on a bad folder). The batch size
-    is the reader's (`loader_options`): the data checks see batches of 1 (`data_options`)."""
-    data = data_options(data_dir, num_classes)
-    check_data(data, need_train=need_train, world_size=1)
-    return data, *create_datasets(data, need_train=need_train)
-
-
 def loader_options(batch_size: int, workers: int = 0) -> LoaderOptions:
     """The evaluation loader of the tools: `batch_size` images per batch, read in this process."""
     return LoaderOptions(batch_size=batch_size, validation_batch_size=batch_size, workers=workers)

@@ -26,9 +26,6 @@ NHWC = "nhwc"      # (B, H, W, C)
 NCHW = "nchw"      # (B, C, H, W)
 LAYOUTS = (TOKENS, NHWC, NCHW)
 
-UNIT_KINDS = ("stem", "block", "transition", "norm", "head")
-
-
 class AnchorError(SNNetError):
     """Anchors that cannot be built or stitched."""
 
@@ -36,7 +33,7 @@ class AnchorError(SNNetError):
 @dataclass(frozen=True)
 class Unit:
     name: str                      # readable, e.g. "blocks.3" or "layers.2.downsample"
-    kind: str                      # one of UNIT_KINDS
+    kind: str                      # stem, block, transition, norm or head
     run: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # run(anchor_model, x) -> y
     modules: tuple[str, ...]       # names of the anchor's submodules/parameters this unit executes (for params)
     stage: int | None = None       # for blocks: the stage and the block index inside it

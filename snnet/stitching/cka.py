@@ -1,20 +1,17 @@
-"""Linear CKA (centered kernel alignment) between two sets of features of the same samples, in float64.
+"""Unbiased minibatch linear CKA (centered kernel alignment) between sets of features of the same samples, in
+float64.
 
 Samples are rows: X is (n, p), Y is (n, q); what a row is (an image, flattened) is the caller's choice.
+`MinibatchCKA` is the estimator of Nguyen, Raghu & Kornblith (2021) for streaming over minibatches. On each
+minibatch of n >= 4 rows, K = X Xᵀ and L = Y Yᵀ with zeroed diagonals (K̃, L̃) give the unbiased HSIC
 
-* `linear_cka(X, Y)`: the biased full-batch estimator in feature space, on column-centred X and Y,
-  ``CKA = ||Yᵀ X||²_F / (||Xᵀ X||_F ||Yᵀ Y||_F)``; computed through the n x n Gram matrices when that is smaller
-  (``||Yᵀ X||²_F = tr(X Xᵀ Y Yᵀ)``: the same number).
-* `MinibatchCKA`: the unbiased estimator of Nguyen, Raghu & Kornblith (2021) for streaming over minibatches. On each
-  minibatch of n >= 4 rows, K = X Xᵀ and L = Y Yᵀ with zeroed diagonals (K̃, L̃) give the unbiased HSIC
+    HSIC₁(K, L) = [tr(K̃ L̃) + (1ᵀK̃1)(1ᵀL̃1) / ((n-1)(n-2)) - 2/(n-2) · 1ᵀK̃L̃1] / (n(n-3));
 
-      HSIC₁(K, L) = [tr(K̃ L̃) + (1ᵀK̃1)(1ᵀL̃1) / ((n-1)(n-2)) - 2/(n-2) · 1ᵀK̃L̃1] / (n(n-3));
-
-  HSIC₁(K, L), HSIC₁(K, K) and HSIC₁(L, L) are averaged over the minibatches, and
-  ``CKA = mean HSIC₁(K, L) / sqrt(mean HSIC₁(K, K) · mean HSIC₁(L, L))``. Unbiased: independent features give
-  about 0 (it can be slightly negative), where the biased estimator gives a positive value that shrinks only with n.
-  HSIC₁ is unchanged by a shift of the features (no centring is needed), and CKA by an orthogonal map and an
-  isotropic scale of either side.
+HSIC₁(K, L), HSIC₁(K, K) and HSIC₁(L, L) are averaged over the minibatches, and
+``CKA = mean HSIC₁(K, L) / sqrt(mean HSIC₁(K, K) · mean HSIC₁(L, L))``. Unbiased: independent features give about 0
+(it can be slightly negative), where the biased full-batch estimator gives a positive value that shrinks only with n.
+HSIC₁ is unchanged by a shift of the features (no centring is needed), and CKA by an orthogonal map and an isotropic
+scale of either side.
 
 `MinibatchCKA` holds many feature sets at once and scores every pair of them from per-batch Gram statistics, so
 an all-pairs map costs one n x n Gram matrix per feature set per batch, not one per pair.
@@ -32,31 +29,10 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1).double()
 
 
-def linear_cka(X: torch.Tensor, Y: torch.Tensor) -> float:
-    """Biased full-batch linear CKA of X (n, p) and Y (n, q), float64; 0 when either side is constant."""
-    X, Y = _rows(X), _rows(Y)
-    if X.shape[0] != Y.shape[0]:
-        raise ValueError(f"CKA needs the same samples on both sides: {X.shape[0]} vs {Y.shape[0]} rows")
-    X, Y = X - X.mean(0), Y - Y.mean(0)
-    n, p, q = X.shape[0], X.shape[1], Y.shape[1]
-    if p * q + p * p + q * q <= 3 * n * n:  # feature space
-        cross, xx, yy = (Y.T @ X).square().sum(), (X.T @ X).square().sum(), (Y.T @ Y).square().sum()
-    else:  # the same sums through the Gram matrices
-        K, L = X @ X.T, Y @ Y.T
-        cross, xx, yy = (K * L).sum(), K.square().sum(), L.square().sum()
-    den = math.sqrt(float(xx) * float(yy))
-    return float(cross) / den if den > 0 else 0.0
-
-
 def gram(x: torch.Tensor) -> torch.Tensor:
     """Linear-kernel Gram matrix X Xᵀ (float64) of one minibatch, rows flattened."""
     X = _rows(x)
     return X @ X.T
-
-
-def hsic_unbiased(K: torch.Tensor, L: torch.Tensor) -> float:
-    """Unbiased HSIC₁ of two n x n Gram matrices (n >= 4)."""
-    return float(_HsicTerms(K).hsic(_HsicTerms(L)))
 
 
 class _HsicTerms:
@@ -111,12 +87,3 @@ class MinibatchCKA:
         xx, yy = self.self_[a] / self.batches[a], self.self_[b] / self.batches[b]
         return xy / math.sqrt(xx * yy) if xx > 0 and yy > 0 else 0.0
 
-
-def minibatch_cka(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Unbiased minibatch CKA of paired minibatches (X_b, Y_b)."""
-    acc = MinibatchCKA()
-    for X, Y in batches:
-        acc.add({"x": X, "y": Y}, [("x", "y")])
-    if not acc.cross:
-        raise ValueError("minibatch CKA needs at least one minibatch")
-    return acc.cka("x", "y")

@@ -220,12 +220,3 @@ def cost_table(model: SNNet, img_size: Size, in_chans: int = 3) -> CostTable:
             while len(_BY_STRUCTURE) > _BY_STRUCTURE_KEPT:
                 del _BY_STRUCTURE[next(iter(_BY_STRUCTURE))]
     return tables[(sizes, in_chans)]
-
-
-@torch.no_grad()
-def trace_route_flops(model: SNNet, cfg_id: int, img_size: int = 224, in_chans: int = 3) -> int:
-    """FLOPs of one whole route traced in one piece (the slow, obviously-right way; for checks)."""
-    device = next(model.parameters()).device
-    x = torch.zeros(1, in_chans, img_size, img_size, device=device)
-    with eval_mode(model):
-        return count_flops(lambda t: model(t, cfg_id), model, x)
