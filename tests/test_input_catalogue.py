@@ -238,6 +238,8 @@ CASES = [
     ("zero batch", "{data} --stitch_config {cfg} -b 0", "-b/--batch-size: 0 is not >= 1"),
     ("negative lr", "{data} --stitch_config {cfg} --lr -1", "--lr: -1 is not >= 0"),
     ("zero image size", "{data} --stitch_config {cfg} --img-size 0", "--img-size: 0 is not >= 1"),
+    ("image smaller than a patch", "{data} --stitch_config {cfg} --img-size 2",
+     "cannot run a 2x2 image: its unit 'embed' fails"),
     ("zero epochs", "{data} --stitch_config {cfg} --epochs 0", "--epochs: 0 is not >= 1"),
     ("probability above 1", "{data} --stitch_config {cfg} --reprob 1.5", "1.5 is not a probability"),
     ("negative workers", "{data} --stitch_config {cfg} -j -1", "argument -j/--workers: -1 is not >= 0"),

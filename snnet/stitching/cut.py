@@ -137,7 +137,14 @@ def probe(net, img_size: int | tuple[int, int], in_chans: int = 3) -> list[list[
             for a, units in enumerate(net.units):
                 x, anchor = torch.zeros(1, in_chans, *size, device=device), net.anchor(a)
                 for u, unit in enumerate(units):
-                    x = unit.run(anchor, x)
+                    try:
+                        x = unit.run(anchor, x)
+                    except RuntimeError as e:  # an input too small for a kernel, a stride or a pooling window
+                        names = getattr(net, "names", None)
+                        who = f"anchor {names[a]!r}" if names else f"anchor {a}"
+                        raise AnchorError(f"{who} cannot run a {size[0]}x{size[1]} image: its unit {unit.name!r} "
+                                          f"fails ({str(e).strip().splitlines()[0][:160]}); give a larger image "
+                                          f"size (--img-size, or \"input_size\" in the stitch config)") from None
                     outputs[(a, u)] = x
         finally:
             net.train(was_training)
