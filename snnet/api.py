@@ -164,16 +164,28 @@ def predict(net: torch.nn.Module | str | os.PathLike, images: torch.Tensor, cfg_
     """What `net` predicts for each image of `images` (N, C, H, W, preprocessed as `data_config` says): one dict per
     image, ``{"class": index, "label": its name, "top_k": [[index, probability], ...], "top_k_labels": [...]}``
     (``label`` None where the training data named no classes). `net`: an SN-Net (`load`; then `cfg_id` picks the
-    stitch), an exported stitch, or an export folder (``snnet export``'s)."""
+    stitch), an exported stitch, or an export folder (``snnet export``'s). `images` go to the network's device and
+    float type; anything but a float (N, C, H, W) tensor of the SN-Net's channels is an ApiError saying why."""
     if isinstance(net, (str, os.PathLike)):
         net = load_exported(net)
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.ndim != 4:
+        got = f"a {images.dtype} tensor of shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) else \
+            f"a {type(images).__name__}"
+        one = isinstance(images, torch.Tensor) and images.ndim == 3
+        raise ApiError(f"images must be a float tensor (N, C, H, W), preprocessed as snnet.data_config(net) says; got "
+                       f"{got}{' (one image: add the batch dimension, images.unsqueeze(0))' if one else ''}")
     if isinstance(net, SNNet):
+        want = tuple(data_config(net)["input_size"])
+        if images.shape[1] != want[0]:
+            raise ApiError(f"images of shape {tuple(images.shape)} have {images.shape[1]} channel(s), this SN-Net's "
+                           f"input {want[0]} (its input_size {want}); preprocess them as snnet.data_config(net) says")
         if cfg_id is None:
             raise ApiError(f"predict needs a cfg_id for an SN-Net of {net.num_configs} stitches; pick one with "
                            f"snnet.stitch_for(net, records, ...) or pass an export folder")
         run = lambda x: net(x, net.check_cfg_id(cfg_id))  # noqa: E731
     else:
         run = net
+    weight = next(net.parameters(), None)  # the network's device and float type
     with torch.no_grad():
-        logits = run(images)
+        logits = run(images if weight is None else images.to(weight.device, weight.dtype))
     return labelled(logits, getattr(net, "class_names", None), top_k)

@@ -4,6 +4,7 @@ run in tests/test_docs.py."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -108,6 +109,12 @@ def test_bad_arguments_are_one_clear_line(tmp_path):
     with pytest.raises(snnet.api.ApiError, match="ls mode 'best'"):
         snnet.ls_init_from_images(net, torch.zeros(4, 3, 16, 16), mode="best")
     assert json.dumps(snnet.__all__)  # the API names are listed
+    x = torch.randn(2, 3, 16, 16)
+    for images, words in ((x[0], "add the batch dimension, images.unsqueeze(0)"), (x.numpy(), "got a ndarray"),
+                          ((x * 255).to(torch.uint8), "got a torch.uint8 tensor"), (x[:, :1], "have 1 channel(s)")):
+        with pytest.raises(snnet.api.ApiError, match=re.escape(words)):
+            snnet.predict(net, images, cfg_id=1)
+    assert snnet.predict(net, x.half(), cfg_id=1)[0]["class"] == snnet.predict(net, x, cfg_id=1)[0]["class"]
 
 
 def test_train_py_resume_at_a_wrong_image_size_names_the_size(tiny, digits_folder, capsys):
