@@ -91,6 +91,8 @@ def world(tmp_path_factory, digits_folder, tiny_config):
     wide = sorted((w / "wide" / "val" / "4").glob("*.png"))[0]
     Image.fromarray(np.full((16, 16), 4000, dtype=np.uint16)).save(wide)
     (w / "wide_name").write_text(str(wide))
+    shutil.copytree(digits_folder, w / "mac", copy_function=os.link)  # macOS's AppleDouble file: a ._ "image"
+    (w / "mac" / "val" / "3" / "._scan.png").write_bytes(b"\x00\x05\x16\x07" + bytes(80))
     (w / "rso.json").write_text(json.dumps({"anchors": TINY, "sampler": {"type": "rso"}}))
     (w / "wide_gap.json").write_text(json.dumps({"anchors": TINY, "sampler": {"type": "ros", "gap": 1000}}))
     (w / "nine.txt").write_text("\n".join(str(c) for c in range(9)) + "\n")  # leaves class 9 out
@@ -323,6 +325,8 @@ CASES = [
     # data that would silently change the task
     ("hidden folder as a class", "{w}/hidden --stitch_config {cfg}", "'.ipynb_checkpoints'"),
     ("16-bit validation image", "{w}/wide --stitch_config {cfg} --eval", "is a I;16 (16/32-bit) image"),
+    ("macOS metadata file", "{w}/mac --stitch_config {cfg} --eval",
+     "is macOS's metadata of 'scan.png' (an AppleDouble file), not an image"),
     ("class map leaving a class out", "{data} --stitch_config {cfg} --class-map {w}/nine.txt --num-classes 10",
      "leaves out ('9')"),
     # every data source passes the same checks before any work: local Hugging Face datasets (parquet)

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -564,6 +565,10 @@ def check_image_headers(folder: str, what: str, per_class: int | None = None) ->
                 raise DataError(f"{what} image {path!r} is too large for PIL ({' '.join(str(e).split())[:120]}); "
                                 f"downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from None
             except Exception as e:
+                if name.startswith("._"):  # macOS writes one beside each file it copies to a foreign disk
+                    raise DataError(f"{what} image {path!r} is macOS's metadata of {name[2:]!r} (an AppleDouble "
+                                    f"file), not an image, which timm would read as one; delete such files: find "
+                                    f"{shlex.quote(folder)} -name '._*' -delete") from None
                 raise DataError(f"{what} image {path!r} cannot be read ({type(e).__name__}); remove or replace it "
                                 f"(evaluation does not skip images, so that every count is exact)") from None
             if mode in WIDE_MODES:
