@@ -387,7 +387,7 @@ def _read_folder(data: Path, dest: Path, seed: int, known: dict[str, list]) -> D
                                 f"if the sub-folders are the classes, make them the top folders")
     usable = {s: {c: [p for p in fs if record[p.relative_to(data).as_posix()][2] is None] for c, fs in cs.items()}
               for s, cs in images.items()}
-    _check_classes(usable, images, data, roots)
+    _check_classes(usable, images, data, roots, record)
     copies = _copies({p: record[p.relative_to(data).as_posix()][0] for cs in usable.values() for fs in cs.values()
                       for p in fs})
     label = {p: (s, c) for s, cs in usable.items() for c, fs in cs.items() for p in fs}
@@ -422,20 +422,23 @@ def _pairs(groups: list[list[Path]], data: Path, key=lambda p: p, n: int = 3) ->
 
 
 def _check_classes(usable: dict[str, dict[str, list[Path]]], images: dict[str, dict[str, list[Path]]], data: Path,
-                   roots: Mapping[str, Path | None]) -> None:
-    """Enough classes, each with enough readable images (two, or one in each of train/ and val/), the same classes
-    in train/ and val/; a class folder without any image file is no class (it is left out, said by the caller)."""
+                   roots: Mapping[str, Path | None], record: Mapping[str, list]) -> None:
+    """Enough classes, each with enough usable images (two, or one in each of train/ and val/), the same classes
+    in train/ and val/; a class folder without any image file is no class (it is left out, said by the caller).
+    `record`: each image's check, whose most common reason a refusal names."""
     where = f"DATA {str(data)!r}"
     for split, cs in usable.items():
         for c, files in cs.items():
-            skipped = len(images[split][c]) - len(files)
+            skipped = [record[p.relative_to(data).as_posix()][2] for p in images[split][c] if p not in set(files)]
             need = 2 if split == "all" else 1
             if images[split][c] and len(files) < need:
                 folder = c if split == "all" else f"{roots[split].name}/{c}"  # type: ignore[union-attr]
                 least = "2 per class (one to train on, one to validate)" if need == 2 else "1 in each of train/, val/"
-                raise UsageError(f"{where}: class {c!r} has {len(files)} readable image(s) in {folder!r}"
-                                 f"{f' ({skipped} skipped, unreadable)' if skipped else ''}; quickstart needs at least "
-                                 f"{least}: add images, or move the folder out")
+                why = max(set(skipped), key=skipped.count) if skipped else ""
+                some = f"{skipped.count(why)} of them " if skipped.count(why) < len(skipped) else ""
+                raise UsageError(f"{where}: class {c!r} has {len(files)} usable image(s) in {folder!r}"
+                                 f"{f' ({len(skipped)} skipped, {some}{why})' if skipped else ''}; quickstart needs "
+                                 f"at least {least}: add images, or move the folder out")
     named = {s: {c for c, fs in cs.items() if images[s][c]} for s, cs in usable.items()}
     if "train" in named and named["train"] != named["val"]:
         only_train, only_val = sorted(named["train"] - named["val"]), sorted(named["val"] - named["train"])

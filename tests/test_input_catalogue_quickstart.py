@@ -47,6 +47,9 @@ def world(tmp_path_factory):
     lone = shapes(w / "lone")  # a class of one image
     for p in sorted((lone / "ring").iterdir())[1:]:
         p.unlink()
+    deep = shapes(w / "deep")  # a class of 16-bit scans but one
+    for p in sorted((deep / "ring").iterdir())[1:]:
+        Image.fromarray(np.full((16, 16), 4000, dtype=np.uint16)).save(p)
     tvone = shapes(w / "tvone", train=4, val=1, flat=False)  # train/ and val/, val/ring empty
     for p in (tvone / "val" / "ring").iterdir():
         p.unlink()
@@ -108,8 +111,10 @@ CASES = [  # (case, argv, the words of the one line, environment added)
      {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": "{w}/hub"}),
     ("quickstart one class", "quickstart {w}/oneclass --out {out}", "holds one class, 'circle': a classifier needs "
      "at least 2", None),
-    ("quickstart class of one image", "quickstart {w}/lone --out {out}", "class 'ring' has 1 readable image(s) in "
+    ("quickstart class of one image", "quickstart {w}/lone --out {out}", "class 'ring' has 1 usable image(s) in "
      "'ring'; quickstart needs at least 2 per class", None),
+    ("quickstart class of 16-bit images", "quickstart {w}/deep --out {out}", "class 'ring' has 1 usable image(s) in "
+     "'ring' (11 skipped, a 16/32-bit image (mode I;16), which timm's loader would clip", None),
     ("quickstart class missing from val/", "quickstart {w}/tvone --out {out}", "train/ and val/ hold different "
      "classes (only in train/: 'ring')", None),
     ("quickstart --out inside DATA", "quickstart {w}/grow --out {w}/grow/out", "--out '{w}/grow/out' is inside DATA "
