@@ -364,9 +364,7 @@ def _read_folder(data: Path, dest: Path, seed: int, known: dict[str, list]) -> D
                                 f"({first_names(loose)}): the classes are the folders "
                                 f"{'in train/ and val/' if 'all' not in roots else 'in DATA'}")
     if others:
-        rel = [p.relative_to(data).as_posix() for p in others]
-        summary.warnings.append(f"warning: {where}: {len(others)} file(s) left out, not images Pillow reads here "
-                                f"({first_names(rel)})")
+        summary.warnings.append(f"warning: {where}: {len(others)} file(s) left out, {_not_images(others, data)}")
     bad = [(rel, r[2]) for rel, r in record.items() if r[2] is not None]
     if bad:
         summary.warnings.append(f"warning: {where}: {len(bad)} image(s) skipped, they cannot be trained on: "
@@ -387,7 +385,7 @@ def _read_folder(data: Path, dest: Path, seed: int, known: dict[str, list]) -> D
                                 f"if the sub-folders are the classes, make them the top folders")
     usable = {s: {c: [p for p in fs if record[p.relative_to(data).as_posix()][2] is None] for c, fs in cs.items()}
               for s, cs in images.items()}
-    _check_classes(usable, images, data, roots, record)
+    _check_classes(usable, images, data, roots, record, others)
     copies = _copies({p: record[p.relative_to(data).as_posix()][0] for cs in usable.values() for fs in cs.values()
                       for p in fs})
     label = {p: (s, c) for s, cs in usable.items() for c, fs in cs.items() for p in fs}
@@ -421,24 +419,39 @@ def _pairs(groups: list[list[Path]], data: Path, key=lambda p: p, n: int = 3) ->
     return ", ".join(said) + (f" and {len(groups) - n} more" if len(groups) > n else "")
 
 
+def _not_images(paths: Sequence[Path], data: Path) -> str:
+    """What files of other kinds are, named: "not images Pillow reads here (...)", with the fix for HEIC photos."""
+    heic = any(p.suffix.lower() in (".heic", ".heif") for p in paths)
+    return (f"not images Pillow reads here ({first_names([p.relative_to(data).as_posix() for p in paths])})"
+            + ("; HEIC photos (an iPhone's) need converting to JPEG first" if heic else ""))
+
+
 def _check_classes(usable: dict[str, dict[str, list[Path]]], images: dict[str, dict[str, list[Path]]], data: Path,
-                   roots: Mapping[str, Path | None], record: Mapping[str, list]) -> None:
+                   roots: Mapping[str, Path | None], record: Mapping[str, list], others: Sequence[Path] = ()) -> None:
     """Enough classes, each with enough usable images (two, or one in each of train/ and val/), the same classes
     in train/ and val/; a class folder without any image file is no class (it is left out, said by the caller).
-    `record`: each image's check, whose most common reason a refusal names."""
+    `record`: each image's check, whose most common reason a refusal names; `others`: the files of other kinds,
+    which a refusal names too (its warnings are not printed)."""
     where = f"DATA {str(data)!r}"
+    if others and not any(fs for cs in images.values() for fs in cs.values()):
+        raise UsageError(f"{where}: no class folder holds an image; its {len(others)} file(s) are "
+                         f"{_not_images(others, data)}")
     for split, cs in usable.items():
         for c, files in cs.items():
-            skipped = [record[p.relative_to(data).as_posix()][2] for p in images[split][c] if p not in set(files)]
             need = 2 if split == "all" else 1
             if images[split][c] and len(files) < need:
+                kept = set(files)
+                skipped = [record[p.relative_to(data).as_posix()][2] for p in images[split][c] if p not in kept]
                 folder = c if split == "all" else f"{roots[split].name}/{c}"  # type: ignore[union-attr]
                 least = "2 per class (one to train on, one to validate)" if need == 2 else "1 in each of train/, val/"
                 why = max(set(skipped), key=skipped.count) if skipped else ""
                 some = f"{skipped.count(why)} of them " if skipped.count(why) < len(skipped) else ""
+                folder_path = (data if split == "all" else roots[split]) / c  # type: ignore[operator]
+                beside = [p for p in others if folder_path in p.parents]
+                left = f"; {len(beside)} other file(s) there are {_not_images(beside, data)}" if beside else ""
                 raise UsageError(f"{where}: class {c!r} has {len(files)} usable image(s) in {folder!r}"
-                                 f"{f' ({len(skipped)} skipped, {some}{why})' if skipped else ''}; quickstart needs "
-                                 f"at least {least}: add images, or move the folder out")
+                                 f"{f' ({len(skipped)} skipped, {some}{why})' if skipped else ''}{left}; quickstart "
+                                 f"needs at least {least}: add images, or move the folder out")
     named = {s: {c for c, fs in cs.items() if images[s][c]} for s, cs in usable.items()}
     if "train" in named and named["train"] != named["val"]:
         only_train, only_val = sorted(named["train"] - named["val"]), sorted(named["val"] - named["train"])

@@ -47,6 +47,13 @@ def world(tmp_path_factory):
     lone = shapes(w / "lone")  # a class of one image
     for p in sorted((lone / "ring").iterdir())[1:]:
         p.unlink()
+    iphone = shapes(w / "iphone")  # a class of an iPhone's HEIC photos but one
+    for p in sorted((iphone / "ring").iterdir())[1:]:
+        p.with_suffix(".HEIC").write_bytes(b"\0\0\0\x18ftypheic" + bytes(64))
+        p.unlink()
+    for cls in ("a", "b"):  # nothing but HEIC photos
+        (w / "heic" / cls).mkdir(parents=True)
+        (w / "heic" / cls / "IMG_0001.HEIC").write_bytes(b"\0\0\0\x18ftypheic" + bytes(64))
     deep = shapes(w / "deep")  # a class of 16-bit scans but one
     for p in sorted((deep / "ring").iterdir())[1:]:
         Image.fromarray(np.full((16, 16), 4000, dtype=np.uint16)).save(p)
@@ -113,6 +120,11 @@ CASES = [  # (case, argv, the words of the one line, environment added)
      "at least 2", None),
     ("quickstart class of one image", "quickstart {w}/lone --out {out}", "class 'ring' has 1 usable image(s) in "
      "'ring'; quickstart needs at least 2 per class", None),
+    ("quickstart class of HEIC photos", "quickstart {w}/iphone --out {out}", "class 'ring' has 1 usable image(s) in "
+     "'ring'; 11 other file(s) there are not images Pillow reads here ('ring/", None),
+    ("quickstart HEIC photos only", "quickstart {w}/heic --out {out}", "no class folder holds an image; its 2 file(s) "
+     "are not images Pillow reads here ('a/IMG_0001.HEIC', 'b/IMG_0001.HEIC'); HEIC photos (an iPhone's) need "
+     "converting to JPEG first", None),
     ("quickstart class of 16-bit images", "quickstart {w}/deep --out {out}", "class 'ring' has 1 usable image(s) in "
      "'ring' (11 skipped, a 16/32-bit image (mode I;16), which timm's loader would clip", None),
     ("quickstart class missing from val/", "quickstart {w}/tvone --out {out}", "train/ and val/ hold different "
