@@ -446,8 +446,7 @@ def _check_classes(usable: dict[str, dict[str, list[Path]]], images: dict[str, d
                 least = "2 per class (one to train on, one to validate)" if need == 2 else "1 in each of train/, val/"
                 why = max(set(skipped), key=skipped.count) if skipped else ""
                 some = f"{skipped.count(why)} of them " if skipped.count(why) < len(skipped) else ""
-                folder_path = (data if split == "all" else roots[split]) / c  # type: ignore[operator]
-                beside = [p for p in others if folder_path in p.parents]
+                beside = [p for p in others if roots[split] / c in p.parents]  # type: ignore[operator]
                 left = f"; {len(beside)} other file(s) there are {_not_images(beside, data)}" if beside else ""
                 raise UsageError(f"{where}: class {c!r} has {len(files)} usable image(s) in {folder!r}"
                                  f"{f' ({len(skipped)} skipped, {some}{why})' if skipped else ''}{left}; quickstart "
