@@ -423,7 +423,8 @@ def _not_images(paths: Sequence[Path], data: Path) -> str:
     """What files of other kinds are, named: "not images Pillow reads here (...)", with the fix for HEIC photos."""
     heic = any(p.suffix.lower() in (".heic", ".heif") for p in paths)
     return (f"not images Pillow reads here ({first_names([p.relative_to(data).as_posix() for p in paths])})"
-            + ("; HEIC photos (an iPhone's) need converting to JPEG first" if heic else ""))
+            + ("; HEIC photos (an iPhone's) are read once pillow-heif is installed (pip install pillow-heif), or "
+               "convert them to JPEG" if heic else ""))
 
 
 def _check_classes(usable: dict[str, dict[str, list[Path]]], images: dict[str, dict[str, list[Path]]], data: Path,

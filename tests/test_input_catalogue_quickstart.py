@@ -47,13 +47,13 @@ def world(tmp_path_factory):
     lone = shapes(w / "lone")  # a class of one image
     for p in sorted((lone / "ring").iterdir())[1:]:
         p.unlink()
-    iphone = shapes(w / "iphone")  # a class of an iPhone's HEIC photos but one
-    for p in sorted((iphone / "ring").iterdir())[1:]:
-        p.with_suffix(".HEIC").write_bytes(b"\0\0\0\x18ftypheic" + bytes(64))
+    raw = shapes(w / "raw")  # a class of a camera's raw files but one
+    for p in sorted((raw / "ring").iterdir())[1:]:
+        p.with_suffix(".CR2").write_bytes(b"II*\0\x10\0\0\0CR\x02\0" + bytes(64))
         p.unlink()
-    for cls in ("a", "b"):  # nothing but HEIC photos
-        (w / "heic" / cls).mkdir(parents=True)
-        (w / "heic" / cls / "IMG_0001.HEIC").write_bytes(b"\0\0\0\x18ftypheic" + bytes(64))
+    for cls in ("a", "b"):  # nothing but raw files
+        (w / "rawonly" / cls).mkdir(parents=True)
+        (w / "rawonly" / cls / "IMG_0001.CR2").write_bytes(b"II*\0\x10\0\0\0CR\x02\0" + bytes(64))
     deep = shapes(w / "deep")  # a class of 16-bit scans but one
     for p in sorted((deep / "ring").iterdir())[1:]:
         Image.fromarray(np.full((16, 16), 4000, dtype=np.uint16)).save(p)
@@ -120,11 +120,10 @@ CASES = [  # (case, argv, the words of the one line, environment added)
      "at least 2", None),
     ("quickstart class of one image", "quickstart {w}/lone --out {out}", "class 'ring' has 1 usable image(s) in "
      "'ring'; quickstart needs at least 2 per class", None),
-    ("quickstart class of HEIC photos", "quickstart {w}/iphone --out {out}", "class 'ring' has 1 usable image(s) in "
+    ("quickstart class of raw files", "quickstart {w}/raw --out {out}", "class 'ring' has 1 usable image(s) in "
      "'ring'; 11 other file(s) there are not images Pillow reads here ('ring/", None),
-    ("quickstart HEIC photos only", "quickstart {w}/heic --out {out}", "no class folder holds an image; its 2 file(s) "
-     "are not images Pillow reads here ('a/IMG_0001.HEIC', 'b/IMG_0001.HEIC'); HEIC photos (an iPhone's) need "
-     "converting to JPEG first", None),
+    ("quickstart raw files only", "quickstart {w}/rawonly --out {out}", "no class folder holds an image; its 2 "
+     "file(s) are not images Pillow reads here ('a/IMG_0001.CR2', 'b/IMG_0001.CR2')", None),
     ("quickstart class of 16-bit images", "quickstart {w}/deep --out {out}", "class 'ring' has 1 usable image(s) in "
      "'ring' (11 skipped, a 16/32-bit image (mode I;16), which timm's loader would clip", None),
     ("quickstart class missing from val/", "quickstart {w}/tvone --out {out}", "train/ and val/ hold different "
@@ -248,6 +247,29 @@ def test_an_odd_photo_folder_is_read_and_every_file_left_out_is_named(tmp_path):
     assert summary.train == {"circle": 11, "ring": 10, "square": 11} and summary.val == {"circle": 3, "ring": 3,
                                                                                          "square": 3}
     assert any(".gif/.tif/.webp images are read too" in n for n in summary.notes), summary.notes
+
+
+def test_an_iphones_heic_photos_are_read_or_named_with_the_fix(tmp_path):
+    """HEIC photos, an iPhone's default format, are images once pillow-heif is installed: quickstart reads them
+    (linked under a .png name, which timm's reader lists; any process that imports snnet's data layer opens them);
+    without it a refusal names them with the package to install."""
+    from snnet.quickstart import _not_images, read_data
+    assert _not_images([tmp_path / "a" / "IMG_0001.HEIC"], tmp_path) == (
+        "not images Pillow reads here ('a/IMG_0001.HEIC'); HEIC photos (an iPhone's) are read once pillow-heif is "
+        "installed (pip install pillow-heif), or convert them to JPEG")
+    pytest.importorskip("pillow_heif", reason="pillow-heif is not installed (requirements-extras.txt)")
+    data = shapes(tmp_path / "photos")
+    before = read_data(data, tmp_path / "out")
+    rng = np.random.default_rng(0)
+    for cls in before.train:
+        Image.fromarray((rng.random((16, 16, 3)) * 255).astype("uint8")).save(data / cls / "IMG_0001.HEIC")
+    summary = read_data(data, tmp_path / "out")
+    count = lambda s: sum(s.train.values()) + sum(s.val.values())  # noqa: E731
+    assert count(summary) == count(before) + len(before.train) and not summary.warnings, summary.warnings
+    linked = {name for split in summary.links.values() for links in split.values() for _, name in links}
+    assert "IMG_0001.HEIC.png" in linked and any(".heic images are read too" in n for n in summary.notes)
+    with Image.open(data / "ring" / "IMG_0001.HEIC") as im:
+        assert im.size == (16, 16)
 
 
 def test_a_train_val_folder_whose_classes_hold_year_folders_keeps_its_classes(tmp_path):

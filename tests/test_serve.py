@@ -7,6 +7,7 @@ import concurrent.futures
 import copy
 import dataclasses
 import http.client
+import importlib.util
 import io
 import json
 import math
@@ -634,6 +635,10 @@ def test_bad_requests_get_a_4xx_and_one_line(core):
     assert handle(core, b"x" * (core.spec.max_body_bytes + 1))[0] == 413
     assert handle(core, b"", "DELETE")[0] == 405 and handle(core, b"", "GET", "/nope")[0] == 404
     assert handle(core, {"image": png()})[0] == 200  # still serving
+    if importlib.util.find_spec("pillow_heif"):  # an iPhone's HEIC photo is an image too (requirements-extras.txt)
+        buf = io.BytesIO()
+        Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype("uint8")).save(buf, "HEIF")
+        assert handle(core, {"image": base64.b64encode(buf.getvalue()).decode()})[0] == 200
     assert core.info()["responses"]["200"] >= 1
     for w, h in [(20000, 20000), (7000, 7000)]:  # over PIL's own limit, and over ours only: the same refusal
         status, a = handle(core, {"image": bomb_png(w, h)})

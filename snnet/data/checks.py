@@ -23,6 +23,13 @@ from snnet.data.shards import check_shards, image_problem, is_shards, read_info,
 from snnet.utils.errors import SNNetError
 from snnet.utils.fileio import data_folder
 
+try:  # HEIC photos, an iPhone's default: Pillow reads them once pillow-heif (requirements-extras.txt) registers
+    from pillow_heif import register_heif_opener
+except ImportError:
+    pass
+else:
+    register_heif_opener()  # in this process and the loader workers it forks, whichever module opens an image
+
 TRAIN_NAMES = ("train", "training")
 VAL_NAMES = ("validation", "val", "valid", "eval", "evaluation")
 TEST_NAMES = ("test", "testing")  # held-out splits beside train/: packed as shards; quickstart's val/ where none is
