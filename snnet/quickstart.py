@@ -453,6 +453,12 @@ def _check_classes(usable: dict[str, dict[str, list[Path]]], images: dict[str, d
                                  f"{f' ({len(skipped)} skipped, {some}{why})' if skipped else ''}{left}; quickstart "
                                  f"needs at least {least}: add images, or move the folder out")
     named = {s: {c for c, fs in cs.items() if images[s][c]} for s, cs in usable.items()}
+    if "train" in named and named["train"] and not named["val"]:  # an unlabelled test set (a competition's)
+        val, train = roots["val"], roots["train"]
+        assert val is not None and train is not None
+        raise UsageError(f"{where}: {val.name}/ holds no class folder with images, so nothing in it can be scored; "
+                         f"give {str(train)!r} as DATA (quickstart then splits it {1 - VAL_SHARE:.0%}/"
+                         f"{VAL_SHARE:.0%}), or sort {val.name}/'s images into class folders")
     if "train" in named and named["train"] != named["val"]:
         only_train, only_val = sorted(named["train"] - named["val"]), sorted(named["val"] - named["train"])
         parts = ([f"only in train/: {first_names(only_train)}"] if only_train else []) + \

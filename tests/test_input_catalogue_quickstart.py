@@ -60,6 +60,12 @@ def world(tmp_path_factory):
     tvone = shapes(w / "tvone", train=4, val=1, flat=False)  # train/ and val/, val/ring empty
     for p in (tvone / "val" / "ring").iterdir():
         p.unlink()
+    unlabelled = shapes(w / "unlabelled", train=4, val=1, flat=False)  # test/: a competition's images, no labels
+    (unlabelled / "val").rename(unlabelled / "test")
+    for p in sorted((unlabelled / "test").rglob("*.png")):
+        p.rename(unlabelled / "test" / f"{p.parent.name}_{p.name}")
+    for d in [d for d in (unlabelled / "test").iterdir() if d.is_dir()]:
+        d.rmdir()
     # an --out that quickstart split DATA into, before a class was added to DATA
     from snnet.quickstart import SEED, _split_record, read_data, write_split
     grown = shapes(w / "grown")
@@ -126,6 +132,8 @@ CASES = [  # (case, argv, the words of the one line, environment added)
      "file(s) are not images Pillow reads here ('a/IMG_0001.CR2', 'b/IMG_0001.CR2')", None),
     ("quickstart class of 16-bit images", "quickstart {w}/deep --out {out}", "class 'ring' has 1 usable image(s) in "
      "'ring' (11 skipped, a 16/32-bit image (mode I;16), which timm's loader would clip", None),
+    ("quickstart unlabelled test/", "quickstart {w}/unlabelled --out {out}", "test/ holds no class folder with "
+     "images, so nothing in it can be scored; give '{w}/unlabelled/train' as DATA", None),
     ("quickstart class missing from val/", "quickstart {w}/tvone --out {out}", "train/ and val/ hold different "
      "classes (only in train/: 'ring')", None),
     ("quickstart --out inside DATA", "quickstart {w}/grow --out {w}/grow/out", "--out '{w}/grow/out' is inside DATA "
