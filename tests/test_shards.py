@@ -192,6 +192,12 @@ def test_a_test_split_is_packed_and_named_where_there_is_no_validation_one(tmp_p
         check_data(args(data, dataset), need_train=True, world_size=1)
         err = capsys.readouterr().err
         assert f"has no validation split but a {name!r} one" in err and f"--val-split {name} " in err, err
+    shutil.copytree(tmp_path / "d" / "Train", tmp_path / "u" / "Train")  # beside a test folder without labels
+    (tmp_path / "u" / "Test").mkdir()
+    shutil.copy(tmp_path / "d" / "Test" / "a" / "0.png", tmp_path / "u" / "Test" / "0.png")
+    check_data(args(tmp_path / "u"), need_train=True, world_size=1)
+    err = capsys.readouterr().err
+    assert "its Test/ holds no class folders (its images have no labels)" in err and "--val-split" not in err, err
 
 
 @pytest.fixture

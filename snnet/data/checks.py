@@ -406,7 +406,7 @@ def check_data(data_options: DataOptions, need_train: bool, world_size: int) -> 
     train_dir, val_dir = resolve_folders(data_options, need_train)
     if need_train and val_dir is None:
         root = data_options.data_dir
-        _warn_test_split(data_options, [d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))])
+        _warn_test_split(data_options, [d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))], root)
     train_dir = train_dir if need_train else None
     mapping = _load_class_map(data_options, train_dir or val_dir) if data_options.class_map else None
     raw, scans = {}, {}  # each split folder walked once: class folder -> images, as found / as the class map keeps
@@ -479,15 +479,20 @@ def small_class_warning(counts: dict[str, int], where: str) -> str | None:
             f"the folder out if it is not meant to be a class")
 
 
-def _warn_test_split(data_options: DataOptions, splits) -> None:
+def _warn_test_split(data_options: DataOptions, splits, folder: str | None = None) -> None:
     """Training without a validation split where the data has a test split: said once per launch (as
-    `warn_small_classes`), with the flag that evaluates on it; without it no stitch is evaluated."""
+    `warn_small_classes`), with the flag that evaluates on it; without it no stitch is evaluated. In a `folder`
+    dataset a test folder without class folders is unlabelled (a competition's), and said to be."""
     from snnet.utils.distributed import world
     test = next((s for s in sorted(splits) if s.lower() in TEST_NAMES), None)
-    if test and not os.environ.get(WARNED_ENV) and world(launched=True)[0] == 0:
-        print(f"warning: {data_options.data_dir!r} has no validation split but a {test!r} one: nothing will be "
-              f"evaluated (no stitches_res.txt); pass --val-split {test} to evaluate on it", file=sys.stderr,
-              flush=True)
+    if not test or os.environ.get(WARNED_ENV) or world(launched=True)[0] != 0:
+        return
+    where = os.path.join(folder, test) if folder else None
+    fix = f"pass --val-split {test} to evaluate on it"
+    if where and not any(e.is_dir() for e in os.scandir(where)):
+        fix = f"its {test}/ holds no class folders (its images have no labels): hold out a labelled val/ to evaluate"
+    print(f"warning: {data_options.data_dir!r} has no validation split but a {test!r} one: nothing will be "
+          f"evaluated (no stitches_res.txt); {fix}", file=sys.stderr, flush=True)
 
 
 def warn_small_classes(counts: dict[str, int], where: str) -> None:
