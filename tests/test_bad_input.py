@@ -27,6 +27,10 @@ def test_anchors_not_small_to_large():
     with pytest.raises(AnchorError, match="not ordered small to large: 'deit_small_patch16_224' is 384 wide but "
                                           "'deit_tiny_patch16_224' is 192"):
         build_snnet(cfg, pretrained=False, **SMALL)
+    tiny = lambda width: {"name": "deit_tiny_patch16_224", "model_kwargs": {"embed_dim": width}}  # noqa: E731
+    cfg = parse_stitch_config({"anchors": [tiny(96), tiny(48)]})  # one timm name: named by their route labels
+    with pytest.raises(AnchorError, match="'deit_tiny_patch16_224#0' is 96 wide but 'deit_tiny_patch16_224#1' is 48"):
+        build_snnet(cfg, pretrained=False, **SMALL)
 
 
 def test_unknown_timm_name_suggests():

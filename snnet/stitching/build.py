@@ -239,17 +239,16 @@ def snnet_from_anchors(cfg: StitchConfig, models: Sequence[nn.Module], adapters:
     """Built anchors wrapped into one SN-Net (not LS-initialised), its stitches checked at the input size. The
     positions must be known by now: a config whose ``"positions"`` selects from data is resolved first
     (snnet/train/positions.py `Selection`, which train.py runs on the built anchors before this)."""
-    names = [a.name for a in cfg.anchors]
+    labels = cfg.labels()  # readable routes need distinct names: a label of the config's, or the timm name (#index)
     if "select" in (cfg.get("positions") or {}):
         raise ConfigError("stitch config: 'positions' selects from data, which only train.py does; pass the "
                           "stitch_plan.json it wrote (explicit 'pairs') instead")
-    plan = plan_for(models, adapters, names, cfg.get("stitch_kernel_size"), cfg.get("stitch_stride"),
+    plan = plan_for(models, adapters, labels, cfg.get("stitch_kernel_size"), cfg.get("stitch_stride"),
                     cfg.get("nearest_stitching"), cfg.get("stitch_stages"), cfg.get("stitch_plan"),
                     cfg.get("positions"))
     skip = cfg.get("skip_final_norm")
     if skip is None:  # the family's SN-Net behaviour (on for plain ViTs: docs/snnet_compat.md, C7)
         skip = all(ad.skip_final_norm_default for ad in adapters)
-    labels = cfg.labels()  # readable routes need distinct names: a label of the config's, or the timm name (#index)
     try:
         model = SNNet(models, plan, names=labels, adapters=adapters, skip_final_norm=skip,
                       stitch_layer=cfg.get("stitch_layer"), bn_stats=cfg.get("bn_stats"))
