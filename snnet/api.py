@@ -90,10 +90,27 @@ def _dataset(data: str | os.PathLike | torch.utils.data.Dataset, net: SNNet) -> 
     return create_dataset("", root=str(root), is_training=False, transform=eval_transform(data_config(net)))
 
 
-def _batches(images: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> Iterable[torch.Tensor]:
-    if isinstance(images, torch.Tensor):
-        return list(images.split(batch_size))
+def _checked(images: Any, net: torch.nn.Module) -> torch.Tensor:
+    """`images` when they are a float (N, C, H, W) tensor of the SN-Net's channels, else an ApiError saying what came
+    and the fix."""
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.ndim != 4:
+        got = f"a {images.dtype} tensor of shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) else \
+            f"a {type(images).__name__}"
+        one = isinstance(images, torch.Tensor) and images.ndim == 3
+        raise ApiError(f"images must be a float tensor (N, C, H, W), preprocessed as snnet.data_config(net) says; got "
+                       f"{got}{' (one image: add the batch dimension, images.unsqueeze(0))' if one else ''}")
+    if isinstance(net, SNNet):
+        want = tuple(data_config(net)["input_size"])
+        if images.shape[1] != want[0]:
+            raise ApiError(f"images of shape {tuple(images.shape)} have {images.shape[1]} channel(s), this SN-Net's "
+                           f"input {want[0]} (its input_size {want}); preprocess them as snnet.data_config(net) says")
     return images
+
+
+def _batches(images: torch.Tensor | Iterable[torch.Tensor], batch_size: int, net: SNNet) -> Iterable[torch.Tensor]:
+    if isinstance(images, torch.Tensor):
+        return list(_checked(images, net).split(batch_size))
+    return (_checked(batch, net) for batch in images)
 
 
 def ls_init_from_images(net: SNNet, images: torch.Tensor | Iterable[torch.Tensor] | str | os.PathLike,
@@ -111,7 +128,7 @@ def ls_init_from_images(net: SNNet, images: torch.Tensor | Iterable[torch.Tensor
         count = count or (cfg.get("stitch_init_bs") if cfg is not None else 100)
         batches = clean_images(_dataset(images, net), data_config(net), count, seed, batch_size=batch_size)
     else:
-        batches = _batches(images, batch_size)
+        batches = _batches(images, batch_size, net)
     try:
         return ls_init(net, batches, mode=mode)
     except ValueError as e:
@@ -126,6 +143,9 @@ def evaluate(net: SNNet, data: str | os.PathLike | torch.utils.data.Dataset, cfg
     `data_config`) or a dataset of (image tensor, label). With `out`, the records are also written to that file
     (stitches_res.txt: atomically; `snnet pareto` and `snnet select` read it), and the folder's class names beside
     it (stitches_res.classes.json)."""
+    if isinstance(data, torch.Tensor):
+        raise ApiError("evaluate needs labels: pass an image folder (class sub-folders) or a dataset of (image, "
+                       "label); for a tensor of images, snnet.predict gives each one's class")
     device = torch.device(device)
     dataset = _dataset(data, net)
     # train.py's strict reading: an unreadable image is an error naming it, never replaced by another one
@@ -168,17 +188,8 @@ def predict(net: torch.nn.Module | str | os.PathLike, images: torch.Tensor, cfg_
     float type; anything but a float (N, C, H, W) tensor of the SN-Net's channels is an ApiError saying why."""
     if isinstance(net, (str, os.PathLike)):
         net = load_exported(net)
-    if not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.ndim != 4:
-        got = f"a {images.dtype} tensor of shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) else \
-            f"a {type(images).__name__}"
-        one = isinstance(images, torch.Tensor) and images.ndim == 3
-        raise ApiError(f"images must be a float tensor (N, C, H, W), preprocessed as snnet.data_config(net) says; got "
-                       f"{got}{' (one image: add the batch dimension, images.unsqueeze(0))' if one else ''}")
+    _checked(images, net)
     if isinstance(net, SNNet):
-        want = tuple(data_config(net)["input_size"])
-        if images.shape[1] != want[0]:
-            raise ApiError(f"images of shape {tuple(images.shape)} have {images.shape[1]} channel(s), this SN-Net's "
-                           f"input {want[0]} (its input_size {want}); preprocess them as snnet.data_config(net) says")
         if cfg_id is None:
             raise ApiError(f"predict needs a cfg_id for an SN-Net of {net.num_configs} stitches; pick one with "
                            f"snnet.stitch_for(net, records, ...) or pass an export folder")

@@ -115,6 +115,10 @@ def test_bad_arguments_are_one_clear_line(tmp_path):
         with pytest.raises(snnet.api.ApiError, match=re.escape(words)):
             snnet.predict(net, images, cfg_id=1)
     assert snnet.predict(net, x.half(), cfg_id=1)[0]["class"] == snnet.predict(net, x, cfg_id=1)[0]["class"]
+    with pytest.raises(snnet.api.ApiError, match=re.escape("got a torch.uint8 tensor of shape (2, 3, 16, 16)")):
+        snnet.ls_init_from_images(net, [(x * 255).to(torch.uint8)])
+    with pytest.raises(snnet.api.ApiError, match="evaluate needs labels: pass an image folder"):
+        snnet.evaluate(net, x)
 
 
 def test_train_py_resume_at_a_wrong_image_size_names_the_size(tiny, digits_folder, capsys):
