@@ -106,6 +106,7 @@ def world(tmp_path_factory, digits_folder, tiny_config):
         (w / f"ros_{name}.json").write_text(json.dumps({"anchors": TINY, "sampler": {"type": "ros", "gap": gap}}))
     (w / "vit_stages.json").write_text(json.dumps({"anchors": TINY, "stitch_stages": [1, 2]}))
     (w / "one_anchor.json").write_text(json.dumps({"anchors": TINY[:1]}))
+    (w / "twelve.json").write_text(json.dumps({"anchors": TINY, "num_classes": 12}))
     (w / "twice.txt").write_text("\n".join(["0", "1", "2", "3", "3", "4", "5", "6", "7", "8", "9"]) + "\n")
     tiny = load_stitch_config(tiny_config)
     ten = build_snnet(tiny, pretrained=False, img_size=16, num_classes=10)
@@ -402,6 +403,9 @@ CASES40 = [
      "--freeze-anchors leaves nothing to train"),
     ("resume a finished run with another num-classes", "{data} --stitch_config {cfg} --epochs 1 "
      "--resume {w}/ten_classes.pth.tar --num-classes 12", "has a classifier for 10 classes (anchors.0.head.weight"),
+    ("resume with a config's other num_classes", "{data} --stitch_config {w}/twelve.json --epochs 1 "
+     "--resume {w}/ten_classes.pth.tar", "not the num_classes 12 of stitch config '{w}/twelve.json'; set it to 10 "
+     "there, or pass --num-classes 10"),
 ]
 
 

@@ -115,9 +115,15 @@ def _check_classes(num_classes: int | None, path: str, state: dict) -> None:
     heads = [f"{k} {tuple(v.shape)}" for k, v in state.get("state_dict", {}).items()
              if getattr(v, "ndim", 0) >= 1 and v.shape[0] == recorded and k.rsplit(".", 1)[-1] == "weight"
              and any(p in k for p in ("head", "classifier", "fc."))][:2]
+    from snnet.train.args import set_by
+    source = set_by("num_classes")  # typed, or a stitch config's num_classes
+    if source == "the command line":
+        given, fix = f"--num-classes {num_classes} given", f"pass --num-classes {recorded}, or drop --num-classes"
+    else:
+        given, fix = f"num_classes {num_classes} of {source}", f"set it to {recorded} there, or pass --num-classes " \
+                                                               f"{recorded}"
     raise CheckpointError(f"checkpoint {path!r} has a classifier for {recorded} classes "
-                          f"({', '.join(heads) or 'its head'}), not the --num-classes {num_classes} given; "
-                          f"pass --num-classes {recorded}, or drop --num-classes")
+                          f"({', '.join(heads) or 'its head'}), not the {given}; {fix}")
 
 
 def _check_teacher_checkpoint(loss: LossOptions) -> None:
