@@ -41,7 +41,7 @@ from snnet.results.records import RESULTS_FILE, check_checkpoint_sha, file_sha25
 from snnet.results.report import write_report
 from snnet.results.select import select
 from snnet.stitching.config import load_stitch_config
-from snnet.utils.distributed import say_refusal, world
+from snnet.utils.distributed import say_refusal, usable_cores, world
 from snnet.utils.errors import OneLineParser, SNNetError, UsageError, one_line
 from snnet.utils.fileio import check_out_dir, checkpoint_path, data_folder, export_out, release_paths
 from snnet.utils.options import add_options, option, shared
@@ -296,7 +296,6 @@ def cmd_export(args: ExportCommand) -> int:
 def _check_threads(threads: int | None) -> None:
     """--threads within the cores this process may use: more threads than cores take turns on them and slow every
     call (several times over), so a latency table or a server would measure and serve that."""
-    from snnet.utils.distributed import usable_cores
     cores = usable_cores()
     if threads and threads > cores:
         raise UsageError(f"--threads {threads} is more than the {cores} CPU core(s) this process may use; give "

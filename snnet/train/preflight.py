@@ -28,6 +28,7 @@ from snnet.stitching.build import anchor_weights, check_model_name, create_ancho
 from snnet.stitching.config import AnchorSpec, StitchConfig, check_same_network
 from snnet.stitching.model import RoutedNet
 from snnet.stitching.weights import WeightsUnavailable, check_pretrained
+from snnet.train.args import set_by
 from snnet.train.device import device_from_flag
 from snnet.train.evaluator import panel_cfg_ids, prediction_ids
 from snnet.train.network import build_network, check_train_exclude
@@ -115,7 +116,6 @@ def _check_classes(num_classes: int | None, path: str, state: dict) -> None:
     heads = [f"{k} {tuple(v.shape)}" for k, v in state.get("state_dict", {}).items()
              if getattr(v, "ndim", 0) >= 1 and v.shape[0] == recorded and k.rsplit(".", 1)[-1] == "weight"
              and any(p in k for p in ("head", "classifier", "fc."))][:2]
-    from snnet.train.args import set_by
     source = set_by("num_classes")  # typed, or a stitch config's num_classes
     if source == "the command line":
         given, fix = f"--num-classes {num_classes} given", f"pass --num-classes {recorded}, or drop --num-classes"
