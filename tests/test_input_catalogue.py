@@ -266,6 +266,9 @@ CASES = [
     ("unknown scheduler", "{data} --stitch_config {cfg} --sched cosin", "--sched 'cosin'"),
     ("CUDA on a CPU machine", "{data} --stitch_config {cfg} --device cuda", "CUDA is not available here"),
     ("no such device", "{data} --stitch_config {cfg} --device gpu0", "--device 'gpu0' is not a torch device"),
+    ("a device torch knows but this machine lacks", "{data} --stitch_config {cfg} --device mps",
+     "--device mps: mps is not available here"),
+    ("the meta device", "{data} --stitch_config {cfg} --device meta", "a meta tensor holds no values"),
     ("split-bn without splits", "{data} --stitch_config {cfg} --split-bn", "--split-bn needs --aug-splits > 1"),
     ("auto-resume without experiment", "{data} --stitch_config {cfg} --auto-resume", "needs --experiment NAME"),
     # configs that used to be silently accepted, inputs that used to fail late or with a traceback

@@ -83,7 +83,8 @@ def requeued() -> int:
 
 def device_from_flag(name: str | None, per_rank: bool = False, here: bool = True) -> torch.device:
     """The one reading of ``--device``: None means cuda when available (with `per_rank`, this process's
-    ``cuda:LOCAL_RANK``), else cpu; a name that is no torch device, or cuda where there is none, is one line.
+    ``cuda:LOCAL_RANK``), else cpu; a name that is no torch device, a device this machine lacks (cuda, mps,
+    an index past its count) or ``meta`` is one line.
     `here` False (a dry run, resolved for any machine): the name is parsed, not checked against this machine."""
     if name is None:
         if not torch.cuda.is_available():
@@ -93,8 +94,19 @@ def device_from_flag(name: str | None, per_rank: bool = False, here: bool = True
         device = torch.device(name)
     except (RuntimeError, TypeError):
         raise DeviceError(f"--device {name!r} is not a torch device; use cpu or cuda[:index]") from None
-    if here and device.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if device.type == "meta":
+        raise DeviceError(f"--device {name}: a meta tensor holds no values to compute with; use --device cpu")
+    if not here or device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu: each says if it is usable
+    available = getattr(backend, "is_available", lambda: False)
+    what = "CUDA" if device.type == "cuda" else device.type
+    if not available():
+        raise DeviceError(f"--device {name}: {what} is not available here; use --device cpu")
+    count = getattr(backend, "device_count", lambda: 1)()
+    if device.index is not None and device.index >= count:
+        raise DeviceError(f"--device {name}: this machine has {count} {what} device(s); use --device "
+                          f"{device.type}:0 to {device.type}:{count - 1}")
     return device
 
 
