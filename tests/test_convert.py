@@ -8,6 +8,7 @@ import types
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from helpers import FAST, assert_refused, run, run_cli
 
@@ -105,11 +106,14 @@ def test_a_release_cut_short_is_said_to_be_corrupt(tmp_path):
 def test_convert_checks_both_paths_before_asking_for_trust(tmp_path, capsys):
     """What no --trust can fix is said first: a file torch.save did not write, an output folder, a file in the
     output's way or a folder that takes no write (/proc); nothing is written."""
-    plain, text, folder = tmp_path / "plain.pth", tmp_path / "notes.pth", tmp_path / "out"
+    plain, text, folder = tmp_path / "plain.pth.tar", tmp_path / "notes.pth", tmp_path / "out"
     torch.save({"model": {"w": torch.zeros(2)}}, plain)
     text.write_text("not a checkpoint\n")
     folder.mkdir()
+    safetensors.torch.save_file({"w": torch.zeros(2)}, tmp_path / "hub.safetensors")
     for argv, needle in [((text, tmp_path / "a.pth.tar"), "is not a file torch.save wrote"),
+                         ((tmp_path / "hub.safetensors", tmp_path / "a.pth.tar"),
+                          "is a safetensors file, which needs no conversion"),
                          ((tmp_path / "missing.pth", tmp_path / "a.pth.tar"), "does not exist"),
                          ((plain, folder), f"output {str(folder)!r} is a folder; give a file path, e.g. "
                                            f"{str(folder / 'plain.pth.tar')!r}"),
@@ -118,7 +122,7 @@ def test_convert_checks_both_paths_before_asking_for_trust(tmp_path, capsys):
                          ((plain, tmp_path / "a.pth.tar"), "add --trust")]:
         rc, _, err = run_cli(capsys, "convert", *argv)
         assert_refused(rc, err, needle)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.pth", "out", "plain.pth"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hub.safetensors", "notes.pth", "out", "plain.pth.tar"]
     assert list(folder.iterdir()) == []
 
 

@@ -41,10 +41,9 @@ def fit_report(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> 
     unexpected = [k for k in state if k not in own]
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
              if k in state and state[k].shape != v.shape]
-    if not (missing or unexpected or wrong):
-        return ""
-    return (f"{len(missing)} missing keys e.g. {missing[:2]}, {len(unexpected)} unexpected e.g. {unexpected[:2]}, "
-            f"{len(wrong)} of another shape e.g. {wrong[:2]}")
+    parts = [f"{len(keys)} {what} e.g. {keys[:2]}" for what, keys in
+             (("missing keys", missing), ("unexpected", unexpected), ("of another shape", wrong)) if keys]
+    return ", ".join(parts)
 
 
 def classifier_keys(model: nn.Module) -> set[str]:

@@ -243,13 +243,17 @@ def release_paths(src: str | os.PathLike, dst: str | os.PathLike, error: type[SN
         what = "is a folder" if os.path.isdir(src) else "does not exist"
         raise error(f"SN-Net checkpoint {str(src)!r} {what}; give the downloaded .pth file")
     with open(src, "rb") as f:
-        head = f.read(4)
+        head = f.read(9)
+    if not head.startswith(TORCH_FILE_MAGIC) and head[8:9] == b"{":  # safetensors: an 8-byte length, then JSON
+        raise error(f"{str(src)!r} is a safetensors file, which needs no conversion (it holds no pickle): give it as "
+                    f"an anchor's \"checkpoint\" in the stitch config")
     if not head.startswith(TORCH_FILE_MAGIC):
         raise error(f"{str(src)!r} is not a file torch.save wrote (neither its zip archive nor a pickle); give the "
                     f".pth SN-Net published")
     if os.path.isdir(dst):
+        stem = Path(src).name.removesuffix(".tar").removesuffix(".pth").removesuffix(".pt")
         raise error(f"output {str(dst)!r} is a folder; give a file path, e.g. "
-                    f"{os.path.join(str(dst), Path(src).stem + '.pth.tar')!r}")
+                    f"{os.path.join(str(dst), stem + '.pth.tar')!r}")
     reason = unwritable(Path(dst).parent)  # the folder, or the first existing one above it, takes a write
     if reason:
         raise error(f"output {str(dst)!r}: folder {str(Path(dst).parent)!r} {reason}; give another output path")
