@@ -107,6 +107,7 @@ def world(tmp_path_factory, digits_folder, tiny_config):
     (w / "vit_stages.json").write_text(json.dumps({"anchors": TINY, "stitch_stages": [1, 2]}))
     (w / "one_anchor.json").write_text(json.dumps({"anchors": TINY[:1]}))
     (w / "twelve.json").write_text(json.dumps({"anchors": TINY, "num_classes": 12}))
+    (w / "five.json").write_text(json.dumps({"anchors": TINY, "num_classes": 5}))
     (w / "twice.txt").write_text("\n".join(["0", "1", "2", "3", "3", "4", "5", "6", "7", "8", "9"]) + "\n")
     tiny = load_stitch_config(tiny_config)
     ten = build_snnet(tiny, pretrained=False, img_size=16, num_classes=10)
@@ -269,6 +270,10 @@ CASES = [
     ("a device torch knows but this machine lacks", "{data} --stitch_config {cfg} --device mps",
      "--device mps: mps is not available here"),
     ("the meta device", "{data} --stitch_config {cfg} --device meta", "a meta tensor holds no values"),
+    ("a config's num_classes below the data's", "{data} --stitch_config {w}/five.json",
+     "the 10 classes of train folder '{data}/train': labels 5..9 would have no output; raise it to 10 or leave it out "
+     "(the default is the number of classes of the data) (num_classes 5 comes from stitch config '{w}/five.json': "
+     "change it there"),
     ("split-bn without splits", "{data} --stitch_config {cfg} --split-bn", "--split-bn needs --aug-splits > 1"),
     ("auto-resume without experiment", "{data} --stitch_config {cfg} --auto-resume", "needs --experiment NAME"),
     # configs that used to be silently accepted, inputs that used to fail late or with a traceback

@@ -184,7 +184,14 @@ def check_run(options: RunOptions, stitch_cfg: StitchConfig | None, anchor_check
     if not options.job.eval and not options.job.resume and not restarted():
         check_fresh_output(options.out_dir)
     check_checkpoints(options, stitch_cfg)
-    check_data(options.data, need_train=not options.job.eval, world_size=options.world_size)
+    try:
+        check_data(options.data, need_train=not options.job.eval, world_size=options.world_size)
+    except SNNetError as e:  # the data layer names --num-classes; a stitch config's num_classes is fixed there
+        source, wanted = set_by("num_classes"), options.data.num_classes
+        if f"--num-classes {wanted} " not in str(e) or source == "the command line":
+            raise
+        raise type(e)(f"{e} (num_classes {wanted} comes from {source}: change it there, or pass --num-classes)") \
+            from None
     _check_build(options, stitch_cfg, anchor_checkpoints, device.type)
 
 
