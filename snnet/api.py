@@ -87,7 +87,28 @@ def _dataset(data: str | os.PathLike | torch.utils.data.Dataset, net: SNNet) -> 
     if not root.is_dir():
         raise ApiError(f"image folder {str(root)!r} does not exist; pass a folder of class subfolders (e.g. "
                        f"output/demo/digits/val)")
-    return create_dataset("", root=str(root), is_training=False, transform=eval_transform(data_config(net)))
+    try:
+        return create_dataset("", root=str(root), is_training=False, transform=eval_transform(data_config(net)))
+    except RuntimeError as e:  # timm's reader: no image in any class folder
+        raise ApiError(f"image folder {str(root)!r} holds no images timm reads ({e}); pass a folder of class "
+                       f"subfolders (e.g. output/demo/digits/val)") from None
+
+
+def _same_classes(dataset: torch.utils.data.Dataset, net: SNNet, data: Any) -> None:
+    """Refuses data whose class indices would not mean the network's classes: more classes than its classifier
+    has outputs, or other class names than it was trained on (a folder missing one class numbers the rest one
+    lower, and every prediction would be scored against the wrong label)."""
+    names, outputs = class_names_of(dataset), getattr(net.anchors[-1], "num_classes", None)
+    trained = getattr(net, "class_names", None)
+    if names is not None and outputs is not None and len(names) > outputs:
+        raise ApiError(f"{str(data)!r} has {len(names)} classes but the network has {outputs} outputs; evaluate on "
+                       f"data of the classes it was trained on")
+    if names is not None and trained is not None and names != trained:
+        other = sorted(set(names) ^ set(trained))
+        diff = f"{', '.join(map(repr, other[:3]))} in only one of them" if other else "another order"
+        raise ApiError(f"{str(data)!r} has classes {names[:4]}{'...' if len(names) > 4 else ''}, the network "
+                       f"was trained on {trained[:4]}{'...' if len(trained) > 4 else ''} ({diff}); a class index "
+                       f"would name another class: evaluate on a folder of the same classes")
 
 
 def _checked(images: Any, net: torch.nn.Module) -> torch.Tensor:
@@ -146,8 +167,11 @@ def evaluate(net: SNNet, data: str | os.PathLike | torch.utils.data.Dataset, cfg
     if isinstance(data, torch.Tensor):
         raise ApiError("evaluate needs labels: pass an image folder (class sub-folders) or a dataset of (image, "
                        "label); for a tensor of images, snnet.predict gives each one's class")
+    if batch_size < 1:
+        raise ApiError(f"batch_size {batch_size} is not a positive number of images; pass e.g. 100")
     device = torch.device(device)
     dataset = _dataset(data, net)
+    _same_classes(dataset, net, data)
     # train.py's strict reading: an unreadable image is an error naming it, never replaced by another one
     loader = torch.utils.data.DataLoader(StrictImages(dataset), batch_size=batch_size, shuffle=False)
     ids = list(range(net.num_configs)) if cfg_ids is None else [net.check_cfg_id(c) for c in cfg_ids]
@@ -186,6 +210,8 @@ def predict(net: torch.nn.Module | str | os.PathLike, images: torch.Tensor, cfg_
     (``label`` None where the training data named no classes). `net`: an SN-Net (`load`; then `cfg_id` picks the
     stitch), an exported stitch, or an export folder (``snnet export``'s). `images` go to the network's device and
     float type; anything but a float (N, C, H, W) tensor of the SN-Net's channels is an ApiError saying why."""
+    if top_k < 1:
+        raise ApiError(f"top_k {top_k} gives no classes; pass 1 or more (e.g. 5)")
     if isinstance(net, (str, os.PathLike)):
         net = load_exported(net)
     _checked(images, net)

@@ -86,7 +86,7 @@ def test_the_recorded_size_fits(anchor_at_16):
     assert model_img_size(net) == (16, 16)
 
 
-def test_ls_init_and_evaluation_from_tensors(digits_images):
+def test_ls_init_and_evaluation_from_tensors(digits_images, tmp_path):
     """A tensor of images and a dataset of tensors work as well as folders; `out` writes stitches_res.txt."""
     x, y = digits_images
     x = torch.nn.functional.interpolate(x[:120], size=16)
@@ -98,6 +98,10 @@ def test_ls_init_and_evaluation_from_tensors(digits_images):
     records = snnet.evaluate(net, data, cfg_ids=[0, 1, 3], batch_size=20)
     assert [r["cfg_id"] for r in records] == [0, 1, 3] and all(r["samples"] == 56 for r in records)
     assert snnet.stitch_for(net, records, max_flops=records[1]["flops"]) in (0, 1, 3)
+    out = tmp_path / "stitches_res.txt"  # the file stands for its records
+    snnet.evaluate(net, data, cfg_ids=[0, 1, 3], batch_size=20, out=out)
+    assert snnet.stitch_for(net, out, max_flops=records[1]["flops"]) == \
+        snnet.stitch_for(net, records, max_flops=records[1]["flops"])
 
 
 def test_bad_arguments_are_one_clear_line(tmp_path):
@@ -119,6 +123,13 @@ def test_bad_arguments_are_one_clear_line(tmp_path):
         snnet.ls_init_from_images(net, [(x * 255).to(torch.uint8)])
     with pytest.raises(snnet.api.ApiError, match="evaluate needs labels: pass an image folder"):
         snnet.evaluate(net, x)
+    with pytest.raises(snnet.api.ApiError, match="top_k 0 gives no classes"):
+        snnet.predict(net, x, cfg_id=1, top_k=0)
+    with pytest.raises(snnet.api.ApiError, match="batch_size 0 is not a positive number of images"):
+        snnet.evaluate(net, tmp_path, batch_size=0)
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(snnet.api.ApiError, match="holds no images timm reads"):
+        snnet.evaluate(net, tmp_path / "empty")
 
 
 def test_train_py_resume_at_a_wrong_image_size_names_the_size(tiny, digits_folder, capsys):

@@ -120,6 +120,18 @@ def test_api_evaluate_writes_the_folders_names_beside_its_results(named_ckpt, tm
     assert read_class_names(out) == NAMES
 
 
+def test_api_evaluate_refuses_a_folder_of_other_classes(named_ckpt, tmp_path):
+    """A folder missing one of the trained classes numbers the rest one lower (timm counts the folders it finds),
+    and more classes than outputs index past the classifier: both refused, naming the classes, before any image is
+    scored against the wrong label."""
+    net = snnet.load(named_ckpt / "last.pth.tar", named_ckpt / "cfg.json")
+    with pytest.raises(snnet.api.ApiError, match=r"has classes \['cat', 'zebra'\], the network was trained on "
+                                                 r"\['cat', 'dog', 'zebra'\] \('dog' in only one of them\)"):
+        snnet.evaluate(net, _folder(tmp_path / "two", ["cat", "zebra"]), cfg_ids=[0])
+    with pytest.raises(snnet.api.ApiError, match="has 4 classes but the network has 3 outputs"):
+        snnet.evaluate(net, _folder(tmp_path / "four", [*NAMES, "yak"]), cfg_ids=[0])
+
+
 @pytest.mark.slow  # ~6-10 s: one SN-Net trained for an epoch on 12 images and every stitch evaluated
 def test_train_py_records_the_folders_names(tiny_config, tmp_path):
     """train.py on an ImageFolder: the folder names go into the checkpoint's recorded arguments (JSON text, read

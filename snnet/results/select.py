@@ -12,11 +12,12 @@ SN-Net cost and accuracy rise together, and nothing better is known before an ev
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from snnet.results.pareto import human, latency_keys, require_cost, route_of
-from snnet.results.records import check_routes
+from snnet.results.records import check_routes, read_results
 from snnet.utils.errors import SNNetError
 
 if TYPE_CHECKING:
@@ -124,13 +125,18 @@ def route_costs(net: SNNet, img_size: int | tuple[int, int] | None = None) -> tu
                       "params": net.params(c)} for c, steps in enumerate(net.routes)}
 
 
-def stitch_for(net: SNNet, records: Sequence[Record] | None = None, max_flops: float | None = None,
-               max_params: float | None = None, img_size: int | tuple[int, int] | None = None) -> int:
+def stitch_for(net: SNNet, records: Sequence[Record] | str | os.PathLike | None = None,
+               max_flops: float | None = None, max_params: float | None = None,
+               img_size: int | tuple[int, int] | None = None) -> int:
     """The cfg_id to pass to ``net(x, cfg_id)`` for a budget (switching allocates nothing; see the module doc).
 
     FLOPs are counted at `img_size` (default: the size the anchors were built for) and params are those the route
-    executes. `records` must be this SN-Net's (routes are checked); only stitches they hold are candidates.
+    executes. `records` (a stitches_res.txt, or its records) must be this SN-Net's (routes are checked); only
+    stitches they hold are candidates, the most accurate within the budget is chosen. Without them, the most costly
+    stitch within the budget.
     """
+    if isinstance(records, (str, os.PathLike)):
+        records = read_results(records)
     size, costs = route_costs(net, img_size)
     limits = {k: v for k, v in (("flops", max_flops), ("params", max_params)) if v is not None}
     source = f"this SN-Net at {size[0]}x{size[1]}"
