@@ -113,6 +113,9 @@ def world(tmp_path_factory, digits_folder, tiny_config):
     ten = build_snnet(tiny, pretrained=False, img_size=16, num_classes=10)
     torch.save({"state_dict": ten.state_dict(), "epoch": 0, "args": json.dumps({"num_classes": 10})},
                w / "ten_classes.pth.tar")
+    named = [*map(str, range(9)), "nine"]  # trained on another folder: its last class named otherwise
+    torch.save({"state_dict": ten.state_dict(), "epoch": 0,
+                "args": json.dumps({"num_classes": 10, "class_names": named})}, w / "other_names.pth.tar")
     # checkpoints that fit another network than the run's (refused by the checks, before any work)
     (w / "ckpt_folder").mkdir()
     (w / "folder_anchor.json").write_text(
@@ -270,6 +273,9 @@ CASES = [
     ("a device torch knows but this machine lacks", "{data} --stitch_config {cfg} --device mps",
      "--device mps: mps is not available here"),
     ("the meta device", "{data} --stitch_config {cfg} --device meta", "a meta tensor holds no values"),
+    ("evaluate a checkpoint on a folder of other classes", "{data} --stitch_config {cfg} --eval --resume "
+     "{w}/other_names.pth.tar", "does not hold the 10 classes checkpoint '{w}/other_names.pth.tar' was trained on "
+     "(missing 'nine'; not trained on '9')"),
     ("a config's num_classes below the data's", "{data} --stitch_config {w}/five.json",
      "the 10 classes of train folder '{data}/train': labels 5..9 would have no output; raise it to 10 or leave it out "
      "(the default is the number of classes of the data) (num_classes 5 comes from stitch config '{w}/five.json': "

@@ -227,6 +227,21 @@ def _check_steps(data_options: DataOptions, images: int, where: str, world_size:
                     f"images ({procs}) and timm's training loader drops the last incomplete batch; {fix}")
 
 
+def _check_trained_classes(found: dict[str, int], trained: tuple[list[str], str], folder: str) -> None:
+    """The class folders of `folder` against the class names checkpoint `trained[1]` recorded: timm numbers the
+    folders it finds, so a class missing (or added) moves every later class to another index, and each of its
+    images would be scored against another class's output."""
+    names, path = trained
+    missing, extra = sorted(set(names) - set(found)), sorted(set(found) - set(names))
+    if not (missing or extra):
+        return
+    parts = ([f"missing {first_names(missing)}"] if missing else []) + \
+            ([f"not trained on {first_names(extra)}"] if extra else [])
+    raise DataError(f"folder {folder!r} does not hold the {len(names)} classes checkpoint {path!r} was trained on "
+                    f"({'; '.join(parts)}): timm numbers the class folders it finds, so its labels would name other "
+                    f"classes than the network's outputs; give a folder of the trained classes, or pass --class-map")
+
+
 def _check_num_classes(data_options: DataOptions, classes: int, where: str) -> None:
     wanted = data_options.num_classes
     if wanted is not None and wanted < classes:
@@ -383,14 +398,16 @@ def check_hf_parquet(data_options: DataOptions, need_train: bool) -> None:
                         f"raise it to {top + 1} or more")
 
 
-def check_data(data_options: DataOptions, need_train: bool, world_size: int) -> None:
+def check_data(data_options: DataOptions, need_train: bool, world_size: int,
+               trained: tuple[list[str], str] | None = None) -> None:
     """The dataset of a run, checked before any work by a scan of its folders (no image is opened); a problem is a
     one-line DataError naming the value and the fix.
 
     Folder datasets (``--dataset ''``): the layout (`resolve_folders`); no folder reached twice through symlinks;
     train/ and val/ hold the same classes (timm numbers each split's sorted class folders on its own, so a class
     missing from one split would shift the labels of the other) unless --class-map fixes the numbering;
-    --num-classes covers the classes; training gives each of `world_size` processes at least one optimizer step.
+    --num-classes covers the classes; training gives each of `world_size` processes at least one optimizer step;
+    `trained` (the class names a resumed checkpoint recorded, and its path): the class folders are those classes.
     Images are counted as timm's folder reader counts them (its extensions, its labels)."""
     if is_shards(data_options.dataset):  # WebDataset shards: every shard's headers, counts and class indices
         counts = check_shards(data_options, need_train, world_size, TRAIN_NAMES, VAL_NAMES)
@@ -439,6 +456,8 @@ def check_data(data_options: DataOptions, need_train: bool, world_size: int) -> 
         raise DataError(f"train folder {train_dir!r} and validation folder {val_dir!r} have different classes "
                         f"({'; '.join(parts)}): timm numbers each split's class folders separately, so the labels "
                         f"would not match; give both the same class folders (each with images), or pass --class-map")
+    if trained is not None and mapping is None:
+        _check_trained_classes(scans["train" if train_dir else "validation"], trained, str(train_dir or val_dir))
     if mapping is not None:
         indices = [v for v in mapping.values() if isinstance(v, int)]
         classes = (max(indices) + 1) if indices else len(mapping)

@@ -86,18 +86,23 @@ def check_fresh_output(path: Path) -> None:
                           f"folder away)")
 
 
-def check_checkpoints(options: RunOptions, stitch_cfg: StitchConfig | None = None) -> None:
+def check_checkpoints(options: RunOptions, stitch_cfg: StitchConfig | None = None) -> tuple[list[str], str] | None:
     """--resume and --initial-checkpoint are readable pickle-free checkpoints, read lazily (keys, shapes and the
     recorded fields; their fit to the network is checked on the meta-device network, `check_structure`); a --resume
     checkpoint that recorded its stitch config was made with the network the given config builds (a field such as
     skip_final_norm changes the network without changing a weight's shape, so the state dict alone would load and
-    run another network)."""
+    run another network). Returns the class names the --resume checkpoint recorded and its path (None: it recorded
+    none), which the data must have: resuming, index i still names the class it named in training."""
     job, loss = options.job, options.loss
+    trained = None
     for path in (job.resume, job.initial_checkpoint):
         if not path:
             continue
         state = load_checkpoint(path, lazy=True)
         _check_classes(options.network.num_classes, path, state)
+        names = (json_field(state, "args") or {}).get("class_names")
+        if path == job.resume and isinstance(names, list) and all(isinstance(n, str) for n in names):
+            trained = (names, path)
         if path == job.resume and not job.eval:
             _check_epochs_left(options, state)
         if path != job.resume or stitch_cfg is None:
@@ -105,6 +110,7 @@ def check_checkpoints(options: RunOptions, stitch_cfg: StitchConfig | None = Non
         check_same_network(stitch_cfg, state, path, str(job.stitch_config), "pass the config it was trained with")
     if loss.teacher_checkpoint and loss.distillation_type != "none" and not job.eval:
         _check_teacher_checkpoint(loss)
+    return trained
 
 
 def _check_classes(num_classes: int | None, path: str, state: dict) -> None:
@@ -183,9 +189,9 @@ def check_run(options: RunOptions, stitch_cfg: StitchConfig | None, anchor_check
         check_output(options.out_dir)
     if not options.job.eval and not options.job.resume and not restarted():
         check_fresh_output(options.out_dir)
-    check_checkpoints(options, stitch_cfg)
+    trained = check_checkpoints(options, stitch_cfg)
     try:
-        check_data(options.data, need_train=not options.job.eval, world_size=options.world_size)
+        check_data(options.data, need_train=not options.job.eval, world_size=options.world_size, trained=trained)
     except SNNetError as e:  # the data layer names --num-classes; a stitch config's num_classes is fixed there
         source, wanted = set_by("num_classes"), options.data.num_classes
         if f"--num-classes {wanted} " not in str(e) or source == "the command line":
