@@ -6,6 +6,7 @@
     snnet select RESULTS --max-flops 5G | --max-params 20M | --max-latency-ms 3 | --min-acc 78
     snnet export CKPT --cfg-id N --out DIR [--stitch_config CFG] [--img-size S]
     snnet latency CKPT [--stitch_config CFG] [--batch 1 --batch 32] [--warmup 5 --repeats 20] [--results FILE]
+    snnet convert SNNET_PTH OUT --trust
     snnet similarity --anchors A B | --stitch_config CFG --data DIR --out DIR [--batches N] [--img-size S]
     snnet search --anchors A B C | --stitch_config CFG --data DIR --out DIR [--score cka|ls|kl] [--threshold 0.9]
     snnet stitch-train --sweep SWEEP.yaml [--out DIR] | DATA --front A --end B --cut I [--gap G] --out DIR
