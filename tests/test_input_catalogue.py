@@ -193,6 +193,9 @@ CASES = [
     ("empty data folder", "{w}/empty --stitch_config {cfg}", "data folder '{w}/empty' is empty"),
     ("data path is a file", "{w}/afile --stitch_config {cfg}", "is a file, not a folder; give the dataset root"),
     ("no train split", "{w}/only_val --stitch_config {cfg}", "has no train/ folder"),
+    ("a folder of class folders, no splits", "{data}/train/ --stitch_config {cfg}",
+     "lay it out as {data}/train/train/<class>/<image> and {data}/train/val/<class>/<image> (its sub-folders hold "
+     "images, as class folders do: snnet quickstart {data}/train --out DIR splits such a folder"),
     ("images without class folders", "{w}/flat --stitch_config {cfg}", "has no class sub-folders"),
     ("class folders without images", "{w}/noimg --stitch_config {cfg}", "has class folders but no images"),
     ("eval without a val split", "{w}/noimg --stitch_config {cfg} --eval", "has no validation/ or val/ folder"),

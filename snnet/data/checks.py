@@ -110,8 +110,16 @@ def resolve_folders(data_options: DataOptions, need_train: bool) -> tuple[str | 
     train = split_folder(root, data_options.train_split, TRAIN_NAMES)
     val = split_folder(root, data_options.val_split, VAL_NAMES)
     if need_train and train is None:
+        shown = root.rstrip("/") or root
+        flat = ""
+        try:
+            check_image_folder(root, "data")
+            flat = (f" (its sub-folders hold images, as class folders do: snnet quickstart {shown} --out DIR splits "
+                    f"such a folder into train/ and val/)")
+        except DataError:
+            pass
         raise DataError(f"data folder {root!r} has no {data_options.train_split}/ folder; lay it out as "
-                        f"{root}/train/<class>/<image> and {root}/val/<class>/<image>")
+                        f"{shown}/train/<class>/<image> and {shown}/val/<class>/<image>{flat}")
     if not need_train and val is None:
         raise DataError(f"data folder {root!r} has no validation/ or val/ folder to evaluate on")
     for path, what in ((train, "train"), (val, "validation")):
