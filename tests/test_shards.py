@@ -571,3 +571,18 @@ def test_training_skips_an_unreadable_shard_image_in_one_warning_and_evaluation_
     assert all(np.array_equal(np.asarray(img), np.asarray(drawn[1][0])) and label == drawn[1][1]
                for img, label in drawn)
     assert sum("skipped training image" in r.getMessage() for r in caplog.records) == 3
+
+
+def test_resuming_on_shards_of_other_classes_is_refused(demo):
+    """A resumed checkpoint's recorded class names against the shards' _info.json classes: shards fixed their class
+    indices when written, so another class, or the same classes in another order, is refused naming them."""
+    from snnet.data.checks import DataError, check_data
+    from snnet.data.options import DataOptions
+    _, wds = demo
+    data = DataOptions(data_dir=str(wds), dataset="wds/digits", seed=0, batch_size=32)
+    digits = [str(i) for i in range(10)]
+    check_data(data, need_train=False, world_size=1, trained=(digits, "ok.pth.tar"))
+    with pytest.raises(DataError, match=r"missing 'ten'; not trained on '9'\): its shards number their classes"):
+        check_data(data, need_train=False, world_size=1, trained=([*digits[:9], "ten"], "other.pth.tar"))
+    with pytest.raises(DataError, match=r"\(the same classes in another order\)"):
+        check_data(data, need_train=False, world_size=1, trained=(digits[::-1], "other.pth.tar"))

@@ -235,19 +235,23 @@ def _check_steps(data_options: DataOptions, images: int, where: str, world_size:
                     f"images ({procs}) and timm's training loader drops the last incomplete batch; {fix}")
 
 
-def _check_trained_classes(found: dict[str, int], trained: tuple[list[str], str], folder: str) -> None:
-    """The class folders of `folder` against the class names checkpoint `trained[1]` recorded: timm numbers the
-    folders it finds, so a class missing (or added) moves every later class to another index, and each of its
-    images would be scored against another class's output."""
+def _check_trained_classes(found: list[str], trained: tuple[list[str], str], folder: str, shards: bool = False) -> None:
+    """The classes of `folder` (its class folders, or a shard folder's recorded classes in index order) against the
+    class names checkpoint `trained[1]` recorded: timm numbers the folders it finds, so a class missing (or added)
+    moves every later class to another index, and each of its images would be scored against another class's
+    output. Shards fixed their indices when written: there the order counts too."""
     names, path = trained
     missing, extra = sorted(set(names) - set(found)), sorted(set(found) - set(names))
-    if not (missing or extra):
+    if not (missing or extra or (shards and found != names)):
         return
     parts = ([f"missing {first_names(missing)}"] if missing else []) + \
-            ([f"not trained on {first_names(extra)}"] if extra else [])
+            ([f"not trained on {first_names(extra)}"] if extra else []) or ["the same classes in another order"]
+    how, fix = (("its shards number their classes", "write the shards from a folder of the trained classes") if shards
+                else ("timm numbers the class folders it finds", "give a folder of the trained classes, or pass "
+                                                                  "--class-map"))
     raise DataError(f"folder {folder!r} does not hold the {len(names)} classes checkpoint {path!r} was trained on "
-                    f"({'; '.join(parts)}): timm numbers the class folders it finds, so its labels would name other "
-                    f"classes than the network's outputs; give a folder of the trained classes, or pass --class-map")
+                    f"({'; '.join(parts)}): {how}, so its labels would name other classes than the network's "
+                    f"outputs; {fix}")
 
 
 def _check_num_classes(data_options: DataOptions, classes: int, where: str) -> None:
@@ -419,10 +423,13 @@ def check_data(data_options: DataOptions, need_train: bool, world_size: int,
     Images are counted as timm's folder reader counts them (its extensions, its labels)."""
     if is_shards(data_options.dataset):  # WebDataset shards: every shard's headers, counts and class indices
         counts = check_shards(data_options, need_train, world_size, TRAIN_NAMES, VAL_NAMES)
+        root = shard_root(data_options.data_dir, data_options.dataset)
+        classes = read_info(root).get("classes")
+        if trained is not None and isinstance(classes, list):
+            _check_trained_classes(list(map(str, classes)), trained, root, shards=True)
         if need_train:
             _check_steps(data_options, counts["train"], f"the shards in {data_options.data_dir!r}", world_size)
             if "validation" not in counts:
-                root = shard_root(data_options.data_dir, data_options.dataset)
                 _warn_test_split(data_options, read_info(root)["splits"])
         return
     if data_options.dataset != "":
@@ -465,7 +472,7 @@ def check_data(data_options: DataOptions, need_train: bool, world_size: int,
                         f"({'; '.join(parts)}): timm numbers each split's class folders separately, so the labels "
                         f"would not match; give both the same class folders (each with images), or pass --class-map")
     if trained is not None and mapping is None:
-        _check_trained_classes(scans["train" if train_dir else "validation"], trained, str(train_dir or val_dir))
+        _check_trained_classes(list(scans["train" if train_dir else "validation"]), trained, str(train_dir or val_dir))
     if mapping is not None:
         indices = [v for v in mapping.values() if isinstance(v, int)]
         classes = (max(indices) + 1) if indices else len(mapping)
