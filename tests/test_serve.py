@@ -635,6 +635,8 @@ def test_bad_requests_get_a_4xx_and_one_line(core):
     assert handle(core, b"x" * (core.spec.max_body_bytes + 1))[0] == 413
     assert handle(core, b"", "DELETE")[0] == 405 and handle(core, b"", "GET", "/nope")[0] == 404
     assert handle(core, {"image": png()})[0] == 200  # still serving
+    url = handle(core, {"image": "data:image/png;base64," + png(), "top_k": 2})  # a browser's FileReader sends these
+    assert url[0] == 200 and url[1]["top_k"] == handle(core, {"image": png(), "top_k": 2})[1]["top_k"], url
     if importlib.util.find_spec("pillow_heif"):  # an iPhone's HEIC photo is an image too (requirements-extras.txt)
         buf = io.BytesIO()
         Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype("uint8")).save(buf, "HEIF")

@@ -392,6 +392,8 @@ class ServeCore:
         if not isinstance(data, str) or not data:
             raise RequestError(400, "image is missing or not a string; send the image file's bytes as base64 text "
                                     '("image": "iVBORw0KGgo...")')
+        if data.startswith("data:") and ";base64," in data[:100]:  # a data URL (a browser's FileReader): its payload
+            data = data.split(";base64,", 1)[1]
         try:
             raw = base64.b64decode(data, validate=True)
         except (binascii.Error, ValueError):
