@@ -247,3 +247,19 @@ def test_a_new_run_into_a_finished_runs_folder_is_refused(tmp_path, digits_folde
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     assert main(argv) == 0, capsys.readouterr().err
     assert (folder / "last.pth.tar").read_bytes() == before
+
+
+def test_more_processes_than_cpu_cores_are_warned_with_the_same_global_batch(tmp_path, digits_folder, capsys,
+                                                                               monkeypatch):
+    """./distributed_train.sh 8 (the README's GPU command) on a 2-core CPU: allowed, with one warning naming the
+    process count that fits and the -b that keeps the global batch; within the cores, nothing is said."""
+    from snnet.train import preflight
+    monkeypatch.setattr(preflight, "usable_cores", lambda: 2)
+    argv = [str(digits_folder), "--model", "resnet18", *FAST, "--epochs", "1", "--output", str(tmp_path / "out"),
+            "-b", "6", "--device", "cpu"]
+    assert preflight.main(["8", *argv]) == 0
+    err = capsys.readouterr().err
+    assert "warning: 8 training processes on the 2 CPU core(s) this launch may use take turns" in err, err
+    assert "./distributed_train.sh 2 with -b 24 trains about the same global batch (48 images)" in err, err
+    assert preflight.main(["2", *argv]) == 0
+    assert "warning" not in capsys.readouterr().err

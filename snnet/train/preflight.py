@@ -47,7 +47,7 @@ from snnet.utils.checkpoint import (
     json_field,
     load_checkpoint,
 )
-from snnet.utils.distributed import world
+from snnet.utils.distributed import usable_cores, world
 from snnet.utils.errors import SNNetError, UsageError, one_line
 from snnet.utils.fileio import lock_holder, unwritable
 
@@ -423,9 +423,24 @@ def main(argv: list[str] | None = None) -> int:
     except SNNetError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return e.exit_code
+    _warn_oversubscribed(options, int(argv[0]))
     if show:
         print(options.out_dir)
     return 0
+
+
+def _warn_oversubscribed(options: RunOptions, nproc: int) -> None:
+    """More training processes on a CPU than the cores this launch may use: not refused (a DDP check on a laptop is
+    fine), but they take turns on the cores and every step waits for the slowest, so the launch says so and how
+    to keep the global batch with fewer processes."""
+    cores = usable_cores()
+    if nproc <= cores or device_from_flag(options.train.device, here=False).type != "cpu":
+        return
+    batch = options.loader.batch_size
+    print(f"warning: {nproc} training processes on the {cores} CPU core(s) this launch may use take turns on them, "
+          f"and each step waits for the slowest; on a CPU, ./distributed_train.sh {cores} with -b "
+          f"{-(-batch * nproc // cores)} trains about the same global batch ({batch * nproc} images) faster",
+          file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
