@@ -197,6 +197,24 @@ def test_ls_stitch_is_the_least_squares_fit_and_its_residual(vit_resnet, edge):
         assert _rel(out[:, 0], cls) < 1e-4
 
 
+def test_a_stitch_with_no_fewer_unknowns_than_rows_is_left_out_not_scored():
+    """On few images a wide unit with few positions gives fewer least-squares rows than its stitch has unknowns:
+    any features fit exactly there (residual ~0), so that pair is left out of the maps, the search and the KL, with
+    the reason and the fix; a pair with rows to spare is scored."""
+    from snnet.explore.similarity import summary
+    torch.manual_seed(0)
+    net = build_anchors(parse_stitch_config({"anchors": ["resnet18", "resnet18"]}), False, 10, 32)
+    maps = compatibility_maps(net, [torch.randn(8, 3, 32, 32)], pairs=[(0, 1)], kl=False)
+    unit = {c.name: c.unit for c in maps.cuts[0]}
+    wide = (0, unit["layer4.1"], 1, unit["layer4.1"])  # 1x1 positions x 8 images = 8 rows, 513 unknowns
+    assert wide not in maps.stitches and maps.value("ls_residual", wide) is None
+    assert maps.rows[wide] == 8 and "513 unknowns per output channel and only 8 rows" in maps.reasons[wide]
+    early = (0, unit["stem"], 1, unit["stem"])  # 8x8 positions x 8 images = 512 rows, 65 unknowns
+    assert early in maps.stitches and maps.value("ls_residual", early) is not None
+    left = sum(1 for e in maps.rows if e not in maps.stitches)
+    assert f"({left} more left out: their stitch has as many unknowns as the 8 images give rows" in summary(maps, 1.0)
+
+
 def test_vit_to_vit_stitch_maps_every_token_by_least_squares():
     """Same family, same prefix: SN-Net's stitch (one linear map for every token, cls included); after the final
     LayerNorm (channels summing to zero) too."""

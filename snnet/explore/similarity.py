@@ -264,8 +264,11 @@ def summary(maps: CompatibilityMaps, seconds: float, top: int = 5) -> str:
              f"{seconds:.1f}s"]
     for a, b in maps.pairs:
         stitchable = sum(1 for e in maps.stitches if (e[0], e[2]) == (a, b))
+        few = sum(1 for e in maps.rows if (e[0], e[2]) == (a, b) and e not in maps.stitches)
         lines.append(f"{maps.names[a]} -> {maps.names[b]}: {stitchable} of "
                      f"{len(maps.cuts[a]) * len(maps.cuts[b])} unit pairs stitchable" +
+                     (f" ({few} more left out: their stitch has as many unknowns as the {maps.images} images give "
+                      f"rows, or more; use more images, --batches or -b)" if few else "") +
                      (f"; the best {min(top, stitchable)} by LS residual:" if stitchable else ""))
         name = lambda anchor, u: maps.cuts[anchor][u].name
         for i, j in best_stitches(maps, a, b, top):

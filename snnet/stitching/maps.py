@@ -13,7 +13,8 @@ of the anchors changes no score:
   features to B's at that pair, fitted by least squares on the same images (float64 normal equations, solved by
   the least-squares init's solver). The stitch is the stitching layer the library uses (per position: a Linear on
   channels, or a 1x1 conv on NCHW maps, then the layout bridge TOKENS/NHWC/NCHW), so it exists only where both
-  sides have the same number of spatial positions; elsewhere the map holds null. Prefix tokens (timm's
+  sides have the same number of spatial positions; elsewhere the map holds null, as it does where the images give
+  no more rows (images x positions) than the stitch has unknowns (any features would fit exactly). Prefix tokens (timm's
   ``num_prefix_tokens``: cls, distillation, register tokens) are mapped with the other tokens when both sides have
   the same number of them (SN-Net's ViT stitch); otherwise the front's are dropped and the end's are predicted by a
   second least-squares linear map from the front's position-averaged features (`CutStitch`).
@@ -72,7 +73,7 @@ class CompatibilityMaps:
     cka: dict[tuple[int, int], np.ndarray]
     ls_residual: dict[tuple[int, int], np.ndarray]
     kl: dict[tuple[int, int], np.ndarray] | None
-    reasons: dict[Edge, str] = field(default_factory=dict)      # why a pair has no stitch
+    reasons: dict[Edge, str] = field(default_factory=dict)      # why a pair has no (measured) stitch
     stitches: dict[Edge, CutStitch] = field(default_factory=dict)  # the fitted stitches (kept in memory only)
     rows: dict[Edge, int] = field(default_factory=dict)         # least-squares rows per stitch
     images: int = 0
@@ -232,7 +233,13 @@ def compatibility_maps(net: ComposedNet, batches: Iterable[Batch], pairs: Sequen
     stitches, rows = {}, {}
     for edge, module in probe_stitches.items():
         a, i, b, j = edge
-        ls_maps[(a, b)][i, j], rows[edge] = module.fit(ls, (a, i), edge, rcond)
+        residual, rows[edge] = module.fit(ls, (a, i), edge, rcond)
+        unknowns = stitchable[edge][0].channels + 1
+        if rows[edge] <= unknowns:  # as many unknowns as rows: any features fit exactly, the residual says nothing
+            reasons[edge] = (f"its least-squares stitch has {unknowns} unknowns per output channel and only "
+                             f"{rows[edge]} rows (images x positions) to fit them: use more images")
+            continue
+        ls_maps[(a, b)][i, j] = residual
         stitches[edge] = module.to(device).eval()
     del ls
     img_size = input_sizes[0] if len(set(input_sizes)) == 1 else None
