@@ -893,7 +893,9 @@ def check_anchors(args: QuickstartOptions) -> dict[str, str]:
                              f"('{name.split('.')[0]}*') lists those it has); name one of them, or pass "
                              f"--no-pretrained to train it from random weights")
         try:
-            source[name] = check_pretrained(name, "--anchors")
+            source[name] = check_pretrained(name, "--anchors", "to start from local weights, write a stitch config "
+                                            "whose anchors name them as \"checkpoint\" and train it with "
+                                            "train.py (docs/own_data.md)")
         except WeightsUnavailable as e:
             raise UsageError(one_line(e)) from None
     return source

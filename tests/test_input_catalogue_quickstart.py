@@ -120,7 +120,8 @@ CASES = [  # (case, argv, the words of the one line, environment added)
      None),
     ("quickstart pretrained anchors offline", "quickstart {w}/grow --out {out} --anchors resnet18 resnet34",
      "--anchors 'resnet18' needs timm's pretrained weights, which are not in the Hugging Face cache {w}/hub "
-     "(repository timm/resnet18.a1_in1k) and cannot be downloaded (HF_HUB_OFFLINE is set)",
+     "(repository timm/resnet18.a1_in1k) and cannot be downloaded (HF_HUB_OFFLINE is set); to start from local "
+     "weights, write a stitch config whose anchors name them as \"checkpoint\" and train it with train.py",
      {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": "{w}/hub"}),
     ("quickstart one class", "quickstart {w}/oneclass --out {out}", "holds one class, 'circle': a classifier needs "
      "at least 2", None),

@@ -93,10 +93,15 @@ def cache_dir() -> str:
     return str(HF_HUB_CACHE)
 
 
-def check_pretrained(name: str, where: str = "anchor") -> str:
+#: the refusal's first fix where a stitch config names the model (train.py, the tools)
+LOCAL_WEIGHTS = "give it local weights (the anchor's \"checkpoint\" in the stitch config, e.g. a train.py last.pth.tar)"
+
+
+def check_pretrained(name: str, where: str = "anchor", local: str = LOCAL_WEIGHTS) -> str:
     """Refuse, in one line, timm's pretrained weights of `name` when they are neither cached here nor reachable
-    (nothing is downloaded); `where` names the model in the message (e.g. "anchor 0"). A model timm loads from a
-    local file, or whose weights are cached or reachable, passes: returns "", "cached" or "reachable"."""
+    (nothing is downloaded); `where` names the model in the message (e.g. "anchor 0"), `local` the way this command
+    takes local weights instead. A model timm loads from a local file, or whose weights are cached or reachable,
+    passes: returns "", "cached" or "reachable"."""
     kind, loc, filename = _source(name)
     if not kind:
         return ""
@@ -119,6 +124,5 @@ def check_pretrained(name: str, where: str = "anchor") -> str:
     fetch = f"python -c \"import timm; timm.create_model('{name}', pretrained=True)\""
     raise WeightsUnavailable(
         f"{where} {name!r} needs timm's pretrained weights, which are not in {looked} and cannot be downloaded "
-        f"({why}); give it local weights (the anchor's \"checkpoint\" in the stitch config, e.g. a train.py "
-        f"last.pth.tar), or fetch them on a connected machine with `{fetch}` and copy its cache here, or pass "
+        f"({why}); {local}, or fetch them on a connected machine with `{fetch}` and copy its cache here, or pass "
         f"--no-pretrained to train from random weights")
