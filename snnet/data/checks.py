@@ -424,13 +424,13 @@ def check_data(data_options: DataOptions, need_train: bool, world_size: int,
     if is_shards(data_options.dataset):  # WebDataset shards: every shard's headers, counts and class indices
         counts = check_shards(data_options, need_train, world_size, TRAIN_NAMES, VAL_NAMES)
         root = shard_root(data_options.data_dir, data_options.dataset)
-        classes = read_info(root).get("classes")
-        if trained is not None and isinstance(classes, list):
-            _check_trained_classes(list(map(str, classes)), trained, root, shards=True)
+        info = read_info(root)
+        if trained is not None and isinstance(info.get("classes"), list):
+            _check_trained_classes(list(map(str, info["classes"])), trained, root, shards=True)
         if need_train:
             _check_steps(data_options, counts["train"], f"the shards in {data_options.data_dir!r}", world_size)
             if "validation" not in counts:
-                _warn_test_split(data_options, read_info(root)["splits"])
+                _warn_test_split(data_options, info["splits"])
         return
     if data_options.dataset != "":
         _check_other_dataset(data_options, need_train)

@@ -14,10 +14,10 @@ of the anchors changes no score:
   the least-squares init's solver). The stitch is the stitching layer the library uses (per position: a Linear on
   channels, or a 1x1 conv on NCHW maps, then the layout bridge TOKENS/NHWC/NCHW), so it exists only where both
   sides have the same number of spatial positions; elsewhere the map holds null, as it does where the images give
-  no more rows (images x positions) than the stitch has unknowns (any features would fit exactly). Prefix tokens (timm's
-  ``num_prefix_tokens``: cls, distillation, register tokens) are mapped with the other tokens when both sides have
-  the same number of them (SN-Net's ViT stitch); otherwise the front's are dropped and the end's are predicted by a
-  second least-squares linear map from the front's position-averaged features (`CutStitch`).
+  no more rows (images x positions) than the stitch has unknowns (any features would fit exactly). Prefix tokens
+  (timm's ``num_prefix_tokens``: cls, distillation, register tokens) are mapped with the other tokens when both
+  sides have the same number of them (SN-Net's ViT stitch); otherwise the front's are dropped and the end's are
+  predicted by a second least-squares linear map from the front's position-averaged features (`CutStitch`).
 * ``kl``: ``KL(p_B || p_ij)`` averaged over the images, where p_B is B's own class distribution (softmax of its
   logits) and p_ij that of the network stitched at (i, j): A up to unit i, the least-squares stitch, B from unit
   j + 1 on. It measures, in B's output space, what a training-free stitch at (i, j) loses; defined wherever the
