@@ -107,6 +107,7 @@ def train_anchors(work: Path, data: Path, epochs: int) -> None:
 
 def recipe_config(work: Path, name: str, fields: dict) -> Path:
     cfg = json.loads(stitch_config_for(work).read_text())
+    cfg.pop("recipe", None)  # each recipe here is its flags (on top of COMMON) and fields only
     cfg.update(fields)
     path = work / f"config_{name}.json"
     path.write_text(json.dumps(cfg, indent=1))

@@ -239,7 +239,7 @@ def _digits_subset(data: Path, dest: Path, per_class: tuple[int, int]) -> Path:
 def step_distributed(ctx: dict) -> dict:
     import torch
 
-    from snnet.demo import COMMON, SNNET_FLAGS, write_digits
+    from snnet.demo import COMMON, write_digits
     from snnet.results.records import read_results
     from snnet.train.main import main as train_main
     size, work, device = ctx["size"], ctx["work"], ctx["device"]
@@ -284,10 +284,8 @@ def step_distributed(ctx: dict) -> dict:
     # one process is no process group (torchrun's WORLD_SIZE 1): nccl itself runs from 2 GPUs on (and in the tests)
     group = lambda n: (("nccl" if cuda else "gloo") if n > 1 else "no process group") + \
         (", fp16 + GradScaler, pinned memory" if cuda else ", CPU")
-    # the demo's warm-up (1 epoch) is refused when typed for a 1-epoch run: the smoke run has none
-    warmup = ["--warmup-epochs", "0"] if int(size["dist_epochs"]) <= 1 else []
-    train = [data, "--stitch_config", config, "--epochs", size["dist_epochs"], *SNNET_FLAGS, *warmup, *common,
-             *dev_flags]
+    # the demo's recipe (its config's "recipe"; a warm-up as long as the run is fitted to none)
+    train = [data, "--stitch_config", config, "--epochs", size["dist_epochs"], *common, *dev_flags]
     variants = [(f", {group(nproc)}", nproc, train), (f", {group(nproc)}, --no-ls-init", nproc,
                                                       [*train, "--no-ls-init"])]
     if nproc > 1:

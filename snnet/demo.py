@@ -81,13 +81,15 @@ V2_TITLE = "SN-Net (v1) vs. SN-Netv2 (v2) on digits: anchors w16 and w64"
 ANCHOR_EPOCHS = 30
 SNNET_EPOCHS = 60  # the budget per route: with 30 the front is above random mixing on fewer budgets (docs/demo.md)
 ANCHOR_FLAGS = ["--lr", "2e-3", "--warmup-epochs", "2"]
-# every SN-Net of the demo: one LR for anchors and stitching layers, as SN-Net trains DeiTs. With the anchors at a
-# tenth of it only the stitching layers adapt, and stitches between the two small anchors fall 5-15 points below
-# both (docs/demo.md, the recipe study)
-SNNET_FLAGS = ["--lr", "1e-3", "--anchor-lr-scale", "1", "--warmup-epochs", "1"]
-#: validation (a panel of stitches) every 5th epoch and the last: the demo reads only the final evaluation
+#: how the demo runs train.py (not what it trains): no loader workers, validation (a panel of stitches) every 5th
+#: epoch and the last (the demo reads only the final evaluation). The SN-Net's recipe is its stitch config's
+#: "recipe" (configs/demo_digits*.json): one LR for anchors and stitching layers, as SN-Net trains DeiTs; with the
+#: anchors at a tenth of it only the stitching layers adapt, and stitches between the two small anchors fall 5-15
+#: points below both (docs/demo.md, the recipe study)
+RUN = ["-j", "0", "--seed", "0", "--log-interval", "10", "--val-interval", "5"]
+#: the anchors' recipe beside ANCHOR_FLAGS (the values of the SN-Net's, for plain models), then RUN
 COMMON = ["--img-size", "16", "-b", "32", "--opt", "adamw", "--weight-decay", "0.05", "--scale", "0.7", "1",
-          "--hflip", "0", "--smoothing", "0.1", "-j", "0", "--seed", "0", "--log-interval", "10", "--val-interval", "5"]
+          "--hflip", "0", "--smoothing", "0.1", *RUN]
 EVAL_FLAGS = ["--img-size", "16", "-b", "32", "-j", "0"]  # evaluate_weights: COMMON's evaluation settings
 SEED = 0  # COMMON's seed of the anchors and the SN-Net (--seed; the data split is always the same)
 THREADS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # see _child_env
@@ -102,10 +104,10 @@ RELAY_SECONDS = 5.0  # the console gets the running step's newest progress line 
 RANGE_MARGIN = 3.0  # summary(): stitches within the anchors' top-1 range +- this many points
 
 
-def common(seed: int = SEED) -> list[str]:
-    """COMMON with this training seed."""
-    i = COMMON.index("--seed")
-    return [*COMMON[:i], "--seed", str(seed), *COMMON[i + 2:]]
+def common(seed: int = SEED, flags: list[str] = COMMON) -> list[str]:
+    """`flags` (COMMON or RUN) with this training seed."""
+    i = flags.index("--seed")
+    return [*flags[:i], "--seed", str(seed), *flags[i + 2:]]
 
 
 def write_digits(root: Path, seed: int = 0) -> Path:
@@ -304,7 +306,7 @@ def train_snnet(work: Path, data: Path, config: Path, name: str, epochs: int, ex
                 resume: bool = False, preflight: bool = True) -> Path:
     """Train (and evaluate every stitch of) one SN-Net on `nproc` processes, as a user would (distributed_train.sh;
     one process: train.py itself, which a launch of one process runs the same, without the launcher's interpreter).
-    The recipe: `flags` (default SNNET_FLAGS), `extra`, `common_flags` (default COMMON with this seed); `resume`: a
+    The recipe: the config's, `flags`, `extra`, `common_flags` (default RUN with this seed); `resume`: a
     run of the same command that finished is kept, an interrupted one continues (run_step); `preflight` False: the
     launcher's checks are skipped (SNNET_NO_PREFLIGHT=1; train.py checks the same again), for a config and anchors
     the caller just wrote and trained (snnet quickstart: one interpreter's torch and timm import less, ~5 s of CPU)."""
@@ -312,8 +314,8 @@ def train_snnet(work: Path, data: Path, config: Path, name: str, epochs: int, ex
     config = stitch_config_for(work, config)
     launch = ["./distributed_train.sh", str(nproc)] if nproc > 1 else ["train.py"]
     cmd = [*launch, str(data), "--stitch_config", str(config),
-           "--epochs", str(epochs), *(SNNET_FLAGS if flags is None else flags), *extra, "--output", str(work),
-           "--experiment", name, *(common(seed) if common_flags is None else common_flags)]
+           "--epochs", str(epochs), *(flags or []), *extra, "--output", str(work),
+           "--experiment", name, *(common(seed, RUN) if common_flags is None else common_flags)]
     stamp = [*cmd, f"inputs sha256 {inputs_sha256(config)}"]  # the same command on other anchors: another run
     if resume and finished(run_dir, stamp, RESULTS_FILE):
         print(f"[{name}] reusing {run_dir} (trained and evaluated by the same command)", flush=True)

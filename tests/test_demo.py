@@ -25,6 +25,21 @@ def test_demo_configs_name_their_anchors():
         assert load_stitch_config(config).labels() == ["w16", "w64"]
 
 
+@pytest.mark.parametrize("config", [CONFIG, *V2_CONFIGS.values()], ids=lambda c: c.name)
+def test_a_demo_config_alone_trains_with_the_demos_recipe(config):
+    """`train.py DATA --stitch_config configs/demo_digits*.json` and nothing else trains as `make demo` does: the
+    card's "recipe" holds the demo's SN-Net flags (one LR of 1e-3 for anchors and stitching layers, AdamW, the demo's
+    epochs), where timm's defaults (SGD at LR 0.1) wreck the trained anchors within an epoch."""
+    from snnet.demo import SNNET_EPOCHS
+    from snnet.train.args import parse_args
+    args, _ = parse_args(["output/demo/digits", "--stitch_config", str(config)], fit=False)
+    got = {k: getattr(args, k) for k in ("opt", "lr", "anchor_lr_scale", "warmup_epochs", "epochs", "batch_size",
+                                         "weight_decay", "scale", "hflip", "smoothing", "img_size")}
+    assert got == {"opt": "adamw", "lr": 1e-3, "anchor_lr_scale": 1.0, "warmup_epochs": 1, "epochs": SNNET_EPOCHS,
+                   "batch_size": 32, "weight_decay": 0.05, "scale": [0.7, 1.0], "hflip": 0.0, "smoothing": 0.1,
+                   "img_size": 16}, got
+
+
 def test_labels_name_the_routes():
     data = json.loads(CONFIG.read_text())
     for a in data["anchors"]:
