@@ -46,6 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from snnet.data.checks import (
     TEST_NAMES,
@@ -901,28 +902,42 @@ def check_anchors(args: QuickstartOptions) -> dict[str, str]:
     return source
 
 
+#: the recipe the anchors and the SN-Net share (train.py flag names -> values)
+SHARED_RECIPE: dict[str, Any] = {"opt": "adamw", "weight-decay": 0.05, "scale": [0.8, 1], "smoothing": 0.1}
+
+
 def _recipes(p: Plan, seed: int) -> tuple[list[str], list[str], list[str], list[str]]:
-    """(anchor flags, SN-Net flags, flags both share, evaluation flags) of train.py."""
-    common = ["--img-size", str(p.img_size), "--opt", "adamw", "--weight-decay", "0.05",
-              "--scale", "0.8", "1", "--smoothing", "0.1", "-j", "0", "--seed", str(seed), "--log-interval", "10",
-              "--val-interval", str(VAL_INTERVAL)]
-    if not p.pretrained:
-        common.append("--no-pretrained")
+    """train.py's (anchor flags, the anchors' other flags, the SN-Net's flags beside its stitch config's recipe
+    (`snnet_recipe`): how it runs, evaluation flags)."""
+    run = ["-j", "0", "--seed", str(seed), "--log-interval", "10", "--val-interval", str(VAL_INTERVAL)]
     # a plain --model starts from random weights unless --pretrained says otherwise
     anchor = ["--lr", "5e-3", "--warmup-epochs", "1" if p.anchor_epochs > 1 else "0",
               *(["--pretrained"] if p.pretrained else []), "-b", str(p.anchor_batch or p.batch)]
+    common = ["--img-size", str(p.img_size), *[a for k, v in SHARED_RECIPE.items() for a in (f"--{k}", *_words(v))],
+              *run, *([] if p.pretrained else ["--no-pretrained"])]
+    # every stitch's per-image predictions: the baselines' intervals over resampled validation images
+    return anchor, common, run, ["--img-size", str(p.img_size), "-b", str(p.batch), "-j", "0", "--save-predictions",
+                                 "all"]
+
+
+def _words(value: Any) -> list[str]:
+    """A recipe value as typed flag values."""
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+
+
+def snnet_recipe(p: Plan) -> dict[str, Any]:
+    """The SN-Net's training recipe (its stitch config's "recipe": train.py flag names -> values)."""
     # from scratch, the stitching layers at 10x the anchors' LR (SNNET_LR); timm anchors keep SN-Net's one LR
     lr, scale = (SNNET_LR, SNNET_ANCHOR_LR_SCALE) if p.own_cnns else (5e-4, 1.0)
-    snnet = ["--lr", f"{lr:g}", "--anchor-lr-scale", f"{scale:g}", "--warmup-epochs",
-             "1" if p.snnet_epochs > 1 else "0", "-b", str(p.batch)]
-    # every stitch's per-image predictions: the baselines' intervals over resampled validation images
-    return anchor, snnet, common, ["--img-size", str(p.img_size), "-b", str(p.batch), "-j", "0",
-                                   "--save-predictions", "all"]
+    return {"epochs": p.snnet_epochs, "batch-size": p.batch, "lr": lr, "anchor-lr-scale": scale,
+            "warmup-epochs": 1 if p.snnet_epochs > 1 else 0, **SHARED_RECIPE,
+            **({} if p.pretrained else {"no-pretrained": True})}
 
 
 def stitch_config(out: Path, p: Plan, classes: int, folder: Path | None = None) -> Path:
-    """The stitch config of the anchors trained in `out` (each anchor's checkpoint: out/anchor_<label>), written to
-    `folder` (default `out`)."""
+    """The stitch config of the anchors trained in `out` (each anchor's checkpoint: out/anchor_<label>) and the
+    SN-Net's recipe (`snnet_recipe`), written to `folder` (default `out`): train.py with it alone trains the same
+    SN-Net."""
     cfg = {"description": f"snnet quickstart: {', '.join(a[0] for a in p.anchors)}",
            "anchors": [{"name": model, "label": label, "checkpoint": str(out / f"anchor_{label}" / "last.pth.tar"),
                         **({"model_kwargs": kwargs} if kwargs else {})} for label, model, kwargs in p.anchors],
@@ -933,6 +948,7 @@ def stitch_config(out: Path, p: Plan, classes: int, folder: Path | None = None) 
         cfg["stitch_plan"] = p.stitch_plan
     if p.bn_stats != "shared":
         cfg["bn_stats"] = p.bn_stats
+    cfg["recipe"] = snnet_recipe(p)
     path = (folder or out) / "stitch_config.json"
     write_text_atomic(path, json.dumps(cfg, indent=1) + "\n")
     return path
@@ -954,8 +970,8 @@ def check_steps(out: Path, summary: DataSummary, p: Plan, args: QuickstartOption
     from snnet.train.options import RunOptions
     from snnet.train.preflight import check_recipe
     from snnet.train.resolve import resolve
-    anchor_flags, snnet_flags, common, _ = _recipes(p, args.seed)
-    common = common + list(summary.flags)
+    anchor_flags, common, run, _ = _recipes(p, args.seed)
+    common, run = common + list(summary.flags), run + list(summary.flags)
     anchors = (f"--anchors {' '.join(args.anchors)}" if args.anchors else
                f"the CNN anchors of --widths {' '.join(str(k['channels'][0]) for _, _, k in p.anchors)}")
 
@@ -972,8 +988,8 @@ def check_steps(out: Path, summary: DataSummary, p: Plan, args: QuickstartOption
     with tempfile.TemporaryDirectory(prefix="snnet_quickstart_") as tmp:
         config = stitch_config(out, p, summary.classes, Path(tmp))
         stages = f", --stitch-stages {' '.join(map(str, p.stitch_stages))}" if p.stitch_stages is not None else ""
-        check([str(summary.root), "--stitch_config", str(config), "--epochs", str(p.snnet_epochs), *snnet_flags,
-               "--output", str(out), "--experiment", "snnet", *common], p.nproc,
+        check([str(summary.root), "--stitch_config", str(config), "--epochs", str(p.snnet_epochs), "--output",
+               str(out), "--experiment", "snnet", *run], p.nproc,
               f"the SN-Net of {anchors} (--stitch-plan {p.stitch_plan}{stages}, --img-size {p.img_size}) cannot be "
               f"built")
 
@@ -1158,8 +1174,8 @@ def _run(args: QuickstartOptions, data: Path, out: Path, t0: float, summary_: Da
             print(f"data: {copied} image(s) larger than {record['stored_side']} px on their shorter side stored "
                   f"downscaled to it in {out / 'data'} (every epoch decodes every image; the originals are not "
                   f"changed)", flush=True)
-    anchor_flags, snnet_flags, common, eval_flags = _recipes(p, args.seed)
-    common, eval_flags = common + list(summary_.flags), eval_flags + list(summary_.flags)  # shards, parquet
+    anchor_flags, common, run, eval_flags = _recipes(p, args.seed)
+    common, run, eval_flags = (flags + list(summary_.flags) for flags in (common, run, eval_flags))  # shards, parquet
 
     def train(anchor: tuple[str, str, dict]) -> None:
         label, model, kwargs = anchor
@@ -1174,8 +1190,8 @@ def _run(args: QuickstartOptions, data: Path, out: Path, t0: float, summary_: Da
         train_anchors(p, train, workers)
         config = stitch_config(out, p, summary_.classes)
         print(f"[2/3] SN-Net: {config}", flush=True)
-        run_dir = train_snnet(out, summary_.root, config, "snnet", p.snnet_epochs, [], args.seed, snnet_flags, common,
-                              p.nproc, resume=True, preflight=False)
+        run_dir = train_snnet(out, summary_.root, config, "snnet", p.snnet_epochs, [], args.seed, [], run, p.nproc,
+                              resume=True, preflight=False)
         print("[3/3] every stitch evaluated from the saved SN-Net; front, baselines, report", flush=True)
         results = out / "results"
         weights = results / WEIGHTS_FILE

@@ -24,6 +24,7 @@ from snnet.quickstart import (
     _split_record,
     plan,
     read_data,
+    snnet_recipe,
     stitch_config,
     write_split,
 )
@@ -196,8 +197,9 @@ def test_the_plan_says_each_choice_and_its_flag(tmp_path):
     assert not p.pretrained
     # 1200 images in the anchors' batches of 128: 9 steps an epoch, >= 600 steps within 30-60 epochs; as many for SN-Net
     assert (p.anchor_batch, p.batch, p.anchor_epochs, p.snnet_epochs) == (128, 32, 60, 60)
-    anchor_flags, snnet_flags, common, _ = _recipes(p, 0)
-    assert anchor_flags[-2:] == ["-b", "128"] and snnet_flags[-2:] == ["-b", "32"] and "-b" not in common
+    anchor_flags, common, run, _ = _recipes(p, 0)
+    recipe = snnet_recipe(p)
+    assert anchor_flags[-2:] == ["-b", "128"] and recipe["batch-size"] == 32 and "-b" not in common + run
     text = "\n".join(p.lines)
     for flag in ("--img-size", "--widths", "--anchors", "--anchor-epochs", "--snnet-epochs", "--nproc",
                  "--stitch-stages", "--stitch-plan", "--bn-stats"):
@@ -207,9 +209,10 @@ def test_the_plan_says_each_choice_and_its_flag(tmp_path):
     assert plan(summary, _args(nproc=2, stitch_plan="two_way")).stitch_plan == "two_way"
     assert p.bn_stats == "per_stitch" and "BatchNorm statistics: per_stitch, one set per stitch" in text
     assert plan(summary, _args(nproc=2, bn_stats="shared")).bn_stats == "shared"
-    assert json.loads(stitch_config(tmp_path, p, 2).read_text())["bn_stats"] == "per_stitch"
+    written = json.loads(stitch_config(tmp_path, p, 2).read_text())
+    assert written["bn_stats"] == "per_stitch" and written["recipe"] == recipe
     # the stitching layers at 5e-3, the CNN anchors at a tenth of it
-    assert snnet_flags[:4] == ["--lr", "0.005", "--anchor-lr-scale", "0.1"], snnet_flags
+    assert (recipe["lr"], recipe["anchor-lr-scale"]) == (5e-3, 0.1), recipe
     with pytest.raises(UsageError, match="--stitch-stages 1 4: the CNN anchors have stages 0-3 of 1, 1, 8, 6 blocks, "
                                          ".*give some of 2 3"):
         plan(summary, _args(nproc=1, stitch_stages=[1, 4]))
@@ -221,7 +224,7 @@ def test_the_plan_says_each_choice_and_its_flag(tmp_path):
     fine = plan(summary, _args(anchors=["resnet18.a1_in1k", "resnet50.a1_in1k"], nproc=1))
     assert fine.pretrained and [a[1] for a in fine.anchors] == ["resnet18.a1_in1k", "resnet50.a1_in1k"]
     assert fine.stitch_stages is None and fine.stitch_plan == "sliding_window"  # the family's own default, SN-Net's
-    assert _recipes(fine, 0)[1][:4] == ["--lr", "0.0005", "--anchor-lr-scale", "1"]  # timm anchors: SN-Net's one LR
+    assert (snnet_recipe(fine)["lr"], snnet_recipe(fine)["anchor-lr-scale"]) == (5e-4, 1.0)  # timm: SN-Net's one LR
 
 
 @pytest.mark.slow
@@ -260,6 +263,15 @@ def test_quickstart_guide_runs(tmp_path, capsys):
             assert (results / f).is_file(), f
         records = [json.loads(ln) for ln in (results / "stitches_res.txt").read_text().splitlines()]
         assert [r["route"] for r in records[:2]] == ["c4", "c8"]
+        # the stitch config it wrote holds the SN-Net's recipe: train.py with it alone trains the same SN-Net
+        import yaml
+
+        from snnet.train.args import parse_args
+        ran = yaml.safe_load((out_dir / "snnet" / "args.yaml").read_text())
+        alone, _ = parse_args([ran["data_dir"], "--stitch_config", str(out_dir / "stitch_config.json")], fit=False)
+        recipe = ("opt", "lr", "anchor_lr_scale", "warmup_epochs", "epochs", "batch_size", "weight_decay", "scale",
+                  "smoothing", "img_size", "no_pretrained", "lr_base", "sched", "mixup", "drop_path")
+        assert {k: getattr(alone, k) for k in recipe} == {k: ran[k] for k in recipe}, ran
         # the served network names its answers by the class folders, as the results beside it do
         from snnet.results.records import read_class_names
         from snnet.utils.checkpoint import load_checkpoint
@@ -462,10 +474,11 @@ def test_anchors_fine_tune_from_the_weights_the_plan_names(tmp_path, monkeypatch
     p = plan(summary, args, sources)
     line = next(ln for ln in p.lines if ln.startswith("anchors:"))
     assert "timm's pretrained weights (resnet18: this machine's cache; resnet34: this machine's cache" in line
-    anchor_flags, snnet_flags, common, _ = _recipes(p, 0)
-    assert "--pretrained" in anchor_flags and "--no-pretrained" not in common and "--pretrained" not in snnet_flags
+    anchor_flags, common, run, _ = _recipes(p, 0)
+    assert "--pretrained" in anchor_flags and "--no-pretrained" not in common and "no-pretrained" not in snnet_recipe(p)
     unpretrained = plan(summary, _args(anchors=["resnet18", "resnet34"], no_pretrained=True, nproc=1))
-    assert "--pretrained" not in _recipes(unpretrained, 0)[0] and "--no-pretrained" in _recipes(unpretrained, 0)[2]
+    assert "--pretrained" not in _recipes(unpretrained, 0)[0] and "--no-pretrained" in _recipes(unpretrained, 0)[1]
+    assert snnet_recipe(unpretrained)["no-pretrained"] is True
     with pytest.raises(UsageError, match="--anchors 'resnet50' needs timm's pretrained weights"):
         check_anchors(_args(anchors=["resnet18", "resnet50"], nproc=1))
 
