@@ -156,6 +156,9 @@ def cmd_report(args: ReportCommand) -> int:
     if out.is_dir():
         raise UsageError(f"--out {args.out!r} is a folder; pass the HTML file to write, e.g. --out "
                          f"{str(out / 'report.html')!r}")
+    if out.suffix.lower() not in (".html", ".htm"):  # a browser opens a page by its name: r.png would show nothing
+        raise UsageError(f"--out {args.out!r} is not an .html file: the report is one HTML page; pass e.g. --out "
+                         f"{str(out.with_suffix('.html'))!r} (the plot as a PNG: snnet pareto --out DIR)")
     check_out_dir(out.parent, "--out")  # its folder: made if missing, refused if it is a file or not writable
     if out.is_file():  # a page written before is replaced; anything else (a results file, notes) is kept
         with open(out, "rb") as f:

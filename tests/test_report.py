@@ -183,14 +183,18 @@ def test_report_refusals(tmp_path, capsys):
              (["report", DEMO, "--anchors", "0", "--out", tmp_path / "d.html"], ["--anchors 0", ">= 1"]),
              (["report", DEMO, "--out", levit / "e.html"], ["a file", "--out"]),
              # the results file itself as --out: it would be lost
-             (["report", levit, "--out", levit], ["exists and is no HTML page", "report.html"])]
+             (["report", levit, "--out", levit], ["is not an .html file", "levit.html"]),
+             (["report", DEMO, "--out", tmp_path / "r.png"], ["is not an .html file", "r.html", "snnet pareto"]),
+             (["report", levit, "--out", tmp_path / "notes.html"], ["exists and is no HTML page", "report.html"])]
+    (tmp_path / "notes.html").write_text("my notes")
     text = levit.read_text()
     for argv, needles in cases:
         rc, _, err = cli_run(capsys, *argv)
         lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("note:")]
         assert rc == 2 and len(lines) == 1 and "Traceback" not in err, (argv, err)
         assert all(n in lines[0] for n in needles), (needles, lines[0])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "levit.txt"]  # no page written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "levit.txt", "notes.html"]  # no page written
+    assert (tmp_path / "notes.html").read_text() == "my notes"
     assert levit.read_text() == text
     for _ in range(2):  # a page written before is replaced
         rc, _, err = cli_run(capsys, "report", levit, "--out", tmp_path / "r.html")
