@@ -153,7 +153,7 @@ def test_selected_plan_is_written_and_rebuilds_the_same_network(digits_folder, t
         torch.manual_seed(10 + n)
         torch.save({"state_dict": timm.create_model(a["name"], num_classes=10, img_size=16,
                                                     **a["model_kwargs"]).state_dict()}, tmp_path / f"a{n}.pth")
-        anchors.append({**a, "checkpoint": str(tmp_path / f"a{n}.pth")})
+        anchors.append({**a, "checkpoint": str(tmp_path / f"a{n}.pth"), "label": f"a{n}"})
     cfg_path = tmp_path / "select.json"
     cfg_path.write_text(json.dumps({"anchors": anchors, "skip_final_norm": False, "stitch_init_bs": 40,
                                     "positions": {"select": "kl", "per_pair": 3}}))
@@ -166,7 +166,7 @@ def test_selected_plan_is_written_and_rebuilds_the_same_network(digits_folder, t
     assert written["positions"]["from"]["select"] == "kl" and written["positions"]["from"]["images"] == 40
     assert len(pairs) == 2 and all(len(p) == 3 for p in pairs) and "positions: 3 per anchor pair by kl" in r.stderr
     records = [json.loads(l) for l in (tmp_path / "sel" / "stitches_res.txt").read_text().splitlines()]
-    assert len(records) == 3 + 6
+    assert len(records) == 3 + 6 and [r["route"] for r in records[:3]] == ["a0", "a1", "a2"]
 
     r2 = run([sys.executable, "train.py", digits_folder, "--stitch_config", plan_path, *FAST, "--eval", "--resume",
               tmp_path / "sel" / "last.pth.tar", "--output", tmp_path, "--experiment", "again"], timeout=600)

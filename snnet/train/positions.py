@@ -129,6 +129,8 @@ def plan_config(cfg: StitchConfig) -> dict[str, Any]:
             entry["checkpoint"] = os.path.abspath(a.checkpoint)
         if a.model_kwargs:
             entry["model_kwargs"] = dict(a.model_kwargs)
+        if a.label is not None:  # routes and results name the anchor by it
+            entry["label"] = a.label
         anchors.append(entry)
     return {"anchors": anchors, **cfg.values}
 
