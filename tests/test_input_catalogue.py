@@ -113,6 +113,8 @@ def world(tmp_path_factory, digits_folder, tiny_config):
     ten = build_snnet(tiny, pretrained=False, img_size=16, num_classes=10)
     torch.save({"state_dict": ten.state_dict(), "epoch": 0, "args": json.dumps({"num_classes": 10})},
                w / "ten_classes.pth.tar")
+    torch.save({"state_dict": ten.state_dict(), "epoch": 0, "optimizer": {"state": {}, "param_groups": []},
+                "args": json.dumps({"num_classes": 10, "opt": "sgd"})}, w / "sgd_state.pth.tar")
     named = [*map(str, range(9)), "nine"]  # trained on another folder: its last class named otherwise
     torch.save({"state_dict": ten.state_dict(), "epoch": 0,
                 "args": json.dumps({"num_classes": 10, "class_names": named})}, w / "other_names.pth.tar")
@@ -451,6 +453,9 @@ CASES54 = [
      "it is a plain model's checkpoint ('deit_tiny_patch16_224'), not an SN-Net's: resume it with --model"),
     ("stitch checkpoint resumed into a plain model", "{data} --model resnet18 --resume {w}/ten_classes.pth.tar",
      "it is an SN-Net's checkpoint: pass the --stitch_config it was trained with instead of --model"),
+    ("resume another optimizer's state", "{data} --stitch_config {cfg} --epochs 2 --opt adamw --resume "
+     "{w}/sgd_state.pth.tar", "holds the state of --opt sgd, this run builds --opt adamw (set by the command line); "
+     "resume with --opt sgd, or pass --no-resume-opt"),
     ("save-predictions cfg_id out of range", "{data} --stitch_config {cfg} --save-predictions 99",
      "--save-predictions 99: cfg_id [99] out of range; this network has cfg_ids 0..11"),
     ("validation image over PIL's size limit", "{w}/bomb_val --stitch_config {cfg} --eval",

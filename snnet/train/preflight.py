@@ -105,12 +105,26 @@ def check_checkpoints(options: RunOptions, stitch_cfg: StitchConfig | None = Non
             trained = (names, path)
         if path == job.resume and not job.eval:
             _check_epochs_left(options, state)
+            _check_optimizer(options, path, state)
         if path != job.resume or stitch_cfg is None:
             continue
         check_same_network(stitch_cfg, state, path, str(job.stitch_config), "pass the config it was trained with")
     if loss.teacher_checkpoint and loss.distillation_type != "none" and not job.eval:
         _check_teacher_checkpoint(loss)
     return trained
+
+
+def _check_optimizer(options: RunOptions, path: str, state: dict) -> None:
+    """A --resume checkpoint's optimizer state is of the optimizer this run builds (its recorded --opt): another
+    one's state does not load (SGD's has no Adam step counts) or would load as the wrong moments."""
+    recorded = (json_field(state, "args") or {}).get("opt")
+    opt = options.optim.opt
+    if options.train.no_resume_opt or "optimizer" not in state or not isinstance(recorded, str) or \
+            recorded.lower() == opt.lower():
+        return
+    raise CheckpointError(f"checkpoint {path!r} holds the state of --opt {recorded}, this run builds --opt {opt} "
+                          f"(set by {set_by('opt')}); resume with --opt {recorded}, or pass --no-resume-opt to start "
+                          f"{opt} afresh from its weights and epoch")
 
 
 def _check_classes(num_classes: int | None, path: str, state: dict) -> None:
