@@ -78,6 +78,28 @@ def single(tmp_path_factory, digits_folder, tiny_config):
 
 
 @pytest.mark.slow
+def test_a_finished_run_trained_on_sets_its_earlier_results_aside(single, digits_folder, tiny_config, tmp_path):
+    """--auto-resume with more --epochs continues a finished run (docs/robustness.md): its final evaluation writes
+    the new weights' results and keeps the earlier end's results and predictions under their checkpoint's hash,
+    where it once refused its own folder's results file after training."""
+    import shutil
+
+    from snnet.results.records import file_sha256
+    run_dir = tmp_path / "whole"
+    shutil.copytree(single / "whole", run_dir)
+    before = (run_dir / "stitches_res.txt").read_text()
+    old = json.loads(before.splitlines()[0])["checkpoint_sha256"]
+    r = run([sys.executable, "train.py", digits_folder, "--stitch_config", tiny_config, *FAST, *RNG_HEAVY, "--epochs",
+             "4", "--output", tmp_path, "--experiment", "whole", "--auto-resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert final_state(run_dir)["epoch"] == 3
+    now = [json.loads(ln) for ln in (run_dir / "stitches_res.txt").read_text().splitlines()]
+    assert {rec["checkpoint_sha256"] for rec in now} == {file_sha256(run_dir / "last.pth.tar")}
+    assert (run_dir / f"stitches_res.{old[:12]}.txt").read_text() == before
+    assert (run_dir / f"stitches_pred.{old[:12]}.npz").is_file() and (run_dir / "stitches_pred.npz").is_file()
+
+
+@pytest.mark.slow
 def test_one_process_kill_and_resume_is_bit_identical(single, digits_folder, tiny_config):
     step = kill_step(1)
     cmd = [sys.executable, "train.py", digits_folder, "--stitch_config", tiny_config, *FAST, *RNG_HEAVY, "--output",

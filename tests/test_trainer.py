@@ -128,9 +128,9 @@ def test_train_py_saves_validates_and_evaluates_the_ema(tmp_path, digits_folder,
     real_build, real_evaluate = Trainer.for_run.__func__, trainer_module.evaluate_all
     monkeypatch.setattr(Trainer, "for_run", classmethod(lambda cls, *a: built.append(real_build(cls, *a)) or built[-1]))
 
-    def evaluate_all(net, *a):
+    def evaluate_all(net, *a, **k):
         evaluated.append((net, a[5] if len(a) > 5 else "stitches_res.txt"))
-        return real_evaluate(net, *a)
+        return real_evaluate(net, *a, **k)
 
     monkeypatch.setattr(trainer_module, "evaluate_all", evaluate_all)
     validated = []

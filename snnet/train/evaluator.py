@@ -3,6 +3,7 @@ after each epoch (`validate_stitches`) and the final evaluation of every stitch 
 stitches' per-image predictions next to it (`evaluate_all`)."""
 from __future__ import annotations
 
+import json
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -242,11 +243,14 @@ def validate_stitches(net: nn.Module, val_loader: Any, panel: list[int], options
 
 
 def evaluate_all(net: nn.Module, val_ds: Any, options: RunOptions, data_cfg: dict[str, Any], identity: str,
-                 ckpt_hash: str, results_name: str = RESULTS_FILE) -> dict:
+                 ckpt_hash: str, results_name: str = RESULTS_FILE, set_aside: bool = False) -> dict:
     """Every stitch of `net` on the validation set `val_ds`, preprocessed by `data_cfg` (timm's data config), into
     <options.out_dir>/<results_name> (stitches_res.txt, or stitches_res_ema.txt for the --model-ema weights): one
     JSON line per stitch, tied to the network's `identity` and the weights' `ckpt_hash`; stitches already in the file
-    for both are not evaluated again. Returns the metrics by cfg_id of the stitches evaluated now."""
+    for both are not evaluated again. A file of other weights is refused, or with `set_aside` (a training run's own
+    final evaluation: the file is its earlier end's, before --auto-resume trained on) renamed with its checkpoint's
+    hash, with the predictions beside it (`set_aside_stale`). Returns the metrics by cfg_id of the stitches
+    evaluated now."""
     rank, world_size = world()
     if val_ds is None:
         raise DataError(f"no validation split in {options.data.data_dir!r} to evaluate the stitches on")
@@ -255,6 +259,8 @@ def evaluate_all(net: nn.Module, val_ds: Any, options: RunOptions, data_cfg: dic
     done: dict = {}
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if set_aside:
+            set_aside_stale(results)
         done = results.completed()
     chosen = prediction_ids(options.eval.save_predictions, model)
     redo = _predictions_missing(results.path, done, chosen) if rank == 0 else []
@@ -288,6 +294,32 @@ def evaluate_all(net: nn.Module, val_ds: Any, options: RunOptions, data_cfg: dic
         if per_image is not None:
             _write_predictions(results, per_image)
     return metrics
+
+
+def set_aside_stale(results: ResultsFile) -> None:
+    """A results file that is not this evaluation's (other weights, config or data; or unreadable) renamed, with the
+    predictions file beside it, to <name>.<first 12 hex digits of its checkpoint_sha256><suffix>: kept, never mixed
+    or overwritten."""
+    try:
+        results.completed()
+        return
+    except ResultsError:
+        pass
+    try:
+        tag = str(json.loads(results.path.read_text().splitlines()[0])["checkpoint_sha256"])[:12]
+    except (ValueError, KeyError, IndexError, TypeError, OSError):
+        tag = "earlier"
+    moved = []
+    for path in (results.path, predictions_path(results.path)):
+        if path.exists():
+            dest, k = path.with_name(f"{path.stem}.{tag}{path.suffix}"), 1
+            while dest.exists():
+                k += 1
+                dest = path.with_name(f"{path.stem}.{tag}-{k}{path.suffix}")
+            path.rename(dest)
+            moved.append(str(dest))
+    _logger.info(f"{results.path} holds another evaluation's results (of earlier weights): kept as "
+                 f"{', '.join(moved)}")
 
 
 def prediction_ids(spec: str, model: RoutedNet) -> list[int]:

@@ -254,11 +254,12 @@ class Trainer:
         if options.job.eval:
             evaluate_all(self.net, self.val_ds, options, self.data_cfg, self.identity, self.eval_hash)
         elif self.val_ds is not None:
+            # the run's folder may hold its earlier end's results (--auto-resume trained on): set aside, not mixed
             ckpt_hash = file_sha256(options.out_dir / LAST) if self.rank == 0 else ""
-            evaluate_all(self.net, self.val_ds, options, self.data_cfg, self.identity, ckpt_hash)
+            evaluate_all(self.net, self.val_ds, options, self.data_cfg, self.identity, ckpt_hash, set_aside=True)
             if self.ema is not None:
                 evaluate_all(self.ema, self.val_ds, options, self.data_cfg, self.identity, ckpt_hash,
-                             EMA_RESULTS_FILE)
+                             EMA_RESULTS_FILE, set_aside=True)
         step = 0 if options.job.eval else self.epochs.stop
         self.loggers.log_final_front(options.out_dir / RESULTS_FILE, options.out_dir, step)
         self.loggers.close()
