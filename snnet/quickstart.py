@@ -907,8 +907,8 @@ SHARED_RECIPE: dict[str, Any] = {"opt": "adamw", "weight-decay": 0.05, "scale": 
 
 
 def _recipes(p: Plan, seed: int) -> tuple[list[str], list[str], list[str], list[str]]:
-    """train.py's (anchor flags, the anchors' other flags, the SN-Net's flags beside its stitch config's recipe
-    (`snnet_recipe`): how it runs, evaluation flags)."""
+    """train.py's flags: the anchors' own, the anchors' shared ones (SHARED_RECIPE, then how they run), how the
+    SN-Net runs (its recipe is its stitch config's, `snnet_recipe`), the evaluation's."""
     run = ["-j", "0", "--seed", str(seed), "--log-interval", "10", "--val-interval", str(VAL_INTERVAL)]
     # a plain --model starts from random weights unless --pretrained says otherwise
     anchor = ["--lr", "5e-3", "--warmup-epochs", "1" if p.anchor_epochs > 1 else "0",

@@ -259,9 +259,7 @@ def evaluate_all(net: nn.Module, val_ds: Any, options: RunOptions, data_cfg: dic
     done: dict = {}
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if set_aside:
-            set_aside_stale(results)
-        done = results.completed()
+        done = set_aside_stale(results) if set_aside else results.completed()
     chosen = prediction_ids(options.eval.save_predictions, model)
     redo = _predictions_missing(results.path, done, chosen) if rank == 0 else []
     if world_size > 1:  # every rank evaluates the same remaining stitches
@@ -296,13 +294,12 @@ def evaluate_all(net: nn.Module, val_ds: Any, options: RunOptions, data_cfg: dic
     return metrics
 
 
-def set_aside_stale(results: ResultsFile) -> None:
-    """A results file that is not this evaluation's (other weights, config or data; or unreadable) renamed, with the
-    predictions file beside it, to <name>.<first 12 hex digits of its checkpoint_sha256><suffix>: kept, never mixed
-    or overwritten."""
+def set_aside_stale(results: ResultsFile) -> dict[int, dict[str, Any]]:
+    """`results.completed()`; a file that is not this evaluation's (other weights, config or data; or unreadable) is
+    renamed, with the predictions file beside it, to <name>.<first 12 hex digits of its checkpoint_sha256><suffix>
+    (kept, never mixed or overwritten), and nothing is completed."""
     try:
-        results.completed()
-        return
+        return results.completed()
     except ResultsError:
         pass
     try:
@@ -318,8 +315,8 @@ def set_aside_stale(results: ResultsFile) -> None:
                 dest = path.with_name(f"{path.stem}.{tag}-{k}{path.suffix}")
             path.rename(dest)
             moved.append(str(dest))
-    _logger.info(f"{results.path} holds another evaluation's results (of earlier weights): kept as "
-                 f"{', '.join(moved)}")
+    _logger.info(f"{results.path} held another evaluation's results: kept as {', '.join(moved)}")
+    return {}
 
 
 def prediction_ids(spec: str, model: RoutedNet) -> list[int]:
