@@ -46,7 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from snnet.demo import COMMON, demo_anchors, stitch_config_for, write_digits  # noqa: E402
+from snnet.demo import COMMON, common, demo_anchors, stitch_config_for, write_digits  # noqa: E402
 
 # Every run shares these. The LR is SN-Net's ratio: its DeiT runs train at 1e-4 (global batch 1024), a tenth of
 # DeiT's own pretraining LR; the digits anchors were trained at 2e-3, so 2e-4 here.
@@ -131,17 +131,17 @@ def run_recipe(name: str, spec: tuple[list[str], dict], seed: int, epochs: int, 
     flags, fields = spec
     cfg = recipe_config(work, name, fields)
     tag = f"{name}_s{seed}_e{epochs}"
-    common = [*COMMON[:COMMON.index("--seed")], "--seed", str(seed), *COMMON[COMMON.index("--seed") + 2:]]
+    shared = common(seed)
     out = work / "runs"
     for d in (out / tag, out / f"{tag}_init"):  # a rerun starts clean (results files refuse to mix runs)
         shutil.rmtree(d, ignore_errors=True)
-    t_eval = sh([sys.executable, "train.py", data, "--stitch_config", cfg, "--eval", *common, *flags,
+    t_eval = sh([sys.executable, "train.py", data, "--stitch_config", cfg, "--eval", *shared, *flags,
                  "--output", out, "--experiment", f"{tag}_init"], work / f"{tag}_init.log")
     before = [json.loads(line) for line in (out / f"{tag}_init" / "stitches_res.txt").read_text().splitlines()]
     if fields.get("sampler", {}).get("weights") == "below_mixing_line":
         cfg = recipe_config(work, name, {**fields, "sampler": {**fields["sampler"], "weights": gap_weights(before)}})
     t_train = sh(["./distributed_train.sh", "2", data, "--stitch_config", cfg, "--epochs", str(epochs), *BASE,
-                  *common, *flags, "--output", out, "--experiment", tag], work / f"{tag}.log")
+                  *shared, *flags, "--output", out, "--experiment", tag], work / f"{tag}.log")
     curve = read_curve(out / tag, before)
     base = run_baselines(out / tag, out / f"{tag}_init")
     print(f"  {tag}: hypervolume {curve['hv'][0]:.2f} -> {curve['hv'][-1]:.2f}, anchor drift {curve['drift'][-1]:+.2f}"
@@ -278,9 +278,9 @@ def run_hybrid(run: dict, work: Path, data: Path) -> float:
     out = work / "hybrid"
     shutil.rmtree(out / tag, ignore_errors=True)
     flags = {**RECIPES, **ABLATION}[run["recipe"]][0]
-    common = [*COMMON[:COMMON.index("--seed")], "--seed", str(run["seed"]), *COMMON[COMMON.index("--seed") + 2:]]
+    shared = common(run["seed"])
     sh([sys.executable, "train.py", data, "--stitch_config", work / f"config_{run['recipe']}.json", "--eval",
-        "--resume", work / "runs" / tag / "last.pth.tar", "--save-predictions", "all", *common, *flags,
+        "--resume", work / "runs" / tag / "last.pth.tar", "--save-predictions", "all", *shared, *flags,
         "--output", out, "--experiment", tag], work / f"{tag}_hybrid.log")
     records = read_results(out / tag)
     h = network_cascade(records, load_for(out / tag / "stitches_res.txt", records),
